@@ -1,0 +1,145 @@
+"""`gelato-device`: generate with a local drafter and a remote GELATO edge.
+
+Contract (extend, don't break): `gelato-device --drafter MODEL --edge HOST:PORT (--prompt TEXT |
+--prompts-file FILE) [--max-new-tokens N] [--policy fixed-4] [--temperature T] [--top-p P]
+[--top-k K] [--seed S] [--no-chat-template] [--dtype D] [--device DEV] [--json]`. FILE is JSONL
+with `prompt` (or GSM8K's `question`) per line. With --json, one JSON object per prompt on stdout
+(`prompt`, `text`, `token_ids` — generated ids only, eos included when produced — `n_tokens`,
+`rounds`, `drafted`, `accepted`, `elapsed_s`, `tokens_per_s`, ...). Exit status 1 when the edge
+refuses, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from device.client import EdgeClient, EdgeError, GenerationResult
+from device.drafter import DEFAULT_TOP_M, Drafter
+from device.policy import Policy, parse_policy
+from gelato.cli_common import add_model_args, fail, setup_torch_threads
+from gelato.models import LoadedModel, ModelLoadError, encode_prompt, load_model
+from gelato.types import SamplingParams
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gelato-device", description="GELATO device: draft locally, verify on the edge")
+    p.add_argument("--drafter", default=None, help="hub id or local folder (default: the embedded tiny drafter)")
+    p.add_argument("--edge", default="127.0.0.1:50051", help="HOST:PORT of gelato-edge")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    src.add_argument("--prompts-file", type=Path, help="JSONL with 'prompt' or 'question' per line")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts of the file")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--policy", default="fixed-4", help="draft-length policy, e.g. fixed-4 (fixed-0: edge-only)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-m", type=int, default=DEFAULT_TOP_M, help="draft support sent per token when sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat-template", action="store_true", help="send the prompt text as is")
+    p.add_argument("--connect-timeout-s", type=float, default=60.0)
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    add_model_args(p)
+    return p
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt:
+        return list(args.prompt)
+    prompts = []
+    with open(args.prompts_file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{args.prompts_file}:{n}: not JSON ({exc.msg})") from exc
+            text = rec.get("prompt", rec.get("question")) if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f"{args.prompts_file}:{n}: needs a string 'prompt' or 'question'")
+            prompts.append(text)
+    return prompts[: args.limit] if args.limit is not None else prompts
+
+
+def result_record(prompt: str, res: GenerationResult, loaded: LoadedModel, policy: Policy) -> dict[str, Any]:
+    s = res.stats
+    return {
+        "prompt": prompt,
+        "text": loaded.tokenizer.decode(res.token_ids, skip_special_tokens=True),
+        "token_ids": res.token_ids,
+        "n_tokens": len(res.token_ids),
+        "rounds": s.rounds,
+        "drafted": s.drafted,
+        "accepted": s.accepted,
+        "acceptance_rate": s.accepted / s.drafted if s.drafted else None,
+        "mean_draft_len": s.drafted / s.rounds if s.rounds else 0.0,
+        "elapsed_s": round(res.elapsed_s, 4),
+        "tokens_per_s": round(res.tokens_per_s, 2),
+        "draft_s": round(s.draft_s, 4),
+        "edge_compute_s": round(s.edge_compute_ms / 1e3, 4),
+        "policy": policy.name,
+        "drafter": loaded.name,
+        "target": res.target_model,
+    }
+
+
+async def run(args: argparse.Namespace, prompts: list[str], loaded: LoadedModel) -> int:
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    drafter = Drafter(loaded, params, top_m=args.top_m)
+    client = EdgeClient(args.edge)
+    try:
+        try:
+            await client.info(timeout_s=args.connect_timeout_s)
+        except EdgeError as exc:
+            return fail(f"cannot reach gelato-edge at {args.edge}: {exc}", 1)
+        for prompt in prompts:
+            policy = parse_policy(args.policy)
+            ids = encode_prompt(loaded.tokenizer, prompt, chat_template=not args.no_chat_template)
+            try:
+                res = await client.generate(drafter, ids, args.max_new_tokens, policy)
+            except EdgeError as exc:
+                return fail(str(exc), 1)
+            rec = result_record(prompt, res, loaded, policy)
+            if args.json:
+                print(json.dumps(rec), flush=True)
+            else:
+                print(rec["text"], flush=True)
+                print(
+                    f"-- {rec['n_tokens']} tokens in {rec['elapsed_s']:.2f}s ({rec['tokens_per_s']:.1f} tok/s), "
+                    f"{rec['rounds']} rounds, accepted {rec['accepted']}/{rec['drafted']} drafts",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        await client.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        parse_policy(args.policy)
+        SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k).validate()
+        prompts = read_prompts(args)
+    except (OSError, ValueError) as exc:
+        return fail(str(exc))
+    if args.max_new_tokens < 1:
+        return fail("--max-new-tokens must be >= 1")
+    if not prompts:
+        return fail("no prompts given")
+    setup_torch_threads(args.threads)
+    try:
+        loaded = load_model(args.drafter, "drafter", args.dtype, args.device)
+    except ModelLoadError as exc:
+        return fail(str(exc))
+    return asyncio.run(run(args, prompts, loaded))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""Per-session target state and verification of one draft block (SPEC §2, §2.1).
+
+Contract: a `TargetSession` owns the target KV for its accepted prefix, minus the last token
+(which the next verify forward feeds together with the drafts: `[last, x1..xk]`). `verify(block)`
+runs one target forward, applies greedy or lossless speculative-sampling acceptance with the
+session's own seeded RNG, keeps target KV only for the accepted prefix, and returns (a, next).
+Called on the edge's model thread only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from gelato.kv import KVSequence
+from gelato.models import LoadedModel
+from gelato.sampling import process_logits, verify_greedy, verify_sampling
+from gelato.types import DraftBlock, SamplingParams
+from gelato.wire import derive_seed
+
+
+@dataclass
+class TargetSession:
+    session_id: str
+    loaded: LoadedModel
+    params: SamplingParams
+    prefix_ids: list[int]
+    max_new_tokens: int = 0
+    rounds: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.seq = KVSequence(self.loaded.model, self.loaded.vocab_size, self.prefix_ids)
+        self.generator = torch.Generator().manual_seed(derive_seed(self.params.seed, "target"))
+
+    def prefill(self) -> None:
+        """Cache the prefix except its last token, which the first verify forward feeds."""
+        self.seq.prefill(len(self.seq.tokens) - 1)
+
+    @property
+    def length(self) -> int:
+        return len(self.seq.tokens)
+
+    def verify(self, block: DraftBlock) -> tuple[int, int]:
+        """One round: target forward over [last, x1..xk], acceptance, rollback. Returns (a, next)."""
+        base = len(self.seq.tokens)
+        logits = self.seq.forward(block.ids)[-(block.k + 1) :]
+        if self.params.greedy:
+            a, nxt = verify_greedy(logits, block.ids)
+        else:
+            p = process_logits(logits, self.params)
+            a, nxt = verify_sampling(p, block.ids, block.q, self.generator)
+        self.seq.set_tail(base, [*list(block.ids[:a]), nxt])
+        self.rounds += 1
+        self.last_active = time.monotonic()
+        return a, nxt
+
+    def kv_bytes(self) -> int:
+        return self.seq.kv_bytes()

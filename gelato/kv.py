@@ -1,0 +1,74 @@
+"""One token sequence with a persistent KV cache: the unit both the drafter and the target run.
+
+Contract: `KVSequence` owns the token list and a `DynamicCache` holding KV for `tokens[:cached]`.
+`forward(new_ids)` appends ids, runs the model over every token not yet cached and returns the
+logits of those positions, sliced to the tokenizer's length (SPEC §2.2). `truncate(n)` drops tokens
+and KV past position n, so after a verdict both sides keep exactly the accepted prefix: no side
+recomputes the prefix. Not thread-safe: one owner thread at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class KVSequence:
+    def __init__(self, model: Any, vocab_size: int, tokens: list[int] | None = None) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.vocab_size = vocab_size
+        self.device = next(model.parameters()).device
+        self.tokens: list[int] = list(tokens or [])
+        self.cache = DynamicCache(config=model.config)
+
+    @property
+    def cached(self) -> int:
+        """Tokens whose KV is in the cache (always a prefix of `tokens`)."""
+        return self.cache.get_seq_length()
+
+    @torch.inference_mode()
+    def forward(self, new_ids: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+        """Append `new_ids`, feed all uncached tokens, return their logits [n, vocab] (float32)."""
+        self.tokens.extend(new_ids)
+        pending = self.tokens[self.cached :]
+        if not pending:
+            raise ValueError("nothing to feed: every token is already cached")
+        ids = torch.tensor([pending], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
+        return out.logits[0, :, : self.vocab_size].float()
+
+    def prefill(self, upto: int) -> None:
+        """Cache KV for tokens[:upto] without keeping logits (used at session open)."""
+        if upto <= self.cached:
+            return
+        with torch.inference_mode():
+            ids = torch.tensor([self.tokens[self.cached : upto]], dtype=torch.long, device=self.device)
+            self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+
+    def truncate(self, length: int) -> None:
+        """Keep tokens[:length]; drop KV past it (KV never extends beyond the kept tokens)."""
+        del self.tokens[length:]
+        if self.cached > length:
+            self.cache.crop(length - self.cached)
+
+    def set_tail(self, base: int, ids: list[int]) -> None:
+        """Make the sequence tokens[:base] + ids, keeping KV for the part that did not change
+        (after a verdict: the accepted drafts) and dropping the rest."""
+        old = self.tokens[base:]
+        same = 0
+        while same < min(len(old), len(ids)) and old[same] == ids[same]:
+            same += 1
+        self.truncate(base + same)
+        self.tokens.extend(ids[same:])
+
+    def kv_bytes(self) -> int:
+        """Memory held by this sequence's KV cache."""
+        total = 0
+        for layer in self.cache.layers:
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total

@@ -1,0 +1,134 @@
+"""Loading causal LMs and their tokenizers, shared by the device and the edge.
+
+Contract: `load_model(name_or_path, dtype, device)` accepts a hub id or a local folder (any causal
+LM the installed transformers can load) and returns a `LoadedModel` in eval mode with its
+tokenizer, the tokenizer's real length (`vocab_size`, used to slice padded logits, SPEC §2.2) and
+the tokenizer fingerprint checked at session open. `None` as the name means the embedded default
+(`gelato.tiny.assets`). Errors are `ModelLoadError` with a message fit for a CLI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ASSETS = Path(__file__).resolve().parent / "tiny" / "assets"
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message names it and why."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any  # a transformers PreTrainedTokenizerBase
+    vocab_size: int  # the tokenizer's length; logits are sliced to it
+    fingerprint: str
+    device: torch.device
+    dtype: torch.dtype
+    context_limit: int
+    eos_token_ids: tuple[int, ...]
+
+
+def default_model_path(role: str) -> str:
+    """The embedded default checkpoint for `role` ('target' or 'drafter')."""
+    return str(ASSETS / role)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {name}: CUDA is not available on this host")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ModelLoadError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on CUDA, float32 on CPU (bf16 matmuls are very slow on AVX2 CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ModelLoadError(f"--dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 over the vocabulary (token -> id), the special tokens and the eos id."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    payload = {
+        "vocab": vocab,
+        "special": sorted(str(t) for t in tokenizer.all_special_tokens),
+        "eos": tokenizer.eos_token_id,
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    """Every id that ends generation: the tokenizer's eos and the generation config's."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, list):
+        ids.update(int(i) for i in gen_eos)
+    return tuple(sorted(ids))
+
+
+def load_model(name_or_path: str | None, role: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a hub id or a local folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep CLI output to what the user asked for
+    name = name_or_path or default_model_path(role)
+    if name_or_path is None and not Path(name).is_dir():
+        raise ModelLoadError(f"the embedded default {role} is missing at {name}")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    offline = Path(name).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, local_files_only=offline)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load {role} {name!r}: {exc}") from exc
+    model = model.to(dev).eval()  # type: ignore[arg-type]
+    vocab = len(tokenizer)
+    if vocab > model.config.vocab_size:
+        raise ModelLoadError(
+            f"{role} {name!r}: tokenizer has {vocab} tokens but the model only {model.config.vocab_size} logits"
+        )
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+    return LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        vocab_size=vocab,
+        fingerprint=tokenizer_fingerprint(tokenizer),
+        device=dev,
+        dtype=dt,
+        context_limit=limit,
+        eos_token_ids=eos_ids(model, tokenizer),
+    )
+
+
+def encode_prompt(tokenizer: Any, text: str, chat_template: bool = True) -> list[int]:
+    """Prompt token ids: through the chat template when the tokenizer has one (and it is wanted)."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

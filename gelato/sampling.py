@@ -1,0 +1,109 @@
+"""Sampling math for lossless speculative decoding (SPEC §2.1). Pure tensor code, no I/O.
+
+Glossary
+- p: the target's processed distribution (temperature, top-k, top-p applied) at a draft position.
+- q: the exact distribution the drafter sampled a token from (after the same processing plus top-m
+  truncation and float16 quantisation); travels sparse as (ids, probs).
+- k: drafted tokens in a block; a: how many leading drafts were accepted.
+- residual: normalize(max(0, p - q)), sampled at the first rejection.
+- bonus: a token sampled from p_{k+1} when all k drafts were accepted.
+
+Greedy verification accepts x_i iff x_i == argmax p_i and emits argmax p_a. Sampling verification
+accepts x_i with probability min(1, p_i(x_i) / q_i(x_i)); the emitted sequence is then distributed
+exactly as the target's, for any q, provided q is what x_i was drawn from. Ratios are float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gelato.types import SamplingParams, SparseDist
+
+# Below this total mass the residual is numerically empty (p ~= q); sampling from p is then exact
+# because rejection had (numerically) zero probability.
+RESIDUAL_EPS = 1e-12
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p, over the last dim, in float32."""
+    if params.greedy:
+        raise ValueError("process_logits needs temperature > 0; greedy uses argmax")
+    scaled = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if 0.0 < params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the crossing token included).
+        drop_sorted = (sorted_p.cumsum(dim=-1) - sorted_p) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def truncate_top_m(probs: torch.Tensor, top_m: int) -> SparseDist:
+    """The drafter's sampling distribution for one position: the top-m support of `probs`
+    (1-D), renormalised and rounded to float16. The device samples from exactly these values."""
+    m = min(top_m, int((probs > 0).sum().item()))
+    vals, ids = torch.topk(probs, m)
+    vals16 = (vals / vals.sum()).to(torch.float16)
+    keep = vals16 > 0
+    return SparseDist(ids=tuple(ids[keep].tolist()), probs=tuple(vals16[keep].float().tolist()))
+
+
+def sample_sparse(q: SparseDist, generator: torch.Generator) -> int:
+    """Draw one token from a sparse distribution."""
+    weights = torch.tensor(q.probs, dtype=torch.float32)
+    j = int(torch.multinomial(weights, 1, generator=generator).item())
+    return q.ids[j]
+
+
+def sample_dense(probs: torch.Tensor, generator: torch.Generator) -> int:
+    return int(torch.multinomial(probs.float(), 1, generator=generator).item())
+
+
+def dense_q(q: SparseDist, vocab_size: int) -> torch.Tensor:
+    """A sparse q as a dense float32 vector over the vocabulary."""
+    out = torch.zeros(vocab_size, dtype=torch.float32)
+    probs = torch.tensor(q.probs, dtype=torch.float32)
+    out[torch.tensor(q.ids, dtype=torch.long)] = probs / probs.sum()
+    return out
+
+
+def residual_distribution(p_row: torch.Tensor, q: SparseDist) -> torch.Tensor:
+    """normalize(max(0, p - q)); p itself when the residual is numerically empty (then p == q up to
+    rounding, a rejection had ~zero probability, and p is the exact answer)."""
+    residual = torch.clamp(p_row - dense_q(q, p_row.shape[-1]), min=0.0)
+    mass = float(residual.sum())
+    return residual / mass if mass > RESIDUAL_EPS else p_row
+
+
+def verify_greedy(target_logits: torch.Tensor, draft_ids: tuple[int, ...]) -> tuple[int, int]:
+    """Greedy verification. target_logits: [k+1, V] (row i predicts draft i). Returns (a, next)."""
+    best = target_logits.argmax(dim=-1).tolist()
+    a = 0
+    while a < len(draft_ids) and draft_ids[a] == best[a]:
+        a += 1
+    return a, int(best[a])
+
+
+def verify_sampling(
+    p: torch.Tensor,
+    draft_ids: tuple[int, ...],
+    q: tuple[SparseDist, ...],
+    generator: torch.Generator,
+) -> tuple[int, int]:
+    """Speculative sampling. p: [k+1, V] processed target probabilities. Returns (a, next)."""
+    if len(q) != len(draft_ids):
+        raise ValueError(f"need one q per draft token: {len(q)} q for {len(draft_ids)} ids")
+    uniforms = torch.rand(len(draft_ids), generator=generator) if draft_ids else None
+    for i, (x, qi) in enumerate(zip(draft_ids, q, strict=True)):
+        p_x = float(p[i, x])
+        q_x = qi.prob_of(x)
+        assert uniforms is not None
+        if q_x > 0 and float(uniforms[i]) * q_x < p_x:  # u < p/q without dividing
+            continue
+        return i, sample_dense(residual_distribution(p[i], qi), generator)
+    return len(draft_ids), sample_dense(p[len(draft_ids)], generator)

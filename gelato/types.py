@@ -1,0 +1,93 @@
+"""Typed dataclasses at the device/edge boundary and the session-level sampling parameters.
+
+Contract: these are the only shapes that cross between the draft loop, the wire codec
+(`gelato.wire`) and the verifier. Token ids are plain ints; sparse draft distributions carry the
+exact probabilities the device sampled from (SPEC §2.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling of the target (edge) and of the drafter (device). temperature == 0: greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        if not (self.temperature >= 0.0):  # also rejects NaN
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 <= self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class SparseDist:
+    """A draft distribution q over a sparse support: q(ids[j]) = probs[j] / sum(probs)."""
+
+    ids: tuple[int, ...]
+    probs: tuple[float, ...]
+
+    def prob_of(self, token: int) -> float:
+        total = sum(self.probs)
+        for i, p in zip(self.ids, self.probs, strict=True):
+            if i == token:
+                return p / total
+        return 0.0
+
+
+@dataclass(frozen=True)
+class DraftBlock:
+    """k drafted tokens for one round; q has one entry per token when sampling, none when greedy."""
+
+    round: int
+    ids: tuple[int, ...]
+    q: tuple[SparseDist, ...] = ()
+    draft_s: float = 0.0  # device-side drafting time, not sent over the wire
+
+    @property
+    def k(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The edge's answer to one DraftBlock: a accepted drafts plus one target token."""
+
+    round: int
+    n_accepted: int
+    next_token: int
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    batch_rows: int = 1
+
+    def emitted(self, draft_ids: tuple[int, ...]) -> list[int]:
+        """Tokens this round appends to the sequence: accepted drafts then the target token."""
+        return [*list(draft_ids[: self.n_accepted]), self.next_token]
+
+
+@dataclass
+class GenerationStats:
+    """Per-generation counters reported by the device (and the benchmark)."""
+
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    draft_s: float = 0.0
+    edge_compute_ms: float = 0.0
+    edge_queue_ms: float = 0.0
+    block_sizes: list[int] = field(default_factory=list)

@@ -1,0 +1,114 @@
+"""Codec between the boundary dataclasses (`gelato.types`) and the v1 protobuf messages.
+
+Contract: `encode_*` never fails on a well-formed dataclass; `decode_*` validates everything a
+peer could get wrong and raises `WireError` with a message naming the field, which the edge turns
+into INVALID_ARGUMENT. Sparse probabilities travel as little-endian float16 (2 bytes each); the
+device samples from the decoded float16 values, so the edge knows q exactly (SPEC §2.1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+
+from gelato.types import DraftBlock, SamplingParams, SparseDist, Verdict
+from gelato.v1 import gelato_pb2 as pb
+
+
+class WireError(ValueError):
+    """A message from the peer is malformed; the text says which field and why."""
+
+
+def derive_seed(seed: int, role: str) -> int:
+    """Independent RNG seeds for the drafter and the target from one user seed: the acceptance
+    uniforms must not be correlated with the draws that produced the drafts."""
+    digest = hashlib.sha256(f"{seed}:{role}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def encode_sampling(params: SamplingParams) -> pb.SamplingParams:
+    return pb.SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed)
+
+
+def decode_sampling(msg: pb.SamplingParams) -> SamplingParams:
+    top_p = msg.top_p if msg.top_p > 0 else 1.0
+    params = SamplingParams(temperature=msg.temperature, top_p=top_p, top_k=msg.top_k, seed=msg.seed)
+    try:
+        params.validate()
+    except ValueError as exc:
+        raise WireError(f"sampling: {exc}") from exc
+    return params
+
+
+def encode_sparse(q: SparseDist) -> pb.SparseDist:
+    return pb.SparseDist(ids=q.ids, probs_f16=np.asarray(q.probs, dtype="<f2").tobytes())
+
+
+def decode_sparse(msg: pb.SparseDist, vocab_size: int, where: str) -> SparseDist:
+    if len(msg.probs_f16) != 2 * len(msg.ids):
+        raise WireError(f"{where}: {len(msg.ids)} ids but {len(msg.probs_f16)} bytes of float16 probs")
+    if not msg.ids:
+        raise WireError(f"{where}: empty support")
+    probs = np.frombuffer(msg.probs_f16, dtype="<f2").astype(np.float32)
+    if not np.all(np.isfinite(probs)) or np.any(probs < 0) or float(probs.sum()) <= 0:
+        raise WireError(f"{where}: probabilities must be finite, >= 0 and not all zero")
+    ids = tuple(int(i) for i in msg.ids)
+    check_ids(ids, vocab_size, where)
+    if len(set(ids)) != len(ids):
+        raise WireError(f"{where}: duplicate ids in the support")
+    return SparseDist(ids=ids, probs=tuple(float(p) for p in probs))
+
+
+def check_ids(ids: tuple[int, ...] | list[int], vocab_size: int, where: str) -> None:
+    bad = [i for i in ids if i < 0 or i >= vocab_size]
+    if bad:
+        raise WireError(f"{where}: token id {bad[0]} out of range [0, {vocab_size})")
+
+
+def encode_block(block: DraftBlock) -> pb.DeviceMessage:
+    msg = pb.DraftBlock(round=block.round, ids=block.ids, q=[encode_sparse(q) for q in block.q])
+    return pb.DeviceMessage(draft=msg)
+
+
+def decode_block(msg: pb.DraftBlock, vocab_size: int, greedy: bool, max_tokens: int) -> DraftBlock:
+    ids = tuple(int(i) for i in msg.ids)
+    if len(ids) > max_tokens:
+        raise WireError(f"draft block of {len(ids)} tokens exceeds the edge's limit of {max_tokens}")
+    check_ids(ids, vocab_size, "draft ids")
+    if greedy:
+        if msg.q:
+            raise WireError("greedy session: draft blocks carry ids only, no q")
+        return DraftBlock(round=msg.round, ids=ids)
+    if len(msg.q) != len(ids):
+        raise WireError(f"sampling session: need one q per draft token, got {len(msg.q)} for {len(ids)}")
+    qs = tuple(decode_sparse(q, vocab_size, f"q[{i}]") for i, q in enumerate(msg.q))
+    for i, (x, q) in enumerate(zip(ids, qs, strict=True)):
+        if q.prob_of(x) <= 0 or not math.isfinite(q.prob_of(x)):
+            raise WireError(f"q[{i}]: draft token {x} is not in its own support (q must be what it was drawn from)")
+    return DraftBlock(round=msg.round, ids=ids, q=qs)
+
+
+def encode_verdict(v: Verdict) -> pb.EdgeMessage:
+    return pb.EdgeMessage(
+        verdict=pb.Verdict(
+            round=v.round,
+            n_accepted=v.n_accepted,
+            next_token=v.next_token,
+            queue_ms=v.queue_ms,
+            compute_ms=v.compute_ms,
+            batch_rows=v.batch_rows,
+        )
+    )
+
+
+def decode_verdict(msg: pb.Verdict) -> Verdict:
+    return Verdict(
+        round=msg.round,
+        n_accepted=msg.n_accepted,
+        next_token=msg.next_token,
+        queue_ms=msg.queue_ms,
+        compute_ms=msg.compute_ms,
+        batch_rows=msg.batch_rows,
+    )

@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny random Qwen2 pair built once per run, and real edge processes.
+
+The models and tokenizer are written to a temp folder and loaded through the real loading path
+(`gelato.models.load_model`), exactly as hub or local checkpoints are.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gelato.tiny.random_pair import build_random_pair, synthetic_corpus
+
+# One torch thread per process: the fastest on small CPUs and keeps parallel processes fair.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_random_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="session")
+def prompts() -> list[str]:
+    """20 prompts of different lengths, from the project's own synthetic problems."""
+    texts = [t.split("\nAnswer:")[0].removeprefix("Question: ") for t in synthetic_corpus(20, seed=7)]
+    return [t[: 20 + 9 * i] for i, t in enumerate(texts)]
+
+
+class EdgeProcess:
+    def __init__(self, args: list[str], timeout_s: float = 120.0) -> None:
+        cmd = [sys.executable, "-m", "edge.cli", "--port", "0", "--threads", "1", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout_s
+        self.output: list[str] = []
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.output.append(line)
+            m = re.search(r"listening on ([\d.]+):(\d+)", line)
+            if m:
+                self.address = f"{m.group(1)}:{m.group(2)}"
+                return
+        self.stop()
+        raise RuntimeError("edge did not start:\n" + "".join(self.output))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def edge(pair: dict[str, Path]) -> Iterator[EdgeProcess]:
+    proc = EdgeProcess(["--target", str(pair["target"])])
+    yield proc
+    proc.stop()
+
+
+def run_device(args: list[str], timeout_s: float = 300.0) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "device.cli", "--threads", "1", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)

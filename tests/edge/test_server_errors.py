@@ -1,0 +1,173 @@
+"""Bad input gets a precise gRPC status, ends only its own stream, and the edge keeps serving.
+
+Runs against a real `gelato-edge` process over loopback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from gelato.models import load_model
+from gelato.types import PROTOCOL_VERSION
+from gelato.v1 import gelato_pb2 as pb
+from gelato.v1 import gelato_pb2_grpc as pb_grpc
+from tests.conftest import EdgeProcess
+
+
+@pytest.fixture(scope="module")
+def stub(edge: EdgeProcess) -> Iterator[pb_grpc.GelatoStub]:
+    with grpc.insecure_channel(edge.address) as channel:
+        yield pb_grpc.GelatoStub(channel)
+
+
+@pytest.fixture(scope="module")
+def fingerprint(pair: dict[str, Path]) -> str:
+    return load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu").fingerprint
+
+
+def open_msg(fp: str, prefix: list[int] | None = None, temperature: float = 0.0, **kw: object) -> pb.DeviceMessage:
+    fields = {
+        "protocol_version": PROTOCOL_VERSION,
+        "tokenizer_fingerprint": fp,
+        "drafter_model": "test-drafter",
+        "prefix_ids": prefix if prefix is not None else [5, 6, 7],
+        "sampling": pb.SamplingParams(temperature=temperature, seed=1),
+        "max_new_tokens": 8,
+    }
+    fields.update(kw)
+    return pb.DeviceMessage(open=pb.OpenSession(**fields))  # type: ignore[arg-type]
+
+
+def draft(round_no: int, ids: list[int], q: list[pb.SparseDist] | None = None) -> pb.DeviceMessage:
+    return pb.DeviceMessage(draft=pb.DraftBlock(round=round_no, ids=ids, q=q or []))
+
+
+def run_stream(stub: pb_grpc.GelatoStub, messages: list[pb.DeviceMessage]) -> list[pb.EdgeMessage]:
+    return list(stub.Session(iter(messages), timeout=30))
+
+
+def expect_status(stub: pb_grpc.GelatoStub, messages: list[pb.DeviceMessage], code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        run_stream(stub, messages)
+    assert info.value.code() == code, info.value.details()
+    return info.value.details() or ""
+
+
+def test_info(stub: pb_grpc.GelatoStub, fingerprint: str) -> None:
+    info = stub.Info(pb.InfoRequest(), timeout=10)
+    assert info.protocol_version == PROTOCOL_VERSION
+    assert info.tokenizer_fingerprint == fingerprint
+    assert info.vocab_size > 0 and info.context_limit == 512 and info.max_draft_tokens == 32
+
+
+def test_health_serving(edge: EdgeProcess) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(edge.address) as channel:
+        resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_tokenizer_mismatch_names_both_models(stub: pb_grpc.GelatoStub) -> None:
+    details = expect_status(stub, [open_msg("not-the-same")], grpc.StatusCode.FAILED_PRECONDITION)
+    assert "tokenizer mismatch" in details and "test-drafter" in details and "target" in details
+
+
+def test_protocol_version_mismatch(stub: pb_grpc.GelatoStub, fingerprint: str) -> None:
+    msg = open_msg(fingerprint, protocol_version=99)
+    assert "protocol version 99" in expect_status(stub, [msg], grpc.StatusCode.FAILED_PRECONDITION)
+
+
+@pytest.mark.parametrize(
+    ("messages", "code", "needle"),
+    [
+        (lambda fp: [open_msg(fp, prefix=[])], grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (lambda fp: [open_msg(fp, prefix=[1, 10**6])], grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+        (lambda fp: [open_msg(fp, prefix=[1] * 600)], grpc.StatusCode.INVALID_ARGUMENT, "context limit"),
+        (lambda fp: [draft(0, [1])], grpc.StatusCode.FAILED_PRECONDITION, "before open"),
+        (lambda fp: [open_msg(fp), open_msg(fp)], grpc.StatusCode.FAILED_PRECONDITION, "already open"),
+        (lambda fp: [open_msg(fp), draft(0, [-3])], grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+        (lambda fp: [open_msg(fp), draft(0, [1] * 33)], grpc.StatusCode.INVALID_ARGUMENT, "exceeds"),
+        (lambda fp: [open_msg(fp), draft(3, [1])], grpc.StatusCode.FAILED_PRECONDITION, "round"),
+        (lambda fp: [open_msg(fp), pb.DeviceMessage()], grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (
+            lambda fp: [open_msg(fp), draft(0, [1], [pb.SparseDist(ids=[1])])],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "greedy",
+        ),
+        (
+            lambda fp: [open_msg(fp, temperature=1.0), draft(0, [1])],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "one q per draft",
+        ),
+        (
+            lambda fp: [open_msg(fp, temperature=1.0), draft(0, [1], [pb.SparseDist(ids=[1, 2], probs_f16=b"\0")])],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "bytes",
+        ),
+        (
+            lambda fp: [
+                open_msg(fp, temperature=1.0),
+                draft(0, [1], [pb.SparseDist(ids=[2], probs_f16=np.array([1.0], "<f2").tobytes())]),
+            ],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not in its own support",
+        ),
+        (
+            lambda fp: [open_msg(fp, sampling=pb.SamplingParams(temperature=-1.0))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+        ),
+    ],
+)
+def test_bad_input_precise_status(stub: pb_grpc.GelatoStub, fingerprint: str, messages, code, needle) -> None:  # type: ignore[no-untyped-def]
+    assert needle in expect_status(stub, messages(fingerprint), code)
+    # The server is still up and serves a clean session afterwards.
+    out = run_stream(stub, [open_msg(fingerprint), draft(0, [1, 2]), draft(1, [])])
+    assert out[0].WhichOneof("kind") == "opened"
+    assert [m.verdict.round for m in out[1:]] == [0, 1]
+    assert stub.Info(pb.InfoRequest(), timeout=10).active_sessions == 0
+
+
+def test_context_limit_during_generation(stub: pb_grpc.GelatoStub, fingerprint: str) -> None:
+    msgs = [open_msg(fingerprint, prefix=[1] * 505), draft(0, [1] * 8)]
+    assert "context limit" in expect_status(stub, msgs, grpc.StatusCode.OUT_OF_RANGE)
+
+
+def test_admission_control(pair: dict[str, Path], fingerprint: str) -> None:
+    """Beyond --max-sessions, opening answers RESOURCE_EXHAUSTED; the open session keeps working."""
+    edge = EdgeProcess(["--target", str(pair["target"]), "--max-sessions", "1"])
+    try:
+        with grpc.insecure_channel(edge.address) as channel:
+            stub = pb_grpc.GelatoStub(channel)
+            requests: list[pb.DeviceMessage] = [open_msg(fingerprint)]
+            first = stub.Session(iter_until_closed(requests), timeout=60)
+            assert next(first).WhichOneof("kind") == "opened"
+            expect_status(stub, [open_msg(fingerprint)], grpc.StatusCode.RESOURCE_EXHAUSTED)
+            requests.append(draft(0, [1, 2, 3]))
+            assert next(first).verdict.round == 0
+            requests.append(pb.DeviceMessage(close=pb.CloseSession()))
+            assert list(first) == []
+            out = run_stream(stub, [open_msg(fingerprint), draft(0, [])])  # the slot is free again
+            assert out[1].verdict.round == 0
+    finally:
+        assert edge.stop() == 0  # SIGTERM: graceful shutdown, exit status 0
+
+
+def iter_until_closed(requests: list[pb.DeviceMessage]) -> Iterator[pb.DeviceMessage]:
+    """Yield requests as the test appends them, until a close message."""
+    import time
+
+    sent = 0
+    while True:
+        while sent < len(requests):
+            yield requests[sent]
+            if requests[sent].WhichOneof("kind") == "close":
+                return
+            sent += 1
+        time.sleep(0.01)
