@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
 
 from device.drafter import Drafter
+from device.energy import EnergyAccountant, wire_bytes
 from device.policy import Policy
 from gelato.channel import CLIENT_OPTIONS
-from gelato.types import PROTOCOL_VERSION, GenerationStats
+from gelato.power import NullMeter
+from gelato.types import PROTOCOL_VERSION, GenerationStats, Telemetry
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from gelato.wire import decode_verdict, encode_block, encode_sampling
@@ -66,35 +69,53 @@ class EdgeClient:
         self.executor.shutdown(wait=False)
 
     async def generate(
-        self, drafter: Drafter, prompt_ids: list[int], max_new_tokens: int, policy: Policy
+        self,
+        drafter: Drafter,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        policy: Policy,
+        accountant: EnergyAccountant | None = None,
+        on_round: Callable[[Telemetry], None] | None = None,
     ) -> GenerationResult:
+        """One generation. `accountant` measures energy (default: none, NaN); `on_round` gets
+        each round's telemetry as it completes (the `--trace` writer)."""
+        acct = accountant or EnergyAccountant(NullMeter(), None)
         try:
-            return await self._generate(drafter, prompt_ids, max_new_tokens, policy)
+            return await self._generate(drafter, prompt_ids, max_new_tokens, policy, acct, on_round)
         except grpc.aio.AioRpcError as exc:
             raise EdgeError(exc.code(), exc.details() or "") from exc
 
     async def _generate(
-        self, drafter: Drafter, prompt_ids: list[int], max_new_tokens: int, policy: Policy
+        self,
+        drafter: Drafter,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        policy: Policy,
+        acct: EnergyAccountant,
+        on_round: Callable[[Telemetry], None] | None,
     ) -> GenerationResult:
         loop = asyncio.get_running_loop()
         loaded = drafter.loaded
+        stats = GenerationStats()
+        gen_start = acct.begin(stats)
         t0 = time.perf_counter()
         call = self.stub.Session(timeout=self.deadline_s, wait_for_ready=True)
-        await call.write(
-            pb.DeviceMessage(
-                open=pb.OpenSession(
-                    protocol_version=PROTOCOL_VERSION,
-                    tokenizer_fingerprint=loaded.fingerprint,
-                    drafter_model=loaded.name,
-                    prefix_ids=prompt_ids,
-                    sampling=encode_sampling(drafter.params),
-                    max_new_tokens=max_new_tokens,
-                )
+        open_msg = pb.DeviceMessage(
+            open=pb.OpenSession(
+                protocol_version=PROTOCOL_VERSION,
+                tokenizer_fingerprint=loaded.fingerprint,
+                drafter_model=loaded.name,
+                prefix_ids=prompt_ids,
+                sampling=encode_sampling(drafter.params),
+                max_new_tokens=max_new_tokens,
             )
         )
-        opened = (await self._read(call)).opened
+        await call.write(open_msg)
+        reply = await self._read(call)
+        stats.bytes_up += wire_bytes(open_msg.ByteSize())
+        stats.bytes_down += wire_bytes(reply.ByteSize())
+        opened = reply.opened
         await loop.run_in_executor(self.executor, drafter.start, prompt_ids)
-        stats = GenerationStats()
         out: list[int] = []
         eos = set(loaded.eos_token_ids)
         done = False
@@ -103,10 +124,21 @@ class EdgeClient:
             if room < 0:
                 break  # the context is full: stop as the target's own generation would have to
             k = min(policy.block_size(), max_new_tokens - len(out) - 1, room, opened.max_draft_tokens)
+            round_start = acct.round_start()
             block = await loop.run_in_executor(self.executor, drafter.draft, max(0, k), stats.rounds)
-            await call.write(encode_block(block))
-            verdict = decode_verdict((await self._read(call)).verdict)
+            up = encode_block(block)
+            await call.write(up)
+            down = await self._read(call)
+            verdict = decode_verdict(down.verdict)
             emitted = await loop.run_in_executor(self.executor, drafter.apply, block, verdict)
+            tele = acct.round_end(
+                round_start, block, verdict, len(emitted), wire_bytes(up.ByteSize()), wire_bytes(down.ByteSize())
+            )
+            stats.rounds_log.append(tele)
+            stats.bytes_up += tele.bytes_up
+            stats.bytes_down += tele.bytes_down
+            if on_round is not None:
+                on_round(tele)
             policy.observe(block.k, verdict.n_accepted)
             stats.rounds += 1
             stats.drafted += block.k
@@ -120,8 +152,11 @@ class EdgeClient:
                 if tok in eos or len(out) >= max_new_tokens:
                     done = True
                     break
-        await call.write(pb.DeviceMessage(close=pb.CloseSession()))
+        close_msg = pb.DeviceMessage(close=pb.CloseSession())
+        await call.write(close_msg)
         await call.done_writing()
+        stats.bytes_up += wire_bytes(close_msg.ByteSize())
+        acct.end(stats, gen_start)
         return GenerationResult(
             prompt_ids=list(prompt_ids),
             token_ids=out,

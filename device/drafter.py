@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from gelato.entropy import entropy_nats, entropy_of_probs
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel
 from gelato.sampling import process_logits, sample_sparse, truncate_top_m
@@ -44,11 +45,12 @@ class Drafter:
     def tokens(self) -> list[int]:
         return self.seq.tokens
 
-    def _pick(self, logits: torch.Tensor) -> tuple[int, SparseDist | None]:
+    def _pick(self, logits: torch.Tensor) -> tuple[int, SparseDist | None, float]:
+        """Next draft token, its exact q (sampling only) and the entropy of what it came from."""
         if self.params.greedy:
-            return int(logits.argmax()), None
+            return int(logits.argmax()), None, entropy_nats(logits)
         q = truncate_top_m(process_logits(logits, self.params), self.top_m)
-        return sample_sparse(q, self.generator), q
+        return sample_sparse(q, self.generator), q, entropy_of_probs(torch.tensor(q.probs))
 
     def draft(self, k: int, round_no: int) -> DraftBlock:
         """Draft k tokens after the current sequence (k = 0: an empty block)."""
@@ -56,18 +58,26 @@ class Drafter:
         base = len(self.seq.tokens)
         ids: list[int] = []
         qs: list[SparseDist] = []
+        entropies: list[float] = []
         if k > 0:
             logits = self.seq.forward()[-1]
             for i in range(k):
-                x, q = self._pick(logits)
+                x, q, h = self._pick(logits)
                 ids.append(x)
+                entropies.append(h)
                 if q is not None:
                     qs.append(q)
                 if i < k - 1:
                     logits = self.seq.forward([x])[-1]
         # The last draft is not fed: its KV is only needed if it is accepted (next round feeds it).
         self._base = base
-        return DraftBlock(round=round_no, ids=tuple(ids), q=tuple(qs), draft_s=time.perf_counter() - t0)
+        return DraftBlock(
+            round=round_no,
+            ids=tuple(ids),
+            q=tuple(qs),
+            draft_s=time.perf_counter() - t0,
+            entropies=tuple(entropies),
+        )
 
     def apply(self, block: DraftBlock, verdict: Verdict) -> list[int]:
         """Apply a verdict; returns the tokens this round emitted."""

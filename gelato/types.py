@@ -57,7 +57,9 @@ class DraftBlock:
     round: int
     ids: tuple[int, ...]
     q: tuple[SparseDist, ...] = ()
-    draft_s: float = 0.0  # device-side drafting time, not sent over the wire
+    # Device-side only, never sent: drafting time and the drafter's entropy (nats) per token.
+    draft_s: float = 0.0
+    entropies: tuple[float, ...] = ()
 
     @property
     def k(self) -> int:
@@ -80,6 +82,30 @@ class Verdict:
         return [*list(draft_ids[: self.n_accepted]), self.next_token]
 
 
+@dataclass(frozen=True)
+class Telemetry:
+    """One round as the device measured it (one JSON line of `--trace`). Energy is NaN when the
+    meter cannot read: never 0 J. t_net_s is what is left of the round after drafting, the edge's
+    queue + compute and applying the verdict: transport both ways."""
+
+    round: int
+    k: int
+    accepted: int
+    emitted: int
+    t_round_s: float
+    t_draft_s: float
+    t_net_s: float
+    t_edge_queue_s: float
+    t_edge_compute_s: float
+    e_compute_j: float
+    e_radio_j: float
+    e_j: float
+    bytes_up: int
+    bytes_down: int
+    energy_source: str
+    energy_kind: str
+
+
 @dataclass
 class GenerationStats:
     """Per-generation counters reported by the device (and the benchmark)."""
@@ -91,3 +117,10 @@ class GenerationStats:
     edge_compute_ms: float = 0.0
     edge_queue_ms: float = 0.0
     block_sizes: list[int] = field(default_factory=list)
+    energy_j: float = 0.0  # meter delta over the whole generation + radio energy of every message
+    radio_j: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    energy_source: str = "none"
+    energy_kind: str = "unavailable"
+    rounds_log: list[Telemetry] = field(default_factory=list)

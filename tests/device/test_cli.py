@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gelato.power import radio_profile
 from gelato.tiny.random_pair import build_random_pair
 from tests.conftest import EdgeProcess, run_device
 
@@ -81,3 +82,65 @@ def test_edge_bad_target(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "edge.cli", "--port", "0", "--target", str(tmp_path / "nope")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "cannot load target" in res.stderr
+
+
+def test_energy_accounting_with_replay_meter_and_trace(
+    pair: dict[str, Path], edge: EdgeProcess, tmp_path: Path
+) -> None:
+    """A constant 2 W replayed trace: each round's compute energy is 2 W x its wall time, radio
+    energy follows the LTE model from its bytes, and the JSON totals add up."""
+    power = tmp_path / "power.csv"
+    power.write_text("t_s,power_w\n0,2.0\n1000,2.0\n")
+    trace = tmp_path / "rounds.jsonl"
+    extra = ["--prompt", "Ava has 3 apples.", "--max-new-tokens", "20", "--json", "--policy", "fixed-3"]
+    res = run_device(
+        device_args(pair, edge, *extra, "--meter", f"replay:{power}", "--radio", "lte", "--trace", str(trace))
+    )
+    assert res.returncode == 0, res.stderr
+    rec = json.loads(res.stdout)
+    rounds = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(rounds) == rec["rounds"] > 0
+    lte = radio_profile("lte")
+    assert lte is not None
+    for r in rounds:
+        assert r["energy_source"] == "replay" and r["energy_kind"] == "measured"
+        assert r["e_compute_j"] == pytest.approx(2.0 * r["t_round_s"], rel=1e-6, abs=1e-9)
+        assert r["e_radio_j"] == pytest.approx(lte.round_energy_j(r["bytes_up"], r["bytes_down"]))
+        assert r["e_j"] == pytest.approx(r["e_compute_j"] + r["e_radio_j"])
+        assert r["t_round_s"] >= r["t_draft_s"] + r["t_edge_compute_s"]
+        assert r["bytes_up"] > 14 and r["bytes_down"] > 14
+    assert sum(r["emitted"] for r in rounds) == rec["n_tokens"]
+    assert rec["bytes_up"] > sum(r["bytes_up"] for r in rounds)  # plus open and close
+    assert rec["energy_j"] >= sum(r["e_j"] for r in rounds)
+    assert rec["energy_j"] == pytest.approx(2.0 * rec["elapsed_s"] + rec["radio_j"], rel=0.05)
+    assert rec["energy_j_per_token"] == pytest.approx(rec["energy_j"] / rec["n_tokens"])
+    assert rec["energy_source"] == "replay" and rec["energy_kind"] == "measured"
+
+
+def test_energy_unavailable_is_null_not_zero(pair: dict[str, Path], edge: EdgeProcess, tmp_path: Path) -> None:
+    res = run_device(device_args(pair, edge, "--prompt", "x", "--max-new-tokens", "4", "--json", "--meter", "none"))
+    assert res.returncode == 0, res.stderr
+    rec = json.loads(res.stdout)
+    assert rec["energy_j"] is None and rec["energy_j_per_token"] is None
+    assert rec["energy_kind"] == "unavailable"
+    res = run_device(device_args(pair, edge, "--prompt", "x", "--meter", f"replay:{tmp_path / 'nope.csv'}"))
+    assert res.returncode == 2 and "cannot read power trace" in res.stderr
+    res = run_device(device_args(pair, edge, "--prompt", "x", "--json", "--max-new-tokens", "4"))
+    rec = json.loads(res.stdout)
+    assert rec["energy_source"] in {"nvml", "rapl", "jetson", "cpu-model"}
+    assert rec["energy_kind"] == ("estimated" if rec["energy_source"] == "cpu-model" else "measured")
+
+
+def test_energy_probe_cli() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "gelato.power.cli", "probe", "--json", "--seconds", "0.2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    rows = {r["source"]: r for r in json.loads(res.stdout)}
+    assert set(rows) == {"nvml", "rapl", "jetson", "cpu-model"}
+    cpu = rows["cpu-model"]
+    assert cpu["available"] and cpu["kind"] == "estimated" and cpu["mean_w"] > 0
+    assert all(r["reason"] for r in rows.values() if not r["available"])

@@ -1,0 +1,69 @@
+"""Per-round device energy accounting: meter delta + radio model (SPEC §4.3, §5.1).
+
+Contract: `EnergyAccountant(meter, radio)` brackets a generation (`begin`/`end`) and each round
+(`round_start`/`round_end`). A round's energy is the meter's delta over the whole round — which
+already contains idle power while waiting for the edge, so nothing idle is added — plus the radio
+energy of the bytes it sent and received. Byte counts are protobuf sizes plus gRPC/HTTP2 framing
+(5 + 9 bytes per message); TCP/IP headers are not counted. A meter that cannot read yields NaN.
+"""
+
+from __future__ import annotations
+
+from gelato.power import Meter, RadioProfile, Reading
+from gelato.types import DraftBlock, GenerationStats, Telemetry, Verdict
+
+FRAMING_BYTES = 5 + 9  # gRPC length prefix + HTTP/2 DATA frame header
+
+
+def wire_bytes(message_size: int) -> int:
+    return message_size + FRAMING_BYTES
+
+
+class EnergyAccountant:
+    def __init__(self, meter: Meter, radio: RadioProfile | None) -> None:
+        self.meter = meter
+        self.radio = radio
+
+    def radio_j(self, bytes_up: int, bytes_down: int) -> float:
+        return self.radio.round_energy_j(bytes_up, bytes_down) if self.radio else 0.0
+
+    def begin(self, stats: GenerationStats) -> Reading:
+        stats.energy_source, stats.energy_kind = self.meter.source, self.meter.kind
+        return self.meter.read()
+
+    def end(self, stats: GenerationStats, start: Reading) -> None:
+        """Totals for the generation, including the open/close messages outside any round."""
+        stats.radio_j = self.radio_j(stats.bytes_up, stats.bytes_down)
+        if self.radio:
+            stats.radio_j += self.radio.tail_energy_j()
+        stats.energy_j = self.meter.read().joules - start.joules + stats.radio_j
+
+    def round_start(self) -> Reading:
+        return self.meter.read()
+
+    def round_end(
+        self, start: Reading, block: DraftBlock, verdict: Verdict, emitted: int, bytes_up: int, bytes_down: int
+    ) -> Telemetry:
+        end = self.meter.read()
+        t_round = end.t_s - start.t_s
+        e_compute = end.joules - start.joules
+        e_radio = self.radio_j(bytes_up, bytes_down)
+        edge_s = (verdict.queue_ms + verdict.compute_ms) / 1e3
+        return Telemetry(
+            round=block.round,
+            k=block.k,
+            accepted=verdict.n_accepted,
+            emitted=emitted,
+            t_round_s=t_round,
+            t_draft_s=block.draft_s,
+            t_net_s=max(0.0, t_round - block.draft_s - edge_s),
+            t_edge_queue_s=verdict.queue_ms / 1e3,
+            t_edge_compute_s=verdict.compute_ms / 1e3,
+            e_compute_j=e_compute,
+            e_radio_j=e_radio,
+            e_j=e_compute + e_radio,
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            energy_source=self.meter.source,
+            energy_kind=self.meter.kind,
+        )

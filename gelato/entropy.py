@@ -1,0 +1,20 @@
+"""Softmax entropy of the drafter's distribution, the per-token risk signal (SPEC §5.4).
+
+Contract: pure tensor math, no I/O. `entropy_nats(logits)` is the entropy of softmax(logits) in
+nats over the last dim, one pass over the vocabulary; `entropy_of_probs(probs)` does the same for
+an already processed distribution (the one actually sampled from, when sampling).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def entropy_nats(logits: torch.Tensor) -> float:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return float(-(logp.exp() * logp).sum(dim=-1))
+
+
+def entropy_of_probs(probs: torch.Tensor) -> float:
+    p = probs.float()
+    return float(-(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1))

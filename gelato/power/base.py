@@ -1,0 +1,115 @@
+"""Meter interface shared by every energy source (SPEC §4.1).
+
+Contract: a `Meter` reports cumulative joules since it was created, with its source name and
+whether the figure is `measured` or `estimated`. A meter that cannot read (no sensor, no
+permission) reports NaN — never 0 J — and says why in `unavailable_reason`. Meters are cheap to
+read (no sleeping); the ones that integrate power sample on a background thread.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["measured", "estimated", "unavailable"]
+
+
+@dataclass(frozen=True)
+class Reading:
+    joules: float  # cumulative since the meter started; NaN when unavailable
+    source: str  # nvml, rapl, jetson, cpu-model, replay, none
+    kind: Kind
+    t_s: float  # monotonic clock of the reading
+
+    @property
+    def valid(self) -> bool:
+        return math.isfinite(self.joules)
+
+
+class MeterUnavailable(RuntimeError):
+    """This source does not exist or cannot be read on this host; the message says why."""
+
+
+class Meter:
+    source = "none"
+    kind: Kind = "measured"
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+
+    def joules(self) -> float:
+        return self.joules_at(self.clock())
+
+    def joules_at(self, now: float) -> float:
+        """Cumulative joules as of clock time `now` (a meter that reads hardware ignores it)."""
+        raise NotImplementedError
+
+    def read(self) -> Reading:
+        # One clock value for both fields, so energy / time ratios of time-based meters are exact.
+        now = self.clock()
+        return Reading(joules=self.joules_at(now), source=self.source, kind=self.kind, t_s=now)
+
+    def close(self) -> None:
+        """Release sensors or threads (idempotent)."""
+
+
+class NullMeter(Meter):
+    """No sensor: every reading is NaN, so nothing downstream mistakes it for 0 J."""
+
+    source = "none"
+    kind: Kind = "unavailable"
+
+    def __init__(self, reason: str = "no energy meter") -> None:
+        super().__init__()
+        self.unavailable_reason = reason
+
+    def joules_at(self, now: float) -> float:
+        return math.nan
+
+
+class PowerIntegrator:
+    """Integrates a power function (W) over time by the trapezoid rule on a sampler thread.
+
+    Used where the hardware gives power, not energy (Jetson rails, NVML without the energy counter).
+    `joules()` adds the partial interval since the last sample, so reads between samples are
+    smooth and never go backwards.
+    """
+
+    def __init__(self, power_w: Callable[[], float], interval_s: float, clock: Callable[[], float]) -> None:
+        self.power_w = power_w
+        self.interval_s = interval_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._t = clock()
+        self._p = power_w()
+        self._j = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="power-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> None:
+        p, t = self.power_w(), self.clock()
+        with self._lock:
+            self._j += 0.5 * (p + self._p) * (t - self._t)
+            self._t, self._p = t, p
+
+    def joules(self, now: float | None = None) -> float:
+        with self._lock:
+            t = self.clock() if now is None else now
+            return self._j + self._p * max(0.0, t - self._t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)

@@ -1,0 +1,67 @@
+"""`gelato-energy probe [--json] [--seconds 1]`: which meters exist here, and a reading of each.
+
+Contract: for every source (nvml, rapl, jetson, cpu-model) prints whether it can read, why not,
+and over the window its joules and mean watts, with `measured`/`estimated` labels. Exit 0 even
+when nothing measures: the cpu-model estimate is always there, and labelled so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from gelato.power import SOURCES, MeterUnavailable, open_source
+
+
+def probe(seconds: float, profile: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    meters = []
+    for source in SOURCES:
+        try:
+            meters.append(open_source(source, profile))
+        except MeterUnavailable as exc:
+            rows.append({"source": source, "available": False, "reason": str(exc)})
+    starts = [m.read() for m in meters]
+    time.sleep(seconds)
+    for meter, start in zip(meters, starts, strict=True):
+        end = meter.read()
+        joules = end.joules - start.joules
+        rows.append(
+            {
+                "source": meter.source,
+                "available": True,
+                "kind": meter.kind,
+                "joules": round(joules, 6),
+                "mean_w": round(joules / (end.t_s - start.t_s), 4),
+                "window_s": round(end.t_s - start.t_s, 3),
+            }
+        )
+        meter.close()
+    order = {s: i for i, s in enumerate(SOURCES)}
+    return sorted(rows, key=lambda r: order[r["source"]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gelato-energy", description="GELATO energy meters")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("probe", help="list meters and take a short reading of each")
+    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--seconds", type=float, default=1.0)
+    pr.add_argument("--device-profile", default="phone")
+    args = p.parse_args(argv)
+    rows = probe(args.seconds, args.device_profile)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        if r["available"]:
+            print(f"{r['source']:10s} {r['kind']:9s} {r['joules']:.4f} J over {r['window_s']} s = {r['mean_w']:.3f} W")
+        else:
+            print(f"{r['source']:10s} unavailable: {r['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

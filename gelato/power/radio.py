@@ -1,0 +1,92 @@
+"""Radio energy per round from bytes and link rates (SPEC §4.2). Pure math, no I/O.
+
+Contract: `RadioProfile.round_energy_j(bytes_up, bytes_down)` = P_up·t_up + P_down·t_down with
+t = bits / link rate and P from the linear model of Huang et al. (MobiSys 2012):
+power_mW = a_u·r_u + a_d·r_d + b (r in Mbit/s). NVML/RAPL do not see the radio, so this is added to
+the meter's delta. `tail_energy_j()` is the high-power tail after the last transfer (once per
+session, not per round: back-to-back rounds keep the radio in its connected state). Every constant
+is a profile parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RadioProfile:
+    name: str
+    a_up_mw_per_mbps: float
+    a_down_mw_per_mbps: float
+    base_mw: float
+    up_mbps: float  # link rate used for t_up
+    down_mbps: float
+    tail_s: float = 0.0
+    tail_mw: float = 0.0
+    note: str = ""
+
+    def upload_power_w(self) -> float:
+        return (self.a_up_mw_per_mbps * self.up_mbps + self.base_mw) / 1e3
+
+    def download_power_w(self) -> float:
+        return (self.a_down_mw_per_mbps * self.down_mbps + self.base_mw) / 1e3
+
+    def transfer_s(self, bytes_up: int, bytes_down: int) -> tuple[float, float]:
+        return bytes_up * 8 / (self.up_mbps * 1e6), bytes_down * 8 / (self.down_mbps * 1e6)
+
+    def round_energy_j(self, bytes_up: int, bytes_down: int) -> float:
+        t_up, t_down = self.transfer_s(bytes_up, bytes_down)
+        return self.upload_power_w() * t_up + self.download_power_w() * t_down
+
+    def tail_energy_j(self) -> float:
+        return self.tail_s * self.tail_mw / 1e3
+
+
+RADIOS = {
+    r.name: r
+    for r in (
+        RadioProfile(
+            "wifi",
+            283.17,
+            137.01,
+            132.86,
+            up_mbps=50.0,
+            down_mbps=50.0,
+            tail_s=0.24,
+            tail_mw=119.3,
+            note="Huang et al. 2012 Wi-Fi model; 50 Mbit/s link (SPEC wifi profile)",
+        ),
+        RadioProfile(
+            "lte",
+            438.39,
+            51.97,
+            1288.04,
+            up_mbps=10.0,
+            down_mbps=30.0,
+            tail_s=11.6,
+            tail_mw=1060.0,
+            note="Huang et al. 2012 LTE model and tail; 10 Mbit/s up, 30 down",
+        ),
+        RadioProfile(
+            "5g",
+            200.0,
+            40.0,
+            2000.0,
+            up_mbps=100.0,
+            down_mbps=400.0,
+            tail_s=10.0,
+            tail_mw=1200.0,
+            note="assumed: LTE-like linear form with a higher base power and faster link (no single "
+            "reference model); replace with measured constants for a given modem",
+        ),
+    )
+}
+
+
+def radio_profile(name: str) -> RadioProfile | None:
+    """A named profile; `none` (no radio energy) gives None."""
+    if name == "none":
+        return None
+    if name not in RADIOS:
+        raise ValueError(f"unknown radio {name!r}; known: {', '.join(RADIOS)}, none")
+    return RADIOS[name]

@@ -1,0 +1,55 @@
+"""Intel RAPL through powercap sysfs: `energy_uj` counters with wraparound (SPEC §4.1).
+
+Contract: `RaplMeter(root)` sums the top-level package zones (`intel-rapl:N`; subzones such as
+`intel-rapl:N:M` are parts of their package and are not added again). Each zone's counter wraps
+at `max_energy_range_uj`; a read that goes backwards is a wrap. Unreadable counters (usually
+root-only) raise `MeterUnavailable` naming the file.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from gelato.power.base import Meter, MeterUnavailable
+
+ZONE = re.compile(r"^intel-rapl:\d+$")
+
+
+class RaplMeter(Meter):
+    source = "rapl"
+    kind = "measured"
+
+    def __init__(self, root: str | Path = "/sys/class/powercap", clock: Callable[[], float] | None = None) -> None:
+        super().__init__(*(c for c in (clock,) if c))
+        base = Path(root)
+        zones = sorted(p for p in base.glob("intel-rapl:*") if ZONE.match(p.name)) if base.is_dir() else []
+        if not zones:
+            raise MeterUnavailable(f"no RAPL package zones under {base}")
+        self.zones = zones
+        self._lock = threading.Lock()
+        try:
+            self._range = [int((z / "max_energy_range_uj").read_text()) for z in zones]
+            self._last = [self._counter(z) for z in zones]
+        except PermissionError as exc:
+            raise MeterUnavailable(f"cannot read {exc.filename} (RAPL counters are usually root-only)") from exc
+        except (OSError, ValueError) as exc:
+            raise MeterUnavailable(f"cannot read RAPL counters under {base}: {exc}") from exc
+        self._total_uj = 0
+
+    @staticmethod
+    def _counter(zone: Path) -> int:
+        return int((zone / "energy_uj").read_text())
+
+    def joules_at(self, now: float) -> float:
+        with self._lock:
+            for i, zone in enumerate(self.zones):
+                now = self._counter(zone)
+                delta = now - self._last[i]
+                if delta < 0:  # wrapped at max_energy_range_uj
+                    delta += self._range[i] + 1
+                self._total_uj += delta
+                self._last[i] = now
+            return self._total_uj / 1e6
