@@ -26,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     p.add_argument("--max-sessions", type=int, default=64)
     p.add_argument("--max-draft-tokens", type=int, default=32, help="largest draft block accepted")
+    p.add_argument("--kv-budget-mb", type=float, default=0.0, help="target KV memory for sessions (0: no limit)")
+    p.add_argument("--batch-window-ms", type=float, default=2.0, help="wait this long for more rows to batch")
+    p.add_argument("--max-batch", type=int, default=16, help="most draft blocks verified in one forward")
+    p.add_argument("--idle-timeout-s", type=float, default=300.0, help="free sessions idle this long")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--log-level", default="WARNING")
     add_model_args(p)
     return p
@@ -33,9 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(args: argparse.Namespace) -> int:
     config = EdgeConfig(
-        host=args.host, port=args.port, max_sessions=args.max_sessions, max_draft_tokens=args.max_draft_tokens
+        host=args.host,
+        port=args.port,
+        max_sessions=args.max_sessions,
+        max_draft_tokens=args.max_draft_tokens,
+        kv_budget_mb=args.kv_budget_mb,
+        batch_window_ms=args.batch_window_ms,
+        max_batch=args.max_batch,
+        idle_timeout_s=args.idle_timeout_s,
     )
     server = EdgeServer(config)
+    if args.metrics_port is not None:
+        try:
+            server.service.metrics.serve(args.host, args.metrics_port)
+        except OSError as exc:
+            return fail(f"cannot serve metrics on {args.host}:{args.metrics_port}: {exc}")
     try:
         port = await server.start()
     except (OSError, RuntimeError) as exc:
@@ -62,8 +79,10 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.max_sessions < 1 or args.max_draft_tokens < 1:
-        return fail("--max-sessions and --max-draft-tokens must be >= 1")
+    if min(args.max_sessions, args.max_draft_tokens, args.max_batch) < 1:
+        return fail("--max-sessions, --max-draft-tokens and --max-batch must be >= 1")
+    if args.batch_window_ms < 0 or args.kv_budget_mb < 0 or args.idle_timeout_s <= 0:
+        return fail("--batch-window-ms and --kv-budget-mb must be >= 0, --idle-timeout-s > 0")
     setup_torch_threads(args.threads)
     return asyncio.run(serve(args))
 

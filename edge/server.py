@@ -20,6 +20,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from edge.batcher import Batcher
+from edge.metrics import EdgeMetrics
 from edge.sessions import AdmissionError, SessionRegistry
 from edge.verifier import TargetSession
 from gelato.channel import SERVER_OPTIONS
@@ -39,15 +41,23 @@ class EdgeConfig:
     port: int = 50051
     max_sessions: int = 64
     max_draft_tokens: int = 32
+    kv_budget_mb: float = 0.0  # 0: no KV-memory limit
+    batch_window_ms: float = 2.0
+    max_batch: int = 16
+    idle_timeout_s: float = 300.0
 
 
 class GelatoService(pb_grpc.GelatoServicer):
     def __init__(self, config: EdgeConfig) -> None:
         self.config = config
         self.loaded: LoadedModel | None = None
-        self.registry = SessionRegistry(config.max_sessions)
+        self.registry = SessionRegistry(config.max_sessions, int(config.kv_budget_mb * 2**20), config.max_draft_tokens)
+        self.metrics = EdgeMetrics()
         # One model thread: forwards never run on the event loop and never race on the model.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target")
+        self.batcher = Batcher(
+            self.executor, config.batch_window_ms / 1e3, config.max_batch, lambda: len(self.registry), self.metrics
+        )
 
     def _require_model(self) -> LoadedModel:
         if self.loaded is None:
@@ -69,6 +79,9 @@ class GelatoService(pb_grpc.GelatoServicer):
             max_sessions=self.config.max_sessions,
             active_sessions=len(self.registry),
             eos_token_ids=m.eos_token_ids,
+            kv_bytes_in_use=self.registry.kv_bytes(),
+            kv_bytes_reserved=self.registry.reserved_bytes,
+            kv_budget_bytes=self.registry.kv_budget_bytes,
         )
 
     async def Session(
@@ -105,6 +118,7 @@ class GelatoService(pb_grpc.GelatoServicer):
         finally:
             if session is not None:
                 self.registry.release(session.session_id)
+                self.metrics.sessions_active.set(len(self.registry))
 
     async def _open(self, req: pb.OpenSession) -> TargetSession:
         m = self._require_model()
@@ -136,7 +150,9 @@ class GelatoService(pb_grpc.GelatoServicer):
         try:
             session = self.registry.admit(m, params, prefix, req.max_new_tokens)
         except AdmissionError as exc:
+            self.metrics.sessions_rejected.inc()
             raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        self.metrics.sessions_active.set(len(self.registry))
         try:
             await asyncio.get_running_loop().run_in_executor(self.executor, session.prefill)
         except BaseException:
@@ -161,20 +177,20 @@ class GelatoService(pb_grpc.GelatoServicer):
                 f"{session.length} tokens + {block.k} drafts reach the context limit of {m.context_limit}",
             )
 
-        def work() -> tuple[int, int, float, float]:
-            start = time.perf_counter()
-            a, nxt = session.verify(block)
-            return a, nxt, start, time.perf_counter()
+        try:
+            return await self.batcher.verify(session, block, received)
+        except Exception as exc:  # the forward failed: this session's state is unknown, end it
+            log.exception("verify failed for session %s", session.session_id)
+            raise _Abort(grpc.StatusCode.INTERNAL, f"verification failed: {exc}") from exc
 
-        a, nxt, start, end = await asyncio.get_running_loop().run_in_executor(self.executor, work)
-        return Verdict(
-            round=block.round,
-            n_accepted=a,
-            next_token=nxt,
-            queue_ms=(start - received) * 1e3,
-            compute_ms=(end - start) * 1e3,
-            batch_rows=1,
-        )
+    async def expire_idle_loop(self) -> None:
+        """Free sessions whose device stopped sending without closing (SPEC §8: a vanished device)."""
+        period = max(0.05, min(5.0, self.config.idle_timeout_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            for sid in self.registry.expire_idle(self.config.idle_timeout_s):
+                log.info("session %s expired after %.0f s idle", sid, self.config.idle_timeout_s)
+            self.metrics.sessions_active.set(len(self.registry))
 
 
 class _Abort(Exception):
@@ -193,6 +209,7 @@ class EdgeServer:
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.port = 0
+        self._expiry: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         pb_grpc.add_GelatoServicer_to_server(self.service, self.server)
@@ -206,6 +223,8 @@ class EdgeServer:
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         await self.server.start()
+        self.service.batcher.start()
+        self._expiry = asyncio.get_running_loop().create_task(self.service.expire_idle_loop())
         return self.port
 
     async def load(self, target: str | None, dtype: str, device: str) -> LoadedModel:
@@ -222,4 +241,7 @@ class EdgeServer:
     async def stop(self, grace_s: float = 5.0) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace_s)
+        if self._expiry is not None:
+            self._expiry.cancel()
+        await self.service.batcher.stop()
         self.service.executor.shutdown(wait=False)

@@ -45,15 +45,20 @@ class TargetSession:
         return len(self.seq.tokens)
 
     def verify(self, block: DraftBlock) -> tuple[int, int]:
-        """One round: target forward over [last, x1..xk], acceptance, rollback. Returns (a, next)."""
+        """One round alone: target forward over [last, x1..xk], acceptance, rollback."""
         base = len(self.seq.tokens)
-        logits = self.seq.forward(block.ids)[-(block.k + 1) :]
+        logits = self.seq.forward(block.ids)
+        return self.accept(block, base, logits)
+
+    def accept(self, block: DraftBlock, base: int, logits: torch.Tensor) -> tuple[int, int]:
+        """Acceptance on this round's logits (the last k+1 rows predict x1..xk and the bonus),
+        then keep tokens and KV only for the accepted prefix. Returns (a, next)."""
+        rows = logits[-(block.k + 1) :]
         if self.params.greedy:
-            a, nxt = verify_greedy(logits, block.ids)
+            a, nxt = verify_greedy(rows, block.ids)
         else:
-            p = process_logits(logits, self.params)
-            a, nxt = verify_sampling(p, block.ids, block.q, self.generator)
-        self.seq.set_tail(base, [*list(block.ids[:a]), nxt])
+            a, nxt = verify_sampling(process_logits(rows, self.params), block.ids, block.q, self.generator)
+        self.seq.set_tail(base, [*block.ids[:a], nxt])
         self.rounds += 1
         self.last_active = time.monotonic()
         return a, nxt

@@ -1,0 +1,36 @@
+"""Prometheus metrics of the edge (SPEC §8).
+
+Contract: `EdgeMetrics()` owns its own registry (several servers in one process, as in tests, do
+not collide); `serve(host, port)` exposes it over HTTP. Names are a public contract:
+`gelato_edge_sessions_active`, `gelato_edge_batches_total`, `gelato_edge_batch_rows_total`
+(rows / batches = mean batch size), `gelato_edge_verify_seconds` (histogram of a batch's
+forward + acceptance), `gelato_edge_tokens_accepted_total`, `gelato_edge_tokens_drafted_total`,
+`gelato_edge_sessions_rejected_total`, `gelato_edge_kv_bytes`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class EdgeMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.sessions_active = Gauge("gelato_edge_sessions_active", "Open device sessions", registry=r)
+        self.batches = Counter("gelato_edge_batches", "Target forwards that verified draft blocks", registry=r)
+        self.batch_rows = Counter("gelato_edge_batch_rows", "Draft blocks verified, over all batches", registry=r)
+        self.verify_seconds = Histogram(
+            "gelato_edge_verify_seconds",
+            "Wall time of one batched verify step (forward + acceptance)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.tokens_accepted = Counter("gelato_edge_tokens_accepted", "Draft tokens accepted", registry=r)
+        self.tokens_drafted = Counter("gelato_edge_tokens_drafted", "Draft tokens received", registry=r)
+        self.sessions_rejected = Counter(
+            "gelato_edge_sessions_rejected", "Session opens refused by admission control", registry=r
+        )
+        self.kv_bytes = Gauge("gelato_edge_kv_bytes", "Target KV cache bytes held by open sessions", registry=r)
+
+    def serve(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
