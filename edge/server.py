@@ -89,7 +89,10 @@ class GelatoService(pb_grpc.GelatoServicer):
     ) -> AsyncIterator[pb.EdgeMessage]:
         session: TargetSession | None = None
         try:
-            async for msg in request_iterator:
+            while True:
+                msg = await self._next_message(context)
+                if msg is None:
+                    break
                 received = time.perf_counter()
                 kind = msg.WhichOneof("kind")
                 if kind == "open":
@@ -119,6 +122,18 @@ class GelatoService(pb_grpc.GelatoServicer):
             if session is not None:
                 self.registry.release(session.session_id)
                 self.metrics.sessions_active.set(len(self.registry))
+
+    async def _next_message(self, context: grpc.aio.ServicerContext) -> pb.DeviceMessage | None:
+        """The device's next message; None at end of stream. A device silent for longer than the
+        idle timeout has vanished: its session ends (DEADLINE_EXCEEDED) and is freed."""
+        try:
+            msg = await asyncio.wait_for(context.read(), timeout=self.config.idle_timeout_s)
+        except TimeoutError:
+            raise _Abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"session idle for more than {self.config.idle_timeout_s:g} s; reopen with the accepted prefix",
+            ) from None
+        return None if msg is grpc.aio.EOF else msg  # type: ignore[return-value]
 
     async def _open(self, req: pb.OpenSession) -> TargetSession:
         m = self._require_model()
@@ -183,15 +198,6 @@ class GelatoService(pb_grpc.GelatoServicer):
             log.exception("verify failed for session %s", session.session_id)
             raise _Abort(grpc.StatusCode.INTERNAL, f"verification failed: {exc}") from exc
 
-    async def expire_idle_loop(self) -> None:
-        """Free sessions whose device stopped sending without closing (SPEC §8: a vanished device)."""
-        period = max(0.05, min(5.0, self.config.idle_timeout_s / 4))
-        while True:
-            await asyncio.sleep(period)
-            for sid in self.registry.expire_idle(self.config.idle_timeout_s):
-                log.info("session %s expired after %.0f s idle", sid, self.config.idle_timeout_s)
-            self.metrics.sessions_active.set(len(self.registry))
-
 
 class _Abort(Exception):
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
@@ -209,7 +215,6 @@ class EdgeServer:
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.port = 0
-        self._expiry: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         pb_grpc.add_GelatoServicer_to_server(self.service, self.server)
@@ -224,7 +229,6 @@ class EdgeServer:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         await self.server.start()
         self.service.batcher.start()
-        self._expiry = asyncio.get_running_loop().create_task(self.service.expire_idle_loop())
         return self.port
 
     async def load(self, target: str | None, dtype: str, device: str) -> LoadedModel:
@@ -241,7 +245,5 @@ class EdgeServer:
     async def stop(self, grace_s: float = 5.0) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace_s)
-        if self._expiry is not None:
-            self._expiry.cancel()
         await self.service.batcher.stop()
         self.service.executor.shutdown(wait=False)

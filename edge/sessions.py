@@ -5,13 +5,12 @@ Contract: `SessionRegistry.admit(...)` creates a `TargetSession` or raises `Admi
 reservation would pass `kv_budget_bytes`. A session reserves KV for its whole possible length
 (prefix + max_new_tokens + one draft block, capped at the context limit), so admitted sessions
 never run out mid-generation. `release(id)` frees a session and is idempotent, so every way a
-stream can end (close, cancel, error, vanished device, idle expiry) may call it. Event-loop only.
+stream can end (close, cancel, error, idle timeout of a vanished device) may call it. Event-loop
+only.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -35,7 +34,6 @@ def kv_bytes_per_token(loaded: LoadedModel) -> int:
 class _Entry:
     session: TargetSession
     reserved_bytes: int
-    task: asyncio.Task[object] | None
 
 
 class SessionRegistry:
@@ -71,18 +69,8 @@ class SessionRegistry:
             )
         sid = uuid.uuid4().hex[:16]
         session = TargetSession(sid, loaded, params, list(prefix_ids), max_new_tokens)
-        self.entries[sid] = _Entry(session, reserve, asyncio.current_task())
+        self.entries[sid] = _Entry(session, reserve)
         return session
 
     def release(self, session_id: str) -> None:
         self.entries.pop(session_id, None)
-
-    def expire_idle(self, idle_timeout_s: float) -> list[str]:
-        """Cancel the streams of sessions idle longer than the timeout; returns their ids."""
-        now = time.monotonic()
-        expired = [sid for sid, e in self.entries.items() if now - e.session.last_active > idle_timeout_s]
-        for sid in expired:
-            entry = self.entries.pop(sid)
-            if entry.task is not None:
-                entry.task.cancel()
-        return expired
