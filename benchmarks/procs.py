@@ -32,8 +32,9 @@ class Edge:
         return self.proc.returncode
 
 
-def start_edge(args: list[str], timeout_s: float = 180.0) -> Edge:
-    cmd = [sys.executable, "-m", "edge.cli", "--port", "0", *args]
+def start_edge(args: list[str], timeout_s: float = 180.0, prefix: list[str] | None = None) -> Edge:
+    """`prefix` runs the edge under a launcher, e.g. `taskset -c 0` to pin it to a core."""
+    cmd = [*(prefix or []), sys.executable, "-m", "edge.cli", "--port", "0", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     lines: list[str] = []

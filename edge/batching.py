@@ -67,9 +67,11 @@ def batched_forward(model: Any, vocab_size: int, rows: list[tuple[KVSequence, tu
     for i, (seq, c, toks) in enumerate(zip(seqs, past, pending, strict=True)):
         own = DynamicCache(config=model.config)
         layers: list[Any] = list(cache.layers)
+        span = slice(p_max - c, p_max + len(toks))
         for layer, kv in enumerate(layers):
-            span = slice(p_max - c, p_max + len(toks))
-            own.update(kv.keys[i : i + 1, :, span].clone(), kv.values[i : i + 1, :, span].clone(), layer)
+            # Views, not copies: the row's next forward (or its rollback) replaces them anyway, so the
+            # batched tensor lives at most until every row has moved on.
+            own.update(kv.keys[i : i + 1, :, span], kv.values[i : i + 1, :, span], layer)
         seq.cache = own
         results.append(logits[i, : len(toks)])
     return results

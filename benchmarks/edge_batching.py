@@ -1,0 +1,293 @@
+"""Edge batching benchmark: N concurrent device sessions against one `gelato-edge` process.
+
+Contract: `python -m benchmarks.edge_batching [--sessions 1,2,4,8,16] [--k 4]` prints and writes
+(JSON + markdown) per N: aggregate emitted tokens/s, mean batch size, p50/p99 verify latency,
+edge compute seconds per emitted token; and, in-process, the ratio of a batched verify step
+(cache stacking + forward + acceptance) to a raw target forward on the same padded tokens.
+
+Method. The edge runs as its own process (pinned to CPU 0 where `taskset` exists, one thread).
+Devices are async gRPC clients in this process (CPU 1) that REPLAY draft blocks recorded from a
+solo run of the real drafter on the same prompts: greedy decoding is deterministic, so every
+session sends exactly the blocks a real device would, and each verdict is checked against the
+recorded one. Before each block a device sleeps for the recorded drafting time, as a device
+drafting on its own hardware would, so N devices do not compete for this machine's second core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from benchmarks.demo import demo_prompts
+from benchmarks.procs import start_edge
+from device.drafter import Drafter
+from edge.batching import batched_forward
+from edge.verifier import TargetSession
+from gelato.channel import CLIENT_OPTIONS
+from gelato.models import LoadedModel, default_model_path, encode_prompt, load_model
+from gelato.types import PROTOCOL_VERSION, DraftBlock, SamplingParams, Verdict
+from gelato.v1 import gelato_pb2 as pb
+from gelato.v1 import gelato_pb2_grpc as pb_grpc
+from gelato.wire import encode_block
+
+Recording = list[tuple[DraftBlock, tuple[int, int]]]
+
+
+def record(drafter: Drafter, target: LoadedModel, prompt: list[int], k: int, max_new: int) -> Recording:
+    """A solo greedy run: each round's draft block and its verdict (a, next)."""
+    drafter.start(prompt)
+    session = TargetSession("rec", target, SamplingParams(), prompt)
+    session.prefill()
+    rounds: Recording = []
+    emitted = 0
+    eos = set(target.eos_token_ids)
+    while emitted < max_new:
+        block = drafter.draft(min(k, max_new - emitted - 1), len(rounds))
+        a, nxt = session.verify(block)
+        out = drafter.apply(block, Verdict(round=block.round, n_accepted=a, next_token=nxt))
+        rounds.append((block, (a, nxt)))
+        emitted += len(out)
+        if any(t in eos for t in out):
+            break
+    return rounds
+
+
+async def replay(stub: pb_grpc.GelatoStub, fp: str, prompt: list[int], rounds: Recording) -> dict[str, Any]:
+    call = stub.Session(timeout=600)
+    await call.write(
+        pb.DeviceMessage(
+            open=pb.OpenSession(
+                protocol_version=PROTOCOL_VERSION, tokenizer_fingerprint=fp, prefix_ids=prompt, max_new_tokens=512
+            )
+        )
+    )
+    await call.read()
+    rtt_ms, compute_ms, tokens = [], [], 0
+    for block, (a, nxt) in rounds:
+        await asyncio.sleep(block.draft_s)  # the device drafts on its own hardware
+        t0 = time.perf_counter()
+        await call.write(encode_block(block))
+        msg = await call.read()
+        rtt_ms.append((time.perf_counter() - t0) * 1e3)
+        v = msg.verdict
+        if (v.n_accepted, v.next_token) != (a, nxt):
+            raise AssertionError(f"batched verdict {(v.n_accepted, v.next_token)} != solo {(a, nxt)}")
+        compute_ms.append(v.compute_ms)
+        tokens += a + 1
+    await call.write(pb.DeviceMessage(close=pb.CloseSession()))
+    await call.done_writing()
+    return {"rtt_ms": rtt_ms, "compute_ms": compute_ms, "tokens": tokens}
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    rows = (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {name: float(value) for name, value in rows}
+
+
+async def run_level(address: str, metrics_port: int, fp: str, work: list[tuple[list[int], Recording]]) -> dict:
+    before = scrape(metrics_port)
+    async with grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS) as channel:
+        stub = pb_grpc.GelatoStub(channel)
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(replay(stub, fp, p, r) for p, r in work))
+        wall = time.perf_counter() - t0
+    after = scrape(metrics_port)
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    tokens = sum(r["tokens"] for r in results)
+    rtt = sorted(x for r in results for x in r["rtt_ms"])
+    comp = sorted(x for r in results for x in r["compute_ms"])
+    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {
+        "sessions": len(work),
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "mean_batch_rows": round(delta["gelato_edge_batch_rows_total"] / delta["gelato_edge_batches_total"], 2),
+        "verify_rtt_ms_p50": round(pct(rtt, 0.5), 2),
+        "verify_rtt_ms_p99": round(pct(rtt, 0.99), 2),
+        "verify_step_ms_p50": round(pct(comp, 0.5), 2),
+        "verify_step_ms_p99": round(pct(comp, 0.99), 2),
+        "edge_compute_s_per_token": round(delta["gelato_edge_verify_seconds_sum"] / tokens, 6),
+    }
+
+
+def overhead(target: LoadedModel, prefixes: list[list[int]], k: int, reps: int) -> list[dict[str, Any]]:
+    """Batched verify step vs a raw forward on the same padded tokens (stacked cache prebuilt)."""
+    from transformers import DynamicCache
+
+    rows = []
+    for b in (1, 2, 4, 8, 16):
+        if b > len(prefixes):
+            break
+        step_s, raw_s = [], []
+        block = DraftBlock(round=0, ids=tuple([7] * k))
+        for _ in range(reps):
+            sessions = []
+            for p in prefixes[:b]:
+                s = TargetSession("o", target, SamplingParams(), p)
+                s.prefill()
+                sessions.append(s)
+            bases = [len(s.seq.tokens) for s in sessions]
+            t0 = time.perf_counter()
+            logits = batched_forward(target.model, target.vocab_size, [(s.seq, block.ids) for s in sessions])
+            for s, base, lg in zip(sessions, bases, logits, strict=True):
+                s.accept(block, base, lg)
+            step_s.append(time.perf_counter() - t0)
+            # Raw: the same padded batch, cache already stacked, logits discarded.
+            p_max = max(len(p) - 1 for p in prefixes[:b])
+            cache = DynamicCache(config=target.model.config)
+            fresh = []
+            for p in prefixes[:b]:
+                s = TargetSession("r", target, SamplingParams(), p)
+                s.prefill()
+                fresh.append(s)
+            for layer in range(target.model.config.num_hidden_layers):
+                layer_kv: list[Any] = [s.seq.cache.layers[layer] for s in fresh]
+                pads = [(0, 0, p_max - s.seq.cached, 0) for s in fresh]
+                ks = [torch.nn.functional.pad(kv.keys, pad) for kv, pad in zip(layer_kv, pads, strict=True)]
+                vs = [torch.nn.functional.pad(kv.values, pad) for kv, pad in zip(layer_kv, pads, strict=True)]
+                cache.update(torch.cat(ks), torch.cat(vs), layer)
+            ids = torch.full((b, k + 1), 7)
+            mask = torch.ones(b, p_max + k + 1, dtype=torch.long)
+            pos = torch.stack([s.seq.cached + torch.arange(k + 1) for s in fresh])
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                target.model(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+                )
+            raw_s.append(time.perf_counter() - t0)
+        step, raw = statistics.median(step_s), statistics.median(raw_s)
+        rows.append(
+            {
+                "rows": b,
+                "verify_step_ms": round(step * 1e3, 3),
+                "raw_forward_ms": round(raw * 1e3, 3),
+                "overhead": round(step / raw, 3),
+            }
+        )
+    return rows
+
+
+def markdown(levels: list[dict], over: list[dict], meta: dict) -> str:
+    lines = [
+        f"# Edge batching — {meta['machine']}",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Target `{meta['target']}`, drafter `{meta['drafter']}`, K={meta['k']}, "
+        f"{meta['max_new_tokens']} new tokens, batch window {meta['batch_window_ms']} ms.",
+        "",
+        "| sessions | tokens/s | × 1 session | mean batch rows | verify RTT p50 / p99 ms "
+        "| verify step p50 / p99 ms | edge s/token |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = levels[0]["tokens_per_s"]
+    for r in levels:
+        lines.append(
+            f"| {r['sessions']} | {r['tokens_per_s']} | {r['tokens_per_s'] / base:.2f} | {r['mean_batch_rows']} "
+            f"| {r['verify_rtt_ms_p50']} / {r['verify_rtt_ms_p99']} | {r['verify_step_ms_p50']} / "
+            f"{r['verify_step_ms_p99']} | {r['edge_compute_s_per_token']} |"
+        )
+    lines += ["", "| rows | verify step ms | raw forward ms | overhead |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['rows']} | {r['verify_step_ms']} | {r['raw_forward_ms']} | {r['overhead']} |" for r in over]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="edge_batching", description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default=default_model_path("target"))
+    p.add_argument("--drafter", default=default_model_path("drafter"))
+    p.add_argument("--sessions", default="1,2,4,8,16")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-window-ms", type=float, default=2.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--reps", type=int, default=10, help="repetitions of the overhead measurement")
+    p.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
+    args = p.parse_args(argv)
+    levels_n = [int(x) for x in args.sessions.split(",")]
+    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {1})
+    torch.set_num_threads(1)
+
+    target = load_model(args.target, "target", args.dtype, args.device)
+    drafter = Drafter(load_model(args.drafter, "drafter", args.dtype, args.device), SamplingParams())
+    prompts = [encode_prompt(target.tokenizer, q) for q in demo_prompts(max(levels_n), seed=11)]
+    recs = [record(drafter, target, pr, args.k, args.max_new_tokens) for pr in prompts]
+    print(f"recorded {len(recs)} solo runs", file=sys.stderr, flush=True)
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    pin = ["taskset", "-c", "0"] if shutil.which("taskset") and (os.cpu_count() or 1) >= 2 else []
+    edge = start_edge(
+        [
+            "--target",
+            args.target,
+            "--threads",
+            "1",
+            "--metrics-port",
+            str(metrics_port),
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--batch-window-ms",
+            str(args.batch_window_ms),
+            "--max-batch",
+            str(max(levels_n)),
+        ],
+        prefix=pin,
+    )
+    try:
+        levels = []
+        for n in levels_n:
+            levels.append(
+                asyncio.run(
+                    run_level(
+                        edge.address, metrics_port, target.fingerprint, list(zip(prompts[:n], recs[:n], strict=True))
+                    )
+                )
+            )
+            print(json.dumps(levels[-1]), file=sys.stderr, flush=True)
+    finally:
+        edge.stop()
+    mid = [pr + [7] * (len(r) * 2) for pr, r in zip(prompts, recs, strict=True)]  # ragged, mid-generation
+    over = overhead(target, mid, args.k, args.reps)
+    meta = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{target.device}/{target.dtype}",
+        "command": "python -m benchmarks.edge_batching " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "target": args.target,
+        "drafter": args.drafter,
+        "k": args.k,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_window_ms": args.batch_window_ms,
+    }
+    report = {"meta": meta, "levels": levels, "overhead": over}
+    print(markdown(levels, over, meta))
+    if args.out:
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(levels, over, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
