@@ -80,13 +80,17 @@ class EdgeClient:
         """One generation. `accountant` measures energy (default: none, NaN); `on_round` gets
         each round's telemetry as it completes (the `--trace` writer)."""
         acct = accountant or EnergyAccountant(NullMeter(), None)
+        call = self.stub.Session(timeout=self.deadline_s, wait_for_ready=True)
         try:
-            return await self._generate(drafter, prompt_ids, max_new_tokens, policy, acct, on_round)
+            return await self._generate(call, drafter, prompt_ids, max_new_tokens, policy, acct, on_round)
         except grpc.aio.AioRpcError as exc:
             raise EdgeError(exc.code(), exc.details() or "") from exc
+        finally:
+            call.cancel()  # no-op after a clean close; frees the edge session on any failure
 
     async def _generate(
         self,
+        call: grpc.aio.StreamStreamCall,
         drafter: Drafter,
         prompt_ids: list[int],
         max_new_tokens: int,
@@ -99,7 +103,6 @@ class EdgeClient:
         stats = GenerationStats()
         gen_start = acct.begin(stats)
         t0 = time.perf_counter()
-        call = self.stub.Session(timeout=self.deadline_s, wait_for_ready=True)
         open_msg = pb.DeviceMessage(
             open=pb.OpenSession(
                 protocol_version=PROTOCOL_VERSION,
