@@ -87,9 +87,25 @@ def eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def load_tokenizer(name: str | Path, offline: bool = True) -> Any:
+    """The checkpoint's tokenizer exactly as its `tokenizer.json` defines it.
+
+    AutoTokenizer picks a class by model type (e.g. Qwen2Tokenizer for any qwen2 config), and that
+    class rebuilds the pre-tokenizer with the family's own split pattern: a checkpoint whose
+    tokenizer.json says otherwise (the embedded tiny pair) would silently be tokenized differently
+    from how it was trained. Checkpoints without a tokenizer.json fall back to AutoTokenizer.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(name, local_files_only=offline)
+    except (OSError, ValueError, TypeError):
+        return AutoTokenizer.from_pretrained(name, local_files_only=offline)
+
+
 def load_model(name_or_path: str | None, role: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id or a local folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep CLI output to what the user asked for
@@ -100,7 +116,7 @@ def load_model(name_or_path: str | None, role: str, dtype: str = "auto", device:
     dt = resolve_dtype(dtype, dev)
     offline = Path(name).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+        tokenizer = load_tokenizer(name, offline)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, local_files_only=offline)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load {role} {name!r}: {exc}") from exc

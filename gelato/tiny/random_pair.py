@@ -58,13 +58,14 @@ def build_random_pair(
     seed: int = 0,
 ) -> dict[str, Path]:
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from gelato.models import load_tokenizer
     from gelato.tiny.tokenizer import train_tokenizer
 
     out = Path(out_dir)
     tok_dir = train_tokenizer(synthetic_corpus(2000, seed), vocab_size, out / "tokenizer")
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = load_tokenizer(tok_dir)
     n_tok = len(tok)
 
     def config(vocab: int) -> Qwen2Config:

@@ -1,7 +1,7 @@
 """Byte-level BPE tokenizers for the tiny Qwen2 models, saved in the Hugging Face format.
 
 Contract: `train_tokenizer(texts, vocab_size, out_dir)` writes a folder that
-`transformers.AutoTokenizer.from_pretrained(out_dir)` loads, with `<|endoftext|>` as eos/pad and a
+`gelato.models.load_tokenizer(out_dir)` loads, with `<|endoftext|>` as eos/pad and a
 chat template that renders one user turn in the project's fixed prompt format
 (`PROMPT_TEMPLATE`). The same code builds the shipped tokenizer (on GSM8K train) and the test
 tokenizers (on a corpus the tests write themselves), so both load through the real path.

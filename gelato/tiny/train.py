@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--target-steps", type=int, default=6000)
-    p.add_argument("--drafter-steps", type=int, default=4000)
+    p.add_argument("--target-steps", type=int, default=2400)
+    p.add_argument("--drafter-steps", type=int, default=2400)
     p.add_argument("--target-lr", type=float, default=2e-3)
     p.add_argument("--drafter-lr", type=float, default=3e-3)
     p.add_argument("--heldout", type=int, default=200, help="documents kept out of training")
@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    from transformers import AutoTokenizer
+
+    from gelato.models import load_tokenizer
 
     torch.set_num_threads(args.threads)
     path = args.gsm8k or default_gsm8k_path("train")
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     tok_dir = args.out / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
         train_tokenizer(train_docs, args.vocab_size, tok_dir)
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = load_tokenizer(tok_dir)
     eos_id = int(tok.eos_token_id)
 
     def encode(texts: list[str]) -> torch.Tensor:
