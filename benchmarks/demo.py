@@ -47,8 +47,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     head = "| policy | prompts | tokens | tokens/s | acceptance | rounds | mean draft len | tokens/round |"
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        acc = "-" if r["acceptance"] != r["acceptance"] else f"{r['acceptance']:.3f}"  # nan: nothing drafted
         lines.append(
-            f"| {r['policy']} | {r['prompts']} | {r['tokens']} | {r['tokens_per_s']:.1f} | {r['acceptance']:.3f} "
+            f"| {r['policy']} | {r['prompts']} | {r['tokens']} | {r['tokens_per_s']:.1f} | {acc} "
             f"| {r['rounds']} | {r['mean_draft_len']:.2f} | {r['tokens_per_round']:.2f} |"
         )
     return "\n".join(lines)
