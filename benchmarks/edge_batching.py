@@ -3,7 +3,7 @@
 Contract: `python -m benchmarks.edge_batching [--sessions 1,2,4,8,16] [--k 4]` prints and writes
 (JSON + markdown) per N: aggregate emitted tokens/s, mean batch size, p50/p99 verify latency,
 edge compute seconds per emitted token; and, in-process, the ratio of a batched verify step
-(cache stacking + forward + acceptance) to a raw target forward on the same padded tokens.
+(KV pool forward + acceptance) to a raw target forward on the same padded tokens.
 
 Method. The edge runs as its own process (pinned to CPU 0 where `taskset` exists, one thread).
 Devices are async gRPC clients in this process (CPU 1) that REPLAY draft blocks recorded from a
@@ -34,7 +34,7 @@ import torch
 from benchmarks.demo import demo_prompts
 from benchmarks.procs import start_edge
 from device.drafter import Drafter
-from edge.batching import batched_forward
+from edge.kv_pool import KVPool, pooled_forward
 from edge.verifier import TargetSession
 from gelato.channel import CLIENT_OPTIONS
 from gelato.models import LoadedModel, default_model_path, encode_prompt, load_model
@@ -137,13 +137,14 @@ def overhead(target: LoadedModel, prefixes: list[list[int]], k: int, reps: int) 
         block = DraftBlock(round=0, ids=tuple([7] * k))
         for _ in range(reps):
             sessions = []
+            pool = KVPool(target.model, target.vocab_size, slots=b, context=max(len(p) for p in prefixes) + k + 1)
             for p in prefixes[:b]:
-                s = TargetSession("o", target, SamplingParams(), p)
+                s = TargetSession("o", target, SamplingParams(), p, pool=pool)
                 s.prefill()
                 sessions.append(s)
             bases = [len(s.seq.tokens) for s in sessions]
             t0 = time.perf_counter()
-            logits = batched_forward(target.model, target.vocab_size, [(s.seq, block.ids) for s in sessions])
+            logits = pooled_forward([(s.seq, block.ids) for s in sessions])
             for s, base, lg in zip(sessions, bases, logits, strict=True):
                 s.accept(block, base, lg)
             step_s.append(time.perf_counter() - t0)
@@ -156,10 +157,10 @@ def overhead(target: LoadedModel, prefixes: list[list[int]], k: int, reps: int) 
                 s.prefill()
                 fresh.append(s)
             for layer in range(target.model.config.num_hidden_layers):
-                layer_kv: list[Any] = [s.seq.cache.layers[layer] for s in fresh]
                 pads = [(0, 0, p_max - s.seq.cached, 0) for s in fresh]
-                ks = [torch.nn.functional.pad(kv.keys, pad) for kv, pad in zip(layer_kv, pads, strict=True)]
-                vs = [torch.nn.functional.pad(kv.values, pad) for kv, pad in zip(layer_kv, pads, strict=True)]
+                kvs = [s.seq.layer_kv(layer) for s in fresh]
+                ks = [torch.nn.functional.pad(kv[0], pad) for kv, pad in zip(kvs, pads, strict=True)]
+                vs = [torch.nn.functional.pad(kv[1], pad) for kv, pad in zip(kvs, pads, strict=True)]
                 cache.update(torch.cat(ks), torch.cat(vs), layer)
             ids = torch.full((b, k + 1), 7)
             mask = torch.ones(b, p_max + k + 1, dtype=torch.long)

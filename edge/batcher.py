@@ -2,7 +2,7 @@
 
 Contract: `await Batcher.verify(session, block, received)` returns that block's `Verdict`.
 Requests that arrive within `window_s` of the first waiting one (up to `max_batch` rows) share one
-`batched_forward` on the model thread; the window closes early once every open session has a
+`pooled_forward` on the model thread; the window closes early once every open session has a
 request in, so a lone session never waits. Requests queue while a batch runs, so the next batch
 forms during the current forward. Each session keeps its own RNG: its verdicts do not depend on
 who it was batched with. A request whose caller went away is dropped before the forward.
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from edge.batching import batched_forward
+from edge.kv_pool import pooled_forward
 from edge.metrics import EdgeMetrics
 from edge.verifier import TargetSession
 from gelato.types import DraftBlock, Verdict
@@ -92,7 +92,12 @@ class Batcher:
             self.metrics.batches.inc()
             self.metrics.batch_rows.inc(len(batch))
             self.metrics.verify_seconds.observe(end - start)
-            for r, (a, nxt) in zip(batch, results, strict=True):
+            for r, result in zip(batch, results, strict=True):
+                if result is None:
+                    if not r.future.done():
+                        r.future.set_exception(RuntimeError("the session was closed"))
+                    continue
+                a, nxt = result
                 self.metrics.tokens_drafted.inc(r.block.k)
                 self.metrics.tokens_accepted.inc(a)
                 if not r.future.done():
@@ -108,12 +113,15 @@ class Batcher:
                     )
 
     @staticmethod
-    def _forward(batch: list[_Request]) -> tuple[list[tuple[int, int]], float, float]:
-        """Model thread: one forward for the whole batch, then each row's acceptance."""
+    def _forward(batch: list[_Request]) -> tuple[list[tuple[int, int] | None], float, float]:
+        """Model thread: one forward for the whole batch, then each row's acceptance. A row whose
+        session was closed meanwhile (its KV slot may already serve another session) is skipped."""
         start = time.perf_counter()
-        first = batch[0].session.loaded
-        bases = [len(r.session.seq.tokens) for r in batch]
-        rows = [(r.session.seq, r.block.ids) for r in batch]
-        logits = batched_forward(first.model, first.vocab_size, rows)
-        results = [r.session.accept(r.block, b, lg) for r, b, lg in zip(batch, bases, logits, strict=True)]
-        return results, start, time.perf_counter()
+        live = [r for r in batch if not r.session.seq.closed]
+        results: dict[int, tuple[int, int]] = {}
+        if live:
+            bases = [len(r.session.seq.tokens) for r in live]
+            logits = pooled_forward([(r.session.seq, r.block.ids) for r in live])
+            for r, b, lg in zip(live, bases, logits, strict=True):
+                results[id(r)] = r.session.accept(r.block, b, lg)
+        return [results.get(id(r)) for r in batch], start, time.perf_counter()

@@ -10,12 +10,11 @@ right-padded; a 2D attention mask hides both paddings and explicit per-row `posi
 each row from its own length (Qwen2 would otherwise use `arange + past_len` for every row). Per-row
 logits match the unbatched forward to float rounding (~1e-6 in fp32).
 
-Why this layout rather than a slot-based KV pool: both copy each row's KV once per forward (a pool
-gathers the batch's slots inside attention, this stacks them before), but the pool must reserve
-`max_sessions × context` KV up front and needs a custom Cache; stacking keeps per-session
-`DynamicCache`s, so memory follows real lengths and single-row batches take the plain path with no
-copy at all. `benchmarks/edge_batching.py` measures the overhead of the copy against a raw forward
-on the same padded tokens.
+Status: the measured alternative. The edge runs `edge/kv_pool.py` instead, which
+`benchmarks/kv_layouts.py` found ≈2× faster at 8 rows on CPU: stacking copies every row's past KV
+per layer (left-pad + cat, then the cache's own cat), the pool writes only new tokens. Kept because
+that benchmark compares the two on every machine it runs on, and as the reference layout for
+`DynamicCache` users (it needs no preallocation and no custom cache).
 """
 
 from __future__ import annotations

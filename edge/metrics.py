@@ -5,7 +5,8 @@ not collide); `serve(host, port)` exposes it over HTTP. Names are a public contr
 `gelato_edge_sessions_active`, `gelato_edge_batches_total`, `gelato_edge_batch_rows_total`
 (rows / batches = mean batch size), `gelato_edge_verify_seconds` (histogram of a batch's
 forward + acceptance), `gelato_edge_tokens_accepted_total`, `gelato_edge_tokens_drafted_total`,
-`gelato_edge_sessions_rejected_total`, `gelato_edge_kv_bytes`.
+`gelato_edge_sessions_rejected_total`, `gelato_edge_kv_bytes`,
+`gelato_edge_kv_pool_bytes`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ class EdgeMetrics:
         self.sessions_rejected = Counter(
             "gelato_edge_sessions_rejected", "Session opens refused by admission control", registry=r
         )
-        self.kv_bytes = Gauge("gelato_edge_kv_bytes", "Target KV cache bytes held by open sessions", registry=r)
+        self.kv_bytes = Gauge("gelato_edge_kv_bytes", "Target KV bytes of open sessions' tokens", registry=r)
+        self.kv_pool_bytes = Gauge(
+            "gelato_edge_kv_pool_bytes", "Target KV pool memory allocated (all slots at its context)", registry=r
+        )
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

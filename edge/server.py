@@ -51,13 +51,26 @@ class GelatoService(pb_grpc.GelatoServicer):
     def __init__(self, config: EdgeConfig) -> None:
         self.config = config
         self.loaded: LoadedModel | None = None
-        self.registry = SessionRegistry(config.max_sessions, int(config.kv_budget_mb * 2**20), config.max_draft_tokens)
         self.metrics = EdgeMetrics()
         # One model thread: forwards never run on the event loop and never race on the model.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target")
+        self.registry = SessionRegistry(
+            config.max_sessions, int(config.kv_budget_mb * 2**20), config.max_draft_tokens, self._close_on_model_thread
+        )
         self.batcher = Batcher(
             self.executor, config.batch_window_ms / 1e3, config.max_batch, lambda: len(self.registry), self.metrics
         )
+
+    def _update_gauges(self) -> None:
+        self.metrics.sessions_active.set(len(self.registry))
+        self.metrics.kv_bytes.set(self.registry.kv_bytes())
+        self.metrics.kv_pool_bytes.set(self.registry.pool.nbytes() if self.registry.pool else 0)
+
+    def _close_on_model_thread(self, session: TargetSession) -> None:
+        try:
+            self.executor.submit(session.close)
+        except RuntimeError:  # executor already shut down: no forward can run any more
+            session.close()
 
     def _require_model(self) -> LoadedModel:
         if self.loaded is None:
@@ -111,6 +124,7 @@ class GelatoService(pb_grpc.GelatoServicer):
                     if session is None:
                         raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "draft block before open")
                     yield encode_verdict(await self._verify(session, msg.draft, received))
+                    self._update_gauges()
                 elif kind == "close":
                     break
                 else:
@@ -121,7 +135,7 @@ class GelatoService(pb_grpc.GelatoServicer):
         finally:
             if session is not None:
                 self.registry.release(session.session_id)
-                self.metrics.sessions_active.set(len(self.registry))
+                self._update_gauges()
 
     async def _next_message(self, context: grpc.aio.ServicerContext) -> pb.DeviceMessage | None:
         """The device's next message; None at end of stream. A device silent for longer than the
@@ -167,7 +181,7 @@ class GelatoService(pb_grpc.GelatoServicer):
         except AdmissionError as exc:
             self.metrics.sessions_rejected.inc()
             raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
-        self.metrics.sessions_active.set(len(self.registry))
+        self._update_gauges()
         try:
             await asyncio.get_running_loop().run_in_executor(self.executor, session.prefill)
         except BaseException:

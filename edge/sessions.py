@@ -4,16 +4,19 @@ Contract: `SessionRegistry.admit(...)` creates a `TargetSession` or raises `Admi
 (the server answers RESOURCE_EXHAUSTED) when `max_sessions` are open or the session's KV
 reservation would pass `kv_budget_bytes`. A session reserves KV for its whole possible length
 (prefix + max_new_tokens + one draft block, capped at the context limit), so admitted sessions
-never run out mid-generation. `release(id)` frees a session and is idempotent, so every way a
-stream can end (close, cancel, error, idle timeout of a vanished device) may call it. Event-loop
-only.
+never run out mid-generation. The budget counts reservations; the shared `KVPool` behind them grows
+by doubling and may hold up to ≈2× more per dimension (slots, context) than is reserved.
+`release(id)` frees a session (its slot in the pool) and is idempotent, so every way a stream can
+end (close, cancel, error, idle timeout of a vanished device) may call it. Event-loop only.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from edge.kv_pool import KVPool
 from edge.verifier import TargetSession
 from gelato.models import LoadedModel
 from gelato.types import SamplingParams
@@ -37,11 +40,21 @@ class _Entry:
 
 
 class SessionRegistry:
-    def __init__(self, max_sessions: int, kv_budget_bytes: int, max_draft_tokens: int) -> None:
+    def __init__(
+        self,
+        max_sessions: int,
+        kv_budget_bytes: int,
+        max_draft_tokens: int,
+        closer: Callable[[TargetSession], None] = TargetSession.close,
+    ) -> None:
+        # `closer` gives a session's KV slot back; the server runs it on the model thread so that
+        # no forward still holding the slot can run after it.
+        self.closer = closer
         self.max_sessions = max_sessions
         self.kv_budget_bytes = kv_budget_bytes  # 0: no KV limit
         self.max_draft_tokens = max_draft_tokens
         self.entries: dict[str, _Entry] = {}
+        self.pool: KVPool | None = None  # one per target model, created with the first session
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -68,9 +81,13 @@ class SessionRegistry:
                 f"{self.kv_budget_bytes / 2**20:.1f} MiB free; try again later or ask for fewer tokens"
             )
         sid = uuid.uuid4().hex[:16]
-        session = TargetSession(sid, loaded, params, list(prefix_ids), max_new_tokens)
+        if self.pool is None:
+            self.pool = KVPool(loaded.model, loaded.vocab_size, max_context=loaded.context_limit)
+        session = TargetSession(sid, loaded, params, list(prefix_ids), max_new_tokens, pool=self.pool)
         self.entries[sid] = _Entry(session, reserve)
         return session
 
     def release(self, session_id: str) -> None:
-        self.entries.pop(session_id, None)
+        entry = self.entries.pop(session_id, None)
+        if entry is not None:
+            self.closer(entry.session)

@@ -4,7 +4,9 @@ Contract: a `TargetSession` owns the target KV for its accepted prefix, minus th
 (which the next verify forward feeds together with the drafts: `[last, x1..xk]`). `verify(block)`
 runs one target forward, applies greedy or lossless speculative-sampling acceptance with the
 session's own seeded RNG, keeps target KV only for the accepted prefix, and returns (a, next).
-Called on the edge's model thread only.
+The KV lives in a slot of the edge's shared `KVPool` (a private one when none is given), so many
+sessions verify in one forward (`edge.kv_pool.pooled_forward`). Called on the model thread only,
+except `close`, which any thread may call.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gelato.kv import KVSequence
+from edge.kv_pool import KVPool, PooledSequence
 from gelato.models import LoadedModel
 from gelato.sampling import process_logits, verify_greedy, verify_sampling
 from gelato.types import DraftBlock, SamplingParams
@@ -28,12 +30,16 @@ class TargetSession:
     params: SamplingParams
     prefix_ids: list[int]
     max_new_tokens: int = 0
+    pool: KVPool | None = None
     rounds: int = 0
     opened_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self.seq = KVSequence(self.loaded.model, self.loaded.vocab_size, self.prefix_ids)
+        if self.pool is None:
+            limit = self.loaded.context_limit
+            self.pool = KVPool(self.loaded.model, self.loaded.vocab_size, slots=1, max_context=limit)
+        self.seq = PooledSequence(self.pool, self.prefix_ids)
         self.generator = torch.Generator().manual_seed(derive_seed(self.params.seed, "target"))
 
     def prefill(self) -> None:
@@ -65,3 +71,7 @@ class TargetSession:
 
     def kv_bytes(self) -> int:
         return self.seq.kv_bytes()
+
+    def close(self) -> None:
+        """Give the KV slot back to the pool (idempotent)."""
+        self.seq.release()

@@ -64,6 +64,11 @@ class KVSequence:
         self.truncate(base + same)
         self.tokens.extend(ids[same:])
 
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This sequence's cached keys and values of one layer, `[1, kv_heads, cached, head_dim]`."""
+        kv: Any = self.cache.layers[layer]
+        return kv.keys, kv.values
+
     def kv_bytes(self) -> int:
         """Memory held by this sequence's KV cache."""
         total = 0

@@ -18,10 +18,10 @@ def assert_cache_matches_fresh(seq: KVSequence, loaded: LoadedModel) -> None:
     fresh = KVSequence(loaded.model, loaded.vocab_size, seq.tokens[: seq.cached])
     fresh.prefill(seq.cached)
     assert fresh.cached == seq.cached
-    for got, want in zip(seq.cache.layers, fresh.cache.layers, strict=True):
-        assert got.keys.shape == want.keys.shape
-        torch.testing.assert_close(got.keys, want.keys, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=1e-4)
+    for layer in range(loaded.model.config.num_hidden_layers):
+        for got, want in zip(seq.layer_kv(layer), fresh.layer_kv(layer), strict=True):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

@@ -77,6 +77,7 @@ def test_concurrent_sessions_batch_and_match_solo(
         m = scrape(metrics_port)
         assert m["gelato_edge_batch_rows_total"] / m["gelato_edge_batches_total"] > 1.5, m
         assert m["gelato_edge_sessions_active"] == 0
+        assert m["gelato_edge_kv_bytes"] == 0 < m["gelato_edge_kv_pool_bytes"]  # freed, pool kept for reuse
         assert m["gelato_edge_tokens_drafted_total"] >= m["gelato_edge_tokens_accepted_total"] > 0
         assert m["gelato_edge_verify_seconds_count"] == m["gelato_edge_batches_total"]
         solo = [
@@ -171,6 +172,8 @@ def test_metrics_names(pair: dict[str, Path]) -> None:
             "gelato_edge_verify_seconds_count",
             "gelato_edge_tokens_accepted_total",
             "gelato_edge_tokens_drafted_total",
+            "gelato_edge_kv_bytes",
+            "gelato_edge_kv_pool_bytes",
         ]:
             assert name in names, json.dumps(sorted(names))
     finally:

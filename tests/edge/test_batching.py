@@ -10,6 +10,7 @@ import torch
 
 from device.drafter import Drafter
 from edge.batching import batched_forward
+from edge.kv_pool import KVPool, PooledSequence, pooled_forward
 from edge.verifier import TargetSession
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel, load_model
@@ -26,25 +27,72 @@ def drafter_model(pair: dict[str, Path]) -> LoadedModel:
     return load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
 
 
-def test_batched_logits_and_caches_match_unbatched(target: LoadedModel) -> None:
+def _assert_same_kv(a: KVSequence, b: KVSequence, layers: int) -> None:
+    assert b.tokens == a.tokens and b.cached == a.cached
+    for layer in range(layers):
+        for got, want in zip(b.layer_kv(layer), a.layer_kv(layer), strict=True):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["stacked", "pool", "pool-gather"])
+def test_batched_logits_and_caches_match_unbatched(target: LoadedModel, layout: str) -> None:
+    """Ragged rows (prefix 1..40 tokens, blocks of 0..8 drafts) in one forward: every row's logits
+    and KV equal the row run alone; `pool-gather` puts the rows in non-consecutive slots."""
     rng = random.Random(0)
     prefixes = [[rng.randrange(1, 300) for _ in range(n)] for n in (1, 5, 17, 40)]
     blocks = [tuple(rng.randrange(1, 300) for _ in range(k)) for k in (3, 0, 8, 1)]
-    alone, batched = [], []
-    for prefix in prefixes:
-        for bucket in (alone, batched):
-            seq = KVSequence(target.model, target.vocab_size, prefix)
+    pool = KVPool(target.model, target.vocab_size, slots=2, context=16)  # both must grow
+    if layout == "pool-gather":
+        spacers = [PooledSequence(pool, [1, 2]) for _ in range(3)]
+    alone: list[KVSequence] = []
+    batched: list[KVSequence] = []
+    for i, prefix in enumerate(prefixes):
+        alone.append(KVSequence(target.model, target.vocab_size, prefix))
+        batched.append(
+            KVSequence(target.model, target.vocab_size, prefix) if layout == "stacked" else PooledSequence(pool, prefix)
+        )
+        if layout == "pool-gather" and i < 3:
+            spacers[i].prefill(2)  # occupies the slot between two rows
+        for seq in (alone[-1], batched[-1]):
             seq.prefill(len(prefix) - 1)
-            bucket.append(seq)
     want = [seq.forward(ids) for seq, ids in zip(alone, blocks, strict=True)]
-    got = batched_forward(target.model, target.vocab_size, list(zip(batched, blocks, strict=True)))
+    if layout == "stacked":
+        got = batched_forward(target.model, target.vocab_size, list(zip(batched, blocks, strict=True)))
+    else:
+        rows = [(seq, ids) for seq, ids in zip(batched, blocks, strict=True) if isinstance(seq, PooledSequence)]
+        got = pooled_forward(rows)
+        slots = [seq.slot for seq, _ in rows]
+        assert (sorted(slots) == list(range(min(slots), min(slots) + 4))) == (layout == "pool"), slots
     for w, g, a, b in zip(want, got, alone, batched, strict=True):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
-        assert b.tokens == a.tokens and b.cached == a.cached
-        for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
-            torch.testing.assert_close(lb.keys, la.keys, atol=2e-5, rtol=1e-4)
-            torch.testing.assert_close(lb.values, la.values, atol=2e-5, rtol=1e-4)
+        _assert_same_kv(a, b, target.model.config.num_hidden_layers)
+
+
+def test_pool_grows_keeps_contents_and_reuses_released_slots(target: LoadedModel) -> None:
+    pool = KVPool(target.model, target.vocab_size, slots=1, context=4)
+    first = PooledSequence(pool, list(range(1, 4)))
+    first.prefill(3)
+    before = [t.clone() for t in first.layer_kv(0)]
+    others = [PooledSequence(pool, list(range(5, 5 + n))) for n in (9, 2)]
+    for seq in others:
+        seq.prefill(len(seq.tokens))
+    assert pool.slots == 4 and pool.context == 16  # doubled twice each way
+    for got, want in zip(first.layer_kv(0), before, strict=True):
+        assert torch.equal(got, want)
+    freed = others[0].slot
+    others[0].release()
+    others[0].release()  # idempotent
+    with pytest.raises(RuntimeError, match="released"):
+        others[0].forward([1])
+    again = PooledSequence(pool, [7, 8])
+    again.prefill(2)
+    assert again.slot == freed  # lowest free slot first
+    fresh = KVSequence(target.model, target.vocab_size, [7, 8])
+    fresh.prefill(2)
+    _assert_same_kv(fresh, again, target.model.config.num_hidden_layers)
+    with pytest.raises(ValueError, match="context limit"):
+        pool.ensure_context(pool.max_context + 1)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
@@ -66,11 +114,12 @@ def test_ragged_sessions_joining_and_leaving(
 
     def run(batched: bool) -> list[list[int]]:
         sessions, drafters = [], []
+        pool = KVPool(target.model, target.vocab_size, slots=1, context=8)
         for i, prompt in enumerate(prompts):
             params = SamplingParams(temperature=temperature, top_k=30, seed=100 + i)
             d = Drafter(drafter_model, params)
             d.start(prompt)
-            s = TargetSession(f"s{i}", target, params, prompt)
+            s = TargetSession(f"s{i}", target, params, prompt, pool=pool if batched else None)
             s.prefill()
             sessions.append(s)
             drafters.append(d)
@@ -79,8 +128,7 @@ def test_ragged_sessions_joining_and_leaving(
             blocks = {i: drafters[i].draft(specs[i][1], sessions[i].rounds) for i in live}
             if batched and live:
                 bases = {i: len(sessions[i].seq.tokens) for i in live}
-                rows = [(sessions[i].seq, blocks[i].ids) for i in live]
-                logits = batched_forward(target.model, target.vocab_size, rows)
+                logits = pooled_forward([(sessions[i].seq, blocks[i].ids) for i in live])
                 verdicts = {i: sessions[i].accept(blocks[i], bases[i], lg) for i, lg in zip(live, logits, strict=True)}
             else:
                 verdicts = {i: sessions[i].verify(blocks[i]) for i in live}

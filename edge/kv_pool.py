@@ -1,0 +1,224 @@
+"""Slot-based target KV pool: every session's KV in one tensor per layer, batched in place (SPEC §3).
+
+Contract: a `KVPool` holds, per layer, keys and values `[slots, kv_heads, context, head_dim]`. A
+`PooledSequence` (same interface as `gelato.kv.KVSequence`: tokens, cached, forward, prefill,
+truncate, set_tail, kv_bytes) owns one slot; its KV for positions `0..n-1` lives at offsets
+`0..n-1` of that slot. `pooled_forward(rows)` runs ONE target forward over `(sequence, new_ids)`
+rows of any lengths, writes each row's new KV into its slot at its own offsets and returns each
+row's logits `[n_i, vocab]` (float32). Rolling back is free: a sequence just remembers a shorter
+length (KV past it is never attended to and is overwritten later). Forwards run on the model
+thread only; `release` may come from any thread.
+
+Why a pool rather than stacking per-session `DynamicCache`s (`edge/batching.py`):
+`benchmarks/kv_layouts.py` measured both on the same ragged batches (results in
+`benchmarks/results/kv_layouts_cpu.md`). Stacking copies every row's past KV per layer (left-pad +
+cat) and the cache's own update copies it again, so at 8 rows a verify cost ≈2× a raw forward;
+the pool writes only the new tokens and hands attention a view of its rows (consecutive slots) or
+one gather, and costs what a raw forward costs. The price is memory: slots are reserved at the
+pool's context length. The pool therefore starts small and grows by doubling (slots when all are
+taken, context when a row needs more, capped at the model's limit), on the model thread, between
+forwards; freed slots are reused lowest-first so busy batches stay consecutive.
+
+How the forward works: a duck-typed cache whose `update(k, v, layer)` scatters the new keys and
+values to `(slot_i, cached_i + j)` and returns this batch's pool rows `[:, :, :L]`. Rows are
+left-aligned (each starts at offset 0), so the causal structure differs per row and is passed as a
+float additive 4D mask (query j of row i sees keys `0..cached_i + j`), with explicit per-row
+positions (SPEC §9). Padding queries of short rows write KV past their row's end: never visible,
+later overwritten.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from gelato.kv import KVSequence
+
+
+class _PoolCache:
+    """What a Qwen2 forward needs from `past_key_values`: `update` and `get_seq_length`."""
+
+    def __init__(self, pool: KVPool, slots: list[int], positions: torch.Tensor, kv_len: int) -> None:
+        self.pool, self.positions, self.kv_len = pool, positions, kv_len
+        self.slots = torch.tensor(slots, device=positions.device)
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        self.window = slice(slots[0], slots[0] + len(slots)) if consecutive else None
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args: Any, **kw: Any) -> tuple:
+        pk, pv = self.pool.keys[layer], self.pool.values[layer]
+        rows = self.slots[:, None]
+        # [B, heads, n, d] -> [B, n, heads, d]: advanced indices on dims 0 and 2 go to the front.
+        pk[rows, :, self.positions] = keys.transpose(1, 2)
+        pv[rows, :, self.positions] = values.transpose(1, 2)
+        if self.window is not None:  # a view: no copy of the past at all
+            return pk[self.window, :, : self.kv_len], pv[self.window, :, : self.kv_len]
+        return pk[self.slots, :, : self.kv_len], pv[self.slots, :, : self.kv_len]
+
+    def get_seq_length(self, layer: int = 0) -> int:
+        return 0  # positions are always passed explicitly
+
+
+class KVPool:
+    def __init__(self, model: Any, vocab_size: int, slots: int = 4, context: int = 256, max_context: int = 0) -> None:
+        cfg = model.config
+        self.model, self.vocab_size = model, vocab_size
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        self.max_context = max_context or int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20)
+        self.layers = cfg.num_hidden_layers
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.slots, self.context = 0, 0
+        self._free: list[int] = []
+        self._lock = threading.Lock()
+        self._resize(slots, min(context, self.max_context))
+
+    def bytes_per_token(self) -> int:
+        return 2 * self.layers * self.keys[0].shape[1] * self.head_dim * self.keys[0].element_size()
+
+    def nbytes(self) -> int:
+        """Memory the pool holds (all slots at the current context)."""
+        return self.slots * self.context * self.bytes_per_token()
+
+    def _resize(self, slots: int, context: int) -> None:
+        kv_heads = self.model.config.num_key_value_heads
+        shape = (slots, kv_heads, context, self.head_dim)
+        for store in (self.keys, self.values):
+            for layer in range(self.layers):
+                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if store and len(store) > layer:
+                    new[: self.slots, :, : self.context] = store[layer]
+                    store[layer] = new
+                else:
+                    store.append(new)
+        with self._lock:
+            self._free += range(self.slots, slots)
+            self._free.sort()
+        self.slots, self.context = slots, context
+
+    def alloc(self) -> int:
+        """A free slot, growing the pool if none is (model thread)."""
+        with self._lock:
+            if self._free:
+                return self._free.pop(0)
+        self._resize(self.slots * 2, self.context)
+        return self.alloc()
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+            self._free.sort()  # lowest first: busy batches stay consecutive, so no gather
+
+    def ensure_context(self, tokens: int) -> None:
+        if tokens > self.max_context:
+            raise ValueError(f"{tokens} tokens exceed the target's context limit of {self.max_context}")
+        if tokens > self.context:
+            context = self.context
+            while context < tokens:
+                context *= 2
+            self._resize(self.slots, min(context, self.max_context))
+
+    @torch.inference_mode()
+    def forward(self, rows: list[tuple[int, int, list[int]]], last_only: bool = False) -> list[torch.Tensor]:
+        """One forward over `(slot, cached_len, new_ids)` rows; logits per row (or its last)."""
+        n_max = max(len(ids) for _, _, ids in rows)
+        self.ensure_context(max(c for _, c, _ in rows) + n_max)
+        input_ids = torch.zeros(len(rows), n_max, dtype=torch.long)
+        for i, (_, _, ids) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+        past = torch.tensor([c for _, c, _ in rows])
+        positions = (past[:, None] + torch.arange(n_max)).to(self.device)
+        kv_len = int(positions.max()) + 1
+        visible = torch.arange(kv_len, device=self.device)[None, None, :] <= positions[:, :, None]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask[:, None],
+            position_ids=positions,
+            past_key_values=_PoolCache(self, [s for s, _, _ in rows], positions, kv_len),
+            use_cache=True,
+        )
+        logits = out.logits[:, :, : self.vocab_size].float()
+        if last_only:
+            return [logits[i, len(ids) - 1 : len(ids)] for i, (_, _, ids) in enumerate(rows)]
+        return [logits[i, : len(ids)] for i, (_, _, ids) in enumerate(rows)]
+
+
+class PooledSequence(KVSequence):
+    """A `KVSequence` whose KV lives in a slot of a shared `KVPool` (taken at its first forward)."""
+
+    def __init__(self, pool: KVPool, tokens: list[int] | None = None) -> None:
+        self.pool = pool
+        self.model, self.vocab_size, self.device = pool.model, pool.vocab_size, pool.device
+        self.tokens = list(tokens or [])
+        self.slot: int | None = None
+        self.closed = False
+        self._cached = 0
+
+    @property
+    def cached(self) -> int:
+        return self._cached
+
+    def _slot(self) -> int:
+        if self.closed:
+            raise RuntimeError("this sequence was released: its KV slot belongs to the pool again")
+        if self.slot is None:
+            self.slot = self.pool.alloc()
+        return self.slot
+
+    def forward(self, new_ids: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+        return pooled_forward([(self, tuple(new_ids))])[0]
+
+    def prefill(self, upto: int) -> None:
+        if upto > self._cached:
+            self.pool.forward([(self._slot(), self._cached, self.tokens[self._cached : upto])], last_only=True)
+            self._cached = upto
+
+    def truncate(self, length: int) -> None:
+        del self.tokens[length:]
+        self._cached = min(self._cached, length)  # stale KV past it is never read
+
+    def kv_bytes(self) -> int:
+        return self._cached * self.pool.bytes_per_token()
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self._slot()
+        return (
+            self.pool.keys[layer][s : s + 1, :, : self._cached],
+            self.pool.values[layer][s : s + 1, :, : self._cached],
+        )
+
+    def release(self) -> None:
+        """Give the slot back (idempotent); the sequence must not be used afterwards. Call it on
+        the model thread, so no forward that still includes this sequence can run after it."""
+        self.closed = True
+        if self.slot is not None:
+            self.pool.release(self.slot)
+            self.slot = None
+
+
+def pooled_forward(rows: list[tuple[PooledSequence, tuple[int, ...]]]) -> list[torch.Tensor]:
+    """Append each row's ids, run one forward over every row's uncached tokens (model thread).
+    Rows go to the model in slot order, so any set of consecutive slots is read as a view."""
+    pool = rows[0][0].pool
+    if any(seq.pool is not pool for seq, _ in rows):
+        raise ValueError("rows of one batched forward must share one KV pool")
+    batch = []
+    for seq, ids in rows:
+        seq.tokens.extend(ids)
+        pending = seq.tokens[seq.cached :]
+        if not pending:
+            raise ValueError("nothing to feed: every token is already cached")
+        batch.append((seq._slot(), seq.cached, pending))
+    order = sorted(range(len(batch)), key=lambda i: batch[i][0])
+    logits = pool.forward([batch[i] for i in order])
+    out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+    for rank, i in enumerate(order):
+        out[i] = logits[rank]
+    for seq, _ in rows:
+        seq._cached = len(seq.tokens)
+    return out
