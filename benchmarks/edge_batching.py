@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -32,7 +31,7 @@ import grpc
 import torch
 
 from benchmarks.demo import demo_prompts
-from benchmarks.procs import start_edge
+from benchmarks.procs import machine, start_edge
 from device.drafter import Drafter
 from edge.kv_pool import KVPool, pooled_forward
 from edge.verifier import TargetSession
@@ -273,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     mid = [pr + [7] * (len(r) * 2) for pr, r in zip(prompts, recs, strict=True)]  # ragged, mid-generation
     over = overhead(target, mid, args.k, args.reps)
     meta = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{target.device}/{target.dtype}",
+        "machine": f"{machine()}, {target.device}/{target.dtype}",
         "command": "python -m benchmarks.edge_batching " + " ".join(argv if argv is not None else sys.argv[1:]),
         "target": args.target,
         "drafter": args.drafter,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.procs import machine
 from edge.batching import batched_forward
 from edge.kv_pool import KVPool
 from gelato.kv import KVSequence
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "k": args.k,
         "prefix_lengths": f"{args.min_len}..{args.max_len}",
-        "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}".strip(),
+        "machine": machine(),
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,18 +2,36 @@
 
 Contract: `start_edge(args)` returns an `Edge` once its `listening on HOST:PORT` line appeared
 (or raises with the edge's output); `Edge.stop()` sends SIGTERM and waits. `run_device(args)`
-runs one `gelato-device --json` and returns its per-prompt records.
+runs one `gelato-device --json` and returns its per-prompt records. `machine()` describes the
+machine for results files (CPU model, cores, torch, GPU when present).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    desc = f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        desc += f", {torch.cuda.get_device_name(0)}"
+    return desc
 
 
 @dataclass
