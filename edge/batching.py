@@ -11,7 +11,7 @@ each row from its own length (Qwen2 would otherwise use `arange + past_len` for 
 logits match the unbatched forward to float rounding (~1e-6 in fp32).
 
 Status: the measured alternative. The edge runs `edge/kv_pool.py` instead, which
-`benchmarks/kv_layouts.py` found ≈2× faster at 8 rows on CPU: stacking copies every row's past KV
+`benchmarks/kv_layouts.py` found 1.5× / 2× faster at 8 / 16 rows on CPU: stacking copies every row's past KV
 per layer (left-pad + cat, then the cache's own cat), the pool writes only new tokens. Kept because
 that benchmark compares the two on every machine it runs on, and as the reference layout for
 `DynamicCache` users (it needs no preallocation and no custom cache).

@@ -6,18 +6,20 @@ truncate, set_tail, kv_bytes) owns one slot; its KV for positions `0..n-1` lives
 `0..n-1` of that slot. `pooled_forward(rows)` runs ONE target forward over `(sequence, new_ids)`
 rows of any lengths, writes each row's new KV into its slot at its own offsets and returns each
 row's logits `[n_i, vocab]` (float32). Rolling back is free: a sequence just remembers a shorter
-length (KV past it is never attended to and is overwritten later). Forwards run on the model
-thread only; `release` may come from any thread.
+length (KV past it is never attended to and is overwritten later). Everything runs on the model
+thread, releases included (the server submits them there), so a slot is never handed to a new
+session while a forward that still includes its old owner is pending.
 
 Why a pool rather than stacking per-session `DynamicCache`s (`edge/batching.py`):
 `benchmarks/kv_layouts.py` measured both on the same ragged batches (results in
 `benchmarks/results/kv_layouts_cpu.md`). Stacking copies every row's past KV per layer (left-pad +
-cat) and the cache's own update copies it again, so at 8 rows a verify cost ≈2× a raw forward;
-the pool writes only the new tokens and hands attention a view of its rows (consecutive slots) or
-one gather, and costs what a raw forward costs. The price is memory: slots are reserved at the
-pool's context length. The pool therefore starts small and grows by doubling (slots when all are
-taken, context when a row needs more, capped at the model's limit), on the model thread, between
-forwards; freed slots are reused lowest-first so busy batches stay consecutive.
+cat) and the cache's own update copies it again: at 8 / 16 rows a verify costs 1.45 / 1.98× a raw
+forward. The pool writes only the new tokens and hands attention a view of its rows (consecutive
+slots) or one gather, and costs what a raw forward costs (0.92 / 0.96×). The price is memory:
+slots are reserved at the pool's context length. The pool therefore starts small and grows by
+doubling (slots when all are taken, context when a row needs more, capped at the model's limit),
+on the model thread, between forwards; freed slots are reused lowest-first so busy batches stay
+consecutive. It never shrinks, and `--kv-budget-mb` bounds reservations, not this memory.
 
 How the forward works: a duck-typed cache whose `update(k, v, layer)` scatters the new keys and
 values to `(slot_i, cached_i + j)` and returns this batch's pool rows `[:, :, :L]`. Rows are
