@@ -6,7 +6,7 @@ runs one target forward, applies greedy or lossless speculative-sampling accepta
 session's own seeded RNG, keeps target KV only for the accepted prefix, and returns (a, next).
 The KV lives in a slot of the edge's shared `KVPool` (a private one when none is given), so many
 sessions verify in one forward (`edge.kv_pool.pooled_forward`). Called on the model thread only,
-except `close`, which any thread may call.
+`close` included (the server submits it there), so a freed slot is never still in a pending forward.
 """
 
 from __future__ import annotations
