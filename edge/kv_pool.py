@@ -16,10 +16,16 @@ Why a pool rather than stacking per-session `DynamicCache`s (`edge/batching.py`)
 cat) and the cache's own update copies it again: at 8 / 16 rows a verify costs 1.45 / 1.98× a raw
 forward. The pool writes only the new tokens and hands attention a view of its rows (consecutive
 slots) or one gather, and costs what a raw forward costs (0.92 / 0.96×). The price is memory:
-slots are reserved at the pool's context length. The pool therefore starts small and grows by
-doubling (slots when all are taken, context when a row needs more, capped at the model's limit),
-on the model thread, between forwards; freed slots are reused lowest-first so busy batches stay
-consecutive. It never shrinks, and `--kv-budget-mb` bounds reservations, not this memory.
+every slot is as long as the pool's context.
+
+Sizing: whoever admits sessions (`edge.sessions.SessionRegistry`) decides the pool's shape with the
+pure `plan_pool` — slots for every open session, context for the longest reservation, with
+hysteresis so a session coming or going rarely reshapes it — and never lets `slots × context` pass
+the KV budget; `set_target` hands that shape over and the model thread applies it before its next
+allocation or forward, moving live rows down into low slots when the pool shrinks. So
+`--kv-budget-mb` bounds the memory the pool really holds, and an idle edge holds none. A pool
+without a target (tests, benchmarks, a lone `TargetSession`) grows by doubling on demand instead.
+Freed slots are reused lowest-first so busy batches stay consecutive.
 
 How the forward works: a duck-typed cache whose `update(k, v, layer)` scatters the new keys and
 values to `(slot_i, cached_i + j)` and returns this batch's pool rows `[:, :, :L]`. Rows are
@@ -62,11 +68,37 @@ class _PoolCache:
         return 0  # positions are always passed explicitly
 
 
+def plan_pool(
+    current: tuple[int, int], sessions: int, tokens: int, budget_tokens: int = 0, align: int = 64
+) -> tuple[int, int] | None:
+    """The `(slots, context)` a pool should have for `sessions` open sessions whose longest
+    reservation is `tokens`; None when no shape within `budget_tokens` (slots × context, 0: no
+    limit) can hold them. Pure. Slots double when short and halve when four times too many;
+    context is kept while it lies within [tokens, 2 × aligned tokens]; both only as the budget allows."""
+    if sessions <= 0:
+        return (0, 0)  # an idle edge holds no KV
+    if budget_tokens and sessions * tokens > budget_tokens:
+        return None
+    slots, context = current
+    if not tokens <= context <= 2 * -(-tokens // align) * align:
+        context = -(-tokens // align) * align
+    if sessions > slots:
+        slots = max(sessions, 2 * slots)
+    elif slots > 4 * sessions:
+        slots = 2 * sessions
+    if budget_tokens and slots * context > budget_tokens:
+        if sessions * context > budget_tokens:
+            context = tokens  # alignment does not fit: exactly what is needed
+        slots = max(sessions, min(slots, budget_tokens // context))
+    return (slots, context)
+
+
 class KVPool:
     def __init__(self, model: Any, vocab_size: int, slots: int = 4, context: int = 256, max_context: int = 0) -> None:
         cfg = model.config
         self.model, self.vocab_size = model, vocab_size
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
         self.max_context = max_context or int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20)
@@ -74,52 +106,91 @@ class KVPool:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.slots, self.context = 0, 0
-        self._free: list[int] = []
+        self._owners: dict[int, PooledSequence] = {}  # slot -> the sequence whose KV is there
+        self._target: tuple[int, int] | None = None
         self._lock = threading.Lock()
         self._resize(slots, min(context, self.max_context))
 
     def bytes_per_token(self) -> int:
-        return 2 * self.layers * self.keys[0].shape[1] * self.head_dim * self.keys[0].element_size()
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype.itemsize
 
     def nbytes(self) -> int:
         """Memory the pool holds (all slots at the current context)."""
         return self.slots * self.context * self.bytes_per_token()
 
+    def live(self) -> int:
+        """Slots owned by a sequence."""
+        return len(self._owners)
+
+    @torch.inference_mode()
     def _resize(self, slots: int, context: int) -> None:
-        kv_heads = self.model.config.num_key_value_heads
-        shape = (slots, kv_heads, context, self.head_dim)
+        """Reallocate to `[slots, heads, context, dim]`, keeping what fits (model thread; owned
+        slots must lie below `slots` and their KV within `context`)."""
+        keep_s, keep_c = min(slots, self.slots), min(context, self.context)
+        shape = (slots, self.kv_heads, context, self.head_dim)
         for store in (self.keys, self.values):
             for layer in range(self.layers):
                 new = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if store and len(store) > layer:
-                    new[: self.slots, :, : self.context] = store[layer]
-                    store[layer] = new
+                if len(store) > layer:
+                    new[:keep_s, :, :keep_c] = store[layer][:keep_s, :, :keep_c]
+                    store[layer] = new  # one layer at a time: the old one is freed as we go
                 else:
                     store.append(new)
-        with self._lock:
-            self._free += range(self.slots, slots)
-            self._free.sort()
         self.slots, self.context = slots, context
 
-    def alloc(self) -> int:
-        """A free slot, growing the pool if none is (model thread)."""
+    def set_target(self, slots: int, context: int) -> None:
+        """The shape to take before the next allocation or forward (any thread)."""
         with self._lock:
-            if self._free:
-                return self._free.pop(0)
-        self._resize(self.slots * 2, self.context)
-        return self.alloc()
+            self._target = (slots, min(context, self.max_context))
+
+    def apply_target(self) -> None:
+        """Take the shape last set (model thread, before slots are read for a forward)."""
+        with self._lock:
+            target = self._target
+        if target is None:
+            return
+        # A release still on its way may keep a row alive a little longer: never drop live KV,
+        # and keep the target pending until that row is gone too.
+        slots = max(target[0], len(self._owners))
+        context = max([target[1]] + [seq.cached for seq in self._owners.values()])
+        if (slots, context) != (self.slots, self.context):
+            self._compact(slots)
+            self._resize(slots, context)
+        with self._lock:
+            if self._target == target and (slots, context) == target:
+                self._target = None
+
+    @torch.inference_mode()
+    def _compact(self, slots: int) -> None:
+        """Move rows living at or above `slots` into free slots below it."""
+        free = [s for s in range(slots) if s not in self._owners]
+        for src in sorted(s for s in self._owners if s >= slots):
+            dst = free.pop(0)
+            for store in (self.keys, self.values):
+                for layer in range(self.layers):
+                    store[layer][dst] = store[layer][src]
+            seq = self._owners.pop(src)
+            seq.slot, self._owners[dst] = dst, seq
+
+    def alloc(self, owner: PooledSequence) -> int:
+        """The lowest free slot for `owner`, growing the pool if none is (model thread)."""
+        self.apply_target()
+        free = next((s for s in range(self.slots) if s not in self._owners), None)
+        if free is None:
+            free = self.slots
+            self._resize(max(1, 2 * self.slots), self.context)
+        self._owners[free] = owner
+        return free
 
     def release(self, slot: int) -> None:
-        with self._lock:
-            self._free.append(slot)
-            self._free.sort()  # lowest first: busy batches stay consecutive, so no gather
+        self._owners.pop(slot, None)
 
     def ensure_context(self, tokens: int) -> None:
         if tokens > self.max_context:
             raise ValueError(f"{tokens} tokens exceed the target's context limit of {self.max_context}")
         if tokens > self.context:
-            context = self.context
-            while context < tokens:
+            context = max(1, self.context)
+            while context < tokens:  # doubling: a growing row reallocates O(log n) times
                 context *= 2
             self._resize(self.slots, min(context, self.max_context))
 
@@ -169,7 +240,7 @@ class PooledSequence(KVSequence):
         if self.closed:
             raise RuntimeError("this sequence was released: its KV slot belongs to the pool again")
         if self.slot is None:
-            self.slot = self.pool.alloc()
+            self.slot = self.pool.alloc(self)
         return self.slot
 
     def forward(self, new_ids: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
@@ -177,6 +248,7 @@ class PooledSequence(KVSequence):
 
     def prefill(self, upto: int) -> None:
         if upto > self._cached:
+            self.pool.apply_target()
             self.pool.forward([(self._slot(), self._cached, self.tokens[self._cached : upto])], last_only=True)
             self._cached = upto
 
@@ -209,6 +281,7 @@ def pooled_forward(rows: list[tuple[PooledSequence, tuple[int, ...]]]) -> list[t
     pool = rows[0][0].pool
     if any(seq.pool is not pool for seq, _ in rows):
         raise ValueError("rows of one batched forward must share one KV pool")
+    pool.apply_target()  # before reading slots: applying it may move rows
     batch = []
     for seq, ids in rows:
         seq.tokens.extend(ids)

@@ -57,6 +57,8 @@ class GelatoService(pb_grpc.GelatoServicer):
         self.registry = SessionRegistry(
             config.max_sessions, int(config.kv_budget_mb * 2**20), config.max_draft_tokens, self._close_on_model_thread
         )
+        # Read at scrape time: the pool is reshaped on the model thread, after the gauges were set.
+        self.metrics.kv_pool_bytes.set_function(self.registry.pool_bytes)
         self.batcher = Batcher(
             self.executor, config.batch_window_ms / 1e3, config.max_batch, lambda: len(self.registry), self.metrics
         )
@@ -64,7 +66,6 @@ class GelatoService(pb_grpc.GelatoServicer):
     def _update_gauges(self) -> None:
         self.metrics.sessions_active.set(len(self.registry))
         self.metrics.kv_bytes.set(self.registry.kv_bytes())
-        self.metrics.kv_pool_bytes.set(self.registry.pool.nbytes() if self.registry.pool else 0)
 
     def _close_on_model_thread(self, session: TargetSession) -> None:
         try:
@@ -95,6 +96,7 @@ class GelatoService(pb_grpc.GelatoServicer):
             kv_bytes_in_use=self.registry.kv_bytes(),
             kv_bytes_reserved=self.registry.reserved_bytes,
             kv_budget_bytes=self.registry.kv_budget_bytes,
+            kv_pool_bytes=self.registry.pool_bytes(),
         )
 
     async def Session(
@@ -204,6 +206,14 @@ class GelatoService(pb_grpc.GelatoServicer):
             raise _Abort(
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"{session.length} tokens + {block.k} drafts reach the context limit of {m.context_limit}",
+            )
+        if session.reserved_tokens and session.length + block.k >= session.reserved_tokens:
+            # Admission reserved KV for prefix + max_new_tokens + one block; going past it would
+            # grow the shared pool beyond what the budget was charged.
+            raise _Abort(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"{session.length} tokens + {block.k} drafts pass the {session.reserved_tokens} tokens reserved "
+                f"at open (prefix + max_new_tokens {session.max_new_tokens} + one block); open a new session",
             )
 
         try:

@@ -1,13 +1,15 @@
 """The edge's session registry with admission control and idle expiry (SPEC §3, §8).
 
 Contract: `SessionRegistry.admit(...)` creates a `TargetSession` or raises `AdmissionError`
-(the server answers RESOURCE_EXHAUSTED) when `max_sessions` are open or the session's KV
-reservation would pass `kv_budget_bytes`. A session reserves KV for its whole possible length
-(prefix + max_new_tokens + one draft block, capped at the context limit), so admitted sessions
-never run out mid-generation. The budget counts reservations; the shared `KVPool` behind them grows
-by doubling and may hold up to ≈2× more per dimension (slots, context) than is reserved.
-`release(id)` frees a session (its slot in the pool) and is idempotent, so every way a stream can
-end (close, cancel, error, idle timeout of a vanished device) may call it. Event-loop only.
+(the server answers RESOURCE_EXHAUSTED) when `max_sessions` are open or the KV pool would pass
+`kv_budget_bytes`. A session reserves KV for its whole possible length (prefix + max_new_tokens +
+one draft block, capped at the context limit), so admitted sessions never run out mid-generation.
+All sessions share one slot-based `KVPool` whose slots are as long as its context, so what the
+budget is charged is the pool the open sessions need — sessions × their longest reservation — and
+the registry shapes the pool (`plan_pool`, `KVPool.set_target`) to stay within the budget: the
+budget bounds real memory, and one long session makes every slot long. `release(id)` frees a
+session (its slot; the pool shrinks when it can) and is idempotent, so every way a stream can end
+(close, cancel, error, idle timeout of a vanished device) may call it. Event-loop only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edge.kv_pool import KVPool
+from edge.kv_pool import KVPool, plan_pool
 from edge.verifier import TargetSession
 from gelato.models import LoadedModel
 from gelato.types import SamplingParams
@@ -36,7 +38,7 @@ def kv_bytes_per_token(loaded: LoadedModel) -> int:
 @dataclass
 class _Entry:
     session: TargetSession
-    reserved_bytes: int
+    reserved_tokens: int
 
 
 class SessionRegistry:
@@ -55,17 +57,32 @@ class SessionRegistry:
         self.max_draft_tokens = max_draft_tokens
         self.entries: dict[str, _Entry] = {}
         self.pool: KVPool | None = None  # one per target model, created with the first session
+        self.shape = (0, 0)  # (slots, context) last planned for the pool
 
     def __len__(self) -> int:
         return len(self.entries)
 
+    def _longest(self, extra: int = 0) -> int:
+        return max([extra] + [e.reserved_tokens for e in self.entries.values()])
+
     @property
     def reserved_bytes(self) -> int:
-        return sum(e.reserved_bytes for e in self.entries.values())
+        """What the budget is charged: open sessions × their longest reservation."""
+        if self.pool is None:
+            return 0
+        return len(self.entries) * self._longest() * self.pool.bytes_per_token()
 
     def kv_bytes(self) -> int:
-        """KV actually held by open sessions (walks their caches: not for the hot path)."""
+        """KV actually held by open sessions' tokens (walks them: not for the hot path)."""
         return sum(e.session.kv_bytes() for e in self.entries.values())
+
+    def pool_bytes(self) -> int:
+        return self.pool.nbytes() if self.pool is not None else 0
+
+    def _plan(self, sessions: int, tokens: int) -> tuple[int, int] | None:
+        assert self.pool is not None
+        budget = self.kv_budget_bytes and max(1, self.kv_budget_bytes // self.pool.bytes_per_token())
+        return plan_pool(self.shape, sessions, tokens, budget)
 
     def admit(
         self, loaded: LoadedModel, params: SamplingParams, prefix_ids: list[int], max_new_tokens: int
@@ -73,21 +90,38 @@ class SessionRegistry:
         if len(self.entries) >= self.max_sessions:
             raise AdmissionError(f"edge is at its session limit ({self.max_sessions}); try again later")
         wanted = len(prefix_ids) + (max_new_tokens or loaded.context_limit) + self.max_draft_tokens + 1
-        reserve = min(loaded.context_limit, wanted) * kv_bytes_per_token(loaded)
-        if self.kv_budget_bytes and self.reserved_bytes + reserve > self.kv_budget_bytes:
+        tokens = min(loaded.context_limit, wanted)
+        if self.pool is None:
+            self.pool = KVPool(loaded.model, loaded.vocab_size, slots=0, context=0, max_context=loaded.context_limit)
+        sessions, longest = len(self.entries) + 1, self._longest(tokens)
+        shape = self._plan(sessions, longest)
+        if shape is None:
+            mib = 2**20 / self.pool.bytes_per_token()
             raise AdmissionError(
-                f"edge KV budget exhausted: this session needs {reserve / 2**20:.1f} MiB, "
-                f"{(self.kv_budget_bytes - self.reserved_bytes) / 2**20:.1f} MiB of "
-                f"{self.kv_budget_bytes / 2**20:.1f} MiB free; try again later or ask for fewer tokens"
+                f"edge KV budget exhausted: this session reserves {tokens} tokens; {sessions} sessions "
+                f"with slots of {longest} tokens would need {sessions * longest / mib:.1f} MiB of the "
+                f"{self.kv_budget_bytes / 2**20:.1f} MiB budget; try again later or ask for fewer tokens"
             )
         sid = uuid.uuid4().hex[:16]
-        if self.pool is None:
-            self.pool = KVPool(loaded.model, loaded.vocab_size, max_context=loaded.context_limit)
-        session = TargetSession(sid, loaded, params, list(prefix_ids), max_new_tokens, pool=self.pool)
-        self.entries[sid] = _Entry(session, reserve)
+        session = TargetSession(
+            sid, loaded, params, list(prefix_ids), max_new_tokens, pool=self.pool, reserved_tokens=tokens
+        )
+        self.entries[sid] = _Entry(session, tokens)
+        self._reshape(shape)
         return session
+
+    def _reshape(self, shape: tuple[int, int]) -> None:
+        assert self.pool is not None
+        if shape != self.shape:
+            self.shape = shape
+            self.pool.set_target(*shape)  # applied on the model thread, before its next use
 
     def release(self, session_id: str) -> None:
         entry = self.entries.pop(session_id, None)
-        if entry is not None:
-            self.closer(entry.session)
+        if entry is None:
+            return
+        shape = self._plan(len(self.entries), self._longest())
+        if shape is not None:  # fewer sessions always fit; the check is for the type checker
+            self._reshape(shape)
+        # Set the shape first: closing (on the model thread) applies it, so an idle edge frees its KV.
+        self.closer(entry.session)

@@ -31,6 +31,7 @@ class TargetSession:
     prefix_ids: list[int]
     max_new_tokens: int = 0
     pool: KVPool | None = None
+    reserved_tokens: int = 0  # the length admission control reserved KV for (0: the context limit)
     rounds: int = 0
     opened_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
@@ -73,5 +74,7 @@ class TargetSession:
         return self.seq.kv_bytes()
 
     def close(self) -> None:
-        """Give the KV slot back to the pool (idempotent)."""
+        """Give the KV slot back to the pool (idempotent) and let the pool take the shape the
+        registry planned without it (model thread)."""
         self.seq.release()
+        self.seq.pool.apply_target()

@@ -11,7 +11,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("protocol_version", "target_model", "tokenizer_fingerprint", "vocab_size", "context_limit", "max_draft_tokens", "max_sessions", "active_sessions", "eos_token_ids", "kv_bytes_in_use", "kv_bytes_reserved", "kv_budget_bytes")
+    __slots__ = ("protocol_version", "target_model", "tokenizer_fingerprint", "vocab_size", "context_limit", "max_draft_tokens", "max_sessions", "active_sessions", "eos_token_ids", "kv_bytes_in_use", "kv_bytes_reserved", "kv_budget_bytes", "kv_pool_bytes")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class InfoResponse(_message.Message):
     KV_BYTES_IN_USE_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_RESERVED_FIELD_NUMBER: _ClassVar[int]
     KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     target_model: str
     tokenizer_fingerprint: str
@@ -36,7 +37,8 @@ class InfoResponse(_message.Message):
     kv_bytes_in_use: int
     kv_bytes_reserved: int
     kv_budget_bytes: int
-    def __init__(self, protocol_version: _Optional[int] = ..., target_model: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_limit: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_bytes_in_use: _Optional[int] = ..., kv_bytes_reserved: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ...) -> None: ...
+    kv_pool_bytes: int
+    def __init__(self, protocol_version: _Optional[int] = ..., target_model: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_limit: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_bytes_in_use: _Optional[int] = ..., kv_bytes_reserved: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., kv_pool_bytes: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed")

@@ -118,6 +118,11 @@ def test_protocol_version_mismatch(stub: pb_grpc.GelatoStub, fingerprint: str) -
             grpc.StatusCode.INVALID_ARGUMENT,
             "not in its own support",
         ),
+        (  # 3 + 1 + 32 + 1 tokens reserved: by round 2 at the latest a 32-token block passes them
+            lambda fp: [open_msg(fp, max_new_tokens=1), *(draft(r, [1] * 32) for r in range(3))],
+            grpc.StatusCode.OUT_OF_RANGE,
+            "reserved at open",
+        ),
         (
             lambda fp: [open_msg(fp, sampling=pb.SamplingParams(temperature=-1.0))],
             grpc.StatusCode.INVALID_ARGUMENT,

@@ -1,0 +1,184 @@
+"""The KV budget bounds the memory the edge's slot pool really holds (SPEC §3, §8).
+
+`plan_pool` is pure and checked exhaustively on a grid; the pool's reshaping (growth, shrinking
+with live rows moved to low slots) is checked against rows computed alone; the registry is checked
+to refuse what the pool could not hold within the budget and to give all memory back when idle."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from device.drafter import Drafter
+from edge.kv_pool import KVPool, PooledSequence, plan_pool, pooled_forward
+from edge.sessions import AdmissionError, SessionRegistry
+from edge.verifier import TargetSession
+from gelato.kv import KVSequence
+from gelato.models import LoadedModel, load_model
+from gelato.types import SamplingParams, Verdict
+
+
+@pytest.fixture(scope="module")
+def target(pair: dict[str, Path]) -> LoadedModel:
+    return load_model(str(pair["target"]), "target", "float32", "cpu")
+
+
+@pytest.fixture(scope="module")
+def drafter_model(pair: dict[str, Path]) -> LoadedModel:
+    return load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
+
+
+def test_plan_pool_grows_shrinks_with_hysteresis() -> None:
+    shape = (0, 0)
+    seen = []
+    for sessions in (1, 2, 3, 5, 4, 3, 2, 1, 0):
+        shape = plan_pool(shape, sessions, 100)
+        seen.append(shape)
+    assert [s for s, _ in seen] == [1, 2, 4, 8, 8, 8, 8, 2, 0]  # doubles; halves only when 4x too many
+    assert {c for _, c in seen[:-1]} == {128}  # aligned to 64, kept while the longest stays 100
+    assert plan_pool((4, 256), 4, 100) == (4, 256)  # within [tokens, 2 x aligned]: kept
+    assert plan_pool((4, 256), 4, 60) == (4, 64)  # far too long now: shrunk
+    assert plan_pool((4, 128), 4, 300) == (4, 320)  # too short: grown to what is needed
+
+
+def test_plan_pool_within_budget_on_a_grid() -> None:
+    """None exactly when sessions x tokens passes the budget; otherwise every session has a slot,
+    every slot holds the longest reservation, and slots x context stays within the budget."""
+    for (slots, context), sessions, tokens, budget in itertools.product(
+        [(0, 0), (1, 64), (3, 100), (8, 512), (64, 4096)], range(0, 10), [1, 33, 64, 65, 200, 700], [0, 300, 1000, 5000]
+    ):
+        got = plan_pool((slots, context), sessions, tokens, budget)
+        if budget and sessions * tokens > budget:
+            assert got is None
+            continue
+        assert got is not None
+        s, c = got
+        if sessions == 0:
+            assert got == (0, 0)
+            continue
+        assert s >= sessions and c >= tokens, (got, sessions, tokens)
+        assert not budget or s * c <= budget, (got, sessions, tokens, budget)
+
+
+def _fresh_logits(target: LoadedModel, tokens: list[int], nxt: list[int]) -> torch.Tensor:
+    seq = KVSequence(target.model, target.vocab_size, tokens)
+    seq.prefill(len(tokens))
+    return seq.forward(nxt)
+
+
+def test_pool_shrinks_moving_live_rows_and_frees_everything(target: LoadedModel) -> None:
+    pool = KVPool(target.model, target.vocab_size, slots=0, context=0)
+    pool.set_target(4, 64)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1, 300) for _ in range(n)] for n in (5, 17, 9, 30)]
+    seqs = [PooledSequence(pool, p) for p in prompts]
+    for seq in seqs:
+        seq.prefill(len(seq.tokens))
+    assert (pool.slots, pool.context) == (4, 64) and [s.slot for s in seqs] == [0, 1, 2, 3]
+    for seq in seqs[:3]:
+        seq.release()
+    pool.set_target(1, 32)
+    last = seqs[3]
+    (logits,) = [last.forward([7, 8])]  # the forward applies the target first: row 3 moves to slot 0
+    assert last.slot == 0 and (pool.slots, pool.context) == (1, 32)
+    torch.testing.assert_close(logits, _fresh_logits(target, prompts[3], [7, 8]), atol=2e-5, rtol=1e-4)
+    pool.set_target(0, 0)  # the row is still alive: nothing of it may be dropped ...
+    pool.apply_target()
+    assert (pool.slots, pool.context) == (1, 32)
+    last.release()
+    pool.apply_target()  # ... and the target, still pending, is taken once it is gone
+    assert pool.nbytes() == 0
+
+
+def _registry(target: LoadedModel, budget_tokens: int) -> SessionRegistry:
+    bpt = KVPool(target.model, target.vocab_size, slots=0, context=0).bytes_per_token()
+    return SessionRegistry(max_sessions=16, kv_budget_bytes=budget_tokens * bpt, max_draft_tokens=8)
+
+
+def test_registry_refuses_what_the_pool_cannot_hold(target: LoadedModel) -> None:
+    reg = _registry(target, 300)
+    params = SamplingParams()
+    long = reg.admit(target, params, [3] * 10, 200)  # reserves 10 + 200 + 8 + 1 = 219 tokens
+    long.prefill()
+    assert reg.reserved_bytes == 219 * reg.pool.bytes_per_token()
+    # Reservations alone would fit (219 + 34 <= 300), but every slot is as long as the longest.
+    with pytest.raises(AdmissionError, match="KV budget exhausted: this session reserves 34 tokens; 2 sessions"):
+        reg.admit(target, params, [3] * 5, 20)
+    reg.release(long.session_id)
+    shorts = [reg.admit(target, params, [3] * 5, 20) for _ in range(8)]  # 8 x 34 <= 300
+    with pytest.raises(AdmissionError, match="KV budget"):
+        reg.admit(target, params, [3] * 5, 20)
+    for s in shorts:
+        s.prefill()
+        assert reg.pool.nbytes() <= reg.kv_budget_bytes
+    for s in shorts:
+        reg.release(s.session_id)
+    assert len(reg) == 0 and reg.reserved_bytes == 0 and reg.pool_bytes() == 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_sessions_under_a_tight_budget_match_solo(
+    target: LoadedModel, drafter_model: LoadedModel, temperature: float
+) -> None:
+    """Sessions join and leave through the registry, so the pool grows, shrinks and moves live rows
+    between rounds; every session still produces exactly its solo tokens, and the pool never holds
+    more than the budget."""
+    rng = random.Random(2)
+    # Five open at once, then only the one in slot 4 is left (the pool halves: it moves to slot 0),
+    # then two more join.
+    specs = [(4, 3, 0, 2), (20, 6, 0, 3), (9, 2, 0, 2), (12, 5, 0, 3), (6, 8, 0, 9), (15, 1, 4, 5), (7, 4, 5, 4)]
+    prompts = [[rng.randrange(1, 300) for _ in range(n)] for n, *_ in specs]
+    max_new = 90  # reservations cover every session's length (K=8 for 9 rounds adds at most 81)
+    budget_tokens = 5 * (20 + max_new + 9)  # five sessions at a time, the longest reservation each
+    moved = []
+
+    def run(batched: bool) -> list[list[int]]:
+        reg = _registry(target, budget_tokens)
+        sessions: dict[int, TargetSession] = {}
+        drafters: dict[int, Drafter] = {}
+        out: dict[int, list[int]] = {}
+        slots: dict[int, int | None] = {}  # each live session's slot at the last forward
+        for rnd in range(12):
+            for i, (_, _, first, n) in enumerate(specs):
+                if rnd == first:
+                    params = SamplingParams(temperature=temperature, top_k=30, seed=7 + i)
+                    sessions[i] = (
+                        reg.admit(target, params, prompts[i], max_new)
+                        if batched
+                        else TargetSession(f"s{i}", target, params, prompts[i])
+                    )
+                    sessions[i].prefill()
+                    drafters[i] = Drafter(drafter_model, params)
+                    drafters[i].start(prompts[i])
+                if rnd == first + n:
+                    out[i] = list(sessions[i].seq.tokens)
+                    if batched:
+                        reg.release(sessions.pop(i).session_id)
+                    else:
+                        sessions.pop(i).close()
+            live = sorted(sessions)
+            blocks = {i: drafters[i].draft(specs[i][1], sessions[i].rounds) for i in live}
+            if batched and live:
+                bases = {i: len(sessions[i].seq.tokens) for i in live}
+                logits = pooled_forward([(sessions[i].seq, blocks[i].ids) for i in live])
+                verdicts = {i: sessions[i].accept(blocks[i], bases[i], lg) for i, lg in zip(live, logits, strict=True)}
+                assert reg.pool_bytes() <= reg.kv_budget_bytes
+                moved.extend(
+                    (rnd, i, slots[i], sessions[i].seq.slot)
+                    for i in live
+                    if slots.get(i, -1) not in (-1, sessions[i].seq.slot)
+                )
+                slots = {i: sessions[i].seq.slot for i in live}
+            else:
+                verdicts = {i: sessions[i].verify(blocks[i]) for i in live}
+            for i, (a, nxt) in verdicts.items():
+                drafters[i].apply(blocks[i], Verdict(round=0, n_accepted=a, next_token=nxt))
+        if batched:
+            assert reg.pool_bytes() == 0 and moved == [(3, 4, 4, 0)], moved
+        return [out[i] for i in range(len(specs))]
+
+    assert run(batched=True) == run(batched=False)
