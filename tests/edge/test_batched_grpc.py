@@ -16,7 +16,7 @@ import pytest
 from device.client import EdgeClient
 from device.drafter import Drafter
 from device.policy import FixedK
-from gelato.models import LoadedModel, encode_prompt, load_model
+from gelato.models import LoadedModel, encode_prompt
 from gelato.types import PROTOCOL_VERSION, SamplingParams
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
@@ -27,11 +27,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def drafter_model(pair: dict[str, Path]) -> LoadedModel:
-    return load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
 
 
 async def generate_all(

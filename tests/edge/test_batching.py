@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,18 +12,8 @@ from edge.batching import batched_forward
 from edge.kv_pool import KVPool, PooledSequence, pooled_forward
 from edge.verifier import TargetSession
 from gelato.kv import KVSequence
-from gelato.models import LoadedModel, load_model
+from gelato.models import LoadedModel
 from gelato.types import SamplingParams, Verdict
-
-
-@pytest.fixture(scope="module")
-def target(pair: dict[str, Path]) -> LoadedModel:
-    return load_model(str(pair["target"]), "target", "float32", "cpu")
-
-
-@pytest.fixture(scope="module")
-def drafter_model(pair: dict[str, Path]) -> LoadedModel:
-    return load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
 
 
 def _assert_same_kv(a: KVSequence, b: KVSequence, layers: int) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,18 +17,8 @@ from edge.kv_pool import KVPool, PooledSequence, plan_pool, pooled_forward
 from edge.sessions import AdmissionError, SessionRegistry
 from edge.verifier import TargetSession
 from gelato.kv import KVSequence
-from gelato.models import LoadedModel, load_model
+from gelato.models import LoadedModel
 from gelato.types import SamplingParams, Verdict
-
-
-@pytest.fixture(scope="module")
-def target(pair: dict[str, Path]) -> LoadedModel:
-    return load_model(str(pair["target"]), "target", "float32", "cpu")
-
-
-@pytest.fixture(scope="module")
-def drafter_model(pair: dict[str, Path]) -> LoadedModel:
-    return load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
 
 
 def test_plan_pool_grows_shrinks_with_hysteresis() -> None:
