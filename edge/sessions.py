@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from edge.kv_pool import KVPool, plan_pool
 from edge.verifier import TargetSession
@@ -35,12 +34,6 @@ def kv_bytes_per_token(loaded: LoadedModel) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
 
 
-@dataclass
-class _Entry:
-    session: TargetSession
-    reserved_tokens: int
-
-
 class SessionRegistry:
     def __init__(
         self,
@@ -55,7 +48,7 @@ class SessionRegistry:
         self.max_sessions = max_sessions
         self.kv_budget_bytes = kv_budget_bytes  # 0: no KV limit
         self.max_draft_tokens = max_draft_tokens
-        self.entries: dict[str, _Entry] = {}
+        self.entries: dict[str, TargetSession] = {}
         self.pool: KVPool | None = None  # one per target model, created with the first session
         self.shape = (0, 0)  # (slots, context) last planned for the pool
 
@@ -63,7 +56,7 @@ class SessionRegistry:
         return len(self.entries)
 
     def _longest(self, extra: int = 0) -> int:
-        return max([extra] + [e.reserved_tokens for e in self.entries.values()])
+        return max([extra] + [s.reserved_tokens for s in self.entries.values()])
 
     @property
     def reserved_bytes(self) -> int:
@@ -74,7 +67,7 @@ class SessionRegistry:
 
     def kv_bytes(self) -> int:
         """KV actually held by open sessions' tokens (walks them: not for the hot path)."""
-        return sum(e.session.kv_bytes() for e in self.entries.values())
+        return sum(s.kv_bytes() for s in self.entries.values())
 
     def pool_bytes(self) -> int:
         return self.pool.nbytes() if self.pool is not None else 0
@@ -106,7 +99,7 @@ class SessionRegistry:
         session = TargetSession(
             sid, loaded, params, list(prefix_ids), max_new_tokens, pool=self.pool, reserved_tokens=tokens
         )
-        self.entries[sid] = _Entry(session, tokens)
+        self.entries[sid] = session
         self._reshape(shape)
         return session
 
@@ -117,11 +110,11 @@ class SessionRegistry:
             self.pool.set_target(*shape)  # applied on the model thread, before its next use
 
     def release(self, session_id: str) -> None:
-        entry = self.entries.pop(session_id, None)
-        if entry is None:
+        session = self.entries.pop(session_id, None)
+        if session is None:
             return
         shape = self._plan(len(self.entries), self._longest())
         if shape is not None:  # fewer sessions always fit; the check is for the type checker
             self._reshape(shape)
         # Set the shape first: closing (on the model thread) applies it, so an idle edge frees its KV.
-        self.closer(entry.session)
+        self.closer(session)
