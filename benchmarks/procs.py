@@ -14,8 +14,8 @@ import platform
 import re
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
+import threading
+from collections import deque
 from typing import Any
 
 
@@ -34,10 +34,36 @@ def machine() -> str:
     return desc
 
 
-@dataclass
 class Edge:
-    proc: subprocess.Popen[str]
-    address: str
+    """A running `gelato-edge`. A daemon thread keeps reading its output for its whole life: an
+    unread pipe fills after ~64 KiB of log lines and would then block the edge mid-benchmark. The
+    last 500 lines stay available for error messages."""
+
+    def __init__(self, args: list[str], timeout_s: float = 180.0, prefix: list[str] | None = None) -> None:
+        cmd = [*(prefix or []), sys.executable, "-m", "edge.cli", "--port", "0", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.address = ""
+        self._lines: deque[str] = deque(maxlen=500)
+        self._listening = threading.Event()
+        self._reader = threading.Thread(target=self._drain, name="edge-output", daemon=True)
+        self._reader.start()
+        if not self._listening.wait(timeout_s) or not self.address:
+            self.proc.kill()
+            self.stop()
+            raise RuntimeError("gelato-edge did not start:\n" + self.output())
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.append(line)
+            m = None if self.address else re.search(r"listening on ([\w.\-\[\]:]+):(\d+)", line)
+            if m:
+                self.address = f"{m.group(1)}:{m.group(2)}"
+                self._listening.set()
+        self._listening.set()  # output ended: wake a waiter, which then sees no address
+
+    def output(self) -> str:
+        return "".join(list(self._lines))
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -47,26 +73,14 @@ class Edge:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._reader.join(timeout=5)
         return self.proc.returncode
 
 
 def start_edge(args: list[str], timeout_s: float = 180.0, prefix: list[str] | None = None) -> Edge:
-    """`prefix` runs the edge under a launcher, e.g. `taskset -c 0` to pin it to a core."""
-    cmd = [*(prefix or []), sys.executable, "-m", "edge.cli", "--port", "0", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"listening on ([\w.\-\[\]:]+):(\d+)", line)
-        if m:
-            return Edge(proc, f"{m.group(1)}:{m.group(2)}")
-    proc.kill()
-    raise RuntimeError("gelato-edge did not start:\n" + "".join(lines))
+    """`prefix` runs the edge under a launcher, e.g. `taskset -c 0` to pin it to a core. Raises
+    with the edge's output if it exits or stays silent for `timeout_s` before listening."""
+    return Edge(args, timeout_s, prefix)
 
 
 def run_device(args: list[str], timeout_s: float = 900.0) -> list[dict[str, Any]]:

@@ -7,15 +7,14 @@ The models and tokenizer are written to a temp folder and loaded through the rea
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from benchmarks.procs import Edge
 from gelato.tiny.random_pair import build_random_pair, synthetic_corpus
 
 # One torch thread per process: the fastest on small CPUs and keeps parallel processes fair.
@@ -34,34 +33,11 @@ def prompts() -> list[str]:
     return [t[: 20 + 9 * i] for i, t in enumerate(texts)]
 
 
-class EdgeProcess:
-    def __init__(self, args: list[str], timeout_s: float = 120.0) -> None:
-        cmd = [sys.executable, "-m", "edge.cli", "--port", "0", "--threads", "1", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + timeout_s
-        self.output: list[str] = []
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.output.append(line)
-            m = re.search(r"listening on ([\d.]+):(\d+)", line)
-            if m:
-                self.address = f"{m.group(1)}:{m.group(2)}"
-                return
-        self.stop()
-        raise RuntimeError("edge did not start:\n" + "".join(self.output))
+class EdgeProcess(Edge):
+    """A real `gelato-edge` process on one torch thread (see `benchmarks.procs.Edge`)."""
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+    def __init__(self, args: list[str], timeout_s: float = 120.0) -> None:
+        super().__init__(["--threads", "1", *args], timeout_s)
 
 
 @pytest.fixture(scope="session")

@@ -176,3 +176,19 @@ def iter_until_closed(requests: list[pb.DeviceMessage]) -> Iterator[pb.DeviceMes
                 return
             sent += 1
         time.sleep(0.01)
+
+
+def test_log_heavy_edge_keeps_serving(pair: dict[str, Path], fingerprint: str) -> None:
+    """1000 rejected streams at --log-level info log ~100 KB, more than a pipe buffer holds: the
+    edge's output is read as it comes (benchmarks.procs.Edge), so the edge never blocks on its log."""
+    edge = EdgeProcess(["--target", str(pair["target"]), "--log-level", "info"])
+    try:
+        with grpc.insecure_channel(edge.address) as channel:
+            stub = pb_grpc.GelatoStub(channel)
+            for _ in range(1000):
+                expect_status(stub, [draft(0, [1])], grpc.StatusCode.FAILED_PRECONDITION)
+            out = run_stream(stub, [open_msg(fingerprint), draft(0, [1, 2])])
+            assert out[1].verdict.round == 0
+    finally:
+        assert edge.stop() == 0
+    assert sum("draft block before open" in line for line in edge.output().splitlines()) >= 400
