@@ -27,7 +27,7 @@ from device.client import EdgeClient, EdgeError, GenerationResult
 from device.drafter import DEFAULT_TOP_M, Drafter
 from device.energy import EnergyAccountant
 from device.policy import Policy, parse_policy
-from gelato.cli_common import add_model_args, fail, setup_torch_threads
+from gelato.cli_common import add_model_args, endpoint, fail, setup_torch_threads
 from gelato.models import LoadedModel, ModelLoadError, encode_prompt, load_model
 from gelato.power import PROFILES, RADIOS, MeterUnavailable, NullMeter, open_meter, radio_profile
 from gelato.types import SamplingParams, Telemetry
@@ -36,7 +36,7 @@ from gelato.types import SamplingParams, Telemetry
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gelato-device", description="GELATO device: draft locally, verify on the edge")
     p.add_argument("--drafter", default=None, help="hub id or local folder (default: the embedded tiny drafter)")
-    p.add_argument("--edge", default="127.0.0.1:50051", help="HOST:PORT of gelato-edge")
+    p.add_argument("--edge", type=endpoint, default="127.0.0.1:50051", help="HOST:PORT of gelato-edge")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     src.add_argument("--prompts-file", type=Path, help="JSONL with 'prompt' or 'question' per line")
@@ -124,7 +124,7 @@ async def run(args: argparse.Namespace, prompts: list[str], loaded: LoadedModel,
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     drafter = Drafter(loaded, params, top_m=args.top_m)
     client = EdgeClient(args.edge)
-    trace = open(args.trace, "w", encoding="utf-8") if args.trace else None  # noqa: SIM115
+    trace = args.trace_file
     try:
         try:
             await client.info(timeout_s=args.connect_timeout_s)
@@ -174,8 +174,15 @@ def main(argv: list[str] | None = None) -> int:
         prompts = read_prompts(args)
     except (OSError, ValueError) as exc:
         return fail(str(exc))
-    if args.max_new_tokens < 1:
-        return fail("--max-new-tokens must be >= 1")
+    bounds = [
+        ("--max-new-tokens must be >= 1", args.max_new_tokens >= 1),
+        ("--top-m must be >= 1", args.top_m >= 1),
+        ("--limit must be >= 0", args.limit is None or args.limit >= 0),
+        ("--connect-timeout-s must be > 0", args.connect_timeout_s > 0),
+    ]
+    for message, ok in bounds:
+        if not ok:
+            return fail(message)
     if not prompts:
         return fail("no prompts given")
     setup_torch_threads(args.threads)
@@ -187,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(args.drafter, "drafter", args.dtype, args.device)
     except ModelLoadError as exc:
         return fail(str(exc))
+    try:  # opened before any generation, so a bad path costs nothing
+        args.trace_file = open(args.trace, "w", encoding="utf-8") if args.trace else None  # noqa: SIM115
+    except OSError as exc:
+        return fail(f"--trace: {exc}")
     return asyncio.run(run(args, prompts, loaded, acct))
 
 

@@ -15,23 +15,25 @@ import signal
 import sys
 
 from edge.server import EdgeConfig, EdgeServer
-from gelato.cli_common import add_model_args, fail, setup_torch_threads
+from gelato.cli_common import add_model_args, fail, port_number, setup_torch_threads
 from gelato.models import ModelLoadError
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gelato-edge", description="GELATO edge: batched target verification server")
     p.add_argument("--target", default=None, help="hub id or local folder (default: the embedded tiny target)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    p.add_argument("--port", type=port_number, default=50051, help="0 picks a free port")
     p.add_argument("--max-sessions", type=int, default=64)
     p.add_argument("--max-draft-tokens", type=int, default=32, help="largest draft block accepted")
     p.add_argument("--kv-budget-mb", type=float, default=0.0, help="target KV memory for sessions (0: no limit)")
     p.add_argument("--batch-window-ms", type=float, default=2.0, help="wait this long for more rows to batch")
     p.add_argument("--max-batch", type=int, default=16, help="most draft blocks verified in one forward")
     p.add_argument("--idle-timeout-s", type=float, default=300.0, help="free sessions idle this long")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--metrics-port", type=port_number, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS)
     add_model_args(p)
     return p
 
@@ -78,11 +80,18 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if min(args.max_sessions, args.max_draft_tokens, args.max_batch) < 1:
-        return fail("--max-sessions, --max-draft-tokens and --max-batch must be >= 1")
-    if args.batch_window_ms < 0 or args.kv_budget_mb < 0 or args.idle_timeout_s <= 0:
-        return fail("--batch-window-ms and --kv-budget-mb must be >= 0, --idle-timeout-s > 0")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    bounds = [
+        ("--max-sessions must be >= 1", args.max_sessions >= 1),
+        ("--max-draft-tokens must be >= 1", args.max_draft_tokens >= 1),
+        ("--max-batch must be >= 1", args.max_batch >= 1),
+        ("--batch-window-ms must be >= 0", args.batch_window_ms >= 0),
+        ("--kv-budget-mb must be >= 0", args.kv_budget_mb >= 0),
+        ("--idle-timeout-s must be > 0", args.idle_timeout_s > 0),
+    ]
+    for message, ok in bounds:
+        if not ok:
+            return fail(message)
     setup_torch_threads(args.threads)
     return asyncio.run(serve(args))
 

@@ -2,7 +2,9 @@
 
 Contract: `add_model_args` adds `--dtype`/`--device`/`--threads`; `setup_torch_threads` applies
 `--threads` (one thread per process is the fastest on small CPUs, SPEC §9); `fail` prints a
-one-line `error:` message and returns the CLI's exit status.
+one-line `error:` message and returns the CLI's exit status. `port_number` and `endpoint` are
+argparse types: a bad value is a usage error (exit 2) naming the flag, never a traceback or, as
+gRPC does with a port above 65535, a silently different port.
 """
 
 from __future__ import annotations
@@ -15,6 +17,28 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0-65535, got {port}")
+    return port
+
+
+def endpoint(text: str) -> str:
+    """HOST:PORT (IPv6 as [ADDR]:PORT) with a port in 1-65535; returned unchanged for gRPC."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or host in ("[]",):
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise argparse.ArgumentTypeError(f"write an IPv6 address as [ADDR]:PORT, got {text!r}")
+    if port_number(port) == 0:
+        raise argparse.ArgumentTypeError(f"port must be in 1-65535, got 0 in {text!r}")
+    return text
 
 
 def setup_torch_threads(threads: int | None) -> None:

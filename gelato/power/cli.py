@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from gelato.power import SOURCES, MeterUnavailable, open_source
+from gelato.power.cpu_model import PROFILES
 
 
 def probe(seconds: float, profile: str) -> list[dict[str, Any]]:
@@ -28,19 +29,30 @@ def probe(seconds: float, profile: str) -> list[dict[str, Any]]:
     for meter, start in zip(meters, starts, strict=True):
         end = meter.read()
         joules = end.joules - start.joules
-        rows.append(
-            {
-                "source": meter.source,
-                "available": True,
-                "kind": meter.kind,
-                "joules": round(joules, 6),
-                "mean_w": round(joules / (end.t_s - start.t_s), 4),
-                "window_s": round(end.t_s - start.t_s, 3),
-            }
-        )
+        row = {
+            "source": meter.source,
+            "available": True,
+            "kind": meter.kind,
+            "joules": round(joules, 6),
+            "mean_w": round(joules / (end.t_s - start.t_s), 4),
+            "window_s": round(end.t_s - start.t_s, 3),
+        }
+        if meter.source == "cpu-model":  # an estimate is only as good as the profile it assumes
+            row["device_profile"] = profile
+        rows.append(row)
         meter.close()
     order = {s: i for i, s in enumerate(SOURCES)}
     return sorted(rows, key=lambda r: order[r["source"]])
+
+
+def _window_s(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= 3600 seconds, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     pr = sub.add_parser("probe", help="list meters and take a short reading of each")
     pr.add_argument("--json", action="store_true")
-    pr.add_argument("--seconds", type=float, default=1.0)
-    pr.add_argument("--device-profile", default="phone")
+    pr.add_argument("--seconds", type=_window_s, default=1.0, help="reading window, > 0 and <= 3600 (default 1)")
+    pr.add_argument("--device-profile", default="phone", choices=sorted(PROFILES), help="for the cpu-model estimate")
     args = p.parse_args(argv)
     rows = probe(args.seconds, args.device_profile)
     if args.json:
@@ -57,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for r in rows:
         if r["available"]:
-            print(f"{r['source']:10s} {r['kind']:9s} {r['joules']:.4f} J over {r['window_s']} s = {r['mean_w']:.3f} W")
+            line = f"{r['source']:10s} {r['kind']:9s} {r['joules']:.4f} J over {r['window_s']} s = {r['mean_w']:.3f} W"
+            print(line + (f" (profile {r['device_profile']})" if "device_profile" in r else ""))
         else:
             print(f"{r['source']:10s} unavailable: {r['reason']}")
     return 0
