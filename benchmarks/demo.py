@@ -3,8 +3,11 @@
 Contract: `gelato-demo` (the README's first command) starts `gelato-edge` with the built-in tiny
 target on loopback, runs `gelato-device` with the built-in drafter on the project's own short
 math word problems for several draft policies, and prints one table row per policy: emitted
-tokens/s (ratio of sums), acceptance per drafted token, rounds, mean draft length. Greedy; both
-processes pinned to one torch thread each. `--pair random` uses tiny random models instead.
+tokens/s (ratio of sums), acceptance per drafted token, rounds, mean draft length, and device
+J/token with its energy source named (measured or estimated). Greedy; both processes pinned to one
+torch thread each. `--pair random` uses tiny random models instead. Losslessness is checked, not
+assumed: every policy's tokens must equal the edge-alone run's (fixed-0) for every prompt, else the
+demo says which differ and exits 1.
 """
 
 from __future__ import annotations
@@ -40,17 +43,42 @@ def summarize(policy: str, records: list[dict[str, Any]]) -> dict[str, Any]:
         "rounds": rounds,
         "mean_draft_len": drafted / rounds if rounds else 0.0,
         "tokens_per_round": tokens / rounds if rounds else 0.0,
+        "energy_j_per_token": device_j_per_token(records, tokens),
+        "energy": sorted({f"{r['energy_source']} ({r['energy_kind']})" for r in records}),
     }
 
 
+def device_j_per_token(records: list[dict[str, Any]], tokens: int) -> float | None:
+    """Total device energy over emitted tokens; None when any reading was unavailable (never 0)."""
+    joules = [r["energy_j"] for r in records]
+    if not tokens or any(j is None for j in joules):
+        return None
+    return float(sum(joules)) / tokens
+
+
+def mismatches(runs: dict[str, list[dict[str, Any]]], reference: str) -> list[str]:
+    """'policy: prompt i' for every output that differs from the reference policy's."""
+    ref = [r["token_ids"] for r in runs[reference]]
+    return [
+        f"{policy}: prompt {i}"
+        for policy, records in runs.items()
+        for i, (rec, want) in enumerate(zip(records, ref, strict=True))
+        if rec["token_ids"] != want
+    ]
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    head = "| policy | prompts | tokens | tokens/s | acceptance | rounds | mean draft len | tokens/round |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head = (
+        "| policy | prompts | tokens | tokens/s | acceptance | rounds | mean draft len | tokens/round "
+        "| device J/token |"
+    )
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         acc = "-" if r["acceptance"] != r["acceptance"] else f"{r['acceptance']:.3f}"  # nan: nothing drafted
+        jpt = "n/a" if r["energy_j_per_token"] is None else f"{r['energy_j_per_token']:.4f}"
         lines.append(
             f"| {r['policy']} | {r['prompts']} | {r['tokens']} | {r['tokens_per_s']:.1f} | {acc} "
-            f"| {r['rounds']} | {r['mean_draft_len']:.2f} | {r['tokens_per_round']:.2f} |"
+            f"| {r['rounds']} | {r['mean_draft_len']:.2f} | {r['tokens_per_round']:.2f} | {jpt} |"
         )
     return "\n".join(lines)
 
@@ -60,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pair", choices=["embedded", "random"], default="embedded")
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--policies", default="fixed-0,fixed-2,fixed-4,fixed-6")
+    p.add_argument("--policies", default="fixed-0,fixed-2,fixed-4,fixed-6", help="the first is the reference")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
 
@@ -77,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts_file.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in prompts))
         print(f"gelato-demo: edge target {target}\n             device drafter {drafter}", flush=True)
         edge = start_edge(["--target", target, "--threads", "1"])
-        rows, sample = [], None
+        rows, sample, runs = [], None, {}
         try:
             for policy in args.policies.split(","):
                 records = run_device(
@@ -87,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                         *("--policy", policy),
                     ]
                 )
+                runs[policy] = records
                 rows.append(summarize(policy, records))
                 sample = sample or records[0]
                 print(f"  {policy}: done", flush=True)
@@ -95,9 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     if sample:
         print(f"\nQ: {sample['prompt']}\nA: {sample['text']}\n")
     print(table(rows))
-    print("\nfixed-0 = the edge alone decodes (no drafting); outputs of every row are identical (greedy).")
+    energy = sorted({e for r in rows for e in r["energy"]})
+    print(f"\ndevice energy: {', '.join(energy)} meter + wifi radio model (gelato-device --meter/--radio).")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    reference = next(iter(runs))
+    bad = mismatches(runs, reference)
+    if bad:
+        print(f"LOSSLESSNESS VIOLATED: outputs differ from {reference}'s for " + "; ".join(bad))
+        return 1
+    if "fixed-0" in runs:
+        print("fixed-0 = the edge alone decodes (no drafting).")
+    print(f"Every row's outputs were checked token for token against {reference}'s: identical (greedy).")
     return 0
 
 
