@@ -21,13 +21,13 @@ import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from device.client import EdgeClient, EdgeError, GenerationResult
 from device.drafter import DEFAULT_TOP_M, Drafter
 from device.energy import EnergyAccountant
 from device.policy import Policy, parse_policy
-from gelato.cli_common import add_model_args, endpoint, fail, setup_torch_threads
+from gelato.cli_common import add_model_args, endpoint, fail, first_failed, setup_torch_threads
 from gelato.models import LoadedModel, ModelLoadError, encode_prompt, load_model
 from gelato.power import PROFILES, RADIOS, MeterUnavailable, NullMeter, open_meter, radio_profile
 from gelato.types import SamplingParams, Telemetry
@@ -120,11 +120,12 @@ def open_accountant(args: argparse.Namespace) -> EnergyAccountant:
     return EnergyAccountant(meter, radio_profile(args.radio))
 
 
-async def run(args: argparse.Namespace, prompts: list[str], loaded: LoadedModel, acct: EnergyAccountant) -> int:
+async def run(
+    args: argparse.Namespace, prompts: list[str], loaded: LoadedModel, acct: EnergyAccountant, trace: TextIO | None
+) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     drafter = Drafter(loaded, params, top_m=args.top_m)
     client = EdgeClient(args.edge)
-    trace = args.trace_file
     try:
         try:
             await client.info(timeout_s=args.connect_timeout_s)
@@ -174,15 +175,16 @@ def main(argv: list[str] | None = None) -> int:
         prompts = read_prompts(args)
     except (OSError, ValueError) as exc:
         return fail(str(exc))
-    bounds = [
-        ("--max-new-tokens must be >= 1", args.max_new_tokens >= 1),
-        ("--top-m must be >= 1", args.top_m >= 1),
-        ("--limit must be >= 0", args.limit is None or args.limit >= 0),
-        ("--connect-timeout-s must be > 0", args.connect_timeout_s > 0),
-    ]
-    for message, ok in bounds:
-        if not ok:
-            return fail(message)
+    broken = first_failed(
+        [
+            ("--max-new-tokens must be >= 1", args.max_new_tokens >= 1),
+            ("--top-m must be >= 1", args.top_m >= 1),
+            ("--limit must be >= 0", args.limit is None or args.limit >= 0),
+            ("--connect-timeout-s must be > 0", args.connect_timeout_s > 0),
+        ]
+    )
+    if broken:
+        return fail(broken)
     if not prompts:
         return fail("no prompts given")
     setup_torch_threads(args.threads)
@@ -195,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as exc:
         return fail(str(exc))
     try:  # opened before any generation, so a bad path costs nothing
-        args.trace_file = open(args.trace, "w", encoding="utf-8") if args.trace else None  # noqa: SIM115
+        trace = open(args.trace, "w", encoding="utf-8") if args.trace else None  # noqa: SIM115
     except OSError as exc:
         return fail(f"--trace: {exc}")
-    return asyncio.run(run(args, prompts, loaded, acct))
+    return asyncio.run(run(args, prompts, loaded, acct, trace))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import signal
 import sys
 
 from edge.server import EdgeConfig, EdgeServer
-from gelato.cli_common import add_model_args, fail, port_number, setup_torch_threads
+from gelato.cli_common import add_model_args, fail, first_failed, port_number, setup_torch_threads
 from gelato.models import ModelLoadError
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -81,17 +81,18 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    bounds = [
-        ("--max-sessions must be >= 1", args.max_sessions >= 1),
-        ("--max-draft-tokens must be >= 1", args.max_draft_tokens >= 1),
-        ("--max-batch must be >= 1", args.max_batch >= 1),
-        ("--batch-window-ms must be >= 0", args.batch_window_ms >= 0),
-        ("--kv-budget-mb must be >= 0", args.kv_budget_mb >= 0),
-        ("--idle-timeout-s must be > 0", args.idle_timeout_s > 0),
-    ]
-    for message, ok in bounds:
-        if not ok:
-            return fail(message)
+    broken = first_failed(
+        [
+            ("--max-sessions must be >= 1", args.max_sessions >= 1),
+            ("--max-draft-tokens must be >= 1", args.max_draft_tokens >= 1),
+            ("--max-batch must be >= 1", args.max_batch >= 1),
+            ("--batch-window-ms must be >= 0", args.batch_window_ms >= 0),
+            ("--kv-budget-mb must be >= 0", args.kv_budget_mb >= 0),
+            ("--idle-timeout-s must be > 0", args.idle_timeout_s > 0),
+        ]
+    )
+    if broken:
+        return fail(broken)
     setup_torch_threads(args.threads)
     return asyncio.run(serve(args))
 

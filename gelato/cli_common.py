@@ -2,7 +2,8 @@
 
 Contract: `add_model_args` adds `--dtype`/`--device`/`--threads`; `setup_torch_threads` applies
 `--threads` (one thread per process is the fastest on small CPUs, SPEC §9); `fail` prints a
-one-line `error:` message and returns the CLI's exit status. `port_number` and `endpoint` are
+one-line `error:` message and returns the CLI's exit status; `first_failed` picks the message of
+the first bound a set of flags breaks. `port_number` and `endpoint` are
 argparse types: a bad value is a usage error (exit 2) naming the flag, never a traceback or, as
 gRPC does with a port above 65535, a silently different port.
 """
@@ -17,6 +18,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+
+
+def first_failed(bounds: list[tuple[str, bool]]) -> str | None:
+    """The message of the first (message, holds) pair that does not hold; None when all do."""
+    return next((message for message, holds in bounds if not holds), None)
 
 
 def port_number(text: str) -> int:

@@ -117,10 +117,10 @@ def load_model(name_or_path: str | None, role: str, dtype: str = "auto", device:
     name = name_or_path or default_model_path(role)
     if name_or_path is None and not Path(name).is_dir():
         raise ModelLoadError(f"the embedded default {role} is missing at {name}")
-    if _looks_local(name) and not Path(name).expanduser().is_dir():
-        # Otherwise the hub client answers with a puzzling repo-id syntax error.
-        raise ModelLoadError(f"cannot load {role} {name!r}: no such local folder")
-    name = str(Path(name).expanduser()) if _looks_local(name) else name
+    if _looks_local(name):
+        if not Path(name).expanduser().is_dir():  # else the hub client answers with a repo-id syntax error
+            raise ModelLoadError(f"cannot load {role} {name!r}: no such local folder")
+        name = str(Path(name).expanduser())
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     offline = Path(name).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
