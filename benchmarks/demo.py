@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts_file.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in prompts))
         print(f"gelato-demo: edge target {target}\n             device drafter {drafter}", flush=True)
         edge = start_edge(["--target", target, "--threads", "1"])
-        rows, sample, runs = [], None, {}
+        rows, runs = [], {}
         try:
             for policy in args.policies.split(","):
                 records = run_device(
@@ -117,18 +117,17 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 runs[policy] = records
                 rows.append(summarize(policy, records))
-                sample = sample or records[0]
                 print(f"  {policy}: done", flush=True)
         finally:
             edge.stop()
-    if sample:
-        print(f"\nQ: {sample['prompt']}\nA: {sample['text']}\n")
+    reference = next(iter(runs))
+    sample = runs[reference][0]
+    print(f"\nQ: {sample['prompt']}\nA: {sample['text']}\n")
     print(table(rows))
     energy = sorted({e for r in rows for e in r["energy"]})
     print(f"\ndevice energy: {', '.join(energy)} meter + wifi radio model (gelato-device --meter/--radio).")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
-    reference = next(iter(runs))
     bad = mismatches(runs, reference)
     if bad:
         print(f"LOSSLESSNESS VIOLATED: outputs differ from {reference}'s for " + "; ".join(bad))
