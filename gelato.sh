@@ -2,25 +2,58 @@
 # GELATO's two quickstart commands (and CI's entry to the tests):
 #   ./gelato.sh demo [ARGS]   edge + device processes on the embedded tiny pair, a results table
 #   ./gelato.sh test [ARGS]   the test suite (pytest ARGS)
-# Both create ./.venv on first use with torch 2.13.0 (CPU) and the project installed editable;
-# later runs reuse it while pyproject.toml is unchanged.
+# Both create ./.venv on first use with torch 2.13.0 and the project installed editable; later
+# runs reuse it while pyproject.toml and the torch choice are unchanged.
+#
+# Which torch build: on PyPI, torch for Linux is the CUDA build (several GB of nvidia-* wheels).
+# GELATO_TORCH=auto (default) takes the CUDA build where `nvidia-smi` sees a GPU and the CPU build
+# otherwise, from PyTorch's CPU wheel index (asked with a short timeout and no retries; when it
+# cannot be reached, PyPI with a message). A wheel folder in your pip configuration (find-links)
+# is used either way. GELATO_TORCH=cpu|cuda forces a build; GELATO_TORCH=skip keeps what is there.
 set -euo pipefail
 cd "$(dirname "$0")"
 venv=.venv
 py=$venv/bin/python
+torch_req="torch==2.13.0"
+torch_cpu_index="https://download.pytorch.org/whl/cpu"
+
+torch_build() {
+  local choice=${GELATO_TORCH:-auto}
+  if [ "$choice" = auto ]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then choice=cuda; else choice=cpu; fi
+  fi
+  case "$choice" in
+    cpu|cuda|skip) echo "$choice" ;;
+    *) echo "gelato.sh: GELATO_TORCH must be auto, cpu, cuda or skip (got '$choice')" >&2; exit 2 ;;
+  esac
+}
+
+install_torch() {
+  case "$1" in
+    skip) echo "gelato.sh: GELATO_TORCH=skip: keeping the installed torch" >&2 ;;
+    cuda) "$py" -m pip install -q "$torch_req" ;;  # PyPI's Linux wheel is the CUDA build
+    cpu)
+      if ! "$py" -m pip install -q --timeout 5 --retries 0 --index-url "$torch_cpu_index" "$torch_req"; then
+        echo "gelato.sh: PyTorch's CPU index did not answer; installing $torch_req from PyPI instead" \
+          "(on Linux that is the CUDA build, several GB)" >&2
+        "$py" -m pip install -q "$torch_req"
+      fi ;;
+  esac
+}
 
 setup() {
   if [ ! -x "$py" ]; then
     python3 -m venv "$venv"
   fi
-  local want have
-  want=$(sha256sum pyproject.toml | cut -c1-16)
+  local want have build
+  build=$(torch_build)
+  want="$(sha256sum pyproject.toml | cut -c1-16)-$build"
   have=$(cat "$venv/.gelato-installed" 2>/dev/null || true)
   if [ "$want" != "$have" ]; then
     echo "gelato.sh: installing into $venv (first run takes a few minutes)" >&2
     "$py" -m pip install -q --upgrade pip
-    # torch first and pinned: a plain 'torch' would pull a multi-GB CUDA build.
-    "$py" -m pip install -q "torch==2.13.0"
+    # torch first, the chosen build: left to the project's dependencies, pip would take PyPI's.
+    install_torch "$build"
     "$py" -m pip install -q -e ".[dev]"
     echo "$want" > "$venv/.gelato-installed"
   fi

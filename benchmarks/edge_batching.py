@@ -37,11 +37,13 @@ import torch
 from benchmarks.demo import demo_prompts
 from benchmarks.procs import machine, start_edge
 from device.drafter import Drafter
+from device.generate import Exchange, Limits, local_verifier, speculative_generate
+from device.policy import FixedK
 from edge.kv_pool import KVPool, pooled_forward
 from edge.verifier import TargetSession
 from gelato.channel import CLIENT_OPTIONS
 from gelato.models import LoadedModel, default_model_path, encode_prompt, load_model
-from gelato.types import PROTOCOL_VERSION, DraftBlock, SamplingParams, Verdict
+from gelato.types import PROTOCOL_VERSION, DraftBlock, SamplingParams
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from gelato.wire import encode_block
@@ -50,21 +52,19 @@ Recording = list[tuple[DraftBlock, tuple[int, int]]]
 
 
 def record(drafter: Drafter, target: LoadedModel, prompt: list[int], k: int, max_new: int) -> Recording:
-    """A solo greedy run: each round's draft block and its verdict (a, next)."""
-    drafter.start(prompt)
+    """A solo greedy run through the device's round loop: each round's block and verdict (a, next)."""
     session = TargetSession("rec", target, SamplingParams(), prompt)
     session.prefill()
     rounds: Recording = []
-    emitted = 0
-    eos = set(target.eos_token_ids)
-    while emitted < max_new:
-        block = drafter.draft(min(k, max_new - emitted - 1), len(rounds))
-        a, nxt = session.verify(block)
-        out = drafter.apply(block, Verdict(round=block.round, n_accepted=a, next_token=nxt))
-        rounds.append((block, (a, nxt)))
-        emitted += len(out)
-        if any(t in eos for t in out):
-            break
+    verify_solo = local_verifier(session)
+
+    async def verify(block: DraftBlock) -> Exchange:
+        ex = await verify_solo(block)
+        rounds.append((block, (ex.verdict.n_accepted, ex.verdict.next_token)))
+        return ex
+
+    limits = Limits(max_new, target.context_limit, max(k, 1), target.eos_token_ids)
+    asyncio.run(speculative_generate(drafter, verify, FixedK(k), prompt, limits))
     return rounds
 
 

@@ -12,6 +12,7 @@ each model (1 thread, fp32). GSM8K is read from `--gsm8k` or `$GELATO_GSM8K_DIR`
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import time
@@ -21,37 +22,27 @@ from typing import Any
 import torch
 
 from device.drafter import Drafter
+from device.generate import Limits, local_verifier, speculative_generate
+from device.policy import FixedK
 from edge.verifier import TargetSession
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel, default_model_path, encode_prompt, load_model
-from gelato.tiny.train import default_gsm8k_path
-from gelato.types import SamplingParams, Verdict
+from gelato.tiny.train import gsm8k_file
+from gelato.types import SamplingParams
 
 GREEDY = SamplingParams()
 
 
 def generate(drafter: Drafter, target: LoadedModel, prompt: list[int], k: int, max_new: int) -> dict[str, Any]:
-    """Greedy speculative decoding of one prompt; per-token (entropy, accepted) observations."""
-    drafter.start(prompt)
+    """Greedy speculative decoding of one prompt through the device's round loop, verified in
+    process; per-token (entropy, accepted) observations."""
     session = TargetSession("q", target, GREEDY, prompt)
     session.prefill()
-    out: list[int] = []
-    obs: list[tuple[float, bool]] = []
-    drafted = accepted = 0
-    eos = set(target.eos_token_ids)
-    while len(out) < max_new:
-        block = drafter.draft(min(k, max_new - len(out) - 1), len(obs))
-        a, nxt = session.verify(block)
-        emitted = drafter.apply(block, Verdict(round=0, n_accepted=a, next_token=nxt))
-        drafted += block.k
-        accepted += a
-        # Observed: the accepted drafts and the first rejected one; later ones are unobserved.
-        obs += [(h, i < a) for i, h in enumerate(block.entropies[: a + 1])]
-        stop = next((i for i, t in enumerate(emitted) if t in eos), None)
-        out += emitted if stop is None else emitted[: stop + 1]
-        if stop is not None:
-            break
-    return {"ids": out[:max_new], "drafted": drafted, "accepted": accepted, "obs": obs}
+    limits = Limits(max_new, target.context_limit, max(k, 1), target.eos_token_ids)
+    res = asyncio.run(speculative_generate(drafter, local_verifier(session), FixedK(k), prompt, limits))
+    # Observed: the accepted drafts and the first rejected one; later ones are unobserved.
+    obs = [(h, i < t.accepted) for t in res.stats.rounds_log for i, h in enumerate(t.entropies[: t.accepted + 1])]
+    return {"ids": res.token_ids, "drafted": res.stats.drafted, "accepted": res.stats.accepted, "obs": obs}
 
 
 def auc_rejection(obs: list[tuple[float, bool]]) -> float:
@@ -111,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     target = load_model(args.target, "target", "float32", "cpu")
     drafter_m = load_model(args.drafter, "drafter", "float32", "cpu")
     drafter = Drafter(drafter_m, GREEDY)
-    path = args.gsm8k or default_gsm8k_path("test")
+    path = gsm8k_file("test", args.gsm8k)
     records = [json.loads(line) for line in path.read_text().splitlines()[: args.n]]
     prompts = [encode_prompt(target.tokenizer, r["question"]) for r in records]
 

@@ -1,66 +1,81 @@
 """Edge client and the device's generation loop over one bidirectional gRPC stream per session.
 
 Contract: `EdgeClient.generate(drafter, prompt_ids, max_new_tokens, policy)` opens a session,
-runs draft/verify rounds until eos or `max_new_tokens`, closes the session and returns a
-`GenerationResult` whose `token_ids` equal what the target alone would generate (greedy) or are
-distributed as its samples (sampling). Drafting runs on a worker thread, never on the event loop.
-Errors from the edge surface as `EdgeError` carrying the gRPC status code and details.
+runs the round loop of `device.generate` with this stream as its `verify`, closes the session and
+returns a `GenerationResult` whose `token_ids` equal what the target alone would generate (greedy)
+or are distributed as its samples (sampling). The client itself only opens, verifies, closes and
+counts bytes. Drafting runs on a worker thread, never on the event loop.
+Errors from the edge surface as `EdgeError` carrying the gRPC status code and details; an edge
+that does not answer at all within `connect_timeout_s` as `EdgeUnreachable`. When the session
+fails mid-generation (the edge stopped, a verdict never came), the result keeps the tokens
+generated so far, with `stats.stop_reason == "error"` and `result.error` saying why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
 
 from device.drafter import Drafter
 from device.energy import EnergyAccountant, wire_bytes
+from device.generate import Exchange, GenerationResult, Limits, Verify, VerifyError, speculative_generate
 from device.policy import Policy
 from gelato.channel import CLIENT_OPTIONS
 from gelato.power import NullMeter
-from gelato.types import PROTOCOL_VERSION, GenerationStats, Telemetry
+from gelato.types import PROTOCOL_VERSION, DraftBlock, Telemetry
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from gelato.wire import decode_verdict, encode_block, encode_sampling
 
+T = TypeVar("T")
 
-class EdgeError(RuntimeError):
+__all__ = ["EdgeClient", "EdgeError", "EdgeUnreachable", "GenerationResult"]
+
+
+class EdgeError(VerifyError):
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"edge answered {code.name}: {details}")
         self.code = code
         self.details = details
 
 
-@dataclass
-class GenerationResult:
-    prompt_ids: list[int]
-    token_ids: list[int]
-    elapsed_s: float
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    target_model: str = ""
+class EdgeUnreachable(EdgeError):
+    """Nothing answered at the address: the edge is down, or the address or network is wrong."""
 
-    @property
-    def tokens_per_s(self) -> float:
-        return len(self.token_ids) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+    def __init__(self, target: str, timeout_s: float) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, f"no gelato-edge reachable at {target} within {timeout_s:g} s")
+        self.args = (f"could not reach gelato-edge at {target} within {timeout_s:g} s (--connect-timeout-s)",)
 
 
 class EdgeClient:
-    def __init__(self, target: str, deadline_s: float = 3600.0, verdict_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, target: str, deadline_s: float = 3600.0, verdict_timeout_s: float = 120.0, connect_timeout_s: float = 10.0
+    ) -> None:
         self.target = target
         self.deadline_s = deadline_s
         self.verdict_timeout_s = verdict_timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self.channel = grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
         self.stub = pb_grpc.GelatoStub(self.channel)
         # One worker: drafter forwards stay off the event loop and keep their KV on one thread.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
 
-    async def info(self, timeout_s: float = 10.0) -> pb.InfoResponse:
+    async def connect(self) -> None:
+        """Wait until the channel is connected, at most `connect_timeout_s`: a gone edge is
+        reported as unreachable within seconds instead of a call waiting for its whole deadline."""
         try:
-            return await self.stub.Info(pb.InfoRequest(), timeout=timeout_s, wait_for_ready=True)
+            await asyncio.wait_for(self.channel.channel_ready(), self.connect_timeout_s)
+        except TimeoutError:
+            raise EdgeUnreachable(self.target, self.connect_timeout_s) from None
+
+    async def info(self) -> pb.InfoResponse:
+        await self.connect()
+        try:
+            return await self.stub.Info(pb.InfoRequest(), timeout=self.connect_timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise EdgeError(exc.code(), exc.details() or "") from exc
 
@@ -77,10 +92,12 @@ class EdgeClient:
         accountant: EnergyAccountant | None = None,
         on_round: Callable[[Telemetry], None] | None = None,
     ) -> GenerationResult:
-        """One generation. `accountant` measures energy (default: none, NaN); `on_round` gets
-        each round's telemetry as it completes (the `--trace` writer)."""
+        """One generation over one session stream: open, the round loop (`device.generate`),
+        close. `accountant` measures energy (default: none, NaN); `on_round` gets each round's
+        telemetry as it completes (the `--trace` writer)."""
         acct = accountant or EnergyAccountant(NullMeter(), None)
-        call = self.stub.Session(timeout=self.deadline_s, wait_for_ready=True)
+        await self.connect()
+        call = self.stub.Session(timeout=self.deadline_s)
         try:
             return await self._generate(call, drafter, prompt_ids, max_new_tokens, policy, acct, on_round)
         except grpc.aio.AioRpcError as exc:
@@ -98,11 +115,7 @@ class EdgeClient:
         acct: EnergyAccountant,
         on_round: Callable[[Telemetry], None] | None,
     ) -> GenerationResult:
-        loop = asyncio.get_running_loop()
         loaded = drafter.loaded
-        stats = GenerationStats()
-        gen_start = acct.begin(stats)
-        t0 = time.perf_counter()
         open_msg = pb.DeviceMessage(
             open=pb.OpenSession(
                 protocol_version=PROTOCOL_VERSION,
@@ -113,64 +126,75 @@ class EdgeClient:
                 max_new_tokens=max_new_tokens,
             )
         )
-        await call.write(open_msg)
-        reply = await self._read(call)
-        stats.bytes_up += wire_bytes(open_msg.ByteSize())
-        stats.bytes_down += wire_bytes(reply.ByteSize())
-        opened = reply.opened
-        await loop.run_in_executor(self.executor, drafter.start, prompt_ids)
-        out: list[int] = []
-        eos = set(loaded.eos_token_ids)
-        done = False
-        while not done and len(out) < max_new_tokens:
-            room = opened.context_limit - len(drafter.tokens) - 1
-            if room < 0:
-                break  # the context is full: stop as the target's own generation would have to
-            k = min(policy.block_size(), max_new_tokens - len(out) - 1, room, opened.max_draft_tokens)
-            round_start = acct.round_start()
-            block = await loop.run_in_executor(self.executor, drafter.draft, max(0, k), stats.rounds)
-            up = encode_block(block)
-            await call.write(up)
-            down = await self._read(call)
-            verdict = decode_verdict(down.verdict)
-            emitted = await loop.run_in_executor(self.executor, drafter.apply, block, verdict)
-            tele = acct.round_end(
-                round_start, block, verdict, len(emitted), wire_bytes(up.ByteSize()), wire_bytes(down.ByteSize())
-            )
-            stats.rounds_log.append(tele)
-            stats.bytes_up += tele.bytes_up
-            stats.bytes_down += tele.bytes_down
-            if on_round is not None:
-                on_round(tele)
-            policy.observe(block.k, verdict.n_accepted)
-            stats.rounds += 1
-            stats.drafted += block.k
-            stats.accepted += verdict.n_accepted
-            stats.draft_s += block.draft_s
-            stats.edge_compute_ms += verdict.compute_ms
-            stats.edge_queue_ms += verdict.queue_ms
-            stats.block_sizes.append(block.k)
-            for tok in emitted:
-                out.append(tok)
-                if tok in eos or len(out) >= max_new_tokens:
-                    done = True
-                    break
         close_msg = pb.DeviceMessage(close=pb.CloseSession())
-        await call.write(close_msg)
-        await call.done_writing()
-        stats.bytes_up += wire_bytes(close_msg.ByteSize())
-        acct.end(stats, gen_start)
-        return GenerationResult(
-            prompt_ids=list(prompt_ids),
-            token_ids=out,
-            elapsed_s=time.perf_counter() - t0,
-            stats=stats,
-            target_model=opened.target_model,
+        await self._write(call, open_msg)
+        reply = await self._read(call)
+        opened = reply.opened
+        # Opening and closing cost bytes outside any round: counted in the generation's totals.
+        session_bytes = (
+            wire_bytes(open_msg.ByteSize()) + wire_bytes(close_msg.ByteSize()),
+            wire_bytes(reply.ByteSize()),
         )
 
+        async def verify(block: DraftBlock) -> Exchange:
+            up = encode_block(block)
+            await self._write(call, up)
+            down = await self._read(call)
+            return Exchange(decode_verdict(down.verdict), wire_bytes(up.ByteSize()), wire_bytes(down.ByteSize()))
+
+        transport: Verify = self._streamed(call, max_new_tokens) if policy.edge_streams else verify
+        limits = Limits(max_new_tokens, opened.context_limit, opened.max_draft_tokens, loaded.eos_token_ids)
+        result = await speculative_generate(
+            drafter, transport, policy, prompt_ids, limits, acct, on_round, self._offload, session_bytes
+        )
+        if result.stats.stop_reason != "error":
+            await self._write(call, close_msg)
+            await call.done_writing()
+        result.target_model = opened.target_model
+        return result
+
+    def _streamed(self, call: grpc.aio.StreamStreamCall, max_tokens: int) -> Verify:
+        """`ar-edge`: one Generate request, then each (empty) round reads the next streamed token."""
+        asked = False
+
+        async def verify(block: DraftBlock) -> Exchange:
+            nonlocal asked
+            up = 0
+            if not asked:
+                msg = pb.DeviceMessage(generate=pb.Generate(round=block.round, max_tokens=max_tokens))
+                await self._write(call, msg)
+                asked, up = True, wire_bytes(msg.ByteSize())
+            down = await self._read(call)
+            return Exchange(decode_verdict(down.verdict), up, wire_bytes(down.ByteSize()))
+
+        return verify
+
+    async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    @staticmethod
+    async def _ended(call: grpc.aio.StreamStreamCall, what: str) -> EdgeError:
+        """The status a stream ended with, as an EdgeError (e.g. UNAVAILABLE when the edge stopped)."""
+        return EdgeError(await call.code(), (await call.details()) or what)
+
+    async def _write(self, call: grpc.aio.StreamStreamCall, msg: pb.DeviceMessage) -> None:
+        try:
+            await call.write(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise EdgeError(exc.code(), exc.details() or "") from exc
+        except (asyncio.InvalidStateError, grpc.aio.UsageError):
+            # The RPC already finished (the edge ended the stream): report how it ended.
+            raise await self._ended(call, "the edge ended the session") from None
+
     async def _read(self, call: grpc.aio.StreamStreamCall) -> pb.EdgeMessage:
-        msg = await asyncio.wait_for(call.read(), timeout=self.verdict_timeout_s)
+        try:
+            msg = await asyncio.wait_for(call.read(), timeout=self.verdict_timeout_s)
+        except grpc.aio.AioRpcError as exc:  # as a VerifyError, so the loop keeps what it has
+            raise EdgeError(exc.code(), exc.details() or "") from exc
+        except TimeoutError:
+            raise EdgeError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer from the edge within {self.verdict_timeout_s:g} s"
+            ) from None
         if msg is grpc.aio.EOF:
-            status = await call.code()
-            raise EdgeError(status, (await call.details()) or "stream ended early")
+            raise await self._ended(call, "stream ended early")
         return msg  # type: ignore[return-value]

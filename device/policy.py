@@ -1,40 +1,294 @@
-"""Draft-length policies: how many tokens to draft this round.
+"""Draft-length policies (SPEC §5.5): how much to draft each round, and when to stop a block early.
 
-Contract: `parse_policy(text)` turns a CLI name into a `Policy`; `Policy.block_size()` returns the
-K for the next round and `Policy.observe(k, accepted)` feeds back each verdict. Only `fixed-K` is
-implemented so far; the controller policies of SPEC §5.5 plug in behind the same interface.
+Contract: `parse_policy(name, options)` returns a `Policy`. Before each round the loop calls
+`decide(limit)` -> `Decision(k_ref, k_max)` (limit: what the edge, the context and max_new_tokens
+allow this round) and `gate(decision)` -> a per-token stop rule or None (None: draft exactly k_ref);
+after the verdict, `observe(tele)` with the round's full `Telemetry`. Every policy keeps the same
+`Controller` state — cost estimates, entropy calibrator and, with a budget, the deficit queue — so
+every trace carries Q and p̂, and only the decisions differ:
+
+| name        | decision                                                                 |
+|-------------|--------------------------------------------------------------------------|
+| `fixed-K`   | K drafts every round (`fixed-0`: the edge decodes alone, one round trip per token) |
+| `heuristic` | K += 2 after a fully accepted block, K −= 1 otherwise (transformers' schedule) |
+| `entropy`   | up to K_max, stop after a token whose entropy exceeds τ                   |
+| `adaedl`    | up to K_max, stop when 1 − sqrt(γ·H) < λ (AdaEDL)                         |
+| `lyapunov`  | K_ref from the drift-plus-penalty objective (outer loop only)            |
+| `gelato`    | K_ref, then the entropy-driven continuation rule up to K_max (outer + inner) |
+| `ar-edge`   | the edge decodes alone and streams its tokens (no round trip per token)  |
+| `ar-device` | the drafter alone (no edge; not quality-preserving: a reference point)   |
+
+Pure decisions over `gelato.controller`: no I/O, no torch.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from gelato.controller import (
+    CostEstimator,
+    Decision,
+    DeficitQueue,
+    EntropyCalibrator,
+    Objective,
+    choose_k_ref,
+    keep_drafting,
+)
+from gelato.controller.estimators import DEFAULT_HALFLIFE_ROUNDS
+from gelato.types import SparseDist, Telemetry
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """Every controller constant, with its CLI default (`gelato-device --help`)."""
+
+    k_max: int = 0  # 0: what the edge allows (its max_draft_tokens)
+    budget_j_per_token: float | None = None  # ē; None: no energy control
+    v: float = 20.0  # throughput weight, in tokens of budget
+    entropy_threshold: float = 1.0  # τ (nats) of the `entropy` policy
+    adaedl_gamma: float = 0.2
+    adaedl_lambda: float = 0.6
+    heuristic_start: int = 4
+    halflife_rounds: float = DEFAULT_HALFLIFE_ROUNDS
+    ar_device_block: int = 16  # tokens per local step of `ar-device`
+    explore_every_rounds: int = 16  # after this many rounds without drafting, draft one token to re-measure
+
+    def validate(self) -> None:
+        checks = [
+            ("--k-max must be >= 0", self.k_max >= 0),
+            ("--energy-budget-j-per-token must be > 0", self.budget_j_per_token is None or self.budget_j_per_token > 0),
+            ("--v must be > 0", math.isfinite(self.v) and self.v > 0),
+            ("--entropy-threshold must be >= 0", self.entropy_threshold >= 0),
+            ("--adaedl-lambda must be in (0, 1)", 0 < self.adaedl_lambda < 1),
+            ("--adaedl-gamma must be > 0", self.adaedl_gamma > 0),
+            ("--estimator-halflife-rounds must be > 0", self.halflife_rounds > 0),
+        ]
+        for message, ok in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class Controller:
+    """Shared state: what every policy learns from each round."""
+
+    options: PolicyOptions
+    cost: CostEstimator = field(init=False)
+    calibrator: EntropyCalibrator = field(default_factory=EntropyCalibrator)
+    queue: DeficitQueue | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cost = CostEstimator(self.options.halflife_rounds)
+        b = self.options.budget_j_per_token
+        self.queue = DeficitQueue(b) if b else None
+
+    @property
+    def q_j(self) -> float:
+        return self.queue.q_j if self.queue else 0.0
+
+    def objective(self) -> Objective:
+        return Objective(self.cost.model(), self.options.v, self.q_j, self.options.budget_j_per_token)
+
+    def observe(self, tele: Telemetry) -> float:
+        self.cost.observe(tele)
+        self.calibrator.observe_block(tele.entropies, tele.accepted)
+        return self.queue.update(tele.e_j, tele.emitted) if self.queue else 0.0
+
+
+class Gate:
+    """A per-token stop rule for one block; records p̂ of every drafted token for the trace."""
+
+    def __init__(self, calibrator: EntropyCalibrator) -> None:
+        self.calibrator = calibrator
+        self.p_accept: list[float] = []
+
+    def __call__(self, drafted: int, entropy: float, q: SparseDist | None) -> str | None:
+        self.p_accept.append(self.calibrator.p_accept(entropy))
+        return self.stop(drafted, entropy)
+
+    def stop(self, drafted: int, entropy: float) -> str | None:
+        return None
+
+
+class _Threshold(Gate):
+    def __init__(self, calibrator: EntropyCalibrator, max_entropy: float) -> None:
+        super().__init__(calibrator)
+        self.max_entropy = max_entropy
+
+    def stop(self, drafted: int, entropy: float) -> str | None:
+        return "entropy" if entropy > self.max_entropy else None
+
+
+class _Continuation(Gate):
+    """SPEC §5.4: keep drafting while a continuation still beats stopping, with the survival S_i."""
+
+    def __init__(self, calibrator: EntropyCalibrator, objective: Objective, k_ref: int, k_max: int) -> None:
+        super().__init__(calibrator)
+        self.objective, self.k_ref, self.k_max = objective, k_ref, k_max
+        self.survival, self.n_expected = 1.0, 1.0
+
+    def stop(self, drafted: int, entropy: float) -> str | None:
+        self.survival *= self.p_accept[-1]
+        self.n_expected += self.survival
+        if drafted >= self.k_max or keep_drafting(self.objective, drafted, self.n_expected, self.survival, self.k_max):
+            return None
+        # Past K_ref the a-priori budget is spent; before it, the tokens' entropies ended the block.
+        return "budget" if drafted >= self.k_ref else "entropy"
 
 
 class Policy:
     name = "policy"
+    local_only = False  # ar-device: no edge at all
+    edge_streams = False  # ar-edge: the edge decodes alone and streams its tokens
 
-    def block_size(self) -> int:
+    def __init__(self, options: PolicyOptions | None = None) -> None:
+        self.options = options or PolicyOptions()
+        self.controller = Controller(self.options)
+
+    def k_max(self, limit: int) -> int:
+        return min(self.options.k_max, limit) if self.options.k_max else limit
+
+    def decide(self, limit: int) -> Decision:
         raise NotImplementedError
 
-    def observe(self, k: int, accepted: int) -> None:
-        """Feedback after each verdict (fixed-K ignores it)."""
+    def gate(self, decision: Decision) -> Gate | None:
+        return None
+
+    def observe(self, tele: Telemetry) -> float:
+        """Feedback after each verdict; returns the deficit Q after the round."""
+        return self.controller.observe(tele)
+
+    def charge(self, e_j: float) -> None:
+        """Energy spent outside any round (a generation's start and end): into the queue, no tokens."""
+        if self.controller.queue is not None and e_j > 0:
+            self.controller.queue.update(e_j, 0)
 
 
-@dataclass
 class FixedK(Policy):
-    k: int
+    def __init__(self, k: int, options: PolicyOptions | None = None) -> None:
+        super().__init__(options)
+        self.k = k
+        self.name = f"fixed-{k}"
 
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"fixed-{self.k}"
-
-    def block_size(self) -> int:
-        return self.k
+    def decide(self, limit: int) -> Decision:
+        k = min(self.k, limit)
+        return Decision(k, k, self.controller.q_j)
 
 
-def parse_policy(text: str) -> Policy:
-    m = re.fullmatch(r"fixed-(\d+)", text.strip())
+class Heuristic(Policy):
+    name = "heuristic"
+
+    def __init__(self, options: PolicyOptions | None = None) -> None:
+        super().__init__(options)
+        self.k = max(1, self.options.heuristic_start)
+
+    def decide(self, limit: int) -> Decision:
+        self.k = max(1, min(self.k, self.k_max(limit) or 1))
+        k = min(self.k, limit)
+        return Decision(k, k, self.controller.q_j)
+
+    def observe(self, tele: Telemetry) -> float:
+        if tele.k > 0:
+            self.k = self.k + 2 if tele.accepted == tele.k else max(1, self.k - 1)
+        return super().observe(tele)
+
+
+class EntropyStop(Policy):
+    name = "entropy"
+
+    def decide(self, limit: int) -> Decision:
+        k = self.k_max(limit)
+        return Decision(k, k, self.controller.q_j)
+
+    def gate(self, decision: Decision) -> Gate:
+        return _Threshold(self.controller.calibrator, self.options.entropy_threshold)
+
+
+class AdaEDL(EntropyStop):
+    """Stop when the lower bound 1 − sqrt(γ·H) on acceptance falls below λ, i.e. H > (1 − λ)²/γ."""
+
+    name = "adaedl"
+
+    def gate(self, decision: Decision) -> Gate:
+        o = self.options
+        return _Threshold(self.controller.calibrator, (1.0 - o.adaedl_lambda) ** 2 / o.adaedl_gamma)
+
+
+class Lyapunov(Policy):
+    name = "lyapunov"
+
+    def __init__(self, options: PolicyOptions | None = None) -> None:
+        super().__init__(options)
+        self._idle_rounds = 0
+
+    def _outer(self, limit: int) -> tuple[int, float, Objective]:
+        """K_ref from the objective. When it stays 0 the acceptance estimate is never refreshed
+        (nothing drafted, nothing observed), so every `explore_every_rounds` one token is drafted."""
+        obj = self.controller.objective()
+        k_ref, score = choose_k_ref(obj, self.k_max(limit))
+        self._idle_rounds = self._idle_rounds + 1 if k_ref == 0 else 0
+        if k_ref == 0 and limit > 0 and self._idle_rounds >= self.options.explore_every_rounds:
+            k_ref, self._idle_rounds = 1, 0
+        return k_ref, score, obj
+
+    def decide(self, limit: int) -> Decision:
+        k_ref, score, _ = self._outer(limit)
+        return Decision(k_ref, k_ref, self.controller.q_j, score)
+
+
+class Gelato(Lyapunov):
+    name = "gelato"
+
+    def decide(self, limit: int) -> Decision:
+        k_ref, score, self._objective = self._outer(limit)
+        # The inner rule with nothing drafted yet is the outer decision: K_ref = 0 drafts nothing.
+        return Decision(k_ref, self.k_max(limit) if k_ref else 0, self.controller.q_j, score)
+
+    def gate(self, decision: Decision) -> Gate:
+        return _Continuation(self.controller.calibrator, self._objective, decision.k_ref, decision.k_max)
+
+
+class ArDevice(Policy):
+    name = "ar-device"
+    local_only = True
+
+    def decide(self, limit: int) -> Decision:
+        k = min(self.options.ar_device_block, limit)
+        return Decision(k, k, self.controller.q_j)
+
+
+class ArEdge(Policy):
+    """The edge decodes alone and streams its tokens in one session: no round trip per token (the
+    honest "cloud only" reference; `fixed-0` pays one round trip per token)."""
+
+    name = "ar-edge"
+    edge_streams = True
+
+    def decide(self, limit: int) -> Decision:
+        return Decision(0, 0, self.controller.q_j)
+
+
+POLICY_NAMES = ("fixed-K", "heuristic", "entropy", "adaedl", "lyapunov", "gelato", "ar-edge", "ar-device")
+_NAMED: dict[str, type[Policy]] = {
+    "heuristic": Heuristic,
+    "entropy": EntropyStop,
+    "adaedl": AdaEDL,
+    "lyapunov": Lyapunov,
+    "gelato": Gelato,
+    "ar-device": ArDevice,
+    "ar-edge": ArEdge,
+}
+
+
+def parse_policy(text: str, options: PolicyOptions | None = None) -> Policy:
+    name = text.strip()
+    m = re.fullmatch(r"fixed-(\d+)", name)
     if m:
-        return FixedK(int(m.group(1)))
-    raise ValueError(f"unknown policy {text!r}; available: fixed-K (K >= 0, e.g. fixed-4)")
+        return FixedK(int(m.group(1)), options)
+    if name in _NAMED:
+        return _NAMED[name](options)
+    if name == "oracle":
+        raise ValueError("'oracle' is an offline bound computed from recorded runs: python -m benchmarks.simulate")
+    raise ValueError(f"unknown policy {text!r}; available: {', '.join(POLICY_NAMES)} (fixed-K: K >= 0, e.g. fixed-4)")

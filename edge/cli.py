@@ -2,8 +2,9 @@
 
 Contract (extend, don't break): `gelato-edge --target MODEL [--host 127.0.0.1] [--port 50051]
 [--dtype D] [--device DEV]` binds at once with health NOT_SERVING, loads the target, then prints a
-line containing `listening on HOST:PORT` (the real port when --port 0). SIGTERM/SIGINT stop it
-gracefully. Without --target it serves the embedded default.
+line containing `listening on HOST:PORT` (the real port when --port 0). A port another process
+already listens on is a one-line `error: port P on HOST is in use` (exit 2), never a second server
+sharing it. SIGTERM/SIGINT stop it gracefully. Without --target it serves the embedded default.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import signal
 import sys
 
-from edge.server import EdgeConfig, EdgeServer
+from edge.server import EdgeConfig, EdgeServer, PortInUseError
 from gelato.cli_common import add_model_args, fail, first_failed, port_number, setup_torch_threads
 from gelato.models import ModelLoadError
 
@@ -57,6 +58,8 @@ async def serve(args: argparse.Namespace) -> int:
             return fail(f"cannot serve metrics on {args.host}:{args.metrics_port}: {exc}")
     try:
         port = await server.start()
+    except PortInUseError as exc:  # another edge (or anything) listens there: say so, in one line
+        return fail(str(exc))
     except (OSError, RuntimeError) as exc:
         return fail(f"cannot listen on {args.host}:{args.port}: {exc}")
     stop = asyncio.Event()

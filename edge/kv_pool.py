@@ -31,8 +31,10 @@ How the forward works: a duck-typed cache whose `update(k, v, layer)` scatters t
 values to `(slot_i, cached_i + j)` and returns this batch's pool rows `[:, :, :L]`. Rows are
 left-aligned (each starts at offset 0), so the causal structure differs per row and is passed as a
 float additive 4D mask (query j of row i sees keys `0..cached_i + j`), with explicit per-row
-positions (SPEC §9). Padding queries of short rows write KV past their row's end: never visible,
-later overwritten.
+positions (SPEC §9). The batch needs context up to the furthest row end `max(cached_i + n_i)`.
+Padding queries of short rows are clamped onto their row's last position and write no KV (only
+real (row, position) pairs are written; rows of equal length keep the plain strided write), so a
+row's padding can neither pass the context limit nor touch KV; their outputs are discarded.
 """
 
 from __future__ import annotations
@@ -46,20 +48,34 @@ from gelato.kv import KVSequence
 
 
 class _PoolCache:
-    """What a Qwen2 forward needs from `past_key_values`: `update` and `get_seq_length`."""
+    """What a Qwen2 forward needs from `past_key_values`: `update` and `get_seq_length`.
 
-    def __init__(self, pool: KVPool, slots: list[int], positions: torch.Tensor, kv_len: int) -> None:
+    `valid` ([B, n] bool, None when every row is full) marks the real queries; only their KV is
+    written. A padding query sits on its row's last real position (clamped), so writing it would
+    overwrite that position's real KV with padding's."""
+
+    def __init__(
+        self, pool: KVPool, slots: list[int], positions: torch.Tensor, kv_len: int, valid: torch.Tensor | None
+    ) -> None:
         self.pool, self.positions, self.kv_len = pool, positions, kv_len
         self.slots = torch.tensor(slots, device=positions.device)
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
         self.window = slice(slots[0], slots[0] + len(slots)) if consecutive else None
+        self.valid = valid
+        if valid is not None:  # the real (slot, position) pairs, flattened once for every layer
+            self.flat_slots = self.slots[:, None].expand_as(positions)[valid]
+            self.flat_positions = positions[valid]
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args: Any, **kw: Any) -> tuple:
         pk, pv = self.pool.keys[layer], self.pool.values[layer]
-        rows = self.slots[:, None]
         # [B, heads, n, d] -> [B, n, heads, d]: advanced indices on dims 0 and 2 go to the front.
-        pk[rows, :, self.positions] = keys.transpose(1, 2)
-        pv[rows, :, self.positions] = values.transpose(1, 2)
+        if self.valid is None:
+            rows = self.slots[:, None]
+            pk[rows, :, self.positions] = keys.transpose(1, 2)
+            pv[rows, :, self.positions] = values.transpose(1, 2)
+        else:
+            pk[self.flat_slots, :, self.flat_positions] = keys.transpose(1, 2)[self.valid]
+            pv[self.flat_slots, :, self.flat_positions] = values.transpose(1, 2)[self.valid]
         if self.window is not None:  # a view: no copy of the past at all
             return pk[self.window, :, : self.kv_len], pv[self.window, :, : self.kv_len]
         return pk[self.slots, :, : self.kv_len], pv[self.slots, :, : self.kv_len]
@@ -196,15 +212,25 @@ class KVPool:
 
     @torch.inference_mode()
     def forward(self, rows: list[tuple[int, int, list[int]]], last_only: bool = False) -> list[torch.Tensor]:
-        """One forward over `(slot, cached_len, new_ids)` rows; logits per row (or its last)."""
-        n_max = max(len(ids) for _, _, ids in rows)
-        self.ensure_context(max(c for _, c, _ in rows) + n_max)
+        """One forward over `(slot, cached_len, new_ids)` rows; logits per row (or its last).
+        The context needed is the furthest row END (cached_i + n_i), not longest cache + longest
+        block: a row at the context limit batches with a row sending a long block."""
+        lengths = [len(ids) for _, _, ids in rows]
+        n_max = max(lengths)
+        ends = torch.tensor([c + n for (_, c, _), n in zip(rows, lengths, strict=True)])
+        kv_len = int(ends.max())
+        self.ensure_context(kv_len)
         input_ids = torch.zeros(len(rows), n_max, dtype=torch.long)
         for i, (_, _, ids) in enumerate(rows):
             input_ids[i, : len(ids)] = torch.tensor(ids)
         past = torch.tensor([c for _, c, _ in rows])
-        positions = (past[:, None] + torch.arange(n_max)).to(self.device)
-        kv_len = int(positions.max()) + 1
+        # Padding queries of short rows are clamped onto their row's last position: their rotary
+        # position and mask stay inside the row (never past the context), they write no KV
+        # (`_PoolCache.valid`) and their logits are dropped below.
+        positions = torch.minimum(past[:, None] + torch.arange(n_max), (ends - 1)[:, None]).to(self.device)
+        valid = None
+        if min(lengths) < n_max:
+            valid = (torch.arange(n_max)[None, :] < torch.tensor(lengths)[:, None]).to(self.device)
         visible = torch.arange(kv_len, device=self.device)[None, None, :] <= positions[:, :, None]
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
@@ -212,13 +238,13 @@ class KVPool:
             input_ids=input_ids.to(self.device),
             attention_mask=mask[:, None],
             position_ids=positions,
-            past_key_values=_PoolCache(self, [s for s, _, _ in rows], positions, kv_len),
+            past_key_values=_PoolCache(self, [s for s, _, _ in rows], positions, kv_len, valid),
             use_cache=True,
         )
         logits = out.logits[:, :, : self.vocab_size].float()
         if last_only:
-            return [logits[i, len(ids) - 1 : len(ids)] for i, (_, _, ids) in enumerate(rows)]
-        return [logits[i, : len(ids)] for i, (_, _, ids) in enumerate(rows)]
+            return [logits[i, n - 1 : n] for i, n in enumerate(lengths)]
+        return [logits[i, :n] for i, n in enumerate(lengths)]
 
 
 class PooledSequence(KVSequence):
@@ -277,20 +303,31 @@ class PooledSequence(KVSequence):
 
 def pooled_forward(rows: list[tuple[PooledSequence, tuple[int, ...]]]) -> list[torch.Tensor]:
     """Append each row's ids, run one forward over every row's uncached tokens (model thread).
-    Rows go to the model in slot order, so any set of consecutive slots is read as a view."""
+    Rows go to the model in slot order, so any set of consecutive slots is read as a view. If it
+    raises, every row's tokens are restored to what they were before the call."""
     pool = rows[0][0].pool
     if any(seq.pool is not pool for seq, _ in rows):
         raise ValueError("rows of one batched forward must share one KV pool")
+    if len({id(seq) for seq, _ in rows}) != len(rows):
+        raise ValueError("a sequence appears twice in one batched forward")
     pool.apply_target()  # before reading slots: applying it may move rows
-    batch = []
-    for seq, ids in rows:
-        seq.tokens.extend(ids)
-        pending = seq.tokens[seq.cached :]
-        if not pending:
-            raise ValueError("nothing to feed: every token is already cached")
-        batch.append((seq._slot(), seq.cached, pending))
-    order = sorted(range(len(batch)), key=lambda i: batch[i][0])
-    logits = pool.forward([batch[i] for i in order])
+    before = [len(seq.tokens) for seq, _ in rows]
+    try:
+        batch = []
+        for seq, ids in rows:
+            seq.tokens.extend(ids)
+            pending = seq.tokens[seq.cached :]
+            if not pending:
+                raise ValueError("nothing to feed: every token is already cached")
+            batch.append((seq._slot(), seq.cached, pending))
+        order = sorted(range(len(batch)), key=lambda i: batch[i][0])
+        logits = pool.forward([batch[i] for i in order])
+    except BaseException:
+        # Every row as it was (its cached length only changes on success), so each can be retried
+        # alone. KV the failed forward may have written lies past `cached`: never read.
+        for (seq, _), n in zip(rows, before, strict=True):
+            del seq.tokens[n:]
+        raise
     out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
     for rank, i in enumerate(order):
         out[i] = logits[rank]

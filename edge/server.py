@@ -1,38 +1,87 @@
 """The edge's gRPC service: Info, Session (one bidi stream per device session), health, reflection.
 
-Contract: `EdgeServer.start()` binds and serves immediately with health NOT_SERVING;
-`load(...)` loads the target off the event loop and flips health to SERVING. Every malformed
-message ends only its own stream, with a precise status (INVALID_ARGUMENT, FAILED_PRECONDITION,
-OUT_OF_RANGE, RESOURCE_EXHAUSTED, UNAVAILABLE); the server and other sessions go on. Model forwards
-run on one model thread, never on the event loop. A session is released however its stream ends.
+Contract: `EdgeServer.start()` binds and serves immediately with health NOT_SERVING (a port some
+other process listens on raises `PortInUseError`: no SO_REUSEPORT sharing); `load(...)` loads the
+target off the event loop and flips health to SERVING. Every malformed message ends only its own
+stream, with a precise status: INVALID_ARGUMENT (bad parameters or data, bytes that do not parse
+as the message: the service takes raw bytes and parses them itself, since gRPC would answer a
+failed deserialization UNKNOWN), FAILED_PRECONDITION, OUT_OF_RANGE, RESOURCE_EXHAUSTED,
+UNAVAILABLE; INTERNAL only for a genuine server fault, and then for that session alone. The
+server and other sessions go on. Client strings are echoed only clipped (`gelato.wire.clip`).
+Model forwards run on one model thread, never on the event loop. A session is released however
+its stream ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edge.batcher import Batcher
 from edge.metrics import EdgeMetrics
 from edge.sessions import AdmissionError, SessionRegistry
-from edge.verifier import TargetSession
+from edge.verifier import StatusError, TargetSession
 from gelato.channel import SERVER_OPTIONS
 from gelato.models import LoadedModel, load_model
-from gelato.types import PROTOCOL_VERSION, Verdict
+from gelato.types import PROTOCOL_VERSION, DraftBlock, Verdict
 from gelato.v1 import gelato_pb2 as pb
-from gelato.v1 import gelato_pb2_grpc as pb_grpc
-from gelato.wire import WireError, check_ids, decode_block, decode_sampling, encode_verdict
+from gelato.wire import WireError, check_ids, clip, decode_block, decode_sampling, encode_verdict
 
 log = logging.getLogger("gelato.edge")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gelato"].full_name
+# gRPC's default lets a second server bind a port another one listens on (SO_REUSEPORT): two edges
+# would then split the connections between them. One edge per port.
+EDGE_SERVER_OPTIONS = [*SERVER_OPTIONS, ("grpc.so_reuseport", 0)]
+MAX_DETAILS = 1000  # characters of a status message: far below gRPC's 8 KiB metadata limit
+_M = TypeVar("_M", bound=Message)
+
+
+class PortInUseError(OSError):
+    """Another socket already listens on the edge's port."""
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether HOST:PORT is taken by a listening socket, probed as gRPC binds (SO_REUSEADDR, so a
+    port left in TIME_WAIT counts as free). Other bind failures are not this function's to name."""
+    if port == 0:
+        return False
+    try:
+        addrs = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False
+    for family, kind, proto, _, addr in addrs:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def _parse(cls: type[_M], data: bytes) -> _M:
+    """A message of type `cls` from raw request bytes; INVALID_ARGUMENT when they do not parse
+    (corrupt wire format, bad UTF-8 in a string field)."""
+    try:
+        return cls.FromString(data)
+    except DecodeError as exc:
+        name = cls.DESCRIPTOR.name
+        raise StatusError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"malformed {name} ({len(data)} bytes): {clip(str(exc))}"
+        ) from None
 
 
 @dataclass
@@ -47,7 +96,9 @@ class EdgeConfig:
     idle_timeout_s: float = 300.0
 
 
-class GelatoService(pb_grpc.GelatoServicer):
+class GelatoService:
+    """`gelato.v1.Gelato` on raw request bytes (see `handler`)."""
+
     def __init__(self, config: EdgeConfig) -> None:
         self.config = config
         self.loaded: LoadedModel | None = None
@@ -73,16 +124,33 @@ class GelatoService(pb_grpc.GelatoServicer):
         except RuntimeError:  # executor already shut down: no forward can run any more
             session.close()
 
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service with no request deserializer: methods get bytes and parse them, so that
+        unparsable input is INVALID_ARGUMENT (gRPC's own deserializer failing is UNKNOWN). The
+        generated stubs cannot be told otherwise, and must not be edited."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Info": grpc.unary_unary_rpc_method_handler(
+                    self.Info, response_serializer=pb.InfoResponse.SerializeToString
+                ),
+                "Session": grpc.stream_stream_rpc_method_handler(
+                    self.Session, response_serializer=pb.EdgeMessage.SerializeToString
+                ),
+            },
+        )
+
     def _require_model(self) -> LoadedModel:
         if self.loaded is None:
-            raise _Abort(grpc.StatusCode.UNAVAILABLE, "the target model is still loading")
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, "the target model is still loading")
         return self.loaded
 
-    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+    async def Info(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         try:
+            _parse(pb.InfoRequest, request)
             m = self._require_model()
-        except _Abort as exc:
-            await context.abort(exc.code, exc.details)
+        except StatusError as exc:
+            await context.abort(exc.code, clip(exc.details, MAX_DETAILS))
         return pb.InfoResponse(
             protocol_version=PROTOCOL_VERSION,
             target_model=m.name,
@@ -100,7 +168,7 @@ class GelatoService(pb_grpc.GelatoServicer):
         )
 
     async def Session(
-        self, request_iterator: AsyncIterator[pb.DeviceMessage], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EdgeMessage]:
         session: TargetSession | None = None
         try:
@@ -112,7 +180,7 @@ class GelatoService(pb_grpc.GelatoServicer):
                 kind = msg.WhichOneof("kind")
                 if kind == "open":
                     if session is not None:
-                        raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "session already open")
+                        raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "session already open")
                     session = await self._open(msg.open)
                     yield pb.EdgeMessage(
                         opened=pb.SessionOpened(
@@ -124,16 +192,28 @@ class GelatoService(pb_grpc.GelatoServicer):
                     )
                 elif kind == "draft":
                     if session is None:
-                        raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, "draft block before open")
+                        raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "draft block before open")
                     yield encode_verdict(await self._verify(session, msg.draft, received))
+                    self._update_gauges()
+                elif kind == "generate":
+                    if session is None:
+                        raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "generate before open")
+                    async for verdict in self._generate(session, msg.generate, received):
+                        yield encode_verdict(verdict)
                     self._update_gauges()
                 elif kind == "close":
                     break
                 else:
-                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "empty DeviceMessage (no open/draft/close)")
-        except _Abort as exc:
-            log.info("session %s: %s %s", session and session.session_id, exc.code.name, exc.details)
-            await context.abort(exc.code, exc.details)
+                    raise StatusError(
+                        grpc.StatusCode.INVALID_ARGUMENT, "empty DeviceMessage (no open/draft/generate/close)"
+                    )
+        except StatusError as exc:
+            details = clip(exc.details, MAX_DETAILS)
+            log.info("session %s: %s %s", session and session.session_id, exc.code.name, details)
+            await context.abort(exc.code, details)
+        except Exception as exc:  # a server fault (e.g. the prefill failed): this stream only, named
+            log.exception("session %s failed", session and session.session_id)
+            await context.abort(grpc.StatusCode.INTERNAL, clip(f"edge error: {exc}", MAX_DETAILS))
         finally:
             if session is not None:
                 self.registry.release(session.session_id)
@@ -143,27 +223,34 @@ class GelatoService(pb_grpc.GelatoServicer):
         """The device's next message; None at end of stream. A device silent for longer than the
         idle timeout has vanished: its session ends (DEADLINE_EXCEEDED) and is freed."""
         try:
-            msg = await asyncio.wait_for(context.read(), timeout=self.config.idle_timeout_s)
+            data = await asyncio.wait_for(context.read(), timeout=self.config.idle_timeout_s)
         except TimeoutError:
-            raise _Abort(
+            raise StatusError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"session idle for more than {self.config.idle_timeout_s:g} s; reopen with the accepted prefix",
             ) from None
-        return None if msg is grpc.aio.EOF else msg  # type: ignore[return-value]
+        if data is grpc.aio.EOF:
+            return None
+        return _parse(pb.DeviceMessage, data)
 
     async def _open(self, req: pb.OpenSession) -> TargetSession:
         m = self._require_model()
         if req.protocol_version != PROTOCOL_VERSION:
-            raise _Abort(
+            raise StatusError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"protocol version {req.protocol_version} is not supported; this edge speaks {PROTOCOL_VERSION}",
             )
         if req.tokenizer_fingerprint != m.fingerprint:
-            raise _Abort(
+            raise StatusError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"tokenizer mismatch: drafter {req.drafter_model!r} "
-                f"(fingerprint {req.tokenizer_fingerprint or 'none'}) and target {m.name!r} "
+                f"tokenizer mismatch: drafter {clip(req.drafter_model)!r} "
+                f"(fingerprint {clip(req.tokenizer_fingerprint) or 'none'}) and target {m.name!r} "
                 f"(fingerprint {m.fingerprint}) do not share a tokenizer",
+            )
+        if len(req.prefix_ids) >= m.context_limit:  # before any per-token work on a huge prefix
+            raise StatusError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt of {len(req.prefix_ids)} tokens does not fit the target's context limit of {m.context_limit}",
             )
         prefix = list(req.prefix_ids)
         try:
@@ -172,17 +259,12 @@ class GelatoService(pb_grpc.GelatoServicer):
             check_ids(prefix, m.vocab_size, "prefix_ids")
             params = decode_sampling(req.sampling)
         except WireError as exc:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        if len(prefix) >= m.context_limit:
-            raise _Abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt of {len(prefix)} tokens does not fit the target's context limit of {m.context_limit}",
-            )
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         try:
             session = self.registry.admit(m, params, prefix, req.max_new_tokens)
         except AdmissionError as exc:
             self.metrics.sessions_rejected.inc()
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
         self._update_gauges()
         try:
             await asyncio.get_running_loop().run_in_executor(self.executor, session.prefill)
@@ -196,38 +278,40 @@ class GelatoService(pb_grpc.GelatoServicer):
         try:
             block = decode_block(msg, m.vocab_size, session.params.greedy, self.config.max_draft_tokens)
         except WireError as exc:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        if block.round != session.rounds:
-            raise _Abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"draft block for round {block.round}, but the session is at round {session.rounds}",
-            )
-        if session.length + block.k >= m.context_limit:
-            raise _Abort(
-                grpc.StatusCode.OUT_OF_RANGE,
-                f"{session.length} tokens + {block.k} drafts reach the context limit of {m.context_limit}",
-            )
-        if session.reserved_tokens and session.length + block.k >= session.reserved_tokens:
-            # Admission reserved KV for prefix + max_new_tokens + one block; going past it would
-            # grow the shared pool beyond what the budget was charged.
-            raise _Abort(
-                grpc.StatusCode.OUT_OF_RANGE,
-                f"{session.length} tokens + {block.k} drafts pass the {session.reserved_tokens} tokens reserved "
-                f"at open (prefix + max_new_tokens {session.max_new_tokens} + one block); open a new session",
-            )
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        return await self._verify_block(session, block, received)
 
+    async def _generate(self, session: TargetSession, req: pb.Generate, received: float) -> AsyncIterator[Verdict]:
+        """Edge-only decoding: one empty block per token through the batcher (so each step shares
+        a forward with other sessions' verification), streamed as it comes, until eos,
+        `max_tokens`, the context limit or the session's reservation."""
+        if req.round != session.rounds:
+            raise StatusError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"generate at round {req.round}, but the session is at round {session.rounds}",
+            )
+        if req.max_tokens < 1:
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "generate: max_tokens must be >= 1")
+        eos = set(session.loaded.eos_token_ids)
+        room = min(session.loaded.context_limit, session.reserved_tokens or session.loaded.context_limit)
+        for _ in range(req.max_tokens):
+            if session.length >= room:
+                return  # the device sees the stream end short and knows the context is full
+            verdict = await self._verify_block(session, DraftBlock(round=session.rounds, ids=()), received)
+            yield verdict
+            received = time.perf_counter()
+            if verdict.next_token in eos:
+                return
+
+    async def _verify_block(self, session: TargetSession, block: DraftBlock, received: float) -> Verdict:
+        session.check(block)  # round, context limit, reservation: answered before queueing
         try:
             return await self.batcher.verify(session, block, received)
-        except Exception as exc:  # the forward failed: this session's state is unknown, end it
+        except StatusError:
+            raise
+        except Exception as exc:  # a server fault in this row only: this session's state is unknown, end it
             log.exception("verify failed for session %s", session.session_id)
-            raise _Abort(grpc.StatusCode.INTERNAL, f"verification failed: {exc}") from exc
-
-
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
+            raise StatusError(grpc.StatusCode.INTERNAL, f"verification failed: {clip(str(exc))}") from exc
 
 
 class EdgeServer:
@@ -237,20 +321,28 @@ class EdgeServer:
         self.config = config
         self.service = GelatoService(config)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(options=EDGE_SERVER_OPTIONS)
         self.port = 0
 
     async def start(self) -> int:
-        pb_grpc.add_GelatoServicer_to_server(self.service, self.server)
+        host, port = self.config.host, self.config.port
+        if port_in_use(host, port):  # checked first: gRPC would also log its own bind error
+            raise PortInUseError(f"port {port} on {host} is in use")
+        self.server.add_generic_rpc_handlers((self.service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:  # gRPC >= 1.6x raises where older versions returned 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+            if port_in_use(host, port):  # taken between the check above and the bind
+                raise PortInUseError(f"port {port} on {host} is in use")
+            raise OSError(f"cannot bind {host}:{port}")
         await self.server.start()
         self.service.batcher.start()
         return self.port

@@ -7,6 +7,12 @@ session's own seeded RNG, keeps target KV only for the accepted prefix, and retu
 The KV lives in a slot of the edge's shared `KVPool` (a private one when none is given), so many
 sessions verify in one forward (`edge.kv_pool.pooled_forward`). Called on the model thread only,
 `close` included (the server submits it there), so a freed slot is never still in a pending forward.
+
+Failures carry their gRPC status: `check(block)` raises `StatusError` (INVALID_ARGUMENT for bad
+parameters or data, FAILED_PRECONDITION for a wrong round or a closed session, OUT_OF_RANGE for a
+block past the context limit or the session's reservation) BEFORE anything is run, so a row that
+would fail never enters a batched forward; the batcher and the server map any other exception to
+INTERNAL for that row alone.
 """
 
 from __future__ import annotations
@@ -14,13 +20,24 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import grpc
 import torch
 
 from edge.kv_pool import KVPool, PooledSequence
 from gelato.models import LoadedModel
 from gelato.sampling import process_logits, verify_greedy, verify_sampling
 from gelato.types import DraftBlock, SamplingParams
-from gelato.wire import derive_seed
+from gelato.wire import WireError, check_block, derive_seed
+
+
+class StatusError(Exception):
+    """A failure with the precise gRPC status it is answered with (one session's, never the
+    server's). Typed so no caller has to guess a status from a message's text."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
 
 
 @dataclass
@@ -50,6 +67,39 @@ class TargetSession:
     @property
     def length(self) -> int:
         return len(self.seq.tokens)
+
+    def check(self, block: DraftBlock) -> None:
+        """Everything that can make this block fail, checked before it runs: raises
+        `StatusError`. Pure (reads state only), so the event loop and the model thread may both
+        call it; the batcher does, on rows that may have bypassed the server's checks."""
+        if self.seq.closed:
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "the session was closed")
+        try:
+            self.params.validate()
+            check_block(block, self.loaded.vocab_size, self.params.greedy)
+        except ValueError as exc:  # WireError included
+            where = "sampling: " if not isinstance(exc, WireError) else ""
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}{exc}") from exc
+        if block.round != self.rounds:
+            raise StatusError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"draft block for round {block.round}, but the session is at round {self.rounds}",
+            )
+        limit = self.loaded.context_limit
+        if self.length + block.k >= limit:
+            # The forward ends at length + k; the verdict's extra token must fit too.
+            raise StatusError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"{self.length} tokens + {block.k} drafts reach the context limit of {limit}",
+            )
+        if self.reserved_tokens and self.length + block.k >= self.reserved_tokens:
+            # Admission reserved KV for prefix + max_new_tokens + one block; going past it would
+            # grow the shared pool beyond what the budget was charged.
+            raise StatusError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"{self.length} tokens + {block.k} drafts pass the {self.reserved_tokens} tokens reserved "
+                f"at open (prefix + max_new_tokens {self.max_new_tokens} + one block); open a new session",
+            )
 
     def verify(self, block: DraftBlock) -> tuple[int, int]:
         """One round alone: target forward over [last, x1..xk], acceptance, rollback."""

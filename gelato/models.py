@@ -108,6 +108,49 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
 
 
+def _missing_checkpoint_parts(folder: Path) -> list[str]:
+    """What a local folder lacks to be a checkpoint (empty when it looks like one)."""
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    weights = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+    if not any(next(folder.glob(pattern), None) for pattern in weights):
+        missing.append("model weights (*.safetensors or pytorch_model.bin)")
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        missing.append("a tokenizer (tokenizer.json)")
+    return missing
+
+
+def _hub_reachable(timeout_s: float = 5.0) -> bool:
+    """One TCP connection to the hub endpoint: without it the hub client retries each file for minutes."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_mode(name: str, role: str) -> bool:
+    """Whether to load a hub id offline: from the local cache when it is there (no network at all),
+    online when the hub answers; otherwise a one-line error instead of minutes of retries."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return True
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"cannot load {role} {name!r}: it is not in the local cache and the hub cannot be reached; "
+            "pass a local folder, or set HF_HUB_OFFLINE=1 once it is cached"
+        )
+    return False
+
+
 def load_model(name_or_path: str | None, role: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id or a local folder."""
     from transformers import AutoModelForCausalLM
@@ -121,9 +164,13 @@ def load_model(name_or_path: str | None, role: str, dtype: str = "auto", device:
         if not Path(name).expanduser().is_dir():  # else the hub client answers with a repo-id syntax error
             raise ModelLoadError(f"cannot load {role} {name!r}: no such local folder")
         name = str(Path(name).expanduser())
+    local = Path(name).is_dir()
+    missing = _missing_checkpoint_parts(Path(name)) if local else []
+    if missing:
+        raise ModelLoadError(f"cannot load {role} {name!r}: not a checkpoint folder, missing {', '.join(missing)}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    offline = Path(name).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
+    offline = local or _hub_mode(name, role)
     try:
         tokenizer = load_tokenizer(name, offline)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, local_files_only=offline)

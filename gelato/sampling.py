@@ -28,7 +28,10 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     """Probabilities after temperature, top-k and top-p, over the last dim, in float32."""
     if params.greedy:
         raise ValueError("process_logits needs temperature > 0; greedy uses argmax")
-    scaled = logits.float() / params.temperature
+    x = logits.float()
+    # Shift first, then divide: every row's largest value becomes exactly 0 and the rest finite
+    # or -inf, so a small temperature cannot overflow to inf - inf = NaN (softmax is shift-invariant).
+    scaled = (x - x.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k > 0 and params.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, params.top_k, dim=-1).values[..., -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -95,9 +98,13 @@ def verify_sampling(
     q: tuple[SparseDist, ...],
     generator: torch.Generator,
 ) -> tuple[int, int]:
-    """Speculative sampling. p: [k+1, V] processed target probabilities. Returns (a, next)."""
+    """Speculative sampling. p: [k+1, V] processed target probabilities. Returns (a, next).
+    Raises ValueError on a p that is not a distribution (NaN, inf or negative entries): sampling
+    from it would be meaningless, and torch's own error would not say where it came from."""
     if len(q) != len(draft_ids):
         raise ValueError(f"need one q per draft token: {len(q)} q for {len(draft_ids)} ids")
+    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()):
+        raise ValueError("target probabilities p contain NaN, inf or negative values: not a distribution")
     uniforms = torch.rand(len(draft_ids), generator=generator) if draft_ids else None
     for i, (x, qi) in enumerate(zip(draft_ids, q, strict=True)):
         p_x = float(p[i, x])

@@ -14,21 +14,30 @@ PROTOCOL_VERSION = 1
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling of the target (edge) and of the drafter (device). temperature == 0: greedy."""
+    """Sampling of the target (edge) and of the drafter (device). temperature == 0: greedy;
+    otherwise finite and >= MIN_TEMPERATURE. top_p in [0, 1] (0 and 1: off; NaN, inf and
+    negatives are refused, never read as "off"). top_k == 0: off."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
 
+    # Smallest positive temperature accepted (unannotated: a constant, not a field). Below it
+    # sampling is greedy in all but name, and tiny divisors are where NaNs came from (1e-38 made
+    # logits +-inf). The wire carries float32, whose value nearest 1e-4 lies just below it: the
+    # check allows for that rounding.
+    MIN_TEMPERATURE = 1e-4
+
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
     def validate(self) -> None:
-        """Raise ValueError naming the bad field."""
-        if not (self.temperature >= 0.0):  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        """Raise ValueError naming the bad field. Every comparison is written so that NaN fails it."""
+        t = self.temperature
+        if not (t == 0.0 or self.MIN_TEMPERATURE * (1 - 2**-20) <= t < float("inf")):
+            raise ValueError(f"temperature must be 0 (greedy) or finite and >= {self.MIN_TEMPERATURE:g}, got {t}")
         if not (0.0 <= self.top_p <= 1.0):
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -60,6 +69,7 @@ class DraftBlock:
     # Device-side only, never sent: drafting time and the drafter's entropy (nats) per token.
     draft_s: float = 0.0
     entropies: tuple[float, ...] = ()
+    stop_reason: str = ""  # why drafting stopped early: a policy's reason or "eos"; "" = reached k
 
     @property
     def k(self) -> int:
@@ -104,6 +114,15 @@ class Telemetry:
     bytes_down: int
     energy_source: str
     energy_kind: str
+    # Controller view of the round (SPEC §5): the deficit Q after the round (J; 0 without a
+    # budget), the policy's reference budget and hard cap, why the block ended (budget, entropy,
+    # cap, eos, length), and each draft's entropy (nats) and calibrated acceptance p̂.
+    q_deficit_j: float = 0.0
+    k_ref: int = 0
+    k_max: int = 0
+    stop_reason: str = ""
+    entropies: tuple[float, ...] = ()
+    p_accept: tuple[float, ...] = ()
 
 
 @dataclass
@@ -124,3 +143,4 @@ class GenerationStats:
     energy_source: str = "none"
     energy_kind: str = "unavailable"
     rounds_log: list[Telemetry] = field(default_factory=list)
+    stop_reason: str = ""  # eos, max_new_tokens, context_limit or error

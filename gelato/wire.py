@@ -1,15 +1,16 @@
 """Codec between the boundary dataclasses (`gelato.types`) and the v1 protobuf messages.
 
-Contract: `encode_*` never fails on a well-formed dataclass; `decode_*` validates everything a
-peer could get wrong and raises `WireError` with a message naming the field, which the edge turns
-into INVALID_ARGUMENT. Sparse probabilities travel as little-endian float16 (2 bytes each); the
-device samples from the decoded float16 values, so the edge knows q exactly (SPEC §2.1).
+Contract: `encode_*` never fails on a well-formed dataclass; `decode_*` (and `check_block`, for a
+`DraftBlock` built elsewhere) validates everything a peer could get wrong and raises `WireError`
+with a message naming the field, which the edge turns into INVALID_ARGUMENT. Messages quote
+client strings only through `clip`, so no error grows with the client's input. Sparse
+probabilities travel as little-endian float16 (2 bytes each); the device samples from the decoded
+float16 values, so the edge knows q exactly (SPEC §2.1).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 
 import numpy as np
 
@@ -33,7 +34,8 @@ def encode_sampling(params: SamplingParams) -> pb.SamplingParams:
 
 
 def decode_sampling(msg: pb.SamplingParams) -> SamplingParams:
-    top_p = msg.top_p if msg.top_p > 0 else 1.0
+    # Only an exact 0 (proto3's "unset") means off: `top_p > 0` would have let NaN through as 1.0.
+    top_p = 1.0 if msg.top_p == 0 else msg.top_p
     params = SamplingParams(temperature=msg.temperature, top_p=top_p, top_k=msg.top_k, seed=msg.seed)
     try:
         params.validate()
@@ -73,9 +75,9 @@ def encode_block(block: DraftBlock) -> pb.DeviceMessage:
 
 
 def decode_block(msg: pb.DraftBlock, vocab_size: int, greedy: bool, max_tokens: int) -> DraftBlock:
+    if len(msg.ids) > max_tokens:  # before any per-id work
+        raise WireError(f"draft block of {len(msg.ids)} tokens exceeds the edge's limit of {max_tokens}")
     ids = tuple(int(i) for i in msg.ids)
-    if len(ids) > max_tokens:
-        raise WireError(f"draft block of {len(ids)} tokens exceeds the edge's limit of {max_tokens}")
     check_ids(ids, vocab_size, "draft ids")
     if greedy:
         if msg.q:
@@ -84,10 +86,44 @@ def decode_block(msg: pb.DraftBlock, vocab_size: int, greedy: bool, max_tokens: 
     if len(msg.q) != len(ids):
         raise WireError(f"sampling session: need one q per draft token, got {len(msg.q)} for {len(ids)}")
     qs = tuple(decode_sparse(q, vocab_size, f"q[{i}]") for i, q in enumerate(msg.q))
-    for i, (x, q) in enumerate(zip(ids, qs, strict=True)):
-        if q.prob_of(x) <= 0 or not math.isfinite(q.prob_of(x)):
-            raise WireError(f"q[{i}]: draft token {x} is not in its own support (q must be what it was drawn from)")
-    return DraftBlock(round=msg.round, ids=ids, q=qs)
+    block = DraftBlock(round=msg.round, ids=ids, q=qs)
+    check_block(block, vocab_size, greedy, max_tokens)
+    return block
+
+
+def check_block(block: DraftBlock, vocab_size: int, greedy: bool, max_tokens: int = 0) -> None:
+    """Validate a decoded `DraftBlock` against its session (what `decode_block` guarantees, for
+    blocks that did not come through it). `max_tokens` 0: no size limit. Raises `WireError`."""
+    if max_tokens and block.k > max_tokens:
+        raise WireError(f"draft block of {block.k} tokens exceeds the edge's limit of {max_tokens}")
+    check_ids(block.ids, vocab_size, "draft ids")
+    if greedy:
+        if block.q:
+            raise WireError("greedy session: draft blocks carry ids only, no q")
+        return
+    if len(block.q) != block.k:
+        raise WireError(f"sampling session: need one q per draft token, got {len(block.q)} for {block.k}")
+    for i, (x, q) in enumerate(zip(block.ids, block.q, strict=True)):
+        where = f"q[{i}]"
+        if len(q.ids) != len(q.probs) or not q.ids:
+            raise WireError(f"{where}: {len(q.ids)} ids but {len(q.probs)} probabilities")
+        probs = np.asarray(q.probs, dtype=np.float64)
+        if not np.all(np.isfinite(probs)) or np.any(probs < 0) or float(probs.sum()) <= 0:
+            raise WireError(f"{where}: probabilities must be finite, >= 0 and not all zero")
+        check_ids(q.ids, vocab_size, where)
+        if len(set(q.ids)) != len(q.ids):
+            raise WireError(f"{where}: duplicate ids in the support")
+        if not q.prob_of(x) > 0:
+            raise WireError(f"{where}: draft token {x} is not in its own support (q must be what it was drawn from)")
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """A client-supplied string as it may appear in an error message: at most `limit` characters,
+    else its head, an ellipsis and its length. Echoing it whole could make the status itself too
+    big to send (gRPC then answers RESOURCE_EXHAUSTED instead of the real error)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
 
 
 def encode_verdict(v: Verdict) -> pb.EdgeMessage:

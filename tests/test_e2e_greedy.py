@@ -1,8 +1,9 @@
 """Greedy losslessness between two real OS processes over loopback gRPC (SPEC §2.1).
 
-For K in {0, 1, 3, 8} and two drafters (one that mostly agrees with the target, one that never
-does), `gelato-device` output must equal the target's own `generate(do_sample=False)` token for
-token, eos included.
+For K in {0, 1, 3, 8}, every controller policy (heuristic, entropy, adaedl, lyapunov, gelato with
+and without an energy budget) and two drafters (one that mostly agrees with the target, one that
+never does), `gelato-device` output must equal the target's own `generate(do_sample=False)` token
+for token, eos included: where a policy ends a block never changes what the target emits.
 """
 
 from __future__ import annotations
@@ -46,30 +47,48 @@ def prompts_file(tmp_path_factory: pytest.TempPathFactory, prompts: list[str]) -
     return path
 
 
-@pytest.mark.parametrize("drafter", ["drafter_agree", "drafter_never"])
-@pytest.mark.parametrize("k", [0, 1, 3, 8])
+CONTROLLED = [
+    ["--policy", "ar-edge"],
+    ["--policy", "heuristic"],
+    ["--policy", "entropy", "--entropy-threshold", "0.5"],
+    ["--policy", "adaedl"],
+    ["--policy", "lyapunov"],
+    ["--policy", "gelato"],
+    ["--policy", "gelato", "--energy-budget-j-per-token", "0.002", "--v", "5", "--meter", "cpu-model"],
+]
+FIXED = [["--policy", f"fixed-{k}"] for k in (0, 1, 3, 8)]
+CASES = [("drafter_agree", p) for p in FIXED + CONTROLLED] + [("drafter_never", p) for p in FIXED + CONTROLLED[-1:]]
+
+
+@pytest.mark.parametrize(("drafter", "policy"), CASES, ids=[f"{d}-{' '.join(p[1:])}" for d, p in CASES])
 def test_greedy_equals_target_generate(
     pair: dict[str, Path],
     edge: EdgeProcess,
     prompts_file: Path,
     reference: list[list[int]],
     drafter: str,
-    k: int,
+    policy: list[str],
 ) -> None:
     args = ["--drafter", str(pair[drafter]), "--edge", edge.address, "--prompts-file", str(prompts_file)]
-    res = run_device([*args, "--policy", f"fixed-{k}", "--max-new-tokens", str(MAX_NEW), "--json"])
+    res = run_device([*args, *policy, "--max-new-tokens", str(MAX_NEW), "--json"])
     assert res.returncode == 0, res.stderr
     records = [json.loads(line) for line in res.stdout.splitlines()]
     assert len(records) == len(reference) == 20
     for rec, ref in zip(records, reference, strict=True):
         assert rec["token_ids"] == ref, rec["prompt"]
         assert rec["n_tokens"] == len(ref)
+        assert rec["stop_reason"] in ("eos", "max_new_tokens")
     drafted = sum(r["drafted"] for r in records)
     accepted = sum(r["accepted"] for r in records)
-    if k == 0:
+    if policy[1] in ("fixed-0", "ar-edge"):
         assert drafted == 0
         assert all(r["rounds"] == r["n_tokens"] for r in records)
     elif drafter == "drafter_never":
-        assert drafted > 0 and accepted == 0
-    else:
+        assert accepted == 0
+        if policy[1] == "gelato":  # the controller learns that drafting never pays and stops
+            assert drafted < 0.5 * sum(r["rounds"] for r in records), (drafted, [r["rounds"] for r in records])
+            assert all(r["q_deficit_j"] is not None and r["q_deficit_j"] >= 0 for r in records)
+        else:
+            assert drafted > 0
+    elif policy[1].startswith("fixed"):
         assert accepted / drafted > 0.5, f"agreeing drafter accepted only {accepted}/{drafted}"

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from gelato.tiny.tokenizer import EOS_TOKEN, format_prompt
-from gelato.tiny.train import default_gsm8k_path, heldout_loss
+from gelato.tiny.train import gsm8k_file, heldout_loss
 
 
 def target_answers(out: Path, questions: list[str], batch: int, max_new: int) -> list[str]:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    recs = [json.loads(line) for line in (args.gsm8k or default_gsm8k_path("train")).read_text().splitlines()]
+    recs = [json.loads(line) for line in gsm8k_file("train", args.gsm8k).read_text().splitlines()]
     random.Random(args.seed).shuffle(recs)  # the same split as gelato.tiny.train
     train, held = recs[: -args.heldout], recs[-args.heldout :]
     answers = target_answers(args.out, [r["question"] for r in train], args.gen_batch, args.max_new_tokens)

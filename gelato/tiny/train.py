@@ -51,6 +51,18 @@ def default_gsm8k_path(split: str) -> Path:
     return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k" / f"{split}.jsonl"
 
 
+def gsm8k_file(split: str, given: Path | None = None) -> Path:
+    """The GSM8K JSONL to read: `given` (a --gsm8k/--data flag), else the default above. A missing
+    file stops the program with one line saying where it looked and how to point at the data."""
+    path = given or default_gsm8k_path(split)
+    if not path.is_file():
+        raise SystemExit(
+            f"error: GSM8K {split} split not found at {path}; pass the JSONL's path with --gsm8k/--data "
+            f"or set GELATO_GSM8K_DIR to the folder holding {split}.jsonl"
+        )
+    return path
+
+
 def load_documents(path: Path) -> list[str]:
     """One training document per GSM8K record: prompt, worked answer, eos."""
     docs = []
@@ -170,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     from gelato.models import load_tokenizer
 
     torch.set_num_threads(args.threads)
-    path = args.gsm8k or default_gsm8k_path("train")
+    path = gsm8k_file("train", args.gsm8k)
     if not path.exists():
         print(f"error: GSM8K train split not found at {path} (use --gsm8k or GELATO_GSM8K_DIR)", file=sys.stderr)
         return 2

@@ -90,15 +90,25 @@ class CloseSession(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Generate(_message.Message):
+    __slots__ = ("round", "max_tokens")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    max_tokens: int
+    def __init__(self, round: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
 class DeviceMessage(_message.Message):
-    __slots__ = ("open", "draft", "close")
+    __slots__ = ("open", "draft", "close", "generate")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     draft: DraftBlock
     close: CloseSession
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., draft: _Optional[_Union[DraftBlock, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ...) -> None: ...
+    generate: Generate
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., draft: _Optional[_Union[DraftBlock, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., generate: _Optional[_Union[Generate, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session_id", "target_model", "context_limit", "max_draft_tokens")

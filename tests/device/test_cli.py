@@ -76,7 +76,7 @@ def test_prompts_file_errors(pair: dict[str, Path], edge: EdgeProcess, tmp_path:
 def test_unreachable_edge(pair: dict[str, Path]) -> None:
     res_args = ["--connect-timeout-s", "2"]
     res = run_device(["--drafter", str(pair["drafter_agree"]), "--edge", "127.0.0.1:1", "--prompt", "x", *res_args])
-    assert res.returncode == 1 and "cannot reach gelato-edge at 127.0.0.1:1" in res.stderr
+    assert res.returncode == 1 and "could not reach gelato-edge at 127.0.0.1:1 within 2 s" in res.stderr
 
 
 def test_tokenizer_mismatch_via_cli(edge: EdgeProcess, tmp_path: Path) -> None:

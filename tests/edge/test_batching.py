@@ -134,3 +134,56 @@ def test_single_row_takes_the_plain_path(target: LoadedModel) -> None:
     cache_before = seq.cache
     (logits,) = batched_forward(target.model, target.vocab_size, [(seq, (8, 9))])
     assert logits.shape == (3, target.vocab_size) and seq.cache is cache_before and seq.cached == 5
+
+
+def test_row_at_the_context_limit_batches_with_a_long_block(target: LoadedModel) -> None:
+    """The batch needs context up to the furthest row END, not longest cache + longest block: a
+    row ending exactly at the limit and a row feeding a 31-token block run in one forward (before,
+    62 cached + 31 = 93 > 64 failed both). Logits and KV equal each row alone, padding queries of
+    the short row write no KV (its slot past its end keeps a sentinel), and the pool never grows
+    past the limit."""
+    limit = 64
+    rng = random.Random(2)
+    prefixes = [[rng.randrange(1, 300) for _ in range(n)] for n in (63, 3, 20)]
+    blocks = [(rng.randrange(1, 300),), tuple(rng.randrange(1, 300) for _ in range(30)), (5, 6)]
+    pool = KVPool(target.model, target.vocab_size, slots=4, context=limit, max_context=limit)
+    rows = [PooledSequence(pool, p) for p in prefixes]
+    alone = [KVSequence(target.model, target.vocab_size, p) for p in prefixes]
+    for seq in (*rows, *alone):
+        seq.prefill(len(seq.tokens) - 1)
+    with torch.inference_mode():  # a sentinel past each row's future end (pool tensors are inference tensors)
+        for layer in range(pool.layers):
+            for seq, ids in zip(rows, blocks, strict=True):
+                assert seq.slot is not None
+                pool.keys[layer][seq.slot, :, len(seq.tokens) + len(ids) :] = 7.0
+                pool.values[layer][seq.slot, :, len(seq.tokens) + len(ids) :] = 7.0
+    got = pooled_forward(list(zip(rows, blocks, strict=True)))
+    want = [seq.forward(ids) for seq, ids in zip(alone, blocks, strict=True)]
+    assert rows[0].cached == limit and pool.context == limit
+    for w, g, a, b in zip(want, got, alone, rows, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+        _assert_same_kv(a, b, target.model.config.num_hidden_layers)
+        for layer in range(pool.layers):
+            assert b.slot is not None
+            assert bool((pool.keys[layer][b.slot, :, b.cached :] == 7.0).all())
+            assert bool((pool.values[layer][b.slot, :, b.cached :] == 7.0).all())
+    with pytest.raises(ValueError, match="context limit of 64"):  # a row of its own past the limit
+        pooled_forward([(rows[1], tuple(range(1, 33)))])
+
+
+def test_failed_forward_restores_every_row(target: LoadedModel) -> None:
+    """A forward that raises leaves every row's tokens and cache as they were, so each row can be
+    retried alone (the batcher's fallback); the good row's retry equals a fresh run."""
+    pool = KVPool(target.model, target.vocab_size, slots=2, context=16)
+    good, bad = PooledSequence(pool, [5, 6, 7]), PooledSequence(pool, [8, 9])
+    for seq in (good, bad):
+        seq.prefill(len(seq.tokens) - 1)
+    with pytest.raises(IndexError):  # an id past the embedding table breaks the whole forward
+        pooled_forward([(good, (1, 2)), (bad, (target.model.config.vocab_size + 5,))])
+    assert (good.tokens, good.cached, bad.tokens, bad.cached) == ([5, 6, 7], 2, [8, 9], 1)
+    with pytest.raises(ValueError, match="twice"):
+        pooled_forward([(good, (1,)), (good, (2,))])
+    (retry,) = pooled_forward([(good, (1, 2))])
+    fresh = KVSequence(target.model, target.vocab_size, [5, 6, 7])
+    fresh.prefill(2)
+    torch.testing.assert_close(retry, fresh.forward((1, 2)), atol=2e-5, rtol=1e-4)

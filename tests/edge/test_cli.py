@@ -8,7 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
+
+from gelato.v1 import gelato_pb2 as pb
+from gelato.v1 import gelato_pb2_grpc as pb_grpc
+from tests.conftest import EdgeProcess
 
 
 def run_edge(*args: str) -> subprocess.CompletedProcess[str]:
@@ -48,3 +53,15 @@ def test_edge_metrics_port_taken() -> None:
         port = taken.getsockname()[1]
         res = run_edge("--port", "0", "--metrics-port", str(port))
     assert res.returncode == 2 and f"cannot serve metrics on 127.0.0.1:{port}" in res.stderr
+
+
+def test_edge_port_taken_by_another_edge(edge: EdgeProcess) -> None:
+    """gRPC's default SO_REUSEPORT let a second edge bind the same port and print "listening":
+    now it is a one-line error, and the first edge keeps serving alone."""
+    host, port = edge.address.rsplit(":", 1)
+    res = run_edge("--port", port, "--host", host)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip() == f"error: port {port} on {host} is in use", res.stderr
+    assert "listening on" not in res.stdout
+    with grpc.insecure_channel(edge.address) as channel:
+        assert pb_grpc.GelatoStub(channel).Info(pb.InfoRequest(), timeout=10).vocab_size > 0

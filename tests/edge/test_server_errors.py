@@ -128,6 +128,34 @@ def test_protocol_version_mismatch(stub: pb_grpc.GelatoStub, fingerprint: str) -
             grpc.StatusCode.INVALID_ARGUMENT,
             "temperature",
         ),
+        (  # was INTERNAL (NaN probabilities), and failed every session batched with it
+            lambda fp: [open_msg(fp, sampling=pb.SamplingParams(temperature=1e-38)), draft(0, [])],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+        ),
+        (
+            lambda fp: [open_msg(fp, sampling=pb.SamplingParams(temperature=float("inf")))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+        ),
+        (  # NaN used to pass as "off"
+            lambda fp: [open_msg(fp, sampling=pb.SamplingParams(temperature=1.0, top_p=float("nan")))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "top_p",
+        ),
+        (
+            lambda fp: [open_msg(fp, sampling=pb.SamplingParams(temperature=1.0, top_p=-0.5))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "top_p",
+        ),
+        (
+            lambda fp: [
+                open_msg(fp, temperature=1.0),
+                draft(0, [1], [pb.SparseDist(ids=[1], probs_f16=np.array([np.nan], "<f2").tobytes())]),
+            ],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "finite",
+        ),
     ],
 )
 def test_bad_input_precise_status(stub: pb_grpc.GelatoStub, fingerprint: str, messages, code, needle) -> None:  # type: ignore[no-untyped-def]
@@ -192,3 +220,72 @@ def test_log_heavy_edge_keeps_serving(pair: dict[str, Path], fingerprint: str) -
     finally:
         assert edge.stop() == 0
     assert sum("draft block before open" in line for line in edge.output().splitlines()) >= 400
+
+
+def test_oversize_client_strings_are_clipped(stub: pb_grpc.GelatoStub) -> None:
+    """A 64 KiB drafter name with a wrong fingerprint: echoed whole, the status outgrew gRPC's
+    metadata limit and the client saw RESOURCE_EXHAUSTED instead of the real error."""
+    msg = open_msg("f" * 65536, drafter_model="d" * 65536)
+    details = expect_status(stub, [msg], grpc.StatusCode.FAILED_PRECONDITION)
+    assert "tokenizer mismatch" in details and "65536 characters" in details and len(details) < 1000
+
+
+def raw_session(edge: EdgeProcess, messages: list[bytes]) -> grpc.RpcError:
+    """Send raw bytes as Session messages (no serializer: corrupt protobuf goes out as is)."""
+    with grpc.insecure_channel(edge.address) as channel:
+        call = channel.stream_stream(
+            "/gelato.v1.Gelato/Session", request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter(messages), timeout=30))
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x0a\x05\x12\x03\xff\xfe\xfd",  # open.tokenizer_fingerprint with bad UTF-8
+        b"\x0a\x40\x08\x01",  # open claims 64 bytes, has 2
+        b"\xff\xff\xff\xff",  # not protobuf at all
+        b"\x08",  # truncated varint
+    ],
+)
+def test_unparsable_bytes_are_invalid_argument(edge: EdgeProcess, stub: pb_grpc.GelatoStub, data: bytes) -> None:
+    """Bytes that do not parse were UNKNOWN ("Unexpected DecodeError"), on Session and on Info."""
+    err = raw_session(edge, [data])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed DeviceMessage" in (err.details() or "")
+    fp = stub.Info(pb.InfoRequest(), timeout=10).tokenizer_fingerprint
+    err = raw_session(edge, [open_msg(fp).SerializeToString(), data])  # mid-stream, too
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    with grpc.insecure_channel(edge.address) as channel:
+        info = channel.unary_unary("/gelato.v1.Gelato/Info", request_serializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as bad_info:
+            info(b"\x08", timeout=10)
+    assert bad_info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert stub.Info(pb.InfoRequest(), timeout=10).active_sessions == 0
+
+
+def generate(round_no: int, max_tokens: int) -> pb.DeviceMessage:
+    return pb.DeviceMessage(generate=pb.Generate(round=round_no, max_tokens=max_tokens))
+
+
+def test_edge_only_generation_streams_until_eos_or_max(stub: pb_grpc.GelatoStub, fingerprint: str) -> None:
+    """`ar-edge`: one Generate, one verdict per token, equal to the tokens of k = 0 rounds."""
+    streamed = run_stream(stub, [open_msg(fingerprint), generate(0, 6), pb.DeviceMessage(close=pb.CloseSession())])
+    tokens = [m.verdict.next_token for m in streamed[1:]]
+    assert 1 <= len(tokens) <= 6 and all(m.verdict.n_accepted == 0 for m in streamed[1:])
+    assert [m.verdict.round for m in streamed[1:]] == list(range(len(tokens)))
+    stepwise = run_stream(stub, [open_msg(fingerprint)] + [draft(r, []) for r in range(len(tokens))])
+    assert [m.verdict.next_token for m in stepwise[1:]] == tokens
+    # After a streamed run the session goes on with drafts at the next round.
+    more = run_stream(stub, [open_msg(fingerprint), generate(0, 2), draft(2, [5, 6])])
+    assert len(more) == 4 and more[-1].verdict.round == 2
+
+
+def test_edge_only_generation_errors(stub: pb_grpc.GelatoStub, fingerprint: str) -> None:
+    details = expect_status(stub, [generate(0, 4)], grpc.StatusCode.FAILED_PRECONDITION)
+    assert "generate before open" in details
+    details = expect_status(stub, [open_msg(fingerprint), generate(3, 4)], grpc.StatusCode.FAILED_PRECONDITION)
+    assert "at round 0" in details
+    details = expect_status(stub, [open_msg(fingerprint), generate(0, 0)], grpc.StatusCode.INVALID_ARGUMENT)
+    assert "max_tokens must be >= 1" in details

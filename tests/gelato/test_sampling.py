@@ -137,3 +137,49 @@ def test_degenerate_residual_falls_back_to_p() -> None:
     p = torch.tensor([0.49999997, 0.5, 0.0])
     q = SparseDist(ids=(0, 1), probs=(0.5, 0.5))
     assert torch.equal(residual_distribution(p, q), p)
+
+
+def test_process_logits_is_finite_at_tiny_temperatures() -> None:
+    """Unvalidated tiny temperatures (1e-38 once made every logit +-inf and p NaN) give the
+    argmax one-hot: the row max is subtracted before dividing."""
+    logits = torch.tensor([[3.0, 2.5, -1.0], [0.0, 0.0, 7.0]])
+    for t in (1e-38, 1e-30, SamplingParams.MIN_TEMPERATURE):
+        p = process_logits(logits, SamplingParams(temperature=t))
+        assert torch.isfinite(p).all(), t
+        assert torch.equal(p, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])), t
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])
+def test_verify_sampling_refuses_a_p_that_is_not_a_distribution(bad: float) -> None:
+    p = torch.full((2, 4), 0.25)
+    p[1, 2] = bad
+    q = (SparseDist(ids=(1,), probs=(1.0,)),)
+    with pytest.raises(ValueError, match="NaN, inf or negative"):
+        verify_sampling(p, (1,), q, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    ("params", "ok"),
+    [
+        (SamplingParams(), True),
+        (SamplingParams(temperature=SamplingParams.MIN_TEMPERATURE), True),
+        (SamplingParams(temperature=float(np.float32(1e-4))), True),  # as the float32 wire delivers it
+        (SamplingParams(temperature=1e4, top_p=0.0, top_k=5), True),
+        (SamplingParams(temperature=1e-38), False),
+        (SamplingParams(temperature=5e-5), False),
+        (SamplingParams(temperature=float("nan")), False),
+        (SamplingParams(temperature=float("inf")), False),
+        (SamplingParams(temperature=-1.0), False),
+        (SamplingParams(temperature=1.0, top_p=float("nan")), False),
+        (SamplingParams(temperature=1.0, top_p=float("inf")), False),
+        (SamplingParams(temperature=1.0, top_p=-0.1), False),
+        (SamplingParams(temperature=1.0, top_p=1.5), False),
+        (SamplingParams(top_k=-1), False),
+    ],
+)
+def test_sampling_params_validate(params: SamplingParams, ok: bool) -> None:
+    if ok:
+        params.validate()
+    else:
+        with pytest.raises(ValueError, match=r"temperature|top_p|top_k"):
+            params.validate()

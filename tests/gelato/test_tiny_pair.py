@@ -3,13 +3,17 @@ lossless, the tokenizer round-trips and both models share it."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
 from device.drafter import Drafter
+from device.generate import Limits, local_verifier, speculative_generate
+from device.policy import FixedK
 from edge.verifier import TargetSession
 from gelato.models import LoadedModel, default_model_path, encode_prompt, load_model
-from gelato.types import SamplingParams, Verdict
+from gelato.types import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +45,13 @@ def test_tokenizer_round_trips(target: LoadedModel, text: str) -> None:
 
 
 def speculative(target: LoadedModel, drafter_m: LoadedModel, prompt: list[int], k: int, n: int) -> list[int]:
+    """The device's own round loop, verified in process by the edge's TargetSession."""
     drafter = Drafter(drafter_m, SamplingParams())
-    drafter.start(prompt)
     session = TargetSession("t", target, SamplingParams(), prompt)
     session.prefill()
-    out: list[int] = []
-    while len(out) < n and target.tokenizer.eos_token_id not in out:
-        block = drafter.draft(min(k, n - len(out) - 1), 0)
-        a, nxt = session.verify(block)
-        out += drafter.apply(block, Verdict(round=0, n_accepted=a, next_token=nxt))
-    return out[:n]
+    limits = Limits(n, target.context_limit, 32, target.eos_token_ids)
+    res = asyncio.run(speculative_generate(drafter, local_verifier(session), FixedK(k), prompt, limits))
+    return res.token_ids
 
 
 def test_greedy_is_deterministic_and_equals_target_generate(target: LoadedModel, drafter: LoadedModel) -> None:

@@ -1,0 +1,193 @@
+"""The speculative round loop, independent of the transport (SPEC §2).
+
+Contract: `await speculative_generate(drafter, verify, policy, prompt_ids, limits, accountant)`
+runs rounds until eos, `max_new_tokens` or the context limit and returns a `GenerationResult`.
+`verify(block)` is any coroutine that answers a `DraftBlock` with an `Exchange` (the verdict and
+the wire bytes it cost): the gRPC client, an in-process `TargetSession` (`local_verifier`), or the
+drafter itself (`self_verifier`, the `ar-device` reference). The policy sees every round's full
+`Telemetry` and decides the next; where a block stops depends only on the drafter's side, so the
+output is the target's whatever the policy. Drafter work goes through `offload` (the client passes
+its drafter thread, so forwards never block the event loop).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from device.drafter import Drafter
+from device.energy import EnergyAccountant, wire_bytes
+from device.policy import Policy
+from gelato.power import NullMeter
+from gelato.types import DraftBlock, GenerationStats, Telemetry, Verdict
+from gelato.wire import encode_block, encode_verdict
+
+T = TypeVar("T")
+
+
+class VerifyError(RuntimeError):
+    """A `verify` transport failed (e.g. the edge went away): the loop ends the generation with
+    stop_reason "error" and keeps the tokens delivered so far."""
+
+
+@dataclass(frozen=True)
+class Exchange:
+    verdict: Verdict
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+Verify = Callable[[DraftBlock], Awaitable[Exchange]]
+Offload = Callable[..., Awaitable[Any]]  # offload(fn, *args) -> fn(*args), maybe on another thread
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_new_tokens: int
+    context_limit: int
+    max_draft_tokens: int
+    eos: Collection[int] = ()
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    elapsed_s: float
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    target_model: str = ""
+    error: str = ""  # why the generation ended early (stop_reason "error")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+async def inline(fn: Callable[..., T], *args: Any) -> T:
+    return fn(*args)
+
+
+def _block_end(block: DraftBlock, cap: int, wanted: int, gated: bool) -> str:
+    """Why a block ended: the drafter's own reason, or which limit it reached."""
+    if block.stop_reason:
+        return block.stop_reason
+    if cap < wanted:
+        return "length"  # the edge's block limit, the context or max_new_tokens
+    return "cap" if gated else "budget"
+
+
+async def speculative_generate(
+    drafter: Drafter,
+    verify: Verify,
+    policy: Policy,
+    prompt_ids: list[int],
+    limits: Limits,
+    acct: EnergyAccountant | None = None,
+    on_round: Callable[[Telemetry], None] | None = None,
+    offload: Offload = inline,
+    session_bytes: tuple[int, int] = (0, 0),
+) -> GenerationResult:
+    """`session_bytes`: (up, down) wire bytes outside any round (open/close), for the totals."""
+    acct = acct or EnergyAccountant(NullMeter(), None)
+    stats = GenerationStats()
+    gen_start, t0 = acct.begin(stats), time.perf_counter()
+    await offload(drafter.start, prompt_ids)
+    out: list[int] = []
+    error = ""
+    while not stats.stop_reason:
+        room = limits.context_limit - len(drafter.tokens) - 1  # the round's own token needs one slot
+        if room < 0:
+            stats.stop_reason = "context_limit"
+            break
+        limit = max(0, min(limits.max_new_tokens - len(out) - 1, room, limits.max_draft_tokens))
+        decision = policy.decide(limit)
+        gate = policy.gate(decision)
+        wanted = decision.k_max if gate else decision.k_ref
+        cap = max(0, min(wanted, limit))
+        start = acct.round_start()
+        block = await offload(drafter.draft, cap, stats.rounds, gate, limits.eos)
+        try:
+            ex = await verify(block)
+        except VerifyError as exc:
+            stats.stop_reason, error = "error", str(exc)
+            break
+        emitted = await offload(drafter.apply, block, ex.verdict)
+        delivered = _deliver(emitted, out, limits)
+        out += delivered
+        tele = acct.round_end(start, block, ex.verdict, len(delivered), ex.bytes_up, ex.bytes_down)
+        tele = replace(
+            tele,
+            k_ref=decision.k_ref,
+            k_max=cap,
+            stop_reason=_block_end(block, cap, wanted, gate is not None),
+            entropies=block.entropies,
+            p_accept=tuple(gate.p_accept) if gate else (),
+        )
+        tele = replace(tele, q_deficit_j=policy.observe(tele))
+        _count(stats, block, ex, tele)
+        if on_round is not None:
+            on_round(tele)
+        if len(delivered) < len(emitted) or (delivered and delivered[-1] in limits.eos):
+            stats.stop_reason = "eos" if delivered and delivered[-1] in limits.eos else "max_new_tokens"
+        elif len(out) >= limits.max_new_tokens:
+            stats.stop_reason = "max_new_tokens"
+    stats.bytes_up += session_bytes[0]
+    stats.bytes_down += session_bytes[1]
+    acct.end(stats, gen_start)
+    # Energy outside any round (prefill of the prompt, open/close messages, the radio's tail) is
+    # the device's too: the deficit queue is charged for it, so the long-run J/token it keeps
+    # within the budget is the whole generation's.
+    policy.charge(stats.energy_j - sum(t.e_j for t in stats.rounds_log))
+    return GenerationResult(list(prompt_ids), out, time.perf_counter() - t0, stats, error=error)
+
+
+def _deliver(emitted: list[int], out: list[int], limits: Limits) -> list[int]:
+    """What the round adds to the output: up to the first eos (included) and max_new_tokens."""
+    room = limits.max_new_tokens - len(out)
+    for i, tok in enumerate(emitted[:room]):
+        if tok in limits.eos:
+            return emitted[: i + 1]
+    return emitted[:room]
+
+
+def _count(stats: GenerationStats, block: DraftBlock, ex: Exchange, tele: Telemetry) -> None:
+    stats.rounds_log.append(tele)
+    stats.rounds += 1
+    stats.drafted += block.k
+    stats.accepted += ex.verdict.n_accepted
+    stats.draft_s += block.draft_s
+    stats.edge_compute_ms += ex.verdict.compute_ms
+    stats.edge_queue_ms += ex.verdict.queue_ms
+    stats.block_sizes.append(block.k)
+    stats.bytes_up += tele.bytes_up
+    stats.bytes_down += tele.bytes_down
+
+
+def local_verifier(session: Any) -> Verify:
+    """Verify in process with an `edge.verifier.TargetSession`-like object (`verify(block) -> (a,
+    next)`), counting the bytes the same exchange would cost on the wire. For benchmarks and tests:
+    `device` never imports `edge`, the caller passes the session in."""
+
+    async def verify(block: DraftBlock) -> Exchange:
+        t0 = time.perf_counter()
+        a, nxt = session.verify(block)
+        verdict = Verdict(round=block.round, n_accepted=a, next_token=nxt, compute_ms=(time.perf_counter() - t0) * 1e3)
+        up, down = encode_block(block).ByteSize(), encode_verdict(verdict).ByteSize()
+        return Exchange(verdict, wire_bytes(up), wire_bytes(down))
+
+    return verify
+
+
+def self_verifier(drafter: Drafter) -> Verify:
+    """`ar-device`: the drafter's own tokens are the output. A block of k drafts emits them all
+    (k − 1 "accepted" plus the last as the round's token); an empty block drafts one token."""
+
+    async def verify(block: DraftBlock) -> Exchange:
+        if block.k == 0:
+            one = drafter.draft(1, block.round)
+            return Exchange(Verdict(round=block.round, n_accepted=0, next_token=one.ids[0]))
+        return Exchange(Verdict(round=block.round, n_accepted=block.k - 1, next_token=block.ids[-1]))
+
+    return verify

@@ -1,0 +1,208 @@
+"""Online estimates of what a round costs, as a function of how many tokens it drafts (SPEC §5.3).
+
+Contract: `CostEstimator.observe(tele)` takes one round's `Telemetry`; `model()` returns a frozen
+`CostModel` snapshot with which the objective evaluates any draft length K:
+
+    T̂(K) = K·t̂_draft + t̂_edge(K) + t̂_net(K)
+    Ê(K) = K·P̂_draft·t̂_draft + P̂_wait·(t̂_edge(K) + t̂_net(K)) + ê_radio(K)
+    α̂    = accepted / observed drafts (a token after a block's first rejection is unobserved)
+
+Every estimate is exponentially weighted with one half-life (in rounds), so it follows a channel or
+an edge load that drifts. Edge time, network time and radio energy are fitted as `a + b·K`
+(`EwLinear`): verifying more drafts costs more on a CPU edge, a bigger block takes longer to send.
+Device energy is split into drafting power and waiting (idle) power by a weighted least-squares fit
+of each round's metered energy on its drafting and waiting time, because a meter only sees whole
+rounds; the waiting power is what the SPEC calls idle power. A round whose meter cannot read (NaN)
+updates the time estimates only. Before any data the priors hold (`CostPriors`). Pure arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from gelato.types import Telemetry
+
+DEFAULT_HALFLIFE_ROUNDS = 20.0
+
+
+def decay_of(halflife_rounds: float) -> float:
+    if not halflife_rounds > 0:
+        raise ValueError(f"the estimator half-life must be > 0 rounds, got {halflife_rounds}")
+    return 0.5 ** (1.0 / halflife_rounds)
+
+
+@dataclass
+class Ewma:
+    """Weighted exponentially-decaying mean; `prior` until the first sample."""
+
+    decay: float
+    prior: float
+    _num: float = 0.0
+    _den: float = 0.0
+
+    def update(self, x: float, weight: float = 1.0) -> None:
+        self._num = self.decay * self._num + weight * x
+        self._den = self.decay * self._den + weight
+
+    @property
+    def value(self) -> float:
+        return self._num / self._den if self._den > 0 else self.prior
+
+    @property
+    def weight(self) -> float:
+        return self._den
+
+
+@dataclass
+class EwLinear:
+    """Exponentially weighted least squares of y = a + b·x. The slope is pulled towards
+    `prior_slope` by a ridge of `ridge` pseudo-samples (so a policy that always drafts the same K
+    still yields a usable slope) and clipped at `min_slope`."""
+
+    decay: float
+    prior_intercept: float
+    prior_slope: float = 0.0
+    ridge: float = 1.0
+    min_slope: float = 0.0
+    _s: list[float] = field(default_factory=lambda: [0.0] * 5)  # Σw, Σwx, Σwy, Σwxx, Σwxy
+
+    def update(self, x: float, y: float) -> None:
+        d = self.decay
+        for i, v in enumerate((1.0, x, y, x * x, x * y)):
+            self._s[i] = d * self._s[i] + v
+
+    def coefficients(self) -> tuple[float, float]:
+        w, sx, sy, sxx, sxy = self._s
+        if w <= 0:
+            return self.prior_intercept, self.prior_slope
+        mx, my = sx / w, sy / w
+        var, cov = sxx - w * mx * mx, sxy - w * mx * my
+        slope = (cov + self.ridge * self.prior_slope) / (var + self.ridge)
+        slope = max(slope, self.min_slope)
+        return my - slope * mx, slope
+
+    def predict(self, x: float) -> float:
+        a, b = self.coefficients()
+        return a + b * x
+
+
+@dataclass
+class EwPowerSplit:
+    """E ≈ P_draft·t_draft + P_wait·t_wait, weighted least squares with a ridge towards the priors."""
+
+    decay: float
+    prior_draft_w: float
+    prior_wait_w: float
+    ridge_s2: float = 1e-6  # the priors weigh like one round of 1 ms: gone after a few rounds
+    _s: list[float] = field(default_factory=lambda: [0.0] * 5)  # Σdd, Σdw, Σww, Σde, Σwe
+
+    def update(self, t_draft_s: float, t_wait_s: float, e_j: float) -> None:
+        d = self.decay
+        for i, v in enumerate((t_draft_s**2, t_draft_s * t_wait_s, t_wait_s**2, t_draft_s * e_j, t_wait_s * e_j)):
+            self._s[i] = d * self._s[i] + v
+
+    def powers_w(self) -> tuple[float, float]:
+        dd, dw, ww, de, we = self._s
+        r = self.ridge_s2
+        a11, a12, a22 = dd + r, dw, ww + r
+        b1, b2 = de + r * self.prior_draft_w, we + r * self.prior_wait_w
+        det = a11 * a22 - a12 * a12
+        if det <= 0:
+            return self.prior_draft_w, self.prior_wait_w
+        p_draft, p_wait = (b1 * a22 - b2 * a12) / det, (a11 * b2 - a12 * b1) / det
+        if p_wait < 0 or p_draft < 0:
+            # Collinear or noisy rounds: one common power over the whole round is the safe answer.
+            total_tt = dd + 2 * dw + ww
+            common = (de + we) / total_tt if total_tt > 0 else self.prior_wait_w
+            return max(common, 0.0), max(common, 0.0)
+        return p_draft, p_wait
+
+
+@dataclass(frozen=True)
+class CostPriors:
+    """Starting values, replaced by measurements within a few rounds."""
+
+    t_draft_s: float = 2e-3
+    t_edge_s: float = 5e-3
+    t_net_s: float = 10e-3
+    p_draft_w: float = 2.0
+    p_wait_w: float = 0.5
+    alpha: float = 0.6
+    alpha_weight: float = 4.0  # pseudo-tokens behind the acceptance prior
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """One snapshot of the estimates: everything the objective needs, as plain numbers."""
+
+    t_draft_s: float
+    t_edge0_s: float
+    t_edge_per_token_s: float
+    t_net0_s: float
+    t_net_per_token_s: float
+    p_draft_w: float
+    p_wait_w: float
+    e_radio0_j: float
+    e_radio_per_token_j: float
+    alpha: float
+
+    def wait_s(self, k: float) -> float:
+        return self.t_edge0_s + self.t_net0_s + k * (self.t_edge_per_token_s + self.t_net_per_token_s)
+
+    def time_s(self, k: float) -> float:
+        """T̂(K): drafting, then edge and transport."""
+        return k * self.t_draft_s + self.wait_s(k)
+
+    def energy_j(self, k: float) -> float:
+        """Ê(K): drafting, waiting (idle power over edge + transport time) and radio."""
+        return (
+            k * self.t_draft_s * self.p_draft_w
+            + self.wait_s(k) * self.p_wait_w
+            + self.e_radio0_j
+            + k * self.e_radio_per_token_j
+        )
+
+
+class CostEstimator:
+    def __init__(self, halflife_rounds: float = DEFAULT_HALFLIFE_ROUNDS, priors: CostPriors | None = None) -> None:
+        p = priors or CostPriors()
+        d = decay_of(halflife_rounds)
+        self.t_draft = Ewma(d, p.t_draft_s)
+        self.t_edge = EwLinear(d, p.t_edge_s)
+        self.t_net = EwLinear(d, p.t_net_s)
+        self.e_radio = EwLinear(d, 0.0)
+        self.power = EwPowerSplit(d, p.p_draft_w, p.p_wait_w)
+        self.accept = Ewma(d, p.alpha)
+        self.accept.update(p.alpha, p.alpha_weight)
+        self.rounds = 0
+
+    def observe(self, tele: Telemetry) -> None:
+        self.rounds += 1
+        if tele.k > 0:
+            self.t_draft.update(tele.t_draft_s / tele.k, float(tele.k))
+            observed = tele.accepted + (1 if tele.accepted < tele.k else 0)
+            self.accept.update(tele.accepted / observed, float(observed))
+        self.t_edge.update(tele.k, tele.t_edge_queue_s + tele.t_edge_compute_s)
+        self.t_net.update(tele.k, tele.t_net_s)
+        self.e_radio.update(tele.k, tele.e_radio_j)
+        if math.isfinite(tele.e_compute_j):
+            self.power.update(tele.t_draft_s, max(tele.t_round_s - tele.t_draft_s, 0.0), tele.e_compute_j)
+
+    def model(self) -> CostModel:
+        edge0, edge1 = self.t_edge.coefficients()
+        net0, net1 = self.t_net.coefficients()
+        radio0, radio1 = self.e_radio.coefficients()
+        p_draft, p_wait = self.power.powers_w()
+        return CostModel(
+            t_draft_s=self.t_draft.value,
+            t_edge0_s=max(edge0, 0.0),
+            t_edge_per_token_s=edge1,
+            t_net0_s=max(net0, 0.0),
+            t_net_per_token_s=net1,
+            p_draft_w=p_draft,
+            p_wait_w=p_wait,
+            e_radio0_j=max(radio0, 0.0),
+            e_radio_per_token_j=radio1,
+            alpha=min(max(self.accept.value, 0.0), 0.999),
+        )

@@ -1,0 +1,92 @@
+"""The drift-plus-penalty objective and the two decisions made with it (SPEC §5.3, §5.4).
+
+Glossary
+- N: tokens a round emits (accepted drafts + the target's token); N̂(K) = (1 − α̂^{K+1}) / (1 − α̂).
+- T̂(K), Ê(K): a round's expected time and device energy when it drafts K tokens (`CostModel`).
+- Q: the energy-deficit queue (J); ē: the budget (J/token); V: the throughput weight.
+
+Throughput is a ratio of sums (ΣN/ΣT), so each round maximises the renewal-frame ratio
+
+    score = [ (V + Q̃)·N − Q̃·Ẽ ] / T̂,   with Q̃ = Q/ē and Ẽ = Ê/ē (both in tokens of budget).
+
+This is SPEC §5.3's `[(V + Q·ē)·N̂ − Q·Ê] / T̂` divided by ē², so V is a dimensionless count of
+tokens and one default fits any budget; with Q = 0 the score is V·N̂/T̂ (pure throughput), and as Q
+grows energy weighs more. Without a budget (no energy control) the score is N̂/T̂.
+
+- Outer loop, `choose_k_ref`: K_ref = argmax over K ∈ 0..K_max of the score with the a-priori N̂(K).
+- Inner loop, `keep_drafting`: after drafting i tokens whose calibrated acceptances give the
+  survival S_i and the expected emission n_i = 1 + Σ_{j≤i} S_j, draft token i+1 only if some
+  continuation (i+m tokens, future ones at the prior α̂) scores better than stopping now. With no
+  token drafted yet (S_0 = 1) this is exactly the outer decision, so the inner loop refines K_ref:
+  an uncertain token ends the block early, a confident run extends it up to K_max.
+Pure arithmetic; K_max is small (≤ the edge's block limit), so enumeration is exact and cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from gelato.controller.estimators import CostModel
+
+
+def expected_emitted(alpha: float, k: int) -> float:
+    """N̂(K) = 1 + α + … + α^K, tokens a K-draft round emits at per-token acceptance α."""
+    if alpha >= 1.0:
+        return float(k + 1)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the policy decided before a round: the reference budget and the hard cap."""
+
+    k_ref: int
+    k_max: int
+    q_j: float = 0.0
+    score: float = math.nan
+
+
+class Objective:
+    def __init__(
+        self, cost: CostModel, v: float = 1.0, q_j: float = 0.0, budget_j_per_token: float | None = None
+    ) -> None:
+        self.cost = cost
+        self.v = v
+        self.budget = budget_j_per_token
+        self.q_tokens = q_j / budget_j_per_token if budget_j_per_token else 0.0
+        self._geo: list[float] = [0.0]  # Σ_{l=1..m} α^l, grown on demand
+
+    def score(self, n_expected: float, k: int) -> float:
+        t = self.cost.time_s(k)
+        if t <= 0:
+            return math.inf
+        if self.budget is None:
+            return n_expected / t
+        e_tokens = self.cost.energy_j(k) / self.budget
+        return ((self.v + self.q_tokens) * n_expected - self.q_tokens * e_tokens) / t
+
+    def geometric(self, m: int) -> float:
+        a = self.cost.alpha
+        while len(self._geo) <= m:
+            self._geo.append(self._geo[-1] + a ** len(self._geo))
+        return self._geo[m]
+
+
+def choose_k_ref(obj: Objective, k_max: int) -> tuple[int, float]:
+    """The outer decision: (K_ref, its score); ties go to the smaller K (less energy at risk)."""
+    best_k, best = 0, obj.score(1.0, 0)
+    for k in range(1, k_max + 1):
+        s = obj.score(expected_emitted(obj.cost.alpha, k), k)
+        if s > best:
+            best_k, best = k, s
+    return best_k, best
+
+
+def keep_drafting(obj: Objective, drafted: int, n_expected: float, survival: float, k_max: int) -> bool:
+    """The inner decision after `drafted` tokens: does drafting more still improve the score?"""
+    stop = obj.score(n_expected, drafted)
+    for m in range(1, k_max - drafted + 1):
+        if obj.score(n_expected + survival * obj.geometric(m), drafted + m) > stop:
+            return True
+    return False

@@ -1,0 +1,217 @@
+"""The controller's pure math (SPEC §5): queue, estimators, calibrator, outer and inner decisions."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from gelato.controller import (
+    CostEstimator,
+    CostModel,
+    DeficitQueue,
+    EntropyCalibrator,
+    EwLinear,
+    Ewma,
+    Objective,
+    choose_k_ref,
+    expected_emitted,
+    keep_drafting,
+)
+from gelato.controller.calibrator import isotonic_non_increasing
+from gelato.types import Telemetry
+
+
+def cost(**kw: float) -> CostModel:
+    base = dict(
+        t_draft_s=0.001,
+        t_edge0_s=0.004,
+        t_edge_per_token_s=0.0,
+        t_net0_s=0.016,
+        t_net_per_token_s=0.0,
+        p_draft_w=2.0,
+        p_wait_w=0.5,
+        e_radio0_j=0.0,
+        e_radio_per_token_j=0.0,
+        alpha=0.8,
+    )
+    base.update(kw)
+    return CostModel(**base)
+
+
+def test_queue_arithmetic() -> None:
+    q = DeficitQueue(0.01)
+    assert q.update(0.05, 3) == pytest.approx(0.02)  # 0 + 0.05 - 0.03
+    assert q.update(0.0, 1) == pytest.approx(0.01)
+    assert q.update(0.0, 5) == 0.0  # never below zero
+    assert q.update(math.nan, 4) == 0.0 and q.unmeasured_rounds == 1  # NaN is no reading, not 0 J
+    assert q.tokens == 9 and q.j_per_token == pytest.approx(0.05 / 9)
+    with pytest.raises(ValueError):
+        DeficitQueue(0.0)
+
+
+def test_queue_bounds_the_overshoot() -> None:
+    """Σ E − ē Σ N ≤ Q_R: the long-run J/token exceeds ē by at most Q_R / Σ N."""
+    rng = random.Random(0)
+    q = DeficitQueue(0.02)
+    energy = tokens = 0.0
+    for _ in range(1000):
+        e, n = rng.uniform(0, 0.2), rng.randint(1, 6)
+        q.update(e, n)
+        energy, tokens = energy + e, tokens + n
+    assert energy - 0.02 * tokens <= q.q_j + 1e-9
+
+
+def test_expected_emitted_closed_form() -> None:
+    assert expected_emitted(0.5, 0) == 1.0
+    assert expected_emitted(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_emitted(1.0, 4) == 5.0
+
+
+def test_k_ref_hand_computed() -> None:
+    # No budget: maximise N(K)/T(K), T = 0.02 + 0.001 K, α = 0.8.
+    c = cost()
+    ratios = [expected_emitted(0.8, k) / (0.02 + 0.001 * k) for k in range(9)]
+    k, score = choose_k_ref(Objective(c), 8)
+    assert k == max(range(9), key=lambda i: ratios[i]) and score == pytest.approx(max(ratios))
+    # Hand check of two points: K=0 -> 1/0.02 = 50; K=8 -> (1-0.8^9)/0.2/0.028.
+    assert ratios[0] == pytest.approx(50.0) and ratios[8] == pytest.approx((1 - 0.8**9) / 0.2 / 0.028)
+    # Useless drafter: drafting only costs time.
+    assert choose_k_ref(Objective(cost(alpha=0.0)), 8)[0] == 0
+    # Perfect drafter, free drafting: the cap.
+    assert choose_k_ref(Objective(cost(alpha=0.999, t_draft_s=0.0)), 8)[0] == 8
+
+
+def test_k_ref_with_a_backlog_prefers_energy() -> None:
+    """A large Q makes the score energy-dominated: K moves to the lowest energy per token."""
+    c = cost(t_draft_s=0.004, p_draft_w=4.0, p_wait_w=0.1, alpha=0.7)
+    budget = 1e-3
+    fast, _ = choose_k_ref(Objective(c, v=1.0, q_j=0.0, budget_j_per_token=budget), 12)
+    frugal, _ = choose_k_ref(Objective(c, v=1.0, q_j=1e3, budget_j_per_token=budget), 12)
+    per_token = [c.energy_j(k) / expected_emitted(0.7, k) for k in range(13)]
+    assert frugal == min(range(13), key=lambda k: per_token[k])
+    assert fast != frugal
+
+
+def test_inner_rule_at_start_is_the_outer_decision() -> None:
+    obj = Objective(cost())
+    k_ref, _ = choose_k_ref(obj, 8)
+    # With S_0 = 1 and nothing drafted, "continue" holds iff K_ref > 0.
+    assert keep_drafting(obj, 0, 1.0, 1.0, 8) == (k_ref > 0)
+
+
+def test_inner_rule_stops_on_doubt_and_extends_on_confidence() -> None:
+    obj = Objective(cost(alpha=0.7))
+    k_ref, _ = choose_k_ref(obj, 16)
+    assert 0 < k_ref < 16
+    # An unlikely token (survival collapsed) ends the block before K_ref.
+    s = 0.05
+    assert not keep_drafting(obj, 1, 1.0 + s, s, 16)
+    # A run of near-certain tokens keeps going past K_ref.
+    n, s = 1.0, 1.0
+    for _ in range(k_ref):
+        s *= 0.99
+        n += s
+    assert keep_drafting(obj, k_ref, n, s, 16)
+
+
+def test_ewma_and_linear_fit() -> None:
+    e = Ewma(0.9, prior=5.0)
+    assert e.value == 5.0
+    for _ in range(200):
+        e.update(2.0)
+    assert e.value == pytest.approx(2.0)
+    lin = EwLinear(0.99, prior_intercept=0.0, ridge=1e-6)
+    for x in range(1, 200):
+        lin.update(x % 9, 0.004 + 0.0005 * (x % 9))
+    a, b = lin.coefficients()
+    assert a == pytest.approx(0.004, rel=1e-3) and b == pytest.approx(0.0005, rel=1e-3)
+
+
+def tele(k: int, accepted: int, t_draft: float, t_wait: float, e: float, radio: float = 0.0) -> Telemetry:
+    return Telemetry(
+        round=0,
+        k=k,
+        accepted=accepted,
+        emitted=accepted + 1,
+        t_round_s=t_draft + t_wait,
+        t_draft_s=t_draft,
+        t_net_s=t_wait * 0.75,
+        t_edge_queue_s=0.0,
+        t_edge_compute_s=t_wait * 0.25,
+        e_compute_j=e,
+        e_radio_j=radio,
+        e_j=e + radio,
+        bytes_up=20 + 3 * k,
+        bytes_down=30,
+        energy_source="replay",
+        energy_kind="measured",
+    )
+
+
+def test_cost_estimator_recovers_powers_and_times() -> None:
+    rng = random.Random(1)
+    est = CostEstimator(halflife_rounds=50)
+    for _ in range(300):
+        k = rng.randint(0, 8)
+        t_draft, t_wait = 0.0012 * k, 0.02 + 0.0004 * k
+        est.observe(tele(k, min(k, rng.randint(0, k)), t_draft, t_wait, 3.0 * t_draft + 0.4 * t_wait))
+    m = est.model()
+    assert m.t_draft_s == pytest.approx(0.0012, rel=1e-3)
+    assert m.p_draft_w == pytest.approx(3.0, rel=0.02) and m.p_wait_w == pytest.approx(0.4, rel=0.02)
+    assert m.wait_s(0) == pytest.approx(0.02, rel=0.01) and m.wait_s(8) == pytest.approx(0.0232, rel=0.01)
+    assert m.time_s(4) == pytest.approx(4 * 0.0012 + 0.02 + 4 * 0.0004, rel=0.01)
+
+
+def test_cost_estimator_skips_unmeasured_energy() -> None:
+    est = CostEstimator()
+    before = est.model()
+    est.observe(tele(4, 2, 0.005, 0.02, math.nan))
+    after = est.model()
+    assert (after.p_draft_w, after.p_wait_w) == (before.p_draft_w, before.p_wait_w)
+    assert after.t_draft_s == pytest.approx(0.00125)
+
+
+def test_acceptance_estimate_excludes_unobserved_drafts() -> None:
+    est = CostEstimator(halflife_rounds=1e9)
+    for _ in range(500):  # 8 drafts, first rejected: 0 of 1 observed token accepted
+        est.observe(tele(8, 0, 0.008, 0.02, 0.1))
+        est.observe(tele(8, 8, 0.008, 0.02, 0.1))  # all 8 observed and accepted
+    # 4000 accepted of 4500 observed (a biased estimator would say 4000 / 8000).
+    assert est.model().alpha == pytest.approx(4000 / 4500, abs=0.01)
+
+
+def test_isotonic_fit() -> None:
+    assert isotonic_non_increasing([0.9, 0.5, 0.7, 0.2], [1, 1, 1, 1]) == pytest.approx([0.9, 0.6, 0.6, 0.2])
+    assert isotonic_non_increasing([0.1, 0.9], [3, 1]) == pytest.approx([0.3, 0.3])
+
+
+def test_calibrator_converges_on_synthetic_data() -> None:
+    """Drafts accepted with probability exp(-h): the calibrator learns the curve within a few
+    percent, and tokens after a block's first rejection (which would bias it) are excluded."""
+    rng = random.Random(2)
+    cal = EntropyCalibrator(halflife_tokens=1e9)
+    for _ in range(6000):
+        hs = [rng.expovariate(1.0) for _ in range(6)]
+        a = 0
+        while a < len(hs) and rng.random() < math.exp(-hs[a]):
+            a += 1
+        cal.observe_block(hs, a)
+    for row in cal.table():
+        if row["observed"] > 300 and math.isfinite(row["h_high"]):
+            lo, hi = row["h_low"], row["h_high"]
+            truth = (math.exp(-lo) - math.exp(-hi)) / (hi - lo)  # mean of exp(-h) over the bin
+            assert row["p_hat"] == pytest.approx(truth, abs=0.04), row
+    p = [cal.p_accept(h) for h in (0.0, 0.3, 1.0, 3.0, 8.0)]
+    assert p == sorted(p, reverse=True)
+    assert cal.survival([0.01, 0.01]) == pytest.approx(cal.p_accept(0.01) ** 2)
+
+
+def test_calibrator_prior_and_unobserved_tokens() -> None:
+    cal = EntropyCalibrator(prior_alpha=0.6)
+    assert cal.p_accept(2.0) == pytest.approx(0.6)
+    cal.observe_block([0.1, 0.1, 5.0, 5.0], 1)  # accepted, rejected, two unobserved
+    assert sum(r["observed"] for r in cal.table()) == pytest.approx(2.0)
+    cal.observe_block([], 0)  # an empty block observes nothing
+    assert sum(r["observed"] for r in cal.table()) == pytest.approx(2.0)

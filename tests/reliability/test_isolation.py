@@ -1,0 +1,238 @@
+"""One session can never hurt another (issue 15): a poisoned row batched with good rows gets its
+own precise error, and every good row's verdicts equal the verdicts it gets alone, exactly.
+
+At the Batcher level, poisoned rows are handed to the batcher directly, bypassing the server's
+validation: NaN-producing sampling parameters, blocks past the context limit, out-of-range ids,
+NaN q, a wrong round, a row that breaks the batched forward itself (an id past the embedding
+table) and a row whose acceptance raises. Over real gRPC, poisoned streams (tiny temperature, a
+block past the context limit, a 64 KiB drafter name, corrupt bytes, NaN q) run concurrently with
+good sessions, among them a long-block session next to one near the context limit (those two
+used to fail each other with INTERNAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from edge.batcher import Batcher
+from edge.kv_pool import KVPool
+from edge.metrics import EdgeMetrics
+from edge.verifier import StatusError, TargetSession
+from gelato.models import LoadedModel
+from gelato.types import DraftBlock, SamplingParams, SparseDist, Verdict
+from gelato.v1 import gelato_pb2 as pb
+from gelato.v1 import gelato_pb2_grpc as pb_grpc
+from gelato.wire import encode_block
+from tests.conftest import EdgeProcess
+from tests.reliability.streams import RawStream, Spec, make_block, open_message, run_session
+
+ROUNDS = 5
+GOOD = {  # name -> spec; the context limit of the test target is 512
+    "greedy": Spec(tuple(range(5, 10)), k=4, rounds=ROUNDS),
+    "long-blocks": Spec((3, 4, 5), k=32, rounds=ROUNDS),
+    "near-limit": Spec(tuple(i % 300 + 1 for i in range(500)), k=1, rounds=ROUNDS),  # ends by 510 + 1 < 512
+    "sampling": Spec(tuple(range(20, 29)), k=3, rounds=ROUNDS, params=SamplingParams(0.9, top_k=30, seed=7)),
+    "sampling-k0": Spec((2, 9), k=0, rounds=ROUNDS, params=SamplingParams(1.2, top_p=0.9, seed=8)),
+}
+
+
+class AcceptRaises(TargetSession):
+    """A session whose acceptance fails (a server fault after a successful forward)."""
+
+    def accept(self, block: DraftBlock, base: int, logits: torch.Tensor) -> tuple[int, int]:
+        raise RuntimeError("acceptance exploded")
+
+
+def solo_verdicts(target: LoadedModel) -> dict[str, list[tuple[int, int]]]:
+    """Each good session alone: its own private pool, one `verify` per round, no batcher."""
+    out = {}
+    for name, spec in GOOD.items():
+        s = TargetSession(name, target, spec.params, list(spec.prefix))
+        s.prefill()
+        out[name] = [s.verify(make_block(spec, s.seq.tokens, s.rounds, target.vocab_size)) for _ in range(spec.rounds)]
+    return out
+
+
+def poisoned_rows(
+    target: LoadedModel, pool: KVPool, rnd: int
+) -> list[tuple[TargetSession, DraftBlock, type[BaseException], grpc.StatusCode | None]]:
+    """(session, block, expected exception, expected status) for this round's poisoned rows. The
+    forward breaker joins round 1 and the acceptance failure round 2 only, so the other rounds
+    also show that the good rows really share one forward."""
+    vocab, limit = target.vocab_size, target.context_limit
+
+    def session(name: str, params: SamplingParams, prefix: list[int], cls: type = TargetSession) -> TargetSession:
+        s = cls(name, target, params, prefix, pool=pool)
+        s.prefill()
+        return s
+
+    q_ok = (SparseDist(ids=(3, 4), probs=(0.5, 0.5)),)
+    q_nan = (SparseDist(ids=(3, 4), probs=(float("nan"), 0.5)),)
+    invalid, out_of_range = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE
+    Row = tuple[TargetSession, DraftBlock, type[BaseException], grpc.StatusCode | None]
+    rows: list[Row] = [
+        (session("tiny-t", SamplingParams(1e-38), [5, 6]), DraftBlock(0, (3,), q_ok), StatusError, invalid),
+        (session("nan-t", SamplingParams(float("nan")), [5, 6]), DraftBlock(0, (3,), q_ok), StatusError, invalid),
+        (session("nan-q", SamplingParams(1.0), [5, 6]), DraftBlock(0, (3,), q_nan), StatusError, invalid),
+        (session("bad-ids", SamplingParams(), [5, 6]), DraftBlock(0, (vocab + 3,)), StatusError, invalid),
+        (session("overflow", SamplingParams(), [1] * 505), DraftBlock(0, (1,) * 10), StatusError, out_of_range),
+        (session("oversize", SamplingParams(), [1, 2]), DraftBlock(0, (1,) * 600), StatusError, out_of_range),
+        (
+            session("round", SamplingParams(), [5, 6]),
+            DraftBlock(3, (1,)),
+            StatusError,
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+    ]
+    assert all(len(r[0].seq.tokens) + r[1].k >= limit for r in rows if r[3] == out_of_range)
+    if rnd == 1:  # passes every check, then breaks the whole forward: its last prefix token is no id
+        rows.append(
+            (
+                session("breaker", SamplingParams(), [5, target.model.config.vocab_size + 1]),
+                DraftBlock(0, (1,)),
+                IndexError,
+                None,
+            )
+        )
+    if rnd == 2:
+        rows.append(
+            (session("raises", SamplingParams(), [5, 6], AcceptRaises), DraftBlock(0, (1,)), RuntimeError, None)
+        )
+    return rows
+
+
+def test_poisoned_rows_fail_alone_at_the_batcher(target: LoadedModel) -> None:
+    want = solo_verdicts(target)
+
+    async def run() -> dict[str, list[Verdict]]:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target")
+        pool = KVPool(target.model, target.vocab_size, slots=0, context=0, max_context=target.context_limit)
+        good = {n: TargetSession(n, target, s.params, list(s.prefix), pool=pool) for n, s in GOOD.items()}
+        for s in good.values():
+            s.prefill()
+        size = {"rows": 0}
+        # A long window: rows really batch; it closes once every row of the round is in.
+        batcher = Batcher(executor, 5.0, 16, lambda: size["rows"], EdgeMetrics())
+        batcher.start()
+        got: dict[str, list[Verdict]] = {n: [] for n in GOOD}
+        try:
+            for rnd in range(ROUNDS):
+                bad = poisoned_rows(target, pool, rnd)
+                blocks = {n: make_block(GOOD[n], s.seq.tokens, s.rounds, target.vocab_size) for n, s in good.items()}
+                size["rows"] = len(good) + len(bad)
+                now = time.perf_counter()
+                results = await asyncio.gather(
+                    *(batcher.verify(good[n], blocks[n], now) for n in good),
+                    *(batcher.verify(s, b, now) for s, b, _, _ in bad),
+                    return_exceptions=True,
+                )
+                for n, v in zip(good, results, strict=False):
+                    assert isinstance(v, Verdict), (n, rnd, v)
+                    got[n].append(v)
+                    # Batched with each other (and in round 2 with the row whose acceptance fails),
+                    # except in the round whose forward broke: then each alone.
+                    assert v.batch_rows == {1: 1, 2: len(good) + 1}.get(rnd, len(good)), (n, rnd, v)
+                for (s, _, exc_type, code), result in zip(bad, results[len(good) :], strict=True):
+                    assert isinstance(result, exc_type), (s.session_id, rnd, result)
+                    if code is not None:
+                        assert isinstance(result, StatusError) and result.code == code, (s.session_id, result)
+                    assert s.rounds == 0 and s.seq.cached == len(s.seq.tokens) - 1  # as before the round
+                    s.close()  # the batcher is idle: no forward holds the slot
+        finally:
+            await batcher.stop()
+            executor.shutdown()
+        return got
+
+    got = asyncio.run(run())
+    for name in GOOD:
+        assert [(v.n_accepted, v.next_token) for v in got[name]] == want[name], name
+
+
+def test_poisoned_streams_fail_alone_over_grpc(pair: dict[str, Path]) -> None:
+    edge = EdgeProcess(["--target", str(pair["target"]), "--batch-window-ms", "100"])
+    try:
+        with grpc.insecure_channel(edge.address) as channel:
+            info = pb_grpc.GelatoStub(channel).Info(pb.InfoRequest(), timeout=10)
+        fp, vocab = info.tokenizer_fingerprint, info.vocab_size
+        solo = {n: run_session(edge.address, fp, s, vocab) for n, s in GOOD.items()}
+
+        poison_codes: dict[str, list[grpc.StatusCode]] = {}
+        stop = threading.Event()
+
+        def poison(name: str, messages: list[pb.DeviceMessage | bytes]) -> None:
+            codes = poison_codes.setdefault(name, [])
+            while True:  # again and again, for as long as the good sessions run (once at least)
+                with grpc.insecure_channel(edge.address) as channel:
+                    stream = RawStream(channel)
+                    for msg in messages:
+                        stream.send(msg)
+                    codes.append(stream.finish())
+                if stop.wait(0.05):  # poison, don't starve the 2-core machine
+                    return
+
+        near = Spec(tuple([1] * 500), k=0, rounds=0)
+        sampling = Spec((5, 6), k=1, rounds=0, params=SamplingParams(1.0))
+        nan_q = pb.SparseDist(ids=[3], probs_f16=np.array([np.nan], "<f2").tobytes())
+        poisons: dict[str, tuple[list[pb.DeviceMessage | bytes], grpc.StatusCode]] = {
+            "tiny-temperature": (
+                [
+                    open_message(fp, sampling, sampling=pb.SamplingParams(temperature=1e-38)),
+                    encode_block(make_block(sampling, [5, 6], 0, vocab)),
+                ],
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
+            "overflow": (
+                [open_message(fp, near), pb.DeviceMessage(draft=pb.DraftBlock(round=0, ids=[1] * 20))],
+                grpc.StatusCode.OUT_OF_RANGE,
+            ),
+            "oversize-name": (
+                [open_message("x" * 65536, near, drafter_model="d" * 65536)],
+                grpc.StatusCode.FAILED_PRECONDITION,
+            ),
+            "corrupt": ([open_message(fp, near), b"\x12\x05\x08"], grpc.StatusCode.INVALID_ARGUMENT),
+            "nan-q": (
+                [open_message(fp, sampling), pb.DeviceMessage(draft=pb.DraftBlock(round=0, ids=[3], q=[nan_q]))],
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
+        }
+        threads = [threading.Thread(target=poison, args=(n, m), daemon=True) for n, (m, _) in poisons.items()]
+        together: dict[str, list[tuple[int, int, int]]] = {}
+
+        def good(name: str) -> None:
+            together[name] = run_session(edge.address, fp, GOOD[name], vocab)
+
+        goods = [threading.Thread(target=good, args=(n,)) for n in GOOD]
+        for t in threads + goods:
+            t.start()
+        for t in goods:
+            t.join(timeout=120)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        for name, (_, code) in poisons.items():
+            assert poison_codes[name] and set(poison_codes[name]) == {code}, (name, poison_codes[name])
+        for name in GOOD:
+            assert [v[:2] for v in together[name]] == [v[:2] for v in solo[name]], name
+        assert max(v[2] for vs in together.values() for v in vs) >= 2  # the good sessions did batch
+        with grpc.insecure_channel(edge.address) as channel:
+            assert pb_grpc.GelatoStub(channel).Info(pb.InfoRequest(), timeout=10).vocab_size == vocab
+    finally:
+        assert edge.stop() == 0
+
+
+@pytest.mark.parametrize("temperature", [1e-38, float("nan")])
+def test_unvalidated_tiny_temperature_is_its_own_invalid_argument(target: LoadedModel, temperature: float) -> None:
+    """Even alone, the row that once produced NaN probabilities (INTERNAL) is INVALID_ARGUMENT."""
+    s = TargetSession("t", target, SamplingParams(temperature), [5, 6])
+    with pytest.raises(StatusError) as info:
+        s.check(DraftBlock(0, (3,), (SparseDist(ids=(3,), probs=(1.0,)),)))
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in info.value.details
