@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 import torch
 
 from device.drafter import Drafter
+from device.generate import Limits, local_verifier, speculative_generate
+from device.policy import FixedK
 from edge.verifier import TargetSession
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel, encode_prompt, load_model
-from gelato.types import SamplingParams, Verdict
+from gelato.types import SamplingParams, Telemetry
 
 
 def assert_cache_matches_fresh(seq: KVSequence, loaded: LoadedModel) -> None:
@@ -31,21 +34,22 @@ def test_caches_equal_fresh_prefill_after_rejection(pair: dict[str, Path], tempe
     params = SamplingParams(temperature=temperature, top_k=20, seed=3)
     prompt = encode_prompt(drafter_m.tokenizer, "Ava has 12 apples and Ben gives her 3 more.")
     drafter = Drafter(drafter_m, params)
-    drafter.start(prompt)
     session = TargetSession("s", target_m, params, prompt)
     session.prefill()
     seen = {"rejected": 0, "all_accepted": 0}
-    for rnd in range(40):
-        block = drafter.draft(4, rnd)
-        a, nxt = session.verify(block)
-        drafter.apply(block, Verdict(round=rnd, n_accepted=a, next_token=nxt))
+
+    def check(tele: Telemetry) -> None:
+        """After each round's verdict is applied (the loop's on_round): both caches are exact."""
         assert drafter.tokens == session.seq.tokens
         # The edge keeps KV for everything but the newest token; the drafter for the accepted
         # prefix it has fed (one less after a fully accepted block: d_k was never fed).
         assert session.seq.cached == len(session.seq.tokens) - 1
-        expected_drafter = len(drafter.tokens) - (2 if a == block.k else 1)
-        assert drafter.seq.cached == expected_drafter
+        assert drafter.seq.cached == len(drafter.tokens) - (2 if tele.accepted == tele.k > 0 else 1)
         assert_cache_matches_fresh(drafter.seq, drafter_m)
         assert_cache_matches_fresh(session.seq, target_m)
-        seen["rejected" if a < block.k else "all_accepted"] += 1
+        seen["rejected" if tele.accepted < tele.k else "all_accepted"] += 1
+
+    limits = Limits(120, target_m.context_limit, 4, ())
+    res = asyncio.run(speculative_generate(drafter, local_verifier(session), FixedK(4), prompt, limits, on_round=check))
+    assert res.stats.rounds >= 25 and res.stats.rounds == sum(seen.values())
     assert seen["rejected"] > 0 and seen["all_accepted"] > 0, seen
