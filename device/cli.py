@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaedl-lambda", type=float, default=d.adaedl_lambda, help="adaedl: stop when 1-sqrt(γH) < λ")
     p.add_argument("--adaedl-gamma", type=float, default=d.adaedl_gamma, help="adaedl: γ (default 0.2)")
     p.add_argument(
+        "--pipeline",
+        choices=["off", "local"],
+        default="off",
+        help="local: keep drafting while a block is in flight; a hit starts the next block at once (default off)",
+    )
+    p.add_argument(
         "--estimator-halflife-rounds",
         type=float,
         default=d.halflife_rounds,
@@ -130,6 +136,7 @@ def policy_options(args: argparse.Namespace) -> PolicyOptions:
         adaedl_gamma=args.adaedl_gamma,
         adaedl_lambda=args.adaedl_lambda,
         halflife_rounds=args.estimator_halflife_rounds,
+        pipeline=args.pipeline,
     )
 
 

@@ -9,12 +9,22 @@ verdict)` moves the sequence to prefix + accepted + next token and drops drafter
 accepted prefix. The cache always holds KV for a prefix of the accepted tokens, so the next round
 feeds only what it has not seen (one token, or two after a fully accepted block: SPEC §9's
 `[d_k, bonus]` pitfall).
+
+Pre-drafting (`--pipeline local`): while a block's verdict is in flight, `predraft(block, m, halt)`
+keeps drafting after it as if the whole block will be accepted, until `halt` is set (the verdict
+came) or m tokens. `apply` then keeps that work only on a hit — every draft accepted and the
+target's token equal to the first pre-drafted one — and the next `draft` starts from the rest of
+the pre-draft (its tokens, q and entropies, already computed, still passed through the stop rule);
+on a miss the pre-drafted tokens and their KV are dropped. A pre-drafted token is an ordinary
+draft, drawn from exactly the q it carries, so the output is unchanged either way.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +42,18 @@ DEFAULT_TOP_M = 32
 StopRule = Callable[[int, float, SparseDist | None], str | None]
 
 
+@dataclass(frozen=True)
+class Predraft:
+    """Tokens drafted ahead of a verdict, with what the wire and the controller need of each."""
+
+    ids: tuple[int, ...]
+    q: tuple[SparseDist, ...]
+    entropies: tuple[float, ...]
+
+    def rest(self) -> Predraft:
+        return Predraft(self.ids[1:], self.q[1:], self.entropies[1:])
+
+
 class Drafter:
     def __init__(self, loaded: LoadedModel, params: SamplingParams, top_m: int = DEFAULT_TOP_M) -> None:
         if top_m < 1:
@@ -41,17 +63,29 @@ class Drafter:
         self.top_m = top_m
         self.generator = torch.Generator().manual_seed(derive_seed(params.seed, "drafter"))
         self.seq = KVSequence(loaded.model, loaded.vocab_size)
+        self._predraft: Predraft | None = None  # drafted ahead of the verdict in flight
+        self._carry: Predraft | None = None  # a hit's leftover: the next block's first drafts
 
     def start(self, prefix_ids: list[int]) -> None:
         """Begin a generation after `prefix_ids` (prompt, or prompt + accepted when resuming)."""
         if not prefix_ids:
             raise ValueError("the prompt must have at least one token")
         self.seq = KVSequence(self.loaded.model, self.loaded.vocab_size, prefix_ids)
+        # The prompt's KV now, not inside the first round: a round's drafting time is then drafting
+        # (the controller's per-block estimate would otherwise carry the prefill of every prompt).
+        self.seq.prefill(len(prefix_ids) - 1)
         self.generator.manual_seed(derive_seed(self.params.seed, "drafter"))
+        self._predraft = self._carry = None
+
+    def _carried_fed(self) -> int:
+        """Carried tokens already in the sequence (all but the last: it is fed when drafting on)."""
+        return max(len(self._carry.ids) - 1, 0) if self._carry else 0
 
     @property
     def tokens(self) -> list[int]:
-        return self.seq.tokens
+        """The accepted sequence (prompt + emitted), without tokens carried for the next block."""
+        fed = self._carried_fed()
+        return self.seq.tokens[: len(self.seq.tokens) - fed] if fed else self.seq.tokens
 
     def _pick(self, logits: torch.Tensor) -> tuple[int, SparseDist | None, float]:
         """Next draft token, its exact q (sampling only) and the entropy of what it came from."""
@@ -63,26 +97,30 @@ class Drafter:
     def draft(self, k: int, round_no: int, stop: StopRule | None = None, eos: Collection[int] = ()) -> DraftBlock:
         """Draft up to k tokens after the current sequence (k = 0: an empty block)."""
         t0 = time.perf_counter()
-        base = len(self.seq.tokens)
+        carry, self._carry = self._carry or Predraft((), (), ()), None
+        base = len(self.seq.tokens) - max(len(carry.ids) - 1, 0)
         ids: list[int] = []
         qs: list[SparseDist] = []
         entropies: list[float] = []
         reason = ""
-        if k > 0:
-            logits = self.seq.forward()[-1]
-            while True:
-                x, q, h = self._pick(logits)
-                ids.append(x)
-                entropies.append(h)
-                if q is not None:
-                    qs.append(q)
-                if x in eos:
-                    reason = "eos"  # drafting past the drafter's own eos is wasted work
-                elif stop is not None:
-                    reason = stop(len(ids), h, q) or ""
-                if reason or len(ids) == k:
-                    break
-                logits = self.seq.forward([x])[-1]
+        while len(ids) < k:
+            if len(ids) < len(carry.ids):  # drafted ahead of the last verdict: no forward needed
+                x, h = carry.ids[len(ids)], carry.entropies[len(ids)]
+                q = carry.q[len(ids)] if carry.q else None
+            else:  # the sequence is base + ids[:-1]: feed the newest draft (or the round's token)
+                x, q, h = self._pick(self.seq.forward([ids[-1]] if ids else [])[-1])
+            ids.append(x)
+            entropies.append(h)
+            if q is not None:
+                qs.append(q)
+            if x in eos:
+                reason = "eos"  # drafting past the drafter's own eos is wasted work
+            elif stop is not None:
+                reason = stop(len(ids), h, q) or ""
+            if reason:
+                break
+        if len(self.seq.tokens) > base + max(len(ids) - 1, 0):  # carried tokens this block did not use
+            self.seq.truncate(base + max(len(ids) - 1, 0))
         # The last draft is not fed: its KV is only needed if it is accepted (next round feeds it).
         self._base = base
         return DraftBlock(
@@ -92,6 +130,7 @@ class Drafter:
             draft_s=time.perf_counter() - t0,
             entropies=tuple(entropies),
             stop_reason=reason,
+            carried=min(len(ids), len(carry.ids)),
         )
 
     def apply(self, block: DraftBlock, verdict: Verdict) -> list[int]:
@@ -99,5 +138,40 @@ class Drafter:
         if not 0 <= verdict.n_accepted <= block.k:
             raise ValueError(f"verdict accepts {verdict.n_accepted} of {block.k} drafts")
         emitted = verdict.emitted(block.ids)
-        self.seq.set_tail(self._base, emitted)
+        pre, self._predraft = self._predraft, None
+        if pre is not None and self.predraft_hit(block, verdict, pre) and len(pre.ids) > 1:
+            # Keep the pre-draft's KV: the sequence goes on with y1 (= the target's token) and the
+            # fed pre-drafted tokens; the next block starts with y2..ym.
+            self.seq.set_tail(self._base, emitted + list(pre.ids[1:-1]))
+            self._carry = pre.rest()
+        else:
+            self.seq.set_tail(self._base, emitted)
         return emitted
+
+    @staticmethod
+    def predraft_hit(block: DraftBlock, verdict: Verdict, pre: Predraft) -> bool:
+        return verdict.n_accepted == block.k and bool(pre.ids) and pre.ids[0] == verdict.next_token
+
+    def predraft(self, block: DraftBlock, max_tokens: int, halt: threading.Event, eos: Collection[int] = ()) -> int:
+        """Draft up to `max_tokens` after `block` as if it will be fully accepted, until `halt` is
+        set; returns how many. Runs on the drafter thread while the verdict is in flight."""
+        self._predraft = None
+        if block.k == 0 or max_tokens < 1 or block.ids[-1] in eos:
+            return 0
+        ids: list[int] = []
+        qs: list[SparseDist] = []
+        hs: list[float] = []
+        feed = [block.ids[-1]]  # the block's last draft was not fed by `draft`
+        while len(ids) < max_tokens and not halt.is_set() and not (ids and ids[-1] in eos):
+            y, q, h = self._pick(self.seq.forward(feed)[-1])
+            ids.append(y)
+            hs.append(h)
+            if q is not None:
+                qs.append(q)
+            feed = [y]
+        self._predraft = Predraft(tuple(ids), tuple(qs), tuple(hs))
+        return len(ids)
+
+    @property
+    def last_predraft(self) -> Predraft | None:
+        return self._predraft

@@ -7,11 +7,15 @@ the wire bytes it cost): the gRPC client, an in-process `TargetSession` (`local_
 drafter itself (`self_verifier`, the `ar-device` reference). The policy sees every round's full
 `Telemetry` and decides the next; where a block stops depends only on the drafter's side, so the
 output is the target's whatever the policy. Drafter work goes through `offload` (the client passes
-its drafter thread, so forwards never block the event loop).
+its drafter thread, so forwards never block the event loop). With pipelining the policy may ask
+for pre-drafting: the drafter thread drafts ahead while the verdict is in flight, and a hit starts
+the next block without a drafting wait (`Drafter.predraft`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field, replace
@@ -108,11 +112,14 @@ async def speculative_generate(
         cap = max(0, min(wanted, limit))
         start = acct.round_start()
         block = await offload(drafter.draft, cap, stats.rounds, gate, limits.eos)
+        depth = policy.predraft_depth(decision, block)
         try:
-            ex = await verify(block)
+            ex, predrafted = await _verify_pipelined(drafter, block, verify, depth, offload, limits.eos)
         except VerifyError as exc:
             stats.stop_reason, error = "error", str(exc)
             break
+        pre = drafter.last_predraft
+        hit = pre is not None and drafter.predraft_hit(block, ex.verdict, pre)
         emitted = await offload(drafter.apply, block, ex.verdict)
         delivered = _deliver(emitted, out, limits)
         out += delivered
@@ -124,6 +131,9 @@ async def speculative_generate(
             stop_reason=_block_end(block, cap, wanted, gate is not None),
             entropies=block.entropies,
             p_accept=tuple(gate.p_accept) if gate else (),
+            predrafted=predrafted,
+            predraft_hit=hit,
+            carried=block.carried,
         )
         tele = replace(tele, q_deficit_j=policy.observe(tele))
         _count(stats, block, ex, tele)
@@ -141,6 +151,23 @@ async def speculative_generate(
     # within the budget is the whole generation's.
     policy.charge(stats.energy_j - sum(t.e_j for t in stats.rounds_log))
     return GenerationResult(list(prompt_ids), out, time.perf_counter() - t0, stats, error=error)
+
+
+async def _verify_pipelined(
+    drafter: Drafter, block: DraftBlock, verify: Verify, depth: int, offload: Offload, eos: Collection[int]
+) -> tuple[Exchange, int]:
+    """Verify `block`; with `depth` > 0 the drafter thread pre-drafts after it meanwhile, until the
+    verdict arrives. Returns the exchange and how many tokens were pre-drafted."""
+    if depth <= 0:
+        return await verify(block), 0
+    halt = threading.Event()
+    pre = asyncio.ensure_future(offload(drafter.predraft, block, depth, halt, eos))
+    try:
+        ex = await verify(block)
+    finally:
+        halt.set()  # the verdict is here (or the transport failed): stop after the current token
+        predrafted = await pre
+    return ex, predrafted
 
 
 def _deliver(emitted: list[int], out: list[int], limits: Limits) -> list[int]:

@@ -35,9 +35,10 @@ from gelato.controller import (
     Objective,
     choose_k_ref,
     keep_drafting,
+    predraft_pays,
 )
-from gelato.controller.estimators import DEFAULT_HALFLIFE_ROUNDS
-from gelato.types import SparseDist, Telemetry
+from gelato.controller.estimators import DEFAULT_HALFLIFE_ROUNDS, Ewma, decay_of
+from gelato.types import DraftBlock, SparseDist, Telemetry
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,9 @@ class PolicyOptions:
     heuristic_start: int = 4
     halflife_rounds: float = DEFAULT_HALFLIFE_ROUNDS
     ar_device_block: int = 16  # tokens per local step of `ar-device`
-    explore_every_rounds: int = 16  # after this many rounds without drafting, draft one token to re-measure
+    explore_every_rounds: int = 16  # after this many rounds without drafting, draft a block to re-measure
+    explore_k: int = 4  # its size: long enough to measure per-token costs apart from per-block ones
+    pipeline: str = "off"  # "local": pre-draft while a verdict is in flight
 
     def validate(self) -> None:
         checks = [
@@ -64,6 +67,7 @@ class PolicyOptions:
             ("--adaedl-lambda must be in (0, 1)", 0 < self.adaedl_lambda < 1),
             ("--adaedl-gamma must be > 0", self.adaedl_gamma > 0),
             ("--estimator-halflife-rounds must be > 0", self.halflife_rounds > 0),
+            ("--pipeline must be off or local", self.pipeline in ("off", "local")),
         ]
         for message, ok in checks:
             if not ok:
@@ -81,6 +85,8 @@ class Controller:
 
     def __post_init__(self) -> None:
         self.cost = CostEstimator(self.options.halflife_rounds)
+        # Of the fully accepted pre-drafted blocks, the share whose bonus was the first pre-draft.
+        self.bonus_match = Ewma(decay_of(self.options.halflife_rounds), prior=0.6)
         b = self.options.budget_j_per_token
         self.queue = DeficitQueue(b) if b else None
 
@@ -88,10 +94,17 @@ class Controller:
     def q_j(self) -> float:
         return self.queue.q_j if self.queue else 0.0
 
+    def p_hit(self, block_entropies: tuple[float, ...]) -> float:
+        """P(a pre-draft after this block hits): the calibrated survival to the block's end times
+        the chance that the target's next token is the drafter's (measured on full accepts)."""
+        return self.calibrator.survival(block_entropies) * self.bonus_match.value
+
     def objective(self) -> Objective:
         return Objective(self.cost.model(), self.options.v, self.q_j, self.options.budget_j_per_token)
 
     def observe(self, tele: Telemetry) -> float:
+        if tele.predrafted and tele.accepted == tele.k:
+            self.bonus_match.update(1.0 if tele.predraft_hit else 0.0)
         self.cost.observe(tele)
         self.calibrator.observe_block(tele.entropies, tele.accepted)
         return self.queue.update(tele.e_j, tele.emitted) if self.queue else 0.0
@@ -160,6 +173,13 @@ class Policy:
         """Feedback after each verdict; returns the deficit Q after the round."""
         return self.controller.observe(tele)
 
+    def predraft_depth(self, decision: Decision, block: DraftBlock) -> int:
+        """How many tokens to pre-draft while `block` is verified (0: none). Without a controller
+        the whole next block's cap; the controller policies ask whether it pays."""
+        if self.options.pipeline != "local" or block.k == 0:
+            return 0
+        return max(decision.k_max, block.k, 2)
+
     def charge(self, e_j: float) -> None:
         """Energy spent outside any round (a generation's start and end): into the queue, no tokens."""
         if self.controller.queue is not None and e_j > 0:
@@ -225,17 +245,27 @@ class Lyapunov(Policy):
 
     def _outer(self, limit: int) -> tuple[int, float, Objective]:
         """K_ref from the objective. When it stays 0 the acceptance estimate is never refreshed
-        (nothing drafted, nothing observed), so every `explore_every_rounds` one token is drafted."""
+        (nothing drafted, nothing observed), so every `explore_every_rounds` a block of `explore_k`
+        is drafted."""
         obj = self.controller.objective()
         k_ref, score = choose_k_ref(obj, self.k_max(limit))
         self._idle_rounds = self._idle_rounds + 1 if k_ref == 0 else 0
         if k_ref == 0 and limit > 0 and self._idle_rounds >= self.options.explore_every_rounds:
-            k_ref, self._idle_rounds = 1, 0
+            k_ref, self._idle_rounds = min(self.options.explore_k, self.k_max(limit)), 0
         return k_ref, score, obj
 
     def decide(self, limit: int) -> Decision:
         k_ref, score, _ = self._outer(limit)
         return Decision(k_ref, k_ref, self.controller.q_j, score)
+
+    def predraft_depth(self, decision: Decision, block: DraftBlock) -> int:
+        depth = super().predraft_depth(decision, block)
+        if depth == 0:
+            return 0
+        c = self.controller
+        obj = c.objective()
+        n = 1.0 + sum(c.calibrator.survival(block.entropies[: i + 1]) for i in range(block.k))
+        return depth if predraft_pays(obj, block.k, n, c.p_hit(block.entropies), depth) else 0
 
 
 class Gelato(Lyapunov):

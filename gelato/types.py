@@ -70,6 +70,7 @@ class DraftBlock:
     draft_s: float = 0.0
     entropies: tuple[float, ...] = ()
     stop_reason: str = ""  # why drafting stopped early: a policy's reason or "eos"; "" = reached k
+    carried: int = 0  # leading drafts pre-drafted during the previous round trip (pipelining)
 
     @property
     def k(self) -> int:
@@ -123,6 +124,12 @@ class Telemetry:
     stop_reason: str = ""
     entropies: tuple[float, ...] = ()
     p_accept: tuple[float, ...] = ()
+    # Pipelining (`--pipeline local`): tokens pre-drafted while this round's verdict was in flight,
+    # whether they start the next block (hit: all accepted and the target's token was the first of
+    # them), and how many of this block's drafts came from the previous round's pre-draft.
+    predrafted: int = 0
+    predraft_hit: bool = False
+    carried: int = 0
 
 
 @dataclass

@@ -5,7 +5,7 @@
   function of the number of drafted tokens, and of the per-token acceptance.
 - `calibrator`: p̂(accept | entropy), learned online from verdicts.
 - `objective`: the drift-plus-penalty objective, the outer decision K_ref (§5.3) and the inner
-  continuation rule on the survival S_i (§5.4).
+  continuation rule on the survival S_i (§5.4); whether pre-drafting during a round trip pays.
 
 The device's policies (`device.policy`) compose these; the simulator (`benchmarks.simulate`)
 replays recorded traces through the very same objects.
@@ -13,7 +13,14 @@ replays recorded traces through the very same objects.
 
 from gelato.controller.calibrator import EntropyCalibrator
 from gelato.controller.estimators import CostEstimator, CostModel, EwLinear, Ewma
-from gelato.controller.objective import Decision, Objective, choose_k_ref, expected_emitted, keep_drafting
+from gelato.controller.objective import (
+    Decision,
+    Objective,
+    choose_k_ref,
+    expected_emitted,
+    keep_drafting,
+    predraft_pays,
+)
 from gelato.controller.queue import DeficitQueue
 
 __all__ = [
@@ -28,4 +35,5 @@ __all__ = [
     "choose_k_ref",
     "expected_emitted",
     "keep_drafting",
+    "predraft_pays",
 ]

@@ -3,13 +3,15 @@
 Contract: `CostEstimator.observe(tele)` takes one round's `Telemetry`; `model()` returns a frozen
 `CostModel` snapshot with which the objective evaluates any draft length K:
 
-    T̂(K) = K·t̂_draft + t̂_edge(K) + t̂_net(K)
-    Ê(K) = K·P̂_draft·t̂_draft + P̂_wait·(t̂_edge(K) + t̂_net(K)) + ê_radio(K)
+    T̂(K) = t̂_draft(K) + t̂_edge(K) + t̂_net(K),   t̂_draft(K) = [K > 0]·t̂_draft0 + K·t̂_draft
+    Ê(K) = P̂_draft·t̂_draft(K) + P̂_wait·(t̂_edge(K) + t̂_net(K)) + ê_radio(K)
     α̂    = accepted / observed drafts (a token after a block's first rejection is unobserved)
 
 Every estimate is exponentially weighted with one half-life (in rounds), so it follows a channel or
-an edge load that drifts. Edge time, network time and radio energy are fitted as `a + b·K`
-(`EwLinear`): verifying more drafts costs more on a CPU edge, a bigger block takes longer to send.
+an edge load that drifts. Drafting time, edge time, network time and radio energy are fitted as
+`a + b·K` (`EwLinear`): a block's first drafter forward also feeds the round's new tokens and the
+drafter thread has to wake up (measured here: a 1-draft block costs ~2.7× a draft of a 6-draft
+block), verifying more drafts costs more on a CPU edge, a bigger block takes longer to send.
 Device energy is split into drafting power and waiting (idle) power by a weighted least-squares fit
 of each round's metered energy on its drafting and waiting time, because a meter only sees whole
 rounds; the waiting power is what the SPEC calls idle power. A round whose meter cannot read (NaN)
@@ -58,13 +60,15 @@ class Ewma:
 class EwLinear:
     """Exponentially weighted least squares of y = a + b·x. The slope is pulled towards
     `prior_slope` by a ridge of `ridge` pseudo-samples (so a policy that always drafts the same K
-    still yields a usable slope) and clipped at `min_slope`."""
+    still yields a usable slope) and clipped at `min_slope`; an intercept below `min_intercept` (a
+    time or an energy below 0) is raised to it, the slope then passing through the mean point."""
 
     decay: float
     prior_intercept: float
     prior_slope: float = 0.0
     ridge: float = 1.0
     min_slope: float = 0.0
+    min_intercept: float = 0.0
     _s: list[float] = field(default_factory=lambda: [0.0] * 5)  # Σw, Σwx, Σwy, Σwxx, Σwxy
 
     def update(self, x: float, y: float) -> None:
@@ -80,7 +84,11 @@ class EwLinear:
         var, cov = sxx - w * mx * mx, sxy - w * mx * my
         slope = (cov + self.ridge * self.prior_slope) / (var + self.ridge)
         slope = max(slope, self.min_slope)
-        return my - slope * mx, slope
+        intercept = my - slope * mx
+        if intercept < self.min_intercept and mx > 0:
+            intercept = self.min_intercept
+            slope = max((my - intercept) / mx, self.min_slope)
+        return intercept, slope
 
     def predict(self, x: float) -> float:
         a, b = self.coefficients()
@@ -136,7 +144,7 @@ class CostPriors:
 class CostModel:
     """One snapshot of the estimates: everything the objective needs, as plain numbers."""
 
-    t_draft_s: float
+    t_draft_s: float  # per drafted token
     t_edge0_s: float
     t_edge_per_token_s: float
     t_net0_s: float
@@ -146,18 +154,22 @@ class CostModel:
     e_radio0_j: float
     e_radio_per_token_j: float
     alpha: float
+    t_draft0_s: float = 0.0  # once per block with at least one draft
+
+    def draft_s(self, k: float) -> float:
+        return self.t_draft0_s + k * self.t_draft_s if k > 0 else 0.0
 
     def wait_s(self, k: float) -> float:
         return self.t_edge0_s + self.t_net0_s + k * (self.t_edge_per_token_s + self.t_net_per_token_s)
 
     def time_s(self, k: float) -> float:
         """T̂(K): drafting, then edge and transport."""
-        return k * self.t_draft_s + self.wait_s(k)
+        return self.draft_s(k) + self.wait_s(k)
 
     def energy_j(self, k: float) -> float:
         """Ê(K): drafting, waiting (idle power over edge + transport time) and radio."""
         return (
-            k * self.t_draft_s * self.p_draft_w
+            self.draft_s(k) * self.p_draft_w
             + self.wait_s(k) * self.p_wait_w
             + self.e_radio0_j
             + k * self.e_radio_per_token_j
@@ -168,7 +180,7 @@ class CostEstimator:
     def __init__(self, halflife_rounds: float = DEFAULT_HALFLIFE_ROUNDS, priors: CostPriors | None = None) -> None:
         p = priors or CostPriors()
         d = decay_of(halflife_rounds)
-        self.t_draft = Ewma(d, p.t_draft_s)
+        self.t_draft = EwLinear(d, prior_intercept=0.0, prior_slope=p.t_draft_s)
         self.t_edge = EwLinear(d, p.t_edge_s)
         self.t_net = EwLinear(d, p.t_net_s)
         self.e_radio = EwLinear(d, 0.0)
@@ -180,7 +192,7 @@ class CostEstimator:
     def observe(self, tele: Telemetry) -> None:
         self.rounds += 1
         if tele.k > 0:
-            self.t_draft.update(tele.t_draft_s / tele.k, float(tele.k))
+            self.t_draft.update(tele.k, tele.t_draft_s)
             observed = tele.accepted + (1 if tele.accepted < tele.k else 0)
             self.accept.update(tele.accepted / observed, float(observed))
         self.t_edge.update(tele.k, tele.t_edge_queue_s + tele.t_edge_compute_s)
@@ -194,15 +206,17 @@ class CostEstimator:
         net0, net1 = self.t_net.coefficients()
         radio0, radio1 = self.e_radio.coefficients()
         p_draft, p_wait = self.power.powers_w()
+        draft0, draft1 = self.t_draft.coefficients()
         return CostModel(
-            t_draft_s=self.t_draft.value,
-            t_edge0_s=max(edge0, 0.0),
+            t_draft0_s=draft0,
+            t_draft_s=draft1,
+            t_edge0_s=edge0,
             t_edge_per_token_s=edge1,
-            t_net0_s=max(net0, 0.0),
+            t_net0_s=net0,
             t_net_per_token_s=net1,
             p_draft_w=p_draft,
             p_wait_w=p_wait,
-            e_radio0_j=max(radio0, 0.0),
+            e_radio0_j=radio0,
             e_radio_per_token_j=radio1,
             alpha=min(max(self.accept.value, 0.0), 0.999),
         )

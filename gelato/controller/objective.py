@@ -58,13 +58,15 @@ class Objective:
         self._geo: list[float] = [0.0]  # Σ_{l=1..m} α^l, grown on demand
 
     def score(self, n_expected: float, k: int) -> float:
-        t = self.cost.time_s(k)
-        if t <= 0:
+        return self.score_of(n_expected, self.cost.time_s(k), self.cost.energy_j(k))
+
+    def score_of(self, n_expected: float, t_s: float, e_j: float) -> float:
+        """The score of a round emitting `n_expected` tokens in `t_s` seconds for `e_j` joules."""
+        if t_s <= 0:
             return math.inf
         if self.budget is None:
-            return n_expected / t
-        e_tokens = self.cost.energy_j(k) / self.budget
-        return ((self.v + self.q_tokens) * n_expected - self.q_tokens * e_tokens) / t
+            return n_expected / t_s
+        return ((self.v + self.q_tokens) * n_expected - self.q_tokens * e_j / self.budget) / t_s
 
     def geometric(self, m: int) -> float:
         a = self.cost.alpha
@@ -81,6 +83,25 @@ def choose_k_ref(obj: Objective, k_max: int) -> tuple[int, float]:
         if s > best:
             best_k, best = k, s
     return best_k, best
+
+
+def predraft_pays(obj: Objective, k: int, n_expected: float, p_hit: float, depth: int) -> bool:
+    """Pre-drafting while a k-draft block is in flight (pipelining): `depth` tokens are drafted
+    during the wait (at most what fits in it), the first is wasted even on a hit (it is the target's
+    own token), the rest start the next block and save their drafting time with probability
+    `p_hit`; the extra energy is drafting instead of idling, paid whether it hits or not (on a hit
+    the next round no longer drafts those tokens, which returns their drafting energy). Charged to
+    this round, the same score decides: pre-draft only if it is higher."""
+    c = obj.cost
+    if depth < 2 or c.t_draft_s <= 0:
+        return False
+    m = min(depth, int(c.wait_s(k) / c.t_draft_s))  # drafting stops when the verdict arrives
+    if m < 2:
+        return False
+    t, e = c.time_s(k), c.energy_j(k)
+    saved_s = p_hit * (m - 1) * c.t_draft_s
+    extra_j = m * c.t_draft_s * (c.p_draft_w - c.p_wait_w) - p_hit * (m - 1) * c.t_draft_s * c.p_draft_w
+    return obj.score_of(n_expected, t - saved_s, e + extra_j) > obj.score_of(n_expected, t, e)
 
 
 def keep_drafting(obj: Objective, drafted: int, n_expected: float, survival: float, k_max: int) -> bool:

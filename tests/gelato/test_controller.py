@@ -155,13 +155,14 @@ def test_cost_estimator_recovers_powers_and_times() -> None:
     est = CostEstimator(halflife_rounds=50)
     for _ in range(300):
         k = rng.randint(0, 8)
-        t_draft, t_wait = 0.0012 * k, 0.02 + 0.0004 * k
+        t_draft, t_wait = (0.0015 + 0.0012 * k) if k else 0.0, 0.02 + 0.0004 * k
         est.observe(tele(k, min(k, rng.randint(0, k)), t_draft, t_wait, 3.0 * t_draft + 0.4 * t_wait))
     m = est.model()
-    assert m.t_draft_s == pytest.approx(0.0012, rel=1e-3)
+    assert m.t_draft_s == pytest.approx(0.0012, rel=1e-2) and m.t_draft0_s == pytest.approx(0.0015, rel=2e-2)
     assert m.p_draft_w == pytest.approx(3.0, rel=0.02) and m.p_wait_w == pytest.approx(0.4, rel=0.02)
     assert m.wait_s(0) == pytest.approx(0.02, rel=0.01) and m.wait_s(8) == pytest.approx(0.0232, rel=0.01)
-    assert m.time_s(4) == pytest.approx(4 * 0.0012 + 0.02 + 4 * 0.0004, rel=0.01)
+    assert m.time_s(4) == pytest.approx(0.0015 + 4 * 0.0012 + 0.02 + 4 * 0.0004, rel=0.01)
+    assert m.time_s(0) == pytest.approx(0.02, rel=0.01)  # no block, no per-block drafting cost
 
 
 def test_cost_estimator_skips_unmeasured_energy() -> None:
@@ -170,7 +171,7 @@ def test_cost_estimator_skips_unmeasured_energy() -> None:
     est.observe(tele(4, 2, 0.005, 0.02, math.nan))
     after = est.model()
     assert (after.p_draft_w, after.p_wait_w) == (before.p_draft_w, before.p_wait_w)
-    assert after.t_draft_s == pytest.approx(0.00125)
+    assert after.draft_s(4) == pytest.approx(0.005, rel=0.05)
 
 
 def test_acceptance_estimate_excludes_unobserved_drafts() -> None:
