@@ -22,6 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
+import grpc
+
 from device.client import EdgeClient, EdgeError, EdgeUnreachable
 from device.drafter import DEFAULT_TOP_M, Drafter
 from device.energy import EnergyAccountant
@@ -30,6 +32,7 @@ from device.policy import Policy, PolicyOptions, parse_policy
 from gelato.cli_common import add_model_args, endpoint, fail, first_failed, setup_torch_threads
 from gelato.models import LoadedModel, ModelLoadError, encode_prompt, load_model
 from gelato.power import PROFILES, RADIOS, MeterUnavailable, NullMeter, open_meter, radio_profile
+from gelato.security import SecurityConfigError, channel_credentials, read_token
 from gelato.types import SamplingParams, Telemetry
 
 
@@ -89,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="how long to wait for the edge to answer before reporting it unreachable (default 10)",
     )
+    p.add_argument("--tls-ca", default=None, help="PEM CA that signed the edge's certificate: connect with TLS")
+    p.add_argument("--tls-cert", default=None, help="PEM client certificate, for an edge that requires one (mTLS)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-server-name", default=None, help="name in the edge's certificate, if not --edge's host")
+    p.add_argument("--auth-token-file", default=None, help="file holding the edge's bearer token")
     p.add_argument(
         "--fail-fast", action="store_true", help="stop at the first prompt that fails (default: report it, go on)"
     )
@@ -183,6 +191,15 @@ def result_record(prompt: str, res: GenerationResult, loaded: LoadedModel, polic
     }
 
 
+def transport_security(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
+    """TLS credentials (when a CA or a client certificate is given) and the bearer token, read now
+    so that a bad path costs no model load."""
+    tls = args.tls_ca or args.tls_cert or args.tls_key
+    credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if tls else None
+    token = read_token(args.auth_token_file) if args.auth_token_file else None
+    return credentials, token
+
+
 def open_accountant(args: argparse.Namespace) -> EnergyAccountant:
     meter = NullMeter("--meter none") if args.meter == "none" else open_meter(args.meter, args.device_profile)
     return EnergyAccountant(meter, radio_profile(args.radio))
@@ -194,7 +211,13 @@ async def run(
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     drafter = Drafter(loaded, params, top_m=args.top_m)
     policy = parse_policy(args.policy, policy_options(args))  # one controller for the whole run
-    client = EdgeClient(args.edge, connect_timeout_s=args.connect_timeout_s)
+    client = EdgeClient(
+        args.edge,
+        connect_timeout_s=args.connect_timeout_s,
+        credentials=args.credentials,
+        token=args.token,
+        server_name=args.tls_server_name,
+    )
     failed = 0
     try:
         if not policy.local_only:
@@ -322,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if broken:
         return fail(broken)
+    try:
+        args.credentials, args.token = transport_security(args)
+    except SecurityConfigError as exc:
+        return fail(str(exc))
     if not prompts:
         return fail("no prompts given")
     setup_torch_threads(args.threads)

@@ -26,6 +26,7 @@ from device.generate import Exchange, GenerationResult, Limits, Verify, VerifyEr
 from device.policy import Policy
 from gelato.channel import CLIENT_OPTIONS
 from gelato.power import NullMeter
+from gelato.security import bearer_metadata
 from gelato.types import PROTOCOL_VERSION, DraftBlock, Telemetry
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
@@ -46,20 +47,38 @@ class EdgeError(VerifyError):
 class EdgeUnreachable(EdgeError):
     """Nothing answered at the address: the edge is down, or the address or network is wrong."""
 
-    def __init__(self, target: str, timeout_s: float) -> None:
+    def __init__(self, target: str, timeout_s: float, tls: bool = False) -> None:
         super().__init__(grpc.StatusCode.UNAVAILABLE, f"no gelato-edge reachable at {target} within {timeout_s:g} s")
-        self.args = (f"could not reach gelato-edge at {target} within {timeout_s:g} s (--connect-timeout-s)",)
+        hint = "; with TLS also check --tls-ca, the edge's certificate name (--tls-server-name)" if tls else ""
+        self.args = (f"could not reach gelato-edge at {target} within {timeout_s:g} s (--connect-timeout-s{hint})",)
 
 
 class EdgeClient:
+    """`credentials`: TLS (`gelato.security.channel_credentials`), None for plaintext; `token`: the
+    bearer token sent with every call; `server_name`: the name to check the edge's certificate
+    against when it differs from the address (e.g. a certificate for `edge` reached at an IP)."""
+
     def __init__(
-        self, target: str, deadline_s: float = 3600.0, verdict_timeout_s: float = 120.0, connect_timeout_s: float = 10.0
+        self,
+        target: str,
+        deadline_s: float = 3600.0,
+        verdict_timeout_s: float = 120.0,
+        connect_timeout_s: float = 10.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.target = target
         self.deadline_s = deadline_s
         self.verdict_timeout_s = verdict_timeout_s
         self.connect_timeout_s = connect_timeout_s
-        self.channel = grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
+        self.metadata = bearer_metadata(token)
+        self.tls = credentials is not None
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
+        else:
+            options = [*CLIENT_OPTIONS, *([("grpc.ssl_target_name_override", server_name)] if server_name else [])]
+            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
         self.stub = pb_grpc.GelatoStub(self.channel)
         # One worker: drafter forwards stay off the event loop and keep their KV on one thread.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
@@ -70,12 +89,12 @@ class EdgeClient:
         try:
             await asyncio.wait_for(self.channel.channel_ready(), self.connect_timeout_s)
         except TimeoutError:
-            raise EdgeUnreachable(self.target, self.connect_timeout_s) from None
+            raise EdgeUnreachable(self.target, self.connect_timeout_s, self.tls) from None
 
     async def info(self) -> pb.InfoResponse:
         await self.connect()
         try:
-            return await self.stub.Info(pb.InfoRequest(), timeout=self.connect_timeout_s)
+            return await self.stub.Info(pb.InfoRequest(), timeout=self.connect_timeout_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
             raise EdgeError(exc.code(), exc.details() or "") from exc
 
@@ -97,7 +116,7 @@ class EdgeClient:
         telemetry as it completes (the `--trace` writer)."""
         acct = accountant or EnergyAccountant(NullMeter(), None)
         await self.connect()
-        call = self.stub.Session(timeout=self.deadline_s)
+        call = self.stub.Session(timeout=self.deadline_s, metadata=self.metadata)
         try:
             return await self._generate(call, drafter, prompt_ids, max_new_tokens, policy, acct, on_round)
         except grpc.aio.AioRpcError as exc:

@@ -5,6 +5,9 @@ Contract (extend, don't break): `gelato-edge --target MODEL [--host 127.0.0.1] [
 line containing `listening on HOST:PORT` (the real port when --port 0). A port another process
 already listens on is a one-line `error: port P on HOST is in use` (exit 2), never a second server
 sharing it. SIGTERM/SIGINT stop it gracefully. Without --target it serves the embedded default.
+Security: `--tls-cert/--tls-key` serve TLS (`--tls-client-ca`: clients must present a certificate
+it signed), `--auth-token-file` requires `authorization: Bearer <token>` on every call but health.
+Serving a non-loopback address needs both, or an explicit `--insecure`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 from edge.server import EdgeConfig, EdgeServer, PortInUseError
 from gelato.cli_common import add_model_args, fail, first_failed, port_number, setup_torch_threads
 from gelato.models import ModelLoadError
+from gelato.security import SecurityConfigError, is_loopback, read_token, server_credentials
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -35,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout-s", type=float, default=300.0, help="free sessions idle this long")
     p.add_argument("--metrics-port", type=port_number, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS)
+    p.add_argument("--tls-cert", default=None, help="PEM server certificate (chain): serve TLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates it signed (mutual TLS)")
+    p.add_argument("--auth-token-file", default=None, help="file holding the bearer token every call must carry")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a non-loopback --host without TLS and a token (anyone who reaches the port can use it)",
+    )
     add_model_args(p)
     return p
 
@@ -49,6 +62,10 @@ async def serve(args: argparse.Namespace) -> int:
         batch_window_ms=args.batch_window_ms,
         max_batch=args.max_batch,
         idle_timeout_s=args.idle_timeout_s,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token=args.auth_token,
     )
     server = EdgeServer(config)
     if args.metrics_port is not None:
@@ -96,8 +113,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     if broken:
         return fail(broken)
+    problem = security_problem(args)
+    if problem:
+        return fail(problem)
     setup_torch_threads(args.threads)
     return asyncio.run(serve(args))
+
+
+def security_problem(args: argparse.Namespace) -> str | None:
+    """Check the TLS/token flags (reading the files now, so a bad path costs no model load) and
+    refuse an exposed port without them; sets `args.auth_token`."""
+    args.auth_token = None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        return "--tls-cert and --tls-key go together"
+    if args.tls_client_ca and not args.tls_cert:
+        return "--tls-client-ca needs --tls-cert/--tls-key (mutual TLS is TLS first)"
+    try:
+        if args.tls_cert:
+            server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+        if args.auth_token_file:
+            args.auth_token = read_token(args.auth_token_file)
+    except SecurityConfigError as exc:
+        return str(exc)
+    if not is_loopback(args.host) and not (args.tls_cert and args.auth_token) and not args.insecure:
+        return (
+            f"refusing to serve {args.host} without TLS and a token: anyone who reaches the port could use "
+            "the edge; pass --tls-cert/--tls-key and --auth-token-file, or --insecure to accept that"
+        )
+    return None
 
 
 if __name__ == "__main__":

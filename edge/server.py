@@ -29,12 +29,14 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from edge.auth import BearerAuth
 from edge.batcher import Batcher
 from edge.metrics import EdgeMetrics
 from edge.sessions import AdmissionError, SessionRegistry
 from edge.verifier import StatusError, TargetSession
 from gelato.channel import SERVER_OPTIONS
 from gelato.models import LoadedModel, load_model
+from gelato.security import server_credentials
 from gelato.types import PROTOCOL_VERSION, DraftBlock, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.wire import WireError, check_ids, clip, decode_block, decode_sampling, encode_verdict
@@ -94,6 +96,12 @@ class EdgeConfig:
     batch_window_ms: float = 2.0
     max_batch: int = 16
     idle_timeout_s: float = 300.0
+    # Security (gelato.security): TLS when a certificate and key are given (mutual TLS with a
+    # client CA); every call but health needs `Bearer <auth_token>` when a token is given.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_token: str | None = None
 
 
 class GelatoService:
@@ -321,7 +329,8 @@ class EdgeServer:
         self.config = config
         self.service = GelatoService(config)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=EDGE_SERVER_OPTIONS)
+        interceptors = [BearerAuth(config.auth_token)] if config.auth_token else []
+        self.server = grpc.aio.server(options=EDGE_SERVER_OPTIONS, interceptors=interceptors)
         self.port = 0
 
     async def start(self) -> int:
@@ -336,7 +345,7 @@ class EdgeServer:
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
+            self.port = self._bind(f"{host}:{port}")
         except RuntimeError:  # gRPC >= 1.6x raises where older versions returned 0
             self.port = 0
         if self.port == 0:
@@ -346,6 +355,12 @@ class EdgeServer:
         await self.server.start()
         self.service.batcher.start()
         return self.port
+
+    def _bind(self, address: str) -> int:
+        c = self.config
+        if c.tls_cert and c.tls_key:
+            return self.server.add_secure_port(address, server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca))
+        return self.server.add_insecure_port(address)
 
     async def load(self, target: str | None, dtype: str, device: str) -> LoadedModel:
         loop = asyncio.get_running_loop()

@@ -46,13 +46,15 @@ class Fuzzer:
     def ids(self, n: int) -> list[int]:
         return [self.rng.randrange(self.vocab) for _ in range(n)]
 
-    def open(self, sampling: bool = False, **fields: object) -> pb.DeviceMessage:
+    def open(self, sampled: bool = False, **fields: object) -> pb.DeviceMessage:
+        """A well-formed open (sampling at 0.8 when `sampled`), with `fields` overriding: a
+        `sampling=` SamplingParams message replaces the sampling parameters whole."""
         msg = pb.OpenSession(
             protocol_version=PROTOCOL_VERSION,
             tokenizer_fingerprint=self.fp,
             drafter_model="fuzz",
             prefix_ids=self.ids(self.rng.randint(1, 20)),
-            sampling=pb.SamplingParams(temperature=0.8 if sampling else 0.0, top_k=20, seed=self.rng.randrange(99)),
+            sampling=pb.SamplingParams(temperature=0.8 if sampled else 0.0, top_k=20, seed=self.rng.randrange(99)),
             max_new_tokens=self.rng.choice([0, 64]),
         )
         for name, value in fields.items():

@@ -1,0 +1,53 @@
+"""Bearer-token check for every edge call except health (SPEC §8).
+
+Contract: `BearerAuth(token)` is a `grpc.aio.ServerInterceptor`; a call whose `authorization`
+metadata is not `Bearer <token>` (constant-time comparison) ends at once with UNAUTHENTICATED and
+never reaches the service, whatever its kind (unary or streaming). Health stays open so that
+container and load-balancer checks work without the token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from gelato.security import OPEN_METHOD_PREFIXES, token_matches
+
+DENIED = "missing or wrong bearer token: the edge needs the token of its --auth-token-file"
+
+
+async def _deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+
+
+def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that only refuses."""
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        _deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_METHOD_PREFIXES):
+            return handler
+        if token_matches(details.invocation_metadata, self.token):
+            return handler
+        return _denying(handler)

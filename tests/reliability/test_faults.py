@@ -1,0 +1,87 @@
+"""Faults (issue 15, item 8 c) against real `gelato-edge` processes:
+1. 200 device sessions killed mid-round — in-process grpc.aio streams cancelled right after open,
+   once opened, with a block in flight, after some verdicts, or with their whole connection
+   closed, or while the edge streams a Generate request, and 3 real `gelato-device` processes
+   SIGKILLed while generating — leave no session and no KV behind (Info, polled up to 10 s); the
+   edge is still SERVING, and well-formed sessions (greedy and sampling) run meanwhile and
+   afterwards produce exactly their solo verdicts.
+2. SIGTERM with open sessions: a session that finishes within the grace period ends OK, the
+   others (generating slowly, or silent) end UNAVAILABLE with a message when it runs out, a
+   device arriving meanwhile is refused UNAVAILABLE, nothing hangs, and the edge exits 0 right
+   after its grace period (`benchmarks.load.EDGE_GRACE_S`, the `server.stop(5.0)` of edge/cli.py;
+   streams are cut at 5.0 s and the process is gone 0.6-0.9 s later, its interpreter's teardown).
+3. With `--idle-timeout-s 1`, clients that go silent (before open, after open, mid-generation)
+   end DEADLINE_EXCEEDED after 1 s of silence, a slow but live session is untouched and exact,
+   and sessions return to zero.
+
+The scenarios are `benchmarks.load`'s `kills_phase`, `sigterm_phase` and `stall_phase`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from benchmarks.load import (
+    EDGE_GRACE_S,
+    EXIT_SLACK_S,
+    KILL_MODES,
+    WITNESSES,
+    kills_phase,
+    reference,
+    sigterm_phase,
+    stall_phase,
+)
+from gelato.models import LoadedModel
+from tests.conftest import EdgeProcess
+from tests.reliability.streams import Spec
+
+IDLE = {"active_sessions": 0, "kv_bytes_in_use": 0, "kv_bytes_reserved": 0, "kv_pool_bytes": 0}
+KILLS, DEVICE_KILLS = 200, 3
+
+
+def test_killed_sessions_leave_nothing_behind(pair: dict[str, Path], target: LoadedModel) -> None:
+    edge = EdgeProcess(["--target", str(pair["target"]), "--dtype", "float32"])
+    witnesses = [(w, reference(target, w)) for w in WITNESSES]
+    try:
+        fp, vocab, drafter = target.fingerprint, target.vocab_size, str(pair["drafter_agree"])
+        result = asyncio.run(
+            kills_phase(edge.address, edge.proc.pid, fp, vocab, KILLS, DEVICE_KILLS, drafter, witnesses)
+        )
+    finally:
+        assert edge.stop() == 0
+    assert not result["failures"], result["failures"]
+    assert result["killed"] == KILLS and set(result["by_mode"]) == set(KILL_MODES)
+    assert result["after"] == IDLE and result["serving"]
+    assert result["witness_runs"] >= len(WITNESSES) and result["witness_mismatches"] == 0
+
+
+def test_sigterm_with_open_sessions(pair: dict[str, Path], target: LoadedModel) -> None:
+    edge = EdgeProcess(["--target", str(pair["target"]), "--dtype", "float32"])
+    try:
+        result = asyncio.run(sigterm_phase(edge, target.fingerprint, target.vocab_size))
+    finally:
+        edge.stop()  # already exited: returns its code
+    assert not result["failures"], result
+    codes = {(s["kind"], s["code"]) for s in result["streams"]}
+    assert codes == {("quick", "OK"), ("paced", "UNAVAILABLE"), ("stalled", "UNAVAILABLE")}, result["streams"]
+    assert all(s["details"] for s in result["streams"] if s["code"] != "OK")
+    assert result["late_open"]["code"] == "UNAVAILABLE"
+    # The open streams are cut when the grace period runs out, not before, and the edge exits
+    # right after.
+    assert EDGE_GRACE_S - 0.5 <= result["last_stream_end_after_s"] <= EDGE_GRACE_S + 1.0, result
+    assert result["edge_exit_code"] == 0 and result["edge_exit_after_s"] <= EDGE_GRACE_S + EXIT_SLACK_S, result
+
+
+def test_stalled_clients_are_freed_by_the_idle_timeout(pair: dict[str, Path], target: LoadedModel) -> None:
+    edge = EdgeProcess(["--target", str(pair["target"]), "--dtype", "float32", "--idle-timeout-s", "1"])
+    live_spec = Spec((21, 22, 23), 2, 6)
+    live = (live_spec, reference(target, live_spec))
+    try:
+        result = asyncio.run(stall_phase(edge.address, edge.proc.pid, target.fingerprint, target.vocab_size, 1.0, live))
+    finally:
+        assert edge.stop() == 0
+    assert not result["failures"], result
+    assert [s["code"] for s in result["stalled"]] == ["DEADLINE_EXCEEDED"] * 3
+    assert result["live"]["code"] == "OK" and result["live"]["rounds"] == live_spec.rounds
+    assert result["after"] == IDLE
