@@ -39,7 +39,18 @@ from gelato.types import SamplingParams, Telemetry
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gelato-device", description="GELATO device: draft locally, verify on the edge")
     p.add_argument("--drafter", default=None, help="hub id or local folder (default: the embedded tiny drafter)")
-    p.add_argument("--edge", type=endpoint, default="127.0.0.1:50051", help="HOST:PORT of gelato-edge")
+    p.add_argument(
+        "--edge",
+        type=endpoint,
+        default="127.0.0.1:50051",
+        help="HOST:PORT of gelato-edge, or a gRPC target naming replicas (dns:///edge:50051, ipv4:A:P,B:P)",
+    )
+    p.add_argument(
+        "--failovers",
+        type=int,
+        default=2,
+        help="re-open a session this many times when its edge goes away mid-generation (default 2)",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     src.add_argument("--prompts-file", type=Path, help="JSONL with 'prompt' or 'question' per line")
@@ -164,6 +175,7 @@ def result_record(prompt: str, res: GenerationResult, loaded: LoadedModel, polic
     return {
         "stop_reason": s.stop_reason,
         **({"error": res.error} if res.error else {}),
+        "failovers": res.failovers,
         "prompt": prompt,
         "text": loaded.tokenizer.decode(res.token_ids, skip_special_tokens=True),
         "token_ids": res.token_ids,
@@ -217,6 +229,7 @@ async def run(
         credentials=args.credentials,
         token=args.token,
         server_name=args.tls_server_name,
+        failovers=args.failovers,
     )
     failed = 0
     try:
@@ -341,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             ("--top-m must be >= 1", args.top_m >= 1),
             ("--limit must be >= 0", args.limit is None or args.limit >= 0),
             ("--connect-timeout-s must be > 0", args.connect_timeout_s > 0),
+            ("--failovers must be >= 0", args.failovers >= 0),
         ]
     )
     if broken:

@@ -14,6 +14,8 @@ generated so far, with `stats.stop_reason == "error"` and `result.error` saying 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -22,7 +24,15 @@ import grpc
 
 from device.drafter import Drafter
 from device.energy import EnergyAccountant, wire_bytes
-from device.generate import Exchange, GenerationResult, Limits, Verify, VerifyError, speculative_generate
+from device.generate import (
+    Exchange,
+    GenerationResult,
+    Limits,
+    Verify,
+    VerifyError,
+    merge_results,
+    speculative_generate,
+)
 from device.policy import Policy
 from gelato.channel import CLIENT_OPTIONS
 from gelato.power import NullMeter
@@ -33,6 +43,7 @@ from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from gelato.wire import decode_verdict, encode_block, encode_sampling
 
 T = TypeVar("T")
+log = logging.getLogger("gelato.device")
 
 __all__ = ["EdgeClient", "EdgeError", "EdgeUnreachable", "GenerationResult"]
 
@@ -67,17 +78,23 @@ class EdgeClient:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         server_name: str | None = None,
+        failovers: int = 2,
     ) -> None:
         self.target = target
         self.deadline_s = deadline_s
         self.verdict_timeout_s = verdict_timeout_s
         self.connect_timeout_s = connect_timeout_s
+        self.failovers = failovers
         self.metadata = bearer_metadata(token)
         self.tls = credentials is not None
+        # round_robin over every address the target resolves to (`dns:///edge:50051`, or
+        # `ipv4:HOST:P1,HOST:P2`): replicas without a load balancer of our own. A session is one
+        # stream, so it stays on its replica.
+        options: list[tuple[str, int | str]] = [*CLIENT_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
         if credentials is None:
-            self.channel = grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
+            self.channel = grpc.aio.insecure_channel(target, options=options)
         else:
-            options = [*CLIENT_OPTIONS, *([("grpc.ssl_target_name_override", server_name)] if server_name else [])]
+            options += [("grpc.ssl_target_name_override", server_name)] if server_name else []
             self.channel = grpc.aio.secure_channel(target, credentials, options=options)
         self.stub = pb_grpc.GelatoStub(self.channel)
         # One worker: drafter forwards stay off the event loop and keep their KV on one thread.
@@ -111,10 +128,40 @@ class EdgeClient:
         accountant: EnergyAccountant | None = None,
         on_round: Callable[[Telemetry], None] | None = None,
     ) -> GenerationResult:
-        """One generation over one session stream: open, the round loop (`device.generate`),
-        close. `accountant` measures energy (default: none, NaN); `on_round` gets each round's
-        telemetry as it completes (the `--trace` writer)."""
+        """One generation: open a session, the round loop (`device.generate`), close.
+        `accountant` measures energy (default: none, NaN); `on_round` gets each round's telemetry
+        as it completes (the `--trace` writer). When the edge goes away mid-generation
+        (UNAVAILABLE), the session is re-opened — on another replica when `--edge` names several —
+        with the prompt and the tokens accepted so far as its prefix, up to `failovers` times; the
+        output is what an uninterrupted run gives (draws are keyed by token position)."""
         acct = accountant or EnergyAccountant(NullMeter(), None)
+        t0 = time.perf_counter()
+        res = await self._session(drafter, prompt_ids, max_new_tokens, policy, acct, on_round)
+        for _ in range(self.failovers):
+            if not (isinstance(res.failure, EdgeError) and res.failure.code == grpc.StatusCode.UNAVAILABLE):
+                break
+            log.warning("edge session failed (%s); re-opening with %d accepted tokens", res.error, len(res.token_ids))
+            try:
+                more = await self._session(
+                    drafter, [*prompt_ids, *res.token_ids], max_new_tokens - len(res.token_ids), policy, acct, on_round
+                )
+            except EdgeError as exc:
+                res.error = f"{res.error}; re-opening the session failed: {exc}"
+                break
+            res = merge_results(res, more)
+        res.elapsed_s = time.perf_counter() - t0
+        return res
+
+    async def _session(
+        self,
+        drafter: Drafter,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        policy: Policy,
+        acct: EnergyAccountant,
+        on_round: Callable[[Telemetry], None] | None,
+    ) -> GenerationResult:
+        """One session stream from open to close."""
         await self.connect()
         call = self.stub.Session(timeout=self.deadline_s, metadata=self.metadata)
         try:

@@ -31,9 +31,8 @@ import torch
 from gelato.entropy import entropy_nats, entropy_of_probs
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel
-from gelato.sampling import process_logits, sample_sparse, truncate_top_m
+from gelato.sampling import KeyedRng, process_logits, sample_sparse, truncate_top_m
 from gelato.types import DraftBlock, SamplingParams, SparseDist, Verdict
-from gelato.wire import derive_seed
 
 DEFAULT_TOP_M = 32
 
@@ -61,7 +60,9 @@ class Drafter:
         self.loaded = loaded
         self.params = params
         self.top_m = top_m
-        self.generator = torch.Generator().manual_seed(derive_seed(params.seed, "drafter"))
+        # Draws keyed by token position: a generation re-opened on another edge (failover) drafts
+        # exactly what it would have drafted uninterrupted.
+        self.rng = KeyedRng(params.seed, "drafter")
         self.seq = KVSequence(loaded.model, loaded.vocab_size)
         self._predraft: Predraft | None = None  # drafted ahead of the verdict in flight
         self._carry: Predraft | None = None  # a hit's leftover: the next block's first drafts
@@ -74,7 +75,6 @@ class Drafter:
         # The prompt's KV now, not inside the first round: a round's drafting time is then drafting
         # (the controller's per-block estimate would otherwise carry the prefill of every prompt).
         self.seq.prefill(len(prefix_ids) - 1)
-        self.generator.manual_seed(derive_seed(self.params.seed, "drafter"))
         self._predraft = self._carry = None
 
     def _carried_fed(self) -> int:
@@ -87,12 +87,13 @@ class Drafter:
         fed = self._carried_fed()
         return self.seq.tokens[: len(self.seq.tokens) - fed] if fed else self.seq.tokens
 
-    def _pick(self, logits: torch.Tensor) -> tuple[int, SparseDist | None, float]:
-        """Next draft token, its exact q (sampling only) and the entropy of what it came from."""
+    def _pick(self, logits: torch.Tensor, position: int) -> tuple[int, SparseDist | None, float]:
+        """The draft token at `position` (in the generation), its exact q (sampling only) and the
+        entropy of what it came from."""
         if self.params.greedy:
             return int(logits.argmax()), None, entropy_nats(logits)
         q = truncate_top_m(process_logits(logits, self.params), self.top_m)
-        return sample_sparse(q, self.generator), q, entropy_of_probs(torch.tensor(q.probs))
+        return sample_sparse(q, self.rng.at(position)), q, entropy_of_probs(torch.tensor(q.probs))
 
     def draft(self, k: int, round_no: int, stop: StopRule | None = None, eos: Collection[int] = ()) -> DraftBlock:
         """Draft up to k tokens after the current sequence (k = 0: an empty block)."""
@@ -108,7 +109,7 @@ class Drafter:
                 x, h = carry.ids[len(ids)], carry.entropies[len(ids)]
                 q = carry.q[len(ids)] if carry.q else None
             else:  # the sequence is base + ids[:-1]: feed the newest draft (or the round's token)
-                x, q, h = self._pick(self.seq.forward([ids[-1]] if ids else [])[-1])
+                x, q, h = self._pick(self.seq.forward([ids[-1]] if ids else [])[-1], base + len(ids))
             ids.append(x)
             entropies.append(h)
             if q is not None:
@@ -163,7 +164,7 @@ class Drafter:
         hs: list[float] = []
         feed = [block.ids[-1]]  # the block's last draft was not fed by `draft`
         while len(ids) < max_tokens and not halt.is_set() and not (ids and ids[-1] in eos):
-            y, q, h = self._pick(self.seq.forward(feed)[-1])
+            y, q, h = self._pick(self.seq.forward(feed)[-1], self._base + block.k + len(ids))
             ids.append(y)
             hs.append(h)
             if q is not None:

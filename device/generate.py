@@ -63,6 +63,8 @@ class GenerationResult:
     stats: GenerationStats = field(default_factory=GenerationStats)
     target_model: str = ""
     error: str = ""  # why the generation ended early (stop_reason "error")
+    failure: Exception | None = None  # the exception behind `error`
+    failovers: int = 0  # sessions re-opened after the edge went away
 
     @property
     def tokens_per_s(self) -> float:
@@ -99,7 +101,7 @@ async def speculative_generate(
     gen_start, t0 = acct.begin(stats), time.perf_counter()
     await offload(drafter.start, prompt_ids)
     out: list[int] = []
-    error = ""
+    error, failure = "", None
     while not stats.stop_reason:
         room = limits.context_limit - len(drafter.tokens) - 1  # the round's own token needs one slot
         if room < 0:
@@ -116,7 +118,7 @@ async def speculative_generate(
         try:
             ex, predrafted = await _verify_pipelined(drafter, block, verify, depth, offload, limits.eos)
         except VerifyError as exc:
-            stats.stop_reason, error = "error", str(exc)
+            stats.stop_reason, error, failure = "error", str(exc), exc
             break
         pre = drafter.last_predraft
         hit = pre is not None and drafter.predraft_hit(block, ex.verdict, pre)
@@ -150,7 +152,39 @@ async def speculative_generate(
     # the device's too: the deficit queue is charged for it, so the long-run J/token it keeps
     # within the budget is the whole generation's.
     policy.charge(stats.energy_j - sum(t.e_j for t in stats.rounds_log))
-    return GenerationResult(list(prompt_ids), out, time.perf_counter() - t0, stats, error=error)
+    return GenerationResult(list(prompt_ids), out, time.perf_counter() - t0, stats, error=error, failure=failure)
+
+
+def merge_results(first: GenerationResult, then: GenerationResult) -> GenerationResult:
+    """One generation from two sessions (a failover): the second continued the first's tokens."""
+    a, b = first.stats, then.stats
+    stats = GenerationStats(
+        rounds=a.rounds + b.rounds,
+        drafted=a.drafted + b.drafted,
+        accepted=a.accepted + b.accepted,
+        draft_s=a.draft_s + b.draft_s,
+        edge_compute_ms=a.edge_compute_ms + b.edge_compute_ms,
+        edge_queue_ms=a.edge_queue_ms + b.edge_queue_ms,
+        block_sizes=a.block_sizes + b.block_sizes,
+        energy_j=a.energy_j + b.energy_j,
+        radio_j=a.radio_j + b.radio_j,
+        bytes_up=a.bytes_up + b.bytes_up,
+        bytes_down=a.bytes_down + b.bytes_down,
+        energy_source=b.energy_source,
+        energy_kind=b.energy_kind,
+        rounds_log=a.rounds_log + b.rounds_log,
+        stop_reason=b.stop_reason,
+    )
+    return GenerationResult(
+        prompt_ids=first.prompt_ids,
+        token_ids=first.token_ids + then.token_ids,
+        elapsed_s=first.elapsed_s + then.elapsed_s,
+        stats=stats,
+        target_model=then.target_model or first.target_model,
+        error=then.error,
+        failure=then.failure,
+        failovers=first.failovers + 1,
+    )
 
 
 async def _verify_pipelined(

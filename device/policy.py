@@ -249,10 +249,15 @@ class Lyapunov(Policy):
         is drafted."""
         obj = self.controller.objective()
         k_ref, score = choose_k_ref(obj, self.k_max(limit))
-        self._idle_rounds = self._idle_rounds + 1 if k_ref == 0 else 0
-        if k_ref == 0 and limit > 0 and self._idle_rounds >= self.options.explore_every_rounds:
-            k_ref, self._idle_rounds = min(self.options.explore_k, self.k_max(limit)), 0
+        if k_ref == 0 and limit > 0 and self._idle_rounds >= self.options.explore_every_rounds - 1:
+            k_ref = min(self.options.explore_k, self.k_max(limit))
         return k_ref, score, obj
+
+    def observe(self, tele: Telemetry) -> float:
+        # Counted on observed rounds, so deciding stays a pure function of what was observed: a
+        # round lost with its edge (failover) is decided again exactly as it was.
+        self._idle_rounds = self._idle_rounds + 1 if tele.k == 0 else 0
+        return super().observe(tele)
 
     def decide(self, limit: int) -> Decision:
         k_ref, score, _ = self._outer(limit)

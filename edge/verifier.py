@@ -25,9 +25,9 @@ import torch
 
 from edge.kv_pool import KVPool, PooledSequence
 from gelato.models import LoadedModel
-from gelato.sampling import process_logits, verify_greedy, verify_sampling
+from gelato.sampling import KeyedRng, process_logits, verify_greedy, verify_sampling
 from gelato.types import DraftBlock, SamplingParams
-from gelato.wire import WireError, check_block, derive_seed
+from gelato.wire import WireError, check_block
 
 
 class StatusError(Exception):
@@ -58,7 +58,9 @@ class TargetSession:
             limit = self.loaded.context_limit
             self.pool = KVPool(self.loaded.model, self.loaded.vocab_size, slots=1, max_context=limit)
         self.seq = PooledSequence(self.pool, self.prefix_ids)
-        self.generator = torch.Generator().manual_seed(derive_seed(self.params.seed, "target"))
+        # Draws keyed by token position (not a stream): a session re-opened after a failover with
+        # the accepted prefix draws what this one would have.
+        self.rng = KeyedRng(self.params.seed, "target")
 
     def prefill(self) -> None:
         """Cache the prefix except its last token, which the first verify forward feeds."""
@@ -114,7 +116,7 @@ class TargetSession:
         if self.params.greedy:
             a, nxt = verify_greedy(rows, block.ids)
         else:
-            a, nxt = verify_sampling(process_logits(rows, self.params), block.ids, block.q, self.generator)
+            a, nxt = verify_sampling(process_logits(rows, self.params), block.ids, block.q, self.rng, base)
         self.seq.set_tail(base, [*block.ids[:a], nxt])
         self.rounds += 1
         self.last_active = time.monotonic()

@@ -35,8 +35,16 @@ def port_number(text: str) -> int:
     return port
 
 
+GRPC_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
+
+
 def endpoint(text: str) -> str:
-    """HOST:PORT (IPv6 as [ADDR]:PORT) with a port in 1-65535; returned unchanged for gRPC."""
+    """HOST:PORT (IPv6 as [ADDR]:PORT) with a port in 1-65535, or a gRPC target URI naming several
+    replicas (`dns:///edge:50051`, `ipv4:10.0.0.1:50051,10.0.0.2:50051`); returned unchanged."""
+    if text.startswith(GRPC_TARGET_SCHEMES):
+        if not text.split(":", 1)[1].strip("/"):
+            raise argparse.ArgumentTypeError(f"a gRPC target needs addresses after the scheme, got {text!r}")
+        return text
     host, sep, port = text.rpartition(":")
     if not sep or not host or host in ("[]",):
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")

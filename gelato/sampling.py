@@ -11,9 +11,17 @@ Glossary
 Greedy verification accepts x_i iff x_i == argmax p_i and emits argmax p_a. Sampling verification
 accepts x_i with probability min(1, p_i(x_i) / q_i(x_i)); the emitted sequence is then distributed
 exactly as the target's, for any q, provided q is what x_i was drawn from. Ratios are float32.
+
+Randomness: `KeyedRng` draws by (seed, role, token position, purpose) instead of from a stream's
+state, so a generation re-opened on another edge with its accepted prefix (failover) draws exactly
+what the uninterrupted one would have: same seed, same tokens. Each position's draws are used once
+for what the verifier sees (a draft at a position is only re-drawn after the earlier draw was
+discarded unseen), so keyed draws are as independent as a stream's.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
@@ -22,6 +30,24 @@ from gelato.types import SamplingParams, SparseDist
 # Below this total mass the residual is numerically empty (p ~= q); sampling from p is then exact
 # because rejection had (numerically) zero probability.
 RESIDUAL_EPS = 1e-12
+
+
+def derive_seed(seed: int, role: str) -> int:
+    """Independent RNG seeds from one user seed: e.g. the acceptance uniforms must not be
+    correlated with the draws that produced the drafts."""
+    digest = hashlib.sha256(f"{seed}:{role}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class KeyedRng:
+    """A generator reseeded for every (position, purpose): draws keyed by token position."""
+
+    def __init__(self, seed: int, role: str) -> None:
+        self.seed, self.role = seed, role
+        self._gen = torch.Generator()
+
+    def at(self, position: int, purpose: str = "") -> torch.Generator:
+        return self._gen.manual_seed(derive_seed(self.seed, f"{self.role}:{purpose}:{position}"))
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -96,21 +122,30 @@ def verify_sampling(
     p: torch.Tensor,
     draft_ids: tuple[int, ...],
     q: tuple[SparseDist, ...],
-    generator: torch.Generator,
+    generator: torch.Generator | KeyedRng,
+    base: int = 0,
 ) -> tuple[int, int]:
     """Speculative sampling. p: [k+1, V] processed target probabilities. Returns (a, next).
+    With a `KeyedRng`, draft i's uniform and the emitted token's draw are keyed by their position
+    `base + i` in the generation; with a plain generator they come from its stream.
     Raises ValueError on a p that is not a distribution (NaN, inf or negative entries): sampling
     from it would be meaningless, and torch's own error would not say where it came from."""
     if len(q) != len(draft_ids):
         raise ValueError(f"need one q per draft token: {len(q)} q for {len(draft_ids)} ids")
     if not bool(torch.isfinite(p).all()) or bool((p < 0).any()):
         raise ValueError("target probabilities p contain NaN, inf or negative values: not a distribution")
-    uniforms = torch.rand(len(draft_ids), generator=generator) if draft_ids else None
+    if isinstance(generator, KeyedRng):
+        uniforms = [float(torch.rand(1, generator=generator.at(base + i, "accept"))) for i in range(len(draft_ids))]
+    else:
+        uniforms = torch.rand(len(draft_ids), generator=generator).tolist() if draft_ids else []
+
+    def emit_gen(i: int) -> torch.Generator:
+        return generator.at(base + i, "emit") if isinstance(generator, KeyedRng) else generator
+
     for i, (x, qi) in enumerate(zip(draft_ids, q, strict=True)):
         p_x = float(p[i, x])
         q_x = qi.prob_of(x)
-        assert uniforms is not None
-        if q_x > 0 and float(uniforms[i]) * q_x < p_x:  # u < p/q without dividing
+        if q_x > 0 and uniforms[i] * q_x < p_x:  # u < p/q without dividing
             continue
-        return i, sample_dense(residual_distribution(p[i], qi), generator)
-    return len(draft_ids), sample_dense(p[len(draft_ids)], generator)
+        return i, sample_dense(residual_distribution(p[i], qi), emit_gen(i))
+    return len(draft_ids), sample_dense(p[len(draft_ids)], emit_gen(len(draft_ids)))

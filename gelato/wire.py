@@ -10,23 +10,15 @@ float16 values, so the edge knows q exactly (SPEC §2.1).
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
+from gelato.sampling import derive_seed  # noqa: F401  (re-exported: it used to live here)
 from gelato.types import DraftBlock, SamplingParams, SparseDist, Verdict
 from gelato.v1 import gelato_pb2 as pb
 
 
 class WireError(ValueError):
     """A message from the peer is malformed; the text says which field and why."""
-
-
-def derive_seed(seed: int, role: str) -> int:
-    """Independent RNG seeds for the drafter and the target from one user seed: the acceptance
-    uniforms must not be correlated with the draws that produced the drafts."""
-    digest = hashlib.sha256(f"{seed}:{role}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def encode_sampling(params: SamplingParams) -> pb.SamplingParams:

@@ -84,7 +84,11 @@ def test_gelato_explores_after_idle_rounds() -> None:
     p = parse_policy("gelato", PolicyOptions(explore_every_rounds=4, explore_k=3))
     for _ in range(40):
         p.observe(tele(6, 0))
-    ks = [p.decide(32).k_ref for _ in range(8)]
+    ks = []
+    for _ in range(8):
+        ks.append(p.decide(32).k_ref)
+        assert p.decide(32).k_ref == ks[-1]  # deciding again (a round lost to a failover) decides the same
+        p.observe(tele(ks[-1], 0))
     assert ks == [0, 0, 0, 3, 0, 0, 0, 3]
 
 
