@@ -1,0 +1,497 @@
+"""Controller benchmark (issue 11, "Targets"): every draft policy over an emulated Wi-Fi round trip.
+
+Contract: `python -m benchmarks.policies [--n 20] [--one-way-ms 10] [--out DIR] [--policies LIST]
+[--budgets J,J,...]` starts one `gelato-edge` (built-in target, pinned to CPU 0 when there are ≥ 2),
+one `benchmarks.delay_proxy` process in front of it (CPU 0 too: it works only while a message is in
+flight, when neither side computes) and, per policy, one `gelato-device` on CPU 1 that reaches the
+edge THROUGH the proxy. Greedy, built-in drafter, the first N GSM8K test questions, 128 new tokens,
+cpu-model `phone` meter + `wifi` radio model (an ESTIMATE, named so in every output), `--k-max 8`
+for every adaptive policy (the range of the fixed-K sweep).
+
+Order: fixed-0..8; then the budgets ē = the smallest fixed-K device J/token × `--budget-factors`
+(1.0, 1.1, 1.25, 1.5) unless `--budgets` names them; then heuristic, entropy (τ), adaedl (λ), and
+lyapunov and gelato without a budget and at every ē. Per run: tokens/s (ratio of sums over
+prompts), device J/token (Σ energy / Σ tokens), the controller's long-run J/token and final Q (one
+controller per device run), acceptance, mean draft length, rounds, block stop reasons, and exact
+match of every output against fixed-0's (losslessness: a difference is printed loudly, exit 1).
+Per budget: gelato's and lyapunov's tokens/s ÷ the fastest fixed-K with J/token ≤ ē, and whether
+their J/token ≤ 1.05 ē. Writes `results.json`, `results.md` and gzipped per-round traces under
+`--out`, with the exact command, the machine and the measured round trip (gRPC Info through the
+proxy minus direct).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import hashlib
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.delay_proxy import ProxyProcess, grpc_info_rtt, rtt_summary
+from benchmarks.procs import machine, start_edge
+from gelato.tiny.train import gsm8k_file
+
+DEFAULT_POLICIES = ",".join([*(f"fixed-{k}" for k in range(9)), "heuristic", "entropy", "adaedl", "lyapunov", "gelato"])
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One device process: a policy and its flags. `slug` names its trace file."""
+
+    label: str
+    policy: str
+    family: str
+    flags: tuple[str, ...] = ()
+    budget: float | None = None
+
+    @property
+    def slug(self) -> str:
+        return self.label.replace(" ", "_").replace("ē=", "b").replace("τ=", "t").replace("λ=", "l")
+
+
+@dataclass
+class Run:
+    spec: RunSpec
+    summary: dict[str, Any] = field(default_factory=dict)
+    prompts: list[dict[str, Any]] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)
+
+
+def parse_floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def fixed_specs(selected: list[str]) -> list[RunSpec]:
+    ks = sorted({int(p.split("-", 1)[1]) for p in selected if p.startswith("fixed-")} | {0})  # fixed-0: reference
+    return [RunSpec(f"fixed-{k}", f"fixed-{k}", "fixed") for k in ks]
+
+
+def adaptive_specs(selected: list[str], args: argparse.Namespace, budgets: list[float]) -> list[RunSpec]:
+    kmax = ("--k-max", str(args.k_max))
+    out: list[RunSpec] = []
+    if "heuristic" in selected:
+        out.append(RunSpec("heuristic", "heuristic", "heuristic", kmax))
+    if "entropy" in selected:
+        for tau in parse_floats(args.entropy_thresholds):
+            out.append(RunSpec(f"entropy τ={tau:g}", "entropy", "entropy", (*kmax, "--entropy-threshold", f"{tau:g}")))
+    if "adaedl" in selected:
+        for lam in parse_floats(args.adaedl_lambdas):
+            out.append(RunSpec(f"adaedl λ={lam:g}", "adaedl", "adaedl", (*kmax, "--adaedl-lambda", f"{lam:g}")))
+    v = ("--v", f"{args.v:g}") if args.v is not None else ()
+    for family in ("lyapunov", "gelato"):
+        if family not in selected:
+            continue
+        out.append(RunSpec(family, family, family, (*kmax, *v)))
+        for b in budgets:
+            flags = (*kmax, *v, "--energy-budget-j-per-token", repr(b))
+            out.append(RunSpec(f"{family} ē={b:.4g}", family, family, flags, budget=b))
+    return out
+
+
+def choose_budgets(args: argparse.Namespace, fixed: list[Run]) -> list[float]:
+    """Explicit `--budgets`, else the cheapest fixed-K J/token times each factor (same run, same RTT)."""
+    if args.budgets:
+        return parse_floats(args.budgets)
+    jpt = [r.summary["energy_j_per_token"] for r in fixed if r.summary["energy_j_per_token"] is not None]
+    if not jpt:
+        print("no fixed-K energy measured: lyapunov/gelato run without budgets only", flush=True)
+        return []
+    # Full precision: a rounded-down ×1.0 budget would exclude the very fixed-K that defined it.
+    return [min(jpt) * f for f in parse_floats(args.budget_factors)]
+
+
+class Bench:
+    """The edge, the proxy and the per-policy device runs of one benchmark."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        cores = sorted(os.sched_getaffinity(0))
+        pin = len(cores) >= 2 and subprocess.run(["which", "taskset"], capture_output=True).returncode == 0
+        self.edge_prefix = ["taskset", "-c", str(cores[0])] if pin else []
+        self.device_prefix = ["taskset", "-c", str(cores[1])] if pin else []
+        self.pinning = f"edge + proxy on CPU {cores[0]}, device on CPU {cores[1]}" if pin else "not pinned"
+        self.traces = args.out / "traces"
+        self.traces.mkdir(parents=True, exist_ok=True)
+        self.edge = start_edge(["--threads", "1"], prefix=self.edge_prefix)
+        try:
+            self.proxy = ProxyProcess(self.edge.address, args.one_way_ms, args.jitter_ms, args.seed, self.edge_prefix)
+        except RuntimeError:
+            self.edge.stop()
+            raise
+
+    def close(self) -> None:
+        self.proxy.stop()
+        self.edge.stop()
+
+    def measure_rtt(self, n: int = 30) -> dict[str, Any]:
+        """Timed Info calls through the proxy and straight to the edge; the difference is the
+        round trip the proxy added (gRPC's own ~0.5 ms cancels out)."""
+        via = asyncio.run(grpc_info_rtt(self.proxy.address, n))
+        direct = asyncio.run(grpc_info_rtt(self.edge.address, n))
+        out = {"via_proxy": rtt_summary(via), "direct": rtt_summary(direct), "nominal_ms": 2 * self.args.one_way_ms}
+        out["measured_ms"] = round(statistics.median(via) * 1e3 - statistics.median(direct) * 1e3, 3)
+        return out
+
+    def device_cmd(self, spec: RunSpec, trace: Path) -> list[str]:
+        a = self.args
+        cmd = [*self.device_prefix, sys.executable, "-m", "device.cli", "--json", "--threads", "1"]
+        cmd += ["--edge", self.proxy.address, "--prompts-file", str(a.data), "--limit", str(a.n)]
+        cmd += ["--max-new-tokens", str(a.max_new_tokens), "--policy", spec.policy, *spec.flags]
+        cmd += ["--meter", "cpu-model", "--device-profile", a.device_profile, "--radio", a.radio]
+        return [*cmd, "--trace", str(trace)]
+
+    def run(self, spec: RunSpec) -> Run:
+        trace = self.traces / f"{spec.slug}.jsonl"
+        t0, code = time.perf_counter(), code_hash()
+        res = subprocess.run(self.device_cmd(spec, trace), capture_output=True, text=True, timeout=1800)
+        if res.returncode != 0:
+            raise RuntimeError(f"gelato-device {spec.label} failed ({res.returncode}):\n{res.stderr[-4000:]}")
+        records = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+        rounds = [json.loads(line) for line in trace.read_text().splitlines()]
+        with gzip.open(trace.with_suffix(".jsonl.gz"), "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps({k: compact(v) for k, v in r.items()}) + "\n" for r in rounds)
+        trace.unlink()
+        run = Run(spec, prompts=[prompt_row(r) for r in records], token_ids=[r["token_ids"] for r in records])
+        run.summary = summarize(spec, records, rounds)
+        run.summary.update(process_wall_s=round(time.perf_counter() - t0, 1), code=code)
+        # The machine may be shared: a high load during a run makes its timings suspect.
+        run.summary["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
+        return run
+
+
+def compact(v: Any) -> Any:
+    """Five significant digits: the traces shrink ~2× and no measurement here is that precise."""
+    return float(f"{v:.5g}") if isinstance(v, float) else [compact(x) for x in v] if isinstance(v, list) else v
+
+
+def prompt_row(r: dict[str, Any]) -> dict[str, Any]:
+    keys = ("n_tokens", "elapsed_s", "tokens_per_s", "energy_j", "rounds", "drafted", "accepted", "stop_reason")
+    return {k: r.get(k) for k in (*keys, "q_deficit_j", "long_run_j_per_token")}
+
+
+def summarize(spec: RunSpec, records: list[dict[str, Any]], rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    tokens = sum(r["n_tokens"] for r in records)
+    elapsed = sum(r["elapsed_s"] for r in records)
+    drafted = sum(r["drafted"] for r in records)
+    n_rounds = sum(r["rounds"] for r in records)
+    joules = [r["energy_j"] for r in records]
+    return {
+        **asdict(spec),  # label, policy, family, flags, budget (ē in J/token, None without)
+        "prompts": len(records),
+        "tokens": tokens,
+        "elapsed_s": round(elapsed, 3),
+        "tokens_per_s": tokens / elapsed if elapsed else 0.0,
+        # None when any prompt's meter could not read: never 0 J.
+        "energy_j_per_token": None if any(j is None for j in joules) or not tokens else sum(joules) / tokens,
+        "energy": sorted({f"{r['energy_source']} ({r['energy_kind']})" for r in records}),
+        "long_run_j_per_token": records[-1].get("long_run_j_per_token"),
+        "q_final_j": records[-1].get("q_deficit_j"),
+        "acceptance": sum(r["accepted"] for r in records) / drafted if drafted else None,
+        "mean_draft_len": drafted / n_rounds if n_rounds else 0.0,
+        "rounds": n_rounds,
+        "tokens_per_round": tokens / n_rounds if n_rounds else 0.0,
+        **trace_stats(rounds),
+    }
+
+
+def trace_stats(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the controller did, from the per-round trace."""
+    t_mid = statistics.median(r["t_round_s"] for r in rounds)
+    return {
+        "stop_reasons": dict(Counter(r["stop_reason"] for r in rounds).most_common()),
+        "k_ref_mean": statistics.fmean(r["k_ref"] for r in rounds),
+        "k_hist": dict(sorted(Counter(r["k"] for r in rounds).items())),
+        "q_max_j": max(r["q_deficit_j"] or 0.0 for r in rounds),
+        "t_net_median_ms": round(statistics.median(r["t_net_s"] for r in rounds) * 1e3, 3),
+        # A round over twice the median: the device was descheduled (a shared machine), not the policy.
+        "stalled_rounds": sum(r["t_round_s"] > 2 * t_mid for r in rounds),
+    }
+
+
+def check_lossless(runs: list[Run]) -> list[str]:
+    """Every run's tokens against fixed-0's (the edge alone), prompt by prompt."""
+    ref = next(r for r in runs if r.spec.label == "fixed-0").token_ids
+    bad = []
+    for run in runs:
+        same = [a == b for a, b in zip(run.token_ids, ref, strict=True)]
+        run.summary["exact_match"] = f"{sum(same)}/{len(same)}"
+        bad += [f"{run.spec.label}: prompt {i}" for i, ok in enumerate(same) if not ok]
+    return bad
+
+
+# ---------------------------------------------------------------- targets and report
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return max(rows, key=lambda s: s["tokens_per_s"]) if rows else None
+
+
+def _brief(s: dict[str, Any] | None) -> dict[str, Any] | None:
+    keys = ("label", "tokens_per_s", "energy_j_per_token", "long_run_j_per_token", "q_final_j")
+    return None if s is None else {k: s.get(k) for k in keys}
+
+
+def _ge(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool | None:
+    return None if a is None or b is None else a["tokens_per_s"] >= b["tokens_per_s"]
+
+
+def compare_budgets(summaries: list[dict[str, Any]], budgets: list[float]) -> dict[str, Any]:
+    """Issue 11's targets: per ē, gelato ≥ 1.15× the fastest fixed-K with J/token ≤ ē while its own
+    J/token ≤ 1.05 ē, and gelato ≥ lyapunov ≥ that fixed-K; without a budget, gelato ≥ lyapunov ≥
+    the fastest fixed-K and gelato ≥ entropy/adaedl at their best thresholds."""
+    fam = {f: [s for s in summaries if s["family"] == f] for f in {s["family"] for s in summaries}}
+    fixed = fam.get("fixed", [])
+
+    def at(family: str, b: float | None) -> dict[str, Any] | None:
+        return next((s for s in fam.get(family, []) if s["budget"] == b), None)
+
+    per_budget = []
+    for b in budgets:
+        fits = _best([s for s in fixed if s["energy_j_per_token"] is not None and s["energy_j_per_token"] <= b])
+        row: dict[str, Any] = {"budget_j_per_token": b, "fastest_fixed_fitting": _brief(fits)}
+        for family in ("gelato", "lyapunov"):
+            s = at(family, b)
+            if s is None:
+                continue
+            jpt = s["energy_j_per_token"]
+            row[family] = {
+                **(_brief(s) or {}),
+                "speedup_vs_fixed": s["tokens_per_s"] / fits["tokens_per_s"] if fits else None,
+                "within_budget": jpt is not None and jpt <= 1.05 * b,
+            }
+        g = row.get("gelato")
+        row["targets"] = {
+            "gelato_1.15x_within_budget": bool(g and g["within_budget"] and (g["speedup_vs_fixed"] or 0) >= 1.15),
+            "gelato_ge_lyapunov": _ge(at("gelato", b), at("lyapunov", b)),
+            "lyapunov_ge_fixed": _ge(at("lyapunov", b), fits),
+        }
+        per_budget.append(row)
+    g, ly = at("gelato", None), at("lyapunov", None)
+    best = {f: _best(fam.get(f, [])) for f in ("fixed", "entropy", "adaedl", "heuristic")}
+    no_budget = {
+        "gelato": _brief(g),
+        "lyapunov": _brief(ly),
+        **{f"best_{f}": _brief(s) for f, s in best.items()},
+        "targets": {
+            "gelato_ge_lyapunov": _ge(g, ly),
+            "lyapunov_ge_fixed": _ge(ly, best["fixed"]),
+            "gelato_ge_best_entropy": _ge(g, best["entropy"]),
+            "gelato_ge_best_adaedl": _ge(g, best["adaedl"]),
+        },
+    }
+    return {"per_budget": per_budget, "no_budget": no_budget}
+
+
+def print_run(i: int, total: int, s: dict[str, Any]) -> None:
+    print(
+        f"[{i}/{total}] {s['label']}: {s['tokens_per_s']:.1f} tok/s, {_fmt(s['energy_j_per_token'], '.5f')} J/token, "
+        f"acc {_fmt(s['acceptance'], '.3f')}, draft {s['mean_draft_len']:.2f}, {s['rounds']} rounds, "
+        f"Q {_fmt(s['q_final_j'], '.3f')} J ({s['process_wall_s']:.0f} s, load {s['loadavg_1min_after']:.1f})",
+        flush=True,
+    )
+
+
+def run_table(runs: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| run | tokens/s | device J/token | long-run J/token | final Q (J) | acceptance | mean draft | rounds "
+        "| tokens/round | net ms / stalls | block ends | exact match |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for s in runs:
+        stops = ", ".join(f"{k or '-'} {v}" for k, v in s.get("stop_reasons", {}).items())
+        lines.append(
+            f"| {s['label']} | {s['tokens_per_s']:.1f} | {_fmt(s['energy_j_per_token'], '.5f')} "
+            f"| {_fmt(s['long_run_j_per_token'], '.5f')} | {_fmt(s['q_final_j'], '.3f')} "
+            f"| {_fmt(s['acceptance'], '.3f')} | {s['mean_draft_len']:.2f} | {s['rounds']} "
+            f"| {s['tokens_per_round']:.2f} | {_fmt(s.get('t_net_median_ms'), '.1f')} / {s.get('stalled_rounds')} "
+            f"| {stops} "
+            f"| {s.get('exact_match', '?')} |"
+        )
+    return lines
+
+
+def _cmp(name: str, c: dict[str, Any] | None, b: float) -> str:
+    if c is None:
+        return f"{name}: not run"
+    speed = "-" if c["speedup_vs_fixed"] is None else f"{c['speedup_vs_fixed']:.3f}×"
+    ok = "≤" if c["within_budget"] else "> (OVER)"
+    return (
+        f"{name} {c['tokens_per_s']:.1f} tok/s = {speed}, J/token {_fmt(c['energy_j_per_token'], '.5f')} "
+        f"{ok} 1.05 ē = {1.05 * b:.5f}"
+    )
+
+
+def target_lines(comp: dict[str, Any]) -> list[str]:
+    mark = {True: "MET", False: "FALLS SHORT", None: "n/a"}
+    out = []
+    for row in comp["per_budget"]:
+        b, fits = row["budget_j_per_token"], row["fastest_fixed_fitting"]
+        base = "no fixed-K fits" if fits is None else f"{fits['label']} {fits['tokens_per_s']:.1f} tok/s"
+        t = row["targets"]
+        out.append(
+            f"- ē = {b:g} J/token — fastest fixed-K fitting: {base}; {_cmp('gelato', row.get('gelato'), b)}; "
+            f"{_cmp('lyapunov', row.get('lyapunov'), b)}. gelato ≥ 1.15× within budget: "
+            f"**{mark[t['gelato_1.15x_within_budget']]}**; gelato ≥ lyapunov: {mark[t['gelato_ge_lyapunov']]}; "
+            f"lyapunov ≥ fixed-K: {mark[t['lyapunov_ge_fixed']]}"
+        )
+    nb = comp["no_budget"]
+
+    def tps(s: dict[str, Any] | None) -> str:
+        return "not run" if s is None else f"{s['tokens_per_s']:.1f} ({s['label']})"
+
+    t = nb["targets"]
+    out.append(
+        f"- no budget, tokens/s — gelato {tps(nb['gelato'])}, lyapunov {tps(nb['lyapunov'])}, fastest fixed-K "
+        f"{tps(nb['best_fixed'])}, best entropy {tps(nb['best_entropy'])}, best adaedl {tps(nb['best_adaedl'])}, "
+        f"heuristic {tps(nb['best_heuristic'])}. gelato ≥ lyapunov: **{mark[t['gelato_ge_lyapunov']]}**; "
+        f"lyapunov ≥ fixed-K: **{mark[t['lyapunov_ge_fixed']]}**; gelato ≥ best entropy: "
+        f"**{mark[t['gelato_ge_best_entropy']]}**; gelato ≥ best adaedl: **{mark[t['gelato_ge_best_adaedl']]}**"
+    )
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rtt, s = result["rtt"], result["settings"]
+    lines = [
+        "# Draft policies over an emulated round trip (tiny built-in pair)",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}; {result['pinning']}.  ",
+        f"Channel: delay proxy process, {s['one_way_ms']:g} ms one way ± {s['jitter_ms']:g} ms; measured round "
+        f"trip {rtt['before']['measured_ms']:.2f} ms before / {rtt['after']['measured_ms']:.2f} ms after the runs "
+        f"(nominal {rtt['before']['nominal_ms']:g}; gRPC Info through the proxy minus direct).  ",
+        f"{s['n']} GSM8K test questions, greedy, {s['max_new_tokens']} new tokens max, adaptive policies capped at "
+        f"K_max = {s['k_max']}. {result['energy_note']}.  ",
+        "tokens/s and device J/token are ratios of sums over prompts; long-run J/token and final Q are the "
+        "controller's deficit queue after the last prompt (its own accounting; '-' without a budget). net ms: median "
+        "time per round outside drafting and the edge (round trip + device overhead); stalls: rounds over twice "
+        "the median (the device process was descheduled by other work on the machine: energy and time both suffer).",
+        "",
+        *run_table(result["runs"]),
+        "",
+        "## Targets (issue 11)",
+        "",
+        *target_lines(result["comparisons"]),
+        "",
+    ]
+    if len({r["code"] for r in result["runs"]}) > 1:
+        lines.append("**The device/edge/controller sources changed between runs** (`code` per run in results.json).")
+    if result["lossless_failures"]:
+        lines.append("**LOSSLESSNESS VIOLATED**: " + "; ".join(result["lossless_failures"]))
+    else:
+        lines.append("Losslessness: every output of every run equals fixed-0's (the edge alone) token for token.")
+    return "\n".join(lines) + "\n"
+
+
+def git_state() -> dict[str, Any]:
+    """The commit and the files changed on top of it: others edit the tree while benchmarks run."""
+    status = subprocess.run(["git", "status", "--short"], capture_output=True, text=True).stdout
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"commit": commit, "changed": status.splitlines()}
+
+
+def code_hash() -> str:
+    """Of the device, edge and controller sources, per run: a change mid-benchmark shows up."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(p for d in ("device", "edge", "gelato") for p in (root / d).rglob("*.py"))
+    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmarks.policies", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=20, help="GSM8K test questions (the first N)")
+    p.add_argument("--data", type=Path, default=None, help="GSM8K test JSONL (default: the shared copy)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--one-way-ms", type=float, default=10.0, help="proxy delay per direction")
+    p.add_argument("--jitter-ms", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="proxy jitter seed")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/policies_tiny_rtt20"))
+    p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma list; fixed-0 always runs (the reference)")
+    p.add_argument("--budgets", default="", help="ē values in J/token (default: from the fixed-K sweep)")
+    p.add_argument("--budget-factors", default="1.0,1.1,1.25,1.5", help="× the cheapest fixed-K J/token")
+    p.add_argument("--entropy-thresholds", default="1,2,3,4.5", help="τ values (nats) of entropy")
+    p.add_argument("--adaedl-lambdas", default="0.1,0.3,0.5", help="λ values of adaedl (γ = 0.2)")
+    p.add_argument("--k-max", type=int, default=8, help="cap of every adaptive policy")
+    p.add_argument("--v", type=float, default=None, help="lyapunov/gelato V (default: gelato-device's)")
+    p.add_argument("--device-profile", default="phone")
+    p.add_argument("--radio", default="wifi")
+    return p
+
+
+def run_all(bench: Bench, args: argparse.Namespace) -> tuple[list[Run], list[float]]:
+    selected = [p.strip() for p in args.policies.split(",") if p.strip()]
+    runs: list[Run] = []
+
+    fixed = fixed_specs(selected)
+    n_budgets = len(parse_floats(args.budgets or args.budget_factors))
+    total = len(fixed) + len(adaptive_specs(selected, args, [0.0] * n_budgets))  # for the progress line
+
+    def go(specs: list[RunSpec]) -> None:
+        for spec in specs:
+            runs.append(bench.run(spec))
+            print_run(len(runs), total, runs[-1].summary)
+
+    go(fixed)
+    budgets = choose_budgets(args, runs)
+    print("budgets ē (J/token): " + ", ".join(f"{b:.5g}" for b in budgets), flush=True)
+    go(adaptive_specs(selected, args, budgets))
+    return runs, budgets
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.data = gsm8k_file("test", args.data)  # one-line error and exit when it is missing
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per process, as pinned
+    command = shlex.join(["python", "-m", "benchmarks.policies", *(sys.argv[1:] if argv is None else argv)])
+    print(f"benchmarks.policies: {command}", flush=True)
+    t0 = time.perf_counter()
+    bench = Bench(args)
+    try:
+        rtt = bench.measure_rtt()
+        print(f"round trip through the proxy: {rtt['measured_ms']:.2f} ms (nominal {rtt['nominal_ms']:g})", flush=True)
+        runs, budgets = run_all(bench, args)
+        rtt_after = bench.measure_rtt()
+    finally:
+        bench.close()
+    bad = check_lossless(runs)
+    result = {
+        "command": command,
+        "machine": machine(),
+        "git": git_state(),
+        "pinning": bench.pinning,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "rtt": {"before": rtt, "after": rtt_after},
+        "energy_note": "device energy: cpu-model (estimated) phone profile + wifi radio model, not a measurement",
+        "budgets_j_per_token": budgets,
+        "runs": [{**r.summary, "per_prompt": r.prompts} for r in runs],
+        "comparisons": compare_budgets([r.summary for r in runs], budgets),
+        "lossless_failures": bad,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")  # Bench made the folder
+    (args.out / "results.md").write_text(md := markdown(result))
+    print("\n" + md)
+    if bad:
+        print("!" * 80 + f"\nLOSSLESSNESS VIOLATED: outputs differ from fixed-0's for {'; '.join(bad)}\n" + "!" * 80)
+        return 1
+    print(f"losslessness: every output of every run equals fixed-0's token for token. ({result['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
