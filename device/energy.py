@@ -41,8 +41,19 @@ class EnergyAccountant:
     def round_start(self) -> Reading:
         return self.meter.read()
 
+    def drafted(self) -> Reading:
+        """A reading when drafting ends: the round's drafting energy is then measured, not fitted."""
+        return self.meter.read()
+
     def round_end(
-        self, start: Reading, block: DraftBlock, verdict: Verdict, emitted: int, bytes_up: int, bytes_down: int
+        self,
+        start: Reading,
+        block: DraftBlock,
+        verdict: Verdict,
+        emitted: int,
+        bytes_up: int,
+        bytes_down: int,
+        drafted: Reading | None = None,
     ) -> Telemetry:
         end = self.meter.read()
         t_round = end.t_s - start.t_s
@@ -60,6 +71,7 @@ class EnergyAccountant:
             t_edge_queue_s=verdict.queue_ms / 1e3,
             t_edge_compute_s=verdict.compute_ms / 1e3,
             e_compute_j=e_compute,
+            e_draft_j=drafted.joules - start.joules if drafted is not None else float("nan"),
             e_radio_j=e_radio,
             e_j=e_compute + e_radio,
             bytes_up=bytes_up,

@@ -114,6 +114,7 @@ async def speculative_generate(
         cap = max(0, min(wanted, limit))
         start = acct.round_start()
         block = await offload(drafter.draft, cap, stats.rounds, gate, limits.eos)
+        drafted = acct.drafted()
         depth = policy.predraft_depth(decision, block)
         try:
             ex, predrafted = await _verify_pipelined(drafter, block, verify, depth, offload, limits.eos)
@@ -125,7 +126,7 @@ async def speculative_generate(
         emitted = await offload(drafter.apply, block, ex.verdict)
         delivered = _deliver(emitted, out, limits)
         out += delivered
-        tele = acct.round_end(start, block, ex.verdict, len(delivered), ex.bytes_up, ex.bytes_down)
+        tele = acct.round_end(start, block, ex.verdict, len(delivered), ex.bytes_up, ex.bytes_down, drafted)
         tele = replace(
             tele,
             k_ref=decision.k_ref,

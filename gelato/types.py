@@ -119,6 +119,7 @@ class Telemetry:
     # budget), the policy's reference budget and hard cap, why the block ended (budget, entropy,
     # cap, eos, length), and each draft's entropy (nats) and calibrated acceptance p̂.
     q_deficit_j: float = 0.0
+    e_draft_j: float = float("nan")  # meter delta while drafting (part of e_compute_j); NaN: not read
     k_ref: int = 0
     k_max: int = 0
     stop_reason: str = ""

@@ -12,10 +12,12 @@ an edge load that drifts. Drafting time, edge time, network time and radio energ
 `a + b·K` (`EwLinear`): a block's first drafter forward also feeds the round's new tokens and the
 drafter thread has to wake up (measured here: a 1-draft block costs ~2.7× a draft of a 6-draft
 block), verifying more drafts costs more on a CPU edge, a bigger block takes longer to send.
-Device energy is split into drafting power and waiting (idle) power by a weighted least-squares fit
-of each round's metered energy on its drafting and waiting time, because a meter only sees whole
-rounds; the waiting power is what the SPEC calls idle power. A round whose meter cannot read (NaN)
-updates the time estimates only. Before any data the priors hold (`CostPriors`). Pure arithmetic.
+Device energy is split into drafting power and waiting (idle) power: measured, when the meter was
+also read at the end of drafting (`Telemetry.e_draft_j`, what the device loop does), as energy over
+time on each side of that reading; otherwise by a weighted least-squares fit of each round's metered
+energy on its drafting and waiting time. The waiting power is what the SPEC calls idle power. A
+round whose meter cannot read (NaN) updates the time estimates only. Before any data the priors
+hold (`CostPriors`). Pure arithmetic.
 """
 
 from __future__ import annotations
@@ -185,6 +187,11 @@ class CostEstimator:
         self.t_net = EwLinear(d, p.t_net_s)
         self.e_radio = EwLinear(d, 0.0)
         self.power = EwPowerSplit(d, p.p_draft_w, p.p_wait_w)
+        # When the meter was also read at the end of drafting, the split is measured directly.
+        self.e_draft = Ewma(d, 0.0)
+        self.t_drafting = Ewma(d, 0.0)
+        self.e_wait = Ewma(d, 0.0)
+        self.t_waiting = Ewma(d, 0.0)
         self.accept = Ewma(d, p.alpha)
         self.accept.update(p.alpha, p.alpha_weight)
         self.rounds = 0
@@ -199,13 +206,30 @@ class CostEstimator:
         self.t_net.update(tele.k, tele.t_net_s)
         self.e_radio.update(tele.k, tele.e_radio_j)
         if math.isfinite(tele.e_compute_j):
-            self.power.update(tele.t_draft_s, max(tele.t_round_s - tele.t_draft_s, 0.0), tele.e_compute_j)
+            t_wait = max(tele.t_round_s - tele.t_draft_s, 0.0)
+            self.power.update(tele.t_draft_s, t_wait, tele.e_compute_j)
+            if math.isfinite(tele.e_draft_j):
+                self.e_draft.update(tele.e_draft_j)
+                self.t_drafting.update(tele.t_draft_s)
+                self.e_wait.update(tele.e_compute_j - tele.e_draft_j)
+                self.t_waiting.update(t_wait)
+
+    def _powers_w(self) -> tuple[float, float]:
+        """Measured ratios (energy over time, each side of the drafting reading) where rounds had
+        both; else the least-squares split of whole-round readings."""
+        fit = self.power.powers_w()
+        measured_draft = self.t_drafting.value > 0 and self.e_draft.weight > 0
+        measured_wait = self.t_waiting.value > 0 and self.e_wait.weight > 0
+        return (
+            self.e_draft.value / self.t_drafting.value if measured_draft else fit[0],
+            max(self.e_wait.value / self.t_waiting.value, 0.0) if measured_wait else fit[1],
+        )
 
     def model(self) -> CostModel:
         edge0, edge1 = self.t_edge.coefficients()
         net0, net1 = self.t_net.coefficients()
         radio0, radio1 = self.e_radio.coefficients()
-        p_draft, p_wait = self.power.powers_w()
+        p_draft, p_wait = self._powers_w()
         draft0, draft1 = self.t_draft.coefficients()
         return CostModel(
             t_draft0_s=draft0,

@@ -165,6 +165,19 @@ def test_cost_estimator_recovers_powers_and_times() -> None:
     assert m.time_s(0) == pytest.approx(0.02, rel=0.01)  # no block, no per-block drafting cost
 
 
+def test_power_split_is_measured_when_drafting_is_metered() -> None:
+    """With the meter read at the end of drafting, P_draft and P_wait are measured ratios, even
+    when every round drafts the same K (where a fit of whole rounds cannot separate them)."""
+    from dataclasses import replace
+
+    est = CostEstimator()
+    for _ in range(50):
+        t = tele(6, 3, 0.006, 0.03, 2.4 * 0.006 + 0.55 * 0.03)
+        est.observe(replace(t, e_draft_j=2.4 * 0.006))
+    m = est.model()
+    assert m.p_draft_w == pytest.approx(2.4) and m.p_wait_w == pytest.approx(0.55)
+
+
 def test_cost_estimator_skips_unmeasured_energy() -> None:
     est = CostEstimator()
     before = est.model()
