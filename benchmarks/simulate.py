@@ -165,6 +165,7 @@ class RoundModel:
             t_edge_queue_s=0.0,
             t_edge_compute_s=t_edge,
             e_compute_j=e_compute,
+            e_draft_j=ch.p_draft_w * t_draft,  # the real loop reads the meter when drafting ends
             e_radio_j=e_radio,
             e_j=e_compute + e_radio,
             bytes_up=up,
