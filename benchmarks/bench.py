@@ -1,0 +1,330 @@
+"""`gelato-bench gsm8k`: every draft policy on GSM8K between two emulated hosts (SPEC §6, issue 12).
+
+Contract. `gelato-bench gsm8k [--devices N] [--policies LIST] [--budgets J,...] [--v V,...]
+[--limit 50] [--data PATH] [--drafter M --target M] [--max-new-tokens 256] [--out DIR]
+[--channel none|wifi|lte|lossy] [--one-way-ms --jitter-ms --up-mbit --down-mbit --loss
+--loss-stall-ms]` builds the channel (`benchmarks.channel`: two network namespaces + veth, tbf
+rates, delay/jitter/loss by netem or the userspace relay; measured RTT and rates next to the
+nominal ones, before and after the runs), starts one `gelato-edge` in the edge namespace (pinned
+to the first CPU), and runs each configuration as N concurrent `gelato-device` processes in the
+device namespace (pinned to the other CPUs, one each where there are enough), the first `--limit`
+test questions dealt round-robin over the devices. Order: `ar-edge` (the reference every edge-
+verified output must equal), fixed-K, `ar-device`, heuristic, entropy (each τ), adaedl (each λ),
+lyapunov and gelato (without budget; also pipelined with `--pipeline both|local`), then lyapunov
+and gelato at every budget ē × V (default ē: the cheapest fixed-K J/token × `--budget-factors`).
+After the device runs: transformers assisted generation with the same pair in this process
+(`benchmarks.bench_refs.assisted`) and the oracle bound from this run's verdicts and costs.
+
+Outputs under `--out`: `summary.json` (settings, machine, pinning, channel with mechanisms and
+measurements, every run's metrics with per-device rows and per-question records without token ids,
+references, targets), `table.md`, `rounds/<run>.jsonl.gz` (one JSON line per round: the device's
+`--trace` fields plus `device` and `question`), `outputs.jsonl.gz` (every device record with its
+token ids and text) and PNG plots (`benchmarks.bench_plots`). `gelato-bench report DIR` rebuilds
+all of it from those files (references re-run in process, no device runs). Exit
+status 0; 1 when an edge-verified output differs from ar-edge's (losslessness) or a device failed;
+2 on bad arguments or when the channel cannot be built (e.g. not root: never a silent fallback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench_run import Fleet, RunResult, RunSpec, shard_files, summarize
+from benchmarks.channel import PROFILES, Channel, ChannelError, Profile, guard, profile_from
+
+FIXED = [f"fixed-{k}" for k in range(9)]
+DEFAULT_POLICIES = ",".join(["ar-edge", "ar-device", *FIXED, "heuristic", "entropy", "adaedl", "lyapunov", "gelato"])
+ENERGY_NOTE = (
+    "Device energy is an ESTIMATE: the cpu-model meter (`{profile}` profile: CPU seconds × active W + idle W × wall "
+    "time) plus the `{radio}` radio model from bytes (Huang et al. 2012); no power was measured."
+)
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gelato-bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("gsm8k", help="throughput/energy of every policy on GSM8K over an emulated channel")
+    g.add_argument("--devices", type=int, default=1, help="concurrent device processes (default 1)")
+    g.add_argument("--policies", default=DEFAULT_POLICIES, help="comma list (ar-edge always runs: the reference)")
+    g.add_argument("--budgets", default="", help="ē in J/token for lyapunov/gelato (default: from fixed-K)")
+    g.add_argument("--budget-factors", default="1.0,1.25", help="× the cheapest fixed-K J/token, without --budgets")
+    g.add_argument("--v", default="", help="V values for the budgeted runs (default: gelato-device's)")
+    g.add_argument("--pipeline", choices=["off", "local", "both"], default="both", help="controllers pipelined?")
+    g.add_argument("--k-max", type=int, default=8, help="cap of every adaptive policy (default 8, the fixed-K range)")
+    g.add_argument("--entropy-thresholds", default="1", help="τ values (nats) of the entropy policy")
+    g.add_argument("--adaedl-lambdas", default="0.6", help="λ values of adaedl")
+    g.add_argument("--limit", type=int, default=50, help="the first N test questions (default 50)")
+    g.add_argument("--data", type=Path, default=None, help="GSM8K test JSONL (default: ../shared/data/gsm8k)")
+    g.add_argument("--drafter", default=None, help="default: the built-in tiny drafter")
+    g.add_argument("--target", default=None, help="default: the built-in tiny target")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/gsm8k_<channel>_n<N>")
+    g.add_argument("--channel", choices=sorted(PROFILES), default="wifi")
+    for flag, unit in (("one-way-ms", "ms"), ("jitter-ms", "ms ±"), ("up-mbit", "Mbit/s"), ("down-mbit", "Mbit/s")):
+        g.add_argument(f"--{flag}", type=float, default=None, help=f"override the profile's {flag} ({unit})")
+    g.add_argument("--loss", type=float, default=None, help="override the per-segment loss probability")
+    g.add_argument("--loss-stall-ms", type=float, default=None, help="stall per lost segment (relay; default 200)")
+    g.add_argument("--delay-mechanism", choices=["auto", "proxy", "netem"], default="auto")
+    g.add_argument("--seed", type=int, default=0, help="jitter/loss seed")
+    g.add_argument("--radio", default=None, help="device radio model (default: lte for --channel lte, else wifi)")
+    g.add_argument("--device-profile", default="phone", help="cpu-model meter profile")
+    g.add_argument("--no-assisted", action="store_true", help="skip transformers assisted generation")
+    g.add_argument("--no-oracle", action="store_true")
+    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--no-progress", action="store_true")
+    r = sub.add_parser("report", help="rebuild table, summary and plots of a finished run folder (no devices run)")
+    r.add_argument("dir", type=Path)
+    r.add_argument("--no-plots", action="store_true")
+    r.add_argument("--plots-only", action="store_true", help="only redraw the PNGs (references not re-run)")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> str:
+    bad = [
+        ("--devices must be >= 1", args.devices >= 1),
+        ("--limit must be >= --devices", args.limit >= args.devices),
+        ("--max-new-tokens must be >= 2", args.max_new_tokens >= 2),
+        ("--k-max must be >= 1", args.k_max >= 1),
+        ("budgets must be > 0", all(b > 0 for b in floats(args.budgets or args.budget_factors))),
+    ]
+    return next((m for m, ok in bad if not ok), "")
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def controller_variants(selected: list[str], pipeline: str) -> list[tuple[str, bool]]:
+    pipes = {"off": [False], "local": [True], "both": [False, True]}[pipeline]
+    return [(f, pipe) for f in ("lyapunov", "gelato") if f in selected for pipe in pipes]
+
+
+def base_specs(selected: list[str], args: argparse.Namespace) -> list[RunSpec]:
+    kmax = ("--k-max", str(args.k_max))
+    specs = [RunSpec("ar-edge", "ar-edge", "reference")]
+    specs += [RunSpec(p, p, "fixed") for p in selected if p.startswith("fixed-")]
+    specs += [RunSpec("ar-device", "ar-device", "reference")] if "ar-device" in selected else []
+    specs += [RunSpec("heuristic", "heuristic", "heuristic", kmax)] if "heuristic" in selected else []
+    if "entropy" in selected:
+        specs += [
+            RunSpec(f"entropy τ={t:g}", "entropy", "entropy", (*kmax, "--entropy-threshold", f"{t:g}"))
+            for t in floats(args.entropy_thresholds)
+        ]
+    if "adaedl" in selected:
+        specs += [
+            RunSpec(f"adaedl λ={lam:g}", "adaedl", "adaedl", (*kmax, "--adaedl-lambda", f"{lam:g}"))
+            for lam in floats(args.adaedl_lambdas)
+        ]
+    for family, pipe in controller_variants(selected, args.pipeline):
+        specs.append(controller_spec(family, pipe, None, None, args))
+    return specs
+
+
+def controller_spec(
+    family: str, pipe: bool, budget: float | None, v: float | None, args: argparse.Namespace
+) -> RunSpec:
+    flags: tuple[str, ...] = ("--k-max", str(args.k_max), *(("--pipeline", "local") if pipe else ()))
+    label = family + ("+pipe" if pipe else "")
+    if budget is not None:
+        flags += ("--energy-budget-j-per-token", repr(budget))
+        label += f" ē={budget * 1e3:.3g}mJ"
+    if v is not None:
+        flags += ("--v", f"{v:g}")
+        label += f" V={v:g}"
+    return RunSpec(label, family, family, flags, budget, v, pipe)
+
+
+def budget_specs(selected: list[str], args: argparse.Namespace, budgets: list[float]) -> list[RunSpec]:
+    vs: list[float | None] = list(floats(args.v)) or [None]
+    variants = controller_variants(selected, args.pipeline)
+    return [controller_spec(f, pipe, b, v, args) for b in budgets for v in vs for f, pipe in variants]
+
+
+def choose_budgets(args: argparse.Namespace, fixed: list[dict[str, Any]]) -> list[float]:
+    if args.budgets:
+        return floats(args.budgets)
+    jpt = [s["energy_j_per_token"] for s in fixed if s["energy_j_per_token"] and s["policy"] != "fixed-0"]
+    return [min(jpt) * f for f in floats(args.budget_factors)] if jpt else []
+
+
+# ---------------------------------------------------------------- running
+
+
+def pinning(devices: int) -> tuple[int | None, list[int | None], str]:
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < 2:
+        return None, [None] * devices, "not pinned (one CPU)"
+    edge, rest = cores[0], cores[1:]
+    devs: list[int | None] = [rest[d % len(rest)] for d in range(devices)]
+    shared = "" if devices <= len(rest) else f" ({devices} devices share {len(rest)} CPU(s): CPU-bound)"
+    return edge, devs, f"edge + channel relay on CPU {edge}, devices on CPU(s) {sorted(set(devs))}{shared}"  # type: ignore[type-var]
+
+
+def progress_bar(total: int, disabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="q", desc="gsm8k", disable=disabled, dynamic_ncols=True, smoothing=0.05)
+
+
+class Bench:
+    """The channel, the edge and the fleet of one `gelato-bench gsm8k` run."""
+
+    def __init__(self, args: argparse.Namespace, profile: Profile, questions: list[dict[str, Any]]) -> None:
+        self.args, self.profile, self.questions = args, profile, questions
+        self.edge_cpu, self.device_cpus, self.pinning = pinning(args.devices)
+        self.results: list[RunResult] = []
+
+    def device_base(self, address: str) -> list[str]:
+        a = self.args
+        base = ["--edge", address, "--threads", "1", "--max-new-tokens", str(a.max_new_tokens)]
+        base += ["--meter", "cpu-model", "--device-profile", a.device_profile, "--radio", a.radio]
+        base += ["--connect-timeout-s", "60"]
+        return base + (["--drafter", a.drafter] if a.drafter else [])
+
+    def run(self, channel: Channel) -> dict[str, Any]:
+        from benchmarks.procs import start_edge
+
+        a = self.args
+        edge_args = ["--threads", "1", *(["--target", a.target] if a.target else [])]
+        edge = start_edge(edge_args, prefix=channel.prefix("edge", self.edge_cpu))
+        try:
+            port = int(edge.address.rsplit(":", 1)[1])
+            address = channel.expose(port, self.edge_cpu)
+            before = channel.measure(address, port)
+            print(f"channel measured: {json.dumps(before['measured'])} (nominal {before['nominal']})", flush=True)
+            shards = shard_files(self.questions, a.devices, a.out / "work")
+            launch = [channel.prefix("device", cpu) for cpu in self.device_cpus]
+            self.fleet = Fleet(launch, self.device_base(address), shards, a.out / "work")
+            budgets = self.run_plan()
+            after = channel.measure(address, port)
+        finally:
+            edge.stop()
+        return {"measured_before": before, "measured_after": after, "budgets_j_per_token": budgets}
+
+    def run_plan(self) -> list[float]:
+        a = self.args
+        selected = [p.strip() for p in a.policies.split(",") if p.strip()]
+        base = base_specs(selected, a)
+        n_budgets = len(floats(a.budgets or a.budget_factors))
+        n_late = n_budgets * max(1, len(floats(a.v))) * len(controller_variants(selected, a.pipeline))
+        bar = progress_bar((len(base) + n_late) * len(self.questions), a.no_progress)
+        self.fleet.progress = bar
+        try:
+            for spec in base:
+                self.go(spec, bar)
+            fixed = [summarize(r) for r in self.results if r.spec.family == "fixed"]
+            budgets = choose_budgets(a, fixed)
+            bar.write("budgets ē (mJ/token): " + ", ".join(f"{b * 1e3:.4g}" for b in budgets))
+            for spec in budget_specs(selected, a, budgets):
+                self.go(spec, bar)
+        finally:
+            bar.close()
+        return budgets
+
+    def go(self, spec: RunSpec, bar: Any) -> None:
+        bar.set_description(spec.label)
+        res = self.fleet.run(spec)
+        self.results.append(res)
+        s = summarize(res)
+        jpt = s["energy_j_per_token"]
+        bar.write(
+            f"{spec.label}: {s['tokens_per_s'] or 0:.1f} tok/s/device, agg {s['aggregate_tokens_per_s']:.1f}, "
+            f"{'-' if jpt is None else f'{jpt * 1e3:.3f}'} mJ/token, acc {s['acceptance'] or 0:.3f}, "
+            f"draft {s['mean_draft_len'] or 0:.2f} ({res.wall_s:.0f} s)"
+        )
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def load_questions(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from gelato.tiny.train import gsm8k_file
+
+    path = gsm8k_file("test", args.data)  # a one-line error (SystemExit) when missing
+    args.data = path
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][: args.limit]
+    from benchmarks.bench_report import gsm8k_answer
+
+    return [{"question": r["question"], "gold": gsm8k_answer(r.get("answer", ""))} for r in rows]
+
+
+def compact(v: Any) -> Any:
+    """Floats to five significant digits: the files shrink ~2× and no timing here is that precise."""
+    return float(f"{v:.5g}") if isinstance(v, float) else [compact(x) for x in v] if isinstance(v, list) else v
+
+
+def write_rounds(results: list[RunResult], out: Path) -> None:
+    """`rounds/<run>.jsonl.gz`: one line per round; `outputs.jsonl.gz`: one line per run and
+    question, the device's record (token ids and text included) without the prompt: what
+    `gelato-bench report DIR` rebuilds every output from."""
+    folder = out / "rounds"
+    folder.mkdir(parents=True, exist_ok=True)
+    for res in results:
+        with gzip.open(folder / f"{res.spec.slug}.jsonl.gz", "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps({k: compact(v) for k, v in r.items()}) + "\n" for r in res.rounds)
+    with gzip.open(out / "outputs.jsonl.gz", "wt", encoding="utf-8") as f:
+        for res in results:
+            f.writelines(
+                json.dumps({"run": res.spec.label, **{k: v for k, v in r.items() if k != "prompt"}}) + "\n"
+                for r in res.records
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "report":
+        from benchmarks.bench_finish import rebuild, replot
+
+        return replot(args.dir) if args.plots_only else rebuild(args.dir, args.no_plots)
+    bad = check_args(args)
+    if bad:
+        parser.error(bad)
+    try:
+        profile = profile_from(
+            args.channel,
+            one_way_ms=args.one_way_ms,
+            jitter_ms=args.jitter_ms,
+            up_mbit=args.up_mbit,
+            down_mbit=args.down_mbit,
+            loss=args.loss,
+            loss_stall_ms=args.loss_stall_ms,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.radio = args.radio or ("lte" if args.channel == "lte" else "wifi")
+    args.out = args.out or Path(f"benchmarks/results/gsm8k_{args.channel}_n{args.devices}")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    questions = load_questions(args)
+    command = shlex.join(["gelato-bench", *(sys.argv[1:] if argv is None else argv)])
+    print(f"{command}\n{len(questions)} questions, {args.devices} device(s), channel {profile}", flush=True)
+    t0 = time.perf_counter()
+    bench = Bench(args, profile, questions)
+    try:
+        with Channel(profile, args.seed, args.delay_mechanism) as channel, guard(channel):
+            measured = bench.run(channel)
+            description = channel.describe()
+    except ChannelError as exc:
+        print(f"gelato-bench: channel {args.channel}: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"gelato-bench: {exc}", file=sys.stderr)
+        return 1
+    from benchmarks.bench_finish import finish
+
+    return finish(args, command, bench, questions, {**description, **measured}, time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

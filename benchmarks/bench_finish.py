@@ -1,0 +1,224 @@
+"""After the device runs of `gelato-bench gsm8k`: references, scoring, targets and every output file.
+
+Contract: `finish(args, command, bench, questions, channel, wall_s)` scores every run (GSM8K
+accuracy, exact match against `ar-edge` per question), runs the in-process references (assisted
+generation, oracle; `benchmarks.bench_refs`), checks the targets, writes `summary.json`,
+`table.md`, `rounds/*.jsonl.gz` and the plots under `args.out`, prints the table and returns the
+exit status (1 when an edge-verified output differs from ar-edge's). `rebuild(out)` does the same
+from a finished run's folder (`summary.json`, `outputs.jsonl.gz`, `rounds/`) without re-running a
+device: `gelato-bench report DIR` after a change to scoring, references or plots (`--plots-only`:
+`replot(out)`, the PNGs alone, nothing re-measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from benchmarks import bench_refs
+from benchmarks.bench_report import exact_match, markdown, plots, score, targets
+from benchmarks.bench_run import RunResult, RunSpec, summarize, token_ids
+from benchmarks.procs import machine
+
+
+def code_state() -> dict[str, Any]:
+    """The commit, the files changed on top of it and a hash of the device/edge/gelato sources:
+    other work may change the tree while a long benchmark runs."""
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    git = ["git", "-C", str(root)]
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run([*git, "status", "--short"], capture_output=True, text=True).stdout.splitlines()
+    files = sorted(p for d in ("device", "edge", "gelato") for p in (root / d).rglob("*.py"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
+    return {"commit": commit, "changed": changed, "sources_sha256_12": digest}
+
+
+def score_runs(results: list[RunResult], gold: list[float | None]) -> tuple[list[dict[str, Any]], list[str]]:
+    ref = token_ids(next(r for r in results if r.spec.policy == "ar-edge"))
+    rows, bad = [], []
+    for res in results:
+        s = summarize(res)
+        s["gsm8k_accuracy"] = score(res.records, gold)
+        same, n = exact_match(token_ids(res), ref)
+        s["exact_match"] = f"{same}/{n}"
+        if res.spec.policy != "ar-device" and same != n:
+            ids = token_ids(res)
+            bad += [f"{res.spec.label}: question {q}" for q in ref if ids.get(q) != ref[q]]
+        s["per_question"] = [
+            {
+                k: r.get(k)
+                for k in ("question", "device", "n_tokens", "elapsed_s", "energy_j", "rounds", "stop_reason", "correct")
+            }
+            for r in res.records
+        ]
+        rows.append(s)
+    return rows, bad
+
+
+def references(
+    args: argparse.Namespace, cpu: int | None, results: list[RunResult], questions: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Assisted generation and the oracle rows; the oracle's details go to summary.json."""
+    from gelato.models import encode_prompt, load_model
+
+    if args.no_assisted and args.no_oracle:
+        return [], {}
+    target = load_model(args.target, "target", "float32", "cpu")
+    drafter = load_model(args.drafter, "drafter", "float32", "cpu")
+    prompts = [encode_prompt(target.tokenizer, q["question"]) for q in questions]
+    ar_edge = token_ids(next(r for r in results if r.spec.policy == "ar-edge"))
+    rows: list[dict[str, Any]] = []
+    if not args.no_assisted:
+        print("assisted generation (transformers, one process) ...", flush=True)
+        a = bench_refs.assisted(prompts, target, drafter, args.max_new_tokens, cpu)
+        same = sum(ids == ar_edge[q] for q, ids in enumerate(a["token_ids"]))
+        texts = [target.tokenizer.decode(ids, skip_special_tokens=True) for ids in a["token_ids"]]
+        recs = [{"question": q, "text": t} for q, t in enumerate(texts)]
+        acc = score(recs, [q["gold"] for q in questions])
+        rows.append(
+            {
+                "label": "assisted (transformers, 1 process)",
+                "mode": a["mode"],
+                "policy": "assisted",
+                "family": "reference",
+                "tokens": a["tokens"],
+                "tokens_per_s": a["tokens_per_s"],
+                "energy_j_per_token": None,
+                "energy": ["n/a: device and edge in one process"],
+                "gsm8k_accuracy": acc,
+                "exact_match": f"{same}/{len(prompts)}",
+            }
+        )
+    detail: dict[str, Any] = {}
+    fixed = [r for r in results if r.spec.family == "fixed" and r.rounds]
+    if not args.no_oracle and fixed:
+        print("oracle bound (teacher-forced verdicts + this run's costs) ...", flush=True)
+        traces = bench_refs.oracle_traces(prompts, [ar_edge[q] for q in range(len(prompts))], drafter)
+        context = min(target.context_limit, drafter.context_limit)
+        caps = tuple(sorted({args.k_max, 32}))
+        detail = bench_refs.oracle(traces, fixed, args.radio, context, caps)
+        rows += [{**o, "family": "reference", "energy": ["simulated from measured costs"]} for o in detail["rows"]]
+    return rows, detail
+
+
+def _rounds_by_label(results: list[RunResult]) -> dict[str, list[dict[str, Any]]]:
+    return {r.spec.label: r.rounds for r in results}
+
+
+def finish(
+    args: argparse.Namespace,
+    command: str,
+    bench: Any,
+    questions: list[dict[str, Any]],
+    channel: dict[str, Any],
+    wall_s: float,
+) -> int:
+    from benchmarks.bench import ENERGY_NOTE, write_rounds
+
+    results: list[RunResult] = bench.results
+    out: Path = args.out
+    rows, bad = score_runs(results, [q["gold"] for q in questions])
+    result: dict[str, Any] = {
+        "command": command,
+        "machine": machine(),
+        "pinning": bench.pinning,
+        "settings": {
+            "devices": args.devices,
+            "questions": len(questions),
+            "data": str(args.data),
+            "max_new_tokens": args.max_new_tokens,
+            "k_max": args.k_max,
+            "policies": args.policies,
+            "pipeline": args.pipeline,
+            "radio": args.radio,
+            "device_profile": args.device_profile,
+            "drafter": args.drafter or "built-in",
+            "target": args.target or "built-in",
+            "seed": args.seed,
+        },
+        "channel": channel,
+        "energy_note": ENERGY_NOTE.format(profile=args.device_profile, radio=args.radio),
+        "runs": rows,
+        "lossless_failures": bad,
+        "wall_s": round(wall_s, 1),
+        "code_at_end": code_state(),
+    }
+    # What `rebuild` needs goes to disk before the references run: a failure there loses nothing.
+    write_rounds(results, out)
+    (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+    refs, oracle_detail = references(args, bench.device_cpus[0], results, questions)
+    result.update(references=refs, oracle=oracle_detail)
+    result["targets"] = targets(rows, [r for r in refs if r["policy"] == "oracle"], args.k_max)
+    (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "table.md").write_text(md := markdown(result))
+    if not args.no_plots:
+        plots(result, _rounds_by_label(results), out)
+    shutil.rmtree(out / "work", ignore_errors=True)
+    print("\n" + md)
+    if bad:
+        print("LOSSLESSNESS VIOLATED: " + "; ".join(bad[:20]))
+        return 1
+    return 0
+
+
+def _read_jsonl_gz(path: Path) -> list[dict[str, Any]]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def replot(out: Path) -> int:
+    """Only the PNGs, from `summary.json` and `rounds/` (nothing re-measured)."""
+    summary = json.loads((out / "summary.json").read_text())
+    rounds = {
+        r["label"]: _read_jsonl_gz(out / "rounds" / f"{RunSpec(r['label'], r['policy'], r['family']).slug}.jsonl.gz")
+        for r in summary["runs"]
+    }
+    print("\n".join(str(p) for p in plots(summary, rounds, out)))
+    return 0
+
+
+def rebuild(out: Path, no_plots: bool = False) -> int:
+    from benchmarks.bench import load_questions, pinning
+
+    summary = json.loads((out / "summary.json").read_text())
+    st = summary["settings"]
+    outputs = _read_jsonl_gz(out / "outputs.jsonl.gz")
+    results = []
+    for run in summary["runs"]:
+        spec = RunSpec(
+            run["label"],
+            run["policy"],
+            run["family"],
+            tuple(run["flags"]),
+            run["budget_j_per_token"],
+            run["v"],
+            run["pipeline"],
+        )
+        records = [o for o in outputs if o["run"] == spec.label]
+        rounds = _read_jsonl_gz(out / "rounds" / f"{spec.slug}.jsonl.gz")
+        results.append(RunResult(spec, records, rounds, run["wall_s"], run.get("loadavg_1min_after")))
+    args = argparse.Namespace(
+        out=out,
+        data=Path(st["data"]),
+        limit=st["questions"],
+        no_assisted=False,
+        no_oracle=False,
+        no_plots=no_plots,
+        drafter=None if st["drafter"] == "built-in" else st["drafter"],
+        target=None if st["target"] == "built-in" else st["target"],
+        **{
+            k: st[k]
+            for k in ("devices", "max_new_tokens", "k_max", "policies", "pipeline", "radio", "device_profile", "seed")
+        },
+    )
+    bench = SimpleNamespace(results=results, pinning=summary["pinning"], device_cpus=pinning(1)[1])
+    questions = load_questions(args)
+    return finish(args, summary["command"], bench, questions, summary["channel"], summary["wall_s"])

@@ -1,0 +1,256 @@
+"""Device runs of `gelato-bench gsm8k`: what one run is, how its N device processes run, and what
+is summed from them.
+
+Contract. `RunSpec` is one policy configuration (label, `--policy`, extra device flags, budget, V,
+pipelining). `Fleet.run(spec)` starts N `gelato-device --json --trace` processes at once (device i
+gets questions i, i+N, i+2N, ... of the run: `shard_files`), each under the channel's launcher
+(its network namespace, pinned to its core), counts finished questions into a progress bar as
+their JSON lines arrive, and returns a `RunResult`: per-question records (with `question` = the
+global index and `device`), and per-round rows (the device's `--trace` lines plus `device` and
+`question`). `summarize(result)` gives the run's metrics: ratios of sums over all questions
+(tokens/s per device, device J/token, mean device power), the fleet's aggregate tokens/s (Σ over
+devices of each device's tokens/s: they run concurrently), acceptance, mean draft length, rounds,
+bytes, edge compute per token, and per device the p50/p99 latency per token (each emitted token
+weighs its round's wall time divided by the tokens the round emitted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PLAN_FAMILIES = ("reference", "fixed", "heuristic", "entropy", "adaedl", "lyapunov", "gelato")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    label: str
+    policy: str
+    family: str
+    flags: tuple[str, ...] = ()
+    budget: float | None = None
+    v: float | None = None
+    pipeline: bool = False
+
+    @property
+    def slug(self) -> str:
+        table = str.maketrans({" ": "_", "=": "", "ē": "b", "τ": "t", "λ": "l", "+": "_", ",": "_"})
+        return self.label.translate(table)
+
+    @property
+    def speculative(self) -> bool:
+        return self.policy not in ("ar-edge", "ar-device", "fixed-0")
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    records: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+    loadavg: float | None = None  # 1-minute load average when the run ended (others may share the machine)
+
+
+def shard_files(questions: list[dict[str, Any]], devices: int, folder: Path) -> list[Path]:
+    """Device i's prompts file: questions i, i+N, ... (JSONL with `question`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for d in range(devices):
+        path = folder / f"device{d}.jsonl"
+        path.write_text("".join(json.dumps({"question": q["question"]}) + "\n" for q in questions[d::devices]))
+        paths.append(path)
+    return paths
+
+
+def shard_index(device: int, local: int, devices: int) -> int:
+    return device + local * devices
+
+
+class Fleet:
+    """Runs one spec on N device processes. `launcher(d)` is device d's command prefix (network
+    namespace + pinning); `base` the device flags every run shares; `progress` gets `update(1)`
+    per finished question."""
+
+    def __init__(
+        self,
+        launcher: list[list[str]],
+        base: list[str],
+        shards: list[Path],
+        work: Path,
+        progress: Any = None,
+        timeout_s: float = 7200.0,
+    ) -> None:
+        self.launcher, self.base, self.shards, self.work = launcher, base, shards, work
+        self.progress, self.timeout_s = progress, timeout_s
+
+    def command(self, spec: RunSpec, d: int, trace: Path) -> list[str]:
+        cmd = [*self.launcher[d], sys.executable, "-m", "device.cli", "--json", *self.base]
+        cmd += ["--prompts-file", str(self.shards[d]), "--policy", spec.policy, *spec.flags]
+        return [*cmd, "--trace", str(trace)]
+
+    def run(self, spec: RunSpec) -> RunResult:
+        self.work.mkdir(parents=True, exist_ok=True)
+        traces = [self.work / f"{spec.slug}.device{d}.jsonl" for d in range(len(self.shards))]
+        errs = [self.work / f"{spec.slug}.device{d}.stderr" for d in range(len(self.shards))]
+        lines: queue.Queue[tuple[int, str] | None] = queue.Queue()
+        t0 = time.perf_counter()
+        procs = [self._start(self.command(spec, d, traces[d]), errs[d], d, lines) for d in range(len(self.shards))]
+        records = self._collect(procs, lines, spec)
+        result = RunResult(spec, records=records, wall_s=time.perf_counter() - t0, loadavg=os.getloadavg()[0])
+        for d, path in enumerate(traces):
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                row["device"], row["question"] = d, shard_index(d, row["prompt_index"], len(self.shards))
+                result.rounds.append(row)
+            path.unlink()
+        for e in errs:
+            e.unlink(missing_ok=True)
+        return result
+
+    def _start(self, cmd: list[str], err: Path, d: int, lines: queue.Queue[tuple[int, str] | None]) -> Any:
+        with open(err, "w") as f:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True)
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put((d, line))
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        return proc
+
+    def _collect(
+        self, procs: list[Any], lines: queue.Queue[tuple[int, str] | None], spec: RunSpec
+    ) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        local = Counter[int]()
+        open_streams, deadline = len(procs), time.monotonic() + self.timeout_s
+        try:
+            while open_streams:
+                item = lines.get(timeout=max(1.0, deadline - time.monotonic()))
+                if item is None:
+                    open_streams -= 1
+                    continue
+                d, line = item
+                if not line.startswith("{"):
+                    continue
+                rec = json.loads(line)
+                rec["device"], rec["question"] = d, shard_index(d, local[d], len(procs))
+                local[d] += 1
+                records.append(rec)
+                if self.progress is not None:
+                    self.progress.update(1)
+        except queue.Empty:
+            raise RuntimeError(f"{spec.label}: devices silent past the run timeout ({self.timeout_s:g} s)") from None
+        finally:
+            for p in procs:
+                if p.poll() is None and open_streams:
+                    p.kill()
+                p.wait()
+        failed = [d for d, p in enumerate(procs) if p.returncode != 0]
+        if failed:
+            err = (self.work / f"{spec.slug}.device{failed[0]}.stderr").read_text()[-3000:]
+            raise RuntimeError(f"{spec.label}: gelato-device {failed} failed:\n{err}")
+        return sorted(records, key=lambda r: r["question"])
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def token_latencies(rounds: list[dict[str, Any]]) -> list[float]:
+    """Seconds per token, one entry per emitted token: its round's wall time / the round's tokens."""
+    out: list[float] = []
+    for r in rounds:
+        if r["emitted"] > 0:
+            out += [r["t_round_s"] / r["emitted"]] * r["emitted"]
+    return out
+
+
+def per_device(res: RunResult) -> list[dict[str, Any]]:
+    rows = []
+    for d in sorted({r["device"] for r in res.records}):
+        recs = [r for r in res.records if r["device"] == d]
+        lat = token_latencies([r for r in res.rounds if r["device"] == d])
+        tokens, elapsed = sum(r["n_tokens"] for r in recs), sum(r.get("elapsed_s", 0.0) for r in recs)
+        rows.append(
+            {
+                "device": d,
+                "questions": len(recs),
+                "tokens": tokens,
+                "tokens_per_s": _ratio(tokens, elapsed),
+                "latency_p50_ms": None if not lat else percentile(lat, 0.5) * 1e3,  # type: ignore[operator]
+                "latency_p99_ms": None if not lat else percentile(lat, 0.99) * 1e3,  # type: ignore[operator]
+            }
+        )
+    return rows
+
+
+def summarize(res: RunResult) -> dict[str, Any]:
+    recs, spec = res.records, res.spec
+    tokens = sum(r["n_tokens"] for r in recs)
+    elapsed = sum(r.get("elapsed_s", 0.0) for r in recs)
+    drafted, rounds = sum(r.get("drafted", 0) for r in recs), sum(r.get("rounds", 0) for r in recs)
+    joules = [r.get("energy_j") for r in recs]
+    energy = None if any(j is None for j in joules) else sum(j for j in joules if j is not None)
+    devs = per_device(res)
+    q = [r["q_deficit_j"] for r in res.rounds if r.get("q_deficit_j") is not None]
+    return {
+        "label": spec.label,
+        "policy": spec.policy,
+        "family": spec.family,
+        "flags": list(spec.flags),
+        "budget_j_per_token": spec.budget,
+        "v": spec.v,
+        "pipeline": spec.pipeline,
+        "questions": len(recs),
+        "errors": sum(r.get("stop_reason") == "error" for r in recs),
+        "tokens": tokens,
+        "elapsed_s": round(elapsed, 3),
+        "tokens_per_s": _ratio(tokens, elapsed),
+        "aggregate_tokens_per_s": sum(d["tokens_per_s"] or 0.0 for d in devs),
+        "energy_j_per_token": None if energy is None else _ratio(energy, tokens),
+        "mean_power_w": None if energy is None else _ratio(energy, elapsed),
+        "energy": sorted({f"{r.get('energy_source')} ({r.get('energy_kind')})" for r in recs}),
+        "acceptance": _ratio(sum(r.get("accepted", 0) for r in recs), drafted),
+        "mean_draft_len": _ratio(drafted, rounds),
+        "rounds": rounds,
+        "tokens_per_round": _ratio(tokens, rounds),
+        "bytes_up": sum(r.get("bytes_up", 0) for r in recs),
+        "bytes_down": sum(r.get("bytes_down", 0) for r in recs),
+        "edge_compute_s_per_token": _ratio(sum(r.get("edge_compute_s", 0.0) for r in recs), tokens),
+        "stop_reasons": dict(Counter(r.get("stop_reason") or "-" for r in res.rounds).most_common()),
+        "k_hist": {str(k): v for k, v in sorted(Counter(r["k"] for r in res.rounds).items())},
+        "q_final_j": recs[-1].get("q_deficit_j") if recs else None,
+        "q_max_j": max(q) if q else None,
+        "long_run_j_per_token": recs[-1].get("long_run_j_per_token") if recs else None,
+        "t_net_median_ms": statistics.median(r["t_net_s"] for r in res.rounds) * 1e3 if res.rounds else None,
+        "per_device": devs,
+        "wall_s": round(res.wall_s, 1),
+        "loadavg_1min_after": res.loadavg,
+    }
+
+
+def token_ids(res: RunResult) -> dict[int, list[int]]:
+    return {r["question"]: r["token_ids"] for r in res.records}

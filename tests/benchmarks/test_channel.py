@@ -1,0 +1,146 @@
+"""The emulated channel (`benchmarks.channel`, `benchmarks.channel_probe`): profiles, the refusal
+without privileges (never a silent fallback), the lossy relay's exact byte stream, and — as root —
+namespaces + veth + tbf set up, a measured round trip within ±20 % of the requested one, measured
+rates, and teardown (normal, on SIGTERM, and of a killed run's leftovers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench
+from benchmarks.channel import Channel, ChannelError, profile_from, reap_stale, run
+from benchmarks.channel_probe import LossyProxy
+from benchmarks.delay_proxy import split_hostport
+
+root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="not root: creating network namespaces, veth pairs and tc qdiscs needs CAP_NET_ADMIN"
+)
+
+
+def namespaces() -> list[str]:
+    return run(["ip", "netns", "list"], check=False).stdout.split()
+
+
+def test_profiles_and_overrides() -> None:
+    lte = profile_from("lte")
+    assert (lte.one_way_ms, lte.jitter_ms, lte.up_mbit, lte.loss) == (30.0, 10.0, 10.0, 0.0)
+    assert profile_from("lossy").loss == 0.01 and profile_from("lossy").one_way_ms == 10.0
+    p = profile_from("wifi", one_way_ms=5, loss=None)
+    assert p.one_way_ms == 5 and p.jitter_ms == 2.0
+    for bad in ({"loss": 1.0}, {"jitter_ms": -1}):
+        with pytest.raises(ValueError):
+            profile_from("wifi", **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        profile_from("satellite")
+
+
+def test_without_root_a_clear_error_never_a_fallback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(ChannelError, match="needs root"), Channel(profile_from("wifi")):
+        pass
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    code = bench.main(["gsm8k", "--channel", "lte", "--limit", "1", "--data", str(data), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "channel lte" in err and "needs root" in err and "--channel none" in err
+    assert not (tmp_path / "o" / "summary.json").exists()  # nothing ran without the channel
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(4096):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def _through_lossy(n: int) -> tuple[bytes, bytes, dict[str, int], float]:
+    server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    proxy = LossyProxy(f"{host}:{port}", one_way_ms=1.0, jitter_ms=1.0, loss=0.2, loss_stall_ms=5.0, seed=2)
+    async with proxy:
+        reader, writer = await asyncio.open_connection(*split_hostport(proxy.address))
+        sent = b"".join(i.to_bytes(4, "big") for i in range(n))
+        t0 = time.perf_counter()
+        for i in range(n):
+            writer.write(sent[4 * i : 4 * i + 4])
+            if i % 5 == 0:
+                await asyncio.sleep(0.0002)
+        got = await asyncio.wait_for(reader.readexactly(len(sent)), timeout=30)
+        elapsed = time.perf_counter() - t0
+        writer.close()
+        lost = proxy.lost_segments()
+    server.close()
+    await server.wait_closed()
+    return sent, got, lost, elapsed
+
+
+def test_lossy_relay_keeps_the_byte_stream_exact() -> None:
+    """Delay, jitter and loss stalls: every byte arrives, in order; losses are counted and cost time."""
+    sent, got, lost, elapsed = asyncio.run(_through_lossy(600))
+    assert got == sent
+    assert lost["segments"] > 100 and 0.1 < lost["lost"] / lost["segments"] < 0.3
+    assert elapsed >= 0.005  # at least one stall
+
+
+@root
+def test_channel_setup_measured_delay_and_teardown() -> None:
+    profile = profile_from("wifi", one_way_ms=15, jitter_ms=0, up_mbit=20, down_mbit=40)
+    with Channel(profile) as ch:
+        assert set(ch.ns.values()) <= set(namespaces())
+        qdisc = run(["ip", "netns", "exec", ch.ns["device"], "tc", "qdisc", "show", "dev", ch.veth["device"]]).stdout
+        assert "tbf" in qdisc and "20Mbit" in qdisc
+        m = ch.measure()
+        mech = ch.mechanisms
+    rtt = m["measured"]["rtt_ms"]
+    assert 30 * 0.8 <= rtt <= 30 * 1.2, m["measured"]
+    assert 0.6 * 20 <= m["measured"]["up_mbit"] <= 1.1 * 20 and 0.6 * 40 <= m["measured"]["down_mbit"] <= 1.1 * 40
+    assert mech["rate_up"].startswith("tc tbf") and ("relay" in mech["delay"] or "netem" in mech["delay"])
+    assert ch.leftovers() == []
+    links = run(["ip", "link", "show"]).stdout
+    assert ch.veth["device"] not in links and ch.veth["edge"] not in links
+
+
+@root
+def test_sigterm_tears_the_channel_down() -> None:
+    script = textwrap.dedent(
+        """
+        import time
+        from benchmarks.channel import Channel, guard, profile_from
+        with Channel(profile_from("lte")) as ch, guard(ch):
+            print(" ".join(ch.ns.values()), flush=True)
+            time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    names = proc.stdout.readline().split()
+    assert len(names) == 2 and set(names) <= set(namespaces())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert not set(names) & set(namespaces())
+
+
+@root
+def test_namespaces_of_a_killed_run_are_reaped() -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    name = f"gb{dead.pid}-dev"
+    run(["ip", "netns", "add", name])
+    try:
+        assert name in reap_stale()
+        assert name not in namespaces()
+    finally:
+        run(["ip", "netns", "del", name], check=False)
