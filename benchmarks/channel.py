@@ -41,6 +41,7 @@ from types import FrameType
 from typing import Any
 
 from benchmarks.channel_probe import DEFAULT_STALL_MS
+from benchmarks.procs import stop_process
 
 DEVICE_IP, EDGE_IP = "10.213.0.1", "10.213.0.2"
 NETNS_RE = re.compile(r"^gb(\d+)-(dev|edge)$")
@@ -126,14 +127,7 @@ class Listener:
         return int(self.address.rsplit(":", 1)[1])
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, 10)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -43,6 +43,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from benchmarks.procs import stop_process
+
 SPIN_MARGIN_S = 1.5e-3  # below this the event loop's 1 ms epoll granularity would miss the deadline
 SLEEP_SLACK_S = 1e-4  # nanosleep overshoots by ~50 µs (timer slack): spin the last 100 µs
 READ_SIZE = 64 * 1024
@@ -303,14 +305,7 @@ class ProxyProcess:
         self._ready.set()  # exited: wake the waiter, which then sees no address
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, 10)
 
 
 # ---------------------------------------------------------------- process entry point

@@ -66,15 +66,21 @@ class Edge:
         return "".join(list(self._lines))
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 15)
         self._reader.join(timeout=5)
         return self.proc.returncode
+
+
+def stop_process(proc: subprocess.Popen[str], grace_s: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL after `grace_s`; the exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def start_edge(args: list[str], timeout_s: float = 180.0, prefix: list[str] | None = None) -> Edge:
