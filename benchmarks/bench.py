@@ -10,8 +10,11 @@ to the first CPU), and runs each configuration as N concurrent `gelato-device` p
 device namespace (pinned to the other CPUs, one each where there are enough), the first `--limit`
 test questions dealt round-robin over the devices. Order: `ar-edge` (the reference every edge-
 verified output must equal), fixed-K, `ar-device`, heuristic, entropy (each τ), adaedl (each λ),
-lyapunov and gelato (without budget; also pipelined with `--pipeline both|local`), then lyapunov
-and gelato at every budget ē × V (default ē: the cheapest fixed-K J/token × `--budget-factors`).
+lyapunov and gelato (without budget), then lyapunov and gelato at every budget ē × V (default ē:
+the cheapest fixed-K J/token × `--budget-factors`). Each lyapunov/gelato configuration runs once
+per pipelining mode of `--pipeline` (a comma list of off, local, send-ahead; `both` = off,local,
+`all` = every mode, the default; `--ahead-blocks N` for send-ahead, else the device's default),
+labelled `gelato+local`, `gelato+send-ahead ē=… V=…`, ... (plain `gelato` is off).
 After the device runs: transformers assisted generation with the same pair in this process
 (`benchmarks.bench_refs.assisted`) and the oracle bound from this run's verdicts and costs.
 
@@ -39,6 +42,7 @@ from typing import Any
 
 from benchmarks.bench_run import Fleet, RunResult, RunSpec, shard_files, summarize
 from benchmarks.channel import PROFILES, Channel, ChannelError, Profile, guard, profile_from
+from device.policy import PIPELINE_MODES
 
 FIXED = [f"fixed-{k}" for k in range(9)]
 DEFAULT_POLICIES = ",".join(["ar-edge", "ar-device", *FIXED, "heuristic", "entropy", "adaedl", "lyapunov", "gelato"])
@@ -48,8 +52,27 @@ ENERGY_NOTE = (
 )
 
 
+PIPELINE_ALIASES = {"both": ("off", "local"), "all": PIPELINE_MODES}
+
+
 def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
+
+
+def pipeline_modes(text: str) -> list[str]:
+    """`--pipeline`: a comma list of modes (off, local, send-ahead) and aliases (both, all), in
+    order, each once. ValueError on anything else or nothing."""
+    modes: list[str] = []
+    for part in (x.strip() for x in text.split(",")):
+        for mode in PIPELINE_ALIASES.get(part, (part,)) if part else ():
+            if mode not in PIPELINE_MODES:
+                names = ", ".join([*PIPELINE_MODES, *PIPELINE_ALIASES])
+                raise ValueError(f"--pipeline: unknown mode {mode!r} (one or more of {names})")
+            if mode not in modes:
+                modes.append(mode)
+    if not modes:
+        raise ValueError("--pipeline: no mode given")
+    return modes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budgets", default="", help="ē in J/token for lyapunov/gelato (default: from fixed-K)")
     g.add_argument("--budget-factors", default="1.0,1.25", help="× the cheapest fixed-K J/token, without --budgets")
     g.add_argument("--v", default="", help="V values for the budgeted runs (default: gelato-device's)")
-    g.add_argument("--pipeline", choices=["off", "local", "both"], default="both", help="controllers pipelined?")
+    g.add_argument(
+        "--pipeline",
+        default="all",
+        help="lyapunov/gelato pipelining modes, comma list of off, local, send-ahead (both = off,local; "
+        "all = every mode; default all): each configuration runs once per mode",
+    )
+    g.add_argument(
+        "--ahead-blocks", type=int, default=None, help="send-ahead runs: blocks in flight past the awaited one"
+    )
     g.add_argument("--k-max", type=int, default=8, help="cap of every adaptive policy (default 8, the fixed-K range)")
     g.add_argument("--entropy-thresholds", default="1", help="τ values (nats) of the entropy policy")
     g.add_argument("--adaedl-lambdas", default="0.6", help="λ values of adaedl")
@@ -98,16 +129,21 @@ def check_args(args: argparse.Namespace) -> str:
         ("--max-new-tokens must be >= 2", args.max_new_tokens >= 2),
         ("--k-max must be >= 1", args.k_max >= 1),
         ("budgets must be > 0", all(b > 0 for b in floats(args.budgets or args.budget_factors))),
+        ("--ahead-blocks must be >= 1", args.ahead_blocks is None or args.ahead_blocks >= 1),
     ]
+    try:
+        pipeline_modes(args.pipeline)
+    except ValueError as exc:
+        bad.insert(0, (str(exc), False))
     return next((m for m, ok in bad if not ok), "")
 
 
 # ---------------------------------------------------------------- the plan
 
 
-def controller_variants(selected: list[str], pipeline: str) -> list[tuple[str, bool]]:
-    pipes = {"off": [False], "local": [True], "both": [False, True]}[pipeline]
-    return [(f, pipe) for f in ("lyapunov", "gelato") if f in selected for pipe in pipes]
+def controller_variants(selected: list[str], pipeline: str) -> list[tuple[str, str]]:
+    """(family, pipelining mode) of every lyapunov/gelato configuration, in plan order."""
+    return [(f, mode) for f in ("lyapunov", "gelato") if f in selected for mode in pipeline_modes(pipeline)]
 
 
 def base_specs(selected: list[str], args: argparse.Namespace) -> list[RunSpec]:
@@ -126,29 +162,31 @@ def base_specs(selected: list[str], args: argparse.Namespace) -> list[RunSpec]:
             RunSpec(f"adaedl λ={lam:g}", "adaedl", "adaedl", (*kmax, "--adaedl-lambda", f"{lam:g}"))
             for lam in floats(args.adaedl_lambdas)
         ]
-    for family, pipe in controller_variants(selected, args.pipeline):
-        specs.append(controller_spec(family, pipe, None, None, args))
+    for family, mode in controller_variants(selected, args.pipeline):
+        specs.append(controller_spec(family, mode, None, None, args))
     return specs
 
 
-def controller_spec(
-    family: str, pipe: bool, budget: float | None, v: float | None, args: argparse.Namespace
-) -> RunSpec:
-    flags: tuple[str, ...] = ("--k-max", str(args.k_max), *(("--pipeline", "local") if pipe else ()))
-    label = family + ("+pipe" if pipe else "")
+def controller_spec(family: str, mode: str, budget: float | None, v: float | None, args: argparse.Namespace) -> RunSpec:
+    flags: tuple[str, ...] = ("--k-max", str(args.k_max))
+    if mode != "off":
+        flags += ("--pipeline", mode)
+    if mode == "send-ahead" and args.ahead_blocks is not None:
+        flags += ("--ahead-blocks", str(args.ahead_blocks))
+    label = family + ("" if mode == "off" else f"+{mode}")
     if budget is not None:
         flags += ("--energy-budget-j-per-token", repr(budget))
         label += f" ē={budget * 1e3:.3g}mJ"
     if v is not None:
         flags += ("--v", f"{v:g}")
         label += f" V={v:g}"
-    return RunSpec(label, family, family, flags, budget, v, pipe)
+    return RunSpec(label, family, family, flags, budget, v, mode)
 
 
 def budget_specs(selected: list[str], args: argparse.Namespace, budgets: list[float]) -> list[RunSpec]:
     vs: list[float | None] = list(floats(args.v)) or [None]
     variants = controller_variants(selected, args.pipeline)
-    return [controller_spec(f, pipe, b, v, args) for b in budgets for v in vs for f, pipe in variants]
+    return [controller_spec(f, mode, b, v, args) for b in budgets for v in vs for f, mode in variants]
 
 
 def choose_budgets(args: argparse.Namespace, fixed: list[dict[str, Any]]) -> list[float]:
@@ -238,10 +276,12 @@ class Bench:
         self.results.append(res)
         s = summarize(res)
         jpt = s["energy_j_per_token"]
+        hit = s["ahead_hit_rate"] if spec.pipeline == "send-ahead" else s["predraft_hit_rate"]
+        piped = "" if spec.pipeline == "off" else f", {spec.pipeline} hit {'-' if hit is None else f'{hit:.2f}'}"
         bar.write(
             f"{spec.label}: {s['tokens_per_s'] or 0:.1f} tok/s/device, agg {s['aggregate_tokens_per_s']:.1f}, "
             f"{'-' if jpt is None else f'{jpt * 1e3:.3f}'} mJ/token, acc {s['acceptance'] or 0:.3f}, "
-            f"draft {s['mean_draft_len'] or 0:.2f} ({res.wall_s:.0f} s)"
+            f"draft {s['mean_draft_len'] or 0:.2f}{piped} ({res.wall_s:.0f} s)"
         )
 
 

@@ -138,6 +138,7 @@ def finish(
             "k_max": args.k_max,
             "policies": args.policies,
             "pipeline": args.pipeline,
+            "ahead_blocks": args.ahead_blocks,
             "radio": args.radio,
             "device_profile": args.device_profile,
             "drafter": args.drafter or "built-in",
@@ -200,7 +201,7 @@ def rebuild(out: Path, no_plots: bool = False) -> int:
             tuple(run["flags"]),
             run["budget_j_per_token"],
             run["v"],
-            run["pipeline"],
+            run.get("pipeline", "off"),  # older results: a bool (True: local); RunSpec reads both
         )
         records = [o for o in outputs if o["run"] == spec.label]
         rounds = _read_jsonl_gz(out / "rounds" / f"{spec.slug}.jsonl.gz")
@@ -214,6 +215,7 @@ def rebuild(out: Path, no_plots: bool = False) -> int:
         no_plots=no_plots,
         drafter=None if st["drafter"] == "built-in" else st["drafter"],
         target=None if st["target"] == "built-in" else st["target"],
+        ahead_blocks=st.get("ahead_blocks"),
         **{
             k: st[k]
             for k in ("devices", "max_new_tokens", "k_max", "policies", "pipeline", "radio", "device_profile", "seed")

@@ -7,6 +7,7 @@ plot (e.g. no budgeted controller run for Q(t)).
   `benchmarks.simulate_sweep.plot_pareto` (fixed-K line, markers per policy, the controllers'
   budget sweep as dashed lines, budgets as vertical lines); ar-edge and ar-device are off its scale
   and the pipelined budgeted runs have no place in that plot's legend: they are left to the table.
+  Pipelined runs without a budget are markers of their own, `gelato+local`, `gelato+send-ahead`.
 - `q_trace`: gelato's deficit queue Q after each round vs the device's cumulative round time
   (device 0), per budget and V.
 - `draft_hist`: share of rounds per drafted length k, per adaptive run without a budget.
@@ -21,13 +22,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench_run import pipeline_mode
+
 Rounds = dict[str, list[dict[str, Any]]]
 ADAPTIVE = ("heuristic", "entropy", "adaedl", "lyapunov", "gelato")
 
 
 def _pareto_row(r: dict[str, Any]) -> dict[str, Any]:
-    policy = r["policy"] + ("+pipe" if r.get("pipeline") else "")
+    mode = pipeline_mode(r.get("pipeline"))
+    policy = r["policy"] + ("" if mode == "off" else f"+{mode}")
     return {**r, "policy": policy, "j_per_token": r["energy_j_per_token"]}
+
+
+def _piped(r: dict[str, Any]) -> bool:
+    return pipeline_mode(r.get("pipeline")) != "off"
 
 
 def pareto(result: dict[str, Any], rounds: Rounds, path: Path) -> bool:
@@ -39,8 +47,8 @@ def pareto(result: dict[str, Any], rounds: Rounds, path: Path) -> bool:
         for r in result["runs"] + result["references"]
         if r.get("energy_j_per_token") and r.get("tokens_per_s") and r["policy"] not in ("ar-edge", "ar-device")
     ]
-    budget = [r for r in rows if r.get("budget_j_per_token") is not None and not r.get("pipeline")]
-    piped = [r for r in rows if r.get("budget_j_per_token") is not None and r.get("pipeline")]
+    budget = [r for r in rows if r.get("budget_j_per_token") is not None and not _piped(r)]
+    piped = [r for r in rows if r.get("budget_j_per_token") is not None and _piped(r)]
     base = [_pareto_row(r) for r in rows if r not in budget and r not in piped]
     sweep = sorted((_pareto_row(r) for r in budget), key=lambda r: r["j_per_token"])
     if not base:

@@ -3,9 +3,13 @@
 Contract. `gsm8k_answer(text)` is the number after the first `#### ` (commas and `$` dropped),
 None without one; `score(records, gold)` adds `correct` per record and returns the accuracy.
 `targets(rows, oracle_rows)` checks issue 12's targets on one run's rows: gelato vs the fastest
-fixed-K (K ≥ 1) at no more device J/token (goal ≥ 1.2× without pipelining, ≥ 1.5× with it),
-gelato ≥ 0.9× the oracle, every speculative policy faster than fixed-0. `markdown(result)` is the
-results table with the run's settings, channel (nominal next to measured) and targets.
+fixed-K (K ≥ 1) at no more device J/token (goal ≥ 1.2× without pipelining, ≥ 1.5× with it, local
+or send-ahead), gelato ≥ 0.9× the oracle, every speculative policy faster than fixed-0; and issue
+16's: a pipelined gelato run ≥ 1.2× the same configuration (budget, V) without pipelining. Rows
+from older results carry `pipeline` as a bool (True: local); both are read. `markdown(result)` is
+the results table with the run's settings, channel (nominal next to measured), the pipelining
+figures (send-ahead hit rate, pre-draft hit rate, wasted drafted tokens and J per output token)
+and targets.
 `plots(result, rounds, out)` writes pareto.png (reusing `benchmarks.simulate_sweep.plot_pareto`),
 q_trace.png, draft_hist.png, calibration.png and, for N > 1 devices, devices.png.
 """
@@ -15,6 +19,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any
+
+from benchmarks.bench_run import pipeline_mode
 
 ANSWER_RE = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
 CONTROLLERS = ("lyapunov", "gelato")
@@ -79,16 +85,28 @@ def targets(rows: list[dict[str, Any]], oracle_rows: list[dict[str, Any]], k_max
     f0 = next((r for r in rows if r["policy"] == "fixed-0"), None)
     orc = next((o for o in oracle_rows if o["k_cap"] == k_max), oracle_rows[0] if oracle_rows else None)
     out: dict[str, Any] = {"gelato": [], "beats_fixed0": {}, "oracle": orc and orc["label"]}
-    for g in (r for r in rows if r["family"] == "gelato"):
-        row = gelato_vs_fixed(g, fixed, 1.5 if g["pipeline"] else 1.2)
+    gelato = [r for r in rows if r["family"] == "gelato"]
+    for g in gelato:
+        mode = pipeline_mode(g.get("pipeline"))
+        row = gelato_vs_fixed(g, fixed, 1.5 if mode != "off" else 1.2)
+        row["pipeline"] = mode
         row["vs_oracle"] = orc and g["tokens_per_s"] / orc["tokens_per_s"]
         row["oracle_met"] = row["vs_oracle"] is not None and row["vs_oracle"] >= 0.9
+        plain = next((r for r in gelato if pipeline_mode(r.get("pipeline")) == "off" and _same_config(r, g)), None)
+        if mode != "off" and plain is not None and plain.get("tokens_per_s"):
+            row["unpipelined"] = plain["label"]
+            row["speedup_vs_unpipelined"] = g["tokens_per_s"] / plain["tokens_per_s"]
+            row["unpipelined_met"] = row["speedup_vs_unpipelined"] >= 1.2
         out["gelato"].append(row)
     if f0:
         for r in rows:
             if r["policy"] not in ("ar-edge", "ar-device", "fixed-0") and r.get("tokens_per_s"):
                 out["beats_fixed0"][r["label"]] = r["tokens_per_s"] > f0["tokens_per_s"]
     return out
+
+
+def _same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.get("budget_j_per_token") == b.get("budget_j_per_token") and a.get("v") == b.get("v")
 
 
 # ---------------------------------------------------------------- markdown
@@ -103,7 +121,7 @@ def table(rows: list[dict[str, Any]], devices: int) -> list[str]:
     head = "| run | tokens/s/device |" + (" aggregate tokens/s | p50 / p99 ms/token |" if agg else "")
     head += (
         " device mJ/token | energy source | mean device W | acceptance | mean draft | rounds | bytes up/down per token"
-        " | edge ms/token | GSM8K acc | exact vs ar-edge |"
+        " | edge ms/token | ahead hit | pre-draft hit | wasted tok/tok | wasted mJ/tok | GSM8K acc | exact vs ar-edge |"
     )
     lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
     for r in rows:
@@ -120,9 +138,20 @@ def table(rows: list[dict[str, Any]], devices: int) -> list[str]:
             f"| {', '.join(r.get('energy', [])) or '-'} | {_f(r.get('mean_power_w'), '.2f')} "
             f"| {_f(r.get('acceptance'), '.3f')} | {_f(r.get('mean_draft_len'), '.2f')} | {r.get('rounds', '-')} "
             f"| {bytes_pt} | {_f((r.get('edge_compute_s_per_token') or 0) * 1e3 or None, '.2f')} "
-            f"| {_f(r.get('gsm8k_accuracy'), '.3f')} | {r.get('exact_match', '-')} |"
+            f"| {_pipeline_cells(r)} | {_f(r.get('gsm8k_accuracy'), '.3f')} | {r.get('exact_match', '-')} |"
         )
     return lines
+
+
+def _pipeline_cells(r: dict[str, Any]) -> str:
+    """ahead hit | pre-draft hit | wasted tok/tok | wasted mJ/tok; '-' for a run without pipelining."""
+    if pipeline_mode(r.get("pipeline")) == "off":
+        return "- | - | - | -"
+    wj = r.get("wasted_j_per_token")
+    return (
+        f"{_f(r.get('ahead_hit_rate'), '.2f')} | {_f(r.get('predraft_hit_rate'), '.2f')} "
+        f"| {_f(r.get('wasted_tokens_per_token'), '.2f')} | {_f(wj and wj * 1e3, '.3f')}"
+    )
 
 
 def target_lines(t: dict[str, Any]) -> list[str]:
@@ -135,6 +164,12 @@ def target_lines(t: dict[str, Any]) -> list[str]:
             f"≥ {g['goal']}× at ≤ 1×): **{mark[g['met']]}**; Pareto view: {_f(g['speedup_at_no_more_energy'], '.2f')}× "
             f"{g['fastest_fixed_at_no_less_energy'] or '(no fixed-K spends as much)'} (the fastest fixed-K spending at "
             f"least as much); {_f(g['vs_oracle'], '.2f')}× {t['oracle']} (goal ≥ 0.9×): **{mark[g['oracle_met']]}**"
+            + (
+                f"; {g['speedup_vs_unpipelined']:.2f}× {g['unpipelined']} without pipelining (goal ≥ 1.2×): "
+                f"**{mark[g['unpipelined_met']]}**"
+                if "speedup_vs_unpipelined" in g
+                else ""
+            )
         )
     losers = [k for k, v in t["beats_fixed0"].items() if not v]
     verdict = "**MET**" if not losers else "**FALLS SHORT** (" + ", ".join(losers) + ")"
@@ -163,7 +198,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"Mechanisms: {mech}.  ",
         f"{s['questions']} GSM8K test questions (first lines of {s['data']}), greedy, ≤ {s['max_new_tokens']} new "
         f"tokens, adaptive policies capped at K_max = {s['k_max']}. {result['energy_note']}  ",
-        "tokens/s: ratio of sums over questions, per device; edge ms/token: the edge's verify compute. "
+        "tokens/s: ratio of sums over questions, per device; edge ms/token: the edge's verify compute; pipelined "
+        "runs (`+local`, `+send-ahead`): ahead hit = blocks sent ahead that were verified ÷ (those + the stale ones), "
+        "pre-draft hit = rounds whose pre-draft (or block in flight after them) started the next block ÷ rounds "
+        "with one, wasted = drafted tokens thrown away and their drafting mJ per output token. "
         "`assisted` is transformers' assisted generation in ONE process with no network (a reference for the "
         "algorithm, not comparable in tokens/s); `oracle` rows are simulated from this run's verdicts and "
         "measured costs (calibrated by the fixed-K fidelity, see summary.json).",
@@ -172,7 +210,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         *[f"`{r['label']}` ran transformers' {r['mode']}." for r in result["references"] if r.get("mode")],
         "",
-        "## Targets (issue 12)",
+        "## Targets (issues 12 and 16)",
         "",
         *target_lines(result["targets"]),
         "",

@@ -10,13 +10,17 @@ global index and `device`), and per-round rows (the device's `--trace` lines plu
 `question`). `summarize(result)` gives the run's metrics: ratios of sums over all questions
 (tokens/s per device, device J/token, mean device power), the fleet's aggregate tokens/s (Σ over
 devices of each device's tokens/s: they run concurrently), acceptance, mean draft length, rounds,
-bytes, edge compute per token, and per device the p50/p99 latency per token (each emitted token
-weighs its round's wall time divided by the tokens the round emitted).
+bytes, edge compute per token, per device the p50/p99 latency per token (each emitted token
+weighs its round's wall time divided by the tokens the round emitted), and the pipelining figures
+of `pipeline_stats`. `RunSpec.pipeline` is the device's `--pipeline` mode (off, local,
+send-ahead); results written before it was a mode hold a bool there (True: local), which
+`pipeline_mode` (and so `RunSpec`) reads as such.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import statistics
@@ -29,7 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PLAN_FAMILIES = ("reference", "fixed", "heuristic", "entropy", "adaedl", "lyapunov", "gelato")
+
+def pipeline_mode(value: Any) -> str:
+    """A run's pipelining mode from a summary: a mode name, or (older results) a bool or nothing."""
+    if isinstance(value, str):
+        return value or "off"
+    return "local" if value else "off"
 
 
 @dataclass(frozen=True)
@@ -40,16 +49,15 @@ class RunSpec:
     flags: tuple[str, ...] = ()
     budget: float | None = None
     v: float | None = None
-    pipeline: bool = False
+    pipeline: str = "off"  # the device's --pipeline mode
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pipeline", pipeline_mode(self.pipeline))
 
     @property
     def slug(self) -> str:
         table = str.maketrans({" ": "_", "=": "", "ē": "b", "τ": "t", "λ": "l", "+": "_", ",": "_"})
         return self.label.translate(table)
-
-    @property
-    def speculative(self) -> bool:
-        return self.policy not in ("ar-edge", "ar-device", "fixed-0")
 
 
 @dataclass
@@ -246,10 +254,61 @@ def summarize(res: RunResult) -> dict[str, Any]:
         "q_max_j": max(q) if q else None,
         "long_run_j_per_token": recs[-1].get("long_run_j_per_token") if recs else None,
         "t_net_median_ms": statistics.median(r["t_net_s"] for r in res.rounds) * 1e3 if res.rounds else None,
+        **pipeline_stats(res.rounds, tokens),
         "per_device": devs,
         "wall_s": round(res.wall_s, 1),
         "loadavg_1min_after": res.loadavg,
     }
+
+
+def _wasted(r: dict[str, Any]) -> int:
+    """Drafted tokens a round threw away: send-ahead's count (stale and unsent blocks, a missed
+    successor included), or else a missed local pre-draft (those rounds carry no count)."""
+    missed = 0 if r.get("predraft_hit") else r.get("predrafted", 0)
+    return max(r.get("wasted_tokens", 0), missed)
+
+
+def pipeline_stats(rounds: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
+    """Pipelining from the per-round rows (None where the run had none of it):
+    - `ahead_hit_rate`: blocks sent ahead that were verified ÷ (those + the stale ones);
+    - `predraft_hit_rate`: of the rounds with something drafted after them before their verdict
+      (a local pre-draft, or a successor in flight), those it started (full accept, guess right);
+    - `wasted_tokens_per_token`: drafted tokens thrown away per output token (a local hit's
+      pre-drafted tokens that the next block did not use are not counted: the trace has no field);
+    - `wasted_j_per_token`: their drafting energy per output token — the device's estimate
+      (`wasted_j`) for send-ahead rounds; for local pre-draft misses, which carry none, the tokens
+      × the run's measured drafting J per drafted token (Σ e_draft_j ÷ Σ (k − carried)), None
+      when the run has no such measurement."""
+    ahead = sum(bool(r.get("sent_ahead")) for r in rounds)
+    stale = sum(r.get("stale_blocks", 0) for r in rounds)
+    pre = [r for r in rounds if r.get("predrafted")]
+    metered = [r for r in rounds if _finite(r.get("e_draft_j")) and r["k"] - r.get("carried", 0) > 0]
+    forwards = sum(r["k"] - r.get("carried", 0) for r in metered)
+    j_per_draft = sum(r["e_draft_j"] for r in metered) / forwards if forwards else None
+    wasted = 0
+    wasted_j: float | None = 0.0
+    for r in rounds:
+        w = _wasted(r)
+        wasted += w
+        if not w or wasted_j is None:
+            continue
+        if r.get("wasted_tokens", 0) >= w:
+            wasted_j += r.get("wasted_j", 0.0)
+        else:
+            wasted_j = None if j_per_draft is None else wasted_j + w * j_per_draft
+    return {
+        "sent_ahead": ahead,
+        "stale_blocks": stale,
+        "ahead_hit_rate": _ratio(ahead, ahead + stale),
+        "predraft_rounds": len(pre),
+        "predraft_hit_rate": _ratio(sum(bool(r.get("predraft_hit")) for r in pre), len(pre)),
+        "wasted_tokens_per_token": _ratio(wasted, tokens),
+        "wasted_j_per_token": None if wasted_j is None else _ratio(wasted_j, tokens),
+    }
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def token_ids(res: RunResult) -> dict[int, list[int]]:

@@ -35,6 +35,7 @@ import grpc
 import torch
 
 from benchmarks.demo import demo_prompts
+from benchmarks.kv_layouts import stacked_cache
 from benchmarks.procs import machine, start_edge
 from device.drafter import Drafter
 from device.generate import Exchange, Limits, local_verifier, speculative_generate
@@ -42,6 +43,7 @@ from device.policy import FixedK
 from edge.kv_pool import KVPool, pooled_forward
 from edge.verifier import TargetSession
 from gelato.channel import CLIENT_OPTIONS
+from gelato.kv import cache_kwarg
 from gelato.models import LoadedModel, default_model_path, encode_prompt, load_model
 from gelato.types import PROTOCOL_VERSION, DraftBlock, SamplingParams
 from gelato.v1 import gelato_pb2 as pb
@@ -144,9 +146,8 @@ def overhead(
     target: LoadedModel, prefixes: list[list[int]], k: int, reps: int, sizes: list[int]
 ) -> list[dict[str, Any]]:
     """Batched verify step vs a raw forward on the same padded tokens (stacked cache prebuilt)."""
-    from transformers import DynamicCache
-
     rows = []
+    kv_arg = cache_kwarg(target.model)
     dev = torch.device(target.device)
     for b in sizes:
         prefixes_b = [prefixes[i % len(prefixes)] for i in range(b)]
@@ -168,28 +169,20 @@ def overhead(
             _sync(dev)
             step_s.append(time.perf_counter() - t0)
             # Raw: the same padded batch, cache already stacked, logits discarded.
-            p_max = max(len(p) - 1 for p in prefixes_b)
-            cache = DynamicCache(config=target.model.config)
             fresh = []
             for p in prefixes_b:
                 s = TargetSession("r", target, SamplingParams(), p)
                 s.prefill()
                 fresh.append(s)
-            for layer in range(target.model.config.num_hidden_layers):
-                pads = [(0, 0, p_max - s.seq.cached, 0) for s in fresh]
-                kvs = [s.seq.layer_kv(layer) for s in fresh]
-                ks = [torch.nn.functional.pad(kv[0], pad) for kv, pad in zip(kvs, pads, strict=True)]
-                vs = [torch.nn.functional.pad(kv[1], pad) for kv, pad in zip(kvs, pads, strict=True)]
-                cache.update(torch.cat(ks), torch.cat(vs), layer)
+            p_max = max(s.seq.cached for s in fresh)
+            cache = stacked_cache(target.model, [s.seq for s in fresh], p_max)
             ids = torch.full((b, k + 1), 7, device=dev)
             mask = torch.ones(b, p_max + k + 1, dtype=torch.long, device=dev)
             pos = torch.stack([s.seq.cached + torch.arange(k + 1) for s in fresh]).to(dev)
             _sync(dev)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                target.model(
-                    input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
-                )
+                target.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kv_arg: cache})
             _sync(dev)
             raw_s.append(time.perf_counter() - t0)
         step, raw = statistics.median(step_s), statistics.median(raw_s)

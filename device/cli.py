@@ -28,8 +28,8 @@ from device.client import EdgeClient, EdgeError, EdgeUnreachable
 from device.drafter import DEFAULT_TOP_M, Drafter
 from device.energy import EnergyAccountant
 from device.generate import GenerationResult, Limits, self_verifier, speculative_generate
-from device.policy import Policy, PolicyOptions, parse_policy
-from gelato.cli_common import add_model_args, endpoint, fail, first_failed, setup_torch_threads
+from device.policy import PIPELINE_MODES, Policy, PolicyOptions, parse_policy
+from gelato.cli_common import EnvArgumentParser, add_model_args, endpoint, fail, first_failed, setup_torch_threads
 from gelato.models import LoadedModel, ModelLoadError, encode_prompt, load_model
 from gelato.power import PROFILES, RADIOS, MeterUnavailable, NullMeter, open_meter, radio_profile
 from gelato.security import SecurityConfigError, channel_credentials, read_token
@@ -37,7 +37,9 @@ from gelato.types import SamplingParams, Telemetry
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gelato-device", description="GELATO device: draft locally, verify on the edge")
+    p = EnvArgumentParser(
+        prog="gelato-device", description="GELATO device: draft locally, verify on the edge", env_prefix="GELATO_DEVICE"
+    )
     p.add_argument("--drafter", default=None, help="hub id or local folder (default: the embedded tiny drafter)")
     p.add_argument(
         "--edge",
@@ -81,9 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaedl-gamma", type=float, default=d.adaedl_gamma, help="adaedl: γ (default 0.2)")
     p.add_argument(
         "--pipeline",
-        choices=["off", "local"],
+        choices=list(PIPELINE_MODES),
         default="off",
-        help="local: keep drafting while a block is in flight; a hit starts the next block at once (default off)",
+        help="local: keep drafting while a block is in flight, a hit starts the next block at once; send-ahead: "
+        "also send the next blocks before the verdict (the edge verifies them only if the block before was "
+        "fully accepted with the guessed token), where the edge supports it (default off)",
+    )
+    p.add_argument(
+        "--ahead-blocks",
+        type=int,
+        default=d.ahead_blocks,
+        help=f"send-ahead: blocks in flight past the awaited one, at most (default {d.ahead_blocks})",
     )
     p.add_argument(
         "--estimator-halflife-rounds",
@@ -156,6 +166,7 @@ def policy_options(args: argparse.Namespace) -> PolicyOptions:
         adaedl_lambda=args.adaedl_lambda,
         halflife_rounds=args.estimator_halflife_rounds,
         pipeline=args.pipeline,
+        ahead_blocks=args.ahead_blocks,
     )
 
 

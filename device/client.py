@@ -33,11 +33,12 @@ from device.generate import (
     merge_results,
     speculative_generate,
 )
+from device.pipeline import Link, pipelined_generate
 from device.policy import Policy
 from gelato.channel import CLIENT_OPTIONS
 from gelato.power import NullMeter
 from gelato.security import bearer_metadata
-from gelato.types import PROTOCOL_VERSION, DraftBlock, Telemetry
+from gelato.types import PROTOCOL_VERSION, DraftBlock, Telemetry, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from gelato.wire import decode_verdict, encode_block, encode_sampling
@@ -99,6 +100,7 @@ class EdgeClient:
         self.stub = pb_grpc.GelatoStub(self.channel)
         # One worker: drafter forwards stay off the event loop and keep their KV on one thread.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
+        self._warned_ahead = False
 
     async def connect(self) -> None:
         """Wait until the channel is connected, at most `connect_timeout_s`: a gone edge is
@@ -210,14 +212,44 @@ class EdgeClient:
 
         transport: Verify = self._streamed(call, max_new_tokens) if policy.edge_streams else verify
         limits = Limits(max_new_tokens, opened.context_limit, opened.max_draft_tokens, loaded.eos_token_ids)
-        result = await speculative_generate(
-            drafter, transport, policy, prompt_ids, limits, acct, on_round, self._offload, session_bytes
-        )
+        link = self._link(call, policy, opened)
+        if link is not None:
+            result = await pipelined_generate(
+                drafter, link, policy, prompt_ids, limits, acct, on_round, self._offload, session_bytes
+            )
+        else:
+            result = await speculative_generate(
+                drafter, transport, policy, prompt_ids, limits, acct, on_round, self._offload, session_bytes
+            )
         if result.stats.stop_reason != "error":
             await self._write(call, close_msg)
             await call.done_writing()
         result.target_model = opened.target_model
         return result
+
+    def _link(self, call: grpc.aio.StreamStreamCall, policy: Policy, opened: pb.SessionOpened) -> Link | None:
+        """Send-ahead over this stream when asked for and the edge supports it; else None (an edge
+        without it, `max_ahead_rounds` 0, gets local pre-drafting instead)."""
+        if policy.options.pipeline != "send-ahead" or policy.edge_streams or policy.local_only:
+            return None
+        if opened.max_ahead_rounds == 0:
+            if not self._warned_ahead:
+                log.warning("the edge does not support send-ahead; pre-drafting locally (--pipeline local)")
+                self._warned_ahead = True
+            return None
+
+        async def send(block: DraftBlock) -> int:
+            msg = encode_block(block)
+            await self._write(call, msg)
+            return wire_bytes(msg.ByteSize())
+
+        async def receive() -> tuple[Verdict, int]:
+            down = await self._read(call)
+            if down.WhichOneof("kind") != "verdict":
+                raise EdgeError(grpc.StatusCode.INTERNAL, f"expected a verdict, got {down.WhichOneof('kind')}")
+            return decode_verdict(down.verdict), wire_bytes(down.ByteSize())
+
+        return Link(send, receive, min(opened.max_ahead_rounds, policy.options.ahead_blocks))
 
     def _streamed(self, call: grpc.aio.StreamStreamCall, max_tokens: int) -> Verify:
         """`ar-edge`: one Generate request, then each (empty) round reads the next streamed token."""

@@ -17,6 +17,15 @@ target's token equal to the first pre-drafted one — and the next `draft` start
 the pre-draft (its tokens, q and entropies, already computed, still passed through the stop rule);
 on a miss the pre-drafted tokens and their KV are dropped. A pre-drafted token is an ordinary
 draft, drawn from exactly the q it carries, so the output is unchanged either way.
+
+Send-ahead (`--pipeline send-ahead`): blocks form a chain in flight. `draft_after(prev, k, ...)`
+drafts the block that follows `prev` as if `prev` will be fully accepted: first the guess of
+prev's target token (the drafter's own pick at that position), then up to k drafts after it, in
+`DraftBlock.guess` and `ids`. `settle(block, verdict, next_block)` applies the verdict of the
+oldest block of the chain: a hit (every draft accepted and the target's token equal to the next
+block's guess) keeps the sequence as drafted; anything else cuts it back to the accepted tokens,
+dropping every later block of the chain (the edge answers those stale). Draws are keyed by token
+position, so a chain drafts exactly the tokens rounds one at a time would.
 """
 
 from __future__ import annotations
@@ -66,6 +75,8 @@ class Drafter:
         self.seq = KVSequence(loaded.model, loaded.vocab_size)
         self._predraft: Predraft | None = None  # drafted ahead of the verdict in flight
         self._carry: Predraft | None = None  # a hit's leftover: the next block's first drafts
+        self._bases: dict[int, int] = {}  # send-ahead: round -> position of its first draft
+        self.predraft_s = 0.0  # how long the last `predraft` drafted
 
     def start(self, prefix_ids: list[int]) -> None:
         """Begin a generation after `prefix_ids` (prompt, or prompt + accepted when resuming)."""
@@ -76,6 +87,7 @@ class Drafter:
         # (the controller's per-block estimate would otherwise carry the prefill of every prompt).
         self.seq.prefill(len(prefix_ids) - 1)
         self._predraft = self._carry = None
+        self._bases = {}
 
     def _carried_fed(self) -> int:
         """Carried tokens already in the sequence (all but the last: it is fed when drafting on)."""
@@ -123,7 +135,7 @@ class Drafter:
         if len(self.seq.tokens) > base + max(len(ids) - 1, 0):  # carried tokens this block did not use
             self.seq.truncate(base + max(len(ids) - 1, 0))
         # The last draft is not fed: its KV is only needed if it is accepted (next round feeds it).
-        self._base = base
+        self._base = self._bases[round_no] = base
         return DraftBlock(
             round=round_no,
             ids=tuple(ids),
@@ -149,6 +161,53 @@ class Drafter:
             self.seq.set_tail(self._base, emitted)
         return emitted
 
+    def draft_after(
+        self, prev: DraftBlock, k: int, round_no: int, stop: StopRule | None = None, eos: Collection[int] = ()
+    ) -> DraftBlock:
+        """Send-ahead: the block after `prev` (the newest of the chain) as if `prev` will be fully
+        accepted: the guess of prev's target token, then up to k drafts (the stop rule and eos end
+        them early, as in `draft`; a guess that is eos gets no drafts)."""
+        t0 = time.perf_counter()
+        pos = self._bases[prev.round] + prev.k  # where prev's target token (the guess) will sit
+        tail = prev.ids[-1] if prev.k else prev.guess  # the chain's newest token, not fed yet
+        guess, _, _ = self._pick(self.seq.forward([] if tail is None else [tail])[-1], pos)
+        base = pos + 1
+        ids: list[int] = []
+        qs: list[SparseDist] = []
+        entropies: list[float] = []
+        reason = "eos" if guess in eos else ""
+        while len(ids) < k and not reason:
+            x, q, h = self._pick(self.seq.forward([ids[-1] if ids else guess])[-1], base + len(ids))
+            ids.append(x)
+            entropies.append(h)
+            if q is not None:
+                qs.append(q)
+            reason = "eos" if x in eos else (stop(len(ids), h, q) or "" if stop is not None else "")
+        self._bases[round_no] = base
+        return DraftBlock(
+            round=round_no,
+            ids=tuple(ids),
+            q=tuple(qs),
+            draft_s=time.perf_counter() - t0,
+            entropies=tuple(entropies),
+            stop_reason=reason,
+            guess=guess,
+        )
+
+    def settle(self, block: DraftBlock, verdict: Verdict, next_block: DraftBlock | None) -> tuple[list[int], bool]:
+        """Send-ahead: apply the verdict of the chain's oldest `block`; `next_block` is the one
+        drafted after it (None: none). Returns the tokens the round emitted and whether the chain
+        goes on (a hit); on a miss every later block of the chain is dropped."""
+        if not 0 <= verdict.n_accepted <= block.k:
+            raise ValueError(f"verdict accepts {verdict.n_accepted} of {block.k} drafts")
+        base = self._bases.pop(block.round)
+        emitted = verdict.emitted(block.ids)
+        if next_block is not None and verdict.n_accepted == block.k and next_block.guess == verdict.next_token:
+            return emitted, True  # the sequence already goes on with exactly these tokens
+        self.seq.set_tail(base, emitted)
+        self._bases = {r: b for r, b in self._bases.items() if r < block.round}
+        return emitted, False
+
     @staticmethod
     def predraft_hit(block: DraftBlock, verdict: Verdict, pre: Predraft) -> bool:
         return verdict.n_accepted == block.k and bool(pre.ids) and pre.ids[0] == verdict.next_token
@@ -156,9 +215,10 @@ class Drafter:
     def predraft(self, block: DraftBlock, max_tokens: int, halt: threading.Event, eos: Collection[int] = ()) -> int:
         """Draft up to `max_tokens` after `block` as if it will be fully accepted, until `halt` is
         set; returns how many. Runs on the drafter thread while the verdict is in flight."""
-        self._predraft = None
+        self._predraft, self.predraft_s = None, 0.0
         if block.k == 0 or max_tokens < 1 or block.ids[-1] in eos:
             return 0
+        t0 = time.perf_counter()
         ids: list[int] = []
         qs: list[SparseDist] = []
         hs: list[float] = []
@@ -171,6 +231,7 @@ class Drafter:
                 qs.append(q)
             feed = [y]
         self._predraft = Predraft(tuple(ids), tuple(qs), tuple(hs))
+        self.predraft_s = time.perf_counter() - t0
         return len(ids)
 
     @property

@@ -75,7 +75,7 @@ async def inline(fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
 
 
-def _block_end(block: DraftBlock, cap: int, wanted: int, gated: bool) -> str:
+def block_end(block: DraftBlock, cap: int, wanted: int, gated: bool) -> str:
     """Why a block ended: the drafter's own reason, or which limit it reached."""
     if block.stop_reason:
         return block.stop_reason
@@ -124,22 +124,23 @@ async def speculative_generate(
         pre = drafter.last_predraft
         hit = pre is not None and drafter.predraft_hit(block, ex.verdict, pre)
         emitted = await offload(drafter.apply, block, ex.verdict)
-        delivered = _deliver(emitted, out, limits)
+        delivered = deliver(emitted, out, limits)
         out += delivered
         tele = acct.round_end(start, block, ex.verdict, len(delivered), ex.bytes_up, ex.bytes_down, drafted)
         tele = replace(
             tele,
             k_ref=decision.k_ref,
             k_max=cap,
-            stop_reason=_block_end(block, cap, wanted, gate is not None),
+            stop_reason=block_end(block, cap, wanted, gate is not None),
             entropies=block.entropies,
             p_accept=tuple(gate.p_accept) if gate else (),
             predrafted=predrafted,
             predraft_hit=hit,
             carried=block.carried,
+            t_drafting_s=block.draft_s + (drafter.predraft_s if predrafted else 0.0),
         )
         tele = replace(tele, q_deficit_j=policy.observe(tele))
-        _count(stats, block, ex, tele)
+        count_round(stats, block, ex, tele)
         if on_round is not None:
             on_round(tele)
         if len(delivered) < len(emitted) or (delivered and delivered[-1] in limits.eos):
@@ -205,7 +206,7 @@ async def _verify_pipelined(
     return ex, predrafted
 
 
-def _deliver(emitted: list[int], out: list[int], limits: Limits) -> list[int]:
+def deliver(emitted: list[int], out: list[int], limits: Limits) -> list[int]:
     """What the round adds to the output: up to the first eos (included) and max_new_tokens."""
     room = limits.max_new_tokens - len(out)
     for i, tok in enumerate(emitted[:room]):
@@ -214,7 +215,7 @@ def _deliver(emitted: list[int], out: list[int], limits: Limits) -> list[int]:
     return emitted[:room]
 
 
-def _count(stats: GenerationStats, block: DraftBlock, ex: Exchange, tele: Telemetry) -> None:
+def count_round(stats: GenerationStats, block: DraftBlock, ex: Exchange, tele: Telemetry) -> None:
     stats.rounds_log.append(tele)
     stats.rounds += 1
     stats.drafted += block.k

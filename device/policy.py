@@ -33,12 +33,17 @@ from gelato.controller import (
     DeficitQueue,
     EntropyCalibrator,
     Objective,
+    chain_frame,
+    choose_chain_k,
     choose_k_ref,
+    expected_emitted,
     keep_drafting,
     predraft_pays,
 )
 from gelato.controller.estimators import DEFAULT_HALFLIFE_ROUNDS, Ewma, decay_of
 from gelato.types import DraftBlock, SparseDist, Telemetry
+
+PIPELINE_MODES = ("off", "local", "send-ahead")
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,10 @@ class PolicyOptions:
     ar_device_block: int = 16  # tokens per local step of `ar-device`
     explore_every_rounds: int = 16  # after this many rounds without drafting, draft a block to re-measure
     explore_k: int = 4  # its size: long enough to measure per-token costs apart from per-block ones
-    pipeline: str = "off"  # "local": pre-draft while a verdict is in flight
+    # "local": pre-draft while a verdict is in flight; "send-ahead": also send the next blocks
+    # before the verdict (up to `ahead_blocks` past the awaited one; local where the edge cannot).
+    pipeline: str = "off"
+    ahead_blocks: int = 2
 
     def validate(self) -> None:
         checks = [
@@ -67,7 +75,8 @@ class PolicyOptions:
             ("--adaedl-lambda must be in (0, 1)", 0 < self.adaedl_lambda < 1),
             ("--adaedl-gamma must be > 0", self.adaedl_gamma > 0),
             ("--estimator-halflife-rounds must be > 0", self.halflife_rounds > 0),
-            ("--pipeline must be off or local", self.pipeline in ("off", "local")),
+            ("--pipeline must be off, local or send-ahead", self.pipeline in PIPELINE_MODES),
+            ("--ahead-blocks must be >= 1", self.ahead_blocks >= 1),
         ]
         for message, ok in checks:
             if not ok:
@@ -176,9 +185,18 @@ class Policy:
     def predraft_depth(self, decision: Decision, block: DraftBlock) -> int:
         """How many tokens to pre-draft while `block` is verified (0: none). Without a controller
         the whole next block's cap; the controller policies ask whether it pays."""
-        if self.options.pipeline != "local" or block.k == 0:
+        if self.options.pipeline == "off" or block.k == 0:
             return 0
-        return max(decision.k_max, block.k, 2)
+        return max(decision.k_max, block.k) + 1  # the first pre-draft is the target's own token
+
+    def p_hit(self, block: DraftBlock) -> float:
+        """P(the block after `block` is a hit): `block` fully accepted, its guess right."""
+        return self.controller.p_hit(block.entropies)
+
+    def send_ahead(self, decision: Decision, p_chain: float) -> bool:
+        """Send-ahead: draft and send the next block now, before the verdicts in flight? `p_chain`:
+        the chance it is verified (every block in flight a hit). Without a controller: always."""
+        return self.options.pipeline == "send-ahead"
 
     def charge(self, e_j: float) -> None:
         """Energy spent outside any round (a generation's start and end): into the queue, no tokens."""
@@ -242,13 +260,23 @@ class Lyapunov(Policy):
     def __init__(self, options: PolicyOptions | None = None) -> None:
         super().__init__(options)
         self._idle_rounds = 0
+        # The last decision's best score and token rate for rounds one at a time.
+        self._round_score, self._round_rate = 0.0, 0.0
 
     def _outer(self, limit: int) -> tuple[int, float, Objective]:
         """K_ref from the objective. When it stays 0 the acceptance estimate is never refreshed
         (nothing drafted, nothing observed), so every `explore_every_rounds` a block of `explore_k`
-        is drafted."""
+        is drafted. With send-ahead, a chain's block size where chains score better than rounds
+        one at a time (`choose_chain_k`); `self._round_score` keeps the latter's score."""
         obj = self.controller.objective()
         k_ref, score = choose_k_ref(obj, self.k_max(limit))
+        self._round_score = score
+        self._round_rate = expected_emitted(obj.cost.alpha, k_ref) / max(obj.cost.time_s(k_ref), 1e-9)
+        if self.options.pipeline == "send-ahead":
+            match, ahead = self.controller.bonus_match.value, self.options.ahead_blocks
+            k_chain, chain_score = choose_chain_k(obj, self.k_max(limit), match, ahead, self._round_rate)
+            if chain_score > score:
+                k_ref, score = k_chain, chain_score
         if k_ref == 0 and limit > 0 and self._idle_rounds >= self.options.explore_every_rounds - 1:
             k_ref = min(self.options.explore_k, self.k_max(limit))
         return k_ref, score, obj
@@ -271,6 +299,16 @@ class Lyapunov(Policy):
         obj = c.objective()
         n = 1.0 + sum(c.calibrator.survival(block.entropies[: i + 1]) for i in range(block.k))
         return depth if predraft_pays(obj, block.k, n, c.p_hit(block.entropies), depth) else 0
+
+    def send_ahead(self, decision: Decision, p_chain: float) -> bool:
+        """Only if a chain that goes on with this block's own chance (`p_chain`, from the blocks in
+        flight) still beats rounds one at a time."""
+        if not super().send_ahead(decision, p_chain):
+            return False
+        if decision.k_ref == 0:
+            return False
+        n, t, e = chain_frame(self.controller.objective(), decision.k_ref, p_chain, self.options.ahead_blocks)
+        return n / t > self._round_rate and self.controller.objective().score_of(n, t, e) > self._round_score
 
 
 class Gelato(Lyapunov):

@@ -10,8 +10,8 @@ length (KV past it is never attended to and is overwritten later). Everything ru
 thread, releases included (the server submits them there), so a slot is never handed to a new
 session while a forward that still includes its old owner is pending.
 
-Why a pool rather than stacking per-session `DynamicCache`s (`edge/batching.py`):
-`benchmarks/kv_layouts.py` measured both on the same ragged batches (results in
+Why a pool rather than stacking per-session `DynamicCache`s: `benchmarks/kv_layouts.py` (home of
+the stacked layout) measured both on the same ragged batches (results in
 `benchmarks/results/kv_layouts_cpu.md`). Stacking copies every row's past KV per layer (left-pad +
 cat) and the cache's own update copies it again: at 8 / 16 rows a verify costs 1.45 / 1.98× a raw
 forward. The pool writes only the new tokens and hands attention a view of its rows (consecutive
@@ -44,11 +44,11 @@ from typing import Any
 
 import torch
 
-from gelato.kv import KVSequence
+from gelato.kv import KVSequence, cache_kwarg
 
 
 class _PoolCache:
-    """What a Qwen2 forward needs from `past_key_values`: `update` and `get_seq_length`.
+    """What a Qwen2 forward needs from its cache argument: `update` and `get_seq_length`.
 
     `valid` ([B, n] bool, None when every row is full) marks the real queries; only their KV is
     written. A padding query sits on its row's last real position (clamped), so writing it would
@@ -119,6 +119,7 @@ class KVPool:
         self.dtype, self.device = param.dtype, param.device
         self.max_context = max_context or int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20)
         self.layers = cfg.num_hidden_layers
+        self.cache_kwarg = cache_kwarg(model)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.slots, self.context = 0, 0
@@ -238,8 +239,8 @@ class KVPool:
             input_ids=input_ids.to(self.device),
             attention_mask=mask[:, None],
             position_ids=positions,
-            past_key_values=_PoolCache(self, [s for s, _, _ in rows], positions, kv_len, valid),
             use_cache=True,
+            **{self.cache_kwarg: _PoolCache(self, [s for s, _, _ in rows], positions, kv_len, valid)},
         )
         logits = out.logits[:, :, : self.vocab_size].float()
         if last_only:

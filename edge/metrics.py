@@ -6,7 +6,8 @@ not collide); `serve(host, port)` exposes it over HTTP. Names are a public contr
 (rows / batches = mean batch size), `gelato_edge_verify_seconds` (histogram of a batch's
 forward + acceptance), `gelato_edge_tokens_accepted_total`, `gelato_edge_tokens_drafted_total`,
 `gelato_edge_sessions_rejected_total`, `gelato_edge_kv_bytes`,
-`gelato_edge_kv_pool_bytes`.
+`gelato_edge_kv_pool_bytes`, `gelato_edge_ahead_blocks_total{outcome="hit"|"stale"}` (send-ahead
+blocks verified / answered stale).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class EdgeMetrics:
         self.kv_pool_bytes = Gauge(
             "gelato_edge_kv_pool_bytes", "Target KV pool memory allocated (all slots at its context)", registry=r
         )
+
+        self.ahead_blocks = Counter("gelato_edge_ahead_blocks", "Send-ahead blocks by outcome", ["outcome"], registry=r)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -92,6 +92,7 @@ class EdgeConfig:
     port: int = 50051
     max_sessions: int = 64
     max_draft_tokens: int = 32
+    max_ahead_rounds: int = 4  # send-ahead blocks a session may have in flight (0: send-ahead off)
     kv_budget_mb: float = 0.0  # 0: no KV-memory limit
     batch_window_ms: float = 2.0
     max_batch: int = 16
@@ -173,6 +174,7 @@ class GelatoService:
             kv_bytes_reserved=self.registry.reserved_bytes,
             kv_budget_bytes=self.registry.kv_budget_bytes,
             kv_pool_bytes=self.registry.pool_bytes(),
+            max_ahead_rounds=self.config.max_ahead_rounds,
         )
 
     async def Session(
@@ -196,6 +198,7 @@ class GelatoService:
                             target_model=session.loaded.name,
                             context_limit=session.loaded.context_limit,
                             max_draft_tokens=self.config.max_draft_tokens,
+                            max_ahead_rounds=self.config.max_ahead_rounds,
                         )
                     )
                 elif kind == "draft":
@@ -287,6 +290,16 @@ class GelatoService:
             block = decode_block(msg, m.vocab_size, session.params.greedy, self.config.max_draft_tokens)
         except WireError as exc:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        if block.guess is not None:
+            if not self.config.max_ahead_rounds:
+                raise StatusError(
+                    grpc.StatusCode.FAILED_PRECONDITION, "send-ahead is off on this edge (max_ahead_rounds 0)"
+                )
+            ahead = session.resolve_ahead(block, self.config.max_ahead_rounds)
+            self.metrics.ahead_blocks.labels("hit" if ahead else "stale").inc()
+            if ahead is None:  # at once: no forward, the session untouched
+                return Verdict(round=block.round, n_accepted=0, next_token=0, stale=True, batch_rows=0)
+            block = ahead
         return await self._verify_block(session, block, received)
 
     async def _generate(self, session: TargetSession, req: pb.Generate, received: float) -> AsyncIterator[Verdict]:

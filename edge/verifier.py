@@ -13,12 +13,17 @@ parameters or data, FAILED_PRECONDITION for a wrong round or a closed session, O
 block past the context limit or the session's reservation) BEFORE anything is run, so a row that
 would fail never enters a batched forward; the batcher and the server map any other exception to
 INTERNAL for that row alone.
+
+Send-ahead (pipelined speculation): `resolve_ahead(block)` takes a block sent before its parent
+round's verdict (`block.guess` set) and returns the ordinary block to verify when the parent
+accepted every draft and its target token was the guess (a hit), or None (stale: answered at once,
+nothing run, nothing changed). Duplicate, out-of-order and too-deep blocks raise `StatusError`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 import torch
@@ -50,6 +55,9 @@ class TargetSession:
     pool: KVPool | None = None
     reserved_tokens: int = 0  # the length admission control reserved KV for (0: the context limit)
     rounds: int = 0
+    # The last round's target token when that round accepted every draft, else None: what a
+    # send-ahead block for the next round must have guessed.
+    last_bonus: int | None = None
     opened_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
 
@@ -103,6 +111,27 @@ class TargetSession:
                 f"at open (prefix + max_new_tokens {self.max_new_tokens} + one block); open a new session",
             )
 
+    def resolve_ahead(self, block: DraftBlock, max_ahead_rounds: int) -> DraftBlock | None:
+        """A send-ahead block (`block.guess` set) as the ordinary block to verify, or None when it
+        is stale: its parent round (round - 1) was not verified as a full accept whose target token
+        is the guess. Blocks for a round already verified, or further than `max_ahead_rounds` past
+        the session's round, raise `StatusError`. Reads state only."""
+        if block.round < self.rounds:
+            raise StatusError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"send-ahead block for round {block.round}, which was already verified (the session is at "
+                f"round {self.rounds}): duplicate or out of order",
+            )
+        if block.round - self.rounds >= max_ahead_rounds:
+            raise StatusError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"send-ahead block for round {block.round} is {block.round - self.rounds + 1} rounds past the "
+                f"session's round {self.rounds}; this edge allows {max_ahead_rounds}",
+            )
+        if block.round == self.rounds and self.rounds > 0 and self.last_bonus == block.guess:
+            return replace(block, guess=None)
+        return None
+
     def verify(self, block: DraftBlock) -> tuple[int, int]:
         """One round alone: target forward over [last, x1..xk], acceptance, rollback."""
         base = len(self.seq.tokens)
@@ -118,6 +147,7 @@ class TargetSession:
         else:
             a, nxt = verify_sampling(process_logits(rows, self.params), block.ids, block.q, self.rng, base)
         self.seq.set_tail(base, [*block.ids[:a], nxt])
+        self.last_bonus = nxt if a == block.k else None
         self.rounds += 1
         self.last_active = time.monotonic()
         return a, nxt

@@ -5,13 +5,28 @@ Contract: `add_model_args` adds `--dtype`/`--device`/`--threads`; `setup_torch_t
 one-line `error:` message and returns the CLI's exit status; `first_failed` picks the message of
 the first bound a set of flags breaks. `port_number` and `endpoint` are
 argparse types: a bad value is a usage error (exit 2) naming the flag, never a traceback or, as
-gRPC does with a port above 65535, a silently different port.
+gRPC does with a port above 65535, a silently different port; `max_memory` parses `--max-memory`.
+
+`EnvArgumentParser(prog, env_prefix=...)` is an `ArgumentParser` whose every option can also be set
+by an environment variable named from the prefix and the long flag (`--port` of `GELATO_EDGE` is
+`GELATO_EDGE_PORT`, `--kv-budget-mb` is `GELATO_EDGE_KV_BUDGET_MB`), for containers. A flag given
+on the command line wins over its variable (for a mutually exclusive group: any member given on the
+command line silences the group's variables). A variable's value goes through the flag's own type
+and choices; a bad one is a usage error naming the variable; an empty variable counts as unset (so
+compose files can pass `${VAR:-}` through). Switches (`store_true`) take 1/0, true/false, yes/no,
+on/off; a repeatable flag (`append`) takes one value.
+`--help` names each option's variable.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shlex
 import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NoReturn
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +68,188 @@ def endpoint(text: str) -> str:
     if port_number(port) == 0:
         raise argparse.ArgumentTypeError(f"port must be in 1-65535, got 0 in {text!r}")
     return text
+
+
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def byte_size(text: str) -> int:
+    """`20GiB`, `500MB`, `1.5GB`, `4096` (bytes) -> bytes; the units accelerate understands."""
+    m = _SIZE.match(text)
+    unit = m.group(2).upper() if m else ""
+    if not m or unit not in SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 20GiB, 500MB, 4096)")
+    size = int(float(m.group(1)) * SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"a size must be > 0, got {text!r}")
+    return size
+
+
+def max_memory(text: str) -> dict[int | str, int]:
+    """`0=20GiB,1=20GiB,cpu=64GiB` -> {0: bytes, 1: bytes, "cpu": bytes}: the most each device may
+    hold of a model placed by accelerate (`--device-map`). GPUs by index (or cuda:N), `cpu`, `mps`."""
+    limits: dict[int | str, int] = {}
+    for part in text.split(","):
+        key, sep, value = part.strip().partition("=")
+        key = key.strip().lower()
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"expected DEVICE=SIZE[,DEVICE=SIZE...], got {part.strip()!r}")
+        dev: int | str
+        if key.removeprefix("cuda:").isdigit():
+            dev = int(key.removeprefix("cuda:"))
+        elif key in ("cpu", "mps"):
+            dev = key
+        else:
+            raise argparse.ArgumentTypeError(f"unknown device {key!r}: use a GPU index (0, 1, ...), cpu or mps")
+        if dev in limits:
+            raise argparse.ArgumentTypeError(f"device {key!r} is given twice")
+        try:
+            limits[dev] = byte_size(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{key}: {exc}") from None
+    return limits
+
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Any = _Unset()
+
+
+class EnvArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose options can also come from `<env_prefix>_<FLAG>` variables (module
+    docstring). `env_skip`: dests that are actions rather than settings (e.g. a one-shot mode) and
+    so have no variable."""
+
+    def __init__(self, *args: Any, env_prefix: str, env_skip: Iterable[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.env_prefix = env_prefix.rstrip("_")
+        self.env_skip = set(env_skip)
+
+    def env_name(self, action: argparse.Action) -> str | None:
+        """The variable that sets `action`, or None (positionals, --help, skipped dests)."""
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if (
+            not longs
+            or action.dest in self.env_skip
+            or isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+        ):
+            return None
+        return f"{self.env_prefix}_{longs[0][2:].upper().replace('-', '_')}"
+
+    def env_names(self) -> dict[str, str]:
+        """Flag -> variable, for every option that has one."""
+        return {a.option_strings[-1]: n for a in self._actions if (n := self.env_name(a))}
+
+    def format_help(self) -> str:
+        names = self.env_names()
+        if self.epilog is None and names:
+            flag, name = next(iter(names.items()))
+            self.epilog = (
+                f"Every option can also be set by the environment variable {self.env_prefix}_<OPTION> "
+                f"({flag}: {name}); an option given on the command line wins."
+            )
+        for action in self._actions:
+            var = self.env_name(action)
+            if var and not getattr(action, "_env_noted", False):
+                note = f"[env: {var}]"
+                action.help = f"{action.help} {note}" if action.help else note
+                action._env_noted = True  # type: ignore[attr-defined]
+        return super().format_help()
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        env = {a: (n, os.environ[n]) for a in self._actions if (n := self.env_name(a)) and os.environ.get(n, "")}
+        if not env:
+            return super().parse_known_args(args, namespace)
+        groups = [g for g in self._mutually_exclusive_groups if any(a in env for a in g._group_actions)]
+        saved = [(a, a.default, a.required) for a in env]
+        saved_groups = [(g, g.required) for g in groups]
+        for a in env:  # parse with a marker, to tell "not on the command line" from "given = default"
+            a.default = None if isinstance(a, (argparse._AppendAction, argparse._ExtendAction)) else _UNSET
+            a.required = False
+        for g in groups:
+            g.required = False
+        try:
+            ns, extras = super().parse_known_args(args, namespace)
+        finally:
+            for a, default, required in saved:
+                a.default, a.required = default, required
+            for g, required in saved_groups:
+                g.required = required
+        given = {a for a in self._actions if a not in env or getattr(ns, a.dest, _UNSET) not in (_UNSET, None)}
+        from_env: dict[argparse.Action, str] = {}
+        for a, (name, raw) in env.items():
+            if a in given:  # the command line wins
+                continue
+            rivals = [g for g in groups if a in g._group_actions]
+            if any(b in given and b is not a and self._was_given(ns, b) for g in rivals for b in g._group_actions):
+                setattr(ns, a.dest, a.default)  # a rival of its group is on the command line
+                continue
+            for g in rivals:
+                for b, other in from_env.items():
+                    if b in g._group_actions:
+                        self.error(f"environment variables {other} and {name} are mutually exclusive")
+            setattr(ns, a.dest, self._env_value(a, name, raw))
+            from_env[a] = name
+        for a in env:  # what was neither given nor set gets its real default back
+            if getattr(ns, a.dest, None) is _UNSET:
+                setattr(ns, a.dest, a.default)
+        return ns, extras
+
+    def _was_given(self, ns: argparse.Namespace, action: argparse.Action) -> bool:
+        value = getattr(ns, action.dest, None)
+        return value is not None and value is not _UNSET and value != action.default
+
+    def _env_value(self, action: argparse.Action, name: str, raw: str) -> Any:
+        def bad(why: str) -> NoReturn:
+            self.error(f"environment variable {name}={raw!r}: {why}")
+
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            word = raw.strip().lower()
+            if word not in TRUE_WORDS + FALSE_WORDS:
+                bad("expected 1/0, true/false, yes/no or on/off")
+            return action.const if word in TRUE_WORDS else action.default
+        if isinstance(action, argparse._StoreConstAction):
+            bad("this option takes no value; set it on the command line")
+        many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+        items = shlex.split(raw) if many else [raw]
+        values = [self._convert(action, item, bad) for item in items]
+        if isinstance(action, (argparse._AppendAction, argparse._ExtendAction)):
+            return values
+        return values if many else values[0]
+
+    def _convert(self, action: argparse.Action, text: str, bad: Callable[[str], NoReturn]) -> Any:
+        convert = action.type if callable(action.type) else str
+        try:
+            value = convert(text)
+        except argparse.ArgumentTypeError as exc:
+            bad(str(exc))
+        except (TypeError, ValueError) as exc:
+            what = getattr(convert, "__name__", repr(convert))
+            bad(f"invalid {what} value" + (f" ({exc})" if str(exc) and what not in ("int", "float") else ""))
+        if action.choices is not None and value not in action.choices:
+            bad(f"invalid choice: {value!r} (choose from {', '.join(map(repr, action.choices))})")
+        return value
 
 
 def setup_torch_threads(threads: int | None) -> None:

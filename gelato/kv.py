@@ -5,13 +5,33 @@ Contract: `KVSequence` owns the token list and a `DynamicCache` holding KV for `
 logits of those positions, sliced to the tokenizer's length (SPEC §2.2). `truncate(n)` drops tokens
 and KV past position n, so after a verdict both sides keep exactly the accepted prefix: no side
 recomputes the prefix. Not thread-safe: one owner thread at a time.
+
+`cache_kwarg(model)` names the keyword the model's forward takes its cache under: `cache` where the
+installed transformers renamed it (it deprecates `past_key_values` and warns on every call), else
+`past_key_values` (transformers 5.x before the rename, e.g. 5.17 and 5.18). Every forward that
+passes a cache (here, `edge.kv_pool`, the benchmarks) uses it.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def cache_kwarg(model: Any) -> str:
+    """The keyword `model`'s forward takes its KV cache under, read once per model class from the
+    forward's signature (which follows the decorators' `__wrapped__`): passing `cache` to a forward
+    that does not name it would disappear into its `**kwargs` and silently run without the cache."""
+    cls = type(model)
+    name = _CACHE_KWARG.get(cls)
+    if name is None:
+        params = inspect.signature(cls.forward).parameters
+        name = _CACHE_KWARG[cls] = "cache" if "cache" in params else "past_key_values"
+    return name
 
 
 class KVSequence:
@@ -23,6 +43,7 @@ class KVSequence:
         self.device = next(model.parameters()).device
         self.tokens: list[int] = list(tokens or [])
         self.cache = DynamicCache(config=model.config)
+        self.cache_kwarg = cache_kwarg(model)
 
     @property
     def cached(self) -> int:
@@ -37,7 +58,7 @@ class KVSequence:
         if not pending:
             raise ValueError("nothing to feed: every token is already cached")
         ids = torch.tensor([pending], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=ids, use_cache=True, **{self.cache_kwarg: self.cache})
         return out.logits[0, :, : self.vocab_size].float()
 
     def prefill(self, upto: int) -> None:
@@ -46,7 +67,7 @@ class KVSequence:
             return
         with torch.inference_mode():
             ids = torch.tensor([self.tokens[self.cached : upto]], dtype=torch.long, device=self.device)
-            self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: self.cache})
 
     def truncate(self, length: int) -> None:
         """Keep tokens[:length]; drop KV past it (KV never extends beyond the kept tokens)."""

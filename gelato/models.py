@@ -5,6 +5,12 @@ LM the installed transformers can load) and returns a `LoadedModel` in eval mode
 tokenizer, the tokenizer's real length (`vocab_size`, used to slice padded logits, SPEC §2.2) and
 the tokenizer fingerprint checked at session open. `None` as the name means the embedded default
 (`gelato.tiny.assets`). Errors are `ModelLoadError` with a message fit for a CLI.
+
+Big-model placement: `load_model(..., device_map="auto"|"balanced"|"sequential", max_memory=...,
+offload_folder=...)` lets accelerate spread the weights over the GPUs, CPU memory and disk
+(`max_memory`: the most each device may hold, e.g. `{0: 20 * 2**30, "cpu": 64 * 2**30}`); the
+`LoadedModel.device` is then where inputs go (the input embedding's execution device), and
+`execution_devices(model)` says where the layers run.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_MAPS = ("auto", "balanced", "sequential")
 ASSETS = Path(__file__).resolve().parent / "tiny" / "assets"
 
 
@@ -151,8 +158,72 @@ def _hub_mode(name: str, role: str) -> bool:
     return False
 
 
-def load_model(name_or_path: str | None, role: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
-    """Load a causal LM and its tokenizer from a hub id or a local folder."""
+def _placement_kwargs(
+    device: str, device_map: str | None, max_memory: dict[int | str, int] | None, offload_folder: str | None
+) -> dict[str, Any]:
+    """from_pretrained's placement arguments (checked: a wrong one fails before any weight is read)."""
+    if device_map is None:
+        if max_memory or offload_folder:
+            raise ModelLoadError("--max-memory and --offload-folder need --device-map")
+        return {}
+    if device_map not in DEVICE_MAPS:
+        raise ModelLoadError(f"--device-map must be {', '.join(DEVICE_MAPS)}; got {device_map!r}")
+    if device != "auto":
+        raise ModelLoadError(
+            f"--device {device} and --device-map {device_map} exclude each other: the map places the model"
+        )
+    try:
+        import accelerate  # noqa: F401  (transformers places through it)
+    except ImportError:
+        raise ModelLoadError("--device-map needs the accelerate package (pip install accelerate)") from None
+    if max_memory:
+        gpus = torch.cuda.device_count()
+        missing = [k for k in max_memory if isinstance(k, int) and k >= gpus]
+        if missing:
+            raise ModelLoadError(f"--max-memory names GPU {missing[0]}, but this host has {gpus} GPU(s)")
+    kw: dict[str, Any] = {"device_map": device_map}
+    if max_memory:
+        kw["max_memory"] = dict(max_memory)
+    if offload_folder:
+        kw["offload_folder"] = offload_folder
+    return kw
+
+
+def execution_devices(model: Any) -> set[torch.device]:
+    """Where the model's modules run: an accelerate hook's execution device (the weights may lie
+    on the CPU or on disk meanwhile), else the device of the module's own parameters."""
+    devices: set[torch.device] = set()
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        where = getattr(hook, "execution_device", None)
+        if where is not None:
+            devices.add(torch.device("cuda", where) if isinstance(where, int) else torch.device(where))
+            continue
+        devices.update(p.device for p in module.parameters(recurse=False))
+    return devices
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a forward's inputs go: the input embedding's execution device."""
+    emb = model.get_input_embeddings()
+    where = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+    if where is not None:
+        return torch.device("cuda", where) if isinstance(where, int) else torch.device(where)
+    return emb.weight.device
+
+
+def load_model(
+    name_or_path: str | None,
+    role: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    *,
+    device_map: str | None = None,
+    max_memory: dict[int | str, int] | None = None,
+    offload_folder: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a hub id or a local folder; with `device_map`,
+    placed by accelerate over GPUs, CPU and disk (module docstring)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -168,15 +239,21 @@ def load_model(name_or_path: str | None, role: str, dtype: str = "auto", device:
     missing = _missing_checkpoint_parts(Path(name)) if local else []
     if missing:
         raise ModelLoadError(f"cannot load {role} {name!r}: not a checkpoint folder, missing {', '.join(missing)}")
-    dev = resolve_device(device)
+    placement = _placement_kwargs(device, device_map, max_memory, offload_folder)
+    dev = resolve_device("auto" if placement else device)
     dt = resolve_dtype(dtype, dev)
     offline = local or _hub_mode(name, role)
     try:
         tokenizer = load_tokenizer(name, offline)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, local_files_only=offline, **placement)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load {role} {name!r}: {exc}") from exc
-    model = model.to(dev).eval()  # type: ignore[arg-type]
+        hint = " (give --offload-folder, or more --max-memory)" if "offload_folder" in str(exc) else ""
+        raise ModelLoadError(f"cannot load {role} {name!r}: {exc}{hint}") from exc
+    if placement:  # accelerate placed it (and hooks move activations between devices): no .to()
+        model = model.eval()
+        dev = input_device(model)
+    else:
+        model = model.to(dev).eval()  # type: ignore[arg-type]
     vocab = len(tokenizer)
     if vocab > model.config.vocab_size:
         raise ModelLoadError(

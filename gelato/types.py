@@ -71,6 +71,9 @@ class DraftBlock:
     entropies: tuple[float, ...] = ()
     stop_reason: str = ""  # why drafting stopped early: a policy's reason or "eos"; "" = reached k
     carried: int = 0  # leading drafts pre-drafted during the previous round trip (pipelining)
+    # Send-ahead: the device's guess of the previous round's target token, which `ids` follow. The
+    # block is sent before that round's verdict; on the wire it is [guess, *ids], parent round - 1.
+    guess: int | None = None
 
     @property
     def k(self) -> int:
@@ -87,6 +90,7 @@ class Verdict:
     queue_ms: float = 0.0
     compute_ms: float = 0.0
     batch_rows: int = 1
+    stale: bool = False  # a send-ahead block the edge did not verify (its guess or parent missed)
 
     def emitted(self, draft_ids: tuple[int, ...]) -> list[int]:
         """Tokens this round appends to the sequence: accepted drafts then the target token."""
@@ -131,6 +135,17 @@ class Telemetry:
     predrafted: int = 0
     predraft_hit: bool = False
     carried: int = 0
+    # Send-ahead (`--pipeline send-ahead`): this block was sent before the previous verdict; blocks
+    # sent ahead after this one that its verdict made stale, and the drafted tokens and estimated
+    # drafting energy thrown away with them (the misses' cost; also counts a pre-draft miss).
+    # Drafting seconds anywhere in this round's interval: the block's own (`t_draft_s`) plus, when
+    # pipelining, pre-drafts and blocks drafted ahead meanwhile; NaN: the same as `t_draft_s`.
+    # Power is split with this one, the per-token drafting time with `t_draft_s`.
+    t_drafting_s: float = float("nan")
+    sent_ahead: bool = False
+    stale_blocks: int = 0
+    wasted_tokens: int = 0
+    wasted_j: float = 0.0
 
 
 @dataclass

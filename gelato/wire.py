@@ -62,23 +62,35 @@ def check_ids(ids: tuple[int, ...] | list[int], vocab_size: int, where: str) -> 
 
 
 def encode_block(block: DraftBlock) -> pb.DeviceMessage:
-    msg = pb.DraftBlock(round=block.round, ids=block.ids, q=[encode_sparse(q) for q in block.q])
+    q = [encode_sparse(q) for q in block.q]
+    if block.guess is None:
+        return pb.DeviceMessage(draft=pb.DraftBlock(round=block.round, ids=block.ids, q=q))
+    # Send-ahead: the guess leads the ids and the parent round marks the block (see the proto).
+    msg = pb.DraftBlock(round=block.round, ids=(block.guess, *block.ids), q=q, parent_round=block.round - 1)
     return pb.DeviceMessage(draft=msg)
 
 
 def decode_block(msg: pb.DraftBlock, vocab_size: int, greedy: bool, max_tokens: int) -> DraftBlock:
-    if len(msg.ids) > max_tokens:  # before any per-id work
-        raise WireError(f"draft block of {len(msg.ids)} tokens exceeds the edge's limit of {max_tokens}")
+    ahead = msg.HasField("parent_round")
+    if len(msg.ids) > max_tokens + ahead:  # before any per-id work; a guess is not a draft
+        raise WireError(f"draft block of {len(msg.ids) - ahead} tokens exceeds the edge's limit of {max_tokens}")
     ids = tuple(int(i) for i in msg.ids)
     check_ids(ids, vocab_size, "draft ids")
+    guess = None
+    if ahead:
+        if msg.parent_round + 1 != msg.round:
+            raise WireError(f"send-ahead block: parent_round {msg.parent_round} must be round - 1 ({msg.round} - 1)")
+        if not ids:
+            raise WireError("send-ahead block: ids must start with the guess of the parent round's token")
+        guess, ids = ids[0], ids[1:]
     if greedy:
         if msg.q:
             raise WireError("greedy session: draft blocks carry ids only, no q")
-        return DraftBlock(round=msg.round, ids=ids)
+        return DraftBlock(round=msg.round, ids=ids, guess=guess)
     if len(msg.q) != len(ids):
         raise WireError(f"sampling session: need one q per draft token, got {len(msg.q)} for {len(ids)}")
     qs = tuple(decode_sparse(q, vocab_size, f"q[{i}]") for i, q in enumerate(msg.q))
-    block = DraftBlock(round=msg.round, ids=ids, q=qs)
+    block = DraftBlock(round=msg.round, ids=ids, q=qs, guess=guess)
     check_block(block, vocab_size, greedy, max_tokens)
     return block
 
@@ -89,6 +101,8 @@ def check_block(block: DraftBlock, vocab_size: int, greedy: bool, max_tokens: in
     if max_tokens and block.k > max_tokens:
         raise WireError(f"draft block of {block.k} tokens exceeds the edge's limit of {max_tokens}")
     check_ids(block.ids, vocab_size, "draft ids")
+    if block.guess is not None:
+        check_ids((block.guess,), vocab_size, "send-ahead guess")
     if greedy:
         if block.q:
             raise WireError("greedy session: draft blocks carry ids only, no q")
@@ -127,6 +141,7 @@ def encode_verdict(v: Verdict) -> pb.EdgeMessage:
             queue_ms=v.queue_ms,
             compute_ms=v.compute_ms,
             batch_rows=v.batch_rows,
+            stale=v.stale,
         )
     )
 
@@ -139,4 +154,5 @@ def decode_verdict(msg: pb.Verdict) -> Verdict:
         queue_ms=msg.queue_ms,
         compute_ms=msg.compute_ms,
         batch_rows=msg.batch_rows,
+        stale=msg.stale,
     )

@@ -1,7 +1,8 @@
 """Greedy losslessness between two real OS processes over loopback gRPC (SPEC §2.1).
 
 For K in {0, 1, 3, 8}, every controller policy (ar-edge, heuristic, entropy, adaedl, lyapunov,
-gelato with and without an energy budget, pre-drafting during the round trip) and two drafters
+gelato with and without an energy budget, pre-drafting during the round trip, blocks sent ahead of
+their parent's verdict) and two drafters
 (one that mostly agrees with the target, one that never does), `gelato-device` output must equal
 the target's own `generate(do_sample=False)` token for token, eos included: where a policy ends a
 block never changes what the target emits.
@@ -58,9 +59,12 @@ CONTROLLED = [
     ["--policy", "gelato", "--energy-budget-j-per-token", "0.002", "--v", "5", "--meter", "cpu-model"],
     ["--policy", "fixed-4", "--pipeline", "local"],
     ["--policy", "gelato", "--pipeline", "local"],
+    ["--policy", "fixed-4", "--pipeline", "send-ahead"],
+    ["--policy", "gelato", "--pipeline", "send-ahead", "--ahead-blocks", "3"],
 ]
 FIXED = [["--policy", f"fixed-{k}"] for k in (0, 1, 3, 8)]
-NEVER = FIXED + [p for p in CONTROLLED if p[1] == "gelato" and len(p) > 2]  # with a budget; pipelined
+# With a budget; pipelined (a drafter that never agrees: every block sent ahead is stale).
+NEVER = FIXED + [p for p in CONTROLLED if (p[1] == "gelato" and len(p) > 2) or "send-ahead" in p]
 CASES = [("drafter_agree", p) for p in FIXED + CONTROLLED] + [("drafter_never", p) for p in NEVER]
 
 

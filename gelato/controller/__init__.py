@@ -16,6 +16,8 @@ from gelato.controller.estimators import CostEstimator, CostModel, EwLinear, Ewm
 from gelato.controller.objective import (
     Decision,
     Objective,
+    chain_frame,
+    choose_chain_k,
     choose_k_ref,
     expected_emitted,
     keep_drafting,
@@ -32,6 +34,8 @@ __all__ = [
     "EwLinear",
     "Ewma",
     "Objective",
+    "chain_frame",
+    "choose_chain_k",
     "choose_k_ref",
     "expected_emitted",
     "keep_drafting",

@@ -198,17 +198,22 @@ class CostEstimator:
 
     def observe(self, tele: Telemetry) -> None:
         self.rounds += 1
+        fresh = tele.k - tele.carried  # carried drafts were drafted (and timed) in the round before
+        if fresh > 0:
+            self.t_draft.update(fresh, tele.t_draft_s)
         if tele.k > 0:
-            self.t_draft.update(tele.k, tele.t_draft_s)
             observed = tele.accepted + (1 if tele.accepted < tele.k else 0)
             self.accept.update(tele.accepted / observed, float(observed))
         self.t_edge.update(tele.k, tele.t_edge_queue_s + tele.t_edge_compute_s)
         self.t_net.update(tele.k, tele.t_net_s)
         self.e_radio.update(tele.k, tele.e_radio_j)
         if math.isfinite(tele.e_compute_j):
-            t_wait = max(tele.t_round_s - tele.t_draft_s, 0.0)
-            self.power.update(tele.t_draft_s, t_wait, tele.e_compute_j)
-            if math.isfinite(tele.e_draft_j):
+            drafting = tele.t_drafting_s if math.isfinite(tele.t_drafting_s) else tele.t_draft_s
+            t_wait = max(tele.t_round_s - drafting, 0.0)
+            self.power.update(drafting, t_wait, tele.e_compute_j)
+            # The reading at the end of the block's drafting splits the round only when nothing
+            # else was drafted in it (a pre-draft's energy would count as waiting).
+            if math.isfinite(tele.e_draft_j) and drafting <= tele.t_draft_s:
                 self.e_draft.update(tele.e_draft_j)
                 self.t_drafting.update(tele.t_draft_s)
                 self.e_wait.update(tele.e_compute_j - tele.e_draft_j)

@@ -104,6 +104,42 @@ def predraft_pays(obj: Objective, k: int, n_expected: float, p_hit: float, depth
     return obj.score_of(n_expected, t - saved_s, e + extra_j) > obj.score_of(n_expected, t, e)
 
 
+def chain_frame(obj: Objective, k: int, cont: float, ahead: int) -> tuple[float, float, float]:
+    """Send-ahead as a renewal frame: (N, T, E) expected of one chain of k-draft blocks. The first
+    block costs a whole round T̂(k); each block after it is verified with probability `cont` (the
+    one before fully accepted and its guess right: α̂^k × the guess-match rate on average) and
+    then costs one step — its own drafting, the edge's time, or the round shared by the `ahead` + 1
+    blocks in flight, whichever is longest. A miss ends the chain and wastes the blocks in flight
+    after it (drafting power instead of idling, their bytes). Every block emits N̂(k) (Wald: the
+    chain stops on what it has observed)."""
+    c = obj.cost
+    cont = min(max(cont, 0.0), 0.999)
+    more = cont / (1.0 - cont)  # expected blocks verified after the first
+    draft_next = c.draft_s(k + 1)  # the guess + k drafts
+    edge = c.t_edge0_s + k * c.t_edge_per_token_s
+    step = max(draft_next, edge, c.time_s(k) / (1 + ahead))
+    n = expected_emitted(c.alpha, k) * (1.0 + more)
+    t = c.time_s(k) + more * step
+    e_step = draft_next * c.p_draft_w + max(step - draft_next, 0.0) * c.p_wait_w
+    e_step += c.e_radio0_j + k * c.e_radio_per_token_j
+    waste = ahead * draft_next * (c.p_draft_w - c.p_wait_w) + ahead * (c.e_radio0_j + k * c.e_radio_per_token_j)
+    return n, t, c.energy_j(k) + more * e_step + waste
+
+
+def choose_chain_k(obj: Objective, k_max: int, match: float, ahead: int, min_rate: float = 0.0) -> tuple[int, float]:
+    """Send-ahead's outer decision: the block size (>= 1) whose chain frame scores best among the
+    chains emitting faster than `min_rate` tokens/s (rounds one at a time: pipelining is for speed,
+    and a slower chain that claims to save energy rests on costs the model does not see, such as
+    each message's own processing), and its score; (0, -inf) when no chain qualifies."""
+    best_k, best = 0, -math.inf
+    for k in range(1, k_max + 1):
+        n, t, e = chain_frame(obj, k, obj.cost.alpha**k * match, ahead)
+        s = obj.score_of(n, t, e)
+        if n / t > min_rate and s > best:
+            best_k, best = k, s
+    return best_k, best
+
+
 def keep_drafting(obj: Objective, drafted: int, n_expected: float, survival: float, k_max: int) -> bool:
     """The inner decision after `drafted` tokens: does drafting more still improve the score?"""
     stop = obj.score(n_expected, drafted)

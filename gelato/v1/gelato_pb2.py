@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gelato/v1/gelato.proto\x12\tgelato.v1\"\r\n\x0bInfoRequest\"\xcc\x02\n\x0cInfoResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0ctarget_model\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\rcontext_limit\x18\x05 \x01(\r\x12\x18\n\x10max_draft_tokens\x18\x06 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x07 \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\x05\x12\x17\n\x0fkv_bytes_in_use\x18\n \x01(\x04\x12\x19\n\x11kv_bytes_reserved\x18\x0b \x01(\x04\x12\x17\n\x0fkv_budget_bytes\x18\x0c \x01(\x04\x12\x15\n\rkv_pool_bytes\x18\r \x01(\x04\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\xb6\x01\n\x0bOpenSession\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x15\n\rdrafter_model\x18\x03 \x01(\t\x12\x12\n\nprefix_ids\x18\x04 \x03(\x05\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.gelato.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\",\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\x11\n\tprobs_f16\x18\x02 \x01(\x0c\"J\n\nDraftBlock\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\x05\x12 \n\x01q\x18\x03 \x03(\x0b\x32\x15.gelato.v1.SparseDist\"\x0e\n\x0c\x43loseSession\"-\n\x08Generate\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\"\xba\x01\n\rDeviceMessage\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.gelato.v1.OpenSessionH\x00\x12&\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x15.gelato.v1.DraftBlockH\x00\x12(\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x17.gelato.v1.CloseSessionH\x00\x12\'\n\x08generate\x18\x04 \x01(\x0b\x32\x13.gelato.v1.GenerateH\x00\x42\x06\n\x04kind\"j\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0ctarget_model\x18\x02 \x01(\t\x12\x15\n\rcontext_limit\x18\x03 \x01(\r\x12\x18\n\x10max_draft_tokens\x18\x04 \x01(\r\"z\n\x07Verdict\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\nn_accepted\x18\x02 \x01(\r\x12\x12\n\nnext_token\x18\x03 \x01(\x05\x12\x10\n\x08queue_ms\x18\x04 \x01(\x02\x12\x12\n\ncompute_ms\x18\x05 \x01(\x02\x12\x12\n\nbatch_rows\x18\x06 \x01(\r\"h\n\x0b\x45\x64geMessage\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.gelato.v1.SessionOpenedH\x00\x12%\n\x07verdict\x18\x02 \x01(\x0b\x32\x12.gelato.v1.VerdictH\x00\x42\x06\n\x04kind2\x82\x01\n\x06Gelato\x12\x37\n\x04Info\x12\x16.gelato.v1.InfoRequest\x1a\x17.gelato.v1.InfoResponse\x12?\n\x07Session\x12\x18.gelato.v1.DeviceMessage\x1a\x16.gelato.v1.EdgeMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gelato/v1/gelato.proto\x12\tgelato.v1\"\r\n\x0bInfoRequest\"\xe6\x02\n\x0cInfoResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0ctarget_model\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\rcontext_limit\x18\x05 \x01(\r\x12\x18\n\x10max_draft_tokens\x18\x06 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x07 \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\x05\x12\x17\n\x0fkv_bytes_in_use\x18\n \x01(\x04\x12\x19\n\x11kv_bytes_reserved\x18\x0b \x01(\x04\x12\x17\n\x0fkv_budget_bytes\x18\x0c \x01(\x04\x12\x15\n\rkv_pool_bytes\x18\r \x01(\x04\x12\x18\n\x10max_ahead_rounds\x18\x0e \x01(\r\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\xb6\x01\n\x0bOpenSession\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x15\n\rdrafter_model\x18\x03 \x01(\t\x12\x12\n\nprefix_ids\x18\x04 \x03(\x05\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.gelato.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\",\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\x11\n\tprobs_f16\x18\x02 \x01(\x0c\"v\n\nDraftBlock\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\x05\x12 \n\x01q\x18\x03 \x03(\x0b\x32\x15.gelato.v1.SparseDist\x12\x19\n\x0cparent_round\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_parent_round\"\x0e\n\x0c\x43loseSession\"-\n\x08Generate\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\"\xba\x01\n\rDeviceMessage\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.gelato.v1.OpenSessionH\x00\x12&\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x15.gelato.v1.DraftBlockH\x00\x12(\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x17.gelato.v1.CloseSessionH\x00\x12\'\n\x08generate\x18\x04 \x01(\x0b\x32\x13.gelato.v1.GenerateH\x00\x42\x06\n\x04kind\"\x84\x01\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0ctarget_model\x18\x02 \x01(\t\x12\x15\n\rcontext_limit\x18\x03 \x01(\r\x12\x18\n\x10max_draft_tokens\x18\x04 \x01(\r\x12\x18\n\x10max_ahead_rounds\x18\x05 \x01(\r\"\x89\x01\n\x07Verdict\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\nn_accepted\x18\x02 \x01(\r\x12\x12\n\nnext_token\x18\x03 \x01(\x05\x12\x10\n\x08queue_ms\x18\x04 \x01(\x02\x12\x12\n\ncompute_ms\x18\x05 \x01(\x02\x12\x12\n\nbatch_rows\x18\x06 \x01(\r\x12\r\n\x05stale\x18\x07 \x01(\x08\"h\n\x0b\x45\x64geMessage\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.gelato.v1.SessionOpenedH\x00\x12%\n\x07verdict\x18\x02 \x01(\x0b\x32\x12.gelato.v1.VerdictH\x00\x42\x06\n\x04kind2\x82\x01\n\x06Gelato\x12\x37\n\x04Info\x12\x16.gelato.v1.InfoRequest\x1a\x17.gelato.v1.InfoResponse\x12?\n\x07Session\x12\x18.gelato.v1.DeviceMessage\x1a\x16.gelato.v1.EdgeMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=37
   _globals['_INFOREQUEST']._serialized_end=50
   _globals['_INFORESPONSE']._serialized_start=53
-  _globals['_INFORESPONSE']._serialized_end=385
-  _globals['_SAMPLINGPARAMS']._serialized_start=387
-  _globals['_SAMPLINGPARAMS']._serialized_end=468
-  _globals['_OPENSESSION']._serialized_start=471
-  _globals['_OPENSESSION']._serialized_end=653
-  _globals['_SPARSEDIST']._serialized_start=655
-  _globals['_SPARSEDIST']._serialized_end=699
-  _globals['_DRAFTBLOCK']._serialized_start=701
-  _globals['_DRAFTBLOCK']._serialized_end=775
-  _globals['_CLOSESESSION']._serialized_start=777
-  _globals['_CLOSESESSION']._serialized_end=791
-  _globals['_GENERATE']._serialized_start=793
-  _globals['_GENERATE']._serialized_end=838
-  _globals['_DEVICEMESSAGE']._serialized_start=841
-  _globals['_DEVICEMESSAGE']._serialized_end=1027
-  _globals['_SESSIONOPENED']._serialized_start=1029
-  _globals['_SESSIONOPENED']._serialized_end=1135
-  _globals['_VERDICT']._serialized_start=1137
-  _globals['_VERDICT']._serialized_end=1259
-  _globals['_EDGEMESSAGE']._serialized_start=1261
-  _globals['_EDGEMESSAGE']._serialized_end=1365
-  _globals['_GELATO']._serialized_start=1368
-  _globals['_GELATO']._serialized_end=1498
+  _globals['_INFORESPONSE']._serialized_end=411
+  _globals['_SAMPLINGPARAMS']._serialized_start=413
+  _globals['_SAMPLINGPARAMS']._serialized_end=494
+  _globals['_OPENSESSION']._serialized_start=497
+  _globals['_OPENSESSION']._serialized_end=679
+  _globals['_SPARSEDIST']._serialized_start=681
+  _globals['_SPARSEDIST']._serialized_end=725
+  _globals['_DRAFTBLOCK']._serialized_start=727
+  _globals['_DRAFTBLOCK']._serialized_end=845
+  _globals['_CLOSESESSION']._serialized_start=847
+  _globals['_CLOSESESSION']._serialized_end=861
+  _globals['_GENERATE']._serialized_start=863
+  _globals['_GENERATE']._serialized_end=908
+  _globals['_DEVICEMESSAGE']._serialized_start=911
+  _globals['_DEVICEMESSAGE']._serialized_end=1097
+  _globals['_SESSIONOPENED']._serialized_start=1100
+  _globals['_SESSIONOPENED']._serialized_end=1232
+  _globals['_VERDICT']._serialized_start=1235
+  _globals['_VERDICT']._serialized_end=1372
+  _globals['_EDGEMESSAGE']._serialized_start=1374
+  _globals['_EDGEMESSAGE']._serialized_end=1478
+  _globals['_GELATO']._serialized_start=1481
+  _globals['_GELATO']._serialized_end=1611
 # @@protoc_insertion_point(module_scope)

@@ -11,7 +11,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("protocol_version", "target_model", "tokenizer_fingerprint", "vocab_size", "context_limit", "max_draft_tokens", "max_sessions", "active_sessions", "eos_token_ids", "kv_bytes_in_use", "kv_bytes_reserved", "kv_budget_bytes", "kv_pool_bytes")
+    __slots__ = ("protocol_version", "target_model", "tokenizer_fingerprint", "vocab_size", "context_limit", "max_draft_tokens", "max_sessions", "active_sessions", "eos_token_ids", "kv_bytes_in_use", "kv_bytes_reserved", "kv_budget_bytes", "kv_pool_bytes", "max_ahead_rounds")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class InfoResponse(_message.Message):
     KV_BYTES_RESERVED_FIELD_NUMBER: _ClassVar[int]
     KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_AHEAD_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     target_model: str
     tokenizer_fingerprint: str
@@ -38,7 +39,8 @@ class InfoResponse(_message.Message):
     kv_bytes_reserved: int
     kv_budget_bytes: int
     kv_pool_bytes: int
-    def __init__(self, protocol_version: _Optional[int] = ..., target_model: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_limit: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_bytes_in_use: _Optional[int] = ..., kv_bytes_reserved: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., kv_pool_bytes: _Optional[int] = ...) -> None: ...
+    max_ahead_rounds: int
+    def __init__(self, protocol_version: _Optional[int] = ..., target_model: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_limit: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_bytes_in_use: _Optional[int] = ..., kv_bytes_reserved: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., kv_pool_bytes: _Optional[int] = ..., max_ahead_rounds: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed")
@@ -77,14 +79,16 @@ class SparseDist(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs_f16: _Optional[bytes] = ...) -> None: ...
 
 class DraftBlock(_message.Message):
-    __slots__ = ("round", "ids", "q")
+    __slots__ = ("round", "ids", "q", "parent_round")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     round: int
     ids: _containers.RepeatedScalarFieldContainer[int]
     q: _containers.RepeatedCompositeFieldContainer[SparseDist]
-    def __init__(self, round: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ...) -> None: ...
+    parent_round: int
+    def __init__(self, round: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., parent_round: _Optional[int] = ...) -> None: ...
 
 class CloseSession(_message.Message):
     __slots__ = ()
@@ -111,32 +115,36 @@ class DeviceMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., draft: _Optional[_Union[DraftBlock, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., generate: _Optional[_Union[Generate, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "target_model", "context_limit", "max_draft_tokens")
+    __slots__ = ("session_id", "target_model", "context_limit", "max_draft_tokens", "max_ahead_rounds")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LIMIT_FIELD_NUMBER: _ClassVar[int]
     MAX_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_AHEAD_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     target_model: str
     context_limit: int
     max_draft_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[str] = ..., context_limit: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ...) -> None: ...
+    max_ahead_rounds: int
+    def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[str] = ..., context_limit: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., max_ahead_rounds: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("round", "n_accepted", "next_token", "queue_ms", "compute_ms", "batch_rows")
+    __slots__ = ("round", "n_accepted", "next_token", "queue_ms", "compute_ms", "batch_rows", "stale")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     N_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
     round: int
     n_accepted: int
     next_token: int
     queue_ms: float
     compute_ms: float
     batch_rows: int
-    def __init__(self, round: _Optional[int] = ..., n_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_rows: _Optional[int] = ...) -> None: ...
+    stale: bool
+    def __init__(self, round: _Optional[int] = ..., n_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_rows: _Optional[int] = ..., stale: _Optional[bool] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
     __slots__ = ("opened", "verdict")

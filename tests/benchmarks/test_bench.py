@@ -17,7 +17,15 @@ import pytest
 from benchmarks import bench, bench_refs
 from benchmarks.bench_plots import observed
 from benchmarks.bench_report import gsm8k_answer, score, targets
-from benchmarks.bench_run import RunResult, RunSpec, percentile, shard_files, shard_index, token_latencies
+from benchmarks.bench_run import (
+    RunResult,
+    RunSpec,
+    percentile,
+    pipeline_stats,
+    shard_files,
+    shard_index,
+    token_latencies,
+)
 from gelato.tiny.random_pair import synthetic_problem
 
 
@@ -41,13 +49,19 @@ def test_gsm8k_end_to_end_on_loopback(pair: dict[str, Path], gsm8k_like: Path, t
     args = ["gsm8k", "--limit", "2", "--channel", "none", "--data", str(gsm8k_like), "--out", str(out)]
     args += ["--target", str(pair["target"]), "--drafter", str(pair["drafter_agree"]), "--max-new-tokens", "10"]
     args += ["--policies", "ar-edge,ar-device,fixed-0,fixed-2,gelato", "--budget-factors", "1.0"]
-    args += ["--devices", "2", "--v", "10", "--pipeline", "local", "--no-progress"]
+    args += ["--devices", "2", "--v", "10", "--pipeline", "send-ahead", "--ahead-blocks", "3", "--no-progress"]
     res = run_bench(args)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     labels = [r["label"] for r in s["runs"]]
-    assert labels[:5] == ["ar-edge", "fixed-0", "fixed-2", "ar-device", "gelato+pipe"]
-    assert len(labels) == 6 and labels[5].startswith("gelato+pipe ē=") and labels[5].endswith("V=10")
+    assert labels[:5] == ["ar-edge", "fixed-0", "fixed-2", "ar-device", "gelato+send-ahead"]
+    assert len(labels) == 6 and labels[5].startswith("gelato+send-ahead ē=") and labels[5].endswith("V=10")
+    sa = s["runs"][4]
+    assert sa["pipeline"] == "send-ahead" and sa["flags"][-4:] == ["--pipeline", "send-ahead", "--ahead-blocks", "3"]
+    assert sa["wasted_tokens_per_token"] >= 0 and {"ahead_hit_rate", "predraft_hit_rate", "wasted_j_per_token"} <= set(
+        sa
+    )
+    assert s["runs"][1]["pipeline"] == "off" and s["runs"][1]["ahead_hit_rate"] is None
     for r in s["runs"]:
         assert r["questions"] == 2 and r["errors"] == 0 and len(r["per_device"]) == 2
         assert r["energy_j_per_token"] > 0 and r["energy"] == ["cpu-model (estimated)"]
@@ -62,6 +76,7 @@ def test_gsm8k_end_to_end_on_loopback(pair: dict[str, Path], gsm8k_like: Path, t
     table = (out / "table.md").read_text()
     for column in ("tokens/s/device", "aggregate tokens/s", "device mJ/token", "GSM8K acc", "exact vs ar-edge"):
         assert column in table
+    assert "ahead hit" in table and "wasted mJ/tok" in table
     for png in ("pareto.png", "q_trace.png", "draft_hist.png", "calibration.png", "devices.png"):
         assert (out / png).stat().st_size > 1000, png
     with gzip.open(out / "rounds" / "fixed-2.jsonl.gz", "rt") as f:
@@ -105,14 +120,91 @@ def test_plan_order_and_flags() -> None:
     selected = bench.DEFAULT_POLICIES.split(",")
     base = bench.base_specs(selected, args)
     assert [s.label for s in base[:3]] == ["ar-edge", "fixed-0", "fixed-1"]
-    assert [s.label for s in base[-4:]] == ["lyapunov", "lyapunov+pipe", "gelato", "gelato+pipe"]
+    assert [s.label for s in base[-4:]] == ["lyapunov", "lyapunov+local", "gelato", "gelato+local"]
+    assert [s.pipeline for s in base[-4:]] == ["off", "local", "off", "local"]
     late = bench.budget_specs(selected, args, [0.01])
     assert len(late) == 2 * 4  # V values x (lyapunov, gelato) x (plain, pipelined)
-    g = next(s for s in late if s.label == "gelato+pipe ē=10mJ V=50")
+    g = next(s for s in late if s.label == "gelato+local ē=10mJ V=50")
     assert g.flags == ("--k-max", "6", "--pipeline", "local", "--energy-budget-j-per-token", "0.01", "--v", "50")
     assert bench.choose_budgets(
         args, [{"policy": "fixed-0", "energy_j_per_token": 0.001}, {"policy": "fixed-2", "energy_j_per_token": 0.004}]
     ) == [0.004, 0.005]
+
+
+def test_pipeline_modes() -> None:
+    parse = bench.build_parser().parse_args
+    assert parse(["gsm8k"]).pipeline == "all"
+    assert bench.pipeline_modes("all") == ["off", "local", "send-ahead"]
+    assert bench.pipeline_modes("both") == ["off", "local"]
+    assert bench.pipeline_modes("send-ahead, off,local,off") == ["send-ahead", "off", "local"]
+    for bad in ("", "on", "local,fast"):
+        with pytest.raises(ValueError, match="--pipeline"):
+            bench.pipeline_modes(bad)
+    args = parse(["gsm8k", "--pipeline", "off,send-ahead", "--ahead-blocks", "4", "--policies", "gelato"])
+    assert bench.check_args(args) == ""
+    specs = bench.base_specs(["gelato"], args)
+    assert [(s.label, s.pipeline) for s in specs[1:]] == [("gelato", "off"), ("gelato+send-ahead", "send-ahead")]
+    assert specs[2].flags == ("--k-max", "8", "--pipeline", "send-ahead", "--ahead-blocks", "4")
+    assert specs[2].slug == "gelato_send-ahead"
+    assert "--pipeline" in bench.check_args(parse(["gsm8k", "--pipeline", "sideways"]))
+    # Older summaries hold a bool: RunSpec reads it as a mode.
+    assert RunSpec("gelato+pipe", "gelato", "gelato", pipeline=True).pipeline == "local"  # type: ignore[arg-type]
+    assert RunSpec("gelato", "gelato", "gelato", pipeline=False).pipeline == "off"  # type: ignore[arg-type]
+
+
+def test_pipeline_stats_from_rounds() -> None:
+    base: dict[str, Any] = {"k": 4, "accepted": 4, "emitted": 5, "carried": 0}
+    send_ahead = [
+        {**base, "sent_ahead": False, "predrafted": 5, "predraft_hit": True},
+        {**base, "sent_ahead": True, "predrafted": 5, "predraft_hit": False, "stale_blocks": 2, "wasted_tokens": 10}
+        | {"wasted_j": 0.02},
+        {**base, "accepted": 1, "emitted": 2, "sent_ahead": False},
+    ]
+    st = pipeline_stats(send_ahead, 12)
+    assert st["sent_ahead"] == 1 and st["stale_blocks"] == 2 and st["ahead_hit_rate"] == pytest.approx(1 / 3)
+    assert st["predraft_rounds"] == 2 and st["predraft_hit_rate"] == 0.5
+    assert st["wasted_tokens_per_token"] == pytest.approx(10 / 12) and st["wasted_j_per_token"] == pytest.approx(
+        0.02 / 12
+    )
+    local = [  # a local miss carries no energy estimate: the run's drafting J per drafted token
+        {**base, "predrafted": 3, "predraft_hit": False, "e_draft_j": 0.008},
+        {**base, "predrafted": 3, "predraft_hit": True, "e_draft_j": 0.008},
+        {**base, "carried": 2, "e_draft_j": 0.004},
+    ]
+    st = pipeline_stats(local, 15)
+    assert st["ahead_hit_rate"] is None and st["predraft_hit_rate"] == 0.5
+    assert st["wasted_tokens_per_token"] == pytest.approx(3 / 15)
+    assert st["wasted_j_per_token"] == pytest.approx(3 * 0.002 / 15)  # 0.02 J / 10 drafted tokens
+    no_meter = [{**r, "e_draft_j": float("nan")} for r in local]  # older traces: no e_draft_j at all
+    assert pipeline_stats(no_meter, 15)["wasted_j_per_token"] is None
+    plain = pipeline_stats([{"k": 2, "accepted": 1, "emitted": 2}], 2)
+    assert plain["ahead_hit_rate"] is None and plain["predraft_hit_rate"] is None and plain["wasted_j_per_token"] == 0
+
+
+def test_committed_results_with_bool_pipeline_still_read(tmp_path: Path) -> None:
+    """Results written before pipelining was a mode (`"pipeline": true`, labels `+pipe`): the
+    targets, the table, the pipelining figures and the plots are still made from them."""
+    import shutil
+
+    from benchmarks.bench_finish import replot
+    from benchmarks.bench_report import markdown
+
+    src = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "gsm8k_wifi_n1"
+    summary = json.loads((src / "summary.json").read_text())
+    piped = [r for r in summary["runs"] if r["pipeline"] is True]
+    assert piped, "the committed results changed: pick another folder with bool pipelining"
+    t = targets(summary["runs"], [r for r in summary["references"] if r["policy"] == "oracle"], 8)
+    by = {g["label"]: g for g in t["gelato"]}
+    assert by["gelato+pipe"]["goal"] == 1.5 and by["gelato"]["goal"] == 1.2
+    assert by["gelato+pipe"]["pipeline"] == "local" and by["gelato+pipe"]["unpipelined"] == "gelato"
+    assert "gelato+pipe" in markdown({**summary, "targets": t})
+    with gzip.open(src / "rounds" / f"{RunSpec('gelato+pipe', 'gelato', 'gelato').slug}.jsonl.gz") as f:
+        rounds = [json.loads(line) for line in f]
+    st = pipeline_stats(rounds, sum(r["emitted"] for r in rounds))
+    assert st["ahead_hit_rate"] is None and st["predraft_rounds"] > 0 and st["wasted_j_per_token"] is None
+    copy = tmp_path / "old"
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("*.png", "outputs.jsonl.gz"))
+    assert replot(copy) == 0 and (copy / "pareto.png").stat().st_size > 1000
 
 
 def test_shards_deal_questions_round_robin(tmp_path: Path) -> None:
@@ -130,7 +222,7 @@ def test_latency_per_token_weighs_every_token() -> None:
     assert percentile(lat, 0.5) == 0.01 and percentile(lat, 0.99) == 0.05 and percentile([], 0.5) is None
 
 
-def row(label: str, family: str, tps: float, jpt: float, pipeline: bool = False) -> dict[str, Any]:
+def row(label: str, family: str, tps: float, jpt: float, pipeline: bool | str = False) -> dict[str, Any]:
     return {
         "label": label,
         "policy": label.split()[0],
@@ -147,19 +239,24 @@ def test_targets() -> None:
         row("fixed-2", "fixed", 30, 0.012),
         row("fixed-4", "fixed", 40, 0.010),
         row("gelato", "gelato", 50, 0.009),
-        row("gelato+pipe", "gelato", 55, 0.0095, True),
+        row("gelato+pipe", "gelato", 55, 0.0095, True),  # an older summary: pipeline a bool
+        row("gelato+send-ahead", "gelato", 64, 0.0099, "send-ahead"),
         row("heuristic", "heuristic", 9, 0.02),
     ]
     t = targets(rows, [{"label": "oracle K≤8", "k_cap": 8, "tokens_per_s": 60.0}], 8)
-    g, gp = t["gelato"]
+    g, gp, sa = t["gelato"]
     assert g["best_fixed"] == "fixed-4" and g["speedup_vs_best_fixed"] == pytest.approx(1.25) and g["met"]
     assert not gp["met"] and gp["goal"] == 1.5  # 1.375x: short of the pipelined goal
+    assert gp["speedup_vs_unpipelined"] == pytest.approx(1.1) and not gp["unpipelined_met"]
+    assert sa["met"] and sa["goal"] == 1.5 and sa["unpipelined_met"] and sa["pipeline"] == "send-ahead"
+    assert "unpipelined_met" not in g
     assert g["oracle_met"] is False and g["vs_oracle"] == pytest.approx(50 / 60)
     assert t["beats_fixed0"] == {
         "fixed-2": True,
         "fixed-4": True,
         "gelato": True,
         "gelato+pipe": True,
+        "gelato+send-ahead": True,
         "heuristic": False,
     }
     slow = targets([*rows[:3], row("gelato", "gelato", 50, 0.011)], [], 8)["gelato"][0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,64 @@ def test_energy_probe_bad_arguments(extra: list[str], needle: str) -> None:
         [sys.executable, "-m", "gelato.power.cli", "probe", *extra], capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr
+
+
+def run_device_env(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`run_device` with GELATO_DEVICE_* variables added to the environment (none inherited)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GELATO_DEVICE_")}
+    cmd = [sys.executable, "-m", "device.cli", "--threads", "1", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**base, **env})
+
+
+def test_environment_sets_flags_and_command_line_wins(pair: dict[str, Path], edge: EdgeProcess) -> None:
+    """The same run configured by GELATO_DEVICE_* variables gives the same tokens as by flags; a flag
+    on the command line overrides its variable (and a --prompt overrides GELATO_DEVICE_PROMPTS_FILE)."""
+    flags = device_args(pair, edge, "--prompt", "Ava has 3 apples.", "--max-new-tokens", "12", "--json")
+    by_flags = run_device(flags)
+    env = {
+        "GELATO_DEVICE_DRAFTER": str(pair["drafter_agree"]),
+        "GELATO_DEVICE_EDGE": edge.address,
+        "GELATO_DEVICE_PROMPT": "Ava has 3 apples.",
+        "GELATO_DEVICE_MAX_NEW_TOKENS": "12",
+        "GELATO_DEVICE_JSON": "true",
+    }
+    by_env = run_device_env([], env)
+    assert by_flags.returncode == 0 and by_env.returncode == 0, by_env.stderr
+    ids = lambda out: [json.loads(line)["token_ids"] for line in out.splitlines()]  # noqa: E731
+    assert ids(by_env.stdout) == ids(by_flags.stdout) and len(ids(by_env.stdout)[0]) == 12
+    env |= {"GELATO_DEVICE_MAX_NEW_TOKENS": "3", "GELATO_DEVICE_PROMPTS_FILE": "/nonexistent.jsonl"}
+    del env["GELATO_DEVICE_PROMPT"]
+    overridden = run_device_env(["--max-new-tokens", "12", "--prompt", "Ava has 3 apples."], env)
+    assert overridden.returncode == 0, overridden.stderr
+    assert ids(overridden.stdout) == ids(by_flags.stdout)
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"GELATO_DEVICE_EDGE": "edgehost"}, "environment variable GELATO_DEVICE_EDGE='edgehost': expected HOST:PORT"),
+        ({"GELATO_DEVICE_MAX_NEW_TOKENS": "1.5"}, "GELATO_DEVICE_MAX_NEW_TOKENS='1.5': invalid int value"),
+        ({"GELATO_DEVICE_JSON": "sure"}, "GELATO_DEVICE_JSON='sure': expected 1/0, true/false, yes/no or on/off"),
+        ({"GELATO_DEVICE_RADIO": "6g"}, "GELATO_DEVICE_RADIO='6g': invalid choice: '6g'"),
+        (
+            {"GELATO_DEVICE_PROMPT": "x", "GELATO_DEVICE_PROMPTS_FILE": "p.jsonl"},
+            "environment variables GELATO_DEVICE_PROMPT and GELATO_DEVICE_PROMPTS_FILE are mutually exclusive",
+        ),
+    ],
+)
+def test_device_bad_environment(env: dict[str, str], needle: str) -> None:
+    res = run_device_env([] if "PROMPT" in " ".join(env) else ["--prompt", "x"], env)
+    assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_device_help_names_every_variable() -> None:
+    from device.cli import build_parser
+
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())
+    names = parser.env_names()  # type: ignore[attr-defined]
+    flags = {o for a in parser._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+    assert set(names) == flags and names["--edge"] == "GELATO_DEVICE_EDGE"
+    assert names["--energy-budget-j-per-token"] == "GELATO_DEVICE_ENERGY_BUDGET_J_PER_TOKEN"
+    for name in names.values():
+        assert f"[env: {name}]" in text, name

@@ -14,6 +14,7 @@ from scipy.stats import chisquare
 from device.drafter import Drafter
 from device.energy import EnergyAccountant
 from device.generate import Exchange, Limits, Verify, local_verifier, self_verifier, speculative_generate
+from device.pipeline import local_link, pipelined_generate
 from device.policy import POLICY_NAMES, EntropyStop, Gate, Heuristic, PolicyOptions, parse_policy
 from edge.kv_pool import KVPool
 from edge.verifier import TargetSession
@@ -168,7 +169,7 @@ def exact_distribution(target: LoadedModel, prompt: list[int], params: SamplingP
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pipeline", ["off", "local"])
+@pytest.mark.parametrize("pipeline", ["off", "local", "send-ahead"])
 def test_sampling_with_early_exit_follows_the_target(
     target: LoadedModel, drafter_m: LoadedModel, pipeline: str
 ) -> None:
@@ -195,13 +196,18 @@ def test_sampling_with_early_exit_follows_the_target(
             await asyncio.sleep(0)  # "in flight": a pre-draft runs now
             return await verify_now(block)
 
-        res = asyncio.run(speculative_generate(Drafter(drafter_m, params, top_m=8), verify, policy, prompt, limits))
+        drafter = Drafter(drafter_m, params, top_m=8)
+        if pipeline == "send-ahead":  # the edge's rule in process: blocks answered in order, later
+            link = local_link(session, max_ahead=2, delay_s=0.0)
+            res = asyncio.run(pipelined_generate(drafter, link, policy, prompt, limits))
+        else:
+            res = asyncio.run(speculative_generate(drafter, verify, policy, prompt, limits))
         session.close()
         counts[tuple(res.token_ids)] += 1
         reasons.update(t.stop_reason for t in res.stats.rounds_log if t.k > 0)
         hits += sum(t.predraft_hit for t in res.stats.rounds_log)
     assert reasons["entropy"] > samples / 10 and reasons["cap"] > samples / 10, reasons
-    assert (hits > samples / 20) if pipeline == "local" else hits == 0
+    assert (hits > samples / 20) if pipeline != "off" else hits == 0
     cells = sorted(exact, key=lambda s: -exact[s])
     big = [c for c in cells if exact[c] * samples >= 5]
     observed = [counts[c] for c in big] + [samples - sum(counts[c] for c in big)]

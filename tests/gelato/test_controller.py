@@ -15,6 +15,8 @@ from gelato.controller import (
     EwLinear,
     Ewma,
     Objective,
+    chain_frame,
+    choose_chain_k,
     choose_k_ref,
     expected_emitted,
     keep_drafting,
@@ -92,6 +94,32 @@ def test_k_ref_with_a_backlog_prefers_energy() -> None:
     per_token = [c.energy_j(k) / expected_emitted(0.7, k) for k in range(13)]
     assert frugal == min(range(13), key=lambda k: per_token[k])
     assert fast != frugal
+
+
+def test_chain_frame_hand_computed_and_its_limits() -> None:
+    """Send-ahead's renewal frame: a chain that never goes on is one round plus the waste; one that
+    always goes on runs at the per-block step; the choice follows the round trip."""
+    c = cost()  # T(k) = 0.02 + 0.001 k, edge 4 ms, α = 0.8
+    obj = Objective(c)
+    n, t, e = chain_frame(obj, 4, 0.0, 2)
+    assert n == pytest.approx(expected_emitted(0.8, 4)) and t == pytest.approx(c.time_s(4))
+    assert e == pytest.approx(c.energy_j(4) + 2 * 0.005 * (2.0 - 0.5))  # two blocks of 5 drafted for nothing
+    # cont = 0.5: one more block expected, costing max(5 ms drafting, 4 ms edge, 24 ms / 3) = 8 ms.
+    n, t, _ = chain_frame(obj, 4, 0.5, 2)
+    assert n == pytest.approx(2 * expected_emitted(0.8, 4)) and t == pytest.approx(0.024 + 0.008)
+    # Hits are likely: chains beat rounds one at a time; a useless guess (match 0) never does.
+    k_round, round_score = choose_k_ref(obj, 8)
+    k_chain, chain_score = choose_chain_k(obj, 8, 0.95, 4)
+    assert chain_score > 1.3 * round_score
+    assert choose_chain_k(obj, 8, 0.0, 4)[1] <= round_score  # no budget: the waste costs no time
+    priced = Objective(c, v=1.0, q_j=0.01, budget_j_per_token=1e-3)
+    assert choose_chain_k(priced, 8, 0.0, 4)[1] < choose_k_ref(priced, 8)[1]  # with one, it costs energy
+    # Short blocks continue more often: the chain's K is no larger than the round's.
+    assert 0 < k_chain <= k_round
+    # No round trip to hide (edge-bound steps): the chain's gain shrinks.
+    near = Objective(cost(t_net0_s=0.0))
+    gain_near = choose_chain_k(near, 8, 0.95, 4)[1] / choose_k_ref(near, 8)[1]
+    assert gain_near < chain_score / round_score
 
 
 def test_inner_rule_at_start_is_the_outer_decision() -> None:

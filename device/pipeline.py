@@ -1,0 +1,323 @@
+"""Send-ahead speculation (`--pipeline send-ahead`): draft blocks form a chain in flight.
+
+Contract: `await pipelined_generate(drafter, link, policy, prompt_ids, limits, ...)` returns what
+`device.generate.speculative_generate` returns for the same arguments — the same tokens, greedy or
+sampled with the same seed (draws are keyed by token position) — over a `Link` that sends a block
+without waiting for its verdict. While the oldest block's verdict is in flight, the drafter drafts
+the next block of the chain (its first token the guess of the previous block's target token,
+`Drafter.draft_after`) and sends it at once, up to `link.max_ahead` blocks past the awaited one,
+while the policy says it pays (`Policy.send_ahead`). Verdicts come back in order. A hit (every
+draft accepted, the target's token the guess) lets the chain go on with neither a drafting wait
+nor a round trip; a miss cuts it: the blocks after it come back stale and are skipped, and the
+next block is drafted after the target's token.
+
+Each verdict is one round of telemetry: its time and energy are those since the previous verdict
+(rounds overlap, so they add up to the generation's), `t_net_s` is the block's own transport time
+(sent to answered, less the edge's time) so the cost estimates still describe one unpipelined
+round, `sent_ahead` marks a block sent before its parent's verdict, and a miss's round carries the
+`stale_blocks` it cut, the `wasted_tokens` drafted for nothing and their estimated drafting energy
+`wasted_j` (the cost model's per-token drafting time × drafting power).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from device.drafter import Drafter
+from device.energy import EnergyAccountant, wire_bytes
+from device.generate import (
+    Exchange,
+    GenerationResult,
+    Limits,
+    Offload,
+    VerifyError,
+    block_end,
+    count_round,
+    deliver,
+    inline,
+)
+from device.policy import Gate, Policy
+from gelato.controller import Decision
+from gelato.power import NullMeter, Reading
+from gelato.types import DraftBlock, GenerationStats, Telemetry, Verdict
+from gelato.wire import encode_block, encode_verdict
+
+
+@dataclass(frozen=True)
+class Link:
+    """A transport that sends blocks and reads verdicts separately (one ordered stream)."""
+
+    send: Callable[[DraftBlock], Awaitable[int]]  # -> wire bytes up
+    receive: Callable[[], Awaitable[tuple[Verdict, int]]]  # the next verdict, wire bytes down
+    max_ahead: int  # blocks that may be in flight past the awaited one
+
+
+@dataclass
+class _Sent:
+    block: DraftBlock
+    decision: Decision
+    gate: Gate | None
+    cap: int
+    wanted: int
+    bytes_up: int
+    sent_at: float
+
+
+@dataclass
+class _Chain:
+    """Blocks in flight, oldest first, and the verdicts still to skip (stale blocks of a cut chain)."""
+
+    sent: deque[_Sent] = field(default_factory=deque)
+    stale: set[int] = field(default_factory=set)
+    next_round: int = 0
+    stale_down: int = 0  # bytes of skipped stale verdicts, charged to the next round
+    unsent: int = 0  # tokens drafted after a miss was known: never sent, wasted
+    drafting_s: float = 0.0  # drafting time since the last verdict (every block drafted)
+
+    def p_chain(self, policy: Policy) -> float:
+        p = 1.0
+        for s in self.sent:
+            p *= policy.p_hit(s.block)
+        return p
+
+    def projected(self) -> int:
+        """Tokens the blocks in flight add if every one is a hit."""
+        return sum(s.block.k + 1 for s in self.sent)
+
+
+async def _receive(link: Link, chain: _Chain) -> tuple[Verdict, int]:
+    """The oldest block's verdict, skipping the stale answers of a cut chain."""
+    while True:
+        verdict, down = await link.receive()
+        if verdict.stale and verdict.round in chain.stale:
+            chain.stale.discard(verdict.round)
+            chain.stale_down += down
+            continue
+        want = chain.sent[0].block.round
+        if verdict.stale or verdict.round != want:
+            what = f"round {verdict.round}" + (" stale" if verdict.stale else "")
+            raise VerifyError(f"edge answered {what}, expected round {want}")
+        return verdict, down
+
+
+def _limit(limits: Limits, confirmed: int, out: int) -> int:
+    """Drafts allowed in a block starting after `confirmed` tokens with `out` generated; -1: none."""
+    room = limits.context_limit - confirmed - 1
+    if room < 0 or out >= limits.max_new_tokens:
+        return -1
+    return max(0, min(limits.max_new_tokens - out - 1, room, limits.max_draft_tokens))
+
+
+async def _send(
+    link: Link, chain: _Chain, block: DraftBlock, decision: Decision, gate: Gate | None, cap: int, wanted: int
+) -> None:
+    up = await link.send(block)
+    chain.sent.append(_Sent(block, decision, gate, cap, wanted, up, time.perf_counter()))
+    chain.next_round = block.round + 1
+
+
+async def _first(
+    drafter: Drafter, link: Link, policy: Policy, chain: _Chain, limit: int, offload: Offload, limits: Limits
+) -> None:
+    """An ordinary block: the chain is empty (start, or after a miss)."""
+    decision = policy.decide(limit)
+    gate = policy.gate(decision)
+    wanted = decision.k_max if gate else decision.k_ref
+    cap = max(0, min(wanted, limit))
+    block = await offload(drafter.draft, cap, chain.next_round, gate, limits.eos)
+    chain.drafting_s += block.draft_s
+    await _send(link, chain, block, decision, gate, cap, wanted)
+
+
+def _hit(verdict: Verdict, block: DraftBlock, successor: DraftBlock) -> bool:
+    return verdict.n_accepted == block.k and successor.guess == verdict.next_token
+
+
+async def _extend(
+    drafter: Drafter,
+    link: Link,
+    policy: Policy,
+    chain: _Chain,
+    recv: asyncio.Future[tuple[Verdict, int]],
+    base: tuple[int, int],
+    offload: Offload,
+    limits: Limits,
+) -> None:
+    """While the oldest verdict is in flight: draft and send the next blocks of the chain."""
+    confirmed, out = base
+    while not recv.done() and len(chain.sent) <= link.max_ahead:
+        prev = chain.sent[-1].block
+        limit = _limit(limits, confirmed + chain.projected(), out + chain.projected())
+        if prev.stop_reason == "eos" or limit < 0:
+            return  # the chain ends at an eos or at the generation's limits
+        decision = policy.decide(limit)
+        if not policy.send_ahead(decision, chain.p_chain(policy)):
+            return
+        gate = policy.gate(decision)
+        wanted = decision.k_max if gate else decision.k_ref
+        cap = max(0, min(wanted, limit))
+        block = await offload(drafter.draft_after, prev, cap, chain.next_round, gate, limits.eos)
+        chain.drafting_s += block.draft_s
+        if recv.done() and not recv.exception():  # the verdict came while drafting: still worth sending?
+            verdict, _ = recv.result()
+            successor = chain.sent[1].block if len(chain.sent) > 1 else block
+            if not _hit(verdict, chain.sent[0].block, successor):
+                chain.unsent += block.k + 1  # `settle` drops it with the rest
+                return
+        await _send(link, chain, block, decision, gate, cap, wanted)
+
+
+async def pipelined_generate(
+    drafter: Drafter,
+    link: Link,
+    policy: Policy,
+    prompt_ids: list[int],
+    limits: Limits,
+    acct: EnergyAccountant | None = None,
+    on_round: Callable[[Telemetry], None] | None = None,
+    offload: Offload = inline,
+    session_bytes: tuple[int, int] = (0, 0),
+) -> GenerationResult:
+    acct = acct or EnergyAccountant(NullMeter(), None)
+    stats = GenerationStats()
+    gen_start, t0 = acct.begin(stats), time.perf_counter()
+    await offload(drafter.start, prompt_ids)
+    out: list[int] = []
+    chain = _Chain()
+    error, failure = "", None
+    start = acct.round_start()
+    while not stats.stop_reason:
+        confirmed = len(prompt_ids) + len(out)
+        if not chain.sent:
+            limit = _limit(limits, confirmed, len(out))
+            if limit < 0:
+                stats.stop_reason = "context_limit"
+                break
+        recv: asyncio.Future[tuple[Verdict, int]] | None = None
+        try:
+            if not chain.sent:
+                await _first(drafter, link, policy, chain, limit, offload, limits)
+            recv = asyncio.ensure_future(_receive(link, chain))
+            await _extend(drafter, link, policy, chain, recv, (confirmed, len(out)), offload, limits)
+            verdict, down = await recv
+        except VerifyError as exc:
+            stats.stop_reason, error, failure = "error", str(exc), exc
+            break
+        finally:
+            if recv is not None and not recv.done():
+                recv.cancel()
+        start = await _settle(drafter, policy, chain, verdict, down, start, stats, out, limits, acct, on_round, offload)
+    stats.bytes_up += session_bytes[0]
+    stats.bytes_down += session_bytes[1]
+    acct.end(stats, gen_start)
+    policy.charge(stats.energy_j - sum(t.e_j for t in stats.rounds_log))
+    return GenerationResult(list(prompt_ids), out, time.perf_counter() - t0, stats, error=error, failure=failure)
+
+
+async def _settle(
+    drafter: Drafter,
+    policy: Policy,
+    chain: _Chain,
+    verdict: Verdict,
+    down: int,
+    start: Reading,
+    stats: GenerationStats,
+    out: list[int],
+    limits: Limits,
+    acct: EnergyAccountant,
+    on_round: Callable[[Telemetry], None] | None,
+    offload: Offload,
+) -> Reading:
+    """Apply the oldest block's verdict: emit, cut the chain on a miss, one round of telemetry."""
+    arrived = time.perf_counter()
+    sent = chain.sent.popleft()
+    block = sent.block
+    successor = chain.sent[0].block if chain.sent else None
+    emitted, hit = await offload(drafter.settle, block, verdict, successor)
+    cut = [] if hit else list(chain.sent)
+    if cut:
+        chain.sent.clear()
+        chain.stale.update(s.block.round for s in cut)
+    if not hit:
+        chain.next_round = block.round + 1
+    wasted = sum(s.block.k + 1 for s in cut) + chain.unsent
+    drafting_s, chain.unsent, chain.drafting_s = chain.drafting_s, 0, 0.0
+    delivered = deliver(emitted, out, limits)
+    out += delivered
+    up = sent.bytes_up + sum(s.bytes_up for s in cut)
+    down, chain.stale_down = down + chain.stale_down, 0
+    tele = acct.round_end(start, block, verdict, len(delivered), up, down)
+    edge_s = (verdict.queue_ms + verdict.compute_ms) / 1e3
+    cost = policy.controller.cost.model()
+    gate = sent.gate
+    tele = replace(
+        tele,
+        t_net_s=max(0.0, arrived - sent.sent_at - edge_s),
+        k_ref=sent.decision.k_ref,
+        k_max=sent.cap,
+        stop_reason=block_end(block, sent.cap, sent.wanted, gate is not None),
+        entropies=block.entropies,
+        p_accept=tuple(gate.p_accept) if gate else (),
+        predrafted=successor.k + 1 if successor is not None else 0,
+        predraft_hit=hit,
+        t_drafting_s=drafting_s,
+        sent_ahead=block.guess is not None,
+        stale_blocks=len(cut),
+        wasted_tokens=wasted,
+        wasted_j=wasted * cost.t_draft_s * cost.p_draft_w,
+    )
+    tele = replace(tele, q_deficit_j=policy.observe(tele))
+    count_round(stats, block, Exchange(verdict, up, down), tele)
+    if on_round is not None:
+        on_round(tele)
+    if len(delivered) < len(emitted) or (delivered and delivered[-1] in limits.eos):
+        stats.stop_reason = "eos" if delivered and delivered[-1] in limits.eos else "max_new_tokens"
+    elif len(out) >= limits.max_new_tokens:
+        stats.stop_reason = "max_new_tokens"
+    return acct.round_start()
+
+
+def local_link(session: Any, max_ahead: int = 4, delay_s: float = 0.0) -> Link:
+    """An in-process edge for send-ahead, for benchmarks and tests: an `edge.verifier.TargetSession`-
+    like object (`resolve_ahead`, `verify`) answers the blocks in order, as the edge's stream does,
+    each verdict `delay_s` after its block was sent (a stand-in for the round trip), stale blocks
+    at once. `device` never imports `edge`: the caller passes the session in."""
+    blocks: asyncio.Queue[tuple[DraftBlock, float]] = asyncio.Queue()
+    verdicts: asyncio.Queue[tuple[Verdict, int]] = asyncio.Queue()
+
+    async def serve() -> None:
+        while True:
+            block, sent_at = await blocks.get()
+            await asyncio.sleep(max(0.0, sent_at + delay_s - time.perf_counter()))
+            verdict = _answer(session, block, max_ahead)
+            verdicts.put_nowait((verdict, wire_bytes(encode_verdict(verdict).ByteSize())))
+
+    task: asyncio.Task[None] | None = None
+
+    async def send(block: DraftBlock) -> int:
+        nonlocal task
+        if task is None:
+            task = asyncio.get_running_loop().create_task(serve())
+        blocks.put_nowait((block, time.perf_counter()))
+        return wire_bytes(encode_block(block).ByteSize())
+
+    async def receive() -> tuple[Verdict, int]:
+        return await verdicts.get()
+
+    return Link(send, receive, max_ahead)
+
+
+def _answer(session: Any, block: DraftBlock, max_ahead: int) -> Verdict:
+    if block.guess is not None:
+        resolved = session.resolve_ahead(block, max_ahead)
+        if resolved is None:
+            return Verdict(round=block.round, n_accepted=0, next_token=0, stale=True, batch_rows=0)
+        block = resolved
+    t0 = time.perf_counter()
+    a, nxt = session.verify(block)
+    return Verdict(round=block.round, n_accepted=a, next_token=nxt, compute_ms=(time.perf_counter() - t0) * 1e3)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Make the TLS and token files for a GELATO edge and its devices (openssl only):
+#   docker/make-secrets.sh OUT_DIR [NAME ...]
+# NAME: the DNS names and IP addresses devices use to reach the edge (its certificate's subject
+# alternative names; default: edge localhost 127.0.0.1). Writes into OUT_DIR:
+#   ca.crt                  the CA devices trust (--tls-ca); ca.key stays with whoever signs
+#   edge.crt, edge.key      the edge's certificate and key (--tls-cert, --tls-key)
+#   device.crt, device.key  a client certificate for mutual TLS (edge: --tls-client-ca ca.crt)
+#   token                   the bearer token both sides read (--auth-token-file)
+# The containers run as uid 10001: run as root and the private files are given to that uid (0640),
+# otherwise `chown 10001 OUT_DIR/*.key OUT_DIR/token` them yourself before mounting.
+# Existing files are kept (delete OUT_DIR to start over).
+set -euo pipefail
+out=${1:?usage: make-secrets.sh OUT_DIR [NAME ...]}
+shift
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=(edge localhost 127.0.0.1)
+days=${GELATO_CERT_DAYS:-825}
+mkdir -p "$out"
+cd "$out"
+
+san=""
+for n in "${names[@]}"; do
+  if [[ $n =~ ^[0-9.]+$ || $n == *:* ]]; then san+="IP:$n,"; else san+="DNS:$n,"; fi
+done
+san=${san%,}
+
+if [ ! -s ca.key ]; then
+  openssl req -x509 -newkey rsa:3072 -nodes -keyout ca.key -out ca.crt -days "$days" \
+    -subj "/CN=gelato-ca" -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+fi
+
+issue() {  # issue NAME CN EXTENDED_KEY_USAGE [SAN]
+  local name=$1 cn=$2 eku=$3 alt=${4:-}
+  [ -s "$name.crt" ] && return 0
+  openssl req -newkey rsa:2048 -nodes -keyout "$name.key" -out "$name.csr" -subj "/CN=$cn" 2>/dev/null
+  {
+    echo "basicConstraints=critical,CA:FALSE"
+    echo "keyUsage=critical,digitalSignature,keyEncipherment"
+    echo "extendedKeyUsage=$eku"
+    [ -n "$alt" ] && echo "subjectAltName=$alt"
+  } > "$name.ext"
+  openssl x509 -req -in "$name.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days "$days" \
+    -extfile "$name.ext" -out "$name.crt" 2>/dev/null
+  rm -f "$name.csr" "$name.ext"
+}
+issue edge "${names[0]}" serverAuth "$san"
+issue device gelato-device clientAuth
+
+[ -s token ] || openssl rand -hex 32 > token
+chmod 0644 ca.crt edge.crt device.crt
+chmod 0600 ca.key
+chmod 0640 edge.key device.key token
+if [ "$(id -u)" = 0 ]; then
+  chown 10001:10001 edge.key device.key token
+fi
+echo "secrets in $out: ca.crt edge.crt edge.key device.crt device.key token (certificate names: ${names[*]})"

@@ -1,0 +1,74 @@
+"""docker/: the files an operator deploys from agree with the CLIs. A misspelt GELATO_* variable
+would be ignored silently, so every one named in the Dockerfile and compose.yaml must be a real
+option's; compose keeps the edge and the device on separate networks, the edge's key out of the
+device; the image pins every runtime dependency within pyproject.toml's ranges."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from device.cli import build_parser as device_parser
+from edge.cli import build_parser as edge_parser
+
+DOCKER = Path(__file__).resolve().parents[2] / "docker"
+ROOT = DOCKER.parent
+
+
+def known_variables() -> set[str]:
+    return set(edge_parser().env_names().values()) | set(device_parser().env_names().values())  # type: ignore[attr-defined]
+
+
+def test_every_gelato_variable_is_an_option() -> None:
+    known = known_variables()
+    for path in (DOCKER / "Dockerfile", DOCKER / "compose.yaml"):
+        named = set(re.findall(r"\bGELATO_(?:EDGE|DEVICE)_[A-Z0-9_]+", path.read_text()))
+        assert named, path
+        assert named <= known, f"{path.name}: {sorted(named - known)} set no option"
+
+
+def test_compose_services() -> None:
+    spec = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    edge, device = spec["services"]["edge"], spec["services"]["device"]
+    assert set(edge["networks"]).isdisjoint(device["networks"])  # joined only through the published port
+    assert edge["ports"] and not device.get("ports")
+    assert edge["healthcheck"]["test"] == ["CMD", "gelato-edge", "--health-check"]
+    assert edge["build"]["target"] == "edge" and device["build"]["target"] == "device"
+    assert all(k in edge["environment"] for k in ("GELATO_EDGE_TLS_CERT", "GELATO_EDGE_AUTH_TOKEN_FILE"))
+    assert not any("edge.key" in v for v in device["volumes"])  # the device never sees the edge's key
+    grace = float(edge["environment"]["GELATO_EDGE_SHUTDOWN_GRACE_S"])
+    assert grace < float(edge["stop_grace_period"].removesuffix("s"))  # the drain ends before the kill
+    assert any(v.endswith(":/data/gsm8k:ro") for v in device["volumes"])  # mounted read-only, never copied
+
+
+def test_dockerfile_basics() -> None:
+    text = (DOCKER / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in text
+    assert re.search(r"^USER 10001", text, re.M) and "--no-cache-dir" in text
+    assert "HEALTHCHECK" in text and '["gelato-edge", "--health-check"]' in text
+    assert {m for m in re.findall(r"^FROM .* AS (\w[\w-]*)$", text, re.M)} >= {"edge", "device"}
+
+
+def test_image_pins_every_dependency_within_pyproject() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pins = {}
+    for line in (DOCKER / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            spec = list(req.specifier)
+            assert len(spec) == 1 and spec[0].operator == "==", f"not pinned exactly: {line}"
+            pins[re.sub(r"[-_.]+", "-", req.name).lower()] = spec[0].version
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in map(Requirement, deps):
+        name = re.sub(r"[-_.]+", "-", dep.name).lower()
+        if name == "torch":  # pinned per variant by the Dockerfile's TORCH_VERSION
+            version = re.search(r"^ARG TORCH_VERSION=(\S+)$", (DOCKER / "Dockerfile").read_text(), re.M)
+            assert version and dep.specifier.contains(version.group(1)), (dep, version)
+            continue
+        assert name in pins, f"{dep.name} is not pinned in docker/requirements.txt"
+        assert dep.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {dep}"

@@ -1,0 +1,130 @@
+"""Send-ahead through real gRPC and a real edge process: concurrent sessions pipelining blocks
+(hits and stale answers) give exactly the unpipelined outputs, leave no session or KV behind, and
+an edge without send-ahead (`--max-ahead-rounds 0`) still serves a device that asks for it; a
+send-ahead block such an edge cannot take, and malformed ones, get precise statuses."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from device.client import EdgeClient
+from device.drafter import Drafter
+from device.generate import GenerationResult
+from device.policy import PolicyOptions, parse_policy
+from gelato.models import LoadedModel, encode_prompt, load_model
+from gelato.types import SamplingParams
+from gelato.v1 import gelato_pb2 as pb
+from gelato.v1 import gelato_pb2_grpc as pb_grpc
+from tests.conftest import EdgeProcess
+from tests.edge.test_batched_grpc import free_port, open_msg, scrape_when_idle
+
+
+async def generate_all(
+    address: str, drafters: list[LoadedModel], prompts: list[str], params: list[SamplingParams], pipeline: str
+) -> list[GenerationResult]:
+    async def one(loaded: LoadedModel, text: str, p: SamplingParams) -> GenerationResult:
+        client = EdgeClient(address)
+        try:
+            policy = parse_policy("fixed-3", PolicyOptions(pipeline=pipeline, ahead_blocks=3))
+            return await client.generate(Drafter(loaded, p), encode_prompt(loaded.tokenizer, text), 24, policy)
+        finally:
+            await client.close()
+
+    runs = (one(d, t, p) for d, t, p in zip(drafters, prompts, params, strict=True))
+    return list(await asyncio.gather(*runs))
+
+
+def test_send_ahead_sessions_match_unpipelined_and_leave_nothing(
+    pair: dict[str, Path], drafter_model: LoadedModel, prompts: list[str]
+) -> None:
+    never = load_model(str(pair["drafter_never"]), "drafter", "float32", "cpu")
+    metrics_port = free_port()
+    edge = EdgeProcess(["--target", str(pair["target"]), "--metrics-port", str(metrics_port)])
+    try:
+        n = 6
+        drafters = [drafter_model, drafter_model, never] * 2
+        params = [SamplingParams(temperature=0.8 if i % 2 else 0.0, top_k=20, seed=i) for i in range(n)]
+        piped = asyncio.run(generate_all(edge.address, drafters, prompts[:n], params, "send-ahead"))
+        m = scrape_when_idle(metrics_port)
+        plain = asyncio.run(generate_all(edge.address, drafters, prompts[:n], params, "off"))
+        assert [r.token_ids for r in piped] == [r.token_ids for r in plain]
+        assert all(r.stats.stop_reason in ("eos", "max_new_tokens") for r in piped)
+        ahead = sum(t.sent_ahead for r in piped for t in r.stats.rounds_log)
+        stale = sum(t.stale_blocks for r in piped for t in r.stats.rounds_log)
+        assert ahead > 0 and stale > 0, (ahead, stale)
+        assert m['gelato_edge_ahead_blocks_total{outcome="hit"}'] > 0
+        assert m['gelato_edge_ahead_blocks_total{outcome="stale"}'] > 0
+        assert m["gelato_edge_sessions_active"] == 0
+        assert m["gelato_edge_kv_bytes"] == 0 == m["gelato_edge_kv_pool_bytes"]
+    finally:
+        assert edge.stop() == 0
+
+
+def test_edge_without_send_ahead(pair: dict[str, Path], drafter_model: LoadedModel, prompts: list[str]) -> None:
+    edge = EdgeProcess(["--target", str(pair["target"]), "--max-ahead-rounds", "0"])
+    try:
+        params = [SamplingParams()] * 2
+        piped = asyncio.run(generate_all(edge.address, [drafter_model] * 2, prompts[:2], params, "send-ahead"))
+        plain = asyncio.run(generate_all(edge.address, [drafter_model] * 2, prompts[:2], params, "off"))
+        assert [r.token_ids for r in piped] == [r.token_ids for r in plain]
+        assert not any(t.sent_ahead for r in piped for t in r.stats.rounds_log)
+        with grpc.insecure_channel(edge.address) as channel:
+            stub = pb_grpc.GelatoStub(channel)
+            assert stub.Info(pb.InfoRequest(), timeout=10).max_ahead_rounds == 0
+            ahead = pb.DraftBlock(round=1, ids=[4, 5], parent_round=0)
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Session(iter([open_msg(drafter_model.fingerprint, 5, 20), pb.DeviceMessage(draft=ahead)])))
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "send-ahead is off" in (info.value.details() or "")
+    finally:
+        assert edge.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("block", "code", "words"),
+    [
+        (pb.DraftBlock(round=1, ids=[4], parent_round=3), grpc.StatusCode.INVALID_ARGUMENT, "parent_round 3"),
+        (pb.DraftBlock(round=1, ids=[], parent_round=0), grpc.StatusCode.INVALID_ARGUMENT, "guess"),
+        (pb.DraftBlock(round=0, ids=[4], parent_round=0), grpc.StatusCode.INVALID_ARGUMENT, "parent_round 0"),
+        (pb.DraftBlock(round=9, ids=[4], parent_round=8), grpc.StatusCode.OUT_OF_RANGE, "allows 4"),
+    ],
+)
+def test_bad_send_ahead_blocks(
+    edge: EdgeProcess, drafter_model: LoadedModel, block: pb.DraftBlock, code: grpc.StatusCode, words: str
+) -> None:
+    with grpc.insecure_channel(edge.address) as channel:
+        stub = pb_grpc.GelatoStub(channel)
+        msgs = [open_msg(drafter_model.fingerprint, 5, 20), pb.DeviceMessage(draft=block)]
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Session(iter(msgs), timeout=30))
+        assert info.value.code() == code, info.value.details()
+        assert words in (info.value.details() or "")
+
+
+def test_stale_hit_and_duplicate_over_the_wire(edge: EdgeProcess, drafter_model: LoadedModel) -> None:
+    """A stale block is answered at once and changes nothing (the same round then hits with the
+    right guess); sending that round ahead again after it was verified is a duplicate."""
+    with grpc.insecure_channel(edge.address) as channel:
+        stub = pb_grpc.GelatoStub(channel)
+        vocab = stub.Info(pb.InfoRequest(), timeout=10).vocab_size
+        opening = [open_msg(drafter_model.fingerprint, 5, 20), pb.DeviceMessage(draft=pb.DraftBlock(round=0))]
+        token = list(stub.Session(iter(opening), timeout=30))[1].verdict.next_token  # greedy: the same every time
+
+        def ahead(guess: int) -> pb.DeviceMessage:
+            return pb.DeviceMessage(draft=pb.DraftBlock(round=1, ids=[guess, 7], parent_round=0))
+
+        call = stub.Session(iter([*opening, ahead((token + 1) % vocab), ahead(token), ahead(token)]), timeout=30)
+        replies = []
+        with pytest.raises(grpc.RpcError) as info:
+            for reply in call:
+                replies.append(reply.verdict)
+        assert [v.round for v in replies[1:]] == [0, 1, 1]
+        assert replies[1].next_token == token and not replies[1].stale
+        assert replies[2].stale and replies[2].batch_rows == 0  # answered without a forward
+        assert not replies[3].stale and replies[3].batch_rows >= 1  # the hit: [7] verified after the guess
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "already verified" in (info.value.details() or "")
