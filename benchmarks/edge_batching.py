@@ -45,10 +45,10 @@ from edge.verifier import TargetSession
 from gelato.channel import CLIENT_OPTIONS
 from gelato.kv import cache_kwarg
 from gelato.models import LoadedModel, default_model_path, encode_prompt, load_model
-from gelato.types import PROTOCOL_VERSION, DraftBlock, SamplingParams
+from gelato.types import DraftBlock, SamplingParams, SessionOpen
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
-from gelato.wire import encode_block
+from gelato.wire import encode_block, encode_open
 
 Recording = list[tuple[DraftBlock, tuple[int, int]]]
 
@@ -75,11 +75,7 @@ async def replay(
 ) -> dict[str, Any]:
     call = stub.Session(timeout=600)
     await call.write(
-        pb.DeviceMessage(
-            open=pb.OpenSession(
-                protocol_version=PROTOCOL_VERSION, tokenizer_fingerprint=fp, prefix_ids=prompt, max_new_tokens=max_new
-            )
-        )
+        encode_open(SessionOpen(prefix_ids=tuple(prompt), tokenizer_fingerprint=fp, max_new_tokens=max_new))
     )
     await call.read()
     rtt_ms, compute_ms, tokens, mismatches = [], [], 0, 0

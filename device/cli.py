@@ -1,13 +1,14 @@
 """`gelato-device`: generate with a local drafter and a remote GELATO edge.
 
 Contract (extend, don't break): `gelato-device --drafter MODEL --edge HOST:PORT (--prompt TEXT |
---prompts-file FILE) [options]`; `gelato-device --help` lists every flag with its default (the
-policy and controller constants included). With --json, one JSON object per prompt on stdout
-(README "CLI" lists the fields); energy is null, never 0, when the meter cannot read. A prompt
-that fails (the edge refuses it, or the session breaks mid-generation) gets its own line with
-`error` and `stop_reason: "error"` — with the tokens generated until then — and the run goes on
-(`--fail-fast`: stop there); an unreachable edge ends the run. Exit status 0 when every prompt
-succeeded, 1 when any failed or the edge cannot be reached, 2 on bad arguments.
+--prompts-file FILE) [options]`; every option, its default and its `GELATO_DEVICE_*` variable:
+`gelato-device --help`, made from `device.config.DeviceConfig` (the policy and controller constants
+included). With --json, one JSON object per prompt on stdout (README "CLI" lists the fields);
+energy is null, never 0, when the meter cannot read. A prompt that fails (the edge refuses it, or
+the session breaks mid-generation) gets its own line with `error` and `stop_reason: "error"` — with
+the tokens generated until then — and the run goes on (`--fail-fast`: stop there); an unreachable
+edge ends the run. Exit status 0 when every prompt succeeded, 1 when any failed or the edge cannot
+be reached, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -19,155 +20,56 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
 
 from device.client import EdgeClient, EdgeError, EdgeUnreachable
-from device.drafter import DEFAULT_TOP_M, Drafter
+from device.config import DeviceConfig
+from device.drafter import Drafter
 from device.energy import EnergyAccountant
 from device.generate import GenerationResult, Limits, self_verifier, speculative_generate
-from device.policy import PIPELINE_MODES, Policy, PolicyOptions, parse_policy
-from gelato.cli_common import EnvArgumentParser, add_model_args, endpoint, fail, first_failed, setup_torch_threads
+from device.policy import Policy, parse_policy
+from gelato.cli_common import EnvArgumentParser, fail, setup_torch_threads
 from gelato.models import LoadedModel, ModelLoadError, encode_prompt, load_model
-from gelato.power import PROFILES, RADIOS, MeterUnavailable, NullMeter, open_meter, radio_profile
+from gelato.power import MeterUnavailable, NullMeter, open_meter, radio_profile
 from gelato.security import SecurityConfigError, channel_credentials, read_token
-from gelato.types import SamplingParams, Telemetry
+from gelato.types import Telemetry
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every `DeviceConfig` setting as an option and a `GELATO_DEVICE_*` variable."""
     p = EnvArgumentParser(
         prog="gelato-device", description="GELATO device: draft locally, verify on the edge", env_prefix="GELATO_DEVICE"
     )
-    p.add_argument("--drafter", default=None, help="hub id or local folder (default: the embedded tiny drafter)")
-    p.add_argument(
-        "--edge",
-        type=endpoint,
-        default="127.0.0.1:50051",
-        help="HOST:PORT of gelato-edge, or a gRPC target naming replicas (dns:///edge:50051, ipv4:A:P,B:P)",
-    )
-    p.add_argument(
-        "--failovers",
-        type=int,
-        default=2,
-        help="re-open a session this many times when its edge goes away mid-generation (default 2)",
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    src.add_argument("--prompts-file", type=Path, help="JSONL with 'prompt' or 'question' per line")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts of the file")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument(
-        "--policy",
-        default="fixed-4",
-        help="draft-length policy: fixed-K (e.g. fixed-4; fixed-0: the edge decodes alone), heuristic, entropy, "
-        "adaedl, lyapunov, gelato, ar-device (the drafter alone, no edge)",
-    )
-    d = PolicyOptions()
-    p.add_argument(
-        "--energy-budget-j-per-token",
-        type=float,
-        default=None,
-        help="device energy budget ē in J/token for lyapunov/gelato (default: none, pure throughput)",
-    )
-    p.add_argument("--v", type=float, default=d.v, help=f"throughput weight V, in tokens of budget (default {d.v:g})")
-    p.add_argument("--k-max", type=int, default=d.k_max, help="hard cap on drafts per round (default 0: the edge's)")
-    p.add_argument(
-        "--entropy-threshold",
-        type=float,
-        default=d.entropy_threshold,
-        help=f"entropy policy: stop after a token above this entropy in nats (default {d.entropy_threshold:g})",
-    )
-    p.add_argument("--adaedl-lambda", type=float, default=d.adaedl_lambda, help="adaedl: stop when 1-sqrt(γH) < λ")
-    p.add_argument("--adaedl-gamma", type=float, default=d.adaedl_gamma, help="adaedl: γ (default 0.2)")
-    p.add_argument(
-        "--pipeline",
-        choices=list(PIPELINE_MODES),
-        default="off",
-        help="local: keep drafting while a block is in flight, a hit starts the next block at once; send-ahead: "
-        "also send the next blocks before the verdict (the edge verifies them only if the block before was "
-        "fully accepted with the guessed token), where the edge supports it (default off)",
-    )
-    p.add_argument(
-        "--ahead-blocks",
-        type=int,
-        default=d.ahead_blocks,
-        help=f"send-ahead: blocks in flight past the awaited one, at most (default {d.ahead_blocks})",
-    )
-    p.add_argument(
-        "--estimator-halflife-rounds",
-        type=float,
-        default=d.halflife_rounds,
-        help=f"half-life of the controller's time/energy/acceptance estimates (default {d.halflife_rounds:g})",
-    )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-m", type=int, default=DEFAULT_TOP_M, help="draft support sent per token when sampling")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-chat-template", action="store_true", help="send the prompt text as is")
-    p.add_argument(
-        "--connect-timeout-s",
-        type=float,
-        default=10.0,
-        help="how long to wait for the edge to answer before reporting it unreachable (default 10)",
-    )
-    p.add_argument("--tls-ca", default=None, help="PEM CA that signed the edge's certificate: connect with TLS")
-    p.add_argument("--tls-cert", default=None, help="PEM client certificate, for an edge that requires one (mTLS)")
-    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    p.add_argument("--tls-server-name", default=None, help="name in the edge's certificate, if not --edge's host")
-    p.add_argument("--auth-token-file", default=None, help="file holding the edge's bearer token")
-    p.add_argument(
-        "--fail-fast", action="store_true", help="stop at the first prompt that fails (default: report it, go on)"
-    )
-    p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
-    p.add_argument(
-        "--meter", default="auto", help="auto, nvml, rapl, jetson, cpu-model, replay:FILE or none (default: auto)"
-    )
-    p.add_argument("--device-profile", default="phone", choices=sorted(PROFILES), help="for the cpu-model estimate")
-    p.add_argument("--radio", default="wifi", choices=[*sorted(RADIOS), "none"], help="radio energy model")
-    p.add_argument("--trace", type=Path, default=None, help="write one JSON line per round here")
-    add_model_args(p)
+    DeviceConfig.add_arguments(p)
     return p
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    if args.prompt:
-        return list(args.prompt)
-    prompts = []
-    with open(args.prompts_file, encoding="utf-8") as f:
+def read_prompts(config: DeviceConfig) -> list[str]:
+    if config.prompt:
+        return list(config.prompt)
+    prompts: list[str] = []
+    if config.prompts_file is None:
+        return prompts
+    with open(config.prompts_file, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{args.prompts_file}:{n}: not JSON ({exc.msg})") from exc
+                raise ValueError(f"{config.prompts_file}:{n}: not JSON ({exc.msg})") from exc
             text = rec.get("prompt", rec.get("question")) if isinstance(rec, dict) else None
             if not isinstance(text, str):
-                raise ValueError(f"{args.prompts_file}:{n}: needs a string 'prompt' or 'question'")
+                raise ValueError(f"{config.prompts_file}:{n}: needs a string 'prompt' or 'question'")
             prompts.append(text)
-    return prompts[: args.limit] if args.limit is not None else prompts
+    return prompts[: config.limit] if config.limit is not None else prompts
 
 
 def finite_or_none(x: float) -> float | None:
     """JSON has no NaN: an unavailable reading is written as null, never as 0."""
     return x if math.isfinite(x) else None
-
-
-def policy_options(args: argparse.Namespace) -> PolicyOptions:
-    return PolicyOptions(
-        k_max=args.k_max,
-        budget_j_per_token=args.energy_budget_j_per_token,
-        v=args.v,
-        entropy_threshold=args.entropy_threshold,
-        adaedl_gamma=args.adaedl_gamma,
-        adaedl_lambda=args.adaedl_lambda,
-        halflife_rounds=args.estimator_halflife_rounds,
-        pipeline=args.pipeline,
-        ahead_blocks=args.ahead_blocks,
-    )
 
 
 def controller_record(policy: Policy) -> dict[str, Any]:
@@ -214,33 +116,38 @@ def result_record(prompt: str, res: GenerationResult, loaded: LoadedModel, polic
     }
 
 
-def transport_security(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
+def transport_security(config: DeviceConfig) -> tuple[grpc.ChannelCredentials | None, str | None]:
     """TLS credentials (when a CA or a client certificate is given) and the bearer token, read now
     so that a bad path costs no model load."""
-    tls = args.tls_ca or args.tls_cert or args.tls_key
-    credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if tls else None
-    token = read_token(args.auth_token_file) if args.auth_token_file else None
+    tls = config.tls_ca or config.tls_cert or config.tls_key
+    credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key) if tls else None
+    token = read_token(config.auth_token_file) if config.auth_token_file else None
     return credentials, token
 
 
-def open_accountant(args: argparse.Namespace) -> EnergyAccountant:
-    meter = NullMeter("--meter none") if args.meter == "none" else open_meter(args.meter, args.device_profile)
-    return EnergyAccountant(meter, radio_profile(args.radio))
+def open_accountant(config: DeviceConfig) -> EnergyAccountant:
+    meter = NullMeter("--meter none") if config.meter == "none" else open_meter(config.meter, config.device_profile)
+    return EnergyAccountant(meter, radio_profile(config.radio))
 
 
 async def run(
-    args: argparse.Namespace, prompts: list[str], loaded: LoadedModel, acct: EnergyAccountant, trace: TextIO | None
+    config: DeviceConfig,
+    credentials: grpc.ChannelCredentials | None,
+    token: str | None,
+    prompts: list[str],
+    loaded: LoadedModel,
+    acct: EnergyAccountant,
+    trace: TextIO | None,
 ) -> int:
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    drafter = Drafter(loaded, params, top_m=args.top_m)
-    policy = parse_policy(args.policy, policy_options(args))  # one controller for the whole run
+    drafter = Drafter(loaded, config.sampling, top_m=config.top_m)
+    policy = parse_policy(config.policy, config.controller)  # one controller for the whole run
     client = EdgeClient(
-        args.edge,
-        connect_timeout_s=args.connect_timeout_s,
-        credentials=args.credentials,
-        token=args.token,
-        server_name=args.tls_server_name,
-        failovers=args.failovers,
+        config.edge,
+        connect_timeout_s=config.connect_timeout_s,
+        credentials=credentials,
+        token=token,
+        server_name=config.tls_server_name,
+        failovers=config.failovers,
     )
     failed = 0
     try:
@@ -250,20 +157,20 @@ async def run(
             except EdgeUnreachable as exc:
                 return fail(str(exc), 1)
             except EdgeError as exc:
-                return fail(f"gelato-edge at {args.edge}: {exc}", 1)
+                return fail(f"gelato-edge at {config.edge}: {exc}", 1)
         for index, prompt in enumerate(prompts):
             try:
-                res = await generate_one(args, client, drafter, policy, acct, prompt, index, trace)
+                res = await generate_one(config, client, drafter, policy, acct, prompt, index, trace)
             except EdgeUnreachable as exc:  # every later prompt would fail the same way
-                emit(args, error_record(prompt, policy, str(exc)))
+                emit(config, error_record(prompt, policy, str(exc)))
                 return fail(str(exc), 1)
             except (EdgeError, ValueError) as exc:  # this prompt's own problem: report it, go on
-                emit(args, error_record(prompt, policy, str(exc)))
+                emit(config, error_record(prompt, policy, str(exc)))
                 failed += 1
             else:
-                emit(args, result_record(prompt, res, loaded, policy))
+                emit(config, result_record(prompt, res, loaded, policy))
                 failed += res.stats.stop_reason == "error"
-            if failed and args.fail_fast:
+            if failed and config.fail_fast:
                 break
     finally:
         await client.close()
@@ -276,7 +183,7 @@ async def run(
 
 
 async def generate_one(
-    args: argparse.Namespace,
+    config: DeviceConfig,
     client: EdgeClient,
     drafter: Drafter,
     policy: Policy,
@@ -287,7 +194,7 @@ async def generate_one(
 ) -> GenerationResult:
     if not prompt.strip():
         raise ValueError("empty prompt")
-    ids = encode_prompt(drafter.loaded.tokenizer, prompt, chat_template=not args.no_chat_template)
+    ids = encode_prompt(drafter.loaded.tokenizer, prompt, chat_template=not config.no_chat_template)
 
     def write_round(tele: Telemetry) -> None:
         if trace is not None:
@@ -295,8 +202,8 @@ async def generate_one(
             trace.write(json.dumps(row) + "\n")
 
     if policy.local_only:
-        return await generate_alone(drafter, ids, args.max_new_tokens, policy, acct, write_round)
-    return await client.generate(drafter, ids, args.max_new_tokens, policy, acct, write_round)
+        return await generate_alone(drafter, ids, config.max_new_tokens, policy, acct, write_round)
+    return await client.generate(drafter, ids, config.max_new_tokens, policy, acct, write_round)
 
 
 def error_record(prompt: str, policy: Policy, error: str) -> dict[str, Any]:
@@ -310,9 +217,9 @@ def error_record(prompt: str, policy: Policy, error: str) -> dict[str, Any]:
     }
 
 
-def emit(args: argparse.Namespace, rec: dict[str, Any]) -> None:
+def emit(config: DeviceConfig, rec: dict[str, Any]) -> None:
     """One result on stdout (a JSON line with --json); errors and statistics on stderr."""
-    if args.json:
+    if config.json:
         print(json.dumps(rec), flush=True)
         return
     if "text" in rec:
@@ -351,45 +258,29 @@ def _json_value(v: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    config = DeviceConfig.from_args(build_parser().parse_args(argv))
     try:
-        policy_options(args).validate()
-        parse_policy(args.policy, policy_options(args))
-        SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k).validate()
-        prompts = read_prompts(args)
-    except (OSError, ValueError) as exc:
-        return fail(str(exc))
-    broken = first_failed(
-        [
-            ("--max-new-tokens must be >= 1", args.max_new_tokens >= 1),
-            ("--top-m must be >= 1", args.top_m >= 1),
-            ("--limit must be >= 0", args.limit is None or args.limit >= 0),
-            ("--connect-timeout-s must be > 0", args.connect_timeout_s > 0),
-            ("--failovers must be >= 0", args.failovers >= 0),
-        ]
-    )
-    if broken:
-        return fail(broken)
-    try:
-        args.credentials, args.token = transport_security(args)
-    except SecurityConfigError as exc:
+        config.validate()
+        prompts = read_prompts(config)
+        credentials, token = transport_security(config)
+    except (OSError, ValueError, SecurityConfigError) as exc:
         return fail(str(exc))
     if not prompts:
         return fail("no prompts given")
-    setup_torch_threads(args.threads)
+    setup_torch_threads(config.threads)
     try:
-        acct = open_accountant(args)
+        acct = open_accountant(config)
     except (MeterUnavailable, ValueError) as exc:
-        return fail(f"--meter {args.meter}: {exc}")
+        return fail(f"--meter {config.meter}: {exc}")
     try:
-        loaded = load_model(args.drafter, "drafter", args.dtype, args.device)
+        loaded = load_model(config.drafter, "drafter", config.dtype, config.device)
     except ModelLoadError as exc:
         return fail(str(exc))
     try:  # opened before any generation, so a bad path costs nothing
-        trace = open(args.trace, "w", encoding="utf-8") if args.trace else None  # noqa: SIM115
+        trace = open(config.trace, "w", encoding="utf-8") if config.trace else None  # noqa: SIM115
     except OSError as exc:
         return fail(f"--trace: {exc}")
-    return asyncio.run(run(args, prompts, loaded, acct, trace))
+    return asyncio.run(run(config, credentials, token, prompts, loaded, acct, trace))
 
 
 if __name__ == "__main__":

@@ -38,10 +38,10 @@ from device.policy import Policy
 from gelato.channel import CLIENT_OPTIONS
 from gelato.power import NullMeter
 from gelato.security import bearer_metadata
-from gelato.types import PROTOCOL_VERSION, DraftBlock, Telemetry, Verdict
+from gelato.types import DraftBlock, SessionInfo, SessionOpen, Telemetry, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
-from gelato.wire import decode_verdict, encode_block, encode_sampling
+from gelato.wire import WireError, decode_opened, decode_verdict, encode_block, encode_open
 
 T = TypeVar("T")
 log = logging.getLogger("gelato.device")
@@ -184,20 +184,24 @@ class EdgeClient:
         on_round: Callable[[Telemetry], None] | None,
     ) -> GenerationResult:
         loaded = drafter.loaded
-        open_msg = pb.DeviceMessage(
-            open=pb.OpenSession(
-                protocol_version=PROTOCOL_VERSION,
+        open_msg = encode_open(
+            SessionOpen(
+                prefix_ids=tuple(prompt_ids),
                 tokenizer_fingerprint=loaded.fingerprint,
-                drafter_model=loaded.name,
-                prefix_ids=prompt_ids,
-                sampling=encode_sampling(drafter.params),
+                sampling=drafter.params,
                 max_new_tokens=max_new_tokens,
+                drafter_model=loaded.name,
             )
         )
         close_msg = pb.DeviceMessage(close=pb.CloseSession())
         await self._write(call, open_msg)
         reply = await self._read(call)
-        opened = reply.opened
+        if reply.WhichOneof("kind") != "opened":
+            raise EdgeError(grpc.StatusCode.INTERNAL, f"expected SessionOpened, got {reply.WhichOneof('kind')}")
+        try:
+            opened = decode_opened(reply.opened)
+        except WireError as exc:
+            raise EdgeError(grpc.StatusCode.INTERNAL, str(exc)) from exc
         # Opening and closing cost bytes outside any round: counted in the generation's totals.
         session_bytes = (
             wire_bytes(open_msg.ByteSize()) + wire_bytes(close_msg.ByteSize()),
@@ -227,7 +231,7 @@ class EdgeClient:
         result.target_model = opened.target_model
         return result
 
-    def _link(self, call: grpc.aio.StreamStreamCall, policy: Policy, opened: pb.SessionOpened) -> Link | None:
+    def _link(self, call: grpc.aio.StreamStreamCall, policy: Policy, opened: SessionInfo) -> Link | None:
         """Send-ahead over this stream when asked for and the edge supports it; else None (an edge
         without it, `max_ahead_rounds` 0, gets local pre-drafting instead)."""
         if policy.options.pipeline != "send-ahead" or policy.edge_streams or policy.local_only:

@@ -23,10 +23,10 @@ Pure decisions over `gelato.controller`: no I/O, no torch.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
+from gelato.config import Settings, between, ge, gt, setting
 from gelato.controller import (
     CostEstimator,
     Decision,
@@ -47,40 +47,43 @@ PIPELINE_MODES = ("off", "local", "send-ahead")
 
 
 @dataclass(frozen=True)
-class PolicyOptions:
-    """Every controller constant, with its CLI default (`gelato-device --help`)."""
+class PolicyOptions(Settings):
+    """Every controller constant, written once. The `setting` fields are also `gelato-device`
+    options (flag, `--help` text, `GELATO_DEVICE_*` variable and bound: `DeviceConfig.controller`);
+    `validate()` raises ValueError (`gelato.config.ConfigError`) naming the flag. Plain fields are
+    internal constants."""
 
-    k_max: int = 0  # 0: what the edge allows (its max_draft_tokens)
-    budget_j_per_token: float | None = None  # ē; None: no energy control
-    v: float = 20.0  # throughput weight, in tokens of budget
-    entropy_threshold: float = 1.0  # τ (nats) of the `entropy` policy
-    adaedl_gamma: float = 0.2
-    adaedl_lambda: float = 0.6
+    k_max: int = setting(0, "hard cap on drafts per round (0: the edge's max_draft_tokens)", check=ge(0))
+    budget_j_per_token: float | None = setting(
+        None,
+        "device energy budget ē in J/token for lyapunov/gelato (default: none, pure throughput)",
+        flag="--energy-budget-j-per-token",
+        check=gt(0),
+    )
+    v: float = setting(20.0, "throughput weight V of lyapunov/gelato, in tokens of budget", check=gt(0, finite=True))
+    entropy_threshold: float = setting(
+        1.0, "entropy policy: stop after a token above this entropy τ, in nats", check=ge(0)
+    )
+    adaedl_gamma: float = setting(0.2, "adaedl: γ", check=gt(0))
+    adaedl_lambda: float = setting(0.6, "adaedl: stop when 1-sqrt(γH) < λ", check=between(0, 1))
     heuristic_start: int = 4
-    halflife_rounds: float = DEFAULT_HALFLIFE_ROUNDS
+    halflife_rounds: float = setting(
+        DEFAULT_HALFLIFE_ROUNDS,
+        "half-life of the controller's time/energy/acceptance estimates, in rounds",
+        flag="--estimator-halflife-rounds",
+        check=gt(0),
+    )
     ar_device_block: int = 16  # tokens per local step of `ar-device`
     explore_every_rounds: int = 16  # after this many rounds without drafting, draft a block to re-measure
     explore_k: int = 4  # its size: long enough to measure per-token costs apart from per-block ones
-    # "local": pre-draft while a verdict is in flight; "send-ahead": also send the next blocks
-    # before the verdict (up to `ahead_blocks` past the awaited one; local where the edge cannot).
-    pipeline: str = "off"
-    ahead_blocks: int = 2
-
-    def validate(self) -> None:
-        checks = [
-            ("--k-max must be >= 0", self.k_max >= 0),
-            ("--energy-budget-j-per-token must be > 0", self.budget_j_per_token is None or self.budget_j_per_token > 0),
-            ("--v must be > 0", math.isfinite(self.v) and self.v > 0),
-            ("--entropy-threshold must be >= 0", self.entropy_threshold >= 0),
-            ("--adaedl-lambda must be in (0, 1)", 0 < self.adaedl_lambda < 1),
-            ("--adaedl-gamma must be > 0", self.adaedl_gamma > 0),
-            ("--estimator-halflife-rounds must be > 0", self.halflife_rounds > 0),
-            ("--pipeline must be off, local or send-ahead", self.pipeline in PIPELINE_MODES),
-            ("--ahead-blocks must be >= 1", self.ahead_blocks >= 1),
-        ]
-        for message, ok in checks:
-            if not ok:
-                raise ValueError(message)
+    pipeline: str = setting(
+        "off",
+        "local: keep drafting while a block is in flight, a hit starts the next block at once; send-ahead: "
+        "also send the next blocks before the verdict (the edge verifies them only if the block before was "
+        "fully accepted with the guessed token), where the edge supports it (local where it does not)",
+        choices=PIPELINE_MODES,
+    )
+    ahead_blocks: int = setting(2, "send-ahead: blocks in flight past the awaited one, at most", check=ge(1))
 
 
 @dataclass

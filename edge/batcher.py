@@ -1,42 +1,34 @@
-"""Collects verify requests from many sessions and verifies them in one target forward (SPEC §3).
+"""Collects verify requests from many sessions into batches for the model thread (SPEC §3).
 
 Contract: `await Batcher.verify(session, block, received)` returns that block's `Verdict`, or
 raises that row's own error: `StatusError` with its precise status, or (a genuine server fault)
 any other exception, which the server answers INTERNAL. Requests that arrive within `window_s` of
-the first waiting one (up to `max_batch` rows) share one `pooled_forward` on the model thread; the
-window closes early once every open session has a request in, so a lone session never waits.
-Requests queue while a batch runs, so the next batch forms during the current forward. Each
-session keeps its own RNG: its verdicts do not depend on who it was batched with. A request whose
-caller went away is dropped before the forward.
+the first waiting one (up to `max_batch` rows) are verified together by `edge.verifier.verify_batch`
+(one target forward; checks, acceptance and the isolation of one row from another are its
+contract) on the model thread; the window closes early once every open session has a request in,
+so a lone session never waits: when the model thread is free and no batch is forming, its request
+goes straight there. One batch runs at a time; requests queue meanwhile, so the next batch forms
+during the current forward. A request whose caller went away is dropped before the forward.
+`validated=True` says the block's data was already checked against its session (the server's
+`decode_block`): the model thread then re-checks only what can change while it waited.
 
-Isolation (one session can never hurt another): every row is checked (`TargetSession.check`)
-before the forward and a failing row is left out of it; acceptance runs per row, so one row's
-exception fails only its own future; and if the batched forward itself raises, every row's tokens
-are as before it (`pooled_forward` restores them) and each row is re-run alone, so the rows that
-can be verified still are, with the verdicts they would have had alone.
+The batcher keeps the window, the queue, the futures and the metrics: the model thread builds each
+row's `Verdict` (queue and compute times, rows in the forward) and hands the whole batch back to
+the event loop in one `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-import grpc
-
-from edge.kv_pool import pooled_forward
 from edge.metrics import EdgeMetrics
-from edge.verifier import StatusError, TargetSession
+from edge.verifier import Accepted, TargetSession, verify_batch
 from gelato.types import DraftBlock, Verdict
-
-log = logging.getLogger("gelato.edge")
-
-# What the model thread hands back per row: (a, next, rows in the forward that verified it) or the
-# exception that row failed with.
-_Outcome = tuple[int, int, int] | BaseException
 
 
 @dataclass
@@ -45,6 +37,7 @@ class _Request:
     block: DraftBlock
     received: float
     future: asyncio.Future[Verdict]
+    validated: bool = False
 
 
 class Batcher:
@@ -63,8 +56,12 @@ class Batcher:
         self.metrics = metrics
         self.queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._free: asyncio.Event | None = None  # set while no batch is on the model thread
+        self._forming = False  # the batcher task holds requests of a batch still forming
 
     def start(self) -> None:
+        self._free = asyncio.Event()
+        self._free.set()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
     async def stop(self) -> None:
@@ -72,13 +69,27 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def verify(self, session: TargetSession, block: DraftBlock, received: float) -> Verdict:
-        fut: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait(_Request(session, block, received, fut))
-        return await fut
+    async def verify(
+        self, session: TargetSession, block: DraftBlock, received: float, *, validated: bool = False
+    ) -> Verdict:
+        loop = asyncio.get_running_loop()
+        request = _Request(session, block, received, loop.create_future(), validated)
+        free = self._free
+        if (
+            free is not None
+            and free.is_set()
+            and not self._forming
+            and self.queue.empty()
+            and self.open_sessions() <= 1
+        ):
+            # The batch would be this request alone, closed at once: no hop through the batcher task.
+            self._submit(loop, [request])
+        else:
+            self.queue.put_nowait(request)
+        return await request.future
 
-    async def _collect(self) -> list[_Request]:
-        batch = [await self.queue.get()]
+    async def _collect(self, first: _Request) -> list[_Request]:
+        batch = [first]
         deadline = time.perf_counter() + self.window_s
         while len(batch) < self.max_batch and len(batch) < self.open_sessions():
             if not self.queue.empty():
@@ -95,89 +106,76 @@ class Batcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        assert self._free is not None
         while True:
-            batch = await self._collect()
-            if not batch:
-                continue
+            await self._free.wait()  # the window opens once the previous batch is done
+            first = await self.queue.get()
+            self._forming = True
             try:
-                outcomes, start, end = await loop.run_in_executor(self.executor, self._forward, batch)
-            except Exception as exc:  # only if _forward itself broke: fail its rows, not the server
-                for r in batch:
-                    if not r.future.done():
-                        r.future.set_exception(exc)
-                continue
-            verified = sum(not isinstance(o, BaseException) for o in outcomes)
-            if verified:
-                self.metrics.batches.inc()
-                self.metrics.batch_rows.inc(verified)
-                self.metrics.verify_seconds.observe(end - start)
-            for r, outcome in zip(batch, outcomes, strict=True):
-                if isinstance(outcome, BaseException):
-                    if not r.future.done():
-                        r.future.set_exception(outcome)
-                    continue
-                a, nxt, rows = outcome
-                self.metrics.tokens_drafted.inc(r.block.k)
-                self.metrics.tokens_accepted.inc(a)
-                if not r.future.done():
-                    r.future.set_result(
-                        Verdict(
-                            round=r.block.round,
-                            n_accepted=a,
-                            next_token=nxt,
-                            queue_ms=(start - r.received) * 1e3,
-                            compute_ms=(end - start) * 1e3,
-                            batch_rows=rows,
-                        )
-                    )
+                await self._free.wait()  # a lone request may have gone straight to the model thread
+                batch = await self._collect(first)
+            finally:
+                self._forming = False
+            if batch:
+                self._submit(loop, batch)
 
-    @staticmethod
-    def _forward(batch: list[_Request]) -> tuple[list[_Outcome], float, float]:
-        """Model thread: check every row, one forward over the rows that passed, then each row's
-        acceptance; each row's outcome is its own (see the module's isolation contract)."""
-        start = time.perf_counter()
-        outcomes: dict[int, _Outcome] = {}
-        live: list[_Request] = []
-        for r in batch:
-            try:
-                if any(other.session is r.session for other in live):
-                    raise StatusError(
-                        grpc.StatusCode.FAILED_PRECONDITION, "a block of this session is already being verified"
-                    )
-                r.session.check(r.block)
-                live.append(r)
-            except Exception as exc:
-                outcomes[id(r)] = exc
-        if live:
-            try:
-                outcomes.update(_verify_rows(live))
-            except Exception:
-                # The forward itself failed (a row no check foresaw): nothing was accepted and
-                # every row's tokens are as before, so each row runs alone and only the row that
-                # really breaks the forward fails.
-                log.exception("batched forward of %d rows failed; verifying each row alone", len(live))
-                for r in live:
-                    try:
-                        outcomes.update(_verify_rows([r]))
-                    except Exception as exc:
-                        outcomes[id(r)] = exc
-        return [outcomes[id(r)] for r in batch], start, time.perf_counter()
-
-
-def _verify_rows(rows: list[_Request]) -> dict[int, _Outcome]:
-    """One forward over `rows`, then acceptance row by row. Raises only if the forward does (then
-    every row is as before it); an acceptance failure is that row's outcome, and that row is put
-    back as it was before the forward."""
-    tails = [(r.session.seq.cached, r.session.seq.tokens[r.session.seq.cached :]) for r in rows]
-    bases = [len(r.session.seq.tokens) for r in rows]
-    logits = pooled_forward([(r.session.seq, r.block.ids) for r in rows])
-    outcomes: dict[int, _Outcome] = {}
-    for r, base, lg, (cached, tail) in zip(rows, bases, logits, tails, strict=True):
+    def _submit(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
+        assert self._free is not None
+        self._free.clear()
         try:
-            outcomes[id(r)] = (*r.session.accept(r.block, base, lg), len(rows))
-        except Exception as exc:
-            seq = r.session.seq
-            seq.truncate(cached)  # drop the drafts and their KV ...
-            seq.tokens.extend(tail)  # ... and give back the uncached tail the forward fed
-            outcomes[id(r)] = exc
-    return outcomes
+            self.executor.submit(self._forward, batch, loop)
+        except Exception as exc:  # the executor is shut down: fail the rows, not the server
+            self._resolve(batch, [exc] * len(batch))
+
+    def _forward(self, batch: list[_Request], loop: asyncio.AbstractEventLoop) -> None:
+        """Model thread: verify the batch, build each row's verdict, hand them all back at once."""
+        results: list[Verdict | BaseException]
+        try:
+            start = time.perf_counter()
+            outcomes = verify_batch([(r.session, r.block) for r in batch], [r.validated for r in batch])
+            end = time.perf_counter()
+            results = self._verdicts(batch, outcomes, start, end)
+        except Exception as exc:  # only if verify_batch itself broke: fail its rows, not the server
+            results = [exc] * len(batch)
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody waits for these rows
+            loop.call_soon_threadsafe(self._resolve, batch, results)
+
+    def _verdicts(
+        self, batch: list[_Request], outcomes: list[Accepted | BaseException], start: float, end: float
+    ) -> list[Verdict | BaseException]:
+        results: list[Verdict | BaseException] = []
+        verified = 0
+        for r, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                results.append(outcome)
+                continue
+            verified += 1
+            self.metrics.tokens_drafted.inc(r.block.k)
+            self.metrics.tokens_accepted.inc(outcome.n_accepted)
+            results.append(
+                Verdict(
+                    round=r.block.round,
+                    n_accepted=outcome.n_accepted,
+                    next_token=outcome.next_token,
+                    queue_ms=(start - r.received) * 1e3,
+                    compute_ms=(end - start) * 1e3,
+                    batch_rows=outcome.batch_rows,
+                )
+            )
+        if verified:
+            self.metrics.batches.inc()
+            self.metrics.batch_rows.inc(verified)
+            self.metrics.verify_seconds.observe(end - start)
+        return results
+
+    def _resolve(self, batch: list[_Request], results: list[Verdict | BaseException]) -> None:
+        """Event loop: every row's future at once, then the model thread is free again."""
+        for r, result in zip(batch, results, strict=True):
+            if r.future.done():
+                continue
+            if isinstance(result, BaseException):
+                r.future.set_exception(result)
+            else:
+                r.future.set_result(result)
+        assert self._free is not None
+        self._free.set()

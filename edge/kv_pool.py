@@ -6,7 +6,8 @@ truncate, set_tail, kv_bytes) owns one slot; its KV for positions `0..n-1` lives
 `0..n-1` of that slot. `pooled_forward(rows)` runs ONE target forward over `(sequence, new_ids)`
 rows of any lengths, writes each row's new KV into its slot at its own offsets and returns each
 row's logits `[n_i, vocab]` (float32). Rolling back is free: a sequence just remembers a shorter
-length (KV past it is never attended to and is overwritten later). Everything runs on the model
+length (KV past it is never attended to and is overwritten later); `rewind(length, cached)` puts a
+sequence back as it was read before a forward. Everything runs on the model
 thread, releases included (the server submits them there), so a slot is never handed to a new
 session while a forward that still includes its old owner is pending.
 
@@ -33,8 +34,12 @@ left-aligned (each starts at offset 0), so the causal structure differs per row 
 float additive 4D mask (query j of row i sees keys `0..cached_i + j`), with explicit per-row
 positions (SPEC §9). The batch needs context up to the furthest row end `max(cached_i + n_i)`.
 Padding queries of short rows are clamped onto their row's last position and write no KV (only
-real (row, position) pairs are written; rows of equal length keep the plain strided write), so a
-row's padding can neither pass the context limit nor touch KV; their outputs are discarded.
+real (row, position) pairs are written; rows of equal length keep the plain strided write, and a
+lone row writes one slice), so a row's padding can neither pass the context limit nor touch KV;
+their outputs are discarded. Bookkeeping outside the model is kept small (it is paid on every
+round): lengths stay Python ints, ids and positions reach torch in one call, slot index tensors
+are reused per slot set, and one query per row at equal ends (every query sees every key) gets an
+all-zero mask without building it.
 """
 
 from __future__ import annotations
@@ -52,24 +57,36 @@ class _PoolCache:
 
     `valid` ([B, n] bool, None when every row is full) marks the real queries; only their KV is
     written. A padding query sits on its row's last real position (clamped), so writing it would
-    overwrite that position's real KV with padding's."""
+    overwrite that position's real KV with padding's. `single` = (slot, start, n) for one full
+    row (a lone session): its KV is written as a slice, no index tensors at all."""
 
     def __init__(
-        self, pool: KVPool, slots: list[int], positions: torch.Tensor, kv_len: int, valid: torch.Tensor | None
+        self,
+        pool: KVPool,
+        slots: list[int],
+        index: torch.Tensor,
+        positions: torch.Tensor,
+        kv_len: int,
+        valid: torch.Tensor | None,
+        single: tuple[int, int, int] | None,
     ) -> None:
         self.pool, self.positions, self.kv_len = pool, positions, kv_len
-        self.slots = torch.tensor(slots, device=positions.device)
+        self.slots = index
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
         self.window = slice(slots[0], slots[0] + len(slots)) if consecutive else None
-        self.valid = valid
+        self.valid, self.single = valid, single
         if valid is not None:  # the real (slot, position) pairs, flattened once for every layer
             self.flat_slots = self.slots[:, None].expand_as(positions)[valid]
             self.flat_positions = positions[valid]
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args: Any, **kw: Any) -> tuple:
         pk, pv = self.pool.keys[layer], self.pool.values[layer]
-        # [B, heads, n, d] -> [B, n, heads, d]: advanced indices on dims 0 and 2 go to the front.
-        if self.valid is None:
+        if self.single is not None:  # [1, heads, n, d] into the slot's positions start..start+n-1
+            slot, start, n = self.single
+            pk[slot, :, start : start + n] = keys[0]
+            pv[slot, :, start : start + n] = values[0]
+        elif self.valid is None:
+            # [B, heads, n, d] -> [B, n, heads, d]: advanced indices on dims 0 and 2 go to the front.
             rows = self.slots[:, None]
             pk[rows, :, self.positions] = keys.transpose(1, 2)
             pv[rows, :, self.positions] = values.transpose(1, 2)
@@ -126,6 +143,12 @@ class KVPool:
         self._owners: dict[int, PooledSequence] = {}  # slot -> the sequence whose KV is there
         self._target: tuple[int, int] | None = None
         self._lock = threading.Lock()
+        # Reused by every forward (model thread): slot index tensors per slot set, key offsets
+        # 0..context-1, and the mask's two values.
+        self._slot_index: dict[tuple[int, ...], torch.Tensor] = {}
+        self._offsets = torch.arange(0, device=self.device)
+        self._visible = torch.zeros((), dtype=self.dtype, device=self.device)
+        self._hidden = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
         self._resize(slots, min(context, self.max_context))
 
     def bytes_per_token(self) -> int:
@@ -211,36 +234,57 @@ class KVPool:
                 context *= 2
             self._resize(self.slots, min(context, self.max_context))
 
+    def _index(self, slots: list[int]) -> torch.Tensor:
+        key = tuple(slots)
+        index = self._slot_index.get(key)
+        if index is None:
+            if len(self._slot_index) >= 256:  # batches keep changing: start over
+                self._slot_index.clear()
+            index = self._slot_index[key] = torch.tensor(key, device=self.device)
+        return index
+
     @torch.inference_mode()
     def forward(self, rows: list[tuple[int, int, list[int]]], last_only: bool = False) -> list[torch.Tensor]:
         """One forward over `(slot, cached_len, new_ids)` rows; logits per row (or its last).
         The context needed is the furthest row END (cached_i + n_i), not longest cache + longest
-        block: a row at the context limit batches with a row sending a long block."""
+        block: a row at the context limit batches with a row sending a long block. Lengths stay
+        Python ints; the ids and positions go to torch in one call."""
         lengths = [len(ids) for _, _, ids in rows]
-        n_max = max(lengths)
-        ends = torch.tensor([c + n for (_, c, _), n in zip(rows, lengths, strict=True)])
-        kv_len = int(ends.max())
+        n_max, batch = max(lengths), len(rows)
+        ends = [c + n for (_, c, _), n in zip(rows, lengths, strict=True)]
+        kv_len = max(ends)
         self.ensure_context(kv_len)
-        input_ids = torch.zeros(len(rows), n_max, dtype=torch.long)
-        for i, (_, _, ids) in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-        past = torch.tensor([c for _, c, _ in rows])
         # Padding queries of short rows are clamped onto their row's last position: their rotary
         # position and mask stay inside the row (never past the context), they write no KV
         # (`_PoolCache.valid`) and their logits are dropped below.
-        positions = torch.minimum(past[:, None] + torch.arange(n_max), (ends - 1)[:, None]).to(self.device)
+        flat: list[int] = []
+        for _, _, ids in rows:
+            flat += ids
+            flat += [0] * (n_max - len(ids))
+        for (_, c, _), n, end in zip(rows, lengths, ends, strict=True):
+            flat += range(c, end)
+            flat += [end - 1] * (n_max - n)
+        both = torch.tensor(flat, dtype=torch.long).view(2, batch, n_max).to(self.device)
+        input_ids, positions = both[0], both[1]
         valid = None
         if min(lengths) < n_max:
-            valid = (torch.arange(n_max)[None, :] < torch.tensor(lengths)[:, None]).to(self.device)
-        visible = torch.arange(kv_len, device=self.device)[None, None, :] <= positions[:, :, None]
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+            valid = torch.tensor([[j < n for j in range(n_max)] for n in lengths], device=self.device)
+        if n_max == 1 and min(ends) == kv_len:
+            # One query per row, every row as long: each query sees every key.
+            mask = torch.zeros(batch, 1, 1, kv_len, dtype=self.dtype, device=self.device)
+        else:  # query j of row i sees keys 0..positions[i, j]
+            if self._offsets.numel() < kv_len:
+                self._offsets = torch.arange(max(kv_len, self.context), device=self.device)
+            visible = self._offsets[:kv_len] <= positions[:, None, :, None]
+            mask = torch.where(visible, self._visible, self._hidden)
+        slots = [s for s, _, _ in rows]
+        single = (slots[0], rows[0][1], n_max) if batch == 1 else None
         out = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=mask[:, None],
+            input_ids=input_ids,
+            attention_mask=mask,
             position_ids=positions,
             use_cache=True,
-            **{self.cache_kwarg: _PoolCache(self, [s for s, _, _ in rows], positions, kv_len, valid)},
+            **{self.cache_kwarg: _PoolCache(self, slots, self._index(slots), positions, kv_len, valid, single)},
         )
         logits = out.logits[:, :, : self.vocab_size].float()
         if last_only:
@@ -283,6 +327,13 @@ class PooledSequence(KVSequence):
         del self.tokens[length:]
         self._cached = min(self._cached, length)  # stale KV past it is never read
 
+    def rewind(self, length: int, cached: int) -> None:
+        """Back to a state read before a forward: `length` tokens, KV for `cached` of them (both at
+        most what is there now; `tokens[:length]` unchanged since). Undoes the forward and any
+        `set_tail` after it; KV written past `cached` is never read."""
+        del self.tokens[length:]
+        self._cached = min(self._cached, cached)
+
     def kv_bytes(self) -> int:
         return self._cached * self.pool.bytes_per_token()
 
@@ -323,15 +374,14 @@ def pooled_forward(rows: list[tuple[PooledSequence, tuple[int, ...]]]) -> list[t
             batch.append((seq._slot(), seq.cached, pending))
         order = sorted(range(len(batch)), key=lambda i: batch[i][0])
         logits = pool.forward([batch[i] for i in order])
+        if order != sorted(order):  # back to the callers' order
+            logits = [logits[rank] for rank in sorted(range(len(order)), key=order.__getitem__)]
     except BaseException:
         # Every row as it was (its cached length only changes on success), so each can be retried
         # alone. KV the failed forward may have written lies past `cached`: never read.
         for (seq, _), n in zip(rows, before, strict=True):
             del seq.tokens[n:]
         raise
-    out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
-    for rank, i in enumerate(order):
-        out[i] = logits[rank]
     for seq, _ in rows:
         seq._cached = len(seq.tokens)
-    return out
+    return logits

@@ -21,7 +21,6 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -31,15 +30,15 @@ from grpc_reflection.v1alpha import reflection
 
 from edge.auth import BearerAuth
 from edge.batcher import Batcher
+from edge.config import EdgeConfig
 from edge.metrics import EdgeMetrics
-from edge.sessions import AdmissionError, SessionRegistry
-from edge.verifier import StatusError, TargetSession
+from edge.sessions import AdmissionError, SessionRegistry, StatusError, TargetSession
 from gelato.channel import SERVER_OPTIONS
 from gelato.models import LoadedModel, load_model
 from gelato.security import server_credentials
-from gelato.types import PROTOCOL_VERSION, DraftBlock, Verdict
+from gelato.types import PROTOCOL_VERSION, DraftBlock, SessionInfo, Verdict
 from gelato.v1 import gelato_pb2 as pb
-from gelato.wire import WireError, check_ids, clip, decode_block, decode_sampling, encode_verdict
+from gelato.wire import WireError, clip, decode_block, decode_open, encode_opened, encode_verdict
 
 log = logging.getLogger("gelato.edge")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gelato"].full_name
@@ -84,25 +83,6 @@ def _parse(cls: type[_M], data: bytes) -> _M:
         raise StatusError(
             grpc.StatusCode.INVALID_ARGUMENT, f"malformed {name} ({len(data)} bytes): {clip(str(exc))}"
         ) from None
-
-
-@dataclass
-class EdgeConfig:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    max_sessions: int = 64
-    max_draft_tokens: int = 32
-    max_ahead_rounds: int = 4  # send-ahead blocks a session may have in flight (0: send-ahead off)
-    kv_budget_mb: float = 0.0  # 0: no KV-memory limit
-    batch_window_ms: float = 2.0
-    max_batch: int = 16
-    idle_timeout_s: float = 300.0
-    # Security (gelato.security): TLS when a certificate and key are given (mutual TLS with a
-    # client CA); every call but health needs `Bearer <auth_token>` when a token is given.
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    auth_token: str | None = None
 
 
 class GelatoService:
@@ -192,8 +172,8 @@ class GelatoService:
                     if session is not None:
                         raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "session already open")
                     session = await self._open(msg.open)
-                    yield pb.EdgeMessage(
-                        opened=pb.SessionOpened(
+                    yield encode_opened(
+                        SessionInfo(
                             session_id=session.session_id,
                             target_model=session.loaded.name,
                             context_limit=session.loaded.context_limit,
@@ -246,6 +226,8 @@ class GelatoService:
 
     async def _open(self, req: pb.OpenSession) -> TargetSession:
         m = self._require_model()
+        # Whether this edge can serve the device at all (FAILED_PRECONDITION), then whether the
+        # request itself is well formed (`decode_open`: INVALID_ARGUMENT).
         if req.protocol_version != PROTOCOL_VERSION:
             raise StatusError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -258,21 +240,12 @@ class GelatoService:
                 f"(fingerprint {clip(req.tokenizer_fingerprint) or 'none'}) and target {m.name!r} "
                 f"(fingerprint {m.fingerprint}) do not share a tokenizer",
             )
-        if len(req.prefix_ids) >= m.context_limit:  # before any per-token work on a huge prefix
-            raise StatusError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt of {len(req.prefix_ids)} tokens does not fit the target's context limit of {m.context_limit}",
-            )
-        prefix = list(req.prefix_ids)
         try:
-            if not prefix:
-                raise WireError("prefix_ids is empty: the prompt needs at least one token")
-            check_ids(prefix, m.vocab_size, "prefix_ids")
-            params = decode_sampling(req.sampling)
+            opening = decode_open(req, m.vocab_size, m.context_limit)
         except WireError as exc:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         try:
-            session = self.registry.admit(m, params, prefix, req.max_new_tokens)
+            session = self.registry.admit(m, opening.sampling, list(opening.prefix_ids), opening.max_new_tokens)
         except AdmissionError as exc:
             self.metrics.sessions_rejected.inc()
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
@@ -325,9 +298,11 @@ class GelatoService:
                 return
 
     async def _verify_block(self, session: TargetSession, block: DraftBlock, received: float) -> Verdict:
-        session.check(block)  # round, context limit, reservation: answered before queueing
+        """A block whose data is valid for this session (decoded by `decode_block`, or built here)
+        through the batcher. Its data is not checked again: only what can change while it waits."""
+        session.check_state(block)  # closed, round, context limit, reservation: answered before queueing
         try:
-            return await self.batcher.verify(session, block, received)
+            return await self.batcher.verify(session, block, received, validated=True)
         except StatusError:
             raise
         except Exception as exc:  # a server fault in this row only: this session's state is unknown, end it

@@ -1,6 +1,30 @@
-"""The edge's session registry with admission control and idle expiry (SPEC §3, §8).
+"""The edge's sessions: the per-session target state (`TargetSession`) and the registry that
+admits, shapes and frees them (`SessionRegistry`) (SPEC §2, §2.1, §3, §8).
 
-Contract: `SessionRegistry.admit(...)` creates a `TargetSession` or raises `AdmissionError`
+`TargetSession` contract: it owns the target KV for its accepted prefix, minus the last token
+(which the next verify forward feeds together with the drafts: `[last, x1..xk]`), in a slot of the
+edge's shared `KVPool` (a private one when none is given). `accept(block, base, logits)` applies
+greedy or lossless speculative-sampling acceptance to a forward's logits with the session's own
+seeded RNG (draws keyed by token position) and keeps tokens and KV only for the accepted prefix;
+`verify(block)` is one round for this session alone (forward + `accept`, in process: tests,
+benchmarks, local verifiers). The edge verifies through `edge.verifier.verify_batch`, which batches
+many sessions' blocks into one forward and owns the checks, rollback and isolation. Everything that
+touches KV runs on the model thread, `close` included (the server submits it there), so a freed
+slot is never still in a pending forward.
+
+Failures carry their gRPC status (`StatusError`): `check(block)` raises INVALID_ARGUMENT for bad
+parameters or data, FAILED_PRECONDITION for a wrong round or a closed session, OUT_OF_RANGE for a
+block past the context limit or the session's reservation, BEFORE anything is run. It is
+`check_data` (what a block can never pass later: parameters, ids, q; `gelato.wire.decode_block`
+and `decode_sampling` at open guarantee it for blocks from the wire) plus `check_state` (what can
+change while a block waits: closed, round, length against the context limit and the reservation).
+
+Send-ahead (pipelined speculation): `resolve_ahead(block)` takes a block sent before its parent
+round's verdict (`block.guess` set) and returns the ordinary block to verify when the parent
+accepted every draft and its target token was the guess (a hit), or None (stale: answered at once,
+nothing run, nothing changed). Duplicate, out-of-order and too-deep blocks raise `StatusError`.
+
+`SessionRegistry` contract: `admit(...)` creates a `TargetSession` or raises `AdmissionError`
 (the server answers RESOURCE_EXHAUSTED) when `max_sessions` are open or the KV pool would pass
 `kv_budget_bytes`. A session reserves KV for its whole possible length (prefix + max_new_tokens +
 one draft block, capped at the context limit), so admitted sessions never run out mid-generation.
@@ -14,13 +38,163 @@ session (its slot; the pool shrinks when it can) and is idempotent, so every way
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
-from edge.kv_pool import KVPool, plan_pool
-from edge.verifier import TargetSession
+import grpc
+import torch
+
+from edge.kv_pool import KVPool, PooledSequence, plan_pool
 from gelato.models import LoadedModel
-from gelato.types import SamplingParams
+from gelato.sampling import KeyedRng, process_logits, verify_greedy, verify_sampling
+from gelato.types import DraftBlock, SamplingParams
+from gelato.wire import WireError, check_block
+
+
+class StatusError(Exception):
+    """A failure with the precise gRPC status it is answered with (one session's, never the
+    server's). Typed so no caller has to guess a status from a message's text."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+@dataclass
+class TargetSession:
+    session_id: str
+    loaded: LoadedModel
+    params: SamplingParams
+    prefix_ids: list[int]
+    max_new_tokens: int = 0
+    pool: KVPool | None = None
+    reserved_tokens: int = 0  # the length admission control reserved KV for (0: the context limit)
+    rounds: int = 0
+    # The last round's target token when that round accepted every draft, else None: what a
+    # send-ahead block for the next round must have guessed.
+    last_bonus: int | None = None
+    opened_at: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if self.pool is None:
+            limit = self.loaded.context_limit
+            self.pool = KVPool(self.loaded.model, self.loaded.vocab_size, slots=1, max_context=limit)
+        self.seq = PooledSequence(self.pool, self.prefix_ids)
+        # Draws keyed by token position (not a stream): a session re-opened after a failover with
+        # the accepted prefix draws what this one would have.
+        self.rng = KeyedRng(self.params.seed, "target")
+
+    def prefill(self) -> None:
+        """Cache the prefix except its last token, which the first verify forward feeds."""
+        self.seq.prefill(len(self.seq.tokens) - 1)
+
+    @property
+    def length(self) -> int:
+        return len(self.seq.tokens)
+
+    def check(self, block: DraftBlock) -> None:
+        """Everything that can make this block fail, checked before it runs: raises
+        `StatusError`. Pure (reads state only), so the event loop and the model thread may both
+        call it; for blocks that did not come through the server's decoding."""
+        if self.seq.closed:
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "the session was closed")
+        self.check_data(block)
+        self.check_state(block)
+
+    def check_data(self, block: DraftBlock) -> None:
+        """The session's sampling parameters and the block's data (ids, q) against this session:
+        INVALID_ARGUMENT. What `decode_block` (and `decode_sampling` at open) already guarantee,
+        and nothing a block can pass later: validated once. Pure."""
+        try:
+            self.params.validate()
+            check_block(block, self.loaded.vocab_size, self.params.greedy)
+        except ValueError as exc:  # WireError included
+            where = "sampling: " if not isinstance(exc, WireError) else ""
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}{exc}") from exc
+
+    def check_state(self, block: DraftBlock) -> None:
+        """What can change while a block waits: the session closed (FAILED_PRECONDITION), its round
+        (FAILED_PRECONDITION), its length against the context limit and the reservation
+        (OUT_OF_RANGE). Pure and cheap: checked on the event loop and again on the model thread."""
+        if self.seq.closed:
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "the session was closed")
+        if block.round != self.rounds:
+            raise StatusError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"draft block for round {block.round}, but the session is at round {self.rounds}",
+            )
+        length, k = len(self.seq.tokens), len(block.ids)
+        limit = self.loaded.context_limit
+        if length + k >= limit:
+            # The forward ends at length + k; the verdict's extra token must fit too.
+            raise StatusError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"{length} tokens + {k} drafts reach the context limit of {limit}",
+            )
+        if self.reserved_tokens and length + k >= self.reserved_tokens:
+            # Admission reserved KV for prefix + max_new_tokens + one block; going past it would
+            # grow the shared pool beyond what the budget was charged.
+            raise StatusError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"{length} tokens + {k} drafts pass the {self.reserved_tokens} tokens reserved "
+                f"at open (prefix + max_new_tokens {self.max_new_tokens} + one block); open a new session",
+            )
+
+    def resolve_ahead(self, block: DraftBlock, max_ahead_rounds: int) -> DraftBlock | None:
+        """A send-ahead block (`block.guess` set) as the ordinary block to verify, or None when it
+        is stale: its parent round (round - 1) was not verified as a full accept whose target token
+        is the guess. Blocks for a round already verified, or further than `max_ahead_rounds` past
+        the session's round, raise `StatusError`. Reads state only."""
+        if block.round < self.rounds:
+            raise StatusError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"send-ahead block for round {block.round}, which was already verified (the session is at "
+                f"round {self.rounds}): duplicate or out of order",
+            )
+        if block.round - self.rounds >= max_ahead_rounds:
+            raise StatusError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"send-ahead block for round {block.round} is {block.round - self.rounds + 1} rounds past the "
+                f"session's round {self.rounds}; this edge allows {max_ahead_rounds}",
+            )
+        if block.round == self.rounds and self.rounds > 0 and self.last_bonus == block.guess:
+            return replace(block, guess=None)
+        return None
+
+    def verify(self, block: DraftBlock) -> tuple[int, int]:
+        """One round alone, in process: target forward over [last, x1..xk], acceptance, rollback.
+        No checks and no batching (the edge uses `edge.verifier.verify_batch`)."""
+        base = len(self.seq.tokens)
+        logits = self.seq.forward(block.ids)
+        return self.accept(block, base, logits)
+
+    def accept(self, block: DraftBlock, base: int, logits: torch.Tensor) -> tuple[int, int]:
+        """Acceptance on this round's logits (the last k+1 rows predict x1..xk and the bonus),
+        then keep tokens and KV only for the accepted prefix. `base` is the length before the
+        forward. Returns (a, next)."""
+        rows = logits[-(block.k + 1) :]
+        if self.params.greedy:
+            a, nxt = verify_greedy(rows, block.ids)
+        else:
+            a, nxt = verify_sampling(process_logits(rows, self.params), block.ids, block.q, self.rng, base)
+        self.seq.set_tail(base, [*block.ids[:a], nxt])
+        self.last_bonus = nxt if a == block.k else None
+        self.rounds += 1
+        self.last_active = time.monotonic()
+        return a, nxt
+
+    def kv_bytes(self) -> int:
+        return self.seq.kv_bytes()
+
+    def close(self) -> None:
+        """Give the KV slot back to the pool (idempotent) and let the pool take the shape the
+        registry planned without it (model thread)."""
+        self.seq.release()
+        self.seq.pool.apply_target()
 
 
 class AdmissionError(RuntimeError):

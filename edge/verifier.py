@@ -1,162 +1,111 @@
-"""Per-session target state and verification of one draft block (SPEC §2, §2.1).
+"""Verification of many sessions' draft blocks in one target forward (SPEC §2, §2.1, §3).
 
-Contract: a `TargetSession` owns the target KV for its accepted prefix, minus the last token
-(which the next verify forward feeds together with the drafts: `[last, x1..xk]`). `verify(block)`
-runs one target forward, applies greedy or lossless speculative-sampling acceptance with the
-session's own seeded RNG, keeps target KV only for the accepted prefix, and returns (a, next).
-The KV lives in a slot of the edge's shared `KVPool` (a private one when none is given), so many
-sessions verify in one forward (`edge.kv_pool.pooled_forward`). Called on the model thread only,
-`close` included (the server submits it there), so a freed slot is never still in a pending forward.
+Contract: `verify_batch(pairs)` takes plain `(TargetSession, DraftBlock)` pairs and returns, per
+pair and in order, its `Accepted` (a, next token, rows in the forward that verified it) or the
+exception that pair failed with: `StatusError` with its precise status, or (a genuine server fault)
+any other exception, which the server answers INTERNAL for that session alone. It runs on the
+model thread only. Each session keeps its own RNG (`TargetSession.accept`): its verdicts do not
+depend on who it was batched with, and equal those it gets alone.
 
-Failures carry their gRPC status: `check(block)` raises `StatusError` (INVALID_ARGUMENT for bad
-parameters or data, FAILED_PRECONDITION for a wrong round or a closed session, OUT_OF_RANGE for a
-block past the context limit or the session's reservation) BEFORE anything is run, so a row that
-would fail never enters a batched forward; the batcher and the server map any other exception to
-INTERNAL for that row alone.
+Checks: a pair flagged `validated` had its data checked once on the event loop (the server's
+`decode_block`, the sampling parameters at open): only what can change while it waited is checked
+again (`TargetSession.check_state`: closed, round, length). Any other pair gets the full
+`TargetSession.check`. A session's second block in one batch fails FAILED_PRECONDITION.
 
-Send-ahead (pipelined speculation): `resolve_ahead(block)` takes a block sent before its parent
-round's verdict (`block.guess` set) and returns the ordinary block to verify when the parent
-accepted every draft and its target token was the guess (a hit), or None (stale: answered at once,
-nothing run, nothing changed). Duplicate, out-of-order and too-deep blocks raise `StatusError`.
+Isolation (one session can never hurt another): every pair is checked before the forward and a
+failing pair is left out of it; acceptance runs per row, so one row's exception fails only that
+row, and that row's tokens and KV are put back as they were before the forward; and if the
+batched forward itself raises, every row's tokens are as before it (`pooled_forward` restores
+them) and each row is re-run alone, so the rows that can be verified still are, with the verdicts
+they would have had alone.
+
+`TargetSession` and `StatusError` live with the registry in `edge.sessions`; they are re-exported
+here for the callers that import them from the verifier.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field, replace
+import logging
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import grpc
-import torch
 
-from edge.kv_pool import KVPool, PooledSequence
-from gelato.models import LoadedModel
-from gelato.sampling import KeyedRng, process_logits, verify_greedy, verify_sampling
-from gelato.types import DraftBlock, SamplingParams
-from gelato.wire import WireError, check_block
+from edge.kv_pool import pooled_forward
+from edge.sessions import StatusError, TargetSession
+from gelato.types import DraftBlock
 
+__all__ = ["Accepted", "Outcome", "StatusError", "TargetSession", "verify_batch"]
 
-class StatusError(Exception):
-    """A failure with the precise gRPC status it is answered with (one session's, never the
-    server's). Typed so no caller has to guess a status from a message's text."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
+log = logging.getLogger("gelato.edge")
 
 
-@dataclass
-class TargetSession:
-    session_id: str
-    loaded: LoadedModel
-    params: SamplingParams
-    prefix_ids: list[int]
-    max_new_tokens: int = 0
-    pool: KVPool | None = None
-    reserved_tokens: int = 0  # the length admission control reserved KV for (0: the context limit)
-    rounds: int = 0
-    # The last round's target token when that round accepted every draft, else None: what a
-    # send-ahead block for the next round must have guessed.
-    last_bonus: int | None = None
-    opened_at: float = field(default_factory=time.monotonic)
-    last_active: float = field(default_factory=time.monotonic)
+class Accepted(NamedTuple):
+    """A verified row: `n_accepted` drafts accepted, then `next_token`; `batch_rows` rows shared
+    the forward."""
 
-    def __post_init__(self) -> None:
-        if self.pool is None:
-            limit = self.loaded.context_limit
-            self.pool = KVPool(self.loaded.model, self.loaded.vocab_size, slots=1, max_context=limit)
-        self.seq = PooledSequence(self.pool, self.prefix_ids)
-        # Draws keyed by token position (not a stream): a session re-opened after a failover with
-        # the accepted prefix draws what this one would have.
-        self.rng = KeyedRng(self.params.seed, "target")
+    n_accepted: int
+    next_token: int
+    batch_rows: int
 
-    def prefill(self) -> None:
-        """Cache the prefix except its last token, which the first verify forward feeds."""
-        self.seq.prefill(len(self.seq.tokens) - 1)
 
-    @property
-    def length(self) -> int:
-        return len(self.seq.tokens)
+Outcome = Accepted | BaseException
 
-    def check(self, block: DraftBlock) -> None:
-        """Everything that can make this block fail, checked before it runs: raises
-        `StatusError`. Pure (reads state only), so the event loop and the model thread may both
-        call it; the batcher does, on rows that may have bypassed the server's checks."""
-        if self.seq.closed:
-            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "the session was closed")
+
+def verify_batch(
+    pairs: Sequence[tuple[TargetSession, DraftBlock]], validated: Sequence[bool] | None = None
+) -> list[Outcome]:
+    """Check every pair, one forward over the pairs that passed, then each row's acceptance; each
+    pair's outcome is its own (see the module's isolation contract). `validated[i]`: pair i's data
+    was already checked (default: none was). Model thread."""
+    outcomes: list[Outcome | None] = [None] * len(pairs)
+    live: list[int] = []
+    seen: set[int] = set()
+    for i, (session, block) in enumerate(pairs):
         try:
-            self.params.validate()
-            check_block(block, self.loaded.vocab_size, self.params.greedy)
-        except ValueError as exc:  # WireError included
-            where = "sampling: " if not isinstance(exc, WireError) else ""
-            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}{exc}") from exc
-        if block.round != self.rounds:
-            raise StatusError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"draft block for round {block.round}, but the session is at round {self.rounds}",
-            )
-        limit = self.loaded.context_limit
-        if self.length + block.k >= limit:
-            # The forward ends at length + k; the verdict's extra token must fit too.
-            raise StatusError(
-                grpc.StatusCode.OUT_OF_RANGE,
-                f"{self.length} tokens + {block.k} drafts reach the context limit of {limit}",
-            )
-        if self.reserved_tokens and self.length + block.k >= self.reserved_tokens:
-            # Admission reserved KV for prefix + max_new_tokens + one block; going past it would
-            # grow the shared pool beyond what the budget was charged.
-            raise StatusError(
-                grpc.StatusCode.OUT_OF_RANGE,
-                f"{self.length} tokens + {block.k} drafts pass the {self.reserved_tokens} tokens reserved "
-                f"at open (prefix + max_new_tokens {self.max_new_tokens} + one block); open a new session",
-            )
+            if id(session) in seen:
+                raise StatusError(
+                    grpc.StatusCode.FAILED_PRECONDITION, "a block of this session is already being verified"
+                )
+            if validated is not None and validated[i]:
+                session.check_state(block)
+            else:
+                session.check(block)
+            seen.add(id(session))
+            live.append(i)
+        except Exception as exc:
+            outcomes[i] = exc
+    if live:
+        try:
+            _verify_rows(pairs, live, outcomes)
+        except Exception:
+            # The forward itself failed (a row no check foresaw): nothing was accepted and every
+            # row's tokens are as before, so each row runs alone and only the row that really
+            # breaks the forward fails.
+            log.exception("batched forward of %d rows failed; verifying each row alone", len(live))
+            for i in live:
+                try:
+                    _verify_rows(pairs, [i], outcomes)
+                except Exception as exc:
+                    outcomes[i] = exc
+    return outcomes  # type: ignore[return-value]  # every pair has its outcome now
 
-    def resolve_ahead(self, block: DraftBlock, max_ahead_rounds: int) -> DraftBlock | None:
-        """A send-ahead block (`block.guess` set) as the ordinary block to verify, or None when it
-        is stale: its parent round (round - 1) was not verified as a full accept whose target token
-        is the guess. Blocks for a round already verified, or further than `max_ahead_rounds` past
-        the session's round, raise `StatusError`. Reads state only."""
-        if block.round < self.rounds:
-            raise StatusError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"send-ahead block for round {block.round}, which was already verified (the session is at "
-                f"round {self.rounds}): duplicate or out of order",
-            )
-        if block.round - self.rounds >= max_ahead_rounds:
-            raise StatusError(
-                grpc.StatusCode.OUT_OF_RANGE,
-                f"send-ahead block for round {block.round} is {block.round - self.rounds + 1} rounds past the "
-                f"session's round {self.rounds}; this edge allows {max_ahead_rounds}",
-            )
-        if block.round == self.rounds and self.rounds > 0 and self.last_bonus == block.guess:
-            return replace(block, guess=None)
-        return None
 
-    def verify(self, block: DraftBlock) -> tuple[int, int]:
-        """One round alone: target forward over [last, x1..xk], acceptance, rollback."""
-        base = len(self.seq.tokens)
-        logits = self.seq.forward(block.ids)
-        return self.accept(block, base, logits)
-
-    def accept(self, block: DraftBlock, base: int, logits: torch.Tensor) -> tuple[int, int]:
-        """Acceptance on this round's logits (the last k+1 rows predict x1..xk and the bonus),
-        then keep tokens and KV only for the accepted prefix. Returns (a, next)."""
-        rows = logits[-(block.k + 1) :]
-        if self.params.greedy:
-            a, nxt = verify_greedy(rows, block.ids)
-        else:
-            a, nxt = verify_sampling(process_logits(rows, self.params), block.ids, block.q, self.rng, base)
-        self.seq.set_tail(base, [*block.ids[:a], nxt])
-        self.last_bonus = nxt if a == block.k else None
-        self.rounds += 1
-        self.last_active = time.monotonic()
-        return a, nxt
-
-    def kv_bytes(self) -> int:
-        return self.seq.kv_bytes()
-
-    def close(self) -> None:
-        """Give the KV slot back to the pool (idempotent) and let the pool take the shape the
-        registry planned without it (model thread)."""
-        self.seq.release()
-        self.seq.pool.apply_target()
+def _verify_rows(
+    pairs: Sequence[tuple[TargetSession, DraftBlock]], rows: list[int], outcomes: list[Outcome | None]
+) -> None:
+    """One forward over the pairs at `rows`, then acceptance row by row, into `outcomes`. Raises
+    only if the forward does (then every row is as before it); an acceptance failure is that
+    row's outcome, and that row is put back as it was before the forward."""
+    seqs = [pairs[i][0].seq for i in rows]
+    marks = [(len(seq.tokens), seq.cached) for seq in seqs]
+    logits = pooled_forward([(seq, pairs[i][1].ids) for seq, i in zip(seqs, rows, strict=True)])
+    n = len(rows)
+    for i, seq, (base, cached), lg in zip(rows, seqs, marks, logits, strict=True):
+        session, block = pairs[i]
+        try:
+            a, nxt = session.accept(block, base, lg)
+            outcomes[i] = Accepted(a, nxt, n)
+        except Exception as exc:
+            seq.rewind(base, cached)  # drop the drafts, their KV and anything acceptance set
+            outcomes[i] = exc

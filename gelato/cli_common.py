@@ -1,9 +1,10 @@
 """Command-line pieces shared by `gelato-edge` and `gelato-device`.
 
-Contract: `add_model_args` adds `--dtype`/`--device`/`--threads`; `setup_torch_threads` applies
-`--threads` (one thread per process is the fastest on small CPUs, SPEC §9); `fail` prints a
-one-line `error:` message and returns the CLI's exit status; `first_failed` picks the message of
-the first bound a set of flags breaks. `port_number` and `endpoint` are
+Contract: the settings themselves are typed dataclasses (`edge.config.EdgeConfig`,
+`device.config.DeviceConfig`, made into options by `gelato.config`); `model_dtype`,
+`model_device` and `torch_threads` are the model settings both declare. `setup_torch_threads`
+applies `--threads` (one thread per process is the fastest on small CPUs, SPEC §9); `fail` prints
+a one-line `error:` message and returns the CLI's exit status. `port_number` and `endpoint` are
 argparse types: a bad value is a usage error (exit 2) naming the flag, never a traceback or, as
 gRPC does with a port above 65535, a silently different port; `max_memory` parses `--max-memory`.
 
@@ -28,16 +29,22 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
+from gelato.config import ge, setting
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def first_failed(bounds: list[tuple[str, bool]]) -> str | None:
-    """The message of the first (message, holds) pair that does not hold; None when all do."""
-    return next((message for message, holds in bounds if not holds), None)
+def model_dtype() -> Any:
+    """The `--dtype` setting (a fresh field for each settings class)."""
+    return setting("auto", "weight dtype (auto: bfloat16 on CUDA, float32 on CPU)", choices=DTYPES)
+
+
+def model_device() -> Any:
+    return setting("auto", "auto, cpu or cuda[:N]")
+
+
+def torch_threads() -> Any:
+    return setting(None, "torch CPU threads (default: torch's own)", type=int, check=ge(1))
 
 
 def port_number(text: str) -> int:

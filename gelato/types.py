@@ -45,6 +45,32 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class SessionOpen:
+    """A device's request to open a session (`OpenSession` on the wire): the prefix the target
+    prefills (the prompt, or prompt + accepted tokens when re-opening), its sampling and how many
+    tokens it may add (0: up to the context limit), with what the edge checks it against."""
+
+    prefix_ids: tuple[int, ...]
+    tokenizer_fingerprint: str
+    sampling: SamplingParams = SamplingParams()
+    max_new_tokens: int = 0
+    drafter_model: str = ""  # named in mismatch errors
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """The edge's answer to `SessionOpen` (`SessionOpened` on the wire): its limits for this session.
+    `max_ahead_rounds`: how many send-ahead blocks past the last verdict it verifies (0: none)."""
+
+    session_id: str
+    target_model: str
+    context_limit: int
+    max_draft_tokens: int
+    max_ahead_rounds: int = 0
+
+
+@dataclass(frozen=True)
 class SparseDist:
     """A draft distribution q over a sparse support: q(ids[j]) = probs[j] / sum(probs)."""
 

@@ -1,7 +1,9 @@
 """Codec between the boundary dataclasses (`gelato.types`) and the v1 protobuf messages.
 
-Contract: `encode_*` never fails on a well-formed dataclass; `decode_*` (and `check_block`, for a
-`DraftBlock` built elsewhere) validates everything a peer could get wrong and raises `WireError`
+Contract: one encode/decode pair per message a session exchanges — open (`SessionOpen`), opened
+(`SessionInfo`), draft block, verdict — and the sampling parameters and sparse distributions
+inside them. `encode_*` never fails on a well-formed dataclass; `decode_*` (and `check_block`, for
+a `DraftBlock` built elsewhere) validates everything a peer could get wrong and raises `WireError`
 with a message naming the field, which the edge turns into INVALID_ARGUMENT. Messages quote
 client strings only through `clip`, so no error grows with the client's input. Sparse
 probabilities travel as little-endian float16 (2 bytes each); the device samples from the decoded
@@ -12,8 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gelato.sampling import derive_seed  # noqa: F401  (re-exported: it used to live here)
-from gelato.types import DraftBlock, SamplingParams, SparseDist, Verdict
+from gelato.types import DraftBlock, SamplingParams, SessionInfo, SessionOpen, SparseDist, Verdict
 from gelato.v1 import gelato_pb2 as pb
 
 
@@ -34,6 +35,66 @@ def decode_sampling(msg: pb.SamplingParams) -> SamplingParams:
     except ValueError as exc:
         raise WireError(f"sampling: {exc}") from exc
     return params
+
+
+def encode_open(req: SessionOpen) -> pb.DeviceMessage:
+    return pb.DeviceMessage(
+        open=pb.OpenSession(
+            protocol_version=req.protocol_version,
+            tokenizer_fingerprint=req.tokenizer_fingerprint,
+            drafter_model=req.drafter_model,
+            prefix_ids=req.prefix_ids,
+            sampling=encode_sampling(req.sampling),
+            max_new_tokens=req.max_new_tokens,
+        )
+    )
+
+
+def decode_open(msg: pb.OpenSession, vocab_size: int, context_limit: int) -> SessionOpen:
+    """The request with its prefix checked against the target (non-empty, shorter than
+    `context_limit`, ids in the vocabulary) and its sampling parameters validated. The protocol
+    version and tokenizer fingerprint are decoded as sent: whether they match is the edge's call
+    (FAILED_PRECONDITION, not a malformed message)."""
+    n = len(msg.prefix_ids)
+    if n >= context_limit:  # before any per-token work on a huge prefix
+        raise WireError(f"prompt of {n} tokens does not fit the target's context limit of {context_limit}")
+    if not n:
+        raise WireError("prefix_ids is empty: the prompt needs at least one token")
+    prefix = tuple(msg.prefix_ids)
+    check_ids(prefix, vocab_size, "prefix_ids")
+    return SessionOpen(
+        prefix_ids=prefix,
+        tokenizer_fingerprint=msg.tokenizer_fingerprint,
+        sampling=decode_sampling(msg.sampling),
+        max_new_tokens=msg.max_new_tokens,
+        drafter_model=msg.drafter_model,
+        protocol_version=msg.protocol_version,
+    )
+
+
+def encode_opened(info: SessionInfo) -> pb.EdgeMessage:
+    return pb.EdgeMessage(
+        opened=pb.SessionOpened(
+            session_id=info.session_id,
+            target_model=info.target_model,
+            context_limit=info.context_limit,
+            max_draft_tokens=info.max_draft_tokens,
+            max_ahead_rounds=info.max_ahead_rounds,
+        )
+    )
+
+
+def decode_opened(msg: pb.SessionOpened) -> SessionInfo:
+    """An edge that omits `max_ahead_rounds` (older than send-ahead) reads as 0: none."""
+    if msg.context_limit < 1:
+        raise WireError(f"SessionOpened: context_limit must be >= 1, got {msg.context_limit}")
+    return SessionInfo(
+        session_id=msg.session_id,
+        target_model=msg.target_model,
+        context_limit=msg.context_limit,
+        max_draft_tokens=msg.max_draft_tokens,
+        max_ahead_rounds=msg.max_ahead_rounds,
+    )
 
 
 def encode_sparse(q: SparseDist) -> pb.SparseDist:

@@ -11,7 +11,7 @@ import torch
 from device.drafter import Drafter
 from device.generate import Limits, local_verifier, speculative_generate
 from device.policy import FixedK
-from edge.verifier import TargetSession
+from edge.sessions import TargetSession
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel, encode_prompt, load_model
 from gelato.types import SamplingParams, Telemetry

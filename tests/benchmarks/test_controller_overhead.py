@@ -15,7 +15,7 @@ from benchmarks import controller_overhead as co
 from device.drafter import Drafter
 from device.generate import GenerationResult, Limits, local_verifier, speculative_generate
 from device.policy import Policy, PolicyOptions, parse_policy
-from edge.verifier import TargetSession
+from edge.sessions import TargetSession
 from gelato.models import LoadedModel, encode_prompt, load_model
 from gelato.tiny.random_pair import synthetic_corpus
 from gelato.types import SamplingParams, Telemetry

@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks import nvml_check
 from benchmarks.qwen_shapes import SHAPES, build, parameters
-from edge.verifier import TargetSession
+from edge.sessions import TargetSession
 from gelato.models import load_model
 from gelato.power.nvml import NvmlMeter
 from gelato.types import DraftBlock, SamplingParams

@@ -17,7 +17,7 @@ from device.generate import Exchange, Limits, Verify, local_verifier, self_verif
 from device.pipeline import local_link, pipelined_generate
 from device.policy import POLICY_NAMES, EntropyStop, Gate, Heuristic, PolicyOptions, parse_policy
 from edge.kv_pool import KVPool
-from edge.verifier import TargetSession
+from edge.sessions import TargetSession
 from gelato.controller import Decision
 from gelato.models import LoadedModel, encode_prompt, load_model
 from gelato.power import open_meter, radio_profile

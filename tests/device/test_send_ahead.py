@@ -16,7 +16,7 @@ from device.drafter import Drafter
 from device.generate import GenerationResult, Limits, local_verifier, speculative_generate
 from device.pipeline import local_link, pipelined_generate
 from device.policy import PolicyOptions, parse_policy
-from edge.verifier import StatusError, TargetSession
+from edge.sessions import StatusError, TargetSession
 from gelato.models import LoadedModel, encode_prompt, load_model
 from gelato.types import DraftBlock, SamplingParams
 

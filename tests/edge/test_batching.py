@@ -10,7 +10,7 @@ import torch
 
 from device.drafter import Drafter
 from edge.kv_pool import KVPool, PooledSequence, pooled_forward
-from edge.verifier import TargetSession
+from edge.sessions import TargetSession
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel
 from gelato.types import SamplingParams, Verdict

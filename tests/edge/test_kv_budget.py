@@ -14,8 +14,7 @@ import torch
 
 from device.drafter import Drafter
 from edge.kv_pool import KVPool, PooledSequence, plan_pool, pooled_forward
-from edge.sessions import AdmissionError, SessionRegistry
-from edge.verifier import TargetSession
+from edge.sessions import AdmissionError, SessionRegistry, TargetSession
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel
 from gelato.types import SamplingParams, Verdict

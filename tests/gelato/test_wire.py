@@ -1,22 +1,26 @@
 """Wire codec round trips and validation (sampling parameters, blocks built outside the codec),
-clipped client strings; policy parsing; seed derivation."""
+clipped client strings; session open/opened; policy parsing; seed derivation."""
 
 from __future__ import annotations
 
 import pytest
 
 from device.policy import FixedK, parse_policy
-from gelato.types import DraftBlock, SamplingParams, SparseDist, Verdict
+from gelato.sampling import derive_seed
+from gelato.types import DraftBlock, SamplingParams, SessionInfo, SessionOpen, SparseDist, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.wire import (
     WireError,
     check_block,
     clip,
     decode_block,
+    decode_open,
+    decode_opened,
     decode_sampling,
     decode_verdict,
-    derive_seed,
     encode_block,
+    encode_open,
+    encode_opened,
     encode_sampling,
     encode_verdict,
 )
@@ -102,3 +106,48 @@ def test_clip_bounds_echoed_client_strings() -> None:
     assert clip("drafter") == "drafter"
     long = clip("x" * 65536)
     assert len(long) < 250 and long.startswith("x" * 200) and "65536 characters" in long
+
+
+def test_open_round_trip() -> None:
+    req = SessionOpen(
+        prefix_ids=(5, 6, 7),
+        tokenizer_fingerprint="fp",
+        sampling=SamplingParams(temperature=0.5, top_p=0.75, top_k=3, seed=9),
+        max_new_tokens=8,
+        drafter_model="d",
+    )
+    msg = encode_open(req)
+    assert msg.WhichOneof("kind") == "open"
+    assert decode_open(msg.open, vocab_size=10, context_limit=16) == req
+    # What a peer leaves unset decodes as the defaults: greedy, no token limit, no name.
+    bare = pb.OpenSession(protocol_version=1, tokenizer_fingerprint="fp", prefix_ids=[1])
+    assert decode_open(bare, 10, 16) == SessionOpen(prefix_ids=(1,), tokenizer_fingerprint="fp")
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"prefix_ids": []}, "prefix_ids is empty: the prompt needs at least one token"),
+        ({"prefix_ids": [1, 10]}, "prefix_ids: token id 10 out of range [0, 10)"),
+        ({"prefix_ids": [-1]}, "prefix_ids: token id -1 out of range"),
+        ({"prefix_ids": [1] * 16}, "prompt of 16 tokens does not fit the target's context limit of 16"),
+        ({"sampling": pb.SamplingParams(temperature=float("nan"))}, "sampling: temperature must be 0"),
+        ({"sampling": pb.SamplingParams(temperature=1.0, top_p=2.0)}, "sampling: top_p must be in [0, 1]"),
+    ],
+)
+def test_open_validation(fields: dict[str, object], needle: str) -> None:
+    msg = pb.OpenSession(**{"protocol_version": 1, "prefix_ids": [1, 2], **fields})  # type: ignore[arg-type]
+    with pytest.raises(WireError) as info:
+        decode_open(msg, vocab_size=10, context_limit=16)
+    assert needle in str(info.value)
+
+
+def test_opened_round_trip() -> None:
+    info = SessionInfo(session_id="s1", target_model="t", context_limit=512, max_draft_tokens=32, max_ahead_rounds=4)
+    msg = encode_opened(info)
+    assert msg.WhichOneof("kind") == "opened"
+    assert decode_opened(msg.opened) == info
+    older = pb.SessionOpened(session_id="s1", target_model="t", context_limit=512, max_draft_tokens=32)
+    assert decode_opened(older).max_ahead_rounds == 0  # an edge without send-ahead
+    with pytest.raises(WireError, match="context_limit must be >= 1"):
+        decode_opened(pb.SessionOpened(session_id="s1"))

@@ -26,7 +26,7 @@ import torch
 from edge.batcher import Batcher
 from edge.kv_pool import KVPool
 from edge.metrics import EdgeMetrics
-from edge.verifier import StatusError, TargetSession
+from edge.sessions import StatusError, TargetSession
 from gelato.models import LoadedModel
 from gelato.types import DraftBlock, SamplingParams, SparseDist, Verdict
 from gelato.v1 import gelato_pb2 as pb

@@ -1,0 +1,159 @@
+"""The round-overhead benchmark's report (`benchmarks.round_overhead`): markdown from its result.
+
+Contract: `markdown(result)` is the whole report (command, machine, the per-part table, the summary
+and the overhead outside the model forwards ranked per policy); `table(result)` and
+`summary_lines(result)` are its parts. Pure functions of the result dict; nothing is measured here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.round_overhead_analysis import COMPONENTS, SUGGESTIONS, ranked_overhead
+
+
+def table(result: dict[str, Any]) -> str:
+    pols = result["policies"]
+    names = list(pols)
+    lines = [
+        "| part of a round | where | " + " | ".join(f"{n} ms | {n} %" for n in names) + " |",
+        "|---|---|" + "---:|---:|" * len(names),
+    ]
+    for i, (_key, side, kind, label) in enumerate(COMPONENTS):
+        cells = []
+        for n in names:
+            c = pols[n]["components"][i]
+            cells.append(f"{c['ms']:.3f} | {100 * c['ms'] / pols[n]['round_ms']:.1f}")
+        tag = {"model": " (model)", "residual": " †"}.get(kind, "")
+        lines.append(f"| {label}{tag} | {side} | " + " | ".join(cells) + " |")
+    rows = [
+        ("round, instrumented (decision to telemetry)", "round_ms"),
+        ("round, instrumented, median", "round_ms_median"),
+        ("outside the model forwards", "outside_models_ms"),
+        ("round by the loop's timer, instrumented", "loop_timer_round_ms"),
+        ("round by the loop's timer, plain processes", "plain_round_ms"),
+        ("elapsed per round, plain (open, prefills, close included)", "plain_elapsed_per_round_ms"),
+        ("floor: raw forwards + bare echo", "floor_ms"),
+    ]
+    for label, key in rows:
+        lines.append(f"| **{label}** | | " + " | ".join(f"{pols[n][key]:.3f} | " for n in names) + " |")
+    return "\n".join(lines)
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    pols, fl, ref = result["policies"], result["floors"], result["references"]
+    k = result["meta"]["k"]
+    lines = []
+    for n, p in pols.items():
+        lines.append(
+            f"- {n}: plain round {p['plain_round_ms']:.3f} ms = {p['plain_round_vs_floor']:.2f} × the floor "
+            f"{p['floor_ms']:.3f} ms (raw forwards + bare echo); instrumented round {p['round_ms']:.3f} ms, "
+            f"{p['outside_models_ms']:.3f} ms of it outside the model forwards; edge CPU per verdict "
+            f"{_fmt(p.get('edge_cpu_ms_per_verdict'))} ms, {_fmt(p.get('edge_cpu_outside_forward_ms'))} ms of it "
+            f"outside the target forward; transit {p['uplink_ms']:.3f} ms up + {p['downlink_ms']:.3f} ms down "
+            f"(shared clock); {p['tokens_per_round']:.2f} tokens/round; the timers made the loop's "
+            f"own round timer read {p['instrumentation_inflation']:.2f} × the plain run's."
+        )
+    r, per = result["ratios"], result["ratios_per_repeat"]
+
+    def each(name: str) -> str:
+        return ", ".join(f"{x:.2f}" for x in per[name])
+
+    fk = f"fixed-{k}"
+    best = result["ratios_of_best"]
+    lines.append(
+        f"- fixed-0 = {r['fixed0_vs_target_loop']:.2f} × the tokens/s of the target decoding alone in one process "
+        f"(a cached greedy loop; per repeat {each('fixed0_vs_target_loop')}; best repeat vs best repeat "
+        f"{best['fixed0_vs_target_loop']:.2f}) and {r['fixed0_vs_target_generate']:.2f} × its `generate()` "
+        f"({each('fixed0_vs_target_generate')}; best vs best {best['fixed0_vs_target_generate']:.2f}); over all "
+        f"repeats {pols['fixed-0']['plain_tokens_per_s']:.1f} vs {ref['target']['loop']['tokens_per_s']:.1f} and "
+        f"{ref['target']['generate']['tokens_per_s']:.1f} tokens/s."
+    )
+    lines.append(
+        f"- {fk} = {r['fixedk_vs_assisted_k']:.2f} × transformers' assisted generation with the same pair at K = {k} "
+        f"({each('fixedk_vs_assisted_k')}; best vs best {best['fixedk_vs_assisted_k']:.2f}) and "
+        f"{r['fixedk_vs_assisted_defaults']:.2f} × assisted at its defaults ({each('fixedk_vs_assisted_defaults')}; "
+        f"best vs best {best['fixedk_vs_assisted_defaults']:.2f}); over all repeats "
+        f"{pols[fk]['plain_tokens_per_s']:.1f} vs {ref['assisted'][f'k{k}']['tokens_per_s']:.1f} and "
+        f"{ref['assisted']['defaults']['tokens_per_s']:.1f} tokens/s."
+    )
+    echo = fl["echo"]
+    lines.append(
+        "- gRPC echo (another process, same options and handler shape), round trip median (p90) / transit "
+        "(round trip minus the handler's own time, mean): "
+        + "; ".join(
+            f"{v} {e['median_ms']:.3f} ({e['p90_ms']:.3f}) / {e['transit_mean_ms']:.3f} ms" for v, e in echo.items()
+        )
+        + f" ({fl['bytes_up']} B up, {fl['bytes_down']} B down). Variants: "
+        + "; ".join(f"{v}: {e['what']}" for v, e in echo.items())
+        + ". The rounds' own transit: "
+        + ", ".join(f"{n} {p['components'][_index('transit')]['ms']:.3f} ms" for n, p in pols.items())
+        + "."
+    )
+    lines.append(
+        f"- raw forwards at {fl['context_tokens']} cached tokens: drafter {fl['drafter_1_ms']:.3f} ms "
+        f"({k} of them: {fl['drafter_k_ms']:.3f}); target over 1 / {k + 1} tokens {fl['target_1_ms']:.3f} / "
+        f"{fl['target_k1_ms']:.3f} ms on a DynamicCache, {fl['target_pool_1_ms']:.3f} / "
+        f"{fl['target_pool_k1_ms']:.3f} ms through the edge's KV pool."
+    )
+    return lines
+
+
+def _index(key: str) -> int:
+    return next(i for i, c in enumerate(COMPONENTS) if c[0] == key)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    out = [
+        "# Round overhead — loopback, built-in tiny pair" if meta["pair"] == "embedded" else "# Round overhead",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Machine: {meta['machine']}; {meta['pinning']}; one torch thread per process; transformers "
+        f"{meta['transformers']}, grpcio {meta['grpcio']}. Prompts: {meta['prompts']} ({meta['n']}, "
+        f"{meta['max_new_tokens']} new tokens, greedy), one warm-up generation per run excluded; plain runs "
+        f"and their in-process references alternated {meta['repeats']}×. A shared machine (1-min load average "
+        + ", ".join(f"{v:.1f}" for v in meta["load_average_1min"].values())
+        + " at the start, before the instrumented runs and at the end): absolute timings drift between runs; "
+        "compare "
+        "the ratios within this run.",
+        "",
+        "Mean ms per round. † = a difference between nested timers (thread hops, transit, bookkeeping); "
+        "the rest are timed calls of the real functions. The parts sum to the instrumented round, which "
+        f"carries ~{meta['instrumentation_us_per_round']:.0f} µs of timers "
+        f"({meta['wrapper_cost_us']:.2f} µs per timed call). Rounds slower than median + 5 MAD of their run's "
+        "(preempted by another process) are left out of the means: "
+        + ", ".join(f"{n} {p['outlier_rounds_dropped']} of {p['rounds']}" for n, p in result["policies"].items())
+        + ". Ratios of tokens/s are the median over repeats of each repeat's ratio (both sides measured one "
+        "after the other); floors are medians over repeats.",
+        "",
+        table(result),
+        "",
+        *summary_lines(result),
+        "",
+        "## Where the overhead outside the model forwards is, ranked",
+        "",
+    ]
+    for n, p in result["policies"].items():
+        out.append(f"### {n} ({p['outside_models_ms']:.3f} ms of a {p['round_ms']:.3f} ms round)")
+        out.append("")
+        for i, c in enumerate(ranked_overhead(p), 1):
+            if c["ms"] < 0.005:
+                break
+            share = 100 * c["ms"] / p["outside_models_ms"] if p["outside_models_ms"] > 0 else 0.0
+            note = SUGGESTIONS.get(c["key"], "")
+            if c["key"] == "transit":
+                echo = result["floors"]["echo"]
+                note = (
+                    "echo transits: "
+                    + ", ".join(f"{v} {e['transit_mean_ms']:.3f}" for v, e in echo.items())
+                    + f" ms. {note}"
+                )
+            out.append(f"{i}. {c['label']} — {c['ms']:.3f} ms ({share:.0f} %): {note}")
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,216 @@
+"""Send-ahead pipelining in the simulator (`benchmarks.simulate`, `Spec(pipeline="send-ahead")`):
+`device.pipeline.pipelined_generate` replayed on a trace and a simulated clock.
+
+Contract: `SendAhead._generate_chain(trace)` runs one generation: the device drafts one thing at a
+time; while the oldest verdict is out it drafts the next block of the chain (a guess + drafts)
+when `Policy.send_ahead` says so, up to `ahead_blocks` past the awaited one, and sends it; one
+ordered stream (`_Wire`) where the edge verifies one block at a time (a stale block is answered at
+once, without compute) and each block and verdict takes half the round trip (plus its transfer)
+one way. Each verdict is one round of telemetry, recorded through `DeviceCore._record`; a block
+(`_Block`) hits (`_chain_hit`) when its parent is fully accepted and its guess right.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+
+from benchmarks.simulate_model import Trace
+from benchmarks.simulate_rounds import DeviceCore, _block_end, _draft
+from device.policy import Gate
+from gelato.controller import Decision
+from gelato.types import DraftBlock, Telemetry
+
+
+@dataclass
+class _Block:
+    """A block of the send-ahead chain: drafts at output positions pos..pos+k-1 (an ahead block's
+    guess sits at pos − 1), and its timeline."""
+
+    pos: int
+    k: int
+    reason: str
+    decision: Decision
+    gate: Gate | None
+    cap: int
+    wanted: int
+    draft_s: float
+    ahead: bool  # sent before its parent's verdict, with a guess
+    guess_ok: bool  # its guess is the target's token (always True for a block that is not ahead)
+    verified: bool  # the edge verifies it (every block before it in the chain a hit); else stale
+    view: DraftBlock  # what `Policy.p_hit` sees (the drafts' entropies)
+    sent_at: float = 0.0
+    edge_s: float = 0.0
+    verdict_at: float = 0.0
+    up: int = 0
+    down: int = 0
+
+
+@dataclass
+class _Wire:
+    """One session's ordered stream: the edge verifies its blocks one after another."""
+
+    up_last: float = 0.0  # when the last block reached the edge
+    edge_free: float = 0.0  # when the edge finished the last block
+    verdict_last: float = 0.0  # when the last verdict reached the device
+
+
+def _chain_hit(trace: Trace, block: _Block, successor: _Block) -> bool:
+    """`device.pipeline._hit`: `block` fully accepted and the guess of `successor` right."""
+    return min(trace.run[block.pos], block.k) == block.k and successor.guess_ok
+
+
+class SendAhead(DeviceCore):
+    """`--pipeline send-ahead`: a device's generation as a chain of blocks in flight."""
+
+    def _generate_chain(self, trace: Trace) -> None:
+        """`device.pipeline.pipelined_generate` on the trace, on a simulated clock: a chain of
+        blocks in flight over one ordered stream. The device drafts one thing at a time; the edge
+        verifies one block at a time in stream order (a stale block is answered at once, without
+        compute); each block and verdict takes half the round trip (plus its transfer) one way."""
+        assert self.policy is not None
+        policy, m = self.policy, self.model
+        max_ahead = policy.options.ahead_blocks
+        wire = _Wire()
+        chain: deque[_Block] = deque()
+        now = last = 0.0  # the device's clock; the previous verdict's time
+        busy = 0.0  # drafting seconds since the previous verdict
+        pos, r = 0, 0
+        unsent, unsent_s, stale_down = 0, 0.0, 0
+        while pos < trace.n:
+            if not chain:
+                limit = self._limit(trace, pos)
+                if limit < 0:
+                    return
+                block, cost_s = self._chain_block(trace, pos, limit, r, None)
+                now, busy = now + block.draft_s, busy + block.draft_s
+                self.totals.controller_s += cost_s
+                self._send(block, now, wire)
+                chain.append(block)
+            while chain[0].verdict_at > now and len(chain) <= max_ahead:
+                prev = chain[-1]
+                nxt = prev.pos + prev.k + 1
+                limit = self._limit(trace, nxt)
+                if prev.reason == "eos" or limit < 0:
+                    break  # the chain ends at an eos or at the generation's limits
+                t0 = time.perf_counter()
+                decision = policy.decide(limit)
+                p_chain = math.prod(policy.p_hit(b.view) for b in chain)
+                go = policy.send_ahead(decision, p_chain)
+                self.totals.controller_s += time.perf_counter() - t0
+                if not go:
+                    break
+                block, cost_s = self._chain_block(trace, nxt, limit, r + len(chain), (prev, decision))
+                now, busy = now + block.draft_s, busy + block.draft_s
+                self.totals.controller_s += cost_s
+                if chain[0].verdict_at <= now:  # the verdict came while drafting: still worth sending?
+                    after = chain[1] if len(chain) > 1 else block
+                    if not _chain_hit(trace, chain[0], after):
+                        unsent, unsent_s = unsent + block.k + 1, unsent_s + block.draft_s
+                        self.totals.unsent += 1
+                        break
+                self._send(block, now, wire)
+                chain.append(block)
+            now = max(now, chain[0].verdict_at)
+            sent = chain.popleft()
+            successor = chain[0] if chain else None
+            hit = successor is not None and _chain_hit(trace, sent, successor)
+            cut = [] if hit else list(chain)
+            if cut:
+                chain.clear()
+            wasted = sum(b.k + 1 for b in cut) + unsent
+            self._waste(wasted, sum(b.draft_s for b in cut) + unsent_s)
+            unsent, unsent_s = 0, 0.0
+            accepted = min(trace.run[sent.pos], sent.k)
+            emitted = min(accepted + 1, trace.n - pos)
+            up = sent.up + sum(b.up for b in cut)
+            down, stale_down = sent.down + stale_down, sum(b.down for b in cut)
+            t_round = now - last
+            e_compute, e_radio, e_j = m.energy(t_round, busy, up, down)
+            self.totals.busy_s += busy
+            cost = policy.controller.cost.model()
+            d, gate = sent.decision, sent.gate
+            tele = Telemetry(
+                round=r,
+                k=sent.k,
+                accepted=accepted,
+                emitted=emitted,
+                t_round_s=t_round,
+                t_draft_s=sent.draft_s,
+                t_drafting_s=busy,  # every block drafted since the last verdict, as the real loop records
+                t_net_s=max(0.0, sent.verdict_at - sent.sent_at - sent.edge_s),
+                t_edge_queue_s=0.0,
+                t_edge_compute_s=sent.edge_s,
+                e_compute_j=e_compute,
+                e_radio_j=e_radio,
+                e_j=e_j,
+                bytes_up=up,
+                bytes_down=down,
+                energy_source="simulated",
+                energy_kind="estimated",
+                k_ref=d.k_ref,
+                k_max=sent.cap,
+                stop_reason=_block_end(sent.reason, sent.cap, sent.wanted, gate is not None),
+                entropies=sent.view.entropies,
+                p_accept=tuple(gate.p_accept) if gate else (),
+                predrafted=successor.k + 1 if successor is not None else 0,
+                predraft_hit=hit,
+                sent_ahead=sent.ahead,
+                stale_blocks=len(cut),
+                wasted_tokens=wasted,
+                wasted_j=wasted * cost.t_draft_s * cost.p_draft_w,  # the real loop's estimate
+            )
+            t0 = time.perf_counter()
+            q = policy.observe(tele)
+            self.totals.controller_s += time.perf_counter() - t0
+            tele = replace(tele, q_deficit_j=q)
+            self._record(tele, q)
+            pos, r, last, busy = pos + emitted, r + 1, now, 0.0
+
+    def _chain_block(
+        self, trace: Trace, pos: int, limit: int, r: int, ahead: tuple[_Block, Decision] | None
+    ) -> tuple[_Block, float]:
+        """Draft a block whose first draft is at `pos`: an ordinary one (`ahead` None: decided
+        here) or one sent ahead after `ahead`'s block with its decision (`Drafter.draft_after`:
+        the guess of the parent's target token at pos − 1, one forward more, then the drafts; a
+        guess that is the drafter's eos gets none). Returns it and the controller's seconds."""
+        policy = self.policy
+        assert policy is not None
+        t0 = time.perf_counter()
+        decision = policy.decide(limit) if ahead is None else ahead[1]
+        gate = policy.gate(decision)
+        ctrl = time.perf_counter() - t0
+        wanted = decision.k_max if gate else decision.k_ref
+        cap = max(0, min(wanted, limit))
+        if ahead is not None and pos - 1 in trace.eos_at:
+            k, reason, gate_s = 0, "eos", 0.0
+        else:
+            k, reason, gate_s = _draft(trace, pos, cap, gate)
+        view = DraftBlock(r, (0,) * k, entropies=trace.entropy[pos : pos + k])
+        if ahead is None:
+            guess_ok = verified = True
+            draft_s = self.model.draft_s(k)
+        else:
+            parent = ahead[0]
+            guess_ok = self._guess_ok(trace, pos - 1)
+            verified = parent.verified and min(trace.run[parent.pos], parent.k) == parent.k and guess_ok
+            draft_s = self.model.draft_s(k + 1)  # the guess is one forward more
+        block = _Block(
+            pos, k, reason, decision, gate, cap, wanted, draft_s, ahead is not None, guess_ok, verified, view
+        )
+        return block, ctrl + gate_s
+
+    def _send(self, block: _Block, now: float, wire: _Wire) -> None:
+        """Put `block` on the stream at `now`: when the edge has it, verifies it (or answers stale:
+        its parent missed) and when its verdict is back, in stream order."""
+        m = self.model
+        block.sent_at = now
+        block.up, block.down = m.wire(block.k + block.ahead)  # an ahead block carries its guess
+        one_up, one_down = m.delays(block.up, block.down, self.jitter_rng)
+        wire.up_last = max(wire.up_last, now + one_up)
+        start = max(wire.up_last, wire.edge_free)
+        block.edge_s = m.edge_s(block.k) if block.verified else 0.0
+        wire.edge_free = start + block.edge_s
+        wire.verdict_last = block.verdict_at = max(wire.verdict_last, wire.edge_free + one_down)

@@ -1,0 +1,81 @@
+"""The device's settings, `DeviceConfig`: one typed field per `gelato-device` option.
+
+Contract: each field's default, bounds and help are written here once; `gelato-device`'s flags,
+its `--help` and its `GELATO_DEVICE_*` variables are made from them (`gelato.config`). The
+controller's constants are the nested `controller: PolicyOptions` (`device.policy`), whose own
+fields are their single source: the simulator and benchmarks build `PolicyOptions` directly with
+the same defaults. `validate()` raises `gelato.config.ConfigError` (a ValueError) naming the flag
+(`--max-new-tokens must be >= 1`), or the policy's or the sampling parameters' own message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from device.drafter import DEFAULT_TOP_M
+from device.policy import PolicyOptions, parse_policy
+from gelato.cli_common import endpoint, model_device, model_dtype, torch_threads
+from gelato.config import ConfigError, Settings, ge, gt, nested, setting
+from gelato.power import PROFILES, RADIOS
+from gelato.types import SamplingParams
+
+POLICY_HELP = (
+    "draft-length policy: fixed-K (e.g. fixed-4; fixed-0: the edge decodes alone), heuristic, entropy, "
+    "adaedl, lyapunov, gelato, ar-edge (the edge alone, streamed), ar-device (the drafter alone, no edge)"
+)
+
+
+@dataclass(frozen=True)
+class DeviceConfig(Settings):
+    """Everything `gelato-device` can be told (`gelato-device --help`)."""
+
+    drafter: str | None = setting(None, "hub id or local folder (default: the embedded tiny drafter)")
+    edge: str = setting(
+        "127.0.0.1:50051",
+        "HOST:PORT of gelato-edge, or a gRPC target naming replicas (dns:///edge:50051, ipv4:A:P,B:P)",
+        type=endpoint,
+    )
+    failovers: int = setting(2, "re-open a session this many times when its edge goes away mid-generation", check=ge(0))
+    prompt: list[str] | None = setting(None, "a prompt (repeatable)", action="append", one_of="prompts", required=True)  # noqa: RUF009 (a field, see gelato.config)
+    prompts_file: Path | None = setting(  # noqa: RUF009 (a field, see gelato.config)
+        None, "JSONL with 'prompt' or 'question' per line", one_of="prompts", required=True
+    )
+    limit: int | None = setting(None, "use only the first N prompts of the file", check=ge(0))
+    max_new_tokens: int = setting(256, "tokens to generate per prompt, at most", check=ge(1))
+    policy: str = setting("fixed-4", POLICY_HELP)
+    controller: PolicyOptions = nested(PolicyOptions)  # noqa: RUF009 (a field, see gelato.config)
+    temperature: float = setting(0.0, "sampling temperature (0: greedy)")
+    top_p: float = setting(1.0, "nucleus sampling mass (1: off)")
+    top_k: int = setting(0, "sample among the k likeliest tokens (0: off)")
+    top_m: int = setting(DEFAULT_TOP_M, "draft support sent per token when sampling", check=ge(1))
+    seed: int = setting(0, "seed of the drafter's and the edge's random draws")
+    no_chat_template: bool = setting(False, "send the prompt text as is")
+    connect_timeout_s: float = setting(
+        10.0, "how long to wait for the edge to answer before reporting it unreachable", check=gt(0)
+    )
+    tls_ca: str | None = setting(None, "PEM CA that signed the edge's certificate: connect with TLS")
+    tls_cert: str | None = setting(None, "PEM client certificate, for an edge that requires one (mTLS)")
+    tls_key: str | None = setting(None, "PEM private key of --tls-cert")
+    tls_server_name: str | None = setting(None, "name in the edge's certificate, if not --edge's host")
+    auth_token_file: str | None = setting(None, "file holding the edge's bearer token")
+    fail_fast: bool = setting(False, "stop at the first prompt that fails (default: report it, go on)")
+    json: bool = setting(False, "one JSON object per prompt on stdout")
+    meter: str = setting("auto", "energy meter: auto, nvml, rapl, jetson, cpu-model, replay:FILE or none")
+    device_profile: str = setting("phone", "device class of the cpu-model estimate", choices=sorted(PROFILES))
+    radio: str = setting("wifi", "radio energy model", choices=[*sorted(RADIOS), "none"])
+    trace: Path | None = setting(None, "write one JSON line per round here")  # noqa: RUF009 (a field, see gelato.config)
+    dtype: str = model_dtype()
+    device: str = model_device()
+    threads: int | None = torch_threads()
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
+
+    def check(self) -> None:
+        try:
+            parse_policy(self.policy, self.controller)
+            self.sampling.validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc

@@ -1,0 +1,89 @@
+"""The edge's settings, `EdgeConfig`: one typed field per `gelato-edge` option.
+
+Contract: each field's default, bounds and help are written here once; `gelato-edge`'s flags, its
+`--help` and its `GELATO_EDGE_*` variables are made from them (`gelato.config`), and
+`EdgeServer(config)` takes the same object. `validate()` raises `gelato.config.ConfigError` naming
+the flag (`--max-sessions must be >= 1`). Imports no torch and no gRPC: the health check stays light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gelato.cli_common import max_memory, model_device, model_dtype, port_number, torch_threads
+from gelato.config import PORT, Settings, ge, gt, require, setting
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEVICE_MAPS = ("auto", "balanced", "sequential")  # gelato.models.DEVICE_MAPS, without importing torch
+
+
+@dataclass(frozen=True)
+class EdgeConfig(Settings):
+    """Everything `gelato-edge` can be told (`gelato-edge --help`)."""
+
+    target: str | None = setting(None, "hub id or local folder (default: the embedded tiny target)")
+    host: str = setting("127.0.0.1", "bind address (a non-loopback one needs TLS and a token, or --insecure)")
+    port: int = setting(50051, "gRPC port; 0 picks a free one", type=port_number, check=PORT)
+    max_sessions: int = setting(64, "open sessions at most (beyond: RESOURCE_EXHAUSTED)", check=ge(1))
+    max_draft_tokens: int = setting(32, "largest draft block accepted", check=ge(1))
+    max_ahead_rounds: int = setting(
+        4,
+        "send-ahead (pipelined speculation): blocks a session may send past its last verdict; 0: off",
+        check=ge(0),
+    )
+    kv_budget_mb: float = setting(0.0, "target KV memory for sessions, in MiB (0: no limit)", check=ge(0))
+    batch_window_ms: float = setting(2.0, "wait this long for more rows to batch", check=ge(0))
+    max_batch: int = setting(16, "most draft blocks verified in one forward", check=ge(1))
+    idle_timeout_s: float = setting(300.0, "free sessions idle this long", check=gt(0))
+    metrics_port: int | None = setting(
+        None, "serve Prometheus metrics on this port (default: none)", type=port_number, check=PORT
+    )
+    log_level: str = setting("WARNING", "logging threshold", type=str.upper, choices=LOG_LEVELS)
+    # Security (gelato.security): TLS when a certificate and key are given (mutual TLS with a client
+    # CA); every call but health needs `Bearer <token>` when a token file is given.
+    tls_cert: str | None = setting(None, "PEM server certificate (chain): serve TLS")
+    tls_key: str | None = setting(None, "PEM private key of --tls-cert")
+    tls_client_ca: str | None = setting(None, "PEM CA: require client certificates it signed (mutual TLS)")
+    auth_token_file: str | None = setting(None, "file holding the bearer token every call must carry")
+    insecure: bool = setting(
+        False, "serve a non-loopback --host without TLS and a token (anyone who reaches the port can use it)"
+    )
+    shutdown_grace_s: float = setting(
+        5.0, "on SIGTERM/SIGINT, let open sessions finish this long before cutting them", check=ge(0)
+    )
+    health_port: int | None = setting(
+        None,
+        "also serve the gRPC health service alone, in plaintext, on this port (for probes without TLS)",
+        type=port_number,
+        check=PORT,
+    )
+    health_host: str = setting("127.0.0.1", "bind address of --health-port")
+    health_check_timeout_s: float = setting(3.0, "deadline of --health-check", check=gt(0))
+    device_map: str | None = setting(
+        None,
+        "place the target over the GPUs, CPU memory and disk with accelerate (a target too large for one "
+        "device); replaces --device",
+        choices=DEVICE_MAPS,
+    )
+    max_memory: dict[int | str, int] | None = setting(  # noqa: RUF009 (a field, see gelato.config)
+        None,
+        "with --device-map: the most each device may hold, e.g. 0=70GiB,1=70GiB,cpu=200GiB",
+        type=max_memory,
+        metavar="DEV=SIZE,...",
+    )
+    offload_folder: str | None = setting(None, "with --device-map: where weights beyond memory go")
+    dtype: str = model_dtype()
+    device: str = model_device()
+    threads: int | None = torch_threads()
+    # Not an option: the token read from --auth-token-file at start (kept out of repr and logs).
+    auth_token: str | None = field(default=None, repr=False)
+
+    def check(self) -> None:
+        require(
+            bool(self.device_map or not (self.max_memory or self.offload_folder)),
+            "--max-memory and --offload-folder need --device-map",
+        )
+        require(
+            not self.device_map or self.device == "auto",
+            f"--device {self.device} and --device-map exclude each other: the map places the model",
+        )

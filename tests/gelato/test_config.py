@@ -1,0 +1,204 @@
+"""Typed settings (`gelato.config`): options, variables and help made from one dataclass, defaults
+written once, validation naming the flag; `EdgeConfig` and `DeviceConfig` through their parsers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from device.cli import build_parser as device_parser
+from device.config import DeviceConfig
+from device.policy import PolicyOptions
+from edge.cli import build_parser as edge_parser
+from edge.config import EdgeConfig
+from gelato.cli_common import EnvArgumentParser, port_number
+from gelato.config import PORT, ConfigError, Settings, add_arguments, between, ge, gt, nested, require, setting
+
+
+@pytest.fixture(autouse=True)
+def _no_gelato_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(("GELATO_EDGE_", "GELATO_DEVICE_", "TOY_")):
+            monkeypatch.delenv(name)
+
+
+@dataclass(frozen=True)
+class Inner(Settings):
+    ratio: float = setting(0.5, "a ratio", check=between(0, 1))
+    scale: float | None = setting(None, "a scale", flag="--scale-factor", check=gt(0, finite=True))
+    internal: int = 7  # not an option
+
+
+@dataclass(frozen=True)
+class Toy(Settings):
+    name: str = setting("x", "a name, 100% plain")
+    port: int = setting(50051, "a port", type=port_number, check=PORT)
+    count: int = setting(3, "how many", check=ge(1))
+    mode: str = setting("a", "a mode", choices=("a", "b", "c"))
+    verbose: bool = setting(False, "say more")
+    item: list[str] | None = setting(None, "an item (repeatable)", action="append", one_of="src", required=True)  # noqa: RUF009 (a field)
+    path: Path | None = setting(None, "a file", one_of="src", required=True)  # noqa: RUF009 (a field)
+    inner: Inner = nested(Inner)  # noqa: RUF009 (a field)
+    secret: str | None = field(default=None, repr=False)
+
+    def check(self) -> None:
+        require(not (self.verbose and self.mode == "c"), "--verbose and --mode c exclude each other")
+
+
+def toy_parser() -> argparse.ArgumentParser:
+    p = EnvArgumentParser(prog="toy", env_prefix="TOY")
+    Toy.add_arguments(p)
+    return p
+
+
+def test_options_from_fields() -> None:
+    p = toy_parser()
+    flags = {o for a in p._actions for o in a.option_strings} - {"-h", "--help"}
+    assert flags == {
+        "--name",
+        "--port",
+        "--count",
+        "--mode",
+        "--verbose",
+        "--item",
+        "--path",
+        "--ratio",
+        "--scale-factor",
+    }
+    toy = Toy.from_args(p.parse_args(["--item", "a", "--item", "b", "--scale-factor", "2", "--verbose"]))
+    assert toy == Toy(item=["a", "b"], inner=Inner(scale=2.0), verbose=True)
+    assert Toy.from_args(p.parse_args(["--path", "f"])).path == Path("f")
+    text = " ".join(p.format_help().split())
+    assert "a name, 100% plain (default: x)" in text and "how many (default: 3)" in text
+    assert "a ratio (default: 0.5)" in text and "[env: TOY_SCALE_FACTOR]" in text
+    assert "say more [env: TOY_VERBOSE]" in text  # a switch shows no default
+    assert "--scale-factor SCALE_FACTOR" in text  # named after its flag, not the field
+
+
+def test_variables_and_argparse_types(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("TOY_COUNT", "5")
+    monkeypatch.setenv("TOY_ITEM", "one")
+    monkeypatch.setenv("TOY_RATIO", "0.25")
+    toy = Toy.from_args(toy_parser().parse_args(["--count", "6"]))
+    assert (toy.count, toy.item, toy.inner.ratio) == (6, ["one"], 0.25)  # the command line wins
+    with pytest.raises(SystemExit):
+        toy_parser().parse_args(["--item", "a", "--port", "70000"])
+    assert "argument --port: port must be in 0-65535, got 70000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("toy", "message"),
+    [
+        (Toy(item=["a"], count=0), "--count must be >= 1"),
+        (Toy(item=["a"], port=-1), "--port must be in 0-65535"),
+        (Toy(item=["a"], mode="z"), "--mode must be a, b or c"),
+        (Toy(item=["a"], inner=Inner(ratio=1.0)), "--ratio must be in (0, 1)"),
+        (Toy(item=["a"], inner=Inner(ratio=float("nan"))), "--ratio must be in (0, 1)"),
+        (Toy(item=["a"], inner=Inner(scale=float("inf"))), "--scale-factor must be > 0"),
+        (Toy(item=["a"], path=Path("f")), "--item and --path exclude each other"),
+        (Toy(), "one of --item or --path is required"),
+        (Toy(item=["a"], verbose=True, mode="c"), "--verbose and --mode c exclude each other"),
+    ],
+)
+def test_validation_names_the_flag(toy: Toy, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        toy.validate()
+    assert str(info.value) == message
+
+
+def test_valid_and_unset_values_pass() -> None:
+    Toy(item=["a"]).validate()
+    Toy(path=Path("f"), inner=Inner(scale=None)).validate()  # None: not set, no bound applies
+
+
+def test_declaration_mistakes_are_caught() -> None:
+    @dataclass
+    class OnSwitch:
+        flag: bool = setting(True, "a switch that is on by default")
+
+    @dataclass
+    class Untyped:
+        limits: dict[str, int] | None = setting(None, "needs a parser")  # noqa: RUF009 (a field)
+
+    for cls in (OnSwitch, Untyped):
+        with pytest.raises(ValueError):
+            add_arguments(argparse.ArgumentParser(), cls)
+
+
+# --- the two programs ------------------------------------------------------------------------------
+
+
+def test_edge_defaults_written_once() -> None:
+    assert EdgeConfig.from_args(edge_parser().parse_args([])) == EdgeConfig()
+    EdgeConfig().validate()
+    assert "auth_token" not in {a.dest for a in edge_parser()._actions}  # read from its file, not an option
+    assert "secret" not in repr(EdgeConfig(auth_token="secret"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-sessions", "0"], "--max-sessions must be >= 1"),
+        (["--max-draft-tokens", "0"], "--max-draft-tokens must be >= 1"),
+        (["--max-ahead-rounds", "-1"], "--max-ahead-rounds must be >= 0"),
+        (["--batch-window-ms", "-1"], "--batch-window-ms must be >= 0"),
+        (["--idle-timeout-s", "nan"], "--idle-timeout-s must be > 0"),
+        (["--shutdown-grace-s", "-1"], "--shutdown-grace-s must be >= 0"),
+        (["--health-check-timeout-s", "0"], "--health-check-timeout-s must be > 0"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--offload-folder", "/tmp/x"], "--max-memory and --offload-folder need --device-map"),
+        (
+            ["--device-map", "auto", "--device", "cpu"],
+            "--device cpu and --device-map exclude each other: the map places the model",
+        ),
+    ],
+)
+def test_edge_validation(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        EdgeConfig.from_args(edge_parser().parse_args(args)).validate()
+    assert str(info.value) == message
+
+
+def test_device_defaults_written_once() -> None:
+    config = DeviceConfig.from_args(device_parser().parse_args(["--prompt", "x"]))
+    assert config == DeviceConfig(prompt=["x"])
+    assert config.controller == PolicyOptions()  # the controller's constants are PolicyOptions' own
+    config.validate()
+    assert config.sampling.greedy and config.sampling.seed == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--top-m", "0"], "--top-m must be >= 1"),
+        (["--limit", "-1"], "--limit must be >= 0"),
+        (["--failovers", "-1"], "--failovers must be >= 0"),
+        (["--connect-timeout-s", "0"], "--connect-timeout-s must be > 0"),
+        (["--v", "0"], "--v must be > 0"),
+        (["--v", "inf"], "--v must be > 0"),
+        (["--k-max", "-1"], "--k-max must be >= 0"),
+        (["--energy-budget-j-per-token", "0"], "--energy-budget-j-per-token must be > 0"),
+        (["--adaedl-lambda", "1"], "--adaedl-lambda must be in (0, 1)"),
+        (["--estimator-halflife-rounds", "0"], "--estimator-halflife-rounds must be > 0"),
+        (["--ahead-blocks", "0"], "--ahead-blocks must be >= 1"),
+        (["--policy", "bogus"], "unknown policy 'bogus'"),
+        (["--temperature", "-1"], "temperature must be 0 (greedy) or finite"),
+    ],
+)
+def test_device_validation(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        DeviceConfig.from_args(device_parser().parse_args(["--prompt", "x", *args])).validate()
+    assert str(info.value).startswith(message), info.value
+
+
+def test_policy_options_validate_alone() -> None:
+    """The simulator and benchmarks build PolicyOptions directly: the same bounds apply."""
+    with pytest.raises(ValueError, match="--pipeline must be off, local or send-ahead"):
+        PolicyOptions(pipeline="sometimes").validate()
+    PolicyOptions(pipeline="send-ahead", ahead_blocks=3, budget_j_per_token=0.5).validate()
+    assert PolicyOptions.ahead_blocks == PolicyOptions().ahead_blocks == 2  # class attributes are the defaults
