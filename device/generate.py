@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from device.drafter import Drafter
 from device.energy import EnergyAccountant, wire_bytes
 from device.policy import Policy
-from gelato.power import NullMeter
+from gelato.power import NullMeter, Reading
 from gelato.types import DraftBlock, GenerationStats, Telemetry, Verdict
 from gelato.wire import encode_block, encode_verdict
 
@@ -139,14 +139,38 @@ async def speculative_generate(
             carried=block.carried,
             t_drafting_s=block.draft_s + (drafter.predraft_s if predrafted else 0.0),
         )
-        tele = replace(tele, q_deficit_j=policy.observe(tele))
-        count_round(stats, block, ex, tele)
-        if on_round is not None:
-            on_round(tele)
-        if len(delivered) < len(emitted) or (delivered and delivered[-1] in limits.eos):
-            stats.stop_reason = "eos" if delivered and delivered[-1] in limits.eos else "max_new_tokens"
-        elif len(out) >= limits.max_new_tokens:
-            stats.stop_reason = "max_new_tokens"
+        end_round(stats, policy, block, ex, tele, (emitted, delivered, out), limits, on_round)
+    finish(stats, policy, acct, gen_start, session_bytes)
+    return GenerationResult(list(prompt_ids), out, time.perf_counter() - t0, stats, error=error, failure=failure)
+
+
+def end_round(
+    stats: GenerationStats,
+    policy: Policy,
+    block: DraftBlock,
+    ex: Exchange,
+    tele: Telemetry,
+    tokens: tuple[list[int], list[int], list[int]],
+    limits: Limits,
+    on_round: Callable[[Telemetry], None] | None,
+) -> None:
+    """A round's common tail (both loops): the policy observes it, it is counted and reported, and
+    the generation stops at eos or max_new_tokens. `tokens`: (emitted, delivered, output so far)."""
+    emitted, delivered, out = tokens
+    tele = replace(tele, q_deficit_j=policy.observe(tele))
+    count_round(stats, block, ex, tele)
+    if on_round is not None:
+        on_round(tele)
+    if len(delivered) < len(emitted) or (delivered and delivered[-1] in limits.eos):
+        stats.stop_reason = "eos" if delivered and delivered[-1] in limits.eos else "max_new_tokens"
+    elif len(out) >= limits.max_new_tokens:
+        stats.stop_reason = "max_new_tokens"
+
+
+def finish(
+    stats: GenerationStats, policy: Policy, acct: EnergyAccountant, gen_start: Reading, session_bytes: tuple[int, int]
+) -> None:
+    """A generation's totals (both loops)."""
     stats.bytes_up += session_bytes[0]
     stats.bytes_down += session_bytes[1]
     acct.end(stats, gen_start)
@@ -154,7 +178,6 @@ async def speculative_generate(
     # the device's too: the deficit queue is charged for it, so the long-run J/token it keeps
     # within the budget is the whole generation's.
     policy.charge(stats.energy_j - sum(t.e_j for t in stats.rounds_log))
-    return GenerationResult(list(prompt_ids), out, time.perf_counter() - t0, stats, error=error, failure=failure)
 
 
 def merge_results(first: GenerationResult, then: GenerationResult) -> GenerationResult:

@@ -37,8 +37,9 @@ from device.generate import (
     Offload,
     VerifyError,
     block_end,
-    count_round,
     deliver,
+    end_round,
+    finish,
     inline,
 )
 from device.policy import Gate, Policy
@@ -212,10 +213,7 @@ async def pipelined_generate(
             if recv is not None and not recv.done():
                 recv.cancel()
         start = await _settle(drafter, policy, chain, verdict, down, start, stats, out, limits, acct, on_round, offload)
-    stats.bytes_up += session_bytes[0]
-    stats.bytes_down += session_bytes[1]
-    acct.end(stats, gen_start)
-    policy.charge(stats.energy_j - sum(t.e_j for t in stats.rounds_log))
+    finish(stats, policy, acct, gen_start, session_bytes)
     return GenerationResult(list(prompt_ids), out, time.perf_counter() - t0, stats, error=error, failure=failure)
 
 
@@ -271,14 +269,7 @@ async def _settle(
         wasted_tokens=wasted,
         wasted_j=wasted * cost.t_draft_s * cost.p_draft_w,
     )
-    tele = replace(tele, q_deficit_j=policy.observe(tele))
-    count_round(stats, block, Exchange(verdict, up, down), tele)
-    if on_round is not None:
-        on_round(tele)
-    if len(delivered) < len(emitted) or (delivered and delivered[-1] in limits.eos):
-        stats.stop_reason = "eos" if delivered and delivered[-1] in limits.eos else "max_new_tokens"
-    elif len(out) >= limits.max_new_tokens:
-        stats.stop_reason = "max_new_tokens"
+    end_round(stats, policy, block, Exchange(verdict, up, down), tele, (emitted, delivered, out), limits, on_round)
     return acct.round_start()
 
 
