@@ -62,7 +62,7 @@ setup() {
 cmd=${1:-}
 shift || true
 case "$cmd" in
-  demo) setup; exec "$py" -m benchmarks.demo "$@" ;;
+  demo) setup; exec "$py" -m gelato.benchmarks.demo "$@" ;;
   test) setup; exec "$py" -m pytest -q "$@" ;;
   setup) setup ;;
   *) echo "usage: ./gelato.sh demo|test|setup [ARGS]" >&2; exit 2 ;;

@@ -3,7 +3,7 @@
 Contract. `gelato-bench gsm8k [--devices N] [--policies LIST] [--budgets J,...] [--v V,...]
 [--limit 50] [--data PATH] [--drafter M --target M] [--max-new-tokens 256] [--out DIR]
 [--channel none|wifi|lte|lossy] [--one-way-ms --jitter-ms --up-mbit --down-mbit --loss
---loss-stall-ms]` builds the channel (`benchmarks.channel`: two network namespaces + veth, tbf
+--loss-stall-ms]` builds the channel (`gelato.benchmarks.channel`: two network namespaces + veth, tbf
 rates, delay/jitter/loss by netem or the userspace relay; measured RTT and rates next to the
 nominal ones, before and after the runs), starts one `gelato-edge` in the edge namespace (pinned
 to the first CPU), and runs each configuration as N concurrent `gelato-device` processes in the
@@ -16,13 +16,13 @@ per pipelining mode of `--pipeline` (a comma list of off, local, send-ahead; `bo
 `all` = every mode, the default; `--ahead-blocks N` for send-ahead, else the device's default),
 labelled `gelato+local`, `gelato+send-ahead ē=… V=…`, ... (plain `gelato` is off).
 After the device runs: transformers assisted generation with the same pair in this process
-(`benchmarks.bench_refs.assisted`) and the oracle bound from this run's verdicts and costs.
+(`gelato.benchmarks.bench_refs.assisted`) and the oracle bound from this run's verdicts and costs.
 
 Outputs under `--out`: `summary.json` (settings, machine, pinning, channel with mechanisms and
 measurements, every run's metrics with per-device rows and per-question records without token ids,
 references, targets), `table.md`, `rounds/<run>.jsonl.gz` (one JSON line per round: the device's
 `--trace` fields plus `device` and `question`), `outputs.jsonl.gz` (every device record with its
-token ids and text) and PNG plots (`benchmarks.bench_plots`). `gelato-bench report DIR` rebuilds
+token ids and text) and PNG plots (`gelato.benchmarks.bench_plots`). `gelato-bench report DIR` rebuilds
 all of it from those files (references re-run in process, no device runs). Exit
 status 0; 1 when an edge-verified output differs from ar-edge's (losslessness) or a device failed;
 2 on bad arguments or when the channel cannot be built (e.g. not root: never a silent fallback).
@@ -40,9 +40,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_run import Fleet, RunResult, RunSpec, shard_files, summarize
-from benchmarks.channel import PROFILES, Channel, ChannelError, Profile, guard, profile_from
-from device.policy import PIPELINE_MODES
+from gelato.benchmarks.bench_run import Fleet, RunResult, RunSpec, shard_files, summarize
+from gelato.benchmarks.channel import PROFILES, Channel, ChannelError, Profile, guard, profile_from
+from gelato.device.policy import PIPELINE_MODES
 
 FIXED = [f"fixed-{k}" for k in range(9)]
 DEFAULT_POLICIES = ",".join(["ar-edge", "ar-device", *FIXED, "heuristic", "entropy", "adaedl", "lyapunov", "gelato"])
@@ -231,7 +231,7 @@ class Bench:
         return base + (["--drafter", a.drafter] if a.drafter else [])
 
     def run(self, channel: Channel) -> dict[str, Any]:
-        from benchmarks.procs import start_edge
+        from gelato.benchmarks.procs import start_edge
 
         a = self.args
         edge_args = ["--threads", "1", *(["--target", a.target] if a.target else [])]
@@ -294,7 +294,7 @@ def load_questions(args: argparse.Namespace) -> list[dict[str, Any]]:
     path = gsm8k_file("test", args.data)  # a one-line error (SystemExit) when missing
     args.data = path
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][: args.limit]
-    from benchmarks.bench_report import gsm8k_answer
+    from gelato.benchmarks.bench_report import gsm8k_answer
 
     return [{"question": r["question"], "gold": gsm8k_answer(r.get("answer", ""))} for r in rows]
 
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "report":
-        from benchmarks.bench_finish import rebuild, replot
+        from gelato.benchmarks.bench_finish import rebuild, replot
 
         return replot(args.dir) if args.plots_only else rebuild(args.dir, args.no_plots)
     bad = check_args(args)
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"gelato-bench: {exc}", file=sys.stderr)
         return 1
-    from benchmarks.bench_finish import finish
+    from gelato.benchmarks.bench_finish import finish
 
     return finish(args, command, bench, questions, {**description, **measured}, time.perf_counter() - t0)
 

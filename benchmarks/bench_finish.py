@@ -2,7 +2,7 @@
 
 Contract: `finish(args, command, bench, questions, channel, wall_s)` scores every run (GSM8K
 accuracy, exact match against `ar-edge` per question), runs the in-process references (assisted
-generation, oracle; `benchmarks.bench_refs`), checks the targets, writes `summary.json`,
+generation, oracle; `gelato.benchmarks.bench_refs`), checks the targets, writes `summary.json`,
 `table.md`, `rounds/*.jsonl.gz` and the plots under `args.out`, prints the table and returns the
 exit status (1 when an edge-verified output differs from ar-edge's). `rebuild(out)` does the same
 from a finished run's folder (`summary.json`, `outputs.jsonl.gz`, `rounds/`) without re-running a
@@ -20,10 +20,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from benchmarks import bench_refs
-from benchmarks.bench_report import exact_match, markdown, plots, score, targets
-from benchmarks.bench_run import RunResult, RunSpec, summarize, token_ids
-from benchmarks.procs import machine
+from gelato.benchmarks import bench_refs
+from gelato.benchmarks.bench_report import exact_match, markdown, plots, score, targets
+from gelato.benchmarks.bench_run import RunResult, RunSpec, summarize, token_ids
+from gelato.benchmarks.procs import machine
 
 
 def code_state() -> dict[str, Any]:
@@ -121,7 +121,7 @@ def finish(
     channel: dict[str, Any],
     wall_s: float,
 ) -> int:
-    from benchmarks.bench import ENERGY_NOTE, write_rounds
+    from gelato.benchmarks.bench import ENERGY_NOTE, write_rounds
 
     results: list[RunResult] = bench.results
     out: Path = args.out
@@ -187,7 +187,7 @@ def replot(out: Path) -> int:
 
 
 def rebuild(out: Path, no_plots: bool = False) -> int:
-    from benchmarks.bench import load_questions, pinning
+    from gelato.benchmarks.bench import load_questions, pinning
 
     summary = json.loads((out / "summary.json").read_text())
     st = summary["settings"]

@@ -4,7 +4,7 @@ Contract: each function takes the run's result dict (`summary.json`'s content), 
 by run label, and a path; it writes the PNG and returns True, or False when the run has nothing to
 plot (e.g. no budgeted controller run for Q(t)).
 - `pareto`: tokens/s vs device mJ/token of every speculative run and the oracle, drawn by
-  `benchmarks.simulate_sweep.plot_pareto` (fixed-K line, markers per policy, the controllers'
+  `gelato.benchmarks.simulate_sweep.plot_pareto` (fixed-K line, markers per policy, the controllers'
   budget sweep as dashed lines, budgets as vertical lines); ar-edge and ar-device are off its scale
   and the pipelined budgeted runs have no place in that plot's legend: they are left to the table.
   Pipelined runs without a budget are markers of their own, `gelato+local`, `gelato+send-ahead`.
@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_run import pipeline_mode
+from gelato.benchmarks.bench_run import pipeline_mode
 
 Rounds = dict[str, list[dict[str, Any]]]
 ADAPTIVE = ("heuristic", "entropy", "adaedl", "lyapunov", "gelato")
@@ -39,7 +39,7 @@ def _piped(r: dict[str, Any]) -> bool:
 
 
 def pareto(result: dict[str, Any], rounds: Rounds, path: Path) -> bool:
-    from benchmarks.simulate_sweep import plot_pareto
+    from gelato.benchmarks.simulate_sweep import plot_pareto
 
     # ar-edge (streamed) and ar-device sit far off the speculative runs' scale: they are in the table.
     rows = [

@@ -12,11 +12,11 @@ on universal assisted decoding (both tokenizers passed); `mode` says which ran.
 target will accept (SPEC §5.5). Its acceptance comes from the verdicts: for greedy decoding a block
 starting after t accepted tokens accepts exactly the leading agreements of the drafter's argmax
 with the target's output from t on, so one teacher-forced drafter pass over the `ar-edge` output
-(`benchmarks.traces.teacher_forced`) gives every verdict any block could get. Its costs are the
+(`gelato.benchmarks.traces.teacher_forced`) gives every verdict any block could get. Its costs are the
 run's own: least-squares lines through the measured fixed-K rounds of this run (drafting and edge
 seconds and wire bytes vs k; the median network time per round; device power while drafting and
 while waiting, fitted to the rounds' metered energy). The rounds are replayed with the simulator's
-engine (`benchmarks.simulate`); the same model replays every measured fixed-K too: the ratio of
+engine (`gelato.benchmarks.simulate`); the same model replays every measured fixed-K too: the ratio of
 measured to simulated round time and energy over those runs (the model's error on this machine,
 e.g. forwards slowing after idle gaps) scales the bound's rounds, and the measured per-question
 overheads outside rounds (prefill, session open/close, the radio tail) are added. `fidelity`
@@ -31,9 +31,9 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from benchmarks.bench_run import RunResult, summarize
-from benchmarks.simulate import Channel, Costs, Device, RoundModel, Trace, agree_runs
-from device.policy import parse_policy
+from gelato.benchmarks.bench_run import RunResult, summarize
+from gelato.benchmarks.simulate import Channel, Costs, Device, RoundModel, Trace, agree_runs
+from gelato.device.policy import parse_policy
 from gelato.power import radio_profile
 
 
@@ -92,7 +92,7 @@ def assisted(
 
 
 def oracle_traces(prompts: list[list[int]], outputs: list[list[int]], drafter: Any) -> list[Trace]:
-    from benchmarks.traces import teacher_forced
+    from gelato.benchmarks.traces import teacher_forced
 
     traces = []
     for prompt, out in zip(prompts, outputs, strict=True):

@@ -10,7 +10,7 @@ from older results carry `pipeline` as a bool (True: local); both are read. `mar
 the results table with the run's settings, channel (nominal next to measured), the pipelining
 figures (send-ahead hit rate, pre-draft hit rate, wasted drafted tokens and J per output token)
 and targets.
-`plots(result, rounds, out)` writes pareto.png (reusing `benchmarks.simulate_sweep.plot_pareto`),
+`plots(result, rounds, out)` writes pareto.png (reusing `gelato.benchmarks.simulate_sweep.plot_pareto`),
 q_trace.png, draft_hist.png, calibration.png and, for N > 1 devices, devices.png.
 """
 
@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_run import pipeline_mode
+from gelato.benchmarks.bench_run import pipeline_mode
 
 ANSWER_RE = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
 CONTROLLERS = ("lyapunov", "gelato")
@@ -229,7 +229,7 @@ def plots(result: dict[str, Any], rounds: dict[str, list[dict[str, Any]]], out: 
     import matplotlib
 
     matplotlib.use("Agg")
-    from benchmarks import bench_plots
+    from gelato.benchmarks import bench_plots
 
     written = []
     for name, fn in (

@@ -102,7 +102,7 @@ class Fleet:
         self.progress, self.timeout_s = progress, timeout_s
 
     def command(self, spec: RunSpec, d: int, trace: Path) -> list[str]:
-        cmd = [*self.launcher[d], sys.executable, "-m", "device.cli", "--json", *self.base]
+        cmd = [*self.launcher[d], sys.executable, "-m", "gelato.device.cli", "--json", *self.base]
         cmd += ["--prompts-file", str(self.shards[d]), "--policy", spec.policy, *spec.flags]
         return [*cmd, "--trace", str(trace)]
 

@@ -5,14 +5,14 @@ creates two network namespaces (`gb<pid>-dev`, `gb<pid>-edge`) joined by a veth 
 (10.213.0.1 device side, 10.213.0.2 edge side: addresses that exist only inside those two
 namespaces), puts `tc tbf` on each veth end for the rates (device end: up, edge end: down), and
 produces delay, jitter and loss with `tc netem` where the kernel has it, else with
-`benchmarks.channel_probe`'s userspace relay (order-preserving per direction; loss as the
+`gelato.benchmarks.channel_probe`'s userspace relay (order-preserving per direction; loss as the
 retransmission stall TCP would show), run inside the edge namespace between the veth and the
 edge's loopback port. `mechanisms` records which mechanism produced each impairment.
 
     with Channel(profile_from(args)) as ch:
         edge = start_edge([...], prefix=ch.prefix("edge", cpu))      # the edge binds its loopback
         address = ch.expose(edge_port)                                 # what devices dial
-        device processes: ch.prefix("device", cpu) + [python, -m, device.cli, --edge, address, ...]
+        device processes: ch.prefix("device", cpu) + [python, -m, gelato.device.cli, --edge, address, ...]
         ch.measure(address, edge_port)                                 # RTT and rates, measured
 
 `none` runs everything on the host's loopback, with no impairment (every mechanism "none").
@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass, replace
 from types import FrameType
 from typing import Any
 
-from benchmarks.channel_probe import DEFAULT_STALL_MS
-from benchmarks.procs import stop_process
+from gelato.benchmarks.channel_probe import DEFAULT_STALL_MS
+from gelato.benchmarks.procs import stop_process
 
 DEVICE_IP, EDGE_IP = "10.213.0.1", "10.213.0.2"
 NETNS_RE = re.compile(r"^gb(\d+)-(dev|edge)$")
@@ -261,7 +261,7 @@ class Channel:
         p = self.profile
         delay = [] if self.netem else ["--one-way-ms", f"{p.one_way_ms:g}", "--jitter-ms", f"{p.jitter_ms:g}"]
         delay += [] if self.netem else ["--loss", f"{p.loss:g}", "--loss-stall-ms", f"{p.loss_stall_ms:g}"]
-        cmd = [*self.prefix("edge", cpu), sys.executable, "-m", "benchmarks.channel_probe", "proxy"]
+        cmd = [*self.prefix("edge", cpu), sys.executable, "-m", "gelato.benchmarks.channel_probe", "proxy"]
         cmd += ["--listen", f"{EDGE_IP}:0", "--upstream", f"127.0.0.1:{port}", "--seed", str(self.seed), *delay]
         return Listener(cmd)
 
@@ -270,7 +270,7 @@ class Channel:
         p = self.profile
         if not p.impaired:
             return dict.fromkeys(("delay", "jitter", "rate_up", "rate_down", "loss"), "none (loopback)")
-        relay = "userspace relay in the edge namespace (benchmarks.channel_probe, order-preserving)"
+        relay = "userspace relay in the edge namespace (gelato.benchmarks.channel_probe, order-preserving)"
         lat = "tc netem on both veth ends" if self.netem else relay
         loss = (
             "tc netem loss on both veth ends"
@@ -293,7 +293,7 @@ class Channel:
     # ---------------------------------------------------------------- measurement
 
     def _probe(self, side: str, args: list[str]) -> dict[str, Any]:
-        cmd = [*self.prefix(side), sys.executable, "-m", "benchmarks.channel_probe", "client", *args]
+        cmd = [*self.prefix(side), sys.executable, "-m", "gelato.benchmarks.channel_probe", "client", *args]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
         if res.returncode != 0:
             raise ChannelError(f"channel probe failed: {res.stderr.strip()[-2000:]}")
@@ -305,7 +305,7 @@ class Channel:
         calls through the path minus the same calls on the edge's own loopback: the round trip
         gRPC sees added."""
         p = self.profile
-        server = Listener([*self.prefix("edge"), sys.executable, "-m", "benchmarks.channel_probe", "server"])
+        server = Listener([*self.prefix("edge"), sys.executable, "-m", "gelato.benchmarks.channel_probe", "server"])
         relay = self._relay(server.port) if p.impaired else None
         grpc_via = ["--grpc", edge_address] if edge_address else []
         grpc_direct = ["--grpc", f"127.0.0.1:{edge_port}"] if edge_port else []

@@ -1,7 +1,7 @@
 """The channel's userspace parts: a delay relay with loss as retransmission stalls, and probes.
 
 Contract. `LossyProxy(upstream, one_way_ms, jitter_ms, loss, loss_stall_ms, seed, listen)` is
-`benchmarks.delay_proxy.DelayProxy` (order-preserving per direction, seeded jitter) plus loss: each
+`gelato.benchmarks.delay_proxy.DelayProxy` (order-preserving per direction, seeded jitter) plus loss: each
 chunk is cut into MSS-sized segments, each lost with probability `loss`; a lost segment delays that
 chunk by `loss_stall_ms` (what TCP shows for a lost segment: the data arrives once retransmitted,
 late), and since deadlines never go backwards every later chunk of that direction waits behind it
@@ -11,12 +11,12 @@ one segment in flight waits (1.5 RTT + 200 ms delayed-ACK allowance): the usual 
 request/response messages. Each direction counts its lost segments.
 
 Processes (run inside a network namespace with `ip netns exec NS ...`):
-- `python -m benchmarks.channel_probe proxy --listen H:P --upstream H:P --one-way-ms D
+- `python -m gelato.benchmarks.channel_probe proxy --listen H:P --upstream H:P --one-way-ms D
   [--jitter-ms J --loss L --loss-stall-ms S --seed N]`: prints `listening on H:P`, SIGTERM stops it.
-- `python -m benchmarks.channel_probe server --listen H:P`: the probe endpoint (prints `listening on`).
+- `python -m gelato.benchmarks.channel_probe server --listen H:P`: the probe endpoint (prints `listening on`).
   Protocol per connection, first byte: `E` then echo everything; `U` + 8-byte length, then that many
   bytes in, one byte `K` back; `D` + 8-byte length, then that many bytes out.
-- `python -m benchmarks.channel_probe client --address H:P [--grpc H:P] [--bytes-up N --bytes-down N]`:
+- `python -m gelato.benchmarks.channel_probe client --address H:P [--grpc H:P] [--bytes-up N --bytes-down N]`:
   prints one JSON object: echo round trips (64-byte messages, ping-like), measured up/down rate
   (bulk transfer time minus one round trip), and timed gRPC `Info` calls when `--grpc` is given.
 """
@@ -35,7 +35,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.delay_proxy import DelayProxy, Direction, grpc_info_rtt, rtt_summary, split_hostport
+from gelato.benchmarks.delay_proxy import DelayProxy, Direction, grpc_info_rtt, rtt_summary, split_hostport
 
 MSS_BYTES = 1448  # Ethernet MTU 1500 - IP/TCP headers with timestamps
 DEFAULT_STALL_MS = 200.0
@@ -212,7 +212,7 @@ async def serve_probe(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="benchmarks.channel_probe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="gelato.benchmarks.channel_probe", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     px = sub.add_parser("proxy", help="the delay/jitter/loss relay")
     px.add_argument("--listen", default="127.0.0.1:0")

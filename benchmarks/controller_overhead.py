@@ -1,16 +1,16 @@
 """What the controller costs per round, as a fraction of round time (SPEC §5.5: must stay under 2 %).
 
-Contract: `python -m benchmarks.controller_overhead [--out DIR] [--rounds N] [--policies P,..]
+Contract: `python -m gelato.benchmarks.controller_overhead [--out DIR] [--rounds N] [--policies P,..]
 [--rtt-ms 0,20] [--k-max 32] [--qwen-layers L] [--qwen-dir DIR] [--skip-vocab]` prints two markdown
 tables and, with `--out`, writes DIR/controller_overhead_cpu.json and .md (command and machine
 included). One torch thread, float32, CPU.
 
 (a) Real rounds (`measure_rounds`): the embedded tiny pair, greedy, K_max 32, GSM8K test prompts
 (synthetic ones when GSM8K is absent), through the device's own round loop
-(`device.generate.speculative_generate`) verified in process by `edge.verifier.TargetSession`.
+(`gelato.device.generate.speculative_generate`) verified in process by `gelato.edge.verifier.TargetSession`.
 `TimedPolicy` forwards to the real policy and times `decide`, the per-token `gate` calls and
 `observe` (with the calibrator's `observe_block` inside it shown separately); the drafter's own
-entropy calls (`entropy_nats` / `entropy_of_probs` in `device.drafter`) are timed where the drafter
+entropy calls (`entropy_nats` / `entropy_of_probs` in `gelato.device.drafter`) are timed where the drafter
 makes them. Controller time = decide + gate + observe + entropy, in this thread's CPU time (on a
 shared machine, descheduling shows up as 4-8 ms stalls inside single calls: not the controller's
 work). Round time = the thread's CPU time from `decide` to the end of `observe` (drafting, the
@@ -54,12 +54,12 @@ from typing import Any
 
 import torch
 
-from benchmarks.procs import machine
-from device.drafter import DEFAULT_TOP_M, Drafter
-from device.generate import Exchange, Limits, Verify, local_verifier, speculative_generate
-from device.policy import Gate, Policy, PolicyOptions, parse_policy
-from edge.verifier import TargetSession
+from gelato.benchmarks.procs import machine
 from gelato.controller import Decision, EntropyCalibrator
+from gelato.device.drafter import DEFAULT_TOP_M, Drafter
+from gelato.device.generate import Exchange, Limits, Verify, local_verifier, speculative_generate
+from gelato.device.policy import Gate, Policy, PolicyOptions, parse_policy
+from gelato.edge.verifier import TargetSession
 from gelato.entropy import entropy_nats, entropy_of_probs
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel, encode_prompt, load_model
@@ -192,7 +192,7 @@ class TimedPolicy(Policy):
 @contextmanager
 def timing_entropy(clock: Clock) -> Iterator[None]:
     """Time the drafter's entropy calls where it makes them (its module's names, restored after)."""
-    import device.drafter as drafter_module
+    import gelato.device.drafter as drafter_module
 
     saved = {name: getattr(drafter_module, name) for name in ("entropy_nats", "entropy_of_probs")}
     for name, fn in saved.items():
@@ -328,7 +328,7 @@ def use_qwen_tokenizer(checkpoint: Path, files: Path) -> None:
 
 def build_qwen_drafter(out: Path, layers: int) -> str:
     """A Qwen2.5-0.5B-shaped random float32 checkpoint at `out`; returns which tokenizer it has."""
-    from benchmarks.qwen_shapes import build
+    from gelato.benchmarks.qwen_shapes import build
 
     build("0.5b", out, "cpu", "float32", layers)
     files = qwen_tokenizer_dir()
@@ -549,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         gelato = max((r for r in rows if r["policy"] == "gelato"), key=lambda r: r["mean_k"], default=None)
         record["vocab_share"] = controller_share_at_vocab(record["vocab"], gelato)
     record["meta"] = {
-        "command": "python -m benchmarks.controller_overhead " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m gelato.benchmarks.controller_overhead "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "threads": 1,
         "pair": "embedded tiny pair (gelato/tiny/assets), float32",

@@ -11,7 +11,7 @@ so byte order is preserved per direction and a burst is delayed, not reordered. 
     async with DelayProxy(upstream="127.0.0.1:50051", one_way_ms=10) as proxy:
         ...connect to proxy.address...
 
-or as a process: `python -m benchmarks.delay_proxy --listen 127.0.0.1:0 --upstream HOST:PORT
+or as a process: `python -m gelato.benchmarks.delay_proxy --listen 127.0.0.1:0 --upstream HOST:PORT
 --one-way-ms 10 [--jitter-ms 2 --seed 0]`, which prints `listening on HOST:PORT` and runs until
 SIGTERM/SIGINT. It relays bytes only, so HTTP/2 (gRPC) works through it unchanged. Half-closes are
 forwarded after the data queued before them.
@@ -43,7 +43,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from benchmarks.procs import stop_process
+from gelato.benchmarks.procs import stop_process
 
 SPIN_MARGIN_S = 1.5e-3  # below this the event loop's 1 ms epoll granularity would miss the deadline
 SLEEP_SLACK_S = 1e-4  # nanosleep overshoots by ~50 µs (timer slack): spin the last 100 µs
@@ -283,7 +283,7 @@ class ProxyProcess:
         prefix: list[str] | None = None,
         timeout_s: float = 30.0,
     ) -> None:
-        self.cmd = [*(prefix or []), sys.executable, "-m", "benchmarks.delay_proxy", "--upstream", upstream]
+        self.cmd = [*(prefix or []), sys.executable, "-m", "gelato.benchmarks.delay_proxy", "--upstream", upstream]
         self.cmd += ["--one-way-ms", f"{one_way_ms:g}", "--jitter-ms", f"{jitter_ms:g}", "--seed", str(seed)]
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.address = ""

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procs import run_device, start_edge
+from gelato.benchmarks.procs import run_device, start_edge
 from gelato.models import default_model_path
 from gelato.tiny.random_pair import synthetic_problem
 

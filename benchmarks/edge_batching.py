@@ -1,6 +1,6 @@
 """Edge batching benchmark: N concurrent device sessions against one `gelato-edge` process.
 
-Contract: `python -m benchmarks.edge_batching [--sessions 1,2,4,8,16] [--k 4] [--target M --drafter M
+Contract: `python -m gelato.benchmarks.edge_batching [--sessions 1,2,4,8,16] [--k 4] [--target M --drafter M
 --device cuda --dtype bfloat16 --unique-prompts N]` prints and writes
 (JSON + markdown) per N: aggregate emitted tokens/s, mean batch size, p50/p99 verify latency,
 edge compute seconds per emitted token; and, in-process, the ratio of a batched verify step
@@ -34,15 +34,15 @@ from typing import Any
 import grpc
 import torch
 
-from benchmarks.demo import demo_prompts
-from benchmarks.kv_layouts import stacked_cache
-from benchmarks.procs import machine, start_edge
-from device.drafter import Drafter
-from device.generate import Exchange, Limits, local_verifier, speculative_generate
-from device.policy import FixedK
-from edge.kv_pool import KVPool, pooled_forward
-from edge.verifier import TargetSession
+from gelato.benchmarks.demo import demo_prompts
+from gelato.benchmarks.kv_layouts import stacked_cache
+from gelato.benchmarks.procs import machine, start_edge
 from gelato.channel import CLIENT_OPTIONS
+from gelato.device.drafter import Drafter
+from gelato.device.generate import Exchange, Limits, local_verifier, speculative_generate
+from gelato.device.policy import FixedK
+from gelato.edge.kv_pool import KVPool, pooled_forward
+from gelato.edge.verifier import TargetSession
 from gelato.kv import cache_kwarg
 from gelato.models import LoadedModel, default_model_path, encode_prompt, load_model
 from gelato.types import DraftBlock, SamplingParams, SessionOpen
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     over = overhead(target, mid, args.k, args.reps, levels_n)
     meta = {
         "machine": f"{machine()}, {target.device}/{target.dtype}",
-        "command": "python -m benchmarks.edge_batching " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m gelato.benchmarks.edge_batching " + " ".join(argv if argv is not None else sys.argv[1:]),
         "target": args.target,
         "drafter": args.drafter,
         "k": args.k,

@@ -20,8 +20,8 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 tag=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).split()[1].lower())")  # h100, h200
 
-python3 -m benchmarks.nvml_check --seconds 5 --out "$out/nvml_check_$tag.json" || echo "nvml_check: exit $?"
-python3 -m benchmarks.qwen_shapes --shape 7b --out /tmp/qwen7b --device cuda
-python3 -m benchmarks.qwen_shapes --shape 0.5b --out /tmp/qwen05b --device cuda
-python3 -m benchmarks.edge_batching --target /tmp/qwen7b --drafter /tmp/qwen05b --device cuda --dtype bfloat16 \
+python3 -m gelato.benchmarks.nvml_check --seconds 5 --out "$out/nvml_check_$tag.json" || echo "nvml_check: exit $?"
+python3 -m gelato.benchmarks.qwen_shapes --shape 7b --out /tmp/qwen7b --device cuda
+python3 -m gelato.benchmarks.qwen_shapes --shape 0.5b --out /tmp/qwen05b --device cuda
+python3 -m gelato.benchmarks.edge_batching --target /tmp/qwen7b --drafter /tmp/qwen05b --device cuda --dtype bfloat16 \
   --sessions 1,2,4,8,16,32,64 --unique-prompts 8 --k 4 --max-new-tokens 64 --reps 5 --out "$out/edge_batching_$tag"

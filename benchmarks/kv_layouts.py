@@ -1,10 +1,10 @@
 """Which batched-KV layout verifies faster: stacked per-session caches or a slot-based pool?
 
-Contract: `python -m benchmarks.kv_layouts [--target DIR] [--rows 1,2,4,8,16] [--k 4]` builds ragged
+Contract: `python -m gelato.benchmarks.kv_layouts [--target DIR] [--rows 1,2,4,8,16] [--k 4]` builds ragged
 batches (prefix lengths spread over `--min-len..--max-len`, one K-token block per row) and times,
 per batch size, the median of `--reps`:
 - `stacked`: `batched_forward` below over per-session `DynamicCache`s (the alternative);
-- `pool`: `edge.kv_pool.KVPool.forward` (what the edge runs) with the batch in consecutive slots;
+- `pool`: `gelato.edge.kv_pool.KVPool.forward` (what the edge runs) with the batch in consecutive slots;
 - `pool_gather`: the same with every other slot (one gather per layer);
 - `raw`: a plain forward on the same padded tokens over an already stacked cache (the floor).
 It checks each row's logits against an unbatched forward and prints/writes JSON + markdown
@@ -37,8 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.procs import machine
-from edge.kv_pool import KVPool
+from gelato.benchmarks.procs import machine
+from gelato.edge.kv_pool import KVPool
 from gelato.kv import KVSequence, cache_kwarg
 from gelato.models import LoadedModel, default_model_path, load_model
 

@@ -1,14 +1,14 @@
 """Reliability under load and faults, against real `gelato-edge` processes on loopback (issue 15,
 item 8 b and c).
 
-Contract: `python -m benchmarks.load [--sessions 64] [--waves 2] [--kills 200] [--device-kills 3]
+Contract: `python -m gelato.benchmarks.load [--sessions 64] [--waves 2] [--kills 200] [--device-kills 3]
 [--fuzz-cases 320] [--target M] [--drafter M] [--out PATH]` runs these phases on CPU (float32,
 each edge on one torch thread) and exits 1 if any check failed (0 otherwise); with `--out` it
-writes PATH.json and PATH.md, with the command and `benchmarks.procs.machine()`.
+writes PATH.json and PATH.md, with the command and `gelato.benchmarks.procs.machine()`.
 - load: `--waves` waves of `--sessions` well-formed sessions, all open at once (greedy with draft
   lengths 0..8; every 8th one sampling with a fixed seed), one connection each. Every session's
   verdicts must equal its solo run (`reference`: the same blocks verified by an in-process
-  `edge.verifier.TargetSession`); after each wave the edge must hold no session and no KV
+  `gelato.edge.verifier.TargetSession`); after each wave the edge must hold no session and no KV
   (`Info`, polled up to `IDLE_WAIT_S`), and its idle RSS after the last wave must be within
   `RSS_TOLERANCE_MIB` of the one after the first (with `FIXED_MALLOC`; the same waves against an
   edge with glibc's default allocator are recorded against a tolerance that includes the pool).
@@ -55,9 +55,9 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.procs import Edge, machine, start_edge
-from edge.verifier import TargetSession
+from gelato.benchmarks.procs import Edge, machine, start_edge
 from gelato.channel import CLIENT_OPTIONS
+from gelato.edge.verifier import TargetSession
 from gelato.models import LoadedModel, default_model_path, load_model
 from gelato.types import SamplingParams
 from gelato.v1 import gelato_pb2 as pb
@@ -391,7 +391,7 @@ class _Device:
 
 def _start_device(address: str, drafter: str, i: int, workdir: Path, delay_s: float) -> _Device:
     trace = workdir / f"device{i}.jsonl"
-    cmd = [sys.executable, "-m", "device.cli", "--threads", "1", "--drafter", drafter, "--edge", address]
+    cmd = [sys.executable, "-m", "gelato.device.cli", "--threads", "1", "--drafter", drafter, "--edge", address]
     cmd += ["--policy", f"fixed-{1 + i % 4}", "--max-new-tokens", "400", "--no-chat-template", "--trace", str(trace)]
     for j in range(8):  # prompts enough to keep it generating for seconds
         cmd += ["--prompt", f"Ava has {3 + i + j} apples and buys {7 + i} more. How many apples does she have?"]
@@ -724,7 +724,7 @@ def with_edge(args: list[str], run: Callable[[Edge], Coroutine[Any, Any, dict]],
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks.load", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="gelato.benchmarks.load", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default=default_model_path("target"))
     p.add_argument("--drafter", default=default_model_path("drafter"))
     p.add_argument("--sessions", type=int, default=64, help="concurrent sessions per load wave")
@@ -770,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     phases = run_phases(args)
     record = {
-        "command": "python -m benchmarks.load " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m gelato.benchmarks.load " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "target": args.target,
         "drafter": args.drafter,

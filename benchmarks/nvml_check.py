@@ -1,6 +1,6 @@
 """The NVML meter against a known GPU load: energy ≈ mean power × time (SPEC §4.1).
 
-Contract: `python -m benchmarks.nvml_check [--seconds 5] [--index 0] [--tolerance 0.10]
+Contract: `python -m gelato.benchmarks.nvml_check [--seconds 5] [--index 0] [--tolerance 0.10]
 [--out FILE.json]` measures, on GPU `index`, an idle window and a load window (a loop of bf16
 8192×8192 matrix products, started 2 s before its window so the window sees steady state). For
 each window it reports the `NvmlMeter`'s energy (the driver's total-energy counter, extrapolated

@@ -1,9 +1,9 @@
 """Pipelined speculation benchmark (issue 16): send-ahead and local pre-drafting against the same
 policies without pipelining, over emulated round trips of 0/10/20/50/100 ms.
 
-Contract: `python -m benchmarks.pipelining [--rtts-ms 0,10,20,50,100] [--n 8] [--out DIR]` runs,
-per round trip, one `gelato-edge` and one `benchmarks.delay_proxy` (the set-up of
-`benchmarks.policies`: edge + proxy pinned to one CPU, the device to another, cpu-model `phone`
+Contract: `python -m gelato.benchmarks.pipelining [--rtts-ms 0,10,20,50,100] [--n 8] [--out DIR]` runs,
+per round trip, one `gelato-edge` and one `gelato.benchmarks.delay_proxy` (the set-up of
+`gelato.benchmarks.policies`: edge + proxy pinned to one CPU, the device to another, cpu-model `phone`
 meter + `wifi` radio model — an ESTIMATE, named so in every output), then device processes for
 fixed-K (K in `--fixed`, no pipelining), `gelato` without pipelining, with `--pipeline local` and
 with `--pipeline send-ahead`, and the fastest fixed-K with send-ahead. The gelato runs get the
@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.policies import Bench, Run, RunSpec, git_state
-from benchmarks.procs import machine
+from gelato.benchmarks.policies import Bench, Run, RunSpec, git_state
+from gelato.benchmarks.procs import machine
 from gelato.tiny.train import gsm8k_file
 
 
@@ -150,7 +150,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="benchmarks.pipelining", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="gelato.benchmarks.pipelining", description=__doc__.split("\n\n")[0])
     p.add_argument("--rtts-ms", default="0,10,20,50,100", help="emulated round trips (ms), comma list")
     p.add_argument("--n", type=int, default=8, help="GSM8K test questions (the first N)")
     p.add_argument("--data", type=Path, default=None, help="GSM8K test JSONL (default: the shared copy)")
@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     args.data = gsm8k_file("test", args.data)
     args.fixed = [int(k) for k in args.fixed.split(",") if k.strip()]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    command = shlex.join(["python", "-m", "benchmarks.pipelining", *(sys.argv[1:] if argv is None else argv)])
-    print(f"benchmarks.pipelining: {command}", flush=True)
+    command = shlex.join(["python", "-m", "gelato.benchmarks.pipelining", *(sys.argv[1:] if argv is None else argv)])
+    print(f"gelato.benchmarks.pipelining: {command}", flush=True)
     t0 = time.perf_counter()
     rtts = [one_rtt(args, float(x)) for x in args.rtts_ms.split(",") if x.strip()]
     cores = sorted(os.sched_getaffinity(0))

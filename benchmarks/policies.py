@@ -1,8 +1,8 @@
 """Controller benchmark (issue 11, "Targets"): every draft policy over an emulated Wi-Fi round trip.
 
-Contract: `python -m benchmarks.policies [--n 20] [--one-way-ms 10] [--out DIR] [--policies LIST]
+Contract: `python -m gelato.benchmarks.policies [--n 20] [--one-way-ms 10] [--out DIR] [--policies LIST]
 [--budgets J,J,...]` starts one `gelato-edge` (built-in target, pinned to CPU 0 when there are ≥ 2),
-one `benchmarks.delay_proxy` process in front of it (CPU 0 too: it works only while a message is in
+one `gelato.benchmarks.delay_proxy` process in front of it (CPU 0 too: it works only while a message is in
 flight, when neither side computes) and, per policy, one `gelato-device` on CPU 1 that reaches the
 edge THROUGH the proxy. Greedy, built-in drafter, the first N GSM8K test questions, 128 new tokens,
 cpu-model `phone` meter + `wifi` radio model (an ESTIMATE, named so in every output), `--k-max 8`
@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.delay_proxy import ProxyProcess, grpc_info_rtt, rtt_summary
-from benchmarks.procs import machine, start_edge
+from gelato.benchmarks.delay_proxy import ProxyProcess, grpc_info_rtt, rtt_summary
+from gelato.benchmarks.procs import machine, start_edge
 from gelato.tiny.train import gsm8k_file
 
 DEFAULT_POLICIES = ",".join([*(f"fixed-{k}" for k in range(9)), "heuristic", "entropy", "adaedl", "lyapunov", "gelato"])
@@ -145,7 +145,7 @@ class Bench:
 
     def device_cmd(self, spec: RunSpec, trace: Path) -> list[str]:
         a = self.args
-        cmd = [*self.device_prefix, sys.executable, "-m", "device.cli", "--json", "--threads", "1"]
+        cmd = [*self.device_prefix, sys.executable, "-m", "gelato.device.cli", "--json", "--threads", "1"]
         cmd += ["--edge", self.proxy.address, "--prompts-file", str(a.data), "--limit", str(a.n)]
         cmd += ["--max-new-tokens", str(a.max_new_tokens), "--policy", spec.policy, *spec.flags]
         cmd += ["--meter", "cpu-model", "--device-profile", a.device_profile, "--radio", a.radio]
@@ -413,7 +413,7 @@ def code_hash() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="benchmarks.policies", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="gelato.benchmarks.policies", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=20, help="GSM8K test questions (the first N)")
     p.add_argument("--data", type=Path, default=None, help="GSM8K test JSONL (default: the shared copy)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -457,8 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.data = gsm8k_file("test", args.data)  # one-line error and exit when it is missing
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per process, as pinned
-    command = shlex.join(["python", "-m", "benchmarks.policies", *(sys.argv[1:] if argv is None else argv)])
-    print(f"benchmarks.policies: {command}", flush=True)
+    command = shlex.join(["python", "-m", "gelato.benchmarks.policies", *(sys.argv[1:] if argv is None else argv)])
+    print(f"gelato.benchmarks.policies: {command}", flush=True)
     t0 = time.perf_counter()
     bench = Bench(args)
     try:

@@ -40,7 +40,7 @@ class Edge:
     last 500 lines stay available for error messages."""
 
     def __init__(self, args: list[str], timeout_s: float = 180.0, prefix: list[str] | None = None) -> None:
-        cmd = [*(prefix or []), sys.executable, "-m", "edge.cli", "--port", "0", *args]
+        cmd = [*(prefix or []), sys.executable, "-m", "gelato.edge.cli", "--port", "0", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.address = ""
         self._lines: deque[str] = deque(maxlen=500)
@@ -90,7 +90,7 @@ def start_edge(args: list[str], timeout_s: float = 180.0, prefix: list[str] | No
 
 
 def run_device(args: list[str], timeout_s: float = 900.0) -> list[dict[str, Any]]:
-    cmd = [sys.executable, "-m", "device.cli", "--json", *args]
+    cmd = [sys.executable, "-m", "gelato.device.cli", "--json", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if res.returncode != 0:
         raise RuntimeError(f"gelato-device failed ({res.returncode}):\n{res.stderr}")

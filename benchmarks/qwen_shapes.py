@@ -1,6 +1,6 @@
 """Random-weight checkpoints with the shapes of real Qwen2.5 models, for speed runs on a GPU.
 
-Contract: `python -m benchmarks.qwen_shapes --shape 7b --out DIR [--device cuda] [--dtype bfloat16]
+Contract: `python -m gelato.benchmarks.qwen_shapes --shape 7b --out DIR [--device cuda] [--dtype bfloat16]
 [--layers N] [--seed 0]` writes a Hugging Face folder (config.json, safetensors, tokenizer) whose
 architecture is Qwen2.5-<shape>'s — hidden size, depth, attention and KV heads, MLP width, embedding
 rows, tied or untied output, RoPE base — with random weights (normal, std 0.02, seeded). The

@@ -1,6 +1,6 @@
 """Where a loopback round's time goes, and how far it is from the models' own cost (issue 14, item 6).
 
-Contract: `python -m benchmarks.round_overhead [--n 10] [--max-new-tokens 128] [--k 4] [--repeats 1]
+Contract: `python -m gelato.benchmarks.round_overhead [--n 10] [--max-new-tokens 128] [--k 4] [--repeats 1]
 [--prompts gsm8k|demo] [--out benchmarks/results/round_overhead_cpu]` runs on the built-in tiny pair
 (or `--target/--drafter`), greedy, one torch thread per process; with two or more cores the edge and
 the echo server run on one core, this process and the device on another. Per repeat, one after the
@@ -19,7 +19,7 @@ other (so that a ratio's two sides see the same machine):
   `DynamicCache`; target: one forward over K+1 tokens, and over 1, on a `DynamicCache` and through
   the edge's `KVPool`) at the runs' mean context.
 
-Then, once: an edge process running `edge.cli`'s own `main` with timers wrapped around the real
+Then, once: an edge process running `gelato.edge.cli`'s own `main` with timers wrapped around the real
 functions of its hot path (message parse, block decode, session checks, the batcher's queue, the
 model thread, `pooled_forward`, the model forward, acceptance, verdict encode), and in this process
 the real `EdgeClient` round loop with timers around the drafter's forwards, entropy, drafting, verdict
@@ -57,8 +57,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.round_overhead_analysis import COMPONENTS, SUGGESTIONS, decompose, ranked_overhead, summarize_policy
-from benchmarks.round_overhead_echo import (
+from gelato.benchmarks.round_overhead_analysis import (
+    COMPONENTS,
+    SUGGESTIONS,
+    decompose,
+    ranked_overhead,
+    summarize_policy,
+)
+from gelato.benchmarks.round_overhead_echo import (
     ECHO_SERVICE,
     ECHO_VARIANTS,
     ECHO_WORK_MS,
@@ -66,8 +72,8 @@ from benchmarks.round_overhead_echo import (
     echo_rounds,
     sample_messages,
 )
-from benchmarks.round_overhead_instrument import _serve_edge, device_timers, instrumented_device
-from benchmarks.round_overhead_refs import (
+from gelato.benchmarks.round_overhead_instrument import _serve_edge, device_timers, instrumented_device
+from gelato.benchmarks.round_overhead_refs import (
     _sum_runs,
     assistant_settings,
     assisted_runs,
@@ -75,8 +81,8 @@ from benchmarks.round_overhead_refs import (
     raw_forwards,
     target_alone,
 )
-from benchmarks.round_overhead_report import markdown, summary_lines, table
-from benchmarks.round_overhead_timers import Patches, Recorder, timed, wrapper_cost_us
+from gelato.benchmarks.round_overhead_report import markdown, summary_lines, table
+from gelato.benchmarks.round_overhead_timers import Patches, Recorder, timed, wrapper_cost_us
 
 __all__ = [
     "COMPONENTS",
@@ -120,7 +126,7 @@ def load_prompts(source: str, n: int) -> tuple[list[str], str]:
         if path.is_file():
             with open(path, encoding="utf-8") as f:
                 return [json.loads(line)["question"] for line, _ in zip(f, range(n), strict=False)], "GSM8K test"
-    from benchmarks.demo import demo_prompts
+    from gelato.benchmarks.demo import demo_prompts
 
     return demo_prompts(n), "the demo's synthetic problems"
 
@@ -132,7 +138,7 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
     import torch
     import transformers
 
-    from benchmarks.procs import machine, start_edge
+    from gelato.benchmarks.procs import machine, start_edge
     from gelato.models import encode_prompt, load_model
 
     k = args.k
@@ -148,7 +154,7 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
         f"edge and echo processes on CPU {cores[0]}, device and references on CPU {cores[1]}" if pin else "not pinned"
     )
     edge_args = ["--threads", "1", *(["--target", args.target] if args.target else [])]
-    me = [sys.executable, "-m", "benchmarks.round_overhead"]
+    me = [sys.executable, "-m", "gelato.benchmarks.round_overhead"]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         prompts_file = tmp / "prompts.jsonl"
@@ -239,7 +245,7 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
     cost = wrapper_cost_us()
     pols = {n: summarize_policy(n, device, edge_stats, plain[n], floors, k) for n in policies}
     calls = statistics.fmean(p["timed_calls_per_round"] for p in pols.values())
-    command = "python -m benchmarks.round_overhead " + " ".join(shlex.quote(a) for a in argv)
+    command = "python -m gelato.benchmarks.round_overhead " + " ".join(shlex.quote(a) for a in argv)
     return {
         "meta": {
             "command": command.strip(),

@@ -1,4 +1,4 @@
-"""The decomposition of a round in the round-overhead benchmark (`benchmarks.round_overhead`).
+"""The decomposition of a round in the round-overhead benchmark (`gelato.benchmarks.round_overhead`).
 
 Contract: `COMPONENTS` lists the disjoint parts of a round, in round order, as (key, side, kind,
 label); `SUGGESTIONS` what could cut each part. `decompose(device_units, edge_units)` gives the

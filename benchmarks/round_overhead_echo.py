@@ -1,4 +1,4 @@
-"""The gRPC echo of the round-overhead benchmark (`benchmarks.round_overhead`): the transport floor.
+"""The gRPC echo of the round-overhead benchmark (`gelato.benchmarks.round_overhead`): the transport floor.
 
 Contract: `_serve_echo(argv)` (`--serve-echo K -- ...`, in a child process) serves grpc.aio bidi
 streams with the edge's server options and handler shape, one method per `ECHO_VARIANTS` entry

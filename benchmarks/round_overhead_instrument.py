@@ -1,7 +1,7 @@
-"""The instrumented edge and device of the round-overhead benchmark (`benchmarks.round_overhead`).
+"""The instrumented edge and device of the round-overhead benchmark (`gelato.benchmarks.round_overhead`).
 
-Contract: `_serve_edge(argv)` (`--serve-edge STATS -- PYTHON -m edge.cli ARGS...`, in a child
-process) runs `edge.cli.main(ARGS)` with timers around the real functions of the edge's hot path
+Contract: `_serve_edge(argv)` (`--serve-edge STATS -- PYTHON -m gelato.edge.cli ARGS...`, in a child
+process) runs `gelato.edge.cli.main(ARGS)` with timers around the real functions of the edge's hot path
 and writes the verdicts' units, the sessions' CPU time and what could not be instrumented to STATS
 when it stops. `device_timers(rec, drafter_model)` wraps the device's hot path for the duration;
 `instrumented_device(address, drafter, prompts, policies, max_new)` runs every policy through the
@@ -20,29 +20,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks.round_overhead_timers import Patches, Recorder, timed
+from gelato.benchmarks.round_overhead_timers import Patches, Recorder, timed
 
 
 def _serve_edge(argv: list[str]) -> int:
-    """`--serve-edge STATS -- PYTHON -m edge.cli ARGS...` (the command `benchmarks.procs.start_edge`
-    builds, behind this module as its prefix): wrap the edge's hot path, run `edge.cli.main(ARGS)`,
+    """`--serve-edge STATS -- PYTHON -m gelato.edge.cli ARGS...` (the command `gelato.benchmarks.procs.start_edge`
+    builds, behind this module as its prefix): wrap the edge's hot path, run `gelato.edge.cli.main(ARGS)`,
     write what was timed to STATS when it stops (SIGTERM)."""
     stats_path, sep, *cmd = argv
-    if sep != "--" or cmd[1:3] != ["-m", "edge.cli"]:
-        raise SystemExit(f"--serve-edge: expected STATS -- PYTHON -m edge.cli ARGS, got {argv}")
-    import edge.batcher
-    import edge.cli
-    import edge.server
-    import edge.verifier
-    from edge.batcher import Batcher
-    from edge.kv_pool import KVPool
-    from edge.sessions import TargetSession
+    if sep != "--" or cmd[1:3] != ["-m", "gelato.edge.cli"]:
+        raise SystemExit(f"--serve-edge: expected STATS -- PYTHON -m gelato.edge.cli ARGS, got {argv}")
+    import gelato.edge.batcher
+    import gelato.edge.cli
+    import gelato.edge.server
+    import gelato.edge.verifier
+    from gelato.edge.batcher import Batcher
+    from gelato.edge.kv_pool import KVPool
+    from gelato.edge.sessions import TargetSession
     from gelato.v1 import gelato_pb2 as pb
 
     rec, patches = Recorder(), Patches()
     sessions: list[dict[str, Any]] = []
     live: dict[str, Any] = {}
-    loop_thread = threading.main_thread()  # asyncio.run in edge.cli's main: the event loop's thread
+    loop_thread = threading.main_thread()  # asyncio.run in gelato.edge.cli's main: the event loop's thread
 
     def parse(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -95,18 +95,18 @@ def _serve_edge(argv: list[str]) -> int:
     def check_name() -> str:
         return "check_loop" if threading.current_thread() is loop_thread else "check_model_thread"
 
-    patches.replace(edge.server, "_parse", parse)
-    patches.time(edge.server, "decode_block", rec, "decode_block")
-    patches.replace(edge.server, "encode_verdict", encode_verdict)
+    patches.replace(gelato.edge.server, "_parse", parse)
+    patches.time(gelato.edge.server, "decode_block", rec, "decode_block")
+    patches.replace(gelato.edge.server, "encode_verdict", encode_verdict)
     patches.time(TargetSession, "check", rec, check_name)
     patches.time(TargetSession, "check_state", rec, check_name)
     patches.time(Batcher, "verify", rec, "batcher_verify")
-    patches.time(edge.batcher, "verify_batch", rec, "model_thread")
-    patches.time(edge.verifier, "pooled_forward", rec, "pooled_forward")
+    patches.time(gelato.edge.batcher, "verify_batch", rec, "model_thread")
+    patches.time(gelato.edge.verifier, "pooled_forward", rec, "pooled_forward")
     patches.time(TargetSession, "accept", rec, "accept")
     patches.replace(KVPool, "__init__", pool_init)
     try:
-        return edge.cli.main(cmd[3:])
+        return gelato.edge.cli.main(cmd[3:])
     finally:
         Path(stats_path).write_text(
             json.dumps({"units": rec.units, "sessions": sessions, "missing": patches.missing}) + "\n"
@@ -118,19 +118,19 @@ def device_timers(rec: Recorder, drafter_model: Any) -> Iterator[Patches]:
     """The device's hot path wrapped (restored on exit). As on the edge, the model part of a
     drafter forward is the model's own `forward`; `KVSequence.forward`'s input tensor, logits
     slice and inference-mode entry count as drafting bookkeeping."""
-    import device.client
-    import device.drafter
-    from device.client import EdgeClient
-    from device.drafter import Drafter
+    import gelato.device.client
+    import gelato.device.drafter
+    from gelato.device.client import EdgeClient
+    from gelato.device.drafter import Drafter
 
     patches = Patches()
     patches.time(Drafter, "draft", rec, "draft")
     patches.time(Drafter, "apply", rec, "apply")
     patches.time(drafter_model, "forward", rec, "draft_forward")
-    patches.time(device.drafter, "entropy_nats", rec, "entropy")
+    patches.time(gelato.device.drafter, "entropy_nats", rec, "entropy")
     patches.time(EdgeClient, "_offload", rec, "offload")
-    patches.time(device.client, "encode_block", rec, "encode")
-    patches.time(device.client, "decode_verdict", rec, "decode")
+    patches.time(gelato.device.client, "encode_block", rec, "encode")
+    patches.time(gelato.device.client, "decode_verdict", rec, "decode")
     patches.time(EdgeClient, "_write", rec, "write", ("at_write", "at_write_end"))
     patches.time(EdgeClient, "_read", rec, "read", ("at_read", "at_read_end"))
     try:
@@ -144,10 +144,10 @@ async def instrumented_device(
 ) -> dict[str, Any]:
     """Every policy over `[prompts[0]] + prompts` (the first a warm-up) through the real client;
     rounds timed. Returns units per policy, the device CPU per round, and what was not instrumented."""
-    from device.client import EdgeClient
-    from device.drafter import Drafter
-    from device.energy import EnergyAccountant
-    from device.policy import parse_policy
+    from gelato.device.client import EdgeClient
+    from gelato.device.drafter import Drafter
+    from gelato.device.energy import EnergyAccountant
+    from gelato.device.policy import parse_policy
     from gelato.power import open_meter, radio_profile
     from gelato.types import SamplingParams
 

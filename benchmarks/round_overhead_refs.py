@@ -1,4 +1,4 @@
-"""Reference measurements of the round-overhead benchmark (`benchmarks.round_overhead`).
+"""Reference measurements of the round-overhead benchmark (`gelato.benchmarks.round_overhead`).
 
 Contract, all in this process unless said: `raw_forwards(drafter, target, context, k, reps)` is the
 median ms of the bare model calls a round needs at `context` cached tokens (drafter: one and K
@@ -29,7 +29,7 @@ def raw_forwards(drafter: Any, target: Any, context: int, k: int, reps: int) -> 
 
     import torch
 
-    from edge.kv_pool import KVPool
+    from gelato.edge.kv_pool import KVPool
     from gelato.kv import KVSequence, cache_kwarg
 
     rng = random.Random(0)
@@ -142,11 +142,11 @@ def assistant_settings(model: Any, **values: Any) -> Iterator[None]:
 
 
 def assisted_runs(target: Any, drafter: Any, prompts: list[list[int]], max_new: int, k: int) -> dict[str, Any]:
-    """transformers' assisted generation with the same pair (`benchmarks.bench_refs.assisted`):
+    """transformers' assisted generation with the same pair (`gelato.benchmarks.bench_refs.assisted`):
     at K (constant schedule, no confidence stop: fixed-K's exact work) and at its own defaults."""
     import transformers
 
-    from benchmarks.bench_refs import assisted
+    from gelato.benchmarks.bench_refs import assisted
 
     transformers.logging.set_verbosity_error()  # its notes on generation-config arguments, per call
     out = {}
@@ -168,7 +168,7 @@ def plain_run(address: str, drafter: str | None, prompts_file: Path, policy: str
     first prompt is a warm-up that is dropped: tokens, seconds and rounds (the generations' elapsed
     time: session open, prefills and close included) and every round's `t_round_s` (`--trace`: the
     round loop's own timer, drafting to verdict applied)."""
-    from benchmarks.procs import run_device
+    from gelato.benchmarks.procs import run_device
 
     trace = prompts_file.with_name(f"trace_{policy}.jsonl")
     args = ["--edge", address, "--threads", "1", "--prompts-file", str(prompts_file), "--max-new-tokens", str(max_new)]

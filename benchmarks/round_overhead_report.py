@@ -1,4 +1,4 @@
-"""The round-overhead benchmark's report (`benchmarks.round_overhead`): markdown from its result.
+"""The round-overhead benchmark's report (`gelato.benchmarks.round_overhead`): markdown from its result.
 
 Contract: `markdown(result)` is the whole report (command, machine, the per-part table, the summary
 and the overhead outside the model forwards ranked per policy); `table(result)` and
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.round_overhead_analysis import COMPONENTS, SUGGESTIONS, ranked_overhead
+from gelato.benchmarks.round_overhead_analysis import COMPONENTS, SUGGESTIONS, ranked_overhead
 
 
 def table(result: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""Timers for the round-overhead benchmark (`benchmarks.round_overhead`): durations of named calls
+"""Timers for the round-overhead benchmark (`gelato.benchmarks.round_overhead`): durations of named calls
 of the real code, summed per unit (a device round or an edge verdict).
 
 Contract: `Recorder` holds the units (`open(t0, **tags)` starts one, `close()` ends it with its

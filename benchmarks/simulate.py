@@ -1,17 +1,17 @@
 """Trace-driven fleet simulator: every draft-length policy over long horizons and many devices,
 without models (SPEC §6 "Fleet scale").
 
-Contract: `python -m benchmarks.simulate --traces FILE --out DIR [--rtt-ms 20] [--devices 1]
+Contract: `python -m gelato.benchmarks.simulate --traces FILE --out DIR [--rtt-ms 20] [--devices 1]
 [--tokens-per-device 20000] [--budgets J,...] [--vs V,...] [--seed 0]` replays traces recorded by
-`benchmarks.traces` and writes `DIR/simulate.json`, `DIR/table.md` and PNG plots (the sweeps and
-outputs are `benchmarks.simulate_sweep`); it prints the markdown table. As a library:
+`gelato.benchmarks.traces` and writes `DIR/simulate.json`, `DIR/table.md` and PNG plots (the sweeps and
+outputs are `gelato.benchmarks.simulate_sweep`); it prints the markdown table. As a library:
 `load_traces(path)`, `Channel`, `RoundModel`, `Spec`, `run_spec(spec, traces, model, devices,
 tokens, seed)` -> one policy's summary dict. `--pipelining [--rtts-ms 0,10,20,50,100]
 [--ahead-blocks 2] [--guess-match P] [--k-max 0]` runs the pipelining sweep instead (issue 16:
 `simulate_pipelining.pipelining_sweep`): send-ahead and local pre-drafting against the same policies
 without pipelining, per round trip; `DIR/simulate.json`, `DIR/table.md`, `DIR/pipelining.png`.
 
-The round loop is `device.generate.speculative_generate`'s, with the models replaced by the trace:
+The round loop is `gelato.device.generate.speculative_generate`'s, with the models replaced by the trace:
 `decide(limit)` -> cap = min(k_max if gated else k_ref, limit) -> drafts one by one, the gate seeing
 each draft's recorded entropy (a draft whose drafter argmax is eos ends the block first, unseen by
 the gate, as in `Drafter.draft`) -> accepted = leading agreements from the block's start, capped at
@@ -19,12 +19,12 @@ the block -> a `Telemetry` with every field the real loop fills -> `observe`, wh
 into the telemetry. One policy object lives through all of a device's generations, as in the CLI.
 
 Pipelining (`Spec.pipeline`, as `gelato-device --pipeline`):
-- `local` (`device.generate._verify_pipelined`): while a block's verdict is in flight the device
+- `local` (`gelato.device.generate._verify_pipelined`): while a block's verdict is in flight the device
   drafts after it, one token at a time, up to `Policy.predraft_depth` tokens, its own eos, or the
   token in progress when the verdict arrives (drafting past the verdict delays the next round).
   A hit — every draft accepted and the first pre-drafted token the target's — starts the next
   block with the rest (no forward for those; the stop rule still sees them); else they are wasted.
-- `send-ahead` (`device.pipeline.pipelined_generate`) on a simulated clock: the device drafts one
+- `send-ahead` (`gelato.device.pipeline.pipelined_generate`) on a simulated clock: the device drafts one
   thing at a time; while the oldest verdict is out it drafts the next block of the chain (the guess
   of the previous block's target token + the drafts: one forward more than the drafts) when
   `Policy.send_ahead(decision, Π p_hit of the blocks in flight)` says so, up to `ahead_blocks` past
@@ -81,8 +81,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.simulate_device import Device, pipeline_stats, run_device, run_spec, summarize
-from benchmarks.simulate_model import (
+from gelato.benchmarks.simulate_device import Device, pipeline_stats, run_device, run_spec, summarize
+from gelato.benchmarks.simulate_model import (
     DEFAULT_MAX_DRAFT,
     Channel,
     Costs,
@@ -93,8 +93,8 @@ from benchmarks.simulate_model import (
     fit_line,
     load_traces,
 )
-from benchmarks.simulate_rounds import Totals
-from device.policy import PolicyOptions
+from gelato.benchmarks.simulate_rounds import Totals
+from gelato.device.policy import PolicyOptions
 from gelato.power import radio_profile
 
 __all__ = [
@@ -126,8 +126,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks.simulate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--traces", type=Path, required=True, help="a benchmarks.traces JSON file")
+    p = argparse.ArgumentParser(prog="gelato.benchmarks.simulate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--traces", type=Path, required=True, help="a gelato.benchmarks.traces JSON file")
     p.add_argument("--out", type=Path, required=True, help="folder for simulate.json, table.md and plots")
     p.add_argument("--rtt-ms", type=float, default=20.0)
     p.add_argument("--jitter-ms", type=float, default=0.0, help="uniform ± per round (seeded)")
@@ -185,7 +185,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks import simulate_sweep as sw  # the sweeps and plots: only the CLI needs them
+    from gelato.benchmarks import simulate_sweep as sw  # the sweeps and plots: only the CLI needs them
 
     args = parse_args(argv)
     args.command_argv = argv
@@ -252,7 +252,7 @@ def pipelining_main(
     import shlex
     import sys
 
-    from benchmarks import simulate_pipelining as sp
+    from gelato.benchmarks import simulate_pipelining as sp
 
     cfg = sp.PipelineConfig(
         rtts_ms=args.rtts_ms,
@@ -266,7 +266,7 @@ def pipelining_main(
     )
     result = sp.pipelining_sweep(traces, costs, channel, cfg)
     argv = sys.argv[1:] if args.command_argv is None else args.command_argv
-    result["command"] = shlex.join([".venv/bin/python", "-m", "benchmarks.simulate", *argv])
+    result["command"] = shlex.join([".venv/bin/python", "-m", "gelato.benchmarks.simulate", *argv])
     result["channel"] = {**asdict(channel), "radio": args.radio, "rtt_s": "per row"}
     result["costs"] = asdict(costs)
     result["traces"] = {

@@ -1,5 +1,5 @@
-"""Send-ahead pipelining in the simulator (`benchmarks.simulate`, `Spec(pipeline="send-ahead")`):
-`device.pipeline.pipelined_generate` replayed on a trace and a simulated clock.
+"""Send-ahead pipelining in the simulator (`gelato.benchmarks.simulate`, `Spec(pipeline="send-ahead")`):
+`gelato.device.pipeline.pipelined_generate` replayed on a trace and a simulated clock.
 
 Contract: `SendAhead._generate_chain(trace)` runs one generation: the device drafts one thing at a
 time; while the oldest verdict is out it drafts the next block of the chain (a guess + drafts)
@@ -17,10 +17,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 
-from benchmarks.simulate_model import Trace
-from benchmarks.simulate_rounds import DeviceCore, _block_end, _draft
-from device.policy import Gate
+from gelato.benchmarks.simulate_model import Trace
+from gelato.benchmarks.simulate_rounds import DeviceCore, _block_end, _draft
 from gelato.controller import Decision
+from gelato.device.policy import Gate
 from gelato.types import DraftBlock, Telemetry
 
 
@@ -58,7 +58,7 @@ class _Wire:
 
 
 def _chain_hit(trace: Trace, block: _Block, successor: _Block) -> bool:
-    """`device.pipeline._hit`: `block` fully accepted and the guess of `successor` right."""
+    """`gelato.device.pipeline._hit`: `block` fully accepted and the guess of `successor` right."""
     return min(trace.run[block.pos], block.k) == block.k and successor.guess_ok
 
 
@@ -66,7 +66,7 @@ class SendAhead(DeviceCore):
     """`--pipeline send-ahead`: a device's generation as a chain of blocks in flight."""
 
     def _generate_chain(self, trace: Trace) -> None:
-        """`device.pipeline.pipelined_generate` on the trace, on a simulated clock: a chain of
+        """`gelato.device.pipeline.pipelined_generate` on the trace, on a simulated clock: a chain of
         blocks in flight over one ordered stream. The device drafts one thing at a time; the edge
         verifies one block at a time in stream order (a stale block is answered at once, without
         compute); each block and verdict takes half the round trip (plus its transfer) one way."""

@@ -1,7 +1,7 @@
-"""The simulator's device loop and fleet runs (`benchmarks.simulate`).
+"""The simulator's device loop and fleet runs (`gelato.benchmarks.simulate`).
 
 Contract: `Device(policy, model, seed, q_every_s).generate(trace)` replays one generation with the
-real round loop's rules (`device.generate.speculative_generate`): decide -> draft on the trace
+real round loop's rules (`gelato.device.generate.speculative_generate`): decide -> draft on the trace
 (the gate sees each draft's recorded entropy) -> accepted = leading agreements -> `Telemetry` ->
 `observe`; the oracle (policy None) drafts exactly the run the target accepts; `--pipeline local`
 pre-drafts while a verdict is in flight (`_local_round`) and send-ahead is `SendAhead`'s chain.
@@ -18,9 +18,9 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from benchmarks.simulate_chain import SendAhead
-from benchmarks.simulate_model import RoundModel, Spec, Trace
-from benchmarks.simulate_rounds import Totals, _block_end, _draft
+from gelato.benchmarks.simulate_chain import SendAhead
+from gelato.benchmarks.simulate_model import RoundModel, Spec, Trace
+from gelato.benchmarks.simulate_rounds import Totals, _block_end, _draft
 from gelato.types import DraftBlock, Telemetry
 
 
@@ -82,7 +82,7 @@ class Device(SendAhead):
     def _local_round(
         self, trace: Trace, pos: int, r: int, k: int, accepted: int, depth: int, view: dict[str, Any]
     ) -> Telemetry:
-        """`--pipeline local` (`device.generate._verify_pipelined`): the block's first `carried`
+        """`--pipeline local` (`gelato.device.generate._verify_pipelined`): the block's first `carried`
         drafts come from the previous round's pre-draft (no forward); while the verdict is in
         flight the device drafts after the block, one token at a time, until the verdict arrives
         (the token in progress is finished), `depth` tokens or its own eos. A hit (every draft

@@ -1,7 +1,7 @@
-"""The simulator's inputs and cost model (`benchmarks.simulate`): traces, measured costs, the
+"""The simulator's inputs and cost model (`gelato.benchmarks.simulate`): traces, measured costs, the
 link, what one round costs, and which policy runs.
 
-Contract: `load_traces(path)` -> (traces, `Costs`, the file's metadata) from a `benchmarks.traces`
+Contract: `load_traces(path)` -> (traces, `Costs`, the file's metadata) from a `gelato.benchmarks.traces`
 JSON file (`Trace.run[t]`: agreements in a row from output position t, `agree_runs`); `Costs` are
 the measured per-round costs, linear in the drafted tokens (`Costs.from_json`, `fit_line`);
 `Channel` is the device and its link (round trip, jitter, radio, powers, edge load, block and
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device.policy import PIPELINE_MODES, Policy, PolicyOptions, parse_policy
+from gelato.device.policy import PIPELINE_MODES, Policy, PolicyOptions, parse_policy
 from gelato.power import PROFILES, RadioProfile, radio_profile
 from gelato.types import Telemetry
 

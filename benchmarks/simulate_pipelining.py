@@ -1,4 +1,4 @@
-"""The simulator's pipelining sweep and its outputs (issue 16; `python -m benchmarks.simulate
+"""The simulator's pipelining sweep and its outputs (issue 16; `python -m gelato.benchmarks.simulate
 --pipelining` drives them).
 
 Contract: `pipelining_sweep(traces, costs, channel, cfg)` runs, per round trip in `cfg.rtts_ms` and
@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.simulate_device import run_spec
-from benchmarks.simulate_model import Channel, Costs, RoundModel, Spec, Trace
-from benchmarks.simulate_sweep import _brief, _cell
-from device.policy import PIPELINE_MODES, PolicyOptions
+from gelato.benchmarks.simulate_device import run_spec
+from gelato.benchmarks.simulate_model import Channel, Costs, RoundModel, Spec, Trace
+from gelato.benchmarks.simulate_sweep import _brief, _cell
+from gelato.device.policy import PIPELINE_MODES, PolicyOptions
 
 
 @dataclass(frozen=True)

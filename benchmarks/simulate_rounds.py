@@ -1,8 +1,8 @@
 """A simulated device's state and the per-round rules shared by the simulator's loops
-(`benchmarks.simulate`).
+(`gelato.benchmarks.simulate`).
 
 Contract: `Totals` sums one device's rounds (`add(telemetry, q)`; pipelining counters are added by
-the loops). `_block_end(reason, cap, wanted, gated)` is `device.generate.block_end`;
+the loops). `_block_end(reason, cap, wanted, gated)` is `gelato.device.generate.block_end`;
 `_draft(trace, pos, cap, gate)` is `Drafter.draft` on a trace -> (drafts, stop reason, gate
 seconds). `DeviceCore(policy, model, seed, q_every_s)` holds a device's policy, round model,
 seeded jitter and guess draws and `totals`, and gives the loops `_limit` (drafts allowed from a
@@ -15,8 +15,8 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from benchmarks.simulate_model import RoundModel, Trace
-from device.policy import Gate, Policy
+from gelato.benchmarks.simulate_model import RoundModel, Trace
+from gelato.device.policy import Gate, Policy
 from gelato.types import Telemetry
 
 
@@ -68,7 +68,7 @@ class Totals:
 
 
 def _block_end(reason: str, cap: int, wanted: int, gated: bool) -> str:
-    """`device.generate.block_end`, the same rule."""
+    """`gelato.device.generate.block_end`, the same rule."""
     if reason:
         return reason
     if cap < wanted:
@@ -106,7 +106,7 @@ class DeviceCore:
         self._carry = 0  # local: pre-drafted tokens that start the next block (after a hit)
 
     def _limit(self, trace: Trace, pos: int) -> int:
-        """Drafts allowed in a block whose first draft is at `pos` (`device.pipeline._limit`);
+        """Drafts allowed in a block whose first draft is at `pos` (`gelato.device.pipeline._limit`);
         -1: no block (the context is full, or the generation's n tokens are emitted)."""
         room = self.model.ch.context_limit - (trace.prompt_len + pos) - 1
         if room < 0 or pos >= trace.n:

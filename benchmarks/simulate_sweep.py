@@ -1,4 +1,4 @@
-"""The simulator's sweeps and their outputs (`python -m benchmarks.simulate` drives them).
+"""The simulator's sweeps and their outputs (`python -m gelato.benchmarks.simulate` drives them).
 
 Contract: `sweep(traces, model, cfg)` runs, on the same devices and prompt order for every policy:
 1. baselines: fixed-K for `cfg.fixed_ks`, heuristic, entropy at `cfg.taus`, adaedl at
@@ -11,7 +11,7 @@ It returns one JSON-ready dict. `write_outputs(result, out)` writes `simulate.js
 `pareto.png` (tokens/s vs J/token), `v_sweep.png` (tokens/s and mean Q vs V) and `q_trace.png`
 (gelato's Q(t) per V); `markdown(result)` is the table the CLI prints.
 
-The pipelining sweep (`python -m benchmarks.simulate --pipelining`) is `benchmarks.simulate_pipelining`.
+The pipelining sweep (`python -m gelato.benchmarks.simulate --pipelining`) is `gelato.benchmarks.simulate_pipelining`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.simulate_device import run_spec
-from benchmarks.simulate_model import RoundModel, Spec, Trace
+from gelato.benchmarks.simulate_device import run_spec
+from gelato.benchmarks.simulate_model import RoundModel, Spec, Trace
 
 CONTROLLERS = ("lyapunov", "gelato")
 

@@ -1,6 +1,6 @@
 """Quality of a drafter/target pair on GSM8K test questions (issue: the embedded default).
 
-Contract: `python -m benchmarks.tiny_quality [--n 50] [--max-new-tokens 128] [--k 4]` runs greedy
+Contract: `python -m gelato.benchmarks.tiny_quality [--n 50] [--max-new-tokens 128] [--k 4]` runs greedy
 speculative decoding in one process through the project's own Drafter and TargetSession (the same
 code the two processes run; the transport does not change acceptance) and prints/writes:
 acceptance per drafted token at K (and at K = 1 and 8), AUC of the drafter's entropy as a predictor
@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from device.drafter import Drafter
-from device.generate import Limits, local_verifier, speculative_generate
-from device.policy import FixedK
-from edge.verifier import TargetSession
+from gelato.device.drafter import Drafter
+from gelato.device.generate import Limits, local_verifier, speculative_generate
+from gelato.device.policy import FixedK
+from gelato.edge.verifier import TargetSession
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel, default_model_path, encode_prompt, load_model
 from gelato.tiny.train import gsm8k_file

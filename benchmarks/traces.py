@@ -1,7 +1,7 @@
 """Per-token (entropy, agreement) traces and a cost profile of a drafter/target pair, for the
-trace-driven simulator (`benchmarks.simulate`, SPEC §6 "Fleet scale").
+trace-driven simulator (`gelato.benchmarks.simulate`, SPEC §6 "Fleet scale").
 
-Contract: `python -m benchmarks.traces [--n 50] [--max-new-tokens 256] [--target M --drafter M]
+Contract: `python -m gelato.benchmarks.traces [--n 50] [--max-new-tokens 256] [--target M --drafter M]
 [--data FILE] [--reps 30] [--check-k 4 --check-prompts 10] --out FILE` writes one JSON object:
 
     {"format": "gelato-traces/1", "pair": {...}, "data": {...},
@@ -12,7 +12,7 @@ Contract: `python -m benchmarks.traces [--n 50] [--max-new-tokens 256] [--target
      "check": {"k", "prompts", "mispredicted_rounds"}, "machine": "...", "recorded_s": ...}
 
 Per prompt (GSM8K test lines, chat-templated by `gelato.models.encode_prompt`): the target's greedy
-output of `n` tokens (eos included when produced), generated with `edge.verifier.TargetSession`
+output of `n` tokens (eos included when produced), generated with `gelato.edge.verifier.TargetSession`
 and empty draft blocks (fixed-0: the edge decoding alone); then ONE teacher-forced drafter forward
 over prompt + output. At output position t, `entropy[t]` is the drafter's softmax entropy (nats,
 3 decimals) before token t, `agree[t]` whether its argmax equals the target's token, and
@@ -48,10 +48,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.procs import machine
-from device.drafter import Drafter
-from device.energy import wire_bytes
-from edge.verifier import TargetSession
+from gelato.benchmarks.procs import machine
+from gelato.device.drafter import Drafter
+from gelato.device.energy import wire_bytes
+from gelato.edge.verifier import TargetSession
 from gelato.entropy import entropy_nats
 from gelato.models import LoadedModel, default_model_path, encode_prompt, load_model
 from gelato.tiny.train import gsm8k_file
@@ -231,7 +231,7 @@ def record(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks.traces", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="gelato.benchmarks.traces", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default=None, help=f"default: the embedded {default_model_path('target')}")
     p.add_argument("--drafter", default=None, help="default: the embedded drafter")
     p.add_argument("--data", type=Path, default=None, help="GSM8K-style JSONL (default: the test split)")

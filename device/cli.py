@@ -2,7 +2,7 @@
 
 Contract (extend, don't break): `gelato-device --drafter MODEL --edge HOST:PORT (--prompt TEXT |
 --prompts-file FILE) [options]`; every option, its default and its `GELATO_DEVICE_*` variable:
-`gelato-device --help`, made from `device.config.DeviceConfig` (the policy and controller constants
+`gelato-device --help`, made from `gelato.device.config.DeviceConfig` (the policy and controller constants
 included). With --json, one JSON object per prompt on stdout (README "CLI" lists the fields);
 energy is null, never 0, when the meter cannot read. A prompt that fails (the edge refuses it, or
 the session breaks mid-generation) gets its own line with `error` and `stop_reason: "error"` — with
@@ -24,13 +24,13 @@ from typing import Any, TextIO
 
 import grpc
 
-from device.client import EdgeClient, EdgeError, EdgeUnreachable
-from device.config import DeviceConfig
-from device.drafter import Drafter
-from device.energy import EnergyAccountant
-from device.generate import GenerationResult, Limits, self_verifier, speculative_generate
-from device.policy import Policy, parse_policy
 from gelato.cli_common import EnvArgumentParser, fail, setup_torch_threads
+from gelato.device.client import EdgeClient, EdgeError, EdgeUnreachable
+from gelato.device.config import DeviceConfig
+from gelato.device.drafter import Drafter
+from gelato.device.energy import EnergyAccountant
+from gelato.device.generate import GenerationResult, Limits, self_verifier, speculative_generate
+from gelato.device.policy import Policy, parse_policy
 from gelato.models import LoadedModel, ModelLoadError, encode_prompt, load_model
 from gelato.power import MeterUnavailable, NullMeter, open_meter, radio_profile
 from gelato.security import SecurityConfigError, channel_credentials, read_token

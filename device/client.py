@@ -1,7 +1,7 @@
 """Edge client and the device's generation loop over one bidirectional gRPC stream per session.
 
 Contract: `EdgeClient.generate(drafter, prompt_ids, max_new_tokens, policy)` opens a session,
-runs the round loop of `device.generate` with this stream as its `verify`, closes the session and
+runs the round loop of `gelato.device.generate` with this stream as its `verify`, closes the session and
 returns a `GenerationResult` whose `token_ids` equal what the target alone would generate (greedy)
 or are distributed as its samples (sampling). The client itself only opens, verifies, closes and
 counts bytes. Drafting runs on a worker thread, never on the event loop.
@@ -22,9 +22,10 @@ from typing import Any, TypeVar
 
 import grpc
 
-from device.drafter import Drafter
-from device.energy import EnergyAccountant, wire_bytes
-from device.generate import (
+from gelato.channel import CLIENT_OPTIONS
+from gelato.device.drafter import Drafter
+from gelato.device.energy import EnergyAccountant, wire_bytes
+from gelato.device.generate import (
     Exchange,
     GenerationResult,
     Limits,
@@ -33,9 +34,8 @@ from device.generate import (
     merge_results,
     speculative_generate,
 )
-from device.pipeline import Link, pipelined_generate
-from device.policy import Policy
-from gelato.channel import CLIENT_OPTIONS
+from gelato.device.pipeline import Link, pipelined_generate
+from gelato.device.policy import Policy
 from gelato.power import NullMeter
 from gelato.security import bearer_metadata
 from gelato.types import DraftBlock, SessionInfo, SessionOpen, Telemetry, Verdict
@@ -130,7 +130,7 @@ class EdgeClient:
         accountant: EnergyAccountant | None = None,
         on_round: Callable[[Telemetry], None] | None = None,
     ) -> GenerationResult:
-        """One generation: open a session, the round loop (`device.generate`), close.
+        """One generation: open a session, the round loop (`gelato.device.generate`), close.
         `accountant` measures energy (default: none, NaN); `on_round` gets each round's telemetry
         as it completes (the `--trace` writer). When the edge goes away mid-generation
         (UNAVAILABLE), the session is re-opened — on another replica when `--edge` names several —

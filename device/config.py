@@ -2,7 +2,7 @@
 
 Contract: each field's default, bounds and help are written here once; `gelato-device`'s flags,
 its `--help` and its `GELATO_DEVICE_*` variables are made from them (`gelato.config`). The
-controller's constants are the nested `controller: PolicyOptions` (`device.policy`), whose own
+controller's constants are the nested `controller: PolicyOptions` (`gelato.device.policy`), whose own
 fields are their single source: the simulator and benchmarks build `PolicyOptions` directly with
 the same defaults. `validate()` raises `gelato.config.ConfigError` (a ValueError) naming the flag
 (`--max-new-tokens must be >= 1`), or the policy's or the sampling parameters' own message.
@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from device.drafter import DEFAULT_TOP_M
-from device.policy import PolicyOptions, parse_policy
 from gelato.cli_common import endpoint, model_device, model_dtype, torch_threads
 from gelato.config import ConfigError, Settings, ge, gt, nested, setting
+from gelato.device.drafter import DEFAULT_TOP_M
+from gelato.device.policy import PolicyOptions, parse_policy
 from gelato.power import PROFILES, RADIOS
 from gelato.types import SamplingParams
 

@@ -21,9 +21,9 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from device.drafter import Drafter
-from device.energy import EnergyAccountant, wire_bytes
-from device.policy import Policy
+from gelato.device.drafter import Drafter
+from gelato.device.energy import EnergyAccountant, wire_bytes
+from gelato.device.policy import Policy
 from gelato.power import NullMeter, Reading
 from gelato.types import DraftBlock, GenerationStats, Telemetry, Verdict
 from gelato.wire import encode_block, encode_verdict
@@ -252,7 +252,7 @@ def count_round(stats: GenerationStats, block: DraftBlock, ex: Exchange, tele: T
 
 
 def local_verifier(session: Any) -> Verify:
-    """Verify in process with an `edge.verifier.TargetSession`-like object (`verify(block) -> (a,
+    """Verify in process with an `gelato.edge.verifier.TargetSession`-like object (`verify(block) -> (a,
     next)`), counting the bytes the same exchange would cost on the wire. For benchmarks and tests:
     `device` never imports `edge`, the caller passes the session in."""
 

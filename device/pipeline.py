@@ -1,7 +1,7 @@
 """Send-ahead speculation (`--pipeline send-ahead`): draft blocks form a chain in flight.
 
 Contract: `await pipelined_generate(drafter, link, policy, prompt_ids, limits, ...)` returns what
-`device.generate.speculative_generate` returns for the same arguments — the same tokens, greedy or
+`gelato.device.generate.speculative_generate` returns for the same arguments — the same tokens, greedy or
 sampled with the same seed (draws are keyed by token position) — over a `Link` that sends a block
 without waiting for its verdict. While the oldest block's verdict is in flight, the drafter drafts
 the next block of the chain (its first token the guess of the previous block's target token,
@@ -28,9 +28,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from device.drafter import Drafter
-from device.energy import EnergyAccountant, wire_bytes
-from device.generate import (
+from gelato.controller import Decision
+from gelato.device.drafter import Drafter
+from gelato.device.energy import EnergyAccountant, wire_bytes
+from gelato.device.generate import (
     Exchange,
     GenerationResult,
     Limits,
@@ -42,8 +43,7 @@ from device.generate import (
     finish,
     inline,
 )
-from device.policy import Gate, Policy
-from gelato.controller import Decision
+from gelato.device.policy import Gate, Policy
 from gelato.power import NullMeter, Reading
 from gelato.types import DraftBlock, GenerationStats, Telemetry, Verdict
 from gelato.wire import encode_block, encode_verdict
@@ -274,7 +274,7 @@ async def _settle(
 
 
 def local_link(session: Any, max_ahead: int = 4, delay_s: float = 0.0) -> Link:
-    """An in-process edge for send-ahead, for benchmarks and tests: an `edge.verifier.TargetSession`-
+    """An in-process edge for send-ahead, for benchmarks and tests: an `gelato.edge.verifier.TargetSession`-
     like object (`resolve_ahead`, `verify`) answers the blocks in order, as the edge's stream does,
     each verdict `delay_s` after its block was sent (a stand-in for the round trip), stale blocks
     at once. `device` never imports `edge`: the caller passes the session in."""

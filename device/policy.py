@@ -366,5 +366,7 @@ def parse_policy(text: str, options: PolicyOptions | None = None) -> Policy:
     if name in _NAMED:
         return _NAMED[name](options)
     if name == "oracle":
-        raise ValueError("'oracle' is an offline bound computed from recorded runs: python -m benchmarks.simulate")
+        raise ValueError(
+            "'oracle' is an offline bound computed from recorded runs: python -m gelato.benchmarks.simulate"
+        )
     raise ValueError(f"unknown policy {text!r}; available: {', '.join(POLICY_NAMES)} (fixed-K: K >= 0, e.g. fixed-4)")

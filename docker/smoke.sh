@@ -110,7 +110,7 @@ bash "$repo/docker/make-secrets.sh" "$work/secrets" edge localhost 127.0.0.1
 mkdir -p "$work/models"
 slice=(--prompts-file "$gsm8k/test.jsonl" --limit "$limit" --max-new-tokens "$max_new" --json --threads 1)
 edge_log=$work/local-edge.log
-(cd "$repo" && exec "$py" -m edge.cli --port 0 --threads 1 > "$edge_log" 2>&1) &
+(cd "$repo" && exec "$py" -m gelato.edge.cli --port 0 --threads 1 > "$edge_log" 2>&1) &
 edge_pid=$!
 trap 'kill "$edge_pid" 2> /dev/null || true' EXIT
 for _ in $(seq 120); do
@@ -120,7 +120,7 @@ for _ in $(seq 120); do
 done
 local_port=$(sed -n 's/.*listening on [^ ]*:\([0-9]*\).*/\1/p' "$edge_log" | head -1)
 [ -n "$local_port" ] || fail "the local edge did not start: $(cat "$edge_log")"
-(cd "$repo" && "$py" -m device.cli --edge "127.0.0.1:$local_port" "${slice[@]}" > "$work/local.jsonl") ||
+(cd "$repo" && "$py" -m gelato.device.cli --edge "127.0.0.1:$local_port" "${slice[@]}" > "$work/local.jsonl") ||
   fail "the local device run failed"
 kill "$edge_pid"
 wait "$edge_pid" || true

@@ -3,7 +3,7 @@
 Contract: `await Batcher.verify(session, block, received)` returns that block's `Verdict`, or
 raises that row's own error: `StatusError` with its precise status, or (a genuine server fault)
 any other exception, which the server answers INTERNAL. Requests that arrive within `window_s` of
-the first waiting one (up to `max_batch` rows) are verified together by `edge.verifier.verify_batch`
+the first waiting one (up to `max_batch` rows) are verified together by `gelato.edge.verifier.verify_batch`
 (one target forward; checks, acceptance and the isolation of one row from another are its
 contract) on the model thread; the window closes early once every open session has a request in,
 so a lone session never waits: when the model thread is free and no batch is forming, its request
@@ -26,8 +26,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from edge.metrics import EdgeMetrics
-from edge.verifier import Accepted, TargetSession, verify_batch
+from gelato.edge.metrics import EdgeMetrics
+from gelato.edge.verifier import Accepted, TargetSession, verify_batch
 from gelato.types import DraftBlock, Verdict
 
 

@@ -7,7 +7,7 @@ HOST:PORT` (the real port when --port 0). A port another process already listens
 it gracefully (open sessions get --shutdown-grace-s). Serving a non-loopback address needs TLS and
 a token, or an explicit `--insecure`. `gelato-edge --health-check [ADDR]` asks an edge's health
 service once and exits 0 when it is SERVING, 1 otherwise (the container health check). Every option,
-its default and its `GELATO_EDGE_*` variable: `gelato-edge --help`, made from `edge.config.EdgeConfig`.
+its default and its `GELATO_EDGE_*` variable: `gelato-edge --help`, made from `gelato.edge.config.EdgeConfig`.
 Bad settings are one-line usage errors naming the flag (exit 2).
 """
 
@@ -22,13 +22,13 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
-from edge.config import EdgeConfig
 from gelato.cli_common import EnvArgumentParser, endpoint, fail, setup_torch_threads
 from gelato.config import ConfigError
+from gelato.edge.config import EdgeConfig
 from gelato.security import SecurityConfigError, is_loopback, read_token, server_credentials
 
 if TYPE_CHECKING:  # torch and the server load only to serve: a health check stays light
-    from edge.server import EdgeServer
+    from gelato.edge.server import EdgeServer
     from gelato.models import LoadedModel
 
 
@@ -110,7 +110,7 @@ async def load_target(server: EdgeServer, config: EdgeConfig) -> LoadedModel:
 
 
 async def serve(config: EdgeConfig) -> int:
-    from edge.server import EdgeServer, PortInUseError
+    from gelato.edge.server import EdgeServer, PortInUseError
     from gelato.models import ModelLoadError
 
     server = EdgeServer(config)
@@ -166,7 +166,7 @@ async def serve_health(server: EdgeServer, host: str, port: int) -> Any:
     import grpc
     from grpc_health.v1 import health_pb2_grpc
 
-    from edge.server import port_in_use
+    from gelato.edge.server import port_in_use
 
     if port_in_use(host, port):
         raise OSError(f"--health-port {port} on {host} is in use")

@@ -19,7 +19,7 @@ forward. The pool writes only the new tokens and hands attention a view of its r
 slots) or one gather, and costs what a raw forward costs (0.92 / 0.96×). The price is memory:
 every slot is as long as the pool's context.
 
-Sizing: whoever admits sessions (`edge.sessions.SessionRegistry`) decides the pool's shape with the
+Sizing: whoever admits sessions (`gelato.edge.sessions.SessionRegistry`) decides the pool's shape with the
 pure `plan_pool` — slots for every open session, context for the longest reservation, with
 hysteresis so a session coming or going rarely reshapes it — and never lets `slots × context` pass
 the KV budget; `set_target` hands that shape over and the model thread applies it before its next

@@ -28,12 +28,12 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edge.auth import BearerAuth
-from edge.batcher import Batcher
-from edge.config import EdgeConfig
-from edge.metrics import EdgeMetrics
-from edge.sessions import AdmissionError, SessionRegistry, StatusError, TargetSession
 from gelato.channel import SERVER_OPTIONS
+from gelato.edge.auth import BearerAuth
+from gelato.edge.batcher import Batcher
+from gelato.edge.config import EdgeConfig
+from gelato.edge.metrics import EdgeMetrics
+from gelato.edge.sessions import AdmissionError, SessionRegistry, StatusError, TargetSession
 from gelato.models import LoadedModel, load_model
 from gelato.security import server_credentials
 from gelato.types import PROTOCOL_VERSION, DraftBlock, SessionInfo, Verdict

@@ -7,7 +7,7 @@ edge's shared `KVPool` (a private one when none is given). `accept(block, base, 
 greedy or lossless speculative-sampling acceptance to a forward's logits with the session's own
 seeded RNG (draws keyed by token position) and keeps tokens and KV only for the accepted prefix;
 `verify(block)` is one round for this session alone (forward + `accept`, in process: tests,
-benchmarks, local verifiers). The edge verifies through `edge.verifier.verify_batch`, which batches
+benchmarks, local verifiers). The edge verifies through `gelato.edge.verifier.verify_batch`, which batches
 many sessions' blocks into one forward and owns the checks, rollback and isolation. Everything that
 touches KV runs on the model thread, `close` included (the server submits it there), so a freed
 slot is never still in a pending forward.
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 import torch
 
-from edge.kv_pool import KVPool, PooledSequence, plan_pool
+from gelato.edge.kv_pool import KVPool, PooledSequence, plan_pool
 from gelato.models import LoadedModel
 from gelato.sampling import KeyedRng, process_logits, verify_greedy, verify_sampling
 from gelato.types import DraftBlock, SamplingParams
@@ -167,7 +167,7 @@ class TargetSession:
 
     def verify(self, block: DraftBlock) -> tuple[int, int]:
         """One round alone, in process: target forward over [last, x1..xk], acceptance, rollback.
-        No checks and no batching (the edge uses `edge.verifier.verify_batch`)."""
+        No checks and no batching (the edge uses `gelato.edge.verifier.verify_batch`)."""
         base = len(self.seq.tokens)
         logits = self.seq.forward(block.ids)
         return self.accept(block, base, logits)

@@ -19,7 +19,7 @@ batched forward itself raises, every row's tokens are as before it (`pooled_forw
 them) and each row is re-run alone, so the rows that can be verified still are, with the verdicts
 they would have had alone.
 
-`TargetSession` and `StatusError` live with the registry in `edge.sessions`; they are re-exported
+`TargetSession` and `StatusError` live with the registry in `gelato.edge.sessions`; they are re-exported
 here for the callers that import them from the verifier.
 """
 
@@ -31,8 +31,8 @@ from typing import NamedTuple
 
 import grpc
 
-from edge.kv_pool import pooled_forward
-from edge.sessions import StatusError, TargetSession
+from gelato.edge.kv_pool import pooled_forward
+from gelato.edge.sessions import StatusError, TargetSession
 from gelato.types import DraftBlock
 
 __all__ = ["Accepted", "Outcome", "StatusError", "TargetSession", "verify_batch"]

@@ -1,7 +1,7 @@
 """Command-line pieces shared by `gelato-edge` and `gelato-device`.
 
-Contract: the settings themselves are typed dataclasses (`edge.config.EdgeConfig`,
-`device.config.DeviceConfig`, made into options by `gelato.config`); `model_dtype`,
+Contract: the settings themselves are typed dataclasses (`gelato.edge.config.EdgeConfig`,
+`gelato.device.config.DeviceConfig`, made into options by `gelato.config`); `model_dtype`,
 `model_device` and `torch_threads` are the model settings both declare. `setup_torch_threads`
 applies `--threads` (one thread per process is the fastest on small CPUs, SPEC §9); `fail` prints
 a one-line `error:` message and returns the CLI's exit status. `port_number` and `endpoint` are

@@ -9,7 +9,7 @@ recomputes the prefix. Not thread-safe: one owner thread at a time.
 `cache_kwarg(model)` names the keyword the model's forward takes its cache under: `cache` where the
 installed transformers renamed it (it deprecates `past_key_values` and warns on every call), else
 `past_key_values` (transformers 5.x before the rename, e.g. 5.17 and 5.18). Every forward that
-passes a cache (here, `edge.kv_pool`, the benchmarks) uses it.
+passes a cache (here, `gelato.edge.kv_pool`, the benchmarks) uses it.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.procs import Edge
+from gelato.benchmarks.procs import Edge
 from gelato.tiny.random_pair import build_random_pair, synthetic_corpus
 
 # One torch thread per process: the fastest on small CPUs and keeps parallel processes fair.
@@ -34,7 +34,7 @@ def prompts() -> list[str]:
 
 
 class EdgeProcess(Edge):
-    """A real `gelato-edge` process on one torch thread (see `benchmarks.procs.Edge`)."""
+    """A real `gelato-edge` process on one torch thread (see `gelato.benchmarks.procs.Edge`)."""
 
     def __init__(self, args: list[str], timeout_s: float = 120.0) -> None:
         super().__init__(["--threads", "1", *args], timeout_s)
@@ -48,5 +48,5 @@ def edge(pair: dict[str, Path]) -> Iterator[EdgeProcess]:
 
 
 def run_device(args: list[str], timeout_s: float = 300.0) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "device.cli", "--threads", "1", *args]
+    cmd = [sys.executable, "-m", "gelato.device.cli", "--threads", "1", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)

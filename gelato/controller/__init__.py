@@ -7,7 +7,7 @@
 - `objective`: the drift-plus-penalty objective, the outer decision K_ref (§5.3) and the inner
   continuation rule on the survival S_i (§5.4); whether pre-drafting during a round trip pays.
 
-The device's policies (`device.policy`) compose these; the simulator (`benchmarks.simulate`)
+The device's policies (`gelato.device.policy`) compose these; the simulator (`gelato.benchmarks.simulate`)
 replays recorded traces through the very same objects.
 """
 

@@ -1,4 +1,4 @@
-"""`gelato-bench gsm8k` (benchmarks.bench*): the harness end to end on tiny random models over
+"""`gelato-bench gsm8k` (gelato.benchmarks.bench*): the harness end to end on tiny random models over
 loopback (`--channel none`), its rebuild from the files it wrote, and the pieces it is made of —
 GSM8K scoring, the plan, sharding, latency percentiles, targets, the oracle's cost fit."""
 
@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from benchmarks import bench, bench_refs
-from benchmarks.bench_plots import observed
-from benchmarks.bench_report import gsm8k_answer, score, targets
-from benchmarks.bench_run import (
+from gelato.benchmarks import bench, bench_refs
+from gelato.benchmarks.bench_plots import observed
+from gelato.benchmarks.bench_report import gsm8k_answer, score, targets
+from gelato.benchmarks.bench_run import (
     RunResult,
     RunSpec,
     percentile,
@@ -40,7 +40,7 @@ def gsm8k_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_bench(args: list[str], timeout_s: float = 300.0) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "benchmarks.bench", *args]
+    cmd = [sys.executable, "-m", "gelato.benchmarks.bench", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
 
 
@@ -186,8 +186,8 @@ def test_committed_results_with_bool_pipeline_still_read(tmp_path: Path) -> None
     targets, the table, the pipelining figures and the plots are still made from them."""
     import shutil
 
-    from benchmarks.bench_finish import replot
-    from benchmarks.bench_report import markdown
+    from gelato.benchmarks.bench_finish import replot
+    from gelato.benchmarks.bench_report import markdown
 
     src = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "gsm8k_wifi_n1"
     summary = json.loads((src / "summary.json").read_text())
@@ -283,7 +283,7 @@ def test_power_fit_recovers_known_powers() -> None:
 
 def test_oracle_never_slower_than_fixed_k() -> None:
     """On synthetic rounds (and the traces they came from) the bound beats every fixed K it was fitted on."""
-    from benchmarks.simulate import Trace, agree_runs
+    from gelato.benchmarks.simulate import Trace, agree_runs
 
     rng = random.Random(1)
     agree = [[int(rng.random() < 0.7) for _ in range(40)] for _ in range(4)]
@@ -329,6 +329,6 @@ def test_oracle_never_slower_than_fixed_k() -> None:
 
 
 def bench_refs_leading(agree: list[int], start: int, k: int) -> int:
-    from benchmarks.traces import leading_agrees
+    from gelato.benchmarks.traces import leading_agrees
 
     return leading_agrees(agree, start, k)

@@ -1,4 +1,4 @@
-"""The emulated channel (`benchmarks.channel`, `benchmarks.channel_probe`): profiles, the refusal
+"""The emulated channel (`gelato.benchmarks.channel`, `gelato.benchmarks.channel_probe`): profiles, the refusal
 without privileges (never a silent fallback), the lossy relay's exact byte stream, and — as root —
 namespaces + veth + tbf set up, a measured round trip within ±20 % of the requested one, measured
 rates, and teardown (normal, on SIGTERM, and of a killed run's leftovers)."""
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench
-from benchmarks.channel import Channel, ChannelError, profile_from, reap_stale, run
-from benchmarks.channel_probe import LossyProxy
-from benchmarks.delay_proxy import split_hostport
+from gelato.benchmarks import bench
+from gelato.benchmarks.channel import Channel, ChannelError, profile_from, reap_stale, run
+from gelato.benchmarks.channel_probe import LossyProxy
+from gelato.benchmarks.delay_proxy import split_hostport
 
 root = pytest.mark.skipif(
     os.geteuid() != 0, reason="not root: creating network namespaces, veth pairs and tc qdiscs needs CAP_NET_ADMIN"
@@ -118,7 +118,7 @@ def test_sigterm_tears_the_channel_down() -> None:
     script = textwrap.dedent(
         """
         import time
-        from benchmarks.channel import Channel, guard, profile_from
+        from gelato.benchmarks.channel import Channel, guard, profile_from
         with Channel(profile_from("lte")) as ch, guard(ch):
             print(" ".join(ch.ns.values()), flush=True)
             time.sleep(60)

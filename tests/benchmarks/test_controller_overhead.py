@@ -1,4 +1,4 @@
-"""The controller-overhead benchmark (`benchmarks.controller_overhead`) on the tiny random pair: its
+"""The controller-overhead benchmark (`gelato.benchmarks.controller_overhead`) on the tiny random pair: its
 timing proxy leaves the round loop's output alone, and its measurements have the documented shape
 with finite fractions in [0, 1]. No timing thresholds: speed is the benchmark's job, not CI's."""
 
@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from benchmarks import controller_overhead as co
-from device.drafter import Drafter
-from device.generate import GenerationResult, Limits, local_verifier, speculative_generate
-from device.policy import Policy, PolicyOptions, parse_policy
-from edge.sessions import TargetSession
+from gelato.benchmarks import controller_overhead as co
+from gelato.device.drafter import Drafter
+from gelato.device.generate import GenerationResult, Limits, local_verifier, speculative_generate
+from gelato.device.policy import Policy, PolicyOptions, parse_policy
+from gelato.edge.sessions import TargetSession
 from gelato.models import LoadedModel, encode_prompt, load_model
 from gelato.tiny.random_pair import synthetic_corpus
 from gelato.types import SamplingParams, Telemetry
@@ -82,7 +82,7 @@ def _replay(policy: Policy, log: list[Telemetry]) -> list[Any]:
 def test_timing_proxy_changes_nothing(models: tuple[LoadedModel, LoadedModel], prompts: list[list[int]]) -> None:
     timed = _generate(*models, prompts[0], timed=True)
     assert timed.token_ids == _generate(*models, prompts[0], timed=False).token_ids
-    import device.drafter as drafter_module
+    import gelato.device.drafter as drafter_module
     from gelato import entropy
 
     assert drafter_module.entropy_nats is entropy.entropy_nats  # restored after the run

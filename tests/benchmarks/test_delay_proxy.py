@@ -1,4 +1,4 @@
-"""The channel emulator (`benchmarks.delay_proxy`): the round trip it adds, byte order under jitter,
+"""The channel emulator (`gelato.benchmarks.delay_proxy`): the round trip it adds, byte order under jitter,
 and gRPC through it to a real edge, both in process and as its own process."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from benchmarks.delay_proxy import DelayProxy, ProxyProcess, echo_rtt, grpc_info_rtt, split_hostport, wait_until
+from gelato.benchmarks.delay_proxy import DelayProxy, ProxyProcess, echo_rtt, grpc_info_rtt, split_hostport, wait_until
 
 
 def test_round_trip_matches_nominal() -> None:

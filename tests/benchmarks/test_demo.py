@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.demo import device_j_per_token, mismatches
+from gelato.benchmarks.demo import device_j_per_token, mismatches
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "rows.json"
-    cmd = [sys.executable, "-m", "benchmarks.demo", "--pair", "random", "--prompts", "2"]
+    cmd = [sys.executable, "-m", "gelato.benchmarks.demo", "--pair", "random", "--prompts", "2"]
     cmd += ["--max-new-tokens", "12", "--policies", "fixed-0,fixed-3", "--json", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr

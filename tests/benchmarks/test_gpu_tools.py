@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import nvml_check
-from benchmarks.qwen_shapes import SHAPES, build, parameters
-from edge.sessions import TargetSession
+from gelato.benchmarks import nvml_check
+from gelato.benchmarks.qwen_shapes import SHAPES, build, parameters
+from gelato.edge.sessions import TargetSession
 from gelato.models import load_model
 from gelato.power.nvml import NvmlMeter
 from gelato.types import DraftBlock, SamplingParams

@@ -1,4 +1,4 @@
-"""The stacked-cache layout (`benchmarks.kv_layouts`), the alternative the edge's KV pool was
+"""The stacked-cache layout (`gelato.benchmarks.kv_layouts`), the alternative the edge's KV pool was
 measured against: ragged rows in one forward equal each row alone, a lone row takes the plain
 path, and the benchmark's measurement runs and agrees with the unbatched logits."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import kv_layouts
-from benchmarks.kv_layouts import batched_forward, stacked_cache
+from gelato.benchmarks import kv_layouts
+from gelato.benchmarks.kv_layouts import batched_forward, stacked_cache
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel, load_model
 from tests.edge.test_batching import assert_same_kv

@@ -1,4 +1,4 @@
-"""`benchmarks.pipelining` end to end on the built-in pair: real edge, delay proxy and device
+"""`gelato.benchmarks.pipelining` end to end on the built-in pair: real edge, delay proxy and device
 processes at two round trips, every run lossless against unpipelined gelato, send-ahead blocks
 really sent, and the report's figures consistent with the runs they come from."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.pipelining import main, pipeline_stats
+from gelato.benchmarks.pipelining import main, pipeline_stats
 from gelato.tiny.random_pair import synthetic_problem
 
 

@@ -1,4 +1,4 @@
-"""The round-overhead benchmark (`benchmarks.round_overhead`) with tiny settings: it runs every phase
+"""The round-overhead benchmark (`gelato.benchmarks.round_overhead`) with tiny settings: it runs every phase
 (plain processes, the instrumented edge and device, the echo variants, raw forwards, in-process
 references) and its output is complete and internally consistent — every hot-path function it
 times still exists, the parts of a round sum to the round, timed parts alone stay within it,
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import round_overhead as ro
+from gelato.benchmarks import round_overhead as ro
 
 TOL_MS = 0.05  # the few µs between a write returning and the read starting, timer overheads
 
@@ -24,12 +24,12 @@ TOL_MS = 0.05  # the few µs between a write returning and the read starting, ti
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("round_overhead") / "ro"
-    cmd = [sys.executable, "-m", "benchmarks.round_overhead", "--n", "1", "--max-new-tokens", "8"]
+    cmd = [sys.executable, "-m", "gelato.benchmarks.round_overhead", "--n", "1", "--max-new-tokens", "8"]
     cmd += ["--prompts", "demo", "--echo-rounds", "20", "--raw-reps", "2", "--k", "3", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     md = out.with_suffix(".md").read_text()
-    assert "Command: `python -m benchmarks.round_overhead --n 1" in md and "## Where the overhead" in md
+    assert "Command: `python -m gelato.benchmarks.round_overhead --n 1" in md and "## Where the overhead" in md
     assert "| target forward (model) | edge |" in md
     data: dict[str, Any] = json.loads(out.with_suffix(".json").read_text())
     return data
@@ -39,7 +39,7 @@ def test_every_hot_path_function_was_timed_and_output_is_lossless(result: dict[s
     meta = result["meta"]
     assert meta["not_instrumented"] == [], "the real code was renamed: update benchmarks/round_overhead.py"
     assert meta["k"] == 3 and meta["n"] == 1 and meta["threads_per_process"] == 1
-    assert meta["machine"] and meta["command"].startswith("python -m benchmarks.round_overhead")
+    assert meta["machine"] and meta["command"].startswith("python -m gelato.benchmarks.round_overhead")
     assert result["lossless"] is True
     assert list(result["policies"]) == ["fixed-0", "fixed-3"]
 

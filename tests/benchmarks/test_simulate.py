@@ -1,8 +1,8 @@
-"""The trace-driven simulator (`benchmarks.simulate`): the round loop it replays, and the
+"""The trace-driven simulator (`gelato.benchmarks.simulate`): the round loop it replays, and the
 controller's guarantees on replayed traces — budget compliance, the O(1/V)/O(V) trade-off, the
 oracle bound, and entropy-driven drafting beating fixed K where entropy predicts rejection.
 
-No model is loaded: traces are synthetic, written in `benchmarks.traces`'s JSON format and read
+No model is loaded: traces are synthetic, written in `gelato.benchmarks.traces`'s JSON format and read
 back through `load_traces`. Costs resemble the recorded tiny pair (≈1 ms/draft, ≈2 ms verify).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.simulate import (
+from gelato.benchmarks.simulate import (
     Channel,
     Costs,
     Device,
@@ -28,9 +28,9 @@ from benchmarks.simulate import (
     main,
     run_spec,
 )
-from benchmarks.simulate_sweep import CONTROLLERS, SweepConfig, sweep
-from benchmarks.traces import fit_linear, leading_agrees
-from device.policy import FixedK, Gelato, Policy, PolicyOptions, parse_policy
+from gelato.benchmarks.simulate_sweep import CONTROLLERS, SweepConfig, sweep
+from gelato.benchmarks.traces import fit_linear, leading_agrees
+from gelato.device.policy import FixedK, Gelato, Policy, PolicyOptions, parse_policy
 from gelato.types import Telemetry
 
 # (entropy range in nats, P(agree), share of positions): a drafter whose entropy predicts rejection.
@@ -47,7 +47,7 @@ def synthetic_prompt(rng: random.Random, n: int) -> dict[str, Any]:
 
 
 def synthetic_traces(seed: int = 1, prompts: int = 40) -> dict[str, Any]:
-    """A file in `benchmarks.traces`'s format."""
+    """A file in `gelato.benchmarks.traces`'s format."""
     rng = random.Random(seed)
     return {
         "format": "gelato-traces/1",

@@ -168,7 +168,7 @@ def test_energy_probe_bad_arguments(extra: list[str], needle: str) -> None:
 def run_device_env(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """`run_device` with GELATO_DEVICE_* variables added to the environment (none inherited)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("GELATO_DEVICE_")}
-    cmd = [sys.executable, "-m", "device.cli", "--threads", "1", *args]
+    cmd = [sys.executable, "-m", "gelato.device.cli", "--threads", "1", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**base, **env})
 
 
@@ -214,7 +214,7 @@ def test_device_bad_environment(env: dict[str, str], needle: str) -> None:
 
 
 def test_device_help_names_every_variable() -> None:
-    from device.cli import build_parser
+    from gelato.device.cli import build_parser
 
     parser = build_parser()
     text = " ".join(parser.format_help().split())

@@ -23,7 +23,7 @@ PROMPT = "Ava has 3 apples and Ben gives her 4 more. How many apples does Ava ha
 
 
 def device_cmd(pair: dict[str, Path], target: str, trace: Path, extra: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "device.cli", "--threads", "1", "--drafter", str(pair["drafter_agree"])]
+    cmd = [sys.executable, "-m", "gelato.device.cli", "--threads", "1", "--drafter", str(pair["drafter_agree"])]
     cmd += ["--edge", target, "--json", "--trace", str(trace), "--max-new-tokens", "300", "--prompt", PROMPT]
     return [*cmd, "--no-chat-template", "--connect-timeout-s", "5", *extra]
 

@@ -53,7 +53,7 @@ def test_edge_stopped_mid_generation(pair: dict[str, Path], tmp_path: Path, sig:
     reported unreachable within the connect timeout, never a hang or a traceback."""
     edge = EdgeProcess(["--target", str(pair["target"])])
     trace = tmp_path / "trace.jsonl"
-    cmd = [sys.executable, "-m", "device.cli", "--threads", "1", "--drafter", str(pair["drafter_agree"])]
+    cmd = [sys.executable, "-m", "gelato.device.cli", "--threads", "1", "--drafter", str(pair["drafter_agree"])]
     cmd += ["--edge", edge.address, "--json", "--trace", str(trace), "--policy", "fixed-1", "--no-chat-template"]
     cmd += ["--max-new-tokens", "400", "--prompt", "Ava has 3 apples.", "--prompt", "Ben reads 4 pages."]
     dev = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

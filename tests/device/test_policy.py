@@ -11,14 +11,14 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from device.drafter import Drafter
-from device.energy import EnergyAccountant
-from device.generate import Exchange, Limits, Verify, local_verifier, self_verifier, speculative_generate
-from device.pipeline import local_link, pipelined_generate
-from device.policy import POLICY_NAMES, EntropyStop, Gate, Heuristic, PolicyOptions, parse_policy
-from edge.kv_pool import KVPool
-from edge.sessions import TargetSession
 from gelato.controller import Decision
+from gelato.device.drafter import Drafter
+from gelato.device.energy import EnergyAccountant
+from gelato.device.generate import Exchange, Limits, Verify, local_verifier, self_verifier, speculative_generate
+from gelato.device.pipeline import local_link, pipelined_generate
+from gelato.device.policy import POLICY_NAMES, EntropyStop, Gate, Heuristic, PolicyOptions, parse_policy
+from gelato.edge.kv_pool import KVPool
+from gelato.edge.sessions import TargetSession
 from gelato.models import LoadedModel, encode_prompt, load_model
 from gelato.power import open_meter, radio_profile
 from gelato.sampling import process_logits

@@ -1,4 +1,4 @@
-"""Send-ahead speculation in process: the chain loop (`device.pipeline`) against a real target
+"""Send-ahead speculation in process: the chain loop (`gelato.device.pipeline`) against a real target
 session answering in order with a delay, as the edge's stream does. The output must be exactly
 the unpipelined one (greedy and sampled with the same seed: draws are keyed by token position),
 with forced hits (drafter = target), forced misses (a drafter that never agrees) and a mix; the
@@ -12,11 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from device.drafter import Drafter
-from device.generate import GenerationResult, Limits, local_verifier, speculative_generate
-from device.pipeline import local_link, pipelined_generate
-from device.policy import PolicyOptions, parse_policy
-from edge.sessions import StatusError, TargetSession
+from gelato.device.drafter import Drafter
+from gelato.device.generate import GenerationResult, Limits, local_verifier, speculative_generate
+from gelato.device.pipeline import local_link, pipelined_generate
+from gelato.device.policy import PolicyOptions, parse_policy
+from gelato.edge.sessions import StatusError, TargetSession
 from gelato.models import LoadedModel, encode_prompt, load_model
 from gelato.types import DraftBlock, SamplingParams
 

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from device.cli import build_parser as device_parser
-from edge.cli import build_parser as edge_parser
+from gelato.device.cli import build_parser as device_parser
+from gelato.edge.cli import build_parser as edge_parser
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 ROOT = DOCKER.parent

@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from device.client import EdgeClient
-from device.drafter import Drafter
-from device.policy import FixedK
+from gelato.device.client import EdgeClient
+from gelato.device.drafter import Drafter
+from gelato.device.policy import FixedK
 from gelato.models import LoadedModel, encode_prompt
 from gelato.types import PROTOCOL_VERSION, SamplingParams
 from gelato.v1 import gelato_pb2 as pb

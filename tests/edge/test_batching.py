@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from device.drafter import Drafter
-from edge.kv_pool import KVPool, PooledSequence, pooled_forward
-from edge.sessions import TargetSession
+from gelato.device.drafter import Drafter
+from gelato.edge.kv_pool import KVPool, PooledSequence, pooled_forward
+from gelato.edge.sessions import TargetSession
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel
 from gelato.types import SamplingParams, Verdict

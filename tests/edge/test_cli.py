@@ -19,7 +19,7 @@ from tests.conftest import EdgeProcess, run_device
 
 
 def run_edge(*args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "edge.cli", *args]
+    cmd = [sys.executable, "-m", "gelato.edge.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -93,7 +93,7 @@ def test_edge_bad_environment(env: dict[str, str], needle: str) -> None:
 
 
 def run_edge_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "edge.cli", *args]
+    cmd = [sys.executable, "-m", "gelato.edge.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
 
 
@@ -110,7 +110,7 @@ def test_edge_environment_sets_flags_and_command_line_wins(tmp_path: Path) -> No
 
 
 def test_edge_help_names_every_variable() -> None:
-    from edge.cli import build_parser
+    from gelato.edge.cli import build_parser
 
     parser = build_parser()
     text = " ".join(parser.format_help().split())  # unwrapped
@@ -182,12 +182,12 @@ def test_health_port_serves_health_alone(pair: dict[str, Path], monkeypatch: pyt
 
 
 def test_shutdown_grace_flag_cuts_the_drain(pair: dict[str, Path]) -> None:
-    """`benchmarks.load.sigterm_phase` (quick, paced and stalled sessions, a late device) against
+    """`gelato.benchmarks.load.sigterm_phase` (quick, paced and stalled sessions, a late device) against
     an edge with --shutdown-grace-s 1: streams that outlive the grace end UNAVAILABLE at 1 s, the
     edge exits 0 within 1 s + the interpreter's teardown, not after the default 5 s."""
     import asyncio
 
-    from benchmarks.load import EXIT_SLACK_S, sigterm_phase
+    from gelato.benchmarks.load import EXIT_SLACK_S, sigterm_phase
     from gelato.models import load_model
 
     target = load_model(str(pair["target"]), "target", "float32", "cpu")

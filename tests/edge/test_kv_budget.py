@@ -12,9 +12,9 @@ import random
 import pytest
 import torch
 
-from device.drafter import Drafter
-from edge.kv_pool import KVPool, PooledSequence, plan_pool, pooled_forward
-from edge.sessions import AdmissionError, SessionRegistry, TargetSession
+from gelato.device.drafter import Drafter
+from gelato.edge.kv_pool import KVPool, PooledSequence, plan_pool, pooled_forward
+from gelato.edge.sessions import AdmissionError, SessionRegistry, TargetSession
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel
 from gelato.types import SamplingParams, Verdict

@@ -142,7 +142,7 @@ def test_mutual_tls(pair: dict[str, Path], pki: dict[str, Path]) -> None:
 )
 def test_edge_security_flags(args: list[str], needle: str) -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "edge.cli", "--port", "0", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "gelato.edge.cli", "--port", "0", *args], capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 2 and needle in res.stderr, res.stderr
 

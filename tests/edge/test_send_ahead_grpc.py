@@ -11,10 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from device.client import EdgeClient
-from device.drafter import Drafter
-from device.generate import GenerationResult
-from device.policy import PolicyOptions, parse_policy
+from gelato.device.client import EdgeClient
+from gelato.device.drafter import Drafter
+from gelato.device.generate import GenerationResult
+from gelato.device.policy import PolicyOptions, parse_policy
 from gelato.models import LoadedModel, encode_prompt, load_model
 from gelato.types import SamplingParams
 from gelato.v1 import gelato_pb2 as pb

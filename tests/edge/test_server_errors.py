@@ -208,7 +208,7 @@ def iter_until_closed(requests: list[pb.DeviceMessage]) -> Iterator[pb.DeviceMes
 
 def test_log_heavy_edge_keeps_serving(pair: dict[str, Path], fingerprint: str) -> None:
     """1000 rejected streams at --log-level info log ~100 KB, more than a pipe buffer holds: the
-    edge's output is read as it comes (benchmarks.procs.Edge), so the edge never blocks on its log."""
+    edge's output is read as it comes (gelato.benchmarks.procs.Edge), so the edge never blocks on its log."""
     edge = EdgeProcess(["--target", str(pair["target"]), "--log-level", "info"])
     try:
         with grpc.insecure_channel(edge.address) as channel:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from device.cli import build_parser as device_parser
-from device.config import DeviceConfig
-from device.policy import PolicyOptions
-from edge.cli import build_parser as edge_parser
-from edge.config import EdgeConfig
 from gelato.cli_common import EnvArgumentParser, port_number
 from gelato.config import PORT, ConfigError, Settings, add_arguments, between, ge, gt, nested, require, setting
+from gelato.device.cli import build_parser as device_parser
+from gelato.device.config import DeviceConfig
+from gelato.device.policy import PolicyOptions
+from gelato.edge.cli import build_parser as edge_parser
+from gelato.edge.config import EdgeConfig
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from device.energy import EnergyAccountant
+from gelato.device.energy import EnergyAccountant
 from gelato.power import CpuModelMeter, MeterUnavailable, NullMeter, open_meter, radio_profile
 from gelato.power.jetson import JetsonMeter
 from gelato.power.nvml import NvmlMeter

@@ -8,10 +8,10 @@ import asyncio
 import pytest
 import torch
 
-from device.drafter import Drafter
-from device.generate import Limits, local_verifier, speculative_generate
-from device.policy import FixedK
-from edge.sessions import TargetSession
+from gelato.device.drafter import Drafter
+from gelato.device.generate import Limits, local_verifier, speculative_generate
+from gelato.device.policy import FixedK
+from gelato.edge.sessions import TargetSession
 from gelato.models import LoadedModel, default_model_path, encode_prompt, load_model
 from gelato.types import SamplingParams
 

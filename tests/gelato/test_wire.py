@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from device.policy import FixedK, parse_policy
+from gelato.device.policy import FixedK, parse_policy
 from gelato.sampling import derive_seed
 from gelato.types import DraftBlock, SamplingParams, SessionInfo, SessionOpen, SparseDist, Verdict
 from gelato.v1 import gelato_pb2 as pb

@@ -8,13 +8,13 @@
 2. SIGTERM with open sessions: a session that finishes within the grace period ends OK, the
    others (generating slowly, or silent) end UNAVAILABLE with a message when it runs out, a
    device arriving meanwhile is refused UNAVAILABLE, nothing hangs, and the edge exits 0 right
-   after its grace period (`benchmarks.load.EDGE_GRACE_S`, the `server.stop(5.0)` of edge/cli.py;
+   after its grace period (`gelato.benchmarks.load.EDGE_GRACE_S`, the `server.stop(5.0)` of edge/cli.py;
    streams are cut at 5.0 s and the process is gone 0.6-0.9 s later, its interpreter's teardown).
 3. With `--idle-timeout-s 1`, clients that go silent (before open, after open, mid-generation)
    end DEADLINE_EXCEEDED after 1 s of silence, a slow but live session is untouched and exact,
    and sessions return to zero.
 
-The scenarios are `benchmarks.load`'s `kills_phase`, `sigterm_phase` and `stall_phase`.
+The scenarios are `gelato.benchmarks.load`'s `kills_phase`, `sigterm_phase` and `stall_phase`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from benchmarks.load import (
+from gelato.benchmarks.load import (
     EDGE_GRACE_S,
     EXIT_SLACK_S,
     KILL_MODES,

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from edge.batcher import Batcher
-from edge.kv_pool import KVPool
-from edge.metrics import EdgeMetrics
-from edge.sessions import StatusError, TargetSession
+from gelato.edge.batcher import Batcher
+from gelato.edge.kv_pool import KVPool
+from gelato.edge.metrics import EdgeMetrics
+from gelato.edge.sessions import StatusError, TargetSession
 from gelato.models import LoadedModel
 from gelato.types import DraftBlock, SamplingParams, SparseDist, Verdict
 from gelato.v1 import gelato_pb2 as pb

@@ -2,11 +2,11 @@
 draft lengths 0..8 and every 8th one sampling with a fixed seed, all open at once — produce
 exactly their solo verdicts (the same blocks verified by an in-process `TargetSession`), twice;
 after each wave the edge holds no session and no KV (`Info`), and its idle RSS after the second
-wave is within `benchmarks.load.RSS_TOLERANCE_MIB` of the one after the first (the first wave
+wave is within `gelato.benchmarks.load.RSS_TOLERANCE_MIB` of the one after the first (the first wave
 warms the allocators; glibc's mmap threshold is fixed so freed KV leaves RSS at once — see
-`benchmarks.load.FIXED_MALLOC` for why and what the default allocator does).
+`gelato.benchmarks.load.FIXED_MALLOC` for why and what the default allocator does).
 
-The scenario is `benchmarks.load.load_phase`, which `python -m benchmarks.load` runs at scale.
+The scenario is `gelato.benchmarks.load.load_phase`, which `python -m gelato.benchmarks.load` runs at scale.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.load import FIXED_MALLOC, RSS_TOLERANCE_MIB, load_phase, load_specs
+from gelato.benchmarks.load import FIXED_MALLOC, RSS_TOLERANCE_MIB, load_phase, load_specs
 from gelato.models import LoadedModel
 from tests.conftest import EdgeProcess
 
