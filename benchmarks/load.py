@@ -59,10 +59,10 @@ from gelato.benchmarks.procs import Edge, machine, start_edge
 from gelato.channel import CLIENT_OPTIONS
 from gelato.edge.verifier import TargetSession
 from gelato.models import LoadedModel, default_model_path, load_model
-from gelato.types import SamplingParams
+from gelato.types import EdgeInfo, SamplingParams
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
-from gelato.wire import WireError, decode_sampling, encode_block
+from gelato.wire import WireError, decode_info, decode_sampling, encode_block
 from tests.reliability.streams import Spec, make_block, open_message
 
 CALL_TIMEOUT_S = 60.0  # every stream's deadline: nothing here may hang longer
@@ -98,12 +98,12 @@ def channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
 
 
-async def info(address: str) -> pb.InfoResponse:
+async def info(address: str) -> EdgeInfo:
     async with channel(address) as ch:
-        return await pb_grpc.GelatoStub(ch).Info(pb.InfoRequest(), timeout=10)
+        return decode_info(await pb_grpc.GelatoStub(ch).Info(pb.InfoRequest(), timeout=10))
 
 
-def kv_state(resp: pb.InfoResponse) -> dict[str, int]:
+def kv_state(resp: EdgeInfo) -> dict[str, int]:
     return {
         "active_sessions": resp.active_sessions,
         "kv_bytes_in_use": resp.kv_bytes_in_use,
@@ -149,8 +149,11 @@ class Monitor:
         async with channel(self.address) as ch:
             stub = pb_grpc.GelatoStub(ch)
             while True:
-                resp = await stub.Info(pb.InfoRequest(), timeout=10)
-                sample = {"active_sessions": resp.active_sessions, "kv_pool_bytes": resp.kv_pool_bytes}
+                resp = decode_info(await stub.Info(pb.InfoRequest(), timeout=10))
+                sample: dict[str, float] = {
+                    "active_sessions": resp.active_sessions,
+                    "kv_pool_bytes": resp.kv_pool_bytes,
+                }
                 sample["rss_mib"] = rss_mib(self.pid)
                 self.peak = {k: max(v, sample[k]) for k, v in self.peak.items()}
                 await asyncio.sleep(self.period_s)
@@ -676,7 +679,7 @@ def fuzz_phase(address: str, pid: int, n_cases: int) -> dict:
 
     t0 = time.perf_counter()
     with grpc.insecure_channel(address) as ch:
-        resp = pb_grpc.GelatoStub(ch).Info(pb.InfoRequest(), timeout=10)
+        resp = decode_info(pb_grpc.GelatoStub(ch).Info(pb.InfoRequest(), timeout=10))
         fp = resp.tokenizer_fingerprint
         fuzzer = Fuzzer(random.Random(SEED), fp, resp.vocab_size, resp.context_limit, resp.max_draft_tokens)
         cases = [*fuzzer.generate(n_cases), *bad_sampling_cases(fp)]

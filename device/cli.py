@@ -126,7 +126,7 @@ def transport_security(config: DeviceConfig) -> tuple[grpc.ChannelCredentials | 
 
 
 def open_accountant(config: DeviceConfig) -> EnergyAccountant:
-    meter = NullMeter("--meter none") if config.meter == "none" else open_meter(config.meter, config.device_profile)
+    meter = NullMeter() if config.meter == "none" else open_meter(config.meter, config.device_profile)
     return EnergyAccountant(meter, radio_profile(config.radio))
 
 

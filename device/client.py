@@ -38,10 +38,10 @@ from gelato.device.pipeline import Link, pipelined_generate
 from gelato.device.policy import Policy
 from gelato.power import NullMeter
 from gelato.security import bearer_metadata
-from gelato.types import DraftBlock, SessionInfo, SessionOpen, Telemetry, Verdict
+from gelato.types import DraftBlock, EdgeInfo, SessionInfo, SessionOpen, Telemetry, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
-from gelato.wire import WireError, decode_opened, decode_verdict, encode_block, encode_open
+from gelato.wire import WireError, decode_info, decode_opened, decode_verdict, encode_block, encode_open
 
 T = TypeVar("T")
 log = logging.getLogger("gelato.device")
@@ -110,12 +110,15 @@ class EdgeClient:
         except TimeoutError:
             raise EdgeUnreachable(self.target, self.connect_timeout_s, self.tls) from None
 
-    async def info(self) -> pb.InfoResponse:
+    async def info(self) -> EdgeInfo:
         await self.connect()
         try:
-            return await self.stub.Info(pb.InfoRequest(), timeout=self.connect_timeout_s, metadata=self.metadata)
+            resp = await self.stub.Info(pb.InfoRequest(), timeout=self.connect_timeout_s, metadata=self.metadata)
+            return decode_info(resp)
         except grpc.aio.AioRpcError as exc:
             raise EdgeError(exc.code(), exc.details() or "") from exc
+        except WireError as exc:
+            raise EdgeError(grpc.StatusCode.INTERNAL, str(exc)) from exc
 
     async def close(self) -> None:
         await self.channel.close()

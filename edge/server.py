@@ -36,9 +36,9 @@ from gelato.edge.metrics import EdgeMetrics
 from gelato.edge.sessions import AdmissionError, SessionRegistry, StatusError, TargetSession
 from gelato.models import LoadedModel, load_model
 from gelato.security import server_credentials
-from gelato.types import PROTOCOL_VERSION, DraftBlock, SessionInfo, Verdict
+from gelato.types import PROTOCOL_VERSION, DraftBlock, EdgeInfo, SessionInfo, Verdict
 from gelato.v1 import gelato_pb2 as pb
-from gelato.wire import WireError, clip, decode_block, decode_open, encode_opened, encode_verdict
+from gelato.wire import WireError, clip, decode_block, decode_open, encode_info, encode_opened, encode_verdict
 
 log = logging.getLogger("gelato.edge")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gelato"].full_name
@@ -140,21 +140,23 @@ class GelatoService:
             m = self._require_model()
         except StatusError as exc:
             await context.abort(exc.code, clip(exc.details, MAX_DETAILS))
-        return pb.InfoResponse(
-            protocol_version=PROTOCOL_VERSION,
-            target_model=m.name,
-            tokenizer_fingerprint=m.fingerprint,
-            vocab_size=m.vocab_size,
-            context_limit=m.context_limit,
-            max_draft_tokens=self.config.max_draft_tokens,
-            max_sessions=self.config.max_sessions,
-            active_sessions=len(self.registry),
-            eos_token_ids=m.eos_token_ids,
-            kv_bytes_in_use=self.registry.kv_bytes(),
-            kv_bytes_reserved=self.registry.reserved_bytes,
-            kv_budget_bytes=self.registry.kv_budget_bytes,
-            kv_pool_bytes=self.registry.pool_bytes(),
-            max_ahead_rounds=self.config.max_ahead_rounds,
+        return encode_info(
+            EdgeInfo(
+                protocol_version=PROTOCOL_VERSION,
+                target_model=m.name,
+                tokenizer_fingerprint=m.fingerprint,
+                vocab_size=m.vocab_size,
+                context_limit=m.context_limit,
+                max_draft_tokens=self.config.max_draft_tokens,
+                max_sessions=self.config.max_sessions,
+                active_sessions=len(self.registry),
+                eos_token_ids=tuple(m.eos_token_ids),
+                kv_bytes_in_use=self.registry.kv_bytes(),
+                kv_bytes_reserved=self.registry.reserved_bytes,
+                kv_budget_bytes=self.registry.kv_budget_bytes,
+                kv_pool_bytes=self.registry.pool_bytes(),
+                max_ahead_rounds=self.config.max_ahead_rounds,
+            )
         )
 
     async def Session(

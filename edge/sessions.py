@@ -38,10 +38,9 @@ session (its slot; the pool shrinks when it can) and is idempotent, so every way
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import grpc
 import torch
@@ -76,8 +75,6 @@ class TargetSession:
     # The last round's target token when that round accepted every draft, else None: what a
     # send-ahead block for the next round must have guessed.
     last_bonus: int | None = None
-    opened_at: float = field(default_factory=time.monotonic)
-    last_active: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         if self.pool is None:
@@ -184,7 +181,6 @@ class TargetSession:
         self.seq.set_tail(base, [*block.ids[:a], nxt])
         self.last_bonus = nxt if a == block.k else None
         self.rounds += 1
-        self.last_active = time.monotonic()
         return a, nxt
 
     def kv_bytes(self) -> int:
@@ -199,13 +195,6 @@ class TargetSession:
 
 class AdmissionError(RuntimeError):
     """Opening one more session would exceed a limit; existing sessions are unaffected."""
-
-
-def kv_bytes_per_token(loaded: LoadedModel) -> int:
-    cfg = loaded.model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    elem = next(loaded.model.parameters()).element_size()
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
 
 
 class SessionRegistry:

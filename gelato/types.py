@@ -71,6 +71,28 @@ class SessionInfo:
 
 
 @dataclass(frozen=True)
+class EdgeInfo:
+    """What an edge says about itself (`Info` on the wire): the target, its limits and its load.
+    `kv_*_bytes`: KV memory of open sessions (in use / reserved by admission), the admission budget
+    (0: none) and what the slot pool holds; `max_ahead_rounds`: send-ahead depth (0: none)."""
+
+    protocol_version: int
+    target_model: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    context_limit: int
+    max_draft_tokens: int
+    max_sessions: int
+    active_sessions: int
+    eos_token_ids: tuple[int, ...]
+    kv_bytes_in_use: int = 0
+    kv_bytes_reserved: int = 0
+    kv_budget_bytes: int = 0
+    kv_pool_bytes: int = 0
+    max_ahead_rounds: int = 0
+
+
+@dataclass(frozen=True)
 class SparseDist:
     """A draft distribution q over a sparse support: q(ids[j]) = probs[j] / sum(probs)."""
 

@@ -1,8 +1,8 @@
 """Codec between the boundary dataclasses (`gelato.types`) and the v1 protobuf messages.
 
-Contract: one encode/decode pair per message a session exchanges — open (`SessionOpen`), opened
-(`SessionInfo`), draft block, verdict — and the sampling parameters and sparse distributions
-inside them. `encode_*` never fails on a well-formed dataclass; `decode_*` (and `check_block`, for
+Contract: one encode/decode pair per message the edge and a device exchange — `Info` (`EdgeInfo`),
+open (`SessionOpen`), opened (`SessionInfo`), draft block, verdict — and the sampling parameters and
+sparse distributions inside them. `encode_*` never fails on a well-formed dataclass; `decode_*` (and `check_block`, for
 a `DraftBlock` built elsewhere) validates everything a peer could get wrong and raises `WireError`
 with a message naming the field, which the edge turns into INVALID_ARGUMENT. Messages quote
 client strings only through `clip`, so no error grows with the client's input. Sparse
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gelato.types import DraftBlock, SamplingParams, SessionInfo, SessionOpen, SparseDist, Verdict
+from gelato.types import DraftBlock, EdgeInfo, SamplingParams, SessionInfo, SessionOpen, SparseDist, Verdict
 from gelato.v1 import gelato_pb2 as pb
 
 
@@ -93,6 +93,50 @@ def decode_opened(msg: pb.SessionOpened) -> SessionInfo:
         target_model=msg.target_model,
         context_limit=msg.context_limit,
         max_draft_tokens=msg.max_draft_tokens,
+        max_ahead_rounds=msg.max_ahead_rounds,
+    )
+
+
+def encode_info(info: EdgeInfo) -> pb.InfoResponse:
+    return pb.InfoResponse(
+        protocol_version=info.protocol_version,
+        target_model=info.target_model,
+        tokenizer_fingerprint=info.tokenizer_fingerprint,
+        vocab_size=info.vocab_size,
+        context_limit=info.context_limit,
+        max_draft_tokens=info.max_draft_tokens,
+        max_sessions=info.max_sessions,
+        active_sessions=info.active_sessions,
+        eos_token_ids=info.eos_token_ids,
+        kv_bytes_in_use=info.kv_bytes_in_use,
+        kv_bytes_reserved=info.kv_bytes_reserved,
+        kv_budget_bytes=info.kv_budget_bytes,
+        kv_pool_bytes=info.kv_pool_bytes,
+        max_ahead_rounds=info.max_ahead_rounds,
+    )
+
+
+def decode_info(msg: pb.InfoResponse) -> EdgeInfo:
+    """Fields an older edge omits read as proto3's 0 (no budget, no send-ahead); a vocabulary or
+    context of 0 cannot be served against and is refused."""
+    if msg.vocab_size < 1:
+        raise WireError(f"Info: vocab_size must be >= 1, got {msg.vocab_size}")
+    if msg.context_limit < 1:
+        raise WireError(f"Info: context_limit must be >= 1, got {msg.context_limit}")
+    return EdgeInfo(
+        protocol_version=msg.protocol_version,
+        target_model=msg.target_model,
+        tokenizer_fingerprint=msg.tokenizer_fingerprint,
+        vocab_size=msg.vocab_size,
+        context_limit=msg.context_limit,
+        max_draft_tokens=msg.max_draft_tokens,
+        max_sessions=msg.max_sessions,
+        active_sessions=msg.active_sessions,
+        eos_token_ids=tuple(msg.eos_token_ids),
+        kv_bytes_in_use=msg.kv_bytes_in_use,
+        kv_bytes_reserved=msg.kv_bytes_reserved,
+        kv_budget_bytes=msg.kv_budget_bytes,
+        kv_pool_bytes=msg.kv_pool_bytes,
         max_ahead_rounds=msg.max_ahead_rounds,
     )
 

@@ -92,10 +92,6 @@ class EwLinear:
             slope = max((my - intercept) / mx, self.min_slope)
         return intercept, slope
 
-    def predict(self, x: float) -> float:
-        a, b = self.coefficients()
-        return a + b * x
-
 
 @dataclass
 class EwPowerSplit:

@@ -1,8 +1,9 @@
 """Meter interface shared by every energy source (SPEC §4.1).
 
 Contract: a `Meter` reports cumulative joules since it was created, with its source name and
-whether the figure is `measured` or `estimated`. A meter that cannot read (no sensor, no
-permission) reports NaN — never 0 J — and says why in `unavailable_reason`. Meters are cheap to
+whether the figure is `measured` or `estimated`. Opening a meter whose sensor is absent or
+unreadable raises `MeterUnavailable` with the reason; `NullMeter` (no sensor chosen) reads NaN —
+never 0 J. Meters are cheap to
 read (no sleeping); the ones that integrate power sample on a background thread.
 """
 
@@ -62,10 +63,6 @@ class NullMeter(Meter):
 
     source = "none"
     kind: Kind = "unavailable"
-
-    def __init__(self, reason: str = "no energy meter") -> None:
-        super().__init__()
-        self.unavailable_reason = reason
 
     def joules_at(self, now: float) -> float:
         return math.nan

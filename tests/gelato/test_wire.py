@@ -7,18 +7,20 @@ import pytest
 
 from gelato.device.policy import FixedK, parse_policy
 from gelato.sampling import derive_seed
-from gelato.types import DraftBlock, SamplingParams, SessionInfo, SessionOpen, SparseDist, Verdict
+from gelato.types import DraftBlock, EdgeInfo, SamplingParams, SessionInfo, SessionOpen, SparseDist, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.wire import (
     WireError,
     check_block,
     clip,
     decode_block,
+    decode_info,
     decode_open,
     decode_opened,
     decode_sampling,
     decode_verdict,
     encode_block,
+    encode_info,
     encode_open,
     encode_opened,
     encode_sampling,
@@ -151,3 +153,31 @@ def test_opened_round_trip() -> None:
     assert decode_opened(older).max_ahead_rounds == 0  # an edge without send-ahead
     with pytest.raises(WireError, match="context_limit must be >= 1"):
         decode_opened(pb.SessionOpened(session_id="s1"))
+
+
+def test_info_round_trip() -> None:
+    """Every field survives; an older edge's missing fields read as 0; an unusable edge is refused."""
+    info = EdgeInfo(
+        protocol_version=1,
+        target_model="t",
+        tokenizer_fingerprint="fp",
+        vocab_size=4096,
+        context_limit=512,
+        max_draft_tokens=32,
+        max_sessions=64,
+        active_sessions=3,
+        eos_token_ids=(2, 7),
+        kv_bytes_in_use=11,
+        kv_bytes_reserved=22,
+        kv_budget_bytes=33,
+        kv_pool_bytes=44,
+        max_ahead_rounds=4,
+    )
+    assert decode_info(encode_info(info)) == info
+    assert all(getattr(encode_info(info), f) for f in pb.InfoResponse.DESCRIPTOR.fields_by_name), "a field is dropped"
+    older = pb.InfoResponse(protocol_version=1, target_model="t", vocab_size=10, context_limit=8, max_draft_tokens=4)
+    assert decode_info(older).max_ahead_rounds == 0 and decode_info(older).kv_budget_bytes == 0
+    with pytest.raises(WireError, match="vocab_size must be >= 1"):
+        decode_info(pb.InfoResponse(context_limit=8))
+    with pytest.raises(WireError, match="context_limit must be >= 1"):
+        decode_info(pb.InfoResponse(vocab_size=10))
