@@ -10,8 +10,8 @@ Contract: `CostEstimator.observe(tele)` takes one round's `Telemetry`; `model()`
 Every estimate is exponentially weighted with one half-life (in rounds), so it follows a channel or
 an edge load that drifts. Drafting time, edge time, network time and radio energy are fitted as
 `a + b·K` (`EwLinear`): a block's first drafter forward also feeds the round's new tokens and the
-drafter thread has to wake up (measured here: a 1-draft block costs ~2.7× a draft of a 6-draft
-block), verifying more drafts costs more on a CPU edge, a bigger block takes longer to send.
+drafter thread has to wake up (so a 1-draft block costs more than a draft of a long block),
+verifying more drafts costs more on a CPU edge, a bigger block takes longer to send.
 Device energy is split into drafting power and waiting (idle) power: measured, when the meter was
 also read at the end of drafting (`Telemetry.e_draft_j`, what the device loop does), as energy over
 time on each side of that reading; otherwise by a weighted least-squares fit of each round's metered
