@@ -76,8 +76,10 @@ def health_check(address: str, timeout_s: float, tls: bool = False) -> int:
 
 async def load_target(server: EdgeServer, config: EdgeConfig) -> LoadedModel:
     """`server.load`, or with --device-map the same steps with accelerate's placement (the model
-    thread loads; health flips to SERVING once the target is there)."""
-    from gelato.models import ModelLoadError, execution_devices, load_model
+    thread loads; health flips to SERVING once the target is there). A placement the KV pool cannot
+    follow (a layer whose parts run on different devices) is a ModelLoadError naming it."""
+    from gelato.edge.placement import model_kv_devices
+    from gelato.models import ModelLoadError, load_model
 
     if config.device_map is None:
         return await server.load(config.target, config.dtype, config.device)
@@ -94,16 +96,12 @@ async def load_target(server: EdgeServer, config: EdgeConfig) -> LoadedModel:
         offload_folder=config.offload_folder,
     )
     loaded = await asyncio.get_running_loop().run_in_executor(server.service.executor, load)
-    where = sorted(str(d) for d in execution_devices(loaded.model))
-    first = next(loaded.model.parameters()).device
-    if where != [str(first)]:  # the KV pool lives where the first weight is, one device for all layers
-        placed = getattr(loaded.model, "hf_device_map", {})
-        raise ModelLoadError(
-            f"--device-map {config.device_map} ran the target's layers on {', '.join(where)} and put its first weight "
-            f"on {first} ({placed}); the edge keeps all sessions' KV on one device, so it needs one execution "
-            "device holding the input embedding: give that device more --max-memory (weights beyond it may "
-            "still lie in CPU memory or on disk)"
-        )
+    try:  # each layer's KV goes where the layer runs (gelato.edge.kv_pool)
+        devices = model_kv_devices(loaded.model)
+    except ValueError as exc:
+        raise ModelLoadError(f"--device-map {config.device_map}: {exc}") from None
+    runs = ", ".join(f"{devices.count(d)} on {d}" for d in dict.fromkeys(devices))
+    print(f"gelato-edge: --device-map {config.device_map}: layers (and their KV) run {runs}", file=sys.stderr)
     server.service.loaded = loaded
     await server._set_health(health_pb2.HealthCheckResponse.SERVING)
     return loaded

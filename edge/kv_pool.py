@@ -14,9 +14,9 @@ session while a forward that still includes its old owner is pending.
 Why a pool rather than stacking per-session `DynamicCache`s: `benchmarks/kv_layouts.py` (home of
 the stacked layout) measured both on the same ragged batches (results in
 `benchmarks/results/kv_layouts_cpu.md`). Stacking copies every row's past KV per layer (left-pad +
-cat) and the cache's own update copies it again: at 8 / 16 rows a verify costs 1.45 / 1.98× a raw
-forward. The pool writes only the new tokens and hands attention a view of its rows (consecutive
-slots) or one gather, and costs what a raw forward costs (0.92 / 0.96×). The price is memory:
+cat) and the cache's own update copies it again, so its cost grows with the rows well past a raw
+forward's. The pool writes only the new tokens and hands attention a view of its rows (consecutive
+slots) or one gather, and costs about what a raw forward costs. The price is memory:
 every slot is as long as the pool's context.
 
 Sizing: whoever admits sessions (`gelato.edge.sessions.SessionRegistry`) decides the pool's shape with the
@@ -27,6 +27,16 @@ allocation or forward, moving live rows down into low slots when the pool shrink
 `--kv-budget-mb` bounds the memory the pool really holds, and an idle edge holds none. A pool
 without a target (tests, benchmarks, a lone `TargetSession`) grows by doubling on demand instead.
 Freed slots are reused lowest-first so busy batches stay consecutive.
+
+Placement: each layer's KV lives where the layer executes (`KVPool(..., devices=)`, by default
+`gelato.edge.placement.model_kv_devices`): one device for an ordinary model; for a target placed by accelerate
+(`gelato-edge --device-map`) the pure `layer_devices(hf_device_map)` — the layer's own device, or
+for one offloaded to CPU memory or disk the main device it runs on. So a target split over several
+GPUs keeps each layer's KV on its GPU. Ids, positions and the mask are built on the input
+embedding's device (`KVPool.device`; accelerate's hooks carry them on), the index tensors are
+copied once per forward to each further device, and the logits come back on `KVPool.device`.
+Growth, shrinking and compaction move each layer's KV on its device; the bytes are the same. With
+every layer on `KVPool.device` a forward takes the one-device path, as before placement existed.
 
 How the forward works: a duck-typed cache whose `update(k, v, layer)` scatters the new keys and
 values to `(slot_i, cached_i + j)` and returns this batch's pool rows `[:, :, :L]`. Rows are
@@ -45,11 +55,14 @@ all-zero mask without building it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from gelato.edge.placement import DeviceLike, as_device, model_kv_devices
 from gelato.kv import KVSequence, cache_kwarg
+from gelato.models import input_device
 
 
 class _PoolCache:
@@ -101,6 +114,19 @@ class _PoolCache:
         return 0  # positions are always passed explicitly
 
 
+class _SplitPoolCache:
+    """Layers on several devices: one `_PoolCache` per device; layer `i` goes to `parts[group[i]]`."""
+
+    def __init__(self, parts: list[_PoolCache], group: list[int]) -> None:
+        self.parts, self.group = parts, group
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args: Any, **kw: Any) -> tuple:
+        return self.parts[self.group[layer]].update(keys, values, layer, *args, **kw)
+
+    def get_seq_length(self, layer: int = 0) -> int:
+        return 0
+
+
 def plan_pool(
     current: tuple[int, int], sessions: int, tokens: int, budget_tokens: int = 0, align: int = 64
 ) -> tuple[int, int] | None:
@@ -127,15 +153,34 @@ def plan_pool(
 
 
 class KVPool:
-    def __init__(self, model: Any, vocab_size: int, slots: int = 4, context: int = 256, max_context: int = 0) -> None:
+    """Every session's target KV, one tensor per layer on that layer's device (module docstring).
+    `devices`: per layer, where it executes (default `model_kv_devices(model)`); the model must
+    bring each layer's inputs to its device (accelerate's hooks do)."""
+
+    def __init__(
+        self,
+        model: Any,
+        vocab_size: int,
+        slots: int = 4,
+        context: int = 256,
+        max_context: int = 0,
+        devices: Sequence[DeviceLike] | None = None,
+    ) -> None:
         cfg = model.config
         self.model, self.vocab_size = model, vocab_size
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
-        param = next(model.parameters())
-        self.dtype, self.device = param.dtype, param.device
+        self.dtype = next(model.parameters()).dtype
+        self.device = input_device(model)  # ids, positions, mask and the logits returned
         self.max_context = max_context or int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20)
         self.layers = cfg.num_hidden_layers
+        self.layer_devices = [as_device(d) for d in devices] if devices is not None else model_kv_devices(model)
+        if len(self.layer_devices) != self.layers:
+            raise ValueError(f"{len(self.layer_devices)} KV devices given for {self.layers} layers")
+        # Devices other than `self.device`, in layer order, and each layer's index among
+        # [self.device, *those]: empty when every layer runs on `self.device` (the plain path).
+        self._others = list(dict.fromkeys(d for d in self.layer_devices if d != self.device))
+        self._group = [0 if d == self.device else 1 + self._others.index(d) for d in self.layer_devices]
         self.cache_kwarg = cache_kwarg(model)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -169,8 +214,8 @@ class KVPool:
         keep_s, keep_c = min(slots, self.slots), min(context, self.context)
         shape = (slots, self.kv_heads, context, self.head_dim)
         for store in (self.keys, self.values):
-            for layer in range(self.layers):
-                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            for layer, device in enumerate(self.layer_devices):
+                new = torch.zeros(shape, dtype=self.dtype, device=device)
                 if len(store) > layer:
                     new[:keep_s, :, :keep_c] = store[layer][:keep_s, :, :keep_c]
                     store[layer] = new  # one layer at a time: the old one is freed as we go
@@ -243,6 +288,16 @@ class KVPool:
             index = self._slot_index[key] = torch.tensor(key, device=self.device)
         return index
 
+    def _split(
+        self, first: _PoolCache, slots: list[int], positions: torch.Tensor, kv_len: int, valid: torch.Tensor | None
+    ) -> _SplitPoolCache:
+        """`first` (this forward's cache on `self.device`) and one like it on each further device."""
+        parts, single = [first], first.single
+        for device in self._others:
+            moved = valid.to(device) if valid is not None else None
+            parts.append(_PoolCache(self, slots, first.slots.to(device), positions.to(device), kv_len, moved, single))
+        return _SplitPoolCache(parts, self._group)
+
     @torch.inference_mode()
     def forward(self, rows: list[tuple[int, int, list[int]]], last_only: bool = False) -> list[torch.Tensor]:
         """One forward over `(slot, cached_len, new_ids)` rows; logits per row (or its last).
@@ -279,14 +334,18 @@ class KVPool:
             mask = torch.where(visible, self._visible, self._hidden)
         slots = [s for s, _, _ in rows]
         single = (slots[0], rows[0][1], n_max) if batch == 1 else None
+        first = _PoolCache(self, slots, self._index(slots), positions, kv_len, valid, single)
+        cache = self._split(first, slots, positions, kv_len, valid) if self._others else first
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
-            **{self.cache_kwarg: _PoolCache(self, slots, self._index(slots), positions, kv_len, valid, single)},
+            **{self.cache_kwarg: cache},
         )
         logits = out.logits[:, :, : self.vocab_size].float()
+        if self._others:  # accelerate brings them back already; any other split model may not
+            logits = logits.to(self.device)
         if last_only:
             return [logits[i, n - 1 : n] for i, n in enumerate(lengths)]
         return [logits[i, :n] for i, n in enumerate(lengths)]

@@ -10,11 +10,26 @@ UNAVAILABLE; INTERNAL only for a genuine server fault, and then for that session
 server and other sessions go on. Client strings are echoed only clipped (`gelato.wire.clip`).
 Model forwards run on one model thread, never on the event loop. A session is released however
 its stream ends.
+
+Shutdown (`EdgeServer.stop(grace_s)`): health turns NOT_SERVING and new calls are refused at once;
+open sessions are served as usual for `grace_s`. Then the edge itself ends every Session stream
+still open with UNAVAILABLE `SHUTDOWN_DETAILS`, at a moment its device is waiting for the edge, not
+writing: the device's next message is answered with that status instead of being served, a verdict
+being computed is replaced by it, and a stream whose device has sent nothing for `SETTLE_S` since
+its last answer (a silent device) is ended then; gRPC cancels whatever is still open (other
+services' calls, a stuck forward) `SETTLE_S + BACKSTOP_S` after the grace period. Why not leave it
+all to gRPC: `server.stop(grace)` cancels the calls at the deadline whatever the device is doing,
+and a grpc.aio client whose write is in flight when its call ends reports INTERNAL "Internal error
+from Core" (its failed send) instead of the server's status, so a device in mid-write could not
+tell a shutdown (fail over) from a fault. A device that writes without waiting for its answer
+(send-ahead), or thinks for longer than `SETTLE_S` and writes just as it is ended, can still
+meet that race.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -46,6 +61,12 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gelato"].full_name
 # would then split the connections between them. One edge per port.
 EDGE_SERVER_OPTIONS = [*SERVER_OPTIONS, ("grpc.so_reuseport", 0)]
 MAX_DETAILS = 1000  # characters of a status message: far below gRPC's 8 KiB metadata limit
+SHUTDOWN_DETAILS = "edge shutting down: reopen the session with its accepted prefix on another edge"
+# After the grace period, how long a stream may stay silent after its last answer before it is
+# ended anyway (its device's next message is answered UNAVAILABLE within this time).
+SETTLE_S = 0.5
+BACKSTOP_S = 0.5  # gRPC cancels every call still open this long after that (e.g. a stuck forward)
+_POLL_S = 0.02  # how often shutdown looks again at streams owed an answer
 _M = TypeVar("_M", bound=Message)
 
 
@@ -85,11 +106,27 @@ def _parse(cls: type[_M], data: bytes) -> _M:
         ) from None
 
 
+class _Stream:
+    """An open Session stream as shutdown sees it: the task serving it, since when
+    (`time.monotonic()`) it waits for its device's next message (None while the edge owes the device
+    an answer), and whether shutdown has cut it."""
+
+    __slots__ = ("cut", "task", "waiting_since")
+
+    def __init__(self, task: asyncio.Task | None) -> None:
+        self.task = task
+        self.waiting_since: float | None = None
+        self.cut = False
+
+
 class GelatoService:
     """`gelato.v1.Gelato` on raw request bytes (see `handler`)."""
 
     def __init__(self, config: EdgeConfig) -> None:
         self.config = config
+        self.streams: set[_Stream] = set()  # open Session streams (event loop only)
+        self.ending = False  # the grace period is over: every stream ends at its next chance
+        self._stream_ended = asyncio.Event()
         self.loaded: LoadedModel | None = None
         self.metrics = EdgeMetrics()
         # One model thread: forwards never run on the event loop and never race on the model.
@@ -163,17 +200,22 @@ class GelatoService:
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EdgeMessage]:
         session: TargetSession | None = None
+        stream = _Stream(asyncio.current_task())
+        self.streams.add(stream)
         try:
             while True:
-                msg = await self._next_message(context)
+                msg = await self._next_message(context, stream)
                 if msg is None:
                     break
                 received = time.perf_counter()
                 kind = msg.WhichOneof("kind")
+                if self.ending and kind != "close":
+                    raise StatusError(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
                 if kind == "open":
                     if session is not None:
                         raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "session already open")
                     session = await self._open(msg.open)
+                    self._refuse_if_ending()
                     yield encode_opened(
                         SessionInfo(
                             session_id=session.session_id,
@@ -186,7 +228,9 @@ class GelatoService:
                 elif kind == "draft":
                     if session is None:
                         raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "draft block before open")
-                    yield encode_verdict(await self._verify(session, msg.draft, received))
+                    verdict = await self._verify(session, msg.draft, received)
+                    self._refuse_if_ending()  # the device waits for this answer: end the stream now
+                    yield encode_verdict(verdict)
                     self._update_gauges()
                 elif kind == "generate":
                     if session is None:
@@ -204,17 +248,63 @@ class GelatoService:
             details = clip(exc.details, MAX_DETAILS)
             log.info("session %s: %s %s", session and session.session_id, exc.code.name, details)
             await context.abort(exc.code, details)
+        except asyncio.CancelledError:
+            if not stream.cut:  # the device cancelled or vanished: there is no one to answer
+                raise
+            log.info("session %s: UNAVAILABLE %s", session and session.session_id, SHUTDOWN_DETAILS)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
         except Exception as exc:  # a server fault (e.g. the prefill failed): this stream only, named
             log.exception("session %s failed", session and session.session_id)
             await context.abort(grpc.StatusCode.INTERNAL, clip(f"edge error: {exc}", MAX_DETAILS))
         finally:
+            self.streams.discard(stream)
+            self._stream_ended.set()
             if session is not None:
                 self.registry.release(session.session_id)
                 self._update_gauges()
 
-    async def _next_message(self, context: grpc.aio.ServicerContext) -> pb.DeviceMessage | None:
+    def _refuse_if_ending(self) -> None:
+        if self.ending:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
+
+    async def end_streams(self, grace_s: float, settle_s: float = SETTLE_S) -> None:
+        """Serve open Session streams as usual for `grace_s` (returning as soon as none is left),
+        then end each one UNAVAILABLE while its device waits for the edge (module docstring): at
+        its next message, when its verdict is ready, or once it has been silent for `settle_s`
+        after its last answer. Returns when no stream is left, or `settle_s + BACKSTOP_S` after the
+        grace period whatever happens (gRPC's own cancellation then ends the rest)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.streams and loop.time() < deadline:
+            await self._until_a_stream_ends(deadline)
+        self.ending = True
+        give_up = deadline + settle_s + BACKSTOP_S
+        while self.streams and loop.time() < give_up:
+            now, wake = time.monotonic(), loop.time() + _POLL_S
+            for stream in self.streams:
+                if stream.cut or stream.waiting_since is None:
+                    continue  # cut already, or owed an answer: ends as soon as that is ready
+                silent_s = now - stream.waiting_since
+                if silent_s >= settle_s and stream.task is not None:
+                    stream.cut = True
+                    stream.task.cancel()  # lands in its read: `Session` answers UNAVAILABLE
+                else:
+                    wake = min(wake, loop.time() + settle_s - silent_s)
+            await self._until_a_stream_ends(min(wake, give_up))
+
+    async def _until_a_stream_ends(self, until: float) -> None:
+        """Wait until a stream ends or the loop's clock reaches `until`."""
+        self._stream_ended.clear()
+        timeout_s = until - asyncio.get_running_loop().time()
+        if timeout_s > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stream_ended.wait(), timeout_s)
+
+    async def _next_message(self, context: grpc.aio.ServicerContext, stream: _Stream) -> pb.DeviceMessage | None:
         """The device's next message; None at end of stream. A device silent for longer than the
-        idle timeout has vanished: its session ends (DEADLINE_EXCEEDED) and is freed."""
+        idle timeout has vanished: its session ends (DEADLINE_EXCEEDED) and is freed. While it
+        waits, `stream.waiting_since` says since when (shutdown may cut the wait)."""
+        stream.waiting_since = time.monotonic()
         try:
             data = await asyncio.wait_for(context.read(), timeout=self.config.idle_timeout_s)
         except TimeoutError:
@@ -222,6 +312,8 @@ class GelatoService:
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"session idle for more than {self.config.idle_timeout_s:g} s; reopen with the accepted prefix",
             ) from None
+        finally:
+            stream.waiting_since = None
         if data is grpc.aio.EOF:
             return None
         return _parse(pb.DeviceMessage, data)
@@ -294,6 +386,7 @@ class GelatoService:
             if session.length >= room:
                 return  # the device sees the stream end short and knows the context is full
             verdict = await self._verify_block(session, DraftBlock(round=session.rounds, ids=()), received)
+            self._refuse_if_ending()
             yield verdict
             received = time.perf_counter()
             if verdict.next_token in eos:
@@ -364,7 +457,14 @@ class EdgeServer:
         await self.health.set(SERVICE_NAME, status)  # type: ignore[arg-type]
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        """Health NOT_SERVING and no new calls at once, open sessions get `grace_s`, then each is
+        ended UNAVAILABLE (`GelatoService.end_streams`); gRPC cancels any other call left
+        `SETTLE_S + BACKSTOP_S` after the grace period."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace_s)
+        core = asyncio.ensure_future(self.server.stop(grace_s + SETTLE_S + BACKSTOP_S))  # refuses new calls now
+        try:
+            await self.service.end_streams(grace_s)
+        finally:
+            await core
         await self.service.batcher.stop()
         self.service.executor.shutdown(wait=False)

@@ -183,11 +183,14 @@ def test_health_port_serves_health_alone(pair: dict[str, Path], monkeypatch: pyt
 
 def test_shutdown_grace_flag_cuts_the_drain(pair: dict[str, Path]) -> None:
     """`gelato.benchmarks.load.sigterm_phase` (quick, paced and stalled sessions, a late device) against
-    an edge with --shutdown-grace-s 1: streams that outlive the grace end UNAVAILABLE at 1 s, the
-    edge exits 0 within 1 s + the interpreter's teardown, not after the default 5 s."""
+    an edge with --shutdown-grace-s 1: streams that outlive the grace end UNAVAILABLE with the edge's
+    own shutdown message at 1 s (never INTERNAL: the edge ends a stream while its device waits for
+    it, see `gelato.edge.server`), the edge exits 0 within 1 s + the interpreter's teardown, not
+    after the default 5 s."""
     import asyncio
 
     from gelato.benchmarks.load import EXIT_SLACK_S, sigterm_phase
+    from gelato.edge.server import SHUTDOWN_DETAILS
     from gelato.models import load_model
 
     target = load_model(str(pair["target"]), "target", "float32", "cpu")
@@ -196,15 +199,13 @@ def test_shutdown_grace_flag_cuts_the_drain(pair: dict[str, Path]) -> None:
         result = asyncio.run(sigterm_phase(proc, target.fingerprint, target.vocab_size, per_kind=1, grace_s=1.0))
     finally:
         proc.stop()
-    # gRPC core sometimes ends a stream it cancels mid-write with INTERNAL "Internal error from Core"
-    # instead of UNAVAILABLE (about 1 run in 10 here, the same with the default grace): a known
-    # gRPC shutdown race, not this flag's; the timing is what this test is about.
-    core_race = {"code": "INTERNAL", "details": "Internal error from Core"}
-    failures = [f for f in result["failures"] if {k: f.get(k) for k in core_race} != core_race]
-    assert not failures, result
+    assert not result["failures"], result
     assert result["edge_exit_code"] == 0 and result["edge_exit_after_s"] < 1.0 + EXIT_SLACK_S < 5.0, result
     cut = [s for s in result["streams"] if s["kind"] in ("paced", "stalled")]
-    assert cut and all(s["code"] in ("UNAVAILABLE", "INTERNAL") and 0.9 < s["ended_after_s"] < 2.0 for s in cut), cut
+    assert len(cut) == 2, result["streams"]
+    for s in cut:
+        assert s["code"] == "UNAVAILABLE" and s["details"] == SHUTDOWN_DETAILS[:200], cut
+        assert 0.9 < s["ended_after_s"] < 2.0, cut
     assert "open session(s) get 1 s to finish" in proc.output()
 
 
@@ -245,6 +246,7 @@ def test_device_map_spreads_the_target_over_cpu_and_disk(pair: dict[str, Path], 
         expected = device_tokens(pair, reference.address)
         assert device_tokens(pair, offloaded.address) == expected
         assert len(expected) == 2 and all(expected)
+        assert "--device-map sequential: layers (and their KV) run 2 on cpu" in offloaded.output()
     finally:
         assert offloaded.stop() == 0
         reference.stop()
@@ -259,16 +261,14 @@ def test_device_map_spreads_the_target_over_cpu_and_disk(pair: dict[str, Path], 
         (["--device-map", "auto", "--max-memory", "tpu=1GiB"], "unknown device 'tpu'"),
         (["--device-map", "auto", "--max-memory", "cpu"], "expected DEVICE=SIZE[,DEVICE=SIZE...], got 'cpu'"),
         (["--device-map", "auto", "--max-memory", "cpu=1GB,cpu=2GB"], "device 'cpu' is given twice"),
-        # everything on disk: the input embedding has no memory to run from
-        (["--device-map", "sequential", "--max-memory", "cpu=1KB", "--offload-folder", "{tmp}"], "needs one"),
+        # (everything on disk is served: run on the CPU, tests/edge/test_kv_placement.py)
     ],
 )
-def test_device_map_errors(pair: dict[str, Path], tmp_path: Path, args: list[str], needle: str) -> None:
+def test_device_map_errors(pair: dict[str, Path], args: list[str], needle: str) -> None:
     if "0=1GiB" in args:
         import torch
 
         if torch.cuda.is_available():
             pytest.skip("this host has a GPU 0")
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     res = run_edge("--port", "0", "--target", str(pair["target"]), *args)
     assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr

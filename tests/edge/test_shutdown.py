@@ -1,0 +1,116 @@
+"""Shutdown (`gelato.edge.server`, `EdgeServer.stop`): after the grace period the edge ends every open
+Session stream UNAVAILABLE with its own message, at a moment its device waits for the edge. A device
+that writes its next block right after its verdict gets that block refused (its write succeeds, the
+status comes as the answer); a silent one is ended at the end of the grace period; one that thinks
+longer than `SETTLE_S` is ended `SETTLE_S` after its last answer. Never mid-write: there a grpc.aio
+client reports INTERNAL "Internal error from Core" instead of the edge's status."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from gelato.edge.server import SETTLE_S, SHUTDOWN_DETAILS, EdgeConfig, EdgeServer
+from gelato.v1 import gelato_pb2_grpc as pb_grpc
+from gelato.wire import encode_block
+from tests.reliability.streams import Spec, make_block, open_message
+
+GRACE_S = 0.6
+
+
+@dataclass
+class Ending:
+    code: grpc.StatusCode
+    details: str
+    verdicts: int
+    ended_in: str  # "read": the answer to a block it wrote; "think": while it waited, before writing
+    at_s: float  # time.perf_counter() when the device saw the end
+    last_answer_s: float  # time.perf_counter() of its last verdict (or of its open)
+
+
+async def device(address: str, fp: str, vocab: int, thinks: list[float] | None, opened: asyncio.Event) -> Ending:
+    """Open, then rounds until the stream ends, round r after thinking `thinks[r]` (the last value
+    repeats) with a read pending meanwhile, so an end is seen when it comes; None: silent."""
+    spec = Spec((5, 6, 7), 0, 1000)
+    tokens, rnd, where = list(spec.prefix), 0, ""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = pb_grpc.GelatoStub(channel).Session(timeout=30)
+        await call.write(open_message(fp, spec, max_new_tokens=400))
+        assert (await call.read()).WhichOneof("kind") == "opened"
+        last = time.perf_counter()
+        opened.set()
+        read: asyncio.Future = asyncio.ensure_future(asyncio.sleep(0))
+        try:
+            while True:
+                think = None if thinks is None else thinks[min(rnd, len(thinks) - 1)]
+                read = asyncio.ensure_future(call.read())
+                if think != 0.0:
+                    done, _ = await asyncio.wait({read}, timeout=think)
+                    if done:
+                        where = "think"
+                        read.result()
+                        break
+                block = make_block(spec, tokens, rnd, vocab)
+                where = "write"
+                await call.write(encode_block(block))
+                where = "read"
+                reply = await read
+                if reply is grpc.aio.EOF:
+                    break
+                last = time.perf_counter()
+                tokens += [*block.ids[: reply.verdict.n_accepted], reply.verdict.next_token]
+                rnd += 1
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass
+        at = time.perf_counter()
+        read.cancel()
+        return Ending(await call.code(), await call.details() or "", rnd, where, at, last)
+
+
+def test_shutdown_ends_streams_unavailable_while_devices_wait(pair: dict[str, Path]) -> None:
+    # silent; lockstep without a pause; thinking 0.03 s; 0.3 s (within SETTLE_S); a first block at
+    # once, then thinking far longer than SETTLE_S.
+    thinks: list[list[float] | None] = [None, [0.0], [0.03], [0.6 * SETTLE_S], [0.0, 0.5 * GRACE_S, 4 * SETTLE_S]]
+
+    async def scenario() -> tuple[list[Ending], float, EdgeServer]:
+        server = EdgeServer(EdgeConfig(port=0))
+        port = await server.start()
+        loaded = await server.load(str(pair["target"]), "float32", "cpu")
+        address = f"127.0.0.1:{port}"
+        events = [asyncio.Event() for _ in thinks]
+        tasks = [
+            asyncio.ensure_future(device(address, loaded.fingerprint, loaded.vocab_size, t, e))
+            for t, e in zip(thinks, events, strict=True)
+        ]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 30)
+        t0 = time.perf_counter()
+        await server.stop(GRACE_S)
+        stopped_s = time.perf_counter() - t0
+        ends = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        for end in ends:
+            end.at_s -= t0
+            end.last_answer_s -= t0
+        return ends, stopped_s, server
+
+    ends, stopped_s, server = asyncio.run(scenario())
+    silent, eager, quick, medium, slow = ends
+    for end in ends:
+        assert (end.code, end.details) == (grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS), end
+    # Served through the grace period; ended only after it.
+    assert eager.verdicts >= 5 and quick.verdicts >= 3 and medium.verdicts >= 1 and slow.verdicts == 2, ends
+    assert all(end.at_s > GRACE_S - 0.02 for end in ends), ends
+    # Silent: ended when the grace period ran out.
+    assert silent.ended_in == "think" and silent.at_s < GRACE_S + 0.2, silent
+    # Sending the next block within SETTLE_S of the last answer: that block is refused (the write
+    # went through, the status is its answer).
+    for end in (eager, quick, medium):
+        assert end.ended_in == "read" and end.at_s < GRACE_S + SETTLE_S + 0.2, end
+    # Thinking past SETTLE_S after an answer shortly before the deadline: ended SETTLE_S after it.
+    assert slow.ended_in == "think" and slow.last_answer_s + SETTLE_S > GRACE_S, slow
+    assert abs(slow.at_s - (slow.last_answer_s + SETTLE_S)) < 0.2, slow
+    assert stopped_s < GRACE_S + SETTLE_S + 0.3, stopped_s
+    assert not server.service.streams and len(server.service.registry) == 0
