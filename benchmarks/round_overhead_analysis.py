@@ -17,7 +17,7 @@ from typing import Any
 # the difference between nested timers. In round order; they sum to the round.
 COMPONENTS: list[tuple[str, str, str, str]] = [
     ("loop", "device", "residual", "round loop: policy, energy accounting, telemetry"),
-    ("hops", "device", "residual", "drafter-thread hops (run_in_executor for draft and apply)"),
+    ("hops", "device", "residual", "drafter-thread hops (run_in_executor of a block's drafting)"),
     ("draft_forward", "device", "model", "drafter forwards"),
     ("entropy", "device", "measured", "entropy of each draft's distribution"),
     ("draft_other", "device", "residual", "drafting other (input tensors, logits slices, argmax, DraftBlock)"),
@@ -45,10 +45,9 @@ SUGGESTIONS = {
     "its round's), keep the reads' `wait_for` off the hot path (`asyncio.timeout`, or one deadline per "
     "stream: each `wait_for` is a task and a loop turn), and avoid the async-generator handler's extra "
     "turn per message (`context.write`).",
-    "hops": "two executor round trips per round (draft, then apply), each a wake-up of the sleeping drafter "
-    "thread plus a self-pipe wake-up of the loop: fuse apply of round r with the draft of round r+1 in one "
-    "offload (apply, decide, draft, encode), or draft on the loop thread when nothing else (pre-drafting) "
-    "needs the loop meanwhile.",
+    "hops": "one executor round trip per drafting round (verdict apply and empty blocks run on the loop's "
+    "thread): a wake-up of the sleeping drafter thread plus a self-pipe wake-up of the loop; drafting on the "
+    "loop thread when nothing else (pre-drafting, other generations) needs the loop meanwhile would remove it.",
     "queue": "asyncio.Queue put/get, the batcher task's wake-up, `run_in_executor` to the sleeping model "
     "thread and the loop's wake-up back (self-pipe) for the future: with one open session (or an empty "
     "queue and nothing in flight) hand the row to the model thread at once, keep the model thread "
@@ -98,11 +97,13 @@ def decompose(device_units: list[dict[str, Any]], edge_units: list[dict[str, Any
 
     handler = g(e, "total")
     parts = {
-        "loop": g(d, "total") - g(d, "offload", "encode", "write", "read", "decode"),
+        # Drafting and applying run on the drafter thread (inside `offload`) or, when they need no
+        # forward, on the loop's own thread (`*_inline`): only the former are inside the hops.
+        "loop": g(d, "total") - g(d, "offload", "encode", "write", "read", "decode", "draft_inline", "apply_inline"),
         "hops": g(d, "offload") - g(d, "draft", "apply"),
         "draft_forward": g(d, "draft_forward"),
         "entropy": g(d, "entropy"),
-        "draft_other": g(d, "draft") - g(d, "draft_forward", "entropy"),
+        "draft_other": g(d, "draft", "draft_inline") - g(d, "draft_forward", "entropy"),
         "encode": g(d, "encode"),
         "transit": g(d, "write", "read") - handler,
         "parse": g(e, "parse"),
@@ -116,7 +117,7 @@ def decompose(device_units: list[dict[str, Any]], edge_units: list[dict[str, Any
         "encode_verdict": g(e, "encode_verdict"),
         "handler_other": handler - g(e, "parse", "decode_block", "check_loop", "batcher_verify", "encode_verdict"),
         "decode": g(d, "decode"),
-        "apply": g(d, "apply"),
+        "apply": g(d, "apply", "apply_inline"),
     }
     round_ms = g(d, "total") * 1e3
     return {

@@ -124,8 +124,13 @@ def device_timers(rec: Recorder, drafter_model: Any) -> Iterator[Patches]:
     from gelato.device.drafter import Drafter
 
     patches = Patches()
-    patches.time(Drafter, "draft", rec, "draft")
-    patches.time(Drafter, "apply", rec, "apply")
+    loop_thread = threading.current_thread()  # the event loop's: `instrumented_device` runs on it
+
+    def on(name: str) -> Callable[[], str]:  # in an offload (drafter thread) or inline (loop thread)
+        return lambda: f"{name}_inline" if threading.current_thread() is loop_thread else name
+
+    patches.time(Drafter, "draft", rec, on("draft"))
+    patches.time(Drafter, "apply", rec, on("apply"))
     patches.time(drafter_model, "forward", rec, "draft_forward")
     patches.time(gelato.device.drafter, "entropy_nats", rec, "entropy")
     patches.time(EdgeClient, "_offload", rec, "offload")

@@ -62,6 +62,9 @@ class Predraft:
         return Predraft(self.ids[1:], self.q[1:], self.entropies[1:])
 
 
+_NO_PREDRAFT = Predraft((), (), ())
+
+
 class Drafter:
     def __init__(self, loaded: LoadedModel, params: SamplingParams, top_m: int = DEFAULT_TOP_M) -> None:
         if top_m < 1:
@@ -99,41 +102,47 @@ class Drafter:
         fed = self._carried_fed()
         return self.seq.tokens[: len(self.seq.tokens) - fed] if fed else self.seq.tokens
 
-    def _pick(self, logits: torch.Tensor, position: int) -> tuple[int, SparseDist | None, float]:
-        """The draft token at `position` (in the generation), its exact q (sampling only) and the
-        entropy of what it came from."""
+    def _pick(self, logits: torch.Tensor, position: int) -> tuple[int, SparseDist | None, float, torch.Tensor | None]:
+        """The draft token at `position` (in the generation), its exact q (sampling only), the
+        entropy of what it came from, and (greedy) the token as a `[1, 1]` tensor on the model's
+        device, ready to be fed next (`KVSequence.forward_last`'s `feed`)."""
         if self.params.greedy:
-            return int(logits.argmax()), None, entropy_nats(logits)
+            top = logits.argmax()
+            return int(top), None, entropy_nats(logits), top.view(1, 1)
         q = truncate_top_m(process_logits(logits, self.params), self.top_m)
-        return sample_sparse(q, self.rng.at(position)), q, entropy_of_probs(torch.tensor(q.probs))
+        return sample_sparse(q, self.rng.at(position)), q, entropy_of_probs(torch.tensor(q.probs)), None
 
     def draft(self, k: int, round_no: int, stop: StopRule | None = None, eos: Collection[int] = ()) -> DraftBlock:
         """Draft up to k tokens after the current sequence (k = 0: an empty block)."""
         t0 = time.perf_counter()
-        carry, self._carry = self._carry or Predraft((), (), ()), None
-        base = len(self.seq.tokens) - max(len(carry.ids) - 1, 0)
+        carry, self._carry = self._carry or _NO_PREDRAFT, None
+        seq = self.seq
+        base = len(seq.tokens) - max(len(carry.ids) - 1, 0)
         ids: list[int] = []
         qs: list[SparseDist] = []
         entropies: list[float] = []
         reason = ""
-        while len(ids) < k:
-            if len(ids) < len(carry.ids):  # drafted ahead of the last verdict: no forward needed
-                x, h = carry.ids[len(ids)], carry.entropies[len(ids)]
-                q = carry.q[len(ids)] if carry.q else None
-            else:  # the sequence is base + ids[:-1]: feed the newest draft (or the round's token)
-                x, q, h = self._pick(self.seq.forward([ids[-1]] if ids else [])[-1], base + len(ids))
-            ids.append(x)
-            entropies.append(h)
-            if q is not None:
-                qs.append(q)
-            if x in eos:
-                reason = "eos"  # drafting past the drafter's own eos is wasted work
-            elif stop is not None:
-                reason = stop(len(ids), h, q) or ""
-            if reason:
-                break
-        if len(self.seq.tokens) > base + max(len(ids) - 1, 0):  # carried tokens this block did not use
-            self.seq.truncate(base + max(len(ids) - 1, 0))
+        feed: torch.Tensor | None = None  # the newest draft on the device (greedy), fed next
+        with torch.inference_mode():  # one scope for the block, not one per forward
+            while len(ids) < k:
+                if len(ids) < len(carry.ids):  # drafted ahead of the last verdict: no forward needed
+                    x, h = carry.ids[len(ids)], carry.entropies[len(ids)]
+                    q = carry.q[len(ids)] if carry.q else None
+                else:  # the sequence is base + ids[:-1]: feed the newest draft (or the round's token)
+                    logits = seq.forward_last((ids[-1],) if ids else (), feed if ids else None)
+                    x, q, h, feed = self._pick(logits, base + len(ids))
+                ids.append(x)
+                entropies.append(h)
+                if q is not None:
+                    qs.append(q)
+                if x in eos:
+                    reason = "eos"  # drafting past the drafter's own eos is wasted work
+                elif stop is not None:
+                    reason = stop(len(ids), h, q) or ""
+                if reason:
+                    break
+        if len(seq.tokens) > base + max(len(ids) - 1, 0):  # carried tokens this block did not use
+            seq.truncate(base + max(len(ids) - 1, 0))
         # The last draft is not fed: its KV is only needed if it is accepted (next round feeds it).
         self._base = self._bases[round_no] = base
         return DraftBlock(
@@ -145,6 +154,11 @@ class Drafter:
             stop_reason=reason,
             carried=min(len(ids), len(carry.ids)),
         )
+
+    def forwards_needed(self, k: int) -> bool:
+        """Whether `draft(k, ...)` would run the model: False when it drafts nothing, or only
+        tokens carried from the last pre-draft (the loop then need not leave its thread)."""
+        return k > (len(self._carry.ids) if self._carry else 0)
 
     def apply(self, block: DraftBlock, verdict: Verdict) -> list[int]:
         """Apply a verdict; returns the tokens this round emitted."""
@@ -170,19 +184,21 @@ class Drafter:
         t0 = time.perf_counter()
         pos = self._bases[prev.round] + prev.k  # where prev's target token (the guess) will sit
         tail = prev.ids[-1] if prev.k else prev.guess  # the chain's newest token, not fed yet
-        guess, _, _ = self._pick(self.seq.forward([] if tail is None else [tail])[-1], pos)
-        base = pos + 1
-        ids: list[int] = []
-        qs: list[SparseDist] = []
-        entropies: list[float] = []
-        reason = "eos" if guess in eos else ""
-        while len(ids) < k and not reason:
-            x, q, h = self._pick(self.seq.forward([ids[-1] if ids else guess])[-1], base + len(ids))
-            ids.append(x)
-            entropies.append(h)
-            if q is not None:
-                qs.append(q)
-            reason = "eos" if x in eos else (stop(len(ids), h, q) or "" if stop is not None else "")
+        seq = self.seq
+        with torch.inference_mode():  # one scope for the block, not one per forward
+            guess, _, _, feed = self._pick(seq.forward_last(() if tail is None else (tail,)), pos)
+            base = pos + 1
+            ids: list[int] = []
+            qs: list[SparseDist] = []
+            entropies: list[float] = []
+            reason = "eos" if guess in eos else ""
+            while len(ids) < k and not reason:
+                x, q, h, feed = self._pick(seq.forward_last((ids[-1] if ids else guess,), feed), base + len(ids))
+                ids.append(x)
+                entropies.append(h)
+                if q is not None:
+                    qs.append(q)
+                reason = "eos" if x in eos else (stop(len(ids), h, q) or "" if stop is not None else "")
         self._bases[round_no] = base
         return DraftBlock(
             round=round_no,
@@ -222,14 +238,17 @@ class Drafter:
         ids: list[int] = []
         qs: list[SparseDist] = []
         hs: list[float] = []
-        feed = [block.ids[-1]]  # the block's last draft was not fed by `draft`
-        while len(ids) < max_tokens and not halt.is_set() and not (ids and ids[-1] in eos):
-            y, q, h = self._pick(self.seq.forward(feed)[-1], self._base + block.k + len(ids))
-            ids.append(y)
-            hs.append(h)
-            if q is not None:
-                qs.append(q)
-            feed = [y]
+        seq = self.seq
+        feed: torch.Tensor | None = None
+        with torch.inference_mode():  # one scope for the pre-draft, not one per forward
+            while len(ids) < max_tokens and not halt.is_set() and not (ids and ids[-1] in eos):
+                # The block's last draft was not fed by `draft`: it goes first.
+                logits = seq.forward_last((ids[-1] if ids else block.ids[-1],), feed)
+                y, q, h, feed = self._pick(logits, self._base + block.k + len(ids))
+                ids.append(y)
+                hs.append(h)
+                if q is not None:
+                    qs.append(q)
         self._predraft = Predraft(tuple(ids), tuple(qs), tuple(hs))
         self.predraft_s = time.perf_counter() - t0
         return len(ids)

@@ -9,6 +9,8 @@ energy of the bytes it sent and received. Byte counts are protobuf sizes plus gR
 
 from __future__ import annotations
 
+from typing import Any
+
 from gelato.power import Meter, RadioProfile, Reading
 from gelato.types import DraftBlock, GenerationStats, Telemetry, Verdict
 
@@ -54,12 +56,17 @@ class EnergyAccountant:
         bytes_up: int,
         bytes_down: int,
         drafted: Reading | None = None,
+        **fields: Any,
     ) -> Telemetry:
+        """The round's telemetry; `fields`: the loop's own fields (controller view, pipelining),
+        set here so that the (frozen) record is built once per round."""
         end = self.meter.read()
         t_round = end.t_s - start.t_s
         e_compute = end.joules - start.joules
         e_radio = self.radio_j(bytes_up, bytes_down)
         edge_s = (verdict.queue_ms + verdict.compute_ms) / 1e3
+        if "t_net_s" not in fields:
+            fields["t_net_s"] = max(0.0, t_round - block.draft_s - edge_s)
         return Telemetry(
             round=block.round,
             k=block.k,
@@ -67,7 +74,6 @@ class EnergyAccountant:
             emitted=emitted,
             t_round_s=t_round,
             t_draft_s=block.draft_s,
-            t_net_s=max(0.0, t_round - block.draft_s - edge_s),
             t_edge_queue_s=verdict.queue_ms / 1e3,
             t_edge_compute_s=verdict.compute_ms / 1e3,
             e_compute_j=e_compute,
@@ -78,4 +84,5 @@ class EnergyAccountant:
             bytes_down=bytes_down,
             energy_source=self.meter.source,
             energy_kind=self.meter.kind,
+            **fields,
         )

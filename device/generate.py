@@ -6,10 +6,12 @@ runs rounds until eos, `max_new_tokens` or the context limit and returns a `Gene
 the wire bytes it cost): the gRPC client, an in-process `TargetSession` (`local_verifier`), or the
 drafter itself (`self_verifier`, the `ar-device` reference). The policy sees every round's full
 `Telemetry` and decides the next; where a block stops depends only on the drafter's side, so the
-output is the target's whatever the policy. Drafter work goes through `offload` (the client passes
-its drafter thread, so forwards never block the event loop). With pipelining the policy may ask
-for pre-drafting: the drafter thread drafts ahead while the verdict is in flight, and a hit starts
-the next block without a drafting wait (`Drafter.predraft`).
+output is the target's whatever the policy. Drafter model work goes through `offload` (the
+client passes its drafter thread, so forwards never block the event loop): one offload per round
+that drafts. An empty block (or one made only of carried pre-drafts) and a verdict's apply (a cut
+of the token list and KV) run on the loop's thread: a thread hop costs more than they do. With
+pipelining the policy may ask for pre-drafting: the drafter thread drafts ahead while the verdict
+is in flight, and a hit starts the next block without a drafting wait (`Drafter.predraft`).
 """
 
 from __future__ import annotations
@@ -113,7 +115,10 @@ async def speculative_generate(
         wanted = decision.k_max if gate else decision.k_ref
         cap = max(0, min(wanted, limit))
         start = acct.round_start()
-        block = await offload(drafter.draft, cap, stats.rounds, gate, limits.eos)
+        if drafter.forwards_needed(cap):
+            block = await offload(drafter.draft, cap, stats.rounds, gate, limits.eos)
+        else:  # nothing for the model (fixed-0, or only tokens carried from a pre-draft): no thread hop
+            block = drafter.draft(cap, stats.rounds, gate, limits.eos)
         drafted = acct.drafted()
         depth = policy.predraft_depth(decision, block)
         try:
@@ -123,12 +128,19 @@ async def speculative_generate(
             break
         pre = drafter.last_predraft
         hit = pre is not None and drafter.predraft_hit(block, ex.verdict, pre)
-        emitted = await offload(drafter.apply, block, ex.verdict)
+        # A cut of the drafter's token list and KV, no forward (the pre-draft, if any, has stopped):
+        # here, not through another thread hop. The next block's offload is the round's only one.
+        emitted = drafter.apply(block, ex.verdict)
         delivered = deliver(emitted, out, limits)
         out += delivered
-        tele = acct.round_end(start, block, ex.verdict, len(delivered), ex.bytes_up, ex.bytes_down, drafted)
-        tele = replace(
-            tele,
+        tele = acct.round_end(
+            start,
+            block,
+            ex.verdict,
+            len(delivered),
+            ex.bytes_up,
+            ex.bytes_down,
+            drafted,
             k_ref=decision.k_ref,
             k_max=cap,
             stop_reason=block_end(block, cap, wanted, gate is not None),

@@ -25,7 +25,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from gelato.controller import Decision
@@ -130,7 +130,10 @@ async def _first(
     gate = policy.gate(decision)
     wanted = decision.k_max if gate else decision.k_ref
     cap = max(0, min(wanted, limit))
-    block = await offload(drafter.draft, cap, chain.next_round, gate, limits.eos)
+    if drafter.forwards_needed(cap):
+        block = await offload(drafter.draft, cap, chain.next_round, gate, limits.eos)
+    else:  # nothing for the model: no thread hop
+        block = drafter.draft(cap, chain.next_round, gate, limits.eos)
     chain.drafting_s += block.draft_s
     await _send(link, chain, block, decision, gate, cap, wanted)
 
@@ -236,7 +239,9 @@ async def _settle(
     sent = chain.sent.popleft()
     block = sent.block
     successor = chain.sent[0].block if chain.sent else None
-    emitted, hit = await offload(drafter.settle, block, verdict, successor)
+    # A cut of the drafter's token list and KV, no forward, and nothing is drafting now (`_extend`
+    # awaited its last block): here, not through a thread hop.
+    emitted, hit = drafter.settle(block, verdict, successor)
     cut = [] if hit else list(chain.sent)
     if cut:
         chain.sent.clear()
@@ -249,12 +254,16 @@ async def _settle(
     out += delivered
     up = sent.bytes_up + sum(s.bytes_up for s in cut)
     down, chain.stale_down = down + chain.stale_down, 0
-    tele = acct.round_end(start, block, verdict, len(delivered), up, down)
     edge_s = (verdict.queue_ms + verdict.compute_ms) / 1e3
     cost = policy.controller.cost.model()
     gate = sent.gate
-    tele = replace(
-        tele,
+    tele = acct.round_end(
+        start,
+        block,
+        verdict,
+        len(delivered),
+        up,
+        down,
         t_net_s=max(0.0, arrived - sent.sent_at - edge_s),
         k_ref=sent.decision.k_ref,
         k_max=sent.cap,

@@ -2,7 +2,9 @@
 
 Contract: pure tensor math, no I/O. `entropy_nats(logits)` is the entropy of softmax(logits) in
 nats over the last dim, one pass over the vocabulary; `entropy_of_probs(probs)` does the same for
-an already processed distribution (the one actually sampled from, when sampling).
+an already processed distribution (the one actually sampled from, when sampling). Both run once per
+drafted token, so they use as few tensor operations as the formula allows (the negation happens
+on the Python float, which is exact).
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import torch
 
 
 def entropy_nats(logits: torch.Tensor) -> float:
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return float(-(logp.exp() * logp).sum(dim=-1))
+    logp = torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)
+    plogp = logp.exp()
+    plogp.mul_(logp)
+    return -float(plogp.sum(dim=-1))
 
 
 def entropy_of_probs(probs: torch.Tensor) -> float:
-    p = probs.float()
-    return float(-(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1))
+    p = probs if probs.dtype == torch.float32 else probs.float()
+    return -float((p * torch.log(p.clamp_min(1e-30))).sum(dim=-1))

@@ -2,9 +2,11 @@
 
 Contract: `KVSequence` owns the token list and a `DynamicCache` holding KV for `tokens[:cached]`.
 `forward(new_ids)` appends ids, runs the model over every token not yet cached and returns the
-logits of those positions, sliced to the tokenizer's length (SPEC §2.2). `truncate(n)` drops tokens
-and KV past position n, so after a verdict both sides keep exactly the accepted prefix: no side
-recomputes the prefix. Not thread-safe: one owner thread at a time.
+logits of those positions, sliced to the tokenizer's length (SPEC §2.2); `forward_last(new_ids)`
+returns the same logits' last row with less work around the model (the drafting hot path: one
+token per forward). `truncate(n)` drops tokens and KV past position n, so after a verdict both
+sides keep exactly the accepted prefix: no side recomputes the prefix. Not thread-safe: one owner
+thread at a time.
 
 `cache_kwarg(model)` names the keyword the model's forward takes its cache under: `cache` where the
 installed transformers renamed it (it deprecates `past_key_values` and warns on every call), else
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 _CACHE_KWARG: dict[type, str] = {}
+_KEEPS_LOGITS: dict[type, bool] = {}
 
 
 def cache_kwarg(model: Any) -> str:
@@ -34,6 +37,16 @@ def cache_kwarg(model: Any) -> str:
     return name
 
 
+def keeps_logits(model: Any) -> bool:
+    """Whether `model`'s forward takes `logits_to_keep` (transformers' causal LMs do), read once
+    per model class from its signature."""
+    cls = type(model)
+    keeps = _KEEPS_LOGITS.get(cls)
+    if keeps is None:
+        keeps = _KEEPS_LOGITS[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+    return keeps
+
+
 class KVSequence:
     def __init__(self, model: Any, vocab_size: int, tokens: list[int] | None = None) -> None:
         from transformers import DynamicCache
@@ -44,6 +57,7 @@ class KVSequence:
         self.tokens: list[int] = list(tokens or [])
         self.cache = DynamicCache(config=model.config)
         self.cache_kwarg = cache_kwarg(model)
+        self.keep_last = keeps_logits(model)
 
     @property
     def cached(self) -> int:
@@ -60,6 +74,41 @@ class KVSequence:
         ids = torch.tensor([pending], dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, use_cache=True, **{self.cache_kwarg: self.cache})
         return out.logits[0, :, : self.vocab_size].float()
+
+    def forward_last(self, new_ids: list[int] | tuple[int, ...] = (), feed: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward(new_ids)[-1]`, bit for bit, with less work around the model: the last
+        position's logits only [vocab] (float32), the input tensor built only when needed, and the
+        caller's inference-mode scope used when there is one (a drafted block runs under one).
+        `feed`: a `[1, 1]` long tensor on the model's device that holds exactly the one token left
+        to feed (the previous draft's argmax, still on the device); ignored when more than one
+        token is uncached. With one token fed the model is asked for its last row
+        (`logits_to_keep=1`), the same single row it computes anyway; with more, every row is
+        computed as in `forward` (asking for the last row alone would round it differently) and
+        the last one kept."""
+        if type(self).forward is not KVSequence.forward:  # a subclass keeps its KV elsewhere
+            return self.forward(new_ids)[-1]
+        tokens = self.tokens
+        tokens.extend(new_ids)
+        cached = self.cached
+        n = len(tokens) - cached
+        if n <= 0:
+            raise ValueError("nothing to feed: every token is already cached")
+        kwargs: dict[str, Any] = {"use_cache": True, self.cache_kwarg: self.cache}
+        if n == 1:
+            if feed is None:
+                feed = torch.tensor([tokens[cached:]], dtype=torch.long, device=self.device)
+            if self.keep_last:
+                kwargs["logits_to_keep"] = 1
+        else:
+            feed = torch.tensor([tokens[cached:]], dtype=torch.long, device=self.device)
+        if torch.is_inference_mode_enabled():
+            logits = self.model(input_ids=feed, **kwargs).logits[0, -1]
+        else:
+            with torch.inference_mode():
+                logits = self.model(input_ids=feed, **kwargs).logits[0, -1]
+        if logits.shape[-1] != self.vocab_size:
+            logits = logits[: self.vocab_size]
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def prefill(self, upto: int) -> None:
         """Cache KV for tokens[:upto] without keeping logits (used at session open)."""

@@ -96,6 +96,12 @@ def test_decompose_sums_nested_timers() -> None:
     assert parts["queue"] == pytest.approx(0.2) and parts["pool"] == pytest.approx(0.3)
     assert parts["loop"] == pytest.approx(0.6) and parts["handler_other"] == pytest.approx(0.15)
     assert out["timed_calls_per_round"] == 18
+    # Drafting and applying on the loop's thread (no forward to run): outside the hops, in their rows.
+    inline = device | {"offload": 4.5, "apply": 0.0, "apply_inline": 1.0, "draft_inline": 0.5, "draft": 3.5}
+    parts = {c["key"]: c["ms"] / 1e3 for c in ro.decompose([inline], [edge])["components"]}
+    assert sum(parts.values()) == pytest.approx(10.0)
+    assert parts["hops"] == pytest.approx(1.0) and parts["loop"] == pytest.approx(0.6)
+    assert parts["apply"] == pytest.approx(1.0) and parts["draft_other"] == pytest.approx(0.5)
 
 
 def test_patches_wrap_and_restore_every_kind_of_attribute() -> None:
