@@ -172,7 +172,10 @@ def target_lines(t: dict[str, Any]) -> list[str]:
             )
         )
     losers = [k for k, v in t["beats_fixed0"].items() if not v]
-    verdict = "**MET**" if not losers else "**FALLS SHORT** (" + ", ".join(losers) + ")"
+    if not t["beats_fixed0"]:  # no fixed-0 run (or nothing to compare with it): nothing was checked
+        verdict = "not measured (no fixed-0 run)"
+    else:
+        verdict = "**MET**" if not losers else "**FALLS SHORT** (" + ", ".join(losers) + ")"
     out.append(f"- every speculative run faster than fixed-0: {verdict}")
     return out
 

@@ -16,7 +16,7 @@ import pytest
 
 from gelato.benchmarks import bench, bench_refs
 from gelato.benchmarks.bench_plots import observed
-from gelato.benchmarks.bench_report import gsm8k_answer, score, targets
+from gelato.benchmarks.bench_report import gsm8k_answer, score, target_lines, targets
 from gelato.benchmarks.bench_run import (
     RunResult,
     RunSpec,
@@ -261,6 +261,10 @@ def test_targets() -> None:
     }
     slow = targets([*rows[:3], row("gelato", "gelato", 50, 0.011)], [], 8)["gelato"][0]
     assert not slow["met"] and slow["energy_ratio_vs_best_fixed"] > 1  # faster, but at more J/token
+    assert "- every speculative run faster than fixed-0: **FALLS SHORT** (heuristic)" in target_lines(t)
+    without_f0 = targets(rows[1:], [], 8)  # no fixed-0 run: the check is not made, never "MET"
+    assert without_f0["beats_fixed0"] == {}
+    assert "- every speculative run faster than fixed-0: not measured (no fixed-0 run)" in target_lines(without_f0)
 
 
 def test_observed_drafts_stop_at_first_rejection() -> None:
