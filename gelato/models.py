@@ -9,8 +9,8 @@ the tokenizer fingerprint checked at session open. `None` as the name means the 
 Big-model placement: `load_model(..., device_map="auto"|"balanced"|"sequential", max_memory=...,
 offload_folder=...)` lets accelerate spread the weights over the GPUs, CPU memory and disk
 (`max_memory`: the most each device may hold, e.g. `{0: 20 * 2**30, "cpu": 64 * 2**30}`); the
-`LoadedModel.device` is then where inputs go (the input embedding's execution device), and
-`execution_devices(model)` says where the layers run.
+`LoadedModel.device` is then where inputs go (the input embedding's execution device);
+`gelato.edge.placement.model_kv_devices` says where each layer runs.
 """
 
 from __future__ import annotations
@@ -187,20 +187,6 @@ def _placement_kwargs(
     if offload_folder:
         kw["offload_folder"] = offload_folder
     return kw
-
-
-def execution_devices(model: Any) -> set[torch.device]:
-    """Where the model's modules run: an accelerate hook's execution device (the weights may lie
-    on the CPU or on disk meanwhile), else the device of the module's own parameters."""
-    devices: set[torch.device] = set()
-    for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
-        where = getattr(hook, "execution_device", None)
-        if where is not None:
-            devices.add(torch.device("cuda", where) if isinstance(where, int) else torch.device(where))
-            continue
-        devices.update(p.device for p in module.parameters(recurse=False))
-    return devices
 
 
 def input_device(model: Any) -> torch.device:

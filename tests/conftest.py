@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gelato.benchmarks.procs import Edge
+from gelato.models import LoadedModel, load_model
 from gelato.tiny.random_pair import build_random_pair, synthetic_corpus
 
 # One torch thread per process: the fastest on small CPUs and keeps parallel processes fair.
@@ -24,6 +25,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_random_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="module")
+def target(pair: dict[str, Path]) -> LoadedModel:
+    """The tiny random target, loaded as the edge loads it."""
+    return load_model(str(pair["target"]), "target", "float32", "cpu")
+
+
+@pytest.fixture(scope="module")
+def drafter_model(pair: dict[str, Path]) -> LoadedModel:
+    """The drafter that mostly agrees with `target`."""
+    return load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
 
 
 @pytest.fixture(scope="session")

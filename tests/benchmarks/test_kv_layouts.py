@@ -5,21 +5,14 @@ path, and the benchmark's measurement runs and agrees with the unbatched logits.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
-import pytest
 import torch
 
 from gelato.benchmarks import kv_layouts
 from gelato.benchmarks.kv_layouts import batched_forward, stacked_cache
 from gelato.kv import KVSequence
-from gelato.models import LoadedModel, load_model
+from gelato.models import LoadedModel
 from tests.edge.test_batching import assert_same_kv
-
-
-@pytest.fixture(scope="module")
-def target(pair: dict[str, Path]) -> LoadedModel:
-    return load_model(str(pair["target"]), "target", "float32", "cpu")
 
 
 def test_stacked_logits_and_caches_match_unbatched(target: LoadedModel) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,20 +23,10 @@ from gelato.device.policy import FixedK, PolicyOptions, parse_policy
 from gelato.edge.sessions import TargetSession
 from gelato.entropy import entropy_nats
 from gelato.kv import KVSequence
-from gelato.models import LoadedModel, encode_prompt, load_model
+from gelato.models import LoadedModel, encode_prompt
 from gelato.types import SamplingParams, Verdict
 
 PROMPT = "Ava has 12 apples and Ben gives her 3 more. How many?"
-
-
-@pytest.fixture(scope="module")
-def drafter_m(pair: dict[str, Path]) -> LoadedModel:
-    return load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
-
-
-@pytest.fixture(scope="module")
-def target_m(pair: dict[str, Path]) -> LoadedModel:
-    return load_model(str(pair["target"]), "target", "float32", "cpu")
 
 
 def _seq(loaded: LoadedModel, tokens: list[int], uncached: int) -> KVSequence:
@@ -47,12 +36,12 @@ def _seq(loaded: LoadedModel, tokens: list[int], uncached: int) -> KVSequence:
 
 
 @pytest.mark.parametrize("uncached", [1, 2, 3])
-def test_forward_last_is_forward_last_row(drafter_m: LoadedModel, uncached: int) -> None:
-    tokens = encode_prompt(drafter_m.tokenizer, PROMPT)
-    plain, fast = _seq(drafter_m, tokens, uncached), _seq(drafter_m, tokens, uncached)
+def test_forward_last_is_forward_last_row(drafter_model: LoadedModel, uncached: int) -> None:
+    tokens = encode_prompt(drafter_model.tokenizer, PROMPT)
+    plain, fast = _seq(drafter_model, tokens, uncached), _seq(drafter_model, tokens, uncached)
     want = plain.forward()[-1]
     got = fast.forward_last()
-    assert got.shape == (drafter_m.vocab_size,) and got.dtype == torch.float32
+    assert got.shape == (drafter_model.vocab_size,) and got.dtype == torch.float32
     assert torch.equal(got, want)
     assert fast.cached == plain.cached == len(tokens)
     # One more token, fed as the argmax tensor the drafter keeps (and without it), in and out of
@@ -81,11 +70,11 @@ def _draft_plainly(seq: KVSequence, k: int) -> tuple[list[int], list[float]]:
     return ids, entropies
 
 
-def test_drafted_block_equals_plain_drafting(drafter_m: LoadedModel) -> None:
-    tokens = encode_prompt(drafter_m.tokenizer, PROMPT)
-    drafter = Drafter(drafter_m, SamplingParams())
+def test_drafted_block_equals_plain_drafting(drafter_model: LoadedModel) -> None:
+    tokens = encode_prompt(drafter_model.tokenizer, PROMPT)
+    drafter = Drafter(drafter_model, SamplingParams())
     drafter.start(tokens)
-    plain = _seq(drafter_m, tokens, 1)
+    plain = _seq(drafter_model, tokens, 1)
     block = drafter.draft(6, 0)
     ids, entropies = _draft_plainly(plain, 6)
     assert list(block.ids) == ids and list(block.entropies) == entropies  # bit for bit
@@ -109,14 +98,14 @@ def _counting(calls: list[str]) -> Any:
 
 
 @pytest.mark.parametrize("k", [0, 4])
-def test_one_offload_per_drafting_round(drafter_m: LoadedModel, target_m: LoadedModel, k: int) -> None:
-    prompt = encode_prompt(target_m.tokenizer, PROMPT)
+def test_one_offload_per_drafting_round(drafter_model: LoadedModel, target: LoadedModel, k: int) -> None:
+    prompt = encode_prompt(target.tokenizer, PROMPT)
     params = SamplingParams()
-    session = TargetSession("s", target_m, params, prompt)
+    session = TargetSession("s", target, params, prompt)
     session.prefill()
     calls: list[str] = []
-    limits = Limits(40, target_m.context_limit, 32, target_m.eos_token_ids)
-    drafter = Drafter(drafter_m, params)
+    limits = Limits(40, target.context_limit, 32, target.eos_token_ids)
+    drafter = Drafter(drafter_model, params)
     res = asyncio.run(
         speculative_generate(drafter, local_verifier(session), FixedK(k), prompt, limits, offload=_counting(calls))
     )
@@ -124,23 +113,23 @@ def test_one_offload_per_drafting_round(drafter_m: LoadedModel, target_m: Loaded
     assert calls == ["start"] + ["draft"] * drafting
     assert (drafting == 0) == (k == 0)
     # The same tokens as the target decoding alone (every round inline: the default offload).
-    alone = TargetSession("t", target_m, params, prompt)
+    alone = TargetSession("t", target, params, prompt)
     alone.prefill()
-    plain = Drafter(drafter_m, params)
+    plain = Drafter(drafter_model, params)
     ref = asyncio.run(speculative_generate(plain, local_verifier(alone), FixedK(0), prompt, limits))
     assert res.token_ids == ref.token_ids
 
 
-def test_offloaded_drafter_work_stays_off_the_pipelined_loops(drafter_m: LoadedModel, target_m: LoadedModel) -> None:
+def test_offloaded_drafter_work_stays_off_the_pipelined_loops(drafter_model: LoadedModel, target: LoadedModel) -> None:
     """With a real drafter thread, pre-drafting and send-ahead still give the unpipelined tokens,
     and only model work (start, draft, pre-draft, draft-after) goes to that thread."""
-    prompt = encode_prompt(target_m.tokenizer, PROMPT)
+    prompt = encode_prompt(target.tokenizer, PROMPT)
     params = SamplingParams()
-    limits = Limits(40, target_m.context_limit, 32, target_m.eos_token_ids)
+    limits = Limits(40, target.context_limit, 32, target.eos_token_ids)
     names: list[str] = []
 
     async def run(pipeline: str) -> list[int]:
-        session = TargetSession("s", target_m, params, prompt)
+        session = TargetSession("s", target, params, prompt)
         session.prefill()
         with ThreadPoolExecutor(1) as pool:
 
@@ -149,7 +138,7 @@ def test_offloaded_drafter_work_stays_off_the_pipelined_loops(drafter_m: LoadedM
                 return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
             policy = parse_policy("fixed-4", PolicyOptions(pipeline=pipeline))
-            drafter = Drafter(drafter_m, params)
+            drafter = Drafter(drafter_model, params)
             if pipeline == "send-ahead":
                 link = local_link(session, max_ahead=2, delay_s=0.005)
                 res = await pipelined_generate(drafter, link, policy, prompt, limits, offload=offload)

@@ -25,16 +25,6 @@ from gelato.sampling import process_logits
 from gelato.types import DraftBlock, SamplingParams, Telemetry
 
 
-@pytest.fixture(scope="module")
-def target(pair: dict[str, Path]) -> LoadedModel:
-    return load_model(str(pair["target"]), "target", "float32", "cpu")
-
-
-@pytest.fixture(scope="module")
-def drafter_m(pair: dict[str, Path]) -> LoadedModel:
-    return load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
-
-
 def tele(k: int, accepted: int) -> Telemetry:
     t_draft = 0.001 * k
     return Telemetry(0, k, accepted, accepted + 1, 0.02, t_draft, 0.015, 0.0, 0.004, 0.01, 0.0, 0.01, 20, 30, "x", "x")
@@ -93,8 +83,8 @@ def test_gelato_explores_after_idle_rounds() -> None:
     assert ks == [0, 0, 0, 3, 0, 0, 0, 3]
 
 
-def test_drafter_stop_rule_and_eos(drafter_m: LoadedModel) -> None:
-    d = Drafter(drafter_m, SamplingParams())
+def test_drafter_stop_rule_and_eos(drafter_model: LoadedModel) -> None:
+    d = Drafter(drafter_model, SamplingParams())
     d.start([5, 6, 7])
     seen: list[tuple[int, float]] = []
 
@@ -113,14 +103,14 @@ def test_drafter_stop_rule_and_eos(drafter_m: LoadedModel) -> None:
 
 
 @pytest.mark.parametrize("name", ["heuristic", "entropy", "adaedl", "lyapunov", "gelato"])
-def test_in_process_greedy_equals_fixed(target: LoadedModel, drafter_m: LoadedModel, name: str) -> None:
+def test_in_process_greedy_equals_fixed(target: LoadedModel, drafter_model: LoadedModel, name: str) -> None:
     prompt = encode_prompt(target.tokenizer, "Ava has 12 apples and Ben gives her 3 more. How many?")
     limits = Limits(40, target.context_limit, 32, target.eos_token_ids)
 
     def run(policy_name: str) -> list[int]:
         session = TargetSession("s", target, SamplingParams(), prompt)
         session.prefill()
-        drafter = Drafter(drafter_m, SamplingParams())
+        drafter = Drafter(drafter_model, SamplingParams())
         res = asyncio.run(
             speculative_generate(drafter, local_verifier(session), parse_policy(policy_name), prompt, limits)
         )
@@ -130,12 +120,12 @@ def test_in_process_greedy_equals_fixed(target: LoadedModel, drafter_m: LoadedMo
     assert run(name) == run("fixed-0")
 
 
-def test_ar_device_is_the_drafters_own_greedy_output(drafter_m: LoadedModel) -> None:
+def test_ar_device_is_the_drafters_own_greedy_output(drafter_model: LoadedModel) -> None:
     prompt = [5, 6, 7, 8]
-    drafter = Drafter(drafter_m, SamplingParams())
-    limits = Limits(30, drafter_m.context_limit, 30, ())
+    drafter = Drafter(drafter_model, SamplingParams())
+    limits = Limits(30, drafter_model.context_limit, 30, ())
     res = asyncio.run(speculative_generate(drafter, self_verifier(drafter), parse_policy("ar-device"), prompt, limits))
-    ref = drafter_m.model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None)
+    ref = drafter_model.model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None)
     assert res.token_ids == ref[0, len(prompt) :].tolist()
 
 
@@ -171,7 +161,7 @@ def exact_distribution(target: LoadedModel, prompt: list[int], params: SamplingP
 @pytest.mark.slow
 @pytest.mark.parametrize("pipeline", ["off", "local", "send-ahead"])
 def test_sampling_with_early_exit_follows_the_target(
-    target: LoadedModel, drafter_m: LoadedModel, pipeline: str
+    target: LoadedModel, drafter_model: LoadedModel, pipeline: str
 ) -> None:
     """4 tokens per generation, drafts cut by an entropy rule, with and without pre-drafting
     during the verdict: the joint distribution of the output equals the target's (chi-square),
@@ -196,7 +186,7 @@ def test_sampling_with_early_exit_follows_the_target(
             await asyncio.sleep(0)  # "in flight": a pre-draft runs now
             return await verify_now(block)
 
-        drafter = Drafter(drafter_m, params, top_m=8)
+        drafter = Drafter(drafter_model, params, top_m=8)
         if pipeline == "send-ahead":  # the edge's rule in process: blocks answered in order, later
             link = local_link(session, max_ahead=2, delay_s=0.0)
             res = asyncio.run(pipelined_generate(drafter, link, policy, prompt, limits))
@@ -221,7 +211,7 @@ def test_sampling_with_early_exit_follows_the_target(
     assert p > 1e-3, (p, observed, [round(e, 1) for e in expected])
 
 
-def test_queue_is_charged_the_whole_generation(target: LoadedModel, drafter_m: LoadedModel) -> None:
+def test_queue_is_charged_the_whole_generation(target: LoadedModel, drafter_model: LoadedModel) -> None:
     """Every joule of the generation reaches the deficit queue: the rounds' and what lies outside
     them (prompt prefill, open/close bytes, the radio's tail)."""
     prompt = encode_prompt(target.tokenizer, "Ava has 12 apples.")
@@ -232,7 +222,7 @@ def test_queue_is_charged_the_whole_generation(target: LoadedModel, drafter_m: L
     limits = Limits(20, target.context_limit, 32, target.eos_token_ids)
     res = asyncio.run(
         speculative_generate(
-            Drafter(drafter_m, SamplingParams()), local_verifier(session), policy, prompt, limits, acct, None
+            Drafter(drafter_model, SamplingParams()), local_verifier(session), policy, prompt, limits, acct, None
         )
     )
     queue = policy.controller.queue

@@ -24,11 +24,6 @@ GREEDY = SamplingParams()
 PROMPT = "Ava has 12 apples and Ben gives her 3 more. How many?"
 
 
-@pytest.fixture(scope="module")
-def target(pair: dict[str, Path]) -> LoadedModel:
-    return load_model(str(pair["target"]), "target", "float32", "cpu")
-
-
 def run(
     target: LoadedModel,
     drafter: LoadedModel,

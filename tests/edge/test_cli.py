@@ -222,7 +222,8 @@ def test_device_map_spreads_the_target_over_cpu_and_disk(pair: dict[str, Path], 
     edge serving it gives the same greedy tokens as the plain edge, token for token."""
     import torch
 
-    from gelato.models import execution_devices, load_model
+    from gelato.edge.placement import model_kv_devices
+    from gelato.models import load_model
 
     plain = load_model(str(pair["target"]), "target", "float32", "cpu")
     placed = load_model(
@@ -234,7 +235,7 @@ def test_device_map_spreads_the_target_over_cpu_and_disk(pair: dict[str, Path], 
         offload_folder=str(tmp_path / "offload"),
     )
     assert set(placed.model.hf_device_map.values()) == {"cpu", "disk"}, placed.model.hf_device_map
-    assert execution_devices(placed.model) == {torch.device("cpu")} and placed.device == torch.device("cpu")
+    assert set(model_kv_devices(placed.model)) == {torch.device("cpu")} and placed.device == torch.device("cpu")
     ids = torch.tensor([[5, 17, 42, 9]])
     with torch.inference_mode():
         assert torch.equal(plain.model(ids).logits, placed.model(ids).logits)
