@@ -65,6 +65,23 @@ class EdgeUnreachable(EdgeError):
         self.args = (f"could not reach gelato-edge at {target} within {timeout_s:g} s (--connect-timeout-s{hint})",)
 
 
+# What grpc.aio sets as the call's status when a message it was sending fails in gRPC core: the
+# stream ended under the write (the edge ended it, e.g. shutting down, or the connection broke).
+# It replaces the status the edge sent, which is lost; the edge never sends these details itself.
+_CORE_WRITE_FAILURE = "Internal error from Core"
+
+
+def _write_error(exc: grpc.aio.AioRpcError) -> EdgeError:
+    """A failed write as an EdgeError: the stream went away under it (UNAVAILABLE, so the session
+    fails over like any other lost edge), or the status the call ended with."""
+    if exc.code() == grpc.StatusCode.INTERNAL and exc.details() == _CORE_WRITE_FAILURE:
+        return EdgeError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the stream to the edge ended while a message was being sent (gRPC: {_CORE_WRITE_FAILURE})",
+        )
+    return EdgeError(exc.code(), exc.details() or "")
+
+
 class EdgeClient:
     """`credentials`: TLS (`gelato.security.channel_credentials`), None for plaintext; `token`: the
     bearer token sent with every call; `server_name`: the name to check the edge's certificate
@@ -256,7 +273,7 @@ class EdgeClient:
                 raise EdgeError(grpc.StatusCode.INTERNAL, f"expected a verdict, got {down.WhichOneof('kind')}")
             return decode_verdict(down.verdict), wire_bytes(down.ByteSize())
 
-        return Link(send, receive, min(opened.max_ahead_rounds, policy.options.ahead_blocks))
+        return Link(send, receive, min(opened.max_ahead_rounds, policy.options.ahead_blocks), opened.empty_ahead)
 
     def _streamed(self, call: grpc.aio.StreamStreamCall, max_tokens: int) -> Verify:
         """`ar-edge`: one Generate request, then each (empty) round reads the next streamed token."""
@@ -286,7 +303,7 @@ class EdgeClient:
         try:
             await call.write(msg)
         except grpc.aio.AioRpcError as exc:
-            raise EdgeError(exc.code(), exc.details() or "") from exc
+            raise _write_error(exc) from exc
         except (asyncio.InvalidStateError, grpc.aio.UsageError):
             # The RPC already finished (the edge ended the stream): report how it ended.
             raise await self._ended(call, "the edge ended the session") from None
