@@ -116,6 +116,8 @@ __all__ = [
 ]
 
 DEFAULT_POLICIES = ("fixed-0", "fixed-4")
+# fixed-0 with its empty blocks sent ahead (`--pipeline send-ahead`): no round trip per token.
+AHEAD = "fixed-0 send-ahead"
 
 
 def load_prompts(source: str, n: int) -> tuple[list[str], str]:
@@ -175,6 +177,9 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
                 )
                 acc.setdefault("fixed-0", []).append(
                     plain_run(edge.address, args.drafter, prompts_file, "fixed-0", args.max_new_tokens)
+                )
+                acc.setdefault(AHEAD, []).append(
+                    plain_run(edge.address, args.drafter, prompts_file, "fixed-0", args.max_new_tokens, "send-ahead")
                 )
                 for name, res in target_alone(target, prompts, args.max_new_tokens).items():
                     acc.setdefault(f"target_{name}", []).append(res)
@@ -236,6 +241,7 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
     pairs = {
         "fixed0_vs_target_loop": ("fixed-0", "target_loop"),
         "fixed0_vs_target_generate": ("fixed-0", "target_generate"),
+        "fixed0_ahead_vs_target_loop": (AHEAD, "target_loop"),
         "fixedk_vs_assisted_k": (fk, f"assisted_k{k}"),
         "fixedk_vs_assisted_defaults": (fk, "assisted_defaults"),
     }
@@ -271,13 +277,15 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
         "policies": pols,
         "floors": floors,
         "references": references,
+        "pipelined": {AHEAD: {n: v for n, v in _sum_runs(acc[AHEAD]).items() if n != "token_ids"}},
         "ratios": {name: statistics.median(values) for name, values in per_repeat.items()},
         "ratios_per_repeat": per_repeat,
         # Another process only ever slows a run down: the best repeat of each side, compared.
         "ratios_of_best": {
             name: max(tps(x) for x in acc[a]) / max(tps(y) for y in acc[b]) for name, (a, b) in pairs.items()
         },
-        "lossless": all(plain[n]["token_ids"] == plain["fixed-0"]["token_ids"] for n in policies),
+        "lossless": all(plain[n]["token_ids"] == plain["fixed-0"]["token_ids"] for n in policies)
+        and all(r["token_ids"] == plain["fixed-0"]["token_ids"] for r in acc[AHEAD]),
     }
 
 

@@ -163,16 +163,19 @@ def assisted_runs(target: Any, drafter: Any, prompts: list[list[int]], max_new: 
     return out
 
 
-def plain_run(address: str, drafter: str | None, prompts_file: Path, policy: str, max_new: int) -> dict[str, Any]:
+def plain_run(
+    address: str, drafter: str | None, prompts_file: Path, policy: str, max_new: int, pipeline: str = "off"
+) -> dict[str, Any]:
     """One real `gelato-device` process (this process's CPU affinity) over `prompts_file`, whose
     first prompt is a warm-up that is dropped: tokens, seconds and rounds (the generations' elapsed
     time: session open, prefills and close included) and every round's `t_round_s` (`--trace`: the
     round loop's own timer, drafting to verdict applied)."""
     from gelato.benchmarks.procs import run_device
 
-    trace = prompts_file.with_name(f"trace_{policy}.jsonl")
+    trace = prompts_file.with_name(f"trace_{policy}_{pipeline}.jsonl")
     args = ["--edge", address, "--threads", "1", "--prompts-file", str(prompts_file), "--max-new-tokens", str(max_new)]
-    args += ["--policy", policy, "--trace", str(trace), *(["--drafter", drafter] if drafter else [])]
+    args += ["--policy", policy, "--pipeline", pipeline, "--trace", str(trace)]
+    args += ["--drafter", drafter] if drafter else []
     records = run_device(args)[1:]
     rows = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
     return {

@@ -24,8 +24,10 @@ prev's target token (the drafter's own pick at that position), then up to k draf
 `DraftBlock.guess` and `ids`. `settle(block, verdict, next_block)` applies the verdict of the
 oldest block of the chain: a hit (every draft accepted and the target's token equal to the next
 block's guess) keeps the sequence as drafted; anything else cuts it back to the accepted tokens,
-dropping every later block of the chain (the edge answers those stale). Draws are keyed by token
-position, so a chain drafts exactly the tokens rounds one at a time would.
+dropping every later block of the chain (the edge answers those stale). An empty send-ahead block
+(`DraftBlock.follow`, sent when there is nothing to draft) holds nothing of the drafter's: the
+block before it is settled as if it were the last one, and the chain goes on whatever its verdict.
+Draws are keyed by token position, so a chain drafts exactly the tokens rounds one at a time would.
 """
 
 from __future__ import annotations
@@ -180,7 +182,10 @@ class Drafter:
     ) -> DraftBlock:
         """Send-ahead: the block after `prev` (the newest of the chain) as if `prev` will be fully
         accepted: the guess of prev's target token, then up to k drafts (the stop rule and eos end
-        them early, as in `draft`; a guess that is eos gets no drafts)."""
+        them early, as in `draft`; a guess that is eos gets no drafts). Never after an empty
+        send-ahead block (its target token is not the drafter's to guess)."""
+        if prev.follow:
+            raise ValueError("no drafts after an empty send-ahead block: its target token is unknown")
         t0 = time.perf_counter()
         pos = self._bases[prev.round] + prev.k  # where prev's target token (the guess) will sit
         tail = prev.ids[-1] if prev.k else prev.guess  # the chain's newest token, not fed yet
@@ -218,6 +223,10 @@ class Drafter:
             raise ValueError(f"verdict accepts {verdict.n_accepted} of {block.k} drafts")
         base = self._bases.pop(block.round)
         emitted = verdict.emitted(block.ids)
+        if next_block is not None and next_block.follow:  # it follows any outcome: only its start is new
+            self.seq.set_tail(base, emitted)
+            self._bases = {next_block.round: base + len(emitted)}
+            return emitted, True
         if next_block is not None and verdict.n_accepted == block.k and next_block.guess == verdict.next_token:
             return emitted, True  # the sequence already goes on with exactly these tokens
         self.seq.set_tail(base, emitted)

@@ -6,7 +6,11 @@ sampled with the same seed (draws are keyed by token position) — over a `Link`
 without waiting for its verdict. While the oldest block's verdict is in flight, the drafter drafts
 the next block of the chain (its first token the guess of the previous block's target token,
 `Drafter.draft_after`) and sends it at once, up to `link.max_ahead` blocks past the awaited one,
-while the policy says it pays (`Policy.send_ahead`). Verdicts come back in order. A hit (every
+while the policy says it pays (`Policy.send_ahead`). When the policy drafts nothing (K = 0) and
+the edge takes them (`Link.empty_ahead`), the block sent ahead is empty (`DraftBlock.follow`): it
+asks for the target's next token whatever the blocks before it give, costs no drafting, and is
+verified whenever its parent is, so rounds of K = 0 go on without a round trip each; nothing is
+drafted after one until its verdict is in. Verdicts come back in order. A hit (every
 draft accepted, the target's token the guess) lets the chain go on with neither a drafting wait
 nor a round trip; a miss cuts it: the blocks after it come back stale and are skipped, and the
 next block is drafted after the target's token.
@@ -56,6 +60,7 @@ class Link:
     send: Callable[[DraftBlock], Awaitable[int]]  # -> wire bytes up
     receive: Callable[[], Awaitable[tuple[Verdict, int]]]  # the next verdict, wire bytes down
     max_ahead: int  # blocks that may be in flight past the awaited one
+    empty_ahead: bool = False  # the edge verifies empty send-ahead blocks (`DraftBlock.follow`)
 
 
 @dataclass
@@ -89,6 +94,11 @@ class _Chain:
     def projected(self) -> int:
         """Tokens the blocks in flight add if every one is a hit."""
         return sum(s.block.k + 1 for s in self.sent)
+
+
+def _drafted(block: DraftBlock) -> int:
+    """Tokens the drafter made for a block: its drafts, and its guess when sent ahead with one."""
+    return block.k + (block.guess is not None)
 
 
 async def _receive(link: Link, chain: _Chain) -> tuple[Verdict, int]:
@@ -139,7 +149,7 @@ async def _first(
 
 
 def _hit(verdict: Verdict, block: DraftBlock, successor: DraftBlock) -> bool:
-    return verdict.n_accepted == block.k and successor.guess == verdict.next_token
+    return successor.follow or (verdict.n_accepted == block.k and successor.guess == verdict.next_token)
 
 
 async def _extend(
@@ -160,11 +170,14 @@ async def _extend(
         if prev.stop_reason == "eos" or limit < 0:
             return  # the chain ends at an eos or at the generation's limits
         decision = policy.decide(limit)
-        if not policy.send_ahead(decision, chain.p_chain(policy)):
-            return
         gate = policy.gate(decision)
         wanted = decision.k_max if gate else decision.k_ref
         cap = max(0, min(wanted, limit))
+        if cap == 0 and link.empty_ahead:  # nothing to draft: the next target token, whatever comes
+            await _send(link, chain, DraftBlock(round=chain.next_round, ids=(), follow=True), decision, gate, 0, wanted)
+            continue
+        if prev.follow or not policy.send_ahead(decision, chain.p_chain(policy)):
+            return
         block = await offload(drafter.draft_after, prev, cap, chain.next_round, gate, limits.eos)
         chain.drafting_s += block.draft_s
         if recv.done() and not recv.exception():  # the verdict came while drafting: still worth sending?
@@ -248,7 +261,7 @@ async def _settle(
         chain.stale.update(s.block.round for s in cut)
     if not hit:
         chain.next_round = block.round + 1
-    wasted = sum(s.block.k + 1 for s in cut) + chain.unsent
+    wasted = sum(_drafted(s.block) for s in cut) + chain.unsent
     drafting_s, chain.unsent, chain.drafting_s = chain.drafting_s, 0, 0.0
     delivered = deliver(emitted, out, limits)
     out += delivered
@@ -270,10 +283,10 @@ async def _settle(
         stop_reason=block_end(block, sent.cap, sent.wanted, gate is not None),
         entropies=block.entropies,
         p_accept=tuple(gate.p_accept) if gate else (),
-        predrafted=successor.k + 1 if successor is not None else 0,
+        predrafted=_drafted(successor) if successor is not None else 0,
         predraft_hit=hit,
         t_drafting_s=drafting_s,
-        sent_ahead=block.guess is not None,
+        sent_ahead=block.guess is not None or block.follow,
         stale_blocks=len(cut),
         wasted_tokens=wasted,
         wasted_j=wasted * cost.t_draft_s * cost.p_draft_w,
@@ -282,7 +295,7 @@ async def _settle(
     return acct.round_start()
 
 
-def local_link(session: Any, max_ahead: int = 4, delay_s: float = 0.0) -> Link:
+def local_link(session: Any, max_ahead: int = 4, delay_s: float = 0.0, empty_ahead: bool = True) -> Link:
     """An in-process edge for send-ahead, for benchmarks and tests: an `gelato.edge.verifier.TargetSession`-
     like object (`resolve_ahead`, `verify`) answers the blocks in order, as the edge's stream does,
     each verdict `delay_s` after its block was sent (a stand-in for the round trip), stale blocks
@@ -309,11 +322,11 @@ def local_link(session: Any, max_ahead: int = 4, delay_s: float = 0.0) -> Link:
     async def receive() -> tuple[Verdict, int]:
         return await verdicts.get()
 
-    return Link(send, receive, max_ahead)
+    return Link(send, receive, max_ahead, empty_ahead)
 
 
 def _answer(session: Any, block: DraftBlock, max_ahead: int) -> Verdict:
-    if block.guess is not None:
+    if block.guess is not None or block.follow:
         resolved = session.resolve_ahead(block, max_ahead)
         if resolved is None:
             return Verdict(round=block.round, n_accepted=0, next_token=0, stale=True, batch_rows=0)

@@ -223,6 +223,7 @@ class GelatoService:
                             context_limit=session.loaded.context_limit,
                             max_draft_tokens=self.config.max_draft_tokens,
                             max_ahead_rounds=self.config.max_ahead_rounds,
+                            empty_ahead=self.config.max_ahead_rounds > 0,
                         )
                     )
                 elif kind == "draft":
@@ -357,7 +358,7 @@ class GelatoService:
             block = decode_block(msg, m.vocab_size, session.params.greedy, self.config.max_draft_tokens)
         except WireError as exc:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        if block.guess is not None:
+        if block.guess is not None or block.follow:
             if not self.config.max_ahead_rounds:
                 raise StatusError(
                     grpc.StatusCode.FAILED_PRECONDITION, "send-ahead is off on this edge (max_ahead_rounds 0)"

@@ -22,7 +22,9 @@ change while a block waits: closed, round, length against the context limit and 
 Send-ahead (pipelined speculation): `resolve_ahead(block)` takes a block sent before its parent
 round's verdict (`block.guess` set) and returns the ordinary block to verify when the parent
 accepted every draft and its target token was the guess (a hit), or None (stale: answered at once,
-nothing run, nothing changed). Duplicate, out-of-order and too-deep blocks raise `StatusError`.
+nothing run, nothing changed). An empty send-ahead block (`block.follow`: no guess, no drafts)
+asks for the next target token whatever the parent gave: verified whenever the parent round was.
+Duplicate, out-of-order and too-deep blocks raise `StatusError`.
 
 `SessionRegistry` contract: `admit(...)` creates a `TargetSession` or raises `AdmissionError`
 (the server answers RESOURCE_EXHAUSTED) when `max_sessions` are open or the KV pool would pass
@@ -142,10 +144,11 @@ class TargetSession:
             )
 
     def resolve_ahead(self, block: DraftBlock, max_ahead_rounds: int) -> DraftBlock | None:
-        """A send-ahead block (`block.guess` set) as the ordinary block to verify, or None when it
-        is stale: its parent round (round - 1) was not verified as a full accept whose target token
-        is the guess. Blocks for a round already verified, or further than `max_ahead_rounds` past
-        the session's round, raise `StatusError`. Reads state only."""
+        """A send-ahead block (`block.guess` or `block.follow` set) as the ordinary block to verify,
+        or None when it is stale: its parent round (round - 1) was not verified (for a guessed block:
+        not verified as a full accept whose target token is the guess). Blocks for a round already
+        verified, or further than `max_ahead_rounds` past the session's round, raise `StatusError`.
+        Reads state only."""
         if block.round < self.rounds:
             raise StatusError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -158,9 +161,11 @@ class TargetSession:
                 f"send-ahead block for round {block.round} is {block.round - self.rounds + 1} rounds past the "
                 f"session's round {self.rounds}; this edge allows {max_ahead_rounds}",
             )
-        if block.round == self.rounds and self.rounds > 0 and self.last_bonus == block.guess:
-            return replace(block, guess=None)
-        return None
+        if block.round != self.rounds or self.rounds == 0:
+            return None
+        if block.follow:  # nothing of the device's in it: the parent's outcome does not matter
+            return replace(block, follow=False)
+        return replace(block, guess=None) if self.last_bonus == block.guess else None
 
     def verify(self, block: DraftBlock) -> tuple[int, int]:
         """One round alone, in process: target forward over [last, x1..xk], acceptance, rollback.

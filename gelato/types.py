@@ -61,13 +61,15 @@ class SessionOpen:
 @dataclass(frozen=True)
 class SessionInfo:
     """The edge's answer to `SessionOpen` (`SessionOpened` on the wire): its limits for this session.
-    `max_ahead_rounds`: how many send-ahead blocks past the last verdict it verifies (0: none)."""
+    `max_ahead_rounds`: how many send-ahead blocks past the last verdict it verifies (0: none);
+    `empty_ahead`: whether it verifies empty send-ahead blocks (`DraftBlock.follow`)."""
 
     session_id: str
     target_model: str
     context_limit: int
     max_draft_tokens: int
     max_ahead_rounds: int = 0
+    empty_ahead: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,10 @@ class DraftBlock:
     # Send-ahead: the device's guess of the previous round's target token, which `ids` follow. The
     # block is sent before that round's verdict; on the wire it is [guess, *ids], parent round - 1.
     guess: int | None = None
+    # Send-ahead with nothing of the device's in it (no guess, no ids): the target's next token
+    # after whatever the previous round gives, so it is verified whenever that round is. On the
+    # wire: no ids, parent round - 1.
+    follow: bool = False
 
     @property
     def k(self) -> int:

@@ -80,12 +80,14 @@ def encode_opened(info: SessionInfo) -> pb.EdgeMessage:
             context_limit=info.context_limit,
             max_draft_tokens=info.max_draft_tokens,
             max_ahead_rounds=info.max_ahead_rounds,
+            empty_ahead=info.empty_ahead,
         )
     )
 
 
 def decode_opened(msg: pb.SessionOpened) -> SessionInfo:
-    """An edge that omits `max_ahead_rounds` (older than send-ahead) reads as 0: none."""
+    """An edge that omits `max_ahead_rounds` (older than send-ahead) reads as 0: none; one that
+    omits `empty_ahead` as False (it would refuse empty send-ahead blocks)."""
     if msg.context_limit < 1:
         raise WireError(f"SessionOpened: context_limit must be >= 1, got {msg.context_limit}")
     return SessionInfo(
@@ -94,6 +96,7 @@ def decode_opened(msg: pb.SessionOpened) -> SessionInfo:
         context_limit=msg.context_limit,
         max_draft_tokens=msg.max_draft_tokens,
         max_ahead_rounds=msg.max_ahead_rounds,
+        empty_ahead=msg.empty_ahead,
     )
 
 
@@ -168,6 +171,8 @@ def check_ids(ids: tuple[int, ...] | list[int], vocab_size: int, where: str) -> 
 
 def encode_block(block: DraftBlock) -> pb.DeviceMessage:
     q = [encode_sparse(q) for q in block.q]
+    if block.follow:  # send-ahead with no guess and no drafts: the parent round alone marks it
+        return pb.DeviceMessage(draft=pb.DraftBlock(round=block.round, parent_round=block.round - 1))
     if block.guess is None:
         return pb.DeviceMessage(draft=pb.DraftBlock(round=block.round, ids=block.ids, q=q))
     # Send-ahead: the guess leads the ids and the parent round marks the block (see the proto).
@@ -185,8 +190,10 @@ def decode_block(msg: pb.DraftBlock, vocab_size: int, greedy: bool, max_tokens: 
     if ahead:
         if msg.parent_round + 1 != msg.round:
             raise WireError(f"send-ahead block: parent_round {msg.parent_round} must be round - 1 ({msg.round} - 1)")
-        if not ids:
-            raise WireError("send-ahead block: ids must start with the guess of the parent round's token")
+        if not ids:  # no guess, no drafts: the next target token after whatever the parent gives
+            if msg.q:
+                raise WireError("empty send-ahead block: no ids, so no q")
+            return DraftBlock(round=msg.round, ids=(), follow=True)
         guess, ids = ids[0], ids[1:]
     if greedy:
         if msg.q:
@@ -206,6 +213,8 @@ def check_block(block: DraftBlock, vocab_size: int, greedy: bool, max_tokens: in
     if max_tokens and block.k > max_tokens:
         raise WireError(f"draft block of {block.k} tokens exceeds the edge's limit of {max_tokens}")
     check_ids(block.ids, vocab_size, "draft ids")
+    if block.follow and (block.ids or block.guess is not None):
+        raise WireError("empty send-ahead block: no guess and no drafts")
     if block.guess is not None:
         check_ids((block.guess,), vocab_size, "send-ahead guess")
     if greedy:

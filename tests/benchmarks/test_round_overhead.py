@@ -31,6 +31,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     md = out.with_suffix(".md").read_text()
     assert "Command: `python -m gelato.benchmarks.round_overhead --n 1" in md and "## Where the overhead" in md
     assert "| target forward (model) | edge |" in md
+    assert "- fixed-0 with `--pipeline send-ahead`" in md
     data: dict[str, Any] = json.loads(out.with_suffix(".json").read_text())
     return data
 
@@ -80,6 +81,12 @@ def test_floors_and_references(result: dict[str, Any]) -> None:
     assert all(math.isfinite(r) and r > 0 for r in result["ratios"].values())
     assert {len(v) for v in result["ratios_per_repeat"].values()} == {result["meta"]["repeats"]}
     assert set(result["ratios_of_best"]) == set(result["ratios"])
+    ahead = result["pipelined"]["fixed-0 send-ahead"]  # its tokens are checked by `lossless`
+    assert (
+        ahead["tokens_per_s"] > 0
+        and ahead["same_output_every_repeat"]
+        and "fixed0_ahead_vs_target_loop" in result["ratios"]
+    )
 
 
 def test_decompose_sums_nested_timers() -> None:

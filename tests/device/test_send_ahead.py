@@ -12,16 +12,32 @@ from pathlib import Path
 import grpc
 import pytest
 
+from gelato.controller import Decision
 from gelato.device.drafter import Drafter
 from gelato.device.generate import GenerationResult, Limits, local_verifier, speculative_generate
 from gelato.device.pipeline import local_link, pipelined_generate
-from gelato.device.policy import PolicyOptions, parse_policy
+from gelato.device.policy import FixedK, PolicyOptions, parse_policy
 from gelato.edge.sessions import StatusError, TargetSession
 from gelato.models import LoadedModel, encode_prompt, load_model
-from gelato.types import DraftBlock, SamplingParams
+from gelato.types import DraftBlock, SamplingParams, Verdict
 
 GREEDY = SamplingParams()
 PROMPT = "Ava has 12 apples and Ben gives her 3 more. How many?"
+
+
+class Scripted(FixedK):
+    """Block sizes from a fixed pattern keyed by the room left (a function of the state, as a
+    policy's decision is): stretches of K = 0 (empty blocks sent ahead) next to drafted blocks, so
+    a chain passes between the two kinds every way."""
+
+    PATTERN = (0, 0, 3, 0, 2, 2, 0, 0, 0, 4, 1, 0, 0)
+
+    def __init__(self, options: PolicyOptions) -> None:
+        super().__init__(0, options)
+
+    def decide(self, limit: int) -> Decision:
+        k = min(self.PATTERN[limit % len(self.PATTERN)], limit)
+        return Decision(k, k, self.controller.q_j)
 
 
 def run(
@@ -37,7 +53,8 @@ def run(
     session = TargetSession("s", target, params, prompt)
     session.prefill()
     limits = Limits(max_new, target.context_limit, 32, target.eos_token_ids)
-    policy = parse_policy(name, PolicyOptions(pipeline=pipeline, k_max=6, ahead_blocks=ahead))
+    options = PolicyOptions(pipeline=pipeline, k_max=6, ahead_blocks=ahead)
+    policy = Scripted(options) if name == "scripted" else parse_policy(name, options)
     d = Drafter(drafter, params, top_m=8)
     if pipeline == "send-ahead":
         # The verdict comes 20 ms after its block: long enough for the chain to be drafted ahead.
@@ -47,7 +64,7 @@ def run(
     return asyncio.run(coro), session
 
 
-@pytest.mark.parametrize("name", ["fixed-4", "gelato"])
+@pytest.mark.parametrize("name", ["fixed-4", "gelato", "fixed-0", "scripted"])
 @pytest.mark.parametrize("drafter_key", ["target", "drafter_never", "drafter_agree"])
 def test_send_ahead_greedy_is_exact(pair: dict[str, Path], target: LoadedModel, name: str, drafter_key: str) -> None:
     dm = target if drafter_key == "target" else load_model(str(pair[drafter_key]), "drafter", "float32", "cpu")
@@ -61,11 +78,18 @@ def test_send_ahead_greedy_is_exact(pair: dict[str, Path], target: LoadedModel, 
     if drafter_key == "target":  # forced hits: the chain goes on, most rounds were sent ahead
         assert len(ahead) >= len(log) // 2, [(t.k, t.sent_ahead) for t in log]
         assert sum(t.stale_blocks for t in log) == 0
-    if drafter_key == "drafter_never" and name == "fixed-4":  # forced misses: every block ahead is cut
-        assert not ahead
+    if drafter_key == "drafter_never" and name == "fixed-4":  # forced misses: every guessed block is cut
+        # What went ahead all the same: empty blocks, where the limit left no room for drafts.
+        assert all(t.k == 0 for t in ahead), [(t.k, t.sent_ahead) for t in log]
         assert sum(t.stale_blocks for t in log) > 0
         assert sum(t.wasted_tokens for t in log) >= 2 * sum(t.stale_blocks for t in log)  # guess + drafts
         assert all(t.wasted_j >= 0 for t in log)
+    if name == "fixed-0":  # empty blocks: every one after the first goes ahead and is verified
+        assert len(ahead) == len(log) - 1 and sum(t.stale_blocks for t in log) == 0
+        assert all(t.predrafted == 0 == t.wasted_tokens for t in log)
+    if name == "scripted":  # both kinds went ahead (guessed ones only where the guesses can hit)
+        kinds = {t.k > 0 for t in ahead} | ({True} if drafter_key == "drafter_never" else set())
+        assert kinds == {False, True} and any(t.k > 0 for t in log), [(t.k, t.sent_ahead) for t in log]
 
 
 @pytest.mark.parametrize("drafter_key", ["target", "drafter_agree"])
@@ -83,6 +107,16 @@ def test_send_ahead_sampling_draws_what_rounds_one_at_a_time_draw(
         assert piped.token_ids == plain.token_ids, seed
         hits += sum(t.sent_ahead for t in piped.stats.rounds_log)
     assert hits > 0
+
+
+def test_empty_blocks_ahead_sample_what_rounds_one_at_a_time_sample(target: LoadedModel) -> None:
+    """K = 0 sent ahead: the edge draws each token with its position's key, as unpipelined."""
+    for seed in range(3):
+        params = SamplingParams(temperature=1.0, top_k=20, seed=seed)
+        plain, _ = run(target, target, "fixed-0", "off", params, max_new=20)
+        piped, _ = run(target, target, "fixed-0", "send-ahead", params, max_new=20)
+        assert piped.token_ids == plain.token_ids, seed
+        assert sum(t.sent_ahead for t in piped.stats.rounds_log) == len(piped.stats.rounds_log) - 1
 
 
 def test_resolve_ahead_rules(target: LoadedModel) -> None:
@@ -105,4 +139,24 @@ def test_resolve_ahead_rules(target: LoadedModel) -> None:
     length = s.length
     s.verify(DraftBlock(round=1, ids=(target.eos_token_ids[0] + 1 if target.eos_token_ids else 3,)))
     assert s.length > length
+    # An empty block ahead follows whatever its parent gave (round 1 above rejected or accepted).
+    assert s.resolve_ahead(DraftBlock(round=2, ids=(), follow=True), 4) == DraftBlock(round=2, ids=())
+    assert s.resolve_ahead(DraftBlock(round=3, ids=(), follow=True), 4) is None  # its parent was never verified
     s.close()
+
+
+def test_drafter_settles_around_empty_blocks(target: LoadedModel) -> None:
+    """The drafter's sequence after a block whose successor is an empty block sent ahead: cut to
+    what the verdict emitted (whatever it was), the chain kept; and nothing is drafted after one."""
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    d = Drafter(target, GREEDY)
+    d.start(prompt)
+    block = d.draft(3, 0)
+    follow = DraftBlock(round=1, ids=(), follow=True)
+    with pytest.raises(ValueError, match="empty send-ahead"):
+        d.draft_after(follow, 2, 2)
+    emitted, hit = d.settle(block, Verdict(round=0, n_accepted=1, next_token=7), follow)
+    assert hit and emitted == [block.ids[0], 7]
+    assert d.tokens == [*prompt, block.ids[0], 7]
+    emitted, hit = d.settle(follow, Verdict(round=1, n_accepted=0, next_token=9), None)
+    assert emitted == [9] and d.tokens == [*prompt, block.ids[0], 7, 9]

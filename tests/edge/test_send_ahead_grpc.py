@@ -88,7 +88,11 @@ def test_edge_without_send_ahead(pair: dict[str, Path], drafter_model: LoadedMod
     ("block", "code", "words"),
     [
         (pb.DraftBlock(round=1, ids=[4], parent_round=3), grpc.StatusCode.INVALID_ARGUMENT, "parent_round 3"),
-        (pb.DraftBlock(round=1, ids=[], parent_round=0), grpc.StatusCode.INVALID_ARGUMENT, "guess"),
+        (
+            pb.DraftBlock(round=1, ids=[], q=[pb.SparseDist(ids=[4])], parent_round=0),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "no ids, so no q",
+        ),
         (pb.DraftBlock(round=0, ids=[4], parent_round=0), grpc.StatusCode.INVALID_ARGUMENT, "parent_round 0"),
         (pb.DraftBlock(round=9, ids=[4], parent_round=8), grpc.StatusCode.OUT_OF_RANGE, "allows 4"),
     ],
@@ -128,3 +132,32 @@ def test_stale_hit_and_duplicate_over_the_wire(edge: EdgeProcess, drafter_model:
         assert not replies[3].stale and replies[3].batch_rows >= 1  # the hit: [7] verified after the guess
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "already verified" in (info.value.details() or "")
+
+
+def test_empty_blocks_ahead_over_the_wire(edge: EdgeProcess, drafter_model: LoadedModel) -> None:
+    """Empty send-ahead blocks, all written before any verdict is read: each one is the target's next
+    token after whatever came before (here a block of drafts the target rejects), the same tokens
+    as rounds one at a time; one whose parent was stale is stale; the edge says it takes them."""
+    with grpc.insecure_channel(edge.address) as channel:
+        stub = pb_grpc.GelatoStub(channel)
+        vocab = stub.Info(pb.InfoRequest(), timeout=10).vocab_size
+        opening = open_msg(drafter_model.fingerprint, 5, 20)
+
+        def tokens(blocks: list[pb.DraftBlock]) -> list[pb.EdgeMessage]:
+            msgs = [opening, *(pb.DeviceMessage(draft=b) for b in blocks), pb.DeviceMessage(close=pb.CloseSession())]
+            return list(stub.Session(iter(msgs), timeout=30))
+
+        plain = tokens([pb.DraftBlock(round=r) for r in range(4)])
+        assert plain[0].opened.empty_ahead
+        want = [m.verdict.next_token for m in plain[1:]]
+        wrong = (want[0] + 1) % vocab  # a draft the target rejects: round 0 emits want[0] all the same
+        piped = tokens(
+            [pb.DraftBlock(round=0, ids=[wrong]), *(pb.DraftBlock(round=r, parent_round=r - 1) for r in (1, 2, 3))]
+        )
+        got = [m.verdict for m in piped[1:]]
+        assert [v.n_accepted for v in got] == [0, 0, 0, 0] and not any(v.stale for v in got)
+        assert [v.next_token for v in got] == want
+        # Round 1 sent ahead with a wrong guess is stale, so the empty block after it is stale too.
+        miss = pb.DraftBlock(round=1, ids=[(want[0] + 1) % vocab], parent_round=0)
+        cut = tokens([pb.DraftBlock(round=0), miss, pb.DraftBlock(round=2, parent_round=1)])
+        assert [(m.verdict.round, m.verdict.stale) for m in cut[1:]] == [(0, False), (1, True), (2, True)]

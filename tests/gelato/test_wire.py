@@ -37,6 +37,23 @@ def test_block_round_trip_keeps_q_exact() -> None:
     assert back == DraftBlock(round=3, ids=(4, 1), q=q)
 
 
+def test_send_ahead_blocks_round_trip() -> None:
+    guessed = DraftBlock(round=4, ids=(5, 6), guess=2)
+    msg = encode_block(guessed).draft
+    assert (list(msg.ids), msg.parent_round) == ([2, 5, 6], 3)
+    assert decode_block(msg, vocab_size=10, greedy=True, max_tokens=2) == guessed  # the guess is not a draft
+    empty = DraftBlock(round=4, ids=(), follow=True)
+    msg = encode_block(empty).draft
+    assert (list(msg.ids), msg.HasField("parent_round"), msg.parent_round) == ([], True, 3)
+    assert decode_block(msg, vocab_size=10, greedy=True, max_tokens=2) == empty
+    assert decode_block(msg, vocab_size=10, greedy=False, max_tokens=2) == empty
+    msg.q.append(pb.SparseDist(ids=[1]))
+    with pytest.raises(WireError, match="no ids, so no q"):
+        decode_block(msg, vocab_size=10, greedy=False, max_tokens=2)
+    with pytest.raises(WireError, match="no guess and no drafts"):
+        check_block(DraftBlock(round=4, ids=(1,), follow=True), vocab_size=10, greedy=True)
+
+
 def test_block_validation() -> None:
     msg = encode_block(DraftBlock(round=0, ids=(4, 12))).draft
     with pytest.raises(WireError, match="out of range"):
@@ -145,12 +162,13 @@ def test_open_validation(fields: dict[str, object], needle: str) -> None:
 
 
 def test_opened_round_trip() -> None:
-    info = SessionInfo(session_id="s1", target_model="t", context_limit=512, max_draft_tokens=32, max_ahead_rounds=4)
+    info = SessionInfo("s1", "t", context_limit=512, max_draft_tokens=32, max_ahead_rounds=4, empty_ahead=True)
     msg = encode_opened(info)
     assert msg.WhichOneof("kind") == "opened"
     assert decode_opened(msg.opened) == info
     older = pb.SessionOpened(session_id="s1", target_model="t", context_limit=512, max_draft_tokens=32)
     assert decode_opened(older).max_ahead_rounds == 0  # an edge without send-ahead
+    assert not decode_opened(older).empty_ahead  # nor empty send-ahead blocks
     with pytest.raises(WireError, match="context_limit must be >= 1"):
         decode_opened(pb.SessionOpened(session_id="s1"))
 
