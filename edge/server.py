@@ -23,7 +23,7 @@ and a grpc.aio client whose write is in flight when its call ends reports INTERN
 from Core" (its failed send) instead of the server's status, so a device in mid-write could not
 tell a shutdown (fail over) from a fault. A device that writes without waiting for its answer
 (send-ahead), or thinks for longer than `SETTLE_S` and writes just as it is ended, can still
-meet that race.
+meet that race (the device client reads that INTERNAL as UNAVAILABLE and fails over).
 """
 
 from __future__ import annotations
