@@ -55,9 +55,16 @@ def test_send_ahead_sessions_match_unpipelined_and_leave_nothing(
         assert all(r.stats.stop_reason in ("eos", "max_new_tokens") for r in piped)
         ahead = sum(t.sent_ahead for r in piped for t in r.stats.rounds_log)
         stale = sum(t.stale_blocks for r in piped for t in r.stats.rounds_log)
-        assert ahead > 0 and stale > 0, (ahead, stale)
-        assert m['gelato_edge_ahead_blocks_total{outcome="hit"}'] > 0
-        assert m['gelato_edge_ahead_blocks_total{outcome="stale"}'] > 0
+        assert ahead > 0
+        # The edge answered at least what the devices used: every block a device verified ahead was
+        # a hit there, every block it cut was answered stale (blocks still in flight when a
+        # generation ended were answered too, unread).
+        assert m['gelato_edge_ahead_blocks_total{outcome="hit"}'] >= ahead
+        assert m['gelato_edge_ahead_blocks_total{outcome="stale"}'] >= stale
+        # Whether a guessed block of the never-agreeing drafter goes out before its parent's verdict
+        # is back (to be answered stale) is a race here: the device drops a block the verdict
+        # already refutes. Stale answers are made on purpose in test_stale_hit_and_duplicate_over_the_wire
+        # and test_empty_blocks_ahead_over_the_wire.
         assert m["gelato_edge_sessions_active"] == 0
         assert m["gelato_edge_kv_bytes"] == 0 == m["gelato_edge_kv_pool_bytes"]
     finally:
