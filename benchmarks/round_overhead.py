@@ -6,9 +6,10 @@ Contract: `python -m gelato.benchmarks.round_overhead [--n 10] [--max-new-tokens
 the echo server run on one core, this process and the device on another. Per repeat, one after the
 other (so that a ratio's two sides see the same machine):
 
-- plain: a real `gelato-edge` and real `gelato-device --policy fixed-0` then `fixed-K` processes,
-  nothing instrumented: tokens/s and the round loop's own round time (`--trace` t_round_s); each
-  followed by its in-process reference: the target decoding alone (a KV-cached greedy loop, and
+- plain: a real `gelato-edge` and real `gelato-device --policy fixed-0` (unpipelined, then with
+  `--pipeline send-ahead`: its empty blocks sent ahead) then `fixed-K` processes, nothing
+  instrumented: tokens/s and the round loop's own round time (`--trace` t_round_s); each followed
+  by its in-process reference: the target decoding alone (a KV-cached greedy loop, and
   `generate()`) after fixed-0, transformers' assisted generation with the same pair at K (constant
   schedule, no confidence stop) and at its defaults after fixed-K;
 - echo: grpc.aio bidi streams in another process with the real channel and server options and the
@@ -81,7 +82,7 @@ from gelato.benchmarks.round_overhead_refs import (
     raw_forwards,
     target_alone,
 )
-from gelato.benchmarks.round_overhead_report import markdown, summary_lines, table
+from gelato.benchmarks.round_overhead_report import AHEAD, markdown, summary_lines, table
 from gelato.benchmarks.round_overhead_timers import Patches, Recorder, timed, wrapper_cost_us
 
 __all__ = [
@@ -116,8 +117,6 @@ __all__ = [
 ]
 
 DEFAULT_POLICIES = ("fixed-0", "fixed-4")
-# fixed-0 with its empty blocks sent ahead (`--pipeline send-ahead`): no round trip per token.
-AHEAD = "fixed-0 send-ahead"
 
 
 def load_prompts(source: str, n: int) -> tuple[list[str], str]:

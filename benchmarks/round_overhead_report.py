@@ -11,6 +11,9 @@ from typing import Any
 
 from gelato.benchmarks.round_overhead_analysis import COMPONENTS, SUGGESTIONS, ranked_overhead
 
+# The pipelined plain run: fixed-0 with its empty blocks sent ahead (`--pipeline send-ahead`).
+AHEAD = "fixed-0 send-ahead"
+
 
 def table(result: dict[str, Any]) -> str:
     pols = result["policies"]
@@ -69,15 +72,14 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"repeats {pols['fixed-0']['plain_tokens_per_s']:.1f} vs {ref['target']['loop']['tokens_per_s']:.1f} and "
         f"{ref['target']['generate']['tokens_per_s']:.1f} tokens/s."
     )
-    if "fixed0_ahead_vs_target_loop" in r:
-        ahead = result["pipelined"]["fixed-0 send-ahead"]
-        lines.append(
-            f"- fixed-0 with `--pipeline send-ahead` (each empty block sent before the previous verdict: no round "
-            f"trip per token) = {r['fixed0_ahead_vs_target_loop']:.2f} × the target decoding alone (per repeat "
-            f"{each('fixed0_ahead_vs_target_loop')}; best vs best {best['fixed0_ahead_vs_target_loop']:.2f}); "
-            f"{ahead['tokens_per_s']:.1f} tokens/s over all repeats, elapsed per round "
-            f"{ahead['elapsed_per_round_ms']:.3f} ms."
-        )
+    ahead = result["pipelined"][AHEAD]
+    lines.append(
+        f"- fixed-0 with `--pipeline send-ahead` (each empty block sent before the previous verdict: no round "
+        f"trip per token) = {r['fixed0_ahead_vs_target_loop']:.2f} × the target decoding alone (per repeat "
+        f"{each('fixed0_ahead_vs_target_loop')}; best vs best {best['fixed0_ahead_vs_target_loop']:.2f}); "
+        f"{ahead['tokens_per_s']:.1f} tokens/s over all repeats, elapsed per round "
+        f"{ahead['elapsed_per_round_ms']:.3f} ms."
+    )
     lines.append(
         f"- {fk} = {r['fixedk_vs_assisted_k']:.2f} × transformers' assisted generation with the same pair at K = {k} "
         f"({each('fixedk_vs_assisted_k')}; best vs best {best['fixedk_vs_assisted_k']:.2f}) and "
