@@ -3,7 +3,9 @@
 Contract: `start_edge(args)` returns an `Edge` once its `listening on HOST:PORT` line appeared
 (or raises with the edge's output); `Edge.stop()` sends SIGTERM and waits. `run_device(args)`
 runs one `gelato-device --json` and returns its per-prompt records. `machine()` describes the
-machine for results files (CPU model, cores, torch, GPU when present).
+machine for results files (CPU model, cores, torch, GPU when present). `thread_cpu_s(pid)` is an
+edge process's CPU seconds so far by thread: its model thread, its event loop (the main thread) and
+the rest (gRPC's threads), from /proc (Linux; empty elsewhere).
 """
 
 from __future__ import annotations
@@ -95,3 +97,35 @@ def run_device(args: list[str], timeout_s: float = 900.0) -> list[dict[str, Any]
     if res.returncode != 0:
         raise RuntimeError(f"gelato-device failed ({res.returncode}):\n{res.stderr}")
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def thread_cpu_s(pid: int, model_thread: str = "gelato-model") -> dict[str, float]:
+    """CPU seconds (user + system) process `pid` used so far: "model" (the thread the OS calls
+    `model_thread`, `gelato.edge.server.MODEL_THREAD_NAME`), "loop" (the main thread: the edge runs
+    its event loop there) and "other" (the rest of the process, threads that ended included: gRPC's).
+    In clock ticks (10 ms on Linux): meant for runs of seconds. Empty when /proc cannot be read."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def stat(path: str) -> tuple[str, float]:
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
+        fields = raw[raw.rindex(")") + 2 :].split()  # from field 3 (state) on: utime, stime are 14, 15
+        return raw[raw.index("(") + 1 : raw.rindex(")")], (int(fields[11]) + int(fields[12])) / tick
+
+    try:
+        total = stat(f"/proc/{pid}/stat")[1]
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    out = {"model": 0.0, "loop": 0.0}
+    for tid in tids:
+        try:
+            name, cpu_s = stat(f"/proc/{pid}/task/{tid}/stat")
+        except OSError:  # the thread ended meanwhile: "other" still counts it
+            continue
+        if tid == str(pid):
+            out["loop"] += cpu_s
+        elif name == model_thread:
+            out["model"] += cpu_s
+    out["other"] = max(0.0, total - out["model"] - out["loop"])
+    return out

@@ -78,6 +78,7 @@ from gelato.benchmarks.round_overhead_refs import (
     _sum_runs,
     assistant_settings,
     assisted_runs,
+    model_thread_alone,
     plain_run,
     raw_forwards,
     target_alone,
@@ -103,6 +104,7 @@ __all__ = [
     "load_prompts",
     "main",
     "markdown",
+    "model_thread_alone",
     "plain_run",
     "ranked_overhead",
     "raw_forwards",
@@ -174,16 +176,22 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
                 print(
                     f"plain runs, references and floors, repeat {r + 1}/{args.repeats} ...", file=sys.stderr, flush=True
                 )
+                pid = edge.proc.pid
                 acc.setdefault("fixed-0", []).append(
-                    plain_run(edge.address, args.drafter, prompts_file, "fixed-0", args.max_new_tokens)
+                    plain_run(edge.address, args.drafter, prompts_file, "fixed-0", args.max_new_tokens, edge_pid=pid)
                 )
                 acc.setdefault(AHEAD, []).append(
-                    plain_run(edge.address, args.drafter, prompts_file, "fixed-0", args.max_new_tokens, "send-ahead")
+                    plain_run(
+                        edge.address, args.drafter, prompts_file, "fixed-0", args.max_new_tokens, "send-ahead", pid
+                    )
                 )
                 for name, res in target_alone(target, prompts, args.max_new_tokens).items():
                     acc.setdefault(f"target_{name}", []).append(res)
+                acc.setdefault("model_thread_alone", []).append(
+                    model_thread_alone(target, prompts, args.max_new_tokens)
+                )
                 acc.setdefault(policies[1], []).append(
-                    plain_run(edge.address, args.drafter, prompts_file, policies[1], args.max_new_tokens)
+                    plain_run(edge.address, args.drafter, prompts_file, policies[1], args.max_new_tokens, edge_pid=pid)
                 )
                 for name, res in assisted_runs(target, drafter, prompts, args.max_new_tokens, k).items():
                     acc.setdefault(f"assisted_{name}", []).append(res)
@@ -201,6 +209,7 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
         plain = {n: _sum_runs(acc[n]) for n in policies}
         references = {
             "target": {n: _sum_runs(acc[f"target_{n}"]) for n in ("loop", "generate")},
+            "model_thread_alone": _sum_runs(acc["model_thread_alone"]),
             "assisted": {n: _sum_runs(acc[f"assisted_{n}"]) for n in (f"k{k}", "defaults")},
         }
         load["before_instrumented"] = os.getloadavg()[0]

@@ -186,6 +186,8 @@ def summarize_policy(
     out["plain_round_ms"] = plain["round_ms"]
     out["plain_elapsed_per_round_ms"] = plain["elapsed_per_round_ms"]
     out["plain_tokens_per_s"] = plain["tokens_per_s"]
+    if "edge_cpu_ms_per_token" in plain:  # the plain run's edge, by thread (`thread_cpu_s`)
+        out["plain_edge_cpu_ms_per_token"] = plain["edge_cpu_ms_per_token"]
     out["plain_round_vs_floor"] = plain["round_ms"] / out["floor_ms"]
     out["round_vs_floor"] = out["round_ms"] / out["floor_ms"]
     out["instrumentation_inflation"] = out["loop_timer_round_ms"] / plain["round_ms"]

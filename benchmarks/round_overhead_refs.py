@@ -6,8 +6,10 @@ one-token forwards; target: over 1 and K+1 tokens, on a `DynamicCache` and throu
 `KVPool`); `target_alone(target, prompts, max_new)` the target decoding alone (a cached greedy loop
 and `generate()`); `assisted_runs(target, drafter, prompts, max_new, k)` transformers' assisted
 generation at K and at its defaults; `plain_run(address, drafter, prompts_file, policy, max_new)`
-one real, uninstrumented `gelato-device` process; `_sum_runs(runs)` repeated runs as one (tokens/s
-as the ratio of the sums).
+one real, uninstrumented `gelato-device` process (and, given the edge's pid, the edge's CPU time by
+thread meanwhile); `model_thread_alone(target, prompts, max_new)` the edge model thread's fixed-0
+work alone in this process; `_sum_runs(runs)` repeated runs as one (tokens/s as the ratio of the
+sums).
 """
 
 from __future__ import annotations
@@ -164,27 +166,75 @@ def assisted_runs(target: Any, drafter: Any, prompts: list[list[int]], max_new: 
 
 
 def plain_run(
-    address: str, drafter: str | None, prompts_file: Path, policy: str, max_new: int, pipeline: str = "off"
+    address: str,
+    drafter: str | None,
+    prompts_file: Path,
+    policy: str,
+    max_new: int,
+    pipeline: str = "off",
+    edge_pid: int | None = None,
 ) -> dict[str, Any]:
     """One real `gelato-device` process (this process's CPU affinity) over `prompts_file`, whose
     first prompt is a warm-up that is dropped: tokens, seconds and rounds (the generations' elapsed
     time: session open, prefills and close included) and every round's `t_round_s` (`--trace`: the
-    round loop's own timer, drafting to verdict applied)."""
-    from gelato.benchmarks.procs import run_device
+    round loop's own timer, drafting to verdict applied). With `edge_pid`, also the CPU seconds that
+    edge process used meanwhile, by thread (`thread_cpu_s`; warm-up included, so with the tokens of
+    every prompt: `edge_cpu_tokens`)."""
+    from gelato.benchmarks.procs import run_device, thread_cpu_s
 
     trace = prompts_file.with_name(f"trace_{policy}_{pipeline}.jsonl")
     args = ["--edge", address, "--threads", "1", "--prompts-file", str(prompts_file), "--max-new-tokens", str(max_new)]
     args += ["--policy", policy, "--pipeline", pipeline, "--trace", str(trace)]
     args += ["--drafter", drafter] if drafter else []
-    records = run_device(args)[1:]
+    cpu0 = thread_cpu_s(edge_pid) if edge_pid else {}
+    every = run_device(args)
+    cpu1 = thread_cpu_s(edge_pid) if edge_pid else {}
+    records = every[1:]
     rows = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
-    return {
+    out = {
         "tokens": sum(r["n_tokens"] for r in records),
         "seconds": sum(r["elapsed_s"] for r in records),
         "rounds": sum(r["rounds"] for r in records),
         "t_round_s": [r["t_round_s"] for r in rows if r["prompt_index"] > 0],
         "token_ids": [r["token_ids"] for r in records],
     }
+    if cpu0 and cpu1:
+        out["edge_cpu_s"] = {kind: cpu1[kind] - cpu0[kind] for kind in cpu1}
+        out["edge_cpu_tokens"] = sum(r["n_tokens"] for r in every)
+    return out
+
+
+def model_thread_alone(target: Any, prompts: list[list[int]], max_new: int) -> dict[str, Any]:
+    """What the edge's model thread does for fixed-0, alone in this process: per prompt a session
+    admitted to a registry, its prefill, then one empty block per token through
+    `gelato.edge.verifier.verify_batch` (the KV pool, checks, acceptance) until eos or `max_new`;
+    no server, no event loop, no other thread. Tokens, seconds and this thread's CPU seconds over the
+    prompts (after a warm-up on the first)."""
+    from gelato.edge.sessions import SessionRegistry
+    from gelato.edge.verifier import Accepted, verify_batch
+    from gelato.types import DraftBlock, SamplingParams
+
+    eos = set(target.eos_token_ids)
+    registry = SessionRegistry(max_sessions=1, kv_budget_bytes=0, max_draft_tokens=1)
+
+    def decode(prompt: list[int]) -> int:
+        session = registry.admit(target, SamplingParams(), list(prompt), max_new)
+        session.prefill()
+        n = 0
+        while n < max_new:
+            (outcome,) = verify_batch([(session, DraftBlock(round=session.rounds, ids=()))], [True])
+            assert isinstance(outcome, Accepted), outcome
+            n += 1
+            if outcome.next_token in eos:
+                break
+        registry.release(session.session_id)
+        return n
+
+    decode(prompts[0])  # warm-up
+    tokens, t0, c0 = 0, time.perf_counter(), time.thread_time()
+    for p in prompts:
+        tokens += decode(p)
+    return {"tokens": tokens, "seconds": time.perf_counter() - t0, "cpu_s": time.thread_time() - c0}
 
 
 def _sum_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -207,4 +257,11 @@ def _sum_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         )
     if "mode" in runs[0]:
         out["mode"] = runs[0]["mode"]
+    if all("edge_cpu_s" in r for r in runs):  # the edge's CPU per token (warm-ups included), by thread
+        cpu_tokens = sum(r["edge_cpu_tokens"] for r in runs)
+        out["edge_cpu_ms_per_token"] = {
+            kind: 1e3 * sum(r["edge_cpu_s"][kind] for r in runs) / cpu_tokens for kind in runs[0]["edge_cpu_s"]
+        }
+    if "cpu_s" in runs[0]:
+        out["cpu_ms_per_token"] = 1e3 * sum(r["cpu_s"] for r in runs) / tokens
     return out

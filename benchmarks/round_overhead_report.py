@@ -80,6 +80,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"{ahead['tokens_per_s']:.1f} tokens/s over all repeats, elapsed per round "
         f"{ahead['elapsed_per_round_ms']:.3f} ms."
     )
+    lines += _thread_lines(result)
     lines.append(
         f"- {fk} = {r['fixedk_vs_assisted_k']:.2f} × transformers' assisted generation with the same pair at K = {k} "
         f"({each('fixedk_vs_assisted_k')}; best vs best {best['fixedk_vs_assisted_k']:.2f}) and "
@@ -108,6 +109,33 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"{fl['target_pool_k1_ms']:.3f} ms through the edge's KV pool."
     )
     return lines
+
+
+def _thread_lines(result: dict[str, Any]) -> list[str]:
+    """The plain runs' edge CPU per token by thread, against the model thread's work alone."""
+    alone = result["references"].get("model_thread_alone")
+    runs = {n: p.get("plain_edge_cpu_ms_per_token") for n, p in result["policies"].items()}
+    runs[AHEAD] = result["pipelined"][AHEAD].get("edge_cpu_ms_per_token")
+    runs = {n: c for n, c in runs.items() if c}
+    if not runs or alone is None:
+        return []
+    parts = "; ".join(
+        f"{n}: model thread {c['model']:.3f}, event loop {c['loop']:.3f}, gRPC and other threads {c['other']:.3f} "
+        f"(all {sum(c.values()):.3f})"
+        for n, c in runs.items()
+    )
+    line = (
+        f"- Edge CPU ms per token in the plain runs, by thread (/proc; open, prefills and close included): {parts}. "
+        f"The model thread's fixed-0 work alone in one process (a registry session, `verify_batch` per "
+        f"token, no server): {alone['cpu_ms_per_token']:.3f} ms CPU per token "
+        f"({1e3 * alone['seconds'] / alone['tokens']:.3f} ms elapsed)"
+    )
+    same_work = [n for n in runs if n in ("fixed-0", AHEAD)]  # fixed-0's model thread does just that work
+    if same_work:
+        line += "; in the server the same work costs the model thread " + ", ".join(
+            f"{runs[n]['model'] / alone['cpu_ms_per_token']:.2f} × as much ({n})" for n in same_work
+        )
+    return [line + "."]
 
 
 def _index(key: str) -> int:

@@ -32,6 +32,8 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert "Command: `python -m gelato.benchmarks.round_overhead --n 1" in md and "## Where the overhead" in md
     assert "| target forward (model) | edge |" in md
     assert "- fixed-0 with `--pipeline send-ahead`" in md
+    if sys.platform.startswith("linux"):
+        assert "- Edge CPU ms per token in the plain runs, by thread" in md
     data: dict[str, Any] = json.loads(out.with_suffix(".json").read_text())
     return data
 
@@ -87,6 +89,48 @@ def test_floors_and_references(result: dict[str, Any]) -> None:
         and ahead["same_output_every_repeat"]
         and "fixed0_ahead_vs_target_loop" in result["ratios"]
     )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread CPU time comes from /proc")
+def test_edge_cpu_by_thread(result: dict[str, Any]) -> None:
+    """The plain runs' edge CPU split by thread: the model thread is found by its OS name (else its
+    time would land in "other" and read 0 here). /proc counts in clock ticks (10 ms): this tiny run's
+    event loop may stay under one."""
+    runs = {n: p["plain_edge_cpu_ms_per_token"] for n, p in result["policies"].items()}
+    runs["fixed-0 send-ahead"] = result["pipelined"]["fixed-0 send-ahead"]["edge_cpu_ms_per_token"]
+    for name, cpu in runs.items():
+        assert set(cpu) == {"model", "loop", "other"}, name
+        assert cpu["model"] > 0 and cpu["loop"] >= 0 and cpu["other"] >= 0, (name, cpu)
+    alone = result["references"]["model_thread_alone"]
+    assert alone["tokens"] > 0 and alone["cpu_ms_per_token"] > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names and CPU time come from /proc")
+def test_thread_cpu_finds_a_named_thread() -> None:
+    import os
+    import threading
+    import time
+
+    from gelato.benchmarks.procs import thread_cpu_s
+    from gelato.edge.server import name_os_thread
+
+    def burn() -> None:
+        name_os_thread("gelato-burn")
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+
+    before = thread_cpu_s(os.getpid(), model_thread="gelato-burn")
+    t = threading.Thread(target=burn)
+    t.start()
+    time.sleep(0.1)  # alive and named: its own line in /proc
+    during = thread_cpu_s(os.getpid(), model_thread="gelato-burn")
+    t.join()
+    after = thread_cpu_s(os.getpid(), model_thread="gelato-burn")
+    assert before["model"] == 0 and during["model"] > 0
+    # Once it ended, its time is still the process's: counted as "other", never lost.
+    assert after["model"] == 0 and after["other"] - before["other"] >= 0.25
+    assert thread_cpu_s(2**22 + 12345) == {}  # no such process
 
 
 def test_decompose_sums_nested_timers() -> None:
