@@ -38,6 +38,8 @@ class EdgeMetrics:
         )
 
         self.ahead_blocks = Counter("gelato_edge_ahead_blocks", "Send-ahead blocks by outcome", ["outcome"], registry=r)
+        for outcome in ("hit", "stale"):  # exported at 0 from the start, not only once one happens
+            self.ahead_blocks.labels(outcome)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)
