@@ -106,26 +106,29 @@ def thread_cpu_s(pid: int, model_thread: str = "gelato-model") -> dict[str, floa
     In clock ticks (10 ms on Linux): meant for runs of seconds. Empty when /proc cannot be read."""
     tick = os.sysconf("SC_CLK_TCK")
 
-    def stat(path: str) -> tuple[str, float]:
+    def stat(path: str) -> tuple[str, int]:
         with open(path, encoding="utf-8") as f:
             raw = f.read()
         fields = raw[raw.rindex(")") + 2 :].split()  # from field 3 (state) on: utime, stime are 14, 15
-        return raw[raw.index("(") + 1 : raw.rindex(")")], (int(fields[11]) + int(fields[12])) / tick
+        return raw[raw.index("(") + 1 : raw.rindex(")")], int(fields[11]) + int(fields[12])
 
     try:
-        total = stat(f"/proc/{pid}/stat")[1]
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return {}
-    out = {"model": 0.0, "loop": 0.0}
+    ticks = {"model": 0, "loop": 0}
     for tid in tids:
         try:
-            name, cpu_s = stat(f"/proc/{pid}/task/{tid}/stat")
+            name, n = stat(f"/proc/{pid}/task/{tid}/stat")
         except OSError:  # the thread ended meanwhile: "other" still counts it
             continue
         if tid == str(pid):
-            out["loop"] += cpu_s
+            ticks["loop"] += n
         elif name == model_thread:
-            out["model"] += cpu_s
-    out["other"] = max(0.0, total - out["model"] - out["loop"])
-    return out
+            ticks["model"] += n
+    try:
+        total = stat(f"/proc/{pid}/stat")[1]  # read last: the threads' ticks are all in it
+    except OSError:
+        return {}
+    ticks["other"] = max(0, total - ticks["model"] - ticks["loop"])
+    return {kind: n / tick for kind, n in ticks.items()}

@@ -199,7 +199,9 @@ def plain_run(
         "token_ids": [r["token_ids"] for r in records],
     }
     if cpu0 and cpu1:
-        out["edge_cpu_s"] = {kind: cpu1[kind] - cpu0[kind] for kind in cpu1}
+        # Never below 0: "other" is the process total less two threads read just before it, so
+        # one clock tick can move between them from one reading to the next.
+        out["edge_cpu_s"] = {kind: max(0.0, cpu1[kind] - cpu0[kind]) for kind in cpu1}
         out["edge_cpu_tokens"] = sum(r["n_tokens"] for r in every)
     return out
 

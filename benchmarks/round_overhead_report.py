@@ -135,6 +135,11 @@ def _thread_lines(result: dict[str, Any]) -> list[str]:
         line += "; in the server the same work costs the model thread " + ", ".join(
             f"{runs[n]['model'] / alone['cpu_ms_per_token']:.2f} × as much ({n})" for n in same_work
         )
+    if AHEAD in same_work:  # its edge also verifies the blocks in flight when a generation ends
+        line += (
+            f" ({AHEAD}: a little less, as its model thread also verifies the empty blocks sent past each "
+            "generation's end, at most `--ahead-blocks` per generation)"
+        )
     return [line + "."]
 
 

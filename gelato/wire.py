@@ -170,9 +170,9 @@ def check_ids(ids: tuple[int, ...] | list[int], vocab_size: int, where: str) -> 
 
 
 def encode_block(block: DraftBlock) -> pb.DeviceMessage:
-    q = [encode_sparse(q) for q in block.q]
     if block.follow:  # send-ahead with no guess and no drafts: the parent round alone marks it
         return pb.DeviceMessage(draft=pb.DraftBlock(round=block.round, parent_round=block.round - 1))
+    q = [encode_sparse(q) for q in block.q]
     if block.guess is None:
         return pb.DeviceMessage(draft=pb.DraftBlock(round=block.round, ids=block.ids, q=q))
     # Send-ahead: the guess leads the ids and the parent round marks the block (see the proto).
