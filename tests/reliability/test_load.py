@@ -4,7 +4,7 @@ exactly their solo verdicts (the same blocks verified by an in-process `TargetSe
 after each wave the edge holds no session and no KV (`Info`), and its idle RSS after the second
 wave is within `gelato.benchmarks.load.RSS_TOLERANCE_MIB` of the one after the first (the first wave
 warms the allocators; glibc's mmap threshold is fixed so freed KV leaves RSS at once — see
-`gelato.benchmarks.load.FIXED_MALLOC` for why and what the default allocator does).
+`gelato.benchmarks.load_traffic.FIXED_MALLOC` for why and what the default allocator does).
 
 The scenario is `gelato.benchmarks.load.load_phase`, which `python -m gelato.benchmarks.load` runs at scale.
 """
