@@ -13,7 +13,8 @@ verified whenever its parent is, so rounds of K = 0 go on without a round trip e
 drafted after one until its verdict is in. Verdicts come back in order. A hit (every
 draft accepted, the target's token the guess) lets the chain go on with neither a drafting wait
 nor a round trip; a miss cuts it: the blocks after it come back stale and are skipped, and the
-next block is drafted after the target's token.
+next block is drafted after the target's token. A block being drafted when its chain is cut stops
+at its next token (`_CutRule`) and is dropped unsent: no drafting for a block that cannot be used.
 
 Each verdict is one round of telemetry: its time and energy are those since the previous verdict
 (rounds overlap, so they add up to the generation's), `t_net_s` is the block's own transport time
@@ -26,6 +27,7 @@ round, `sent_ahead` marks a block sent before its parent's verdict, and a miss's
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -49,7 +51,7 @@ from gelato.device.generate import (
 )
 from gelato.device.policy import Gate, Policy
 from gelato.power import NullMeter, Reading
-from gelato.types import DraftBlock, GenerationStats, Telemetry, Verdict
+from gelato.types import DraftBlock, GenerationStats, SparseDist, Telemetry, Verdict
 from gelato.wire import encode_block, encode_verdict
 
 
@@ -152,6 +154,35 @@ def _hit(verdict: Verdict, block: DraftBlock, successor: DraftBlock) -> bool:
     return successor.follow or (verdict.n_accepted == block.k and successor.guess == verdict.next_token)
 
 
+class _CutRule:
+    """The stop rule of a block drafted while the oldest verdict is in flight: the policy's gate,
+    and "cut" as soon as that verdict is known to cut the chain (fewer drafts accepted than sent,
+    or the next block's guess missed). The verdict arrives on the event loop while the drafter
+    thread drafts; the rest of a block that will never be sent is not drafted. What is drafted
+    never depends on it: a cut block is dropped, never sent."""
+
+    def __init__(self, gate: Gate | None, recv: asyncio.Future[tuple[Verdict, int]], chain: _Chain) -> None:
+        self.gate = gate
+        self.cut = threading.Event()
+        oldest = chain.sent[0].block
+        successor = chain.sent[1].block if len(chain.sent) > 1 else None
+        recv.add_done_callback(lambda f: self._on_verdict(f, oldest, successor))
+
+    def _on_verdict(
+        self, f: asyncio.Future[tuple[Verdict, int]], oldest: DraftBlock, successor: DraftBlock | None
+    ) -> None:
+        if f.cancelled() or f.exception() is not None:
+            return  # an error ends the generation: nothing to save
+        verdict, _ = f.result()
+        if verdict.n_accepted < oldest.k or (successor is not None and not _hit(verdict, oldest, successor)):
+            self.cut.set()
+
+    def __call__(self, drafted: int, entropy: float, q: SparseDist | None) -> str | None:
+        if self.cut.is_set():
+            return "cut"
+        return self.gate(drafted, entropy, q) if self.gate is not None else None
+
+
 async def _extend(
     drafter: Drafter,
     link: Link,
@@ -178,7 +209,8 @@ async def _extend(
             continue
         if prev.follow or not policy.send_ahead(decision, chain.p_chain(policy)):
             return
-        block = await offload(drafter.draft_after, prev, cap, chain.next_round, gate, limits.eos)
+        stop = _CutRule(gate, recv, chain)
+        block = await offload(drafter.draft_after, prev, cap, chain.next_round, stop, limits.eos)
         chain.drafting_s += block.draft_s
         if recv.done() and not recv.exception():  # the verdict came while drafting: still worth sending?
             verdict, _ = recv.result()

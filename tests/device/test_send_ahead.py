@@ -7,7 +7,11 @@ edge's rule (`TargetSession.resolve_ahead`) refuses duplicate and too-deep block
 from __future__ import annotations
 
 import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -15,7 +19,7 @@ import pytest
 from gelato.controller import Decision
 from gelato.device.drafter import Drafter
 from gelato.device.generate import GenerationResult, Limits, local_verifier, speculative_generate
-from gelato.device.pipeline import local_link, pipelined_generate
+from gelato.device.pipeline import _Chain, _CutRule, _Sent, local_link, pipelined_generate
 from gelato.device.policy import FixedK, PolicyOptions, parse_policy
 from gelato.edge.sessions import StatusError, TargetSession
 from gelato.models import LoadedModel, encode_prompt, load_model
@@ -160,3 +164,89 @@ def test_drafter_settles_around_empty_blocks(target: LoadedModel) -> None:
     assert d.tokens == [*prompt, block.ids[0], 7]
     emitted, hit = d.settle(follow, Verdict(round=1, n_accepted=0, next_token=9), None)
     assert emitted == [9] and d.tokens == [*prompt, block.ids[0], 7, 9]
+
+
+def test_cut_rule_stops_a_block_once_its_chain_is_cut() -> None:
+    """`_CutRule`: the policy's gate until the awaited verdict shows a miss (fewer drafts accepted
+    than sent, or the next block's guess wrong), then "cut"; a hit or a failed read never cuts."""
+
+    def chain_of(*blocks: DraftBlock) -> _Chain:
+        chain = _Chain()
+        for b in blocks:
+            chain.sent.append(_Sent(b, Decision(2, 2, 0.0), None, 2, 2, 0, 0.0))
+        return chain
+
+    oldest, successor = DraftBlock(round=0, ids=(4, 5)), DraftBlock(round=1, ids=(6,), guess=9)
+
+    async def outcome(chain: _Chain, verdict: Verdict | None) -> tuple[str | None, str | None]:
+        recv: asyncio.Future[tuple[Verdict, int]] = asyncio.get_running_loop().create_future()
+        rule = _CutRule(lambda n, h, q: "gate" if n >= 3 else None, recv, chain)
+        before = rule(1, 0.5, None)
+        if verdict is None:
+            recv.set_exception(RuntimeError("stream broke"))
+        else:
+            recv.set_result((verdict, 0))
+        await asyncio.sleep(0)  # the done callbacks run on the loop
+        return before, rule(1, 0.5, None)
+
+    def check(chain: _Chain, verdict: Verdict | None) -> tuple[str | None, str | None]:
+        return asyncio.run(outcome(chain, verdict))
+
+    partial = Verdict(round=0, n_accepted=1, next_token=9)
+    full_hit, full_wrong = Verdict(round=0, n_accepted=2, next_token=9), Verdict(round=0, n_accepted=2, next_token=8)
+    assert check(chain_of(oldest), partial) == (None, "cut")
+    assert check(chain_of(oldest), full_hit) == (None, None)  # the block being drafted may still hit
+    assert check(chain_of(oldest, successor), full_hit) == (None, None)
+    assert check(chain_of(oldest, successor), full_wrong) == (None, "cut")
+    assert check(chain_of(oldest), None) == (None, None)
+    rule = _CutRule(None, asyncio.new_event_loop().create_future(), chain_of(oldest))
+    assert rule(5, 9.0, None) is None  # no gate (fixed K), no verdict: never stops
+
+
+def test_blocks_cut_mid_draft_are_never_sent(pair: dict[str, Path], target: LoadedModel) -> None:
+    """Drafting on its own thread (as the device does) while verdicts come back at once: blocks of
+    a chain cut mid-draft stop early, none of them reaches the edge, and the output is the
+    unpipelined one."""
+    dm = load_model(str(pair["drafter_never"]), "drafter", "float32", "cpu")
+    plain, _ = run(target, dm, "fixed-6", "off")
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    session = TargetSession("s", target, GREEDY, prompt)
+    session.prefill()
+    d = Drafter(dm, GREEDY, top_m=8)
+    pick, drafted = d._pick, []
+
+    def slow_pick(*args: Any) -> Any:  # a drafter token slower than the verdict: it lands mid-block
+        time.sleep(0.003)
+        return pick(*args)
+
+    d._pick = slow_pick  # type: ignore[method-assign]
+    draft_after = d.draft_after
+
+    def recording(*args: Any) -> DraftBlock:
+        drafted.append(draft_after(*args))
+        return drafted[-1]
+
+    d.draft_after = recording  # type: ignore[method-assign]
+    link = local_link(session, max_ahead=4, delay_s=0.0)
+    sent: list[DraftBlock] = []
+
+    async def send(block: DraftBlock) -> int:
+        sent.append(block)
+        return await link.send(block)
+
+    async def main() -> GenerationResult:
+        with ThreadPoolExecutor(1) as pool:
+            loop = asyncio.get_running_loop()
+
+            async def offload(fn: Any, *args: Any) -> Any:
+                return await loop.run_in_executor(pool, fn, *args)
+
+            limits = Limits(60, target.context_limit, 32, target.eos_token_ids)
+            policy = parse_policy("fixed-6", PolicyOptions(pipeline="send-ahead", k_max=6, ahead_blocks=2))
+            return await pipelined_generate(d, replace(link, send=send), policy, prompt, limits, offload=offload)
+
+    piped = asyncio.run(main())
+    assert piped.token_ids == plain.token_ids
+    cut = [b for b in drafted if b.stop_reason == "cut"]
+    assert cut and all(b.k < 6 for b in cut), [(b.k, b.stop_reason) for b in drafted]
+    assert not any(b.stop_reason == "cut" for b in sent)
