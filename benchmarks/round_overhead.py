@@ -7,11 +7,12 @@ the echo server run on one core, this process and the device on another. Per rep
 other (so that a ratio's two sides see the same machine):
 
 - plain: a real `gelato-edge` and real `gelato-device --policy fixed-0` (unpipelined, then with
-  `--pipeline send-ahead`: its empty blocks sent ahead) then `fixed-K` processes, nothing
-  instrumented: tokens/s and the round loop's own round time (`--trace` t_round_s); each followed
-  by its in-process reference: the target decoding alone (a KV-cached greedy loop, and
-  `generate()`) after fixed-0, transformers' assisted generation with the same pair at K (constant
-  schedule, no confidence stop) and at its defaults after fixed-K;
+  `--pipeline send-ahead`: its empty blocks sent ahead) then `fixed-K` processes (unpipelined, then
+  `fixed-K` and `gelato` with `--pipeline send-ahead`: the next block drafted while the edge
+  verifies), nothing instrumented: tokens/s and the round loop's own round time (`--trace`
+  t_round_s); each followed by its in-process reference: the target decoding alone (a KV-cached
+  greedy loop, and `generate()`) after fixed-0, transformers' assisted generation with the same
+  pair at K (constant schedule, no confidence stop) and at its defaults after fixed-K;
 - echo: grpc.aio bidi streams in another process with the real channel and server options and the
   edge handler's shape, a block up and a verdict down (`ECHO_VARIANTS`: bare bytes, `wait_for`
   reads, protobuf messages, and protobuf with a model-thread-like pause in the handler); each reply
@@ -83,7 +84,7 @@ from gelato.benchmarks.round_overhead_refs import (
     raw_forwards,
     target_alone,
 )
-from gelato.benchmarks.round_overhead_report import AHEAD, markdown, summary_lines, table
+from gelato.benchmarks.round_overhead_report import AHEAD, ahead_name, markdown, summary_lines, table
 from gelato.benchmarks.round_overhead_timers import Patches, Recorder, timed, wrapper_cost_us
 
 __all__ = [
@@ -193,6 +194,12 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
                 acc.setdefault(policies[1], []).append(
                     plain_run(edge.address, args.drafter, prompts_file, policies[1], args.max_new_tokens, edge_pid=pid)
                 )
+                for policy in (policies[1], "gelato"):  # drafted blocks sent ahead: drafting overlaps verifying
+                    acc.setdefault(ahead_name(policy), []).append(
+                        plain_run(
+                            edge.address, args.drafter, prompts_file, policy, args.max_new_tokens, "send-ahead", pid
+                        )
+                    )
                 for name, res in assisted_runs(target, drafter, prompts, args.max_new_tokens, k).items():
                     acc.setdefault(f"assisted_{name}", []).append(res)
                 for v in ECHO_VARIANTS:
@@ -252,7 +259,11 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
         "fixed0_ahead_vs_target_loop": (AHEAD, "target_loop"),
         "fixedk_vs_assisted_k": (fk, f"assisted_k{k}"),
         "fixedk_vs_assisted_defaults": (fk, "assisted_defaults"),
+        "fixedk_ahead_vs_assisted_k": (ahead_name(fk), f"assisted_k{k}"),
+        "fixedk_ahead_vs_assisted_defaults": (ahead_name(fk), "assisted_defaults"),
+        "gelato_ahead_vs_assisted_defaults": (ahead_name("gelato"), "assisted_defaults"),
     }
+    pipelined = [AHEAD, ahead_name(fk), ahead_name("gelato")]
     per_repeat = {
         name: [tps(x) / tps(y) for x, y in zip(acc[a], acc[b], strict=True)] for name, (a, b) in pairs.items()
     }
@@ -285,7 +296,7 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
         "policies": pols,
         "floors": floors,
         "references": references,
-        "pipelined": {AHEAD: {n: v for n, v in _sum_runs(acc[AHEAD]).items() if n != "token_ids"}},
+        "pipelined": {p: {n: v for n, v in _sum_runs(acc[p]).items() if n != "token_ids"} for p in pipelined},
         "ratios": {name: statistics.median(values) for name, values in per_repeat.items()},
         "ratios_per_repeat": per_repeat,
         # Another process only ever slows a run down: the best repeat of each side, compared.
@@ -293,7 +304,7 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
             name: max(tps(x) for x in acc[a]) / max(tps(y) for y in acc[b]) for name, (a, b) in pairs.items()
         },
         "lossless": all(plain[n]["token_ids"] == plain["fixed-0"]["token_ids"] for n in policies)
-        and all(r["token_ids"] == plain["fixed-0"]["token_ids"] for r in acc[AHEAD]),
+        and all(r["token_ids"] == plain["fixed-0"]["token_ids"] for p in pipelined for r in acc[p]),
     }
 
 

@@ -11,8 +11,13 @@ from typing import Any
 
 from gelato.benchmarks.round_overhead_analysis import COMPONENTS, SUGGESTIONS, ranked_overhead
 
-# The pipelined plain run: fixed-0 with its empty blocks sent ahead (`--pipeline send-ahead`).
+# The pipelined plain runs (`--pipeline send-ahead`): fixed-0 with its empty blocks sent ahead, and
+# fixed-K and gelato, whose next block is drafted while the edge verifies.
 AHEAD = "fixed-0 send-ahead"
+
+
+def ahead_name(policy: str) -> str:
+    return f"{policy} send-ahead"
 
 
 def table(result: dict[str, Any]) -> str:
@@ -88,6 +93,19 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"best vs best {best['fixedk_vs_assisted_defaults']:.2f}); over all repeats "
         f"{pols[fk]['plain_tokens_per_s']:.1f} vs {ref['assisted'][f'k{k}']['tokens_per_s']:.1f} and "
         f"{ref['assisted']['defaults']['tokens_per_s']:.1f} tokens/s."
+    )
+    pipe = result["pipelined"]
+    ahead_k, ahead_g = pipe[ahead_name(fk)], pipe[ahead_name("gelato")]
+    lines.append(
+        f"- {fk} with `--pipeline send-ahead` (each block drafted while the edge verifies the one before, sent "
+        f"before its verdict, as if that one will be fully accepted) = {r['fixedk_ahead_vs_assisted_k']:.2f} × "
+        f"assisted at K = {k} ({each('fixedk_ahead_vs_assisted_k')}; best vs best "
+        f"{best['fixedk_ahead_vs_assisted_k']:.2f}) and {r['fixedk_ahead_vs_assisted_defaults']:.2f} × assisted at "
+        f"its defaults ({each('fixedk_ahead_vs_assisted_defaults')}); `gelato` with send-ahead = "
+        f"{r['gelato_ahead_vs_assisted_defaults']:.2f} × assisted at its defaults "
+        f"({each('gelato_ahead_vs_assisted_defaults')}; best vs best {best['gelato_ahead_vs_assisted_defaults']:.2f}); "
+        f"over all repeats {ahead_k['tokens_per_s']:.1f} and {ahead_g['tokens_per_s']:.1f} tokens/s, "
+        f"{ahead_k['tokens'] / ahead_k['rounds']:.2f} and {ahead_g['tokens'] / ahead_g['rounds']:.2f} tokens/round."
     )
     echo = fl["echo"]
     lines.append(

@@ -31,7 +31,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     md = out.with_suffix(".md").read_text()
     assert "Command: `python -m gelato.benchmarks.round_overhead --n 1" in md and "## Where the overhead" in md
     assert "| target forward (model) | edge |" in md
-    assert "- fixed-0 with `--pipeline send-ahead`" in md
+    assert "- fixed-0 with `--pipeline send-ahead`" in md and "- fixed-3 with `--pipeline send-ahead`" in md
     if sys.platform.startswith("linux"):
         assert "- Edge CPU ms per token in the plain runs, by thread" in md
     data: dict[str, Any] = json.loads(out.with_suffix(".json").read_text())
@@ -89,6 +89,11 @@ def test_floors_and_references(result: dict[str, Any]) -> None:
         and ahead["same_output_every_repeat"]
         and "fixed0_ahead_vs_target_loop" in result["ratios"]
     )
+    # Drafted blocks sent ahead too (fixed-K, gelato), against assisted generation; tokens: `lossless`.
+    for name in ("fixed-3 send-ahead", "gelato send-ahead"):
+        run = result["pipelined"][name]
+        assert run["tokens_per_s"] > 0 and run["rounds"] > 0 and run["same_output_every_repeat"], name
+    assert {"fixedk_ahead_vs_assisted_k", "gelato_ahead_vs_assisted_defaults"} <= set(result["ratios"])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread CPU time comes from /proc")
