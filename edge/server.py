@@ -150,15 +150,14 @@ class GelatoService:
         self.registry = SessionRegistry(
             config.max_sessions, int(config.kv_budget_mb * 2**20), config.max_draft_tokens, self._close_on_model_thread
         )
-        # Read at scrape time: the pool is reshaped on the model thread, after the gauges were set.
+        # Gauges read at scrape time, not set per verdict: that would walk every session on every
+        # verdict (O(sessions) each, on the event loop), and the pool is reshaped on the model thread.
+        self.metrics.sessions_active.set_function(lambda: len(self.registry))
+        self.metrics.kv_bytes.set_function(self.registry.kv_bytes)
         self.metrics.kv_pool_bytes.set_function(self.registry.pool_bytes)
         self.batcher = Batcher(
             self.executor, config.batch_window_ms / 1e3, config.max_batch, lambda: len(self.registry), self.metrics
         )
-
-    def _update_gauges(self) -> None:
-        self.metrics.sessions_active.set(len(self.registry))
-        self.metrics.kv_bytes.set(self.registry.kv_bytes())
 
     def _close_on_model_thread(self, session: TargetSession) -> None:
         try:
@@ -248,13 +247,11 @@ class GelatoService:
                     verdict = await self._verify(session, msg.draft, received)
                     self._refuse_if_ending()  # the device waits for this answer: end the stream now
                     yield encode_verdict(verdict)
-                    self._update_gauges()
                 elif kind == "generate":
                     if session is None:
                         raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "generate before open")
                     async for verdict in self._generate(session, msg.generate, received):
                         yield encode_verdict(verdict)
-                    self._update_gauges()
                 elif kind == "close":
                     break
                 else:
@@ -278,7 +275,6 @@ class GelatoService:
             self._stream_ended.set()
             if session is not None:
                 self.registry.release(session.session_id)
-                self._update_gauges()
 
     def _refuse_if_ending(self) -> None:
         if self.ending:
@@ -360,7 +356,6 @@ class GelatoService:
         except AdmissionError as exc:
             self.metrics.sessions_rejected.inc()
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
-        self._update_gauges()
         try:
             await asyncio.get_running_loop().run_in_executor(self.executor, session.prefill)
         except BaseException:

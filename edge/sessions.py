@@ -235,7 +235,7 @@ class SessionRegistry:
 
     def kv_bytes(self) -> int:
         """KV actually held by open sessions' tokens (walks them: not for the hot path)."""
-        return sum(s.kv_bytes() for s in self.entries.values())
+        return sum(s.kv_bytes() for s in list(self.entries.values()))  # a copy: metrics read it off the loop
 
     def pool_bytes(self) -> int:
         return self.pool.nbytes() if self.pool is not None else 0

@@ -1,11 +1,16 @@
 """The edge's Prometheus metrics (`gelato.edge.metrics.EdgeMetrics`): labelled series a dashboard or a
-test reads exist from the start, at 0, rather than appearing only once their first event happens."""
+test reads exist from the start, at 0, rather than appearing only once their first event happens;
+the session gauges are read from the registry at scrape time."""
 
 from __future__ import annotations
 
 from prometheus_client import generate_latest
 
+from gelato.edge.config import EdgeConfig
 from gelato.edge.metrics import EdgeMetrics
+from gelato.edge.server import GelatoService
+from gelato.models import LoadedModel
+from gelato.types import SamplingParams
 
 
 def test_send_ahead_outcomes_are_exported_before_any_happens() -> None:
@@ -15,3 +20,23 @@ def test_send_ahead_outcomes_are_exported_before_any_happens() -> None:
     assert 'gelato_edge_ahead_blocks_total{outcome="stale"} 0.0' in text
     m.ahead_blocks.labels("stale").inc()
     assert 'gelato_edge_ahead_blocks_total{outcome="stale"} 1.0' in generate_latest(m.registry).decode()
+
+
+def test_session_gauges_are_read_at_scrape_time(target: LoadedModel) -> None:
+    """Sessions and their KV are gauges read from the registry when scraped (nothing is set per
+    verdict): a session admitted and prefilled shows at once, and is gone once released."""
+    service = GelatoService(EdgeConfig())
+    try:
+
+        def sample(name: str) -> float | None:
+            return service.metrics.registry.get_sample_value(name)
+
+        assert sample("gelato_edge_sessions_active") == 0 == sample("gelato_edge_kv_bytes")
+        session = service.registry.admit(target, SamplingParams(), [5, 6, 7, 8], 16)
+        session.prefill()
+        assert sample("gelato_edge_sessions_active") == 1
+        assert sample("gelato_edge_kv_bytes") == session.kv_bytes() > 0
+        service.registry.release(session.session_id)
+        assert sample("gelato_edge_sessions_active") == 0 == sample("gelato_edge_kv_bytes")
+    finally:
+        service.executor.shutdown(wait=True)
