@@ -48,8 +48,8 @@ real (row, position) pairs are written; rows of equal length keep the plain stri
 lone row writes one slice), so a row's padding can neither pass the context limit nor touch KV;
 their outputs are discarded. Bookkeeping outside the model is kept small (it is paid on every
 round): lengths stay Python ints, ids and positions reach torch in one call, slot index tensors
-are reused per slot set, and one query per row at equal ends (every query sees every key) gets an
-all-zero mask without building it.
+are reused per slot set, and one query per row at equal ends (every query sees every key) passes
+no mask at all with SDPA (`mask_free_ok`), an all-zero one otherwise.
 """
 
 from __future__ import annotations
@@ -113,6 +113,14 @@ class _PoolCache:
     def get_seq_length(self, layer: int = 0) -> int:
         return 0  # positions are always passed explicitly
 
+    # Asked by transformers only when no mask is passed (`KVPool.forward` passes none only for
+    # one query per row at equal ends): that query is the last position and sees every key.
+    def get_query_offset(self, layer: int = 0) -> int:
+        return self.kv_len - 1
+
+    def get_mask_sizes(self, query: Any, layer: int = 0) -> tuple[int, int]:
+        return self.kv_len, 0
+
 
 class _SplitPoolCache:
     """Layers on several devices: one `_PoolCache` per device; layer `i` goes to `parts[group[i]]`."""
@@ -125,6 +133,21 @@ class _SplitPoolCache:
 
     def get_seq_length(self, layer: int = 0) -> int:
         return 0
+
+    def get_query_offset(self, layer: int = 0) -> int:
+        return self.parts[0].get_query_offset(layer)
+
+    def get_mask_sizes(self, query: Any, layer: int = 0) -> tuple[int, int]:
+        return self.parts[0].get_mask_sizes(query, layer)
+
+
+def mask_free_ok(config: Any) -> bool:
+    """Whether a forward of one query per row that sees every key may pass no mask: with SDPA and
+    only full-attention layers, transformers then passes none to the kernel. Other attention
+    implementations build their own mask from the cache's sizes, which older transformers 5.x read
+    from positions this pool does not give it, so they keep the explicit one."""
+    layers = set(getattr(config, "layer_types", None) or ["full_attention"])
+    return getattr(config, "_attn_implementation", None) == "sdpa" and layers == {"full_attention"}
 
 
 def plan_pool(
@@ -182,6 +205,7 @@ class KVPool:
         self._others = list(dict.fromkeys(d for d in self.layer_devices if d != self.device))
         self._group = [0 if d == self.device else 1 + self._others.index(d) for d in self.layer_devices]
         self.cache_kwarg = cache_kwarg(model)
+        self.mask_free = mask_free_ok(cfg)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.slots, self.context = 0, 0
@@ -324,9 +348,11 @@ class KVPool:
         valid = None
         if min(lengths) < n_max:
             valid = torch.tensor([[j < n for j in range(n_max)] for n in lengths], device=self.device)
+        mask: torch.Tensor | None
         if n_max == 1 and min(ends) == kv_len:
-            # One query per row, every row as long: each query sees every key.
-            mask = torch.zeros(batch, 1, 1, kv_len, dtype=self.dtype, device=self.device)
+            # One query per row, every row as long: each query sees every key, so SDPA needs no
+            # mask at all (~4 % of a one-token forward on CPU); other kernels get an all-zero one.
+            mask = None if self.mask_free else torch.zeros(batch, 1, 1, kv_len, dtype=self.dtype, device=self.device)
         else:  # query j of row i sees keys 0..positions[i, j]
             if self._offsets.numel() < kv_len:
                 self._offsets = torch.arange(max(kv_len, self.context), device=self.device)

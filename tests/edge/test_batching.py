@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gelato.device.drafter import Drafter
-from gelato.edge.kv_pool import KVPool, PooledSequence, pooled_forward
+from gelato.edge.kv_pool import KVPool, PooledSequence, mask_free_ok, pooled_forward
 from gelato.edge.sessions import TargetSession
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel
@@ -173,3 +173,48 @@ def test_failed_forward_restores_every_row(target: LoadedModel) -> None:
     fresh = KVSequence(target.model, target.vocab_size, [5, 6, 7])
     fresh.prefill(2)
     torch.testing.assert_close(retry, fresh.forward((1, 2)), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("slots_used", [(0,), (0, 1, 2), (0, 2)])
+def test_one_query_rows_at_equal_ends_pass_no_mask(target: LoadedModel, slots_used: tuple[int, ...]) -> None:
+    """Rows of one query each, all ending at the same length (a lone fixed-0 session, or several
+    in step): every query sees every key, so with SDPA the model gets no mask at all. Their logits
+    equal each row alone and the explicit-mask path's; a ragged batch still gets its mask."""
+    assert mask_free_ok(target.model.config)  # the test target runs SDPA with full attention only
+    pool = KVPool(target.model, target.vocab_size, slots=4, context=32)
+    rng = random.Random(3)
+    prefix = [rng.randrange(1, 300) for _ in range(12)]
+    seqs = [PooledSequence(pool, list(prefix)) for _ in range(3)]
+    for seq in seqs:
+        seq.prefill(len(prefix))
+    rows = [(seqs[i], (rng.randrange(1, 300),)) for i in slots_used]
+    masks: list[object] = []
+    hook = target.model.register_forward_pre_hook(
+        lambda _m, _a, kw: masks.append(kw["attention_mask"]), with_kwargs=True
+    )
+    try:
+        got = pooled_forward(rows)
+        for seq, _ in rows:  # again on the same KV through the explicit mask
+            seq.rewind(len(prefix), len(prefix))
+        pool.mask_free = False
+        explicit = pooled_forward(rows)
+        pool.mask_free = True
+        ragged = pooled_forward([(seqs[0], (5, 6)), (seqs[1], (7,))])
+    finally:
+        hook.remove()
+    assert masks[0] is None and isinstance(masks[1], torch.Tensor) and isinstance(masks[2], torch.Tensor)
+    assert len(ragged) == 2
+    for (_, ids), g, e in zip(rows, got, explicit, strict=True):
+        alone = KVSequence(target.model, target.vocab_size, list(prefix))
+        alone.prefill(len(prefix))
+        torch.testing.assert_close(g, alone.forward(ids), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-4)
+
+
+def test_mask_free_only_for_sdpa_with_full_attention() -> None:
+    from types import SimpleNamespace
+
+    assert mask_free_ok(SimpleNamespace(_attn_implementation="sdpa", layer_types=None))
+    assert mask_free_ok(SimpleNamespace(_attn_implementation="sdpa", layer_types=["full_attention"] * 4))
+    assert not mask_free_ok(SimpleNamespace(_attn_implementation="eager", layer_types=None))
+    assert not mask_free_ok(SimpleNamespace(_attn_implementation="sdpa", layer_types=["sliding_attention"]))
