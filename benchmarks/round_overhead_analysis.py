@@ -38,13 +38,11 @@ COMPONENTS: list[tuple[str, str, str, str]] = [
 ]
 
 SUGGESTIONS = {
-    "transit": "compare the echo variants (below the table): what `wait_for` reads and protobuf add to a "
+    "transit": "compare the echo variants (below the table): what time-limited reads and protobuf add to a "
     "back-to-back echo is small next to what an idle gap adds. Each side's event loop sleeps in epoll "
     "while the other computes, and waking it (and, on a VM, its idle vCPU) is most of this part: poll "
     "briefly before sleeping when a reply is due soon (the edge knows its forward's length, the device "
-    "its round's), keep the reads' `wait_for` off the hot path (`asyncio.timeout`, or one deadline per "
-    "stream: each `wait_for` is a task and a loop turn), and avoid the async-generator handler's extra "
-    "turn per message (`context.write`).",
+    "its round's), and avoid the async-generator handler's extra turn per message (`context.write`).",
     "hops": "one executor round trip per drafting round (verdict apply and empty blocks run on the loop's "
     "thread): a wake-up of the sleeping drafter thread plus a self-pipe wake-up of the loop; drafting on the "
     "loop thread when nothing else (pre-drafting, other generations) needs the loop meanwhile would remove it.",

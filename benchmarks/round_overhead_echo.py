@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+from gelato.deadline import within
 
 ECHO_SERVICE = "gelato.bench.Echo"
 
@@ -21,11 +23,21 @@ ECHO_SERVICE = "gelato.bench.Echo"
 ECHO_WORK_MS = 2.0  # `proto_work`: about a tiny-pair target forward
 ECHO_VARIANTS = {
     "bare": "raw bytes, plain reads",
-    "wait_for": "raw bytes, every read under `asyncio.wait_for` on both sides (as the edge and the client do)",
-    "proto": "protobuf DeviceMessage / EdgeMessage (serialized, parsed) and `wait_for` reads: the real messaging",
+    "wait_for": "raw bytes, every read under `asyncio.wait_for` on both sides (a task per read on Python < 3.12)",
+    "proto": "protobuf DeviceMessage / EdgeMessage (serialized, parsed), every read under a time limit as the edge "
+    "and the client read (`gelato.deadline.within`: `asyncio.timeout` from 3.11): the real messaging",
     "proto_work": f"as proto, and the handler waits for {ECHO_WORK_MS:g} ms of torch work on a one-thread executor "
     "(as the edge's model thread): both processes go idle in between, as in a real round",
 }
+
+READ_LIMITS = {"bare": "none", "wait_for": "wait_for", "proto": "within", "proto_work": "within"}
+
+
+async def _read(read: Awaitable[Any], limit: str, timeout_s: float) -> Any:
+    """One read, as the variant reads: plain, under `asyncio.wait_for`, or as the edge and client do."""
+    if limit == "wait_for":
+        return await asyncio.wait_for(read, timeout_s)
+    return await (within(read, timeout_s) if limit == "within" else read)
 
 
 def sample_messages(k: int) -> tuple[Any, Any]:
@@ -65,11 +77,11 @@ def _serve_echo(argv: list[str]) -> int:
         while time.perf_counter() < end:
             torch.mm(m, m)  # releases the GIL, as a model forward does
 
-    def echo(wait: bool, proto: bool, work_s: float = 0.0) -> Callable[..., Any]:
+    def echo(limit: str, proto: bool, work_s: float = 0.0) -> Callable[..., Any]:
         async def session(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
             loop = asyncio.get_running_loop()
             while True:
-                data = await (asyncio.wait_for(context.read(), 300.0) if wait else context.read())
+                data = await _read(context.read(), limit, 300.0)
                 t0 = time.perf_counter()
                 if data is grpc.aio.EOF:
                     return
@@ -89,10 +101,10 @@ def _serve_echo(argv: list[str]) -> int:
         server = grpc.aio.server(options=SERVER_OPTIONS)
         ser = {"response_serializer": pb.EdgeMessage.SerializeToString}
         methods = {
-            "bare": grpc.stream_stream_rpc_method_handler(echo(wait=False, proto=False)),
-            "wait_for": grpc.stream_stream_rpc_method_handler(echo(wait=True, proto=False)),
-            "proto": grpc.stream_stream_rpc_method_handler(echo(wait=True, proto=True), **ser),
-            "proto_work": grpc.stream_stream_rpc_method_handler(echo(True, True, ECHO_WORK_MS / 1e3), **ser),
+            "bare": grpc.stream_stream_rpc_method_handler(echo("none", proto=False)),
+            "wait_for": grpc.stream_stream_rpc_method_handler(echo("wait_for", proto=False)),
+            "proto": grpc.stream_stream_rpc_method_handler(echo("within", proto=True), **ser),
+            "proto_work": grpc.stream_stream_rpc_method_handler(echo("within", True, ECHO_WORK_MS / 1e3), **ser),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ECHO_SERVICE, methods),))
         port = server.add_insecure_port("127.0.0.1:0")
@@ -136,7 +148,7 @@ async def echo_rounds(address: str, variant: str, k: int, rounds: int, warmup: i
         for i in range(warmup + rounds):
             t0 = time.perf_counter()
             await call.write(payload)
-            reply = await (call.read() if variant == "bare" else asyncio.wait_for(call.read(), 120.0))
+            reply = await _read(call.read(), READ_LIMITS[variant], 120.0)
             rtt = time.perf_counter() - t0
             handler_ms = reply.verdict.compute_ms if proto else struct.unpack_from("<d", reply)[0]
             if i >= warmup:

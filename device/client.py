@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import grpc
 
 from gelato.channel import CLIENT_OPTIONS
+from gelato.deadline import within
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant, wire_bytes
 from gelato.device.generate import (
@@ -123,7 +124,7 @@ class EdgeClient:
         """Wait until the channel is connected, at most `connect_timeout_s`: a gone edge is
         reported as unreachable within seconds instead of a call waiting for its whole deadline."""
         try:
-            await asyncio.wait_for(self.channel.channel_ready(), self.connect_timeout_s)
+            await within(self.channel.channel_ready(), self.connect_timeout_s)
         except TimeoutError:
             raise EdgeUnreachable(self.target, self.connect_timeout_s, self.tls) from None
 
@@ -310,7 +311,7 @@ class EdgeClient:
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> pb.EdgeMessage:
         try:
-            msg = await asyncio.wait_for(call.read(), timeout=self.verdict_timeout_s)
+            msg = await within(call.read(), self.verdict_timeout_s)
         except grpc.aio.AioRpcError as exc:  # as a VerifyError, so the loop keeps what it has
             raise EdgeError(exc.code(), exc.details() or "") from exc
         except TimeoutError:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+from gelato.deadline import within
 from gelato.edge.metrics import EdgeMetrics
 from gelato.edge.verifier import Accepted, TargetSession, verify_batch
 from gelato.types import DraftBlock, Verdict
@@ -99,7 +100,7 @@ class Batcher:
             if remaining <= 0:
                 break
             try:
-                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                batch.append(await within(self.queue.get(), remaining))
             except TimeoutError:
                 break
         return [r for r in batch if not r.future.done()]

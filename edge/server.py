@@ -46,6 +46,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gelato.channel import SERVER_OPTIONS
+from gelato.deadline import within
 from gelato.edge.auth import BearerAuth
 from gelato.edge.batcher import Batcher
 from gelato.edge.config import EdgeConfig
@@ -310,8 +311,8 @@ class GelatoService:
         self._stream_ended.clear()
         timeout_s = until - asyncio.get_running_loop().time()
         if timeout_s > 0:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stream_ended.wait(), timeout_s)
+            with contextlib.suppress(TimeoutError):
+                await within(self._stream_ended.wait(), timeout_s)
 
     async def _next_message(self, context: grpc.aio.ServicerContext, stream: _Stream) -> pb.DeviceMessage | None:
         """The device's next message; None at end of stream. A device silent for longer than the
@@ -319,7 +320,7 @@ class GelatoService:
         waits, `stream.waiting_since` says since when (shutdown may cut the wait)."""
         stream.waiting_since = time.monotonic()
         try:
-            data = await asyncio.wait_for(context.read(), timeout=self.config.idle_timeout_s)
+            data = await within(context.read(), self.config.idle_timeout_s)
         except TimeoutError:
             raise StatusError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
