@@ -25,6 +25,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gelato.channel import CLIENT_OPTIONS
+from gelato.deadline import within
 from gelato.edge.verifier import TargetSession
 from gelato.models import LoadedModel
 from gelato.types import EdgeInfo
@@ -157,7 +158,7 @@ class Gate:
             self.event.set()
         # A session that never opened must not hold the others forever: the peak count shows it.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.event.wait(), self.timeout_s)
+            await within(self.event.wait(), self.timeout_s)
 
 
 class _Ended(Exception):
