@@ -351,7 +351,7 @@ class KVPool:
         mask: torch.Tensor | None
         if n_max == 1 and min(ends) == kv_len:
             # One query per row, every row as long: each query sees every key, so SDPA needs no
-            # mask at all (~4 % of a one-token forward on CPU); other kernels get an all-zero one.
+            # mask at all (the kernel then skips masking); other kernels get an all-zero one.
             mask = None if self.mask_free else torch.zeros(batch, 1, 1, kv_len, dtype=self.dtype, device=self.device)
         else:  # query j of row i sees keys 0..positions[i, j]
             if self._offsets.numel() < kv_len:
