@@ -11,13 +11,14 @@ from typing import Any
 
 from gelato.benchmarks.round_overhead_analysis import COMPONENTS, SUGGESTIONS, ranked_overhead
 
-# The pipelined plain runs (`--pipeline send-ahead`): fixed-0 with its empty blocks sent ahead, and
-# fixed-K and gelato, whose next block is drafted while the edge verifies.
-AHEAD = "fixed-0 send-ahead"
-
 
 def ahead_name(policy: str) -> str:
+    """A pipelined plain run's name (`--pipeline send-ahead`): fixed-0 with its empty blocks sent
+    ahead, fixed-K and gelato with their next block drafted while the edge verifies."""
     return f"{policy} send-ahead"
+
+
+AHEAD = ahead_name("fixed-0")
 
 
 def table(result: dict[str, Any]) -> str:
