@@ -61,7 +61,7 @@ from typing import Any
 
 from gelato.benchmarks.round_overhead_analysis import (
     COMPONENTS,
-    SUGGESTIONS,
+    STATUS,
     decompose,
     ranked_overhead,
     summarize_policy,
@@ -93,7 +93,7 @@ __all__ = [
     "ECHO_SERVICE",
     "ECHO_VARIANTS",
     "ECHO_WORK_MS",
-    "SUGGESTIONS",
+    "STATUS",
     "Patches",
     "Recorder",
     "assistant_settings",

@@ -1,11 +1,12 @@
 """The decomposition of a round in the round-overhead benchmark (`gelato.benchmarks.round_overhead`).
 
 Contract: `COMPONENTS` lists the disjoint parts of a round, in round order, as (key, side, kind,
-label); `SUGGESTIONS` what could cut each part. `decompose(device_units, edge_units)` gives the
-mean ms per round of every component (they sum to the round) from matched rounds;
-`summarize_policy(name, device, edge, plain, floors, k)` one policy's figures (outlier rounds
-dropped, transit split by the shared clock, CPU per verdict and round, floor and ratios);
-`ranked_overhead(policy)` the components outside the model forwards, largest first.
+label); `STATUS` what each part is, what was done about it and what is left.
+`decompose(device_units, edge_units)` gives the mean ms per round of every component (they sum to
+the round) from matched rounds; `summarize_policy(name, device, edge, plain, floors, k)` one
+policy's figures (outlier rounds dropped, transit split by the shared clock, CPU per verdict and
+round, floor and ratios); `ranked_overhead(policy)` the components outside the model forwards,
+largest first.
 """
 
 from __future__ import annotations
@@ -37,45 +38,42 @@ COMPONENTS: list[tuple[str, str, str, str]] = [
     ("apply", "device", "measured", "verdict apply (drafter rollback)"),
 ]
 
-SUGGESTIONS = {
-    "transit": "compare the echo variants (below the table): what time-limited reads and protobuf add to a "
-    "back-to-back echo is small next to what an idle gap adds. Each side's event loop sleeps in epoll "
-    "while the other computes, and waking it (and, on a VM, its idle vCPU) is most of this part: poll "
-    "briefly before sleeping when a reply is due soon (the edge knows its forward's length, the device "
-    "its round's), and avoid the async-generator handler's extra turn per message (`context.write`).",
-    "hops": "one executor round trip per drafting round (verdict apply and empty blocks run on the loop's "
-    "thread): a wake-up of the sleeping drafter thread plus a self-pipe wake-up of the loop; drafting on the "
-    "loop thread when nothing else (pre-drafting, other generations) needs the loop meanwhile would remove it.",
-    "queue": "asyncio.Queue put/get, the batcher task's wake-up, `run_in_executor` to the sleeping model "
-    "thread and the loop's wake-up back (self-pipe) for the future: with one open session (or an empty "
-    "queue and nothing in flight) hand the row to the model thread at once, keep the model thread "
-    "polling briefly before it sleeps, and resolve a batch's futures with one `call_soon_threadsafe`.",
-    "loop": "per round `dataclasses.replace` of Telemetry twice, meter reads, policy observe/decide: build "
-    "Telemetry once, read the meter once per round edge.",
-    "pool": "about fifteen small torch calls per forward outside the model, 5-25 µs each on this CPU: "
-    "`ends.max()` on a tensor, three `torch.tensor`, two `arange`, two `zeros`, `minimum`, `masked_fill_` for "
-    "the [B, n, kv_len] mask, index tensors for the cache object, `inference_mode` entries, the module call: "
-    "keep lengths and kv_len as Python ints, skip the mask for single-query rows (one query sees every key) "
-    "and cache it per shape otherwise, reuse preallocated id/position/index tensors.",
-    "checks": "`TargetSession.check` runs twice per block (event loop and model thread), each re-validating "
-    "ids already validated by `decode_block` (params.validate, check_block): validate once at decode, keep "
-    "only the round/length checks.",
-    "decode_block": "a Python tuple of ints and a range scan per block: unavoidable in size, but it need not be "
-    "repeated by `check`.",
-    "parse": "the service takes raw bytes and parses them itself (for precise INVALID_ARGUMENT): one parse, "
-    "unavoidable; could reuse a message object (`ParseFromString` into a preallocated one).",
-    "encode_verdict": "two message objects per verdict (EdgeMessage + Verdict): cheap; could reuse one.",
-    "handler_other": "Verdict dataclass, `_verify`/`_verify_block` awaits and exception frames: flatten.",
-    "model_thread_other": "per-batch duplicate-session scan, outcome dict keyed by id(): small.",
-    "draft_other": "per token: `torch.tensor([ids])`, an `inference_mode` entry, the module call, the logits "
-    "slice and `.float()` (KVSequence.forward), `[-1]`, argmax to int: keep a preallocated input tensor, ask "
-    "the model for the last position's logits only (`logits_to_keep=1`), one inference-mode scope per block.",
-    "entropy": "log_softmax + exp + multiply + sum over the vocabulary per draft: skip it when the policy does "
-    "not gate on entropy (fixed-K), or fuse.",
-    "encode": "a SparseDist per token when sampling; greedy: one message, cheap.",
-    "decode": "one Verdict dataclass: cheap.",
+# What each part is, what was done about it and what is left (the ranked lists of the report
+# print these). Kept current with the code: a line here names a change only once it has landed or
+# was measured and dropped (the README's "Per-round overhead" has the measurements).
+STATUS = {
+    "transit": "Mostly waking the side that slept in epoll while the other computed (the echo variants below "
+    "the table: time-limited reads and protobuf add little to a back-to-back echo, an idle gap adds most). "
+    "Done: reads limited through `gelato.deadline.within` (`asyncio.timeout`, no task per read). Tried, no "
+    "gain: busy-polling before sleeping; gRPC core's EventEngine endpoints off; a handler that writes with "
+    "`context.write` instead of yielding. Left: the wake-ups grpc.aio's threads impose.",
+    "hops": "One drafter-thread round trip per drafting round (a wake-up of the drafter thread, a self-pipe "
+    "wake-up of the loop). Done: verdict apply, settle and empty blocks run on the loop's thread, so only "
+    "drafting crosses. Left: the crossing itself, which keeps drafter forwards off the event loop.",
+    "queue": "The event loop <-> model thread hand-off. Done: a lone request (one open session, nothing queued "
+    "or in flight) goes to the model thread without the batcher task; a batch's futures are resolved by one "
+    "`call_soon_threadsafe`. Tried, no gain: forwards in a model worker process; chaining blocks sent ahead "
+    "onto their parent on the model thread. Left: the two thread wake-ups per verdict.",
+    "loop": "Policy decide/observe, energy accounting and Telemetry. Done: Telemetry built once per round. "
+    "Left: small per-round Python work (a further `replace` is ~9 µs, not worth the code).",
+    "pool": "The KV pool's small torch calls around the model. Done: lengths as Python ints, ids and "
+    "positions to torch in one call, slot index tensors reused (a lone session's KV written as a slice), no "
+    "mask for one-query rows at equal ends (SDPA, full attention). Left: a ragged batch's mask, per forward.",
+    "checks": "Done: the block's data validated once at decode (`check_data`); only the cheap state checks "
+    "(`check_state`) run on the event loop and again on the model thread.",
+    "decode_block": "A tuple of ints and a range scan per block: its size is the block's.",
+    "parse": "The service parses raw bytes itself (for a precise INVALID_ARGUMENT): one parse per message.",
+    "encode_verdict": "Two message objects per verdict (EdgeMessage + Verdict): cheap.",
+    "handler_other": "The Verdict dataclass and the handler's awaits: small.",
+    "model_thread_other": "Per-batch duplicate-session scan, outcomes keyed by id(): small.",
+    "draft_other": "Done: `KVSequence.forward_last` (the last row's logits only, the previous argmax fed as "
+    "is, one inference-mode scope per block). Left: argmax and slicing per token.",
+    "entropy": "One pass over the vocabulary per draft (`entropy_nats`); computed for every policy, since "
+    "the calibrator and the telemetry use it.",
+    "encode": "A SparseDist per token when sampling; greedy: one message, cheap.",
+    "decode": "One Verdict dataclass: cheap.",
     "apply": "`set_tail` + `DynamicCache.crop` per layer: small.",
-    "accept": "argmax over K+1 rows + `.tolist()` + set_tail: small.",
+    "accept": "Argmax over K+1 rows + `.tolist()` + set_tail: small.",
 }
 
 

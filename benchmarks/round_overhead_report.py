@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gelato.benchmarks.round_overhead_analysis import COMPONENTS, SUGGESTIONS, ranked_overhead
+from gelato.benchmarks.round_overhead_analysis import COMPONENTS, STATUS, ranked_overhead
 
 
 def ahead_name(policy: str) -> str:
@@ -210,7 +210,7 @@ def markdown(result: dict[str, Any]) -> str:
             if c["ms"] < 0.005:
                 break
             share = 100 * c["ms"] / p["outside_models_ms"] if p["outside_models_ms"] > 0 else 0.0
-            note = SUGGESTIONS.get(c["key"], "")
+            note = STATUS.get(c["key"], "")
             if c["key"] == "transit":
                 echo = result["floors"]["echo"]
                 note = (
