@@ -37,7 +37,7 @@ class _Block:
     cap: int
     wanted: int
     draft_s: float
-    ahead: bool  # sent before its parent's verdict, with a guess
+    ahead: bool  # sent before its parent's verdict, with a guess (or empty: `follow`)
     guess_ok: bool  # its guess is the target's token (always True for a block that is not ahead)
     verified: bool  # the edge verifies it (every block before it in the chain a hit); else stale
     view: DraftBlock  # what `Policy.p_hit` sees (the drafts' entropies)
@@ -46,6 +46,7 @@ class _Block:
     verdict_at: float = 0.0
     up: int = 0
     down: int = 0
+    follow: bool = False  # empty, sent ahead: the target's next token whatever its parent gives
 
 
 @dataclass
@@ -59,7 +60,7 @@ class _Wire:
 
 def _chain_hit(trace: Trace, block: _Block, successor: _Block) -> bool:
     """`gelato.device.pipeline._hit`: `block` fully accepted and the guess of `successor` right."""
-    return min(trace.run[block.pos], block.k) == block.k and successor.guess_ok
+    return successor.follow or (min(trace.run[block.pos], block.k) == block.k and successor.guess_ok)
 
 
 class SendAhead(DeviceCore):
@@ -73,6 +74,7 @@ class SendAhead(DeviceCore):
         assert self.policy is not None
         policy, m = self.policy, self.model
         max_ahead = policy.options.ahead_blocks
+        policy.ahead_blocks = max_ahead  # as `pipelined_generate` sets it
         wire = _Wire()
         chain: deque[_Block] = deque()
         now = last = 0.0  # the device's clock; the previous verdict's time
@@ -97,8 +99,15 @@ class SendAhead(DeviceCore):
                     break  # the chain ends at an eos or at the generation's limits
                 t0 = time.perf_counter()
                 decision = policy.decide(limit)
+                wanted = decision.k_max if policy.gate(decision) else decision.k_ref
+                if max(0, min(wanted, limit)) == 0:  # nothing to draft: an empty block, whatever comes
+                    self.totals.controller_s += time.perf_counter() - t0
+                    block = self._follow(nxt, r + len(chain), prev, decision, wanted)
+                    self._send(block, now, wire)
+                    chain.append(block)
+                    continue
                 p_chain = math.prod(policy.p_hit(b.view) for b in chain)
-                go = policy.send_ahead(decision, p_chain)
+                go = not prev.follow and policy.send_ahead(decision, p_chain)
                 self.totals.controller_s += time.perf_counter() - t0
                 if not go:
                     break
@@ -155,9 +164,10 @@ class SendAhead(DeviceCore):
                 stop_reason=_block_end(sent.reason, sent.cap, sent.wanted, gate is not None),
                 entropies=sent.view.entropies,
                 p_accept=tuple(gate.p_accept) if gate else (),
-                predrafted=successor.k + 1 if successor is not None else 0,
+                predrafted=successor.k + 1 if successor is not None and not successor.follow else 0,
                 predraft_hit=hit,
                 sent_ahead=sent.ahead,
+                follow=sent.follow,
                 stale_blocks=len(cut),
                 wasted_tokens=wasted,
                 wasted_j=wasted * cost.t_draft_s * cost.p_draft_w,  # the real loop's estimate
@@ -202,12 +212,19 @@ class SendAhead(DeviceCore):
         )
         return block, ctrl + gate_s
 
+    @staticmethod
+    def _follow(pos: int, r: int, parent: _Block, decision: Decision, wanted: int) -> _Block:
+        """An empty block sent ahead (`DraftBlock.follow`): no drafting, no guess, verified
+        whenever its parent is (it asks for the token after whatever the parent gives)."""
+        view = DraftBlock(r, ())
+        return _Block(pos, 0, "", decision, None, 0, wanted, 0.0, True, True, parent.verified, view, follow=True)
+
     def _send(self, block: _Block, now: float, wire: _Wire) -> None:
         """Put `block` on the stream at `now`: when the edge has it, verifies it (or answers stale:
         its parent missed) and when its verdict is back, in stream order."""
         m = self.model
         block.sent_at = now
-        block.up, block.down = m.wire(block.k + block.ahead)  # an ahead block carries its guess
+        block.up, block.down = m.wire(block.k + (block.ahead and not block.follow))  # a guess rides along
         one_up, one_down = m.delays(block.up, block.down, self.jitter_rng)
         wire.up_last = max(wire.up_last, now + one_up)
         start = max(wire.up_last, wire.edge_free)

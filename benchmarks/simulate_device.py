@@ -181,7 +181,8 @@ def summarize(spec: Spec, per_device: list[Totals]) -> dict[str, Any]:
 
 
 def pipeline_stats(per_device: list[Totals]) -> dict[str, Any]:
-    """Send-ahead and pre-drafting figures: hit rate of the blocks sent ahead (verified ÷
+    """Send-ahead and pre-drafting figures: empty blocks sent ahead (`sent_empty`, K = 0: never
+    stale), hit rate of the other blocks sent ahead (verified ÷
     (verified + stale); `unsent`: blocks drafted ahead but dropped before sending, the verdict
     having come meanwhile with a miss), pre-draft hit rate (of the rounds with a pre-draft or a
     successor in flight, those it started: full accept and the guess right), the guess-match rate
@@ -193,6 +194,7 @@ def pipeline_stats(per_device: list[Totals]) -> dict[str, Any]:
     tok = sum(d.tokens for d in per_device)
     return {
         "sent_ahead": ahead,
+        "sent_empty": sum(d.sent_empty for d in per_device),
         "stale": stale,
         "unsent": sum(d.unsent for d in per_device),
         "ahead_hit_rate": ahead / (ahead + stale) if ahead + stale else None,

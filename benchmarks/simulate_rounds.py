@@ -39,7 +39,8 @@ class Totals:
     # Pipelining: verified blocks that were sent ahead, blocks answered stale, rounds that
     # pre-drafted (local) or had a successor in flight (send-ahead) and how many of those hit,
     # drafted tokens thrown away (guesses included) and their drafting energy (simulated).
-    sent_ahead: int = 0
+    sent_ahead: int = 0  # with drafts or a guess; empty ones (K = 0) are `sent_empty`
+    sent_empty: int = 0
     stale: int = 0
     unsent: int = 0  # send-ahead blocks drafted, then dropped unsent (the verdict came meanwhile: a miss)
     predrafted_rounds: int = 0
@@ -59,7 +60,8 @@ class Totals:
         self.q_sum += q
         self.q_final = q
         self.q_max = max(self.q_max, q)
-        self.sent_ahead += tele.sent_ahead
+        self.sent_ahead += tele.sent_ahead and not tele.follow
+        self.sent_empty += tele.follow
         self.stale += tele.stale_blocks
         if tele.predrafted:
             self.predrafted_rounds += 1

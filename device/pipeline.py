@@ -10,16 +10,19 @@ while the policy says it pays (`Policy.send_ahead`). When the policy drafts noth
 the edge takes them (`Link.empty_ahead`), the block sent ahead is empty (`DraftBlock.follow`): it
 asks for the target's next token whatever the blocks before it give, costs no drafting, and is
 verified whenever its parent is, so rounds of K = 0 go on without a round trip each; nothing is
-drafted after one until its verdict is in. Verdicts come back in order. A hit (every
-draft accepted, the target's token the guess) lets the chain go on with neither a drafting wait
-nor a round trip; a miss cuts it: the blocks after it come back stale and are skipped, and the
-next block is drafted after the target's token. A block being drafted when its chain is cut stops
-at its next token (`_CutRule`) and is dropped unsent: no drafting for a block that cannot be used.
+drafted after one until its verdict is in. For the generation the policy holds the link's
+`max_ahead` (`Policy.ahead_blocks`): the controller prices the chains this link runs. Verdicts come
+back in order. A hit (every draft accepted, the target's token the guess) lets the chain go on with
+neither a drafting wait nor a round trip; a miss cuts it: the blocks after it come back stale and
+are skipped, and the next block is drafted after the target's token. A block being drafted when its
+chain is cut stops at its next token (`_CutRule`) and is dropped unsent: no drafting for a block
+that cannot be used.
 
 Each verdict is one round of telemetry: its time and energy are those since the previous verdict
 (rounds overlap, so they add up to the generation's), `t_net_s` is the block's own transport time
-(sent to answered, less the edge's time) so the cost estimates still describe one unpipelined
-round, `sent_ahead` marks a block sent before its parent's verdict, and a miss's round carries the
+(sent to answered, less the edge's time; for a block sent ahead that includes its wait behind the
+blocks before it, so the cost estimates learn the channel from the others), `sent_ahead` marks a
+block sent before its parent's verdict (`follow` an empty one), and a miss's round carries the
 `stale_blocks` it cut, the `wasted_tokens` drafted for nothing and their estimated drafting energy
 `wasted_j` (the cost model's per-token drafting time × drafting power).
 """
@@ -232,6 +235,26 @@ async def pipelined_generate(
     offload: Offload = inline,
     session_bytes: tuple[int, int] = (0, 0),
 ) -> GenerationResult:
+    # For this generation the policy prices the chains this link runs (up to `max_ahead` blocks in
+    # flight past the awaited one), not the ones `--ahead-blocks` asked for.
+    policy.ahead_blocks = link.max_ahead
+    try:
+        return await _chain_loop(drafter, link, policy, prompt_ids, limits, acct, on_round, offload, session_bytes)
+    finally:
+        policy.ahead_blocks = None
+
+
+async def _chain_loop(
+    drafter: Drafter,
+    link: Link,
+    policy: Policy,
+    prompt_ids: list[int],
+    limits: Limits,
+    acct: EnergyAccountant | None,
+    on_round: Callable[[Telemetry], None] | None,
+    offload: Offload,
+    session_bytes: tuple[int, int],
+) -> GenerationResult:
     acct = acct or EnergyAccountant(NullMeter(), None)
     stats = GenerationStats()
     gen_start, t0 = acct.begin(stats), time.perf_counter()
@@ -319,6 +342,7 @@ async def _settle(
         predraft_hit=hit,
         t_drafting_s=drafting_s,
         sent_ahead=block.guess is not None or block.follow,
+        follow=block.follow,
         stale_blocks=len(cut),
         wasted_tokens=wasted,
         wasted_j=wasted * cost.t_draft_s * cost.p_draft_w,

@@ -171,6 +171,10 @@ class Policy:
     def __init__(self, options: PolicyOptions | None = None) -> None:
         self.options = options or PolicyOptions()
         self.controller = Controller(self.options)
+        # Blocks in flight past the awaited one, set by the send-ahead loop for the generation it
+        # runs (its link's `max_ahead`). None: rounds one at a time, also when `--pipeline
+        # send-ahead` fell back to local pre-drafting on an edge without it.
+        self.ahead_blocks: int | None = None
 
     def k_max(self, limit: int) -> int:
         return min(self.options.k_max, limit) if self.options.k_max else limit
@@ -269,14 +273,15 @@ class Lyapunov(Policy):
     def _outer(self, limit: int) -> tuple[int, float, Objective]:
         """K_ref from the objective. When it stays 0 the acceptance estimate is never refreshed
         (nothing drafted, nothing observed), so every `explore_every_rounds` a block of `explore_k`
-        is drafted. With send-ahead, a chain's block size where chains score better than rounds
-        one at a time (`choose_chain_k`); `self._round_score` keeps the latter's score."""
-        obj = self.controller.objective()
+        is drafted. With send-ahead running (`self.ahead_blocks`), a chain's block size where chains
+        score better than rounds one at a time (`choose_chain_k`); `self._round_score` keeps the
+        latter's score."""
+        obj, ahead = self.controller.objective(), self.ahead_blocks
         k_ref, score = choose_k_ref(obj, self.k_max(limit))
         self._round_score = score
         self._round_rate = expected_emitted(obj.cost.alpha, k_ref) / max(obj.cost.time_s(k_ref), 1e-9)
-        if self.options.pipeline == "send-ahead":
-            match, ahead = self.controller.bonus_match.value, self.options.ahead_blocks
+        if ahead is not None:
+            match = self.controller.bonus_match.value
             k_chain, chain_score = choose_chain_k(obj, self.k_max(limit), match, ahead, self._round_rate)
             if chain_score > score:
                 k_ref, score = k_chain, chain_score
@@ -310,7 +315,8 @@ class Lyapunov(Policy):
             return False
         if decision.k_ref == 0:
             return False
-        n, t, e = chain_frame(self.controller.objective(), decision.k_ref, p_chain, self.options.ahead_blocks)
+        ahead = self.options.ahead_blocks if self.ahead_blocks is None else self.ahead_blocks
+        n, t, e = chain_frame(self.controller.objective(), decision.k_ref, p_chain, ahead)
         return n / t > self._round_rate and self.controller.objective().score_of(n, t, e) > self._round_score
 
 

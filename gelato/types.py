@@ -197,6 +197,7 @@ class Telemetry:
     # Power is split with this one, the per-token drafting time with `t_draft_s`.
     t_drafting_s: float = float("nan")
     sent_ahead: bool = False
+    follow: bool = False  # sent ahead empty (`DraftBlock.follow`, K = 0): nothing drafted, never stale
     stale_blocks: int = 0
     wasted_tokens: int = 0
     wasted_j: float = 0.0

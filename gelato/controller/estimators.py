@@ -17,7 +17,8 @@ also read at the end of drafting (`Telemetry.e_draft_j`, what the device loop do
 time on each side of that reading; otherwise by a weighted least-squares fit of each round's metered
 energy on its drafting and waiting time. The waiting power is what the SPEC calls idle power. A
 round whose meter cannot read (NaN) updates the time estimates only. Before any data the priors
-hold (`CostPriors`). Pure arithmetic.
+hold (`CostPriors`). The transport time is learned from blocks not sent ahead only: one sent ahead
+waits at the edge behind the blocks before it, and that wait is in its `t_net_s`. Pure arithmetic.
 """
 
 from __future__ import annotations
@@ -201,7 +202,10 @@ class CostEstimator:
             observed = tele.accepted + (1 if tele.accepted < tele.k else 0)
             self.accept.update(tele.accepted / observed, float(observed))
         self.t_edge.update(tele.k, tele.t_edge_queue_s + tele.t_edge_compute_s)
-        self.t_net.update(tele.k, tele.t_net_s)
+        if not tele.sent_ahead:
+            # A block sent ahead waits at the edge behind the blocks before it, and that wait is
+            # in its transport time: only blocks sent on their own measure the channel.
+            self.t_net.update(tele.k, tele.t_net_s)
         self.e_radio.update(tele.k, tele.e_radio_j)
         if math.isfinite(tele.e_compute_j):
             drafting = tele.t_drafting_s if math.isfinite(tele.t_drafting_s) else tele.t_draft_s

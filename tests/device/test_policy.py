@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from gelato.controller import Decision
+from gelato.controller import Decision, choose_k_ref
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant
 from gelato.device.generate import Exchange, Limits, Verify, local_verifier, self_verifier, speculative_generate
@@ -69,6 +69,22 @@ def test_lyapunov_and_gelato_follow_the_estimates() -> None:
     assert good.decide(32).k_ref >= 6  # everything accepted: draft long
     assert bad.decide(32).k_ref == 0  # nothing accepted: the edge alone is faster
     assert bad.decide(32).k_max == 0  # and the inner loop does not draft at all
+
+
+def test_chains_are_priced_only_while_send_ahead_runs() -> None:
+    """`--pipeline send-ahead` alone does not make the controller price chains: the send-ahead
+    loop sets `ahead_blocks` (its link's `max_ahead`) for the generation it runs; an edge without
+    send-ahead gets rounds one at a time (local pre-drafting), decided as such."""
+    p = parse_policy("lyapunov", PolicyOptions(pipeline="send-ahead", ahead_blocks=2))
+    for _ in range(40):
+        p.observe(tele(6, 6))  # everything accepted, 15 ms of transport: chains pay
+    alone = p.decide(6)
+    assert p.ahead_blocks is None and alone.score == pytest.approx(choose_k_ref(p.controller.objective(), 6)[1])
+    p.ahead_blocks = 4
+    chained = p.decide(6)
+    assert chained.score > alone.score  # a chain's frame beat rounds one at a time
+    p.ahead_blocks = 1
+    assert p.decide(6).score < chained.score  # priced with the link's depth, not the option's
 
 
 def test_gelato_explores_after_idle_rounds() -> None:

@@ -96,6 +96,23 @@ def test_send_ahead_greedy_is_exact(pair: dict[str, Path], target: LoadedModel, 
         assert kinds == {False, True} and any(t.k > 0 for t in log), [(t.k, t.sent_ahead) for t in log]
 
 
+def test_the_policy_prices_the_links_depth_for_the_generation(target: LoadedModel) -> None:
+    """While `pipelined_generate` runs, the policy's `ahead_blocks` is the link's `max_ahead`
+    (what the edge granted, not what the option asked for); after it, None again."""
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    session = TargetSession("s", target, GREEDY, prompt)
+    session.prefill()
+    policy = parse_policy("gelato", PolicyOptions(pipeline="send-ahead", ahead_blocks=2))
+    seen: list[int | None] = []
+    limits = Limits(12, target.context_limit, 32, target.eos_token_ids)
+    link = local_link(session, max_ahead=3, delay_s=0.0)
+    coro = pipelined_generate(
+        Drafter(target, GREEDY), link, policy, prompt, limits, on_round=lambda t: seen.append(policy.ahead_blocks)
+    )
+    asyncio.run(coro)
+    assert seen and set(seen) == {3} and policy.ahead_blocks is None
+
+
 @pytest.mark.parametrize("drafter_key", ["target", "drafter_agree"])
 def test_send_ahead_sampling_draws_what_rounds_one_at_a_time_draw(
     pair: dict[str, Path], target: LoadedModel, drafter_key: str

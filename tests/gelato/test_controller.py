@@ -215,6 +215,23 @@ def test_cost_estimator_skips_unmeasured_energy() -> None:
     assert after.draft_s(4) == pytest.approx(0.005, rel=0.05)
 
 
+def test_transport_time_is_learned_from_blocks_not_sent_ahead() -> None:
+    """A block sent ahead waits at the edge behind the blocks before it, inside its `t_net_s`:
+    the channel estimate ignores such rounds, the edge's time still learns from them."""
+    from dataclasses import replace
+
+    est = CostEstimator()
+    for _ in range(30):
+        est.observe(tele(4, 4, 0.004, 0.02, 0.05))  # t_net_s 15 ms, edge 5 ms
+    before = est.model()
+    assert before.t_net0_s + 4 * before.t_net_per_token_s == pytest.approx(0.015, abs=1e-3)
+    for _ in range(30):  # sent ahead: 60 ms "transport" (45 of it queued behind its parent), edge 8 ms
+        est.observe(replace(tele(4, 4, 0.004, 0.02, 0.05), sent_ahead=True, t_net_s=0.06, t_edge_compute_s=0.008))
+    m = est.model()
+    assert m.t_net0_s + 4 * m.t_net_per_token_s == pytest.approx(0.015, abs=1e-3)
+    assert m.t_edge0_s + 4 * m.t_edge_per_token_s > before.t_edge0_s + 4 * before.t_edge_per_token_s + 2e-3
+
+
 def test_acceptance_estimate_excludes_unobserved_drafts() -> None:
     est = CostEstimator(halflife_rounds=1e9)
     for _ in range(500):  # 8 drafts, first rejected: 0 of 1 observed token accepted
