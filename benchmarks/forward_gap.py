@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
-
 
 def _wait(gap_s: float, how: str) -> None:
     if gap_s <= 0:
@@ -46,10 +44,11 @@ def measure(loaded: Any, context: int, gaps_s: list[float], repeats: int, calls:
     `context` tokens whenever it grows 80 past it, so every forward sees about the same context."""
     import torch
 
+    from gelato.benchmarks.demo import demo_prompts
     from gelato.kv import KVSequence
     from gelato.models import encode_prompt
 
-    base = encode_prompt(loaded.tokenizer, PROMPT)
+    base = encode_prompt(loaded.tokenizer, demo_prompts(1)[0])  # a synthetic problem, as the demo's
     ids = (base * (context // max(len(base), 1) + 1))[:context]
 
     def fresh() -> KVSequence:
