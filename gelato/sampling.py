@@ -30,6 +30,9 @@ from gelato.types import SamplingParams, SparseDist
 # Below this total mass the residual is numerically empty (p ~= q); sampling from p is then exact
 # because rejection had (numerically) zero probability.
 RESIDUAL_EPS = 1e-12
+# How many of the most probable tokens `top_p_filter` looks among for the nucleus before it sorts
+# the whole row: they set the cost, not the result. A top-1024 costs ~1/20 of a 152k sort.
+_TOP_P_WINDOWS = (64, 1024)
 
 
 def derive_seed(seed: int, role: str) -> int:
@@ -63,13 +66,47 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
     if 0.0 < params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the crossing token included).
-        drop_sorted = (sorted_p.cumsum(dim=-1) - sorted_p) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
+        probs = top_p_filter(probs, params.top_p)
     return probs
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering over the last dim, renormalised: in descending order, keep the smallest
+    prefix whose mass reaches `top_p` (the crossing token included), and every token tied with the
+    crossing one (so the result depends on the probabilities alone, not on how a kernel orders ties).
+
+    Exact without sorting the whole vocabulary where it can: the nucleus lies within the `c` most
+    probable tokens as soon as the `c`-th of them is past the crossing, so `topk` over the first
+    `_TOP_P_WINDOWS` finds it, row by row; only a row whose nucleus is larger still (a flat
+    distribution) is sorted. A sort of 152k entries costs ~12 ms per row on a CPU, a top-64 ~0.25 ms. Prefix masses
+    are summed in float64: a window's equal the whole row's on a CPU (summed in order), so a row's
+    result depends neither on the window nor, through it, on the other rows of the batch."""
+    width = probs.shape[-1]
+    flat = probs.reshape(-1, width)
+    crossing = torch.empty(flat.shape[0], 1, dtype=probs.dtype, device=probs.device)
+    rows = torch.arange(flat.shape[0], device=probs.device)  # rows whose nucleus is not found yet
+    windows = [w for w in _TOP_P_WINDOWS if w < width]
+    while True:
+        window = windows.pop(0) if windows else width
+        if window < width:
+            top = torch.topk(flat[rows], window, dim=-1).values  # descending
+        else:
+            top = torch.sort(flat[rows], dim=-1, descending=True).values
+        mass = top.double().cumsum(dim=-1)
+        kept = (mass - top.double() < top_p).sum(dim=-1, keepdim=True)  # >= 1: nothing is ahead of the first
+        found = (kept < window).squeeze(-1) if window < width else torch.ones_like(rows, dtype=torch.bool)
+        crossing[rows[found]] = top[found].gather(-1, kept[found] - 1)
+        if bool(found.all()):
+            break
+        rows, top, mass = rows[~found], top[~found], mass[~found]
+        # The mass still missing comes in tokens no more probable than the window's last: at least
+        # this many more. Windows that cannot hold them are skipped (a flat row goes to the sort).
+        short = (top_p - mass[:, -1]) / top[:, -1].double().clamp_min(1e-300)
+        needed = window + float(short.max())
+        windows = [w for w in windows if w >= needed]
+    crossing = crossing.reshape(*probs.shape[:-1], 1)
+    probs = probs.masked_fill(probs < crossing, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
 
 
 def truncate_top_m(probs: torch.Tensor, top_m: int) -> SparseDist:

@@ -14,10 +14,12 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from gelato.benchmarks.top_p import full_sort_top_p  # the same nucleus, by a sort of the row
 from gelato.sampling import (
     process_logits,
     residual_distribution,
     sample_sparse,
+    top_p_filter,
     truncate_top_m,
     verify_greedy,
     verify_sampling,
@@ -40,6 +42,30 @@ def test_process_logits_top_k_top_p() -> None:
     torch.testing.assert_close(p[:2], full[:2] / full[:2].sum())
     p = process_logits(logits, SamplingParams(temperature=0.5))
     torch.testing.assert_close(p, torch.softmax(logits / 0.5, -1))
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0, 8.0])  # flat (nucleus of thousands) to peaked (a few)
+@pytest.mark.parametrize("top_p", [1e-6, 0.5, 0.9, 0.999])
+def test_top_p_filter_equals_a_full_sort(scale: float, top_p: float) -> None:
+    gen = torch.Generator().manual_seed(int(scale * 10) + int(top_p * 1000))
+    probs = torch.softmax(torch.randn(6, 5000, generator=gen) * scale, -1)
+    probs[1, 100:] = 0.0  # a row with most of the vocabulary filtered out already (top-k)
+    got = top_p_filter(probs, top_p)
+    assert torch.equal(got, full_sort_top_p(probs, top_p))
+    assert torch.equal(got, torch.cat([top_p_filter(row[None], top_p) for row in probs]))  # batch-independent
+    kept = (got > 0).sum(-1)
+    assert ((kept >= 1) & (kept <= (probs > 0).sum(-1))).all()
+    if scale == 0.5 and top_p == 0.9:
+        assert (kept[[0, 2, 3, 4, 5]] > 1024).all()  # past every window: the whole row was sorted
+
+
+def test_top_p_filter_keeps_every_token_tied_with_the_crossing_one() -> None:
+    # 0.4 alone is short of 0.5; the crossing token is one of the three 0.2s, whichever a kernel
+    # puts first: all three stay, so the result does not depend on how ties are ordered.
+    probs = torch.tensor([[0.2, 0.4, 0.2, 0.1, 0.2]]) / 1.1
+    got = top_p_filter(probs, 0.5 / 1.1)
+    assert (got > 0).tolist() == [[True, True, True, False, True]]
+    torch.testing.assert_close(got.sum(), torch.tensor(1.0))
 
 
 def test_truncate_top_m_is_exactly_what_is_sampled() -> None:
@@ -111,6 +137,7 @@ def chi2_pvalue(counts: np.ndarray) -> float:
         ("full", SamplingParams(temperature=1.3), V),
         ("top-k-truncated", SamplingParams(temperature=1.0, top_k=3), V),
         ("top-m-truncated", SamplingParams(temperature=1.0), 2),
+        ("top-p-truncated", SamplingParams(temperature=1.0, top_p=0.7), V),
     ],
 )
 def test_speculative_sampling_matches_target_distribution(name: str, draft: SamplingParams, top_m: int) -> None:
