@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -113,15 +112,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from gelato.benchmarks.procs import machine
+    from gelato.benchmarks.procs import machine, pin_to_one_cpu
     from gelato.models import load_model
 
     torch.set_num_threads(1)
-    pinning = "not pinned (no CPU affinity on this OS)"
-    if hasattr(os, "sched_setaffinity"):
-        cpu = max(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cpu})
-        pinning = f"CPU {cpu}"
+    pinning = pin_to_one_cpu()
     gaps_s = [g / 1e3 for g in gaps_ms]
     rows = []
     for role, path in (("drafter", args.drafter), ("target", args.target)):

@@ -36,6 +36,16 @@ def machine() -> str:
     return desc
 
 
+def pin_to_one_cpu() -> str:
+    """Pin this process to the last CPU it may use, where the OS has CPU affinity (Linux); what
+    was done, for a result's header: "CPU N" or "not pinned (no CPU affinity on this OS)"."""
+    if not hasattr(os, "sched_setaffinity"):
+        return "not pinned (no CPU affinity on this OS)"
+    cpu = max(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpu})
+    return f"CPU {cpu}"
+
+
 class Edge:
     """A running `gelato-edge`. A daemon thread keeps reading its output for its whole life: an
     unread pipe fills after ~64 KiB of log lines and would then block the edge mid-benchmark. The

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -94,7 +93,7 @@ def render(result: dict) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
-        f"Machine: {result['machine']}; one torch thread, {result['pinning']}. Vocabulary {result['vocab']:,}; "
+        f"Machine: {result['machine']}; one torch thread; {result['pinning']}. Vocabulary {result['vocab']:,}; "
         f"logits `spread × N(0, 1)`, temperature (and top-k) applied, then top-p. Median ms per call "
         f"(median of 3 alternating runs of {result['repeats']} calls each). `same`: both keep the same tokens "
         "with the same probabilities.",
@@ -132,14 +131,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from gelato.benchmarks.procs import machine
+    from gelato.benchmarks.procs import machine, pin_to_one_cpu
 
     torch.set_num_threads(1)
-    pinning = "not pinned (no CPU affinity on this OS)"
-    if hasattr(os, "sched_setaffinity"):
-        cpu = max(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cpu})
-        pinning = f"pinned to CPU {cpu}"
+    pinning = pin_to_one_cpu()
     result: dict[str, Any] = {
         "command": " ".join(["python -m gelato.benchmarks.top_p", *argv]),
         "machine": machine(),
