@@ -109,11 +109,16 @@ def run_device(args: list[str], timeout_s: float = 900.0) -> list[dict[str, Any]
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
 
 
-def thread_cpu_s(pid: int, model_thread: str = "gelato-model") -> dict[str, float]:
+def thread_cpu_s(pid: int, model_thread: str | None = None) -> dict[str, float]:
     """CPU seconds (user + system) process `pid` used so far: "model" (the thread the OS calls
-    `model_thread`, `gelato.edge.server.MODEL_THREAD_NAME`), "loop" (the main thread: the edge runs
-    its event loop there) and "other" (the rest of the process, threads that ended included: gRPC's).
-    In clock ticks (10 ms on Linux): meant for runs of seconds. Empty when /proc cannot be read."""
+    `model_thread`, by default the edge's `gelato.edge.server.MODEL_THREAD_NAME`), "loop" (the main
+    thread: the edge runs its event loop there) and "other" (the rest of the process, threads that
+    ended included: gRPC's). In clock ticks (10 ms on Linux): meant for runs of seconds. Empty when
+    /proc cannot be read."""
+    if model_thread is None:
+        from gelato.edge.server import MODEL_THREAD_NAME
+
+        model_thread = MODEL_THREAD_NAME
     tick = os.sysconf("SC_CLK_TCK")
 
     def stat(path: str) -> tuple[str, int]:
