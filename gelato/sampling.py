@@ -31,7 +31,7 @@ from gelato.types import SamplingParams, SparseDist
 # because rejection had (numerically) zero probability.
 RESIDUAL_EPS = 1e-12
 # How many of the most probable tokens `top_p_filter` looks among for the nucleus before it sorts
-# the whole row: they set the cost, not the result. A top-1024 costs ~1/20 of a 152k sort.
+# the whole row: they set the cost, not the result (`gelato.benchmarks.top_p` measures both).
 _TOP_P_WINDOWS = (64, 1024)
 
 
@@ -78,9 +78,9 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     Exact without sorting the whole vocabulary where it can: the nucleus lies within the `c` most
     probable tokens as soon as the `c`-th of them is past the crossing, so `topk` over the first
     `_TOP_P_WINDOWS` finds it, row by row; only a row whose nucleus is larger still (a flat
-    distribution) is sorted. A sort of 152k entries costs ~12 ms per row on a CPU, a top-64 ~0.25 ms. Prefix masses
-    are summed in float64: a window's equal the whole row's on a CPU (summed in order), so a row's
-    result depends neither on the window nor, through it, on the other rows of the batch."""
+    distribution) is sorted. A top-64 costs a small fraction of a sort of a 152k-entry row. Prefix
+    masses are summed in float64: a window's equal the whole row's on a CPU (summed in order), so a
+    row's result depends neither on the window nor, through it, on the other rows of the batch."""
     width = probs.shape[-1]
     flat = probs.reshape(-1, width)
     crossing = torch.empty(flat.shape[0], 1, dtype=probs.dtype, device=probs.device)
