@@ -31,6 +31,9 @@ from dataclasses import dataclass
 
 from gelato.controller.estimators import CostModel
 
+# A relative fall of the score larger than this is real, not rounding (float64: ~1e-16).
+_FALL = 1e-9
+
 
 def expected_emitted(alpha: float, k: int) -> float:
     """N̂(K) = 1 + α + … + α^K, tokens a K-draft round emits at per-token acceptance α."""
@@ -78,12 +81,21 @@ class Objective:
 
 
 def choose_k_ref(obj: Objective, k_max: int) -> tuple[int, float]:
-    """The outer decision: (K_ref, its score); ties go to the smaller K (less energy at risk)."""
+    """The outer decision: (K_ref, its score); ties go to the smaller K (less energy at risk).
+
+    Over K ≥ 1 the score is quasi-concave in K: its numerator is concave (N̂ is, Ê is affine) and
+    T̂ is affine and positive there, so each superlevel set {numerator − c·T̂ ≥ 0} is an interval.
+    Once it really falls (by more than rounding) it never climbs back above its peak, and the
+    search stops there: a few scores instead of K_max. K = 0 (no drafting step) is scored apart."""
     best_k, best = 0, obj.score(1.0, 0)
+    peak = -math.inf
     for k in range(1, k_max + 1):
         s = obj.score(expected_emitted(obj.cost.alpha, k), k)
         if s > best:
             best_k, best = k, s
+        if s < peak - _FALL * abs(peak):
+            break
+        peak = max(peak, s)
     return best_k, best
 
 
