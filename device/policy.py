@@ -316,8 +316,9 @@ class Lyapunov(Policy):
         if decision.k_ref == 0:
             return False
         ahead = self.options.ahead_blocks if self.ahead_blocks is None else self.ahead_blocks
-        n, t, e = chain_frame(self.controller.objective(), decision.k_ref, p_chain, ahead)
-        return n / t > self._round_rate and self.controller.objective().score_of(n, t, e) > self._round_score
+        obj = self.controller.objective()
+        n, t, e = chain_frame(obj, decision.k_ref, p_chain, ahead)
+        return n / t > self._round_rate and obj.score_of(n, t, e) > self._round_score
 
 
 class Gelato(Lyapunov):

@@ -92,8 +92,9 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
             top = torch.topk(flat[rows], window, dim=-1).values  # descending
         else:
             top = torch.sort(flat[rows], dim=-1, descending=True).values
-        mass = top.double().cumsum(dim=-1)
-        kept = (mass - top.double() < top_p).sum(dim=-1, keepdim=True)  # >= 1: nothing is ahead of the first
+        top64 = top.double()
+        mass = top64.cumsum(dim=-1)
+        kept = (mass - top64 < top_p).sum(dim=-1, keepdim=True)  # >= 1: nothing is ahead of the first
         found = (kept < window).squeeze(-1) if window < width else torch.ones_like(rows, dtype=torch.bool)
         crossing[rows[found]] = top[found].gather(-1, kept[found] - 1)
         if bool(found.all()):
