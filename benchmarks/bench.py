@@ -1,4 +1,4 @@
-"""`gelato-bench gsm8k`: every draft policy on GSM8K between two emulated hosts (SPEC §6, issue 12).
+"""`gelato-bench gsm8k`: every draft policy on GSM8K between two emulated hosts (issue 12).
 
 Contract. `gelato-bench gsm8k [--devices N] [--policies LIST] [--budgets J,...] [--v V,...]
 [--limit 50] [--data PATH] [--drafter M --target M] [--max-new-tokens 256] [--out DIR]

@@ -9,7 +9,7 @@ both sides). When the configs' vocabulary sizes differ (padded embeddings), tran
 on universal assisted decoding (both tokenizers passed); `mode` says which ran.
 
 `oracle(questions, reference, drafter, runs, k_cap)`: the bound that drafts exactly the tokens the
-target will accept (SPEC §5.5). Its acceptance comes from the verdicts: for greedy decoding a block
+target will accept. Its acceptance comes from the verdicts: for greedy decoding a block
 starting after t accepted tokens accepts exactly the leading agreements of the drafter's argmax
 with the target's output from t on, so one teacher-forced drafter pass over the `ar-edge` output
 (`gelato.benchmarks.traces.teacher_forced`) gives every verdict any block could get. Its costs are the

@@ -1,4 +1,4 @@
-"""What the controller costs per round, as a fraction of round time (SPEC §5.5: must stay under 2 %).
+"""What the controller costs per round, as a fraction of round time (must stay under 2 %).
 
 Contract: `python -m gelato.benchmarks.controller_overhead [--out DIR] [--rounds N] [--policies P,..]
 [--rtt-ms 0,20] [--k-max 32] [--qwen-layers L] [--qwen-dir DIR] [--skip-vocab]` prints two markdown
@@ -123,7 +123,7 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"Command: `{meta['command']}`",
         "",
-        f"Target: controller work ≤ {100 * TARGET_FRACTION:g} % of round time (SPEC §5.5). Load average "
+        f"Target: controller work ≤ {100 * TARGET_FRACTION:g} % of round time. Load average "
         f"{meta['loadavg_start']} at the start, {meta['loadavg_end']} at the end. Timer cost "
         f"≈ {meta['timer_ns']:.0f} ns per timed call, included.",
         "",

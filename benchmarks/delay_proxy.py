@@ -1,4 +1,4 @@
-"""A userspace TCP relay on loopback that adds a fixed one-way delay per direction (SPEC §6, §9).
+"""A userspace TCP relay on loopback that adds a fixed one-way delay per direction.
 
 Contract. `DelayProxy(upstream="HOST:PORT", one_way_ms=10, jitter_ms=0, seed=0)` listens on
 `listen` (default `127.0.0.1:0`); every accepted connection gets its own upstream connection, and
@@ -17,9 +17,9 @@ SIGTERM/SIGINT. It relays bytes only, so HTTP/2 (gRPC) works through it unchange
 forwarded after the data queued before them.
 
 Timing. epoll waits are 1 ms coarse, so a writer sleeps on the event loop until `SPIN_MARGIN_S`
-(1.5 ms) before its deadline and then finishes with a short blocking sleep + spin: SPEC §9 measured
-10/20/50 ms one way → 20.3/40.3/100.4 ms round trips this way. The blocking part stalls the loop for
-at most the margin, which only matters with many busy connections (not the benchmark's one).
+(1.5 ms) before its deadline and then finishes with a short blocking sleep + spin: measured on the
+development machine, 10/20/50 ms one way → 20.3/40.3/100.4 ms round trips this way. The blocking
+part stalls the loop for at most the margin, which only matters with many busy connections (not the benchmark's one).
 
 Probes, so runs record the round trip they really had next to the nominal one:
 `echo_rtt(one_way_ms, ...)` (small echoes through an in-process proxy to an in-process echo

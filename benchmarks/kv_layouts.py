@@ -16,7 +16,7 @@ machine it runs on, and as the reference layout for `DynamicCache` users (it nee
 and no custom cache). `batched_forward(model, vocab, rows)` takes `(KVSequence, new_ids)` pairs,
 appends the ids to each sequence, runs ONE forward over every row's uncached tokens and returns each
 row's logits `[n_i, vocab]` (float32); afterwards each sequence's cache holds KV for all its tokens,
-exactly as `KVSequence.forward` would have left it. How (SPEC §9): each row's cache is left-padded
+exactly as `KVSequence.forward` would have left it. How: each row's cache is left-padded
 to the longest one and stacked (`stacked_cache`); the new tokens are right-padded; a 2D attention
 mask hides both paddings and explicit per-row `position_ids` continue each row from its own length
 (Qwen2 would otherwise use `arange + past_len` for every row). Per-row logits match the unbatched

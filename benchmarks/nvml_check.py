@@ -1,4 +1,4 @@
-"""The NVML meter against a known GPU load: energy ≈ mean power × time (SPEC §4.1).
+"""The NVML meter against a known GPU load: energy ≈ mean power × time.
 
 Contract: `python -m gelato.benchmarks.nvml_check [--seconds 5] [--index 0] [--tolerance 0.10]
 [--out FILE.json]` measures, on GPU `index`, an idle window and a load window (a loop of bf16

@@ -6,7 +6,7 @@ architecture is Qwen2.5-<shape>'s — hidden size, depth, attention and KV heads
 rows, tied or untied output, RoPE base — with random weights (normal, std 0.02, seeded). The
 tokenizer is the built-in pair's, so any two such checkpoints share a tokenizer fingerprint and pair
 up as drafter and target. Logits are sliced to its 4096 tokens exactly as they would be to Qwen's
-151,665 (SPEC §2.2), so all compute is the real model's except that final slice. Acceptance between
+151,665, so all compute is the real model's except that final slice. Acceptance between
 random models is meaningless (near 0): these checkpoints are for batching, memory and latency,
 never for quality. `--layers` cuts the depth, for quick checks on a CPU.
 

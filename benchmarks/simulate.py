@@ -1,5 +1,5 @@
 """Trace-driven fleet simulator: every draft-length policy over long horizons and many devices,
-without models (SPEC §6 "Fleet scale").
+without models (fleet scale).
 
 Contract: `python -m gelato.benchmarks.simulate --traces FILE --out DIR [--rtt-ms 20] [--devices 1]
 [--tokens-per-device 20000] [--budgets J,...] [--vs V,...] [--seed 0]` replays traces recorded by

@@ -1,5 +1,5 @@
 """Per-token (entropy, agreement) traces and a cost profile of a drafter/target pair, for the
-trace-driven simulator (`gelato.benchmarks.simulate`, SPEC §6 "Fleet scale").
+trace-driven simulator (`gelato.benchmarks.simulate`).
 
 Contract: `python -m gelato.benchmarks.traces [--n 50] [--max-new-tokens 256] [--target M --drafter M]
 [--data FILE] [--reps 30] [--check-k 4 --check-prompts 10] --out FILE` writes one JSON object:

@@ -7,8 +7,8 @@ never changes what the target accepts (losslessness is untouched) — and it als
 token; `DraftBlock.stop_reason` says why it stopped ("" when it reached k). `apply(block,
 verdict)` moves the sequence to prefix + accepted + next token and drops drafter KV past the
 accepted prefix. The cache always holds KV for a prefix of the accepted tokens, so the next round
-feeds only what it has not seen (one token, or two after a fully accepted block: SPEC §9's
-`[d_k, bonus]` pitfall).
+feeds only what it has not seen (one token, or two after a fully accepted block: the last
+draft `d_k` and the bonus token, neither of which is in the cache yet).
 
 Pre-drafting (`--pipeline local`): while a block's verdict is in flight, `predraft(block, m, halt)`
 keeps drafting after it as if the whole block will be accepted, until `halt` is set (the verdict

@@ -1,4 +1,4 @@
-"""Per-round device energy accounting: meter delta + radio model (SPEC §4.3, §5.1).
+"""Per-round device energy accounting: meter delta + radio model.
 
 Contract: `EnergyAccountant(meter, radio)` brackets a generation (`begin`/`end`) and each round
 (`round_start`/`round_end`). A round's energy is the meter's delta over the whole round — which

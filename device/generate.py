@@ -1,4 +1,4 @@
-"""The speculative round loop, independent of the transport (SPEC §2).
+"""The speculative round loop, independent of the transport.
 
 Contract: `await speculative_generate(drafter, verify, policy, prompt_ids, limits, accountant)`
 runs rounds until eos, `max_new_tokens` or the context limit and returns a `GenerationResult`.

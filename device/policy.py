@@ -1,4 +1,4 @@
-"""Draft-length policies (SPEC §5.5): how much to draft each round, and when to stop a block early.
+"""Draft-length policies: how much to draft each round, and when to stop a block early.
 
 Contract: `parse_policy(name, options)` returns a `Policy`. Before each round the loop calls
 `decide(limit)` -> `Decision(k_ref, k_max)` (limit: what the edge, the context and max_new_tokens
@@ -147,7 +147,7 @@ class _Threshold(Gate):
 
 
 class _Continuation(Gate):
-    """SPEC §5.4: keep drafting while a continuation still beats stopping, with the survival S_i."""
+    """The inner loop: keep drafting while a continuation still beats stopping, with the survival S_i."""
 
     def __init__(self, calibrator: EntropyCalibrator, objective: Objective, k_ref: int, k_max: int) -> None:
         super().__init__(calibrator)

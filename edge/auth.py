@@ -1,4 +1,4 @@
-"""Bearer-token check for every edge call except health (SPEC §8).
+"""Bearer-token check for every edge call except health.
 
 Contract: `BearerAuth(token)` is a `grpc.aio.ServerInterceptor`; a call whose `authorization`
 metadata is not `Bearer <token>` (constant-time comparison) ends at once with UNAUTHENTICATED and

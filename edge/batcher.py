@@ -1,4 +1,4 @@
-"""Collects verify requests from many sessions into batches for the model thread (SPEC §3).
+"""Collects verify requests from many sessions into batches for the model thread.
 
 Contract: `await Batcher.verify(session, block, received)` returns that block's `Verdict`, or
 raises that row's own error: `StatusError` with its precise status, or (a genuine server fault)

@@ -1,4 +1,4 @@
-"""Slot-based target KV pool: every session's KV in one tensor per layer, batched in place (SPEC §3).
+"""Slot-based target KV pool: every session's KV in one tensor per layer, batched in place.
 
 Contract: a `KVPool` holds, per layer, keys and values `[slots, kv_heads, context, head_dim]`. A
 `PooledSequence` (same interface as `gelato.kv.KVSequence`: tokens, cached, forward, prefill,
@@ -42,7 +42,7 @@ How the forward works: a duck-typed cache whose `update(k, v, layer)` scatters t
 values to `(slot_i, cached_i + j)` and returns this batch's pool rows `[:, :, :L]`. Rows are
 left-aligned (each starts at offset 0), so the causal structure differs per row and is passed as a
 float additive 4D mask (query j of row i sees keys `0..cached_i + j`), with explicit per-row
-positions (SPEC §9). The batch needs context up to the furthest row end `max(cached_i + n_i)`.
+positions. The batch needs context up to the furthest row end `max(cached_i + n_i)`.
 Padding queries of short rows are clamped onto their row's last position and write no KV (only
 real (row, position) pairs are written; rows of equal length keep the plain strided write, and a
 lone row writes one slice), so a row's padding can neither pass the context limit nor touch KV;

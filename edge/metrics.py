@@ -1,4 +1,4 @@
-"""Prometheus metrics of the edge (SPEC §8).
+"""Prometheus metrics of the edge.
 
 Contract: `EdgeMetrics()` owns its own registry (several servers in one process, as in tests, do
 not collide); `serve(host, port)` exposes it over HTTP. Names are a public contract:

@@ -1,5 +1,5 @@
 """The edge's sessions: the per-session target state (`TargetSession`) and the registry that
-admits, shapes and frees them (`SessionRegistry`) (SPEC §2, §2.1, §3, §8).
+admits, shapes and frees them (`SessionRegistry`).
 
 `TargetSession` contract: it owns the target KV for its accepted prefix, minus the last token
 (which the next verify forward feeds together with the drafts: `[last, x1..xk]`), in a slot of the

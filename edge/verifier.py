@@ -1,4 +1,4 @@
-"""Verification of many sessions' draft blocks in one target forward (SPEC §2, §2.1, §3).
+"""Verification of many sessions' draft blocks in one target forward.
 
 Contract: `verify_batch(pairs)` takes plain `(TargetSession, DraftBlock)` pairs and returns, per
 pair and in order, its `Accepted` (a, next token, rows in the forward that verified it) or the

@@ -3,7 +3,7 @@
 Contract: the settings themselves are typed dataclasses (`gelato.edge.config.EdgeConfig`,
 `gelato.device.config.DeviceConfig`, made into options by `gelato.config`); `model_dtype`,
 `model_device` and `torch_threads` are the model settings both declare. `setup_torch_threads`
-applies `--threads` (one thread per process is the fastest on small CPUs, SPEC §9); `fail` prints
+applies `--threads` (one thread per process is the fastest on small CPUs); `fail` prints
 a one-line `error:` message and returns the CLI's exit status. `port_number` and `endpoint` are
 argparse types: a bad value is a usage error (exit 2) naming the flag, never a traceback or, as
 gRPC does with a port above 65535, a silently different port; `max_memory` parses `--max-memory`.

@@ -1,4 +1,4 @@
-"""Softmax entropy of the drafter's distribution, the per-token risk signal (SPEC §5.4).
+"""Softmax entropy of the drafter's distribution, the per-token risk signal.
 
 Contract: pure tensor math, no I/O. `entropy_nats(logits)` is the entropy of softmax(logits) in
 nats over the last dim, one pass over the vocabulary; `entropy_of_probs(probs)` does the same for

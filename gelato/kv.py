@@ -2,7 +2,7 @@
 
 Contract: `KVSequence` owns the token list and a `DynamicCache` holding KV for `tokens[:cached]`.
 `forward(new_ids)` appends ids, runs the model over every token not yet cached and returns the
-logits of those positions, sliced to the tokenizer's length (SPEC §2.2); `forward_last(new_ids)`
+logits of those positions, sliced to the tokenizer's length; `forward_last(new_ids)`
 returns the same logits' last row with less work around the model (the drafting hot path: one
 token per forward). `truncate(n)` drops tokens and KV past position n, so after a verdict both
 sides keep exactly the accepted prefix: no side recomputes the prefix. Not thread-safe: one owner

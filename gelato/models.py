@@ -2,7 +2,7 @@
 
 Contract: `load_model(name_or_path, dtype, device)` accepts a hub id or a local folder (any causal
 LM the installed transformers can load) and returns a `LoadedModel` in eval mode with its
-tokenizer, the tokenizer's real length (`vocab_size`, used to slice padded logits, SPEC §2.2) and
+tokenizer, the tokenizer's real length (`vocab_size`, used to slice padded logits) and
 the tokenizer fingerprint checked at session open. `None` as the name means the embedded default
 (`gelato.tiny.assets`). Errors are `ModelLoadError` with a message fit for a CLI.
 

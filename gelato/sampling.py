@@ -1,4 +1,4 @@
-"""Sampling math for lossless speculative decoding (SPEC §2.1). Pure tensor code, no I/O.
+"""Sampling math for lossless speculative decoding. Pure tensor code, no I/O.
 
 Glossary
 - p: the target's processed distribution (temperature, top-k, top-p applied) at a draft position.

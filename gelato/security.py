@@ -1,4 +1,4 @@
-"""Transport security shared by both processes: TLS credentials and the bearer token (SPEC §8).
+"""Transport security shared by both processes: TLS credentials and the bearer token.
 
 Contract: pure helpers, no server. `read_token(path)` reads a token file (one line, refused when
 empty); `bearer_metadata(token)` is what a client sends with every call; `token_matches(metadata,

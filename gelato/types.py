@@ -2,7 +2,7 @@
 
 Contract: these are the only shapes that cross between the draft loop, the wire codec
 (`gelato.wire`) and the verifier. Token ids are plain ints; sparse draft distributions carry the
-exact probabilities the device sampled from (SPEC §2.1).
+exact probabilities the device sampled from.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class Telemetry:
     bytes_down: int
     energy_source: str
     energy_kind: str
-    # Controller view of the round (SPEC §5): the deficit Q after the round (J; 0 without a
+    # Controller view of the round: the deficit Q after the round (J; 0 without a
     # budget), the policy's reference budget and hard cap, why the block ended (budget, entropy,
     # cap, eos, length), and each draft's entropy (nats) and calibrated acceptance p̂.
     q_deficit_j: float = 0.0

@@ -7,7 +7,7 @@ a `DraftBlock` built elsewhere) validates everything a peer could get wrong and 
 with a message naming the field, which the edge turns into INVALID_ARGUMENT. Messages quote
 client strings only through `clip`, so no error grows with the client's input. Sparse
 probabilities travel as little-endian float16 (2 bytes each); the device samples from the decoded
-float16 values, so the edge knows q exactly (SPEC §2.1).
+float16 values, so the edge knows q exactly.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Greedy losslessness between two real OS processes over loopback gRPC (SPEC §2.1).
+"""Greedy losslessness between two real OS processes over loopback gRPC.
 
 For K in {0, 1, 3, 8}, every controller policy (ar-edge, heuristic, entropy, adaedl, lyapunov,
 gelato with and without an energy budget, pre-drafting during the round trip, blocks sent ahead of
@@ -24,7 +24,7 @@ MAX_NEW = 24
 
 @pytest.fixture(scope="module")
 def reference(pair: dict[str, Path], prompts: list[str]) -> list[list[int]]:
-    """The target's own greedy generations (padding rows suppressed: SPEC §2.2)."""
+    """The target's own greedy generations (the padding logits past the tokenizer's length suppressed)."""
     target = load_model(str(pair["target"]), "target", "float32", "cpu")
     pad_ids = list(range(target.vocab_size, target.model.config.vocab_size))
     outs = []

@@ -1,4 +1,4 @@
-"""After a rejection both KV caches equal a fresh prefill of the accepted prefix (SPEC §2)."""
+"""After a rejection both KV caches equal a fresh prefill of the accepted prefix."""
 
 from __future__ import annotations
 

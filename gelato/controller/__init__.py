@@ -1,4 +1,4 @@
-"""The GELATO controller (SPEC §5): pure math, no I/O, no torch.
+"""The GELATO controller: pure math, no I/O, no torch.
 
 - `queue`: the virtual energy-deficit queue `Q ← max(Q + E_r − ē·N_r, 0)`.
 - `estimators`: online (exponentially weighted) estimates of a round's time and energy as a

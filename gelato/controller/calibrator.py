@@ -1,4 +1,4 @@
-"""p̂(accept | entropy): the inner loop's risk model, learned online from verdicts (SPEC §5.4).
+"""p̂(accept | entropy): the inner loop's risk model, learned online from verdicts.
 
 Contract: `EntropyCalibrator.observe_block(entropies, accepted)` learns from one verdict: the first
 `accepted` drafts were accepted, the next one (if any) was rejected, and every draft after the

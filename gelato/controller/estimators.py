@@ -1,4 +1,4 @@
-"""Online estimates of what a round costs, as a function of how many tokens it drafts (SPEC §5.3).
+"""Online estimates of what a round costs, as a function of how many tokens it drafts.
 
 Contract: `CostEstimator.observe(tele)` takes one round's `Telemetry`; `model()` returns a frozen
 `CostModel` snapshot with which the objective evaluates any draft length K:
@@ -15,7 +15,7 @@ verifying more drafts costs more on a CPU edge, a bigger block takes longer to s
 Device energy is split into drafting power and waiting (idle) power: measured, when the meter was
 also read at the end of drafting (`Telemetry.e_draft_j`, what the device loop does), as energy over
 time on each side of that reading; otherwise by a weighted least-squares fit of each round's metered
-energy on its drafting and waiting time. The waiting power is what the SPEC calls idle power. A
+energy on its drafting and waiting time. The waiting power is the device's idle power. A
 round whose meter cannot read (NaN) updates the time estimates only. Before any data the priors
 hold (`CostPriors`). The transport time is learned from blocks not sent ahead only: one sent ahead
 waits at the edge behind the blocks before it, and that wait is in its `t_net_s`. Pure arithmetic.

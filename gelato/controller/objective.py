@@ -1,4 +1,4 @@
-"""The drift-plus-penalty objective and the two decisions made with it (SPEC §5.3, §5.4).
+"""The drift-plus-penalty objective and the two decisions made with it.
 
 Glossary
 - N: tokens a round emits (accepted drafts + the target's token); N̂(K) = (1 − α̂^{K+1}) / (1 − α̂).
@@ -9,7 +9,7 @@ Throughput is a ratio of sums (ΣN/ΣT), so each round maximises the renewal-fra
 
     score = [ (V + Q̃)·N − Q̃·Ẽ ] / T̂,   with Q̃ = Q/ē and Ẽ = Ê/ē (both in tokens of budget).
 
-This is SPEC §5.3's `[(V + Q·ē)·N̂ − Q·Ê] / T̂` divided by ē², so V is a dimensionless count of
+This is the drift-plus-penalty ratio `[(V + Q·ē)·N̂ − Q·Ê] / T̂` divided by ē², so V is a dimensionless count of
 tokens and one default fits any budget; with Q = 0 the score is V·N̂/T̂ (pure throughput), and as Q
 grows energy weighs more. Without a budget (no energy control) the score is N̂/T̂.
 

@@ -1,4 +1,4 @@
-"""The virtual energy-deficit queue of the drift-plus-penalty controller (SPEC §5.2).
+"""The virtual energy-deficit queue of the drift-plus-penalty controller.
 
 Contract: `DeficitQueue(budget_j_per_token)`; `update(e_j, n_tokens)` applies
 `Q ← max(Q + E_r − ē·N_r, 0)` and returns the new Q (joules). Keeping Q stable keeps the long-run

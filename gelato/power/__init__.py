@@ -1,4 +1,4 @@
-"""Energy meters (one per source), the radio model and meter selection (SPEC §4).
+"""Energy meters (one per source), the radio model and meter selection.
 
 Contract: `open_meter(spec, profile)` returns a `Meter` for `auto`, `nvml`, `rapl`, `jetson`,
 `cpu-model` or `replay:FILE`. `auto` probes nvml → rapl → jetson and falls back to the labelled

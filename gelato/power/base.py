@@ -1,4 +1,4 @@
-"""Meter interface shared by every energy source (SPEC §4.1).
+"""Meter interface shared by every energy source.
 
 Contract: a `Meter` reports cumulative joules since it was created, with its source name and
 whether the figure is `measured` or `estimated`. Opening a meter whose sensor is absent or

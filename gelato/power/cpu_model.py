@@ -1,4 +1,4 @@
-"""Estimated device energy from CPU time and a named device profile (SPEC §4.1).
+"""Estimated device energy from CPU time and a named device profile.
 
 Contract: `CpuModelMeter(profile)` reports `process CPU seconds × active W per core + idle W ×
 wall seconds` since creation, always labelled `estimated`. CPU seconds are `time.process_time()`

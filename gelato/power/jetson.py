@@ -1,4 +1,4 @@
-"""Jetson power rails (INA3221 / INA238) through sysfs hwmon or the legacy iio files (SPEC §4.1).
+"""Jetson power rails (INA3221 / INA238) through sysfs hwmon or the legacy iio files.
 
 Contract: `JetsonMeter(roots)` finds rails under the INA drivers' i2c folders
 (`/sys/bus/i2c/drivers/ina3221*/` and `ina238*`, hwmon or iio) and integrates their power × dt on a

@@ -1,4 +1,4 @@
-"""NVIDIA GPU energy through NVML (SPEC §4.1).
+"""NVIDIA GPU energy through NVML.
 
 Contract: `NvmlMeter(index)` reads `nvmlDeviceGetTotalEnergyConsumption` (mJ since driver load,
 Volta+) as a counter delta. The counter only moves every ~20–100 ms, so between updates the meter

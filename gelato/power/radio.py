@@ -1,4 +1,4 @@
-"""Radio energy per round from bytes and link rates (SPEC §4.2). Pure math, no I/O.
+"""Radio energy per round from bytes and link rates. Pure math, no I/O.
 
 Contract: `RadioProfile.round_energy_j(bytes_up, bytes_down)` = P_up·t_up + P_down·t_down with
 t = bits / link rate and P from the linear model of Huang et al. (MobiSys 2012):
@@ -54,7 +54,7 @@ RADIOS = {
             down_mbps=50.0,
             tail_s=0.24,
             tail_mw=119.3,
-            note="Huang et al. 2012 Wi-Fi model; 50 Mbit/s link (SPEC wifi profile)",
+            note="Huang et al. 2012 Wi-Fi model; 50 Mbit/s link (the wifi profile)",
         ),
         RadioProfile(
             "lte",

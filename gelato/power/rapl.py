@@ -1,4 +1,4 @@
-"""Intel RAPL through powercap sysfs: `energy_uj` counters with wraparound (SPEC §4.1).
+"""Intel RAPL through powercap sysfs: `energy_uj` counters with wraparound.
 
 Contract: `RaplMeter(root)` sums the top-level package zones (`intel-rapl:N`; subzones such as
 `intel-rapl:N:M` are parts of their package and are not added again). Each zone's counter wraps

@@ -1,4 +1,4 @@
-"""Replay a recorded power trace as a meter (tests, simulation) (SPEC §4.1).
+"""Replay a recorded power trace as a meter (tests, simulation).
 
 Contract: `ReplayMeter(path)` reads a trace of `(t_s, power_w)` samples — CSV with a header
 `t_s,power_w` or JSONL objects with those keys — and reports the energy of the piecewise-linear

@@ -173,7 +173,7 @@ def test_replay_is_deterministic_per_seed(setup: tuple[list[Trace], RoundModel])
         assert a[key] == b[key]
 
 
-# ---------------------------------------------------------------- controller properties (SPEC §5)
+# ---------------------------------------------------------------- controller properties
 
 
 def test_long_run_energy_stays_within_every_feasible_budget(result: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Edge replicas and failover (SPEC §8): a device pointed at three replicas (round_robin over one
+"""Edge replicas and failover: a device pointed at three replicas (round_robin over one
 gRPC target) keeps generating when the replica serving it is killed mid-generation, by re-opening
 the session elsewhere with its accepted prefix — and the output is exactly the uninterrupted run's:
 greedy token for token, sampling the same tokens for the same seed (draws keyed by position)."""

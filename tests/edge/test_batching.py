@@ -1,4 +1,4 @@
-"""Ragged batched verification equals per-session verification (SPEC §3). The stacked-cache
+"""Ragged batched verification equals per-session verification. The stacked-cache
 layout it was measured against is tested with its benchmark (`tests/benchmarks/test_kv_layouts.py`)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The KV budget bounds the memory the edge's slot pool really holds (SPEC §3, §8).
+"""The KV budget bounds the memory the edge's slot pool really holds.
 
 `plan_pool` is pure and checked exhaustively on a grid; the pool's reshaping (growth, shrinking
 with live rows moved to low slots) is checked against rows computed alone; the registry is checked

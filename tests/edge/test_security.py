@@ -1,4 +1,4 @@
-"""TLS, mutual TLS and the bearer token between real processes (SPEC §8): the right credentials
+"""TLS, mutual TLS and the bearer token between real processes: the right credentials
 work, every wrong one is refused with a precise status, health stays open, and an exposed
 address is refused without TLS and a token unless --insecure."""
 

@@ -1,4 +1,4 @@
-"""The controller's pure math (SPEC §5): queue, estimators, calibrator, outer and inner decisions."""
+"""The controller's pure math: queue, estimators, calibrator, outer and inner decisions."""
 
 from __future__ import annotations
 

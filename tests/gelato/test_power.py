@@ -1,4 +1,4 @@
-"""Energy meters: fake sysfs trees and a patched pynvml read by the real meter code (SPEC §4)."""
+"""Energy meters: fake sysfs trees and a patched pynvml read by the real meter code."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exact and statistical tests of the sampling math (SPEC §2.1).
+"""Exact and statistical tests of the sampling math.
 
 The statistical tests run the real draft-side (`process_logits`, `truncate_top_m`,
 `sample_sparse`) and edge-side (`verify_sampling`) functions on a toy bigram language model, and
