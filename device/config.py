@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gelato.cli_common import endpoint, model_device, model_dtype, torch_threads
-from gelato.config import ConfigError, Settings, ge, gt, nested, setting
+from gelato.config import ConfigError, Settings, ge, gt, le, nested, setting
 from gelato.device.drafter import DEFAULT_TOP_M
 from gelato.device.policy import PolicyOptions, parse_policy
 from gelato.power import PROFILES, RADIOS
 from gelato.types import SamplingParams
+from gelato.wire import MAX_Q_SUPPORT
 
 POLICY_HELP = (
     "draft-length policy: fixed-K (e.g. fixed-4; fixed-0: the edge decodes alone), heuristic, entropy, "
@@ -48,7 +49,7 @@ class DeviceConfig(Settings):
     temperature: float = setting(0.0, "sampling temperature (0: greedy)")
     top_p: float = setting(1.0, "nucleus sampling mass (1: off)")
     top_k: int = setting(0, "sample among the k likeliest tokens (0: off)")
-    top_m: int = setting(DEFAULT_TOP_M, "draft support sent per token when sampling", check=ge(1))
+    top_m: int = setting(DEFAULT_TOP_M, "draft support sent per token when sampling", check=(ge(1), le(MAX_Q_SUPPORT)))
     seed: int = setting(0, "seed of the drafter's and the edge's random draws")
     no_chat_template: bool = setting(False, "send the prompt text as is")
     connect_timeout_s: float = setting(

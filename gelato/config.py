@@ -53,6 +53,10 @@ def ge(low: float) -> Check:
     return Check(lambda x: x >= low, f"must be >= {_num(low)}")
 
 
+def le(high: float) -> Check:
+    return Check(lambda x: x <= high, f"must be <= {_num(high)}")
+
+
 def gt(low: float, finite: bool = False) -> Check:
     """`value > low` (and finite when `finite`). Every comparison fails for NaN."""
     if finite:

@@ -17,6 +17,11 @@ import numpy as np
 from gelato.types import DraftBlock, EdgeInfo, SamplingParams, SessionInfo, SessionOpen, SparseDist, Verdict
 from gelato.v1 import gelato_pb2 as pb
 
+# The most entries one draft's support q may hold. A protocol limit, like the edge's draft-length
+# limit: a sampling block is decoded on the edge's event loop, so its size bounds how long one
+# device's block can hold up everyone else's (the device's `--top-m` is checked against it).
+MAX_Q_SUPPORT = 1024
+
 
 class WireError(ValueError):
     """A message from the peer is malformed; the text says which field and why."""
@@ -148,19 +153,29 @@ def encode_sparse(q: SparseDist) -> pb.SparseDist:
     return pb.SparseDist(ids=q.ids, probs_f16=np.asarray(q.probs, dtype="<f2").tobytes())
 
 
-def decode_sparse(msg: pb.SparseDist, vocab_size: int, where: str) -> SparseDist:
-    if len(msg.probs_f16) != 2 * len(msg.ids):
-        raise WireError(f"{where}: {len(msg.ids)} ids but {len(msg.probs_f16)} bytes of float16 probs")
-    if not msg.ids:
+def decode_sparse(msg: pb.SparseDist, vocab_size: int, where: str, drawn: int | None = None) -> SparseDist:
+    """A draft's support q, checked in array operations (its size is capped first); `drawn`: the
+    token drawn from it, which must have a positive probability there."""
+    n = len(msg.ids)
+    if n > MAX_Q_SUPPORT:  # before any per-id work
+        raise WireError(f"{where}: a support of {n} ids exceeds the limit of {MAX_Q_SUPPORT}")
+    if len(msg.probs_f16) != 2 * n:
+        raise WireError(f"{where}: {n} ids but {len(msg.probs_f16)} bytes of float16 probs")
+    if not n:
         raise WireError(f"{where}: empty support")
     probs = np.frombuffer(msg.probs_f16, dtype="<f2").astype(np.float32)
     if not np.all(np.isfinite(probs)) or np.any(probs < 0) or float(probs.sum()) <= 0:
         raise WireError(f"{where}: probabilities must be finite, >= 0 and not all zero")
-    ids = tuple(int(i) for i in msg.ids)
-    check_ids(ids, vocab_size, where)
-    if len(set(ids)) != len(ids):
+    ids = np.array(msg.ids, dtype=np.int64)  # int32 on the wire; int64 so no comparison can wrap
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        raise WireError(f"{where}: token id {int(ids[bad.argmax()])} out of range [0, {vocab_size})")
+    ordered = np.sort(ids)
+    if (ordered[1:] == ordered[:-1]).any():
         raise WireError(f"{where}: duplicate ids in the support")
-    return SparseDist(ids=ids, probs=tuple(float(p) for p in probs))
+    if drawn is not None and not (probs[ids == drawn] > 0).any():
+        raise WireError(f"{where}: draft token {drawn} is not in its own support (q must be what it was drawn from)")
+    return SparseDist(ids=tuple(ids.tolist()), probs=tuple(probs.tolist()))
 
 
 def check_ids(ids: tuple[int, ...] | list[int], vocab_size: int, where: str) -> None:
@@ -201,10 +216,8 @@ def decode_block(msg: pb.DraftBlock, vocab_size: int, greedy: bool, max_tokens: 
         return DraftBlock(round=msg.round, ids=ids, guess=guess)
     if len(msg.q) != len(ids):
         raise WireError(f"sampling session: need one q per draft token, got {len(msg.q)} for {len(ids)}")
-    qs = tuple(decode_sparse(q, vocab_size, f"q[{i}]") for i, q in enumerate(msg.q))
-    block = DraftBlock(round=msg.round, ids=ids, q=qs, guess=guess)
-    check_block(block, vocab_size, greedy, max_tokens)
-    return block
+    qs = tuple(decode_sparse(q, vocab_size, f"q[{i}]", x) for i, (x, q) in enumerate(zip(ids, msg.q, strict=True)))
+    return DraftBlock(round=msg.round, ids=ids, q=qs, guess=guess)
 
 
 def check_block(block: DraftBlock, vocab_size: int, greedy: bool, max_tokens: int = 0) -> None:
@@ -227,6 +240,8 @@ def check_block(block: DraftBlock, vocab_size: int, greedy: bool, max_tokens: in
         where = f"q[{i}]"
         if len(q.ids) != len(q.probs) or not q.ids:
             raise WireError(f"{where}: {len(q.ids)} ids but {len(q.probs)} probabilities")
+        if len(q.ids) > MAX_Q_SUPPORT:
+            raise WireError(f"{where}: a support of {len(q.ids)} ids exceeds the limit of {MAX_Q_SUPPORT}")
         probs = np.asarray(q.probs, dtype=np.float64)
         if not np.all(np.isfinite(probs)) or np.any(probs < 0) or float(probs.sum()) <= 0:
             raise WireError(f"{where}: probabilities must be finite, >= 0 and not all zero")

@@ -10,6 +10,7 @@ from gelato.sampling import derive_seed
 from gelato.types import DraftBlock, EdgeInfo, SamplingParams, SessionInfo, SessionOpen, SparseDist, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.wire import (
+    MAX_Q_SUPPORT,
     WireError,
     check_block,
     clip,
@@ -18,6 +19,7 @@ from gelato.wire import (
     decode_open,
     decode_opened,
     decode_sampling,
+    decode_sparse,
     decode_verdict,
     encode_block,
     encode_info,
@@ -63,6 +65,53 @@ def test_block_validation() -> None:
     dup = encode_block(DraftBlock(round=0, ids=(4,), q=(SparseDist(ids=(4, 4), probs=(0.5, 0.5)),))).draft
     with pytest.raises(WireError, match="duplicate"):
         decode_block(dup, vocab_size=20, greedy=False, max_tokens=8)
+
+
+def test_q_checks_name_the_draft_and_the_fault() -> None:
+    def block(q: SparseDist, x: int = 4) -> pb.DraftBlock:
+        return encode_block(DraftBlock(round=0, ids=(1, x), q=(SparseDist(ids=(1,), probs=(1.0,)), q))).draft
+
+    assert decode_block(block(SparseDist(ids=(4, 7), probs=(0.5, 0.5))), 20, False, 8).q[1].ids == (4, 7)
+    for q, x, needle in [
+        (SparseDist(ids=(4, 20), probs=(0.5, 0.5)), 4, "q\\[1\\]: token id 20 out of range"),
+        (SparseDist(ids=(4, 7, 4), probs=(0.5, 0.25, 0.25)), 4, "q\\[1\\]: duplicate ids"),
+        (SparseDist(ids=(4, 7), probs=(0.0, 1.0)), 4, "q\\[1\\]: draft token 4 is not in its own support"),
+        (SparseDist(ids=(4, 7), probs=(0.5, 0.5)), 9, "q\\[1\\]: draft token 9 is not in its own support"),
+    ]:
+        with pytest.raises(WireError, match=needle):
+            decode_block(block(q, x), vocab_size=20, greedy=False, max_tokens=8)
+
+
+class _Untouchable(list[int]):
+    """Ids whose length may be read but whose entries may not: any per-id work fails the test."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("per-id work on a support over the limit")
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def]
+        raise AssertionError("per-id work on a support over the limit")
+
+
+def test_a_support_over_the_limit_is_refused_before_any_per_id_work() -> None:
+    """A sampling block is decoded on the edge's event loop: a huge support must cost nothing."""
+    fits = list(range(MAX_Q_SUPPORT))
+    q = SparseDist(ids=tuple(fits), probs=(1.0,) * MAX_Q_SUPPORT)
+    assert decode_sparse(encode_block(DraftBlock(round=0, ids=(0,), q=(q,))).draft.q[0], MAX_Q_SUPPORT, "q") == q
+
+    class Huge:
+        ids = _Untouchable(range(MAX_Q_SUPPORT + 1))
+        probs_f16 = b"\x00\x3c" * (MAX_Q_SUPPORT + 1)  # float16 1.0 each
+
+    with pytest.raises(
+        WireError, match=f"q: a support of {MAX_Q_SUPPORT + 1} ids exceeds the limit of {MAX_Q_SUPPORT}"
+    ):
+        decode_sparse(Huge(), 10**6, "q")  # type: ignore[arg-type]
+    with pytest.raises(WireError, match="exceeds the limit"):  # a block built in-process: the same limit
+        check_block(
+            DraftBlock(round=0, ids=(0,), q=(SparseDist(ids=(*fits, 10**5), probs=(1.0,) * (MAX_Q_SUPPORT + 1)),)),
+            10**6,
+            False,
+        )
 
 
 def test_verdict_and_sampling_round_trip() -> None:
