@@ -18,9 +18,10 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from gelato.cli_common import EnvArgumentParser, endpoint, fail, setup_torch_threads
 from gelato.config import ConfigError
@@ -112,6 +113,10 @@ async def serve(config: EdgeConfig) -> int:
     from gelato.models import ModelLoadError
 
     server = EdgeServer(config)
+    stop = asyncio.Event()  # set by SIGTERM / Ctrl-C from here on, also while the target loads
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     if config.metrics_port is not None:
         try:
             server.service.metrics.serve(config.host, config.metrics_port)
@@ -130,12 +135,14 @@ async def serve(config: EdgeConfig) -> int:
         except OSError as exc:
             await server.stop(0)
             return fail(str(exc))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    loading = asyncio.ensure_future(load_target(server, config))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((loading, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():
+        await stopped_while_loading(server, health_server, loading)
+    stopping.cancel()
     try:
-        loaded = await load_target(server, config)
+        loaded = loading.result()
     except ModelLoadError as exc:
         await server.stop(0)
         if health_server is not None:
@@ -157,6 +164,20 @@ async def serve(config: EdgeConfig) -> int:
     if health_server is not None:
         await health_server.stop(0)
     return 0
+
+
+async def stopped_while_loading(server: EdgeServer, health_server: Any, loading: asyncio.Future[Any]) -> NoReturn:
+    """SIGTERM or Ctrl-C while the target loads (a download, a big checkpoint): no session can be
+    open yet, so stop serving at once and exit 0 without waiting for the load. The load runs on
+    the model thread, which the interpreter would join at exit (minutes for a big checkpoint,
+    longer than a container's stop timeout), hence `os._exit` once the servers are down."""
+    print("gelato-edge: stopped while loading the target", file=sys.stderr, flush=True)
+    loading.cancel()  # health stays NOT_SERVING: the load's result is never used
+    await server.stop(0)
+    if health_server is not None:
+        await health_server.stop(0)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 async def serve_health(server: EdgeServer, host: str, port: int) -> Any:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -207,6 +209,41 @@ def test_shutdown_grace_flag_cuts_the_drain(pair: dict[str, Path]) -> None:
         assert s["code"] == "UNAVAILABLE" and s["details"] == SHUTDOWN_DETAILS[:200], cut
         assert 0.9 < s["ended_after_s"] < 2.0, cut
     assert "open session(s) get 1 s to finish" in proc.output()
+
+
+SLOW_LOAD = """
+import sys, time
+import gelato.edge.server as server
+load_model = server.load_model
+def slow(*args, **kwargs):  # a checkpoint that takes a minute to load
+    time.sleep(60)
+    return load_model(*args, **kwargs)
+server.load_model = slow
+from gelato.edge.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_target_loads_stops_the_edge_at_once(pair: dict[str, Path], sig: signal.Signals) -> None:
+    """Ctrl-C or a container's SIGTERM while the target loads: the edge exits 0 at once (no
+    session can be open yet), it does not load to the end first."""
+    port = free_port()
+    args = ["--port", str(port), "--target", str(pair["target"]), "--threads", "1"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_LOAD, *args], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "NOT_SERVING" not in run_edge("--health-check", f"127.0.0.1:{port}").stdout:  # listening, loading
+            assert proc.poll() is None and time.monotonic() < deadline, "the edge never listened"
+            time.sleep(0.2)
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and time.monotonic() - sent < 10, err
+        assert "stopped while loading the target" in err and "listening on" not in err, err
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def device_tokens(pair: dict[str, Path], address: str) -> list[list[int]]:
