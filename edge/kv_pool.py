@@ -448,6 +448,10 @@ def pooled_forward(rows: list[tuple[PooledSequence, tuple[int, ...]]]) -> list[t
     if len({id(seq) for seq, _ in rows}) != len(rows):
         raise ValueError("a sequence appears twice in one batched forward")
     pool.apply_target()  # before reading slots: applying it may move rows
+    for seq, _ in rows:
+        # Every row's slot before any is read: a row's first slot is taken here, and taking it
+        # applies a reshape the event loop may have asked for meanwhile, which may move rows.
+        seq._slot()
     before = [len(seq.tokens) for seq, _ in rows]
     try:
         batch = []

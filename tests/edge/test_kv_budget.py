@@ -82,6 +82,39 @@ def test_pool_shrinks_moving_live_rows_and_frees_everything(target: LoadedModel)
     assert pool.nbytes() == 0
 
 
+class _ReshapeOnAlloc(KVPool):
+    """A pool whose next `alloc` first meets a reshape, as when the event loop's registry asks
+    for one (a session opened or closed) while the model thread is forming a batch."""
+
+    reshape: tuple[int, int] | None = None
+
+    def alloc(self, owner: PooledSequence) -> int:
+        if self.reshape is not None:
+            self.set_target(*self.reshape)
+            self.reshape = None
+        return super().alloc(owner)
+
+
+def test_a_slot_taken_mid_batch_does_not_move_rows_already_placed(target: LoadedModel) -> None:
+    pool = _ReshapeOnAlloc(target.model, target.vocab_size, slots=0, context=0)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(1, 300) for _ in range(n)] for n in (4, 4, 4, 12)]
+    seqs = [PooledSequence(pool, p) for p in prompts]
+    for seq in seqs:
+        seq.prefill(len(seq.tokens))  # slots 0, 1, 2, 3
+    moved = seqs[3]
+    for seq in seqs[:3]:
+        seq.release()
+    fresh = PooledSequence(pool, [9])  # a one-token prompt caches nothing: no slot until its forward
+    fresh.prefill(0)
+    assert fresh.slot is None and moved.slot == 3
+    pool.reshape = (2, 64)  # lands when `fresh` takes its slot, inside the batch: row 3 moves down
+    logits = pooled_forward([(moved, (7, 8)), (fresh, ())])
+    assert moved.slot < 2 and fresh.slot < 2 and moved.slot != fresh.slot
+    torch.testing.assert_close(logits[0], _fresh_logits(target, prompts[3], [7, 8]), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(logits[1], _fresh_logits(target, [], [9]), atol=2e-5, rtol=1e-4)
+
+
 def _registry(target: LoadedModel, budget_tokens: int) -> SessionRegistry:
     bpt = KVPool(target.model, target.vocab_size, slots=0, context=0).bytes_per_token()
     return SessionRegistry(max_sessions=16, kv_budget_bytes=budget_tokens * bpt, max_draft_tokens=8)
