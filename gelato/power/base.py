@@ -69,11 +69,16 @@ class NullMeter(Meter):
 
 
 class PowerIntegrator:
-    """Integrates a power function (W) over time by the trapezoid rule on a sampler thread.
+    """Integrates a power function (W) over time on a sampler thread, holding each sample's power.
 
     Used where the hardware gives power, not energy (Jetson rails, NVML without the energy counter).
-    `joules()` adds the partial interval since the last sample, so reads between samples are
-    smooth and never go backwards.
+    Each sample's power counts until the next sample (left rectangle rule), and `joules()` adds the
+    partial interval since the last sample by the same rule, so every reading is the integral of one
+    step function up to its time: reads never go backwards and later samples keep exactly what reads
+    reported. (A trapezoid needs the next sample, which a read between samples does not have; mixing
+    the two rules made readings fall when power fell.) Over a run this differs from the trapezoid
+    total by ½·Σ(p[i+1] - p[i])·dt[i], which telescopes to ½·(p_last - p_first)·interval at a steady
+    interval: a boundary term of one sample, not a drift.
     """
 
     def __init__(self, power_w: Callable[[], float], interval_s: float, clock: Callable[[], float]) -> None:
@@ -96,9 +101,10 @@ class PowerIntegrator:
             self.sample()
 
     def sample(self) -> None:
-        p, t = self.power_w(), self.clock()
-        with self._lock:
-            self._j += 0.5 * (p + self._p) * (t - self._t)
+        p = self.power_w()
+        with self._lock:  # time taken under the lock: a read that saw the old state has an earlier time
+            t = self.clock()
+            self._j += self._p * max(0.0, t - self._t)
             self._t, self._p = t, p
 
     def joules(self, now: float | None = None) -> float:

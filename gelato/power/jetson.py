@@ -2,10 +2,14 @@
 
 Contract: `JetsonMeter(roots)` finds rails under the INA drivers' i2c folders
 (`/sys/bus/i2c/drivers/ina3221*/` and `ina238*`, hwmon or iio) and integrates their power × dt on a
-sampler thread. A rail's power is `power*_input` (µW, INA238) or `in*_input` (mV) × `curr*_input`
-(mA) (INA3221 hwmon), or `in_power*_input` (mW, legacy iio). If a board-input rail is present
-(label `VDD_IN`, `POM_5V_IN` or `VIN_SYS_5V0`) only it is counted, since it already contains the
-others; otherwise all rails are summed.
+sampler thread. A rail's power is, per driver (Linux hwmon ina3221 / ina238 documentation):
+INA3221 hwmon, channels 1-3 only: bus `in{n}_input` (mV) × `curr{n}_input` (mA), named by
+`in{n}_label`, skipped when `in{n}_enable` reads 0 (a disabled channel's inputs read ENODATA);
+`in4`-`in6` are shunt voltages (µV) and `in7` / `curr4` the sums, never rails. INA238 hwmon:
+`power1_input` (µW) alone (its `in1` × `curr1` is the same rail again). Legacy iio:
+`in_power*_input` (mW). If a board-input rail is present (label `VDD_IN`, `POM_5V_IN` or
+`VIN_SYS_5V0`) only it is counted, since it already contains the others; otherwise all rails are
+summed.
 """
 
 from __future__ import annotations
@@ -39,19 +43,38 @@ def _label(folder: Path, stem: str, default: str) -> str:
     return f.read_text().strip() if f.exists() else default
 
 
+INA3221_RAILS = (1, 2, 3)  # in1-3 bus mV with curr1-3 mA; in4-6 are shunt µV, in7 / curr4 sums
+
+
+def _ina3221_hwmon(dev: Path, hw: Path) -> list[Rail]:
+    rails: list[Rail] = []
+    for n in INA3221_RAILS:
+        volt, curr, enable = hw / f"in{n}_input", hw / f"curr{n}_input", hw / f"in{n}_enable"
+        if not (volt.exists() and curr.exists()):
+            continue
+        if enable.exists() and enable.read_text().strip() == "0":
+            continue  # disabled (or disconnected in the device tree): its inputs read ENODATA
+        rails.append(Rail(_label(hw, f"in{n}", f"{dev.name}:in{n}"), (volt, curr), 1e-6))
+    return rails
+
+
+def _ina238_hwmon(dev: Path, hw: Path) -> list[Rail]:
+    # power1_input (µW) is the rail; in0 (shunt mV), in1 (bus mV) and curr1 (mA) describe it again.
+    rails: list[Rail] = []
+    for pw in sorted(hw.glob("power*_input")):
+        stem = pw.name.removesuffix("_input")
+        rails.append(Rail(_label(hw, stem, f"{dev.name}:{stem}"), (pw,), 1e-6))
+    return rails
+
+
 def find_rails(driver_roots: tuple[str, ...] = DRIVER_ROOTS) -> list[Rail]:
     rails: list[Rail] = []
     for root in map(Path, driver_roots):
-        for dev in sorted(root.glob("ina3221*/*")) + sorted(root.glob("ina238*/*")):
+        devices = [(dev, _ina3221_hwmon) for dev in sorted(root.glob("ina3221*/*"))]
+        devices += [(dev, _ina238_hwmon) for dev in sorted(root.glob("ina238*/*"))]
+        for dev, hwmon_rails in devices:
             for hw in sorted(dev.glob("hwmon/hwmon*")):
-                for pw in sorted(hw.glob("power*_input")):  # INA238: µW
-                    stem = pw.name.removesuffix("_input")
-                    rails.append(Rail(_label(hw, stem, f"{dev.name}:{stem}"), (pw,), 1e-6))
-                for volt in sorted(hw.glob("in*_input")):  # INA3221: mV × mA
-                    n = volt.name.removeprefix("in").removesuffix("_input")
-                    curr = hw / f"curr{n}_input"
-                    if curr.exists():
-                        rails.append(Rail(_label(hw, f"in{n}", f"{dev.name}:in{n}"), (volt, curr), 1e-6))
+                rails += hwmon_rails(dev, hw)
             for iio in sorted(dev.glob("iio:device*")):  # legacy L4T: mW
                 for pw in sorted(iio.glob("in_power*_input")):
                     n = pw.name.removeprefix("in_power").removesuffix("_input")

@@ -1,7 +1,9 @@
 """Intel RAPL through powercap sysfs: `energy_uj` counters with wraparound.
 
-Contract: `RaplMeter(root)` sums the top-level package zones (`intel-rapl:N`; subzones such as
-`intel-rapl:N:M` are parts of their package and are not added again). Each zone's counter wraps
+Contract: `RaplMeter(root)` sums the package zones: top-level `intel-rapl:N` zones whose `name` is
+`package-P` (or `package-P-die-D` on multi-die parts). Subzones such as `intel-rapl:N:M` are parts of
+their package and are not added again, and the top-level `psys` (platform) zone, which already
+contains the packages, and any other non-package zone are left out. Each zone's counter wraps
 at `max_energy_range_uj`; a read that goes backwards is a wrap. Unreadable counters (usually
 root-only) raise `MeterUnavailable` naming the file.
 """
@@ -16,6 +18,16 @@ from pathlib import Path
 from gelato.power.base import Meter, MeterUnavailable
 
 ZONE = re.compile(r"^intel-rapl:\d+$")
+PACKAGE = re.compile(r"^package-\d+(-die-\d+)?$")  # the kernel's names; `psys` is the platform zone
+
+
+def _is_package(zone: Path) -> bool:
+    if not ZONE.match(zone.name):
+        return False
+    try:
+        return bool(PACKAGE.match((zone / "name").read_text().strip()))
+    except OSError:  # no readable name: cannot tell a package from psys, so do not count it
+        return False
 
 
 class RaplMeter(Meter):
@@ -25,7 +37,7 @@ class RaplMeter(Meter):
     def __init__(self, root: str | Path = "/sys/class/powercap", clock: Callable[[], float] | None = None) -> None:
         super().__init__(*(c for c in (clock,) if c))
         base = Path(root)
-        zones = sorted(p for p in base.glob("intel-rapl:*") if ZONE.match(p.name)) if base.is_dir() else []
+        zones = sorted(p for p in base.glob("intel-rapl:*") if _is_package(p)) if base.is_dir() else []
         if not zones:
             raise MeterUnavailable(f"no RAPL package zones under {base}")
         self.zones = zones

@@ -36,10 +36,13 @@ def write(path: Path, value: object) -> None:
 # ---- RAPL ---------------------------------------------------------------------------------
 
 
-def rapl_tree(root: Path, zones: dict[str, tuple[int, int]]) -> None:
-    for name, (energy, max_range) in zones.items():
-        write(root / name / "energy_uj", energy)
-        write(root / name / "max_energy_range_uj", max_range)
+def rapl_tree(root: Path, zones: dict[str, tuple[int, int]], names: dict[str, str] | None = None) -> None:
+    """Zones as the kernel writes them; `name` is `package-N` for `intel-rapl:N`, `core` for subzones."""
+    for zone, (energy, max_range) in zones.items():
+        default = f"package-{zone.split(':')[1]}" if zone.count(":") == 1 else "core"
+        write(root / zone / "name", (names or {}).get(zone, default))
+        write(root / zone / "energy_uj", energy)
+        write(root / zone / "max_energy_range_uj", max_range)
 
 
 def test_rapl_sums_packages_and_handles_wraparound(tmp_path: Path) -> None:
@@ -54,6 +57,25 @@ def test_rapl_sums_packages_and_handles_wraparound(tmp_path: Path) -> None:
     assert meter.joules() == pytest.approx(170e-6)
     write(tmp_path / "intel-rapl:0:0" / "energy_uj", 999_999)
     assert meter.joules() == pytest.approx(170e-6)
+
+
+def test_rapl_counts_package_zones_only_not_psys(tmp_path: Path) -> None:
+    # A laptop: psys (the whole platform) already contains package-0, so adding it double counts.
+    zones = {"intel-rapl:0": (1_000_000, 10**9), "intel-rapl:1": (1_000_000, 10**9)}
+    rapl_tree(tmp_path, zones, names={"intel-rapl:1": "psys"})
+    meter = RaplMeter(tmp_path)
+    assert [z.name for z in meter.zones] == ["intel-rapl:0"]
+    write(tmp_path / "intel-rapl:0" / "energy_uj", 2_000_000)  # 1 J in the package
+    write(tmp_path / "intel-rapl:1" / "energy_uj", 2_500_000)  # 1.5 J on the platform, that 1 J included
+    assert meter.joules() == pytest.approx(1.0)
+    # multi-die parts name their top-level zones package-P-die-D: each die is counted once
+    dies = tmp_path / "dies"
+    rapl_tree(dies, zones, names={"intel-rapl:0": "package-0-die-0", "intel-rapl:1": "package-0-die-1"})
+    assert [z.name for z in RaplMeter(dies).zones] == ["intel-rapl:0", "intel-rapl:1"]
+    only_psys = tmp_path / "psys"
+    rapl_tree(only_psys, {"intel-rapl:0": (1, 1000)}, names={"intel-rapl:0": "psys"})
+    with pytest.raises(MeterUnavailable, match="no RAPL package zones"):
+        RaplMeter(only_psys)
 
 
 def test_rapl_missing_or_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,9 +109,40 @@ def test_jetson_ina3221_prefers_board_input_rail(tmp_path: Path) -> None:
     write(hw / "curr1_input", 2000)  # 10 W from here
     clock.t += 1.0
     meter.integrator.sample()
-    assert meter.joules() == pytest.approx(5.0 + 7.5)  # trapezoids: 5 W for 1 s, 5 -> 10 W over 1 s
+    assert meter.joules() == pytest.approx(5.0 + 5.0)  # each sample's power holds until the next: 5 W, 2 s
     clock.t += 0.5
-    assert meter.joules() == pytest.approx(12.5 + 5.0)  # partial interval at the last power
+    assert meter.joules() == pytest.approx(10.0 + 5.0)  # partial interval at the last power, 10 W
+
+
+def test_jetson_ina3221_sums_channels_1_to_3_only(tmp_path: Path) -> None:
+    # No board-input label (AGX Xavier style): all rails are summed, so a phantom 4th rail would count.
+    hw = tmp_path / "ina3221" / "1-0040" / "hwmon" / "hwmon3"
+    for n, (label, mv, ma) in enumerate([("GPU", 5000, 400), ("CPU", 5000, 600), ("SOC", 5000, 1000)], 1):
+        write(hw / f"in{n}_label", label)
+        write(hw / f"in{n}_enable", 1)
+        write(hw / f"in{n}_input", mv)  # bus voltage, mV
+        write(hw / f"curr{n}_input", ma)
+    for n, uv in [(4, 20_000), (5, 30_000), (6, 50_000), (7, 100_000)]:
+        write(hw / f"in{n}_input", uv)  # in4-6: shunt voltages of channels 1-3, in7 their sum (uV)
+    write(hw / "in7_label", "sum of shunt voltages")
+    write(hw / "curr4_input", 2000)  # sum of the three currents, mA
+    meter = JetsonMeter((str(tmp_path),), start_sampler=False)
+    assert [r.label for r in meter.rails] == ["GPU", "CPU", "SOC"]
+    assert meter.power_w() == pytest.approx(2.0 + 3.0 + 5.0)
+    # a disabled channel (the driver answers ENODATA for its inputs) is not a rail either
+    write(hw / "in3_enable", 0)
+    assert [r.label for r in JetsonMeter((str(tmp_path),), start_sampler=False).rails] == ["GPU", "CPU"]
+
+
+def test_jetson_ina238_counts_power1_once(tmp_path: Path) -> None:
+    hw = tmp_path / "ina238" / "2-0044" / "hwmon" / "hwmon1"
+    write(hw / "in0_input", 2)  # shunt voltage, mV
+    write(hw / "in1_input", 12_000)  # bus voltage, mV
+    write(hw / "curr1_input", 250)  # mA: the same 3 W rail as power1
+    write(hw / "power1_input", 3_000_000)  # uW
+    meter = JetsonMeter((str(tmp_path),), start_sampler=False)
+    assert [r.label for r in meter.rails] == ["2-0044:power1"]
+    assert meter.power_w() == pytest.approx(3.0)
 
 
 def test_jetson_ina238_and_legacy_iio_summed(tmp_path: Path) -> None:
@@ -102,6 +155,35 @@ def test_jetson_ina238_and_legacy_iio_summed(tmp_path: Path) -> None:
     assert meter.power_w() == pytest.approx(4.5)
     with pytest.raises(MeterUnavailable):
         JetsonMeter((str(tmp_path / "empty"),), start_sampler=False)
+
+
+def test_power_integrator_never_goes_backwards_and_keeps_what_it_reported(tmp_path: Path) -> None:
+    hw = tmp_path / "ina3221" / "1-0040" / "hwmon" / "hwmon3"
+    write(hw / "in1_label", "VDD_IN")
+    write(hw / "in1_input", 5000)
+    write(hw / "curr1_input", 2000)  # 10 W
+    clock = FakeClock()
+    meter = JetsonMeter((str(tmp_path),), interval_s=0.02, clock=clock, start_sampler=False)
+    clock.t += 0.019
+    before = meter.read()  # between samples: 10 W x 19 ms
+    assert before.joules == pytest.approx(0.19)
+    write(hw / "curr1_input", 400)  # power falls to 2 W before the next sample
+    clock.t += 0.001
+    meter.integrator.sample()
+    after = meter.read()
+    assert after.joules >= before.joules  # a round between the two reads gets >= 0 J
+    assert after.joules == pytest.approx(0.20)  # 10 W held until the sample at 20 ms
+    readings = [after.joules]
+    for mw in (2000, 10_000, 0, 10_000, 2000, 0):  # bursts up and down, read every 5 ms
+        write(hw / "curr1_input", mw // 5)
+        for _ in range(4):
+            clock.t += 0.005
+            readings.append(meter.joules())
+        meter.integrator.sample()
+        readings.append(meter.joules())
+    assert readings == sorted(readings)
+    # the total is the integral of the held samples (2, 2, 10, 0, 10, 2 W, 20 ms each after 20 ms at 10 W)
+    assert readings[-1] == pytest.approx(0.20 + 0.02 * (2 + 2 + 10 + 0 + 10 + 2))
 
 
 # ---- NVML (pynvml patched at the library boundary) -----------------------------------------
