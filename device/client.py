@@ -8,7 +8,9 @@ counts bytes. Drafting runs on a worker thread, never on the event loop.
 Errors from the edge surface as `EdgeError` carrying the gRPC status code and details; an edge
 that does not answer at all within `connect_timeout_s` as `EdgeUnreachable`. When the session
 fails mid-generation (the edge stopped, a verdict never came), the result keeps the tokens
-generated so far, with `stats.stop_reason == "error"` and `result.error` saying why.
+generated so far, with `stats.stop_reason == "error"` and `result.error` saying why. Once the
+generation is complete, failing to close the session (the edge went away after its last verdict)
+changes nothing: the result is kept as it is, the failure only logged.
 """
 
 from __future__ import annotations
@@ -246,11 +248,19 @@ class EdgeClient:
             result = await speculative_generate(
                 drafter, transport, policy, prompt_ids, limits, acct, on_round, self._offload, session_bytes
             )
+        result.target_model = opened.target_model
         if result.stats.stop_reason != "error":
+            await self._close(call, close_msg)
+        return result
+
+    async def _close(self, call: grpc.aio.StreamStreamCall, close_msg: pb.DeviceMessage) -> None:
+        """Close a session whose generation is complete. Every token is already here: an edge gone
+        after its last verdict (the close cannot be written) costs nothing, the result stands."""
+        try:
             await self._write(call, close_msg)
             await call.done_writing()
-        result.target_model = opened.target_model
-        return result
+        except (EdgeError, grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            log.info("the edge went away before the finished session was closed (%s); result kept", exc)
 
     def _link(self, call: grpc.aio.StreamStreamCall, policy: Policy, opened: SessionInfo) -> Link | None:
         """Send-ahead over this stream when asked for and the edge supports it; else None (an edge

@@ -15,7 +15,14 @@ import grpc
 import pytest
 
 from gelato.device.client import EdgeClient, EdgeError, _write_error
+from gelato.device.drafter import Drafter
+from gelato.device.generate import GenerationResult
+from gelato.device.policy import parse_policy
+from gelato.edge.sessions import TargetSession
+from gelato.models import LoadedModel, encode_prompt
+from gelato.types import SamplingParams, SessionInfo, Verdict
 from gelato.v1 import gelato_pb2 as pb
+from gelato.wire import decode_block, encode_opened, encode_verdict
 
 SESSION = "/gelato.v1.Gelato/Session"
 BLOCK = pb.DeviceMessage(draft=pb.DraftBlock(round=0, ids=list(range(8))))
@@ -110,3 +117,104 @@ def test_only_the_core_write_failure_is_mapped() -> None:
 def test_other_write_failures_keep_their_status(code: grpc.StatusCode) -> None:
     exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "Internal error from Core")
     assert _write_error(exc).code == code
+
+
+class _Stream:
+    """A session stream answered in process by a real target session, as the edge answers it.
+    `cut_after`: the edge dies after that many verdicts (the next read fails UNAVAILABLE);
+    `close_fails`: it dies right after its last verdict, so the close is written to a call that
+    has ended (grpc.aio raises UsageError; the call's status is UNAVAILABLE)."""
+
+    def __init__(self, target: LoadedModel, cut_after: int | None = None, close_fails: bool = False) -> None:
+        self.target, self.cut_after, self.close_fails = target, cut_after, close_fails
+        self.replies: asyncio.Queue[pb.EdgeMessage | None] = asyncio.Queue()
+        self.session: TargetSession | None = None
+        self.verdicts = 0
+        self.closed = False
+
+    async def write(self, msg: pb.DeviceMessage) -> None:
+        kind = msg.WhichOneof("kind")
+        if kind == "open":
+            self.session = TargetSession("s", self.target, SamplingParams(), list(msg.open.prefix_ids))
+            self.session.prefill()
+            info = SessionInfo("s", "tiny-target", self.target.context_limit, 32)
+            self.replies.put_nowait(encode_opened(info))
+        elif kind == "draft":
+            assert self.session is not None
+            if self.verdicts == self.cut_after:
+                self.replies.put_nowait(None)
+                return
+            block = decode_block(msg.draft, self.target.vocab_size, True, 32)
+            a, nxt = self.session.verify(block)
+            self.verdicts += 1
+            self.replies.put_nowait(encode_verdict(Verdict(block.round, a, nxt)))
+        elif kind == "close":
+            if self.close_fails:
+                raise grpc.aio.UsageError("RPC already finished")
+            self.closed = True
+
+    async def read(self) -> pb.EdgeMessage:
+        reply = await self.replies.get()
+        if reply is None:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
+        return reply
+
+    async def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    async def details(self) -> str:
+        return "edge stopped"
+
+    async def done_writing(self) -> None:
+        pass
+
+    def cancel(self) -> None:
+        pass
+
+
+def _generate(
+    target: LoadedModel, drafter_model: LoadedModel, streams: list[_Stream], failovers: int
+) -> GenerationResult:
+    async def run() -> GenerationResult:
+        client = EdgeClient("127.0.0.1:1", failovers=failovers)
+        opened = iter(streams)
+
+        async def connect() -> None:
+            pass
+
+        class Stub:
+            def Session(self, **kwargs: object) -> _Stream:
+                return next(opened)
+
+        client.connect = connect  # type: ignore[method-assign]
+        client.stub = Stub()  # type: ignore[assignment]
+        try:
+            prompt = encode_prompt(target.tokenizer, "Ava has 12 apples and Ben gives her 3 more. How many?")
+            drafter = Drafter(drafter_model, SamplingParams())
+            return await client.generate(drafter, prompt, 20, parse_policy("fixed-4"))
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+def test_an_edge_gone_after_the_last_verdict_keeps_the_finished_generation(
+    target: LoadedModel, drafter_model: LoadedModel
+) -> None:
+    """Every token arrived, then the edge went away before the close: the generation stands (no
+    error, no lost tokens), also when it is the session a failover re-opened."""
+    ref = _generate(target, drafter_model, [closing := _Stream(target)], failovers=0)
+    assert closing.closed and ref.stats.stop_reason in ("eos", "max_new_tokens") and ref.token_ids
+
+    res = _generate(target, drafter_model, [_Stream(target, close_fails=True)], failovers=0)
+    assert (res.token_ids, res.stats.stop_reason, res.error) == (ref.token_ids, ref.stats.stop_reason, "")
+    assert res.target_model == "tiny-target"
+
+    streams = [_Stream(target, cut_after=2), _Stream(target, close_fails=True)]
+    res = _generate(target, drafter_model, streams, failovers=1)
+    assert (res.token_ids, res.stats.stop_reason, res.failovers) == (ref.token_ids, ref.stats.stop_reason, 1)
+
+    # Before the generation is complete a failure is one, as ever: the tokens so far, and why.
+    res = _generate(target, drafter_model, [_Stream(target, cut_after=2)], failovers=0)
+    assert res.stats.stop_reason == "error" and "UNAVAILABLE" in res.error
+    assert 0 < len(res.token_ids) < len(ref.token_ids) and res.token_ids == ref.token_ids[: len(res.token_ids)]
