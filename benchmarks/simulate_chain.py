@@ -97,10 +97,12 @@ class SendAhead(DeviceCore):
                 limit = self._limit(trace, nxt)
                 if prev.reason == "eos" or limit < 0:
                     break  # the chain ends at an eos or at the generation's limits
+                if limit == 0 and not all(b.k == 0 and (b.follow or not b.ahead) for b in chain):
+                    break  # as `gelato.device.pipeline._extend`: a miss may leave room, wait for it
                 t0 = time.perf_counter()
                 decision = policy.decide(limit)
                 wanted = decision.k_max if policy.gate(decision) else decision.k_ref
-                if max(0, min(wanted, limit)) == 0:  # nothing to draft: an empty block, whatever comes
+                if max(0, min(wanted, limit)) == 0:  # the policy drafts nothing: an empty block, whatever comes
                     self.totals.controller_s += time.perf_counter() - t0
                     block = self._follow(nxt, r + len(chain), prev, decision, wanted)
                     self._send(block, now, wire)

@@ -10,7 +10,10 @@ while the policy says it pays (`Policy.send_ahead`). When the policy drafts noth
 the edge takes them (`Link.empty_ahead`), the block sent ahead is empty (`DraftBlock.follow`): it
 asks for the target's next token whatever the blocks before it give, costs no drafting, and is
 verified whenever its parent is, so rounds of K = 0 go on without a round trip each; nothing is
-drafted after one until its verdict is in. For the generation the policy holds the link's
+drafted after one until its verdict is in. The room for a block sent ahead is what is left if every
+block in flight is a hit; where that is none but a miss would leave some (near `max_new_tokens` or
+the context limit), the chain waits for the verdict: no block the policy did not choose (an empty
+one in place of drafts) is ever sent. For the generation the policy holds the link's
 `max_ahead` (`Policy.ahead_blocks`): the controller prices the chains this link runs. Verdicts come
 back in order. A hit (every draft accepted, the target's token the guess) lets the chain go on with
 neither a drafting wait nor a round trip; a miss cuts it: the blocks after it come back stale and
@@ -24,7 +27,10 @@ Each verdict is one round of telemetry: its time and energy are those since the 
 blocks before it, so the cost estimates learn the channel from the others), `sent_ahead` marks a
 block sent before its parent's verdict (`follow` an empty one), and a miss's round carries the
 `stale_blocks` it cut, the `wasted_tokens` drafted for nothing and their estimated drafting energy
-`wasted_j` (the cost model's per-token drafting time × drafting power).
+`wasted_j` (the cost model's per-token drafting time × drafting power). Blocks still in flight when
+the generation stops (sent past its eos or last token) and stale verdicts not yet charged to a
+round belong to no round: their bytes count in the generation's totals (`stats.bytes_up`,
+`bytes_down`, the radio energy), as the session's open and close do.
 """
 
 from __future__ import annotations
@@ -99,6 +105,11 @@ class _Chain:
     def projected(self) -> int:
         """Tokens the blocks in flight add if every one is a hit."""
         return sum(s.block.k + 1 for s in self.sent)
+
+    def exact(self) -> bool:
+        """Whether `projected` is what the blocks in flight add whatever their verdicts: none has
+        drafts or a guess (each is verified and adds one token, unless an eos ends the generation)."""
+        return all(s.block.k == 0 and s.block.guess is None for s in self.sent)
 
 
 def _drafted(block: DraftBlock) -> int:
@@ -203,11 +214,15 @@ async def _extend(
         limit = _limit(limits, confirmed + chain.projected(), out + chain.projected())
         if prev.stop_reason == "eos" or limit < 0:
             return  # the chain ends at an eos or at the generation's limits
+        if limit == 0 and not chain.exact():
+            # No room if every block in flight is a hit, but a miss leaves room the policy may
+            # draft into: wait for the verdict rather than send a block of K = 0 it never chose.
+            return
         decision = policy.decide(limit)
         gate = policy.gate(decision)
         wanted = decision.k_max if gate else decision.k_ref
         cap = max(0, min(wanted, limit))
-        if cap == 0 and link.empty_ahead:  # nothing to draft: the next target token, whatever comes
+        if cap == 0 and link.empty_ahead:  # the policy drafts nothing: the next target token, whatever comes
             await _send(link, chain, DraftBlock(round=chain.next_round, ids=(), follow=True), decision, gate, 0, wanted)
             continue
         if prev.follow or not policy.send_ahead(decision, chain.p_chain(policy)):
@@ -284,8 +299,18 @@ async def _chain_loop(
             if recv is not None and not recv.done():
                 recv.cancel()
         start = await _settle(drafter, policy, chain, verdict, down, start, stats, out, limits, acct, on_round, offload)
-    finish(stats, policy, acct, gen_start, session_bytes)
+    # Blocks still in flight when the generation stops (sent ahead past its eos or its last token,
+    # or behind a failed read) and stale verdicts skipped since the last round cost their bytes
+    # too, charged to no round: in the totals (and so the radio energy), as the open and close are.
+    finish(stats, policy, acct, gen_start, _with_unsettled(session_bytes, chain))
     return GenerationResult(list(prompt_ids), out, time.perf_counter() - t0, stats, error=error, failure=failure)
+
+
+def _with_unsettled(session_bytes: tuple[int, int], chain: _Chain) -> tuple[int, int]:
+    """(up, down) bytes outside any round: the session's, the blocks in flight, the stale verdicts
+    not yet charged to a round."""
+    up, down = session_bytes
+    return up + sum(s.bytes_up for s in chain.sent), down + chain.stale_down
 
 
 async def _settle(

@@ -51,6 +51,36 @@ def test_heuristic_schedule() -> None:
     assert ks == [4, 6, 8, 7, 6, 8, 8]  # +2 after a full accept, −1 otherwise, within [1, K_max]
 
 
+def test_a_short_round_caps_only_its_own_block() -> None:
+    """A generation's last round (or the room a send-ahead chain projects) may leave room for fewer
+    drafts than the schedule's K: that block is shorter, K is not. One policy serves every prompt
+    of a run, so the next prompt goes on where the schedule was, not at K = 1."""
+    p = Heuristic(PolicyOptions(heuristic_start=4))
+    for _ in range(3):
+        k = p.decide(32).k_ref
+        p.observe(tele(k, k))  # full accepts: 4 -> 6 -> 8 -> 10
+    assert p.decide(32).k_ref == 10
+    assert [p.decide(limit).k_ref for limit in (2, 0, 1)] == [2, 0, 1]  # the end of a generation
+    assert p.decide(32).k_ref == 10  # the next prompt
+    p.observe(tele(2, 2))  # a short block fully accepted: the schedule grows as always
+    assert p.decide(32).k_ref == 12
+    for _ in range(20):
+        k = p.decide(32).k_ref
+        p.observe(tele(k, k))
+    assert p.decide(32).k_ref == 32  # never past the largest cap a round had (the edge's block limit)
+
+
+@pytest.mark.parametrize("k", [0, 3, 8])
+def test_fixed_k_keeps_within_k_max(k: int) -> None:
+    """`--k-max` is a hard cap on drafts per round for every policy, fixed-K included."""
+    capped = parse_policy(f"fixed-{k}", PolicyOptions(k_max=4))
+    decision = capped.decide(32)
+    assert (decision.k_ref, decision.k_max) == (min(k, 4), min(k, 4))
+    assert capped.decide(2).k_ref == min(k, 2)  # and the round's own limit
+    assert parse_policy(f"fixed-{k}").decide(32).k_ref == k  # `--k-max 0`: the edge's limit only
+    assert parse_policy(f"fixed-{k}").decide(5).k_ref == min(k, 5)
+
+
 def test_entropy_and_adaedl_gates() -> None:
     gate = EntropyStop(PolicyOptions(entropy_threshold=1.0)).gate(parse_policy("entropy").decide(8))
     assert gate(1, 0.5, None) is None and gate(2, 1.5, None) == "entropy"
@@ -179,11 +209,13 @@ def exact_distribution(target: LoadedModel, prompt: list[int], params: SamplingP
 def test_sampling_with_early_exit_follows_the_target(
     target: LoadedModel, drafter_model: LoadedModel, pipeline: str
 ) -> None:
-    """4 tokens per generation, drafts cut by an entropy rule, with and without pre-drafting
-    during the verdict: the joint distribution of the output equals the target's (chi-square),
-    and the early exit (and, pipelined, pre-draft hits) really happened."""
+    """4 tokens per generation (5 sending ahead), drafts cut by an entropy rule, with and without
+    pre-drafting during the verdict: the joint distribution of the output equals the target's
+    (chi-square), and the early exit (and, pipelined, pre-draft hits) really happened. Sending
+    ahead, a first block cut early leaves room for one more with a draft: a chain goes on only
+    where a drafted block fits (of 4 tokens, one after 2 drafts would leave none)."""
     prompt = encode_prompt(target.tokenizer, "Tom has 3 apples")
-    n, samples = 4, 3000
+    n, samples = (5 if pipeline == "send-ahead" else 4), 3000
     base = SamplingParams(temperature=1.0, top_k=3)
     exact = exact_distribution(target, prompt, base, n)
     pool = KVPool(target.model, target.vocab_size, slots=1, context=64, max_context=target.context_limit)

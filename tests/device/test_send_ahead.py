@@ -18,11 +18,13 @@ import pytest
 
 from gelato.controller import Decision
 from gelato.device.drafter import Drafter
+from gelato.device.energy import EnergyAccountant
 from gelato.device.generate import GenerationResult, Limits, local_verifier, speculative_generate
-from gelato.device.pipeline import _Chain, _CutRule, _Sent, local_link, pipelined_generate
+from gelato.device.pipeline import Link, _Chain, _CutRule, _Sent, local_link, pipelined_generate
 from gelato.device.policy import FixedK, PolicyOptions, parse_policy
 from gelato.edge.sessions import StatusError, TargetSession
 from gelato.models import LoadedModel, encode_prompt, load_model
+from gelato.power import NullMeter, radio_profile
 from gelato.types import DraftBlock, SamplingParams, Verdict
 
 GREEDY = SamplingParams()
@@ -83,8 +85,8 @@ def test_send_ahead_greedy_is_exact(pair: dict[str, Path], target: LoadedModel, 
         assert len(ahead) >= len(log) // 2, [(t.k, t.sent_ahead) for t in log]
         assert sum(t.stale_blocks for t in log) == 0
     if drafter_key == "drafter_never" and name == "fixed-4":  # forced misses: every guessed block is cut
-        # What went ahead all the same: empty blocks, where the limit left no room for drafts.
-        assert all(t.k == 0 for t in ahead), [(t.k, t.sent_ahead) for t in log]
+        # Nothing went ahead: not even an empty block near the end (`fixed-4` never drafts 0).
+        assert not ahead, [(t.k, t.sent_ahead) for t in log]
         assert sum(t.stale_blocks for t in log) > 0
         assert sum(t.wasted_tokens for t in log) >= 2 * sum(t.stale_blocks for t in log)  # guess + drafts
         assert all(t.wasted_j >= 0 for t in log)
@@ -267,3 +269,61 @@ def test_blocks_cut_mid_draft_are_never_sent(pair: dict[str, Path], target: Load
     cut = [b for b in drafted if b.stop_reason == "cut"]
     assert cut and all(b.k < 6 for b in cut), [(b.k, b.stop_reason) for b in drafted]
     assert not any(b.stop_reason == "cut" for b in sent)
+
+
+def test_a_chain_near_the_end_waits_instead_of_sending_an_empty_block(
+    pair: dict[str, Path], target: LoadedModel
+) -> None:
+    """Near `max_new_tokens` the room left *if every block in flight is a hit* can be 0 while a
+    miss would leave room for a drafted block: the chain then waits for the verdict, it does not
+    send an empty block (K = 0) that `fixed-4` never chose. Such a block is verified even after a
+    miss, a K = 0 round where rounds one at a time draft: sampled tokens differ for the same seed
+    and the run takes more rounds. Here the limit lands mid-chain for many (seed, limit) pairs."""
+    dm = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
+    for seed, max_new in [(0, 17), (0, 22), (1, 29), (4, 22), (5, 22), (2, 40)]:
+        params = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, seed=seed)
+        plain, _ = run(target, dm, "fixed-4", "off", params, max_new=max_new)
+        piped, _ = run(target, dm, "fixed-4", "send-ahead", params, max_new=max_new)
+        log = piped.stats.rounds_log
+        assert not any(t.follow for t in log), (seed, max_new, [(t.round, t.k, t.follow) for t in log])
+        assert piped.token_ids == plain.token_ids, (seed, max_new)
+        # The same rounds as one at a time: every verified block is the block that round drafts.
+        assert [t.k for t in log] == [t.k for t in plain.stats.rounds_log], (seed, max_new)
+
+
+def test_blocks_in_flight_at_the_end_count_in_the_totals(pair: dict[str, Path], target: LoadedModel) -> None:
+    """A generation that stops (here at an eos) while later blocks are already sent: those blocks
+    cost their bytes all the same, so `stats.bytes_up` is every byte sent (a round's bytes plus
+    those in flight at the end), `bytes_down` every byte received, and the radio energy theirs."""
+    dm = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    greedy, _ = run(target, dm, "fixed-0", "off", max_new=40)
+    radio = radio_profile("wifi")
+    left_in_flight = 0
+    for pos in (5, 9, 17, 30):
+        session = TargetSession("s", target, GREEDY, prompt)
+        session.prefill()
+        inner = local_link(session, max_ahead=4, delay_s=0.01)
+        sent, received = [0], [0]
+
+        async def send(block: DraftBlock, inner: Any = inner, sent: list[int] = sent) -> int:
+            up: int = await inner.send(block)
+            sent[0] += up
+            return up
+
+        async def receive(inner: Any = inner, received: list[int] = received) -> tuple[Verdict, int]:
+            verdict, down = await inner.receive()
+            received[0] += down
+            return verdict, down
+
+        link = Link(send, receive, 4, True)
+        policy = parse_policy("fixed-2", PolicyOptions(pipeline="send-ahead", ahead_blocks=4))
+        acct = EnergyAccountant(NullMeter(), radio)
+        limits = Limits(60, target.context_limit, 32, (greedy.token_ids[pos],))
+        res = asyncio.run(pipelined_generate(Drafter(dm, GREEDY), link, policy, prompt, limits, acct))
+        stats = res.stats
+        assert stats.stop_reason == "eos", pos
+        left_in_flight += sent[0] - sum(t.bytes_up for t in stats.rounds_log)
+        assert (stats.bytes_up, stats.bytes_down) == (sent[0], received[0]), pos
+        assert stats.radio_j == pytest.approx(radio.round_energy_j(sent[0], received[0]) + radio.tail_energy_j())
+    assert left_in_flight > 0  # some generation did stop with blocks in flight
