@@ -218,7 +218,7 @@ class FixedK(Policy):
         self.name = f"fixed-{k}"
 
     def decide(self, limit: int) -> Decision:
-        k = min(self.k, limit)
+        k = min(self.k, self.k_max(limit))  # `--k-max` caps it too
         return Decision(k, k, self.controller.q_j)
 
 
@@ -228,10 +228,16 @@ class Heuristic(Policy):
     def __init__(self, options: PolicyOptions | None = None) -> None:
         super().__init__(options)
         self.k = max(1, self.options.heuristic_start)
+        self._ceiling = 0  # the largest cap any round had: `--k-max`, else the edge's block limit
 
     def decide(self, limit: int) -> Decision:
-        self.k = max(1, min(self.k, self.k_max(limit) or 1))
-        k = min(self.k, limit)
+        # The schedule K stays within [1, the largest cap seen]. A round's own limit (a generation's
+        # short last round, the room a send-ahead chain projects) caps only that round's block,
+        # never K: the next round, and the next prompt (one policy serves them all), go on from K.
+        self._ceiling = max(self._ceiling, self.k_max(limit))
+        if self._ceiling:
+            self.k = max(1, min(self.k, self._ceiling))
+        k = min(self.k, self.k_max(limit))
         return Decision(k, k, self.controller.q_j)
 
     def observe(self, tele: Telemetry) -> float:
