@@ -43,6 +43,9 @@ def test_compose_services() -> None:
     grace = float(edge["environment"]["GELATO_EDGE_SHUTDOWN_GRACE_S"])
     assert grace < float(edge["stop_grace_period"].removesuffix("s"))  # the drain ends before the kill
     assert any(v.endswith(":/data/gsm8k:ro") for v in device["volumes"])  # mounted read-only, never copied
+    # No writable volume is shared: a device that could write the edge's hub cache could swap its weights.
+    writable = [{v.split(":")[0] for v in svc["volumes"] if not v.endswith(":ro")} for svc in (edge, device)]
+    assert writable[0].isdisjoint(writable[1]), writable
 
 
 def test_dockerfile_basics() -> None:
