@@ -4,10 +4,14 @@ Contract: `gelato-demo` (the README's first command) starts `gelato-edge` with t
 target on loopback, runs `gelato-device` with the built-in drafter on the project's own short
 math word problems for several draft policies, and prints one table row per policy: emitted
 tokens/s (ratio of sums), acceptance per drafted token, rounds, mean draft length, and device
-J/token with its energy source named (measured or estimated). Greedy; both processes pinned to one
-torch thread each. `--pair random` uses tiny random models instead. Losslessness is checked, not
-assumed: every policy's tokens must equal the first policy's (default `ar-edge`, the edge decoding
-alone) for every prompt, else the demo says which differ and exits 1.
+J/token with its energy source named (measured or estimated). Edge and device share this host, so
+the device meters with `--meter cpu-model` by default: an estimate of the device process alone
+(labelled estimated). A host-wide meter (`--meter rapl|nvml|jetson|auto`) would add the edge's
+energy to every row's "device" J/token (all of it for ar-edge); the demo says so when one is used.
+Greedy; both processes pinned to one torch thread each. `--pair random` uses tiny random models
+instead. Losslessness is checked, not assumed: every policy's tokens must equal the first policy's
+(default `ar-edge`, the edge decoding alone) for every prompt, else the demo says which differ and
+exits 1.
 """
 
 from __future__ import annotations
@@ -83,7 +87,44 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+HOST_WIDE = ("nvml", "rapl", "jetson")  # sources that read the whole host (package, GPU, board), not one process
+METER_HELP = (
+    "device energy meter, passed to gelato-device --meter (default cpu-model: an estimate of the device "
+    "process alone, labelled estimated). Edge and device run on THIS host, so host-wide meters mislead here: "
+    "rapl sums whole CPU packages and jetson the whole board (the edge process included), nvml all of the GPU "
+    "(both models with --device auto), and auto picks one of those first; their 'measured' device J/token "
+    "would include the edge's energy, and ar-edge would be charged the edge's whole work"
+)
+
+
+def device_args(drafter: str, edge: str, prompts_file: Path, max_new_tokens: int, policy: str, meter: str) -> list[str]:
+    """One policy's `gelato-device` flags (before `--json`, which run_device adds)."""
+    return [
+        *("--drafter", drafter, "--edge", edge, "--threads", "1"),
+        *("--prompts-file", str(prompts_file), "--max-new-tokens", str(max_new_tokens)),
+        *("--policy", policy, "--meter", meter),
+    ]
+
+
+def energy_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """What the table's device J/token is: the sources the device runs reported, and a warning when
+    one of them read the whole host, which the edge shares here."""
+    energy = sorted({e for r in rows for e in r["energy"]})
+    lines = [f"device energy: {', '.join(energy)} meter + wifi radio model (gelato-demo --meter)."]
+    sources = {e.split(" ", 1)[0] for e in energy}
+    if "cpu-model" in sources:
+        lines.append("cpu-model estimates the device process alone: its CPU seconds x active W + idle W x wall time.")
+    wide = sorted(sources & set(HOST_WIDE))
+    if wide:
+        lines.append(
+            f"WARNING: {', '.join(wide)} reads the whole host, which the edge shares here: every device J/token "
+            "above includes the edge's energy (ar-edge: all of its work). --meter cpu-model meters the device "
+            "process alone."
+        )
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gelato-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--pair", choices=["embedded", "random"], default="embedded")
     p.add_argument("--prompts", type=int, default=6)
@@ -91,8 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--policies", default="ar-edge,fixed-0,fixed-4,heuristic,lyapunov,gelato", help="the first is the reference"
     )
+    p.add_argument("--meter", default="cpu-model", help=METER_HELP)
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.pair == "random":
@@ -111,11 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for policy in args.policies.split(","):
                 records = run_device(
-                    [
-                        *("--drafter", drafter, "--edge", edge.address, "--threads", "1"),
-                        *("--prompts-file", str(prompts_file), "--max-new-tokens", str(args.max_new_tokens)),
-                        *("--policy", policy),
-                    ]
+                    device_args(drafter, edge.address, prompts_file, args.max_new_tokens, policy, args.meter)
                 )
                 runs[policy] = records
                 rows.append(summarize(policy, records))
@@ -126,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     sample = runs[reference][0]
     print(f"\nQ: {sample['prompt']}\nA: {sample['text']}\n")
     print(table(rows))
-    energy = sorted({e for r in rows for e in r["energy"]})
-    print(f"\ndevice energy: {', '.join(energy)} meter + wifi radio model (gelato-device --meter/--radio).")
+    print("\n" + "\n".join(energy_lines(rows)))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     bad = mismatches(runs, reference)

@@ -41,3 +41,30 @@ def test_device_energy_unavailable_is_none_not_zero() -> None:
     assert device_j_per_token([rec([1], 2.0), rec([2], 4.0)], 3) == 2.0
     assert device_j_per_token([rec([1], 2.0), rec([2], None)], 3) is None
     assert device_j_per_token([rec([], 2.0)], 0) is None
+
+
+def test_device_meters_its_own_process_by_default() -> None:
+    """Edge and device share the demo's host: a host-wide meter (RAPL: whole CPU packages; NVML: the
+    whole GPU) would count the edge's work as the device's, so the demo's default is cpu-model."""
+    from gelato.benchmarks.demo import build_parser, device_args
+
+    args = build_parser().parse_args([])
+    assert args.meter == "cpu-model"
+    flags = device_args("drafter", "127.0.0.1:1", Path("p.jsonl"), 8, "fixed-4", args.meter)
+    assert flags[flags.index("--meter") + 1] == "cpu-model" and flags[flags.index("--policy") + 1] == "fixed-4"
+    chosen = build_parser().parse_args(["--meter", "rapl"]).meter
+    assert device_args("d", "h:1", Path("p"), 8, "gelato", chosen)[-2:] == ["--meter", "rapl"]
+    helptext = " ".join(build_parser().format_help().split())
+    assert "host-wide meters mislead here" in helptext and "include the edge's energy" in helptext
+
+
+def test_energy_note_warns_when_a_host_wide_meter_read_the_edge_too() -> None:
+    from gelato.benchmarks.demo import energy_lines
+
+    est = energy_lines([{"energy": ["cpu-model (estimated)"]}, {"energy": ["cpu-model (estimated)"]}])
+    assert est[0].startswith("device energy: cpu-model (estimated) meter")
+    assert "device process alone" in est[1] and not any("WARNING" in line for line in est)
+    for source in ("rapl", "nvml", "jetson"):
+        lines = energy_lines([{"energy": [f"{source} (measured)"]}])
+        assert any(line.startswith(f"WARNING: {source} reads the whole host") for line in lines), lines
+        assert any("includes the edge's energy" in line for line in lines)
