@@ -3,8 +3,9 @@ policies without pipelining, over emulated round trips of 0/10/20/50/100 ms.
 
 Contract: `python -m gelato.benchmarks.pipelining [--rtts-ms 0,10,20,50,100] [--n 8] [--out DIR]` runs,
 per round trip, one `gelato-edge` and one `gelato.benchmarks.delay_proxy` (the set-up of
-`gelato.benchmarks.policies`: edge + proxy pinned to one CPU, the device to another, cpu-model `phone`
-meter + `wifi` radio model — an ESTIMATE, named so in every output), then device processes for
+`gelato.benchmarks.policies`: edge + proxy pinned to one CPU, the device to another, cpu-model meter with
+`--device-profile` (default `phone`) + the `--radio` model (default `wifi`) — an ESTIMATE, named so
+with its profile and radio in every output), then device processes for
 fixed-K (K in `--fixed`, no pipelining), `gelato` without pipelining, with `--pipeline local` and
 with `--pipeline send-ahead`, and the fastest fixed-K with send-ahead. The gelato runs get the
 budget ē = the J/token of the fastest fixed-K measured just before (its energy, same round trip):
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gelato.benchmarks.policies import Bench, Run, RunSpec, git_state
+from gelato.benchmarks.policies import Bench, Run, RunSpec, energy_note, git_state
 from gelato.benchmarks.procs import machine
 from gelato.tiny.train import gsm8k_file
 
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "git": git_state(),
         "pinning": f"edge + proxy on CPU {cores[0]}, device on CPU {cores[1]}" if len(cores) >= 2 else "not pinned",
-        "energy_note": "device energy: cpu-model (estimated) phone profile + wifi radio model, not a measurement",
+        "energy_note": energy_note(args.device_profile, args.radio),
         "rtts": rtts,
         "wall_s": round(time.perf_counter() - t0, 1),
     }

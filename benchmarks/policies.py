@@ -5,8 +5,9 @@ Contract: `python -m gelato.benchmarks.policies [--n 20] [--one-way-ms 10] [--ou
 one `gelato.benchmarks.delay_proxy` process in front of it (CPU 0 too: it works only while a message is in
 flight, when neither side computes) and, per policy, one `gelato-device` on CPU 1 that reaches the
 edge THROUGH the proxy. Greedy, built-in drafter, the first N GSM8K test questions, 128 new tokens,
-cpu-model `phone` meter + `wifi` radio model (an ESTIMATE, named so in every output), `--k-max 8`
-for every adaptive policy (the range of the fixed-K sweep).
+cpu-model meter with the `--device-profile` (default `phone`) + the `--radio` model (default `wifi`)
+(an ESTIMATE, named so with its profile and radio in every output: `energy_note`), `--k-max 8` for
+every adaptive policy (the range of the fixed-K sweep).
 
 Order: fixed-0..8; then the budgets ē = the smallest fixed-K device J/token × `--budget-factors`
 (1.0, 1.1, 1.25, 1.5) unless `--budgets` names them; then heuristic, entropy (τ), adaedl (λ), and
@@ -412,6 +413,13 @@ def code_hash() -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
 
 
+def energy_note(device_profile: str, radio: str) -> str:
+    """What every device run's energy is: the cpu-model estimate with the profile and radio model the
+    devices were given (`--device-profile`, `--radio`), never a measurement."""
+    radio_part = "no radio model" if radio == "none" else f"{radio} radio model"
+    return f"device energy: cpu-model (estimated) {device_profile} profile + {radio_part}, not a measurement"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gelato.benchmarks.policies", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=20, help="GSM8K test questions (the first N)")
@@ -476,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         "pinning": bench.pinning,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "rtt": {"before": rtt, "after": rtt_after},
-        "energy_note": "device energy: cpu-model (estimated) phone profile + wifi radio model, not a measurement",
+        "energy_note": energy_note(args.device_profile, args.radio),
         "budgets_j_per_token": budgets,
         "runs": [{**r.summary, "per_prompt": r.prompts} for r in runs],
         "comparisons": compare_budgets([r.summary for r in runs], budgets),
