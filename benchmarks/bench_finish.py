@@ -63,6 +63,22 @@ def score_runs(results: list[RunResult], gold: list[float | None]) -> tuple[list
     return rows, bad
 
 
+def oracle_energy_label(fixed: list[RunResult]) -> str:
+    """The oracle rows' energy source: their powers are fitted to the fixed-K runs' metered round
+    energies, so they are measured or estimated as those were (every gelato-bench device run meters
+    with cpu-model: "simulated from estimated (cpu-model) costs")."""
+    sources = {
+        (r.get("energy_kind"), r.get("energy_source"))
+        for run in fixed
+        for r in (*run.records, *run.rounds)
+        if r.get("energy_kind") or r.get("energy_source")
+    }
+    if not sources:
+        return "simulated from costs of an unrecorded energy source"
+    named = " + ".join(f"{kind or 'unknown'} ({source or 'unknown'})" for kind, source in sorted(sources, key=str))
+    return f"simulated from {named} costs"
+
+
 def references(
     args: argparse.Namespace, cpu: int | None, results: list[RunResult], questions: list[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -105,7 +121,8 @@ def references(
         context = min(target.context_limit, drafter.context_limit)
         caps = tuple(sorted({args.k_max, 32}))
         detail = bench_refs.oracle(traces, fixed, args.radio, context, caps)
-        rows += [{**o, "family": "reference", "energy": ["simulated from measured costs"]} for o in detail["rows"]]
+        energy = oracle_energy_label(fixed)
+        rows += [{**o, "family": "reference", "energy": [energy]} for o in detail["rows"]]
     return rows, detail
 
 

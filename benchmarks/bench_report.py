@@ -9,7 +9,8 @@ or send-ahead), gelato ≥ 0.9× the oracle, every speculative policy faster tha
 from older results carry `pipeline` as a bool (True: local); both are read. `markdown(result)` is
 the results table with the run's settings, channel (nominal next to measured), the pipelining
 figures (send-ahead hit rate, pre-draft hit rate, wasted drafted tokens and J per output token)
-and targets.
+and targets; for N > 1 devices its latency column is `worst device p50 / p99 ms/token` (the highest
+per-device p50 and p99, not fleet-wide percentiles), and its notes say so.
 `plots(result, rounds, out)` writes pareto.png (reusing `gelato.benchmarks.simulate_sweep.plot_pareto`),
 q_trace.png, draft_hist.png, calibration.png and, for N > 1 devices, devices.png.
 """
@@ -116,9 +117,24 @@ def _f(x: Any, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+WORST_LATENCY = "worst device p50 / p99 ms/token"
+WORST_LATENCY_NOTE = (
+    "worst device p50 / p99: the highest of the devices' own p50 and the highest of their own p99 latency "
+    "per token (each device's percentiles over its tokens, not percentiles over the whole fleet's tokens)."
+)
+
+
+def worst_device_latency(r: dict[str, Any]) -> tuple[float | None, float | None]:
+    """The highest per-device p50 and the highest per-device p99 (ms/token); None where no device has one."""
+    devs = r.get("per_device", [])
+    p50 = max((d["latency_p50_ms"] for d in devs if d.get("latency_p50_ms") is not None), default=None)
+    p99 = max((d["latency_p99_ms"] for d in devs if d.get("latency_p99_ms") is not None), default=None)
+    return p50, p99
+
+
 def table(rows: list[dict[str, Any]], devices: int) -> list[str]:
     agg = devices > 1
-    head = "| run | tokens/s/device |" + (" aggregate tokens/s | p50 / p99 ms/token |" if agg else "")
+    head = "| run | tokens/s/device |" + (f" aggregate tokens/s | {WORST_LATENCY} |" if agg else "")
     head += (
         " device mJ/token | energy source | mean device W | acceptance | mean draft | rounds | bytes up/down per token"
         " | edge ms/token | ahead hit | pre-draft hit | wasted tok/tok | wasted mJ/tok | GSM8K acc | exact vs ar-edge |"
@@ -127,8 +143,7 @@ def table(rows: list[dict[str, Any]], devices: int) -> list[str]:
     for r in rows:
         lat = ""
         if agg:
-            p50 = max((d["latency_p50_ms"] or 0 for d in r.get("per_device", [])), default=None)
-            p99 = max((d["latency_p99_ms"] or 0 for d in r.get("per_device", [])), default=None)
+            p50, p99 = worst_device_latency(r)
             lat = f" {_f(r.get('aggregate_tokens_per_s'), '.1f')} | {_f(p50, '.1f')} / {_f(p99, '.1f')} |"
         tok = r.get("tokens") or 0
         bytes_pt = f"{r['bytes_up'] / tok:.0f} / {r['bytes_down'] / tok:.0f}" if tok and "bytes_up" in r else "-"
@@ -206,8 +221,10 @@ def markdown(result: dict[str, Any]) -> str:
         "pre-draft hit = rounds whose pre-draft (or block in flight after them) started the next block ÷ rounds "
         "with one, wasted = drafted tokens thrown away and their drafting mJ per output token. "
         "`assisted` is transformers' assisted generation in ONE process with no network (a reference for the "
-        "algorithm, not comparable in tokens/s); `oracle` rows are simulated from this run's verdicts and "
-        "measured costs (calibrated by the fixed-K fidelity, see summary.json).",
+        "algorithm, not comparable in tokens/s); `oracle` rows are simulated from this run's verdicts and its "
+        "fixed-K runs' costs (times as measured, energy as their meter gave it: see the oracle rows' energy source; "
+        "calibrated by the fixed-K fidelity, see summary.json)."
+        + (f" {WORST_LATENCY_NOTE}" if s["devices"] > 1 else ""),
         "",
         *table(rows, s["devices"]),
         "",

@@ -1,0 +1,82 @@
+"""Labels of `gelato-bench gsm8k`'s results: the oracle rows' energy source follows the fixed-K runs'
+meter (every device run meters with cpu-model: an estimate), and the N-device latency column says it
+is the worst device's p50 and p99."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gelato.benchmarks.bench_run import RunResult, RunSpec
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def run(policy: str, family: str, kind: str, source: str) -> RunResult:
+    meter = {"energy_kind": kind, "energy_source": source}
+    rec = {"question": 0, "device": 0, "token_ids": [1, 2], "n_tokens": 2, **meter}
+    return RunResult(RunSpec(policy, policy, family), [rec], [{"k": 2, "accepted": 1, **meter}])
+
+
+def test_oracle_energy_label_follows_the_fixed_k_meter() -> None:
+    from gelato.benchmarks.bench_finish import oracle_energy_label
+
+    est = [run("fixed-2", "fixed", "estimated", "cpu-model"), run("fixed-4", "fixed", "estimated", "cpu-model")]
+    assert oracle_energy_label(est) == "simulated from estimated (cpu-model) costs"
+    assert oracle_energy_label([run("fixed-2", "fixed", "measured", "nvml")]) == "simulated from measured (nvml) costs"
+    mixed = oracle_energy_label([est[0], run("fixed-4", "fixed", "measured", "rapl")])
+    assert mixed == "simulated from estimated (cpu-model) + measured (rapl) costs"
+    unrecorded = RunResult(RunSpec("fixed-2", "fixed-2", "fixed"), [{"question": 0}], [{"k": 2}])
+    assert "measured" not in oracle_energy_label([unrecorded])
+
+
+def test_oracle_rows_of_a_cpu_model_run_are_labelled_estimated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`references` itself, with the models and the oracle replay stubbed out."""
+    import gelato.models
+    from gelato.benchmarks import bench_finish, bench_refs
+
+    model = SimpleNamespace(tokenizer=None, context_limit=64)
+    monkeypatch.setattr(gelato.models, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(gelato.models, "encode_prompt", lambda tok, q: [0])
+    monkeypatch.setattr(bench_refs, "oracle_traces", lambda *a: [])
+    oracle_row = {"label": "oracle K≤8", "policy": "oracle", "k_cap": 8, "tokens_per_s": 1.0}
+    monkeypatch.setattr(bench_refs, "oracle", lambda *a: {"rows": [oracle_row]})
+    args = argparse.Namespace(
+        no_assisted=True, no_oracle=False, target=None, drafter=None, k_max=8, radio="wifi", max_new_tokens=2
+    )
+    results = [run("ar-edge", "ar", "estimated", "cpu-model"), run("fixed-2", "fixed", "estimated", "cpu-model")]
+    rows, _ = bench_finish.references(args, None, results, [{"question": "q", "gold": 1.0}])
+    assert [r["energy"] for r in rows] == [["simulated from estimated (cpu-model) costs"]]
+
+
+def per_device(*lat: tuple[float | None, float | None]) -> list[dict[str, Any]]:
+    return [{"device": i, "latency_p50_ms": p50, "latency_p99_ms": p99} for i, (p50, p99) in enumerate(lat)]
+
+
+def test_latency_column_is_labelled_worst_device() -> None:
+    from gelato.benchmarks.bench_report import table, worst_device_latency
+
+    r = {"label": "gelato", "per_device": per_device((5.0, 40.0), (7.0, 30.0)), "aggregate_tokens_per_s": 90.0}
+    assert worst_device_latency(r) == (7.0, 40.0)  # each the highest device's own percentile
+    assert worst_device_latency({"per_device": per_device((None, None))}) == (None, None)  # never a made-up 0
+    lines = table([r, {"label": "oracle K≤8"}], devices=2)
+    assert "| aggregate tokens/s | worst device p50 / p99 ms/token |" in lines[0]
+    assert "| gelato | - | 90.0 | 7.0 / 40.0 |" in lines[2] and "| oracle K≤8 | - | - | - / - |" in lines[3]
+    assert "p50 / p99" not in table([r], devices=1)[0]
+
+
+def test_markdown_notes_say_what_the_latency_and_oracle_columns_are() -> None:
+    from gelato.benchmarks.bench_report import markdown
+
+    n8 = markdown(json.loads((RESULTS / "gsm8k_wifi_n8" / "summary.json").read_text()))
+    assert "worst device p50 / p99 ms/token |" in n8
+    assert "worst device p50 / p99: the highest of the devices' own p50" in n8
+    n1 = markdown(json.loads((RESULTS / "gsm8k_wifi_n1" / "summary.json").read_text()))
+    assert "worst device" not in n1  # one device: no latency column, no note
+    for md in (n1, n8):
+        assert "verdicts and measured costs" not in md  # the oracle's energy is only as measured as the meter's
