@@ -8,7 +8,8 @@ energy is null, never 0, when the meter cannot read. A prompt that fails (the ed
 the session breaks mid-generation) gets its own line with `error` and `stop_reason: "error"` — with
 the tokens generated until then — and the run goes on (`--fail-fast`: stop there); an unreachable
 edge ends the run. Exit status 0 when every prompt succeeded, 1 when any failed or the edge cannot
-be reached, 2 on bad arguments.
+be reached, 2 on bad arguments (a bad TLS or token file included, and a token that would go in
+plaintext to a non-loopback --edge: that needs TLS, `--tls` or `--tls-ca`, or `--insecure`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from gelato.device.generate import GenerationResult, Limits, self_verifier, spec
 from gelato.device.policy import Policy, parse_policy
 from gelato.models import LoadedModel, ModelLoadError, encode_prompt, load_model
 from gelato.power import MeterUnavailable, NullMeter, open_meter, radio_profile
-from gelato.security import SecurityConfigError, channel_credentials, read_token
+from gelato.security import SecurityConfigError, channel_credentials, check_token_transport, read_token
 from gelato.types import Telemetry
 
 
@@ -117,11 +118,13 @@ def result_record(prompt: str, res: GenerationResult, loaded: LoadedModel, polic
 
 
 def transport_security(config: DeviceConfig) -> tuple[grpc.ChannelCredentials | None, str | None]:
-    """TLS credentials (when a CA or a client certificate is given) and the bearer token, read now
-    so that a bad path costs no model load."""
-    tls = config.tls_ca or config.tls_cert or config.tls_key
-    credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key) if tls else None
+    """TLS credentials (`config.uses_tls`: --tls, a CA, a client certificate or a server name; no
+    --tls-ca means gRPC's default roots) and the bearer token, read and checked now so that a bad
+    file costs no model load. A token never goes in plaintext to an --edge naming any non-loopback
+    host unless --insecure (SecurityConfigError, as every bad file)."""
+    credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key) if config.uses_tls else None
     token = read_token(config.auth_token_file) if config.auth_token_file else None
+    check_token_transport(config.edge, credentials is not None, token, config.insecure)
     return credentials, token
 
 
@@ -148,6 +151,7 @@ async def run(
         token=token,
         server_name=config.tls_server_name,
         failovers=config.failovers,
+        insecure=config.insecure,
     )
     failed = 0
     try:

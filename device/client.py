@@ -40,7 +40,7 @@ from gelato.device.generate import (
 from gelato.device.pipeline import Link, pipelined_generate
 from gelato.device.policy import Policy
 from gelato.power import NullMeter
-from gelato.security import bearer_metadata
+from gelato.security import bearer_metadata, check_token_transport
 from gelato.types import DraftBlock, EdgeInfo, SessionInfo, SessionOpen, Telemetry, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
@@ -87,8 +87,10 @@ def _write_error(exc: grpc.aio.AioRpcError) -> EdgeError:
 
 class EdgeClient:
     """`credentials`: TLS (`gelato.security.channel_credentials`), None for plaintext; `token`: the
-    bearer token sent with every call; `server_name`: the name to check the edge's certificate
-    against when it differs from the address (e.g. a certificate for `edge` reached at an IP)."""
+    bearer token sent with every call, which is refused (`SecurityConfigError`) in plaintext to a
+    target naming any non-loopback host unless `insecure`; `server_name`: the name to check the
+    edge's certificate against when it differs from the address (e.g. a certificate for `edge`
+    reached at an IP)."""
 
     def __init__(
         self,
@@ -100,7 +102,9 @@ class EdgeClient:
         token: str | None = None,
         server_name: str | None = None,
         failovers: int = 2,
+        insecure: bool = False,
     ) -> None:
+        check_token_transport(target, credentials is not None, token, insecure)
         self.target = target
         self.deadline_s = deadline_s
         self.verdict_timeout_s = verdict_timeout_s

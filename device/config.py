@@ -55,11 +55,20 @@ class DeviceConfig(Settings):
     connect_timeout_s: float = setting(
         10.0, "how long to wait for the edge to answer before reporting it unreachable", check=gt(0)
     )
+    # Security (gelato.security): TLS when any of --tls, --tls-ca, --tls-cert/--tls-key or
+    # --tls-server-name is given; a token goes in plaintext only to loopback, or with --insecure.
+    tls: bool = setting(False, "connect with TLS, trusting gRPC's default CA roots unless --tls-ca is given")
     tls_ca: str | None = setting(None, "PEM CA that signed the edge's certificate: connect with TLS")
     tls_cert: str | None = setting(None, "PEM client certificate, for an edge that requires one (mTLS)")
     tls_key: str | None = setting(None, "PEM private key of --tls-cert")
-    tls_server_name: str | None = setting(None, "name in the edge's certificate, if not --edge's host")
+    tls_server_name: str | None = setting(
+        None, "name in the edge's certificate, if not --edge's host: connect with TLS"
+    )
     auth_token_file: str | None = setting(None, "file holding the edge's bearer token")
+    insecure: bool = setting(
+        False,
+        "send --auth-token-file's token to a non-loopback --edge without TLS (anyone on the path can read it)",
+    )
     fail_fast: bool = setting(False, "stop at the first prompt that fails (default: report it, go on)")
     json: bool = setting(False, "one JSON object per prompt on stdout")
     meter: str = setting("auto", "energy meter: auto, nvml, rapl, jetson, cpu-model, replay:FILE or none")
@@ -69,6 +78,11 @@ class DeviceConfig(Settings):
     dtype: str = model_dtype()
     device: str = model_device()
     threads: int | None = torch_threads()
+
+    @property
+    def uses_tls(self) -> bool:
+        """TLS to the edge: asked for by --tls or implied by any other TLS setting."""
+        return bool(self.tls or self.tls_ca or self.tls_cert or self.tls_key or self.tls_server_name)
 
     @property
     def sampling(self) -> SamplingParams:

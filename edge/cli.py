@@ -5,9 +5,11 @@ the target (without --target: the embedded default), then prints a line containi
 HOST:PORT` (the real port when --port 0). A port another process already listens on is a one-line
 `error: port P on HOST is in use` (exit 2), never a second server sharing it. SIGTERM/SIGINT stop
 it gracefully (open sessions get --shutdown-grace-s). Serving a non-loopback address needs TLS and
-a token, or an explicit `--insecure`. `gelato-edge --health-check [ADDR]` asks an edge's health
-service once and exits 0 when it is SERVING, 1 otherwise (the container health check). Every option,
-its default and its `GELATO_EDGE_*` variable: `gelato-edge --help`, made from `gelato.edge.config.EdgeConfig`.
+a token, or an explicit `--insecure`; a bad TLS or token file is a one-line error naming it (exit 2).
+Metrics (--metrics-port) go on --metrics-host (default 127.0.0.1), never on --host.
+`gelato-edge --health-check [ADDR]` asks an edge's health service once and exits 0 when it is
+SERVING, 1 otherwise (the container health check). Every option, its default and its
+`GELATO_EDGE_*` variable: `gelato-edge --help`, made from `gelato.edge.config.EdgeConfig`.
 Bad settings are one-line usage errors naming the flag (exit 2).
 """
 
@@ -117,11 +119,11 @@ async def serve(config: EdgeConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if config.metrics_port is not None:
+    if config.metrics_port is not None:  # on --metrics-host (loopback by default), never on --host
         try:
-            server.service.metrics.serve(config.host, config.metrics_port)
+            server.service.metrics.serve(config.metrics_host, config.metrics_port)
         except OSError as exc:
-            return fail(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}")
+            return fail(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {exc}")
     try:
         port = await server.start()
     except PortInUseError as exc:  # another edge (or anything) listens there: say so, in one line
@@ -222,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def with_security(config: EdgeConfig) -> EdgeConfig:
-    """Check the TLS/token settings (reading the files now, so a bad path costs no model load) and
-    refuse an exposed port without them; returns the config with `auth_token` read from its file.
-    Raises ConfigError."""
+    """Check the TLS/token settings (reading the files now, so a bad path costs no model load: a
+    certificate file without a certificate, a key not belonging to its certificate, a client CA
+    without a certificate, a token file that is not one RFC 6750 word) and refuse an exposed port
+    without them; returns the config with `auth_token` read from its file. Raises ConfigError."""
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     if config.tls_client_ca and not config.tls_cert:

@@ -38,6 +38,9 @@ class EdgeConfig(Settings):
     metrics_port: int | None = setting(
         None, "serve Prometheus metrics on this port (default: none)", type=port_number, check=PORT
     )
+    metrics_host: str = setting(
+        "127.0.0.1", "bind address of --metrics-port, whatever --host is (metrics are plaintext, no token)"
+    )
     log_level: str = setting("WARNING", "logging threshold", type=str.upper, choices=LOG_LEVELS)
     # Security (gelato.security): TLS when a certificate and key are given (mutual TLS with a client
     # CA); every call but health needs `Bearer <token>` when a token file is given.

@@ -1,7 +1,8 @@
 """Prometheus metrics of the edge.
 
 Contract: `EdgeMetrics()` owns its own registry (several servers in one process, as in tests, do
-not collide); `serve(host, port)` exposes it over HTTP. Names are a public contract:
+not collide); `serve(host, port)` exposes it over plain HTTP without authentication, so
+`gelato-edge` binds it to `--metrics-host` (default 127.0.0.1), not to the gRPC `--host`. Names are a public contract:
 `gelato_edge_sessions_active`, `gelato_edge_batches_total`, `gelato_edge_batch_rows_total`
 (rows / batches = mean batch size), `gelato_edge_verify_seconds` (histogram of a batch's
 forward + acceptance), `gelato_edge_tokens_accepted_total`, `gelato_edge_tokens_drafted_total`,

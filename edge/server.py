@@ -447,7 +447,8 @@ class EdgeServer:
         if self.port == 0:
             if port_in_use(host, port):  # taken between the check above and the bind
                 raise PortInUseError(f"port {port} on {host} is in use")
-            raise OSError(f"cannot bind {host}:{port}")
+            tls = " (or gRPC refused --tls-cert/--tls-key/--tls-client-ca)" if self.config.tls_cert else ""
+            raise OSError(f"cannot bind {host}:{port}{tls}")
         await self.server.start()
         self.service.batcher.start()
         return self.port

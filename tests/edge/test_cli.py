@@ -183,6 +183,40 @@ def test_health_port_serves_health_alone(pair: dict[str, Path], monkeypatch: pyt
         assert proc.stop() == 0
 
 
+def answers_http(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            return b"gelato_edge_sessions_active" in s.makefile("rb").read()
+    except OSError:
+        return False
+
+
+def test_metrics_stay_on_loopback_when_the_edge_is_exposed(
+    pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--host 0.0.0.0 (as in the image) exposes the TLS/token-guarded gRPC port only: metrics, in
+    plaintext and without a token, stay on --metrics-host (default 127.0.0.1). 127.0.0.2 stands for
+    another interface: a 0.0.0.0 listener answers there, a 127.0.0.1 one does not. Asked for
+    (GELATO_EDGE_METRICS_HOST=0.0.0.0, as a container scraped from outside would set it), they
+    are exposed, whatever --host is."""
+    port = free_port()
+    args = ["--target", str(pair["target"]), "--metrics-port", str(port)]
+    exposed = EdgeProcess([*args, "--host", "0.0.0.0", "--insecure"])
+    try:
+        assert answers_http("127.0.0.1", port)
+        assert not answers_http("127.0.0.2", port)
+    finally:
+        assert exposed.stop() == 0
+    port = free_port()
+    monkeypatch.setenv("GELATO_EDGE_METRICS_HOST", "0.0.0.0")
+    scraped = EdgeProcess(["--target", str(pair["target"]), "--metrics-port", str(port)])
+    try:
+        assert answers_http("127.0.0.2", port)
+    finally:
+        assert scraped.stop() == 0
+
+
 def test_shutdown_grace_flag_cuts_the_drain(pair: dict[str, Path]) -> None:
     """`gelato.benchmarks.load.sigterm_phase` (quick, paced and stalled sessions, a late device) against
     an edge with --shutdown-grace-s 1: streams that outlive the grace end UNAVAILABLE with the edge's

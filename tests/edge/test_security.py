@@ -1,10 +1,14 @@
 """TLS, mutual TLS and the bearer token between real processes: the right credentials
 work, every wrong one is refused with a precise status, health stays open, and an exposed
-address is refused without TLS and a token unless --insecure."""
+address is refused without TLS and a token unless --insecure. The device never sends its token
+in plaintext to an edge that is not on loopback unless --insecure, and reaches TLS with gRPC's
+default roots (--tls, --tls-server-name); bad token and TLS files are one-line errors (exit 2)
+naming the file, on both sides."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +17,17 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gelato.security import bearer_metadata, channel_credentials, token_matches
+from gelato.security import (
+    SecurityConfigError,
+    bearer_metadata,
+    channel_credentials,
+    check_token_transport,
+    read_token,
+    server_credentials,
+    target_hosts,
+    target_is_loopback,
+    token_matches,
+)
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from tests.conftest import EdgeProcess, run_device
@@ -28,12 +42,19 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files = make_pki(folder)
     (folder / "token").write_text(TOKEN + "\n")
     (folder / "wrong").write_text("not-the-token\n")
+    (folder / "bom_token").write_bytes(b"\xef\xbb\xbf" + TOKEN.encode() + b"\r\n")  # as Notepad saves it
+    (folder / "binary_token").write_bytes(b"\xff\xfeabc\n")  # UTF-16, or any binary file
+    (folder / "garbage.pem").write_text("x\n")
     other = make_pki(folder / "other", ca_name="another-ca")  # a CA the edge never trusted
     return {
         **files,
         "token": folder / "token",
         "wrong": folder / "wrong",
+        "bom_token": folder / "bom_token",
+        "binary_token": folder / "binary_token",
+        "garbage.pem": folder / "garbage.pem",
         "other_ca.crt": other["ca.crt"],
+        "other_server.key": other["server.key"],
         "other_client.crt": other["client.crt"],
         "other_client.key": other["client.key"],
     }
@@ -153,3 +174,218 @@ def test_exposed_address_with_insecure_starts(pair: dict[str, Path]) -> None:
         assert edge.address.startswith("0.0.0.0:")
     finally:
         edge.stop()
+
+
+# --- the device's token never goes in plaintext off the machine; TLS with gRPC's default roots ----
+
+
+@pytest.mark.parametrize(
+    ("target", "hosts", "loopback"),
+    [
+        ("127.0.0.1:50051", ["127.0.0.1"], True),
+        ("localhost:50051", ["localhost"], True),
+        ("[::1]:50051", ["::1"], True),
+        ("127.0.0.2:50051", ["127.0.0.2"], True),
+        ("10.0.0.1:50051", ["10.0.0.1"], False),
+        ("edge.example.org:50051", ["edge.example.org"], False),
+        ("0.0.0.0:50051", ["0.0.0.0"], False),  # not provably this machine: treated as exposed
+        ("[2001:db8::1]:50051", ["2001:db8::1"], False),
+        ("dns:///localhost:50051", ["localhost"], True),
+        ("dns:///edge:50051", ["edge"], False),
+        ("dns://127.0.0.1:53/edge:50051", ["edge"], False),  # the authority is the DNS server, not the edge
+        ("dns:localhost", ["localhost"], True),
+        ("ipv4:127.0.0.1:50051,127.0.0.1:50052", ["127.0.0.1", "127.0.0.1"], True),
+        ("ipv4:127.0.0.1:50051,10.0.0.2:50051", ["127.0.0.1", "10.0.0.2"], False),  # any one exposed: exposed
+        ("ipv6:[::1]:50051,[2001:db8::2]:50051", ["::1", "2001:db8::2"], False),
+        ("ipv6:::1", ["::1"], True),
+        ("unix:/run/gelato/edge.sock", [], True),  # a local socket: no network at all
+    ],
+)
+def test_target_hosts(target: str, hosts: list[str], loopback: bool) -> None:
+    assert target_hosts(target) == hosts
+    assert target_is_loopback(target) is loopback
+
+
+def test_token_transport_rule() -> None:
+    check_token_transport("10.0.0.1:50051", tls=True, token="t")  # TLS: fine
+    check_token_transport("10.0.0.1:50051", tls=False, token=None)  # no token to leak
+    check_token_transport("10.0.0.1:50051", tls=False, token="t", insecure=True)  # accepted explicitly
+    check_token_transport("ipv4:127.0.0.1:1,127.0.0.1:2", tls=False, token="t")  # loopback only
+    with pytest.raises(SecurityConfigError, match="refusing to send the bearer token"):
+        check_token_transport("ipv4:127.0.0.1:1,10.0.0.1:2", tls=False, token="t")
+
+
+def device_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "gelato.device.cli", "--threads", "1", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def one_line_error(res: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and needle in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "192.0.2.1:50051",
+        "edge.example.org:50051",
+        "[2001:db8::1]:50051",
+        "dns:///edge.example.org:50051",
+        "ipv4:127.0.0.1:50051,192.0.2.1:50051",
+        "ipv6:[::1]:50051,[2001:db8::1]:50051",
+    ],
+)
+def test_device_refuses_a_plaintext_token_to_an_exposed_edge(pki: dict[str, Path], target: str) -> None:
+    """Before any model load: a one-line usage error naming the flags that fix it."""
+    res = device_cli(["--edge", target, "--prompt", "x", "--auth-token-file", str(pki["token"])])
+    one_line_error(res, f"refusing to send the bearer token (--auth-token-file) in plaintext to {target}")
+    assert all(flag in res.stderr for flag in ("--tls", "--tls-ca", "--insecure"))
+
+
+def test_device_plaintext_token_on_loopback_or_with_insecure(
+    pair: dict[str, Path], pki: dict[str, Path], edge: EdgeProcess
+) -> None:
+    """Loopback needs no TLS (the token never leaves the machine); elsewhere --insecure accepts it
+    (the run then goes on to connect: nothing answers at the documentation address)."""
+    ok = device(pair, edge, "--auth-token-file", str(pki["token"]))
+    assert ok.returncode == 0, ok.stderr
+    exposed = ["--drafter", str(pair["drafter_agree"]), "--edge", "192.0.2.1:50051", "--prompt", "x"]
+    res = device_cli([*exposed, "--auth-token-file", str(pki["token"]), "--insecure", "--connect-timeout-s", "1"])
+    assert res.returncode == 1 and "could not reach gelato-edge at 192.0.2.1:50051" in res.stderr, res.stderr
+    env = device_cli(
+        ["--edge", "192.0.2.1:50051", "--prompt", "x", "--auth-token-file", str(pki["token"])],
+        env={"GELATO_DEVICE_INSECURE": "1", "GELATO_DEVICE_CONNECT_TIMEOUT_S": "1"},
+    )
+    assert env.returncode == 1 and "refusing" not in env.stderr, env.stderr
+
+
+@pytest.mark.parametrize("tls_flags", [["--tls"], ["--tls-server-name", "localhost"]])
+def test_device_tls_with_the_default_roots(
+    pair: dict[str, Path], pki: dict[str, Path], secure_edge: EdgeProcess, tls_flags: list[str]
+) -> None:
+    """--tls, or --tls-server-name alone, is TLS trusting gRPC's default roots (no --tls-ca): with
+    the test CA as those roots (GRPC_DEFAULT_SSL_ROOTS_FILE_PATH) the run works; with grpcio's own
+    roots the handshake fails (the device did try TLS, never plaintext)."""
+    args = ["--drafter", str(pair["drafter_agree"]), "--edge", secure_edge.address, "--prompt", "Ava has 3 apples."]
+    args += ["--max-new-tokens", "6", "--json", "--connect-timeout-s", "5", "--auth-token-file", str(pki["token"])]
+    ok = device_cli([*args, *tls_flags], env={"GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(pki["ca.crt"])})
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["n_tokens"] > 0
+    untrusted = device_cli([*args, *tls_flags, "--connect-timeout-s", "2"])
+    assert untrusted.returncode == 1 and "with TLS also check --tls-ca" in untrusted.stderr, untrusted.stderr
+
+
+# --- token files: one RFC 6750 word, a byte order mark dropped, anything else a one-line error ---
+
+
+def test_read_token(tmp_path: Path) -> None:
+    def token(data: bytes) -> str:
+        path = tmp_path / "token"
+        path.write_bytes(data)
+        return read_token(path)
+
+    assert token(b"abc\n") == "abc"
+    assert token(b"\xef\xbb\xbfabc\r\n") == "abc"  # UTF-8 byte order mark dropped
+    assert token(b"aZ09-._~+/==\n") == "aZ09-._~+/=="  # every token68 character, trailing '='
+    cases = [
+        (b"\xff\xfeabc", "not UTF-8 text (byte 0xff at offset 0)"),
+        (b"\xef\xbb\xbf\n", "is empty"),
+        (b"two words", "must be one word"),
+        ("s3cr\u00e9t".encode(), "character '\u00e9' at position 5 is not allowed in a bearer token"),
+        (b"abc\x7fdef", "character '\\x7f' at position 4"),
+        (b"user:pass", "character ':' at position 5"),
+        (b"ab=cd", "'=' anywhere but at the end"),
+    ]
+    for data, needle in cases:
+        with pytest.raises(SecurityConfigError) as info:
+            token(data)
+        assert str(info.value).startswith(f"token file {tmp_path / 'token'}") and needle in str(info.value)
+
+
+def test_bad_token_files_are_one_line_errors(pair: dict[str, Path], pki: dict[str, Path], tmp_path: Path) -> None:
+    accented = tmp_path / "accented"
+    accented.write_text("s3cr\u00e9t-token\n", encoding="utf-8")
+    for path, needle in ((pki["binary_token"], "not UTF-8 text"), (accented, "is not allowed in a bearer token")):
+        edge = subprocess.run(
+            [sys.executable, "-m", "gelato.edge.cli", "--port", "0", "--auth-token-file", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        one_line_error(edge, f"token file {path}: ")
+        assert needle in edge.stderr
+        dev = device_cli(["--edge", "127.0.0.1:1", "--prompt", "x", "--auth-token-file", str(path)])
+        one_line_error(dev, f"token file {path}: ")
+        assert needle in dev.stderr
+
+
+def test_a_token_file_with_a_byte_order_mark_works(
+    pair: dict[str, Path], pki: dict[str, Path], secure_edge: EdgeProcess
+) -> None:
+    """The edge reads the plain file, the device one saved with a BOM and CRLF: the same token."""
+    res = device(pair, secure_edge, "--tls-ca", str(pki["ca.crt"]), "--auth-token-file", str(pki["bom_token"]))
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+
+
+# --- TLS files: checked at start, each error naming its file --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encrypted_key(pki: dict[str, Path]) -> Path:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(pki["server.key"].read_bytes(), password=None)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase"),
+    )
+    path = pki["server.key"].with_name("encrypted.key")
+    path.write_bytes(pem)
+    return path
+
+
+EDGE_TLS_CASES = [
+    (["server.crt", "other_server.key"], "TLS key {1} does not belong to the certificate {0}"),
+    (["garbage.pem", "server.key"], "TLS certificate {0}: no PEM certificate in it"),
+    (["server.key", "server.key"], "TLS certificate {0}: no PEM certificate in it"),  # the key given twice
+    (["server.crt", "garbage.pem"], "TLS key {1}: not a PEM private key"),
+    (["server.crt", "server.crt"], "TLS key {1}: not a PEM private key"),  # the certificate given twice
+    (["server.crt", "encrypted.key"], "TLS key {1} is encrypted"),
+    (["server.crt", "server.key", "garbage.pem"], "client CA {2}: no PEM certificate in it"),
+]
+
+
+@pytest.mark.parametrize(("files", "needle"), EDGE_TLS_CASES)
+def test_edge_bad_tls_files(pki: dict[str, Path], encrypted_key: Path, files: list[str], needle: str) -> None:
+    """Not "cannot listen on HOST:PORT: cannot bind" after the bind failed: a one-line error
+    naming the file, before any model load."""
+    paths = [str(encrypted_key if f == "encrypted.key" else pki[f]) for f in files]
+    flags = ["--tls-cert", paths[0], "--tls-key", paths[1]] + (["--tls-client-ca", paths[2]] if len(paths) > 2 else [])
+    res = subprocess.run(
+        [sys.executable, "-m", "gelato.edge.cli", "--port", "0", *flags], capture_output=True, text=True, timeout=60
+    )
+    one_line_error(res, needle.format(*paths))
+    assert "cannot bind" not in res.stderr
+    with pytest.raises(SecurityConfigError, match=r"^(TLS|client CA) "):  # the library function checks the same
+        server_credentials(*paths)
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--tls-ca", "garbage.pem"], "CA certificate {garbage.pem}: no PEM certificate in it"),
+        (
+            ["--tls-ca", "ca.crt", "--tls-cert", "client.crt", "--tls-key", "other_client.key"],
+            "TLS key {other_client.key} does not belong to the certificate {client.crt}",
+        ),
+        (["--tls-cert", "client.crt", "--tls-key", "garbage.pem"], "TLS key {garbage.pem}: not a PEM private key"),
+    ],
+)
+def test_device_bad_tls_files(pki: dict[str, Path], flags: list[str], needle: str) -> None:
+    names = {name: str(path) for name, path in pki.items()}
+    res = device_cli(["--edge", "127.0.0.1:1", "--prompt", "x", *[names.get(f, f) for f in flags]])
+    for name, path in names.items():
+        needle = needle.replace(f"{{{name}}}", path)
+    one_line_error(res, needle)

@@ -163,6 +163,31 @@ def test_edge_validation(args: list[str], message: str) -> None:
     assert str(info.value) == message
 
 
+def test_edge_metrics_host_is_its_own_setting() -> None:
+    """Metrics (plaintext, no token) bind --metrics-host, loopback by default, not --host."""
+    config = EdgeConfig.from_args(edge_parser().parse_args(["--host", "0.0.0.0", "--metrics-port", "9100"]))
+    assert config.metrics_host == "127.0.0.1" and config.host == "0.0.0.0"
+    exposed = edge_parser().parse_args(["--metrics-port", "9100", "--metrics-host", "0.0.0.0"])
+    assert EdgeConfig.from_args(exposed).metrics_host == "0.0.0.0"
+    assert edge_parser().env_names()["--metrics-host"] == "GELATO_EDGE_METRICS_HOST"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("args", "tls"),
+    [
+        ([], False),
+        (["--auth-token-file", "token"], False),
+        (["--tls"], True),  # gRPC's default roots
+        (["--tls-server-name", "edge"], True),  # a name to check means a certificate to check
+        (["--tls-ca", "ca.crt"], True),
+        (["--tls-cert", "c.crt", "--tls-key", "c.key"], True),
+    ],
+)
+def test_device_tls_is_on_with_any_tls_setting(args: list[str], tls: bool) -> None:
+    config = DeviceConfig.from_args(device_parser().parse_args(["--prompt", "x", *args]))
+    assert config.uses_tls is tls and config.insecure is False
+
+
 def test_device_defaults_written_once() -> None:
     config = DeviceConfig.from_args(device_parser().parse_args(["--prompt", "x"]))
     assert config == DeviceConfig(prompt=["x"])
