@@ -154,19 +154,30 @@ def encode_sparse(q: SparseDist) -> pb.SparseDist:
 
 
 def decode_sparse(msg: pb.SparseDist, vocab_size: int, where: str, drawn: int | None = None) -> SparseDist:
-    """A draft's support q, checked in array operations (its size is capped first); `drawn`: the
-    token drawn from it, which must have a positive probability there."""
+    """A draft's support q, its size capped before any per-id work, then checked as arrays
+    (`_check_support`); `drawn`: the token drawn from it."""
     n = len(msg.ids)
-    if n > MAX_Q_SUPPORT:  # before any per-id work
-        raise WireError(f"{where}: a support of {n} ids exceeds the limit of {MAX_Q_SUPPORT}")
+    _check_support_size(n, where)
     if len(msg.probs_f16) != 2 * n:
         raise WireError(f"{where}: {n} ids but {len(msg.probs_f16)} bytes of float16 probs")
-    if not n:
-        raise WireError(f"{where}: empty support")
     probs = np.frombuffer(msg.probs_f16, dtype="<f2").astype(np.float32)
+    ids = np.array(msg.ids, dtype=np.int64)  # int32 on the wire; int64 so no comparison can wrap
+    _check_support(ids, probs, vocab_size, where, drawn)
+    return SparseDist(ids=tuple(ids.tolist()), probs=tuple(probs.tolist()))
+
+
+def _check_support_size(n: int, where: str) -> None:
+    if n > MAX_Q_SUPPORT:
+        raise WireError(f"{where}: a support of {n} ids exceeds the limit of {MAX_Q_SUPPORT}")
+
+
+def _check_support(ids: np.ndarray, probs: np.ndarray, vocab_size: int, where: str, drawn: int | None) -> None:
+    """One support's rules, in array operations: not empty, probabilities finite, >= 0 and not all
+    zero, ids in the vocabulary and distinct, and `drawn` (when given) with a positive probability."""
+    if not len(ids):
+        raise WireError(f"{where}: empty support")
     if not np.all(np.isfinite(probs)) or np.any(probs < 0) or float(probs.sum()) <= 0:
         raise WireError(f"{where}: probabilities must be finite, >= 0 and not all zero")
-    ids = np.array(msg.ids, dtype=np.int64)  # int32 on the wire; int64 so no comparison can wrap
     bad = (ids < 0) | (ids >= vocab_size)
     if bad.any():
         raise WireError(f"{where}: token id {int(ids[bad.argmax()])} out of range [0, {vocab_size})")
@@ -175,7 +186,6 @@ def decode_sparse(msg: pb.SparseDist, vocab_size: int, where: str, drawn: int | 
         raise WireError(f"{where}: duplicate ids in the support")
     if drawn is not None and not (probs[ids == drawn] > 0).any():
         raise WireError(f"{where}: draft token {drawn} is not in its own support (q must be what it was drawn from)")
-    return SparseDist(ids=tuple(ids.tolist()), probs=tuple(probs.tolist()))
 
 
 def check_ids(ids: tuple[int, ...] | list[int], vocab_size: int, where: str) -> None:
@@ -240,16 +250,9 @@ def check_block(block: DraftBlock, vocab_size: int, greedy: bool, max_tokens: in
         where = f"q[{i}]"
         if len(q.ids) != len(q.probs) or not q.ids:
             raise WireError(f"{where}: {len(q.ids)} ids but {len(q.probs)} probabilities")
-        if len(q.ids) > MAX_Q_SUPPORT:
-            raise WireError(f"{where}: a support of {len(q.ids)} ids exceeds the limit of {MAX_Q_SUPPORT}")
-        probs = np.asarray(q.probs, dtype=np.float64)
-        if not np.all(np.isfinite(probs)) or np.any(probs < 0) or float(probs.sum()) <= 0:
-            raise WireError(f"{where}: probabilities must be finite, >= 0 and not all zero")
-        check_ids(q.ids, vocab_size, where)
-        if len(set(q.ids)) != len(q.ids):
-            raise WireError(f"{where}: duplicate ids in the support")
-        if not q.prob_of(x) > 0:
-            raise WireError(f"{where}: draft token {x} is not in its own support (q must be what it was drawn from)")
+        _check_support_size(len(q.ids), where)
+        ids, probs = np.asarray(q.ids, dtype=np.int64), np.asarray(q.probs, dtype=np.float64)
+        _check_support(ids, probs, vocab_size, where, x)
 
 
 def clip(text: str, limit: int = 200) -> str:
