@@ -1,4 +1,4 @@
-"""`gelato-bench gsm8k`: every draft policy on GSM8K between two emulated hosts (issue 12).
+"""`gelato-bench gsm8k`: every draft policy on GSM8K between two emulated hosts.
 
 Contract. `gelato-bench gsm8k [--devices N] [--policies LIST] [--budgets J,...] [--v V,...]
 [--limit 50] [--data PATH] [--drafter M --target M] [--max-new-tokens 256] [--out DIR]
@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dir", type=Path)
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--plots-only", action="store_true", help="only redraw the PNGs (references not re-run)")
+    r.add_argument(
+        "--rerun-assisted",
+        action="store_true",
+        help="measure transformers' assisted generation again (default: keep the row measured with the run)",
+    )
     return p
 
 
@@ -327,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from gelato.benchmarks.bench_finish import rebuild, replot
 
-        return replot(args.dir) if args.plots_only else rebuild(args.dir, args.no_plots)
+        return replot(args.dir) if args.plots_only else rebuild(args.dir, args.no_plots, args.rerun_assisted)
     bad = check_args(args)
     if bad:
         parser.error(bad)

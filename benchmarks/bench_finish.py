@@ -7,7 +7,10 @@ generation, oracle; `gelato.benchmarks.bench_refs`), checks the targets, writes 
 exit status (1 when an edge-verified output differs from ar-edge's). `rebuild(out)` does the same
 from a finished run's folder (`summary.json`, `outputs.jsonl.gz`, `rounds/`) without re-running a
 device: `gelato-bench report DIR` after a change to scoring, references or plots (`--plots-only`:
-`replot(out)`, the PNGs alone, nothing re-measured).
+`replot(out)`, the PNGs alone, nothing re-measured). A rebuild keeps the run's own provenance (its
+machine line and `code_at_end`) and, unless asked to re-measure it, the assisted-generation row
+measured with the run (a re-run would time it on another day, next to the old runs' tokens/s); it
+records what it recomputed, where and with which code under `rebuilt`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import gzip
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -80,18 +84,23 @@ def oracle_energy_label(fixed: list[RunResult]) -> str:
 
 
 def references(
-    args: argparse.Namespace, cpu: int | None, results: list[RunResult], questions: list[dict[str, Any]]
+    args: argparse.Namespace,
+    cpu: int | None,
+    results: list[RunResult],
+    questions: list[dict[str, Any]],
+    kept: Sequence[dict[str, Any]] = (),
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Assisted generation and the oracle rows; the oracle's details go to summary.json."""
+    """Assisted generation and the oracle rows; the oracle's details go to summary.json. `kept`:
+    assisted rows measured earlier (a rebuild's), used as they are instead of measuring again."""
     from gelato.models import encode_prompt, load_model
 
     if args.no_assisted and args.no_oracle:
-        return [], {}
+        return list(kept), {}
     target = load_model(args.target, "target", "float32", "cpu")
     drafter = load_model(args.drafter, "drafter", "float32", "cpu")
     prompts = [encode_prompt(target.tokenizer, q["question"]) for q in questions]
     ar_edge = token_ids(next(r for r in results if r.spec.policy == "ar-edge"))
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = list(kept)
     if not args.no_assisted:
         print("assisted generation (transformers, one process) ...", flush=True)
         a = bench_refs.assisted(prompts, target, drafter, args.max_new_tokens, cpu)
@@ -137,7 +146,9 @@ def finish(
     questions: list[dict[str, Any]],
     channel: dict[str, Any],
     wall_s: float,
+    previous: dict[str, Any] | None = None,
 ) -> int:
+    """`previous`: the summary a rebuild starts from (its provenance and assisted rows are kept)."""
     from gelato.benchmarks.bench import ENERGY_NOTE, write_rounds
 
     results: list[RunResult] = bench.results
@@ -169,10 +180,21 @@ def finish(
         "wall_s": round(wall_s, 1),
         "code_at_end": code_state(),
     }
+    kept: list[dict[str, Any]] = []
+    if previous is not None:
+        kept = [] if args.no_assisted else [r for r in previous.get("references", []) if r["policy"] == "assisted"]
+        result.update(machine=previous["machine"], code_at_end=previous.get("code_at_end"))
+        result["rebuilt"] = {
+            "machine": machine(),
+            "code": code_state(),
+            "recomputed": "scores, oracle, targets, table, plots"
+            + ("" if kept or args.no_assisted else ", assisted generation (measured again)"),
+        }
+        args.no_assisted = args.no_assisted or bool(kept)
     # What `rebuild` needs goes to disk before the references run: a failure there loses nothing.
     write_rounds(results, out)
     (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
-    refs, oracle_detail = references(args, bench.device_cpus[0], results, questions)
+    refs, oracle_detail = references(args, bench.device_cpus[0], results, questions, kept)
     result.update(references=refs, oracle=oracle_detail)
     result["targets"] = targets(rows, [r for r in refs if r["policy"] == "oracle"], args.k_max)
     (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -203,7 +225,9 @@ def replot(out: Path) -> int:
     return 0
 
 
-def rebuild(out: Path, no_plots: bool = False) -> int:
+def rebuild(out: Path, no_plots: bool = False, rerun_assisted: bool = False) -> int:
+    """`gelato-bench report DIR`: everything from the run's files; the assisted row is measured
+    again only with `rerun_assisted` (or where the run has none)."""
     from gelato.benchmarks.bench import load_questions, pinning
 
     summary = json.loads((out / "summary.json").read_text())
@@ -240,4 +264,5 @@ def rebuild(out: Path, no_plots: bool = False) -> int:
     )
     bench = SimpleNamespace(results=results, pinning=summary["pinning"], device_cpus=pinning(1)[1])
     questions = load_questions(args)
-    return finish(args, summary["command"], bench, questions, summary["channel"], summary["wall_s"])
+    previous = {**summary, "references": []} if rerun_assisted else summary
+    return finish(args, summary["command"], bench, questions, summary["channel"], summary["wall_s"], previous)

@@ -2,12 +2,12 @@
 
 Contract. `gsm8k_answer(text)` is the number after the first `#### ` (commas and `$` dropped),
 None without one; `score(records, gold)` adds `correct` per record and returns the accuracy.
-`targets(rows, oracle_rows)` checks issue 12's targets on one run's rows: gelato vs the fastest
+`targets(rows, oracle_rows)` checks the benchmark's targets on one run's rows: gelato vs the fastest
 fixed-K (K ≥ 1) at no more device J/token (goal ≥ 1.2× without pipelining, ≥ 1.5× with it, local
-or send-ahead), gelato ≥ 0.9× the oracle, every speculative policy faster than fixed-0; and issue
-16's: a pipelined gelato run ≥ 1.2× the same configuration (budget, V) without pipelining. Rows
-from older results carry `pipeline` as a bool (True: local); both are read. `markdown(result)` is
-the results table with the run's settings, channel (nominal next to measured), the pipelining
+or send-ahead), gelato ≥ 0.9× the oracle, every speculative policy faster than fixed-0; and
+pipelining's: a pipelined gelato run ≥ 1.2× the same configuration (budget, V) without it. Rows from
+older results carry `pipeline` as a bool (True: local); both are read. `markdown(result)` is the
+results table with the run's settings, channel (nominal next to measured), the pipelining
 figures (send-ahead hit rate, pre-draft hit rate, wasted drafted tokens and J per output token)
 and targets; for N > 1 devices its latency column is `worst device p50 / p99 ms/token` (the highest
 per-device p50 and p99, not fleet-wide percentiles), and its notes say so.
@@ -195,6 +195,13 @@ def target_lines(t: dict[str, Any]) -> list[str]:
     return out
 
 
+def _rebuilt_line(rebuilt: dict[str, Any] | None) -> list[str]:
+    if not rebuilt:
+        return []
+    commit = (rebuilt["code"].get("commit") or "unknown")[:12]
+    return [f"Rebuilt from this run's files (`gelato-bench report`) at commit {commit}: {rebuilt['recomputed']}.  "]
+
+
 def markdown(result: dict[str, Any]) -> str:
     s, ch = result["settings"], result["channel"]
     meas = ch.get("measured_before", {}).get("measured", {})
@@ -207,6 +214,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}; {result['pinning']}.  ",
+        *_rebuilt_line(result.get("rebuilt")),
         f"Channel nominal: RTT {_f(nom.get('rtt_ms'), 'g')} ms, up {_f(nom.get('up_mbit'), 'g')} / down "
         f"{_f(nom.get('down_mbit'), 'g')} Mbit/s, jitter ±{ch['profile']['jitter_ms']:g} ms one way, loss "
         f"{ch['profile']['loss']:g}. Measured through the same path before / after the runs: RTT "
@@ -230,7 +238,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         *[f"`{r['label']}` ran transformers' {r['mode']}." for r in result["references"] if r.get("mode")],
         "",
-        "## Targets (issues 12 and 16)",
+        "## Targets",
         "",
         *target_lines(result["targets"]),
         "",

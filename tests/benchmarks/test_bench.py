@@ -88,6 +88,16 @@ def test_gsm8k_end_to_end_on_loopback(pair: dict[str, Path], gsm8k_like: Path, t
     assert again.returncode == 0, again.stderr[-3000:]
     rebuilt = json.loads((out / "summary.json").read_text())
     assert [r["tokens"] for r in rebuilt["runs"]] == [r["tokens"] for r in s["runs"]]
+    # The run's provenance and its measured assisted row are kept; what was recomputed is said.
+    assert rebuilt["machine"] == s["machine"] and rebuilt["code_at_end"] == s["code_at_end"]
+    assert [r for r in rebuilt["references"] if r["policy"] == "assisted"] == [refs["assisted"]]
+    assert "assisted" not in rebuilt["rebuilt"]["recomputed"] and rebuilt["rebuilt"]["code"]["commit"]
+    assert "Rebuilt from this run's files" in (out / "table.md").read_text()
+    again = run_bench(["report", str(out), "--no-plots", "--rerun-assisted"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    rebuilt = json.loads((out / "summary.json").read_text())
+    assert "assisted generation (measured again)" in rebuilt["rebuilt"]["recomputed"]
+    assert [r["policy"] for r in rebuilt["references"]].count("assisted") == 1
 
 
 def test_missing_data_is_one_line_error(tmp_path: Path) -> None:
