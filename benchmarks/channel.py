@@ -1,4 +1,4 @@
-"""An emulated wireless channel between two hosts on one machine (issue 12).
+"""An emulated wireless channel between two hosts on one machine.
 
 Contract. `Channel(profile, seed)` is a context manager. For a profile other than `none` it
 creates two network namespaces (`gb<pid>-dev`, `gb<pid>-edge`) joined by a veth pair

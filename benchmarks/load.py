@@ -1,5 +1,4 @@
-"""Reliability under load and faults, against real `gelato-edge` processes on loopback (issue 15,
-item 8 b and c).
+"""Reliability under load and faults, against real `gelato-edge` processes on loopback.
 
 Contract: `python -m gelato.benchmarks.load [--sessions 64] [--waves 2] [--kills 200] [--device-kills 3]
 [--fuzz-cases 320] [--target M] [--drafter M] [--out PATH]` runs these phases on CPU (float32,

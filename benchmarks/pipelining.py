@@ -1,4 +1,4 @@
-"""Pipelined speculation benchmark (issue 16): send-ahead and local pre-drafting against the same
+"""Pipelined speculation benchmark: send-ahead and local pre-drafting against the same
 policies without pipelining, over emulated round trips of 0/10/20/50/100 ms.
 
 Contract: `python -m gelato.benchmarks.pipelining [--rtts-ms 0,10,20,50,100] [--n 8] [--out DIR]` runs,

@@ -1,4 +1,4 @@
-"""Controller benchmark (issue 11, "Targets"): every draft policy over an emulated Wi-Fi round trip.
+"""Controller benchmark: every draft policy over an emulated Wi-Fi round trip.
 
 Contract: `python -m gelato.benchmarks.policies [--n 20] [--one-way-ms 10] [--out DIR] [--policies LIST]
 [--budgets J,J,...]` starts one `gelato-edge` (built-in target, pinned to CPU 0 when there are ≥ 2),
@@ -252,7 +252,7 @@ def _ge(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool | None:
 
 
 def compare_budgets(summaries: list[dict[str, Any]], budgets: list[float]) -> dict[str, Any]:
-    """Issue 11's targets: per ē, gelato ≥ 1.15× the fastest fixed-K with J/token ≤ ē while its own
+    """The controller's targets: per ē, gelato ≥ 1.15× the fastest fixed-K with J/token ≤ ē while its own
     J/token ≤ 1.05 ē, and gelato ≥ lyapunov ≥ that fixed-K; without a budget, gelato ≥ lyapunov ≥
     the fastest fixed-K and gelato ≥ entropy/adaedl at their best thresholds."""
     fam = {f: [s for s in summaries if s["family"] == f] for f in {s["family"] for s in summaries}}
@@ -385,7 +385,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         *run_table(result["runs"]),
         "",
-        "## Targets (issue 11)",
+        "## Targets",
         "",
         *target_lines(result["comparisons"]),
         "",

@@ -1,4 +1,4 @@
-"""Where a loopback round's time goes, and how far it is from the models' own cost (issue 14, item 6).
+"""Where a loopback round's time goes, and how far it is from the models' own cost.
 
 Contract: `python -m gelato.benchmarks.round_overhead [--n 10] [--max-new-tokens 128] [--k 4] [--repeats 1]
 [--prompts gsm8k|demo] [--out benchmarks/results/round_overhead_cpu]` runs on the built-in tiny pair

@@ -7,8 +7,8 @@ Contract: `python -m gelato.benchmarks.simulate --traces FILE --out DIR [--rtt-m
 outputs are `gelato.benchmarks.simulate_sweep`); it prints the markdown table. As a library:
 `load_traces(path)`, `Channel`, `RoundModel`, `Spec`, `run_spec(spec, traces, model, devices,
 tokens, seed)` -> one policy's summary dict. `--pipelining [--rtts-ms 0,10,20,50,100]
-[--ahead-blocks 2] [--guess-match P] [--k-max 0]` runs the pipelining sweep instead (issue 16:
-`simulate_pipelining.pipelining_sweep`): send-ahead and local pre-drafting against the same policies
+[--ahead-blocks 2] [--guess-match P] [--k-max 0]` runs the pipelining sweep instead
+(`simulate_pipelining.pipelining_sweep`): send-ahead and local pre-drafting against the same policies
 without pipelining, per round trip; `DIR/simulate.json`, `DIR/table.md`, `DIR/pipelining.png`.
 
 The round loop is `gelato.device.generate.speculative_generate`'s, with the models replaced by the trace:
@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--v-budget", type=float, default=None, help="ē of the V sweep, J/token")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true")
-    pipe = p.add_argument_group("pipelining (issue 16): --pipelining runs its sweep instead of the budget/V sweeps")
+    pipe = p.add_argument_group("pipelining: --pipelining runs its sweep instead of the budget/V sweeps")
     pipe.add_argument(
         "--pipelining",
         action="store_true",

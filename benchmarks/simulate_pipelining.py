@@ -1,4 +1,4 @@
-"""The simulator's pipelining sweep and its outputs (issue 16; `python -m gelato.benchmarks.simulate
+"""The simulator's pipelining sweep and its outputs (`python -m gelato.benchmarks.simulate
 --pipelining` drives them).
 
 Contract: `pipelining_sweep(traces, costs, channel, cfg)` runs, per round trip in `cfg.rtts_ms` and

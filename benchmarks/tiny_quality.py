@@ -1,4 +1,4 @@
-"""Quality of a drafter/target pair on GSM8K test questions (issue: the embedded default).
+"""Quality of a drafter/target pair on GSM8K test questions.
 
 Contract: `python -m gelato.benchmarks.tiny_quality [--n 50] [--max-new-tokens 128] [--k 4]` runs greedy
 speculative decoding in one process through the project's own Drafter and TargetSession (the same

@@ -238,7 +238,7 @@ def test_cli_writes_json_table_and_plots(trace_file: Path, tmp_path: Path, capsy
     assert "| oracle |" in capsys.readouterr().out
 
 
-# ---------------------------------------------------------------- pipelining (issue 16)
+# ---------------------------------------------------------------- pipelining
 
 
 class RecordingPolicy:

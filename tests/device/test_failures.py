@@ -1,4 +1,4 @@
-"""The device side of failures (issue: reliability): an edge stopped mid-generation, an unreachable
+"""The device side of failures: an edge stopped mid-generation, an unreachable
 edge, and one bad prompt in a file — precise one-line errors, partial output kept, no traceback."""
 
 from __future__ import annotations

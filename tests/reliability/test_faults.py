@@ -1,4 +1,4 @@
-"""Faults (issue 15, item 8 c) against real `gelato-edge` processes:
+"""Faults against real `gelato-edge` processes:
 1. 200 device sessions killed mid-round — in-process grpc.aio streams cancelled right after open,
    once opened, with a block in flight, after some verdicts, or with their whole connection
    closed, or while the edge streams a Generate request, and 3 real `gelato-device` processes

@@ -1,4 +1,4 @@
-"""One session can never hurt another (issue 15): a poisoned row batched with good rows gets its
+"""One session can never hurt another: a poisoned row batched with good rows gets its
 own precise error, and every good row's verdicts equal the verdicts it gets alone, exactly.
 
 At the Batcher level, poisoned rows are handed to the batcher directly, bypassing the server's

@@ -1,4 +1,4 @@
-"""Load (issue 15, item 8 b): 64 concurrent sessions on one real CPU `gelato-edge` — greedy with
+"""Load: 64 concurrent sessions on one real CPU `gelato-edge` — greedy with
 draft lengths 0..8 and every 8th one sampling with a fixed seed, all open at once — produce
 exactly their solo verdicts (the same blocks verified by an in-process `TargetSession`), twice;
 after each wave the edge holds no session and no KV (`Info`), and its idle RSS after the second
