@@ -109,7 +109,7 @@ class SendAhead(DeviceCore):
                     chain.append(block)
                     continue
                 p_chain = math.prod(policy.p_hit(b.view) for b in chain)
-                go = not prev.follow and policy.send_ahead(decision, p_chain)
+                go = not prev.follow and policy.send_ahead(decision, p_chain, len(chain) == 1)
                 self.totals.controller_s += time.perf_counter() - t0
                 if not go:
                     break

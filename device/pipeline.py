@@ -225,7 +225,7 @@ async def _extend(
         if cap == 0 and link.empty_ahead:  # the policy drafts nothing: the next target token, whatever comes
             await _send(link, chain, DraftBlock(round=chain.next_round, ids=(), follow=True), decision, gate, 0, wanted)
             continue
-        if prev.follow or not policy.send_ahead(decision, chain.p_chain(policy)):
+        if prev.follow or not policy.send_ahead(decision, chain.p_chain(policy), len(chain.sent) == 1):
             return
         stop = _CutRule(gate, recv, chain)
         block = await offload(drafter.draft_after, prev, cap, chain.next_round, stop, limits.eos)

@@ -99,6 +99,9 @@ class Controller:
         self.cost = CostEstimator(self.options.halflife_rounds)
         # Of the fully accepted pre-drafted blocks, the share whose bonus was the first pre-draft.
         self.bonus_match = Ewma(decay_of(self.options.halflife_rounds), prior=0.6)
+        # Send-ahead: of the blocks awaited alone with a drafting decision, the share after which
+        # the per-block check started a chain (prior 1: chains are tried before they are judged).
+        self.ahead_follow = Ewma(decay_of(self.options.halflife_rounds), prior=1.0)
         b = self.options.budget_j_per_token
         self.queue = DeficitQueue(b) if b else None
 
@@ -200,9 +203,10 @@ class Policy:
         """P(the block after `block` is a hit): `block` fully accepted, its guess right."""
         return self.controller.p_hit(block.entropies)
 
-    def send_ahead(self, decision: Decision, p_chain: float) -> bool:
+    def send_ahead(self, decision: Decision, p_chain: float, first: bool = False) -> bool:
         """Send-ahead: draft and send the next block now, before the verdicts in flight? `p_chain`:
-        the chance it is verified (every block in flight a hit). Without a controller: always."""
+        the chance it is verified (every block in flight a hit); `first`: it would be the first
+        block past the awaited one (a chain's start). Without a controller: always."""
         return self.options.pipeline == "send-ahead"
 
     def charge(self, e_j: float) -> None:
@@ -275,6 +279,9 @@ class Lyapunov(Policy):
         self._idle_rounds = 0
         # The last decision's best score and token rate for rounds one at a time.
         self._round_score, self._round_rate = 0.0, 0.0
+        # The per-block check's answer for a chain's start, folded into `ahead_follow` when the
+        # next round is observed (so deciding stays a function of observed rounds).
+        self._follow_seen: bool | None = None
 
     def _outer(self, limit: int) -> tuple[int, float, Objective]:
         """K_ref from the objective. When it stays 0 the acceptance estimate is never refreshed
@@ -287,8 +294,10 @@ class Lyapunov(Policy):
         self._round_score = score
         self._round_rate = expected_emitted(obj.cost.alpha, k_ref) / max(obj.cost.time_s(k_ref), 1e-9)
         if ahead is not None:
-            match = self.controller.bonus_match.value
-            k_chain, chain_score = choose_chain_k(obj, self.k_max(limit), match, ahead, self._round_rate)
+            c = self.controller
+            k_chain, chain_score = choose_chain_k(
+                obj, self.k_max(limit), c.bonus_match.value, ahead, self._round_rate, c.ahead_follow.value
+            )
             if chain_score > score:
                 k_ref, score = k_chain, chain_score
         if k_ref == 0 and limit > 0 and self._idle_rounds >= self.options.explore_every_rounds - 1:
@@ -299,6 +308,9 @@ class Lyapunov(Policy):
         # Counted on observed rounds, so deciding stays a pure function of what was observed: a
         # round lost with its edge (failover) is decided again exactly as it was.
         self._idle_rounds = self._idle_rounds + 1 if tele.k == 0 else 0
+        if self._follow_seen is not None:
+            self.controller.ahead_follow.update(1.0 if self._follow_seen else 0.0)
+            self._follow_seen = None
         return super().observe(tele)
 
     def decide(self, limit: int) -> Decision:
@@ -314,17 +326,21 @@ class Lyapunov(Policy):
         n = 1.0 + sum(c.calibrator.survival(block.entropies[: i + 1]) for i in range(block.k))
         return depth if predraft_pays(obj, block.k, n, c.p_hit(block.entropies), depth) else 0
 
-    def send_ahead(self, decision: Decision, p_chain: float) -> bool:
+    def send_ahead(self, decision: Decision, p_chain: float, first: bool = False) -> bool:
         """Only if a chain that goes on with this block's own chance (`p_chain`, from the blocks in
-        flight) still beats rounds one at a time."""
-        if not super().send_ahead(decision, p_chain):
+        flight) still beats rounds one at a time. A chain's start (`first`) is counted into
+        `ahead_follow`, which the outer decision prices chains with."""
+        if not super().send_ahead(decision, p_chain, first):
             return False
         if decision.k_ref == 0:
             return False
         ahead = self.options.ahead_blocks if self.ahead_blocks is None else self.ahead_blocks
         obj = self.controller.objective()
         n, t, e = chain_frame(obj, decision.k_ref, p_chain, ahead)
-        return n / t > self._round_rate and obj.score_of(n, t, e) > self._round_score
+        go = n / t > self._round_rate and obj.score_of(n, t, e) > self._round_score
+        if first:
+            self._follow_seen = go
+        return go
 
 
 class Gelato(Lyapunov):

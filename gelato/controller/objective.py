@@ -140,14 +140,26 @@ def chain_frame(obj: Objective, k: int, cont: float, ahead: int) -> tuple[float,
     return n, t, c.energy_j(k) + more * e_step + waste
 
 
-def choose_chain_k(obj: Objective, k_max: int, match: float, ahead: int, min_rate: float = 0.0) -> tuple[int, float]:
+def choose_chain_k(
+    obj: Objective, k_max: int, match: float, ahead: int, min_rate: float = 0.0, follow: float = 1.0
+) -> tuple[int, float]:
     """Send-ahead's outer decision: the block size (>= 1) whose chain frame scores best among the
     chains emitting faster than `min_rate` tokens/s (rounds one at a time: pipelining is for speed,
     and a slower chain that claims to save energy rests on costs the model does not see, such as
-    each message's own processing), and its score; (0, -inf) when no chain qualifies."""
+    each message's own processing), and its score; (0, -inf) when no chain qualifies.
+
+    `follow`: the share of blocks after which the per-block check (`Lyapunov.send_ahead`, on that
+    block's own entropies) does start a chain. A block it refuses is a round one at a time of the
+    same size, so a choice of k is a chain with probability `follow` and a lone round of k
+    otherwise (renewal frames mixed). Without this, k would be sized for chains that the check
+    then mostly refuses: short blocks sent one at a time, slower and dearer than the round choice."""
     best_k, best = 0, -math.inf
+    c = obj.cost
     for k in range(1, k_max + 1):
-        n, t, e = chain_frame(obj, k, obj.cost.alpha**k * match, ahead)
+        n, t, e = chain_frame(obj, k, c.alpha**k * match, ahead)
+        if follow < 1.0:
+            lone = (expected_emitted(c.alpha, k), c.time_s(k), c.energy_j(k))
+            n, t, e = (follow * x + (1.0 - follow) * y for x, y in zip((n, t, e), lone, strict=True))
         s = obj.score_of(n, t, e)
         if n / t > min_rate and s > best:
             best_k, best = k, s

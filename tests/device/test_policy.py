@@ -117,6 +117,32 @@ def test_chains_are_priced_only_while_send_ahead_runs() -> None:
     assert p.decide(6).score < chained.score  # priced with the link's depth, not the option's
 
 
+def test_chains_the_per_block_check_refuses_stop_shaping_k() -> None:
+    """The outer decision sizes blocks for chains only as often as the per-block check (on each
+    block's own entropies) starts one: refused at every chance, the chain's short blocks would go
+    one at a time, so K returns to the round choice; accepted again, chains come back."""
+    p = parse_policy("gelato", PolicyOptions(pipeline="send-ahead", ahead_blocks=2))
+    for _ in range(40):
+        p.observe(tele(6, 4))  # most drafts accepted, 15 ms of transport: chains pay
+    p.ahead_blocks = 2
+    k_round = choose_k_ref(p.controller.objective(), 8)[0]
+    chained = p.decide(8)
+    assert chained.k_ref < k_round  # chains favour shorter blocks
+    assert p.send_ahead(chained, 0.0, first=True) is False  # a block certain to miss: refused
+    assert p.controller.ahead_follow.value == 1.0  # counted when its round is observed, not before
+    for _ in range(30):
+        d = p.decide(8)
+        p.send_ahead(d, 0.0, first=True)
+        p.observe(tele(6, 4))
+    assert p.controller.ahead_follow.value < 0.05 and p.decide(8).k_ref == k_round
+    for _ in range(120):  # ~6 half-lives
+        d = p.decide(8)
+        p.send_ahead(d, 0.99, first=True)  # blocks sure to be hits: chains start again
+        p.send_ahead(d, 0.0)  # a deeper block's check is not a chain's start: not counted
+        p.observe(tele(6, 4))
+    assert p.controller.ahead_follow.value > 0.9 and p.decide(8).k_ref == chained.k_ref
+
+
 def test_gelato_explores_after_idle_rounds() -> None:
     p = parse_policy("gelato", PolicyOptions(explore_every_rounds=4, explore_k=3))
     for _ in range(40):

@@ -155,6 +155,22 @@ def test_chain_frame_hand_computed_and_its_limits() -> None:
     assert gain_near < chain_score / round_score
 
 
+def test_chain_choice_priced_with_how_often_chains_start() -> None:
+    """`follow` mixes a chain frame with a lone round of the same k: at 1 the chain alone, at 0 a
+    round one at a time of k, which never beats the round's own choice; in between, in between."""
+    obj = Objective(cost())
+    k_round, round_score = choose_k_ref(obj, 8)
+    k_chain, chain_score = choose_chain_k(obj, 8, 0.95, 4)
+    assert choose_chain_k(obj, 8, 0.95, 4, follow=1.0) == (k_chain, chain_score)
+    k0, s0 = choose_chain_k(obj, 8, 0.95, 4, follow=0.0)
+    assert s0 == pytest.approx(round_score) and k0 == k_round  # a lone round of k: the round choice
+    k_half, s_half = choose_chain_k(obj, 8, 0.95, 4, follow=0.5)
+    n, t, e = chain_frame(obj, k_half, 0.8**k_half * 0.95, 4)
+    lone = (expected_emitted(0.8, k_half), obj.cost.time_s(k_half), obj.cost.energy_j(k_half))
+    mixed = obj.score_of((n + lone[0]) / 2, (t + lone[1]) / 2, (e + lone[2]) / 2)
+    assert s_half == pytest.approx(mixed) and round_score < s_half < chain_score
+
+
 def test_inner_rule_at_start_is_the_outer_decision() -> None:
     obj = Objective(cost())
     k_ref, _ = choose_k_ref(obj, 8)
