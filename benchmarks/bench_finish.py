@@ -39,7 +39,9 @@ def code_state() -> dict[str, Any]:
     root = Path(__file__).resolve().parents[1]
     git = ["git", "-C", str(root)]
     commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    changed = subprocess.run([*git, "status", "--short"], capture_output=True, text=True).stdout.splitlines()
+    # The code the runs ran: results written meanwhile (this run's own folder included) are not it.
+    status = [*git, "status", "--short", "--", "device", "edge", "gelato"]
+    changed = subprocess.run(status, capture_output=True, text=True).stdout.splitlines()
     files = sorted(p for d in ("device", "edge", "gelato") for p in (root / d).rglob("*.py"))
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
     return {"commit": commit, "changed": changed, "sources_sha256_12": digest}
@@ -111,6 +113,7 @@ def references(
         rows.append(
             {
                 "label": "assisted (transformers, 1 process)",
+                "measured_at": {"commit": code_state()["commit"], "machine": machine()},
                 "mode": a["mode"],
                 "policy": "assisted",
                 "family": "reference",
@@ -188,11 +191,21 @@ def finish(
             "machine": machine(),
             "code": code_state(),
             "recomputed": "scores, oracle, targets, table, plots"
-            + ("" if kept or args.no_assisted else ", assisted generation (measured again)"),
+            + (
+                " (the assisted row as measured, its accuracy not re-scored)"
+                if kept
+                else ", assisted generation (measured now)"
+                if not args.no_assisted
+                else ""
+            ),
         }
         args.no_assisted = args.no_assisted or bool(kept)
+        # Until the references are recomputed, the file keeps the previous ones: a failure below
+        # must not lose the assisted row measured with the run.
+        result.update({k: previous[k] for k in ("references", "oracle", "targets") if k in previous})
+    else:
+        write_rounds(results, out)  # what a rebuild reads; a rebuild leaves them byte for byte
     # What `rebuild` needs goes to disk before the references run: a failure there loses nothing.
-    write_rounds(results, out)
     (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
     refs, oracle_detail = references(args, bench.device_cpus[0], results, questions, kept)
     result.update(references=refs, oracle=oracle_detail)

@@ -27,7 +27,8 @@ Pipelining (`Spec.pipeline`, as `gelato-device --pipeline`):
 - `send-ahead` (`gelato.device.pipeline.pipelined_generate`) on a simulated clock: the device drafts one
   thing at a time; while the oldest verdict is out it drafts the next block of the chain (the guess
   of the previous block's target token + the drafts: one forward more than the drafts) when
-  `Policy.send_ahead(decision, Π p_hit of the blocks in flight)` says so, up to `ahead_blocks` past
+  `Policy.send_ahead(decision, Π p_hit of the blocks in flight, first)` says so (`first`: a chain's
+  start, as the real loop passes it), up to `ahead_blocks` past
   the awaited one, and sends it; a block drafted while its chain's miss came back is dropped
   unsent. Each block travels half the round trip (+ its transfer) up, the edge verifies one
   block at a time in stream order (a stale block — one after a miss — is answered at once,

@@ -109,7 +109,8 @@ class SendAhead(DeviceCore):
                     chain.append(block)
                     continue
                 p_chain = math.prod(policy.p_hit(b.view) for b in chain)
-                go = not prev.follow and policy.send_ahead(decision, p_chain, len(chain) == 1)
+                first = len(chain) == 1 and not chain[0].ahead  # as `_extend`: a chain's start
+                go = not prev.follow and policy.send_ahead(decision, p_chain, first)
                 self.totals.controller_s += time.perf_counter() - t0
                 if not go:
                     break

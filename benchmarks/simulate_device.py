@@ -30,7 +30,11 @@ class Device(SendAhead):
     def generate(self, trace: Trace) -> None:
         self.totals.generations += 1
         if self.pipeline == "send-ahead":
-            self._generate_chain(trace)
+            try:
+                self._generate_chain(trace)
+            finally:
+                if self.policy is not None:
+                    self.policy.end_chains()  # as `pipelined_generate` ends every generation
             return
         pos, r = 0, 0
         self._carry = 0

@@ -225,7 +225,9 @@ async def _extend(
         if cap == 0 and link.empty_ahead:  # the policy drafts nothing: the next target token, whatever comes
             await _send(link, chain, DraftBlock(round=chain.next_round, ids=(), follow=True), decision, gate, 0, wanted)
             continue
-        if prev.follow or not policy.send_ahead(decision, chain.p_chain(policy), len(chain.sent) == 1):
+        # A chain's start: the awaited block alone in flight, itself sent fresh (no guess).
+        first = len(chain.sent) == 1 and chain.sent[0].block.guess is None
+        if prev.follow or not policy.send_ahead(decision, chain.p_chain(policy), first):
             return
         stop = _CutRule(gate, recv, chain)
         block = await offload(drafter.draft_after, prev, cap, chain.next_round, stop, limits.eos)
@@ -256,7 +258,7 @@ async def pipelined_generate(
     try:
         return await _chain_loop(drafter, link, policy, prompt_ids, limits, acct, on_round, offload, session_bytes)
     finally:
-        policy.ahead_blocks = None
+        policy.end_chains()
 
 
 async def _chain_loop(

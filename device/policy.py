@@ -44,6 +44,8 @@ from gelato.controller.estimators import DEFAULT_HALFLIFE_ROUNDS, Ewma, decay_of
 from gelato.types import DraftBlock, SparseDist, Telemetry
 
 PIPELINE_MODES = ("off", "local", "send-ahead")
+# The weight, in rounds, of `Controller.ahead_follow`'s starting value (1: chains start).
+FOLLOW_PRIOR_ROUNDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -99,9 +101,12 @@ class Controller:
         self.cost = CostEstimator(self.options.halflife_rounds)
         # Of the fully accepted pre-drafted blocks, the share whose bonus was the first pre-draft.
         self.bonus_match = Ewma(decay_of(self.options.halflife_rounds), prior=0.6)
-        # Send-ahead: of the blocks awaited alone with a drafting decision, the share after which
-        # the per-block check started a chain (prior 1: chains are tried before they are judged).
+        # Send-ahead: of the chances to start a chain (a block sent fresh, awaited alone, with a
+        # drafting decision), the share the per-block check took. It starts at 1 with the weight of
+        # a few rounds, so that one early refusal (an untrained calibrator) does not price chains
+        # out at once: chains are tried before they are judged.
         self.ahead_follow = Ewma(decay_of(self.options.halflife_rounds), prior=1.0)
+        self.ahead_follow.update(1.0, weight=FOLLOW_PRIOR_ROUNDS)
         b = self.options.budget_j_per_token
         self.queue = DeficitQueue(b) if b else None
 
@@ -205,9 +210,13 @@ class Policy:
 
     def send_ahead(self, decision: Decision, p_chain: float, first: bool = False) -> bool:
         """Send-ahead: draft and send the next block now, before the verdicts in flight? `p_chain`:
-        the chance it is verified (every block in flight a hit); `first`: it would be the first
-        block past the awaited one (a chain's start). Without a controller: always."""
+        the chance it is verified (every block in flight a hit); `first`: the awaited block was
+        sent fresh and is alone in flight (this would start a chain). Without a controller: always."""
         return self.options.pipeline == "send-ahead"
+
+    def end_chains(self) -> None:
+        """The send-ahead loop's generation is over (however it ended): rounds one at a time again."""
+        self.ahead_blocks = None
 
     def charge(self, e_j: float) -> None:
         """Energy spent outside any round (a generation's start and end): into the queue, no tokens."""
@@ -287,8 +296,9 @@ class Lyapunov(Policy):
         """K_ref from the objective. When it stays 0 the acceptance estimate is never refreshed
         (nothing drafted, nothing observed), so every `explore_every_rounds` a block of `explore_k`
         is drafted. With send-ahead running (`self.ahead_blocks`), a chain's block size where chains
-        score better than rounds one at a time (`choose_chain_k`); `self._round_score` keeps the
-        latter's score."""
+        score better than rounds one at a time (`choose_chain_k`, a chain priced as starting as
+        often as the per-block check lately started one: `Controller.ahead_follow`);
+        `self._round_score` keeps the latter's score."""
         obj, ahead = self.controller.objective(), self.ahead_blocks
         k_ref, score = choose_k_ref(obj, self.k_max(limit))
         self._round_score = score
@@ -303,6 +313,10 @@ class Lyapunov(Policy):
         if k_ref == 0 and limit > 0 and self._idle_rounds >= self.options.explore_every_rounds - 1:
             k_ref = min(self.options.explore_k, self.k_max(limit))
         return k_ref, score, obj
+
+    def end_chains(self) -> None:
+        super().end_chains()
+        self._follow_seen = None  # its round was never observed (the generation ended or failed)
 
     def observe(self, tele: Telemetry) -> float:
         # Counted on observed rounds, so deciding stays a pure function of what was observed: a

@@ -15,7 +15,8 @@ grows energy weighs more. Without a budget (no energy control) the score is N̂/
 
 - Outer loop, `choose_k_ref`: K_ref = argmax over K ∈ 0..K_max of the score with the a-priori N̂(K).
 - With send-ahead (`chain_frame`): a chain of K-draft blocks replaces the round where its frame
-  scores better (`choose_chain_k`).
+  scores better (`choose_chain_k`), the frame mixed with a lone round of K by how often a chain
+  really starts (`follow`).
 - Inner loop, `keep_drafting`: after drafting i tokens whose calibrated acceptances give the
   survival S_i and the expected emission n_i = 1 + Σ_{j≤i} S_j, draft token i+1 only if some
   continuation (i+m tokens, future ones at the prior α̂) scores better than stopping now. With no

@@ -115,6 +115,35 @@ def test_the_policy_prices_the_links_depth_for_the_generation(target: LoadedMode
     assert seen and set(seen) == {3} and policy.ahead_blocks is None
 
 
+@pytest.mark.parametrize("max_ahead", [1, 3])
+def test_only_a_chains_start_counts_as_one(target: LoadedModel, max_ahead: int) -> None:
+    """The per-block check is told `first` only where a chain could start: the awaited block sent
+    fresh and alone in flight, not a block sent ahead that is alone again (always so with one block
+    ahead). With the target as its own drafter every guess hits and the chain never breaks, so
+    nearly every check continues a chain. What was learned is folded in or dropped by the end."""
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    session = TargetSession("s", target, GREEDY, prompt)
+    session.prefill()
+    policy = parse_policy("gelato", PolicyOptions(pipeline="send-ahead", ahead_blocks=max_ahead))
+    calls: list[bool] = []
+    check = policy.send_ahead
+
+    def spy(decision: Decision, p_chain: float, first: bool = False) -> bool:
+        calls.append(first)
+        check(decision, p_chain, first)
+        return True  # chains always go on: the flags are what is tested
+
+    policy.send_ahead = spy  # type: ignore[method-assign]
+    log: list[Any] = []
+    limits = Limits(40, target.context_limit, 32, target.eos_token_ids)
+    link = local_link(session, max_ahead=max_ahead, delay_s=0.02)
+    asyncio.run(pipelined_generate(Drafter(target, GREEDY), link, policy, prompt, limits, on_round=log.append))
+    fresh = sum(not t.sent_ahead for t in log)
+    assert any(t.sent_ahead for t in log) and calls.count(False) > calls.count(True)
+    assert 1 <= calls.count(True) <= fresh
+    assert policy._follow_seen is None and policy.ahead_blocks is None  # nothing carried past the generation
+
+
 @pytest.mark.parametrize("drafter_key", ["target", "drafter_agree"])
 def test_send_ahead_sampling_draws_what_rounds_one_at_a_time_draw(
     pair: dict[str, Path], target: LoadedModel, drafter_key: str

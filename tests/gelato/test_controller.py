@@ -169,6 +169,16 @@ def test_chain_choice_priced_with_how_often_chains_start() -> None:
     lone = (expected_emitted(0.8, k_half), obj.cost.time_s(k_half), obj.cost.energy_j(k_half))
     mixed = obj.score_of((n + lone[0]) / 2, (t + lone[1]) / 2, (e + lone[2]) / 2)
     assert s_half == pytest.approx(mixed) and round_score < s_half < chain_score
+    # With a budget the energies are mixed too; the choice is the best mixed frame over every k.
+    priced = Objective(cost(), v=1.0, q_j=0.004, budget_j_per_token=1e-3)
+    for follow in (0.0, 0.3, 0.7):
+        k, score = choose_chain_k(priced, 8, 0.95, 4, follow=follow)
+        scores = {}
+        for kk in range(1, 9):
+            frame = chain_frame(priced, kk, 0.8**kk * 0.95, 4)
+            lone = (expected_emitted(0.8, kk), priced.cost.time_s(kk), priced.cost.energy_j(kk))
+            scores[kk] = priced.score_of(*(follow * x + (1 - follow) * y for x, y in zip(frame, lone, strict=True)))
+        assert score == pytest.approx(max(scores.values())) and k == max(scores, key=lambda kk: scores[kk])
 
 
 def test_inner_rule_at_start_is_the_outer_decision() -> None:
