@@ -13,7 +13,12 @@ the target is more tokens/s at no more J/token; one more gelato send-ahead run h
 throughput: where chains pay in time but not within the budget). Per run: tokens/s, J/token, blocks sent ahead,
 hit rate (sent-ahead blocks verified / all sent ahead), stale blocks, wasted drafted tokens and
 their estimated J per output token, and exact match against the unpipelined gelato run (a
-difference is printed loudly, exit 1). Writes `results.json` and `results.md` under `--out`.
+difference is printed loudly, exit 1). `--repeats N` runs the whole set N times, round trips
+interleaved (repeat 1 of every round trip, then repeat 2, ...), so slow drift of a shared machine
+falls on every configuration alike; each repeat is one entry of `rtts` (its own `repeat` number,
+edge, traces under `rtt<ms>_r<i>/`), and `summary` holds per round trip the median of each ratio
+over the repeats, every repeat's value beside it. Writes `results.json` and `results.md` under
+`--out`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import gzip
 import json
 import os
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,12 +71,14 @@ def run_one(bench: Bench, spec: RunSpec) -> Run:
     return run
 
 
-def one_rtt(args: argparse.Namespace, rtt_ms: float) -> dict[str, Any]:
-    ns = argparse.Namespace(**{**vars(args), "one_way_ms": rtt_ms / 2, "out": args.out / f"rtt{rtt_ms:g}"})
+def one_rtt(args: argparse.Namespace, rtt_ms: float, repeat: int = 1) -> dict[str, Any]:
+    folder = f"rtt{rtt_ms:g}" + (f"_r{repeat}" if args.repeats > 1 else "")
+    ns = argparse.Namespace(**{**vars(args), "one_way_ms": rtt_ms / 2, "out": args.out / folder})
     bench = Bench(ns)
     try:
         measured = bench.measure_rtt()
-        print(f"round trip {rtt_ms:g} ms nominal, {measured['measured_ms']:.2f} ms measured", flush=True)
+        of = f", repeat {repeat} of {args.repeats}" if args.repeats > 1 else ""
+        print(f"round trip {rtt_ms:g} ms nominal{of}, {measured['measured_ms']:.2f} ms measured", flush=True)
         kmax = ("--k-max", str(args.k_max))
         fixed = [run_one(bench, RunSpec(f"fixed-{k}", f"fixed-{k}", "fixed")) for k in args.fixed]
         best = max(fixed, key=lambda r: r.summary["tokens_per_s"])
@@ -94,6 +102,7 @@ def one_rtt(args: argparse.Namespace, rtt_ms: float) -> dict[str, Any]:
     sa = by["gelato send-ahead"]
     return {
         "rtt_nominal_ms": rtt_ms,
+        "repeat": repeat,
         "rtt_measured_ms": [measured["measured_ms"], measured_after["measured_ms"]],
         "fastest_fixed": best.spec.label,
         "budget_j_per_token": budget,
@@ -110,7 +119,50 @@ def one_rtt(args: argparse.Namespace, rtt_ms: float) -> dict[str, Any]:
     }
 
 
+RATIOS = (
+    "gelato_send_ahead_vs_fastest_fixed",
+    "gelato_send_ahead_vs_gelato",
+    "gelato_local_vs_gelato",
+    "gelato_send_ahead_no_budget_vs_fastest_fixed",
+    "fixed_send_ahead_vs_fixed",
+)
+
+
+def summarize_repeats(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per round trip (in first-seen order): each ratio's median over the repeats and every
+    repeat's value; how many repeats kept gelato send-ahead within its budget; the fastest fixed-K
+    and the send-ahead figures of each repeat."""
+    out = []
+    for rtt in dict.fromkeys(e["rtt_nominal_ms"] for e in entries):
+        reps = [e for e in entries if e["rtt_nominal_ms"] == rtt]
+        sa = [next(x for x in e["runs"] if x["label"] == "gelato send-ahead") for e in reps]
+        row: dict[str, Any] = {"rtt_nominal_ms": rtt, "repeats": len(reps)}
+        row["rtt_measured_ms"] = statistics.median(e["rtt_measured_ms"][0] for e in reps)
+        for key in RATIOS:
+            row[key] = {"median": statistics.median(e[key] for e in reps), "each": [e[key] for e in reps]}
+        within = [e["gelato_send_ahead_j_within_fastest_fixed"] for e in reps]
+        row["gelato_send_ahead_j_within_fastest_fixed"] = f"{sum(w is True for w in within)}/{len(within)}"
+        row["fastest_fixed"] = [e["fastest_fixed"] for e in reps]
+        row["send_ahead_sent"] = [x["sent_ahead"] for x in sa]
+        row["send_ahead_hit_rate"] = [x["ahead_hit_rate"] for x in sa]
+        row["send_ahead_wasted_j_per_token"] = [x["wasted_j_per_token"] for x in sa]
+        out.append(row)
+    return out
+
+
+def _ratio_cell(r: dict[str, Any]) -> str:
+    if len(r["each"]) == 1:
+        return f"{r['median']:.2f}×"
+    return f"{r['median']:.2f}× ({', '.join(f'{x:.2f}' for x in r['each'])})"
+
+
+def _list_cell(xs: list[Any], spec: str) -> str:
+    return ", ".join("-" if x is None else format(x, spec) for x in xs)
+
+
 def markdown(result: dict[str, Any]) -> str:
+    summary = result.get("summary") or summarize_repeats(result["rtts"])
+    n = max(r["repeats"] for r in summary)
     lines = [
         "# Pipelined speculation: send-ahead vs local pre-drafting vs none",
         "",
@@ -118,33 +170,48 @@ def markdown(result: dict[str, Any]) -> str:
         f"Machine: {result['machine']}; {result['pinning']}  ",
         f"Energy: {result['energy_note']}",
         "",
+        *(
+            [f"Ratios: the median of {n} repeats (round trips interleaved), each repeat's value in brackets.", ""]
+            if n > 1
+            else []
+        ),
         "| RTT ms (measured) | fastest fixed-K | gelato send-ahead ÷ fastest fixed | ÷ gelato | local ÷ gelato "
-        "| send-ahead J/tok ≤ fixed's | hit rate | wasted mJ/tok | no budget ÷ fastest fixed "
+        "| send-ahead J/tok ≤ fixed's | sent ahead | hit rate | wasted mJ/tok | no budget ÷ fastest fixed "
         "| fixed send-ahead ÷ fixed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["rtts"]:
-        sa = next(x for x in r["runs"] if x["label"] == "gelato send-ahead")
-        hit = sa["ahead_hit_rate"]
+    for r in summary:
+        wasted = [None if w is None else w * 1e3 for w in r["send_ahead_wasted_j_per_token"]]
         lines.append(
-            f"| {r['rtt_nominal_ms']:g} ({r['rtt_measured_ms'][0]:.1f}) | {r['fastest_fixed']} "
-            f"| {r['gelato_send_ahead_vs_fastest_fixed']:.2f}× | {r['gelato_send_ahead_vs_gelato']:.2f}× "
-            f"| {r['gelato_local_vs_gelato']:.2f}× | {r['gelato_send_ahead_j_within_fastest_fixed']} "
-            f"| {'-' if hit is None else f'{hit:.2f}'} | {sa['wasted_j_per_token'] * 1e3:.3f} "
-            f"| {r['gelato_send_ahead_no_budget_vs_fastest_fixed']:.2f}× | {r['fixed_send_ahead_vs_fixed']:.2f}× |"
+            f"| {r['rtt_nominal_ms']:g} ({r['rtt_measured_ms']:.1f}) | {', '.join(r['fastest_fixed'])} "
+            f"| {_ratio_cell(r['gelato_send_ahead_vs_fastest_fixed'])} "
+            f"| {_ratio_cell(r['gelato_send_ahead_vs_gelato'])} "
+            f"| {_ratio_cell(r['gelato_local_vs_gelato'])} | {r['gelato_send_ahead_j_within_fastest_fixed']} "
+            f"| {_list_cell(r['send_ahead_sent'], 'd')} | {_list_cell(r['send_ahead_hit_rate'], '.2f')} "
+            f"| {_list_cell(wasted, '.3f')} | {_ratio_cell(r['gelato_send_ahead_no_budget_vs_fastest_fixed'])} "
+            f"| {_ratio_cell(r['fixed_send_ahead_vs_fixed'])} |"
         )
-    lines += ["", "Every run:", "", "| RTT | run | tok/s | mJ/tok | sent ahead | hit rate | stale | wasted tok/tok |"]
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines += [
+        "",
+        "Every run:",
+        "",
+        "| RTT | repeat | run | tok/s | mJ/tok | sent ahead | hit rate | stale | wasted tok/tok |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rtts"]:
         for x in r["runs"]:
             jpt = x["energy_j_per_token"]
             hit = x["ahead_hit_rate"]
             lines.append(
-                f"| {r['rtt_nominal_ms']:g} | {x['label']} | {x['tokens_per_s']:.1f} "
+                f"| {r['rtt_nominal_ms']:g} | {r.get('repeat', 1)} | {x['label']} | {x['tokens_per_s']:.1f} "
                 f"| {'-' if jpt is None else f'{jpt * 1e3:.3f}'} | {x['sent_ahead']} "
                 f"| {'-' if hit is None else f'{hit:.2f}'} | {x['stale']} | {x['wasted_tokens_per_token']:.2f} |"
             )
-    bad = [f"{r['rtt_nominal_ms']:g} ms: {m}" for r in result["rtts"] for m in r["lossless_mismatches"]]
+    bad = [
+        f"{r['rtt_nominal_ms']:g} ms (repeat {r.get('repeat', 1)}): {m}"
+        for r in result["rtts"]
+        for m in r["lossless_mismatches"]
+    ]
     verdict = "VIOLATED: " + "; ".join(bad) if bad else "every output equals gelato's (unpipelined) token for token"
     lines += ["", f"Losslessness: {verdict}."]
     return "\n".join(lines) + "\n"
@@ -154,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gelato.benchmarks.pipelining", description=__doc__.split("\n\n")[0])
     p.add_argument("--rtts-ms", default="0,10,20,50,100", help="emulated round trips (ms), comma list")
     p.add_argument("--n", type=int, default=8, help="GSM8K test questions (the first N)")
+    p.add_argument("--repeats", type=int, default=1, help="run every configuration N times, round trips interleaved")
     p.add_argument("--data", type=Path, default=None, help="GSM8K test JSONL (default: the shared copy)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--fixed", default="2,3,4,6", help="fixed-K values to find the fastest fixed K")
@@ -174,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "gelato.benchmarks.pipelining", *(sys.argv[1:] if argv is None else argv)])
     print(f"gelato.benchmarks.pipelining: {command}", flush=True)
     t0 = time.perf_counter()
-    rtts = [one_rtt(args, float(x)) for x in args.rtts_ms.split(",") if x.strip()]
+    if args.repeats < 1:
+        raise SystemExit("gelato.benchmarks.pipelining: --repeats must be >= 1")
+    rtt_list = [float(x) for x in args.rtts_ms.split(",") if x.strip()]
+    rtts = [one_rtt(args, rtt, i) for i in range(1, args.repeats + 1) for rtt in rtt_list]
     cores = sorted(os.sched_getaffinity(0))
     result = {
         "command": command,
@@ -183,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "pinning": f"edge + proxy on CPU {cores[0]}, device on CPU {cores[1]}" if len(cores) >= 2 else "not pinned",
         "energy_note": energy_note(args.device_profile, args.radio),
         "rtts": rtts,
+        "summary": summarize_repeats(rtts),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)

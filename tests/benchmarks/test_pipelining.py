@@ -26,10 +26,18 @@ def questions(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_pipelining_benchmark_end_to_end(questions: Path, tmp_path: Path) -> None:
     out = tmp_path / "pipe"
-    args = ["--rtts-ms", "0,10", "--n", "2", "--max-new-tokens", "24", "--fixed", "2,4"]
+    args = ["--rtts-ms", "0,10", "--n", "2", "--max-new-tokens", "24", "--fixed", "2,4", "--repeats", "2"]
     assert main([*args, "--data", str(questions), "--out", str(out)]) == 0  # 1: an output differed
     result = json.loads((out / "results.json").read_text())
-    assert [r["rtt_nominal_ms"] for r in result["rtts"]] == [0.0, 10.0]
+    # Repeats interleave the round trips, each with its own traces; the summary takes medians.
+    assert [(r["rtt_nominal_ms"], r["repeat"]) for r in result["rtts"]] == [(0.0, 1), (10.0, 1), (0.0, 2), (10.0, 2)]
+    assert (out / "rtt10_r2" / "traces" / "gelato_send-ahead.jsonl.gz").exists()
+    for row in result["summary"]:
+        reps = [r for r in result["rtts"] if r["rtt_nominal_ms"] == row["rtt_nominal_ms"]]
+        each = [r["gelato_send_ahead_vs_gelato"] for r in reps]
+        assert row["repeats"] == 2 and row["gelato_send_ahead_vs_gelato"]["each"] == each
+        assert row["gelato_send_ahead_vs_gelato"]["median"] == pytest.approx(sum(each) / 2)
+        assert row["fastest_fixed"] == [r["fastest_fixed"] for r in reps]
     for r in result["rtts"]:
         runs = {x["label"]: x for x in r["runs"]}
         assert set(runs) >= {"fixed-2", "fixed-4", "gelato", "gelato local", "gelato send-ahead"}
@@ -42,7 +50,7 @@ def test_pipelining_benchmark_end_to_end(questions: Path, tmp_path: Path) -> Non
         assert r["gelato_send_ahead_vs_fastest_fixed"] == pytest.approx(ratio)
     assert 8 < r["rtt_measured_ms"][0] < 15  # the proxy really added the 10 ms round trip
     md = (out / "results.md").read_text()
-    assert "| 10 (" in md and "Losslessness: every output" in md
+    assert "| 10 (" in md and "Losslessness: every output" in md and "the median of 2 repeats" in md
 
 
 def test_pipeline_stats_from_a_trace(tmp_path: Path) -> None:
