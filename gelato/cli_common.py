@@ -22,6 +22,7 @@ on/off; a repeatable flag (`append`) takes one value.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import shlex
@@ -62,11 +63,14 @@ GRPC_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
 
 def endpoint(text: str) -> str:
     """HOST:PORT (IPv6 as [ADDR]:PORT) with a port in 1-65535, or a gRPC target URI naming several
-    replicas (`dns:///edge:50051`, `ipv4:10.0.0.1:50051,10.0.0.2:50051`); returned unchanged."""
+    replicas (`dns:///edge:50051`, `ipv4:10.0.0.1:50051,10.0.0.2:50051`); returned unchanged. A
+    target URI is checked here in full (`_grpc_target`): gRPC core takes a malformed one without an
+    error, logs it, and its channel then never connects nor lets the process exit."""
     if text.startswith(GRPC_TARGET_SCHEMES):
-        if not text.split(":", 1)[1].strip("/"):
-            raise argparse.ArgumentTypeError(f"a gRPC target needs addresses after the scheme, got {text!r}")
+        _grpc_target(text)
         return text
+    if "://" in text:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT or a gRPC target (dns:///HOST:PORT), got {text!r}")
     host, sep, port = text.rpartition(":")
     if not sep or not host or host in ("[]",):
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
@@ -75,6 +79,39 @@ def endpoint(text: str) -> str:
     if port_number(port) == 0:
         raise argparse.ArgumentTypeError(f"port must be in 1-65535, got 0 in {text!r}")
     return text
+
+
+def _grpc_target(text: str) -> None:
+    """`ipv4:`/`ipv6:` a comma list of ADDR:PORT (IPv6 as [ADDR]:PORT), `dns:` [//AUTHORITY/]HOST:PORT
+    (gRPC would dial 443 without a port: asked for explicitly), `unix:` a path."""
+    scheme, rest = text.split(":", 1)
+    if not rest.strip("/"):
+        raise argparse.ArgumentTypeError(f"a gRPC target needs addresses after the scheme, got {text!r}")
+    if scheme == "unix":
+        return
+    if scheme == "dns":
+        name = rest[2:].split("/", 1)[1] if rest.startswith("//") and "/" in rest[2:] else rest
+        _address(name, text, ip=None)
+        return
+    for address in rest.split(","):
+        _address(address, text, ip=4 if scheme == "ipv4" else 6)
+
+
+def _address(address: str, text: str, ip: int | None) -> None:
+    """One HOST:PORT of a gRPC target; `ip` 4 or 6: the host must be such an address."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        what = f"{address!r} in {text!r}"
+        raise argparse.ArgumentTypeError(f"each address of a gRPC target needs :PORT (1-65535): {what}")
+    if ip is None:
+        return
+    bare = host[1:-1] if ip == 6 and host.startswith("[") and host.endswith("]") else host
+    try:
+        if ipaddress.ip_address(bare).version != ip:
+            raise ValueError
+    except ValueError:
+        form = "[ADDR]:PORT" if ip == 6 else "ADDR:PORT"
+        raise argparse.ArgumentTypeError(f"not an IPv{ip} {form}: {address!r} in {text!r}") from None
 
 
 SIZE_UNITS = {

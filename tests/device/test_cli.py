@@ -52,6 +52,12 @@ def test_plain_output(pair: dict[str, Path], edge: EdgeProcess) -> None:
         (["--edge", "127.0.0.1:99999"], "argument --edge: port must be in 0-65535"),
         (["--edge", "edgehost"], "argument --edge: expected HOST:PORT"),
         (["--edge", "::1:50051"], "[ADDR]:PORT"),
+        # Malformed gRPC targets: gRPC core would take them, never connect and never let the
+        # process exit; refused here, before any channel.
+        (["--edge", "ipv4:127.0.0.1"], "needs :PORT"),
+        (["--edge", "ipv4:abc:50051"], "not an IPv4 ADDR:PORT"),
+        (["--edge", "dns:///localhost"], "needs :PORT"),
+        (["--edge", "http://edge:50051"], "dns:///HOST:PORT"),
         (["--top-m", "0"], "--top-m must be >= 1"),
         (["--limit", "-1"], "--limit must be >= 0"),
         (["--connect-timeout-s", "0"], "--connect-timeout-s must be > 0"),

@@ -1,0 +1,49 @@
+"""`gelato.cli_common.endpoint`: what `--edge` accepts. A malformed gRPC target must be refused
+with a precise message: gRPC core takes one without an error, and its channel then never
+connects nor lets the process exit."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from gelato.cli_common import endpoint
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "edge:50051",
+        "[::1]:50051",
+        "dns:///edge.example.org:50051",
+        "dns:edge:1",
+        "dns://8.8.8.8/edge:50051",
+        "ipv4:127.0.0.1:50051,10.0.0.2:50052",
+        "ipv6:[::1]:50051,[2001:db8::2]:50051",
+        "unix:/run/gelato.sock",
+    ],
+)
+def test_accepted_targets_are_returned_unchanged(text: str) -> None:
+    assert endpoint(text) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("ipv4:abc", "needs :PORT"),
+        ("ipv4:127.0.0.1", "needs :PORT"),
+        ("ipv4:127.0.0.1:50051,10.0.0.2", "needs :PORT (1-65535): '10.0.0.2'"),
+        ("ipv4:127.0.0.1:0", "needs :PORT"),
+        ("ipv4:[::1]:50051", "not an IPv4"),
+        ("ipv6:127.0.0.1:50051", "not an IPv6"),
+        ("dns:///localhost", "needs :PORT"),
+        ("dns:", "needs addresses after the scheme"),
+        ("http://edge:50051", "dns:///HOST:PORT"),
+        ("edge", "expected HOST:PORT"),
+    ],
+)
+def test_malformed_targets_are_refused_precisely(text: str, needle: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=None) as info:
+        endpoint(text)
+    assert needle in str(info.value)
