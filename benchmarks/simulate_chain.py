@@ -80,7 +80,7 @@ class SendAhead(DeviceCore):
         now = last = 0.0  # the device's clock; the previous verdict's time
         busy = 0.0  # drafting seconds since the previous verdict
         pos, r = 0, 0
-        unsent, unsent_s, stale_down = 0, 0.0, 0
+        unsent, unsent_s, stale_down, dropped = 0, 0.0, 0, 0
         while pos < trace.n:
             if not chain:
                 limit = self._limit(trace, pos)
@@ -115,12 +115,15 @@ class SendAhead(DeviceCore):
                 if not go:
                     break
                 block, cost_s = self._chain_block(trace, nxt, limit, r + len(chain), (prev, decision))
+                if chain[0].verdict_at < now + block.draft_s and self._cuts(trace, chain):
+                    block = self._cut_short(block, chain[0].verdict_at - now)
                 now, busy = now + block.draft_s, busy + block.draft_s
                 self.totals.controller_s += cost_s
                 if chain[0].verdict_at <= now:  # the verdict came while drafting: still worth sending?
                     after = chain[1] if len(chain) > 1 else block
                     if not _chain_hit(trace, chain[0], after):
                         unsent, unsent_s = unsent + block.k + 1, unsent_s + block.draft_s
+                        dropped = block.k + 1 if after is block else 0  # this round's pre-draft, a miss
                         self.totals.unsent += 1
                         break
                 self._send(block, now, wire)
@@ -132,7 +135,7 @@ class SendAhead(DeviceCore):
             cut = [] if hit else list(chain)
             if cut:
                 chain.clear()
-            wasted = sum(b.k + 1 for b in cut) + unsent
+            wasted = sum(b.k + (not b.follow) for b in cut) + unsent  # an empty block drafted nothing
             self._waste(wasted, sum(b.draft_s for b in cut) + unsent_s)
             unsent, unsent_s = 0, 0.0
             accepted = min(trace.run[sent.pos], sent.k)
@@ -167,7 +170,7 @@ class SendAhead(DeviceCore):
                 stop_reason=_block_end(sent.reason, sent.cap, sent.wanted, gate is not None),
                 entropies=sent.view.entropies,
                 p_accept=tuple(gate.p_accept) if gate else (),
-                predrafted=successor.k + 1 if successor is not None and not successor.follow else 0,
+                predrafted=(successor.k + 1 if not successor.follow else 0) if successor is not None else dropped,
                 predraft_hit=hit,
                 sent_ahead=sent.ahead,
                 follow=sent.follow,
@@ -180,7 +183,7 @@ class SendAhead(DeviceCore):
             self.totals.controller_s += time.perf_counter() - t0
             tele = replace(tele, q_deficit_j=q)
             self._record(tele, q)
-            pos, r, last, busy = pos + emitted, r + 1, now, 0.0
+            pos, r, last, busy, dropped = pos + emitted, r + 1, now, 0.0, 0
 
     def _chain_block(
         self, trace: Trace, pos: int, limit: int, r: int, ahead: tuple[_Block, Decision] | None
@@ -214,6 +217,29 @@ class SendAhead(DeviceCore):
             pos, k, reason, decision, gate, cap, wanted, draft_s, ahead is not None, guess_ok, verified, view
         )
         return block, ctrl + gate_s
+
+    @staticmethod
+    def _cuts(trace: Trace, chain: deque[_Block]) -> bool:
+        """`gelato.device.pipeline._CutRule`: the awaited verdict cuts the chain (fewer drafts
+        accepted than sent, or the next block in flight missed); known when that verdict arrives."""
+        oldest = chain[0]
+        partial = min(trace.run[oldest.pos], oldest.k) < oldest.k
+        return partial or (len(chain) > 1 and not _chain_hit(trace, oldest, chain[1]))
+
+    def _cut_short(self, block: _Block, within_s: float) -> _Block:
+        """The block as the live loop drafts it when its chain is cut `within_s` into its drafting:
+        the stop rule is asked after each draft (not after the guess), so drafting ends with the
+        first draft that ends after the verdict came; a block of no drafts is not cut."""
+        if block.k == 0:
+            return block
+        forwards = 2  # the guess and the first draft
+        while forwards < block.k + 1 and self.model.draft_s(forwards) < within_s:
+            forwards += 1
+        if forwards == block.k + 1:
+            return block
+        k = forwards - 1
+        view = replace(block.view, ids=block.view.ids[:k], entropies=block.view.entropies[:k])
+        return replace(block, k=k, reason="cut", draft_s=self.model.draft_s(forwards), view=view)
 
     @staticmethod
     def _follow(pos: int, r: int, parent: _Block, decision: Decision, wanted: int) -> _Block:

@@ -27,7 +27,11 @@ Each verdict is one round of telemetry: its time and energy are those since the 
 blocks before it, so the cost estimates learn the channel from the others), `sent_ahead` marks a
 block sent before its parent's verdict (`follow` an empty one), and a miss's round carries the
 `stale_blocks` it cut, the `wasted_tokens` drafted for nothing and their estimated drafting energy
-`wasted_j` (the cost model's per-token drafting time × drafting power). Blocks still in flight when
+`wasted_j` (the cost model's per-token drafting time × drafting power). `predrafted` is what was
+drafted after the block before its verdict: the next block, sent or dropped unsent once the verdict
+showed it missed (so the guess-match rate learns from every guess, `predraft_hit` False), and
+`t_net_s` is measured to when the verdict arrived, not to when the loop next looked at it (it may be
+drafting then). Blocks still in flight when
 the generation stops (sent past its eos or last token) and stale verdicts not yet charged to a
 round belong to no round: their bytes count in the generation's totals (`stats.bytes_up`,
 `bytes_down`, the radio energy), as the session's open and close do.
@@ -94,6 +98,10 @@ class _Chain:
     next_round: int = 0
     stale_down: int = 0  # bytes of skipped stale verdicts, charged to the next round
     unsent: int = 0  # tokens drafted after a miss was known: never sent, wasted
+    # Tokens of the block drafted after the awaited one (alone in flight) and dropped unsent when
+    # its verdict came mid-draft: that round's pre-draft, a miss, reported as such so that the
+    # guess-match rate learns from every guess drafted, not only from the guesses sent.
+    dropped: int = 0
     drafting_s: float = 0.0  # drafting time since the last verdict (every block drafted)
 
     def p_chain(self, policy: Policy) -> float:
@@ -117,8 +125,10 @@ def _drafted(block: DraftBlock) -> int:
     return block.k + (block.guess is not None)
 
 
-async def _receive(link: Link, chain: _Chain) -> tuple[Verdict, int]:
-    """The oldest block's verdict, skipping the stale answers of a cut chain."""
+async def _receive(link: Link, chain: _Chain) -> tuple[Verdict, int, float]:
+    """The oldest block's verdict, its bytes and when it arrived (read here, on the event loop, not
+    once the block being drafted meanwhile is done: the channel's time must not include drafting),
+    skipping the stale answers of a cut chain."""
     while True:
         verdict, down = await link.receive()
         if verdict.stale and verdict.round in chain.stale:
@@ -129,7 +139,7 @@ async def _receive(link: Link, chain: _Chain) -> tuple[Verdict, int]:
         if verdict.stale or verdict.round != want:
             what = f"round {verdict.round}" + (" stale" if verdict.stale else "")
             raise VerifyError(f"edge answered {what}, expected round {want}")
-        return verdict, down
+        return verdict, down, time.perf_counter()
 
 
 def _limit(limits: Limits, confirmed: int, out: int) -> int:
@@ -175,7 +185,7 @@ class _CutRule:
     thread drafts; the rest of a block that will never be sent is not drafted. What is drafted
     never depends on it: a cut block is dropped, never sent."""
 
-    def __init__(self, gate: Gate | None, recv: asyncio.Future[tuple[Verdict, int]], chain: _Chain) -> None:
+    def __init__(self, gate: Gate | None, recv: asyncio.Future[tuple[Verdict, int, float]], chain: _Chain) -> None:
         self.gate = gate
         self.cut = threading.Event()
         oldest = chain.sent[0].block
@@ -183,11 +193,11 @@ class _CutRule:
         recv.add_done_callback(lambda f: self._on_verdict(f, oldest, successor))
 
     def _on_verdict(
-        self, f: asyncio.Future[tuple[Verdict, int]], oldest: DraftBlock, successor: DraftBlock | None
+        self, f: asyncio.Future[tuple[Verdict, int, float]], oldest: DraftBlock, successor: DraftBlock | None
     ) -> None:
         if f.cancelled() or f.exception() is not None:
             return  # an error ends the generation: nothing to save
-        verdict, _ = f.result()
+        verdict = f.result()[0]
         if verdict.n_accepted < oldest.k or (successor is not None and not _hit(verdict, oldest, successor)):
             self.cut.set()
 
@@ -202,7 +212,7 @@ async def _extend(
     link: Link,
     policy: Policy,
     chain: _Chain,
-    recv: asyncio.Future[tuple[Verdict, int]],
+    recv: asyncio.Future[tuple[Verdict, int, float]],
     base: tuple[int, int],
     offload: Offload,
     limits: Limits,
@@ -233,10 +243,12 @@ async def _extend(
         block = await offload(drafter.draft_after, prev, cap, chain.next_round, stop, limits.eos)
         chain.drafting_s += block.draft_s
         if recv.done() and not recv.exception():  # the verdict came while drafting: still worth sending?
-            verdict, _ = recv.result()
+            verdict = recv.result()[0]
             successor = chain.sent[1].block if len(chain.sent) > 1 else block
             if not _hit(verdict, chain.sent[0].block, successor):
-                chain.unsent += block.k + 1  # `settle` drops it with the rest
+                chain.unsent += _drafted(block)  # `settle` drops it with the rest
+                if successor is block:
+                    chain.dropped = _drafted(block)
                 return
         await _send(link, chain, block, decision, gate, cap, wanted)
 
@@ -287,20 +299,21 @@ async def _chain_loop(
             if limit < 0:
                 stats.stop_reason = "context_limit"
                 break
-        recv: asyncio.Future[tuple[Verdict, int]] | None = None
+        recv: asyncio.Future[tuple[Verdict, int, float]] | None = None
         try:
             if not chain.sent:
                 await _first(drafter, link, policy, chain, limit, offload, limits)
             recv = asyncio.ensure_future(_receive(link, chain))
             await _extend(drafter, link, policy, chain, recv, (confirmed, len(out)), offload, limits)
-            verdict, down = await recv
+            verdict, down, arrived = await recv
         except VerifyError as exc:
             stats.stop_reason, error, failure = "error", str(exc), exc
             break
         finally:
             if recv is not None and not recv.done():
                 recv.cancel()
-        start = await _settle(drafter, policy, chain, verdict, down, start, stats, out, limits, acct, on_round, offload)
+        got = (verdict, down, arrived)
+        start = await _settle(drafter, policy, chain, got, start, stats, out, limits, acct, on_round, offload)
     # Blocks still in flight when the generation stops (sent ahead past its eos or its last token,
     # or behind a failed read) and stale verdicts skipped since the last round cost their bytes
     # too, charged to no round: in the totals (and so the radio energy), as the open and close are.
@@ -319,8 +332,7 @@ async def _settle(
     drafter: Drafter,
     policy: Policy,
     chain: _Chain,
-    verdict: Verdict,
-    down: int,
+    got: tuple[Verdict, int, float],
     start: Reading,
     stats: GenerationStats,
     out: list[int],
@@ -329,8 +341,9 @@ async def _settle(
     on_round: Callable[[Telemetry], None] | None,
     offload: Offload,
 ) -> Reading:
-    """Apply the oldest block's verdict: emit, cut the chain on a miss, one round of telemetry."""
-    arrived = time.perf_counter()
+    """Apply the oldest block's verdict (`got`: it, its bytes, when it arrived): emit, cut the chain
+    on a miss, one round of telemetry."""
+    verdict, down, arrived = got
     sent = chain.sent.popleft()
     block = sent.block
     successor = chain.sent[0].block if chain.sent else None
@@ -345,6 +358,7 @@ async def _settle(
         chain.next_round = block.round + 1
     wasted = sum(_drafted(s.block) for s in cut) + chain.unsent
     drafting_s, chain.unsent, chain.drafting_s = chain.drafting_s, 0, 0.0
+    predrafted, chain.dropped = _drafted(successor) if successor is not None else chain.dropped, 0
     delivered = deliver(emitted, out, limits)
     out += delivered
     up = sent.bytes_up + sum(s.bytes_up for s in cut)
@@ -365,7 +379,7 @@ async def _settle(
         stop_reason=block_end(block, sent.cap, sent.wanted, gate is not None),
         entropies=block.entropies,
         p_accept=tuple(gate.p_accept) if gate else (),
-        predrafted=_drafted(successor) if successor is not None else 0,
+        predrafted=predrafted,
         predraft_hit=hit,
         t_drafting_s=drafting_s,
         sent_ahead=block.guess is not None or block.follow,

@@ -292,15 +292,16 @@ class Lyapunov(Policy):
         # next round is observed (so deciding stays a function of observed rounds).
         self._follow_seen: bool | None = None
 
-    def _outer(self, limit: int) -> tuple[int, float, Objective]:
+    def _outer(self, limit: int) -> tuple[int, float, Objective, bool]:
         """K_ref from the objective. When it stays 0 the acceptance estimate is never refreshed
         (nothing drafted, nothing observed), so every `explore_every_rounds` a block of `explore_k`
         is drafted. With send-ahead running (`self.ahead_blocks`), a chain's block size where chains
         score better than rounds one at a time (`choose_chain_k`, a chain priced as starting as
         often as the per-block check lately started one: `Controller.ahead_follow`);
-        `self._round_score` keeps the latter's score."""
+        `self._round_score` keeps the latter's score. The last value: whether K_ref is a chain's."""
         obj, ahead = self.controller.objective(), self.ahead_blocks
         k_ref, score = choose_k_ref(obj, self.k_max(limit))
+        chained = False
         self._round_score = score
         self._round_rate = expected_emitted(obj.cost.alpha, k_ref) / max(obj.cost.time_s(k_ref), 1e-9)
         if ahead is not None:
@@ -308,11 +309,12 @@ class Lyapunov(Policy):
             k_chain, chain_score = choose_chain_k(
                 obj, self.k_max(limit), c.bonus_match.value, ahead, self._round_rate, c.ahead_follow.value
             )
-            if chain_score > score:
+            chained = chain_score > score
+            if chained:
                 k_ref, score = k_chain, chain_score
         if k_ref == 0 and limit > 0 and self._idle_rounds >= self.options.explore_every_rounds - 1:
             k_ref = min(self.options.explore_k, self.k_max(limit))
-        return k_ref, score, obj
+        return k_ref, score, obj, chained
 
     def end_chains(self) -> None:
         super().end_chains()
@@ -328,7 +330,7 @@ class Lyapunov(Policy):
         return super().observe(tele)
 
     def decide(self, limit: int) -> Decision:
-        k_ref, score, _ = self._outer(limit)
+        k_ref, score, _, _ = self._outer(limit)
         return Decision(k_ref, k_ref, self.controller.q_j, score)
 
     def predraft_depth(self, decision: Decision, block: DraftBlock) -> int:
@@ -361,9 +363,13 @@ class Gelato(Lyapunov):
     name = "gelato"
 
     def decide(self, limit: int) -> Decision:
-        k_ref, score, self._objective = self._outer(limit)
+        k_ref, score, self._objective, chained = self._outer(limit)
         # The inner rule with nothing drafted yet is the outer decision: K_ref = 0 drafts nothing.
-        return Decision(k_ref, self.k_max(limit) if k_ref else 0, self.controller.q_j, score)
+        # A chain's block size caps it: the inner rule scores rounds one at a time, whose best K
+        # is longer, and would draft past the size the chain was priced (and chosen) for; an
+        # uncertain token still ends the block early.
+        cap = k_ref if chained else self.k_max(limit)
+        return Decision(k_ref, cap if k_ref else 0, self.controller.q_j, score)
 
     def gate(self, decision: Decision) -> Gate:
         return _Continuation(self.controller.calibrator, self._objective, decision.k_ref, decision.k_max)

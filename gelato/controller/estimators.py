@@ -195,7 +195,10 @@ class CostEstimator:
 
     def observe(self, tele: Telemetry) -> None:
         self.rounds += 1
-        fresh = tele.k - tele.carried  # carried drafts were drafted (and timed) in the round before
+        # Forwards this block's drafting time covers: carried drafts were drafted (and timed) in the
+        # round before; a block sent ahead with a guess drafted the guess too (one forward more,
+        # which `chain_frame` prices itself: fitted as a draft, it would land in the intercept).
+        fresh = tele.k - tele.carried + (tele.sent_ahead and not tele.follow)
         if fresh > 0:
             self.t_draft.update(fresh, tele.t_draft_s)
         if tele.k > 0:
@@ -206,7 +209,10 @@ class CostEstimator:
             # A block sent ahead waits at the edge behind the blocks before it, and that wait is
             # in its transport time: only blocks sent on their own measure the channel.
             self.t_net.update(tele.k, tele.t_net_s)
-        self.e_radio.update(tele.k, tele.e_radio_j)
+        if not tele.stale_blocks:
+            # A miss's round also carries the bytes of the blocks it cut, which `chain_frame` prices
+            # as waste itself: fitted in, every block's radio would be charged them again.
+            self.e_radio.update(tele.k, tele.e_radio_j)
         if math.isfinite(tele.e_compute_j):
             drafting = tele.t_drafting_s if math.isfinite(tele.t_drafting_s) else tele.t_draft_s
             t_wait = max(tele.t_round_s - drafting, 0.0)

@@ -378,6 +378,39 @@ def test_empty_blocks_ahead_as_the_device_sends_them(setup: tuple[list[Trace], R
     assert piped["tokens_per_s"] > 2 * off["tokens_per_s"] and piped["sent_empty"] > 0 == piped["sent_ahead"]
 
 
+def test_guesses_dropped_unsent_count_as_misses() -> None:
+    """Drafter = target (every block fully accepted), guesses right half the time, no round trip
+    and slow drafting: most verdicts come while the next block is drafted, and a block whose guess
+    missed is dropped unsent. The guess-match rate the controller prices chains with must learn
+    from those too (counting only the guesses sent, it drifts to 1), as the live loop reports them."""
+    costs = Costs(0.0, 5e-3, 1e-3, 5e-5, 19.0, 1.8, 35.0)
+    model = RoundModel(costs, Channel(rtt_s=0.0), guess_match=0.5)
+    policy = FixedK(4, PolicyOptions(pipeline="send-ahead", ahead_blocks=1, halflife_rounds=1e9))
+    rec = RecordingPolicy(policy)
+    device = Device(policy, model, seed=0)
+    for trace in perfect_traces(400, 3):
+        device.generate(trace)
+    assert device.totals.unsent > 50  # the case at hand: guesses known to miss while drafting
+    assert 0.4 < policy.controller.bonus_match.value < 0.6
+    dropped = [t for t in rec.seen if t.predrafted and not t.predraft_hit]
+    assert dropped and all(t.accepted == t.k for t in dropped)
+
+
+def test_a_block_cut_mid_draft_stops_at_its_next_draft() -> None:
+    """As the live loop's `_CutRule`: once the awaited verdict shows a partial accept, the block
+    being drafted after it stops at its next draft instead of being drafted whole, so a miss wastes
+    a couple of forwards, not a block's worth."""
+    costs = Costs(0.0, 5e-3, 1e-3, 5e-5, 19.0, 1.8, 35.0)
+    model = RoundModel(costs, Channel(rtt_s=0.002), guess_match=1.0)
+    agree = ([1] * 3 + [0]) * 300  # every 6-draft block is rejected at its fourth draft
+    trace = Trace((0.1,) * len(agree), agree_runs(agree), frozenset(), len(agree), 20)
+    policy = FixedK(6, PolicyOptions(pipeline="send-ahead", ahead_blocks=1))
+    device = Device(policy, model, seed=0)
+    device.generate(trace)
+    tot = device.totals
+    assert tot.unsent > 50 and tot.wasted_tokens <= 3 * tot.unsent  # a guess + 1-2 drafts each, not 7
+
+
 def test_send_ahead_telemetry_is_consistent(setup: tuple[list[Trace], RoundModel]) -> None:
     """On the synthetic traces (guesses from the trace): every generation emits its n tokens, a
     round sent ahead always follows a hit, and the waste adds up to the stale and unsent blocks."""
@@ -399,11 +432,11 @@ def test_send_ahead_telemetry_is_consistent(setup: tuple[list[Trace], RoundModel
                 # follows any outcome: K = 0 sent ahead, never stale).
                 assert not prev.predraft_hit or prev.accepted == prev.k or t.follow
         tot = device.totals
-        assert tot.stale + tot.unsent <= tot.wasted_tokens
         assert tot.busy_s < tot.time_s
         if name == "fixed-3":  # always sends ahead (gelato decides: here it mostly does not)
             assert tot.sent_ahead > 0 and tot.stale > 0
-            assert tot.wasted_tokens <= 4 * (tot.stale + tot.unsent)
+            # Each stale or unsent block wasted its guess and up to 3 drafts (an empty one none).
+            assert 0 < tot.wasted_tokens <= 4 * (tot.stale + tot.unsent)
 
 
 def test_cli_pipelining_sweep(trace_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

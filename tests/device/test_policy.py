@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,30 @@ def test_chains_the_per_block_check_refuses_stop_shaping_k() -> None:
         p.send_ahead(d, 0.0)  # a deeper block's check is not a chain's start: not counted
         p.observe(tele(6, 4))
     assert p.controller.ahead_follow.value > 0.9 and p.decide(8).k_ref == chained.k_ref
+
+
+def test_gelato_drafts_a_chain_block_only_up_to_its_size() -> None:
+    """When the outer decision sizes blocks for a chain (shorter than the round choice), gelato's
+    inner rule, which scores rounds one at a time, must not draft past that size on confident
+    tokens: the chain was priced, and chosen, for it. Rounds one at a time keep K_max as the cap."""
+    for name in ("lyapunov", "gelato"):
+        p = parse_policy(name, PolicyOptions(pipeline="send-ahead", ahead_blocks=2))
+        for _ in range(40):
+            p.observe(replace(tele(6, 4), entropies=(0.01,) * 6))  # calibrated: p(accept | 0.01 nats) high
+        p.ahead_blocks = 2  # as `pipelined_generate` sets it
+        k_round = choose_k_ref(p.controller.objective(), 8)[0]
+        d = p.decide(8)
+        assert d.k_ref < k_round and d.k_max == d.k_ref  # a chain's block, capped at its size
+        gate = p.gate(d)
+        drafted = 0
+        while drafted < d.k_max:  # as `Drafter.draft` asks the gate after each token
+            drafted += 1
+            if gate is not None and gate(drafted, 0.01, None):
+                break
+        assert drafted == d.k_ref, name
+        p.ahead_blocks = None  # the generation is over: rounds one at a time again
+        lone = p.decide(8)
+        assert lone.k_ref == k_round and lone.k_max == (8 if name == "gelato" else k_round)
 
 
 def test_gelato_explores_after_idle_rounds() -> None:

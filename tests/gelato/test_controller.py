@@ -291,6 +291,46 @@ def test_transport_time_is_learned_from_blocks_not_sent_ahead() -> None:
     assert m.t_edge0_s + 4 * m.t_edge_per_token_s > before.t_edge0_s + 4 * before.t_edge_per_token_s + 2e-3
 
 
+def test_a_guess_is_fitted_as_the_drafter_forward_it_is() -> None:
+    """A block sent ahead drafts its guess and then its k drafts: k + 1 forwards in `t_draft_s`.
+    Fitted as k, the guess would land in the per-block intercept, which `chain_frame` (pricing the
+    guess itself) and every round one at a time would then pay again. An empty block sent ahead
+    drafted nothing."""
+    from dataclasses import replace
+
+    def fitted(send_ahead: bool) -> CostModel:
+        rng = random.Random(0)
+        est = CostEstimator()
+        for i in range(400):
+            k = rng.choice([2, 3, 4, 5, 6])
+            ahead = send_ahead and i % 2 == 1
+            est.observe(replace(tele(k, k, 0.005 * (k + ahead), 0.02, 0.05), sent_ahead=ahead))
+            if send_ahead:
+                est.observe(replace(tele(0, 0, 0.0, 0.02, 0.05), sent_ahead=True, follow=True))
+        return est.model()
+
+    lone, mixed = fitted(False), fitted(True)  # 0 per block, 5 ms per forward (the lone fit's ridge bias aside)
+    assert lone.t_draft0_s < 5e-4
+    assert mixed.t_draft0_s == pytest.approx(lone.t_draft0_s, abs=5e-5)
+    assert mixed.t_draft_s == pytest.approx(lone.t_draft_s, rel=1e-2)
+
+
+def test_radio_cost_is_learned_from_rounds_that_cut_nothing() -> None:
+    """A miss's round carries the bytes (and radio energy) of the blocks it cut, which a chain's
+    price adds as waste itself: the per-block radio line is fitted on the other rounds only."""
+    from dataclasses import replace
+
+    est = CostEstimator()
+    for i in range(200):
+        k = 2 + i % 5
+        est.observe(tele(k, k, 0.004, 0.02, 0.05, radio=1e-3 + 1e-4 * k))
+        # A miss that cut two blocks: their radio energy rides on this round.
+        est.observe(replace(tele(k, 1, 0.004, 0.02, 0.05, radio=3 * (1e-3 + 1e-4 * k)), stale_blocks=2))
+    m = est.model()
+    # (the fit's ridge pulls the slope a little towards 0; counting the misses in would double both)
+    assert m.e_radio0_j == pytest.approx(1e-3, rel=0.05) and m.e_radio_per_token_j == pytest.approx(1e-4, rel=0.05)
+
+
 def test_acceptance_estimate_excludes_unobserved_drafts() -> None:
     est = CostEstimator(halflife_rounds=1e9)
     for _ in range(500):  # 8 drafts, first rejected: 0 of 1 observed token accepted
