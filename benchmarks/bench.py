@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import os
 import shlex
 import sys
@@ -42,9 +43,11 @@ from typing import Any
 
 from gelato.benchmarks.bench_run import Fleet, RunResult, RunSpec, shard_files, summarize
 from gelato.benchmarks.channel import PROFILES, Channel, ChannelError, Profile, guard, profile_from
+from gelato.benchmarks.procs import check_energy_source
 from gelato.device.policy import PIPELINE_MODES
 
 FIXED = [f"fixed-{k}" for k in range(9)]
+BUDGET_FACTORS = "1.0,1.25"
 DEFAULT_POLICIES = ",".join(["ar-edge", "ar-device", *FIXED, "heuristic", "entropy", "adaedl", "lyapunov", "gelato"])
 ENERGY_NOTE = (
     "Device energy is an ESTIMATE: the cpu-model meter (`{profile}` profile: CPU seconds × active W + idle W × wall "
@@ -82,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--devices", type=int, default=1, help="concurrent device processes (default 1)")
     g.add_argument("--policies", default=DEFAULT_POLICIES, help="comma list (ar-edge always runs: the reference)")
     g.add_argument("--budgets", default="", help="ē in J/token for lyapunov/gelato (default: from fixed-K)")
-    g.add_argument("--budget-factors", default="1.0,1.25", help="× the cheapest fixed-K J/token, without --budgets")
+    g.add_argument("--budget-factors", default=BUDGET_FACTORS, help="× the cheapest fixed-K J/token, without --budgets")
     g.add_argument("--v", default="", help="V values for the budgeted runs (default: gelato-device's)")
     g.add_argument(
         "--pipeline",
@@ -97,11 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--entropy-thresholds", default="1", help="τ values (nats) of the entropy policy")
     g.add_argument("--adaedl-lambdas", default="0.6", help="λ values of adaedl")
     g.add_argument("--limit", type=int, default=50, help="the first N test questions (default 50)")
-    g.add_argument("--data", type=Path, default=None, help="GSM8K test JSONL (default: ../shared/data/gsm8k)")
+    g.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="GSM8K test JSONL (default: $GELATO_GSM8K_DIR/test.jsonl, else shared/data/gsm8k/test.jsonl "
+        "in the folder holding the repository checkout)",
+    )
     g.add_argument("--drafter", default=None, help="default: the built-in tiny drafter")
     g.add_argument("--target", default=None, help="default: the built-in tiny target")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/gsm8k_<channel>_n<N>")
+    g.add_argument("--force", action="store_true", help="write into an --out folder that already holds a run")
     g.add_argument("--channel", choices=sorted(PROFILES), default="wifi")
     for flag, unit in (("one-way-ms", "ms"), ("jitter-ms", "ms ±"), ("up-mbit", "Mbit/s"), ("down-mbit", "Mbit/s")):
         g.add_argument(f"--{flag}", type=float, default=None, help=f"override the profile's {flag} ({unit})")
@@ -116,7 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", action="store_true")
     r = sub.add_parser("report", help="rebuild table, summary and plots of a finished run folder (no devices run)")
-    r.add_argument("dir", type=Path)
+    r.add_argument("dir", type=Path, help="a folder written by gelato-bench gsm8k (its summary.json, rounds, outputs)")
+    r.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="GSM8K test JSONL for the gold answers (default: the run's recorded path if it exists, "
+        "else as gsm8k --data)",
+    )
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--plots-only", action="store_true", help="only redraw the PNGs (references not re-run)")
     r.add_argument(
@@ -127,7 +144,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_lists(args: argparse.Namespace) -> str:
+    """The comma-list options, parsed as the run will parse them (a typo is an error before any
+    channel or edge starts, not a traceback later); '' when all are well-formed."""
+    for flag, text in (
+        ("--budgets", args.budgets),
+        ("--budget-factors", args.budget_factors),
+        ("--v", args.v),
+        ("--entropy-thresholds", args.entropy_thresholds),
+        ("--adaedl-lambdas", args.adaedl_lambdas),
+    ):
+        try:
+            values = floats(text)
+        except ValueError:
+            return f"{flag}: expected a comma list of numbers, got {text!r}"
+        if not all(math.isfinite(v) for v in values):
+            return f"{flag}: values must be finite, got {text!r}"
+    from gelato.device.policy import parse_policy
+
+    for name in (p.strip() for p in args.policies.split(",") if p.strip()):
+        try:
+            parse_policy(name)
+        except ValueError as exc:
+            return f"--policies: {exc}"
+    from gelato.power import RADIOS
+    from gelato.power.cpu_model import PROFILES as DEVICE_PROFILES
+
+    if args.radio is not None and args.radio not in (*RADIOS, "none"):
+        return f"--radio: unknown radio {args.radio!r} (one of {', '.join((*RADIOS, 'none'))})"
+    if args.device_profile not in DEVICE_PROFILES:
+        return f"--device-profile: unknown profile {args.device_profile!r} (one of {', '.join(DEVICE_PROFILES)})"
+    if args.budgets and args.budget_factors != BUDGET_FACTORS:
+        return "--budgets and --budget-factors exclude each other (factors scale the cheapest fixed-K's J/token)"
+    return ""
+
+
 def check_args(args: argparse.Namespace) -> str:
+    listed = check_lists(args)
+    if listed:
+        return listed
     bad = [
         ("--devices must be >= 1", args.devices >= 1),
         ("--limit must be >= --devices", args.limit >= args.devices),
@@ -280,6 +335,7 @@ class Bench:
         res = self.fleet.run(spec)
         self.results.append(res)
         s = summarize(res)
+        check_energy_source(spec.label, s["energy"])
         jpt = s["energy_j_per_token"]
         hit = s["ahead_hit_rate"] if spec.pipeline == "send-ahead" else s["predraft_hit_rate"]
         piped = "" if spec.pipeline == "off" else f", {spec.pipeline} hit {'-' if hit is None else f'{hit:.2f}'}"
@@ -332,7 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from gelato.benchmarks.bench_finish import rebuild, replot
 
-        return replot(args.dir) if args.plots_only else rebuild(args.dir, args.no_plots, args.rerun_assisted)
+        if not (args.dir / "summary.json").is_file():
+            parser.error(f"{args.dir}: not a gelato-bench run folder (no summary.json)")
+        if args.plots_only:
+            return replot(args.dir)
+        return rebuild(args.dir, args.no_plots, args.rerun_assisted, args.data)
     bad = check_args(args)
     if bad:
         parser.error(bad)
@@ -350,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     args.radio = args.radio or ("lte" if args.channel == "lte" else "wifi")
     args.out = args.out or Path(f"benchmarks/results/gsm8k_{args.channel}_n{args.devices}")
+    if (args.out / "summary.json").exists() and not args.force:
+        # The default folders are the committed results: never written over by accident.
+        parser.error(f"--out {args.out} already holds a run (summary.json): choose another --out, or --force")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     questions = load_questions(args)
     command = shlex.join(["gelato-bench", *(sys.argv[1:] if argv is None else argv)])

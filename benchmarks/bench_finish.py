@@ -238,9 +238,11 @@ def replot(out: Path) -> int:
     return 0
 
 
-def rebuild(out: Path, no_plots: bool = False, rerun_assisted: bool = False) -> int:
+def rebuild(out: Path, no_plots: bool = False, rerun_assisted: bool = False, data: Path | None = None) -> int:
     """`gelato-bench report DIR`: everything from the run's files; the assisted row is measured
-    again only with `rerun_assisted` (or where the run has none)."""
+    again only with `rerun_assisted` (or where the run has none). The GSM8K file (for the gold
+    answers): `data`, else the path the run recorded if it exists here, else the default
+    (`GELATO_GSM8K_DIR`, or ../shared/data/gsm8k beside the clone)."""
     from gelato.benchmarks.bench import load_questions, pinning
 
     summary = json.loads((out / "summary.json").read_text())
@@ -262,7 +264,7 @@ def rebuild(out: Path, no_plots: bool = False, rerun_assisted: bool = False) -> 
         results.append(RunResult(spec, records, rounds, run["wall_s"], run.get("loadavg_1min_after")))
     args = argparse.Namespace(
         out=out,
-        data=Path(st["data"]),
+        data=data or (Path(st["data"]) if Path(st["data"]).is_file() else None),
         limit=st["questions"],
         no_assisted=False,
         no_oracle=False,

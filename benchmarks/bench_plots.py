@@ -14,7 +14,7 @@ plot (e.g. no budgeted controller run for Q(t)).
 - `calibration`: observed acceptance per drafter-entropy bin (every speculative run; drafts after a
   block's first rejection are unobserved and excluded), and the controller's p̂(accept) against the
   observed rate (gelato runs): a reliability diagram.
-- `devices` (N > 1): aggregate tokens/s per run and each device's p50/p99 latency per token.
+- `devices` (N > 1): Σ of the devices' tokens/s per run and each device's p50/p99 latency per token.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def devices(result: dict[str, Any], rounds: Rounds, path: Path) -> bool:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
     labels = [r["label"] for r in runs]
     a1.bar(range(len(runs)), [r["aggregate_tokens_per_s"] for r in runs], color="tab:blue")
-    a1.set_ylabel("aggregate tokens/s (all devices)")
+    a1.set_ylabel("Σ device tokens/s (each device's own rate)")
     for i, r in enumerate(runs):
         p50 = [d["latency_p50_ms"] for d in r["per_device"] if d["latency_p50_ms"] is not None]
         p99 = [d["latency_p99_ms"] for d in r["per_device"] if d["latency_p99_ms"] is not None]

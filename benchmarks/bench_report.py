@@ -120,7 +120,10 @@ def _f(x: Any, spec: str) -> str:
 WORST_LATENCY = "worst device p50 / p99 ms/token"
 WORST_LATENCY_NOTE = (
     "worst device p50 / p99: the highest of the devices' own p50 and the highest of their own p99 latency "
-    "per token (each device's percentiles over its tokens, not percentiles over the whole fleet's tokens)."
+    "per token (each device's percentiles over its tokens, not percentiles over the whole fleet's tokens). "
+    "Σ device tokens/s: the sum of each device's own rate, the fleet's only while all generate at once; "
+    "fleet tokens/s: all tokens ÷ (the last question's end − the first one's start), '-' for runs recorded "
+    "before question times were kept."
 )
 
 
@@ -134,7 +137,7 @@ def worst_device_latency(r: dict[str, Any]) -> tuple[float | None, float | None]
 
 def table(rows: list[dict[str, Any]], devices: int) -> list[str]:
     agg = devices > 1
-    head = "| run | tokens/s/device |" + (f" aggregate tokens/s | {WORST_LATENCY} |" if agg else "")
+    head = "| run | tokens/s/device |" + (f" Σ device tokens/s | fleet tokens/s | {WORST_LATENCY} |" if agg else "")
     head += (
         " device mJ/token | energy source | mean device W | acceptance | mean draft | rounds | bytes up/down per token"
         " | edge ms/token | ahead hit | pre-draft hit | wasted tok/tok | wasted mJ/tok | GSM8K acc | exact vs ar-edge |"
@@ -144,7 +147,8 @@ def table(rows: list[dict[str, Any]], devices: int) -> list[str]:
         lat = ""
         if agg:
             p50, p99 = worst_device_latency(r)
-            lat = f" {_f(r.get('aggregate_tokens_per_s'), '.1f')} | {_f(p50, '.1f')} / {_f(p99, '.1f')} |"
+            lat = f" {_f(r.get('aggregate_tokens_per_s'), '.1f')} | {_f(r.get('fleet_tokens_per_s'), '.1f')} |"
+            lat += f" {_f(p50, '.1f')} / {_f(p99, '.1f')} |"
         tok = r.get("tokens") or 0
         bytes_pt = f"{r['bytes_up'] / tok:.0f} / {r['bytes_down'] / tok:.0f}" if tok and "bytes_up" in r else "-"
         jpt = r.get("energy_j_per_token")

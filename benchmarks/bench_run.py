@@ -8,8 +8,11 @@ gets questions i, i+N, i+2N, ... of the run: `shard_files`), each under the chan
 their JSON lines arrive, and returns a `RunResult`: per-question records (with `question` = the
 global index and `device`), and per-round rows (the device's `--trace` lines plus `device` and
 `question`). `summarize(result)` gives the run's metrics: ratios of sums over all questions
-(tokens/s per device, device J/token, mean device power), the fleet's aggregate tokens/s (Σ over
-devices of each device's tokens/s: they run concurrently), acceptance, mean draft length, rounds,
+(tokens/s per device, device J/token, mean device power), the fleet's tokens/s two ways
+(`aggregate_tokens_per_s`: Σ over devices of each device's own tokens/s, which is the fleet's rate
+only where the devices generated at the same time; `fleet_tokens_per_s`: all tokens ÷ the span from
+the first question's start to the last one's end, read from when each record arrived, None for
+results recorded before that time was kept), acceptance, mean draft length, rounds,
 bytes, edge compute per token, per device the p50/p99 latency per token (each emitted token
 weighs its round's wall time divided by the tokens the round emitted), and the pipelining figures
 of `pipeline_stats`. `RunSpec.pipeline` is the device's `--pipeline` mode (off, local,
@@ -113,7 +116,7 @@ class Fleet:
         lines: queue.Queue[tuple[int, str] | None] = queue.Queue()
         t0 = time.perf_counter()
         procs = [self._start(self.command(spec, d, traces[d]), errs[d], d, lines) for d in range(len(self.shards))]
-        records = self._collect(procs, lines, spec)
+        records = self._collect(procs, lines, spec, t0)
         result = RunResult(spec, records=records, wall_s=time.perf_counter() - t0, loadavg=os.getloadavg()[0])
         for d, path in enumerate(traces):
             for line in path.read_text().splitlines():
@@ -139,7 +142,7 @@ class Fleet:
         return proc
 
     def _collect(
-        self, procs: list[Any], lines: queue.Queue[tuple[int, str] | None], spec: RunSpec
+        self, procs: list[Any], lines: queue.Queue[tuple[int, str] | None], spec: RunSpec, t0: float
     ) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = []
         local = Counter[int]()
@@ -155,6 +158,8 @@ class Fleet:
                     continue
                 rec = json.loads(line)
                 rec["device"], rec["question"] = d, shard_index(d, local[d], len(procs))
+                # When the question ended, on the fleet's clock (its start: this minus its elapsed_s).
+                rec["done_at_s"] = round(time.perf_counter() - t0, 4)
                 local[d] += 1
                 records.append(rec)
                 if self.progress is not None:
@@ -238,6 +243,7 @@ def summarize(res: RunResult) -> dict[str, Any]:
         "elapsed_s": round(elapsed, 3),
         "tokens_per_s": _ratio(tokens, elapsed),
         "aggregate_tokens_per_s": sum(d["tokens_per_s"] or 0.0 for d in devs),
+        "fleet_tokens_per_s": fleet_rate(recs),
         "energy_j_per_token": None if energy is None else _ratio(energy, tokens),
         "mean_power_w": None if energy is None else _ratio(energy, elapsed),
         "energy": sorted({f"{r.get('energy_source')} ({r.get('energy_kind')})" for r in recs}),
@@ -261,6 +267,15 @@ def summarize(res: RunResult) -> dict[str, Any]:
     }
 
 
+def fleet_rate(recs: list[dict[str, Any]]) -> float | None:
+    """All tokens ÷ (last question's end − first question's start), on the fleet's clock; None
+    when a record has no `done_at_s` (results recorded before it was kept)."""
+    if not recs or any("done_at_s" not in r for r in recs):
+        return None
+    start = min(r["done_at_s"] - r.get("elapsed_s", 0.0) for r in recs)
+    return _ratio(sum(r["n_tokens"] for r in recs), max(r["done_at_s"] for r in recs) - start)
+
+
 def _wasted(r: dict[str, Any]) -> int:
     """Drafted tokens a round threw away: send-ahead's count (stale and unsent blocks, a missed
     successor included), or else a missed local pre-draft (those rounds carry no count)."""
@@ -270,7 +285,10 @@ def _wasted(r: dict[str, Any]) -> int:
 
 def pipeline_stats(rounds: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
     """Pipelining from the per-round rows (None where the run had none of it):
-    - `ahead_hit_rate`: blocks sent ahead that were verified ÷ (those + the stale ones);
+    - `sent_ahead`: blocks with drafts (or a guess) sent before their parent's verdict, verified
+      or stale; `ahead_verified` of them verified, `stale_blocks` answered stale; `sent_empty`:
+      empty blocks sent ahead (`follow`: the target's next token, never stale), counted apart;
+    - `ahead_hit_rate`: `ahead_verified` ÷ `sent_ahead` (empty blocks not counted);
     - `predraft_hit_rate`: of the rounds with something drafted after them before their verdict
       (a local pre-draft, or a successor in flight), those it started (full accept, guess right);
     - `wasted_tokens_per_token`: drafted tokens thrown away per output token (a local hit's
@@ -279,7 +297,8 @@ def pipeline_stats(rounds: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
       (`wasted_j`) for send-ahead rounds; for local pre-draft misses, which carry none, the tokens
       × the run's measured drafting J per drafted token (Σ e_draft_j ÷ Σ (k − carried)), None
       when the run has no such measurement."""
-    ahead = sum(bool(r.get("sent_ahead")) for r in rounds)
+    empty = sum(bool(r.get("sent_ahead") and r.get("follow")) for r in rounds)
+    verified = sum(bool(r.get("sent_ahead")) for r in rounds) - empty
     stale = sum(r.get("stale_blocks", 0) for r in rounds)
     pre = [r for r in rounds if r.get("predrafted")]
     metered = [r for r in rounds if _finite(r.get("e_draft_j")) and r["k"] - r.get("carried", 0) > 0]
@@ -297,9 +316,11 @@ def pipeline_stats(rounds: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
         else:
             wasted_j = None if j_per_draft is None else wasted_j + w * j_per_draft
     return {
-        "sent_ahead": ahead,
+        "sent_ahead": verified + stale,
+        "ahead_verified": verified,
         "stale_blocks": stale,
-        "ahead_hit_rate": _ratio(ahead, ahead + stale),
+        "sent_empty": empty,
+        "ahead_hit_rate": _ratio(verified, verified + stale),
         "predraft_rounds": len(pre),
         "predraft_hit_rate": _ratio(sum(bool(r.get("predraft_hit")) for r in pre), len(pre)),
         "wasted_tokens_per_token": _ratio(wasted, tokens),

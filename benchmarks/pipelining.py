@@ -10,15 +10,17 @@ fixed-K (K in `--fixed`, no pipelining), `gelato` without pipelining, with `--pi
 with `--pipeline send-ahead`, and the fastest fixed-K with send-ahead. The gelato runs get the
 budget ē = the J/token of the fastest fixed-K measured just before (its energy, same round trip):
 the target is more tokens/s at no more J/token; one more gelato send-ahead run has no budget (pure
-throughput: where chains pay in time but not within the budget). Per run: tokens/s, J/token, blocks sent ahead,
-hit rate (sent-ahead blocks verified / all sent ahead), stale blocks, wasted drafted tokens and
+throughput: where chains pay in time but not within the budget). Per run: tokens/s, J/token, blocks
+with drafts sent ahead, how many of them were verified and how many answered stale, empty blocks
+sent ahead (apart: never stale), the hit rate (verified / sent ahead), wasted drafted tokens and
 their estimated J per output token, and exact match against the unpipelined gelato run (a
 difference is printed loudly, exit 1). `--repeats N` runs the whole set N times, round trips
 interleaved (repeat 1 of every round trip, then repeat 2, ...), so slow drift of a shared machine
 falls on every configuration alike; each repeat is one entry of `rtts` (its own `repeat` number,
 edge, traces under `rtt<ms>_r<i>/`), and `summary` holds per round trip the median of each ratio
-over the repeats, every repeat's value beside it. Writes `results.json` and `results.md` under
-`--out`.
+over the repeats, every repeat's value beside it. Writes `results.json` (with the resolved
+`settings`) and `results.md` under `--out`. `--report DIR` runs nothing: it re-derives DIR's
+figures from its results.json and traces (`rebuild`) and rewrites both files.
 """
 
 from __future__ import annotations
@@ -34,32 +36,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gelato.benchmarks.bench_run import pipeline_stats
 from gelato.benchmarks.policies import Bench, Run, RunSpec, energy_note, git_state
 from gelato.benchmarks.procs import machine
 from gelato.tiny.train import gsm8k_file
 
 
-def pipeline_stats(trace: Path) -> dict[str, Any]:
-    """Send-ahead figures from a run's gzipped per-round trace."""
+def trace_pipeline_stats(trace: Path) -> dict[str, Any]:
+    """Send-ahead and pre-draft figures from a run's gzipped per-round trace: those of
+    `gelato-bench gsm8k` (`bench_run.pipeline_stats`), per output token of the trace's rounds."""
     with gzip.open(trace, "rt", encoding="utf-8") as f:
         rounds = [json.loads(line) for line in f]
-    ahead = sum(bool(r.get("sent_ahead")) for r in rounds)
-    stale = sum(r.get("stale_blocks", 0) for r in rounds)
-    emitted = sum(r["emitted"] for r in rounds) or 1
-    predrafted = [r for r in rounds if r.get("predrafted")]
-    return {
-        "sent_ahead": ahead,
-        "stale": stale,
-        "ahead_hit_rate": ahead / (ahead + stale) if ahead + stale else None,
-        "predraft_hit_rate": sum(r["predraft_hit"] for r in predrafted) / len(predrafted) if predrafted else None,
-        "wasted_tokens_per_token": sum(r.get("wasted_tokens", 0) for r in rounds) / emitted,
-        "wasted_j_per_token": sum(r.get("wasted_j", 0.0) for r in rounds) / emitted,
-    }
+    return pipeline_stats(rounds, sum(r["emitted"] for r in rounds))
 
 
 def run_one(bench: Bench, spec: RunSpec) -> Run:
     run = bench.run(spec)
-    run.summary.update(pipeline_stats(bench.traces / f"{spec.slug}.jsonl.gz"))
+    run.summary.update(trace_pipeline_stats(bench.traces / f"{spec.slug}.jsonl.gz"))
     s = run.summary
     jpt = s["energy_j_per_token"]
     hit = s["ahead_hit_rate"]
@@ -131,7 +124,9 @@ RATIOS = (
 def summarize_repeats(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per round trip (in first-seen order): each ratio's median over the repeats and every
     repeat's value; how many repeats kept gelato send-ahead within its budget; the fastest fixed-K
-    and the send-ahead figures of each repeat."""
+    and the send-ahead figures of each repeat. Each repeat's ratios are against its own fastest
+    fixed K (the one that also set its gelato runs' budget), so where repeats found different
+    fastest Ks the median compares each with its own (the table says so)."""
     out = []
     for rtt in dict.fromkeys(e["rtt_nominal_ms"] for e in entries):
         reps = [e for e in entries if e["rtt_nominal_ms"] == rtt]
@@ -144,6 +139,8 @@ def summarize_repeats(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["gelato_send_ahead_j_within_fastest_fixed"] = f"{sum(w is True for w in within)}/{len(within)}"
         row["fastest_fixed"] = [e["fastest_fixed"] for e in reps]
         row["send_ahead_sent"] = [x["sent_ahead"] for x in sa]
+        row["send_ahead_verified"] = [x["ahead_verified"] for x in sa]
+        row["send_ahead_empty"] = [x["sent_empty"] for x in sa]
         row["send_ahead_hit_rate"] = [x["ahead_hit_rate"] for x in sa]
         row["send_ahead_wasted_j_per_token"] = [x["wasted_j_per_token"] for x in sa]
         out.append(row)
@@ -158,6 +155,11 @@ def _ratio_cell(r: dict[str, Any]) -> str:
 
 def _list_cell(xs: list[Any], spec: str) -> str:
     return ", ".join("-" if x is None else format(x, spec) for x in xs)
+
+
+def _sent_cell(r: dict[str, Any]) -> str:
+    keys = ("send_ahead_sent", "send_ahead_verified", "send_ahead_empty")
+    return ", ".join("/".join(str(x) for x in t) for t in zip(*(r[k] for k in keys), strict=True))
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -176,8 +178,8 @@ def markdown(result: dict[str, Any]) -> str:
             else []
         ),
         "| RTT ms (measured) | fastest fixed-K | gelato send-ahead ÷ fastest fixed | ÷ gelato | local ÷ gelato "
-        "| send-ahead J/tok ≤ fixed's | sent ahead | hit rate | wasted mJ/tok | no budget ÷ fastest fixed "
-        "| fixed send-ahead ÷ fixed |",
+        "| send-ahead J/tok ≤ fixed's | sent ahead / verified / empty | hit rate | wasted mJ/tok "
+        "| no budget ÷ fastest fixed | fixed send-ahead ÷ fixed |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
@@ -187,16 +189,30 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_ratio_cell(r['gelato_send_ahead_vs_fastest_fixed'])} "
             f"| {_ratio_cell(r['gelato_send_ahead_vs_gelato'])} "
             f"| {_ratio_cell(r['gelato_local_vs_gelato'])} | {r['gelato_send_ahead_j_within_fastest_fixed']} "
-            f"| {_list_cell(r['send_ahead_sent'], 'd')} | {_list_cell(r['send_ahead_hit_rate'], '.2f')} "
+            f"| {_sent_cell(r)} | {_list_cell(r['send_ahead_hit_rate'], '.2f')} "
             f"| {_list_cell(wasted, '.3f')} | {_ratio_cell(r['gelato_send_ahead_no_budget_vs_fastest_fixed'])} "
             f"| {_ratio_cell(r['fixed_send_ahead_vs_fixed'])} |"
         )
+    mixed = [f"{r['rtt_nominal_ms']:g} ms" for r in summary if len(set(r["fastest_fixed"])) > 1]
     lines += [
+        "",
+        "Sent ahead: blocks with drafts sent before their parent's verdict (verified or stale); verified: "
+        "those verified; empty: empty blocks sent ahead (the target's next token, never stale, not in the hit "
+        "rate). Hit rate: verified ÷ sent ahead.",
+        *(
+            [
+                "",
+                f"The repeats' fastest fixed K differ at {', '.join(mixed)}: there each repeat's ratios are against "
+                "its own fastest fixed K, so the median mixes those Ks.",
+            ]
+            if mixed
+            else []
+        ),
         "",
         "Every run:",
         "",
-        "| RTT | repeat | run | tok/s | mJ/tok | sent ahead | hit rate | stale | wasted tok/tok |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| RTT | repeat | run | tok/s | mJ/tok | sent ahead | verified | stale | empty | hit rate | wasted tok/tok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rtts"]:
         for x in r["runs"]:
@@ -204,8 +220,9 @@ def markdown(result: dict[str, Any]) -> str:
             hit = x["ahead_hit_rate"]
             lines.append(
                 f"| {r['rtt_nominal_ms']:g} | {r.get('repeat', 1)} | {x['label']} | {x['tokens_per_s']:.1f} "
-                f"| {'-' if jpt is None else f'{jpt * 1e3:.3f}'} | {x['sent_ahead']} "
-                f"| {'-' if hit is None else f'{hit:.2f}'} | {x['stale']} | {x['wasted_tokens_per_token']:.2f} |"
+                f"| {'-' if jpt is None else f'{jpt * 1e3:.3f}'} | {x['sent_ahead']} | {x['ahead_verified']} "
+                f"| {x['stale_blocks']} | {x['sent_empty']} | {'-' if hit is None else f'{hit:.2f}'} "
+                f"| {_list_cell([x['wasted_tokens_per_token']], '.2f')} |"
             )
     bad = [
         f"{r['rtt_nominal_ms']:g} ms (repeat {r.get('repeat', 1)}): {m}"
@@ -231,11 +248,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-profile", default="phone")
     p.add_argument("--radio", default="wifi")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pipelining_tiny"))
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="DIR",
+        help="re-derive DIR's tables from its results.json and committed traces (no runs; what was measured is kept)",
+    )
     return p
+
+
+def rebuild(folder: Path) -> dict[str, Any]:
+    """A results folder's figures re-derived from what it recorded: each run's pipelining figures
+    from its trace (`trace_pipeline_stats`), the summary from the repeats, results.json and
+    results.md rewritten; tokens/s, energy and outputs are kept as measured."""
+    result = json.loads((folder / "results.json").read_text())
+    for entry in result["rtts"]:
+        name = f"rtt{entry['rtt_nominal_ms']:g}"
+        sub = folder / f"{name}_r{entry.get('repeat', 1)}"
+        traces = (sub if sub.is_dir() else folder / name) / "traces"
+        for run in entry["runs"]:
+            for old in ("stale",):  # a field the figures had before they were split
+                run.pop(old, None)
+            run.update(trace_pipeline_stats(traces / f"{RunSpec(run['label'], '', '').slug}.jsonl.gz"))
+    result["summary"] = summarize_repeats(result["rtts"])
+    result["rebuilt"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "code": git_state()}
+    (folder / "results.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    (folder / "results.md").write_text(markdown(result))
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.report is not None:
+        print(markdown(rebuild(args.report)))
+        return 0
     args.data = gsm8k_file("test", args.data)
     args.fixed = [int(k) for k in args.fixed.split(",") if k.strip()]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -253,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "git": git_state(),
         "pinning": f"edge + proxy on CPU {cores[0]}, device on CPU {cores[1]}" if len(cores) >= 2 else "not pinned",
         "energy_note": energy_note(args.device_profile, args.radio),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "report"},
         "rtts": rtts,
         "summary": summarize_repeats(rtts),
         "wall_s": round(time.perf_counter() - t0, 1),

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from gelato.benchmarks.delay_proxy import ProxyProcess, grpc_info_rtt, rtt_summary
-from gelato.benchmarks.procs import machine, start_edge
+from gelato.benchmarks.procs import check_energy_source, machine, start_edge
 from gelato.tiny.train import gsm8k_file
 
 DEFAULT_POLICIES = ",".join([*(f"fixed-{k}" for k in range(9)), "heuristic", "entropy", "adaedl", "lyapunov", "gelato"])
@@ -165,6 +165,7 @@ class Bench:
         trace.unlink()
         run = Run(spec, prompts=[prompt_row(r) for r in records], token_ids=[r["token_ids"] for r in records])
         run.summary = summarize(spec, records, rounds)
+        check_energy_source(spec.label, run.summary["energy"])
         run.summary.update(process_wall_s=round(time.perf_counter() - t0, 1), code=code)
         # The machine may be shared: a high load during a run makes its timings suspect.
         run.summary["loadavg_1min_after"] = round(os.getloadavg()[0], 2)

@@ -5,7 +5,8 @@ Contract: `start_edge(args)` returns an `Edge` once its `listening on HOST:PORT`
 runs one `gelato-device --json` and returns its per-prompt records. `machine()` describes the
 machine for results files (CPU model, cores, torch, GPU when present). `thread_cpu_s(pid)` is an
 edge process's CPU seconds so far by thread: its model thread, its event loop (the main thread) and
-the rest (gRPC's threads), from /proc (Linux; empty elsewhere).
+the rest (gRPC's threads), from /proc (Linux; empty elsewhere). `check_energy_source` holds a
+benchmark's energy note (written from the flags its devices got) to what each run recorded.
 """
 
 from __future__ import annotations
@@ -147,3 +148,13 @@ def thread_cpu_s(pid: int, model_thread: str | None = None) -> dict[str, float]:
         return {}
     ticks["other"] = max(0, total - ticks["model"] - ticks["loop"])
     return {kind: n / tick for kind, n in ticks.items()}
+
+
+ESTIMATED = "cpu-model (estimated)"  # what every device run here is told to use (`--meter cpu-model`)
+
+
+def check_energy_source(label: str, sources: list[str]) -> None:
+    """The energy note is written from the flags the devices were given; this holds it to what each
+    run recorded (a device that measured with another meter, or fell back to one, stops the run)."""
+    if sources != [ESTIMATED]:
+        raise RuntimeError(f"{label}: device energy sources {sources}, expected only {ESTIMATED}")

@@ -121,7 +121,7 @@ def _f(x: float | None, spec: str, scale: float = 1.0) -> str:
 
 
 PIPE_COLUMNS = (
-    "| RTT ms | run | tokens/s | mJ/token | mean k | acceptance | sent ahead | stale | unsent | ahead hit rate "
+    "| RTT ms | run | tokens/s | mJ/token | mean k | acceptance | verified ahead | stale | unsent | ahead hit rate "
     "| pre-draft hit rate | guess match | wasted tok/tok | wasted mJ/tok | drafting share |"
 )
 

@@ -99,8 +99,12 @@ class Controller:
 
     def __post_init__(self) -> None:
         self.cost = CostEstimator(self.options.halflife_rounds)
-        # Of the fully accepted pre-drafted blocks, the share whose bonus was the first pre-draft.
+        # Of the fully accepted pre-drafted blocks, the share whose bonus was the first pre-draft
+        # (with send-ahead: whose next block's guess was right, sent or dropped unsent). Its prior
+        # weighs a few rounds: a first miss alone would set it to 0, and at 0 no chain starts
+        # again, so no guess is ever observed to correct it.
         self.bonus_match = Ewma(decay_of(self.options.halflife_rounds), prior=0.6)
+        self.bonus_match.update(0.6, weight=FOLLOW_PRIOR_ROUNDS)
         # Send-ahead: of the chances to start a chain (a block sent fresh, awaited alone, with a
         # drafting decision), the share the per-block check took. It starts at 1 with the weight of
         # a few rounds, so that one early refusal (an untrained calibrator) does not price chains

@@ -57,7 +57,7 @@ def gsm8k_file(split: str, given: Path | None = None) -> Path:
     path = given or default_gsm8k_path(split)
     if not path.is_file():
         raise SystemExit(
-            f"error: GSM8K {split} split not found at {path}; pass the JSONL's path with --gsm8k/--data "
+            f"error: GSM8K {split} split not found at {path}; pass the JSONL's path (--data; --gsm8k for training) "
             f"or set GELATO_GSM8K_DIR to the folder holding {split}.jsonl"
         )
     return path

@@ -74,8 +74,11 @@ def test_gsm8k_end_to_end_on_loopback(pair: dict[str, Path], gsm8k_like: Path, t
     assert refs["oracle"]["tokens_per_s"] > 0
     assert s["channel"]["mechanisms"]["delay"].startswith("none") and s["lossless_failures"] == []
     table = (out / "table.md").read_text()
-    for column in ("tokens/s/device", "aggregate tokens/s", "device mJ/token", "GSM8K acc", "exact vs ar-edge"):
+    for column in ("tokens/s/device", "Σ device tokens/s", "fleet tokens/s", "device mJ/token", "GSM8K acc"):
         assert column in table
+    assert "exact vs ar-edge" in table
+    for r in s["runs"]:  # each device's questions lie within the fleet's span: its rate is at most the Σ
+        assert 0 < r["fleet_tokens_per_s"] <= 1.01 * r["aggregate_tokens_per_s"]
     assert "ahead hit" in table and "wasted mJ/tok" in table
     for png in ("pareto.png", "q_trace.png", "draft_hist.png", "calibration.png", "devices.png"):
         assert (out / png).stat().st_size > 1000, png
@@ -117,6 +120,37 @@ def test_bad_arguments_are_usage_errors() -> None:
     assert res.returncode == 2 and "--limit must be >= --devices" in res.stderr
     res = run_bench(["gsm8k", "--channel", "none", "--one-way-ms", "5"], timeout_s=60)
     assert res.returncode == 2 and "takes no impairment" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--budgets", "abc"], "--budgets: expected a comma list of numbers"),
+        (["--v", "x"], "--v: expected a comma list of numbers"),
+        (["--entropy-thresholds", "1,nan"], "--entropy-thresholds: values must be finite"),
+        (["--policies", "ar-edge,gelatto"], "--policies: unknown policy 'gelatto'"),
+        (["--radio", "6g"], "--radio: unknown radio '6g'"),
+        (["--device-profile", "toaster"], "--device-profile: unknown profile 'toaster'"),
+        (["--budgets", "0.01", "--budget-factors", "1.5"], "--budgets and --budget-factors exclude each other"),
+    ],
+)
+def test_bad_lists_are_usage_errors_before_anything_starts(
+    extra: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:  # were it not refused, --limit < --devices would stop it
+        bench.main(["gsm8k", "--channel", "none", "--devices", "2", "--limit", "1", *extra])
+    assert info.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_a_finished_run_is_not_written_over(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The default --out folders are the committed results: a run refuses a folder holding one."""
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(SystemExit) as info:
+        bench.main(["gsm8k", "--channel", "none", "--out", str(tmp_path)])
+    assert info.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        bench.main(["report", str(tmp_path / "nothing-here")])
+    assert info.value.code == 2 and "not a gelato-bench run folder" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- pieces
@@ -175,9 +209,12 @@ def test_pipeline_stats_from_rounds() -> None:
         {**base, "sent_ahead": True, "predrafted": 5, "predraft_hit": False, "stale_blocks": 2, "wasted_tokens": 10}
         | {"wasted_j": 0.02},
         {**base, "accepted": 1, "emitted": 2, "sent_ahead": False},
+        {**base, "k": 0, "accepted": 0, "emitted": 1, "sent_ahead": True, "follow": True},  # empty: apart
     ]
     st = pipeline_stats(send_ahead, 12)
-    assert st["sent_ahead"] == 1 and st["stale_blocks"] == 2 and st["ahead_hit_rate"] == pytest.approx(1 / 3)
+    # Sent ahead: the one verified and the two stale; the empty block is counted apart.
+    assert (st["sent_ahead"], st["ahead_verified"], st["stale_blocks"], st["sent_empty"]) == (3, 1, 2, 1)
+    assert st["ahead_hit_rate"] == pytest.approx(1 / 3)
     assert st["predraft_rounds"] == 2 and st["predraft_hit_rate"] == 0.5
     assert st["wasted_tokens_per_token"] == pytest.approx(10 / 12) and st["wasted_j_per_token"] == pytest.approx(
         0.02 / 12

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gelato.benchmarks.pipelining import main, pipeline_stats
+from gelato.benchmarks.pipelining import main, summarize_repeats, trace_pipeline_stats
 from gelato.tiny.random_pair import synthetic_problem
 
 
@@ -38,32 +38,62 @@ def test_pipelining_benchmark_end_to_end(questions: Path, tmp_path: Path) -> Non
         assert row["repeats"] == 2 and row["gelato_send_ahead_vs_gelato"]["each"] == each
         assert row["gelato_send_ahead_vs_gelato"]["median"] == pytest.approx(sum(each) / 2)
         assert row["fastest_fixed"] == [r["fastest_fixed"] for r in reps]
+    assert result["settings"]["repeats"] == 2 and result["settings"]["fixed"] == [2, 4]
     for r in result["rtts"]:
         runs = {x["label"]: x for x in r["runs"]}
         assert set(runs) >= {"fixed-2", "fixed-4", "gelato", "gelato local", "gelato send-ahead"}
         assert r["lossless_mismatches"] == []
         fixed = runs[f"{r['fastest_fixed']} send-ahead"]
-        assert fixed["sent_ahead"] + fixed["stale"] > 0  # fixed-K always sends ahead
-        assert runs["gelato"]["sent_ahead"] == runs["gelato"]["stale"] == 0  # unpipelined: never
+        assert fixed["sent_ahead"] > 0  # fixed-K always sends ahead
+        assert fixed["sent_ahead"] == fixed["ahead_verified"] + fixed["stale_blocks"]
+        assert fixed["ahead_hit_rate"] == pytest.approx(fixed["ahead_verified"] / fixed["sent_ahead"])
+        gelato = runs["gelato"]
+        assert gelato["sent_ahead"] == gelato["stale_blocks"] == gelato["sent_empty"] == 0  # unpipelined: never
         assert r["budget_j_per_token"] == runs[r["fastest_fixed"]]["energy_j_per_token"]
         ratio = runs["gelato send-ahead"]["tokens_per_s"] / runs[r["fastest_fixed"]]["tokens_per_s"]
         assert r["gelato_send_ahead_vs_fastest_fixed"] == pytest.approx(ratio)
-    assert 8 < r["rtt_measured_ms"][0] < 15  # the proxy really added the 10 ms round trip
+    ten = [r for r in result["rtts"] if r["rtt_nominal_ms"] == 10.0]
+    assert all(8 < r["rtt_measured_ms"][0] < 15 for r in ten)  # the proxy really added the 10 ms round trip
     md = (out / "results.md").read_text()
     assert "| 10 (" in md and "Losslessness: every output" in md and "the median of 2 repeats" in md
+    # --report re-derives the same figures from the traces it wrote, and keeps what was measured.
+    assert main(["--report", str(out)]) == 0
+    rebuilt = json.loads((out / "results.json").read_text())
+    assert rebuilt["summary"] == result["summary"] and "rebuilt" in rebuilt
+    assert [x for r in rebuilt["rtts"] for x in r["runs"]] == [x for r in result["rtts"] for x in r["runs"]]
 
 
 def test_pipeline_stats_from_a_trace(tmp_path: Path) -> None:
     rows = [
-        {"emitted": 3, "sent_ahead": False, "stale_blocks": 2, "wasted_tokens": 8, "wasted_j": 0.004},
-        {"emitted": 5, "sent_ahead": True, "stale_blocks": 0, "wasted_tokens": 0, "wasted_j": 0.0},
-        {"emitted": 2, "sent_ahead": True, "stale_blocks": 0, "predrafted": 3, "predraft_hit": True},
+        {"emitted": 3, "k": 4, "sent_ahead": False, "stale_blocks": 2, "wasted_tokens": 8, "wasted_j": 0.004},
+        {"emitted": 5, "k": 4, "sent_ahead": True, "stale_blocks": 0, "wasted_tokens": 0, "wasted_j": 0.0},
+        {"emitted": 2, "k": 2, "sent_ahead": True, "stale_blocks": 0, "predrafted": 3, "predraft_hit": True},
+        {"emitted": 1, "k": 0, "sent_ahead": True, "follow": True, "stale_blocks": 0},
     ]
     path = tmp_path / "t.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    s = pipeline_stats(path)
-    assert (s["sent_ahead"], s["stale"]) == (2, 2)
+    s = trace_pipeline_stats(path)
+    # Two blocks with drafts verified, two stale: four sent ahead; the empty one counted apart.
+    assert (s["sent_ahead"], s["ahead_verified"], s["stale_blocks"], s["sent_empty"]) == (4, 2, 2, 1)
     assert s["ahead_hit_rate"] == pytest.approx(0.5)
-    assert s["wasted_tokens_per_token"] == pytest.approx(0.8) and s["wasted_j_per_token"] == pytest.approx(4e-4)
+    assert s["wasted_tokens_per_token"] == pytest.approx(8 / 11)
+    assert s["wasted_j_per_token"] == pytest.approx(0.004 / 11)
     assert s["predraft_hit_rate"] == 1.0
+
+
+def test_repeats_summary_takes_the_median() -> None:
+    """Three repeats with one outlier: the median, not the mean (4.0), and every value kept."""
+
+    def entry(ratio: float, fastest: str) -> dict:
+        runs = [{"label": "gelato send-ahead", "sent_ahead": 3, "ahead_verified": 1, "sent_empty": 0}]
+        runs[0] |= {"ahead_hit_rate": 1 / 3, "wasted_j_per_token": 0.0}
+        ratios = {k: ratio for k in ("gelato_send_ahead_vs_fastest_fixed", "gelato_send_ahead_vs_gelato")}
+        ratios |= {k: 1.0 for k in ("gelato_local_vs_gelato", "gelato_send_ahead_no_budget_vs_fastest_fixed")}
+        ratios |= {"fixed_send_ahead_vs_fixed": 1.0, "gelato_send_ahead_j_within_fastest_fixed": True}
+        base = {"rtt_nominal_ms": 10.0, "rtt_measured_ms": [11.0, 11.0], "fastest_fixed": fastest, "runs": runs}
+        return base | ratios
+
+    (row,) = summarize_repeats([entry(1.0, "fixed-6"), entry(10.0, "fixed-4"), entry(1.0, "fixed-6")])
+    assert row["gelato_send_ahead_vs_gelato"] == {"median": 1.0, "each": [1.0, 10.0, 1.0]}
+    assert row["fastest_fixed"] == ["fixed-6", "fixed-4", "fixed-6"] and row["send_ahead_verified"] == [1, 1, 1]
