@@ -1,7 +1,7 @@
 """`gelato-bench gsm8k`: every draft policy on GSM8K between two emulated hosts.
 
 Contract. `gelato-bench gsm8k [--devices N] [--policies LIST] [--budgets J,...] [--v V,...]
-[--limit 50] [--data PATH] [--drafter M --target M] [--max-new-tokens 256] [--out DIR]
+[--limit 50] [--data PATH] [--drafter M --target M] [--max-new-tokens 256] [--out DIR [--force]]
 [--channel none|wifi|lte|lossy] [--one-way-ms --jitter-ms --up-mbit --down-mbit --loss
 --loss-stall-ms]` builds the channel (`gelato.benchmarks.channel`: two network namespaces + veth, tbf
 rates, delay/jitter/loss by netem or the userspace relay; measured RTT and rates next to the
@@ -22,10 +22,13 @@ Outputs under `--out`: `summary.json` (settings, machine, pinning, channel with 
 measurements, every run's metrics with per-device rows and per-question records without token ids,
 references, targets), `table.md`, `rounds/<run>.jsonl.gz` (one JSON line per round: the device's
 `--trace` fields plus `device` and `question`), `outputs.jsonl.gz` (every device record with its
-token ids and text) and PNG plots (`gelato.benchmarks.bench_plots`). `gelato-bench report DIR` rebuilds
-all of it from those files (references re-run in process, no device runs). Exit
-status 0; 1 when an edge-verified output differs from ar-edge's (losslessness) or a device failed;
-2 on bad arguments or when the channel cannot be built (e.g. not root: never a silent fallback).
+token ids and text) and PNG plots (`gelato.benchmarks.bench_plots`); an `--out` that already holds a
+run is refused without `--force` (the default folders are the committed results). `gelato-bench
+report DIR [--data FILE]` rebuilds all of it from those files (no device runs; the oracle is
+recomputed, the assisted row kept unless `--rerun-assisted`). Every list option and policy name is
+checked before anything starts. Exit status 0; 1 when an edge-verified output differs from
+ar-edge's (losslessness) or a device failed; 2 on bad arguments or when the channel cannot be built
+(e.g. not root: never a silent fallback).
 """
 
 from __future__ import annotations

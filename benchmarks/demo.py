@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -137,8 +138,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> str:
+    """What would fail in a device process after the edge started, refused first ('' when fine)."""
+    from gelato.device.policy import parse_policy
+
+    if args.prompts < 1:
+        return "--prompts must be >= 1"
+    if args.max_new_tokens < 1:
+        return "--max-new-tokens must be >= 1"
+    policies = [p.strip() for p in args.policies.split(",")]
+    if not all(policies):
+        return f"--policies: an empty name in {args.policies!r}"
+    for name in policies:
+        try:
+            parse_policy(name)
+        except ValueError as exc:
+            return f"--policies: {exc}"
+    meters = ("auto", "nvml", "rapl", "jetson", "cpu-model", "none")
+    if args.meter not in meters and not args.meter.startswith("replay:"):
+        return f"--meter: unknown meter {args.meter!r} (one of {', '.join(meters)}, replay:FILE)"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    bad = check_args(args)
+    if bad:
+        parser.error(bad)
+    try:
+        return run(args)
+    except RuntimeError as exc:  # a device or edge process failed: its own output says why
+        print(f"gelato-demo: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.pair == "random":

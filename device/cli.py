@@ -1,7 +1,7 @@
 """`gelato-device`: generate with a local drafter and a remote GELATO edge.
 
-Contract (extend, don't break): `gelato-device --drafter MODEL --edge HOST:PORT (--prompt TEXT |
---prompts-file FILE) [options]`; every option, its default and its `GELATO_DEVICE_*` variable:
+Contract (extend, don't break): `gelato-device [--drafter MODEL] [--edge HOST:PORT] (--prompt TEXT |
+--prompts-file FILE) [options]` (no --drafter: the built-in one; no --edge: 127.0.0.1:50051); every option, its default and its `GELATO_DEVICE_*` variable:
 `gelato-device --help`, made from `gelato.device.config.DeviceConfig` (the policy and controller constants
 included). With --json, one JSON object per prompt on stdout (README "CLI" lists the fields);
 energy is null, never 0, when the meter cannot read. A prompt that fails (the edge refuses it, or
@@ -18,9 +18,11 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
@@ -261,6 +263,21 @@ def _json_value(v: Any) -> Any:
     return finite_or_none(v) if isinstance(v, float) else v
 
 
+def trace_problem(path: str | None) -> str:
+    """Why `--trace PATH` could not be written ('' when it can), checked without creating it."""
+    if not path:
+        return ""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        return f"{path} is a folder"
+    if not folder.is_dir():
+        return f"no such folder: {folder}"
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        return f"{path} is not writable"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     config = DeviceConfig.from_args(build_parser().parse_args(argv))
     try:
@@ -271,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     if not prompts:
         return fail("no prompts given")
+    bad_trace = trace_problem(config.trace)
+    if bad_trace:  # before the model loads: a typo should not cost a load (minutes for a real one)
+        return fail(f"--trace: {bad_trace}")
     setup_torch_threads(config.threads)
     try:
         acct = open_accountant(config)

@@ -47,7 +47,7 @@ class DeviceConfig(Settings):
     policy: str = setting("fixed-4", POLICY_HELP)
     controller: PolicyOptions = nested(PolicyOptions)  # noqa: RUF009 (a field, see gelato.config)
     temperature: float = setting(0.0, "sampling temperature (0: greedy)")
-    top_p: float = setting(1.0, "nucleus sampling mass (1: off)")
+    top_p: float = setting(1.0, "nucleus sampling mass in [0, 1] (0 or 1: off)")
     top_k: int = setting(0, "sample among the k likeliest tokens (0: off)")
     top_m: int = setting(DEFAULT_TOP_M, "draft support sent per token when sampling", check=(ge(1), le(MAX_Q_SUPPORT)))
     seed: int = setting(0, "seed of the drafter's and the edge's random draws")

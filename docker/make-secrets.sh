@@ -9,12 +9,14 @@
 #   token                   the bearer token both sides read (--auth-token-file)
 # The containers run as uid 10001: run as root and the private files are given to that uid (0640),
 # otherwise `chown 10001 OUT_DIR/*.key OUT_DIR/token` them yourself before mounting.
-# Existing files are kept (delete OUT_DIR to start over).
+# Existing files are kept (delete OUT_DIR to start over); an existing edge.crt that does not name the
+# NAMEs given is an error, not silently kept. The names printed are read back from edge.crt.
 set -euo pipefail
 out=${1:?usage: make-secrets.sh OUT_DIR [NAME ...]}
 shift
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(edge localhost 127.0.0.1)
+asked=${#names[@]}  # names given: an existing edge.crt must carry them
+[ "$asked" -gt 0 ] || names=(edge localhost 127.0.0.1)
 days=${GELATO_CERT_DAYS:-825}
 mkdir -p "$out"
 cd "$out"
@@ -45,6 +47,17 @@ issue() {  # issue NAME CN EXTENDED_KEY_USAGE [SAN]
     -extfile "$name.ext" -out "$name.crt" 2>/dev/null
   rm -f "$name.csr" "$name.ext"
 }
+if [ -s edge.crt ] && [ "$asked" -gt 0 ]; then  # kept: it must name what was asked for, or devices fail the TLS name check
+  have=$(openssl x509 -in edge.crt -noout -ext subjectAltName 2>/dev/null | tail -n +2 | tr -d ' ')
+  for n in "${names[@]}"; do
+    [[ $n == *:* ]] && continue  # IPv6: openssl prints its own form; not compared
+    if [[ ",$have," != *",DNS:$n,"* && ",$have," != *",IPAddress:$n,"* ]]; then
+      echo "error: $out/edge.crt exists and does not name $n (it names: ${have:-nothing});" \
+        "delete $out/edge.crt and $out/edge.key to issue one for: ${names[*]}" >&2
+      exit 1
+    fi
+  done
+fi
 issue edge "${names[0]}" serverAuth "$san"
 issue device gelato-device clientAuth
 
@@ -55,4 +68,9 @@ chmod 0640 edge.key device.key token
 if [ "$(id -u)" = 0 ]; then
   chown 10001:10001 edge.key device.key token
 fi
-echo "secrets in $out: ca.crt edge.crt edge.key device.crt device.key token (certificate names: ${names[*]})"
+names_read=$(openssl x509 -in edge.crt -noout -ext subjectAltName 2>/dev/null | tail -n +2 | sed 's/^ *//')
+echo "secrets in $out: ca.crt edge.crt edge.key device.crt device.key token (edge.crt names: $names_read)"
+if [ "$(id -u)" != 0 ]; then
+  echo "note: not root, so edge.key, device.key and token stay yours (0640); the containers run as uid 10001:" \
+    "chown 10001 $out/*.key $out/token before mounting them" >&2
+fi

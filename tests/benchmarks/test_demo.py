@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gelato.benchmarks.demo import device_j_per_token, mismatches
+import pytest
+
+from gelato.benchmarks.demo import device_j_per_token, main, mismatches
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
@@ -68,3 +70,21 @@ def test_energy_note_warns_when_a_host_wide_meter_read_the_edge_too() -> None:
         lines = energy_lines([{"energy": [f"{source} (measured)"]}])
         assert any(line.startswith(f"WARNING: {source} reads the whole host") for line in lines), lines
         assert any("includes the edge's energy" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--prompts", "0"], "--prompts must be >= 1"),
+        (["--policies", "ar-edge,gelatto"], "--policies: unknown policy 'gelatto'"),
+        (["--policies", "ar-edge,"], "--policies: an empty name"),
+        (["--meter", "watts"], "--meter: unknown meter 'watts'"),
+    ],
+)
+def test_bad_arguments_fail_before_any_process_starts(
+    extra: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo would otherwise fail inside a device process, after the edge started, as a traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(extra)
+    assert info.value.code == 2 and needle in capsys.readouterr().err

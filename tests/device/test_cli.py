@@ -61,7 +61,8 @@ def test_plain_output(pair: dict[str, Path], edge: EdgeProcess) -> None:
         (["--top-m", "0"], "--top-m must be >= 1"),
         (["--limit", "-1"], "--limit must be >= 0"),
         (["--connect-timeout-s", "0"], "--connect-timeout-s must be > 0"),
-        (["--trace", "/nonexistent-dir/rounds.jsonl"], "--trace: [Errno 2]"),
+        (["--trace", "/nonexistent-dir/rounds.jsonl"], "--trace: no such folder: /nonexistent-dir"),
+        (["--trace", "/tmp"], "--trace: /tmp is a folder"),
         (["--drafter", "./no-such-drafter"], "no such local folder"),
     ],
 )
