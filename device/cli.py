@@ -1,9 +1,9 @@
 """`gelato-device`: generate with a local drafter and a remote GELATO edge.
 
 Contract (extend, don't break): `gelato-device [--drafter MODEL] [--edge HOST:PORT] (--prompt TEXT |
---prompts-file FILE) [options]` (no --drafter: the built-in one; no --edge: 127.0.0.1:50051); every option, its default and its `GELATO_DEVICE_*` variable:
-`gelato-device --help`, made from `gelato.device.config.DeviceConfig` (the policy and controller constants
-included). With --json, one JSON object per prompt on stdout (README "CLI" lists the fields);
+--prompts-file FILE) [options]` (no --drafter: the built-in one; no --edge: 127.0.0.1:50051); every
+option, its default and its `GELATO_DEVICE_*` variable: `gelato-device --help`, made from
+`gelato.device.config.DeviceConfig` (the policy and controller constants included). With --json, one JSON object per prompt on stdout (README "CLI" lists the fields);
 energy is null, never 0, when the meter cannot read. A prompt that fails (the edge refuses it, or
 the session breaks mid-generation) gets its own line with `error` and `stop_reason: "error"` — with
 the tokens generated until then — and the run goes on (`--fail-fast`: stop there); an unreachable
@@ -263,7 +263,7 @@ def _json_value(v: Any) -> Any:
     return finite_or_none(v) if isinstance(v, float) else v
 
 
-def trace_problem(path: str | None) -> str:
+def trace_problem(path: str | Path | None) -> str:
     """Why `--trace PATH` could not be written ('' when it can), checked without creating it."""
     if not path:
         return ""
