@@ -4,11 +4,12 @@ Contract (extend, don't break): `gelato-device [--drafter MODEL] [--edge HOST:PO
 --prompts-file FILE) [options]` (no --drafter: the built-in one; no --edge: 127.0.0.1:50051); every
 option, its default and its `GELATO_DEVICE_*` variable: `gelato-device --help`, made from
 `gelato.device.config.DeviceConfig` (the policy and controller constants included). With --json,
-one JSON object per prompt on stdout (README "CLI" lists the fields); energy is null, never 0, when the meter cannot read. A prompt that fails (the edge refuses it, or
-the session breaks mid-generation) gets its own line with `error` and `stop_reason: "error"` — with
-the tokens generated until then — and the run goes on (`--fail-fast`: stop there); an unreachable
-edge ends the run. Exit status 0 when every prompt succeeded, 1 when any failed or the edge cannot
-be reached, 2 on bad arguments (a bad TLS or token file included, and a token that would go in
+one JSON object per prompt on stdout (README "CLI" lists the fields); energy is null, never 0, when
+the meter cannot read. A prompt that fails (the edge refuses it, or the session breaks
+mid-generation) gets its own line with `error` and `stop_reason: "error"` — with the tokens
+generated until then — and the run goes on (`--fail-fast`: stop there); an unreachable edge ends
+the run. Exit status 0 when every prompt succeeded, 1 when any failed or the edge cannot be
+reached, 2 on bad arguments (a bad TLS or token file included, and a token that would go in
 plaintext to a non-loopback --edge: that needs TLS, `--tls` or `--tls-ca`, or `--insecure`).
 """
 
