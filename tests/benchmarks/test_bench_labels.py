@@ -64,9 +64,11 @@ def test_latency_column_is_labelled_worst_device() -> None:
     r = {"label": "gelato", "per_device": per_device((5.0, 40.0), (7.0, 30.0)), "aggregate_tokens_per_s": 90.0}
     assert worst_device_latency(r) == (7.0, 40.0)  # each the highest device's own percentile
     assert worst_device_latency({"per_device": per_device((None, None))}) == (None, None)  # never a made-up 0
-    lines = table([r, {"label": "oracle K≤8"}], devices=2)
-    assert "| aggregate tokens/s | worst device p50 / p99 ms/token |" in lines[0]
-    assert "| gelato | - | 90.0 | 7.0 / 40.0 |" in lines[2] and "| oracle K≤8 | - | - | - / - |" in lines[3]
+    lines = table([r, {**r, "label": "gelato 2", "fleet_tokens_per_s": 80.0}, {"label": "oracle K≤8"}], devices=2)
+    assert "| Σ device tokens/s | fleet tokens/s | worst device p50 / p99 ms/token |" in lines[0]
+    assert "| gelato | - | 90.0 | - | 7.0 / 40.0 |" in lines[2]  # no question times recorded: no fleet rate
+    assert "| gelato 2 | - | 90.0 | 80.0 | 7.0 / 40.0 |" in lines[3]
+    assert "| oracle K≤8 | - | - | - | - / - |" in lines[4]
     assert "p50 / p99" not in table([r], devices=1)[0]
 
 
