@@ -251,36 +251,30 @@ def test_cut_rule_stops_a_block_once_its_chain_is_cut() -> None:
     assert rule(5, 9.0, None) is None  # no gate (fixed K), no verdict: never stops
 
 
-def test_blocks_cut_mid_draft_are_never_sent(pair: dict[str, Path], target: LoadedModel) -> None:
-    """Drafting on its own thread (as the device does) while verdicts come back at once: blocks of
-    a chain cut mid-draft stop early, none of them reaches the edge, and the output is the
-    unpipelined one."""
-    dm = load_model(str(pair["drafter_never"]), "drafter", "float32", "cpu")
-    plain, _ = run(target, dm, "fixed-6", "off")
-    prompt = encode_prompt(target.tokenizer, PROMPT)
-    session = TargetSession("s", target, GREEDY, prompt)
-    session.prefill()
+def slow_drafter(dm: LoadedModel, token_s: float) -> tuple[Drafter, list[DraftBlock]]:
+    """A drafter whose every token takes `token_s` more (so verdicts land mid-block) and the list
+    of every block it drafts after another (`draft_after`), sent or not."""
     d = Drafter(dm, GREEDY, top_m=8)
-    pick, drafted = d._pick, []
+    pick, draft_after, drafted = d._pick, d.draft_after, []
 
-    def slow_pick(*args: Any) -> Any:  # a drafter token slower than the verdict: it lands mid-block
-        time.sleep(0.003)
+    def slow_pick(*args: Any) -> Any:
+        time.sleep(token_s)
         return pick(*args)
-
-    d._pick = slow_pick  # type: ignore[method-assign]
-    draft_after = d.draft_after
 
     def recording(*args: Any) -> DraftBlock:
         drafted.append(draft_after(*args))
         return drafted[-1]
 
+    d._pick = slow_pick  # type: ignore[method-assign]
     d.draft_after = recording  # type: ignore[method-assign]
-    link = local_link(session, max_ahead=4, delay_s=0.0)
-    sent: list[DraftBlock] = []
+    return d, drafted
 
-    async def send(block: DraftBlock) -> int:
-        sent.append(block)
-        return await link.send(block)
+
+def run_threaded(
+    d: Drafter, link: Link, target: LoadedModel, k: int, ahead: int, on_round: Any = None
+) -> GenerationResult:
+    """`fixed-k` with send-ahead over `link`, drafting on its own thread as the device does."""
+    prompt = encode_prompt(target.tokenizer, PROMPT)
 
     async def main() -> GenerationResult:
         with ThreadPoolExecutor(1) as pool:
@@ -290,10 +284,33 @@ def test_blocks_cut_mid_draft_are_never_sent(pair: dict[str, Path], target: Load
                 return await loop.run_in_executor(pool, fn, *args)
 
             limits = Limits(60, target.context_limit, 32, target.eos_token_ids)
-            policy = parse_policy("fixed-6", PolicyOptions(pipeline="send-ahead", k_max=6, ahead_blocks=2))
-            return await pipelined_generate(d, replace(link, send=send), policy, prompt, limits, offload=offload)
+            policy = parse_policy(f"fixed-{k}", PolicyOptions(pipeline="send-ahead", k_max=k, ahead_blocks=ahead))
+            return await pipelined_generate(d, link, policy, prompt, limits, on_round=on_round, offload=offload)
 
-    piped = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def prefilled(target: LoadedModel) -> TargetSession:
+    session = TargetSession("s", target, GREEDY, encode_prompt(target.tokenizer, PROMPT))
+    session.prefill()
+    return session
+
+
+def test_blocks_cut_mid_draft_are_never_sent(pair: dict[str, Path], target: LoadedModel) -> None:
+    """Drafting on its own thread (as the device does) while verdicts come back at once: blocks of
+    a chain cut mid-draft stop early, none of them reaches the edge, and the output is the
+    unpipelined one."""
+    dm = load_model(str(pair["drafter_never"]), "drafter", "float32", "cpu")
+    plain, _ = run(target, dm, "fixed-6", "off")
+    d, drafted = slow_drafter(dm, 0.003)  # a drafter token slower than the verdict: it lands mid-block
+    link = local_link(prefilled(target), max_ahead=4, delay_s=0.0)
+    sent: list[DraftBlock] = []
+
+    async def send(block: DraftBlock) -> int:
+        sent.append(block)
+        return await link.send(block)
+
+    piped = run_threaded(d, replace(link, send=send), target, 6, 2)
     assert piped.token_ids == plain.token_ids
     cut = [b for b in drafted if b.stop_reason == "cut"]
     assert cut and all(b.k < 6 for b in cut), [(b.k, b.stop_reason) for b in drafted]
@@ -310,39 +327,9 @@ def test_dropped_blocks_and_transport_time_are_reported_as_they_happened(
     transport time ends when its verdict arrived, not when the loop, drafting meanwhile, got to it."""
     dm = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
     plain, _ = run(target, dm, "fixed-4", "off")
-    prompt = encode_prompt(target.tokenizer, PROMPT)
-    session = TargetSession("s", target, GREEDY, prompt)
-    session.prefill()
-    d = Drafter(dm, GREEDY, top_m=8)
-    pick, drafted = d._pick, []
-
-    def slow_pick(*args: Any) -> Any:
-        time.sleep(0.006)
-        return pick(*args)
-
-    d._pick = slow_pick  # type: ignore[method-assign]
-    draft_after = d.draft_after
-
-    def recording(*args: Any) -> DraftBlock:
-        drafted.append(draft_after(*args))
-        return drafted[-1]
-
-    d.draft_after = recording  # type: ignore[method-assign]
+    d, drafted = slow_drafter(dm, 0.006)
     rounds: list[Any] = []
-
-    async def main() -> GenerationResult:
-        with ThreadPoolExecutor(1) as pool:
-            loop = asyncio.get_running_loop()
-
-            async def offload(fn: Any, *args: Any) -> Any:
-                return await loop.run_in_executor(pool, fn, *args)
-
-            limits = Limits(60, target.context_limit, 32, target.eos_token_ids)
-            policy = parse_policy("fixed-4", PolicyOptions(pipeline="send-ahead", k_max=4, ahead_blocks=1))
-            link = local_link(session, max_ahead=1, delay_s=0.002)
-            return await pipelined_generate(d, link, policy, prompt, limits, on_round=rounds.append, offload=offload)
-
-    piped = asyncio.run(main())
+    piped = run_threaded(d, local_link(prefilled(target), max_ahead=1, delay_s=0.002), target, 4, 1, rounds.append)
     assert piped.token_ids == plain.token_ids
     assert sum(t.predrafted for t in rounds) == sum(b.k + 1 for b in drafted)  # a guess + its drafts each
     assert any(t.predrafted and not t.predraft_hit for t in rounds)
