@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> str:
     """What would fail in a device process after the edge started, refused first ('' when fine)."""
     from gelato.device.policy import parse_policy
+    from gelato.power import SOURCES
 
     if args.prompts < 1:
         return "--prompts must be >= 1"
@@ -154,7 +155,7 @@ def check_args(args: argparse.Namespace) -> str:
             parse_policy(name)
         except ValueError as exc:
             return f"--policies: {exc}"
-    meters = ("auto", "nvml", "rapl", "jetson", "cpu-model", "none")
+    meters = ("auto", *SOURCES, "none")  # what `gelato.power.open_meter` and `--meter none` take
     if args.meter not in meters and not args.meter.startswith("replay:"):
         return f"--meter: unknown meter {args.meter!r} (one of {', '.join(meters)}, replay:FILE)"
     return ""

@@ -267,8 +267,7 @@ def rebuild(folder: Path) -> dict[str, Any]:
         sub = folder / f"{name}_r{entry.get('repeat', 1)}"
         traces = (sub if sub.is_dir() else folder / name) / "traces"
         for run in entry["runs"]:
-            for old in ("stale",):  # a field the figures had before they were split
-                run.pop(old, None)
+            run.pop("stale", None)  # the name `stale_blocks` had before the figures were split
             run.update(trace_pipeline_stats(traces / f"{RunSpec(run['label'], '', '').slug}.jsonl.gz"))
     result["summary"] = summarize_repeats(result["rtts"])
     result["rebuilt"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "code": git_state()}

@@ -269,7 +269,7 @@ def trace_problem(path: str | Path | None) -> str:
     if not path:
         return ""
     target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
+    folder = target.parent  # "." for a bare file name
     if target.is_dir():
         return f"{path} is a folder"
     if not folder.is_dir():
