@@ -79,7 +79,8 @@ async def replay(
     )
     await call.read()
     rtt_ms, compute_ms, tokens, mismatches = [], [], 0, 0
-    for block, (a, nxt) in rounds:
+    first_mismatch: int | None = None  # from here on the session's sequence is not the recording's
+    for i, (block, (a, nxt)) in enumerate(rounds):
         await asyncio.sleep(block.draft_s)  # the device drafts on its own hardware
         t0 = time.perf_counter()
         await call.write(encode_block(block))
@@ -90,11 +91,18 @@ async def replay(
             if strict:
                 raise AssertionError(f"batched verdict {(v.n_accepted, v.next_token)} != solo {(a, nxt)}")
             mismatches += 1  # bf16 kernels differ with batch shape; the replay goes on regardless
+            first_mismatch = i if first_mismatch is None else first_mismatch
         compute_ms.append(v.compute_ms)
         tokens += v.n_accepted + 1
     await call.write(pb.DeviceMessage(close=pb.CloseSession()))
     await call.done_writing()
-    return {"rtt_ms": rtt_ms, "compute_ms": compute_ms, "tokens": tokens, "mismatches": mismatches}
+    return {
+        "rtt_ms": rtt_ms,
+        "compute_ms": compute_ms,
+        "tokens": tokens,
+        "mismatches": mismatches,
+        "first_mismatch": first_mismatch,
+    }
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -118,6 +126,9 @@ async def run_level(
     rtt = sorted(x for r in results for x in r["rtt_ms"])
     comp = sorted(x for r in results for x in r["compute_ms"])
     pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    # Once one verdict differs, the session's later blocks meet another sequence and differ too: how
+    # many sessions diverged, and at which round (median), says more than the count of verdicts.
+    firsts = [r["first_mismatch"] for r in results if r["first_mismatch"] is not None]
     return {
         "sessions": len(work),
         "tokens": tokens,
@@ -130,6 +141,8 @@ async def run_level(
         "verify_step_ms_p99": round(pct(comp, 0.99), 2),
         "edge_compute_s_per_token": round(delta["gelato_edge_verify_seconds_sum"] / tokens, 6),
         "verdicts_differing_from_solo": sum(r["mismatches"] for r in results),
+        "sessions_diverged": len(firsts),
+        "first_divergence_round_p50": statistics.median(firsts) if firsts else None,
     }
 
 
@@ -203,15 +216,16 @@ def markdown(levels: list[dict], over: list[dict], meta: dict) -> str:
         f"{meta['max_new_tokens']} new tokens, batch window {meta['batch_window_ms']} ms.",
         "",
         "| sessions | tokens/s | × 1 session | mean batch rows | verify RTT p50 / p99 ms "
-        "| verify step p50 / p99 ms | edge s/token | verdicts ≠ solo |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| verify step p50 / p99 ms | edge s/token | verdicts ≠ solo | sessions diverged (round p50) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = levels[0]["tokens_per_s"]
     for r in levels:
         lines.append(
             f"| {r['sessions']} | {r['tokens_per_s']} | {r['tokens_per_s'] / base:.2f} | {r['mean_batch_rows']} "
             f"| {r['verify_rtt_ms_p50']} / {r['verify_rtt_ms_p99']} | {r['verify_step_ms_p50']} / "
-            f"{r['verify_step_ms_p99']} | {r['edge_compute_s_per_token']} | {r['verdicts_differing_from_solo']} |"
+            f"{r['verify_step_ms_p99']} | {r['edge_compute_s_per_token']} | {r['verdicts_differing_from_solo']} "
+            f"| {r['sessions_diverged']} ({r['first_divergence_round_p50']}) |"
         )
     lines += ["", "| rows | verify step ms | raw forward ms | overhead |", "|---:|---:|---:|---:|"]
     lines += [f"| {r['rows']} | {r['verify_step_ms']} | {r['raw_forward_ms']} | {r['overhead']} |" for r in over]

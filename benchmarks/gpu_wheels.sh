@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Fetch and build, HERE (where pip reaches the registry), what the GPU machine's image lacks, into
 # .whl/ (git-ignored through .git/info/exclude), for the device tool to carry. That image has
-# Python 3.12, torch, transformers, nvidia-ml-py, prometheus-client and psutil, but not the gRPC
-# versions the generated stubs need, nor pytest or accelerate (the gpu-marked tests). The project
+# Python 3.12, torch, transformers, accelerate, pytest, nvidia-ml-py, prometheus-client and psutil,
+# but not the gRPC and protobuf versions the generated stubs need; the image's own accelerate and
+# pytest are used (carried older ones would shadow them and may not fit its transformers). The project
 # itself goes as its own wheel: `gelato.edge`, `gelato.device` and `gelato.benchmarks` exist only
 # installed (a package-directory mapping), so the checkout alone on PYTHONPATH does not import.
 # Then see benchmarks/gpu_run.sh.
@@ -12,8 +13,7 @@ exclude=$(git rev-parse --git-path info/exclude)
 mkdir -p "$(dirname "$exclude")"
 grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
 rm -rf .whl && mkdir -p .whl
-for pkg in grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 \
-  pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0 packaging==25.0 accelerate==1.10.1; do
+for pkg in grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .whl "$pkg"

@@ -1,0 +1,35 @@
+"""`gelato.benchmarks.edge_batching` end to end on the random pair: a real edge process, replaying
+sessions over gRPC, float32 so every batched verdict must equal the solo one (the benchmark raises
+otherwise), and a report whose counts agree with the runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from gelato.benchmarks.edge_batching import main
+
+
+def test_edge_batching_end_to_end(pair: dict[str, Path], tmp_path: Path) -> None:
+    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:  # main pins this process to one core and one thread: give them back to the test session
+        args = ["--target", str(pair["target"]), "--drafter", str(pair["drafter_agree"]), "--sessions", "1,3"]
+        args += ["--max-new-tokens", "8", "--reps", "1", "--unique-prompts", "2", "--out", str(tmp_path / "eb")]
+        assert main(args) == 0
+    finally:
+        os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "eb.json").read_text())
+    levels = report["levels"]
+    assert [r["sessions"] for r in levels] == [1, 3]
+    for r in levels:
+        assert 0 < r["tokens"] <= 8 * r["sessions"]
+        assert r["verdicts_differing_from_solo"] == 0 and r["sessions_diverged"] == 0
+        assert r["first_divergence_round_p50"] is None
+        assert 1.0 <= r["mean_batch_rows"] <= r["sessions"]
+    assert [r["rows"] for r in report["overhead"]] == [1, 3]
+    md = (tmp_path / "eb.md").read_text()
+    assert "sessions diverged" in md and md.count("\n| 3 |") == 2  # a batching row and an overhead row
