@@ -13,6 +13,16 @@ This is the drift-plus-penalty ratio `[(V + Q·ē)·N̂ − Q·Ê] / T̂` divide
 tokens and one default fits any budget; with Q = 0 the score is V·N̂/T̂ (pure throughput), and as Q
 grows energy weighs more. Without a budget (no energy control) the score is N̂/T̂.
 
+Over budget: when every K the device may draft (0..K_max) costs more per token than ē by the model
+(`cheapest_k`), the queue can only grow, whatever is chosen. The ratio score would then prefer what
+grows it slowest per *second* — short rounds, K = 0 in the limit, the dearest per token — and the
+long-run J/token would drift furthest from ē (a live lyapunov run whose device had slowed down
+drafted nothing in 284 of 770 rounds, at the highest J/token of any K). With Q > 0 the score is then
+λ·N̂ − Ê instead, λ the fewest joules per token the model allows (`cheapest_k`): the long-run
+ΣE/ΣN is least when each round maximises λ·N − E at the least achievable λ (Dinkelbach), so the
+outer choice is the cheapest K, and chains and pre-drafts are priced the same way
+(`Objective.over_budget`). gelato's per-token rule keeps the ratio score (see `gelato.device.policy.Gelato.gate`).
+
 - Outer loop, `choose_k_ref`: K_ref = argmax over K ∈ 0..K_max of the score with the a-priori N̂(K).
 - With send-ahead (`chain_frame`): a chain of K-draft blocks replaces the round where its frame
   scores better (`choose_chain_k`), the frame mixed with a lone round of K by how often a chain
@@ -53,21 +63,43 @@ class Decision:
     score: float = math.nan
 
 
+def cheapest_k(cost: CostModel, k_max: int) -> tuple[int, float]:
+    """The K in 0..k_max with the fewest expected joules per emitted token, Ê(K)/N̂(K), and that
+    J/token; ties go to the smaller K. Enumerated: k_max is small."""
+    per_token = [cost.energy_j(k) / expected_emitted(cost.alpha, k) for k in range(k_max + 1)]
+    best = min(range(k_max + 1), key=per_token.__getitem__)
+    return best, per_token[best]
+
+
 class Objective:
+    """The score of rounds under one snapshot of the estimates and the queue. `k_max`: the most
+    drafts the device may choose, which decides whether it is over budget (module docstring);
+    None: never over budget (the ratio score always)."""
+
     def __init__(
-        self, cost: CostModel, v: float = 1.0, q_j: float = 0.0, budget_j_per_token: float | None = None
+        self,
+        cost: CostModel,
+        v: float = 1.0,
+        q_j: float = 0.0,
+        budget_j_per_token: float | None = None,
+        k_max: int | None = None,
     ) -> None:
         self.cost = cost
         self.v = v
         self.budget = budget_j_per_token
         self.q_tokens = q_j / budget_j_per_token if budget_j_per_token else 0.0
         self._geo: list[float] = [0.0]  # Σ_{l=1..m} α^l, grown on demand
+        priced = budget_j_per_token is not None and self.q_tokens > 0 and k_max is not None
+        self.least_j_per_token = cheapest_k(cost, k_max)[1] if priced and k_max is not None else math.nan
+        self.over_budget = priced and self.least_j_per_token > (budget_j_per_token or 0.0)
 
     def score(self, n_expected: float, k: int) -> float:
         return self.score_of(n_expected, self.cost.time_s(k), self.cost.energy_j(k))
 
     def score_of(self, n_expected: float, t_s: float, e_j: float) -> float:
         """The score of a round emitting `n_expected` tokens in `t_s` seconds for `e_j` joules."""
+        if self.over_budget:
+            return self.least_j_per_token * n_expected - e_j
         if t_s <= 0:
             return math.inf
         if self.budget is None:
@@ -86,8 +118,9 @@ def choose_k_ref(obj: Objective, k_max: int) -> tuple[int, float]:
 
     Over K ≥ 1 the score is quasi-concave in K: its numerator is concave (N̂ is, Ê is affine) and
     T̂ is affine and positive there, so each superlevel set {numerator − c·T̂ ≥ 0} is an interval.
-    Once it really falls (by more than rounding) it never climbs back above its peak, and the
-    search stops there: a few scores instead of K_max. K = 0 (no drafting step) is scored apart."""
+    Over budget the score λ·N̂ − Ê is concave. Once it really falls (by more than rounding) it never
+    climbs back above its peak, and the search stops there: a few scores instead of K_max. K = 0
+    (no drafting step) is scored apart."""
     best_k, best = 0, obj.score(1.0, 0)
     peak = -math.inf
     for k in range(1, k_max + 1):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from gelato.controller import Decision, choose_k_ref
+from gelato.controller import CostModel, Decision, Objective, cheapest_k, choose_k_ref
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant
 from gelato.device.generate import Exchange, Limits, Verify, local_verifier, self_verifier, speculative_generate
@@ -100,6 +100,26 @@ def test_lyapunov_and_gelato_follow_the_estimates() -> None:
     assert good.decide(32).k_ref >= 6  # everything accepted: draft long
     assert bad.decide(32).k_ref == 0  # nothing accepted: the edge alone is faster
     assert bad.decide(32).k_max == 0  # and the inner loop does not draft at all
+
+
+def test_lyapunov_over_budget_drafts_the_cheapest_k(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device that slowed down (the estimates at the end of such a live run): every K costs more
+    per token than the budget and the queue has grown. The decision is the K with the fewest
+    joules per token by those estimates, not the shorter rounds the ratio score picks (they grow
+    the queue slowest per second, but cost more per token)."""
+    model = CostModel(t_draft_s=2.74e-3, t_draft0_s=0.56e-3, t_edge0_s=5.6e-3, t_edge_per_token_s=0.0,
+                      t_net0_s=22.7e-3, t_net_per_token_s=0.0, p_draft_w=2.7, p_wait_w=0.57,
+                      e_radio0_j=0.08e-3, e_radio_per_token_j=6e-6, alpha=0.808)  # fmt: skip
+    budget = 0.01008
+    for name in ("lyapunov", "gelato"):
+        p = parse_policy(name, PolicyOptions(budget_j_per_token=budget))
+        monkeypatch.setattr(p.controller.cost, "model", lambda: model)
+        assert p.controller.queue is not None
+        p.controller.queue.q_j = 6.6
+        assert p.decide(8).k_ref == cheapest_k(model, 8)[0] == 2
+        assert choose_k_ref(Objective(model, 20.0, 6.6, budget), 8)[0] < 2  # the ratio score's choice
+        p.controller.queue.q_j = 0.0  # no backlog: pure throughput, longer blocks
+        assert p.decide(8).k_ref > 2
 
 
 def test_chains_are_priced_only_while_send_ahead_runs() -> None:

@@ -16,6 +16,7 @@ from gelato.controller import (
     Ewma,
     Objective,
     chain_frame,
+    cheapest_k,
     choose_chain_k,
     choose_k_ref,
     expected_emitted,
@@ -95,7 +96,7 @@ def test_k_ref_stops_early_but_equals_the_full_enumeration() -> None:
         best = max(scores)
         return scores.index(best), best
 
-    stopped_early = 0
+    stopped_early = over_budget = 0
     for _ in range(3000):
         c = cost(
             t_draft_s=rng.uniform(1e-4, 0.05),
@@ -110,12 +111,58 @@ def test_k_ref_stops_early_but_equals_the_full_enumeration() -> None:
             e_radio_per_token_j=rng.uniform(0, 1e-3),
             alpha=rng.choice([rng.random(), 0.0, 0.999999, 1.0]),
         )
-        budget = rng.choice([None, rng.uniform(0.01, 2)])
-        obj = Objective(c, rng.uniform(0.1, 10), rng.choice([0.0, rng.uniform(0, 100)]), budget)
         k_max = rng.choice([1, 4, 8, 32])
+        budget = rng.choice([None, rng.uniform(0.01, 2), cheapest_k(c, k_max)[1] * rng.uniform(0.5, 1.5)])
+        # With k_max known the objective may be over budget (score −Ê/N̂): quasi-concave as well.
+        bound = rng.choice([None, k_max])
+        obj = Objective(c, rng.uniform(0.1, 10), rng.choice([0.0, rng.uniform(0, 100)]), budget, bound)
+        over_budget += obj.over_budget
         assert choose_k_ref(obj, k_max) == every_k(obj, k_max)
         stopped_early += choose_k_ref(obj, k_max)[0] + 2 < k_max
     assert stopped_early > 1000  # most optima lie well inside the range: the stop is exercised
+    assert over_budget > 100  # and so is the over-budget score
+
+
+# The cost model at the end of a live lyapunov run whose device had slowed down (drafting 2.7 ms a
+# token): its cheapest K is 2, at 13.2 mJ/token.
+SLOWED = dict(t_draft_s=2.74e-3, t_draft0_s=0.56e-3, t_edge0_s=5.6e-3, t_net0_s=22.7e-3, p_draft_w=2.7,
+              p_wait_w=0.57, e_radio0_j=0.08e-3, e_radio_per_token_j=6e-6, alpha=0.808)  # fmt: skip
+
+
+def test_over_budget_spends_the_least_per_token() -> None:
+    """Every K costs more than ē per token (that run's budget): the queue can only grow. The ratio
+    score, maximising (N − Ẽ)/T, would pick short rounds, which grow the queue slowest per second
+    but cost more per token; over budget the choice is the cheapest K per token, for a backlog of
+    any size."""
+    c = cost(**SLOWED)
+    budget = 0.01008
+    k_cheap, j_cheap = cheapest_k(c, 8)
+    per_token = [c.energy_j(k) / expected_emitted(c.alpha, k) for k in range(9)]
+    assert (k_cheap, j_cheap) == (2, pytest.approx(min(per_token))) and j_cheap > budget
+    for q_j in (0.05, 1.0, 6.6, 100.0):
+        ratio = Objective(c, 20.0, q_j, budget)  # no bound given: the ratio score, as before
+        over = Objective(c, 20.0, q_j, budget, k_max=8)
+        assert over.over_budget and not ratio.over_budget
+        assert choose_k_ref(over, 8) == (2, pytest.approx(0.0, abs=1e-12))  # λ·N̂ − Ê = 0 at λ's K
+        if q_j >= 6.6:  # a large backlog: the ratio score picks a dearer K
+            k_ratio = choose_k_ref(ratio, 8)[0]
+            assert per_token[k_ratio] > j_cheap * 1.02
+    # Chains are priced the same way: λ·N − E of the chain's frame.
+    n, t, e = chain_frame(over, 2, 0.5, 2)
+    assert over.score_of(n, t, e) == pytest.approx(j_cheap * n - e)
+
+
+def test_not_over_budget_when_a_k_fits_or_the_queue_is_empty() -> None:
+    """The ratio score stays wherever some K fits the budget (the queue drains), with an empty
+    queue (pure throughput), without a budget, and when the bound on K leaves out the cheap K."""
+    c = cost(**SLOWED)
+    _, j_cheap = cheapest_k(c, 12)
+    assert not Objective(c, 1.0, 1e3, j_cheap * 1.01, k_max=12).over_budget
+    assert Objective(c, 1.0, 1e3, j_cheap * 0.99, k_max=12).over_budget
+    assert not Objective(c, 1.0, 0.0, j_cheap * 0.99, k_max=12).over_budget
+    assert not Objective(c, 1.0, 1e3, None, k_max=12).over_budget
+    k_cheap = cheapest_k(c, 12)[0]
+    assert k_cheap > 1 and Objective(c, 1.0, 1e3, j_cheap * 1.01, k_max=1).over_budget
 
 
 def test_k_ref_with_a_backlog_prefers_energy() -> None:
