@@ -4,7 +4,7 @@ Contract: `python -m gelato.benchmarks.edge_batching [--sessions 1,2,4,8,16] [--
 --device cuda --dtype bfloat16 --unique-prompts N]` prints and writes
 (JSON + markdown) per N: aggregate emitted tokens/s, mean batch size, p50/p99 verify latency,
 edge compute seconds per emitted token; and, in-process, the ratio of a batched verify step
-(KV pool forward + acceptance) to a raw target forward on the same padded tokens.
+(`verify_batch`: checks, KV pool forward, acceptance) to a raw target forward on the same padded tokens.
 
 Method. The edge runs as its own process (pinned to CPU 0 where `taskset` exists, one thread).
 Devices are async gRPC clients in this process (CPU 1) that REPLAY draft blocks recorded from a
@@ -41,8 +41,8 @@ from gelato.channel import CLIENT_OPTIONS
 from gelato.device.drafter import Drafter
 from gelato.device.generate import Exchange, Limits, local_verifier, speculative_generate
 from gelato.device.policy import FixedK
-from gelato.edge.kv_pool import KVPool, pooled_forward
-from gelato.edge.verifier import TargetSession
+from gelato.edge.kv_pool import KVPool
+from gelato.edge.verifier import Accepted, TargetSession, verify_batch
 from gelato.kv import cache_kwarg
 from gelato.models import LoadedModel, default_model_path, encode_prompt, load_model
 from gelato.types import DraftBlock, SamplingParams, SessionOpen
@@ -169,13 +169,12 @@ def overhead(
                 s = TargetSession("o", target, SamplingParams(), p, pool=pool)
                 s.prefill()
                 sessions.append(s)
-            bases = [len(s.seq.tokens) for s in sessions]
             _sync(dev)
             t0 = time.perf_counter()
-            logits = pooled_forward([(s.seq, block.ids) for s in sessions])
-            for s, base, lg in zip(sessions, bases, logits, strict=True):
-                s.accept(block, base, lg)
+            outcomes = verify_batch([(s, block) for s in sessions])  # the edge's step: checks, forward, acceptance
             _sync(dev)
+            if not all(isinstance(o, Accepted) for o in outcomes):
+                raise RuntimeError(f"a verify step failed: {outcomes}")
             step_s.append(time.perf_counter() - t0)
             # Raw: the same padded batch, cache already stacked, logits discarded.
             fresh = []

@@ -49,7 +49,7 @@ import torch
 
 from gelato.edge.kv_pool import KVPool, PooledSequence, plan_pool
 from gelato.models import LoadedModel
-from gelato.sampling import KeyedRng, process_logits, verify_greedy, verify_sampling
+from gelato.sampling import KeyedRng, accept_greedy, process_logits, verify_greedy, verify_sampling
 from gelato.types import DraftBlock, SamplingParams
 from gelato.wire import WireError, check_block
 
@@ -174,13 +174,16 @@ class TargetSession:
         logits = self.seq.forward(block.ids)
         return self.accept(block, base, logits)
 
-    def accept(self, block: DraftBlock, base: int, logits: torch.Tensor) -> tuple[int, int]:
+    def accept(
+        self, block: DraftBlock, base: int, logits: torch.Tensor, greedy_best: list[int] | None = None
+    ) -> tuple[int, int]:
         """Acceptance on this round's logits (the last k+1 rows predict x1..xk and the bonus),
         then keep tokens and KV only for the accepted prefix. `base` is the length before the
-        forward. Returns (a, next)."""
+        forward. `greedy_best`: those rows' argmaxes, when the caller fetched them already (a
+        batch fetches every greedy row's in one transfer). Returns (a, next)."""
         rows = logits[-(block.k + 1) :]
         if self.params.greedy:
-            a, nxt = verify_greedy(rows, block.ids)
+            a, nxt = verify_greedy(rows, block.ids) if greedy_best is None else accept_greedy(greedy_best, block.ids)
         else:
             a, nxt = verify_sampling(process_logits(rows, self.params), block.ids, block.q, self.rng, base)
         self.seq.set_tail(base, [*block.ids[:a], nxt])

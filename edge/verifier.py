@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import grpc
+import torch
 
 from gelato.edge.kv_pool import pooled_forward
 from gelato.edge.sessions import StatusError, TargetSession
@@ -91,6 +92,28 @@ def verify_batch(
     return outcomes  # type: ignore[return-value]  # every pair has its outcome now
 
 
+def greedy_argmaxes(logits: Sequence[torch.Tensor], ks: Sequence[int | None]) -> dict[int, list[int]]:
+    """The target's argmaxes over the last k+1 logits of each row whose `ks` entry is its block's k
+    (None: not a greedy row), by row index, fetched in one transfer: on a GPU one device sync for
+    the batch instead of one per row (64 rows of a 152k vocabulary on an H200: 1.55 ms against 2.73
+    row by row, `gelato.benchmarks.accept_overhead`; on a CPU the same). Never raises: on any
+    error it returns {} and each row takes its own argmax, as before (an exception here would
+    leave the rows' drafts appended, which the caller's fallback does not expect)."""
+    tails = [(j, lg[-(k + 1) :]) for j, (lg, k) in enumerate(zip(logits, ks, strict=True)) if k is not None]
+    if not tails:
+        return {}
+    try:
+        flat = torch.cat([t.argmax(dim=-1) for _, t in tails]).tolist()
+    except Exception:
+        log.exception("batched greedy argmax failed; rows take their own")
+        return {}
+    out, at = {}, 0
+    for j, t in tails:
+        out[j] = flat[at : at + t.shape[0]]
+        at += t.shape[0]
+    return out
+
+
 def _verify_rows(
     pairs: Sequence[tuple[TargetSession, DraftBlock]], rows: list[int], outcomes: list[Outcome | None]
 ) -> None:
@@ -101,10 +124,11 @@ def _verify_rows(
     marks = [(len(seq.tokens), seq.cached) for seq in seqs]
     logits = pooled_forward([(seq, pairs[i][1].ids) for seq, i in zip(seqs, rows, strict=True)])
     n = len(rows)
-    for i, seq, (base, cached), lg in zip(rows, seqs, marks, logits, strict=True):
+    best = greedy_argmaxes(logits, [pairs[i][1].k if pairs[i][0].params.greedy else None for i in rows])
+    for j, (i, seq, (base, cached), lg) in enumerate(zip(rows, seqs, marks, logits, strict=True)):
         session, block = pairs[i]
         try:
-            a, nxt = session.accept(block, base, lg)
+            a, nxt = session.accept(block, base, lg, best.get(j))
             outcomes[i] = Accepted(a, nxt, n)
         except Exception as exc:
             seq.rewind(base, cached)  # drop the drafts, their KV and anything acceptance set

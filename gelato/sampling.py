@@ -22,6 +22,7 @@ discarded unseen), so keyed draws are as independent as a stream's.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import torch
 
@@ -149,7 +150,12 @@ def residual_distribution(p_row: torch.Tensor, q: SparseDist) -> torch.Tensor:
 
 def verify_greedy(target_logits: torch.Tensor, draft_ids: tuple[int, ...]) -> tuple[int, int]:
     """Greedy verification. target_logits: [k+1, V] (row i predicts draft i). Returns (a, next)."""
-    best = target_logits.argmax(dim=-1).tolist()
+    return accept_greedy(target_logits.argmax(dim=-1).tolist(), draft_ids)
+
+
+def accept_greedy(best: Sequence[int], draft_ids: Sequence[int]) -> tuple[int, int]:
+    """Greedy verification on the target's argmaxes (`best[i]` predicts draft i, k+1 of them):
+    the leading drafts equal to them are accepted, then the target's own token. Returns (a, next)."""
     a = 0
     while a < len(draft_ids) and draft_ids[a] == best[a]:
         a += 1

@@ -16,6 +16,7 @@ from scipy.stats import chisquare
 
 from gelato.benchmarks.top_p import full_sort_top_p  # the same nucleus, by a sort of the row
 from gelato.sampling import (
+    accept_greedy,
     process_logits,
     residual_distribution,
     sample_sparse,
@@ -86,6 +87,8 @@ def test_verify_greedy_counts_leading_matches() -> None:
     assert verify_greedy(logits, (3, 5, 7)) == (3, 9)  # all accepted + bonus
     assert verify_greedy(logits, (3, 4, 7)) == (1, 5)  # correction at the first mismatch
     assert verify_greedy(logits[:1], ()) == (0, 3)  # k = 0: the target's own token
+    assert accept_greedy([3, 5, 7, 9], (3, 4, 7)) == (1, 5)  # the same rule on argmaxes fetched already
+    assert accept_greedy([3], ()) == (0, 3)
 
 
 def bigram(seed: int, scale: float) -> torch.Tensor:
