@@ -7,7 +7,9 @@
 # edge_batching_<gpu>.{json,md}, qwen_round_<gpu>.jsonl + qwen_trace_<gpu>.jsonl (Qwen2.5-shaped
 # pair, both processes on the GPU) and gpu_run.log; copy them into benchmarks/results/gpu_<gpu>/ and commit.
 # Every stage has its own time limit and a failing stage does not stop the later ones, so one
-# call of the device tool (at most 10 minutes, 15 minutes of device time in all) returns what it can.
+# call of the device tool (at most 10 minutes, 15 minutes of device time in all) returns what it can;
+# the exit status is 1 when a stage failed. GPU_RUN_SKIP=name,... skips stages (e.g. gpu_tests when
+# a first call already ran them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-benchmarks/results/gpu_run}}
@@ -39,14 +41,17 @@ python3 -c "import torch, transformers, accelerate; print('torch', torch.__versi
 tag=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).split()[1].lower() if torch.cuda.is_available() else 'cpu')")  # h100, h200
 export tag
 t0=$SECONDS
+failed=0
 stage() {  # stage NAME SECONDS CMD...: run with a limit, report its exit status and time, go on
   local name=$1 limit=$2 s=$SECONDS
   shift 2
   case ",${GPU_RUN_SKIP:-}," in *",$name,"*) echo "=== $name: skipped (GPU_RUN_SKIP)"; return 0 ;; esac
   echo "=== $name (limit ${limit}s, at $((SECONDS - t0))s)"
   # timeout kills the command's whole process group (a stage's edge too); functions run in a bash -c
-  timeout -k 5 "$limit" bash -c "$(declare -p prompts); $(declare -f edge_up edge_down gpu_tests device_runs qwen_round); \"\$@\"" _ "$@"
-  echo "=== $name: exit $? after $((SECONDS - s))s"
+  timeout -k 5 "$limit" bash -c "set -o pipefail; $(declare -p prompts); $(declare -f edge_up edge_down gpu_tests device_runs qwen_round); \"\$@\"" _ "$@"
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - s))s"
+  [ $rc = 0 ] || failed=$((failed + 1))
 }
 edge_up() {  # edge_up LOGFILE ARGS...: a gelato-edge on 127.0.0.1:50051, waited for through its health check
   local log=$1
@@ -58,7 +63,9 @@ edge_up() {  # edge_up LOGFILE ARGS...: a gelato-edge on 127.0.0.1:50051, waited
     kill -0 $edge_pid 2> /dev/null || break
     sleep 0.5
   done
-  echo "edge did not come up:"; tail -20 "$log"; return 1
+  echo "edge did not come up:"; tail -20 "$log"
+  kill $edge_pid 2> /dev/null  # or it could hold the port and answer the next stage's health check
+  return 1
 }
 edge_down() { kill $edge_pid 2> /dev/null; wait $edge_pid 2> /dev/null; tail -3 "$1"; }
 
@@ -69,8 +76,8 @@ stage nvml_check 60 python3 -m gelato.benchmarks.nvml_check --seconds 5 --out "$
 # installed `gelato` is the one imported (the checkout's own gelato/ folder lacks gelato.edge).
 rm -rf /tmp/gpu_tests && mkdir -p /tmp/gpu_tests && cp -r tests pyproject.toml /tmp/gpu_tests/
 gpu_tests() { cd /tmp/gpu_tests && PYTHONPATH=/tmp/site:/tmp/gpu_tests python3 -m pytest -q -p no:cacheprovider -rs \
-  tests/edge/test_kv_placement.py tests/benchmarks/test_gpu_tools.py; }
-stage gpu_tests 120 gpu_tests 2>&1 | tee "$out/gpu_tests_$tag.txt"
+  tests/edge/test_kv_placement.py tests/benchmarks/test_gpu_tools.py 2>&1 | tee "$out/gpu_tests_$tag.txt"; }
+stage gpu_tests 120 gpu_tests
 
 # 3. Real edge + device runs, built-in pair. (a) The drafter on the GPU metered by NVML, the edge on the
 # CPU, so the GPU's energy is the device's alone: energy_source nvml, energy_kind measured. (b) Lossless
@@ -117,4 +124,5 @@ qwen_round() {
   return $rc
 }
 stage qwen_round 120 qwen_round
-echo "gpu_run.sh: done in $((SECONDS - t0))s"
+echo "gpu_run.sh: done in $((SECONDS - t0))s, $failed stage(s) failed"
+[ $failed = 0 ]

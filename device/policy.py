@@ -386,12 +386,10 @@ class Gelato(Lyapunov):
         return Decision(k_ref, cap if k_ref else 0, self.controller.q_j, score)
 
     def gate(self, decision: Decision) -> Gate:
-        # The per-token rule keeps the ratio score also over budget (`Objective.over_budget`): its
-        # λ-marginal form prices tokens against the cheapest fixed K, dearer than what blocks that
-        # stop on doubt achieve, and spent more per token in the simulator (5.94 against 5.86
-        # mJ/token at a budget of 5, below any fixed K's 6.29).
-        objective = self._objective if not self._objective.over_budget else self.controller.objective()
-        return _Continuation(self.controller.calibrator, objective, decision.k_ref, decision.k_max)
+        # The decision's own objective, over budget too (`Objective.over_budget`): the per-token
+        # rule then drafts a token while its expected joules per expected token stay below λ, and
+        # with nothing drafted it is the outer decision, as always.
+        return _Continuation(self.controller.calibrator, self._objective, decision.k_ref, decision.k_max)
 
 
 class ArDevice(Policy):

@@ -183,7 +183,10 @@ class TargetSession:
         batch fetches every greedy row's in one transfer). Returns (a, next)."""
         rows = logits[-(block.k + 1) :]
         if self.params.greedy:
-            a, nxt = verify_greedy(rows, block.ids) if greedy_best is None else accept_greedy(greedy_best, block.ids)
+            if greedy_best is not None and len(greedy_best) == block.k + 1:
+                a, nxt = accept_greedy(greedy_best, block.ids)
+            else:
+                a, nxt = verify_greedy(rows, block.ids)
         else:
             a, nxt = verify_sampling(process_logits(rows, self.params), block.ids, block.q, self.rng, base)
         self.seq.set_tail(base, [*block.ids[:a], nxt])

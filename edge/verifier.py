@@ -99,19 +99,19 @@ def greedy_argmaxes(logits: Sequence[torch.Tensor], ks: Sequence[int | None]) ->
     row by row, `gelato.benchmarks.accept_overhead`; on a CPU the same). Never raises: on any
     error it returns {} and each row takes its own argmax, as before (an exception here would
     leave the rows' drafts appended, which the caller's fallback does not expect)."""
-    tails = [(j, lg[-(k + 1) :]) for j, (lg, k) in enumerate(zip(logits, ks, strict=True)) if k is not None]
-    if not tails:
-        return {}
     try:
+        tails = [(j, lg[-(k + 1) :]) for j, (lg, k) in enumerate(zip(logits, ks, strict=True)) if k is not None]
+        if not tails:
+            return {}
         flat = torch.cat([t.argmax(dim=-1) for _, t in tails]).tolist()
+        out, at = {}, 0
+        for j, t in tails:
+            out[j] = flat[at : at + t.shape[0]]
+            at += t.shape[0]
+        return out
     except Exception:
         log.exception("batched greedy argmax failed; rows take their own")
         return {}
-    out, at = {}, 0
-    for j, t in tails:
-        out[j] = flat[at : at + t.shape[0]]
-        at += t.shape[0]
-    return out
 
 
 def _verify_rows(
@@ -124,7 +124,8 @@ def _verify_rows(
     marks = [(len(seq.tokens), seq.cached) for seq in seqs]
     logits = pooled_forward([(seq, pairs[i][1].ids) for seq, i in zip(seqs, rows, strict=True)])
     n = len(rows)
-    best = greedy_argmaxes(logits, [pairs[i][1].k if pairs[i][0].params.greedy else None for i in rows])
+    greedy = [pairs[i][1].k if pairs[i][0].params.greedy else None for i in rows]
+    best = greedy_argmaxes(logits, greedy)
     for j, (i, seq, (base, cached), lg) in enumerate(zip(rows, seqs, marks, logits, strict=True)):
         session, block = pairs[i]
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gelato.benchmarks.edge_batching import main
+from gelato.benchmarks.edge_batching import divergence, main
 
 
 def test_edge_batching_end_to_end(pair: dict[str, Path], tmp_path: Path) -> None:
@@ -33,3 +33,13 @@ def test_edge_batching_end_to_end(pair: dict[str, Path], tmp_path: Path) -> None
     assert [r["rows"] for r in report["overhead"]] == [1, 3]
     md = (tmp_path / "eb.md").read_text()
     assert "sessions diverged" in md and md.count("\n| 3 |") == 2  # a batching row and an overhead row
+
+
+def test_divergence_counts_sessions_and_their_first_round() -> None:
+    """In half precision a session leaves the recording at its first differing verdict: the
+    sessions that did and the median round where, beside the count of differing verdicts."""
+    runs = [{"mismatches": 0, "first_mismatch": None}, {"mismatches": 7, "first_mismatch": 3}]
+    runs += [{"mismatches": 2, "first_mismatch": 10}, {"mismatches": 1, "first_mismatch": 4}]
+    got = divergence(runs)
+    assert got == {"verdicts_differing_from_solo": 10, "sessions_diverged": 3, "first_divergence_round_p50": 4}
+    assert divergence(runs[:1])["first_divergence_round_p50"] is None

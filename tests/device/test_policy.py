@@ -116,8 +116,15 @@ def test_lyapunov_over_budget_drafts_the_cheapest_k(monkeypatch: pytest.MonkeyPa
         monkeypatch.setattr(p.controller.cost, "model", lambda: model)
         assert p.controller.queue is not None
         p.controller.queue.q_j = 6.6
-        assert p.decide(8).k_ref == cheapest_k(model, 8)[0] == 2
+        decision = p.decide(8)
+        assert decision.k_ref == cheapest_k(model, 8)[0] == 2
         assert choose_k_ref(Objective(model, 20.0, 6.6, budget), 8)[0] < 2  # the ratio score's choice
+        if name == "gelato":
+            # Tokens accepted at the prior rate: the per-token rule drafts exactly K_ref, as the
+            # outer decision priced it (a ratio-score gate stopped after one token, as "entropy").
+            monkeypatch.setattr(p.controller.calibrator, "p_accept", lambda h: model.alpha)
+            gate = p.gate(decision)
+            assert gate is not None and gate(1, 0.0, None) is None and gate(2, 0.0, None) == "budget"
         p.controller.queue.q_j = 0.0  # no backlog: pure throughput, longer blocks
         assert p.decide(8).k_ref > 2
 

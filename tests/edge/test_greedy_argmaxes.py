@@ -9,7 +9,10 @@ from pathlib import Path
 import torch
 
 from gelato.benchmarks.accept_overhead import main
-from gelato.edge.verifier import greedy_argmaxes
+from gelato.edge.kv_pool import KVPool
+from gelato.edge.verifier import Accepted, StatusError, TargetSession, greedy_argmaxes, verify_batch
+from gelato.models import LoadedModel
+from gelato.types import DraftBlock, SamplingParams
 
 
 def test_ragged_rows_mixed_with_sampling_rows_equal_their_own_argmaxes() -> None:
@@ -35,3 +38,38 @@ def test_accept_overhead_benchmark_runs_and_agrees(tmp_path: Path) -> None:
     assert main(["--vocab", "64", "--rows", "1,3", "--reps", "2", "--out", str(out)]) == 0  # raises on a mismatch
     report = json.loads(out.read_text())
     assert [r["rows"] for r in report["levels"]] == [1, 3] and report["meta"]["vocab"] == 64
+
+
+def test_verify_batch_aligns_fetched_argmaxes_with_rows_after_a_failed_check(target: LoadedModel) -> None:
+    """A pair that fails its check is left out of the forward, so the forward's rows are not the
+    pairs' positions: each greedy row must still get its own argmaxes (its verdict equals the one it
+    gets alone), and a sampling row among them its own acceptance."""
+    prompts = [[5, 9, 14, 3], [40, 41, 42, 43, 44, 45], [7, 8], [100, 3, 50], [60, 61, 62]]
+    ids = (11, 12, 13)
+    pool = KVPool(target.model, target.vocab_size, slots=5, context=32)
+    params = [SamplingParams()] * 3 + [SamplingParams(temperature=1.0, seed=4), SamplingParams()]
+
+    def session(i: int, pooled: bool) -> TargetSession:
+        s = TargetSession(f"s{i}", target, params[i], prompts[i], pool=pool if pooled else None)
+        s.prefill()
+        return s
+
+    batched = [session(i, True) for i in range(5)]
+    # Row 1 drafts the target's own first token: accepted only with its own argmaxes.
+    blocks = [DraftBlock(round=5, ids=ids), DraftBlock(round=0, ids=(best_of(target, prompts[1]), *ids[1:]))]
+    blocks += [DraftBlock(round=0, ids=ids), DraftBlock(round=0, ids=(), q=()), DraftBlock(round=0, ids=ids)]
+    outcomes = verify_batch(list(zip(batched, blocks, strict=True)))
+    assert isinstance(outcomes[0], StatusError)  # round 5: refused, left out of the forward
+    for i in (1, 2, 4):
+        alone = session(i, False).verify(blocks[i])
+        got = outcomes[i]
+        assert isinstance(got, Accepted) and (got.n_accepted, got.next_token) == alone and got.batch_rows == 4
+    assert isinstance(outcomes[1], Accepted) and outcomes[1].n_accepted >= 1
+    assert isinstance(outcomes[3], Accepted) and outcomes[3].n_accepted == 0
+
+
+def best_of(target: LoadedModel, prompt: list[int]) -> int:
+    """The target's greedy next token after `prompt`."""
+    s = TargetSession("probe", target, SamplingParams(), prompt)
+    s.prefill()
+    return s.verify(DraftBlock(round=0, ids=()))[1]

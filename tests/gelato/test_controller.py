@@ -113,7 +113,7 @@ def test_k_ref_stops_early_but_equals_the_full_enumeration() -> None:
         )
         k_max = rng.choice([1, 4, 8, 32])
         budget = rng.choice([None, rng.uniform(0.01, 2), cheapest_k(c, k_max)[1] * rng.uniform(0.5, 1.5)])
-        # With k_max known the objective may be over budget (score −Ê/N̂): quasi-concave as well.
+        # With k_max known the objective may be over budget (score λ·N̂ − Ê): concave in K ≥ 1.
         bound = rng.choice([None, k_max])
         obj = Objective(c, rng.uniform(0.1, 10), rng.choice([0.0, rng.uniform(0, 100)]), budget, bound)
         over_budget += obj.over_budget
