@@ -48,7 +48,9 @@ GOOD = {  # name -> spec; the context limit of the test target is 512
 class AcceptRaises(TargetSession):
     """A session whose acceptance fails (a server fault after a successful forward)."""
 
-    def accept(self, block: DraftBlock, base: int, logits: torch.Tensor) -> tuple[int, int]:
+    def accept(
+        self, block: DraftBlock, base: int, logits: torch.Tensor, greedy_best: list[int] | None = None
+    ) -> tuple[int, int]:
         raise RuntimeError("acceptance exploded")
 
 
