@@ -297,36 +297,36 @@ class Lyapunov(Policy):
         # The per-block check's answer for a chain's start, folded into `ahead_follow` when the
         # next round is observed (so deciding stays a function of observed rounds).
         self._follow_seen: bool | None = None
-        # The last decision's bound on K and whether it was over budget (its score then in joules):
-        # later objectives of the same round are built with the same bound and compared with it.
-        self._k_cap: int | None = None
-        self._round_over_budget = False
+        # The last decision's objective: the pre-draft and send-ahead checks that follow it (no
+        # verdict is observed in between) score with it, over budget or not, as the decision did.
+        self._objective = self.controller.objective()
 
-    def _outer(self, limit: int) -> tuple[int, float, Objective, bool]:
+    def _outer(self, limit: int) -> tuple[int, float, bool]:
         """K_ref from the objective. When it stays 0 the acceptance estimate is never refreshed
         (nothing drafted, nothing observed), so every `explore_every_rounds` a block of `explore_k`
         is drafted. With send-ahead running (`self.ahead_blocks`), a chain's block size where chains
         score better than rounds one at a time (`choose_chain_k`, a chain priced as starting as
         often as the per-block check lately started one: `Controller.ahead_follow`);
-        `self._round_score` keeps the latter's score. The last value: whether K_ref is a chain's."""
-        self._k_cap = self.k_max(limit)
-        obj, ahead = self.controller.objective(self._k_cap), self.ahead_blocks
-        self._round_over_budget = obj.over_budget
-        k_ref, score = choose_k_ref(obj, self._k_cap)
+        `self._round_score` keeps the latter's score, `self._objective` the objective. The last value:
+        whether K_ref is a chain's."""
+        k_cap = self.k_max(limit)
+        obj = self._objective = self.controller.objective(k_cap)
+        ahead = self.ahead_blocks
+        k_ref, score = choose_k_ref(obj, k_cap)
         chained = False
         self._round_score = score
         self._round_rate = expected_emitted(obj.cost.alpha, k_ref) / max(obj.cost.time_s(k_ref), 1e-9)
         if ahead is not None:
             c = self.controller
             k_chain, chain_score = choose_chain_k(
-                obj, self.k_max(limit), c.bonus_match.value, ahead, self._round_rate, c.ahead_follow.value
+                obj, k_cap, c.bonus_match.value, ahead, self._round_rate, c.ahead_follow.value
             )
             chained = chain_score > score
             if chained:
                 k_ref, score = k_chain, chain_score
         if k_ref == 0 and limit > 0 and self._idle_rounds >= self.options.explore_every_rounds - 1:
-            k_ref = min(self.options.explore_k, self.k_max(limit))
-        return k_ref, score, obj, chained
+            k_ref = min(self.options.explore_k, k_cap)
+        return k_ref, score, chained
 
     def end_chains(self) -> None:
         super().end_chains()
@@ -342,15 +342,14 @@ class Lyapunov(Policy):
         return super().observe(tele)
 
     def decide(self, limit: int) -> Decision:
-        k_ref, score, _, _ = self._outer(limit)
+        k_ref, score, _ = self._outer(limit)
         return Decision(k_ref, k_ref, self.controller.q_j, score)
 
     def predraft_depth(self, decision: Decision, block: DraftBlock) -> int:
         depth = super().predraft_depth(decision, block)
         if depth == 0:
             return 0
-        c = self.controller
-        obj = c.objective(self._k_cap)
+        c, obj = self.controller, self._objective
         n = 1.0 + sum(c.calibrator.survival(block.entropies[: i + 1]) for i in range(block.k))
         return depth if predraft_pays(obj, block.k, n, c.p_hit(block.entropies), depth) else 0
 
@@ -363,9 +362,7 @@ class Lyapunov(Policy):
         if decision.k_ref == 0:
             return False
         ahead = self.options.ahead_blocks if self.ahead_blocks is None else self.ahead_blocks
-        obj = self.controller.objective(self._k_cap)
-        if obj.over_budget != self._round_over_budget:
-            return False  # a verdict since moved the regime: the scores are in different units
+        obj = self._objective
         n, t, e = chain_frame(obj, decision.k_ref, p_chain, ahead)
         go = n / t > self._round_rate and obj.score_of(n, t, e) > self._round_score
         if first:
@@ -377,7 +374,7 @@ class Gelato(Lyapunov):
     name = "gelato"
 
     def decide(self, limit: int) -> Decision:
-        k_ref, score, self._objective, chained = self._outer(limit)
+        k_ref, score, chained = self._outer(limit)
         # The inner rule with nothing drafted yet is the outer decision: K_ref = 0 drafts nothing.
         # A chain's block size caps it: the inner rule scores rounds one at a time, whose best K
         # is longer, and would draft past the size the chain was priced (and chosen) for; an

@@ -93,9 +93,10 @@ class Objective:
         self.budget = budget_j_per_token
         self.q_tokens = q_j / budget_j_per_token if budget_j_per_token else 0.0
         self._geo: list[float] = [0.0]  # Σ_{l=1..m} α^l, grown on demand
-        priced = budget_j_per_token is not None and self.q_tokens > 0 and k_max is not None
-        self.least_j_per_token = cheapest_k(cost, k_max)[1] if priced and k_max is not None else math.nan
-        self.over_budget = priced and self.least_j_per_token > (budget_j_per_token or 0.0)
+        self.least_j_per_token = math.nan  # of the cheapest K, needed only with a budget and a backlog
+        if k_max is not None and budget_j_per_token and self.q_tokens > 0:
+            self.least_j_per_token = cheapest_k(cost, k_max)[1]
+        self.over_budget = self.least_j_per_token > (budget_j_per_token or math.inf)  # NaN: never
 
     def score(self, n_expected: float, k: int) -> float:
         return self.score_of(n_expected, self.cost.time_s(k), self.cost.energy_j(k))
