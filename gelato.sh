@@ -10,6 +10,7 @@
 # otherwise, from PyTorch's CPU wheel index (asked with a short timeout and no retries; when it
 # cannot be reached, PyPI with a message). A wheel folder in your pip configuration (find-links)
 # is used either way. GELATO_TORCH=cpu|cuda forces a build; GELATO_TORCH=skip keeps what is there.
+# The venv is made from GELATO_PYTHON (default python3), which must be Python >= 3.10.
 set -euo pipefail
 cd "$(dirname "$0")"
 venv=.venv
@@ -41,9 +42,31 @@ install_torch() {
   esac
 }
 
+# The interpreter the venv is made from: $GELATO_PYTHON, else python3. Checked before anything is
+# installed, so that an old one fails here in one line rather than deep inside pip.
+check_python() {
+  local base=${GELATO_PYTHON:-python3}
+  if ! command -v "$base" >/dev/null 2>&1; then
+    echo "gelato.sh: $base not found; GELATO needs Python >= 3.10 (set GELATO_PYTHON to its path)" >&2
+    exit 2
+  fi
+  if ! "$base" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+    echo "gelato.sh: GELATO needs Python >= 3.10, and $base is $("$base" -V 2>&1);" \
+      "set GELATO_PYTHON to a newer one" >&2
+    exit 2
+  fi
+  if ! "$base" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    echo "gelato.sh: $base cannot make a virtual environment (on Debian/Ubuntu: apt install python3-venv)" >&2
+    exit 2
+  fi
+  echo "$base"
+}
+
 setup() {
   if [ ! -x "$py" ]; then
-    python3 -m venv "$venv"
+    local base
+    base=$(check_python)
+    "$base" -m venv "$venv"
   fi
   local want have build
   build=$(torch_build)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from gelato.benchmarks.controller_overhead_rounds import cpu
-from gelato.device.drafter import DEFAULT_TOP_M
+from gelato.device.config import DEFAULT_TOP_M
 from gelato.entropy import entropy_nats, entropy_of_probs
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel

@@ -8,40 +8,31 @@ one JSON object per prompt on stdout (README "CLI" lists the fields); energy is 
 the meter cannot read. A prompt that fails (the edge refuses it, or the session breaks
 mid-generation) gets its own line with `error` and `stop_reason: "error"` — with the tokens
 generated until then — and the run goes on (`--fail-fast`: stop there); an unreachable edge ends
-the run. Exit status 0 when every prompt succeeded, 1 when any failed or the edge cannot be
-reached, 2 on bad arguments (a bad TLS or token file included, and a token that would go in
-plaintext to a non-loopback --edge: that needs TLS, `--tls` or `--tls-ca`, or `--insecure`).
+the run (that prompt's line, the first one's when the edge cannot be reached at all, says so).
+A settings error names the `GELATO_DEVICE_*` variable its value came from. Exit status 0 when
+every prompt succeeded, 1 when any failed or the edge cannot be reached, 2 on bad arguments (a bad
+TLS or token file included, and a token that would go in plaintext to a non-loopback --edge: that
+needs TLS, `--tls` or `--tls-ca`, or `--insecure`). The run itself is `gelato.device.run`, imported
+once the settings are valid: `--help` and settings errors answer without loading torch.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import math
 import os
-import sys
-from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TextIO
 
 import grpc
 
 from gelato.cli_common import EnvArgumentParser, fail, setup_torch_threads
-from gelato.device.client import EdgeClient, EdgeError, EdgeUnreachable
 from gelato.device.config import DeviceConfig
-from gelato.device.drafter import Drafter
-from gelato.device.energy import EnergyAccountant
-from gelato.device.generate import GenerationResult, Limits, self_verifier, speculative_generate
-from gelato.device.policy import Policy, parse_policy
-from gelato.models import LoadedModel, ModelLoadError, encode_prompt, load_model
-from gelato.power import MeterUnavailable, NullMeter, open_meter, radio_profile
+from gelato.power import MeterUnavailable
 from gelato.security import SecurityConfigError, channel_credentials, check_token_transport, read_token
-from gelato.types import Telemetry
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> EnvArgumentParser:
     """Every `DeviceConfig` setting as an option and a `GELATO_DEVICE_*` variable."""
     p = EnvArgumentParser(
         prog="gelato-device", description="GELATO device: draft locally, verify on the edge", env_prefix="GELATO_DEVICE"
@@ -71,55 +62,6 @@ def read_prompts(config: DeviceConfig) -> list[str]:
     return prompts[: config.limit] if config.limit is not None else prompts
 
 
-def finite_or_none(x: float) -> float | None:
-    """JSON has no NaN: an unavailable reading is written as null, never as 0."""
-    return x if math.isfinite(x) else None
-
-
-def controller_record(policy: Policy) -> dict[str, Any]:
-    """The controller's long-run state after this prompt (it carries over to the next one)."""
-    q = policy.controller.queue
-    return {
-        "energy_budget_j_per_token": q.budget_j_per_token if q else None,
-        "q_deficit_j": q.q_j if q else None,
-        "long_run_j_per_token": finite_or_none(q.j_per_token) if q else None,
-    }
-
-
-def result_record(prompt: str, res: GenerationResult, loaded: LoadedModel, policy: Policy) -> dict[str, Any]:
-    s = res.stats
-    n = len(res.token_ids)
-    return {
-        "stop_reason": s.stop_reason,
-        **({"error": res.error} if res.error else {}),
-        "failovers": res.failovers,
-        "prompt": prompt,
-        "text": loaded.tokenizer.decode(res.token_ids, skip_special_tokens=True),
-        "token_ids": res.token_ids,
-        "n_tokens": len(res.token_ids),
-        "rounds": s.rounds,
-        "drafted": s.drafted,
-        "accepted": s.accepted,
-        "acceptance_rate": s.accepted / s.drafted if s.drafted else None,
-        "mean_draft_len": s.drafted / s.rounds if s.rounds else 0.0,
-        "elapsed_s": round(res.elapsed_s, 4),
-        "tokens_per_s": round(res.tokens_per_s, 2),
-        "draft_s": round(s.draft_s, 4),
-        "edge_compute_s": round(s.edge_compute_ms / 1e3, 4),
-        "energy_j": finite_or_none(s.energy_j),
-        "energy_j_per_token": finite_or_none(s.energy_j / n) if n else None,
-        "radio_j": round(s.radio_j, 6),
-        "energy_source": s.energy_source,
-        "energy_kind": s.energy_kind,
-        "bytes_up": s.bytes_up,
-        "bytes_down": s.bytes_down,
-        "policy": policy.name,
-        **controller_record(policy),
-        "drafter": loaded.name,
-        "target": res.target_model,
-    }
-
-
 def transport_security(config: DeviceConfig) -> tuple[grpc.ChannelCredentials | None, str | None]:
     """TLS credentials (`config.uses_tls`: --tls, a CA, a client certificate or a server name; no
     --tls-ca means gRPC's default roots) and the bearer token, read and checked now so that a bad
@@ -129,139 +71,6 @@ def transport_security(config: DeviceConfig) -> tuple[grpc.ChannelCredentials | 
     token = read_token(config.auth_token_file) if config.auth_token_file else None
     check_token_transport(config.edge, credentials is not None, token, config.insecure)
     return credentials, token
-
-
-def open_accountant(config: DeviceConfig) -> EnergyAccountant:
-    meter = NullMeter() if config.meter == "none" else open_meter(config.meter, config.device_profile)
-    return EnergyAccountant(meter, radio_profile(config.radio))
-
-
-async def run(
-    config: DeviceConfig,
-    credentials: grpc.ChannelCredentials | None,
-    token: str | None,
-    prompts: list[str],
-    loaded: LoadedModel,
-    acct: EnergyAccountant,
-    trace: TextIO | None,
-) -> int:
-    drafter = Drafter(loaded, config.sampling, top_m=config.top_m)
-    policy = parse_policy(config.policy, config.controller)  # one controller for the whole run
-    client = EdgeClient(
-        config.edge,
-        connect_timeout_s=config.connect_timeout_s,
-        credentials=credentials,
-        token=token,
-        server_name=config.tls_server_name,
-        failovers=config.failovers,
-        insecure=config.insecure,
-    )
-    failed = 0
-    try:
-        if not policy.local_only:
-            try:
-                await client.info()
-            except EdgeUnreachable as exc:
-                return fail(str(exc), 1)
-            except EdgeError as exc:
-                return fail(f"gelato-edge at {config.edge}: {exc}", 1)
-        for index, prompt in enumerate(prompts):
-            try:
-                res = await generate_one(config, client, drafter, policy, acct, prompt, index, trace)
-            except EdgeUnreachable as exc:  # every later prompt would fail the same way
-                emit(config, error_record(prompt, policy, str(exc)))
-                return fail(str(exc), 1)
-            except (EdgeError, ValueError) as exc:  # this prompt's own problem: report it, go on
-                emit(config, error_record(prompt, policy, str(exc)))
-                failed += 1
-            else:
-                emit(config, result_record(prompt, res, loaded, policy))
-                failed += res.stats.stop_reason == "error"
-            if failed and config.fail_fast:
-                break
-    finally:
-        await client.close()
-        acct.meter.close()
-        if trace is not None:
-            trace.close()
-    if failed:
-        return fail(f"{failed} of {len(prompts)} prompts failed (their lines say why)", 1)
-    return 0
-
-
-async def generate_one(
-    config: DeviceConfig,
-    client: EdgeClient,
-    drafter: Drafter,
-    policy: Policy,
-    acct: EnergyAccountant,
-    prompt: str,
-    index: int,
-    trace: TextIO | None,
-) -> GenerationResult:
-    if not prompt.strip():
-        raise ValueError("empty prompt")
-    ids = encode_prompt(drafter.loaded.tokenizer, prompt, chat_template=not config.no_chat_template)
-
-    def write_round(tele: Telemetry) -> None:
-        if trace is not None:
-            row = {"prompt_index": index, **{k: _json_value(v) for k, v in asdict(tele).items()}}
-            trace.write(json.dumps(row) + "\n")
-
-    if policy.local_only:
-        return await generate_alone(drafter, ids, config.max_new_tokens, policy, acct, write_round)
-    return await client.generate(drafter, ids, config.max_new_tokens, policy, acct, write_round)
-
-
-def error_record(prompt: str, policy: Policy, error: str) -> dict[str, Any]:
-    return {
-        "prompt": prompt,
-        "error": error,
-        "stop_reason": "error",
-        "token_ids": [],
-        "n_tokens": 0,
-        "policy": policy.name,
-    }
-
-
-def emit(config: DeviceConfig, rec: dict[str, Any]) -> None:
-    """One result on stdout (a JSON line with --json); errors and statistics on stderr."""
-    if config.json:
-        print(json.dumps(rec), flush=True)
-        return
-    if "text" in rec:
-        print(rec["text"], flush=True)
-    if rec.get("error"):
-        print(f"error: {rec['error']}", file=sys.stderr, flush=True)
-    if "rounds" in rec:
-        print(
-            f"-- {rec['n_tokens']} tokens in {rec['elapsed_s']:.2f}s ({rec['tokens_per_s']:.1f} tok/s), "
-            f"{rec['rounds']} rounds, accepted {rec['accepted']}/{rec['drafted']} drafts, stop: {rec['stop_reason']}",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-async def generate_alone(
-    drafter: Drafter,
-    ids: list[int],
-    max_new_tokens: int,
-    policy: Policy,
-    acct: EnergyAccountant,
-    on_round: Callable[[Telemetry], None],
-) -> GenerationResult:
-    """`ar-device`: the drafter decodes alone, no edge (a reference point, not the target's output)."""
-    loaded = drafter.loaded
-    limits = Limits(max_new_tokens, loaded.context_limit, max_new_tokens, loaded.eos_token_ids)
-    res = await speculative_generate(drafter, self_verifier(drafter), policy, ids, limits, acct, on_round)
-    res.target_model = "(none: ar-device)"
-    return res
-
-
-def _json_value(v: Any) -> Any:
-    if isinstance(v, tuple):
-        return [_json_value(x) for x in v]
-    return finite_or_none(v) if isinstance(v, float) else v
 
 
 def trace_problem(path: str | Path | None) -> str:
@@ -280,18 +89,27 @@ def trace_problem(path: str | Path | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = DeviceConfig.from_args(build_parser().parse_args(argv))
+    parser = build_parser()
+    config = DeviceConfig.from_args(parser.parse_args(argv))
+    if config.prompt and "--limit" in parser.from_env:
+        # A deployment's GELATO_DEVICE_LIMIT goes with its GELATO_DEVICE_PROMPTS_FILE, which a
+        # --prompt on the command line silenced: the limit goes with it (a typed --limit is refused).
+        config = replace(config, limit=None)
     try:
         config.validate()
         prompts = read_prompts(config)
         credentials, token = transport_security(config)
     except (OSError, ValueError, SecurityConfigError) as exc:
-        return fail(str(exc))
+        return fail(parser.explain(str(exc)))
     if not prompts:
         return fail("no prompts given")
     bad_trace = trace_problem(config.trace)
     if bad_trace:  # before the model loads: a typo should not cost a load (minutes for a real one)
         return fail(f"--trace: {bad_trace}")
+    # Only now torch and transformers: --help and a settings error answer without them.
+    from gelato.device.run import open_accountant, run
+    from gelato.models import ModelLoadError, load_model
+
     setup_torch_threads(config.threads)
     try:
         acct = open_accountant(config)

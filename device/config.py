@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gelato.cli_common import endpoint, model_device, model_dtype, torch_threads
-from gelato.config import ConfigError, Settings, ge, gt, le, nested, setting
-from gelato.device.drafter import DEFAULT_TOP_M
+from gelato.config import ConfigError, Settings, ge, gt, le, nested, require, setting
 from gelato.device.policy import PolicyOptions, parse_policy
 from gelato.power import PROFILES, RADIOS
 from gelato.types import SamplingParams
 from gelato.wire import MAX_Q_SUPPORT
 
+DEFAULT_TOP_M = 32  # draft support sent per token when sampling (the drafter's default too)
 POLICY_HELP = (
     "draft-length policy: fixed-K (e.g. fixed-4; fixed-0: the edge decodes alone), heuristic, entropy, "
     "adaedl, lyapunov, gelato, ar-edge (the edge alone, streamed), ar-device (the drafter alone, no edge)"
@@ -90,7 +90,14 @@ class DeviceConfig(Settings):
 
     def check(self) -> None:
         try:
-            parse_policy(self.policy, self.controller)
+            policy = parse_policy(self.policy, self.controller)
             self.sampling.validate()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        # Settings that would be silently ignored are refused instead: the user meant something.
+        require(self.limit is None or self.prompts_file is not None, "--limit counts the prompts of --prompts-file")
+        require(
+            self.controller.pipeline == "off" or not (policy.local_only or policy.edge_streams),
+            f"--pipeline {self.controller.pipeline} pipelines drafting; {policy.name} drafts nothing for an edge "
+            "(use --pipeline off)",
+        )

@@ -39,13 +39,12 @@ from dataclasses import dataclass
 
 import torch
 
+from gelato.device.config import DEFAULT_TOP_M
 from gelato.entropy import entropy_nats, entropy_of_probs
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel
 from gelato.sampling import KeyedRng, process_logits, sample_sparse, truncate_top_m
 from gelato.types import DraftBlock, SamplingParams, SparseDist, Verdict
-
-DEFAULT_TOP_M = 32
 
 # Per-token stop rule: (tokens drafted so far, entropy of the last one in nats, its q when sampling)
 # -> a stop reason, or None to keep drafting.

@@ -58,7 +58,8 @@ class PolicyOptions(Settings):
     k_max: int = setting(0, "hard cap on drafts per round (0: the edge's max_draft_tokens)", check=ge(0))
     budget_j_per_token: float | None = setting(
         None,
-        "device energy budget ē in J/token for lyapunov/gelato (default: none, pure throughput)",
+        "device energy budget ē in J/token: lyapunov and gelato decide by it, the other policies only "
+        "track their deficit Q against it (default: none, pure throughput)",
         flag="--energy-budget-j-per-token",
         check=gt(0),
     )

@@ -15,7 +15,6 @@ Bad settings are one-line usage errors naming the flag (exit 2).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import functools
@@ -35,7 +34,7 @@ if TYPE_CHECKING:  # torch and the server load only to serve: a health check sta
     from gelato.models import LoadedModel
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> EnvArgumentParser:
     """Every `EdgeConfig` setting as an option (and a `GELATO_EDGE_*` variable), plus
     `--health-check`: a one-shot action, not a setting of the server, so it has no variable."""
     p = EnvArgumentParser(
@@ -204,13 +203,14 @@ async def serve_health(server: EdgeServer, host: str, port: int) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     config = EdgeConfig.from_args(args)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config.validate()
     except ConfigError as exc:
-        return fail(str(exc))
+        return fail(parser.explain(str(exc)))
     if args.health_check is not None:
         address = args.health_check or f"127.0.0.1:{config.health_port or config.port}"
         tls = bool(config.tls_cert) and not args.health_check and config.health_port is None
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = with_security(config)
     except ConfigError as exc:
-        return fail(str(exc))
+        return fail(parser.explain(str(exc)))
     setup_torch_threads(config.threads)
     return asyncio.run(serve(config))
 

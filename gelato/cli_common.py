@@ -16,7 +16,9 @@ command line silences the group's variables). A variable's value goes through th
 and choices; a bad one is a usage error naming the variable; an empty variable counts as unset (so
 compose files can pass `${VAR:-}` through). Switches (`store_true`) take 1/0, true/false, yes/no,
 on/off; a repeatable flag (`append`) takes one value.
-`--help` names each option's variable.
+`--help` names each option's variable. After a parse, `from_env` holds the options it took from
+variables, and `explain(message)` adds to a settings error (`--port must be ...`) the variable
+behind each flag it names.
 """
 
 from __future__ import annotations
@@ -166,6 +168,11 @@ def max_memory(text: str) -> dict[int | str, int]:
     return limits
 
 
+def _names(message: str, flag: str) -> bool:
+    """Whether `message` names `flag` as a whole word (`--limit`, not `--limit-x`)."""
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", message) is not None
+
+
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
@@ -187,6 +194,8 @@ class EnvArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.env_prefix = env_prefix.rstrip("_")
         self.env_skip = set(env_skip)
+        # Flag -> "NAME='raw'" for each option the last parse took from its variable.
+        self.from_env: dict[str, str] = {}
 
     def env_name(self, action: argparse.Action) -> str | None:
         """The variable that sets `action`, or None (positionals, --help, skipped dests)."""
@@ -223,6 +232,7 @@ class EnvArgumentParser(argparse.ArgumentParser):
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         env = {a: (n, os.environ[n]) for a in self._actions if (n := self.env_name(a)) and os.environ.get(n, "")}
+        self.from_env = {}
         if not env:
             return super().parse_known_args(args, namespace)
         groups = [g for g in self._mutually_exclusive_groups if any(a in env for a in g._group_actions)]
@@ -255,10 +265,18 @@ class EnvArgumentParser(argparse.ArgumentParser):
                         self.error(f"environment variables {other} and {name} are mutually exclusive")
             setattr(ns, a.dest, self._env_value(a, name, raw))
             from_env[a] = name
+            self.from_env[a.option_strings[-1]] = f"{name}={raw!r}"
         for a in env:  # what was neither given nor set gets its real default back
             if getattr(ns, a.dest, None) is _UNSET:
                 setattr(ns, a.dest, a.default)
         return ns, extras
+
+    def explain(self, message: str) -> str:
+        """`message` (a settings error naming flags, `--limit must be >= 0`) with the variable
+        behind each flag it names that the last parse took from the environment, so that a user
+        who never typed the flag sees where the value came from."""
+        named = [f"{flag} came from {var}" for flag, var in self.from_env.items() if _names(message, flag)]
+        return f"{message} ({'; '.join(named)})" if named else message
 
     def _was_given(self, ns: argparse.Namespace, action: argparse.Action) -> bool:
         value = getattr(ns, action.dest, None)

@@ -85,6 +85,14 @@ def test_unreachable_edge(pair: dict[str, Path]) -> None:
     res_args = ["--connect-timeout-s", "2"]
     res = run_device(["--drafter", str(pair["drafter_agree"]), "--edge", "127.0.0.1:1", "--prompt", "x", *res_args])
     assert res.returncode == 1 and "could not reach gelato-edge at 127.0.0.1:1 within 2 s" in res.stderr
+    # With --json, a consumer of stdout gets the first prompt's error record too.
+    res = run_device(
+        ["--drafter", str(pair["drafter_agree"]), "--edge", "127.0.0.1:1", "--prompt", "y", "--json", *res_args]
+    )
+    assert res.returncode == 1
+    (rec,) = [json.loads(line) for line in res.stdout.splitlines()]
+    assert rec["prompt"] == "y" and rec["stop_reason"] == "error" and rec["n_tokens"] == 0
+    assert "could not reach gelato-edge at 127.0.0.1:1" in rec["error"]
 
 
 def test_tokenizer_mismatch_via_cli(edge: EdgeProcess, tmp_path: Path) -> None:
@@ -213,11 +221,24 @@ def test_environment_sets_flags_and_command_line_wins(pair: dict[str, Path], edg
             {"GELATO_DEVICE_PROMPT": "x", "GELATO_DEVICE_PROMPTS_FILE": "p.jsonl"},
             "environment variables GELATO_DEVICE_PROMPT and GELATO_DEVICE_PROMPTS_FILE are mutually exclusive",
         ),
+        # A value out of bounds names the variable it came from, not only its flag.
+        (
+            {"GELATO_DEVICE_MAX_NEW_TOKENS": "0"},
+            "--max-new-tokens must be >= 1 (--max-new-tokens came from GELATO_DEVICE_MAX_NEW_TOKENS='0')",
+        ),
     ],
 )
 def test_device_bad_environment(env: dict[str, str], needle: str) -> None:
     res = run_device_env([] if "PROMPT" in " ".join(env) else ["--prompt", "x"], env)
     assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_environment_limit_goes_with_its_prompts_file() -> None:
+    """A deployment's GELATO_DEVICE_LIMIT with a --prompt typed on the command line (which
+    silences GELATO_DEVICE_PROMPTS_FILE) is dropped, not refused: the run gets as far as the edge."""
+    env = {"GELATO_DEVICE_PROMPTS_FILE": "/nonexistent.jsonl", "GELATO_DEVICE_LIMIT": "3"}
+    res = run_device_env(["--prompt", "x", "--edge", "127.0.0.1:1", "--connect-timeout-s", "1"], env)
+    assert res.returncode == 1 and "could not reach gelato-edge" in res.stderr, res.stderr
 
 
 def test_device_help_names_every_variable() -> None:
@@ -231,3 +252,18 @@ def test_device_help_names_every_variable() -> None:
     assert names["--energy-budget-j-per-token"] == "GELATO_DEVICE_ENERGY_BUDGET_J_PER_TOKEN"
     for name in names.values():
         assert f"[env: {name}]" in text, name
+
+
+def test_help_and_settings_errors_load_neither_torch_nor_transformers() -> None:
+    """`--help` and a settings error answer in a fraction of a second: the run's modules (torch,
+    transformers) are imported only once the settings are valid."""
+    code = (
+        "import sys\n"
+        "from gelato.device.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert main(['--prompt', 'x', '--max-new-tokens', '0']) == 2\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == "[]" and "--max-new-tokens must be >= 1" in res.stderr

@@ -113,3 +113,21 @@ def test_sizes_and_max_memory() -> None:
     for bad, why in [("cpu=0", "must be > 0"), ("cpu=5XB", "not a size"), ("disk=1G", "unknown device 'disk'")]:
         with pytest.raises(argparse.ArgumentTypeError, match=why):
             max_memory(bad)
+
+
+def test_explain_names_the_variable_behind_a_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A settings error about a flag the parse took from the environment names that variable; a
+    flag typed on the command line, or one the message only starts like, is left as is."""
+    for name in ("TOOL_PORT", "TOOL_RATE_HZ", "TOOL_LEVEL", "TOOL_PATH", "TOOL_VERBOSE", "TOOL_TAG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TOOL_RATE_HZ", "0")
+    monkeypatch.setenv("TOOL_PORT", "8080")
+    p = make_parser()
+    p.parse_args(["--text", "t", "--port", "9090"])
+    assert p.from_env == {"--rate-hz": "TOOL_RATE_HZ='0'"}
+    assert p.explain("--rate-hz must be > 0") == "--rate-hz must be > 0 (--rate-hz came from TOOL_RATE_HZ='0')"
+    assert p.explain("--port must be > 9090") == "--port must be > 9090"  # typed: the command line won
+    assert p.explain("--rate-hz-max must be > 0") == "--rate-hz-max must be > 0"
+    monkeypatch.delenv("TOOL_RATE_HZ")
+    p.parse_args(["--text", "t"])
+    assert p.from_env == {"--port": "TOOL_PORT='8080'"}  # each parse starts afresh

@@ -213,6 +213,10 @@ def test_device_defaults_written_once() -> None:
         (["--ahead-blocks", "0"], "--ahead-blocks must be >= 1"),
         (["--policy", "bogus"], "unknown policy 'bogus'"),
         (["--temperature", "-1"], "temperature must be 0 (greedy) or finite"),
+        # Settings that would be ignored are refused.
+        (["--limit", "3"], "--limit counts the prompts of --prompts-file"),
+        (["--policy", "ar-edge", "--pipeline", "send-ahead"], "--pipeline send-ahead pipelines drafting; ar-edge"),
+        (["--policy", "ar-device", "--pipeline", "local"], "--pipeline local pipelines drafting; ar-device"),
     ],
 )
 def test_device_validation(args: list[str], message: str) -> None:

@@ -1,0 +1,214 @@
+"""One `gelato-device` run once its settings are valid: the prompts through the edge (or the drafter
+alone), one record per prompt on stdout, the exit status.
+
+Contract: `run(config, credentials, token, prompts, loaded, acct, trace)` generates every prompt
+with one policy (one controller state for the whole run) and returns the CLI's exit status (the
+module `gelato.device.cli` documents the records and statuses); `open_accountant(config)` opens
+the energy meter the settings name. Kept apart from the CLI so that `gelato-device --help` and a
+settings error answer without importing torch and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, TextIO
+
+import grpc
+
+from gelato.cli_common import fail
+from gelato.device.client import EdgeClient, EdgeError, EdgeUnreachable
+from gelato.device.config import DeviceConfig
+from gelato.device.drafter import Drafter
+from gelato.device.energy import EnergyAccountant
+from gelato.device.generate import GenerationResult, Limits, self_verifier, speculative_generate
+from gelato.device.policy import Policy, parse_policy
+from gelato.models import LoadedModel, encode_prompt
+from gelato.power import NullMeter, open_meter, radio_profile
+from gelato.types import Telemetry
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN: an unavailable reading is written as null, never as 0."""
+    return x if math.isfinite(x) else None
+
+
+def controller_record(policy: Policy) -> dict[str, Any]:
+    """The controller's long-run state after this prompt (it carries over to the next one)."""
+    q = policy.controller.queue
+    return {
+        "energy_budget_j_per_token": q.budget_j_per_token if q else None,
+        "q_deficit_j": q.q_j if q else None,
+        "long_run_j_per_token": finite_or_none(q.j_per_token) if q else None,
+    }
+
+
+def result_record(prompt: str, res: GenerationResult, loaded: LoadedModel, policy: Policy) -> dict[str, Any]:
+    s = res.stats
+    n = len(res.token_ids)
+    return {
+        "stop_reason": s.stop_reason,
+        **({"error": res.error} if res.error else {}),
+        "failovers": res.failovers,
+        "prompt": prompt,
+        "text": loaded.tokenizer.decode(res.token_ids, skip_special_tokens=True),
+        "token_ids": res.token_ids,
+        "n_tokens": len(res.token_ids),
+        "rounds": s.rounds,
+        "drafted": s.drafted,
+        "accepted": s.accepted,
+        "acceptance_rate": s.accepted / s.drafted if s.drafted else None,
+        "mean_draft_len": s.drafted / s.rounds if s.rounds else 0.0,
+        "elapsed_s": round(res.elapsed_s, 4),
+        "tokens_per_s": round(res.tokens_per_s, 2),
+        "draft_s": round(s.draft_s, 4),
+        "edge_compute_s": round(s.edge_compute_ms / 1e3, 4),
+        "energy_j": finite_or_none(s.energy_j),
+        "energy_j_per_token": finite_or_none(s.energy_j / n) if n else None,
+        "radio_j": round(s.radio_j, 6),
+        "energy_source": s.energy_source,
+        "energy_kind": s.energy_kind,
+        "bytes_up": s.bytes_up,
+        "bytes_down": s.bytes_down,
+        "policy": policy.name,
+        **controller_record(policy),
+        "drafter": loaded.name,
+        "target": res.target_model,
+    }
+
+
+def open_accountant(config: DeviceConfig) -> EnergyAccountant:
+    meter = NullMeter() if config.meter == "none" else open_meter(config.meter, config.device_profile)
+    return EnergyAccountant(meter, radio_profile(config.radio))
+
+
+async def run(
+    config: DeviceConfig,
+    credentials: grpc.ChannelCredentials | None,
+    token: str | None,
+    prompts: list[str],
+    loaded: LoadedModel,
+    acct: EnergyAccountant,
+    trace: TextIO | None,
+) -> int:
+    drafter = Drafter(loaded, config.sampling, top_m=config.top_m)
+    policy = parse_policy(config.policy, config.controller)  # one controller for the whole run
+    client = EdgeClient(
+        config.edge,
+        connect_timeout_s=config.connect_timeout_s,
+        credentials=credentials,
+        token=token,
+        server_name=config.tls_server_name,
+        failovers=config.failovers,
+        insecure=config.insecure,
+    )
+    failed = 0
+    try:
+        if not policy.local_only:
+            try:
+                await client.info()
+            except (EdgeUnreachable, EdgeError) as exc:
+                # The first prompt's line says why (with --json, a consumer of stdout gets a record).
+                why = str(exc) if isinstance(exc, EdgeUnreachable) else f"gelato-edge at {config.edge}: {exc}"
+                emit(config, error_record(prompts[0], policy, why))
+                return fail(why, 1)
+        for index, prompt in enumerate(prompts):
+            try:
+                res = await generate_one(config, client, drafter, policy, acct, prompt, index, trace)
+            except EdgeUnreachable as exc:  # every later prompt would fail the same way
+                emit(config, error_record(prompt, policy, str(exc)))
+                return fail(str(exc), 1)
+            except (EdgeError, ValueError) as exc:  # this prompt's own problem: report it, go on
+                emit(config, error_record(prompt, policy, str(exc)))
+                failed += 1
+            else:
+                emit(config, result_record(prompt, res, loaded, policy))
+                failed += res.stats.stop_reason == "error"
+            if failed and config.fail_fast:
+                break
+    finally:
+        await client.close()
+        acct.meter.close()
+        if trace is not None:
+            trace.close()
+    if failed:
+        return fail(f"{failed} of {len(prompts)} prompts failed (their lines say why)", 1)
+    return 0
+
+
+async def generate_one(
+    config: DeviceConfig,
+    client: EdgeClient,
+    drafter: Drafter,
+    policy: Policy,
+    acct: EnergyAccountant,
+    prompt: str,
+    index: int,
+    trace: TextIO | None,
+) -> GenerationResult:
+    if not prompt.strip():
+        raise ValueError("empty prompt")
+    ids = encode_prompt(drafter.loaded.tokenizer, prompt, chat_template=not config.no_chat_template)
+
+    def write_round(tele: Telemetry) -> None:
+        if trace is not None:
+            row = {"prompt_index": index, **{k: _json_value(v) for k, v in asdict(tele).items()}}
+            trace.write(json.dumps(row) + "\n")
+
+    if policy.local_only:
+        return await generate_alone(drafter, ids, config.max_new_tokens, policy, acct, write_round)
+    return await client.generate(drafter, ids, config.max_new_tokens, policy, acct, write_round)
+
+
+def error_record(prompt: str, policy: Policy, error: str) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "error": error,
+        "stop_reason": "error",
+        "token_ids": [],
+        "n_tokens": 0,
+        "policy": policy.name,
+    }
+
+
+def emit(config: DeviceConfig, rec: dict[str, Any]) -> None:
+    """One result on stdout (a JSON line with --json); errors and statistics on stderr."""
+    if config.json:
+        print(json.dumps(rec), flush=True)
+        return
+    if "text" in rec:
+        print(rec["text"], flush=True)
+    if rec.get("error"):
+        print(f"error: {rec['error']}", file=sys.stderr, flush=True)
+    if "rounds" in rec:
+        print(
+            f"-- {rec['n_tokens']} tokens in {rec['elapsed_s']:.2f}s ({rec['tokens_per_s']:.1f} tok/s), "
+            f"{rec['rounds']} rounds, accepted {rec['accepted']}/{rec['drafted']} drafts, stop: {rec['stop_reason']}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+async def generate_alone(
+    drafter: Drafter,
+    ids: list[int],
+    max_new_tokens: int,
+    policy: Policy,
+    acct: EnergyAccountant,
+    on_round: Callable[[Telemetry], None],
+) -> GenerationResult:
+    """`ar-device`: the drafter decodes alone, no edge (a reference point, not the target's output)."""
+    loaded = drafter.loaded
+    limits = Limits(max_new_tokens, loaded.context_limit, max_new_tokens, loaded.eos_token_ids)
+    res = await speculative_generate(drafter, self_verifier(drafter), policy, ids, limits, acct, on_round)
+    res.target_model = "(none: ar-device)"
+    return res
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_json_value(x) for x in v]
+    return finite_or_none(v) if isinstance(v, float) else v
