@@ -11,7 +11,7 @@ writes PATH.json and PATH.md, with the command and `gelato.benchmarks.procs.mach
   (`Info`, polled up to `IDLE_WAIT_S`), and its idle RSS after the last wave must be within
   `RSS_TOLERANCE_MIB` of the one after the first (with `FIXED_MALLOC`; the same waves against an
   edge with glibc's default allocator are recorded against a tolerance that includes the pool).
-- fuzz: the protocol fuzzer's cases (`tests/reliability/test_fuzz.py`, same seed) and
+- fuzz: the protocol fuzzer's cases (`gelato.benchmarks.load_fuzz`, its fixed seed, as the tests) and
   `bad_sampling_cases`, each with its precise status; void fuzzer cases are counted apart.
 - kills: `--kills` sessions killed mid-round: in-process grpc.aio streams cancelled (or their
   whole connection closed) at every point of a session (`KILL_MODES`), and `--device-kills` real
@@ -27,8 +27,8 @@ writes PATH.json and PATH.md, with the command and `gelato.benchmarks.procs.mach
   untouched and exact; sessions return to zero.
 Each phase records its cases, failures, wall time, the edge's peak and idle RSS (psutil) and
 `Info`'s sessions/KV after it. The reliability tests (`tests/reliability/test_load.py`,
-`test_faults.py`) run the same functions at a smaller scale. Run it from a checkout: it reuses the
-deterministic session driver (`tests/reliability/streams.py`) and the fuzzer.
+`test_faults.py`) run the same functions at a smaller scale, with the same deterministic session
+driver (`load_streams`) and fuzzer (`load_fuzz`); the benchmark runs from an installed wheel too.
 
 The phases live in sibling modules: `load_driver` (the session driver, `reference`, the edge's
 state and `Monitor`), `load_traffic` (load and fuzz) and `load_faults` (kills, sigterm and stall).
@@ -59,6 +59,7 @@ from gelato.benchmarks.load_faults import (
     sigterm_phase,
     stall_phase,
 )
+from gelato.benchmarks.load_streams import Spec
 from gelato.benchmarks.load_traffic import (
     FIXED_MALLOC,
     RSS_TOLERANCE_MIB,
@@ -69,7 +70,6 @@ from gelato.benchmarks.load_traffic import (
 )
 from gelato.benchmarks.procs import Edge, machine, start_edge
 from gelato.models import default_model_path, load_model
-from tests.reliability.streams import Spec
 
 __all__ = [
     "EDGE_GRACE_S",

@@ -1,6 +1,6 @@
 """The session driver and the edge's observable state, shared by `gelato.benchmarks.load`'s phases.
 
-Contract: `drive` runs one deterministic session (`tests.reliability.streams.Spec`) on a grpc.aio
+Contract: `drive` runs one deterministic session (`gelato.benchmarks.load_streams.Spec`) on a grpc.aio
 channel: open, `drive_rounds` (the spec's draft blocks, one verdict each), close; or it goes silent
 (before or after its rounds) until the edge ends the stream. It never raises for the stream's
 status: the returned `Outcome` carries the verdicts, the final status and the timings. `reference`
@@ -24,6 +24,7 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gelato.benchmarks.load_streams import Spec, make_block, open_message
 from gelato.channel import CLIENT_OPTIONS
 from gelato.deadline import within
 from gelato.edge.verifier import TargetSession
@@ -32,7 +33,6 @@ from gelato.types import EdgeInfo
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from gelato.wire import decode_info, encode_block
-from tests.reliability.streams import Spec, make_block, open_message
 
 CALL_TIMEOUT_S = 60.0  # every stream's deadline: nothing here may hang longer
 IDLE_WAIT_S = 10.0  # how long the edge may take to free everything after a phase

@@ -45,12 +45,12 @@ from gelato.benchmarks.load_driver import (
     serving,
     wait_idle,
 )
+from gelato.benchmarks.load_streams import Spec, make_block, open_message
 from gelato.benchmarks.procs import Edge
 from gelato.types import SamplingParams
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from gelato.wire import encode_block
-from tests.reliability.streams import Spec, make_block, open_message
 
 EDGE_GRACE_S = 5.0  # `gelato-edge` stops with `server.stop(5.0)` on SIGTERM (edge/cli.py)
 # After the grace period the interpreter's teardown (torch, transformers) takes 0.6-0.9 s here,

@@ -1,5 +1,6 @@
-"""Driving device sessions for the reliability tests: deterministic well-formed sessions whose
-verdicts can be compared between runs, and raw Session streams that send any bytes.
+"""Driving device sessions for the reliability tests and the load benchmark (`gelato.benchmarks.load`):
+deterministic well-formed sessions whose verdicts can be compared between runs, and raw Session
+streams that send any bytes.
 
 Contract: `make_block(spec, tokens, round)` is a pure function of the session's history, so a
 session driven alone and the same session driven among others send identical blocks as long as

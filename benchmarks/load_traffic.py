@@ -5,7 +5,7 @@ running edge, all open at once, one connection each; every session's verdicts mu
 `reference` run, the edge must hold no session and no KV after each wave, and its idle RSS after the
 last wave must be within `RSS_TOLERANCE_MIB` of the one after the first (an edge started with
 `FIXED_MALLOC`; without it, plus the peak KV pool). `fuzz_phase` sends the protocol fuzzer's cases
-(`tests/reliability/test_fuzz.py`, same seed) and `bad_sampling_cases`, each of which must end with
+(`gelato.benchmarks.load_fuzz`, its fixed seed, as the tests) and `bad_sampling_cases`, each of which must end with
 its precise status; the fuzzer's void cases (`void_case`) are counted apart, never as failures.
 Each phase returns a dict with its cases, `failures` (empty when it passed), wall time, the edge's
 RSS and its state after it, as `gelato.benchmarks.load`'s report reads it.
@@ -30,12 +30,12 @@ from gelato.benchmarks.load_driver import (
     rss_mib,
     wait_idle,
 )
+from gelato.benchmarks.load_streams import Spec, open_message
 from gelato.models import LoadedModel
 from gelato.types import SamplingParams
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from gelato.wire import WireError, decode_info, decode_sampling
-from tests.reliability.streams import Spec, open_message
 
 # --- load -------------------------------------------------------------------------------------------
 
@@ -158,7 +158,7 @@ def bad_sampling_cases(fp: str) -> list[tuple[str, list[bytes], set[grpc.StatusC
 def void_case(name: str, messages: list[bytes]) -> bool:
     """A fuzzer case about bad sampling parameters whose OpenSession carries valid ones.
     (`Fuzzer.open(sampling=<SamplingParams>)` binds the message to its `sampling: bool`
-    parameter, so every such case opens temperature 0.8, top_p off: tests/reliability/test_fuzz.py.)"""
+    parameter, so every such case opens temperature 0.8, top_p off: `gelato.benchmarks.load_fuzz`.)"""
     if name not in ("open.temperature", "open.top_p"):
         return False
     try:
@@ -169,9 +169,9 @@ def void_case(name: str, messages: list[bytes]) -> bool:
 
 
 def fuzz_phase(address: str, pid: int, n_cases: int) -> dict:
-    """The protocol fuzzer of `tests/reliability/test_fuzz.py` (same seed) with `n_cases` cases,
+    """The protocol fuzzer (`gelato.benchmarks.load_fuzz`, the tests' seed) with `n_cases` cases,
     plus `bad_sampling_cases`; its void cases are counted apart, never as the edge's failures."""
-    from tests.reliability.test_fuzz import SEED, Fuzzer, run_case
+    from gelato.benchmarks.load_fuzz import SEED, Fuzzer, run_case
 
     t0 = time.perf_counter()
     with grpc.insecure_channel(address) as ch:

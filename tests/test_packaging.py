@@ -54,8 +54,9 @@ def test_installed_wheel_imports_and_runs(wheel: Path, tmp_path: Path) -> None:
     subprocess.run(pip, check=True, capture_output=True, timeout=300)
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "import gelato.device.cli, gelato.edge.cli, gelato.benchmarks.bench;"
-        "print(gelato.device.cli.__file__, gelato.edge.cli.__file__, gelato.benchmarks.bench.__file__)"
+        "import gelato.device.cli, gelato.edge.cli, gelato.benchmarks.bench, gelato.benchmarks.load;"
+        "print(gelato.device.cli.__file__, gelato.edge.cli.__file__, gelato.benchmarks.bench.__file__,"
+        " gelato.benchmarks.load.__file__)"
     )
     run = subprocess.run(
         [sys.executable, "-c", code, str(site)], cwd=tmp_path, capture_output=True, text=True, timeout=120
@@ -91,7 +92,7 @@ def test_console_scripts_point_into_the_namespace() -> None:
         assert callable(entry.load()), entry
 
 
-def _bare_imports(path: Path) -> list[str]:
+def _bare_imports(path: Path, banned: set[str] = FOLDERS.keys() - {"gelato"}) -> list[str]:
     bad = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         names = []
@@ -102,7 +103,7 @@ def _bare_imports(path: Path) -> list[str]:
         bad += [
             f"{path.relative_to(ROOT)}:{node.lineno} {n}"
             for n in names
-            if n.split(".")[0] in FOLDERS.keys() - {"gelato"}
+            if n.split(".")[0] in banned
         ]
     return bad
 
@@ -110,4 +111,11 @@ def _bare_imports(path: Path) -> list[str]:
 def test_no_source_imports_a_folder_by_its_bare_name() -> None:
     files = [p for d in (*FOLDERS, "tests") for p in (ROOT / d).rglob("*.py") if "v1" not in p.parts]
     bad = [hit for p in files for hit in _bare_imports(p)]
+    assert not bad, bad
+
+
+def test_installed_code_never_imports_the_tests() -> None:
+    """`tests/` is not in the wheel: a benchmark that imported it would work from a checkout only."""
+    files = [p for d in FOLDERS for p in (ROOT / d).rglob("*.py") if "v1" not in p.parts]
+    bad = [hit for p in files for hit in _bare_imports(p, {"tests"})]
     assert not bad, bad

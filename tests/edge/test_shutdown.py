@@ -14,10 +14,10 @@ from pathlib import Path
 
 import grpc
 
+from gelato.benchmarks.load_streams import Spec, make_block, open_message
 from gelato.edge.server import SETTLE_S, SHUTDOWN_DETAILS, EdgeConfig, EdgeServer
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from gelato.wire import encode_block
-from tests.reliability.streams import Spec, make_block, open_message
 
 GRACE_S = 0.6
 

@@ -32,9 +32,9 @@ from gelato.benchmarks.load import (
     sigterm_phase,
     stall_phase,
 )
+from gelato.benchmarks.load_streams import Spec
 from gelato.models import LoadedModel
 from tests.conftest import EdgeProcess
-from tests.reliability.streams import Spec
 
 IDLE = {"active_sessions": 0, "kv_bytes_in_use": 0, "kv_bytes_reserved": 0, "kv_pool_bytes": 0}
 KILLS, DEVICE_KILLS = 200, 3

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from gelato.benchmarks.load_streams import RawStream, Spec, make_block, open_message, run_session
 from gelato.edge.batcher import Batcher
 from gelato.edge.kv_pool import KVPool
 from gelato.edge.metrics import EdgeMetrics
@@ -33,7 +34,6 @@ from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from gelato.wire import encode_block
 from tests.conftest import EdgeProcess
-from tests.reliability.streams import RawStream, Spec, make_block, open_message, run_session
 
 ROUNDS = 5
 GOOD = {  # name -> spec; the context limit of the test target is 512
