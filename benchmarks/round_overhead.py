@@ -7,7 +7,8 @@ the echo server run on one core, this process and the device on another. Per rep
 other (so that a ratio's two sides see the same machine):
 
 - plain: a real `gelato-edge` and real `gelato-device --policy fixed-0` (unpipelined, then with
-  `--pipeline send-ahead`: its empty blocks sent ahead) then `fixed-K` processes (unpipelined, then
+  `--pipeline send-ahead`: its empty blocks sent ahead; then `ar-edge`: the edge decoding alone,
+  streaming its tokens, no block per token) then `fixed-K` processes (unpipelined, then
   `fixed-K` and `gelato` with `--pipeline send-ahead`: the next block drafted while the edge
   verifies), nothing instrumented: tokens/s and the round loop's own round time (`--trace`
   t_round_s); each followed by its in-process reference: the target decoding alone (a KV-cached
@@ -84,7 +85,7 @@ from gelato.benchmarks.round_overhead_refs import (
     raw_forwards,
     target_alone,
 )
-from gelato.benchmarks.round_overhead_report import AHEAD, ahead_name, markdown, summary_lines, table
+from gelato.benchmarks.round_overhead_report import AHEAD, STREAMS, ahead_name, markdown, summary_lines, table
 from gelato.benchmarks.round_overhead_timers import Patches, Recorder, timed, wrapper_cost_us
 
 __all__ = [
@@ -94,6 +95,7 @@ __all__ = [
     "ECHO_VARIANTS",
     "ECHO_WORK_MS",
     "STATUS",
+    "STREAMS",
     "Patches",
     "Recorder",
     "assistant_settings",
@@ -186,6 +188,9 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
                         edge.address, args.drafter, prompts_file, "fixed-0", args.max_new_tokens, "send-ahead", pid
                     )
                 )
+                acc.setdefault(STREAMS, []).append(
+                    plain_run(edge.address, args.drafter, prompts_file, STREAMS, args.max_new_tokens, edge_pid=pid)
+                )
                 for name, res in target_alone(target, prompts, args.max_new_tokens).items():
                     acc.setdefault(f"target_{name}", []).append(res)
                 acc.setdefault("model_thread_alone", []).append(
@@ -257,6 +262,7 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
         "fixed0_vs_target_loop": ("fixed-0", "target_loop"),
         "fixed0_vs_target_generate": ("fixed-0", "target_generate"),
         "fixed0_ahead_vs_target_loop": (AHEAD, "target_loop"),
+        "ar_edge_vs_target_loop": (STREAMS, "target_loop"),
         "fixedk_vs_assisted_k": (fk, f"assisted_k{k}"),
         "fixedk_vs_assisted_defaults": (fk, "assisted_defaults"),
         "fixedk_ahead_vs_assisted_k": (ahead_name(fk), f"assisted_k{k}"),
@@ -297,6 +303,7 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
         "floors": floors,
         "references": references,
         "pipelined": {p: {n: v for n, v in _sum_runs(acc[p]).items() if n != "token_ids"} for p in pipelined},
+        "streamed": {n: v for n, v in _sum_runs(acc[STREAMS]).items() if n != "token_ids"},
         "ratios": {name: statistics.median(values) for name, values in per_repeat.items()},
         "ratios_per_repeat": per_repeat,
         # Another process only ever slows a run down: the best repeat of each side, compared.
@@ -304,7 +311,7 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
             name: max(tps(x) for x in acc[a]) / max(tps(y) for y in acc[b]) for name, (a, b) in pairs.items()
         },
         "lossless": all(plain[n]["token_ids"] == plain["fixed-0"]["token_ids"] for n in policies)
-        and all(r["token_ids"] == plain["fixed-0"]["token_ids"] for p in pipelined for r in acc[p]),
+        and all(r["token_ids"] == plain["fixed-0"]["token_ids"] for p in [*pipelined, STREAMS] for r in acc[p]),
     }
 
 

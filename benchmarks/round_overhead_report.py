@@ -19,6 +19,7 @@ def ahead_name(policy: str) -> str:
 
 
 AHEAD = ahead_name("fixed-0")
+STREAMS = "ar-edge"  # the edge decoding alone, streaming its tokens (edge-only without a block per token)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -86,6 +87,13 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"{ahead['tokens_per_s']:.1f} tokens/s over all repeats, elapsed per round "
         f"{ahead['elapsed_per_round_ms']:.3f} ms."
     )
+    streamed = result["streamed"]
+    lines.append(
+        f"- {STREAMS} (the device sends one Generate and the edge streams every token: edge-only decoding "
+        f"without a block per token) = {r['ar_edge_vs_target_loop']:.2f} × the target decoding alone (per "
+        f"repeat {each('ar_edge_vs_target_loop')}; best vs best {best['ar_edge_vs_target_loop']:.2f}); "
+        f"{streamed['tokens_per_s']:.1f} tokens/s over all repeats."
+    )
     lines += _thread_lines(result)
     lines.append(
         f"- {fk} = {r['fixedk_vs_assisted_k']:.2f} × transformers' assisted generation with the same pair at K = {k} "
@@ -136,6 +144,7 @@ def _thread_lines(result: dict[str, Any]) -> list[str]:
     alone = result["references"].get("model_thread_alone")
     runs = {n: p.get("plain_edge_cpu_ms_per_token") for n, p in result["policies"].items()}
     runs[AHEAD] = result["pipelined"][AHEAD].get("edge_cpu_ms_per_token")
+    runs[STREAMS] = result["streamed"].get("edge_cpu_ms_per_token")
     runs = {n: c for n, c in runs.items() if c}
     if not runs or alone is None:
         return []
@@ -150,7 +159,7 @@ def _thread_lines(result: dict[str, Any]) -> list[str]:
         f"token, no server): {alone['cpu_ms_per_token']:.3f} ms CPU per token "
         f"({1e3 * alone['seconds'] / alone['tokens']:.3f} ms elapsed)"
     )
-    same_work = [n for n in runs if n in ("fixed-0", AHEAD)]  # fixed-0's model thread does just that work
+    same_work = [n for n in runs if n in ("fixed-0", AHEAD, STREAMS)]  # their model thread does just that work
     if same_work:
         line += "; in the server the same work costs the model thread " + ", ".join(
             f"{runs[n]['model'] / alone['cpu_ms_per_token']:.2f} × as much ({n})" for n in same_work
