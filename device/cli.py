@@ -9,7 +9,7 @@ the meter cannot read. A prompt that fails (the edge refuses it, or the session 
 mid-generation) gets its own line with `error` and `stop_reason: "error"` — with the tokens
 generated until then — and the run goes on (`--fail-fast`: stop there); an unreachable edge ends
 the run (that prompt's line, the first one's when the edge cannot be reached at all, says so).
-A settings error names the `GELATO_DEVICE_*` variable its value came from. Exit status 0 when
+A settings error that names a flag set by its `GELATO_DEVICE_*` variable names the variable too. Exit status 0 when
 every prompt succeeded, 1 when any failed or the edge cannot be reached, 2 on bad arguments (a bad
 TLS or token file included, and a token that would go in plaintext to a non-loopback --edge: that
 needs TLS, `--tls` or `--tls-ca`, or `--insecure`). The run itself is `gelato.device.run`, imported
@@ -28,7 +28,8 @@ import grpc
 
 from gelato.cli_common import EnvArgumentParser, fail, setup_torch_threads
 from gelato.device.config import DeviceConfig
-from gelato.power import MeterUnavailable
+from gelato.device.energy import EnergyAccountant
+from gelato.power import MeterUnavailable, NullMeter, open_meter, radio_profile
 from gelato.security import SecurityConfigError, channel_credentials, check_token_transport, read_token
 
 
@@ -88,10 +89,26 @@ def trace_problem(path: str | Path | None) -> str:
     return ""
 
 
+def replaced_file(parser: EnvArgumentParser, config: DeviceConfig) -> bool:
+    """Whether a `--prompt` typed on the command line replaced a `GELATO_DEVICE_PROMPTS_FILE`
+    while `--limit` came from its variable (that limit was meant for the file)."""
+    return (
+        bool(config.prompt)
+        and "--prompt" not in parser.from_env
+        and "--limit" in parser.from_env
+        and bool(os.environ.get("GELATO_DEVICE_PROMPTS_FILE"))
+    )
+
+
+def open_accountant(config: DeviceConfig) -> EnergyAccountant:
+    meter = NullMeter() if config.meter == "none" else open_meter(config.meter, config.device_profile)
+    return EnergyAccountant(meter, radio_profile(config.radio))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     config = DeviceConfig.from_args(parser.parse_args(argv))
-    if config.prompt and "--limit" in parser.from_env:
+    if replaced_file(parser, config):
         # A deployment's GELATO_DEVICE_LIMIT goes with its GELATO_DEVICE_PROMPTS_FILE, which a
         # --prompt on the command line silenced: the limit goes with it (a typed --limit is refused).
         config = replace(config, limit=None)
@@ -106,15 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     bad_trace = trace_problem(config.trace)
     if bad_trace:  # before the model loads: a typo should not cost a load (minutes for a real one)
         return fail(f"--trace: {bad_trace}")
-    # Only now torch and transformers: --help and a settings error answer without them.
-    from gelato.device.run import open_accountant, run
-    from gelato.models import ModelLoadError, load_model
-
-    setup_torch_threads(config.threads)
     try:
         acct = open_accountant(config)
     except (MeterUnavailable, ValueError) as exc:
-        return fail(f"--meter {config.meter}: {exc}")
+        return fail(parser.explain(f"--meter {config.meter}: {exc}"))
+    # Only now torch and transformers: --help and a settings error answer without them.
+    from gelato.device.run import run
+    from gelato.models import ModelLoadError, load_model
+
+    setup_torch_threads(config.threads)
     try:
         loaded = load_model(config.drafter, "drafter", config.dtype, config.device)
     except ModelLoadError as exc:

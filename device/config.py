@@ -98,6 +98,6 @@ class DeviceConfig(Settings):
         require(self.limit is None or self.prompts_file is not None, "--limit counts the prompts of --prompts-file")
         require(
             self.controller.pipeline == "off" or not (policy.local_only or policy.edge_streams),
-            f"--pipeline {self.controller.pipeline} pipelines drafting; {policy.name} drafts nothing for an edge "
-            "(use --pipeline off)",
+            f"--pipeline {self.controller.pipeline} pipelines drafting; --policy {policy.name} drafts nothing for "
+            "an edge (use --pipeline off)",
         )

@@ -3,9 +3,8 @@ alone), one record per prompt on stdout, the exit status.
 
 Contract: `run(config, credentials, token, prompts, loaded, acct, trace)` generates every prompt
 with one policy (one controller state for the whole run) and returns the CLI's exit status (the
-module `gelato.device.cli` documents the records and statuses); `open_accountant(config)` opens
-the energy meter the settings name. Kept apart from the CLI so that `gelato-device --help` and a
-settings error answer without importing torch and transformers.
+module `gelato.device.cli` documents the records and statuses). Kept apart from the CLI so that
+`gelato-device --help` and a settings error answer without importing torch and transformers.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from gelato.device.energy import EnergyAccountant
 from gelato.device.generate import GenerationResult, Limits, self_verifier, speculative_generate
 from gelato.device.policy import Policy, parse_policy
 from gelato.models import LoadedModel, encode_prompt
-from gelato.power import NullMeter, open_meter, radio_profile
 from gelato.types import Telemetry
 
 
@@ -80,11 +78,6 @@ def result_record(prompt: str, res: GenerationResult, loaded: LoadedModel, polic
     }
 
 
-def open_accountant(config: DeviceConfig) -> EnergyAccountant:
-    meter = NullMeter() if config.meter == "none" else open_meter(config.meter, config.device_profile)
-    return EnergyAccountant(meter, radio_profile(config.radio))
-
-
 async def run(
     config: DeviceConfig,
     credentials: grpc.ChannelCredentials | None,
@@ -111,15 +104,16 @@ async def run(
             try:
                 await client.info()
             except (EdgeUnreachable, EdgeError) as exc:
-                # The first prompt's line says why (with --json, a consumer of stdout gets a record).
                 why = str(exc) if isinstance(exc, EdgeUnreachable) else f"gelato-edge at {config.edge}: {exc}"
-                emit(config, error_record(prompts[0], policy, why))
+                if config.json:  # a consumer of stdout gets a record: the first prompt's
+                    emit(config, error_record(prompts[0], policy, why))
                 return fail(why, 1)
         for index, prompt in enumerate(prompts):
             try:
                 res = await generate_one(config, client, drafter, policy, acct, prompt, index, trace)
             except EdgeUnreachable as exc:  # every later prompt would fail the same way
-                emit(config, error_record(prompt, policy, str(exc)))
+                if config.json:  # (without --json, `fail` prints the one error line)
+                    emit(config, error_record(prompt, policy, str(exc)))
                 return fail(str(exc), 1)
             except (EdgeError, ValueError) as exc:  # this prompt's own problem: report it, go on
                 emit(config, error_record(prompt, policy, str(exc)))

@@ -20,6 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"gelato": "gelato", "device": "gelato.device", "edge": "gelato.edge", "benchmarks": "gelato.benchmarks"}
+BARE = frozenset(FOLDERS) - {"gelato"}  # folders that install under another name
 
 
 def _packages_on_disk() -> set[str]:
@@ -54,7 +55,8 @@ def test_installed_wheel_imports_and_runs(wheel: Path, tmp_path: Path) -> None:
     subprocess.run(pip, check=True, capture_output=True, timeout=300)
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "import gelato.device.cli, gelato.edge.cli, gelato.benchmarks.bench, gelato.benchmarks.load;"
+        "import gelato.device.cli, gelato.edge.cli, gelato.benchmarks.bench, gelato.benchmarks.load,"
+        " gelato.benchmarks.load_fuzz;"
         "print(gelato.device.cli.__file__, gelato.edge.cli.__file__, gelato.benchmarks.bench.__file__,"
         " gelato.benchmarks.load.__file__)"
     )
@@ -92,7 +94,7 @@ def test_console_scripts_point_into_the_namespace() -> None:
         assert callable(entry.load()), entry
 
 
-def _bare_imports(path: Path, banned: set[str] = FOLDERS.keys() - {"gelato"}) -> list[str]:
+def _bare_imports(path: Path, banned: frozenset[str] = BARE) -> list[str]:
     bad = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         names = []
@@ -100,11 +102,7 @@ def _bare_imports(path: Path, banned: set[str] = FOLDERS.keys() - {"gelato"}) ->
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
-        bad += [
-            f"{path.relative_to(ROOT)}:{node.lineno} {n}"
-            for n in names
-            if n.split(".")[0] in banned
-        ]
+        bad += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] in banned]
     return bad
 
 
@@ -117,5 +115,5 @@ def test_no_source_imports_a_folder_by_its_bare_name() -> None:
 def test_installed_code_never_imports_the_tests() -> None:
     """`tests/` is not in the wheel: a benchmark that imported it would work from a checkout only."""
     files = [p for d in FOLDERS for p in (ROOT / d).rglob("*.py") if "v1" not in p.parts]
-    bad = [hit for p in files for hit in _bare_imports(p, {"tests"})]
+    bad = [hit for p in files for hit in _bare_imports(p, frozenset({"tests"}))]
     assert not bad, bad

@@ -239,6 +239,10 @@ def test_environment_limit_goes_with_its_prompts_file() -> None:
     env = {"GELATO_DEVICE_PROMPTS_FILE": "/nonexistent.jsonl", "GELATO_DEVICE_LIMIT": "3"}
     res = run_device_env(["--prompt", "x", "--edge", "127.0.0.1:1", "--connect-timeout-s", "1"], env)
     assert res.returncode == 1 and "could not reach gelato-edge" in res.stderr, res.stderr
+    # Without a prompts file to replace, a variable's limit is refused like a typed one, named.
+    res = run_device_env([], {"GELATO_DEVICE_PROMPT": "x", "GELATO_DEVICE_LIMIT": "3"})
+    assert res.returncode == 2, res.stderr
+    assert "--limit counts the prompts of --prompts-file (--limit came from GELATO_DEVICE_LIMIT='3')" in res.stderr
 
 
 def test_device_help_names_every_variable() -> None:

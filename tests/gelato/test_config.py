@@ -215,8 +215,11 @@ def test_device_defaults_written_once() -> None:
         (["--temperature", "-1"], "temperature must be 0 (greedy) or finite"),
         # Settings that would be ignored are refused.
         (["--limit", "3"], "--limit counts the prompts of --prompts-file"),
-        (["--policy", "ar-edge", "--pipeline", "send-ahead"], "--pipeline send-ahead pipelines drafting; ar-edge"),
-        (["--policy", "ar-device", "--pipeline", "local"], "--pipeline local pipelines drafting; ar-device"),
+        (
+            ["--policy", "ar-edge", "--pipeline", "send-ahead"],
+            "--pipeline send-ahead pipelines drafting; --policy ar-edge",
+        ),
+        (["--policy", "ar-device", "--pipeline", "local"], "--pipeline local pipelines drafting; --policy ar-device"),
     ],
 )
 def test_device_validation(args: list[str], message: str) -> None:
