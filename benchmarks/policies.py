@@ -218,6 +218,22 @@ def trace_stats(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "t_net_median_ms": round(statistics.median(r["t_net_s"] for r in rounds) * 1e3, 3),
         # A round over twice the median: the device was descheduled (a shared machine), not the policy.
         "stalled_rounds": sum(r["t_round_s"] > 2 * t_mid for r in rounds),
+        **speed_probe(rounds),
+    }
+
+
+def speed_probe(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """How fast the machine ran during a run: the drafter's time per drafted token and the edge's
+    compute time per verified row (block drafts + 1); None without drafts. Both also fall as blocks
+    grow (a block's first drafter forward and each edge forward carry a fixed cost), so compare runs
+    of similar mean draft length: between those, a slower probe means the shared machine ran slower
+    during that run (runs are sequential), which costs it time and, with the cpu-model estimate (CPU
+    time x power), joules, whatever its policy decided."""
+    drafted = sum(r["k"] for r in rounds)
+    rows = sum(r["k"] + 1 for r in rounds)
+    return {
+        "draft_ms_per_token": 1e3 * sum(r["t_draft_s"] for r in rounds) / drafted if drafted else None,
+        "edge_ms_per_row": 1e3 * sum(r["t_edge_compute_s"] for r in rounds) / rows if rows else None,
     }
 
 
@@ -311,8 +327,8 @@ def print_run(i: int, total: int, s: dict[str, Any]) -> None:
 def run_table(runs: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| run | tokens/s | device J/token | long-run J/token | final Q (J) | acceptance | mean draft | rounds "
-        "| tokens/round | net ms / stalls | block ends | exact match |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| tokens/round | net ms / stalls | draft ms/tok · edge ms/row | block ends | exact match |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for s in runs:
         stops = ", ".join(f"{k or '-'} {v}" for k, v in s.get("stop_reasons", {}).items())
@@ -321,6 +337,7 @@ def run_table(runs: list[dict[str, Any]]) -> list[str]:
             f"| {_fmt(s['long_run_j_per_token'], '.5f')} | {_fmt(s['q_final_j'], '.3f')} "
             f"| {_fmt(s['acceptance'], '.3f')} | {s['mean_draft_len']:.2f} | {s['rounds']} "
             f"| {s['tokens_per_round']:.2f} | {_fmt(s.get('t_net_median_ms'), '.1f')} / {s.get('stalled_rounds')} "
+            f"| {_fmt(s.get('draft_ms_per_token'), '.2f')} · {_fmt(s.get('edge_ms_per_row'), '.2f')} "
             f"| {stops} "
             f"| {s.get('exact_match', '?')} |"
         )
@@ -382,7 +399,11 @@ def markdown(result: dict[str, Any]) -> str:
         "tokens/s and device J/token are ratios of sums over prompts; long-run J/token and final Q are the "
         "controller's deficit queue after the last prompt (its own accounting; '-' without a budget). net ms: median "
         "time per round outside drafting and the edge (round trip + device overhead); stalls: rounds over twice "
-        "the median (the device process was descheduled by other work on the machine: energy and time both suffer).",
+        "the median (the device process was descheduled by other work on the machine: energy and time both suffer). "
+        "draft ms/tok · edge ms/row: the drafter's time per drafted token and the edge's compute time per verified "
+        "row, a probe of how fast the machine ran during each run; both also fall as blocks grow (fixed costs per "
+        "block and per forward), so compare runs of similar mean draft: between those a slower probe means a "
+        "slower machine during that run (runs are sequential), dearer in time and in estimated joules.",
         "",
         *run_table(result["runs"]),
         "",
