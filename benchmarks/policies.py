@@ -215,6 +215,9 @@ def trace_stats(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "k_ref_mean": statistics.fmean(r["k_ref"] for r in rounds),
         "k_hist": dict(sorted(Counter(r["k"] for r in rounds).items())),
         "q_max_j": max(r["q_deficit_j"] or 0.0 for r in rounds),
+        # Rounds the objective decided over budget (every K dearer than ē by its estimates); traces
+        # written before the field was recorded count none.
+        "over_budget_rounds": sum(bool(r.get("over_budget")) for r in rounds),
         "t_net_median_ms": round(statistics.median(r["t_net_s"] for r in rounds) * 1e3, 3),
         # A round over twice the median: the device was descheduled (a shared machine), not the policy.
         "stalled_rounds": sum(r["t_round_s"] > 2 * t_mid for r in rounds),
@@ -334,7 +337,7 @@ def run_table(runs: list[dict[str, Any]]) -> list[str]:
         stops = ", ".join(f"{k or '-'} {v}" for k, v in s.get("stop_reasons", {}).items())
         lines.append(
             f"| {s['label']} | {s['tokens_per_s']:.1f} | {_fmt(s['energy_j_per_token'], '.5f')} "
-            f"| {_fmt(s['long_run_j_per_token'], '.5f')} | {_fmt(s['q_final_j'], '.3f')} "
+            f"| {_fmt(s['long_run_j_per_token'], '.5f')} | {_fmt(s['q_final_j'], '.3f')}{_over(s)} "
             f"| {_fmt(s['acceptance'], '.3f')} | {s['mean_draft_len']:.2f} | {s['rounds']} "
             f"| {s['tokens_per_round']:.2f} | {_fmt(s.get('t_net_median_ms'), '.1f')} / {s.get('stalled_rounds')} "
             f"| {_fmt(s.get('draft_ms_per_token'), '.2f')} · {_fmt(s.get('edge_ms_per_row'), '.2f')} "
@@ -342,6 +345,11 @@ def run_table(runs: list[dict[str, Any]]) -> list[str]:
             f"| {s.get('exact_match', '?')} |"
         )
     return lines
+
+
+def _over(s: dict[str, Any]) -> str:
+    n = s.get("over_budget_rounds")
+    return f" ({n} rounds over budget)" if n else ""
 
 
 def _cmp(name: str, c: dict[str, Any] | None, b: float) -> str:
@@ -397,7 +405,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{s['n']} GSM8K test questions, greedy, {s['max_new_tokens']} new tokens max, adaptive policies capped at "
         f"K_max = {s['k_max']}. {result['energy_note']}.  ",
         "tokens/s and device J/token are ratios of sums over prompts; long-run J/token and final Q are the "
-        "controller's deficit queue after the last prompt (its own accounting; '-' without a budget). net ms: median "
+        "controller's deficit queue after the last prompt (its own accounting; '-' without a budget), with the "
+        "rounds its objective decided over budget (every K dearer than ē by its estimates), if any. net ms: median "
         "time per round outside drafting and the edge (round trip + device overhead); stalls: rounds over twice "
         "the median (the device process was descheduled by other work on the machine: energy and time both suffer). "
         "draft ms/tok · edge ms/row: the drafter's time per drafted token and the edge's compute time per verified "

@@ -376,6 +376,8 @@ async def _settle(
         t_net_s=max(0.0, arrived - sent.sent_at - edge_s),
         k_ref=sent.decision.k_ref,
         k_max=sent.cap,
+        over_budget=sent.decision.over_budget,
+        j_per_token_model=sent.decision.j_per_token_model,
         stop_reason=block_end(block, sent.cap, sent.wanted, gate is not None),
         entropies=block.entropies,
         p_accept=tuple(gate.p_accept) if gate else (),

@@ -344,7 +344,13 @@ class Lyapunov(Policy):
 
     def decide(self, limit: int) -> Decision:
         k_ref, score, _ = self._outer(limit)
-        return Decision(k_ref, k_ref, self.controller.q_j, score)
+        return self._decision(k_ref, k_ref, score)
+
+    def _decision(self, k_ref: int, k_max: int, score: float) -> Decision:
+        """The decision with the objective's view of it, for the trace."""
+        obj = self._objective
+        expected_j = obj.cost.energy_j(k_ref) / expected_emitted(obj.cost.alpha, k_ref)
+        return Decision(k_ref, k_max, self.controller.q_j, score, obj.over_budget, expected_j)
 
     def predraft_depth(self, decision: Decision, block: DraftBlock) -> int:
         depth = super().predraft_depth(decision, block)
@@ -381,7 +387,7 @@ class Gelato(Lyapunov):
         # is longer, and would draft past the size the chain was priced (and chosen) for; an
         # uncertain token still ends the block early.
         cap = k_ref if chained else self.k_max(limit)
-        return Decision(k_ref, cap if k_ref else 0, self.controller.q_j, score)
+        return self._decision(k_ref, cap if k_ref else 0, score)
 
     def gate(self, decision: Decision) -> Gate:
         # The decision's own objective, over budget too (`Objective.over_budget`): the per-token

@@ -180,6 +180,11 @@ class Telemetry:
     e_draft_j: float = float("nan")  # meter delta while drafting (part of e_compute_j); NaN: not read
     k_ref: int = 0
     k_max: int = 0
+    # The objective's view of the decision (controller policies; False / NaN otherwise): whether
+    # every K cost more than the budget by its estimates (the over-budget rule), and the joules per
+    # token it expected of K_ref.
+    over_budget: bool = False
+    j_per_token_model: float = float("nan")
     stop_reason: str = ""
     entropies: tuple[float, ...] = ()
     p_accept: tuple[float, ...] = ()

@@ -59,12 +59,16 @@ def expected_emitted(alpha: float, k: int) -> float:
 
 @dataclass(frozen=True)
 class Decision:
-    """What the policy decided before a round: the reference budget and the hard cap."""
+    """What the policy decided before a round: the reference budget and the hard cap; for the
+    trace, the objective's view (controller policies): whether it was over budget and the joules per
+    token it expected of K_ref (Ê/N̂), to set against what the round then cost."""
 
     k_ref: int
     k_max: int
     q_j: float = 0.0
     score: float = math.nan
+    over_budget: bool = False
+    j_per_token_model: float = math.nan
 
 
 def cheapest_k(cost: CostModel, k_max: int) -> tuple[int, float]:

@@ -4,6 +4,7 @@ round loop under early exit (greedy token-exact, sampling by chi-square)."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from gelato.controller import CostModel, Decision, Objective, cheapest_k, choose_k_ref
+from gelato.controller import CostModel, Decision, Objective, cheapest_k, choose_k_ref, expected_emitted
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant
 from gelato.device.generate import Exchange, Limits, Verify, local_verifier, self_verifier, speculative_generate
@@ -118,6 +119,9 @@ def test_lyapunov_over_budget_drafts_the_cheapest_k(monkeypatch: pytest.MonkeyPa
         p.controller.queue.q_j = 6.6
         decision = p.decide(8)
         assert decision.k_ref == cheapest_k(model, 8)[0] == 2
+        # The trace's view of it: over budget, and the model's J/token of K_ref (above ē).
+        assert decision.over_budget and decision.j_per_token_model == pytest.approx(cheapest_k(model, 8)[1])
+        assert decision.j_per_token_model > budget
         assert choose_k_ref(Objective(model, 20.0, 6.6, budget), 8)[0] < 2  # the ratio score's choice
         if name == "gelato":
             # Tokens accepted at the prior rate: the per-token rule drafts exactly K_ref, as the
@@ -126,7 +130,11 @@ def test_lyapunov_over_budget_drafts_the_cheapest_k(monkeypatch: pytest.MonkeyPa
             gate = p.gate(decision)
             assert gate is not None and gate(1, 0.0, None) is None and gate(2, 0.0, None) == "budget"
         p.controller.queue.q_j = 0.0  # no backlog: pure throughput, longer blocks
-        assert p.decide(8).k_ref > 2
+        relaxed = p.decide(8)
+        assert relaxed.k_ref > 2 and not relaxed.over_budget
+        assert relaxed.j_per_token_model == pytest.approx(
+            model.energy_j(relaxed.k_ref) / expected_emitted(model.alpha, relaxed.k_ref)
+        )
 
 
 def test_chains_are_priced_only_while_send_ahead_runs() -> None:
@@ -357,6 +365,11 @@ def test_queue_is_charged_the_whole_generation(target: LoadedModel, drafter_mode
     assert queue is not None and res.stats.energy_j > sum(t.e_j for t in res.stats.rounds_log) > 0
     assert queue.energy_j == pytest.approx(res.stats.energy_j, rel=1e-9)
     assert queue.tokens == len(res.token_ids)
+    # Every round's trace carries the objective's view; a budget this far below any K's cost puts
+    # it over budget once the queue holds a backlog (not in the first round: Q = 0 there).
+    log = res.stats.rounds_log
+    assert all(math.isfinite(t.j_per_token_model) and t.j_per_token_model > 1e-3 for t in log)
+    assert not log[0].over_budget and any(t.over_budget for t in log[1:])
 
 
 @pytest.mark.parametrize("name", ["fixed-4", "gelato"])

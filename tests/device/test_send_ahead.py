@@ -7,6 +7,7 @@ edge's rule (`TargetSession.resolve_ahead`) refuses duplicate and too-deep block
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -81,6 +82,8 @@ def test_send_ahead_greedy_is_exact(pair: dict[str, Path], target: LoadedModel, 
     log = piped.stats.rounds_log
     ahead = [t for t in log if t.sent_ahead]
     assert sum(t.emitted for t in log) == len(piped.token_ids)
+    # The objective's view reaches the trace of rounds sent ahead too (controller policies only).
+    assert all(math.isfinite(t.j_per_token_model) == (name == "gelato") for t in log)
     if drafter_key == "target":  # forced hits: the chain goes on, most rounds were sent ahead
         assert len(ahead) >= len(log) // 2, [(t.k, t.sent_ahead) for t in log]
         assert sum(t.stale_blocks for t in log) == 0
