@@ -227,7 +227,7 @@ def trace_stats(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def speed_probe(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """How fast the machine ran during a run: the drafter's time per drafted token and the edge's
-    compute time per verified row (block drafts + 1); None without drafts. Both also fall as blocks
+    compute time per verified row (block drafts + 1); the first is None without drafts. Both fall as blocks
     grow (a block's first drafter forward and each edge forward carry a fixed cost), so compare runs
     of similar mean draft length: between those, a slower probe means the shared machine ran slower
     during that run (runs are sequential), which costs it time and, with the cpu-model estimate (CPU

@@ -89,17 +89,6 @@ def trace_problem(path: str | Path | None) -> str:
     return ""
 
 
-def replaced_file(parser: EnvArgumentParser, config: DeviceConfig) -> bool:
-    """Whether a `--prompt` typed on the command line replaced a `GELATO_DEVICE_PROMPTS_FILE`
-    while `--limit` came from its variable (that limit was meant for the file)."""
-    return (
-        bool(config.prompt)
-        and "--prompt" not in parser.from_env
-        and "--limit" in parser.from_env
-        and bool(os.environ.get("GELATO_DEVICE_PROMPTS_FILE"))
-    )
-
-
 def open_accountant(config: DeviceConfig) -> EnergyAccountant:
     meter = NullMeter() if config.meter == "none" else open_meter(config.meter, config.device_profile)
     return EnergyAccountant(meter, radio_profile(config.radio))
@@ -108,7 +97,7 @@ def open_accountant(config: DeviceConfig) -> EnergyAccountant:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     config = DeviceConfig.from_args(parser.parse_args(argv))
-    if replaced_file(parser, config):
+    if "--prompts-file" in parser.silenced and "--limit" in parser.from_env:
         # A deployment's GELATO_DEVICE_LIMIT goes with its GELATO_DEVICE_PROMPTS_FILE, which a
         # --prompt on the command line silenced: the limit goes with it (a typed --limit is refused).
         config = replace(config, limit=None)

@@ -17,8 +17,9 @@ and choices; a bad one is a usage error naming the variable; an empty variable c
 compose files can pass `${VAR:-}` through). Switches (`store_true`) take 1/0, true/false, yes/no,
 on/off; a repeatable flag (`append`) takes one value.
 `--help` names each option's variable. After a parse, `from_env` holds the options it took from
-variables, and `explain(message)` adds to a settings error (`--port must be ...`) the variable
-behind each flag it names.
+variables, `silenced` those whose variable a rival on the command line silenced, and
+`explain(message)` adds to a settings error (`--port must be ...`) the variable behind each flag it
+names.
 """
 
 from __future__ import annotations
@@ -194,8 +195,10 @@ class EnvArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.env_prefix = env_prefix.rstrip("_")
         self.env_skip = set(env_skip)
-        # Flag -> "NAME='raw'" for each option the last parse took from its variable.
+        # Flag -> "NAME='raw'" for each option the last parse took from its variable, and for each
+        # whose variable was set but silenced by a rival of its group given on the command line.
         self.from_env: dict[str, str] = {}
+        self.silenced: dict[str, str] = {}
 
     def env_name(self, action: argparse.Action) -> str | None:
         """The variable that sets `action`, or None (positionals, --help, skipped dests)."""
@@ -232,7 +235,7 @@ class EnvArgumentParser(argparse.ArgumentParser):
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         env = {a: (n, os.environ[n]) for a in self._actions if (n := self.env_name(a)) and os.environ.get(n, "")}
-        self.from_env = {}
+        self.from_env, self.silenced = {}, {}
         if not env:
             return super().parse_known_args(args, namespace)
         groups = [g for g in self._mutually_exclusive_groups if any(a in env for a in g._group_actions)]
@@ -258,6 +261,7 @@ class EnvArgumentParser(argparse.ArgumentParser):
             rivals = [g for g in groups if a in g._group_actions]
             if any(b in given and b is not a and self._was_given(ns, b) for g in rivals for b in g._group_actions):
                 setattr(ns, a.dest, a.default)  # a rival of its group is on the command line
+                self.silenced[a.option_strings[-1]] = f"{name}={raw!r}"
                 continue
             for g in rivals:
                 for b, other in from_env.items():

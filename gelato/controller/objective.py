@@ -23,9 +23,7 @@ drafted nothing in 284 of 770 rounds, at the highest J/token of any K). With Q >
 outer choice is the cheapest K, the inner rule drafts a token while its expected joules per
 expected token stay below λ, and chains and pre-drafts are priced the same way
 (`Objective.over_budget`). λ is the cheapest *fixed* K's, so it is no lower than what blocks that
-stop on doubt achieve; in the simulator, below every fixed K's J/token, gelato spent 1.2-1.4 % more
-per token than under the ratio score, at 2-4 % more tokens/s (the ratio did not fall to short
-rounds there, its estimates being exact).
+stop on doubt achieve (the simulator's comparison with the ratio score: README, "Controller").
 
 - Outer loop, `choose_k_ref`: K_ref = argmax over K ∈ 0..K_max of the score with the a-priori N̂(K).
 - With send-ahead (`chain_frame`): a chain of K-draft blocks replaces the round where its frame

@@ -131,3 +131,6 @@ def test_explain_names_the_variable_behind_a_flag(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("TOOL_RATE_HZ")
     p.parse_args(["--text", "t"])
     assert p.from_env == {"--port": "TOOL_PORT='8080'"}  # each parse starts afresh
+    monkeypatch.setenv("TOOL_FILE", "f.jsonl")
+    p.parse_args(["--text", "t"])  # a group member typed: the rival's variable is silenced, and said so
+    assert p.silenced == {"--file": "TOOL_FILE='f.jsonl'"} and "--file" not in p.from_env
