@@ -218,6 +218,8 @@ def trace_stats(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         # Rounds the objective decided over budget (every K dearer than ē by its estimates); traces
         # written before the field was recorded count none.
         "over_budget_rounds": sum(bool(r.get("over_budget")) for r in rounds),
+        # Rounds drafted to observe acceptance where the estimates alone drafted nothing.
+        "explore_rounds": sum(bool(r.get("explore")) for r in rounds),
         "t_net_median_ms": round(statistics.median(r["t_net_s"] for r in rounds) * 1e3, 3),
         # A round over twice the median: the device was descheduled (a shared machine), not the policy.
         "stalled_rounds": sum(r["t_round_s"] > 2 * t_mid for r in rounds),
@@ -348,8 +350,9 @@ def run_table(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def _over(s: dict[str, Any]) -> str:
-    n = s.get("over_budget_rounds")
-    return f" ({n} rounds over budget)" if n else ""
+    parts = [f"{n} rounds {what}" for n, what in ((s.get("over_budget_rounds"), "over budget"),
+                                                  (s.get("explore_rounds"), "exploring")) if n]  # fmt: skip
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _cmp(name: str, c: dict[str, Any] | None, b: float) -> str:

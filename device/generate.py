@@ -145,6 +145,7 @@ async def speculative_generate(
             k_max=cap,
             over_budget=decision.over_budget,
             j_per_token_model=decision.j_per_token_model,
+            explore=decision.explore,
             stop_reason=block_end(block, cap, wanted, gate is not None),
             entropies=block.entropies,
             p_accept=tuple(gate.p_accept) if gate else (),

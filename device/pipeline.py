@@ -378,6 +378,7 @@ async def _settle(
         k_max=sent.cap,
         over_budget=sent.decision.over_budget,
         j_per_token_model=sent.decision.j_per_token_model,
+        explore=sent.decision.explore,
         stop_reason=block_end(block, sent.cap, sent.wanted, gate is not None),
         entropies=block.entropies,
         p_accept=tuple(gate.p_accept) if gate else (),

@@ -24,7 +24,7 @@ Pure decisions over `gelato.controller`: no I/O, no torch.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gelato.config import Settings, between, ge, gt, setting
 from gelato.controller import (
@@ -79,6 +79,9 @@ class PolicyOptions(Settings):
     ar_device_block: int = 16  # tokens per local step of `ar-device`
     explore_every_rounds: int = 16  # after this many rounds without drafting, draft a block to re-measure
     explore_k: int = 4  # its size: long enough to measure per-token costs apart from per-block ones
+    # Drafting nothing observes no acceptance: before this many drafts were verified, α̂ is too thin
+    # to rule drafting out, and a round it would leave empty drafts all the same (`Lyapunov._outer`).
+    min_observed_drafts: int = 32
     pipeline: str = setting(
         "off",
         "local: keep drafting while a block is in flight, a hit starts the next block at once; send-ahead: "
@@ -124,10 +127,14 @@ class Controller:
         the chance that the target's next token is the drafter's (measured on full accepts)."""
         return self.calibrator.survival(block_entropies) * self.bonus_match.value
 
-    def objective(self, k_max: int | None = None) -> Objective:
+    def objective(self, k_max: int | None = None, hopeful: bool = False) -> Objective:
         """The objective now; `k_max`, the most drafts a round may have, lets it know when no
-        choice fits the budget (`Objective.over_budget`)."""
-        return Objective(self.cost.model(), self.options.v, self.q_j, self.options.budget_j_per_token, k_max)
+        choice fits the budget (`Objective.over_budget`). `hopeful`: with the acceptance at the upper
+        end of its interval (`CostEstimator.alpha_upper`, for `Lyapunov._outer`)."""
+        model = self.cost.model()
+        if hopeful:
+            model = replace(model, alpha=max(model.alpha, self.cost.alpha_upper()))
+        return Objective(model, self.options.v, self.q_j, self.options.budget_j_per_token, k_max)
 
     def observe(self, tele: Telemetry) -> float:
         if tele.predrafted and tele.accepted == tele.k:
@@ -293,6 +300,9 @@ class Lyapunov(Policy):
     def __init__(self, options: PolicyOptions | None = None) -> None:
         super().__init__(options)
         self._idle_rounds = 0
+        # The last decision drafted to observe acceptance (`_outer`); of those, a block drafted
+        # after `explore_every_rounds` rounds without drafting (to re-measure).
+        self._explore = self._remeasure = False
         # The last decision's best score and token rate for rounds one at a time.
         self._round_score, self._round_rate = 0.0, 0.0
         # The per-block check's answer for a chain's start, folded into `ahead_follow` when the
@@ -303,31 +313,45 @@ class Lyapunov(Policy):
         self._objective = self.controller.objective()
 
     def _outer(self, limit: int) -> tuple[int, float, bool]:
-        """K_ref from the objective. When it stays 0 the acceptance estimate is never refreshed
-        (nothing drafted, nothing observed), so every `explore_every_rounds` a block of `explore_k`
-        is drafted. With send-ahead running (`self.ahead_blocks`), a chain's block size where chains
-        score better than rounds one at a time (`choose_chain_k`, a chain priced as starting as
-        often as the per-block check lately started one: `Controller.ahead_follow`);
-        `self._round_score` keeps the latter's score, `self._objective` the objective. The last value:
-        whether K_ref is a chain's."""
+        """K_ref from the objective (`_plan`). Drafting nothing observes no acceptance, so a low α̂
+        that makes K = 0 the choice is never corrected by what follows: a cold start whose first
+        few drafts were rejected stayed at K = 0 for most of a prompt, over budget, where K = 0
+        was the dearest choice per token. So K = 0 is chosen on evidence only: until
+        `min_observed_drafts` drafts were verified, a round α̂ would leave empty drafts the best
+        K ≥ 1 for what acceptance may still be (the upper end of its interval,
+        `CostEstimator.alpha_upper`), and observes. Later, every `explore_every_rounds` rounds
+        without drafting a block of `explore_k` is drafted all the same (acceptance and costs
+        drift). `self._explore` records that either overrode the
+        estimates; the last value returned: whether K_ref is a chain's."""
         k_cap = self.k_max(limit)
-        obj = self._objective = self.controller.objective(k_cap)
-        ahead = self.ahead_blocks
-        k_ref, score = choose_k_ref(obj, k_cap)
-        chained = False
+        k_ref, score, chained = self._plan(self.controller.objective(k_cap), k_cap)
+        self._explore = self._remeasure = False
+        if k_ref == 0 and k_cap > 0 and self.controller.cost.observed_drafts < self.options.min_observed_drafts:
+            k_ref, score, chained = self._plan(self.controller.objective(k_cap, hopeful=True), k_cap, k_min=1)
+            self._explore = True
+        if k_ref == 0 and limit > 0 and self._idle_rounds >= self.options.explore_every_rounds - 1:
+            k_ref, self._explore = min(self.options.explore_k, k_cap), True
+            self._remeasure = True
+        return k_ref, score, chained
+
+    def _plan(self, obj: Objective, k_cap: int, k_min: int = 0) -> tuple[int, float, bool]:
+        """The best choice under `obj`, K_ref ≥ `k_min`: (K_ref, its score, whether it is a chain's).
+        With send-ahead running (`self.ahead_blocks`), a chain's block size where chains score
+        better than rounds one at a time (`choose_chain_k`, a chain priced as starting as often as
+        the per-block check lately started one: `Controller.ahead_follow`). Keeps `obj` in `self._objective` and the
+        rounds-one-at-a-time score and token rate in `self._round_score`, `self._round_rate`."""
+        self._objective = obj
+        k_ref, score = choose_k_ref(obj, k_cap, k_min)
         self._round_score = score
         self._round_rate = expected_emitted(obj.cost.alpha, k_ref) / max(obj.cost.time_s(k_ref), 1e-9)
-        if ahead is not None:
+        if self.ahead_blocks is not None:
             c = self.controller
             k_chain, chain_score = choose_chain_k(
-                obj, k_cap, c.bonus_match.value, ahead, self._round_rate, c.ahead_follow.value
+                obj, k_cap, c.bonus_match.value, self.ahead_blocks, self._round_rate, c.ahead_follow.value
             )
-            chained = chain_score > score
-            if chained:
-                k_ref, score = k_chain, chain_score
-        if k_ref == 0 and limit > 0 and self._idle_rounds >= self.options.explore_every_rounds - 1:
-            k_ref = min(self.options.explore_k, k_cap)
-        return k_ref, score, chained
+            if chain_score > score:
+                return k_chain, chain_score, True
+        return k_ref, score, False
 
     def end_chains(self) -> None:
         super().end_chains()
@@ -350,7 +374,7 @@ class Lyapunov(Policy):
         """The decision with the objective's view of it, for the trace."""
         obj = self._objective
         expected_j = obj.cost.energy_j(k_ref) / expected_emitted(obj.cost.alpha, k_ref)
-        return Decision(k_ref, k_max, self.controller.q_j, score, obj.over_budget, expected_j)
+        return Decision(k_ref, k_max, self.controller.q_j, score, obj.over_budget, expected_j, self._explore)
 
     def predraft_depth(self, decision: Decision, block: DraftBlock) -> int:
         depth = super().predraft_depth(decision, block)
@@ -386,13 +410,18 @@ class Gelato(Lyapunov):
         # A chain's block size caps it: the inner rule scores rounds one at a time, whose best K
         # is longer, and would draft past the size the chain was priced (and chosen) for; an
         # uncertain token still ends the block early.
-        cap = k_ref if chained else self.k_max(limit)
+        # A block drafted every `explore_every_rounds` to re-measure is drafted whole: cut short
+        # by a rule that thinks drafting does not pay, it would measure next to nothing.
+        cap = k_ref if chained or self._remeasure else self.k_max(limit)
         return self._decision(k_ref, cap if k_ref else 0, score)
 
     def gate(self, decision: Decision) -> Gate:
         # The decision's own objective, over budget too (`Objective.over_budget`): the per-token
         # rule then drafts a token while its expected joules per expected token stay below λ, and
-        # with nothing drafted it is the outer decision, as always.
+        # with nothing drafted it is the outer decision, as always. Planned with the
+        # upper end of α̂'s interval (`_outer`), it prices the tokens not yet drafted so too.
+        if self._remeasure:
+            return Gate(self.controller.calibrator)  # the re-measuring block: no early stop
         return _Continuation(self.controller.calibrator, self._objective, decision.k_ref, decision.k_max)
 
 

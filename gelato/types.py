@@ -182,9 +182,10 @@ class Telemetry:
     k_max: int = 0
     # The objective's view of the decision (controller policies; False / NaN otherwise): whether
     # every K cost more than the budget by its estimates (the over-budget rule), and the joules per
-    # token it expected of K_ref.
+    # token it expected of K_ref; whether it drafted only to observe acceptance (`explore`).
     over_budget: bool = False
     j_per_token_model: float = float("nan")
+    explore: bool = False  # drafted to observe acceptance where the estimates alone drafted nothing
     stop_reason: str = ""
     entropies: tuple[float, ...] = ()
     p_accept: tuple[float, ...] = ()

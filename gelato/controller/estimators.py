@@ -6,6 +6,8 @@ Contract: `CostEstimator.observe(tele)` takes one round's `Telemetry`; `model()`
     T̂(K) = t̂_draft(K) + t̂_edge(K) + t̂_net(K),   t̂_draft(K) = [K > 0]·t̂_draft0 + K·t̂_draft
     Ê(K) = P̂_draft·t̂_draft(K) + P̂_wait·(t̂_edge(K) + t̂_net(K)) + ê_radio(K)
     α̂    = accepted / observed drafts (a token after a block's first rejection is unobserved)
+           (`observed_drafts` counts them all, undecayed: how much evidence there is at all;
+           `alpha_upper`: the upper end of α̂'s interval, for the policies' cold start)
 
 Every estimate is exponentially weighted with one half-life (in rounds), so it follows a channel or
 an edge load that drifts. Drafting time, edge time, network time and radio energy are fitted as
@@ -29,6 +31,17 @@ from dataclasses import dataclass, field
 from gelato.types import Telemetry
 
 DEFAULT_HALFLIFE_ROUNDS = 20.0
+
+
+def wilson_upper(p: float, n: float, z: float) -> float:
+    """The upper end of the Wilson score interval for a rate `p` seen over `n` (weighted) trials at
+    `z` standard errors. Unlike p + z·sqrt(p(1 − p)/n) it stays above p when p is 0 or 1 and n is
+    small: a handful of rejections never makes acceptance look certainly nil. n <= 0: 1."""
+    if n <= 0:
+        return 1.0
+    z2 = z * z
+    spread = z * math.sqrt(max(p * (1.0 - p), 0.0) / n + z2 / (4.0 * n * n))
+    return min((p + z2 / (2.0 * n) + spread) / (1.0 + z2 / n), 1.0)
 
 
 def decay_of(halflife_rounds: float) -> float:
@@ -191,6 +204,7 @@ class CostEstimator:
         self.t_waiting = Ewma(d, 0.0)
         self.accept = Ewma(d, p.alpha)
         self.accept.update(p.alpha, p.alpha_weight)
+        self.observed_drafts = 0
         self.rounds = 0
 
     def observe(self, tele: Telemetry) -> None:
@@ -204,6 +218,7 @@ class CostEstimator:
         if tele.k > 0:
             observed = tele.accepted + (1 if tele.accepted < tele.k else 0)
             self.accept.update(tele.accepted / observed, float(observed))
+            self.observed_drafts += observed
         self.t_edge.update(tele.k, tele.t_edge_queue_s + tele.t_edge_compute_s)
         if not tele.sent_ahead:
             # A block sent ahead waits at the edge behind the blocks before it, and that wait is
@@ -235,6 +250,11 @@ class CostEstimator:
             self.e_draft.value / self.t_drafting.value if measured_draft else fit[0],
             max(self.e_wait.value / self.t_waiting.value, 0.0) if measured_wait else fit[1],
         )
+
+    def alpha_upper(self, z: float = 2.0) -> float:
+        """α̂ at the upper end of its interval (`wilson_upper` over the observations' weight, the
+        prior's pseudo-tokens included): what acceptance may still be, given how little was seen."""
+        return min(wilson_upper(min(max(self.accept.value, 0.0), 1.0), self.accept.weight, z), 0.999)
 
     def model(self) -> CostModel:
         edge0, edge1 = self.t_edge.coefficients()

@@ -59,7 +59,8 @@ def expected_emitted(alpha: float, k: int) -> float:
 class Decision:
     """What the policy decided before a round: the reference budget and the hard cap; for the
     trace, the objective's view (controller policies): whether it was over budget and the joules per
-    token it expected of K_ref (Ê/N̂), to set against what the round then cost."""
+    token it expected of K_ref (Ê/N̂), to set against what the round then cost, and whether the round
+    drafts to observe acceptance where the estimates alone would draft nothing."""
 
     k_ref: int
     k_max: int
@@ -67,6 +68,7 @@ class Decision:
     score: float = math.nan
     over_budget: bool = False
     j_per_token_model: float = math.nan
+    explore: bool = False  # drafting although the estimates say K = 0, to observe acceptance
 
 
 def cheapest_k(cost: CostModel, k_max: int) -> tuple[int, float]:
@@ -120,17 +122,18 @@ class Objective:
         return self._geo[m]
 
 
-def choose_k_ref(obj: Objective, k_max: int) -> tuple[int, float]:
-    """The outer decision: (K_ref, its score); ties go to the smaller K (less energy at risk).
+def choose_k_ref(obj: Objective, k_max: int, k_min: int = 0) -> tuple[int, float]:
+    """The outer decision: (K_ref, its score) over K ∈ k_min..k_max (k_min ≤ k_max); ties go to
+    the smaller K (less energy at risk).
 
     Over K ≥ 1 the score is quasi-concave in K: its numerator is concave (N̂ is, Ê is affine) and
     T̂ is affine and positive there, so each superlevel set {numerator − c·T̂ ≥ 0} is an interval.
     Over budget the score λ·N̂ − Ê is concave. Once it really falls (by more than rounding) it never
     climbs back above its peak, and the search stops there: a few scores instead of K_max. K = 0
     (no drafting step) is scored apart."""
-    best_k, best = 0, obj.score(1.0, 0)
+    best_k, best = (0, obj.score(1.0, 0)) if k_min <= 0 else (0, -math.inf)
     peak = -math.inf
-    for k in range(1, k_max + 1):
+    for k in range(max(k_min, 1), k_max + 1):
         s = obj.score(expected_emitted(obj.cost.alpha, k), k)
         if s > best:
             best_k, best = k, s

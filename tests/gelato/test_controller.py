@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -23,6 +24,7 @@ from gelato.controller import (
     keep_drafting,
 )
 from gelato.controller.calibrator import isotonic_non_increasing
+from gelato.controller.estimators import wilson_upper
 from gelato.types import Telemetry
 
 
@@ -84,6 +86,10 @@ def test_k_ref_hand_computed() -> None:
     assert choose_k_ref(Objective(cost(alpha=0.0)), 8)[0] == 0
     # Perfect drafter, free drafting: the cap.
     assert choose_k_ref(Objective(cost(alpha=0.999, t_draft_s=0.0)), 8)[0] == 8
+    # Made to draft (`k_min`): the best K >= 1, not K = 0 however it scores.
+    forced = [expected_emitted(0.0, k) / (0.02 + 0.001 * k) for k in range(1, 9)]
+    assert choose_k_ref(Objective(cost(alpha=0.0)), 8, k_min=1) == (1, pytest.approx(max(forced)))
+    assert choose_k_ref(Objective(c), 8, k_min=1) == choose_k_ref(Objective(c), 8)  # already >= 1
 
 
 def test_k_ref_stops_early_but_equals_the_full_enumeration() -> None:
@@ -385,6 +391,29 @@ def test_acceptance_estimate_excludes_unobserved_drafts() -> None:
         est.observe(tele(8, 8, 0.008, 0.02, 0.1))  # all 8 observed and accepted
     # 4000 accepted of 4500 observed (a biased estimator would say 4000 / 8000).
     assert est.model().alpha == pytest.approx(4000 / 4500, abs=0.01)
+
+
+def test_wilson_upper_bound() -> None:
+    # Hand-computed: 0 of 4 at z = 2 -> (0 + 4/8 + 2·sqrt(4/64)) / (1 + 4/4) = 0.5.
+    assert wilson_upper(0.0, 4.0, 2.0) == pytest.approx(0.5)
+    assert wilson_upper(0.3, 10.0, 0.0) == pytest.approx(0.3)  # z = 0: the rate itself
+    assert wilson_upper(0.5, 0.0, 2.0) == 1.0  # nothing seen: anything is possible
+    bounds = [wilson_upper(0.4, n, 2.0) for n in (1, 4, 16, 64, 256, 4096)]
+    assert all(a > b > 0.4 for a, b in itertools.pairwise(bounds))  # closes on p from above
+    assert bounds[-1] == pytest.approx(0.4, abs=0.02) and wilson_upper(1.0, 3.0, 2.0) == 1.0
+
+
+def test_acceptance_upper_end_and_the_evidence_count() -> None:
+    est = CostEstimator(halflife_rounds=1e9)
+    # The prior only, 0.6 over 4 pseudo-tokens: (0.6 + 4/8 + 2·sqrt(0.24/4 + 4/64)) / 2 = 0.9.
+    assert est.observed_drafts == 0 and est.alpha_upper() == pytest.approx(0.9)
+    est.observe(tele(8, 0, 0.008, 0.02, 0.1))  # 1 observed draft, rejected
+    est.observe(tele(8, 8, 0.008, 0.02, 0.1))  # 8 observed, accepted
+    est.observe(tele(0, 0, 0.0, 0.02, 0.1))  # no drafts: no evidence
+    assert est.observed_drafts == 9
+    a = est.model().alpha
+    assert a == pytest.approx((0.6 * 4 + 8) / 13)
+    assert est.alpha_upper() == pytest.approx(wilson_upper(a, 13.0, 2.0)) and est.alpha_upper() > a
 
 
 def test_isotonic_fit() -> None:
