@@ -16,9 +16,12 @@ prompts), device J/token (Σ energy / Σ tokens), the controller's long-run J/to
 controller per device run), acceptance, mean draft length, rounds, block stop reasons, and exact
 match of every output against fixed-0's (losslessness: a difference is printed loudly, exit 1).
 Per budget: gelato's and lyapunov's tokens/s ÷ the fastest fixed-K with J/token ≤ ē, and whether
-their J/token ≤ 1.05 ē. Writes `results.json`, `results.md` and gzipped per-round traces under
-`--out`, with the exact command, the machine and the measured round trip (gRPC Info through the
-proxy minus direct).
+their J/token ≤ 1.05 ē (`policies_report`). `--repeats R`: the whole list R times in a row (ē from
+the first fixed-K sweep), each repeat judged on its own runs, and the medians of those per-repeat
+ratios reported: the runs are sequential and the machine drifts, so a budget taken from a fixed-K
+run long before the controller's makes it look better or worse than it is. Writes
+`results.json`, `results.md` and gzipped per-round traces under `--out`, with the exact command,
+the machine and the measured round trip (gRPC Info through the proxy minus direct).
 """
 
 from __future__ import annotations
@@ -35,11 +38,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from gelato.benchmarks.delay_proxy import ProxyProcess, grpc_info_rtt, rtt_summary
+from gelato.benchmarks.policies_report import compare_budgets, markdown, over_repeats, print_run
 from gelato.benchmarks.procs import check_energy_source, machine, start_edge
 from gelato.tiny.train import gsm8k_file
 
@@ -55,10 +59,12 @@ class RunSpec:
     family: str
     flags: tuple[str, ...] = ()
     budget: float | None = None
+    repeat: int = 0  # 1.. with `--repeats` > 1 (0: the only one)
 
     @property
     def slug(self) -> str:
-        return self.label.replace(" ", "_").replace("ē=", "b").replace("τ=", "t").replace("λ=", "l")
+        slug = self.label.replace(" ", "_").replace("ē=", "b").replace("τ=", "t").replace("λ=", "l")
+        return f"{slug}_r{self.repeat}" if self.repeat else slug
 
 
 @dataclass
@@ -253,186 +259,6 @@ def check_lossless(runs: list[Run]) -> list[str]:
     return bad
 
 
-# ---------------------------------------------------------------- targets and report
-
-
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    return max(rows, key=lambda s: s["tokens_per_s"]) if rows else None
-
-
-def _brief(s: dict[str, Any] | None) -> dict[str, Any] | None:
-    keys = ("label", "tokens_per_s", "energy_j_per_token", "long_run_j_per_token", "q_final_j")
-    return None if s is None else {k: s.get(k) for k in keys}
-
-
-def _ge(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool | None:
-    return None if a is None or b is None else a["tokens_per_s"] >= b["tokens_per_s"]
-
-
-def compare_budgets(summaries: list[dict[str, Any]], budgets: list[float]) -> dict[str, Any]:
-    """The controller's targets: per ē, gelato ≥ 1.15× the fastest fixed-K with J/token ≤ ē while its own
-    J/token ≤ 1.05 ē, and gelato ≥ lyapunov ≥ that fixed-K; without a budget, gelato ≥ lyapunov ≥
-    the fastest fixed-K and gelato ≥ entropy/adaedl at their best thresholds."""
-    fam = {f: [s for s in summaries if s["family"] == f] for f in {s["family"] for s in summaries}}
-    fixed = fam.get("fixed", [])
-
-    def at(family: str, b: float | None) -> dict[str, Any] | None:
-        return next((s for s in fam.get(family, []) if s["budget"] == b), None)
-
-    per_budget = []
-    for b in budgets:
-        fits = _best([s for s in fixed if s["energy_j_per_token"] is not None and s["energy_j_per_token"] <= b])
-        row: dict[str, Any] = {"budget_j_per_token": b, "fastest_fixed_fitting": _brief(fits)}
-        for family in ("gelato", "lyapunov"):
-            s = at(family, b)
-            if s is None:
-                continue
-            jpt = s["energy_j_per_token"]
-            row[family] = {
-                **(_brief(s) or {}),
-                "speedup_vs_fixed": s["tokens_per_s"] / fits["tokens_per_s"] if fits else None,
-                "within_budget": jpt is not None and jpt <= 1.05 * b,
-            }
-        g = row.get("gelato")
-        row["targets"] = {
-            "gelato_1.15x_within_budget": bool(g and g["within_budget"] and (g["speedup_vs_fixed"] or 0) >= 1.15),
-            "gelato_ge_lyapunov": _ge(at("gelato", b), at("lyapunov", b)),
-            "lyapunov_ge_fixed": _ge(at("lyapunov", b), fits),
-        }
-        per_budget.append(row)
-    g, ly = at("gelato", None), at("lyapunov", None)
-    best = {f: _best(fam.get(f, [])) for f in ("fixed", "entropy", "adaedl", "heuristic")}
-    no_budget = {
-        "gelato": _brief(g),
-        "lyapunov": _brief(ly),
-        **{f"best_{f}": _brief(s) for f, s in best.items()},
-        "targets": {
-            "gelato_ge_lyapunov": _ge(g, ly),
-            "lyapunov_ge_fixed": _ge(ly, best["fixed"]),
-            "gelato_ge_best_entropy": _ge(g, best["entropy"]),
-            "gelato_ge_best_adaedl": _ge(g, best["adaedl"]),
-        },
-    }
-    return {"per_budget": per_budget, "no_budget": no_budget}
-
-
-def print_run(i: int, total: int, s: dict[str, Any]) -> None:
-    print(
-        f"[{i}/{total}] {s['label']}: {s['tokens_per_s']:.1f} tok/s, {_fmt(s['energy_j_per_token'], '.5f')} J/token, "
-        f"acc {_fmt(s['acceptance'], '.3f')}, draft {s['mean_draft_len']:.2f}, {s['rounds']} rounds, "
-        f"Q {_fmt(s['q_final_j'], '.3f')} J ({s['process_wall_s']:.0f} s, load {s['loadavg_1min_after']:.1f})",
-        flush=True,
-    )
-
-
-def run_table(runs: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "| run | tokens/s | device J/token | long-run J/token | final Q (J) | acceptance | mean draft | rounds "
-        "| tokens/round | net ms / stalls | draft ms/tok · edge ms/row | block ends | exact match |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
-    ]
-    for s in runs:
-        stops = ", ".join(f"{k or '-'} {v}" for k, v in s.get("stop_reasons", {}).items())
-        lines.append(
-            f"| {s['label']} | {s['tokens_per_s']:.1f} | {_fmt(s['energy_j_per_token'], '.5f')} "
-            f"| {_fmt(s['long_run_j_per_token'], '.5f')} | {_fmt(s['q_final_j'], '.3f')}{_over(s)} "
-            f"| {_fmt(s['acceptance'], '.3f')} | {s['mean_draft_len']:.2f} | {s['rounds']} "
-            f"| {s['tokens_per_round']:.2f} | {_fmt(s.get('t_net_median_ms'), '.1f')} / {s.get('stalled_rounds')} "
-            f"| {_fmt(s.get('draft_ms_per_token'), '.2f')} · {_fmt(s.get('edge_ms_per_row'), '.2f')} "
-            f"| {stops} "
-            f"| {s.get('exact_match', '?')} |"
-        )
-    return lines
-
-
-def _over(s: dict[str, Any]) -> str:
-    parts = [f"{n} rounds {what}" for n, what in ((s.get("over_budget_rounds"), "over budget"),
-                                                  (s.get("explore_rounds"), "exploring")) if n]  # fmt: skip
-    return f" ({', '.join(parts)})" if parts else ""
-
-
-def _cmp(name: str, c: dict[str, Any] | None, b: float) -> str:
-    if c is None:
-        return f"{name}: not run"
-    speed = "-" if c["speedup_vs_fixed"] is None else f"{c['speedup_vs_fixed']:.3f}×"
-    ok = "≤" if c["within_budget"] else "> (OVER)"
-    return (
-        f"{name} {c['tokens_per_s']:.1f} tok/s = {speed}, J/token {_fmt(c['energy_j_per_token'], '.5f')} "
-        f"{ok} 1.05 ē = {1.05 * b:.5f}"
-    )
-
-
-def target_lines(comp: dict[str, Any]) -> list[str]:
-    mark = {True: "MET", False: "FALLS SHORT", None: "n/a"}
-    out = []
-    for row in comp["per_budget"]:
-        b, fits = row["budget_j_per_token"], row["fastest_fixed_fitting"]
-        base = "no fixed-K fits" if fits is None else f"{fits['label']} {fits['tokens_per_s']:.1f} tok/s"
-        t = row["targets"]
-        out.append(
-            f"- ē = {b:g} J/token — fastest fixed-K fitting: {base}; {_cmp('gelato', row.get('gelato'), b)}; "
-            f"{_cmp('lyapunov', row.get('lyapunov'), b)}. gelato ≥ 1.15× within budget: "
-            f"**{mark[t['gelato_1.15x_within_budget']]}**; gelato ≥ lyapunov: {mark[t['gelato_ge_lyapunov']]}; "
-            f"lyapunov ≥ fixed-K: {mark[t['lyapunov_ge_fixed']]}"
-        )
-    nb = comp["no_budget"]
-
-    def tps(s: dict[str, Any] | None) -> str:
-        return "not run" if s is None else f"{s['tokens_per_s']:.1f} ({s['label']})"
-
-    t = nb["targets"]
-    out.append(
-        f"- no budget, tokens/s — gelato {tps(nb['gelato'])}, lyapunov {tps(nb['lyapunov'])}, fastest fixed-K "
-        f"{tps(nb['best_fixed'])}, best entropy {tps(nb['best_entropy'])}, best adaedl {tps(nb['best_adaedl'])}, "
-        f"heuristic {tps(nb['best_heuristic'])}. gelato ≥ lyapunov: **{mark[t['gelato_ge_lyapunov']]}**; "
-        f"lyapunov ≥ fixed-K: **{mark[t['lyapunov_ge_fixed']]}**; gelato ≥ best entropy: "
-        f"**{mark[t['gelato_ge_best_entropy']]}**; gelato ≥ best adaedl: **{mark[t['gelato_ge_best_adaedl']]}**"
-    )
-    return out
-
-
-def markdown(result: dict[str, Any]) -> str:
-    rtt, s = result["rtt"], result["settings"]
-    lines = [
-        "# Draft policies over an emulated round trip (tiny built-in pair)",
-        "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']}; {result['pinning']}.  ",
-        f"Channel: delay proxy process, {s['one_way_ms']:g} ms one way ± {s['jitter_ms']:g} ms; measured round "
-        f"trip {rtt['before']['measured_ms']:.2f} ms before / {rtt['after']['measured_ms']:.2f} ms after the runs "
-        f"(nominal {rtt['before']['nominal_ms']:g}; gRPC Info through the proxy minus direct).  ",
-        f"{s['n']} GSM8K test questions, greedy, {s['max_new_tokens']} new tokens max, adaptive policies capped at "
-        f"K_max = {s['k_max']}. {result['energy_note']}.  ",
-        "tokens/s and device J/token are ratios of sums over prompts; long-run J/token and final Q are the "
-        "controller's deficit queue after the last prompt (its own accounting; '-' without a budget), with the "
-        "rounds its objective decided over budget (every K dearer than ē by its estimates), if any. net ms: median "
-        "time per round outside drafting and the edge (round trip + device overhead); stalls: rounds over twice "
-        "the median (the device process was descheduled by other work on the machine: energy and time both suffer). "
-        "draft ms/tok · edge ms/row: the drafter's time per drafted token and the edge's compute time per verified "
-        "row, a probe of how fast the machine ran during each run; both also fall as blocks grow (fixed costs per "
-        "block and per forward), so compare runs of similar mean draft: between those a slower probe means a "
-        "slower machine during that run (runs are sequential), dearer in time and in estimated joules.",
-        "",
-        *run_table(result["runs"]),
-        "",
-        "## Targets",
-        "",
-        *target_lines(result["comparisons"]),
-        "",
-    ]
-    if len({r["code"] for r in result["runs"]}) > 1:
-        lines.append("**The device/edge/controller sources changed between runs** (`code` per run in results.json).")
-    if result["lossless_failures"]:
-        lines.append("**LOSSLESSNESS VIOLATED**: " + "; ".join(result["lossless_failures"]))
-    else:
-        lines.append("Losslessness: every output of every run equals fixed-0's (the edge alone) token for token.")
-    return "\n".join(lines) + "\n"
-
-
 def git_state() -> dict[str, Any]:
     """The commit and the files changed on top of it: others edit the tree while benchmarks run."""
     status = subprocess.run(["git", "status", "--short"], capture_output=True, text=True).stdout
@@ -472,31 +298,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--v", type=float, default=None, help="lyapunov/gelato V (default: gelato-device's)")
     p.add_argument("--device-profile", default="phone")
     p.add_argument("--radio", default="wifi")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the whole list this many times in a row and judge each repeat on its own runs (the machine "
+        "drifts: a budget set from a fixed-K run minutes earlier is fair, one from half an hour earlier is not)",
+    )
     return p
 
 
 def run_all(bench: Bench, args: argparse.Namespace) -> tuple[list[Run], list[float]]:
+    """Every run, in order: the fixed-K sweep, the budgets from it, the adaptive policies; with
+    `--repeats R` > 1 that whole list R times in a row (fixed-0, the losslessness reference, only in
+    the first unless named), each run tagged with its repeat and ē kept from the first sweep, so
+    every repeat compares the controllers with fixed-K runs made minutes apart."""
     selected = [p.strip() for p in args.policies.split(",") if p.strip()]
     runs: list[Run] = []
-
+    repeats = args.repeats
     fixed = fixed_specs(selected)
+    again = [s for s in fixed if s.label != "fixed-0" or "fixed-0" in selected]
     n_budgets = len(parse_floats(args.budgets or args.budget_factors))
-    total = len(fixed) + len(adaptive_specs(selected, args, [0.0] * n_budgets))  # for the progress line
+    n_adaptive = len(adaptive_specs(selected, args, [0.0] * n_budgets))
+    total = len(fixed) + n_adaptive + (repeats - 1) * (len(again) + n_adaptive)  # for the progress line
 
-    def go(specs: list[RunSpec]) -> None:
+    def go(specs: list[RunSpec], repeat: int) -> None:
         for spec in specs:
-            runs.append(bench.run(spec))
+            runs.append(bench.run(replace(spec, repeat=repeat if repeats > 1 else 0)))
             print_run(len(runs), total, runs[-1].summary)
 
-    go(fixed)
+    go(fixed, 1)
     budgets = choose_budgets(args, runs)
     print("budgets ē (J/token): " + ", ".join(f"{b:.5g}" for b in budgets), flush=True)
-    go(adaptive_specs(selected, args, budgets))
+    adaptive = adaptive_specs(selected, args, budgets)
+    go(adaptive, 1)
+    for r in range(2, repeats + 1):
+        go([*again, *adaptive], r)
     return runs, budgets
 
 
+def comparisons(runs: list[Run], budgets: list[float], repeats: int) -> dict[str, Any]:
+    """The targets' verdicts: one repeat's as before; with repeats, each repeat's own (its runs
+    only) and the medians over them."""
+    summaries = [r.summary for r in runs]
+    if repeats <= 1:
+        return compare_budgets(summaries, budgets)
+    per_repeat = [compare_budgets([s for s in summaries if s["repeat"] == r], budgets) for r in range(1, repeats + 1)]
+    return {"per_repeat": per_repeat, "over_repeats": over_repeats(per_repeat)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     args.data = gsm8k_file("test", args.data)  # one-line error and exit when it is missing
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per process, as pinned
     command = shlex.join(["python", "-m", "gelato.benchmarks.policies", *(sys.argv[1:] if argv is None else argv)])
@@ -521,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "energy_note": energy_note(args.device_profile, args.radio),
         "budgets_j_per_token": budgets,
         "runs": [{**r.summary, "per_prompt": r.prompts} for r in runs],
-        "comparisons": compare_budgets([r.summary for r in runs], budgets),
+        "comparisons": comparisons(runs, budgets, args.repeats),
         "lossless_failures": bad,
         "wall_s": round(time.perf_counter() - t0, 1),
     }

@@ -35,7 +35,8 @@ def test_speed_probe_and_its_column() -> None:
     """The per-run machine-speed probe: drafter ms per drafted token, edge compute ms per verified
     row (drafts + the target's token), from the trace; None where nothing was drafted; shown in
     the run table."""
-    from gelato.benchmarks.policies import run_table, speed_probe
+    from gelato.benchmarks.policies import speed_probe
+    from gelato.benchmarks.policies_report import run_table
 
     rounds = [
         {"k": 4, "t_draft_s": 0.006, "t_edge_compute_s": 0.0055},
@@ -50,3 +51,77 @@ def test_speed_probe_and_its_column() -> None:
     header, rule, row = run_table([{**run, **probe}])
     assert header.count("|") == rule.count("|") == row.count("|")
     assert "| 1.50 · 1.19 |" in row
+
+
+def _summary(spec: object, tokens_per_s: float, j_per_token: float) -> dict[str, object]:
+    from dataclasses import asdict
+
+    s = {**asdict(spec), "tokens_per_s": tokens_per_s, "energy_j_per_token": j_per_token}  # type: ignore[call-overload]
+    s |= {"long_run_j_per_token": None, "q_final_j": None, "acceptance": 0.5, "mean_draft_len": 3.0, "rounds": 9}
+    return s | {"tokens_per_round": 3.0, "process_wall_s": 1.0, "loadavg_1min_after": 0.5}
+
+
+def test_repeats_interleave_and_are_judged_each_on_its_own_runs(tmp_path: Path) -> None:
+    """`--repeats 3`: the fixed sweep and the controllers three times in a row, ē from the first
+    sweep only, fixed-0 (the reference) once; a machine that runs 20 % slower in repeat 2 moves
+    fixed-K and controller alike, so each repeat's ratios stay put and their medians are those."""
+    from gelato.benchmarks.policies import Run, build_parser, comparisons, run_all
+    from gelato.benchmarks.policies_report import markdown
+
+    # Per repeat: speed factor; fixed-4 costs 10 mJ/token × slowness, the controllers 0.95 × that.
+    slow = {1: 1.0, 2: 1.2, 3: 1.0}
+    base = {"fixed-0": (40.0, 0.015), "fixed-4": (100.0, 0.010), "lyapunov": (102.0, 0.0095), "gelato": (110.0, 0.0095)}
+
+    class FakeBench:
+        def __init__(self) -> None:
+            self.order: list[tuple[str, int]] = []
+
+        def run(self, spec: object) -> Run:
+            label, repeat = spec.label, spec.repeat  # type: ignore[attr-defined]
+            self.order.append((label, repeat))
+            tps, jpt = base[spec.policy]  # type: ignore[attr-defined]
+            f = slow[repeat]
+            return Run(spec, summary=_summary(spec, tps / f, jpt * f))  # type: ignore[arg-type]
+
+    args = build_parser().parse_args(
+        ["--policies", "fixed-4,lyapunov,gelato", "--budget-factors", "1.0", "--repeats", "3", "--out", str(tmp_path)]
+    )
+    bench = FakeBench()
+    runs, budgets = run_all(bench, args)  # type: ignore[arg-type]
+    assert budgets == [pytest.approx(0.010)]  # the first sweep's cheapest fixed-K
+    b = "ē=0.01"
+    assert bench.order == [
+        ("fixed-0", 1), ("fixed-4", 1), ("lyapunov", 1), (f"lyapunov {b}", 1), ("gelato", 1), (f"gelato {b}", 1),
+        ("fixed-4", 2), ("lyapunov", 2), (f"lyapunov {b}", 2), ("gelato", 2), (f"gelato {b}", 2),
+        ("fixed-4", 3), ("lyapunov", 3), (f"lyapunov {b}", 3), ("gelato", 3), (f"gelato {b}", 3),
+    ]  # fmt: skip
+    comp = comparisons(runs, budgets, 3)
+    # Repeat 2 ran slow: its fixed-4 (12 mJ/token) no longer fits ē, and gelato is over ē too.
+    r2 = comp["per_repeat"][1]["per_budget"][0]
+    assert r2["fastest_fixed_fitting"] is None and not r2["gelato"]["within_budget"]
+    agg = comp["over_repeats"]
+    g = agg["per_budget"][0]["gelato"]
+    assert agg["per_budget"][0]["fixed_fits"] == 2 and g["within_budget"] == 2
+    assert g["speedup_vs_fixed"] == [pytest.approx(1.1)] * 2 and g["speedup_vs_fixed_median"] == pytest.approx(1.1)
+    assert g["j_over_budget"] == [pytest.approx(0.95), pytest.approx(1.14), pytest.approx(0.95)]
+    assert g["j_over_budget_median"] == pytest.approx(0.95)
+    assert agg["no_budget"]["gelato_vs_lyapunov"]["per_repeat"] == [pytest.approx(110 / 102)] * 3
+    assert agg["no_budget"]["gelato_vs_fixed"]["median"] == pytest.approx(1.1)
+    # Labels in the table carry the repeat; the report has the medians and every repeat's targets.
+    result = {
+        "command": "x", "machine": "m", "pinning": "p", "energy_note": "e", "lossless_failures": [],
+        "settings": {"one_way_ms": 10.0, "jitter_ms": 0.0, "n": 1, "max_new_tokens": 8, "k_max": 8},
+        "rtt": {"before": {"measured_ms": 20.0, "nominal_ms": 20}, "after": {"measured_ms": 20.0}},
+        "runs": [{**r.summary, "code": "c"} for r in runs], "comparisons": comp,
+    }  # fmt: skip
+    md = markdown(result)
+    assert "| gelato ē=0.01 #2 |" in md and "## Over 3 repeats" in md and "## Targets, repeat 3" in md
+    assert "| 0.01 | 2/3 | 1.100 [1.100, 1.100] | 0.950 [0.950, 1.140, 0.950] | 2/3 |" in md
+
+
+def test_repeats_must_be_positive() -> None:
+    from gelato.benchmarks.policies import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--repeats", "0", "--data", "missing.jsonl"])
+    assert e.value.code == 2
