@@ -255,7 +255,8 @@ def check_lossless(runs: list[Run]) -> list[str]:
     for run in runs:
         same = [a == b for a, b in zip(run.token_ids, ref, strict=True)]
         run.summary["exact_match"] = f"{sum(same)}/{len(same)}"
-        bad += [f"{run.spec.label}: prompt {i}" for i, ok in enumerate(same) if not ok]
+        tag = f" #{run.spec.repeat}" if run.spec.repeat else ""
+        bad += [f"{run.spec.label}{tag}: prompt {i}" for i, ok in enumerate(same) if not ok]
     return bad
 
 
@@ -339,12 +340,26 @@ def run_all(bench: Bench, args: argparse.Namespace) -> tuple[list[Run], list[flo
 
 def comparisons(runs: list[Run], budgets: list[float], repeats: int) -> dict[str, Any]:
     """The targets' verdicts: one repeat's as before; with repeats, each repeat's own (its runs
-    only) and the medians over them."""
+    only) and the medians over them, against ē as set and against ē rescaled per repeat by its
+    cheapest fixed-K J/token over the first repeat's (the budget the first sweep's ratio would
+    have given in that repeat)."""
     summaries = [r.summary for r in runs]
     if repeats <= 1:
         return compare_budgets(summaries, budgets)
-    per_repeat = [compare_budgets([s for s in summaries if s["repeat"] == r], budgets) for r in range(1, repeats + 1)]
-    return {"per_repeat": per_repeat, "over_repeats": over_repeats(per_repeat)}
+    groups = [[s for s in summaries if s["repeat"] == r] for r in range(1, repeats + 1)]
+    per_repeat = [compare_budgets(g, budgets) for g in groups]
+    # ē × how much dearer each repeat's cheapest fixed-K ran than the first's (ē came from that).
+    cheapest = [min((s["energy_j_per_token"] for s in g if s["family"] == "fixed" and s["energy_j_per_token"]),
+                    default=None) for g in groups]  # fmt: skip
+    scales = [c / cheapest[0] if c and cheapest[0] else 1.0 for c in cheapest]
+    rescaled = [compare_budgets(g, budgets, x) for g, x in zip(groups, scales, strict=True)]
+    return {
+        "per_repeat": per_repeat,
+        "over_repeats": over_repeats(per_repeat),
+        "scales": scales,
+        "per_repeat_rescaled": rescaled,
+        "over_repeats_rescaled": over_repeats(rescaled),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

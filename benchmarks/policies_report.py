@@ -31,10 +31,12 @@ def _ge(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool | None:
     return None if a is None or b is None else a["tokens_per_s"] >= b["tokens_per_s"]
 
 
-def compare_budgets(summaries: list[dict[str, Any]], budgets: list[float]) -> dict[str, Any]:
+def compare_budgets(summaries: list[dict[str, Any]], budgets: list[float], scale: float = 1.0) -> dict[str, Any]:
     """The controller's targets: per ē, gelato ≥ 1.15× the fastest fixed-K with J/token ≤ ē while its own
     J/token ≤ 1.05 ē, and gelato ≥ lyapunov ≥ that fixed-K; without a budget, gelato ≥ lyapunov ≥
-    the fastest fixed-K and gelato ≥ entropy/adaedl at their best thresholds."""
+    the fastest fixed-K and gelato ≥ entropy/adaedl at their best thresholds. `scale`: judge
+    against scale × ē instead (the controllers still found by the ē they ran with): a later
+    repeat's ē rescaled by how much dearer that repeat's fixed-K ran (`policies.comparisons`)."""
     fam = {f: [s for s in summaries if s["family"] == f] for f in {s["family"] for s in summaries}}
     fixed = fam.get("fixed", [])
 
@@ -43,8 +45,9 @@ def compare_budgets(summaries: list[dict[str, Any]], budgets: list[float]) -> di
 
     per_budget = []
     for b in budgets:
-        fits = _best([s for s in fixed if s["energy_j_per_token"] is not None and s["energy_j_per_token"] <= b])
-        row: dict[str, Any] = {"budget_j_per_token": b, "fastest_fixed_fitting": _brief(fits)}
+        bound = b * scale
+        fits = _best([s for s in fixed if s["energy_j_per_token"] is not None and s["energy_j_per_token"] <= bound])
+        row: dict[str, Any] = {"budget_j_per_token": b, "scale": scale, "fastest_fixed_fitting": _brief(fits)}
         for family in ("gelato", "lyapunov"):
             s = at(family, b)
             if s is None:
@@ -53,7 +56,7 @@ def compare_budgets(summaries: list[dict[str, Any]], budgets: list[float]) -> di
             row[family] = {
                 **(_brief(s) or {}),
                 "speedup_vs_fixed": s["tokens_per_s"] / fits["tokens_per_s"] if fits else None,
-                "within_budget": jpt is not None and jpt <= 1.05 * b,
+                "within_budget": jpt is not None and jpt <= 1.05 * bound,
             }
         g = row.get("gelato")
         row["targets"] = {
@@ -85,8 +88,9 @@ def _median(xs: list[float]) -> float | None:
 def over_repeats(per_repeat: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over repeats of each repeat's own ratios. Per ē and controller: tokens/s ÷ the
     fastest fixed-K within ē in the same repeat, J/token ÷ ē, and in how many repeats J/token was
-    ≤ 1.05 ē (and a fixed-K fitted ē at all); without a budget, tokens/s ÷ that repeat's fastest
-    fixed-K, and gelato ÷ lyapunov. Every per-repeat value is kept next to its median."""
+    ≤ 1.05 ē (and a fixed-K fitted ē at all), ē times each repeat's `scale`; without a budget,
+    tokens/s ÷ that repeat's fastest fixed-K, and gelato ÷ lyapunov. Every repeat's value is kept
+    in order next to the median (None where a repeat has none: no fixed-K within ē)."""
     per_budget = []
     for i, first in enumerate(per_repeat[0]["per_budget"]):
         b = first["budget_j_per_token"]
@@ -97,16 +101,19 @@ def over_repeats(per_repeat: list[dict[str, Any]]) -> dict[str, Any]:
             "fixed_fits": sum(r["fastest_fixed_fitting"] is not None for r in rows),
         }
         for family in ("gelato", "lyapunov"):
-            got = [r[family] for r in rows if family in r]
-            if not got:
+            if not all(family in r for r in rows):
                 continue
-            speed = [g["speedup_vs_fixed"] for g in got if g["speedup_vs_fixed"] is not None]
-            j_rel = [g["energy_j_per_token"] / b for g in got if g["energy_j_per_token"] is not None]
+            got = [r[family] for r in rows]
+            speed = [g["speedup_vs_fixed"] for g in got]
+            j_rel = [
+                None if g["energy_j_per_token"] is None else g["energy_j_per_token"] / (b * r["scale"])
+                for g, r in zip(got, rows, strict=True)
+            ]
             entry[family] = {
                 "speedup_vs_fixed": speed,
-                "speedup_vs_fixed_median": _median(speed),
+                "speedup_vs_fixed_median": _median([x for x in speed if x is not None]),
                 "j_over_budget": j_rel,
-                "j_over_budget_median": _median(j_rel),
+                "j_over_budget_median": _median([x for x in j_rel if x is not None]),
                 "within_budget": sum(bool(g["within_budget"]) for g in got),
             }
         per_budget.append(entry)
@@ -121,13 +128,13 @@ def over_repeats(per_repeat: list[dict[str, Any]]) -> dict[str, Any]:
     return {"repeats": len(per_repeat), "per_budget": per_budget, "no_budget": no_budget}
 
 
-def repeat_lines(agg: dict[str, Any]) -> list[str]:
+def repeat_lines(agg: dict[str, Any], title: str) -> list[str]:
     """The medians over repeats as a table, every repeat's value in brackets."""
 
     def cell(c: dict[str, Any] | None, key: str) -> str:
         if c is None or c[f"{key}_median"] is None:
             return "-"
-        return f"{c[f'{key}_median']:.3f} [{', '.join(f'{x:.3f}' for x in c[key])}]"
+        return f"{c[f'{key}_median']:.3f} [{', '.join(_fmt(x, '.3f') for x in c[key])}]"
 
     n = agg["repeats"]
 
@@ -135,7 +142,7 @@ def repeat_lines(agg: dict[str, Any]) -> list[str]:
         return "-" if c is None else f"{c['within_budget']}/{n}"
 
     lines = [
-        f"## Over {n} repeats (medians of each repeat's own ratios; every repeat's value in brackets)",
+        title,
         "",
         "| ē (J/token) | fixed-K within ē | gelato ÷ fastest fixed within ē | gelato J/ē | gelato ≤ 1.05 ē "
         "| lyapunov ÷ fastest fixed within ē | lyapunov J/ē | lyapunov ≤ 1.05 ē |",
@@ -167,10 +174,21 @@ def repeat_lines(agg: dict[str, Any]) -> list[str]:
 
 
 def comparison_lines(comp: dict[str, Any]) -> list[str]:
-    """One repeat's targets; with repeats, the medians and then each repeat's targets."""
+    """One repeat's targets; with repeats, the medians (against ē as set, then rescaled per repeat)
+    and each repeat's targets."""
     if "per_repeat" not in comp:
         return ["## Targets", "", *target_lines(comp)]
-    out = repeat_lines(comp["over_repeats"])
+    n, scales = len(comp["per_repeat"]), ", ".join(f"{x:.3f}" for x in comp["scales"])
+    out = repeat_lines(
+        comp["over_repeats"],
+        f"## Over {n} repeats, against ē as set (medians of each repeat's own ratios; every repeat's value in "
+        "brackets, in order)",
+    )
+    out += repeat_lines(
+        comp["over_repeats_rescaled"],
+        f"## Over {n} repeats, against ē × each repeat's cheapest fixed-K J/token ÷ the first's ({scales}): "
+        "what the machine's drift in between did to the fixed-K runs, taken off",
+    )
     for r, c in enumerate(comp["per_repeat"], 1):
         out += [f"## Targets, repeat {r} (its own runs only)", "", *target_lines(c), ""]
     return out

@@ -300,9 +300,10 @@ class Lyapunov(Policy):
     def __init__(self, options: PolicyOptions | None = None) -> None:
         super().__init__(options)
         self._idle_rounds = 0
-        # The last decision drafted to observe acceptance (`_outer`); of those, a block drafted
-        # after `explore_every_rounds` rounds without drafting (to re-measure).
-        self._explore = self._remeasure = False
+        # Why the last decision drafted although the estimates said K = 0 (`_outer`): "evidence"
+        # (too few drafts verified to rule drafting out), "remeasure" (`explore_every_rounds`
+        # rounds at K = 0), "" (it did not).
+        self._explore = ""
         # The last decision's best score and token rate for rounds one at a time.
         self._round_score, self._round_rate = 0.0, 0.0
         # The per-block check's answer for a chain's start, folded into `ahead_follow` when the
@@ -321,17 +322,16 @@ class Lyapunov(Policy):
         K ≥ 1 for what acceptance may still be (the upper end of its interval,
         `CostEstimator.alpha_upper`), and observes. Later, every `explore_every_rounds` rounds
         without drafting a block of `explore_k` is drafted all the same (acceptance and costs
-        drift). `self._explore` records that either overrode the
-        estimates; the last value returned: whether K_ref is a chain's."""
+        drift). `self._explore` names which of the two overrode the estimates ("" if neither); the
+        last value returned: whether K_ref is a chain's."""
         k_cap = self.k_max(limit)
         k_ref, score, chained = self._plan(self.controller.objective(k_cap), k_cap)
-        self._explore = self._remeasure = False
+        self._explore = ""
         if k_ref == 0 and k_cap > 0 and self.controller.cost.observed_drafts < self.options.min_observed_drafts:
             k_ref, score, chained = self._plan(self.controller.objective(k_cap, hopeful=True), k_cap, k_min=1)
-            self._explore = True
+            self._explore = "evidence"
         if k_ref == 0 and limit > 0 and self._idle_rounds >= self.options.explore_every_rounds - 1:
-            k_ref, self._explore = min(self.options.explore_k, k_cap), True
-            self._remeasure = True
+            k_ref, self._explore = min(self.options.explore_k, k_cap), "remeasure"
         return k_ref, score, chained
 
     def _plan(self, obj: Objective, k_cap: int, k_min: int = 0) -> tuple[int, float, bool]:
@@ -412,7 +412,7 @@ class Gelato(Lyapunov):
         # uncertain token still ends the block early.
         # A block drafted every `explore_every_rounds` to re-measure is drafted whole: cut short
         # by a rule that thinks drafting does not pay, it would measure next to nothing.
-        cap = k_ref if chained or self._remeasure else self.k_max(limit)
+        cap = k_ref if chained or self._explore == "remeasure" else self.k_max(limit)
         return self._decision(k_ref, cap if k_ref else 0, score)
 
     def gate(self, decision: Decision) -> Gate:
@@ -420,7 +420,7 @@ class Gelato(Lyapunov):
         # rule then drafts a token while its expected joules per expected token stay below λ, and
         # with nothing drafted it is the outer decision, as always. Planned with the
         # upper end of α̂'s interval (`_outer`), it prices the tokens not yet drafted so too.
-        if self._remeasure:
+        if decision.explore == "remeasure":
             return Gate(self.controller.calibrator)  # the re-measuring block: no early stop
         return _Continuation(self.controller.calibrator, self._objective, decision.k_ref, decision.k_max)
 

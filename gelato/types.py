@@ -185,7 +185,7 @@ class Telemetry:
     # token it expected of K_ref; whether it drafted only to observe acceptance (`explore`).
     over_budget: bool = False
     j_per_token_model: float = float("nan")
-    explore: bool = False  # drafted to observe acceptance where the estimates alone drafted nothing
+    explore: str = ""  # why it drafted where the estimates said K = 0: "evidence" or "remeasure"
     stop_reason: str = ""
     entropies: tuple[float, ...] = ()
     p_accept: tuple[float, ...] = ()

@@ -35,8 +35,8 @@ DEFAULT_HALFLIFE_ROUNDS = 20.0
 
 def wilson_upper(p: float, n: float, z: float) -> float:
     """The upper end of the Wilson score interval for a rate `p` seen over `n` (weighted) trials at
-    `z` standard errors. Unlike p + z·sqrt(p(1 − p)/n) it stays above p when p is 0 or 1 and n is
-    small: a handful of rejections never makes acceptance look certainly nil. n <= 0: 1."""
+    `z` standard errors. Unlike p + z·sqrt(p(1 − p)/n) it stays above p when p is 0 and n is small:
+    a handful of rejections never makes acceptance look certainly nil. n <= 0: 1."""
     if n <= 0:
         return 1.0
     z2 = z * z

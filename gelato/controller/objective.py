@@ -60,7 +60,9 @@ class Decision:
     """What the policy decided before a round: the reference budget and the hard cap; for the
     trace, the objective's view (controller policies): whether it was over budget and the joules per
     token it expected of K_ref (Ê/N̂), to set against what the round then cost, and whether the round
-    drafts to observe acceptance where the estimates alone would draft nothing."""
+    drafts to observe acceptance where the estimates alone would draft nothing. An "evidence" round
+    is planned with acceptance at the upper end of its interval, and its score, over-budget flag
+    and J/token are that plan's (optimistic) view."""
 
     k_ref: int
     k_max: int
@@ -68,7 +70,9 @@ class Decision:
     score: float = math.nan
     over_budget: bool = False
     j_per_token_model: float = math.nan
-    explore: bool = False  # drafting although the estimates say K = 0, to observe acceptance
+    # Why it drafts although the estimates say K = 0 ("" if they do not): "evidence", too few drafts
+    # verified yet to rule drafting out; "remeasure", the periodic block after rounds at K = 0.
+    explore: str = ""
 
 
 def cheapest_k(cost: CostModel, k_max: int) -> tuple[int, float]:

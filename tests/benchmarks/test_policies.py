@@ -64,7 +64,8 @@ def _summary(spec: object, tokens_per_s: float, j_per_token: float) -> dict[str,
 def test_repeats_interleave_and_are_judged_each_on_its_own_runs(tmp_path: Path) -> None:
     """`--repeats 3`: the fixed sweep and the controllers three times in a row, ē from the first
     sweep only, fixed-0 (the reference) once; a machine that runs 20 % slower in repeat 2 moves
-    fixed-K and controller alike, so each repeat's ratios stay put and their medians are those."""
+    fixed-K and controller alike: against ē as set that repeat has no fixed-K within ē and gelato
+    over it, against ē rescaled by the repeat's own fixed-K cost every ratio stays put."""
     from gelato.benchmarks.policies import Run, build_parser, comparisons, run_all
     from gelato.benchmarks.policies_report import markdown
 
@@ -102,11 +103,19 @@ def test_repeats_interleave_and_are_judged_each_on_its_own_runs(tmp_path: Path) 
     agg = comp["over_repeats"]
     g = agg["per_budget"][0]["gelato"]
     assert agg["per_budget"][0]["fixed_fits"] == 2 and g["within_budget"] == 2
-    assert g["speedup_vs_fixed"] == [pytest.approx(1.1)] * 2 and g["speedup_vs_fixed_median"] == pytest.approx(1.1)
+    assert g["speedup_vs_fixed"] == [pytest.approx(1.1), None, pytest.approx(1.1)]  # in order; none fit in 2
+    assert g["speedup_vs_fixed_median"] == pytest.approx(1.1)
     assert g["j_over_budget"] == [pytest.approx(0.95), pytest.approx(1.14), pytest.approx(0.95)]
     assert g["j_over_budget_median"] == pytest.approx(0.95)
     assert agg["no_budget"]["gelato_vs_lyapunov"]["per_repeat"] == [pytest.approx(110 / 102)] * 3
     assert agg["no_budget"]["gelato_vs_fixed"]["median"] == pytest.approx(1.1)
+    # Rescaled by each repeat's cheapest fixed-K J/token over the first's (1.2 in repeat 2), the
+    # drift is taken off: in every repeat fixed-4 fits and gelato is at 0.95 of the budget.
+    assert comp["scales"] == [1.0, pytest.approx(1.2), 1.0]
+    fair = comp["over_repeats_rescaled"]["per_budget"][0]
+    assert fair["fixed_fits"] == 3 and fair["gelato"]["within_budget"] == 3
+    assert fair["gelato"]["j_over_budget"] == [pytest.approx(0.95)] * 3
+    assert fair["gelato"]["speedup_vs_fixed"] == [pytest.approx(1.1)] * 3
     # Labels in the table carry the repeat; the report has the medians and every repeat's targets.
     result = {
         "command": "x", "machine": "m", "pinning": "p", "energy_note": "e", "lossless_failures": [],
@@ -116,7 +125,9 @@ def test_repeats_interleave_and_are_judged_each_on_its_own_runs(tmp_path: Path) 
     }  # fmt: skip
     md = markdown(result)
     assert "| gelato ē=0.01 #2 |" in md and "## Over 3 repeats" in md and "## Targets, repeat 3" in md
-    assert "| 0.01 | 2/3 | 1.100 [1.100, 1.100] | 0.950 [0.950, 1.140, 0.950] | 2/3 |" in md
+    assert "| 0.01 | 2/3 | 1.100 [1.100, -, 1.100] | 0.950 [0.950, 1.140, 0.950] | 2/3 |" in md
+    assert "| 0.01 | 3/3 | 1.100 [1.100, 1.100, 1.100] | 0.950 [0.950, 0.950, 0.950] | 3/3 |" in md
+    assert "(1.000, 1.200, 1.000)" in md
 
 
 def test_repeats_must_be_positive() -> None:

@@ -18,7 +18,7 @@ from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant
 from gelato.device.generate import Exchange, Limits, Verify, local_verifier, self_verifier, speculative_generate
 from gelato.device.pipeline import local_link, pipelined_generate
-from gelato.device.policy import POLICY_NAMES, EntropyStop, Gate, Heuristic, PolicyOptions, parse_policy
+from gelato.device.policy import POLICY_NAMES, EntropyStop, Gate, Heuristic, PolicyOptions, _Continuation, parse_policy
 from gelato.edge.kv_pool import KVPool
 from gelato.edge.sessions import TargetSession
 from gelato.models import LoadedModel, encode_prompt, load_model
@@ -215,6 +215,51 @@ def test_gelato_explores_after_idle_rounds() -> None:
         assert p.decide(32).k_ref == ks[-1]  # deciding again (a round lost to a failover) decides the same
         p.observe(tele(ks[-1], 0))
     assert ks == [0, 0, 0, 3, 0, 0, 0, 3]
+
+
+def test_exploring_rounds_say_why_and_a_remeasuring_block_is_drafted_whole() -> None:
+    """The periodic block after rounds at K = 0 re-measures acceptance and drafting costs: gelato's
+    per-token rule, whose estimates say drafting does not pay, would cut it to a draft or two, so
+    it is drafted whole (cap = K_ref, no early stop). Before enough drafts were verified, a round
+    the estimates would leave empty drafts as "evidence" and keeps the per-token rule."""
+    p = parse_policy("gelato", PolicyOptions(explore_every_rounds=4, explore_k=3))
+    for _ in range(40):
+        p.observe(tele(6, 0))
+    seen = []
+    for _ in range(4):
+        d = p.decide(32)
+        seen.append((d.k_ref, d.k_max, d.explore))
+        gate = p.gate(d)
+        if d.k_ref:
+            assert all(gate(i, 9.0, None) is None for i in range(1, 4))  # 9 nats: no stop all the same
+        p.observe(tele(d.k_ref, 0))
+    assert seen == [(0, 0, ""), (0, 0, ""), (0, 0, ""), (3, 3, "remeasure")]
+    fresh = parse_policy("gelato", PolicyOptions(budget_j_per_token=0.9 * _synthetic_round(0, 0).e_j, k_max=8))
+    fresh.observe(_synthetic_round(3, 0))  # one rejected block: 1 draft verified
+    assert fresh.controller.queue is not None
+    fresh.controller.queue.q_j = 0.5  # a backlog: K = 0 is the cheapest K by α̂
+    d = fresh.decide(8)
+    assert d.explore == "evidence" and d.k_ref >= 1 and d.k_max == 8
+    assert isinstance(fresh.gate(d), _Continuation)
+
+
+def test_the_decision_reaches_the_trace(target: LoadedModel, drafter_model: LoadedModel) -> None:
+    """The objective's view of each decision is in every round's telemetry, unpipelined and sent
+    ahead alike."""
+    prompt = encode_prompt(target.tokenizer, "Ava has 12 apples.")
+    decision = Decision(2, 2, 0.0, 1.5, True, 0.0123, "evidence")
+    for mode in ("off", "send-ahead"):
+        policy = parse_policy("fixed-2", PolicyOptions(pipeline=mode))
+        policy.decide = lambda limit: replace(decision, k_ref=min(2, limit), k_max=min(2, limit))  # type: ignore[method-assign]
+        session = TargetSession("s", target, SamplingParams(), prompt)
+        session.prefill()
+        drafter, limits = Drafter(drafter_model, SamplingParams()), Limits(12, target.context_limit, 32, ())
+        if mode == "off":
+            res = asyncio.run(speculative_generate(drafter, local_verifier(session), policy, prompt, limits))
+        else:
+            res = asyncio.run(pipelined_generate(drafter, local_link(session, 2, 0.0), policy, prompt, limits))
+        log = res.stats.rounds_log
+        assert log and all(t.explore == "evidence" and t.over_budget and t.j_per_token_model == 0.0123 for t in log)
 
 
 def test_drafter_stop_rule_and_eos(drafter_model: LoadedModel) -> None:
