@@ -338,8 +338,9 @@ class Lyapunov(Policy):
         """The best choice under `obj`, K_ref ≥ `k_min`: (K_ref, its score, whether it is a chain's).
         With send-ahead running (`self.ahead_blocks`), a chain's block size where chains score
         better than rounds one at a time (`choose_chain_k`, a chain priced as starting as often as
-        the per-block check lately started one: `Controller.ahead_follow`). Keeps `obj` in `self._objective` and the
-        rounds-one-at-a-time score and token rate in `self._round_score`, `self._round_rate`."""
+        the per-block check lately started one: `Controller.ahead_follow`). Keeps `obj` in
+        `self._objective`, and the score and token rate of rounds one at a time in
+        `self._round_score` and `self._round_rate`."""
         self._objective = obj
         k_ref, score = choose_k_ref(obj, k_cap, k_min)
         self._round_score = score
@@ -418,8 +419,8 @@ class Gelato(Lyapunov):
     def gate(self, decision: Decision) -> Gate:
         # The decision's own objective, over budget too (`Objective.over_budget`): the per-token
         # rule then drafts a token while its expected joules per expected token stay below λ, and
-        # with nothing drafted it is the outer decision, as always. Planned with the
-        # upper end of α̂'s interval (`_outer`), it prices the tokens not yet drafted so too.
+        # with nothing drafted it is the outer decision, as always. An "evidence" round was planned
+        # with the upper end of α̂'s interval (`_outer`): the rule prices the drafts to come so too.
         if decision.explore == "remeasure":
             return Gate(self.controller.calibrator)  # the re-measuring block: no early stop
         return _Continuation(self.controller.calibrator, self._objective, decision.k_ref, decision.k_max)
