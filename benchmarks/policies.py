@@ -106,16 +106,22 @@ def adaptive_specs(selected: list[str], args: argparse.Namespace, budgets: list[
     return out
 
 
+def cheapest_fixed_j(summaries: list[dict[str, Any]]) -> float | None:
+    """The fewest J/token of any fixed-K run among `summaries` (None: no fixed-K energy measured)."""
+    jpt = [s["energy_j_per_token"] for s in summaries if s["family"] == "fixed" and s["energy_j_per_token"] is not None]
+    return min(jpt, default=None)
+
+
 def choose_budgets(args: argparse.Namespace, fixed: list[Run]) -> list[float]:
     """Explicit `--budgets`, else the cheapest fixed-K J/token times each factor (same run, same RTT)."""
     if args.budgets:
         return parse_floats(args.budgets)
-    jpt = [r.summary["energy_j_per_token"] for r in fixed if r.summary["energy_j_per_token"] is not None]
-    if not jpt:
+    least = cheapest_fixed_j([r.summary for r in fixed])
+    if least is None:
         print("no fixed-K energy measured: lyapunov/gelato run without budgets only", flush=True)
         return []
     # Full precision: a rounded-down ×1.0 budget would exclude the very fixed-K that defined it.
-    return [min(jpt) * f for f in parse_floats(args.budget_factors)]
+    return [least * f for f in parse_floats(args.budget_factors)]
 
 
 class Bench:
@@ -349,8 +355,7 @@ def comparisons(runs: list[Run], budgets: list[float], repeats: int) -> dict[str
     groups = [[s for s in summaries if s["repeat"] == r] for r in range(1, repeats + 1)]
     per_repeat = [compare_budgets(g, budgets) for g in groups]
     # ē × how much dearer each repeat's cheapest fixed-K ran than the first's (ē came from that).
-    cheapest = [min((s["energy_j_per_token"] for s in g if s["family"] == "fixed" and s["energy_j_per_token"]),
-                    default=None) for g in groups]  # fmt: skip
+    cheapest = [cheapest_fixed_j(g) for g in groups]
     scales = [c / cheapest[0] if c and cheapest[0] else 1.0 for c in cheapest]
     rescaled = [compare_budgets(g, budgets, x) for g, x in zip(groups, scales, strict=True)]
     return {

@@ -133,7 +133,7 @@ class Controller:
         end of its interval (`CostEstimator.alpha_upper`, for `Lyapunov._outer`)."""
         model = self.cost.model()
         if hopeful:
-            model = replace(model, alpha=max(model.alpha, self.cost.alpha_upper()))
+            model = replace(model, alpha=self.cost.alpha_upper())  # never below α̂ (`wilson_upper`)
         return Objective(model, self.options.v, self.q_j, self.options.budget_j_per_token, k_max)
 
     def observe(self, tele: Telemetry) -> float:
