@@ -141,7 +141,8 @@ class SendAhead(DeviceCore):
             accepted = min(trace.run[sent.pos], sent.k)
             emitted = min(accepted + 1, trace.n - pos)
             up = sent.up + sum(b.up for b in cut)
-            down, stale_down = sent.down + stale_down, sum(b.down for b in cut)
+            # The cut blocks' stale verdicts arrive later: their bytes ride on the next round.
+            down, late_down, stale_down = sent.down + stale_down, stale_down, sum(b.down for b in cut)
             t_round = now - last
             e_compute, e_radio, e_j = m.energy(t_round, busy, up, down)
             self.totals.busy_s += busy
@@ -175,6 +176,7 @@ class SendAhead(DeviceCore):
                 sent_ahead=sent.ahead,
                 follow=sent.follow,
                 stale_blocks=len(cut),
+                stale_bytes_down=late_down,
                 wasted_tokens=wasted,
                 wasted_j=wasted * cost.t_draft_s * cost.p_draft_w,  # the real loop's estimate
             )

@@ -362,7 +362,8 @@ async def _settle(
     delivered = deliver(emitted, out, limits)
     out += delivered
     up = sent.bytes_up + sum(s.bytes_up for s in cut)
-    down, chain.stale_down = down + chain.stale_down, 0
+    stale_down, chain.stale_down = chain.stale_down, 0
+    down += stale_down
     edge_s = (verdict.queue_ms + verdict.compute_ms) / 1e3
     cost = policy.controller.cost.model()
     gate = sent.gate
@@ -388,6 +389,7 @@ async def _settle(
         sent_ahead=block.guess is not None or block.follow,
         follow=block.follow,
         stale_blocks=len(cut),
+        stale_bytes_down=stale_down,
         wasted_tokens=wasted,
         wasted_j=wasted * cost.t_draft_s * cost.p_draft_w,
     )

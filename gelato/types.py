@@ -205,6 +205,9 @@ class Telemetry:
     sent_ahead: bool = False
     follow: bool = False  # sent ahead empty (`DraftBlock.follow`, K = 0): nothing drafted, never stale
     stale_blocks: int = 0
+    # Bytes of stale verdicts (the answers to blocks an earlier miss cut) that arrived since the
+    # last round: in this round's `bytes_down` and radio energy, though its own block did not cause them.
+    stale_bytes_down: int = 0
     wasted_tokens: int = 0
     wasted_j: float = 0.0
 

@@ -93,6 +93,10 @@ def test_send_ahead_greedy_is_exact(pair: dict[str, Path], target: LoadedModel, 
         assert sum(t.stale_blocks for t in log) > 0
         assert sum(t.wasted_tokens for t in log) >= 2 * sum(t.stale_blocks for t in log)  # guess + drafts
         assert all((t.wasted_j > 0) == (t.wasted_tokens > 0) for t in log)  # priced whenever drafts were wasted
+        # The cut blocks' stale verdicts come back later: their bytes ride on a later round, named
+        # there (so the radio fit can leave that round out), on top of its own verdict's bytes.
+        assert sum(t.stale_bytes_down for t in log) > 0
+        assert all(t.bytes_down > t.stale_bytes_down for t in log)
     if name == "fixed-0":  # empty blocks: every one after the first goes ahead and is verified
         assert len(ahead) == len(log) - 1 and sum(t.stale_blocks for t in log) == 0
         assert all(t.predrafted == 0 == t.wasted_tokens for t in log)

@@ -369,8 +369,9 @@ def test_a_guess_is_fitted_as_the_drafter_forward_it_is() -> None:
 
 
 def test_radio_cost_is_learned_from_rounds_that_cut_nothing() -> None:
-    """A miss's round carries the bytes (and radio energy) of the blocks it cut, which a chain's
-    price adds as waste itself: the per-block radio line is fitted on the other rounds only."""
+    """A miss's round carries the bytes (and radio energy) of the blocks it cut, and the round
+    after it those of their stale verdicts; a chain's price adds both as waste itself: the
+    per-block radio line is fitted on the other rounds only."""
     from dataclasses import replace
 
     est = CostEstimator()
@@ -379,6 +380,9 @@ def test_radio_cost_is_learned_from_rounds_that_cut_nothing() -> None:
         est.observe(tele(k, k, 0.004, 0.02, 0.05, radio=1e-3 + 1e-4 * k))
         # A miss that cut two blocks: their radio energy rides on this round.
         est.observe(replace(tele(k, 1, 0.004, 0.02, 0.05, radio=3 * (1e-3 + 1e-4 * k)), stale_blocks=2))
+        # The next round: the two stale verdicts' bytes (and radio energy) arrived with its own.
+        late = replace(tele(k, k, 0.004, 0.02, 0.05, radio=1e-3 + 1e-4 * k + 2e-3), stale_bytes_down=60)
+        est.observe(late)
     m = est.model()
     # (the fit's ridge pulls the slope a little towards 0; counting the misses in would double both)
     assert m.e_radio0_j == pytest.approx(1e-3, rel=0.05) and m.e_radio_per_token_j == pytest.approx(1e-4, rel=0.05)
