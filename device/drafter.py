@@ -73,8 +73,9 @@ class Drafter:
         self.loaded = loaded
         self.params = params
         self.top_m = top_m
-        # Draws keyed by token position: a generation re-opened on another edge (failover) drafts
-        # exactly what it would have drafted uninterrupted.
+        # Draws keyed by token position and the prefix drafted after: a generation re-opened on
+        # another edge (failover) drafts exactly what it would have drafted uninterrupted, and a
+        # position drafted again after a cut gets a fresh draw (`gelato.sampling`: why it must).
         self.rng = KeyedRng(params.seed, "drafter")
         self.seq = KVSequence(loaded.model, loaded.vocab_size)
         self._predraft: Predraft | None = None  # drafted ahead of the verdict in flight
@@ -111,7 +112,8 @@ class Drafter:
             top = logits.argmax()
             return int(top), None, entropy_nats(logits), top.view(1, 1)
         q = truncate_top_m(process_logits(logits, self.params), self.top_m)
-        return sample_sparse(q, self.rng.at(position)), q, entropy_of_probs(torch.tensor(q.probs)), None
+        u = self.rng.uniform(position, prefix=self.seq.tokens[:position])
+        return sample_sparse(q, u), q, entropy_of_probs(torch.tensor(q.probs)), None
 
     def draft(self, k: int, round_no: int, stop: StopRule | None = None, eos: Collection[int] = ()) -> DraftBlock:
         """Draft up to k tokens after the current sequence (k = 0: an empty block)."""

@@ -61,7 +61,7 @@ from typing import Any
 import torch
 
 from gelato.edge.placement import DeviceLike, as_device, model_kv_devices
-from gelato.kv import KVSequence, cache_kwarg
+from gelato.kv import KVSequence, cache_kwarg, keeps_logits
 from gelato.models import input_device
 
 
@@ -206,6 +206,7 @@ class KVPool:
         self._group = [0 if d == self.device else 1 + self._others.index(d) for d in self.layer_devices]
         self.cache_kwarg = cache_kwarg(model)
         self.mask_free = mask_free_ok(cfg)
+        self.keep_last = keeps_logits(model)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.slots, self.context = 0, 0
@@ -327,7 +328,10 @@ class KVPool:
         """One forward over `(slot, cached_len, new_ids)` rows; logits per row (or its last).
         The context needed is the furthest row END (cached_i + n_i), not longest cache + longest
         block: a row at the context limit batches with a row sending a long block. Lengths stay
-        Python ints; the ids and positions go to torch in one call."""
+        Python ints; the ids and positions go to torch in one call. `last_only` with rows of one
+        length (a prefill): the model computes the last position's logits alone (a long prompt's
+        [n, vocab] float32 logits would cost more memory than its KV), which may round that row
+        differently from a full forward; prefills discard it."""
         lengths = [len(ids) for _, _, ids in rows]
         n_max, batch = max(lengths), len(rows)
         ends = [c + n for (_, c, _), n in zip(rows, lengths, strict=True)]
@@ -362,16 +366,16 @@ class KVPool:
         single = (slots[0], rows[0][1], n_max) if batch == 1 else None
         first = _PoolCache(self, slots, self._index(slots), positions, kv_len, valid, single)
         cache = self._split(first, slots, positions, kv_len, valid) if self._others else first
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self.cache_kwarg: cache},
-        )
+        kwargs: dict[str, Any] = {self.cache_kwarg: cache}
+        keep_one = last_only and valid is None and self.keep_last
+        if keep_one:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         logits = out.logits[:, :, : self.vocab_size].float()
         if self._others:  # accelerate brings them back already; any other split model may not
             logits = logits.to(self.device)
+        if keep_one:
+            return [logits[i, -1:] for i in range(batch)]
         if last_only:
             return [logits[i, n - 1 : n] for i, n in enumerate(lengths)]
         return [logits[i, :n] for i, n in enumerate(lengths)]

@@ -262,8 +262,15 @@ class SessionRegistry:
             self.pool = KVPool(loaded.model, loaded.vocab_size, slots=0, context=0, max_context=loaded.context_limit)
         sessions, longest = len(self.entries) + 1, self._longest(tokens)
         shape = self._plan(sessions, longest)
+        mib = 2**20 / self.pool.bytes_per_token()
+        if shape is None and self._plan(1, tokens) is None:  # not even alone: waiting cannot help
+            raise AdmissionError(
+                f"edge KV budget too small for this session: it reserves {tokens} tokens (prompt "
+                f"{len(prefix_ids)} + max_new_tokens {max_new_tokens or 'up to the context limit'} + "
+                f"the edge's block limit {self.max_draft_tokens} + 1), {tokens / mib:.1f} MiB, more than "
+                f"the whole {self.kv_budget_bytes / 2**20:.1f} MiB budget; ask for fewer max_new_tokens"
+            )
         if shape is None:
-            mib = 2**20 / self.pool.bytes_per_token()
             raise AdmissionError(
                 f"edge KV budget exhausted: this session reserves {tokens} tokens; {sessions} sessions "
                 f"with slots of {longest} tokens would need {sessions * longest / mib:.1f} MiB of the "

@@ -12,11 +12,19 @@ Greedy verification accepts x_i iff x_i == argmax p_i and emits argmax p_a. Samp
 accepts x_i with probability min(1, p_i(x_i) / q_i(x_i)); the emitted sequence is then distributed
 exactly as the target's, for any q, provided q is what x_i was drawn from. Ratios are float32.
 
-Randomness: `KeyedRng` draws by (seed, role, token position, purpose) instead of from a stream's
-state, so a generation re-opened on another edge with its accepted prefix (failover) draws exactly
-what the uninterrupted one would have: same seed, same tokens. Each position's draws are used once
-for what the verifier sees (a draft at a position is only re-drawn after the earlier draw was
-discarded unseen), so keyed draws are as independent as a stream's.
+Randomness: `KeyedRng` draws by key (seed, role, token position, purpose; the drafter adds the
+prefix it drafts after) instead of from a stream's state, so a generation re-opened on another
+edge with its accepted prefix (failover) draws exactly what the uninterrupted one would have: same
+seed, same tokens. Each uniform is 53 bits of the key's SHA-256 (no generator's 32-bit seed, so
+keys do not collide), and tokens are drawn by inverting the CDF at it, on the CPU whatever device
+p sits on. Why keys that never repeat matter: speculative sampling is exact when each draft is
+drawn independently of everything that decided to draft it. A draft that was cut (its block
+rejected earlier, or sent ahead behind a miss) was not unseen: it set where its block stopped and
+so, through the controller's estimates, what is drafted next. Re-drawn at the same position with
+the same uniform, it would be correlated with that decision. The edge's acceptance uniform for a
+position is used once (a tested draft is either accepted or replaced, never tested again), so the
+position is key enough there; the drafter keys by position and prefix (a redraft follows a
+different prefix: the token that replaced the cut one).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from gelato.types import SamplingParams, SparseDist
@@ -36,22 +45,35 @@ RESIDUAL_EPS = 1e-12
 _TOP_P_WINDOWS = (64, 1024)
 
 
-def derive_seed(seed: int, role: str) -> int:
-    """Independent RNG seeds from one user seed: e.g. the acceptance uniforms must not be
-    correlated with the draws that produced the drafts."""
-    digest = hashlib.sha256(f"{seed}:{role}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 class KeyedRng:
-    """A generator reseeded for every (position, purpose): draws keyed by token position."""
+    """Uniforms keyed by (position, purpose[, prefix]): `uniform` is a pure function of the key."""
 
     def __init__(self, seed: int, role: str) -> None:
         self.seed, self.role = seed, role
-        self._gen = torch.Generator()
 
-    def at(self, position: int, purpose: str = "") -> torch.Generator:
-        return self._gen.manual_seed(derive_seed(self.seed, f"{self.role}:{purpose}:{position}"))
+    def uniform(self, position: int, purpose: str = "", prefix: Sequence[int] = ()) -> float:
+        """A uniform in [0, 1) with 53 random bits from SHA-256 of the key; `prefix`: the tokens
+        before `position` (the drafter's key), hashed as little-endian int32."""
+        h = hashlib.sha256(f"{self.seed}:{self.role}:{purpose}:{position}:".encode())
+        if prefix:
+            h.update(np.asarray(prefix, dtype="<i4").tobytes())
+        return (int.from_bytes(h.digest()[:8], "little") >> 11) * 2.0**-53
+
+
+# A source of randomness for one draw: a generator's stream, or one uniform in [0, 1) (keyed).
+Draw = torch.Generator | float
+
+
+def draw_index(weights: torch.Tensor, rng: Draw) -> int:
+    """One index of `weights` (1-D, >= 0, not all 0), with probability proportional to its weight:
+    `torch.multinomial` from a generator, or the inverse CDF (float64, on the CPU) at a uniform."""
+    if isinstance(rng, torch.Generator):
+        return int(torch.multinomial(weights.float(), 1, generator=rng).item())
+    cdf = torch.cumsum(weights.detach().to("cpu", torch.float64), dim=0)
+    # The first index whose cumulative weight exceeds u * total: never a zero-weight index, since
+    # its cumulative weight equals the one before it.
+    i = int(torch.searchsorted(cdf, rng * float(cdf[-1]), right=True))
+    return i if i < len(cdf) else int(torch.nonzero(weights).max())  # u * total rounded up to it
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -121,15 +143,13 @@ def truncate_top_m(probs: torch.Tensor, top_m: int) -> SparseDist:
     return SparseDist(ids=tuple(ids[keep].tolist()), probs=tuple(vals16[keep].float().tolist()))
 
 
-def sample_sparse(q: SparseDist, generator: torch.Generator) -> int:
+def sample_sparse(q: SparseDist, rng: Draw) -> int:
     """Draw one token from a sparse distribution."""
-    weights = torch.tensor(q.probs, dtype=torch.float32)
-    j = int(torch.multinomial(weights, 1, generator=generator).item())
-    return q.ids[j]
+    return q.ids[draw_index(torch.tensor(q.probs, dtype=torch.float32), rng)]
 
 
-def sample_dense(probs: torch.Tensor, generator: torch.Generator) -> int:
-    return int(torch.multinomial(probs.float(), 1, generator=generator).item())
+def sample_dense(probs: torch.Tensor, rng: Draw) -> int:
+    return draw_index(probs, rng)
 
 
 def dense_q(q: SparseDist, vocab_size: int) -> torch.Tensor:
@@ -169,27 +189,31 @@ def verify_sampling(
     generator: torch.Generator | KeyedRng,
     base: int = 0,
 ) -> tuple[int, int]:
-    """Speculative sampling. p: [k+1, V] processed target probabilities. Returns (a, next).
-    With a `KeyedRng`, draft i's uniform and the emitted token's draw are keyed by their position
-    `base + i` in the generation; with a plain generator they come from its stream.
-    Raises ValueError on a p that is not a distribution (NaN, inf or negative entries): sampling
-    from it would be meaningless, and torch's own error would not say where it came from."""
-    if len(q) != len(draft_ids):
-        raise ValueError(f"need one q per draft token: {len(q)} q for {len(draft_ids)} ids")
+    """Speculative sampling. p: [k+1, V] processed target probabilities, on any device (the
+    draws run on the CPU: p's draft entries come over in one transfer, then the one row drawn
+    from). Returns (a, next). With a `KeyedRng`, draft i's uniform and the emitted token's draw
+    are keyed by their position `base + i` in the generation; with a plain generator they come
+    from its stream (CPU). Raises ValueError on a p that is not a distribution (NaN, inf or
+    negative entries): sampling from it would be meaningless, and torch's own error would not say
+    where it came from."""
+    k = len(draft_ids)
+    if len(q) != k:
+        raise ValueError(f"need one q per draft token: {len(q)} q for {k} ids")
     if not bool(torch.isfinite(p).all()) or bool((p < 0).any()):
         raise ValueError("target probabilities p contain NaN, inf or negative values: not a distribution")
     if isinstance(generator, KeyedRng):
-        uniforms = [float(torch.rand(1, generator=generator.at(base + i, "accept"))) for i in range(len(draft_ids))]
+        uniforms = [generator.uniform(base + i, "accept") for i in range(k)]
     else:
-        uniforms = torch.rand(len(draft_ids), generator=generator).tolist() if draft_ids else []
+        uniforms = torch.rand(k, generator=generator).tolist() if k else []
 
-    def emit_gen(i: int) -> torch.Generator:
-        return generator.at(base + i, "emit") if isinstance(generator, KeyedRng) else generator
+    def emit(i: int) -> Draw:
+        return generator.uniform(base + i, "emit") if isinstance(generator, KeyedRng) else generator
 
+    rows = torch.arange(k, device=p.device)
+    p_drafts = p[rows, torch.tensor(draft_ids, dtype=torch.long, device=p.device)].tolist() if k else []
     for i, (x, qi) in enumerate(zip(draft_ids, q, strict=True)):
-        p_x = float(p[i, x])
         q_x = qi.prob_of(x)
-        if q_x > 0 and uniforms[i] * q_x < p_x:  # u < p/q without dividing
+        if q_x > 0 and uniforms[i] * q_x < p_drafts[i]:  # u < p/q without dividing
             continue
-        return i, sample_dense(residual_distribution(p[i], qi), emit_gen(i))
-    return len(draft_ids), sample_dense(p[len(draft_ids)], emit_gen(len(draft_ids)))
+        return i, sample_dense(residual_distribution(p[i].cpu(), qi), emit(i))
+    return k, sample_dense(p[k].cpu(), emit(k))

@@ -168,6 +168,36 @@ def test_send_ahead_sampling_draws_what_rounds_one_at_a_time_draw(
     assert hits > 0
 
 
+def test_a_position_drafted_again_after_a_cut_gets_a_fresh_draw(target: LoadedModel) -> None:
+    """The drafter keys each draw by position AND the prefix it follows: a draft that was cut
+    (here: rejected at the block's first token) still set where its block stopped, so the
+    position's redraft must not reuse its uniform (`gelato.sampling`); the redraft follows the
+    token that replaced the cut one, so its key differs."""
+    from gelato.sampling import KeyedRng
+
+    calls: list[tuple[int, tuple[int, ...]]] = []
+
+    class Recording(KeyedRng):
+        def uniform(self, position: int, purpose: str = "", prefix: Any = ()) -> float:
+            calls.append((position, tuple(prefix)))
+            return super().uniform(position, purpose, prefix)
+
+    params = SamplingParams(temperature=1.0, seed=4)
+    drafter = Drafter(target, params)
+    drafter.rng = Recording(params.seed, "drafter")
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    drafter.start(list(prompt))
+    first = drafter.draft(3, 0)
+    replaced = (first.ids[0] + 1) % target.vocab_size  # the edge's token in place of the first draft
+    drafter.apply(first, Verdict(round=0, n_accepted=0, next_token=replaced))
+    drafter.draft(3, 1)
+    n = len(prompt)
+    assert [c[0] for c in calls] == [n, n + 1, n + 2, n + 1, n + 2, n + 3]
+    assert all(len(prefix) == pos and prefix[:n] == tuple(prompt) for pos, prefix in calls)  # every token before it
+    assert calls[1][1] == (*prompt, first.ids[0]) and calls[3][1] == (*prompt, replaced)  # position n + 1 twice
+    assert drafter.rng.uniform(n + 1, prefix=calls[1][1]) != drafter.rng.uniform(n + 1, prefix=calls[3][1])
+
+
 def test_empty_blocks_ahead_sample_what_rounds_one_at_a_time_sample(target: LoadedModel) -> None:
     """K = 0 sent ahead: the edge draws each token with its position's key, as unpipelined."""
     for seed in range(3):

@@ -211,6 +211,25 @@ def test_one_query_rows_at_equal_ends_pass_no_mask(target: LoadedModel, slots_us
         torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-4)
 
 
+def test_prefill_computes_only_the_last_logits_row(target: LoadedModel) -> None:
+    """A prefill keeps no logits, so the model is asked for the last position's alone (a long
+    prompt's full [n, vocab] float32 logits would cost more than its KV); its KV is the same as a
+    full forward's: the next token's logits equal a `KVSequence` prefilled the usual way."""
+    pool = KVPool(target.model, target.vocab_size, slots=2, context=64)
+    prompt = [random.Random(5).randrange(1, 300) for _ in range(40)]
+    shapes: list[tuple[int, ...]] = []
+    hook = target.model.register_forward_hook(lambda _m, _a, out: shapes.append(tuple(out.logits.shape)))
+    try:
+        seq = PooledSequence(pool, list(prompt))
+        seq.prefill(len(prompt))
+    finally:
+        hook.remove()
+    assert shapes == [(1, 1, shapes[0][2])]
+    alone = KVSequence(target.model, target.vocab_size, list(prompt))
+    alone.prefill(len(prompt))
+    torch.testing.assert_close(seq.forward([7]), alone.forward([7]), atol=2e-5, rtol=1e-4)
+
+
 def test_mask_free_only_for_sdpa_with_full_attention() -> None:
     from types import SimpleNamespace
 

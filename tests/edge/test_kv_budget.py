@@ -138,6 +138,10 @@ def test_registry_refuses_what_the_pool_cannot_hold(target: LoadedModel) -> None
         assert reg.pool.nbytes() <= reg.kv_budget_bytes
     for s in shorts:
         reg.release(s.session_id)
+    # More than the whole budget even alone: said so, with nothing about trying again later.
+    with pytest.raises(AdmissionError, match="too small for this session: it reserves 309 tokens") as info:
+        reg.admit(target, params, [3] * 100, 200)
+    assert "try again" not in str(info.value) and "max_new_tokens 200" in str(info.value)
     assert len(reg) == 0 and reg.reserved_bytes == 0 and reg.pool_bytes() == 0
 
 

@@ -186,3 +186,34 @@ def test_pool_follows_a_target_split_over_two_gpus(pair: dict[str, Path]) -> Non
     logits = PooledSequence(pool, [3, 4, 5]).forward([6])
     assert logits.device == CUDA0 and logits.dtype == torch.float32
     assert_same_run(got, exercise(KVPool(single.model, single.vocab_size, slots=2, context=16)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sampling_session_on_a_gpu_target_verifies_as_on_the_cpu(
+    pair: dict[str, Path], target: LoadedModel, drafter_model: LoadedModel
+) -> None:
+    """A sampling session whose target runs on cuda:0 (its logits, p, on the GPU): the draws run
+    on the CPU, so every round verifies as the CPU target's does (once, every sampling round
+    failed on a GPU: a CPU generator and a CPU q met GPU rows)."""
+    from gelato.device.drafter import Drafter
+    from gelato.edge.sessions import TargetSession
+    from gelato.types import SamplingParams, Verdict
+
+    gpu = load_model(str(pair["target"]), "target", "float32", "cuda:0")
+    params = SamplingParams(temperature=0.8, seed=3)
+    prompt = [random.Random(7).randrange(1, 300) for _ in range(12)]
+    outcomes = []
+    for model in (target, gpu):
+        session = TargetSession("s", model, params, list(prompt))
+        session.prefill()
+        drafter = Drafter(drafter_model, params)
+        drafter.start(list(prompt))
+        rounds = []
+        for r in range(6):
+            block = drafter.draft(4 if r % 2 else 0, r)  # empty blocks: the bonus draw's path too
+            a, nxt = session.verify(block)
+            drafter.apply(block, Verdict(round=r, n_accepted=a, next_token=nxt))
+            rounds.append((block.ids, a, nxt))
+        outcomes.append(rounds)
+    assert outcomes[0] == outcomes[1]

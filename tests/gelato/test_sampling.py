@@ -16,7 +16,9 @@ from scipy.stats import chisquare
 
 from gelato.benchmarks.top_p import full_sort_top_p  # the same nucleus, by a sort of the row
 from gelato.sampling import (
+    KeyedRng,
     accept_greedy,
+    draw_index,
     process_logits,
     residual_distribution,
     sample_sparse,
@@ -95,9 +97,19 @@ def bigram(seed: int, scale: float) -> torch.Tensor:
     return scale * torch.randn(V, V, generator=torch.Generator().manual_seed(seed))
 
 
-def emitted_pairs(draft: SamplingParams, top_m: int, wrong_q: bool, k: int, seed: int) -> np.ndarray:
-    """Counts of the first two emitted tokens over SAMPLES generations of speculative sampling."""
-    p_table = process_logits(bigram(1, 1.5), TARGET)
+def emitted_pairs(
+    draft: SamplingParams,
+    top_m: int,
+    wrong_q: bool,
+    k: int,
+    seed: int,
+    target: SamplingParams = TARGET,
+    keyed: bool = False,
+) -> np.ndarray:
+    """Counts of the first two emitted tokens over SAMPLES generations of speculative sampling.
+    `keyed`: the draws as sessions make them (`KeyedRng`, the drafter's keyed by position and
+    prefix, the edge's by position; a seed per generation) instead of from two streams."""
+    p_table = process_logits(bigram(1, 1.5), target)
     q_true = [truncate_top_m(process_logits(row, draft), top_m) for row in bigram(2, 2.0)]
     q_full = [
         SparseDist(ids=tuple(range(V)), probs=tuple(process_logits(row, SamplingParams(1.0)).tolist()))
@@ -105,26 +117,29 @@ def emitted_pairs(draft: SamplingParams, top_m: int, wrong_q: bool, k: int, seed
     ]
     gen_d, gen_t = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     counts = np.zeros((V, V), dtype=np.int64)
-    for _ in range(SAMPLES):
+    for n in range(SAMPLES):
+        rng_d, rng_t = (KeyedRng(seed + n, "drafter"), KeyedRng(seed + n, "target")) if keyed else (gen_d, gen_t)
         out: list[int] = []
         ctx = 0
         while len(out) < 2:
             ids, qs, c = [], [], ctx
             for _ in range(k):
-                x = sample_sparse(q_true[c], gen_d)
+                pos = len(out) + len(ids)  # the prompt is the one token 0: position 0 is the first drawn
+                draw = rng_d.uniform(pos, prefix=[0, *out, *ids]) if isinstance(rng_d, KeyedRng) else rng_d
+                x = sample_sparse(q_true[c], draw)
                 ids.append(x)
                 qs.append(q_full[c] if wrong_q else q_true[c])
                 c = x
             rows = torch.stack([p_table[t] for t in [ctx, *ids]])
-            a, nxt = verify_sampling(rows, tuple(ids), tuple(qs), gen_t)
+            a, nxt = verify_sampling(rows, tuple(ids), tuple(qs), rng_t, len(out))
             out.extend([*ids[:a], nxt])
             ctx = out[-1]
         counts[out[0], out[1]] += 1
     return counts
 
 
-def chi2_pvalue(counts: np.ndarray) -> float:
-    p_table = process_logits(bigram(1, 1.5), TARGET).double().numpy()
+def chi2_pvalue(counts: np.ndarray, target: SamplingParams = TARGET) -> float:
+    p_table = process_logits(bigram(1, 1.5), target).double().numpy()
     expected = (p_table[0][:, None] * p_table) * counts.sum()
     keep = expected > 1e-9
     obs, exp = counts[keep], expected[keep]
@@ -146,6 +161,59 @@ def chi2_pvalue(counts: np.ndarray) -> float:
 def test_speculative_sampling_matches_target_distribution(name: str, draft: SamplingParams, top_m: int) -> None:
     counts = emitted_pairs(draft, top_m, wrong_q=False, k=3, seed=11)
     assert chi2_pvalue(counts) > 1e-3, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "target", "top_m"),
+    [
+        ("keyed draws, top-m-truncated q", TARGET, 2),
+        ("keyed draws, target top-p", SamplingParams(temperature=0.9, top_p=0.8), 4),
+    ],
+)
+def test_keyed_draws_match_target_distribution(name: str, target: SamplingParams, top_m: int) -> None:
+    """The same test with the draws sessions make: uniforms from `KeyedRng` (53 bits of SHA-256),
+    tokens by the inverse CDF; and with the target's own top-p nucleus."""
+    draft = SamplingParams(temperature=1.0)
+    counts = emitted_pairs(draft, top_m, wrong_q=False, k=3, seed=11, target=target, keyed=True)
+    assert chi2_pvalue(counts, target) > 1e-3, name
+    wrong = emitted_pairs(draft, top_m, wrong_q=True, k=3, seed=11, target=target, keyed=True)
+    assert chi2_pvalue(wrong, target) < 1e-6, name  # and sharp enough to see a wrong q with them
+
+
+def test_draw_index_inverts_the_cdf_and_never_picks_a_zero_weight() -> None:
+    weights = torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3, 0.0])
+    n = 10_000
+    counts = np.bincount([draw_index(weights, (j + 0.5) / n) for j in range(n)], minlength=6)
+    np.testing.assert_array_equal(counts, [0, 2000, 0, 5000, 3000, 0])  # a uniform grid: exact shares
+    assert draw_index(weights, 0.0) == 1 and draw_index(weights, 1.0 - 2.0**-53) == 4
+    assert sample_sparse(SparseDist(ids=(7, 9), probs=(0.25, 0.75)), 0.3) == 9
+
+
+def test_keyed_uniforms_use_every_bit_of_the_key() -> None:
+    """Seeds, positions, purposes and prefixes that differ anywhere give different uniforms (a
+    torch generator's seed keeps 32 bits: seeds 5 and 5 + 2**40 drew the same stream)."""
+    a, b = KeyedRng(5, "drafter"), KeyedRng(5 + 2**40, "drafter")
+    assert a.uniform(3) != b.uniform(3)
+    assert a.uniform(3) == KeyedRng(5, "drafter").uniform(3)  # a pure function of the key
+    assert len({a.uniform(3), a.uniform(4), a.uniform(3, "emit"), a.uniform(3, prefix=[1, 2, 3])}) == 4
+    assert a.uniform(3, prefix=[1, 2, 3]) != a.uniform(3, prefix=[1, 2, 4])
+    us = [a.uniform(i) for i in range(20_000)]
+    assert min(us) >= 0.0 and max(us) < 1.0 and abs(float(np.mean(us)) - 0.5) < 0.01
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_verify_sampling_draws_the_same_with_p_on_a_gpu() -> None:
+    """p on an accelerator: the draws run on the CPU (its draft entries and the one row drawn from
+    come over), so a session's tokens do not depend on where the target runs."""
+    p = process_logits(bigram(1, 1.5), TARGET)
+    q = tuple(truncate_top_m(process_logits(row, SamplingParams(temperature=1.0)), 2) for row in bigram(2, 2.0))
+    for ids in [(1, 2, 3), (4, 0, 1), ()]:
+        rows = p[: len(ids) + 1]
+        want = [verify_sampling(rows, ids, q[: len(ids)], KeyedRng(s, "target"), 10) for s in range(50)]
+        got = [verify_sampling(rows.cuda(), ids, q[: len(ids)], KeyedRng(s, "target"), 10) for s in range(50)]
+        assert got == want, ids
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gelato.device.policy import FixedK, parse_policy
-from gelato.sampling import derive_seed
+from gelato.sampling import KeyedRng
 from gelato.types import DraftBlock, EdgeInfo, SamplingParams, SessionInfo, SessionOpen, SparseDist, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.wire import (
@@ -128,8 +128,8 @@ def test_policy_and_seeds() -> None:
     assert isinstance(parse_policy("fixed-0"), FixedK) and parse_policy("fixed-8").name == "fixed-8"
     with pytest.raises(ValueError, match="unknown policy"):
         parse_policy("fixed--1")
-    assert derive_seed(1, "drafter") != derive_seed(1, "target")
-    assert derive_seed(1, "target") == derive_seed(1, "target")
+    assert KeyedRng(1, "drafter").uniform(0) != KeyedRng(1, "target").uniform(0)
+    assert KeyedRng(1, "target").uniform(0) == KeyedRng(1, "target").uniform(0)
 
 
 @pytest.mark.parametrize("top_p", [float("nan"), float("inf"), float("-inf"), -0.5, 1.5])
