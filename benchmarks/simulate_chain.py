@@ -115,7 +115,7 @@ class SendAhead(DeviceCore):
                 if not go:
                     break
                 block, cost_s = self._chain_block(trace, nxt, limit, r + len(chain), (prev, decision))
-                if chain[0].verdict_at < now + block.draft_s and self._cuts(trace, chain):
+                if chain[0].verdict_at < now + block.draft_s and self._cuts(trace, chain, block):
                     block = self._cut_short(block, chain[0].verdict_at - now)
                 now, busy = now + block.draft_s, busy + block.draft_s
                 self.totals.controller_s += cost_s
@@ -221,12 +221,13 @@ class SendAhead(DeviceCore):
         return block, ctrl + gate_s
 
     @staticmethod
-    def _cuts(trace: Trace, chain: deque[_Block]) -> bool:
+    def _cuts(trace: Trace, chain: deque[_Block], block: _Block) -> bool:
         """`gelato.device.pipeline._CutRule`: the awaited verdict cuts the chain (fewer drafts
-        accepted than sent, or the next block in flight missed); known when that verdict arrives."""
+        accepted than sent, or the next block's guess missed: the one in flight, or `block`'s
+        own when it follows the awaited one); known when that verdict arrives."""
         oldest = chain[0]
         partial = min(trace.run[oldest.pos], oldest.k) < oldest.k
-        return partial or (len(chain) > 1 and not _chain_hit(trace, oldest, chain[1]))
+        return partial or not _chain_hit(trace, oldest, chain[1] if len(chain) > 1 else block)
 
     def _cut_short(self, block: _Block, within_s: float) -> _Block:
         """The block as the live loop drafts it when its chain is cut `within_s` into its drafting:

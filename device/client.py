@@ -59,6 +59,19 @@ class EdgeError(VerifyError):
         self.details = details
 
 
+def _verdict(down: pb.EdgeMessage, round_no: int | None = None) -> Verdict:
+    """The verdict an edge message must be; `round_no`: the round it must answer (one block at a
+    time). Anything else is the edge's fault (INTERNAL), not a verdict for token 0."""
+    kind = down.WhichOneof("kind")
+    if kind != "verdict":
+        raise EdgeError(grpc.StatusCode.INTERNAL, f"expected a verdict, got {kind or 'an empty message'}")
+    verdict = decode_verdict(down.verdict)
+    if round_no is not None and (verdict.round != round_no or verdict.stale):
+        what = f"round {verdict.round}" + (" stale" if verdict.stale else "")
+        raise EdgeError(grpc.StatusCode.INTERNAL, f"edge answered {what}, expected round {round_no}")
+    return verdict
+
+
 class EdgeUnreachable(EdgeError):
     """Nothing answered at the address: the edge is down, or the address or network is wrong."""
 
@@ -165,19 +178,28 @@ class EdgeClient:
         output is what an uninterrupted run gives (draws are keyed by token position)."""
         acct = accountant or EnergyAccountant(NullMeter(), None)
         t0 = time.perf_counter()
-        res = await self._session(drafter, prompt_ids, max_new_tokens, policy, acct, on_round)
-        for _ in range(self.failovers):
-            if not (isinstance(res.failure, EdgeError) and res.failure.code == grpc.StatusCode.UNAVAILABLE):
-                break
-            log.warning("edge session failed (%s); re-opening with %d accepted tokens", res.error, len(res.token_ids))
-            try:
-                more = await self._session(
-                    drafter, [*prompt_ids, *res.token_ids], max_new_tokens - len(res.token_ids), policy, acct, on_round
+        try:
+            # Energy from here, as `elapsed_s` is: the open (the edge's prefill) is the generation's.
+            acct.opening()
+            res = await self._session(drafter, prompt_ids, max_new_tokens, policy, acct, on_round)
+            for _ in range(self.failovers):
+                if not (isinstance(res.failure, EdgeError) and res.failure.code == grpc.StatusCode.UNAVAILABLE):
+                    break
+                log.warning(
+                    "edge session failed (%s); re-opening with %d accepted tokens", res.error, len(res.token_ids)
                 )
-            except EdgeError as exc:
-                res.error = f"{res.error}; re-opening the session failed: {exc}"
-                break
-            res = merge_results(res, more)
+                acct.opening()  # the reconnect and the re-open's prefill cost the device too
+                prefix = [*prompt_ids, *res.token_ids]
+                try:
+                    more = await self._session(
+                        drafter, prefix, max_new_tokens - len(res.token_ids), policy, acct, on_round
+                    )
+                except EdgeError as exc:
+                    res.error = f"{res.error}; re-opening the session failed: {exc}"
+                    break
+                res = merge_results(res, more)
+        finally:
+            acct.opening(at=False)
         res.elapsed_s = time.perf_counter() - t0
         return res
 
@@ -239,10 +261,13 @@ class EdgeClient:
             up = encode_block(block)
             await self._write(call, up)
             down = await self._read(call)
-            return Exchange(decode_verdict(down.verdict), wire_bytes(up.ByteSize()), wire_bytes(down.ByteSize()))
+            return Exchange(_verdict(down, block.round), wire_bytes(up.ByteSize()), wire_bytes(down.ByteSize()))
 
         transport: Verify = self._streamed(call, max_new_tokens) if policy.edge_streams else verify
-        limits = Limits(max_new_tokens, opened.context_limit, opened.max_draft_tokens, loaded.eos_token_ids)
+        # Both models' windows bound the sequence: a drafter with a shorter one than the target's
+        # must not draft past it (absolute positions fail; rotary ones stop agreeing).
+        context = min(opened.context_limit, loaded.context_limit)
+        limits = Limits(max_new_tokens, context, opened.max_draft_tokens, loaded.eos_token_ids)
         link = self._link(call, policy, opened)
         if link is not None:
             result = await pipelined_generate(
@@ -284,9 +309,7 @@ class EdgeClient:
 
         async def receive() -> tuple[Verdict, int]:
             down = await self._read(call)
-            if down.WhichOneof("kind") != "verdict":
-                raise EdgeError(grpc.StatusCode.INTERNAL, f"expected a verdict, got {down.WhichOneof('kind')}")
-            return decode_verdict(down.verdict), wire_bytes(down.ByteSize())
+            return _verdict(down), wire_bytes(down.ByteSize())
 
         return Link(send, receive, min(opened.max_ahead_rounds, policy.options.ahead_blocks), opened.empty_ahead)
 
@@ -302,7 +325,7 @@ class EdgeClient:
                 await self._write(call, msg)
                 asked, up = True, wire_bytes(msg.ByteSize())
             down = await self._read(call)
-            return Exchange(decode_verdict(down.verdict), up, wire_bytes(down.ByteSize()))
+            return Exchange(_verdict(down, block.round), up, wire_bytes(down.ByteSize()))
 
         return verify
 

@@ -179,12 +179,19 @@ class Drafter:
         return emitted
 
     def draft_after(
-        self, prev: DraftBlock, k: int, round_no: int, stop: StopRule | None = None, eos: Collection[int] = ()
+        self,
+        prev: DraftBlock,
+        k: int,
+        round_no: int,
+        stop: StopRule | None = None,
+        eos: Collection[int] = (),
+        on_guess: Callable[[int], None] | None = None,
     ) -> DraftBlock:
         """Send-ahead: the block after `prev` (the newest of the chain) as if `prev` will be fully
         accepted: the guess of prev's target token, then up to k drafts (the stop rule and eos end
-        them early, as in `draft`; a guess that is eos gets no drafts). Never after an empty
-        send-ahead block (its target token is not the drafter's to guess)."""
+        them early, as in `draft`; a guess that is eos gets no drafts). `on_guess` hears the guess
+        as soon as it is drawn (so a stop rule can tell the block is already lost). Never after an
+        empty send-ahead block (its target token is not the drafter's to guess)."""
         if prev.follow:
             raise ValueError("no drafts after an empty send-ahead block: its target token is unknown")
         t0 = time.perf_counter()
@@ -193,6 +200,8 @@ class Drafter:
         seq = self.seq
         with torch.inference_mode():  # one scope for the block, not one per forward
             guess, _, _, feed = self._pick(seq.forward_last(() if tail is None else (tail,)), pos)
+            if on_guess is not None:
+                on_guess(guess)
             base = pos + 1
             ids: list[int] = []
             qs: list[SparseDist] = []

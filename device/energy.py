@@ -25,13 +25,23 @@ class EnergyAccountant:
     def __init__(self, meter: Meter, radio: RadioProfile | None) -> None:
         self.meter = meter
         self.radio = radio
+        self._opening: Reading | None = None
 
     def radio_j(self, bytes_up: int, bytes_down: int) -> float:
         return self.radio.round_energy_j(bytes_up, bytes_down) if self.radio else 0.0
 
+    def opening(self, at: bool = True) -> None:
+        """A generation starts here, before its session is opened (or re-opened after a
+        failover): `begin` measures from this reading, so the wait while the edge opens the
+        session and prefills the prompt is the generation's energy too. `at=False` drops a reading
+        no generation began from (the open failed)."""
+        self._opening = self.meter.read() if at else None
+
     def begin(self, stats: GenerationStats) -> Reading:
+        """The generation's first reading: the one `opening` took, else now."""
         stats.energy_source, stats.energy_kind = self.meter.source, self.meter.kind
-        return self.meter.read()
+        start, self._opening = self._opening, None
+        return start if start is not None else self.meter.read()
 
     def end(self, stats: GenerationStats, start: Reading) -> None:
         """Totals for the generation, including the open/close messages outside any round."""
@@ -78,6 +88,7 @@ class EnergyAccountant:
             t_edge_compute_s=verdict.compute_ms / 1e3,
             e_compute_j=e_compute,
             e_draft_j=drafted.joules - start.joules if drafted is not None else float("nan"),
+            t_drafted_s=drafted.t_s - start.t_s if drafted is not None else float("nan"),
             e_radio_j=e_radio,
             e_j=e_compute + e_radio,
             bytes_up=bytes_up,

@@ -120,7 +120,8 @@ async def speculative_generate(
         else:  # nothing for the model (fixed-0, or only tokens carried from a pre-draft): no thread hop
             block = drafter.draft(cap, stats.rounds, gate, limits.eos)
         drafted = acct.drafted()
-        depth = policy.predraft_depth(decision, block)
+        # A pre-draft starts at the round's target token, after the block: within the context too.
+        depth = min(policy.predraft_depth(decision, block), max(0, room + 1 - block.k))
         try:
             ex, predrafted = await _verify_pipelined(drafter, block, verify, depth, offload, limits.eos)
         except VerifyError as exc:

@@ -181,16 +181,27 @@ def _hit(verdict: Verdict, block: DraftBlock, successor: DraftBlock) -> bool:
 class _CutRule:
     """The stop rule of a block drafted while the oldest verdict is in flight: the policy's gate,
     and "cut" as soon as that verdict is known to cut the chain (fewer drafts accepted than sent,
-    or the next block's guess missed). The verdict arrives on the event loop while the drafter
-    thread drafts; the rest of a block that will never be sent is not drafted. What is drafted
-    never depends on it: a cut block is dropped, never sent."""
+    or the next block's guess missed — the one in flight, or the one this block is drafted after,
+    which `guessed` hands over from the drafter thread). The verdict arrives on the event loop
+    while the drafter thread drafts; the rest of a block that will never be sent is not drafted.
+    What is drafted never depends on it: a cut block is dropped, never sent."""
 
     def __init__(self, gate: Gate | None, recv: asyncio.Future[tuple[Verdict, int, float]], chain: _Chain) -> None:
         self.gate = gate
         self.cut = threading.Event()
+        # Whichever of the two lands second compares them (each writes its own, then reads the
+        # other's: under the GIL one of them sees both).
+        self.guess: int | None = None  # this block's guess (drafter thread)
+        self.target_token: int | None = None  # the awaited block's target token, all its drafts accepted
         oldest = chain.sent[0].block
         successor = chain.sent[1].block if len(chain.sent) > 1 else None
         recv.add_done_callback(lambda f: self._on_verdict(f, oldest, successor))
+
+    def guessed(self, guess: int) -> None:
+        """This block's guess of the awaited block's target token (drafter thread)."""
+        self.guess = guess
+        if self.target_token is not None and guess != self.target_token:
+            self.cut.set()
 
     def _on_verdict(
         self, f: asyncio.Future[tuple[Verdict, int, float]], oldest: DraftBlock, successor: DraftBlock | None
@@ -200,6 +211,10 @@ class _CutRule:
         verdict = f.result()[0]
         if verdict.n_accepted < oldest.k or (successor is not None and not _hit(verdict, oldest, successor)):
             self.cut.set()
+        elif successor is None:  # this block follows the awaited one: its own guess decides
+            self.target_token = verdict.next_token
+            if self.guess is not None and self.guess != verdict.next_token:
+                self.cut.set()
 
     def __call__(self, drafted: int, entropy: float, q: SparseDist | None) -> str | None:
         if self.cut.is_set():
@@ -240,7 +255,7 @@ async def _extend(
         if prev.follow or not policy.send_ahead(decision, chain.p_chain(policy), first):
             return
         stop = _CutRule(gate, recv, chain)
-        block = await offload(drafter.draft_after, prev, cap, chain.next_round, stop, limits.eos)
+        block = await offload(drafter.draft_after, prev, cap, chain.next_round, stop, limits.eos, stop.guessed)
         chain.drafting_s += block.draft_s
         if recv.done() and not recv.exception():  # the verdict came while drafting: still worth sending?
             verdict = recv.result()[0]

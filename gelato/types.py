@@ -178,6 +178,9 @@ class Telemetry:
     # cap, eos, length), and each draft's entropy (nats) and calibrated acceptance p̂.
     q_deficit_j: float = 0.0
     e_draft_j: float = float("nan")  # meter delta while drafting (part of e_compute_j); NaN: not read
+    # Seconds from the round's start to that reading: the interval `e_draft_j` covers (the hop to
+    # the drafter thread and back included, which `t_draft_s` leaves out); NaN: not read.
+    t_drafted_s: float = float("nan")
     k_ref: int = 0
     k_max: int = 0
     # The objective's view of the decision (controller policies; False / NaN otherwise): whether

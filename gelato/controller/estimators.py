@@ -234,12 +234,15 @@ class CostEstimator:
             t_wait = max(tele.t_round_s - drafting, 0.0)
             self.power.update(drafting, t_wait, tele.e_compute_j)
             # The reading at the end of the block's drafting splits the round only when nothing
-            # else was drafted in it (a pre-draft's energy would count as waiting).
+            # else was drafted in it (a pre-draft's energy would count as waiting). Each side's
+            # energy over the time it covers: the drafting reading's interval includes the thread
+            # hops around the drafting (over `t_draft_s` alone it read drafting as dearer than it is).
             if math.isfinite(tele.e_draft_j) and drafting <= tele.t_draft_s:
+                span = tele.t_drafted_s if math.isfinite(tele.t_drafted_s) else tele.t_draft_s
                 self.e_draft.update(tele.e_draft_j)
-                self.t_drafting.update(tele.t_draft_s)
+                self.t_drafting.update(span)
                 self.e_wait.update(tele.e_compute_j - tele.e_draft_j)
-                self.t_waiting.update(t_wait)
+                self.t_waiting.update(max(tele.t_round_s - span, 0.0))
 
     def _powers_w(self) -> tuple[float, float]:
         """Measured ratios (energy over time, each side of the drafting reading) where rounds had

@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from gelato.device.client import EdgeClient, EdgeError, _write_error
+from gelato.device.client import EdgeClient, EdgeError, _verdict, _write_error
 from gelato.device.drafter import Drafter
+from gelato.device.energy import EnergyAccountant
 from gelato.device.generate import GenerationResult
 from gelato.device.policy import parse_policy
 from gelato.edge.sessions import TargetSession
@@ -23,6 +24,7 @@ from gelato.models import LoadedModel, encode_prompt
 from gelato.types import SamplingParams, SessionInfo, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.wire import decode_block, encode_opened, encode_verdict
+from tests.device.meters import OneWatt
 
 SESSION = "/gelato.v1.Gelato/Session"
 BLOCK = pb.DeviceMessage(draft=pb.DraftBlock(round=0, ids=list(range(8))))
@@ -125,8 +127,10 @@ class _Stream:
     `close_fails`: it dies right after its last verdict, so the close is written to a call that
     has ended (grpc.aio raises UsageError; the call's status is UNAVAILABLE)."""
 
-    def __init__(self, target: LoadedModel, cut_after: int | None = None, close_fails: bool = False) -> None:
-        self.target, self.cut_after, self.close_fails = target, cut_after, close_fails
+    def __init__(
+        self, target: LoadedModel, cut_after: int | None = None, close_fails: bool = False, open_s: float = 0.0
+    ) -> None:
+        self.target, self.cut_after, self.close_fails, self.open_s = target, cut_after, close_fails, open_s
         self.replies: asyncio.Queue[pb.EdgeMessage | None] = asyncio.Queue()
         self.session: TargetSession | None = None
         self.verdicts = 0
@@ -137,6 +141,7 @@ class _Stream:
         if kind == "open":
             self.session = TargetSession("s", self.target, SamplingParams(), list(msg.open.prefix_ids))
             self.session.prefill()
+            await asyncio.sleep(self.open_s)  # a longer prefill, as a real target's prompt takes
             info = SessionInfo("s", "tiny-target", self.target.context_limit, 32)
             self.replies.put_nowait(encode_opened(info))
         elif kind == "draft":
@@ -173,7 +178,11 @@ class _Stream:
 
 
 def _generate(
-    target: LoadedModel, drafter_model: LoadedModel, streams: list[_Stream], failovers: int
+    target: LoadedModel,
+    drafter_model: LoadedModel,
+    streams: list[_Stream],
+    failovers: int,
+    acct: EnergyAccountant | None = None,
 ) -> GenerationResult:
     async def run() -> GenerationResult:
         client = EdgeClient("127.0.0.1:1", failovers=failovers)
@@ -191,7 +200,7 @@ def _generate(
         try:
             prompt = encode_prompt(target.tokenizer, "Ava has 12 apples and Ben gives her 3 more. How many?")
             drafter = Drafter(drafter_model, SamplingParams())
-            return await client.generate(drafter, prompt, 20, parse_policy("fixed-4"))
+            return await client.generate(drafter, prompt, 20, parse_policy("fixed-4"), acct)
         finally:
             await client.close()
 
@@ -218,3 +227,53 @@ def test_an_edge_gone_after_the_last_verdict_keeps_the_finished_generation(
     res = _generate(target, drafter_model, [_Stream(target, cut_after=2)], failovers=0)
     assert res.stats.stop_reason == "error" and "UNAVAILABLE" in res.error
     assert 0 < len(res.token_ids) < len(ref.token_ids) and res.token_ids == ref.token_ids[: len(res.token_ids)]
+
+
+def test_the_wait_for_each_open_is_the_generations_energy(target: LoadedModel, drafter_model: LoadedModel) -> None:
+    """The device spends energy while the edge opens the session (prefills the prompt), and again
+    while a failover reconnects and re-opens: the generation's energy covers its whole span, as
+    its `elapsed_s` does (once both opens' waits were in no round and no total)."""
+    for streams in (
+        [_Stream(target, open_s=0.3)],
+        [_Stream(target, cut_after=2, open_s=0.3), _Stream(target, open_s=0.3)],
+    ):
+        acct = EnergyAccountant(OneWatt(), None)
+        res = _generate(target, drafter_model, streams, failovers=1, acct=acct)
+        assert res.error == "" and res.failovers == len(streams) - 1
+        opens_s = 0.3 * len(streams)
+        assert opens_s < res.stats.energy_j <= res.elapsed_s  # 1 W: joules are seconds
+        assert res.stats.energy_j == pytest.approx(res.elapsed_s, abs=0.05)
+        assert res.stats.energy_j - sum(t.e_j for t in res.stats.rounds_log) > opens_s  # outside any round
+
+
+def test_a_reply_that_is_not_the_rounds_verdict_is_an_edge_fault() -> None:
+    """One block at a time, the reply must be that round's verdict: an empty message, an opened
+    message or another round's (or a stale) verdict ends the generation as INTERNAL, instead of
+    reading as a verdict for token 0 of the wrong round."""
+    good = encode_verdict(Verdict(round=3, n_accepted=1, next_token=9))
+    assert _verdict(good, 3) == Verdict(round=3, n_accepted=1, next_token=9)
+    assert _verdict(good).round == 3  # send-ahead checks rounds itself
+    bad = [
+        (pb.EdgeMessage(), "expected a verdict, got an empty message"),
+        (encode_opened(SessionInfo("s", "t", 64, 8)), "expected a verdict, got opened"),
+        (good, "edge answered round 3, expected round 4"),
+        (encode_verdict(Verdict(round=4, n_accepted=0, next_token=9, stale=True)), "round 4 stale, expected round 4"),
+    ]
+    for msg, said in bad:
+        with pytest.raises(EdgeError, match=said) as info:
+            _verdict(msg, 4)
+        assert info.value.code == grpc.StatusCode.INTERNAL
+
+
+def test_a_drafter_with_a_shorter_window_than_the_target_bounds_the_generation(
+    target: LoadedModel, drafter_model: LoadedModel
+) -> None:
+    """The edge reports the target's context limit; a drafter whose own window is shorter must not
+    draft past it: the generation stops at the drafter's limit, as it would at the target's."""
+    from dataclasses import replace
+
+    prompt = encode_prompt(target.tokenizer, "Ava has 12 apples and Ben gives her 3 more. How many?")
+    short = replace(drafter_model, context_limit=len(prompt) + 6)
+    res = _generate(target, short, [_Stream(target)], failovers=0)
+    assert res.stats.stop_reason == "context_limit" and 0 < len(res.token_ids) <= 6, res.stats.stop_reason
+    assert len(prompt) + len(res.token_ids) <= short.context_limit

@@ -512,3 +512,35 @@ def test_a_drafter_that_never_agrees_still_settles_at_k0() -> None:
     d = p.decide(8)
     assert d.k_ref == 0 and not d.explore
     assert drafted[-10:].count(0) >= 9
+
+
+@pytest.mark.parametrize("name", ["fixed-1", "fixed-4"])
+def test_a_constant_power_reads_as_the_same_power_drafting_and_waiting(name: str, target: LoadedModel) -> None:
+    """At 1 W whatever the device does, the measured split gives 1 W drafting and 1 W waiting: the
+    drafting reading covers the drafting and its thread hops, and its energy is divided by that
+    interval (divided by the drafting alone, it read 1.04-1.09 W drafting and 0.95 W waiting,
+    a premium for drafting that pre-drafts and send-ahead waste are priced with)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.device.meters import OneWatt
+
+    prompt = encode_prompt(target.tokenizer, "Ava has 12 apples and eats 3. How many are left?")
+    session = TargetSession("s", target, SamplingParams(), prompt)
+    session.prefill()
+    policy = parse_policy(name, PolicyOptions(budget_j_per_token=1.0))
+    limits = Limits(60, target.context_limit, 32, target.eos_token_ids)
+
+    async def run() -> None:
+        with ThreadPoolExecutor(1) as pool:  # drafting on a thread, as the client drafts
+            loop = asyncio.get_running_loop()
+
+            async def offload(fn: object, *args: object) -> object:
+                return await loop.run_in_executor(pool, fn, *args)  # type: ignore[arg-type]
+
+            acct = EnergyAccountant(OneWatt(), None)
+            drafter = Drafter(target, SamplingParams())
+            await speculative_generate(drafter, local_verifier(session), policy, prompt, limits, acct, offload=offload)
+
+    asyncio.run(run())
+    model = policy.controller.cost.model()
+    assert model.p_draft_w == pytest.approx(1.0, rel=0.01) and model.p_wait_w == pytest.approx(1.0, rel=0.01)

@@ -287,6 +287,25 @@ def test_cut_rule_stops_a_block_once_its_chain_is_cut() -> None:
     rule = _CutRule(None, asyncio.new_event_loop().create_future(), chain_of(oldest))
     assert rule(5, 9.0, None) is None  # no gate (fixed K), no verdict: never stops
 
+    # The block being drafted follows the awaited one: its own guess, handed over by the drafter
+    # thread before or after the verdict lands, decides (a full accept with another target token
+    # dooms it: drafting it on would be waste).
+    async def own_guess(guess: int, verdict: Verdict, guess_first: bool) -> str | None:
+        recv: asyncio.Future[tuple[Verdict, int]] = asyncio.get_running_loop().create_future()
+        rule = _CutRule(None, recv, chain_of(oldest))
+        if guess_first:
+            rule.guessed(guess)
+        recv.set_result((verdict, 0))
+        await asyncio.sleep(0)
+        if not guess_first:
+            rule.guessed(guess)
+        return rule(1, 0.5, None)
+
+    for first in (True, False):
+        assert asyncio.run(own_guess(9, full_wrong, first)) == "cut", first
+        assert asyncio.run(own_guess(9, full_hit, first)) is None, first
+        assert asyncio.run(own_guess(9, partial, first)) == "cut", first
+
 
 def slow_drafter(dm: LoadedModel, token_s: float) -> tuple[Drafter, list[DraftBlock]]:
     """A drafter whose every token takes `token_s` more (so verdicts land mid-block) and the list
