@@ -196,6 +196,9 @@ class EdgeClient:
                     )
                 except EdgeError as exc:
                     res.error = f"{res.error}; re-opening the session failed: {exc}"
+                    spent_j = acct.opening_spent_j()  # the failed attempt is the generation's too
+                    res.stats.energy_j += spent_j
+                    policy.charge(spent_j)
                     break
                 res = merge_results(res, more)
         finally:
@@ -264,10 +267,12 @@ class EdgeClient:
             return Exchange(_verdict(down, block.round), wire_bytes(up.ByteSize()), wire_bytes(down.ByteSize()))
 
         transport: Verify = self._streamed(call, max_new_tokens) if policy.edge_streams else verify
-        # Both models' windows bound the sequence: a drafter with a shorter one than the target's
-        # must not draft past it (absolute positions fail; rotary ones stop agreeing).
-        context = min(opened.context_limit, loaded.context_limit)
-        limits = Limits(max_new_tokens, context, opened.max_draft_tokens, loaded.eos_token_ids)
+        # The target's window bounds the generation, the drafter's own the drafting (a drafter
+        # with a shorter one must not draft past it: absolute positions fail, rotary ones stop
+        # agreeing); past it the rounds go on with K = 0.
+        limits = Limits(
+            max_new_tokens, opened.context_limit, opened.max_draft_tokens, loaded.eos_token_ids, loaded.context_limit
+        )
         link = self._link(call, policy, opened)
         if link is not None:
             result = await pipelined_generate(

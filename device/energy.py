@@ -37,6 +37,13 @@ class EnergyAccountant:
         no generation began from (the open failed)."""
         self._opening = self.meter.read() if at else None
 
+    def opening_spent_j(self) -> float:
+        """Joules since the `opening` reading no generation began from (a re-open that failed:
+        the reconnect and the attempt cost the device all the same), and the reading dropped;
+        0 without one, NaN when the meter cannot read."""
+        start, self._opening = self._opening, None
+        return self.meter.read().joules - start.joules if start is not None else 0.0
+
     def begin(self, stats: GenerationStats) -> Reading:
         """The generation's first reading: the one `opening` took, else now."""
         stats.energy_source, stats.energy_kind = self.meter.source, self.meter.kind
@@ -75,8 +82,11 @@ class EnergyAccountant:
         e_compute = end.joules - start.joules
         e_radio = self.radio_j(bytes_up, bytes_down)
         edge_s = (verdict.queue_ms + verdict.compute_ms) / 1e3
+        # The drafting phase as the drafting reading saw it (thread hops included), else the
+        # drafting alone: the transport time is the rest of the round outside the edge.
+        drafting_s = drafted.t_s - start.t_s if drafted is not None else block.draft_s
         if "t_net_s" not in fields:
-            fields["t_net_s"] = max(0.0, t_round - block.draft_s - edge_s)
+            fields["t_net_s"] = max(0.0, t_round - drafting_s - edge_s)
         return Telemetry(
             round=block.round,
             k=block.k,
@@ -88,7 +98,7 @@ class EnergyAccountant:
             t_edge_compute_s=verdict.compute_ms / 1e3,
             e_compute_j=e_compute,
             e_draft_j=drafted.joules - start.joules if drafted is not None else float("nan"),
-            t_drafted_s=drafted.t_s - start.t_s if drafted is not None else float("nan"),
+            t_drafted_s=drafting_s if drafted is not None else float("nan"),
             e_radio_j=e_radio,
             e_j=e_compute + e_radio,
             bytes_up=bytes_up,

@@ -52,9 +52,14 @@ Offload = Callable[..., Awaitable[Any]]  # offload(fn, *args) -> fn(*args), mayb
 @dataclass(frozen=True)
 class Limits:
     max_new_tokens: int
-    context_limit: int
+    context_limit: int  # the target's: the generation ends there
     max_draft_tokens: int
     eos: Collection[int] = ()
+    draft_context: int = 0  # the drafter's window (0: the same): nothing is drafted at or past it
+
+    def draft_room(self, length: int) -> int:
+        """Drafts (or pre-drafts) that fit in the drafter's window after `length` tokens."""
+        return max(0, (self.draft_context or self.context_limit) - length)
 
 
 @dataclass
@@ -109,7 +114,10 @@ async def speculative_generate(
         if room < 0:
             stats.stop_reason = "context_limit"
             break
-        limit = max(0, min(limits.max_new_tokens - len(out) - 1, room, limits.max_draft_tokens))
+        length = len(drafter.tokens)
+        limit = max(
+            0, min(limits.max_new_tokens - len(out) - 1, room, limits.max_draft_tokens, limits.draft_room(length))
+        )
         decision = policy.decide(limit)
         gate = policy.gate(decision)
         wanted = decision.k_max if gate else decision.k_ref
@@ -120,8 +128,10 @@ async def speculative_generate(
         else:  # nothing for the model (fixed-0, or only tokens carried from a pre-draft): no thread hop
             block = drafter.draft(cap, stats.rounds, gate, limits.eos)
         drafted = acct.drafted()
-        # A pre-draft starts at the round's target token, after the block: within the context too.
-        depth = min(policy.predraft_depth(decision, block), max(0, room + 1 - block.k))
+        # A pre-draft starts at the round's target token, after the block; what the next block can
+        # use of it ends where that block's drafts must (within both windows).
+        fits = min(room, limits.draft_room(length + 1)) - block.k
+        depth = min(policy.predraft_depth(decision, block), max(0, fits))
         try:
             ex, predrafted = await _verify_pipelined(drafter, block, verify, depth, offload, limits.eos)
         except VerifyError as exc:

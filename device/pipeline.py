@@ -147,7 +147,7 @@ def _limit(limits: Limits, confirmed: int, out: int) -> int:
     room = limits.context_limit - confirmed - 1
     if room < 0 or out >= limits.max_new_tokens:
         return -1
-    return max(0, min(limits.max_new_tokens - out - 1, room, limits.max_draft_tokens))
+    return max(0, min(limits.max_new_tokens - out - 1, room, limits.max_draft_tokens, limits.draft_room(confirmed)))
 
 
 async def _send(

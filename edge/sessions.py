@@ -267,8 +267,9 @@ class SessionRegistry:
             raise AdmissionError(
                 f"edge KV budget too small for this session: it reserves {tokens} tokens (prompt "
                 f"{len(prefix_ids)} + max_new_tokens {max_new_tokens or 'up to the context limit'} + "
-                f"the edge's block limit {self.max_draft_tokens} + 1), {tokens / mib:.1f} MiB, more than "
-                f"the whole {self.kv_budget_bytes / 2**20:.1f} MiB budget; ask for fewer max_new_tokens"
+                f"the edge's block limit {self.max_draft_tokens} + 1, at most the context limit "
+                f"{loaded.context_limit}), {tokens / mib:.1f} MiB, more than the whole "
+                f"{self.kv_budget_bytes / 2**20:.1f} MiB budget; ask for fewer tokens"
             )
         if shape is None:
             raise AdmissionError(

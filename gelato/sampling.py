@@ -15,16 +15,18 @@ exactly as the target's, for any q, provided q is what x_i was drawn from. Ratio
 Randomness: `KeyedRng` draws by key (seed, role, token position, purpose; the drafter adds the
 prefix it drafts after) instead of from a stream's state, so a generation re-opened on another
 edge with its accepted prefix (failover) draws exactly what the uninterrupted one would have: same
-seed, same tokens. Each uniform is 53 bits of the key's SHA-256 (no generator's 32-bit seed, so
-keys do not collide), and tokens are drawn by inverting the CDF at it, on the CPU whatever device
-p sits on. Why keys that never repeat matter: speculative sampling is exact when each draft is
+seed, same tokens. Each uniform is 53 bits of the key's SHA-256 (not a generator's 32-bit seed,
+under which distinct keys shared streams), and tokens are drawn by inverting the CDF at it, on the CPU whatever device
+p sits on. Why a redraft needs its own key: speculative sampling is exact when each draft is
 drawn independently of everything that decided to draft it. A draft that was cut (its block
 rejected earlier, or sent ahead behind a miss) was not unseen: it set where its block stopped and
 so, through the controller's estimates, what is drafted next. Re-drawn at the same position with
 the same uniform, it would be correlated with that decision. The edge's acceptance uniform for a
 position is used once (a tested draft is either accepted or replaced, never tested again), so the
 position is key enough there; the drafter keys by position and prefix (a redraft follows a
-different prefix: the token that replaced the cut one).
+different prefix: the token that replaced the cut one). The same key comes twice only for a
+pre-draft dropped unused and drafted again after the very same tokens: it draws the same token
+again, a draw that had set nothing but where that pre-draft stopped.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def draw_index(weights: torch.Tensor, rng: Draw) -> int:
     # The first index whose cumulative weight exceeds u * total: never a zero-weight index, since
     # its cumulative weight equals the one before it.
     i = int(torch.searchsorted(cdf, rng * float(cdf[-1]), right=True))
-    return i if i < len(cdf) else int(torch.nonzero(weights).max())  # u * total rounded up to it
+    return i if i < len(cdf) else int(torch.nonzero(weights).max())  # defensive: u < 1 keeps u * total below it
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

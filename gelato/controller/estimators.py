@@ -213,8 +213,13 @@ class CostEstimator:
         # round before; a block sent ahead with a guess drafted the guess too (one forward more,
         # which `chain_frame` prices itself: fitted as a draft, it would land in the intercept).
         fresh = tele.k - tele.carried + (tele.sent_ahead and not tele.follow)
+        # Where the meter was read when drafting ended, the drafting phase is the interval that
+        # reading covers (the thread hops around the forwards: a per-block cost, so the fit's
+        # intercept takes them), and the round's `t_net_s` is the rest: one split of the round for
+        # time and energy alike, so the estimates' energy adds up to the meter's.
+        span = tele.t_drafted_s if math.isfinite(tele.t_drafted_s) else tele.t_draft_s
         if fresh > 0:
-            self.t_draft.update(fresh, tele.t_draft_s)
+            self.t_draft.update(fresh, span)
         if tele.k > 0:
             observed = tele.accepted + (1 if tele.accepted < tele.k else 0)
             self.accept.update(tele.accepted / observed, float(observed))
@@ -235,10 +240,9 @@ class CostEstimator:
             self.power.update(drafting, t_wait, tele.e_compute_j)
             # The reading at the end of the block's drafting splits the round only when nothing
             # else was drafted in it (a pre-draft's energy would count as waiting). Each side's
-            # energy over the time it covers: the drafting reading's interval includes the thread
-            # hops around the drafting (over `t_draft_s` alone it read drafting as dearer than it is).
+            # energy over the time it covers (over `t_draft_s` alone, without the hops, drafting
+            # read dearer than it is).
             if math.isfinite(tele.e_draft_j) and drafting <= tele.t_draft_s:
-                span = tele.t_drafted_s if math.isfinite(tele.t_drafted_s) else tele.t_draft_s
                 self.e_draft.update(tele.e_draft_j)
                 self.t_drafting.update(span)
                 self.e_wait.update(tele.e_compute_j - tele.e_draft_j)

@@ -128,9 +128,15 @@ class _Stream:
     has ended (grpc.aio raises UsageError; the call's status is UNAVAILABLE)."""
 
     def __init__(
-        self, target: LoadedModel, cut_after: int | None = None, close_fails: bool = False, open_s: float = 0.0
+        self,
+        target: LoadedModel,
+        cut_after: int | None = None,
+        close_fails: bool = False,
+        open_s: float = 0.0,
+        open_fails: bool = False,
     ) -> None:
         self.target, self.cut_after, self.close_fails, self.open_s = target, cut_after, close_fails, open_s
+        self.open_fails = open_fails
         self.replies: asyncio.Queue[pb.EdgeMessage | None] = asyncio.Queue()
         self.session: TargetSession | None = None
         self.verdicts = 0
@@ -139,6 +145,11 @@ class _Stream:
     async def write(self, msg: pb.DeviceMessage) -> None:
         kind = msg.WhichOneof("kind")
         if kind == "open":
+            if self.open_fails:  # the replica is gone too: the attempt takes its time, then fails
+                await asyncio.sleep(self.open_s)
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone"
+                )
             self.session = TargetSession("s", self.target, SamplingParams(), list(msg.open.prefix_ids))
             self.session.prefill()
             await asyncio.sleep(self.open_s)  # a longer prefill, as a real target's prompt takes
@@ -244,6 +255,12 @@ def test_the_wait_for_each_open_is_the_generations_energy(target: LoadedModel, d
         assert opens_s < res.stats.energy_j <= res.elapsed_s  # 1 W: joules are seconds
         assert res.stats.energy_j == pytest.approx(res.elapsed_s, abs=0.05)
         assert res.stats.energy_j - sum(t.e_j for t in res.stats.rounds_log) > opens_s  # outside any round
+    # A re-open that fails after 0.3 s: the generation ends with an error, its energy still the span's.
+    acct = EnergyAccountant(OneWatt(), None)
+    streams = [_Stream(target, cut_after=2, open_s=0.3), _Stream(target, open_s=0.3, open_fails=True)]
+    res = _generate(target, drafter_model, streams, failovers=1, acct=acct)
+    assert "re-opening the session failed" in res.error
+    assert 0.6 < res.stats.energy_j <= res.elapsed_s and res.stats.energy_j == pytest.approx(res.elapsed_s, abs=0.05)
 
 
 def test_a_reply_that_is_not_the_rounds_verdict_is_an_edge_fault() -> None:
@@ -265,15 +282,22 @@ def test_a_reply_that_is_not_the_rounds_verdict_is_an_edge_fault() -> None:
         assert info.value.code == grpc.StatusCode.INTERNAL
 
 
-def test_a_drafter_with_a_shorter_window_than_the_target_bounds_the_generation(
+def test_a_drafter_with_a_shorter_window_than_the_target_drafts_only_within_it(
     target: LoadedModel, drafter_model: LoadedModel
 ) -> None:
-    """The edge reports the target's context limit; a drafter whose own window is shorter must not
-    draft past it: the generation stops at the drafter's limit, as it would at the target's."""
+    """The edge reports the target's context limit; a drafter whose own window is shorter drafts
+    nothing at or past it (absolute positions would fail there), and the generation goes on to
+    the target's limits with K = 0 rounds, the same tokens as with a drafter that fits."""
     from dataclasses import replace
 
     prompt = encode_prompt(target.tokenizer, "Ava has 12 apples and Ben gives her 3 more. How many?")
-    short = replace(drafter_model, context_limit=len(prompt) + 6)
+    window = len(prompt) + 6
+    short = replace(drafter_model, context_limit=window)
     res = _generate(target, short, [_Stream(target)], failovers=0)
-    assert res.stats.stop_reason == "context_limit" and 0 < len(res.token_ids) <= 6, res.stats.stop_reason
-    assert len(prompt) + len(res.token_ids) <= short.context_limit
+    ref = _generate(target, drafter_model, [_Stream(target)], failovers=0)
+    assert res.token_ids == ref.token_ids and res.stats.stop_reason == ref.stats.stop_reason
+    length = len(prompt)
+    for t in res.stats.rounds_log:  # every draft at a position below the drafter's window
+        assert t.k == 0 or length + t.k <= window, (length, t.k)
+        length += t.emitted
+    assert length > window and res.stats.rounds_log[-1].k == 0  # it went on past the window

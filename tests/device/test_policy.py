@@ -417,6 +417,38 @@ def test_queue_is_charged_the_whole_generation(target: LoadedModel, drafter_mode
     assert not log[0].over_budget and any(t.over_budget for t in log[1:])
 
 
+def test_pre_drafts_stay_within_the_drafters_window(target: LoadedModel) -> None:
+    """With local pre-drafting (forced hits: the drafter is the target), neither a block's drafts
+    nor a pre-draft reach the drafter's window (`Limits.draft_context`); past it the rounds draft
+    nothing, and the output is the unlimited run's."""
+    prompt = encode_prompt(target.tokenizer, "Ava has 12 apples and Ben gives her 3 more. How many?")
+    window = len(prompt) + 11
+
+    def run(draft_context: int) -> tuple[list[int], list[Telemetry]]:
+        session = TargetSession("s", target, SamplingParams(), prompt)
+        session.prefill()
+        policy = parse_policy("fixed-4", PolicyOptions(pipeline="local", k_max=4))
+        limits = Limits(40, target.context_limit, 32, target.eos_token_ids, draft_context)
+        verify_now = local_verifier(session)
+
+        async def verify(block: DraftBlock) -> Exchange:
+            await asyncio.sleep(0)  # "in flight": the pre-draft task runs now
+            return await verify_now(block)
+
+        res = asyncio.run(speculative_generate(Drafter(target, SamplingParams()), verify, policy, prompt, limits))
+        return res.token_ids, res.stats.rounds_log
+
+    want, _ = run(0)
+    got, log = run(window)
+    assert got == want and len(got) == 40
+    length = len(prompt)
+    for t in log:  # drafts at length .. length + k - 1, the pre-draft from length + k on
+        assert t.k == 0 or length + t.k <= window, (length, t.k)
+        assert t.predrafted == 0 or length + t.k + t.predrafted <= window, (length, t.k, t.predrafted)
+        length += t.emitted
+    assert sum(t.predrafted for t in log) > 0 and log[-1].k == 0
+
+
 @pytest.mark.parametrize("name", ["fixed-4", "gelato"])
 @pytest.mark.parametrize("drafter_key", ["target", "drafter_never", "drafter_agree"])
 def test_pipelined_greedy_is_exact(pair: dict[str, Path], target: LoadedModel, name: str, drafter_key: str) -> None:

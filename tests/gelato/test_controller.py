@@ -388,6 +388,36 @@ def test_radio_cost_is_learned_from_rounds_that_cut_nothing() -> None:
     assert m.e_radio0_j == pytest.approx(1e-3, rel=0.05) and m.e_radio_per_token_j == pytest.approx(1e-4, rel=0.05)
 
 
+def test_estimates_add_up_to_the_meter_with_thread_hops_around_the_drafting() -> None:
+    """The drafting reading covers the forwards and the thread hops around them (0.3 ms a block,
+    at drafting power here); the estimates split time and energy the same way, so their energy
+    and time for a K add up to the rounds' (once the split's powers came from one interval and
+    the times from another, and the energy came out low by the hops' share)."""
+    from dataclasses import replace
+
+    p_draft, p_wait, hop, per = 3.0, 0.5, 0.0003, 0.001
+    est = CostEstimator()
+    rounds = {}
+    for i in range(400):
+        k = 1 + i % 8
+        span, t_wait = hop + per * k, 0.02
+        e = p_draft * span + p_wait * t_wait
+        t = replace(
+            tele(k, k // 2, per * k, t_wait, e),
+            t_drafted_s=span,
+            e_draft_j=p_draft * span,
+            t_round_s=span + t_wait,
+            t_net_s=0.75 * t_wait,
+        )
+        est.observe(t)
+        rounds[k] = (e, span + t_wait)
+    m = est.model()
+    for k, (e, t) in rounds.items():
+        assert m.energy_j(k) == pytest.approx(e, rel=0.01), k
+        assert m.time_s(k) == pytest.approx(t, rel=0.01), k
+    assert m.p_draft_w == pytest.approx(p_draft, rel=1e-6) and m.p_wait_w == pytest.approx(p_wait, rel=1e-6)
+
+
 def test_acceptance_estimate_excludes_unobserved_drafts() -> None:
     est = CostEstimator(halflife_rounds=1e9)
     for _ in range(500):  # 8 drafts, first rejected: 0 of 1 observed token accepted
