@@ -202,7 +202,7 @@ class EdgeClient:
                     break
                 res = merge_results(res, more)
         finally:
-            acct.opening(at=False)
+            acct.forget_opening()
         res.elapsed_s = time.perf_counter() - t0
         return res
 

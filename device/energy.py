@@ -30,12 +30,15 @@ class EnergyAccountant:
     def radio_j(self, bytes_up: int, bytes_down: int) -> float:
         return self.radio.round_energy_j(bytes_up, bytes_down) if self.radio else 0.0
 
-    def opening(self, at: bool = True) -> None:
+    def opening(self) -> None:
         """A generation starts here, before its session is opened (or re-opened after a
         failover): `begin` measures from this reading, so the wait while the edge opens the
-        session and prefills the prompt is the generation's energy too. `at=False` drops a reading
-        no generation began from (the open failed)."""
-        self._opening = self.meter.read() if at else None
+        session and prefills the prompt is the generation's energy too."""
+        self._opening = self.meter.read()
+
+    def forget_opening(self) -> None:
+        """Drop an `opening` reading no generation began from (the open failed)."""
+        self._opening = None
 
     def opening_spent_j(self) -> float:
         """Joules since the `opening` reading no generation began from (a re-open that failed:

@@ -16,8 +16,8 @@ Randomness: `KeyedRng` draws by key (seed, role, token position, purpose; the dr
 prefix it drafts after) instead of from a stream's state, so a generation re-opened on another
 edge with its accepted prefix (failover) draws exactly what the uninterrupted one would have: same
 seed, same tokens. Each uniform is 53 bits of the key's SHA-256 (not a generator's 32-bit seed,
-under which distinct keys shared streams), and tokens are drawn by inverting the CDF at it, on the CPU whatever device
-p sits on. Why a redraft needs its own key: speculative sampling is exact when each draft is
+under which distinct keys shared streams), and tokens are drawn by inverting the CDF at it, on
+the CPU whatever device p sits on. Why a redraft needs its own key: speculative sampling is exact when each draft is
 drawn independently of everything that decided to draft it. A draft that was cut (its block
 rejected earlier, or sent ahead behind a miss) was not unseen: it set where its block stopped and
 so, through the controller's estimates, what is drafted next. Re-drawn at the same position with
@@ -211,8 +211,10 @@ def verify_sampling(
     def emit(i: int) -> Draw:
         return generator.uniform(base + i, "emit") if isinstance(generator, KeyedRng) else generator
 
-    rows = torch.arange(k, device=p.device)
-    p_drafts = p[rows, torch.tensor(draft_ids, dtype=torch.long, device=p.device)].tolist() if k else []
+    p_drafts: list[float] = []
+    if k:  # p's draft entries in one transfer (one sync when p sits on an accelerator)
+        ids = torch.tensor(draft_ids, dtype=torch.long, device=p.device)
+        p_drafts = p[torch.arange(k, device=p.device), ids].tolist()
     for i, (x, qi) in enumerate(zip(draft_ids, q, strict=True)):
         q_x = qi.prob_of(x)
         if q_x > 0 and uniforms[i] * q_x < p_drafts[i]:  # u < p/q without dividing
