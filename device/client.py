@@ -174,7 +174,8 @@ class EdgeClient:
         `accountant` measures energy (default: none, NaN); `on_round` gets each round's telemetry
         as it completes (the `--trace` writer). When the edge goes away mid-generation
         (UNAVAILABLE), the session is re-opened — on another replica when `--edge` names several —
-        with the prompt and the tokens accepted so far as its prefix, up to `failovers` times; the
+        with the prompt and the tokens accepted so far as its prefix, up to `failovers` attempts
+        (a re-open that fails UNAVAILABLE is one); the
         output is what an uninterrupted run gives (draws are keyed by token position)."""
         acct = accountant or EnergyAccountant(NullMeter(), None)
         t0 = time.perf_counter()
@@ -199,7 +200,10 @@ class EdgeClient:
                     spent_j = acct.opening_spent_j()  # the failed attempt is the generation's too
                     res.stats.energy_j += spent_j
                     policy.charge(spent_j)
-                    break
+                    # UNAVAILABLE again (e.g. round_robin picked the replica that just died, before
+                    # its connection was seen to be gone): the next attempt, while any are left.
+                    res.failure = exc
+                    continue
                 res = merge_results(res, more)
         finally:
             acct.forget_opening()

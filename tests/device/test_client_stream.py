@@ -301,3 +301,22 @@ def test_a_drafter_with_a_shorter_window_than_the_target_drafts_only_within_it(
         assert t.k == 0 or length + t.k <= window, (length, t.k)
         length += t.emitted
     assert length > window and res.stats.rounds_log[-1].k == 0  # it went on past the window
+
+
+def test_a_reopen_that_fails_unavailable_is_tried_again(target: LoadedModel, drafter_model: LoadedModel) -> None:
+    """Right after a replica dies, round_robin may send the re-open to it before its connection is
+    seen to be gone: that re-open fails UNAVAILABLE too, and the next attempt (of `failovers`)
+    goes on. The output is the uninterrupted run's; one session was re-opened."""
+    ref = _generate(target, drafter_model, [_Stream(target)], failovers=0)
+    streams = [_Stream(target, cut_after=2), _Stream(target, open_fails=True), _Stream(target)]
+    res = _generate(target, drafter_model, streams, failovers=2)
+    assert (res.token_ids, res.stats.stop_reason, res.error, res.failovers) == (
+        ref.token_ids,
+        ref.stats.stop_reason,
+        "",
+        1,
+    )
+    # With one attempt only, the failed re-open ends the generation, as ever.
+    once = [_Stream(target, cut_after=2), _Stream(target, open_fails=True)]
+    res = _generate(target, drafter_model, once, failovers=1)
+    assert res.stats.stop_reason == "error" and "re-opening the session failed" in res.error
