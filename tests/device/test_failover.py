@@ -70,7 +70,7 @@ def test_killed_replica_mid_generation_changes_nothing(pair: dict[str, Path], tm
     finally:
         for e in edges:
             e.stop()
-    assert dev.returncode == 0, err
+    assert dev.returncode == 0, err + out  # the record line says why a prompt failed
     rec = json.loads(out)
     assert rec["failovers"] == 1 and rec["stop_reason"] in ("eos", "max_new_tokens"), rec
     assert rec["token_ids"] == ref["token_ids"]
