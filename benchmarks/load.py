@@ -23,8 +23,9 @@ writes PATH.json and PATH.md, with the command and `gelato.benchmarks.procs.mach
   refused UNAVAILABLE, nothing hangs, and the edge exits 0 within its grace period (`EDGE_GRACE_S`,
   edge/cli.py) plus the interpreter's teardown (`EXIT_SLACK_S`).
 - stall: an edge with `--idle-timeout-s 1`: clients that go silent (before open, after open,
-  mid-generation) end DEADLINE_EXCEEDED after 1 s of silence while a slow but live session is
-  untouched and exact; sessions return to zero.
+  mid-generation) end DEADLINE_EXCEEDED after 1 s of silence, a client that stops reading the
+  edge's answers mid-`Generate` has its session freed while it still reads nothing and ends
+  DEADLINE_EXCEEDED, while a slow but live session is untouched and exact; sessions return to zero.
 Each phase records its cases, failures, wall time, the edge's peak and idle RSS (psutil) and
 `Info`'s sessions/KV after it. The reliability tests (`tests/reliability/test_load.py`,
 `test_faults.py`) run the same functions at a smaller scale, with the same deterministic session
@@ -216,7 +217,7 @@ def _rows(ph: dict) -> list[tuple[str, str, dict]]:
     rows.append(("fuzz", f"{fuzz['cases']} cases ({len(fuzz['void_fuzzer_cases'])} void)", fuzz))
     rows.append(("kills", f"{k['killed']} killed ({len(k['device_processes'])} device processes)", k))
     rows.append(("sigterm", f"{ph['sigterm']['sessions']} sessions + 1 arriving", ph["sigterm"]))
-    rows.append(("stall", f"{len(ph['stall']['stalled'])} silent + 1 live", ph["stall"]))
+    rows.append(("stall", f"{len(ph['stall']['stalled'])} silent + 1 not reading + 1 live", ph["stall"]))
     return rows
 
 
@@ -243,6 +244,9 @@ def _notes(ph: dict) -> list[str]:
         f"(grace period {sig['grace_s']} s; an idle edge takes {st['edge_stop_s']} s to stop).",
         f"- Stall (idle timeout {st['idle_timeout_s']} s): "
         + ", ".join(f"{s['kind']} ended {s['code']} after {s['silent_s']} s of silence" for s in st["stalled"])
+        + f"; a client that stopped reading during `Generate` had its session freed while still not reading "
+        f"(Info then: {st['unread']['while_unread']}), read the {st['unread']['verdicts_read']} verdicts written "
+        f"before the stall and ended {st['unread']['code']}"
         + f"; the live session (pauses of {0.4 * st['idle_timeout_s']:g} s) ended {st['live']['code']}.",
     ]
 

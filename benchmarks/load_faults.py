@@ -7,15 +7,18 @@ every witness run must equal its solo run, and afterwards the edge must be idle 
 `sigterm_phase` SIGTERMs an edge with `SIGTERM_KINDS` sessions open: every stream must end OK or
 UNAVAILABLE with a message within the grace period (`EDGE_GRACE_S`), a device arriving then must
 be refused UNAVAILABLE, and the edge must exit 0 within the grace period plus `EXIT_SLACK_S`.
-`stall_phase` runs silent clients (`STALLS`) next to a slow but live session against an edge with
-an idle timeout: the silent ones must end DEADLINE_EXCEEDED after that much silence, the live one
-OK with its solo verdicts. Each phase returns a dict whose `failures` is empty when it passed, with
-what `gelato.benchmarks.load`'s report reads.
+`stall_phase` runs silent clients (`STALLS`) and one that stops reading the edge's answers
+(`unread_session`) next to a slow but live session against an edge with an idle timeout: the
+silent ones must end DEADLINE_EXCEEDED after that much silence, the unread one's session must be
+freed while it still reads nothing, the live one must end OK with its solo verdicts. Each phase
+returns a dict whose `failures` is empty when it passed, with what `gelato.benchmarks.load`'s
+report reads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -47,6 +50,7 @@ from gelato.benchmarks.load_driver import (
 )
 from gelato.benchmarks.load_streams import Spec, make_block, open_message
 from gelato.benchmarks.procs import Edge
+from gelato.channel import CLIENT_OPTIONS
 from gelato.types import SamplingParams
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
@@ -294,24 +298,37 @@ STALLS = {  # name -> (spec, whether it sends its open)
 }
 
 
+# A stream window this small fills after a few dozen verdicts: HTTP/2 flow control then holds the
+# edge's next write until the client reads (gRPC's automatic window growth off, so it stays small).
+UNREAD_OPTIONS = [*CLIENT_OPTIONS, ("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+UNREAD_SPEC = Spec((8, 9, 10), 0, 0)
+
+
 async def stall_phase(
     address: str, pid: int, fp: str, vocab: int, idle_timeout_s: float, live: tuple[Spec, Verdicts]
 ) -> dict:
-    """Silent clients (`STALLS`) next to a live session that pauses 0.4 × the idle timeout
-    between rounds: every silent one ends DEADLINE_EXCEEDED naming the idle timeout after
-    `idle_timeout_s` (-0.1) to `idle_timeout_s` + 2 s of silence; the live one ends OK with its solo
-    verdicts; then the edge is idle."""
+    """Silent clients (`STALLS`) and one that stops reading (`unread_session`) next to a live
+    session that pauses 0.4 × the idle timeout between rounds: every silent one ends
+    DEADLINE_EXCEEDED naming the idle timeout after `idle_timeout_s` (-0.1) to `idle_timeout_s` + 2 s
+    of silence, the unread one's session is freed while it still reads nothing and it ends
+    DEADLINE_EXCEEDED; the live one ends OK with its solo verdicts; then the edge is idle."""
     chans = [channel(address) for _ in range(len(STALLS) + 1)]
     t0 = time.perf_counter()
+    others_done = asyncio.Event()
+    unread = asyncio.ensure_future(unread_session(address, fp, idle_timeout_s, others_done))
     silent = [
         drive(ch, fp, vocab, s, stall=True, send_open=o) for ch, (s, o) in zip(chans[:-1], STALLS.values(), strict=True)
     ]
-    *outs, alive = await asyncio.gather(*silent, drive(chans[-1], fp, vocab, live[0], pace_s=0.4 * idle_timeout_s))
+    try:
+        *outs, alive = await asyncio.gather(*silent, drive(chans[-1], fp, vocab, live[0], pace_s=0.4 * idle_timeout_s))
+    finally:
+        others_done.set()
+    stopped_reading = await unread
     for ch in chans:
         await ch.close()
     state, idle_s = await wait_idle(address)
     stalled = [_stalled(name, o, idle_timeout_s) for name, o in zip(STALLS, outs, strict=True)]
-    failures: list[dict] = [s for s in stalled if not s["ok"]]
+    failures: list[dict] = [s for s in [*stalled, stopped_reading] if not s["ok"]]
     if alive.code != "OK" or alive.pairs() != live[1]:
         failures.append({"kind": "live", "code": alive.code, "details": alive.details[:200]})
     if not is_idle(state):
@@ -319,6 +336,7 @@ async def stall_phase(
     return {
         "idle_timeout_s": idle_timeout_s,
         "stalled": stalled,
+        "unread": stopped_reading,
         "live": {"code": alive.code, "rounds": len(alive.verdicts), "seconds": alive.seconds},
         "failures": failures,
         "wall_s": round(time.perf_counter() - t0, 3),
@@ -326,6 +344,31 @@ async def stall_phase(
         "seconds_to_idle": idle_s,
         "idle_rss_mib": rss_mib(pid),
     }
+
+
+async def unread_session(address: str, fp: str, idle_timeout_s: float, others_done: asyncio.Event) -> dict:
+    """A device that opens, asks the edge to generate its whole reservation (`Generate`) and then
+    reads nothing, on a small stream window (`UNREAD_OPTIONS`): the edge's writes stall. Once the
+    phase's other clients are done and `idle_timeout_s` + 2 s have passed, it reads the edge's state
+    (the edge must have freed its session by then), then the stream to its end: the verdicts
+    written before the stall and DEADLINE_EXCEEDED naming the cause."""
+    async with grpc.aio.insecure_channel(address, options=UNREAD_OPTIONS) as ch:
+        call = pb_grpc.GelatoStub(ch).Session(timeout=CALL_TIMEOUT_S)
+        await call.write(open_message(fp, UNREAD_SPEC, max_new_tokens=MAX_NEW_TOKENS))
+        await call.read()  # opened
+        await call.write(pb.DeviceMessage(generate=pb.Generate(round=0, max_tokens=MAX_NEW_TOKENS)))
+        stopped = time.perf_counter()
+        await others_done.wait()
+        await asyncio.sleep(max(0.0, stopped + idle_timeout_s + 2 - time.perf_counter()))
+        state, _ = await wait_idle(address, timeout_s=1.0)
+        read = 0
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            while await call.read() is not grpc.aio.EOF:
+                read += 1
+        code, details = (await call.code()).name, await call.details() or ""
+    # Fewer verdicts than asked for: the generation was cut short, not finished before the stall.
+    ok = code == "DEADLINE_EXCEEDED" and "stopped reading" in details and is_idle(state) and read < MAX_NEW_TOKENS
+    return {"code": code, "details": details[:200], "verdicts_read": read, "while_unread": state, "ok": ok}
 
 
 def _stalled(name: str, o: Outcome, idle_timeout_s: float) -> dict:

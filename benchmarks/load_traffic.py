@@ -156,9 +156,10 @@ def bad_sampling_cases(fp: str) -> list[tuple[str, list[bytes], set[grpc.StatusC
 
 
 def void_case(name: str, messages: list[bytes]) -> bool:
-    """A fuzzer case about bad sampling parameters whose OpenSession carries valid ones.
-    (`Fuzzer.open(sampling=<SamplingParams>)` binds the message to its `sampling: bool`
-    parameter, so every such case opens temperature 0.8, top_p off: `gelato.benchmarks.load_fuzz`.)"""
+    """A fuzzer case about bad sampling parameters whose OpenSession carries valid ones, which
+    would pass for the edge's fault if counted. None since `Fuzzer.open` took its flag as
+    `sampled` (it used to be `sampling`, which swallowed the `sampling=` message: every such case
+    then opened temperature 0.8); kept as a guard."""
     if name not in ("open.temperature", "open.top_p"):
         return False
     try:

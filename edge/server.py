@@ -9,7 +9,8 @@ failed deserialization UNKNOWN), FAILED_PRECONDITION, OUT_OF_RANGE, RESOURCE_EXH
 UNAVAILABLE; INTERNAL only for a genuine server fault, and then for that session alone. The
 server and other sessions go on. Client strings are echoed only clipped (`gelato.wire.clip`).
 Model forwards run on one model thread, never on the event loop. A session is released however
-its stream ends.
+its stream ends, and before its final status is sent. A device that sends nothing, or takes no
+answer, for the idle timeout has gone or stalled: its stream ends DEADLINE_EXCEEDED.
 
 Shutdown (`EdgeServer.stop(grace_s)`): health turns NOT_SERVING and new calls are refused at once;
 open sessions are served as usual for `grace_s`. Then the edge itself ends every Session stream
@@ -122,16 +123,20 @@ def _parse(cls: type[_M], data: bytes) -> _M:
 
 
 class _Stream:
-    """An open Session stream as shutdown sees it: the task serving it, since when
-    (`time.monotonic()`) it waits for its device's next message (None while the edge owes the device
-    an answer), and whether shutdown has cut it."""
+    """An open Session stream: its session once opened, and as shutdown sees it: the task serving
+    it, since when (`time.monotonic()`) it waits for its device's next message (None while the
+    edge owes the device an answer), and whether shutdown has cut it."""
 
-    __slots__ = ("cut", "task", "waiting_since")
+    __slots__ = ("cut", "session", "task", "waiting_since")
 
     def __init__(self, task: asyncio.Task | None) -> None:
         self.task = task
+        self.session: TargetSession | None = None
         self.waiting_since: float | None = None
         self.cut = False
+
+    def session_id(self) -> str | None:
+        return self.session.session_id if self.session is not None else None
 
 
 class GelatoService:
@@ -212,70 +217,78 @@ class GelatoService:
             )
         )
 
-    async def Session(
-        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.EdgeMessage]:
-        session: TargetSession | None = None
+    async def Session(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         stream = _Stream(asyncio.current_task())
         self.streams.add(stream)
         try:
-            while True:
-                msg = await self._next_message(context, stream)
-                if msg is None:
-                    break
-                received = time.perf_counter()
-                kind = msg.WhichOneof("kind")
-                if self.ending and kind != "close":
-                    raise StatusError(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
-                if kind == "open":
-                    if session is not None:
-                        raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "session already open")
-                    session = await self._open(msg.open)
-                    self._refuse_if_ending()
-                    yield encode_opened(
-                        SessionInfo(
-                            session_id=session.session_id,
-                            target_model=session.loaded.name,
-                            context_limit=session.loaded.context_limit,
-                            max_draft_tokens=self.config.max_draft_tokens,
-                            max_ahead_rounds=self.config.max_ahead_rounds,
-                            empty_ahead=self.config.max_ahead_rounds > 0,
-                        )
-                    )
-                elif kind == "draft":
-                    if session is None:
-                        raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "draft block before open")
-                    verdict = await self._verify(session, msg.draft, received)
-                    self._refuse_if_ending()  # the device waits for this answer: end the stream now
-                    yield encode_verdict(verdict)
-                elif kind == "generate":
-                    if session is None:
-                        raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "generate before open")
-                    async for verdict in self._generate(session, msg.generate, received):
-                        yield encode_verdict(verdict)
-                elif kind == "close":
-                    break
-                else:
-                    raise StatusError(
-                        grpc.StatusCode.INVALID_ARGUMENT, "empty DeviceMessage (no open/draft/generate/close)"
-                    )
+            await self._serve(context, stream)
         except StatusError as exc:
             details = clip(exc.details, MAX_DETAILS)
-            log.info("session %s: %s %s", session and session.session_id, exc.code.name, details)
+            log.info("session %s: %s %s", stream.session_id(), exc.code.name, details)
             await context.abort(exc.code, details)
         except asyncio.CancelledError:
             if not stream.cut:  # the device cancelled or vanished: there is no one to answer
                 raise
-            log.info("session %s: UNAVAILABLE %s", session and session.session_id, SHUTDOWN_DETAILS)
+            log.info("session %s: UNAVAILABLE %s", stream.session_id(), SHUTDOWN_DETAILS)
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
         except Exception as exc:  # a server fault (e.g. the prefill failed): this stream only, named
-            log.exception("session %s failed", session and session.session_id)
+            log.exception("session %s failed", stream.session_id())
             await context.abort(grpc.StatusCode.INTERNAL, clip(f"edge error: {exc}", MAX_DETAILS))
         finally:
             self.streams.discard(stream)
             self._stream_ended.set()
+
+    async def _serve(self, context: grpc.aio.ServicerContext, stream: _Stream) -> None:
+        """Answer the device's messages until it closes; its session is released however this
+        ends, before any status is sent: a status waits behind answers a stalled device never
+        reads (`_send`), and the session must not wait with it."""
+        try:
+            while (msg := await self._next_message(context, stream)) is not None:
+                if not await self._answer(context, stream, msg, time.perf_counter()):
+                    break
+        finally:
+            if stream.session is not None:
+                self.registry.release(stream.session.session_id)
+
+    async def _answer(
+        self, context: grpc.aio.ServicerContext, stream: _Stream, msg: pb.DeviceMessage, received: float
+    ) -> bool:
+        """Answer one message; False when it closes the session."""
+        kind, session = msg.WhichOneof("kind"), stream.session
+        if self.ending and kind != "close":
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
+        if kind == "open":
             if session is not None:
-                self.registry.release(session.session_id)
+                raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "session already open")
+            session = stream.session = await self._open(msg.open)
+            self._refuse_if_ending()
+            await self._send(context, encode_opened(self._session_info(session)))
+        elif kind == "draft":
+            if session is None:
+                raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "draft block before open")
+            verdict = await self._verify(session, msg.draft, received)
+            self._refuse_if_ending()  # the device waits for this answer: end the stream now
+            await self._send(context, encode_verdict(verdict))
+        elif kind == "generate":
+            if session is None:
+                raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "generate before open")
+            async for verdict in self._generate(session, msg.generate, received):
+                await self._send(context, encode_verdict(verdict))
+        elif kind == "close":
+            return False
+        else:
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "empty DeviceMessage (no open/draft/generate/close)")
+        return True
+
+    def _session_info(self, session: TargetSession) -> SessionInfo:
+        return SessionInfo(
+            session_id=session.session_id,
+            target_model=session.loaded.name,
+            context_limit=session.loaded.context_limit,
+            max_draft_tokens=self.config.max_draft_tokens,
+            max_ahead_rounds=self.config.max_ahead_rounds,
+            empty_ahead=self.config.max_ahead_rounds > 0,
+        )
 
     def _refuse_if_ending(self) -> None:
         if self.ending:
@@ -331,6 +344,20 @@ class GelatoService:
         if data is grpc.aio.EOF:
             return None
         return _parse(pb.DeviceMessage, data)
+
+    async def _send(self, context: grpc.aio.ServicerContext, msg: pb.EdgeMessage) -> None:
+        """Write one answer. A device that takes none for longer than the idle timeout (it stopped
+        reading: gRPC's flow control holds the write once the stream's window is full) has stalled:
+        its session ends DEADLINE_EXCEEDED and is freed, as a silent one's does. Without this
+        limit such a stream would hold its session and KV until the device's own deadline, if any."""
+        try:
+            await within(context.write(msg), self.config.idle_timeout_s)
+        except TimeoutError:
+            raise StatusError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"device took no answer for more than {self.config.idle_timeout_s:g} s (it stopped reading); "
+                "reopen with the accepted prefix",
+            ) from None
 
     async def _open(self, req: pb.OpenSession) -> TargetSession:
         m = self._require_model()

@@ -11,8 +11,9 @@
    after its grace period (`gelato.benchmarks.load.EDGE_GRACE_S`, the `server.stop(5.0)` of edge/cli.py;
    streams are cut at 5.0 s and the process is gone 0.6-0.9 s later, its interpreter's teardown).
 3. With `--idle-timeout-s 1`, clients that go silent (before open, after open, mid-generation)
-   end DEADLINE_EXCEEDED after 1 s of silence, a slow but live session is untouched and exact,
-   and sessions return to zero.
+   end DEADLINE_EXCEEDED after 1 s of silence, a client that stops reading during `Generate` has
+   its session and KV freed while it still reads nothing and then ends DEADLINE_EXCEEDED, a slow
+   but live session is untouched and exact, and sessions return to zero.
 
 The scenarios are `gelato.benchmarks.load`'s `kills_phase`, `sigterm_phase` and `stall_phase`.
 """
@@ -32,6 +33,7 @@ from gelato.benchmarks.load import (
     sigterm_phase,
     stall_phase,
 )
+from gelato.benchmarks.load_driver import MAX_NEW_TOKENS
 from gelato.benchmarks.load_streams import Spec
 from gelato.models import LoadedModel
 from tests.conftest import EdgeProcess
@@ -83,5 +85,8 @@ def test_stalled_clients_are_freed_by_the_idle_timeout(pair: dict[str, Path], ta
         assert edge.stop() == 0
     assert not result["failures"], result
     assert [s["code"] for s in result["stalled"]] == ["DEADLINE_EXCEEDED"] * 3
+    unread = result["unread"]
+    assert unread["code"] == "DEADLINE_EXCEEDED" and "stopped reading" in unread["details"], unread
+    assert unread["while_unread"] == IDLE and 0 < unread["verdicts_read"] < MAX_NEW_TOKENS, unread
     assert result["live"]["code"] == "OK" and result["live"]["rounds"] == live_spec.rounds
     assert result["after"] == IDLE
