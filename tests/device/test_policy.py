@@ -309,16 +309,23 @@ def test_ar_device_is_the_drafters_own_greedy_output(drafter_model: LoadedModel)
 
 
 class _SecondTokenOn(Gate):
+    # The random drafter's top-3 distributions are nearly uniform, so are the top 2 of them, and
+    # the first draft's entropy is the same for every sample (same prefix): judging from the
+    # second draft on, a threshold just under the entropy of a uniform q (ln 3, or ln 2 for q
+    # truncated to 2 candidates) ends a good share of blocks early, depending on what was drafted.
+    max_entropy = 1.0982
+
     def stop(self, drafted: int, entropy: float) -> str | None:
-        # The random drafter's top-3 distributions are nearly uniform and the first draft's entropy
-        # is the same for every sample (same prefix): judging from the second draft on, this ends
-        # about two blocks in three early, depending on what was drafted.
-        return "entropy" if drafted >= 2 and entropy > 1.0982 else None
+        return "entropy" if drafted >= 2 and entropy > self.max_entropy else None
 
 
 class SecondTokenOn(EntropyStop):
+    max_entropy = _SecondTokenOn.max_entropy
+
     def gate(self, decision: Decision) -> Gate:
-        return _SecondTokenOn(self.controller.calibrator)
+        gate = _SecondTokenOn(self.controller.calibrator)
+        gate.max_entropy = self.max_entropy
+        return gate
 
 
 def exact_distribution(target: LoadedModel, prompt: list[int], params: SamplingParams, n: int) -> dict:
@@ -338,21 +345,24 @@ def exact_distribution(target: LoadedModel, prompt: list[int], params: SamplingP
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pipeline", ["off", "local", "send-ahead"])
+@pytest.mark.parametrize(("pipeline", "top_m"), [("off", 8), ("local", 8), ("send-ahead", 8), ("off", 2)])
 def test_sampling_with_early_exit_follows_the_target(
-    target: LoadedModel, drafter_model: LoadedModel, pipeline: str
+    target: LoadedModel, drafter_model: LoadedModel, pipeline: str, top_m: int
 ) -> None:
     """4 tokens per generation (5 sending ahead), drafts cut by an entropy rule, with and without
     pre-drafting during the verdict: the joint distribution of the output equals the target's
     (chi-square), and the early exit (and, pipelined, pre-draft hits) really happened. Sending
     ahead, a first block cut early leaves room for one more with a draft: a chain goes on only
-    where a drafted block fits (of 4 tokens, one after 2 drafts would leave none)."""
+    where a drafted block fits (of 4 tokens, one after 2 drafts would leave none). With
+    `top_m` 2 the drafter keeps 2 of top-k's 3 candidates: drafts and their q come from the
+    truncated distribution, which the edge's acceptance must correct."""
     prompt = encode_prompt(target.tokenizer, "Tom has 3 apples")
     n, samples = (5 if pipeline == "send-ahead" else 4), 3000
     base = SamplingParams(temperature=1.0, top_k=3)
     exact = exact_distribution(target, prompt, base, n)
     pool = KVPool(target.model, target.vocab_size, slots=1, context=64, max_context=target.context_limit)
     policy = SecondTokenOn(PolicyOptions(pipeline=pipeline))
+    policy.max_entropy = {8: 1.0982, 2: 0.6927}[top_m]  # just under ln 3, ln 2: see `_SecondTokenOn`
     limits = Limits(n, target.context_limit, 32, ())
     counts: Counter[tuple[int, ...]] = Counter()
     reasons: Counter[str] = Counter()
@@ -367,7 +377,7 @@ def test_sampling_with_early_exit_follows_the_target(
             await asyncio.sleep(0)  # "in flight": a pre-draft runs now
             return await verify_now(block)
 
-        drafter = Drafter(drafter_model, params, top_m=8)
+        drafter = Drafter(drafter_model, params, top_m=top_m)
         if pipeline == "send-ahead":  # the edge's rule in process: blocks answered in order, later
             link = local_link(session, max_ahead=2, delay_s=0.0)
             res = asyncio.run(pipelined_generate(drafter, link, policy, prompt, limits))

@@ -150,16 +150,19 @@ def chi2_pvalue(counts: np.ndarray, target: SamplingParams = TARGET) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "draft", "top_m"),
+    ("name", "draft", "top_m", "k"),
     [
-        ("full", SamplingParams(temperature=1.3), V),
-        ("top-k-truncated", SamplingParams(temperature=1.0, top_k=3), V),
-        ("top-m-truncated", SamplingParams(temperature=1.0), 2),
-        ("top-p-truncated", SamplingParams(temperature=1.0, top_p=0.7), V),
+        ("full", SamplingParams(temperature=1.3), V, 3),
+        ("top-k-truncated", SamplingParams(temperature=1.0, top_k=3), V, 3),
+        ("top-m-truncated", SamplingParams(temperature=1.0), 2, 3),
+        ("top-p-truncated", SamplingParams(temperature=1.0, top_p=0.7), V, 3),
+        # One draft per block: the second token emitted is the bonus draw from p whenever the
+        # draft was accepted, so that draw is counted too (with k = 3 it never is).
+        ("bonus draw, top-m-truncated", SamplingParams(temperature=1.0), 2, 1),
     ],
 )
-def test_speculative_sampling_matches_target_distribution(name: str, draft: SamplingParams, top_m: int) -> None:
-    counts = emitted_pairs(draft, top_m, wrong_q=False, k=3, seed=11)
+def test_speculative_sampling_matches_target_distribution(name: str, draft: SamplingParams, top_m: int, k: int) -> None:
+    counts = emitted_pairs(draft, top_m, wrong_q=False, k=k, seed=11)
     assert chi2_pvalue(counts) > 1e-3, name
 
 
