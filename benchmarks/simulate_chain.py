@@ -231,11 +231,12 @@ class SendAhead(DeviceCore):
 
     def _cut_short(self, block: _Block, within_s: float) -> _Block:
         """The block as the live loop drafts it when its chain is cut `within_s` into its drafting:
-        the stop rule is asked after each draft (not after the guess), so drafting ends with the
-        first draft that ends after the verdict came; a block of no drafts is not cut."""
+        the cut is seen after the guess (`_CutRule.guessed`) and after each draft, so drafting
+        ends with the first forward that ends after the verdict came (a verdict that came during
+        the guess leaves no drafts); a block of no drafts is not cut."""
         if block.k == 0:
             return block
-        forwards = 2  # the guess and the first draft
+        forwards = 1  # the guess
         while forwards < block.k + 1 and self.model.draft_s(forwards) < within_s:
             forwards += 1
         if forwards == block.k + 1:

@@ -185,13 +185,15 @@ class Drafter:
         round_no: int,
         stop: StopRule | None = None,
         eos: Collection[int] = (),
-        on_guess: Callable[[int], None] | None = None,
+        on_guess: Callable[[int], bool] | None = None,
     ) -> DraftBlock:
         """Send-ahead: the block after `prev` (the newest of the chain) as if `prev` will be fully
         accepted: the guess of prev's target token, then up to k drafts (the stop rule and eos end
         them early, as in `draft`; a guess that is eos gets no drafts). `on_guess` hears the guess
-        as soon as it is drawn (so a stop rule can tell the block is already lost). Never after an
-        empty send-ahead block (its target token is not the drafter's to guess)."""
+        as soon as it is drawn and answers whether the block is lost already (the awaited verdict
+        came and cuts the chain, or shows the guess wrong): then it gets no drafts at all, stop
+        reason "cut". Never after an empty send-ahead block (its target token is not the drafter's
+        to guess)."""
         if prev.follow:
             raise ValueError("no drafts after an empty send-ahead block: its target token is unknown")
         t0 = time.perf_counter()
@@ -200,13 +202,12 @@ class Drafter:
         seq = self.seq
         with torch.inference_mode():  # one scope for the block, not one per forward
             guess, _, _, feed = self._pick(seq.forward_last(() if tail is None else (tail,)), pos)
-            if on_guess is not None:
-                on_guess(guess)
+            lost = on_guess is not None and on_guess(guess)
             base = pos + 1
             ids: list[int] = []
             qs: list[SparseDist] = []
             entropies: list[float] = []
-            reason = "eos" if guess in eos else ""
+            reason = "cut" if lost else "eos" if guess in eos else ""
             while len(ids) < k and not reason:
                 x, q, h, feed = self._pick(seq.forward_last((ids[-1] if ids else guess,), feed), base + len(ids))
                 ids.append(x)

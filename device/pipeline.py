@@ -197,11 +197,13 @@ class _CutRule:
         successor = chain.sent[1].block if len(chain.sent) > 1 else None
         recv.add_done_callback(lambda f: self._on_verdict(f, oldest, successor))
 
-    def guessed(self, guess: int) -> None:
-        """This block's guess of the awaited block's target token (drafter thread)."""
+    def guessed(self, guess: int) -> bool:
+        """This block's guess of the awaited block's target token (drafter thread); whether the
+        block is lost already (then `Drafter.draft_after` drafts nothing after the guess)."""
         self.guess = guess
         if self.target_token is not None and guess != self.target_token:
             self.cut.set()
+        return self.cut.is_set()
 
     def _on_verdict(
         self, f: asyncio.Future[tuple[Verdict, int, float]], oldest: DraftBlock, successor: DraftBlock | None

@@ -290,21 +290,47 @@ def test_cut_rule_stops_a_block_once_its_chain_is_cut() -> None:
     # The block being drafted follows the awaited one: its own guess, handed over by the drafter
     # thread before or after the verdict lands, decides (a full accept with another target token
     # dooms it: drafting it on would be waste).
-    async def own_guess(guess: int, verdict: Verdict, guess_first: bool) -> str | None:
+    # `guessed` answers whether the block is lost already (the drafter then drafts nothing more).
+    async def own_guess(guess: int, verdict: Verdict, guess_first: bool) -> tuple[bool, str | None]:
         recv: asyncio.Future[tuple[Verdict, int]] = asyncio.get_running_loop().create_future()
         rule = _CutRule(None, recv, chain_of(oldest))
-        if guess_first:
-            rule.guessed(guess)
+        lost = rule.guessed(guess) if guess_first else False
         recv.set_result((verdict, 0))
         await asyncio.sleep(0)
         if not guess_first:
-            rule.guessed(guess)
-        return rule(1, 0.5, None)
+            lost = rule.guessed(guess)
+        return lost, rule(1, 0.5, None)
 
-    for first in (True, False):
-        assert asyncio.run(own_guess(9, full_wrong, first)) == "cut", first
-        assert asyncio.run(own_guess(9, full_hit, first)) is None, first
-        assert asyncio.run(own_guess(9, partial, first)) == "cut", first
+    for verdict, cut in ((full_wrong, True), (full_hit, False), (partial, True)):
+        assert asyncio.run(own_guess(9, verdict, True)) == (False, "cut" if cut else None), verdict
+        assert asyncio.run(own_guess(9, verdict, False)) == (cut, "cut" if cut else None), verdict
+
+
+def test_a_block_lost_at_its_guess_gets_no_drafts(target: LoadedModel) -> None:
+    """`draft_after` asks `on_guess` once the guess is drawn: a block already lost gets no drafts
+    (one forward, the guess's; stop reason "cut"), and the drafter settles around it as around
+    any dropped block; a block not lost is drafted in full."""
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    d = Drafter(target, GREEDY)
+    d.start(prompt)
+    block = d.draft(3, 0)
+    pick, picks = d._pick, []
+
+    def counting(*args: Any) -> Any:
+        picks.append(1)
+        return pick(*args)
+
+    d._pick = counting  # type: ignore[method-assign]
+    heard: list[int] = []
+    lost = d.draft_after(block, 4, 1, on_guess=lambda g: heard.append(g) or True)
+    assert (lost.k, lost.stop_reason, lost.guess, len(picks)) == (0, "cut", heard[0], 1)
+    # The verdict that cut it: one draft accepted of 3, then the target's own token.
+    emitted, hit = d.settle(block, Verdict(round=0, n_accepted=1, next_token=7), lost)
+    assert not hit and emitted == [block.ids[0], 7] and d.tokens == [*prompt, block.ids[0], 7]
+    again = d.draft(3, 1)
+    d.settle(again, Verdict(round=1, n_accepted=3, next_token=5), None)
+    kept = d.draft_after(d.draft(2, 2), 4, 3, on_guess=lambda g: False)
+    assert kept.k == 4 and kept.stop_reason == ""
 
 
 def slow_drafter(dm: LoadedModel, token_s: float) -> tuple[Drafter, list[DraftBlock]]:
