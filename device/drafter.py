@@ -84,13 +84,18 @@ class Drafter:
         self.predraft_s = 0.0  # how long the last `predraft` drafted
 
     def start(self, prefix_ids: list[int]) -> None:
-        """Begin a generation after `prefix_ids` (prompt, or prompt + accepted when resuming)."""
+        """Begin a generation after `prefix_ids` (prompt, or prompt + accepted when resuming).
+        A prefix that fills the drafter's window (`LoadedModel.context_limit`) is not prefilled:
+        nothing can be drafted after it (`Limits.draft_room`), so the generation runs at K = 0
+        and its prefill would cost the device time, energy and KV for nothing (and past the
+        window, absolute position embeddings fail)."""
         if not prefix_ids:
             raise ValueError("the prompt must have at least one token")
         self.seq = KVSequence(self.loaded.model, self.loaded.vocab_size, prefix_ids)
         # The prompt's KV now, not inside the first round: a round's drafting time is then drafting
         # (the controller's per-block estimate would otherwise carry the prefill of every prompt).
-        self.seq.prefill(len(prefix_ids) - 1)
+        if len(prefix_ids) < self.loaded.context_limit:
+            self.seq.prefill(len(prefix_ids) - 1)
         self._predraft = self._carry = None
         self._bases = {}
 

@@ -459,6 +459,28 @@ def test_pre_drafts_stay_within_the_drafters_window(target: LoadedModel) -> None
     assert sum(t.predrafted for t in log) > 0 and log[-1].k == 0
 
 
+def test_a_prompt_that_fills_the_drafters_window_is_not_prefilled(target: LoadedModel) -> None:
+    """A drafter whose window the prompt already fills can draft nothing: `Drafter.start` runs no
+    forward for it (no KV, no time, no energy on the device), the generation runs at K = 0 and
+    is the target's own; a prompt one token shorter is prefilled as before."""
+    prompt = encode_prompt(target.tokenizer, "Ava has 12 apples and Ben gives her 3 more. How many?")
+    small = replace(target, context_limit=len(prompt))  # the same weights, a window the prompt fills
+    d = Drafter(small, SamplingParams())
+    d.start(prompt)
+    assert d.seq.cached == 0
+    session = TargetSession("s", target, SamplingParams(), prompt)
+    session.prefill()
+    policy = parse_policy("fixed-4", PolicyOptions(k_max=4))
+    limits = Limits(12, target.context_limit, 32, (), small.context_limit)
+    res = asyncio.run(speculative_generate(d, local_verifier(session), policy, prompt, limits))
+    assert all(t.k == 0 for t in res.stats.rounds_log) and d.seq.cached == 0
+    ref = target.model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert res.token_ids == ref[0, len(prompt) :].tolist()
+    roomy = Drafter(replace(target, context_limit=len(prompt) + 1), SamplingParams())
+    roomy.start(prompt)
+    assert roomy.seq.cached == len(prompt) - 1
+
+
 @pytest.mark.parametrize("name", ["fixed-4", "gelato"])
 @pytest.mark.parametrize("drafter_key", ["target", "drafter_never", "drafter_agree"])
 def test_pipelined_greedy_is_exact(pair: dict[str, Path], target: LoadedModel, name: str, drafter_key: str) -> None:
