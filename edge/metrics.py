@@ -8,7 +8,7 @@ not collide); `serve(host, port)` exposes it over plain HTTP without authenticat
 forward + acceptance), `gelato_edge_tokens_accepted_total`, `gelato_edge_tokens_drafted_total`,
 `gelato_edge_sessions_rejected_total`, `gelato_edge_kv_bytes`,
 `gelato_edge_kv_pool_bytes`, `gelato_edge_ahead_blocks_total{outcome="hit"|"stale"}` (send-ahead
-blocks verified / answered stale).
+blocks verified / answered stale; one that fails is neither).
 """
 
 from __future__ import annotations

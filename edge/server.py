@@ -403,10 +403,12 @@ class GelatoService:
                     grpc.StatusCode.FAILED_PRECONDITION, "send-ahead is off on this edge (max_ahead_rounds 0)"
                 )
             ahead = session.resolve_ahead(block, self.config.max_ahead_rounds)
-            self.metrics.ahead_blocks.labels("hit" if ahead else "stale").inc()
             if ahead is None:  # at once: no forward, the session untouched
+                self.metrics.ahead_blocks.labels("stale").inc()
                 return Verdict(round=block.round, n_accepted=0, next_token=0, stale=True, batch_rows=0)
-            block = ahead
+            verdict = await self._verify_block(session, ahead, received)
+            self.metrics.ahead_blocks.labels("hit").inc()  # verified: a block that failed is not a hit
+            return verdict
         return await self._verify_block(session, block, received)
 
     async def _generate(self, session: TargetSession, req: pb.Generate, received: float) -> AsyncIterator[Verdict]:

@@ -168,3 +168,28 @@ def test_empty_blocks_ahead_over_the_wire(edge: EdgeProcess, drafter_model: Load
         miss = pb.DraftBlock(round=1, ids=[(want[0] + 1) % vocab], parent_round=0)
         cut = tokens([pb.DraftBlock(round=0), miss, pb.DraftBlock(round=2, parent_round=1)])
         assert [(m.verdict.round, m.verdict.stale) for m in cut[1:]] == [(0, False), (1, True), (2, True)]
+
+
+def test_a_send_ahead_block_that_fails_is_not_a_hit(pair: dict[str, Path], drafter_model: LoadedModel) -> None:
+    """`gelato_edge_ahead_blocks_total{outcome="hit"}` counts the send-ahead blocks verified: empty
+    blocks ahead go on until one passes the session's reservation (OUT_OF_RANGE after it resolved
+    against its parent), which is not counted."""
+    port = free_port()
+    edge = EdgeProcess(["--target", str(pair["target"]), "--metrics-port", str(port), "--max-draft-tokens", "2"])
+    try:
+        with grpc.insecure_channel(edge.address) as channel:
+            stub = pb_grpc.GelatoStub(channel)
+            blocks = [pb.DraftBlock(round=0), *(pb.DraftBlock(round=r, parent_round=r - 1) for r in range(1, 12))]
+            msgs = [open_msg(drafter_model.fingerprint, 5, 1), *(pb.DeviceMessage(draft=b) for b in blocks)]
+            replies = []
+            with pytest.raises(grpc.RpcError) as info:
+                for reply in stub.Session(iter(msgs), timeout=30):
+                    replies.append(reply)
+        assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE and "reserved" in (info.value.details() or "")
+        verified_ahead = len(replies) - 2  # past the opened message and round 0's verdict
+        assert verified_ahead >= 1 and not any(r.verdict.stale for r in replies[1:])
+        m = scrape_when_idle(port)
+        assert m['gelato_edge_ahead_blocks_total{outcome="hit"}'] == verified_ahead
+        assert m['gelato_edge_ahead_blocks_total{outcome="stale"}'] == 0
+    finally:
+        edge.stop()
