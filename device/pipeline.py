@@ -18,8 +18,8 @@ one in place of drafts) is ever sent. For the generation the policy holds the li
 back in order. A hit (every draft accepted, the target's token the guess) lets the chain go on with
 neither a drafting wait nor a round trip; a miss cuts it: the blocks after it come back stale and
 are skipped, and the next block is drafted after the target's token. A block being drafted when its
-chain is cut stops at its next token (`_CutRule`) and is dropped unsent: no drafting for a block
-that cannot be used.
+chain is cut stops at its next token, or right after its guess when the cut is known by then
+(`_CutRule`), and is dropped unsent: no drafting for a block that cannot be used.
 
 Each verdict is one round of telemetry: its time and energy are those since the previous verdict
 (rounds overlap, so they add up to the generation's), `t_net_s` is the block's own transport time
