@@ -371,6 +371,24 @@ async def unread_session(address: str, fp: str, idle_timeout_s: float, others_do
     return {"code": code, "details": details[:200], "verdicts_read": read, "while_unread": state, "ok": ok}
 
 
+async def gone_while_answered(address: str, fp: str, n: int, deadline_s: float = 0.5) -> list[str]:
+    """`n` devices at once that stop reading during `Generate` (`UNREAD_OPTIONS`) and whose own
+    call deadline passes first: gRPC cancels each call while the edge's next answer waits to be
+    written. Returns each call's status (DEADLINE_EXCEEDED expected); the edge must treat that as
+    a device gone, not as its own fault."""
+
+    async def one() -> str:
+        async with grpc.aio.insecure_channel(address, options=UNREAD_OPTIONS) as ch:
+            call = pb_grpc.GelatoStub(ch).Session(timeout=deadline_s)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call.write(open_message(fp, UNREAD_SPEC, max_new_tokens=MAX_NEW_TOKENS))
+                await call.read()  # opened
+                await call.write(pb.DeviceMessage(generate=pb.Generate(round=0, max_tokens=MAX_NEW_TOKENS)))
+            return (await call.code()).name
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
 def _stalled(name: str, o: Outcome, idle_timeout_s: float) -> dict:
     """The edge's idle clock starts when it sent its last answer, a little before the client
     received it and its own silence began: hence 0.1 s of slack below."""

@@ -18,7 +18,8 @@ still open with UNAVAILABLE `SHUTDOWN_DETAILS`, at a moment its device is waitin
 writing: the device's next message is answered with that status instead of being served, a verdict
 being computed is replaced by it, and a stream whose device has sent nothing for `SETTLE_S` since
 its last answer (a silent device) is ended then; gRPC cancels whatever is still open (other
-services' calls, a stuck forward) `SETTLE_S + BACKSTOP_S` after the grace period. Why not leave it
+services' calls, a stuck forward, an answer a stalled device does not read) `SETTLE_S +
+BACKSTOP_S` after the grace period. Why not leave it
 all to gRPC: `server.stop(grace)` cancels the calls at the deadline whatever the device is doing,
 and a grpc.aio client whose write is in flight when its call ends reports INTERNAL "Internal error
 from Core" (its failed send) instead of the server's status, so a device in mid-write could not
@@ -43,6 +44,7 @@ from typing import TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+from grpc._cython.cygrpc import ExecuteBatchError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -352,6 +354,12 @@ class GelatoService:
         limit such a stream would hold its session and KV until the device's own deadline, if any."""
         try:
             await within(context.write(msg), self.config.idle_timeout_s)
+        except ExecuteBatchError:
+            # gRPC fails a write still waiting when the call ends under it (the device cancelled,
+            # its deadline passed, its connection dropped; the context may not say so yet): the
+            # device is gone, as when a read finds the stream cancelled. grpc.aio handles this
+            # error itself around handlers that yield, but `context.write` hands it to us.
+            raise asyncio.CancelledError from None
         except TimeoutError:
             raise StatusError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
