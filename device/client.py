@@ -347,8 +347,16 @@ class EdgeClient:
         return EdgeError(await call.code(), (await call.details()) or what)
 
     async def _write(self, call: grpc.aio.StreamStreamCall, msg: pb.DeviceMessage) -> None:
+        """Write one message. An edge that takes none for `verdict_timeout_s` (hung: once the
+        stream's window is full, HTTP/2 flow control holds the write) ends the session
+        DEADLINE_EXCEEDED, as an unanswered read does, not at the call's deadline."""
         try:
-            await call.write(msg)
+            await within(call.write(msg), self.verdict_timeout_s)
+        except TimeoutError:
+            raise EdgeError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the edge took no message within {self.verdict_timeout_s:g} s (it stopped reading)",
+            ) from None
         except grpc.aio.AioRpcError as exc:
             raise _write_error(exc) from exc
         except (asyncio.InvalidStateError, grpc.aio.UsageError):

@@ -9,6 +9,7 @@ ends each stream UNAVAILABLE after two messages while the real `EdgeClient` keep
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -74,6 +75,38 @@ def test_a_write_cut_by_the_edge_reads_as_unavailable() -> None:
     errors = asyncio.run(run())
     assert all(e is not None for e in errors), "every stream is cut after two messages"
     assert {e.code for e in errors if e is not None} == {grpc.StatusCode.UNAVAILABLE}, [str(e) for e in errors]
+
+
+async def _never_reads(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    await asyncio.sleep(3600)  # a hung edge: takes no message, answers nothing
+    yield b""
+
+
+def test_a_write_the_edge_never_takes_ends_within_the_verdict_timeout() -> None:
+    """An edge that stops reading (hung): once the stream's window is full (a small one here, as
+    one large sampling block fills a real one) the device's next write waits on HTTP/2 flow
+    control. It ends DEADLINE_EXCEEDED after `verdict_timeout_s`, as an unanswered read does,
+    instead of waiting for the call's deadline (an hour by default)."""
+
+    async def run() -> tuple[EdgeError | None, float]:
+        server = grpc.aio.server(options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)])
+        handler = {"Session": grpc.stream_stream_rpc_method_handler(_never_reads)}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("gelato.v1.Gelato", handler),))
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        client = EdgeClient(address, connect_timeout_s=5, verdict_timeout_s=1.0)
+        try:
+            await client.connect()
+            t0 = time.perf_counter()
+            error = await asyncio.wait_for(_write_until_refused(client), 20)
+            return error, time.perf_counter() - t0
+        finally:
+            await client.close()
+            await server.stop(None)
+
+    error, waited_s = asyncio.run(run())
+    assert error is not None and error.code == grpc.StatusCode.DEADLINE_EXCEEDED, error
+    assert "took no message" in str(error) and 1.0 <= waited_s < 5.0, (str(error), waited_s)
 
 
 def test_only_the_core_write_failure_is_mapped() -> None:
