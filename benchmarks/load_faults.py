@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 
 import grpc
 
@@ -346,6 +347,13 @@ async def stall_phase(
     }
 
 
+async def _generate_unread(call: Any, fp: str) -> None:
+    """Open, then ask the edge to generate the whole reservation; read nothing after the open."""
+    await call.write(open_message(fp, UNREAD_SPEC, max_new_tokens=MAX_NEW_TOKENS))
+    await call.read()  # opened
+    await call.write(pb.DeviceMessage(generate=pb.Generate(round=0, max_tokens=MAX_NEW_TOKENS)))
+
+
 async def unread_session(address: str, fp: str, idle_timeout_s: float, others_done: asyncio.Event) -> dict:
     """A device that opens, asks the edge to generate its whole reservation (`Generate`) and then
     reads nothing, on a small stream window (`UNREAD_OPTIONS`): the edge's writes stall. Once the
@@ -354,9 +362,7 @@ async def unread_session(address: str, fp: str, idle_timeout_s: float, others_do
     written before the stall and DEADLINE_EXCEEDED naming the cause."""
     async with grpc.aio.insecure_channel(address, options=UNREAD_OPTIONS) as ch:
         call = pb_grpc.GelatoStub(ch).Session(timeout=CALL_TIMEOUT_S)
-        await call.write(open_message(fp, UNREAD_SPEC, max_new_tokens=MAX_NEW_TOKENS))
-        await call.read()  # opened
-        await call.write(pb.DeviceMessage(generate=pb.Generate(round=0, max_tokens=MAX_NEW_TOKENS)))
+        await _generate_unread(call, fp)
         stopped = time.perf_counter()
         await others_done.wait()
         await asyncio.sleep(max(0.0, stopped + idle_timeout_s + 2 - time.perf_counter()))
@@ -381,9 +387,7 @@ async def gone_while_answered(address: str, fp: str, n: int, deadline_s: float =
         async with grpc.aio.insecure_channel(address, options=UNREAD_OPTIONS) as ch:
             call = pb_grpc.GelatoStub(ch).Session(timeout=deadline_s)
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await call.write(open_message(fp, UNREAD_SPEC, max_new_tokens=MAX_NEW_TOKENS))
-                await call.read()  # opened
-                await call.write(pb.DeviceMessage(generate=pb.Generate(round=0, max_tokens=MAX_NEW_TOKENS)))
+                await _generate_unread(call, fp)
             return (await call.code()).name
 
     return list(await asyncio.gather(*(one() for _ in range(n))))

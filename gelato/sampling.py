@@ -17,8 +17,8 @@ prefix it drafts after) instead of from a stream's state, so a generation re-ope
 edge with its accepted prefix (failover) draws exactly what the uninterrupted one would have: same
 seed, same tokens. Each uniform is 53 bits of the key's SHA-256 (not a generator's 32-bit seed,
 under which distinct keys shared streams), and tokens are drawn by inverting the CDF at it, on
-the CPU whatever device p sits on. Why a redraft needs its own key: speculative sampling is exact when each draft is
-drawn independently of everything that decided to draft it. A draft that was cut (its block
+the CPU whatever device p sits on. Why a redraft needs its own key: speculative sampling is exact
+when each draft is drawn independently of everything that decided to draft it. A draft that was cut (its block
 rejected earlier, or sent ahead behind a miss) was not unseen: it set where its block stopped and
 so, through the controller's estimates, what is drafted next. Re-drawn at the same position with
 the same uniform, it would be correlated with that decision. The edge's acceptance uniform for a

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -40,9 +41,9 @@ async def _cut_after_two(requests: AsyncIterator[bytes], context: grpc.aio.Servi
     yield b""
 
 
-async def _server() -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server()
-    handler = grpc.stream_stream_rpc_method_handler(_cut_after_two)
+async def _server(session: Any = _cut_after_two, options: Any = None) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server(options=options)
+    handler = grpc.stream_stream_rpc_method_handler(session)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("gelato.v1.Gelato", {"Session": handler}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -89,11 +90,8 @@ def test_a_write_the_edge_never_takes_ends_within_the_verdict_timeout() -> None:
     instead of waiting for the call's deadline (an hour by default)."""
 
     async def run() -> tuple[EdgeError | None, float]:
-        server = grpc.aio.server(options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)])
-        handler = {"Session": grpc.stream_stream_rpc_method_handler(_never_reads)}
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("gelato.v1.Gelato", handler),))
-        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-        await server.start()
+        small_window = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+        server, address = await _server(_never_reads, small_window)
         client = EdgeClient(address, connect_timeout_s=5, verdict_timeout_s=1.0)
         try:
             await client.connect()

@@ -14,6 +14,7 @@ import torch
 from scipy.stats import chisquare
 
 from gelato.controller import CostModel, Decision, Objective, cheapest_k, choose_k_ref, expected_emitted
+from gelato.controller.calibrator import EntropyCalibrator
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant
 from gelato.device.generate import Exchange, Limits, Verify, local_verifier, self_verifier, speculative_generate
@@ -313,19 +314,19 @@ class _SecondTokenOn(Gate):
     # the first draft's entropy is the same for every sample (same prefix): judging from the
     # second draft on, a threshold just under the entropy of a uniform q (ln 3, or ln 2 for q
     # truncated to 2 candidates) ends a good share of blocks early, depending on what was drafted.
-    max_entropy = 1.0982
+    def __init__(self, calibrator: EntropyCalibrator, max_entropy: float) -> None:
+        super().__init__(calibrator)
+        self.max_entropy = max_entropy
 
     def stop(self, drafted: int, entropy: float) -> str | None:
         return "entropy" if drafted >= 2 and entropy > self.max_entropy else None
 
 
 class SecondTokenOn(EntropyStop):
-    max_entropy = _SecondTokenOn.max_entropy
+    max_entropy = 1.0982  # just under ln 3
 
     def gate(self, decision: Decision) -> Gate:
-        gate = _SecondTokenOn(self.controller.calibrator)
-        gate.max_entropy = self.max_entropy
-        return gate
+        return _SecondTokenOn(self.controller.calibrator, self.max_entropy)
 
 
 def exact_distribution(target: LoadedModel, prompt: list[int], params: SamplingParams, n: int) -> dict:
