@@ -134,6 +134,7 @@ async def speculative_generate(
         depth = min(policy.predraft_depth(decision, block), max(0, fits))
         try:
             ex, predrafted = await _verify_pipelined(drafter, block, verify, depth, offload, limits.eos)
+            check_verdict(ex.verdict, block, drafter.loaded.vocab_size)
         except VerifyError as exc:
             stats.stop_reason, error, failure = "error", str(exc), exc
             break
@@ -168,6 +169,17 @@ async def speculative_generate(
         end_round(stats, policy, block, ex, tele, (emitted, delivered, out), limits, on_round)
     finish(stats, policy, acct, gen_start, session_bytes)
     return GenerationResult(list(prompt_ids), out, time.perf_counter() - t0, stats, error=error, failure=failure)
+
+
+def check_verdict(verdict: Verdict, block: DraftBlock, vocab_size: int) -> None:
+    """Raise VerifyError unless the drafter can apply `verdict` to `block`: at most the block's k
+    drafts accepted, a next token in the vocabulary. Anything else is the edge's fault (a bug, or
+    an edge serving another model): the generation ends "error" with the tokens delivered so far,
+    instead of the drafter failing on it (an index past its embedding, a cut past its tokens)."""
+    if not 0 <= verdict.n_accepted <= block.k:
+        raise VerifyError(f"edge accepted {verdict.n_accepted} drafts of a block of {block.k}")
+    if not 0 <= verdict.next_token < vocab_size:
+        raise VerifyError(f"edge answered token {verdict.next_token}, outside the vocabulary (0..{vocab_size - 1})")
 
 
 def end_round(

@@ -57,6 +57,7 @@ from gelato.device.generate import (
     Offload,
     VerifyError,
     block_end,
+    check_verdict,
     deliver,
     end_round,
     finish,
@@ -125,20 +126,21 @@ def _drafted(block: DraftBlock) -> int:
     return block.k + (block.guess is not None)
 
 
-async def _receive(link: Link, chain: _Chain) -> tuple[Verdict, int, float]:
+async def _receive(link: Link, chain: _Chain, vocab_size: int) -> tuple[Verdict, int, float]:
     """The oldest block's verdict, its bytes and when it arrived (read here, on the event loop, not
     once the block being drafted meanwhile is done: the channel's time must not include drafting),
-    skipping the stale answers of a cut chain."""
+    skipping the stale answers of a cut chain; VerifyError for any other answer (`check_verdict`)."""
     while True:
         verdict, down = await link.receive()
         if verdict.stale and verdict.round in chain.stale:
             chain.stale.discard(verdict.round)
             chain.stale_down += down
             continue
-        want = chain.sent[0].block.round
-        if verdict.stale or verdict.round != want:
+        want = chain.sent[0].block
+        if verdict.stale or verdict.round != want.round:
             what = f"round {verdict.round}" + (" stale" if verdict.stale else "")
-            raise VerifyError(f"edge answered {what}, expected round {want}")
+            raise VerifyError(f"edge answered {what}, expected round {want.round}")
+        check_verdict(verdict, want, vocab_size)
         return verdict, down, time.perf_counter()
 
 
@@ -320,7 +322,7 @@ async def _chain_loop(
         try:
             if not chain.sent:
                 await _first(drafter, link, policy, chain, limit, offload, limits)
-            recv = asyncio.ensure_future(_receive(link, chain))
+            recv = asyncio.ensure_future(_receive(link, chain, drafter.loaded.vocab_size))
             await _extend(drafter, link, policy, chain, recv, (confirmed, len(out)), offload, limits)
             verdict, down, arrived = await recv
         except VerifyError as exc:

@@ -476,3 +476,55 @@ def test_blocks_in_flight_at_the_end_count_in_the_totals(pair: dict[str, Path], 
         assert (stats.bytes_up, stats.bytes_down) == (sent[0], received[0]), pos
         assert stats.radio_j == pytest.approx(radio.round_energy_j(sent[0], received[0]) + radio.tail_energy_j())
     assert left_in_flight > 0  # some generation did stop with blocks in flight
+
+
+class _Tampering:
+    """A target session whose verdicts go wrong from the `at`-th on (`how`: what becomes of
+    (block, a, next)), as a buggy edge or one serving another model would answer."""
+
+    def __init__(self, session: TargetSession, at: int, how: Any) -> None:
+        self.session, self.at, self.how, self.verdicts = session, at, how, 0
+
+    def resolve_ahead(self, block: DraftBlock, max_ahead: int) -> DraftBlock | None:
+        return self.session.resolve_ahead(block, max_ahead)
+
+    def verify(self, block: DraftBlock) -> tuple[int, int]:
+        a, nxt = self.session.verify(block)
+        self.verdicts += 1
+        return self.how(block, a, nxt) if self.verdicts >= self.at else (a, nxt)
+
+
+@pytest.mark.parametrize("pipeline", ["off", "send-ahead"])
+@pytest.mark.parametrize(
+    ("how", "error"),
+    [
+        (lambda block, a, nxt: (a, 10**6), "token 1000000, outside the vocabulary"),
+        (lambda block, a, nxt: (a, -1), "token -1, outside the vocabulary"),
+        (lambda block, a, nxt: (block.k + 1, nxt), "drafts of a block of"),
+    ],
+    ids=["token-past-vocab", "token-negative", "more-accepted-than-drafted"],
+)
+def test_a_verdict_the_drafter_cannot_apply_ends_the_generation_as_an_error(
+    pair: dict[str, Path], target: LoadedModel, pipeline: str, how: Any, error: str
+) -> None:
+    """A verdict naming a token outside the vocabulary, or accepting more drafts than the block
+    had, is the edge's fault: the generation ends "error", naming it, with the tokens delivered
+    before it (once the drafter failed on it: an index past its embedding, a cut past its tokens,
+    an exception no caller expected, and no tokens at all in the device's record)."""
+    dm = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
+    ref, _ = run(target, dm, "fixed-4", "off")
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    session = TargetSession("s", target, GREEDY, prompt)
+    session.prefill()
+    bad = _Tampering(session, at=4, how=how)
+    limits = Limits(60, target.context_limit, 32, target.eos_token_ids)
+    policy = parse_policy("fixed-4", PolicyOptions(pipeline=pipeline, k_max=6, ahead_blocks=2))
+    d = Drafter(dm, GREEDY, top_m=8)
+    if pipeline == "send-ahead":
+        coro = pipelined_generate(d, local_link(bad, max_ahead=4, delay_s=0.0), policy, prompt, limits)
+    else:
+        coro = speculative_generate(d, local_verifier(bad), policy, prompt, limits)
+    res = asyncio.run(coro)
+    assert res.stats.stop_reason == "error" and error in res.error, res.error
+    assert res.token_ids and res.token_ids == ref.token_ids[: len(res.token_ids)]
+    assert res.stats.rounds == 3  # the three good verdicts' rounds, then the bad one ends it
