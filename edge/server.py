@@ -422,7 +422,8 @@ class GelatoService:
     async def _generate(self, session: TargetSession, req: pb.Generate, received: float) -> AsyncIterator[Verdict]:
         """Edge-only decoding: one empty block per token through the batcher (so each step shares
         a forward with other sessions' verification), streamed as it comes, until eos,
-        `max_tokens`, the context limit or the session's reservation."""
+        `max_tokens` or the context limit; at the session's reservation the stream ends
+        OUT_OF_RANGE (it asked for more than it opened the session for)."""
         if req.round != session.rounds:
             raise StatusError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -430,11 +431,12 @@ class GelatoService:
             )
         if req.max_tokens < 1:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "generate: max_tokens must be >= 1")
-        eos = set(session.loaded.eos_token_ids)
-        room = min(session.loaded.context_limit, session.reserved_tokens or session.loaded.context_limit)
+        eos, limit = set(session.loaded.eos_token_ids), session.loaded.context_limit
         for _ in range(req.max_tokens):
-            if session.length >= room:
-                return  # the device sees the stream end short and knows the context is full
+            if session.length >= limit:
+                return  # the context is full: no more verdicts, as the device counts itself (SessionOpened)
+            # Past the session's reservation `check_state` answers OUT_OF_RANGE, as for a draft
+            # block there: the device asked for more tokens than it opened the session for.
             verdict = await self._verify_block(session, DraftBlock(round=session.rounds, ids=()), received)
             self._refuse_if_ending()
             yield verdict

@@ -297,3 +297,17 @@ def test_edge_only_generation_errors(stub: pb_grpc.GelatoStub, fingerprint: str)
     assert "at round 0" in details
     details = expect_status(stub, [open_msg(fingerprint), generate(0, 0)], grpc.StatusCode.INVALID_ARGUMENT)
     assert "max_tokens must be >= 1" in details
+
+
+def test_edge_only_generation_past_the_reservation_is_out_of_range(stub: pb_grpc.GelatoStub, fingerprint: str) -> None:
+    """A Generate asking for more tokens than the session was opened for streams up to the
+    reservation, then ends OUT_OF_RANGE, as a draft block there would (it stopped silently and
+    left the device waiting until the idle timeout)."""
+    opened = open_msg(fingerprint, max_new_tokens=1)
+    with pytest.raises(grpc.RpcError) as info:
+        for reply in stub.Session(iter([opened, generate(0, 1000)]), timeout=30):
+            streamed = reply
+    assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE, info.value.details()
+    assert "reserved at open" in (info.value.details() or "")
+    assert streamed.verdict.round > 1  # the reservation's tokens came first (prefix + 1 + one block)
+    assert stub.Info(pb.InfoRequest(), timeout=10).active_sessions == 0
