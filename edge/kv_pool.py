@@ -24,7 +24,10 @@ pure `plan_pool` — slots for every open session, context for the longest reser
 hysteresis so a session coming or going rarely reshapes it — and never lets `slots × context` pass
 the KV budget; `set_target` hands that shape over and the model thread applies it before its next
 allocation or forward, moving live rows down into low slots when the pool shrinks. So
-`--kv-budget-mb` bounds the memory the pool really holds, and an idle edge holds none. A pool
+`--kv-budget-mb` bounds the memory the pool really holds, and an idle edge holds none. A reshape
+is all or nothing: when the device has no memory for it (`PoolMemoryError`), the pool keeps the
+shape it had, so the rows of the forward that met it go on; a target that cannot be taken is
+dropped, and only a row that needs more room than the pool has fails (its session's own error). A pool
 without a target (tests, benchmarks, a lone `TargetSession`) grows by doubling on demand instead.
 Freed slots are reused lowest-first so busy batches stay consecutive.
 
@@ -54,6 +57,7 @@ no mask at all with SDPA (`mask_free_ok`), an all-zero one otherwise.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -63,6 +67,12 @@ import torch
 from gelato.edge.placement import DeviceLike, as_device, model_kv_devices
 from gelato.kv import KVSequence, cache_kwarg, keeps_logits
 from gelato.models import input_device
+
+log = logging.getLogger("gelato.edge")
+
+
+class PoolMemoryError(MemoryError):
+    """The pool could not allocate the shape it needed; it keeps the one it had."""
 
 
 class _PoolCache:
@@ -235,18 +245,44 @@ class KVPool:
     @torch.inference_mode()
     def _resize(self, slots: int, context: int) -> None:
         """Reallocate to `[slots, heads, context, dim]`, keeping what fits (model thread; owned
-        slots must lie below `slots` and their KV within `context`)."""
+        slots must lie below `slots` and their KV within `context`). All or nothing: if an
+        allocation fails (`PoolMemoryError`), the layers already reallocated go back to the old
+        shape with their KV, so the pool holds and reports what it did before."""
         keep_s, keep_c = min(slots, self.slots), min(context, self.context)
         shape = (slots, self.kv_heads, context, self.head_dim)
-        for store in (self.keys, self.values):
-            for layer, device in enumerate(self.layer_devices):
-                new = torch.zeros(shape, dtype=self.dtype, device=device)
-                if len(store) > layer:
-                    new[:keep_s, :, :keep_c] = store[layer][:keep_s, :, :keep_c]
-                    store[layer] = new  # one layer at a time: the old one is freed as we go
-                else:
-                    store.append(new)
+        done: list[tuple[list[torch.Tensor], int]] = []
+        grown = [len(self.keys), len(self.values)]
+        try:
+            for store in (self.keys, self.values):
+                for layer, device in enumerate(self.layer_devices):
+                    new = self._alloc(shape, device)
+                    if len(store) > layer:
+                        new[:keep_s, :, :keep_c] = store[layer][:keep_s, :, :keep_c]
+                        store[layer] = new  # one layer at a time: the old one is freed as we go
+                        done.append((store, layer))
+                    else:
+                        store.append(new)
+        except Exception as exc:
+            self._undo(done, keep_s, keep_c)
+            del self.keys[grown[0] :], self.values[grown[1] :]
+            mib = slots * context * self.bytes_per_token() / 2**20
+            raise PoolMemoryError(
+                f"the KV pool could not grow to {slots} slots x {context} tokens ({mib:.0f} MiB): {exc}"
+            ) from exc
         self.slots, self.context = slots, context
+
+    def _alloc(self, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
+        """One layer's keys or values, zeroed (every allocation of the pool's memory goes here)."""
+        return torch.zeros(shape, dtype=self.dtype, device=device)
+
+    def _undo(self, done: list[tuple[list[torch.Tensor], int]], keep_s: int, keep_c: int) -> None:
+        """Put the layers a failed `_resize` reallocated back to the current shape, KV kept (owned
+        rows lie within `keep_s` x `keep_c`)."""
+        shape = (self.slots, self.kv_heads, self.context, self.head_dim)
+        for store, layer in done:
+            old = self._alloc(shape, store[layer].device)
+            old[:keep_s, :, :keep_c] = store[layer][:keep_s, :, :keep_c]
+            store[layer] = old
 
     def set_target(self, slots: int, context: int) -> None:
         """The shape to take before the next allocation or forward (any thread)."""
@@ -265,7 +301,14 @@ class KVPool:
         context = max([target[1]] + [seq.cached for seq in self._owners.values()])
         if (slots, context) != (self.slots, self.context):
             self._compact(slots)
-            self._resize(slots, context)
+            try:
+                self._resize(slots, context)
+            except PoolMemoryError as exc:
+                # Not this forward's rows' fault: they fit the shape the pool still has, so they
+                # go on. The target is dropped (not retried every forward); a row that needs more
+                # room fails on its own when it asks for it (`alloc`, `ensure_context`).
+                log.warning("%s; keeping %d slots x %d tokens", exc, self.slots, self.context)
+                slots, context = target
         with self._lock:
             if self._target == target and (slots, context) == target:
                 self._target = None

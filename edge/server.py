@@ -53,6 +53,7 @@ from gelato.deadline import within
 from gelato.edge.auth import BearerAuth
 from gelato.edge.batcher import Batcher
 from gelato.edge.config import EdgeConfig
+from gelato.edge.kv_pool import PoolMemoryError
 from gelato.edge.metrics import EdgeMetrics
 from gelato.edge.sessions import AdmissionError, SessionRegistry, StatusError, TargetSession
 from gelato.models import LoadedModel, load_model
@@ -394,8 +395,10 @@ class GelatoService:
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
         try:
             await asyncio.get_running_loop().run_in_executor(self.executor, session.prefill)
-        except BaseException:
+        except BaseException as exc:
             self.registry.release(session.session_id)
+            if isinstance(exc, PoolMemoryError):
+                raise _pool_full(exc) from exc
             raise
         return session
 
@@ -452,9 +455,18 @@ class GelatoService:
             return await self.batcher.verify(session, block, received, validated=True)
         except StatusError:
             raise
+        except PoolMemoryError as exc:  # this row needed KV memory the edge could not allocate
+            raise _pool_full(exc) from exc
         except Exception as exc:  # a server fault in this row only: this session's state is unknown, end it
             log.exception("verify failed for session %s", session.session_id)
             raise StatusError(grpc.StatusCode.INTERNAL, f"verification failed: {clip(str(exc))}") from exc
+
+
+def _pool_full(exc: PoolMemoryError) -> StatusError:
+    """RESOURCE_EXHAUSTED for a session whose KV the pool could not make room for (the edge's
+    memory, not its KV budget, ran out); the pool and every other session go on."""
+    log.warning("%s", exc)
+    return StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"edge out of KV memory: {exc}")
 
 
 class EdgeServer:

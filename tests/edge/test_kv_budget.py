@@ -6,18 +6,22 @@ to refuse what the pool could not hold within the budget and to give all memory 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
+from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
 from gelato.device.drafter import Drafter
-from gelato.edge.kv_pool import KVPool, PooledSequence, plan_pool, pooled_forward
+from gelato.edge.kv_pool import KVPool, PooledSequence, PoolMemoryError, plan_pool, pooled_forward
 from gelato.edge.sessions import AdmissionError, SessionRegistry, TargetSession
+from gelato.edge.verifier import Accepted, verify_batch
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel
-from gelato.types import SamplingParams, Verdict
+from gelato.types import DraftBlock, SamplingParams, Verdict
 
 
 def test_plan_pool_grows_shrinks_with_hysteresis() -> None:
@@ -207,3 +211,136 @@ def test_sessions_under_a_tight_budget_match_solo(
         return [out[i] for i in range(len(specs))]
 
     assert run(batched=True) == run(batched=False)
+
+
+class _SmallMemory(KVPool):
+    """A pool on a device that holds at most `tokens` (slots x context) per layer tensor and
+    fails the allocation after `fail_after` more of those, as a GPU runs out of memory part-way
+    through a reshape (the allocations before it succeeded)."""
+
+    tokens = 1 << 30
+    fail_after = 0
+
+    def _alloc(self, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
+        if shape[0] * shape[2] > self.tokens:
+            if self.fail_after <= 0:
+                raise torch.OutOfMemoryError(f"simulated: no memory for {shape}")
+            self.fail_after -= 1
+        return super()._alloc(shape, device)
+
+
+def _held_bytes(pool: KVPool) -> int:
+    return sum(t.numel() * t.element_size() for t in [*pool.keys, *pool.values])
+
+
+def _consistent(pool: KVPool) -> None:
+    """Every layer has the shape the pool reports, and the pool reports the bytes it holds."""
+    shape = (pool.slots, pool.kv_heads, pool.context, pool.head_dim)
+    assert [tuple(t.shape) for t in [*pool.keys, *pool.values]] == [shape] * (2 * pool.layers)
+    assert _held_bytes(pool) == pool.nbytes()
+
+
+def test_a_reshape_that_runs_out_of_memory_leaves_the_pool_and_its_sessions_as_they_were(
+    target: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session admitted with a long reservation asks the pool to grow; the allocation fails
+    part-way. The layers already grown go back (no memory held beyond what the pool reports),
+    the target is dropped, and the other sessions' rows, which fit the shape the pool still has,
+    are verified as if nothing happened (once every row of that forward failed, and the pool kept
+    the grown layers forever)."""
+    pool = _SmallMemory(target.model, target.vocab_size, slots=0, context=0, max_context=target.context_limit)
+    reg = SessionRegistry(max_sessions=8, kv_budget_bytes=0, max_draft_tokens=8)
+    reg.pool = pool
+    rng = random.Random(2)
+    prompts = [[rng.randrange(1, 300) for _ in range(n)] for n in (5, 9, 7)]
+    sessions = [reg.admit(target, SamplingParams(), p, 16) for p in prompts]
+    solo = [TargetSession(f"solo{i}", target, SamplingParams(), p) for i, p in enumerate(prompts)]
+    for s in sessions + solo:
+        s.prefill()
+    _consistent(pool)
+    before = (pool.slots, pool.context)
+    reg.admit(target, SamplingParams(), [1], 0)  # up to the context limit: every slot that long
+    pool.tokens, pool.fail_after = before[0] * before[1] * 2, 3  # three layers grow, the fourth fails
+    for r in range(3):
+        blocks = [DraftBlock(round=r, ids=(11, 12)) for _ in sessions]
+        outcomes = verify_batch(list(zip(sessions, blocks, strict=True)))
+        assert all(isinstance(o, Accepted) for o in outcomes), outcomes
+        alone = [s.verify(b) for s, b in zip(solo, blocks, strict=True)]
+        assert [(o.n_accepted, o.next_token) for o in outcomes] == alone  # type: ignore[union-attr]
+        assert (pool.slots, pool.context) == before and pool._target is None
+        _consistent(pool)
+
+
+def test_a_row_that_needs_memory_the_pool_cannot_get_fails_alone(target: LoadedModel) -> None:
+    """Growing the context for one long row fails: that row's outcome is `PoolMemoryError` (the
+    server answers it RESOURCE_EXHAUSTED), the rows batched with it are verified as alone, and
+    the pool is as it was."""
+    pool = _SmallMemory(target.model, target.vocab_size, slots=2, context=64)
+    long = TargetSession("long", target, SamplingParams(), list(range(1, 60)), pool=pool)
+    short = TargetSession("short", target, SamplingParams(), [4, 5, 6], pool=pool)
+    alone = TargetSession("alone", target, SamplingParams(), [4, 5, 6])
+    for s in (long, short, alone):
+        s.prefill()
+    pool.tokens = 2 * 64  # no room to grow at all
+    block = DraftBlock(round=0, ids=(7, 8, 9, 10, 11, 12, 13, 14))  # 59 + 8 tokens > 64
+    out = verify_batch([(long, block), (short, block)])
+    assert isinstance(out[0], PoolMemoryError) and "could not grow to 2 slots x 128 tokens" in str(out[0])
+    assert isinstance(out[1], Accepted) and (out[1].n_accepted, out[1].next_token) == alone.verify(block)
+    assert len(long.seq.tokens) == 59 and long.rounds == 0  # the failed row as before
+    assert (pool.slots, pool.context) == (2, 64)
+    _consistent(pool)
+
+
+def test_a_session_the_edge_has_no_kv_memory_for_is_refused_and_the_others_go_on(pair: dict[str, Path]) -> None:
+    """Over real gRPC, an edge whose device memory holds one session's KV: a second session's
+    open cannot get a slot and ends RESOURCE_EXHAUSTED naming the memory (it was INTERNAL, or,
+    when another session's forward met the reshape first, that session failed instead), while
+    the first session goes on being verified."""
+    from gelato.edge.server import EdgeConfig, EdgeServer
+    from gelato.v1 import gelato_pb2 as pb
+    from gelato.v1 import gelato_pb2_grpc as pb_grpc
+    from tests.edge.test_server_errors import draft, open_msg
+
+    async def scenario() -> tuple[list[int], grpc.aio.AioRpcError, list[int]]:
+        server = EdgeServer(EdgeConfig(port=0))
+        port = await server.start()
+        loaded = await server.load(str(pair["target"]), "float32", "cpu")
+        small = _SmallMemory(loaded.model, loaded.vocab_size, slots=0, context=0, max_context=loaded.context_limit)
+        small.tokens = 64  # one slot of 64 tokens: one session's reservation
+        server.service.registry.pool = small
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.GelatoStub(channel)
+        try:
+            first = stub.Session()
+            await first.write(open_msg(loaded.fingerprint))
+            assert (await first.read()).WhichOneof("kind") == "opened"
+            tokens = []
+            for r in range(2):
+                await first.write(draft(r, []))
+                tokens.append((await first.read()).verdict.next_token)
+            second = stub.Session()
+            await second.write(open_msg(loaded.fingerprint))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await second.read()
+            for r in range(2, 4):
+                await first.write(draft(r, []))
+                tokens.append((await first.read()).verdict.next_token)
+            await first.write(pb.DeviceMessage(close=pb.CloseSession()))
+            await first.done_writing()
+            alone = stub.Session()
+            await alone.write(open_msg(loaded.fingerprint))
+            await alone.read()
+            ref = []
+            for r in range(4):
+                await alone.write(draft(r, []))
+                ref.append((await alone.read()).verdict.next_token)
+            alone.cancel()
+            return tokens, refused.value, ref
+        finally:
+            await channel.close()
+            await server.stop(0)
+
+    tokens, refused, ref = asyncio.run(scenario())
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details()
+    assert "edge out of KV memory" in (refused.details() or "")
+    assert tokens == ref
