@@ -332,8 +332,20 @@ class KVPool:
         if free is None:
             free = self.slots
             self._resize(max(1, 2 * self.slots), self.context)
+        else:
+            self._wipe(free)
         self._owners[free] = owner
         return free
+
+    @torch.inference_mode()
+    def _wipe(self, slot: int) -> None:
+        """Zero a slot a former owner used. A row shorter than its batch's longest attends over
+        its slot's stale KV past its end, hidden by the mask's large negative, which hides finite
+        values only: a NaN or inf a former session left there (a float16 overflow) would poison
+        the new owner's logits whenever it is batched with a longer row."""
+        for store in (self.keys, self.values):
+            for layer in store:
+                layer[slot].zero_()
 
     def release(self, slot: int) -> None:
         self._owners.pop(slot, None)

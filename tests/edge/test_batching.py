@@ -237,3 +237,28 @@ def test_mask_free_only_for_sdpa_with_full_attention() -> None:
     assert mask_free_ok(SimpleNamespace(_attn_implementation="sdpa", layer_types=["full_attention"] * 4))
     assert not mask_free_ok(SimpleNamespace(_attn_implementation="eager", layer_types=None))
     assert not mask_free_ok(SimpleNamespace(_attn_implementation="sdpa", layer_types=["sliding_attention"]))
+
+
+def test_a_slot_is_clean_for_its_next_owner(target: LoadedModel) -> None:
+    """A former owner left non-finite KV in its slot (as a float16 overflow does). The session
+    that takes the slot next attends over that stale KV past its own end whenever it is batched
+    with a longer row (masked by a large negative, which hides finite values only): its logits
+    must still equal its logits alone, not NaN."""
+    pool = KVPool(target.model, target.vocab_size, slots=2, context=64)
+    old = PooledSequence(pool, list(range(1, 40)))
+    old.prefill(39)
+    slot = old.slot
+    with torch.inference_mode():  # the pool's tensors are inference tensors
+        for store in (pool.keys, pool.values):
+            for layer in store:
+                layer[slot, :, :39] = float("nan")
+    old.release()
+    new = PooledSequence(pool, [4, 5, 6])
+    new.prefill(2)
+    assert new.slot == slot
+    longer = PooledSequence(pool, list(range(50, 80)))
+    longer.prefill(29)
+    alone = KVSequence(target.model, target.vocab_size, [4, 5, 6])
+    alone.prefill(2)
+    got = pooled_forward([(new, (7, 8)), (longer, (9,))])[0]
+    torch.testing.assert_close(got, alone.forward([7, 8]), atol=2e-5, rtol=1e-4)
