@@ -8,7 +8,8 @@ the first waiting one (up to `max_batch` rows) are verified together by `gelato.
 contract) on the model thread; the window closes early once every open session has a request in,
 so a lone session never waits: when the model thread is free and no batch is forming, its request
 goes straight there. One batch runs at a time; requests queue meanwhile, so the next batch forms
-during the current forward. A request whose caller went away is dropped before the forward.
+during the current forward, and its window counts from its first request, not from the end of
+that forward. A request whose caller went away is dropped before the forward.
 `validated=True` says the block's data was already checked against its session (the server's
 `decode_block`): the model thread then re-checks only what can change while it waited.
 
@@ -24,7 +25,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gelato.deadline import within
 from gelato.edge.metrics import EdgeMetrics
@@ -39,6 +40,7 @@ class _Request:
     received: float
     future: asyncio.Future[Verdict]
     validated: bool = False
+    queued: float = field(default_factory=time.perf_counter)  # when it asked: its batch's window opens
 
 
 class Batcher:
@@ -90,8 +92,11 @@ class Batcher:
         return await request.future
 
     async def _collect(self, first: _Request) -> list[_Request]:
+        """`first` and whatever asks within `window_s` of it (the window runs from when `first`
+        asked, so time it waited for the previous batch's forward counts: with the model thread
+        busy longer than the window, the next batch closes as soon as that forward is done)."""
         batch = [first]
-        deadline = time.perf_counter() + self.window_s
+        deadline = first.queued + self.window_s
         while len(batch) < self.max_batch and len(batch) < self.open_sessions():
             if not self.queue.empty():
                 batch.append(self.queue.get_nowait())

@@ -1,0 +1,68 @@
+"""The batcher's window (edge/batcher.py): requests that ask within `window_s` of a batch's first
+one are verified together, and the window runs from when that first request asked."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from gelato.edge.batcher import Batcher
+from gelato.edge.kv_pool import KVPool
+from gelato.edge.metrics import EdgeMetrics
+from gelato.edge.sessions import TargetSession
+from gelato.models import LoadedModel
+from gelato.types import DraftBlock, SamplingParams, Verdict
+
+FORWARD_S = 0.4  # every batch's forward takes at least this long ...
+WINDOW_S = 0.3  # ... longer than the window
+
+
+class _SlowModelThread(ThreadPoolExecutor):
+    """One model thread whose every job first sleeps `FORWARD_S`: a forward longer than the window."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        def slow() -> Any:
+            time.sleep(FORWARD_S)
+            return fn(*args, **kwargs)
+
+        return super().submit(slow)
+
+
+def test_a_batch_formed_during_a_long_forward_closes_when_it_ends(target: LoadedModel) -> None:
+    """Three open sessions; all three blocks of round 0 go in one forward. Two of them ask again
+    during it, the third stays away (its device is drafting). Their window opened when the first
+    of them asked, more than `WINDOW_S` before that forward ends: the batch of two goes to the
+    model thread at once (it waited another whole window from the end of the forward)."""
+
+    async def run() -> list[list[Verdict]]:
+        executor = _SlowModelThread()
+        pool = KVPool(target.model, target.vocab_size, slots=0, context=0, max_context=target.context_limit)
+        sessions = [TargetSession(f"s{i}", target, SamplingParams(), [5 + i, 6, 7], pool=pool) for i in range(3)]
+        for s in sessions:
+            s.prefill()
+        batcher = Batcher(executor, WINDOW_S, 16, lambda: len(sessions), EdgeMetrics())
+        batcher.start()
+        try:
+            first = [asyncio.ensure_future(batcher.verify(s, DraftBlock(0, ()), time.perf_counter())) for s in sessions]
+            await asyncio.sleep(0.05)  # the forward of round 0 is on the model thread
+            t0 = time.perf_counter()
+            again = [asyncio.ensure_future(batcher.verify(s, DraftBlock(1, ()), t0)) for s in sessions[:2]]
+            return [await asyncio.gather(*first), await asyncio.gather(*again)]
+        finally:
+            await batcher.stop()
+            executor.shutdown()
+
+    round0, round1 = asyncio.run(run())
+    assert [v.batch_rows for v in round0] == [3, 3, 3]
+    assert [v.batch_rows for v in round1] == [2, 2]
+    # Asked ~0.05 s into round 0's 0.4 s forward: queued until it ended (~0.35 s), then sent at
+    # once, not after a further window (~0.65 s). `queue_ms` runs to the start of the batch's own
+    # job, which sleeps FORWARD_S first: ~0.75 s now, ~1.05 s with the extra window.
+    waited_s = [v.queue_ms / 1e3 - FORWARD_S for v in round1]
+    assert all(w < FORWARD_S + WINDOW_S / 2 for w in waited_s), waited_s
