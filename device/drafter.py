@@ -83,18 +83,20 @@ class Drafter:
         self._bases: dict[int, int] = {}  # send-ahead: round -> position of its first draft
         self.predraft_s = 0.0  # how long the last `predraft` drafted
 
-    def start(self, prefix_ids: list[int]) -> None:
+    def start(self, prefix_ids: list[int], prefill: bool = True) -> None:
         """Begin a generation after `prefix_ids` (prompt, or prompt + accepted when resuming).
-        A prefix that fills the drafter's window (`LoadedModel.context_limit`) is not prefilled:
-        nothing can be drafted after it (`Limits.draft_room`), so the generation runs at K = 0
-        and its prefill would cost the device time, energy and KV for nothing (and past the
-        window, absolute position embeddings fail)."""
+        `prefill=False` (a policy that never drafts: `fixed-0`, `ar-edge`), or a prefix that
+        fills the drafter's window (`LoadedModel.context_limit`: nothing can be drafted after it,
+        `Limits.draft_room`, and past it absolute position embeddings fail): the prompt is not
+        prefilled, since the generation runs at K = 0 and the prefill would cost the device time,
+        energy and KV for nothing (and delay the first round: for `ar-edge`, the edge's start).
+        Without the prefill no model work is needed here: the caller may run it inline."""
         if not prefix_ids:
             raise ValueError("the prompt must have at least one token")
         self.seq = KVSequence(self.loaded.model, self.loaded.vocab_size, prefix_ids)
         # The prompt's KV now, not inside the first round: a round's drafting time is then drafting
         # (the controller's per-block estimate would otherwise carry the prefill of every prompt).
-        if len(prefix_ids) < self.loaded.context_limit:
+        if prefill and len(prefix_ids) < self.loaded.context_limit:
             self.seq.prefill(len(prefix_ids) - 1)
         self._predraft = self._carry = None
         self._bases = {}

@@ -106,7 +106,7 @@ async def speculative_generate(
     acct = acct or EnergyAccountant(NullMeter(), None)
     stats = GenerationStats()
     gen_start, t0 = acct.begin(stats), time.perf_counter()
-    await offload(drafter.start, prompt_ids)
+    await start_drafter(drafter, prompt_ids, policy.drafts, offload)
     out: list[int] = []
     error, failure = "", None
     while not stats.stop_reason:
@@ -169,6 +169,15 @@ async def speculative_generate(
         end_round(stats, policy, block, ex, tele, (emitted, delivered, out), limits, on_round)
     finish(stats, policy, acct, gen_start, session_bytes)
     return GenerationResult(list(prompt_ids), out, time.perf_counter() - t0, stats, error=error, failure=failure)
+
+
+async def start_drafter(drafter: Drafter, prompt_ids: list[int], prefill: bool, offload: Offload) -> None:
+    """`drafter.start`: on the drafter thread when it prefills the prompt, inline when it does not
+    (a policy that never drafts needs no drafter KV: no model work, no thread hop)."""
+    if prefill:
+        await offload(drafter.start, prompt_ids)
+    else:
+        drafter.start(prompt_ids, prefill=False)
 
 
 def check_verdict(verdict: Verdict, block: DraftBlock, vocab_size: int) -> None:

@@ -62,6 +62,7 @@ from gelato.device.generate import (
     end_round,
     finish,
     inline,
+    start_drafter,
 )
 from gelato.device.policy import Gate, Policy
 from gelato.power import NullMeter, Reading
@@ -306,7 +307,9 @@ async def _chain_loop(
     acct = acct or EnergyAccountant(NullMeter(), None)
     stats = GenerationStats()
     gen_start, t0 = acct.begin(stats), time.perf_counter()
-    await offload(drafter.start, prompt_ids)
+    # A policy that never drafts needs the drafter only for guesses, which an edge taking empty
+    # blocks ahead never asks for (it sends those instead).
+    await start_drafter(drafter, prompt_ids, policy.drafts or not link.empty_ahead, offload)
     out: list[int] = []
     chain = _Chain()
     error, failure = "", None

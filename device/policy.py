@@ -189,6 +189,7 @@ class Policy:
     name = "policy"
     local_only = False  # ar-device: no edge at all
     edge_streams = False  # ar-edge: the edge decodes alone and streams its tokens
+    drafts = True  # False: it never drafts (K = 0 every round), so the drafter needs no prompt KV
 
     def __init__(self, options: PolicyOptions | None = None) -> None:
         self.options = options or PolicyOptions()
@@ -243,6 +244,7 @@ class FixedK(Policy):
         super().__init__(options)
         self.k = k
         self.name = f"fixed-{k}"
+        self.drafts = k > 0
 
     def decide(self, limit: int) -> Decision:
         k = min(self.k, self.k_max(limit))  # `--k-max` caps it too
@@ -441,6 +443,7 @@ class ArEdge(Policy):
 
     name = "ar-edge"
     edge_streams = True
+    drafts = False
 
     def decide(self, limit: int) -> Decision:
         return Decision(0, 0, self.controller.q_j)

@@ -110,7 +110,7 @@ def test_one_offload_per_drafting_round(drafter_model: LoadedModel, target: Load
         speculative_generate(drafter, local_verifier(session), FixedK(k), prompt, limits, offload=_counting(calls))
     )
     drafting = sum(1 for t in res.stats.rounds_log if t.k > t.carried)
-    assert calls == ["start"] + ["draft"] * drafting
+    assert calls == ["start"] * (k > 0) + ["draft"] * drafting  # fixed-0 prefills nothing: no hop at all
     assert (drafting == 0) == (k == 0)
     # The same tokens as the target decoding alone (every round inline: the default offload).
     alone = TargetSession("t", target, params, prompt)
@@ -151,3 +151,46 @@ def test_offloaded_drafter_work_stays_off_the_pipelined_loops(drafter_model: Loa
     assert asyncio.run(run("local")) == plain
     assert asyncio.run(run("send-ahead")) == plain
     assert "predraft" in names and set(names) <= {"start", "draft", "predraft", "draft_after"}, set(names)
+
+
+@pytest.mark.parametrize(
+    ("name", "pipeline", "empty_ahead", "forwards"),
+    [
+        ("fixed-0", "off", True, False),
+        ("ar-edge", "off", True, False),
+        ("fixed-0", "local", True, False),
+        ("fixed-0", "send-ahead", True, False),
+        ("fixed-0", "send-ahead", False, True),  # an edge without empty blocks ahead: guesses are drafted
+        ("fixed-4", "off", True, True),
+    ],
+)
+def test_a_policy_that_never_drafts_runs_no_drafter_forward(
+    drafter_model: LoadedModel, target: LoadedModel, name: str, pipeline: str, empty_ahead: bool, forwards: bool
+) -> None:
+    """`fixed-0` and `ar-edge` never draft: the drafter does not prefill the prompt either (it cost
+    the device time and energy for nothing, and delayed the first round), and the tokens are the
+    target's as ever."""
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    params = SamplingParams()
+    limits = Limits(30, target.context_limit, 32, target.eos_token_ids)
+    fed: list[int] = []
+    hook = drafter_model.model.register_forward_pre_hook(lambda _m, args, kw: fed.append(1), with_kwargs=True)
+    try:
+        session = TargetSession("s", target, params, prompt)
+        session.prefill()
+        policy = parse_policy(name, PolicyOptions(pipeline=pipeline))
+        drafter = Drafter(drafter_model, params)
+        if pipeline == "send-ahead":
+            link = local_link(session, max_ahead=2, empty_ahead=empty_ahead)
+            res = asyncio.run(pipelined_generate(drafter, link, policy, prompt, limits))
+        else:
+            res = asyncio.run(speculative_generate(drafter, local_verifier(session), policy, prompt, limits))
+    finally:
+        hook.remove()
+    assert bool(fed) == forwards, len(fed)
+    alone = TargetSession("t", target, params, prompt)
+    alone.prefill()
+    ref = asyncio.run(
+        speculative_generate(Drafter(drafter_model, params), local_verifier(alone), FixedK(0), prompt, limits)
+    )
+    assert res.token_ids == ref.token_ids and res.stats.stop_reason == ref.stats.stop_reason
