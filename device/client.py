@@ -189,7 +189,7 @@ class EdgeClient:
                 log.warning(
                     "edge session failed (%s); re-opening with %d accepted tokens", res.error, len(res.token_ids)
                 )
-                acct.opening()  # the reconnect and the re-open's prefill cost the device too
+                acct.opening(resumed=True)  # the reconnect and the re-open's prefill cost the device too
                 prefix = [*prompt_ids, *res.token_ids]
                 try:
                     more = await self._session(

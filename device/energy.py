@@ -26,25 +26,31 @@ class EnergyAccountant:
         self.meter = meter
         self.radio = radio
         self._opening: Reading | None = None
+        self._tail_refund_j = 0.0  # a tail the last `end` charged that did not happen (failover)
 
     def radio_j(self, bytes_up: int, bytes_down: int) -> float:
         return self.radio.round_energy_j(bytes_up, bytes_down) if self.radio else 0.0
 
-    def opening(self) -> None:
+    def opening(self, resumed: bool = False) -> None:
         """A generation starts here, before its session is opened (or re-opened after a
         failover): `begin` measures from this reading, so the wait while the edge opens the
-        session and prefills the prompt is the generation's energy too."""
+        session and prefills the prompt is the generation's energy too. `resumed`: a re-open
+        right after the previous session of the same generation ended (a failover): the radio
+        stayed connected in between, so the tail that session's `end` charged never came; the
+        next `end` gives it back (one tail per generation, in its totals and its queue charge)."""
         self._opening = self.meter.read()
+        self._tail_refund_j = self.radio.tail_energy_j() if resumed and self.radio else 0.0
 
     def forget_opening(self) -> None:
         """Drop an `opening` reading no generation began from (the open failed)."""
-        self._opening = None
+        self._opening, self._tail_refund_j = None, 0.0
 
     def opening_spent_j(self) -> float:
         """Joules since the `opening` reading no generation began from (a re-open that failed:
-        the reconnect and the attempt cost the device all the same), and the reading dropped;
-        0 without one, NaN when the meter cannot read."""
-        start, self._opening = self._opening, None
+        the reconnect and the attempt cost the device all the same, and the radio's tail after
+        it is the one the failed session charged), and the reading dropped; 0 without one, NaN
+        when the meter cannot read."""
+        start, self._opening, self._tail_refund_j = self._opening, None, 0.0
         return self.meter.read().joules - start.joules if start is not None else 0.0
 
     def begin(self, stats: GenerationStats) -> Reading:
@@ -57,7 +63,8 @@ class EnergyAccountant:
         """Totals for the generation, including the open/close messages outside any round."""
         stats.radio_j = self.radio_j(stats.bytes_up, stats.bytes_down)
         if self.radio:
-            stats.radio_j += self.radio.tail_energy_j()
+            stats.radio_j += self.radio.tail_energy_j() - self._tail_refund_j
+        self._tail_refund_j = 0.0
         stats.energy_j = self.meter.read().joules - start.joules + stats.radio_j
 
     def round_start(self) -> Reading:

@@ -23,6 +23,7 @@ from gelato.device.generate import GenerationResult
 from gelato.device.policy import parse_policy
 from gelato.edge.sessions import TargetSession
 from gelato.models import LoadedModel, encode_prompt
+from gelato.power import radio_profile
 from gelato.types import SamplingParams, SessionInfo, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.wire import decode_block, encode_opened, encode_verdict
@@ -351,3 +352,26 @@ def test_a_reopen_that_fails_unavailable_is_tried_again(target: LoadedModel, dra
     once = [_Stream(target, cut_after=2), _Stream(target, open_fails=True)]
     res = _generate(target, drafter_model, once, failovers=1)
     assert res.stats.stop_reason == "error" and "re-opening the session failed" in res.error
+
+
+def test_a_failover_charges_the_radio_tail_once(target: LoadedModel, drafter_model: LoadedModel) -> None:
+    """The re-open follows the lost session at once, so the radio stays connected: one tail per
+    generation, in its totals (once each session added one, 2 x 12.3 J on lte), also after two
+    failovers; a re-open that fails leaves the one tail the failed session charged."""
+    lte = radio_profile("lte")
+    assert lte is not None
+    tail_j = lte.tail_energy_j()
+    cases = [
+        ([_Stream(target)], ""),
+        ([_Stream(target, cut_after=2), _Stream(target)], ""),
+        ([_Stream(target, cut_after=2), _Stream(target, cut_after=1), _Stream(target)], ""),
+        (
+            [_Stream(target, cut_after=2), _Stream(target, open_fails=True), _Stream(target, open_fails=True)],
+            "re-opening the session failed",
+        ),
+    ]
+    for streams, error in cases:
+        res = _generate(target, drafter_model, streams, failovers=2, acct=EnergyAccountant(OneWatt(), lte))
+        assert (res.failovers, error in res.error) == (sum(s.verdicts > 0 for s in streams[1:]), True), res.error
+        bytes_j = lte.round_energy_j(res.stats.bytes_up, res.stats.bytes_down)
+        assert res.stats.radio_j == pytest.approx(bytes_j + tail_j), (len(streams), res.stats.radio_j, tail_j)
