@@ -241,6 +241,10 @@ class Drafter:
             raise ValueError(f"verdict accepts {verdict.n_accepted} of {block.k} drafts")
         base = self._bases.pop(block.round)
         emitted = verdict.emitted(block.ids)
+        if block.guess is not None and len(self.seq.tokens) < base:
+            # A guess-only block (k = 0) that nothing was drafted after: its guess, which sits at
+            # base - 1 and was right (the block was verified, not stale), was never fed.
+            self.seq.set_tail(base - 1, [block.guess])
         if next_block is not None and next_block.follow:  # it follows any outcome: only its start is new
             self.seq.set_tail(base, emitted)
             self._bases = {next_block.round: base + len(emitted)}

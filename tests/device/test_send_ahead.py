@@ -528,3 +528,43 @@ def test_a_verdict_the_drafter_cannot_apply_ends_the_generation_as_an_error(
     assert res.stats.stop_reason == "error" and error in res.error, res.error
     assert res.token_ids and res.token_ids == ref.token_ids[: len(res.token_ids)]
     assert res.stats.rounds == 3  # the three good verdicts' rounds, then the bad one ends it
+
+
+@pytest.mark.parametrize("name", ["fixed-0", "scripted"])
+def test_the_drafters_sequence_is_the_output_after_every_settle(
+    pair: dict[str, Path], target: LoadedModel, name: str
+) -> None:
+    """Against an edge that takes no empty blocks ahead, K = 0 rounds send guess-only blocks. After
+    each verdict the drafter's sequence must be the prompt and the tokens emitted so far (once a
+    guess-only block settled with nothing drafted after it left its guess out: the next token
+    took its place, and every later draft was one position off)."""
+    dm = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
+    ref, _ = run(target, dm, name, "off")
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    session = TargetSession("s", target, GREEDY, prompt)
+    session.prefill()
+    d = Drafter(dm, GREEDY, top_m=8)
+    emitted_so_far: list[int] = []
+    wrong: list[int] = []
+    settle = d.settle
+
+    def checked(block: DraftBlock, verdict: Verdict, next_block: DraftBlock | None) -> tuple[list[int], bool]:
+        emitted, hit = settle(block, verdict, next_block)
+        emitted_so_far.extend(emitted)
+        want = prompt + ref.token_ids[: len(emitted_so_far)]
+        got = d.tokens[: len(want)]
+        # The newest token may still be pending (the guess of a guess-only block in flight, fed
+        # when something is drafted after it): one short at most, never a token out of place.
+        if got != want[: len(got)] or len(got) < len(want) - 1:
+            wrong.append(block.round)
+        return emitted, hit
+
+    d.settle = checked  # type: ignore[method-assign]
+    limits = Limits(60, target.context_limit, 32, target.eos_token_ids)
+    policy = Scripted(PolicyOptions(pipeline="send-ahead", k_max=6, ahead_blocks=2)) if name == "scripted" else None
+    policy = policy or parse_policy(name, PolicyOptions(pipeline="send-ahead", ahead_blocks=2))
+    link = local_link(session, max_ahead=4, delay_s=0.0, empty_ahead=False)
+    res = asyncio.run(pipelined_generate(d, link, policy, prompt, limits))
+    assert res.token_ids == ref.token_ids
+    assert any(t.sent_ahead and t.k == 0 for t in res.stats.rounds_log)  # guess-only blocks went ahead
+    assert not wrong, wrong
