@@ -133,7 +133,7 @@ async def speculative_generate(
         fits = min(room, limits.draft_room(length + 1)) - block.k
         depth = min(policy.predraft_depth(decision, block), max(0, fits))
         try:
-            ex, predrafted = await _verify_pipelined(drafter, block, verify, depth, offload, limits.eos)
+            ex, predrafted, net_s = await _verify_pipelined(drafter, block, verify, depth, offload, limits.eos)
             check_verdict(ex.verdict, block, drafter.loaded.vocab_size)
         except VerifyError as exc:
             stats.stop_reason, error, failure = "error", str(exc), exc
@@ -165,6 +165,7 @@ async def speculative_generate(
             predraft_hit=hit,
             carried=block.carried,
             t_drafting_s=block.draft_s + (drafter.predraft_s if predrafted else 0.0),
+            **({} if net_s is None else {"t_net_s": net_s}),
         )
         end_round(stats, policy, block, ex, tele, (emitted, delivered, out), limits, on_round)
     finish(stats, policy, acct, gen_start, session_bytes)
@@ -261,19 +262,24 @@ def merge_results(first: GenerationResult, then: GenerationResult) -> Generation
 
 async def _verify_pipelined(
     drafter: Drafter, block: DraftBlock, verify: Verify, depth: int, offload: Offload, eos: Collection[int]
-) -> tuple[Exchange, int]:
+) -> tuple[Exchange, int, float | None]:
     """Verify `block`; with `depth` > 0 the drafter thread pre-drafts after it meanwhile, until the
-    verdict arrives. Returns the exchange and how many tokens were pre-drafted."""
+    verdict arrives. Returns the exchange, how many tokens were pre-drafted and, when it did, the
+    transport's time (the exchange's, less the edge's): the round's time outside drafting and the
+    edge would also count the wait for the pre-draft's last forward, which is the drafter's."""
     if depth <= 0:
-        return await verify(block), 0
+        return await verify(block), 0, None
     halt = threading.Event()
     pre = asyncio.ensure_future(offload(drafter.predraft, block, depth, halt, eos))
+    sent = time.perf_counter()
     try:
         ex = await verify(block)
+        arrived = time.perf_counter()
     finally:
         halt.set()  # the verdict is here (or the transport failed): stop after the current token
         predrafted = await pre
-    return ex, predrafted
+    edge_s = (ex.verdict.queue_ms + ex.verdict.compute_ms) / 1e3
+    return ex, predrafted, max(0.0, arrived - sent - edge_s)
 
 
 def deliver(emitted: list[int], out: list[int], limits: Limits) -> list[int]:

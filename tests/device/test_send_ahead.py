@@ -568,3 +568,36 @@ def test_the_drafters_sequence_is_the_output_after_every_settle(
     assert res.token_ids == ref.token_ids
     assert any(t.sent_ahead and t.k == 0 for t in res.stats.rounds_log)  # guess-only blocks went ahead
     assert not wrong, wrong
+
+
+def test_local_predrafting_reports_the_transports_time_without_the_drafters(
+    pair: dict[str, Path], target: LoadedModel
+) -> None:
+    """`--pipeline local`: the drafter pre-drafts while the verdict is in flight (10 ms here), and
+    the loop waits for its current token (60 ms) before the round ends. That wait is the
+    drafter's: a round's transport time is the exchange's less the edge's, not the round's rest
+    (once ~60 ms, which inflated the controller's estimate of the round trip)."""
+    dm = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
+    d, _ = slow_drafter(dm, 0.06)
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    session = prefilled(target)
+    verify = local_verifier(session)
+
+    async def slow_verify(block: DraftBlock) -> Any:
+        await asyncio.sleep(0.01)
+        return await verify(block)
+
+    async def main() -> GenerationResult:
+        with ThreadPoolExecutor(1) as pool:
+            loop = asyncio.get_running_loop()
+
+            async def offload(fn: Any, *args: Any) -> Any:
+                return await loop.run_in_executor(pool, fn, *args)
+
+            limits = Limits(12, target.context_limit, 32, target.eos_token_ids)
+            policy = parse_policy("fixed-2", PolicyOptions(pipeline="local"))
+            return await speculative_generate(d, slow_verify, policy, prompt, limits, offload=offload)
+
+    res = asyncio.run(main())
+    pre = sorted(t.t_net_s for t in res.stats.rounds_log if t.predrafted)
+    assert pre and pre[len(pre) // 2] < 0.035, pre
