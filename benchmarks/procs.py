@@ -112,12 +112,12 @@ def run_device(args: list[str], timeout_s: float = 900.0) -> list[dict[str, Any]
 
 def thread_cpu_s(pid: int, model_thread: str | None = None) -> dict[str, float]:
     """CPU seconds (user + system) process `pid` used so far: "model" (the thread the OS calls
-    `model_thread`, by default the edge's `gelato.edge.server.MODEL_THREAD_NAME`), "loop" (the main
+    `model_thread`, by default the edge's `gelato.edge.model_thread.MODEL_THREAD_NAME`), "loop" (the main
     thread: the edge runs its event loop there) and "other" (the rest of the process, threads that
     ended included: gRPC's). In clock ticks (10 ms on Linux): meant for runs of seconds. Empty when
     /proc cannot be read."""
     if model_thread is None:
-        from gelato.edge.server import MODEL_THREAD_NAME
+        from gelato.edge.model_thread import MODEL_THREAD_NAME
 
         model_thread = MODEL_THREAD_NAME
     tick = os.sysconf("SC_CLK_TCK")

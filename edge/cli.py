@@ -33,6 +33,10 @@ if TYPE_CHECKING:  # torch and the server load only to serve: a health check sta
     from gelato.edge.server import EdgeServer
     from gelato.models import LoadedModel
 
+# After a shutdown's drain, how long a forward still running (its stream already ended) may take
+# before the process exits without it.
+MODEL_THREAD_EXIT_S = 0.5
+
 
 def build_parser() -> EnvArgumentParser:
     """Every `EdgeConfig` setting as an option (and a `GELATO_EDGE_*` variable), plus
@@ -164,6 +168,13 @@ async def serve(config: EdgeConfig) -> int:
     await server.stop(config.shutdown_grace_s)  # health NOT_SERVING at once, then the drain
     if health_server is not None:
         await health_server.stop(0)
+    if not server.service.executor.wait_idle(MODEL_THREAD_EXIT_S):
+        # A forward outlived the drain (a long prefill; its stream is cancelled already): the
+        # interpreter would join the model thread at exit, past a container's stop timeout.
+        print("gelato-edge: a forward is still running; exiting without waiting for it", file=sys.stderr, flush=True)
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
     return 0
 
 

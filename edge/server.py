@@ -32,14 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import logging
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
@@ -55,6 +52,7 @@ from gelato.edge.batcher import Batcher
 from gelato.edge.config import EdgeConfig
 from gelato.edge.kv_pool import PoolMemoryError
 from gelato.edge.metrics import EdgeMetrics
+from gelato.edge.model_thread import ModelThread
 from gelato.edge.sessions import AdmissionError, SessionRegistry, StatusError, TargetSession
 from gelato.models import LoadedModel, load_model
 from gelato.security import server_credentials
@@ -75,18 +73,6 @@ SETTLE_S = 0.5
 BACKSTOP_S = 0.5  # gRPC cancels every call still open this long after that (e.g. a stuck forward)
 _POLL_S = 0.02  # how often shutdown looks again at streams owed an answer
 _M = TypeVar("_M", bound=Message)
-# The model thread's name as the OS shows it (`top -H`, `ps -L`, /proc/PID/task/TID/comm), so that
-# its CPU time can be told from the event loop's and gRPC's (Linux; at most 15 characters).
-MODEL_THREAD_NAME = "gelato-model"
-
-
-def name_os_thread(name: str) -> None:
-    """Give the calling thread `name` at the OS level (Linux `prctl(PR_SET_NAME)`); elsewhere, or
-    if it fails, nothing: the name is for operators and benchmarks, not for correctness."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # 15: PR_SET_NAME
 
 
 class PortInUseError(OSError):
@@ -153,9 +139,7 @@ class GelatoService:
         self.loaded: LoadedModel | None = None
         self.metrics = EdgeMetrics()
         # One model thread: forwards never run on the event loop and never race on the model.
-        self.executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="target", initializer=name_os_thread, initargs=(MODEL_THREAD_NAME,)
-        )
+        self.executor = ModelThread()
         self.registry = SessionRegistry(
             config.max_sessions, int(config.kv_budget_mb * 2**20), config.max_draft_tokens, self._close_on_model_thread
         )

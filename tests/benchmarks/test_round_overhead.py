@@ -121,7 +121,7 @@ def test_thread_cpu_finds_a_named_thread() -> None:
     import time
 
     from gelato.benchmarks.procs import thread_cpu_s
-    from gelato.edge.server import name_os_thread
+    from gelato.edge.model_thread import name_os_thread
 
     def burn() -> None:
         name_os_thread("gelato-burn")

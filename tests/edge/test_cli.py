@@ -280,6 +280,57 @@ def test_a_signal_while_the_target_loads_stops_the_edge_at_once(pair: dict[str, 
         proc.wait()
 
 
+SLOW_PREFILL = """
+import sys, time
+from gelato.edge.sessions import TargetSession
+prefill = TargetSession.prefill
+def slow(self):  # a prompt whose prefill takes a minute (a long prompt on a slow edge)
+    time.sleep(60)
+    prefill(self)
+TargetSession.prefill = slow
+from gelato.edge.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_a_forward_still_running_at_shutdown_does_not_hold_the_process(pair: dict[str, Path]) -> None:
+    """SIGTERM while a session's prefill runs on the model thread: the drain ends its stream, and
+    the process exits 0 soon after, naming the forward it did not wait for (the interpreter joined
+    the model thread at exit: the whole prefill, past a container's stop timeout)."""
+    from gelato.models import load_model
+    from gelato.types import PROTOCOL_VERSION
+
+    fp = load_model(str(pair["target"]), "target", "float32", "cpu").fingerprint
+    port = free_port()
+    args = ["--port", str(port), "--target", str(pair["target"]), "--threads", "1", "--shutdown-grace-s", "0.5"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_PREFILL, *args], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "SERVING" not in run_edge("--health-check", f"127.0.0.1:{port}").stdout.replace("NOT_SERVING", ""):
+            assert proc.poll() is None and time.monotonic() < deadline, "the edge never served"
+            time.sleep(0.2)
+        request = pb.OpenSession(protocol_version=PROTOCOL_VERSION, tokenizer_fingerprint=fp, prefix_ids=[5, 6, 7])
+        opening = pb.DeviceMessage(open=request)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GelatoStub(channel)
+            call = stub.Session(iter([opening]), timeout=60)
+            while stub.Info(pb.InfoRequest(), timeout=10).active_sessions < 1:  # admitted: prefill next
+                assert time.monotonic() < deadline, "the session was never admitted"
+                time.sleep(0.05)
+            time.sleep(0.3)  # the prefill is on the model thread now
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=90)
+            exit_s = time.monotonic() - sent
+            with pytest.raises(grpc.RpcError):
+                list(call)
+        assert proc.returncode == 0 and exit_s < 10, (exit_s, err)
+        assert "a forward is still running; exiting without waiting for it" in err, err
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def device_tokens(pair: dict[str, Path], address: str) -> list[list[int]]:
     args = ["--drafter", str(pair["drafter_agree"]), "--edge", address, "--json", "--max-new-tokens", "24"]
     res = run_device([*args, "--prompt", "Ava has 3 apples.", "--prompt", "A box holds 4 shells."])
