@@ -34,6 +34,12 @@ class EdgeConfig(Settings):
     kv_budget_mb: float = setting(0.0, "target KV memory for sessions, in MiB (0: no limit)", check=ge(0))
     batch_window_ms: float = setting(2.0, "wait this long for more rows to batch", check=ge(0))
     max_batch: int = setting(16, "most draft blocks verified in one forward", check=ge(1))
+    prefill_chunk_tokens: int = setting(
+        1024,
+        "prefill a prompt in forwards of at most this many tokens, other sessions' verification running "
+        "in between (the attention mask of one piece is this x the context, not prompt x prompt); 0: at once",
+        check=ge(0),
+    )
     idle_timeout_s: float = setting(
         300.0, "end a session whose device sends nothing, or takes no answer, this long", check=gt(0)
     )

@@ -378,7 +378,9 @@ class GelatoService:
             self.metrics.sessions_rejected.inc()
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
         try:
-            await asyncio.get_running_loop().run_in_executor(self.executor, session.prefill)
+            loop, piece = asyncio.get_running_loop(), self.config.prefill_chunk_tokens
+            while not await loop.run_in_executor(self.executor, session.prefill, piece):
+                pass  # the next piece queues behind whatever batches came meanwhile
         except BaseException as exc:
             self.registry.release(session.session_id)
             if isinstance(exc, PoolMemoryError):

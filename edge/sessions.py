@@ -87,9 +87,17 @@ class TargetSession:
         # the accepted prefix draws what this one would have.
         self.rng = KeyedRng(self.params.seed, "target")
 
-    def prefill(self) -> None:
-        """Cache the prefix except its last token, which the first verify forward feeds."""
-        self.seq.prefill(len(self.seq.tokens) - 1)
+    def prefill(self, max_tokens: int = 0) -> bool:
+        """Cache the prefix except its last token, which the first verify forward feeds; at most
+        `max_tokens` more of it per call (0: all). Returns whether the prefix is cached now. In
+        pieces, a long prompt's forward never needs its whole [prompt x prompt] mask at once, and
+        other sessions' verification can run on the model thread in between (the server submits
+        each piece as its own job)."""
+        upto = len(self.seq.tokens) - 1
+        if max_tokens > 0:
+            upto = min(upto, self.seq.cached + max_tokens)
+        self.seq.prefill(upto)
+        return self.seq.cached >= len(self.seq.tokens) - 1
 
     @property
     def length(self) -> int:

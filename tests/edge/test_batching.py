@@ -13,7 +13,7 @@ from gelato.edge.kv_pool import KVPool, PooledSequence, mask_free_ok, pooled_for
 from gelato.edge.sessions import TargetSession
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel
-from gelato.types import SamplingParams, Verdict
+from gelato.types import DraftBlock, SamplingParams, Verdict
 
 
 def assert_same_kv(a: KVSequence, b: KVSequence, layers: int) -> None:
@@ -262,3 +262,25 @@ def test_a_slot_is_clean_for_its_next_owner(target: LoadedModel) -> None:
     alone.prefill(2)
     got = pooled_forward([(new, (7, 8)), (longer, (9,))])[0]
     torch.testing.assert_close(got, alone.forward([7, 8]), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("piece", [1, 7, 39, 40])
+def test_a_prompt_prefilled_in_pieces_verifies_as_one_prefilled_at_once(target: LoadedModel, piece: int) -> None:
+    """`TargetSession.prefill(max_tokens)` caches the prompt a piece at a time (the edge's
+    `--prefill-chunk-tokens`): it says when it is done, and the session's KV and verdicts equal
+    those of a session prefilled in one forward."""
+    prompt = [random.Random(6).randrange(1, 300) for _ in range(40)]
+    pool = KVPool(target.model, target.vocab_size, slots=2, context=64)
+    pieces, whole = TargetSession("p", target, SamplingParams(), list(prompt), pool=pool), None
+    calls = 1
+    while not pieces.prefill(piece):
+        calls += 1
+        assert pieces.seq.cached == min(calls - 1, 39 // piece) * piece
+    assert calls == -(-39 // piece) and pieces.seq.cached == 39
+    whole = TargetSession("w", target, SamplingParams(), list(prompt), pool=pool)
+    assert whole.prefill()
+    for layer in range(target.model.config.num_hidden_layers):
+        for got, want in zip(pieces.seq.layer_kv(layer), whole.seq.layer_kv(layer), strict=True):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    block = DraftBlock(round=0, ids=(7, 8, 9))
+    assert pieces.verify(block) == whole.verify(block)

@@ -25,6 +25,17 @@ def run_edge(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+def test_an_edge_prefilling_in_small_pieces_gives_the_same_tokens(pair: dict[str, Path], edge: EdgeProcess) -> None:
+    """`--prefill-chunk-tokens 4`: every prompt is prefilled four tokens a forward, other sessions
+    served in between; the devices get the tokens of an edge prefilling each prompt at once."""
+    pieces = EdgeProcess(["--target", str(pair["target"]), "--prefill-chunk-tokens", "4"])
+    try:
+        expected = device_tokens(pair, edge.address)
+        assert device_tokens(pair, pieces.address) == expected and all(expected)
+    finally:
+        assert pieces.stop() == 0
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
