@@ -26,8 +26,9 @@ the KV budget; `set_target` hands that shape over and the model thread applies i
 allocation or forward, moving live rows down into low slots when the pool shrinks. So
 `--kv-budget-mb` bounds the memory the pool really holds, and an idle edge holds none. A reshape
 is all or nothing: when the device has no memory for it (`PoolMemoryError`), the pool keeps the
-shape it had, so the rows of the forward that met it go on; a target that cannot be taken is
-dropped, and only a row that needs more room than the pool has fails (its session's own error). A pool
+shape it had, so the rows of the forward that met it go on; the target stays pending, tried
+again only by a row that needs the room it gives (a new session's slot, a longer context), which
+alone fails if it still cannot be had (its session's own error): never a doubling past it. A pool
 without a target (tests, benchmarks, a lone `TargetSession`) grows by doubling on demand instead.
 Freed slots are reused lowest-first so busy batches stay consecutive.
 
@@ -73,6 +74,14 @@ log = logging.getLogger("gelato.edge")
 
 class PoolMemoryError(MemoryError):
     """The pool could not allocate the shape it needed; it keeps the one it had."""
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: CUDA's `OutOfMemoryError`, or the CPU allocator's RuntimeError."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 class _PoolCache:
@@ -222,6 +231,7 @@ class KVPool:
         self.slots, self.context = 0, 0
         self._owners: dict[int, PooledSequence] = {}  # slot -> the sequence whose KV is there
         self._target: tuple[int, int] | None = None
+        self._failed: tuple[int, int] | None = None  # a target the device had no memory for
         self._lock = threading.Lock()
         # Reused by every forward (model thread): slot index tensors per slot set, key offsets
         # 0..context-1, and the mask's two values.
@@ -265,6 +275,8 @@ class KVPool:
         except Exception as exc:
             self._undo(done, keep_s, keep_c)
             del self.keys[grown[0] :], self.values[grown[1] :]
+            if not _out_of_memory(exc):
+                raise
             mib = slots * context * self.bytes_per_token() / 2**20
             raise PoolMemoryError(
                 f"the KV pool could not grow to {slots} slots x {context} tokens ({mib:.0f} MiB): {exc}"
@@ -289,11 +301,15 @@ class KVPool:
         with self._lock:
             self._target = (slots, min(context, self.max_context))
 
-    def apply_target(self) -> None:
-        """Take the shape last set (model thread, before slots are read for a forward)."""
+    def apply_target(self, strict: bool = False) -> None:
+        """Take the shape last set (model thread, before slots are read for a forward). If the
+        device has no memory for it, the pool keeps its shape and the target stays pending: a
+        forward goes on with the shape it has (its rows fit it) and does not try that target
+        again; `strict` (a row that needs the room the target gives: `alloc`, `ensure_context`)
+        tries it again and raises `PoolMemoryError`, so that row alone fails."""
         with self._lock:
             target = self._target
-        if target is None:
+        if target is None or (target == self._failed and not strict):
             return
         # A release still on its way may keep a row alive a little longer: never drop live KV,
         # and keep the target pending until that row is gone too.
@@ -304,12 +320,14 @@ class KVPool:
             try:
                 self._resize(slots, context)
             except PoolMemoryError as exc:
-                # Not this forward's rows' fault: they fit the shape the pool still has, so they
-                # go on. The target is dropped (not retried every forward); a row that needs more
-                # room fails on its own when it asks for it (`alloc`, `ensure_context`).
-                log.warning("%s; keeping %d slots x %d tokens", exc, self.slots, self.context)
-                slots, context = target
+                if target != self._failed:
+                    log.warning("%s; keeping %d slots x %d tokens", exc, self.slots, self.context)
+                self._failed = target
+                if strict:
+                    raise
+                return
         with self._lock:
+            self._failed = None
             if self._target == target and (slots, context) == target:
                 self._target = None
 
@@ -329,7 +347,12 @@ class KVPool:
         """The lowest free slot for `owner`, growing the pool if none is (model thread)."""
         self.apply_target()
         free = next((s for s in range(self.slots) if s not in self._owners), None)
-        if free is None:
+        if free is None and self._target is not None:
+            # The registry planned room for this row and the pool could not take it yet: now or
+            # never for this row (the budget's shape, not a doubling past it).
+            self.apply_target(strict=True)
+            free = next((s for s in range(self.slots) if s not in self._owners), None)
+        if free is None:  # a pool no registry shapes: grow on demand
             free = self.slots
             self._resize(max(1, 2 * self.slots), self.context)
         else:
@@ -353,6 +376,8 @@ class KVPool:
     def ensure_context(self, tokens: int) -> None:
         if tokens > self.max_context:
             raise ValueError(f"{tokens} tokens exceed the target's context limit of {self.max_context}")
+        if tokens > self.context and self._target is not None:
+            self.apply_target(strict=True)  # the planned shape first, as `alloc` does
         if tokens > self.context:
             context = max(1, self.context)
             while context < tokens:  # doubling: a growing row reallocates O(log n) times

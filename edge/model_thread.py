@@ -42,19 +42,17 @@ class ModelThread(ThreadPoolExecutor):
         self._idle = threading.Condition()
 
     def submit(self, fn: Callable[..., _R], /, *args: Any, **kwargs: Any) -> Future[_R]:
-        def job() -> _R:
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._done()
-
         with self._idle:
             self._jobs += 1
         try:
-            return super().submit(job)
+            future = super().submit(fn, *args, **kwargs)
         except BaseException:  # shut down already: the job never runs
             self._done()
             raise
+        # Done when it ran, and also when it was cancelled before it started (an asyncio caller
+        # cancelled: `run_in_executor` cancels the job too, and a cancelled job never runs).
+        future.add_done_callback(lambda _: self._done())
+        return future
 
     def _done(self) -> None:
         with self._idle:

@@ -295,9 +295,9 @@ SLOW_PREFILL = """
 import sys, time
 from gelato.edge.sessions import TargetSession
 prefill = TargetSession.prefill
-def slow(self):  # a prompt whose prefill takes a minute (a long prompt on a slow edge)
+def slow(self, *args):  # a prompt whose prefill takes a minute (a long prompt on a slow edge)
     time.sleep(60)
-    prefill(self)
+    return prefill(self, *args)
 TargetSession.prefill = slow
 from gelato.edge.cli import main
 raise SystemExit(main(sys.argv[1:]))

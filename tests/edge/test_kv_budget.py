@@ -220,9 +220,11 @@ class _SmallMemory(KVPool):
 
     tokens = 1 << 30
     fail_after = 0
+    attempts = 0  # allocations asked for past `tokens`
 
     def _alloc(self, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
         if shape[0] * shape[2] > self.tokens:
+            self.attempts += 1
             if self.fail_after <= 0:
                 raise torch.OutOfMemoryError(f"simulated: no memory for {shape}")
             self.fail_after -= 1
@@ -245,9 +247,9 @@ def test_a_reshape_that_runs_out_of_memory_leaves_the_pool_and_its_sessions_as_t
 ) -> None:
     """A session admitted with a long reservation asks the pool to grow; the allocation fails
     part-way. The layers already grown go back (no memory held beyond what the pool reports),
-    the target is dropped, and the other sessions' rows, which fit the shape the pool still has,
-    are verified as if nothing happened (once every row of that forward failed, and the pool kept
-    the grown layers forever)."""
+    the target stays pending without being tried at every forward, and the other sessions' rows,
+    which fit the shape the pool still has, are verified as if nothing happened (once every row
+    of that forward failed, and the pool kept the grown layers forever)."""
     pool = _SmallMemory(target.model, target.vocab_size, slots=0, context=0, max_context=target.context_limit)
     reg = SessionRegistry(max_sessions=8, kv_budget_bytes=0, max_draft_tokens=8)
     reg.pool = pool
@@ -260,6 +262,7 @@ def test_a_reshape_that_runs_out_of_memory_leaves_the_pool_and_its_sessions_as_t
     _consistent(pool)
     before = (pool.slots, pool.context)
     reg.admit(target, SamplingParams(), [1], 0)  # up to the context limit: every slot that long
+    planned = pool._target
     pool.tokens, pool.fail_after = before[0] * before[1] * 2, 3  # three layers grow, the fourth fails
     for r in range(3):
         blocks = [DraftBlock(round=r, ids=(11, 12)) for _ in sessions]
@@ -267,8 +270,33 @@ def test_a_reshape_that_runs_out_of_memory_leaves_the_pool_and_its_sessions_as_t
         assert all(isinstance(o, Accepted) for o in outcomes), outcomes
         alone = [s.verify(b) for s, b in zip(solo, blocks, strict=True)]
         assert [(o.n_accepted, o.next_token) for o in outcomes] == alone  # type: ignore[union-attr]
-        assert (pool.slots, pool.context) == before and pool._target is None
+        assert (pool.slots, pool.context) == before and pool._target == planned
+        assert pool.attempts == 4  # the one reshape's: three layers grown, the fourth failed
         _consistent(pool)
+
+
+def test_a_new_session_takes_the_planned_shape_or_fails_never_a_doubling_past_it(target: LoadedModel) -> None:
+    """The registry planned 6 slots (its budget's shape) and the device had no memory for them. A
+    new session then finding no free slot asks for those 6 again, not for 8 by doubling (past
+    the budget): it fails alone while the memory is short, and gets its slot in a pool of 6 once
+    the memory is there."""
+    pool = _SmallMemory(target.model, target.vocab_size, slots=0, context=0, max_context=target.context_limit)
+    pool.set_target(4, 64)
+    seqs = [PooledSequence(pool, [3 + i, 4, 5]) for i in range(4)]
+    for seq in seqs:
+        seq.prefill(3)
+    assert (pool.slots, pool.context) == (4, 64)
+    pool.tokens = 4 * 64  # no more memory
+    pool.set_target(6, 64)
+    pooled_forward([(seq, (7,)) for seq in seqs])  # the reshape fails; the rows go on
+    fifth = PooledSequence(pool, [9, 9, 9])
+    with pytest.raises(PoolMemoryError, match="6 slots x 64 tokens"):
+        fifth.prefill(3)
+    assert (pool.slots, pool.context) == (4, 64) and fifth.slot is None
+    pool.tokens = 7 * 64  # room for the planned 6, not for a doubling to 8
+    fifth.prefill(3)
+    assert (pool.slots, pool.context) == (6, 64) and fifth.slot == 4 and pool._target is None
+    _consistent(pool)
 
 
 def test_a_row_that_needs_memory_the_pool_cannot_get_fails_alone(target: LoadedModel) -> None:
@@ -344,3 +372,21 @@ def test_a_session_the_edge_has_no_kv_memory_for_is_refused_and_the_others_go_on
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details()
     assert "edge out of KV memory" in (refused.details() or "")
     assert tokens == ref
+
+
+def test_a_reshape_failing_for_another_reason_is_not_called_out_of_memory(target: LoadedModel) -> None:
+    """Only an allocation failure becomes `PoolMemoryError` (RESOURCE_EXHAUSTED "edge out of KV
+    memory"); any other error is raised as it is (a server fault), the pool put back all the same."""
+
+    class Broken(KVPool):
+        def _alloc(self, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
+            if shape[2] > 64:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return super()._alloc(shape, device)
+
+    pool = Broken(target.model, target.vocab_size, slots=2, context=64)
+    with pytest.raises(RuntimeError, match="illegal memory access") as info:
+        pool.ensure_context(100)
+    assert not isinstance(info.value, PoolMemoryError)
+    assert (pool.slots, pool.context) == (2, 64)
+    _consistent(pool)
