@@ -68,6 +68,10 @@ class NullMeter(Meter):
         return math.nan
 
 
+# How long a power sensor may fail to read before its meter's energy becomes unknown (NaN).
+FAILED_READS_S = 1.0
+
+
 class PowerIntegrator:
     """Integrates a power function (W) over time on a sampler thread, holding each sample's power.
 
@@ -89,6 +93,7 @@ class PowerIntegrator:
         self._t = clock()
         self._p = power_w()
         self._j = 0.0
+        self._failing_since: float | None = None  # when reads began to fail (None: the last one worked)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -101,7 +106,18 @@ class PowerIntegrator:
             self.sample()
 
     def sample(self) -> None:
-        p = self.power_w()
+        """One power reading. A read that fails (an I/O error on a rail, a driver error) is a
+        dropped sample: the last power holds for one more interval, as between any two samples.
+        Failing for `FAILED_READS_S` on end, the meter can no longer read: its energy is NaN from
+        then on (unmeasured, for the deficit queue and the reports), instead of the sampler thread
+        dying at the first failure and the last power being integrated for the rest of the run."""
+        try:
+            p = float(self.power_w())
+            self._failing_since = None
+        except Exception:
+            now = self.clock()
+            self._failing_since = self._failing_since if self._failing_since is not None else now
+            p = math.nan if now - self._failing_since >= FAILED_READS_S else self._p
         with self._lock:  # time taken under the lock: a read that saw the old state has an earlier time
             t = self.clock()
             self._j += self._p * max(0.0, t - self._t)

@@ -7,8 +7,9 @@ INA3221 hwmon, channels 1-3 only: bus `in{n}_input` (mV) × `curr{n}_input` (mA)
 `in{n}_label`, skipped when `in{n}_enable` reads 0 (a disabled channel's inputs read ENODATA);
 `in4`-`in6` are shunt voltages (µV) and `in7` / `curr4` the sums, never rails. INA238 hwmon:
 `power1_input` (µW) alone (its `in1` × `curr1` is the same rail again). Legacy iio:
-`in_power*_input` (mW). If a board-input rail is present (label `VDD_IN`, `POM_5V_IN` or
-`VIN_SYS_5V0`) only it is counted, since it already contains the others; otherwise all rails are
+`in_power*_input` (mW). If a board-input rail is present (label `VDD_IN` or `POM_5V_IN`) only it
+is counted, since it already contains the others; otherwise (AGX Orin: `VDD_GPU_SOC`,
+`VDD_CPU_CV` and `VIN_SYS_5V0` are parallel branches) all rails are
 summed.
 """
 
@@ -22,7 +23,10 @@ from pathlib import Path
 from gelato.power.base import Meter, MeterUnavailable, PowerIntegrator
 
 DRIVER_ROOTS = ("/sys/bus/i2c/drivers",)
-INPUT_RAILS = {"VDD_IN", "POM_5V_IN", "VIN_SYS_5V0"}
+# Rails that carry the whole module's input (Orin Nano/NX, Xavier NX: VDD_IN; Nano, TX2:
+# POM_5V_IN). Not AGX Orin's VIN_SYS_5V0: there it is one branch beside VDD_GPU_SOC and VDD_CPU_CV
+# (tegrastats shows the two compute rails above it under load), so those rails are summed.
+INPUT_RAILS = {"VDD_IN", "POM_5V_IN"}
 
 
 @dataclass(frozen=True)

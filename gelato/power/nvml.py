@@ -45,7 +45,10 @@ class NvmlMeter(Meter):
         try:
             self._c0 = self._counter_mj()
         except nv.NVMLError:  # pre-Volta: no energy counter, integrate power instead
-            self.integrator = PowerIntegrator(self.power_w, interval_s, clock)
+            try:
+                self.integrator = PowerIntegrator(self.power_w, interval_s, clock)
+            except nv.NVMLError as exc:  # no power reading either: `auto` goes on to the next meter
+                raise MeterUnavailable(f"NVML: no energy counter and no power reading ({exc})") from exc
             self.integrator.start()
             return
         self._last_c = self._c0

@@ -114,6 +114,56 @@ def test_jetson_ina3221_prefers_board_input_rail(tmp_path: Path) -> None:
     assert meter.joules() == pytest.approx(10.0 + 5.0)  # partial interval at the last power, 10 W
 
 
+def test_jetson_agx_orin_sums_its_branches(tmp_path: Path) -> None:
+    """AGX Orin's INA3221 measures VDD_GPU_SOC, VDD_CPU_CV and VIN_SYS_5V0 as parallel branches
+    (tegrastats shows the compute rails above VIN_SYS_5V0 under load): all three are summed (only
+    the 5 V system rail was counted, a tenth of the module's power under GPU load)."""
+    hw = tmp_path / "ina3221" / "1-0040" / "hwmon" / "hwmon3"
+    rails = [("VDD_GPU_SOC", 5000, 8000), ("VDD_CPU_CV", 5000, 1000), ("VIN_SYS_5V0", 5000, 900)]
+    for n, (label, mv, ma) in enumerate(rails, 1):
+        write(hw / f"in{n}_label", label)
+        write(hw / f"in{n}_input", mv)
+        write(hw / f"curr{n}_input", ma)
+    meter = JetsonMeter((str(tmp_path),), start_sampler=False)
+    assert [r.label for r in meter.rails] == ["VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0"]
+    assert meter.power_w() == pytest.approx(40.0 + 5.0 + 4.5)
+
+
+def test_a_failing_sensor_read_is_a_dropped_sample_then_unknown_energy(tmp_path: Path) -> None:
+    """One failed read holds the last power for an interval, as any sample does; reads failing for
+    `FAILED_READS_S` make the energy unknown (NaN, unmeasured) from then on. The sampler thread
+    died at the first failure and the last power was integrated for the rest of the run."""
+    from gelato.power.base import FAILED_READS_S, PowerIntegrator
+
+    clock, power, fail = FakeClock(), [5.0], [False]
+
+    def read() -> float:
+        if fail[0]:
+            raise OSError("I/O error")
+        return power[0]
+
+    meter = PowerIntegrator(read, 0.1, clock)
+    clock.t += 0.1
+    fail[0] = True
+    meter.sample()  # failed: 5 W holds
+    clock.t += 0.1
+    fail[0], power[0] = False, 0.0
+    meter.sample()
+    clock.t += 0.1
+    meter.sample()
+    assert meter.joules() == pytest.approx(5.0 * 0.2)  # 5 W over the first two intervals, then 0 W
+    fail[0] = True
+    meter.sample()
+    clock.t += FAILED_READS_S
+    meter.sample()  # failing for FAILED_READS_S now: unknown
+    clock.t += 0.1
+    assert math.isnan(meter.joules())
+    meter.start()  # the sampler thread survives failing reads
+    time.sleep(0.3)
+    assert meter._thread is not None and meter._thread.is_alive()
+    meter.stop()
+
+
 def test_jetson_ina3221_sums_channels_1_to_3_only(tmp_path: Path) -> None:
     # No board-input label (AGX Xavier style): all rails are summed, so a phantom 4th rail would count.
     hw = tmp_path / "ina3221" / "1-0040" / "hwmon" / "hwmon3"
@@ -195,12 +245,13 @@ class FakeNvml(types.ModuleType):
     class NVMLError(Exception):
         pass
 
-    def __init__(self, counter: bool = True, present: bool = True) -> None:
+    def __init__(self, counter: bool = True, present: bool = True, power: bool = True) -> None:
         super().__init__("pynvml")
         self.counter_mj = 1_000_000
         self.power_mw = 250_000
         self.has_counter = counter
         self.present = present
+        self.has_power = power
 
     def nvmlInit(self) -> None:
         if not self.present:
@@ -221,9 +272,13 @@ class FakeNvml(types.ModuleType):
         return self.counter_mj
 
     def nvmlDeviceGetPowerUsage(self, handle: str) -> int:
+        if not self.has_power:
+            raise self.NVMLError("Not Supported")
         return self.power_mw
 
     def nvmlDeviceGetFieldValues(self, handle: str, ids: list[int]) -> list[object]:
+        if not self.has_power:
+            raise self.NVMLError("Not Supported")
         value = types.SimpleNamespace(uiVal=self.power_mw)
         return [types.SimpleNamespace(nvmlReturn=0, value=value)]
 
@@ -253,6 +308,18 @@ def test_nvml_without_counter_integrates_power(monkeypatch: pytest.MonkeyPatch) 
     clock.t += 2.0
     meter.integrator.sample()
     assert meter.joules() == pytest.approx(500.0)
+
+
+def test_nvml_with_neither_counter_nor_power_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU that reports no energy and no power (older or virtual parts): the NVML meter is
+    unavailable, so `auto` goes on to the next meter (it raised NVML's own error through `auto`
+    and the device CLI, a traceback instead of a fallback)."""
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(counter=False, power=False))
+    with pytest.raises(MeterUnavailable, match="no energy counter and no power reading"):
+        NvmlMeter()
+    monkeypatch.setattr("gelato.power.rapl.RaplMeter.__init__", _unavailable)
+    monkeypatch.setattr("gelato.power.jetson.JetsonMeter.__init__", _unavailable)
+    assert open_meter("auto").source == "cpu-model"
 
 
 def test_nvml_absent_is_unavailable_not_zero(monkeypatch: pytest.MonkeyPatch) -> None:
