@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PROTOCOL_VERSION = 1
+MAX_FLOAT32 = 3.4028234663852886e38  # the largest finite float32 (the wire's floats)
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,18 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError naming the bad field. Every comparison is written so that NaN fails it."""
         t = self.temperature
-        if not (t == 0.0 or self.MIN_TEMPERATURE * (1 - 2**-20) <= t < float("inf")):
-            raise ValueError(f"temperature must be 0 (greedy) or finite and >= {self.MIN_TEMPERATURE:g}, got {t}")
+        # The wire carries float32 (finite up to ~3.4e38), uint32 top_k and uint64 seed: what does
+        # not fit is refused here, at settings time, not by the encoder for every prompt.
+        if not (t == 0.0 or self.MIN_TEMPERATURE * (1 - 2**-20) <= t <= MAX_FLOAT32):
+            raise ValueError(
+                f"temperature must be 0 (greedy) or finite (as float32) and >= {self.MIN_TEMPERATURE:g}, got {t}"
+            )
         if not (0.0 <= self.top_p <= 1.0):
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_k < 2**32:
+            raise ValueError(f"top_k must be in [0, 2^32), got {self.top_k}")
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2^64), got {self.seed}")
 
 
 @dataclass(frozen=True)

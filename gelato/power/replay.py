@@ -13,6 +13,7 @@ import bisect
 import csv
 import itertools
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +27,17 @@ def load_trace(path: str | Path) -> list[tuple[float, float]]:
         text = p.read_text()
     except OSError as exc:
         raise MeterUnavailable(f"cannot read power trace {p}: {exc}") from exc
-    rows: list[tuple[float, float]] = []
-    if text.lstrip().startswith("{"):
-        rows = [(float(r["t_s"]), float(r["power_w"])) for r in map(json.loads, text.splitlines()) if r]
-    else:
-        rows = [(float(r["t_s"]), float(r["power_w"])) for r in csv.DictReader(text.splitlines())]
+    lines = [line for line in text.splitlines() if line.strip()]  # blank lines (a trailing one) are no samples
+    try:
+        if text.lstrip().startswith("{"):
+            records: list[dict] = [json.loads(line) for line in lines]
+        else:
+            records = list(csv.DictReader(lines))
+        rows = [(float(r["t_s"]), float(r["power_w"])) for r in records]
+    except (ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise MeterUnavailable(f"power trace {p}: every sample needs numbers t_s and power_w ({exc!r})") from exc
+    if not all(math.isfinite(t) and math.isfinite(w) for t, w in rows):
+        raise MeterUnavailable(f"power trace {p}: t_s and power_w must be finite numbers")
     if len(rows) < 2 or any(b[0] <= a[0] for a, b in itertools.pairwise(rows)):
         raise MeterUnavailable(f"power trace {p} needs >= 2 samples with increasing t_s")
     return rows

@@ -213,6 +213,7 @@ def test_device_defaults_written_once() -> None:
         (["--ahead-blocks", "0"], "--ahead-blocks must be >= 1"),
         (["--policy", "bogus"], "unknown policy 'bogus'"),
         (["--temperature", "-1"], "temperature must be 0 (greedy) or finite"),
+        (["--seed", "-1"], "seed must be in [0, 2^64)"),  # once every prompt failed encoding it
         # Settings that would be ignored are refused.
         (["--limit", "3"], "--limit counts the prompts of --prompts-file"),
         (

@@ -355,6 +355,24 @@ def test_replay_meter(tmp_path: Path, fmt: str) -> None:
         ReplayMeter(path)
 
 
+def test_replay_trace_blank_lines_and_bad_samples(tmp_path: Path) -> None:
+    """A blank line is no sample (a JSONL trace with one raised JSONDecodeError); a sample that is
+    not two finite numbers is refused naming the trace (a NaN t_s passed the increasing check
+    and every reading was NaN; a missing key or a word raised a bare KeyError/ValueError)."""
+    path = tmp_path / "trace.jsonl"
+    path.write_text('{"t_s": 0, "power_w": 2}\n\n{"t_s": 1, "power_w": 4}\n\n')
+    assert ReplayMeter(path).trace == [(0.0, 2.0), (1.0, 4.0)]
+    for text, needle in [
+        ('{"t_s": 0, "power_w": 2}\n{"t_s": NaN, "power_w": 4}\n{"t_s": 2, "power_w": 4}\n', "finite"),
+        ("t_s,power_w\n0,2\nnan,3\n2,4\n", "finite"),
+        ('{"t_s": 0, "power_w": 2}\n{"t": 1, "power_w": 4}\n', "needs numbers t_s and power_w"),
+        ("t_s,power_w\n0,2\n1,lots\n", "needs numbers t_s and power_w"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(MeterUnavailable, match=needle):
+            ReplayMeter(path)
+
+
 def test_cpu_model_formula_and_psutil_consistency() -> None:
     clock, cpu = FakeClock(), [10.0]
     meter = CpuModelMeter("laptop", clock=clock, cpu_seconds=lambda: cpu[0])

@@ -276,11 +276,18 @@ def test_verify_sampling_refuses_a_p_that_is_not_a_distribution(bad: float) -> N
         (SamplingParams(temperature=1.0, top_p=-0.1), False),
         (SamplingParams(temperature=1.0, top_p=1.5), False),
         (SamplingParams(top_k=-1), False),
+        # What the wire cannot carry (float32 temperature, uint32 top_k, uint64 seed): refused at
+        # settings time, not by the encoder for every prompt.
+        (SamplingParams(temperature=3.4e38, top_k=2**32 - 1, seed=2**64 - 1), True),
+        (SamplingParams(temperature=1e39), False),
+        (SamplingParams(top_k=2**32), False),
+        (SamplingParams(seed=-1), False),
+        (SamplingParams(seed=2**64), False),
     ],
 )
 def test_sampling_params_validate(params: SamplingParams, ok: bool) -> None:
     if ok:
         params.validate()
     else:
-        with pytest.raises(ValueError, match=r"temperature|top_p|top_k"):
+        with pytest.raises(ValueError, match=r"temperature|top_p|top_k|seed"):
             params.validate()
