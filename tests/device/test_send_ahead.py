@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 from gelato.controller import Decision
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant
-from gelato.device.generate import GenerationResult, Limits, local_verifier, speculative_generate
+from gelato.device.generate import GenerationResult, Limits, Offload, local_verifier, speculative_generate
 from gelato.device.pipeline import Link, _Chain, _CutRule, _Sent, local_link, pipelined_generate
 from gelato.device.policy import FixedK, PolicyOptions, parse_policy
 from gelato.edge.sessions import StatusError, TargetSession
@@ -358,6 +359,16 @@ def run_threaded(
     """`fixed-k` with send-ahead over `link`, drafting on its own thread as the device does."""
     prompt = encode_prompt(target.tokenizer, PROMPT)
 
+    limits = Limits(60, target.context_limit, 32, target.eos_token_ids)
+    policy = parse_policy(f"fixed-{k}", PolicyOptions(pipeline="send-ahead", k_max=k, ahead_blocks=ahead))
+    return on_drafter_thread(
+        lambda offload: pipelined_generate(d, link, policy, prompt, limits, on_round=on_round, offload=offload)
+    )
+
+
+def on_drafter_thread(run: Callable[[Offload], Awaitable[GenerationResult]]) -> GenerationResult:
+    """`run(offload)` in an event loop, its drafter work on a thread of its own, as the device does."""
+
     async def main() -> GenerationResult:
         with ThreadPoolExecutor(1) as pool:
             loop = asyncio.get_running_loop()
@@ -365,9 +376,7 @@ def run_threaded(
             async def offload(fn: Any, *args: Any) -> Any:
                 return await loop.run_in_executor(pool, fn, *args)
 
-            limits = Limits(60, target.context_limit, 32, target.eos_token_ids)
-            policy = parse_policy(f"fixed-{k}", PolicyOptions(pipeline="send-ahead", k_max=k, ahead_blocks=ahead))
-            return await pipelined_generate(d, link, policy, prompt, limits, on_round=on_round, offload=offload)
+            return await run(offload)
 
     return asyncio.run(main())
 
@@ -587,17 +596,8 @@ def test_local_predrafting_reports_the_transports_time_without_the_drafters(
         await asyncio.sleep(0.01)
         return await verify(block)
 
-    async def main() -> GenerationResult:
-        with ThreadPoolExecutor(1) as pool:
-            loop = asyncio.get_running_loop()
-
-            async def offload(fn: Any, *args: Any) -> Any:
-                return await loop.run_in_executor(pool, fn, *args)
-
-            limits = Limits(12, target.context_limit, 32, target.eos_token_ids)
-            policy = parse_policy("fixed-2", PolicyOptions(pipeline="local"))
-            return await speculative_generate(d, slow_verify, policy, prompt, limits, offload=offload)
-
-    res = asyncio.run(main())
+    limits = Limits(12, target.context_limit, 32, target.eos_token_ids)
+    policy = parse_policy("fixed-2", PolicyOptions(pipeline="local"))
+    res = on_drafter_thread(lambda run: speculative_generate(d, slow_verify, policy, prompt, limits, offload=run))
     pre = sorted(t.t_net_s for t in res.stats.rounds_log if t.predrafted)
     assert pre and pre[len(pre) // 2] < 0.035, pre
