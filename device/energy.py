@@ -3,8 +3,10 @@
 Contract: `EnergyAccountant(meter, radio)` brackets a generation (`begin`/`end`) and each round
 (`round_start`/`round_end`). A round's energy is the meter's delta over the whole round — which
 already contains idle power while waiting for the edge, so nothing idle is added — plus the radio
-energy of the bytes it sent and received. Byte counts are protobuf sizes plus gRPC/HTTP2 framing
-(5 + 9 bytes per message); TCP/IP headers are not counted. A meter that cannot read yields NaN.
+energy of the bytes it sent and received; a generation that exchanged any bytes is charged the
+radio's tail once, one that exchanged none (`ar-device`) no radio energy at all. Byte counts are
+protobuf sizes plus gRPC/HTTP2 framing (5 + 9 bytes per message); TCP/IP headers are not
+counted. A meter that cannot read yields NaN.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class EnergyAccountant:
     def end(self, stats: GenerationStats, start: Reading) -> None:
         """Totals for the generation, including the open/close messages outside any round."""
         stats.radio_j = self.radio_j(stats.bytes_up, stats.bytes_down)
-        if self.radio:
+        if self.radio and (stats.bytes_up or stats.bytes_down):  # no traffic (ar-device): no tail
             stats.radio_j += self.radio.tail_energy_j() - self._tail_refund_j
         self._tail_refund_j = 0.0
         stats.energy_j = self.meter.read().joules - start.joules + stats.radio_j

@@ -309,6 +309,19 @@ def test_ar_device_is_the_drafters_own_greedy_output(drafter_model: LoadedModel)
     assert res.token_ids == ref[0, len(prompt) :].tolist()
 
 
+def test_ar_device_is_charged_no_radio(drafter_model: LoadedModel) -> None:
+    """`ar-device` sends and receives nothing, so its radio energy is 0: no tail either (it was
+    charged one per generation, most of its J/token on lte)."""
+    drafter = Drafter(drafter_model, SamplingParams())
+    limits = Limits(10, drafter_model.context_limit, 10, ())
+    acct = EnergyAccountant(open_meter("cpu-model", "phone"), radio_profile("lte"))
+    res = asyncio.run(
+        speculative_generate(drafter, self_verifier(drafter), parse_policy("ar-device"), [5, 6, 7], limits, acct, None)
+    )
+    assert (res.stats.bytes_up, res.stats.bytes_down, res.stats.radio_j) == (0, 0, 0.0)
+    assert 0 < res.stats.energy_j < radio_profile("lte").tail_energy_j()
+
+
 class _SecondTokenOn(Gate):
     # The random drafter's top-3 distributions are nearly uniform, so are the top 2 of them, and
     # the first draft's entropy is the same for every sample (same prefix): judging from the
