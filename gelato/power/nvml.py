@@ -3,7 +3,10 @@
 Contract: `NvmlMeter(index)` reads `nvmlDeviceGetTotalEnergyConsumption` (mJ since driver load,
 Volta+) as a counter delta. The counter only moves every ~20–100 ms, so between updates the meter
 extrapolates with instantaneous power (`NVML_FI_DEV_POWER_INSTANT`, else `nvmlDeviceGetPowerUsage`)
-× the time since the counter last moved, and never reports less than it already did. GPUs without
+× the time since the counter last moved, and never reports less than it already did. A counter
+read that fails mid-run (a driver error, a GPU fallen off the bus) reads NaN — that reading is
+unknown — and changes nothing, so the next good read is exact again (the counter kept counting);
+a power read that fails between ticks leaves the counter's own value. GPUs without
 the counter fall back to integrating power on a sampler thread. No NVML library, no GPU:
 `MeterUnavailable`. `pynvml` is imported lazily, so tests can patch it at the library boundary.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -75,12 +79,16 @@ class NvmlMeter(Meter):
         if self.integrator is not None:
             return self.integrator.joules(now)
         with self._lock:
-            c = self._counter_mj()
+            try:
+                c = self._counter_mj()
+            except self.nv.NVMLError:  # unknown now; the counter goes on, so the next read is exact
+                return math.nan
+            value = (c - self._c0) / 1e3
             if c != self._last_c:
                 self._last_c, self._last_change_t = c, now
-                value = (c - self._c0) / 1e3
             else:  # the counter has not ticked yet: extrapolate with instantaneous power
-                value = (c - self._c0) / 1e3 + self.power_w() * (now - self._last_change_t)
+                with contextlib.suppress(self.nv.NVMLError):  # no power now: the counter alone
+                    value += self.power_w() * (now - self._last_change_t)
             self._reported_j = max(self._reported_j, value)
             return self._reported_j
 

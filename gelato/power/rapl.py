@@ -5,11 +5,13 @@ Contract: `RaplMeter(root)` sums the package zones: top-level `intel-rapl:N` zon
 their package and are not added again, and the top-level `psys` (platform) zone, which already
 contains the packages, and any other non-package zone are left out. Each zone's counter wraps
 at `max_energy_range_uj`; a read that goes backwards is a wrap. Unreadable counters (usually
-root-only) raise `MeterUnavailable` naming the file.
+root-only) raise `MeterUnavailable` naming the file. A read that fails mid-run (any zone) reads
+NaN and changes nothing: the counters kept counting, so the next good read is exact again.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections.abc import Callable
@@ -57,11 +59,14 @@ class RaplMeter(Meter):
 
     def joules_at(self, now: float) -> float:
         with self._lock:
-            for i, zone in enumerate(self.zones):
-                now = self._counter(zone)
-                delta = now - self._last[i]
+            try:  # every zone first: a zone failing must not leave the others advanced
+                counters = [self._counter(zone) for zone in self.zones]
+            except (OSError, ValueError):
+                return math.nan
+            for i, counter in enumerate(counters):
+                delta = counter - self._last[i]
                 if delta < 0:  # wrapped at max_energy_range_uj
                     delta += self._range[i] + 1
                 self._total_uj += delta
-                self._last[i] = now
+                self._last[i] = counter
             return self._total_uj / 1e6

@@ -59,6 +59,19 @@ def test_rapl_sums_packages_and_handles_wraparound(tmp_path: Path) -> None:
     assert meter.joules() == pytest.approx(170e-6)
 
 
+def test_rapl_read_failing_mid_run_is_nan_then_exact_again(tmp_path: Path) -> None:
+    """A counter that cannot be read mid-run (one zone of two) reads NaN and advances no zone: the
+    next good read counts everything since the last one (it raised, with the first zone advanced)."""
+    rapl_tree(tmp_path, {"intel-rapl:0": (100, 10**6), "intel-rapl:1": (10, 10**6)})
+    meter = RaplMeter(tmp_path)
+    write(tmp_path / "intel-rapl:0" / "energy_uj", 400)
+    (tmp_path / "intel-rapl:1" / "energy_uj").unlink()
+    assert math.isnan(meter.joules())
+    write(tmp_path / "intel-rapl:0" / "energy_uj", 600)
+    write(tmp_path / "intel-rapl:1" / "energy_uj", 30)
+    assert meter.joules() == pytest.approx(520e-6)
+
+
 def test_rapl_counts_package_zones_only_not_psys(tmp_path: Path) -> None:
     # A laptop: psys (the whole platform) already contains package-0, so adding it double counts.
     zones = {"intel-rapl:0": (1_000_000, 10**9), "intel-rapl:1": (1_000_000, 10**9)}
@@ -296,6 +309,24 @@ def test_nvml_counter_delta_with_instant_power_between_ticks(monkeypatch: pytest
     fake.counter_mj += 3000
     clock.t += 0.02
     assert meter.joules() == pytest.approx(5.0)
+    meter.close()
+
+
+def test_nvml_read_failing_mid_run_is_nan_then_exact_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A counter read failing mid-run (GPU lost, driver error) reads NaN instead of raising out of
+    the device's round loop; a power read failing between ticks leaves the counter's value."""
+    fake = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    clock = FakeClock()
+    meter = NvmlMeter(clock=clock)
+    fake.has_counter = False
+    clock.t += 0.01
+    assert math.isnan(meter.joules())
+    fake.has_counter, fake.has_power = True, False
+    fake.counter_mj += 4000
+    assert meter.joules() == pytest.approx(4.0)
+    clock.t += 0.01  # no tick and no power: the counter's value, never less than reported
+    assert meter.joules() == pytest.approx(4.0)
     meter.close()
 
 
