@@ -17,6 +17,7 @@ is in flight, and a hit starts the next block without a drafting wait (`Drafter.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -183,13 +184,19 @@ async def start_drafter(drafter: Drafter, prompt_ids: list[int], prefill: bool, 
 
 def check_verdict(verdict: Verdict, block: DraftBlock, vocab_size: int) -> None:
     """Raise VerifyError unless the drafter can apply `verdict` to `block`: at most the block's k
-    drafts accepted, a next token in the vocabulary. Anything else is the edge's fault (a bug, or
-    an edge serving another model): the generation ends "error" with the tokens delivered so far,
-    instead of the drafter failing on it (an index past its embedding, a cut past its tokens)."""
+    drafts accepted, a next token in the vocabulary, edge timings that are finite and >= 0.
+    Anything else is the edge's fault (a bug, or an edge serving another model): the generation
+    ends "error" with the tokens delivered so far, instead of the drafter failing on it (an index
+    past its embedding, a cut past its tokens) or the controller learning it (one NaN time stays
+    in its decayed sums for good, and every K then scores NaN: it would never draft again)."""
     if not 0 <= verdict.n_accepted <= block.k:
         raise VerifyError(f"edge accepted {verdict.n_accepted} drafts of a block of {block.k}")
     if not 0 <= verdict.next_token < vocab_size:
         raise VerifyError(f"edge answered token {verdict.next_token}, outside the vocabulary (0..{vocab_size - 1})")
+    for name in ("queue_ms", "compute_ms"):
+        value = getattr(verdict, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise VerifyError(f"edge answered {name} {value}, not a time (finite, >= 0)")
 
 
 def end_round(

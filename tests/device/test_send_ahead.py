@@ -601,3 +601,31 @@ def test_local_predrafting_reports_the_transports_time_without_the_drafters(
     res = on_drafter_thread(lambda run: speculative_generate(d, slow_verify, policy, prompt, limits, offload=run))
     pre = sorted(t.t_net_s for t in res.stats.rounds_log if t.predrafted)
     assert pre and pre[len(pre) // 2] < 0.035, pre
+
+
+@pytest.mark.parametrize(("field", "value"), [("compute_ms", math.nan), ("queue_ms", math.inf), ("compute_ms", -1.0)])
+def test_a_verdict_with_edge_times_that_are_no_times_ends_the_generation_as_an_error(
+    pair: dict[str, Path], target: LoadedModel, field: str, value: float
+) -> None:
+    """An edge time that is NaN, infinite or negative (float32 on the wire: any of them decodes)
+    is the edge's fault too: the generation ends "error" with the tokens before it, and the
+    controller never learns it (one NaN in its decayed sums and `gelato` would never draft again)."""
+    dm = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
+    ref, _ = run(target, dm, "fixed-4", "off")
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    session = TargetSession("s", target, GREEDY, prompt)
+    session.prefill()
+    verify, calls = local_verifier(session), [0]
+
+    async def tampering(block: DraftBlock) -> Any:
+        ex = await verify(block)
+        calls[0] += 1
+        return replace(ex, verdict=replace(ex.verdict, **{field: value})) if calls[0] == 3 else ex
+
+    limits = Limits(60, target.context_limit, 32, target.eos_token_ids)
+    policy = parse_policy("gelato", PolicyOptions(k_max=6))
+    res = asyncio.run(speculative_generate(Drafter(dm, GREEDY, top_m=8), tampering, policy, prompt, limits))
+    assert res.stats.stop_reason == "error" and f"edge answered {field} {value}" in res.error, res.error
+    assert res.token_ids and res.token_ids == ref.token_ids[: len(res.token_ids)]
+    assert res.stats.rounds == 2
+    assert all(math.isfinite(t.t_edge_compute_s + t.t_edge_queue_s) for t in res.stats.rounds_log)
