@@ -63,9 +63,9 @@ class PolicyOptions(Settings):
         flag="--energy-budget-j-per-token",
         check=gt(0),
     )
-    v: float = setting(20.0, "throughput weight V of lyapunov/gelato, in tokens of budget", check=gt(0, finite=True))
+    v: float = setting(20.0, "throughput weight V of lyapunov/gelato, in tokens of budget", check=gt(0))
     entropy_threshold: float = setting(
-        1.0, "entropy policy: stop after a token above this entropy τ, in nats", check=ge(0)
+        1.0, "entropy policy: stop after a token above this entropy τ, in nats (inf: never)", check=ge(0, finite=False)
     )
     adaedl_gamma: float = setting(0.2, "adaedl: γ", check=gt(0))
     adaedl_lambda: float = setting(0.6, "adaedl: stop when 1-sqrt(γH) < λ", check=between(0, 1))

@@ -49,7 +49,11 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def ge(low: float) -> Check:
+def ge(low: float, finite: bool = True) -> Check:
+    """`value >= low`, and finite unless `finite=False` (argparse's float takes "inf": an infinite
+    budget or window would pass and then fail, or wait, far from its flag)."""
+    if finite:
+        return Check(lambda x: math.isfinite(x) and x >= low, f"must be >= {_num(low)}")
     return Check(lambda x: x >= low, f"must be >= {_num(low)}")
 
 
@@ -57,8 +61,8 @@ def le(high: float) -> Check:
     return Check(lambda x: x <= high, f"must be <= {_num(high)}")
 
 
-def gt(low: float, finite: bool = False) -> Check:
-    """`value > low` (and finite when `finite`). Every comparison fails for NaN."""
+def gt(low: float, finite: bool = True) -> Check:
+    """`value > low`, and finite unless `finite=False`. Every comparison fails for NaN."""
     if finite:
         return Check(lambda x: math.isfinite(x) and x > low, f"must be > {_num(low)}")
     return Check(lambda x: x > low, f"must be > {_num(low)}")

@@ -148,6 +148,12 @@ def test_edge_defaults_written_once() -> None:
         (["--batch-window-ms", "-1"], "--batch-window-ms must be >= 0"),
         (["--idle-timeout-s", "nan"], "--idle-timeout-s must be > 0"),
         (["--shutdown-grace-s", "-1"], "--shutdown-grace-s must be >= 0"),
+        # argparse's float takes "inf": an infinite budget crashed the server's int() of it, an
+        # infinite window held one session's block until another's came, an infinite grace never ended
+        (["--kv-budget-mb", "inf"], "--kv-budget-mb must be >= 0"),
+        (["--batch-window-ms", "inf"], "--batch-window-ms must be >= 0"),
+        (["--shutdown-grace-s", "inf"], "--shutdown-grace-s must be >= 0"),
+        (["--idle-timeout-s", "inf"], "--idle-timeout-s must be > 0"),
         (["--health-check-timeout-s", "0"], "--health-check-timeout-s must be > 0"),
         (["--threads", "0"], "--threads must be >= 1"),
         (["--offload-folder", "/tmp/x"], "--max-memory and --offload-folder need --device-map"),
@@ -208,6 +214,9 @@ def test_device_defaults_written_once() -> None:
         (["--v", "inf"], "--v must be > 0"),
         (["--k-max", "-1"], "--k-max must be >= 0"),
         (["--energy-budget-j-per-token", "0"], "--energy-budget-j-per-token must be > 0"),
+        (["--energy-budget-j-per-token", "inf"], "--energy-budget-j-per-token must be > 0"),
+        (["--connect-timeout-s", "inf"], "--connect-timeout-s must be > 0"),
+        (["--estimator-halflife-rounds", "inf"], "--estimator-halflife-rounds must be > 0"),
         (["--adaedl-lambda", "1"], "--adaedl-lambda must be in (0, 1)"),
         (["--estimator-halflife-rounds", "0"], "--estimator-halflife-rounds must be > 0"),
         (["--ahead-blocks", "0"], "--ahead-blocks must be >= 1"),
