@@ -56,6 +56,26 @@ def test_dockerfile_basics() -> None:
     assert {m for m in re.findall(r"^FROM .* AS (\w[\w-]*)$", text, re.M)} >= {"edge", "device"}
 
 
+def test_build_context_holds_what_the_images_copy_and_no_secrets() -> None:
+    """Every COPY source is in the repository and not left out of the build context by
+    .dockerignore; LICENSE and NOTICE travel into the wheel (NOTICE credits GSM8K); the secrets
+    and models the compose file mounts, and the virtual environment, stay out of the context."""
+    ignored = [
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    sources = []
+    for line in (DOCKER / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            sources += line.split()[1:-1]
+    assert {"LICENSE", "NOTICE", "pyproject.toml", "README.md"} <= set(sources), sources
+    for src in sources:
+        assert list(ROOT.glob(src)), f"COPY {src}: not in the repository"
+        assert not any(src == pat or src.startswith(pat + "/") for pat in ignored), f"COPY {src} is .dockerignored"
+    assert {"docker/secrets", "docker/models", ".venv", ".git"} <= set(ignored)
+
+
 def test_image_pins_every_dependency_within_pyproject() -> None:
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     pins = {}
