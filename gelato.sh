@@ -31,7 +31,14 @@ torch_build() {
 
 install_torch() {
   case "$1" in
-    skip) echo "gelato.sh: GELATO_TORCH=skip: keeping the installed torch" >&2 ;;
+    skip)
+      # Without a torch already there, installing the project would pull PyPI's (CUDA) build.
+      if ! "$py" -c "import torch" >/dev/null 2>&1; then
+        echo "gelato.sh: GELATO_TORCH=skip keeps the torch in $venv, but it has none:" \
+          "install one into it first, or set GELATO_TORCH=cpu|cuda" >&2
+        exit 2
+      fi
+      echo "gelato.sh: GELATO_TORCH=skip: keeping the installed torch" >&2 ;;
     cuda) "$py" -m pip install -q "$torch_req" ;;  # PyPI's Linux wheel is the CUDA build
     cpu)
       if ! "$py" -m pip install -q --timeout 5 --retries 0 --index-url "$torch_cpu_index" "$torch_req"; then

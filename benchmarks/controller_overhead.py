@@ -201,7 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k-max", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--n-prompts", type=int, default=50)
-    p.add_argument("--gsm8k", type=Path, default=None, help="GSM8K test JSONL (default: ../shared/data/gsm8k)")
+    p.add_argument(
+        "--data",
+        "--gsm8k",
+        dest="gsm8k",
+        type=Path,
+        default=None,
+        help="GSM8K test JSONL (default: ../shared/data/gsm8k)",
+    )
     p.add_argument("--qwen-layers", type=int, default=0, help="depth of the Qwen2.5-0.5B-shaped drafter (0: all 24)")
     p.add_argument(
         "--qwen-dir", type=Path, default=None, help="use this Qwen-shaped checkpoint instead of building one"

@@ -213,6 +213,7 @@ def overhead(
 
 
 def markdown(levels: list[dict], over: list[dict], meta: dict) -> str:
+    first = levels[0]["sessions"]  # the ratio column's base: the first level run
     lines = [
         f"# Edge batching — {meta['machine']}",
         "",
@@ -221,7 +222,7 @@ def markdown(levels: list[dict], over: list[dict], meta: dict) -> str:
         f"Target `{meta['target']}`, drafter `{meta['drafter']}`, K={meta['k']}, "
         f"{meta['max_new_tokens']} new tokens, batch window {meta['batch_window_ms']} ms.",
         "",
-        "| sessions | tokens/s | × 1 session | mean batch rows | verify RTT p50 / p99 ms "
+        f"| sessions | tokens/s | × {first} session{'s' * (first != 1)} | mean batch rows | verify RTT p50 / p99 ms "
         "| verify step p50 / p99 ms | edge s/token | verdicts ≠ solo | sessions diverged (round p50) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]

@@ -2,7 +2,7 @@
 # The GPU runs of the edge-batching, energy and deployment issues, on the device tool's H100/H200 machine.
 # Here first: benchmarks/gpu_wheels.sh (the project wheel and what the image lacks, into .whl/). Then, through the
 # device tool, from the repo root with `.whl` carried:  bash benchmarks/gpu_run.sh
-# Results go to $OUT (the tool brings them back) or benchmarks/results/gpu_<gpu>: nvml_check_<gpu>.json,
+# Results go to $1, else $OUT (the tool brings them back), else benchmarks/results/gpu_run: nvml_check_<gpu>.json,
 # gpu_tests_<gpu>.txt, device_nvml_<gpu>.jsonl (a real edge + device run metered by NVML),
 # edge_batching_<gpu>.{json,md}, qwen_round_<gpu>.jsonl + qwen_trace_<gpu>.jsonl (Qwen2.5-shaped
 # pair, both processes on the GPU) and gpu_run.log; copy them into benchmarks/results/gpu_<gpu>/ and commit.

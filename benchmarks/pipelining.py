@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-profile", default="phone")
     p.add_argument("--radio", default="wifi")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pipelining_tiny"))
+    p.add_argument("--force", action="store_true", help="write into an --out folder that already holds a run")
     p.add_argument(
         "--report",
         type=Path,
@@ -277,10 +278,13 @@ def rebuild(folder: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.report is not None:
         print(markdown(rebuild(args.report)))
         return 0
+    if (args.out / "results.json").exists() and not args.force:  # the default is a committed result
+        parser.error(f"--out {args.out} already holds a run (results.json): choose another --out, or --force")
     args.data = gsm8k_file("test", args.data)
     args.fixed = [int(k) for k in args.fixed.split(",") if k.strip()]
     os.environ.setdefault("OMP_NUM_THREADS", "1")

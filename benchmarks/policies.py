@@ -296,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jitter-ms", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="proxy jitter seed")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/policies_tiny_rtt20"))
+    p.add_argument("--force", action="store_true", help="write into an --out folder that already holds a run")
     p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma list; fixed-0 always runs (the reference)")
     p.add_argument("--budgets", default="", help="ē values in J/token (default: from the fixed-K sweep)")
     p.add_argument("--budget-factors", default="1.0,1.1,1.25,1.5", help="× the cheapest fixed-K J/token")
@@ -372,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if (args.out / "results.json").exists() and not args.force:  # the default is a committed result
+        parser.error(f"--out {args.out} already holds a run (results.json): choose another --out, or --force")
     args.data = gsm8k_file("test", args.data)  # one-line error and exit when it is missing
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per process, as pinned
     command = shlex.join(["python", "-m", "gelato.benchmarks.policies", *(sys.argv[1:] if argv is None else argv)])

@@ -6,7 +6,7 @@ code the two processes run; the transport does not change acceptance) and prints
 acceptance per drafted token at K (and at K = 1 and 8), AUC of the drafter's entropy as a predictor
 of rejection (tokens after a block's first rejection are unobserved and excluded), GSM8K answer
 accuracy, three sample generations, parameter counts, file sizes and per-token decode latency of
-each model (1 thread, fp32). GSM8K is read from `--gsm8k` or `$GELATO_GSM8K_DIR`, never copied.
+each model (1 thread, fp32). GSM8K is read from `--data` (or `--gsm8k`) or `$GELATO_GSM8K_DIR`, never copied.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tiny_quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default=default_model_path("target"))
     p.add_argument("--drafter", default=default_model_path("drafter"))
-    p.add_argument("--gsm8k", type=Path, default=None, help="GSM8K test JSONL")
+    p.add_argument("--data", "--gsm8k", dest="gsm8k", type=Path, default=None, help="GSM8K test JSONL")
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=4)

@@ -1,10 +1,11 @@
 """Loading causal LMs and their tokenizers, shared by the device and the edge.
 
-Contract: `load_model(name_or_path, dtype, device)` accepts a hub id or a local folder (any causal
-LM the installed transformers can load) and returns a `LoadedModel` in eval mode with its
-tokenizer, the tokenizer's real length (`vocab_size`, used to slice padded logits) and
-the tokenizer fingerprint checked at session open. `None` as the name means the embedded default
-(`gelato.tiny.assets`). Errors are `ModelLoadError` with a message fit for a CLI.
+Contract: `load_model(name_or_path, role, dtype, device)` (role: "drafter" or "target", named in
+errors) accepts a hub id or a local folder (any causal LM the installed transformers can load)
+and returns a `LoadedModel` in eval mode with its tokenizer, the tokenizer's real length
+(`vocab_size`, used to slice padded logits) and the tokenizer fingerprint checked at session
+open. `None` as the name means the embedded default (`gelato.tiny.assets`). Errors are
+`ModelLoadError` with a message fit for a CLI.
 
 Big-model placement: `load_model(..., device_map="auto"|"balanced"|"sequential", max_memory=...,
 offload_folder=...)` lets accelerate spread the weights over the GPUs, CPU memory and disk

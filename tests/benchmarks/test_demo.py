@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gelato.benchmarks.demo import device_j_per_token, main, mismatches
+from gelato.benchmarks.demo import device_j_per_token, lossless_reference, main, mismatches
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
@@ -37,6 +37,10 @@ def test_mismatches_names_policy_and_prompt() -> None:
     runs = {"fixed-0": [rec([1, 2]), rec([3])], "fixed-4": [rec([1, 2]), rec([3, 9])]}
     assert mismatches(runs, "fixed-0") == ["fixed-4: prompt 1"]
     assert mismatches({"a": [rec([1])], "b": [rec([1])]}, "a") == []
+    # ar-device is the drafter's own output: never compared, never the reference
+    runs = {"ar-device": [rec([7])], "ar-edge": [rec([1])], "gelato": [rec([1])]}
+    assert lossless_reference(list(runs)) == "ar-edge" and mismatches(runs, "ar-edge") == []
+    assert lossless_reference(["ar-device"]) is None
 
 
 def test_device_energy_unavailable_is_none_not_zero() -> None:

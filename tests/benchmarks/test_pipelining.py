@@ -97,3 +97,21 @@ def test_repeats_summary_takes_the_median() -> None:
     (row,) = summarize_repeats([entry(1.0, "fixed-6"), entry(10.0, "fixed-4"), entry(1.0, "fixed-6")])
     assert row["gelato_send_ahead_vs_gelato"] == {"median": 1.0, "each": [1.0, 10.0, 1.0]}
     assert row["fastest_fixed"] == ["fixed-6", "fixed-4", "fixed-6"] and row["send_ahead_verified"] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("module", ["pipelining", "policies"])
+def test_an_out_folder_holding_a_run_is_refused_without_force(
+    module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Their default --out is a committed result: a second run does not overwrite one unasked."""
+    import importlib
+
+    run_main = importlib.import_module(f"gelato.benchmarks.{module}").main
+    (tmp_path / "results.json").write_text("{}\n")
+    with pytest.raises(SystemExit) as exc:
+        run_main(["--out", str(tmp_path), "--data", str(tmp_path / "missing.jsonl")])
+    assert exc.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == "{}\n"
+    with pytest.raises(SystemExit) as exc:  # with --force it goes on, here to the missing data
+        run_main(["--out", str(tmp_path), "--force", "--data", str(tmp_path / "missing.jsonl")])
+    assert "already holds a run" not in capsys.readouterr().err
