@@ -489,6 +489,8 @@ class PooledSequence(KVSequence):
     def prefill(self, upto: int) -> None:
         if upto > self._cached:
             self.pool.apply_target()
+            self._slot()
+            self.pool.ensure_context(upto)  # before the slot is read: taking a pending shape may move rows
             self.pool.forward([(self._slot(), self._cached, self.tokens[self._cached : upto])], last_only=True)
             self._cached = upto
 
@@ -538,13 +540,15 @@ def pooled_forward(rows: list[tuple[PooledSequence, tuple[int, ...]]]) -> list[t
         seq._slot()
     before = [len(seq.tokens) for seq, _ in rows]
     try:
-        batch = []
         for seq, ids in rows:
             seq.tokens.extend(ids)
-            pending = seq.tokens[seq.cached :]
-            if not pending:
+            if len(seq.tokens) == seq.cached:
                 raise ValueError("nothing to feed: every token is already cached")
-            batch.append((seq._slot(), seq.cached, pending))
+        # The context before the slots are read: growing it may take a pending shape first, and
+        # that may move rows to lower slots (a forward given their old slots would write there,
+        # or past a pool that shrank: on a GPU a device-side assert that ends every session).
+        pool.ensure_context(max(len(seq.tokens) for seq, _ in rows))
+        batch = [(seq._slot(), seq.cached, seq.tokens[seq.cached :]) for seq, _ in rows]
         order = sorted(range(len(batch)), key=lambda i: batch[i][0])
         logits = pool.forward([batch[i] for i in order])
         if order != sorted(order):  # back to the callers' order

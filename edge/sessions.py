@@ -77,6 +77,10 @@ class TargetSession:
     # The last round's target token when that round accepted every draft, else None: what a
     # send-ahead block for the next round must have guessed.
     last_bonus: int | None = None
+    # Set on the event loop when the registry lets the session go (its stream ended), before its
+    # slot is given back on the model thread: a block of it still queued there is refused, not
+    # verified for nobody (and not grown past the shape the registry planned without it).
+    released: bool = False
 
     def __post_init__(self) -> None:
         if self.pool is None:
@@ -92,7 +96,10 @@ class TargetSession:
         `max_tokens` more of it per call (0: all). Returns whether the prefix is cached now. In
         pieces, a long prompt's forward never needs its whole [prompt x prompt] mask at once, and
         other sessions' verification can run on the model thread in between (the server submits
-        each piece as its own job)."""
+        each piece as its own job). A piece still queued when the session was released does
+        nothing."""
+        if self.released:
+            return True
         upto = len(self.seq.tokens) - 1
         if max_tokens > 0:
             upto = min(upto, self.seq.cached + max_tokens)
@@ -107,7 +114,7 @@ class TargetSession:
         """Everything that can make this block fail, checked before it runs: raises
         `StatusError`. Pure (reads state only), so the event loop and the model thread may both
         call it; for blocks that did not come through the server's decoding."""
-        if self.seq.closed:
+        if self.seq.closed or self.released:
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "the session was closed")
         self.check_data(block)
         self.check_state(block)
@@ -127,7 +134,7 @@ class TargetSession:
         """What can change while a block waits: the session closed (FAILED_PRECONDITION), its round
         (FAILED_PRECONDITION), its length against the context limit and the reservation
         (OUT_OF_RANGE). Pure and cheap: checked on the event loop and again on the model thread."""
-        if self.seq.closed:
+        if self.seq.closed or self.released:
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "the session was closed")
         if block.round != self.rounds:
             raise StatusError(
@@ -303,6 +310,7 @@ class SessionRegistry:
         session = self.entries.pop(session_id, None)
         if session is None:
             return
+        session.released = True
         shape = self._plan(len(self.entries), self._longest())
         if shape is not None:  # fewer sessions always fit; the check is for the type checker
             self._reshape(shape)

@@ -17,7 +17,7 @@ import torch
 
 from gelato.device.drafter import Drafter
 from gelato.edge.kv_pool import KVPool, PooledSequence, PoolMemoryError, plan_pool, pooled_forward
-from gelato.edge.sessions import AdmissionError, SessionRegistry, TargetSession
+from gelato.edge.sessions import AdmissionError, SessionRegistry, StatusError, TargetSession
 from gelato.edge.verifier import Accepted, verify_batch
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel
@@ -297,6 +297,64 @@ def test_a_new_session_takes_the_planned_shape_or_fails_never_a_doubling_past_it
     fifth.prefill(3)
     assert (pool.slots, pool.context) == (6, 64) and fifth.slot == 4 and pool._target is None
     _consistent(pool)
+
+
+def test_a_pending_shape_taken_for_a_longer_context_moves_rows_before_their_slots_are_read(
+    target: LoadedModel,
+) -> None:
+    """A shape the device once had no memory for stays pending; a session closing then leaves a
+    hole below a live row. When a row later needs a longer context and the memory is back, taking
+    that shape moves the live row down and shrinks the pool: the forward must use the rows' new
+    slots (it used their old ones, past the shrunk pool: IndexError, on a GPU a device-side
+    assert), and every row's verdict is the one it gets alone."""
+    pool = _SmallMemory(target.model, target.vocab_size, slots=4, context=64, max_context=target.context_limit)
+    prompts = [list(range(1, 50)), [4, 5, 6], [5, 6, 7], [6, 7, 8]]
+    sessions = [TargetSession(f"s{i}", target, SamplingParams(), p, pool=pool) for i, p in enumerate(prompts)]
+    solo = [TargetSession(f"solo{i}", target, SamplingParams(), p) for i, p in enumerate(prompts)]
+    for s in sessions + solo:
+        s.prefill()
+    assert [s.seq.slot for s in sessions] == [0, 1, 2, 3]
+    pool.tokens = 4 * 64  # no memory for more
+    pool.set_target(3, 128)
+    assert isinstance(verify_batch([(sessions[1], DraftBlock(round=0, ids=()))])[0], Accepted)
+    assert (pool.slots, pool.context) == (4, 64) and pool._failed == (3, 128)  # pending, not retried
+    sessions[1].close()  # its slot 1 is free; the pending shape is not tried again
+    pool.tokens = 1 << 30  # the memory is back
+    long_block, short_block = DraftBlock(round=0, ids=tuple(range(60, 80))), DraftBlock(round=0, ids=(7,))
+    out = verify_batch([(sessions[0], long_block), (sessions[3], short_block)])
+    # one forward for both (batch_rows 2), not the fallback that re-runs each row alone
+    assert all(isinstance(o, Accepted) and o.batch_rows == 2 for o in out), out
+    alone = [solo[0].verify(long_block), solo[3].verify(short_block)]
+    assert [(o.n_accepted, o.next_token) for o in out] == alone  # type: ignore[union-attr]
+    assert (pool.slots, pool.context) == (3, 128) and sessions[3].seq.slot == 1
+    _consistent(pool)
+
+
+def test_a_block_of_a_released_session_still_queued_is_refused_not_verified(target: LoadedModel) -> None:
+    """A device goes away while its block waits on the model thread: the registry releases the
+    session on the event loop (and re-plans the pool without it) before its slot is given back
+    behind that batch. The block is refused FAILED_PRECONDITION, the other rows are verified as
+    alone, and the pool keeps the planned shape (the dead row was verified for nobody, and its
+    context, past the new plan, doubled the pool past the budget)."""
+    deferred: list[TargetSession] = []
+    reg = SessionRegistry(max_sessions=8, kv_budget_bytes=0, max_draft_tokens=8, closer=deferred.append)
+    prompts = [[5, 6, 7], [6, 7, 8], [7, 8, 9], [i % 300 + 1 for i in range(200)]]
+    sessions = [reg.admit(target, SamplingParams(), p, 40 if len(p) < 10 else 100) for p in prompts]
+    solo = [TargetSession(f"solo{i}", target, SamplingParams(), p) for i, p in enumerate(prompts[:3])]
+    for s in sessions + solo:
+        s.prefill()
+    gone = sessions[3]
+    reg.release(gone.session_id)  # its close is still on its way to the model thread
+    block = DraftBlock(round=0, ids=(9, 9, 9))
+    out = verify_batch([(s, block) for s in sessions])
+    assert isinstance(out[3], StatusError) and out[3].code == grpc.StatusCode.FAILED_PRECONDITION, out[3]
+    assert [(o.n_accepted, o.next_token) for o in out[:3]] == [s.verify(block) for s in solo]  # type: ignore[union-attr]
+    assert gone.rounds == 0 and len(gone.seq.tokens) == len(prompts[3])
+    assert reg.pool is not None and reg.pool.context <= max(reg.shape[1], gone.seq.cached)
+    for s in deferred:
+        s.close()
+    assert (reg.pool.slots, reg.pool.context) == reg.shape
+    _consistent(reg.pool)
 
 
 def test_a_row_that_needs_memory_the_pool_cannot_get_fails_alone(target: LoadedModel) -> None:
