@@ -182,7 +182,7 @@ class Drafter:
             self.seq.set_tail(self._base, emitted + list(pre.ids[1:-1]))
             self._carry = pre.rest()
         else:
-            self.seq.set_tail(self._base, emitted)
+            self.seq.set_verdict(self._base, emitted[:-1], emitted[-1])
         return emitted
 
     def draft_after(
@@ -246,12 +246,12 @@ class Drafter:
             # base - 1 and was right (the block was verified, not stale), was never fed.
             self.seq.set_tail(base - 1, [block.guess])
         if next_block is not None and next_block.follow:  # it follows any outcome: only its start is new
-            self.seq.set_tail(base, emitted)
+            self.seq.set_verdict(base, emitted[:-1], emitted[-1])
             self._bases = {next_block.round: base + len(emitted)}
             return emitted, True
         if next_block is not None and verdict.n_accepted == block.k and next_block.guess == verdict.next_token:
             return emitted, True  # the sequence already goes on with exactly these tokens
-        self.seq.set_tail(base, emitted)
+        self.seq.set_verdict(base, emitted[:-1], emitted[-1])
         self._bases = {r: b for r, b in self._bases.items() if r < block.round}
         return emitted, False
 

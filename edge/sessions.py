@@ -204,7 +204,7 @@ class TargetSession:
                 a, nxt = verify_greedy(rows, block.ids)
         else:
             a, nxt = verify_sampling(process_logits(rows, self.params), block.ids, block.q, self.rng, base)
-        self.seq.set_tail(base, [*block.ids[:a], nxt])
+        self.seq.set_verdict(base, block.ids[:a], nxt)
         self.last_bonus = nxt if a == block.k else None
         self.rounds += 1
         return a, nxt

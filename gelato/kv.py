@@ -134,6 +134,16 @@ class KVSequence:
         self.truncate(base + same)
         self.tokens.extend(ids[same:])
 
+    def set_verdict(self, base: int, accepted: list[int] | tuple[int, ...], next_token: int) -> None:
+        """After a verdict: tokens[:base] + accepted + [next_token], KV kept for the accepted part
+        only, so the next token is left for the next forward to feed, as every round expects. Not
+        `set_tail` with the next token: where a draft fed at its position was the same token (a
+        sampled correction can equal the rejected draft when the residual falls back to p), that
+        would keep its KV too, and the next forward would find nothing to feed or read its logits
+        one row off."""
+        self.set_tail(base, list(accepted))
+        self.tokens.append(next_token)
+
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This sequence's cached keys and values of one layer, `[1, kv_heads, cached, head_dim]`."""
         kv: Any = self.cache.layers[layer]

@@ -53,3 +53,44 @@ def test_caches_equal_fresh_prefill_after_rejection(pair: dict[str, Path], tempe
     res = asyncio.run(speculative_generate(drafter, local_verifier(session), FixedK(4), prompt, limits, on_round=check))
     assert res.stats.rounds >= 25 and res.stats.rounds == sum(seen.values())
     assert seen["rejected"] > 0 and seen["all_accepted"] > 0, seen
+
+
+def test_a_correction_equal_to_the_rejected_draft_leaves_it_for_the_next_forward(
+    pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the residual is numerically empty it falls back to p, which can draw the very draft
+    just rejected: both sides had fed that token at that position already. Its KV must not be
+    kept as if the next round had fed it: every round expects the newest token uncached (the
+    edge's next forward read its logits one row off, the drafter's found nothing to feed)."""
+    import gelato.edge.sessions as sessions
+
+    real = sessions.verify_sampling
+    forced = [0]
+
+    def correction_is_the_draft(p, ids, q, rng, base):  # type: ignore[no-untyped-def]
+        a, nxt = real(p, ids, q, rng, base)
+        if a < len(ids) - 1:  # a draft the drafter fed (not the block's last) was rejected
+            forced[0] += 1
+            return a, ids[a]
+        return a, nxt
+
+    monkeypatch.setattr(sessions, "verify_sampling", correction_is_the_draft)
+    drafter_m = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
+    target_m = load_model(str(pair["target"]), "target", "float32", "cpu")
+    params = SamplingParams(temperature=1.0, top_k=20, seed=3)
+    prompt = encode_prompt(drafter_m.tokenizer, "Ava has 12 apples and Ben gives her 3 more.")
+    drafter = Drafter(drafter_m, params)
+    session = TargetSession("s", target_m, params, prompt)
+    session.prefill()
+
+    def check(tele: Telemetry) -> None:
+        assert drafter.tokens == session.seq.tokens
+        assert session.seq.cached == len(session.seq.tokens) - 1
+        assert drafter.seq.cached == len(drafter.tokens) - (2 if tele.accepted == tele.k > 0 else 1)
+        assert_cache_matches_fresh(drafter.seq, drafter_m)
+        assert_cache_matches_fresh(session.seq, target_m)
+
+    limits = Limits(120, target_m.context_limit, 4, ())
+    res = asyncio.run(speculative_generate(drafter, local_verifier(session), FixedK(4), prompt, limits, on_round=check))
+    assert res.stats.stop_reason == "max_new_tokens" and len(res.token_ids) == 120, (res.stats.stop_reason, res.error)
+    assert forced[0] > 0
