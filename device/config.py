@@ -43,7 +43,9 @@ class DeviceConfig(Settings):
         None, "JSONL with 'prompt' or 'question' per line", one_of="prompts", required=True
     )
     limit: int | None = setting(None, "use only the first N prompts of the file", check=ge(0))
-    max_new_tokens: int = setting(256, "tokens to generate per prompt, at most", check=ge(1))
+    max_new_tokens: int = setting(
+        256, "tokens to generate per prompt, at most", check=(ge(1), le(2**32 - 1))
+    )  # uint32 on the wire (OpenSession, Generate)
     policy: str = setting("fixed-4", POLICY_HELP)
     controller: PolicyOptions = nested(PolicyOptions)  # noqa: RUF009 (a field, see gelato.config)
     temperature: float = setting(0.0, "sampling temperature (0: greedy)")
@@ -100,4 +102,9 @@ class DeviceConfig(Settings):
             self.controller.pipeline == "off" or not (policy.local_only or policy.edge_streams),
             f"--pipeline {self.controller.pipeline} pipelines drafting; --policy {policy.name} drafts nothing for "
             "an edge (use --pipeline off)",
+        )
+        require(
+            self.meter != "none" or self.controller.budget_j_per_token is None,
+            "--energy-budget-j-per-token needs energy readings, and --meter none reads none (every round's "
+            "energy would be unknown: the budget would never be charged)",
         )

@@ -46,7 +46,7 @@ class Check:
 
 
 def _num(x: float) -> str:
-    return f"{x:g}"
+    return str(int(x)) if float(x).is_integer() and abs(x) < 2**53 else f"{x:g}"  # 4294967295, not 4.29497e+09
 
 
 def ge(low: float, finite: bool = True) -> Check:
