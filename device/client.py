@@ -16,6 +16,7 @@ changes nothing: the result is kept as it is, the failure only logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from gelato.device.generate import (
     Limits,
     Verify,
     VerifyError,
+    charge_bytes_up,
     merge_results,
     speculative_generate,
 )
@@ -44,7 +46,7 @@ from gelato.security import bearer_metadata, check_token_transport
 from gelato.types import DraftBlock, EdgeInfo, SessionInfo, SessionOpen, Telemetry, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
-from gelato.wire import WireError, decode_info, decode_opened, decode_verdict, encode_block, encode_open
+from gelato.wire import MODEL_LOADING, WireError, decode_info, decode_opened, decode_verdict, encode_block, encode_open
 
 T = TypeVar("T")
 log = logging.getLogger("gelato.device")
@@ -53,8 +55,12 @@ __all__ = ["EdgeClient", "EdgeError", "EdgeUnreachable", "GenerationResult"]
 
 
 class EdgeError(VerifyError):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"edge answered {code.name}: {details}")
+    """A session or call failed with `code`. `by_edge`: the edge's own status (its message then
+    says "edge answered CODE: ..."); False for what the device concluded itself (a timeout, a
+    stream that went away, an answer that is no verdict), named so, never put in the edge's mouth."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, by_edge: bool = True) -> None:
+        super().__init__(f"edge answered {code.name}: {details}" if by_edge else f"{details} ({code.name})")
         self.code = code
         self.details = details
 
@@ -64,11 +70,13 @@ def _verdict(down: pb.EdgeMessage, round_no: int | None = None) -> Verdict:
     time). Anything else is the edge's fault (INTERNAL), not a verdict for token 0."""
     kind = down.WhichOneof("kind")
     if kind != "verdict":
-        raise EdgeError(grpc.StatusCode.INTERNAL, f"expected a verdict, got {kind or 'an empty message'}")
+        raise EdgeError(
+            grpc.StatusCode.INTERNAL, f"expected a verdict, got {kind or 'an empty message'}", by_edge=False
+        )
     verdict = decode_verdict(down.verdict)
     if round_no is not None and (verdict.round != round_no or verdict.stale):
         what = f"round {verdict.round}" + (" stale" if verdict.stale else "")
-        raise EdgeError(grpc.StatusCode.INTERNAL, f"edge answered {what}, expected round {round_no}")
+        raise EdgeError(grpc.StatusCode.INTERNAL, f"edge answered {what}, expected round {round_no}", by_edge=False)
     return verdict
 
 
@@ -94,8 +102,12 @@ def _write_error(exc: grpc.aio.AioRpcError) -> EdgeError:
         return EdgeError(
             grpc.StatusCode.UNAVAILABLE,
             f"the stream to the edge ended while a message was being sent (gRPC: {_CORE_WRITE_FAILURE})",
+            by_edge=False,
         )
     return EdgeError(exc.code(), exc.details() or "")
+
+
+WAIT_FIRST_S, WAIT_MAX_S = 0.1, 2.0  # `EdgeClient.wait_ready`'s pauses between asks
 
 
 class EdgeClient:
@@ -116,9 +128,11 @@ class EdgeClient:
         server_name: str | None = None,
         failovers: int = 2,
         insecure: bool = False,
+        edge_wait_s: float = 60.0,
     ) -> None:
         check_token_transport(target, credentials is not None, token, insecure)
         self.target = target
+        self.edge_wait_s = edge_wait_s
         self.deadline_s = deadline_s
         self.verdict_timeout_s = verdict_timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -155,7 +169,25 @@ class EdgeClient:
         except grpc.aio.AioRpcError as exc:
             raise EdgeError(exc.code(), exc.details() or "") from exc
         except WireError as exc:
-            raise EdgeError(grpc.StatusCode.INTERNAL, str(exc)) from exc
+            raise EdgeError(grpc.StatusCode.INTERNAL, str(exc), by_edge=False) from exc
+
+    async def wait_ready(self, wait_s: float, unreachable_too: bool) -> EdgeInfo:
+        """`info()`, asked again (backing off from 0.1 to 2 s) for up to `wait_s` while the edge
+        answers that its model is still loading, and with `unreachable_too` while nothing answers
+        at all (a restart: the process gone, then binding, then loading); then its last error."""
+        deadline, pause = time.monotonic() + wait_s, WAIT_FIRST_S
+        while True:
+            try:
+                return await self.info()
+            except EdgeError as exc:
+                waiting = exc.code == grpc.StatusCode.UNAVAILABLE and (
+                    exc.details == MODEL_LOADING or (unreachable_too and isinstance(exc, EdgeUnreachable))
+                )
+                if not waiting or time.monotonic() + pause > deadline:
+                    raise
+                log.info("the edge is not ready (%s); asking again in %.1f s", exc.details, pause)
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, WAIT_MAX_S)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -175,14 +207,17 @@ class EdgeClient:
         as it completes (the `--trace` writer). When the edge goes away mid-generation
         (UNAVAILABLE), the session is re-opened — on another replica when `--edge` names several —
         with the prompt and the tokens accepted so far as its prefix, up to `failovers` attempts
-        (a re-open that fails UNAVAILABLE is one); the
-        output is what an uninterrupted run gives (draws are keyed by token position)."""
+        (a re-open that fails UNAVAILABLE is one; before the next, the device waits up to
+        `edge_wait_s` for an edge to answer ready: a lone edge that restarts is gone, then binds,
+        then loads its model, refusing opens meanwhile); the output is what an uninterrupted run
+        gives (draws are keyed by token position)."""
         acct = accountant or EnergyAccountant(NullMeter(), None)
         t0 = time.perf_counter()
         try:
             # Energy from here, as `elapsed_s` is: the open (the edge's prefill) is the generation's.
             acct.opening()
             res = await self._session(drafter, prompt_ids, max_new_tokens, policy, acct, on_round)
+            wait_until, reopen_failed = 0.0, False  # wait_until: set at the first re-open that failed
             for _ in range(self.failovers):
                 if not (isinstance(res.failure, EdgeError) and res.failure.code == grpc.StatusCode.UNAVAILABLE):
                     break
@@ -190,6 +225,12 @@ class EdgeClient:
                     "edge session failed (%s); re-opening with %d accepted tokens", res.error, len(res.token_ids)
                 )
                 acct.opening(resumed=True)  # the reconnect and the re-open's prefill cost the device too
+                if reopen_failed:  # a lone edge restarting is gone, then loading: let it come back
+                    if not wait_until and self.edge_wait_s > 0:
+                        log.warning("waiting up to %g s for the edge to come back (--edge-wait-s)", self.edge_wait_s)
+                    wait_until = wait_until or time.monotonic() + self.edge_wait_s
+                    with contextlib.suppress(EdgeError):  # still not ready: the attempt will say so
+                        await self.wait_ready(max(0.0, wait_until - time.monotonic()), unreachable_too=True)
                 prefix = [*prompt_ids, *res.token_ids]
                 try:
                     more = await self._session(
@@ -202,9 +243,9 @@ class EdgeClient:
                     policy.charge(spent_j)
                     # UNAVAILABLE again (e.g. round_robin picked the replica that just died, before
                     # its connection was seen to be gone): the next attempt, while any are left.
-                    res.failure = exc
+                    res.failure, reopen_failed = exc, True
                     continue
-                res = merge_results(res, more)
+                res, reopen_failed = merge_results(res, more), False
         finally:
             acct.forget_opening()
         res.elapsed_s = time.perf_counter() - t0
@@ -253,30 +294,30 @@ class EdgeClient:
         await self._write(call, open_msg)
         reply = await self._read(call)
         if reply.WhichOneof("kind") != "opened":
-            raise EdgeError(grpc.StatusCode.INTERNAL, f"expected SessionOpened, got {reply.WhichOneof('kind')}")
+            raise EdgeError(
+                grpc.StatusCode.INTERNAL, f"expected SessionOpened, got {reply.WhichOneof('kind')}", by_edge=False
+            )
         try:
             opened = decode_opened(reply.opened)
         except WireError as exc:
-            raise EdgeError(grpc.StatusCode.INTERNAL, str(exc)) from exc
-        # Opening and closing cost bytes outside any round: counted in the generation's totals.
-        session_bytes = (
-            wire_bytes(open_msg.ByteSize()) + wire_bytes(close_msg.ByteSize()),
-            wire_bytes(reply.ByteSize()),
-        )
+            raise EdgeError(grpc.StatusCode.INTERNAL, str(exc), by_edge=False) from exc
+        # Opening costs bytes outside any round: counted in the generation's totals (and the close,
+        # once written: a session that failed is not closed).
+        session_bytes = (wire_bytes(open_msg.ByteSize()), wire_bytes(reply.ByteSize()))
 
         async def verify(block: DraftBlock) -> Exchange:
             up = encode_block(block)
             await self._write(call, up)
-            down = await self._read(call)
-            return Exchange(_verdict(down, block.round), wire_bytes(up.ByteSize()), wire_bytes(down.ByteSize()))
+            return await self._answer(call, block.round, wire_bytes(up.ByteSize()))
 
         transport: Verify = self._streamed(call, max_new_tokens) if policy.edge_streams else verify
         # The target's window bounds the generation, the drafter's own the drafting (a drafter
         # with a shorter one must not draft past it: absolute positions fail, rotary ones stop
-        # agreeing); past it the rounds go on with K = 0.
-        limits = Limits(
-            max_new_tokens, opened.context_limit, opened.max_draft_tokens, loaded.eos_token_ids, loaded.context_limit
-        )
+        # agreeing); past it the rounds go on with K = 0. The target's end tokens end it: a
+        # drafter whose generation config lists other ones (same tokenizer) would stop early, or
+        # go on past the target's end (and wait forever for a token `Generate` never streams).
+        eos = opened.eos_token_ids or loaded.eos_token_ids
+        limits = Limits(max_new_tokens, opened.context_limit, opened.max_draft_tokens, eos, loaded.context_limit)
         link = self._link(call, policy, opened)
         if link is not None:
             result = await pipelined_generate(
@@ -287,18 +328,22 @@ class EdgeClient:
                 drafter, transport, policy, prompt_ids, limits, acct, on_round, self._offload, session_bytes
             )
         result.target_model = opened.target_model
-        if result.stats.stop_reason != "error":
-            await self._close(call, close_msg)
+        if result.stats.stop_reason != "error" and await self._close(call, close_msg):
+            charge_bytes_up(result.stats, policy, acct, wire_bytes(close_msg.ByteSize()))
         return result
 
-    async def _close(self, call: grpc.aio.StreamStreamCall, close_msg: pb.DeviceMessage) -> None:
-        """Close a session whose generation is complete. Every token is already here: an edge gone
-        after its last verdict (the close cannot be written) costs nothing, the result stands."""
+    async def _close(self, call: grpc.aio.StreamStreamCall, close_msg: pb.DeviceMessage) -> bool:
+        """Close a session whose generation is complete; whether the close was written. Every token
+        is already here: an edge gone after its last verdict (the close cannot be written) costs
+        nothing, the result stands."""
         try:
             await self._write(call, close_msg)
-            await call.done_writing()
         except (EdgeError, grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             log.info("the edge went away before the finished session was closed (%s); result kept", exc)
+            return False
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            await call.done_writing()  # the close is out; the end of the stream is no more bytes
+        return True
 
     def _link(self, call: grpc.aio.StreamStreamCall, policy: Policy, opened: SessionInfo) -> Link | None:
         """Send-ahead over this stream when asked for and the edge supports it; else None (an edge
@@ -333,10 +378,19 @@ class EdgeClient:
                 msg = pb.DeviceMessage(generate=pb.Generate(round=block.round, max_tokens=max_tokens))
                 await self._write(call, msg)
                 asked, up = True, wire_bytes(msg.ByteSize())
-            down = await self._read(call)
-            return Exchange(_verdict(down, block.round), up, wire_bytes(down.ByteSize()))
+            return await self._answer(call, block.round, up)
 
         return verify
+
+    async def _answer(self, call: grpc.aio.StreamStreamCall, round_no: int, bytes_up: int) -> Exchange:
+        """The verdict for `round_no`, answering a message of `bytes_up` bytes just written; when
+        it cannot be had, the VerifyError carries those bytes (spent all the same)."""
+        try:
+            down = await self._read(call)
+            return Exchange(_verdict(down, round_no), bytes_up, wire_bytes(down.ByteSize()))
+        except VerifyError as exc:
+            exc.bytes_up += bytes_up
+            raise
 
     async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -356,6 +410,7 @@ class EdgeClient:
             raise EdgeError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"the edge took no message within {self.verdict_timeout_s:g} s (it stopped reading)",
+                by_edge=False,
             ) from None
         except grpc.aio.AioRpcError as exc:
             raise _write_error(exc) from exc
@@ -370,7 +425,9 @@ class EdgeClient:
             raise EdgeError(exc.code(), exc.details() or "") from exc
         except TimeoutError:
             raise EdgeError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer from the edge within {self.verdict_timeout_s:g} s"
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no answer from the edge within {self.verdict_timeout_s:g} s",
+                by_edge=False,
             ) from None
         if msg is grpc.aio.EOF:
             raise await self._ended(call, "stream ended early")

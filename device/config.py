@@ -57,6 +57,12 @@ class DeviceConfig(Settings):
     connect_timeout_s: float = setting(
         10.0, "how long to wait for the edge to answer before reporting it unreachable", check=gt(0)
     )
+    edge_wait_s: float = setting(
+        60.0,
+        "wait this long at most for an edge that is coming back: at start one still loading its model, in a "
+        "failover one restarting (gone, then loading) after a re-open failed; 0: never wait",
+        check=ge(0),
+    )
     # Security (gelato.security): TLS when any of --tls, --tls-ca, --tls-cert/--tls-key or
     # --tls-server-name is given; a token goes in plaintext only to loopback, or with --insecure.
     tls: bool = setting(False, "connect with TLS, trusting gRPC's default CA roots unless --tls-ca is given")

@@ -36,7 +36,10 @@ T = TypeVar("T")
 
 class VerifyError(RuntimeError):
     """A `verify` transport failed (e.g. the edge went away): the loop ends the generation with
-    stop_reason "error" and keeps the tokens delivered so far."""
+    stop_reason "error" and keeps the tokens delivered so far. `bytes_up`: what the transport
+    had written of the failed exchange (its block, the Generate request): spent all the same."""
+
+    bytes_up = 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ async def speculative_generate(
     await start_drafter(drafter, prompt_ids, policy.drafts, offload)
     out: list[int] = []
     error, failure = "", None
+    unsettled = (0, 0)  # bytes of an exchange that failed: sent and received all the same
     while not stats.stop_reason:
         room = limits.context_limit - len(drafter.tokens) - 1  # the round's own token needs one slot
         if room < 0:
@@ -133,11 +137,13 @@ async def speculative_generate(
         # use of it ends where that block's drafts must (within both windows).
         fits = min(room, limits.draft_room(length + 1)) - block.k
         depth = min(policy.predraft_depth(decision, block), max(0, fits))
+        ex: Exchange | None = None
         try:
             ex, predrafted, net_s = await _verify_pipelined(drafter, block, verify, depth, offload, limits.eos)
             check_verdict(ex.verdict, block, drafter.loaded.vocab_size)
         except VerifyError as exc:
             stats.stop_reason, error, failure = "error", str(exc), exc
+            unsettled = (exc.bytes_up, 0) if ex is None else (ex.bytes_up, ex.bytes_down)
             break
         pre = drafter.last_predraft
         hit = pre is not None and drafter.predraft_hit(block, ex.verdict, pre)
@@ -169,7 +175,7 @@ async def speculative_generate(
             **({} if net_s is None else {"t_net_s": net_s}),
         )
         end_round(stats, policy, block, ex, tele, (emitted, delivered, out), limits, on_round)
-    finish(stats, policy, acct, gen_start, session_bytes)
+    finish(stats, policy, acct, gen_start, (session_bytes[0] + unsettled[0], session_bytes[1] + unsettled[1]))
     return GenerationResult(list(prompt_ids), out, time.perf_counter() - t0, stats, error=error, failure=failure)
 
 
@@ -233,6 +239,16 @@ def finish(
     # the device's too: the deficit queue is charged for it, so the long-run J/token it keeps
     # within the budget is the whole generation's.
     policy.charge(stats.energy_j - sum(t.e_j for t in stats.rounds_log))
+
+
+def charge_bytes_up(stats: GenerationStats, policy: Policy, acct: EnergyAccountant | None, n: int) -> None:
+    """A message sent after the generation's totals were made (the session's close): its bytes
+    and their radio energy join the totals and the deficit queue."""
+    e_j = acct.radio_j(n, 0) if acct is not None else 0.0
+    stats.bytes_up += n
+    stats.radio_j += e_j
+    stats.energy_j += e_j
+    policy.charge(e_j)
 
 
 def merge_results(first: GenerationResult, then: GenerationResult) -> GenerationResult:

@@ -97,12 +97,13 @@ async def run(
         server_name=config.tls_server_name,
         failovers=config.failovers,
         insecure=config.insecure,
+        edge_wait_s=config.edge_wait_s,
     )
     failed = 0
     try:
         if not policy.local_only:
             try:
-                await client.info()
+                await client.wait_ready(config.edge_wait_s, unreachable_too=False)  # loading: wait
             except (EdgeUnreachable, EdgeError) as exc:
                 why = str(exc) if isinstance(exc, EdgeUnreachable) else f"gelato-edge at {config.edge}: {exc}"
                 if config.json:  # a consumer of stdout gets a record: the first prompt's

@@ -58,7 +58,16 @@ from gelato.models import LoadedModel, load_model
 from gelato.security import server_credentials
 from gelato.types import PROTOCOL_VERSION, DraftBlock, EdgeInfo, SessionInfo, Verdict
 from gelato.v1 import gelato_pb2 as pb
-from gelato.wire import WireError, clip, decode_block, decode_open, encode_info, encode_opened, encode_verdict
+from gelato.wire import (
+    MODEL_LOADING,
+    WireError,
+    clip,
+    decode_block,
+    decode_open,
+    encode_info,
+    encode_opened,
+    encode_verdict,
+)
 
 log = logging.getLogger("gelato.edge")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gelato"].full_name
@@ -176,7 +185,7 @@ class GelatoService:
 
     def _require_model(self) -> LoadedModel:
         if self.loaded is None:
-            raise StatusError(grpc.StatusCode.UNAVAILABLE, "the target model is still loading")
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, MODEL_LOADING)
         return self.loaded
 
     async def Info(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
@@ -275,6 +284,7 @@ class GelatoService:
             max_draft_tokens=self.config.max_draft_tokens,
             max_ahead_rounds=self.config.max_ahead_rounds,
             empty_ahead=self.config.max_ahead_rounds > 0,
+            eos_token_ids=session.loaded.eos_token_ids,
         )
 
     def _refuse_if_ending(self) -> None:

@@ -69,7 +69,8 @@ class SessionOpen:
 class SessionInfo:
     """The edge's answer to `SessionOpen` (`SessionOpened` on the wire): its limits for this session.
     `max_ahead_rounds`: how many send-ahead blocks past the last verdict it verifies (0: none);
-    `empty_ahead`: whether it verifies empty send-ahead blocks (`DraftBlock.follow`)."""
+    `empty_ahead`: whether it verifies empty send-ahead blocks (`DraftBlock.follow`);
+    `eos_token_ids`: the target's end tokens, where a generation ends (empty: an older edge)."""
 
     session_id: str
     target_model: str
@@ -77,6 +78,7 @@ class SessionInfo:
     max_draft_tokens: int
     max_ahead_rounds: int = 0
     empty_ahead: bool = False
+    eos_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,9 @@ from gelato.v1 import gelato_pb2 as pb
 # limit: a sampling block is decoded on the edge's event loop, so its size bounds how long one
 # device's block can hold up everyone else's (the device's `--top-m` is checked against it).
 MAX_Q_SUPPORT = 1024
+# The details of the UNAVAILABLE an edge answers while its target loads (a restart): a device
+# waits for it (`--edge-wait-s`) instead of failing at once.
+MODEL_LOADING = "the target model is still loading"
 
 
 class WireError(ValueError):
@@ -86,13 +89,15 @@ def encode_opened(info: SessionInfo) -> pb.EdgeMessage:
             max_draft_tokens=info.max_draft_tokens,
             max_ahead_rounds=info.max_ahead_rounds,
             empty_ahead=info.empty_ahead,
+            eos_token_ids=info.eos_token_ids,
         )
     )
 
 
 def decode_opened(msg: pb.SessionOpened) -> SessionInfo:
     """An edge that omits `max_ahead_rounds` (older than send-ahead) reads as 0: none; one that
-    omits `empty_ahead` as False (it would refuse empty send-ahead blocks)."""
+    omits `empty_ahead` as False (it would refuse empty send-ahead blocks); one that omits
+    `eos_token_ids` as () (the device then ends at its drafter's)."""
     if msg.context_limit < 1:
         raise WireError(f"SessionOpened: context_limit must be >= 1, got {msg.context_limit}")
     return SessionInfo(
@@ -102,6 +107,7 @@ def decode_opened(msg: pb.SessionOpened) -> SessionInfo:
         max_draft_tokens=msg.max_draft_tokens,
         max_ahead_rounds=msg.max_ahead_rounds,
         empty_ahead=msg.empty_ahead,
+        eos_token_ids=tuple(msg.eos_token_ids),
     )
 
 

@@ -101,3 +101,37 @@ def test_greedy_equals_target_generate(
             assert drafted > 0
     elif policy[1].startswith("fixed"):
         assert accepted / drafted > 0.5, f"agreeing drafter accepted only {accepted}/{drafted}"
+
+
+@pytest.mark.parametrize("policy", ["ar-edge", "gelato", "fixed-3 --pipeline send-ahead"])
+def test_the_device_ends_where_the_target_does_not_where_its_drafter_would(
+    pair: dict[str, Path], tmp_path: Path, policy: str
+) -> None:
+    """Same tokenizer, but the target's generation config lists one more end token than the
+    drafter's (as checkpoints of one family may): the generation ends at the target's, as the
+    target's own `generate` does. The device ended at its drafter's end tokens only: it went on
+    past the target's end (ar-edge then waited for a token the edge never streams)."""
+    import shutil
+
+    target_dir = tmp_path / "target"
+    shutil.copytree(pair["target"], target_dir)
+    target = load_model(str(target_dir), "target", "float32", "cpu")
+    ids = torch.tensor([encode_prompt(target.tokenizer, "Ava has 12 apples.")])
+    pad_ids = list(range(target.vocab_size, target.model.config.vocab_size))  # past the tokenizer: never emitted
+    plain = target.model.generate(
+        ids, max_new_tokens=12, do_sample=False, eos_token_id=None, suppress_tokens=pad_ids, pad_token_id=0
+    )[0, ids.shape[1] :]
+    stop = int(plain[4])  # a token the target emits 5th, made an end token
+    config = json.loads((target_dir / "generation_config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], stop]
+    (target_dir / "generation_config.json").write_text(json.dumps(config))
+    want = plain.tolist()[: plain.tolist().index(stop) + 1]
+    edge = EdgeProcess(["--target", str(target_dir)])
+    try:
+        args = ["--drafter", str(pair["drafter_agree"]), "--edge", edge.address, "--prompt", "Ava has 12 apples."]
+        res = run_device([*args, "--policy", *policy.split(), "--max-new-tokens", "12", "--json"], timeout_s=120)
+    finally:
+        edge.stop()
+    assert res.returncode == 0, res.stderr
+    rec = json.loads(res.stdout)
+    assert rec["token_ids"] == want and rec["stop_reason"] == "eos", (rec["token_ids"], want, rec["stop_reason"])

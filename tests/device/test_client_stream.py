@@ -18,7 +18,7 @@ import pytest
 
 from gelato.device.client import EdgeClient, EdgeError, _verdict, _write_error
 from gelato.device.drafter import Drafter
-from gelato.device.energy import EnergyAccountant
+from gelato.device.energy import EnergyAccountant, wire_bytes
 from gelato.device.generate import GenerationResult
 from gelato.device.policy import parse_policy
 from gelato.edge.sessions import TargetSession
@@ -26,7 +26,7 @@ from gelato.models import LoadedModel, encode_prompt
 from gelato.power import radio_profile
 from gelato.types import SamplingParams, SessionInfo, Verdict
 from gelato.v1 import gelato_pb2 as pb
-from gelato.wire import decode_block, encode_opened, encode_verdict
+from gelato.wire import MODEL_LOADING, decode_block, encode_opened, encode_verdict
 from tests.device.meters import OneWatt
 
 SESSION = "/gelato.v1.Gelato/Session"
@@ -173,8 +173,13 @@ class _Stream:
         self.session: TargetSession | None = None
         self.verdicts = 0
         self.closed = False
+        self.sent_bytes = self.received_bytes = 0  # what really crossed, framing included
 
     async def write(self, msg: pb.DeviceMessage) -> None:
+        await self._take(msg)
+        self.sent_bytes += wire_bytes(msg.ByteSize())  # taken: not when the write raised
+
+    async def _take(self, msg: pb.DeviceMessage) -> None:
         kind = msg.WhichOneof("kind")
         if kind == "open":
             if self.open_fails:  # the replica is gone too: the attempt takes its time, then fails
@@ -205,6 +210,7 @@ class _Stream:
         reply = await self.replies.get()
         if reply is None:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
+        self.received_bytes += wire_bytes(reply.ByteSize())
         return reply
 
     async def code(self) -> grpc.StatusCode:
@@ -226,10 +232,16 @@ def _generate(
     streams: list[_Stream],
     failovers: int,
     acct: EnergyAccountant | None = None,
+    loading_infos: int = 0,
+    infos: list[float] | None = None,
 ) -> GenerationResult:
+    """`loading_infos`: the edge answers that many `Info`s "still loading" (a restart), then
+    ready; `infos` collects when each `Info` was asked."""
+
     async def run() -> GenerationResult:
-        client = EdgeClient("127.0.0.1:1", failovers=failovers)
+        client = EdgeClient("127.0.0.1:1", failovers=failovers, edge_wait_s=30.0)
         opened = iter(streams)
+        asked = infos if infos is not None else []
 
         async def connect() -> None:
             pass
@@ -237,6 +249,14 @@ def _generate(
         class Stub:
             def Session(self, **kwargs: object) -> _Stream:
                 return next(opened)
+
+            async def Info(self, request: pb.InfoRequest, **kwargs: object) -> pb.InfoResponse:
+                asked.append(time.monotonic())
+                if len(asked) <= loading_infos:
+                    raise grpc.aio.AioRpcError(
+                        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), MODEL_LOADING
+                    )
+                return pb.InfoResponse(protocol_version=1, vocab_size=target.vocab_size, context_limit=512)
 
         client.connect = connect  # type: ignore[method-assign]
         client.stub = Stub()  # type: ignore[assignment]
@@ -375,3 +395,46 @@ def test_a_failover_charges_the_radio_tail_once(target: LoadedModel, drafter_mod
         assert (res.failovers, error in res.error) == (sum(s.verdicts > 0 for s in streams[1:]), True), res.error
         bytes_j = lte.round_energy_j(res.stats.bytes_up, res.stats.bytes_down)
         assert res.stats.radio_j == pytest.approx(bytes_j + tail_j), (len(streams), res.stats.radio_j, tail_j)
+
+
+def test_the_totals_count_the_bytes_that_crossed_and_no_others(target: LoadedModel, drafter_model: LoadedModel) -> None:
+    """A generation's byte totals are what its streams really sent and received: the block
+    written before a read that failed (once missing: lost with the exchange), and no close for
+    a session that failed or whose close could not be written (once always counted)."""
+    cases = [
+        [_Stream(target)],
+        [_Stream(target, cut_after=2)],  # fails: the last block was written, its verdict never came
+        [_Stream(target, close_fails=True)],
+        [_Stream(target, cut_after=2), _Stream(target, cut_after=1), _Stream(target)],
+    ]
+    for streams in cases:
+        res = _generate(target, drafter_model, streams, failovers=len(streams) - 1)
+        sent, received = sum(s.sent_bytes for s in streams), sum(s.received_bytes for s in streams)
+        assert (res.stats.bytes_up, res.stats.bytes_down) == (sent, received), (len(streams), res.error)
+
+
+def test_a_restarting_edge_is_waited_for_before_the_next_reopen(
+    target: LoadedModel, drafter_model: LoadedModel
+) -> None:
+    """A lone edge restarts: the session fails, the first re-open fails too (the edge is gone),
+    and the device then asks `Info` (backing off) until the edge answers ready instead of using
+    its last attempt at once on an edge still loading; the output is the uninterrupted run's.
+    The first re-open is not delayed (another replica may be there at once)."""
+    ref = _generate(target, drafter_model, [_Stream(target)], failovers=0)
+    infos: list[float] = []
+    streams = [_Stream(target, cut_after=2), _Stream(target, open_fails=True), _Stream(target)]
+    t0 = time.monotonic()
+    res = _generate(target, drafter_model, streams, failovers=2, loading_infos=3, infos=infos)
+    assert (res.token_ids, res.stats.stop_reason, res.error, res.failovers) == (
+        ref.token_ids,
+        ref.stats.stop_reason,
+        "",
+        1,
+    )
+    assert len(infos) == 4  # three "still loading", then ready
+    pauses = [b - a for a, b in zip([t0, *infos], infos, strict=False)][1:]
+    assert pauses[0] >= 0.09 and pauses[1] >= 0.19 and pauses[2] >= 0.39, pauses  # backing off
+    # A session that fails once and is re-opened at once asks no Info at all.
+    infos.clear()
+    res = _generate(target, drafter_model, [_Stream(target, cut_after=2), _Stream(target)], failovers=2, infos=infos)
+    assert res.error == "" and res.failovers == 1 and infos == []

@@ -74,3 +74,49 @@ def test_killed_replica_mid_generation_changes_nothing(pair: dict[str, Path], tm
     rec = json.loads(out)
     assert rec["failovers"] == 1 and rec["stop_reason"] in ("eos", "max_new_tokens"), rec
     assert rec["token_ids"] == ref["token_ids"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_a_lone_edge_restarted_mid_generation_is_waited_for(pair: dict[str, Path], tmp_path: Path) -> None:
+    """One edge, killed mid-generation and started again on its port a few seconds later (as a
+    supervisor restarts it): the device's re-opens fail while it is gone (`--connect-timeout-s 1`:
+    two attempts in ~2 s used up the failovers before), then it waits (`--edge-wait-s`) for the
+    edge to answer ready and resumes: the output is the uninterrupted run's."""
+    port = free_port()
+    mode = ["--policy", "fixed-0", "--connect-timeout-s", "1", "--edge-wait-s", "60"]
+    edge = EdgeProcess(["--target", str(pair["target"]), "--port", str(port)])
+    try:
+        reference = subprocess.run(
+            device_cmd(pair, edge.address, tmp_path / "ref.jsonl", mode), capture_output=True, text=True, timeout=300
+        )
+        assert reference.returncode == 0, reference.stderr
+        ref = json.loads(reference.stdout)
+        trace = tmp_path / "trace.jsonl"
+        dev = subprocess.Popen(
+            device_cmd(pair, edge.address, trace, mode), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and dev.poll() is None:
+            if trace.exists() and trace.read_text().count("\n") >= 3:
+                break
+            time.sleep(0.005)
+        assert dev.poll() is None, "the device finished before the edge could be killed"
+        edge.proc.send_signal(signal.SIGKILL)
+        edge.stop()
+        time.sleep(4.0)  # gone for longer than two re-opens take
+        edge = EdgeProcess(["--target", str(pair["target"]), "--port", str(port)])
+        out, err = dev.communicate(timeout=300)
+    finally:
+        edge.stop()
+    assert dev.returncode == 0, err + out
+    rec = json.loads(out)
+    assert rec["failovers"] == 1 and rec["stop_reason"] in ("eos", "max_new_tokens"), rec
+    assert rec["token_ids"] == ref["token_ids"]

@@ -50,12 +50,14 @@ def test_bad_prompt_in_a_file_does_not_stop_the_others(
 def test_edge_stopped_mid_generation(pair: dict[str, Path], tmp_path: Path, sig: signal.Signals) -> None:
     """SIGKILL breaks the session: the tokens so far are printed with the reason. SIGTERM drains:
     the open session may finish within the edge's grace period. Either way the next prompt is
-    reported unreachable within the connect timeout, never a hang or a traceback."""
+    reported unreachable within the connect timeout, never a hang or a traceback. (No waiting for
+    the edge to come back, `--edge-wait-s 0`: that is `test_failover`'s.)"""
     edge = EdgeProcess(["--target", str(pair["target"])])
     trace = tmp_path / "trace.jsonl"
     cmd = [sys.executable, "-m", "gelato.device.cli", "--threads", "1", "--drafter", str(pair["drafter_agree"])]
     cmd += ["--edge", edge.address, "--json", "--trace", str(trace), "--policy", "fixed-1", "--no-chat-template"]
     cmd += ["--max-new-tokens", "400", "--prompt", "Ava has 3 apples.", "--prompt", "Ben reads 4 pages."]
+    cmd += ["--edge-wait-s", "0"]
     dev = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
