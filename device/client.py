@@ -110,6 +110,31 @@ def _write_error(exc: grpc.aio.AioRpcError) -> EdgeError:
 WAIT_FIRST_S, WAIT_MAX_S = 0.1, 2.0  # `EdgeClient.wait_ready`'s pauses between asks
 
 
+class _FailedOpens:
+    """Opens that failed in a row (no session ran): what they cost, charged to the generation
+    they were for, and why they failed."""
+
+    def __init__(self) -> None:
+        self.energy_j, self.bytes_up, self.errors = 0.0, 0, []  # type: ignore[var-annotated]
+        self.last: EdgeError | None = None
+
+    def add(self, exc: EdgeError, spent_j: float, policy: Policy) -> None:
+        self.energy_j += spent_j
+        policy.charge(spent_j)
+        self.bytes_up += exc.bytes_up  # the open written before it was refused
+        self.errors.append(str(exc))
+        self.last = exc
+
+    def settle_on(self, res: GenerationResult, policy: Policy, acct: EnergyAccountant, keep_error: bool = True) -> None:
+        """Into `res`'s totals; `keep_error`: the generation ends with these failures (else a
+        session opened after them went on, and its own outcome stands)."""
+        res.stats.energy_j += self.energy_j
+        charge_bytes_up(res.stats, policy, acct, self.bytes_up)
+        if keep_error:
+            res.error = "; ".join([res.error, *(f"re-opening the session failed: {e}" for e in self.errors)])
+            res.failure = self.last
+
+
 class EdgeClient:
     """`credentials`: TLS (`gelato.security.channel_credentials`), None for plaintext; `token`: the
     bearer token sent with every call, which is refused (`SecurityConfigError`) in plaintext to a
@@ -153,16 +178,17 @@ class EdgeClient:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
         self._warned_ahead = False
 
-    async def connect(self) -> None:
-        """Wait until the channel is connected, at most `connect_timeout_s`: a gone edge is
-        reported as unreachable within seconds instead of a call waiting for its whole deadline."""
+    async def connect(self, timeout_s: float | None = None) -> None:
+        """Wait until the channel is connected, at most `connect_timeout_s` (or `timeout_s`): a gone
+        edge is reported as unreachable within seconds instead of a call waiting for its deadline."""
+        timeout_s = self.connect_timeout_s if timeout_s is None else timeout_s
         try:
-            await within(self.channel.channel_ready(), self.connect_timeout_s)
+            await within(self.channel.channel_ready(), timeout_s)
         except TimeoutError:
-            raise EdgeUnreachable(self.target, self.connect_timeout_s, self.tls) from None
+            raise EdgeUnreachable(self.target, timeout_s, self.tls) from None
 
-    async def info(self) -> EdgeInfo:
-        await self.connect()
+    async def info(self, connect_timeout_s: float | None = None) -> EdgeInfo:
+        await self.connect(connect_timeout_s)
         try:
             resp = await self.stub.Info(pb.InfoRequest(), timeout=self.connect_timeout_s, metadata=self.metadata)
             return decode_info(resp)
@@ -171,18 +197,20 @@ class EdgeClient:
         except WireError as exc:
             raise EdgeError(grpc.StatusCode.INTERNAL, str(exc), by_edge=False) from exc
 
-    async def wait_ready(self, wait_s: float, unreachable_too: bool) -> EdgeInfo:
-        """`info()`, asked again (backing off from 0.1 to 2 s) for up to `wait_s` while the edge
-        answers that its model is still loading, and with `unreachable_too` while nothing answers
-        at all (a restart: the process gone, then binding, then loading); then its last error."""
+    async def wait_ready(self, wait_s: float, any_unavailable: bool) -> EdgeInfo:
+        """`info()`, asked again (backing off from 0.1 to 2 s) for up to `wait_s` (each ask's connect
+        within what is left) while the edge answers that its model is still loading, and with
+        `any_unavailable` while it answers UNAVAILABLE at all or nothing answers (a restart: the
+        process draining, gone, binding, then loading); then its last error. `Info` bytes are not
+        metered (a few dozen per ask)."""
         deadline, pause = time.monotonic() + wait_s, WAIT_FIRST_S
         while True:
             try:
-                return await self.info()
-            except EdgeError as exc:
-                waiting = exc.code == grpc.StatusCode.UNAVAILABLE and (
-                    exc.details == MODEL_LOADING or (unreachable_too and isinstance(exc, EdgeUnreachable))
+                return await self.info(
+                    connect_timeout_s=max(0.1, min(self.connect_timeout_s, deadline - time.monotonic()))
                 )
+            except EdgeError as exc:
+                waiting = exc.code == grpc.StatusCode.UNAVAILABLE and (any_unavailable or exc.details == MODEL_LOADING)
                 if not waiting or time.monotonic() + pause > deadline:
                     raise
                 log.info("the edge is not ready (%s); asking again in %.1f s", exc.details, pause)
@@ -206,46 +234,60 @@ class EdgeClient:
         `accountant` measures energy (default: none, NaN); `on_round` gets each round's telemetry
         as it completes (the `--trace` writer). When the edge goes away mid-generation
         (UNAVAILABLE), the session is re-opened — on another replica when `--edge` names several —
-        with the prompt and the tokens accepted so far as its prefix, up to `failovers` attempts
-        (a re-open that fails UNAVAILABLE is one; before the next, the device waits up to
-        `edge_wait_s` for an edge to answer ready: a lone edge that restarts is gone, then binds,
-        then loads its model, refusing opens meanwhile); the output is what an uninterrupted run
-        gives (draws are keyed by token position)."""
+        with the prompt and the tokens accepted so far as its prefix, up to `failovers` attempts;
+        an open that fails UNAVAILABLE is one (the first open too: a replica that just died), and
+        before the next the device waits up to `edge_wait_s` (per generation) for an edge to
+        answer ready: a lone edge that restarts is gone, then binds, then loads its model,
+        refusing opens meanwhile. The output is what an uninterrupted run gives (draws are keyed
+        by token position). An open failing otherwise, or with no attempt left before any session
+        ran, raises as it did (`EdgeUnreachable`: nothing answered)."""
         acct = accountant or EnergyAccountant(NullMeter(), None)
         t0 = time.perf_counter()
+        res: GenerationResult | None = None  # what the sessions so far gave (None: none opened yet)
+        failed: _FailedOpens | None = None  # the opens that failed since the last session ran
+        left, wait_until = self.failovers, 0.0
         try:
             # Energy from here, as `elapsed_s` is: the open (the edge's prefill) is the generation's.
             acct.opening()
-            res = await self._session(drafter, prompt_ids, max_new_tokens, policy, acct, on_round)
-            wait_until, reopen_failed = 0.0, False  # wait_until: set at the first re-open that failed
-            for _ in range(self.failovers):
-                if not (isinstance(res.failure, EdgeError) and res.failure.code == grpc.StatusCode.UNAVAILABLE):
-                    break
-                log.warning(
-                    "edge session failed (%s); re-opening with %d accepted tokens", res.error, len(res.token_ids)
-                )
-                acct.opening(resumed=True)  # the reconnect and the re-open's prefill cost the device too
-                if reopen_failed:  # a lone edge restarting is gone, then loading: let it come back
-                    if not wait_until and self.edge_wait_s > 0:
-                        log.warning("waiting up to %g s for the edge to come back (--edge-wait-s)", self.edge_wait_s)
-                    wait_until = wait_until or time.monotonic() + self.edge_wait_s
-                    with contextlib.suppress(EdgeError):  # still not ready: the attempt will say so
-                        await self.wait_ready(max(0.0, wait_until - time.monotonic()), unreachable_too=True)
-                prefix = [*prompt_ids, *res.token_ids]
+            while True:
+                done = res.token_ids if res is not None else []
                 try:
                     more = await self._session(
-                        drafter, prefix, max_new_tokens - len(res.token_ids), policy, acct, on_round
+                        drafter, [*prompt_ids, *done], max_new_tokens - len(done), policy, acct, on_round
                     )
-                except EdgeError as exc:
-                    res.error = f"{res.error}; re-opening the session failed: {exc}"
-                    spent_j = acct.opening_spent_j()  # the failed attempt is the generation's too
-                    res.stats.energy_j += spent_j
-                    policy.charge(spent_j)
-                    # UNAVAILABLE again (e.g. round_robin picked the replica that just died, before
-                    # its connection was seen to be gone): the next attempt, while any are left.
-                    res.failure, reopen_failed = exc, True
-                    continue
-                res, reopen_failed = merge_results(res, more), False
+                except EdgeError as exc:  # the open failed: no session ran
+                    failed = failed or _FailedOpens()
+                    failed.add(exc, acct.opening_spent_j(), policy)  # the attempt cost the device all the same
+                    # A first open that found no edge at all is tried again only when there is time
+                    # to wait for one: without, the caller's report (the run ends) comes at once.
+                    hopeless = res is None and isinstance(exc, EdgeUnreachable) and self.edge_wait_s <= 0
+                    if exc.code != grpc.StatusCode.UNAVAILABLE or left == 0 or hopeless:
+                        if res is None:
+                            raise  # no session ever ran: the caller reports it (unreachable: the run ends)
+                        failed.settle_on(res, policy, acct)
+                        break
+                else:
+                    res = more if res is None else merge_results(res, more)
+                    if failed is not None:  # opens that failed before this session: its generation's
+                        failed.settle_on(res, policy, acct, keep_error=False)
+                        failed = None
+                    if not (isinstance(res.failure, EdgeError) and res.failure.code == grpc.StatusCode.UNAVAILABLE):
+                        break
+                    if left == 0:
+                        break
+                left -= 1
+                why = str(failed.last) if failed is not None else res.error if res is not None else ""
+                n_done = len(res.token_ids) if res is not None else 0
+                log.warning("edge session failed (%s); opening again with %d accepted tokens", why, n_done)
+                # A session that ended here charged the radio's tail; the reconnect follows at once.
+                acct.opening(resumed=res is not None)
+                if failed is not None and self.edge_wait_s > 0:  # a lone edge restarting: let it come back
+                    if not wait_until:
+                        log.warning("waiting up to %g s for the edge to come back (--edge-wait-s)", self.edge_wait_s)
+                        wait_until = time.monotonic() + self.edge_wait_s
+                    if wait_until > time.monotonic():
+                        with contextlib.suppress(EdgeError):  # still not ready: the attempt will say so
+                            await self.wait_ready(wait_until - time.monotonic(), any_unavailable=True)
         finally:
             acct.forget_opening()
         res.elapsed_s = time.perf_counter() - t0
@@ -292,15 +334,19 @@ class EdgeClient:
         )
         close_msg = pb.DeviceMessage(close=pb.CloseSession())
         await self._write(call, open_msg)
-        reply = await self._read(call)
-        if reply.WhichOneof("kind") != "opened":
-            raise EdgeError(
-                grpc.StatusCode.INTERNAL, f"expected SessionOpened, got {reply.WhichOneof('kind')}", by_edge=False
-            )
         try:
-            opened = decode_opened(reply.opened)
-        except WireError as exc:
-            raise EdgeError(grpc.StatusCode.INTERNAL, str(exc), by_edge=False) from exc
+            reply = await self._read(call)
+            if reply.WhichOneof("kind") != "opened":
+                raise EdgeError(
+                    grpc.StatusCode.INTERNAL, f"expected SessionOpened, got {reply.WhichOneof('kind')}", by_edge=False
+                )
+            try:
+                opened = decode_opened(reply.opened)
+            except WireError as exc:
+                raise EdgeError(grpc.StatusCode.INTERNAL, str(exc), by_edge=False) from exc
+        except VerifyError as exc:
+            exc.bytes_up += wire_bytes(open_msg.ByteSize())  # written all the same (a refused re-open)
+            raise
         # Opening costs bytes outside any round: counted in the generation's totals (and the close,
         # once written: a session that failed is not closed).
         session_bytes = (wire_bytes(open_msg.ByteSize()), wire_bytes(reply.ByteSize()))
@@ -363,7 +409,11 @@ class EdgeClient:
 
         async def receive() -> tuple[Verdict, int]:
             down = await self._read(call)
-            return _verdict(down), wire_bytes(down.ByteSize())
+            try:
+                return _verdict(down), wire_bytes(down.ByteSize())
+            except VerifyError as exc:  # received all the same
+                exc.bytes_down += wire_bytes(down.ByteSize())
+                raise
 
         return Link(send, receive, min(opened.max_ahead_rounds, policy.options.ahead_blocks), opened.empty_ahead)
 
@@ -387,9 +437,14 @@ class EdgeClient:
         it cannot be had, the VerifyError carries those bytes (spent all the same)."""
         try:
             down = await self._read(call)
-            return Exchange(_verdict(down, round_no), bytes_up, wire_bytes(down.ByteSize()))
         except VerifyError as exc:
             exc.bytes_up += bytes_up
+            raise
+        try:
+            return Exchange(_verdict(down, round_no), bytes_up, wire_bytes(down.ByteSize()))
+        except VerifyError as exc:  # an answer that is no verdict for this round: sent and received all the same
+            exc.bytes_up += bytes_up
+            exc.bytes_down += wire_bytes(down.ByteSize())
             raise
 
     async def _offload(self, fn: Callable[..., T], *args: Any) -> T:

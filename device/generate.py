@@ -36,10 +36,12 @@ T = TypeVar("T")
 
 class VerifyError(RuntimeError):
     """A `verify` transport failed (e.g. the edge went away): the loop ends the generation with
-    stop_reason "error" and keeps the tokens delivered so far. `bytes_up`: what the transport
-    had written of the failed exchange (its block, the Generate request): spent all the same."""
+    stop_reason "error" and keeps the tokens delivered so far. `bytes_up`, `bytes_down`: what the
+    transport had written and read of the failed exchange (its block, the Generate request, an
+    answer that was no verdict): spent all the same."""
 
     bytes_up = 0
+    bytes_down = 0
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ async def speculative_generate(
     offload: Offload = inline,
     session_bytes: tuple[int, int] = (0, 0),
 ) -> GenerationResult:
-    """`session_bytes`: (up, down) wire bytes outside any round (open/close), for the totals."""
+    """`session_bytes`: (up, down) wire bytes outside any round (the open), for the totals."""
     acct = acct or EnergyAccountant(NullMeter(), None)
     stats = GenerationStats()
     gen_start, t0 = acct.begin(stats), time.perf_counter()
@@ -143,7 +145,7 @@ async def speculative_generate(
             check_verdict(ex.verdict, block, drafter.loaded.vocab_size)
         except VerifyError as exc:
             stats.stop_reason, error, failure = "error", str(exc), exc
-            unsettled = (exc.bytes_up, 0) if ex is None else (ex.bytes_up, ex.bytes_down)
+            unsettled = (exc.bytes_up, exc.bytes_down) if ex is None else (ex.bytes_up, ex.bytes_down)
             break
         pre = drafter.last_predraft
         hit = pre is not None and drafter.predraft_hit(block, ex.verdict, pre)
@@ -235,7 +237,7 @@ def finish(
     stats.bytes_up += session_bytes[0]
     stats.bytes_down += session_bytes[1]
     acct.end(stats, gen_start)
-    # Energy outside any round (prefill of the prompt, open/close messages, the radio's tail) is
+    # Energy outside any round (prefill of the prompt, the open message, the radio's tail) is
     # the device's too: the deficit queue is charged for it, so the long-run J/token it keeps
     # within the budget is the whole generation's.
     policy.charge(stats.energy_j - sum(t.e_j for t in stats.rounds_log))

@@ -34,7 +34,7 @@ showed it missed (so the guess-match rate learns from every guess, `predraft_hit
 drafting then). Blocks still in flight when
 the generation stops (sent past its eos or last token) and stale verdicts not yet charged to a
 round belong to no round: their bytes count in the generation's totals (`stats.bytes_up`,
-`bytes_down`, the radio energy), as the session's open and close do.
+`bytes_down`, the radio energy), as the session's open does.
 """
 
 from __future__ import annotations
@@ -332,6 +332,7 @@ async def _chain_loop(
             verdict, down, arrived = await recv
         except VerifyError as exc:
             stats.stop_reason, error, failure = "error", str(exc), exc
+            chain.stale_down += exc.bytes_down  # an answer read and refused (no verdict): received all the same
             break
         finally:
             if recv is not None and not recv.done():
@@ -340,7 +341,7 @@ async def _chain_loop(
         start = await _settle(drafter, policy, chain, got, start, stats, out, limits, acct, on_round, offload)
     # Blocks still in flight when the generation stops (sent ahead past its eos or its last token,
     # or behind a failed read) and stale verdicts skipped since the last round cost their bytes
-    # too, charged to no round: in the totals (and so the radio energy), as the open and close are.
+    # too, charged to no round: in the totals (and so the radio energy), as the open is.
     finish(stats, policy, acct, gen_start, _with_unsettled(session_bytes, chain))
     return GenerationResult(list(prompt_ids), out, time.perf_counter() - t0, stats, error=error, failure=failure)
 

@@ -103,7 +103,7 @@ async def run(
     try:
         if not policy.local_only:
             try:
-                await client.wait_ready(config.edge_wait_s, unreachable_too=False)  # loading: wait
+                await client.wait_ready(config.edge_wait_s, any_unavailable=False)  # loading: wait
             except (EdgeUnreachable, EdgeError) as exc:
                 why = str(exc) if isinstance(exc, EdgeUnreachable) else f"gelato-edge at {config.edge}: {exc}"
                 if config.json:  # a consumer of stdout gets a record: the first prompt's

@@ -166,9 +166,13 @@ class _Stream:
         close_fails: bool = False,
         open_s: float = 0.0,
         open_fails: bool = False,
+        open_refused: bool = False,
+        wrong_round_at: int | None = None,
     ) -> None:
+        """`open_refused`: the open is taken, then answered UNAVAILABLE (an edge still loading);
+        `wrong_round_at`: that verdict names the next round (an edge fault)."""
         self.target, self.cut_after, self.close_fails, self.open_s = target, cut_after, close_fails, open_s
-        self.open_fails = open_fails
+        self.open_fails, self.open_refused, self.wrong_round_at = open_fails, open_refused, wrong_round_at
         self.replies: asyncio.Queue[pb.EdgeMessage | None] = asyncio.Queue()
         self.session: TargetSession | None = None
         self.verdicts = 0
@@ -187,6 +191,9 @@ class _Stream:
                 raise grpc.aio.AioRpcError(
                     grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone"
                 )
+            if self.open_refused:
+                self.replies.put_nowait(None)
+                return
             self.session = TargetSession("s", self.target, SamplingParams(), list(msg.open.prefix_ids))
             self.session.prefill()
             await asyncio.sleep(self.open_s)  # a longer prefill, as a real target's prompt takes
@@ -200,7 +207,8 @@ class _Stream:
             block = decode_block(msg.draft, self.target.vocab_size, True, 32)
             a, nxt = self.session.verify(block)
             self.verdicts += 1
-            self.replies.put_nowait(encode_verdict(Verdict(block.round, a, nxt)))
+            wrong = self.verdicts == self.wrong_round_at
+            self.replies.put_nowait(encode_verdict(Verdict(block.round + wrong, a, nxt)))
         elif kind == "close":
             if self.close_fails:
                 raise grpc.aio.UsageError("RPC already finished")
@@ -243,7 +251,7 @@ def _generate(
         opened = iter(streams)
         asked = infos if infos is not None else []
 
-        async def connect() -> None:
+        async def connect(timeout_s: float | None = None) -> None:
             pass
 
         class Stub:
@@ -406,6 +414,8 @@ def test_the_totals_count_the_bytes_that_crossed_and_no_others(target: LoadedMod
         [_Stream(target, cut_after=2)],  # fails: the last block was written, its verdict never came
         [_Stream(target, close_fails=True)],
         [_Stream(target, cut_after=2), _Stream(target, cut_after=1), _Stream(target)],
+        [_Stream(target, cut_after=2), _Stream(target, open_refused=True), _Stream(target)],  # open sent, refused
+        [_Stream(target, wrong_round_at=3)],  # fails: an answer read and refused
     ]
     for streams in cases:
         res = _generate(target, drafter_model, streams, failovers=len(streams) - 1)
@@ -438,3 +448,20 @@ def test_a_restarting_edge_is_waited_for_before_the_next_reopen(
     infos.clear()
     res = _generate(target, drafter_model, [_Stream(target, cut_after=2), _Stream(target)], failovers=2, infos=infos)
     assert res.error == "" and res.failovers == 1 and infos == []
+
+
+def test_a_first_open_refused_unavailable_is_tried_again(target: LoadedModel, drafter_model: LoadedModel) -> None:
+    """The first open of a generation can meet a replica that just died, or a lone edge still
+    loading after a restart: it is one attempt of `failovers`, the device waits for the edge
+    (asking `Info`) and opens again; the output is the uninterrupted run's, no session was
+    re-opened (`failovers` 0), and the refused open's energy is the generation's. With no
+    attempt left it fails as before, with the edge's status."""
+    ref = _generate(target, drafter_model, [_Stream(target)], failovers=0)
+    acct = EnergyAccountant(OneWatt(), None)
+    streams = [_Stream(target, open_refused=True, open_s=0.0), _Stream(target)]
+    infos: list[float] = []
+    res = _generate(target, drafter_model, streams, failovers=1, acct=acct, loading_infos=2, infos=infos)
+    assert (res.token_ids, res.error, res.failovers) == (ref.token_ids, "", 0)
+    assert len(infos) == 3 and res.stats.energy_j == pytest.approx(res.elapsed_s, abs=0.05)
+    with pytest.raises(EdgeError, match="UNAVAILABLE"):
+        _generate(target, drafter_model, [_Stream(target, open_refused=True)], failovers=0)
