@@ -49,11 +49,15 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() and abs(x) < 2**53 else f"{x:g}"  # 4294967295, not 4.29497e+09
 
 
+def _finite(x: float) -> bool:
+    return isinstance(x, int) or math.isfinite(x)  # an int is (math.isfinite(10**400) overflows)
+
+
 def ge(low: float, finite: bool = True) -> Check:
     """`value >= low`, and finite unless `finite=False` (argparse's float takes "inf": an infinite
     budget or window would pass and then fail, or wait, far from its flag)."""
     if finite:
-        return Check(lambda x: math.isfinite(x) and x >= low, f"must be >= {_num(low)}")
+        return Check(lambda x: _finite(x) and x >= low, f"must be >= {_num(low)}")
     return Check(lambda x: x >= low, f"must be >= {_num(low)}")
 
 
@@ -64,7 +68,7 @@ def le(high: float) -> Check:
 def gt(low: float, finite: bool = True) -> Check:
     """`value > low`, and finite unless `finite=False`. Every comparison fails for NaN."""
     if finite:
-        return Check(lambda x: math.isfinite(x) and x > low, f"must be > {_num(low)}")
+        return Check(lambda x: _finite(x) and x > low, f"must be > {_num(low)}")
     return Check(lambda x: x > low, f"must be > {_num(low)}")
 
 
@@ -233,7 +237,7 @@ def validate(obj: Any) -> None:
             raise ConfigError(f"{flag} must be {_words(meta.choices)}")
         for rule in meta.checks:
             if not rule.test(value):
-                raise ConfigError(f"{flag} {rule.text}")
+                raise ConfigError(f"{flag} {rule.text}, got {value!r}")
     for group in members.values():
         given = [flag for flag, is_set, _ in group if is_set]
         if len(given) > 1:

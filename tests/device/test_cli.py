@@ -224,7 +224,7 @@ def test_environment_sets_flags_and_command_line_wins(pair: dict[str, Path], edg
         # A value out of bounds names the variable it came from, not only its flag.
         (
             {"GELATO_DEVICE_MAX_NEW_TOKENS": "0"},
-            "--max-new-tokens must be >= 1 (--max-new-tokens came from GELATO_DEVICE_MAX_NEW_TOKENS='0')",
+            "--max-new-tokens must be >= 1, got 0 (--max-new-tokens came from GELATO_DEVICE_MAX_NEW_TOKENS='0')",
         ),
     ],
 )
