@@ -41,12 +41,13 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from gelato.benchmarks.bench_run import Fleet, RunResult, RunSpec, shard_files, summarize
 from gelato.benchmarks.channel import PROFILES, Channel, ChannelError, Profile, guard, profile_from
-from gelato.benchmarks.procs import check_energy_source
+from gelato.benchmarks.procs import check_energy_source, unique_label
 from gelato.device.policy import PIPELINE_MODES
 
 FIXED = [f"fixed-{k}" for k in range(9)]
@@ -285,6 +286,7 @@ class Bench:
         self.args, self.profile, self.questions = args, profile, questions
         self.edge_cpu, self.device_cpus, self.pinning = pinning(args.devices)
         self.results: list[RunResult] = []
+        self.labels: dict[str, int] = {}  # runs under each label so far (`unique_label`)
 
     def device_base(self, address: str) -> list[str]:
         a = self.args
@@ -334,6 +336,7 @@ class Bench:
         return budgets
 
     def go(self, spec: RunSpec, bar: Any) -> None:
+        spec = replace(spec, label=unique_label(spec.label, self.labels))
         bar.set_description(spec.label)
         res = self.fleet.run(spec)
         self.results.append(res)

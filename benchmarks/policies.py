@@ -44,7 +44,7 @@ from typing import Any
 
 from gelato.benchmarks.delay_proxy import ProxyProcess, grpc_info_rtt, rtt_summary
 from gelato.benchmarks.policies_report import compare_budgets, markdown, over_repeats, print_run
-from gelato.benchmarks.procs import check_energy_source, machine, start_edge
+from gelato.benchmarks.procs import check_energy_source, machine, start_edge, unique_label
 from gelato.tiny.train import gsm8k_file
 
 DEFAULT_POLICIES = ",".join([*(f"fixed-{k}" for k in range(9)), "heuristic", "entropy", "adaedl", "lyapunov", "gelato"])
@@ -136,6 +136,7 @@ class Bench:
         self.pinning = f"edge + proxy on CPU {cores[0]}, device on CPU {cores[1]}" if pin else "not pinned"
         self.traces = args.out / "traces"
         self.traces.mkdir(parents=True, exist_ok=True)
+        self.labels: dict[int, dict[str, int]] = {}  # per repeat: runs under each label so far
         self.edge = start_edge(["--threads", "1"], prefix=self.edge_prefix)
         try:
             self.proxy = ProxyProcess(self.edge.address, args.one_way_ms, args.jitter_ms, args.seed, self.edge_prefix)
@@ -165,6 +166,7 @@ class Bench:
         return [*cmd, "--trace", str(trace)]
 
     def run(self, spec: RunSpec) -> Run:
+        spec = replace(spec, label=unique_label(spec.label, self.labels.setdefault(spec.repeat, {})))
         trace = self.traces / f"{spec.slug}.jsonl"
         t0, code = time.perf_counter(), code_hash()
         res = subprocess.run(self.device_cmd(spec, trace), capture_output=True, text=True, timeout=1800)

@@ -41,8 +41,8 @@ def test_pipelining_benchmark_end_to_end(questions: Path, tmp_path: Path) -> Non
     assert result["settings"]["repeats"] == 2 and result["settings"]["fixed"] == [2, 4]
     for r in result["rtts"]:
         runs = {x["label"]: x for x in r["runs"]}
-        assert set(runs) >= {"fixed-2", "fixed-4", "gelato", "gelato local", "gelato send-ahead"}
-        assert r["lossless_mismatches"] == []
+        assert set(runs) >= {"ar-edge", "fixed-2", "fixed-4", "gelato", "gelato local", "gelato send-ahead"}
+        assert r["lossless_reference"] == "ar-edge" and r["lossless_mismatches"] == []  # vs the target alone
         fixed = runs[f"{r['fastest_fixed']} send-ahead"]
         assert fixed["sent_ahead"] > 0  # fixed-K always sends ahead
         assert fixed["sent_ahead"] == fixed["ahead_verified"] + fixed["stale_blocks"]
@@ -53,9 +53,10 @@ def test_pipelining_benchmark_end_to_end(questions: Path, tmp_path: Path) -> Non
         ratio = runs["gelato send-ahead"]["tokens_per_s"] / runs[r["fastest_fixed"]]["tokens_per_s"]
         assert r["gelato_send_ahead_vs_fastest_fixed"] == pytest.approx(ratio)
     ten = [r for r in result["rtts"] if r["rtt_nominal_ms"] == 10.0]
-    assert all(8 < r["rtt_measured_ms"][0] < 15 for r in ten)  # the proxy really added the 10 ms round trip
+    # The proxy really added the 10 ms round trip (the upper bound generous: a busy machine adds)
+    assert all(8 < r["rtt_measured_ms"][0] < 40 for r in ten)
     md = (out / "results.md").read_text()
-    assert "| 10 (" in md and "Losslessness: every output" in md and "the median of 2 repeats" in md
+    assert "| 10 (" in md and "Losslessness: every output equals ar-edge's" in md and "the median of 2 repeats" in md
     # --report re-derives the same figures from the traces it wrote, and keeps what was measured.
     assert main(["--report", str(out)]) == 0
     rebuilt = json.loads((out / "results.json").read_text())
