@@ -96,7 +96,8 @@ def test_greedy_equals_target_generate(
         if policy[1] == "gelato":  # the controller learns that drafting never pays and stops
             assert drafted < 0.5 * sum(r["rounds"] for r in records), (drafted, [r["rounds"] for r in records])
             if "--energy-budget-j-per-token" in policy:
-                assert all(r["q_deficit_j"] is not None and r["q_deficit_j"] >= 0 for r in records)
+                assert all(r["q_deficit_j"] is not None for r in records)
+                assert any(r["q_deficit_j"] > 0 for r in records)  # ~10 mJ/token against 2: a backlog
         else:
             assert drafted > 0
     elif policy[1].startswith("fixed"):

@@ -80,7 +80,7 @@ def test_wait_until_is_precise() -> None:
         return out
 
     lateness = asyncio.run(late_by())
-    assert min(lateness) >= 0 and statistics.median(lateness) < 3e-4
+    assert min(lateness) >= 0 and statistics.median(lateness) < 1e-3  # typically < 0.1 ms; busy CI machines
 
 
 def test_bad_addresses_are_refused() -> None:

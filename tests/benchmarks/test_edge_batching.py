@@ -29,7 +29,8 @@ def test_edge_batching_end_to_end(pair: dict[str, Path], tmp_path: Path) -> None
         assert 0 < r["tokens"] <= 8 * r["sessions"]
         assert r["verdicts_differing_from_solo"] == 0 and r["sessions_diverged"] == 0
         assert r["first_divergence_round_p50"] is None
-        assert 1.0 <= r["mean_batch_rows"] <= r["sessions"]
+        # 3 sessions really shared forwards (else "verdicts equal solo" compared no batch at all)
+        assert (1.0 < r["mean_batch_rows"] <= 3) if r["sessions"] == 3 else r["mean_batch_rows"] == 1.0
     assert [r["rows"] for r in report["overhead"]] == [1, 3]
     md = (tmp_path / "eb.md").read_text()
     assert "sessions diverged" in md and md.count("\n| 3 |") == 2  # a batching row and an overhead row

