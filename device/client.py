@@ -198,17 +198,16 @@ class EdgeClient:
             raise EdgeError(grpc.StatusCode.INTERNAL, str(exc), by_edge=False) from exc
 
     async def wait_ready(self, wait_s: float, any_unavailable: bool) -> EdgeInfo:
-        """`info()`, asked again (backing off from 0.1 to 2 s) for up to `wait_s` (each ask's connect
-        within what is left) while the edge answers that its model is still loading, and with
-        `any_unavailable` while it answers UNAVAILABLE at all or nothing answers (a restart: the
-        process draining, gone, binding, then loading); then its last error. `Info` bytes are not
-        metered (a few dozen per ask)."""
-        deadline, pause = time.monotonic() + wait_s, WAIT_FIRST_S
+        """`info()`, asked again (backing off from 0.1 to 2 s) for up to `wait_s` while the edge
+        answers that its model is still loading, and with `any_unavailable` while it answers
+        UNAVAILABLE at all or nothing answers (a restart: the process draining, gone, binding, then
+        loading); then its last error. The first ask connects within `connect_timeout_s` as any
+        call does (a slow handshake is no absent edge), later ones within what is left of `wait_s`.
+        `Info` bytes are not metered (a few dozen per ask)."""
+        deadline, pause, connect_s = time.monotonic() + wait_s, WAIT_FIRST_S, self.connect_timeout_s
         while True:
             try:
-                return await self.info(
-                    connect_timeout_s=max(0.1, min(self.connect_timeout_s, deadline - time.monotonic()))
-                )
+                return await self.info(connect_timeout_s=connect_s)
             except EdgeError as exc:
                 waiting = exc.code == grpc.StatusCode.UNAVAILABLE and (any_unavailable or exc.details == MODEL_LOADING)
                 if not waiting or time.monotonic() + pause > deadline:
@@ -216,6 +215,7 @@ class EdgeClient:
                 log.info("the edge is not ready (%s); asking again in %.1f s", exc.details, pause)
             await asyncio.sleep(pause)
             pause = min(2 * pause, WAIT_MAX_S)
+            connect_s = max(0.1, min(self.connect_timeout_s, deadline - time.monotonic()))
 
     async def close(self) -> None:
         await self.channel.close()

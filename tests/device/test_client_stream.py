@@ -465,3 +465,39 @@ def test_a_first_open_refused_unavailable_is_tried_again(target: LoadedModel, dr
     assert len(infos) == 3 and res.stats.energy_j == pytest.approx(res.elapsed_s, abs=0.05)
     with pytest.raises(EdgeError, match="UNAVAILABLE"):
         _generate(target, drafter_model, [_Stream(target, open_refused=True)], failovers=0)
+
+
+def test_the_wait_for_a_loading_edge_gives_its_first_connect_the_whole_timeout() -> None:
+    """`--edge-wait-s 0` at start means no waiting for a loading edge, not a 0.1 s connect: a
+    handshake slower than that (TLS over a real network) is no absent edge; later asks connect
+    within what is left of the wait."""
+
+    async def run() -> list[float]:
+        client = EdgeClient("127.0.0.1:1", connect_timeout_s=5.0)
+        seen: list[float] = []
+
+        async def connect(timeout_s: float | None = None) -> None:
+            seen.append(client.connect_timeout_s if timeout_s is None else timeout_s)
+
+        class Stub:
+            async def Info(self, request: pb.InfoRequest, **kwargs: object) -> pb.InfoResponse:
+                if len(seen) < 3:
+                    raise grpc.aio.AioRpcError(
+                        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), MODEL_LOADING
+                    )
+                return pb.InfoResponse(protocol_version=1, vocab_size=10, context_limit=10)
+
+        client.connect = connect  # type: ignore[method-assign]
+        client.stub = Stub()  # type: ignore[assignment]
+        try:
+            with pytest.raises(EdgeError, match="still loading"):
+                await client.wait_ready(0.0, any_unavailable=False)
+            assert seen == [5.0]
+            seen.clear()
+            await client.wait_ready(1.0, any_unavailable=False)
+            return seen
+        finally:
+            await client.close()
+
+    seen = asyncio.run(run())
+    assert seen[0] == 5.0 and len(seen) == 3 and all(0.1 <= s < 1.0 for s in seen[1:]), seen
