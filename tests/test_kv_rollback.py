@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gelato.device.drafter import Drafter
-from gelato.device.generate import Limits, local_verifier, speculative_generate
+from gelato.device.generate import GenerationResult, Limits, local_verifier, speculative_generate
 from gelato.device.policy import FixedK
 from gelato.edge.sessions import TargetSession
 from gelato.kv import KVSequence
@@ -27,8 +27,10 @@ def assert_cache_matches_fresh(seq: KVSequence, loaded: LoadedModel) -> None:
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_caches_equal_fresh_prefill_after_rejection(pair: dict[str, Path], temperature: float) -> None:
+def run_checked(pair: dict[str, Path], temperature: float) -> tuple[GenerationResult, dict[str, int]]:
+    """120 tokens of fixed-4, the device's own loop verified in process; after every round's
+    verdict is applied (the loop's on_round) both caches are exact. Returns the result and how
+    many rounds rejected a draft or accepted the whole block."""
     drafter_m = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
     target_m = load_model(str(pair["target"]), "target", "float32", "cpu")
     params = SamplingParams(temperature=temperature, top_k=20, seed=3)
@@ -39,7 +41,6 @@ def test_caches_equal_fresh_prefill_after_rejection(pair: dict[str, Path], tempe
     seen = {"rejected": 0, "all_accepted": 0}
 
     def check(tele: Telemetry) -> None:
-        """After each round's verdict is applied (the loop's on_round): both caches are exact."""
         assert drafter.tokens == session.seq.tokens
         # The edge keeps KV for everything but the newest token; the drafter for the accepted
         # prefix it has fed (one less after a fully accepted block: d_k was never fed).
@@ -51,6 +52,12 @@ def test_caches_equal_fresh_prefill_after_rejection(pair: dict[str, Path], tempe
 
     limits = Limits(120, target_m.context_limit, 4, ())
     res = asyncio.run(speculative_generate(drafter, local_verifier(session), FixedK(4), prompt, limits, on_round=check))
+    return res, seen
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_caches_equal_fresh_prefill_after_rejection(pair: dict[str, Path], temperature: float) -> None:
+    res, seen = run_checked(pair, temperature)
     assert res.stats.rounds >= 25 and res.stats.rounds == sum(seen.values())
     assert seen["rejected"] > 0 and seen["all_accepted"] > 0, seen
 
@@ -75,22 +82,6 @@ def test_a_correction_equal_to_the_rejected_draft_leaves_it_for_the_next_forward
         return a, nxt
 
     monkeypatch.setattr(sessions, "verify_sampling", correction_is_the_draft)
-    drafter_m = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
-    target_m = load_model(str(pair["target"]), "target", "float32", "cpu")
-    params = SamplingParams(temperature=1.0, top_k=20, seed=3)
-    prompt = encode_prompt(drafter_m.tokenizer, "Ava has 12 apples and Ben gives her 3 more.")
-    drafter = Drafter(drafter_m, params)
-    session = TargetSession("s", target_m, params, prompt)
-    session.prefill()
-
-    def check(tele: Telemetry) -> None:
-        assert drafter.tokens == session.seq.tokens
-        assert session.seq.cached == len(session.seq.tokens) - 1
-        assert drafter.seq.cached == len(drafter.tokens) - (2 if tele.accepted == tele.k > 0 else 1)
-        assert_cache_matches_fresh(drafter.seq, drafter_m)
-        assert_cache_matches_fresh(session.seq, target_m)
-
-    limits = Limits(120, target_m.context_limit, 4, ())
-    res = asyncio.run(speculative_generate(drafter, local_verifier(session), FixedK(4), prompt, limits, on_round=check))
+    res, _ = run_checked(pair, 1.0)
     assert res.stats.stop_reason == "max_new_tokens" and len(res.token_ids) == 120, (res.stats.stop_reason, res.error)
     assert forced[0] > 0
