@@ -52,6 +52,7 @@ def trace_pipeline_stats(trace: Path) -> dict[str, Any]:
 
 def run_one(bench: Bench, spec: RunSpec) -> Run:
     run = bench.run(spec)
+    spec = run.spec  # its label made unique by `Bench.run`: the trace it wrote
     run.summary.update(trace_pipeline_stats(bench.traces / f"{spec.slug}.jsonl.gz"))
     s = run.summary
     jpt = s["energy_j_per_token"]

@@ -161,8 +161,8 @@ def check_energy_source(label: str, sources: list[str]) -> None:
 
 
 def unique_label(label: str, seen: dict[str, int]) -> str:
-    """`label`, or `label #n` when n - 1 runs took it already (two ē that format alike, a τ
+    """`label`, or `label (n)` when n - 1 runs took it already (two ē that format alike, a τ
     listed twice): a run's label names its trace and rounds files and keys its records, so two
     runs under one label overwrote each other's files and were merged on rebuild."""
     seen[label] = seen.get(label, 0) + 1
-    return label if seen[label] == 1 else f"{label} #{seen[label]}"
+    return label if seen[label] == 1 else f"{label} ({seen[label]})"

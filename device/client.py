@@ -35,7 +35,7 @@ from gelato.device.generate import (
     Limits,
     Verify,
     VerifyError,
-    charge_bytes_up,
+    charge_bytes,
     merge_results,
     speculative_generate,
 )
@@ -115,21 +115,24 @@ class _FailedOpens:
     they were for, and why they failed."""
 
     def __init__(self) -> None:
-        self.energy_j, self.bytes_up, self.errors = 0.0, 0, []  # type: ignore[var-annotated]
+        self.energy_j, self.bytes_up, self.bytes_down = 0.0, 0, 0
+        self.errors: list[str] = []
         self.last: EdgeError | None = None
 
-    def add(self, exc: EdgeError, spent_j: float, policy: Policy) -> None:
+    def add(self, exc: EdgeError, spent_j: float) -> None:
         self.energy_j += spent_j
-        policy.charge(spent_j)
         self.bytes_up += exc.bytes_up  # the open written before it was refused
+        self.bytes_down += exc.bytes_down  # a reply read that was no SessionOpened
         self.errors.append(str(exc))
         self.last = exc
 
     def settle_on(self, res: GenerationResult, policy: Policy, acct: EnergyAccountant, keep_error: bool = True) -> None:
-        """Into `res`'s totals; `keep_error`: the generation ends with these failures (else a
-        session opened after them went on, and its own outcome stands)."""
+        """Into `res`'s totals and the deficit queue, once (a generation that raises instead
+        reports none of it: its error record has no energy); `keep_error`: the generation ends
+        with these failures (else a session opened after them went on, its outcome stands)."""
         res.stats.energy_j += self.energy_j
-        charge_bytes_up(res.stats, policy, acct, self.bytes_up)
+        policy.charge(self.energy_j)
+        charge_bytes(res.stats, policy, acct, self.bytes_up, self.bytes_down)
         if keep_error:
             res.error = "; ".join([res.error, *(f"re-opening the session failed: {e}" for e in self.errors)])
             res.failure = self.last
@@ -188,23 +191,26 @@ class EdgeClient:
             raise EdgeUnreachable(self.target, timeout_s, self.tls) from None
 
     async def info(self, connect_timeout_s: float | None = None) -> EdgeInfo:
-        await self.connect(connect_timeout_s)
+        timeout_s = self.connect_timeout_s if connect_timeout_s is None else connect_timeout_s
+        await self.connect(timeout_s)
         try:
-            resp = await self.stub.Info(pb.InfoRequest(), timeout=self.connect_timeout_s, metadata=self.metadata)
+            resp = await self.stub.Info(pb.InfoRequest(), timeout=timeout_s, metadata=self.metadata)
             return decode_info(resp)
         except grpc.aio.AioRpcError as exc:
             raise EdgeError(exc.code(), exc.details() or "") from exc
         except WireError as exc:
             raise EdgeError(grpc.StatusCode.INTERNAL, str(exc), by_edge=False) from exc
 
-    async def wait_ready(self, wait_s: float, any_unavailable: bool) -> EdgeInfo:
+    async def wait_ready(self, wait_s: float, any_unavailable: bool, first_connect_s: float | None = None) -> EdgeInfo:
         """`info()`, asked again (backing off from 0.1 to 2 s) for up to `wait_s` while the edge
         answers that its model is still loading, and with `any_unavailable` while it answers
         UNAVAILABLE at all or nothing answers (a restart: the process draining, gone, binding, then
-        loading); then its last error. The first ask connects within `connect_timeout_s` as any
-        call does (a slow handshake is no absent edge), later ones within what is left of `wait_s`.
-        `Info` bytes are not metered (a few dozen per ask)."""
-        deadline, pause, connect_s = time.monotonic() + wait_s, WAIT_FIRST_S, self.connect_timeout_s
+        loading); then its last error. The first ask connects (and is answered) within
+        `first_connect_s`, by default `connect_timeout_s` as any call (a slow handshake is no absent
+        edge), later ones within what is left of `wait_s`. `Info` bytes are not metered (a few
+        dozen per ask)."""
+        deadline, pause = time.monotonic() + wait_s, WAIT_FIRST_S
+        connect_s = self.connect_timeout_s if first_connect_s is None else first_connect_s
         while True:
             try:
                 return await self.info(connect_timeout_s=connect_s)
@@ -257,7 +263,7 @@ class EdgeClient:
                     )
                 except EdgeError as exc:  # the open failed: no session ran
                     failed = failed or _FailedOpens()
-                    failed.add(exc, acct.opening_spent_j(), policy)  # the attempt cost the device all the same
+                    failed.add(exc, acct.opening_spent_j())  # the attempt cost the device all the same
                     # A first open that found no edge at all is tried again only when there is time
                     # to wait for one: without, the caller's report (the run ends) comes at once.
                     hopeless = res is None and isinstance(exc, EdgeUnreachable) and self.edge_wait_s <= 0
@@ -285,9 +291,11 @@ class EdgeClient:
                     if not wait_until:
                         log.warning("waiting up to %g s for the edge to come back (--edge-wait-s)", self.edge_wait_s)
                         wait_until = time.monotonic() + self.edge_wait_s
-                    if wait_until > time.monotonic():
+                    left_s = wait_until - time.monotonic()
+                    if left_s > 0:  # each ask within what is left of the wait
                         with contextlib.suppress(EdgeError):  # still not ready: the attempt will say so
-                            await self.wait_ready(wait_until - time.monotonic(), any_unavailable=True)
+                            first_s = max(0.1, min(self.connect_timeout_s, left_s))
+                            await self.wait_ready(left_s, any_unavailable=True, first_connect_s=first_s)
         finally:
             acct.forget_opening()
         res.elapsed_s = time.perf_counter() - t0
@@ -334,6 +342,7 @@ class EdgeClient:
         )
         close_msg = pb.DeviceMessage(close=pb.CloseSession())
         await self._write(call, open_msg)
+        reply: pb.EdgeMessage | None = None
         try:
             reply = await self._read(call)
             if reply.WhichOneof("kind") != "opened":
@@ -346,6 +355,7 @@ class EdgeClient:
                 raise EdgeError(grpc.StatusCode.INTERNAL, str(exc), by_edge=False) from exc
         except VerifyError as exc:
             exc.bytes_up += wire_bytes(open_msg.ByteSize())  # written all the same (a refused re-open)
+            exc.bytes_down += wire_bytes(reply.ByteSize()) if reply is not None else 0  # read, no SessionOpened
             raise
         # Opening costs bytes outside any round: counted in the generation's totals (and the close,
         # once written: a session that failed is not closed).
@@ -375,7 +385,7 @@ class EdgeClient:
             )
         result.target_model = opened.target_model
         if result.stats.stop_reason != "error" and await self._close(call, close_msg):
-            charge_bytes_up(result.stats, policy, acct, wire_bytes(close_msg.ByteSize()))
+            charge_bytes(result.stats, policy, acct, wire_bytes(close_msg.ByteSize()))
         return result
 
     async def _close(self, call: grpc.aio.StreamStreamCall, close_msg: pb.DeviceMessage) -> bool:

@@ -63,7 +63,7 @@ class EnergyAccountant:
 
     def end(self, stats: GenerationStats, start: Reading) -> None:
         """Totals for the generation, including the messages outside any round (the open; the
-        close is added once written, `gelato.device.generate.charge_bytes_up`)."""
+        close is added once written, `gelato.device.generate.charge_bytes`)."""
         stats.radio_j = self.radio_j(stats.bytes_up, stats.bytes_down)
         if self.radio and (stats.bytes_up or stats.bytes_down):  # no traffic (ar-device): no tail
             stats.radio_j += self.radio.tail_energy_j() - self._tail_refund_j

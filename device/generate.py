@@ -243,11 +243,12 @@ def finish(
     policy.charge(stats.energy_j - sum(t.e_j for t in stats.rounds_log))
 
 
-def charge_bytes_up(stats: GenerationStats, policy: Policy, acct: EnergyAccountant | None, n: int) -> None:
-    """A message sent after the generation's totals were made (the session's close): its bytes
-    and their radio energy join the totals and the deficit queue."""
-    e_j = acct.radio_j(n, 0) if acct is not None else 0.0
-    stats.bytes_up += n
+def charge_bytes(stats: GenerationStats, policy: Policy, acct: EnergyAccountant | None, up: int, down: int = 0) -> None:
+    """Messages outside the generation's totals when they were made (the session's close, opens
+    that failed before it): their bytes and radio energy join the totals and the deficit queue."""
+    e_j = acct.radio_j(up, down) if acct is not None else 0.0
+    stats.bytes_up += up
+    stats.bytes_down += down
     stats.radio_j += e_j
     stats.energy_j += e_j
     policy.charge(e_j)

@@ -86,9 +86,9 @@ def test_markdown_notes_say_what_the_latency_and_oracle_columns_are() -> None:
 
 def test_runs_under_one_label_get_their_own() -> None:
     """Two runs whose labels format alike (ē of 8.383 and 8.384 mJ, a τ listed twice) would write
-    one trace/rounds file and be merged on rebuild: the later ones get `#n`."""
+    one trace/rounds file and be merged on rebuild: the later ones get `(n)`."""
     from gelato.benchmarks.procs import unique_label
 
     seen: dict[str, int] = {}
     labels = [unique_label(x, seen) for x in ("gelato ē=8.38mJ", "gelato ē=8.38mJ", "fixed-4", "gelato ē=8.38mJ")]
-    assert labels == ["gelato ē=8.38mJ", "gelato ē=8.38mJ #2", "fixed-4", "gelato ē=8.38mJ #3"]
+    assert labels == ["gelato ē=8.38mJ", "gelato ē=8.38mJ (2)", "fixed-4", "gelato ē=8.38mJ (3)"]

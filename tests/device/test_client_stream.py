@@ -20,7 +20,7 @@ from gelato.device.client import EdgeClient, EdgeError, _verdict, _write_error
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant, wire_bytes
 from gelato.device.generate import GenerationResult
-from gelato.device.policy import parse_policy
+from gelato.device.policy import Policy, PolicyOptions, parse_policy
 from gelato.edge.sessions import TargetSession
 from gelato.models import LoadedModel, encode_prompt
 from gelato.power import radio_profile
@@ -168,11 +168,14 @@ class _Stream:
         open_fails: bool = False,
         open_refused: bool = False,
         wrong_round_at: int | None = None,
+        open_answered_wrong: bool = False,
     ) -> None:
         """`open_refused`: the open is taken, then answered UNAVAILABLE (an edge still loading);
-        `wrong_round_at`: that verdict names the next round (an edge fault)."""
+        `wrong_round_at`: that verdict names the next round (an edge fault);
+        `open_answered_wrong`: the open is answered with a verdict, not SessionOpened."""
         self.target, self.cut_after, self.close_fails, self.open_s = target, cut_after, close_fails, open_s
         self.open_fails, self.open_refused, self.wrong_round_at = open_fails, open_refused, wrong_round_at
+        self.open_answered_wrong = open_answered_wrong
         self.replies: asyncio.Queue[pb.EdgeMessage | None] = asyncio.Queue()
         self.session: TargetSession | None = None
         self.verdicts = 0
@@ -193,6 +196,9 @@ class _Stream:
                 )
             if self.open_refused:
                 self.replies.put_nowait(None)
+                return
+            if self.open_answered_wrong:
+                self.replies.put_nowait(encode_verdict(Verdict(0, 0, 5)))
                 return
             self.session = TargetSession("s", self.target, SamplingParams(), list(msg.open.prefix_ids))
             self.session.prefill()
@@ -242,17 +248,21 @@ def _generate(
     acct: EnergyAccountant | None = None,
     loading_infos: int = 0,
     infos: list[float] | None = None,
+    policy: Policy | None = None,
+    edge_wait_s: float = 30.0,
+    connects: list[float] | None = None,
 ) -> GenerationResult:
     """`loading_infos`: the edge answers that many `Info`s "still loading" (a restart), then
-    ready; `infos` collects when each `Info` was asked."""
+    ready; `infos` collects when each `Info` was asked, `connects` each connect's timeout."""
 
     async def run() -> GenerationResult:
-        client = EdgeClient("127.0.0.1:1", failovers=failovers, edge_wait_s=30.0)
+        client = EdgeClient("127.0.0.1:1", failovers=failovers, edge_wait_s=edge_wait_s, connect_timeout_s=5.0)
         opened = iter(streams)
         asked = infos if infos is not None else []
 
         async def connect(timeout_s: float | None = None) -> None:
-            pass
+            if connects is not None:
+                connects.append(client.connect_timeout_s if timeout_s is None else timeout_s)
 
         class Stub:
             def Session(self, **kwargs: object) -> _Stream:
@@ -271,7 +281,7 @@ def _generate(
         try:
             prompt = encode_prompt(target.tokenizer, "Ava has 12 apples and Ben gives her 3 more. How many?")
             drafter = Drafter(drafter_model, SamplingParams())
-            return await client.generate(drafter, prompt, 20, parse_policy("fixed-4"), acct)
+            return await client.generate(drafter, prompt, 20, policy or parse_policy("fixed-4"), acct)
         finally:
             await client.close()
 
@@ -416,6 +426,7 @@ def test_the_totals_count_the_bytes_that_crossed_and_no_others(target: LoadedMod
         [_Stream(target, cut_after=2), _Stream(target, cut_after=1), _Stream(target)],
         [_Stream(target, cut_after=2), _Stream(target, open_refused=True), _Stream(target)],  # open sent, refused
         [_Stream(target, wrong_round_at=3)],  # fails: an answer read and refused
+        [_Stream(target, cut_after=2), _Stream(target, open_answered_wrong=True)],  # a re-open answered wrong
     ]
     for streams in cases:
         res = _generate(target, drafter_model, streams, failovers=len(streams) - 1)
@@ -501,3 +512,40 @@ def test_the_wait_for_a_loading_edge_gives_its_first_connect_the_whole_timeout()
 
     seen = asyncio.run(run())
     assert seen[0] == 5.0 and len(seen) == 3 and all(0.1 <= s < 1.0 for s in seen[1:]), seen
+
+
+def test_opens_that_fail_charge_the_queue_once_and_only_with_a_result(
+    target: LoadedModel, drafter_model: LoadedModel
+) -> None:
+    """The energy of opens that failed joins the generation and the deficit queue once, when the
+    generation reports it; a generation that raises (no session ever ran) charges nothing, as its
+    error record has no energy. Each ask of the wait connects within what is left of
+    `--edge-wait-s` (a first ask of the whole `--connect-timeout-s` overran a short wait)."""
+
+    def budgeted() -> Policy:
+        return parse_policy("fixed-4", PolicyOptions(budget_j_per_token=1.0))
+
+    policy = budgeted()
+    with pytest.raises(EdgeError, match="UNAVAILABLE"):
+        streams = [_Stream(target, open_refused=True) for _ in range(3)]
+        _generate(target, drafter_model, streams, 2, EnergyAccountant(OneWatt(), None), policy=policy)
+    queue = policy.controller.queue
+    assert queue is not None and queue.energy_j == 0.0
+    policy, connects = budgeted(), []
+    streams = [_Stream(target, cut_after=2), _Stream(target, open_refused=True), _Stream(target)]
+    res = _generate(
+        target,
+        drafter_model,
+        streams,
+        2,
+        EnergyAccountant(OneWatt(), None),
+        loading_infos=2,
+        policy=policy,
+        edge_wait_s=0.3,
+        connects=connects,
+    )
+    queue = policy.controller.queue
+    assert queue is not None and res.error == "" and res.failovers == 1
+    assert queue.energy_j == pytest.approx(res.stats.energy_j, rel=1e-9)  # every joule, once
+    waits = connects[2:-1]  # the asks of the wait, between the failed re-open and the last open
+    assert waits and all(s <= 0.3 for s in waits), connects
