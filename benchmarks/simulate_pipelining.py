@@ -20,7 +20,7 @@ from typing import Any
 
 from gelato.benchmarks.simulate_device import run_spec
 from gelato.benchmarks.simulate_model import Channel, Costs, RoundModel, Spec, Trace
-from gelato.benchmarks.simulate_sweep import _brief, _cell
+from gelato.benchmarks.simulate_sweep import SIMULATED_NOTE, _brief, _cell
 from gelato.device.policy import PIPELINE_MODES, PolicyOptions
 
 
@@ -127,7 +127,7 @@ PIPE_COLUMNS = (
 
 
 def pipelining_markdown(result: dict[str, Any]) -> str:
-    lines = []
+    lines = [SIMULATED_NOTE, ""]
     for name, title in (
         ("at_fixed_j", "gelato at ē = the fastest fixed-K's J/token"),
         ("no_budget", "gelato without a budget"),

@@ -135,9 +135,16 @@ def _cell(b: dict[str, Any] | None) -> str:
     return f"{b['tokens_per_s']:.1f} ({b['j_per_token'] * 1e3:.2f})" if b else "–"
 
 
+# Every table here is the simulator's: its energy columns come from the fitted (or given) device
+# powers, themselves estimates, never from a meter.
+SIMULATED_NOTE = (
+    "Simulated: tokens/s and energy (mJ) come from the round model, not measured; its device powers are estimates."
+)
+
+
 def markdown(result: dict[str, Any]) -> str:
     sep = "|---|" + "---:|" * (COLUMNS.count("|") - 2)
-    lines = ["### Baselines (no budget)", "", COLUMNS, sep, *(_row(r) for r in result["baselines"])]
+    lines = [SIMULATED_NOTE, "", "### Baselines (no budget)", "", COLUMNS, sep, *(_row(r) for r in result["baselines"])]
     lines += ["", "### Per budget: tokens/s (mJ/token)", ""]
     lines += [
         "| ē (mJ/token) | best fixed-K within ē | lyapunov | gelato | oracle | gelato / best fixed |",

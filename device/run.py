@@ -148,9 +148,14 @@ async def generate_one(
         raise ValueError("empty prompt")
     ids = encode_prompt(drafter.loaded.tokenizer, prompt, chat_template=not config.no_chat_template)
 
+    session = [0, -1]  # this prompt's session (0, then +1 per failover) and its last round
+
     def write_round(tele: Telemetry) -> None:
+        if tele.round <= session[1]:  # rounds count from 0 again: a session re-opened after a failover
+            session[0] += 1
+        session[1] = tele.round
         if trace is not None:
-            row = {"prompt_index": index, **{k: _json_value(v) for k, v in asdict(tele).items()}}
+            row = {"prompt_index": index, "session": session[0], **{k: _json_value(v) for k, v in asdict(tele).items()}}
             trace.write(json.dumps(row) + "\n")
 
     if policy.local_only:

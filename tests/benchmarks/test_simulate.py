@@ -233,6 +233,7 @@ def test_cli_writes_json_table_and_plots(trace_file: Path, tmp_path: Path, capsy
     assert main(["--traces", str(trace_file), "--out", str(out), "--tokens-per-device", "600", "--vs", "1,100"]) == 0
     names = {p.name for p in out.iterdir()}
     assert names == {"simulate.json", "table.md", "pareto.png", "v_sweep.png", "q_trace.png"}
+    assert (out / "table.md").read_text().startswith("Simulated:")  # energy from estimated powers, not a meter
     data = json.loads((out / "simulate.json").read_text())
     assert data["channel"]["rtt_s"] == 0.02 and len(data["v_sweep"]["rows"]) == 4
     assert "| oracle |" in capsys.readouterr().out
@@ -444,6 +445,7 @@ def test_cli_pipelining_sweep(trace_file: Path, tmp_path: Path, capsys: pytest.C
     args = ["--traces", str(trace_file), "--out", str(out), "--tokens-per-device", "400", "--pipelining"]
     assert main([*args, "--rtts-ms", "0,20"]) == 0
     assert {p.name for p in out.iterdir()} == {"simulate.json", "table.md", "pipelining.png"}
+    assert (out / "table.md").read_text().startswith("Simulated:")
     data = json.loads((out / "simulate.json").read_text())
     assert [r["rtt_ms"] for r in data["rtts"]] == [0, 20] and "--pipelining" in data["command"]
     r20 = data["rtts"][1]

@@ -120,3 +120,7 @@ def test_a_lone_edge_restarted_mid_generation_is_waited_for(pair: dict[str, Path
     rec = json.loads(out)
     assert rec["failovers"] == 1 and rec["stop_reason"] in ("eos", "max_new_tokens"), rec
     assert rec["token_ids"] == ref["token_ids"]
+    # The trace tells the sessions apart: rounds count from 0 again in the re-opened one.
+    rounds = [json.loads(line) for line in trace.read_text().splitlines()]
+    keys = [(r["session"], r["round"]) for r in rounds]
+    assert len(set(keys)) == len(keys) and {s for s, _ in keys} == {0, 1}, keys
