@@ -277,9 +277,8 @@ class EdgeClient:
                     if failed is not None:  # opens that failed before this session: its generation's
                         failed.settle_on(res, policy, acct, keep_error=False)
                         failed = None
-                    if not (isinstance(res.failure, EdgeError) and res.failure.code == grpc.StatusCode.UNAVAILABLE):
-                        break
-                    if left == 0:
+                    lost = isinstance(res.failure, EdgeError) and res.failure.code == grpc.StatusCode.UNAVAILABLE
+                    if not lost or left == 0:
                         break
                 left -= 1
                 why = str(failed.last) if failed is not None else res.error if res is not None else ""
@@ -445,16 +444,13 @@ class EdgeClient:
     async def _answer(self, call: grpc.aio.StreamStreamCall, round_no: int, bytes_up: int) -> Exchange:
         """The verdict for `round_no`, answering a message of `bytes_up` bytes just written; when
         it cannot be had, the VerifyError carries those bytes (spent all the same)."""
+        down: pb.EdgeMessage | None = None
         try:
             down = await self._read(call)
-        except VerifyError as exc:
-            exc.bytes_up += bytes_up
-            raise
-        try:
             return Exchange(_verdict(down, round_no), bytes_up, wire_bytes(down.ByteSize()))
-        except VerifyError as exc:  # an answer that is no verdict for this round: sent and received all the same
+        except VerifyError as exc:  # no verdict for this round: what was sent and read, spent all the same
             exc.bytes_up += bytes_up
-            exc.bytes_down += wire_bytes(down.ByteSize())
+            exc.bytes_down += wire_bytes(down.ByteSize()) if down is not None else 0
             raise
 
     async def _offload(self, fn: Callable[..., T], *args: Any) -> T:

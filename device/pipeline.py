@@ -138,12 +138,14 @@ async def _receive(link: Link, chain: _Chain, vocab_size: int) -> tuple[Verdict,
             chain.stale_down += down
             continue
         want = chain.sent[0].block
-        chain.stale_down += down  # a verdict refused below was received all the same: in the totals
-        if verdict.stale or verdict.round != want.round:
-            what = f"round {verdict.round}" + (" stale" if verdict.stale else "")
-            raise VerifyError(f"edge answered {what}, expected round {want.round}")
-        check_verdict(verdict, want, vocab_size)
-        chain.stale_down -= down  # accepted: its round counts it
+        try:
+            if verdict.stale or verdict.round != want.round:
+                what = f"round {verdict.round}" + (" stale" if verdict.stale else "")
+                raise VerifyError(f"edge answered {what}, expected round {want.round}")
+            check_verdict(verdict, want, vocab_size)
+        except VerifyError:
+            chain.stale_down += down  # refused, but received all the same: in the totals
+            raise
         return verdict, down, time.perf_counter()
 
 
