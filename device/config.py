@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gelato.cli_common import endpoint, model_device, model_dtype, torch_threads
-from gelato.config import ConfigError, Settings, ge, gt, le, nested, require, setting
+from gelato.config import MAX_TIMEOUT_S, ConfigError, Settings, ge, gt, le, nested, require, setting
 from gelato.device.policy import PolicyOptions, parse_policy
 from gelato.power import PROFILES, RADIOS
 from gelato.types import SamplingParams
@@ -55,13 +55,26 @@ class DeviceConfig(Settings):
     seed: int = setting(0, "seed of the drafter's and the edge's random draws")
     no_chat_template: bool = setting(False, "send the prompt text as is")
     connect_timeout_s: float = setting(
-        10.0, "how long to wait for the edge to answer before reporting it unreachable", check=gt(0)
+        10.0,
+        "how long to wait for the edge to answer before reporting it unreachable",
+        check=(gt(0), le(MAX_TIMEOUT_S)),
     )
     edge_wait_s: float = setting(
         60.0,
         "wait this long at most for an edge that is coming back: at start one still loading its model, in a "
         "failover one restarting (gone, then loading) after a re-open failed; 0: never wait",
         check=ge(0),
+    )
+    verdict_timeout_s: float = setting(
+        120.0,
+        "end a generation DEADLINE_EXCEEDED when the edge sends no answer, or takes no message, this long "
+        "(a hung edge; not failed over)",
+        check=(gt(0), le(MAX_TIMEOUT_S)),
+    )
+    session_deadline_s: float = setting(
+        3600.0,
+        "the longest one session (one prompt's stream to the edge) may last",
+        check=(gt(0), le(MAX_TIMEOUT_S)),
     )
     # Security (gelato.security): TLS when any of --tls, --tls-ca, --tls-cert/--tls-key or
     # --tls-server-name is given; a token goes in plaintext only to loopback, or with --insecure.

@@ -92,6 +92,8 @@ async def run(
     client = EdgeClient(
         config.edge,
         connect_timeout_s=config.connect_timeout_s,
+        verdict_timeout_s=config.verdict_timeout_s,
+        deadline_s=config.session_deadline_s,
         credentials=credentials,
         token=token,
         server_name=config.tls_server_name,

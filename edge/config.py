@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gelato.cli_common import max_memory, model_device, model_dtype, port_number, torch_threads
-from gelato.config import PORT, Settings, ge, gt, require, setting
+from gelato.config import MAX_TIMEOUT_S, PORT, Settings, ge, gt, le, require, setting
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEVICE_MAPS = ("auto", "balanced", "sequential")  # gelato.models.DEVICE_MAPS, without importing torch
@@ -69,7 +69,7 @@ class EdgeConfig(Settings):
         check=PORT,
     )
     health_host: str = setting("127.0.0.1", "bind address of --health-port")
-    health_check_timeout_s: float = setting(3.0, "deadline of --health-check", check=gt(0))
+    health_check_timeout_s: float = setting(3.0, "deadline of --health-check", check=(gt(0), le(MAX_TIMEOUT_S)))
     device_map: str | None = setting(
         None,
         "place the target over the GPUs, CPU memory and disk with accelerate (a target too large for one "

@@ -78,6 +78,10 @@ def between(low: float, high: float) -> Check:
 
 
 PORT = Check(lambda p: 0 <= p <= 65535, "must be in 0-65535")
+# gRPC ends a call at once as DEADLINE_EXCEEDED when its timeout is far out (1e20 s did, 1e9 s did
+# not): settings used as call timeouts are bounded by this, refused at start instead of failing
+# every call.
+MAX_TIMEOUT_S = 10**7
 
 
 @dataclass(frozen=True)

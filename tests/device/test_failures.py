@@ -81,6 +81,49 @@ def test_edge_stopped_mid_generation(pair: dict[str, Path], tmp_path: Path, sig:
     assert second["stop_reason"] == "error" and "could not reach gelato-edge" in second["error"]
 
 
+PROMPTS = ("Ava has 3 apples.", "Ben reads 4 pages.", "A box holds 4 shells.")
+
+
+@pytest.mark.parametrize(
+    ("flags", "frozen_s", "needle"),
+    [
+        (["--verdict-timeout-s", "2"], 5, "no answer from the edge within 2 s"),
+        (["--session-deadline-s", "8"], 10, "DEADLINE_EXCEEDED"),
+    ],
+)
+def test_a_hung_edge_ends_the_generation_within_the_set_timeouts(
+    pair: dict[str, Path], tmp_path: Path, flags: list[str], frozen_s: float, needle: str
+) -> None:
+    """The edge frozen mid-generation (SIGSTOP: alive, its port open, answering nothing) for longer
+    than `--verdict-timeout-s` (or than what is left of `--session-deadline-s`): the generation
+    ends DEADLINE_EXCEEDED, keeping its tokens (with the defaults, 120 s and an hour, it would
+    simply go on once the edge is thawed); the thawed edge serves the last prompt."""
+    edge = EdgeProcess(["--target", str(pair["target"])])
+    trace = tmp_path / "trace.jsonl"
+    cmd = [sys.executable, "-m", "gelato.device.cli", "--threads", "1", "--drafter", str(pair["drafter_agree"])]
+    cmd += ["--edge", edge.address, "--json", "--trace", str(trace), "--policy", "fixed-1", "--no-chat-template"]
+    cmd += ["--max-new-tokens", "200", *(a for p in PROMPTS for a in ("--prompt", p)), *flags]
+    dev = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not trace.exists() or len(trace.read_text().splitlines()) < 5):
+            time.sleep(0.02)
+        edge.proc.send_signal(signal.SIGSTOP)
+        time.sleep(frozen_s)
+        edge.proc.send_signal(signal.SIGCONT)
+        out, err = dev.communicate(timeout=120)
+    finally:
+        edge.proc.send_signal(signal.SIGCONT)
+        dev.kill()
+        edge.stop()
+    assert "Traceback" not in err, err
+    first, *_, last = records(out)
+    assert first["stop_reason"] == "error" and needle in first["error"], first
+    assert first["n_tokens"] >= 5 and len(first["token_ids"]) == first["n_tokens"]
+    # The second prompt may meet the frozen edge too; the last comes after the thaw.
+    assert last["stop_reason"] in ("max_new_tokens", "eos") and last["n_tokens"] > 0, last
+
+
 def test_model_loading_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(ModelLoadError, match=r"not a checkpoint folder, missing config.json, model weights"):

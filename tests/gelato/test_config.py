@@ -156,6 +156,8 @@ def test_edge_defaults_written_once() -> None:
         (["--shutdown-grace-s", "inf"], "--shutdown-grace-s must be >= 0"),
         (["--idle-timeout-s", "inf"], "--idle-timeout-s must be > 0"),
         (["--health-check-timeout-s", "0"], "--health-check-timeout-s must be > 0"),
+        # gRPC fails a call at once when its timeout is far out (1e20 s): refused at start
+        (["--health-check-timeout-s", "1e20"], "--health-check-timeout-s must be <= 10000000"),
         (["--threads", "0"], "--threads must be >= 1"),
         (["--offload-folder", "/tmp/x"], "--max-memory and --offload-folder need --device-map"),
         (
@@ -219,6 +221,11 @@ def test_device_defaults_written_once() -> None:
         (["--energy-budget-j-per-token", "inf"], "--energy-budget-j-per-token must be > 0"),
         (["--energy-budget-j-per-token", "1", "--meter", "none"], "--energy-budget-j-per-token needs energy"),
         (["--connect-timeout-s", "inf"], "--connect-timeout-s must be > 0"),
+        (["--connect-timeout-s", "1e20"], "--connect-timeout-s must be <= 10000000"),
+        (["--verdict-timeout-s", "0"], "--verdict-timeout-s must be > 0"),
+        (["--verdict-timeout-s", "1e20"], "--verdict-timeout-s must be <= 10000000"),
+        (["--session-deadline-s", "nan"], "--session-deadline-s must be > 0"),
+        (["--session-deadline-s", "1e20"], "--session-deadline-s must be <= 10000000"),
         (["--estimator-halflife-rounds", "inf"], "--estimator-halflife-rounds must be > 0"),
         (["--adaedl-lambda", "1"], "--adaedl-lambda must be in (0, 1)"),
         (["--estimator-halflife-rounds", "0"], "--estimator-halflife-rounds must be > 0"),
