@@ -26,9 +26,11 @@ the KV budget; `set_target` hands that shape over and the model thread applies i
 allocation or forward, moving live rows down into low slots when the pool shrinks. So
 `--kv-budget-mb` bounds the memory the pool really holds, and an idle edge holds none. A reshape
 is all or nothing: when the device has no memory for it (`PoolMemoryError`), the pool keeps the
-shape it had, so the rows of the forward that met it go on; the target stays pending, tried
-again only by a row that needs the room it gives (a new session's slot, a longer context), which
-alone fails if it still cannot be had (its session's own error): never a doubling past it. A pool
+shape it had (or, when even that finds no memory again, as undoing a failed shrink may, the
+part both shapes hold, as views: one shape, nothing allocated), so the rows of the forward that
+met it go on; the target stays pending, tried again only by a row that needs the room it gives (a
+new session's slot, a longer context), which alone fails if it still cannot be had (its
+session's own error): never a doubling past it. A pool
 without a target (tests, benchmarks, a lone `TargetSession`) grows by doubling on demand instead.
 Freed slots are reused lowest-first so busy batches stay consecutive.
 
@@ -229,6 +231,7 @@ class KVPool:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.slots, self.context = 0, 0
+        self._held_bytes = 0  # what the layers' storage holds (more than the shape after `_narrow`)
         self._owners: dict[int, PooledSequence] = {}  # slot -> the sequence whose KV is there
         self._target: tuple[int, int] | None = None
         self._failed: tuple[int, int] | None = None  # a target the device had no memory for
@@ -245,8 +248,9 @@ class KVPool:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype.itemsize
 
     def nbytes(self) -> int:
-        """Memory the pool holds (all slots at the current context)."""
-        return self.slots * self.context * self.bytes_per_token()
+        """Memory the pool holds: all slots at the current context, or after a reshape whose
+        undo found no memory (`_narrow`), the larger storage its layers still sit in."""
+        return self._held_bytes
 
     def live(self) -> int:
         """Slots owned by a sequence."""
@@ -273,8 +277,10 @@ class KVPool:
                     else:
                         store.append(new)
         except Exception as exc:
-            self._undo(done, keep_s, keep_c)
+            restored = self._undo(done, keep_s, keep_c)
             del self.keys[grown[0] :], self.values[grown[1] :]
+            if not restored:
+                self._narrow(keep_s, keep_c)
             if not _out_of_memory(exc):
                 raise
             mib = slots * context * self.bytes_per_token() / 2**20
@@ -282,19 +288,37 @@ class KVPool:
                 f"the KV pool could not grow to {slots} slots x {context} tokens ({mib:.0f} MiB): {exc}"
             ) from exc
         self.slots, self.context = slots, context
+        self._held_bytes = slots * context * self.bytes_per_token()
 
     def _alloc(self, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
         """One layer's keys or values, zeroed (every allocation of the pool's memory goes here)."""
         return torch.zeros(shape, dtype=self.dtype, device=device)
 
-    def _undo(self, done: list[tuple[list[torch.Tensor], int]], keep_s: int, keep_c: int) -> None:
+    def _undo(self, done: list[tuple[list[torch.Tensor], int]], keep_s: int, keep_c: int) -> bool:
         """Put the layers a failed `_resize` reallocated back to the current shape, KV kept (owned
-        rows lie within `keep_s` x `keep_c`)."""
+        rows lie within `keep_s` x `keep_c`). False if even that shape found no memory (a shrink
+        that failed needs the larger old shape back): some layers are left in the new shape."""
         shape = (self.slots, self.kv_heads, self.context, self.head_dim)
         for store, layer in done:
-            old = self._alloc(shape, store[layer].device)
+            try:
+                old = self._alloc(shape, store[layer].device)
+            except Exception:
+                log.exception("the KV pool could not take back its %d x %d shape", self.slots, self.context)
+                return False
             old[:keep_s, :, :keep_c] = store[layer][:keep_s, :, :keep_c]
             store[layer] = old
+        return True
+
+    def _narrow(self, keep_s: int, keep_c: int) -> None:
+        """After an undo that found no memory, layers of two shapes: every layer becomes a view of
+        the `keep_s` x `keep_c` part both shapes hold (every owned row's KV lies there), so the
+        pool has one shape again without allocating; the next reshape reallocates. The storage
+        behind the views stays held (and reported by `nbytes`) until then."""
+        for store in (self.keys, self.values):
+            for layer, kv in enumerate(store):
+                store[layer] = kv[:keep_s, :, :keep_c]
+        self.slots, self.context = keep_s, keep_c
+        self._held_bytes = sum(t.untyped_storage().nbytes() for t in [*self.keys, *self.values])
 
     def set_target(self, slots: int, context: int) -> None:
         """The shape to take before the next allocation or forward (any thread)."""

@@ -275,6 +275,54 @@ def test_a_reshape_that_runs_out_of_memory_leaves_the_pool_and_its_sessions_as_t
         _consistent(pool)
 
 
+class _ShrinkOutOfMemory(KVPool):
+    """A device that, once `short` is set, lets `short` allocations through and then has no
+    memory at all: a shrink fails part-way and so does the undo's re-allocation of the old shape."""
+
+    short: int | None = None
+
+    def _alloc(self, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
+        if self.short is not None:
+            if self.short <= 0:
+                raise torch.OutOfMemoryError(f"simulated: no memory for {shape}")
+            self.short -= 1
+        return super()._alloc(shape, device)
+
+
+def test_a_shrink_whose_undo_finds_no_memory_leaves_one_shape_and_the_rows_intact(target: LoadedModel) -> None:
+    """The pool shrinks from 4 x 64 to 2 x 64 with two live rows; the third layer's allocation
+    fails and so does the undo's (the old, larger shape). Once the pool was left with layers of
+    two shapes while reporting the old one, and the next forward or reshape could fail every row:
+    now each layer is a view of the 2 x 64 part both shapes hold, the rows' forwards equal those
+    of rows that never met the failure, the memory held is reported, and the next reshape (memory
+    back) gives the pool one allocation per layer again."""
+    pool = _ShrinkOutOfMemory(target.model, target.vocab_size, slots=4, context=64)
+    ref = KVPool(target.model, target.vocab_size, slots=4, context=64)
+    prompts = [[3, 4, 5, 6], [7, 8, 9]]
+    seqs = [PooledSequence(pool, list(p)) for p in prompts]
+    refs = [PooledSequence(ref, list(p)) for p in prompts]
+    for seq in seqs + refs:
+        seq.prefill(len(seq.tokens))
+    held = pool.nbytes()
+    pool.short = 2  # two layers' keys shrink, the third fails, and the undo finds nothing
+    pool.set_target(2, 64)
+    got = pooled_forward([(seq, (11, 12)) for seq in seqs])  # the reshape fails; the rows go on
+    want = pooled_forward([(seq, (11, 12)) for seq in refs])
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert (pool.slots, pool.context) == (2, 64)
+    assert {tuple(t.shape) for t in [*pool.keys, *pool.values]} == {(2, pool.kv_heads, 64, pool.head_dim)}
+    assert pool.nbytes() == held - 2 * (2 * 64 * pool.bytes_per_token() // (2 * pool.layers))  # two layers shrank
+    pool.short = None  # memory back: a new row grows the pool, one allocation per layer again
+    third = PooledSequence(pool, [1, 2, 3])
+    third.prefill(3)
+    again = pooled_forward([(seq, (13,)) for seq in [*seqs, third]])
+    third_ref = PooledSequence(ref, [1, 2, 3])
+    third_ref.prefill(3)
+    want = pooled_forward([(seq, (13,)) for seq in [*refs, third_ref]])
+    assert all(torch.equal(g, w) for g, w in zip(again, want, strict=True))
+    _consistent(pool)
+
+
 def test_a_new_session_takes_the_planned_shape_or_fails_never_a_doubling_past_it(target: LoadedModel) -> None:
     """The registry planned 6 slots (its budget's shape) and the device had no memory for them. A
     new session then finding no free slot asks for those 6 again, not for 8 by doubling (past
