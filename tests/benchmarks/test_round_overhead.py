@@ -186,3 +186,16 @@ def test_patches_wrap_and_restore_every_kind_of_attribute() -> None:
     patches.restore()
     assert "method" not in vars(obj) and Owner.static(1) == 2 and "static" in vars(Owner)
     assert not hasattr(Owner.method, "__wrapped__") and not hasattr(module.fn, "__wrapped__")
+
+
+def test_lossless_compares_every_repeat_of_every_run() -> None:
+    """One repeat of one run that differs from fixed-0's output fails the verdict (once only the
+    first repeat of two policies was compared)."""
+    same = {"token_ids": [[5, 6, 7]]}
+    acc = {"fixed-0": [same, same], "fixed-3": [same, same], "ar-edge": [same, same]}
+    assert ro.lossless(acc, ["fixed-0", "fixed-3", "ar-edge"])
+    for run in acc:
+        for repeat in range(2):
+            bad = {k: list(v) for k, v in acc.items()}
+            bad[run][repeat] = {"token_ids": [[5, 6, 8]]}
+            assert not ro.lossless(bad, ["fixed-0", "fixed-3", "ar-edge"]), (run, repeat)
