@@ -239,8 +239,12 @@ def finish(
     acct.end(stats, gen_start)
     # Energy outside any round (prefill of the prompt, the open message, the radio's tail) is
     # the device's too: the deficit queue is charged for it, so the long-run J/token it keeps
-    # within the budget is the whole generation's.
-    policy.charge(stats.energy_j - sum(t.e_j for t in stats.rounds_log))
+    # within the budget is the whole generation's. A round the meter could not measure (NaN)
+    # was left out of the queue, its tokens too: its energy is in the generation's measured
+    # total, so it is charged here with its tokens (else one bad read lost the whole remainder).
+    measured = [t for t in stats.rounds_log if math.isfinite(t.e_j)]
+    unmeasured_tokens = sum(t.emitted for t in stats.rounds_log if not math.isfinite(t.e_j))
+    policy.charge(stats.energy_j - sum(t.e_j for t in measured), unmeasured_tokens)
 
 
 def charge_bytes(stats: GenerationStats, policy: Policy, acct: EnergyAccountant | None, up: int, down: int = 0) -> None:

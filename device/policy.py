@@ -233,10 +233,11 @@ class Policy:
         """The send-ahead loop's generation is over (however it ended): rounds one at a time again."""
         self.ahead_blocks = None
 
-    def charge(self, e_j: float) -> None:
-        """Energy spent outside any round (a generation's start and end): into the queue, no tokens."""
-        if self.controller.queue is not None and e_j > 0:
-            self.controller.queue.update(e_j, 0)
+    def charge(self, e_j: float, tokens: int = 0) -> None:
+        """Energy spent outside any round (a generation's start and end) into the queue, with
+        `tokens` the rounds whose own energy was unmeasured delivered (their energy is in `e_j`)."""
+        if self.controller.queue is not None and (e_j > 0 or tokens):
+            self.controller.queue.update(max(e_j, 0.0), tokens)
 
 
 class FixedK(Policy):

@@ -26,6 +26,7 @@ from gelato.models import LoadedModel, encode_prompt, load_model
 from gelato.power import open_meter, radio_profile
 from gelato.sampling import process_logits
 from gelato.types import DraftBlock, SamplingParams, Telemetry
+from tests.device.meters import OneWatt
 
 
 def tele(k: int, accepted: int) -> Telemetry:
@@ -450,6 +451,44 @@ def test_queue_is_charged_the_whole_generation(target: LoadedModel, drafter_mode
     log = res.stats.rounds_log
     assert all(math.isfinite(t.j_per_token_model) and t.j_per_token_model > 1e-3 for t in log)
     assert not log[0].over_budget and any(t.over_budget for t in log[1:])
+
+
+class _OneBadRead(OneWatt):
+    """1 W, but read number `bad` fails (NaN), as a sensor read that failed for a second does."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__()
+        self.reads, self.bad = 0, bad
+
+    def joules_at(self, now: float) -> float:
+        self.reads += 1
+        return math.nan if self.reads == self.bad else super().joules_at(now)
+
+
+def test_a_round_the_meter_missed_is_charged_with_the_generation(
+    target: LoadedModel, drafter_model: LoadedModel
+) -> None:
+    """A round whose reading failed (NaN energy) is left out of the queue, its tokens too; the
+    generation's own readings are fine, so its total is measured and the queue still holds all of
+    it: the missed round's energy and tokens come in with what lies outside the rounds (once a
+    single NaN round made that remainder NaN and none of it was charged)."""
+    prompt = encode_prompt(target.tokenizer, "Ava has 12 apples.")
+    session = TargetSession("s", target, SamplingParams(), prompt)
+    session.prefill()
+    policy = parse_policy("fixed-2", PolicyOptions(budget_j_per_token=1e-3))
+    acct = EnergyAccountant(_OneBadRead(bad=7), radio_profile("wifi"))
+    limits = Limits(20, target.context_limit, 32, target.eos_token_ids)
+    res = asyncio.run(
+        speculative_generate(
+            Drafter(drafter_model, SamplingParams()), local_verifier(session), policy, prompt, limits, acct, None
+        )
+    )
+    queue = policy.controller.queue
+    missed = [t for t in res.stats.rounds_log if math.isnan(t.e_j)]
+    assert queue is not None and len(missed) == 1 and queue.unmeasured_rounds == 1
+    assert math.isfinite(res.stats.energy_j)
+    assert queue.energy_j == pytest.approx(res.stats.energy_j, rel=1e-9)
+    assert queue.tokens == len(res.token_ids)
 
 
 def test_pre_drafts_stay_within_the_drafters_window(target: LoadedModel) -> None:
