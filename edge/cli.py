@@ -84,6 +84,7 @@ async def load_target(server: EdgeServer, config: EdgeConfig) -> LoadedModel:
     """`server.load`, or with --device-map the same steps with accelerate's placement (the model
     thread loads; health flips to SERVING once the target is there). A placement the KV pool cannot
     follow (a layer whose parts run on different devices) is a ModelLoadError naming it."""
+    from gelato.edge.kv_pool import pool_model
     from gelato.edge.placement import model_kv_devices
     from gelato.models import ModelLoadError, load_model
 
@@ -108,7 +109,7 @@ async def load_target(server: EdgeServer, config: EdgeConfig) -> LoadedModel:
         raise ModelLoadError(f"--device-map {config.device_map}: {exc}") from None
     runs = ", ".join(f"{devices.count(d)} on {d}" for d in dict.fromkeys(devices))
     print(f"gelato-edge: --device-map {config.device_map}: layers (and their KV) run {runs}", file=sys.stderr)
-    server.service.loaded = loaded
+    loaded = server.service.loaded = pool_model(loaded)
     await server._set_health(health_pb2.HealthCheckResponse.SERVING)
     return loaded
 

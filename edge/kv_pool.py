@@ -63,13 +63,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from gelato.edge.placement import DeviceLike, as_device, model_kv_devices
 from gelato.kv import KVSequence, cache_kwarg, keeps_logits
-from gelato.models import input_device
+from gelato.models import LoadedModel, ModelLoadError, input_device
 
 log = logging.getLogger("gelato.edge")
 
@@ -169,6 +170,44 @@ def mask_free_ok(config: Any) -> bool:
     from positions this pool does not give it, so they keep the explicit one."""
     layers = set(getattr(config, "layer_types", None) or ["full_attention"])
     return getattr(config, "_attn_implementation", None) == "sdpa" and layers == {"full_attention"}
+
+
+def attention_window(config: Any) -> int | None:
+    """The narrowest sliding attention window any layer of this config applies (None: every layer
+    attends to the whole context). Raises ValueError for a layer kind the pool cannot serve."""
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types:
+        unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise ValueError(f"layers of kind {', '.join(unknown)}: the edge's KV pool serves attention layers only")
+        return int(window) if "sliding_attention" in layer_types and window else None
+    # No per-layer kinds (e.g. Mistral): the window applies to every layer when set (and allowed).
+    if window and getattr(config, "use_sliding_window", True):
+        return int(window)
+    return None
+
+
+def pool_model(loaded: LoadedModel) -> LoadedModel:
+    """The target as the KV pool can serve it losslessly. The pool passes its own causal mask,
+    which a sliding-window layer then applies over the whole context: so the context limit is cut
+    to the window, within which sliding and full attention are the same (a longer sequence is
+    refused at open or ends OUT_OF_RANGE, never decoded differently from the target).
+    `ModelLoadError` for layers the pool cannot serve (e.g. linear attention)."""
+    try:
+        window = attention_window(loaded.model.config)
+    except ValueError as exc:
+        raise ModelLoadError(f"target {loaded.name!r}: {exc}") from None
+    if window is None or window >= loaded.context_limit:
+        return loaded
+    log.warning(
+        "target %s: sliding-window attention (%d tokens): context limit cut from %d to %d",
+        loaded.name,
+        window,
+        loaded.context_limit,
+        window,
+    )
+    return replace(loaded, context_limit=window)
 
 
 def plan_pool(

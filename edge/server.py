@@ -50,7 +50,7 @@ from gelato.deadline import within
 from gelato.edge.auth import BearerAuth
 from gelato.edge.batcher import Batcher
 from gelato.edge.config import EdgeConfig
-from gelato.edge.kv_pool import PoolMemoryError
+from gelato.edge.kv_pool import PoolMemoryError, pool_model
 from gelato.edge.metrics import EdgeMetrics
 from gelato.edge.model_thread import ModelThread
 from gelato.edge.sessions import AdmissionError, SessionRegistry, StatusError, TargetSession
@@ -509,7 +509,7 @@ class EdgeServer:
     async def load(self, target: str | None, dtype: str, device: str) -> LoadedModel:
         loop = asyncio.get_running_loop()
         loaded = await loop.run_in_executor(self.service.executor, load_model, target, "target", dtype, device)
-        self.service.loaded = loaded
+        loaded = self.service.loaded = pool_model(loaded)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return loaded
 
