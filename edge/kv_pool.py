@@ -79,7 +79,7 @@ class PoolMemoryError(MemoryError):
     """The pool could not allocate the shape it needed; it keeps the one it had."""
 
 
-def _out_of_memory(exc: BaseException) -> bool:
+def out_of_memory(exc: BaseException) -> bool:
     """An allocation failure: CUDA's `OutOfMemoryError`, or the CPU allocator's RuntimeError."""
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return True
@@ -320,7 +320,7 @@ class KVPool:
             del self.keys[grown[0] :], self.values[grown[1] :]
             if not restored:
                 self._narrow(keep_s, keep_c)
-            if not _out_of_memory(exc):
+            if not out_of_memory(exc):
                 raise
             mib = slots * context * self.bytes_per_token() / 2**20
             raise PoolMemoryError(

@@ -50,7 +50,7 @@ from gelato.deadline import within
 from gelato.edge.auth import BearerAuth
 from gelato.edge.batcher import Batcher
 from gelato.edge.config import EdgeConfig
-from gelato.edge.kv_pool import PoolMemoryError, pool_model
+from gelato.edge.kv_pool import PoolMemoryError, out_of_memory, pool_model
 from gelato.edge.metrics import EdgeMetrics
 from gelato.edge.model_thread import ModelThread
 from gelato.edge.sessions import AdmissionError, SessionRegistry, StatusError, TargetSession
@@ -395,6 +395,8 @@ class GelatoService:
             self.registry.release(session.session_id)
             if isinstance(exc, PoolMemoryError):
                 raise _pool_full(exc) from exc
+            if isinstance(exc, Exception) and out_of_memory(exc):
+                raise _out_of_memory(exc) from exc
             raise
         return session
 
@@ -453,9 +455,19 @@ class GelatoService:
             raise
         except PoolMemoryError as exc:  # this row needed KV memory the edge could not allocate
             raise _pool_full(exc) from exc
-        except Exception as exc:  # a server fault in this row only: this session's state is unknown, end it
+        except Exception as exc:
+            if out_of_memory(exc):  # the forward's activations or logits, this row alone (its state restored)
+                raise _out_of_memory(exc) from exc
+            # a server fault in this row only: this session's state is unknown, end it
             log.exception("verify failed for session %s", session.session_id)
             raise StatusError(grpc.StatusCode.INTERNAL, f"verification failed: {clip(str(exc))}") from exc
+
+
+def _out_of_memory(exc: Exception) -> StatusError:
+    """RESOURCE_EXHAUSTED for a forward that found no memory for its activations or logits (not
+    a fault of the edge's code: the device is full, e.g. a pool grown without --kv-budget-mb)."""
+    log.warning("a forward ran out of memory: %s", exc)
+    return StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"edge out of memory: {clip(str(exc))}")
 
 
 def _pool_full(exc: PoolMemoryError) -> StatusError:

@@ -480,6 +480,63 @@ def test_a_session_the_edge_has_no_kv_memory_for_is_refused_and_the_others_go_on
     assert tokens == ref
 
 
+def test_a_forward_out_of_memory_is_resource_exhausted_for_its_session_alone(pair: dict[str, Path]) -> None:
+    """A forward that finds no memory for its activations (not the KV pool's: a prompt prefilled
+    at once, a long block) is the device being full, not a server fault: that session ends
+    RESOURCE_EXHAUSTED "edge out of memory" (it was INTERNAL "verification failed"), at open or at
+    a block, and the next session is served as before."""
+    from gelato.edge.server import EdgeConfig, EdgeServer
+    from gelato.v1 import gelato_pb2_grpc as pb_grpc
+    from tests.edge.test_server_errors import draft, open_msg
+
+    async def scenario() -> list[grpc.aio.AioRpcError]:
+        server = EdgeServer(EdgeConfig(port=0))
+        port = await server.start()
+        loaded = await server.load(str(pair["target"]), "float32", "cpu")
+        forward, armed = loaded.model.forward, [False]
+
+        def short_of_memory(*args: object, **kw: object) -> object:
+            if armed[0]:
+                raise torch.OutOfMemoryError("simulated: CUDA out of memory. Tried to allocate 2.00 GiB")
+            return forward(*args, **kw)
+
+        async def refused(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await asyncio.wait_for(call.read(), 30)
+            armed[0] = False
+            return info.value
+
+        loaded.model.forward = short_of_memory
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.GelatoStub(channel)
+        try:
+            at_open = stub.Session()
+            armed[0] = True  # the prompt's prefill finds no memory
+            await at_open.write(open_msg(loaded.fingerprint))
+            errors = [await refused(at_open)]
+            at_block = stub.Session()
+            await at_block.write(open_msg(loaded.fingerprint))
+            assert (await asyncio.wait_for(at_block.read(), 30)).WhichOneof("kind") == "opened"
+            armed[0] = True  # the block's forward finds none (alone, and again when re-run alone)
+            await at_block.write(draft(0, [1, 2, 3]))
+            errors.append(await refused(at_block))
+            after = stub.Session()  # the edge goes on
+            await after.write(open_msg(loaded.fingerprint))
+            await asyncio.wait_for(after.read(), 30)
+            await after.write(draft(0, [1]))
+            assert (await asyncio.wait_for(after.read(), 30)).WhichOneof("kind") == "verdict"
+            after.cancel()
+            return errors
+        finally:
+            loaded.model.forward = forward
+            await channel.close()
+            await server.stop(0)
+
+    for exc in asyncio.run(scenario()):
+        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
+        assert "edge out of memory" in (exc.details() or ""), exc.details()
+
+
 def test_a_reshape_failing_for_another_reason_is_not_called_out_of_memory(target: LoadedModel) -> None:
     """Only an allocation failure becomes `PoolMemoryError` (RESOURCE_EXHAUSTED "edge out of KV
     memory"); any other error is raised as it is (a server fault), the pool put back all the same."""
