@@ -23,7 +23,10 @@ measurements, every run's metrics with per-device rows and per-question records 
 references, targets), `table.md`, `rounds/<run>.jsonl.gz` (one JSON line per round: the device's
 `--trace` fields plus `device` and `question`), `outputs.jsonl.gz` (every device record with its
 token ids and text) and PNG plots (`gelato.benchmarks.bench_plots`); an `--out` that already holds a
-run is refused without `--force` (the default folders are the committed results). `gelato-bench
+run is refused without `--force` (the default folders are the committed results). The command
+recorded there (`reproduce_command`) spells out every run-shaping option at the value it resolved to,
+defaults included, so it makes the same runs under later defaults. Device and edge processes start
+without the caller's `GELATO_DEVICE_*` / `GELATO_EDGE_*` variables (`procs.child_env`). `gelato-bench
 report DIR [--data FILE]` rebuilds all of it from those files (no device runs; the oracle is
 recomputed, the assisted row kept unless `--rerun-assisted`). Every list option and policy name is
 checked before anything starts. Exit status 0; 1 when an edge-verified output differs from
@@ -260,6 +263,45 @@ def choose_budgets(args: argparse.Namespace, fixed: list[dict[str, Any]]) -> lis
     return [min(jpt) * f for f in floats(args.budget_factors)] if jpt else []
 
 
+# ---------------------------------------------------------------- the recorded command
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def reproduce_command(args: argparse.Namespace, profile: Profile) -> str:
+    """The `gelato-bench gsm8k` command written into summary.json and table.md: every option that
+    shapes which runs are made and how, at the value this run resolved it to (the parser's default
+    included, and the channel's parameters from its profile), so the command makes the same runs
+    under later defaults; then the options that only place or trim outputs, where given. Call it
+    after `--radio` is resolved and before `--out`/`--data` are (those stay as given). A pure
+    function of its arguments; one line."""
+    a = args
+    words = ["gelato-bench", "gsm8k", "--devices", str(a.devices), "--limit", str(a.limit), "--policies", a.policies]
+    words += ["--budgets", a.budgets] if a.budgets else ["--budget-factors", a.budget_factors]
+    words += ["--v", a.v] if a.v else []  # empty: gelato-device's own V (not known here)
+    words += ["--pipeline", ",".join(pipeline_modes(a.pipeline))]
+    words += ["--ahead-blocks", str(a.ahead_blocks)] if a.ahead_blocks is not None else []
+    words += ["--k-max", str(a.k_max), "--entropy-thresholds", a.entropy_thresholds]
+    words += ["--adaedl-lambdas", a.adaedl_lambdas, "--max-new-tokens", str(a.max_new_tokens)]
+    words += ["--drafter", a.drafter] if a.drafter else []
+    words += ["--target", a.target] if a.target else []
+    words += ["--channel", profile.name]
+    if profile.impaired:  # `none` takes no impairment parameters
+        words += ["--one-way-ms", _num(profile.one_way_ms), "--jitter-ms", _num(profile.jitter_ms)]
+        words += ["--up-mbit", _num(profile.up_mbit), "--down-mbit", _num(profile.down_mbit)]
+        words += ["--loss", _num(profile.loss)]
+        words += ["--loss-stall-ms", _num(profile.loss_stall_ms)] if profile.loss else []
+    words += ["--delay-mechanism", a.delay_mechanism, "--seed", str(a.seed)]
+    words += ["--radio", a.radio, "--device-profile", a.device_profile]
+    words += ["--data", str(a.data)] if a.data is not None else []
+    words += ["--out", str(a.out)] if a.out is not None else []
+    flags = ("force", "no_assisted", "no_oracle", "no_plots", "no_progress")
+    words += ["--" + f.replace("_", "-") for f in flags if getattr(a, f)]
+    return shlex.join(words)
+
+
 # ---------------------------------------------------------------- running
 
 
@@ -415,13 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     args.radio = args.radio or ("lte" if args.channel == "lte" else "wifi")
+    command = reproduce_command(args, profile)  # before --out and --data get their defaults
     args.out = args.out or Path(f"benchmarks/results/gsm8k_{args.channel}_n{args.devices}")
     if (args.out / "summary.json").exists() and not args.force:
         # The default folders are the committed results: never written over by accident.
         parser.error(f"--out {args.out} already holds a run (summary.json): choose another --out, or --force")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     questions = load_questions(args)
-    command = shlex.join(["gelato-bench", *(sys.argv[1:] if argv is None else argv)])
     print(f"{command}\n{len(questions)} questions, {args.devices} device(s), channel {profile}", flush=True)
     t0 = time.perf_counter()
     bench = Bench(args, profile, questions)

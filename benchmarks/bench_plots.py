@@ -8,6 +8,8 @@ plot (e.g. no budgeted controller run for Q(t)).
   budget sweep as dashed lines, budgets as vertical lines); ar-edge and ar-device are off its scale
   and the pipelined budgeted runs have no place in that plot's legend: they are left to the table.
   Pipelined runs without a budget are markers of their own, `gelato+local`, `gelato+send-ahead`.
+  Its energy axis names the plotted rows' energy sources (`energy_source_text`: estimated or
+  measured, and by which meter), as the q_trace's Q axis does for its runs.
 - `q_trace`: gelato's deficit queue Q after each round vs the device's cumulative round time
   (device 0), per budget and V.
 - `draft_hist`: share of rounds per drafted length k, per adaptive run without a budget.
@@ -19,6 +21,7 @@ plot (e.g. no budgeted controller run for Q(t)).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,27 @@ from gelato.benchmarks.bench_run import pipeline_mode
 
 Rounds = dict[str, list[dict[str, Any]]]
 ADAPTIVE = ("heuristic", "entropy", "adaedl", "lyapunov", "gelato")
+
+
+# A run's energy entry is "SOURCE (KIND)" (e.g. "cpu-model (estimated)"); an oracle row's is
+# "simulated from KIND (SOURCE) + ... costs".
+_RUN_ENERGY = re.compile(r"^(\S+) \((estimated|measured)\)$")
+_ORACLE_ENERGY = re.compile(r"(estimated|measured) \(([^)]+)\)")
+
+
+def energy_source_text(rows: list[dict[str, Any]]) -> str:
+    """Where the rows' device energy came from, for an axis label: the kinds (estimated, measured)
+    and the meters of their `energy` entries, e.g. "estimated: cpu-model"; "source not recorded"
+    when no row names one."""
+    found: set[tuple[str, str]] = set()
+    for entry in (e for r in rows for e in r.get("energy") or []):
+        m = _RUN_ENERGY.match(entry)
+        found |= {(m.group(2), m.group(1))} if m else {(k, s) for k, s in _ORACLE_ENERGY.findall(entry)}
+    if not found:
+        return "source not recorded"
+    kinds = [k for k in ("estimated", "measured") if any(kind == k for kind, _ in found)]
+    meters = sorted({s for _, s in found})
+    return f"{' + '.join(kinds)}: {', '.join(meters)}"
 
 
 def _pareto_row(r: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +77,7 @@ def pareto(result: dict[str, Any], rounds: Rounds, path: Path) -> bool:
     sweep = sorted((_pareto_row(r) for r in budget), key=lambda r: r["j_per_token"])
     if not base:
         return False
-    plot_pareto({"baselines": base, "budget_sweep": sweep}, path)
+    plot_pareto({"baselines": base, "budget_sweep": sweep}, path, energy_source_text(rows))
     return True
 
 
@@ -72,7 +96,7 @@ def q_trace(result: dict[str, Any], rounds: Rounds, path: Path) -> bool:
             ys.append(row.get("q_deficit_j") or 0.0)
         ax.plot(xs, ys, lw=0.8, label=r["label"])
     ax.set_xlabel("device 0: cumulative round time (s)")
-    ax.set_ylabel("Q (J)")
+    ax.set_ylabel(f"Q (J; device energy {energy_source_text(runs)})")
     ax.set_title("gelato: energy-deficit queue Q(t) per budget ē and V")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)

@@ -222,8 +222,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Channel nominal: RTT {_f(nom.get('rtt_ms'), 'g')} ms, up {_f(nom.get('up_mbit'), 'g')} / down "
         f"{_f(nom.get('down_mbit'), 'g')} Mbit/s, jitter ±{ch['profile']['jitter_ms']:g} ms one way, loss "
         f"{ch['profile']['loss']:g}. Measured through the same path before / after the runs: RTT "
-        f"{_f(meas.get('rtt_ms'), '.2f')} / {_f(after.get('rtt_ms'), '.2f')} ms (64-byte echoes, median), gRPC adds "
-        f"{_f(meas.get('grpc_added_rtt_ms'), '.2f')} ms, up {_f(meas.get('up_mbit'), '.1f')} / down "
+        f"{_f(meas.get('rtt_ms'), '.2f')} / {_f(after.get('rtt_ms'), '.2f')} ms (64-byte echoes, median); a gRPC "
+        f"Info round trip takes {_f(meas.get('grpc_added_rtt_ms'), '.2f')} ms more through the channel than direct "
+        f"to the edge (median, before the runs); up {_f(meas.get('up_mbit'), '.1f')} / down "
         f"{_f(meas.get('down_mbit'), '.1f')} Mbit/s.  ",
         f"Mechanisms: {mech}.  ",
         f"{s['questions']} GSM8K test questions (first lines of {s['data']}), greedy, ≤ {s['max_new_tokens']} new "

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gelato.benchmarks.procs import child_env
+
 
 def pipeline_mode(value: Any) -> str:
     """A run's pipelining mode from a summary: a mode name, or (older results) a bool or nothing."""
@@ -130,7 +132,7 @@ class Fleet:
 
     def _start(self, cmd: list[str], err: Path, d: int, lines: queue.Queue[tuple[int, str] | None]) -> Any:
         with open(err, "w") as f:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=child_env())
 
         def pump() -> None:
             assert proc.stdout is not None

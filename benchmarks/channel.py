@@ -41,7 +41,7 @@ from types import FrameType
 from typing import Any
 
 from gelato.benchmarks.channel_probe import DEFAULT_STALL_MS
-from gelato.benchmarks.procs import stop_process
+from gelato.benchmarks.procs import child_env, stop_process
 
 DEVICE_IP, EDGE_IP = "10.213.0.1", "10.213.0.2"
 NETNS_RE = re.compile(r"^gb(\d+)-(dev|edge)$")
@@ -103,7 +103,7 @@ class Listener:
 
     def __init__(self, cmd: list[str], timeout_s: float = 60.0) -> None:
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
         self.address = ""
         self.lines: list[str] = []
         self._ready = threading.Event()
@@ -294,7 +294,7 @@ class Channel:
 
     def _probe(self, side: str, args: list[str]) -> dict[str, Any]:
         cmd = [*self.prefix(side), sys.executable, "-m", "gelato.benchmarks.channel_probe", "client", *args]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=child_env())
         if res.returncode != 0:
             raise ChannelError(f"channel probe failed: {res.stderr.strip()[-2000:]}")
         return dict(json.loads(res.stdout.strip().splitlines()[-1]))

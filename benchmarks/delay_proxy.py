@@ -43,7 +43,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from gelato.benchmarks.procs import stop_process
+from gelato.benchmarks.procs import child_env, stop_process
 
 SPIN_MARGIN_S = 1.5e-3  # below this the event loop's 1 ms epoll granularity would miss the deadline
 SLEEP_SLACK_S = 1e-4  # nanosleep overshoots by ~50 µs (timer slack): spin the last 100 µs
@@ -285,7 +285,9 @@ class ProxyProcess:
     ) -> None:
         self.cmd = [*(prefix or []), sys.executable, "-m", "gelato.benchmarks.delay_proxy", "--upstream", upstream]
         self.cmd += ["--one-way-ms", f"{one_way_ms:g}", "--jitter-ms", f"{jitter_ms:g}", "--seed", str(seed)]
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env()
+        )
         self.address = ""
         self.lines: list[str] = []
         self._ready = threading.Event()

@@ -8,6 +8,9 @@ J/token with its energy source named (measured or estimated). Edge and device sh
 the device meters with `--meter cpu-model` by default: an estimate of the device process alone
 (labelled estimated). A host-wide meter (`--meter rapl|nvml|jetson|auto`) would add the edge's
 energy to every row's "device" J/token (all of it for ar-edge); the demo says so when one is used.
+The device is given `--radio` (default wifi) explicitly, and the energy note names that model. Every
+process starts with the caller's `GELATO_DEVICE_*` / `GELATO_EDGE_*` variables removed
+(`gelato.benchmarks.procs.child_env`): the demo's flags are its whole configuration.
 Greedy; both processes pinned to one torch thread each. `--pair random` uses tiny random models
 instead. Losslessness is checked, not assumed: every policy's tokens must equal the first policy's
 (default `ar-edge`, the edge decoding alone) for every prompt, else the demo says which differ and
@@ -108,20 +111,37 @@ METER_HELP = (
 )
 
 
-def device_args(drafter: str, edge: str, prompts_file: Path, max_new_tokens: int, policy: str, meter: str) -> list[str]:
-    """One policy's `gelato-device` flags (before `--json`, which run_device adds)."""
+DEFAULT_RADIO = "wifi"
+
+
+def device_args(
+    drafter: str,
+    edge: str,
+    prompts_file: Path,
+    max_new_tokens: int,
+    policy: str,
+    meter: str,
+    radio: str = DEFAULT_RADIO,
+) -> list[str]:
+    """One policy's `gelato-device` flags (before `--json`, which run_device adds). The radio model
+    is always passed: the energy note names it, so it never rests on the device's default."""
     return [
         *("--drafter", drafter, "--edge", edge, "--threads", "1"),
         *("--prompts-file", str(prompts_file), "--max-new-tokens", str(max_new_tokens)),
-        *("--policy", policy, "--meter", meter),
+        *("--policy", policy, "--radio", radio, "--meter", meter),
     ]
 
 
-def energy_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """What the table's device J/token is: the sources the device runs reported, and a warning when
-    one of them read the whole host, which the edge shares here."""
+def radio_text(radio: str) -> str:
+    return "no radio model" if radio == "none" else f"{radio} radio model"
+
+
+def energy_lines(rows: list[dict[str, Any]], radio: str = DEFAULT_RADIO) -> list[str]:
+    """What the table's device J/token is: the sources the device runs reported plus the radio model
+    they were given (`radio`: the `--radio` passed to every device), and a warning when one of the
+    sources read the whole host, which the edge shares here."""
     energy = sorted({e for r in rows for e in r["energy"]})
-    lines = [f"device energy: {', '.join(energy)} meter + wifi radio model (gelato-demo --meter)."]
+    lines = [f"device energy: {', '.join(energy)} meter + {radio_text(radio)} (gelato-demo --meter, --radio)."]
     sources = {e.split(" ", 1)[0] for e in energy}
     if "cpu-model" in sources:
         lines.append("cpu-model estimates the device process alone: its CPU seconds x active W + idle W x wall time.")
@@ -144,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--policies", default="ar-edge,fixed-0,fixed-4,heuristic,lyapunov,gelato", help="the first is the reference"
     )
     p.add_argument("--meter", default="cpu-model", help=METER_HELP)
+    p.add_argument(
+        "--radio",
+        default=DEFAULT_RADIO,
+        help=f"radio energy model, passed to gelato-device --radio (default {DEFAULT_RADIO}; none: no radio energy)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     return p
 
@@ -151,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> str:
     """What would fail in a device process after the edge started, refused first ('' when fine)."""
     from gelato.device.policy import parse_policy
-    from gelato.power import SOURCES
+    from gelato.power import RADIOS, SOURCES
 
     if args.prompts < 1:
         return "--prompts must be >= 1"
@@ -168,6 +193,8 @@ def check_args(args: argparse.Namespace) -> str:
     meters = ("auto", *SOURCES, "none")  # what `gelato.power.open_meter` and `--meter none` take
     if args.meter not in meters and not args.meter.startswith("replay:"):
         return f"--meter: unknown meter {args.meter!r} (one of {', '.join(meters)}, replay:FILE)"
+    if args.radio not in (*RADIOS, "none"):
+        return f"--radio: unknown radio {args.radio!r} (one of {', '.join((*RADIOS, 'none'))})"
     return ""
 
 
@@ -203,7 +230,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             for policy in args.policies.split(","):
                 records = run_device(
-                    device_args(drafter, edge.address, prompts_file, args.max_new_tokens, policy, args.meter)
+                    device_args(
+                        drafter, edge.address, prompts_file, args.max_new_tokens, policy, args.meter, args.radio
+                    )
                 )
                 runs[policy] = records
                 rows.append(summarize(policy, records))
@@ -214,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     sample = runs[reference or next(iter(runs))][0]
     print(f"\nQ: {sample['prompt']}\nA: {sample['text']}\n")
     print(table(rows))
-    print("\n" + "\n".join(energy_lines(rows)))
+    print("\n" + "\n".join(energy_lines(rows, args.radio)))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     bad = mismatches(runs, reference) if reference else []

@@ -50,7 +50,7 @@ from gelato.benchmarks.load_driver import (
     wait_idle,
 )
 from gelato.benchmarks.load_streams import Spec, make_block, open_message
-from gelato.benchmarks.procs import Edge
+from gelato.benchmarks.procs import Edge, child_env
 from gelato.channel import CLIENT_OPTIONS
 from gelato.types import SamplingParams
 from gelato.v1 import gelato_pb2 as pb
@@ -142,7 +142,7 @@ def _start_device(address: str, drafter: str, i: int, workdir: Path, delay_s: fl
     for j in range(8):  # prompts enough to keep it generating for seconds
         cmd += ["--prompt", f"Ava has {3 + i + j} apples and buys {7 + i} more. How many apples does she have?"]
     with open(workdir / f"device{i}.err", "w") as err:  # a file, not a pipe nobody reads
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=child_env())
     return _Device(proc, trace, delay_s)
 
 

@@ -44,7 +44,7 @@ from typing import Any
 
 from gelato.benchmarks.delay_proxy import ProxyProcess, grpc_info_rtt, rtt_summary
 from gelato.benchmarks.policies_report import compare_budgets, markdown, over_repeats, print_run
-from gelato.benchmarks.procs import check_energy_source, machine, start_edge, unique_label
+from gelato.benchmarks.procs import check_energy_source, child_env, machine, start_edge, unique_label
 from gelato.tiny.train import gsm8k_file
 
 DEFAULT_POLICIES = ",".join([*(f"fixed-{k}" for k in range(9)), "heuristic", "entropy", "adaedl", "lyapunov", "gelato"])
@@ -169,7 +169,8 @@ class Bench:
         spec = replace(spec, label=unique_label(spec.label, self.labels.setdefault(spec.repeat, {})))
         trace = self.traces / f"{spec.slug}.jsonl"
         t0, code = time.perf_counter(), code_hash()
-        res = subprocess.run(self.device_cmd(spec, trace), capture_output=True, text=True, timeout=1800)
+        cmd = self.device_cmd(spec, trace)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=child_env())
         if res.returncode != 0:
             raise RuntimeError(f"gelato-device {spec.label} failed ({res.returncode}):\n{res.stderr[-4000:]}")
         records = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]

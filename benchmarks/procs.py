@@ -7,6 +7,9 @@ machine for results files (CPU model, cores, torch, GPU when present). `thread_c
 edge process's CPU seconds so far by thread: its model thread, its event loop (the main thread) and
 the rest (gRPC's threads), from /proc (Linux; empty elsewhere). `check_energy_source` holds a
 benchmark's energy note (written from the flags its devices got) to what each run recorded.
+`child_env()` is the environment every process a benchmark starts gets: the caller's, less every
+`GELATO_DEVICE_*` / `GELATO_EDGE_*` setting (`gelato-device` and `gelato-edge` read each flag from
+one), so the command line a benchmark records is the whole configuration of its runs.
 """
 
 from __future__ import annotations
@@ -19,7 +22,28 @@ import subprocess
 import sys
 import threading
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
+
+CHILD_ENV_PREFIXES = ("GELATO_DEVICE_", "GELATO_EDGE_")
+_reported: set[str] = set()  # the dropped names already reported on stderr (once per process)
+
+
+def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a benchmark's child processes: `environ` (default: this process's) less
+    every `GELATO_DEVICE_*` and `GELATO_EDGE_*` variable, everything else kept (GELATO_TORCH, PATH,
+    CUDA_VISIBLE_DEVICES, ...). A `GELATO_DEVICE_PIPELINE=local` in the caller's shell would
+    otherwise change runs the benchmark records as something else. The first time a name is
+    dropped from this process's own environment, one line on stderr says so."""
+    env = dict(os.environ if environ is None else environ)
+    dropped = sorted(k for k in env if k.startswith(CHILD_ENV_PREFIXES))
+    for k in dropped:
+        del env[k]
+    if environ is None and not _reported.issuperset(dropped):
+        _reported.update(dropped)
+        note = f"ignoring {', '.join(dropped)}: a benchmark's runs are set by its own flags"
+        print(note, file=sys.stderr, flush=True)
+    return env
 
 
 def machine() -> str:
@@ -54,7 +78,7 @@ class Edge:
 
     def __init__(self, args: list[str], timeout_s: float = 180.0, prefix: list[str] | None = None) -> None:
         cmd = [*(prefix or []), sys.executable, "-m", "gelato.edge.cli", "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
         self.address = ""
         self._lines: deque[str] = deque(maxlen=500)
         self._listening = threading.Event()
@@ -104,7 +128,7 @@ def start_edge(args: list[str], timeout_s: float = 180.0, prefix: list[str] | No
 
 def run_device(args: list[str], timeout_s: float = 900.0) -> list[dict[str, Any]]:
     cmd = [sys.executable, "-m", "gelato.device.cli", "--json", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=child_env())
     if res.returncode != 0:
         raise RuntimeError(f"gelato-device failed ({res.returncode}):\n{res.stderr}")
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]

@@ -9,7 +9,8 @@ Contract: `sweep(traces, model, cfg)` runs, on the same devices and prompt order
 3. a V sweep at one binding budget (default: `binding_budget`), lyapunov and gelato.
 It returns one JSON-ready dict. `write_outputs(result, out)` writes `simulate.json`, `table.md`,
 `pareto.png` (tokens/s vs J/token), `v_sweep.png` (tokens/s and mean Q vs V) and `q_trace.png`
-(gelato's Q(t) per V); `markdown(result)` is the table the CLI prints.
+(gelato's Q(t) per V), their energy axes labelled estimated (simulated from estimated powers);
+`markdown(result)` is the table the CLI prints.
 
 The pipelining sweep (`python -m gelato.benchmarks.simulate --pipelining`) is `gelato.benchmarks.simulate_pipelining`.
 """
@@ -142,6 +143,10 @@ SIMULATED_NOTE = (
 )
 
 
+# What the plots' energy axes say their energy is (the same fact as SIMULATED_NOTE).
+SIMULATED_ENERGY = "estimated, simulated"
+
+
 def markdown(result: dict[str, Any]) -> str:
     sep = "|---|" + "---:|" * (COLUMNS.count("|") - 2)
     lines = [SIMULATED_NOTE, "", "### Baselines (no budget)", "", COLUMNS, sep, *(_row(r) for r in result["baselines"])]
@@ -168,7 +173,9 @@ def markdown(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- plots
 
 
-def plot_pareto(result: dict[str, Any], path: Path) -> None:
+def plot_pareto(result: dict[str, Any], path: Path, energy: str = SIMULATED_ENERGY) -> None:
+    """`energy`: where the plotted device energy comes from (estimated or measured, and how), named
+    on the x axis; the simulator's own is `SIMULATED_ENERGY`."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 5.5))
@@ -198,7 +205,7 @@ def plot_pareto(result: dict[str, Any], path: Path) -> None:
         )
     for b in {r["budget_j_per_token"] for r in result["budget_sweep"]}:
         ax.axvline(b * 1e3, color="k", alpha=0.08)
-    ax.set_xlabel("device energy (mJ/token)")
+    ax.set_xlabel(f"device energy, {energy} (mJ/token)")
     ax.set_ylabel("throughput (tokens/s per device)")
     ax.set_title("Throughput vs energy (vertical lines: budgets ē)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -217,7 +224,7 @@ def plot_v_sweep(result: dict[str, Any], path: Path) -> None:
         rs = [r for r in vs["rows"] if r["policy"] == p]
         a1.plot([r["v"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=p)
         a2.plot([r["v"] for r in rs], [r["mean_q_j"] for r in rs], "o-", label=p)
-    for ax, label in ((a1, "throughput (tokens/s)"), (a2, "mean Q (J)")):
+    for ax, label in ((a1, "throughput (tokens/s)"), (a2, f"mean Q (J; energy {SIMULATED_ENERGY})")):
         ax.set_xscale("log")
         ax.set_xlabel("V")
         ax.set_ylabel(label)
@@ -239,7 +246,7 @@ def plot_q_trace(result: dict[str, Any], path: Path) -> None:
             t, q = zip(*r["q_trace"], strict=True)
             ax.plot(t, q, lw=0.8, label=f"V={r['v']:g}")
     ax.set_xlabel("simulated time (s), device 0")
-    ax.set_ylabel("Q (J)")
+    ax.set_ylabel(f"Q (J; energy {SIMULATED_ENERGY})")
     ax.set_title("gelato: energy-deficit queue Q(t) per V")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)

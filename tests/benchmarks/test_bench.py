@@ -202,6 +202,44 @@ def test_pipeline_modes() -> None:
     assert RunSpec("gelato", "gelato", "gelato", pipeline=False).pipeline == "off"  # type: ignore[arg-type]
 
 
+def test_recorded_command_spells_out_resolved_defaults() -> None:
+    """The command written into summary.json / table.md names every run-shaping option at the value
+    this run used, defaults included (`--pipeline`'s default was once `both`, now `all`): parsed
+    again, it makes the same plan with the same channel, whatever the defaults are then."""
+    import shlex
+
+    from gelato.benchmarks.channel import profile_from
+
+    parse = bench.build_parser().parse_args
+    args = parse(["gsm8k", "--channel", "lte", "--v", "5", "--no-plots"])
+    args.radio = "lte"  # as main resolves it
+    profile = profile_from(args.channel)
+    cmd = bench.reproduce_command(args, profile)
+    words = shlex.split(cmd)
+    assert "\n" not in cmd and words[:2] == ["gelato-bench", "gsm8k"]
+    value = {w: words[i + 1] for i, w in enumerate(words[:-1]) if w.startswith("--")}
+    assert value["--pipeline"] == "off,local,send-ahead"  # the parsed default, resolved
+    assert value["--policies"] == bench.DEFAULT_POLICIES and value["--budget-factors"] == bench.BUDGET_FACTORS
+    assert value["--limit"] == "50" and value["--max-new-tokens"] == "256" and value["--devices"] == "1"
+    assert value["--radio"] == "lte" and value["--one-way-ms"] == "30" and value["--up-mbit"] == "10"
+    assert "--no-plots" in words and "--out" not in words and "--data" not in words  # not given: defaults
+    again = parse(words[1:])
+    for key in ("policies", "budget_factors", "v", "k_max", "limit", "max_new_tokens", "seed", "device_profile"):
+        assert getattr(again, key) == getattr(args, key), key
+    assert bench.pipeline_modes(again.pipeline) == bench.pipeline_modes(args.pipeline)
+    assert again.radio == "lte" and again.no_plots
+    overrides = {k: getattr(again, k) for k in ("one_way_ms", "jitter_ms", "up_mbit", "down_mbit", "loss")}
+    assert profile_from(again.channel, **overrides) == profile
+    selected = args.policies.split(",")
+    assert bench.base_specs(selected, again) == bench.base_specs(selected, args)
+    # A loopback run records no impairment parameters (`--channel none` refuses them).
+    none = parse(["gsm8k", "--channel", "none", "--pipeline", "both", "--budgets", "0.01"])
+    none.radio = "wifi"
+    words = shlex.split(bench.reproduce_command(none, profile_from("none")))
+    assert "--one-way-ms" not in words and words[words.index("--pipeline") + 1] == "off,local"
+    assert words[words.index("--budgets") + 1] == "0.01" and "--budget-factors" not in words
+
+
 def test_pipeline_stats_from_rounds() -> None:
     base: dict[str, Any] = {"k": 4, "accepted": 4, "emitted": 5, "carried": 0}
     send_ahead = [

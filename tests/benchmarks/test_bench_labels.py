@@ -92,3 +92,43 @@ def test_runs_under_one_label_get_their_own() -> None:
     seen: dict[str, int] = {}
     labels = [unique_label(x, seen) for x in ("gelato ē=8.38mJ", "gelato ē=8.38mJ", "fixed-4", "gelato ē=8.38mJ")]
     assert labels == ["gelato ē=8.38mJ", "gelato ē=8.38mJ (2)", "fixed-4", "gelato ē=8.38mJ (3)"]
+
+
+def test_grpc_line_says_what_the_difference_is() -> None:
+    """The measured gRPC figure is an Info round trip through the channel minus the same call made
+    directly to the edge, not an overhead on top of the echo RTT: the table says which."""
+    from gelato.benchmarks.bench_report import markdown
+
+    md = " ".join(markdown(json.loads((RESULTS / "gsm8k_wifi_n1" / "summary.json").read_text())).split())
+    assert "gRPC adds" not in md
+    assert "a gRPC Info round trip takes" in md and "ms more through the channel than direct to the edge" in md
+
+
+def test_energy_axes_name_their_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every energy axis says whether its energy is estimated or measured: the bench's Pareto and Q(t)
+    plots from the plotted runs' recorded sources, the simulator's as estimated (simulated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gelato.benchmarks import bench_plots, simulate_sweep
+
+    rows = [{"energy": ["cpu-model (estimated)"]}, {"energy": ["simulated from estimated (cpu-model) costs"]}]
+    assert bench_plots.energy_source_text(rows) == "estimated: cpu-model"
+    mixed = [{"energy": ["cpu-model (estimated)"]}, {"energy": ["rapl (measured)"]}]
+    assert bench_plots.energy_source_text(mixed) == "estimated + measured: cpu-model, rapl"
+    assert bench_plots.energy_source_text([{"energy": ["n/a: device and edge in one process"]}]) == (
+        "source not recorded"
+    )
+    figs: list[Any] = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    result = json.loads((RESULTS / "gsm8k_wifi_n1" / "summary.json").read_text())
+    assert bench_plots.pareto(result, {}, tmp_path / "p.png")
+    assert figs[-1].axes[0].get_xlabel() == "device energy, estimated: cpu-model (mJ/token)"
+    base = [{"policy": "fixed-2", "j_per_token": 0.01, "tokens_per_s": 5.0, "label": "fixed-2"}]
+    simulate_sweep.plot_pareto({"baselines": base, "budget_sweep": []}, tmp_path / "s.png")
+    assert figs[-1].axes[0].get_xlabel() == "device energy, estimated, simulated (mJ/token)"
+    monkeypatch.undo()
+    for fig in figs:
+        plt.close(fig)
