@@ -115,12 +115,14 @@ class _FailedOpens:
     they were for, and why they failed."""
 
     def __init__(self) -> None:
-        self.energy_j, self.bytes_up, self.bytes_down = 0.0, 0, 0
+        self.energy_j, self.radio_j, self.bytes_up, self.bytes_down = 0.0, 0.0, 0, 0
         self.errors: list[str] = []
         self.last: EdgeError | None = None
 
-    def add(self, exc: EdgeError, spent_j: float) -> None:
-        self.energy_j += spent_j
+    def add(self, exc: EdgeError, spent_j: tuple[float, float]) -> None:
+        """`spent_j`: the attempt's (meter, radio tail) joules (`EnergyAccountant.opening_spent_j`)."""
+        self.energy_j += spent_j[0] + spent_j[1]
+        self.radio_j += spent_j[1]
         self.bytes_up += exc.bytes_up  # the open written before it was refused
         self.bytes_down += exc.bytes_down  # a reply read that was no SessionOpened
         self.errors.append(str(exc))
@@ -131,6 +133,7 @@ class _FailedOpens:
         reports none of it: its error record has no energy); `keep_error`: the generation ends
         with these failures (else a session opened after them went on, its outcome stands)."""
         res.stats.energy_j += self.energy_j
+        res.stats.radio_j += self.radio_j
         policy.charge(self.energy_j)
         charge_bytes(res.stats, policy, acct, self.bytes_up, self.bytes_down)
         if keep_error:
@@ -284,8 +287,8 @@ class EdgeClient:
                 why = str(failed.last) if failed is not None else res.error if res is not None else ""
                 n_done = len(res.token_ids) if res is not None else 0
                 log.warning("edge session failed (%s); opening again with %d accepted tokens", why, n_done)
-                # A session that ended here charged the radio's tail; the reconnect follows at once.
-                acct.opening(resumed=res is not None)
+                # A session that ended here charged the radio's tail; the reconnect cuts it short.
+                acct.opening()
                 if failed is not None and self.edge_wait_s > 0:  # a lone edge restarting: let it come back
                     if not wait_until:
                         log.warning("waiting up to %g s for the edge to come back (--edge-wait-s)", self.edge_wait_s)

@@ -3,9 +3,10 @@
 Contract: `RadioProfile.round_energy_j(bytes_up, bytes_down)` = P_up·t_up + P_down·t_down with
 t = bits / link rate and P from the linear model of Huang et al. (MobiSys 2012):
 power_mW = a_u·r_u + a_d·r_d + b (r in Mbit/s). NVML/RAPL do not see the radio, so this is added to
-the meter's delta. `tail_energy_j()` is the high-power tail after the last transfer (once per
-session, not per round: back-to-back rounds keep the radio in its connected state). Every constant
-is a profile parameter.
+the meter's delta. `tail_energy_j()` is the high-power tail after the last transfer (not per
+round: back-to-back rounds keep the radio in its connected state; `gelato.device.energy` charges
+it once per generation, less what the next transfer cuts short). Every constant is a profile
+parameter.
 """
 
 from __future__ import annotations
