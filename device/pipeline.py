@@ -266,7 +266,12 @@ async def _extend(
         stop = _CutRule(gate, recv, chain)
         block = await offload(drafter.draft_after, prev, cap, chain.next_round, stop, limits.eos, stop.guessed)
         chain.drafting_s += block.draft_s
-        if recv.done() and not recv.exception():  # the verdict came while drafting: still worth sending?
+        if recv.done() and recv.exception() is not None:
+            # The read failed while drafting (the edge went away): nothing more goes onto that
+            # stream, and the caller's `await recv` ends the generation with the read's own error.
+            chain.unsent += _drafted(block)
+            return
+        if recv.done():  # the verdict came while drafting: still worth sending?
             verdict = recv.result()[0]
             successor = chain.sent[1].block if len(chain.sent) > 1 else block
             if not _hit(verdict, chain.sent[0].block, successor):

@@ -21,7 +21,7 @@ import pytest
 from gelato.controller import Decision
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant
-from gelato.device.generate import GenerationResult, Limits, Offload, local_verifier, speculative_generate
+from gelato.device.generate import GenerationResult, Limits, Offload, VerifyError, local_verifier, speculative_generate
 from gelato.device.pipeline import Link, _Chain, _CutRule, _Sent, local_link, pipelined_generate
 from gelato.device.policy import FixedK, PolicyOptions, parse_policy
 from gelato.edge.sessions import StatusError, TargetSession
@@ -629,3 +629,46 @@ def test_a_verdict_with_edge_times_that_are_no_times_ends_the_generation_as_an_e
     assert res.token_ids and res.token_ids == ref.token_ids[: len(res.token_ids)]
     assert res.stats.rounds == 2
     assert all(math.isfinite(t.t_edge_compute_s + t.t_edge_queue_s) for t in res.stats.rounds_log)
+
+
+def test_a_read_that_fails_while_the_next_block_is_drafted_ends_the_generation_with_its_own_error(
+    pair: dict[str, Path], target: LoadedModel
+) -> None:
+    """The awaited verdict's read fails (the edge went away) while the next block is being
+    drafted: that block is not sent onto the dying stream, and the generation ends with the read's
+    error and its bytes (once the block was written anyway, and when that write failed too, the
+    write's error replaced the read's, whose bytes were lost)."""
+    dm = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    session = TargetSession("s", target, GREEDY, prompt)
+    session.prefill()
+    base = local_link(session, max_ahead=4, delay_s=0.0)
+    state = {"reads": 0, "failed": False, "sent_after": 0, "down": 0}
+
+    async def receive() -> tuple[Verdict, int]:
+        state["reads"] += 1
+        if state["reads"] == 3:
+            state["failed"] = True
+            exc = VerifyError("edge gone (UNAVAILABLE)")
+            exc.bytes_down = 50  # an answer read and refused
+            raise exc
+        verdict, down = await base.receive()
+        state["down"] += down
+        return verdict, down
+
+    async def send(block: DraftBlock) -> int:
+        if state["failed"]:
+            state["sent_after"] += 1
+            raise VerifyError("write to a stream that ended")
+        return await base.send(block)
+
+    async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args)  # the read completes while the drafter works
+
+    policy = parse_policy("fixed-4", PolicyOptions(pipeline="send-ahead", ahead_blocks=2))
+    limits = Limits(60, target.context_limit, 32, target.eos_token_ids)
+    link = Link(send, receive, base.max_ahead, base.empty_ahead)
+    res = asyncio.run(pipelined_generate(Drafter(dm, GREEDY), link, policy, prompt, limits, offload=in_thread))
+    assert res.stats.stop_reason == "error" and res.error == "edge gone (UNAVAILABLE)", res.error
+    assert state["sent_after"] == 0
+    assert res.stats.bytes_down == state["down"] + 50
