@@ -238,10 +238,13 @@ class EdgeClient:
         policy: Policy,
         accountant: EnergyAccountant | None = None,
         on_round: Callable[[Telemetry], None] | None = None,
+        on_session: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         """One generation: open a session, the round loop (`gelato.device.generate`), close.
         `accountant` measures energy (default: none, NaN); `on_round` gets each round's telemetry
-        as it completes (the `--trace` writer). When the edge goes away mid-generation
+        as it completes (the `--trace` writer); `on_session(n)` is told before each open which
+        session of the generation its rounds will belong to (0, then one more per session that
+        ran: the result's `failovers` count them; an open that fails runs none). When the edge goes away mid-generation
         (UNAVAILABLE), the session is re-opened — on another replica when `--edge` names several —
         with the prompt and the tokens accepted so far as its prefix, up to `failovers` attempts;
         an open that fails UNAVAILABLE is one (the first open too: a replica that just died), and
@@ -260,6 +263,8 @@ class EdgeClient:
             acct.opening()
             while True:
                 done = res.token_ids if res is not None else []
+                if on_session is not None:
+                    on_session(0 if res is None else res.failovers + 1)
                 try:
                     more = await self._session(
                         drafter, [*prompt_ids, *done], max_new_tokens - len(done), policy, acct, on_round

@@ -150,19 +150,19 @@ async def generate_one(
         raise ValueError("empty prompt")
     ids = encode_prompt(drafter.loaded.tokenizer, prompt, chat_template=not config.no_chat_template)
 
-    session = [0, -1]  # this prompt's session (0, then +1 per failover) and its last round
+    session = [0]  # the session of this prompt the rounds belong to (0, then +1 per failover)
+
+    def set_session(n: int) -> None:
+        session[0] = n
 
     def write_round(tele: Telemetry) -> None:
-        if tele.round <= session[1]:  # rounds count from 0 again: a session re-opened after a failover
-            session[0] += 1
-        session[1] = tele.round
         if trace is not None:
             row = {"prompt_index": index, "session": session[0], **{k: _json_value(v) for k, v in asdict(tele).items()}}
             trace.write(json.dumps(row) + "\n")
 
     if policy.local_only:
         return await generate_alone(drafter, ids, config.max_new_tokens, policy, acct, write_round)
-    return await client.generate(drafter, ids, config.max_new_tokens, policy, acct, write_round)
+    return await client.generate(drafter, ids, config.max_new_tokens, policy, acct, write_round, set_session)
 
 
 def error_record(prompt: str, policy: Policy, error: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from gelato.device.policy import Policy, PolicyOptions, parse_policy
 from gelato.edge.sessions import TargetSession
 from gelato.models import LoadedModel, encode_prompt
 from gelato.power import radio_profile
-from gelato.types import SamplingParams, SessionInfo, Verdict
+from gelato.types import SamplingParams, SessionInfo, Telemetry, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.wire import MODEL_LOADING, decode_block, encode_opened, encode_verdict
 from tests.device.meters import OneWatt
@@ -252,6 +252,7 @@ def _generate(
     policy: Policy | None = None,
     edge_wait_s: float = 30.0,
     connects: list[float] | None = None,
+    sessions: list[tuple[int, int | None]] | None = None,
 ) -> GenerationResult:
     """`loading_infos`: the edge answers that many `Info`s "still loading" (a restart), then
     ready; `infos` collects when each `Info` was asked, `connects` each connect's timeout."""
@@ -282,7 +283,18 @@ def _generate(
         try:
             prompt = encode_prompt(target.tokenizer, "Ava has 12 apples and Ben gives her 3 more. How many?")
             drafter = Drafter(drafter_model, SamplingParams())
-            return await client.generate(drafter, prompt, 20, policy or parse_policy("fixed-4"), acct)
+            if sessions is None:
+                return await client.generate(drafter, prompt, 20, policy or parse_policy("fixed-4"), acct)
+            current = [0]
+
+            def on_session(n: int) -> None:
+                current[0] = n
+                sessions.append((n, None))
+
+            def on_round(tele: Telemetry) -> None:
+                sessions.append((current[0], tele.round))
+
+            return await client.generate(drafter, prompt, 20, parse_policy("fixed-4"), acct, on_round, on_session)
         finally:
             await client.close()
 
@@ -417,6 +429,22 @@ def test_a_failover_charges_the_radio_tail_once(target: LoadedModel, drafter_mod
         # (milliseconds here): at most tail power x the generation's time.
         extra_j = res.stats.radio_j - bytes_j - tail_j
         assert 0 <= extra_j <= lte.tail_mw / 1e3 * res.elapsed_s, (len(streams), res.stats.radio_j, tail_j)
+
+
+def test_each_round_is_told_its_session_also_after_a_session_without_rounds(
+    target: LoadedModel, drafter_model: LoadedModel
+) -> None:
+    """`--trace`'s `session`: the first session opens and the edge dies before its first
+    verdict, an open then fails, and the third attempt runs: its rounds belong to session 1 (once
+    the session was inferred from rounds counting from 0 again, and with no round in session 0 the
+    re-opened session's rounds read session 0)."""
+    seen: list[tuple[int, int | None]] = []
+    streams = [_Stream(target, cut_after=0), _Stream(target, open_fails=True), _Stream(target)]
+    res = _generate(target, drafter_model, streams, failovers=3, sessions=seen)
+    assert res.failovers == 1 and res.stats.stop_reason in ("eos", "max_new_tokens"), res.error
+    assert [s for s, r in seen if r is None] == [0, 1, 1]  # told before each open, the failed one too
+    rounds = [(s, r) for s, r in seen if r is not None]
+    assert rounds and {s for s, _ in rounds} == {1} and [r for _, r in rounds] == list(range(len(rounds)))
 
 
 def test_prompts_back_to_back_are_charged_the_tails_that_happen(
