@@ -90,7 +90,10 @@ def trace_problem(path: str | Path | None) -> str:
 
 
 def open_accountant(config: DeviceConfig) -> EnergyAccountant:
-    meter = NullMeter() if config.meter == "none" else open_meter(config.meter, config.device_profile)
+    if config.meter == "none":
+        return EnergyAccountant(NullMeter(), radio_profile(config.radio))
+    # The drafter's device: NVML reads the GPU it runs on, and `auto` skips NVML for a CPU drafter.
+    meter = open_meter(config.meter, config.device_profile, config.device)
     return EnergyAccountant(meter, radio_profile(config.radio))
 
 

@@ -1,9 +1,10 @@
 """Energy meters (one per source), the radio model and meter selection.
 
-Contract: `open_meter(spec, profile)` returns a `Meter` for `auto`, `nvml`, `rapl`, `jetson`,
-`cpu-model` or `replay:FILE`. `auto` probes nvml → rapl → jetson and falls back to the labelled
-`cpu-model` estimate. Asking for a specific source that is missing raises `MeterUnavailable`;
-nothing ever turns a missing sensor into 0 J.
+Contract: `open_meter(spec, profile, device)` returns a `Meter` for `auto`, `nvml`, `rapl`,
+`jetson`, `cpu-model` or `replay:FILE`. `auto` probes nvml → rapl → jetson and falls back to the
+labelled `cpu-model` estimate; given the drafter's `device`, NVML reads the GPU the drafter runs
+on, and `auto` skips it for a drafter on the CPU. Asking for a specific source that is missing
+raises `MeterUnavailable`; nothing ever turns a missing sensor into 0 J.
 """
 
 from __future__ import annotations
@@ -15,12 +16,33 @@ from gelato.power.radio import RADIOS, RadioProfile, radio_profile
 SOURCES = ("nvml", "rapl", "jetson", "cpu-model")
 
 
-def open_source(source: str, profile: str = "phone") -> Meter:
-    """One named source; raises MeterUnavailable when it cannot read here."""
+def on_cpu(device: str) -> bool:
+    """`--device` names a CPU-side device (no torch needed to tell)."""
+    return device == "cpu" or device.startswith(("cpu:", "mps"))
+
+
+def cuda_uuid(device: str) -> str | None:
+    """NVML's name (`GPU-<uuid>`) of the CUDA device torch runs `--device DEVICE` on (`auto`:
+    CUDA when available), None when that is no CUDA device. By UUID, since NVML counts GPUs in
+    PCI order and ignores CUDA_VISIBLE_DEVICES, while torch's `cuda:N` follows both."""
+    if on_cpu(device):
+        return None
+    import torch
+
+    if not torch.cuda.is_available() or not (device == "auto" or device.startswith("cuda")):
+        return None
+    index = torch.device(device if device != "auto" else "cuda").index
+    props = torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device())
+    return f"GPU-{props.uuid}"
+
+
+def open_source(source: str, profile: str = "phone", device: str | None = None) -> Meter:
+    """One named source; raises MeterUnavailable when it cannot read here. `device`: the
+    drafter's `--device`; NVML then reads the GPU it runs on (None, or a CPU drafter: GPU 0)."""
     if source == "nvml":
         from gelato.power.nvml import NvmlMeter
 
-        return NvmlMeter()
+        return NvmlMeter(uuid=cuda_uuid(device) if device is not None else None)
     if source == "rapl":
         from gelato.power.rapl import RaplMeter
 
@@ -38,12 +60,16 @@ def open_source(source: str, profile: str = "phone") -> Meter:
     raise ValueError(f"unknown meter {source!r}; use auto, {', '.join(SOURCES)} or replay:FILE")
 
 
-def open_meter(spec: str = "auto", profile: str = "phone") -> Meter:
+def open_meter(spec: str = "auto", profile: str = "phone", device: str | None = None) -> Meter:
+    """`device`: the drafter's `--device` (None: not known). `auto` then skips NVML when the
+    drafter runs on no CUDA device (a laptop's idle discrete GPU is not the drafter's energy)."""
     if spec != "auto":
-        return open_source(spec, profile)
+        return open_source(spec, profile, device)
     for source in ("nvml", "rapl", "jetson"):
+        if source == "nvml" and device is not None and cuda_uuid(device) is None:
+            continue
         try:
-            return open_source(source, profile)
+            return open_source(source, profile, device)
         except MeterUnavailable:
             continue
     return CpuModelMeter(profile)
@@ -60,6 +86,8 @@ __all__ = [
     "NullMeter",
     "RadioProfile",
     "Reading",
+    "cuda_uuid",
+    "on_cpu",
     "open_meter",
     "open_source",
     "radio_profile",

@@ -1,14 +1,15 @@
 """NVIDIA GPU energy through NVML.
 
-Contract: `NvmlMeter(index)` reads `nvmlDeviceGetTotalEnergyConsumption` (mJ since driver load,
-Volta+) as a counter delta. The counter only moves every ~20–100 ms, so between updates the meter
-extrapolates with instantaneous power (`NVML_FI_DEV_POWER_INSTANT`, else `nvmlDeviceGetPowerUsage`)
-× the time since the counter last moved, and never reports less than it already did. A counter
-read that fails mid-run (a driver error, a GPU fallen off the bus) reads NaN — that reading is
-unknown — and changes nothing, so the next good read is exact again (the counter kept counting);
-a power read that fails between ticks leaves the counter's own value. GPUs without
-the counter fall back to integrating power on a sampler thread. No NVML library, no GPU:
-`MeterUnavailable`. `pynvml` is imported lazily, so tests can patch it at the library boundary.
+Contract: `NvmlMeter(index)` (or `NvmlMeter(uuid=...)`: a GPU by its UUID) reads
+`nvmlDeviceGetTotalEnergyConsumption` (mJ since driver load, Volta+) as a counter delta. The counter
+only moves every ~20–100 ms, so between updates the meter extrapolates with instantaneous power
+(`NVML_FI_DEV_POWER_INSTANT`, else `nvmlDeviceGetPowerUsage`) × the time since the counter last
+moved, and never reports less than it already did. A counter read that fails mid-run (a driver
+error, a GPU fallen off the bus) reads NaN — that reading is unknown — and changes nothing, so the
+next good read is exact again (the counter kept counting); a power read that fails between ticks
+leaves the counter's own value. GPUs without the counter fall back to integrating power on a sampler
+thread. No NVML library, no GPU: `MeterUnavailable`. `pynvml` is imported lazily, so tests can patch
+it at the library boundary.
 """
 
 from __future__ import annotations
@@ -35,12 +36,19 @@ class NvmlMeter(Meter):
     source = "nvml"
     kind = "measured"
 
-    def __init__(self, index: int = 0, clock: Callable[[], float] = time.monotonic, interval_s: float = 0.02) -> None:
+    def __init__(
+        self,
+        index: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        interval_s: float = 0.02,
+        uuid: str | None = None,
+    ) -> None:
+        """`uuid` (`GPU-...`, `gelato.power.cuda_uuid`): that GPU; else NVML's GPU `index`."""
         super().__init__(clock)
         nv = self.nv = _nvml()
         try:
             nv.nvmlInit()
-            self.handle = nv.nvmlDeviceGetHandleByIndex(index)
+            self.handle = nv.nvmlDeviceGetHandleByUUID(uuid) if uuid else nv.nvmlDeviceGetHandleByIndex(index)
             self.name = nv.nvmlDeviceGetName(self.handle)
         except nv.NVMLError as exc:
             raise MeterUnavailable(f"NVML: {exc}") from exc

@@ -276,6 +276,9 @@ class FakeNvml(types.ModuleType):
     def nvmlDeviceGetHandleByIndex(self, index: int) -> str:
         return f"gpu{index}"
 
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:
+        return f"uuid:{uuid}"
+
     def nvmlDeviceGetName(self, handle: str) -> str:
         return "Fake H100"
 
@@ -433,6 +436,39 @@ def test_auto_falls_back_to_labelled_estimate(monkeypatch: pytest.MonkeyPatch) -
     assert meter.source == "cpu-model" and meter.kind == "estimated"
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
     assert open_meter("auto").source == "nvml"
+
+
+def test_auto_reads_the_gpu_the_drafter_runs_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given the drafter's --device, NVML reads that GPU (by UUID: NVML's order is not torch's),
+    and `auto` passes NVML over for a drafter on the CPU (it read GPU 0 whatever --device said: a
+    laptop's idle GPU taken for the drafter's energy)."""
+    import torch
+
+    from gelato.device.cli import open_accountant
+    from gelato.device.config import DeviceConfig
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
+    monkeypatch.setattr("gelato.power.rapl.RaplMeter.__init__", _unavailable)
+    monkeypatch.setattr("gelato.power.jetson.JetsonMeter.__init__", _unavailable)
+    asked: list[int] = []
+
+    def properties(index: int) -> types.SimpleNamespace:
+        asked.append(index)
+        return types.SimpleNamespace(uuid=f"uuid-of-{index}")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert open_meter("auto", device="cpu").source == "cpu-model"
+    assert open_meter("auto", device="auto").source == "cpu-model"  # torch sees no CUDA: a CPU drafter
+    assert open_accountant(DeviceConfig(prompt=["x"], device="cpu")).meter.source == "cpu-model"
+    explicit = open_meter("nvml", device="cpu")  # asked for by name: GPU 0
+    assert isinstance(explicit, NvmlMeter) and explicit.handle == "gpu0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    meter = open_meter("auto", device="cuda:1")
+    assert isinstance(meter, NvmlMeter) and meter.handle == "uuid:GPU-uuid-of-1" and asked[-1] == 1
+    meter = open_accountant(DeviceConfig(prompt=["x"], device="auto")).meter
+    assert isinstance(meter, NvmlMeter) and meter.handle == "uuid:GPU-uuid-of-0"
 
 
 def _unavailable(self: object, *args: object, **kwargs: object) -> None:
