@@ -54,7 +54,7 @@ def window(meter: NvmlMeter, seconds: float, interval_s: float = 0.01) -> dict[s
     stop.set()
     sampler.join()
     wall_s = end.t_s - start.t_s
-    meter_j = end.joules - start.joules
+    meter_j = end.since(start)
     mean_w = statistics.fmean(samples)
     periods = [b - a for a, b in itertools.pairwise(ticks)]
     return {

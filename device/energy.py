@@ -77,7 +77,7 @@ class EnergyAccountant:
             radio_j = self.radio.tail_energy_j() - self._tail_refund_j
             self._tail_from_s = end.t_s
         self._tail_refund_j = 0.0
-        return end.joules - start.joules, radio_j
+        return end.since(start), radio_j
 
     def begin(self, stats: GenerationStats) -> Reading:
         """The generation's first reading: the one `opening` took, else now."""
@@ -95,7 +95,7 @@ class EnergyAccountant:
             stats.radio_j += self.radio.tail_energy_j() - self._tail_refund_j
             self._tail_from_s = end.t_s
         self._tail_refund_j = 0.0
-        stats.energy_j = end.joules - start.joules + stats.radio_j
+        stats.energy_j = end.since(start) + stats.radio_j
 
     def round_start(self) -> Reading:
         return self.meter.read()
@@ -119,7 +119,7 @@ class EnergyAccountant:
         set here so that the (frozen) record is built once per round."""
         end = self.meter.read()
         t_round = end.t_s - start.t_s
-        e_compute = end.joules - start.joules
+        e_compute = end.since(start)
         e_radio = self.radio_j(bytes_up, bytes_down)
         edge_s = (verdict.queue_ms + verdict.compute_ms) / 1e3
         # The drafting phase as the drafting reading saw it (thread hops included), else the
@@ -137,7 +137,7 @@ class EnergyAccountant:
             t_edge_queue_s=verdict.queue_ms / 1e3,
             t_edge_compute_s=verdict.compute_ms / 1e3,
             e_compute_j=e_compute,
-            e_draft_j=drafted.joules - start.joules if drafted is not None else float("nan"),
+            e_draft_j=drafted.since(start) if drafted is not None else float("nan"),
             t_drafted_s=drafting_s if drafted is not None else float("nan"),
             e_radio_j=e_radio,
             e_j=e_compute + e_radio,

@@ -21,14 +21,21 @@ Kind = Literal["measured", "estimated", "unavailable"]
 
 @dataclass(frozen=True)
 class Reading:
-    joules: float  # cumulative since the meter started; NaN when unavailable
+    joules: float  # cumulative since the meter started (or its `epoch` began); NaN when unavailable
     source: str  # nvml, rapl, jetson, cpu-model, replay, none
     kind: Kind
     t_s: float  # monotonic clock of the reading
+    # A meter that lost its sensor for a while and read again counts from a new epoch: energy
+    # between readings of two epochs is unknown (the outage), energy within one is exact.
+    epoch: int = 0
 
     @property
     def valid(self) -> bool:
         return math.isfinite(self.joules)
+
+    def since(self, start: Reading) -> float:
+        """Joules from `start` to this reading: NaN when either is unknown or an outage lies between."""
+        return self.joules - start.joules if self.epoch == start.epoch else math.nan
 
 
 class MeterUnavailable(RuntimeError):
@@ -49,10 +56,15 @@ class Meter:
         """Cumulative joules as of clock time `now` (a meter that reads hardware ignores it)."""
         raise NotImplementedError
 
+    def joules_epoch_at(self, now: float) -> tuple[float, int]:
+        """`joules_at(now)` and the epoch it counts in (meters that never restart: always 0)."""
+        return self.joules_at(now), 0
+
     def read(self) -> Reading:
         # One clock value for both fields, so energy / time ratios of time-based meters are exact.
         now = self.clock()
-        return Reading(joules=self.joules_at(now), source=self.source, kind=self.kind, t_s=now)
+        joules, epoch = self.joules_epoch_at(now)
+        return Reading(joules=joules, source=self.source, kind=self.kind, t_s=now, epoch=epoch)
 
     def close(self) -> None:
         """Release sensors or threads (idempotent)."""
@@ -93,6 +105,7 @@ class PowerIntegrator:
         self._t = clock()
         self._p = power_w()
         self._j = 0.0
+        self._epoch = 0  # one more each time the sensor reads again after an outage
         self._failing_since: float | None = None  # when reads began to fail (None: the last one worked)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -110,7 +123,9 @@ class PowerIntegrator:
         dropped sample: the last power holds for one more interval, as between any two samples.
         Failing for `FAILED_READS_S` on end, the meter can no longer read: its energy is NaN from
         then on (unmeasured, for the deficit queue and the reports), instead of the sampler thread
-        dying at the first failure and the last power being integrated for the rest of the run."""
+        dying at the first failure and the last power being integrated for the rest of the run.
+        Once reads work again the meter counts from a new epoch (`Reading.epoch`): only energy
+        across the outage stays unknown, not every reading after it."""
         try:
             p = float(self.power_w())
             self._failing_since = None
@@ -120,13 +135,19 @@ class PowerIntegrator:
             p = math.nan if now - self._failing_since >= FAILED_READS_S else self._p
         with self._lock:  # time taken under the lock: a read that saw the old state has an earlier time
             t = self.clock()
-            self._j += self._p * max(0.0, t - self._t)
+            if math.isnan(self._p) and not math.isnan(p):  # the sensor is back: a new epoch from 0 J
+                self._epoch, self._j = self._epoch + 1, 0.0
+            else:
+                self._j += self._p * max(0.0, t - self._t)
             self._t, self._p = t, p
 
     def joules(self, now: float | None = None) -> float:
+        return self.joules_epoch(now)[0]
+
+    def joules_epoch(self, now: float | None = None) -> tuple[float, int]:
         with self._lock:
             t = self.clock() if now is None else now
-            return self._j + self._p * max(0.0, t - self._t)
+            return self._j + self._p * max(0.0, t - self._t), self._epoch
 
     def stop(self) -> None:
         self._stop.set()

@@ -28,7 +28,7 @@ def probe(seconds: float, profile: str) -> list[dict[str, Any]]:
     time.sleep(seconds)
     for meter, start in zip(meters, starts, strict=True):
         end = meter.read()
-        joules = end.joules - start.joules
+        joules = end.since(start)
         row = {
             "source": meter.source,
             "available": True,

@@ -118,5 +118,8 @@ class JetsonMeter(Meter):
     def joules_at(self, now: float) -> float:
         return self.integrator.joules(now)
 
+    def joules_epoch_at(self, now: float) -> tuple[float, int]:
+        return self.integrator.joules_epoch(now)
+
     def close(self) -> None:
         self.integrator.stop()

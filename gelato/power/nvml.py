@@ -83,6 +83,11 @@ class NvmlMeter(Meter):
             pass
         return float(nv.nvmlDeviceGetPowerUsage(self.handle)) / 1e3
 
+    def joules_epoch_at(self, now: float) -> tuple[float, int]:
+        if self.integrator is not None:
+            return self.integrator.joules_epoch(now)
+        return self.joules_at(now), 0
+
     def joules_at(self, now: float) -> float:
         if self.integrator is not None:
             return self.integrator.joules(now)
