@@ -123,7 +123,7 @@ def test_poisoned_rows_fail_alone_at_the_batcher(target: LoadedModel) -> None:
             s.prefill()
         size = {"rows": 0}
         # A long window: rows really batch; it closes once every row of the round is in.
-        batcher = Batcher(executor, 5.0, 16, lambda: size["rows"], EdgeMetrics())
+        batcher = Batcher(executor, 5.0, 16, lambda: size["rows"], metrics)
         batcher.start()
         got: dict[str, list[Verdict]] = {n: [] for n in GOOD}
         try:
@@ -154,9 +154,15 @@ def test_poisoned_rows_fail_alone_at_the_batcher(target: LoadedModel) -> None:
             executor.shutdown()
         return got
 
+    metrics = EdgeMetrics()
     got = asyncio.run(run())
     for name in GOOD:
         assert [(v.n_accepted, v.next_token) for v in got[name]] == want[name], name
+    # The metrics count forwards: one per round, but in the round whose batched forward broke
+    # each good row was verified by a forward of its own (once that round counted as one).
+    value = metrics.registry.get_sample_value
+    assert value("gelato_edge_batches_total") == (ROUNDS - 1) + len(GOOD)
+    assert value("gelato_edge_batch_rows_total") == ROUNDS * len(GOOD)
 
 
 def test_poisoned_streams_fail_alone_over_grpc(pair: dict[str, Path]) -> None:
