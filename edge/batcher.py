@@ -1,17 +1,17 @@
 """Collects verify requests from many sessions into batches for the model thread.
 
-Contract: `await Batcher.verify(session, block, received)` returns that block's `Verdict`, or
-raises that row's own error: `StatusError` with its precise status, or (a genuine server fault)
-any other exception, which the server answers INTERNAL. Requests that arrive within `window_s` of
-the first waiting one (up to `max_batch` rows) are verified together by `gelato.edge.verifier.verify_batch`
-(one target forward; checks, acceptance and the isolation of one row from another are its
-contract) on the model thread; the window closes early once every open session has a request in,
-so a lone session never waits: when the model thread is free and no batch is forming, its request
-goes straight there. One batch runs at a time; requests queue meanwhile, so the next batch forms
-during the current forward, and its window counts from its first request, not from the end of
-that forward. A request whose caller went away is dropped before the forward.
-`validated=True` says the block's data was already checked against its session (the server's
-`decode_block`): the model thread then re-checks only what can change while it waited.
+Contract: `await Batcher.verify(session, block, received)` returns that block's `Verdict`, or raises
+that row's own error: `StatusError` with its precise status, or (a genuine server fault) any other
+exception, which the server answers INTERNAL. Requests that arrive within `window_s` of the first
+waiting one (up to `max_batch` rows) are verified together by `gelato.edge.verifier.verify_batch`
+(one target forward; checks, acceptance and the isolation of one row from another are its contract)
+on the model thread; the window closes early once every session that can send (opened and prefilled:
+`open_sessions`) has a request in, so a lone session never waits: when the model thread is free and
+no batch is forming, its request goes straight there. One batch runs at a time; requests queue
+meanwhile, so the next batch forms during the current forward, and its window counts from its first
+request, not from the end of that forward. A request whose caller went away is dropped before the
+forward. `validated=True` says the block's data was already checked against its session (the
+server's `decode_block`): the model thread then re-checks only what can change while it waited.
 
 The batcher keeps the window, the queue, the futures and the metrics: the model thread builds each
 row's `Verdict` (queue and compute times, rows in the forward) and hands the whole batch back to

@@ -158,7 +158,7 @@ class GelatoService:
         self.metrics.kv_bytes.set_function(self.registry.kv_bytes)
         self.metrics.kv_pool_bytes.set_function(self.registry.pool_bytes)
         self.batcher = Batcher(
-            self.executor, config.batch_window_ms / 1e3, config.max_batch, lambda: len(self.registry), self.metrics
+            self.executor, config.batch_window_ms / 1e3, config.max_batch, self.registry.ready, self.metrics
         )
 
     def _close_on_model_thread(self, session: TargetSession) -> None:
@@ -398,6 +398,7 @@ class GelatoService:
             if isinstance(exc, Exception) and out_of_memory(exc):
                 raise _out_of_memory(exc) from exc
             raise
+        self.registry.mark_ready(session.session_id)
         return session
 
     async def _verify(self, session: TargetSession, msg: pb.DraftBlock, received: float) -> Verdict:

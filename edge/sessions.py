@@ -238,11 +238,23 @@ class SessionRegistry:
         self.kv_budget_bytes = kv_budget_bytes  # 0: no KV limit
         self.max_draft_tokens = max_draft_tokens
         self.entries: dict[str, TargetSession] = {}
+        # Sessions opened and prefilled: the ones that can send a block. The batcher closes its
+        # window once each has a row in; one still prefilling would hold it for the whole window.
+        self._ready: set[str] = set()
         self.pool: KVPool | None = None  # one per target model, created with the first session
         self.shape = (0, 0)  # (slots, context) last planned for the pool
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def mark_ready(self, session_id: str) -> None:
+        """The session's prompt is prefilled and it is answered opened (event loop)."""
+        if session_id in self.entries:
+            self._ready.add(session_id)
+
+    def ready(self) -> int:
+        """Sessions that can send a block now (opened, prefilled): what a batch may wait for."""
+        return len(self._ready)
 
     def _longest(self, extra: int = 0) -> int:
         return max([extra] + [s.reserved_tokens for s in self.entries.values()])
@@ -308,6 +320,7 @@ class SessionRegistry:
 
     def release(self, session_id: str) -> None:
         session = self.entries.pop(session_id, None)
+        self._ready.discard(session_id)
         if session is None:
             return
         session.released = True

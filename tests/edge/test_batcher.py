@@ -7,7 +7,10 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
+
+import grpc
 
 from gelato.edge.batcher import Batcher
 from gelato.edge.kv_pool import KVPool
@@ -66,3 +69,38 @@ def test_a_batch_formed_during_a_long_forward_closes_when_it_ends(target: Loaded
     # job, which sleeps FORWARD_S first: ~0.75 s now, ~1.05 s with the extra window.
     waited_s = [v.queue_ms / 1e3 - FORWARD_S for v in round1]
     assert all(w < FORWARD_S + WINDOW_S / 2 for w in waited_s), waited_s
+
+
+def test_a_session_still_prefilling_holds_no_batch(pair: dict[str, Path]) -> None:
+    """A session admitted but not yet prefilled (a long prompt in pieces) cannot send a block: the
+    window must not wait for it. Over the real server with a 2 s window, another session's block
+    is verified at once (it waited the whole window while the edge counted every open session),
+    and the new session counts once opened."""
+    from gelato.edge.config import EdgeConfig
+    from gelato.edge.server import EdgeServer
+    from gelato.v1 import gelato_pb2_grpc as pb_grpc
+    from tests.edge.test_server_errors import draft, open_msg
+
+    async def scenario() -> tuple[float, int, int]:
+        server = EdgeServer(EdgeConfig(port=0, batch_window_ms=2000))
+        port = await server.start()
+        loaded = await server.load(str(pair["target"]), "float32", "cpu")
+        registry = server.service.registry
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            call = pb_grpc.GelatoStub(channel).Session()
+            await call.write(open_msg(loaded.fingerprint))
+            await asyncio.wait_for(call.read(), 30)
+            opened = registry.ready()
+            registry.admit(loaded, SamplingParams(), list(range(5, 60)), 8)  # admitted, its prefill to come
+            await call.write(draft(0, [1]))
+            verdict = (await asyncio.wait_for(call.read(), 30)).verdict
+            call.cancel()
+            return verdict.queue_ms, opened, len(registry)
+        finally:
+            await channel.close()
+            await server.stop(0)
+
+    queue_ms, opened, admitted = asyncio.run(scenario())
+    assert opened == 1 and admitted == 2
+    assert queue_ms < 1000, queue_ms  # not the 2000 ms window
