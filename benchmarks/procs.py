@@ -76,9 +76,18 @@ class Edge:
     unread pipe fills after ~64 KiB of log lines and would then block the edge mid-benchmark. The
     last 500 lines stay available for error messages."""
 
-    def __init__(self, args: list[str], timeout_s: float = 180.0, prefix: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        timeout_s: float = 180.0,
+        prefix: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """`env`: the process's environment (default `child_env()`: a benchmark's flags are its
+        whole configuration; tests of the `GELATO_EDGE_*` variables pass their own)."""
         cmd = [*(prefix or []), sys.executable, "-m", "gelato.edge.cli", "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
+        env = child_env() if env is None else env
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.address = ""
         self._lines: deque[str] = deque(maxlen=500)
         self._listening = threading.Event()

@@ -47,10 +47,11 @@ def prompts() -> list[str]:
 
 
 class EdgeProcess(Edge):
-    """A real `gelato-edge` process on one torch thread (see `gelato.benchmarks.procs.Edge`)."""
+    """A real `gelato-edge` process on one torch thread (see `gelato.benchmarks.procs.Edge`), with
+    the test's whole environment: tests of the `GELATO_EDGE_*` variables set them for it."""
 
     def __init__(self, args: list[str], timeout_s: float = 120.0) -> None:
-        super().__init__(["--threads", "1", *args], timeout_s)
+        super().__init__(["--threads", "1", *args], timeout_s, env=dict(os.environ))
 
 
 @pytest.fixture(scope="session")
