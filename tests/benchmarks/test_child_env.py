@@ -207,5 +207,5 @@ def test_every_benchmark_spawn_passes_an_env() -> None:
         and c.args[0].elts[0].value == "ip"
         for c in plain
     )
-    uses = sum(p.read_text().count("env=child_env()") for p in BENCHMARKS.glob("*.py"))
+    uses = sum(p.read_text().count("child_env()") for p in BENCHMARKS.glob("*.py"))
     assert uses >= 8  # procs (edge, device), bench_run, policies, load_faults, delay_proxy, channel (2)
