@@ -9,7 +9,8 @@
 # GELATO_TORCH=auto (default) takes the CUDA build where `nvidia-smi` sees a GPU and the CPU build
 # otherwise, from PyTorch's CPU wheel index (asked with a short timeout and no retries; when it
 # cannot be reached, PyPI with a message). A wheel folder in your pip configuration (find-links)
-# is used either way. GELATO_TORCH=cpu|cuda forces a build; GELATO_TORCH=skip keeps what is there.
+# is used either way. GELATO_TORCH=cpu|cuda forces a build (a venv holding the other one has its
+# torch reinstalled); GELATO_TORCH=skip keeps what is there.
 # The venv is made from GELATO_PYTHON (default python3), which must be Python >= 3.10.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -29,7 +30,29 @@ torch_build() {
   esac
 }
 
+# The build of the torch in the venv: cuda (torch.version.cuda set), cpu (none: the CPU build, or
+# ROCm's, which GELATO_TORCH does not offer), or nothing when the venv has no (importable) torch.
+installed_torch_build() {
+  "$py" -c 'import torch; print("cuda" if torch.version.cuda else "cpu")' 2>/dev/null || true
+}
+
+# pip's extra arguments to install torch build $1 over what the venv has. The other build satisfies
+# the same pin (2.13.0+cpu satisfies torch==2.13.0), so pip would keep it: reinstall torch itself
+# then (--no-deps: the dependencies it lacks, e.g. the nvidia-* wheels of the CUDA build, come with
+# the project's install that follows, which resolves the installed torch's requirements).
+torch_switch_args() {
+  local have
+  have=$(installed_torch_build)
+  if [ -n "$have" ] && [ "$have" != "$1" ]; then
+    echo "gelato.sh: replacing the $have build of torch in $venv with the $1 build" >&2
+    echo "--force-reinstall --no-deps"
+  fi
+}
+
 install_torch() {
+  local switch=""
+  if [ "$1" != skip ]; then switch=$(torch_switch_args "$1"); fi
+  # shellcheck disable=SC2086  # $switch unquoted on purpose: no words, or the two options
   case "$1" in
     skip)
       # Without a torch already there, installing the project would pull PyPI's (CUDA) build.
@@ -39,12 +62,12 @@ install_torch() {
         exit 2
       fi
       echo "gelato.sh: GELATO_TORCH=skip: keeping the installed torch" >&2 ;;
-    cuda) "$py" -m pip install -q "$torch_req" ;;  # PyPI's Linux wheel is the CUDA build
+    cuda) "$py" -m pip install -q $switch "$torch_req" ;;  # PyPI's Linux wheel is the CUDA build
     cpu)
-      if ! "$py" -m pip install -q --timeout 5 --retries 0 --index-url "$torch_cpu_index" "$torch_req"; then
+      if ! "$py" -m pip install -q $switch --timeout 5 --retries 0 --index-url "$torch_cpu_index" "$torch_req"; then
         echo "gelato.sh: PyTorch's CPU index did not answer; installing $torch_req from PyPI instead" \
           "(on Linux that is the CUDA build, several GB)" >&2
-        "$py" -m pip install -q "$torch_req"
+        "$py" -m pip install -q "$torch_req"  # not forced: over a CUDA build that would fetch it again
       fi ;;
   esac
 }

@@ -1,0 +1,120 @@
+"""`./gelato.sh setup` and the torch build (GELATO_TORCH): a venv holding the other build gets its
+torch reinstalled. It did not: the CPU build (2.13.0+cpu) satisfies `torch==2.13.0`, so pip kept
+it while the marker recorded the CUDA build (and the other way round).
+
+Run on a copy of gelato.sh whose `.venv/bin/python` is a stand-in: `-m pip ...` is recorded, not
+run; anything else runs on this Python without site-packages, `import torch` finding a fake torch
+(its `torch.version.cuda` set or None) or none at all. Nothing is installed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PIN = re.search(r'^torch_req="([^"]+)"$', (ROOT / "gelato.sh").read_text(), re.M)
+assert PIN, "gelato.sh sets torch_req"
+TORCH_REQ = PIN.group(1)
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+FAKE_PYTHON = """#!/bin/sh
+if [ "$1" = -m ] && [ "$2" = pip ]; then shift 2; echo "$*" >> "$PIP_LOG"; exit 0; fi
+exec "$REAL_PYTHON" -S "$@"
+"""
+
+
+class Checkout:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        shutil.copy(ROOT / "gelato.sh", root / "gelato.sh")
+        (root / "pyproject.toml").write_text("[project]\nname = 'stand-in'\n")
+        python = root / ".venv" / "bin" / "python"
+        python.parent.mkdir(parents=True)
+        python.write_text(FAKE_PYTHON)
+        python.chmod(0o755)
+        self.marker = root / ".venv" / ".gelato-installed"
+        self.pip_log = root / "pip.log"
+        self.torch_path = root / "site"
+        self.torch_path.mkdir()
+
+    def installed(self, build: str) -> None:
+        """What the last setup recorded: this pyproject.toml and `build`."""
+        digest = hashlib.sha256((self.root / "pyproject.toml").read_bytes()).hexdigest()[:16]
+        self.marker.write_text(f"{digest}-{build}\n")
+
+    def has_torch(self, cuda: str | None) -> None:
+        pkg = self.torch_path / "torch"
+        pkg.mkdir()
+        (pkg / "__init__.py").write_text("from . import version\n")
+        (pkg / "version.py").write_text(f"cuda = {cuda!r}\n")
+
+    def setup(self, torch: str) -> tuple[list[str], str]:
+        """`GELATO_TORCH=torch ./gelato.sh setup`: pip's argument lines, and stderr."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GELATO_", "PYTHON", "PIP_"))}
+        env.update(
+            GELATO_TORCH=torch, PIP_LOG=str(self.pip_log), REAL_PYTHON=sys.executable, PYTHONPATH=str(self.torch_path)
+        )
+        res = subprocess.run(
+            ["bash", str(self.root / "gelato.sh"), "setup"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert res.returncode == 0, res.stderr
+        return self.pip_log.read_text().splitlines(), res.stderr
+
+    def recorded(self) -> str:
+        return self.marker.read_text().strip().rsplit("-", 1)[1]
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Checkout:
+    return Checkout(tmp_path)
+
+
+def test_switching_to_the_cpu_build_replaces_a_cuda_torch(checkout: Checkout) -> None:
+    checkout.installed("cuda")
+    checkout.has_torch("12.8")
+    pip, err = checkout.setup("cpu")
+    forced = f"install -q --force-reinstall --no-deps --timeout 5 --retries 0 --index-url {CPU_INDEX} {TORCH_REQ}"
+    assert forced in pip, pip
+    assert pip[-1] == "install -q -e .[dev]", pip  # brings what the new build needs
+    assert "replacing the cuda build of torch in .venv with the cpu build" in err
+    assert checkout.recorded() == "cpu"
+
+
+def test_switching_to_the_cuda_build_replaces_a_cpu_torch(checkout: Checkout) -> None:
+    checkout.installed("cpu")
+    checkout.has_torch(None)
+    pip, err = checkout.setup("cuda")
+    assert f"install -q --force-reinstall --no-deps {TORCH_REQ}" in pip, pip
+    assert pip[-1] == "install -q -e .[dev]", pip  # the nvidia-* wheels the CUDA build requires
+    assert "replacing the cpu build of torch in .venv with the cuda build" in err
+    assert checkout.recorded() == "cuda"
+
+
+def test_the_same_build_is_not_reinstalled(checkout: Checkout) -> None:
+    """pyproject.toml changed, the build did not: pip keeps the torch there."""
+    checkout.marker.write_text("0123456789abcdef-cpu\n")
+    checkout.has_torch(None)
+    pip, err = checkout.setup("cpu")
+    assert f"install -q --timeout 5 --retries 0 --index-url {CPU_INDEX} {TORCH_REQ}" in pip, pip
+    assert not any("--force-reinstall" in line for line in pip) and "replacing" not in err, pip
+
+
+def test_a_venv_without_torch_installs_it_plainly(checkout: Checkout) -> None:
+    pip, _ = checkout.setup("cuda")
+    assert f"install -q {TORCH_REQ}" in pip and not any("--force-reinstall" in line for line in pip), pip
+    assert checkout.recorded() == "cuda"
+
+
+def test_an_unchanged_setup_installs_nothing(checkout: Checkout) -> None:
+    checkout.installed("cpu")
+    checkout.has_torch(None)
+    checkout.pip_log.write_text("")
+    pip, _ = checkout.setup("cpu")
+    assert pip == []
