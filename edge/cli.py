@@ -6,7 +6,10 @@ HOST:PORT` (the real port when --port 0). A port another process already listens
 `error: port P on HOST is in use` (exit 2), never a second server sharing it. SIGTERM/SIGINT stop
 it gracefully (open sessions get --shutdown-grace-s). Serving a non-loopback address needs TLS and
 a token, or an explicit `--insecure`; a bad TLS or token file is a one-line error naming it (exit 2).
-Metrics (--metrics-port) go on --metrics-host (default 127.0.0.1), never on --host.
+A target that cannot be loaded (no such model, no room for it on the device, any other failure) is a
+one-line error (exit 2), never a traceback (an unforeseen failure's is logged at --log-level DEBUG).
+Metrics (--metrics-port) go on --metrics-host (default 127.0.0.1), never on --host; --metrics-port
+and --health-port must name a port (>= 1): 0 would bind one that nobody is told.
 `gelato-edge --health-check [ADDR]` asks an edge's health service once and exits 0 when it is
 SERVING, 1 otherwise (the container health check). Every option, its default and its
 `GELATO_EDGE_*` variable: `gelato-edge --help`, made from `gelato.edge.config.EdgeConfig`.
@@ -36,6 +39,7 @@ if TYPE_CHECKING:  # torch and the server load only to serve: a health check sta
 # After a shutdown's drain, how long a forward still running (its stream already ended) may take
 # before the process exits without it.
 MODEL_THREAD_EXIT_S = 0.5
+log = logging.getLogger("gelato.edge")
 
 
 def build_parser() -> EnvArgumentParser:
@@ -149,11 +153,18 @@ async def serve(config: EdgeConfig) -> int:
     stopping.cancel()
     try:
         loaded = loading.result()
-    except ModelLoadError as exc:
+    except Exception as exc:  # any failed load is one line and exit 2, never a traceback
         await server.stop(0)
         if health_server is not None:
             await health_server.stop(0)
-        return fail(str(exc))
+        if isinstance(exc, ModelLoadError):
+            return fail(str(exc))
+        # Not foreseen (a bug, or a failure below transformers): its type and first line, and
+        # the traceback in the log at DEBUG.
+        log.debug("loading the target failed", exc_info=exc)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        name = repr(config.target) if config.target else "(the embedded default)"
+        return fail(f"cannot load target {name}: {type(exc).__name__}: {first} (--log-level DEBUG logs the traceback)")
     print(
         f"gelato-edge: target {loaded.name} ({loaded.dtype}, {loaded.device}) listening on {config.host}:{port}",
         flush=True,
@@ -224,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return fail(parser.explain(str(exc)))
     if args.health_check is not None:
-        address = args.health_check or f"127.0.0.1:{config.health_port or config.port}"
+        port = config.health_port if config.health_port is not None else config.port
+        address = args.health_check or f"127.0.0.1:{port}"
         tls = bool(config.tls_cert) and not args.health_check and config.health_port is None
         return health_check(address, config.health_check_timeout_s, tls)
     try:

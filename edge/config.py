@@ -11,10 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gelato.cli_common import max_memory, model_device, model_dtype, port_number, torch_threads
-from gelato.config import MAX_TIMEOUT_S, PORT, Settings, ge, gt, le, require, setting
+from gelato.config import MAX_TIMEOUT_S, PORT, Check, Settings, ge, gt, le, require, setting
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEVICE_MAPS = ("auto", "balanced", "sequential")  # gelato.models.DEVICE_MAPS, without importing torch
+# --metrics-port and --health-port: unlike --port (whose real number is printed), 0 would bind a
+# random port that no line names and no scraper or probe could find.
+NAMED_PORT = Check(lambda p: p >= 1, "must be >= 1 (0 would pick a port nobody is told)")
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class EdgeConfig(Settings):
         300.0, "end a session whose device sends nothing, or takes no answer, this long", check=gt(0)
     )
     metrics_port: int | None = setting(
-        None, "serve Prometheus metrics on this port (default: none)", type=port_number, check=PORT
+        None, "serve Prometheus metrics on this port (default: none)", type=port_number, check=(PORT, NAMED_PORT)
     )
     metrics_host: str = setting(
         "127.0.0.1", "bind address of --metrics-port, whatever --host is (metrics are plaintext, no token)"
@@ -66,7 +69,7 @@ class EdgeConfig(Settings):
         None,
         "also serve the gRPC health service alone, in plaintext, on this port (for probes without TLS)",
         type=port_number,
-        check=PORT,
+        check=(PORT, NAMED_PORT),
     )
     health_host: str = setting("127.0.0.1", "bind address of --health-port")
     health_check_timeout_s: float = setting(3.0, "deadline of --health-check", check=(gt(0), le(MAX_TIMEOUT_S)))

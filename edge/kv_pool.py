@@ -70,21 +70,13 @@ import torch
 
 from gelato.edge.placement import DeviceLike, as_device, model_kv_devices
 from gelato.kv import KVSequence, cache_kwarg, keeps_logits
-from gelato.models import LoadedModel, ModelLoadError, input_device
+from gelato.models import LoadedModel, ModelLoadError, input_device, out_of_memory
 
 log = logging.getLogger("gelato.edge")
 
 
 class PoolMemoryError(MemoryError):
     """The pool could not allocate the shape it needed; it keeps the one it had."""
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """An allocation failure: CUDA's `OutOfMemoryError`, or the CPU allocator's RuntimeError."""
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 class _PoolCache:

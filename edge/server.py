@@ -50,11 +50,11 @@ from gelato.deadline import within
 from gelato.edge.auth import BearerAuth
 from gelato.edge.batcher import Batcher
 from gelato.edge.config import EdgeConfig
-from gelato.edge.kv_pool import PoolMemoryError, out_of_memory, pool_model
+from gelato.edge.kv_pool import PoolMemoryError, pool_model
 from gelato.edge.metrics import EdgeMetrics
 from gelato.edge.model_thread import ModelThread
 from gelato.edge.sessions import AdmissionError, SessionRegistry, StatusError, TargetSession
-from gelato.models import LoadedModel, load_model
+from gelato.models import LoadedModel, load_model, out_of_memory
 from gelato.security import server_credentials
 from gelato.types import PROTOCOL_VERSION, DraftBlock, EdgeInfo, SessionInfo, Verdict
 from gelato.v1 import gelato_pb2 as pb

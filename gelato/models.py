@@ -199,6 +199,39 @@ def input_device(model: Any) -> torch.device:
     return emb.weight.device
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: CUDA's `OutOfMemoryError` (a RuntimeError), Python's MemoryError, or
+    the RuntimeError of the CPU (or MPS) allocator."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The head of an exception's text, fit for a one-line error: its first line, at most `limit`
+    characters, cut after a sentence where it can be (CUDA's OOM text runs on to allocator advice)."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].strip()
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    cut = head.rfind(". ")
+    return (head[: cut + 1] if cut > 0 else head) + " …"
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def _no_memory(what: str, exc: BaseException, role: str, dt: torch.dtype) -> str:
+    """The one-line message for a model that did not fit, with what to try."""
+    tries = [] if dt in (torch.bfloat16, torch.float16) else ["a smaller --dtype (bfloat16 or float16)"]
+    if role == "target":
+        tries.append("--device-map auto (with --max-memory) to spread it over GPUs, CPU memory and disk")
+    tries.append("a smaller model")
+    return f"{what}: out of memory ({_first_line(exc)}); try {', or '.join(tries)}"
+
+
 def load_model(
     name_or_path: str | None,
     role: str,
@@ -236,11 +269,24 @@ def load_model(
     except (OSError, ValueError) as exc:
         hint = " (give --offload-folder, or more --max-memory)" if "offload_folder" in str(exc) else ""
         raise ModelLoadError(f"cannot load {role} {name!r}: {exc}{hint}") from exc
+    except (MemoryError, RuntimeError) as exc:  # accelerate places while loading: its OOM comes here
+        if not out_of_memory(exc):
+            raise
+        where = f"--device-map {device_map}" if placement else str(dev)
+        raise ModelLoadError(
+            _no_memory(f"cannot load {role} {name!r} ({where}, {_dtype_name(dt)})", exc, role, dt)
+        ) from exc
     if placement:  # accelerate placed it (and hooks move activations between devices): no .to()
         model = model.eval()
         dev = input_device(model)
     else:
-        model = model.to(dev).eval()  # type: ignore[arg-type]
+        try:
+            model = model.to(dev).eval()  # type: ignore[arg-type]
+        except (MemoryError, RuntimeError) as exc:  # out of memory, or a device that cannot take it
+            what = f"cannot place {role} {name!r} on {dev} ({_dtype_name(dt)})"
+            if out_of_memory(exc):
+                raise ModelLoadError(_no_memory(what, exc, role, dt)) from exc
+            raise ModelLoadError(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from exc
     vocab = len(tokenizer)
     if vocab > model.config.vocab_size:
         raise ModelLoadError(

@@ -4,6 +4,7 @@ traceback, and never a silently different setting (gRPC would bind a random port
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -42,6 +44,8 @@ def test_an_edge_prefilling_in_small_pieces_gives_the_same_tokens(pair: dict[str
         (["--port", "99999"], "argument --port: port must be in 0-65535, got 99999"),
         (["--port", "x"], "argument --port: not a port number"),
         (["--metrics-port", "70000"], "argument --metrics-port: port must be in 0-65535"),
+        (["--metrics-port", "0"], "--metrics-port must be >= 1 (0 would pick a port nobody is told)"),
+        (["--health-port", "0"], "--health-port must be >= 1 (0 would pick a port nobody is told)"),
         (["--log-level", "loud"], "argument --log-level: invalid choice: 'LOUD'"),
         (["--max-sessions", "0"], "--max-sessions must be >= 1"),
         (["--max-batch", "0"], "--max-batch must be >= 1"),
@@ -59,6 +63,65 @@ def test_edge_bad_arguments(args: list[str], needle: str) -> None:
 def test_edge_bad_target(tmp_path: Path) -> None:
     res = run_edge("--port", "0", "--target", str(tmp_path / "nope"))
     assert res.returncode == 2 and "cannot load target" in res.stderr and "no such local folder" in res.stderr
+
+
+def target_placing_raises(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    """The target's `.to(device)` in `load_model` raises `exc` (a GPU without room for it)."""
+    import transformers
+
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(*args: Any, **kwargs: Any) -> Any:
+        model = real(*args, **kwargs)
+
+        def to(*_: Any, **__: Any) -> Any:
+            raise exc
+
+        model.to = to
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+
+
+def test_edge_target_out_of_memory_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gelato-edge --target BIG --device cuda` that runs out of GPU memory placing the target: the
+    one-line load error (exit 2) with what to try, not torch's OutOfMemoryError as a traceback
+    (exit 1). In process, the OOM simulated at the model's `.to()`."""
+    import torch
+
+    from gelato.edge import cli
+
+    target_placing_raises(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB."))
+    assert cli.main(["--port", "0", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot place target ") and err.count("\n") == 1, err
+    assert "on cpu (float32): out of memory (CUDA out of memory. Tried to allocate 2.00 GiB.); try " in err, err
+
+
+def test_edge_any_failed_load_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure the loader does not foresee (here the KV pool set up over the loaded target)
+    is still one line and exit 2, naming its type; the traceback goes to the log at DEBUG."""
+    from gelato.edge import cli, server
+
+    bug = RuntimeError("pool: expected a Tensor, got NoneType\nsecond line")
+
+    def pool_model(loaded: Any) -> Any:
+        raise bug
+
+    monkeypatch.setattr(server, "pool_model", pool_model)
+    caplog.set_level(logging.DEBUG, logger="gelato.edge")
+    assert cli.main(["--port", "0", "--device", "cpu", "--log-level", "DEBUG"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: cannot load target (the embedded default): RuntimeError: pool: expected a Tensor, got NoneType "
+        "(--log-level DEBUG logs the traceback)\n"
+    ), err
+    logged = [r for r in caplog.records if r.name == "gelato.edge" and r.exc_info]
+    assert logged and logged[0].exc_info[1] is bug and logged[0].levelno == logging.DEBUG
 
 
 def test_edge_metrics_port_taken() -> None:
