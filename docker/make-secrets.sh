@@ -7,10 +7,11 @@
 #   edge.crt, edge.key      the edge's certificate and key (--tls-cert, --tls-key)
 #   device.crt, device.key  a client certificate for mutual TLS (edge: --tls-client-ca ca.crt)
 #   token                   the bearer token both sides read (--auth-token-file)
-# The containers run as uid 10001: run as root and the private files are given to that uid (0640),
-# otherwise `chown 10001 OUT_DIR/*.key OUT_DIR/token` them yourself before mounting.
-# Existing files are kept (delete OUT_DIR to start over); an existing edge.crt that does not name the
-# NAMEs given is an error, not silently kept. The names printed are read back from edge.crt.
+# The containers run as uid 10001: run as root and the private files are given to that uid and its
+# group (0640), otherwise they stay yours alone (0600): `chown 10001 OUT_DIR/*.key OUT_DIR/token`
+# them yourself before mounting. Existing files are kept (delete OUT_DIR to start over); an existing
+# edge.crt that does not name the NAMEs given, or an expired certificate, is an error, not silently
+# kept. The names printed are read back from edge.crt.
 set -euo pipefail
 out=${1:?usage: make-secrets.sh OUT_DIR [NAME ...]}
 shift
@@ -47,6 +48,13 @@ issue() {  # issue NAME CN EXTENDED_KEY_USAGE [SAN]
     -extfile "$name.ext" -out "$name.crt" 2>/dev/null
   rm -f "$name.csr" "$name.ext"
 }
+for crt in ca.crt edge.crt device.crt; do  # kept files must still be valid: an expired one fails every handshake
+  if [ -s "$crt" ] && ! openssl x509 -in "$crt" -noout -checkend 0 >/dev/null 2>&1; then
+    echo "error: $out/$crt has expired ($(openssl x509 -in "$crt" -noout -enddate 2>/dev/null));" \
+      "delete it (and its key; for ca.crt every file) to issue a new one" >&2
+    exit 1
+  fi
+done
 if [ -s edge.crt ] && [ "$asked" -gt 0 ]; then  # kept: it must name what was asked for, or devices fail the TLS name check
   have=$(openssl x509 -in edge.crt -noout -ext subjectAltName 2>/dev/null | tail -n +2 | tr -d ' ')
   for n in "${names[@]}"; do
@@ -61,16 +69,18 @@ fi
 issue edge "${names[0]}" serverAuth "$san"
 issue device gelato-device clientAuth
 
-[ -s token ] || openssl rand -hex 32 > token
+[ -s token ] || (umask 077 && openssl rand -hex 32 > token)  # never readable by others, not even briefly
 chmod 0644 ca.crt edge.crt device.crt
 chmod 0600 ca.key
-chmod 0640 edge.key device.key token
-if [ "$(id -u)" = 0 ]; then
+if [ "$(id -u)" = 0 ]; then  # the containers' uid and group 10001 read them, nobody else
   chown 10001:10001 edge.key device.key token
+  chmod 0640 edge.key device.key token
+else  # yours alone: group read would hand them to everyone sharing your primary group
+  chmod 0600 edge.key device.key token
 fi
 names_read=$(openssl x509 -in edge.crt -noout -ext subjectAltName 2>/dev/null | tail -n +2 | sed 's/^ *//')
 echo "secrets in $out: ca.crt edge.crt edge.key device.crt device.key token (edge.crt names: $names_read)"
 if [ "$(id -u)" != 0 ]; then
-  echo "note: not root, so edge.key, device.key and token stay yours (0640); the containers run as uid 10001:" \
+  echo "note: not root, so edge.key, device.key and token stay yours (0600); the containers run as uid 10001:" \
     "chown 10001 $out/*.key $out/token before mounting them" >&2
 fi

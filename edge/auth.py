@@ -1,9 +1,9 @@
-"""Bearer-token check for every edge call except health.
+"""Bearer-token check for every edge call except a health check.
 
 Contract: `BearerAuth(token)` is a `grpc.aio.ServerInterceptor`; a call whose `authorization`
 metadata is not `Bearer <token>` (constant-time comparison) ends at once with UNAUTHENTICATED and
-never reaches the service, whatever its kind (unary or streaming). Health stays open so that
-container and load-balancer checks work without the token.
+never reaches the service, whatever its kind (unary or streaming). Health's `Check` stays open so
+that container and load-balancer checks work without the token; its `Watch` stream does not.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from gelato.security import OPEN_METHOD_PREFIXES, token_matches
+from gelato.security import OPEN_METHODS, token_matches
 
 DENIED = "missing or wrong bearer token: the edge needs the token of its --auth-token-file"
 
@@ -46,7 +46,7 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_METHOD_PREFIXES):
+        if handler is None or details.method in OPEN_METHODS:
             return handler
         if token_matches(details.invocation_metadata, self.token):
             return handler

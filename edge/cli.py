@@ -59,8 +59,9 @@ def build_parser() -> EnvArgumentParser:
         default=None,
         type=lambda text: endpoint(text) if text else text,
         metavar="ADDR",
-        help="do not serve: ask the edge at ADDR (default: this configuration's --health-port, else --port, "
-        "on 127.0.0.1) whether it is SERVING; exit 0 if so, 1 otherwise",
+        help="do not serve: ask the edge at ADDR (default: where this configuration serves health: "
+        "--health-host:--health-port, else --host:--port, a wildcard host through loopback) whether it is "
+        "SERVING; exit 0 if so, 1 otherwise",
     )
     return p
 
@@ -204,6 +205,16 @@ async def stopped_while_loading(server: EdgeServer, health_server: Any, loading:
     os._exit(0)
 
 
+def probe_address(host: str, port: int) -> str:
+    """Where a probe on this host reaches a server bound to `host`:`port`: a wildcard bind through
+    loopback, any other address as it is (an edge bound to one address only answers there)."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def serve_health(server: EdgeServer, host: str, port: int) -> Any:
     """A second gRPC server with only the edge's health service (same status), in plaintext."""
     import grpc
@@ -235,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return fail(parser.explain(str(exc)))
     if args.health_check is not None:
-        port = config.health_port if config.health_port is not None else config.port
-        address = args.health_check or f"127.0.0.1:{port}"
+        if config.health_port is not None:
+            address = args.health_check or probe_address(config.health_host, config.health_port)
+        else:
+            address = args.health_check or probe_address(config.host, config.port)
         tls = bool(config.tls_cert) and not args.health_check and config.health_port is None
         return health_check(address, config.health_check_timeout_s, tls)
     try:

@@ -28,8 +28,10 @@ from pathlib import Path
 import grpc
 
 AUTH_HEADER = "authorization"
-# Left open without a token: a container health check or a load balancer must see liveness.
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+# Left open without a token: a container health check or a load balancer must see liveness, and
+# `Check` is all they call. `Watch` (a stream that never ends on its own) needs the token: open,
+# anyone reaching the port could hold any number of them.
+OPEN_METHODS = ("/grpc.health.v1.Health/Check",)
 
 
 class SecurityConfigError(ValueError):

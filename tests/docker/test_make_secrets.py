@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,70 @@ def test_names_are_read_back_and_other_names_refused(tmp_path: Path) -> None:
     other = make(out, "edge.example.org")
     assert other.returncode == 1 and "does not name edge.example.org" in other.stderr
     assert (out / "edge.crt").read_bytes() == crt  # nothing replaced
+
+
+def _expired_cert(path: Path) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gelato-ca")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=10))
+        .not_valid_after(now - dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path.with_suffix(".key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+def test_an_expired_certificate_is_an_error_not_kept(tmp_path: Path) -> None:
+    """Re-running the script over a folder whose certificate has expired (every handshake fails,
+    while the edge reports healthy) said "secrets in ..." and kept it; now it says which expired."""
+    out = tmp_path / "secrets"
+    out.mkdir()
+    _expired_cert(out / "ca.crt")
+    res = make(out)
+    assert res.returncode == 1 and "ca.crt has expired" in res.stderr, res.stderr
+
+
+def test_private_files_are_readable_by_their_owner_alone(tmp_path: Path) -> None:
+    """Keys and token: 0640 owned by the containers' uid and group 10001 as root, else 0600 (group
+    read once handed them to everyone sharing the user's primary group, and the token was
+    created world-readable)."""
+    import os
+    import stat
+
+    out = tmp_path / "secrets"
+    if os.geteuid() == 0 and shutil.which("setpriv"):  # as root: also run it as an ordinary user
+        mine = Path(tempfile.mkdtemp())  # pytest's own folders are root's alone
+        try:
+            os.chmod(mine, 0o755)
+            os.chown(mine, 65534, 65534)
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(SCRIPT)]
+            res = subprocess.run([*cmd, str(mine / "s")], capture_output=True, text=True, timeout=120)
+            assert res.returncode == 0, res.stderr
+            for name in ("edge.key", "device.key", "token", "ca.key"):
+                assert stat.S_IMODE((mine / "s" / name).stat().st_mode) == 0o600, name
+        finally:
+            shutil.rmtree(mine)
+    res = make(out)
+    assert res.returncode == 0, res.stderr
+    want = 0o640 if os.geteuid() == 0 else 0o600
+    for name in ("edge.key", "device.key", "token"):
+        st = (out / name).stat()
+        assert stat.S_IMODE(st.st_mode) == want, name
+        if os.geteuid() == 0:
+            assert (st.st_uid, st.st_gid) == (10001, 10001), name

@@ -257,6 +257,31 @@ def test_health_port_serves_health_alone(pair: dict[str, Path], monkeypatch: pyt
         assert proc.stop() == 0
 
 
+def test_health_check_asks_where_health_is_served(pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--health-check` with no address asks --health-host:--health-port (127.0.0.2 here, another
+    loopback address): once it always asked 127.0.0.1, so an edge serving health on any other
+    address was reported unhealthy forever (and its container never became healthy)."""
+    port = free_port()
+    monkeypatch.setenv("GELATO_EDGE_HEALTH_PORT", str(port))
+    monkeypatch.setenv("GELATO_EDGE_HEALTH_HOST", "127.0.0.2")
+    proc = EdgeProcess(["--target", str(pair["target"])])
+    try:
+        res = run_edge("--health-check")
+        assert res.returncode == 0 and f"health 127.0.0.2:{port}: SERVING" in res.stdout, res.stdout + res.stderr
+    finally:
+        assert proc.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "address"),
+    [("0.0.0.0", 5, "127.0.0.1:5"), ("::", 5, "[::1]:5"), ("10.1.2.3", 5, "10.1.2.3:5"), ("fe80::1", 5, "[fe80::1]:5")],
+)
+def test_probe_address(host: str, port: int, address: str) -> None:
+    from gelato.edge.cli import probe_address
+
+    assert probe_address(host, port) == address
+
+
 def answers_http(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=5) as s:

@@ -119,6 +119,17 @@ def test_health_is_open_but_the_service_is_not(pki: dict[str, Path], secure_edge
             list(stub.Session(iter([pb.DeviceMessage()]), timeout=10))
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert stub.Info(pb.InfoRequest(), timeout=10, metadata=bearer_metadata(TOKEN)).vocab_size > 0
+        # Health's Watch, a stream that never ends on its own, needs the token (open, anyone could
+        # hold any number of them); Check is all a probe calls.
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            next(watch)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=10, metadata=bearer_metadata(TOKEN)
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
 
 
 def test_mutual_tls(pair: dict[str, Path], pki: dict[str, Path]) -> None:
