@@ -159,6 +159,7 @@ async def generate_one(
         if trace is not None:
             row = {"prompt_index": index, "session": session[0], **{k: _json_value(v) for k, v in asdict(tele).items()}}
             trace.write(json.dumps(row) + "\n")
+            trace.flush()  # whole lines as rounds end: a reader (tail -f, a test) never sees half of one
 
     if policy.local_only:
         return await generate_alone(drafter, ids, config.max_new_tokens, policy, acct, write_round)

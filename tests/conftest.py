@@ -12,14 +12,23 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from gelato.benchmarks.procs import Edge
-from gelato.models import LoadedModel, load_model
-from gelato.tiny.random_pair import build_random_pair, synthetic_corpus
-
-# One torch thread per process: the fastest on small CPUs and keeps parallel processes fair.
+# One torch thread per process, this one included: the fastest on small CPUs, keeps parallel
+# processes fair, and in-process references run as the one-thread edges do. Set before torch is
+# imported (below), which reads it once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The caller's GELATO_DEVICE_* / GELATO_EDGE_* settings would reach every edge and device the tests
+# start (they inherit this environment): the tests set the ones they test themselves.
+for _name in [n for n in os.environ if n.startswith(("GELATO_DEVICE_", "GELATO_EDGE_"))]:
+    del os.environ[_name]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from gelato.benchmarks.procs import Edge  # noqa: E402
+from gelato.models import LoadedModel, load_model  # noqa: E402
+from gelato.tiny.random_pair import build_random_pair, synthetic_corpus  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

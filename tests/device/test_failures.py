@@ -129,6 +129,7 @@ def test_model_loading_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(ModelLoadError, match=r"not a checkpoint folder, missing config.json, model weights"):
         load_model(str(tmp_path), "drafter", "float32", "cpu")
     # A hub id that is not cached, with the hub unreachable: at once, not minutes of retries.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # offline mode would not even try the hub
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     t0 = time.monotonic()

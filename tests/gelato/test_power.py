@@ -148,9 +148,10 @@ def test_a_failing_sensor_read_is_a_dropped_sample_then_unknown_energy(tmp_path:
     died at the first failure and the last power was integrated for the rest of the run."""
     from gelato.power.base import FAILED_READS_S, PowerIntegrator
 
-    clock, power, fail = FakeClock(), [5.0], [False]
+    clock, power, fail, reads = FakeClock(), [5.0], [False], [0]
 
     def read() -> float:
+        reads[0] += 1
         if fail[0]:
             raise OSError("I/O error")
         return power[0]
@@ -172,8 +173,10 @@ def test_a_failing_sensor_read_is_a_dropped_sample_then_unknown_energy(tmp_path:
     clock.t += 0.1
     assert math.isnan(meter.joules())
     meter.start()  # the sampler thread survives failing reads
-    time.sleep(0.3)
-    assert meter._thread is not None and meter._thread.is_alive()
+    before, deadline = reads[0], time.monotonic() + 30
+    while reads[0] < before + 3 and time.monotonic() < deadline:  # three failing reads, however slow the machine
+        time.sleep(0.05)
+    assert reads[0] >= before + 3 and meter._thread is not None and meter._thread.is_alive()
     meter.stop()
 
 

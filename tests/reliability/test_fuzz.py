@@ -33,12 +33,15 @@ def test_protocol_fuzz(pair: dict[str, Path]) -> None:
             good = Spec(tuple(range(11, 19)), k=4, rounds=12, params=SamplingParams())
             alone = [v[:2] for v in run_session(edge.address, info.tokenizer_fingerprint, good, info.vocab_size)]
 
-            done, runs = threading.Event(), []
+            done, runs, errors = threading.Event(), [], []
 
             def well_formed() -> None:  # again and again for as long as the fuzz runs
-                while not done.is_set():
-                    verdicts = run_session(edge.address, info.tokenizer_fingerprint, good, info.vocab_size)
-                    runs.append([v[:2] for v in verdicts])
+                try:
+                    while not done.is_set():
+                        verdicts = run_session(edge.address, info.tokenizer_fingerprint, good, info.vocab_size)
+                        runs.append([v[:2] for v in verdicts])
+                except BaseException as exc:  # a broken session fails the test, not just this thread
+                    errors.append(exc)
 
             thread = threading.Thread(target=well_formed, daemon=True)
             thread.start()
@@ -61,6 +64,8 @@ def test_protocol_fuzz(pair: dict[str, Path]) -> None:
                         wrong.append(("info", "OK", repr(data), ["INVALID_ARGUMENT"]))
             done.set()
             thread.join(timeout=60)
+            assert not thread.is_alive(), "the well-formed session never finished"
+            assert not errors, f"the well-formed session failed while the fuzz ran: {errors[0]!r}"
             assert not wrong, f"{len(wrong)} of {len(cases)} cases: {wrong[:10]}"
             assert runs and all(r == alone for r in runs), (len(runs), alone, runs)
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
