@@ -193,30 +193,42 @@ class EdgeClient:
         except TimeoutError:
             raise EdgeUnreachable(self.target, timeout_s, self.tls) from None
 
-    async def info(self, connect_timeout_s: float | None = None) -> EdgeInfo:
+    async def info(self, connect_timeout_s: float | None = None, spent: list[int] | None = None) -> EdgeInfo:
+        """The edge's `Info`; `spent` ([up, down] wire bytes) counts the request once sent and the
+        answer once read."""
         timeout_s = self.connect_timeout_s if connect_timeout_s is None else connect_timeout_s
         await self.connect(timeout_s)
+        if spent is not None:
+            spent[0] += wire_bytes(pb.InfoRequest().ByteSize())
         try:
             resp = await self.stub.Info(pb.InfoRequest(), timeout=timeout_s, metadata=self.metadata)
+            if spent is not None:
+                spent[1] += wire_bytes(resp.ByteSize())
             return decode_info(resp)
         except grpc.aio.AioRpcError as exc:
             raise EdgeError(exc.code(), exc.details() or "") from exc
         except WireError as exc:
             raise EdgeError(grpc.StatusCode.INTERNAL, str(exc), by_edge=False) from exc
 
-    async def wait_ready(self, wait_s: float, any_unavailable: bool, first_connect_s: float | None = None) -> EdgeInfo:
+    async def wait_ready(
+        self,
+        wait_s: float,
+        any_unavailable: bool,
+        first_connect_s: float | None = None,
+        spent: list[int] | None = None,
+    ) -> EdgeInfo:
         """`info()`, asked again (backing off from 0.1 to 2 s) for up to `wait_s` while the edge
         answers that its model is still loading, and with `any_unavailable` while it answers
         UNAVAILABLE at all or nothing answers (a restart: the process draining, gone, binding, then
         loading); then its last error. The first ask connects (and is answered) within
         `first_connect_s`, by default `connect_timeout_s` as any call (a slow handshake is no absent
-        edge), later ones within what is left of `wait_s`. `Info` bytes are not metered (a few
-        dozen per ask)."""
+        edge), later ones within what is left of `wait_s`. `spent` ([up, down]) counts the asks' wire
+        bytes (a failover charges them to its generation)."""
         deadline, pause = time.monotonic() + wait_s, WAIT_FIRST_S
         connect_s = self.connect_timeout_s if first_connect_s is None else first_connect_s
         while True:
             try:
-                return await self.info(connect_timeout_s=connect_s)
+                return await self.info(connect_timeout_s=connect_s, spent=spent)
             except EdgeError as exc:
                 waiting = exc.code == grpc.StatusCode.UNAVAILABLE and (any_unavailable or exc.details == MODEL_LOADING)
                 if not waiting or time.monotonic() + pause > deadline:
@@ -300,9 +312,12 @@ class EdgeClient:
                         wait_until = time.monotonic() + self.edge_wait_s
                     left_s = wait_until - time.monotonic()
                     if left_s > 0:  # each ask within what is left of the wait
+                        asked = [0, 0]  # the asks' bytes: radio energy of this generation's failover
                         with contextlib.suppress(EdgeError):  # still not ready: the attempt will say so
                             first_s = max(0.1, min(self.connect_timeout_s, left_s))
-                            await self.wait_ready(left_s, any_unavailable=True, first_connect_s=first_s)
+                            await self.wait_ready(left_s, any_unavailable=True, first_connect_s=first_s, spent=asked)
+                        failed.bytes_up += asked[0]
+                        failed.bytes_down += asked[1]
         finally:
             acct.forget_opening()
         res.elapsed_s = time.perf_counter() - t0

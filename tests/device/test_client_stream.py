@@ -514,6 +514,11 @@ def test_a_restarting_edge_is_waited_for_before_the_next_reopen(
         1,
     )
     assert len(infos) == 4  # three "still loading", then ready
+    # The asks are radio traffic of this generation (once unmetered): four requests, one answer.
+    sent, received = sum(s.sent_bytes for s in streams), sum(s.received_bytes for s in streams)
+    answer = pb.InfoResponse(protocol_version=1, vocab_size=target.vocab_size, context_limit=512)
+    ask_up, ask_down = 4 * wire_bytes(pb.InfoRequest().ByteSize()), wire_bytes(answer.ByteSize())
+    assert (res.stats.bytes_up, res.stats.bytes_down) == (sent + ask_up, received + ask_down)
     pauses = [b - a for a, b in zip([t0, *infos], infos, strict=False)][1:]
     assert pauses[0] >= 0.09 and pauses[1] >= 0.19 and pauses[2] >= 0.39, pauses  # backing off
     # A session that fails once and is re-opened at once asks no Info at all.
