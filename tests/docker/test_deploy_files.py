@@ -95,3 +95,28 @@ def test_image_pins_every_dependency_within_pyproject() -> None:
             continue
         assert name in pins, f"{dep.name} is not pinned in docker/requirements.txt"
         assert dep.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {dep}"
+
+
+def test_build_arguments_stay_out_of_the_images_history() -> None:
+    """An index URL given as a build argument (a mirror's, credentials included) is recorded in
+    the history of every layer built after its ARG in that stage and the stages built FROM it:
+    the edge and device images must not descend from the stage that declares them (once they did:
+    `docker history --no-trunc` showed the URL); they take its /opt/gelato by COPY --from only."""
+    stages: dict[str, tuple[str, set[str]]] = {}  # name -> (parent, ARGs declared)
+    current = ""
+    for line in (DOCKER / "Dockerfile").read_text().splitlines():
+        if m := re.match(r"^FROM (\S+) AS (\S+)$", line):
+            current = m.group(2)
+            stages[current] = (m.group(1), set())
+        elif (m := re.match(r"^ARG (\w+)", line)) and current:
+            stages[current][1].add(m.group(1))
+    private = {"PIP_INDEX_URL", "PIP_FIND_LINKS", "PIP_CERT", "TORCH_INDEX_URL"}
+    assert any(private <= args for _, args in stages.values()), "the stage that installs takes them"
+    for image in ("edge", "device"):
+        name, chain = image, []
+        while name in stages:
+            chain.append(name)
+            parent, args = stages[name]
+            assert not args & private, f"{image} descends from {name}, which declares {sorted(args & private)}"
+            name = parent
+        assert len(chain) >= 3, chain
