@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(config.drafter, "drafter", config.dtype, config.device)
     except ModelLoadError as exc:
         return fail(str(exc))
+    except Exception as exc:  # not foreseen (a bug, a failure below transformers): one line all the same
+        first = (str(exc).strip().splitlines() or [""])[0]
+        name = repr(config.drafter) if config.drafter else "(the embedded default)"
+        return fail(f"cannot load drafter {name}: {type(exc).__name__}: {first}")
     try:  # opened before any generation, so a bad path costs nothing
         trace = open(config.trace, "w", encoding="utf-8") if config.trace else None  # noqa: SIM115
     except OSError as exc:

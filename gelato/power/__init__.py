@@ -31,8 +31,11 @@ def cuda_uuid(device: str) -> str | None:
 
     if not torch.cuda.is_available() or not (device == "auto" or device.startswith("cuda")):
         return None
-    index = torch.device(device if device != "auto" else "cuda").index
-    props = torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device())
+    try:
+        index = torch.device(device if device != "auto" else "cuda").index
+        props = torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device())
+    except (RuntimeError, AssertionError, ValueError):  # no such device: loading the drafter will say so
+        return None
     return f"GPU-{props.uuid}"
 
 

@@ -271,3 +271,22 @@ def test_help_and_settings_errors_load_neither_torch_nor_transformers() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[-1] == "[]" and "--max-new-tokens must be >= 1" in res.stderr
+
+
+def test_any_failed_drafter_load_is_one_line(
+    pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failure the loader does not foresee is one line naming its type and exit 2, as a
+    ModelLoadError is (it was a traceback). In process, the loader patched to fail."""
+    import gelato.models
+    from gelato.device import cli
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("expected a Tensor, got NoneType\nsecond line")
+
+    monkeypatch.setattr(gelato.models, "load_model", broken)
+    args = ["--drafter", str(pair["drafter_agree"]), "--prompt", "x", "--meter", "none", "--threads", "1"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    name = repr(str(pair["drafter_agree"]))
+    assert err == f"error: cannot load drafter {name}: RuntimeError: expected a Tensor, got NoneType\n", err

@@ -520,6 +520,12 @@ def test_auto_reads_the_gpu_the_drafter_runs_on(monkeypatch: pytest.MonkeyPatch)
     meter = open_accountant(DeviceConfig(prompt=["x"], device="auto")).meter
     assert isinstance(meter, NvmlMeter) and meter.handle == "uuid:GPU-uuid-of-0"
 
+    def no_such_gpu(index: int) -> types.SimpleNamespace:
+        raise AssertionError("Invalid device id")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_such_gpu)  # --device cuda:5 on one GPU
+    assert open_meter("auto", device="cuda:5").source == "cpu-model"  # loading the drafter will say why
+
 
 def _unavailable(self: object, *args: object, **kwargs: object) -> None:
     raise MeterUnavailable("absent in this test")
