@@ -193,13 +193,20 @@ class EdgeClient:
         except TimeoutError:
             raise EdgeUnreachable(self.target, timeout_s, self.tls) from None
 
-    async def info(self, connect_timeout_s: float | None = None, spent: list[int] | None = None) -> EdgeInfo:
+    async def info(
+        self,
+        connect_timeout_s: float | None = None,
+        spent: list[int] | None = None,
+        radio: EnergyAccountant | None = None,
+    ) -> EdgeInfo:
         """The edge's `Info`; `spent` ([up, down] wire bytes) counts the request once sent and the
-        answer once read."""
+        answer once read; `radio` is told the transfer (its tail: `EnergyAccountant.radio_busy`)."""
         timeout_s = self.connect_timeout_s if connect_timeout_s is None else connect_timeout_s
         await self.connect(timeout_s)
         if spent is not None:
             spent[0] += wire_bytes(pb.InfoRequest().ByteSize())
+        if radio is not None:
+            radio.radio_busy()
         try:
             resp = await self.stub.Info(pb.InfoRequest(), timeout=timeout_s, metadata=self.metadata)
             if spent is not None:
@@ -209,6 +216,9 @@ class EdgeClient:
             raise EdgeError(exc.code(), exc.details() or "") from exc
         except WireError as exc:
             raise EdgeError(grpc.StatusCode.INTERNAL, str(exc), by_edge=False) from exc
+        finally:
+            if radio is not None:
+                radio.radio_idle()
 
     async def wait_ready(
         self,
@@ -216,6 +226,7 @@ class EdgeClient:
         any_unavailable: bool,
         first_connect_s: float | None = None,
         spent: list[int] | None = None,
+        radio: EnergyAccountant | None = None,
     ) -> EdgeInfo:
         """`info()`, asked again (backing off from 0.1 to 2 s) for up to `wait_s` while the edge
         answers that its model is still loading, and with `any_unavailable` while it answers
@@ -223,12 +234,12 @@ class EdgeClient:
         loading); then its last error. The first ask connects (and is answered) within
         `first_connect_s`, by default `connect_timeout_s` as any call (a slow handshake is no absent
         edge), later ones within what is left of `wait_s`. `spent` ([up, down]) counts the asks' wire
-        bytes (a failover charges them to its generation)."""
+        bytes and `radio` is told of each (a failover charges both to its generation)."""
         deadline, pause = time.monotonic() + wait_s, WAIT_FIRST_S
         connect_s = self.connect_timeout_s if first_connect_s is None else first_connect_s
         while True:
             try:
-                return await self.info(connect_timeout_s=connect_s, spent=spent)
+                return await self.info(connect_timeout_s=connect_s, spent=spent, radio=radio)
             except EdgeError as exc:
                 waiting = exc.code == grpc.StatusCode.UNAVAILABLE and (any_unavailable or exc.details == MODEL_LOADING)
                 if not waiting or time.monotonic() + pause > deadline:
@@ -277,6 +288,7 @@ class EdgeClient:
                 done = res.token_ids if res is not None else []
                 if on_session is not None:
                     on_session(0 if res is None else res.failovers + 1)
+                acct.radio_busy()  # the connect and the open transfer from here: the last tail ends
                 try:
                     more = await self._session(
                         drafter, [*prompt_ids, *done], max_new_tokens - len(done), policy, acct, on_round
@@ -304,7 +316,8 @@ class EdgeClient:
                 why = str(failed.last) if failed is not None else res.error if res is not None else ""
                 n_done = len(res.token_ids) if res is not None else 0
                 log.warning("edge session failed (%s); opening again with %d accepted tokens", why, n_done)
-                # A session that ended here charged the radio's tail; the reconnect cuts it short.
+                # The generation's energy goes on from here (the wait for the edge included); the
+                # radio's tail runs until the next transfer (an ask, the re-open) cuts it short.
                 acct.opening()
                 if failed is not None and self.edge_wait_s > 0:  # a lone edge restarting: let it come back
                     if not wait_until:
@@ -315,7 +328,9 @@ class EdgeClient:
                         asked = [0, 0]  # the asks' bytes: radio energy of this generation's failover
                         with contextlib.suppress(EdgeError):  # still not ready: the attempt will say so
                             first_s = max(0.1, min(self.connect_timeout_s, left_s))
-                            await self.wait_ready(left_s, any_unavailable=True, first_connect_s=first_s, spent=asked)
+                            await self.wait_ready(
+                                left_s, any_unavailable=True, first_connect_s=first_s, spent=asked, radio=acct
+                            )
                         failed.bytes_up += asked[0]
                         failed.bytes_down += asked[1]
         finally:

@@ -4,7 +4,7 @@ Contract: `EnergyAccountant(meter, radio)` brackets a generation (`begin`/`end`)
 (`round_start`/`round_end`). A round's energy is the meter's delta over the whole round — which
 already contains idle power while waiting for the edge, so nothing idle is added — plus the radio
 energy of the bytes it sent and received; a generation that exchanged any bytes is charged the
-radio's tail once, less the part the next activity cuts short (`EnergyAccountant`), one that
+radio's tail once, less the part the next transfer cuts short (`EnergyAccountant`), one that
 exchanged none (`ar-device`) no radio energy at all. Byte counts are
 protobuf sizes plus gRPC/HTTP2 framing (5 + 9 bytes per message); TCP/IP headers are not
 counted. A meter that cannot read yields NaN.
@@ -25,59 +25,67 @@ def wire_bytes(message_size: int) -> int:
 
 
 class EnergyAccountant:
-    """Radio tail (`RadioProfile.tail_s` at `tail_mw` after the last transfer): each generation
-    that exchanged bytes is charged a whole tail at its `end`, and the next activity on the radio
-    (the next generation's `opening`, back to back in a run or after a failover; an open that
-    fails) gives back the part of it that the radio, busy again, never spent: so a run is charged
-    the tails that really happen, gaps shorter than `tail_s` and one whole tail at its end (each
-    prompt of a run once got a whole tail, 12.3 J on LTE, although the next prompt came at once)."""
+    """Radio tail (`RadioProfile.tail_s` at `tail_mw` after the last transfer): after a burst of
+    traffic (`radio_idle`: a generation's end, an open that failed, an `Info` ask) a whole tail is
+    charged, and the next transfer (`radio_busy`: the next open, back to back in a run or after a
+    failover; an ask while waiting for the edge) gives back the part the radio, busy again, never
+    spent. So a run is charged the tails that really happen: the gaps shorter than `tail_s`, and
+    a whole tail after its last transfer (each prompt of a run once got a whole tail, 12.3 J on
+    LTE, although the next prompt came at once). Tail joules not yet in a total wait in
+    `_tail_j` and go into the next one closed (`end`, `opening_spent_j`)."""
 
     def __init__(self, meter: Meter, radio: RadioProfile | None) -> None:
         self.meter = meter
         self.radio = radio
         self._opening: Reading | None = None
-        self._tail_from_s: float | None = None  # meter clock when the last charged tail began
-        self._tail_refund_j = 0.0  # the part of that tail the opening cut short
+        self._tail_from_s: float | None = None  # meter clock when the pending (charged) tail began
+        self._tail_j = 0.0  # tail joules charged or given back, in no total yet
 
     def radio_j(self, bytes_up: int, bytes_down: int) -> float:
         return self.radio.round_energy_j(bytes_up, bytes_down) if self.radio else 0.0
 
-    def _cut_tail_j(self, now_s: float) -> float:
-        """The part of the last charged tail the radio does not spend, being active again at
-        `now_s` (0 when that tail had ended, or none was charged); the tail is then settled."""
+    def radio_busy(self) -> None:
+        """The radio transfers from now on: the pending tail ends here, and the part of it not
+        spent is given back."""
         start, self._tail_from_s = self._tail_from_s, None
         if start is None or self.radio is None or not self.radio.tail_s:
-            return 0.0
-        spent_s = min(max(now_s - start, 0.0), self.radio.tail_s)
-        return self.radio.tail_energy_j() * (1.0 - spent_s / self.radio.tail_s)
+            return
+        spent_s = min(max(self.meter.clock() - start, 0.0), self.radio.tail_s)
+        self._tail_j -= self.radio.tail_energy_j() * (1.0 - spent_s / self.radio.tail_s)
+
+    def radio_idle(self) -> None:
+        """The last transfer for now: a whole tail is charged from here (until `radio_busy`)."""
+        if self.radio is not None and self.radio.tail_s:
+            self._tail_j += self.radio.tail_energy_j()
+            self._tail_from_s = self.meter.clock()
+
+    def _settle_tail_j(self) -> float:
+        tail_j, self._tail_j = self._tail_j, 0.0
+        return tail_j
 
     def opening(self) -> None:
         """A generation starts here, before its session is opened (or re-opened after a
         failover): `begin` measures from this reading, so the wait while the edge opens the
-        session and prefills the prompt is the generation's energy too. The radio is active
-        again: the part of the last tail it cuts short is given back at this generation's `end`."""
+        session and prefills the prompt (and, in a failover, the wait for the edge) is the
+        generation's energy too. The radio tail is cut where a transfer really starts
+        (`radio_busy`), not here."""
         self._opening = self.meter.read()
-        self._tail_refund_j = self._cut_tail_j(self._opening.t_s)
 
     def forget_opening(self) -> None:
         """Drop an `opening` reading no generation began from (the open failed)."""
-        self._opening, self._tail_refund_j = None, 0.0
+        self._opening = None
 
     def opening_spent_j(self) -> tuple[float, float]:
         """An `opening` no generation began from (a re-open that failed: the reconnect and the
         attempt cost the device all the same): (joules the meter saw since it, NaN when it cannot
-        read; radio joules: the attempt's own tail, less what the attempt cut short of the last
-        one). The reading is dropped; (0, 0) without one."""
+        read; radio tail joules: the attempt's own tail, with what is pending, e.g. the part of
+        the last tail it cut short given back). The reading is dropped; (0, 0) without one."""
         start, self._opening = self._opening, None
         if start is None:
             return 0.0, 0.0
         end = self.meter.read()
-        radio_j = 0.0
-        if self.radio is not None:
-            radio_j = self.radio.tail_energy_j() - self._tail_refund_j
-            self._tail_from_s = end.t_s
-        self._tail_refund_j = 0.0
-        return end.since(start), radio_j
+        self.radio_idle()
+        return end.since(start), self._settle_tail_j()
 
     def begin(self, stats: GenerationStats) -> Reading:
         """The generation's first reading: the one `opening` took, else now."""
@@ -90,11 +98,9 @@ class EnergyAccountant:
         close is added once written, `gelato.device.generate.charge_bytes`), and its radio tail
         (see the class docstring)."""
         end = self.meter.read()
-        stats.radio_j = self.radio_j(stats.bytes_up, stats.bytes_down)
-        if self.radio and (stats.bytes_up or stats.bytes_down):  # no traffic (ar-device): no tail
-            stats.radio_j += self.radio.tail_energy_j() - self._tail_refund_j
-            self._tail_from_s = end.t_s
-        self._tail_refund_j = 0.0
+        if stats.bytes_up or stats.bytes_down:  # no traffic (ar-device): no tail
+            self.radio_idle()
+        stats.radio_j = self.radio_j(stats.bytes_up, stats.bytes_down) + self._settle_tail_j()
         stats.energy_j = end.since(start) + stats.radio_j
 
     def round_start(self) -> Reading:

@@ -489,9 +489,13 @@ def test_the_totals_count_the_bytes_that_crossed_and_no_others(target: LoadedMod
         [_Stream(target, wrong_round_at=3)],  # fails: an answer read and refused
         [_Stream(target, cut_after=2), _Stream(target, open_answered_wrong=True)],  # a re-open answered wrong
     ]
+    answer = pb.InfoResponse(protocol_version=1, vocab_size=target.vocab_size, context_limit=512)
     for streams in cases:
-        res = _generate(target, drafter_model, streams, failovers=len(streams) - 1)
+        infos: list[float] = []  # a refused re-open is followed by Info asks: radio traffic too
+        res = _generate(target, drafter_model, streams, failovers=len(streams) - 1, infos=infos)
         sent, received = sum(s.sent_bytes for s in streams), sum(s.received_bytes for s in streams)
+        sent += len(infos) * wire_bytes(pb.InfoRequest().ByteSize())
+        received += len(infos) * wire_bytes(answer.ByteSize())
         assert (res.stats.bytes_up, res.stats.bytes_down) == (sent, received), (len(streams), res.error)
 
 
@@ -525,6 +529,25 @@ def test_a_restarting_edge_is_waited_for_before_the_next_reopen(
     infos.clear()
     res = _generate(target, drafter_model, [_Stream(target, cut_after=2), _Stream(target)], failovers=2, infos=infos)
     assert res.error == "" and res.failovers == 1 and infos == []
+
+
+def test_a_failover_wait_is_charged_the_tails_it_spends(target: LoadedModel, drafter_model: LoadedModel) -> None:
+    """While the device waits for a restarting edge, the radio's tail after each transfer (the
+    failed re-open, each Info ask) runs until the next one: a tail shorter than the pauses between
+    asks (0.1, 0.2, 0.4 s here) is spent whole each time. Once the tail was cut when the wait
+    began, so a long wait was charged no tail at all (12.3 J missing per waited failover on LTE)."""
+    lte = radio_profile("lte")
+    assert lte is not None
+    short = replace(lte, tail_s=0.05, tail_mw=1000.0)
+    streams = [_Stream(target, cut_after=2), _Stream(target, open_fails=True), _Stream(target)]
+    acct = EnergyAccountant(OneWatt(), short)
+    res = _generate(target, drafter_model, streams, failovers=2, loading_infos=3, acct=acct)
+    assert res.error == "" and res.failovers == 1, res.error
+    tails = (res.stats.radio_j - short.round_energy_j(res.stats.bytes_up, res.stats.bytes_down)) / short.tail_energy_j()
+    # Whole: after each of the three "still loading" asks (each followed by a pause longer than
+    # the tail) and after the last session; the others (the lost session's, the failed
+    # re-open's, the ready ask's) cut short at once by the next transfer.
+    assert 4 - 1e-6 <= tails <= 5, tails
 
 
 def test_a_first_open_refused_unavailable_is_tried_again(target: LoadedModel, drafter_model: LoadedModel) -> None:
