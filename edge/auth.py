@@ -22,8 +22,8 @@ async def _deny(request: Any, context: grpc.aio.ServicerContext) -> None:
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
 
 
-def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that only refuses."""
+def _denying(handler: grpc.RpcMethodHandler, refuse: Callable[..., Awaitable[None]] = _deny) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that only refuses (`refuse`)."""
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -32,8 +32,31 @@ def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     }
     make = kinds[(handler.request_streaming, handler.response_streaming)]
     return make(
-        _deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
     )
+
+
+ONLY_CHECK = "this port serves grpc.health.v1.Health/Check only (Watch and the rest: the main port, with the token)"
+
+
+async def _refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED, ONLY_CHECK)
+
+
+class CheckOnly(grpc.aio.ServerInterceptor):
+    """For the plaintext health-only port (`--health-port`): `Check` is served, anything else (a
+    never-ending `Watch` stream that anyone reaching the port could open in any number) is
+    refused PERMISSION_DENIED."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method in OPEN_METHODS:
+            return handler
+        return _denying(handler, _refuse)
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):

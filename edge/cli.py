@@ -208,6 +208,7 @@ async def stopped_while_loading(server: EdgeServer, health_server: Any, loading:
 def probe_address(host: str, port: int) -> str:
     """Where a probe on this host reaches a server bound to `host`:`port`: a wildcard bind through
     loopback, any other address as it is (an edge bound to one address only answers there)."""
+    host = host.strip("[]")  # a bracketed IPv6 address, as --host takes it
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
     elif host == "::":
@@ -224,7 +225,9 @@ async def serve_health(server: EdgeServer, host: str, port: int) -> Any:
 
     if port_in_use(host, port):
         raise OSError(f"--health-port {port} on {host} is in use")
-    health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    from gelato.edge.auth import CheckOnly
+
+    health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[CheckOnly()])
     health_pb2_grpc.add_HealthServicer_to_server(server.health, health_server)
     try:
         bound = health_server.add_insecure_port(f"{host}:{port}")

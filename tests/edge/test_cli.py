@@ -16,6 +16,8 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1.health_pb2 import HealthCheckRequest
+from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
@@ -251,6 +253,10 @@ def test_health_port_serves_health_alone(pair: dict[str, Path], monkeypatch: pyt
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as err:
             pb_grpc.GelatoStub(channel).Info(pb.InfoRequest(), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        # Only Check: a Watch stream (never ending, no token on this port) is refused.
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as err:
+            next(HealthStub(channel).Watch(HealthCheckRequest(service=""), timeout=10))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value
         taken = run_edge("--port", "0", "--health-port", str(port))
         assert taken.returncode == 2 and f"--health-port {port} on 127.0.0.1 is in use" in taken.stderr
     finally:
@@ -274,7 +280,14 @@ def test_health_check_asks_where_health_is_served(pair: dict[str, Path], monkeyp
 
 @pytest.mark.parametrize(
     ("host", "port", "address"),
-    [("0.0.0.0", 5, "127.0.0.1:5"), ("::", 5, "[::1]:5"), ("10.1.2.3", 5, "10.1.2.3:5"), ("fe80::1", 5, "[fe80::1]:5")],
+    [
+        ("0.0.0.0", 5, "127.0.0.1:5"),
+        ("::", 5, "[::1]:5"),
+        ("[::]", 5, "[::1]:5"),
+        ("[::1]", 5, "[::1]:5"),
+        ("10.1.2.3", 5, "10.1.2.3:5"),
+        ("fe80::1", 5, "[fe80::1]:5"),
+    ],
 )
 def test_probe_address(host: str, port: int, address: str) -> None:
     from gelato.edge.cli import probe_address
