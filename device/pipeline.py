@@ -338,6 +338,7 @@ async def _chain_loop(
             await _extend(drafter, link, policy, chain, recv, (confirmed, len(out)), offload, limits)
             verdict, down, arrived = await recv
         except VerifyError as exc:
+            exc = _read_error_first(exc, recv)
             stats.stop_reason, error, failure = "error", str(exc), exc
             chain.stale_down += exc.bytes_down  # an answer read and refused (no verdict): received all the same
             break
@@ -351,6 +352,17 @@ async def _chain_loop(
     # too, charged to no round: in the totals (and so the radio energy), as the open is.
     finish(stats, policy, acct, gen_start, _with_unsettled(session_bytes, chain))
     return GenerationResult(list(prompt_ids), out, time.perf_counter() - t0, stats, error=error, failure=failure)
+
+
+def _read_error_first(exc: VerifyError, recv: asyncio.Future[Any] | None) -> VerifyError:
+    """The generation's error when a write failed: the awaited read's, if it had failed too (the
+    stream ending under both: the read carries the edge's status and the bytes it read), else
+    the write's."""
+    if recv is not None and recv.done() and not recv.cancelled():
+        read_exc = recv.exception()
+        if isinstance(read_exc, VerifyError):
+            return read_exc
+    return exc
 
 
 def _with_unsettled(session_bytes: tuple[int, int], chain: _Chain) -> tuple[int, int]:

@@ -672,3 +672,40 @@ def test_a_read_that_fails_while_the_next_block_is_drafted_ends_the_generation_w
     assert res.stats.stop_reason == "error" and res.error == "edge gone (UNAVAILABLE)", res.error
     assert state["sent_after"] == 0
     assert res.stats.bytes_down == state["down"] + 50
+
+
+def test_a_write_failing_after_the_read_failed_reports_the_read(pair: dict[str, Path], target: LoadedModel) -> None:
+    """The next block's write is held (flow control) while the awaited read fails, and then the
+    write fails too (the stream has ended): the generation ends with the read's error (the edge's
+    status) and bytes, not the write's (which, mapped to UNAVAILABLE, would have failed over)."""
+    dm = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    session = TargetSession("s", target, GREEDY, prompt)
+    session.prefill()
+    base = local_link(session, max_ahead=4, delay_s=0.0)
+    state = {"reads": 0, "failed": False, "down": 0}
+
+    async def receive() -> tuple[Verdict, int]:
+        state["reads"] += 1
+        if state["reads"] == 3:
+            state["failed"] = True
+            exc = VerifyError("edge: OUT_OF_RANGE past the reservation")
+            exc.bytes_down = 50
+            raise exc
+        verdict, down = await base.receive()
+        state["down"] += down
+        return verdict, down
+
+    async def send(block: DraftBlock) -> int:
+        if state["reads"] >= 3 or (state["reads"] == 2 and block.round >= 3):
+            while not state["failed"]:  # held until the read has failed, then the stream is gone
+                await asyncio.sleep(0.001)
+            raise VerifyError("the stream to the edge ended while a message was being sent")
+        return await base.send(block)
+
+    policy = parse_policy("fixed-4", PolicyOptions(pipeline="send-ahead", ahead_blocks=2))
+    limits = Limits(60, target.context_limit, 32, target.eos_token_ids)
+    link = Link(send, receive, base.max_ahead, base.empty_ahead)
+    res = asyncio.run(pipelined_generate(Drafter(dm, GREEDY), link, policy, prompt, limits))
+    assert res.stats.stop_reason == "error" and res.error == "edge: OUT_OF_RANGE past the reservation", res.error
+    assert res.stats.bytes_down == state["down"] + 50
