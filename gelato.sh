@@ -49,7 +49,12 @@ torch_switch_args() {
   fi
 }
 
+# The build install_torch really put in (what setup records): the one asked for, or `pypi` when
+# the CPU index did not answer and PyPI's build was taken instead (the next setup tries again).
+torch_got=""
+
 install_torch() {
+  torch_got=$1
   local switch=""
   if [ "$1" != skip ]; then switch=$(torch_switch_args "$1"); fi
   # shellcheck disable=SC2086  # $switch unquoted on purpose: no words, or the two options
@@ -68,6 +73,7 @@ install_torch() {
         echo "gelato.sh: PyTorch's CPU index did not answer; installing $torch_req from PyPI instead" \
           "(on Linux that is the CUDA build, several GB)" >&2
         "$py" -m pip install -q "$torch_req"  # not forced: over a CUDA build that would fetch it again
+        torch_got=pypi
       fi ;;
   esac
 }
@@ -108,7 +114,7 @@ setup() {
     # torch first, the chosen build: left to the project's dependencies, pip would take PyPI's.
     install_torch "$build"
     "$py" -m pip install -q -e ".[dev]"
-    echo "$want" > "$venv/.gelato-installed"
+    echo "${want%-*}-$torch_got" > "$venv/.gelato-installed"  # not the build asked for: tried again next time
   fi
 }
 

@@ -25,7 +25,11 @@ TORCH_REQ = PIN.group(1)
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 FAKE_PYTHON = """#!/bin/sh
-if [ "$1" = -m ] && [ "$2" = pip ]; then shift 2; echo "$*" >> "$PIP_LOG"; exit 0; fi
+if [ "$1" = -m ] && [ "$2" = pip ]; then
+  shift 2; echo "$*" >> "$PIP_LOG"
+  case "$*" in *--index-url*) [ -n "$CPU_INDEX_DOWN" ] && exit 1 ;; esac
+  exit 0
+fi
 exec "$REAL_PYTHON" -S "$@"
 """
 
@@ -55,12 +59,14 @@ class Checkout:
         (pkg / "__init__.py").write_text("from . import version\n")
         (pkg / "version.py").write_text(f"cuda = {cuda!r}\n")
 
-    def setup(self, torch: str) -> tuple[list[str], str]:
+    def setup(self, torch: str, cpu_index_down: bool = False) -> tuple[list[str], str]:
         """`GELATO_TORCH=torch ./gelato.sh setup`: pip's argument lines, and stderr."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GELATO_", "PYTHON", "PIP_"))}
         env.update(
             GELATO_TORCH=torch, PIP_LOG=str(self.pip_log), REAL_PYTHON=sys.executable, PYTHONPATH=str(self.torch_path)
         )
+        if cpu_index_down:
+            env["CPU_INDEX_DOWN"] = "1"
         res = subprocess.run(
             ["bash", str(self.root / "gelato.sh"), "setup"], env=env, capture_output=True, text=True, timeout=60
         )
@@ -118,3 +124,17 @@ def test_an_unchanged_setup_installs_nothing(checkout: Checkout) -> None:
     checkout.pip_log.write_text("")
     pip, _ = checkout.setup("cpu")
     assert pip == []
+
+
+def test_a_cpu_build_that_fell_back_to_pypi_is_tried_again(checkout: Checkout) -> None:
+    """The CPU index did not answer: PyPI's build went in, which is not the CPU build asked for;
+    the marker says so, so the next setup (index back) installs the CPU build (once the marker
+    recorded `cpu` and nothing ever switched)."""
+    checkout.installed("cuda")
+    checkout.has_torch("12.8")
+    _, err = checkout.setup("cpu", cpu_index_down=True)
+    assert "did not answer; installing" in err and checkout.recorded() == "pypi"
+    checkout.pip_log.write_text("")
+    pip, _ = checkout.setup("cpu")
+    assert any(f"--index-url {CPU_INDEX} {TORCH_REQ}" in line for line in pip), pip
+    assert checkout.recorded() == "cpu"
