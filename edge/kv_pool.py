@@ -180,18 +180,22 @@ def attention_window(config: Any) -> int | None:
     return None
 
 
-def pool_model(loaded: LoadedModel) -> LoadedModel:
+def pool_model(loaded: LoadedModel, quiet: bool = False) -> LoadedModel:
     """The target as the KV pool can serve it losslessly. The pool passes its own causal mask,
     which a sliding-window layer then applies over the whole context: so the context limit is cut
     to the window, within which sliding and full attention are the same (a longer sequence is
     refused at open or ends OUT_OF_RANGE, never decoded differently from the target).
-    `ModelLoadError` for layers the pool cannot serve (e.g. linear attention)."""
+    `ModelLoadError` for layers the pool cannot serve (e.g. linear attention). `quiet`: no log
+    line (a `TargetSession` built on a model the server did not load, e.g. a benchmark's
+    reference, applies it too)."""
     try:
         window = attention_window(loaded.model.config)
     except ValueError as exc:
         raise ModelLoadError(f"target {loaded.name!r}: {exc}") from None
     if window is None or window >= loaded.context_limit:
         return loaded
+    if quiet:
+        return replace(loaded, context_limit=window)
     log.warning(
         "target %s: sliding-window attention (%d tokens): context limit cut from %d to %d",
         loaded.name,

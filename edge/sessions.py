@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 import grpc
 import torch
 
-from gelato.edge.kv_pool import KVPool, PooledSequence, plan_pool
+from gelato.edge.kv_pool import KVPool, PooledSequence, plan_pool, pool_model
 from gelato.models import LoadedModel
 from gelato.sampling import KeyedRng, accept_greedy, process_logits, verify_greedy, verify_sampling
 from gelato.types import DraftBlock, SamplingParams
@@ -83,6 +83,8 @@ class TargetSession:
     released: bool = False
 
     def __post_init__(self) -> None:
+        # Within a sliding window only (a target the server loaded is cut already: a no-op then).
+        self.loaded = pool_model(self.loaded, quiet=True)
         if self.pool is None:
             limit = self.loaded.context_limit
             self.pool = KVPool(self.loaded.model, self.loaded.vocab_size, slots=1, max_context=limit)

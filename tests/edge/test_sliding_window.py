@@ -104,3 +104,24 @@ def _open(fingerprint: str, prompt: list[int]) -> pb.DeviceMessage:
             protocol_version=PROTOCOL_VERSION, tokenizer_fingerprint=fingerprint, prefix_ids=prompt, max_new_tokens=1
         )
     )
+
+
+def test_a_session_built_directly_keeps_within_the_window(pair: dict[str, Path], tmp_path: Path) -> None:
+    """A `TargetSession` built on a model the server did not load (a benchmark's reference, the
+    trace recorder) is cut to the window too: a block that would pass it is refused (OUT_OF_RANGE
+    by the session's checks, which the server runs; the pool's own limit for a bare `verify`)
+    instead of decoded with full attention."""
+    from gelato.edge.sessions import StatusError, TargetSession
+    from gelato.types import DraftBlock, SamplingParams
+
+    loaded = load_model(str(_sliding_target(pair, tmp_path)), "target", "float32", "cpu")
+    session = TargetSession("ref", loaded, SamplingParams(), list(range(5, 5 + WINDOW - 3)))
+    session.prefill()
+    assert session.loaded.context_limit == WINDOW
+    session.verify(DraftBlock(round=0, ids=(7,)))  # within the window
+    past = DraftBlock(round=1, ids=(7, 8, 9))
+    with pytest.raises(StatusError) as info:
+        session.check(past)
+    assert info.value.code == grpc.StatusCode.OUT_OF_RANGE
+    with pytest.raises(ValueError, match="exceed the target's context limit of 8"):
+        session.verify(past)
