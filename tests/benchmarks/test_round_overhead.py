@@ -189,8 +189,8 @@ def test_patches_wrap_and_restore_every_kind_of_attribute() -> None:
 
 
 def test_lossless_compares_every_repeat_of_every_run() -> None:
-    """One repeat of one run that differs from fixed-0's output fails the verdict (once only the
-    first repeat of two policies was compared)."""
+    """One repeat of one run that differs from fixed-0's output fails the verdict (the rule
+    a816a5f introduced, here as a function with a test of its own)."""
     same = {"token_ids": [[5, 6, 7]]}
     acc = {"fixed-0": [same, same], "fixed-3": [same, same], "ar-edge": [same, same]}
     assert ro.lossless(acc, ["fixed-0", "fixed-3", "ar-edge"])

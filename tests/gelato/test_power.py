@@ -180,42 +180,27 @@ def test_a_failing_sensor_read_is_a_dropped_sample_then_unknown_energy(tmp_path:
     meter.stop()
 
 
-def test_after_an_outage_the_energy_is_known_again_from_a_new_epoch() -> None:
-    """A sensor out for longer than `FAILED_READS_S`, then back: energy across the outage is
+def test_after_an_outage_the_energy_is_known_again_from_a_new_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power sensor out for longer than `FAILED_READS_S`, then back (an NVML GPU without the
+    energy counter, which integrates power as the Jetson meter does): energy across the outage is
     unknown, energy between readings after it is exact again (once every later reading was NaN:
-    a 1.5 s glitch on a Jetson left the rest of a long run unmeasured and the budget unenforced).
-    Through a real meter's `read`: the Jetson meter on a fake sysfs rail would do the same."""
-    from gelato.power.base import FAILED_READS_S, Meter, PowerIntegrator
+    a 1.5 s glitch left the rest of a long run unmeasured and the budget unenforced)."""
+    from gelato.power.base import FAILED_READS_S
 
-    clock, power, fail = FakeClock(), [5.0], [False]
-
-    def read_w() -> float:
-        if fail[0]:
-            raise OSError("I/O error")
-        return power[0]
-
-    class Integrating(Meter):
-        source, kind = "test", "measured"
-
-        def __init__(self) -> None:
-            super().__init__(clock)
-            self.integrator = PowerIntegrator(read_w, 0.1, clock)
-
-        def joules_at(self, now: float) -> float:
-            return self.integrator.joules(now)
-
-        def joules_epoch_at(self, now: float) -> tuple[float, int]:
-            return self.integrator.joules_epoch(now)
-
-    meter = Integrating()
+    fake = FakeNvml(counter=False)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    clock = FakeClock()
+    meter = NvmlMeter(clock=clock)
+    assert meter.integrator is not None
+    meter.integrator.stop()  # sampled by hand below
     before = meter.read()
-    fail[0] = True
+    fake.has_power = False
     for _ in range(int(FAILED_READS_S / 0.1) + 5):  # out for 1.5 s
         clock.t += 0.1
         meter.integrator.sample()
     during = meter.read()
     assert math.isnan(during.since(before))
-    fail[0] = False
+    fake.has_power = True
     clock.t += 0.1
     meter.integrator.sample()  # back
     after = meter.read()
@@ -223,7 +208,7 @@ def test_after_an_outage_the_energy_is_known_again_from_a_new_epoch() -> None:
         clock.t += 0.1
         meter.integrator.sample()
     later = meter.read()
-    assert later.since(after) == pytest.approx(5.0 * 1.0)  # exact again within the new epoch
+    assert later.since(after) == pytest.approx(250.0 * 1.0)  # exact again within the new epoch
     assert math.isnan(later.since(before)) and math.isnan(later.since(during))  # across the outage: unknown
 
 
