@@ -43,34 +43,37 @@ async def _refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
     await context.abort(grpc.StatusCode.PERMISSION_DENIED, ONLY_CHECK)
 
 
-class CheckOnly(grpc.aio.ServerInterceptor):
+class _Gate(grpc.aio.ServerInterceptor):
+    """Serves the open methods (health's `Check`) and what `allows` lets through; refuses the rest
+    with `refuse`, whatever the call's kind."""
+
+    refuse: Callable[..., Awaitable[None]] = staticmethod(_deny)
+
+    def allows(self, details: grpc.HandlerCallDetails) -> bool:
+        return False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method in OPEN_METHODS or self.allows(details):
+            return handler
+        return _denying(handler, self.refuse)
+
+
+class CheckOnly(_Gate):
     """For the plaintext health-only port (`--health-port`): `Check` is served, anything else (a
     never-ending `Watch` stream that anyone reaching the port could open in any number) is
     refused PERMISSION_DENIED."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method in OPEN_METHODS:
-            return handler
-        return _denying(handler, _refuse)
+    refuse = staticmethod(_refuse)
 
 
-class BearerAuth(grpc.aio.ServerInterceptor):
+class BearerAuth(_Gate):
     def __init__(self, token: str) -> None:
         self.token = token
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method in OPEN_METHODS:
-            return handler
-        if token_matches(details.invocation_metadata, self.token):
-            return handler
-        return _denying(handler)
+    def allows(self, details: grpc.HandlerCallDetails) -> bool:
+        return token_matches(details.invocation_metadata, self.token)

@@ -22,6 +22,7 @@ from grpc_health.v1.health_pb2_grpc import HealthStub
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from tests.conftest import EdgeProcess, run_device
+from tests.gelato.test_model_load_oom import placing_raises
 
 
 def run_edge(*args: str) -> subprocess.CompletedProcess[str]:
@@ -67,24 +68,6 @@ def test_edge_bad_target(tmp_path: Path) -> None:
     assert res.returncode == 2 and "cannot load target" in res.stderr and "no such local folder" in res.stderr
 
 
-def target_placing_raises(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
-    """The target's `.to(device)` in `load_model` raises `exc` (a GPU without room for it)."""
-    import transformers
-
-    real = transformers.AutoModelForCausalLM.from_pretrained
-
-    def from_pretrained(*args: Any, **kwargs: Any) -> Any:
-        model = real(*args, **kwargs)
-
-        def to(*_: Any, **__: Any) -> Any:
-            raise exc
-
-        model.to = to
-        return model
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
-
-
 def test_edge_target_out_of_memory_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -95,7 +78,7 @@ def test_edge_target_out_of_memory_is_one_line(
 
     from gelato.edge import cli
 
-    target_placing_raises(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB."))
+    placing_raises(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB."))
     assert cli.main(["--port", "0", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot place target ") and err.count("\n") == 1, err
