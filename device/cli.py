@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(parser.explain(f"--meter {config.meter}: {exc}"))
     # Only now torch and transformers: --help and a settings error answer without them.
     from gelato.device.run import run
-    from gelato.models import ModelLoadError, load_model
+    from gelato.models import ModelLoadError, load_failure, load_model
 
     setup_torch_threads(config.threads)
     try:
@@ -129,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as exc:
         return fail(str(exc))
     except Exception as exc:  # not foreseen (a bug, a failure below transformers): one line all the same
-        first = (str(exc).strip().splitlines() or [""])[0]
-        name = repr(config.drafter) if config.drafter else "(the embedded default)"
-        return fail(f"cannot load drafter {name}: {type(exc).__name__}: {first}")
+        return fail(load_failure("drafter", config.drafter, exc))
     try:  # opened before any generation, so a bad path costs nothing
         trace = open(config.trace, "w", encoding="utf-8") if config.trace else None  # noqa: SIM115
     except OSError as exc:

@@ -121,7 +121,7 @@ async def load_target(server: EdgeServer, config: EdgeConfig) -> LoadedModel:
 
 async def serve(config: EdgeConfig) -> int:
     from gelato.edge.server import EdgeServer, PortInUseError
-    from gelato.models import ModelLoadError
+    from gelato.models import ModelLoadError, load_failure
 
     server = EdgeServer(config)
     stop = asyncio.Event()  # set by SIGTERM / Ctrl-C from here on, also while the target loads
@@ -163,9 +163,7 @@ async def serve(config: EdgeConfig) -> int:
         # Not foreseen (a bug, or a failure below transformers): its type and first line, and
         # the traceback in the log at DEBUG.
         log.debug("loading the target failed", exc_info=exc)
-        first = (str(exc).strip().splitlines() or [""])[0]
-        name = repr(config.target) if config.target else "(the embedded default)"
-        return fail(f"cannot load target {name}: {type(exc).__name__}: {first} (--log-level DEBUG logs the traceback)")
+        return fail(f"{load_failure('target', config.target, exc)} (--log-level DEBUG logs the traceback)")
     print(
         f"gelato-edge: target {loaded.name} ({loaded.dtype}, {loaded.device}) listening on {config.host}:{port}",
         flush=True,
@@ -249,10 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return fail(parser.explain(str(exc)))
     if args.health_check is not None:
-        if config.health_port is not None:
-            address = args.health_check or probe_address(config.health_host, config.health_port)
-        else:
-            address = args.health_check or probe_address(config.host, config.port)
+        alone = config.health_port is not None  # health on its own port, else on the main one
+        host = config.health_host if alone else config.host
+        address = args.health_check or probe_address(host, config.health_port or config.port)
         tls = bool(config.tls_cert) and not args.health_check and config.health_port is None
         return health_check(address, config.health_check_timeout_s, tls)
     try:

@@ -194,15 +194,9 @@ def pool_model(loaded: LoadedModel, quiet: bool = False) -> LoadedModel:
         raise ModelLoadError(f"target {loaded.name!r}: {exc}") from None
     if window is None or window >= loaded.context_limit:
         return loaded
-    if quiet:
-        return replace(loaded, context_limit=window)
-    log.warning(
-        "target %s: sliding-window attention (%d tokens): context limit cut from %d to %d",
-        loaded.name,
-        window,
-        loaded.context_limit,
-        window,
-    )
+    if not quiet:
+        limit = loaded.context_limit
+        log.warning("target %s: sliding-window attention: context limit cut from %d to %d", loaded.name, limit, window)
     return replace(loaded, context_limit=window)
 
 

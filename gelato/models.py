@@ -219,6 +219,14 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return (head[: cut + 1] if cut > 0 else head) + " …"
 
 
+def load_failure(role: str, name: str | None, exc: BaseException) -> str:
+    """The one-line message for a load that failed in a way `load_model` does not foresee (a bug,
+    a failure below transformers): the model, the exception's type and its first line."""
+    model = repr(name) if name else "(the embedded default)"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"cannot load {role} {model}: {type(exc).__name__}: {first}"
+
+
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 

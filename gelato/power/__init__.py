@@ -9,6 +9,8 @@ raises `MeterUnavailable`; nothing ever turns a missing sensor into 0 J.
 
 from __future__ import annotations
 
+import contextlib
+
 from gelato.power.base import Kind, Meter, MeterUnavailable, NullMeter, Reading
 from gelato.power.cpu_model import PROFILES, CpuModelMeter, DeviceProfile
 from gelato.power.radio import RADIOS, RadioProfile, radio_profile
@@ -43,9 +45,7 @@ def open_source(source: str, profile: str = "phone", device: str | None = None) 
     """One named source; raises MeterUnavailable when it cannot read here. `device`: the
     drafter's `--device`; NVML then reads the GPU it runs on (None, or a CPU drafter: GPU 0)."""
     if source == "nvml":
-        from gelato.power.nvml import NvmlMeter
-
-        return NvmlMeter(uuid=cuda_uuid(device) if device is not None else None)
+        return _nvml(cuda_uuid(device) if device is not None else None)
     if source == "rapl":
         from gelato.power.rapl import RaplMeter
 
@@ -63,18 +63,24 @@ def open_source(source: str, profile: str = "phone", device: str | None = None) 
     raise ValueError(f"unknown meter {source!r}; use auto, {', '.join(SOURCES)} or replay:FILE")
 
 
+def _nvml(uuid: str | None) -> Meter:
+    from gelato.power.nvml import NvmlMeter
+
+    return NvmlMeter(uuid=uuid)
+
+
 def open_meter(spec: str = "auto", profile: str = "phone", device: str | None = None) -> Meter:
     """`device`: the drafter's `--device` (None: not known). `auto` then skips NVML when the
     drafter runs on no CUDA device (a laptop's idle discrete GPU is not the drafter's energy)."""
     if spec != "auto":
         return open_source(spec, profile, device)
-    for source in ("nvml", "rapl", "jetson"):
-        if source == "nvml" and device is not None and cuda_uuid(device) is None:
-            continue
-        try:
-            return open_source(source, profile, device)
-        except MeterUnavailable:
-            continue
+    uuid = cuda_uuid(device) if device is not None else None
+    if device is None or uuid is not None:
+        with contextlib.suppress(MeterUnavailable):
+            return _nvml(uuid)
+    for source in ("rapl", "jetson"):
+        with contextlib.suppress(MeterUnavailable):
+            return open_source(source, profile)
     return CpuModelMeter(profile)
 
 
