@@ -56,6 +56,25 @@ def test_dockerfile_basics() -> None:
     assert {m for m in re.findall(r"^FROM .* AS (\w[\w-]*)$", text, re.M)} >= {"edge", "device"}
 
 
+def _seconds(duration: str) -> float:
+    """A Docker duration such as `15s`, `30m` or `1h` in seconds."""
+    value, unit = re.fullmatch(r"(\d+)([smh])", duration).groups()  # type: ignore[union-attr]
+    return float(value) * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def test_healthcheck_agrees_and_waits_out_a_download() -> None:
+    """The image's HEALTHCHECK and compose's healthcheck time the same probe; the start period covers
+    a first start that downloads a 7B target from the hub (failures in it do not count)."""
+    line = re.search(r"^HEALTHCHECK (.*) CMD", (DOCKER / "Dockerfile").read_text(), re.M)
+    assert line, "no HEALTHCHECK"
+    image = dict(re.findall(r"--([a-z-]+)=(\S+)", line.group(1)))
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["edge"]["healthcheck"]
+    for key in ("interval", "timeout", "start_period"):
+        assert _seconds(image[key.replace("_", "-")]) == _seconds(compose[key]), key
+    assert int(image["retries"]) == compose["retries"]
+    assert _seconds(compose["start_period"]) >= 1200
+
+
 def test_build_context_holds_what_the_images_copy_and_no_secrets() -> None:
     """Every COPY source is in the repository and not left out of the build context by
     .dockerignore; LICENSE and NOTICE travel into the wheel (NOTICE credits GSM8K); the secrets
