@@ -124,11 +124,13 @@ __all__ = [
 DEFAULT_POLICIES = ("fixed-0", "fixed-4")
 
 
-def load_prompts(source: str, n: int) -> tuple[list[str], str]:
+def load_prompts(source: str, n: int, data: Path | None = None) -> tuple[list[str], str]:
+    """`n` prompts: GSM8K test questions from `data` (which must exist), else from the default path
+    (`$GELATO_GSM8K_DIR`, or shared/data/gsm8k beside the checkout) when found; else the demo's."""
     if source == "gsm8k":
         from gelato.tiny.train import default_gsm8k_path
 
-        path = default_gsm8k_path("test")
+        path = data or default_gsm8k_path("test")
         if path.is_file():
             with open(path, encoding="utf-8") as f:
                 return [json.loads(line)["question"] for line, _ in zip(f, range(n), strict=False)], "GSM8K test"
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
     k = args.k
     policies = ["fixed-0", f"fixed-{k}"]
     load = {"start": os.getloadavg()[0]}
-    texts, source = load_prompts(args.prompts, args.n)
+    texts, source = load_prompts(args.prompts, args.n, args.data)
     target = load_model(args.target, "target", "float32", "cpu")
     drafter = load_model(args.drafter, "drafter", "float32", "cpu")
     prompts = [encode_prompt(drafter.tokenizer, t) for t in texts]
@@ -332,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drafter", default=None, help="drafter checkpoint (default: the embedded tiny drafter)")
     p.add_argument("--n", type=int, default=10, help="prompts")
     p.add_argument("--prompts", choices=["gsm8k", "demo"], default="gsm8k", help="GSM8K test (when found) or demo")
+    p.add_argument(
+        "--data", type=Path, default=None, help="GSM8K test JSONL (default: $GELATO_GSM8K_DIR, else the shared copy)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=4, help="drafts per round of the speculative run (fixed-K)")
     p.add_argument("--echo-rounds", type=int, default=2000)
@@ -341,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if min(args.n, args.k, args.max_new_tokens, args.repeats, args.echo_rounds, args.raw_reps) < 1:
         p.error("--n, --k, --max-new-tokens, --repeats, --echo-rounds and --raw-reps must be >= 1")
+    if args.data is not None and not args.data.is_file():
+        p.error(f"--data {args.data}: no such file")
 
     import torch
 

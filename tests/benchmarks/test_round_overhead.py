@@ -199,3 +199,12 @@ def test_lossless_compares_every_repeat_of_every_run() -> None:
             bad = {k: list(v) for k, v in acc.items()}
             bad[run][repeat] = {"token_ids": [[5, 6, 8]]}
             assert not ro.lossless(bad, ["fixed-0", "fixed-3", "ar-edge"]), (run, repeat)
+
+
+def test_prompts_come_from_the_data_file_given(tmp_path: Any) -> None:
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}?", "answer": "#### 1"}) + "\n" for i in range(3)))
+    assert ro.load_prompts("gsm8k", 2, data) == (["q0?", "q1?"], "GSM8K test")
+    assert ro.load_prompts("demo", 2, data)[1] == "the demo's synthetic problems"
+    with pytest.raises(SystemExit):  # a --data that is not there is refused, not replaced by the demo's prompts
+        ro.main(["--data", str(tmp_path / "none.jsonl")])
