@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gelato.cli_common import endpoint, model_device, model_dtype, torch_threads
-from gelato.config import MAX_TIMEOUT_S, ConfigError, Settings, ge, gt, le, nested, require, setting
+from gelato.config import MAX_TIMEOUT_S, UINT32, ConfigError, Settings, ge, gt, le, nested, require, setting
 from gelato.device.policy import PolicyOptions, parse_policy
 from gelato.power import PROFILES, RADIOS
 from gelato.types import SamplingParams
@@ -43,9 +43,7 @@ class DeviceConfig(Settings):
         None, "JSONL with 'prompt' or 'question' per line", one_of="prompts", required=True
     )
     limit: int | None = setting(None, "use only the first N prompts of the file", check=ge(0))
-    max_new_tokens: int = setting(
-        256, "tokens to generate per prompt, at most", check=(ge(1), le(2**32 - 1))
-    )  # uint32 on the wire (OpenSession, Generate)
+    max_new_tokens: int = setting(256, "tokens to generate per prompt, at most", check=(ge(1), UINT32))
     policy: str = setting("fixed-4", POLICY_HELP)
     controller: PolicyOptions = nested(PolicyOptions)  # noqa: RUF009 (a field, see gelato.config)
     temperature: float = setting(0.0, "sampling temperature (0: greedy)")

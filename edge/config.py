@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gelato.cli_common import max_memory, model_device, model_dtype, port_number, torch_threads
-from gelato.config import MAX_TIMEOUT_S, PORT, Check, Settings, ge, gt, le, require, setting
+from gelato.config import MAX_TIMEOUT_S, PORT, UINT32, Check, Settings, ge, gt, le, require, setting
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEVICE_MAPS = ("auto", "balanced", "sequential")  # gelato.models.DEVICE_MAPS, without importing torch
@@ -27,14 +27,16 @@ class EdgeConfig(Settings):
     target: str | None = setting(None, "hub id or local folder (default: the embedded tiny target)")
     host: str = setting("127.0.0.1", "bind address (a non-loopback one needs TLS and a token, or --insecure)")
     port: int = setting(50051, "gRPC port; 0 picks a free one", type=port_number, check=PORT)
-    max_sessions: int = setting(64, "open sessions at most (beyond: RESOURCE_EXHAUSTED)", check=ge(1))
-    max_draft_tokens: int = setting(32, "largest draft block accepted", check=ge(1))
+    max_sessions: int = setting(64, "open sessions at most (beyond: RESOURCE_EXHAUSTED)", check=(ge(1), UINT32))
+    max_draft_tokens: int = setting(32, "largest draft block accepted", check=(ge(1), UINT32))
     max_ahead_rounds: int = setting(
         4,
         "send-ahead (pipelined speculation): blocks a session may send past its last verdict; 0: off",
-        check=ge(0),
+        check=(ge(0), UINT32),
     )
-    kv_budget_mb: float = setting(0.0, "target KV memory for sessions, in MiB (0: no limit)", check=ge(0))
+    kv_budget_mb: float = setting(
+        0.0, "target KV memory for sessions, in MiB (0: no limit)", check=(ge(0), le(2**40))
+    )  # 1 EiB: its bytes travel as a uint64 (InfoResponse)
     batch_window_ms: float = setting(2.0, "wait this long for more rows to batch", check=ge(0))
     max_batch: int = setting(16, "most draft blocks verified in one forward", check=ge(1))
     prefill_chunk_tokens: int = setting(

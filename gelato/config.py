@@ -78,6 +78,9 @@ def between(low: float, high: float) -> Check:
 
 
 PORT = Check(lambda p: 0 <= p <= 65535, "must be in 0-65535")
+# Settings that travel in a uint32 field (SessionOpened, InfoResponse): a larger one would pass at
+# start and then fail every open or Info when encoded.
+UINT32 = Check(lambda x: x <= 2**32 - 1, "must be <= 4294967295 (it travels as a uint32)")
 # gRPC ends a call at once as DEADLINE_EXCEEDED when its timeout is far out (1e20 s did, 1e9 s did
 # not): settings used as call timeouts are bounded by this, refused at start instead of failing
 # every call.
