@@ -539,6 +539,14 @@ class PooledSequence(KVSequence):
     def forward(self, new_ids: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
         return pooled_forward([(self, tuple(new_ids))])[0]
 
+    def reserve(self, tokens: int) -> None:
+        """Take a slot and the context for `tokens` now (model thread): the room a session was
+        admitted for, so that a pool the device has no memory for fails its open
+        (`PoolMemoryError`), not a verify halfway through its generation."""
+        self.pool.apply_target()
+        self._slot()
+        self.pool.ensure_context(tokens)
+
     def prefill(self, upto: int) -> None:
         if upto > self._cached:
             self.pool.apply_target()

@@ -29,7 +29,9 @@ Duplicate, out-of-order and too-deep blocks raise `StatusError`.
 `SessionRegistry` contract: `admit(...)` creates a `TargetSession` or raises `AdmissionError`
 (the server answers RESOURCE_EXHAUSTED) when `max_sessions` are open or the KV pool would pass
 `kv_budget_bytes`. A session reserves KV for its whole possible length (prefix + max_new_tokens +
-one draft block, capped at the context limit), so admitted sessions never run out mid-generation.
+one draft block, capped at the context limit), so admitted sessions never run out mid-generation:
+the budget is charged for it at admission, and the first prefill takes its slot and context (a
+device with no memory for them fails that open, not a later round).
 All sessions share one slot-based `KVPool` whose slots are as long as its context, so what the
 budget is charged is the pool the open sessions need — sessions × their longest reservation — and
 the registry shapes the pool (`plan_pool`, `KVPool.set_target`) to stay within the budget: the
@@ -102,6 +104,10 @@ class TargetSession:
         nothing."""
         if self.released:
             return True
+        if self.seq.slot is None and self.reserved_tokens:
+            # First the room admission reserved (a one-token prompt caches nothing here): a pool
+            # with no memory for it fails this open RESOURCE_EXHAUSTED, not a later verify.
+            self.seq.reserve(self.reserved_tokens)
         upto = len(self.seq.tokens) - 1
         if max_tokens > 0:
             upto = min(upto, self.seq.cached + max_tokens)

@@ -553,3 +553,33 @@ def test_a_reshape_failing_for_another_reason_is_not_called_out_of_memory(target
     assert not isinstance(info.value, PoolMemoryError)
     assert (pool.slots, pool.context) == (2, 64)
     _consistent(pool)
+
+
+@pytest.mark.parametrize("prompt", [[1, 2, 3, 4, 5], [9]], ids=["prompt", "one-token prompt"])
+def test_an_open_takes_the_room_it_was_admitted_for_or_fails_then(target: LoadedModel, prompt: list[int]) -> None:
+    """A session admitted for up to the context limit, while the device's memory holds only the
+    short pool the other sessions need: its open (the prefill, on the model thread) fails with
+    `PoolMemoryError` (RESOURCE_EXHAUSTED at open). It took a free slot of the short pool, was
+    answered opened, and failed rounds later when its length passed that context; a one-token
+    prompt, with nothing to cache, took no slot at all and failed its first draft. Once the memory
+    is there, the open takes the planned shape and the generation runs past the old context."""
+    reg = SessionRegistry(max_sessions=8, kv_budget_bytes=0, max_draft_tokens=8)
+    reg.pool = _SmallMemory(target.model, target.vocab_size, slots=0, context=0, max_context=target.context_limit)
+    others = [reg.admit(target, SamplingParams(), [5 + i, 6, 7], 16) for i in range(3)]
+    for s in others:
+        s.prefill()
+    assert (reg.pool.slots, reg.pool.context) == (4, 64)  # a free slot, a short context
+    reg.pool.tokens = 4 * 64  # the device's memory is full
+    new = reg.admit(target, SamplingParams(), prompt, 0)  # reserves up to the context limit
+    assert new.reserved_tokens > 64
+    with pytest.raises(PoolMemoryError):
+        new.prefill()
+    reg.release(new.session_id)
+    new.close()
+    assert (reg.pool.slots, reg.pool.context) == (4, 64) and len(reg.pool._owners) == 3
+    reg.pool.tokens = 1 << 30  # memory back
+    again = reg.admit(target, SamplingParams(), prompt, 0)
+    assert again.prefill() and reg.pool.context >= again.reserved_tokens
+    while again.length <= 64:  # past the old context; every round adds a token at least
+        assert isinstance(verify_batch([(again, DraftBlock(round=again.rounds, ids=(9,) * 8))])[0], Accepted)
+    _consistent(reg.pool)
