@@ -397,5 +397,6 @@ def _stalled(name: str, o: Outcome, idle_timeout_s: float) -> dict:
     """The edge's idle clock starts when it sent its last answer, a little before the client
     received it and its own silence began: hence 0.1 s of slack below."""
     silence_ok = idle_timeout_s - 0.1 <= o.silent_s <= idle_timeout_s + 2
-    ok = o.code == "DEADLINE_EXCEEDED" and "idle" in o.details and silence_ok
+    said = "no open within" if name == "before-open" else "idle"  # silent from the start: never opened
+    ok = o.code == "DEADLINE_EXCEEDED" and said in o.details and silence_ok
     return {"kind": name, "code": o.code, "details": o.details[:200], "silent_s": o.silent_s, "ok": ok}

@@ -48,6 +48,11 @@ class EdgeConfig(Settings):
     idle_timeout_s: float = setting(
         300.0, "end a session whose device sends nothing, or takes no answer, this long", check=gt(0)
     )
+    open_timeout_s: float = setting(
+        30.0,
+        "end a Session stream that sends no open this long after it starts (at most --idle-timeout-s)",
+        check=(gt(0), le(MAX_TIMEOUT_S)),
+    )
     metrics_port: int | None = setting(
         None, "serve Prometheus metrics on this port (default: none)", type=port_number, check=(PORT, NAMED_PORT)
     )

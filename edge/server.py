@@ -10,7 +10,9 @@ UNAVAILABLE; INTERNAL only for a genuine server fault, and then for that session
 server and other sessions go on. Client strings are echoed only clipped (`gelato.wire.clip`).
 Model forwards run on one model thread, never on the event loop. A session is released however
 its stream ends, and before its final status is sent. A device that sends nothing, or takes no
-answer, for the idle timeout has gone or stalled: its stream ends DEADLINE_EXCEEDED.
+answer, for the idle timeout has gone or stalled: its stream ends DEADLINE_EXCEEDED; so does a
+stream that sends no open within the open timeout, and streams waiting for their open are
+bounded (`GelatoService.waiting_limit`, RESOURCE_EXHAUSTED beyond).
 
 Shutdown (`EdgeServer.stop(grace_s)`): health turns NOT_SERVING and new calls are refused at once;
 open sessions are served as usual for `grace_s`. Then the edge itself ends every Session stream
@@ -81,6 +83,9 @@ SHUTDOWN_DETAILS = "edge shutting down: reopen the session with its accepted pre
 SETTLE_S = 0.5
 BACKSTOP_S = 0.5  # gRPC cancels every call still open this long after that (e.g. a stuck forward)
 _POLL_S = 0.02  # how often shutdown looks again at streams owed an answer
+# Session streams that may wait for their open at once, at least (`GelatoService.waiting_limit`):
+# room for a whole fleet re-opening after an edge restart.
+MIN_WAITING_STREAMS = 64
 _M = TypeVar("_M", bound=Message)
 
 
@@ -213,7 +218,20 @@ class GelatoService:
             )
         )
 
+    def waiting_limit(self) -> int:
+        """Session streams that may wait for their open (or its prefill) at once: a device's
+        stream opens at once, so more mean a client that starts streams and sends nothing; each
+        would otherwise hold a task and gRPC's call state until `--open-timeout-s`."""
+        return max(MIN_WAITING_STREAMS, self.config.max_sessions)
+
     async def Session(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        waiting = sum(s.session is None for s in self.streams)
+        if waiting >= self.waiting_limit():
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{waiting} Session streams are waiting to open on this edge (at most {self.waiting_limit()}); "
+                "send the open as the stream's first message, or try again later",
+            )
         stream = _Stream(asyncio.current_task())
         self.streams.add(stream)
         try:
@@ -329,12 +347,19 @@ class GelatoService:
         idle timeout has vanished: its session ends (DEADLINE_EXCEEDED) and is freed. While it
         waits, `stream.waiting_since` says since when (shutdown may cut the wait)."""
         stream.waiting_since = time.monotonic()
+        idle_s = self.config.idle_timeout_s
+        if stream.session is None:  # the first message: a device sends its open at once
+            idle_s = min(idle_s, self.config.open_timeout_s)
         try:
-            data = await within(context.read(), self.config.idle_timeout_s)
+            data = await within(context.read(), idle_s)
         except TimeoutError:
+            if stream.session is None:
+                raise StatusError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"no open within {idle_s:g} s of the stream's start"
+                ) from None
             raise StatusError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"session idle for more than {self.config.idle_timeout_s:g} s; reopen with the accepted prefix",
+                f"session idle for more than {idle_s:g} s; reopen with the accepted prefix",
             ) from None
         finally:
             stream.waiting_since = None

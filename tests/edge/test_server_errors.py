@@ -311,3 +311,60 @@ def test_edge_only_generation_past_the_reservation_is_out_of_range(stub: pb_grpc
     assert "reserved at open" in (info.value.details() or "")
     assert streamed.verdict.round > 1  # the reservation's tokens came first (prefix + 1 + one block)
     assert stub.Info(pb.InfoRequest(), timeout=10).active_sessions == 0
+
+
+async def _silent_streams(address: str, fp: str, n: int, wait_s: float) -> dict[str, object]:
+    """Start `n` Session streams that send nothing, then streams with an open until one is
+    refused (the edge then holds all `n`); then wait for the silent ones' statuses."""
+    import asyncio
+    import time
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GelatoStub(channel)
+        started = time.monotonic()
+        silent = [stub.Session() for _ in range(n)]
+        await asyncio.gather(*(call.wait_for_connection() for call in silent))
+        refused: grpc.aio.AioRpcError | None = None
+        while refused is None and time.monotonic() - started < wait_s:
+            extra = stub.Session()
+            await extra.write(open_msg(fp))
+            try:
+                assert (await extra.read()).WhichOneof("kind") == "opened"  # not all held yet: close it
+                await extra.write(pb.DeviceMessage(close=pb.CloseSession()))
+                await extra.done_writing()
+                await extra.code()
+            except grpc.aio.AioRpcError as exc:
+                refused = exc
+        ends = await asyncio.gather(*(call.code() for call in silent))
+        details = {await call.details() for call in silent}
+        return {
+            "refused": (refused.code(), refused.details()) if refused else None,
+            "codes": set(ends),
+            "details": details,
+            "ended_after_s": time.monotonic() - started,
+        }
+
+
+def test_streams_that_send_no_open_are_bounded_and_ended(pair: dict[str, Path], fingerprint: str) -> None:
+    """A client that starts Session streams and sends nothing (a device sends its open at once):
+    at most max(64, --max-sessions) such streams wait at once, the next is refused
+    RESOURCE_EXHAUSTED at its start, and each ends DEADLINE_EXCEEDED after --open-timeout-s (not
+    the 300 s idle timeout); then devices are served as before. Without the bound and the
+    timeout, a client looping over streams held thousands of them, with their tasks and gRPC state."""
+    import asyncio
+
+    open_timeout_s = 8.0
+    edge = EdgeProcess(["--target", str(pair["target"]), "--max-sessions", "1", "--open-timeout-s", "8"])
+    try:
+        result = asyncio.run(_silent_streams(edge.address, fingerprint, 64, open_timeout_s - 2))
+        with grpc.insecure_channel(edge.address) as channel:
+            out = run_stream(pb_grpc.GelatoStub(channel), [open_msg(fingerprint), draft(0, [1, 2])])
+        assert out[1].verdict.round == 0
+    finally:
+        assert edge.stop() == 0
+    assert result["refused"] is not None, result
+    code, details = result["refused"]  # type: ignore[misc]
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "64 Session streams are waiting to open" in details, details
+    assert result["codes"] == {grpc.StatusCode.DEADLINE_EXCEEDED}, result
+    assert result["details"] == {f"no open within {open_timeout_s:g} s of the stream's start"}, result
+    assert open_timeout_s - 1 <= result["ended_after_s"] <= open_timeout_s + 10, result  # type: ignore[operator]
