@@ -259,6 +259,10 @@ async def _extend(
         if cap == 0 and link.empty_ahead:  # the policy drafts nothing: the next target token, whatever comes
             await _send(link, chain, DraftBlock(round=chain.next_round, ids=(), follow=True), decision, gate, 0, wanted)
             continue
+        if limits.draft_room(confirmed + chain.projected()) == 0:
+            # An edge that takes no empty blocks gets a guess-only one, but the guess is a drafter
+            # forward and the drafter's window is full: wait for the verdict, as a round would.
+            return
         # A chain's start: the awaited block alone in flight, itself sent fresh (no guess).
         first = len(chain.sent) == 1 and chain.sent[0].block.guess is None
         if prev.follow or not policy.send_ahead(decision, chain.p_chain(policy), first):

@@ -709,3 +709,40 @@ def test_a_write_failing_after_the_read_failed_reports_the_read(pair: dict[str, 
     res = asyncio.run(pipelined_generate(Drafter(dm, GREEDY), link, policy, prompt, limits))
     assert res.stats.stop_reason == "error" and res.error == "edge: OUT_OF_RANGE past the reservation", res.error
     assert res.stats.bytes_down == state["down"] + 50
+
+
+@pytest.mark.parametrize("name", ["fixed-3", "heuristic"])
+@pytest.mark.parametrize("shorter", [3, 0, -5], ids=["window inside the prompt", "window = prompt", "window past it"])
+def test_guess_only_blocks_stay_within_the_drafters_window(
+    target: LoadedModel, name: str, shorter: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Send-ahead to an edge that takes no empty blocks sends guess-only blocks, each a drafter
+    forward: none reaches past the drafter's window (`Limits.draft_context`; its KV grew 28
+    tokens past a window of 31, and a prompt filling the window was forwarded whole for the first
+    guess, which a drafter with absolute positions cannot do), and the output is the target's."""
+    from gelato.kv import KVSequence
+
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    window = len(prompt) - shorter
+    small = replace(target, context_limit=window)  # the same weights, a shorter window
+    d = Drafter(small, GREEDY)
+    cached: list[int] = []
+    forward_last = KVSequence.forward_last
+
+    def watched(seq: KVSequence, *args: Any, **kwargs: Any) -> Any:
+        out = forward_last(seq, *args, **kwargs)
+        if seq is d.seq:
+            cached.append(seq.cached)
+        return out
+
+    monkeypatch.setattr(KVSequence, "forward_last", watched)
+    limits = Limits(30, target.context_limit, 32, (), small.context_limit)
+    policy = parse_policy(name, PolicyOptions(pipeline="send-ahead", ahead_blocks=2))
+    link = local_link(prefilled(target), max_ahead=2, delay_s=0.002, empty_ahead=False)
+    res = asyncio.run(pipelined_generate(d, link, policy, prompt, limits))
+    alone = parse_policy("fixed-0", PolicyOptions())  # the target's own decoding, over its vocabulary
+    ref = asyncio.run(
+        speculative_generate(Drafter(target, GREEDY), local_verifier(prefilled(target)), alone, prompt, limits)
+    )
+    assert res.token_ids == ref.token_ids and len(ref.token_ids) == 30
+    assert max(cached, default=0) <= window, (max(cached), window)
