@@ -136,8 +136,9 @@ async def speculative_generate(
             block = drafter.draft(cap, stats.rounds, gate, limits.eos)
         drafted = acct.drafted()
         # A pre-draft starts at the round's target token, after the block; what the next block can
-        # use of it ends where that block's drafts must (within both windows).
-        fits = min(room, limits.draft_room(length + 1)) - block.k
+        # use of it ends where that block's drafts must (within both windows and max_new_tokens:
+        # none on a round whose tokens end the generation).
+        fits = min(room, limits.draft_room(length + 1), limits.max_new_tokens - len(out) - 1) - block.k
         depth = min(policy.predraft_depth(decision, block), max(0, fits))
         ex: Exchange | None = None
         try:

@@ -523,6 +523,39 @@ def test_pre_drafts_stay_within_the_drafters_window(target: LoadedModel) -> None
     assert sum(t.predrafted for t in log) > 0 and log[-1].k == 0
 
 
+@pytest.mark.parametrize("max_new", [5, 10, 11])
+def test_pre_drafts_stop_where_the_generation_does(target: LoadedModel, max_new: int) -> None:
+    """Local pre-drafting (forced hits) never drafts past `max_new_tokens`: a pre-draft ends where
+    the next block's drafts must, and a round whose tokens end the generation pre-drafts
+    nothing (it pre-drafted a whole block, drafter energy for nothing); the output is the
+    unpipelined run's."""
+    prompt = encode_prompt(target.tokenizer, "Ava has 12 apples and Ben gives her 3 more. How many?")
+
+    def run(pipeline: str) -> tuple[list[int], list[Telemetry]]:
+        session = TargetSession("s", target, SamplingParams(), prompt)
+        session.prefill()
+        policy = parse_policy("fixed-4", PolicyOptions(pipeline=pipeline, k_max=4))
+        verify_now = local_verifier(session)
+
+        async def verify(block: DraftBlock) -> Exchange:
+            await asyncio.sleep(0)  # "in flight": the pre-draft task runs now
+            return await verify_now(block)
+
+        limits = Limits(max_new, target.context_limit, 32, ())
+        res = asyncio.run(speculative_generate(Drafter(target, SamplingParams()), verify, policy, prompt, limits))
+        return res.token_ids, res.stats.rounds_log
+
+    want, _ = run("off")
+    got, log = run("local")
+    assert got == want and len(got) == max_new
+    out = 0
+    for t in log:  # the guess (the round's target token) + the next block's drafts, within max_new
+        assert t.predrafted == 0 or out + t.k + t.predrafted < max_new, (out, t.k, t.predrafted)
+        out += t.emitted
+    assert log[-1].predrafted == 0
+    assert sum(t.predrafted for t in log) > 0 or max_new <= 5
+
+
 def test_a_prompt_that_fills_the_drafters_window_is_not_prefilled(target: LoadedModel) -> None:
     """A drafter whose window the prompt already fills can draft nothing: `Drafter.start` runs no
     forward for it (no KV, no time, no energy on the device), the generation runs at K = 0 and
