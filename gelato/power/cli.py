@@ -1,7 +1,8 @@
 """`gelato-energy probe [--json] [--seconds 1]`: which meters exist here, and a reading of each.
 
 Contract: for every source (nvml, rapl, jetson, cpu-model) prints whether it can read, why not,
-and over the window its joules and mean watts, with `measured`/`estimated` labels. Exit 0 even
+and over the window its joules and mean watts (null, with the reason, when a meter that opened
+could not be read), with `measured`/`estimated` labels. Exit 0 even
 when nothing measures: the cpu-model estimate is always there, and labelled so.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from typing import Any
 
@@ -37,6 +39,8 @@ def probe(seconds: float, profile: str) -> list[dict[str, Any]]:
             "mean_w": round(joules / (end.t_s - start.t_s), 4),
             "window_s": round(end.t_s - start.t_s, 3),
         }
+        if not math.isfinite(joules):  # null in JSON (a bare NaN is not JSON), and said why
+            row.update(joules=None, mean_w=None, reason="no reading over the window (the sensor failed to read)")
         if meter.source == "cpu-model":  # an estimate is only as good as the profile it assumes
             row["device_profile"] = profile
         rows.append(row)
@@ -68,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for r in rows:
-        if r["available"]:
+        if r["available"] and r["joules"] is None:
+            print(f"{r['source']:10s} {r['kind']:9s} {r['reason']}")
+        elif r["available"]:
             line = f"{r['source']:10s} {r['kind']:9s} {r['joules']:.4f} J over {r['window_s']} s = {r['mean_w']:.3f} W"
             print(line + (f" (profile {r['device_profile']})" if "device_profile" in r else ""))
         else:

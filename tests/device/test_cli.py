@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -163,6 +164,39 @@ def test_energy_probe_cli() -> None:
     assert cpu["available"] and cpu["kind"] == "estimated" and cpu["mean_w"] > 0
     assert cpu["device_profile"] == "phone"  # an estimate names the profile it assumes
     assert all(r["reason"] for r in rows.values() if not r["available"])
+
+
+def test_energy_probe_of_a_meter_that_fails_to_read_is_valid_json(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A meter that opened but read nothing over the window (a RAPL or NVML read failing, a
+    Jetson rail silent for over a second: NaN joules) is reported null with the reason, in JSON
+    any parser takes (a bare NaN is not JSON), and in the text listing."""
+    from gelato.power import MeterUnavailable, cli
+    from gelato.power.base import Meter
+
+    class Failing(Meter):
+        source = "rapl"
+
+        def joules_at(self, now: float) -> float:
+            return math.nan
+
+    real = cli.open_source
+
+    def open_source(source: str, profile: str) -> Meter:
+        if source == "rapl":
+            return Failing()
+        if source == "cpu-model":
+            return real(source, profile)
+        raise MeterUnavailable("not on this host")
+
+    monkeypatch.setattr(cli, "open_source", open_source)
+    assert cli.main(["probe", "--json", "--seconds", "0.05"]) == 0
+    rows = {r["source"]: r for r in json.loads(capsys.readouterr().out, parse_constant=pytest.fail)}
+    assert rows["rapl"]["available"] and rows["rapl"]["joules"] is None and rows["rapl"]["mean_w"] is None
+    assert "failed to read" in rows["rapl"]["reason"] and rows["cpu-model"]["mean_w"] > 0
+    assert cli.main(["probe", "--seconds", "0.05"]) == 0
+    assert "rapl       measured  no reading over the window" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
