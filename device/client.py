@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from gelato.channel import CLIENT_OPTIONS
+from gelato.channel import CLIENT_OPTIONS, PLAINTEXT_OPTIONS
 from gelato.deadline import within
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant, wire_bytes
@@ -175,7 +175,7 @@ class EdgeClient:
         # stream, so it stays on its replica.
         options: list[tuple[str, int | str]] = [*CLIENT_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
         if credentials is None:
-            self.channel = grpc.aio.insecure_channel(target, options=options)
+            self.channel = grpc.aio.insecure_channel(target, options=options + PLAINTEXT_OPTIONS)
         else:
             options += [("grpc.ssl_target_name_override", server_name)] if server_name else []
             self.channel = grpc.aio.secure_channel(target, credentials, options=options)

@@ -71,8 +71,10 @@ def health_check(address: str, timeout_s: float, tls: bool = False) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from gelato.channel import PLAINTEXT_OPTIONS
+
     try:
-        with grpc.insecure_channel(address) as channel:
+        with grpc.insecure_channel(address, options=PLAINTEXT_OPTIONS) as channel:  # never via a proxy
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
     except grpc.RpcError as exc:
         code = exc.code() if isinstance(exc, grpc.Call) else None

@@ -1,7 +1,8 @@
 """gRPC channel and server options shared by both processes (keepalive that survives idle devices).
 
 Contract: plain option lists, no I/O. Clients ping every 30 s even without calls; servers accept
-such pings, so NATs and idle devices do not drop the connection.
+such pings, so NATs and idle devices do not drop the connection. Plaintext clients add
+`PLAINTEXT_OPTIONS` (no HTTP proxy).
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ CLIENT_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+
+# Plaintext client channels bypass HTTP proxies (gRPC honours grpc_proxy / https_proxy / http_proxy
+# for every target, loopback included): a proxy would read the bearer token, and a loopback edge is
+# never behind one. TLS channels keep the proxy: the CONNECT tunnel carries TLS end to end.
+PLAINTEXT_OPTIONS: list[tuple[str, int]] = [("grpc.enable_http_proxy", 0)]
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 60_000),

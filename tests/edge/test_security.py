@@ -400,3 +400,56 @@ def test_device_bad_tls_files(pki: dict[str, Path], flags: list[str], needle: st
     for name, path in names.items():
         needle = needle.replace(f"{{{name}}}", path)
     one_line_error(res, needle)
+
+
+class _FakeProxy:
+    """A TCP listener standing in for an HTTP proxy: records whether anything connected."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.received: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    self.received.append(conn.recv(4096))
+                except OSError:
+                    self.received.append(b"")
+
+
+def test_plaintext_channels_never_go_through_an_http_proxy(
+    pair: dict[str, Path], pki: dict[str, Path], edge: EdgeProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a proxy in the environment (gRPC honours it for every target, loopback included), the
+    device's plaintext channel to a loopback edge still goes straight to the edge: its bearer
+    token went to the proxy in plaintext (`CONNECT 127.0.0.1:...`, then the HTTP/2 stream), and
+    so did the image's health check, which never reached the edge then."""
+    proxy = _FakeProxy()
+    for name in ("grpc_proxy", "https_proxy", "http_proxy"):
+        monkeypatch.setenv(name, proxy.url)
+    for name in ("no_proxy", "NO_PROXY", "no_grpc_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    ran = device(pair, edge, "--auth-token-file", str(pki["token"]))
+    check = subprocess.run(
+        [sys.executable, "-m", "gelato.edge.cli", "--health-check", edge.address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    proxy.sock.close()
+    assert ran.returncode == 0, ran.stderr
+    assert check.returncode == 0 and "SERVING" in check.stdout, check.stderr
+    assert proxy.received == [], proxy.received
