@@ -7,11 +7,13 @@
 #   edge.crt, edge.key      the edge's certificate and key (--tls-cert, --tls-key)
 #   device.crt, device.key  a client certificate for mutual TLS (edge: --tls-client-ca ca.crt)
 #   token                   the bearer token both sides read (--auth-token-file)
-# The containers run as uid 10001: run as root and the private files are given to that uid and its
-# group (0640), otherwise they stay yours alone (0600): `chown 10001 OUT_DIR/*.key OUT_DIR/token`
-# them yourself before mounting. Existing files are kept (delete OUT_DIR to start over); an existing
-# edge.crt that does not name the NAMEs given, or an expired certificate, is an error, not silently
-# kept. The names printed are read back from edge.crt.
+# The containers run as uid 10001: run as root and the private files are given to that uid (0600),
+# otherwise they stay yours alone (0600): `chown 10001 OUT_DIR/edge.key OUT_DIR/device.key
+# OUT_DIR/token` before mounting (never ca.key: whoever holds it can mint certificates devices trust).
+# Existing files are kept (delete OUT_DIR to start over); an existing edge.crt that does not name
+# the NAMEs given, an expired certificate, a certificate ca.crt did not sign, or a ca.crt without
+# ca.key when something must be signed, is an error, not silently kept or replaced (a new CA would
+# leave every device's ca.crt stale). The names printed are read back from edge.crt.
 set -euo pipefail
 out=${1:?usage: make-secrets.sh OUT_DIR [NAME ...]}
 shift
@@ -28,7 +30,18 @@ for n in "${names[@]}"; do
 done
 san=${san%,}
 
-if [ ! -s ca.key ]; then
+missing=""
+for n in edge device; do [ -s "$n.crt" ] || missing+=" $n.crt"; done
+if [ -s ca.crt ] && [ ! -s ca.key ] && [ -n "$missing" ]; then
+  echo "error: $out/ca.crt is here without its key ca.key, which signs$missing: put ca.key back" \
+    "(a new CA would leave the ca.crt devices hold stale), or delete $out to start over" >&2
+  exit 1
+fi
+if [ -s ca.key ] && [ ! -s ca.crt ]; then
+  echo "error: $out/ca.key is here without its certificate ca.crt: put ca.crt back, or delete $out to start over" >&2
+  exit 1
+fi
+if [ ! -s ca.crt ]; then
   openssl req -x509 -newkey rsa:3072 -nodes -keyout ca.key -out ca.crt -days "$days" \
     -subj "/CN=gelato-ca" -addext "basicConstraints=critical,CA:TRUE" \
     -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
@@ -55,6 +68,12 @@ for crt in ca.crt edge.crt device.crt; do  # kept files must still be valid: an 
     exit 1
   fi
 done
+for crt in edge.crt device.crt; do  # kept files must chain to the ca.crt devices are given
+  if [ -s "$crt" ] && ! openssl verify -CAfile ca.crt "$crt" >/dev/null 2>&1; then
+    echo "error: $out/$crt was not signed by $out/ca.crt; delete it (and its key) to issue one from this CA" >&2
+    exit 1
+  fi
+done
 if [ -s edge.crt ] && [ "$asked" -gt 0 ]; then  # kept: it must name what was asked for, or devices fail the TLS name check
   have=$(openssl x509 -in edge.crt -noout -ext subjectAltName 2>/dev/null | tail -n +2 | tr -d ' ')
   for n in "${names[@]}"; do
@@ -71,16 +90,14 @@ issue device gelato-device clientAuth
 
 [ -s token ] || (umask 077 && openssl rand -hex 32 > token)  # never readable by others, not even briefly
 chmod 0644 ca.crt edge.crt device.crt
-chmod 0600 ca.key
-if [ "$(id -u)" = 0 ]; then  # the containers' uid and group 10001 read them, nobody else
-  chown 10001:10001 edge.key device.key token
-  chmod 0640 edge.key device.key token
-else  # yours alone: group read would hand them to everyone sharing your primary group
-  chmod 0600 edge.key device.key token
-fi
+if [ -e ca.key ]; then chmod 0600 ca.key; fi
+# Owner-only: group read would hand them to everyone in the group (a host group 10001, or your
+# primary group). As root, the owner is the containers' uid 10001.
+if [ "$(id -u)" = 0 ]; then chown 10001:10001 edge.key device.key token; fi
+chmod 0600 edge.key device.key token
 names_read=$(openssl x509 -in edge.crt -noout -ext subjectAltName 2>/dev/null | tail -n +2 | sed 's/^ *//')
 echo "secrets in $out: ca.crt edge.crt edge.key device.crt device.key token (edge.crt names: $names_read)"
 if [ "$(id -u)" != 0 ]; then
   echo "note: not root, so edge.key, device.key and token stay yours (0600); the containers run as uid 10001:" \
-    "chown 10001 $out/*.key $out/token before mounting them" >&2
+    "chown 10001 $out/edge.key $out/device.key $out/token before mounting them" >&2
 fi

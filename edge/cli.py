@@ -258,6 +258,16 @@ def main(argv: list[str] | None = None) -> int:
         config = with_security(config)
     except ConfigError as exc:
         return fail(parser.explain(str(exc)))
+    if not is_loopback(config.host) and not (config.tls_cert and config.auth_token):
+        # Accepted only through --insecure: said at every start, naming the variable if it came
+        # from one (a GELATO_EDGE_INSECURE left exported would otherwise pass unnoticed).
+        why = parser.explain("--insecure")
+        print(
+            f"gelato-edge: warning: serving {config.host} without TLS and a token ({why}): anyone who "
+            "reaches the port can use this edge",
+            file=sys.stderr,
+            flush=True,
+        )
     setup_torch_threads(config.threads)
     return asyncio.run(serve(config))
 

@@ -71,9 +71,9 @@ def test_an_expired_certificate_is_an_error_not_kept(tmp_path: Path) -> None:
 
 
 def test_private_files_are_readable_by_their_owner_alone(tmp_path: Path) -> None:
-    """Keys and token: 0640 owned by the containers' uid and group 10001 as root, else 0600 (group
-    read once handed them to everyone sharing the user's primary group, and the token was
-    created world-readable)."""
+    """Keys and token: 0600, owned by the containers' uid 10001 as root, else by the user (group
+    read once handed them to everyone sharing the user's primary group, as root to a host group
+    10001, and the token was created world-readable)."""
     import os
     import stat
 
@@ -92,9 +92,42 @@ def test_private_files_are_readable_by_their_owner_alone(tmp_path: Path) -> None
             shutil.rmtree(mine)
     res = make(out)
     assert res.returncode == 0, res.stderr
-    want = 0o640 if os.geteuid() == 0 else 0o600
-    for name in ("edge.key", "device.key", "token"):
+    for name in ("edge.key", "device.key", "token", "ca.key"):
         st = (out / name).stat()
-        assert stat.S_IMODE(st.st_mode) == want, name
+        assert stat.S_IMODE(st.st_mode) == 0o600, name
+        if name == "ca.key":
+            assert st.st_uid == os.geteuid(), name  # the signing key stays with whoever signs
+            continue
         if os.geteuid() == 0:
             assert (st.st_uid, st.st_gid) == (10001, 10001), name
+
+
+def test_a_missing_ca_key_never_replaces_the_ca(tmp_path: Path) -> None:
+    """`ca.key` moved off the box (as the script advises) and the script run again: with nothing to
+    sign it keeps every file; with a certificate to issue it stops naming ca.key. It made a new CA,
+    overwrote ca.crt, kept the old CA's edge.crt and said "secrets in ...": every handshake failed
+    and the ca.crt the devices held was gone."""
+    out = tmp_path / "secrets"
+    assert make(out).returncode == 0
+    ca = (out / "ca.crt").read_bytes()
+    (out / "ca.key").rename(tmp_path / "ca.key")
+    kept = make(out)
+    assert kept.returncode == 0, kept.stderr
+    assert (out / "ca.crt").read_bytes() == ca and not (out / "ca.key").exists()
+    (out / "device.crt").unlink()
+    res = make(out)
+    assert res.returncode == 1 and "ca.crt is here without its key ca.key, which signs device.crt" in res.stderr
+    assert (out / "ca.crt").read_bytes() == ca
+    (tmp_path / "ca.key").rename(out / "ca.key")  # back: it issues the device's certificate again
+    assert make(out).returncode == 0 and (out / "device.crt").exists()
+    (out / "ca.crt").rename(tmp_path / "ca.crt")
+    res = make(out)
+    assert res.returncode == 1 and "ca.key is here without its certificate ca.crt" in res.stderr
+
+
+def test_a_certificate_another_ca_signed_is_an_error_not_kept(tmp_path: Path) -> None:
+    other, out = tmp_path / "other", tmp_path / "secrets"
+    assert make(other).returncode == 0 and make(out).returncode == 0
+    shutil.copy(other / "edge.crt", out / "edge.crt")
+    res = make(out)
+    assert res.returncode == 1 and "edge.crt was not signed by" in res.stderr, res.stderr

@@ -179,12 +179,23 @@ def test_edge_security_flags(args: list[str], needle: str) -> None:
     assert res.returncode == 2 and needle in res.stderr, res.stderr
 
 
-def test_exposed_address_with_insecure_starts(pair: dict[str, Path]) -> None:
-    edge = EdgeProcess(["--target", str(pair["target"]), "--host", "0.0.0.0", "--insecure"])
+@pytest.mark.parametrize("from_env", [False, True], ids=["flag", "variable"])
+def test_exposed_address_with_insecure_starts_and_says_so(
+    pair: dict[str, Path], from_env: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--insecure on an exposed address starts, with a warning at every start that names the
+    variable when it came from one: a GELATO_EDGE_INSECURE left exported served 0.0.0.0 without
+    a token, and nothing said so."""
+    if from_env:
+        monkeypatch.setenv("GELATO_EDGE_INSECURE", "1")
+    edge = EdgeProcess(["--target", str(pair["target"]), "--host", "0.0.0.0", *([] if from_env else ["--insecure"])])
     try:
         assert edge.address.startswith("0.0.0.0:")
     finally:
         edge.stop()
+    warning = [line for line in edge.output().splitlines() if "warning: serving 0.0.0.0 without TLS" in line]
+    assert len(warning) == 1, edge.output()
+    assert ("--insecure came from GELATO_EDGE_INSECURE='1'" in warning[0]) == from_env, warning
 
 
 # --- the device's token never goes in plaintext off the machine; TLS with gRPC's default roots ----
