@@ -229,7 +229,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Mechanisms: {mech}.  ",
         f"{s['questions']} GSM8K test questions (first lines of {s['data']}), greedy, ≤ {s['max_new_tokens']} new "
         f"tokens, adaptive policies capped at K_max = {s['k_max']}. {result['energy_note']}  ",
-        "tokens/s: ratio of sums over questions, per device; edge ms/token: the edge's verify compute; pipelined "
+        "tokens/s: ratio of sums over questions, per device; edge ms/token: the edge's verify compute, each "
+        "batched forward's time divided among its rows (runs recorded before 2026-12-05: the whole forward's "
+        "time for each row, which counts a forward once per device batched in it); pipelined "
         "runs (`+local`, `+send-ahead`): ahead hit = blocks sent ahead that were verified ÷ (those + the stale ones), "
         "pre-draft hit = rounds whose pre-draft (or block in flight after them) started the next block ÷ rounds "
         "with one, wasted = drafted tokens thrown away and their drafting mJ per output token. "

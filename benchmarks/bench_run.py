@@ -255,7 +255,11 @@ def summarize(res: RunResult) -> dict[str, Any]:
         "tokens_per_round": _ratio(tokens, rounds),
         "bytes_up": sum(r.get("bytes_up", 0) for r in recs),
         "bytes_down": sum(r.get("bytes_down", 0) for r in recs),
-        "edge_compute_s_per_token": _ratio(sum(r.get("edge_compute_s", 0.0) for r in recs), tokens),
+        # Each forward's time divided among its rows (runs recorded before `edge_share_s` existed:
+        # the whole batch's time for every row, which counts a batched forward once per row).
+        "edge_compute_s_per_token": _ratio(
+            sum(r.get("edge_share_s", r.get("edge_compute_s", 0.0)) for r in recs), tokens
+        ),
         "stop_reasons": dict(Counter(r.get("stop_reason") or "-" for r in res.rounds).most_common()),
         "k_hist": {str(k): v for k, v in sorted(Counter(r["k"] for r in res.rounds).items())},
         "q_final_j": recs[-1].get("q_deficit_j") if recs else None,

@@ -268,6 +268,7 @@ def merge_results(first: GenerationResult, then: GenerationResult) -> Generation
         accepted=a.accepted + b.accepted,
         draft_s=a.draft_s + b.draft_s,
         edge_compute_ms=a.edge_compute_ms + b.edge_compute_ms,
+        edge_share_ms=a.edge_share_ms + b.edge_share_ms,
         edge_queue_ms=a.edge_queue_ms + b.edge_queue_ms,
         block_sizes=a.block_sizes + b.block_sizes,
         energy_j=a.energy_j + b.energy_j,
@@ -329,6 +330,7 @@ def count_round(stats: GenerationStats, block: DraftBlock, ex: Exchange, tele: T
     stats.accepted += ex.verdict.n_accepted
     stats.draft_s += block.draft_s
     stats.edge_compute_ms += ex.verdict.compute_ms
+    stats.edge_share_ms += ex.verdict.compute_ms / max(1, ex.verdict.batch_rows)
     stats.edge_queue_ms += ex.verdict.queue_ms
     stats.block_sizes.append(block.k)
     stats.bytes_up += tele.bytes_up

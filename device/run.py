@@ -64,6 +64,7 @@ def result_record(prompt: str, res: GenerationResult, loaded: LoadedModel, polic
         "tokens_per_s": round(res.tokens_per_s, 2),
         "draft_s": round(s.draft_s, 4),
         "edge_compute_s": round(s.edge_compute_ms / 1e3, 4),
+        "edge_share_s": round(s.edge_share_ms / 1e3, 4),
         "energy_j": finite_or_none(s.energy_j),
         "energy_j_per_token": finite_or_none(s.energy_j / n) if n else None,
         "radio_j": round(s.radio_j, 6),

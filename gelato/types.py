@@ -232,7 +232,10 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     draft_s: float = 0.0
-    edge_compute_ms: float = 0.0
+    edge_compute_ms: float = 0.0  # the verdicts' compute_ms: each its whole batched forward's time
+    # Each verdict's compute_ms over its batch's rows: this generation's share of the edge's
+    # forwards (with N devices batched, the sum above counts a forward once per row).
+    edge_share_ms: float = 0.0
     edge_queue_ms: float = 0.0
     block_sizes: list[int] = field(default_factory=list)
     energy_j: float = 0.0  # meter delta over the whole generation + radio energy of every message

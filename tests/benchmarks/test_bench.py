@@ -24,6 +24,7 @@ from gelato.benchmarks.bench_run import (
     pipeline_stats,
     shard_files,
     shard_index,
+    summarize,
     token_latencies,
 )
 from gelato.tiny.random_pair import synthetic_problem
@@ -316,6 +317,18 @@ def test_latency_per_token_weighs_every_token() -> None:
     lat = token_latencies(rounds)
     assert lat == [0.01] * 4 + [0.05]
     assert percentile(lat, 0.5) == 0.01 and percentile(lat, 0.99) == 0.05 and percentile([], 0.5) is None
+
+
+def test_edge_ms_per_token_shares_each_forward_among_its_rows() -> None:
+    """Two devices whose every verdict came from one forward of both rows: the edge's compute per
+    token counts each forward once (the shares), not once per device; a run recorded before the
+    shares existed still reads its whole-forward times."""
+    recs = [{"device": d, "n_tokens": 50, "elapsed_s": 1.0, "edge_compute_s": 0.2, "edge_share_s": 0.1} for d in (0, 1)]
+    res = RunResult(RunSpec("fixed-2", "fixed-2", "fixed"), records=recs)
+    assert summarize(res)["edge_compute_s_per_token"] == pytest.approx(0.2 / 100)
+    for r in recs:
+        del r["edge_share_s"]
+    assert summarize(res)["edge_compute_s_per_token"] == pytest.approx(0.4 / 100)
 
 
 def row(label: str, family: str, tps: float, jpt: float, pipeline: bool | str = False) -> dict[str, Any]:

@@ -705,3 +705,27 @@ def test_a_constant_power_reads_as_the_same_power_drafting_and_waiting(name: str
     asyncio.run(run())
     model = policy.controller.cost.model()
     assert model.p_draft_w == pytest.approx(1.0, rel=0.01) and model.p_wait_w == pytest.approx(1.0, rel=0.01)
+
+
+def test_a_batched_forwards_time_is_shared_among_its_rows(target: LoadedModel) -> None:
+    """A verdict's compute_ms is its whole batched forward's; the generation's share of the edge
+    (`edge_share_ms`, the bench's "edge ms/token") divides each by its batch's rows. Summing
+    compute_ms alone charged 8 devices batched together each the whole forward: an edge pinned
+    to one core at 4.5 CPU-seconds per second. (Both loops count a round in `end_round`.)"""
+    prompt = encode_prompt(target.tokenizer, "Ava has 12 apples and Ben gives her 3 more. How many?")
+    session = TargetSession("s", target, SamplingParams(), prompt)
+    session.prefill()
+    verify_now = local_verifier(session)
+    pattern = [1, 4, 3, 2] * 10
+    rows = iter(pattern)
+
+    async def batched(block: DraftBlock) -> Exchange:
+        ex = await verify_now(block)
+        return replace(ex, verdict=replace(ex.verdict, compute_ms=6.0, batch_rows=next(rows)))
+
+    policy = parse_policy("fixed-2", PolicyOptions())
+    limits = Limits(12, target.context_limit, 32, ())
+    res = asyncio.run(speculative_generate(Drafter(target, SamplingParams()), batched, policy, prompt, limits))
+    n = res.stats.rounds
+    assert n >= 3 and res.stats.edge_compute_ms == pytest.approx(6.0 * n)
+    assert res.stats.edge_share_ms == pytest.approx(sum(6.0 / r for r in pattern[:n]))
