@@ -58,9 +58,22 @@ BUDGET_FACTORS = "1.0,1.25"
 DEFAULT_POLICIES = ",".join(["ar-edge", "ar-device", *FIXED, "heuristic", "entropy", "adaedl", "lyapunov", "gelato"])
 ENERGY_NOTE = (
     "Device energy is an ESTIMATE: the cpu-model meter (`{profile}` profile: CPU seconds × active W + idle W × wall "
-    "time) plus the `{radio}` radio model from bytes (Huang et al. 2012); no power was measured."
+    "time){radio_part}; no power was measured."
 )
 
+
+def energy_note(profile: str, radio: str) -> str:
+    """ENERGY_NOTE for the devices' profile and radio (`--radio none`: no radio energy was added)."""
+    part = (
+        " and no radio model" if radio == "none" else f" plus the `{radio}` radio model from bytes (Huang et al. 2012)"
+    )
+    return ENERGY_NOTE.format(profile=profile, radio_part=part)
+
+
+# Both processes on the CPU in float32, whatever the host has: the references (oracle verdicts,
+# assisted generation) are computed so, outputs are checked against them token for token, and the
+# cpu-model estimate counts CPU time only (`auto` would put a CUDA host's drafter on its GPU).
+CPU_FLOAT32 = ("--device", "cpu", "--dtype", "float32")
 
 PIPELINE_ALIASES = {"both": ("off", "local"), "all": PIPELINE_MODES}
 
@@ -332,7 +345,7 @@ class Bench:
 
     def device_base(self, address: str) -> list[str]:
         a = self.args
-        base = ["--edge", address, "--threads", "1", "--max-new-tokens", str(a.max_new_tokens)]
+        base = ["--edge", address, "--threads", "1", "--max-new-tokens", str(a.max_new_tokens), *CPU_FLOAT32]
         base += ["--meter", "cpu-model", "--device-profile", a.device_profile, "--radio", a.radio]
         base += ["--connect-timeout-s", "60"]
         return base + (["--drafter", a.drafter] if a.drafter else [])
@@ -341,7 +354,7 @@ class Bench:
         from gelato.benchmarks.procs import start_edge
 
         a = self.args
-        edge_args = ["--threads", "1", *(["--target", a.target] if a.target else [])]
+        edge_args = ["--threads", "1", *CPU_FLOAT32, *(["--target", a.target] if a.target else [])]
         edge = start_edge(edge_args, prefix=channel.prefix("edge", self.edge_cpu))
         try:
             port = int(edge.address.rsplit(":", 1)[1])

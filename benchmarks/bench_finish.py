@@ -152,7 +152,7 @@ def finish(
     previous: dict[str, Any] | None = None,
 ) -> int:
     """`previous`: the summary a rebuild starts from (its provenance and assisted rows are kept)."""
-    from gelato.benchmarks.bench import ENERGY_NOTE, write_rounds
+    from gelato.benchmarks.bench import energy_note, write_rounds
 
     results: list[RunResult] = bench.results
     out: Path = args.out
@@ -177,7 +177,7 @@ def finish(
             "seed": args.seed,
         },
         "channel": channel,
-        "energy_note": ENERGY_NOTE.format(profile=args.device_profile, radio=args.radio),
+        "energy_note": energy_note(args.device_profile, args.radio),
         "runs": rows,
         "lossless_failures": bad,
         "wall_s": round(wall_s, 1),

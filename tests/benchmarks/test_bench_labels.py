@@ -132,3 +132,11 @@ def test_energy_axes_name_their_source(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.undo()
     for fig in figs:
         plt.close(fig)
+
+
+def test_energy_note_names_the_radio_model_only_when_there_is_one() -> None:
+    from gelato.benchmarks.bench import energy_note
+
+    assert "`lte` radio model from bytes" in energy_note("phone", "lte") and "ESTIMATE" in energy_note("phone", "lte")
+    none = energy_note("phone", "none")
+    assert "no radio model" in none and "Huang" not in none and "`none`" not in none
