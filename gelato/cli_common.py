@@ -184,6 +184,10 @@ class _Unset:
 
 
 _UNSET: Any = _Unset()
+# Kubernetes gives every pod, for each Service, docker-link variables named after it: a Service
+# called `gelato-edge` sets GELATO_EDGE_PORT=tcp://10.96.0.7:50051 (and _SERVICE_HOST, ...), a
+# service link that is no port setting. Skipped with a warning, not a failed start.
+_SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://")
 
 
 class EnvArgumentParser(argparse.ArgumentParser):
@@ -235,6 +239,14 @@ class EnvArgumentParser(argparse.ArgumentParser):
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         env = {a: (n, os.environ[n]) for a in self._actions if (n := self.env_name(a)) and os.environ.get(n, "")}
+        for a, (name, raw) in list(env.items()):
+            if a.type is port_number and _SERVICE_LINK.match(raw):
+                del env[a]
+                print(
+                    f"{self.prog}: warning: ignoring {name}={raw!r}: a Kubernetes service link (a Service named "
+                    f"like this program), not a port; set {a.option_strings[-1]}, or enableServiceLinks: false",
+                    file=sys.stderr,
+                )
         self.from_env, self.silenced = {}, {}
         if not env:
             return super().parse_known_args(args, namespace)

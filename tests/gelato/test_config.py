@@ -184,6 +184,26 @@ def test_edge_metrics_host_is_its_own_setting() -> None:
     assert edge_parser().env_names()["--metrics-host"] == "GELATO_EDGE_METRICS_HOST"  # type: ignore[attr-defined]
 
 
+def test_kubernetes_service_links_are_not_port_settings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Service named `gelato-edge` (or `gelato-edge-health`, `-metrics`) makes Kubernetes set
+    GELATO_EDGE_PORT=tcp://IP:PORT in every pod: skipped with a warning that says what to do,
+    the default kept; every start (the health probe's too) failed 'not a port number'. A value
+    that is no service link is still refused."""
+    monkeypatch.setenv("GELATO_EDGE_PORT", "tcp://10.96.0.7:50051")
+    monkeypatch.setenv("GELATO_EDGE_HEALTH_PORT", "tcp://10.96.0.8:50052")
+    config = EdgeConfig.from_args(edge_parser().parse_args([]))
+    assert (config.port, config.health_port) == (50051, None)
+    err = capsys.readouterr().err
+    assert "ignoring GELATO_EDGE_PORT='tcp://10.96.0.7:50051': a Kubernetes service link" in err
+    assert "set --port, or enableServiceLinks: false" in err and "GELATO_EDGE_HEALTH_PORT" in err
+    monkeypatch.setenv("GELATO_EDGE_PORT", "http://x:1")
+    with pytest.raises(SystemExit):
+        edge_parser().parse_args([])
+    assert "not a port number" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("args", "tls"),
     [
