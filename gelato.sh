@@ -53,6 +53,12 @@ torch_switch_args() {
 # the CPU index did not answer and PyPI's build was taken instead (the next setup tries again).
 torch_got=""
 
+# Whether PyTorch's CPU index answers at all (5 s), through the proxy settings pip would use.
+index_answers() {
+  "$py" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/torch/", timeout=5)' \
+    "$torch_cpu_index" >/dev/null 2>&1
+}
+
 install_torch() {
   torch_got=$1
   local switch=""
@@ -69,7 +75,11 @@ install_torch() {
       echo "gelato.sh: GELATO_TORCH=skip: keeping the installed torch" >&2 ;;
     cuda) "$py" -m pip install -q $switch "$torch_req" ;;  # PyPI's Linux wheel is the CUDA build
     cpu)
-      if ! "$py" -m pip install -q $switch --timeout 5 --retries 0 --index-url "$torch_cpu_index" "$torch_req"; then
+      # Asked quickly first (an unreachable index costs 5 s, not minutes of retries); a failure
+      # while the index does answer (a download that stalled) is retried with pip's usual
+      # patience, so that one slow moment does not cost the CUDA build's gigabytes.
+      if ! "$py" -m pip install -q $switch --timeout 5 --retries 0 --index-url "$torch_cpu_index" "$torch_req" &&
+        ! { index_answers && "$py" -m pip install -q $switch --index-url "$torch_cpu_index" "$torch_req"; }; then
         echo "gelato.sh: PyTorch's CPU index did not answer; installing $torch_req from PyPI instead" \
           "(on Linux that is the CUDA build, several GB)" >&2
         "$py" -m pip install -q "$torch_req"  # not forced: over a CUDA build that would fetch it again

@@ -28,8 +28,10 @@ FAKE_PYTHON = """#!/bin/sh
 if [ "$1" = -m ] && [ "$2" = pip ]; then
   shift 2; echo "$*" >> "$PIP_LOG"
   case "$*" in *--index-url*) [ -n "$CPU_INDEX_DOWN" ] && exit 1 ;; esac
+  case "$*" in *"--timeout 5"*) [ -n "$CPU_INDEX_STALL" ] && exit 1 ;; esac
   exit 0
 fi
+case "$2" in *urlopen*) echo "probe $3" >> "$PIP_LOG"; [ -z "$CPU_INDEX_DOWN" ]; exit $? ;; esac
 exec "$REAL_PYTHON" -S "$@"
 """
 
@@ -59,7 +61,7 @@ class Checkout:
         (pkg / "__init__.py").write_text("from . import version\n")
         (pkg / "version.py").write_text(f"cuda = {cuda!r}\n")
 
-    def setup(self, torch: str, cpu_index_down: bool = False) -> tuple[list[str], str]:
+    def setup(self, torch: str, cpu_index_down: bool = False, stall: bool = False) -> tuple[list[str], str]:
         """`GELATO_TORCH=torch ./gelato.sh setup`: pip's argument lines, and stderr."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GELATO_", "PYTHON", "PIP_"))}
         env.update(
@@ -67,6 +69,8 @@ class Checkout:
         )
         if cpu_index_down:
             env["CPU_INDEX_DOWN"] = "1"
+        if stall:  # the index answers, the quick install fails (a download that stalled 5 s)
+            env["CPU_INDEX_STALL"] = "1"
         res = subprocess.run(
             ["bash", str(self.root / "gelato.sh"), "setup"], env=env, capture_output=True, text=True, timeout=60
         )
@@ -138,3 +142,15 @@ def test_a_cpu_build_that_fell_back_to_pypi_is_tried_again(checkout: Checkout) -
     pip, _ = checkout.setup("cpu")
     assert any(f"--index-url {CPU_INDEX} {TORCH_REQ}" in line for line in pip), pip
     assert checkout.recorded() == "cpu"
+
+
+def test_a_stalled_cpu_download_is_retried_not_replaced_by_the_cuda_build(checkout: Checkout) -> None:
+    """The quick first try (5 s timeout, no retries) failed while the CPU index answers: the CPU
+    build is installed with pip's usual patience; the fallback to PyPI's several-GB CUDA build
+    is only for an index that does not answer."""
+    pip, err = checkout.setup("cpu", stall=True)
+    quick, probe, patient = (i for i, line in enumerate(pip) if CPU_INDEX in line)
+    assert "--timeout 5" in pip[quick] and pip[probe] == f"probe {CPU_INDEX}"
+    assert pip[patient].endswith(f"--index-url {CPU_INDEX} {TORCH_REQ}") and "--timeout" not in pip[patient]
+    assert "did not answer" not in err and checkout.recorded() == "cpu"
+    assert not any(line.endswith(f" {TORCH_REQ}") and CPU_INDEX not in line for line in pip), pip
