@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -165,6 +166,8 @@ def finish(
             "devices": args.devices,
             "questions": len(questions),
             "data": str(args.data),
+            # The questions themselves (a rebuild checks it: the same path may hold another file).
+            "questions_sha256_12": questions_digest(questions),
             "max_new_tokens": args.max_new_tokens,
             "k_max": args.k_max,
             "policies": args.policies,
@@ -238,6 +241,11 @@ def replot(out: Path) -> int:
     return 0
 
 
+def questions_digest(questions: list[dict[str, Any]]) -> str:
+    """12 hex digits of SHA-256 over the questions' text, in order."""
+    return hashlib.sha256(json.dumps([q["question"] for q in questions]).encode()).hexdigest()[:12]
+
+
 def rebuild(out: Path, no_plots: bool = False, rerun_assisted: bool = False, data: Path | None = None) -> int:
     """`gelato-bench report DIR`: everything from the run's files; the assisted row is measured
     again only with `rerun_assisted` (or where the run has none). The GSM8K file (for the gold
@@ -279,5 +287,11 @@ def rebuild(out: Path, no_plots: bool = False, rerun_assisted: bool = False, dat
     )
     bench = SimpleNamespace(results=results, pinning=summary["pinning"], device_cpus=pinning(1)[1])
     questions = load_questions(args)
+    recorded = st.get("questions_sha256_12")  # runs before 2026-12-05 recorded none: not checked
+    if recorded and recorded != questions_digest(questions):
+        raise SystemExit(
+            f"gelato-bench report: {args.data} does not hold the {st['questions']} questions this run asked "
+            f"(their digest {recorded}, this file's {questions_digest(questions)}): give the run's file with --data"
+        )
     previous = {**summary, "references": []} if rerun_assisted else summary
     return finish(args, summary["command"], bench, questions, summary["channel"], summary["wall_s"], previous)

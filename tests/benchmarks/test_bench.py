@@ -108,6 +108,15 @@ def test_gsm8k_end_to_end_on_loopback(pair: dict[str, Path], gsm8k_like: Path, t
     rebuilt = json.loads((out / "summary.json").read_text())
     assert "assisted generation (measured now)" in rebuilt["rebuilt"]["recomputed"]
     assert [r["policy"] for r in rebuilt["references"]].count("assisted") == 1
+    # Another file at --data (or at the recorded path) with other questions: refused, not scored
+    # against gold answers and prompts that are not this run's.
+    other = tmp_path / "other.jsonl"
+    lines = gsm8k_like.read_text().splitlines()
+    other.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
+    summary_before = (out / "summary.json").read_text()
+    refused = run_bench(["report", str(out), "--no-plots", "--data", str(other)])
+    assert refused.returncode != 0 and "does not hold the 2 questions this run asked" in refused.stderr
+    assert (out / "summary.json").read_text() == summary_before
 
 
 def test_missing_data_is_one_line_error(tmp_path: Path) -> None:
