@@ -316,6 +316,22 @@ def test_pipelining_with_wrong_guesses_never_pays(trace_file: Path, mode: str) -
                 assert piped["j_per_token"] > off["j_per_token"] and piped["wasted_tokens_per_token"] > 0
 
 
+@pytest.mark.parametrize("mode", ["send-ahead", "local"])
+@pytest.mark.parametrize("guess_match", [0.0, 0.3])
+def test_pipelined_gelato_stays_within_its_budget(trace_file: Path, mode: str, guess_match: float) -> None:
+    """Under a feasible budget the energy-priced pipelining decisions (pre-draft or not, send a
+    block ahead or not) keep gelato's long-run J/token within 1.05 ē, even where guesses rarely
+    or never hit. Without a budget those decisions are speed alone, so an always-yes or
+    energy-blind pre-draft rule, or a send-ahead rule without the score, passed every other test;
+    with ē = 10 mJ/token they spent 13.6-33 mJ/token, drafting 1.8-7 wasted tokens per token."""
+    traces, costs, _ = load_traces(trace_file)
+    model = RoundModel(costs, Channel(rtt_s=0.02), guess_match=guess_match)
+    fixed = [run_spec(Spec(f"fixed-{k}"), traces, model, tokens=2000)["j_per_token"] for k in range(9)]
+    for budget in (1.05 * min(fixed), 1.3 * min(fixed)):
+        row = run_spec(Spec("gelato", budget=budget, pipeline=mode), traces, model, tokens=4000)
+        assert row["j_per_token"] <= 1.05 * budget, (mode, guess_match, budget, row["j_per_token"])
+
+
 def test_send_ahead_with_perfect_guesses_reaches_the_drafting_bound() -> None:
     """Drafter = target and every guess right: a deep enough chain keeps the device drafting all
     the time, so throughput approaches what drafting alone allows — K + 1 tokens per K + 1 forwards

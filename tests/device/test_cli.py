@@ -131,7 +131,10 @@ def test_energy_accounting_with_replay_meter_and_trace(
     assert sum(r["emitted"] for r in rounds) == rec["n_tokens"]
     assert rec["bytes_up"] > sum(r["bytes_up"] for r in rounds)  # plus open and close
     assert rec["energy_j"] >= sum(r["e_j"] for r in rounds)
-    assert rec["energy_j"] == pytest.approx(2.0 * rec["elapsed_s"] + rec["radio_j"], rel=0.05)
+    # The meter's part on its own: beside LTE's 12.3 J tail (in radio_j) the compute energy is
+    # ~0.1 J, which a 5 % tolerance on the sum could not see (dropping it entirely passed).
+    assert rec["energy_j"] - rec["radio_j"] == pytest.approx(2.0 * rec["elapsed_s"], rel=0.05)
+    assert rec["radio_j"] >= lte.tail_energy_j()  # one whole tail at the generation's end
     assert rec["energy_j_per_token"] == pytest.approx(rec["energy_j"] / rec["n_tokens"])
     assert rec["energy_source"] == "replay" and rec["energy_kind"] == "measured"
 

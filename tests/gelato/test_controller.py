@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -22,6 +23,7 @@ from gelato.controller import (
     choose_k_ref,
     expected_emitted,
     keep_drafting,
+    predraft_pays,
 )
 from gelato.controller.calibrator import isotonic_non_increasing
 from gelato.controller.estimators import wilson_upper
@@ -180,6 +182,55 @@ def test_k_ref_with_a_backlog_prefers_energy() -> None:
     per_token = [c.energy_j(k) / expected_emitted(0.7, k) for k in range(13)]
     assert frugal == min(range(13), key=lambda k: per_token[k])
     assert fast != frugal
+
+
+def test_score_is_the_drift_plus_penalty_ratio() -> None:
+    """[(V + Q̃)·N̂ − Q̃·Ê/ē] / T̂ with Q̃ = Q/ē, hand-computed at V ≠ 1, and K_ref its argmax over
+    backlogs from none to large: `(V + Q̃)·N̂` written `V·N̂`, or V dropped, passed every other
+    test of this file (the backlog test's cost model could not tell them apart; here each
+    changes K_ref at some backlog)."""
+    c = cost()
+    budget, v = 0.02, 3.0
+    obj = Objective(c, v=v, q_j=2 * budget, budget_j_per_token=budget, k_max=8)  # Q̃ = 2
+    assert not obj.over_budget and obj.q_tokens == pytest.approx(2.0)
+    n, t, e = expected_emitted(0.8, 4), c.time_s(4), c.energy_j(4)
+    assert obj.score(n, 4) == pytest.approx(((v + 2.0) * n - 2.0 * e / budget) / t)
+    assert Objective(c, v=v, budget_j_per_token=budget).score(n, 4) == pytest.approx(v * n / t)  # Q = 0
+    assert Objective(c).score(n, 4) == pytest.approx(n / t)  # no budget: tokens per second
+
+    def argmax(score: Callable[[float, float, float], float]) -> int:
+        rows = [(1.0 if k == 0 else expected_emitted(0.8, k), c.time_s(k), c.energy_j(k)) for k in range(13)]
+        return max(range(13), key=lambda k: (score(*rows[k]), -k))
+
+    chosen, wrong_n, no_v = [], [], []
+    for q in (0.0, 0.5, 2.0, 8.0, 50.0):
+        k = choose_k_ref(Objective(c, v=v, q_j=q * budget, budget_j_per_token=budget, k_max=12), 12)[0]
+        assert k == argmax(lambda n, t, e, q=q: ((v + q) * n - q * e / budget) / t), q
+        chosen.append(k)
+        wrong_n.append(argmax(lambda n, t, e, q=q: (v * n - q * e / budget) / t))
+        no_v.append(argmax(lambda n, t, e, q=q: ((1.0 + q) * n - q * e / budget) / t))
+    assert chosen != wrong_n and chosen != no_v, (chosen, wrong_n, no_v)
+
+
+def test_predraft_pays_only_where_its_score_says() -> None:
+    """Pre-drafting during the wait: with no budget it pays when it can hit (time saved); never
+    when it cannot (p_hit 0: energy spent, nothing saved), and under a budget with a backlog a
+    pre-draft that costs more joules than its time saving is worth is refused (an always-yes
+    or energy-blind `predraft_pays` passed every test, and a budgeted run then spent 1.4-3x ē)."""
+    c = cost(t_draft_s=0.002, p_draft_w=4.0, p_wait_w=0.1)  # drafting is dear, waiting cheap
+    n = expected_emitted(0.8, 4)
+    free = Objective(c)
+    assert predraft_pays(free, 4, n, 0.9, 5)
+    assert not predraft_pays(free, 4, n, 0.0, 5)  # cannot hit: no time saved
+    assert not predraft_pays(free, 4, n, 0.9, 1)  # one token is only the target's own
+    budget = c.energy_j(4) / n  # this round's own J/token: no room for extra drafting
+    tight = Objective(c, v=1.0, q_j=100 * budget, budget_j_per_token=budget, k_max=8)
+    t, e = c.time_s(4), c.energy_j(4)
+    m, p_hit = 5, 0.3
+    saved_s = p_hit * (m - 1) * c.t_draft_s
+    extra_j = m * c.t_draft_s * (c.p_draft_w - c.p_wait_w) - p_hit * (m - 1) * c.t_draft_s * c.p_draft_w
+    assert extra_j > 0 and tight.score_of(n, t - saved_s, e + extra_j) < tight.score_of(n, t, e)
+    assert not predraft_pays(tight, 4, n, p_hit, m) and predraft_pays(free, 4, n, p_hit, m)
 
 
 def test_chain_frame_hand_computed_and_its_limits() -> None:

@@ -47,6 +47,37 @@ def test_process_logits_top_k_top_p() -> None:
     torch.testing.assert_close(p, torch.softmax(logits / 0.5, -1))
 
 
+def reference_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The target's distribution written out independently of `process_logits` (float64 numpy), in
+    transformers' order: divide by the temperature, keep the top-k (ties with the k-th kept), softmax,
+    then the nucleus: the smallest descending prefix reaching top_p plus ties with its last token."""
+    z = logits.astype(np.float64) / params.temperature
+    if 0 < params.top_k < len(z):
+        z = np.where(z >= np.sort(z)[::-1][params.top_k - 1], z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if 0.0 < params.top_p < 1.0:
+        desc = np.sort(p)[::-1]
+        crossing = desc[np.searchsorted(np.cumsum(desc), params.top_p)]
+        p = np.where(p >= crossing, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+@pytest.mark.parametrize("temperature", [0.3, 0.9, 1.7])
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (3, 1.0), (10, 1.0), (0, 0.6), (0, 0.9), (5, 0.8), (10, 0.5)])
+def test_process_logits_equals_an_independent_reference(temperature: float, top_k: int, top_p: float) -> None:
+    """Temperature with top-k, top-p and both: a temperature dropped whenever top-k or top-p is on
+    passed every other test here, the chi-square ones included (their reference was
+    `process_logits` itself)."""
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    gen = torch.Generator().manual_seed(int(temperature * 100) + top_k + int(top_p * 10))
+    for _ in range(20):
+        logits = torch.randn(40, generator=gen) * 3
+        got = process_logits(logits, params).double().numpy()
+        np.testing.assert_allclose(got, reference_probs(logits.numpy(), params), atol=1e-6)
+
+
 @pytest.mark.parametrize("scale", [0.5, 2.0, 8.0])  # flat (nucleus of thousands) to peaked (a few)
 @pytest.mark.parametrize("top_p", [1e-6, 0.5, 0.9, 0.999])
 def test_top_p_filter_equals_a_full_sort(scale: float, top_p: float) -> None:
@@ -78,6 +109,9 @@ def test_truncate_top_m_is_exactly_what_is_sampled() -> None:
     assert list(q.ids) == torch.topk(probs, 8).indices.tolist()
     # The values are float16-representable: the wire carries them without loss.
     assert all(float(np.float16(p)) == p for p in q.probs)
+    # ... and are the top-m probabilities renormalised, to float16's rounding (a uniform 1/m passed).
+    top = torch.topk(probs, 8).values.double()
+    np.testing.assert_allclose(q.probs, (top / top.sum()).numpy(), rtol=2**-10)
     gen = torch.Generator().manual_seed(1)
     assert all(sample_sparse(q, gen) in q.ids for _ in range(200))
 
@@ -139,7 +173,9 @@ def emitted_pairs(
 
 
 def chi2_pvalue(counts: np.ndarray, target: SamplingParams = TARGET) -> float:
-    p_table = process_logits(bigram(1, 1.5), target).double().numpy()
+    # The target's distribution from the independent reference, not from `process_logits` (which
+    # the sessions use: a fault in it would move the samples and their reference together).
+    p_table = np.stack([reference_probs(row.numpy(), target) for row in bigram(1, 1.5)])
     expected = (p_table[0][:, None] * p_table) * counts.sum()
     keep = expected > 1e-9
     obs, exp = counts[keep], expected[keep]
