@@ -78,7 +78,19 @@ def test_which_tails_a_commit_charged_comes_from_the_history(tmp_path: Path) -> 
     git("init", "-q")
     commits = []
     for name in ("old", "ar_fix", "between", "tail_fix", "new"):
-        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", name)
+        git(
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "commit.gpgsign=false",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            name,
+        )
         commits.append(git("rev-parse", "HEAD").strip())
     old, ar_fix, between, tail_fix, new = commits
     fixes = (tail_fix, ar_fix)
