@@ -9,11 +9,13 @@ raises `MeterUnavailable`; nothing ever turns a missing sensor into 0 J.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 
 from gelato.power.base import Kind, Meter, MeterUnavailable, NullMeter, Reading
 from gelato.power.cpu_model import PROFILES, CpuModelMeter, DeviceProfile
 from gelato.power.radio import RADIOS, RadioProfile, radio_profile
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("nvml", "rapl", "jetson", "cpu-model")
 
@@ -75,12 +77,32 @@ def open_meter(spec: str = "auto", profile: str = "phone", device: str | None = 
     if spec != "auto":
         return open_source(spec, profile, device)
     uuid = cuda_uuid(device) if device is not None else None
+    why: dict[str, str] = {}  # each source that could not read here, and why
     if device is None or uuid is not None:
-        with contextlib.suppress(MeterUnavailable):
+        try:
             return _nvml(uuid)
+        except MeterUnavailable as exc:
+            why["nvml"] = str(exc)
     for source in ("rapl", "jetson"):
-        with contextlib.suppress(MeterUnavailable):
-            return open_source(source, profile)
+        try:
+            meter = open_source(source, profile)
+        except MeterUnavailable as exc:
+            why[source] = str(exc)
+            continue
+        if uuid is not None:  # said, not silent: the drafter's GPU is not in what this meter reads
+            log.warning(
+                "the drafter runs on %s but NVML cannot read it (%s): %s meters the host without that GPU",
+                device,
+                why["nvml"],
+                source,
+            )
+        return meter
+    # The estimate (labelled so in every record), and why no meter, at --log-level INFO (e.g. RAPL
+    # present but root-only: a user may fix that).
+    log.info(
+        "no power meter reads here (%s): energy is the cpu-model ESTIMATE",
+        "; ".join(f"{k}: {v}" for k, v in why.items()) or "no GPU drafter, no RAPL, no Jetson rails",
+    )
     return CpuModelMeter(profile)
 
 

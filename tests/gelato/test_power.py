@@ -516,6 +516,33 @@ def _unavailable(self: object, *args: object, **kwargs: object) -> None:
     raise MeterUnavailable("absent in this test")
 
 
+def test_auto_says_when_the_drafters_gpu_goes_unmetered(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CUDA drafter whose GPU NVML cannot read (a container without libnvidia-ml): `auto` falls
+    back to RAPL, which sees the CPU only, with a warning naming NVML's reason (it did so
+    silently, the records saying `rapl (measured)`); the estimate's fallback says why at INFO."""
+    import logging
+
+    import torch
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(present=False))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(uuid="u"))
+    monkeypatch.setattr("gelato.power.rapl.RaplMeter.__init__", lambda self: None)
+    monkeypatch.setattr("gelato.power.jetson.JetsonMeter.__init__", _unavailable)
+    with caplog.at_level(logging.INFO, logger="gelato.power"):
+        assert open_meter("auto", device="cuda:0").source == "rapl"
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1 and "the drafter runs on cuda:0 but NVML cannot read it" in warned[0].getMessage()
+        assert "rapl meters the host without that GPU" in warned[0].getMessage()
+        caplog.clear()
+        monkeypatch.setattr("gelato.power.rapl.RaplMeter.__init__", _unavailable)
+        assert open_meter("auto", device="cuda:0").source == "cpu-model"
+        said = " ".join(r.getMessage() for r in caplog.records)
+        assert "no power meter reads here" in said and "rapl: absent in this test" in said
+
+
 def test_null_meter_propagates_nan() -> None:
     acct = EnergyAccountant(NullMeter(), radio_profile("wifi"))
     start = acct.round_start()
