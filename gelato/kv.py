@@ -55,7 +55,10 @@ class KVSequence:
         self.vocab_size = vocab_size
         self.device = next(model.parameters()).device
         self.tokens: list[int] = list(tokens or [])
-        self.cache = DynamicCache(config=model.config)
+        # Full layers, whatever the config says: transformers' sliding-window layers keep only the
+        # window and cannot be cropped back once it is reached, and a rejection must roll back.
+        # The model still applies its sliding mask (it comes from the config, not from the cache).
+        self.cache = DynamicCache()
         self.cache_kwarg = cache_kwarg(model)
         self.keep_last = keeps_logits(model)
 

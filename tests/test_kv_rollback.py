@@ -85,3 +85,36 @@ def test_a_correction_equal_to_the_rejected_draft_leaves_it_for_the_next_forward
     res, _ = run_checked(pair, 1.0)
     assert res.stats.stop_reason == "max_new_tokens" and len(res.token_ids) == 120, (res.stats.stop_reason, res.error)
     assert forced[0] > 0
+
+
+def test_a_sliding_window_drafter_rolls_back_past_its_window() -> None:
+    """A drafter whose layers attend within a sliding window (Gemma-2/3, Mistral v0.1, Qwen2 with
+    use_sliding_window): rolling its cache back once the context has passed the window crashed
+    (transformers' sliding cache layers keep no past states to crop back to); now every rollback
+    leaves logits equal to a full forward of the kept tokens."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=0,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    seq = KVSequence(model, 64, list(range(1, 11)))  # 10 tokens: past the window of 8
+    seq.prefill(9)
+    for drafts, keep in (((11, 12, 13, 14), 1), ((20, 21), 0), ((30, 31, 32, 33, 34), 5)):
+        base = len(seq.tokens)
+        seq.forward(list(drafts))  # a block drafted...
+        seq.set_verdict(base, drafts[:keep], 40 + keep)  # ...then a rejection after `keep` of them
+        got = seq.forward()[-1]
+        with torch.no_grad():
+            want = model(torch.tensor([seq.tokens])).logits[0, -1, :64]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
