@@ -40,7 +40,11 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def model_dtype() -> Any:
     """The `--dtype` setting (a fresh field for each settings class)."""
-    return setting("auto", "weight dtype (auto: bfloat16 on CUDA, float32 on CPU)", choices=DTYPES)
+    return setting(
+        "auto",
+        "weight dtype (auto: bfloat16 on a GPU that computes it natively, else float16; float32 on CPU)",
+        choices=DTYPES,
+    )
 
 
 def model_device() -> Any:

@@ -63,21 +63,30 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on CUDA, float32 on CPU (bf16 matmuls are very slow on AVX2 CPUs)."""
+    """auto: bfloat16 on a CUDA GPU that computes it natively (Ampere and later), float16 on older
+    ones (T4, V100, Jetson Xavier: bf16 emulated slowly or refused by cuBLAS), float32 on CPU (bf16
+    matmuls are very slow on AVX2 CPUs)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        try:  # compute capability 8.0 (Ampere) and later compute bf16 natively
+            major, _ = torch.cuda.get_device_capability(device)
+        except (AssertionError, RuntimeError, ValueError):  # CUDA cannot be asked: loading will say why
+            return torch.bfloat16
+        return torch.bfloat16 if major >= 8 else torch.float16
     if name not in DTYPES:
         raise ModelLoadError(f"--dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
     return DTYPES[name]
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 over the vocabulary (token -> id), the special tokens and the eos id."""
+    """sha256 over the vocabulary (token -> id) and the special tokens: what makes the same text the
+    same ids. Not which of them is eos: a base and an instruct checkpoint of one family (Qwen2.5:
+    <|endoftext|> against <|im_end|>) share every id, and the device stops at the edge's eos ids."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     payload = {
         "vocab": vocab,
         "special": sorted(str(t) for t in tokenizer.all_special_tokens),
-        "eos": tokenizer.eos_token_id,
     }
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:32]
 
@@ -124,9 +133,21 @@ def _missing_checkpoint_parts(folder: Path) -> list[str]:
     weights = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
     if not any(next(folder.glob(pattern), None) for pattern in weights):
         missing.append("model weights (*.safetensors or pytorch_model.bin)")
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        missing.append("a tokenizer (tokenizer.json)")
+    # tokenizer_config.json alone is no tokenizer: loading then gave an empty one (every prompt
+    # zero tokens, a fingerprint matching nothing).
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        missing.append("a tokenizer (tokenizer.json, or vocab.json with merges.txt, or tokenizer.model)")
     return missing
+
+
+# Files that hold a tokenizer's vocabulary, and files that hold a checkpoint's weights.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def _hub_reachable(timeout_s: float = 5.0) -> bool:
@@ -149,11 +170,27 @@ def _hub_mode(name: str, role: str) -> bool:
         return True
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+    def cached(*files: str) -> bool:
+        return any(isinstance(try_to_load_from_cache(name, f), str) for f in files)
+
+    # Whole in the cache: config, weights and tokenizer (an interrupted download leaves config.json
+    # alone, and loading that offline forever said the repository had no weights).
+    parts = {
+        "config.json": cached("config.json"),
+        "weights": cached(*WEIGHT_FILES),
+        "a tokenizer": cached(*TOKENIZER_FILES),
+    }
+    if all(parts.values()):
         return True
     if not _hub_reachable():
+        partly = any(parts.values())
+        what = (
+            f"partly cached (no {', '.join(k for k, v in parts.items() if not v)})"
+            if partly
+            else "not in the local cache"
+        )
         raise ModelLoadError(
-            f"cannot load {role} {name!r}: it is not in the local cache and the hub cannot be reached; "
+            f"cannot load {role} {name!r}: it is {what} and the hub cannot be reached; "
             "pass a local folder, or set HF_HUB_OFFLINE=1 once it is cached"
         )
     return False

@@ -120,3 +120,55 @@ def test_a_bug_while_loading_stays_itself(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(RuntimeError) as info:
         load_model(TARGET, "target", "float32", "cpu")
     assert info.value is bug
+
+
+@pytest.mark.parametrize(("native", "want"), [(True, "bfloat16"), (False, "float16")])
+def test_auto_dtype_takes_bf16_only_where_the_gpu_computes_it(
+    monkeypatch: pytest.MonkeyPatch, native: bool, want: str
+) -> None:
+    """--dtype auto on CUDA: bfloat16 where the GPU computes it natively, float16 on older ones
+    (T4, V100, Jetson Xavier emulate it slowly or cuBLAS refuses it); float32 on the CPU."""
+    from gelato.models import resolve_dtype
+
+    asked: list[Any] = []
+
+    def capability(device: Any) -> tuple[int, int]:
+        asked.append(device)
+        return (8, 0) if native else (7, 5)  # A100-class / T4
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == getattr(torch, want) and asked == [torch.device("cuda", 0)]
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cuda", 0)) == torch.bfloat16  # asked for by name
+
+
+def test_a_partly_cached_hub_model_is_not_loaded_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted download leaves config.json alone in the hub cache: that is not a cached
+    model (it was loaded offline forever, failing 'does not appear to have a file named
+    model.safetensors'); with the hub reachable the download goes on, without it the error says
+    what is missing. Only config, weights and a tokenizer together load offline."""
+    import huggingface_hub
+
+    have: set[str] = {"config.json"}
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, f: f"/cache/{f}" if f in have else None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=5.0: True)
+    assert models._hub_mode("org/model", "target") is False  # online: the download resumes
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=5.0: False)
+    with pytest.raises(ModelLoadError, match=r"partly cached \(no weights, a tokenizer\) and the hub cannot"):
+        models._hub_mode("org/model", "target")
+    have |= {"model.safetensors.index.json", "tokenizer.json"}
+    assert models._hub_mode("org/model", "target") is True
+    have.clear()
+    with pytest.raises(ModelLoadError, match="not in the local cache"):
+        models._hub_mode("org/model", "target")
+
+
+def test_a_folder_with_only_a_tokenizer_config_is_not_a_checkpoint(tmp_path: Any) -> None:
+    """tokenizer_config.json without a vocabulary loaded as an empty tokenizer (every prompt zero
+    tokens); now the folder is refused naming what it lacks."""
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=r"missing a tokenizer \(tokenizer.json"):
+        load_model(str(tmp_path), "drafter", "float32", "cpu")

@@ -65,3 +65,22 @@ def test_greedy_is_deterministic_and_equals_target_generate(target: LoadedModel,
     assert first == ref_ids  # eos included, nothing past it
     text = target.tokenizer.decode(first, skip_special_tokens=True)
     assert any(ch.isdigit() for ch in text)  # a trained model, not noise: it does arithmetic-shaped text
+
+
+def test_fingerprint_is_the_ids_not_which_one_is_eos(pair: dict) -> None:  # type: ignore[type-arg]
+    """A base and an instruct checkpoint of one family share every id and special token and differ
+    in which is eos (Qwen2.5: <|endoftext|> against <|im_end|>): the same fingerprint, so the
+    edge no longer refuses the pairing (the device stops at the edge's eos ids). Another
+    vocabulary, or another set of special tokens, still differs."""
+    from gelato.models import load_tokenizer, tokenizer_fingerprint
+
+    base, instruct, other = (load_tokenizer(pair["target"]) for _ in range(3))
+    for tok in (base, instruct):
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    instruct.eos_token = "<|im_end|>"
+    assert base.eos_token_id != instruct.eos_token_id
+    assert tokenizer_fingerprint(base) == tokenizer_fingerprint(instruct)
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(base)  # without <|im_end|>
+    other.add_tokens(["zzqx"])
+    other.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(base)  # one more token
