@@ -40,7 +40,8 @@ def probe(seconds: float, profile: str) -> list[dict[str, Any]]:
             "window_s": round(end.t_s - start.t_s, 3),
         }
         if not math.isfinite(joules):  # null in JSON (a bare NaN is not JSON), and said why
-            row.update(joules=None, mean_w=None, reason="no reading over the window (the sensor failed to read)")
+            why = "no reading over the window (the sensor failed to read, or its counter restarted: see the log)"
+            row.update(joules=None, mean_w=None, reason=why)
         if meter.source == "cpu-model":  # an estimate is only as good as the profile it assumes
             row["device_profile"] = profile
         rows.append(row)

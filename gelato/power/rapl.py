@@ -1,16 +1,29 @@
 """Intel RAPL through powercap sysfs: `energy_uj` counters with wraparound.
 
 Contract: `RaplMeter(root)` sums the package zones: top-level `intel-rapl:N` zones whose `name` is
-`package-P` (or `package-P-die-D` on multi-die parts). Subzones such as `intel-rapl:N:M` are parts of
-their package and are not added again, and the top-level `psys` (platform) zone, which already
-contains the packages, and any other non-package zone are left out. Each zone's counter wraps
-at `max_energy_range_uj`; a read that goes backwards is a wrap. Unreadable counters (usually
-root-only) raise `MeterUnavailable` naming the file. A read that fails mid-run (any zone) reads
-NaN and changes nothing: the counters kept counting, so the next good read is exact again.
+`package-P` (or `package-P-die-D` on multi-die parts). Subzones such as `intel-rapl:N:M` are parts
+of their package and are not added again, and the top-level `psys` (platform) zone, which already
+contains the packages, and any other non-package zone are left out. Each zone's counter wraps at
+`max_energy_range_uj`. A counter that goes backwards is taken for one wrap only when the energy that
+implies over the clock time since the last read is a power the package can draw (`max_power_w`: 4x
+the largest `constraint_*_max_power_uw` of the zone, else 1000 W); otherwise the counter was reset
+(driver reload, resume from suspend, firmware). (A step forwards is energy the counter counted and
+is not bounded, so real bursts above the bound are never dropped.) Two reads further apart than half
+the time a counter takes to wrap at that power (`max_gap_s`) may hide whole wraps. In either case
+the energy across that interval is unknown: the meter counts from a new epoch (`Reading.epoch`, from
+0 J at that read; `since()` across it is NaN) and logs a warning (once per meter, then at DEBUG), so
+no total holds energy invented by a reset or a hidden wrap. A keeper thread reads the counters every
+quarter of `max_gap_s` (at most every 10 s; with the usual ~262 kJ range `max_gap_s` is 1.5 min at a
+350 W server part's limit, 4 min at 125 W, 2 min without a stated limit), so however seldom a caller
+reads, no wrap is hidden; `close()` stops it. Unreadable counters (usually root-only) raise
+`MeterUnavailable` naming the file. A read that fails mid-run (any zone) reads NaN and changes
+nothing: the counters kept counting, so the next good read is exact again (if within `max_gap_s` of
+the last good one).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -19,8 +32,26 @@ from pathlib import Path
 
 from gelato.power.base import Meter, MeterUnavailable
 
+log = logging.getLogger(__name__)
+
 ZONE = re.compile(r"^intel-rapl:\d+$")
 PACKAGE = re.compile(r"^package-\d+(-die-\d+)?$")  # the kernel's names; `psys` is the platform zone
+
+# The most a package can plausibly draw, for telling a wrap from a reset. A zone's
+# `constraint_*_max_power_uw` are its rated limits (PL1 = TDP; PL2/PL4 where the kernel shows
+# them); turbo runs above TDP, up to ~3.7x on 15 W laptop parts (55 W PL2), so 4x the largest
+# stated limit is above any draw the firmware allows for longer than a moment. Without a stated
+# limit, 1000 W: no CPU package draws that (the largest server parts are rated ~500 W). Both are
+# far below a reset's apparent power (a whole ~262 kJ range within seconds).
+LIMIT_MARGIN = 4.0
+FALLBACK_MAX_W = 1000.0
+# A wrap read just after the previous read may show a little more than max power x dt: the counter
+# advances in ~1 ms steps and a sysfs read is not atomic with the clock. 10 ms of max power is
+# that slack (10 J at 1000 W, nothing beside a range of ~262 kJ).
+SLACK_S = 0.01
+# How often the keeper thread reads: a quarter of `max_gap_s`, within these bounds (a sysfs read
+# per zone every few seconds costs nothing measurable).
+KEEP_MIN_S, KEEP_MAX_S = 0.5, 10.0
 
 
 def _is_package(zone: Path) -> bool:
@@ -30,6 +61,19 @@ def _is_package(zone: Path) -> bool:
         return bool(PACKAGE.match((zone / "name").read_text().strip()))
     except OSError:  # no readable name: cannot tell a package from psys, so do not count it
         return False
+
+
+def max_power_w(zone: Path) -> float:
+    """The most this package zone can plausibly draw (see LIMIT_MARGIN, FALLBACK_MAX_W)."""
+    limits = []
+    for path in zone.glob("constraint_*_max_power_uw"):
+        try:
+            uw = int(path.read_text())
+        except (OSError, ValueError):  # unreadable or absent on this part: not a limit
+            continue
+        if uw > 0:
+            limits.append(uw / 1e6)
+    return LIMIT_MARGIN * max(limits) if limits else FALLBACK_MAX_W
 
 
 class RaplMeter(Meter):
@@ -51,22 +95,71 @@ class RaplMeter(Meter):
             raise MeterUnavailable(f"cannot read {exc.filename} (RAPL counters are usually root-only)") from exc
         except (OSError, ValueError) as exc:
             raise MeterUnavailable(f"cannot read RAPL counters under {base}: {exc}") from exc
+        self.max_power_w = [max_power_w(z) for z in zones]
+        # Reads further apart than this may hide a whole wrap of some zone (see the docstring).
+        self.max_gap_s = min(0.5 * (r + 1) / 1e6 / w for r, w in zip(self._range, self.max_power_w, strict=True))
+        self._t = self.clock()  # when `_last` was read
         self._total_uj = 0
+        self._epoch = 0
+        self._warned = False
+        # A keeper thread reads the counters well within `max_gap_s`, so that a wrap is never
+        # hidden between a caller's reads (a long probe window, a device waiting minutes for its
+        # edge). Only on the real clock: tests driving a fake clock read when they choose.
+        self._stop = threading.Event()
+        self._keeper: threading.Thread | None = None
+        if clock is None:
+            self.keep_s = min(max(self.max_gap_s / 4, KEEP_MIN_S), KEEP_MAX_S)
+            self._keeper = threading.Thread(target=self._keep, name="rapl-keeper", daemon=True)
+            self._keeper.start()
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self.keep_s):
+            self.read()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._keeper is not None and self._keeper is not threading.current_thread():
+            self._keeper.join(timeout=1.0)
 
     @staticmethod
     def _counter(zone: Path) -> int:
         return int((zone / "energy_uj").read_text())
 
     def joules_at(self, now: float) -> float:
+        return self.joules_epoch_at(now)[0]
+
+    def joules_epoch_at(self, now: float) -> tuple[float, int]:
         with self._lock:
             try:  # every zone first: a zone failing must not leave the others advanced
                 counters = [self._counter(zone) for zone in self.zones]
             except (OSError, ValueError):
-                return math.nan
+                return math.nan, self._epoch
+            t = self.clock()  # the counters' time (`now` may predate waiting for the lock)
+            dt = max(0.0, t - self._t)
+            deltas, unknown = [], ""
             for i, counter in enumerate(counters):
                 delta = counter - self._last[i]
-                if delta < 0:  # wrapped at max_energy_range_uj
+                if delta < 0:  # a wrap at max_energy_range_uj, if the power that implies is plausible
                     delta += self._range[i] + 1
-                self._total_uj += delta
-                self._last[i] = counter
-            return self._total_uj / 1e6
+                    if delta / 1e6 > self.max_power_w[i] * (dt + SLACK_S):
+                        unknown = (
+                            f"{self.zones[i].name} went back from {self._last[i]} to {counter} uJ in {dt:.3f} s, "
+                            f"which as a wrap would be {delta / 1e6:.0f} J (above {self.max_power_w[i]:.0f} W): "
+                            "a reset"
+                        )
+                deltas.append(delta)
+            if dt > self.max_gap_s:
+                unknown = (
+                    f"reads {dt:.1f} s apart, more than the {self.max_gap_s:.1f} s within which a counter "
+                    "cannot wrap unseen"
+                )
+            self._last, self._t = counters, t
+            if unknown:  # the interval's energy is unknown: nothing of it counts, a new epoch from 0 J
+                self._epoch, self._total_uj = self._epoch + 1, 0
+                (log.debug if self._warned else log.warning)(
+                    "RAPL: %s; the energy across that interval is unknown (counting again from here)", unknown
+                )
+                self._warned = True
+            else:
+                self._total_uj += sum(deltas)
+            return self._total_uj / 1e6, self._epoch

@@ -3,8 +3,11 @@
 Contract: `ReplayMeter(path)` reads a trace of `(t_s, power_w)` samples — CSV with a header
 `t_s,power_w` or JSONL objects with those keys — and reports the energy of the piecewise-linear
 power curve from the trace's start to (now − meter start), holding the last power past the end.
-Labelled `measured` by default (a recording of a real meter); pass `kind="estimated"` for a
-synthetic trace.
+The trace says what it is: an optional `kind` column (CSV) or key (JSONL), `measured` (a recording
+of a real meter) or `estimated` (a synthetic or modelled trace), the same on every sample; a trace
+that does not say is labelled `estimated` (unknown provenance is no measurement), and a mixed or
+unknown value is refused with `MeterUnavailable` naming the file. An explicit `kind=` given to
+`ReplayMeter` wins over the trace's.
 """
 
 from __future__ import annotations
@@ -20,8 +23,15 @@ from pathlib import Path
 
 from gelato.power.base import Kind, Meter, MeterUnavailable
 
+KINDS: tuple[Kind, ...] = ("measured", "estimated")  # what a trace may declare itself
+
 
 def load_trace(path: str | Path) -> list[tuple[float, float]]:
+    return load_trace_and_kind(path)[0]
+
+
+def load_trace_and_kind(path: str | Path) -> tuple[list[tuple[float, float]], Kind]:
+    """The samples and the trace's `kind` (`estimated` when it declares none)."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -40,16 +50,32 @@ def load_trace(path: str | Path) -> list[tuple[float, float]]:
         raise MeterUnavailable(f"power trace {p}: t_s and power_w must be finite numbers")
     if len(rows) < 2 or any(b[0] <= a[0] for a, b in itertools.pairwise(rows)):
         raise MeterUnavailable(f"power trace {p} needs >= 2 samples with increasing t_s")
-    return rows
+    return rows, _declared_kind(p, records)
+
+
+def _declared_kind(p: Path, records: list[dict]) -> Kind:
+    # A CSV without the column has no key; one with the column but an empty cell reads "" (mixed).
+    declared = {str(r["kind"]).strip() if r.get("kind") is not None else None for r in records}
+    if declared == {None}:
+        return "estimated"  # undeclared: nothing says a real meter recorded it
+    if len(declared) > 1:
+        raise MeterUnavailable(
+            f"power trace {p}: kind must be the same on every sample, got {sorted(map(str, declared))}"
+        )
+    (kind,) = declared
+    for known in KINDS:
+        if kind == known:
+            return known
+    raise MeterUnavailable(f"power trace {p}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
 class ReplayMeter(Meter):
     source = "replay"
 
-    def __init__(self, path: str | Path, clock: Callable[[], float] = time.monotonic, kind: Kind = "measured") -> None:
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.monotonic, kind: Kind | None = None) -> None:
         super().__init__(clock)
-        self.trace = load_trace(path)
-        self.kind = kind
+        self.trace, declared = load_trace_and_kind(path)
+        self.kind = kind if kind is not None else declared
         self._t = [t for t, _ in self.trace]
         # Cumulative energy at each sample (trapezoids).
         self._cum = [0.0]

@@ -109,7 +109,7 @@ def test_energy_accounting_with_replay_meter_and_trace(
     """A constant 2 W replayed trace: each round's compute energy is 2 W x its wall time, radio
     energy follows the LTE model from its bytes, and the JSON totals add up."""
     power = tmp_path / "power.csv"
-    power.write_text("t_s,power_w\n0,2.0\n1000,2.0\n")
+    power.write_text("t_s,power_w,kind\n0,2.0,measured\n1000,2.0,measured\n")  # a recording of a real meter
     trace = tmp_path / "rounds.jsonl"
     extra = ["--prompt", "Ava has 3 apples.", "--max-new-tokens", "20", "--json", "--policy", "fixed-3"]
     res = run_device(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -47,7 +48,7 @@ def rapl_tree(root: Path, zones: dict[str, tuple[int, int]], names: dict[str, st
 
 def test_rapl_sums_packages_and_handles_wraparound(tmp_path: Path) -> None:
     rapl_tree(tmp_path, {"intel-rapl:0": (900, 1000), "intel-rapl:0:0": (5, 1000), "intel-rapl:1": (10, 10**6)})
-    meter = RaplMeter(tmp_path)
+    meter = RaplMeter(tmp_path, clock=FakeClock())  # these tiny ranges wrap in microseconds at real power
     assert [z.name for z in meter.zones] == ["intel-rapl:0", "intel-rapl:1"]  # subzone not double counted
     assert meter.joules() == 0.0
     write(tmp_path / "intel-rapl:0" / "energy_uj", 950)
@@ -63,7 +64,7 @@ def test_rapl_read_failing_mid_run_is_nan_then_exact_again(tmp_path: Path) -> No
     """A counter that cannot be read mid-run (one zone of two) reads NaN and advances no zone: the
     next good read counts everything since the last one (it raised, with the first zone advanced)."""
     rapl_tree(tmp_path, {"intel-rapl:0": (100, 10**6), "intel-rapl:1": (10, 10**6)})
-    meter = RaplMeter(tmp_path)
+    meter = RaplMeter(tmp_path, clock=FakeClock())
     write(tmp_path / "intel-rapl:0" / "energy_uj", 400)
     (tmp_path / "intel-rapl:1" / "energy_uj").unlink()
     assert math.isnan(meter.joules())
@@ -72,11 +73,111 @@ def test_rapl_read_failing_mid_run_is_nan_then_exact_again(tmp_path: Path) -> No
     assert meter.joules() == pytest.approx(520e-6)
 
 
+RANGE_UJ = 262_143_328_850  # max_energy_range_uj of most Intel parts (~262 kJ)
+
+
+def test_rapl_reset_counter_is_a_new_epoch_not_a_wrap(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A counter that goes back because it was reset (driver reload, resume from suspend) is no
+    wrap: adding the whole range invented ~62 kJ in one second here. The energy across the reset
+    is unknown (a new epoch, `since()` NaN) and exact again after it; a real wrap still counts."""
+    import logging
+
+    rapl_tree(tmp_path, {"intel-rapl:0": (200_000_000_000, RANGE_UJ)})
+    write(tmp_path / "intel-rapl:0" / "constraint_0_max_power_uw", 125_000_000)  # TDP 125 W: 500 W plausible
+    write(tmp_path / "intel-rapl:0" / "constraint_1_max_power_uw", 0)  # no limit stated: ignored
+    clock = FakeClock()
+    meter = RaplMeter(tmp_path, clock=clock)
+    before = meter.read()
+    clock.t += 1.0
+    write(tmp_path / "intel-rapl:0" / "energy_uj", 5_000_000)  # reset, then 5 J
+    with caplog.at_level(logging.DEBUG, logger="gelato.power.rapl"):
+        reset = meter.read()
+        assert reset.joules == 0.0 and math.isnan(reset.since(before))  # not 62 kJ
+        clock.t += 1.0
+        write(tmp_path / "intel-rapl:0" / "energy_uj", 35_000_000)
+        after = meter.read()
+        assert after.since(reset) == pytest.approx(30.0)  # exact again from the reset on
+        write(tmp_path / "intel-rapl:0" / "energy_uj", 1_000_000)  # a second reset: said at DEBUG only
+        clock.t += 1.0
+        assert math.isnan(meter.read().since(after))
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "a reset" in warned[0].getMessage() and "intel-rapl:0" in warned[0].getMessage()
+    assert any(r.levelno == logging.DEBUG and "a reset" in r.getMessage() for r in caplog.records)
+    assert meter.max_power_w == [500.0]
+    write(tmp_path / "intel-rapl:0" / "energy_uj", RANGE_UJ - 40_000_000)
+    meter = RaplMeter(tmp_path, clock=clock)
+    top = meter.read()
+    write(tmp_path / "intel-rapl:0" / "energy_uj", 60_000_000)  # a real wrap: 100 J in 1 s
+    clock.t += 1.0
+    assert meter.read().since(top) == pytest.approx(100.0 + 1e-6)  # the counter counts 0 after the range
+
+
+def test_rapl_reads_too_far_apart_may_hide_wraps(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Reads further apart than half a wrap period at the plausible peak power may hide whole
+    wraps (a counter that wrapped once and went past its old value looks like a small step): the
+    energy across such a gap is unknown (NaN), not the small step. The period follows the zone's
+    stated limits (4x), else 1000 W."""
+    import logging
+
+    rapl_tree(tmp_path, {"intel-rapl:0": (1_000_000, RANGE_UJ)})
+    clock = FakeClock()
+    meter = RaplMeter(tmp_path, clock=clock)  # no stated limit: 1000 W, a wrap in 262 s
+    start = meter.read()
+    clock.t += 120.0
+    write(tmp_path / "intel-rapl:0" / "energy_uj", 11_000_000)
+    within = meter.read()
+    assert within.since(start) == pytest.approx(10.0)  # 120 s apart: fine
+    clock.t += 200.0
+    write(tmp_path / "intel-rapl:0" / "energy_uj", 21_000_000)  # 10 J more, or 10 J + one whole wrap?
+    with caplog.at_level(logging.WARNING, logger="gelato.power.rapl"):
+        gap = meter.read()
+    assert math.isnan(gap.since(within)) and math.isnan(gap.since(start))
+    assert "cannot wrap unseen" in caplog.text
+    clock.t += 1.0
+    write(tmp_path / "intel-rapl:0" / "energy_uj", 22_000_000)
+    assert meter.read().since(gap) == pytest.approx(1.0)  # exact again after it
+    assert meter.max_gap_s == pytest.approx(RANGE_UJ / 1e6 / 1000 / 2, rel=1e-6)
+    limited = tmp_path / "limited"
+    rapl_tree(limited, {"intel-rapl:0": (1_000_000, RANGE_UJ)})
+    write(limited / "intel-rapl:0" / "constraint_0_max_power_uw", 15_000_000)  # a 15 W laptop part
+    write(limited / "intel-rapl:0" / "constraint_1_max_power_uw", 55_000_000)  # PL2 55 W: 220 W plausible
+    meter = RaplMeter(limited, clock=clock)
+    start = meter.read()
+    clock.t += 200.0
+    write(limited / "intel-rapl:0" / "energy_uj", 11_000_000)
+    assert meter.read().since(start) == pytest.approx(10.0)  # 200 s is well within a wrap at 220 W
+
+
+def test_rapl_keeper_reads_between_callers_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the real clock a keeper thread reads the counters on its own (a caller reading seldom,
+    a long probe window, must not hide a wrap), and `close()` stops it."""
+    import time
+
+    import gelato.power.rapl as rapl
+
+    monkeypatch.setattr(rapl, "KEEP_MIN_S", 0.01)
+    monkeypatch.setattr(rapl, "KEEP_MAX_S", 0.02)
+    rapl_tree(tmp_path, {"intel-rapl:0": (1_000_000, RANGE_UJ)})
+    meter = RaplMeter(tmp_path)
+    try:
+        start = meter.read()
+        write(tmp_path / "intel-rapl:0" / "energy_uj", 3_000_000)
+        deadline = time.monotonic() + 5.0
+        while meter._last != [3_000_000] and time.monotonic() < deadline:  # no caller reads meanwhile
+            time.sleep(0.01)
+        assert meter._last == [3_000_000]
+        assert meter.read().since(start) == pytest.approx(2.0)  # counted once, by whichever read saw it
+    finally:
+        meter.close()
+    assert meter._keeper is not None and not meter._keeper.is_alive()
+    assert RaplMeter(tmp_path, clock=FakeClock())._keeper is None  # a fake clock: reads only when asked
+
+
 def test_rapl_counts_package_zones_only_not_psys(tmp_path: Path) -> None:
     # A laptop: psys (the whole platform) already contains package-0, so adding it double counts.
     zones = {"intel-rapl:0": (1_000_000, 10**9), "intel-rapl:1": (1_000_000, 10**9)}
     rapl_tree(tmp_path, zones, names={"intel-rapl:1": "psys"})
-    meter = RaplMeter(tmp_path)
+    meter = RaplMeter(tmp_path, clock=FakeClock())
     assert [z.name for z in meter.zones] == ["intel-rapl:0"]
     write(tmp_path / "intel-rapl:0" / "energy_uj", 2_000_000)  # 1 J in the package
     write(tmp_path / "intel-rapl:1" / "energy_uj", 2_500_000)  # 1.5 J on the platform, that 1 J included
@@ -440,6 +541,40 @@ def test_replay_trace_blank_lines_and_bad_samples(tmp_path: Path) -> None:
         path.write_text(text)
         with pytest.raises(MeterUnavailable, match=needle):
             ReplayMeter(path)
+
+
+def test_replay_trace_declares_its_kind(tmp_path: Path) -> None:
+    """A trace says whether a real meter recorded it (`kind` column or key); one that does not is
+    `estimated`, so `--meter replay:FILE` on a made-up trace no longer reports measured energy.
+    Mixed or unknown kinds are refused naming the file; an explicit `kind=` wins."""
+    csv_path, jsonl_path = tmp_path / "trace.csv", tmp_path / "trace.jsonl"
+
+    def jsonl(*kinds: str | None) -> str:  # one sample per kind, None: no key
+        rows = [{"t_s": t, "power_w": 2 + 2 * t} | ({"kind": k} if k else {}) for t, k in enumerate(kinds)]
+        return "".join(json.dumps(row) + "\n" for row in rows)
+
+    csv_path.write_text("t_s,power_w\n0,2\n1,4\n")
+    assert ReplayMeter(csv_path).kind == "estimated"
+    assert open_meter(f"replay:{csv_path}").read().kind == "estimated"
+    assert ReplayMeter(csv_path, kind="measured").kind == "measured"
+    csv_path.write_text("t_s,power_w,kind\n0,2,measured\n1,4,measured\n")
+    assert open_meter(f"replay:{csv_path}").read().kind == "measured"
+    assert ReplayMeter(csv_path, kind="estimated").kind == "estimated"
+    jsonl_path.write_text(jsonl("estimated", "estimated"))
+    assert ReplayMeter(jsonl_path).kind == "estimated"
+    jsonl_path.write_text(jsonl("measured", "measured"))
+    assert ReplayMeter(jsonl_path).kind == "measured"
+    for path, text, needle in [
+        (csv_path, "t_s,power_w,kind\n0,2,measured\n1,4,estimated\n", "same on every sample"),
+        (csv_path, "t_s,power_w,kind\n0,2,measured\n1,4,\n", "same on every sample"),
+        (jsonl_path, jsonl("measured", None), "same on every sample"),
+        (csv_path, "t_s,power_w,kind\n0,2,guessed\n1,4,guessed\n", "one of measured, estimated"),
+        (jsonl_path, jsonl("unavailable", "unavailable"), "one of measured, estimated"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(MeterUnavailable, match=needle) as err:
+            ReplayMeter(path, kind="measured")  # a malformed trace is refused whatever the caller says
+        assert str(path) in str(err.value)
 
 
 def test_cpu_model_formula_and_psutil_consistency() -> None:
