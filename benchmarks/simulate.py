@@ -54,7 +54,9 @@ Approximations (documented, not hidden):
   loop could also draft at and past the eos position (rejected drafts, or the drafter's own eos
   ending the block): one last round's drafts at most.
 - Round time: t = t_draft(k) + t_edge(k)·edge_load + rtt + jitter + transfer(bytes); device energy
-  = P_draft·t_draft + P_wait·(t − t_draft) + radio(bytes). No edge contention between devices.
+  = P_draft·t_draft + P_wait·(t − t_draft) + radio(bytes) + the radio's connected state between
+  transfers (its tail power over the drafting and over the wait, each up to the tail's time; over
+  the whole round with send-ahead), as the real loop charges it. No edge contention between devices.
 - Energy is the rounds' (what the real loop's telemetry and the deficit queue see); the radio's
   per-generation tail and the session open/close messages are not charged.
 - Powers: P_draft defaults to the cpu-model `phone` profile's active + idle W (2.0 + 0.5 = 2.5 W:

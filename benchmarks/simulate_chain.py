@@ -161,6 +161,7 @@ class SendAhead(DeviceCore):
                 t_edge_compute_s=sent.edge_s,
                 e_compute_j=e_compute,
                 e_radio_j=e_radio,
+                e_radio_link_j=m.link_j((t_round,), up, down),  # verdict to verdict, as the real loop
                 e_j=e_j,
                 bytes_up=up,
                 bytes_down=down,

@@ -111,7 +111,8 @@ class Device(SendAhead):
             self._carry = pre - 1
         else:
             self._waste(pre, pre_s)
-        e_compute, e_radio, e_j = m.energy(t_round, t_draft + pre_s, up, down)
+        gaps_s = (t_draft, t_round - t_draft)  # the block is sent when drafted, the verdict ends the round
+        e_compute, e_radio, e_j = m.energy(t_round, t_draft + pre_s, up, down, gaps_s)
         self.totals.busy_s += t_draft + pre_s
         return Telemetry(
             round=r,
@@ -127,6 +128,7 @@ class Device(SendAhead):
             e_compute_j=e_compute,
             e_draft_j=m.ch.p_draft_w * t_draft,
             e_radio_j=e_radio,
+            e_radio_link_j=m.link_j(gaps_s, up, down),
             e_j=e_j,
             bytes_up=up,
             bytes_down=down,

@@ -146,11 +146,24 @@ class RoundModel:
     def radio_j(self, up: int, down: int) -> float:
         return self.ch.radio.round_energy_j(up, down) if self.ch.radio else 0.0
 
-    def energy(self, t_round: float, t_busy: float, up: int, down: int) -> tuple[float, float, float]:
-        """(compute, radio, total) J of an interval of `t_round` s with `t_busy` s of drafting."""
+    def link_j(self, gaps_s: tuple[float, ...], up: int, down: int) -> float:
+        """The radio's connected state over a round's gaps between transfers (each at the tail's
+        power, up to its time), less the tail power over the transfers themselves, as
+        `gelato.device.energy.EnergyAccountant` charges it."""
+        radio = self.ch.radio
+        if radio is None:
+            return 0.0
+        t_up, t_down = radio.transfer_s(up, down)
+        return max(sum(radio.gap_energy_j(g) for g in gaps_s) - (t_up + t_down) * radio.tail_mw / 1e3, 0.0)
+
+    def energy(
+        self, t_round: float, t_busy: float, up: int, down: int, gaps_s: tuple[float, ...] | None = None
+    ) -> tuple[float, float, float]:
+        """(compute, radio, total) J of an interval of `t_round` s with `t_busy` s of drafting; the
+        radio's includes its connected state over `gaps_s` (default: the whole interval, one gap)."""
         ch = self.ch
         e_compute = ch.p_draft_w * t_busy + ch.p_wait_w * (t_round - t_busy)
-        e_radio = self.radio_j(up, down)
+        e_radio = self.radio_j(up, down) + self.link_j(gaps_s if gaps_s is not None else (t_round,), up, down)
         return e_compute, e_radio, e_compute + e_radio
 
     def telemetry(self, r: int, k: int, accepted: int, rng: random.Random, **view: Any) -> Telemetry:
@@ -160,7 +173,8 @@ class RoundModel:
         one_up, one_down = self.delays(up, down, rng)
         t_net = one_up + one_down
         t_round = t_draft + t_edge + t_net
-        e_compute, e_radio, e_j = self.energy(t_round, t_draft, up, down)
+        gaps_s = (t_draft, t_round - t_draft)  # the block is sent when drafted, the verdict ends the round
+        e_compute, e_radio, e_j = self.energy(t_round, t_draft, up, down, gaps_s)
         return Telemetry(
             round=r,
             k=k,
@@ -174,6 +188,7 @@ class RoundModel:
             e_compute_j=e_compute,
             e_draft_j=self.ch.p_draft_w * t_draft,  # the real loop reads the meter when drafting ends
             e_radio_j=e_radio,
+            e_radio_link_j=self.link_j(gaps_s, up, down),
             e_j=e_j,
             bytes_up=up,
             bytes_down=down,

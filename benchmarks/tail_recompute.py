@@ -12,6 +12,9 @@ totals, not a measurement: runs with a budget are left out, since their controll
 those tails and would have decided otherwise; a run recorded at a commit that already charges the
 tails as now (found from the checkout's git history) is left as recorded.
 
+The radio's connected state between a generation's transfers, charged since a later change, is
+not added: runs recorded before it lack it, recomputed or not (the README says by how much).
+
 `python -m gelato.benchmarks.tail_recompute benchmarks/results/gsm8k_lte_n1` prints the table.
 """
 
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.folder}: recorded at {commit[:12]}, which charges the radio tail as now: nothing to recompute")
         return 0
     print(f"{args.folder}: radio {summary['settings'].get('radio')}, estimated energy recomputed (see --help)")
+    print("(the tails only: the radio's connected state between transfers, charged since, is not added)")
     print("| run | recorded mJ/token | tails as charged now, mJ/token | tails removed |")
     print("|---|---:|---:|---:|")
     for r in recompute(summary, per_question, ar_device):

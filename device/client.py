@@ -335,6 +335,8 @@ class EdgeClient:
                         failed.bytes_down += asked[1]
         finally:
             acct.forget_opening()
+            if res is None:  # raised, no session ran: the radio joules pending are in no total
+                acct.abandon()
         res.elapsed_s = time.perf_counter() - t0
         return res
 

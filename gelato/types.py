@@ -190,6 +190,10 @@ class Telemetry:
     # Seconds from the round's start to that reading: the interval `e_draft_j` covers (the hop to
     # the drafter thread and back included, which `t_draft_s` leaves out); NaN: not read.
     t_drafted_s: float = float("nan")
+    # Part of e_radio_j: the radio's connected state between this round's transfers (its tail
+    # power over each gap, up to the profile's tail time); the rest is the transfers' own energy.
+    # It grows with the round's time, not its bytes.
+    e_radio_link_j: float = 0.0
     k_ref: int = 0
     k_max: int = 0
     # The objective's view of the decision (controller policies; False / NaN otherwise): whether

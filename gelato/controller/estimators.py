@@ -4,10 +4,13 @@ Contract: `CostEstimator.observe(tele)` takes one round's `Telemetry`; `model()`
 `CostModel` snapshot with which the objective evaluates any draft length K:
 
     T̂(K) = t̂_draft(K) + t̂_edge(K) + t̂_net(K),   t̂_draft(K) = [K > 0]·t̂_draft0 + K·t̂_draft
-    Ê(K) = P̂_draft·t̂_draft(K) + P̂_wait·(t̂_edge(K) + t̂_net(K)) + ê_radio(K)
+    Ê(K) = P̂_draft·t̂_draft(K) + P̂_wait·(t̂_edge(K) + t̂_net(K)) + P̂_link·T̂(K) + ê_radio(K)
     α̂    = accepted / observed drafts (a token after a block's first rejection is unobserved)
            (`observed_drafts` counts them all, undecayed: how much evidence there is at all;
            `alpha_upper`: the upper end of α̂'s interval, for the policies' cold start)
+
+P̂_link is the radio's connected state between transfers (`Telemetry.e_radio_link_j` over the round's
+time: drawn whatever K), ê_radio(K) the transfers' own energy (the rest of `e_radio_j`).
 
 Every estimate is exponentially weighted with one half-life (in rounds), so it follows a channel or
 an edge load that drifts. Drafting time, edge time, network time and radio energy are fitted as
@@ -167,6 +170,10 @@ class CostModel:
     e_radio_per_token_j: float
     alpha: float
     t_draft0_s: float = 0.0  # once per block with at least one draft
+    # The radio's connected state between transfers (`Telemetry.e_radio_link_j`): drawn for the
+    # whole round, drafting or waiting, whatever K, so time costs it; not part of the two above
+    # (a drafted token thrown away costs no radio: the radio is on anyway).
+    p_link_w: float = 0.0
 
     def draft_s(self, k: float) -> float:
         return self.t_draft0_s + k * self.t_draft_s if k > 0 else 0.0
@@ -179,10 +186,12 @@ class CostModel:
         return self.draft_s(k) + self.wait_s(k)
 
     def energy_j(self, k: float) -> float:
-        """Ê(K): drafting, waiting (idle power over edge + transport time) and radio."""
+        """Ê(K): drafting, waiting (idle power over edge + transport time) and radio (its transfers,
+        and its connected state over the whole round)."""
         return (
             self.draft_s(k) * self.p_draft_w
             + self.wait_s(k) * self.p_wait_w
+            + self.time_s(k) * self.p_link_w
             + self.e_radio0_j
             + k * self.e_radio_per_token_j
         )
@@ -195,7 +204,9 @@ class CostEstimator:
         self.t_draft = EwLinear(d, prior_intercept=0.0, prior_slope=p.t_draft_s)
         self.t_edge = EwLinear(d, p.t_edge_s)
         self.t_net = EwLinear(d, p.t_net_s)
-        self.e_radio = EwLinear(d, 0.0)
+        self.e_radio = EwLinear(d, 0.0)  # the transfers' energy (the radio's gaps: `link`)
+        self.e_link = Ewma(d, 0.0)
+        self.t_link = Ewma(d, 0.0)
         self.power = EwPowerSplit(d, p.p_draft_w, p.p_wait_w)
         # When the meter was also read at the end of drafting, the split is measured directly.
         self.e_draft = Ewma(d, 0.0)
@@ -233,7 +244,12 @@ class CostEstimator:
             # A miss's round also carries the bytes of the blocks it cut, and the round after it the
             # bytes of their stale verdicts; `chain_frame` prices both as waste itself: fitted in,
             # every block's radio would be charged them again.
-            self.e_radio.update(tele.k, tele.e_radio_j)
+            self.e_radio.update(tele.k, tele.e_radio_j - tele.e_radio_link_j)
+        # The connected state's power: its joules over the round's time (a ratio of averages, so a
+        # round whose gaps outlasted the radio's tail weighs in with what it was charged).
+        if tele.t_round_s > 0 and math.isfinite(tele.e_radio_link_j):
+            self.e_link.update(tele.e_radio_link_j)
+            self.t_link.update(tele.t_round_s)
         if math.isfinite(tele.e_compute_j):
             drafting = tele.t_drafting_s if math.isfinite(tele.t_drafting_s) else tele.t_draft_s
             t_wait = max(tele.t_round_s - drafting, 0.0)
@@ -281,5 +297,6 @@ class CostEstimator:
             p_wait_w=p_wait,
             e_radio0_j=radio0,
             e_radio_per_token_j=radio1,
+            p_link_w=self.e_link.value / self.t_link.value if self.t_link.value > 0 else 0.0,
             alpha=min(max(self.accept.value, 0.0), 0.999),
         )

@@ -162,7 +162,8 @@ def predraft_pays(obj: Objective, k: int, n_expected: float, p_hit: float, depth
         return False
     t, e = c.time_s(k), c.energy_j(k)
     saved_s = p_hit * (m - 1) * c.t_draft_s
-    extra_j = m * c.t_draft_s * (c.p_draft_w - c.p_wait_w) - p_hit * (m - 1) * c.t_draft_s * c.p_draft_w
+    # A hit shortens the next round by `saved_s`: its drafting and the radio's connected state then.
+    extra_j = m * c.t_draft_s * (c.p_draft_w - c.p_wait_w) - saved_s * (c.p_draft_w + c.p_link_w)
     return obj.score_of(n_expected, t - saved_s, e + extra_j) > obj.score_of(n_expected, t, e)
 
 
@@ -182,7 +183,7 @@ def chain_frame(obj: Objective, k: int, cont: float, ahead: int) -> tuple[float,
     step = max(draft_next, edge, c.time_s(k) / (1 + ahead))
     n = expected_emitted(c.alpha, k) * (1.0 + more)
     t = c.time_s(k) + more * step
-    e_step = draft_next * c.p_draft_w + max(step - draft_next, 0.0) * c.p_wait_w
+    e_step = draft_next * c.p_draft_w + max(step - draft_next, 0.0) * c.p_wait_w + step * c.p_link_w
     e_step += c.e_radio0_j + k * c.e_radio_per_token_j
     waste = ahead * draft_next * (c.p_draft_w - c.p_wait_w) + ahead * (c.e_radio0_j + k * c.e_radio_per_token_j)
     return n, t, c.energy_j(k) + more * e_step + waste

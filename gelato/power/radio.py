@@ -3,10 +3,11 @@
 Contract: `RadioProfile.round_energy_j(bytes_up, bytes_down)` = P_up·t_up + P_down·t_down with
 t = bits / link rate and P from the linear model of Huang et al. (MobiSys 2012):
 power_mW = a_u·r_u + a_d·r_d + b (r in Mbit/s). NVML/RAPL do not see the radio, so this is added to
-the meter's delta. `tail_energy_j()` is the high-power tail after the last transfer (not per
-round: back-to-back rounds keep the radio in its connected state; `gelato.device.energy` charges
-it once per generation, less what the next transfer cuts short). Every constant is a profile
-parameter.
+the meter's delta. Between transfers the radio stays in its connected state at `tail_mw` for up
+to `tail_s` (the inactivity timer), then drops to idle: `gap_energy_j(gap_s)` is what one gap
+between two transfers costs, and `tail_energy_j()` the whole tail after the last transfer
+(`gelato.device.energy` charges both: every gap of a generation, and one whole tail at its end,
+less what the next transfer cuts short). Every constant is a profile parameter.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class RadioProfile:
 
     def tail_energy_j(self) -> float:
         return self.tail_s * self.tail_mw / 1e3
+
+    def gap_energy_j(self, gap_s: float) -> float:
+        """A gap of `gap_s` between two transfers: connected-state power until the tail runs out
+        (a longer gap lets the radio go idle; the next transfer's promotion is not modelled)."""
+        return min(max(gap_s, 0.0), self.tail_s) * self.tail_mw / 1e3
 
 
 RADIOS = {

@@ -470,3 +470,24 @@ def test_cli_pipelining_sweep(trace_file: Path, tmp_path: Path, capsys: pytest.C
     assert set(r20["gelato"]) == {"no_budget", "at_fixed_j"}
     assert r20["gelato"]["at_fixed_j"]["budget_j_per_token"] == r20["fastest_fixed_j_per_token"]
     assert "gelato +send-ahead" in capsys.readouterr().out
+
+
+def test_a_round_charges_the_radio_connected_between_its_transfers(setup: tuple[list[Trace], RoundModel]) -> None:
+    """As the real loop: the radio's tail power over the drafting and over the wait (each gap up
+    to the tail's time), less the transfers' own time, on top of the bytes' energy."""
+    from dataclasses import replace
+
+    from gelato.power import radio_profile
+
+    _, base = setup
+    lte, wifi = radio_profile("lte"), radio_profile("wifi")
+    assert lte is not None and wifi is not None
+    for radio, rtt_s in ((lte, 0.02), (wifi, 0.02), (wifi, 0.6)):  # the last waits past Wi-Fi's 0.24 s tail
+        model = RoundModel(base.costs, replace(base.ch, radio=radio, rtt_s=rtt_s))
+        t = model.telemetry(0, 4, 2, random.Random(0))
+        transfer_s = sum(radio.transfer_s(t.bytes_up, t.bytes_down))
+        connected_s = min(t.t_draft_s, radio.tail_s) + min(t.t_round_s - t.t_draft_s, radio.tail_s)
+        assert t.e_radio_link_j == pytest.approx(radio.tail_mw / 1e3 * (connected_s - transfer_s))
+        assert t.e_radio_j == pytest.approx(radio.round_energy_j(t.bytes_up, t.bytes_down) + t.e_radio_link_j)
+        assert t.e_j == pytest.approx(t.e_compute_j + t.e_radio_j)
+    assert RoundModel(base.costs, replace(base.ch, radio=None)).telemetry(0, 4, 2, random.Random(0)).e_radio_link_j == 0

@@ -124,7 +124,12 @@ def test_energy_accounting_with_replay_meter_and_trace(
     for r in rounds:
         assert r["energy_source"] == "replay" and r["energy_kind"] == "measured"
         assert r["e_compute_j"] == pytest.approx(2.0 * r["t_round_s"], rel=1e-6, abs=1e-9)
-        assert r["e_radio_j"] == pytest.approx(lte.round_energy_j(r["bytes_up"], r["bytes_down"]))
+        # Its bytes, and the radio's connected state between its transfers: the tail's power over
+        # the round's time, less the transfers' own (the round is far shorter than LTE's tail).
+        transfer_s = sum(lte.transfer_s(r["bytes_up"], r["bytes_down"]))
+        link_j = lte.tail_mw / 1e3 * (r["t_round_s"] - transfer_s)
+        assert r["e_radio_link_j"] == pytest.approx(link_j, rel=1e-3, abs=1e-6)
+        assert r["e_radio_j"] == pytest.approx(lte.round_energy_j(r["bytes_up"], r["bytes_down"]) + link_j, rel=1e-3)
         assert r["e_j"] == pytest.approx(r["e_compute_j"] + r["e_radio_j"])
         assert r["t_round_s"] >= r["t_draft_s"] + r["t_edge_compute_s"]
         assert r["bytes_up"] > 14 and r["bytes_down"] > 14
@@ -134,7 +139,10 @@ def test_energy_accounting_with_replay_meter_and_trace(
     # The meter's part on its own: beside LTE's 12.3 J tail (in radio_j) the compute energy is
     # ~0.1 J, which a 5 % tolerance on the sum could not see (dropping it entirely passed).
     assert rec["energy_j"] - rec["radio_j"] == pytest.approx(2.0 * rec["elapsed_s"], rel=0.05)
-    assert rec["radio_j"] >= lte.tail_energy_j()  # one whole tail at the generation's end
+    # One whole tail at the generation's end, and the connected state over the generation (from
+    # the open to the end: within its elapsed time).
+    connected_j = rec["radio_j"] - lte.tail_energy_j() - lte.round_energy_j(rec["bytes_up"], rec["bytes_down"])
+    assert sum(r["e_radio_link_j"] for r in rounds) <= connected_j <= lte.tail_mw / 1e3 * rec["elapsed_s"]
     assert rec["energy_j_per_token"] == pytest.approx(rec["energy_j"] / rec["n_tokens"])
     assert rec["energy_source"] == "replay" and rec["energy_kind"] == "measured"
 

@@ -439,6 +439,52 @@ def test_radio_cost_is_learned_from_rounds_that_cut_nothing() -> None:
     assert m.e_radio0_j == pytest.approx(1e-3, rel=0.05) and m.e_radio_per_token_j == pytest.approx(1e-4, rel=0.05)
 
 
+def test_radio_connected_state_is_priced_by_time() -> None:
+    """The radio's connected state between transfers (`Telemetry.e_radio_link_j`, ~1 W on LTE for
+    the whole round) is learned as a power, apart from the transfers' per-byte energy, and priced
+    over time: Ê(K) gains T̂(K) x P_link, a send-ahead frame P_link x its whole time (not a round's
+    worth per block), and a pre-draft's saved time saves it too. It moves the choice: with the
+    radio on anyway, a round that emits more per second is cheaper per token."""
+    from dataclasses import replace
+
+    est = CostEstimator()
+    for i in range(300):
+        k = i % 7
+        t_draft, t_wait = (0.001 + 0.002 * k) if k else 0.0, 0.02
+        link = 1.06 * (t_draft + t_wait)
+        est.observe(replace(tele(k, k, t_draft, t_wait, 0.05, radio=1e-3 + 1e-4 * k + link), e_radio_link_j=link))
+    m = est.model()
+    assert m.p_link_w == pytest.approx(1.06, rel=1e-6)
+    assert m.e_radio0_j == pytest.approx(1e-3, rel=0.05) and m.e_radio_per_token_j == pytest.approx(1e-4, rel=0.05)
+
+    c, linked = cost(), cost(p_link_w=1.06)
+    for k in range(9):
+        assert linked.energy_j(k) == pytest.approx(c.energy_j(k) + 1.06 * c.time_s(k))
+    for cont in (0.0, 0.5, 0.9):
+        n, t, e = chain_frame(Objective(c), 4, cont, 2)
+        n1, t1, e1 = chain_frame(Objective(linked), 4, cont, 2)
+        assert (n1, t1) == (n, t) and e1 == pytest.approx(e + 1.06 * t)
+    # A pre-draft that does not pay for its energy under a budget does once the time it saves
+    # also saves the radio's power (hand-computed: 39 mJ more drafting; 2.4 ms saved, worth 9.6 mJ of
+    # drafting and, at 20 W, 48 mJ of radio).
+    n = expected_emitted(0.8, 4)
+    verdicts = []
+    for p_link in (0.0, 20.0):
+        dear = cost(t_draft_s=0.002, p_draft_w=4.0, p_wait_w=0.1, p_link_w=p_link)
+        budget = dear.energy_j(4) / n
+        tight = Objective(dear, v=1.0, q_j=100 * budget, budget_j_per_token=budget, k_max=8)
+        saved_s = 0.3 * 4 * 0.002
+        extra_j = 5 * 0.002 * (4.0 - 0.1) - saved_s * (4.0 + p_link)
+        t, e = dear.time_s(4), dear.energy_j(4)
+        pays = tight.score_of(n, t - saved_s, e + extra_j) > tight.score_of(n, t, e)
+        assert predraft_pays(tight, 4, n, 0.3, 5) == pays
+        verdicts.append(pays)
+    assert verdicts == [False, True]
+    # The fewest joules per token: no drafting without the radio's power, drafting with it.
+    cheap = cost(t_draft_s=0.002, p_draft_w=4.0, p_wait_w=0.1)
+    assert cheapest_k(cheap, 8)[0] == 0 and cheapest_k(replace(cheap, p_link_w=5.0), 8)[0] == 4
+
+
 def test_estimates_add_up_to_the_meter_with_thread_hops_around_the_drafting() -> None:
     """The drafting reading covers the forwards and the thread hops around them (0.3 ms a block,
     at drafting power here); the estimates split time and energy the same way, so their energy
