@@ -277,6 +277,7 @@ def merge_results(first: GenerationResult, then: GenerationResult) -> Generation
         bytes_down=a.bytes_down + b.bytes_down,
         energy_source=b.energy_source,
         energy_kind=b.energy_kind,
+        radio_model=b.radio_model or a.radio_model,
         rounds_log=a.rounds_log + b.rounds_log,
         stop_reason=b.stop_reason,
     )

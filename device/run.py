@@ -70,6 +70,7 @@ def result_record(prompt: str, res: GenerationResult, loaded: LoadedModel, polic
         "radio_j": round(s.radio_j, 6),
         "energy_source": s.energy_source,
         "energy_kind": s.energy_kind,
+        "radio_model": s.radio_model or None,
         "bytes_up": s.bytes_up,
         "bytes_down": s.bytes_down,
         "policy": policy.name,

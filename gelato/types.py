@@ -247,6 +247,7 @@ class GenerationStats:
     bytes_up: int = 0
     bytes_down: int = 0
     energy_source: str = "none"
-    energy_kind: str = "unavailable"
+    energy_kind: str = "unavailable"  # the meter's part; radio_j is always modelled (estimated)
+    radio_model: str = ""  # the radio profile radio_j comes from ("": none, no radio energy)
     rounds_log: list[Telemetry] = field(default_factory=list)
     stop_reason: str = ""  # eos, max_new_tokens, context_limit or error

@@ -145,6 +145,7 @@ def test_energy_accounting_with_replay_meter_and_trace(
     assert sum(r["e_radio_link_j"] for r in rounds) <= connected_j <= lte.tail_mw / 1e3 * rec["elapsed_s"]
     assert rec["energy_j_per_token"] == pytest.approx(rec["energy_j"] / rec["n_tokens"])
     assert rec["energy_source"] == "replay" and rec["energy_kind"] == "measured"
+    assert rec["radio_model"] == "lte"  # the radio's part is modelled, whatever the meter's label
 
 
 def test_energy_unavailable_is_null_not_zero(pair: dict[str, Path], edge: EdgeProcess, tmp_path: Path) -> None:
