@@ -377,8 +377,15 @@ def test_targets() -> None:
         "gelato+send-ahead": True,
         "heuristic": False,
     }
-    slow = targets([*rows[:3], row("gelato", "gelato", 50, 0.011)], [], 8)["gelato"][0]
+    slow_t = targets([*rows[:3], row("gelato", "gelato", 50, 0.011)], [], 8)
+    slow = slow_t["gelato"][0]
     assert not slow["met"] and slow["energy_ratio_vs_best_fixed"] > 1  # faster, but at more J/token
+    # No oracle row (--no-oracle): not measured, never "falls short" (it printed "-× None ... FALLS SHORT").
+    assert slow["oracle_met"] is None and slow["vs_oracle"] is None
+    assert "the oracle: not measured (no oracle row)" in target_lines(slow_t)[0]
+    assert (
+        "the oracle: not measured" not in target_lines(t)[0] and "(goal ≥ 0.9×): **FALLS SHORT**" in target_lines(t)[0]
+    )
     assert "- every speculative run faster than fixed-0: **FALLS SHORT** (heuristic)" in target_lines(t)
     without_f0 = targets(rows[1:], [], 8)  # no fixed-0 run: the check is not made, never "MET"
     assert without_f0["beats_fixed0"] == {}
