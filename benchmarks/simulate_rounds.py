@@ -84,12 +84,12 @@ def _draft(trace: Trace, pos: int, cap: int, gate: Gate | None) -> tuple[int, st
     while k < cap and not reason:
         h = trace.entropy[pos + k]
         k += 1
-        if pos + k - 1 in trace.eos_at:
-            reason = "eos"  # the drafter stops after its own eos, before asking the gate
-        elif gate is not None:
+        if gate is not None:  # asked of every draft, the drafter's own eos too (its p̂ is traced)
             t0 = time.perf_counter()
             reason = gate(k, h, None) or ""
             gate_s += time.perf_counter() - t0
+        if pos + k - 1 in trace.eos_at:
+            reason = "eos"  # the drafter stops after its own eos, whatever the gate said
     return k, reason, gate_s
 
 

@@ -145,10 +145,10 @@ class Drafter:
                 entropies.append(h)
                 if q is not None:
                     qs.append(q)
-                if x in eos:
-                    reason = "eos"  # drafting past the drafter's own eos is wasted work
-                elif stop is not None:
-                    reason = stop(len(ids), h, q) or ""
+                # The stop rule hears every draft (its p̂ goes to the trace), an eos too: drafting
+                # past the drafter's own eos is wasted work, whatever the rule says.
+                ruled = (stop(len(ids), h, q) or "") if stop is not None else ""
+                reason = "eos" if x in eos else ruled
                 if reason:
                     break
         if len(seq.tokens) > base + max(len(ids) - 1, 0):  # carried tokens this block did not use
@@ -221,7 +221,8 @@ class Drafter:
                 entropies.append(h)
                 if q is not None:
                     qs.append(q)
-                reason = "eos" if x in eos else (stop(len(ids), h, q) or "" if stop is not None else "")
+                ruled = (stop(len(ids), h, q) or "") if stop is not None else ""  # every draft, as in `draft`
+                reason = "eos" if x in eos else ruled
         self._bases[round_no] = base
         return DraftBlock(
             round=round_no,

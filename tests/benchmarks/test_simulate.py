@@ -154,15 +154,17 @@ def test_rounds_follow_the_trace_and_fill_the_telemetry(setup: tuple[list[Trace]
     assert policy.seen[1].entropies == trace.entropy[4:7]
 
 
-def test_the_gate_sees_each_draft_but_the_drafters_eos(setup: tuple[list[Trace], RoundModel]) -> None:
+def test_the_gate_sees_each_draft_the_drafters_eos_too(setup: tuple[list[Trace], RoundModel]) -> None:
+    """As the real drafter: the gate is asked of every draft, so each has its p̂ in the trace, and
+    the drafter's own eos ends the block whatever the gate says."""
     _, model = setup
     trace = Trace((0.01,) * 10, agree_runs([1] * 10), frozenset({2}), 10, 20)
     policy = RecordingGelato()
     Device(policy, model, seed=0).generate(trace)
     first = policy.seen[0]
     assert (first.k, first.accepted, first.stop_reason) == (3, 3, "eos")
-    assert len(first.p_accept) == 2  # the eos draft ended the block before the gate was asked
-    assert all(len(t.p_accept) == t.k for t in policy.seen[1:] if t.stop_reason != "eos")
+    assert len(first.p_accept) == 3  # the eos draft's too (it once ended the block before the gate was asked)
+    assert all(len(t.p_accept) == t.k for t in policy.seen)
 
 
 def test_replay_is_deterministic_per_seed(setup: tuple[list[Trace], RoundModel]) -> None:

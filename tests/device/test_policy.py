@@ -281,6 +281,12 @@ def test_drafter_stop_rule_and_eos(drafter_model: LoadedModel) -> None:
     d.start([5, 6, 7])
     block = d.draft(8, 0, None, eos=[first])
     assert block.ids == (first,) and block.stop_reason == "eos"
+    # A gate hears the eos draft too: every draft's p̂ is in the trace (an eos draft once had none,
+    # so `p_accept` was one short of `entropies` in every block that ended on eos).
+    d.start([5, 6, 7])
+    gate = Gate(EntropyCalibrator())
+    block = d.draft(8, 0, gate, eos=[first])
+    assert block.stop_reason == "eos" and len(gate.p_accept) == len(block.entropies) == 1
 
 
 @pytest.mark.parametrize("name", ["heuristic", "entropy", "adaedl", "lyapunov", "gelato"])
