@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -115,13 +116,13 @@ class _FailedOpens:
     they were for, and why they failed."""
 
     def __init__(self) -> None:
-        self.energy_j, self.radio_j, self.bytes_up, self.bytes_down = 0.0, 0.0, 0, 0
+        self.meter_j, self.radio_j, self.bytes_up, self.bytes_down = 0.0, 0.0, 0, 0
         self.errors: list[str] = []
         self.last: EdgeError | None = None
 
     def add(self, exc: EdgeError, spent_j: tuple[float, float]) -> None:
         """`spent_j`: the attempt's (meter, radio tail) joules (`EnergyAccountant.opening_spent_j`)."""
-        self.energy_j += spent_j[0] + spent_j[1]
+        self.meter_j += spent_j[0]
         self.radio_j += spent_j[1]
         self.bytes_up += exc.bytes_up  # the open written before it was refused
         self.bytes_down += exc.bytes_down  # a reply read that was no SessionOpened
@@ -132,9 +133,13 @@ class _FailedOpens:
         """Into `res`'s totals and the deficit queue, once (a generation that raises instead
         reports none of it: its error record has no energy); `keep_error`: the generation ends
         with these failures (else a session opened after them went on, its outcome stands)."""
-        res.stats.energy_j += self.energy_j
+        res.stats.energy_j += self.meter_j + self.radio_j  # NaN when the meter could not read: unknown
         res.stats.radio_j += self.radio_j
-        policy.charge(self.energy_j)
+        # The queue gets what is known: the radio's joules always (modelled), the meter's when it
+        # read (a NaN is charged as nothing, so the radio's part was once lost with it).
+        policy.charge(self.radio_j)
+        if math.isfinite(self.meter_j):
+            policy.charge(self.meter_j)
         charge_bytes(res.stats, policy, acct, self.bytes_up, self.bytes_down)
         if keep_error:
             res.error = "; ".join([res.error, *(f"re-opening the session failed: {e}" for e in self.errors)])

@@ -17,14 +17,14 @@ from typing import Any
 import grpc
 import pytest
 
-from gelato.device.client import EdgeClient, EdgeError, _verdict, _write_error
+from gelato.device.client import EdgeClient, EdgeError, _FailedOpens, _verdict, _write_error
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant, wire_bytes
 from gelato.device.generate import GenerationResult
 from gelato.device.policy import Policy, PolicyOptions, parse_policy
 from gelato.edge.sessions import TargetSession
 from gelato.models import LoadedModel, encode_prompt
-from gelato.power import radio_profile
+from gelato.power import NullMeter, radio_profile
 from gelato.types import SamplingParams, SessionInfo, Telemetry, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.wire import MODEL_LOADING, decode_block, encode_opened, encode_verdict
@@ -492,6 +492,26 @@ def test_a_first_open_that_fails_leaves_no_tail_to_give_back(target: LoadedModel
     res = _generate(target, drafter_model, [_Stream(target)], failovers=0, acct=acct)
     bytes_j = lte.round_energy_j(res.stats.bytes_up, res.stats.bytes_down)
     assert res.stats.radio_j >= bytes_j + lte.tail_energy_j() - 1e-9
+
+
+def test_failed_opens_charge_their_radio_joules_when_the_meter_could_not_read() -> None:
+    """A failed re-open whose meter reading was NaN: the generation's energy is unknown (NaN, never
+    0 J), but the radio tail joules the attempts were charged are known and go into the deficit
+    queue (the NaN sum once took them with it: nothing was charged)."""
+    failed = _FailedOpens()
+    failed.add(EdgeError(grpc.StatusCode.UNAVAILABLE, "gone"), (float("nan"), 0.5))
+    failed.add(EdgeError(grpc.StatusCode.UNAVAILABLE, "gone again"), (0.2, 0.25))
+    policy = parse_policy("gelato", PolicyOptions(budget_j_per_token=1.0))
+    res = GenerationResult([1, 2], [3], 1.0)
+    failed.settle_on(res, policy, EnergyAccountant(NullMeter(), None), keep_error=False)
+    assert res.stats.energy_j != res.stats.energy_j and res.stats.radio_j == pytest.approx(0.75)  # NaN
+    queue = policy.controller.queue
+    assert queue is not None and queue.energy_j == pytest.approx(0.75)
+    measured = _FailedOpens()
+    measured.add(EdgeError(grpc.StatusCode.UNAVAILABLE, "gone"), (0.2, 0.25))
+    policy = parse_policy("gelato", PolicyOptions(budget_j_per_token=1.0))
+    measured.settle_on(GenerationResult([1], [2], 1.0), policy, EnergyAccountant(NullMeter(), None), False)
+    assert policy.controller.queue is not None and policy.controller.queue.energy_j == pytest.approx(0.45)
 
 
 def test_the_totals_count_the_bytes_that_crossed_and_no_others(target: LoadedModel, drafter_model: LoadedModel) -> None:
