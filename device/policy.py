@@ -77,7 +77,7 @@ class PolicyOptions(Settings):
         check=gt(0),
     )
     ar_device_block: int = 16  # tokens per local step of `ar-device`
-    explore_every_rounds: int = 16  # after this many rounds without drafting, draft a block to re-measure
+    explore_every_rounds: int = 16  # without drafting, every this-many-th round drafts a block to re-measure
     explore_k: int = 4  # its size: long enough to measure per-token costs apart from per-block ones
     # Drafting nothing observes no acceptance: before this many drafts were verified, α̂ is too thin
     # to rule drafting out, and a round it would leave empty drafts all the same (`Lyapunov._outer`).
