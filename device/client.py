@@ -338,10 +338,11 @@ class EdgeClient:
                             )
                         failed.bytes_up += asked[0]
                         failed.bytes_down += asked[1]
+        except BaseException:  # the generation reports no energy: what is pending is in no total
+            acct.abandon()
+            raise
         finally:
             acct.forget_opening()
-            if res is None:  # raised, no session ran: the radio joules pending are in no total
-                acct.abandon()
         res.elapsed_s = time.perf_counter() - t0
         return res
 

@@ -127,9 +127,9 @@ class EnergyAccountant:
         self._opening = None
 
     def abandon(self) -> None:
-        """A generation that raised before any session ran reports no energy: the radio joules
-        pending (its attempts' tails and gaps) are in no total, so the tail it started is no one's
-        to give back at the next transfer, and no gap runs on from its last mark."""
+        """A generation that raised reports no energy: the radio joules pending (its attempts'
+        tails and gaps) are in no total, so the tail it started is no one's to give back at the
+        next transfer, and no gap runs on from its last mark."""
         self._tail_from_s = self._last_transfer_s = None
         self._tail_j = self._gaps_j = self._gap_charged_j = self._round_link_j = 0.0
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from device.energy import EnergyAccountant
+from gelato.device.energy import EnergyAccountant
 from gelato.power import Meter, radio_profile
 from gelato.types import DraftBlock, GenerationStats, Verdict
 
