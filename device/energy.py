@@ -27,33 +27,33 @@ def wire_bytes(message_size: int) -> int:
 
 class EnergyAccountant:
     """The radio between transfers: after each transfer it stays connected, at the profile's
-    `tail_mw`, until the next one or for `tail_s` (`RadioProfile.gap_energy_j`). On LTE that is
-    ~1 W for the whole of a generation whose rounds come faster than every 11.6 s, whatever each
-    round sends (a round's bytes alone cost it microseconds of transfer). So every gap between two
+    `tail_mw`, until the next one or for `tail_s` (`RadioProfile.gap_energy_j`). On LTE that is ~1 W
+    for the whole of a generation whose rounds come faster than every 11.6 s, whatever each round
+    sends (a round's bytes alone cost it microseconds of transfer). So every gap between two
     transfers of a generation is charged, each up to `tail_s`, from the first transfer the edge
     client marks (`radio_busy`, before the open; a loop run without it, e.g. `ar-device`, has no
-    gaps): the part within a round (from
-    `round_start` to `round_end`; the transfers being the previous verdict, the block's send at
-    `drafted` and the verdict at `round_end`; with `--pipeline send-ahead`, whose sends are not
-    marked, the rounds' verdicts, which differs only for rounds longer than `tail_s`) in the
-    round's `e_radio_j` (and `e_radio_link_j`), the rest (the open's wait while the edge
-    prefills, the drafter's prefill, the loop's work between rounds) in the generation's total
-    only. Each transfer's own time is charged at the transfer power, not also at the tail's.
+    gaps): the part within a round (from `round_start` to `round_end`; the transfers being the
+    previous verdict, the block's send at `drafted` and the verdict at `round_end`; with `--pipeline
+    send-ahead`, whose sends are not marked, the rounds' verdicts, which differs only for rounds
+    longer than `tail_s`) in the round's `e_radio_j` (and `e_radio_link_j`), the rest (the open's
+    wait while the edge prefills, the drafter's prefill, the loop's work between rounds) in the
+    generation's total only. Each transfer's own time is charged at the transfer power, not also at
+    the tail's.
 
-    After a burst of traffic (`radio_idle`: a generation's end, an open that failed, an `Info`
-    ask) a whole tail is charged, and the next transfer (`radio_busy`: the next open, back to back
-    in a run or after a failover; an ask while waiting for the edge) gives back the part the radio,
-    busy again, never spent. So a run is charged the tails that really happen: the gaps shorter
-    than `tail_s`, and a whole tail after its last transfer (each prompt of a run once got a whole
-    tail, 12.3 J on LTE, although the next prompt came at once). Radio joules not yet in a total
-    wait in `_tail_j` and go into the next one closed (`end`, `opening_spent_j`)."""
+    After a burst of traffic (`radio_idle`: a generation's end, an open that failed, an `Info` ask)
+    a whole tail is charged, and the next transfer (`radio_busy`: the next open, back to back in a
+    run or after a failover; an ask while waiting for the edge) gives back the part the radio, busy
+    again, never spent. So a run is charged the tails that really happen: the gaps shorter than
+    `tail_s`, and a whole tail after its last transfer (each prompt of a run once got a whole tail,
+    12.3 J on LTE, although the next prompt came at once). Radio joules not yet in a total wait in
+    `_tail_j` and `_gaps_j` and go into the next one closed (`end`, `opening_spent_j`)."""
 
     def __init__(self, meter: Meter, radio: RadioProfile | None) -> None:
         self.meter = meter
         self.radio = radio
         self._opening: Reading | None = None
         self._tail_from_s: float | None = None  # meter clock when the pending (charged) tail began
-        self._tail_j = 0.0  # tail and gap joules charged or given back, in no total yet
+        self._tail_j = 0.0  # tail joules charged or given back, in no total yet
         self._last_transfer_s: float | None = None  # meter clock of the last transfer; None: idle
         self._gaps_j = 0.0  # gap joules between transfers, in no total yet
         self._gap_charged_j = 0.0  # of the gap since the last transfer, the joules already charged
