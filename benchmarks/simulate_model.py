@@ -151,10 +151,7 @@ class RoundModel:
         power, up to its time), less the tail power over the transfers themselves, as
         `gelato.device.energy.EnergyAccountant` charges it."""
         radio = self.ch.radio
-        if radio is None:
-            return 0.0
-        t_up, t_down = radio.transfer_s(up, down)
-        return max(sum(radio.gap_energy_j(g) for g in gaps_s) - (t_up + t_down) * radio.tail_mw / 1e3, 0.0)
+        return radio.link_energy_j(sum(radio.gap_energy_j(g) for g in gaps_s), up, down) if radio else 0.0
 
     def energy(
         self, t_round: float, t_busy: float, up: int, down: int, gaps_s: tuple[float, ...] | None = None

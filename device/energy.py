@@ -100,12 +100,7 @@ class EnergyAccountant:
             self._round_link_j += piece_j
 
     def _link_j(self, gaps_j: float, bytes_up: int, bytes_down: int) -> float:
-        """Gap joules less the tail power over the transfers inside those gaps (charged at the
-        transfer power instead)."""
-        if self.radio is None or not gaps_j:
-            return 0.0
-        t_up, t_down = self.radio.transfer_s(bytes_up, bytes_down)
-        return max(gaps_j - (t_up + t_down) * self.radio.tail_mw / 1e3, 0.0)
+        return self.radio.link_energy_j(gaps_j, bytes_up, bytes_down) if self.radio is not None else 0.0
 
     def _settle_radio_j(self, bytes_up: int = 0, bytes_down: int = 0) -> float:
         """The radio joules in no total yet: tails, and gaps less the tail power over the transfers

@@ -48,6 +48,12 @@ class RadioProfile:
         (a longer gap lets the radio go idle; the next transfer's promotion is not modelled)."""
         return min(max(gap_s, 0.0), self.tail_s) * self.tail_mw / 1e3
 
+    def link_energy_j(self, gaps_j: float, bytes_up: int, bytes_down: int) -> float:
+        """Gap joules (`gap_energy_j`, summed) less the tail power over the transfers of these bytes,
+        which lie inside the gaps and are charged at the transfer power instead."""
+        t_up, t_down = self.transfer_s(bytes_up, bytes_down)
+        return max(gaps_j - (t_up + t_down) * self.tail_mw / 1e3, 0.0) if gaps_j else 0.0
+
 
 RADIOS = {
     r.name: r
