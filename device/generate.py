@@ -244,8 +244,12 @@ def finish(
     # was left out of the queue, its tokens too: its energy is in the generation's measured
     # total, so it is charged here with its tokens (else one bad read lost the whole remainder).
     measured = [t for t in stats.rounds_log if math.isfinite(t.e_j)]
-    unmeasured_tokens = sum(t.emitted for t in stats.rounds_log if not math.isfinite(t.e_j))
-    policy.charge(stats.energy_j - sum(t.e_j for t in measured), unmeasured_tokens)
+    if math.isfinite(stats.energy_j):
+        unmeasured_tokens = sum(t.emitted for t in stats.rounds_log if not math.isfinite(t.e_j))
+        policy.charge(stats.energy_j - sum(t.e_j for t in measured), unmeasured_tokens)
+    else:  # the meter's total is unknown (a failed read, a RAPL reset): the radio's joules are not
+        # (modelled), and are charged; the meter's, and the unmeasured rounds' tokens, cannot be.
+        policy.charge(stats.radio_j - sum(t.e_radio_j for t in measured))
 
 
 def charge_bytes(stats: GenerationStats, policy: Policy, acct: EnergyAccountant | None, up: int, down: int = 0) -> None:

@@ -17,9 +17,26 @@ from gelato.controller import CostModel, Decision, Objective, cheapest_k, choose
 from gelato.controller.calibrator import EntropyCalibrator
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant
-from gelato.device.generate import Exchange, Limits, Verify, local_verifier, self_verifier, speculative_generate
+from gelato.device.generate import (
+    Exchange,
+    GenerationResult,
+    Limits,
+    Verify,
+    local_verifier,
+    self_verifier,
+    speculative_generate,
+)
 from gelato.device.pipeline import local_link, pipelined_generate
-from gelato.device.policy import POLICY_NAMES, EntropyStop, Gate, Heuristic, PolicyOptions, _Continuation, parse_policy
+from gelato.device.policy import (
+    POLICY_NAMES,
+    EntropyStop,
+    Gate,
+    Heuristic,
+    Policy,
+    PolicyOptions,
+    _Continuation,
+    parse_policy,
+)
 from gelato.edge.kv_pool import KVPool
 from gelato.edge.sessions import TargetSession
 from gelato.models import LoadedModel, encode_prompt, load_model
@@ -495,6 +512,38 @@ def test_a_round_the_meter_missed_is_charged_with_the_generation(
     assert math.isfinite(res.stats.energy_j)
     assert queue.energy_j == pytest.approx(res.stats.energy_j, rel=1e-9)
     assert queue.tokens == len(res.token_ids)
+
+
+def test_a_generation_the_meter_missed_still_charges_its_radio_joules(
+    target: LoadedModel, drafter_model: LoadedModel
+) -> None:
+    """The generation's last reading fails: its total is unknown (NaN), but the radio's joules
+    outside its measured rounds (its tail, the connected state between rounds, the open's bytes)
+    are modelled, known, and go into the deficit queue (the NaN remainder once took them with it:
+    the queue got none of a tail, 12.3 J on LTE)."""
+    prompt = encode_prompt(target.tokenizer, "Ava has 12 apples.")
+    limits = Limits(20, target.context_limit, 32, target.eos_token_ids)
+
+    def run(meter: _OneBadRead) -> tuple[GenerationResult, Policy]:
+        session = TargetSession("s", target, SamplingParams(), prompt)
+        session.prefill()
+        policy = parse_policy("fixed-2", PolicyOptions(budget_j_per_token=1e-3))
+        acct = EnergyAccountant(meter, radio_profile("wifi"))
+        drafter = Drafter(drafter_model, SamplingParams())
+        res = asyncio.run(speculative_generate(drafter, local_verifier(session), policy, prompt, limits, acct, None))
+        return res, policy
+
+    counted = _OneBadRead(bad=0)  # never fails: counts the generation's reads
+    run(counted)
+    res, policy = run(_OneBadRead(bad=counted.reads))  # the same generation, its last read failing
+    queue = policy.controller.queue
+    log = res.stats.rounds_log
+    assert math.isnan(res.stats.energy_j) and all(math.isfinite(t.e_j) for t in log)
+    assert queue is not None and queue.tokens == sum(t.emitted for t in log)
+    outside_j = res.stats.radio_j - sum(t.e_radio_j for t in log)
+    wifi = radio_profile("wifi")
+    assert wifi is not None and outside_j > wifi.tail_energy_j() * 0.99  # the tail at least
+    assert queue.energy_j == pytest.approx(sum(t.e_j for t in log) + outside_j, rel=1e-9)
 
 
 def test_pre_drafts_stay_within_the_drafters_window(target: LoadedModel) -> None:
