@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -253,6 +253,7 @@ def _generate(
     edge_wait_s: float = 30.0,
     connects: list[float] | None = None,
     sessions: list[tuple[int, int | None]] | None = None,
+    on_round: Callable[[Telemetry], None] | None = None,
 ) -> GenerationResult:
     """`loading_infos`: the edge answers that many `Info`s "still loading" (a restart), then
     ready; `infos` collects when each `Info` was asked, `connects` each connect's timeout."""
@@ -284,17 +285,17 @@ def _generate(
             prompt = encode_prompt(target.tokenizer, "Ava has 12 apples and Ben gives her 3 more. How many?")
             drafter = Drafter(drafter_model, SamplingParams())
             if sessions is None:
-                return await client.generate(drafter, prompt, 20, policy or parse_policy("fixed-4"), acct)
+                return await client.generate(drafter, prompt, 20, policy or parse_policy("fixed-4"), acct, on_round)
             current = [0]
 
             def on_session(n: int) -> None:
                 current[0] = n
                 sessions.append((n, None))
 
-            def on_round(tele: Telemetry) -> None:
+            def log_round(tele: Telemetry) -> None:
                 sessions.append((current[0], tele.round))
 
-            return await client.generate(drafter, prompt, 20, parse_policy("fixed-4"), acct, on_round, on_session)
+            return await client.generate(drafter, prompt, 20, parse_policy("fixed-4"), acct, log_round, on_session)
         finally:
             await client.close()
 
@@ -492,6 +493,30 @@ def test_a_first_open_that_fails_leaves_no_tail_to_give_back(target: LoadedModel
     res = _generate(target, drafter_model, [_Stream(target)], failovers=0, acct=acct)
     bytes_j = lte.round_energy_j(res.stats.bytes_up, res.stats.bytes_down)
     assert res.stats.radio_j >= bytes_j + lte.tail_energy_j() - 1e-9
+
+
+def test_a_generation_that_raises_mid_session_leaves_no_gap_running(
+    target: LoadedModel, drafter_model: LoadedModel
+) -> None:
+    """A generation that raises after its session ran rounds (here its caller's round callback)
+    reports no energy, and nothing of it runs on into the next one: its last transfer's mark once
+    stayed, and the next prompt's first transfer charged the whole pause between the two as a gap
+    of the radio's connected state (up to a tail: 12.3 J on LTE)."""
+    lte = radio_profile("lte")
+    assert lte is not None
+    acct = EnergyAccountant(OneWatt(), lte)
+
+    def fails(tele: Telemetry) -> None:
+        if tele.round == 1:
+            raise RuntimeError("the round callback failed")
+
+    with pytest.raises(RuntimeError, match="round callback"):
+        _generate(target, drafter_model, [_Stream(target)], failovers=0, acct=acct, on_round=fails)
+    time.sleep(1.0)  # the pause: 1.06 J if it were charged
+    res = _generate(target, drafter_model, [_Stream(target)], failovers=0, acct=acct)
+    bytes_j = lte.round_energy_j(res.stats.bytes_up, res.stats.bytes_down)
+    own_gaps_j = lte.tail_mw / 1e3 * res.elapsed_s  # at most the connected state over its own time
+    assert bytes_j + lte.tail_energy_j() - 1e-9 <= res.stats.radio_j <= bytes_j + lte.tail_energy_j() + own_gaps_j
 
 
 def test_failed_opens_charge_their_radio_joules_when_the_meter_could_not_read() -> None:
