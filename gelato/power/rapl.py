@@ -13,9 +13,12 @@ the time a counter takes to wrap at that power (`max_gap_s`) may hide whole wrap
 the energy across that interval is unknown: the meter counts from a new epoch (`Reading.epoch`, from
 0 J at that read; `since()` across it is NaN) and logs a warning (once per meter, then at DEBUG), so
 no total holds energy invented by a reset or a hidden wrap. A keeper thread reads the counters every
-quarter of `max_gap_s` (at most every 10 s; with the usual ~262 kJ range `max_gap_s` is 1.5 min at a
+quarter of `max_gap_s`, at most every second (with the usual ~262 kJ range `max_gap_s` is 1.5 min at a
 350 W server part's limit, 4 min at 125 W, 2 min without a stated limit), so however seldom a caller
-reads, no wrap is hidden; `close()` stops it. Unreadable counters (usually root-only) raise
+reads, no wrap is hidden; `close()` stops it. A reset passes for a wrap only when the counter stood
+within the bound's power × the time since the last read of its range's top (the apparent wrap then
+fits the bound): with reads at most a second apart, under ~1 kJ (at 1000 W) of ~262 kJ, so about one
+reset in 260 adds up to that much energy unseen. Unreadable counters (usually root-only) raise
 `MeterUnavailable` naming the file. A read that fails mid-run (any zone) reads NaN and changes
 nothing: the counters kept counting, so the next good read is exact again (if within `max_gap_s` of
 the last good one).
@@ -42,7 +45,7 @@ PACKAGE = re.compile(r"^package-\d+(-die-\d+)?$")  # the kernel's names; `psys` 
 # them); turbo runs above TDP, up to ~3.7x on 15 W laptop parts (55 W PL2), so 4x the largest
 # stated limit is above any draw the firmware allows for longer than a moment. Without a stated
 # limit, 1000 W: no CPU package draws that (the largest server parts are rated ~500 W). Both are
-# far below a reset's apparent power (a whole ~262 kJ range within seconds).
+# far below the apparent power of a reset from anywhere but the top of the range (module docstring).
 LIMIT_MARGIN = 4.0
 FALLBACK_MAX_W = 1000.0
 # A wrap read just after the previous read may show a little more than max power x dt: the counter
@@ -50,8 +53,9 @@ FALLBACK_MAX_W = 1000.0
 # that slack (10 J at 1000 W, nothing beside a range of ~262 kJ).
 SLACK_S = 0.01
 # How often the keeper thread reads: a quarter of `max_gap_s`, within these bounds (a sysfs read
-# per zone every few seconds costs nothing measurable).
-KEEP_MIN_S, KEEP_MAX_S = 0.5, 10.0
+# per zone every second costs nothing measurable; the shorter the interval, the less energy a
+# reset near the top of the range can pass off as a wrap).
+KEEP_MIN_S, KEEP_MAX_S = 0.5, 1.0
 
 
 def _is_package(zone: Path) -> bool:
