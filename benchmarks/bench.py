@@ -429,9 +429,14 @@ def compact(v: Any) -> Any:
 def write_rounds(results: list[RunResult], out: Path) -> None:
     """`rounds/<run>.jsonl.gz`: one line per round; `outputs.jsonl.gz`: one line per run and
     question, the device's record (token ids and text included) without the prompt: what
-    `gelato-bench report DIR` rebuilds every output from."""
+    `gelato-bench report DIR` rebuilds every output from. Round files of an earlier run in the
+    folder (`--force`) that this run did not make are removed: a folder holds one run's files."""
     folder = out / "rounds"
     folder.mkdir(parents=True, exist_ok=True)
+    ours = {f"{res.spec.slug}.jsonl.gz" for res in results}
+    for old in folder.glob("*.jsonl.gz"):
+        if old.name not in ours:
+            old.unlink()
     for res in results:
         with gzip.open(folder / f"{res.spec.slug}.jsonl.gz", "wt", encoding="utf-8") as f:
             f.writelines(json.dumps({k: compact(v) for k, v in r.items()}) + "\n" for r in res.rounds)
