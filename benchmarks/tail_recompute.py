@@ -15,7 +15,7 @@ tails as now (found from the checkout's git history) is left as recorded.
 The radio's connected state between a generation's transfers, charged since a later change, is
 not added: runs recorded before it lack it, recomputed or not (the README says by how much).
 
-`python -m gelato.benchmarks.tail_recompute benchmarks/results/gsm8k_lte_n1` prints the table.
+`python -m gelato.benchmarks.tail_recompute benchmarks/results/gsm8k_lte_n8` prints the table.
 """
 
 from __future__ import annotations

@@ -305,7 +305,7 @@ def test_committed_results_with_bool_pipeline_still_read(tmp_path: Path) -> None
     from gelato.benchmarks.bench_finish import replot
     from gelato.benchmarks.bench_report import markdown
 
-    src = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "gsm8k_lte_n1"
+    src = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "gsm8k_lte_n8"
     summary = json.loads((src / "summary.json").read_text())
     # That run's `+pipe` rows were local pre-drafting; a rebuild stored them as a mode since: put
     # them back as the bool they were written as.
