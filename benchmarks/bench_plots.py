@@ -58,10 +58,6 @@ def _pareto_row(r: dict[str, Any]) -> dict[str, Any]:
     return {**r, "policy": policy, "j_per_token": r["energy_j_per_token"]}
 
 
-def _piped(r: dict[str, Any]) -> bool:
-    return pipeline_mode(r.get("pipeline")) != "off"
-
-
 def pareto(result: dict[str, Any], rounds: Rounds, path: Path) -> bool:
     from gelato.benchmarks.simulate_sweep import plot_pareto
 
@@ -71,9 +67,9 @@ def pareto(result: dict[str, Any], rounds: Rounds, path: Path) -> bool:
         for r in result["runs"] + result["references"]
         if r.get("energy_j_per_token") and r.get("tokens_per_s") and r["policy"] not in ("ar-edge", "ar-device")
     ]
-    budget = [r for r in rows if r.get("budget_j_per_token") is not None and not _piped(r)]
-    piped = [r for r in rows if r.get("budget_j_per_token") is not None and _piped(r)]
-    base = [_pareto_row(r) for r in rows if r not in budget and r not in piped]
+    budget = [r for r in rows if r.get("budget_j_per_token") is not None]
+    base = [_pareto_row(r) for r in rows if r not in budget]
+    # A pipelined run's sweep is its own line (policy `gelato+send-ahead`), not mixed into the other's.
     sweep = sorted((_pareto_row(r) for r in budget), key=lambda r: r["j_per_token"])
     if not base:
         return False

@@ -194,13 +194,15 @@ def plot_pareto(result: dict[str, Any], path: Path, energy: str = SIMULATED_ENER
         ax.scatter(x, y, marker=markers.get(p, "x"), s=60, label=f"{p} (no budget)")
         for r in rs if p in ("entropy", "adaedl") else ():
             ax.annotate(r["label"].split(" ", 1)[1], (r["j_per_token"] * 1e3, r["tokens_per_s"]), fontsize=6)
-    for p, color in zip(CONTROLLERS, ("tab:red", "tab:blue"), strict=True):
+    swept = list(dict.fromkeys([*CONTROLLERS, *(r["policy"] for r in result["budget_sweep"])]))
+    colors = ("tab:red", "tab:blue", "tab:purple", "tab:olive", "tab:cyan", "tab:brown")
+    for i, p in enumerate(swept):
         rs = [r for r in result["budget_sweep"] if r["policy"] == p]
         ax.plot(
             [r["j_per_token"] * 1e3 for r in rs],
             [r["tokens_per_s"] for r in rs],
-            "--.",
-            color=color,
+            "--." if p in CONTROLLERS else ":x",
+            color=colors[i % len(colors)],
             label=f"{p}, ē sweep",
         )
     for b in {r["budget_j_per_token"] for r in result["budget_sweep"]}:

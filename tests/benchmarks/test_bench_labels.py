@@ -134,6 +134,33 @@ def test_energy_axes_name_their_source(monkeypatch: pytest.MonkeyPatch, tmp_path
         plt.close(fig)
 
 
+def test_pareto_draws_each_pipelined_budget_sweep_as_its_own_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Budgeted send-ahead runs are on the plot, as their own ē sweep, not dropped or mixed into
+    the unpipelined sweep of the same policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gelato.benchmarks import bench_plots
+
+    figs: list[Any] = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    result = json.loads((RESULTS / "gsm8k_wifi_n1" / "summary.json").read_text())
+    assert bench_plots.pareto(result, {}, tmp_path / "p.png")
+    monkeypatch.undo()
+    lines = {ln.get_label(): ln for ln in figs[-1].axes[0].get_lines()}
+    plt.close(figs[-1])
+    budgeted = [r for r in result["runs"] if r.get("budget_j_per_token") is not None]
+    for policy, mode in (("gelato", "off"), ("gelato", "send-ahead"), ("lyapunov", "off")):
+        rs = [r for r in budgeted if r["policy"] == policy and r["pipeline"] == mode]
+        name = policy if mode == "off" else f"{policy}+{mode}"
+        xs = list(lines[f"{name}, ē sweep"].get_xdata())
+        assert len(rs) == 2 and xs == sorted(r["energy_j_per_token"] * 1e3 for r in rs)
+
+
 def test_energy_note_names_the_radio_model_only_when_there_is_one() -> None:
     from gelato.benchmarks.bench import energy_note
 
