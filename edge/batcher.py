@@ -178,13 +178,20 @@ class Batcher:
         return results
 
     def _resolve(self, batch: list[_Request], results: list[Verdict | BaseException]) -> None:
-        """Event loop: every row's future at once, then the model thread is free again."""
-        for r, result in zip(batch, results, strict=True):
-            if r.future.done():
-                continue
-            if isinstance(result, BaseException):
-                r.future.set_exception(result)
-            else:
-                r.future.set_result(result)
-        assert self._free is not None
-        self._free.set()
+        """Event loop: every row's future at once, then the model thread is free again (whatever
+        happens here: a batcher that never frees it would leave every session waiting)."""
+        try:
+            for r, result in zip(batch, results, strict=True):
+                if r.future.done():
+                    continue
+                if isinstance(result, StopIteration):
+                    # A future refuses StopIteration (TypeError), which would leave this row's and
+                    # the next rows' futures unanswered: a row's error all the same.
+                    result = RuntimeError(f"StopIteration in verification: {result}")
+                if isinstance(result, BaseException):
+                    r.future.set_exception(result)
+                else:
+                    r.future.set_result(result)
+        finally:
+            assert self._free is not None
+            self._free.set()

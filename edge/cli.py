@@ -277,10 +277,7 @@ def with_security(config: EdgeConfig) -> EdgeConfig:
     certificate file without a certificate, a key not belonging to its certificate, a client CA
     without a certificate, a token file that is not one RFC 6750 word) and refuse an exposed port
     without them; returns the config with `auth_token` read from its file. Raises ConfigError."""
-    if bool(config.tls_cert) != bool(config.tls_key):
-        raise ConfigError("--tls-cert and --tls-key go together")
-    if config.tls_client_ca and not config.tls_cert:
-        raise ConfigError("--tls-client-ca needs --tls-cert/--tls-key (mutual TLS is TLS first)")
+    config.validate()  # the TLS files' pairing among the rest
     token = None
     try:
         if config.tls_cert and config.tls_key:

@@ -100,6 +100,11 @@ class EdgeConfig(Settings):
     auth_token: str | None = field(default=None, repr=False)
 
     def check(self) -> None:
+        require(bool(self.tls_cert) == bool(self.tls_key), "--tls-cert and --tls-key go together")
+        require(
+            not self.tls_client_ca or bool(self.tls_cert),
+            "--tls-client-ca needs --tls-cert/--tls-key (mutual TLS is TLS first)",
+        )
         require(
             bool(self.device_map or not (self.max_memory or self.offload_folder)),
             "--max-memory and --offload-folder need --device-map",

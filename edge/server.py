@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import secrets
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -48,6 +49,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gelato.channel import SERVER_OPTIONS
+from gelato.config import ConfigError
 from gelato.deadline import within
 from gelato.edge.auth import BearerAuth
 from gelato.edge.batcher import Batcher
@@ -246,8 +248,9 @@ class GelatoService:
             log.info("session %s: UNAVAILABLE %s", stream.session_id(), SHUTDOWN_DETAILS)
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
         except Exception as exc:  # a server fault (e.g. the prefill failed): this stream only, named
-            log.exception("session %s failed", stream.session_id())
-            await context.abort(grpc.StatusCode.INTERNAL, clip(f"edge error: {exc}", MAX_DETAILS))
+            incident = new_incident()
+            log.exception("session %s failed (incident %s)", stream.session_id(), incident)
+            await context.abort(grpc.StatusCode.INTERNAL, internal_details("edge error", exc, incident))
         finally:
             self.streams.discard(stream)
             self._stream_ended.set()
@@ -459,7 +462,9 @@ class GelatoService:
         if req.max_tokens < 1:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "generate: max_tokens must be >= 1")
         eos, limit = set(session.loaded.eos_token_ids), session.loaded.context_limit
-        for _ in range(req.max_tokens):
+        for n in range(req.max_tokens):
+            if session.length >= limit and n == 0:  # no token can come: say so, leave no read waiting
+                raise StatusError(grpc.StatusCode.OUT_OF_RANGE, f"generate: the context limit ({limit} tokens) is full")
             if session.length >= limit:
                 return  # the context is full: no more verdicts, as the device counts itself (SessionOpened)
             # Past the session's reservation `check_state` answers OUT_OF_RANGE, as for a draft
@@ -485,21 +490,37 @@ class GelatoService:
             if out_of_memory(exc):  # the forward's activations or logits, this row alone (its state restored)
                 raise _out_of_memory(exc) from exc
             # a server fault in this row only: this session's state is unknown, end it
-            log.exception("verify failed for session %s", session.session_id)
-            raise StatusError(grpc.StatusCode.INTERNAL, f"verification failed: {clip(str(exc))}") from exc
+            incident = new_incident()
+            log.exception("verify failed for session %s (incident %s)", session.session_id, incident)
+            details = internal_details("verification failed", exc, incident)
+            raise StatusError(grpc.StatusCode.INTERNAL, details) from exc
+
+
+def new_incident() -> str:
+    """A short id that ties what a device is told to the edge's log line with the whole error."""
+    return secrets.token_hex(4)
+
+
+def internal_details(what: str, exc: BaseException, incident: str) -> str:
+    """What a device is told of an edge fault: its kind and an incident id, never the exception's
+    text (paths, shapes, a CUDA allocator's report of other processes), which goes to the log."""
+    return f"{what} ({type(exc).__name__}), incident {incident}: see the edge's log"
 
 
 def _out_of_memory(exc: Exception) -> StatusError:
     """RESOURCE_EXHAUSTED for a forward that found no memory for its activations or logits (not
     a fault of the edge's code: the device is full, e.g. a pool grown without --kv-budget-mb)."""
-    log.warning("a forward ran out of memory: %s", exc)
-    return StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"edge out of memory: {clip(str(exc))}")
+    incident = new_incident()
+    log.warning("a forward ran out of memory (incident %s): %s", incident, exc)
+    details = f"edge out of memory for a forward's activations or logits, incident {incident}: see the edge's log"
+    return StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
 
 
 def _pool_full(exc: PoolMemoryError) -> StatusError:
     """RESOURCE_EXHAUSTED for a session whose KV the pool could not make room for (the edge's
-    memory, not its KV budget, ran out); the pool and every other session go on."""
-    log.warning("%s", exc)
+    memory, not its KV budget, ran out); the pool and every other session go on. The message is
+    the pool's own (slots, tokens, MiB); the allocator's text goes to the log only."""
+    log.warning("%s: %s", exc, exc.__cause__)
     return StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"edge out of KV memory: {exc}")
 
 
@@ -507,6 +528,15 @@ class EdgeServer:
     """Owns the grpc.aio server, the health servicer and the Gelato service."""
 
     def __init__(self, config: EdgeConfig) -> None:
+        """Raises ConfigError for settings that break a rule (`EdgeConfig.validate`) and for a token
+        file whose token was not read (`gelato.edge.cli.with_security` reads it): an embedder's
+        config then fails closed instead of serving without the token it names."""
+        config.validate()
+        if config.auth_token_file and not config.auth_token:
+            raise ConfigError(
+                f"--auth-token-file {config.auth_token_file} is set but no token was read from it: "
+                "pass the config through gelato.edge.cli.with_security"
+            )
         self.config = config
         self.service = GelatoService(config)
         self.health = health.aio.HealthServicer()

@@ -85,6 +85,8 @@ def verify_batch(
             # breaks the forward fails.
             log.exception("batched forward of %d rows failed; verifying each row alone", len(live))
             for i in live:
+                if outcomes[i] is not None:  # verified (or failed on its own) before the failure
+                    continue
                 try:
                     _verify_rows(pairs, [i], outcomes)
                 except Exception as exc:
@@ -118,19 +120,26 @@ def _verify_rows(
     pairs: Sequence[tuple[TargetSession, DraftBlock]], rows: list[int], outcomes: list[Outcome | None]
 ) -> None:
     """One forward over the pairs at `rows`, then acceptance row by row, into `outcomes`. Raises
-    only if the forward does (then every row is as before it); an acceptance failure is that
-    row's outcome, and that row is put back as it was before the forward."""
+    only if the forward or the step between rows does; then every row without an outcome is as
+    before the forward (the rows with one keep it: the caller re-runs only the others). An
+    acceptance failure is that row's outcome, and that row is put back as it was before the forward."""
     seqs = [pairs[i][0].seq for i in rows]
     marks = [(len(seq.tokens), seq.cached) for seq in seqs]
     logits = pooled_forward([(seq, pairs[i][1].ids) for seq, i in zip(seqs, rows, strict=True)])
     n = len(rows)
-    greedy = [pairs[i][1].k if pairs[i][0].params.greedy else None for i in rows]
-    best = greedy_argmaxes(logits, greedy)
-    for j, (i, seq, (base, cached), lg) in enumerate(zip(rows, seqs, marks, logits, strict=True)):
-        session, block = pairs[i]
-        try:
-            a, nxt = session.accept(block, base, lg, best.get(j))
-            outcomes[i] = Accepted(a, nxt, n)
-        except Exception as exc:
-            seq.rewind(base, cached)  # drop the drafts, their KV and anything acceptance set
-            outcomes[i] = exc
+    try:
+        greedy = [pairs[i][1].k if pairs[i][0].params.greedy else None for i in rows]
+        best = greedy_argmaxes(logits, greedy)
+        for j, (i, seq, (base, cached), lg) in enumerate(zip(rows, seqs, marks, logits, strict=True)):
+            session, block = pairs[i]
+            try:
+                a, nxt = session.accept(block, base, lg, best.get(j))
+                outcomes[i] = Accepted(a, nxt, n)
+            except Exception as exc:
+                seq.rewind(base, cached)  # drop the drafts, their KV and anything acceptance set
+                outcomes[i] = exc
+    except Exception:
+        for i, seq, (base, cached) in zip(rows, seqs, marks, strict=True):
+            if outcomes[i] is None:
+                seq.rewind(base, cached)
+        raise

@@ -480,11 +480,33 @@ def test_a_session_the_edge_has_no_kv_memory_for_is_refused_and_the_others_go_on
     assert tokens == ref
 
 
-def test_a_forward_out_of_memory_is_resource_exhausted_for_its_session_alone(pair: dict[str, Path]) -> None:
+@pytest.mark.parametrize(
+    ("error", "code", "at_open", "at_block"),
+    [
+        (
+            torch.OutOfMemoryError("simulated: CUDA out of memory. Tried to allocate 2 GiB; process 4242 has 70 GiB"),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "edge out of memory",
+            "edge out of memory",
+        ),
+        (
+            RuntimeError("simulated fault in /srv/secret/model.py, shape [3, 7]"),
+            grpc.StatusCode.INTERNAL,
+            "edge error (RuntimeError), incident ",
+            "verification failed (RuntimeError), incident ",
+        ),
+    ],
+    ids=["out-of-memory", "fault"],
+)
+def test_a_forward_failing_ends_its_session_alone_and_says_no_more_than_its_kind(
+    pair: dict[str, Path], error: Exception, code: grpc.StatusCode, at_open: str, at_block: str
+) -> None:
     """A forward that finds no memory for its activations (not the KV pool's: a prompt prefilled
     at once, a long block) is the device being full, not a server fault: that session ends
     RESOURCE_EXHAUSTED "edge out of memory" (it was INTERNAL "verification failed"), at open or at
-    a block, and the next session is served as before."""
+    a block, and the next session is served as before. Any other failure of the forward is that
+    session's INTERNAL. Neither status carries the exception's text (a CUDA allocator's names other
+    processes; paths, shapes): the kind and an incident id that the edge's log line names."""
     from gelato.edge.server import EdgeConfig, EdgeServer
     from gelato.v1 import gelato_pb2_grpc as pb_grpc
     from tests.edge.test_server_errors import draft, open_msg
@@ -497,7 +519,7 @@ def test_a_forward_out_of_memory_is_resource_exhausted_for_its_session_alone(pai
 
         def short_of_memory(*args: object, **kw: object) -> object:
             if armed[0]:
-                raise torch.OutOfMemoryError("simulated: CUDA out of memory. Tried to allocate 2.00 GiB")
+                raise error
             return forward(*args, **kw)
 
         async def refused(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError:
@@ -532,9 +554,10 @@ def test_a_forward_out_of_memory_is_resource_exhausted_for_its_session_alone(pai
             await channel.close()
             await server.stop(0)
 
-    for exc in asyncio.run(scenario()):
-        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
-        assert "edge out of memory" in (exc.details() or ""), exc.details()
+    for exc, needle in zip(asyncio.run(scenario()), (at_open, at_block), strict=True):
+        details = exc.details() or ""
+        assert exc.code() == code and needle in details and "incident" in details, details
+        assert "simulated" not in details and "secret" not in details and "4242" not in details, details
 
 
 def test_a_reshape_failing_for_another_reason_is_not_called_out_of_memory(target: LoadedModel) -> None:

@@ -179,6 +179,26 @@ def test_edge_security_flags(args: list[str], needle: str) -> None:
     assert res.returncode == 2 and needle in res.stderr, res.stderr
 
 
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [
+        ({"tls_cert": "x.crt"}, "--tls-cert and --tls-key go together"),
+        ({"tls_key": "x.key"}, "--tls-cert and --tls-key go together"),
+        ({"tls_client_ca": "ca.crt"}, "--tls-client-ca needs --tls-cert/--tls-key"),
+        ({"auth_token_file": "token"}, "no token was read from it"),
+    ],
+)
+def test_an_embedded_edge_server_fails_closed(settings: dict[str, str], needle: str) -> None:
+    """`EdgeServer` built from a config that skipped the CLI's security step refuses to start
+    instead of serving plaintext without the token or TLS its settings name."""
+    from gelato.config import ConfigError
+    from gelato.edge.config import EdgeConfig
+    from gelato.edge.server import EdgeServer
+
+    with pytest.raises(ConfigError, match=needle):
+        EdgeServer(EdgeConfig(port=0, **settings))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("from_env", [False, True], ids=["flag", "variable"])
 def test_exposed_address_with_insecure_starts_and_says_so(
     pair: dict[str, Path], from_env: bool, monkeypatch: pytest.MonkeyPatch

@@ -313,6 +313,17 @@ def test_edge_only_generation_past_the_reservation_is_out_of_range(stub: pb_grpc
     assert stub.Info(pb.InfoRequest(), timeout=10).active_sessions == 0
 
 
+def test_edge_only_generation_with_the_context_full_is_out_of_range(stub: pb_grpc.GelatoStub, fingerprint: str) -> None:
+    """A Generate when the context is already full gets OUT_OF_RANGE at once (it got nothing and
+    left its client waiting until the idle timeout); one that fills it streams what fits."""
+    opened = open_msg(fingerprint, prefix=[1] * 511, max_new_tokens=1)
+    details = expect_status(stub, [opened, draft(0, []), generate(1, 5)], grpc.StatusCode.OUT_OF_RANGE)
+    assert "context limit (512 tokens) is full" in details
+    streamed = run_stream(stub, [opened, generate(0, 5), pb.DeviceMessage(close=pb.CloseSession())])
+    assert [m.verdict.round for m in streamed[1:]] == [0]  # the one token that fits
+    assert stub.Info(pb.InfoRequest(), timeout=10).active_sessions == 0
+
+
 async def _silent_streams(address: str, fp: str, n: int, wait_s: float) -> dict[str, object]:
     """Start `n` Session streams that send nothing, then streams with an open until one is
     refused (the edge then holds all `n`); then wait for the silent ones' statuses."""

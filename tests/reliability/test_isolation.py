@@ -244,3 +244,91 @@ def test_unvalidated_tiny_temperature_is_its_own_invalid_argument(target: Loaded
     with pytest.raises(StatusError) as info:
         s.check(DraftBlock(0, (3,), (SparseDist(ids=(3,), probs=(1.0,)),)))
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in info.value.details
+
+
+class AcceptStops(TargetSession):
+    """A session whose acceptance raises StopIteration (e.g. `next()` on an exhausted iterator)."""
+
+    def accept(
+        self, block: DraftBlock, base: int, logits: torch.Tensor, greedy_best: list[int] | None = None
+    ) -> tuple[int, int]:
+        raise StopIteration("nothing left")
+
+
+def test_a_row_raising_stop_iteration_fails_alone_and_frees_the_batcher(target: LoadedModel) -> None:
+    """A future refuses StopIteration: setting it raised TypeError in the event loop, the rows after
+    it never got their verdicts and the batcher never ran another batch. Now it is that row's
+    error, the other rows get their verdicts, and the next round runs."""
+    want = solo_verdicts(target)
+
+    async def run() -> tuple[dict[str, list[Verdict]], BaseException]:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target")
+        pool = KVPool(target.model, target.vocab_size, slots=0, context=0, max_context=target.context_limit)
+        stops = AcceptStops("stops", target, SamplingParams(), [5, 6], pool=pool)
+        good = {n: TargetSession(n, target, s.params, list(s.prefix), pool=pool) for n, s in GOOD.items()}
+        for s in (stops, *good.values()):
+            s.prefill()
+        size = {"rows": len(good) + 1}
+        batcher = Batcher(executor, 5.0, 16, lambda: size["rows"], EdgeMetrics())
+        batcher.start()
+        got: dict[str, list[Verdict]] = {n: [] for n in GOOD}
+
+        async def one_round(*extra: asyncio.Future[Verdict]) -> list[Verdict | BaseException]:
+            now = time.perf_counter()
+            blocks = {n: make_block(GOOD[n], s.seq.tokens, s.rounds, target.vocab_size) for n, s in good.items()}
+            rows = [batcher.verify(good[n], blocks[n], now) for n in good]
+            return await asyncio.wait_for(asyncio.gather(*extra, *rows, return_exceptions=True), 30)
+
+        try:
+            # The failing row is asked first, so it comes first in the batch.
+            stopped, *results = await one_round(asyncio.ensure_future(batcher.verify(stops, DraftBlock(0, (1,)), 0.0)))
+            size["rows"] = len(good)
+            for rnd in range(ROUNDS):
+                results = results if rnd == 0 else await one_round()
+                for n, v in zip(good, results, strict=True):
+                    assert isinstance(v, Verdict), (n, rnd, v)
+                    got[n].append(v)
+        finally:
+            await batcher.stop()
+            executor.shutdown()
+        assert isinstance(stopped, BaseException)
+        return got, stopped
+
+    got, stopped = asyncio.run(run())
+    assert isinstance(stopped, RuntimeError) and "StopIteration" in str(stopped)
+    for name in GOOD:
+        assert [(v.n_accepted, v.next_token) for v in got[name]] == want[name], name
+
+
+def test_a_failure_after_the_batched_forward_reruns_only_the_rows_without_an_outcome(
+    target: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the step between rows breaks after some rows were accepted (here the forward returns one
+    row's logits too few), those rows keep their verdict (re-running them would advance them
+    twice) and the rest are put back and verified alone: every verdict equals its solo one."""
+    from gelato.edge import verifier
+
+    want = solo_verdicts(target)
+    real, calls = verifier.pooled_forward, [0]
+
+    def one_short(rows: list[tuple[object, tuple[int, ...]]]) -> list[torch.Tensor]:
+        calls[0] += 1
+        out = real(rows)  # type: ignore[arg-type]
+        return out[:-1] if calls[0] == 1 else out
+
+    pool = KVPool(target.model, target.vocab_size, slots=0, context=0, max_context=target.context_limit)
+    good = {n: TargetSession(n, target, s.params, list(s.prefix), pool=pool) for n, s in GOOD.items()}
+    for s in good.values():
+        s.prefill()
+    got: dict[str, list[tuple[int, int]]] = {n: [] for n in GOOD}
+    monkeypatch.setattr(verifier, "pooled_forward", one_short)
+    for rnd in range(ROUNDS):
+        pairs = [(s, make_block(GOOD[n], s.seq.tokens, s.rounds, target.vocab_size)) for n, s in good.items()]
+        outcomes = verifier.verify_batch(pairs)
+        for (n, s), out in zip(good.items(), outcomes, strict=True):
+            assert isinstance(out, verifier.Accepted), (n, rnd, out)
+            assert s.rounds == rnd + 1, (n, rnd)  # advanced once, not again by the re-run
+            got[n].append((out.n_accepted, out.next_token))
+    assert calls[0] == ROUNDS + 1  # the broken forward, one alone for its last row, then one per round
+    for name in GOOD:
+        assert got[name] == want[name], name
