@@ -198,27 +198,37 @@ def oracle(
 ) -> dict[str, Any]:
     """Oracle rows (one per cap), calibrated, and the model's fidelity on the measured fixed-K runs.
     Calibration: the rounds' simulated time and energy × (measured / simulated over the fixed-K
-    runs' rounds), plus the measured per-question overheads (`overheads`)."""
+    runs' rounds), plus the measured per-question overheads (`overheads`). Each run's fidelity is
+    scored with that run left out of the scales (`held_out`; with one fixed-K run there is nothing
+    else to calibrate on: in-sample, and it says so). The cost fit itself uses every run."""
     model, fitted = fit_model(fixed, radio, context_limit, max(k_caps))
     over = overheads(fixed)
     sims = {run.spec.label: replay(traces, model, run.spec.policy) for run in fixed}
     meas = {run.spec.label: measured_rounds(run) for run in fixed}
-    scale_t = statistics.fmean(meas[k]["time_s"] / sims[k]["time_s"] for k in sims)
-    scale_e = statistics.fmean(meas[k]["energy_j"] / sims[k]["energy_j"] for k in sims)
+
+    def scales(leave_out: str | None = None) -> tuple[float, float]:
+        keys = [k for k in sims if k != leave_out] or list(sims)
+        return (
+            statistics.fmean(meas[k]["time_s"] / sims[k]["time_s"] for k in keys),
+            statistics.fmean(meas[k]["energy_j"] / sims[k]["energy_j"] for k in keys),
+        )
+
+    scale_t, scale_e = scales()
     nq = len(traces)
 
-    def calibrated(sim: dict[str, Any]) -> tuple[float, float]:
-        t = sim["time_s"] * scale_t + over["time_s"] * nq
-        e = sim["energy_j"] * scale_e + over["energy_j"] * nq
+    def calibrated(sim: dict[str, Any], scale: tuple[float, float]) -> tuple[float, float]:
+        t = sim["time_s"] * scale[0] + over["time_s"] * nq
+        e = sim["energy_j"] * scale[1] + over["energy_j"] * nq
         return sim["tokens"] / t, e / sim["tokens"]
 
     fidelity = []
     for run in fixed:
         s = summarize(run)
-        tps, jpt = calibrated(sims[run.spec.label])
+        tps, jpt = calibrated(sims[run.spec.label], scales(leave_out=run.spec.label))
         fidelity.append(
             {
                 "label": run.spec.label,
+                "held_out": len(sims) > 1,
                 "measured_tokens_per_s": s["tokens_per_s"],
                 "model_tokens_per_s": tps,
                 "measured_j_per_token": s["energy_j_per_token"],
@@ -230,7 +240,7 @@ def oracle(
     rows = []
     for cap in k_caps:
         sim = replay(traces, RoundModel(model.costs, replace(model.ch, max_draft=cap)), None)
-        tps, jpt = calibrated(sim)
+        tps, jpt = calibrated(sim, (scale_t, scale_e))
         rows.append(
             {
                 "label": f"oracle K≤{cap}",

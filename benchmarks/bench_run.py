@@ -209,6 +209,8 @@ def per_device(res: RunResult) -> list[dict[str, Any]]:
         recs = [r for r in res.records if r["device"] == d]
         lat = token_latencies([r for r in res.rounds if r["device"] == d])
         tokens, elapsed = sum(r["n_tokens"] for r in recs), sum(r.get("elapsed_s", 0.0) for r in recs)
+        # Its last question by when it ended (in list order for records without the time).
+        last = recs[max(range(len(recs)), key=lambda i: (recs[i].get("done_at_s", 0.0), i))]
         rows.append(
             {
                 "device": d,
@@ -217,6 +219,9 @@ def per_device(res: RunResult) -> list[dict[str, Any]]:
                 "tokens_per_s": _ratio(tokens, elapsed),
                 "latency_p50_ms": None if not lat else percentile(lat, 0.5) * 1e3,  # type: ignore[operator]
                 "latency_p99_ms": None if not lat else percentile(lat, 0.99) * 1e3,  # type: ignore[operator]
+                # This device's controller state after its last question.
+                "q_final_j": last.get("q_deficit_j"),
+                "long_run_j_per_token": last.get("long_run_j_per_token"),
             }
         )
     return rows
@@ -230,6 +235,7 @@ def summarize(res: RunResult) -> dict[str, Any]:
     joules = [r.get("energy_j") for r in recs]
     energy = None if any(j is None for j in joules) else sum(j for j in joules if j is not None)
     devs = per_device(res)
+    local_only = spec.policy == "ar-device"
     q = [r["q_deficit_j"] for r in res.rounds if r.get("q_deficit_j") is not None]
     return {
         "label": spec.label,
@@ -249,8 +255,10 @@ def summarize(res: RunResult) -> dict[str, Any]:
         "energy_j_per_token": None if energy is None else _ratio(energy, tokens),
         "mean_power_w": None if energy is None else _ratio(energy, elapsed),
         "energy": sorted({f"{r.get('energy_source')} ({r.get('energy_kind')})" for r in recs}),
-        "acceptance": _ratio(sum(r.get("accepted", 0) for r in recs), drafted),
-        "mean_draft_len": _ratio(drafted, rounds),
+        # Of the verified blocks' drafts (pipelined runs also drafted the `wasted_tokens` thrown
+        # away); none for ar-device, whose drafts no target verified (it checks its own).
+        "acceptance": None if local_only else _ratio(sum(r.get("accepted", 0) for r in recs), drafted),
+        "mean_draft_len": None if local_only else _ratio(drafted, rounds),
         "rounds": rounds,
         "tokens_per_round": _ratio(tokens, rounds),
         "bytes_up": sum(r.get("bytes_up", 0) for r in recs),
@@ -262,9 +270,10 @@ def summarize(res: RunResult) -> dict[str, Any]:
         ),
         "stop_reasons": dict(Counter(r.get("stop_reason") or "-" for r in res.rounds).most_common()),
         "k_hist": {str(k): v for k, v in sorted(Counter(r["k"] for r in res.rounds).items())},
-        "q_final_j": recs[-1].get("q_deficit_j") if recs else None,
+        # One device's controller state: with several, each device's is in `per_device`.
+        "q_final_j": devs[0]["q_final_j"] if len(devs) == 1 else None,
         "q_max_j": max(q) if q else None,
-        "long_run_j_per_token": recs[-1].get("long_run_j_per_token") if recs else None,
+        "long_run_j_per_token": devs[0]["long_run_j_per_token"] if len(devs) == 1 else None,
         "t_net_median_ms": statistics.median(r["t_net_s"] for r in res.rounds) * 1e3 if res.rounds else None,
         **pipeline_stats(res.rounds, tokens),
         "per_device": devs,
