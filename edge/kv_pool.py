@@ -315,8 +315,8 @@ class KVPool:
             mib = slots * context * self.bytes_per_token() / 2**20
             # The allocator's own text (a CUDA one names other processes and their memory) stays
             # in the cause, for the edge's log, not the message a device is sent.
-            shape = f"{slots} slots x {context} tokens ({mib:.0f} MiB)"
-            raise PoolMemoryError(f"the KV pool could not grow to {shape}") from exc
+            wanted = f"{slots} slots x {context} tokens ({mib:.0f} MiB)"
+            raise PoolMemoryError(f"the KV pool could not grow to {wanted}") from exc
         self.slots, self.context = slots, context
         self._held_bytes = slots * context * self.bytes_per_token()
 
