@@ -182,14 +182,16 @@ def _pipeline_cells(r: dict[str, Any]) -> str:
     )
 
 
-def ratio_text(x: float | None, goal: float) -> str:
-    """`x` to 2 decimals, or more where 2 would print the goal for a ratio short of it (1.1958
-    against 1.2 reads 1.196, not 1.20 next to FALLS SHORT)."""
+def ratio_text(x: float | None, goal: float, at_most: bool = False) -> str:
+    """`x` to 2 decimals, or more where 2 would print the goal for a ratio on the wrong side of it:
+    short of a goal to reach (1.1958 against 1.2 reads 1.196, not 1.20 next to FALLS SHORT), or,
+    `at_most`, over a limit (1.0015 against ≤ 1 reads 1.002, not 1.00)."""
     if x is None:
         return "-"
     for places in (2, 3, 4):
         text = f"{x:.{places}f}"
-        if not (x < goal <= float(text)):
+        hidden = goal >= float(text) and x > goal if at_most else x < goal <= float(text)
+        if not hidden:
             return text
     return text
 
@@ -220,9 +222,10 @@ def target_lines(t: dict[str, Any]) -> list[str]:
     mark = {True: "MET", False: "FALLS SHORT"}
     out = []
     for g in t["gelato"]:
+        energy = ratio_text(g["energy_ratio_vs_best_fixed"], 1.0, at_most=True)
         out.append(
             f"- {g['label']}: {g['tokens_per_s']:.1f} tok/s = {ratio_text(g['speedup_vs_best_fixed'], g['goal'])}× "
-            f"the best fixed-K ({g['best_fixed']}) at {_f(g['energy_ratio_vs_best_fixed'], '.2f')}× its J/token (goal "
+            f"the best fixed-K ({g['best_fixed']}) at {energy}× its J/token (goal "
             f"≥ {g['goal']}× at ≤ 1×): **{mark[g['met']]}**; {_pareto_part(g)}; {_oracle_part(g, t['oracle'], mark)}"
             + (
                 f"; {ratio_text(g['speedup_vs_unpipelined'], 1.2)}× {g['unpipelined']} without pipelining (goal "

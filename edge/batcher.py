@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -156,8 +157,10 @@ class Batcher:
                 results.append(outcome)
                 continue
             verified += 1
-            # A forward of n rows verified n of them; rows re-run alone (the batched forward broke)
-            # each had their own: forwards = sum of 1/n over the verified rows.
+            # A forward of n rows verified up to n of them; rows re-run alone (the batched step
+            # broke) each had their own: forwards >= sum of 1/n over the verified rows, equal when
+            # every row of each forward was verified, so it is rounded up (rows whose acceptance
+            # failed, or were re-run after a failure, leave a forward's share short of 1).
             forwards += 1.0 / max(1, outcome.batch_rows)
             self.metrics.tokens_drafted.inc(r.block.k)
             self.metrics.tokens_accepted.inc(outcome.n_accepted)
@@ -172,7 +175,7 @@ class Batcher:
                 )
             )
         if verified:
-            self.metrics.batches.inc(max(1, round(forwards)))
+            self.metrics.batches.inc(max(1, math.ceil(forwards - 1e-9)))
             self.metrics.batch_rows.inc(verified)
             self.metrics.verify_seconds.observe(end - start)
         return results
@@ -186,8 +189,10 @@ class Batcher:
                     continue
                 if isinstance(result, StopIteration):
                     # A future refuses StopIteration (TypeError), which would leave this row's and
-                    # the next rows' futures unanswered: a row's error all the same.
-                    result = RuntimeError(f"StopIteration in verification: {result}")
+                    # the next rows' futures unanswered: a row's error all the same, its cause kept.
+                    error = RuntimeError(f"StopIteration in verification: {result}")
+                    error.__cause__ = result
+                    result = error
                 if isinstance(result, BaseException):
                     r.future.set_exception(result)
                 else:

@@ -453,7 +453,8 @@ class GelatoService:
         """Edge-only decoding: one empty block per token through the batcher (so each step shares
         a forward with other sessions' verification), streamed as it comes, until eos,
         `max_tokens` or the context limit; at the session's reservation the stream ends
-        OUT_OF_RANGE (it asked for more than it opened the session for)."""
+        OUT_OF_RANGE (it asked for more than it opened the session for), and so does a Generate
+        sent with the context already full (no token can come)."""
         if req.round != session.rounds:
             raise StatusError(
                 grpc.StatusCode.FAILED_PRECONDITION,

@@ -447,6 +447,8 @@ def test_target_lines_say_no_more_than_was_shown() -> None:
     assert "(no fixed-K spends as much) (the fastest" not in "".join(lines)
     assert ratio_text(1.1958, 1.2) == "1.196" and ratio_text(0.8973, 0.9) == "0.897"
     assert ratio_text(1.2, 1.2) == "1.20" and ratio_text(1.31, 1.2) == "1.31" and ratio_text(None, 1.0) == "-"
+    assert ratio_text(1.0015, 1.0, at_most=True) == "1.002" and ratio_text(0.9984, 1.0, at_most=True) == "1.00"
+    assert ratio_text(1.0, 1.0, at_most=True) == "1.00" and ratio_text(1.0401, 1.0, at_most=True) == "1.04"
 
 
 def test_ar_device_has_no_acceptance_and_each_device_its_own_queue() -> None:

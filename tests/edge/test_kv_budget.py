@@ -419,6 +419,8 @@ def test_a_row_that_needs_memory_the_pool_cannot_get_fails_alone(target: LoadedM
     block = DraftBlock(round=0, ids=(7, 8, 9, 10, 11, 12, 13, 14))  # 59 + 8 tokens > 64
     out = verify_batch([(long, block), (short, block)])
     assert isinstance(out[0], PoolMemoryError) and "could not grow to 2 slots x 128 tokens" in str(out[0])
+    # The allocator's own text stays in the cause (logged), not in what a device is sent.
+    assert "simulated" not in str(out[0]) and "simulated" in str(out[0].__cause__)
     assert isinstance(out[1], Accepted) and (out[1].n_accepted, out[1].next_token) == alone.verify(block)
     assert len(long.seq.tokens) == 59 and long.rounds == 0  # the failed row as before
     assert (pool.slots, pool.context) == (2, 64)

@@ -295,7 +295,7 @@ def test_a_row_raising_stop_iteration_fails_alone_and_frees_the_batcher(target: 
         return got, stopped
 
     got, stopped = asyncio.run(run())
-    assert isinstance(stopped, RuntimeError) and "StopIteration" in str(stopped)
+    assert isinstance(stopped, RuntimeError) and isinstance(stopped.__cause__, StopIteration)
     for name in GOOD:
         assert [(v.n_accepted, v.next_token) for v in got[name]] == want[name], name
 
@@ -332,3 +332,27 @@ def test_a_failure_after_the_batched_forward_reruns_only_the_rows_without_an_out
     assert calls[0] == ROUNDS + 1  # the broken forward, one alone for its last row, then one per round
     for name in GOOD:
         assert got[name] == want[name], name
+
+
+def test_the_batcher_frees_the_model_thread_whatever_resolving_a_batch_raises() -> None:
+    """Whatever answering a batch's futures raises (here a result list one short), the batcher
+    is free for the next batch afterwards; it stayed busy for good, and every session waited."""
+
+    async def run() -> bool:
+        executor = ThreadPoolExecutor(max_workers=1)
+        batcher = Batcher(executor, 0.0, 4, lambda: 1, EdgeMetrics())
+        batcher.start()
+        try:
+            loop = asyncio.get_running_loop()
+            fake = TargetSession.__new__(TargetSession)
+            request = type("R", (), {"future": loop.create_future(), "session": fake})()
+            assert batcher._free is not None
+            batcher._free.clear()  # a batch is on the model thread
+            with pytest.raises(ValueError):
+                batcher._resolve([request, request], [RuntimeError("x")])  # type: ignore[list-item]
+            return batcher._free.is_set()
+        finally:
+            await batcher.stop()
+            executor.shutdown()
+
+    assert asyncio.run(run())
