@@ -6,8 +6,10 @@ target off the event loop and flips health to SERVING. Every malformed message e
 stream, with a precise status: INVALID_ARGUMENT (bad parameters or data, bytes that do not parse
 as the message: the service takes raw bytes and parses them itself, since gRPC would answer a
 failed deserialization UNKNOWN), FAILED_PRECONDITION, OUT_OF_RANGE, RESOURCE_EXHAUSTED,
-UNAVAILABLE; INTERNAL only for a genuine server fault, and then for that session alone. The
-server and other sessions go on. Client strings are echoed only clipped (`gelato.wire.clip`).
+UNAVAILABLE; INTERNAL only for a genuine server fault, and then for that session alone, naming the
+error's kind and an incident id, never its text (logged under that id). The server and other
+sessions go on. `EdgeServer` refuses a config that names a token file whose token was not read.
+Client strings are echoed only clipped (`gelato.wire.clip`).
 Model forwards run on one model thread, never on the event loop. A session is released however
 its stream ends, and before its final status is sent. A device that sends nothing, or takes no
 answer, for the idle timeout has gone or stalled: its stream ends DEADLINE_EXCEEDED; so does a
