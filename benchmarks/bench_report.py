@@ -69,10 +69,9 @@ def gelato_vs_fixed(g: dict[str, Any], fixed: list[dict[str, Any]], goal: float)
     energy_ratio = jg / jb if jg is not None and jb else None
     # A fixed K both faster and no dearer per token: then g is off the fixed-K frontier, whatever
     # the Pareto view's ratio says (that compares with the slower, dearer fixed Ks only).
-    cheaper = [f for f in fixed if jg is not None and f.get("energy_j_per_token") is not None]
-    dominating = _fastest([f for f in cheaper if f["energy_j_per_token"] <= jg])
-    if dominating is not None and dominating["tokens_per_s"] <= g["tokens_per_s"]:
-        dominating = None
+    no_dearer = [f for f in fixed if jg is not None and f.get("energy_j_per_token") is not None]
+    no_dearer = [f for f in no_dearer if f["energy_j_per_token"] <= jg]
+    dominating = _fastest([f for f in no_dearer if f["tokens_per_s"] > g["tokens_per_s"]])
     return {
         "label": g["label"],
         "tokens_per_s": g["tokens_per_s"],

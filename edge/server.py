@@ -466,9 +466,10 @@ class GelatoService:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "generate: max_tokens must be >= 1")
         eos, limit = set(session.loaded.eos_token_ids), session.loaded.context_limit
         for n in range(req.max_tokens):
-            if session.length >= limit and n == 0:  # no token can come: say so, leave no read waiting
-                raise StatusError(grpc.StatusCode.OUT_OF_RANGE, f"generate: the context limit ({limit} tokens) is full")
             if session.length >= limit:
+                if n == 0:  # no token can come: say so, leave no read waiting
+                    full = f"generate: the context limit ({limit} tokens) is full"
+                    raise StatusError(grpc.StatusCode.OUT_OF_RANGE, full)
                 return  # the context is full: no more verdicts, as the device counts itself (SessionOpened)
             # Past the session's reservation `check_state` answers OUT_OF_RANGE, as for a draft
             # block there: the device asked for more tokens than it opened the session for.
