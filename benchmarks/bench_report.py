@@ -5,7 +5,10 @@ None without one; `score(records, gold)` adds `correct` per record and returns t
 `targets(rows, oracle_rows)` checks the benchmark's targets on one run's rows: gelato vs the fastest
 fixed-K (K ≥ 1) at no more device J/token (goal ≥ 1.2× without pipelining, ≥ 1.5× with it, local
 or send-ahead), gelato ≥ 0.9× the oracle, every speculative policy faster than fixed-0; and
-pipelining's: a pipelined gelato run ≥ 1.2× the same configuration (budget, V) without it. Rows from
+pipelining's: a pipelined gelato run ≥ 1.2× the same configuration (budget, V) without it; and for
+every run with an energy budget ē, whether it kept it: device J/token ≤ 1.05 ē, for the run and for
+its worst device (the controller keeps the long-run average ≤ ē; a finite run may overshoot by
+about its deficit queue Q over its tokens, hence the 5 % allowance). Rows from
 older results carry `pipeline` as a bool (True: local); both are read. `markdown(result)` is the
 results table with the run's settings, channel (nominal next to measured), the pipelining
 figures (send-ahead hit rate, pre-draft hit rate, wasted drafted tokens and J per output token)
@@ -107,11 +110,48 @@ def targets(rows: list[dict[str, Any]], oracle_rows: list[dict[str, Any]], k_max
             row["speedup_vs_unpipelined"] = g["tokens_per_s"] / plain["tokens_per_s"]
             row["unpipelined_met"] = row["speedup_vs_unpipelined"] >= 1.2
         out["gelato"].append(row)
+    out["budgets"] = [budget_kept(r) for r in rows if r.get("budget_j_per_token") and r.get("energy_j_per_token")]
     if f0:
         for r in rows:
             if r["policy"] not in ("ar-edge", "ar-device", "fixed-0") and r.get("tokens_per_s"):
                 out["beats_fixed0"][r["label"]] = r["tokens_per_s"] > f0["tokens_per_s"]
     return out
+
+
+BUDGET_SLACK = 1.05  # a finite run may overshoot ē by about Q / tokens: the allowance gelato-bench policies uses too
+
+
+def device_j_per_token(r: dict[str, Any]) -> dict[int, float]:
+    """Each device's J/token over its questions (from `per_question`; none without energy)."""
+    joules: dict[int, float] = {}
+    tokens: dict[int, int] = {}
+    for q in r.get("per_question") or []:
+        if q.get("energy_j") is None or not q.get("n_tokens"):
+            continue
+        joules[q["device"]] = joules.get(q["device"], 0.0) + q["energy_j"]
+        tokens[q["device"]] = tokens.get(q["device"], 0) + q["n_tokens"]
+    return {d: joules[d] / tokens[d] for d in sorted(joules)}
+
+
+def budget_kept(r: dict[str, Any]) -> dict[str, Any]:
+    """A budgeted run's spend against its ē: the run's J/token and its worst device's, as ratios."""
+    budget = r["budget_j_per_token"]
+    per_device = device_j_per_token(r)
+    # One device: its J/token is the run's, no second clause.
+    worst = max(per_device, key=lambda d: per_device[d]) if len(per_device) > 1 else None
+    ratio = r["energy_j_per_token"] / budget
+    worst_ratio = per_device[worst] / budget if worst is not None else None
+    q_max = r.get("q_max_j")
+    return {
+        "label": r["label"],
+        "budget_j_per_token": budget,
+        "energy_j_per_token": r["energy_j_per_token"],
+        "ratio": ratio,
+        "worst_device": worst,
+        "worst_device_ratio": worst_ratio,
+        "q_max_j": q_max,
+        "kept": ratio <= BUDGET_SLACK and (worst_ratio is None or worst_ratio <= BUDGET_SLACK),
+    }
 
 
 def _same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -233,12 +273,30 @@ def target_lines(t: dict[str, Any]) -> list[str]:
                 else ""
             )
         )
+    out += budget_lines(t.get("budgets") or [])
     losers = [k for k, v in t["beats_fixed0"].items() if not v]
     if not t["beats_fixed0"]:  # no fixed-0 run (or nothing to compare with it): nothing was checked
         verdict = "not measured (no fixed-0 run)"
     else:
         verdict = "**MET**" if not losers else "**FALLS SHORT** (" + ", ".join(losers) + ")"
     out.append(f"- every speculative run faster than fixed-0: {verdict}")
+    return out
+
+
+def budget_lines(budgets: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for b in budgets:
+        worst = ""
+        if b["worst_device"] is not None and b["worst_device_ratio"] is not None:
+            worst_ratio = ratio_text(b["worst_device_ratio"], BUDGET_SLACK, True)
+            worst = f"; its worst device (device {b['worst_device']}) {worst_ratio}× ē"
+        q = f"; peak Q {b['q_max_j']:.2f} J" if b.get("q_max_j") is not None else ""
+        out.append(
+            f"- {b['label']}: {b['energy_j_per_token'] * 1e3:.2f} mJ/token = "
+            f"{ratio_text(b['ratio'], BUDGET_SLACK, True)}× its budget ē = {b['budget_j_per_token'] * 1e3:.2f} mJ/token"
+            f"{worst}{q} (goal ≤ {BUDGET_SLACK}× ē, run and every device): "
+            f"**{'KEPT' if b['kept'] else 'OVER BUDGET'}**"
+        )
     return out
 
 

@@ -451,6 +451,38 @@ def test_target_lines_say_no_more_than_was_shown() -> None:
     assert ratio_text(1.0, 1.0, at_most=True) == "1.00" and ratio_text(1.0401, 1.0, at_most=True) == "1.04"
 
 
+def test_budgeted_runs_say_whether_they_kept_their_budget() -> None:
+    """Each run with an energy budget: its J/token and its worst device's against ē (within 5 %:
+    kept), computed from the questions' own energy; unbudgeted runs get no line."""
+    from gelato.benchmarks.bench_report import budget_lines
+
+    def budgeted(label: str, jpt: float, per_device_j: list[tuple[int, float, int]]) -> dict[str, Any]:
+        r = row(label, "gelato", 40, jpt)
+        r["budget_j_per_token"], r["q_max_j"] = 0.010, 0.5
+        r["per_question"] = [{"device": d, "energy_j": j, "n_tokens": n} for d, j, n in per_device_j]
+        return r
+
+    kept = budgeted("gelato ē=10.0mJ", 0.0100, [(0, 0.49, 50), (1, 0.51, 50)])
+    skewed = budgeted("gelato ē=10.0mJ b", 0.0100, [(0, 0.45, 50), (1, 0.30, 25), (0, 0.10, 25)])
+    over = budgeted("lyapunov ē=10.0mJ", 0.0107, [(0, 1.07, 100), (1, None, 0)])  # type: ignore[list-item]
+    t = targets([row("fixed-2", "fixed", 30, 0.012), row("gelato", "gelato", 50, 0.011), kept, skewed, over], [], 8)
+    by = {b["label"]: b for b in t["budgets"]}
+    assert set(by) == {kept["label"], skewed["label"], over["label"]}  # the unbudgeted gelato: none
+    assert by[kept["label"]]["kept"] and by[kept["label"]]["worst_device"] == 1
+    assert by[kept["label"]]["worst_device_ratio"] == pytest.approx(1.02)
+    # The run is on budget, one device is 1.2× over: not kept.
+    assert not by[skewed["label"]]["kept"] and by[skewed["label"]]["worst_device_ratio"] == pytest.approx(1.2)
+    assert not by[over["label"]]["kept"] and by[over["label"]]["ratio"] == pytest.approx(1.07)
+    lines = [x for x in target_lines(t) if "its budget ē" in x]
+    assert len(lines) == 3 and lines[0].endswith("**KEPT**") and lines[2].endswith("**OVER BUDGET**")
+    # Device 1 reported no energy: one device is left, whose J/token is the run's (no second clause).
+    assert "10.70 mJ/token = 1.07× its budget ē = 10.00 mJ/token; peak Q 0.50 J" in lines[2]
+    assert "its worst device (device 1) 1.20× ē" in lines[1]
+    alone = budgeted("gelato ē=10.0mJ c", 0.0102, [(0, 1.02, 100)])
+    (solo,) = targets([alone], [], 8)["budgets"]
+    assert solo["kept"] and solo["worst_device"] is None and "worst device" not in budget_lines([solo])[0]
+
+
 def test_ar_device_has_no_acceptance_and_each_device_its_own_queue() -> None:
     """ar-device's drafts were checked by no target: no acceptance or mean draft. With several
     devices the final Q and long-run J/token are each device's, not whichever came last."""
