@@ -193,7 +193,7 @@ def finish(
         result["rebuilt"] = {
             "machine": machine(),
             "code": code_state(),
-            "recomputed": "scores, oracle, targets, table, plots"
+            "recomputed": "scores, oracle, targets, table" + ("" if args.no_plots else ", plots")
             + (
                 " (the assisted row as measured, its accuracy not re-scored)"
                 if kept

@@ -101,6 +101,7 @@ def test_gsm8k_end_to_end_on_loopback(pair: dict[str, Path], gsm8k_like: Path, t
     assert [r for r in rebuilt["references"] if r["policy"] == "assisted"] == [refs["assisted"]]
     assert refs["assisted"]["measured_at"]["commit"] == s["code_at_end"]["commit"]
     assert "the assisted row as measured" in rebuilt["rebuilt"]["recomputed"] and rebuilt["rebuilt"]["code"]["commit"]
+    assert "plots" not in rebuilt["rebuilt"]["recomputed"]  # --no-plots: none was redrawn
     assert (out / "rounds" / "fixed-2.jsonl.gz").read_bytes() == rounds_bytes
     assert "Rebuilt from this run's files" in (out / "table.md").read_text()
     again = run_bench(["report", str(out), "--no-plots", "--rerun-assisted"])
