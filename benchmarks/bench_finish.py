@@ -19,6 +19,7 @@ import argparse
 import gzip
 import hashlib
 import json
+import shlex
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -193,7 +194,8 @@ def finish(
         result["rebuilt"] = {
             "machine": machine(),
             "code": code_state(),
-            "recomputed": "scores, oracle, targets, table" + ("" if args.no_plots else ", plots")
+            "recomputed": "scores, oracle, targets, table"
+            + ("" if args.no_plots else ", plots")
             + (
                 " (the assisted row as measured, its accuracy not re-scored)"
                 if kept
@@ -248,7 +250,8 @@ def questions_digest(questions: list[dict[str, Any]]) -> str:
 
 def rebuild(out: Path, no_plots: bool = False, rerun_assisted: bool = False, data: Path | None = None) -> int:
     """`gelato-bench report DIR`: everything from the run's files; the assisted row is measured
-    again only with `rerun_assisted` (or where the run has none). The GSM8K file (for the gold
+    again only with `rerun_assisted` (or where the run has none, unless it was made with
+    `--no-assisted`). The GSM8K file (for the gold
     answers): `data`, else the path the run recorded if it exists here, else the default
     (`GELATO_GSM8K_DIR`, or ../shared/data/gsm8k beside the clone)."""
     from gelato.benchmarks.bench import load_questions, pinning
@@ -270,11 +273,14 @@ def rebuild(out: Path, no_plots: bool = False, rerun_assisted: bool = False, dat
         records = [o for o in outputs if o["run"] == spec.label]
         rounds = _read_jsonl_gz(out / "rounds" / f"{spec.slug}.jsonl.gz")
         results.append(RunResult(spec, records, rounds, run["wall_s"], run.get("loadavg_1min_after")))
+    # A run made with --no-assisted has no assisted row, and its rebuild measures none: the row
+    # would be today's machine's, not the run's (`rerun_assisted` asks for one all the same).
+    skipped_assisted = "--no-assisted" in shlex.split(summary["command"]) and not rerun_assisted
     args = argparse.Namespace(
         out=out,
         data=data or (Path(st["data"]) if Path(st["data"]).is_file() else None),
         limit=st["questions"],
-        no_assisted=False,
+        no_assisted=skipped_assisted,
         no_oracle=False,
         no_plots=no_plots,
         drafter=None if st["drafter"] == "built-in" else st["drafter"],
