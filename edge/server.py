@@ -47,7 +47,7 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc._cython.cygrpc import ExecuteBatchError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gelato.channel import SERVER_OPTIONS
@@ -56,6 +56,7 @@ from gelato.deadline import within
 from gelato.edge.auth import BearerAuth
 from gelato.edge.batcher import Batcher
 from gelato.edge.config import EdgeConfig
+from gelato.edge.endless import ENDLESS_METHODS, MAX_ENDLESS_STREAMS, EdgeHealth, StreamCap
 from gelato.edge.kv_pool import PoolMemoryError, pool_model
 from gelato.edge.metrics import EdgeMetrics
 from gelato.edge.model_thread import ModelThread
@@ -420,7 +421,10 @@ class GelatoService:
         try:
             loop, piece = asyncio.get_running_loop(), self.config.prefill_chunk_tokens
             while not await loop.run_in_executor(self.executor, session.prefill, piece):
-                pass  # the next piece queues behind whatever batches came meanwhile
+                # The next piece queues behind whatever batches came meanwhile; once the grace
+                # period is over none is queued: a long prompt would hold the model thread (and
+                # the device, owed an answer) past the shutdown's limit.
+                self._refuse_if_ending()
         except BaseException as exc:
             self.registry.release(session.session_id)
             if isinstance(exc, PoolMemoryError):
@@ -543,9 +547,11 @@ class EdgeServer:
             )
         self.config = config
         self.service = GelatoService(config)
-        self.health = health.aio.HealthServicer()
-        interceptors = [BearerAuth(config.auth_token)] if config.auth_token else []
-        self.server = grpc.aio.server(options=EDGE_SERVER_OPTIONS, interceptors=interceptors)
+        self.health = EdgeHealth()
+        # The token first: a caller without it is refused before it could take a stream's place.
+        self.stream_cap = StreamCap(ENDLESS_METHODS, MAX_ENDLESS_STREAMS)
+        interceptors: list[grpc.aio.ServerInterceptor] = [BearerAuth(config.auth_token)] if config.auth_token else []
+        self.server = grpc.aio.server(options=EDGE_SERVER_OPTIONS, interceptors=[*interceptors, self.stream_cap])
         self.port = 0
 
     async def start(self) -> int:

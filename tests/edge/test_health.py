@@ -33,3 +33,63 @@ def test_health_flips_after_load(pair: dict[str, Path]) -> None:
         await server.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_endless_streams_are_capped_and_free_their_place(pair: dict[str, Path]) -> None:
+    """Health's Watch and reflection never end on their own: past the cap, one more is refused
+    RESOURCE_EXHAUSTED at once; a stream that ends frees its place; an overlong service name is
+    refused INVALID_ARGUMENT (a watcher would hold it for as long as it watches)."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from gelato.edge.endless import MAX_SERVICE_NAME_CHARS, REFLECTION, WATCH
+
+    async def refused(call: grpc.aio.Call) -> grpc.StatusCode:
+        try:
+            async for _ in call:  # type: ignore[attr-defined]
+                pass
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        raise AssertionError("the stream ended without an error")
+
+    async def scenario() -> None:
+        server = EdgeServer(EdgeConfig(port=0))
+        server.stream_cap.limit = 2
+        port = await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            long_name = health_pb2.HealthCheckRequest(service="x" * (MAX_SERVICE_NAME_CHARS + 1))
+            assert await refused(health.Watch(long_name, timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
+            try:
+                await health.Check(long_name, timeout=5)
+                raise AssertionError("Check answered an overlong service name")
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+            req = health_pb2.HealthCheckRequest(service="")
+            watches = [health.Watch(req, timeout=10) for _ in range(2)]
+            for w in watches:
+                assert (await w.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert await refused(health.Watch(req, timeout=10)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            watches[0].cancel()
+            for _ in range(100):  # the server sees the cancel a moment later
+                if server.stream_cap.active[WATCH] < 2:
+                    break
+                await asyncio.sleep(0.02)
+            again = health.Watch(req, timeout=10)
+            assert (await again.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            ask = reflection_pb2.ServerReflectionRequest(list_services="")
+            streams = [stub.ServerReflectionInfo(timeout=10) for _ in range(2)]
+            for s in streams:
+                await s.write(ask)
+                assert (await s.read()).list_services_response.service
+            extra = stub.ServerReflectionInfo(timeout=10)
+            await extra.write(ask)
+            assert await refused(extra) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert server.stream_cap.active[REFLECTION] == 2
+
+            for call in (*watches[1:], again, *streams):
+                call.cancel()
+        await server.stop(0)
+
+    asyncio.run(scenario())

@@ -114,3 +114,41 @@ def test_shutdown_ends_streams_unavailable_while_devices_wait(pair: dict[str, Pa
     assert abs(slow.at_s - (slow.last_answer_s + SETTLE_S)) < 0.2, slow
     assert stopped_s < GRACE_S + SETTLE_S + 0.3, stopped_s
     assert not server.service.streams and len(server.service.registry) == 0
+
+
+def test_a_prefill_in_pieces_stops_when_the_grace_period_ends(pair: dict[str, Path], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A long prompt prefilled piece by piece when the grace period runs out: no further piece is
+    queued, the device gets the edge's UNAVAILABLE at once (not gRPC's cancellation after the
+    backstop, which a device does not fail over on) and the session is released."""
+    from gelato.edge.sessions import TargetSession
+
+    pieces: list[float] = []
+    real_prefill = TargetSession.prefill
+
+    def slow_prefill(self: TargetSession, max_tokens: int = 0) -> bool:
+        pieces.append(time.perf_counter())
+        time.sleep(0.05)  # 60 one-token pieces: 3 s, past the grace period and the backstop
+        return real_prefill(self, max_tokens)
+
+    monkeypatch.setattr(TargetSession, "prefill", slow_prefill)
+
+    async def scenario() -> tuple[grpc.StatusCode, str, float, EdgeServer]:
+        server = EdgeServer(EdgeConfig(port=0, prefill_chunk_tokens=1))
+        port = await server.start()
+        loaded = await server.load(str(pair["target"]), "float32", "cpu")
+        spec = Spec(tuple(range(5, 65)), 0, 1)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = pb_grpc.GelatoStub(channel).Session(timeout=30)
+            await call.write(open_message(loaded.fingerprint, spec, max_new_tokens=4))
+            while not pieces:
+                await asyncio.sleep(0.01)
+            t0 = time.perf_counter()
+            await server.stop(0.1)
+            code, details = await call.code(), await call.details()
+        return code, details or "", time.perf_counter() - t0, server
+
+    code, details, ended_s, server = asyncio.run(scenario())
+    assert (code, details) == (grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
+    assert ended_s < 0.1 + SETTLE_S, ended_s
+    assert len(pieces) < 40, len(pieces)  # it stopped queueing pieces
+    assert len(server.service.registry) == 0 and not server.service.streams

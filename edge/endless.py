@@ -1,0 +1,105 @@
+"""Bounds on the edge's streams that never end on their own: health's `Watch` and reflection.
+
+Contract: `StreamCap(methods, limit)` is a `grpc.aio.ServerInterceptor`; at most `limit` calls of
+each method in `methods` run at once, and one more ends at once with RESOURCE_EXHAUSTED (the text
+names the method and the limit) without reaching the service. A call frees its place when it ends,
+however it ends. `EdgeHealth` is the health servicer with one more rule: a `Watch` or `Check` for
+a service name longer than `MAX_SERVICE_NAME_CHARS` is refused INVALID_ARGUMENT, since a watcher
+keeps its request (up to the 16 MiB message limit) and a dictionary entry keyed by the name for
+as long as it watches.
+
+Why: a Session stream is bounded by admission and by the cap on streams waiting to open; these
+two hold a task and gRPC's call state each for as long as the client keeps them, so without a
+cap one client (with the token, or anyone where the edge runs without one) could open them
+without limit. `Check` stays unbounded: it answers at once.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection
+
+WATCH = "/grpc.health.v1.Health/Watch"
+REFLECTION = f"/{reflection.SERVICE_NAME}/ServerReflectionInfo"
+ENDLESS_METHODS = frozenset({WATCH, REFLECTION})
+MAX_ENDLESS_STREAMS = 64  # per method: monitors and debugging tools, not one per device
+MAX_SERVICE_NAME_CHARS = 256  # the edge's own names are under 20
+
+
+class StreamCap(grpc.aio.ServerInterceptor):
+    def __init__(self, methods: frozenset[str], limit: int) -> None:
+        self.methods = methods
+        self.limit = limit
+        self.active: Counter[str] = Counter()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method not in self.methods or not handler.response_streaming:
+            return handler
+        return self._capped(handler, details.method)
+
+    async def _enter(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        if self.active[method] >= self.limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.active[method]} {method} streams are open on this edge (at most {self.limit}); "
+                "close one or try again later",
+            )
+        self.active[method] += 1
+
+    def _capped(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
+        behaviour: Callable[..., Any]
+        if inspect.isasyncgenfunction(inner):
+
+            async def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                await self._enter(method, context)
+                try:
+                    async for reply in inner(request, context):
+                        yield reply
+                finally:
+                    self.active[method] -= 1
+
+            behaviour = streamed
+        else:  # a coroutine that writes its replies with context.write
+
+            async def written(request: Any, context: grpc.aio.ServicerContext) -> None:
+                await self._enter(method, context)
+                try:
+                    await inner(request, context)
+                finally:
+                    self.active[method] -= 1
+
+            behaviour = written
+        if handler.request_streaming:
+            make = grpc.stream_stream_rpc_method_handler
+        else:
+            make = grpc.unary_stream_rpc_method_handler
+        return make(behaviour, handler.request_deserializer, handler.response_serializer)
+
+
+class EdgeHealth(health.aio.HealthServicer):
+    async def _refuse_long_name(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        if len(request.service) > MAX_SERVICE_NAME_CHARS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"health service name of {len(request.service)} characters (at most {MAX_SERVICE_NAME_CHARS})",
+            )
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> Any:
+        await self._refuse_long_name(request, context)
+        return await super().Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        await self._refuse_long_name(request, context)
+        await super().Watch(request, context)
