@@ -144,6 +144,19 @@ class Batcher:
             results = self._verdicts(batch, outcomes, start, end)
         except Exception as exc:  # only if verify_batch itself broke: fail its rows, not the server
             results = [exc] * len(batch)
+        except BaseException as exc:
+            # Not an error of these rows (KeyboardInterrupt, SystemExit raised on this thread):
+            # it goes on to the executor, but only once the rows are answered and the model
+            # thread freed, since nothing else would ever free it and every later verify would wait.
+            error = RuntimeError(f"verification interrupted: {exc!r}")
+            error.__cause__ = exc
+            self._hand_back(loop, batch, [error] * len(batch))
+            raise
+        self._hand_back(loop, batch, results)
+
+    def _hand_back(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Request], results: list[Verdict | BaseException]
+    ) -> None:
         with contextlib.suppress(RuntimeError):  # a closed event loop: nobody waits for these rows
             loop.call_soon_threadsafe(self._resolve, batch, results)
 

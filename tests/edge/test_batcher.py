@@ -104,3 +104,45 @@ def test_a_session_still_prefilling_holds_no_batch(pair: dict[str, Path]) -> Non
     queue_ms, opened, admitted = asyncio.run(scenario())
     assert opened == 1 and admitted == 2
     assert queue_ms < 1000, queue_ms  # not the 2000 ms window
+
+
+def test_an_interrupt_on_the_model_thread_answers_its_rows_and_frees_the_batcher(
+    target: LoadedModel, monkeypatch: Any
+) -> None:
+    """A BaseException that is not an Exception (KeyboardInterrupt raised on the model thread)
+    escapes the batch: its rows get an error naming it, and the next request is verified, not
+    left waiting for a model thread nobody freed."""
+    import pytest
+
+    from gelato.edge import batcher as batcher_module
+    from gelato.edge.model_thread import ModelThread
+
+    real = batcher_module.verify_batch
+    calls: list[int] = []
+
+    def interrupted_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt("on the model thread")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batcher_module, "verify_batch", interrupted_once)
+
+    async def run() -> Verdict:
+        executor = ModelThread()
+        pool = KVPool(target.model, target.vocab_size, slots=0, context=0, max_context=target.context_limit)
+        session = TargetSession("s", target, SamplingParams(), [5, 6, 7], pool=pool)
+        session.prefill()
+        batcher = Batcher(executor, 0.0, 16, lambda: 1, EdgeMetrics())
+        batcher.start()
+        try:
+            with pytest.raises(RuntimeError, match="verification interrupted") as info:
+                await asyncio.wait_for(batcher.verify(session, DraftBlock(0, ()), time.perf_counter()), 30)
+            assert isinstance(info.value.__cause__, KeyboardInterrupt)
+            return await asyncio.wait_for(batcher.verify(session, DraftBlock(0, ()), time.perf_counter()), 30)
+        finally:
+            await batcher.stop()
+            executor.shutdown()
+
+    verdict = asyncio.run(run())
+    assert verdict.round == 0 and len(calls) == 2
