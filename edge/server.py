@@ -174,8 +174,11 @@ class GelatoService:
     def _close_on_model_thread(self, session: TargetSession) -> None:
         try:
             self.executor.submit(session.close)
-        except RuntimeError:  # executor already shut down: no forward can run any more
-            session.close()
+        except RuntimeError:
+            # The server has stopped (its executor is shut down): the pool goes with it. Closing
+            # here, on the event loop, would reshape the pool while a forward that outlived the
+            # stop (shut down without waiting) may still run on the model thread.
+            log.info("session %s released after the edge stopped: its KV slot goes with the pool", session.session_id)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service with no request deserializer: methods get bytes and parse them, so that

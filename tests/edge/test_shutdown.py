@@ -152,3 +152,21 @@ def test_a_prefill_in_pieces_stops_when_the_grace_period_ends(pair: dict[str, Pa
     assert ended_s < 0.1 + SETTLE_S, ended_s
     assert len(pieces) < 40, len(pieces)  # it stopped queueing pieces
     assert len(server.service.registry) == 0 and not server.service.streams
+
+
+def test_a_session_released_after_the_stop_leaves_the_pool_alone(target, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A stream whose handler ends after `EdgeServer.stop` shut the model thread down releases its
+    session on the event loop: the pool must not be reshaped there (a forward that outlived the
+    stop may still run on the model thread); it goes with the server."""
+    from gelato.edge.server import GelatoService
+    from gelato.types import SamplingParams
+
+    service = GelatoService(EdgeConfig())
+    session = service.registry.admit(target, SamplingParams(), [5, 6, 7, 8], 16)
+    session.prefill()
+    service.executor.shutdown(wait=True)
+    touched: list[str] = []
+    pool_type = type(session.seq.pool)
+    monkeypatch.setattr(pool_type, "apply_target", lambda self: touched.append("apply_target"))
+    service.registry.release(session.session_id)
+    assert touched == [] and len(service.registry) == 0
