@@ -91,6 +91,8 @@ _POLL_S = 0.02  # how often shutdown looks again at streams owed an answer
 # Session streams that may wait for their open at once, at least (`GelatoService.waiting_limit`):
 # room for a whole fleet re-opening after an edge restart.
 MIN_WAITING_STREAMS = 64
+# How long a Session stream's final status may wait behind answers its device has not read.
+ABORT_WAIT_S = 10.0
 _M = TypeVar("_M", bound=Message)
 
 
@@ -247,16 +249,16 @@ class GelatoService:
         except StatusError as exc:
             details = clip(exc.details, MAX_DETAILS)
             log.info("session %s: %s %s", stream.session_id(), exc.code.name, details)
-            await context.abort(exc.code, details)
+            await _end(context, exc.code, details)
         except asyncio.CancelledError:
             if not stream.cut:  # the device cancelled or vanished: there is no one to answer
                 raise
             log.info("session %s: UNAVAILABLE %s", stream.session_id(), SHUTDOWN_DETAILS)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
+            await _end(context, grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
         except Exception as exc:  # a server fault (e.g. the prefill failed): this stream only, named
             incident = new_incident()
             log.exception("session %s failed (incident %s)", stream.session_id(), incident)
-            await context.abort(grpc.StatusCode.INTERNAL, internal_details("edge error", exc, incident))
+            await _end(context, grpc.StatusCode.INTERNAL, internal_details("edge error", exc, incident))
         finally:
             self.streams.discard(stream)
             self._stream_ended.set()
@@ -533,6 +535,21 @@ def _pool_full(exc: PoolMemoryError) -> StatusError:
     the pool's own (slots, tokens, MiB); the allocator's text goes to the log only."""
     log.warning("%s: %s", exc, exc.__cause__)
     return StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"edge out of KV memory: {exc}")
+
+
+async def _end(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End a Session stream with `code`, but not at any cost: its status waits behind answers the
+    device has not read, and a device that reads none (yet keeps its connection) would hold this
+    handler, its task and its call for as long as that connection lasts. After `ABORT_WAIT_S` the
+    call is cancelled instead (the device, if it ever reads again, sees CANCELLED); its session was
+    freed before this is called."""
+    try:
+        await within(context.abort(code, details), ABORT_WAIT_S)
+    except TimeoutError:
+        log.info(
+            "session stream: its %s status waited %g s behind unread answers: call cancelled", code.name, ABORT_WAIT_S
+        )
+        raise asyncio.CancelledError from None
 
 
 class EdgeServer:

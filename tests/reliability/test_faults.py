@@ -108,3 +108,43 @@ def test_a_device_gone_while_its_answer_waits_is_not_a_server_fault(pair: dict[s
     assert state == IDLE
     log = edge.output()
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+
+
+def test_a_device_that_never_reads_again_does_not_hold_its_stream(
+    pair: dict[str, Path], target: LoadedModel, monkeypatch: object
+) -> None:
+    """A device that stops reading during `Generate` and keeps its connection without ever
+    reading again: its session is freed by the idle timeout, and its stream (the handler, its
+    task and call) ends `ABORT_WAIT_S` later, not when the connection finally closes: the status
+    it would have been told waits behind answers it never reads."""
+    import grpc
+
+    from gelato.benchmarks.load_faults import UNREAD_OPTIONS, _generate_unread
+    from gelato.edge import server as server_module
+    from gelato.edge.server import EdgeConfig, EdgeServer
+    from gelato.v1 import gelato_pb2_grpc as pb_grpc
+
+    monkeypatch.setattr(server_module, "ABORT_WAIT_S", 0.5)  # type: ignore[attr-defined]
+
+    async def scenario() -> tuple[int, int, float]:
+        server = EdgeServer(EdgeConfig(port=0, idle_timeout_s=0.5))
+        port = await server.start()
+        loaded = await server.load(str(pair["target"]), "float32", "cpu")
+        service = server.service
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=UNREAD_OPTIONS) as ch:
+                call = pb_grpc.GelatoStub(ch).Session(timeout=60)
+                await _generate_unread(call, loaded.fingerprint)
+                t0 = asyncio.get_running_loop().time()
+                while service.streams and asyncio.get_running_loop().time() - t0 < 10:
+                    await asyncio.sleep(0.05)
+                ended_s = asyncio.get_running_loop().time() - t0
+                streams, sessions = len(service.streams), len(service.registry)
+                call.cancel()  # the device only now gives up its call
+            return streams, sessions, ended_s
+        finally:
+            await server.stop(0)
+
+    streams, sessions, ended_s = asyncio.run(scenario())
+    assert (streams, sessions) == (0, 0), (streams, sessions, ended_s)
+    assert ended_s < 5, ended_s  # idle 0.5 s + abort wait 0.5 s, with room for the generation
