@@ -385,7 +385,15 @@ def exact_distribution(target: LoadedModel, prompt: list[int], params: SamplingP
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("pipeline", "top_m", "drafter_name"),
-    [("off", 8, "agree"), ("local", 8, "agree"), ("send-ahead", 8, "agree"), ("off", 2, "agree"), ("off", 8, "never")],
+    [
+        ("off", 8, "agree"),
+        ("local", 8, "agree"),
+        ("send-ahead", 8, "agree"),
+        ("off", 2, "agree"),
+        ("local", 2, "agree"),
+        ("send-ahead", 2, "agree"),
+        ("off", 8, "never"),
+    ],
 )
 def test_sampling_with_early_exit_follows_the_target(
     pair: dict[str, Path], target: LoadedModel, drafter_model: LoadedModel, pipeline: str, top_m: int, drafter_name: str
@@ -399,7 +407,10 @@ def test_sampling_with_early_exit_follows_the_target(
     truncated distribution, which the edge's acceptance must correct. The agreeing drafter's q is
     close to the target's p (a wrong acceptance rule would hardly show): with `drafter_never`
     (the target's rows rotated by one token) q's candidates are other tokens than p's, most
-    drafts are rejected and every emitted token comes from the residual or the bonus."""
+    drafts are rejected and every emitted token comes from the residual or the bonus. Pipelined
+    with `top_m` 2, blocks are carried or sent ahead (hits) while q is not p: a pre-drafted or
+    sent-ahead draft accepted without the test against p, or checked against the wrong q, would
+    over-weight q's two candidates."""
     if drafter_name == "never":
         drafter_model = load_model(str(pair["drafter_never"]), "drafter", "float32", "cpu")
     prompt = encode_prompt(target.tokenizer, "Tom has 3 apples")
