@@ -59,6 +59,9 @@ def test_without_root_a_clear_error_never_a_fallback(
     assert not (tmp_path / "o" / "summary.json").exists()  # nothing ran without the channel
 
 
+STALL_MS = 200.0  # a lost segment's stall: far above what the traffic itself takes
+
+
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     while data := await reader.read(4096):
         writer.write(data)
@@ -66,10 +69,10 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
-async def _through_lossy(n: int) -> tuple[bytes, bytes, dict[str, int], float]:
+async def _through_lossy(n: int, loss: float = 0.2) -> tuple[bytes, bytes, dict[str, int], float]:
     server = await asyncio.start_server(_echo, "127.0.0.1", 0)
     host, port = server.sockets[0].getsockname()[:2]
-    proxy = LossyProxy(f"{host}:{port}", one_way_ms=1.0, jitter_ms=1.0, loss=0.2, loss_stall_ms=5.0, seed=2)
+    proxy = LossyProxy(f"{host}:{port}", one_way_ms=1.0, jitter_ms=1.0, loss=loss, loss_stall_ms=STALL_MS, seed=2)
     async with proxy:
         reader, writer = await asyncio.open_connection(*split_hostport(proxy.address))
         sent = b"".join(i.to_bytes(4, "big") for i in range(n))
@@ -88,11 +91,15 @@ async def _through_lossy(n: int) -> tuple[bytes, bytes, dict[str, int], float]:
 
 
 def test_lossy_relay_keeps_the_byte_stream_exact() -> None:
-    """Delay, jitter and loss stalls: every byte arrives, in order; losses are counted and cost time."""
+    """Delay, jitter and loss stalls: every byte arrives, in order; losses are counted and cost time
+    (a lost segment's bytes arrive `STALL_MS` late, so the echo of the last one lost ends at least
+    that long after the start; the same traffic without loss takes far less)."""
     sent, got, lost, elapsed = asyncio.run(_through_lossy(600))
     assert got == sent
     assert lost["segments"] > 100 and 0.1 < lost["lost"] / lost["segments"] < 0.3
-    assert elapsed >= 0.005  # at least one stall
+    _, clean_got, clean_lost, clean_elapsed = asyncio.run(_through_lossy(600, loss=0.0))
+    assert clean_got == sent and clean_lost["lost"] == 0
+    assert elapsed >= STALL_MS / 1e3 and elapsed - clean_elapsed > 0.75 * STALL_MS / 1e3, (elapsed, clean_elapsed)
 
 
 @root
