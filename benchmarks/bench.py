@@ -48,6 +48,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from gelato.benchmarks.bench_report import PLOT_NAMES
 from gelato.benchmarks.bench_run import Fleet, RunResult, RunSpec, shard_files, summarize
 from gelato.benchmarks.channel import PROFILES, Channel, ChannelError, Profile, guard, profile_from
 from gelato.benchmarks.procs import check_energy_source, unique_label
@@ -426,6 +427,14 @@ def compact(v: Any) -> Any:
     return float(f"{v:.5g}") if isinstance(v, float) else [compact(x) for x in v] if isinstance(v, list) else v
 
 
+RUN_FILES = frozenset({"summary.json", "table.md", "outputs.jsonl.gz", "rounds", "work", *PLOT_NAMES})
+
+
+def foreign_files(out: Path) -> list[str]:
+    """Names in `out` that no gelato-bench run writes (none when it does not exist yet)."""
+    return sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES) if out.is_dir() else []
+
+
 def write_rounds(results: list[RunResult], out: Path) -> None:
     """`rounds/<run>.jsonl.gz`: one line per round; `outputs.jsonl.gz`: one line per run and
     question, the device's record (token ids and text included) without the prompt: what
@@ -480,6 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     if (args.out / "summary.json").exists() and not args.force:
         # The default folders are the committed results: never written over by accident.
         parser.error(f"--out {args.out} already holds a run (summary.json): choose another --out, or --force")
+    if foreign := foreign_files(args.out):
+        # A run removes its own kinds of files there (work/, earlier round files and plots):
+        # never in a folder that holds anything else, --force or not.
+        parser.error(
+            f"--out {args.out} holds files gelato-bench does not write ({', '.join(foreign[:3])}"
+            f"{', …' if len(foreign) > 3 else ''}): choose a new or empty folder"
+        )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     questions = load_questions(args)
     print(f"{command}\n{len(questions)} questions, {args.devices} device(s), channel {profile}", flush=True)

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from gelato.benchmarks import bench_refs
-from gelato.benchmarks.bench_report import exact_match, markdown, plots, score, targets
+from gelato.benchmarks.bench_report import PLOT_NAMES, exact_match, markdown, plots, score, targets
 from gelato.benchmarks.bench_run import RunResult, RunSpec, summarize, token_ids
 from gelato.benchmarks.procs import machine
 
@@ -219,6 +219,9 @@ def finish(
     (out / "table.md").write_text(md := markdown(result))
     if not args.no_plots:
         plots(result, _rounds_by_label(results), out)
+    elif previous is None:  # a new run without plots: an earlier run's (--force) are not its own
+        for name in PLOT_NAMES:
+            (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "work", ignore_errors=True)
     print("\n" + md)
     if bad:

@@ -365,7 +365,12 @@ def markdown(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- plots
 
 
+PLOT_NAMES = ("pareto.png", "q_trace.png", "draft_hist.png", "calibration.png", "devices.png")
+
+
 def plots(result: dict[str, Any], rounds: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
+    """Every plot this run has data for; a plot it has none for that an earlier run in the folder
+    (`--force`) left is removed: a folder holds one run's files."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -382,4 +387,7 @@ def plots(result: dict[str, Any], rounds: dict[str, list[dict[str, Any]]], out: 
             written.append(out / name)
     if result["settings"]["devices"] > 1 and bench_plots.devices(result, rounds, out / "devices.png"):
         written.append(out / "devices.png")
+    for name in PLOT_NAMES:
+        if out / name not in written:
+            (out / name).unlink(missing_ok=True)
     return written

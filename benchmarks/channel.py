@@ -19,7 +19,8 @@ edge's loopback port. `mechanisms` records which mechanism produced each impairm
 Teardown (`close`, idempotent) stops the processes it started and deletes both namespaces, which
 removes the veth and its qdiscs; `guard(channel)` also runs it on SIGTERM/SIGHUP and at exit
 (Ctrl-C raises KeyboardInterrupt, so `with` blocks run). Namespaces left by a killed run (their
-pid is gone) are deleted at the next set-up. Without the privileges to create namespaces,
+pid is gone) are deleted at the next set-up, the processes still running in them killed
+first. Without the privileges to create namespaces,
 `ChannelError` says so: there is never a silent fallback to no channel.
 """
 
@@ -141,13 +142,18 @@ def _pid_alive(pid: int) -> bool:
 
 
 def reap_stale() -> list[str]:
-    """Delete namespaces named by this module whose creating process is gone (a killed run)."""
+    """Delete namespaces named by this module whose creating process is gone (a killed run), after
+    killing what still runs in them (its edge, relays, devices): deleting the name alone would
+    leave those running, and the namespace with its veth and qdiscs alive under them, unnamed."""
     res = run(["ip", "netns", "list"], check=False)
     gone = []
     for line in res.stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         m = NETNS_RE.match(name)
         if m and not _pid_alive(int(m.group(1))):
+            for pid in run(["ip", "netns", "pids", name], check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
             run(["ip", "netns", "del", name], check=False)
             gone.append(name)
     return gone
@@ -306,10 +312,11 @@ class Channel:
         gRPC sees added."""
         p = self.profile
         server = Listener([*self.prefix("edge"), sys.executable, "-m", "gelato.benchmarks.channel_probe", "server"])
-        relay = self._relay(server.port) if p.impaired else None
+        relay: Listener | None = None
         grpc_via = ["--grpc", edge_address] if edge_address else []
         grpc_direct = ["--grpc", f"127.0.0.1:{edge_port}"] if edge_port else []
-        try:
+        try:  # from here on the server is stopped however this ends (a relay that fails to start too)
+            relay = self._relay(server.port) if p.impaired else None
             path = relay.address if relay else server.address
             sizes = ["--bytes-up", str(_bulk_bytes(p.up_mbit)), "--bytes-down", str(_bulk_bytes(p.down_mbit))]
             via = self._probe("device" if p.impaired else "edge", ["--address", path, *grpc_via, *sizes])

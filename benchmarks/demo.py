@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gelato.benchmarks.procs import run_device, start_edge
+from gelato.benchmarks.procs import exit_on_signals, run_device, start_edge
 from gelato.models import default_model_path
 from gelato.tiny.random_pair import synthetic_problem
 
@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(bad)
     try:
-        return run(args)
+        with exit_on_signals():  # SIGTERM (`timeout`, a cancelled job) still stops the edge
+            return run(args)
     except RuntimeError as exc:  # a device or edge process failed: its own output says why
         print(f"gelato-demo: error: {exc}", file=sys.stderr)
         return 1
@@ -228,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         edge = start_edge(["--target", target, "--threads", "1"])
         rows, runs = [], {}
         try:
-            for policy in args.policies.split(","):
+            for policy in (p.strip() for p in args.policies.split(",")):  # as `check_args` read them
                 records = run_device(
                     device_args(
                         drafter, edge.address, prompts_file, args.max_new_tokens, policy, args.meter, args.radio

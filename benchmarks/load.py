@@ -69,7 +69,7 @@ from gelato.benchmarks.load_traffic import (
     load_phase,
     load_specs,
 )
-from gelato.benchmarks.procs import Edge, machine, start_edge
+from gelato.benchmarks.procs import Edge, exit_on_signals, machine, start_edge
 from gelato.models import default_model_path, load_model
 
 __all__ = [
@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
-    phases = run_phases(args)
+    with exit_on_signals():  # each phase's edge is stopped on SIGTERM too
+        phases = run_phases(args)
     record = {
         "command": "python -m gelato.benchmarks.load " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),

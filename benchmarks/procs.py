@@ -7,6 +7,8 @@ machine for results files (CPU model, cores, torch, GPU when present). `thread_c
 edge process's CPU seconds so far by thread: its model thread, its event loop (the main thread) and
 the rest (gRPC's threads), from /proc (Linux; empty elsewhere). `check_energy_source` holds a
 benchmark's energy note (written from the flags its devices got) to what each run recorded.
+`exit_on_signals()` turns SIGTERM and SIGHUP into SystemExit while it is open, so that the
+`finally` blocks stopping the edge run (`timeout`, a CI job cancelled, a closed terminal).
 `child_env()` is the environment every process a benchmark starts gets: the caller's, less every
 `GELATO_DEVICE_*` / `GELATO_EDGE_*` setting (`gelato-device` and `gelato-edge` read each flag from
 one), so the command line a benchmark records is the whole configuration of its runs.
@@ -14,15 +16,18 @@ one), so the command line a benchmark records is the whole configuration of its 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from types import FrameType
 from typing import Any
 
 CHILD_ENV_PREFIXES = ("GELATO_DEVICE_", "GELATO_EDGE_")
@@ -44,6 +49,23 @@ def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         note = f"ignoring {', '.join(dropped)}: a benchmark's runs are set by its own flags"
         print(note, file=sys.stderr, flush=True)
     return env
+
+
+@contextlib.contextmanager
+def exit_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise SystemExit(128 + signal) while open (the handlers before are put
+    back after): Python's default for them ends the process at once, skipping every `finally`,
+    and an edge started by then would go on running, its model loaded, with nobody to stop it."""
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def machine() -> str:
@@ -93,7 +115,12 @@ class Edge:
         self._listening = threading.Event()
         self._reader = threading.Thread(target=self._drain, name="edge-output", daemon=True)
         self._reader.start()
-        if not self._listening.wait(timeout_s) or not self.address:
+        try:
+            started = self._listening.wait(timeout_s) and bool(self.address)
+        except BaseException:  # SIGTERM (SystemExit) or Ctrl-C while it starts: not left running
+            self.stop()
+            raise
+        if not started:
             self.proc.kill()
             self.stop()
             raise RuntimeError("gelato-edge did not start:\n" + self.output())

@@ -164,6 +164,40 @@ def test_a_finished_run_is_not_written_over(tmp_path: Path, capsys: pytest.Captu
     assert info.value.code == 2 and "not a gelato-bench run folder" in capsys.readouterr().err
 
 
+def test_a_folder_holding_other_files_is_refused_force_or_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run removes its own kinds of files in --out (work/, earlier round files and plots): a
+    folder that holds anything else (`--out .` in a project with its own work/) is refused before
+    anything runs, with --force too; a folder of an earlier run's files alone is not."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "mine.txt").write_text("keep")
+    (tmp_path / "notes.md").write_text("keep")
+    for force in ([], ["--force"]):
+        with pytest.raises(SystemExit) as info:
+            bench.main(["gsm8k", "--channel", "none", "--out", str(tmp_path), *force])
+        assert info.value.code == 2
+        assert "holds files gelato-bench does not write (notes.md)" in capsys.readouterr().err
+    assert (tmp_path / "work" / "mine.txt").read_text() == "keep"
+    (tmp_path / "notes.md").unlink()
+    for name in ("summary.json", "table.md", "pareto.png", "devices.png"):
+        (tmp_path / name).write_text("{}")
+    assert bench.foreign_files(tmp_path) == [] and bench.foreign_files(tmp_path / "new") == []
+
+
+def test_plots_an_earlier_run_left_are_removed(tmp_path: Path) -> None:
+    """`--force` into a folder of an 8-device run with one device: its devices.png (a plot this
+    run has no data for) does not stay beside the new run's table."""
+    from gelato.benchmarks.bench_report import plots
+
+    (tmp_path / "devices.png").write_bytes(b"old")
+    (tmp_path / "q_trace.png").write_bytes(b"old")
+    result = {"settings": {"devices": 1}, "runs": [], "references": []}
+    written = plots(result, {}, tmp_path)
+    assert not (tmp_path / "devices.png").exists() and not (tmp_path / "q_trace.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
+
+
 def test_a_forced_run_leaves_no_round_files_of_the_run_before(tmp_path: Path) -> None:
     """`--force` into a folder with an earlier run: that run's round files for configurations this
     one did not make are gone (they once stayed beside the new run's, e.g. `gelato_pipe*` after a
@@ -575,3 +609,20 @@ def bench_refs_leading(agree: list[int], start: int, k: int) -> int:
     from gelato.benchmarks.traces import leading_agrees
 
     return leading_agrees(agree, start, k)
+
+
+def test_a_fleet_that_goes_silent_is_stopped_with_its_reason(tmp_path: Path) -> None:
+    """A device that hangs (here: a launcher that only sleeps) ends the run once no device has
+    finished a question for `silence_s`, with a message that says so; the device is killed. The
+    limit is on silence, not on the run: a long run that keeps finishing questions goes on."""
+    import time
+
+    from gelato.benchmarks.bench_run import Fleet, RunSpec
+
+    fleet = Fleet(
+        [["sh", "-c", "exec sleep 60", "hung"]], [], [tmp_path / "d0.jsonl"], tmp_path / "work", silence_s=0.5
+    )
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"no device finished a question or exited for 0.5 s \(0 questions done\)"):
+        fleet.run(RunSpec("fixed-2", "fixed-2", "fixed"))
+    assert time.perf_counter() - t0 < 10

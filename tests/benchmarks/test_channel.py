@@ -146,8 +146,17 @@ def test_namespaces_of_a_killed_run_are_reaped() -> None:
     dead.wait()
     name = f"gb{dead.pid}-dev"
     run(["ip", "netns", "add", name])
+    # What a killed run leaves running inside (its edge, a relay): killed with the namespace, not
+    # left running in it once the name is gone.
+    left = subprocess.Popen(["ip", "netns", "exec", name, "sleep", "60"])
     try:
+        for _ in range(100):  # until the sleep runs inside the namespace
+            if run(["ip", "netns", "pids", name], check=False).stdout.split():
+                break
+            time.sleep(0.02)
         assert name in reap_stale()
         assert name not in namespaces()
+        assert left.wait(timeout=10) == -9  # SIGKILL
     finally:
+        left.kill()
         run(["ip", "netns", "del", name], check=False)

@@ -17,7 +17,9 @@ from gelato.benchmarks.demo import device_j_per_token, lossless_reference, main,
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "rows.json"
     cmd = [sys.executable, "-m", "gelato.benchmarks.demo", "--pair", "random", "--prompts", "2"]
-    cmd += ["--max-new-tokens", "12", "--policies", "fixed-0,fixed-3", "--json", str(out)]
+    # Names with spaces around them are the names (ar-device's output is not checked against the
+    # target's, whatever its spelling).
+    cmd += ["--max-new-tokens", "12", "--policies", "fixed-0, ar-device, fixed-3", "--json", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "| fixed-3 | 2 | 24 |" in res.stdout  # 2 prompts x 12 tokens
@@ -27,6 +29,55 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     for row in rows.values():
         assert row["energy_j_per_token"] > 0  # some meter always answers here: at least cpu-model
         assert all(e.endswith(("(measured)", "(estimated)")) for e in row["energy"])
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads child processes from Linux /proc")
+def test_sigterm_stops_the_demos_edge(tmp_path: Path) -> None:
+    """SIGTERM to the demo (`timeout`, a cancelled CI job) while a device runs: the demo exits
+    143 and its edge is stopped, not left running with its model loaded."""
+    import os
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "gelato.benchmarks.demo", "--pair", "random", "--prompts", "4"]
+    cmd += ["--max-new-tokens", "200", "--policies", "fixed-0"]
+    demo = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        edge = device = 0
+        deadline = time.monotonic() + 120
+        while not (edge and device) and time.monotonic() < deadline and demo.poll() is None:
+            for child in _children(demo.pid):
+                line = _cmdline(child)
+                edge = child if "gelato.edge.cli" in line else edge
+                device = child if "gelato.device.cli" in line else device
+            time.sleep(0.05)
+        assert edge and device, "the demo did not start its edge and a device"
+        os.kill(demo.pid, signal.SIGTERM)
+        assert demo.wait(timeout=60) == 128 + signal.SIGTERM
+        assert not _alive(edge) and not _alive(device)
+    finally:
+        demo.kill()
+        for pid in _children(demo.pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def rec(ids: list[int], energy_j: float | None = 1.0) -> dict[str, Any]:
