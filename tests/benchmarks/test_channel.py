@@ -160,3 +160,27 @@ def test_namespaces_of_a_killed_run_are_reaped() -> None:
     finally:
         left.kill()
         run(["ip", "netns", "del", name], check=False)
+
+
+def test_measure_stops_its_probe_server_when_the_relay_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measurement's probe server (in the edge namespace, on the host here) is stopped when
+    the relay in front of it fails to start, not left running: it is in no list `close` stops."""
+    from gelato.benchmarks import channel as channel_module
+
+    started: list[channel_module.Listener] = []
+
+    class Recorded(channel_module.Listener):
+        def __init__(self, cmd: list[str], timeout_s: float = 60.0) -> None:
+            super().__init__(cmd, timeout_s)
+            started.append(self)
+
+    def failing_relay(port: int, cpu: int | None = None) -> channel_module.Listener:
+        raise ChannelError("relay did not start")
+
+    ch = Channel(profile_from("wifi"))  # never opened: its processes run on the host
+    monkeypatch.setattr(channel_module, "Listener", Recorded)
+    monkeypatch.setattr(ch, "prefix", lambda side, cpu=None: [])
+    monkeypatch.setattr(ch, "_relay", failing_relay)
+    with pytest.raises(ChannelError, match="relay did not start"):
+        ch.measure()
+    assert len(started) == 1 and started[0].proc.poll() is not None
