@@ -502,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     bench = Bench(args, profile, questions)
     try:
-        with Channel(profile, args.seed, args.delay_mechanism) as channel, guard(channel):
+        channel = Channel(profile, args.seed, args.delay_mechanism)
+        with guard(channel), channel:  # SIGTERM during the set-up too: what it made is removed
             measured = bench.run(channel)
             description = channel.describe()
     except ChannelError as exc:

@@ -351,6 +351,8 @@ class Channel:
                 proc.stop()
         for ns in reversed(self.created):  # deleting a namespace removes its veth end and qdiscs
             run(["ip", "netns", "del", ns], check=False)
+        if self.created:  # a veth pair not yet moved into the namespaces (a set-up cut short)
+            run(["ip", "link", "del", self.veth["device"]], check=False)
 
     def leftovers(self) -> list[str]:
         """Namespaces of this channel that still exist (for tests and the run record)."""

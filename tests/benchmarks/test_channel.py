@@ -184,3 +184,26 @@ def test_measure_stops_its_probe_server_when_the_relay_fails(monkeypatch: pytest
     with pytest.raises(ChannelError, match="relay did not start"):
         ch.measure()
     assert len(started) == 1 and started[0].proc.poll() is not None
+
+
+@root
+def test_a_set_up_cut_short_by_sigterm_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM (SystemExit under `guard`) right after the veth pair was made, before its ends
+    moved into the namespaces: the pair, still in the root namespace, goes with the namespaces."""
+    from gelato.benchmarks import channel as channel_module
+    from gelato.benchmarks.channel import guard
+
+    real_run = channel_module.run
+
+    def cut(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+        if cmd[:3] == ["ip", "link", "set"] and "netns" in cmd:
+            raise SystemExit(143)
+        return real_run(cmd, check=check)
+
+    ch = Channel(profile_from("wifi"))
+    monkeypatch.setattr(channel_module, "run", cut)
+    with pytest.raises(SystemExit), guard(ch), ch:
+        pass
+    monkeypatch.setattr(channel_module, "run", real_run)
+    assert ch.leftovers() == []
+    assert run(["ip", "link", "show", ch.veth["device"]], check=False).returncode != 0
