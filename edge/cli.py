@@ -27,6 +27,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from gelato.channel import host_port
 from gelato.cli_common import EnvArgumentParser, endpoint, fail, setup_torch_threads
 from gelato.config import ConfigError
 from gelato.edge.config import EdgeConfig
@@ -213,7 +214,7 @@ def probe_address(host: str, port: int) -> str:
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(host, port)
 
 
 async def serve_health(server: EdgeServer, host: str, port: int) -> Any:
@@ -230,7 +231,7 @@ async def serve_health(server: EdgeServer, host: str, port: int) -> Any:
     health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[CheckOnly()])
     health_pb2_grpc.add_HealthServicer_to_server(server.health, health_server)
     try:
-        bound = health_server.add_insecure_port(f"{host}:{port}")
+        bound = health_server.add_insecure_port(host_port(host, port))
     except RuntimeError:
         bound = 0
     if not bound:

@@ -43,4 +43,4 @@ class EdgeMetrics:
             self.ahead_blocks.labels(outcome)
 
     def serve(self, host: str, port: int) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+        start_http_server(port, addr=host.strip("[]"), registry=self.registry)  # IPv6 without brackets here

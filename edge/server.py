@@ -50,7 +50,7 @@ from grpc._cython.cygrpc import ExecuteBatchError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gelato.channel import SERVER_OPTIONS
+from gelato.channel import SERVER_OPTIONS, host_port
 from gelato.config import ConfigError
 from gelato.deadline import within
 from gelato.edge.auth import BearerAuth
@@ -586,7 +586,7 @@ class EdgeServer:
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            self.port = self._bind(f"{host}:{port}")
+            self.port = self._bind(host_port(host, port))
         except RuntimeError:  # gRPC >= 1.6x raises where older versions returned 0
             self.port = 0
         if self.port == 0:

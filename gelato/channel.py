@@ -2,7 +2,8 @@
 
 Contract: plain option lists, no I/O. Clients ping every 30 s even without calls; servers accept
 such pings, so NATs and idle devices do not drop the connection. Plaintext clients add
-`PLAINTEXT_OPTIONS` (no HTTP proxy).
+`PLAINTEXT_OPTIONS` (no HTTP proxy). `host_port(host, port)` is an address as gRPC binds and dials
+it: an IPv6 literal in brackets, given with them or not.
 """
 
 from __future__ import annotations
@@ -32,3 +33,10 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port`, an IPv6 literal bracketed (`::` and `[::]` both give `[::]:P`; gRPC refuses
+    `:::P` as a misformatted name)."""
+    name = host.strip("[]")
+    return f"[{name}]:{port}" if ":" in name else f"{name}:{port}"

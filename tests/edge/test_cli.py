@@ -283,6 +283,47 @@ def test_probe_address(host: str, port: int, address: str) -> None:
     assert probe_address(host, port) == address
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this host")
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_an_ipv6_host_binds_with_or_without_brackets(host: str) -> None:
+    """`--host ::1` passed validation and then always failed to bind (gRPC refuses `::1:50051`);
+    the metrics server takes the address without brackets. Both forms serve."""
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from gelato.edge.config import EdgeConfig
+    from gelato.edge.metrics import EdgeMetrics
+    from gelato.edge.server import EdgeServer
+
+    async def scenario() -> int:
+        server = EdgeServer(EdgeConfig(host=host, port=0))
+        port = await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"[::1]:{port}") as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                return int(reply.status)
+        finally:
+            await server.stop(0)
+
+    assert asyncio.run(scenario()) == health_pb2.HealthCheckResponse.NOT_SERVING
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        free = s.getsockname()[1]
+    EdgeMetrics().serve(host, free)
+    assert answers_http("::1", free)
+
+
 def answers_http(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=5) as s:
