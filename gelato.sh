@@ -6,9 +6,11 @@
 # runs reuse it while pyproject.toml and the torch choice are unchanged.
 #
 # Which torch build: on PyPI, torch for Linux is the CUDA build (several GB of nvidia-* wheels).
-# GELATO_TORCH=auto (default) takes the CUDA build where `nvidia-smi` sees a GPU and the CPU build
-# otherwise, from PyTorch's CPU wheel index (asked with a short timeout and no retries; when it
-# cannot be reached, PyPI with a message). A wheel folder in your pip configuration (find-links)
+# GELATO_TORCH=auto (default) takes the CUDA build where `nvidia-smi` sees a GPU whose driver runs
+# it (>= 580: PyPI's torch 2.13.0 is built for CUDA 13.0) and the CPU build otherwise, from
+# PyTorch's CPU wheel index (asked with a short timeout and no retries; when it cannot be reached,
+# PyPI with a message; when it answers but the install fails, an error rather than PyPI's CUDA
+# build on a machine that asked for the CPU one). A wheel folder in your pip configuration (find-links)
 # is used either way. GELATO_TORCH=cpu|cuda forces a build (a venv holding the other one has its
 # torch reinstalled); GELATO_TORCH=skip keeps what is there.
 # The venv is made from GELATO_PYTHON (default python3), which must be Python >= 3.10.
@@ -18,11 +20,23 @@ venv=.venv
 py=$venv/bin/python
 torch_req="torch==2.13.0"
 torch_cpu_index="https://download.pytorch.org/whl/cpu"
+cuda_min_driver=580  # CUDA 13.0, what PyPI's $torch_req is built for, needs this NVIDIA driver
 
 torch_build() {
   local choice=${GELATO_TORCH:-auto}
   if [ "$choice" = auto ]; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then choice=cuda; else choice=cpu; fi
+    choice=cpu
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+      choice=cuda
+      # An older driver would get several GB of wheels and a torch that sees no GPU.
+      local driver
+      driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' ' || true)
+      if [[ ${driver%%.*} =~ ^[0-9]+$ ]] && [ "${driver%%.*}" -lt "$cuda_min_driver" ]; then
+        echo "gelato.sh: NVIDIA driver $driver is older than the $cuda_min_driver PyPI's CUDA build of" \
+          "$torch_req needs: taking the CPU build (update the driver, or set GELATO_TORCH=cuda)" >&2
+        choice=cpu
+      fi
+    fi
   fi
   case "$choice" in
     cpu|cuda|skip) echo "$choice" ;;
@@ -78,8 +92,16 @@ install_torch() {
       # Asked quickly first (an unreachable index costs 5 s, not minutes of retries); a failure
       # while the index does answer (a download that stalled) is retried with pip's usual
       # patience, so that one slow moment does not cost the CUDA build's gigabytes.
-      if ! "$py" -m pip install -q $switch --timeout 5 --retries 0 --index-url "$torch_cpu_index" "$torch_req" &&
-        ! { index_answers && "$py" -m pip install -q $switch --index-url "$torch_cpu_index" "$torch_req"; }; then
+      if "$py" -m pip install -q $switch --timeout 5 --retries 0 --index-url "$torch_cpu_index" "$torch_req"; then
+        :
+      elif index_answers; then
+        if ! "$py" -m pip install -q $switch --index-url "$torch_cpu_index" "$torch_req"; then
+          echo "gelato.sh: PyTorch's CPU index answers but installing $torch_req from it failed (pip's" \
+            "error above): not taking PyPI's CUDA build instead; set GELATO_TORCH=cuda for that, or" \
+            "install a torch into $venv and set GELATO_TORCH=skip" >&2
+          exit 2
+        fi
+      else
         echo "gelato.sh: PyTorch's CPU index did not answer; installing $torch_req from PyPI instead" \
           "(on Linux that is the CUDA build, several GB)" >&2
         "$py" -m pip install -q "$torch_req"  # not forced: over a CUDA build that would fetch it again

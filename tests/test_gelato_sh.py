@@ -29,6 +29,7 @@ if [ "$1" = -m ] && [ "$2" = pip ]; then
   shift 2; echo "$*" >> "$PIP_LOG"
   case "$*" in *--index-url*) [ -n "$CPU_INDEX_DOWN" ] && exit 1 ;; esac
   case "$*" in *"--timeout 5"*) [ -n "$CPU_INDEX_STALL" ] && exit 1 ;; esac
+  case "$*" in *--index-url*) [ -n "$CPU_INDEX_BROKEN" ] && exit 1 ;; esac
   exit 0
 fi
 case "$2" in *urlopen*) echo "probe $3" >> "$PIP_LOG"; [ -z "$CPU_INDEX_DOWN" ]; exit $? ;; esac
@@ -61,12 +62,34 @@ class Checkout:
         (pkg / "__init__.py").write_text("from . import version\n")
         (pkg / "version.py").write_text(f"cuda = {cuda!r}\n")
 
-    def setup(self, torch: str, cpu_index_down: bool = False, stall: bool = False) -> tuple[list[str], str]:
-        """`GELATO_TORCH=torch ./gelato.sh setup`: pip's argument lines, and stderr."""
+    def setup(
+        self,
+        torch: str,
+        cpu_index_down: bool = False,
+        stall: bool = False,
+        broken: bool = False,
+        driver: str | None = None,
+        rc: int = 0,
+    ) -> tuple[list[str], str]:
+        """`GELATO_TORCH=torch ./gelato.sh setup`: pip's argument lines, and stderr. `driver`: an
+        `nvidia-smi` on PATH that sees a GPU with this driver version (None: none on PATH)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GELATO_", "PYTHON", "PIP_"))}
         env.update(
             GELATO_TORCH=torch, PIP_LOG=str(self.pip_log), REAL_PYTHON=sys.executable, PYTHONPATH=str(self.torch_path)
         )
+        bin_dir = self.root / "bin"  # PATH without any real nvidia-smi: the host's GPU must not decide
+        bin_dir.mkdir(exist_ok=True)
+        for tool in ("bash", "sha256sum", "cut", "cat", "head", "tr", "dirname", "env", "sh"):
+            found = shutil.which(tool)
+            if found and not (bin_dir / tool).exists():
+                (bin_dir / tool).symlink_to(found)
+        if driver is not None:
+            smi = bin_dir / "nvidia-smi"
+            smi.write_text(f'#!/bin/sh\ncase "$1" in -L) echo "GPU 0: Fake";; *) echo "{driver}";; esac\n')
+            smi.chmod(0o755)
+        env["PATH"] = str(bin_dir)
+        if broken:  # the index answers, every install from it fails (no wheel for this platform)
+            env["CPU_INDEX_BROKEN"] = "1"
         if cpu_index_down:
             env["CPU_INDEX_DOWN"] = "1"
         if stall:  # the index answers, the quick install fails (a download that stalled 5 s)
@@ -74,8 +97,8 @@ class Checkout:
         res = subprocess.run(
             ["bash", str(self.root / "gelato.sh"), "setup"], env=env, capture_output=True, text=True, timeout=60
         )
-        assert res.returncode == 0, res.stderr
-        return self.pip_log.read_text().splitlines(), res.stderr
+        assert res.returncode == rc, res.stderr
+        return (self.pip_log.read_text().splitlines() if self.pip_log.exists() else []), res.stderr
 
     def recorded(self) -> str:
         return self.marker.read_text().strip().rsplit("-", 1)[1]
@@ -154,3 +177,25 @@ def test_a_stalled_cpu_download_is_retried_not_replaced_by_the_cuda_build(checko
     assert pip[patient].endswith(f"--index-url {CPU_INDEX} {TORCH_REQ}") and "--timeout" not in pip[patient]
     assert "did not answer" not in err and checkout.recorded() == "cpu"
     assert not any(line.endswith(f" {TORCH_REQ}") and CPU_INDEX not in line for line in pip), pip
+
+
+@pytest.mark.parametrize(("driver", "build"), [("550.54.15", "cpu"), ("580.65.06", "cuda"), (None, "cpu")])
+def test_auto_takes_the_cuda_build_only_for_a_driver_that_runs_it(
+    checkout: Checkout, driver: str | None, build: str
+) -> None:
+    """GELATO_TORCH=auto: a GPU whose driver is older than CUDA 13.0 needs (< 580) gets the CPU
+    build, with a message, not several GB of wheels and a torch that sees no GPU."""
+    pip, err = checkout.setup("auto", driver=driver)
+    assert checkout.recorded() == build
+    cpu_index = any(CPU_INDEX in line for line in pip)
+    assert cpu_index == (build == "cpu"), pip
+    assert ("is older than the 580" in err) == (driver == "550.54.15"), err
+
+
+def test_a_cpu_index_that_answers_but_fails_is_an_error_not_the_cuda_build(checkout: Checkout) -> None:
+    """The CPU index answers, yet installing from it fails (no wheel for this Python or platform):
+    an error naming the way out, not PyPI's several-GB CUDA build on a machine that asked for CPU."""
+    pip, err = checkout.setup("cpu", broken=True, rc=2)
+    assert "answers but installing" in err and "GELATO_TORCH=skip" in err, err
+    assert not any(line.endswith(f" {TORCH_REQ}") and CPU_INDEX not in line for line in pip), pip
+    assert not checkout.marker.exists()
