@@ -8,8 +8,9 @@
 #   device.crt, device.key  a client certificate for mutual TLS (edge: --tls-client-ca ca.crt)
 #   token                   the bearer token both sides read (--auth-token-file)
 # The containers run as uid 10001: run as root and the private files are given to that uid (0600),
-# otherwise they stay yours alone (0600): `chown 10001 OUT_DIR/edge.key OUT_DIR/device.key
-# OUT_DIR/token` before mounting (never ca.key: whoever holds it can mint certificates devices trust).
+# otherwise they stay yours alone (0600): `podman unshare chown 10001 OUT_DIR/edge.key
+# OUT_DIR/device.key OUT_DIR/token` before mounting with rootless Podman (`sudo chown 10001 ...` with
+# Docker or rootful Podman; never ca.key: whoever holds it can mint certificates devices trust).
 # Existing files are kept (delete OUT_DIR to start over); an existing edge.crt that does not name
 # the NAMEs given, an expired certificate, a certificate ca.crt did not sign, or a ca.crt without
 # ca.key when something must be signed, is an error, not silently kept or replaced (a new CA would
@@ -99,5 +100,7 @@ names_read=$(openssl x509 -in edge.crt -noout -ext subjectAltName 2>/dev/null | 
 echo "secrets in $out: ca.crt edge.crt edge.key device.crt device.key token (edge.crt names: $names_read)"
 if [ "$(id -u)" != 0 ]; then
   echo "note: not root, so edge.key, device.key and token stay yours (0600); the containers run as uid 10001:" \
-    "chown 10001 $out/edge.key $out/device.key $out/token before mounting them" >&2
+    "before mounting them, with rootless Podman: podman unshare chown 10001 $out/edge.key $out/device.key" \
+    "$out/token (its uid 10001 is one of your subordinate uids); with Docker or rootful Podman: sudo chown" \
+    "10001 $out/edge.key $out/device.key $out/token" >&2
 fi

@@ -86,6 +86,8 @@ def test_private_files_are_readable_by_their_owner_alone(tmp_path: Path) -> None
             cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(SCRIPT)]
             res = subprocess.run([*cmd, str(mine / "s")], capture_output=True, text=True, timeout=120)
             assert res.returncode == 0, res.stderr
+            # The way to hand them over that works where the containers' uid is a subordinate one.
+            assert f"podman unshare chown 10001 {mine / 's'}/edge.key" in res.stderr, res.stderr
             for name in ("edge.key", "device.key", "token", "ca.key"):
                 assert stat.S_IMODE((mine / "s" / name).stat().st_mode) == 0o600, name
         finally:
