@@ -33,7 +33,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
-from gelato.config import ge, setting
+from gelato.config import ge, le, setting
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -51,8 +51,13 @@ def model_device() -> Any:
     return setting("auto", "auto, cpu or cuda[:N]")
 
 
+MAX_THREADS = 4096
+
+
 def torch_threads() -> Any:
-    return setting(None, "torch CPU threads (default: torch's own)", type=int, check=ge(1))
+    # At most MAX_THREADS: torch takes a C int (a larger value wraps and fails deep inside it),
+    # and more threads than any machine has cores only oversubscribes.
+    return setting(None, "torch CPU threads (default: torch's own)", type=int, check=(ge(1), le(MAX_THREADS)))
 
 
 def port_number(text: str) -> int:

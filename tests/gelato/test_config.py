@@ -159,6 +159,8 @@ def test_edge_defaults_written_once() -> None:
         # gRPC fails a call at once when its timeout is far out (1e20 s): refused at start
         (["--health-check-timeout-s", "1e20"], "--health-check-timeout-s must be <= 10000000"),
         (["--threads", "0"], "--threads must be >= 1"),
+        # torch takes a C int: 2**32 wrapped to 0 and failed inside torch with a traceback
+        (["--threads", str(2**32)], "--threads must be <= 4096"),
         # gRPC/prometheus would bind a random port for 0 and no line would name it (unlike --port's)
         (["--metrics-port", "0"], "--metrics-port must be >= 1 (0 would pick a port nobody is told)"),
         (["--health-port", "0"], "--health-port must be >= 1 (0 would pick a port nobody is told)"),
