@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -98,6 +99,21 @@ def open_accountant(config: DeviceConfig) -> EnergyAccountant:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`_main`, with the two ways a user ends a run that are not errors of the run: Ctrl-C (exit
+    130, one line, the session closed as on any cancellation) and a reader of stdout that went
+    away (`gelato-device --json | head -1`: exit 141, as a shell's SIGPIPE, silently)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("gelato-device: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Python would report the failed flush of stdout again at exit: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     config = DeviceConfig.from_args(parser.parse_args(argv))
     if "--prompts-file" in parser.silenced and "--limit" in parser.from_env:

@@ -336,3 +336,35 @@ def test_any_failed_drafter_load_is_one_line(
     err = capsys.readouterr().err
     name = repr(str(pair["drafter_agree"]))
     assert err == f"error: cannot load drafter {name}: RuntimeError: expected a Tensor, got NoneType\n", err
+
+
+def _local_run(pair: dict[str, Path], prompts: int) -> subprocess.Popen[str]:
+    """`gelato-device --policy ar-device` (no edge needed) over `prompts` prompts, JSON lines out."""
+    cmd = [sys.executable, "-m", "gelato.device.cli", "--threads", "1", "--drafter", str(pair["drafter_agree"])]
+    cmd += ["--policy", "ar-device", "--meter", "none", "--radio", "none", "--max-new-tokens", "64", "--json"]
+    for i in range(prompts):
+        cmd += ["--prompt", f"Tom has {i} apples."]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GELATO_DEVICE_")}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base)
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(pair: dict[str, Path]) -> None:
+    """`gelato-device --json | head -1`: once its reader is gone the device stops, exit 141 (a
+    shell's SIGPIPE), with no traceback."""
+    proc = _local_run(pair, 40)
+    assert proc.stdout is not None and proc.stdout.readline().startswith("{")
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141 and "Traceback" not in err, err
+
+
+def test_ctrl_c_ends_the_run_in_one_line(pair: dict[str, Path]) -> None:
+    """SIGINT mid-run: exit 130 and one line, not a KeyboardInterrupt traceback."""
+    import signal
+
+    proc = _local_run(pair, 400)
+    assert proc.stdout is not None and proc.stdout.readline().startswith("{")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "gelato-device: interrupted", err
