@@ -269,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
+    for name, host, port in (("metrics", config.metrics_host, config.metrics_port),
+                             ("health", config.health_host, config.health_port)):  # fmt: skip
+        if host != "127.0.0.1" and port is None:  # the port turns that server on: an address alone serves nothing
+            warning = f"gelato-edge: warning: --{name}-host {host} without --{name}-port serves nothing"
+            print(parser.explain(warning), file=sys.stderr, flush=True)
     setup_torch_threads(config.threads)
     return asyncio.run(serve(config))
 

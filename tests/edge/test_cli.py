@@ -536,3 +536,19 @@ def test_device_map_errors(pair: dict[str, Path], args: list[str], needle: str) 
             pytest.skip("this host has a GPU 0")
     res = run_edge("--port", "0", "--target", str(pair["target"]), *args)
     assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_a_bind_address_without_its_port_is_said(pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """GELATO_EDGE_METRICS_HOST=0.0.0.0 alone (what the image's notes ask for, without the port)
+    serves no metrics: the edge says so at start, naming the variable, instead of nothing."""
+    from tests.conftest import EdgeProcess
+
+    monkeypatch.setenv("GELATO_EDGE_METRICS_HOST", "0.0.0.0")
+    edge = EdgeProcess(["--target", str(pair["target"]), "--health-host", "127.0.0.2"])
+    edge.stop()
+    out = edge.output()
+    assert (
+        "warning: --metrics-host 0.0.0.0 without --metrics-port serves nothing "
+        "(--metrics-host came from GELATO_EDGE_METRICS_HOST='0.0.0.0')"
+    ) in out, out
+    assert "warning: --health-host 127.0.0.2 without --health-port serves nothing" in out, out
