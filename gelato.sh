@@ -3,7 +3,7 @@
 #   ./gelato.sh demo [ARGS]   edge + device processes on the embedded tiny pair, a results table
 #   ./gelato.sh test [ARGS]   the test suite (pytest ARGS)
 # Both create ./.venv on first use with torch 2.13.0 and the project installed editable; later
-# runs reuse it while pyproject.toml and the torch choice are unchanged.
+# runs reuse it while pyproject.toml, the torch pin and the torch choice are unchanged.
 #
 # Which torch build: on PyPI, torch for Linux is the CUDA build (several GB of nvidia-* wheels).
 # GELATO_TORCH=auto (default) takes the CUDA build where `nvidia-smi` sees a GPU whose driver runs
@@ -138,7 +138,9 @@ setup() {
   fi
   local want have build
   build=$(torch_build)
-  want="$(sha256sum pyproject.toml | cut -c1-16)-$build"
+  # What was installed: the project's dependencies, the torch pin and the build (a new pin in
+  # this script, e.g. torch 2.14, must reach venvs made before it).
+  want="$({ cat pyproject.toml; echo "$torch_req"; } | sha256sum | cut -c1-16)-$build"
   have=$(cat "$venv/.gelato-installed" 2>/dev/null || true)
   if [ "$want" != "$have" ]; then
     echo "gelato.sh: installing into $venv (first run takes a few minutes)" >&2

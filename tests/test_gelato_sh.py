@@ -53,7 +53,8 @@ class Checkout:
 
     def installed(self, build: str) -> None:
         """What the last setup recorded: this pyproject.toml and `build`."""
-        digest = hashlib.sha256((self.root / "pyproject.toml").read_bytes()).hexdigest()[:16]
+        pins = (self.root / "pyproject.toml").read_bytes() + f"{TORCH_REQ}\n".encode()
+        digest = hashlib.sha256(pins).hexdigest()[:16]
         self.marker.write_text(f"{digest}-{build}\n")
 
     def has_torch(self, cuda: str | None) -> None:
@@ -199,3 +200,14 @@ def test_a_cpu_index_that_answers_but_fails_is_an_error_not_the_cuda_build(check
     assert "answers but installing" in err and "GELATO_TORCH=skip" in err, err
     assert not any(line.endswith(f" {TORCH_REQ}") and CPU_INDEX not in line for line in pip), pip
     assert not checkout.marker.exists()
+
+
+def test_a_new_torch_pin_reaches_an_existing_venv(checkout: Checkout) -> None:
+    """The marker records the torch pin too: a venv whose marker does not name this pin (made by
+    a gelato.sh with another pin, whose marker covered pyproject.toml alone; same build) is
+    installed again, not kept on its old torch."""
+    digest = hashlib.sha256((checkout.root / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    checkout.marker.write_text(f"{digest}-cpu\n")
+    checkout.has_torch(None)
+    pip, _ = checkout.setup("cpu")
+    assert any(line.endswith(f"--index-url {CPU_INDEX} {TORCH_REQ}") for line in pip), pip
