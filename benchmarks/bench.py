@@ -427,7 +427,27 @@ def compact(v: Any) -> Any:
     return float(f"{v:.5g}") if isinstance(v, float) else [compact(x) for x in v] if isinstance(v, list) else v
 
 
-RUN_FILES = frozenset({"summary.json", "table.md", "outputs.jsonl.gz", "rounds", "work", *PLOT_NAMES})
+RUN_FILES = frozenset({"summary.json", "table.md", "outputs.jsonl.gz", "rounds", "work", "partial.json", *PLOT_NAMES})
+
+
+def keep_partial(out: Path, command: str, results: list[RunResult], error: str) -> None:
+    kept = save_partial(out, command, results, error)
+    if kept is not None:
+        print(f"gelato-bench: the {len(results)} configuration(s) that finished are in {kept}", file=sys.stderr)
+
+
+def save_partial(out: Path, command: str, results: list[RunResult], error: str) -> Path | None:
+    """A run that failed after some configurations finished keeps them: their round files and
+    outputs as a finished run writes them, and `partial.json` (the command, the error, each
+    finished run's summary). Not a result (no references, no targets, no table): what it measured
+    before it failed, so hours of runs are not lost to the last one. None when nothing finished."""
+    if not results:
+        return None
+    write_rounds(results, out)
+    path = out / "partial.json"
+    record = {"command": command, "error": error, "runs": [summarize(r) for r in results]}
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    return path
 
 
 def foreign_files(out: Path) -> list[str]:
@@ -508,9 +528,11 @@ def main(argv: list[str] | None = None) -> int:
             description = channel.describe()
     except ChannelError as exc:
         print(f"gelato-bench: channel {args.channel}: {exc}", file=sys.stderr)
+        keep_partial(args.out, command, bench.results, f"channel: {exc}")
         return 2
     except RuntimeError as exc:
         print(f"gelato-bench: {exc}", file=sys.stderr)
+        keep_partial(args.out, command, bench.results, str(exc))
         return 1
     from gelato.benchmarks.bench_finish import finish
 

@@ -51,8 +51,11 @@ def test_gsm8k_end_to_end_on_loopback(pair: dict[str, Path], gsm8k_like: Path, t
     args += ["--target", str(pair["target"]), "--drafter", str(pair["drafter_agree"]), "--max-new-tokens", "10"]
     args += ["--policies", "ar-edge,ar-device,fixed-0,fixed-2,gelato", "--budget-factors", "1.0"]
     args += ["--devices", "2", "--v", "10", "--pipeline", "send-ahead", "--ahead-blocks", "3", "--no-progress"]
+    out.mkdir()
+    (out / "partial.json").write_text("{}")  # an earlier run into this folder that failed
     res = run_bench(args)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert not (out / "partial.json").exists()  # superseded by the finished run
     s = json.loads((out / "summary.json").read_text())
     labels = [r["label"] for r in s["runs"]]
     assert labels[:5] == ["ar-edge", "fixed-0", "fixed-2", "ar-device", "gelato+send-ahead"]
@@ -196,6 +199,25 @@ def test_plots_an_earlier_run_left_are_removed(tmp_path: Path) -> None:
     written = plots(result, {}, tmp_path)
     assert not (tmp_path / "devices.png").exists() and not (tmp_path / "q_trace.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
+
+
+def test_a_failed_run_keeps_the_configurations_that_finished(tmp_path: Path) -> None:
+    """A run that fails at its 40th configuration does not lose the 39 before it: their round
+    files and outputs as a finished run writes them, and partial.json with the error and each
+    one's summary. Nothing finished: nothing written."""
+    assert bench.save_partial(tmp_path / "none", "cmd", [], "boom") is None
+    assert not (tmp_path / "none").exists()
+    done = RunResult(
+        RunSpec("fixed-4", "fixed-4", "fixed"),
+        [{"question": 0, "device": 0, "n_tokens": 5, "elapsed_s": 0.5, "energy_j": 0.1, "token_ids": [1]}],
+        [{"round": 0, "device": 0, "k": 4, "accepted": 3, "emitted": 4, "t_round_s": 0.1, "t_net_s": 0.02}],
+    )
+    path = bench.save_partial(tmp_path, "gelato-bench gsm8k ...", [done], "fixed-8: gelato-device [0] failed")
+    assert path == tmp_path / "partial.json" and (tmp_path / "rounds" / "fixed-4.jsonl.gz").exists()
+    assert (tmp_path / "outputs.jsonl.gz").exists() and bench.foreign_files(tmp_path) == []
+    record = json.loads(path.read_text())
+    assert record["error"] == "fixed-8: gelato-device [0] failed" and record["command"] == "gelato-bench gsm8k ..."
+    assert [r["label"] for r in record["runs"]] == ["fixed-4"] and record["runs"][0]["tokens"] == 5
 
 
 def test_a_forced_run_leaves_no_round_files_of_the_run_before(tmp_path: Path) -> None:
