@@ -367,6 +367,13 @@ class Bench:
             self.fleet = Fleet(launch, self.device_base(address), shards, a.out / "work")
             budgets = self.run_plan()
             after = channel.measure(address, port)
+        except RuntimeError as exc:
+            code = edge.proc.poll()
+            if code is not None:  # the edge died: its output, not its devices' (left without it), says why
+                raise RuntimeError(
+                    f"{exc}\ngelato-edge exited {code} during the run:\n{edge.output()[-3000:]}"
+                ) from exc
+            raise
         finally:
             edge.stop()
         return {"measured_before": before, "measured_after": after, "budgets_j_per_token": budgets}

@@ -648,3 +648,43 @@ def test_a_fleet_that_goes_silent_is_stopped_with_its_reason(tmp_path: Path) -> 
     with pytest.raises(RuntimeError, match=r"no device finished a question or exited for 0.5 s \(0 questions done\)"):
         fleet.run(RunSpec("fixed-2", "fixed-2", "fixed"))
     assert time.perf_counter() - t0 < 10
+
+
+def test_an_edge_that_dies_mid_run_is_named_with_its_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The devices fail because their edge died: the error carries the edge's exit status and last
+    output (e.g. its out-of-memory), not only the devices' connection errors."""
+    from types import SimpleNamespace
+
+    from gelato.benchmarks import procs
+
+    class DeadEdge:
+        address = "127.0.0.1:1"
+        proc = SimpleNamespace(poll=lambda: 3)
+
+        def output(self) -> str:
+            return "RuntimeError: CUDA out of memory"
+
+        def stop(self) -> int:
+            return 3
+
+    monkeypatch.setattr(procs, "start_edge", lambda *a, **k: DeadEdge())
+    channel = SimpleNamespace(
+        prefix=lambda side, cpu=None: [],
+        expose=lambda port, cpu=None: "127.0.0.1:1",
+        measure=lambda *a: {"measured": {}, "nominal": {}},
+    )
+    args = bench.build_parser().parse_args(["gsm8k", "--channel", "none", "--limit", "1", "--devices", "1"])
+    args.out = Path("/nonexistent")
+    run = object.__new__(bench.Bench)
+    run.args, run.edge_cpu, run.device_cpus, run.questions = args, None, [None], [{"question": "q"}]
+
+    def failing_plan() -> list[float]:
+        raise RuntimeError("fixed-2: gelato-device [0] failed: connection refused")
+
+    monkeypatch.setattr(run, "run_plan", failing_plan)
+    monkeypatch.setattr(bench, "shard_files", lambda *a: [Path("/nonexistent/d0.jsonl")])
+    with pytest.raises(RuntimeError) as info:
+        run.run(channel)  # type: ignore[arg-type]
+    text = str(info.value)
+    assert "connection refused" in text and "gelato-edge exited 3 during the run" in text
+    assert "CUDA out of memory" in text
