@@ -42,6 +42,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -319,14 +320,19 @@ def reproduce_command(args: argparse.Namespace, profile: Profile) -> str:
 # ---------------------------------------------------------------- running
 
 
-def pinning(devices: int) -> tuple[int | None, list[int | None], str]:
+def pinning(devices: int, relay: bool = True) -> tuple[int | None, list[int | None], str]:
+    """The edge's CPU, each device's, and the line that says so (what `Channel.prefix` will do:
+    nothing without `taskset`). `relay`: the channel has a relay, pinned with the edge."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cores) < 2:
         return None, [None] * devices, "not pinned (one CPU)"
+    if shutil.which("taskset") is None:
+        return None, [None] * devices, "not pinned (no taskset)"
     edge, rest = cores[0], cores[1:]
     devs: list[int | None] = [rest[d % len(rest)] for d in range(devices)]
     shared = "" if devices <= len(rest) else f" ({devices} devices share {len(rest)} CPU(s): CPU-bound)"
-    return edge, devs, f"edge + channel relay on CPU {edge}, devices on CPU(s) {sorted(set(devs))}{shared}"  # type: ignore[type-var]
+    who = "edge + channel relay" if relay else "edge"
+    return edge, devs, f"{who} on CPU {edge}, devices on CPU(s) {sorted(set(devs))}{shared}"  # type: ignore[type-var]
 
 
 def progress_bar(total: int, disabled: bool) -> Any:
@@ -340,7 +346,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, profile: Profile, questions: list[dict[str, Any]]) -> None:
         self.args, self.profile, self.questions = args, profile, questions
-        self.edge_cpu, self.device_cpus, self.pinning = pinning(args.devices)
+        self.edge_cpu, self.device_cpus, self.pinning = pinning(args.devices, relay=profile.impaired)
         self.results: list[RunResult] = []
         self.labels: dict[str, int] = {}  # runs under each label so far (`unique_label`)
 

@@ -688,3 +688,20 @@ def test_an_edge_that_dies_mid_run_is_named_with_its_output(monkeypatch: pytest.
     text = str(info.value)
     assert "connection refused" in text and "gelato-edge exited 3 during the run" in text
     assert "CUDA out of memory" in text
+
+
+def test_the_pinning_line_says_what_was_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without taskset nothing is pinned (the channel's launcher drops it): the line says so rather
+    than naming CPUs; without a relay (`--channel none`) it names the edge alone."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(bench.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert bench.pinning(2) == (
+        0,
+        [1, 1],
+        "edge + channel relay on CPU 0, devices on CPU(s) [1] (2 devices share 1 CPU(s): CPU-bound)",
+    )
+    assert bench.pinning(1, relay=False)[2] == "edge on CPU 0, devices on CPU(s) [1]"
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    assert bench.pinning(2) == (None, [None, None], "not pinned (no taskset)")
