@@ -179,6 +179,7 @@ class Channel:
         self.ns = {"device": f"{tag}-dev", "edge": f"{tag}-edge"}
         self.veth = {"device": f"{tag}d"[-15:], "edge": f"{tag}e"[-15:]}
         self.procs: list[Listener] = []
+        self.relay_cpu: int | None = None  # the CPU the devices' relay is pinned to (`expose`)
         self.netem = False
         self.created: list[str] = []
         self._closed = False
@@ -260,6 +261,7 @@ class Channel:
         channel: the relay in the edge namespace (or, with netem, a plain relay with no delay)."""
         if not self.profile.impaired:
             return f"127.0.0.1:{port}"
+        self.relay_cpu = cpu  # `measure`'s relay runs where this one does
         self.procs.append(self._relay(port, cpu))
         return self.procs[-1].address
 
@@ -307,16 +309,17 @@ class Channel:
 
     def measure(self, edge_address: str | None = None, edge_port: int | None = None) -> dict[str, Any]:
         """Round trip (64-byte echoes, ping-like) and up/down rate through the same path as the
-        devices (a probe endpoint behind an identical relay); with an edge, also timed gRPC Info
-        calls through the path minus the same calls on the edge's own loopback: the round trip
-        gRPC sees added."""
+        devices (a probe endpoint behind an identical relay, pinned as the devices' relay is; the
+        edge idle meanwhile, so a relay slowed by a busy edge core shows only in the runs); with an
+        edge, also timed gRPC Info calls through the path minus the same calls on the edge's own
+        loopback: the round trip gRPC sees added."""
         p = self.profile
         server = Listener([*self.prefix("edge"), sys.executable, "-m", "gelato.benchmarks.channel_probe", "server"])
         relay: Listener | None = None
         grpc_via = ["--grpc", edge_address] if edge_address else []
         grpc_direct = ["--grpc", f"127.0.0.1:{edge_port}"] if edge_port else []
         try:  # from here on the server is stopped however this ends (a relay that fails to start too)
-            relay = self._relay(server.port) if p.impaired else None
+            relay = self._relay(server.port, self.relay_cpu) if p.impaired else None
             path = relay.address if relay else server.address
             sizes = ["--bytes-up", str(_bulk_bytes(p.up_mbit)), "--bytes-down", str(_bulk_bytes(p.down_mbit))]
             via = self._probe("device" if p.impaired else "edge", ["--address", path, *grpc_via, *sizes])

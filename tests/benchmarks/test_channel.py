@@ -164,7 +164,8 @@ def test_namespaces_of_a_killed_run_are_reaped() -> None:
 
 def test_measure_stops_its_probe_server_when_the_relay_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     """The measurement's probe server (in the edge namespace, on the host here) is stopped when
-    the relay in front of it fails to start, not left running: it is in no list `close` stops."""
+    the relay in front of it fails to start, not left running: it is in no list `close` stops.
+    That relay is pinned where the devices' relay is (it measures the same path)."""
     from gelato.benchmarks import channel as channel_module
 
     started: list[channel_module.Listener] = []
@@ -174,16 +175,21 @@ def test_measure_stops_its_probe_server_when_the_relay_fails(monkeypatch: pytest
             super().__init__(cmd, timeout_s)
             started.append(self)
 
+    relay_cpus: list[int | None] = []
+
     def failing_relay(port: int, cpu: int | None = None) -> channel_module.Listener:
+        relay_cpus.append(cpu)
         raise ChannelError("relay did not start")
 
     ch = Channel(profile_from("wifi"))  # never opened: its processes run on the host
+    ch.relay_cpu = 1  # where `expose` pinned the devices' relay: the probe's relay runs there too
     monkeypatch.setattr(channel_module, "Listener", Recorded)
     monkeypatch.setattr(ch, "prefix", lambda side, cpu=None: [])
     monkeypatch.setattr(ch, "_relay", failing_relay)
     with pytest.raises(ChannelError, match="relay did not start"):
         ch.measure()
     assert len(started) == 1 and started[0].proc.poll() is not None
+    assert relay_cpus == [1]
 
 
 @root
