@@ -41,6 +41,7 @@ import gzip
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -373,12 +374,10 @@ class Bench:
             self.fleet = Fleet(launch, self.device_base(address), shards, a.out / "work")
             budgets = self.run_plan()
             after = channel.measure(address, port)
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # ChannelError too: its type (and exit status) is kept
             code = edge.proc.poll()
             if code is not None:  # the edge died: its output, not its devices' (left without it), says why
-                raise RuntimeError(
-                    f"{exc}\ngelato-edge exited {code} during the run:\n{edge.output()[-3000:]}"
-                ) from exc
+                exc.args = (f"{exc}\ngelato-edge exited {code} during the run:\n{edge.output()[-3000:]}",)
             raise
         finally:
             edge.stop()
@@ -408,9 +407,9 @@ class Bench:
         spec = replace(spec, label=unique_label(spec.label, self.labels))
         bar.set_description(spec.label)
         res = self.fleet.run(spec)
-        self.results.append(res)
         s = summarize(res)
         check_energy_source(spec.label, s["energy"])
+        self.results.append(res)  # only a run that passed its checks (a failed run keeps these)
         jpt = s["energy_j_per_token"]
         hit = s["ahead_hit_rate"] if spec.pipeline == "send-ahead" else s["predraft_hit_rate"]
         piped = "" if spec.pipeline == "off" else f", {spec.pipeline} hit {'-' if hit is None else f'{hit:.2f}'}"
@@ -440,7 +439,8 @@ def compact(v: Any) -> Any:
     return float(f"{v:.5g}") if isinstance(v, float) else [compact(x) for x in v] if isinstance(v, list) else v
 
 
-RUN_FILES = frozenset({"summary.json", "table.md", "outputs.jsonl.gz", "rounds", "work", "partial.json", *PLOT_NAMES})
+RUN_FILES = frozenset({"summary.json", "table.md", "outputs.jsonl.gz", "rounds", "work", "partial", *PLOT_NAMES})
+WORK_FILE = re.compile(r"device\d+\.jsonl|.+\.device\d+\.(jsonl|stderr)")  # shards, traces, stderr (bench_run)
 
 
 def keep_partial(out: Path, command: str, results: list[RunResult], error: str) -> None:
@@ -450,22 +450,32 @@ def keep_partial(out: Path, command: str, results: list[RunResult], error: str) 
 
 
 def save_partial(out: Path, command: str, results: list[RunResult], error: str) -> Path | None:
-    """A run that failed after some configurations finished keeps them: their round files and
-    outputs as a finished run writes them, and `partial.json` (the command, the error, each
-    finished run's summary). Not a result (no references, no targets, no table): what it measured
-    before it failed, so hours of runs are not lost to the last one. None when nothing finished."""
+    """A run that failed after some configurations finished keeps them, in `out/partial/` (a run
+    already in `out`, which a --force run would have replaced only on success, stays whole): their
+    round files and outputs as a finished run writes them, and `partial.json` (the command, the
+    error, each finished run's summary). Not a result (no references, no targets, no table): what
+    it measured before it failed, so hours of runs are not lost to the last one. None when nothing
+    finished."""
     if not results:
         return None
-    write_rounds(results, out)
-    path = out / "partial.json"
+    folder = out / "partial"
+    write_rounds(results, folder)
+    path = folder / "partial.json"
     record = {"command": command, "error": error, "runs": [summarize(r) for r in results]}
     path.write_text(json.dumps(record, indent=1, default=str) + "\n")
     return path
 
 
 def foreign_files(out: Path) -> list[str]:
-    """Names in `out` that no gelato-bench run writes (none when it does not exist yet)."""
-    return sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES) if out.is_dir() else []
+    """Names in `out` that no gelato-bench run writes (none when it does not exist yet), `work/`'s
+    files included: a finished run removes that folder."""
+    if not out.is_dir():
+        return []
+    foreign = [p.name for p in out.iterdir() if p.name not in RUN_FILES]
+    work = out / "work"
+    if work.is_dir():
+        foreign += [f"work/{p.name}" for p in work.iterdir() if not (p.is_file() and WORK_FILE.fullmatch(p.name))]
+    return sorted(foreign)
 
 
 def write_rounds(results: list[RunResult], out: Path) -> None:

@@ -210,7 +210,7 @@ def finish(
         result.update({k: previous[k] for k in ("references", "oracle", "targets") if k in previous})
     else:
         write_rounds(results, out)  # what a rebuild reads; a rebuild leaves them byte for byte
-        (out / "partial.json").unlink(missing_ok=True)  # an earlier failed run's (--force): superseded
+        shutil.rmtree(out / "partial", ignore_errors=True)  # an earlier failed run's (--force): superseded
     # What `rebuild` needs goes to disk before the references run: a failure there loses nothing.
     (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
     refs, oracle_detail = references(args, bench.device_cpus[0], results, questions, kept)

@@ -104,12 +104,17 @@ class Listener:
 
     def __init__(self, cmd: list[str], timeout_s: float = 60.0) -> None:
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
         self.address = ""
         self.lines: list[str] = []
         self._ready = threading.Event()
-        threading.Thread(target=self._drain, daemon=True).start()
-        if not self._ready.wait(timeout_s) or not self.address:
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
+        try:
+            threading.Thread(target=self._drain, daemon=True).start()
+            ready = self._ready.wait(timeout_s) and bool(self.address)
+        except BaseException:  # SIGTERM (SystemExit under `guard`) while it starts: in no list yet
+            self.stop()
+            raise
+        if not ready:
             self.stop()
             raise ChannelError(f"{' '.join(cmd[-8:])} did not start:\n" + "".join(self.lines[-30:]))
 
@@ -376,7 +381,9 @@ def guard(channel: Channel) -> Iterator[Channel]:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # A signal ignored already stays ignored (`nohup` ignores SIGHUP: a closed terminal must not end the run).
+    caught = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, on_signal) for s in caught}
     atexit.register(channel.close)
     try:
         yield channel

@@ -53,14 +53,16 @@ def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 @contextlib.contextmanager
 def exit_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise SystemExit(128 + signal) while open (the handlers before are put
-    back after): Python's default for them ends the process at once, skipping every `finally`,
+    """SIGTERM and SIGHUP raise SystemExit(128 + signal) while open, unless ignored already (the
+    handlers before are put back after): Python's default for them ends the process at once, skipping every `finally`,
     and an edge started by then would go on running, its model loaded, with nobody to stop it."""
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # A signal ignored already stays ignored (`nohup` ignores SIGHUP: a closed terminal must not end the run).
+    caught = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, on_signal) for s in caught}
     try:
         yield
     finally:
@@ -114,11 +116,11 @@ class Edge:
         self._lines: deque[str] = deque(maxlen=500)
         self._listening = threading.Event()
         self._reader = threading.Thread(target=self._drain, name="edge-output", daemon=True)
-        self._reader.start()
         try:
+            self._reader.start()
             started = self._listening.wait(timeout_s) and bool(self.address)
         except BaseException:  # SIGTERM (SystemExit) or Ctrl-C while it starts: not left running
-            self.stop()
+            stop_process(self.proc, 15)
             raise
         if not started:
             self.proc.kill()

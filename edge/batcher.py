@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from gelato.deadline import within
 from gelato.edge.metrics import EdgeMetrics
 from gelato.edge.verifier import Accepted, TargetSession, verify_batch
 from gelato.types import DraftBlock, Verdict
+
+log = logging.getLogger("gelato.edge.batcher")
 
 
 @dataclass
@@ -146,8 +149,10 @@ class Batcher:
             results = [exc] * len(batch)
         except BaseException as exc:
             # Not an error of these rows (KeyboardInterrupt, SystemExit raised on this thread):
-            # it goes on to the executor, but only once the rows are answered and the model
-            # thread freed, since nothing else would ever free it and every later verify would wait.
+            # logged, and raised on into the executor's future (which nobody reads), but only once
+            # the rows are answered and the model thread freed: nothing else would ever free it,
+            # and every later verify would wait.
+            log.error("model thread interrupted by %r during a batch of %d row(s)", exc, len(batch))
             error = RuntimeError(f"verification interrupted: {exc!r}")
             error.__cause__ = exc
             self._hand_back(loop, batch, [error] * len(batch))

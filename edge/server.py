@@ -540,8 +540,10 @@ def _pool_full(exc: PoolMemoryError) -> StatusError:
 async def _end(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
     """End a Session stream with `code`, but not at any cost: its status waits behind answers the
     device has not read, and a device that reads none (yet keeps its connection) would hold this
-    handler, its task and its call for as long as that connection lasts. After `ABORT_WAIT_S` the
-    call is cancelled instead (the device, if it ever reads again, sees CANCELLED); its session was
+    handler's task, and the stream in the edge's count of open streams (which a shutdown waits
+    for), for as long as that connection lasts. After `ABORT_WAIT_S` the handler ends anyway; the
+    status stays queued in gRPC, which keeps the call and its unsent answers until the device reads
+    them or its connection goes (no public grpc.aio call cancels a server call). Its session was
     freed before this is called."""
     try:
         await within(context.abort(code, details), ABORT_WAIT_S)

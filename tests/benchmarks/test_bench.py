@@ -51,11 +51,11 @@ def test_gsm8k_end_to_end_on_loopback(pair: dict[str, Path], gsm8k_like: Path, t
     args += ["--target", str(pair["target"]), "--drafter", str(pair["drafter_agree"]), "--max-new-tokens", "10"]
     args += ["--policies", "ar-edge,ar-device,fixed-0,fixed-2,gelato", "--budget-factors", "1.0"]
     args += ["--devices", "2", "--v", "10", "--pipeline", "send-ahead", "--ahead-blocks", "3", "--no-progress"]
-    out.mkdir()
-    (out / "partial.json").write_text("{}")  # an earlier run into this folder that failed
+    (out / "partial").mkdir(parents=True)
+    (out / "partial" / "partial.json").write_text("{}")  # an earlier run into this folder that failed
     res = run_bench(args)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert not (out / "partial.json").exists()  # superseded by the finished run
+    assert not (out / "partial").exists()  # superseded by the finished run
     s = json.loads((out / "summary.json").read_text())
     labels = [r["label"] for r in s["runs"]]
     assert labels[:5] == ["ar-edge", "fixed-0", "fixed-2", "ar-device", "gelato+send-ahead"]
@@ -180,9 +180,16 @@ def test_a_folder_holding_other_files_is_refused_force_or_not(
         with pytest.raises(SystemExit) as info:
             bench.main(["gsm8k", "--channel", "none", "--out", str(tmp_path), *force])
         assert info.value.code == 2
-        assert "holds files gelato-bench does not write (notes.md)" in capsys.readouterr().err
+        assert "holds files gelato-bench does not write (notes.md, work/mine.txt)" in capsys.readouterr().err
     assert (tmp_path / "work" / "mine.txt").read_text() == "keep"
     (tmp_path / "notes.md").unlink()
+    # Its own work/ alone (a run removes that folder when it ends): refused as well.
+    with pytest.raises(SystemExit) as info:
+        bench.main(["gsm8k", "--channel", "none", "--out", str(tmp_path), "--force"])
+    assert info.value.code == 2 and "(work/mine.txt)" in capsys.readouterr().err
+    (tmp_path / "work" / "mine.txt").unlink()
+    for name in ("device0.jsonl", "fixed-2.device0.jsonl", "fixed-2.device0.stderr"):  # a killed run's
+        (tmp_path / "work" / name).write_text("")
     for name in ("summary.json", "table.md", "pareto.png", "devices.png"):
         (tmp_path / name).write_text("{}")
     assert bench.foreign_files(tmp_path) == [] and bench.foreign_files(tmp_path / "new") == []
@@ -204,17 +211,24 @@ def test_plots_an_earlier_run_left_are_removed(tmp_path: Path) -> None:
 def test_a_failed_run_keeps_the_configurations_that_finished(tmp_path: Path) -> None:
     """A run that fails at its 40th configuration does not lose the 39 before it: their round
     files and outputs as a finished run writes them, and partial.json with the error and each
-    one's summary. Nothing finished: nothing written."""
+    one's summary, in partial/: a finished run already in the folder (a --force run that failed)
+    keeps every file of its own. Nothing finished: nothing written."""
     assert bench.save_partial(tmp_path / "none", "cmd", [], "boom") is None
     assert not (tmp_path / "none").exists()
+    earlier = {"summary.json": "{}", "outputs.jsonl.gz": "old", "rounds/gelato.jsonl.gz": "old"}
+    for name, text in earlier.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
     done = RunResult(
         RunSpec("fixed-4", "fixed-4", "fixed"),
         [{"question": 0, "device": 0, "n_tokens": 5, "elapsed_s": 0.5, "energy_j": 0.1, "token_ids": [1]}],
         [{"round": 0, "device": 0, "k": 4, "accepted": 3, "emitted": 4, "t_round_s": 0.1, "t_net_s": 0.02}],
     )
     path = bench.save_partial(tmp_path, "gelato-bench gsm8k ...", [done], "fixed-8: gelato-device [0] failed")
-    assert path == tmp_path / "partial.json" and (tmp_path / "rounds" / "fixed-4.jsonl.gz").exists()
-    assert (tmp_path / "outputs.jsonl.gz").exists() and bench.foreign_files(tmp_path) == []
+    partial = tmp_path / "partial"
+    assert path == partial / "partial.json" and (partial / "rounds" / "fixed-4.jsonl.gz").exists()
+    assert (partial / "outputs.jsonl.gz").exists() and bench.foreign_files(tmp_path) == []
+    assert all((tmp_path / name).read_text() == text for name, text in earlier.items())
     record = json.loads(path.read_text())
     assert record["error"] == "fixed-8: gelato-device [0] failed" and record["command"] == "gelato-bench gsm8k ..."
     assert [r["label"] for r in record["runs"]] == ["fixed-4"] and record["runs"][0]["tokens"] == 5
@@ -650,12 +664,15 @@ def test_a_fleet_that_goes_silent_is_stopped_with_its_reason(tmp_path: Path) -> 
     assert time.perf_counter() - t0 < 10
 
 
-def test_an_edge_that_dies_mid_run_is_named_with_its_output(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kind", ["device", "channel"])
+def test_an_edge_that_dies_mid_run_is_named_with_its_output(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     """The devices fail because their edge died: the error carries the edge's exit status and last
-    output (e.g. its out-of-memory), not only the devices' connection errors."""
+    output (e.g. its out-of-memory), not only the devices' connection errors; a channel error stays
+    one (its exit status is 2)."""
     from types import SimpleNamespace
 
     from gelato.benchmarks import procs
+    from gelato.benchmarks.channel import ChannelError
 
     class DeadEdge:
         address = "127.0.0.1:1"
@@ -679,6 +696,8 @@ def test_an_edge_that_dies_mid_run_is_named_with_its_output(monkeypatch: pytest.
     run.args, run.edge_cpu, run.device_cpus, run.questions = args, None, [None], [{"question": "q"}]
 
     def failing_plan() -> list[float]:
+        if kind == "channel":
+            raise ChannelError("channel probe failed: connection refused")
         raise RuntimeError("fixed-2: gelato-device [0] failed: connection refused")
 
     monkeypatch.setattr(run, "run_plan", failing_plan)
@@ -686,6 +705,7 @@ def test_an_edge_that_dies_mid_run_is_named_with_its_output(monkeypatch: pytest.
     with pytest.raises(RuntimeError) as info:
         run.run(channel)  # type: ignore[arg-type]
     text = str(info.value)
+    assert isinstance(info.value, ChannelError) == (kind == "channel")
     assert "connection refused" in text and "gelato-edge exited 3 during the run" in text
     assert "CUDA out of memory" in text
 

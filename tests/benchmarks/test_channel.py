@@ -213,3 +213,29 @@ def test_a_set_up_cut_short_by_sigterm_leaves_nothing(monkeypatch: pytest.Monkey
     monkeypatch.setattr(channel_module, "run", real_run)
     assert ch.leftovers() == []
     assert run(["ip", "link", "show", ch.veth["device"]], check=False).returncode != 0
+
+
+def test_a_listener_interrupted_while_it_starts_is_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM (SystemExit under `guard`) while a relay or probe starts: it is in no list `close`
+    stops yet, so it stops itself rather than running on in the namespace."""
+    import threading
+
+    from gelato.benchmarks import channel as channel_module
+
+    started: list[subprocess.Popen[str]] = []
+    real_popen = subprocess.Popen
+
+    def recording(*args: object, **kwargs: object) -> subprocess.Popen[str]:
+        proc = real_popen(*args, **kwargs)  # type: ignore[call-overload]
+        started.append(proc)
+        return proc
+
+    def interrupted(self: threading.Event, timeout: float | None = None) -> bool:
+        raise SystemExit(143)
+
+    monkeypatch.setattr(subprocess, "Popen", recording)
+    monkeypatch.setattr(threading.Event, "wait", interrupted)
+    with pytest.raises(SystemExit):
+        channel_module.Listener(["sleep", "60"])
+    monkeypatch.undo()
+    assert len(started) == 1 and started[0].poll() is not None

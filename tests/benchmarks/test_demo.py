@@ -4,6 +4,7 @@ device energy named by source, and a losslessness check that can fail."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads child processes from Linux /proc")
+@pytest.mark.skipif(
+    not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
+    reason="reads child processes from /proc/PID/task/TID/children (Linux, CONFIG_PROC_CHILDREN)",
+)
 def test_sigterm_stops_the_demos_edge(tmp_path: Path) -> None:
     """SIGTERM to the demo (`timeout`, a cancelled CI job) while a device runs: the demo exits
     143 and its edge is stopped, not left running with its model loaded."""
@@ -143,3 +147,21 @@ def test_bad_arguments_fail_before_any_process_starts(
     with pytest.raises(SystemExit) as info:
         main(extra)
     assert info.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_exit_on_signals_leaves_an_ignored_sighup_ignored() -> None:
+    """Under `nohup` (SIGHUP ignored) a closed terminal must not end a demo or load run: an ignored
+    signal stays ignored; SIGTERM is caught; both handlers are put back after."""
+    import signal
+
+    from gelato.benchmarks.procs import exit_on_signals
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    term_before = signal.getsignal(signal.SIGTERM)
+    try:
+        with exit_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (term_before, signal.SIG_IGN, signal.SIG_DFL)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is term_before
+    finally:
+        signal.signal(signal.SIGHUP, before)

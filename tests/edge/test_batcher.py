@@ -107,7 +107,7 @@ def test_a_session_still_prefilling_holds_no_batch(pair: dict[str, Path]) -> Non
 
 
 def test_an_interrupt_on_the_model_thread_answers_its_rows_and_frees_the_batcher(
-    target: LoadedModel, monkeypatch: Any
+    target: LoadedModel, monkeypatch: Any, caplog: Any
 ) -> None:
     """A BaseException that is not an Exception (KeyboardInterrupt raised on the model thread)
     escapes the batch: its rows get an error naming it, and the next request is verified, not
@@ -146,3 +146,4 @@ def test_an_interrupt_on_the_model_thread_answers_its_rows_and_frees_the_batcher
 
     verdict = asyncio.run(run())
     assert verdict.round == 0 and len(calls) == 2
+    assert "model thread interrupted by KeyboardInterrupt('on the model thread')" in caplog.text

@@ -149,7 +149,8 @@ def test_a_prefill_in_pieces_stops_when_the_grace_period_ends(pair: dict[str, Pa
 
     code, details, ended_s, server = asyncio.run(scenario())
     assert (code, details) == (grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
-    assert ended_s < 0.1 + SETTLE_S, ended_s
+    # Well before the 60 pieces (3 s) would have ended; what tells the fix is the status above.
+    assert ended_s < 2.5, ended_s
     assert len(pieces) < 40, len(pieces)  # it stopped queueing pieces
     assert len(server.service.registry) == 0 and not server.service.streams
 

@@ -110,13 +110,14 @@ def test_a_device_gone_while_its_answer_waits_is_not_a_server_fault(pair: dict[s
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
 
 
-def test_a_device_that_never_reads_again_does_not_hold_its_stream(
+def test_a_device_that_never_reads_again_does_not_hold_its_handler(
     pair: dict[str, Path], target: LoadedModel, monkeypatch: object
 ) -> None:
     """A device that stops reading during `Generate` and keeps its connection without ever
-    reading again: its session is freed by the idle timeout, and its stream (the handler, its
-    task and call) ends `ABORT_WAIT_S` later, not when the connection finally closes: the status
-    it would have been told waits behind answers it never reads."""
+    reading again: its session is freed by the idle timeout, and its stream's handler (its task,
+    its place among the open streams a shutdown waits for) ends `ABORT_WAIT_S` later, not when
+    the connection finally closes: the status it would have been told waits behind answers it
+    never reads."""
     import grpc
 
     from gelato.benchmarks.load_faults import UNREAD_OPTIONS, _generate_unread
