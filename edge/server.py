@@ -38,14 +38,11 @@ import asyncio
 import contextlib
 import errno
 import logging
-import secrets
 import socket
 import time
 from collections.abc import AsyncIterator
-from typing import TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 from grpc._cython.cygrpc import ExecuteBatchError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -61,6 +58,15 @@ from gelato.edge.kv_pool import PoolMemoryError, pool_model
 from gelato.edge.metrics import EdgeMetrics
 from gelato.edge.model_thread import ModelThread
 from gelato.edge.sessions import AdmissionError, SessionRegistry, StatusError, TargetSession
+from gelato.edge.statuses import (
+    MAX_DETAILS,
+    end_stream,
+    internal_details,
+    new_incident,
+    out_of_memory_status,
+    parse_request,
+    pool_full_status,
+)
 from gelato.models import LoadedModel, load_model, out_of_memory
 from gelato.security import server_credentials
 from gelato.types import PROTOCOL_VERSION, DraftBlock, EdgeInfo, SessionInfo, Verdict
@@ -81,7 +87,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gelato"].full_name
 # gRPC's default lets a second server bind a port another one listens on (SO_REUSEPORT): two edges
 # would then split the connections between them. One edge per port.
 EDGE_SERVER_OPTIONS = [*SERVER_OPTIONS, ("grpc.so_reuseport", 0)]
-MAX_DETAILS = 1000  # characters of a status message: far below gRPC's 8 KiB metadata limit
 SHUTDOWN_DETAILS = "edge shutting down: reopen the session with its accepted prefix on another edge"
 # After the grace period, how long a stream may stay silent after its last answer before it is
 # ended anyway (its device's next message is answered UNAVAILABLE within this time).
@@ -91,9 +96,6 @@ _POLL_S = 0.02  # how often shutdown looks again at streams owed an answer
 # Session streams that may wait for their open at once, at least (`GelatoService.waiting_limit`):
 # room for a whole fleet re-opening after an edge restart.
 MIN_WAITING_STREAMS = 64
-# How long a Session stream's final status may wait behind answers its device has not read.
-ABORT_WAIT_S = 10.0
-_M = TypeVar("_M", bound=Message)
 
 
 class PortInUseError(OSError):
@@ -118,18 +120,6 @@ def port_in_use(host: str, port: int) -> bool:
                 if exc.errno == errno.EADDRINUSE:
                     return True
     return False
-
-
-def _parse(cls: type[_M], data: bytes) -> _M:
-    """A message of type `cls` from raw request bytes; INVALID_ARGUMENT when they do not parse
-    (corrupt wire format, bad UTF-8 in a string field)."""
-    try:
-        return cls.FromString(data)
-    except DecodeError as exc:
-        name = cls.DESCRIPTOR.name
-        raise StatusError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"malformed {name} ({len(data)} bytes): {clip(str(exc))}"
-        ) from None
 
 
 class _Stream:
@@ -205,7 +195,7 @@ class GelatoService:
 
     async def Info(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         try:
-            _parse(pb.InfoRequest, request)
+            parse_request(pb.InfoRequest, request)
             m = self._require_model()
         except StatusError as exc:
             await context.abort(exc.code, clip(exc.details, MAX_DETAILS))
@@ -249,16 +239,16 @@ class GelatoService:
         except StatusError as exc:
             details = clip(exc.details, MAX_DETAILS)
             log.info("session %s: %s %s", stream.session_id(), exc.code.name, details)
-            await _end(context, exc.code, details)
+            await end_stream(context, exc.code, details)
         except asyncio.CancelledError:
             if not stream.cut:  # the device cancelled or vanished: there is no one to answer
                 raise
             log.info("session %s: UNAVAILABLE %s", stream.session_id(), SHUTDOWN_DETAILS)
-            await _end(context, grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
+            await end_stream(context, grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
         except Exception as exc:  # a server fault (e.g. the prefill failed): this stream only, named
             incident = new_incident()
             log.exception("session %s failed (incident %s)", stream.session_id(), incident)
-            await _end(context, grpc.StatusCode.INTERNAL, internal_details("edge error", exc, incident))
+            await end_stream(context, grpc.StatusCode.INTERNAL, internal_details("edge error", exc, incident))
         finally:
             self.streams.discard(stream)
             self._stream_ended.set()
@@ -376,7 +366,7 @@ class GelatoService:
             stream.waiting_since = None
         if data is grpc.aio.EOF:
             return None
-        return _parse(pb.DeviceMessage, data)
+        return parse_request(pb.DeviceMessage, data)
 
     async def _send(self, context: grpc.aio.ServicerContext, msg: pb.EdgeMessage) -> None:
         """Write one answer. A device that takes none for longer than the idle timeout (it stopped
@@ -433,9 +423,9 @@ class GelatoService:
         except BaseException as exc:
             self.registry.release(session.session_id)
             if isinstance(exc, PoolMemoryError):
-                raise _pool_full(exc) from exc
+                raise pool_full_status(exc) from exc
             if isinstance(exc, Exception) and out_of_memory(exc):
-                raise _out_of_memory(exc) from exc
+                raise out_of_memory_status(exc) from exc
             raise
         self.registry.mark_ready(session.session_id)
         return session
@@ -498,60 +488,15 @@ class GelatoService:
         except StatusError:
             raise
         except PoolMemoryError as exc:  # this row needed KV memory the edge could not allocate
-            raise _pool_full(exc) from exc
+            raise pool_full_status(exc) from exc
         except Exception as exc:
             if out_of_memory(exc):  # the forward's activations or logits, this row alone (its state restored)
-                raise _out_of_memory(exc) from exc
+                raise out_of_memory_status(exc) from exc
             # a server fault in this row only: this session's state is unknown, end it
             incident = new_incident()
             log.exception("verify failed for session %s (incident %s)", session.session_id, incident)
             details = internal_details("verification failed", exc, incident)
             raise StatusError(grpc.StatusCode.INTERNAL, details) from exc
-
-
-def new_incident() -> str:
-    """A short id that ties what a device is told to the edge's log line with the whole error."""
-    return secrets.token_hex(4)
-
-
-def internal_details(what: str, exc: BaseException, incident: str) -> str:
-    """What a device is told of an edge fault: its kind and an incident id, never the exception's
-    text (paths, shapes, a CUDA allocator's report of other processes), which goes to the log."""
-    return f"{what} ({type(exc).__name__}), incident {incident}: see the edge's log"
-
-
-def _out_of_memory(exc: Exception) -> StatusError:
-    """RESOURCE_EXHAUSTED for a forward that found no memory for its activations or logits (not
-    a fault of the edge's code: the device is full, e.g. a pool grown without --kv-budget-mb)."""
-    incident = new_incident()
-    log.warning("a forward ran out of memory (incident %s): %s", incident, exc)
-    details = f"edge out of memory for a forward's activations or logits, incident {incident}: see the edge's log"
-    return StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
-
-
-def _pool_full(exc: PoolMemoryError) -> StatusError:
-    """RESOURCE_EXHAUSTED for a session whose KV the pool could not make room for (the edge's
-    memory, not its KV budget, ran out); the pool and every other session go on. The message is
-    the pool's own (slots, tokens, MiB); the allocator's text goes to the log only."""
-    log.warning("%s: %s", exc, exc.__cause__)
-    return StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"edge out of KV memory: {exc}")
-
-
-async def _end(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
-    """End a Session stream with `code`, but not at any cost: its status waits behind answers the
-    device has not read, and a device that reads none (yet keeps its connection) would hold this
-    handler's task, and the stream in the edge's count of open streams (which a shutdown waits
-    for), for as long as that connection lasts. After `ABORT_WAIT_S` the handler ends anyway; the
-    status stays queued in gRPC, which keeps the call and its unsent answers until the device reads
-    them or its connection goes (no public grpc.aio call cancels a server call). Its session was
-    freed before this is called."""
-    try:
-        await within(context.abort(code, details), ABORT_WAIT_S)
-    except TimeoutError:
-        log.info(
-            "session stream: its %s status waited %g s behind unread answers: call cancelled", code.name, ABORT_WAIT_S
-        )
-        raise asyncio.CancelledError from None
 
 
 class EdgeServer:

@@ -121,11 +121,11 @@ def test_a_device_that_never_reads_again_does_not_hold_its_handler(
     import grpc
 
     from gelato.benchmarks.load_faults import UNREAD_OPTIONS, _generate_unread
-    from gelato.edge import server as server_module
+    from gelato.edge import statuses
     from gelato.edge.server import EdgeConfig, EdgeServer
     from gelato.v1 import gelato_pb2_grpc as pb_grpc
 
-    monkeypatch.setattr(server_module, "ABORT_WAIT_S", 0.5)  # type: ignore[attr-defined]
+    monkeypatch.setattr(statuses, "ABORT_WAIT_S", 0.5)  # type: ignore[attr-defined]
 
     async def scenario() -> tuple[int, int, float]:
         server = EdgeServer(EdgeConfig(port=0, idle_timeout_s=0.5))
