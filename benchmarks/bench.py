@@ -37,11 +37,9 @@ ar-edge's (losslessness) or a device failed; 2 on bad arguments or when the chan
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -50,7 +48,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from gelato.benchmarks.bench_report import PLOT_NAMES
+from gelato.benchmarks.bench_files import foreign_files, keep_partial
 from gelato.benchmarks.bench_run import Fleet, RunResult, RunSpec, shard_files, summarize
 from gelato.benchmarks.channel import PROFILES, Channel, ChannelError, Profile, guard, profile_from
 from gelato.benchmarks.procs import check_energy_source, unique_label
@@ -432,72 +430,6 @@ def load_questions(args: argparse.Namespace) -> list[dict[str, Any]]:
     from gelato.benchmarks.bench_report import gsm8k_answer
 
     return [{"question": r["question"], "gold": gsm8k_answer(r.get("answer", ""))} for r in rows]
-
-
-def compact(v: Any) -> Any:
-    """Floats to five significant digits: the files shrink ~2× and no timing here is that precise."""
-    return float(f"{v:.5g}") if isinstance(v, float) else [compact(x) for x in v] if isinstance(v, list) else v
-
-
-RUN_FILES = frozenset({"summary.json", "table.md", "outputs.jsonl.gz", "rounds", "work", "partial", *PLOT_NAMES})
-WORK_FILE = re.compile(r"device\d+\.jsonl|.+\.device\d+\.(jsonl|stderr)")  # shards, traces, stderr (bench_run)
-
-
-def keep_partial(out: Path, command: str, results: list[RunResult], error: str) -> None:
-    kept = save_partial(out, command, results, error)
-    if kept is not None:
-        print(f"gelato-bench: the {len(results)} configuration(s) that finished are in {kept}", file=sys.stderr)
-
-
-def save_partial(out: Path, command: str, results: list[RunResult], error: str) -> Path | None:
-    """A run that failed after some configurations finished keeps them, in `out/partial/` (a run
-    already in `out`, which a --force run would have replaced only on success, stays whole): their
-    round files and outputs as a finished run writes them, and `partial.json` (the command, the
-    error, each finished run's summary). Not a result (no references, no targets, no table): what
-    it measured before it failed, so hours of runs are not lost to the last one. None when nothing
-    finished."""
-    if not results:
-        return None
-    folder = out / "partial"
-    write_rounds(results, folder)
-    path = folder / "partial.json"
-    record = {"command": command, "error": error, "runs": [summarize(r) for r in results]}
-    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
-    return path
-
-
-def foreign_files(out: Path) -> list[str]:
-    """Names in `out` that no gelato-bench run writes (none when it does not exist yet), `work/`'s
-    files included: a finished run removes that folder."""
-    if not out.is_dir():
-        return []
-    foreign = [p.name for p in out.iterdir() if p.name not in RUN_FILES]
-    work = out / "work"
-    if work.is_dir():
-        foreign += [f"work/{p.name}" for p in work.iterdir() if not (p.is_file() and WORK_FILE.fullmatch(p.name))]
-    return sorted(foreign)
-
-
-def write_rounds(results: list[RunResult], out: Path) -> None:
-    """`rounds/<run>.jsonl.gz`: one line per round; `outputs.jsonl.gz`: one line per run and
-    question, the device's record (token ids and text included) without the prompt: what
-    `gelato-bench report DIR` rebuilds every output from. Round files of an earlier run in the
-    folder (`--force`) that this run did not make are removed: a folder holds one run's files."""
-    folder = out / "rounds"
-    folder.mkdir(parents=True, exist_ok=True)
-    ours = {f"{res.spec.slug}.jsonl.gz" for res in results}
-    for old in folder.glob("*.jsonl.gz"):
-        if old.name not in ours:
-            old.unlink()
-    for res in results:
-        with gzip.open(folder / f"{res.spec.slug}.jsonl.gz", "wt", encoding="utf-8") as f:
-            f.writelines(json.dumps({k: compact(v) for k, v in r.items()}) + "\n" for r in res.rounds)
-    with gzip.open(out / "outputs.jsonl.gz", "wt", encoding="utf-8") as f:
-        for res in results:
-            f.writelines(
-                json.dumps({"run": res.spec.label, **{k: v for k, v in r.items() if k != "prompt"}}) + "\n"
-                for r in res.records
-            )
 
 
 def main(argv: list[str] | None = None) -> int:

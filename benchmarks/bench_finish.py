@@ -154,7 +154,8 @@ def finish(
     previous: dict[str, Any] | None = None,
 ) -> int:
     """`previous`: the summary a rebuild starts from (its provenance and assisted rows are kept)."""
-    from gelato.benchmarks.bench import energy_note, write_rounds
+    from gelato.benchmarks.bench import energy_note
+    from gelato.benchmarks.bench_files import write_rounds
 
     results: list[RunResult] = bench.results
     out: Path = args.out

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gelato.benchmarks import bench, bench_refs
+from gelato.benchmarks import bench, bench_files, bench_refs
 from gelato.benchmarks.bench_plots import observed
 from gelato.benchmarks.bench_report import gsm8k_answer, score, target_lines, targets
 from gelato.benchmarks.bench_run import (
@@ -192,7 +192,7 @@ def test_a_folder_holding_other_files_is_refused_force_or_not(
         (tmp_path / "work" / name).write_text("")
     for name in ("summary.json", "table.md", "pareto.png", "devices.png"):
         (tmp_path / name).write_text("{}")
-    assert bench.foreign_files(tmp_path) == [] and bench.foreign_files(tmp_path / "new") == []
+    assert bench_files.foreign_files(tmp_path) == [] and bench_files.foreign_files(tmp_path / "new") == []
 
 
 def test_plots_an_earlier_run_left_are_removed(tmp_path: Path) -> None:
@@ -213,7 +213,7 @@ def test_a_failed_run_keeps_the_configurations_that_finished(tmp_path: Path) -> 
     files and outputs as a finished run writes them, and partial.json with the error and each
     one's summary, in partial/: a finished run already in the folder (a --force run that failed)
     keeps every file of its own. Nothing finished: nothing written."""
-    assert bench.save_partial(tmp_path / "none", "cmd", [], "boom") is None
+    assert bench_files.save_partial(tmp_path / "none", "cmd", [], "boom") is None
     assert not (tmp_path / "none").exists()
     earlier = {"summary.json": "{}", "outputs.jsonl.gz": "old", "rounds/gelato.jsonl.gz": "old"}
     for name, text in earlier.items():
@@ -224,10 +224,10 @@ def test_a_failed_run_keeps_the_configurations_that_finished(tmp_path: Path) -> 
         [{"question": 0, "device": 0, "n_tokens": 5, "elapsed_s": 0.5, "energy_j": 0.1, "token_ids": [1]}],
         [{"round": 0, "device": 0, "k": 4, "accepted": 3, "emitted": 4, "t_round_s": 0.1, "t_net_s": 0.02}],
     )
-    path = bench.save_partial(tmp_path, "gelato-bench gsm8k ...", [done], "fixed-8: gelato-device [0] failed")
+    path = bench_files.save_partial(tmp_path, "gelato-bench gsm8k ...", [done], "fixed-8: gelato-device [0] failed")
     partial = tmp_path / "partial"
     assert path == partial / "partial.json" and (partial / "rounds" / "fixed-4.jsonl.gz").exists()
-    assert (partial / "outputs.jsonl.gz").exists() and bench.foreign_files(tmp_path) == []
+    assert (partial / "outputs.jsonl.gz").exists() and bench_files.foreign_files(tmp_path) == []
     assert all((tmp_path / name).read_text() == text for name, text in earlier.items())
     record = json.loads(path.read_text())
     assert record["error"] == "fixed-8: gelato-device [0] failed" and record["command"] == "gelato-bench gsm8k ..."
@@ -243,7 +243,7 @@ def test_a_forced_run_leaves_no_round_files_of_the_run_before(tmp_path: Path) ->
     for name in ("gelato_pipe.jsonl.gz", "fixed-4.jsonl.gz", "notes.txt"):
         (rounds / name).write_bytes(b"old")
     run = RunResult(RunSpec("fixed-4", "fixed-4", "fixed"), [{"question": 0}], [{"round": 0}])
-    bench.write_rounds([run], tmp_path)
+    bench_files.write_rounds([run], tmp_path)
     assert sorted(p.name for p in rounds.iterdir()) == ["fixed-4.jsonl.gz", "notes.txt"]
     with gzip.open(rounds / "fixed-4.jsonl.gz", "rt") as f:
         assert [json.loads(line) for line in f] == [{"round": 0}]
