@@ -2,9 +2,10 @@
 
 Contract: `NvmlMeter(index)` (or `NvmlMeter(uuid=...)`: a GPU by its UUID) reads
 `nvmlDeviceGetTotalEnergyConsumption` (mJ since driver load, Volta+) as a counter delta. The counter
-only moves every ~20–100 ms, so between updates the meter extrapolates with instantaneous power
-(`NVML_FI_DEV_POWER_INSTANT`, else `nvmlDeviceGetPowerUsage`) × the time since the counter last
-moved, and never reports less than it already did. A counter read that fails mid-run (a driver
+only moves every ~20–100 ms, so between its ticks the meter adds, at each read, instantaneous power
+(`NVML_FI_DEV_POWER_INSTANT`, else `nvmlDeviceGetPowerUsage`) × the time since the previous read
+(so a round's drafting and waiting phases each get the power read at their end), starts again from
+the counter at each tick, and never reports less than it already did. A counter read that fails mid-run (a driver
 error, a GPU fallen off the bus) reads NaN — that reading is unknown — and changes nothing, so the
 next good read is exact again (the counter kept counting); a power read that fails between ticks
 leaves the counter's own value. GPUs without the counter fall back to integrating power on a sampler
@@ -64,7 +65,8 @@ class NvmlMeter(Meter):
             self.integrator.start()
             return
         self._last_c = self._c0
-        self._last_change_t = clock()
+        self._last_read_t = clock()
+        self._estimate_j = 0.0  # the counter at its last tick + power × time over each read since
         self._reported_j = 0.0
 
     def _counter_mj(self) -> int:
@@ -96,13 +98,16 @@ class NvmlMeter(Meter):
                 c = self._counter_mj()
             except self.nv.NVMLError:  # unknown now; the counter goes on, so the next read is exact
                 return math.nan
-            value = (c - self._c0) / 1e3
-            if c != self._last_c:
-                self._last_c, self._last_change_t = c, now
-            else:  # the counter has not ticked yet: extrapolate with instantaneous power
-                with contextlib.suppress(self.nv.NVMLError):  # no power now: the counter alone
-                    value += self.power_w() * (now - self._last_change_t)
-            self._reported_j = max(self._reported_j, value)
+            if c != self._last_c:  # a tick: the counter's own value, exact up to its tick
+                self._last_c, self._estimate_j = c, (c - self._c0) / 1e3
+            else:
+                # Not yet: the time since the LAST READ at the power now (what the GPU did since
+                # that read: drafting, or waiting), not the time since the tick at today's power,
+                # which charged a whole tick interval at the power of the phase that just ended.
+                with contextlib.suppress(self.nv.NVMLError):  # no power now: nothing added
+                    self._estimate_j += self.power_w() * max(now - self._last_read_t, 0.0)
+            self._last_read_t = now
+            self._reported_j = max(self._reported_j, self._estimate_j)  # never less than already said
             return self._reported_j
 
     def close(self) -> None:

@@ -698,3 +698,40 @@ def test_radio_model_matches_reference_constants() -> None:
     assert radio_profile("none") is None
     with pytest.raises(ValueError, match="unknown radio"):
         radio_profile("carrier-pigeon")
+
+
+def test_nvml_between_ticks_charges_each_phase_its_own_power(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds far shorter than the counter's 100 ms tick: 10 ms of drafting at 300 W, then 40 ms
+    of waiting at 100 W, read at each phase's end (the power then is that phase's). Each phase
+    gets its own power: extrapolating from the last tick charged a whole tick interval at the
+    power read now (drafting seen at ~600 W, most waiting phases at 0 J)."""
+    fake = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    clock = FakeClock()
+    meter = NvmlMeter(clock=clock)
+    true_j, next_tick, step = 0.0, clock.t + 0.1, 0.0005
+
+    def run(seconds: float, watts: float) -> None:
+        nonlocal true_j, next_tick
+        for _ in range(round(seconds / step)):
+            clock.t += step
+            true_j += watts * step
+            if clock.t >= next_tick - 1e-12:  # the driver's counter ticks
+                fake.counter_mj, next_tick = 1_000_000 + int(true_j * 1000), next_tick + 0.1
+        fake.power_mw = int(watts * 1000)
+
+    draft_j = wait_j = 0.0
+    zero_waits = 0
+    for _ in range(200):
+        start = meter.read()
+        run(0.010, 300.0)
+        drafted = meter.read()
+        run(0.040, 100.0)
+        end = meter.read()
+        draft_j, wait_j = draft_j + drafted.since(start), wait_j + end.since(drafted)
+        zero_waits += end.since(drafted) == 0.0
+    assert draft_j / (200 * 0.010) == pytest.approx(300.0, rel=0.1)
+    assert wait_j / (200 * 0.040) == pytest.approx(100.0, rel=0.1)
+    assert zero_waits < 10
+    assert (draft_j + wait_j) == pytest.approx(true_j, rel=0.02)  # the ticks keep the total exact
+    meter.close()
