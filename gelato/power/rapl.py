@@ -1,9 +1,11 @@
 """Intel RAPL through powercap sysfs: `energy_uj` counters with wraparound.
 
 Contract: `RaplMeter(root)` sums the package zones: top-level `intel-rapl:N` zones whose `name` is
-`package-P` (or `package-P-die-D` on multi-die parts). Subzones such as `intel-rapl:N:M` are parts
-of their package and are not added again, and the top-level `psys` (platform) zone, which already
-contains the packages, and any other non-package zone are left out. Each zone's counter wraps at
+`package-P` (or `package-P-die-D` on multi-die parts), and their `dram` subzones (servers: the DRAM
+domain is not inside the package counter; a memory-bound drafter spends much of its energy there).
+Other subzones (`core`, `uncore`) are parts of their package and are not added again, and the
+top-level `psys` (platform) zone, which already contains the packages, and any other non-package
+zone are left out. Each zone's counter wraps at
 `max_energy_range_uj`. A counter that goes backwards is taken for one wrap only when the energy that
 implies over the clock time since the last read is a power the package can draw (`max_power_w`: 4x
 the largest `constraint_*_max_power_uw` of the zone, else 1000 W); otherwise the counter was reset
@@ -38,6 +40,7 @@ from gelato.power.base import Meter, MeterUnavailable
 log = logging.getLogger(__name__)
 
 ZONE = re.compile(r"^intel-rapl:\d+$")
+SUBZONE = re.compile(r"^intel-rapl:\d+:\d+$")
 PACKAGE = re.compile(r"^package-\d+(-die-\d+)?$")  # the kernel's names; `psys` is the platform zone
 
 # The most a package can plausibly draw, for telling a wrap from a reset. A zone's
@@ -58,13 +61,15 @@ SLACK_S = 0.01
 KEEP_MIN_S, KEEP_MAX_S = 0.5, 1.0
 
 
-def _is_package(zone: Path) -> bool:
-    if not ZONE.match(zone.name):
+def _counted(zone: Path) -> bool:
+    """A package zone, or a package's `dram` subzone (outside the package counter)."""
+    if not (ZONE.match(zone.name) or SUBZONE.match(zone.name)):
         return False
     try:
-        return bool(PACKAGE.match((zone / "name").read_text().strip()))
+        name = (zone / "name").read_text().strip()
     except OSError:  # no readable name: cannot tell a package from psys, so do not count it
         return False
+    return bool(PACKAGE.match(name)) if ZONE.match(zone.name) else name == "dram"
 
 
 def max_power_w(zone: Path) -> float:
@@ -87,8 +92,8 @@ class RaplMeter(Meter):
     def __init__(self, root: str | Path = "/sys/class/powercap", clock: Callable[[], float] | None = None) -> None:
         super().__init__(*(c for c in (clock,) if c))
         base = Path(root)
-        zones = sorted(p for p in base.glob("intel-rapl:*") if _is_package(p)) if base.is_dir() else []
-        if not zones:
+        zones = sorted(p for p in base.glob("intel-rapl:*") if _counted(p)) if base.is_dir() else []
+        if not any(ZONE.match(z.name) for z in zones):
             raise MeterUnavailable(f"no RAPL package zones under {base}")
         self.zones = zones
         self._lock = threading.Lock()

@@ -60,6 +60,23 @@ def test_rapl_sums_packages_and_handles_wraparound(tmp_path: Path) -> None:
     assert meter.joules() == pytest.approx(170e-6)
 
 
+def test_rapl_adds_dram_which_is_outside_the_package(tmp_path: Path) -> None:
+    """A server's DRAM domain (subzone `dram`) is not inside its package counter: it is added,
+    with its own wraparound; `core` (inside the package) is not; a `dram` alone is no meter."""
+    zones = {"intel-rapl:0": (100, 10**6), "intel-rapl:0:0": (50, 1000), "intel-rapl:0:1": (7, 10**6)}
+    rapl_tree(tmp_path, zones, names={"intel-rapl:0:0": "dram"})
+    meter = RaplMeter(tmp_path, clock=FakeClock())
+    assert [z.name for z in meter.zones] == ["intel-rapl:0", "intel-rapl:0:0"]
+    write(tmp_path / "intel-rapl:0" / "energy_uj", 300)
+    write(tmp_path / "intel-rapl:0:0" / "energy_uj", 20)  # wrapped: 50 -> 1000 -> 0 -> 20 = 971 uJ
+    write(tmp_path / "intel-rapl:0:1" / "energy_uj", 999)
+    assert meter.joules() == pytest.approx((200 + 971) * 1e-6)
+    only_dram = tmp_path / "only"
+    rapl_tree(only_dram, {"intel-rapl:0:0": (1, 1000)}, names={"intel-rapl:0:0": "dram"})
+    with pytest.raises(MeterUnavailable):
+        RaplMeter(only_dram, clock=FakeClock())
+
+
 def test_rapl_read_failing_mid_run_is_nan_then_exact_again(tmp_path: Path) -> None:
     """A counter that cannot be read mid-run (one zone of two) reads NaN and advances no zone: the
     next good read counts everything since the last one (it raised, with the first zone advanced)."""
