@@ -29,6 +29,7 @@ from typing import Any
 
 from gelato.benchmarks.procs import exit_on_signals, run_device, start_edge
 from gelato.models import default_model_path
+from gelato.power import HOST_WIDE
 from gelato.tiny.random_pair import synthetic_problem
 
 
@@ -101,7 +102,6 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-HOST_WIDE = ("nvml", "rapl", "jetson")  # sources that read the whole host (package, GPU, board), not one process
 METER_HELP = (
     "device energy meter, passed to gelato-device --meter (default cpu-model: an estimate of the device "
     "process alone, labelled estimated). Edge and device run on THIS host, so host-wide meters mislead here: "

@@ -30,8 +30,15 @@ import grpc
 from gelato.cli_common import EnvArgumentParser, fail, setup_torch_threads
 from gelato.device.config import DeviceConfig
 from gelato.device.energy import EnergyAccountant
-from gelato.power import MeterUnavailable, NullMeter, open_meter, radio_profile
-from gelato.security import SecurityConfigError, channel_credentials, check_token_transport, read_token
+from gelato.power import HOST_WIDE, MeterUnavailable, NullMeter, open_meter, radio_profile
+from gelato.security import (
+    SecurityConfigError,
+    channel_credentials,
+    check_token_transport,
+    is_loopback,
+    read_token,
+    target_hosts,
+)
 
 
 def build_parser() -> EnvArgumentParser:
@@ -95,6 +102,13 @@ def open_accountant(config: DeviceConfig) -> EnergyAccountant:
         return EnergyAccountant(NullMeter(), radio_profile(config.radio))
     # The drafter's device: NVML reads the GPU it runs on, and `auto` skips NVML for a CPU drafter.
     meter = open_meter(config.meter, config.device_profile, config.device)
+    if meter.source in HOST_WIDE and config.edge and all(is_loopback(h) for h in target_hosts(config.edge)):
+        print(
+            f"gelato-device: warning: the {meter.source} meter reads {HOST_WIDE[meter.source]}, which the edge at "
+            f"{config.edge} shares: its energy counts as the device's (--meter cpu-model meters this process alone)",
+            file=sys.stderr,
+            flush=True,
+        )
     return EnergyAccountant(meter, radio_profile(config.radio))
 
 

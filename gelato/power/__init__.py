@@ -18,6 +18,9 @@ from gelato.power.radio import RADIOS, RadioProfile, radio_profile
 log = logging.getLogger(__name__)
 
 SOURCES = ("nvml", "rapl", "jetson", "cpu-model")
+# Sources that read the whole host (its GPU, CPU packages, board), not one process: an edge on the
+# same host is in their readings.
+HOST_WIDE = {"nvml": "the whole GPU", "rapl": "whole CPU packages", "jetson": "the whole board"}
 
 
 def on_cpu(device: str) -> bool:
@@ -98,15 +101,23 @@ def open_meter(spec: str = "auto", profile: str = "phone", device: str | None = 
             )
         return meter
     # The estimate (labelled so in every record), and why no meter, at --log-level INFO (e.g. RAPL
-    # present but root-only: a user may fix that).
-    log.info(
-        "no power meter reads here (%s): energy is the cpu-model ESTIMATE",
-        "; ".join(f"{k}: {v}" for k, v in why.items()) or "no GPU drafter, no RAPL, no Jetson rails",
-    )
+    # present but root-only: a user may fix that); a WARNING when the drafter's own GPU goes
+    # unmetered: the estimate counts CPU time only, and the GPU does the drafting.
+    reasons = "; ".join(f"{k}: {v}" for k, v in why.items()) or "no GPU drafter, no RAPL, no Jetson rails"
+    if uuid is not None:
+        log.warning(
+            "the drafter runs on %s but no meter reads here (%s): energy is the cpu-model ESTIMATE of CPU "
+            "time only, without that GPU",
+            device,
+            reasons,
+        )
+    else:
+        log.info("no power meter reads here (%s): energy is the cpu-model ESTIMATE", reasons)
     return CpuModelMeter(profile)
 
 
 __all__ = [
+    "HOST_WIDE",
     "PROFILES",
     "RADIOS",
     "CpuModelMeter",

@@ -368,3 +368,23 @@ def test_ctrl_c_ends_the_run_in_one_line(pair: dict[str, Path]) -> None:
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "gelato-device: interrupted", err
+
+
+@pytest.mark.parametrize(("edge_address", "warned"), [("127.0.0.1:50051", True), ("10.0.0.7:50051", False)])
+def test_a_host_wide_meter_beside_a_loopback_edge_is_said(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], edge_address: str, warned: bool
+) -> None:
+    """RAPL (whole CPU packages), Jetson (the board) and NVML (the GPU) read the whole host: with the
+    edge on the same host (a loopback --edge) its energy is in every device reading; said, not silent."""
+    from gelato.device import cli
+    from gelato.device.config import DeviceConfig
+    from gelato.power import CpuModelMeter
+
+    class HostWide(CpuModelMeter):
+        source = "rapl"
+
+    monkeypatch.setattr(cli, "open_meter", lambda *a: HostWide("phone"))
+    config = DeviceConfig.from_args(cli.build_parser().parse_args(["--edge", edge_address, "--prompt", "x"]))
+    cli.open_accountant(config).meter.close()
+    err = capsys.readouterr().err
+    assert ("warning: the rapl meter reads whole CPU packages, which the edge at" in err) == warned, err

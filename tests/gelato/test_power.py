@@ -673,7 +673,8 @@ def test_auto_says_when_the_drafters_gpu_goes_unmetered(
 ) -> None:
     """A CUDA drafter whose GPU NVML cannot read (a container without libnvidia-ml): `auto` falls
     back to RAPL, which sees the CPU only, with a warning naming NVML's reason (it did so
-    silently, the records saying `rapl (measured)`); the estimate's fallback says why at INFO."""
+    silently, the records saying `rapl (measured)`); the estimate's fallback says why, with a
+    warning when that GPU is then unmetered, at INFO for a CPU drafter."""
     import logging
 
     import torch
@@ -691,8 +692,14 @@ def test_auto_says_when_the_drafters_gpu_goes_unmetered(
         caplog.clear()
         monkeypatch.setattr("gelato.power.rapl.RaplMeter.__init__", _unavailable)
         assert open_meter("auto", device="cuda:0").source == "cpu-model"
-        said = " ".join(r.getMessage() for r in caplog.records)
-        assert "no power meter reads here" in said and "rapl: absent in this test" in said
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        # The GPU doing the drafting is outside the estimate: a warning, not INFO.
+        assert len(warned) == 1 and "the drafter runs on cuda:0 but no meter reads here" in warned[0]
+        assert "rapl: absent in this test" in warned[0] and "CPU time only, without that GPU" in warned[0]
+        caplog.clear()
+        assert open_meter("auto", device="cpu").source == "cpu-model"  # a CPU drafter: INFO is enough
+        said = [r for r in caplog.records if "no power meter reads here" in r.getMessage()]
+        assert len(said) == 1 and said[0].levelno == logging.INFO
 
 
 def test_null_meter_propagates_nan() -> None:
