@@ -100,7 +100,10 @@ class JetsonMeter(Meter):
         start_sampler: bool = True,
     ) -> None:
         super().__init__(clock)
-        rails = find_rails(driver_roots)
+        try:
+            rails = find_rails(driver_roots)
+        except OSError as exc:  # a label or enable file unreadable: no meter here, not a crash of `auto`
+            raise MeterUnavailable(f"cannot read Jetson rails: {exc}") from exc
         if not rails:
             raise MeterUnavailable(f"no INA3221/INA238 rails under {', '.join(driver_roots)}")
         inputs = [r for r in rails if r.label.upper() in INPUT_RAILS]

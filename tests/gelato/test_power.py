@@ -245,6 +245,18 @@ def test_jetson_ina3221_prefers_board_input_rail(tmp_path: Path) -> None:
     assert meter.joules() == pytest.approx(10.0 + 5.0)  # partial interval at the last power, 10 W
 
 
+def test_jetson_rails_that_cannot_be_read_are_no_meter(tmp_path: Path) -> None:
+    """A label or enable file that cannot be read (a directory here, EISDIR: a permission-denied or
+    broken sysfs file alike) makes the meter unavailable, so `auto` goes on; it was an OSError out
+    of `auto` and `gelato-energy probe`."""
+    hw = tmp_path / "ina3221" / "1-0040" / "hwmon" / "hwmon3"
+    write(hw / "in1_input", 5000)
+    write(hw / "curr1_input", 1000)
+    (hw / "in1_label").mkdir()
+    with pytest.raises(MeterUnavailable, match="cannot read Jetson rails"):
+        JetsonMeter((str(tmp_path),), clock=FakeClock(), start_sampler=False)
+
+
 def test_jetson_agx_orin_sums_its_branches(tmp_path: Path) -> None:
     """AGX Orin's INA3221 measures VDD_GPU_SOC, VDD_CPU_CV and VIN_SYS_5V0 as parallel branches
     (tegrastats shows the compute rails above VIN_SYS_5V0 under load): all three are summed (only
