@@ -5,18 +5,20 @@ Contract: `NvmlMeter(index)` (or `NvmlMeter(uuid=...)`: a GPU by its UUID) reads
 only moves every ~20–100 ms, so between its ticks the meter adds, at each read, instantaneous power
 (`NVML_FI_DEV_POWER_INSTANT`, else `nvmlDeviceGetPowerUsage`) × the time since the previous read
 (so a round's drafting and waiting phases each get the power read at their end), starts again from
-the counter at each tick, and never reports less than it already did. A counter read that fails mid-run (a driver
-error, a GPU fallen off the bus) reads NaN — that reading is unknown — and changes nothing, so the
-next good read is exact again (the counter kept counting); a power read that fails between ticks
-leaves the counter's own value. GPUs without the counter fall back to integrating power on a sampler
-thread. No NVML library, no GPU: `MeterUnavailable`. `pynvml` is imported lazily, so tests can patch
-it at the library boundary.
+the counter at each tick, and never reports less than it already did. A counter read that fails
+mid-run (a driver error, a GPU fallen off the bus) reads NaN — that reading is unknown — and changes
+nothing, so the next good read is exact again (the counter kept counting); a power read that fails
+between ticks adds nothing. A counter that goes back (a GPU or driver reset) starts a new epoch
+(`Reading.epoch`: energy across it is NaN), with a warning. GPUs without the counter fall back to
+integrating power on a sampler thread. No NVML library, no GPU: `MeterUnavailable`. `pynvml` is
+imported lazily, so tests can patch it at the library boundary.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import math
 import threading
 import time
@@ -24,6 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 from gelato.power.base import Meter, MeterUnavailable, PowerIntegrator
+
+log = logging.getLogger(__name__)
 
 
 def _nvml() -> Any:
@@ -65,6 +69,7 @@ class NvmlMeter(Meter):
             self.integrator.start()
             return
         self._last_c = self._c0
+        self._epoch = 0  # one more each time the counter goes back (a reset)
         self._last_read_t = clock()
         self._estimate_j = 0.0  # the counter at its last tick + power × time over each read since
         self._reported_j = 0.0
@@ -88,27 +93,35 @@ class NvmlMeter(Meter):
     def joules_epoch_at(self, now: float) -> tuple[float, int]:
         if self.integrator is not None:
             return self.integrator.joules_epoch(now)
-        return self.joules_at(now), 0
+        with self._lock:
+            return self._joules(now), self._epoch
 
     def joules_at(self, now: float) -> float:
-        if self.integrator is not None:
-            return self.integrator.joules(now)
-        with self._lock:
-            try:
-                c = self._counter_mj()
-            except self.nv.NVMLError:  # unknown now; the counter goes on, so the next read is exact
-                return math.nan
-            if c != self._last_c:  # a tick: the counter's own value, exact up to its tick
-                self._last_c, self._estimate_j = c, (c - self._c0) / 1e3
-            else:
-                # Not yet: the time since the LAST READ at the power now (what the GPU did since
-                # that read: drafting, or waiting), not the time since the tick at today's power,
-                # which charged a whole tick interval at the power of the phase that just ended.
-                with contextlib.suppress(self.nv.NVMLError):  # no power now: nothing added
-                    self._estimate_j += self.power_w() * max(now - self._last_read_t, 0.0)
-            self._last_read_t = now
-            self._reported_j = max(self._reported_j, self._estimate_j)  # never less than already said
-            return self._reported_j
+        return self.joules_epoch_at(now)[0]
+
+    def _joules(self, now: float) -> float:
+        try:
+            c = self._counter_mj()
+        except self.nv.NVMLError:  # unknown now; the counter goes on, so the next read is exact
+            return math.nan
+        if c < self._last_c:
+            # The counter went back (a GPU or driver reset): the energy since the last read is
+            # unknown. A new epoch from 0 J (`since()` across it is NaN), not rounds read as 0 J
+            # until the counter climbed back to what was reported.
+            log.warning("NVML energy counter went back (%d -> %d mJ): counting from a new epoch", self._last_c, c)
+            self._c0, self._last_c, self._epoch = c, c, self._epoch + 1
+            self._estimate_j = self._reported_j = 0.0
+        elif c != self._last_c:  # a tick: the counter's own value, exact up to its tick
+            self._last_c, self._estimate_j = c, (c - self._c0) / 1e3
+        else:
+            # Not yet: the time since the LAST READ at the power now (what the GPU did since
+            # that read: drafting, or waiting), not the time since the tick at today's power,
+            # which charged a whole tick interval at the power of the phase that just ended.
+            with contextlib.suppress(self.nv.NVMLError):  # no power now: nothing added
+                self._estimate_j += self.power_w() * max(now - self._last_read_t, 0.0)
+        self._last_read_t = now
+        self._reported_j = max(self._reported_j, self._estimate_j)  # never less than already said
+        return self._reported_j
 
     def close(self) -> None:
         if self.integrator is not None:

@@ -771,3 +771,23 @@ def test_nvml_between_ticks_charges_each_phase_its_own_power(monkeypatch: pytest
     assert zero_waits < 10
     assert (draft_j + wait_j) == pytest.approx(true_j, rel=0.02)  # the ticks keep the total exact
     meter.close()
+
+
+def test_nvml_counter_that_goes_back_starts_a_new_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU or driver reset sets the energy counter back: the energy across it is unknown (NaN),
+    not rounds read as 0 J until the counter climbs back to what the meter had reported."""
+    fake = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    clock = FakeClock()
+    meter = NvmlMeter(clock=clock)
+    fake.counter_mj += 5000
+    before = meter.read()
+    assert before.joules == pytest.approx(5.0) and before.epoch == 0
+    fake.counter_mj = 100  # reset
+    clock.t += 0.01
+    after = meter.read()
+    assert after.epoch == 1 and math.isnan(after.since(before))
+    fake.counter_mj += 2000
+    clock.t += 0.01
+    assert meter.read().since(after) == pytest.approx(2.0)  # exact again within the new epoch
+    meter.close()
