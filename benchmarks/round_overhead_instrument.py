@@ -95,7 +95,7 @@ def _serve_edge(argv: list[str]) -> int:
     def check_name() -> str:
         return "check_loop" if threading.current_thread() is loop_thread else "check_model_thread"
 
-    patches.replace(gelato.edge.server, "_parse", parse)
+    patches.replace(gelato.edge.server, "parse_request", parse)
     patches.time(gelato.edge.server, "decode_block", rec, "decode_block")
     patches.replace(gelato.edge.server, "encode_verdict", encode_verdict)
     patches.time(TargetSession, "check", rec, check_name)
