@@ -102,7 +102,8 @@ def open_accountant(config: DeviceConfig) -> EnergyAccountant:
         return EnergyAccountant(NullMeter(), radio_profile(config.radio))
     # The drafter's device: NVML reads the GPU it runs on, and `auto` skips NVML for a CPU drafter.
     meter = open_meter(config.meter, config.device_profile, config.device)
-    if meter.source in HOST_WIDE and config.edge and all(is_loopback(h) for h in target_hosts(config.edge)):
+    shares_host = config.edge and all(is_loopback(h) for h in target_hosts(config.edge))
+    if meter.source in HOST_WIDE and shares_host and config.policy != "ar-device":  # ar-device: no edge
         print(
             f"gelato-device: warning: the {meter.source} meter reads {HOST_WIDE[meter.source]}, which the edge at "
             f"{config.edge} shares: its energy counts as the device's (--meter cpu-model meters this process alone)",

@@ -370,12 +370,16 @@ def test_ctrl_c_ends_the_run_in_one_line(pair: dict[str, Path]) -> None:
     assert err.strip().splitlines()[-1] == "gelato-device: interrupted", err
 
 
-@pytest.mark.parametrize(("edge_address", "warned"), [("127.0.0.1:50051", True), ("10.0.0.7:50051", False)])
+@pytest.mark.parametrize(
+    ("edge_address", "policy", "warned"),
+    [("127.0.0.1:50051", "gelato", True), ("10.0.0.7:50051", "gelato", False), ("127.0.0.1:50051", "ar-device", False)],
+)
 def test_a_host_wide_meter_beside_a_loopback_edge_is_said(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], edge_address: str, warned: bool
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], edge_address: str, policy: str, warned: bool
 ) -> None:
     """RAPL (whole CPU packages), Jetson (the board) and NVML (the GPU) read the whole host: with the
-    edge on the same host (a loopback --edge) its energy is in every device reading; said, not silent."""
+    edge on the same host (a loopback --edge) its energy is in every device reading; said, not silent
+    (not for ar-device, which never reaches the edge)."""
     from gelato.device import cli
     from gelato.device.config import DeviceConfig
     from gelato.power import CpuModelMeter
@@ -384,7 +388,8 @@ def test_a_host_wide_meter_beside_a_loopback_edge_is_said(
         source = "rapl"
 
     monkeypatch.setattr(cli, "open_meter", lambda *a: HostWide("phone"))
-    config = DeviceConfig.from_args(cli.build_parser().parse_args(["--edge", edge_address, "--prompt", "x"]))
+    args = ["--edge", edge_address, "--prompt", "x", "--policy", policy]
+    config = DeviceConfig.from_args(cli.build_parser().parse_args(args))
     cli.open_accountant(config).meter.close()
     err = capsys.readouterr().err
     assert ("warning: the rapl meter reads whole CPU packages, which the edge at" in err) == warned, err
