@@ -38,11 +38,10 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
-from types import FrameType
 from typing import Any
 
 from gelato.benchmarks.channel_probe import DEFAULT_STALL_MS
-from gelato.benchmarks.procs import child_env, stop_process
+from gelato.benchmarks.procs import child_env, exit_on_signals, stop_process
 
 DEVICE_IP, EDGE_IP = "10.213.0.1", "10.213.0.2"
 NETNS_RE = re.compile(r"^gb(\d+)-(dev|edge)$")
@@ -376,19 +375,11 @@ def _bulk_bytes(mbit: float) -> int:
 @contextlib.contextmanager
 def guard(channel: Channel) -> Iterator[Channel]:
     """Tear the channel down however the run ends: normal exit, exception, Ctrl-C (KeyboardInterrupt
-    runs this `finally`), SIGTERM/SIGHUP (turned into SystemExit here) or interpreter exit."""
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    # A signal ignored already stays ignored (`nohup` ignores SIGHUP: a closed terminal must not end the run).
-    caught = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
-    previous = {s: signal.signal(s, on_signal) for s in caught}
+    runs this `finally`), SIGTERM/SIGHUP (SystemExit, `procs.exit_on_signals`) or interpreter exit."""
     atexit.register(channel.close)
     try:
-        yield channel
+        with exit_on_signals():
+            yield channel
     finally:
         channel.close()
         atexit.unregister(channel.close)
-        for s, h in previous.items():
-            signal.signal(s, h)
