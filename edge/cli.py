@@ -92,8 +92,8 @@ async def load_target(server: EdgeServer, config: EdgeConfig) -> LoadedModel:
     """`server.load`, or with --device-map the same steps with accelerate's placement (the model
     thread loads; health flips to SERVING once the target is there). A placement the KV pool cannot
     follow (a layer whose parts run on different devices) is a ModelLoadError naming it."""
-    from gelato.edge.kv_pool import pool_model
     from gelato.edge.placement import model_kv_devices
+    from gelato.edge.pool_cache import pool_model
     from gelato.models import ModelLoadError, load_model
 
     if config.device_map is None:

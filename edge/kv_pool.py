@@ -44,18 +44,8 @@ copied once per forward to each further device, and the logits come back on `KVP
 Growth, shrinking and compaction move each layer's KV on its device; the bytes are the same. With
 every layer on `KVPool.device` a forward takes the one-device path, as before placement existed.
 
-How the forward works: a duck-typed cache whose `update(k, v, layer)` scatters the new keys and
-values to `(slot_i, cached_i + j)` and returns this batch's pool rows `[:, :, :L]`. Rows are
-left-aligned (each starts at offset 0), so the causal structure differs per row and is passed as a
-float additive 4D mask (query j of row i sees keys `0..cached_i + j`), with explicit per-row
-positions. The batch needs context up to the furthest row end `max(cached_i + n_i)`.
-Padding queries of short rows are clamped onto their row's last position and write no KV (only
-real (row, position) pairs are written; rows of equal length keep the plain strided write, and a
-lone row writes one slice), so a row's padding can neither pass the context limit nor touch KV;
-their outputs are discarded. Bookkeeping outside the model is kept small (it is paid on every
-round): lengths stay Python ints, ids and positions reach torch in one call, slot index tensors
-are reused per slot set, and one query per row at equal ends (every query sees every key) passes
-no mask at all with SDPA (`mask_free_ok`), an all-zero one otherwise.
+How the forward works: `gelato.edge.pool_cache` (the cache object a forward writes through,
+and which targets the pool serves).
 """
 
 from __future__ import annotations
@@ -63,141 +53,20 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
 
 from gelato.edge.placement import DeviceLike, as_device, model_kv_devices
+from gelato.edge.pool_cache import PoolCache, SplitPoolCache, mask_free_ok
 from gelato.kv import KVSequence, cache_kwarg, keeps_logits
-from gelato.models import LoadedModel, ModelLoadError, input_device, out_of_memory
+from gelato.models import input_device, out_of_memory
 
 log = logging.getLogger("gelato.edge")
 
 
 class PoolMemoryError(MemoryError):
     """The pool could not allocate the shape it needed; it keeps the one it had."""
-
-
-class _PoolCache:
-    """What a Qwen2 forward needs from its cache argument: `update` and `get_seq_length`.
-
-    `valid` ([B, n] bool, None when every row is full) marks the real queries; only their KV is
-    written. A padding query sits on its row's last real position (clamped), so writing it would
-    overwrite that position's real KV with padding's. `single` = (slot, start, n) for one full
-    row (a lone session): its KV is written as a slice, no index tensors at all."""
-
-    def __init__(
-        self,
-        pool: KVPool,
-        slots: list[int],
-        index: torch.Tensor,
-        positions: torch.Tensor,
-        kv_len: int,
-        valid: torch.Tensor | None,
-        single: tuple[int, int, int] | None,
-    ) -> None:
-        self.pool, self.positions, self.kv_len = pool, positions, kv_len
-        self.slots = index
-        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
-        self.window = slice(slots[0], slots[0] + len(slots)) if consecutive else None
-        self.valid, self.single = valid, single
-        if valid is not None:  # the real (slot, position) pairs, flattened once for every layer
-            self.flat_slots = self.slots[:, None].expand_as(positions)[valid]
-            self.flat_positions = positions[valid]
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args: Any, **kw: Any) -> tuple:
-        pk, pv = self.pool.keys[layer], self.pool.values[layer]
-        if self.single is not None:  # [1, heads, n, d] into the slot's positions start..start+n-1
-            slot, start, n = self.single
-            pk[slot, :, start : start + n] = keys[0]
-            pv[slot, :, start : start + n] = values[0]
-        elif self.valid is None:
-            # [B, heads, n, d] -> [B, n, heads, d]: advanced indices on dims 0 and 2 go to the front.
-            rows = self.slots[:, None]
-            pk[rows, :, self.positions] = keys.transpose(1, 2)
-            pv[rows, :, self.positions] = values.transpose(1, 2)
-        else:
-            pk[self.flat_slots, :, self.flat_positions] = keys.transpose(1, 2)[self.valid]
-            pv[self.flat_slots, :, self.flat_positions] = values.transpose(1, 2)[self.valid]
-        if self.window is not None:  # a view: no copy of the past at all
-            return pk[self.window, :, : self.kv_len], pv[self.window, :, : self.kv_len]
-        return pk[self.slots, :, : self.kv_len], pv[self.slots, :, : self.kv_len]
-
-    def get_seq_length(self, layer: int = 0) -> int:
-        return 0  # positions are always passed explicitly
-
-    # Asked by transformers only when no mask is passed (`KVPool.forward` passes none only for
-    # one query per row at equal ends): that query is the last position and sees every key.
-    def get_query_offset(self, layer: int = 0) -> int:
-        return self.kv_len - 1
-
-    def get_mask_sizes(self, query: Any, layer: int = 0) -> tuple[int, int]:
-        return self.kv_len, 0
-
-
-class _SplitPoolCache:
-    """Layers on several devices: one `_PoolCache` per device; layer `i` goes to `parts[group[i]]`."""
-
-    def __init__(self, parts: list[_PoolCache], group: list[int]) -> None:
-        self.parts, self.group = parts, group
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args: Any, **kw: Any) -> tuple:
-        return self.parts[self.group[layer]].update(keys, values, layer, *args, **kw)
-
-    def get_seq_length(self, layer: int = 0) -> int:
-        return 0
-
-    def get_query_offset(self, layer: int = 0) -> int:
-        return self.parts[0].get_query_offset(layer)
-
-    def get_mask_sizes(self, query: Any, layer: int = 0) -> tuple[int, int]:
-        return self.parts[0].get_mask_sizes(query, layer)
-
-
-def mask_free_ok(config: Any) -> bool:
-    """Whether a forward of one query per row that sees every key may pass no mask: with SDPA and
-    only full-attention layers, transformers then passes none to the kernel. Other attention
-    implementations build their own mask from the cache's sizes, which older transformers 5.x read
-    from positions this pool does not give it, so they keep the explicit one."""
-    layers = set(getattr(config, "layer_types", None) or ["full_attention"])
-    return getattr(config, "_attn_implementation", None) == "sdpa" and layers == {"full_attention"}
-
-
-def attention_window(config: Any) -> int | None:
-    """The narrowest sliding attention window any layer of this config applies (None: every layer
-    attends to the whole context). Raises ValueError for a layer kind the pool cannot serve."""
-    layer_types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-    if layer_types:
-        unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
-        if unknown:
-            raise ValueError(f"layers of kind {', '.join(unknown)}: the edge's KV pool serves attention layers only")
-        return int(window) if "sliding_attention" in layer_types and window else None
-    # No per-layer kinds (e.g. Mistral): the window applies to every layer when set (and allowed).
-    if window and getattr(config, "use_sliding_window", True):
-        return int(window)
-    return None
-
-
-def pool_model(loaded: LoadedModel, quiet: bool = False) -> LoadedModel:
-    """The target as the KV pool can serve it losslessly. The pool passes its own causal mask,
-    which a sliding-window layer then applies over the whole context: so the context limit is cut
-    to the window, within which sliding and full attention are the same (a longer sequence is
-    refused at open or ends OUT_OF_RANGE, never decoded differently from the target).
-    `ModelLoadError` for layers the pool cannot serve (e.g. linear attention). `quiet`: no log
-    line (a `TargetSession` built on a model the server did not load, e.g. a benchmark's
-    reference, applies it too)."""
-    try:
-        window = attention_window(loaded.model.config)
-    except ValueError as exc:
-        raise ModelLoadError(f"target {loaded.name!r}: {exc}") from None
-    if window is None or window >= loaded.context_limit:
-        return loaded
-    if not quiet:
-        limit = loaded.context_limit
-        log.warning("target %s: sliding-window attention: context limit cut from %d to %d", loaded.name, limit, window)
-    return replace(loaded, context_limit=window)
 
 
 def plan_pool(
@@ -448,14 +317,14 @@ class KVPool:
         return index
 
     def _split(
-        self, first: _PoolCache, slots: list[int], positions: torch.Tensor, kv_len: int, valid: torch.Tensor | None
-    ) -> _SplitPoolCache:
+        self, first: PoolCache, slots: list[int], positions: torch.Tensor, kv_len: int, valid: torch.Tensor | None
+    ) -> SplitPoolCache:
         """`first` (this forward's cache on `self.device`) and one like it on each further device."""
         parts, single = [first], first.single
         for device in self._others:
             moved = valid.to(device) if valid is not None else None
-            parts.append(_PoolCache(self, slots, first.slots.to(device), positions.to(device), kv_len, moved, single))
-        return _SplitPoolCache(parts, self._group)
+            parts.append(PoolCache(self, slots, first.slots.to(device), positions.to(device), kv_len, moved, single))
+        return SplitPoolCache(parts, self._group)
 
     @torch.inference_mode()
     def forward(self, rows: list[tuple[int, int, list[int]]], last_only: bool = False) -> list[torch.Tensor]:
@@ -473,7 +342,7 @@ class KVPool:
         self.ensure_context(kv_len)
         # Padding queries of short rows are clamped onto their row's last position: their rotary
         # position and mask stay inside the row (never past the context), they write no KV
-        # (`_PoolCache.valid`) and their logits are dropped below.
+        # (`PoolCache.valid`) and their logits are dropped below.
         flat: list[int] = []
         for _, _, ids in rows:
             flat += ids
@@ -498,7 +367,7 @@ class KVPool:
             mask = torch.where(visible, self._visible, self._hidden)
         slots = [s for s, _, _ in rows]
         single = (slots[0], rows[0][1], n_max) if batch == 1 else None
-        first = _PoolCache(self, slots, self._index(slots), positions, kv_len, valid, single)
+        first = PoolCache(self, slots, self._index(slots), positions, kv_len, valid, single)
         cache = self._split(first, slots, positions, kv_len, valid) if self._others else first
         kwargs: dict[str, Any] = {self.cache_kwarg: cache}
         keep_one = last_only and valid is None and self.keep_last

@@ -54,9 +54,10 @@ from gelato.edge.auth import BearerAuth
 from gelato.edge.batcher import Batcher
 from gelato.edge.config import EdgeConfig
 from gelato.edge.endless import ENDLESS_METHODS, MAX_ENDLESS_STREAMS, EdgeHealth, StreamCap
-from gelato.edge.kv_pool import PoolMemoryError, pool_model
+from gelato.edge.kv_pool import PoolMemoryError
 from gelato.edge.metrics import EdgeMetrics
 from gelato.edge.model_thread import ModelThread
+from gelato.edge.pool_cache import pool_model
 from gelato.edge.sessions import AdmissionError, SessionRegistry, StatusError, TargetSession
 from gelato.edge.statuses import (
     MAX_DETAILS,

@@ -49,7 +49,8 @@ from dataclasses import dataclass, replace
 import grpc
 import torch
 
-from gelato.edge.kv_pool import KVPool, PooledSequence, plan_pool, pool_model
+from gelato.edge.kv_pool import KVPool, PooledSequence, plan_pool
+from gelato.edge.pool_cache import pool_model
 from gelato.models import LoadedModel
 from gelato.sampling import KeyedRng, accept_greedy, process_logits, verify_greedy, verify_sampling
 from gelato.types import DraftBlock, SamplingParams

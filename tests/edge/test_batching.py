@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gelato.device.drafter import Drafter
-from gelato.edge.kv_pool import KVPool, PooledSequence, mask_free_ok, pooled_forward
+from gelato.edge.kv_pool import KVPool, PooledSequence, pooled_forward
+from gelato.edge.pool_cache import mask_free_ok
 from gelato.edge.sessions import TargetSession
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel

@@ -1,4 +1,4 @@
-"""Targets with sliding-window attention on the KV pool (`gelato.edge.kv_pool.pool_model`).
+"""Targets with sliding-window attention on the KV pool (`gelato.edge.pool_cache.pool_model`).
 
 The pool passes its own causal mask, which transformers then applies to sliding-window layers as
 is: past the window such a layer would attend to keys the target itself never sees, and the
@@ -17,7 +17,8 @@ import pytest
 import torch
 from transformers import Gemma2Config, MistralConfig, Qwen2Config
 
-from gelato.edge.kv_pool import KVPool, PooledSequence, attention_window, pool_model, pooled_forward
+from gelato.edge.kv_pool import KVPool, PooledSequence, pooled_forward
+from gelato.edge.pool_cache import attention_window, pool_model
 from gelato.models import ModelLoadError, load_model
 from gelato.types import PROTOCOL_VERSION
 from gelato.v1 import gelato_pb2 as pb
