@@ -32,7 +32,7 @@ def _serve_edge(argv: list[str]) -> int:
         raise SystemExit(f"--serve-edge: expected STATS -- PYTHON -m gelato.edge.cli ARGS, got {argv}")
     import gelato.edge.batcher
     import gelato.edge.cli
-    import gelato.edge.server
+    import gelato.edge.service
     import gelato.edge.verifier
     from gelato.edge.batcher import Batcher
     from gelato.edge.kv_pool import KVPool
@@ -95,9 +95,9 @@ def _serve_edge(argv: list[str]) -> int:
     def check_name() -> str:
         return "check_loop" if threading.current_thread() is loop_thread else "check_model_thread"
 
-    patches.replace(gelato.edge.server, "parse_request", parse)
-    patches.time(gelato.edge.server, "decode_block", rec, "decode_block")
-    patches.replace(gelato.edge.server, "encode_verdict", encode_verdict)
+    patches.replace(gelato.edge.service, "parse_request", parse)
+    patches.time(gelato.edge.service, "decode_block", rec, "decode_block")
+    patches.replace(gelato.edge.service, "encode_verdict", encode_verdict)
     patches.time(TargetSession, "check", rec, check_name)
     patches.time(TargetSession, "check_state", rec, check_name)
     patches.time(Batcher, "verify", rec, "batcher_verify")

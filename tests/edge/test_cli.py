@@ -367,7 +367,7 @@ def test_shutdown_grace_flag_cuts_the_drain(pair: dict[str, Path]) -> None:
     import asyncio
 
     from gelato.benchmarks.load import EXIT_SLACK_S, sigterm_phase
-    from gelato.edge.server import SHUTDOWN_DETAILS
+    from gelato.edge.service import SHUTDOWN_DETAILS
     from gelato.models import load_model
 
     target = load_model(str(pair["target"]), "target", "float32", "cpu")

@@ -8,7 +8,7 @@ from prometheus_client import generate_latest
 
 from gelato.edge.config import EdgeConfig
 from gelato.edge.metrics import EdgeMetrics
-from gelato.edge.server import GelatoService
+from gelato.edge.service import GelatoService
 from gelato.models import LoadedModel
 from gelato.types import SamplingParams
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import grpc
 
 from gelato.benchmarks.load_streams import Spec, make_block, open_message
-from gelato.edge.server import SETTLE_S, SHUTDOWN_DETAILS, EdgeConfig, EdgeServer
+from gelato.edge.server import EdgeConfig, EdgeServer
+from gelato.edge.service import SETTLE_S, SHUTDOWN_DETAILS
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from gelato.wire import encode_block
 
@@ -159,7 +160,7 @@ def test_a_session_released_after_the_stop_leaves_the_pool_alone(target, monkeyp
     """A stream whose handler ends after `EdgeServer.stop` shut the model thread down releases its
     session on the event loop: the pool must not be reshaped there (a forward that outlived the
     stop may still run on the model thread); it goes with the server."""
-    from gelato.edge.server import GelatoService
+    from gelato.edge.service import GelatoService
     from gelato.types import SamplingParams
 
     service = GelatoService(EdgeConfig())
