@@ -35,9 +35,8 @@ from gelato.security import (
     SecurityConfigError,
     channel_credentials,
     check_token_transport,
-    is_loopback,
     read_token,
-    target_hosts,
+    target_is_loopback,
 )
 
 
@@ -102,7 +101,7 @@ def open_accountant(config: DeviceConfig) -> EnergyAccountant:
         return EnergyAccountant(NullMeter(), radio_profile(config.radio))
     # The drafter's device: NVML reads the GPU it runs on, and `auto` skips NVML for a CPU drafter.
     meter = open_meter(config.meter, config.device_profile, config.device)
-    shares_host = config.edge and all(is_loopback(h) for h in target_hosts(config.edge))
+    shares_host = config.edge and target_is_loopback(config.edge)
     if meter.source in HOST_WIDE and shares_host and config.policy != "ar-device":  # ar-device: no edge
         print(
             f"gelato-device: warning: the {meter.source} meter reads {HOST_WIDE[meter.source]}, which the edge at "
@@ -143,6 +142,16 @@ def _main(argv: list[str] | None = None) -> int:
         return fail(parser.explain(str(exc)))
     if not prompts:
         return fail("no prompts given")
+    if token and credentials is None and not target_is_loopback(config.edge):
+        # Allowed only by --insecure: said at every run, naming the variable if it came from one
+        # (a GELATO_DEVICE_INSECURE left exported would otherwise pass unnoticed), as the edge does.
+        why = parser.explain("--insecure")
+        print(
+            f"gelato-device: warning: sending the bearer token in plaintext to {config.edge} ({why}): anyone "
+            "on the path can read it",
+            file=sys.stderr,
+            flush=True,
+        )
     bad_trace = trace_problem(config.trace)
     if bad_trace:  # before the model loads: a typo should not cost a load (minutes for a real one)
         return fail(f"--trace: {bad_trace}")

@@ -4,8 +4,9 @@ Contract (extend, don't break): `gelato-edge [options]` binds at once with healt
 the target (without --target: the embedded default), then prints a line containing `listening on
 HOST:PORT` (the real port when --port 0). A port another process already listens on is a one-line
 `error: port P on HOST is in use` (exit 2), never a second server sharing it. SIGTERM/SIGINT stop
-it gracefully (open sessions get --shutdown-grace-s). Serving a non-loopback address needs TLS and
-a token, or an explicit `--insecure`; a bad TLS or token file is a one-line error naming it (exit 2).
+it gracefully (open sessions get --shutdown-grace-s). Serving a non-loopback address needs TLS
+and a token or client certificates (`--tls-client-ca`), or an explicit `--insecure`; a bad TLS or
+token file is a one-line error naming it (exit 2).
 A target that cannot be loaded (no such model, no room for it on the device, any other failure) is a
 one-line error (exit 2), never a traceback (an unforeseen failure's is logged at --log-level DEBUG).
 Metrics (--metrics-port) go on --metrics-host (default 127.0.0.1), never on --host; --metrics-port
@@ -259,16 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         config = with_security(config)
     except ConfigError as exc:
         return fail(parser.explain(str(exc)))
-    if not is_loopback(config.host) and not (config.tls_cert and config.auth_token):
+    risk = exposure(config)
+    if risk is not None:
         # Accepted only through --insecure: said at every start, naming the variable if it came
         # from one (a GELATO_EDGE_INSECURE left exported would otherwise pass unnoticed).
         why = parser.explain("--insecure")
-        print(
-            f"gelato-edge: warning: serving {config.host} without TLS and a token ({why}): anyone who "
-            "reaches the port can use this edge",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"gelato-edge: warning: serving {config.host} {risk[0]} ({why}): {risk[1]}", file=sys.stderr, flush=True)
     for name, host, port in (("metrics", config.metrics_host, config.metrics_port),
                              ("health", config.health_host, config.health_port)):  # fmt: skip
         if host != "127.0.0.1" and port is None:  # the port turns that server on: an address alone serves nothing
@@ -278,11 +275,26 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(serve(config))
 
 
+def exposure(config: EdgeConfig) -> tuple[str, str] | None:
+    """What an exposed (non-loopback) edge lacks, as (what, so what); None when it serves loopback
+    or TLS that knows its callers: a token (`auth_token`, read) or client certificates signed by
+    `--tls-client-ca` (mutual TLS)."""
+    if is_loopback(config.host):
+        return None
+    if config.tls_cert and (config.auth_token or config.tls_client_ca):
+        return None
+    if config.tls_cert:
+        return "with TLS but without a token or client certificates", "anyone who reaches the port can use this edge"
+    if config.auth_token:
+        return "without TLS", "its devices' bearer token crosses the network in plaintext"
+    return "without TLS and a token", "anyone who reaches the port can use this edge"
+
+
 def with_security(config: EdgeConfig) -> EdgeConfig:
     """Check the TLS/token settings (reading the files now, so a bad path costs no model load: a
     certificate file without a certificate, a key not belonging to its certificate, a client CA
     without a certificate, a token file that is not one RFC 6750 word) and refuse an exposed port
-    without them; returns the config with `auth_token` read from its file. Raises ConfigError."""
+    without them (`exposure`); returns the config with `auth_token` read from its file. Raises ConfigError."""
     config.validate()  # the TLS files' pairing among the rest
     token = None
     try:
@@ -292,10 +304,11 @@ def with_security(config: EdgeConfig) -> EdgeConfig:
             token = read_token(config.auth_token_file)
     except SecurityConfigError as exc:
         raise ConfigError(str(exc)) from exc
-    if not is_loopback(config.host) and not (config.tls_cert and token) and not config.insecure:
+    risk = exposure(dataclasses.replace(config, auth_token=token))
+    if risk is not None and not config.insecure:
         raise ConfigError(
-            f"refusing to serve {config.host} without TLS and a token: anyone who reaches the port could use "
-            "the edge; pass --tls-cert/--tls-key and --auth-token-file, or --insecure to accept that"
+            f"refusing to serve {config.host} {risk[0]}: {risk[1]}; pass --tls-cert/--tls-key with "
+            "--auth-token-file or --tls-client-ca, or --insecure to accept that"
         )
     return dataclasses.replace(config, auth_token=token)
 

@@ -25,7 +25,9 @@ class EdgeConfig(Settings):
     """Everything `gelato-edge` can be told (`gelato-edge --help`)."""
 
     target: str | None = setting(None, "hub id or local folder (default: the embedded tiny target)")
-    host: str = setting("127.0.0.1", "bind address (a non-loopback one needs TLS and a token, or --insecure)")
+    host: str = setting(
+        "127.0.0.1", "bind address (a non-loopback one needs TLS with a token or --tls-client-ca, or --insecure)"
+    )
     port: int = setting(50051, "gRPC port; 0 picks a free one", type=port_number, check=PORT)
     max_sessions: int = setting(64, "open sessions at most (beyond: RESOURCE_EXHAUSTED)", check=(ge(1), UINT32))
     max_draft_tokens: int = setting(32, "largest draft block accepted", check=(ge(1), UINT32))
@@ -67,7 +69,9 @@ class EdgeConfig(Settings):
     tls_client_ca: str | None = setting(None, "PEM CA: require client certificates it signed (mutual TLS)")
     auth_token_file: str | None = setting(None, "file holding the bearer token every call must carry")
     insecure: bool = setting(
-        False, "serve a non-loopback --host without TLS and a token (anyone who reaches the port can use it)"
+        False,
+        "serve a non-loopback --host without TLS and a token or client certificates (anyone who reaches the "
+        "port can use it), or with a token in plaintext",
     )
     shutdown_grace_s: float = setting(
         5.0, "on SIGTERM/SIGINT, let open sessions finish this long before cutting them", check=ge(0)

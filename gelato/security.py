@@ -4,8 +4,9 @@ Contract: pure helpers, no server. `read_token(path)` reads a token file: one RF
 word (letters, digits, `-._~+/`, then optional trailing `=`; a UTF-8 byte order mark and the
 surrounding whitespace are dropped), refused when empty, not UTF-8 or holding any other
 character, since gRPC could not send it as a header value. `bearer_metadata(token)` is what a
-client sends with every call; `token_matches(metadata, token)` compares in constant time
-(`hmac.compare_digest`), so the comparison's duration says nothing about the token.
+client sends with every call; `token_matches(metadata, token)` reads `Bearer <token>` (the scheme
+in any case, RFC 7235) and compares in constant time (`hmac.compare_digest`): the comparison's
+duration may tell the token's length, nothing about its characters.
 `server_credentials` / `channel_credentials` read PEM files into gRPC credentials (mutual TLS
 when the server is given a client CA, or the client a certificate and key; a client without a CA
 trusts gRPC's default roots), checking first that each certificate file holds a certificate and
@@ -88,7 +89,9 @@ def token_matches(metadata: Iterable[tuple[str, str | bytes]] | None, token: str
     for key, value in metadata or ():
         if key.lower() == AUTH_HEADER:
             text = value.decode() if isinstance(value, bytes) else value
-            presented = text[len("Bearer ") :] if text.startswith("Bearer ") else ""
+            scheme, _, credentials = text.strip().partition(" ")
+            # RFC 7235: the scheme is case-insensitive, and spaces may precede the credentials.
+            presented = credentials.strip() if scheme.lower() == "bearer" else ""
     return hmac.compare_digest(presented.encode(), token.encode())
 
 

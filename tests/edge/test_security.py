@@ -17,6 +17,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gelato.config import ConfigError
+from gelato.edge.cli import exposure, with_security
+from gelato.edge.config import EdgeConfig
 from gelato.security import (
     SecurityConfigError,
     bearer_metadata,
@@ -77,6 +80,11 @@ def test_token_comparison() -> None:
     assert token_matches(bearer_metadata("abc"), "abc")
     assert not token_matches(bearer_metadata("abd"), "abc") and not token_matches((), "abc")
     assert not token_matches([("authorization", "Basic abc")], "abc")
+    # RFC 7235: the scheme in any case, spaces before the credentials (as grpcurl -H users type it).
+    for header in ("bearer abc", "BEARER abc", "Bearer  abc", " Bearer abc "):
+        assert token_matches([("authorization", header)], "abc"), header
+    for header in ("Bearerabc", "Bearer", "Bearer abc def", "Bearer ab"):
+        assert not token_matches([("authorization", header)], "abc"), header
 
 
 def test_tls_and_token_work_and_match_plaintext(
@@ -199,6 +207,32 @@ def test_an_embedded_edge_server_fails_closed(settings: dict[str, str], needle: 
         EdgeServer(EdgeConfig(port=0, **settings))  # type: ignore[arg-type]
 
 
+def test_exposure_names_what_an_exposed_edge_lacks() -> None:
+    """A non-loopback edge needs TLS that knows its callers: a token or client certificates."""
+    tls = {"tls_cert": "e.crt", "tls_key": "e.key"}
+    assert exposure(EdgeConfig()) is None  # loopback
+    assert exposure(EdgeConfig(host="0.0.0.0", **tls, auth_token="t")) is None
+    assert exposure(EdgeConfig(host="0.0.0.0", **tls, tls_client_ca="ca.crt")) is None  # mutual TLS
+    only_tls = exposure(EdgeConfig(host="0.0.0.0", **tls))
+    assert only_tls is not None and only_tls[0] == "with TLS but without a token or client certificates"
+    token_only = exposure(EdgeConfig(host="0.0.0.0", auth_token="t"))
+    assert token_only is not None and "plaintext" in token_only[1]
+    assert exposure(EdgeConfig(host="0.0.0.0")) == (
+        "without TLS and a token",
+        "anyone who reaches the port can use this edge",
+    )
+
+
+def test_an_exposed_edge_accepts_mutual_tls_without_a_token(pki: dict[str, Path]) -> None:
+    """Client certificates authenticate the devices as a token does: no --insecure needed. TLS
+    alone authenticates nobody: refused, saying what is missing."""
+    tls = {"tls_cert": str(pki["server.crt"]), "tls_key": str(pki["server.key"])}
+    mutual = with_security(EdgeConfig(host="0.0.0.0", **tls, tls_client_ca=str(pki["ca.crt"])))
+    assert mutual.tls_client_ca and mutual.auth_token is None
+    with pytest.raises(ConfigError, match=r"refusing to serve 0\.0\.0\.0 with TLS but without a token or client cert"):
+        with_security(EdgeConfig(host="0.0.0.0", **tls))
+
+
 @pytest.mark.parametrize("from_env", [False, True], ids=["flag", "variable"])
 def test_exposed_address_with_insecure_starts_and_says_so(
     pair: dict[str, Path], from_env: bool, monkeypatch: pytest.MonkeyPatch
@@ -295,11 +329,17 @@ def test_device_plaintext_token_on_loopback_or_with_insecure(
     exposed = ["--drafter", str(pair["drafter_agree"]), "--edge", "192.0.2.1:50051", "--prompt", "x"]
     res = device_cli([*exposed, "--auth-token-file", str(pki["token"]), "--insecure", "--connect-timeout-s", "1"])
     assert res.returncode == 1 and "could not reach gelato-edge at 192.0.2.1:50051" in res.stderr, res.stderr
+    plaintext = "warning: sending the bearer token in plaintext to 192.0.2.1:50051"
+    assert plaintext in res.stderr and "GELATO_DEVICE_INSECURE" not in res.stderr, res.stderr
     env = device_cli(
         ["--edge", "192.0.2.1:50051", "--prompt", "x", "--auth-token-file", str(pki["token"])],
         env={"GELATO_DEVICE_INSECURE": "1", "GELATO_DEVICE_CONNECT_TIMEOUT_S": "1"},
     )
     assert env.returncode == 1 and "refusing" not in env.stderr, env.stderr
+    # Said at every run, naming the variable: an exported GELATO_DEVICE_INSECURE would pass unnoticed.
+    warning = [line for line in env.stderr.splitlines() if plaintext in line]
+    assert len(warning) == 1 and "--insecure came from GELATO_DEVICE_INSECURE='1'" in warning[0], env.stderr
+    assert "warning" not in ok.stderr  # loopback: nothing to warn about
 
 
 @pytest.mark.parametrize("tls_flags", [["--tls"], ["--tls-server-name", "localhost"]])
