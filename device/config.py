@@ -115,6 +115,7 @@ class DeviceConfig(Settings):
             raise ConfigError(str(exc)) from exc
         # Settings that would be silently ignored are refused instead: the user meant something.
         require(self.limit is None or self.prompts_file is not None, "--limit counts the prompts of --prompts-file")
+        require(bool(self.tls_cert) == bool(self.tls_key), "--tls-cert and --tls-key go together")
         require(
             self.controller.pipeline == "off" or not (policy.local_only or policy.edge_streams),
             f"--pipeline {self.controller.pipeline} pipelines drafting; --policy {policy.name} drafts nothing for "

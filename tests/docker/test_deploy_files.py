@@ -116,6 +116,51 @@ def test_image_pins_every_dependency_within_pyproject() -> None:
         assert dep.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {dep}"
 
 
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (DOCKER / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            pins[_norm(req.name)] = next(iter(req.specifier)).version
+    return pins
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_image_pins_the_whole_dependency_closure_and_its_python() -> None:
+    """Every package the installed `gelato` pulls in (its dependencies' dependencies too, extras
+    off, torch's own left to the torch variant) is pinned: once transformers' `kernels` and its
+    `tomlkit` were not, and pip chose them at build time. And the Python the Dockerfile's check
+    asks for satisfies every pinned package's Requires-Python (once it said 3.10, which the pinned
+    transformers refuses)."""
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+
+    pins, seen, todo = _pins(), set(), ["gelato"]
+    while todo:
+        dist = metadata.distribution(todo.pop())
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            name = _norm(req.name)
+            if name in seen or name == "torch":
+                continue
+            seen.add(name)
+            todo.append(req.name)
+    assert sorted(seen - set(pins)) == [], "installed dependencies missing from docker/requirements.txt"
+    check = re.search(r"sys\.version_info >= \((\d+), (\d+)\)", (DOCKER / "Dockerfile").read_text())
+    assert check, "the Dockerfile's python stage checks the base's python3"
+    floor = f"{check.group(1)}.{check.group(2)}"
+    for name in sorted(seen):
+        needs = metadata.distribution(name).metadata.get("Requires-Python")
+        assert not needs or SpecifierSet(needs).contains(floor), f"{name} needs Python {needs}, the image: {floor}"
+
+
 def test_build_arguments_stay_out_of_the_images_history() -> None:
     """An index URL given as a build argument (a mirror's, credentials included) is recorded in
     the history of every layer built after its ARG in that stage and the stages built FROM it:

@@ -473,6 +473,13 @@ def test_device_bad_tls_files(pki: dict[str, Path], flags: list[str], needle: st
     one_line_error(res, needle)
 
 
+def test_device_client_certificate_and_key_go_together_naming_the_variable(pki: dict[str, Path]) -> None:
+    """One without the other is a usage error naming both flags, and the variable that set one."""
+    res = device_cli(["--edge", "127.0.0.1:1", "--prompt", "x"], env={"GELATO_DEVICE_TLS_KEY": str(pki["client.key"])})
+    one_line_error(res, "--tls-cert and --tls-key go together")
+    assert "GELATO_DEVICE_TLS_KEY" in res.stderr, res.stderr
+
+
 class _FakeProxy:
     """A TCP listener standing in for an HTTP proxy: records whether anything connected."""
 
