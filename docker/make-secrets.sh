@@ -94,8 +94,12 @@ chmod 0644 ca.crt edge.crt device.crt
 if [ -e ca.key ]; then chmod 0600 ca.key; fi
 # Owner-only: group read would hand them to everyone in the group (a host group 10001, or your
 # primary group). As root, the owner is the containers' uid 10001.
+# A re-run after the documented chown to 10001 leaves alone what is no longer this user's (chmod
+# would fail on it; its mode is already 0600).
 if [ "$(id -u)" = 0 ]; then chown 10001:10001 edge.key device.key token; fi
-chmod 0600 edge.key device.key token
+for f in edge.key device.key token; do
+  if [ -O "$f" ]; then chmod 0600 "$f"; fi
+done
 names_read=$(openssl x509 -in edge.crt -noout -ext subjectAltName 2>/dev/null | tail -n +2 | sed 's/^ *//')
 echo "secrets in $out: ca.crt edge.crt edge.key device.crt device.key token (edge.crt names: $names_read)"
 if [ "$(id -u)" != 0 ]; then

@@ -90,6 +90,11 @@ def test_private_files_are_readable_by_their_owner_alone(tmp_path: Path) -> None
             assert f"podman unshare chown 10001 {mine / 's'}/edge.key" in res.stderr, res.stderr
             for name in ("edge.key", "device.key", "token", "ca.key"):
                 assert stat.S_IMODE((mine / "s" / name).stat().st_mode) == 0o600, name
+            # Handed over as told, then run again (e.g. to reissue edge.crt): not a chmod failure.
+            for name in ("edge.key", "device.key", "token"):
+                os.chown(mine / "s" / name, 10001, 10001)
+            again = subprocess.run([*cmd, str(mine / "s")], capture_output=True, text=True, timeout=120)
+            assert again.returncode == 0 and "Operation not permitted" not in again.stderr, again.stderr
         finally:
             shutil.rmtree(mine)
     res = make(out)
