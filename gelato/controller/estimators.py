@@ -77,10 +77,14 @@ class Ewma:
 
 @dataclass
 class EwLinear:
-    """Exponentially weighted least squares of y = a + b·x. The slope is pulled towards
-    `prior_slope` by a ridge of `ridge` pseudo-samples (so a policy that always drafts the same K
-    still yields a usable slope) and clipped at `min_slope`; an intercept below `min_intercept` (a
-    time or an energy below 0) is raised to it, the slope then passing through the mean point."""
+    """Exponentially weighted least squares of y = a + b·x. The slope is pulled by a ridge of
+    `ridge` pseudo-samples towards an anchor: `prior_slope` at first, then the slope fitted at the
+    last update (so a policy that always drafts the same K still yields a usable slope, and keeps
+    the one it measured when K varied: with the anchor fixed at the prior, the forgetting emptied
+    the spread of x, and rounds at one K pulled a measured 40 ms a token back to the prior within
+    a few hundred rounds, the intercept taking the rest). Clipped at `min_slope`; an intercept
+    below `min_intercept` (a time or an energy below 0) is raised to it, the slope then passing
+    through the mean point."""
 
     decay: float
     prior_intercept: float
@@ -89,20 +93,30 @@ class EwLinear:
     min_slope: float = 0.0
     min_intercept: float = 0.0
     _s: list[float] = field(default_factory=lambda: [0.0] * 5)  # Σw, Σwx, Σwy, Σwxx, Σwxy
+    _anchor: float | None = None  # the ridge's target: None = prior_slope
 
     def update(self, x: float, y: float) -> None:
         d = self.decay
         for i, v in enumerate((1.0, x, y, x * x, x * y)):
             self._s[i] = d * self._s[i] + v
+        # The posterior becomes the next prior: where data spreads in x the fit follows it (at a
+        # fixed point the anchor changes nothing: s = (cov + r·s)/(var + r) gives s = cov/var), and
+        # where it no longer does the last slope stays instead of drifting back to the prior.
+        self._anchor = self._ridge_slope()
+
+    def _ridge_slope(self) -> float:
+        w, sx, sy, sxx, sxy = self._s
+        anchor = self.prior_slope if self._anchor is None else self._anchor
+        mx, my = sx / w, sy / w
+        var, cov = sxx - w * mx * mx, sxy - w * mx * my
+        return max((cov + self.ridge * anchor) / (var + self.ridge), self.min_slope)
 
     def coefficients(self) -> tuple[float, float]:
-        w, sx, sy, sxx, sxy = self._s
+        w, sx, sy, _, _ = self._s
         if w <= 0:
             return self.prior_intercept, self.prior_slope
         mx, my = sx / w, sy / w
-        var, cov = sxx - w * mx * mx, sxy - w * mx * my
-        slope = (cov + self.ridge * self.prior_slope) / (var + self.ridge)
-        slope = max(slope, self.min_slope)
+        slope = self._ridge_slope()
         intercept = my - slope * mx
         if intercept < self.min_intercept and mx > 0:
             intercept = self.min_intercept

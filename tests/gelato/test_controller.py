@@ -26,7 +26,7 @@ from gelato.controller import (
     predraft_pays,
 )
 from gelato.controller.calibrator import isotonic_non_increasing
-from gelato.controller.estimators import wilson_upper
+from gelato.controller.estimators import decay_of, wilson_upper
 from gelato.types import Telemetry
 
 
@@ -318,6 +318,30 @@ def test_ewma_and_linear_fit() -> None:
         lin.update(x % 9, 0.004 + 0.0005 * (x % 9))
     a, b = lin.coefficients()
     assert a == pytest.approx(0.004, rel=1e-3) and b == pytest.approx(0.0005, rel=1e-3)
+
+
+def test_linear_fit_keeps_its_measured_slope_through_rounds_at_one_k() -> None:
+    """Rounds at one K re-measure only the level at that K: the slope measured while K varied
+    stays (with the ridge anchored at the prior it fell from 0.04 to 0.007 in 200 rounds, the
+    intercept taking the rest, so longer blocks looked nearly free), and a new slope is followed
+    once K varies again. A fit that never saw K vary keeps the prior."""
+    lin = EwLinear(decay_of(20), 0.0, prior_slope=2e-3)
+    for i in range(64):
+        k = 1 + i % 8
+        lin.update(k, 0.005 + 0.04 * k)
+    for _ in range(400):
+        lin.update(6, 0.005 + 0.04 * 6)
+    a, b = lin.coefficients()
+    assert b == pytest.approx(0.04, rel=0.02) and a == pytest.approx(0.005, abs=0.002)
+    for i in range(200):  # the machine halves its speed, K varies again: the fit follows
+        k = 1 + i % 8
+        lin.update(k, 0.01 + 0.08 * k)
+    a, b = lin.coefficients()
+    assert b == pytest.approx(0.08, rel=0.02) and a == pytest.approx(0.01, abs=0.004)
+    fixed = EwLinear(decay_of(20), 0.0, prior_slope=2e-3)
+    for _ in range(300):
+        fixed.update(4, 0.1)
+    assert fixed.coefficients() == pytest.approx((0.1 - 4 * 2e-3, 2e-3))
 
 
 def tele(k: int, accepted: int, t_draft: float, t_wait: float, e: float, radio: float = 0.0) -> Telemetry:
