@@ -63,7 +63,12 @@ class PolicyOptions(Settings):
         flag="--energy-budget-j-per-token",
         check=gt(0),
     )
-    v: float = setting(20.0, "throughput weight V of lyapunov/gelato, in tokens of budget", check=gt(0))
+    v: float = setting(
+        20.0,
+        "throughput weight V of lyapunov/gelato, in tokens of budget (the classic drift-plus-penalty V, "
+        "in J², is this times the budget squared); used only with --energy-budget-j-per-token",
+        check=gt(0),
+    )
     entropy_threshold: float = setting(
         1.0, "entropy policy: stop after a token above this entropy τ, in nats (inf: never)", check=ge(0, finite=False)
     )

@@ -9,9 +9,10 @@ Throughput is a ratio of sums (ΣN/ΣT), so each round maximises the renewal-fra
 
     score = [ (V + Q̃)·N − Q̃·Ẽ ] / T̂,   with Q̃ = Q/ē and Ẽ = Ê/ē (both in tokens of budget).
 
-This is the drift-plus-penalty ratio `[(V + Q·ē)·N̂ − Q·Ê] / T̂` divided by ē², so V is a dimensionless count of
-tokens and one default fits any budget; with Q = 0 the score is V·N̂/T̂ (pure throughput), and as Q
-grows energy weighs more. Without a budget (no energy control) the score is N̂/T̂.
+This is the drift-plus-penalty ratio `[(V′ + Q·ē)·N̂ − Q·Ê] / T̂` divided by ē², with V = V′/ē²:
+the classic V′ (in J²) is this V·ē². So V is a count of tokens of budget and one default fits any
+budget; with Q = 0 the score is V·N̂/T̂ (pure throughput), and as Q grows energy weighs more.
+Without a budget (no energy control) the score is N̂/T̂, and V plays no part.
 
 Over budget: when every K the device may draft (0..K_max) costs more per token than ē by the model
 (`cheapest_k`), the queue can only grow, whatever is chosen. The ratio score would then prefer what
@@ -113,11 +114,13 @@ class Objective:
         """The score of a round emitting `n_expected` tokens in `t_s` seconds for `e_j` joules."""
         if self.over_budget:
             return self.least_j_per_token * n_expected - e_j
-        if t_s <= 0:
-            return math.inf
         if self.budget is None:
-            return n_expected / t_s
-        return ((self.v + self.q_tokens) * n_expected - self.q_tokens * e_j / self.budget) / t_s
+            numerator = n_expected
+        else:
+            numerator = (self.v + self.q_tokens) * n_expected - self.q_tokens * e_j / self.budget
+        if t_s <= 0:  # fits with both intercepts at 0 price K = 0 at no time: its sign decides
+            return math.copysign(math.inf, numerator) if numerator else 0.0
+        return numerator / t_s
 
     def geometric(self, m: int) -> float:
         a = self.cost.alpha

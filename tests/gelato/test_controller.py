@@ -307,6 +307,17 @@ def test_inner_rule_stops_on_doubt_and_extends_on_confidence() -> None:
     assert keep_drafting(obj, k_ref, n, s, 16)
 
 
+def test_a_round_priced_at_no_time_scores_by_its_sign() -> None:
+    """Fits whose intercepts both sit at 0 price K = 0 at no time: with a backlog that makes its
+    energy outweigh its tokens, that round is the worst choice, not an infinitely good one."""
+    free = cost(t_edge0_s=0.0, t_net0_s=0.0, p_wait_w=0.5, e_radio0_j=0.05)
+    obj = Objective(free, v=1.0, q_j=10.0, budget_j_per_token=0.001)
+    assert not obj.over_budget and free.time_s(0) == 0.0
+    assert obj.score(expected_emitted(free.alpha, 0), 0) == -math.inf
+    assert choose_k_ref(obj, 8)[0] > 0
+    assert Objective(free).score(1.0, 0) == math.inf  # no budget: tokens at no time
+
+
 def test_ewma_and_linear_fit() -> None:
     e = Ewma(0.9, prior=5.0)
     assert e.value == 5.0
