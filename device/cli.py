@@ -159,22 +159,28 @@ def _main(argv: list[str] | None = None) -> int:
         acct = open_accountant(config)
     except (MeterUnavailable, ValueError) as exc:
         return fail(parser.explain(f"--meter {config.meter}: {exc}"))
-    # Only now torch and transformers: --help and a settings error answer without them.
-    from gelato.device.run import run
-    from gelato.models import ModelLoadError, load_failure, load_model
-
-    setup_torch_threads(config.threads)
+    running = False
     try:
-        loaded = load_model(config.drafter, "drafter", config.dtype, config.device)
-    except ModelLoadError as exc:
-        return fail(str(exc))
-    except Exception as exc:  # not foreseen (a bug, a failure below transformers): one line all the same
-        return fail(load_failure("drafter", config.drafter, exc))
-    try:  # opened before any generation, so a bad path costs nothing
-        trace = open(config.trace, "w", encoding="utf-8") if config.trace else None  # noqa: SIM115
-    except OSError as exc:
-        return fail(f"--trace: {exc}")
-    return asyncio.run(run(config, credentials, token, prompts, loaded, acct, trace))
+        # Only now torch and transformers: --help and a settings error answer without them.
+        from gelato.device.run import run
+        from gelato.models import ModelLoadError, load_failure, load_model
+
+        setup_torch_threads(config.threads)
+        try:
+            loaded = load_model(config.drafter, "drafter", config.dtype, config.device)
+        except ModelLoadError as exc:
+            return fail(str(exc))
+        except Exception as exc:  # not foreseen (a bug, a failure below transformers): one line all the same
+            return fail(load_failure("drafter", config.drafter, exc))
+        try:  # opened before any generation, so a bad path costs nothing
+            trace = open(config.trace, "w", encoding="utf-8") if config.trace else None  # noqa: SIM115
+        except OSError as exc:
+            return fail(f"--trace: {exc}")
+        running = True  # `run` closes the meter when it ends
+        return asyncio.run(run(config, credentials, token, prompts, loaded, acct, trace))
+    finally:
+        if not running:  # a meter holds a sampler thread, NVML's init or RAPL's files
+            acct.meter.close()
 
 
 if __name__ == "__main__":

@@ -128,6 +128,7 @@ class PowerIntegrator:
         across the outage stays unknown, not every reading after it."""
         try:
             p = float(self.power_w())
+            p = 0.0 if p < 0 else p  # a sensor offset below 0 W: never energy going backwards (NaN kept)
             self._failing_since = None
         except Exception:
             now = self.clock()

@@ -39,7 +39,9 @@ class Rail:
         value = 1.0
         for f in self.files:
             value *= float(f.read_text().strip())
-        return value * self.scale_w
+        # The INA3221 reports signed current: an idle rail's offset can read a little below 0,
+        # which no rail supplies back; summed with the others it would take from their energy.
+        return max(value * self.scale_w, 0.0)
 
 
 def _label(folder: Path, stem: str, default: str) -> str:

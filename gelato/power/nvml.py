@@ -51,14 +51,29 @@ class NvmlMeter(Meter):
         """`uuid` (`GPU-...`, `gelato.power.cuda_uuid`): that GPU; else NVML's GPU `index`."""
         super().__init__(clock)
         nv = self.nv = _nvml()
+        self._closed = False
+        self._lock = threading.Lock()
+        self.integrator: PowerIntegrator | None = None
         try:
             nv.nvmlInit()
+        except nv.NVMLError as exc:
+            raise MeterUnavailable(f"NVML: {exc}") from exc
+        try:
+            self._open(index, uuid, interval_s, clock)
+        except BaseException:
+            # NVML counts its inits: a meter that is not made must not hold one (`auto` probes
+            # meters in turn, and a later shutdown would not balance it).
+            with contextlib.suppress(Exception):
+                nv.nvmlShutdown()
+            raise
+
+    def _open(self, index: int, uuid: str | None, interval_s: float, clock: Callable[[], float]) -> None:
+        nv = self.nv
+        try:
             self.handle = nv.nvmlDeviceGetHandleByUUID(uuid) if uuid else nv.nvmlDeviceGetHandleByIndex(index)
             self.name = nv.nvmlDeviceGetName(self.handle)
         except nv.NVMLError as exc:
             raise MeterUnavailable(f"NVML: {exc}") from exc
-        self._lock = threading.Lock()
-        self.integrator: PowerIntegrator | None = None
         try:
             self._c0 = self._counter_mj()
         except nv.NVMLError:  # pre-Volta: no energy counter, integrate power instead
@@ -124,7 +139,11 @@ class NvmlMeter(Meter):
         return self._reported_j
 
     def close(self) -> None:
+        """Once: NVML counts inits and shutdowns, so a second shutdown would end another meter's."""
+        if self._closed:
+            return
+        self._closed = True
         if self.integrator is not None:
             self.integrator.stop()
-        with contextlib.suppress(Exception):  # shutting down twice or after a driver error is harmless
+        with contextlib.suppress(Exception):  # shutting down after a driver error is harmless
             self.nv.nvmlShutdown()

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -336,6 +337,28 @@ def test_any_failed_drafter_load_is_one_line(
     err = capsys.readouterr().err
     name = repr(str(pair["drafter_agree"]))
     assert err == f"error: cannot load drafter {name}: RuntimeError: expected a Tensor, got NoneType\n", err
+
+
+def test_a_run_that_fails_before_generating_closes_its_meter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The meter opens before the drafter loads (a bad --meter costs no load); a drafter that does
+    not load then must close it (NVML's init, a sampler thread), as a finished run does."""
+    from gelato.device import cli
+
+    closed: list[bool] = []
+    real = cli.open_accountant
+
+    def tracked(config: Any) -> Any:
+        acct = real(config)
+        close = acct.meter.close
+        acct.meter.close = lambda: (closed.append(True), close())[1]
+        return acct
+
+    monkeypatch.setattr(cli, "open_accountant", tracked)
+    args = ["--drafter", str(tmp_path / "no-such-drafter"), "--prompt", "x", "--meter", "cpu-model", "--threads", "1"]
+    assert cli.main(args) == 2 and "cannot load drafter" in capsys.readouterr().err
+    assert closed == [True]
 
 
 def _local_run(pair: dict[str, Path], prompts: int) -> subprocess.Popen[str]:

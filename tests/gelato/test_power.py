@@ -272,6 +272,30 @@ def test_jetson_agx_orin_sums_its_branches(tmp_path: Path) -> None:
     assert meter.power_w() == pytest.approx(40.0 + 5.0 + 4.5)
 
 
+def test_a_rail_reading_below_zero_takes_no_energy_from_the_others(tmp_path: Path) -> None:
+    """The INA3221 reports signed current: an idle AGX Orin branch at -5 mA counts as 0 W in the
+    sum, and a meter whose whole reading dips below 0 integrates 0 W, never going backwards."""
+    from gelato.power.base import PowerIntegrator
+
+    hw = tmp_path / "ina3221" / "1-0040" / "hwmon" / "hwmon3"
+    rails = [("VDD_GPU_SOC", 5000, 2000), ("VDD_CPU_CV", 5000, -5), ("VIN_SYS_5V0", 5000, 900)]
+    for n, (label, mv, ma) in enumerate(rails, 1):
+        write(hw / f"in{n}_label", label)
+        write(hw / f"in{n}_input", mv)
+        write(hw / f"curr{n}_input", ma)
+    meter = JetsonMeter((str(tmp_path),), start_sampler=False)
+    assert meter.power_w() == pytest.approx(10.0 + 0.0 + 4.5)
+    clock, power = FakeClock(), [2.0]
+    integ = PowerIntegrator(lambda: power[0], 0.1, clock)
+    readings = []
+    for w in (2.0, -0.3, -0.1, 1.0):
+        power[0] = w
+        clock.t += 0.1
+        integ.sample()
+        readings.append(integ.joules())
+    assert readings == sorted(readings) and readings[-1] == pytest.approx(0.2 + 0.2 + 0.0 + 0.0)
+
+
 def test_a_failing_sensor_read_is_a_dropped_sample_then_unknown_energy(tmp_path: Path) -> None:
     """One failed read holds the last power for an interval, as any sample does; reads failing for
     `FAILED_READS_S` make the energy unknown (NaN, unmeasured) from then on. The sampler thread
@@ -462,6 +486,47 @@ class FakeNvml(types.ModuleType):
             raise self.NVMLError("Not Supported")
         value = types.SimpleNamespace(uiVal=self.power_mw)
         return [types.SimpleNamespace(nvmlReturn=0, value=value)]
+
+
+class CountingNvml(FakeNvml):
+    """Counts NVML's inits and shutdowns (NVML keeps a count: each init needs its shutdown)."""
+
+    def __init__(self, **kw: bool) -> None:
+        super().__init__(**kw)
+        self.inits = self.shutdowns = 0
+        self.bad_uuid = False
+
+    def nvmlInit(self) -> None:
+        super().nvmlInit()
+        self.inits += 1
+
+    def nvmlShutdown(self) -> None:
+        self.shutdowns += 1
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:
+        if self.bad_uuid:
+            raise self.NVMLError("Not Found")
+        return super().nvmlDeviceGetHandleByUUID(uuid)
+
+
+def test_nvml_inits_and_shutdowns_balance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A meter that cannot be made (no such GPU; no counter and no power) gives back NVML's init,
+    and a meter closed twice shuts NVML down once: a second shutdown would end another meter's."""
+    fake = CountingNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    fake.bad_uuid = True
+    with pytest.raises(MeterUnavailable, match="Not Found"):
+        NvmlMeter(uuid="GPU-0")
+    assert (fake.inits, fake.shutdowns) == (1, 1)
+    fake.bad_uuid, fake.has_counter, fake.has_power = False, False, False
+    with pytest.raises(MeterUnavailable, match="no energy counter and no power"):
+        NvmlMeter(clock=FakeClock())
+    assert (fake.inits, fake.shutdowns) == (2, 2)
+    fake.has_counter = True
+    meter = NvmlMeter(clock=FakeClock())
+    meter.close()
+    meter.close()
+    assert (fake.inits, fake.shutdowns) == (3, 3)
 
 
 def test_nvml_counter_delta_with_instant_power_between_ticks(monkeypatch: pytest.MonkeyPatch) -> None:
