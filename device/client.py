@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ import grpc
 
 from gelato.channel import CLIENT_OPTIONS, PLAINTEXT_OPTIONS
 from gelato.deadline import within
+from gelato.device.client_errors import EdgeError, EdgeUnreachable, FailedOpens, write_error
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant, wire_bytes
 from gelato.device.generate import (
@@ -55,17 +55,6 @@ log = logging.getLogger("gelato.device")
 __all__ = ["EdgeClient", "EdgeError", "EdgeUnreachable", "GenerationResult"]
 
 
-class EdgeError(VerifyError):
-    """A session or call failed with `code`. `by_edge`: the edge's own status (its message then
-    says "edge answered CODE: ..."); False for what the device concluded itself (a timeout, a
-    stream that went away, an answer that is no verdict), named so, never put in the edge's mouth."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, by_edge: bool = True) -> None:
-        super().__init__(f"edge answered {code.name}: {details}" if by_edge else f"{details} ({code.name})")
-        self.code = code
-        self.details = details
-
-
 def _verdict(down: pb.EdgeMessage, round_no: int | None = None) -> Verdict:
     """The verdict an edge message must be; `round_no`: the round it must answer (one block at a
     time). Anything else is the edge's fault (INTERNAL), not a verdict for token 0."""
@@ -81,69 +70,7 @@ def _verdict(down: pb.EdgeMessage, round_no: int | None = None) -> Verdict:
     return verdict
 
 
-class EdgeUnreachable(EdgeError):
-    """Nothing answered at the address: the edge is down, or the address or network is wrong."""
-
-    def __init__(self, target: str, timeout_s: float, tls: bool = False) -> None:
-        super().__init__(grpc.StatusCode.UNAVAILABLE, f"no gelato-edge reachable at {target} within {timeout_s:g} s")
-        hint = "; with TLS also check --tls-ca, the edge's certificate name (--tls-server-name)" if tls else ""
-        self.args = (f"could not reach gelato-edge at {target} within {timeout_s:g} s (--connect-timeout-s{hint})",)
-
-
-# What grpc.aio sets as the call's status when a message it was sending fails in gRPC core: the
-# stream ended under the write (the edge ended it, e.g. shutting down, or the connection broke).
-# It replaces the status the edge sent, which is lost; the edge never sends these details itself.
-_CORE_WRITE_FAILURE = "Internal error from Core"
-
-
-def _write_error(exc: grpc.aio.AioRpcError) -> EdgeError:
-    """A failed write as an EdgeError: the stream went away under it (UNAVAILABLE, so the session
-    fails over like any other lost edge), or the status the call ended with."""
-    if exc.code() == grpc.StatusCode.INTERNAL and exc.details() == _CORE_WRITE_FAILURE:
-        return EdgeError(
-            grpc.StatusCode.UNAVAILABLE,
-            f"the stream to the edge ended while a message was being sent (gRPC: {_CORE_WRITE_FAILURE})",
-            by_edge=False,
-        )
-    return EdgeError(exc.code(), exc.details() or "")
-
-
 WAIT_FIRST_S, WAIT_MAX_S = 0.1, 2.0  # `EdgeClient.wait_ready`'s pauses between asks
-
-
-class _FailedOpens:
-    """Opens that failed in a row (no session ran): what they cost, charged to the generation
-    they were for, and why they failed."""
-
-    def __init__(self) -> None:
-        self.meter_j, self.radio_j, self.bytes_up, self.bytes_down = 0.0, 0.0, 0, 0
-        self.errors: list[str] = []
-        self.last: EdgeError | None = None
-
-    def add(self, exc: EdgeError, spent_j: tuple[float, float]) -> None:
-        """`spent_j`: the attempt's (meter, radio tail) joules (`EnergyAccountant.opening_spent_j`)."""
-        self.meter_j += spent_j[0]
-        self.radio_j += spent_j[1]
-        self.bytes_up += exc.bytes_up  # the open written before it was refused
-        self.bytes_down += exc.bytes_down  # a reply read that was no SessionOpened
-        self.errors.append(str(exc))
-        self.last = exc
-
-    def settle_on(self, res: GenerationResult, policy: Policy, acct: EnergyAccountant, keep_error: bool = True) -> None:
-        """Into `res`'s totals and the deficit queue, once (a generation that raises instead
-        reports none of it: its error record has no energy); `keep_error`: the generation ends
-        with these failures (else a session opened after them went on, its outcome stands)."""
-        res.stats.energy_j += self.meter_j + self.radio_j  # NaN when the meter could not read: unknown
-        res.stats.radio_j += self.radio_j
-        # The queue gets what is known: the radio's joules always (modelled), the meter's when it
-        # read (a NaN is charged as nothing, so the radio's part was once lost with it).
-        policy.charge(self.radio_j)
-        if math.isfinite(self.meter_j):
-            policy.charge(self.meter_j)
-        charge_bytes(res.stats, policy, acct, self.bytes_up, self.bytes_down)
-        if keep_error:
-            res.error = "; ".join([res.error, *(f"re-opening the session failed: {e}" for e in self.errors)])
-            res.failure = self.last
 
 
 class EdgeClient:
@@ -284,7 +211,7 @@ class EdgeClient:
         acct = accountant or EnergyAccountant(NullMeter(), None)
         t0 = time.perf_counter()
         res: GenerationResult | None = None  # what the sessions so far gave (None: none opened yet)
-        failed: _FailedOpens | None = None  # the opens that failed since the last session ran
+        failed: FailedOpens | None = None  # the opens that failed since the last session ran
         left, wait_until = self.failovers, 0.0
         try:
             # Energy from here, as `elapsed_s` is: the open (the edge's prefill) is the generation's.
@@ -299,7 +226,7 @@ class EdgeClient:
                         drafter, [*prompt_ids, *done], max_new_tokens - len(done), policy, acct, on_round
                     )
                 except EdgeError as exc:  # the open failed: no session ran
-                    failed = failed or _FailedOpens()
+                    failed = failed or FailedOpens()
                     failed.add(exc, acct.opening_spent_j())  # the attempt cost the device all the same
                     # A first open that found no edge at all is tried again only when there is time
                     # to wait for one: without, the caller's report (the run ends) comes at once.
@@ -520,7 +447,7 @@ class EdgeClient:
                 by_edge=False,
             ) from None
         except grpc.aio.AioRpcError as exc:
-            raise _write_error(exc) from exc
+            raise write_error(exc) from exc
         except (asyncio.InvalidStateError, grpc.aio.UsageError):
             # The RPC already finished (the edge ended the stream): report how it ended.
             raise await self._ended(call, "the edge ended the session") from None

@@ -19,7 +19,8 @@ from typing import Any, TextIO
 import grpc
 
 from gelato.cli_common import fail
-from gelato.device.client import EdgeClient, EdgeError, EdgeUnreachable
+from gelato.device.client import EdgeClient
+from gelato.device.client_errors import EdgeError, EdgeUnreachable
 from gelato.device.config import DeviceConfig
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant

@@ -17,7 +17,8 @@ from typing import Any
 import grpc
 import pytest
 
-from gelato.device.client import EdgeClient, EdgeError, _FailedOpens, _verdict, _write_error
+from gelato.device.client import EdgeClient, _verdict
+from gelato.device.client_errors import EdgeError, FailedOpens, write_error
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant, wire_bytes
 from gelato.device.generate import GenerationResult
@@ -137,7 +138,7 @@ def test_only_the_core_write_failure_is_mapped() -> None:
     # What the mapping is for: grpc.aio does raise it here (were it gone, the mapping would be moot).
     assert any(exc.details() == "Internal error from Core" for exc in seen), [exc.details() for exc in seen]
     for exc in seen:
-        mapped = _write_error(exc)
+        mapped = write_error(exc)
         if exc.details() == "Internal error from Core":
             assert mapped.code == grpc.StatusCode.UNAVAILABLE
             assert "ended while a message was being sent" in mapped.details
@@ -145,13 +146,13 @@ def test_only_the_core_write_failure_is_mapped() -> None:
             assert (mapped.code, mapped.details) == (exc.code(), exc.details())
 
     own = grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(), "verify failed")
-    assert _write_error(own).code == grpc.StatusCode.INTERNAL
+    assert write_error(own).code == grpc.StatusCode.INTERNAL
 
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE])
 def test_other_write_failures_keep_their_status(code: grpc.StatusCode) -> None:
     exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "Internal error from Core")
-    assert _write_error(exc).code == code
+    assert write_error(exc).code == code
 
 
 class _Stream:
@@ -527,7 +528,7 @@ def test_failed_opens_charge_their_radio_joules_when_the_meter_could_not_read() 
     """A failed re-open whose meter reading was NaN: the generation's energy is unknown (NaN, never
     0 J), but the radio tail joules the attempts were charged are known and go into the deficit
     queue (the NaN sum once took them with it: nothing was charged)."""
-    failed = _FailedOpens()
+    failed = FailedOpens()
     failed.add(EdgeError(grpc.StatusCode.UNAVAILABLE, "gone"), (float("nan"), 0.5))
     failed.add(EdgeError(grpc.StatusCode.UNAVAILABLE, "gone again"), (0.2, 0.25))
     policy = parse_policy("gelato", PolicyOptions(budget_j_per_token=1.0))
@@ -536,7 +537,7 @@ def test_failed_opens_charge_their_radio_joules_when_the_meter_could_not_read() 
     assert res.stats.energy_j != res.stats.energy_j and res.stats.radio_j == pytest.approx(0.75)  # NaN
     queue = policy.controller.queue
     assert queue is not None and queue.energy_j == pytest.approx(0.75)
-    measured = _FailedOpens()
+    measured = FailedOpens()
     measured.add(EdgeError(grpc.StatusCode.UNAVAILABLE, "gone"), (0.2, 0.25))
     policy = parse_policy("gelato", PolicyOptions(budget_j_per_token=1.0))
     measured.settle_on(GenerationResult([1], [2], 1.0), policy, EnergyAccountant(NullMeter(), None), False)

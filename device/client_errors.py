@@ -1,0 +1,91 @@
+"""How the device's edge client names failures, and what failed opens cost.
+
+Contract: `EdgeError` is a session or call that failed with a gRPC status code (the edge's own, or
+one the device concluded itself, named so); `EdgeUnreachable` one where nothing answered at the
+address; `write_error` turns a failed stream write into an `EdgeError` (a stream that ended under
+the write is UNAVAILABLE, so the session fails over); `FailedOpens` gathers the opens that failed
+in a row and charges what they cost to the generation they were for, once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+
+from gelato.device.energy import EnergyAccountant
+from gelato.device.generate import GenerationResult, VerifyError, charge_bytes
+from gelato.device.policy import Policy
+
+
+class EdgeError(VerifyError):
+    """A session or call failed with `code`. `by_edge`: the edge's own status (its message then
+    says "edge answered CODE: ..."); False for what the device concluded itself (a timeout, a
+    stream that went away, an answer that is no verdict), named so, never put in the edge's mouth."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, by_edge: bool = True) -> None:
+        super().__init__(f"edge answered {code.name}: {details}" if by_edge else f"{details} ({code.name})")
+        self.code = code
+        self.details = details
+
+
+class EdgeUnreachable(EdgeError):
+    """Nothing answered at the address: the edge is down, or the address or network is wrong."""
+
+    def __init__(self, target: str, timeout_s: float, tls: bool = False) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, f"no gelato-edge reachable at {target} within {timeout_s:g} s")
+        hint = "; with TLS also check --tls-ca, the edge's certificate name (--tls-server-name)" if tls else ""
+        self.args = (f"could not reach gelato-edge at {target} within {timeout_s:g} s (--connect-timeout-s{hint})",)
+
+
+# What grpc.aio sets as the call's status when a message it was sending fails in gRPC core: the
+# stream ended under the write (the edge ended it, e.g. shutting down, or the connection broke).
+# It replaces the status the edge sent, which is lost; the edge never sends these details itself.
+CORE_WRITE_FAILURE = "Internal error from Core"
+
+
+def write_error(exc: grpc.aio.AioRpcError) -> EdgeError:
+    """A failed write as an EdgeError: the stream went away under it (UNAVAILABLE, so the session
+    fails over like any other lost edge), or the status the call ended with."""
+    if exc.code() == grpc.StatusCode.INTERNAL and exc.details() == CORE_WRITE_FAILURE:
+        return EdgeError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the stream to the edge ended while a message was being sent (gRPC: {CORE_WRITE_FAILURE})",
+            by_edge=False,
+        )
+    return EdgeError(exc.code(), exc.details() or "")
+
+
+class FailedOpens:
+    """Opens that failed in a row (no session ran): what they cost, charged to the generation
+    they were for, and why they failed."""
+
+    def __init__(self) -> None:
+        self.meter_j, self.radio_j, self.bytes_up, self.bytes_down = 0.0, 0.0, 0, 0
+        self.errors: list[str] = []
+        self.last: EdgeError | None = None
+
+    def add(self, exc: EdgeError, spent_j: tuple[float, float]) -> None:
+        """`spent_j`: the attempt's (meter, radio tail) joules (`EnergyAccountant.opening_spent_j`)."""
+        self.meter_j += spent_j[0]
+        self.radio_j += spent_j[1]
+        self.bytes_up += exc.bytes_up  # the open written before it was refused
+        self.bytes_down += exc.bytes_down  # a reply read that was no SessionOpened
+        self.errors.append(str(exc))
+        self.last = exc
+
+    def settle_on(self, res: GenerationResult, policy: Policy, acct: EnergyAccountant, keep_error: bool = True) -> None:
+        """Into `res`'s totals and the deficit queue, once (a generation that raises instead
+        reports none of it: its error record has no energy); `keep_error`: the generation ends
+        with these failures (else a session opened after them went on, its outcome stands)."""
+        res.stats.energy_j += self.meter_j + self.radio_j  # NaN when the meter could not read: unknown
+        res.stats.radio_j += self.radio_j
+        # The queue gets what is known: the radio's joules always (modelled), the meter's when it
+        # read (a NaN is charged as nothing, so the radio's part was once lost with it).
+        policy.charge(self.radio_j)
+        if math.isfinite(self.meter_j):
+            policy.charge(self.meter_j)
+        charge_bytes(res.stats, policy, acct, self.bytes_up, self.bytes_down)
+        if keep_error:
+            res.error = "; ".join([res.error, *(f"re-opening the session failed: {e}" for e in self.errors)])
+            res.failure = self.last
