@@ -163,7 +163,10 @@ async def instrumented_device(
             rec.current["t_round_s"] = tele.t_round_s  # the loop's own round timer
         rec.close()
 
-    acct = EnergyAccountant(open_meter("auto", "phone"), radio_profile("wifi"))  # gelato-device's defaults
+    # gelato-device's defaults, the drafter's device named as gelato-device names it: `auto` then
+    # skips NVML for a CPU drafter instead of opening (and reading) GPU 0 on every round.
+    meter = open_meter("auto", "phone", str(drafter_loaded.device))
+    acct = EnergyAccountant(meter, radio_profile("wifi"))
     client = EdgeClient(address)
     out: dict[str, Any] = {}
     session = 0
