@@ -95,11 +95,11 @@ class Batcher:
             self.queue.put_nowait(request)
         return await request.future
 
-    async def _collect(self, first: _Request) -> list[_Request]:
+    async def _collect(self, first: _Request, batch: list[_Request]) -> list[_Request]:
         """`first` and whatever asks within `window_s` of it (the window runs from when `first`
         asked, so time it waited for the previous batch's forward counts: with the model thread
-        busy longer than the window, the next batch closes as soon as that forward is done)."""
-        batch = [first]
+        busy longer than the window, the next batch closes as soon as that forward is done).
+        Gathered into `batch` as they are taken from the queue, so none is lost if this fails."""
         deadline = first.queued + self.window_s
         while len(batch) < self.max_batch and len(batch) < self.open_sessions():
             if not self.queue.empty():
@@ -121,9 +121,17 @@ class Batcher:
             await self._free.wait()  # the window opens once the previous batch is done
             first = await self.queue.get()
             self._forming = True
+            taken = [first]
             try:
                 await self._free.wait()  # a lone request may have gone straight to the model thread
-                batch = await self._collect(first)
+                batch = await self._collect(first, taken)
+            except Exception as exc:
+                # A fault here (a bug: nothing in forming a batch is expected to fail) fails the
+                # rows it holds, not the batcher: a dead batcher task would leave every session
+                # of the edge waiting for verdicts that never come.
+                log.exception("batcher: forming a batch of %d row(s) failed; they fail, the edge goes on", len(taken))
+                self._resolve(taken, [exc] * len(taken))
+                continue
             finally:
                 self._forming = False
             if batch:

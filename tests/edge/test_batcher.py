@@ -147,3 +147,46 @@ def test_an_interrupt_on_the_model_thread_answers_its_rows_and_frees_the_batcher
     verdict = asyncio.run(run())
     assert verdict.round == 0 and len(calls) == 2
     assert "model thread interrupted by KeyboardInterrupt('on the model thread')" in caplog.text
+
+
+def test_a_fault_while_forming_a_batch_fails_its_rows_not_the_batcher(
+    target: LoadedModel, monkeypatch: Any, caplog: Any
+) -> None:
+    """A fault in the batcher task itself (a bug while forming a batch) fails the rows it holds,
+    logged, and the next request is verified: a dead batcher task would leave every session of
+    the edge waiting for verdicts."""
+    import pytest
+
+    from gelato.edge.model_thread import ModelThread
+
+    real = Batcher._collect
+    calls: list[int] = []
+
+    async def broken_once(self: Batcher, first: Any, batch: list[Any]) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("forming broke")
+        return await real(self, first, batch)
+
+    monkeypatch.setattr(Batcher, "_collect", broken_once)
+
+    async def run() -> Verdict:
+        executor = ModelThread()
+        pool = KVPool(target.model, target.vocab_size, slots=0, context=0, max_context=target.context_limit)
+        session = TargetSession("s", target, SamplingParams(), [5, 6, 7], pool=pool)
+        session.prefill()
+        # Two open sessions as far as the batcher knows: requests go through its task, not straight
+        # to the model thread.
+        batcher = Batcher(executor, 0.0, 16, lambda: 2, EdgeMetrics())
+        batcher.start()
+        try:
+            with pytest.raises(RuntimeError, match="forming broke"):
+                await asyncio.wait_for(batcher.verify(session, DraftBlock(0, ()), time.perf_counter()), 30)
+            return await asyncio.wait_for(batcher.verify(session, DraftBlock(0, ()), time.perf_counter()), 30)
+        finally:
+            await batcher.stop()
+            executor.shutdown()
+
+    verdict = asyncio.run(run())
+    assert verdict.round == 0 and len(calls) == 2
+    assert "forming a batch of 1 row(s) failed" in caplog.text
