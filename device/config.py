@@ -107,6 +107,27 @@ class DeviceConfig(Settings):
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
 
+    def _check_policy_settings(self, name: str) -> None:
+        """A policy's own setting changed for a policy that never reads it is refused: the user
+        meant something (e.g. `--entropy-threshold 2` hoping to tune gelato, whose entropy rule is
+        calibrated, or `--v` for a fixed K)."""
+        c, default = self.controller, PolicyOptions()
+        readers = {
+            "--entropy-threshold": (c.entropy_threshold != default.entropy_threshold, ("entropy",)),
+            "--adaedl-gamma": (c.adaedl_gamma != default.adaedl_gamma, ("adaedl",)),
+            "--adaedl-lambda": (c.adaedl_lambda != default.adaedl_lambda, ("adaedl",)),
+            "--v": (c.v != default.v, ("lyapunov", "gelato")),
+        }
+        for flag, (changed, policies) in readers.items():
+            require(
+                not changed or name in policies,
+                f"{flag} is read by --policy {' and '.join(policies)} only; --policy {name} would ignore it",
+            )
+        require(
+            c.ahead_blocks == default.ahead_blocks or c.pipeline == "send-ahead",
+            f"--ahead-blocks is read with --pipeline send-ahead only (here --pipeline {c.pipeline})",
+        )
+
     def check(self) -> None:
         try:
             policy = parse_policy(self.policy, self.controller)
@@ -116,6 +137,7 @@ class DeviceConfig(Settings):
         # Settings that would be silently ignored are refused instead: the user meant something.
         require(self.limit is None or self.prompts_file is not None, "--limit counts the prompts of --prompts-file")
         require(bool(self.tls_cert) == bool(self.tls_key), "--tls-cert and --tls-key go together")
+        self._check_policy_settings(policy.name)
         require(
             self.controller.pipeline == "off" or not (policy.local_only or policy.edge_streams),
             f"--pipeline {self.controller.pipeline} pipelines drafting; --policy {policy.name} drafts nothing for "

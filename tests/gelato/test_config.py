@@ -265,12 +265,33 @@ def test_device_defaults_written_once() -> None:
             "--pipeline send-ahead pipelines drafting; --policy ar-edge",
         ),
         (["--policy", "ar-device", "--pipeline", "local"], "--pipeline local pipelines drafting; --policy ar-device"),
+        # A policy's own setting, changed for a policy that never reads it.
+        (["--policy", "gelato", "--entropy-threshold", "2"], "--entropy-threshold is read by --policy entropy only"),
+        (["--policy", "entropy", "--adaedl-lambda", "0.3"], "--adaedl-lambda is read by --policy adaedl only"),
+        (["--policy", "heuristic", "--adaedl-gamma", "0.3"], "--adaedl-gamma is read by --policy adaedl only"),
+        (["--policy", "fixed-4", "--v", "5"], "--v is read by --policy lyapunov and gelato only; --policy fixed-4"),
+        (["--ahead-blocks", "3"], "--ahead-blocks is read with --pipeline send-ahead only (here --pipeline off)"),
     ],
 )
 def test_device_validation(args: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         DeviceConfig.from_args(device_parser().parse_args(["--prompt", "x", *args])).validate()
     assert str(info.value).startswith(message), info.value
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--policy", "entropy", "--entropy-threshold", "2"],
+        ["--policy", "adaedl", "--adaedl-lambda", "0.3", "--adaedl-gamma", "0.5"],
+        ["--policy", "lyapunov", "--v", "5"],  # with no budget too: documented as unused then
+        ["--policy", "gelato", "--v", "5", "--energy-budget-j-per-token", "0.01"],
+        ["--policy", "gelato", "--pipeline", "send-ahead", "--ahead-blocks", "3"],
+        ["--policy", "fixed-4", "--entropy-threshold", "1"],  # the default, however it was written
+    ],
+)
+def test_device_accepts_each_policy_its_own_settings(args: list[str]) -> None:
+    DeviceConfig.from_args(device_parser().parse_args(["--prompt", "x", *args])).validate()
 
 
 def test_policy_options_validate_alone() -> None:
