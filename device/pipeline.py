@@ -216,7 +216,10 @@ class _CutRule:
         self, f: asyncio.Future[tuple[Verdict, int, float]], oldest: DraftBlock, successor: DraftBlock | None
     ) -> None:
         if f.cancelled() or f.exception() is not None:
-            return  # an error ends the generation: nothing to save
+            # An error ends the generation: the rest of this block would never be sent, and drafting
+            # it only delays the failover (a cut block is dropped, never sent: lossless).
+            self.cut.set()
+            return
         verdict = f.result()[0]
         if verdict.n_accepted < oldest.k or (successor is not None and not _hit(verdict, oldest, successor)):
             self.cut.set()
@@ -343,8 +346,15 @@ async def _chain_loop(
             verdict, down, arrived = await recv
         except VerifyError as exc:
             exc = _read_error_first(exc, recv)
-            stats.stop_reason, error, failure = "error", str(exc), exc
             chain.stale_down += exc.bytes_down  # an answer read and refused (no verdict): received all the same
+            if recv is not None and recv.done() and not recv.cancelled() and recv.exception() is None:
+                # The awaited verdict came in while a block ahead was being written, and then that
+                # write failed: the verdict stands (its tokens, its bytes), as if it had come first.
+                # Nothing is drafting (`_extend` awaited its block before the write).
+                got = recv.result()
+                start = await _settle(drafter, policy, chain, got, start, stats, out, limits, acct, on_round, offload)
+            if not stats.stop_reason:  # that verdict may have ended the generation: then it is whole
+                stats.stop_reason, error, failure = "error", str(exc), exc
             break
         finally:
             if recv is not None and not recv.done():

@@ -752,3 +752,77 @@ def test_guess_only_blocks_stay_within_the_drafters_window(
     )
     assert res.token_ids == ref.token_ids and len(ref.token_ids) == 30
     assert max(cached, default=0) <= window, (max(cached), window)
+
+
+def test_a_verdict_that_arrives_while_a_write_fails_still_counts(pair: dict[str, Path], target: LoadedModel) -> None:
+    """The awaited verdict comes in while the next block is being written, and then that write
+    fails: the verdict's tokens and bytes stand (they were dropped: the generation kept one round
+    fewer than the edge had answered, and its bytes went into no total). Lossless all the same."""
+    dm = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    session = TargetSession("s", target, GREEDY, prompt)
+    session.prefill()
+    base = local_link(session, max_ahead=4, delay_s=0.01)
+    state = {"sends": 0, "verdicts": 0, "down": 0}
+
+    async def send(block: DraftBlock) -> int:
+        state["sends"] += 1
+        if state["sends"] == 4:
+            await asyncio.sleep(0.1)  # the awaited verdict (10 ms) arrives meanwhile
+            raise VerifyError("the stream to the edge ended while a message was being sent")
+        return await base.send(block)
+
+    async def receive() -> tuple[Verdict, int]:
+        verdict, down = await base.receive()
+        state["down"] += down
+        state["verdicts"] += not verdict.stale
+        return verdict, down
+
+    policy = parse_policy("fixed-2", PolicyOptions(pipeline="send-ahead", k_max=6, ahead_blocks=2))
+    limits = Limits(40, target.context_limit, 32, target.eos_token_ids)
+    link = Link(send, receive, base.max_ahead, base.empty_ahead)
+    res = asyncio.run(pipelined_generate(Drafter(dm, GREEDY), link, policy, prompt, limits))
+    assert res.stats.stop_reason == "error" and "while a message was being sent" in res.error
+    assert state["verdicts"] >= 1 and res.stats.rounds == state["verdicts"]
+    assert res.stats.bytes_down == state["down"]
+    alone = run(target, dm, "fixed-0", "off", max_new=len(res.token_ids))[0]
+    assert res.token_ids and res.token_ids == alone.token_ids
+
+
+def test_a_failed_read_cuts_the_block_being_drafted(pair: dict[str, Path], target: LoadedModel) -> None:
+    """The awaited read fails while the next block is drafted: the rest of that block, which can
+    never be sent, is not drafted (it ran to its cap, delaying the failover by its forwards)."""
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    session = TargetSession("s", target, GREEDY, prompt)
+    session.prefill()
+    base = local_link(session, max_ahead=4, delay_s=0.0)
+    blocks: list[DraftBlock] = []
+
+    async def receive() -> tuple[Verdict, int]:
+        await asyncio.sleep(0.05)
+        raise VerifyError("edge gone (UNAVAILABLE)")
+
+    class Slow(Drafter):
+        def draft_after(self, prev: DraftBlock, k: int, round_no: int, stop: Any = None, *args: Any) -> DraftBlock:
+            def slow(n: int, h: float, q: Any) -> str | None:
+                time.sleep(0.05)  # each draft 50 ms: the read fails during the block's first ones
+                return stop(n, h, q) if stop is not None else None
+
+            block = super().draft_after(prev, k, round_no, slow, *args)
+            blocks.append(block)
+            return block
+
+    executor = ThreadPoolExecutor(1)
+
+    async def offload(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    policy = parse_policy("fixed-8", PolicyOptions(pipeline="send-ahead", k_max=8, ahead_blocks=2))
+    limits = Limits(40, target.context_limit, 32, target.eos_token_ids)
+    link = Link(base.send, receive, base.max_ahead, base.empty_ahead)
+    try:
+        res = asyncio.run(pipelined_generate(Slow(target, GREEDY), link, policy, prompt, limits, offload=offload))
+    finally:
+        executor.shutdown()
+    assert res.stats.stop_reason == "error" and res.error == "edge gone (UNAVAILABLE)"
+    assert len(blocks) == 1 and blocks[0].stop_reason == "cut" and blocks[0].k < 8, blocks
