@@ -254,7 +254,8 @@ def test_drafter_settles_around_empty_blocks(target: LoadedModel) -> None:
 
 def test_cut_rule_stops_a_block_once_its_chain_is_cut() -> None:
     """`_CutRule`: the policy's gate until the awaited verdict shows a miss (fewer drafts accepted
-    than sent, or the next block's guess wrong), then "cut"; a hit or a failed read never cuts."""
+    than sent, or the next block's guess wrong), then "cut"; a hit never cuts, a failed read does
+    (the block could never be sent: drafting it on only delays the failover)."""
 
     def chain_of(*blocks: DraftBlock) -> _Chain:
         chain = _Chain()
@@ -284,7 +285,7 @@ def test_cut_rule_stops_a_block_once_its_chain_is_cut() -> None:
     assert check(chain_of(oldest), full_hit) == (None, None)  # the block being drafted may still hit
     assert check(chain_of(oldest, successor), full_hit) == (None, None)
     assert check(chain_of(oldest, successor), full_wrong) == (None, "cut")
-    assert check(chain_of(oldest), None) == (None, None)
+    assert check(chain_of(oldest), None) == (None, "cut")
     rule = _CutRule(None, asyncio.new_event_loop().create_future(), chain_of(oldest))
     assert rule(5, 9.0, None) is None  # no gate (fixed K), no verdict: never stops
 
