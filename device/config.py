@@ -50,7 +50,11 @@ class DeviceConfig(Settings):
     top_p: float = setting(1.0, "nucleus sampling mass in [0, 1] (0 or 1: off)")
     top_k: int = setting(0, "sample among the k likeliest tokens (0: off)")
     top_m: int = setting(DEFAULT_TOP_M, "draft support sent per token when sampling", check=(ge(1), le(MAX_Q_SUPPORT)))
-    seed: int = setting(0, "seed of the drafter's and the edge's random draws")
+    seed: int = setting(
+        0,
+        "seed of the drafter's and the edge's random draws (the same seed and prompt sample the same text: "
+        "give independent samples their own seeds)",
+    )
     no_chat_template: bool = setting(False, "send the prompt text as is")
     connect_timeout_s: float = setting(
         10.0,

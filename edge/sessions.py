@@ -145,6 +145,11 @@ class TargetSession:
         (OUT_OF_RANGE). Pure and cheap: checked on the event loop and again on the model thread."""
         if self.seq.closed or self.released:
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "the session was closed")
+        if block.guess is not None or block.follow:
+            # Verified as is, its guess would be ignored (a wrong verdict): `resolve_ahead` first.
+            raise StatusError(
+                grpc.StatusCode.FAILED_PRECONDITION, "a send-ahead block must be resolved against its parent first"
+            )
         if block.round != self.rounds:
             raise StatusError(
                 grpc.StatusCode.FAILED_PRECONDITION,

@@ -37,7 +37,7 @@ def parse_request(cls: type[_M], data: bytes) -> _M:
     (corrupt wire format, bad UTF-8 in a string field)."""
     try:
         return cls.FromString(data)
-    except DecodeError as exc:
+    except (DecodeError, UnicodeDecodeError) as exc:  # pure-Python protobuf raises the latter for bad UTF-8
         name = cls.DESCRIPTOR.name
         raise StatusError(
             grpc.StatusCode.INVALID_ARGUMENT, f"malformed {name} ({len(data)} bytes): {clip(str(exc))}"

@@ -232,6 +232,13 @@ def test_resolve_ahead_rules(target: LoadedModel) -> None:
     # An empty block ahead follows whatever its parent gave (round 1 above rejected or accepted).
     assert s.resolve_ahead(DraftBlock(round=2, ids=(), follow=True), 4) == DraftBlock(round=2, ids=())
     assert s.resolve_ahead(DraftBlock(round=3, ids=(), follow=True), 4) is None  # its parent was never verified
+    # Verified unresolved, a block's guess would be ignored (a wrong verdict): refused instead.
+    from gelato.edge.verifier import verify_batch
+
+    for unresolved in (DraftBlock(round=s.rounds, ids=(5,), guess=7), DraftBlock(round=s.rounds, ids=(), follow=True)):
+        (outcome,) = verify_batch([(s, unresolved)])
+        assert isinstance(outcome, StatusError) and outcome.code == grpc.StatusCode.FAILED_PRECONDITION, outcome
+        assert "resolved against its parent" in outcome.details
     s.close()
 
 

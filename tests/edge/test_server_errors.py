@@ -5,6 +5,9 @@ Runs against a real `gelato-edge` process over loopback.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -379,3 +382,24 @@ def test_streams_that_send_no_open_are_bounded_and_ended(pair: dict[str, Path], 
     assert result["codes"] == {grpc.StatusCode.DEADLINE_EXCEEDED}, result
     assert result["details"] == {f"no open within {open_timeout_s:g} s of the stream's start"}, result
     assert open_timeout_s - 1 <= result["ended_after_s"] <= open_timeout_s + 10, result  # type: ignore[operator]
+
+
+def test_bad_utf8_is_invalid_argument_with_the_pure_python_protobuf_too() -> None:
+    """protobuf's pure-Python implementation (PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python, or a
+    platform without its compiled wheels) raises UnicodeDecodeError, not DecodeError, for a string
+    field with bad UTF-8: that was INTERNAL, a client's mistake answered as the edge's fault."""
+    code = (
+        "from gelato.edge.statuses import parse_request\n"
+        "from gelato.edge.sessions import StatusError\n"
+        "from gelato.v1 import gelato_pb2 as pb\n"
+        "from google.protobuf.internal import api_implementation\n"
+        "assert api_implementation.Type() == 'python', api_implementation.Type()\n"
+        "try:\n"
+        "    parse_request(pb.DeviceMessage, b'\\x0a\\x05\\x12\\x03\\xff\\xfe\\xfd')\n"
+        "except StatusError as exc:\n"
+        "    print(exc.code.name, exc.details)\n"
+    )
+    env = {**os.environ, "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("INVALID_ARGUMENT malformed DeviceMessage"), res.stdout
