@@ -9,7 +9,7 @@ returns its final status and details. Every case changes ONE thing from a well-f
 its status is known exactly: each field of OpenSession, DraftBlock and SparseDist out of range
 (NaN/inf/negative float16 probabilities included), wrong rounds, draft before open, double open,
 blocks past the context limit or the reservation. Cases that corrupt the encoding itself (random
-bytes, truncated protobuf, bad UTF-8, flipped bits, a message over the 16 MiB limit) are allowed
+bytes, truncated protobuf, bad UTF-8, flipped bits, a message over the 4 MiB limit) are allowed
 any status that names what happened (INVALID_ARGUMENT for bytes that do not parse;
 RESOURCE_EXHAUSTED, gRPC's own, for the oversize message; whatever the bytes decode to when they do
 parse).

@@ -5,7 +5,7 @@ each method in `methods` run at once, and one more ends at once with RESOURCE_EX
 names the method and the limit) without reaching the service. A call frees its place when it ends,
 however it ends. `EdgeHealth` is the health servicer with one more rule: a `Watch` or `Check` for
 a service name longer than `MAX_SERVICE_NAME_CHARS` is refused INVALID_ARGUMENT, since a watcher
-keeps its request (up to the 16 MiB message limit) and a dictionary entry keyed by the name for
+keeps its request (up to the 4 MiB message limit) and a dictionary entry keyed by the name for
 as long as it watches.
 
 Why: a Session stream is bounded by admission and by the cap on streams waiting to open; these

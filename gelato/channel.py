@@ -8,7 +8,11 @@ it: an IPv6 literal in brackets, given with them or not.
 
 from __future__ import annotations
 
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The largest legitimate message is an open carrying a long prompt (packed token ids, 3-4 bytes each:
+# 4 MiB holds a million tokens) or a draft block with its sampled q (~200 KB at 32 drafts x 1024
+# ids). Every message is parsed on the edge's event loop before any check, ~2.3 ms per MiB: a
+# tighter bound keeps one client's garbage from stalling every session (16 MiB took ~37 ms).
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 CLIENT_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 30_000),

@@ -276,6 +276,19 @@ def test_unparsable_bytes_are_invalid_argument(edge: EdgeProcess, stub: pb_grpc.
     assert stub.Info(pb.InfoRequest(), timeout=10).active_sessions == 0
 
 
+def test_a_message_over_the_limit_is_refused_by_grpc_unparsed(edge: EdgeProcess, stub: pb_grpc.GelatoStub) -> None:
+    """Messages are parsed on the event loop: one over `MAX_MESSAGE_BYTES` (4 MiB; it was 16,
+    ~37 ms of parsing each) is gRPC's RESOURCE_EXHAUSTED before it reaches the service, and the
+    edge serves on."""
+    from gelato.channel import MAX_MESSAGE_BYTES
+
+    assert MAX_MESSAGE_BYTES == 4 * 2**20
+    big = pb.DeviceMessage(open=pb.OpenSession(drafter_model="x" * (MAX_MESSAGE_BYTES + 1))).SerializeToString()
+    err = raw_session(edge, [big])
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+    assert stub.Info(pb.InfoRequest(), timeout=10).active_sessions == 0
+
+
 def generate(round_no: int, max_tokens: int) -> pb.DeviceMessage:
     return pb.DeviceMessage(generate=pb.Generate(round=round_no, max_tokens=max_tokens))
 
