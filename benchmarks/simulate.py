@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         return pipelining_main(args, traces, costs, meta, channel, t0)
     defaults = sw.SweepConfig()
     cfg = sw.SweepConfig(
+        # A fixed K above --max-draft would run as K = max-draft under another name.
+        fixed_ks=tuple(k for k in defaults.fixed_ks if k <= args.max_draft),
         devices=args.devices,
         tokens_per_device=args.tokens_per_device,
         seed=args.seed,

@@ -241,6 +241,17 @@ def test_cli_writes_json_table_and_plots(trace_file: Path, tmp_path: Path, capsy
     assert "| oracle |" in capsys.readouterr().out
 
 
+def test_cli_runs_no_fixed_k_above_the_draft_cap(trace_file: Path, tmp_path: Path) -> None:
+    """With --max-draft 4 a "fixed-8" row would be fixed-4 under another name (it was: rows
+    fixed-10/12/16 at K_max 8 had fixed-8's figures)."""
+    out = tmp_path / "sim"
+    args = ["--traces", str(trace_file), "--out", str(out), "--tokens-per-device", "300", "--vs", "1"]
+    assert main([*args, "--max-draft", "4", "--no-plots"]) == 0
+    data = json.loads((out / "simulate.json").read_text())
+    fixed = sorted(int(r["label"].split("-")[1]) for r in data["baselines"] if r["label"].startswith("fixed-"))
+    assert fixed == [0, 1, 2, 3, 4]
+
+
 # ---------------------------------------------------------------- pipelining
 
 
