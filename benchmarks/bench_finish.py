@@ -30,6 +30,7 @@ from gelato.benchmarks import bench_refs
 from gelato.benchmarks.bench_report import PLOT_NAMES, exact_match, markdown, plots, score, targets
 from gelato.benchmarks.bench_run import RunResult, RunSpec, summarize, token_ids
 from gelato.benchmarks.procs import machine
+from gelato.device.policy import PolicyOptions
 
 
 def code_state() -> dict[str, Any]:
@@ -180,6 +181,9 @@ def finish(
             "drafter": args.drafter or "built-in",
             "target": args.target or "built-in",
             "seed": args.seed,
+            # What the devices used where the command gives no --v / --ahead-blocks: gelato-device's
+            # own defaults at this commit (the command does not pin them).
+            "device_defaults": {"v": PolicyOptions().v, "ahead_blocks": PolicyOptions().ahead_blocks},
         },
         "channel": channel,
         "energy_note": energy_note(args.device_profile, args.radio),

@@ -57,6 +57,7 @@ def test_gsm8k_end_to_end_on_loopback(pair: dict[str, Path], gsm8k_like: Path, t
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert not (out / "partial").exists()  # superseded by the finished run
     s = json.loads((out / "summary.json").read_text())
+    assert s["settings"]["device_defaults"] == {"v": 20.0, "ahead_blocks": 2}  # what an unpinned run used
     labels = [r["label"] for r in s["runs"]]
     assert labels[:5] == ["ar-edge", "fixed-0", "fixed-2", "ar-device", "gelato+send-ahead"]
     assert len(labels) == 6 and labels[5].startswith("gelato+send-ahead ē=") and labels[5].endswith("V=10")

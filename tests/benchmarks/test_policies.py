@@ -136,3 +136,26 @@ def test_repeats_must_be_positive() -> None:
     with pytest.raises(SystemExit) as e:
         main(["--repeats", "0", "--data", "missing.jsonl"])
     assert e.value.code == 2
+
+
+def test_budget_comparisons_count_speed_only_within_the_budget() -> None:
+    """Under a budget "gelato ≥ lyapunov" and "lyapunov ≥ fixed-K" need the controller within
+    1.05 ē: a table once printed MET for gelato ≥ lyapunov with both over their budget."""
+    from gelato.benchmarks.policies_report import compare_budgets
+
+    def run(family: str, tps: float, jpt: float, budget: float | None) -> dict[str, object]:
+        return {"label": family, "family": family, "tokens_per_s": tps, "energy_j_per_token": jpt, "budget": budget}
+
+    b = 0.010
+    fixed = run("fixed", 100.0, 0.010, None)
+
+    def targets(gelato: tuple[float, float], lyapunov: tuple[float, float]) -> dict[str, object]:
+        runs = [fixed, run("gelato", *gelato, b), run("lyapunov", *lyapunov, b)]
+        return compare_budgets(runs, [b])["per_budget"][0]["targets"]
+
+    over_both = targets((120.0, 0.012), (110.0, 0.012))  # both faster, both over 1.05 ē
+    assert over_both["gelato_ge_lyapunov"] is False and over_both["lyapunov_ge_fixed"] is False
+    kept = targets((120.0, 0.0104), (110.0, 0.0100))
+    assert kept["gelato_ge_lyapunov"] is True and kept["lyapunov_ge_fixed"] is True
+    slower_but_kept = targets((90.0, 0.0100), (110.0, 0.0120))  # lyapunov faster but over: gelato wins
+    assert slower_but_kept["gelato_ge_lyapunov"] is True and slower_but_kept["lyapunov_ge_fixed"] is False
