@@ -111,6 +111,7 @@ def targets(rows: list[dict[str, Any]], oracle_rows: list[dict[str, Any]], k_max
             row["unpipelined_met"] = row["speedup_vs_unpipelined"] >= 1.2
         out["gelato"].append(row)
     out["budgets"] = [budget_kept(r) for r in rows if r.get("budget_j_per_token") and r.get("energy_j_per_token")]
+    out["fixed_device_spread"] = device_spread(fixed) if out["budgets"] else None
     if f0:
         for r in rows:
             if r["policy"] not in ("ar-edge", "ar-device", "fixed-0") and r.get("tokens_per_s"):
@@ -131,6 +132,21 @@ def device_j_per_token(r: dict[str, Any]) -> dict[int, float]:
         joules[q["device"]] = joules.get(q["device"], 0.0) + q["energy_j"]
         tokens[q["device"]] = tokens.get(q["device"], 0) + q["n_tokens"]
     return {d: joules[d] / tokens[d] for d in sorted(joules)}
+
+
+def device_spread(fixed: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How far one device of a fixed-K run (no budget to keep) lies above its run's J/token: the
+    floor under a budgeted run's worst-device ratio (each device draws other questions; a radio
+    tail after its last one weighs most on the device with the fewest tokens). None with one
+    device or no energy."""
+    worst: dict[str, float] = {}
+    for r in fixed:
+        per_device = device_j_per_token(r)
+        if len(per_device) > 1 and r.get("energy_j_per_token"):
+            worst[r["label"]] = max(per_device.values()) / r["energy_j_per_token"]
+    if not worst:
+        return None
+    return {"min": min(worst.values()), "max": max(worst.values()), "runs": worst}
 
 
 def budget_kept(r: dict[str, Any]) -> dict[str, Any]:
@@ -274,6 +290,12 @@ def target_lines(t: dict[str, Any]) -> list[str]:
             )
         )
     out += budget_lines(t.get("budgets") or [])
+    spread = t.get("fixed_device_spread")
+    if spread:
+        out.append(
+            f"- for scale, the fixed-K runs (no budget to keep): their worst device at {spread['min']:.2f}–"
+            f"{spread['max']:.2f}× their own run's J/token (each device draws other questions)"
+        )
     losers = [k for k, v in t["beats_fixed0"].items() if not v]
     if not t["beats_fixed0"]:  # no fixed-0 run (or nothing to compare with it): nothing was checked
         verdict = "not measured (no fixed-0 run)"

@@ -553,6 +553,16 @@ def test_budgeted_runs_say_whether_they_kept_their_budget() -> None:
     alone = budgeted("gelato ē=10.0mJ c", 0.0102, [(0, 1.02, 100)])
     (solo,) = targets([alone], [], 8)["budgets"]
     assert solo["kept"] and solo["worst_device"] is None and "worst device" not in budget_lines([solo])[0]
+    # The fixed-K runs' own device spread, for scale: no budget there, yet a device over its run.
+    fixed = [row("fixed-2", "fixed", 30, 0.012), row("fixed-4", "fixed", 35, 0.011)]
+    for r, (j0, j1, n) in zip(fixed, ((0.55, 0.65, 50), (0.99, 1.21, 100)), strict=True):
+        r["per_question"] = [{"device": 0, "energy_j": j0, "n_tokens": n}, {"device": 1, "energy_j": j1, "n_tokens": n}]
+    scaled = targets([*fixed, kept], [], 8)
+    assert scaled["fixed_device_spread"]["min"] == pytest.approx(0.013 / 0.012)
+    assert scaled["fixed_device_spread"]["max"] == pytest.approx(0.0121 / 0.011)
+    note = "for scale, the fixed-K runs (no budget to keep): their worst device at 1.08–1.10×"
+    assert any(note in x for x in target_lines(scaled))
+    assert targets([*fixed, row("gelato", "gelato", 50, 0.011)], [], 8)["fixed_device_spread"] is None  # no budget
 
 
 def test_ar_device_has_no_acceptance_and_each_device_its_own_queue() -> None:
