@@ -192,6 +192,12 @@ def finish(
         "wall_s": round(wall_s, 1),
         "code_at_end": code_state(),
     }
+    if previous is not None:  # a rebuild: the devices' defaults are the run's record, not today's
+        recorded = previous.get("settings", {}).get("device_defaults")
+        if recorded is None:
+            del result["settings"]["device_defaults"]
+        else:
+            result["settings"]["device_defaults"] = recorded
     kept: list[dict[str, Any]] = []
     if previous is not None:
         kept = [] if args.no_assisted else [r for r in previous.get("references", []) if r["policy"] == "assisted"]

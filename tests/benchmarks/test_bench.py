@@ -95,6 +95,8 @@ def test_gsm8k_end_to_end_on_loopback(pair: dict[str, Path], gsm8k_like: Path, t
     # The run's provenance and its measured assisted row are kept (made to differ from what this
     # machine and tree would write); the rounds are read, not rewritten; what was recomputed is said.
     elsewhere = {**s, "machine": "another machine", "code_at_end": {"commit": "0" * 40}}
+    # A run recorded before its devices' defaults were: a rebuild must not claim today's for it.
+    elsewhere["settings"] = {k: v for k, v in s["settings"].items() if k != "device_defaults"}
     (out / "summary.json").write_text(json.dumps(elsewhere))
     rounds_bytes = (out / "rounds" / "fixed-2.jsonl.gz").read_bytes()
     again = run_bench(["report", str(out), "--no-plots"])  # rebuilt from the files alone
@@ -102,6 +104,7 @@ def test_gsm8k_end_to_end_on_loopback(pair: dict[str, Path], gsm8k_like: Path, t
     rebuilt = json.loads((out / "summary.json").read_text())
     assert [r["tokens"] for r in rebuilt["runs"]] == [r["tokens"] for r in s["runs"]]
     assert rebuilt["machine"] == "another machine" and rebuilt["code_at_end"] == {"commit": "0" * 40}
+    assert "device_defaults" not in rebuilt["settings"]
     assert [r for r in rebuilt["references"] if r["policy"] == "assisted"] == [refs["assisted"]]
     assert refs["assisted"]["measured_at"]["commit"] == s["code_at_end"]["commit"]
     assert "the assisted row as measured" in rebuilt["rebuilt"]["recomputed"] and rebuilt["rebuilt"]["code"]["commit"]
