@@ -87,7 +87,8 @@ class Fuzzer:
         f = self.rng.choice(["version", "fingerprint", "name", "prefix", "temperature", "top_p"])
         after = self.draft(0, False)
         if f == "version":
-            msg, code = self.open(protocol_version=self.rng.choice([0, 2, 99, 2**32 - 1])), PRECONDITION
+            wrong = self.rng.choice([0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, 99, 2**32 - 1])
+            msg, code = self.open(protocol_version=wrong), PRECONDITION
         elif f == "fingerprint":
             msg, code = self.open(tokenizer_fingerprint=self.rng.choice(["", "x", "é" * 40, "f" * 65536])), PRECONDITION
         elif f == "name":  # echoed in the error: clipped, or the status itself is too big to send

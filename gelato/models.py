@@ -80,15 +80,29 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 over the vocabulary (token -> id) and the special tokens: what makes the same text the
-    same ids. Not which of them is eos: a base and an instruct checkpoint of one family (Qwen2.5:
-    <|endoftext|> against <|im_end|>) share every id, and the device stops at the edge's eos ids."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    payload = {
-        "vocab": vocab,
-        "special": sorted(str(t) for t in tokenizer.all_special_tokens),
-    }
-    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:32]
+    """sha256 over what makes the same text the same ids: for a fast tokenizer its `tokenizer.json`
+    parts that encode (normalizer, pre-tokenizer, model with its vocabulary and merges, post
+    processor) and its added tokens with their flags (special, lstrip, rstrip, normalized, single
+    word); for a slow one its vocabulary and added tokens. Not which token is eos or pad: a base and
+    an instruct checkpoint of one family (Qwen2.5: <|endoftext|> against <|im_end|>; Llama 3:
+    <|end_of_text|> against <|eot_id|>) share every id, and the device stops at the edge's eos ids.
+    (Protocol 1 hashed the vocabulary and the special tokens' role names: two tokenizers that split
+    text differently, e.g. one re-saved with another pre-tokenizer, matched.)"""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        payload: dict[str, Any] = {k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "model", "post_processor")}
+        flags = ("special", "lstrip", "rstrip", "normalized", "single_word")
+        payload["added"] = sorted(
+            [t["id"], t["content"], *(t.get(f) for f in flags)] for t in spec.get("added_tokens") or []
+        )
+    else:
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        payload = {
+            "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
+            "added": sorted((i, str(t), bool(getattr(t, "special", False))) for i, t in added.items()),
+        }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:

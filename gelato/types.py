@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PROTOCOL_VERSION = 1
+# 2: the tokenizer fingerprint covers how text becomes ids (`gelato.models.tokenizer_fingerprint`);
+# a device of protocol 1 would be refused as a tokenizer mismatch, so the version says it instead.
+PROTOCOL_VERSION = 2
 MAX_FLOAT32 = 3.4028234663852886e38  # the largest finite float32 (the wire's floats)
 
 

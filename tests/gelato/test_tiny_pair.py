@@ -4,6 +4,9 @@ lossless, the tokenizer round-trips and both models share it."""
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -84,3 +87,62 @@ def test_fingerprint_is_the_ids_not_which_one_is_eos(pair: dict) -> None:  # typ
     other.add_tokens(["zzqx"])
     other.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(base)  # one more token
+
+
+def _tokenizer_copy(tmp_path: Path, name: str, edit_json: Any = None, edit_config: Any = None) -> Path:
+    """The embedded target's tokenizer files in `tmp_path/name`, each edited by its function."""
+    from gelato.models import ASSETS
+
+    folder = tmp_path / name
+    folder.mkdir()
+    for file, edit in (("tokenizer.json", edit_json), ("tokenizer_config.json", edit_config)):
+        data = json.loads((ASSETS / "target" / file).read_text())
+        (folder / file).write_text(json.dumps(edit(data) if edit else data))
+    return folder
+
+
+def test_fingerprint_covers_how_text_becomes_ids(tmp_path: Path) -> None:
+    """Two tokenizers with one vocabulary that split text differently (digits split one by one; a
+    merge table cut short) are told apart: the fingerprint once hashed the vocabulary alone, and a
+    drafter re-saved with another pre-tokenizer passed the session-open check while it fed the
+    target ids the target's own tokenizer would never produce for that text."""
+    from gelato.models import load_tokenizer, tokenizer_fingerprint
+
+    def split_digits(d: dict[str, Any]) -> dict[str, Any]:
+        digits = {"type": "Digits", "individual_digits": True}
+        d["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [digits, d["pre_tokenizer"]]}
+        return d
+
+    def fewer_merges(d: dict[str, Any]) -> dict[str, Any]:
+        d["model"]["merges"] = d["model"]["merges"][:50]
+        return d
+
+    same = load_tokenizer(_tokenizer_copy(tmp_path, "same"))
+    base = tokenizer_fingerprint(same)
+    text = "Ben has 34 marbles and 1250 stickers."
+    for name, edit in (("digits", split_digits), ("merges", fewer_merges)):
+        other = load_tokenizer(_tokenizer_copy(tmp_path, name, edit_json=edit))
+        assert other.get_vocab() == same.get_vocab(), name  # one vocabulary ...
+        assert other.encode(text) != same.encode(text), name  # ... other ids for the same text
+        assert tokenizer_fingerprint(other) != base, name
+
+
+def test_fingerprint_ignores_which_token_is_named_eos_or_pad(tmp_path: Path) -> None:
+    """Checkpoints of one family that differ only in the role names of their special tokens (Llama 3
+    base <|end_of_text|> against instruct <|eot_id|>) encode alike: one fingerprint (the role
+    names were once hashed, and such a pair was refused at session open)."""
+    from gelato.models import load_tokenizer, tokenizer_fingerprint
+
+    def with_eot(d: dict[str, Any]) -> dict[str, Any]:
+        new_id = max(t["id"] for t in d["added_tokens"]) + 1 + max(d["model"]["vocab"].values())
+        flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        d["added_tokens"].append({"id": new_id, "content": "<|eot|>", **flags})
+        return d
+
+    def eos(name: str) -> Any:
+        return lambda c: {**c, "eos_token": name, "pad_token": name}
+
+    base = load_tokenizer(_tokenizer_copy(tmp_path, "base", with_eot, eos("<|endoftext|>")))
+    instruct = load_tokenizer(_tokenizer_copy(tmp_path, "instruct", with_eot, eos("<|eot|>")))
+    assert base.eos_token_id != instruct.eos_token_id and base.get_vocab() == instruct.get_vocab()
+    assert tokenizer_fingerprint(base) == tokenizer_fingerprint(instruct)

@@ -7,7 +7,16 @@ import pytest
 
 from gelato.device.policy import FixedK, parse_policy
 from gelato.sampling import KeyedRng
-from gelato.types import DraftBlock, EdgeInfo, SamplingParams, SessionInfo, SessionOpen, SparseDist, Verdict
+from gelato.types import (
+    PROTOCOL_VERSION,
+    DraftBlock,
+    EdgeInfo,
+    SamplingParams,
+    SessionInfo,
+    SessionOpen,
+    SparseDist,
+    Verdict,
+)
 from gelato.v1 import gelato_pb2 as pb
 from gelato.wire import (
     MAX_Q_SUPPORT,
@@ -188,7 +197,7 @@ def test_open_round_trip() -> None:
     assert msg.WhichOneof("kind") == "open"
     assert decode_open(msg.open, vocab_size=10, context_limit=16) == req
     # What a peer leaves unset decodes as the defaults: greedy, no token limit, no name.
-    bare = pb.OpenSession(protocol_version=1, tokenizer_fingerprint="fp", prefix_ids=[1])
+    bare = pb.OpenSession(protocol_version=PROTOCOL_VERSION, tokenizer_fingerprint="fp", prefix_ids=[1])
     assert decode_open(bare, 10, 16) == SessionOpen(prefix_ids=(1,), tokenizer_fingerprint="fp")
 
 
