@@ -135,8 +135,10 @@ def load_tokenizer(name: str | Path, offline: bool = True) -> Any:
 
 
 def _looks_local(name: str) -> bool:
-    """A path, not a hub id (`org/name`): absolute, relative to `.`/`..`, or under `~`."""
-    return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
+    """A path, not a hub id (`name` or `org/name`): absolute, relative to `.`/`..`, under `~`, or
+    with more than one `/` or any `\\` (no hub id has them; the hub client answered such a typo
+    with a repository-id syntax error)."""
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or name.count("/") > 1 or "\\" in name
 
 
 def _missing_checkpoint_parts(folder: Path) -> list[str]:
@@ -149,7 +151,8 @@ def _missing_checkpoint_parts(folder: Path) -> list[str]:
         missing.append("model weights (*.safetensors or pytorch_model.bin)")
     # tokenizer_config.json alone is no tokenizer: loading then gave an empty one (every prompt
     # zero tokens, a fingerprint matching nothing).
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+    has = {f: (folder / f).is_file() for f in (*TOKENIZER_FILES, "merges.txt")}
+    if not (has["tokenizer.json"] or has["tokenizer.model"] or (has["vocab.json"] and has["merges.txt"])):
         missing.append("a tokenizer (tokenizer.json, or vocab.json with merges.txt, or tokenizer.model)")
     return missing
 
@@ -203,8 +206,9 @@ def _hub_mode(name: str, role: str) -> bool:
             if partly
             else "not in the local cache"
         )
+        typo = f" (no local folder {name!r} either)" if Path(name.split("/")[0]).is_dir() else ""
         raise ModelLoadError(
-            f"cannot load {role} {name!r}: it is {what} and the hub cannot be reached; "
+            f"cannot load {role} {name!r}: it is {what} and the hub cannot be reached{typo}; "
             "pass a local folder, or set HF_HUB_OFFLINE=1 once it is cached"
         )
     return False

@@ -136,3 +136,26 @@ def test_model_loading_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(ModelLoadError, match="not in the local cache and the hub cannot be reached"):
         load_model("example-org/no-such-model", "drafter", "float32", "cpu")
     assert time.monotonic() - t0 < 10
+
+
+def test_a_mistyped_relative_path_is_named_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative path that does not exist is not sent to the hub as an id: with more than one `/`
+    it is "no such local folder" (it was the hub client's repository-id syntax error); with one,
+    whose first part is a local folder, the hub's answer says no such local folder exists either.
+    A folder with vocab.json but no merges.txt is no tokenizer (it failed inside the loader)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"cannot load target 'checkpoints/qwen/target': no such local folder"):
+        load_model("checkpoints/qwen/target", "target", "float32", "cpu")
+    (tmp_path / "ckpts").mkdir()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelLoadError, match=r"hub cannot be reached \(no local folder 'ckpts/targt' either\)"):
+        load_model("ckpts/targt", "target", "float32", "cpu")
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    (half / "model.safetensors").write_bytes(b"")
+    (half / "vocab.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="missing a tokenizer"):
+        load_model(str(half), "target", "float32", "cpu")
