@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -157,11 +158,17 @@ def energy_lines(rows: list[dict[str, Any]], radio: str = DEFAULT_RADIO) -> list
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gelato-demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--pair", choices=["embedded", "random"], default="embedded")
-    p.add_argument("--prompts", type=int, default=6)
-    p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument(
-        "--policies", default="ar-edge,fixed-0,fixed-4,heuristic,lyapunov,gelato", help="the first is the reference"
+        "--pair",
+        choices=["embedded", "random"],
+        default="embedded",
+        help="embedded: the GSM8K-trained tiny pair (default); random: a random-weight pair built now",
+    )
+    p.add_argument("--prompts", type=int, default=6, help="word problems to ask (default 6)")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="per prompt (default 96)")
+    policies = "ar-edge,fixed-0,fixed-4,heuristic,lyapunov,gelato"
+    p.add_argument(
+        "--policies", default=policies, help=f"gelato-device policies, the first the reference (default {policies})"
     )
     p.add_argument("--meter", default="cpu-model", help=METER_HELP)
     p.add_argument(
@@ -169,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_RADIO,
         help=f"radio energy model, passed to gelato-device --radio (default {DEFAULT_RADIO}; none: no radio energy)",
     )
-    p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON to this file")
     return p
 
 
@@ -195,6 +202,8 @@ def check_args(args: argparse.Namespace) -> str:
         return f"--meter: unknown meter {args.meter!r} (one of {', '.join(meters)}, replay:FILE)"
     if args.radio not in (*RADIOS, "none"):
         return f"--radio: unknown radio {args.radio!r} (one of {', '.join((*RADIOS, 'none'))})"
+    if args.json is not None and not args.json.parent.is_dir():  # written at the end: know now
+        return f"--json: no such folder: {args.json.parent}"
     return ""
 
 
@@ -210,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:  # a device or edge process failed: its own output says why
         print(f"gelato-demo: error: {exc}", file=sys.stderr)
         return 1
+    except subprocess.TimeoutExpired as exc:  # a device that hangs (the edge was stopped on the way out)
+        print(f"gelato-demo: error: a device run took longer than {exc.timeout:g} s", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: the edge was stopped on the way out; one line, as gelato-device
+        print("gelato-demo: interrupted", file=sys.stderr)
+        return 130
 
 
 def run(args: argparse.Namespace) -> int:

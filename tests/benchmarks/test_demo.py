@@ -138,6 +138,7 @@ def test_energy_note_warns_when_a_host_wide_meter_read_the_edge_too() -> None:
         (["--policies", "ar-edge,gelatto"], "--policies: unknown policy 'gelatto'"),
         (["--policies", "ar-edge,"], "--policies: an empty name"),
         (["--meter", "watts"], "--meter: unknown meter 'watts'"),
+        (["--json", "/nonexistent/rows.json"], "--json: no such folder: /nonexistent"),  # was a traceback at the end
     ],
 )
 def test_bad_arguments_fail_before_any_process_starts(
@@ -165,3 +166,33 @@ def test_exit_on_signals_leaves_an_ignored_sighup_ignored() -> None:
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is term_before
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+@pytest.mark.parametrize("fault", ["interrupt", "hang"])
+def test_ctrl_c_or_a_hung_device_is_one_line_and_stops_the_edge(
+    fault: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C during a device run, or a device that outlives its timeout, ended the demo with a
+    traceback: now one line (exit 130, or 1), and the edge is stopped either way."""
+    from gelato.benchmarks import demo
+
+    stopped: list[bool] = []
+
+    class Edge:
+        address = "127.0.0.1:1"
+
+        def stop(self) -> None:
+            stopped.append(True)
+
+    def device(args: list[str]) -> list[dict[str, Any]]:
+        if fault == "interrupt":
+            raise KeyboardInterrupt
+        raise subprocess.TimeoutExpired(["gelato-device"], 900)
+
+    monkeypatch.setattr(demo, "start_edge", lambda args: Edge())
+    monkeypatch.setattr(demo, "run_device", device)
+    assert main(["--prompts", "1"]) == (130 if fault == "interrupt" else 1)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert ("interrupted" if fault == "interrupt" else "took longer than 900 s") in err
+    assert stopped == [True]
