@@ -119,7 +119,8 @@ class KVSequence:
             return
         with torch.inference_mode():
             ids = torch.tensor([self.tokens[self.cached : upto]], dtype=torch.long, device=self.device)
-            self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: self.cache})
+            keep = {"logits_to_keep": 1} if self.keep_last else {}  # a model that takes no such argument
+            self.model(input_ids=ids, use_cache=True, **keep, **{self.cache_kwarg: self.cache})
 
     def truncate(self, length: int) -> None:
         """Keep tokens[:length]; drop KV past it (KV never extends beyond the kept tokens)."""
