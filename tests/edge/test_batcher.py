@@ -112,10 +112,7 @@ def test_an_interrupt_on_the_model_thread_answers_its_rows_and_frees_the_batcher
     """A BaseException that is not an Exception (KeyboardInterrupt raised on the model thread)
     escapes the batch: its rows get an error naming it, and the next request is verified, not
     left waiting for a model thread nobody freed."""
-    import pytest
-
     from gelato.edge import batcher as batcher_module
-    from gelato.edge.model_thread import ModelThread
 
     real = batcher_module.verify_batch
     calls: list[int] = []
@@ -128,23 +125,8 @@ def test_an_interrupt_on_the_model_thread_answers_its_rows_and_frees_the_batcher
 
     monkeypatch.setattr(batcher_module, "verify_batch", interrupted_once)
 
-    async def run() -> Verdict:
-        executor = ModelThread()
-        pool = KVPool(target.model, target.vocab_size, slots=0, context=0, max_context=target.context_limit)
-        session = TargetSession("s", target, SamplingParams(), [5, 6, 7], pool=pool)
-        session.prefill()
-        batcher = Batcher(executor, 0.0, 16, lambda: 1, EdgeMetrics())
-        batcher.start()
-        try:
-            with pytest.raises(RuntimeError, match="verification interrupted") as info:
-                await asyncio.wait_for(batcher.verify(session, DraftBlock(0, ()), time.perf_counter()), 30)
-            assert isinstance(info.value.__cause__, KeyboardInterrupt)
-            return await asyncio.wait_for(batcher.verify(session, DraftBlock(0, ()), time.perf_counter()), 30)
-        finally:
-            await batcher.stop()
-            executor.shutdown()
-
-    verdict = asyncio.run(run())
+    verdict, error = _fault_then_verdict(target, 1, "verification interrupted")
+    assert isinstance(error.__cause__, KeyboardInterrupt)
     assert verdict.round == 0 and len(calls) == 2
     assert "model thread interrupted by KeyboardInterrupt('on the model thread')" in caplog.text
 
@@ -155,10 +137,6 @@ def test_a_fault_while_forming_a_batch_fails_its_rows_not_the_batcher(
     """A fault in the batcher task itself (a bug while forming a batch) fails the rows it holds,
     logged, and the next request is verified: a dead batcher task would leave every session of
     the edge waiting for verdicts."""
-    import pytest
-
-    from gelato.edge.model_thread import ModelThread
-
     real = Batcher._collect
     calls: list[int] = []
 
@@ -170,23 +148,34 @@ def test_a_fault_while_forming_a_batch_fails_its_rows_not_the_batcher(
 
     monkeypatch.setattr(Batcher, "_collect", broken_once)
 
-    async def run() -> Verdict:
+    # Two open sessions as far as the batcher knows: requests go through its task, not straight to
+    # the model thread.
+    verdict, _ = _fault_then_verdict(target, 2, "forming broke")
+    assert verdict.round == 0 and len(calls) == 2
+    assert "forming a batch of 1 row(s) failed" in caplog.text
+
+
+def _fault_then_verdict(target: LoadedModel, open_sessions: int, match: str) -> tuple[Verdict, BaseException]:
+    """A session's block meets the injected fault (its error matching `match`), then its next block
+    is verified all the same: the batcher and the model thread outlived the fault."""
+    import pytest
+
+    from gelato.edge.model_thread import ModelThread
+
+    async def run() -> tuple[Verdict, BaseException]:
         executor = ModelThread()
         pool = KVPool(target.model, target.vocab_size, slots=0, context=0, max_context=target.context_limit)
         session = TargetSession("s", target, SamplingParams(), [5, 6, 7], pool=pool)
         session.prefill()
-        # Two open sessions as far as the batcher knows: requests go through its task, not straight
-        # to the model thread.
-        batcher = Batcher(executor, 0.0, 16, lambda: 2, EdgeMetrics())
+        batcher = Batcher(executor, 0.0, 16, lambda: open_sessions, EdgeMetrics())
         batcher.start()
         try:
-            with pytest.raises(RuntimeError, match="forming broke"):
+            with pytest.raises(RuntimeError, match=match) as info:
                 await asyncio.wait_for(batcher.verify(session, DraftBlock(0, ()), time.perf_counter()), 30)
-            return await asyncio.wait_for(batcher.verify(session, DraftBlock(0, ()), time.perf_counter()), 30)
+            verdict = await asyncio.wait_for(batcher.verify(session, DraftBlock(0, ()), time.perf_counter()), 30)
+            return verdict, info.value
         finally:
             await batcher.stop()
             executor.shutdown()
 
-    verdict = asyncio.run(run())
-    assert verdict.round == 0 and len(calls) == 2
-    assert "forming a batch of 1 row(s) failed" in caplog.text
+    return asyncio.run(run())
