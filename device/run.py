@@ -24,7 +24,7 @@ from gelato.device.client_errors import EdgeError, EdgeUnreachable
 from gelato.device.config import DeviceConfig
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant
-from gelato.device.generate import GenerationResult, Limits, self_verifier, speculative_generate
+from gelato.device.generate import GenerationResult, GenerationStats, Limits, self_verifier, speculative_generate
 from gelato.device.policy import Policy, parse_policy
 from gelato.models import LoadedModel, encode_prompt
 from gelato.types import Telemetry
@@ -42,6 +42,24 @@ def controller_record(policy: Policy) -> dict[str, Any]:
         "energy_budget_j_per_token": q.budget_j_per_token if q else None,
         "q_deficit_j": q.q_j if q else None,
         "long_run_j_per_token": finite_or_none(q.j_per_token) if q else None,
+    }
+
+
+def pipeline_record(s: GenerationStats) -> dict[str, int]:
+    """What pipelining did, from the rounds (all 0 without it): `predrafted_rounds` rounds with a
+    pre-draft (or a block sent ahead) in flight behind them, `predraft_hits` of them that it
+    started; `sent_ahead` blocks with drafts or a guess sent before their parent's verdict
+    (verified or stale), `stale_blocks` of them answered stale, `sent_empty` empty blocks sent
+    ahead (counted apart, never stale)."""
+    log = s.rounds_log
+    empty = sum(t.sent_ahead and t.follow for t in log)
+    stale = sum(t.stale_blocks for t in log)
+    return {
+        "predrafted_rounds": sum(t.predrafted > 0 for t in log),
+        "predraft_hits": sum(t.predraft_hit for t in log),
+        "sent_ahead": sum(t.sent_ahead for t in log) - empty + stale,
+        "stale_blocks": stale,
+        "sent_empty": empty,
     }
 
 
@@ -74,6 +92,7 @@ def result_record(prompt: str, res: GenerationResult, loaded: LoadedModel, polic
         "radio_model": s.radio_model or None,
         "bytes_up": s.bytes_up,
         "bytes_down": s.bytes_down,
+        **pipeline_record(s),
         "policy": policy.name,
         **controller_record(policy),
         "drafter": loaded.name,

@@ -88,6 +88,18 @@ def test_greedy_equals_target_generate(
         assert rec["stop_reason"] in ("eos", "max_new_tokens")
     drafted = sum(r["drafted"] for r in records)
     accepted = sum(r["accepted"] for r in records)
+    total = {k: sum(r[k] for r in records) for k in ("predrafted_rounds", "sent_ahead", "stale_blocks", "sent_empty")}
+    # The pipelined cases pipelined (a --pipeline lost on the way would pass on tokens alone).
+    if "send-ahead" in policy:
+        assert total["sent_ahead"] + total["sent_empty"] > 0, total
+        if drafter == "drafter_never" and policy[1] == "fixed-4":
+            assert total["stale_blocks"] > 0, total  # every guess after a rejection is wrong
+    elif "local" in policy:
+        assert total["sent_ahead"] == total["sent_empty"] == 0, total
+        if policy[1] == "fixed-4":  # gelato pre-drafts only where its estimates say it pays
+            assert total["predrafted_rounds"] > 0, total
+    else:
+        assert total == {"predrafted_rounds": 0, "sent_ahead": 0, "stale_blocks": 0, "sent_empty": 0}, total
     if policy[1] in ("fixed-0", "ar-edge"):
         assert drafted == 0
         assert all(r["rounds"] == r["n_tokens"] for r in records)
