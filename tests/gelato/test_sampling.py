@@ -327,3 +327,33 @@ def test_sampling_params_validate(params: SamplingParams, ok: bool) -> None:
     else:
         with pytest.raises(ValueError, match=r"temperature|top_p|top_k|seed"):
             params.validate()
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 1.0), (0.9, 0, 0.8), (0.6, 20, 0.9), (1.0, 3, 0.5)],
+)
+def test_process_logits_is_what_transformers_generate_samples_from(
+    temperature: float, top_k: int, top_p: float
+) -> None:
+    """The target's distribution here is transformers' own: its temperature, top-k and top-p
+    warpers, in `generate`'s order, then softmax, give the same probabilities on random rows (no
+    ties: their order is where the two may differ, and `top_p_filter` keeps every tied token)."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 500) * 3
+    warpers: list[object] = [TemperatureLogitsWarper(temperature)]
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    scores = logits.clone()
+    for warp in warpers:
+        scores = warp(torch.zeros(64, 1, dtype=torch.long), scores)  # type: ignore[operator]
+    theirs = torch.softmax(scores, dim=-1)
+    ours = process_logits(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+    assert torch.equal(ours > 0, theirs > 0)  # the same support, row by row
+    assert torch.allclose(ours, theirs, atol=2e-6, rtol=0)
