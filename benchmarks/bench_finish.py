@@ -32,6 +32,8 @@ from gelato.benchmarks.bench_run import RunResult, RunSpec, summarize, token_ids
 from gelato.benchmarks.procs import machine
 from gelato.device.policy import PolicyOptions
 
+DEVICE_DEFAULTS = PolicyOptions()  # gelato-device's own controller settings, as a run records them
+
 
 def code_state() -> dict[str, Any]:
     """The commit, the files changed on top of it and a hash of the device/edge/gelato sources:
@@ -183,7 +185,7 @@ def finish(
             "seed": args.seed,
             # What the devices used where the command gives no --v / --ahead-blocks: gelato-device's
             # own defaults at this commit (the command does not pin them).
-            "device_defaults": {"v": PolicyOptions().v, "ahead_blocks": PolicyOptions().ahead_blocks},
+            "device_defaults": {"v": DEVICE_DEFAULTS.v, "ahead_blocks": DEVICE_DEFAULTS.ahead_blocks},
         },
         "channel": channel,
         "energy_note": energy_note(args.device_profile, args.radio),
