@@ -19,7 +19,9 @@ forwarded after the data queued before them.
 Timing. epoll waits are 1 ms coarse, so a writer sleeps on the event loop until `SPIN_MARGIN_S`
 (1.5 ms) before its deadline and then finishes with a short blocking sleep + spin: measured on the
 development machine, 10/20/50 ms one way → 20.3/40.3/100.4 ms round trips this way. The blocking
-part stalls the loop for at most the margin, which only matters with many busy connections (not the benchmark's one).
+part stalls the loop for at most the margin; meanwhile no other connection's chunk is read and
+stamped, so with several busy connections (the benchmark's devices all dial one relay) a chunk can
+arrive up to the margin late.
 
 Probes, so runs record the round trip they really had next to the nominal one:
 `echo_rtt(one_way_ms, ...)` (small echoes through an in-process proxy to an in-process echo
