@@ -95,6 +95,7 @@ async def load_target(server: EdgeServer, config: EdgeConfig) -> LoadedModel:
     follow (a layer whose parts run on different devices) is a ModelLoadError naming it."""
     from gelato.edge.placement import model_kv_devices
     from gelato.edge.pool_cache import pool_model
+    from gelato.edge.pool_check import check_pool
     from gelato.models import ModelLoadError, load_model
 
     if config.device_map is None:
@@ -118,7 +119,9 @@ async def load_target(server: EdgeServer, config: EdgeConfig) -> LoadedModel:
         raise ModelLoadError(f"--device-map {config.device_map}: {exc}") from None
     runs = ", ".join(f"{devices.count(d)} on {d}" for d in dict.fromkeys(devices))
     print(f"gelato-edge: --device-map {config.device_map}: layers (and their KV) run {runs}", file=sys.stderr)
-    loaded = server.service.loaded = pool_model(loaded)
+    loaded = pool_model(loaded)
+    await asyncio.get_running_loop().run_in_executor(server.service.executor, check_pool, loaded)
+    server.service.loaded = loaded
     await server._set_health(health_pb2.HealthCheckResponse.SERVING)
     return loaded
 

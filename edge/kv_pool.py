@@ -111,7 +111,8 @@ class KVPool:
         cfg = model.config
         self.model, self.vocab_size = model, vocab_size
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.kv_heads = cfg.num_key_value_heads
+        # Multi-head attention configs (GPT-2, OPT, GPT-NeoX) name no KV heads: one per query head.
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.dtype = next(model.parameters()).dtype
         self.device = input_device(model)  # ids, positions, mask and the logits returned
         self.max_context = max_context or int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20)

@@ -38,6 +38,7 @@ from gelato.edge.auth import BearerAuth
 from gelato.edge.config import EdgeConfig
 from gelato.edge.endless import ENDLESS_METHODS, MAX_ENDLESS_STREAMS, EdgeHealth, StreamCap
 from gelato.edge.pool_cache import pool_model
+from gelato.edge.pool_check import check_pool
 from gelato.edge.service import BACKSTOP_S, SERVICE_NAME, SETTLE_S, GelatoService
 from gelato.models import LoadedModel, load_model
 from gelato.security import server_credentials
@@ -127,7 +128,9 @@ class EdgeServer:
     async def load(self, target: str | None, dtype: str, device: str) -> LoadedModel:
         loop = asyncio.get_running_loop()
         loaded = await loop.run_in_executor(self.service.executor, load_model, target, "target", dtype, device)
-        loaded = self.service.loaded = pool_model(loaded)
+        loaded = pool_model(loaded)
+        await loop.run_in_executor(self.service.executor, check_pool, loaded)
+        self.service.loaded = loaded
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return loaded
 
