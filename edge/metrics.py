@@ -6,7 +6,9 @@ not collide); `serve(host, port)` exposes it over plain HTTP without authenticat
 `gelato_edge_sessions_active`, `gelato_edge_batches_total`, `gelato_edge_batch_rows_total`
 (rows / batches = mean batch size), `gelato_edge_verify_seconds` (histogram of a batch's
 forward + acceptance), `gelato_edge_tokens_accepted_total`, `gelato_edge_tokens_drafted_total`,
-`gelato_edge_sessions_rejected_total`, `gelato_edge_kv_bytes`,
+`gelato_edge_sessions_rejected_total{reason="admission"|"kv_memory"|"waiting_streams"}` (opens
+refused for lack of room: `--max-sessions` or `--kv-budget-mb`; no device memory for the KV; too
+many streams waiting to open), `gelato_edge_kv_bytes`,
 `gelato_edge_kv_pool_bytes`, `gelato_edge_ahead_blocks_total{outcome="hit"|"stale"}` (send-ahead
 blocks verified / answered stale; one that fails is neither).
 """
@@ -14,6 +16,8 @@ blocks verified / answered stale; one that fails is neither).
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REJECT_REASONS = ("admission", "kv_memory", "waiting_streams")
 
 
 class EdgeMetrics:
@@ -31,8 +35,10 @@ class EdgeMetrics:
         self.tokens_accepted = Counter("gelato_edge_tokens_accepted", "Draft tokens accepted", registry=r)
         self.tokens_drafted = Counter("gelato_edge_tokens_drafted", "Draft tokens received", registry=r)
         self.sessions_rejected = Counter(
-            "gelato_edge_sessions_rejected", "Session opens refused by admission control", registry=r
+            "gelato_edge_sessions_rejected", "Session opens refused for lack of room, by reason", ["reason"], registry=r
         )
+        for reason in REJECT_REASONS:
+            self.sessions_rejected.labels(reason)
         self.kv_bytes = Gauge("gelato_edge_kv_bytes", "Target KV bytes of open sessions' tokens", registry=r)
         self.kv_pool_bytes = Gauge(
             "gelato_edge_kv_pool_bytes", "Target KV pool memory allocated (all slots at its context)", registry=r

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 
 import grpc
 from grpc._cython.cygrpc import ExecuteBatchError
@@ -69,6 +71,14 @@ _POLL_S = 0.02  # how often shutdown looks again at streams owed an answer
 MIN_WAITING_STREAMS = 64
 
 
+def _log_close_failure(session: TargetSession, done: Future[None]) -> None:
+    """A session's close runs on the model thread and nobody awaits it: its failure (e.g. the pool
+    could not take the shape the release asked for) is logged here, not lost. Its slot was freed
+    before anything could fail, and the shape is tried again at the next forward."""
+    if not done.cancelled() and (exc := done.exception()) is not None:
+        log.error("session %s: closing it on the model thread failed", session.session_id, exc_info=exc)
+
+
 class _Stream:
     """An open Session stream: its session once opened, and as shutdown sees it: the task serving
     it, since when (`time.monotonic()`) it waits for its device's next message (None while the
@@ -112,7 +122,7 @@ class GelatoService:
 
     def _close_on_model_thread(self, session: TargetSession) -> None:
         try:
-            self.executor.submit(session.close)
+            self.executor.submit(session.close).add_done_callback(functools.partial(_log_close_failure, session))
         except RuntimeError:
             # The server has stopped (its executor is shut down): the pool goes with it. Closing
             # here, on the event loop, would reshape the pool while a forward that outlived the
@@ -174,6 +184,7 @@ class GelatoService:
     async def Session(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         waiting = sum(s.session is None for s in self.streams)
         if waiting >= self.waiting_limit():
+            self.metrics.sessions_rejected.labels("waiting_streams").inc()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{waiting} Session streams are waiting to open on this edge (at most {self.waiting_limit()}); "
@@ -358,7 +369,7 @@ class GelatoService:
         try:
             session = self.registry.admit(m, opening.sampling, list(opening.prefix_ids), opening.max_new_tokens)
         except AdmissionError as exc:
-            self.metrics.sessions_rejected.inc()
+            self.metrics.sessions_rejected.labels("admission").inc()
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
         try:
             loop, piece = asyncio.get_running_loop(), self.config.prefill_chunk_tokens
@@ -370,8 +381,10 @@ class GelatoService:
         except BaseException as exc:
             self.registry.release(session.session_id)
             if isinstance(exc, PoolMemoryError):
+                self.metrics.sessions_rejected.labels("kv_memory").inc()
                 raise pool_full_status(exc) from exc
             if isinstance(exc, Exception) and out_of_memory(exc):
+                self.metrics.sessions_rejected.labels("kv_memory").inc()
                 raise out_of_memory_status(exc) from exc
             raise
         self.registry.mark_ready(session.session_id)

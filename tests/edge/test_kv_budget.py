@@ -458,6 +458,9 @@ def test_a_session_the_edge_has_no_kv_memory_for_is_refused_and_the_others_go_on
             await second.write(open_msg(loaded.fingerprint))
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await second.read()
+            rejected = server.service.metrics.registry.get_sample_value
+            assert rejected("gelato_edge_sessions_rejected_total", {"reason": "kv_memory"}) == 1
+            assert rejected("gelato_edge_sessions_rejected_total", {"reason": "admission"}) == 0
             for r in range(2, 4):
                 await first.write(draft(r, []))
                 tokens.append((await first.read()).verdict.next_token)

@@ -15,11 +15,13 @@ import grpc
 import numpy as np
 import pytest
 
+from gelato.edge.metrics import REJECT_REASONS
 from gelato.models import load_model
 from gelato.types import PROTOCOL_VERSION
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from tests.conftest import EdgeProcess
+from tests.edge.test_batched_grpc import free_port, scrape
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +188,8 @@ def test_context_limit_during_generation(stub: pb_grpc.GelatoStub, fingerprint: 
 
 def test_admission_control(pair: dict[str, Path], fingerprint: str) -> None:
     """Beyond --max-sessions, opening answers RESOURCE_EXHAUSTED; the open session keeps working."""
-    edge = EdgeProcess(["--target", str(pair["target"]), "--max-sessions", "1"])
+    metrics_port = free_port()
+    edge = EdgeProcess(["--target", str(pair["target"]), "--max-sessions", "1", "--metrics-port", str(metrics_port)])
     try:
         with grpc.insecure_channel(edge.address) as channel:
             stub = pb_grpc.GelatoStub(channel)
@@ -194,6 +197,7 @@ def test_admission_control(pair: dict[str, Path], fingerprint: str) -> None:
             first = stub.Session(iter_until_closed(requests), timeout=60)
             assert next(first).WhichOneof("kind") == "opened"
             expect_status(stub, [open_msg(fingerprint)], grpc.StatusCode.RESOURCE_EXHAUSTED)
+            assert rejected(metrics_port) == {"admission": 1, "kv_memory": 0, "waiting_streams": 0}
             requests.append(draft(0, [1, 2, 3]))
             assert next(first).verdict.round == 0
             requests.append(pb.DeviceMessage(close=pb.CloseSession()))
@@ -202,6 +206,12 @@ def test_admission_control(pair: dict[str, Path], fingerprint: str) -> None:
             assert out[1].verdict.round == 0
     finally:
         assert edge.stop() == 0  # SIGTERM: graceful shutdown, exit status 0
+
+
+def rejected(metrics_port: int) -> dict[str, float]:
+    """`gelato_edge_sessions_rejected_total` by reason, scraped from a running edge."""
+    scraped = scrape(metrics_port)
+    return {r: scraped[f'gelato_edge_sessions_rejected_total{{reason="{r}"}}'] for r in REJECT_REASONS}
 
 
 def iter_until_closed(requests: list[pb.DeviceMessage]) -> Iterator[pb.DeviceMessage]:
@@ -382,9 +392,12 @@ def test_streams_that_send_no_open_are_bounded_and_ended(pair: dict[str, Path], 
     import asyncio
 
     open_timeout_s = 8.0
-    edge = EdgeProcess(["--target", str(pair["target"]), "--max-sessions", "1", "--open-timeout-s", "8"])
+    metrics_port = free_port()
+    args = ["--max-sessions", "1", "--open-timeout-s", "8", "--metrics-port", str(metrics_port)]
+    edge = EdgeProcess(["--target", str(pair["target"]), *args])
     try:
         result = asyncio.run(_silent_streams(edge.address, fingerprint, 64, open_timeout_s - 2))
+        assert rejected(metrics_port)["waiting_streams"] >= 1
         with grpc.insecure_channel(edge.address) as channel:
             out = run_stream(pb_grpc.GelatoStub(channel), [open_msg(fingerprint), draft(0, [1, 2])])
         assert out[1].verdict.round == 0
