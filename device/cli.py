@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 from dataclasses import replace
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from gelato.cli_common import EnvArgumentParser, fail, setup_torch_threads
+from gelato.cli_common import LOG_FORMAT, EnvArgumentParser, fail, setup_torch_threads
 from gelato.device.config import DeviceConfig
 from gelato.device.energy import EnergyAccountant
 from gelato.power import HOST_WIDE, MeterUnavailable, NullMeter, open_meter, radio_profile
@@ -134,6 +135,8 @@ def _main(argv: list[str] | None = None) -> int:
         # A deployment's GELATO_DEVICE_LIMIT goes with its GELATO_DEVICE_PROMPTS_FILE, which a
         # --prompt on the command line silenced: the limit goes with it (a typed --limit is refused).
         config = replace(config, limit=None)
+    # Before anything logs: which meter `auto` took and why no other reads, failovers, fallbacks.
+    logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
     try:
         config.validate()
         prompts = read_prompts(config)

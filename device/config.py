@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gelato.cli_common import endpoint, model_device, model_dtype, torch_threads
+from gelato.cli_common import endpoint, log_level, model_device, model_dtype, torch_threads
 from gelato.config import MAX_TIMEOUT_S, UINT32, ConfigError, Settings, ge, gt, le, nested, require, setting
 from gelato.device.policy import PolicyOptions, parse_policy
 from gelato.power import PROFILES, RADIOS
@@ -101,6 +101,7 @@ class DeviceConfig(Settings):
     dtype: str = model_dtype()
     device: str = model_device()
     threads: int | None = torch_threads()
+    log_level: str = log_level()
 
     @property
     def uses_tls(self) -> bool:

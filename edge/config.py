@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gelato.cli_common import max_memory, model_device, model_dtype, port_number, torch_threads
+from gelato.cli_common import log_level, max_memory, model_device, model_dtype, port_number, torch_threads
 from gelato.config import MAX_TIMEOUT_S, PORT, UINT32, Check, Settings, ge, gt, le, require, setting
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEVICE_MAPS = ("auto", "balanced", "sequential")  # gelato.models.DEVICE_MAPS, without importing torch
 # --metrics-port and --health-port: unlike --port (whose real number is printed), 0 would bind a
 # random port that no line names and no scraper or probe could find.
@@ -61,7 +60,7 @@ class EdgeConfig(Settings):
     metrics_host: str = setting(
         "127.0.0.1", "bind address of --metrics-port, whatever --host is (metrics are plaintext, no token)"
     )
-    log_level: str = setting("WARNING", "logging threshold", type=str.upper, choices=LOG_LEVELS)
+    log_level: str = log_level()
     # Security (gelato.security): TLS when a certificate and key are given (mutual TLS with a client
     # CA); every call but health needs `Bearer <token>` when a token file is given.
     tls_cert: str | None = setting(None, "PEM server certificate (chain): serve TLS")

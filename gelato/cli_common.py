@@ -2,7 +2,8 @@
 
 Contract: the settings themselves are typed dataclasses (`gelato.edge.config.EdgeConfig`,
 `gelato.device.config.DeviceConfig`, made into options by `gelato.config`); `model_dtype`,
-`model_device` and `torch_threads` are the model settings both declare. `setup_torch_threads`
+`model_device` and `torch_threads` are the model settings both declare, `log_level` (with
+`LOG_FORMAT`) their logging threshold. `setup_torch_threads`
 applies `--threads` (one thread per process is the fastest on small CPUs); `fail` prints
 a one-line `error:` message and returns the CLI's exit status. `port_number` and `endpoint` are
 argparse types: a bad value is a usage error (exit 2) naming the flag, never a traceback or, as
@@ -49,6 +50,15 @@ def model_dtype() -> Any:
 
 def model_device() -> Any:
     return setting("auto", "auto, cpu or cuda[:N]")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def log_level() -> Any:
+    """The `--log-level` setting: the threshold of the process's log lines on stderr."""
+    return setting("WARNING", "logging threshold", type=str.upper, choices=LOG_LEVELS)
 
 
 MAX_THREADS = 4096

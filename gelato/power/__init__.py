@@ -83,9 +83,12 @@ def open_meter(spec: str = "auto", profile: str = "phone", device: str | None = 
     why: dict[str, str] = {}  # each source that could not read here, and why
     if device is None or uuid is not None:
         try:
-            return _nvml(uuid)
+            meter = _nvml(uuid)
         except MeterUnavailable as exc:
             why["nvml"] = str(exc)
+        else:
+            log.info("power meter: nvml (measured)")
+            return meter
     for source in ("rapl", "jetson"):
         try:
             meter = open_source(source, profile)
@@ -99,6 +102,7 @@ def open_meter(spec: str = "auto", profile: str = "phone", device: str | None = 
                 why["nvml"],
                 source,
             )
+        log.info("power meter: %s (measured)%s", source, "".join(f"; {k}: {v}" for k, v in why.items()))
         return meter
     # The estimate (labelled so in every record), and why no meter, at --log-level INFO (e.g. RAPL
     # present but root-only: a user may fix that); a WARNING when the drafter's own GPU goes

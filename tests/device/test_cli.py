@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,7 @@ def test_plain_output(pair: dict[str, Path], edge: EdgeProcess) -> None:
         (["--trace", "/nonexistent-dir/rounds.jsonl"], "--trace: no such folder: /nonexistent-dir"),
         (["--trace", "/tmp"], "--trace: /tmp is a folder"),
         (["--drafter", "./no-such-drafter"], "no such local folder"),
+        (["--log-level", "loud"], "argument --log-level: invalid choice: 'LOUD'"),
     ],
 )
 def test_device_bad_arguments(pair: dict[str, Path], edge: EdgeProcess, extra: list[str], needle: str) -> None:
@@ -87,6 +89,13 @@ def test_unreachable_edge(pair: dict[str, Path]) -> None:
     res_args = ["--connect-timeout-s", "2"]
     res = run_device(["--drafter", str(pair["drafter_agree"]), "--edge", "127.0.0.1:1", "--prompt", "x", *res_args])
     assert res.returncode == 1 and "could not reach gelato-edge at 127.0.0.1:1 within 2 s" in res.stderr
+    assert " INFO " not in res.stderr, res.stderr  # --log-level WARNING by default
+    # --log-level INFO shows which meter `auto` took (or why none reads here: the estimate).
+    args = ["--drafter", str(pair["drafter_agree"]), "--edge", "127.0.0.1:1", "--prompt", "x", *res_args]
+    verbose = run_device([*args, "--log-level", "info"])
+    assert verbose.returncode == 1 and re.search(
+        r"gelato\.power INFO (power meter: \w+ \(measured\)|no power meter reads here)", verbose.stderr
+    ), verbose.stderr
     # With --json, a consumer of stdout gets the first prompt's error record too.
     res = run_device(
         ["--drafter", str(pair["drafter_agree"]), "--edge", "127.0.0.1:1", "--prompt", "y", "--json", *res_args]
