@@ -148,6 +148,16 @@ class DeviceConfig(Settings):
             f"--pipeline {self.controller.pipeline} pipelines drafting; --policy {policy.name} drafts nothing for "
             "an edge (use --pipeline off)",
         )
+        sends_drafts = policy.drafts and not (policy.local_only or policy.edge_streams)
+        require(
+            self.controller.k_max == PolicyOptions().k_max or sends_drafts,
+            f"--k-max caps the drafts a round sends for verification; --policy {policy.name} sends none",
+        )
+        require(
+            self.controller.pipeline != "local" or policy.drafts,
+            f"--pipeline local pre-drafts the next block during a verdict; --policy {policy.name} drafts "
+            "nothing (--pipeline send-ahead sends its empty blocks ahead)",
+        )
         require(
             self.meter != "none" or self.controller.budget_j_per_token is None,
             "--energy-budget-j-per-token needs energy readings, and --meter none reads none (every round's "

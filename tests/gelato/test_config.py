@@ -271,6 +271,11 @@ def test_device_defaults_written_once() -> None:
         (["--policy", "heuristic", "--adaedl-gamma", "0.3"], "--adaedl-gamma is read by --policy adaedl only"),
         (["--policy", "fixed-4", "--v", "5"], "--v is read by --policy lyapunov and gelato only; --policy fixed-4"),
         (["--ahead-blocks", "3"], "--ahead-blocks is read with --pipeline send-ahead only (here --pipeline off)"),
+        # Caps and pipelining of drafts, for a policy that sends none (ar-device drafts for itself).
+        (["--policy", "ar-device", "--k-max", "4"], "--k-max caps the drafts a round sends for verification"),
+        (["--policy", "ar-edge", "--k-max", "4"], "--k-max caps the drafts a round sends for verification"),
+        (["--policy", "fixed-0", "--k-max", "4"], "--k-max caps the drafts a round sends for verification"),
+        (["--policy", "fixed-0", "--pipeline", "local"], "--pipeline local pre-drafts the next block during a"),
     ],
 )
 def test_device_validation(args: list[str], message: str) -> None:
@@ -288,6 +293,9 @@ def test_device_validation(args: list[str], message: str) -> None:
         ["--policy", "gelato", "--v", "5", "--energy-budget-j-per-token", "0.01"],
         ["--policy", "gelato", "--pipeline", "send-ahead", "--ahead-blocks", "3"],
         ["--policy", "fixed-4", "--entropy-threshold", "1"],  # the default, however it was written
+        ["--policy", "fixed-4", "--k-max", "2", "--pipeline", "local"],
+        ["--policy", "fixed-0", "--pipeline", "send-ahead"],  # its empty blocks go ahead
+        ["--policy", "heuristic", "--k-max", "6"],
     ],
 )
 def test_device_accepts_each_policy_its_own_settings(args: list[str]) -> None:
