@@ -112,8 +112,9 @@ def test_greedy_equals_target_generate(
                 assert any(r["q_deficit_j"] > 0 for r in records)  # ~10 mJ/token against 2: a backlog
         else:
             assert drafted > 0
-    elif policy[1].startswith("fixed"):
-        assert accepted / drafted > 0.5, f"agreeing drafter accepted only {accepted}/{drafted}"
+    else:  # every drafting policy drafted with the agreeing drafter (one that drafted nothing
+        # would give the target's tokens too: losslessness would be tested vacuously)
+        assert drafted > 0 and accepted / drafted > 0.5, f"agreeing drafter accepted only {accepted}/{drafted}"
 
 
 @pytest.mark.parametrize("policy", ["ar-edge", "gelato", "fixed-3 --pipeline send-ahead"])

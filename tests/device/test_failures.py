@@ -64,20 +64,24 @@ def test_edge_stopped_mid_generation(pair: dict[str, Path], tmp_path: Path, sig:
         while time.monotonic() < deadline and (not trace.exists() or len(trace.read_text().splitlines()) < 5):
             time.sleep(0.02)
         edge.proc.send_signal(sig)
+        rounds_at_signal = len(trace.read_text().splitlines())
         out, err = dev.communicate(timeout=60)
     finally:
         dev.kill()
         edge.stop()
+    rounds = len(trace.read_text().splitlines())
     assert "Traceback" not in err, err
     assert dev.returncode == 1
     first, second = records(out)
     assert first["n_tokens"] >= 5 and len(first["token_ids"]) == first["n_tokens"]
     if sig == signal.SIGKILL:
         assert first["stop_reason"] == "error" and "UNAVAILABLE" in first["error"], first
+        assert rounds <= rounds_at_signal + 1, (rounds_at_signal, rounds)  # at most the one in flight
     else:
         assert first["stop_reason"] in ("error", "max_new_tokens", "eos"), first
         if first["stop_reason"] == "error":  # cut when the grace ran out: the edge said why
             assert "UNAVAILABLE" in first["error"], first
+        assert rounds > rounds_at_signal + 2, (rounds_at_signal, rounds)  # served on: it drained
     assert second["stop_reason"] == "error" and "could not reach gelato-edge" in second["error"]
 
 

@@ -8,6 +8,7 @@ import math
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -311,7 +312,7 @@ def test_in_process_greedy_equals_fixed(target: LoadedModel, drafter_model: Load
     prompt = encode_prompt(target.tokenizer, "Ava has 12 apples and Ben gives her 3 more. How many?")
     limits = Limits(40, target.context_limit, 32, target.eos_token_ids)
 
-    def run(policy_name: str) -> list[int]:
+    def run(policy_name: str) -> tuple[list[int], int]:
         session = TargetSession("s", target, SamplingParams(), prompt)
         session.prefill()
         drafter = Drafter(drafter_model, SamplingParams())
@@ -319,9 +320,11 @@ def test_in_process_greedy_equals_fixed(target: LoadedModel, drafter_model: Load
             speculative_generate(drafter, local_verifier(session), parse_policy(policy_name), prompt, limits)
         )
         assert sum(t.emitted for t in res.stats.rounds_log) == len(res.token_ids)  # delivered, not past eos
-        return res.token_ids
+        return res.token_ids, sum(t.accepted for t in res.stats.rounds_log)
 
-    assert run(name) == run("fixed-0")
+    tokens, accepted = run(name)
+    assert tokens == run("fixed-0")[0]
+    assert accepted > 0  # it drafted, and drafts were taken: not the target's tokens by drafting none
 
 
 def test_ar_device_is_the_drafters_own_greedy_output(drafter_model: LoadedModel) -> None:
@@ -384,19 +387,27 @@ def exact_distribution(target: LoadedModel, prompt: list[int], params: SamplingP
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("pipeline", "top_m", "drafter_name"),
+    ("pipeline", "top_m", "drafter_name", "accept_all"),
     [
-        ("off", 8, "agree"),
-        ("local", 8, "agree"),
-        ("send-ahead", 8, "agree"),
-        ("off", 2, "agree"),
-        ("local", 2, "agree"),
-        ("send-ahead", 2, "agree"),
-        ("off", 8, "never"),
+        ("off", 8, "agree", False),
+        ("local", 8, "agree", False),
+        ("send-ahead", 8, "agree", False),
+        ("off", 2, "agree", False),
+        ("local", 2, "agree", False),
+        ("send-ahead", 2, "agree", False),
+        ("off", 8, "never", False),
+        ("send-ahead", 2, "agree", True),  # the power check: a wrong acceptance is seen
     ],
 )
 def test_sampling_with_early_exit_follows_the_target(
-    pair: dict[str, Path], target: LoadedModel, drafter_model: LoadedModel, pipeline: str, top_m: int, drafter_name: str
+    pair: dict[str, Path],
+    target: LoadedModel,
+    drafter_model: LoadedModel,
+    pipeline: str,
+    top_m: int,
+    drafter_name: str,
+    accept_all: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """4 tokens per generation (5 sending ahead), drafts cut by an entropy rule, with and without
     pre-drafting during the verdict: the joint distribution of the output equals the target's
@@ -410,7 +421,14 @@ def test_sampling_with_early_exit_follows_the_target(
     drafts are rejected and every emitted token comes from the residual or the bonus. Pipelined
     with `top_m` 2, blocks are carried or sent ahead (hits) while q is not p: a pre-drafted or
     sent-ahead draft accepted without the test against p, or checked against the wrong q, would
-    over-weight q's two candidates."""
+    over-weight q's two candidates. `accept_all` is that wrong edge (every draft accepted without
+    the test against p): the same samples must show it (p < 1e-6), or the test could not fail."""
+    if accept_all:
+
+        def accepts_every_draft(p: torch.Tensor, ids: tuple[int, ...], *args: Any, **kwargs: Any) -> tuple[int, int]:
+            return len(ids), int(torch.multinomial(p[len(ids)].float().cpu(), 1))
+
+        monkeypatch.setattr("gelato.edge.sessions.verify_sampling", accepts_every_draft)
     if drafter_name == "never":
         drafter_model = load_model(str(pair["drafter_never"]), "drafter", "float32", "cpu")
     prompt = encode_prompt(target.tokenizer, "Tom has 3 apples")
@@ -459,7 +477,10 @@ def test_sampling_with_early_exit_follows_the_target(
         expected[-1] += rest_e
     assert sum(counts.values()) == samples and set(counts) <= set(exact)
     p = chisquare(observed, expected).pvalue
-    assert p > 1e-3, (p, observed, [round(e, 1) for e in expected])
+    if accept_all:
+        assert p < 1e-6, (p, observed, [round(e, 1) for e in expected])
+    else:
+        assert p > 1e-3, (p, observed, [round(e, 1) for e in expected])
 
 
 def test_queue_is_charged_the_whole_generation(target: LoadedModel, drafter_model: LoadedModel) -> None:

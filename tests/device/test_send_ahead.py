@@ -455,6 +455,9 @@ def test_a_chain_near_the_end_waits_instead_of_sending_an_empty_block(
         assert piped.token_ids == plain.token_ids, (seed, max_new)
         # The same rounds as one at a time: every verified block is the block that round drafts.
         assert [t.k for t in log] == [t.k for t in plain.stats.rounds_log], (seed, max_new)
+        # And chains were sent ahead (a run that never sent ahead would pass the checks above on
+        # its own): at this temperature their blocks come back stale, each miss restarting one.
+        assert sum(t.stale_blocks for t in log) > 0, (seed, max_new, [(t.k, t.stale_blocks) for t in log])
 
 
 def test_blocks_in_flight_at_the_end_count_in_the_totals(pair: dict[str, Path], target: LoadedModel) -> None:
