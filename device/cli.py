@@ -22,7 +22,9 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -113,12 +115,26 @@ def open_accountant(config: DeviceConfig) -> EnergyAccountant:
     return EnergyAccountant(meter, radio_profile(config.radio))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, to end it as Ctrl-C does."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`_main`, with the two ways a user ends a run that are not errors of the run: Ctrl-C (exit
-    130, one line, the session closed as on any cancellation) and a reader of stdout that went
-    away (`gelato-device --json | head -1`: exit 141, as a shell's SIGPIPE, silently)."""
+    """`_main`, with the ways a user ends a run that are not errors of the run: Ctrl-C (exit 130,
+    one line, the session closed as on any cancellation), SIGTERM the same way (exit 143: `docker
+    stop`; as a container's PID 1 the default action would be none, and the stop would wait for
+    its SIGKILL) and a reader of stdout that went away (`gelato-device --json | head -1`: exit 141,
+    as a shell's SIGPIPE, silently)."""
+    previous = signal.signal(signal.SIGTERM, _terminate) if _in_main_thread() else None
     try:
         return _main(argv)
+    except Terminated:
+        print("gelato-device: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("gelato-device: interrupted", file=sys.stderr)
         return 130
@@ -126,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         # Python would report the failed flush of stdout again at exit: point it at /dev/null.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        if previous is not None:  # called in-process (tests): the caller's handler again
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def _main(argv: list[str] | None = None) -> int:

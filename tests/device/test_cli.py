@@ -390,16 +390,19 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(pair: dict[str, Path]) -> 
     assert proc.returncode == 141 and "Traceback" not in err, err
 
 
-def test_ctrl_c_ends_the_run_in_one_line(pair: dict[str, Path]) -> None:
-    """SIGINT mid-run: exit 130 and one line, not a KeyboardInterrupt traceback."""
+@pytest.mark.parametrize(("sig", "code", "line"), [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_ctrl_c_ends_the_run_in_one_line(pair: dict[str, Path], sig: str, code: int, line: str) -> None:
+    """SIGINT mid-run: exit 130 and one line, not a KeyboardInterrupt traceback. SIGTERM (`docker
+    stop`) the same way, exit 143: as a container's PID 1 its default action is none (the stop
+    would wait out its timeout and SIGKILL the run); here, not PID 1, it killed the run at once."""
     import signal
 
     proc = _local_run(pair, 400)
     assert proc.stdout is not None and proc.stdout.readline().startswith("{")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1] == "gelato-device: interrupted", err
+    assert proc.returncode == code and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"gelato-device: {line}", err
 
 
 @pytest.mark.parametrize(

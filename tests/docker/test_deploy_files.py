@@ -48,6 +48,16 @@ def test_compose_services() -> None:
     assert writable[0].isdisjoint(writable[1]), writable
 
 
+def test_the_docker_engine_override_maps_the_default_edge_address() -> None:
+    """Docker Engine on Linux names the host nothing: the override maps the host name that
+    compose.yaml's default EDGE_ADDRESS uses (Podman's), on the device alone, and changes nothing else."""
+    base = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["device"]
+    override = yaml.safe_load((DOCKER / "compose.docker.yaml").read_text())
+    default = re.fullmatch(r"\$\{EDGE_ADDRESS:-([^:}]+):(\d+)\}", base["environment"]["GELATO_DEVICE_EDGE"])
+    assert default is not None
+    assert override == {"services": {"device": {"extra_hosts": [f"{default.group(1)}:host-gateway"]}}}
+
+
 def test_dockerfile_basics() -> None:
     text = (DOCKER / "Dockerfile").read_text()
     assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in text
