@@ -15,7 +15,7 @@ by an environment variable named from the prefix and the long flag (`--port` of 
 on the command line wins over its variable (for a mutually exclusive group: any member given on the
 command line silences the group's variables). A variable's value goes through the flag's own type
 and choices; a bad one is a usage error naming the variable; an empty variable counts as unset (so
-compose files can pass `${VAR:-}` through). Switches (`store_true`) take 1/0, true/false, yes/no,
+compose files can pass `${VAR:-}` through; a blank one too). Switches (`store_true`) take 1/0, true/false, yes/no,
 on/off; a repeatable flag (`append`) takes one value.
 `--help` names each option's variable. After a parse, `from_env` holds the options it took from
 variables, `silenced` those whose variable a rival on the command line silenced, and
@@ -257,7 +257,10 @@ class EnvArgumentParser(argparse.ArgumentParser):
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        env = {a: (n, os.environ[n]) for a in self._actions if (n := self.env_name(a)) and os.environ.get(n, "")}
+        # An empty or blank variable is unset (compose passes `${VAR:-}` through; env files template).
+        env = {
+            a: (n, os.environ[n]) for a in self._actions if (n := self.env_name(a)) and os.environ.get(n, "").strip()
+        }
         for a, (name, raw) in list(env.items()):
             if a.type is port_number and _SERVICE_LINK.match(raw):
                 del env[a]

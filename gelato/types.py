@@ -7,12 +7,18 @@ exact probabilities the device sampled from.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 # 2: the tokenizer fingerprint covers how text becomes ids (`gelato.models.tokenizer_fingerprint`);
 # a device of protocol 1 would be refused as a tokenizer mismatch, so the version says it instead.
 PROTOCOL_VERSION = 2
 MAX_FLOAT32 = 3.4028234663852886e38  # the largest finite float32 (the wire's floats)
+
+
+def as_float32(x: float) -> float:
+    """`x` as the wire's float32 carries it."""
+    return float(struct.unpack("<f", struct.pack("<f", x))[0])
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,12 @@ class SamplingParams:
             )
         if not (0.0 <= self.top_p <= 1.0):
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if 0.0 < self.top_p < 1.0 and not 0.0 < as_float32(self.top_p) < 1.0:
+            # The edge would read it as 0 or 1 (off), while the drafter truncated: refused, not switched off.
+            raise ValueError(
+                f"top_p {self.top_p} is 'off' once on the wire (float32 {as_float32(self.top_p):g}): give 0 or 1 "
+                "for off, or a value float32 keeps inside (0, 1), from 1.5e-45 to 0.99999994"
+            )
         if not 0 <= self.top_k < 2**32:
             raise ValueError(f"top_k must be in [0, 2^32), got {self.top_k}")
         if not 0 <= self.seed < 2**64:

@@ -64,6 +64,9 @@ def test_command_line_wins(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_empty_variable_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     ns = parse(monkeypatch, ["--text", "t"], TOOL_PORT="", TOOL_PATH="")
     assert ns.port == 50051 and ns.path is None
+    # Blank as well (a templated env file's `PORT= ` or `${VAR:- }`): unset, not an invalid int.
+    ns = parse(monkeypatch, ["--text", "t"], TOOL_PORT=" ", TOOL_PATH="\t")
+    assert ns.port == 50051 and ns.path is None
 
 
 @pytest.mark.parametrize(

@@ -258,6 +258,9 @@ def test_device_defaults_written_once() -> None:
         (["--policy", "bogus"], "unknown policy 'bogus'"),
         (["--temperature", "-1"], "temperature must be 0 (greedy) or finite"),
         (["--seed", "-1"], "seed must be in [0, 2^64)"),  # once every prompt failed encoding it
+        # The wire's float32 would read these as 0 / 1 (off) while the drafter truncates at them.
+        (["--temperature", "1", "--top-p", "1e-46"], "top_p 1e-46 is 'off' once on the wire (float32 0)"),
+        (["--temperature", "1", "--top-p", "0.99999999"], "top_p 0.99999999 is 'off' once on the wire (float32 1)"),
         # Settings that would be ignored are refused.
         (["--limit", "3"], "--limit counts the prompts of --prompts-file"),
         (
@@ -296,6 +299,8 @@ def test_device_validation(args: list[str], message: str) -> None:
         ["--policy", "fixed-4", "--k-max", "2", "--pipeline", "local"],
         ["--policy", "fixed-0", "--pipeline", "send-ahead"],  # its empty blocks go ahead
         ["--policy", "heuristic", "--k-max", "6"],
+        ["--temperature", "1", "--top-p", "1e-40"],  # a float32 subnormal: still on
+        ["--temperature", "1", "--top-p", "0.99999994"],  # float32's largest below 1
     ],
 )
 def test_device_accepts_each_policy_its_own_settings(args: list[str]) -> None:
