@@ -459,15 +459,20 @@ def local_link(session: Any, max_ahead: int = 4, delay_s: float = 0.0, empty_ahe
     """An in-process edge for send-ahead, for benchmarks and tests: an `gelato.edge.verifier.TargetSession`-
     like object (`resolve_ahead`, `verify`) answers the blocks in order, as the edge's stream does,
     each verdict `delay_s` after its block was sent (a stand-in for the round trip), stale blocks
-    at once. `device` never imports `edge`: the caller passes the session in."""
+    at once. `device` never imports `edge`: the caller passes the session in. A verify that raises
+    is raised by the next `receive` (as a failed read is), never a receive left waiting."""
     blocks: asyncio.Queue[tuple[DraftBlock, float]] = asyncio.Queue()
-    verdicts: asyncio.Queue[tuple[Verdict, int]] = asyncio.Queue()
+    verdicts: asyncio.Queue[tuple[Verdict, int] | Exception] = asyncio.Queue()
 
     async def serve() -> None:
         while True:
             block, sent_at = await blocks.get()
             await asyncio.sleep(max(0.0, sent_at + delay_s - time.perf_counter()))
-            verdict = _answer(session, block, max_ahead)
+            try:
+                verdict = _answer(session, block, max_ahead)
+            except Exception as exc:  # the stream ends with it, as the edge's would
+                verdicts.put_nowait(exc)
+                return
             verdicts.put_nowait((verdict, wire_bytes(encode_verdict(verdict).ByteSize())))
 
     task: asyncio.Task[None] | None = None
@@ -480,7 +485,10 @@ def local_link(session: Any, max_ahead: int = 4, delay_s: float = 0.0, empty_ahe
         return wire_bytes(encode_block(block).ByteSize())
 
     async def receive() -> tuple[Verdict, int]:
-        return await verdicts.get()
+        item = await verdicts.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
 
     return Link(send, receive, max_ahead, empty_ahead)
 

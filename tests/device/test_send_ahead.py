@@ -556,6 +556,26 @@ def test_a_verdict_the_drafter_cannot_apply_ends_the_generation_as_an_error(
     assert res.stats.rounds == 3  # the three good verdicts' rounds, then the bad one ends it
 
 
+def test_a_verify_that_raises_in_the_local_link_ends_the_generation(pair: dict[str, Path], target: LoadedModel) -> None:
+    """`local_link`'s edge failing (its session's verify raises) reaches the generation through
+    the next read, as a failed read on the stream does: it ended the link's serving task and left
+    the read waiting for ever."""
+    dm = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    session = TargetSession("s", target, GREEDY, prompt)
+    session.prefill()
+
+    def fails(block: DraftBlock, a: int, nxt: int) -> tuple[int, int]:
+        raise RuntimeError("simulated: the edge's verify failed")
+
+    link = local_link(_Tampering(session, at=3, how=fails), max_ahead=4, delay_s=0.0)
+    policy = parse_policy("fixed-4", PolicyOptions(pipeline="send-ahead", ahead_blocks=2))
+    limits = Limits(60, target.context_limit, 32, target.eos_token_ids)
+    coro = pipelined_generate(Drafter(dm, GREEDY, top_m=8), link, policy, prompt, limits)
+    with pytest.raises(RuntimeError, match="simulated: the edge's verify failed"):
+        asyncio.run(asyncio.wait_for(coro, 60))
+
+
 @pytest.mark.parametrize("name", ["fixed-0", "scripted"])
 def test_the_drafters_sequence_is_the_output_after_every_settle(
     pair: dict[str, Path], target: LoadedModel, name: str
