@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from gelato.edge.kv_pool import KVPool, PooledSequence, pooled_forward
-from gelato.models import LoadedModel, ModelLoadError
+from gelato.models import LoadedModel, ModelLoadError, out_of_memory
 
 # Largest |pool − own| / max|own| over the probe's logits that rounding explains: float32 agrees to
 # ~1e-6 here; half precision reorders sums (the pool's explicit mask, a batch of 2 rows) and moves
@@ -63,6 +63,8 @@ def check_pool(loaded: LoadedModel) -> None:
     try:
         got = pool_logits(loaded, rows)
     except Exception as exc:  # whatever the architecture raises: the operator gets its name and text
+        if out_of_memory(exc):  # no room for the probe's few tokens: the load's own message says so
+            raise
         raise ModelLoadError(
             f"target {loaded.name!r}: the edge's KV pool cannot run this model "
             f"({type(exc).__name__}: {exc}); GELATO serves decoder-only models whose attention "

@@ -125,6 +125,19 @@ def test_architectures_the_pool_cannot_run_are_refused(arch: str) -> None:
         check_pool(loaded_from(REFUSED[arch](), arch))
 
 
+def test_no_memory_for_the_probe_is_said_as_such(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A target that fills the device to the last byte: the probe's allocation failure goes out
+    as what it is (the load's out-of-memory message), not as a model the pool cannot run."""
+    loaded = loaded_from(SERVED["llama"](), "llama")
+
+    def no_room(self: KVPool, *args: Any, **kwargs: Any) -> None:
+        raise torch.OutOfMemoryError("simulated: CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    monkeypatch.setattr(kv_pool.KVPool, "__init__", no_room)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        check_pool(loaded)
+
+
 def test_a_pool_whose_mask_hides_nothing_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """The probe's comparison, not only its forwards: a pool whose mask lets every query see every
     key (padding and later positions included) runs fine and is caught by its logits."""
