@@ -33,6 +33,7 @@ import grpc
 from gelato.cli_common import LOG_FORMAT, EnvArgumentParser, fail, setup_torch_threads
 from gelato.device.config import DeviceConfig
 from gelato.device.energy import EnergyAccountant
+from gelato.device.policy import parse_policy
 from gelato.power import HOST_WIDE, MeterUnavailable, NullMeter, open_meter, radio_profile
 from gelato.security import (
     SecurityConfigError,
@@ -115,6 +116,9 @@ def open_accountant(config: DeviceConfig) -> EnergyAccountant:
     return EnergyAccountant(meter, radio_profile(config.radio))
 
 
+STEERING_POLICIES = ("lyapunov", "gelato")  # the policies that decide by an energy budget
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the run is, to end it as Ctrl-C does."""
 
@@ -175,6 +179,16 @@ def _main(argv: list[str] | None = None) -> int:
         print(
             f"gelato-device: warning: sending the bearer token in plaintext to {config.edge} ({why}): anyone "
             "on the path can read it",
+            file=sys.stderr,
+            flush=True,
+        )
+    policy_name = parse_policy(config.policy, config.controller).name
+    if config.controller.budget_j_per_token is not None and policy_name not in STEERING_POLICIES:
+        # Accepted (the queue against it is recorded, for comparison), but said: the run will not
+        # keep the budget unless its policy decides by it.
+        print(
+            f"gelato-device: warning: --policy {policy_name} does not steer by --energy-budget-j-per-token "
+            f"(only {' and '.join(STEERING_POLICIES)} do): the run only records its deficit queue against it",
             file=sys.stderr,
             flush=True,
         )

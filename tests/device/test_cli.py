@@ -87,11 +87,18 @@ def test_prompts_file_errors(pair: dict[str, Path], edge: EdgeProcess, tmp_path:
 
 def test_unreachable_edge(pair: dict[str, Path]) -> None:
     res_args = ["--connect-timeout-s", "2"]
-    res = run_device(["--drafter", str(pair["drafter_agree"]), "--edge", "127.0.0.1:1", "--prompt", "x", *res_args])
+    args = ["--drafter", str(pair["drafter_agree"]), "--edge", "127.0.0.1:1", "--prompt", "x", *res_args]
+    res = run_device(args)
     assert res.returncode == 1 and "could not reach gelato-edge at 127.0.0.1:1 within 2 s" in res.stderr
     assert " INFO " not in res.stderr, res.stderr  # --log-level WARNING by default
+    assert "does not steer" not in res.stderr  # no budget given
+    # A budget given to a policy that does not decide by it: accepted, and said.
+    for policy, warned in (("fixed-4", True), ("heuristic", True), ("gelato", False), ("lyapunov", False)):
+        budgeted = run_device([*args, "--policy", policy, "--energy-budget-j-per-token", "0.01"])
+        assert budgeted.returncode == 1, budgeted.stderr
+        said = f"--policy {policy} does not steer by --energy-budget-j-per-token (only lyapunov and gelato do)"
+        assert (said in budgeted.stderr) == warned, budgeted.stderr
     # --log-level INFO shows which meter `auto` took (or why none reads here: the estimate).
-    args = ["--drafter", str(pair["drafter_agree"]), "--edge", "127.0.0.1:1", "--prompt", "x", *res_args]
     verbose = run_device([*args, "--log-level", "info"])
     assert verbose.returncode == 1 and re.search(
         r"gelato\.power INFO (power meter: \w+ \(measured\)|no power meter reads here)", verbose.stderr
