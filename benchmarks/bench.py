@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from gelato.benchmarks.bench_files import foreign_files, keep_partial
+from gelato.benchmarks.bench_plots import plots_unavailable
 from gelato.benchmarks.bench_run import Fleet, RunResult, RunSpec, shard_files, summarize
 from gelato.benchmarks.channel import PROFILES, Channel, ChannelError, Profile, guard, profile_from
 from gelato.benchmarks.procs import check_energy_source, unique_label
@@ -211,6 +212,7 @@ def check_args(args: argparse.Namespace) -> str:
         ("--k-max must be >= 1", args.k_max >= 1),
         ("budgets must be > 0", all(b > 0 for b in floats(args.budgets or args.budget_factors))),
         ("--ahead-blocks must be >= 1", args.ahead_blocks is None or args.ahead_blocks >= 1),
+        (plots_unavailable(args.no_plots), not plots_unavailable(args.no_plots)),
     ]
     try:
         pipeline_modes(args.pipeline)
@@ -440,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if not (args.dir / "summary.json").is_file():
             parser.error(f"{args.dir}: not a gelato-bench run folder (no summary.json)")
+        if plots_unavailable(args.no_plots and not args.plots_only):
+            parser.error(plots_unavailable(False))
         if args.plots_only:
             return replot(args.dir)
         return rebuild(args.dir, args.no_plots, args.rerun_assisted, args.data)

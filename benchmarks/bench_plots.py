@@ -17,10 +17,12 @@ plot (e.g. no budgeted controller run for Q(t)).
   block's first rejection are unobserved and excluded), and the controller's p̂(accept) against the
   observed rate (gelato runs): a reliability diagram.
 - `devices` (N > 1): Σ of the devices' tokens/s per run and each device's p50/p99 latency per token.
+`plots_unavailable(no_plots)` says why no plot can be drawn here (no matplotlib), before a run.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,16 @@ from typing import Any
 from gelato.benchmarks.bench_run import pipeline_mode
 
 Rounds = dict[str, list[dict[str, Any]]]
+
+
+def plots_unavailable(no_plots: bool) -> str:
+    """Why plots cannot be drawn here (matplotlib is the dev extra's, not the runtime's), or "":
+    a benchmark asks at its start, not after a long run."""
+    if no_plots or importlib.util.find_spec("matplotlib") is not None:
+        return ""
+    return "plots need matplotlib (pip install 'matplotlib>=3.8', or the project's dev extra); or pass --no-plots"
+
+
 ADAPTIVE = ("heuristic", "entropy", "adaedl", "lyapunov", "gelato")
 
 

@@ -84,6 +84,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from gelato.benchmarks.bench_plots import plots_unavailable
 from gelato.benchmarks.simulate_device import Device, pipeline_stats, run_device, run_spec, summarize
 from gelato.benchmarks.simulate_model import (
     DEFAULT_MAX_DRAFT,
@@ -180,6 +181,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("--ahead-blocks must be >= 1", args.ahead_blocks >= 1),
         ("--guess-match must be in [0, 1]", args.guess_match is None or 0 <= args.guess_match <= 1),
         ("--k-max must be >= 0", args.k_max >= 0),
+        (plots_unavailable(args.no_plots), not plots_unavailable(args.no_plots)),
     ]
     for message, ok in bad:
         if not ok:

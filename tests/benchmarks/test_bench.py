@@ -5,6 +5,7 @@ GSM8K scoring, the plan, sharding, latency percentiles, targets, the oracle's co
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import random
 import subprocess
@@ -158,6 +159,31 @@ def test_bad_lists_are_usage_errors_before_anything_starts(
     with pytest.raises(SystemExit) as info:  # were it not refused, --limit < --devices would stop it
         bench.main(["gsm8k", "--channel", "none", "--devices", "2", "--limit", "1", *extra])
     assert info.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_a_run_without_matplotlib_is_refused_at_its_start_unless_no_plots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """matplotlib is the dev extra's: without it, plots would fail after the whole run (and skip
+    its clean-up). A run, a report and the simulator say so before anything starts."""
+    from gelato.benchmarks import simulate
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    needle = "plots need matplotlib (pip install 'matplotlib>=3.8', or the project's dev extra); or pass --no-plots"
+    args = ["gsm8k", "--channel", "none", "--out", str(tmp_path / "run")]
+    assert bench.check_args(bench.build_parser().parse_args(args)) == needle
+    assert bench.check_args(bench.build_parser().parse_args([*args, "--no-plots"])) == ""
+    (tmp_path / "summary.json").write_text("{}")
+    for argv in (["report", str(tmp_path)], ["report", str(tmp_path), "--plots-only"]):
+        with pytest.raises(SystemExit) as info:
+            bench.main(argv)
+        assert info.value.code == 2 and needle in capsys.readouterr().err
+    traces = tmp_path / "traces.json"
+    with pytest.raises(SystemExit) as info:
+        simulate.parse_args(["--traces", str(traces), "--out", str(tmp_path / "sim")])
+    assert info.value.code == 2 and needle in capsys.readouterr().err
+    assert simulate.parse_args(["--traces", str(traces), "--out", str(tmp_path / "sim"), "--no-plots"]).no_plots
 
 
 def test_a_finished_run_is_not_written_over(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
