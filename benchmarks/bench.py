@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="GSM8K test JSONL (default: $GELATO_GSM8K_DIR/test.jsonl, else shared/data/gsm8k/test.jsonl "
         "in the folder holding the repository checkout)",
     )
+    g.add_argument(
+        "--instruction",
+        default="",
+        help="text added to every question after a blank line, for an instruct model, e.g. 'Please reason step by "
+        "step, and put your final answer within \\boxed{}.' (default none: the built-in pair answers '#### N')",
+    )
     g.add_argument("--drafter", default=None, help="default: the built-in tiny drafter")
     g.add_argument("--target", default=None, help="default: the built-in tiny target")
     g.add_argument("--max-new-tokens", type=int, default=256)
@@ -431,7 +437,9 @@ def load_questions(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][: args.limit]
     from gelato.benchmarks.bench_report import gsm8k_answer
 
-    return [{"question": r["question"], "gold": gsm8k_answer(r.get("answer", ""))} for r in rows]
+    instruction = getattr(args, "instruction", "")  # the same text reaches every run and reference
+    ask = (lambda q: f"{q}\n\n{instruction}") if instruction else (lambda q: q)
+    return [{"question": ask(r["question"]), "gold": gsm8k_answer(r.get("answer", ""))} for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -174,6 +174,7 @@ def finish(
             # The questions themselves (a rebuild checks it: the same path may hold another file).
             "questions_sha256_12": questions_digest(questions),
             "max_new_tokens": args.max_new_tokens,
+            "instruction": getattr(args, "instruction", ""),
             "k_max": args.k_max,
             "policies": args.policies,
             "pipeline": args.pipeline,
@@ -303,6 +304,7 @@ def rebuild(out: Path, no_plots: bool = False, rerun_assisted: bool = False, dat
         drafter=None if st["drafter"] == "built-in" else st["drafter"],
         target=None if st["target"] == "built-in" else st["target"],
         ahead_blocks=st.get("ahead_blocks"),
+        instruction=st.get("instruction", ""),  # runs before it existed: none
         **{
             k: st[k]
             for k in ("devices", "max_new_tokens", "k_max", "policies", "pipeline", "radio", "device_profile", "seed")

@@ -26,16 +26,34 @@ from typing import Any
 
 from gelato.benchmarks.bench_run import pipeline_mode
 
-ANSWER_RE = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+NUMBER = r"\$?\s*(-?[\d,]*\.?\d+)"
+ANSWER_RE = re.compile(r"####\s*" + NUMBER)  # GSM8K's own format (and the built-in pair's)
+# What instruct models write when asked (`gelato-bench gsm8k --instruction`): the last of them counts.
+BOXED_RE = re.compile(r"\\boxed\{\s*" + NUMBER + r"\s*\}")
+SAYS_RE = re.compile(r"[Tt]he (?:final )?answer is:?\s*" + NUMBER)
 CONTROLLERS = ("lyapunov", "gelato")
 
 
+def _asked(settings: dict[str, Any]) -> str:
+    """The instruction every question carried (`--instruction`), as the table says it."""
+    text = settings.get("instruction", "")
+    return f", each followed by {text!r}" if text else ""
+
+
 def gsm8k_answer(text: str) -> float | None:
-    m = ANSWER_RE.search(text or "")
-    if not m:
+    """The number after GSM8K's `#### `, else in the last `\\boxed{...}`, else after the last
+    "the answer is"; None when there is none."""
+    text = text or ""
+    m = ANSWER_RE.search(text)
+    if m is None:
+        found = BOXED_RE.findall(text) or SAYS_RE.findall(text)
+        number = found[-1] if found else None
+    else:
+        number = m.group(1)
+    if number is None:
         return None
     try:
-        return float(m.group(1).replace(",", ""))
+        return float(number.replace(",", ""))
     except ValueError:
         return None
 
@@ -350,8 +368,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"to the edge (median, before the runs); up {_f(meas.get('up_mbit'), '.1f')} / down "
         f"{_f(meas.get('down_mbit'), '.1f')} Mbit/s.  ",
         f"Mechanisms: {mech}.  ",
-        f"{s['questions']} GSM8K test questions (first lines of {s['data']}), greedy, ≤ {s['max_new_tokens']} new "
-        f"tokens, adaptive policies capped at K_max = {s['k_max']}. {result['energy_note']}  ",
+        f"{s['questions']} GSM8K test questions (first lines of {s['data']}){_asked(s)}, greedy, ≤ "
+        f"{s['max_new_tokens']} new tokens, adaptive policies capped at K_max = {s['k_max']}. "
+        f"{result['energy_note']}  ",
         "tokens/s: ratio of sums over questions, per device; edge ms/token: the edge's verify compute, each "
         "batched forward's time divided among its rows (runs recorded before 2026-12-05: the whole forward's "
         "time for each row, which counts a forward once per device batched in it); pipelined "

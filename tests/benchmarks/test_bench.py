@@ -52,6 +52,7 @@ def test_gsm8k_end_to_end_on_loopback(pair: dict[str, Path], gsm8k_like: Path, t
     args += ["--target", str(pair["target"]), "--drafter", str(pair["drafter_agree"]), "--max-new-tokens", "10"]
     args += ["--policies", "ar-edge,ar-device,fixed-0,fixed-2,gelato", "--budget-factors", "1.0"]
     args += ["--devices", "2", "--v", "10", "--pipeline", "send-ahead", "--ahead-blocks", "3", "--no-progress"]
+    args += ["--instruction", "Answer in one line."]  # every run and reference asks the same
     (out / "partial").mkdir(parents=True)
     (out / "partial" / "partial.json").write_text("{}")  # an earlier run into this folder that failed
     res = run_bench(args)
@@ -59,6 +60,8 @@ def test_gsm8k_end_to_end_on_loopback(pair: dict[str, Path], gsm8k_like: Path, t
     assert not (out / "partial").exists()  # superseded by the finished run
     s = json.loads((out / "summary.json").read_text())
     assert s["settings"]["device_defaults"] == {"v": 20.0, "ahead_blocks": 2}  # what an unpinned run used
+    assert s["settings"]["instruction"] == "Answer in one line."
+    assert "each followed by 'Answer in one line.'" in (out / "table.md").read_text()
     labels = [r["label"] for r in s["runs"]]
     assert labels[:5] == ["ar-edge", "fixed-0", "fixed-2", "ar-device", "gelato+send-ahead"]
     assert len(labels) == 6 and labels[5].startswith("gelato+send-ahead ē=") and labels[5].endswith("V=10")
@@ -104,6 +107,7 @@ def test_gsm8k_end_to_end_on_loopback(pair: dict[str, Path], gsm8k_like: Path, t
     assert again.returncode == 0, again.stderr[-3000:]
     rebuilt = json.loads((out / "summary.json").read_text())
     assert [r["tokens"] for r in rebuilt["runs"]] == [r["tokens"] for r in s["runs"]]
+    assert rebuilt["settings"]["instruction"] == "Answer in one line."  # the questions' digest held with it
     assert rebuilt["machine"] == "another machine" and rebuilt["code_at_end"] == {"commit": "0" * 40}
     assert "device_defaults" not in rebuilt["settings"]
     assert [r for r in rebuilt["references"] if r["policy"] == "assisted"] == [refs["assisted"]]
@@ -286,6 +290,11 @@ def test_gsm8k_answer_and_score() -> None:
     assert gsm8k_answer("so 3*2=6\n#### 1,234") == 1234.0
     assert gsm8k_answer("#### $-5.5 dollars") == -5.5
     assert gsm8k_answer("no final answer") is None
+    # Instruct models, asked (`--instruction`): the last \\boxed{}, else the last "the answer is".
+    assert gsm8k_answer("First \\boxed{12}, then corrected: \\boxed{ 1,500 }.") == 1500.0
+    assert gsm8k_answer("So the final answer is: $42.") == 42.0
+    assert gsm8k_answer("#### 5 (not \\boxed{6})") == 5.0  # GSM8K's own mark first
+    assert gsm8k_answer("\\boxed{x+1}") is None
     recs = [{"question": 0, "text": "#### 18"}, {"question": 1, "text": "#### 4"}, {"question": 2, "text": "?"}]
     assert score(recs, [18.0, 3.0, 1.0]) == pytest.approx(1 / 3)
     assert [r["correct"] for r in recs] == [True, False, False]
