@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import signal
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import grpc
 
-from gelato.cli_common import LOG_FORMAT, EnvArgumentParser, fail, setup_torch_threads
+from gelato.cli_common import EnvArgumentParser, fail, setup_logging, setup_torch_threads
 from gelato.device.config import DeviceConfig
 from gelato.device.energy import EnergyAccountant
 from gelato.device.policy import parse_policy
@@ -163,7 +162,7 @@ def _main(argv: list[str] | None = None) -> int:
         # --prompt on the command line silenced: the limit goes with it (a typed --limit is refused).
         config = replace(config, limit=None)
     # Before anything logs: which meter `auto` took and why no other reads, failovers, fallbacks.
-    logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
+    setup_logging(config.log_level, config.log_format)
     try:
         config.validate()
         prompts = read_prompts(config)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gelato.cli_common import endpoint, log_level, model_device, model_dtype, torch_threads
+from gelato.cli_common import endpoint, log_format, log_level, model_device, model_dtype, torch_threads
 from gelato.config import MAX_TIMEOUT_S, UINT32, ConfigError, Settings, ge, gt, le, nested, require, setting
 from gelato.device.policy import PolicyOptions, parse_policy
 from gelato.power import PROFILES, RADIOS
@@ -102,6 +102,7 @@ class DeviceConfig(Settings):
     device: str = model_device()
     threads: int | None = torch_threads()
     log_level: str = log_level()
+    log_format: str = log_format()
 
     @property
     def uses_tls(self) -> bool:

@@ -29,7 +29,7 @@ import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from gelato.channel import host_port
-from gelato.cli_common import LOG_FORMAT, EnvArgumentParser, endpoint, fail, setup_torch_threads
+from gelato.cli_common import EnvArgumentParser, endpoint, fail, setup_logging, setup_torch_threads
 from gelato.config import ConfigError
 from gelato.edge.config import EdgeConfig
 from gelato.security import SecurityConfigError, is_loopback, read_token, server_credentials
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = EdgeConfig.from_args(args)
-    logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
+    setup_logging(config.log_level, config.log_format)
     try:
         config.validate()
     except ConfigError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gelato.cli_common import log_level, max_memory, model_device, model_dtype, port_number, torch_threads
+from gelato.cli_common import log_format, log_level, max_memory, model_device, model_dtype, port_number, torch_threads
 from gelato.config import MAX_TIMEOUT_S, PORT, UINT32, Check, Settings, ge, gt, le, require, setting
 
 DEVICE_MAPS = ("auto", "balanced", "sequential")  # gelato.models.DEVICE_MAPS, without importing torch
@@ -61,6 +61,7 @@ class EdgeConfig(Settings):
         "127.0.0.1", "bind address of --metrics-port, whatever --host is (metrics are plaintext, no token)"
     )
     log_level: str = log_level()
+    log_format: str = log_format()
     # Security (gelato.security): TLS when a certificate and key are given (mutual TLS with a client
     # CA); every call but health needs `Bearer <token>` when a token file is given.
     tls_cert: str | None = setting(None, "PEM server certificate (chain): serve TLS")

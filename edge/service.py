@@ -23,7 +23,6 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
 
 import grpc
 from grpc._cython.cygrpc import ExecuteBatchError
@@ -34,6 +33,7 @@ from gelato.edge.config import EdgeConfig
 from gelato.edge.kv_pool import PoolMemoryError
 from gelato.edge.metrics import EdgeMetrics
 from gelato.edge.model_thread import ModelThread
+from gelato.edge.session_log import log_close_failure, log_end, log_open
 from gelato.edge.sessions import AdmissionError, SessionRegistry, StatusError, TargetSession
 from gelato.edge.statuses import (
     MAX_DETAILS,
@@ -69,14 +69,6 @@ _POLL_S = 0.02  # how often shutdown looks again at streams owed an answer
 # Session streams that may wait for their open at once, at least (`GelatoService.waiting_limit`):
 # room for a whole fleet re-opening after an edge restart.
 MIN_WAITING_STREAMS = 64
-
-
-def _log_close_failure(session: TargetSession, done: Future[None]) -> None:
-    """A session's close runs on the model thread and nobody awaits it: its failure (e.g. the pool
-    could not take the shape the release asked for) is logged here, not lost. Its slot was freed
-    before anything could fail, and the shape is tried again at the next forward."""
-    if not done.cancelled() and (exc := done.exception()) is not None:
-        log.error("session %s: closing it on the model thread failed", session.session_id, exc_info=exc)
 
 
 class _Stream:
@@ -122,7 +114,7 @@ class GelatoService:
 
     def _close_on_model_thread(self, session: TargetSession) -> None:
         try:
-            self.executor.submit(session.close).add_done_callback(functools.partial(_log_close_failure, session))
+            self.executor.submit(session.close).add_done_callback(functools.partial(log_close_failure, session))
         except RuntimeError:
             # The server has stopped (its executor is shut down): the pool goes with it. Closing
             # here, on the event loop, would reshape the pool while a forward that outlived the
@@ -192,23 +184,30 @@ class GelatoService:
             )
         stream = _Stream(asyncio.current_task())
         self.streams.add(stream)
+        outcome = "OK"
         try:
             await self._serve(context, stream)
         except StatusError as exc:
             details = clip(exc.details, MAX_DETAILS)
+            outcome = exc.code.name
             log.info("session %s: %s %s", stream.session_id(), exc.code.name, details)
             await end_stream(context, exc.code, details)
         except asyncio.CancelledError:
             if not stream.cut:  # the device cancelled or vanished: there is no one to answer
+                outcome = "CANCELLED"
                 raise
+            outcome = "UNAVAILABLE"
             log.info("session %s: UNAVAILABLE %s", stream.session_id(), SHUTDOWN_DETAILS)
             await end_stream(context, grpc.StatusCode.UNAVAILABLE, SHUTDOWN_DETAILS)
         except Exception as exc:  # a server fault (e.g. the prefill failed): this stream only, named
+            outcome = "INTERNAL"
             incident = new_incident()
             log.exception("session %s failed (incident %s)", stream.session_id(), incident)
             await end_stream(context, grpc.StatusCode.INTERNAL, internal_details("edge error", exc, incident))
         finally:
             self.streams.discard(stream)
+            if stream.session is not None:
+                log_end(stream.session, outcome)
             self._stream_ended.set()
 
     async def _serve(self, context: grpc.aio.ServicerContext, stream: _Stream) -> None:
@@ -234,6 +233,7 @@ class GelatoService:
             if session is not None:
                 raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "session already open")
             session = stream.session = await self._open(msg.open)
+            log_open(session, context.peer())
             self._refuse_if_ending()
             await self._send(context, encode_opened(self._session_info(session)))
         elif kind == "draft":

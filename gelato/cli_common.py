@@ -2,8 +2,8 @@
 
 Contract: the settings themselves are typed dataclasses (`gelato.edge.config.EdgeConfig`,
 `gelato.device.config.DeviceConfig`, made into options by `gelato.config`); `model_dtype`,
-`model_device` and `torch_threads` are the model settings both declare, `log_level` (with
-`LOG_FORMAT`) their logging threshold. `setup_torch_threads`
+`model_device` and `torch_threads` are the model settings both declare, `log_level` and
+`log_format` their logging (`setup_logging`: text lines, or JSON ones by `JsonFormatter`). `setup_torch_threads`
 applies `--threads` (one thread per process is the fastest on small CPUs); `fail` prints
 a one-line `error:` message and returns the CLI's exit status. `port_number` and `endpoint` are
 argparse types: a bad value is a usage error (exit 2) naming the flag, never a traceback or, as
@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
+import logging
 import os
 import re
 import shlex
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timezone
 from typing import Any, NoReturn
 
 from gelato.config import ge, le, setting
@@ -54,11 +57,44 @@ def model_device() -> Any:
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+LOG_FORMATS = ("text", "json")
 
 
 def log_level() -> Any:
     """The `--log-level` setting: the threshold of the process's log lines on stderr."""
     return setting("WARNING", "logging threshold", type=str.upper, choices=LOG_LEVELS)
+
+
+def log_format() -> Any:
+    """The `--log-format` setting: text lines, or one JSON object per line for a log collector."""
+    return setting("text", "log lines as text, or one JSON object per line (json)", type=str.lower, choices=LOG_FORMATS)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: `ts` (UTC, ISO 8601), `level`, `logger`, `message`, the
+    record's `fields` (a dict passed as `extra={"fields": ...}`: e.g. a session's id and sizes)
+    and `exception` (the traceback) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update((k, v) for k, v in fields.items() if k not in out)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Log lines on stderr at `level`, as text (`LOG_FORMAT`) or JSON (`JsonFormatter`)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 MAX_THREADS = 4096

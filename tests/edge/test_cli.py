@@ -472,6 +472,31 @@ def test_a_forward_still_running_at_shutdown_does_not_hold_the_process(pair: dic
         proc.wait()
 
 
+def test_json_logs_carry_each_sessions_open_and_end(pair: dict[str, Path]) -> None:
+    """`--log-format json` (both CLIs): one JSON object per log line, a collector's input. At INFO
+    the edge logs each session's open and end with their numbers as fields; the device's lines
+    (here: which meter `auto` took) are JSON too."""
+    edge = EdgeProcess(["--target", str(pair["target"]), "--log-level", "info", "--log-format", "json"])
+    try:
+        args = ["--drafter", str(pair["drafter_agree"]), "--edge", edge.address, "--json", "--max-new-tokens", "24"]
+        args += ["--log-level", "info", "--log-format", "json", "--prompt", "Ava has 3 apples.", "--prompt", "Bo"]
+        res = run_device(args)
+        assert res.returncode == 0, res.stderr
+    finally:
+        assert edge.stop() == 0
+    records = [json.loads(line) for line in edge.output().splitlines() if line.startswith("{")]
+    assert records and all({"ts", "level", "logger", "message"} <= set(r) for r in records)
+    opened = [r for r in records if r.get("event") == "session_open"]
+    ended = [r for r in records if r.get("event") == "session_end"]
+    assert len(opened) == len(ended) == 2, records
+    assert [r["session"] for r in opened] == [r["session"] for r in ended]
+    assert all(r["prompt_tokens"] > 0 and r["max_new_tokens"] == 24 and r["sampling"] == "greedy" for r in opened)
+    tokens = [len(json.loads(line)["token_ids"]) for line in res.stdout.splitlines()]
+    assert [(r["outcome"], r["tokens"]) for r in ended] == [("OK", n) for n in tokens] and all(tokens)
+    device_lines = [json.loads(line) for line in res.stderr.splitlines() if line.startswith("{")]
+    assert any(r["logger"] == "gelato.power" and r["level"] == "INFO" for r in device_lines), res.stderr
+
+
 def device_tokens(pair: dict[str, Path], address: str) -> list[list[int]]:
     args = ["--drafter", str(pair["drafter_agree"]), "--edge", address, "--json", "--max-new-tokens", "24"]
     res = run_device([*args, "--prompt", "Ava has 3 apples.", "--prompt", "A box holds 4 shells."])

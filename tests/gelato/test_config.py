@@ -313,3 +313,22 @@ def test_policy_options_validate_alone() -> None:
         PolicyOptions(pipeline="sometimes").validate()
     PolicyOptions(pipeline="send-ahead", ahead_blocks=3, budget_j_per_token=0.5).validate()
     assert PolicyOptions.ahead_blocks == PolicyOptions().ahead_blocks == 2  # class attributes are the defaults
+
+
+def test_json_log_lines_carry_fields_and_the_traceback() -> None:
+    import json
+    import logging
+
+    from gelato.cli_common import JsonFormatter
+
+    try:
+        raise ValueError("simulated")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("gelato.edge", logging.ERROR, __file__, 1, "x %s", ("y",), sys.exc_info())
+    record.fields = {"session": "s1", "rounds": 3, "message": "not over the message"}
+    out = json.loads(JsonFormatter().format(record))
+    assert out["message"] == "x y" and out["level"] == "ERROR" and out["logger"] == "gelato.edge"
+    assert out["session"] == "s1" and out["rounds"] == 3 and out["ts"].endswith("+00:00")
+    assert "ValueError: simulated" in out["exception"]
