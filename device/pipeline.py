@@ -286,11 +286,6 @@ async def _extend(
                 if successor is block:
                     chain.dropped = _drafted(block)
                 return
-        if not block.ids and block.guess in limits.eos:
-            # Its guess is an end token: if the chain is a hit up to it, the generation ends at the
-            # verdict before it; if not, it comes back stale. Sent, it costs bytes and a verify row.
-            chain.unsent += _drafted(block)
-            return
         await _send(link, chain, block, decision, gate, cap, wanted)
 
 
