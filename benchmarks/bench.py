@@ -50,7 +50,7 @@ from typing import Any
 
 from gelato.benchmarks.bench_files import foreign_files, keep_partial
 from gelato.benchmarks.bench_plots import plots_unavailable
-from gelato.benchmarks.bench_run import Fleet, RunResult, RunSpec, shard_files, summarize
+from gelato.benchmarks.bench_run import Fleet, RunResult, RunSpec, load_questions, shard_files, summarize
 from gelato.benchmarks.channel import PROFILES, Channel, ChannelError, Profile, guard, profile_from
 from gelato.benchmarks.procs import check_energy_source, unique_label
 from gelato.device.policy import PIPELINE_MODES
@@ -427,19 +427,6 @@ class Bench:
 
 
 # ---------------------------------------------------------------- entry point
-
-
-def load_questions(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from gelato.tiny.train import gsm8k_file
-
-    path = gsm8k_file("test", args.data)  # a one-line error (SystemExit) when missing
-    args.data = path
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][: args.limit]
-    from gelato.benchmarks.bench_report import gsm8k_answer
-
-    instruction = getattr(args, "instruction", "")  # the same text reaches every run and reference
-    ask = (lambda q: f"{q}\n\n{instruction}") if instruction else (lambda q: q)
-    return [{"question": ask(r["question"]), "gold": gsm8k_answer(r.get("answer", ""))} for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -272,7 +272,8 @@ def rebuild(out: Path, no_plots: bool = False, rerun_assisted: bool = False, dat
     `--no-assisted`). The GSM8K file (for the gold
     answers): `data`, else the path the run recorded if it exists here, else the default
     (`GELATO_GSM8K_DIR`, or ../shared/data/gsm8k beside the clone)."""
-    from gelato.benchmarks.bench import load_questions, pinning
+    from gelato.benchmarks.bench import pinning
+    from gelato.benchmarks.bench_run import load_questions
 
     summary = json.loads((out / "summary.json").read_text())
     st = summary["settings"]

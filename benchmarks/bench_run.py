@@ -85,6 +85,21 @@ def shard_files(questions: list[dict[str, Any]], devices: int, folder: Path) -> 
     return paths
 
 
+def load_questions(args: Any) -> list[dict[str, Any]]:
+    """The run's questions (`args.data`, `args.limit`, `args.instruction`) with their gold answers;
+    `args.data` becomes the file found (`--data`, else the default places)."""
+    from gelato.tiny.train import gsm8k_file
+
+    path = gsm8k_file("test", args.data)  # a one-line error (SystemExit) when missing
+    args.data = path
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][: args.limit]
+    from gelato.benchmarks.bench_report import gsm8k_answer
+
+    instruction = getattr(args, "instruction", "")  # the same text reaches every run and reference
+    ask = (lambda q: f"{q}\n\n{instruction}") if instruction else (lambda q: q)
+    return [{"question": ask(r["question"]), "gold": gsm8k_answer(r.get("answer", ""))} for r in rows]
+
+
 def shard_index(device: int, local: int, devices: int) -> int:
     return device + local * devices
 

@@ -18,7 +18,8 @@ import torch
 
 from gelato.device.drafter import Drafter
 from gelato.device.generate import Limits, local_verifier, speculative_generate
-from gelato.device.pipeline import local_link, pipelined_generate
+from gelato.device.local_link import local_link
+from gelato.device.pipeline import pipelined_generate
 from gelato.device.policy import FixedK, PolicyOptions, parse_policy
 from gelato.edge.sessions import TargetSession
 from gelato.entropy import entropy_nats

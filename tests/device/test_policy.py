@@ -27,7 +27,8 @@ from gelato.device.generate import (
     self_verifier,
     speculative_generate,
 )
-from gelato.device.pipeline import local_link, pipelined_generate
+from gelato.device.local_link import local_link
+from gelato.device.pipeline import pipelined_generate
 from gelato.device.policy import (
     POLICY_NAMES,
     EntropyStop,

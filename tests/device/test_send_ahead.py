@@ -22,7 +22,8 @@ from gelato.controller import Decision
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant
 from gelato.device.generate import GenerationResult, Limits, Offload, VerifyError, local_verifier, speculative_generate
-from gelato.device.pipeline import Link, _Chain, _CutRule, _Sent, local_link, pipelined_generate
+from gelato.device.local_link import local_link
+from gelato.device.pipeline import Link, _Chain, _CutRule, _Sent, pipelined_generate
 from gelato.device.policy import FixedK, PolicyOptions, parse_policy
 from gelato.edge.sessions import StatusError, TargetSession
 from gelato.models import LoadedModel, encode_prompt, load_model
