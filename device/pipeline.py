@@ -104,6 +104,10 @@ class _Chain:
     # guess-match rate learns from every guess drafted, not only from the guesses sent.
     dropped: int = 0
     drafting_s: float = 0.0  # drafting time since the last verdict (every block drafted)
+    # The round of the block after which the chain ends, the block drafted after it guessing an end
+    # token (not sent); None once that block's verdict came or a miss cut the chain (rounds are
+    # numbered again after a miss).
+    ends_after: int | None = None
 
     def p_chain(self, policy: Policy) -> float:
         p = 1.0
@@ -248,7 +252,7 @@ async def _extend(
     while not recv.done() and len(chain.sent) <= link.max_ahead:
         prev = chain.sent[-1].block
         limit = _limit(limits, confirmed + chain.projected(), out + chain.projected())
-        if prev.stop_reason == "eos" or limit < 0:
+        if prev.stop_reason == "eos" or prev.round == chain.ends_after or limit < 0:
             return  # the chain ends at an eos or at the generation's limits
         if limit == 0 and not chain.exact():
             # No room if every block in flight is a hit, but a miss leaves room the policy may
@@ -285,6 +289,14 @@ async def _extend(
                 if successor is block:
                     chain.dropped = _drafted(block)
                 return
+        if not block.ids and block.guess in limits.eos:
+            # Its guess is an end token: if the chain hits up to it, the generation ends at its
+            # parent's verdict; if not, it comes back stale. Not sent, and the chain ends here as
+            # at an eos draft: `draft_after` fed `prev`'s last token already, so nothing more is
+            # drafted after `prev` until its verdict resets the drafter's sequence.
+            chain.unsent += _drafted(block)
+            chain.ends_after = prev.round
+            return
         await _send(link, chain, block, decision, gate, cap, wanted)
 
 
@@ -407,6 +419,8 @@ async def _settle(
     # A cut of the drafter's token list and KV, no forward, and nothing is drafting now (`_extend`
     # awaited its last block): here, not through a thread hop.
     emitted, hit = drafter.settle(block, verdict, successor)
+    if not hit or block.round == chain.ends_after:
+        chain.ends_after = None
     cut = [] if hit else list(chain.sent)
     if cut:
         chain.sent.clear()

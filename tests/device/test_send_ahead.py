@@ -7,6 +7,7 @@ edge's rule (`TargetSession.resolve_ahead`) refuses duplicate and too-deep block
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+import torch
 
 from gelato.controller import Decision
 from gelato.device.drafter import Drafter
@@ -464,13 +466,16 @@ def test_a_chain_near_the_end_waits_instead_of_sending_an_empty_block(
 def test_blocks_in_flight_at_the_end_count_in_the_totals(pair: dict[str, Path], target: LoadedModel) -> None:
     """A generation that stops (here at an eos) while later blocks are already sent: those blocks
     cost their bytes all the same, so `stats.bytes_up` is every byte sent (a round's bytes plus
-    those in flight at the end), `bytes_down` every byte received, and the radio energy theirs."""
+    those in flight at the end), `bytes_down` every byte received, and the radio energy theirs.
+    `fixed-0`'s empty blocks follow any verdict, so those sent after the one that ends the
+    generation are in flight then; `fixed-2`'s chain ends before a block whose guess is the end
+    token (not sent), and a miss cuts the rest (their bytes go to that round)."""
     dm = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
     prompt = encode_prompt(target.tokenizer, PROMPT)
     greedy, _ = run(target, dm, "fixed-0", "off", max_new=40)
     radio = radio_profile("wifi")
     left_in_flight = 0
-    for pos in (5, 9, 17, 30):
+    for name, pos in itertools.product(("fixed-0", "fixed-2"), (5, 9, 17, 30)):
         session = TargetSession("s", target, GREEDY, prompt)
         session.prefill()
         inner = local_link(session, max_ahead=4, delay_s=0.01)
@@ -487,7 +492,7 @@ def test_blocks_in_flight_at_the_end_count_in_the_totals(pair: dict[str, Path], 
             return verdict, down
 
         link = Link(send, receive, 4, True)
-        policy = parse_policy("fixed-2", PolicyOptions(pipeline="send-ahead", ahead_blocks=4))
+        policy = parse_policy(name, PolicyOptions(pipeline="send-ahead", ahead_blocks=4))
         acct = EnergyAccountant(NullMeter(), radio)
         limits = Limits(60, target.context_limit, 32, (greedy.token_ids[pos],))
         t_start = time.perf_counter()
@@ -615,6 +620,66 @@ def test_the_drafters_sequence_is_the_output_after_every_settle(
     assert res.token_ids == ref.token_ids
     assert any(t.sent_ahead and t.k == 0 for t in res.stats.rounds_log)  # guess-only blocks went ahead
     assert not wrong, wrong
+
+
+def test_every_token_the_drafter_holds_is_an_output_or_its_own_greedy_draft(
+    pair: dict[str, Path], target: LoadedModel
+) -> None:
+    """Greedy, a chain of blocks near each generation's end token: after every block drafted ahead,
+    each token in the drafter's sequence past the prompt is the output's token at that place or the
+    drafter's own greedy pick after the tokens before it. A token fed twice (the chain's newest
+    token, fed again when the chain drafted after the same block twice) is neither. A block whose
+    guess is the end token is drafted (the guess is a forward) but never sent: a hit up to it ends
+    the generation at its parent's verdict, a miss makes it stale; the chain ends there instead."""
+    dm = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    greedy, _ = run(target, dm, "fixed-0", "off", max_new=40)
+    picks: dict[tuple[int, ...], int] = {}
+
+    def pick(prefix: list[int]) -> int:
+        if tuple(prefix) not in picks:
+            with torch.inference_mode():
+                logits = dm.model(torch.tensor([prefix])).logits[0, -1, : dm.vocab_size]
+            picks[tuple(prefix)] = int(logits.argmax())
+        return picks[tuple(prefix)]
+
+    end_guesses = 0
+    for pos in (6, 11, 19, 27, 33):
+        eos = (greedy.token_ids[pos],)
+        session = TargetSession("s", target, GREEDY, prompt)
+        session.prefill()
+        drafter = Drafter(dm, GREEDY)
+        draft_after = drafter.draft_after
+        held: list[list[int]] = []
+
+        drafted: list[DraftBlock] = []
+
+        def recording(*args: Any, draft_after: Any = draft_after, d: Any = drafter, log: Any = (held, drafted)) -> Any:
+            block: DraftBlock = draft_after(*args)
+            log[0].append(list(d.seq.tokens))
+            log[1].append(block)
+            return block
+
+        drafter.draft_after = recording  # type: ignore[method-assign]
+        policy = parse_policy("fixed-2", PolicyOptions(pipeline="send-ahead", ahead_blocks=4))
+        inner = local_link(session, max_ahead=4, delay_s=0.01)
+        sent: list[DraftBlock] = []
+
+        async def send(block: DraftBlock, inner: Any = inner, sent: list[DraftBlock] = sent) -> int:
+            sent.append(block)
+            return int(await inner.send(block))
+
+        link = Link(send, inner.receive, 4, True)
+        res = asyncio.run(pipelined_generate(drafter, link, policy, prompt, Limits(60, 512, 32, eos)))
+        out = prompt + res.token_ids
+        assert res.token_ids == greedy.token_ids[: greedy.token_ids.index(eos[0]) + 1], pos
+        assert held, pos  # blocks were drafted ahead
+        assert not [b for b in sent if not b.ids and b.guess in eos], pos
+        end_guesses += sum(1 for b in drafted if not b.ids and b.guess in eos)
+        for tokens in held:
+            for i in range(len(prompt), len(tokens)):
+                assert tokens[i] == (out[i] if i < len(out) else None) or tokens[i] == pick(tokens[:i]), (pos, i)
+    assert end_guesses > 0  # the case arose: the drafter guessed the end token ahead of its verdict
 
 
 def test_local_predrafting_reports_the_transports_time_without_the_drafters(
