@@ -81,6 +81,7 @@ class SendAhead(DeviceCore):
         busy = 0.0  # drafting seconds since the previous verdict
         pos, r = 0, 0
         unsent, unsent_s, stale_down, dropped = 0, 0.0, 0, 0
+        ends_after: _Block | None = None  # `_Chain.ends_after`: the chain ends after this block
         while pos < trace.n:
             if not chain:
                 limit = self._limit(trace, pos)
@@ -95,7 +96,7 @@ class SendAhead(DeviceCore):
                 prev = chain[-1]
                 nxt = prev.pos + prev.k + 1
                 limit = self._limit(trace, nxt)
-                if prev.reason == "eos" or limit < 0:
+                if prev.reason == "eos" or prev is ends_after or limit < 0:
                     break  # the chain ends at an eos or at the generation's limits
                 if limit == 0 and not all(b.k == 0 and (b.follow or not b.ahead) for b in chain):
                     break  # as `gelato.device.pipeline._extend`: a miss may leave room, wait for it
@@ -126,6 +127,11 @@ class SendAhead(DeviceCore):
                         dropped = block.k + 1 if after is block else 0  # this round's pre-draft, a miss
                         self.totals.unsent += 1
                         break
+                if block.k == 0 and block.reason == "eos":  # its guess is the end token: not sent
+                    unsent, unsent_s = unsent + 1, unsent_s + block.draft_s
+                    self.totals.unsent += 1
+                    ends_after = prev
+                    break
                 self._send(block, now, wire)
                 chain.append(block)
             now = max(now, chain[0].verdict_at)

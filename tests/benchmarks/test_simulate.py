@@ -303,6 +303,24 @@ def test_send_ahead_chain_follows_the_trace(setup: tuple[list[Trace], RoundModel
         assert 0.02 <= t.t_net_s < 0.03
 
 
+def test_a_chain_ends_before_a_block_guessing_the_end_token(setup: tuple[list[Trace], RoundModel]) -> None:
+    """As `gelato.device.pipeline._extend`: a block sent ahead whose guess is the end token (the
+    drafter's pick at position 5 here, where the target's is another token and goes on) is drafted
+    but not sent, and the chain drafts nothing more after its parent: the next block starts fresh
+    after its verdict (sent, it would have come back stale)."""
+    _, model = setup
+    agree = [1] * 12
+    agree[5] = 0
+    trace = Trace((0.1,) * 12, agree_runs(agree), frozenset({5}), 12, 20)
+    policy = FixedK(2, PolicyOptions(pipeline="send-ahead", ahead_blocks=2))
+    rec = RecordingPolicy(policy)
+    device = Device(policy, model, seed=0)
+    device.generate(trace)
+    got = [(t.k, t.accepted, t.emitted, t.sent_ahead) for t in rec.seen]
+    assert got == [(2, 2, 3, False), (2, 2, 3, True), (2, 2, 3, False), (2, 2, 3, True)]
+    assert (device.totals.unsent, device.totals.stale) == (1, 0) and sum(t.wasted_tokens for t in rec.seen) == 1
+
+
 @pytest.mark.parametrize("mode", ["send-ahead", "local"])
 def test_pipelining_with_wrong_guesses_never_pays(trace_file: Path, mode: str) -> None:
     """Guess-match probability 0: nothing drafted ahead is ever used, so a fixed K is never faster
