@@ -29,7 +29,8 @@ block sent before its parent's verdict (`follow` an empty one), and a miss's rou
 `stale_blocks` it cut, the `wasted_tokens` drafted for nothing and their estimated drafting energy
 `wasted_j` (the cost model's per-token drafting time × drafting power). `predrafted` is what was
 drafted after the block before its verdict: the next block, sent or dropped unsent once the verdict
-showed it missed (so the guess-match rate learns from every guess, `predraft_hit` False), and
+showed it missed (so the guess-match rate learns from every guess, `predraft_hit` False; but
+for a guess of an end token, never sent and not counted: it ends the chain), and
 `t_net_s` is measured to when the verdict arrived, not to when the loop next looked at it (it may be
 drafting then). Blocks still in flight when
 the generation stops (sent past its eos or last token) and stale verdicts not yet charged to a
@@ -98,7 +99,7 @@ class _Chain:
     stale: set[int] = field(default_factory=set)
     next_round: int = 0
     stale_down: int = 0  # bytes of skipped stale verdicts, charged to the next round
-    unsent: int = 0  # tokens drafted after a miss was known: never sent, wasted
+    unsent: int = 0  # tokens drafted never sent (a miss known by then, an end-token guess): wasted
     # Tokens of the block drafted after the awaited one (alone in flight) and dropped unsent when
     # its verdict came mid-draft: that round's pre-draft, a miss, reported as such so that the
     # guess-match rate learns from every guess drafted, not only from the guesses sent.
