@@ -211,6 +211,7 @@ def check_args(args: argparse.Namespace) -> str:
     listed = check_lists(args)
     if listed:
         return listed
+    no_plots_here = plots_unavailable(args.no_plots)
     bad = [
         ("--devices must be >= 1", args.devices >= 1),
         ("--limit must be >= --devices", args.limit >= args.devices),
@@ -218,7 +219,7 @@ def check_args(args: argparse.Namespace) -> str:
         ("--k-max must be >= 1", args.k_max >= 1),
         ("budgets must be > 0", all(b > 0 for b in floats(args.budgets or args.budget_factors))),
         ("--ahead-blocks must be >= 1", args.ahead_blocks is None or args.ahead_blocks >= 1),
-        (plots_unavailable(args.no_plots), not plots_unavailable(args.no_plots)),
+        (no_plots_here, not no_plots_here),
     ]
     try:
         pipeline_modes(args.pipeline)
@@ -437,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if not (args.dir / "summary.json").is_file():
             parser.error(f"{args.dir}: not a gelato-bench run folder (no summary.json)")
-        if plots_unavailable(args.no_plots and not args.plots_only):
-            parser.error(plots_unavailable(False))
+        if no_plots_here := plots_unavailable(args.no_plots and not args.plots_only):
+            parser.error(no_plots_here)
         if args.plots_only:
             return replot(args.dir)
         return rebuild(args.dir, args.no_plots, args.rerun_assisted, args.data)

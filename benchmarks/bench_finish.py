@@ -174,7 +174,7 @@ def finish(
             # The questions themselves (a rebuild checks it: the same path may hold another file).
             "questions_sha256_12": questions_digest(questions),
             "max_new_tokens": args.max_new_tokens,
-            "instruction": getattr(args, "instruction", ""),
+            "instruction": args.instruction,
             "k_max": args.k_max,
             "policies": args.policies,
             "pipeline": args.pipeline,

@@ -95,9 +95,8 @@ def load_questions(args: Any) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][: args.limit]
     from gelato.benchmarks.bench_report import gsm8k_answer
 
-    instruction = getattr(args, "instruction", "")  # the same text reaches every run and reference
-    ask = (lambda q: f"{q}\n\n{instruction}") if instruction else (lambda q: q)
-    return [{"question": ask(r["question"]), "gold": gsm8k_answer(r.get("answer", ""))} for r in rows]
+    suffix = f"\n\n{args.instruction}" if args.instruction else ""  # the same for every run and reference
+    return [{"question": r["question"] + suffix, "gold": gsm8k_answer(r.get("answer", ""))} for r in rows]
 
 
 def shard_index(device: int, local: int, devices: int) -> int:

@@ -171,6 +171,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     pipe.add_argument("--k-max", type=int, default=0, help="gelato's cap in the pipelining sweep (0: --max-draft)")
     args = p.parse_args(argv)
+    no_plots_here = plots_unavailable(args.no_plots)
     bad = [
         ("--rtt-ms and --jitter-ms must be >= 0", args.rtt_ms >= 0 and args.jitter_ms >= 0),
         ("--devices and --tokens-per-device must be >= 1", args.devices >= 1 and args.tokens_per_device >= 1),
@@ -181,7 +182,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("--ahead-blocks must be >= 1", args.ahead_blocks >= 1),
         ("--guess-match must be in [0, 1]", args.guess_match is None or 0 <= args.guess_match <= 1),
         ("--k-max must be >= 0", args.k_max >= 0),
-        (plots_unavailable(args.no_plots), not plots_unavailable(args.no_plots)),
+        (no_plots_here, not no_plots_here),
     ]
     for message, ok in bad:
         if not ok:

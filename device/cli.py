@@ -32,7 +32,7 @@ import grpc
 from gelato.cli_common import EnvArgumentParser, fail, setup_logging, setup_torch_threads
 from gelato.device.config import DeviceConfig
 from gelato.device.energy import EnergyAccountant
-from gelato.device.policy import parse_policy
+from gelato.device.policy import Lyapunov, parse_policy
 from gelato.power import HOST_WIDE, MeterUnavailable, NullMeter, open_meter, radio_profile
 from gelato.security import (
     SecurityConfigError,
@@ -115,9 +115,6 @@ def open_accountant(config: DeviceConfig) -> EnergyAccountant:
     return EnergyAccountant(meter, radio_profile(config.radio))
 
 
-STEERING_POLICIES = ("lyapunov", "gelato")  # the policies that decide by an energy budget
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the run is, to end it as Ctrl-C does."""
 
@@ -181,13 +178,13 @@ def _main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-    policy_name = parse_policy(config.policy, config.controller).name
-    if config.controller.budget_j_per_token is not None and policy_name not in STEERING_POLICIES:
+    policy = parse_policy(config.policy, config.controller)
+    if config.controller.budget_j_per_token is not None and not isinstance(policy, Lyapunov):  # gelato is one too
         # Accepted (the queue against it is recorded, for comparison), but said: the run will not
         # keep the budget unless its policy decides by it.
         print(
-            f"gelato-device: warning: --policy {policy_name} does not steer by --energy-budget-j-per-token "
-            f"(only {' and '.join(STEERING_POLICIES)} do): the run only records its deficit queue against it",
+            f"gelato-device: warning: --policy {policy.name} does not steer by --energy-budget-j-per-token "
+            "(only lyapunov and gelato do): the run only records its deficit queue against it",
             file=sys.stderr,
             flush=True,
         )

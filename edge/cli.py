@@ -94,13 +94,10 @@ async def load_target(server: EdgeServer, config: EdgeConfig) -> LoadedModel:
     thread loads; health flips to SERVING once the target is there). A placement the KV pool cannot
     follow (a layer whose parts run on different devices) is a ModelLoadError naming it."""
     from gelato.edge.placement import model_kv_devices
-    from gelato.edge.pool_cache import pool_model
-    from gelato.edge.pool_check import check_pool
     from gelato.models import ModelLoadError, load_model
 
     if config.device_map is None:
         return await server.load(config.target, config.dtype, config.device)
-    from grpc_health.v1 import health_pb2
 
     load = functools.partial(
         load_model,
@@ -119,11 +116,7 @@ async def load_target(server: EdgeServer, config: EdgeConfig) -> LoadedModel:
         raise ModelLoadError(f"--device-map {config.device_map}: {exc}") from None
     runs = ", ".join(f"{devices.count(d)} on {d}" for d in dict.fromkeys(devices))
     print(f"gelato-edge: --device-map {config.device_map}: layers (and their KV) run {runs}", file=sys.stderr)
-    loaded = pool_model(loaded)
-    await asyncio.get_running_loop().run_in_executor(server.service.executor, check_pool, loaded)
-    server.service.loaded = loaded
-    await server._set_health(health_pb2.HealthCheckResponse.SERVING)
-    return loaded
+    return await server.serve_loaded(loaded)
 
 
 async def serve(config: EdgeConfig) -> int:

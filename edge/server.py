@@ -128,8 +128,13 @@ class EdgeServer:
     async def load(self, target: str | None, dtype: str, device: str) -> LoadedModel:
         loop = asyncio.get_running_loop()
         loaded = await loop.run_in_executor(self.service.executor, load_model, target, "target", dtype, device)
+        return await self.serve_loaded(loaded)
+
+    async def serve_loaded(self, loaded: LoadedModel) -> LoadedModel:
+        """Serve a target loaded on the model thread: as the pool serves it (`pool_model`), once the
+        load-time probe passed (`check_pool`, ModelLoadError otherwise); health then SERVING."""
         loaded = pool_model(loaded)
-        await loop.run_in_executor(self.service.executor, check_pool, loaded)
+        await asyncio.get_running_loop().run_in_executor(self.service.executor, check_pool, loaded)
         self.service.loaded = loaded
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return loaded
