@@ -150,9 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--radio", default=None, help="device radio model (default: lte for --channel lte, else wifi)")
     g.add_argument("--device-profile", default="phone", help="cpu-model meter profile")
     g.add_argument("--no-assisted", action="store_true", help="skip transformers assisted generation")
-    g.add_argument("--no-oracle", action="store_true")
-    g.add_argument("--no-plots", action="store_true")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument(
+        "--no-oracle",
+        action="store_true",
+        help="skip the oracle rows (an offline bound from teacher-forced verdicts and the fixed-K runs' costs)",
+    )
+    g.add_argument("--no-plots", action="store_true", help="write table and summary only, no PNGs")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     r = sub.add_parser("report", help="rebuild table, summary and plots of a finished run folder (no devices run)")
     r.add_argument("dir", type=Path, help="a folder written by gelato-bench gsm8k (its summary.json, rounds, outputs)")
     r.add_argument(
@@ -162,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="GSM8K test JSONL for the gold answers (default: the run's recorded path if it exists, "
         "else as gsm8k --data)",
     )
-    r.add_argument("--no-plots", action="store_true")
+    r.add_argument("--no-plots", action="store_true", help="rebuild table and summary only, no PNGs")
     r.add_argument("--plots-only", action="store_true", help="only redraw the PNGs (references not re-run)")
     r.add_argument(
         "--rerun-assisted",

@@ -279,8 +279,8 @@ class EnvArgumentParser(argparse.ArgumentParser):
         if self.epilog is None and names:
             flag, name = next(iter(names.items()))
             self.epilog = (
-                f"Every option can also be set by the environment variable {self.env_prefix}_<OPTION> "
-                f"({flag}: {name}); an option given on the command line wins."
+                f"Every option marked [env: {self.env_prefix}_<OPTION>] can also be set by that "
+                f"environment variable ({flag}: {name}); an option given on the command line wins."
             )
         for action in self._actions:
             var = self.env_name(action)
