@@ -39,6 +39,7 @@ from gelato.controller import (
     expected_emitted,
     keep_drafting,
     predraft_pays,
+    tokens_per_s,
 )
 from gelato.controller.estimators import DEFAULT_HALFLIFE_ROUNDS, Ewma, decay_of
 from gelato.types import DraftBlock, SparseDist, Telemetry
@@ -352,7 +353,7 @@ class Lyapunov(Policy):
         self._objective = obj
         k_ref, score = choose_k_ref(obj, k_cap, k_min)
         self._round_score = score
-        self._round_rate = expected_emitted(obj.cost.alpha, k_ref) / max(obj.cost.time_s(k_ref), 1e-9)
+        self._round_rate = tokens_per_s(expected_emitted(obj.cost.alpha, k_ref), obj.cost.time_s(k_ref))
         if self.ahead_blocks is not None:
             c = self.controller
             k_chain, chain_score = choose_chain_k(
@@ -404,7 +405,7 @@ class Lyapunov(Policy):
         ahead = self.options.ahead_blocks if self.ahead_blocks is None else self.ahead_blocks
         obj = self._objective
         n, t, e = chain_frame(obj, decision.k_ref, p_chain, ahead)
-        go = n / t > self._round_rate and obj.score_of(n, t, e) > self._round_score
+        go = tokens_per_s(n, t) > self._round_rate and obj.score_of(n, t, e) > self._round_score
         if first:
             self._follow_seen = go
         return go

@@ -77,7 +77,9 @@ def result_record(prompt: str, res: GenerationResult, loaded: LoadedModel, polic
         "rounds": s.rounds,
         "drafted": s.drafted,
         "accepted": s.accepted,
-        "acceptance_rate": s.accepted / s.drafted if s.drafted else None,
+        # ar-device: no target checks its drafts, so no acceptance (its "accepted" counts the
+        # drafts each block emits before its last, as the round's arithmetic needs).
+        "acceptance_rate": s.accepted / s.drafted if s.drafted and not policy.local_only else None,
         "mean_draft_len": s.drafted / s.rounds if s.rounds else 0.0,
         "elapsed_s": round(res.elapsed_s, 4),
         "tokens_per_s": round(res.tokens_per_s, 2),

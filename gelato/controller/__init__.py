@@ -23,6 +23,7 @@ from gelato.controller.objective import (
     expected_emitted,
     keep_drafting,
     predraft_pays,
+    tokens_per_s,
 )
 from gelato.controller.queue import DeficitQueue
 
@@ -42,4 +43,5 @@ __all__ = [
     "expected_emitted",
     "keep_drafting",
     "predraft_pays",
+    "tokens_per_s",
 ]

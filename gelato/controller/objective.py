@@ -192,6 +192,12 @@ def chain_frame(obj: Objective, k: int, cont: float, ahead: int) -> tuple[float,
     return n, t, c.energy_j(k) + more * e_step + waste
 
 
+def tokens_per_s(n_expected: float, t_s: float) -> float:
+    """A frame's emission rate; a frame priced at no time (fits with every time at 0, as a replayed
+    or synthetic trace can give) counts as 1 ns, so it ranks fastest instead of dividing by 0."""
+    return n_expected / max(t_s, 1e-9)
+
+
 def choose_chain_k(
     obj: Objective, k_max: int, match: float, ahead: int, min_rate: float = 0.0, follow: float = 1.0
 ) -> tuple[int, float]:
@@ -213,7 +219,7 @@ def choose_chain_k(
             lone = (expected_emitted(c.alpha, k), c.time_s(k), c.energy_j(k))
             n, t, e = (follow * x + (1.0 - follow) * y for x, y in zip((n, t, e), lone, strict=True))
         s = obj.score_of(n, t, e)
-        if n / t > min_rate and s > best:
+        if tokens_per_s(n, t) > min_rate and s > best:
             best_k, best = k, s
     return best_k, best
 

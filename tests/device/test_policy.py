@@ -39,6 +39,7 @@ from gelato.device.policy import (
     _Continuation,
     parse_policy,
 )
+from gelato.device.run import result_record
 from gelato.edge.kv_pool import KVPool
 from gelato.edge.sessions import TargetSession
 from gelato.models import LoadedModel, encode_prompt, load_model
@@ -332,9 +333,13 @@ def test_ar_device_is_the_drafters_own_greedy_output(drafter_model: LoadedModel)
     prompt = [5, 6, 7, 8]
     drafter = Drafter(drafter_model, SamplingParams())
     limits = Limits(30, drafter_model.context_limit, 30, ())
-    res = asyncio.run(speculative_generate(drafter, self_verifier(drafter), parse_policy("ar-device"), prompt, limits))
+    policy = parse_policy("ar-device")
+    res = asyncio.run(speculative_generate(drafter, self_verifier(drafter), policy, prompt, limits))
     ref = drafter_model.model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None)
     assert res.token_ids == ref[0, len(prompt) :].tolist()
+    # Nothing checked its drafts: no acceptance rate in its record (it read (k - 1) / k).
+    record = result_record("p", res, drafter_model, policy)
+    assert res.stats.drafted > 0 and record["acceptance_rate"] is None
 
 
 def test_ar_device_is_charged_no_radio(drafter_model: LoadedModel) -> None:

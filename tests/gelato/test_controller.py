@@ -54,6 +54,8 @@ def test_queue_arithmetic() -> None:
     assert q.update(0.0, 5) == 0.0  # never below zero
     assert q.update(math.nan, 4) == 0.0 and q.unmeasured_rounds == 1  # NaN is no reading, not 0 J
     assert q.tokens == 9 and q.j_per_token == pytest.approx(0.05 / 9)
+    assert q.update(0.03, 1) == pytest.approx(0.02)
+    assert q.update(math.nan, 2) == pytest.approx(0.02) and q.unmeasured_rounds == 2  # Q kept as it was
     with pytest.raises(ValueError):
         DeficitQueue(0.0)
 
@@ -285,11 +287,21 @@ def test_chain_choice_priced_with_how_often_chains_start() -> None:
         assert score == pytest.approx(max(scores.values())) and k == max(scores, key=lambda kk: scores[kk])
 
 
-def test_inner_rule_at_start_is_the_outer_decision() -> None:
-    obj = Objective(cost())
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.8])
+def test_inner_rule_at_start_is_the_outer_decision(alpha: float) -> None:
+    obj = Objective(cost(alpha=alpha))
     k_ref, _ = choose_k_ref(obj, 8)
+    assert (k_ref > 0) == (alpha > 0)  # both answers are asked for
     # With S_0 = 1 and nothing drafted, "continue" holds iff K_ref > 0.
     assert keep_drafting(obj, 0, 1.0, 1.0, 8) == (k_ref > 0)
+
+
+def test_chain_choice_with_every_time_at_zero() -> None:
+    """A replayed or synthetic trace can fit every time at 0: chains are still ranked (by score),
+    not a ZeroDivisionError."""
+    free = cost(t_draft_s=0.0, t_edge0_s=0.0, t_net0_s=0.0)
+    k, score = choose_chain_k(Objective(free), 8, 0.9, 2)
+    assert 1 <= k <= 8 and score == math.inf
 
 
 def test_inner_rule_stops_on_doubt_and_extends_on_confidence() -> None:
