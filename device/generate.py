@@ -345,7 +345,10 @@ def count_round(stats: GenerationStats, block: DraftBlock, ex: Exchange, tele: T
 def local_verifier(session: Any) -> Verify:
     """Verify in process with an `gelato.edge.verifier.TargetSession`-like object (`verify(block) -> (a,
     next)`), counting the bytes the same exchange would cost on the wire. For benchmarks and tests:
-    `device` never imports `edge`, the caller passes the session in."""
+    `device` never imports `edge`, the caller passes the session in. It marks no radio transfers
+    (`EnergyAccountant.radio_busy`, which the gRPC client's open does): with a radio profile the
+    accountant charges each generation a whole tail and no connected-state gaps, so in-process
+    energy comparisons use no radio (every benchmark that calls it does)."""
 
     async def verify(block: DraftBlock) -> Exchange:
         t0 = time.perf_counter()
