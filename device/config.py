@@ -134,6 +134,27 @@ class DeviceConfig(Settings):
             f"--ahead-blocks is read with --pipeline send-ahead only (here --pipeline {c.pipeline})",
         )
 
+    def _check_sampling_settings(self) -> None:
+        """Greedy decoding draws nothing: a truncation, support size or seed given for it would be
+        ignored (0 and 1 are top-p's own "off")."""
+        if not self.sampling.greedy:
+            return
+        ignored = [
+            flag
+            for flag, changed in (
+                ("--top-p", 0.0 < self.top_p < 1.0),
+                ("--top-k", self.top_k != 0),
+                ("--top-m", self.top_m != DEFAULT_TOP_M),
+                ("--seed", self.seed != 0),
+            )
+            if changed
+        ]
+        require(
+            not ignored,
+            f"{', '.join(ignored)} shape{'s' if len(ignored) == 1 else ''} sampling only; --temperature 0 "
+            f"decodes greedily and would ignore {'it' if len(ignored) == 1 else 'them'} (give a temperature to sample)",
+        )
+
     def check(self) -> None:
         try:
             policy = parse_policy(self.policy, self.controller)
@@ -144,6 +165,7 @@ class DeviceConfig(Settings):
         require(self.limit is None or self.prompts_file is not None, "--limit counts the prompts of --prompts-file")
         require(bool(self.tls_cert) == bool(self.tls_key), "--tls-cert and --tls-key go together")
         self._check_policy_settings(policy.name)
+        self._check_sampling_settings()
         require(
             self.controller.pipeline == "off" or not (policy.local_only or policy.edge_streams),
             f"--pipeline {self.controller.pipeline} pipelines drafting; --policy {policy.name} drafts nothing for "

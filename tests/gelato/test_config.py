@@ -263,6 +263,9 @@ def test_device_defaults_written_once() -> None:
         (["--temperature", "1", "--top-p", "0.99999999"], "top_p 0.99999999 is 'off' once on the wire (float32 1)"),
         # Settings that would be ignored are refused.
         (["--limit", "3"], "--limit counts the prompts of --prompts-file"),
+        (["--seed", "3"], "--seed shapes sampling only; --temperature 0 decodes greedily and would ignore it"),
+        (["--top-p", "0.9", "--top-k", "5"], "--top-p, --top-k shape sampling only"),
+        (["--top-m", "8"], "--top-m shapes sampling only"),
         (
             ["--policy", "ar-edge", "--pipeline", "send-ahead"],
             "--pipeline send-ahead pipelines drafting; --policy ar-edge",
@@ -301,6 +304,8 @@ def test_device_validation(args: list[str], message: str) -> None:
         ["--policy", "heuristic", "--k-max", "6"],
         ["--temperature", "1", "--top-p", "1e-40"],  # a float32 subnormal: still on
         ["--temperature", "1", "--top-p", "0.99999994"],  # float32's largest below 1
+        ["--temperature", "0.7", "--top-p", "0.9", "--top-k", "5", "--top-m", "8", "--seed", "3"],
+        ["--top-p", "0"],  # top-p's own "off", greedy or not
     ],
 )
 def test_device_accepts_each_policy_its_own_settings(args: list[str]) -> None:
