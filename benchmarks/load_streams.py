@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -98,15 +98,18 @@ class RawStream:
         return grpc.StatusCode.OK
 
 
-def run_session(address: str, fp: str, spec: Spec, vocab: int) -> list[tuple[int, int, int]]:
-    """Drive one well-formed session to its end; (a, next, batch_rows) per round."""
+def run_session(
+    address: str, fp: str, spec: Spec, vocab: int, make: Callable[[Spec, list[int], int, int], DraftBlock] = make_block
+) -> list[tuple[int, int, int]]:
+    """Drive one well-formed session to its end; (a, next, batch_rows) per round. `make` drafts each
+    block from the history (any pure function of it, as `make_block`)."""
     with grpc.insecure_channel(address) as channel:
         stream = RawStream(channel)
         stream.send(open_message(fp, spec))
         assert stream.recv().WhichOneof("kind") == "opened"
         tokens, verdicts = list(spec.prefix), []
         for rnd in range(spec.rounds):
-            block = make_block(spec, tokens, rnd, vocab)
+            block = make(spec, tokens, rnd, vocab)
             stream.send(encode_block(block))
             v = stream.recv().verdict
             tokens += [*block.ids[: v.n_accepted], v.next_token]

@@ -1,8 +1,8 @@
 """Protocol fuzzer against a real edge process: a few hundred malformed and adversarial messages
 (fixed seed; the cases and their allowed statuses: `gelato.benchmarks.load_fuzz`) each get a
 precise status, never UNKNOWN or INTERNAL; the edge is still SERVING afterwards and holds no
-session; and a well-formed greedy session running all along produces exactly the verdicts it
-produces alone.
+session; and a well-formed greedy session running all along (drafts the target takes some of)
+produces exactly the verdicts it produces alone.
 """
 
 from __future__ import annotations
@@ -17,28 +17,33 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gelato.benchmarks.load_fuzz import CASES, SEED, Code, Fuzzer, run_case
 from gelato.benchmarks.load_streams import Spec, run_session
+from gelato.models import LoadedModel
 from gelato.types import SamplingParams
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from tests.conftest import EdgeProcess
+from tests.reliability.drafts import TargetDrafts, assert_both_paths
 
 
-def test_protocol_fuzz(pair: dict[str, Path]) -> None:
+def test_protocol_fuzz(pair: dict[str, Path], target: LoadedModel) -> None:
     edge = EdgeProcess(["--target", str(pair["target"]), "--batch-window-ms", "5"])
+    drafts = TargetDrafts(target)  # drafts the edge's target takes some of: acceptance and rollback run
     try:
         with grpc.insecure_channel(edge.address) as channel:
             info = pb_grpc.GelatoStub(channel).Info(pb.InfoRequest(), timeout=10)
             fuzzer = Fuzzer(random.Random(SEED), info.tokenizer_fingerprint, info.vocab_size, info.context_limit, 32)
             cases = fuzzer.generate(CASES)
             good = Spec(tuple(range(11, 19)), k=4, rounds=12, params=SamplingParams())
-            alone = [v[:2] for v in run_session(edge.address, info.tokenizer_fingerprint, good, info.vocab_size)]
+            fp, vocab = info.tokenizer_fingerprint, info.vocab_size
+            alone = [v[:2] for v in run_session(edge.address, fp, good, vocab, drafts)]
+            assert_both_paths("well-formed", good, alone)
 
             done, runs, errors = threading.Event(), [], []
 
             def well_formed() -> None:  # again and again for as long as the fuzz runs
                 try:
                     while not done.is_set():
-                        verdicts = run_session(edge.address, info.tokenizer_fingerprint, good, info.vocab_size)
+                        verdicts = run_session(edge.address, fp, good, vocab, drafts)
                         runs.append([v[:2] for v in verdicts])
                 except BaseException as exc:  # a broken session fails the test, not just this thread
                     errors.append(exc)

@@ -34,6 +34,7 @@ from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from gelato.wire import encode_block
 from tests.conftest import EdgeProcess
+from tests.reliability.drafts import TargetDrafts, assert_both_paths
 
 ROUNDS = 5
 GOOD = {  # name -> spec; the context limit of the test target is 512
@@ -55,12 +56,14 @@ class AcceptRaises(TargetSession):
 
 
 def solo_verdicts(target: LoadedModel) -> dict[str, list[tuple[int, int]]]:
-    """Each good session alone: its own private pool, one `verify` per round, no batcher."""
-    out = {}
+    """Each good session alone: its own private pool, one `verify` per round, no batcher. Its
+    drafts come from the target (`TargetDrafts`): verdicts accept some and reject some."""
+    out, drafts = {}, TargetDrafts(target)
     for name, spec in GOOD.items():
         s = TargetSession(name, target, spec.params, list(spec.prefix))
         s.prefill()
-        out[name] = [s.verify(make_block(spec, s.seq.tokens, s.rounds, target.vocab_size)) for _ in range(spec.rounds)]
+        out[name] = [s.verify(drafts(spec, s.seq.tokens, s.rounds, target.vocab_size)) for _ in range(spec.rounds)]
+        assert_both_paths(name, spec, out[name])
     return out
 
 
@@ -113,7 +116,7 @@ def poisoned_rows(
 
 
 def test_poisoned_rows_fail_alone_at_the_batcher(target: LoadedModel) -> None:
-    want = solo_verdicts(target)
+    want, drafts = solo_verdicts(target), TargetDrafts(target)
 
     async def run() -> dict[str, list[Verdict]]:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target")
@@ -129,7 +132,7 @@ def test_poisoned_rows_fail_alone_at_the_batcher(target: LoadedModel) -> None:
         try:
             for rnd in range(ROUNDS):
                 bad = poisoned_rows(target, pool, rnd)
-                blocks = {n: make_block(GOOD[n], s.seq.tokens, s.rounds, target.vocab_size) for n, s in good.items()}
+                blocks = {n: drafts(GOOD[n], s.seq.tokens, s.rounds, target.vocab_size) for n, s in good.items()}
                 size["rows"] = len(good) + len(bad)
                 now = time.perf_counter()
                 results = await asyncio.gather(
@@ -165,13 +168,16 @@ def test_poisoned_rows_fail_alone_at_the_batcher(target: LoadedModel) -> None:
     assert value("gelato_edge_batch_rows_total") == ROUNDS * len(GOOD)
 
 
-def test_poisoned_streams_fail_alone_over_grpc(pair: dict[str, Path]) -> None:
+def test_poisoned_streams_fail_alone_over_grpc(pair: dict[str, Path], target: LoadedModel) -> None:
     edge = EdgeProcess(["--target", str(pair["target"]), "--batch-window-ms", "100"])
+    drafts = TargetDrafts(target)  # the edge's own target, as loaded there
     try:
         with grpc.insecure_channel(edge.address) as channel:
             info = pb_grpc.GelatoStub(channel).Info(pb.InfoRequest(), timeout=10)
         fp, vocab = info.tokenizer_fingerprint, info.vocab_size
-        solo = {n: run_session(edge.address, fp, s, vocab) for n, s in GOOD.items()}
+        solo = {n: run_session(edge.address, fp, s, vocab, drafts) for n, s in GOOD.items()}
+        for name, verdicts in solo.items():
+            assert_both_paths(name, GOOD[name], [v[:2] for v in verdicts])
 
         poison_codes: dict[str, list[grpc.StatusCode]] = {}
         stop = threading.Event()
@@ -216,7 +222,7 @@ def test_poisoned_streams_fail_alone_over_grpc(pair: dict[str, Path]) -> None:
         together: dict[str, list[tuple[int, int, int]]] = {}
 
         def good(name: str) -> None:
-            together[name] = run_session(edge.address, fp, GOOD[name], vocab)
+            together[name] = run_session(edge.address, fp, GOOD[name], vocab, drafts)
 
         goods = [threading.Thread(target=good, args=(n,)) for n in GOOD]
         for t in threads + goods:
@@ -259,7 +265,7 @@ def test_a_row_raising_stop_iteration_fails_alone_and_frees_the_batcher(target: 
     """A future refuses StopIteration: setting it raised TypeError in the event loop, the rows after
     it never got their verdicts and the batcher never ran another batch. Now it is that row's
     error, the other rows get their verdicts, and the next round runs."""
-    want = solo_verdicts(target)
+    want, drafts = solo_verdicts(target), TargetDrafts(target)
 
     async def run() -> tuple[dict[str, list[Verdict]], BaseException]:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target")
@@ -275,7 +281,7 @@ def test_a_row_raising_stop_iteration_fails_alone_and_frees_the_batcher(target: 
 
         async def one_round(*extra: asyncio.Future[Verdict]) -> list[Verdict | BaseException]:
             now = time.perf_counter()
-            blocks = {n: make_block(GOOD[n], s.seq.tokens, s.rounds, target.vocab_size) for n, s in good.items()}
+            blocks = {n: drafts(GOOD[n], s.seq.tokens, s.rounds, target.vocab_size) for n, s in good.items()}
             rows = [batcher.verify(good[n], blocks[n], now) for n in good]
             return await asyncio.wait_for(asyncio.gather(*extra, *rows, return_exceptions=True), 30)
 
@@ -308,7 +314,7 @@ def test_a_failure_after_the_batched_forward_reruns_only_the_rows_without_an_out
     twice) and the rest are put back and verified alone: every verdict equals its solo one."""
     from gelato.edge import verifier
 
-    want = solo_verdicts(target)
+    want, drafts = solo_verdicts(target), TargetDrafts(target)
     real, calls = verifier.pooled_forward, [0]
 
     def one_short(rows: list[tuple[object, tuple[int, ...]]]) -> list[torch.Tensor]:
@@ -323,7 +329,7 @@ def test_a_failure_after_the_batched_forward_reruns_only_the_rows_without_an_out
     got: dict[str, list[tuple[int, int]]] = {n: [] for n in GOOD}
     monkeypatch.setattr(verifier, "pooled_forward", one_short)
     for rnd in range(ROUNDS):
-        pairs = [(s, make_block(GOOD[n], s.seq.tokens, s.rounds, target.vocab_size)) for n, s in good.items()]
+        pairs = [(s, drafts(GOOD[n], s.seq.tokens, s.rounds, target.vocab_size)) for n, s in good.items()]
         outcomes = verifier.verify_batch(pairs)
         for (n, s), out in zip(good.items(), outcomes, strict=True):
             assert isinstance(out, verifier.Accepted), (n, rnd, out)
