@@ -312,6 +312,7 @@ def reproduce_command(args: argparse.Namespace, profile: Profile) -> str:
     words += ["--ahead-blocks", str(a.ahead_blocks)] if a.ahead_blocks is not None else []
     words += ["--k-max", str(a.k_max), "--entropy-thresholds", a.entropy_thresholds]
     words += ["--adaedl-lambdas", a.adaedl_lambdas, "--max-new-tokens", str(a.max_new_tokens)]
+    words += ["--instruction", a.instruction] if a.instruction else []  # every prompt's text
     words += ["--drafter", a.drafter] if a.drafter else []
     words += ["--target", a.target] if a.target else []
     words += ["--channel", profile.name]

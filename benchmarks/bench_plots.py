@@ -5,8 +5,9 @@ by run label, and a path; it writes the PNG and returns True, or False when the 
 plot (e.g. no budgeted controller run for Q(t)).
 - `pareto`: tokens/s vs device mJ/token of every speculative run and the oracle, drawn by
   `gelato.benchmarks.simulate_sweep.plot_pareto` (fixed-K line, markers per policy, the controllers'
-  budget sweep as dashed lines, budgets as vertical lines); ar-edge and ar-device are off its scale
-  and the pipelined budgeted runs have no place in that plot's legend: they are left to the table.
+  budget sweep as dashed lines, a pipelined mode's sweep a line of its own, budgets as vertical
+  lines; a sweep joins every budgeted run of its policy and mode, so with several `--v` values it
+  joins points of different V: read those from the table); ar-edge and ar-device are off its scale.
   Pipelined runs without a budget are markers of their own, `gelato+local`, `gelato+send-ahead`.
   Its energy axis names the plotted rows' energy sources (`energy_source_text`: estimated or
   measured, and by which meter), as the q_trace's Q axis does for its runs.
@@ -16,7 +17,8 @@ plot (e.g. no budgeted controller run for Q(t)).
 - `calibration`: observed acceptance per drafter-entropy bin (every speculative run; drafts after a
   block's first rejection are unobserved and excluded), and the controller's p̂(accept) against the
   observed rate (gelato runs): a reliability diagram.
-- `devices` (N > 1): Σ of the devices' tokens/s per run and each device's p50/p99 latency per token.
+- `devices` (N > 1): the fleet's tokens/s per run (bars; Σ of each device's own rate as a marker)
+  and each device's p50/p99 latency per token.
 `plots_unavailable(no_plots)` says why no plot can be drawn here (no matplotlib), before a run.
 """
 
@@ -200,8 +202,14 @@ def devices(result: dict[str, Any], rounds: Rounds, path: Path) -> bool:
         return False
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
     labels = [r["label"] for r in runs]
-    a1.bar(range(len(runs)), [r["aggregate_tokens_per_s"] for r in runs], color="tab:blue")
-    a1.set_ylabel("Σ device tokens/s (each device's own rate)")
+    # The fleet rate (every token over the span the devices ran) is what the edge delivered; the
+    # sum of each device's own rate is higher where devices finished at different times.
+    fleet = [r.get("fleet_tokens_per_s") or 0.0 for r in runs]
+    a1.bar(range(len(runs)), fleet, color="tab:blue", label="fleet: all tokens ÷ the devices' span")
+    summed = [r["aggregate_tokens_per_s"] for r in runs]
+    a1.scatter(range(len(runs)), summed, marker="D", color="black", s=14, label="Σ each device's own rate", zorder=3)
+    a1.set_ylabel("tokens/s")
+    a1.legend(fontsize=8)
     for i, r in enumerate(runs):
         p50 = [d["latency_p50_ms"] for d in r["per_device"] if d["latency_p50_ms"] is not None]
         p99 = [d["latency_p99_ms"] for d in r["per_device"] if d["latency_p99_ms"] is not None]
@@ -213,7 +221,7 @@ def devices(result: dict[str, Any], rounds: Rounds, path: Path) -> bool:
     for ax in (a1, a2):
         ax.set_xticks(range(len(runs)), labels, rotation=70, ha="right", fontsize=7)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(f"{result['settings']['devices']} devices: aggregate throughput and per-device latency per token")
+    fig.suptitle(f"{result['settings']['devices']} devices: fleet throughput and per-device latency per token")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

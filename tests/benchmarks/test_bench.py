@@ -346,7 +346,8 @@ def test_recorded_command_spells_out_resolved_defaults() -> None:
     from gelato.benchmarks.channel import profile_from
 
     parse = bench.build_parser().parse_args
-    args = parse(["gsm8k", "--channel", "lte", "--v", "5", "--no-plots"])
+    boxed = "Please reason step by step, and put your final answer within \\boxed{}."
+    args = parse(["gsm8k", "--channel", "lte", "--v", "5", "--no-plots", "--instruction", boxed])
     args.radio = "lte"  # as main resolves it
     profile = profile_from(args.channel)
     cmd = bench.reproduce_command(args, profile)
@@ -359,6 +360,7 @@ def test_recorded_command_spells_out_resolved_defaults() -> None:
     assert value["--radio"] == "lte" and value["--one-way-ms"] == "30" and value["--up-mbit"] == "10"
     assert "--no-plots" in words and "--out" not in words and "--data" not in words  # not given: defaults
     again = parse(words[1:])
+    assert again.instruction == boxed  # it changes every prompt
     for key in ("policies", "budget_factors", "v", "k_max", "limit", "max_new_tokens", "seed", "device_profile"):
         assert getattr(again, key) == getattr(args, key), key
     assert bench.pipeline_modes(again.pipeline) == bench.pipeline_modes(args.pipeline)
