@@ -31,6 +31,21 @@ from gelato.tiny.random_pair import build_random_pair, synthetic_corpus  # noqa:
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def target_greedy(target: LoadedModel, prompt: list[int], n: int) -> list[int]:
+    """The target's own greedy continuation (`generate`, its own cache; the model's padding logits
+    past the tokenizer's length suppressed, as GELATO slices them off), eos included: the reference
+    a greedy run must equal, not merely another run through the same session code."""
+    out = target.model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=n,
+        do_sample=False,
+        suppress_tokens=list(range(target.vocab_size, target.model.config.vocab_size)),
+        eos_token_id=list(target.eos_token_ids),
+        pad_token_id=target.tokenizer.eos_token_id,
+    )
+    return [int(t) for t in out[0, len(prompt) :]]
+
+
 @pytest.fixture(scope="session")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_random_pair(tmp_path_factory.mktemp("pair"))

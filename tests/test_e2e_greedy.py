@@ -17,29 +17,16 @@ import pytest
 import torch
 
 from gelato.models import encode_prompt, load_model
-from tests.conftest import EdgeProcess, run_device
+from tests.conftest import EdgeProcess, run_device, target_greedy
 
 MAX_NEW = 24
 
 
 @pytest.fixture(scope="module")
 def reference(pair: dict[str, Path], prompts: list[str]) -> list[list[int]]:
-    """The target's own greedy generations (the padding logits past the tokenizer's length suppressed)."""
+    """The target's own greedy generations (`target_greedy`)."""
     target = load_model(str(pair["target"]), "target", "float32", "cpu")
-    pad_ids = list(range(target.vocab_size, target.model.config.vocab_size))
-    outs = []
-    for text in prompts:
-        ids = torch.tensor([encode_prompt(target.tokenizer, text)])
-        gen = target.model.generate(
-            ids,
-            max_new_tokens=MAX_NEW,
-            do_sample=False,
-            suppress_tokens=pad_ids,
-            eos_token_id=list(target.eos_token_ids),
-            pad_token_id=target.tokenizer.eos_token_id,
-        )
-        outs.append(gen[0, ids.shape[1] :].tolist())
-    return outs
+    return [target_greedy(target, encode_prompt(target.tokenizer, text), MAX_NEW) for text in prompts]
 
 
 @pytest.fixture(scope="module")

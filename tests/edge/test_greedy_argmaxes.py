@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+from pytest import MonkeyPatch
 
 from gelato.benchmarks.accept_overhead import main
 from gelato.edge.kv_pool import KVPool
@@ -28,9 +29,26 @@ def test_ragged_rows_mixed_with_sampling_rows_equal_their_own_argmaxes() -> None
     assert greedy_argmaxes(logits, [None] * 4) == {}
 
 
-def test_a_failure_returns_nothing_and_rows_take_their_own() -> None:
+def test_a_failure_returns_nothing_and_rows_take_their_own(target: LoadedModel, monkeypatch: MonkeyPatch) -> None:
     # A 1-D row makes a 0-d argmax, which torch.cat refuses: the batch answers {} instead of raising.
     assert greedy_argmaxes([torch.randn(5, 9), torch.randn(9)], [1, 0]) == {}
+    # With nothing fetched, each greedy row takes its own argmaxes in acceptance: its verdict is
+    # the one it gets alone, drafts taken included.
+    from gelato.edge import verifier
+
+    monkeypatch.setattr(verifier, "greedy_argmaxes", lambda logits, ks: {})
+    prompts = [[5, 9, 14, 3], [40, 41, 42, 43, 44, 45], [7, 8]]
+    pool = KVPool(target.model, target.vocab_size, slots=3, context=32)
+    blocks = [DraftBlock(round=0, ids=(best_of(target, p), 11, 12)) for p in prompts]
+    rows = [TargetSession(f"s{i}", target, SamplingParams(), p, pool=pool) for i, p in enumerate(prompts)]
+    for s in rows:
+        s.prefill()
+    outcomes = verify_batch(list(zip(rows, blocks, strict=True)))
+    for p, block, got in zip(prompts, blocks, outcomes, strict=True):
+        alone = TargetSession("alone", target, SamplingParams(), p)
+        alone.prefill()
+        assert isinstance(got, Accepted) and got.batch_rows == 3
+        assert (got.n_accepted, got.next_token) == alone.verify(block) and got.n_accepted >= 1
 
 
 def test_accept_overhead_benchmark_runs_and_agrees(tmp_path: Path) -> None:

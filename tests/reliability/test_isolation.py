@@ -148,6 +148,8 @@ def test_poisoned_rows_fail_alone_at_the_batcher(target: LoadedModel) -> None:
                     assert v.batch_rows == {1: 1, 2: len(good) + 1}.get(rnd, len(good)), (n, rnd, v)
                 for (s, _, exc_type, code), result in zip(bad, results[len(good) :], strict=True):
                     assert isinstance(result, exc_type), (s.session_id, rnd, result)
+                    if s.session_id == "raises":  # its own error, not one of the batcher's RuntimeErrors
+                        assert str(result) == "acceptance exploded", result
                     if code is not None:
                         assert isinstance(result, StatusError) and result.code == code, (s.session_id, result)
                     assert s.rounds == 0 and s.seq.cached == len(s.seq.tokens) - 1  # as before the round
