@@ -240,9 +240,9 @@ def test_jetson_ina3221_prefers_board_input_rail(tmp_path: Path) -> None:
     write(hw / "curr1_input", 2000)  # 10 W from here
     clock.t += 1.0
     meter.integrator.sample()
-    assert meter.joules() == pytest.approx(5.0 + 5.0)  # each sample's power holds until the next: 5 W, 2 s
+    assert meter.joules() == pytest.approx(5.0 + 10.0)  # each interval at the power read at its end
     clock.t += 0.5
-    assert meter.joules() == pytest.approx(10.0 + 5.0)  # partial interval at the last power, 10 W
+    assert meter.joules() == pytest.approx(15.0 + 5.0)  # a read samples too: 10 W for the half second
 
 
 def test_jetson_rails_that_cannot_be_read_are_no_meter(tmp_path: Path) -> None:
@@ -293,11 +293,42 @@ def test_a_rail_reading_below_zero_takes_no_energy_from_the_others(tmp_path: Pat
         clock.t += 0.1
         integ.sample()
         readings.append(integ.joules())
-    assert readings == sorted(readings) and readings[-1] == pytest.approx(0.2 + 0.2 + 0.0 + 0.0)
+    assert readings == sorted(readings) and readings[-1] == pytest.approx(0.2 + 0.0 + 0.0 + 0.1)
+
+
+def test_a_short_phase_between_reads_is_charged_its_own_power() -> None:
+    """Rounds of 15 ms drafting at 10 W and 35 ms waiting at 2 W, sampled every 20 ms and read at
+    each phase's start and end (as the device's accountant reads its meter): the drafting phases
+    get their own 10 W, 0.15 J each. Holding each sample's power until the next one charged them
+    0.03-0.07 J (the waiting power sampled before they began), which the controller fitted as the
+    drafting power."""
+    from gelato.power.base import PowerIntegrator
+
+    clock, power = FakeClock(), [2.0]
+    meter = PowerIntegrator(lambda: power[0], 0.02, clock)
+    t0 = clock.t
+    next_sample, drafting_j = t0 + 0.02, []
+
+    def until(t: float) -> None:  # the sampler thread's samples up to `t`
+        nonlocal next_sample
+        while next_sample < t - 1e-12:
+            clock.t = next_sample
+            meter.sample()
+            next_sample += 0.02
+        clock.t = t
+
+    for r in range(20):
+        until(t0 + r * 0.05)
+        start = meter.joules()  # the wait before ends: its power is still read here
+        power[0] = 10.0
+        until(t0 + r * 0.05 + 0.015)
+        drafting_j.append(meter.joules() - start)
+        power[0] = 2.0
+    assert drafting_j == pytest.approx([0.15] * 20)
 
 
 def test_a_failing_sensor_read_is_a_dropped_sample_then_unknown_energy(tmp_path: Path) -> None:
-    """One failed read holds the last power for an interval, as any sample does; reads failing for
+    """One failed read is a dropped sample: the last power stands for its interval; reads failing for
     `FAILED_READS_S` make the energy unknown (NaN, unmeasured) from then on. The sampler thread
     died at the first failure and the last power was integrated for the rest of the run."""
     from gelato.power.base import FAILED_READS_S, PowerIntegrator
@@ -313,13 +344,13 @@ def test_a_failing_sensor_read_is_a_dropped_sample_then_unknown_energy(tmp_path:
     meter = PowerIntegrator(read, 0.1, clock)
     clock.t += 0.1
     fail[0] = True
-    meter.sample()  # failed: 5 W holds
+    meter.sample()  # failed: the last power, 5 W, stands for the interval it ends
     clock.t += 0.1
     fail[0], power[0] = False, 0.0
     meter.sample()
     clock.t += 0.1
     meter.sample()
-    assert meter.joules() == pytest.approx(5.0 * 0.2)  # 5 W over the first two intervals, then 0 W
+    assert meter.joules() == pytest.approx(5.0 * 0.1)  # 5 W over the first interval, then 0 W
     fail[0] = True
     meter.sample()
     clock.t += FAILED_READS_S
@@ -424,7 +455,7 @@ def test_power_integrator_never_goes_backwards_and_keeps_what_it_reported(tmp_pa
     meter.integrator.sample()
     after = meter.read()
     assert after.joules >= before.joules  # a round between the two reads gets >= 0 J
-    assert after.joules == pytest.approx(0.20)  # 10 W held until the sample at 20 ms
+    assert after.joules == pytest.approx(0.19 + 0.002)  # the read took 10 W to 19 ms; the sample 2 W after
     readings = [after.joules]
     for mw in (2000, 10_000, 0, 10_000, 2000, 0):  # bursts up and down, read every 5 ms
         write(hw / "curr1_input", mw // 5)
@@ -434,8 +465,9 @@ def test_power_integrator_never_goes_backwards_and_keeps_what_it_reported(tmp_pa
         meter.integrator.sample()
         readings.append(meter.joules())
     assert readings == sorted(readings)
-    # the total is the integral of the held samples (2, 2, 10, 0, 10, 2 W, 20 ms each after 20 ms at 10 W)
-    assert readings[-1] == pytest.approx(0.20 + 0.02 * (2 + 2 + 10 + 0 + 10 + 2))
+    # Every read samples: each 20 ms burst is charged its own power (2, 10, 0, 10, 2, 0 W), not the
+    # one before it, as holding each sample's power until the next did.
+    assert readings[-1] == pytest.approx(0.192 + 0.02 * (2 + 10 + 0 + 10 + 2 + 0))
 
 
 # ---- NVML (pynvml patched at the library boundary) -----------------------------------------
