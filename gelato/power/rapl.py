@@ -1,8 +1,10 @@
 """Intel RAPL through powercap sysfs: `energy_uj` counters with wraparound.
 
 Contract: `RaplMeter(root)` sums the package zones: top-level `intel-rapl:N` zones whose `name` is
-`package-P` (or `package-P-die-D` on multi-die parts), and their `dram` subzones (servers: the DRAM
-domain is not inside the package counter; a memory-bound drafter spends much of its energy there).
+`package-P` (or `package-P-die-D` on multi-die parts; a die zone that mirrors another die's
+counter, as every die of a multi-die AMD part reads the one socket counter, counted once), and
+their `dram` subzones (servers: the DRAM domain is not inside the package counter; a memory-bound
+drafter spends much of its energy there).
 Other subzones (`core`, `uncore`) are parts of their package and are not added again, and the
 top-level `psys` (platform) zone, which already contains the packages, and any other non-package
 zone are left out. Each zone's counter wraps at
@@ -21,9 +23,10 @@ reads, no wrap is hidden; `close()` stops it. A reset passes for a wrap only whe
 within the bound's power × the time since the last read of its range's top (the apparent wrap then
 fits the bound): with reads at most a second apart, under ~1 kJ (at 1000 W) of ~262 kJ, so about one
 reset in 260 adds up to that much energy unseen. Unreadable counters (usually root-only) raise
-`MeterUnavailable` naming the file. A read that fails mid-run (any zone) reads NaN and changes
-nothing: the counters kept counting, so the next good read is exact again (if within `max_gap_s` of
-the last good one).
+`MeterUnavailable` naming the file, as do zones stating no range (`max_energy_range_uj` 0, on
+some older systems: no wrap could be told from a reset, so `auto` moves on). A read that fails
+mid-run (any zone) reads NaN and changes nothing: the counters kept counting, so the next good
+read is exact again (if within `max_gap_s` of the last good one).
 """
 
 from __future__ import annotations
@@ -85,6 +88,28 @@ def max_power_w(zone: Path) -> float:
     return LIMIT_MARGIN * max(limits) if limits else FALLBACK_MAX_W
 
 
+def _without_mirrored_dies(zones: list[Path], counter: Callable[[Path], int], tries: int = 3) -> list[Path]:
+    """`zones` less each `package-P-die-D` zone that mirrors an earlier die of the same package:
+    on multi-die AMD parts every die zone reads the one socket-wide counter (summing them counts
+    the package once per die), while Intel's multi-die parts count each die apart. A mirror reads
+    the same value in the same instant; separate dies, counting microjoules, essentially never do.
+    Reads the counters up to `tries` times (a mirror's two reads can straddle one of its ~1 ms
+    updates)."""
+    dies: dict[str, list[Path]] = {}
+    for z in zones:
+        name = (z / "name").read_text().strip() if ZONE.match(z.name) else ""
+        if m := re.match(r"^package-(\d+)-die-\d+$", name):
+            dies.setdefault(m.group(1), []).append(z)
+    mirrors: set[Path] = set()
+    for group in (g for g in dies.values() if len(g) > 1):
+        for _ in range(tries):
+            values = [counter(z) for z in group]
+            mirrors |= {z for i, z in enumerate(group) if values[i] in values[:i]}
+    if mirrors:
+        log.info("RAPL: %s mirror another die's counter; counted once", ", ".join(sorted(z.name for z in mirrors)))
+    return [z for z in zones if z not in mirrors]
+
+
 class RaplMeter(Meter):
     source = "rapl"
     kind = "measured"
@@ -95,15 +120,19 @@ class RaplMeter(Meter):
         zones = sorted(p for p in base.glob("intel-rapl:*") if _counted(p)) if base.is_dir() else []
         if not any(ZONE.match(z.name) for z in zones):
             raise MeterUnavailable(f"no RAPL package zones under {base}")
-        self.zones = zones
         self._lock = threading.Lock()
         try:
+            zones = _without_mirrored_dies(zones, self._counter)
             self._range = [int((z / "max_energy_range_uj").read_text()) for z in zones]
             self._last = [self._counter(z) for z in zones]
         except PermissionError as exc:
             raise MeterUnavailable(f"cannot read {exc.filename} (RAPL counters are usually root-only)") from exc
         except (OSError, ValueError) as exc:
             raise MeterUnavailable(f"cannot read RAPL counters under {base}: {exc}") from exc
+        self.zones = zones
+        if bad := [z.name for z, r in zip(zones, self._range, strict=True) if r <= 0]:
+            # No range: a wrap cannot be told from a reset, and every read would be a new epoch.
+            raise MeterUnavailable(f"RAPL zones {', '.join(bad)} under {base} state no max_energy_range_uj (0)")
         self.max_power_w = [max_power_w(z) for z in zones]
         # Reads further apart than this may hide a whole wrap of some zone (see the docstring).
         self.max_gap_s = min(0.5 * (r + 1) / 1e6 / w for r, w in zip(self._range, self.max_power_w, strict=True))

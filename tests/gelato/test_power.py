@@ -199,10 +199,21 @@ def test_rapl_counts_package_zones_only_not_psys(tmp_path: Path) -> None:
     write(tmp_path / "intel-rapl:0" / "energy_uj", 2_000_000)  # 1 J in the package
     write(tmp_path / "intel-rapl:1" / "energy_uj", 2_500_000)  # 1.5 J on the platform, that 1 J included
     assert meter.joules() == pytest.approx(1.0)
-    # multi-die parts name their top-level zones package-P-die-D: each die is counted once
+    # Multi-die parts name their top-level zones package-P-die-D. Intel's count each die apart:
+    # each is counted once.
     dies = tmp_path / "dies"
-    rapl_tree(dies, zones, names={"intel-rapl:0": "package-0-die-0", "intel-rapl:1": "package-0-die-1"})
+    die_names = {"intel-rapl:0": "package-0-die-0", "intel-rapl:1": "package-0-die-1"}
+    rapl_tree(dies, {"intel-rapl:0": (1_000_000, 10**9), "intel-rapl:1": (3_000_017, 10**9)}, names=die_names)
     assert [z.name for z in RaplMeter(dies).zones] == ["intel-rapl:0", "intel-rapl:1"]
+    # Multi-die AMD parts: every die zone reads the one socket counter, the same value at the same
+    # time: counted once (summed, a 60 W package read 120 W).
+    mirrored = tmp_path / "mirrored"
+    rapl_tree(mirrored, {"intel-rapl:0": (5_000_000, 10**9), "intel-rapl:1": (5_000_000, 10**9)}, names=die_names)
+    meter = RaplMeter(mirrored, clock=FakeClock())
+    assert [z.name for z in meter.zones] == ["intel-rapl:0"]
+    for zone in ("intel-rapl:0", "intel-rapl:1"):
+        write(mirrored / zone / "energy_uj", 65_000_000)
+    assert meter.joules() == pytest.approx(60.0)
     only_psys = tmp_path / "psys"
     rapl_tree(only_psys, {"intel-rapl:0": (1, 1000)}, names={"intel-rapl:0": "psys"})
     with pytest.raises(MeterUnavailable, match="no RAPL package zones"):
@@ -212,6 +223,12 @@ def test_rapl_counts_package_zones_only_not_psys(tmp_path: Path) -> None:
 def test_rapl_missing_or_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(MeterUnavailable, match="no RAPL package zones"):
         RaplMeter(tmp_path / "none")
+    # A zone stating no range (some older systems): no wrap could be told from a reset, and every
+    # read was a new epoch (NaN energy for the whole run under a "measured" label).
+    rangeless = tmp_path / "rangeless"
+    rapl_tree(rangeless, {"intel-rapl:0": (1, 0)})
+    with pytest.raises(MeterUnavailable, match=r"intel-rapl:0 .* no max_energy_range_uj"):
+        RaplMeter(rangeless)
     rapl_tree(tmp_path, {"intel-rapl:0": (1, 1000)})
 
     def denied(zone: Path) -> int:
