@@ -134,7 +134,9 @@ class NvmlMeter(Meter):
             # which charged a whole tick interval at the power of the phase that just ended.
             with contextlib.suppress(self.nv.NVMLError):  # no power now: nothing added
                 self._estimate_j += self.power_w() * max(now - self._last_read_t, 0.0)
-        self._last_read_t = now
+        # A caller's `now` is read before the lock: a later read may bring an earlier time, whose
+        # interval the read before it counted already (taking it as the last read counted it twice).
+        self._last_read_t = max(self._last_read_t, now)
         self._reported_j = max(self._reported_j, self._estimate_j)  # never less than already said
         return self._reported_j
 

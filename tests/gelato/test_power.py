@@ -591,6 +591,11 @@ def test_nvml_counter_delta_with_instant_power_between_ticks(monkeypatch: pytest
     fake.counter_mj += 3000
     clock.t += 0.02
     assert meter.joules() == pytest.approx(5.0)
+    # Two threads' reads can arrive out of their clocks' order: an interval is counted once.
+    t = clock.t
+    assert meter.joules_at(t + 0.2) == pytest.approx(5.0 + 250 * 0.2)
+    assert meter.joules_at(t + 0.1) == pytest.approx(55.0)
+    assert meter.joules_at(t + 0.3) == pytest.approx(5.0 + 250 * 0.3)  # it read 80 J, 25 J twice
     meter.close()
 
 
