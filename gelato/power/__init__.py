@@ -95,7 +95,9 @@ def open_meter(spec: str = "auto", profile: str = "phone", device: str | None = 
         except MeterUnavailable as exc:
             why[source] = str(exc)
             continue
-        if uuid is not None:  # said, not silent: the drafter's GPU is not in what this meter reads
+        # Said, not silent: the drafter's GPU is not in what RAPL reads. A Jetson's integrated GPU
+        # is on the board's rails (VDD_IN, VDD_GPU_SOC), which its meter reads: nothing to say.
+        if uuid is not None and source != "jetson":
             log.warning(
                 "the drafter runs on %s but NVML cannot read it (%s): %s meters the host without that GPU",
                 device,

@@ -823,6 +823,11 @@ def test_auto_says_when_the_drafters_gpu_goes_unmetered(
         assert "rapl meters the host without that GPU" in warned[0].getMessage()
         caplog.clear()
         monkeypatch.setattr("gelato.power.rapl.RaplMeter.__init__", _unavailable)
+        # A Jetson: its integrated GPU is on the board rails the jetson meter reads; no warning.
+        monkeypatch.setattr("gelato.power.jetson.JetsonMeter.__init__", lambda self, *a, **k: None)
+        assert open_meter("auto", device="cuda:0").source == "jetson"
+        assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+        monkeypatch.setattr("gelato.power.jetson.JetsonMeter.__init__", _unavailable)
         assert open_meter("auto", device="cuda:0").source == "cpu-model"
         warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         # The GPU doing the drafting is outside the estimate: a warning, not INFO.
