@@ -321,7 +321,8 @@ def pipeline_stats(rounds: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
     """Pipelining from the per-round rows (None where the run had none of it):
     - `sent_ahead`: blocks with drafts (or a guess) sent before their parent's verdict, verified
       or stale; `ahead_verified` of them verified, `stale_blocks` answered stale; `sent_empty`:
-      empty blocks sent ahead (`follow`: the target's next token, never stale), counted apart;
+      empty blocks sent ahead (`follow`: the target's next token), verified or stale, counted apart
+      (runs recorded before 2026-12-06 counted stale empty blocks in `stale_blocks`);
     - `ahead_hit_rate`: `ahead_verified` ÷ `sent_ahead` (empty blocks not counted);
     - `predraft_hit_rate`: of the rounds with something drafted after them before their verdict
       (a local pre-draft, or a successor in flight), those it started (full accept, guess right);
@@ -353,7 +354,7 @@ def pipeline_stats(rounds: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
         "sent_ahead": verified + stale,
         "ahead_verified": verified,
         "stale_blocks": stale,
-        "sent_empty": empty,
+        "sent_empty": empty + sum(r.get("stale_empty", 0) for r in rounds),
         "ahead_hit_rate": _ratio(verified, verified + stale),
         "predraft_rounds": len(pre),
         "predraft_hit_rate": _ratio(sum(bool(r.get("predraft_hit")) for r in pre), len(pre)),

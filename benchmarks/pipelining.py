@@ -12,7 +12,7 @@ budget ē = the J/token of the fastest fixed-K measured just before (its energy,
 the target is more tokens/s at no more J/token; one more gelato send-ahead run has no budget (pure
 throughput: where chains pay in time but not within the budget). Per run: tokens/s, J/token, blocks
 with drafts sent ahead, how many of them were verified and how many answered stale, empty blocks
-sent ahead (apart: never stale), the hit rate (verified / sent ahead), wasted drafted tokens and
+sent ahead (apart, verified or stale), the hit rate (verified / sent ahead), wasted drafted tokens and
 their estimated J per output token, and exact match against an `ar-edge` run (the target decoding
 alone, streamed; a difference is printed loudly, exit 1). `--repeats N` runs the whole set N times, round trips
 interleaved (repeat 1 of every round trip, then repeat 2, ...), so slow drift of a shared machine
@@ -200,7 +200,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         "Sent ahead: blocks with drafts sent before their parent's verdict (verified or stale); verified: "
-        "those verified; empty: empty blocks sent ahead (the target's next token, never stale, not in the hit "
+        "those verified; empty: empty blocks sent ahead (the target's next token, verified or stale, not in the hit "
         "rate). Hit rate: verified ÷ sent ahead.",
         *(
             [

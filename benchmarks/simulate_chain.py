@@ -179,10 +179,11 @@ class SendAhead(DeviceCore):
                 entropies=sent.view.entropies,
                 p_accept=tuple(gate.p_accept) if gate else (),
                 predrafted=(successor.k + 1 if not successor.follow else 0) if successor is not None else dropped,
-                predraft_hit=hit,
+                predraft_hit=hit and successor is not None and not successor.follow,  # as the live loop
                 sent_ahead=sent.ahead,
                 follow=sent.follow,
-                stale_blocks=len(cut),
+                stale_blocks=sum(not b.follow for b in cut),
+                stale_empty=sum(b.follow for b in cut),
                 stale_bytes_down=late_down,
                 wasted_tokens=wasted,
                 wasted_j=wasted * cost.t_draft_s * cost.p_draft_w,  # the real loop's estimate

@@ -187,8 +187,8 @@ def summarize(spec: Spec, per_device: list[Totals]) -> dict[str, Any]:
 
 
 def pipeline_stats(per_device: list[Totals]) -> dict[str, Any]:
-    """Send-ahead and pre-drafting figures: empty blocks sent ahead (`sent_empty`, K = 0: never
-    stale), hit rate of the other blocks sent ahead (verified ÷
+    """Send-ahead and pre-drafting figures: empty blocks sent ahead (`sent_empty`, K = 0: verified or
+    stale, a miss before them cuts them too), hit rate of the other blocks sent ahead (verified ÷
     (verified + stale); `unsent`: blocks drafted ahead but dropped before sending, the verdict
     having come meanwhile with a miss), pre-draft hit rate (of the rounds with a pre-draft or a
     successor in flight, those it started: full accept and the guess right), the guess-match rate

@@ -61,7 +61,7 @@ class Totals:
         self.q_final = q
         self.q_max = max(self.q_max, q)
         self.sent_ahead += tele.sent_ahead and not tele.follow
-        self.sent_empty += tele.follow
+        self.sent_empty += tele.follow + tele.stale_empty
         self.stale += tele.stale_blocks
         if tele.predrafted:
             self.predrafted_rounds += 1

@@ -50,7 +50,7 @@ def pipeline_record(s: GenerationStats) -> dict[str, int]:
     pre-draft (or a block sent ahead) in flight behind them, `predraft_hits` of them that it
     started; `sent_ahead` blocks with drafts or a guess sent before their parent's verdict
     (verified or stale), `stale_blocks` of them answered stale, `sent_empty` empty blocks sent
-    ahead (counted apart, never stale)."""
+    ahead (counted apart, verified or stale)."""
     log = s.rounds_log
     empty = sum(t.sent_ahead and t.follow for t in log)
     stale = sum(t.stale_blocks for t in log)
@@ -59,7 +59,7 @@ def pipeline_record(s: GenerationStats) -> dict[str, int]:
         "predraft_hits": sum(t.predraft_hit for t in log),
         "sent_ahead": sum(t.sent_ahead for t in log) - empty + stale,
         "stale_blocks": stale,
-        "sent_empty": empty,
+        "sent_empty": empty + sum(t.stale_empty for t in log),
     }
 
 

@@ -233,8 +233,11 @@ class Telemetry:
     # Power is split with this one, the per-token drafting time with `t_draft_s`.
     t_drafting_s: float = float("nan")
     sent_ahead: bool = False
-    follow: bool = False  # sent ahead empty (`DraftBlock.follow`, K = 0): nothing drafted, never stale
+    follow: bool = False  # sent ahead empty (`DraftBlock.follow`, K = 0): nothing drafted
+    # Blocks in flight that this round's miss cut (their verdicts come back stale): those with
+    # drafts or a guess, and the empty (`follow`) ones apart.
     stale_blocks: int = 0
+    stale_empty: int = 0
     # Bytes of stale verdicts (the answers to blocks an earlier miss cut) that arrived since the
     # last round: in this round's `bytes_down` and radio energy, though its own block did not cause them.
     stale_bytes_down: int = 0

@@ -27,6 +27,7 @@ from gelato.device.generate import GenerationResult, Limits, Offload, VerifyErro
 from gelato.device.local_link import local_link
 from gelato.device.pipeline import Link, _Chain, _CutRule, _Sent, pipelined_generate
 from gelato.device.policy import FixedK, PolicyOptions, parse_policy
+from gelato.device.run import pipeline_record
 from gelato.edge.sessions import StatusError, TargetSession
 from gelato.models import LoadedModel, encode_prompt, load_model
 from gelato.power import NullMeter, radio_profile
@@ -111,6 +112,50 @@ def test_send_ahead_greedy_is_exact(pair: dict[str, Path], target: LoadedModel, 
     if name == "scripted":  # both kinds went ahead (guessed ones only where the guesses can hit)
         kinds = {t.k > 0 for t in ahead} | ({True} if drafter_key == "drafter_never" else set())
         assert kinds == {False, True} and any(t.k > 0 for t in log), [(t.k, t.sent_ahead) for t in log]
+
+
+def test_stale_blocks_are_counted_by_kind_and_hits_only_where_drafted(
+    target: LoadedModel, drafter_model: LoadedModel
+) -> None:
+    """A miss cuts the blocks in flight behind it, empty ones among them (the scripted policy turns
+    to K = 0 after drafted blocks): each kind is counted as what it is, by the edge's own answers
+    (an empty block cut stale was counted as a block with drafts, and never in `sent_empty`); and a
+    round whose successor was an empty block is no pre-draft hit (nothing was pre-drafted)."""
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+    session = TargetSession("s", target, GREEDY, prompt)
+    session.prefill()
+    link = local_link(session, max_ahead=4, delay_s=0.02)
+    sent: list[DraftBlock] = []
+    stale: list[bool] = []
+    send, receive = link.send, link.receive
+
+    async def send_logged(block: DraftBlock) -> int:
+        sent.append(block)
+        return await send(block)
+
+    async def receive_logged() -> tuple[Verdict, int]:
+        verdict, down = await receive()
+        stale.append(verdict.stale)
+        return verdict, down
+
+    link = replace(link, send=send_logged, receive=receive_logged)
+    policy = Scripted(PolicyOptions(pipeline="send-ahead", k_max=6, ahead_blocks=3))
+    limits = Limits(80, target.context_limit, 32, target.eos_token_ids)
+    res = asyncio.run(pipelined_generate(Drafter(drafter_model, GREEDY, top_m=8), link, policy, prompt, limits))
+    answered = list(zip(sent, stale, strict=False))  # one ordered stream: the i-th answer is the i-th block's
+    cut_empty = sum(b.follow for b, s in answered if s)
+    cut_drafted = sum(not b.follow for b, s in answered if s)
+    assert cut_empty > 0 and cut_drafted > 0, (cut_empty, cut_drafted)  # both kinds were cut here
+    log = res.stats.rounds_log
+    counted_empty, counted_drafted = sum(t.stale_empty for t in log), sum(t.stale_blocks for t in log)
+    # Cut blocks whose answers had not come when the generation ended are counted but not answered.
+    unanswered = len(sent) - len(stale)
+    assert cut_empty <= counted_empty and cut_drafted <= counted_drafted
+    assert counted_empty + counted_drafted - cut_empty - cut_drafted <= unanswered
+    record = pipeline_record(res.stats)
+    assert record["predraft_hits"] <= record["predrafted_rounds"]
+    assert all(t.predrafted > 0 for t in log if t.predraft_hit)
+    assert record["sent_empty"] >= cut_empty + sum(t.follow and t.sent_ahead for t in log)
 
 
 def test_the_policy_prices_the_links_depth_for_the_generation(target: LoadedModel) -> None:
