@@ -27,7 +27,7 @@ import grpc
 
 from gelato.channel import CLIENT_OPTIONS, PLAINTEXT_OPTIONS
 from gelato.deadline import within
-from gelato.device.client_errors import EdgeError, EdgeUnreachable, FailedOpens, write_error
+from gelato.device.client_errors import EdgeError, EdgeUnreachable, FailedOpens, call_error, write_error
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant, wire_bytes
 from gelato.device.generate import (
@@ -288,7 +288,7 @@ class EdgeClient:
         try:
             return await self._generate(call, drafter, prompt_ids, max_new_tokens, policy, acct, on_round)
         except grpc.aio.AioRpcError as exc:
-            raise EdgeError(exc.code(), exc.details() or "") from exc
+            raise call_error(exc.code(), exc.details(), self.deadline_s) from exc
         finally:
             call.cancel()  # no-op after a clean close; frees the edge session on any failure
 
@@ -429,10 +429,9 @@ class EdgeClient:
     async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    @staticmethod
-    async def _ended(call: grpc.aio.StreamStreamCall, what: str) -> EdgeError:
+    async def _ended(self, call: grpc.aio.StreamStreamCall, what: str) -> EdgeError:
         """The status a stream ended with, as an EdgeError (e.g. UNAVAILABLE when the edge stopped)."""
-        return EdgeError(await call.code(), (await call.details()) or what)
+        return call_error(await call.code(), (await call.details()) or what, self.deadline_s)
 
     async def _write(self, call: grpc.aio.StreamStreamCall, msg: pb.DeviceMessage) -> None:
         """Write one message. An edge that takes none for `verdict_timeout_s` (hung: once the
@@ -447,7 +446,7 @@ class EdgeClient:
                 by_edge=False,
             ) from None
         except grpc.aio.AioRpcError as exc:
-            raise write_error(exc) from exc
+            raise write_error(exc, self.deadline_s) from exc
         except (asyncio.InvalidStateError, grpc.aio.UsageError):
             # The RPC already finished (the edge ended the stream): report how it ended.
             raise await self._ended(call, "the edge ended the session") from None
@@ -456,7 +455,7 @@ class EdgeClient:
         try:
             msg = await within(call.read(), self.verdict_timeout_s)
         except grpc.aio.AioRpcError as exc:  # as a VerifyError, so the loop keeps what it has
-            raise EdgeError(exc.code(), exc.details() or "") from exc
+            raise call_error(exc.code(), exc.details(), self.deadline_s) from exc
         except TimeoutError:
             raise EdgeError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,

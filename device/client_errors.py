@@ -44,7 +44,23 @@ class EdgeUnreachable(EdgeError):
 CORE_WRITE_FAILURE = "Internal error from Core"
 
 
-def write_error(exc: grpc.aio.AioRpcError) -> EdgeError:
+# What gRPC core's details hold when the call's own deadline (the device's --session-deadline-s)
+# passes ("Deadline Exceeded", or "Stream removed (Deadline Exceeded)" when it ends a write); the
+# edge's DEADLINE_EXCEEDED statuses say which of its timeouts ended the session, in other words.
+LOCAL_DEADLINE = "Deadline Exceeded"
+
+
+def call_error(code: grpc.StatusCode, details: str | None, deadline_s: float) -> EdgeError:
+    """A call's status as an EdgeError: the edge's, or the call's own deadline passing (named as the
+    device's setting, not put in the edge's mouth)."""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and LOCAL_DEADLINE in (details or ""):
+        return EdgeError(
+            code, f"the session ran past --session-deadline-s ({deadline_s:g} s) before it ended", by_edge=False
+        )
+    return EdgeError(code, details or "")
+
+
+def write_error(exc: grpc.aio.AioRpcError, deadline_s: float) -> EdgeError:
     """A failed write as an EdgeError: the stream went away under it (UNAVAILABLE, so the session
     fails over like any other lost edge), or the status the call ended with."""
     if exc.code() == grpc.StatusCode.INTERNAL and exc.details() == CORE_WRITE_FAILURE:
@@ -53,7 +69,7 @@ def write_error(exc: grpc.aio.AioRpcError) -> EdgeError:
             f"the stream to the edge ended while a message was being sent (gRPC: {CORE_WRITE_FAILURE})",
             by_edge=False,
         )
-    return EdgeError(exc.code(), exc.details() or "")
+    return call_error(exc.code(), exc.details(), deadline_s)
 
 
 class FailedOpens:

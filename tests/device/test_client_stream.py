@@ -138,7 +138,7 @@ def test_only_the_core_write_failure_is_mapped() -> None:
     # What the mapping is for: grpc.aio does raise it here (were it gone, the mapping would be moot).
     assert any(exc.details() == "Internal error from Core" for exc in seen), [exc.details() for exc in seen]
     for exc in seen:
-        mapped = write_error(exc)
+        mapped = write_error(exc, 3600.0)
         if exc.details() == "Internal error from Core":
             assert mapped.code == grpc.StatusCode.UNAVAILABLE
             assert "ended while a message was being sent" in mapped.details
@@ -146,13 +146,13 @@ def test_only_the_core_write_failure_is_mapped() -> None:
             assert (mapped.code, mapped.details) == (exc.code(), exc.details())
 
     own = grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(), "verify failed")
-    assert write_error(own).code == grpc.StatusCode.INTERNAL
+    assert write_error(own, 3600.0).code == grpc.StatusCode.INTERNAL
 
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE])
 def test_other_write_failures_keep_their_status(code: grpc.StatusCode) -> None:
     exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "Internal error from Core")
-    assert write_error(exc).code == code
+    assert write_error(exc, 3600.0).code == code
 
 
 class _Stream:

@@ -92,7 +92,8 @@ PROMPTS = ("Ava has 3 apples.", "Ben reads 4 pages.", "A box holds 4 shells.")
     ("flags", "frozen_s", "needle"),
     [
         (["--verdict-timeout-s", "2"], 5, "no answer from the edge within 2 s"),
-        (["--session-deadline-s", "8"], 10, "DEADLINE_EXCEEDED"),
+        # The device's own deadline, named as its setting (it read "edge answered DEADLINE_EXCEEDED").
+        (["--session-deadline-s", "8"], 10, "the session ran past --session-deadline-s (8 s) before it ended"),
     ],
 )
 def test_a_hung_edge_ends_the_generation_within_the_set_timeouts(
