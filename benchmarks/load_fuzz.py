@@ -8,11 +8,14 @@ plus one oversize message; `run_case(channel, messages)` sends one case on a raw
 returns its final status and details. Every case changes ONE thing from a well-formed stream, so
 its status is known exactly: each field of OpenSession, DraftBlock and SparseDist out of range
 (NaN/inf/negative float16 probabilities included), wrong rounds, draft before open, double open,
-blocks past the context limit or the reservation. Cases that corrupt the encoding itself (random
-bytes, truncated protobuf, bad UTF-8, flipped bits, a message over the 4 MiB limit) are allowed
-any status that names what happened (INVALID_ARGUMENT for bytes that do not parse;
-RESOURCE_EXHAUSTED, gRPC's own, for the oversize message; whatever the bytes decode to when they do
-parse).
+blocks past the context limit or the reservation; send-ahead blocks (a wrong parent, a round
+verified already or too far ahead, an empty one with q, a guess out of the vocabulary, too many
+ids), `Generate` (before open, a wrong round, no tokens, a valid one), a close first or followed by
+more, and valid extremes of the sampling parameters (answered, never INTERNAL). Cases that
+corrupt the encoding itself (random bytes, truncated protobuf, bad UTF-8, flipped bits, a message
+over the 4 MiB limit) are allowed any status that names what happened (INVALID_ARGUMENT for bytes
+that do not parse; RESOURCE_EXHAUSTED, gRPC's own, for the oversize message; whatever the bytes
+decode to when they do parse).
 """
 
 from __future__ import annotations
@@ -165,6 +168,54 @@ class Fuzzer:
         msgs = [self.open(max_new_tokens=1), *(self.draft(r, False, self.max_draft) for r in range(3))]
         return f, [m.SerializeToString() for m in msgs], {OUT_OF_RANGE}
 
+    def flow(self) -> Case:
+        """Send-ahead blocks, `Generate`, close, and valid extremes of the sampling parameters."""
+        good = self.rng.randint(2, 3)
+        opened = [self.open(False), *(self.draft(r, False) for r in range(good))]
+        x = self.ids(1)[0]
+
+        def ahead(rnd: int, ids: list[int], **fields: object) -> pb.DeviceMessage:
+            return pb.DeviceMessage(draft=pb.DraftBlock(round=rnd, ids=ids, parent_round=rnd - 1, **fields))  # type: ignore[arg-type]
+
+        def gen(rnd: int, n: int) -> pb.DeviceMessage:
+            return pb.DeviceMessage(generate=pb.Generate(round=rnd, max_tokens=n))
+
+        cases: dict[str, tuple[list[pb.DeviceMessage], set[grpc.StatusCode]]] = {
+            "gen-before-open": ([gen(0, 5)], {PRECONDITION}),
+            "gen-round": ([*opened, gen(good + self.rng.randint(1, 5), 5)], {PRECONDITION}),
+            "gen-zero": ([*opened, gen(good, 0)], {INVALID}),
+            "gen-ok": ([*opened, gen(good, 3)], {Code.OK}),
+            # parent_round must be round - 1
+            "ahead-parent": (
+                [*opened, pb.DeviceMessage(draft=pb.DraftBlock(round=good, ids=[x], parent_round=good))],
+                {INVALID},
+            ),
+            "ahead-old": ([*opened, ahead(good - 1, [x])], {PRECONDITION}),  # a round verified already
+            # past the edge's max_ahead_rounds (FAILED_PRECONDITION where send-ahead is off)
+            "ahead-far": ([*opened, ahead(good + 1000, [x])], {OUT_OF_RANGE, PRECONDITION}),
+            "ahead-empty-q": ([self.open(True), self.draft(0, True), ahead(1, [], q=[self.q(x)])], {INVALID}),
+            "ahead-guess": ([*opened, ahead(good, [self.vocab + 1, x])], {INVALID}),
+            "ahead-oversize": ([*opened, ahead(good, self.ids(self.max_draft + 2))], {INVALID}),
+            "close-first": ([pb.DeviceMessage(close=pb.CloseSession())], {Code.OK}),
+            # what follows a close is never read: the stream ends OK at the close
+            "after-close": ([*opened, pb.DeviceMessage(close=pb.CloseSession()), self.draft(0, False)], {Code.OK}),
+        }
+        f = self.rng.choice([*cases, "extreme"])
+        if f == "extreme":  # valid extremes of the sampling parameters: a verdict, never INTERNAL
+            sampling = self.rng.choice(
+                [
+                    pb.SamplingParams(temperature=1.0, top_p=0.5),
+                    pb.SamplingParams(temperature=1.0, top_p=1.4e-45),
+                    pb.SamplingParams(temperature=0.9, top_k=2**32 - 1),
+                    pb.SamplingParams(temperature=0.7, seed=2**64 - 1),
+                    pb.SamplingParams(temperature=3.4e38),
+                ]
+            )
+            msgs = [self.open(True, sampling=sampling), self.draft(0, True, 3), self.draft(1, True, 0)]
+            return f"flow.{f}", [m.SerializeToString() for m in msgs], {Code.OK}
+        msgs, codes = cases[f]
+        return f"flow.{f}", [m.SerializeToString() for m in msgs], codes
+
     def encoding(self) -> Case:
         f = self.rng.choice(["random", "random-mid", "truncated", "utf8", "bitflip"])
         valid = self.open().SerializeToString()
@@ -185,7 +236,7 @@ class Fuzzer:
         return f, [bytes(flipped)], PARSED_ANYHOW
 
     def generate(self, n: int) -> list[Case]:
-        kinds: list[Callable[[], Case]] = [self.open_field, self.draft_field, self.protocol, self.encoding]
+        kinds: list[Callable[[], Case]] = [self.open_field, self.draft_field, self.protocol, self.flow, self.encoding]
         cases = [self.rng.choice(kinds)() for _ in range(n)]
         oversize = pb.DeviceMessage(open=pb.OpenSession(drafter_model="x" * (17 * 2**20))).SerializeToString()
         return [*cases, ("oversize", [oversize], {Code.RESOURCE_EXHAUSTED})]
