@@ -10,10 +10,13 @@
 # it (>= 580: PyPI's torch 2.13.0 is built for CUDA 13.0) and the CPU build otherwise, from
 # PyTorch's CPU wheel index (asked with a short timeout and no retries; when it cannot be reached,
 # PyPI with a message; when it answers but the install fails, an error rather than PyPI's CUDA
-# build on a machine that asked for the CPU one). A wheel folder in your pip configuration (find-links)
-# is used either way. GELATO_TORCH=cpu|cuda forces a build (a venv holding the other one has its
-# torch reinstalled); GELATO_TORCH=skip keeps what is there.
-# The venv is made from GELATO_PYTHON (default python3), which must be Python >= 3.10.
+# build on a machine that asked for the CPU one). Torch alone comes from that index (--no-deps): its
+# dependencies, as the project's, come from PyPI. A wheel folder in your pip configuration
+# (find-links) is used either way, and the build installed is checked against the one asked for.
+# GELATO_TORCH=cpu|cuda forces a build (a venv holding the other one has its torch reinstalled);
+# GELATO_TORCH=skip keeps what is there. The project's install is constrained to the torch just
+# installed: a dependency that asks for another torch is an error, not a silent swap of builds.
+# The venv is made from GELATO_PYTHON (default python3), which must be Python >= 3.11.
 set -euo pipefail
 cd "$(dirname "$0")"
 venv=.venv
@@ -92,10 +95,12 @@ install_torch() {
       # Asked quickly first (an unreachable index costs 5 s, not minutes of retries); a failure
       # while the index does answer (a download that stalled) is retried with pip's usual
       # patience, so that one slow moment does not cost the CUDA build's gigabytes.
-      if "$py" -m pip install -q $switch --timeout 5 --retries 0 --index-url "$torch_cpu_index" "$torch_req"; then
+      # --no-deps: the index mirrors torch's dependencies only partly (a setuptools or sympy
+      # version torch needs may be missing there); they come from PyPI with the project.
+      if "$py" -m pip install -q $switch --no-deps --timeout 5 --retries 0 --index-url "$torch_cpu_index" "$torch_req"; then
         :
       elif index_answers; then
-        if ! "$py" -m pip install -q $switch --index-url "$torch_cpu_index" "$torch_req"; then
+        if ! "$py" -m pip install -q $switch --no-deps --index-url "$torch_cpu_index" "$torch_req"; then
           echo "gelato.sh: PyTorch's CPU index answers but installing $torch_req from it failed (pip's" \
             "error above): not taking PyPI's CUDA build instead; set GELATO_TORCH=cuda for that, or" \
             "install a torch into $venv and set GELATO_TORCH=skip" >&2
@@ -108,6 +113,34 @@ install_torch() {
         torch_got=pypi
       fi ;;
   esac
+  check_torch_build "$torch_got"
+}
+
+# The build installed is the one asked for: a CPU wheel in a find-links folder satisfies the CUDA
+# pin too (2.13.0+cpu matches torch==2.13.0 and sorts above it), and the reverse can come from an
+# extra index. A mismatch would be recorded as the build asked for and never repaired.
+check_torch_build() {
+  local have
+  have=$(installed_torch_build)
+  case "$1" in
+    cpu|cuda)
+      if [ "$have" != "$1" ]; then
+        echo "gelato.sh: asked for the $1 build of torch but pip installed the ${have:-no} build (a wheel" \
+          "in your pip configuration's find-links or extra index?); install the $1 build into $venv and set" \
+          "GELATO_TORCH=skip, or set GELATO_TORCH to the build you have" >&2
+        exit 2
+      fi ;;
+  esac
+}
+
+# The installed torch as a pip constraint (e.g. torch==2.13.0+cpu), so that the project's install
+# keeps exactly the build chosen above.
+torch_constraint() {
+  "$py" -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))'
+}
+
+digest() {  # sha256 of stdin, on Linux (sha256sum) and macOS (shasum)
+  if command -v sha256sum >/dev/null 2>&1; then sha256sum; else shasum -a 256; fi
 }
 
 # The interpreter the venv is made from: $GELATO_PYTHON, else python3. Checked before anything is
@@ -115,11 +148,11 @@ install_torch() {
 check_python() {
   local base=${GELATO_PYTHON:-python3}
   if ! command -v "$base" >/dev/null 2>&1; then
-    echo "gelato.sh: $base not found; GELATO needs Python >= 3.10 (set GELATO_PYTHON to its path)" >&2
+    echo "gelato.sh: $base not found; GELATO needs Python >= 3.11 (set GELATO_PYTHON to its path)" >&2
     exit 2
   fi
-  if ! "$base" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
-    echo "gelato.sh: GELATO needs Python >= 3.10, and $base is $("$base" -V 2>&1);" \
+  if ! "$base" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "gelato.sh: GELATO needs Python >= 3.11, and $base is $("$base" -V 2>&1);" \
       "set GELATO_PYTHON to a newer one" >&2
     exit 2
   fi
@@ -140,14 +173,14 @@ setup() {
   build=$(torch_build)
   # What was installed: the project's dependencies, the torch pin and the build (a new pin in
   # this script, e.g. torch 2.14, must reach venvs made before it).
-  want="$({ cat pyproject.toml; echo "$torch_req"; } | sha256sum | cut -c1-16)-$build"
+  want="$({ cat pyproject.toml; echo "$torch_req"; } | digest | cut -c1-16)-$build"
   have=$(cat "$venv/.gelato-installed" 2>/dev/null || true)
   if [ "$want" != "$have" ]; then
     echo "gelato.sh: installing into $venv (first run takes a few minutes)" >&2
     "$py" -m pip install -q --upgrade pip
     # torch first, the chosen build: left to the project's dependencies, pip would take PyPI's.
     install_torch "$build"
-    "$py" -m pip install -q -e ".[dev]"
+    "$py" -m pip install -q -e ".[dev]" -c <(torch_constraint)
     echo "${want%-*}-$torch_got" > "$venv/.gelato-installed"  # not the build asked for: tried again next time
   fi
 }

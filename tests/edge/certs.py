@@ -26,7 +26,7 @@ def _cert(
     sans: list[x509.GeneralName] | None = None,
     usage: list | None = None,
 ) -> x509.Certificate:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     b = (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
