@@ -113,12 +113,12 @@ install_torch() {
         torch_got=pypi
       fi ;;
   esac
-  check_torch_build "$torch_got"
 }
 
 # The build installed is the one asked for: a CPU wheel in a find-links folder satisfies the CUDA
 # pin too (2.13.0+cpu matches torch==2.13.0 and sorts above it), and the reverse can come from an
-# extra index. A mismatch would be recorded as the build asked for and never repaired.
+# extra index. A mismatch would be recorded as the build asked for and never repaired. After the
+# project's install: a torch installed without its dependencies does not import before.
 check_torch_build() {
   local have
   have=$(installed_torch_build)
@@ -181,6 +181,7 @@ setup() {
     # torch first, the chosen build: left to the project's dependencies, pip would take PyPI's.
     install_torch "$build"
     "$py" -m pip install -q -e ".[dev]" -c <(torch_constraint)
+    check_torch_build "$torch_got"
     echo "${want%-*}-$torch_got" > "$venv/.gelato-installed"  # not the build asked for: tried again next time
   fi
 }
