@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,9 +23,24 @@ from gelato.benchmarks.channel import Channel, ChannelError, profile_from, reap_
 from gelato.benchmarks.channel_probe import LossyProxy
 from gelato.benchmarks.delay_proxy import split_hostport
 
-root = pytest.mark.skipif(
-    os.geteuid() != 0, reason="not root: creating network namespaces, veth pairs and tc qdiscs needs CAP_NET_ADMIN"
-)
+
+def _channel_unavailable() -> str:
+    """Why this host cannot build the channel ("" when it can): root alone is not enough in a
+    container without iproute2 or the capabilities (Docker's defaults lack CAP_NET_ADMIN)."""
+    if os.geteuid() != 0:
+        return "not root: creating network namespaces, veth pairs and tc qdiscs needs CAP_NET_ADMIN"
+    if missing := [t for t in ("ip", "tc") if shutil.which(t) is None]:
+        return f"no {' or '.join(missing)} (iproute2) on this host"
+    probe = f"gelatoprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        return f"root, but no network namespace can be made here (CAP_SYS_ADMIN?): {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+    return ""
+
+
+_UNAVAILABLE = _channel_unavailable()
+root = pytest.mark.skipif(bool(_UNAVAILABLE), reason=_UNAVAILABLE)
 
 
 def namespaces() -> list[str]:
