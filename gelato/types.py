@@ -47,7 +47,9 @@ class SamplingParams:
         t = self.temperature
         # The wire carries float32 (finite up to ~3.4e38), uint32 top_k and uint64 seed: what does
         # not fit is refused here, at settings time, not by the encoder for every prompt.
-        if not (t == 0.0 or self.MIN_TEMPERATURE * (1 - 2**-20) <= t <= MAX_FLOAT32):
+        low = self.MIN_TEMPERATURE * (1 - 2**-20)
+        # Checked as the float32 the edge gets too: just above the bound here can round below it there.
+        if not (t == 0.0 or (low <= t <= MAX_FLOAT32 and as_float32(t) >= low)):
             raise ValueError(
                 f"temperature must be 0 (greedy) or finite (as float32) and >= {self.MIN_TEMPERATURE:g}, got {t}"
             )

@@ -304,6 +304,8 @@ def test_verify_sampling_refuses_a_p_that_is_not_a_distribution(bad: float) -> N
         (SamplingParams(temperature=1e4, top_p=0.0, top_k=5), None),
         (SamplingParams(temperature=1e-38), "temperature"),
         (SamplingParams(temperature=5e-5), "temperature"),
+        # Above the bound as float64, below it as the float32 the edge receives: refused here too.
+        (SamplingParams(temperature=9.999990463256836e-05), "temperature"),
         (SamplingParams(temperature=float("nan")), "temperature"),
         (SamplingParams(temperature=float("inf")), "temperature"),
         (SamplingParams(temperature=-1.0), "temperature"),
