@@ -32,7 +32,9 @@ class EdgeConfig(Settings):
     max_draft_tokens: int = setting(32, "largest draft block accepted", check=(ge(1), UINT32))
     max_ahead_rounds: int = setting(
         4,
-        "send-ahead (pipelined speculation): blocks a session may send past its last verdict; 0: off",
+        "send-ahead (pipelined speculation): blocks a device may keep in flight past the one whose verdict it "
+        "awaits (told in SessionOpened; the edge, answering in order, can only refuse a block this many rounds "
+        "or more past the session's verified round, OUT_OF_RANGE); 0: off",
         check=(ge(0), UINT32),
     )
     kv_budget_mb: float = setting(
