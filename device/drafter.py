@@ -45,6 +45,7 @@ from gelato.kv import KVSequence
 from gelato.models import LoadedModel
 from gelato.sampling import KeyedRng, process_logits, sample_sparse, truncate_top_m
 from gelato.types import DraftBlock, SamplingParams, SparseDist, Verdict
+from gelato.wire import MAX_Q_SUPPORT
 
 # Per-token stop rule: (tokens drafted so far, entropy of the last one in nats, its q when sampling)
 # -> a stop reason, or None to keep drafting.
@@ -68,8 +69,8 @@ _NO_PREDRAFT = Predraft((), (), ())
 
 class Drafter:
     def __init__(self, loaded: LoadedModel, params: SamplingParams, top_m: int = DEFAULT_TOP_M) -> None:
-        if top_m < 1:
-            raise ValueError(f"top_m must be >= 1, got {top_m}")
+        if not 1 <= top_m <= MAX_Q_SUPPORT:  # the edge refuses a larger q at the first sampled block
+            raise ValueError(f"top_m must be in [1, {MAX_Q_SUPPORT}], got {top_m}")
         self.loaded = loaded
         self.params = params
         self.top_m = top_m

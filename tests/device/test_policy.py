@@ -285,6 +285,16 @@ def test_the_decision_reaches_the_trace(target: LoadedModel, drafter_model: Load
         assert log and all(t.explore == "evidence" and t.over_budget and t.j_per_token_model == 0.0123 for t in log)
 
 
+def test_drafter_refuses_a_q_support_the_edge_would_refuse(drafter_model: LoadedModel) -> None:
+    """More than the wire's q support (1024) failed only at the first sampled block, INVALID_ARGUMENT."""
+    from gelato.wire import MAX_Q_SUPPORT
+
+    Drafter(drafter_model, SamplingParams(1.0), top_m=MAX_Q_SUPPORT)
+    for bad in (0, MAX_Q_SUPPORT + 1):
+        with pytest.raises(ValueError, match=r"top_m must be in \[1, 1024\]"):
+            Drafter(drafter_model, SamplingParams(1.0), top_m=bad)
+
+
 def test_drafter_stop_rule_and_eos(drafter_model: LoadedModel) -> None:
     d = Drafter(drafter_model, SamplingParams())
     d.start([5, 6, 7])
