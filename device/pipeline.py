@@ -26,14 +26,14 @@ Each verdict is one round of telemetry: its time and energy are those since the 
 (sent to answered, less the edge's time; for a block sent ahead that includes its wait behind the
 blocks before it, so the cost estimates learn the channel from the others), `sent_ahead` marks a
 block sent before its parent's verdict (`follow` an empty one), and a miss's round carries the
-`stale_blocks` it cut, the `wasted_tokens` drafted for nothing and their estimated drafting energy
-`wasted_j` (the cost model's per-token drafting time × drafting power). `predrafted` is what was
-drafted after the block before its verdict: the next block, sent or dropped unsent once the verdict
-showed it missed (so the guess-match rate learns from every guess, `predraft_hit` False; but
-for a guess of an end token, never sent and not counted: it ends the chain), and
-`t_net_s` is measured to when the verdict arrived, not to when the loop next looked at it (it may be
-drafting then). Blocks still in flight when
-the generation stops (sent past its eos or last token) and stale verdicts not yet charged to a
+blocks it cut (`stale_blocks` with drafts or a guess, `stale_empty` empty ones), the `wasted_tokens`
+drafted for nothing and their estimated drafting energy `wasted_j` (the cost model's per-token
+drafting time × drafting power). `predrafted` is what was drafted after the block before its
+verdict: the next block, sent or dropped unsent once the verdict showed it missed (so the
+guess-match rate learns from every guess, `predraft_hit` False; but for a guess of an end token,
+never sent and not counted: it ends the chain), and `t_net_s` is measured to when the verdict
+arrived, not to when the loop next looked at it (it may be drafting then). Blocks still in flight
+when the generation stops (sent past its eos or last token) and stale verdicts not yet charged to a
 round belong to no round: their bytes count in the generation's totals (`stats.bytes_up`,
 `bytes_down`, the radio energy), as the session's open does.
 """

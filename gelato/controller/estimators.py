@@ -254,7 +254,7 @@ class CostEstimator:
             # A block sent ahead waits at the edge behind the blocks before it, and that wait is
             # in its transport time: only blocks sent on their own measure the channel.
             self.t_net.update(tele.k, tele.t_net_s)
-        if not tele.stale_blocks and not tele.stale_bytes_down:
+        if not (tele.stale_blocks or tele.stale_empty or tele.stale_bytes_down):
             # A miss's round also carries the bytes of the blocks it cut, and the round after it the
             # bytes of their stale verdicts; `chain_frame` prices both as waste itself: fitted in,
             # every block's radio would be charged them again.

@@ -4,7 +4,8 @@ Contract: a `Meter` reports cumulative joules since it was created, with its sou
 whether the figure is `measured` or `estimated`. Opening a meter whose sensor is absent or
 unreadable raises `MeterUnavailable` with the reason; `NullMeter` (no sensor chosen) reads NaN —
 never 0 J. Meters are cheap to
-read (no sleeping); the ones that integrate power sample on a background thread.
+read (no sleeping); the ones that integrate power sample on a background thread and read the sensor
+once more at each read (a sysfs or NVML power read on the caller's thread; none while reads fail).
 """
 
 from __future__ import annotations
@@ -156,7 +157,9 @@ class PowerIntegrator:
         """The joules up to `now` (default: the clock now) and their epoch, the sensor read for the
         interval since the last sample. A `now` before the last sample (the sampler thread sampled
         after the caller read its clock) gets the energy up to that sample: never less than before."""
-        p = self._read_power()
+        # While reads fail, the sampler thread alone tries again: a sensor that times out (an I2C
+        # rail) would stall the caller at every read. The last power stands meanwhile.
+        p = self._p if self._failing_since is not None else self._read_power()
         with self._lock:
             self._advance(self.clock() if now is None else now, p)
             return self._j, self._epoch

@@ -10,8 +10,8 @@ mid-run (a driver error, a GPU fallen off the bus) reads NaN — that reading is
 nothing, so the next good read is exact again (the counter kept counting); a power read that fails
 between ticks adds nothing. A counter that goes back (a GPU or driver reset) starts a new epoch
 (`Reading.epoch`: energy across it is NaN), with a warning. GPUs without the counter fall back to
-integrating power on a sampler thread. No NVML library, no GPU: `MeterUnavailable`. `pynvml` is
-imported lazily, so tests can patch it at the library boundary.
+integrating power as the Jetson meter does (sampled on a thread and at every read). No NVML
+library, no GPU: `MeterUnavailable`. `pynvml` is imported lazily, so tests can patch it at the library boundary.
 """
 
 from __future__ import annotations

@@ -107,7 +107,8 @@ def _without_mirrored_dies(zones: list[Path], counter: Callable[[Path], int], tr
             mirrors |= {z for i, z in enumerate(group) if values[i] in values[:i]}
     if mirrors:
         log.info("RAPL: %s mirror another die's counter; counted once", ", ".join(sorted(z.name for z in mirrors)))
-    return [z for z in zones if z not in mirrors]
+    # A dropped die's own subzones (`dram`) go with it: they mirror the kept die's too.
+    return [z for z in zones if z not in mirrors and not any(z.name.startswith(m.name + ":") for m in mirrors)]
 
 
 class RaplMeter(Meter):

@@ -35,12 +35,19 @@ def _channel_unavailable() -> str:
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
     if made.returncode != 0:
         return f"root, but no network namespace can be made here (CAP_SYS_ADMIN?): {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+    gone = subprocess.run(["ip", "netns", "del", probe], capture_output=True, text=True, check=False)
+    assert gone.returncode == 0, f"could not delete the probe namespace {probe}: {gone.stderr}"
     return ""
 
 
-_UNAVAILABLE = _channel_unavailable()
-root = pytest.mark.skipif(bool(_UNAVAILABLE), reason=_UNAVAILABLE)
+@pytest.fixture(scope="session")
+def channel_host() -> None:
+    """Skips where the channel cannot be built; asked once, and only when a channel test runs."""
+    if why := _channel_unavailable():
+        pytest.skip(why)
+
+
+root = pytest.mark.usefixtures("channel_host")
 
 
 def namespaces() -> list[str]:

@@ -478,6 +478,8 @@ def test_radio_cost_is_learned_from_rounds_that_cut_nothing() -> None:
         est.observe(tele(k, k, 0.004, 0.02, 0.05, radio=1e-3 + 1e-4 * k))
         # A miss that cut two blocks: their radio energy rides on this round.
         est.observe(replace(tele(k, 1, 0.004, 0.02, 0.05, radio=3 * (1e-3 + 1e-4 * k)), stale_blocks=2))
+        # A miss that cut two empty blocks (sent ahead with nothing drafted): their bytes ride too.
+        est.observe(replace(tele(k, 1, 0.004, 0.02, 0.05, radio=3 * (1e-3 + 1e-4 * k)), stale_empty=2))
         # The next round: the two stale verdicts' bytes (and radio energy) arrived with its own.
         late = replace(tele(k, k, 0.004, 0.02, 0.05, radio=1e-3 + 1e-4 * k + 2e-3), stale_bytes_down=60)
         est.observe(late)

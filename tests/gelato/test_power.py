@@ -208,9 +208,12 @@ def test_rapl_counts_package_zones_only_not_psys(tmp_path: Path) -> None:
     # Multi-die AMD parts: every die zone reads the one socket counter, the same value at the same
     # time: counted once (summed, a 60 W package read 120 W).
     mirrored = tmp_path / "mirrored"
-    rapl_tree(mirrored, {"intel-rapl:0": (5_000_000, 10**9), "intel-rapl:1": (5_000_000, 10**9)}, names=die_names)
+    mirrored_zones = {"intel-rapl:0": (5_000_000, 10**9), "intel-rapl:1": (5_000_000, 10**9)}
+    mirrored_zones |= {"intel-rapl:0:0": (7, 10**9), "intel-rapl:1:0": (7, 10**9)}  # and their dram, mirrored
+    dram = {"intel-rapl:0:0": "dram", "intel-rapl:1:0": "dram"}
+    rapl_tree(mirrored, mirrored_zones, names=die_names | dram)
     meter = RaplMeter(mirrored, clock=FakeClock())
-    assert [z.name for z in meter.zones] == ["intel-rapl:0"]
+    assert [z.name for z in meter.zones] == ["intel-rapl:0", "intel-rapl:0:0"]
     for zone in ("intel-rapl:0", "intel-rapl:1"):
         write(mirrored / zone / "energy_uj", 65_000_000)
     assert meter.joules() == pytest.approx(60.0)
@@ -370,6 +373,9 @@ def test_a_failing_sensor_read_is_a_dropped_sample_then_unknown_energy(tmp_path:
     assert meter.joules() == pytest.approx(5.0 * 0.1)  # 5 W over the first interval, then 0 W
     fail[0] = True
     meter.sample()
+    asked = reads[0]
+    meter.joules()  # while reads fail, a caller's read does not ask the sensor (the sampler does)
+    assert reads[0] == asked
     clock.t += FAILED_READS_S
     meter.sample()  # failing for FAILED_READS_S now: unknown
     clock.t += 0.1
