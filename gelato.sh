@@ -96,11 +96,13 @@ install_torch() {
       # while the index does answer (a download that stalled) is retried with pip's usual
       # patience, so that one slow moment does not cost the CUDA build's gigabytes.
       # --no-deps: the index mirrors torch's dependencies only partly (a setuptools or sympy
-      # version torch needs may be missing there); they come from PyPI with the project.
-      if "$py" -m pip install -q $switch --no-deps --timeout 5 --retries 0 --index-url "$torch_cpu_index" "$torch_req"; then
+      # version torch needs may be missing there); they come from PyPI with the project. ($switch
+      # has it already when it forces the reinstall.)
+      local only_torch=${switch:---no-deps}
+      if "$py" -m pip install -q $only_torch --timeout 5 --retries 0 --index-url "$torch_cpu_index" "$torch_req"; then
         :
       elif index_answers; then
-        if ! "$py" -m pip install -q $switch --no-deps --index-url "$torch_cpu_index" "$torch_req"; then
+        if ! "$py" -m pip install -q $only_torch --index-url "$torch_cpu_index" "$torch_req"; then
           echo "gelato.sh: PyTorch's CPU index answers but installing $torch_req from it failed (pip's" \
             "error above): not taking PyPI's CUDA build instead; set GELATO_TORCH=cuda for that, or" \
             "install a torch into $venv and set GELATO_TORCH=skip" >&2
@@ -180,7 +182,8 @@ setup() {
     "$py" -m pip install -q --upgrade pip
     # torch first, the chosen build: left to the project's dependencies, pip would take PyPI's.
     install_torch "$build"
-    "$py" -m pip install -q -e ".[dev]" -c <(torch_constraint)
+    torch_constraint > "$venv/torch-constraint.txt"  # a failure here stops setup (set -e)
+    "$py" -m pip install -q -e ".[dev]" -c "$venv/torch-constraint.txt"
     check_torch_build "$torch_got"
     echo "${want%-*}-$torch_got" > "$venv/.gelato-installed"  # not the build asked for: tried again next time
   fi

@@ -3,8 +3,10 @@ torch reinstalled. It did not: the CPU build (2.13.0+cpu) satisfies `torch==2.13
 it while the marker recorded the CUDA build (and the other way round).
 
 Run on a copy of gelato.sh whose `.venv/bin/python` is a stand-in: `-m pip ...` is recorded, not
-run; anything else runs on this Python without site-packages, `import torch` finding a fake torch
-(its `torch.version.cuda` set or None) or none at all. Nothing is installed."""
+run, except that installing torch puts a fake torch in place (the CPU build from the CPU index, or
+from a find-links wheel, FIND_LINKS_CPU; PyPI's CUDA build otherwise); anything else runs on this
+Python without site-packages, `import torch` finding a fake torch (its `torch.version.cuda` set or
+None, with its dist-info) or none at all. Nothing is installed."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ PIN = re.search(r'^torch_req="([^"]+)"$', (ROOT / "gelato.sh").read_text(), re.M
 assert PIN, "gelato.sh sets torch_req"
 TORCH_REQ = PIN.group(1)
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# The project's install, held to the torch just installed (a dependency cannot swap its build).
+PROJECT = "install -q -e .[dev] -c .venv/torch-constraint.txt"
 
 FAKE_PYTHON = """#!/bin/sh
 if [ "$1" = -m ] && [ "$2" = pip ]; then
@@ -30,10 +34,35 @@ if [ "$1" = -m ] && [ "$2" = pip ]; then
   case "$*" in *--index-url*) [ -n "$CPU_INDEX_DOWN" ] && exit 1 ;; esac
   case "$*" in *"--timeout 5"*) [ -n "$CPU_INDEX_STALL" ] && exit 1 ;; esac
   case "$*" in *--index-url*) [ -n "$CPU_INDEX_BROKEN" ] && exit 1 ;; esac
+  case "$*" in
+    *" torch=="*)
+      build=cuda
+      case "$*" in *--index-url*) build=cpu ;; esac
+      [ -n "$FIND_LINKS_CPU" ] && build=cpu
+      exec "$REAL_PYTHON" -S "$FAKE_TORCH" "$build" ;;
+  esac
   exit 0
 fi
 case "$2" in *urlopen*) echo "probe $3" >> "$PIP_LOG"; [ -z "$CPU_INDEX_DOWN" ]; exit $? ;; esac
 exec "$REAL_PYTHON" -S "$@"
+"""
+
+
+# Puts a fake torch of build argv[1] (cpu/cuda) where the stand-in python imports it from.
+FAKE_TORCH = """import os, shutil, sys
+site, build = os.environ["PYTHONPATH"], sys.argv[1]
+for name in os.listdir(site):
+    shutil.rmtree(os.path.join(site, name))
+os.makedirs(os.path.join(site, "torch"))
+with open(os.path.join(site, "torch", "__init__.py"), "w") as f:
+    f.write("from . import version\\n")
+with open(os.path.join(site, "torch", "version.py"), "w") as f:
+    f.write("cuda = %r\\n" % ("13.0" if build == "cuda" else None))
+version = "2.13.0" + ("+cpu" if build == "cpu" else "")
+info = os.path.join(site, "torch-%s.dist-info" % version)
+os.makedirs(info)
+with open(os.path.join(info, "METADATA"), "w") as f:
+    f.write("Metadata-Version: 2.1\\nName: torch\\nVersion: %s\\n" % version)
 """
 
 
@@ -50,6 +79,7 @@ class Checkout:
         self.pip_log = root / "pip.log"
         self.torch_path = root / "site"
         self.torch_path.mkdir()
+        (root / "fake_torch.py").write_text(FAKE_TORCH)
 
     def installed(self, build: str) -> None:
         """What the last setup recorded: this pyproject.toml and `build`."""
@@ -58,10 +88,11 @@ class Checkout:
         self.marker.write_text(f"{digest}-{build}\n")
 
     def has_torch(self, cuda: str | None) -> None:
-        pkg = self.torch_path / "torch"
-        pkg.mkdir()
-        (pkg / "__init__.py").write_text("from . import version\n")
-        (pkg / "version.py").write_text(f"cuda = {cuda!r}\n")
+        subprocess.run(
+            [sys.executable, "-S", str(self.root / "fake_torch.py"), "cuda" if cuda else "cpu"],
+            env={"PYTHONPATH": str(self.torch_path)},
+            check=True,
+        )
 
     def setup(
         self,
@@ -71,13 +102,20 @@ class Checkout:
         broken: bool = False,
         driver: str | None = None,
         rc: int = 0,
+        find_links_cpu: bool = False,
     ) -> tuple[list[str], str]:
         """`GELATO_TORCH=torch ./gelato.sh setup`: pip's argument lines, and stderr. `driver`: an
         `nvidia-smi` on PATH that sees a GPU with this driver version (None: none on PATH)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GELATO_", "PYTHON", "PIP_"))}
         env.update(
-            GELATO_TORCH=torch, PIP_LOG=str(self.pip_log), REAL_PYTHON=sys.executable, PYTHONPATH=str(self.torch_path)
+            GELATO_TORCH=torch,
+            PIP_LOG=str(self.pip_log),
+            REAL_PYTHON=sys.executable,
+            PYTHONPATH=str(self.torch_path),
+            FAKE_TORCH=str(self.root / "fake_torch.py"),
         )
+        if find_links_cpu:  # a CPU wheel in pip's find-links: it satisfies the CUDA pin too
+            env["FIND_LINKS_CPU"] = "1"
         bin_dir = self.root / "bin"  # PATH without any real nvidia-smi: the host's GPU must not decide
         bin_dir.mkdir(exist_ok=True)
         for tool in ("bash", "sha256sum", "cut", "cat", "head", "tr", "dirname", "env", "sh"):
@@ -116,7 +154,7 @@ def test_switching_to_the_cpu_build_replaces_a_cuda_torch(checkout: Checkout) ->
     pip, err = checkout.setup("cpu")
     forced = f"install -q --force-reinstall --no-deps --timeout 5 --retries 0 --index-url {CPU_INDEX} {TORCH_REQ}"
     assert forced in pip, pip
-    assert pip[-1] == "install -q -e .[dev]", pip  # brings what the new build needs
+    assert pip[-1] == PROJECT, pip  # brings what the new build needs
     assert "replacing the cuda build of torch in .venv with the cpu build" in err
     assert checkout.recorded() == "cpu"
 
@@ -126,7 +164,7 @@ def test_switching_to_the_cuda_build_replaces_a_cpu_torch(checkout: Checkout) ->
     checkout.has_torch(None)
     pip, err = checkout.setup("cuda")
     assert f"install -q --force-reinstall --no-deps {TORCH_REQ}" in pip, pip
-    assert pip[-1] == "install -q -e .[dev]", pip  # the nvidia-* wheels the CUDA build requires
+    assert pip[-1] == PROJECT, pip  # the nvidia-* wheels the CUDA build requires
     assert "replacing the cpu build of torch in .venv with the cuda build" in err
     assert checkout.recorded() == "cuda"
 
@@ -136,7 +174,7 @@ def test_the_same_build_is_not_reinstalled(checkout: Checkout) -> None:
     checkout.marker.write_text("0123456789abcdef-cpu\n")
     checkout.has_torch(None)
     pip, err = checkout.setup("cpu")
-    assert f"install -q --timeout 5 --retries 0 --index-url {CPU_INDEX} {TORCH_REQ}" in pip, pip
+    assert f"install -q --no-deps --timeout 5 --retries 0 --index-url {CPU_INDEX} {TORCH_REQ}" in pip, pip
     assert not any("--force-reinstall" in line for line in pip) and "replacing" not in err, pip
 
 
@@ -211,3 +249,21 @@ def test_a_new_torch_pin_reaches_an_existing_venv(checkout: Checkout) -> None:
     checkout.has_torch(None)
     pip, _ = checkout.setup("cpu")
     assert any(line.endswith(f"--index-url {CPU_INDEX} {TORCH_REQ}") for line in pip), pip
+
+
+def test_a_build_other_than_the_one_asked_for_is_an_error(checkout: Checkout) -> None:
+    """A CPU wheel in pip's find-links satisfies the CUDA pin (2.13.0+cpu matches torch==2.13.0
+    and sorts above it): pip takes it, and the venv was recorded as CUDA, never repaired."""
+    _, err = checkout.setup("cuda", find_links_cpu=True, rc=2)
+    assert "asked for the cuda build of torch but pip installed the cpu build" in err, err
+    assert not checkout.marker.exists()
+
+
+def test_the_project_install_is_held_to_the_torch_just_installed(checkout: Checkout) -> None:
+    """The project's dependencies are resolved with the installed torch as a constraint (exactly
+    its version and build): one that wanted another torch would fail, not swap PyPI's CUDA build
+    in under a venv recorded as CPU."""
+    pip, _ = checkout.setup("cpu")
+    assert pip[-1] == PROJECT, pip
+    assert (checkout.root / ".venv" / "torch-constraint.txt").read_text() == "torch==2.13.0+cpu\n"
+    assert checkout.recorded() == "cpu"
