@@ -1,8 +1,8 @@
 """Protocol fuzzer against a real edge process: a few hundred malformed and adversarial messages
 (fixed seed; the cases and their allowed statuses: `gelato.benchmarks.load_fuzz`) each get a
 precise status, never UNKNOWN or INTERNAL; the edge is still SERVING afterwards and holds no
-session; and a well-formed greedy session running all along (drafts the target takes some of)
-produces exactly the verdicts it produces alone.
+session; and well-formed sessions running all along, one greedy and one sampling (drafts the
+target takes some of), produce exactly the verdicts they produce alone.
 """
 
 from __future__ import annotations
@@ -33,18 +33,24 @@ def test_protocol_fuzz(pair: dict[str, Path], target: LoadedModel) -> None:
             info = pb_grpc.GelatoStub(channel).Info(pb.InfoRequest(), timeout=10)
             fuzzer = Fuzzer(random.Random(SEED), info.tokenizer_fingerprint, info.vocab_size, info.context_limit, 32)
             cases = fuzzer.generate(CASES)
-            good = Spec(tuple(range(11, 19)), k=4, rounds=12, params=SamplingParams())
+            # A greedy and a sampling session (its draws keyed by its seed and positions).
+            goods = {
+                "greedy": Spec(tuple(range(11, 19)), k=4, rounds=12, params=SamplingParams()),
+                "sampling": Spec(tuple(range(30, 37)), k=3, rounds=12, params=SamplingParams(0.9, top_k=30, seed=5)),
+            }
             fp, vocab = info.tokenizer_fingerprint, info.vocab_size
-            alone = [v[:2] for v in run_session(edge.address, fp, good, vocab, drafts)]
-            assert_both_paths("well-formed", good, alone)
+            alone = {n: [v[:2] for v in run_session(edge.address, fp, s, vocab, drafts)] for n, s in goods.items()}
+            for name, spec in goods.items():
+                assert_both_paths(name, spec, alone[name])
 
-            done, runs, errors = threading.Event(), [], []
+            done, errors = threading.Event(), []
+            runs: dict[str, list[list[tuple[int, int]]]] = {n: [] for n in goods}
 
             def well_formed() -> None:  # again and again for as long as the fuzz runs
                 try:
                     while not done.is_set():
-                        verdicts = run_session(edge.address, fp, good, vocab, drafts)
-                        runs.append([v[:2] for v in verdicts])
+                        for name, spec in goods.items():
+                            runs[name].append([v[:2] for v in run_session(edge.address, fp, spec, vocab, drafts)])
                 except BaseException as exc:  # a broken session fails the test, not just this thread
                     errors.append(exc)
 
@@ -72,7 +78,8 @@ def test_protocol_fuzz(pair: dict[str, Path], target: LoadedModel) -> None:
             assert not thread.is_alive(), "the well-formed session never finished"
             assert not errors, f"the well-formed session failed while the fuzz ran: {errors[0]!r}"
             assert not wrong, f"{len(wrong)} of {len(cases)} cases: {wrong[:10]}"
-            assert runs and all(r == alone for r in runs), (len(runs), alone, runs)
+            for name in goods:
+                assert runs[name] and all(r == alone[name] for r in runs[name]), (name, alone[name], runs[name])
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             deadline = time.monotonic() + 10  # sessions are freed on the model thread
