@@ -46,12 +46,17 @@ def make_block(spec: Spec, tokens: list[int], rnd: int, vocab: int) -> DraftBloc
         return DraftBlock(round=rnd, ids=ids)
     ids_out, qs = [], []
     for _ in range(spec.k):
-        support = rng.sample(range(1, vocab), 4)
-        probs = np.asarray([rng.uniform(0.1, 1.0) for _ in support], dtype=np.float16)
-        q = SparseDist(ids=tuple(support), probs=tuple(float(p) for p in probs))
-        ids_out.append(rng.choices(support, weights=q.probs)[0])
+        q = random_q(rng, vocab)
+        ids_out.append(rng.choices(q.ids, weights=q.probs)[0])
         qs.append(q)
     return DraftBlock(round=rnd, ids=tuple(ids_out), q=tuple(qs))
+
+
+def random_q(rng: random.Random, vocab: int) -> SparseDist:
+    """A random 4-token support with float16 probabilities (sent exactly as they are)."""
+    support = rng.sample(range(1, vocab), 4)
+    probs = np.asarray([rng.uniform(0.1, 1.0) for _ in support], dtype=np.float16)
+    return SparseDist(ids=tuple(support), probs=tuple(float(p) for p in probs))
 
 
 def open_message(fp: str, spec: Spec, **overrides: object) -> pb.DeviceMessage:

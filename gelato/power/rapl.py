@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 ZONE = re.compile(r"^intel-rapl:\d+$")
 SUBZONE = re.compile(r"^intel-rapl:\d+:\d+$")
 PACKAGE = re.compile(r"^package-\d+(-die-\d+)?$")  # the kernel's names; `psys` is the platform zone
+DIE = re.compile(r"^package-(\d+)-die-\d+$")  # a multi-die part's zone: its package number
 
 # The most a package can plausibly draw, for telling a wrap from a reset. A zone's
 # `constraint_*_max_power_uw` are its rated limits (PL1 = TDP; PL2/PL4 where the kernel shows
@@ -98,7 +99,7 @@ def _without_mirrored_dies(zones: list[Path], counter: Callable[[Path], int], tr
     dies: dict[str, list[Path]] = {}
     for z in zones:
         name = (z / "name").read_text().strip() if ZONE.match(z.name) else ""
-        if m := re.match(r"^package-(\d+)-die-\d+$", name):
+        if m := DIE.match(name):
             dies.setdefault(m.group(1), []).append(z)
     mirrors: set[Path] = set()
     for group in (g for g in dies.values() if len(g) > 1):

@@ -23,7 +23,7 @@ import random
 import numpy as np
 import torch
 
-from gelato.benchmarks.load_streams import Spec
+from gelato.benchmarks.load_streams import Spec, random_q
 from gelato.models import LoadedModel
 from gelato.sampling import process_logits
 from gelato.types import DraftBlock, SparseDist
@@ -50,7 +50,7 @@ class TargetDrafts:
                 x = int(logits.argmax())
                 x = x % (vocab - 1) + 1 if i == off else x  # any other id
             else:
-                q = _random_q(rng, vocab) if i == off else _own_q(process_logits(logits, spec.params))
+                q = random_q(rng, vocab) if i == off else _own_q(process_logits(logits, spec.params))
                 x = rng.choices(q.ids, weights=q.probs)[0]
                 qs.append(q)
             ids.append(x)
@@ -66,12 +66,6 @@ def _own_q(probs: torch.Tensor) -> SparseDist:
         ids=tuple(int(t) for t, k in zip(top.indices.tolist(), keep, strict=True) if k),
         probs=tuple(float(p) for p in half[keep]),
     )
-
-
-def _random_q(rng: random.Random, vocab: int) -> SparseDist:
-    support = rng.sample(range(1, vocab), 4)
-    probs = np.asarray([rng.uniform(0.1, 1.0) for _ in support], dtype=np.float16)
-    return SparseDist(ids=tuple(support), probs=tuple(float(p) for p in probs))
 
 
 def assert_both_paths(name: str, spec: Spec, verdicts: list[tuple[int, int]]) -> None:
