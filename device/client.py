@@ -36,6 +36,7 @@ from gelato.device.generate import (
     Limits,
     Verify,
     VerifyError,
+    charge_after_end,
     charge_bytes,
     merge_results,
     speculative_generate,
@@ -265,6 +266,8 @@ class EdgeClient:
                             )
                         failed.bytes_up += asked[0]
                         failed.bytes_down += asked[1]
+            # The close (the last session's) is the generation's time: its energy too.
+            charge_after_end(res.stats, policy, acct)
         except BaseException:  # the generation reports no energy: what is pending is in no total
             acct.abandon()
             raise

@@ -1,14 +1,14 @@
 """Per-round device energy accounting: meter delta + radio model.
 
-Contract: `EnergyAccountant(meter, radio)` brackets a generation (`begin`/`end`) and each round
-(`round_start`/`round_end`). A round's energy is the meter's delta over the whole round — which
-already contains idle power while waiting for the edge, so nothing idle is added — plus the radio
-energy of the bytes it sent and received and of the radio's connected state between its transfers
-(the profile's tail power over each gap, up to `tail_s`); a generation that exchanged any bytes is
-charged those gaps and the radio's tail once, less the part the next transfer cuts short
-(`EnergyAccountant`), one that exchanged none (`ar-device`) no radio energy at all. Byte counts are
-protobuf sizes plus gRPC/HTTP2 framing (5 + 9 bytes per message); TCP/IP headers are not
-counted. A meter that cannot read yields NaN.
+Contract: `EnergyAccountant(meter, radio)` brackets a generation (`begin`/`end`, then the session's
+close: `after_end_j`) and each round (`round_start`/`round_end`). A round's energy is the meter's
+delta over the whole round — which already contains idle power while waiting for the edge, so
+nothing idle is added — plus the radio energy of the bytes it sent and received and of the radio's
+connected state between its transfers (the profile's tail power over each gap, up to `tail_s`); a
+generation that exchanged any bytes is charged those gaps and the radio's tail once, less the part
+the next transfer cuts short (`EnergyAccountant`), one that exchanged none (`ar-device`) no radio
+energy at all. Byte counts are protobuf sizes plus gRPC/HTTP2 framing (5 + 9 bytes per message);
+TCP/IP headers are not counted. A meter that cannot read yields NaN.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class EnergyAccountant:
         self.meter = meter
         self.radio = radio
         self._opening: Reading | None = None
+        self._ended: Reading | None = None  # the last generation's (or failed open's) final reading
         self._tail_from_s: float | None = None  # meter clock when the pending (charged) tail began
         self._tail_j = 0.0  # tail joules charged or given back, in no total yet
         self._last_transfer_s: float | None = None  # meter clock of the last transfer; None: idle
@@ -116,6 +117,7 @@ class EnergyAccountant:
         generation's energy too. The radio tail is cut where a transfer really starts
         (`radio_busy`), not here."""
         self._opening = self.meter.read()
+        self._ended = None
 
     def forget_opening(self) -> None:
         """Drop an `opening` reading no generation began from (the open failed)."""
@@ -125,7 +127,7 @@ class EnergyAccountant:
         """A generation that raised reports no energy: the radio joules pending (its attempts'
         tails and gaps) are in no total, so the tail it started is no one's to give back at the
         next transfer, and no gap runs on from its last mark."""
-        self._tail_from_s = self._last_transfer_s = None
+        self._tail_from_s = self._last_transfer_s = self._ended = None
         self._tail_j = self._gaps_j = self._gap_charged_j = self._round_link_j = 0.0
 
     def opening_spent_j(self) -> tuple[float, float]:
@@ -136,7 +138,7 @@ class EnergyAccountant:
         start, self._opening = self._opening, None
         if start is None:
             return 0.0, 0.0
-        end = self.meter.read()
+        end = self._ended = self.meter.read()
         self.radio_idle()
         return end.since(start), self._settle_radio_j()
 
@@ -164,6 +166,14 @@ class EnergyAccountant:
         stats.radio_j = transfer_j + self._settle_radio_j(stats.bytes_up, stats.bytes_down)
         self._round_link_j = 0.0
         stats.energy_j = end.since(start) + stats.radio_j
+        self._ended = end
+
+    def after_end_j(self) -> float:
+        """Meter joules from the last `end` (or failed open) to now, once: the time a generation
+        takes after its totals are made (the session's close written, the stream ended) is its
+        own too, as its `elapsed_s` says. NaN when the meter cannot read; 0 with nothing ended."""
+        start, self._ended = self._ended, None
+        return self.meter.read().since(start) if start is not None else 0.0
 
     def round_start(self) -> Reading:
         """The round's first reading; the radio's gap so far is the generation's, not the round's

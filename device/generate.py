@@ -263,6 +263,16 @@ def charge_bytes(stats: GenerationStats, policy: Policy, acct: EnergyAccountant 
     policy.charge(e_j)
 
 
+def charge_after_end(stats: GenerationStats, policy: Policy, acct: EnergyAccountant) -> None:
+    """The meter's joules after the totals were made (`EnergyAccountant.after_end_j`: the close)
+    into the totals and the deficit queue, so that `energy_j` spans what `elapsed_s` does. NaN
+    (an unreadable meter) makes the total unknown, as any unread part of it does, and is charged
+    to the queue as nothing."""
+    e_j = acct.after_end_j()
+    stats.energy_j += e_j
+    policy.charge(e_j)
+
+
 def merge_results(first: GenerationResult, then: GenerationResult) -> GenerationResult:
     """One generation from two sessions (a failover): the second continued the first's tokens."""
     a, b = first.stats, then.stats

@@ -136,3 +136,35 @@ def test_a_generation_that_raised_leaves_nothing_to_give_back() -> None:
     acct.end(stats, start)
     transfer_s = sum(radio.transfer_s(10, 10))
     assert stats.radio_j == pytest.approx(radio.round_energy_j(10, 10) + 0.05 - transfer_s + radio.tail_energy_j())
+
+
+class ClockedWatt(Clocked):
+    """1 W on the test's clock: joules are its seconds."""
+
+    def joules_at(self, now: float) -> float:
+        return now
+
+
+def test_the_close_after_the_totals_is_the_generations_energy_once() -> None:
+    """`elapsed_s` runs until the session is closed, after `end` made the totals: the meter's
+    joules of that close are the generation's too (a slow close, 2 ms on a busy CI machine, was
+    missing from `energy_j`), counted once, and from the last of several ends (a failover)."""
+    meter = ClockedWatt()
+    acct = EnergyAccountant(meter, None)
+    acct.opening()
+    stats = GenerationStats()
+    start = acct.begin(stats)
+    meter.t = 1.0
+    acct.end(stats, start)
+    assert stats.energy_j == pytest.approx(1.0)
+    meter.t = 1.25  # the close written, the stream ended
+    assert acct.after_end_j() == pytest.approx(0.25)
+    assert acct.after_end_j() == 0.0  # once
+    acct.opening()  # a failover's re-open: what lies between is no close
+    assert acct.after_end_j() == 0.0
+    acct.end(stats, acct.begin(stats))
+    meter.t = 2.0
+    assert acct.after_end_j() == pytest.approx(0.75)
+    acct.end(stats, acct.begin(stats))
+    acct.abandon()  # a generation that raised reports nothing
+    assert acct.after_end_j() == 0.0
