@@ -2,12 +2,13 @@
 
 Contract: one encode/decode pair per message the edge and a device exchange — `Info` (`EdgeInfo`),
 open (`SessionOpen`), opened (`SessionInfo`), draft block, verdict — and the sampling parameters and
-sparse distributions inside them. `encode_*` never fails on a well-formed dataclass; `decode_*` (and `check_block`, for
-a `DraftBlock` built elsewhere) validates everything a peer could get wrong and raises `WireError`
-with a message naming the field, which the edge turns into INVALID_ARGUMENT. Messages quote
-client strings only through `clip`, so no error grows with the client's input. Sparse
-probabilities travel as little-endian float16 (2 bytes each); the device samples from the decoded
-float16 values, so the edge knows q exactly.
+sparse distributions inside them. `encode_*` never fails on a well-formed dataclass (q's
+probabilities are float16 values); `decode_*` (and `check_block`, for a `DraftBlock` built
+elsewhere) validates everything a peer could get wrong and raises `WireError` with a message naming
+the field, which the edge turns into INVALID_ARGUMENT. Messages quote client strings only through
+`clip`, so no error grows with the client's input. Sparse probabilities travel as little-endian
+float16 (2 bytes each); the device samples from the decoded float16 values, so the edge knows q
+exactly.
 """
 
 from __future__ import annotations
@@ -156,7 +157,13 @@ def decode_info(msg: pb.InfoResponse) -> EdgeInfo:
 
 
 def encode_sparse(q: SparseDist) -> pb.SparseDist:
-    return pb.SparseDist(ids=q.ids, probs_f16=np.asarray(q.probs, dtype="<f2").tobytes())
+    """q as sent: its probabilities must be float16 values already (`truncate_top_m` makes them
+    so), since the edge verifies with what it reads: a q rounded here would not be the one the
+    draft was drawn from, and sampling would silently stop following the target's distribution."""
+    probs16 = np.asarray(q.probs, dtype="<f2")
+    if not np.array_equal(probs16, np.asarray(q.probs, dtype=np.float64), equal_nan=True):
+        raise ValueError("q's probabilities are not float16 values: draw from the float16 q that is sent")
+    return pb.SparseDist(ids=q.ids, probs_f16=probs16.tobytes())
 
 
 def decode_sparse(msg: pb.SparseDist, vocab_size: int, where: str, drawn: int | None = None) -> SparseDist:

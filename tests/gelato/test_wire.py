@@ -4,9 +4,10 @@ clipped client strings; session open/opened; policy parsing; seed derivation."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from gelato.device.policy import FixedK, parse_policy
-from gelato.sampling import KeyedRng
+from gelato.sampling import KeyedRng, truncate_top_m
 from gelato.types import (
     PROTOCOL_VERSION,
     DraftBlock,
@@ -46,6 +47,18 @@ def test_block_round_trip_keeps_q_exact() -> None:
     assert len(msg.q[0].probs_f16) == 4  # float16 on the wire
     back = decode_block(msg, vocab_size=10, greedy=False, max_tokens=8)
     assert back == DraftBlock(round=3, ids=(4, 1), q=q)
+
+
+def test_a_q_that_is_not_float16_is_refused_not_rounded() -> None:
+    """The edge verifies with the q it reads: rounding a float32 q on the way would make the edge
+    accept by another distribution than the draft was drawn from (sampling silently not lossless).
+    The drafter's own q (`truncate_top_m`) is float16 already and goes through unchanged."""
+    drawn_from = SparseDist(ids=(4, 9), probs=(0.3, 0.7))  # float32 values, not float16 ones
+    with pytest.raises(ValueError, match="not float16 values"):
+        encode_block(DraftBlock(round=0, ids=(4,), q=(drawn_from,)))
+    q = truncate_top_m(torch.tensor([0.0, 0.3, 0.0, 0.7, 0.0]), top_m=8)
+    back = decode_block(encode_block(DraftBlock(round=0, ids=(3,), q=(q,))).draft, 5, False, 8)
+    assert back.q == (q,)
 
 
 def test_send_ahead_blocks_round_trip() -> None:
