@@ -10,12 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gelato.channel import MAX_DRAFT_TOKENS
 from gelato.cli_common import log_format, log_level, max_memory, model_device, model_dtype, port_number, torch_threads
 from gelato.config import MAX_TIMEOUT_S, PORT, UINT32, Check, Settings, ge, gt, le, require, setting
 
 DEVICE_MAPS = ("auto", "balanced", "sequential")  # gelato.models.DEVICE_MAPS, without importing torch
 # --metrics-port and --health-port: unlike --port (whose real number is printed), 0 would bind a
 # random port that no line names and no scraper or probe could find.
+DRAFTS_FIT = Check(
+    lambda k: k <= MAX_DRAFT_TOKENS,
+    f"must be <= {MAX_DRAFT_TOKENS} (a sampling block of more drafts may not fit a gRPC message)",
+)
 NAMED_PORT = Check(lambda p: p >= 1, "must be >= 1 (0 would pick a port nobody is told)")
 
 
@@ -29,7 +34,7 @@ class EdgeConfig(Settings):
     )
     port: int = setting(50051, "gRPC port; 0 picks a free one", type=port_number, check=PORT)
     max_sessions: int = setting(64, "open sessions at most (beyond: RESOURCE_EXHAUSTED)", check=(ge(1), UINT32))
-    max_draft_tokens: int = setting(32, "largest draft block accepted", check=(ge(1), UINT32))
+    max_draft_tokens: int = setting(32, "largest draft block accepted", check=(ge(1), DRAFTS_FIT))
     max_ahead_rounds: int = setting(
         4,
         "send-ahead (pipelined speculation): blocks a device may keep in flight past the one whose verdict it "

@@ -13,6 +13,10 @@ from __future__ import annotations
 # ids). Every message is parsed on the edge's event loop before any check, ~2.3 ms per MiB: a
 # tighter bound keeps one client's garbage from stalling every session (16 MiB took ~37 ms).
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# The edge's `--max-draft-tokens` at most: a sampling block of this many drafts, each with the widest
+# q the wire allows (1024 ids of up to 5 bytes and their 2-byte probabilities), is ~3.7 MB and fits
+# MAX_MESSAGE_BYTES; a larger limit would let a device send a block gRPC refuses mid-generation.
+MAX_DRAFT_TOKENS = 512
 
 CLIENT_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 30_000),

@@ -58,7 +58,7 @@ def test_an_edge_prefilling_in_small_pieces_gives_the_same_tokens(pair: dict[str
         (["--threads", "0"], "--threads must be >= 1"),
         # Values the wire cannot carry: refused at start, not failing every open or Info afterwards.
         (["--max-sessions", "4294967296"], "--max-sessions must be <= 4294967295 (it travels as a uint32)"),
-        (["--max-draft-tokens", "4294967296"], "--max-draft-tokens must be <= 4294967295"),
+        (["--max-draft-tokens", "513"], "--max-draft-tokens must be <= 512 (a sampling block of more drafts"),
         (["--max-ahead-rounds", "4294967296"], "--max-ahead-rounds must be <= 4294967295"),
         (["--kv-budget-mb", "1e300"], "--kv-budget-mb must be <= 1099511627776"),
     ],

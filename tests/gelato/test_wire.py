@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gelato.channel import MAX_DRAFT_TOKENS, MAX_MESSAGE_BYTES
 from gelato.device.policy import FixedK, parse_policy
 from gelato.sampling import KeyedRng, truncate_top_m
 from gelato.types import (
@@ -134,6 +135,16 @@ def test_a_support_over_the_limit_is_refused_before_any_per_id_work() -> None:
             10**6,
             False,
         )
+
+
+def test_the_largest_block_an_edge_may_allow_fits_a_message() -> None:
+    """`--max-draft-tokens` is capped so that a sampling block at the cap, every q as wide as the
+    wire allows and its ids as long as int32 varints get (5 bytes), still fits a gRPC message."""
+    ids = tuple(range(2**31 - MAX_Q_SUPPORT, 2**31))
+    q = SparseDist(ids=ids, probs=(1.0,) * MAX_Q_SUPPORT)
+    block = DraftBlock(round=2**31, ids=(ids[0],) * MAX_DRAFT_TOKENS, q=(q,) * MAX_DRAFT_TOKENS)
+    size = encode_block(block).ByteSize()
+    assert 0.8 * MAX_MESSAGE_BYTES < size <= MAX_MESSAGE_BYTES  # and the cap is not far below what fits
 
 
 def test_verdict_and_sampling_round_trip() -> None:
