@@ -24,7 +24,9 @@ within the bound's power × the time since the last read of its range's top (the
 fits the bound): with reads at most a second apart, under ~1 kJ (at 1000 W) of ~262 kJ, so about one
 reset in 260 adds up to that much energy unseen. Unreadable counters (usually root-only) raise
 `MeterUnavailable` naming the file, as do zones stating no range (`max_energy_range_uj` 0, on
-some older systems: no wrap could be told from a reset, so `auto` moves on). A read that fails
+some older systems: no wrap could be told from a reset, so `auto` moves on), and counters that do
+not move within `COUNTING_PROBE_S` of the meter's start (frozen, as some VMs expose them: 0 J read
+as measured). A read that fails
 mid-run (any zone) reads NaN and changes nothing: the counters kept counting, so the next good
 read is exact again (if within `max_gap_s` of the last good one).
 """
@@ -35,6 +37,7 @@ import logging
 import math
 import re
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,6 +66,10 @@ SLACK_S = 0.01
 # per zone every second costs nothing measurable; the shorter the interval, the less energy a
 # reset near the top of the range can pass off as a wrap).
 KEEP_MIN_S, KEEP_MAX_S = 0.5, 1.0
+# A package never draws 0 W, and its counter moves every ~1 ms: counters that stay put this long
+# are frozen (some VMs expose powercap counters that never count), and would report 0 J as
+# measured. 0: no check (tests on static fake trees).
+COUNTING_PROBE_S = 0.25
 
 
 def _counted(zone: Path) -> bool:
@@ -135,6 +142,8 @@ class RaplMeter(Meter):
         if bad := [z.name for z, r in zip(zones, self._range, strict=True) if r <= 0]:
             # No range: a wrap cannot be told from a reset, and every read would be a new epoch.
             raise MeterUnavailable(f"RAPL zones {', '.join(bad)} under {base} state no max_energy_range_uj (0)")
+        if clock is None and COUNTING_PROBE_S > 0:
+            self._check_counting(base)
         self.max_power_w = [max_power_w(z) for z in zones]
         # Reads further apart than this may hide a whole wrap of some zone (see the docstring).
         self.max_gap_s = min(0.5 * (r + 1) / 1e6 / w for r, w in zip(self._range, self.max_power_w, strict=True))
@@ -151,6 +160,23 @@ class RaplMeter(Meter):
             self.keep_s = min(max(self.max_gap_s / 4, KEEP_MIN_S), KEEP_MAX_S)
             self._keeper = threading.Thread(target=self._keep, name="rapl-keeper", daemon=True)
             self._keeper.start()
+
+    def _check_counting(self, base: Path) -> None:
+        """Raise `MeterUnavailable` unless some counter moves within `COUNTING_PROBE_S`."""
+        deadline = time.monotonic() + COUNTING_PROBE_S
+        while time.monotonic() < deadline:
+            time.sleep(0.002)
+            try:
+                counters = [self._counter(z) for z in self.zones]
+            except (OSError, ValueError) as exc:
+                raise MeterUnavailable(f"cannot read RAPL counters under {base}: {exc}") from exc
+            if counters != self._last:
+                self._last = counters  # the meter counts from here (`_t` is read next)
+                return
+        raise MeterUnavailable(
+            f"RAPL counters under {base} did not move in {COUNTING_PROBE_S} s: frozen (as some VMs expose them), "
+            "they would read 0 J"
+        )
 
     def _keep(self) -> None:
         while not self._stop.wait(self.keep_s):

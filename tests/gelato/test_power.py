@@ -174,6 +174,7 @@ def test_rapl_keeper_reads_between_callers_reads(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(rapl, "KEEP_MIN_S", 0.01)
     monkeypatch.setattr(rapl, "KEEP_MAX_S", 0.02)
+    monkeypatch.setattr(rapl, "COUNTING_PROBE_S", 0)  # a static tree: not the frozen-counter check
     rapl_tree(tmp_path, {"intel-rapl:0": (1_000_000, RANGE_UJ)})
     meter = RaplMeter(tmp_path)
     try:
@@ -204,7 +205,7 @@ def test_rapl_counts_package_zones_only_not_psys(tmp_path: Path) -> None:
     dies = tmp_path / "dies"
     die_names = {"intel-rapl:0": "package-0-die-0", "intel-rapl:1": "package-0-die-1"}
     rapl_tree(dies, {"intel-rapl:0": (1_000_000, 10**9), "intel-rapl:1": (3_000_017, 10**9)}, names=die_names)
-    assert [z.name for z in RaplMeter(dies).zones] == ["intel-rapl:0", "intel-rapl:1"]
+    assert [z.name for z in RaplMeter(dies, clock=FakeClock()).zones] == ["intel-rapl:0", "intel-rapl:1"]
     # Multi-die AMD parts: every die zone reads the one socket counter, the same value at the same
     # time: counted once (summed, a 60 W package read 120 W).
     mirrored = tmp_path / "mirrored"
@@ -221,6 +222,31 @@ def test_rapl_counts_package_zones_only_not_psys(tmp_path: Path) -> None:
     rapl_tree(only_psys, {"intel-rapl:0": (1, 1000)}, names={"intel-rapl:0": "psys"})
     with pytest.raises(MeterUnavailable, match="no RAPL package zones"):
         RaplMeter(only_psys)
+
+
+def test_rapl_counters_that_do_not_move_are_no_meter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package never draws 0 W: counters frozen at the meter's start (some VMs expose such) would
+    read 0 J as measured; the meter refuses them, so `auto` moves on to an estimate. Counters
+    that move (a real package, ~every ms) pass."""
+    import threading
+
+    import gelato.power.rapl as rapl
+
+    monkeypatch.setattr(rapl, "COUNTING_PROBE_S", 0.05)
+    rapl_tree(tmp_path, {"intel-rapl:0": (1_000_000, RANGE_UJ)})
+    with pytest.raises(MeterUnavailable, match=r"did not move in 0.05 s: frozen"):
+        RaplMeter(tmp_path)
+    monkeypatch.setattr(rapl, "COUNTING_PROBE_S", 5.0)
+    moved = threading.Timer(0.02, write, (tmp_path / "intel-rapl:0" / "energy_uj", 1_000_500))
+    moved.start()
+    meter = RaplMeter(tmp_path)
+    moved.join()
+    try:
+        assert meter._last == [1_000_500]  # counting from the counter as the check left it
+        write(tmp_path / "intel-rapl:0" / "energy_uj", 1_500_500)
+        assert meter.joules() == pytest.approx(0.5)
+    finally:
+        meter.close()
 
 
 def test_rapl_missing_or_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
