@@ -88,6 +88,9 @@ def verify_batch(
                 if outcomes[i] is not None:  # verified (or failed on its own) before the failure
                     continue
                 try:
+                    # Its state again: a session released while the forward ran (its device gone)
+                    # is refused, not verified for nobody, its KV regrown past the planned shape.
+                    pairs[i][0].check_state(pairs[i][1])
                     _verify_rows(pairs, [i], outcomes)
                 except Exception as exc:
                     outcomes[i] = exc
