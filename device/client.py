@@ -210,13 +210,13 @@ class EdgeClient:
         by token position). An open failing otherwise, or with no attempt left before any session
         ran, raises as it did (`EdgeUnreachable`: nothing answered)."""
         acct = accountant or EnergyAccountant(NullMeter(), None)
-        t0 = time.perf_counter()
         res: GenerationResult | None = None  # what the sessions so far gave (None: none opened yet)
         failed: FailedOpens | None = None  # the opens that failed since the last session ran
         left, wait_until = self.failovers, 0.0
         try:
             # Energy from here, as `elapsed_s` is: the open (the edge's prefill) is the generation's.
             acct.opening()
+            t0 = time.perf_counter()
             while True:
                 done = res.token_ids if res is not None else []
                 if on_session is not None:
@@ -266,14 +266,14 @@ class EdgeClient:
                             )
                         failed.bytes_up += asked[0]
                         failed.bytes_down += asked[1]
-            # The close (the last session's) is the generation's time: its energy too.
+            # The close (the last session's) is the generation's time: its energy too, to here.
             charge_after_end(res.stats, policy, acct)
+            res.elapsed_s = time.perf_counter() - t0
         except BaseException:  # the generation reports no energy: what is pending is in no total
             acct.abandon()
             raise
         finally:
             acct.forget_opening()
-        res.elapsed_s = time.perf_counter() - t0
         return res
 
     async def _session(
