@@ -7,7 +7,7 @@ not collide); `serve(host, port)` exposes it over plain HTTP without authenticat
 (rows / batches = mean batch size), `gelato_edge_verify_seconds` (histogram of a batch's
 forward + acceptance), `gelato_edge_tokens_accepted_total`, `gelato_edge_tokens_drafted_total`,
 `gelato_edge_sessions_rejected_total{reason="admission"|"kv_memory"|"waiting_streams"}` (opens
-refused for lack of room: `--max-sessions` or `--kv-budget-mb`; no device memory for the KV; too
+refused for lack of room: `--max-sessions` or `--kv-budget-mb`; no device memory for its KV or its prefill; too
 many streams waiting to open), `gelato_edge_kv_bytes`,
 `gelato_edge_kv_pool_bytes`, `gelato_edge_ahead_blocks_total{outcome="hit"|"stale"}` (send-ahead
 blocks verified / answered stale; one that fails is neither).
@@ -33,7 +33,9 @@ class EdgeMetrics:
             registry=r,
         )
         self.tokens_accepted = Counter("gelato_edge_tokens_accepted", "Draft tokens accepted", registry=r)
-        self.tokens_drafted = Counter("gelato_edge_tokens_drafted", "Draft tokens received", registry=r)
+        self.tokens_drafted = Counter(
+            "gelato_edge_tokens_drafted", "Draft tokens verified (failed and stale blocks not counted)", registry=r
+        )
         self.sessions_rejected = Counter(
             "gelato_edge_sessions_rejected", "Session opens refused for lack of room, by reason", ["reason"], registry=r
         )
