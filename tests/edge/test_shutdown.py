@@ -33,17 +33,21 @@ class Ending:
     last_answer_s: float  # time.perf_counter() of its last verdict (or of its open)
 
 
-async def device(address: str, fp: str, vocab: int, thinks: list[float] | None, opened: asyncio.Event) -> Ending:
-    """Open, then rounds until the stream ends, round r after thinking `thinks[r]` (the last value
-    repeats) with a read pending meanwhile, so an end is seen when it comes; None: silent."""
+async def device(
+    address: str, fp: str, vocab: int, thinks: list[float] | None, opened: asyncio.Event, go: asyncio.Event
+) -> Ending:
+    """Open, then (once `go` is set: every device has opened) rounds until the stream ends, round r
+    after thinking `thinks[r]` (the last value repeats) with a read pending meanwhile, so an end is
+    seen when it comes; None: silent."""
     spec = Spec((5, 6, 7), 0, 1000)
     tokens, rnd, where = list(spec.prefix), 0, ""
     async with grpc.aio.insecure_channel(address) as channel:
         call = pb_grpc.GelatoStub(channel).Session(timeout=30)
         await call.write(open_message(fp, spec, max_new_tokens=400))
         assert (await call.read()).WhichOneof("kind") == "opened"
-        last = time.perf_counter()
         opened.set()
+        await go.wait()  # every device's timeline starts together, at the test's t0
+        last = time.perf_counter()
         read: asyncio.Future = asyncio.ensure_future(asyncio.sleep(0))
         try:
             while True:
@@ -82,13 +86,14 @@ def test_shutdown_ends_streams_unavailable_while_devices_wait(pair: dict[str, Pa
         port = await server.start()
         loaded = await server.load(str(pair["target"]), "float32", "cpu")
         address = f"127.0.0.1:{port}"
-        events = [asyncio.Event() for _ in thinks]
+        events, go = [asyncio.Event() for _ in thinks], asyncio.Event()
         tasks = [
-            asyncio.ensure_future(device(address, loaded.fingerprint, loaded.vocab_size, t, e))
+            asyncio.ensure_future(device(address, loaded.fingerprint, loaded.vocab_size, t, e, go))
             for t, e in zip(thinks, events, strict=True)
         ]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 30)
         t0 = time.perf_counter()
+        go.set()
         await server.stop(GRACE_S)
         stopped_s = time.perf_counter() - t0
         ends = await asyncio.wait_for(asyncio.gather(*tasks), 30)
@@ -104,15 +109,16 @@ def test_shutdown_ends_streams_unavailable_while_devices_wait(pair: dict[str, Pa
     # Served through the grace period; ended only after it.
     assert eager.verdicts >= 5 and quick.verdicts >= 3 and medium.verdicts >= 1 and slow.verdicts == 2, ends
     assert all(end.at_s > GRACE_S - 0.02 for end in ends), ends
-    # Silent: ended when the grace period ran out.
-    assert silent.ended_in == "think" and silent.at_s < GRACE_S + 0.2, silent
+    # Silent: ended when the grace period ran out (not SETTLE_S later). Upper bounds leave a loaded
+    # machine 0.3 s to deliver an end; the wrong endings they tell apart come 0.5 s or more later.
+    assert silent.ended_in == "think" and silent.at_s < GRACE_S + 0.3, silent
     # Sending the next block within SETTLE_S of the last answer: that block is refused (the write
     # went through, the status is its answer).
     for end in (eager, quick, medium):
-        assert end.ended_in == "read" and end.at_s < GRACE_S + SETTLE_S + 0.2, end
+        assert end.ended_in == "read" and end.at_s < GRACE_S + SETTLE_S + 0.3, end
     # Thinking past SETTLE_S after an answer shortly before the deadline: ended SETTLE_S after it.
     assert slow.ended_in == "think" and slow.last_answer_s + SETTLE_S > GRACE_S, slow
-    assert abs(slow.at_s - (slow.last_answer_s + SETTLE_S)) < 0.2, slow
+    assert -0.02 < slow.at_s - (slow.last_answer_s + SETTLE_S) < 0.3, slow
     assert stopped_s < GRACE_S + SETTLE_S + 0.3, stopped_s
     assert not server.service.streams and len(server.service.registry) == 0
 
