@@ -263,6 +263,12 @@ async def sigterm_phase(edge: Edge, fp: str, vocab: int, per_kind: int = 2, grac
     t0 = time.perf_counter()
     os.kill(pid, signal.SIGTERM)
     await asyncio.sleep(0.2)
+    # The late device comes once the edge has taken the signal (health NOT_SERVING, as it says at
+    # once): on a loaded machine 0.2 s may not be enough, and an open served OK then is no finding.
+    deadline = time.perf_counter() + 10.0
+    with contextlib.suppress(grpc.aio.AioRpcError):  # gone already: as refusing as it gets
+        while await serving(address) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
     async with channel(address) as ch:
         late = await drive(ch, fp, vocab, Spec((5,), 0, 1))
     outs = await asyncio.wait_for(asyncio.gather(*tasks), grace_s + 30)  # bounded: a hang fails here
