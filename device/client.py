@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
@@ -44,8 +45,9 @@ from gelato.device.generate import (
 from gelato.device.pipeline import Link, pipelined_generate
 from gelato.device.policy import Policy
 from gelato.power import NullMeter
+from gelato.sampling import generation_seed
 from gelato.security import bearer_metadata, check_token_transport
-from gelato.types import DraftBlock, EdgeInfo, SessionInfo, SessionOpen, Telemetry, Verdict
+from gelato.types import DraftBlock, EdgeInfo, SamplingParams, SessionInfo, SessionOpen, Telemetry, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from gelato.wire import MODEL_LOADING, WireError, decode_info, decode_opened, decode_verdict, encode_block, encode_open
@@ -210,6 +212,11 @@ class EdgeClient:
         by token position). An open failing otherwise, or with no attempt left before any session
         ran, raises as it did (`EdgeUnreachable`: nothing answered)."""
         acct = accountant or EnergyAccountant(NullMeter(), None)
+        # The edge's draws, keyed by position, get a seed of this prompt's own (the same in every
+        # session of the generation): see `generation_seed`.
+        sampling = drafter.params
+        if not sampling.greedy:
+            sampling = replace(sampling, seed=generation_seed(sampling.seed, prompt_ids))
         res: GenerationResult | None = None  # what the sessions so far gave (None: none opened yet)
         failed: FailedOpens | None = None  # the opens that failed since the last session ran
         left, wait_until = self.failovers, 0.0
@@ -224,7 +231,7 @@ class EdgeClient:
                 acct.radio_busy()  # the connect and the open transfer from here: the last tail ends
                 try:
                     more = await self._session(
-                        drafter, [*prompt_ids, *done], max_new_tokens - len(done), policy, acct, on_round
+                        drafter, [*prompt_ids, *done], max_new_tokens - len(done), policy, acct, on_round, sampling
                     )
                 except EdgeError as exc:  # the open failed: no session ran
                     failed = failed or FailedOpens()
@@ -284,12 +291,13 @@ class EdgeClient:
         policy: Policy,
         acct: EnergyAccountant,
         on_round: Callable[[Telemetry], None] | None,
+        sampling: SamplingParams,
     ) -> GenerationResult:
-        """One session stream from open to close."""
+        """One session stream from open to close; `sampling`: what the open asks the edge for."""
         await self.connect()
         call = self.stub.Session(timeout=self.deadline_s, metadata=self.metadata)
         try:
-            return await self._generate(call, drafter, prompt_ids, max_new_tokens, policy, acct, on_round)
+            return await self._generate(call, drafter, prompt_ids, max_new_tokens, policy, acct, on_round, sampling)
         except grpc.aio.AioRpcError as exc:
             raise call_error(exc.code(), exc.details(), self.deadline_s) from exc
         finally:
@@ -304,13 +312,14 @@ class EdgeClient:
         policy: Policy,
         acct: EnergyAccountant,
         on_round: Callable[[Telemetry], None] | None,
+        sampling: SamplingParams,
     ) -> GenerationResult:
         loaded = drafter.loaded
         open_msg = encode_open(
             SessionOpen(
                 prefix_ids=tuple(prompt_ids),
                 tokenizer_fingerprint=loaded.fingerprint,
-                sampling=drafter.params,
+                sampling=sampling,
                 max_new_tokens=max_new_tokens,
                 drafter_model=loaded.name,
             )

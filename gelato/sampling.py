@@ -62,6 +62,19 @@ class KeyedRng:
         return (int.from_bytes(h.digest()[:8], "little") >> 11) * 2.0**-53
 
 
+def generation_seed(seed: int, prompt_ids: Sequence[int]) -> int:
+    """The seed a device sends the edge for one generation: the user's seed and the prompt, hashed
+    (a uint64). The edge keys its draws by position alone: sent the user's seed as such, every
+    prompt of a run would get the same acceptance and emit uniforms at each position, and a policy
+    carrying what one prompt's verdicts showed into the next would decide where to draft by draws
+    it had seen (speculative sampling needs each draw independent of that decision). Keyed by the
+    prompt, not by the prefix a failover re-opens with, so a failover draws what the uninterrupted
+    generation would have."""
+    h = hashlib.sha256(f"{seed}:generation:".encode())
+    h.update(np.asarray(prompt_ids, dtype="<i4").tobytes())
+    return int.from_bytes(h.digest()[:8], "little")
+
+
 # A source of randomness for one draw: a generator's stream, or one uniform in [0, 1) (keyed).
 Draw = torch.Generator | float
 
