@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import shutil
@@ -48,16 +47,27 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from gelato.benchmarks.bench_args import (
+    BUDGET_FACTORS,
+    DEFAULT_POLICIES,
+    check_args,
+    floats,
+    pipeline_modes,
+)
 from gelato.benchmarks.bench_files import foreign_files, keep_partial
 from gelato.benchmarks.bench_plots import plots_unavailable
-from gelato.benchmarks.bench_run import Fleet, RunResult, RunSpec, load_questions, shard_files, summarize
+from gelato.benchmarks.bench_run import (
+    DataError,
+    Fleet,
+    RunResult,
+    RunSpec,
+    load_questions,
+    shard_files,
+    summarize,
+)
 from gelato.benchmarks.channel import PROFILES, Channel, ChannelError, Profile, guard, profile_from
 from gelato.benchmarks.procs import check_energy_source, unique_label
-from gelato.device.policy import PIPELINE_MODES
 
-FIXED = [f"fixed-{k}" for k in range(9)]
-BUDGET_FACTORS = "1.0,1.25"
-DEFAULT_POLICIES = ",".join(["ar-edge", "ar-device", *FIXED, "heuristic", "entropy", "adaedl", "lyapunov", "gelato"])
 ENERGY_NOTE = (
     "Device energy is an ESTIMATE: the cpu-model meter (`{profile}` profile: CPU seconds × active W + idle W × wall "
     "time){radio_part}; no power was measured."
@@ -76,28 +86,6 @@ def energy_note(profile: str, radio: str) -> str:
 # assisted generation) are computed so, outputs are checked against them token for token, and the
 # cpu-model estimate counts CPU time only (`auto` would put a CUDA host's drafter on its GPU).
 CPU_FLOAT32 = ("--device", "cpu", "--dtype", "float32")
-
-PIPELINE_ALIASES = {"both": ("off", "local"), "all": PIPELINE_MODES}
-
-
-def floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def pipeline_modes(text: str) -> list[str]:
-    """`--pipeline`: a comma list of modes (off, local, send-ahead) and aliases (both, all), in
-    order, each once. ValueError on anything else or nothing."""
-    modes: list[str] = []
-    for part in (x.strip() for x in text.split(",")):
-        for mode in PIPELINE_ALIASES.get(part, (part,)) if part else ():
-            if mode not in PIPELINE_MODES:
-                names = ", ".join([*PIPELINE_MODES, *PIPELINE_ALIASES])
-                raise ValueError(f"--pipeline: unknown mode {mode!r} (one or more of {names})")
-            if mode not in modes:
-                modes.append(mode)
-    if not modes:
-        raise ValueError("--pipeline: no mode given")
-    return modes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,62 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure transformers' assisted generation again (default: keep the row measured with the run)",
     )
     return p
-
-
-def check_lists(args: argparse.Namespace) -> str:
-    """The comma-list options, parsed as the run will parse them (a typo is an error before any
-    channel or edge starts, not a traceback later); '' when all are well-formed."""
-    for flag, text in (
-        ("--budgets", args.budgets),
-        ("--budget-factors", args.budget_factors),
-        ("--v", args.v),
-        ("--entropy-thresholds", args.entropy_thresholds),
-        ("--adaedl-lambdas", args.adaedl_lambdas),
-    ):
-        try:
-            values = floats(text)
-        except ValueError:
-            return f"{flag}: expected a comma list of numbers, got {text!r}"
-        if not all(math.isfinite(v) for v in values):
-            return f"{flag}: values must be finite, got {text!r}"
-    from gelato.device.policy import parse_policy
-
-    for name in (p.strip() for p in args.policies.split(",") if p.strip()):
-        try:
-            parse_policy(name)
-        except ValueError as exc:
-            return f"--policies: {exc}"
-    from gelato.power import RADIOS
-    from gelato.power.cpu_model import PROFILES as DEVICE_PROFILES
-
-    if args.radio is not None and args.radio not in (*RADIOS, "none"):
-        return f"--radio: unknown radio {args.radio!r} (one of {', '.join((*RADIOS, 'none'))})"
-    if args.device_profile not in DEVICE_PROFILES:
-        return f"--device-profile: unknown profile {args.device_profile!r} (one of {', '.join(DEVICE_PROFILES)})"
-    if args.budgets and args.budget_factors != BUDGET_FACTORS:
-        return "--budgets and --budget-factors exclude each other (factors scale the cheapest fixed-K's J/token)"
-    return ""
-
-
-def check_args(args: argparse.Namespace) -> str:
-    listed = check_lists(args)
-    if listed:
-        return listed
-    no_plots_here = plots_unavailable(args.no_plots)
-    bad = [
-        ("--devices must be >= 1", args.devices >= 1),
-        ("--limit must be >= --devices", args.limit >= args.devices),
-        ("--max-new-tokens must be >= 2", args.max_new_tokens >= 2),
-        ("--k-max must be >= 1", args.k_max >= 1),
-        ("budgets must be > 0", all(b > 0 for b in floats(args.budgets or args.budget_factors))),
-        ("--ahead-blocks must be >= 1", args.ahead_blocks is None or args.ahead_blocks >= 1),
-        (no_plots_here, not no_plots_here),
-    ]
-    try:
-        pipeline_modes(args.pipeline)
-    except ValueError as exc:
-        bad.insert(0, (str(exc), False))
-    return next((m for m, ok in bad if not ok), "")
 
 
 # ---------------------------------------------------------------- the plan
@@ -408,7 +340,10 @@ class Bench:
                 self.go(spec, bar)
             fixed = [summarize(r) for r in self.results if r.spec.family == "fixed"]
             budgets = choose_budgets(a, fixed)
-            bar.write("budgets ē (mJ/token): " + ", ".join(f"{b * 1e3:.4g}" for b in budgets))
+            if budgets:
+                bar.write("budgets ē (mJ/token): " + ", ".join(f"{b * 1e3:.4g}" for b in budgets))
+            elif n_late:  # asked for, but no fixed-K (K >= 1) run measured its energy to scale
+                bar.write("no budgeted runs: no fixed-K run (K >= 1) read a J/token for --budget-factors to scale")
             for spec in budget_specs(selected, a, budgets):
                 self.go(spec, bar)
         finally:
@@ -477,7 +412,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{', …' if len(foreign) > 3 else ''}): choose a new or empty folder"
         )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    questions = load_questions(args)
+    try:
+        questions = load_questions(args)
+    except DataError as exc:
+        parser.error(str(exc))
+    except SystemExit as exc:  # no GSM8K file where it looked: a bad --data (or none), exit 2
+        parser.error(str(exc.code).removeprefix("error: "))
+    if len(questions) < args.devices:
+        parser.error(f"--data {args.data} holds {len(questions)} question(s), fewer than --devices {args.devices}")
+    if len(questions) < args.limit:
+        print(f"gelato-bench: {args.data} holds {len(questions)} questions: all of them run (--limit {args.limit})")
     print(f"{command}\n{len(questions)} questions, {args.devices} device(s), channel {profile}", flush=True)
     t0 = time.perf_counter()
     bench = Bench(args, profile, questions)
@@ -494,6 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gelato-bench: {exc}", file=sys.stderr)
         keep_partial(args.out, command, bench.results, str(exc))
         return 1
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C; SIGTERM/SIGHUP (`guard`): 128 + signal
+        code = 130 if isinstance(exc, KeyboardInterrupt) else exc.code if isinstance(exc.code, int) else 1
+        why = "interrupted" if code == 130 else f"stopped by signal {code - 128}" if code > 128 else "stopped"
+        print(f"gelato-bench: {why}", file=sys.stderr)
+        keep_partial(args.out, command, bench.results, why)  # what finished is not lost
+        shutil.rmtree(args.out / "work", ignore_errors=True)  # the unfinished run's files: no result
+        return code
     from gelato.benchmarks.bench_finish import finish
 
     return finish(args, command, bench, questions, {**description, **measured}, time.perf_counter() - t0)

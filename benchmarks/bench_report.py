@@ -102,7 +102,8 @@ def gelato_vs_fixed(g: dict[str, Any], fixed: list[dict[str, Any]], goal: float)
         "speedup_vs_best_fixed": speedup,
         "energy_ratio_vs_best_fixed": energy_ratio,
         "goal": goal,
-        "met": speedup is not None and speedup >= goal and energy_ratio is not None and energy_ratio <= 1.0,
+        # No fixed-K run (or no energy) to compare with: not measured (None), never "falls short".
+        "met": None if speedup is None or energy_ratio is None else speedup >= goal and energy_ratio <= 1.0,
         "fastest_fixed_at_no_less_energy": best_fit and best_fit["label"],
         "speedup_at_no_more_energy": best_fit and g["tokens_per_s"] / best_fit["tokens_per_s"],
     }
@@ -296,10 +297,16 @@ def target_lines(t: dict[str, Any]) -> list[str]:
     out = []
     for g in t["gelato"]:
         energy = ratio_text(g["energy_ratio_vs_best_fixed"], 1.0, at_most=True)
+        versus = (
+            f"{ratio_text(g['speedup_vs_best_fixed'], g['goal'])}× the best fixed-K ({g['best_fixed']}) at {energy}× "
+            f"its J/token (goal ≥ {g['goal']}× at ≤ 1×): **{mark[g['met']]}**"
+            if g["met"] is not None
+            else f"against the best fixed-K (goal ≥ {g['goal']}× at ≤ 1× its J/token): not measured "
+            + ("(no fixed-K run)" if g["best_fixed"] is None else "(no energy reading)")
+        )
         out.append(
-            f"- {g['label']}: {g['tokens_per_s']:.1f} tok/s = {ratio_text(g['speedup_vs_best_fixed'], g['goal'])}× "
-            f"the best fixed-K ({g['best_fixed']}) at {energy}× its J/token (goal "
-            f"≥ {g['goal']}× at ≤ 1×): **{mark[g['met']]}**; {_pareto_part(g)}; {_oracle_part(g, t['oracle'], mark)}"
+            f"- {g['label']}: {g['tokens_per_s']:.1f} tok/s = {versus}; {_pareto_part(g)}; "
+            f"{_oracle_part(g, t['oracle'], mark)}"
             + (
                 f"; {ratio_text(g['speedup_vs_unpipelined'], 1.2)}× {g['unpipelined']} without pipelining (goal "
                 f"≥ 1.2×): **{mark[g['unpipelined_met']]}**"

@@ -92,11 +92,38 @@ def load_questions(args: Any) -> list[dict[str, Any]]:
 
     path = gsm8k_file("test", args.data)  # a one-line error (SystemExit) when missing
     args.data = path
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][: args.limit]
+    rows = read_questions(path, args.limit)
     from gelato.benchmarks.bench_report import gsm8k_answer
 
     suffix = f"\n\n{args.instruction}" if args.instruction else ""  # the same for every run and reference
     return [{"question": r["question"] + suffix, "gold": gsm8k_answer(r.get("answer", ""))} for r in rows]
+
+
+class DataError(ValueError):
+    """A `--data` file that is not GSM8K-shaped JSONL; the text names the file and line."""
+
+
+def read_questions(path: Path, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` records of a GSM8K-shaped JSONL (each an object with a "question" string;
+    blank lines skipped), checked as they are read: `DataError` names the line that is not."""
+    rows: list[dict[str, Any]] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read it as UTF-8 text ({exc})") from exc
+    for n, line in enumerate(lines, 1):
+        if len(rows) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: not JSON ({exc.msg})") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+            raise DataError(f'{path}:{n}: no "question" string (GSM8K lines are {{"question": ..., "answer": ...}})')
+        rows.append(row)
+    return rows
 
 
 def shard_index(device: int, local: int, devices: int) -> int:

@@ -325,7 +325,7 @@ def test_pipeline_modes() -> None:
     for bad in ("", "on", "local,fast"):
         with pytest.raises(ValueError, match="--pipeline"):
             bench.pipeline_modes(bad)
-    args = parse(["gsm8k", "--pipeline", "off,send-ahead", "--ahead-blocks", "4", "--policies", "gelato"])
+    args = parse(["gsm8k", "--pipeline", "off,send-ahead", "--ahead-blocks", "4", "--policies", "fixed-4,gelato"])
     assert bench.check_args(args) == ""
     specs = bench.base_specs(["gelato"], args)
     assert [(s.label, s.pipeline) for s in specs[1:]] == [("gelato", "off"), ("gelato+send-ahead", "send-ahead")]
