@@ -12,9 +12,11 @@ from gelato.benchmarks.delay_proxy import DelayProxy, ProxyProcess, echo_rtt, gr
 
 
 def test_round_trip_matches_nominal() -> None:
-    rtt = asyncio.run(echo_rtt(10.0, n=20))
-    # Never faster than the wire it emulates; within ±15 % (+1 ms) of 20 ms.
-    assert 20.0 <= rtt["median_ms"] <= 20.0 * 1.15 + 1.0, rtt
+    rtt = asyncio.run(echo_rtt(10.0, n=40))
+    # Never faster than the wire it emulates; within ±15 % (+1 ms) of 20 ms. On the 10th percentile,
+    # not the median: on a busy machine a late wake-up of the event loop adds to a round trip, and
+    # can hit half of them, while a relay that adds the wrong delay shifts every round trip.
+    assert 20.0 <= rtt["p10_ms"] <= 20.0 * 1.15 + 1.0, rtt
     assert rtt["nominal_ms"] == 20.0
 
 
@@ -73,14 +75,17 @@ def test_wait_until_is_precise() -> None:
         import time
 
         out = []
-        for _ in range(10):
-            deadline = time.perf_counter() + 0.004
+        for _ in range(40):
+            # Half a millisecond off the loop's 1 ms epoll steps: a wait on the loop alone ends ~0.5 ms late.
+            deadline = time.perf_counter() + 0.0045
             await wait_until(deadline)
             out.append(time.perf_counter() - deadline)
-        return out
+        return sorted(out)
 
     lateness = asyncio.run(late_by())
-    assert min(lateness) >= 0 and statistics.median(lateness) < 1e-3  # typically < 0.1 ms; busy CI machines
+    # The spin ends ~1 µs late; a blocking sleep to the deadline ends ~70 µs late (50 µs of it timer
+    # slack), a wait on the loop alone ~0.5 ms. On the 25th percentile: a busy machine may preempt a few spins.
+    assert lateness[0] >= 0 and lateness[len(lateness) // 4] < 50e-6, lateness
 
 
 def test_bad_addresses_are_refused() -> None:

@@ -9,7 +9,6 @@ import time
 import types
 from pathlib import Path
 
-import psutil
 import pytest
 
 from gelato.device.energy import EnergyAccountant
@@ -765,16 +764,42 @@ def test_cpu_model_formula_and_psutil_consistency() -> None:
     assert meter.joules() == pytest.approx(0.5 * 6.0 + 2.0 * 3.0)
     assert meter.kind == "estimated" and meter.source == "cpu-model"
 
-    real = CpuModelMeter("phone")
-    proc = psutil.Process()
-    before, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
-    end = time.process_time() + 0.3
-    while time.process_time() < end:
-        pass
-    time.sleep(0.3)  # wall time without CPU time: a meter counting wall time as CPU time fails below
-    used, wall = sum(proc.cpu_times()[:2]) - before, time.monotonic() - t0
-    assert used > 0.2 and wall > used + 0.25
-    assert real.joules() == pytest.approx(used * 2.0 + wall * 0.5, rel=0.1)
+    # The real meter in a process of its own: it counts the CPU time of every thread of its process,
+    # and threads that earlier tests leave in pytest's process can burn enough of the sleep's wall
+    # time to leave too little time without CPU time for the check to mean anything.
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import json, time
+        import psutil
+        from gelato.power import CpuModelMeter
+
+        reads = []  # the meter's clock reads: the first is its start
+
+        def clock():
+            reads.append(time.monotonic())
+            return reads[-1]
+
+        real = CpuModelMeter("phone", clock=clock)
+        proc = psutil.Process()
+        before = sum(proc.cpu_times()[:2])
+        end = time.process_time() + 0.3
+        while time.process_time() < end:
+            pass
+        time.sleep(0.3)  # wall time without CPU time: a meter counting wall time as CPU time fails below
+        used = sum(proc.cpu_times()[:2]) - before
+        reading = real.read()  # its wall time from the meter's own clock: a stall before it changes both
+        print(json.dumps({"used": used, "wall": reading.t_s - reads[0], "joules": reading.joules}))
+        """
+    )
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert child.returncode == 0, child.stderr
+    got = json.loads(child.stdout)
+    used, wall = got["used"], got["wall"]
+    assert used > 0.2 and wall > used + 0.25, got
+    assert got["joules"] == pytest.approx(used * 2.0 + wall * 0.5, rel=0.1), got
     with pytest.raises(ValueError, match="unknown device profile"):
         CpuModelMeter("toaster")
 
