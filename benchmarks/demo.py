@@ -39,6 +39,9 @@ def demo_prompts(n: int, seed: int = 2026) -> list[str]:
     return [synthetic_problem(rng)[0] for _ in range(n)]
 
 
+NOT_THE_TARGETS = ("ar-device",)  # the drafter alone: its output is not the target's, nothing to check
+
+
 def summarize(policy: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     tokens = sum(r["n_tokens"] for r in records)
     elapsed = sum(r["elapsed_s"] for r in records)
@@ -49,7 +52,10 @@ def summarize(policy: str, records: list[dict[str, Any]]) -> dict[str, Any]:
         "prompts": len(records),
         "tokens": tokens,
         "tokens_per_s": tokens / elapsed if elapsed else 0.0,
-        "acceptance": sum(r["accepted"] for r in records) / drafted if drafted else float("nan"),
+        # None (JSON null, "-"): nothing drafted, or no target checked the drafts (ar-device).
+        "acceptance": sum(r["accepted"] for r in records) / drafted
+        if drafted and policy not in NOT_THE_TARGETS
+        else None,
         "rounds": rounds,
         "mean_draft_len": drafted / rounds if rounds else 0.0,
         "tokens_per_round": tokens / rounds if rounds else 0.0,
@@ -64,9 +70,6 @@ def device_j_per_token(records: list[dict[str, Any]], tokens: int) -> float | No
     if not tokens or any(j is None for j in joules):
         return None
     return float(sum(joules)) / tokens
-
-
-NOT_THE_TARGETS = ("ar-device",)  # the drafter alone: its output is not the target's, nothing to check
 
 
 def lossless_reference(policies: list[str]) -> str | None:
@@ -94,7 +97,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     )
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        acc = "-" if r["acceptance"] != r["acceptance"] else f"{r['acceptance']:.3f}"  # nan: nothing drafted
+        acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.3f}"
         jpt = "n/a" if r["energy_j_per_token"] is None else f"{r['energy_j_per_token']:.4f}"
         lines.append(
             f"| {r['policy']} | {r['prompts']} | {r['tokens']} | {r['tokens_per_s']:.1f} | {acc} "

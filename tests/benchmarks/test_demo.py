@@ -25,8 +25,12 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "| fixed-3 | 2 | 24 |" in res.stdout  # 2 prompts x 12 tokens
     assert "checked token for token against fixed-0's: identical" in res.stdout
-    rows = {r["policy"]: r for r in json.loads(out.read_text())}
+    # Strict JSON (NaN is no JSON value: other parsers refuse the file).
+    rows = {r["policy"]: r for r in json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(c))}
     assert rows["fixed-0"]["rounds"] == 24 and rows["fixed-3"]["mean_draft_len"] == 3.0
+    # Nothing drafted (fixed-0), or no target checked the drafts (ar-device): no acceptance.
+    assert rows["fixed-0"]["acceptance"] is None and rows["ar-device"]["acceptance"] is None
+    assert 0 <= rows["fixed-3"]["acceptance"] <= 1
     for row in rows.values():
         assert row["energy_j_per_token"] > 0  # some meter always answers here: at least cpu-model
         assert all(e.endswith(("(measured)", "(estimated)")) for e in row["energy"])
