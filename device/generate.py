@@ -221,7 +221,9 @@ def end_round(
     """A round's common tail (both loops): the policy observes it, it is counted and reported, and
     the generation stops at eos or max_new_tokens. `tokens`: (emitted, delivered, output so far)."""
     emitted, delivered, out = tokens
-    tele = replace(tele, q_deficit_j=policy.observe(tele))
+    q_j = policy.observe(tele)
+    # No budget, no deficit queue: null in the trace, as in the generation's record (not 0 J).
+    tele = replace(tele, q_deficit_j=q_j if policy.controller.queue is not None else None)
     count_round(stats, block, ex, tele)
     if on_round is not None:
         on_round(tele)

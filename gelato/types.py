@@ -198,10 +198,10 @@ class Telemetry:
     bytes_down: int
     energy_source: str
     energy_kind: str
-    # Controller view of the round: the deficit Q after the round (J; 0 without a
+    # Controller view of the round: the deficit Q after the round (J; None without a
     # budget), the policy's reference budget and hard cap, why the block ended (budget, entropy,
     # cap, eos, length), and each draft's entropy (nats) and calibrated acceptance p̂.
-    q_deficit_j: float = 0.0
+    q_deficit_j: float | None = None
     e_draft_j: float = float("nan")  # meter delta while drafting (part of e_compute_j); NaN: not read
     # Seconds from the round's start to that reading: the interval `e_draft_j` covers (the hop to
     # the drafter thread and back included, which `t_draft_s` leaves out); NaN: not read.

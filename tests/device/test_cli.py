@@ -140,6 +140,7 @@ def test_energy_accounting_with_replay_meter_and_trace(
     assert lte is not None
     for r in rounds:
         assert r["energy_source"] == "replay" and r["energy_kind"] == "measured"
+        assert r["q_deficit_j"] is None  # no budget, no queue: null, as in the record (not 0 J)
         assert r["e_compute_j"] == pytest.approx(2.0 * r["t_round_s"], rel=1e-6, abs=1e-9)
         # Its bytes, and the radio's connected state between its transfers: the tail's power over
         # the round's time, less the transfers' own (the round is far shorter than LTE's tail).
