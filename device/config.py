@@ -25,6 +25,7 @@ POLICY_HELP = (
     "draft-length policy: fixed-K (e.g. fixed-4; fixed-0: the edge decodes alone), heuristic, entropy, "
     "adaedl, lyapunov, gelato, ar-edge (the edge alone, streamed), ar-device (the drafter alone, no edge)"
 )
+DEFAULT_PROFILE = "phone"  # the cpu-model estimate's device class unless told
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class DeviceConfig(Settings):
     fail_fast: bool = setting(False, "stop at the first prompt that fails (default: report it, go on)")
     json: bool = setting(False, "one JSON object per prompt on stdout")
     meter: str = setting("auto", "energy meter: auto, nvml, rapl, jetson, cpu-model, replay:FILE or none")
-    device_profile: str = setting("phone", "device class of the cpu-model estimate", choices=sorted(PROFILES))
+    device_profile: str = setting(DEFAULT_PROFILE, "device class of the cpu-model estimate", choices=sorted(PROFILES))
     radio: str = setting("wifi", "radio energy model", choices=[*sorted(RADIOS), "none"])
     trace: Path | None = setting(None, "write one JSON line per round here")  # noqa: RUF009 (a field, see gelato.config)
     dtype: str = model_dtype()
@@ -129,6 +130,11 @@ class DeviceConfig(Settings):
                 not changed or name in policies,
                 f"{flag} is read by --policy {' and '.join(policies)} only; --policy {name} would ignore it",
             )
+        require(
+            c.v == default.v or c.budget_j_per_token is not None,
+            "--v weighs throughput against the energy deficit; without --energy-budget-j-per-token there is none "
+            f"(--policy {name} then maximises throughput, whatever V)",
+        )
         require(
             c.ahead_blocks == default.ahead_blocks or c.pipeline == "send-ahead",
             f"--ahead-blocks is read with --pipeline send-ahead only (here --pipeline {c.pipeline})",
@@ -180,6 +186,10 @@ class DeviceConfig(Settings):
             self.controller.pipeline != "local" or policy.drafts,
             f"--pipeline local pre-drafts the next block during a verdict; --policy {policy.name} drafts "
             "nothing (--pipeline send-ahead sends its empty blocks ahead)",
+        )
+        require(
+            self.device_profile == DEFAULT_PROFILE or self.meter in ("auto", "cpu-model"),
+            f"--device-profile shapes the cpu-model estimate; --meter {self.meter} never uses it",
         )
         require(
             self.meter != "none" or self.controller.budget_j_per_token is None,

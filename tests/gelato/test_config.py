@@ -277,6 +277,10 @@ def test_device_defaults_written_once() -> None:
         (["--policy", "heuristic", "--adaedl-gamma", "0.3"], "--adaedl-gamma is read by --policy adaedl only"),
         (["--policy", "fixed-4", "--v", "5"], "--v is read by --policy lyapunov and gelato only; --policy fixed-4"),
         (["--ahead-blocks", "3"], "--ahead-blocks is read with --pipeline send-ahead only (here --pipeline off)"),
+        # V weighs throughput against the deficit: without a budget there is none, whatever V.
+        (["--policy", "lyapunov", "--v", "5"], "--v weighs throughput against the energy deficit; without"),
+        (["--device-profile", "laptop", "--meter", "rapl"], "--device-profile shapes the cpu-model estimate"),
+        (["--device-profile", "laptop", "--meter", "none"], "--device-profile shapes the cpu-model estimate"),
         # Caps and pipelining of drafts, for a policy that sends none (ar-device drafts for itself).
         (["--policy", "ar-device", "--k-max", "4"], "--k-max caps the drafts a round sends for verification"),
         (["--policy", "ar-edge", "--k-max", "4"], "--k-max caps the drafts a round sends for verification"),
@@ -295,7 +299,9 @@ def test_device_validation(args: list[str], message: str) -> None:
     [
         ["--policy", "entropy", "--entropy-threshold", "2"],
         ["--policy", "adaedl", "--adaedl-lambda", "0.3", "--adaedl-gamma", "0.5"],
-        ["--policy", "lyapunov", "--v", "5"],  # with no budget too: documented as unused then
+        ["--policy", "lyapunov", "--v", "5", "--energy-budget-j-per-token", "0.01"],
+        ["--device-profile", "laptop"],  # auto may fall back to the cpu-model estimate
+        ["--device-profile", "laptop", "--meter", "cpu-model"],
         ["--policy", "gelato", "--v", "5", "--energy-budget-j-per-token", "0.01"],
         ["--policy", "gelato", "--pipeline", "send-ahead", "--ahead-blocks", "3"],
         ["--policy", "fixed-4", "--entropy-threshold", "1"],  # the default, however it was written
