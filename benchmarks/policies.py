@@ -99,7 +99,7 @@ def adaptive_specs(selected: list[str], args: argparse.Namespace, budgets: list[
     for family in ("lyapunov", "gelato"):
         if family not in selected:
             continue
-        out.append(RunSpec(family, family, family, (*kmax, *v)))
+        out.append(RunSpec(family, family, family, kmax))  # no budget: V changes nothing (and is refused)
         for b in budgets:
             flags = (*kmax, *v, "--energy-budget-j-per-token", repr(b))
             out.append(RunSpec(f"{family} ē={b:.4g}", family, family, flags, budget=b))
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entropy-thresholds", default="1,2,3,4.5", help="τ values (nats) of entropy")
     p.add_argument("--adaedl-lambdas", default="0.1,0.3,0.5", help="λ values of adaedl (γ = 0.2)")
     p.add_argument("--k-max", type=int, default=8, help="cap of every adaptive policy")
-    p.add_argument("--v", type=float, default=None, help="lyapunov/gelato V (default: gelato-device's)")
+    p.add_argument("--v", type=float, default=None, help="V of the budgeted lyapunov/gelato runs")
     p.add_argument("--device-profile", default="phone")
     p.add_argument("--radio", default="wifi")
     p.add_argument(
