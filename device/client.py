@@ -43,7 +43,7 @@ from gelato.device.generate import (
     speculative_generate,
 )
 from gelato.device.pipeline import Link, pipelined_generate
-from gelato.device.policy import Policy
+from gelato.device.policy import FixedK, Policy
 from gelato.power import NullMeter
 from gelato.sampling import generation_seed
 from gelato.security import bearer_metadata, check_token_transport
@@ -118,6 +118,7 @@ class EdgeClient:
         # One worker: drafter forwards stay off the event loop and keep their KV on one thread.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
         self._warned_ahead = False
+        self._warned_cap = False
 
     async def connect(self, timeout_s: float | None = None) -> None:
         """Wait until the channel is connected, at most `connect_timeout_s` (or `timeout_s`): a gone
@@ -358,6 +359,7 @@ class EdgeClient:
         # go on past the target's end (and wait forever for a token `Generate` never streams).
         eos = opened.eos_token_ids or loaded.eos_token_ids
         limits = Limits(max_new_tokens, opened.context_limit, opened.max_draft_tokens, eos, loaded.context_limit)
+        self._warn_cap(policy, opened.max_draft_tokens)
         link = self._link(call, policy, opened)
         if link is not None:
             result = await pipelined_generate(
@@ -384,6 +386,21 @@ class EdgeClient:
         with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             await call.done_writing()  # the close is out; the end of the stream is no more bytes
         return True
+
+    def _warn_cap(self, policy: Policy, edge_cap: int) -> None:
+        """Once per client: the policy asks for longer blocks than the edge verifies (`fixed-40`,
+        `--k-max 64` against its `--max-draft-tokens`); its rounds draft the edge's cap instead."""
+        asked = policy.k if isinstance(policy, FixedK) else policy.options.k_max
+        if asked > edge_cap and not self._warned_cap:
+            log.warning(
+                "--policy %s asks for up to %d drafts a round; the edge verifies at most %d (its "
+                "--max-draft-tokens): rounds draft %d",
+                policy.name,
+                asked,
+                edge_cap,
+                edge_cap,
+            )
+            self._warned_cap = True
 
     def _link(self, call: grpc.aio.StreamStreamCall, policy: Policy, opened: SessionInfo) -> Link | None:
         """Send-ahead over this stream when asked for and the edge supports it; else None (an edge

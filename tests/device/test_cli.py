@@ -438,3 +438,19 @@ def test_a_host_wide_meter_beside_a_loopback_edge_is_said(
     cli.open_accountant(config).meter.close()
     err = capsys.readouterr().err
     assert ("warning: the rapl meter reads whole CPU packages, which the edge at" in err) == warned, err
+
+
+def test_a_policy_asking_for_more_drafts_than_the_edge_verifies_is_told_so(
+    pair: dict[str, Path], edge: EdgeProcess, tmp_path: Path
+) -> None:
+    """`fixed-40` against an edge verifying at most 32 drafts a round: the rounds draft 32, and the
+    user is told once (the record still says fixed-40; the trace's k_max was the only sign)."""
+    trace = tmp_path / "rounds.jsonl"
+    args = ["--prompt", "Ava has 3 apples.", "--prompt", "Ben reads.", "--max-new-tokens", "40", "--json"]
+    res = run_device(device_args(pair, edge, *args, "--policy", "fixed-40", "--trace", str(trace)))
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("--policy fixed-40 asks for up to 40 drafts a round; the edge verifies at most 32") == 1
+    rounds = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert max(r["k"] for r in rounds) == 32
+    ok = run_device(device_args(pair, edge, "--prompt", "x", "--max-new-tokens", "4", "--policy", "fixed-32"))
+    assert ok.returncode == 0 and "drafts a round" not in ok.stderr, ok.stderr
