@@ -357,12 +357,12 @@ class Bench:
         s = summarize(res)
         check_energy_source(spec.label, s["energy"])
         self.results.append(res)  # only a run that passed its checks (a failed run keeps these)
-        jpt = s["energy_j_per_token"]
+        jpt, acc = s["energy_j_per_token"], s["acceptance"]
         hit = s["ahead_hit_rate"] if spec.pipeline == "send-ahead" else s["predraft_hit_rate"]
         piped = "" if spec.pipeline == "off" else f", {spec.pipeline} hit {'-' if hit is None else f'{hit:.2f}'}"
         bar.write(
             f"{spec.label}: {s['tokens_per_s'] or 0:.1f} tok/s/device, agg {s['aggregate_tokens_per_s']:.1f}, "
-            f"{'-' if jpt is None else f'{jpt * 1e3:.3f}'} mJ/token, acc {s['acceptance'] or 0:.3f}, "
+            f"{'-' if jpt is None else f'{jpt * 1e3:.3f}'} mJ/token, acc {'-' if acc is None else f'{acc:.3f}'}, "
             f"draft {s['mean_draft_len'] or 0:.2f}{piped} ({res.wall_s:.0f} s)"
         )
 

@@ -33,7 +33,7 @@ from gelato.cli_common import EnvArgumentParser, fail, setup_logging, setup_torc
 from gelato.device.config import DeviceConfig
 from gelato.device.energy import EnergyAccountant
 from gelato.device.policy import Lyapunov, parse_policy
-from gelato.power import HOST_WIDE, MeterUnavailable, NullMeter, open_meter, radio_profile
+from gelato.power import HOST_WIDE, MeterUnavailable, open_meter, radio_profile
 from gelato.security import (
     SecurityConfigError,
     channel_credentials,
@@ -100,8 +100,8 @@ def trace_problem(path: str | Path | None) -> str:
 
 
 def open_accountant(config: DeviceConfig) -> EnergyAccountant:
-    if config.meter == "none":
-        return EnergyAccountant(NullMeter(), radio_profile(config.radio))
+    if config.meter == "none":  # no meter to warn about
+        return EnergyAccountant(open_meter("none"), radio_profile(config.radio))
     # The drafter's device: NVML reads the GPU it runs on, and `auto` skips NVML for a CPU drafter.
     meter = open_meter(config.meter, config.device_profile, config.device)
     shares_host = config.edge and target_is_loopback(config.edge)

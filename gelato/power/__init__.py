@@ -65,7 +65,9 @@ def open_source(source: str, profile: str = "phone", device: str | None = None) 
         from gelato.power.replay import ReplayMeter
 
         return ReplayMeter(source.removeprefix("replay:"))
-    raise ValueError(f"unknown meter {source!r}; use auto, {', '.join(SOURCES)} or replay:FILE")
+    if source == "none":  # no energy at all: every reading NaN, labelled unavailable
+        return NullMeter()
+    raise ValueError(f"unknown meter {source!r}; use auto, {', '.join(SOURCES)}, replay:FILE or none")
 
 
 def _nvml(uuid: str | None) -> Meter:
