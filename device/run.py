@@ -125,7 +125,7 @@ async def run(
         insecure=config.insecure,
         edge_wait_s=config.edge_wait_s,
     )
-    failed = 0
+    failed = ran = 0
     try:
         if not policy.local_only:
             try:
@@ -136,6 +136,7 @@ async def run(
                     emit(config, error_record(prompts[0], policy, why))
                 return fail(why, 1)
         for index, prompt in enumerate(prompts):
+            ran = index + 1
             try:
                 res = await generate_one(config, client, drafter, policy, acct, prompt, index, trace)
             except EdgeUnreachable as exc:  # every later prompt would fail the same way
@@ -156,7 +157,8 @@ async def run(
         if trace is not None:
             trace.close()
     if failed:
-        return fail(f"{failed} of {len(prompts)} prompts failed (their lines say why)", 1)
+        unrun = f"; --fail-fast stopped there, {len(prompts) - ran} not run" if ran < len(prompts) else ""
+        return fail(f"{failed} of {ran} prompts run failed (their lines say why){unrun}", 1)
     return 0
 
 

@@ -37,13 +37,14 @@ def test_bad_prompt_in_a_file_does_not_stop_the_others(
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in lines))
     args = ["--drafter", str(pair["drafter_agree"]), "--edge", edge.address, "--prompts-file", str(path)]
     res = run_device([*args, "--max-new-tokens", "8", "--json"])
-    assert res.returncode == 1 and "2 of 4 prompts failed" in res.stderr
+    assert res.returncode == 1 and "2 of 4 prompts run failed" in res.stderr and "not run" not in res.stderr
     recs = records(res.stdout)
     assert [r["stop_reason"] for r in recs] == ["max_new_tokens", "error", "error", "max_new_tokens"]
     assert "INVALID_ARGUMENT" in recs[1]["error"] and "context limit" in recs[1]["error"]
     assert recs[2]["error"] == "empty prompt"  # refused locally, the edge never saw it
     fast = run_device([*args, "--max-new-tokens", "8", "--json", "--fail-fast"])
     assert fast.returncode == 1 and len(records(fast.stdout)) == 2
+    assert "1 of 2 prompts run failed (their lines say why); --fail-fast stopped there, 2 not run" in fast.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
