@@ -31,7 +31,8 @@ report DIR [--data FILE]` rebuilds all of it from those files (no device runs; t
 recomputed, the assisted row kept unless `--rerun-assisted`). Every list option and policy name is
 checked before anything starts. Exit status 0; 1 when an edge-verified output differs from
 ar-edge's (losslessness) or a device failed; 2 on bad arguments or when the channel cannot be built
-(e.g. not root: never a silent fallback).
+(e.g. not root: never a silent fallback); 130 on Ctrl-C, 143/129 on SIGTERM/SIGHUP (the finished
+configurations kept in `partial/`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from gelato.benchmarks.bench_run import (
     summarize,
 )
 from gelato.benchmarks.channel import PROFILES, Channel, ChannelError, Profile, guard, profile_from
-from gelato.benchmarks.procs import check_energy_source, unique_label
+from gelato.benchmarks.procs import check_energy_source, exit_on_signals, unique_label
 
 ENERGY_NOTE = (
     "Device energy is an ESTIMATE: the cpu-model meter (`{profile}` profile: CPU seconds × active W + idle W × wall "
@@ -439,15 +440,25 @@ def main(argv: list[str] | None = None) -> int:
         keep_partial(args.out, command, bench.results, str(exc))
         return 1
     except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C; SIGTERM/SIGHUP (`guard`): 128 + signal
-        code = 130 if isinstance(exc, KeyboardInterrupt) else exc.code if isinstance(exc.code, int) else 1
-        why = "interrupted" if code == 130 else f"stopped by signal {code - 128}" if code > 128 else "stopped"
-        print(f"gelato-bench: {why}", file=sys.stderr)
-        keep_partial(args.out, command, bench.results, why)  # what finished is not lost
-        shutil.rmtree(args.out / "work", ignore_errors=True)  # the unfinished run's files: no result
-        return code
+        return stopped(exc, args.out, command, bench.results)
     from gelato.benchmarks.bench_finish import finish
 
-    return finish(args, command, bench, questions, {**description, **measured}, time.perf_counter() - t0)
+    try:  # the references (assisted generation, the oracle) may take minutes: stoppable the same way
+        with exit_on_signals():
+            return finish(args, command, bench, questions, {**description, **measured}, time.perf_counter() - t0)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        return stopped(exc, args.out, command, bench.results)
+
+
+def stopped(exc: KeyboardInterrupt | SystemExit, out: Path, command: str, results: list[RunResult]) -> int:
+    """A run stopped by Ctrl-C (130) or SIGTERM/SIGHUP (128 + signal): one line, the configurations
+    that finished kept in `partial/` as a failed run keeps them, the unfinished `work/` removed."""
+    code = 130 if isinstance(exc, KeyboardInterrupt) else exc.code if isinstance(exc.code, int) else 1
+    why = "interrupted" if code == 130 else f"stopped by signal {code - 128}" if code > 128 else "stopped"
+    print(f"gelato-bench: {why}", file=sys.stderr)
+    keep_partial(out, command, results, why)  # what finished is not lost
+    shutil.rmtree(out / "work", ignore_errors=True)
+    return code
 
 
 if __name__ == "__main__":

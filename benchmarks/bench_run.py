@@ -122,6 +122,8 @@ def read_questions(path: Path, limit: int) -> list[dict[str, Any]]:
             raise DataError(f"{path}:{n}: not JSON ({exc.msg})") from exc
         if not isinstance(row, dict) or not isinstance(row.get("question"), str):
             raise DataError(f'{path}:{n}: no "question" string (GSM8K lines are {{"question": ..., "answer": ...}})')
+        if not isinstance(row.get("answer", ""), str):  # scored by the number in it; none: unscored
+            raise DataError(f'{path}:{n}: "answer" must be a string (the worked answer ending "#### N")')
         rows.append(row)
     return rows
 

@@ -376,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.v is not None and not parse_floats(args.budgets or args.budget_factors):
+        parser.error("--v: V applies to the budgeted lyapunov/gelato runs, and no budget is asked for")
     if (args.out / "results.json").exists() and not args.force:  # the default is a committed result
         parser.error(f"--out {args.out} already holds a run (results.json): choose another --out, or --force")
     args.data = gsm8k_file("test", args.data)  # one-line error and exit when it is missing

@@ -63,6 +63,9 @@ def test_data_files_are_checked_line_by_line(tmp_path: Path) -> None:
     path.write_text('{"prompt": "hi"}\n')
     with pytest.raises(DataError, match=r'q\.jsonl:1: no "question" string'):
         read_questions(path, 10)
+    path.write_text('{"question": "q", "answer": 42}\n')
+    with pytest.raises(DataError, match=r'q\.jsonl:1: "answer" must be a string'):
+        read_questions(path, 10)
     path.write_bytes(b'{"question": "\xff"}\n')
     with pytest.raises(DataError, match="cannot read it as UTF-8"):
         read_questions(path, 10)
@@ -134,3 +137,25 @@ def test_a_stopped_run_keeps_what_finished_in_one_line(
     partial = json.loads((out / "partial" / "partial.json").read_text())
     assert [r["label"] for r in partial["runs"]] == ["ar-edge"] and partial["error"] in err
     assert not (out / "work").exists() and not (out / "summary.json").exists()
+
+
+def test_a_stop_while_the_references_run_keeps_every_finished_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Stopped after the device runs (assisted generation, the oracle: minutes), the same way: one
+    line, 128 + signal, every finished configuration in partial/, work/ gone."""
+    from gelato.benchmarks.bench_run import RunResult, RunSpec
+
+    (tmp_path / "work").mkdir()
+    done = [
+        RunResult(
+            RunSpec("fixed-4", "fixed-4", "fixed"),
+            [{"question": 0, "device": 0, "n_tokens": 3, "elapsed_s": 0.1, "token_ids": [1]}],
+            [],
+        )
+    ]
+    assert bench.stopped(SystemExit(143), tmp_path, "cmd", done) == 143
+    assert "gelato-bench: stopped by signal 15" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+    assert [r["label"] for r in json.loads((tmp_path / "partial" / "partial.json").read_text())["runs"]] == ["fixed-4"]
+    assert bench.stopped(KeyboardInterrupt(), tmp_path, "cmd", done) == 130
