@@ -223,8 +223,8 @@ class EdgeClient:
         left, wait_until = self.failovers, 0.0
         try:
             # Energy from here, as `elapsed_s` is: the open (the edge's prefill) is the generation's.
+            t0 = time.perf_counter()  # then the opening reading: the energy's span lies within elapsed_s's
             acct.opening()
-            t0 = time.perf_counter()
             while True:
                 done = res.token_ids if res is not None else []
                 if on_session is not None:
@@ -390,7 +390,8 @@ class EdgeClient:
     def _warn_cap(self, policy: Policy, edge_cap: int) -> None:
         """Once per client: the policy asks for longer blocks than the edge verifies (`fixed-40`,
         `--k-max 64` against its `--max-draft-tokens`); its rounds draft the edge's cap instead."""
-        asked = policy.k if isinstance(policy, FixedK) else policy.options.k_max
+        cap = policy.options.k_max  # --k-max (0: none) caps a fixed K too
+        asked = (min(policy.k, cap) if cap else policy.k) if isinstance(policy, FixedK) else cap
         if asked > edge_cap and not self._warned_cap:
             log.warning(
                 "--policy %s asks for up to %d drafts a round; the edge verifies at most %d (its "

@@ -116,8 +116,9 @@ class EnergyAccountant:
         session and prefills the prompt (and, in a failover, the wait for the edge) is the
         generation's energy too. The radio tail is cut where a transfer really starts
         (`radio_busy`), not here."""
-        self._opening = self.meter.read()
-        self._ended = None
+        # A re-open after a session ended (a failover) starts from that session's last reading:
+        # the time between (the lost stream's end, the retry) is the generation's, as in elapsed_s.
+        self._opening, self._ended = self._ended or self.meter.read(), None
 
     def forget_opening(self) -> None:
         """Drop an `opening` reading no generation began from (the open failed)."""

@@ -148,7 +148,8 @@ class ClockedWatt(Clocked):
 def test_the_close_after_the_totals_is_the_generations_energy_once() -> None:
     """`elapsed_s` runs until the session is closed, after `end` made the totals: the meter's
     joules of that close are the generation's too (a slow close, 2 ms on a busy CI machine, was
-    missing from `energy_j`), counted once, and from the last of several ends (a failover)."""
+    missing from `energy_j`), counted once; after a lost session the re-open's energy starts where
+    that session's ended (the gap between them is the generation's too)."""
     meter = ClockedWatt()
     acct = EnergyAccountant(meter, None)
     acct.opening()
@@ -160,11 +161,16 @@ def test_the_close_after_the_totals_is_the_generations_energy_once() -> None:
     meter.t = 1.25  # the close written, the stream ended
     assert acct.after_end_j() == pytest.approx(0.25)
     assert acct.after_end_j() == 0.0  # once
-    acct.opening()  # a failover's re-open: what lies between is no close
-    assert acct.after_end_j() == 0.0
-    acct.end(stats, acct.begin(stats))
+    acct.opening()  # the next prompt: from its own reading
+    lost = GenerationStats()
+    acct.end(lost, acct.begin(lost))  # at 1.25: its session is lost at once
+    meter.t = 1.5  # the lost stream's end, the retry: then a failover's re-open
+    acct.opening()
+    assert acct.after_end_j() == 0.0  # taken over by the re-open, not left between two totals
+    resumed = GenerationStats()
+    start = acct.begin(resumed)
     meter.t = 2.0
-    assert acct.after_end_j() == pytest.approx(0.75)
-    acct.end(stats, acct.begin(stats))
+    acct.end(resumed, start)
+    assert resumed.energy_j == pytest.approx(0.75)  # from the lost session's end at 1.25
     acct.abandon()  # a generation that raised reports nothing
     assert acct.after_end_j() == 0.0
