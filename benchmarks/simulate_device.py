@@ -79,7 +79,7 @@ class Device(SendAhead):
         t0 = time.perf_counter()
         q = policy.observe(tele)
         self.totals.controller_s += ctrl + gate_s + time.perf_counter() - t0
-        tele = replace(tele, q_deficit_j=q)  # as the real loop records it
+        tele = replace(tele, q_deficit_j=q)  # the queue's Q (0 J with no budget; live: null)
         self._record(tele, q)
         return tele
 

@@ -15,12 +15,12 @@ from gelato.cli_common import log_format, log_level, max_memory, model_device, m
 from gelato.config import MAX_TIMEOUT_S, PORT, UINT32, Check, Settings, ge, gt, le, require, setting
 
 DEVICE_MAPS = ("auto", "balanced", "sequential")  # gelato.models.DEVICE_MAPS, without importing torch
-# --metrics-port and --health-port: unlike --port (whose real number is printed), 0 would bind a
-# random port that no line names and no scraper or probe could find.
 DRAFTS_FIT = Check(
     lambda k: k <= MAX_DRAFT_TOKENS,
     f"must be <= {MAX_DRAFT_TOKENS} (a sampling block of more drafts may not fit a gRPC message)",
 )
+# --metrics-port and --health-port: unlike --port (whose real number is printed), 0 would bind a
+# random port that no line names and no scraper or probe could find.
 NAMED_PORT = Check(lambda p: p >= 1, "must be >= 1 (0 would pick a port nobody is told)")
 
 

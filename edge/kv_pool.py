@@ -276,15 +276,12 @@ class KVPool:
             # never for this row (the budget's shape, not a doubling past it).
             self.apply_target(strict=True)
             free = next((s for s in range(self.slots) if s not in self._owners), None)
-        if free is None and self._target is not None:
-            # Planned, and rows whose release is still on its way hold the slots: one more slot,
-            # which the shape that held them all before their release already fitted (a doubling
-            # went past the budget, and each pending close then reallocated the pool again).
+        if free is None:
+            # Planned, and rows whose release is still on its way hold the slots: one more slot (the
+            # shape that held them all before fitted the budget; a doubling went past it). A pool
+            # no registry shapes grows on demand.
             free = self.slots
-            self._resize(len(self._owners) + 1, self.context)
-        elif free is None:  # a pool no registry shapes: grow on demand
-            free = self.slots
-            self._resize(max(1, 2 * self.slots), self.context)
+            self._resize(len(self._owners) + 1 if self._target is not None else max(1, 2 * self.slots), self.context)
         else:
             self._wipe(free)
         self._owners[free] = owner

@@ -1,7 +1,8 @@
 """Energy meters (one per source), the radio model and meter selection.
 
 Contract: `open_meter(spec, profile, device)` returns a `Meter` for `auto`, `nvml`, `rapl`,
-`jetson`, `cpu-model` or `replay:FILE`. `auto` probes nvml → rapl → jetson and falls back to the
+`jetson`, `cpu-model`, `replay:FILE` or `none` (the null meter: every reading NaN, labelled
+unavailable). `auto` probes nvml → rapl → jetson and falls back to the
 labelled `cpu-model` estimate; given the drafter's `device`, NVML reads the GPU the drafter runs
 on, and `auto` skips it for a drafter on the CPU. Asking for a specific source that is missing
 raises `MeterUnavailable`; nothing ever turns a missing sensor into 0 J.
