@@ -198,12 +198,14 @@ def _main(argv: list[str] | None = None) -> int:
     running = False
     try:
         # Only now torch and transformers: --help and a settings error answer without them.
+        from gelato.device.drafter import check_drafter
         from gelato.device.run import run
         from gelato.models import ModelLoadError, load_failure, load_model
 
         setup_torch_threads(config.threads)
         try:
             loaded = load_model(config.drafter, "drafter", config.dtype, config.device)
+            check_drafter(loaded)
         except ModelLoadError as exc:
             return fail(str(exc))
         except Exception as exc:  # not foreseen (a bug, a failure below transformers): one line all the same

@@ -41,8 +41,8 @@ import torch
 
 from gelato.device.config import DEFAULT_TOP_M
 from gelato.entropy import entropy_nats, entropy_of_probs
-from gelato.kv import KVSequence
-from gelato.models import LoadedModel
+from gelato.kv import KVSequence, check_rollback
+from gelato.models import LoadedModel, ModelLoadError
 from gelato.sampling import KeyedRng, process_logits, sample_sparse, truncate_top_m
 from gelato.types import DraftBlock, SamplingParams, SparseDist, Verdict
 from gelato.wire import MAX_Q_SUPPORT
@@ -65,6 +65,16 @@ class Predraft:
 
 
 _NO_PREDRAFT = Predraft((), (), ())
+
+
+def check_drafter(loaded: LoadedModel) -> None:
+    """`ModelLoadError` for a model the drafter cannot roll back after a rejection (linear
+    attention, Mamba and other recurrent layers: `gelato.kv.check_rollback`), at load, not as a
+    traceback in the first generation."""
+    try:
+        check_rollback(loaded.model, loaded.vocab_size)
+    except ValueError as exc:
+        raise ModelLoadError(f"drafter {loaded.name!r}: {exc}") from None
 
 
 class Drafter:
@@ -176,6 +186,7 @@ class Drafter:
         if not 0 <= verdict.n_accepted <= block.k:
             raise ValueError(f"verdict accepts {verdict.n_accepted} of {block.k} drafts")
         emitted = verdict.emitted(block.ids)
+        self._bases.pop(block.round, None)  # settled: one round at a time keeps none (send-ahead: `settle`)
         pre, self._predraft = self._predraft, None
         if pre is not None and self.predraft_hit(block, verdict, pre) and len(pre.ids) > 1:
             # Keep the pre-draft's KV: the sequence goes on with y1 (= the target's token) and the

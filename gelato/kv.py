@@ -161,3 +161,25 @@ class KVSequence:
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
         return total
+
+
+ROLLBACK_KINDS = frozenset({"full_attention", "sliding_attention"})
+
+
+def check_rollback(model: Any, vocab_size: int) -> None:
+    """Raise ValueError unless a `KVSequence` on `model` can roll back: its layers all attention
+    (per `config.layer_types`, where the config has them), and a prefill, a crop and a forward past
+    it running (a recurrent layer, linear attention or Mamba, keeps a state `crop` cannot rewind:
+    transformers' cache then fails at the first forward with an IndexError, which a drafter
+    would raise mid-generation)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    unknown = sorted(set(getattr(config, "layer_types", None) or ()) - ROLLBACK_KINDS)
+    if unknown:
+        raise ValueError(f"layers of kind {', '.join(unknown)}: only attention layers' KV can be rolled back")
+    probe = KVSequence(model, vocab_size, [i % vocab_size for i in range(3)])
+    try:
+        probe.prefill(3)
+        probe.truncate(2)
+        probe.forward([2 % vocab_size])
+    except Exception as exc:  # a model whose cache is not plain attention KV
+        raise ValueError(f"its cache cannot be rolled back ({type(exc).__name__}: {exc})") from None

@@ -173,8 +173,9 @@ def _hub_reachable(timeout_s: float = 5.0) -> bool:
     from urllib.parse import urlparse
 
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (80 if url.scheme == "http" else 443)  # a mirror at http://host answers on 80
     try:
-        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout_s):
+        with socket.create_connection((url.hostname or "", port), timeout=timeout_s):
             return True
     except OSError:
         return False
