@@ -26,10 +26,11 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from gelato.channel import host_port
-from gelato.cli_common import EnvArgumentParser, endpoint, fail, setup_logging, setup_torch_threads
+from gelato.cli_common import EnvArgumentParser, endpoint, fail, say, setup_logging, setup_torch_threads
 from gelato.config import ConfigError
 from gelato.edge.config import EdgeConfig
 from gelato.security import SecurityConfigError, is_loopback, read_token, server_credentials
@@ -82,7 +83,7 @@ def health_check(address: str, timeout_s: float, tls: bool = False) -> int:
         code = exc.code() if isinstance(exc, grpc.Call) else None
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
         hint = " (this edge serves TLS there: check its --health-port instead)" if tls else ""
-        print(f"gelato-edge: health {address}: {code.name if code else 'error'}: {details}{hint}", file=sys.stderr)
+        say(f"gelato-edge: health {address}: {code.name if code else 'error'}: {details}{hint}", logging.ERROR)
         return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"gelato-edge: health {address}: {status}", flush=True)
@@ -115,7 +116,7 @@ async def load_target(server: EdgeServer, config: EdgeConfig) -> LoadedModel:
     except ValueError as exc:
         raise ModelLoadError(f"--device-map {config.device_map}: {exc}") from None
     runs = ", ".join(f"{devices.count(d)} on {d}" for d in dict.fromkeys(devices))
-    print(f"gelato-edge: --device-map {config.device_map}: layers (and their KV) run {runs}", file=sys.stderr)
+    say(f"gelato-edge: --device-map {config.device_map}: layers (and their KV) run {runs}", logging.INFO)
     return await server.serve_loaded(loaded)
 
 
@@ -128,6 +129,8 @@ async def serve(config: EdgeConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if _EARLY_STOP:  # asked to stop while starting: as while the target loads, at once
+        stop.set()
     if config.metrics_port is not None:  # on --metrics-host (loopback by default), never on --host
         try:
             server.service.metrics.serve(config.metrics_host, config.metrics_port)
@@ -170,11 +173,9 @@ async def serve(config: EdgeConfig) -> int:
     )
     await stop.wait()
     open_sessions = len(server.service.registry)
-    print(
+    say(
         f"gelato-edge: shutting down: health NOT_SERVING, {open_sessions} open session(s) get "
-        f"{config.shutdown_grace_s:g} s to finish",
-        file=sys.stderr,
-        flush=True,
+        f"{config.shutdown_grace_s:g} s to finish"
     )
     await server.stop(config.shutdown_grace_s)  # health NOT_SERVING at once, then the drain
     if health_server is not None:
@@ -182,7 +183,7 @@ async def serve(config: EdgeConfig) -> int:
     if not server.service.executor.wait_idle(MODEL_THREAD_EXIT_S):
         # A forward outlived the drain (a long prefill; its stream is cancelled already): the
         # interpreter would join the model thread at exit, past a container's stop timeout.
-        print("gelato-edge: a forward is still running; exiting without waiting for it", file=sys.stderr, flush=True)
+        say("gelato-edge: a forward is still running; exiting without waiting for it")
         logging.shutdown()
         sys.stdout.flush()
         os._exit(0)
@@ -194,7 +195,7 @@ async def stopped_while_loading(server: EdgeServer, health_server: Any, loading:
     open yet, so stop serving at once and exit 0 without waiting for the load. The load runs on
     the model thread, which the interpreter would join at exit (minutes for a big checkpoint,
     longer than a container's stop timeout), hence `os._exit` once the servers are down."""
-    print("gelato-edge: stopped while loading the target", file=sys.stderr, flush=True)
+    say("gelato-edge: stopped while loading the target")
     loading.cancel()  # health stays NOT_SERVING: the load's result is never used
     await server.stop(0)
     if health_server is not None:
@@ -237,7 +238,19 @@ async def serve_health(server: EdgeServer, host: str, port: int) -> Any:
     return health_server
 
 
+# SIGTERMs that came before `serve` put its handlers in place (importing torch and transformers
+# takes seconds): as a container's PID 1 the default action is none, and a `docker stop` then
+# waited for its SIGKILL while the edge went on to load and serve.
+_EARLY_STOP: list[int] = []
+
+
+def _stop_early(signum: int, frame: object) -> None:
+    _EARLY_STOP.append(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():  # (signals go to the main thread only)
+        signal.signal(signal.SIGTERM, _stop_early)
     parser = build_parser()
     args = parser.parse_args(argv)
     config = EdgeConfig.from_args(args)
@@ -261,12 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         # Accepted only through --insecure: said at every start, naming the variable if it came
         # from one (a GELATO_EDGE_INSECURE left exported would otherwise pass unnoticed).
         why = parser.explain("--insecure")
-        print(f"gelato-edge: warning: serving {config.host} {risk[0]} ({why}): {risk[1]}", file=sys.stderr, flush=True)
+        say(f"gelato-edge: warning: serving {config.host} {risk[0]} ({why}): {risk[1]}")
     for name, host, port in (("metrics", config.metrics_host, config.metrics_port),
                              ("health", config.health_host, config.health_port)):  # fmt: skip
         if host != "127.0.0.1" and port is None:  # the port turns that server on: an address alone serves nothing
             warning = f"gelato-edge: warning: --{name}-host {host} without --{name}-port serves nothing"
-            print(parser.explain(warning), file=sys.stderr, flush=True)
+            say(parser.explain(warning))
     setup_torch_threads(config.threads)
     return asyncio.run(serve(config))
 

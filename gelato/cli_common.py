@@ -90,8 +90,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+_JSON_LOGS = False  # set by `setup_logging`: stderr's lines are JSON records
+
+
+def say(message: str, level: int = logging.WARNING) -> None:
+    """A status line for stderr: as it is, or under `--log-format json` a log record (logger
+    `gelato.cli`), so that a collector reading stderr gets JSON lines only."""
+    if _JSON_LOGS:
+        logging.getLogger("gelato.cli").log(level, message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
 def setup_logging(level: str, fmt: str = "text") -> None:
-    """Log lines on stderr at `level`, as text (`LOG_FORMAT`) or JSON (`JsonFormatter`)."""
+    """Log lines on stderr at `level`, as text (`LOG_FORMAT`) or JSON (`JsonFormatter`). With JSON,
+    gRPC's C core logs errors only (unless `GRPC_VERBOSITY` says otherwise): its own lines are not
+    JSON, and at its default it writes one for every failed TLS handshake, so anyone reaching the
+    port could break a collector's parsing with a plaintext connect."""
+    global _JSON_LOGS
+    _JSON_LOGS = fmt == "json"
+    if _JSON_LOGS:
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(LOG_FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
@@ -398,5 +417,5 @@ def setup_torch_threads(threads: int | None) -> None:
 
 
 def fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    say(f"error: {message}", logging.ERROR)
     return code

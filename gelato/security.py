@@ -25,8 +25,10 @@ import re
 import ssl
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
+if TYPE_CHECKING:  # imported where used: a CLI sets GRPC_VERBOSITY (gelato.cli_common) before gRPC loads
+    import grpc
 
 AUTH_HEADER = "authorization"
 # Left open without a token: a container health check or a load balancer must see liveness, and
@@ -127,6 +129,8 @@ def _ssl_reason(exc: Exception) -> str:
 def server_credentials(
     cert: str | Path, key: str | Path, client_ca: str | Path | None = None
 ) -> grpc.ServerCredentials:
+    import grpc
+
     pair = [(_read(key, "TLS key"), _read(cert, "TLS certificate"))]
     _check_pair(cert, key, server=True)
     if client_ca is None:
@@ -141,6 +145,8 @@ def channel_credentials(
 ) -> grpc.ChannelCredentials:
     """TLS to the edge: trusting `ca`, or without one gRPC's default roots (the Mozilla set grpcio
     bundles, or the file named by GRPC_DEFAULT_SSL_ROOTS_FILE_PATH); `cert`/`key` for mutual TLS."""
+    import grpc
+
     if (cert is None) != (key is None):
         raise SecurityConfigError("a client certificate needs its key, and a key its certificate")
     roots = _read(ca, "CA certificate") if ca else None

@@ -484,8 +484,12 @@ def test_json_logs_carry_each_sessions_open_and_end(pair: dict[str, Path]) -> No
         assert res.returncode == 0, res.stderr
     finally:
         assert edge.stop() == 0
-    records = [json.loads(line) for line in edge.output().splitlines() if line.startswith("{")]
+    lines = [line for line in edge.output().splitlines() if line.strip()]
+    # Every line a JSON record but the one on stdout naming the address (the shutdown's status too).
+    assert all(line.startswith("{") for line in lines if " listening on " not in line), lines
+    records = [json.loads(line) for line in lines if line.startswith("{")]
     assert records and all({"ts", "level", "logger", "message"} <= set(r) for r in records)
+    assert any("shutting down" in r["message"] for r in records)
     opened = [r for r in records if r.get("event") == "session_open"]
     ended = [r for r in records if r.get("event") == "session_end"]
     assert len(opened) == len(ended) == 2, records

@@ -1,0 +1,51 @@
+"""gelato-edge asked to stop before its asyncio handlers are in place (importing torch and
+transformers takes seconds). As a container's PID 1 a SIGTERM's default action is none: `docker
+stop` then waited for SIGKILL while the edge went on to load and serve. It stops as it does while
+the target loads: at once, exit 0."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_a_sigterm_while_the_edge_starts_stops_it_at_once() -> None:
+    script = textwrap.dedent(
+        """
+        import os, signal, sys
+        import gelato.edge.cli as cli
+
+        real = cli.setup_torch_threads
+
+        def importing_torch(threads):  # the window: torch's import, before serve's handlers exist
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real(threads)
+
+        cli.setup_torch_threads = importing_torch
+        sys.exit(cli.main(["--port", "0"]))
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])  # not killed by the signal (-15)
+    assert "stopped while loading the target" in res.stderr and "listening on" not in res.stdout
+
+
+def test_json_logs_keep_grpc_cores_own_lines_out() -> None:
+    """Under `--log-format json` gRPC's C core logs errors only: at its default it wrote a plain
+    line for every failed TLS handshake, so a plaintext connect to a TLS port put a non-JSON line
+    in a collector's input. The variable takes effect only if set before gRPC loads, which the
+    edge's CLI module does not import (its TLS helpers import it when called)."""
+    script = textwrap.dedent(
+        """
+        import os, sys
+        os.environ.pop("GRPC_VERBOSITY", None)
+        import gelato.edge.cli
+        from gelato.cli_common import setup_logging
+        assert "grpc" not in sys.modules, "gelato.edge.cli imports grpc: GRPC_VERBOSITY would come too late"
+        setup_logging("INFO", "json")
+        print(os.environ.get("GRPC_VERBOSITY"))
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "ERROR", res.stderr
