@@ -15,7 +15,7 @@
 # the NAMEs given, an expired certificate, a certificate ca.crt did not sign, or a ca.crt without
 # ca.key when something must be signed, is an error, not silently kept or replaced (a new CA would
 # leave every device's ca.crt stale). The names printed are read back from edge.crt.
-set -euo pipefail
+set -Eeuo pipefail  # -E: the ERR trap below in functions too
 out=${1:?usage: make-secrets.sh OUT_DIR [NAME ...]}
 shift
 names=("$@")
@@ -25,11 +25,33 @@ days=${GELATO_CERT_DAYS:-825}
 mkdir -p "$out"
 cd "$out"
 
+trap 'echo "error: make-secrets.sh failed at line $LINENO (openssl'"'"'s output is hidden: bash -x shows the step)" >&2' ERR
 san=""
-for n in "${names[@]}"; do
-  if [[ $n =~ ^[0-9.]+$ || $n == *:* ]]; then san+="IP:$n,"; else san+="DNS:$n,"; fi
+for n in "${names[@]}"; do  # each name checked first: openssl would fail on it with its output hidden
+  if [[ $n =~ ^[0-9]+(\.[0-9]+){3}$ ]]; then
+    IFS=. read -r a b c d <<< "$n"
+    if ((10#$a > 255 || 10#$b > 255 || 10#$c > 255 || 10#$d > 255)); then echo "error: $n is no IPv4 address" >&2; exit 2; fi
+    san+="IP:$n,"
+  elif [[ $n == *:* ]]; then
+    if [[ ! $n =~ ^[0-9A-Fa-f:.]+$ || $n != *:*:* ]]; then
+      echo "error: $n: give the edge's name or address without a port (a NAME is not HOST:PORT)" >&2
+      exit 2
+    fi
+    san+="IP:$n,"
+  elif [[ $n =~ ^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$ && ! $n =~ ^[0-9.]+$ ]]; then
+    san+="DNS:$n,"
+  else
+    echo "error: $n is no DNS name or IP address" >&2
+    exit 2
+  fi
 done
 san=${san%,}
+for f in ca.crt ca.key edge.crt edge.key device.crt device.key token; do
+  if [ -d "$f" ]; then  # docker compose makes a missing bind-mount source a directory
+    echo "error: $out/$f is a directory (a container started before this script made it?): remove it" >&2
+    exit 2
+  fi
+done
 
 missing=""
 for n in edge device; do [ -s "$n.crt" ] || missing+=" $n.crt"; done

@@ -138,3 +138,27 @@ def test_a_certificate_another_ca_signed_is_an_error_not_kept(tmp_path: Path) ->
     shutil.copy(other / "edge.crt", out / "edge.crt")
     res = make(out)
     assert res.returncode == 1 and "edge.crt was not signed by" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize(
+    ("names", "needle"),
+    [
+        (["edge", "999.1.1.1"], "999.1.1.1 is no IPv4 address"),
+        (["edge.example.org:50051"], "without a port (a NAME is not HOST:PORT)"),
+        (["bad_name!"], "bad_name! is no DNS name or IP address"),
+    ],
+)
+def test_a_bad_name_is_one_line_before_anything_is_made(tmp_path: Path, names: list[str], needle: str) -> None:
+    """openssl's output is hidden: a name it cannot use failed with no message at all and left a key
+    and a request behind. Each name is checked first."""
+    res = make(tmp_path / "s", *names)
+    assert res.returncode == 2 and needle in res.stderr, res.stderr
+    assert not (tmp_path / "s" / "edge.key").exists()
+
+
+def test_a_directory_where_a_file_goes_is_named(tmp_path: Path) -> None:
+    """`docker compose up` before this script makes each missing bind-mount source a directory:
+    `-s` is true for one, so the script judged it an expired certificate and skipped the token."""
+    (tmp_path / "s" / "edge.crt").mkdir(parents=True)
+    res = make(tmp_path / "s")
+    assert res.returncode == 2 and "edge.crt is a directory" in res.stderr, res.stderr
