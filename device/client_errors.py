@@ -34,7 +34,12 @@ class EdgeUnreachable(EdgeError):
 
     def __init__(self, target: str, timeout_s: float, tls: bool = False) -> None:
         super().__init__(grpc.StatusCode.UNAVAILABLE, f"no gelato-edge reachable at {target} within {timeout_s:g} s")
-        hint = "; with TLS also check --tls-ca, the edge's certificate name (--tls-server-name)" if tls else ""
+        hint = (
+            "; with TLS also check --tls-ca, the edge's certificate name (--tls-server-name), and for an edge "
+            "that wants client certificates --tls-cert/--tls-key"
+            if tls
+            else ""
+        )
         self.args = (f"could not reach gelato-edge at {target} within {timeout_s:g} s (--connect-timeout-s{hint})",)
 
 

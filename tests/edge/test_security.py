@@ -157,6 +157,7 @@ def test_mutual_tls(pair: dict[str, Path], pki: dict[str, Path]) -> None:
         assert ok.returncode == 0, ok.stderr
         no_cert = device(pair, edge, "--tls-ca", str(pki["ca.crt"]))
         assert no_cert.returncode == 1 and "Traceback" not in no_cert.stderr
+        assert "for an edge that wants client certificates --tls-cert/--tls-key" in no_cert.stderr, no_cert.stderr
         foreign = device(
             pair,
             edge,
