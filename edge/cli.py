@@ -249,8 +249,18 @@ def _stop_early(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if threading.current_thread() is threading.main_thread():  # (signals go to the main thread only)
-        signal.signal(signal.SIGTERM, _stop_early)
+    """`_main` with SIGTERM kept from the start (`_EARLY_STOP`); the handler before is put back."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return _main(argv)
+    _EARLY_STOP.clear()
+    previous = signal.signal(signal.SIGTERM, _stop_early)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = EdgeConfig.from_args(args)
