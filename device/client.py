@@ -76,6 +76,9 @@ def _verdict(down: pb.EdgeMessage, round_no: int | None = None) -> Verdict:
 WAIT_FIRST_S, WAIT_MAX_S = 0.1, 2.0  # `EdgeClient.wait_ready`'s pauses between asks
 
 
+CLOSE_WAIT_S = 1.0  # at most this long for the edge's status after a session's close
+
+
 class EdgeClient:
     """`credentials`: TLS (`gelato.security.channel_credentials`), None for plaintext; `token`: the
     bearer token sent with every call, which is refused (`SecurityConfigError`) in plaintext to a
@@ -385,6 +388,11 @@ class EdgeClient:
             return False
         with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             await call.done_writing()  # the close is out; the end of the stream is no more bytes
+        # The edge ends the stream once it has read the close: its status comes back. Waited for
+        # (briefly), so that the cancel that frees the call (`_session`) does not race the close
+        # and the edge does not end a finished session as CANCELLED (its log and metrics said so).
+        with contextlib.suppress(Exception):
+            await within(call.code(), CLOSE_WAIT_S)
         return True
 
     def _warn_cap(self, policy: Policy, edge_cap: int) -> None:
@@ -393,14 +401,8 @@ class EdgeClient:
         cap = policy.options.k_max  # --k-max (0: none) caps a fixed K too
         asked = (min(policy.k, cap) if cap else policy.k) if isinstance(policy, FixedK) else cap
         if asked > edge_cap and not self._warned_cap:
-            log.warning(
-                "--policy %s asks for up to %d drafts a round; the edge verifies at most %d (its "
-                "--max-draft-tokens): rounds draft %d",
-                policy.name,
-                asked,
-                edge_cap,
-                edge_cap,
-            )
+            why = f"the edge verifies at most {edge_cap} (its --max-draft-tokens): rounds draft {edge_cap}"
+            log.warning("--policy %s asks for up to %d drafts a round; %s", policy.name, asked, why)
             self._warned_cap = True
 
     def _link(self, call: grpc.aio.StreamStreamCall, policy: Policy, opened: SessionInfo) -> Link | None:
