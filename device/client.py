@@ -28,7 +28,14 @@ import grpc
 
 from gelato.channel import CLIENT_OPTIONS, PLAINTEXT_OPTIONS
 from gelato.deadline import within
-from gelato.device.client_errors import EdgeError, EdgeUnreachable, FailedOpens, call_error, write_error
+from gelato.device.client_errors import (
+    EdgeError,
+    EdgeUnreachable,
+    FailedOpens,
+    call_error,
+    expect_verdict,
+    write_error,
+)
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant, wire_bytes
 from gelato.device.generate import (
@@ -50,7 +57,7 @@ from gelato.security import bearer_metadata, check_token_transport
 from gelato.types import DraftBlock, EdgeInfo, SamplingParams, SessionInfo, SessionOpen, Telemetry, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
-from gelato.wire import MODEL_LOADING, WireError, decode_info, decode_opened, decode_verdict, encode_block, encode_open
+from gelato.wire import MODEL_LOADING, WireError, decode_info, decode_opened, encode_block, encode_open
 
 T = TypeVar("T")
 log = logging.getLogger("gelato.device")
@@ -58,24 +65,7 @@ log = logging.getLogger("gelato.device")
 __all__ = ["EdgeClient", "EdgeError", "EdgeUnreachable", "GenerationResult"]
 
 
-def _verdict(down: pb.EdgeMessage, round_no: int | None = None) -> Verdict:
-    """The verdict an edge message must be; `round_no`: the round it must answer (one block at a
-    time). Anything else is the edge's fault (INTERNAL), not a verdict for token 0."""
-    kind = down.WhichOneof("kind")
-    if kind != "verdict":
-        raise EdgeError(
-            grpc.StatusCode.INTERNAL, f"expected a verdict, got {kind or 'an empty message'}", by_edge=False
-        )
-    verdict = decode_verdict(down.verdict)
-    if round_no is not None and (verdict.round != round_no or verdict.stale):
-        what = f"round {verdict.round}" + (" stale" if verdict.stale else "")
-        raise EdgeError(grpc.StatusCode.INTERNAL, f"edge answered {what}, expected round {round_no}", by_edge=False)
-    return verdict
-
-
 WAIT_FIRST_S, WAIT_MAX_S = 0.1, 2.0  # `EdgeClient.wait_ready`'s pauses between asks
-
-
 CLOSE_WAIT_S = 1.0  # at most this long for the edge's status after a session's close
 
 
@@ -373,27 +363,36 @@ class EdgeClient:
                 drafter, transport, policy, prompt_ids, limits, acct, on_round, self._offload, session_bytes
             )
         result.target_model = opened.target_model
-        if result.stats.stop_reason != "error" and await self._close(call, close_msg):
-            charge_bytes(result.stats, policy, acct, wire_bytes(close_msg.ByteSize()))
+        if result.stats.stop_reason != "error" and (drained := await self._close(call, close_msg)) is not None:
+            charge_bytes(result.stats, policy, acct, wire_bytes(close_msg.ByteSize()), drained)
         return result
 
-    async def _close(self, call: grpc.aio.StreamStreamCall, close_msg: pb.DeviceMessage) -> bool:
-        """Close a session whose generation is complete; whether the close was written. Every token
-        is already here: an edge gone after its last verdict (the close cannot be written) costs
-        nothing, the result stands."""
+    async def _close(self, call: grpc.aio.StreamStreamCall, close_msg: pb.DeviceMessage) -> int | None:
+        """Close a session whose generation is complete; None when the close could not be written,
+        else the wire bytes of the answers read after it. Every token is already here: an edge gone
+        after its last verdict costs nothing, the result stands."""
         try:
             await self._write(call, close_msg)
         except (EdgeError, grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             log.info("the edge went away before the finished session was closed (%s); result kept", exc)
-            return False
+            return None
         with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             await call.done_writing()  # the close is out; the end of the stream is no more bytes
+        drained = [0]
+
+        async def drain_then_status() -> None:
+            # Verdicts of blocks sent ahead past the generation's end are still on their way, and
+            # gRPC gives the stream's status only once they are read: read (and charge) them.
+            while (msg := await call.read()) is not grpc.aio.EOF:
+                drained[0] += wire_bytes(msg.ByteSize())  # type: ignore[union-attr]
+            await call.code()
+
         # The edge ends the stream once it has read the close: its status comes back. Waited for
         # (briefly), so that the cancel that frees the call (`_session`) does not race the close
         # and the edge does not end a finished session as CANCELLED (its log and metrics said so).
         with contextlib.suppress(Exception):
-            await within(call.code(), CLOSE_WAIT_S)
-        return True
+            await within(drain_then_status(), CLOSE_WAIT_S)
+        return drained[0]
 
     def _warn_cap(self, policy: Policy, edge_cap: int) -> None:
         """Once per client: the policy asks for longer blocks than the edge verifies (`fixed-40`,
@@ -424,7 +423,7 @@ class EdgeClient:
         async def receive() -> tuple[Verdict, int]:
             down = await self._read(call)
             try:
-                return _verdict(down), wire_bytes(down.ByteSize())
+                return expect_verdict(down), wire_bytes(down.ByteSize())
             except VerifyError as exc:  # received all the same
                 exc.bytes_down += wire_bytes(down.ByteSize())
                 raise
@@ -452,7 +451,7 @@ class EdgeClient:
         down: pb.EdgeMessage | None = None
         try:
             down = await self._read(call)
-            return Exchange(_verdict(down, round_no), bytes_up, wire_bytes(down.ByteSize()))
+            return Exchange(expect_verdict(down, round_no), bytes_up, wire_bytes(down.ByteSize()))
         except VerifyError as exc:  # no verdict for this round: what was sent and read, spent all the same
             exc.bytes_up += bytes_up
             exc.bytes_down += wire_bytes(down.ByteSize()) if down is not None else 0

@@ -4,7 +4,8 @@ Contract: `EdgeError` is a session or call that failed with a gRPC status code (
 one the device concluded itself, named so); `EdgeUnreachable` one where nothing answered at the
 address; `write_error` turns a failed stream write into an `EdgeError` (a stream that ended under
 the write is UNAVAILABLE, so the session fails over); `FailedOpens` gathers the opens that failed
-in a row and charges what they cost to the generation they were for, once.
+in a row and charges what they cost to the generation they were for, once; `expect_verdict`
+reads an edge message that must be a verdict (anything else is the edge's fault: INTERNAL).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import grpc
 from gelato.device.energy import EnergyAccountant
 from gelato.device.generate import GenerationResult, VerifyError, charge_bytes
 from gelato.device.policy import Policy
+from gelato.types import Verdict
+from gelato.v1 import gelato_pb2 as pb
+from gelato.wire import decode_verdict
 
 
 class EdgeError(VerifyError):
@@ -110,3 +114,18 @@ class FailedOpens:
         if keep_error:
             res.error = "; ".join([res.error, *(f"re-opening the session failed: {e}" for e in self.errors)])
             res.failure = self.last
+
+
+def expect_verdict(down: pb.EdgeMessage, round_no: int | None = None) -> Verdict:
+    """The verdict an edge message must be; `round_no`: the round it must answer (one block at a
+    time). Anything else is the edge's fault (INTERNAL), not a verdict for token 0."""
+    kind = down.WhichOneof("kind")
+    if kind != "verdict":
+        raise EdgeError(
+            grpc.StatusCode.INTERNAL, f"expected a verdict, got {kind or 'an empty message'}", by_edge=False
+        )
+    verdict = decode_verdict(down.verdict)
+    if round_no is not None and (verdict.round != round_no or verdict.stale):
+        what = f"round {verdict.round}" + (" stale" if verdict.stale else "")
+        raise EdgeError(grpc.StatusCode.INTERNAL, f"edge answered {what}, expected round {round_no}", by_edge=False)
+    return verdict

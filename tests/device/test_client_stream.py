@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 import pytest
 
-from gelato.device.client import EdgeClient, _verdict
-from gelato.device.client_errors import EdgeError, FailedOpens, write_error
+from gelato.device.client import EdgeClient
+from gelato.device.client_errors import EdgeError, FailedOpens, expect_verdict, write_error
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant, wire_bytes
 from gelato.device.generate import GenerationResult
@@ -353,8 +353,8 @@ def test_a_reply_that_is_not_the_rounds_verdict_is_an_edge_fault() -> None:
     message or another round's (or a stale) verdict ends the generation as INTERNAL, instead of
     reading as a verdict for token 0 of the wrong round."""
     good = encode_verdict(Verdict(round=3, n_accepted=1, next_token=9))
-    assert _verdict(good, 3) == Verdict(round=3, n_accepted=1, next_token=9)
-    assert _verdict(good).round == 3  # send-ahead checks rounds itself
+    assert expect_verdict(good, 3) == Verdict(round=3, n_accepted=1, next_token=9)
+    assert expect_verdict(good).round == 3  # send-ahead checks rounds itself
     bad = [
         (pb.EdgeMessage(), "expected a verdict, got an empty message"),
         (encode_opened(SessionInfo("s", "t", 64, 8)), "expected a verdict, got opened"),
@@ -363,7 +363,7 @@ def test_a_reply_that_is_not_the_rounds_verdict_is_an_edge_fault() -> None:
     ]
     for msg, said in bad:
         with pytest.raises(EdgeError, match=said) as info:
-            _verdict(msg, 4)
+            expect_verdict(msg, 4)
         assert info.value.code == grpc.StatusCode.INTERNAL
 
 

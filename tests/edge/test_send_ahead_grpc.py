@@ -6,12 +6,14 @@ send-ahead block such an edge cannot take, and malformed ones, get precise statu
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 from pathlib import Path
 
 import grpc
 import pytest
 
-from gelato.device.client import EdgeClient
+from gelato.device.client import CLOSE_WAIT_S, EdgeClient
 from gelato.device.drafter import Drafter
 from gelato.device.generate import GenerationResult
 from gelato.device.policy import PolicyOptions, parse_policy
@@ -19,7 +21,7 @@ from gelato.models import LoadedModel, encode_prompt, load_model
 from gelato.types import SamplingParams
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
-from tests.conftest import EdgeProcess
+from tests.conftest import EdgeProcess, target_greedy
 from tests.edge.test_batched_grpc import free_port, open_msg, scrape_when_idle
 
 
@@ -193,3 +195,41 @@ def test_a_send_ahead_block_that_fails_is_not_a_hit(pair: dict[str, Path], draft
         assert m['gelato_edge_ahead_blocks_total{outcome="stale"}'] == 0
     finally:
         edge.stop()
+
+
+def test_blocks_in_flight_at_an_eos_are_read_after_the_close(pair: dict[str, Path], tmp_path: Path) -> None:
+    """`fixed-0` with send-ahead ends at an eos with empty blocks still in flight. Their verdicts are
+    read after the close (their bytes charged, as their blocks' are), so the edge's status comes
+    back at once. gRPC gives a stream's status only once every message is read: the device waited
+    out `CLOSE_WAIT_S` (1 s more per generation, in its elapsed time), and their bytes were lost."""
+    target_dir = tmp_path / "target"
+    shutil.copytree(pair["target"], target_dir)
+    target = load_model(str(target_dir), "target", "float32", "cpu")
+    prompt = encode_prompt(target.tokenizer, "Ava has 12 apples.")
+    stop = target_greedy(target, prompt, 12)[6]  # the 7th token the target emits, made an end token
+    config = json.loads((target_dir / "generation_config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], stop]
+    (target_dir / "generation_config.json").write_text(json.dumps(config))
+    edge = EdgeProcess(["--target", str(target_dir), "--log-level", "info", "--log-format", "json"])
+
+    async def one(pipeline: str) -> GenerationResult:
+        client = EdgeClient(edge.address)
+        try:
+            policy = parse_policy("fixed-0", PolicyOptions(pipeline=pipeline, ahead_blocks=3))
+            return await client.generate(Drafter(target, SamplingParams()), prompt, 20, policy)
+        finally:
+            await client.close()
+
+    try:
+        piped, plain = asyncio.run(one("send-ahead")), asyncio.run(one("off"))
+    finally:
+        assert edge.stop() == 0
+    assert piped.token_ids == plain.token_ids and piped.stats.stop_reason == "eos"
+    assert piped.elapsed_s < CLOSE_WAIT_S  # 20 tokens of the tiny pair: a few ms
+    records = [json.loads(line) for line in edge.output().splitlines() if line.startswith("{")]
+    assert [r["outcome"] for r in records if r.get("event") == "session_end"] == ["OK", "OK"], records
+
+    def outside_rounds(r: GenerationResult) -> int:  # the opened message, and what came after the close
+        return r.stats.bytes_down - sum(t.bytes_down for t in r.stats.rounds_log)
+
+    assert outside_rounds(piped) > outside_rounds(plain)  # the verdicts of the blocks sent past the eos
