@@ -34,6 +34,12 @@ class EdgeConfig(Settings):
     )
     port: int = setting(50051, "gRPC port; 0 picks a free one", type=port_number, check=PORT)
     max_sessions: int = setting(64, "open sessions at most (beyond: RESOURCE_EXHAUSTED)", check=(ge(1), UINT32))
+    max_sessions_per_client: int = setting(
+        0,
+        "open sessions one client may hold (beyond: RESOURCE_EXHAUSTED), a client being the subject of its "
+        "certificate under --tls-client-ca, else its IP address; 0: no limit",
+        check=(ge(0), UINT32),
+    )
     max_draft_tokens: int = setting(32, "largest draft block accepted", check=(ge(1), DRAFTS_FIT))
     max_ahead_rounds: int = setting(
         4,

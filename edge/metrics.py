@@ -6,9 +6,10 @@ not collide); `serve(host, port)` exposes it over plain HTTP without authenticat
 `gelato_edge_sessions_active`, `gelato_edge_batches_total`, `gelato_edge_batch_rows_total`
 (rows / batches = mean batch size), `gelato_edge_verify_seconds` (histogram of a batch's
 forward + acceptance), `gelato_edge_tokens_accepted_total`, `gelato_edge_tokens_drafted_total`,
-`gelato_edge_sessions_rejected_total{reason="admission"|"kv_memory"|"waiting_streams"}` (opens
-refused for lack of room: `--max-sessions` or `--kv-budget-mb`; no device memory for its KV or its prefill; too
-many streams waiting to open), `gelato_edge_kv_bytes`,
+`gelato_edge_sessions_rejected_total{reason="admission"|"client_limit"|"kv_memory"|"waiting_streams"}`
+(opens refused for lack of room: `--max-sessions` or `--kv-budget-mb`; the client's own
+`--max-sessions-per-client`; no device memory for its KV or its prefill; too many streams waiting
+to open), `gelato_edge_kv_bytes`,
 `gelato_edge_kv_pool_bytes`, `gelato_edge_ahead_blocks_total{outcome="hit"|"stale"}` (send-ahead
 blocks verified / answered stale; one that fails is neither).
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-REJECT_REASONS = ("admission", "kv_memory", "waiting_streams")
+REJECT_REASONS = ("admission", "client_limit", "kv_memory", "waiting_streams")
 
 
 class EdgeMetrics:

@@ -29,6 +29,7 @@ from grpc._cython.cygrpc import ExecuteBatchError
 
 from gelato.deadline import within
 from gelato.edge.batcher import Batcher
+from gelato.edge.clients import client_of
 from gelato.edge.config import EdgeConfig
 from gelato.edge.kv_pool import PoolMemoryError
 from gelato.edge.metrics import EdgeMetrics
@@ -101,7 +102,11 @@ class GelatoService:
         # One model thread: forwards never run on the event loop and never race on the model.
         self.executor = ModelThread()
         self.registry = SessionRegistry(
-            config.max_sessions, int(config.kv_budget_mb * 2**20), config.max_draft_tokens, self._close_on_model_thread
+            config.max_sessions,
+            int(config.kv_budget_mb * 2**20),
+            config.max_draft_tokens,
+            self._close_on_model_thread,
+            config.max_sessions_per_client,
         )
         # Gauges read at scrape time, not set per verdict: that would walk every session on every
         # verdict (O(sessions) each, on the event loop), and the pool is reshaped on the model thread.
@@ -232,7 +237,7 @@ class GelatoService:
         if kind == "open":
             if session is not None:
                 raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "session already open")
-            session = stream.session = await self._open(msg.open)
+            session = stream.session = await self._open(msg.open, client_of(context.peer(), context.auth_context()))
             log_open(session, context.peer())
             self._refuse_if_ending()
             await self._send(context, encode_opened(self._session_info(session)))
@@ -346,7 +351,7 @@ class GelatoService:
                 "reopen with the accepted prefix",
             ) from None
 
-    async def _open(self, req: pb.OpenSession) -> TargetSession:
+    async def _open(self, req: pb.OpenSession, client: str) -> TargetSession:
         m = self._require_model()
         # Whether this edge can serve the device at all (FAILED_PRECONDITION), then whether the
         # request itself is well formed (`decode_open`: INVALID_ARGUMENT).
@@ -367,9 +372,9 @@ class GelatoService:
         except WireError as exc:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         try:
-            session = self.registry.admit(m, opening.sampling, list(opening.prefix_ids), opening.max_new_tokens)
+            session = self.registry.admit(m, opening.sampling, list(opening.prefix_ids), opening.max_new_tokens, client)
         except AdmissionError as exc:
-            self.metrics.sessions_rejected.labels("admission").inc()
+            self.metrics.sessions_rejected.labels(exc.reason).inc()
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
         try:
             loop, piece = asyncio.get_running_loop(), self.config.prefill_chunk_tokens

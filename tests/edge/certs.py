@@ -1,5 +1,5 @@
-"""Certificates made at test time (a CA, a server certificate for localhost/127.0.0.1, a client
-certificate), written as PEM files: nothing secret is committed."""
+"""Certificates made at test time (a CA, a server certificate for localhost/127.0.0.1, two client
+certificates), written as PEM files: nothing secret is committed."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey |
 
 
 def make_pki(folder: Path, ca_name: str = "gelato-test-ca") -> dict[str, Path]:
-    """ca.crt, server.crt/.key (localhost, 127.0.0.1), client.crt/.key, all signed by the CA."""
+    """ca.crt, server.crt/.key (localhost, 127.0.0.1), client.crt/.key and client2.crt/.key (two
+    devices), all signed by the CA."""
     folder.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert(ca_name, ca_key, ca_name, ca_key, ca=True)
@@ -66,10 +67,11 @@ def make_pki(folder: Path, ca_name: str = "gelato-test-ca") -> dict[str, Path]:
         _cert("localhost", server_key, ca_name, ca_key, sans=sans, usage=[ExtendedKeyUsageOID.SERVER_AUTH]),
         server_key,
     )
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    _write(
-        folder / "client",
-        _cert("gelato-device", client_key, ca_name, ca_key, usage=[ExtendedKeyUsageOID.CLIENT_AUTH]),
-        client_key,
-    )
+    for stem, cn in (("client", "gelato-device"), ("client2", "gelato-device-2")):
+        client_key = ec.generate_private_key(ec.SECP256R1())
+        _write(
+            folder / stem,
+            _cert(cn, client_key, ca_name, ca_key, usage=[ExtendedKeyUsageOID.CLIENT_AUTH]),
+            client_key,
+        )
     return {p.stem + p.suffix: p for p in folder.iterdir()}

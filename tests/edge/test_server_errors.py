@@ -197,7 +197,7 @@ def test_admission_control(pair: dict[str, Path], fingerprint: str) -> None:
             first = stub.Session(iter_until_closed(requests), timeout=60)
             assert next(first).WhichOneof("kind") == "opened"
             expect_status(stub, [open_msg(fingerprint)], grpc.StatusCode.RESOURCE_EXHAUSTED)
-            assert rejected(metrics_port) == {"admission": 1, "kv_memory": 0, "waiting_streams": 0}
+            assert rejected(metrics_port) == {"admission": 1, "client_limit": 0, "kv_memory": 0, "waiting_streams": 0}
             requests.append(draft(0, [1, 2, 3]))
             assert next(first).verdict.round == 0
             requests.append(pb.DeviceMessage(close=pb.CloseSession()))

@@ -1,0 +1,119 @@
+"""`--max-sessions-per-client`: one client's open sessions are bounded, others' are not. A client
+is its IP address (plaintext, or TLS without client certificates) or, under mutual TLS, the subject
+of its certificate, so two devices behind one address are told apart. Real edge processes, real
+gRPC streams held open; the naming rule (`gelato.edge.clients.client_of`) on its own."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gelato.edge.clients import client_of
+from gelato.models import LoadedModel
+from gelato.v1 import gelato_pb2 as pb
+from gelato.v1 import gelato_pb2_grpc as pb_grpc
+from tests.conftest import EdgeProcess
+from tests.edge.certs import make_pki
+from tests.edge.test_batched_grpc import free_port, open_msg, scrape
+
+
+class HeldStream:
+    """A Session stream kept open between messages (the request iterator waits on a queue)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._out: queue.Queue[pb.DeviceMessage | None] = queue.Queue()
+        self._replies: Iterator[pb.EdgeMessage] = pb_grpc.GelatoStub(channel).Session(
+            iter(self._out.get, None), timeout=60
+        )
+
+    def open(self, fingerprint: str) -> pb.EdgeMessage:
+        self._out.put(open_msg(fingerprint, 5, 8))
+        return next(self._replies)
+
+    def close(self) -> None:
+        self._out.put(pb.DeviceMessage(close=pb.CloseSession()))
+        self._out.put(None)
+        assert list(self._replies) == []  # ended OK, nothing more said
+
+
+def refused(stream: HeldStream, fingerprint: str) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        stream.open(fingerprint)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
+    return info.value.details() or ""
+
+
+def test_one_address_holds_at_most_its_limit(pair: dict[str, Path], drafter_model: LoadedModel) -> None:
+    port = free_port()
+    args = ["--target", str(pair["target"]), "--max-sessions-per-client", "2", "--metrics-port", str(port)]
+    edge = EdgeProcess(args)
+    fp = drafter_model.fingerprint
+    try:
+        with grpc.insecure_channel(edge.address) as channel:
+            first, second = HeldStream(channel), HeldStream(channel)
+            assert first.open(fp).HasField("opened") and second.open(fp).HasField("opened")
+            details = refused(HeldStream(channel), fp)
+            assert "this client (ip:127.0.0.1) holds 2 open sessions" in details, details
+            assert "--max-sessions-per-client 2" in details
+            first.close()  # its room comes back once it is closed
+            third = HeldStream(channel)
+            assert third.open(fp).HasField("opened")
+            second.close()
+            third.close()
+        m = scrape(port)
+        assert m['gelato_edge_sessions_rejected_total{reason="client_limit"}'] == 1
+        assert m['gelato_edge_sessions_rejected_total{reason="admission"}'] == 0
+    finally:
+        assert edge.stop() == 0
+
+
+def test_under_mutual_tls_a_client_is_its_certificate(
+    pair: dict[str, Path], drafter_model: LoadedModel, tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    tls = ["--tls-cert", str(pki["server.crt"]), "--tls-key", str(pki["server.key"])]
+    edge = EdgeProcess(
+        ["--target", str(pair["target"]), *tls, "--tls-client-ca", str(pki["ca.crt"]), "--max-sessions-per-client", "1"]
+    )
+    fp = drafter_model.fingerprint
+
+    def channel(stem: str) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(
+            pki["ca.crt"].read_bytes(), pki[f"{stem}.key"].read_bytes(), pki[f"{stem}.crt"].read_bytes()
+        )
+        return grpc.secure_channel(edge.address.replace("127.0.0.1", "localhost"), credentials)
+
+    try:
+        with channel("client") as one, channel("client2") as two:
+            held = HeldStream(one)
+            assert held.open(fp).HasField("opened")
+            details = refused(HeldStream(one), fp)
+            assert "this client (cert:" in details and "gelato-device)" in details, details
+            other = HeldStream(two)  # the same address, another certificate: another client
+            assert other.open(fp).HasField("opened")
+            held.close()
+            other.close()
+    finally:
+        assert edge.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("peer", "auth", "client"),
+    [
+        ("ipv4:10.0.0.7:50412", {}, "ip:10.0.0.7"),
+        ("ipv6:[::1]:50412", {}, "ip:::1"),
+        ("ipv6:[2001:db8::7]:1", {}, "ip:2001:db8::7"),
+        ("ipv6:[::ffff:10.0.0.7]:50412", {}, "ip:10.0.0.7"),  # IPv4 through a dual-stack listener
+        ("unix:/run/gelato.sock", {}, "unix:/run/gelato.sock"),
+        ("ipv4:10.0.0.7:1", {"x509_subject": [b"CN=dev-1,O=fleet"]}, "cert:CN=dev-1,O=fleet"),
+        ("ipv4:10.0.0.7:1", {"x509_common_name": [b"dev-1"]}, "cert:CN=dev-1"),
+        # TLS without a client certificate: the auth context names no subject, the address counts.
+        ("ipv4:10.0.0.7:1", {"transport_security_type": [b"ssl"]}, "ip:10.0.0.7"),
+    ],
+)
+def test_client_names(peer: str, auth: dict[str, list[bytes]], client: str) -> None:
+    assert client_of(peer, auth) == client
