@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
-
-from gelato.cli_common import EnvArgumentParser, fail, setup_logging, setup_torch_threads
+from gelato.cli_common import EnvArgumentParser, fail, say, setup_logging, setup_torch_threads
 from gelato.device.config import DeviceConfig
 from gelato.device.energy import EnergyAccountant
 from gelato.device.policy import Lyapunov, parse_policy
@@ -41,6 +41,9 @@ from gelato.security import (
     read_token,
     target_is_loopback,
 )
+
+if TYPE_CHECKING:  # gRPC loads after `setup_logging`, which may set GRPC_VERBOSITY for it
+    import grpc
 
 
 def build_parser() -> EnvArgumentParser:
@@ -106,11 +109,9 @@ def open_accountant(config: DeviceConfig) -> EnergyAccountant:
     meter = open_meter(config.meter, config.device_profile, config.device)
     shares_host = config.edge and target_is_loopback(config.edge)
     if meter.source in HOST_WIDE and shares_host and config.policy != "ar-device":  # ar-device: no edge
-        print(
+        say(
             f"gelato-device: warning: the {meter.source} meter reads {HOST_WIDE[meter.source]}, which the edge at "
-            f"{config.edge} shares: its energy counts as the device's (--meter cpu-model meters this process alone)",
-            file=sys.stderr,
-            flush=True,
+            f"{config.edge} shares: its energy counts as the device's (--meter cpu-model meters this process alone)"
         )
     return EnergyAccountant(meter, radio_profile(config.radio))
 
@@ -133,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except Terminated:
-        print("gelato-device: terminated", file=sys.stderr)
+        say("gelato-device: terminated", logging.ERROR)
         return 143
     except KeyboardInterrupt:
-        print("gelato-device: interrupted", file=sys.stderr)
+        say("gelato-device: interrupted", logging.ERROR)
         return 130
     except BrokenPipeError:
         # Python would report the failed flush of stdout again at exit: point it at /dev/null.
@@ -172,21 +173,17 @@ def _main(argv: list[str] | None = None) -> int:
         # Allowed only by --insecure: said at every run, naming the variable if it came from one
         # (a GELATO_DEVICE_INSECURE left exported would otherwise pass unnoticed), as the edge does.
         why = parser.explain("--insecure")
-        print(
+        say(
             f"gelato-device: warning: sending the bearer token in plaintext to {config.edge} ({why}): anyone "
-            "on the path can read it",
-            file=sys.stderr,
-            flush=True,
+            "on the path can read it"
         )
     policy = parse_policy(config.policy, config.controller)
     if config.controller.budget_j_per_token is not None and not isinstance(policy, Lyapunov):  # gelato is one too
         # Accepted (the queue against it is recorded, for comparison), but said: the run will not
         # keep the budget unless its policy decides by it.
-        print(
+        say(
             f"gelato-device: warning: --policy {policy.name} does not steer by --energy-budget-j-per-token "
-            "(only lyapunov and gelato do): the run only records its deficit queue against it",
-            file=sys.stderr,
-            flush=True,
+            "(only lyapunov and gelato do): the run only records its deficit queue against it"
         )
     bad_trace = trace_problem(config.trace)
     if bad_trace:  # before the model loads: a typo should not cost a load (minutes for a real one)

@@ -10,15 +10,15 @@ module `gelato.device.cli` documents the records and statuses). Kept apart from 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, TextIO
 
 import grpc
 
-from gelato.cli_common import fail
+from gelato.cli_common import fail, say
 from gelato.device.client import EdgeClient
 from gelato.device.client_errors import EdgeError, EdgeUnreachable
 from gelato.device.config import DeviceConfig
@@ -211,13 +211,12 @@ def emit(config: DeviceConfig, rec: dict[str, Any]) -> None:
     if "text" in rec:
         print(rec["text"], flush=True)
     if rec.get("error"):
-        print(f"error: {rec['error']}", file=sys.stderr, flush=True)
+        say(f"error: {rec['error']}", logging.ERROR)
     if "rounds" in rec:
-        print(
+        say(
             f"-- {rec['n_tokens']} tokens in {rec['elapsed_s']:.2f}s ({rec['tokens_per_s']:.1f} tok/s), "
             f"{rec['rounds']} rounds, accepted {rec['accepted']}/{rec['drafted']} drafts, stop: {rec['stop_reason']}",
-            file=sys.stderr,
-            flush=True,
+            logging.INFO,
         )
 
 

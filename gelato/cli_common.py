@@ -94,12 +94,13 @@ _JSON_LOGS = False  # set by `setup_logging`: stderr's lines are JSON records
 
 
 def say(message: str, level: int = logging.WARNING) -> None:
-    """A status line for stderr: as it is, or under `--log-format json` a log record (logger
-    `gelato.cli`), so that a collector reading stderr gets JSON lines only."""
+    """A status line for stderr, shown whatever `--log-level` is: as it is, or under `--log-format
+    json` as a JSON record of `level` (logger `gelato.cli`), so that a collector reading stderr
+    gets JSON lines only."""
     if _JSON_LOGS:
-        logging.getLogger("gelato.cli").log(level, message)
-    else:
-        print(message, file=sys.stderr, flush=True)
+        record = logging.getLogger("gelato.cli").makeRecord("gelato.cli", level, "", 0, message, (), None)
+        message = JsonFormatter().format(record)
+    print(message, file=sys.stderr, flush=True)
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:
