@@ -350,7 +350,7 @@ class EdgeClient:
         # agreeing); past it the rounds go on with K = 0. The target's end tokens end it: a
         # drafter whose generation config lists other ones (same tokenizer) would stop early, or
         # go on past the target's end (and wait forever for a token `Generate` never streams).
-        eos = opened.eos_token_ids or loaded.eos_token_ids
+        eos = opened.eos_token_ids if opened.eos_token_ids is not None else loaded.eos_token_ids
         limits = Limits(max_new_tokens, opened.context_limit, opened.max_draft_tokens, eos, loaded.context_limit)
         self._warn_cap(policy, opened.max_draft_tokens)
         link = self._link(call, policy, opened)

@@ -86,7 +86,8 @@ class SessionInfo:
     """The edge's answer to `SessionOpen` (`SessionOpened` on the wire): its limits for this session.
     `max_ahead_rounds`: how many send-ahead blocks past the last verdict it verifies (0: none);
     `empty_ahead`: whether it verifies empty send-ahead blocks (`DraftBlock.follow`);
-    `eos_token_ids`: the target's end tokens, where a generation ends (empty: an older edge)."""
+    `eos_token_ids`: the target's end tokens, where a generation ends (() for a target that has
+    none: it ends at its limits; None: an older edge did not say)."""
 
     session_id: str
     target_model: str
@@ -94,7 +95,7 @@ class SessionInfo:
     max_draft_tokens: int
     max_ahead_rounds: int = 0
     empty_ahead: bool = False
-    eos_token_ids: tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,8 @@ def encode_opened(info: SessionInfo) -> pb.EdgeMessage:
             max_draft_tokens=info.max_draft_tokens,
             max_ahead_rounds=info.max_ahead_rounds,
             empty_ahead=info.empty_ahead,
-            eos_token_ids=info.eos_token_ids,
+            eos_token_ids=info.eos_token_ids or (),
+            eos_listed=info.eos_token_ids is not None,
         )
     )
 
@@ -98,7 +99,7 @@ def encode_opened(info: SessionInfo) -> pb.EdgeMessage:
 def decode_opened(msg: pb.SessionOpened) -> SessionInfo:
     """An edge that omits `max_ahead_rounds` (older than send-ahead) reads as 0: none; one that
     omits `empty_ahead` as False (it would refuse empty send-ahead blocks); one that omits
-    `eos_token_ids` as () (the device then ends at its drafter's)."""
+    `eos_token_ids` and `eos_listed` as None (the device then ends at its drafter's)."""
     if msg.context_limit < 1:
         raise WireError(f"SessionOpened: context_limit must be >= 1, got {msg.context_limit}")
     return SessionInfo(
@@ -108,7 +109,7 @@ def decode_opened(msg: pb.SessionOpened) -> SessionInfo:
         max_draft_tokens=msg.max_draft_tokens,
         max_ahead_rounds=msg.max_ahead_rounds,
         empty_ahead=msg.empty_ahead,
-        eos_token_ids=tuple(msg.eos_token_ids),
+        eos_token_ids=tuple(msg.eos_token_ids) if msg.eos_listed or msg.eos_token_ids else None,
     )
 
 

@@ -136,3 +136,42 @@ def test_the_device_ends_where_the_target_does_not_where_its_drafter_would(
     assert res.returncode == 0, res.stderr
     rec = json.loads(res.stdout)
     assert rec["token_ids"] == want and rec["stop_reason"] == "eos", (rec["token_ids"], want, rec["stop_reason"])
+
+
+@pytest.mark.parametrize("policy", ["fixed-3", "ar-edge"])
+def test_a_target_with_no_end_token_runs_to_its_limit(pair: dict[str, Path], tmp_path: Path, policy: str) -> None:
+    """A target whose tokenizer and generation config name no end token never ends at one: the
+    device's output is its greedy decoding up to --max-new-tokens, even where the drafter's own end
+    token comes. The edge said `eos_token_ids` empty, which the device read as an older edge that
+    did not say, and ended at its drafter's (here a token the target emits 4th)."""
+    import shutil
+
+    target_dir, drafter_dir = tmp_path / "target", tmp_path / "drafter"
+    shutil.copytree(pair["target"], target_dir)
+    shutil.copytree(pair["drafter_agree"], drafter_dir)
+    for name, key in (("generation_config.json", "eos_token_id"), ("config.json", "eos_token_id")):
+        config = json.loads((target_dir / name).read_text())
+        config.pop(key, None)
+        (target_dir / name).write_text(json.dumps(config))
+    tok_config = json.loads((target_dir / "tokenizer_config.json").read_text())
+    tok_config["eos_token"] = None
+    (target_dir / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    target = load_model(str(target_dir), "target", "float32", "cpu")
+    assert target.eos_token_ids == ()
+    ids = torch.tensor([encode_prompt(target.tokenizer, "Ava has 12 apples.")])
+    pad_ids = list(range(target.vocab_size, target.model.config.vocab_size))
+    plain = target.model.generate(
+        ids, max_new_tokens=12, do_sample=False, eos_token_id=None, suppress_tokens=pad_ids, pad_token_id=0
+    )[0, ids.shape[1] :].tolist()
+    config = json.loads((drafter_dir / "generation_config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], plain[3]]  # the drafter would end at the 4th token
+    (drafter_dir / "generation_config.json").write_text(json.dumps(config))
+    edge = EdgeProcess(["--target", str(target_dir)])
+    try:
+        args = ["--drafter", str(drafter_dir), "--edge", edge.address, "--prompt", "Ava has 12 apples."]
+        res = run_device([*args, "--policy", policy, "--max-new-tokens", "12", "--json"], timeout_s=120)
+    finally:
+        edge.stop()
+    assert res.returncode == 0, res.stderr
+    rec = json.loads(res.stdout)
+    assert rec["token_ids"] == plain and rec["stop_reason"] == "max_new_tokens", (rec["token_ids"], plain)

@@ -115,7 +115,7 @@ class DeviceMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., draft: _Optional[_Union[DraftBlock, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ..., generate: _Optional[_Union[Generate, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "target_model", "context_limit", "max_draft_tokens", "max_ahead_rounds", "empty_ahead", "eos_token_ids")
+    __slots__ = ("session_id", "target_model", "context_limit", "max_draft_tokens", "max_ahead_rounds", "empty_ahead", "eos_token_ids", "eos_listed")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class SessionOpened(_message.Message):
     MAX_AHEAD_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     EMPTY_AHEAD_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    EOS_LISTED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     target_model: str
     context_limit: int
@@ -130,7 +131,8 @@ class SessionOpened(_message.Message):
     max_ahead_rounds: int
     empty_ahead: bool
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[str] = ..., context_limit: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., max_ahead_rounds: _Optional[int] = ..., empty_ahead: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    eos_listed: bool
+    def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[str] = ..., context_limit: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., max_ahead_rounds: _Optional[int] = ..., empty_ahead: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., eos_listed: _Optional[bool] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("round", "n_accepted", "next_token", "queue_ms", "compute_ms", "batch_rows", "stale")

@@ -3,6 +3,8 @@ clipped client strings; session open/opened; policy parsing; seed derivation."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -251,6 +253,13 @@ def test_opened_round_trip() -> None:
     older = pb.SessionOpened(session_id="s1", target_model="t", context_limit=512, max_draft_tokens=32)
     assert decode_opened(older).max_ahead_rounds == 0  # an edge without send-ahead
     assert not decode_opened(older).empty_ahead  # nor empty send-ahead blocks
+    # End tokens: a list, an empty one (a target that has none: the generation ends at its limits)
+    # and none told (an older edge: the device ends at its drafter's) are three different answers.
+    for eos in ((2, 7), (), None):
+        assert decode_opened(encode_opened(replace(info, eos_token_ids=eos)).opened).eos_token_ids == eos
+    assert decode_opened(older).eos_token_ids is None
+    listed_by_an_older_edge = pb.SessionOpened(session_id="s1", context_limit=512, eos_token_ids=[2])
+    assert decode_opened(listed_by_an_older_edge).eos_token_ids == (2,)
     with pytest.raises(WireError, match="context_limit must be >= 1"):
         decode_opened(pb.SessionOpened(session_id="s1"))
 
