@@ -1,47 +1,64 @@
 """Who a Session stream's client is, for `--max-sessions-per-client`.
 
 Contract: `client_of(peer, auth)` names the client behind a call from what gRPC tells the handler
-(`context.peer()`, `context.auth_context()`): under mutual TLS the subject of the certificate it
-presented (`cert:CN=gelato-device`), since devices behind one NAT share an address but not a
-certificate; otherwise its IP address without the port (`ip:10.0.0.7`; an IPv4 address mapped
-into IPv6 is written as IPv4, so a dual-stack listener counts one client once), and any other
-transport (a Unix socket) as the peer string itself. A bearer token names no one: every device
-of a deployment carries the same one. Pure: no gRPC import, tested on its own.
+(`context.peer()`, `context.auth_context()`). Under mutual TLS it is the certificate the client
+presented: named by its subject (its subject alternative names when the subject is empty) and told
+apart by the certificate's SHA-256 (`cert:CN=dev-7 sha256:1f2e...`), so devices behind one NAT,
+and devices whose certificates share a subject, are different clients, and one device is one
+client over any number of connections. Otherwise it is the IP address without the port
+(`ip:10.0.0.7`; an IPv4 address mapped into IPv6 as IPv4; a global IPv6 address by its /64, since
+one host may use any address of its network: `ip:2001:db8:1:2::/64`); any other transport as the
+peer string itself (gRPC names every Unix-socket peer `unix:`: one client). A bearer token names no
+one: every device of a deployment carries the same one. Pure: no gRPC import, tested on its own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections.abc import Iterable, Mapping
-
-# What gRPC's auth context calls a verified peer certificate's subject; older cores give the
-# common name only.
-_SUBJECT_KEYS = ("x509_subject", "x509_common_name")
+from urllib.parse import unquote
 
 
 def client_of(peer: str, auth: Mapping[str, Iterable[bytes]]) -> str:
     """The client behind a call (module docstring)."""
-    for key in _SUBJECT_KEYS:
-        values = [v.decode(errors="replace") for v in auth.get(key, ())]
-        if values:
-            name = values[0] if key == "x509_subject" else f"CN={values[0]}"
-            return f"cert:{name}"
+    pem = _first(auth, "x509_pem_cert")
+    cn = _first(auth, "x509_common_name")
+    subject = _first(auth, "x509_subject") or (f"CN={cn}" if cn else "")
+    if pem or subject:
+        name = subject or ",".join(_all(auth, "x509_subject_alternative_name")) or "no subject"
+        digest = f" sha256:{hashlib.sha256(pem.encode()).hexdigest()[:16]}" if pem else ""
+        return f"cert:{name}{digest}"
     return _address(peer)
 
 
+def _all(auth: Mapping[str, Iterable[bytes]], key: str) -> list[str]:
+    """The non-empty values of an auth-context property (a certificate without a subject gives
+    an empty one)."""
+    return [text for v in auth.get(key, ()) if (text := v.decode(errors="replace"))]
+
+
+def _first(auth: Mapping[str, Iterable[bytes]], key: str) -> str:
+    values = _all(auth, key)
+    return values[0] if values else ""
+
+
 def _address(peer: str) -> str:
-    """`ipv4:1.2.3.4:5678` -> `ip:1.2.3.4`; `ipv6:[::1]:5678` -> `ip:::1`; else the peer as is."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        host = rest.rpartition(":")[0]
-    elif kind == "ipv6":
-        host = rest.rpartition(":")[0].removeprefix("[").removesuffix("]")
-    else:
+    """`ipv4:1.2.3.4:5678` -> `ip:1.2.3.4`; `ipv6:%5B::1%5D:5678` (gRPC escapes the brackets)
+    -> `ip:::1`; else the peer as is."""
+    kind, _, rest = unquote(peer).partition(":")
+    host = rest.rpartition(":")[0]
+    if kind == "ipv6":
+        host = host.removeprefix("[").removesuffix("]")
+    elif kind != "ipv4":
         return peer
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return peer
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return f"ip:{address.ipv4_mapped}"
+        if address.is_global:
+            return f"ip:{ipaddress.IPv6Network((address, 64), strict=False)}"
     return f"ip:{address}"

@@ -36,8 +36,9 @@ class EdgeConfig(Settings):
     max_sessions: int = setting(64, "open sessions at most (beyond: RESOURCE_EXHAUSTED)", check=(ge(1), UINT32))
     max_sessions_per_client: int = setting(
         0,
-        "open sessions one client may hold (beyond: RESOURCE_EXHAUSTED), a client being the subject of its "
-        "certificate under --tls-client-ca, else its IP address; 0: no limit",
+        "Session streams (open, or waiting for their open) one client may hold (beyond: RESOURCE_EXHAUSTED), a "
+        "client being its certificate under --tls-client-ca, else its IP address (an IPv6 one by its /64); 0: no "
+        "limit",
         check=(ge(0), UINT32),
     )
     max_draft_tokens: int = setting(32, "largest draft block accepted", check=(ge(1), DRAFTS_FIT))

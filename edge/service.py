@@ -73,14 +73,15 @@ MIN_WAITING_STREAMS = 64
 
 
 class _Stream:
-    """An open Session stream: its session once opened, and as shutdown sees it: the task serving
+    """An open Session stream: its client, its session once opened, and as shutdown sees it: the task serving
     it, since when (`time.monotonic()`) it waits for its device's next message (None while the
     edge owes the device an answer), and whether shutdown has cut it."""
 
-    __slots__ = ("cut", "session", "task", "waiting_since")
+    __slots__ = ("client", "cut", "session", "task", "waiting_since")
 
-    def __init__(self, task: asyncio.Task | None) -> None:
+    def __init__(self, task: asyncio.Task | None, client: str = "") -> None:
         self.task = task
+        self.client = client  # who opened it (`gelato.edge.clients.client_of`)
         self.session: TargetSession | None = None
         self.waiting_since: float | None = None
         self.cut = False
@@ -102,11 +103,7 @@ class GelatoService:
         # One model thread: forwards never run on the event loop and never race on the model.
         self.executor = ModelThread()
         self.registry = SessionRegistry(
-            config.max_sessions,
-            int(config.kv_budget_mb * 2**20),
-            config.max_draft_tokens,
-            self._close_on_model_thread,
-            config.max_sessions_per_client,
+            config.max_sessions, int(config.kv_budget_mb * 2**20), config.max_draft_tokens, self._close_on_model_thread
         )
         # Gauges read at scrape time, not set per verdict: that would walk every session on every
         # verdict (O(sessions) each, on the event loop), and the pool is reshaped on the model thread.
@@ -179,6 +176,17 @@ class GelatoService:
         return max(MIN_WAITING_STREAMS, self.config.max_sessions)
 
     async def Session(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        client = client_of(context.peer(), context.auth_context())
+        limit = self.config.max_sessions_per_client
+        if limit and (held := sum(s.client == client for s in self.streams)) >= limit:
+            # Counted before the edge-wide limit on waiting streams: one client's flood of streams
+            # that send nothing is refused here, and leaves the waiting room to the others.
+            self.metrics.sessions_rejected.labels("client_limit").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this client ({client}) holds {held} Session streams on this edge (open, or waiting for their "
+                f"open), its limit (--max-sessions-per-client {limit}); close one or try again later",
+            )
         waiting = sum(s.session is None for s in self.streams)
         if waiting >= self.waiting_limit():
             self.metrics.sessions_rejected.labels("waiting_streams").inc()
@@ -187,7 +195,7 @@ class GelatoService:
                 f"{waiting} Session streams are waiting to open on this edge (at most {self.waiting_limit()}); "
                 "send the open as the stream's first message, or try again later",
             )
-        stream = _Stream(asyncio.current_task())
+        stream = _Stream(asyncio.current_task(), client)
         self.streams.add(stream)
         outcome = "OK"
         try:
@@ -237,7 +245,7 @@ class GelatoService:
         if kind == "open":
             if session is not None:
                 raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "session already open")
-            session = stream.session = await self._open(msg.open, client_of(context.peer(), context.auth_context()))
+            session = stream.session = await self._open(msg.open)
             log_open(session, context.peer())
             self._refuse_if_ending()
             await self._send(context, encode_opened(self._session_info(session)))
@@ -351,7 +359,7 @@ class GelatoService:
                 "reopen with the accepted prefix",
             ) from None
 
-    async def _open(self, req: pb.OpenSession, client: str) -> TargetSession:
+    async def _open(self, req: pb.OpenSession) -> TargetSession:
         m = self._require_model()
         # Whether this edge can serve the device at all (FAILED_PRECONDITION), then whether the
         # request itself is well formed (`decode_open`: INVALID_ARGUMENT).
@@ -372,9 +380,9 @@ class GelatoService:
         except WireError as exc:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         try:
-            session = self.registry.admit(m, opening.sampling, list(opening.prefix_ids), opening.max_new_tokens, client)
+            session = self.registry.admit(m, opening.sampling, list(opening.prefix_ids), opening.max_new_tokens)
         except AdmissionError as exc:
-            self.metrics.sessions_rejected.labels(exc.reason).inc()
+            self.metrics.sessions_rejected.labels("admission").inc()
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
         try:
             loop, piece = asyncio.get_running_loop(), self.config.prefill_chunk_tokens

@@ -27,8 +27,7 @@ asks for the next target token whatever the parent gave: verified whenever the p
 Duplicate, out-of-order and too-deep blocks raise `StatusError`.
 
 `SessionRegistry` contract: `admit(...)` creates a `TargetSession` or raises `AdmissionError`
-(the server answers RESOURCE_EXHAUSTED) when `max_sessions` are open, when its `client` holds
-`max_per_client` of them already (`reason` "client_limit"), or the KV pool would pass
+(the server answers RESOURCE_EXHAUSTED) when `max_sessions` are open or the KV pool would pass
 `kv_budget_bytes`. A session reserves KV for its whole possible length (prefix + max_new_tokens +
 one draft block, capped at the context limit), so admitted sessions never run out mid-generation:
 the budget is charged for it at admission, and the first prefill takes its slot and context (a
@@ -43,7 +42,6 @@ session (its slot; the pool shrinks when it can) and is idempotent, so every way
 
 from __future__ import annotations
 
-import collections
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -236,12 +234,7 @@ class TargetSession:
 
 
 class AdmissionError(RuntimeError):
-    """Opening one more session would exceed a limit; existing sessions are unaffected. `reason`:
-    "admission" (the edge's limits) or "client_limit" (the client's own)."""
-
-    def __init__(self, message: str, reason: str = "admission") -> None:
-        super().__init__(message)
-        self.reason = reason
+    """Opening one more session would exceed a limit; existing sessions are unaffected."""
 
 
 class SessionRegistry:
@@ -251,7 +244,6 @@ class SessionRegistry:
         kv_budget_bytes: int,
         max_draft_tokens: int,
         closer: Callable[[TargetSession], None] = TargetSession.close,
-        max_per_client: int = 0,
     ) -> None:
         # `closer` gives a session's KV slot back; the server runs it on the model thread so that
         # no forward still holding the slot can run after it.
@@ -260,9 +252,6 @@ class SessionRegistry:
         self.kv_budget_bytes = kv_budget_bytes  # 0: no KV limit
         self.max_draft_tokens = max_draft_tokens
         self.entries: dict[str, TargetSession] = {}
-        self.max_per_client = max_per_client  # 0: no limit
-        self._client_of: dict[str, str] = {}  # session id -> its client
-        self._per_client: collections.Counter[str] = collections.Counter()
         # Sessions opened and prefilled: the ones that can send a block. The batcher closes its
         # window once each has a row in; one still prefilling would hold it for the whole window.
         self._ready: set[str] = set()
@@ -304,22 +293,10 @@ class SessionRegistry:
         return plan_pool(self.shape, sessions, tokens, budget)
 
     def admit(
-        self,
-        loaded: LoadedModel,
-        params: SamplingParams,
-        prefix_ids: list[int],
-        max_new_tokens: int,
-        client: str = "",
+        self, loaded: LoadedModel, params: SamplingParams, prefix_ids: list[int], max_new_tokens: int
     ) -> TargetSession:
-        """A new session for `client` (who opened it: `gelato.edge.clients.client_of`)."""
         if len(self.entries) >= self.max_sessions:
             raise AdmissionError(f"edge is at its session limit ({self.max_sessions}); try again later")
-        if self.max_per_client and self._per_client[client] >= self.max_per_client:
-            raise AdmissionError(
-                f"this client ({client}) holds {self._per_client[client]} open sessions on this edge, its "
-                f"limit (--max-sessions-per-client {self.max_per_client}); close one or try again later",
-                reason="client_limit",
-            )
         wanted = len(prefix_ids) + (max_new_tokens or loaded.context_limit) + self.max_draft_tokens + 1
         tokens = min(loaded.context_limit, wanted)
         if self.pool is None:
@@ -346,8 +323,6 @@ class SessionRegistry:
             sid, loaded, params, list(prefix_ids), max_new_tokens, pool=self.pool, reserved_tokens=tokens
         )
         self.entries[sid] = session
-        self._client_of[sid] = client
-        self._per_client[client] += 1
         self._reshape(shape)
         return session
 
@@ -362,10 +337,6 @@ class SessionRegistry:
         self._ready.discard(session_id)
         if session is None:
             return
-        client = self._client_of.pop(session_id)
-        self._per_client[client] -= 1
-        if not self._per_client[client]:
-            del self._per_client[client]  # a fleet's clients come and go: keep only those with sessions
         session.released = True
         shape = self._plan(len(self.entries), self._longest())
         if shape is not None:  # fewer sessions always fit; the check is for the type checker

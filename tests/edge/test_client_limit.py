@@ -1,11 +1,14 @@
-"""`--max-sessions-per-client`: one client's open sessions are bounded, others' are not. A client
-is its IP address (plaintext, or TLS without client certificates) or, under mutual TLS, the subject
-of its certificate, so two devices behind one address are told apart. Real edge processes, real
-gRPC streams held open; the naming rule (`gelato.edge.clients.client_of`) on its own."""
+"""`--max-sessions-per-client`: one client's Session streams (open, or waiting for their open) are
+bounded, others' are not. A client is its IP address (plaintext, or TLS without client
+certificates) or, under mutual TLS, its certificate, so two devices behind one address are told
+apart. Real edge processes, real gRPC streams held open; the naming rule
+(`gelato.edge.clients.client_of`) on its own, with the peer strings gRPC really gives."""
 
 from __future__ import annotations
 
+import hashlib
 import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,15 +60,21 @@ def test_one_address_holds_at_most_its_limit(pair: dict[str, Path], drafter_mode
             first, second = HeldStream(channel), HeldStream(channel)
             assert first.open(fp).HasField("opened") and second.open(fp).HasField("opened")
             details = refused(HeldStream(channel), fp)
-            assert "this client (ip:127.0.0.1) holds 2 open sessions" in details, details
+            assert "this client (ip:127.0.0.1) holds 2 Session streams" in details, details
             assert "--max-sessions-per-client 2" in details
             first.close()  # its room comes back once it is closed
             third = HeldStream(channel)
             assert third.open(fp).HasField("opened")
             second.close()
+            # A stream that sends no open counts too: a client's streams left waiting cannot fill
+            # the edge's room for streams waiting to open.
+            silent = HeldStream(channel)
+            time.sleep(0.5)  # its call reaches the edge before the next one does
+            assert "holds 2 Session streams" in refused(HeldStream(channel), fp)
             third.close()
+            silent.close()
         m = scrape(port)
-        assert m['gelato_edge_sessions_rejected_total{reason="client_limit"}'] == 1
+        assert m['gelato_edge_sessions_rejected_total{reason="client_limit"}'] == 2
         assert m['gelato_edge_sessions_rejected_total{reason="admission"}'] == 0
     finally:
         assert edge.stop() == 0
@@ -92,7 +101,7 @@ def test_under_mutual_tls_a_client_is_its_certificate(
             held = HeldStream(one)
             assert held.open(fp).HasField("opened")
             details = refused(HeldStream(one), fp)
-            assert "this client (cert:" in details and "gelato-device)" in details, details
+            assert "this client (cert:CN=gelato-device sha256:" in details, details
             other = HeldStream(two)  # the same address, another certificate: another client
             assert other.open(fp).HasField("opened")
             held.close()
@@ -101,16 +110,38 @@ def test_under_mutual_tls_a_client_is_its_certificate(
         assert edge.stop() == 0
 
 
+PEM = b"-----BEGIN CERTIFICATE-----\nMIIB...\n-----END CERTIFICATE-----\n"
+PEM_SHA = "sha256:" + hashlib.sha256(PEM).hexdigest()[:16]
+
+
 @pytest.mark.parametrize(
     ("peer", "auth", "client"),
     [
         ("ipv4:10.0.0.7:50412", {}, "ip:10.0.0.7"),
+        ("ipv6:%5B::1%5D:50412", {}, "ip:::1"),  # as grpc 1.85 gives it: brackets escaped
         ("ipv6:[::1]:50412", {}, "ip:::1"),
-        ("ipv6:[2001:db8::7]:1", {}, "ip:2001:db8::7"),
-        ("ipv6:[::ffff:10.0.0.7]:50412", {}, "ip:10.0.0.7"),  # IPv4 through a dual-stack listener
-        ("unix:/run/gelato.sock", {}, "unix:/run/gelato.sock"),
-        ("ipv4:10.0.0.7:1", {"x509_subject": [b"CN=dev-1,O=fleet"]}, "cert:CN=dev-1,O=fleet"),
+        ("ipv6:%5B::ffff:10.0.0.7%5D:50412", {}, "ip:10.0.0.7"),  # IPv4 through a dual-stack listener
+        ("ipv6:%5Bfe80::1%25eth0%5D:7", {}, "ip:fe80::1%eth0"),  # link-local, with its zone
+        ("ipv6:%5B2a00:1450:4001:81c::200e%5D:7", {}, "ip:2a00:1450:4001:81c::/64"),  # a global one: its /64
+        ("ipv6:%5B2a00:1450:4001:81c:1:2:3:4%5D:7", {}, "ip:2a00:1450:4001:81c::/64"),
+        ("unix:", {}, "unix:"),  # every Unix-socket peer, as gRPC names it
+        (
+            "ipv4:10.0.0.7:1",
+            {"x509_subject": [b"CN=dev-1,O=fleet"], "x509_common_name": [b"dev-1"], "x509_pem_cert": [PEM]},
+            f"cert:CN=dev-1,O=fleet {PEM_SHA}",
+        ),
         ("ipv4:10.0.0.7:1", {"x509_common_name": [b"dev-1"]}, "cert:CN=dev-1"),
+        # A certificate with an empty subject (SANs only): named by its SANs, told apart by its hash.
+        (
+            "ipv4:10.0.0.7:1",
+            {
+                "x509_subject": [b""],
+                "x509_common_name": [b""],
+                "x509_subject_alternative_name": [b"spiffe://fleet/dev-1"],
+                "x509_pem_cert": [PEM],
+            },
+            f"cert:spiffe://fleet/dev-1 {PEM_SHA}",
+        ),
         # TLS without a client certificate: the auth context names no subject, the address counts.
         ("ipv4:10.0.0.7:1", {"transport_security_type": [b"ssl"]}, "ip:10.0.0.7"),
     ],
