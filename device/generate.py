@@ -255,8 +255,9 @@ def finish(
 
 
 def charge_bytes(stats: GenerationStats, policy: Policy, acct: EnergyAccountant | None, up: int, down: int = 0) -> None:
-    """Messages outside the generation's totals when they were made (the session's close, opens
-    that failed before it): their bytes and radio energy join the totals and the deficit queue."""
+    """Messages outside the generation's totals when they were made (the session's close and the
+    verdicts read after it, opens that failed before it): their bytes and radio energy join the
+    totals and the deficit queue."""
     e_j = acct.radio_j(up, down) if acct is not None else 0.0
     stats.bytes_up += up
     stats.bytes_down += down

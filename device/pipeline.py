@@ -35,7 +35,8 @@ never sent and not counted: it ends the chain), and `t_net_s` is measured to whe
 arrived, not to when the loop next looked at it (it may be drafting then). Blocks still in flight
 when the generation stops (sent past its eos or last token) and stale verdicts not yet charged to a
 round belong to no round: their bytes count in the generation's totals (`stats.bytes_up`,
-`bytes_down`, the radio energy), as the session's open does.
+`bytes_down`, the radio energy), as the session's open does; the verdicts of blocks still in flight
+are not read here (the edge client reads them after its close and charges them then).
 """
 
 from __future__ import annotations
