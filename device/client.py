@@ -66,7 +66,7 @@ __all__ = ["EdgeClient", "EdgeError", "EdgeUnreachable", "GenerationResult"]
 
 
 WAIT_FIRST_S, WAIT_MAX_S = 0.1, 2.0  # `EdgeClient.wait_ready`'s pauses between asks
-CLOSE_WAIT_S = 1.0  # at most this long for the edge's status after a session's close
+CLOSE_WAIT_S = 1.0  # after a session's close, at most this long for each answer still due, then its status
 
 
 class EdgeClient:
@@ -378,21 +378,17 @@ class EdgeClient:
             return None
         with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             await call.done_writing()  # the close is out; the end of the stream is no more bytes
-        drained = [0]
-
-        async def drain_then_status() -> None:
-            # Verdicts of blocks sent ahead past the generation's end are still on their way, and
-            # gRPC gives the stream's status only once they are read: read (and charge) them.
-            while (msg := await call.read()) is not grpc.aio.EOF:
-                drained[0] += wire_bytes(msg.ByteSize())  # type: ignore[union-attr]
-            await call.code()
-
-        # The edge ends the stream once it has read the close: its status comes back. Waited for
-        # (briefly), so that the cancel that frees the call (`_session`) does not race the close
-        # and the edge does not end a finished session as CANCELLED (its log and metrics said so).
+        # Verdicts of blocks sent ahead past the generation's end are still coming (the edge
+        # verifies each before it reads the close), and gRPC gives the stream's status only once
+        # they are read: read (and charge) them, each within CLOSE_WAIT_S of the one before. The
+        # status is waited for so that the cancel that frees the call (`_session`) does not race
+        # the close (the edge would end a finished session as CANCELLED in its log and metrics).
+        drained = 0
         with contextlib.suppress(Exception):
-            await within(drain_then_status(), CLOSE_WAIT_S)
-        return drained[0]
+            while (msg := await within(call.read(), CLOSE_WAIT_S)) is not grpc.aio.EOF:
+                drained += wire_bytes(msg.ByteSize())  # type: ignore[union-attr]
+            await within(call.code(), CLOSE_WAIT_S)
+        return drained
 
     def _warn_cap(self, policy: Policy, edge_cap: int) -> None:
         """Once per client: the policy asks for longer blocks than the edge verifies (`fixed-40`,
