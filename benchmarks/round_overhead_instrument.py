@@ -119,6 +119,7 @@ def device_timers(rec: Recorder, drafter_model: Any) -> Iterator[Patches]:
     drafter forward is the model's own `forward`; `KVSequence.forward`'s input tensor, logits
     slice and inference-mode entry count as drafting bookkeeping."""
     import gelato.device.client
+    import gelato.device.client_errors
     import gelato.device.drafter
     from gelato.device.client import EdgeClient
     from gelato.device.drafter import Drafter
@@ -135,7 +136,7 @@ def device_timers(rec: Recorder, drafter_model: Any) -> Iterator[Patches]:
     patches.time(gelato.device.drafter, "entropy_nats", rec, "entropy")
     patches.time(EdgeClient, "_offload", rec, "offload")
     patches.time(gelato.device.client, "encode_block", rec, "encode")
-    patches.time(gelato.device.client, "decode_verdict", rec, "decode")
+    patches.time(gelato.device.client_errors, "decode_verdict", rec, "decode")  # in `expect_verdict`
     patches.time(EdgeClient, "_write", rec, "write", ("at_write", "at_write_end"))
     patches.time(EdgeClient, "_read", rec, "read", ("at_read", "at_read_end"))
     try:
