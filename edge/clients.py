@@ -7,7 +7,7 @@ apart by the certificate's SHA-256 (`cert:CN=dev-7 sha256:1f2e...`), so devices 
 and devices whose certificates share a subject, are different clients, and one device is one
 client over any number of connections. Otherwise it is the IP address without the port
 (`ip:10.0.0.7`; an IPv4 address mapped into IPv6 as IPv4; a global IPv6 address by its /64, since
-one host may use any address of its network: `ip:2001:db8:1:2::/64`); any other transport as the
+one host may use any address of its network: `ip:2a00:1450:4001:81c::/64`); any other transport as the
 peer string itself (gRPC names every Unix-socket peer `unix:`: one client). A bearer token names no
 one: every device of a deployment carries the same one. Pure: no gRPC import, tested on its own.
 """
