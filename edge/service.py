@@ -81,7 +81,7 @@ class _Stream:
 
     def __init__(self, task: asyncio.Task | None, client: str = "") -> None:
         self.task = task
-        self.client = client  # who opened it (`gelato.edge.clients.client_of`)
+        self.client = client  # who opened it (`gelato.edge.clients.client_of`; "" with no per-client limit)
         self.session: TargetSession | None = None
         self.waiting_since: float | None = None
         self.cut = False
@@ -176,8 +176,8 @@ class GelatoService:
         return max(MIN_WAITING_STREAMS, self.config.max_sessions)
 
     async def Session(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        client = client_of(context.peer(), context.auth_context())
         limit = self.config.max_sessions_per_client
+        client = client_of(context.peer(), context.auth_context()) if limit else ""  # no limit: nobody counted
         if limit and (held := sum(s.client == client for s in self.streams)) >= limit:
             # Counted before the edge-wide limit on waiting streams: one client's flood of streams
             # that send nothing is refused here, and leaves the waiting room to the others.

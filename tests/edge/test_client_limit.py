@@ -7,7 +7,6 @@ apart. Real edge processes, real gRPC streams held open; the naming rule
 from __future__ import annotations
 
 import hashlib
-import queue
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,24 +21,24 @@ from gelato.v1 import gelato_pb2_grpc as pb_grpc
 from tests.conftest import EdgeProcess
 from tests.edge.certs import make_pki
 from tests.edge.test_batched_grpc import free_port, open_msg, scrape
+from tests.edge.test_server_errors import iter_until_closed
 
 
 class HeldStream:
-    """A Session stream kept open between messages (the request iterator waits on a queue)."""
+    """A Session stream kept open between messages (`iter_until_closed` waits for the next one)."""
 
     def __init__(self, channel: grpc.Channel) -> None:
-        self._out: queue.Queue[pb.DeviceMessage | None] = queue.Queue()
+        self._out: list[pb.DeviceMessage] = []
         self._replies: Iterator[pb.EdgeMessage] = pb_grpc.GelatoStub(channel).Session(
-            iter(self._out.get, None), timeout=60
+            iter_until_closed(self._out), timeout=60
         )
 
     def open(self, fingerprint: str) -> pb.EdgeMessage:
-        self._out.put(open_msg(fingerprint, 5, 8))
+        self._out.append(open_msg(fingerprint, 5, 8))
         return next(self._replies)
 
     def close(self) -> None:
-        self._out.put(pb.DeviceMessage(close=pb.CloseSession()))
-        self._out.put(None)
+        self._out.append(pb.DeviceMessage(close=pb.CloseSession()))
         assert list(self._replies) == []  # ended OK, nothing more said
 
 
