@@ -16,6 +16,7 @@ changes nothing: the result is kept as it is, the failure only logged.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -32,9 +33,9 @@ from gelato.device.client_errors import (
     EdgeError,
     EdgeUnreachable,
     FailedOpens,
+    StreamIO,
     call_error,
     expect_verdict,
-    write_error,
 )
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant, wire_bytes
@@ -57,7 +58,16 @@ from gelato.security import bearer_metadata, check_token_transport
 from gelato.types import DraftBlock, EdgeInfo, SamplingParams, SessionInfo, SessionOpen, Telemetry, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.v1 import gelato_pb2_grpc as pb_grpc
-from gelato.wire import MODEL_LOADING, WireError, decode_info, decode_opened, encode_block, encode_open
+from gelato.wire import (
+    MODEL_LOADING,
+    WireError,
+    decode_info,
+    decode_opened,
+    encode_block,
+    encode_generate,
+    encode_open,
+    split_streamed,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("gelato.device")
@@ -69,7 +79,7 @@ WAIT_FIRST_S, WAIT_MAX_S = 0.1, 2.0  # `EdgeClient.wait_ready`'s pauses between 
 CLOSE_WAIT_S = 1.0  # after a session's close, at most this long for each answer still due, then its status
 
 
-class EdgeClient:
+class EdgeClient(StreamIO):
     """`credentials`: TLS (`gelato.security.channel_credentials`), None for plaintext; `token`: the
     bearer token sent with every call, which is refused (`SecurityConfigError`) in plaintext to a
     target naming any non-loopback host unless `insecure`; `server_name`: the name to check the
@@ -344,7 +354,9 @@ class EdgeClient:
             await self._write(call, up)
             return await self._answer(call, block.round, wire_bytes(up.ByteSize()))
 
-        transport: Verify = self._streamed(call, max_new_tokens) if policy.edge_streams else verify
+        transport: Verify = verify
+        if policy.edge_streams:
+            transport = self._streamed(call, max_new_tokens, policy.options.stream_tokens)
         # The target's window bounds the generation, the drafter's own the drafting (a drafter
         # with a shorter one must not draft past it: absolute positions fail, rotary ones stop
         # agreeing); past it the rounds go on with K = 0. The target's end tokens end it: a
@@ -426,69 +438,27 @@ class EdgeClient:
 
         return Link(send, receive, min(opened.max_ahead_rounds, policy.options.ahead_blocks), opened.empty_ahead)
 
-    def _streamed(self, call: grpc.aio.StreamStreamCall, max_tokens: int) -> Verify:
-        """`ar-edge`: one Generate request, then each (empty) round reads the next streamed token."""
+    def _streamed(self, call: grpc.aio.StreamStreamCall, max_tokens: int, per_message: int) -> Verify:
+        """`ar-edge`: one Generate request, then each (empty) round takes the next streamed token,
+        from the message it reads or from one read before that carried several (`split_streamed`)."""
+        pending: collections.deque[Verdict] = collections.deque()
         asked = False
 
         async def verify(block: DraftBlock) -> Exchange:
             nonlocal asked
+            if pending:  # rounds run one after another: this one's token came with the last message
+                return Exchange(pending.popleft())
             up = 0
             if not asked:
-                msg = pb.DeviceMessage(generate=pb.Generate(round=block.round, max_tokens=max_tokens))
+                msg = encode_generate(block.round, max_tokens, per_message)
                 await self._write(call, msg)
                 asked, up = True, wire_bytes(msg.ByteSize())
-            return await self._answer(call, block.round, up)
+            exchange = await self._answer(call, block.round, up, per_message)
+            first, *rest = split_streamed(exchange.verdict)
+            pending.extend(rest)
+            return replace(exchange, verdict=first)
 
         return verify
 
-    async def _answer(self, call: grpc.aio.StreamStreamCall, round_no: int, bytes_up: int) -> Exchange:
-        """The verdict for `round_no`, answering a message of `bytes_up` bytes just written; when
-        it cannot be had, the VerifyError carries those bytes (spent all the same)."""
-        down: pb.EdgeMessage | None = None
-        try:
-            down = await self._read(call)
-            return Exchange(expect_verdict(down, round_no), bytes_up, wire_bytes(down.ByteSize()))
-        except VerifyError as exc:  # no verdict for this round: what was sent and read, spent all the same
-            exc.bytes_up += bytes_up
-            exc.bytes_down += wire_bytes(down.ByteSize()) if down is not None else 0
-            raise
-
     async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-    async def _ended(self, call: grpc.aio.StreamStreamCall, what: str) -> EdgeError:
-        """The status a stream ended with, as an EdgeError (e.g. UNAVAILABLE when the edge stopped)."""
-        return call_error(await call.code(), (await call.details()) or what, self.deadline_s)
-
-    async def _write(self, call: grpc.aio.StreamStreamCall, msg: pb.DeviceMessage) -> None:
-        """Write one message. An edge that takes none for `verdict_timeout_s` (hung: once the
-        stream's window is full, HTTP/2 flow control holds the write) ends the session
-        DEADLINE_EXCEEDED, as an unanswered read does, not at the call's deadline."""
-        try:
-            await within(call.write(msg), self.verdict_timeout_s)
-        except TimeoutError:
-            raise EdgeError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"the edge took no message within {self.verdict_timeout_s:g} s (it stopped reading)",
-                by_edge=False,
-            ) from None
-        except grpc.aio.AioRpcError as exc:
-            raise write_error(exc, self.deadline_s) from exc
-        except (asyncio.InvalidStateError, grpc.aio.UsageError):
-            # The RPC already finished (the edge ended the stream): report how it ended.
-            raise await self._ended(call, "the edge ended the session") from None
-
-    async def _read(self, call: grpc.aio.StreamStreamCall) -> pb.EdgeMessage:
-        try:
-            msg = await within(call.read(), self.verdict_timeout_s)
-        except grpc.aio.AioRpcError as exc:  # as a VerifyError, so the loop keeps what it has
-            raise call_error(exc.code(), exc.details(), self.deadline_s) from exc
-        except TimeoutError:
-            raise EdgeError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no answer from the edge within {self.verdict_timeout_s:g} s",
-                by_edge=False,
-            ) from None
-        if msg is grpc.aio.EOF:
-            raise await self._ended(call, "stream ended early")
-        return msg  # type: ignore[return-value]

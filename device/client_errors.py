@@ -5,17 +5,20 @@ one the device concluded itself, named so); `EdgeUnreachable` one where nothing 
 address; `write_error` turns a failed stream write into an `EdgeError` (a stream that ended under
 the write is UNAVAILABLE, so the session fails over); `FailedOpens` gathers the opens that failed
 in a row and charges what they cost to the generation they were for, once; `expect_verdict`
-reads an edge message that must be a verdict (anything else is the edge's fault: INTERNAL).
+reads an edge message that must be a verdict (anything else is the edge's fault: INTERNAL);
+`StreamIO` reads and writes a session stream with each failure as an `EdgeError`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import grpc
 
-from gelato.device.energy import EnergyAccountant
-from gelato.device.generate import GenerationResult, VerifyError, charge_bytes
+from gelato.deadline import within
+from gelato.device.energy import EnergyAccountant, wire_bytes
+from gelato.device.generate import Exchange, GenerationResult, VerifyError, charge_bytes
 from gelato.device.policy import Policy
 from gelato.types import Verdict
 from gelato.v1 import gelato_pb2 as pb
@@ -116,9 +119,10 @@ class FailedOpens:
             res.failure = self.last
 
 
-def expect_verdict(down: pb.EdgeMessage, round_no: int | None = None) -> Verdict:
+def expect_verdict(down: pb.EdgeMessage, round_no: int | None = None, max_rounds: int = 1) -> Verdict:
     """The verdict an edge message must be; `round_no`: the round it must answer (one block at a
-    time). Anything else is the edge's fault (INTERNAL), not a verdict for token 0."""
+    time); `max_rounds`: the rounds one message may answer (streamed: `more_tokens`). Anything else
+    is the edge's fault (INTERNAL), not a verdict for token 0."""
     kind = down.WhichOneof("kind")
     if kind != "verdict":
         raise EdgeError(
@@ -128,4 +132,69 @@ def expect_verdict(down: pb.EdgeMessage, round_no: int | None = None) -> Verdict
     if round_no is not None and (verdict.round != round_no or verdict.stale):
         what = f"round {verdict.round}" + (" stale" if verdict.stale else "")
         raise EdgeError(grpc.StatusCode.INTERNAL, f"edge answered {what}, expected round {round_no}", by_edge=False)
+    if 1 + len(verdict.more_tokens) > max_rounds:
+        raise EdgeError(
+            grpc.StatusCode.INTERNAL,
+            f"edge answered {1 + len(verdict.more_tokens)} rounds in one message, at most {max_rounds} expected",
+            by_edge=False,
+        )
     return verdict
+
+
+class StreamIO:
+    """A session stream's reads and writes, each failure an `EdgeError` (`EdgeClient`'s base):
+    `verdict_timeout_s` bounds each, `deadline_s` names the call's own deadline when it passes."""
+
+    deadline_s: float
+    verdict_timeout_s: float
+
+    async def _answer(
+        self, call: grpc.aio.StreamStreamCall, round_no: int, bytes_up: int, max_rounds: int = 1
+    ) -> Exchange:
+        """The verdict for `round_no`, answering a message of `bytes_up` bytes just written; when
+        it cannot be had, the VerifyError carries those bytes (spent all the same)."""
+        down: pb.EdgeMessage | None = None
+        try:
+            down = await self._read(call)
+            return Exchange(expect_verdict(down, round_no, max_rounds), bytes_up, wire_bytes(down.ByteSize()))
+        except VerifyError as exc:  # no verdict for this round: what was sent and read, spent all the same
+            exc.bytes_up += bytes_up
+            exc.bytes_down += wire_bytes(down.ByteSize()) if down is not None else 0
+            raise
+
+    async def _ended(self, call: grpc.aio.StreamStreamCall, what: str) -> EdgeError:
+        """The status a stream ended with, as an EdgeError (e.g. UNAVAILABLE when the edge stopped)."""
+        return call_error(await call.code(), (await call.details()) or what, self.deadline_s)
+
+    async def _write(self, call: grpc.aio.StreamStreamCall, msg: pb.DeviceMessage) -> None:
+        """Write one message. An edge that takes none for `verdict_timeout_s` (hung: once the
+        stream's window is full, HTTP/2 flow control holds the write) ends the session
+        DEADLINE_EXCEEDED, as an unanswered read does, not at the call's deadline."""
+        try:
+            await within(call.write(msg), self.verdict_timeout_s)
+        except TimeoutError:
+            raise EdgeError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the edge took no message within {self.verdict_timeout_s:g} s (it stopped reading)",
+                by_edge=False,
+            ) from None
+        except grpc.aio.AioRpcError as exc:
+            raise write_error(exc, self.deadline_s) from exc
+        except (asyncio.InvalidStateError, grpc.aio.UsageError):
+            # The RPC already finished (the edge ended the stream): report how it ended.
+            raise await self._ended(call, "the edge ended the session") from None
+
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> pb.EdgeMessage:
+        try:
+            msg = await within(call.read(), self.verdict_timeout_s)
+        except grpc.aio.AioRpcError as exc:  # as a VerifyError, so the loop keeps what it has
+            raise call_error(exc.code(), exc.details(), self.deadline_s) from exc
+        except TimeoutError:
+            raise EdgeError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no answer from the edge within {self.verdict_timeout_s:g} s",
+                by_edge=False,
+            ) from None
+        if msg is grpc.aio.EOF:
+            raise await self._ended(call, "stream ended early")
+        return msg  # type: ignore[return-value]

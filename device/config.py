@@ -124,6 +124,7 @@ class DeviceConfig(Settings):
             "--adaedl-gamma": (c.adaedl_gamma != default.adaedl_gamma, ("adaedl",)),
             "--adaedl-lambda": (c.adaedl_lambda != default.adaedl_lambda, ("adaedl",)),
             "--v": (c.v != default.v, ("lyapunov", "gelato")),
+            "--stream-tokens": (c.stream_tokens != default.stream_tokens, ("ar-edge",)),
         }
         for flag, (changed, policies) in readers.items():
             require(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-from gelato.config import Settings, between, ge, gt, setting
+from gelato.config import Settings, between, ge, gt, le, setting
 from gelato.controller import (
     CostEstimator,
     Decision,
@@ -43,6 +43,7 @@ from gelato.controller import (
 )
 from gelato.controller.estimators import DEFAULT_HALFLIFE_ROUNDS, Ewma, decay_of
 from gelato.types import DraftBlock, SparseDist, Telemetry
+from gelato.wire import MAX_STREAMED_PER_MESSAGE
 
 PIPELINE_MODES = ("off", "local", "send-ahead")
 # The weight, in rounds, of `Controller.ahead_follow`'s starting value (1: chains start).
@@ -96,6 +97,12 @@ class PolicyOptions(Settings):
         choices=PIPELINE_MODES,
     )
     ahead_blocks: int = setting(2, "send-ahead: blocks in flight past the awaited one, at most", check=ge(1))
+    stream_tokens: int = setting(
+        32,
+        "ar-edge: tokens the edge may send in one message, at most (1: each as it comes; more: less edge CPU "
+        "per token, coarser streaming); it sends one a message while other sessions share its model",
+        check=(ge(1), le(MAX_STREAMED_PER_MESSAGE)),
+    )
 
 
 @dataclass

@@ -12,6 +12,10 @@ meanwhile, so the next batch forms during the current forward, and its window co
 request, not from the end of that forward. A request whose caller went away is dropped before the
 forward. `validated=True` says the block's data was already checked against its session (the
 server's `decode_block`): the model thread then re-checks only what can change while it waited.
+`await Batcher.run(session, n, stop_ids, received)` is streamed decoding's step (Generate): a
+session alone on the edge runs up to `n` empty blocks in one model-thread job, with no round trip
+through the event loop per token, and gives the model thread up as soon as anyone else needs it;
+with company it is one block through the window, as `verify`.
 
 The batcher keeps the window, the queue, the futures and the metrics: the model thread builds each
 row's `Verdict` (queue and compute times, rows in the forward) and hands the whole batch back to
@@ -28,6 +32,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 from gelato.deadline import within
 from gelato.edge.metrics import EdgeMetrics
@@ -42,7 +47,7 @@ class _Request:
     session: TargetSession
     block: DraftBlock
     received: float
-    future: asyncio.Future[Verdict]
+    future: asyncio.Future[Any]  # a Verdict; a run's (`Batcher.run`): a list of them
     validated: bool = False
     queued: float = field(default_factory=time.perf_counter)  # when it asked: its batch's window opens
 
@@ -81,19 +86,108 @@ class Batcher:
     ) -> Verdict:
         loop = asyncio.get_running_loop()
         request = _Request(session, block, received, loop.create_future(), validated)
-        free = self._free
-        if (
-            free is not None
-            and free.is_set()
-            and not self._forming
-            and self.queue.empty()
-            and self.open_sessions() <= 1
-        ):
+        if self._lone():
             # The batch would be this request alone, closed at once: no hop through the batcher task.
             self._submit(loop, [request])
         else:
             self.queue.put_nowait(request)
         return await request.future
+
+    async def run(
+        self, session: TargetSession, max_steps: int, stop_ids: frozenset[int], received: float
+    ) -> list[Verdict]:
+        """Streamed decoding (Generate): verdicts of up to `max_steps` empty blocks of `session`,
+        from its current round on; at least one, or the first one's error. A session alone on the
+        edge (the lone path of `verify`) steps on the model thread without a round trip through
+        the event loop per token, until `max_steps`, a token of `stop_ids`, the context limit, a
+        step that fails (its error comes again at the caller's next step, which checks first), its
+        caller gone, or anyone else needing the model thread (a request queued, a second session
+        ready, any other job submitted: a prefill, a close). Otherwise one step, as `verify`."""
+        block = DraftBlock(round=session.rounds, ids=())
+        if max_steps <= 1 or not self._lone():
+            return [await self.verify(session, block, received, validated=True)]
+        assert self._free is not None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Verdict]] = loop.create_future()
+        self._free.clear()
+        try:
+            self.executor.submit(
+                self._steps, _Request(session, block, received, future, True), max_steps, stop_ids, loop
+            )
+        except Exception as exc:  # the executor is shut down: fail the run, not the server
+            self._resolve_run(future, exc)
+        return await future
+
+    def _lone(self) -> bool:
+        """Nothing but this request would use the model thread: it is free, no batch is forming or
+        queued, at most one session can send."""
+        free = self._free
+        return (
+            free is not None
+            and free.is_set()
+            and not self._forming
+            and self.queue.empty()
+            and self.open_sessions() <= 1
+        )
+
+    def _still_alone(self) -> bool:
+        """Model thread, during a run: no request queued, no second session ready, no other job
+        submitted to the model thread (`ModelThread.jobs` counts them; any other executor: assume
+        there may be). Reads the event loop's state without a lock: each read is one length."""
+        jobs = getattr(self.executor, "jobs", None)
+        return self.queue.empty() and self.open_sessions() <= 1 and jobs is not None and jobs() <= 1
+
+    def _steps(
+        self, first: _Request, max_steps: int, stop_ids: frozenset[int], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """Model thread: `run`'s steps, handed back at once."""
+        session, received = first.session, first.received
+        limit = session.loaded.context_limit
+        verdicts: list[Verdict] = []
+        result: list[Verdict] | BaseException = verdicts
+        try:
+            while True:
+                step = _Request(session, DraftBlock(round=session.rounds, ids=()), received, first.future, True)
+                start = time.perf_counter()
+                outcomes = verify_batch([(session, step.block)], [True])
+                end = time.perf_counter()
+                verdict = self._verdicts([step], outcomes, start, end)[0]
+                if isinstance(verdict, BaseException):
+                    result = verdicts or verdict
+                    break
+                verdicts.append(verdict)
+                received = end  # the next step waits for nothing
+                if (
+                    len(verdicts) >= max_steps
+                    or verdict.next_token in stop_ids
+                    or session.length >= limit
+                    or first.future.done()
+                    or not self._still_alone()
+                ):
+                    break
+        except Exception as exc:  # only if verify_batch itself broke
+            result = verdicts or exc
+        except BaseException as exc:  # as in `_forward`: answer the run and free the thread, then raise
+            log.error("model thread interrupted by %r during a run of %d step(s)", exc, len(verdicts))
+            error = RuntimeError(f"verification interrupted: {exc!r}")
+            error.__cause__ = exc
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._resolve_run, first.future, error)
+            raise
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody waits for this run
+            loop.call_soon_threadsafe(self._resolve_run, first.future, result)
+
+    def _resolve_run(self, future: asyncio.Future[list[Verdict]], result: list[Verdict] | BaseException) -> None:
+        try:
+            if future.done():
+                return
+            if isinstance(result, BaseException):
+                future.set_exception(result if not isinstance(result, StopIteration) else RuntimeError(repr(result)))
+            else:
+                future.set_result(result)
+        finally:
+            assert self._free is not None
+            self._free.set()
 
     async def _collect(self, first: _Request, batch: list[_Request]) -> list[_Request]:
         """`first` and whatever asks within `window_s` of it (the window runs from when `first`

@@ -2,8 +2,9 @@
 
 Contract: `ModelThread()` is a one-worker executor whose thread carries `MODEL_THREAD_NAME` at the
 OS level (`top -H`, `ps -L`, /proc/PID/task/TID/comm), so that its CPU time can be told from the
-event loop's and gRPC's. It counts the jobs submitted and not yet finished: `wait_idle(timeout_s)`
-says whether none is left, which shutdown asks because the interpreter joins this thread at exit,
+event loop's and gRPC's. It counts the jobs submitted and not yet finished (`jobs()`: a job that
+runs long, such as a streamed session's steps, yields to any other): `wait_idle(timeout_s)` says
+whether none is left, which shutdown asks because the interpreter joins this thread at exit,
 whatever it is doing (a long prefill would otherwise hold the process past its stop timeout).
 """
 
@@ -58,6 +59,10 @@ class ModelThread(ThreadPoolExecutor):
         with self._idle:
             self._jobs -= 1
             self._idle.notify_all()
+
+    def jobs(self) -> int:
+        """Jobs submitted and not finished (the one running included)."""
+        return self._jobs
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Whether every job submitted has finished, waiting up to `timeout_s` for it."""

@@ -22,7 +22,8 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 import grpc
 from grpc._cython.cygrpc import ExecuteBatchError
@@ -49,6 +50,7 @@ from gelato.models import LoadedModel, out_of_memory
 from gelato.types import PROTOCOL_VERSION, DraftBlock, EdgeInfo, SessionInfo, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.wire import (
+    MAX_STREAMED_PER_MESSAGE,
     MODEL_LOADING,
     WireError,
     clip,
@@ -57,8 +59,10 @@ from gelato.wire import (
     encode_info,
     encode_opened,
     encode_verdict,
+    join_streamed,
 )
 
+_T = TypeVar("_T")
 log = logging.getLogger("gelato.edge")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gelato"].full_name
 SHUTDOWN_DETAILS = "edge shutting down: reopen the session with its accepted prefix on another edge"
@@ -258,8 +262,8 @@ class GelatoService:
         elif kind == "generate":
             if session is None:
                 raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "generate before open")
-            async for verdict in self._generate(session, msg.generate, received):
-                await self._send(context, encode_verdict(verdict))
+            async for verdicts in self._generate(session, msg.generate, received):
+                await self._send(context, encode_verdict(join_streamed(verdicts)))
         elif kind == "close":
             return False
         else:
@@ -423,9 +427,12 @@ class GelatoService:
             return verdict
         return await self._verify_block(session, block, received)
 
-    async def _generate(self, session: TargetSession, req: pb.Generate, received: float) -> AsyncIterator[Verdict]:
-        """Edge-only decoding: one empty block per token through the batcher (so each step shares
-        a forward with other sessions' verification), streamed as it comes, until eos,
+    async def _generate(
+        self, session: TargetSession, req: pb.Generate, received: float
+    ) -> AsyncIterator[list[Verdict]]:
+        """Edge-only decoding: empty blocks through the batcher (so each step shares a forward with
+        other sessions' verification), streamed as they come, up to `tokens_per_message` rounds a
+        message (`Batcher.run`: more than one only while the session is alone), until eos,
         `max_tokens` or the context limit; at the session's reservation the stream ends
         OUT_OF_RANGE (it asked for more than it opened the session for), and so does a Generate
         sent with the context already full (no token can come)."""
@@ -436,28 +443,37 @@ class GelatoService:
             )
         if req.max_tokens < 1:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "generate: max_tokens must be >= 1")
-        eos, limit = set(session.loaded.eos_token_ids), session.loaded.context_limit
-        for n in range(req.max_tokens):
+        eos, limit = frozenset(session.loaded.eos_token_ids), session.loaded.context_limit
+        per_message = max(1, min(req.tokens_per_message, MAX_STREAMED_PER_MESSAGE))
+        sent = 0
+        while sent < req.max_tokens:
             if session.length >= limit:
-                if n == 0:  # no token can come: say so, leave no read waiting
+                if sent == 0:  # no token can come: say so, leave no read waiting
                     full = f"generate: the context limit ({limit} tokens) is full"
                     raise StatusError(grpc.StatusCode.OUT_OF_RANGE, full)
                 return  # the context is full: no more verdicts, as the device counts itself (SessionOpened)
             # Past the session's reservation `check_state` answers OUT_OF_RANGE, as for a draft
             # block there: the device asked for more tokens than it opened the session for.
-            verdict = await self._verify_block(session, DraftBlock(round=session.rounds, ids=()), received)
+            session.check_state(DraftBlock(round=session.rounds, ids=()))
+            steps = min(per_message, req.max_tokens - sent)
+            verdicts = await self._batched(self.batcher.run(session, steps, eos, received), session)
             self._refuse_if_ending()
-            yield verdict
+            yield verdicts
+            sent += len(verdicts)
             received = time.perf_counter()
-            if verdict.next_token in eos:
+            if verdicts[-1].next_token in eos:
                 return
 
     async def _verify_block(self, session: TargetSession, block: DraftBlock, received: float) -> Verdict:
         """A block whose data is valid for this session (decoded by `decode_block`, or built here)
         through the batcher. Its data is not checked again: only what can change while it waits."""
         session.check_state(block)  # closed, round, context limit, reservation: answered before queueing
+        return await self._batched(self.batcher.verify(session, block, received, validated=True), session)
+
+    async def _batched(self, work: Awaitable[_T], session: TargetSession) -> _T:
+        """`work` (the batcher's answer for `session`), its failures as this session's status."""
         try:
-            return await self.batcher.verify(session, block, received, validated=True)
+            return await work
         except StatusError:
             raise
         except PoolMemoryError as exc:  # this row needed KV memory the edge could not allocate

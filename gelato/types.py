@@ -171,6 +171,9 @@ class Verdict:
     compute_ms: float = 0.0
     batch_rows: int = 1
     stale: bool = False  # a send-ahead block the edge did not verify (its guess or parent missed)
+    # Streamed decoding (Generate) only: the next rounds' tokens, sent in this round's message
+    # (`gelato.wire.join_streamed` / `split_streamed`); empty for every verdict of a draft block.
+    more_tokens: tuple[int, ...] = ()
 
     def emitted(self, draft_ids: tuple[int, ...]) -> list[int]:
         """Tokens this round appends to the sequence: accepted drafts then the target token."""

@@ -1,8 +1,9 @@
 """Codec between the boundary dataclasses (`gelato.types`) and the v1 protobuf messages.
 
 Contract: one encode/decode pair per message the edge and a device exchange — `Info` (`EdgeInfo`),
-open (`SessionOpen`), opened (`SessionInfo`), draft block, verdict — and the sampling parameters and
-sparse distributions inside them. `encode_*` never fails on a well-formed dataclass (q's
+open (`SessionOpen`), opened (`SessionInfo`), draft block, Generate, verdict (several rounds' in one
+message when streamed: `join_streamed` / `split_streamed`) — and the sampling parameters and sparse
+distributions inside them. `encode_*` never fails on a well-formed dataclass (q's
 probabilities are float16 values); `decode_*` (and `check_block`, for a `DraftBlock` built
 elsewhere) validates everything a peer could get wrong and raises `WireError` with a message naming
 the field, which the edge turns into INVALID_ARGUMENT. Messages quote client strings only through
@@ -13,6 +14,9 @@ exactly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
+
 import numpy as np
 
 from gelato.types import DraftBlock, EdgeInfo, SamplingParams, SessionInfo, SessionOpen, SparseDist, Verdict
@@ -22,6 +26,9 @@ from gelato.v1 import gelato_pb2 as pb
 # limit: a sampling block is decoded on the edge's event loop, so its size bounds how long one
 # device's block can hold up everyone else's (the device's `--top-m` is checked against it).
 MAX_Q_SUPPORT = 1024
+# The most tokens an edge sends in one streamed Verdict (Generate's `tokens_per_message` is capped
+# here): what one message may make a device wait for before it sees any of them.
+MAX_STREAMED_PER_MESSAGE = 256
 # The details of the UNAVAILABLE an edge answers while its target loads (a restart): a device
 # waits for it (`--edge-wait-s`) instead of failing at once.
 MODEL_LOADING = "the target model is still loading"
@@ -288,6 +295,7 @@ def encode_verdict(v: Verdict) -> pb.EdgeMessage:
             compute_ms=v.compute_ms,
             batch_rows=v.batch_rows,
             stale=v.stale,
+            more_tokens=v.more_tokens,
         )
     )
 
@@ -301,4 +309,39 @@ def decode_verdict(msg: pb.Verdict) -> Verdict:
         compute_ms=msg.compute_ms,
         batch_rows=msg.batch_rows,
         stale=msg.stale,
+        more_tokens=tuple(msg.more_tokens),
     )
+
+
+def encode_generate(round_no: int, max_tokens: int, tokens_per_message: int) -> pb.DeviceMessage:
+    return pb.DeviceMessage(
+        generate=pb.Generate(round=round_no, max_tokens=max_tokens, tokens_per_message=tokens_per_message)
+    )
+
+
+def join_streamed(verdicts: Sequence[Verdict]) -> Verdict:
+    """Consecutive rounds' verdicts of streamed decoding (empty blocks, Generate) as one message's:
+    the first round's, the later rounds' tokens in `more_tokens`, the forwards of all of them in
+    `compute_ms` (the first round's wait stays its `queue_ms`)."""
+    first = verdicts[0]
+    if len(verdicts) == 1:
+        return first
+    return replace(
+        first,
+        compute_ms=sum(v.compute_ms for v in verdicts),
+        more_tokens=tuple(v.next_token for v in verdicts[1:]),
+    )
+
+
+def split_streamed(verdict: Verdict) -> list[Verdict]:
+    """`join_streamed` undone: one verdict per round, each with its share of the forwards' time
+    (the message says only their sum) and no queue time after the first."""
+    if not verdict.more_tokens:
+        return [verdict]
+    n = 1 + len(verdict.more_tokens)
+    share = replace(verdict, compute_ms=verdict.compute_ms / n, more_tokens=())
+    rest = [
+        replace(share, round=verdict.round + i, next_token=t, queue_ms=0.0)
+        for i, t in enumerate(verdict.more_tokens, start=1)
+    ]
+    return [share, *rest]

@@ -38,6 +38,7 @@ def prompts_file(tmp_path_factory: pytest.TempPathFactory, prompts: list[str]) -
 
 CONTROLLED = [
     ["--policy", "ar-edge"],
+    ["--policy", "ar-edge", "--stream-tokens", "1"],
     ["--policy", "heuristic"],
     ["--policy", "entropy", "--entropy-threshold", "0.5"],
     ["--policy", "adaedl"],

@@ -95,12 +95,14 @@ class CloseSession(_message.Message):
     def __init__(self) -> None: ...
 
 class Generate(_message.Message):
-    __slots__ = ("round", "max_tokens")
+    __slots__ = ("round", "max_tokens", "tokens_per_message")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     round: int
     max_tokens: int
-    def __init__(self, round: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    tokens_per_message: int
+    def __init__(self, round: _Optional[int] = ..., max_tokens: _Optional[int] = ..., tokens_per_message: _Optional[int] = ...) -> None: ...
 
 class DeviceMessage(_message.Message):
     __slots__ = ("open", "draft", "close", "generate")
@@ -135,7 +137,7 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[str] = ..., context_limit: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., max_ahead_rounds: _Optional[int] = ..., empty_ahead: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., eos_listed: _Optional[bool] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("round", "n_accepted", "next_token", "queue_ms", "compute_ms", "batch_rows", "stale")
+    __slots__ = ("round", "n_accepted", "next_token", "queue_ms", "compute_ms", "batch_rows", "stale", "more_tokens")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     N_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +145,7 @@ class Verdict(_message.Message):
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
+    MORE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     round: int
     n_accepted: int
     next_token: int
@@ -150,7 +153,8 @@ class Verdict(_message.Message):
     compute_ms: float
     batch_rows: int
     stale: bool
-    def __init__(self, round: _Optional[int] = ..., n_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_rows: _Optional[int] = ..., stale: _Optional[bool] = ...) -> None: ...
+    more_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, round: _Optional[int] = ..., n_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_rows: _Optional[int] = ..., stale: _Optional[bool] = ..., more_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
     __slots__ = ("opened", "verdict")

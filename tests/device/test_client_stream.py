@@ -365,6 +365,12 @@ def test_a_reply_that_is_not_the_rounds_verdict_is_an_edge_fault() -> None:
         with pytest.raises(EdgeError, match=said) as info:
             expect_verdict(msg, 4)
         assert info.value.code == grpc.StatusCode.INTERNAL
+    # Several rounds in one message: only as many as the device asked for in a Generate.
+    streamed = encode_verdict(Verdict(round=4, n_accepted=0, next_token=9, more_tokens=(1, 2)))
+    assert expect_verdict(streamed, 4, max_rounds=3).more_tokens == (1, 2)
+    for asked in (1, 2):
+        with pytest.raises(EdgeError, match=f"edge answered 3 rounds in one message, at most {asked} expected"):
+            expect_verdict(streamed, 4, max_rounds=asked)
 
 
 def test_a_drafter_with_a_shorter_window_than_the_target_drafts_only_within_it(

@@ -300,8 +300,38 @@ def test_a_message_over_the_limit_is_refused_by_grpc_unparsed(edge: EdgeProcess,
     assert stub.Info(pb.InfoRequest(), timeout=10).active_sessions == 0
 
 
-def generate(round_no: int, max_tokens: int) -> pb.DeviceMessage:
-    return pb.DeviceMessage(generate=pb.Generate(round=round_no, max_tokens=max_tokens))
+def generate(round_no: int, max_tokens: int, per_message: int = 0) -> pb.DeviceMessage:
+    return pb.DeviceMessage(generate=pb.Generate(round=round_no, max_tokens=max_tokens, tokens_per_message=per_message))
+
+
+def streamed_tokens(replies: list[pb.EdgeMessage]) -> list[list[int]]:
+    return [[m.verdict.next_token, *m.verdict.more_tokens] for m in replies if m.WhichOneof("kind") == "verdict"]
+
+
+def flat(chunks: list[list[int]]) -> list[int]:
+    return [t for chunk in chunks for t in chunk]
+
+
+def test_edge_only_generation_sends_several_tokens_a_message_when_asked(
+    stub: pb_grpc.GelatoStub, fingerprint: str
+) -> None:
+    """`tokens_per_message`: a session alone on the edge gets its tokens that many to a message
+    (its rounds in order: `more_tokens` continue `next_token`), the same tokens as one a message."""
+    one_each = streamed_tokens(run_stream(stub, [open_msg(fingerprint), generate(0, 20), close()]))
+    assert all(len(m) == 1 for m in one_each)
+    replies = run_stream(stub, [open_msg(fingerprint), generate(0, 20, per_message=8), close()])
+    chunks = streamed_tokens(replies)
+    assert flat(chunks) == flat(one_each)
+    assert [len(c) for c in chunks] == [min(8, len(one_each) - i) for i in range(0, len(one_each), 8)], chunks
+    rounds = [m.verdict.round for m in replies[1:]]
+    assert rounds == list(range(0, len(one_each), 8))
+    # After it the session goes on with drafts at the next round, and a cap past 256 is 256.
+    more = run_stream(stub, [open_msg(fingerprint), generate(0, 3, per_message=1000), draft(3, [5, 6])])
+    assert [len(c) for c in streamed_tokens(more)] == [3, 1] and more[-1].verdict.round == 3
+
+
+def close() -> pb.DeviceMessage:
+    return pb.DeviceMessage(close=pb.CloseSession())
 
 
 def test_edge_only_generation_streams_until_eos_or_max(stub: pb_grpc.GelatoStub, fingerprint: str) -> None:
@@ -331,12 +361,17 @@ def test_edge_only_generation_past_the_reservation_is_out_of_range(stub: pb_grpc
     reservation, then ends OUT_OF_RANGE, as a draft block there would (it stopped silently and
     left the device waiting until the idle timeout)."""
     opened = open_msg(fingerprint, max_new_tokens=1)
-    with pytest.raises(grpc.RpcError) as info:
-        for reply in stub.Session(iter([opened, generate(0, 1000)]), timeout=30):
-            streamed = reply
-    assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE, info.value.details()
-    assert "reserved at open" in (info.value.details() or "")
-    assert streamed.verdict.round > 1  # the reservation's tokens came first (prefix + 1 + one block)
+    ends = []
+    for per_message in (1, 8):  # a run of steps ends at the reservation as single steps do
+        replies: list[pb.EdgeMessage] = []
+        with pytest.raises(grpc.RpcError) as info:
+            for reply in stub.Session(iter([opened, generate(0, 1000, per_message)]), timeout=30):
+                replies.append(reply)
+        assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE, info.value.details()
+        assert "reserved at open" in (info.value.details() or "")
+        ends.append(flat(streamed_tokens(replies)))
+        assert len(ends[-1]) > 1  # the reservation's tokens came first (prefix + 1 + one block)
+    assert ends[0] == ends[1]
     assert stub.Info(pb.InfoRequest(), timeout=10).active_sessions == 0
 
 
@@ -346,8 +381,10 @@ def test_edge_only_generation_with_the_context_full_is_out_of_range(stub: pb_grp
     opened = open_msg(fingerprint, prefix=[1] * 511, max_new_tokens=1)
     details = expect_status(stub, [opened, draft(0, []), generate(1, 5)], grpc.StatusCode.OUT_OF_RANGE)
     assert "context limit (512 tokens) is full" in details
-    streamed = run_stream(stub, [opened, generate(0, 5), pb.DeviceMessage(close=pb.CloseSession())])
-    assert [m.verdict.round for m in streamed[1:]] == [0]  # the one token that fits
+    for per_message in (1, 8):
+        streamed = run_stream(stub, [opened, generate(0, 5, per_message), close()])
+        assert [m.verdict.round for m in streamed[1:]] == [0]  # the one token that fits
+        assert not streamed[1].verdict.more_tokens
     assert stub.Info(pb.InfoRequest(), timeout=10).active_sessions == 0
 
 

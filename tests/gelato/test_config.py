@@ -277,6 +277,9 @@ def test_device_defaults_written_once() -> None:
         (["--policy", "heuristic", "--adaedl-gamma", "0.3"], "--adaedl-gamma is read by --policy adaedl only"),
         (["--policy", "fixed-4", "--v", "5"], "--v is read by --policy lyapunov and gelato only; --policy fixed-4"),
         (["--ahead-blocks", "3"], "--ahead-blocks is read with --pipeline send-ahead only (here --pipeline off)"),
+        (["--policy", "fixed-0", "--stream-tokens", "1"], "--stream-tokens is read by --policy ar-edge only"),
+        (["--policy", "ar-edge", "--stream-tokens", "0"], "--stream-tokens must be >= 1"),
+        (["--policy", "ar-edge", "--stream-tokens", "257"], "--stream-tokens must be <= 256"),
         # V weighs throughput against the deficit: without a budget there is none, whatever V.
         (["--policy", "lyapunov", "--v", "5"], "--v weighs throughput against the energy deficit; without"),
         (["--device-profile", "laptop", "--meter", "rapl"], "--device-profile shapes the cpu-model estimate"),

@@ -35,11 +35,14 @@ from gelato.wire import (
     decode_sparse,
     decode_verdict,
     encode_block,
+    encode_generate,
     encode_info,
     encode_open,
     encode_opened,
     encode_sampling,
     encode_verdict,
+    join_streamed,
+    split_streamed,
 )
 
 
@@ -156,6 +159,23 @@ def test_verdict_and_sampling_round_trip() -> None:
     params = SamplingParams(temperature=0.5, top_p=0.75, top_k=3, seed=9)
     assert decode_sampling(encode_sampling(params)) == params
     assert decode_sampling(encode_sampling(SamplingParams(top_p=0.0))).top_p == 1.0
+
+
+def test_streamed_rounds_travel_in_one_verdict_and_come_apart_again() -> None:
+    """Streamed decoding's rounds r, r+1, ...: one message (`join_streamed`), the same tokens and
+    rounds when split (`split_streamed`), the forwards' time shared out, the wait the first's."""
+    rounds = [
+        Verdict(round=5 + i, n_accepted=0, next_token=t, queue_ms=0.5 * (i == 0), compute_ms=2.0)
+        for i, t in enumerate((7, 3, 9))
+    ]
+    joined = join_streamed(rounds)
+    assert (joined.round, joined.next_token, joined.more_tokens, joined.compute_ms) == (5, 7, (3, 9), 6.0)
+    assert decode_verdict(encode_verdict(joined).verdict) == joined
+    split = split_streamed(decode_verdict(encode_verdict(joined).verdict))
+    assert split == rounds
+    assert join_streamed(rounds[:1]) == rounds[0] and split_streamed(rounds[0]) == [rounds[0]]
+    generate = encode_generate(4, 100, 8).generate
+    assert (generate.round, generate.max_tokens, generate.tokens_per_message) == (4, 100, 8)
 
 
 def test_policy_and_seeds() -> None:
