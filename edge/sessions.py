@@ -187,8 +187,8 @@ class TargetSession:
         if block.round - self.rounds >= max_ahead_rounds:
             raise StatusError(
                 grpc.StatusCode.OUT_OF_RANGE,
-                f"send-ahead block for round {block.round} is {block.round - self.rounds + 1} rounds past the "
-                f"session's round {self.rounds}; this edge allows {max_ahead_rounds}",
+                f"send-ahead block for round {block.round} is block {block.round - self.rounds + 1} past the last "
+                f"verdict (the session is at round {self.rounds}); this edge verifies {max_ahead_rounds} at most",
             )
         if block.round != self.rounds or self.rounds == 0:
             return None

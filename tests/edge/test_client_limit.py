@@ -120,6 +120,8 @@ PEM_SHA = "sha256:" + hashlib.sha256(PEM).hexdigest()[:16]
         ("ipv6:%5B::1%5D:50412", {}, "ip:::1"),  # as grpc 1.85 gives it: brackets escaped
         ("ipv6:[::1]:50412", {}, "ip:::1"),
         ("ipv6:%5B::ffff:10.0.0.7%5D:50412", {}, "ip:10.0.0.7"),  # IPv4 through a dual-stack listener
+        ("ipv6:%5B64:ff9b::a00:7%5D:50412", {}, "ip:10.0.0.7"),  # IPv4 through a NAT64 gateway (not one /64)
+        ("ipv6:%5B64:ff9b::a00:8%5D:50412", {}, "ip:10.0.0.8"),
         ("ipv6:%5Bfe80::1%25eth0%5D:7", {}, "ip:fe80::1%eth0"),  # link-local, with its zone
         ("ipv6:%5B2a00:1450:4001:81c::200e%5D:7", {}, "ip:2a00:1450:4001:81c::/64"),  # a global one: its /64
         ("ipv6:%5B2a00:1450:4001:81c:1:2:3:4%5D:7", {}, "ip:2a00:1450:4001:81c::/64"),
