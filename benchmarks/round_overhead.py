@@ -8,7 +8,8 @@ other (so that a ratio's two sides see the same machine):
 
 - plain: a real `gelato-edge` and real `gelato-device --policy fixed-0` (unpipelined, then with
   `--pipeline send-ahead`: its empty blocks sent ahead; then `ar-edge`: the edge decoding alone,
-  streaming its tokens, no block per token) then `fixed-K` processes (unpipelined, then
+  streaming its tokens, no block per token, up to `--stream-tokens` a message, and again with one a
+  message) then `fixed-K` processes (unpipelined, then
   `fixed-K` and `gelato` with `--pipeline send-ahead`: the next block drafted while the edge
   verifies), nothing instrumented: tokens/s and the round loop's own round time (`--trace`
   t_round_s); each followed by its in-process reference: the target decoding alone (a KV-cached
@@ -85,8 +86,17 @@ from gelato.benchmarks.round_overhead_refs import (
     raw_forwards,
     target_alone,
 )
-from gelato.benchmarks.round_overhead_report import AHEAD, STREAMS, ahead_name, markdown, summary_lines, table
+from gelato.benchmarks.round_overhead_report import (
+    AHEAD,
+    STREAMS,
+    STREAMS_EACH,
+    ahead_name,
+    markdown,
+    summary_lines,
+    table,
+)
 from gelato.benchmarks.round_overhead_timers import Patches, Recorder, timed, wrapper_cost_us
+from gelato.device.policy import PolicyOptions
 
 __all__ = [
     "COMPONENTS",
@@ -96,6 +106,7 @@ __all__ = [
     "ECHO_WORK_MS",
     "STATUS",
     "STREAMS",
+    "STREAMS_EACH",
     "Patches",
     "Recorder",
     "assistant_settings",
@@ -193,6 +204,17 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
                 acc.setdefault(STREAMS, []).append(
                     plain_run(edge.address, args.drafter, prompts_file, STREAMS, args.max_new_tokens, edge_pid=pid)
                 )
+                acc.setdefault(STREAMS_EACH, []).append(
+                    plain_run(
+                        edge.address,
+                        args.drafter,
+                        prompts_file,
+                        STREAMS,
+                        args.max_new_tokens,
+                        edge_pid=pid,
+                        extra=("--stream-tokens", "1"),
+                    )
+                )
                 for name, res in target_alone(target, prompts, args.max_new_tokens).items():
                     acc.setdefault(f"target_{name}", []).append(res)
                 acc.setdefault("model_thread_alone", []).append(
@@ -265,6 +287,8 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
         "fixed0_vs_target_generate": ("fixed-0", "target_generate"),
         "fixed0_ahead_vs_target_loop": (AHEAD, "target_loop"),
         "ar_edge_vs_target_loop": (STREAMS, "target_loop"),
+        "ar_edge_each_vs_target_loop": (STREAMS_EACH, "target_loop"),
+        "ar_edge_vs_ar_edge_each": (STREAMS, STREAMS_EACH),
         "fixedk_vs_assisted_k": (fk, f"assisted_k{k}"),
         "fixedk_vs_assisted_defaults": (fk, "assisted_defaults"),
         "fixedk_ahead_vs_assisted_k": (ahead_name(fk), f"assisted_k{k}"),
@@ -291,6 +315,7 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
             "n": len(prompts),
             "max_new_tokens": args.max_new_tokens,
             "k": k,
+            "stream_tokens": PolicyOptions().stream_tokens,  # ar-edge's default, as its runs used it
             "repeats": args.repeats,
             "threads_per_process": 1,
             "transformers": transformers.__version__,
@@ -306,13 +331,14 @@ def run(args: argparse.Namespace, argv: list[str], cores: list[int]) -> dict[str
         "references": references,
         "pipelined": {p: {n: v for n, v in _sum_runs(acc[p]).items() if n != "token_ids"} for p in pipelined},
         "streamed": {n: v for n, v in _sum_runs(acc[STREAMS]).items() if n != "token_ids"},
+        "streamed_each": {n: v for n, v in _sum_runs(acc[STREAMS_EACH]).items() if n != "token_ids"},
         "ratios": {name: statistics.median(values) for name, values in per_repeat.items()},
         "ratios_per_repeat": per_repeat,
         # Another process only ever slows a run down: the best repeat of each side, compared.
         "ratios_of_best": {
             name: max(tps(x) for x in acc[a]) / max(tps(y) for y in acc[b]) for name, (a, b) in pairs.items()
         },
-        "lossless": lossless(acc, [*policies, *pipelined, STREAMS]),
+        "lossless": lossless(acc, [*policies, *pipelined, STREAMS, STREAMS_EACH]),
     }
 
 

@@ -173,18 +173,19 @@ def plain_run(
     max_new: int,
     pipeline: str = "off",
     edge_pid: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """One real `gelato-device` process (this process's CPU affinity) over `prompts_file`, whose
     first prompt is a warm-up that is dropped: tokens, seconds and rounds (the generations' elapsed
     time: session open, prefills and close included) and every round's `t_round_s` (`--trace`: the
     round loop's own timer, drafting to verdict applied). With `edge_pid`, also the CPU seconds that
     edge process used meanwhile, by thread (`thread_cpu_s`; warm-up included, so with the tokens of
-    every prompt: `edge_cpu_tokens`)."""
+    every prompt: `edge_cpu_tokens`). `extra`: more `gelato-device` arguments."""
     from gelato.benchmarks.procs import run_device, thread_cpu_s
 
-    trace = prompts_file.with_name(f"trace_{policy}_{pipeline}.jsonl")
+    trace = prompts_file.with_name(f"trace_{policy}_{pipeline}{''.join(extra)}.jsonl")
     args = ["--edge", address, "--threads", "1", "--prompts-file", str(prompts_file), "--max-new-tokens", str(max_new)]
-    args += ["--policy", policy, "--pipeline", pipeline, "--trace", str(trace)]
+    args += ["--policy", policy, "--pipeline", pipeline, "--trace", str(trace), *extra]
     args += ["--drafter", drafter] if drafter else []
     cpu0 = thread_cpu_s(edge_pid) if edge_pid else {}
     every = run_device(args)

@@ -20,6 +20,7 @@ def ahead_name(policy: str) -> str:
 
 AHEAD = ahead_name("fixed-0")
 STREAMS = "ar-edge"  # the edge decoding alone, streaming its tokens (edge-only without a block per token)
+STREAMS_EACH = "ar-edge one a message"  # the same with `--stream-tokens 1`: a message per token
 
 
 def table(result: dict[str, Any]) -> str:
@@ -87,13 +88,22 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"{ahead['tokens_per_s']:.1f} tokens/s over all repeats, elapsed per round "
         f"{ahead['elapsed_per_round_ms']:.3f} ms."
     )
-    streamed = result["streamed"]
+    streamed, each_one = result["streamed"], result.get("streamed_each")
     lines.append(
         f"- {STREAMS} (the device sends one Generate and the edge streams every token: edge-only decoding "
-        f"without a block per token) = {r['ar_edge_vs_target_loop']:.2f} × the target decoding alone (per "
-        f"repeat {each('ar_edge_vs_target_loop')}; best vs best {best['ar_edge_vs_target_loop']:.2f}); "
-        f"{streamed['tokens_per_s']:.1f} tokens/s over all repeats."
+        f"without a block per token; up to {result['meta'].get('stream_tokens', 1)} tokens a message, the "
+        f"edge's model thread decoding them in one job) = {r['ar_edge_vs_target_loop']:.2f} × the target "
+        f"decoding alone (per repeat {each('ar_edge_vs_target_loop')}; best vs best "
+        f"{best['ar_edge_vs_target_loop']:.2f}); {streamed['tokens_per_s']:.1f} tokens/s over all repeats."
     )
+    if each_one is not None:
+        lines.append(
+            f"- {STREAMS} with `--stream-tokens 1` (a message, and a model-thread job, per token) = "
+            f"{r['ar_edge_each_vs_target_loop']:.2f} × the target decoding alone (per repeat "
+            f"{each('ar_edge_each_vs_target_loop')}; best vs best {best['ar_edge_each_vs_target_loop']:.2f}); "
+            f"{each_one['tokens_per_s']:.1f} tokens/s over all repeats; the runs with several tokens a message "
+            f"made {r['ar_edge_vs_ar_edge_each']:.2f} × its tokens/s (per repeat {each('ar_edge_vs_ar_edge_each')})."
+        )
     lines += _thread_lines(result)
     lines.append(
         f"- {fk} = {r['fixedk_vs_assisted_k']:.2f} × transformers' assisted generation with the same pair at K = {k} "
@@ -145,6 +155,8 @@ def _thread_lines(result: dict[str, Any]) -> list[str]:
     runs = {n: p.get("plain_edge_cpu_ms_per_token") for n, p in result["policies"].items()}
     runs[AHEAD] = result["pipelined"][AHEAD].get("edge_cpu_ms_per_token")
     runs[STREAMS] = result["streamed"].get("edge_cpu_ms_per_token")
+    if "streamed_each" in result:
+        runs[STREAMS_EACH] = result["streamed_each"].get("edge_cpu_ms_per_token")
     runs = {n: c for n, c in runs.items() if c}
     if not runs or alone is None:
         return []
@@ -159,7 +171,7 @@ def _thread_lines(result: dict[str, Any]) -> list[str]:
         f"token, no server): {alone['cpu_ms_per_token']:.3f} ms CPU per token "
         f"({1e3 * alone['seconds'] / alone['tokens']:.3f} ms elapsed)"
     )
-    same_work = [n for n in runs if n in ("fixed-0", AHEAD, STREAMS)]  # their model thread does just that work
+    same_work = [n for n in runs if n in ("fixed-0", AHEAD, STREAMS, STREAMS_EACH)]  # just that work
     if same_work:
         line += "; in the server the same work costs the model thread " + ", ".join(
             f"{runs[n]['model'] / alone['cpu_ms_per_token']:.2f} × as much ({n})" for n in same_work

@@ -89,9 +89,11 @@ def test_floors_and_references(result: dict[str, Any]) -> None:
         and ahead["same_output_every_repeat"]
         and "fixed0_ahead_vs_target_loop" in result["ratios"]
     )
-    streamed = result["streamed"]  # ar-edge: the edge decoding alone, streamed; tokens: `lossless`
-    assert streamed["tokens_per_s"] > 0 and streamed["same_output_every_repeat"]
-    assert "ar_edge_vs_target_loop" in result["ratios"]
+    # ar-edge: the edge decoding alone, streamed, several tokens a message and one; tokens: `lossless`
+    for streamed in (result["streamed"], result["streamed_each"]):
+        assert streamed["tokens_per_s"] > 0 and streamed["same_output_every_repeat"]
+    assert {"ar_edge_vs_target_loop", "ar_edge_each_vs_target_loop", "ar_edge_vs_ar_edge_each"} <= set(result["ratios"])
+    assert result["meta"]["stream_tokens"] == 32
     # Drafted blocks sent ahead too (fixed-K, gelato), against assisted generation; tokens: `lossless`.
     for name in ("fixed-3 send-ahead", "gelato send-ahead"):
         run = result["pipelined"][name]
@@ -107,6 +109,7 @@ def test_edge_cpu_by_thread(result: dict[str, Any]) -> None:
     runs = {n: p["plain_edge_cpu_ms_per_token"] for n, p in result["policies"].items()}
     runs["fixed-0 send-ahead"] = result["pipelined"]["fixed-0 send-ahead"]["edge_cpu_ms_per_token"]
     runs["ar-edge"] = result["streamed"]["edge_cpu_ms_per_token"]
+    runs["ar-edge one a message"] = result["streamed_each"]["edge_cpu_ms_per_token"]
     for name, cpu in runs.items():
         assert set(cpu) == {"model", "loop", "other"}, name
         assert cpu["model"] > 0 and cpu["loop"] >= 0 and cpu["other"] >= 0, (name, cpu)
