@@ -2,8 +2,10 @@
 # GELATO's two quickstart commands (and CI's entry to the tests):
 #   ./gelato.sh demo [ARGS]   edge + device processes on the embedded tiny pair, a results table
 #   ./gelato.sh test [ARGS]   the test suite (pytest ARGS)
-# Both create ./.venv on first use with torch 2.13.0 and the project installed editable; later
-# runs reuse it while pyproject.toml, the torch pin and the torch choice are unchanged.
+# Both create ./.venv on first use with torch 2.13.0 and the project installed editable (`test`
+# and `setup` with its dev tools too: pytest, the linters, the stub generator; `demo` needs none of
+# them, so a platform without a wheel for one still runs it); later runs reuse it while
+# pyproject.toml, the torch pin and the torch choice are unchanged.
 #
 # Which torch build: on PyPI, torch for Linux is the CUDA build (several GB of nvidia-* wheels).
 # GELATO_TORCH=auto (default) takes the CUDA build where `nvidia-smi` sees a GPU whose driver runs
@@ -166,6 +168,7 @@ check_python() {
 }
 
 setup() {
+  local extras=${1:-}  # dev: the test tools too
   if [ ! -x "$py" ]; then
     local base
     base=$(check_python)
@@ -183,9 +186,17 @@ setup() {
     # torch first, the chosen build: left to the project's dependencies, pip would take PyPI's.
     install_torch "$build"
     torch_constraint > "$venv/torch-constraint.txt"  # a failure here stops setup (set -e)
-    "$py" -m pip install -q -e ".[dev]" -c "$venv/torch-constraint.txt"
+    "$py" -m pip install -q -e ".${extras:+[$extras]}" -c "$venv/torch-constraint.txt"
     check_torch_build "$torch_got"
+    : > "$venv/.gelato-dev"  # the test tools: none recorded yet
     echo "${want%-*}-$torch_got" > "$venv/.gelato-installed"  # not the build asked for: tried again next time
+  elif [ -n "$extras" ] && [ "$(cat "$venv/.gelato-dev" 2>/dev/null || true)" != "$have" ]; then
+    # Installed for the demo alone: the test tools now, held to the torch there.
+    echo "gelato.sh: installing the test tools into $venv" >&2
+    "$py" -m pip install -q -e ".[$extras]" -c "$venv/torch-constraint.txt"
+  fi
+  if [ -n "$extras" ]; then
+    cat "$venv/.gelato-installed" > "$venv/.gelato-dev"  # what the tools were installed on
   fi
 }
 
@@ -193,7 +204,7 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   demo) setup; exec "$py" -m gelato.benchmarks.demo "$@" ;;
-  test) setup; exec "$py" -m pytest -q "$@" ;;
-  setup) setup ;;
+  test) setup dev; exec "$py" -m pytest -q "$@" ;;
+  setup) setup dev ;;
   *) echo "usage: ./gelato.sh demo|test|setup [ARGS]" >&2; exit 2 ;;
 esac

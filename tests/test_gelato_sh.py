@@ -44,6 +44,7 @@ if [ "$1" = -m ] && [ "$2" = pip ]; then
   exit 0
 fi
 case "$2" in *urlopen*) echo "probe $3" >> "$PIP_LOG"; [ -z "$CPU_INDEX_DOWN" ]; exit $? ;; esac
+if [ "$1" = -m ]; then case "$2" in gelato.benchmarks.demo|pytest) echo "ran $2" >> "$PIP_LOG"; exit 0 ;; esac; fi
 exec "$REAL_PYTHON" -S "$@"
 """
 
@@ -86,6 +87,7 @@ class Checkout:
         pins = (self.root / "pyproject.toml").read_bytes() + f"{TORCH_REQ}\n".encode()
         digest = hashlib.sha256(pins).hexdigest()[:16]
         self.marker.write_text(f"{digest}-{build}\n")
+        (self.root / ".venv" / ".gelato-dev").write_text(f"{digest}-{build}\n")  # by `setup`: the dev tools too
 
     def has_torch(self, cuda: str | None) -> None:
         subprocess.run(
@@ -97,6 +99,7 @@ class Checkout:
     def setup(
         self,
         torch: str,
+        command: str = "setup",
         cpu_index_down: bool = False,
         stall: bool = False,
         broken: bool = False,
@@ -134,7 +137,7 @@ class Checkout:
         if stall:  # the index answers, the quick install fails (a download that stalled 5 s)
             env["CPU_INDEX_STALL"] = "1"
         res = subprocess.run(
-            ["bash", str(self.root / "gelato.sh"), "setup"], env=env, capture_output=True, text=True, timeout=60
+            ["bash", str(self.root / "gelato.sh"), command], env=env, capture_output=True, text=True, timeout=60
         )
         assert res.returncode == rc, res.stderr
         return (self.pip_log.read_text().splitlines() if self.pip_log.exists() else []), res.stderr
@@ -190,6 +193,28 @@ def test_an_unchanged_setup_installs_nothing(checkout: Checkout) -> None:
     checkout.pip_log.write_text("")
     pip, _ = checkout.setup("cpu")
     assert pip == []
+
+
+def test_the_demo_installs_no_test_tools_and_the_tests_add_them_once(checkout: Checkout) -> None:
+    """`demo` installs the project alone (a tool without a wheel for this platform cannot stop it);
+    `test` adds the dev tools over it, without touching torch, once; neither reinstalls after."""
+    pip, _ = checkout.setup("cpu", command="demo")
+    assert pip[-2:] == ["install -q -e . -c .venv/torch-constraint.txt", "ran gelato.benchmarks.demo"], pip
+    checkout.pip_log.write_text("")
+    pip, err = checkout.setup("cpu", command="test")
+    assert pip == [PROJECT, "ran pytest"] and "installing the test tools" in err, pip
+    for command in ("test", "demo", "setup"):
+        checkout.pip_log.write_text("")
+        pip, _ = checkout.setup("cpu", command=command)
+        assert pip in ([], [f"ran {'pytest' if command == 'test' else 'gelato.benchmarks.demo'}"]), (command, pip)
+    # A new pin reinstalls for the demo alone again, and the tests then add their tools again.
+    (checkout.root / "pyproject.toml").write_text("[project]\nname = 'stand-in'\nversion = '2'\n")
+    checkout.pip_log.write_text("")
+    pip, _ = checkout.setup("cpu", command="demo")
+    assert "install -q -e . -c .venv/torch-constraint.txt" in pip and PROJECT not in pip, pip
+    checkout.pip_log.write_text("")
+    pip, _ = checkout.setup("cpu", command="test")
+    assert pip == [PROJECT, "ran pytest"], pip
 
 
 def test_a_cpu_build_that_fell_back_to_pypi_is_tried_again(checkout: Checkout) -> None:
