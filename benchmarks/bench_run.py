@@ -275,6 +275,13 @@ def per_device(res: RunResult) -> list[dict[str, Any]]:
     return rows
 
 
+def answered_rounds(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rounds that read an answer from the edge (bytes down): an `ar-edge` round whose token
+    came in the message read for an earlier round waited for nothing, and would pull a median of
+    round or network times towards 0. All of them where none read one (`ar-device`)."""
+    return [r for r in rounds if r.get("bytes_down", 0) > 0] or rounds
+
+
 def summarize(res: RunResult) -> dict[str, Any]:
     recs, spec = res.records, res.spec
     tokens = sum(r["n_tokens"] for r in recs)
@@ -322,7 +329,9 @@ def summarize(res: RunResult) -> dict[str, Any]:
         "q_final_j": devs[0]["q_final_j"] if len(devs) == 1 else None,
         "q_max_j": max(q) if q else None,
         "long_run_j_per_token": devs[0]["long_run_j_per_token"] if len(devs) == 1 else None,
-        "t_net_median_ms": statistics.median(r["t_net_s"] for r in res.rounds) * 1e3 if res.rounds else None,
+        "t_net_median_ms": (
+            statistics.median(r["t_net_s"] for r in answered_rounds(res.rounds)) * 1e3 if res.rounds else None
+        ),
         **pipeline_stats(res.rounds, tokens),
         "per_device": devs,
         "wall_s": round(res.wall_s, 1),

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from gelato.benchmarks.bench_run import answered_rounds
 from gelato.benchmarks.delay_proxy import ProxyProcess, grpc_info_rtt, rtt_summary
 from gelato.benchmarks.policies_report import compare_budgets, markdown, over_repeats, print_run
 from gelato.benchmarks.procs import check_energy_source, child_env, machine, start_edge, unique_label
@@ -224,7 +225,8 @@ def summarize(spec: RunSpec, records: list[dict[str, Any]], rounds: list[dict[st
 
 def trace_stats(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """What the controller did, from the per-round trace."""
-    t_mid = statistics.median(r["t_round_s"] for r in rounds)
+    answered = answered_rounds(rounds)  # ar-edge: the rounds that read a message
+    t_mid = statistics.median(r["t_round_s"] for r in answered)
     return {
         "stop_reasons": dict(Counter(r["stop_reason"] for r in rounds).most_common()),
         "k_ref_mean": statistics.fmean(r["k_ref"] for r in rounds),
@@ -235,9 +237,9 @@ def trace_stats(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "over_budget_rounds": sum(bool(r.get("over_budget")) for r in rounds),
         # Rounds drafted to observe acceptance where the estimates alone drafted nothing.
         "explore_rounds": sum(bool(r.get("explore")) for r in rounds),
-        "t_net_median_ms": round(statistics.median(r["t_net_s"] for r in rounds) * 1e3, 3),
+        "t_net_median_ms": round(statistics.median(r["t_net_s"] for r in answered) * 1e3, 3),
         # A round over twice the median: the device was descheduled (a shared machine), not the policy.
-        "stalled_rounds": sum(r["t_round_s"] > 2 * t_mid for r in rounds),
+        "stalled_rounds": sum(r["t_round_s"] > 2 * t_mid for r in answered),
         **speed_probe(rounds),
     }
 

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from gelato.deadline import within
 from gelato.edge.metrics import EdgeMetrics
@@ -47,9 +47,22 @@ class _Request:
     session: TargetSession
     block: DraftBlock
     received: float
-    future: asyncio.Future[Any]  # a Verdict; a run's (`Batcher.run`): a list of them
+    future: asyncio.Future[Any]  # its Verdict; for a run (`Batcher.run`), the `Run`
     validated: bool = False
     queued: float = field(default_factory=time.perf_counter)  # when it asked: its batch's window opens
+
+
+class Run(NamedTuple):
+    """A streamed run's verdicts, in round order, and the error of the step after them (None: it
+    stopped for another reason). The stream sends the verdicts, then ends with the error, as it
+    would have after the same steps one at a time."""
+
+    verdicts: list[Verdict]
+    error: Exception | None = None
+
+
+def _never() -> bool:
+    return False
 
 
 class Batcher:
@@ -94,26 +107,30 @@ class Batcher:
         return await request.future
 
     async def run(
-        self, session: TargetSession, max_steps: int, stop_ids: frozenset[int], received: float
-    ) -> list[Verdict]:
+        self,
+        session: TargetSession,
+        max_steps: int,
+        stop_ids: frozenset[int],
+        received: float,
+        stop: Callable[[], bool] | None = None,
+    ) -> Run:
         """Streamed decoding (Generate): verdicts of up to `max_steps` empty blocks of `session`,
-        from its current round on; at least one, or the first one's error. A session alone on the
-        edge (the lone path of `verify`) steps on the model thread without a round trip through
-        the event loop per token, until `max_steps`, a token of `stop_ids`, the context limit, a
-        step that fails (its error comes again at the caller's next step, which checks first), its
-        caller gone, or anyone else needing the model thread (a request queued, a second session
+        from its current round on; at least one, or the first one's error raised. A session alone
+        on the edge (the lone path of `verify`) steps on the model thread without a round trip
+        through the event loop per token, until `max_steps`, a token of `stop_ids`, the context
+        limit, a step that fails (`Run.error`), its caller gone, `stop()` (the edge ending its
+        streams), or anyone else needing the model thread (a request queued, a second session
         ready, any other job submitted: a prefill, a close). Otherwise one step, as `verify`."""
         block = DraftBlock(round=session.rounds, ids=())
         if max_steps <= 1 or not self._lone():
-            return [await self.verify(session, block, received, validated=True)]
+            return Run([await self.verify(session, block, received, validated=True)])
         assert self._free is not None
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Verdict]] = loop.create_future()
+        future: asyncio.Future[Run] = loop.create_future()
         self._free.clear()
+        request = _Request(session, block, received, future, True)
         try:
-            self.executor.submit(
-                self._steps, _Request(session, block, received, future, True), max_steps, stop_ids, loop
-            )
+            self.executor.submit(self._steps, request, max_steps, stop_ids, stop or _never, loop)
         except Exception as exc:  # the executor is shut down: fail the run, not the server
             self._resolve_run(future, exc)
         return await future
@@ -131,20 +148,29 @@ class Batcher:
         )
 
     def _still_alone(self) -> bool:
-        """Model thread, during a run: no request queued, no second session ready, no other job
-        submitted to the model thread (`ModelThread.jobs` counts them; any other executor: assume
-        there may be). Reads the event loop's state without a lock: each read is one length."""
+        """Model thread, during a run: no request queued or taken into a forming batch (the batcher
+        task takes the first at once and holds it until the model thread is free), no second
+        session ready, no other job submitted to the model thread (`ModelThread.jobs` counts them;
+        any other executor: assume there may be). Reads the event loop's state without a lock: each
+        read is one length or flag, at worst a step late."""
         jobs = getattr(self.executor, "jobs", None)
-        return self.queue.empty() and self.open_sessions() <= 1 and jobs is not None and jobs() <= 1
+        return (
+            self.queue.empty() and not self._forming and self.open_sessions() <= 1 and jobs is not None and jobs() <= 1
+        )
 
     def _steps(
-        self, first: _Request, max_steps: int, stop_ids: frozenset[int], loop: asyncio.AbstractEventLoop
+        self,
+        first: _Request,
+        max_steps: int,
+        stop_ids: frozenset[int],
+        stop: Callable[[], bool],
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         """Model thread: `run`'s steps, handed back at once."""
         session, received = first.session, first.received
         limit = session.loaded.context_limit
         verdicts: list[Verdict] = []
-        result: list[Verdict] | BaseException = verdicts
+        result: Run | BaseException
         try:
             while True:
                 step = _Request(session, DraftBlock(round=session.rounds, ids=()), received, first.future, True)
@@ -153,7 +179,8 @@ class Batcher:
                 end = time.perf_counter()
                 verdict = self._verdicts([step], outcomes, start, end)[0]
                 if isinstance(verdict, BaseException):
-                    result = verdicts or verdict
+                    error = verdict if isinstance(verdict, Exception) else RuntimeError(repr(verdict))
+                    result = Run(verdicts, error) if verdicts else verdict
                     break
                 verdicts.append(verdict)
                 received = end  # the next step waits for nothing
@@ -162,11 +189,13 @@ class Batcher:
                     or verdict.next_token in stop_ids
                     or session.length >= limit
                     or first.future.done()
+                    or stop()
                     or not self._still_alone()
                 ):
+                    result = Run(verdicts)
                     break
         except Exception as exc:  # only if verify_batch itself broke
-            result = verdicts or exc
+            result = Run(verdicts, exc) if verdicts else exc
         except BaseException as exc:  # as in `_forward`: answer the run and free the thread, then raise
             log.error("model thread interrupted by %r during a run of %d step(s)", exc, len(verdicts))
             error = RuntimeError(f"verification interrupted: {exc!r}")
@@ -177,7 +206,7 @@ class Batcher:
         with contextlib.suppress(RuntimeError):  # a closed event loop: nobody waits for this run
             loop.call_soon_threadsafe(self._resolve_run, first.future, result)
 
-    def _resolve_run(self, future: asyncio.Future[list[Verdict]], result: list[Verdict] | BaseException) -> None:
+    def _resolve_run(self, future: asyncio.Future[Run], result: Run | BaseException) -> None:
         try:
             if future.done():
                 return

@@ -53,7 +53,9 @@ class EdgeConfig(Settings):
         0.0, "target KV memory for sessions, in MiB (0: no limit)", check=(ge(0), le(2**40))
     )  # 1 EiB: its bytes travel as a uint64 (InfoResponse)
     batch_window_ms: float = setting(
-        2.0, "wait this long for more rows to batch (at most 1000: every waiting row waits it)", check=(ge(0), le(1000))
+        2.0,
+        "wait this long for more rows to batch (at most 10000: every waiting row waits it)",
+        check=(ge(0), le(10_000)),
     )
     max_batch: int = setting(16, "most draft blocks verified in one forward", check=ge(1))
     prefill_chunk_tokens: int = setting(

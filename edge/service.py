@@ -456,12 +456,17 @@ class GelatoService:
             # block there: the device asked for more tokens than it opened the session for.
             session.check_state(DraftBlock(round=session.rounds, ids=()))
             steps = min(per_message, req.max_tokens - sent)
-            verdicts = await self._batched(self.batcher.run(session, steps, eos, received), session)
+            # The edge ending its streams (shutdown) ends a run after the step it is in.
+            run = await self._batched(self.batcher.run(session, steps, eos, received, lambda: self.ending), session)
             self._refuse_if_ending()
-            yield verdicts
-            sent += len(verdicts)
+            yield run.verdicts
+            if isinstance(run.error, StatusError):  # the step after them failed: as it would have alone
+                raise run.error
+            if run.error is not None:
+                raise self._row_status(run.error, session) from run.error
+            sent += len(run.verdicts)
             received = time.perf_counter()
-            if verdicts[-1].next_token in eos:
+            if run.verdicts[-1].next_token in eos:
                 return
 
     async def _verify_block(self, session: TargetSession, block: DraftBlock, received: float) -> Verdict:
@@ -476,13 +481,18 @@ class GelatoService:
             return await work
         except StatusError:
             raise
-        except PoolMemoryError as exc:  # this row needed KV memory the edge could not allocate
-            raise pool_full_status(exc) from exc
         except Exception as exc:
-            if out_of_memory(exc):  # the forward's activations or logits, this row alone (its state restored)
-                raise out_of_memory_status(exc) from exc
-            # a server fault in this row only: this session's state is unknown, end it
-            incident = new_incident()
-            log.exception("verify failed for session %s (incident %s)", session.session_id, incident)
-            details = internal_details("verification failed", exc, incident)
-            raise StatusError(grpc.StatusCode.INTERNAL, details) from exc
+            raise self._row_status(exc, session) from exc
+
+    def _row_status(self, exc: Exception, session: TargetSession) -> StatusError:
+        """The status a failure of this session's row in a forward ends its stream with."""
+        if isinstance(exc, StatusError):
+            return exc
+        if isinstance(exc, PoolMemoryError):  # this row needed KV memory the edge could not allocate
+            return pool_full_status(exc)
+        if out_of_memory(exc):  # the forward's activations or logits, this row alone (its state restored)
+            return out_of_memory_status(exc)
+        # a server fault in this row only: this session's state is unknown, end it
+        incident = new_incident()
+        log.error("verify failed for session %s (incident %s)", session.session_id, incident, exc_info=exc)
+        return StatusError(grpc.StatusCode.INTERNAL, internal_details("verification failed", exc, incident))

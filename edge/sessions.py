@@ -188,7 +188,7 @@ class TargetSession:
             raise StatusError(
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"send-ahead block for round {block.round} is block {block.round - self.rounds + 1} past the last "
-                f"verdict (the session is at round {self.rounds}); this edge verifies {max_ahead_rounds} at most",
+                f"verdict (the session is at round {self.rounds}); this edge allows {max_ahead_rounds}",
             )
         if block.round != self.rounds or self.rounds == 0:
             return None

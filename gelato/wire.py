@@ -334,14 +334,14 @@ def join_streamed(verdicts: Sequence[Verdict]) -> Verdict:
 
 
 def split_streamed(verdict: Verdict) -> list[Verdict]:
-    """`join_streamed` undone: one verdict per round, each with its share of the forwards' time
-    (the message says only their sum) and no queue time after the first."""
+    """`join_streamed` undone: one verdict per round. The first keeps the wait and every forward's
+    time, which it waited for (so the rest of its round is transport, as in any round); the others
+    came with it and waited for nothing, edge time included."""
     if not verdict.more_tokens:
         return [verdict]
-    n = 1 + len(verdict.more_tokens)
-    share = replace(verdict, compute_ms=verdict.compute_ms / n, more_tokens=())
+    first = replace(verdict, more_tokens=())
     rest = [
-        replace(share, round=verdict.round + i, next_token=t, queue_ms=0.0)
+        replace(first, round=verdict.round + i, next_token=t, queue_ms=0.0, compute_ms=0.0)
         for i, t in enumerate(verdict.more_tokens, start=1)
     ]
-    return [share, *rest]
+    return [first, *rest]

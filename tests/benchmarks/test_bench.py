@@ -21,6 +21,7 @@ from gelato.benchmarks.bench_report import gsm8k_answer, score, target_lines, ta
 from gelato.benchmarks.bench_run import (
     RunResult,
     RunSpec,
+    answered_rounds,
     percentile,
     pipeline_stats,
     shard_files,
@@ -776,3 +777,30 @@ def test_the_pinning_line_says_what_was_pinned(monkeypatch: pytest.MonkeyPatch) 
     assert bench.pinning(1, relay=False)[2] == "edge on CPU 0, devices on CPU(s) [1]"
     monkeypatch.setattr(bench.shutil, "which", lambda name: None)
     assert bench.pinning(2) == (None, [None, None], "not pinned (no taskset)")
+
+
+def test_round_medians_count_the_rounds_that_read_an_answer() -> None:
+    """ar-edge: a round whose token came in the message an earlier round read waited for nothing;
+    the policies' round and network medians (and "stalled" rounds, over twice the median) are
+    taken over the rounds that read one, or over all where none did (ar-device)."""
+    from gelato.benchmarks.policies import trace_stats
+
+    def rnd(t_round_s: float, bytes_down: int) -> dict[str, object]:
+        return {
+            "t_round_s": t_round_s,
+            "t_net_s": t_round_s / 2,
+            "bytes_down": bytes_down,
+            "k": 0,
+            "k_ref": 0,
+            "stop_reason": "",
+            "q_deficit_j": None,
+            "t_draft_s": 0.0,
+            "t_edge_compute_s": 0.0,
+        }
+
+    chunked = [rnd(0.010, 300), *[rnd(0.0, 0)] * 31, rnd(0.012, 300), *[rnd(0.0, 0)] * 31]
+    assert answered_rounds(chunked) == [chunked[0], chunked[32]]
+    stats = trace_stats(chunked)
+    assert stats["stalled_rounds"] == 0 and stats["t_net_median_ms"] == 5.5
+    local = [rnd(0.002, 0)] * 3
+    assert answered_rounds(local) == local

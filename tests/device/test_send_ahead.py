@@ -280,8 +280,7 @@ def test_resolve_ahead_rules(target: LoadedModel) -> None:
     assert deep.value.code == grpc.StatusCode.OUT_OF_RANGE
     # The session is at round 1: rounds 1..4 are the four blocks past its last verdict, 5 the fifth.
     assert deep.value.details.startswith(
-        "send-ahead block for round 5 is block 5 past the last verdict (the session is at round 1); "
-        "this edge verifies 4 at most"
+        "send-ahead block for round 5 is block 5 past the last verdict (the session is at round 1); this edge allows 4"
     ), deep.value.details
     length = s.length
     s.verify(DraftBlock(round=1, ids=(target.eos_token_ids[0] + 1 if target.eos_token_ids else 3,)))

@@ -5,18 +5,21 @@ steps give, and yields the model thread to anyone else who needs it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
-from gelato.edge.batcher import Batcher
+from gelato.edge.batcher import Batcher, Run
 from gelato.edge.kv_pool import KVPool
 from gelato.edge.metrics import EdgeMetrics
 from gelato.edge.model_thread import ModelThread
-from gelato.edge.sessions import TargetSession
+from gelato.edge.sessions import StatusError, TargetSession
 from gelato.models import LoadedModel
 from gelato.types import DraftBlock, SamplingParams, Verdict
 
@@ -62,9 +65,10 @@ def test_a_lone_run_is_one_job_with_the_verdicts_of_single_steps(target: LoadedM
     ran, stepped = _session(target, params, "ran"), _session(target, params, "stepped")
 
     async def body(batcher: Batcher) -> tuple[list[Verdict], int, list[Verdict]]:
-        verdicts = await batcher.run(ran, 8, frozenset(), time.perf_counter())
+        run = await batcher.run(ran, 8, frozenset(), time.perf_counter())
+        assert run.error is None
         jobs = executor.submitted
-        return verdicts, jobs, await _single_steps(batcher, stepped, 8)
+        return run.verdicts, jobs, await _single_steps(batcher, stepped, 8)
 
     try:
         run, jobs, steps = asyncio.run(_with_batcher(executor, lambda: 1, body))
@@ -85,7 +89,8 @@ def test_a_run_stops_after_a_stop_token(target: LoadedModel) -> None:
         tokens = [v.next_token for v in await _single_steps(batcher, probe, 8)]
         # The first token not seen before it: the run must end right there.
         at = next(i for i, t in enumerate(tokens) if i > 0 and t not in tokens[:i])
-        return tokens[: at + 1], await batcher.run(ran, 8, frozenset({tokens[at]}), time.perf_counter())
+        run = await batcher.run(ran, 8, frozenset({tokens[at]}), time.perf_counter())
+        return tokens[: at + 1], run.verdicts
 
     try:
         expected, run = asyncio.run(_with_batcher(executor, lambda: 1, body))
@@ -104,7 +109,7 @@ def test_a_run_yields_the_model_thread_to_another_job(target: LoadedModel) -> No
         run = asyncio.ensure_future(batcher.run(session, 200, frozenset(), time.perf_counter()))
         await asyncio.sleep(0)  # the run's job is on the model thread
         other = executor.submit(time.sleep, 0)
-        verdicts = await run
+        verdicts = (await run).verdicts
         other.result(timeout=10)
         return verdicts
 
@@ -123,7 +128,7 @@ def test_a_run_with_another_session_open_is_one_step(target: LoadedModel) -> Non
     session = _session(target, SamplingParams())
 
     async def body(batcher: Batcher) -> list[Verdict]:
-        return await batcher.run(session, 8, frozenset(), time.perf_counter())
+        return (await batcher.run(session, 8, frozenset(), time.perf_counter())).verdicts
 
     try:
         run = asyncio.run(_with_batcher(executor, lambda: 2, body))
@@ -132,26 +137,118 @@ def test_a_run_with_another_session_open_is_one_step(target: LoadedModel) -> Non
     assert [v.round for v in run] == [0] and executor.submitted == 1
 
 
-def test_a_run_ends_with_what_it_has_when_a_later_step_fails(target: LoadedModel) -> None:
-    """A session released while its run steps (its device gone): the steps done are answered, the
-    next one is refused (its KV is not grown for nobody)."""
+def test_a_run_yields_to_another_sessions_request(target: LoadedModel) -> None:
+    """Another session's block queued while a run steps (it waits for the model thread): the run
+    ends after its current step, and the block is verified next."""
+    executor = ModelThread()
+    alone, other = _session(target, SamplingParams(), "alone"), _session(target, SamplingParams(), "other")
+
+    async def body(batcher: Batcher) -> tuple[list[Verdict], Verdict]:
+        run = asyncio.ensure_future(batcher.run(alone, 200, frozenset(), time.perf_counter()))
+        await asyncio.sleep(0)  # the run's job is on the model thread
+        verdict = await batcher.verify(other, DraftBlock(0, ()), time.perf_counter())
+        return (await run).verdicts, verdict
+
+    try:
+        run, verdict = asyncio.run(_with_batcher(executor, lambda: 1, body))
+    finally:
+        executor.shutdown()
+    assert 1 <= len(run) <= 2, len(run)
+    assert verdict.round == 0 and other.rounds == 1
+
+
+def test_a_run_stops_when_asked(target: LoadedModel) -> None:
+    """`stop()` (the edge ending its streams) ends a run after the step it is in."""
+    executor = ModelThread()
+    session = _session(target, SamplingParams())
+
+    async def body(batcher: Batcher) -> Run:
+        return await batcher.run(session, 200, frozenset(), time.perf_counter(), stop=lambda: session.rounds >= 2)
+
+    try:
+        run = asyncio.run(_with_batcher(executor, lambda: 1, body))
+    finally:
+        executor.shutdown()
+    assert [v.round for v in run.verdicts] == [0, 1] and run.error is None
+
+
+@pytest.mark.parametrize("fault", ["released", "server fault"])
+def test_a_run_ends_with_its_verdicts_and_the_error_of_the_step_after_them(target: LoadedModel, fault: str) -> None:
+    """A later step that fails (the session released while its run steps, its device gone; or a
+    server fault in its acceptance): the steps done are answered, then that step's error, as the
+    stream would have sent them one at a time. The failed step's tokens and KV are not kept."""
     executor = ModelThread()
     session = _session(target, SamplingParams())
     real = session.accept
+    broken = RuntimeError("acceptance broke")
 
-    def accept_then_release(*args: Any, **kwargs: Any) -> tuple[int, int]:
+    def accept_then_fail(*args: Any, **kwargs: Any) -> tuple[int, int]:
+        if fault == "server fault" and session.rounds == 3:
+            raise broken
         out = real(*args, **kwargs)
-        if session.rounds == 3:
+        if fault == "released" and session.rounds == 3:
             session.released = True  # as the registry does on the event loop
         return out
 
-    session.accept = accept_then_release  # type: ignore[method-assign]
+    session.accept = accept_then_fail  # type: ignore[method-assign]
 
-    async def body(batcher: Batcher) -> list[Verdict]:
+    async def body(batcher: Batcher) -> Run:
         return await batcher.run(session, 8, frozenset(), time.perf_counter())
 
     try:
         run = asyncio.run(_with_batcher(executor, lambda: 1, body))
     finally:
         executor.shutdown()
-    assert [v.round for v in run] == [0, 1, 2] and len(session.seq.tokens) == len(PREFIX) + 3
+    assert [v.round for v in run.verdicts] == [0, 1, 2] and len(session.seq.tokens) == len(PREFIX) + 3
+    if fault == "released":
+        assert isinstance(run.error, StatusError) and run.error.code == grpc.StatusCode.FAILED_PRECONDITION
+    else:
+        assert run.error is broken
+
+
+def test_a_stream_sends_a_runs_verdicts_then_ends_with_the_failed_steps_status(
+    pair: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over the real server: a server fault in the third step of a run. The device gets the two
+    tokens before it in one message, then INTERNAL (the session's state is unknown), as one token
+    a message would have given it; it is not decoded on past the fault."""
+    from gelato.edge import batcher as batcher_module
+    from gelato.edge.config import EdgeConfig
+    from gelato.edge.server import EdgeServer
+    from gelato.v1 import gelato_pb2 as pb
+    from gelato.v1 import gelato_pb2_grpc as pb_grpc
+    from tests.edge.test_server_errors import generate, open_msg
+
+    real, calls = batcher_module.verify_batch, [0]
+
+    def third_fails(pairs: Any, validated: Any = None) -> Any:
+        calls[0] += 1
+        if calls[0] == 3:
+            return [RuntimeError("the forward broke")] * len(pairs)
+        return real(pairs, validated)
+
+    monkeypatch.setattr(batcher_module, "verify_batch", third_fails)
+
+    async def scenario() -> tuple[list[pb.EdgeMessage], grpc.StatusCode, str]:
+        server = EdgeServer(EdgeConfig(port=0))
+        port = await server.start()
+        loaded = await server.load(str(pair["target"]), "float32", "cpu")
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            call = pb_grpc.GelatoStub(channel).Session()
+            await call.write(open_msg(loaded.fingerprint, max_new_tokens=32))
+            await call.write(generate(0, 10, per_message=8))
+            await call.done_writing()
+            replies: list[pb.EdgeMessage] = []
+            with contextlib.suppress(grpc.aio.AioRpcError):  # read until the status
+                async for msg in call:
+                    replies.append(msg)
+            return replies, await call.code(), await call.details() or ""
+        finally:
+            await channel.close()
+            await server.stop(0)
+
+    replies, code, details = asyncio.run(scenario())
+    assert [m.WhichOneof("kind") for m in replies] == ["opened", "verdict"]
+    assert replies[1].verdict.round == 0 and len(replies[1].verdict.more_tokens) == 1  # rounds 0 and 1
+    assert code == grpc.StatusCode.INTERNAL and "verification failed" in details, details

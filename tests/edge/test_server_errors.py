@@ -325,9 +325,13 @@ def test_edge_only_generation_sends_several_tokens_a_message_when_asked(
     assert [len(c) for c in chunks] == [min(8, len(one_each) - i) for i in range(0, len(one_each), 8)], chunks
     rounds = [m.verdict.round for m in replies[1:]]
     assert rounds == list(range(0, len(one_each), 8))
-    # After it the session goes on with drafts at the next round, and a cap past 256 is 256.
-    more = run_stream(stub, [open_msg(fingerprint), generate(0, 3, per_message=1000), draft(3, [5, 6])])
+    # After it the session goes on with drafts at the next round.
+    more = run_stream(stub, [open_msg(fingerprint), generate(0, 3, per_message=8), draft(3, [5, 6])])
     assert [len(c) for c in streamed_tokens(more)] == [3, 1] and more[-1].verdict.round == 3
+    # More than the edge's cap asked for: 256 a message (this prompt runs 300 tokens without eos).
+    opened = open_msg(fingerprint, max_new_tokens=400)
+    capped = streamed_tokens(run_stream(stub, [opened, generate(0, 300, per_message=1000), close()]))
+    assert [len(c) for c in capped] == [256, 44]
 
 
 def close() -> pb.DeviceMessage:

@@ -153,7 +153,7 @@ def test_edge_defaults_written_once() -> None:
         # infinite window held one session's block until another's came, an infinite grace never ended
         (["--kv-budget-mb", "inf"], "--kv-budget-mb must be >= 0"),
         (["--batch-window-ms", "inf"], "--batch-window-ms must be >= 0"),
-        (["--batch-window-ms", "1001"], "--batch-window-ms must be <= 1000"),
+        (["--batch-window-ms", "10001"], "--batch-window-ms must be <= 10000"),
         (["--shutdown-grace-s", "inf"], "--shutdown-grace-s must be >= 0"),
         (["--idle-timeout-s", "inf"], "--idle-timeout-s must be > 0"),
         (["--health-check-timeout-s", "0"], "--health-check-timeout-s must be > 0"),

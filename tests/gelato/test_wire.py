@@ -163,7 +163,7 @@ def test_verdict_and_sampling_round_trip() -> None:
 
 def test_streamed_rounds_travel_in_one_verdict_and_come_apart_again() -> None:
     """Streamed decoding's rounds r, r+1, ...: one message (`join_streamed`), the same tokens and
-    rounds when split (`split_streamed`), the forwards' time shared out, the wait the first's."""
+    rounds when split (`split_streamed`), the wait and the forwards' time the first round's."""
     rounds = [
         Verdict(round=5 + i, n_accepted=0, next_token=t, queue_ms=0.5 * (i == 0), compute_ms=2.0)
         for i, t in enumerate((7, 3, 9))
@@ -172,7 +172,11 @@ def test_streamed_rounds_travel_in_one_verdict_and_come_apart_again() -> None:
     assert (joined.round, joined.next_token, joined.more_tokens, joined.compute_ms) == (5, 7, (3, 9), 6.0)
     assert decode_verdict(encode_verdict(joined).verdict) == joined
     split = split_streamed(decode_verdict(encode_verdict(joined).verdict))
-    assert split == rounds
+    assert [(v.round, v.next_token, v.n_accepted, v.more_tokens) for v in split] == [
+        (v.round, v.next_token, 0, ()) for v in rounds
+    ]
+    # The first round waited for the message: the wait and every forward's time are its own.
+    assert [(v.queue_ms, v.compute_ms) for v in split] == [(0.5, 6.0), (0.0, 0.0), (0.0, 0.0)]
     assert join_streamed(rounds[:1]) == rounds[0] and split_streamed(rounds[0]) == [rounds[0]]
     generate = encode_generate(4, 100, 8).generate
     assert (generate.round, generate.max_tokens, generate.tokens_per_message) == (4, 100, 8)
