@@ -112,7 +112,7 @@ class Batcher:
         max_steps: int,
         stop_ids: frozenset[int],
         received: float,
-        stop: Callable[[], bool] | None = None,
+        stop: Callable[[], bool] = _never,
     ) -> Run:
         """Streamed decoding (Generate): verdicts of up to `max_steps` empty blocks of `session`,
         from its current round on; at least one, or the first one's error raised. A session alone
@@ -130,7 +130,7 @@ class Batcher:
         self._free.clear()
         request = _Request(session, block, received, future, True)
         try:
-            self.executor.submit(self._steps, request, max_steps, stop_ids, stop or _never, loop)
+            self.executor.submit(self._steps, request, max_steps, stop_ids, stop, loop)
         except Exception as exc:  # the executor is shut down: fail the run, not the server
             self._resolve_run(future, exc)
         return await future

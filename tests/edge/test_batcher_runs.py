@@ -47,13 +47,21 @@ def _session(target: LoadedModel, params: SamplingParams, name: str = "s") -> Ta
     return session
 
 
-async def _with_batcher(executor: ModelThread, open_sessions: Callable[[], int], body: Callable[[Batcher], Any]) -> Any:
-    batcher = Batcher(executor, 0.005, 16, open_sessions, EdgeMetrics())
-    batcher.start()
+def _with_batcher(executor: ModelThread, open_sessions: Callable[[], int], body: Callable[[Batcher], Any]) -> Any:
+    """`body(batcher)` on a new event loop, then the batcher stopped and the model thread shut down."""
+
+    async def main() -> Any:
+        batcher = Batcher(executor, 0.005, 16, open_sessions, EdgeMetrics())
+        batcher.start()
+        try:
+            return await body(batcher)
+        finally:
+            await batcher.stop()
+
     try:
-        return await body(batcher)
+        return asyncio.run(main())
     finally:
-        await batcher.stop()
+        executor.shutdown()
 
 
 async def _single_steps(batcher: Batcher, session: TargetSession, n: int) -> list[Verdict]:
@@ -71,10 +79,7 @@ def test_a_lone_run_is_one_job_with_the_verdicts_of_single_steps(target: LoadedM
         jobs = executor.submitted
         return run.verdicts, jobs, await _single_steps(batcher, stepped, 8)
 
-    try:
-        run, jobs, steps = asyncio.run(_with_batcher(executor, lambda: 1, body))
-    finally:
-        executor.shutdown()
+    run, jobs, steps = _with_batcher(executor, lambda: 1, body)
     assert jobs == 1  # eight forwards, one hop to the model thread and back
     assert [v.round for v in run] == list(range(8)) and ran.rounds == 8
     assert [v.next_token for v in run] == [v.next_token for v in steps]
@@ -93,10 +98,7 @@ def test_a_run_stops_after_a_stop_token(target: LoadedModel) -> None:
         run = await batcher.run(ran, 8, frozenset({tokens[at]}), time.perf_counter())
         return tokens[: at + 1], run.verdicts
 
-    try:
-        expected, run = asyncio.run(_with_batcher(executor, lambda: 1, body))
-    finally:
-        executor.shutdown()
+    expected, run = _with_batcher(executor, lambda: 1, body)
     assert [v.next_token for v in run] == expected
 
 
@@ -117,10 +119,7 @@ def test_a_run_yields_the_model_thread_to_another_job(target: LoadedModel) -> No
         other.result(timeout=10)
         return verdicts
 
-    try:
-        run = asyncio.run(_with_batcher(executor, lambda: 1, body))
-    finally:
-        executor.shutdown()
+    run = _with_batcher(executor, lambda: 1, body)
     assert [v.round for v in run] == [0] and session.rounds == 1
 
 
@@ -133,10 +132,7 @@ def test_a_run_with_another_session_open_is_one_step(target: LoadedModel) -> Non
     async def body(batcher: Batcher) -> list[Verdict]:
         return (await batcher.run(session, 8, frozenset(), time.perf_counter())).verdicts
 
-    try:
-        run = asyncio.run(_with_batcher(executor, lambda: 2, body))
-    finally:
-        executor.shutdown()
+    run = _with_batcher(executor, lambda: 2, body)
     assert [v.round for v in run] == [0] and executor.submitted == 1
 
 
@@ -157,10 +153,7 @@ def test_a_run_yields_to_another_sessions_request(target: LoadedModel) -> None:
         gate.set()
         return (await run).verdicts, await asked
 
-    try:
-        run, verdict = asyncio.run(_with_batcher(executor, lambda: 1, body))
-    finally:
-        executor.shutdown()
+    run, verdict = _with_batcher(executor, lambda: 1, body)
     assert [v.round for v in run] == [0] and alone.rounds == 1
     assert verdict.round == 0 and other.rounds == 1
 
@@ -173,10 +166,7 @@ def test_a_run_stops_when_asked(target: LoadedModel) -> None:
     async def body(batcher: Batcher) -> Run:
         return await batcher.run(session, 200, frozenset(), time.perf_counter(), stop=lambda: session.rounds >= 2)
 
-    try:
-        run = asyncio.run(_with_batcher(executor, lambda: 1, body))
-    finally:
-        executor.shutdown()
+    run = _with_batcher(executor, lambda: 1, body)
     assert [v.round for v in run.verdicts] == [0, 1] and run.error is None
 
 
@@ -203,10 +193,7 @@ def test_a_run_ends_with_its_verdicts_and_the_error_of_the_step_after_them(targe
     async def body(batcher: Batcher) -> Run:
         return await batcher.run(session, 8, frozenset(), time.perf_counter())
 
-    try:
-        run = asyncio.run(_with_batcher(executor, lambda: 1, body))
-    finally:
-        executor.shutdown()
+    run = _with_batcher(executor, lambda: 1, body)
     assert [v.round for v in run.verdicts] == [0, 1, 2] and len(session.seq.tokens) == len(PREFIX) + 3
     if fault == "released":
         assert isinstance(run.error, StatusError) and run.error.code == grpc.StatusCode.FAILED_PRECONDITION
