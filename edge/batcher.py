@@ -61,6 +61,21 @@ class Run(NamedTuple):
     error: Exception | None = None
 
 
+_VALIDATED = (True,)  # a run's empty blocks: nothing in them to check again
+
+
+def _verdict(block: DraftBlock, outcome: Accepted, received: float, start: float, end: float) -> Verdict:
+    """A verified row's Verdict: waited from `received` to `start`, computed until `end`."""
+    return Verdict(
+        round=block.round,
+        n_accepted=outcome.n_accepted,
+        next_token=outcome.next_token,
+        queue_ms=(start - received) * 1e3,
+        compute_ms=(end - start) * 1e3,
+        batch_rows=outcome.batch_rows,
+    )
+
+
 def _never() -> bool:
     return False
 
@@ -166,27 +181,27 @@ class Batcher:
         stop: Callable[[], bool],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        """Model thread: `run`'s steps, handed back at once."""
-        session, received = first.session, first.received
+        """Model thread: `run`'s steps, handed back at once. Per step only the forward and its
+        Verdict: the counters are counted once per run (`_count`)."""
+        session, received, block = first.session, first.received, first.block
         limit = session.loaded.context_limit
         verdicts: list[Verdict] = []
         result: Run | BaseException
         try:
             while True:
-                step = _Request(session, DraftBlock(round=session.rounds, ids=()), received, first.future, True)
                 start = time.perf_counter()
-                outcomes = verify_batch([(session, step.block)], [True])
+                (outcome,) = verify_batch([(session, block)], _VALIDATED)
                 end = time.perf_counter()
-                verdict = self._verdicts([step], outcomes, start, end)[0]
-                if isinstance(verdict, BaseException):
-                    error = verdict if isinstance(verdict, Exception) else RuntimeError(repr(verdict))
-                    result = Run(verdicts, error) if verdicts else verdict
+                if isinstance(outcome, BaseException):
+                    error = outcome if isinstance(outcome, Exception) else RuntimeError(repr(outcome))
+                    result = Run(verdicts, error) if verdicts else outcome
                     break
-                verdicts.append(verdict)
+                verdicts.append(_verdict(block, outcome, received, start, end))
+                self.metrics.verify_seconds.observe(end - start)
                 received = end  # the next step waits for nothing
                 if (
                     len(verdicts) >= max_steps
-                    or verdict.next_token in stop_ids
+                    or outcome.next_token in stop_ids
                     or session.length >= limit
                     or first.future.done()
                     or stop()
@@ -194,15 +209,18 @@ class Batcher:
                 ):
                     result = Run(verdicts)
                     break
+                block = DraftBlock(round=session.rounds, ids=())
         except Exception as exc:  # only if verify_batch itself broke
             result = Run(verdicts, exc) if verdicts else exc
         except BaseException as exc:  # as in `_forward`: answer the run and free the thread, then raise
             log.error("model thread interrupted by %r during a run of %d step(s)", exc, len(verdicts))
+            self._count(verdicts)
             error = RuntimeError(f"verification interrupted: {exc!r}")
             error.__cause__ = exc
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._resolve_run, first.future, error)
             raise
+        self._count(verdicts)
         with contextlib.suppress(RuntimeError):  # a closed event loop: nobody waits for this run
             loop.call_soon_threadsafe(self._resolve_run, first.future, result)
 
@@ -313,21 +331,19 @@ class Batcher:
             forwards += 1.0 / max(1, outcome.batch_rows)
             self.metrics.tokens_drafted.inc(r.block.k)
             self.metrics.tokens_accepted.inc(outcome.n_accepted)
-            results.append(
-                Verdict(
-                    round=r.block.round,
-                    n_accepted=outcome.n_accepted,
-                    next_token=outcome.next_token,
-                    queue_ms=(start - r.received) * 1e3,
-                    compute_ms=(end - start) * 1e3,
-                    batch_rows=outcome.batch_rows,
-                )
-            )
+            results.append(_verdict(r.block, outcome, r.received, start, end))
         if verified:
             self.metrics.batches.inc(max(1, math.ceil(forwards - 1e-9)))
             self.metrics.batch_rows.inc(verified)
             self.metrics.verify_seconds.observe(end - start)
         return results
+
+    def _count(self, run: list[Verdict]) -> None:
+        """A run's steps in the counters, as `_verdicts` counts each: one forward of one row each
+        (its empty blocks draft nothing and accept nothing); their times were observed one by one."""
+        if run:
+            self.metrics.batches.inc(len(run))
+            self.metrics.batch_rows.inc(len(run))
 
     def _resolve(self, batch: list[_Request], results: list[Verdict | BaseException]) -> None:
         """Event loop: every row's future at once, then the model thread is free again (whatever

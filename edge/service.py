@@ -29,7 +29,7 @@ import grpc
 from grpc._cython.cygrpc import ExecuteBatchError
 
 from gelato.deadline import within
-from gelato.edge.batcher import Batcher
+from gelato.edge.batcher import Batcher, Run
 from gelato.edge.clients import client_of
 from gelato.edge.config import EdgeConfig
 from gelato.edge.kv_pool import PoolMemoryError
@@ -46,11 +46,11 @@ from gelato.edge.statuses import (
     parse_request,
     pool_full_status,
 )
+from gelato.edge.streaming import RunSteps, streamed_runs
 from gelato.models import LoadedModel, out_of_memory
 from gelato.types import PROTOCOL_VERSION, DraftBlock, EdgeInfo, SessionInfo, Verdict
 from gelato.v1 import gelato_pb2 as pb
 from gelato.wire import (
-    MAX_STREAMED_PER_MESSAGE,
     MODEL_LOADING,
     WireError,
     clip,
@@ -63,6 +63,7 @@ from gelato.wire import (
 )
 
 _T = TypeVar("_T")
+
 log = logging.getLogger("gelato.edge")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gelato"].full_name
 SHUTDOWN_DETAILS = "edge shutting down: reopen the session with its accepted prefix on another edge"
@@ -262,8 +263,14 @@ class GelatoService:
         elif kind == "generate":
             if session is None:
                 raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "generate before open")
-            async for verdicts in self._generate(session, msg.generate, received):
-                await self._send(context, encode_verdict(join_streamed(verdicts)))
+            runs = streamed_runs(session, msg.generate, received, self._runs(session), self._refuse_if_ending)
+            async with contextlib.aclosing(runs):
+                async for run in runs:
+                    await self._send(context, encode_verdict(join_streamed(run.verdicts)))
+                    if isinstance(run.error, StatusError):  # the step after them failed: as it would alone
+                        raise run.error
+                    if run.error is not None:
+                        raise self._row_status(run.error, session) from run.error
         elif kind == "close":
             return False
         else:
@@ -427,47 +434,16 @@ class GelatoService:
             return verdict
         return await self._verify_block(session, block, received)
 
-    async def _generate(
-        self, session: TargetSession, req: pb.Generate, received: float
-    ) -> AsyncIterator[list[Verdict]]:
-        """Edge-only decoding: empty blocks through the batcher (so each step shares a forward with
-        other sessions' verification), streamed as they come, up to `tokens_per_message` rounds a
-        message (`Batcher.run`: more than one only while the session is alone), until eos,
-        `max_tokens` or the context limit; at the session's reservation the stream ends
-        OUT_OF_RANGE (it asked for more than it opened the session for), and so does a Generate
-        sent with the context already full (no token can come)."""
-        if req.round != session.rounds:
-            raise StatusError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"generate at round {req.round}, but the session is at round {session.rounds}",
-            )
-        if req.max_tokens < 1:
-            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "generate: max_tokens must be >= 1")
-        eos, limit = frozenset(session.loaded.eos_token_ids), session.loaded.context_limit
-        per_message = max(1, min(req.tokens_per_message, MAX_STREAMED_PER_MESSAGE))
-        sent = 0
-        while sent < req.max_tokens:
-            if session.length >= limit:
-                if sent == 0:  # no token can come: say so, leave no read waiting
-                    full = f"generate: the context limit ({limit} tokens) is full"
-                    raise StatusError(grpc.StatusCode.OUT_OF_RANGE, full)
-                return  # the context is full: no more verdicts, as the device counts itself (SessionOpened)
-            # Past the session's reservation `check_state` answers OUT_OF_RANGE, as for a draft
-            # block there: the device asked for more tokens than it opened the session for.
+    def _runs(self, session: TargetSession) -> RunSteps:
+        """`streamed_runs`' steps of `session`. Past the session's reservation `check_state`
+        answers OUT_OF_RANGE, as for a draft block there: the device asked for more tokens than it
+        opened the session for. The edge ending its streams ends a run after the step it is in."""
+
+        async def run(steps: int, eos: frozenset[int], received: float) -> Run:
             session.check_state(DraftBlock(round=session.rounds, ids=()))
-            steps = min(per_message, req.max_tokens - sent)
-            # The edge ending its streams (shutdown) ends a run after the step it is in.
-            run = await self._batched(self.batcher.run(session, steps, eos, received, lambda: self.ending), session)
-            self._refuse_if_ending()
-            yield run.verdicts
-            if isinstance(run.error, StatusError):  # the step after them failed: as it would have alone
-                raise run.error
-            if run.error is not None:
-                raise self._row_status(run.error, session) from run.error
-            sent += len(run.verdicts)
-            received = time.perf_counter()
-            if run.verdicts[-1].next_token in eos:
-                return
+            return await self._batched(self.batcher.run(session, steps, eos, received, lambda: self.ending), session)
+
+        return run
 
     async def _verify_block(self, session: TargetSession, block: DraftBlock, received: float) -> Verdict:
         """A block whose data is valid for this session (decoded by `decode_block`, or built here)

@@ -247,3 +247,27 @@ def test_a_stream_sends_a_runs_verdicts_then_ends_with_the_failed_steps_status(
     assert [m.WhichOneof("kind") for m in replies] == ["opened", "verdict"]
     assert replies[1].verdict.round == 0 and len(replies[1].verdict.more_tokens) == 1  # rounds 0 and 1
     assert code == grpc.StatusCode.INTERNAL and "verification failed" in details, details
+
+
+def test_a_run_counts_each_step_as_one_forward_of_one_row(target: LoadedModel) -> None:
+    """The counters a run leaves equal those of its steps verified one by one (`_verdicts`):
+    counted once per run, not per step, but the same totals."""
+    ran, stepped = _session(target, SamplingParams(), "ran"), _session(target, SamplingParams(), "stepped")
+
+    async def body(batcher: Batcher) -> tuple[dict[str, float], dict[str, float]]:
+        def counters() -> dict[str, float]:
+            get = batcher.metrics.registry.get_sample_value
+            names = ("batches_total", "batch_rows_total", "verify_seconds_count", "tokens_drafted_total")
+            return {n: get(f"gelato_edge_{n}") or 0.0 for n in names}
+
+        before = counters()
+        run = await batcher.run(ran, 7, frozenset(), time.perf_counter())
+        after_run = counters()
+        await _single_steps(batcher, stepped, len(run.verdicts))
+        after_steps = counters()
+        ran_counts = {n: after_run[n] - before[n] for n in before}
+        return ran_counts, {n: after_steps[n] - after_run[n] for n in before}
+
+    ran_counts, step_counts = _with_batcher(ModelThread(), lambda: 1, body)
+    assert ran_counts == step_counts
+    assert ran_counts["batches_total"] == ran_counts["batch_rows_total"] == ran_counts["verify_seconds_count"] == 7
