@@ -290,6 +290,11 @@ def _main(argv: list[str] | None = None) -> int:
         if host != "127.0.0.1" and port is None:  # the port turns that server on: an address alone serves nothing
             warning = f"gelato-edge: warning: --{name}-host {host} without --{name}-port serves nothing"
             say(parser.explain(warning))
+    if config.metrics_port is not None and not is_loopback(config.metrics_host):
+        # Asked for (a scraper outside the host), but never guarded: said at every start, as --insecure is.
+        where = host_port(config.metrics_host, config.metrics_port)
+        note = f"gelato-edge: warning: metrics on {where} (--metrics-host) are plaintext and need no token: "
+        say(parser.explain(note + "anyone who reaches that port reads this edge's load (sessions, batches, tokens)"))
     setup_torch_threads(config.threads)
     return asyncio.run(serve(config))
 

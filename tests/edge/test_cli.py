@@ -356,6 +356,9 @@ def test_metrics_stay_on_loopback_when_the_edge_is_exposed(
         assert answers_http("127.0.0.2", port)
     finally:
         assert scraped.stop() == 0
+    out = scraped.output()  # exposed on purpose, and said so at start (the loopback edge said nothing)
+    assert f"warning: metrics on 0.0.0.0:{port} (--metrics-host) are plaintext and need no token" in out, out
+    assert "GELATO_EDGE_METRICS_HOST='0.0.0.0'" in out and "metrics on" not in exposed.output()
 
 
 def test_shutdown_grace_flag_cuts_the_drain(pair: dict[str, Path]) -> None:
