@@ -181,8 +181,8 @@ class Batcher:
         stop: Callable[[], bool],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        """Model thread: `run`'s steps, handed back at once. Per step only the forward and its
-        Verdict: the counters are counted once per run (`_count`)."""
+        """Model thread: `run`'s steps, handed back at once. Each step is counted as `_verdicts`
+        counts one forward of one row (an empty block drafts and accepts nothing)."""
         session, received, block = first.session, first.received, first.block
         limit = session.loaded.context_limit
         verdicts: list[Verdict] = []
@@ -197,6 +197,8 @@ class Batcher:
                     result = Run(verdicts, error) if verdicts else outcome
                     break
                 verdicts.append(_verdict(block, outcome, received, start, end))
+                self.metrics.batches.inc()
+                self.metrics.batch_rows.inc()
                 self.metrics.verify_seconds.observe(end - start)
                 received = end  # the next step waits for nothing
                 if (
@@ -214,13 +216,11 @@ class Batcher:
             result = Run(verdicts, exc) if verdicts else exc
         except BaseException as exc:  # as in `_forward`: answer the run and free the thread, then raise
             log.error("model thread interrupted by %r during a run of %d step(s)", exc, len(verdicts))
-            self._count(verdicts)
             error = RuntimeError(f"verification interrupted: {exc!r}")
             error.__cause__ = exc
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._resolve_run, first.future, error)
             raise
-        self._count(verdicts)
         with contextlib.suppress(RuntimeError):  # a closed event loop: nobody waits for this run
             loop.call_soon_threadsafe(self._resolve_run, first.future, result)
 
@@ -337,13 +337,6 @@ class Batcher:
             self.metrics.batch_rows.inc(verified)
             self.metrics.verify_seconds.observe(end - start)
         return results
-
-    def _count(self, run: list[Verdict]) -> None:
-        """A run's steps in the counters, as `_verdicts` counts each: one forward of one row each
-        (its empty blocks draft nothing and accept nothing); their times were observed one by one."""
-        if run:
-            self.metrics.batches.inc(len(run))
-            self.metrics.batch_rows.inc(len(run))
 
     def _resolve(self, batch: list[_Request], results: list[Verdict | BaseException]) -> None:
         """Event loop: every row's future at once, then the model thread is free again (whatever

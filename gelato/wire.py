@@ -319,16 +319,17 @@ def encode_generate(round_no: int, max_tokens: int, tokens_per_message: int) -> 
     )
 
 
-def join_streamed(verdicts: Sequence[Verdict]) -> Verdict:
+def join_streamed(verdicts: Sequence[Verdict], overlapped_ms: float = 0.0) -> Verdict:
     """Consecutive rounds' verdicts of streamed decoding (empty blocks, Generate) as one message's:
     the first round's, the later rounds' tokens in `more_tokens`, the forwards of all of them in
-    `compute_ms` (the first round's wait stays its `queue_ms`)."""
+    `compute_ms` (the first round's wait stays its `queue_ms`) but `overlapped_ms`, the part that
+    ran while the message before was still being sent: the device did not wait for it."""
     first = verdicts[0]
-    if len(verdicts) == 1:
+    if len(verdicts) == 1 and overlapped_ms <= 0:
         return first
     return replace(
         first,
-        compute_ms=sum(v.compute_ms for v in verdicts),
+        compute_ms=max(0.0, sum(v.compute_ms for v in verdicts) - max(0.0, overlapped_ms)),
         more_tokens=tuple(v.next_token for v in verdicts[1:]),
     )
 

@@ -250,8 +250,7 @@ def test_a_stream_sends_a_runs_verdicts_then_ends_with_the_failed_steps_status(
 
 
 def test_a_run_counts_each_step_as_one_forward_of_one_row(target: LoadedModel) -> None:
-    """The counters a run leaves equal those of its steps verified one by one (`_verdicts`):
-    counted once per run, not per step, but the same totals."""
+    """The counters a run leaves equal those of its steps verified one by one (`_verdicts`)."""
     ran, stepped = _session(target, SamplingParams(), "ran"), _session(target, SamplingParams(), "stepped")
 
     async def body(batcher: Batcher) -> tuple[dict[str, float], dict[str, float]]:

@@ -178,6 +178,10 @@ def test_streamed_rounds_travel_in_one_verdict_and_come_apart_again() -> None:
     # The first round waited for the message: the wait and every forward's time are its own.
     assert [(v.queue_ms, v.compute_ms) for v in split] == [(0.5, 6.0), (0.0, 0.0), (0.0, 0.0)]
     assert join_streamed(rounds[:1]) == rounds[0] and split_streamed(rounds[0]) == [rounds[0]]
+    # Forwards that ran while the message before was being sent were not waited for: left out.
+    assert join_streamed(rounds, overlapped_ms=1.5).compute_ms == 4.5
+    assert join_streamed(rounds[:1], overlapped_ms=0.5).compute_ms == 1.5
+    assert join_streamed(rounds, overlapped_ms=60.0).compute_ms == 0.0  # it all ran before: none waited for
     generate = encode_generate(4, 100, 8).generate
     assert (generate.round, generate.max_tokens, generate.tokens_per_message) == (4, 100, 8)
 
