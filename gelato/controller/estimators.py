@@ -269,10 +269,12 @@ class CostEstimator:
             t_wait = max(tele.t_round_s - drafting, 0.0)
             self.power.update(drafting, t_wait, tele.e_compute_j)
             # The reading at the end of the block's drafting splits the round only when nothing
-            # else was drafted in it (a pre-draft's energy would count as waiting). Each side's
-            # energy over the time it covers (over `t_draft_s` alone, without the hops, drafting
-            # read dearer than it is).
-            if math.isfinite(tele.e_draft_j) and drafting <= tele.t_draft_s:
+            # else was drafted in it (a pre-draft's energy would count as waiting), and only when
+            # the block drafted something: a round of K = 0 "drafts" for microseconds, and a
+            # meter's quantum in that span (RAPL's ~1 ms of energy at once) would be read as
+            # drafting power. Each side's energy over the time it covers (over `t_draft_s` alone,
+            # without the hops, drafting read dearer than it is).
+            if fresh > 0 and math.isfinite(tele.e_draft_j) and drafting <= tele.t_draft_s:
                 self.e_draft.update(tele.e_draft_j)
                 self.t_drafting.update(span)
                 self.e_wait.update(tele.e_compute_j - tele.e_draft_j)

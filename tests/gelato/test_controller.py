@@ -416,6 +416,23 @@ def test_power_split_is_measured_when_drafting_is_metered() -> None:
     assert m.p_draft_w == pytest.approx(2.4) and m.p_wait_w == pytest.approx(0.55)
 
 
+def test_rounds_that_draft_nothing_leave_the_measured_drafting_power_alone() -> None:
+    """K = 0 rounds (a policy sitting at K = 0 over its budget) read the meter around a few
+    microseconds of "drafting": with a meter's quantum in them (RAPL: ~1 ms of energy at once) such
+    a ratio is noise. They must not take P_draft from the drafting rounds' 2.4 W toward it."""
+    from dataclasses import replace
+
+    est = CostEstimator()
+    for _ in range(50):
+        t = tele(6, 3, 0.006, 0.03, 2.4 * 0.006 + 0.55 * 0.03)
+        est.observe(replace(t, e_draft_j=2.4 * 0.006))
+    for _ in range(300):
+        t = tele(0, 0, 0.00002, 0.03, 7.0 * 0.00002 + 0.55 * 0.03)
+        est.observe(replace(t, t_drafted_s=0.00002, e_draft_j=7.0 * 0.00002))
+    m = est.model()
+    assert m.p_draft_w == pytest.approx(2.4) and m.p_wait_w == pytest.approx(0.55, rel=0.01)
+
+
 def test_cost_estimator_skips_unmeasured_energy() -> None:
     est = CostEstimator()
     before = est.model()
