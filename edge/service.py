@@ -22,7 +22,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import grpc
@@ -262,14 +262,13 @@ class GelatoService:
         elif kind == "generate":
             if session is None:
                 raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "generate before open")
-            runs = streamed_runs(
-                session, msg.generate, received, self._runs(session), self._refuse_if_ending, self._failed(session)
-            )
+            failed = functools.partial(self._row_status, session=session)
+            runs = streamed_runs(session, msg.generate, received, self._runs(session), self._refuse_if_ending, failed)
             async with contextlib.aclosing(runs):
                 async for message in runs:
                     await self._send(context, encode_verdict(message.verdict))
                     if message.error is not None:  # the step after them failed: as it would have alone
-                        raise self._row_status(message.error, session)
+                        raise failed(message.error)
         elif kind == "close":
             return False
         else:
@@ -434,8 +433,8 @@ class GelatoService:
         return await self._verify_block(session, block, received)
 
     def _runs(self, session: TargetSession) -> RunSteps:
-        """`streamed_runs`' steps of `session`, their failures raised as they are (`_failed`
-        makes them statuses once the message before is sent). Past the session's reservation
+        """`streamed_runs`' steps of `session`, their failures raised as they are (made statuses
+        by `_row_status` once the message before is sent). Past the session's reservation
         `check_state` answers OUT_OF_RANGE, as for a draft block there: the device asked for more
         tokens than it opened the session for. The edge ending its streams ends a run after the
         step it is in."""
@@ -445,9 +444,6 @@ class GelatoService:
             return await self.batcher.run(session, steps, eos, received, lambda: self.ending)
 
         return run
-
-    def _failed(self, session: TargetSession) -> Callable[[Exception], StatusError]:
-        return functools.partial(self._row_status, session=session)
 
     async def _verify_block(self, session: TargetSession, block: DraftBlock, received: float) -> Verdict:
         """A block whose data is valid for this session (decoded by `decode_block`, or built here)
