@@ -47,6 +47,8 @@ class _Block:
     up: int = 0
     down: int = 0
     follow: bool = False  # empty, sent ahead: the target's next token whatever its parent gives
+    drafted_after: bool = False  # a block was drafted after it (sent or not): its guess is known
+    guess_hit: bool | None = None  # `DraftBlock.bonus_guess_hit`: the guess check of the block before
 
 
 @dataclass
@@ -80,6 +82,7 @@ class SendAhead(DeviceCore):
         now = last = 0.0  # the device's clock; the previous verdict's time
         busy = 0.0  # drafting seconds since the previous verdict
         pos, r = 0, 0
+        self._guess_due = None
         unsent, unsent_s, stale_down, dropped = 0, 0.0, 0, 0
         ends_after: _Block | None = None  # `_Chain.ends_after`: the chain ends after this block
         while pos < trace.n:
@@ -146,6 +149,8 @@ class SendAhead(DeviceCore):
             unsent, unsent_s = 0, 0.0
             accepted = min(trace.run[sent.pos], sent.k)
             emitted = min(accepted + 1, trace.n - pos)
+            unguessed = successor is None and not sent.drafted_after and 0 < sent.k == accepted
+            self._guess_due = sent.pos + sent.k if unguessed else None
             up = sent.up + sum(b.up for b in cut)
             # The cut blocks' stale verdicts arrive later: their bytes ride on the next round.
             down, late_down, stale_down = sent.down + stale_down, stale_down, sum(b.down for b in cut)
@@ -180,6 +185,7 @@ class SendAhead(DeviceCore):
                 p_accept=tuple(gate.p_accept) if gate else (),
                 predrafted=(successor.k + 1 if not successor.follow else 0) if successor is not None else dropped,
                 predraft_hit=hit and successor is not None and not successor.follow,  # as the live loop
+                bonus_guess_hit=sent.guess_hit,
                 sent_ahead=sent.ahead,
                 follow=sent.follow,
                 stale_blocks=sum(not b.follow for b in cut),
@@ -215,17 +221,23 @@ class SendAhead(DeviceCore):
         else:
             k, reason, gate_s = _draft(trace, pos, cap, gate)
         view = DraftBlock(r, (0,) * k, entropies=trace.entropy[pos : pos + k])
+        due, self._guess_due = self._guess_due, None
+        guess_hit = None
         if ahead is None:
             guess_ok = verified = True
             draft_s = self.model.draft_s(k)
+            if due is not None and k > 0:  # its first forward checks the guess nothing made
+                guess_hit = self._guess_ok(trace, due)
         else:
             parent = ahead[0]
+            parent.drafted_after = True
             guess_ok = self._guess_ok(trace, pos - 1)
             verified = parent.verified and min(trace.run[parent.pos], parent.k) == parent.k and guess_ok
             draft_s = self.model.draft_s(k + 1)  # the guess is one forward more
         block = _Block(
             pos, k, reason, decision, gate, cap, wanted, draft_s, ahead is not None, guess_ok, verified, view
         )
+        block.guess_hit = guess_hit
         return block, ctrl + gate_s
 
     @staticmethod

@@ -37,7 +37,7 @@ class Device(SendAhead):
                     self.policy.end_chains()  # as `pipelined_generate` ends every generation
             return
         pos, r = 0, 0
-        self._carry = 0
+        self._carry, self._guess_due = 0, None
         while pos < trace.n:
             limit = self._limit(trace, pos)
             if limit < 0:
@@ -93,6 +93,8 @@ class Device(SendAhead):
         accepted, the first pre-drafted token the target's) carries the rest into the next block."""
         m, c = self.model, self.model.costs
         carried, self._carry = min(k, self._carry), 0
+        due, self._guess_due = self._guess_due, None
+        guess_hit = self._guess_ok(trace, due) if due is not None and k > carried else None
         t_draft = m.draft_s(k - carried)
         t_edge = m.edge_s(k)
         up, down = m.wire(k)
@@ -111,6 +113,8 @@ class Device(SendAhead):
             self._carry = pre - 1
         else:
             self._waste(pre, pre_s)
+        if pre == 0 and 0 < k == accepted:
+            self._guess_due = pos + k
         gaps_s = (t_draft, t_round - t_draft)  # the block is sent when drafted, the verdict ends the round
         e_compute, e_radio, e_j = m.energy(t_round, t_draft + pre_s, up, down, gaps_s)
         self.totals.busy_s += t_draft + pre_s
@@ -137,6 +141,7 @@ class Device(SendAhead):
             predrafted=pre,
             predraft_hit=hit,
             carried=carried,
+            bonus_guess_hit=guess_hit,
             **view,
         )
 

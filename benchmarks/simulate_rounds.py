@@ -106,6 +106,10 @@ class DeviceCore:
         self.q_every_s, self._next_q_sample = q_every_s, 0.0
         self.pipeline = policy.options.pipeline if policy is not None else "off"
         self._carry = 0  # local: pre-drafted tokens that start the next block (after a hit)
+        # Pipelining: the position of a fully accepted block's target token that nothing guessed
+        # (no pre-draft, no block after it): the next block's first forward checks the drafter's
+        # guess of it (`gelato.device.drafter.Drafter._forward_checking_guess`); None: none due.
+        self._guess_due: int | None = None
 
     def _limit(self, trace: Trace, pos: int) -> int:
         """Drafts allowed in a block whose first draft is at `pos` (`gelato.device.pipeline._limit`);

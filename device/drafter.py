@@ -93,15 +93,20 @@ class Drafter:
         self._carry: Predraft | None = None  # a hit's leftover: the next block's first drafts
         self._bases: dict[int, int] = {}  # send-ahead: round -> position of its first draft
         self.predraft_s = 0.0  # how long the last `predraft` drafted
+        # Pipelining: check, in the next block's first forward, the guess nothing made of a fully
+        # accepted block's target token (`_forward_checking_guess`); set by `start`.
+        self.check_guesses = False
+        self._guess_due = False  # the last verdict left such a check to the next block
 
-    def start(self, prefix_ids: list[int], prefill: bool = True) -> None:
+    def start(self, prefix_ids: list[int], prefill: bool = True, check_guesses: bool = False) -> None:
         """Begin a generation after `prefix_ids` (prompt, or prompt + accepted when resuming).
         `prefill=False` (a policy that never drafts: `fixed-0`, `ar-edge`), or a prefix that
         fills the drafter's window (`LoadedModel.context_limit`: nothing can be drafted after it,
         `Limits.draft_room`, and past it absolute position embeddings fail): the prompt is not
         prefilled, since the generation runs at K = 0 and the prefill would cost the device time,
         energy and KV for nothing (and delay the first round: for `ar-edge`, the edge's start).
-        Without the prefill no model work is needed here: the caller may run it inline."""
+        Without the prefill no model work is needed here: the caller may run it inline.
+        `check_guesses` (pipelining): blocks report `DraftBlock.bonus_guess_hit`."""
         if not prefix_ids:
             raise ValueError("the prompt must have at least one token")
         self.seq = KVSequence(self.loaded.model, self.loaded.vocab_size, prefix_ids)
@@ -111,6 +116,7 @@ class Drafter:
             self.seq.prefill(len(prefix_ids) - 1)
         self._predraft = self._carry = None
         self._bases = {}
+        self.check_guesses, self._guess_due = check_guesses, False
 
     def _carried_fed(self) -> int:
         """Carried tokens already in the sequence (all but the last: it is fed when drafting on)."""
@@ -144,11 +150,18 @@ class Drafter:
         entropies: list[float] = []
         reason = ""
         feed: torch.Tensor | None = None  # the newest draft on the device (greedy), fed next
+        # The last block's last draft and target token both uncached: nothing guessed the latter.
+        check, self._guess_due = self._guess_due and not carry.ids and len(seq.tokens) - seq.cached == 2, False
+        guess_hit: bool | None = None
         with torch.inference_mode():  # one scope for the block, not one per forward
             while len(ids) < k:
                 if len(ids) < len(carry.ids):  # drafted ahead of the last verdict: no forward needed
                     x, h = carry.ids[len(ids)], carry.entropies[len(ids)]
                     q = carry.q[len(ids)] if carry.q else None
+                elif check:
+                    logits, guess_hit = self._forward_checking_guess()
+                    x, q, h, feed = self._pick(logits, base)
+                    check = False
                 else:  # the sequence is base + ids[:-1]: feed the newest draft (or the round's token)
                     logits = seq.forward_last((ids[-1],) if ids else (), feed if ids else None)
                     x, q, h, feed = self._pick(logits, base + len(ids))
@@ -174,7 +187,21 @@ class Drafter:
             entropies=tuple(entropies),
             stop_reason=reason,
             carried=min(len(ids), len(carry.ids)),
+            bonus_guess_hit=guess_hit,
         )
+
+    def _forward_checking_guess(self) -> tuple[torch.Tensor, bool]:
+        """The block's first forward after a fully accepted block that nothing was drafted past: it
+        feeds that block's last draft and its target token, and computes both rows anyway
+        (`KVSequence.forward_last` keeps only the last). The first row is where a pre-draft or a
+        block sent ahead would have guessed the target's token: the guess is drawn from it as those
+        draw theirs (the same keyed draw when sampling), so the guess-match rate the controller
+        prices pipelining with is measured on every such block, not only on those it chose to
+        pipeline (from those alone a low rate could never recover). Returns the last row (bit for
+        bit `forward_last`'s) and whether the guess was the target's token."""
+        rows = self.seq.forward()
+        pos = len(self.seq.tokens) - 1  # the target's token
+        return rows[-1], self._pick(rows[-2], pos)[0] == self.seq.tokens[pos]
 
     def forwards_needed(self, k: int) -> bool:
         """Whether `draft(k, ...)` would run the model: False when it drafts nothing, or only
@@ -195,6 +222,7 @@ class Drafter:
             self._carry = pre.rest()
         else:
             self.seq.set_verdict(self._base, emitted[:-1], emitted[-1])
+        self._guess_due = self.check_guesses and 0 < block.k == verdict.n_accepted
         return emitted
 
     def draft_after(
@@ -254,6 +282,7 @@ class Drafter:
             raise ValueError(f"verdict accepts {verdict.n_accepted} of {block.k} drafts")
         base = self._bases.pop(block.round)
         emitted = verdict.emitted(block.ids)
+        self._guess_due = False
         if block.guess is not None and len(self.seq.tokens) < base:
             # A guess-only block (k = 0) that nothing was drafted after: its guess, which sits at
             # base - 1 and was right (the block was verified, not stale), was never fed.
@@ -266,6 +295,7 @@ class Drafter:
             return emitted, True  # the sequence already goes on with exactly these tokens
         self.seq.set_verdict(base, emitted[:-1], emitted[-1])
         self._bases = {r: b for r, b in self._bases.items() if r < block.round}
+        self._guess_due = self.check_guesses and next_block is None and 0 < block.k == verdict.n_accepted
         return emitted, False
 
     @staticmethod

@@ -238,5 +238,6 @@ class EnergyAccountant:
             bytes_down=bytes_down,
             energy_source=self.meter.source,
             energy_kind=self.meter.kind,
+            bonus_guess_hit=block.bonus_guess_hit,
             **fields,
         )

@@ -112,7 +112,7 @@ async def speculative_generate(
     acct = acct or EnergyAccountant(NullMeter(), None)
     stats = GenerationStats()
     gen_start, t0 = acct.begin(stats), time.perf_counter()
-    await start_drafter(drafter, prompt_ids, policy.drafts, offload)
+    await start_drafter(drafter, prompt_ids, policy.drafts, offload, policy.options.pipeline != "off")
     out: list[int] = []
     error, failure = "", None
     unsettled = (0, 0)  # bytes of an exchange that failed: sent and received all the same
@@ -182,13 +182,16 @@ async def speculative_generate(
     return GenerationResult(list(prompt_ids), out, time.perf_counter() - t0, stats, error=error, failure=failure)
 
 
-async def start_drafter(drafter: Drafter, prompt_ids: list[int], prefill: bool, offload: Offload) -> None:
+async def start_drafter(
+    drafter: Drafter, prompt_ids: list[int], prefill: bool, offload: Offload, check_guesses: bool = False
+) -> None:
     """`drafter.start`: on the drafter thread when it prefills the prompt, inline when it does not
-    (a policy that never drafts needs no drafter KV: no model work, no thread hop)."""
+    (a policy that never drafts needs no drafter KV: no model work, no thread hop). `check_guesses`:
+    pipelining, whose controller prices it with the guess-match rate (`Drafter.start`)."""
     if prefill:
-        await offload(drafter.start, prompt_ids)
+        await offload(drafter.start, prompt_ids, True, check_guesses)
     else:
-        drafter.start(prompt_ids, prefill=False)
+        drafter.start(prompt_ids, prefill=False, check_guesses=check_guesses)
 
 
 def check_verdict(verdict: Verdict, block: DraftBlock, vocab_size: int) -> None:

@@ -338,7 +338,7 @@ async def _chain_loop(
     gen_start, t0 = acct.begin(stats), time.perf_counter()
     # A policy that never drafts needs the drafter only for guesses, which an edge taking empty
     # blocks ahead never asks for (it sends those instead).
-    await start_drafter(drafter, prompt_ids, policy.drafts or not link.empty_ahead, offload)
+    await start_drafter(drafter, prompt_ids, policy.drafts or not link.empty_ahead, offload, True)
     out: list[int] = []
     chain = _Chain()
     error, failure = "", None

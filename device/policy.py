@@ -116,10 +116,12 @@ class Controller:
 
     def __post_init__(self) -> None:
         self.cost = CostEstimator(self.options.halflife_rounds)
-        # Of the fully accepted pre-drafted blocks, the share whose bonus was the first pre-draft
-        # (with send-ahead: whose next block's guess was right, sent or dropped unsent). Its prior
-        # weighs a few rounds: a first miss alone would set it to 0, and at 0 no chain starts
-        # again, so no guess is ever observed to correct it.
+        # Of the fully accepted blocks, the share whose bonus was the drafter's own pick: the first
+        # pre-draft (with send-ahead: the next block's guess, sent or dropped unsent), or where
+        # nothing was drafted past the block, the pick checked in the next block's first forward
+        # (`Telemetry.bonus_guess_hit`): measured whether or not the controller pipelines, so a low
+        # rate that keeps it from pipelining is still corrected. Its prior weighs a few rounds: a
+        # first miss alone would set it to 0.
         self.bonus_match = Ewma(decay_of(self.options.halflife_rounds), prior=0.6)
         self.bonus_match.update(0.6, weight=FOLLOW_PRIOR_ROUNDS)
         # Send-ahead: of the chances to start a chain (a block sent fresh, awaited alone, with a
@@ -152,6 +154,8 @@ class Controller:
     def observe(self, tele: Telemetry) -> float:
         if tele.predrafted and tele.accepted == tele.k:
             self.bonus_match.update(1.0 if tele.predraft_hit else 0.0)
+        if tele.bonus_guess_hit is not None:  # the block before, checked for free (no pre-draft)
+            self.bonus_match.update(1.0 if tele.bonus_guess_hit else 0.0)
         self.cost.observe(tele)
         self.calibrator.observe_block(tele.entropies, tele.accepted)
         return self.queue.update(tele.e_j, tele.emitted) if self.queue else 0.0

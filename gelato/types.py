@@ -154,6 +154,11 @@ class DraftBlock:
     # after whatever the previous round gives, so it is verified whenever that round is. On the
     # wire: no ids, parent round - 1.
     follow: bool = False
+    # Device-side, pipelining only: after a fully accepted block that nothing was drafted past
+    # (no pre-draft, no block sent after it), whether the drafter's own pick for that block's
+    # target token was that token, read off the extra row this block's first forward computes
+    # anyway (`Drafter._forward_checking_guess`); None: not checked.
+    bonus_guess_hit: bool | None = None
 
     @property
     def k(self) -> int:
@@ -231,6 +236,10 @@ class Telemetry:
     predrafted: int = 0
     predraft_hit: bool = False
     carried: int = 0
+    # Pipelining: the previous block's guess check (`DraftBlock.bonus_guess_hit`), made while
+    # drafting this one: with `predraft_hit` of fully accepted pre-drafted blocks, what the
+    # controller's guess-match rate learns from. None: not checked.
+    bonus_guess_hit: bool | None = None
     # Send-ahead (`--pipeline send-ahead`): this block was sent before the previous verdict; blocks
     # sent ahead after this one that its verdict made stale, and the drafted tokens and estimated
     # drafting energy thrown away with them (the misses' cost; also counts a pre-draft miss).
