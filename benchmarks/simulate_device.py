@@ -197,11 +197,13 @@ def pipeline_stats(per_device: list[Totals]) -> dict[str, Any]:
     (verified + stale); `unsent`: blocks drafted ahead but dropped before sending, the verdict
     having come meanwhile with a miss), pre-draft hit rate (of the rounds with a pre-draft or a
     successor in flight, those it started: full accept and the guess right), the guess-match rate
-    (the same, of the rounds fully accepted), drafted tokens and drafting energy thrown away per
+    (of the fully accepted rounds whose guess was seen: pipelined, or checked by the next block as
+    the controller's rate counts them), drafted tokens and drafting energy thrown away per
     output token, and the share of time the device spent drafting."""
     ahead, stale = sum(d.sent_ahead for d in per_device), sum(d.stale for d in per_device)
     pre, hits = sum(d.predrafted_rounds for d in per_device), sum(d.predraft_hits for d in per_device)
-    full = sum(d.predraft_full for d in per_device)
+    full = sum(d.predraft_full + d.guess_checks for d in per_device)
+    hits_seen = hits + sum(d.guess_check_hits for d in per_device)
     tok = sum(d.tokens for d in per_device)
     return {
         "sent_ahead": ahead,
@@ -210,7 +212,7 @@ def pipeline_stats(per_device: list[Totals]) -> dict[str, Any]:
         "unsent": sum(d.unsent for d in per_device),
         "ahead_hit_rate": ahead / (ahead + stale) if ahead + stale else None,
         "predraft_hit_rate": hits / pre if pre else None,
-        "guess_match_rate": hits / full if full else None,
+        "guess_match_rate": hits_seen / full if full else None,
         "wasted_tokens_per_token": sum(d.wasted_tokens for d in per_device) / tok,
         "wasted_j_per_token": sum(d.wasted_j for d in per_device) / tok,
         "drafting_share": sum(d.busy_s for d in per_device) / sum(d.time_s for d in per_device),

@@ -46,6 +46,8 @@ class Totals:
     predrafted_rounds: int = 0
     predraft_full: int = 0  # of those, rounds whose block was fully accepted (the guess decides)
     predraft_hits: int = 0
+    guess_checks: int = 0  # `Telemetry.bonus_guess_hit` set: a full accept's guess checked after all
+    guess_check_hits: int = 0
     wasted_tokens: int = 0
     wasted_j: float = 0.0
     busy_s: float = 0.0  # the device's drafting time
@@ -67,6 +69,9 @@ class Totals:
             self.predrafted_rounds += 1
             self.predraft_full += tele.accepted == tele.k
             self.predraft_hits += tele.predraft_hit
+        if tele.bonus_guess_hit is not None:
+            self.guess_checks += 1
+            self.guess_check_hits += tele.bonus_guess_hit
 
 
 def _block_end(reason: str, cap: int, wanted: int, gated: bool) -> str:

@@ -28,6 +28,14 @@ dropping every later block of the chain (the edge answers those stale). An empty
 (`DraftBlock.follow`, sent when there is nothing to draft) holds nothing of the drafter's: the
 block before it is settled as if it were the last one, and the chain goes on whatever its verdict.
 Draws are keyed by token position, so a chain drafts exactly the tokens rounds one at a time would.
+
+The guess check (either pipelining mode, `start(..., check_guesses=True)`): after a fully accepted
+block that nothing was drafted after (no pre-draft token, no block sent ahead or dropped unsent),
+the next block's first forward feeds that block's last draft and its target token and computes
+both rows anyway; the first row gives the drafter's own guess of the target's token, drawn as a
+pre-draft draws it, and `DraftBlock.bonus_guess_hit` says whether it was right. The drafts are
+unchanged (the last row is `forward_last`'s, bit for bit). Not checked: a block followed by an
+empty send-ahead block or by a block of K = 0, the generation's last block, guess-only blocks.
 """
 
 from __future__ import annotations
@@ -93,10 +101,14 @@ class Drafter:
         self._carry: Predraft | None = None  # a hit's leftover: the next block's first drafts
         self._bases: dict[int, int] = {}  # send-ahead: round -> position of its first draft
         self.predraft_s = 0.0  # how long the last `predraft` drafted
-        # Pipelining: check, in the next block's first forward, the guess nothing made of a fully
-        # accepted block's target token (`_forward_checking_guess`); set by `start`.
+        # Pipelining: check, in the next block's first forward, the drafter's guess of a fully
+        # accepted block's target token where nothing made that guess (`_forward_checking_guess`);
+        # set by `start`.
         self.check_guesses = False
-        self._guess_due = False  # the last verdict left such a check to the next block
+        # The last verdict fully accepted a block nothing was pre-drafted after. A block sent
+        # ahead after it, or dropped unsent, fed its last draft (`draft_after`), so the check in
+        # `draft` also asks that both that draft and the target's token are still uncached.
+        self._guess_due = False
 
     def start(self, prefix_ids: list[int], prefill: bool = True, check_guesses: bool = False) -> None:
         """Begin a generation after `prefix_ids` (prompt, or prompt + accepted when resuming).
@@ -201,7 +213,14 @@ class Drafter:
         bit `forward_last`'s) and whether the guess was the target's token."""
         rows = self.seq.forward()
         pos = len(self.seq.tokens) - 1  # the target's token
-        return rows[-1], self._pick(rows[-2], pos)[0] == self.seq.tokens[pos]
+        return rows[-1], self._guess(rows[-2], pos) == self.seq.tokens[pos]
+
+    def _guess(self, logits: torch.Tensor, position: int) -> int:
+        """`_pick`'s token alone (no entropy, no tensor to feed): the check's guess."""
+        if self.params.greedy:
+            return int(logits.argmax())
+        q = truncate_top_m(process_logits(logits, self.params), self.top_m)
+        return sample_sparse(q, self.rng.uniform(position, prefix=self.seq.tokens[:position]))
 
     def forwards_needed(self, k: int) -> bool:
         """Whether `draft(k, ...)` would run the model: False when it drafts nothing, or only
@@ -222,7 +241,8 @@ class Drafter:
             self._carry = pre.rest()
         else:
             self.seq.set_verdict(self._base, emitted[:-1], emitted[-1])
-        self._guess_due = self.check_guesses and 0 < block.k == verdict.n_accepted
+        # Due only where no pre-draft token was drafted (one that was made the guess, and counts).
+        self._guess_due = self.check_guesses and 0 < block.k == verdict.n_accepted and not (pre and pre.ids)
         return emitted
 
     def draft_after(

@@ -50,7 +50,8 @@ def pipeline_record(s: GenerationStats) -> dict[str, int]:
     pre-draft (or a block sent ahead) in flight behind them, `predraft_hits` of them that it
     started; `sent_ahead` blocks with drafts or a guess sent before their parent's verdict
     (verified or stale), `stale_blocks` of them answered stale, `sent_empty` empty blocks sent
-    ahead (counted apart, verified or stale)."""
+    ahead (counted apart, verified or stale); `guess_checks` fully accepted blocks nothing was
+    drafted after whose guess the next block checked, `guess_check_hits` of them right."""
     log = s.rounds_log
     empty = sum(t.sent_ahead and t.follow for t in log)
     stale = sum(t.stale_blocks for t in log)
@@ -60,6 +61,8 @@ def pipeline_record(s: GenerationStats) -> dict[str, int]:
         "sent_ahead": sum(t.sent_ahead for t in log) - empty + stale,
         "stale_blocks": stale,
         "sent_empty": empty + sum(t.stale_empty for t in log),
+        "guess_checks": sum(t.bonus_guess_hit is not None for t in log),
+        "guess_check_hits": sum(t.bonus_guess_hit is True for t in log),
     }
 
 

@@ -154,10 +154,10 @@ class DraftBlock:
     # after whatever the previous round gives, so it is verified whenever that round is. On the
     # wire: no ids, parent round - 1.
     follow: bool = False
-    # Device-side, pipelining only: after a fully accepted block that nothing was drafted past
-    # (no pre-draft, no block sent after it), whether the drafter's own pick for that block's
-    # target token was that token, read off the extra row this block's first forward computes
-    # anyway (`Drafter._forward_checking_guess`); None: not checked.
+    # Device-side, pipelining only: after a fully accepted block that nothing was drafted after
+    # (no pre-draft token, no block sent ahead or dropped unsent), whether the drafter's own pick
+    # for that block's target token was that token, read off the extra row this block's first
+    # forward computes anyway (`Drafter._forward_checking_guess`); None: not checked.
     bonus_guess_hit: bool | None = None
 
     @property

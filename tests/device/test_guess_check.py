@@ -66,13 +66,21 @@ def test_a_fully_accepted_blocks_guess_is_checked_in_the_next_forward(drafter_mo
         plain.start(prompt)
         first = plain.draft(3, 0)
         unchecked = _next_block(plain, first, Verdict(0, 3, own), settle)
-        assert unchecked.bonus_guess_hit is None and unchecked.ids == nxt.ids
+        assert unchecked.bonus_guess_hit is None
+        assert (unchecked.ids, unchecked.entropies) == (nxt.ids, nxt.entropies)
         wrong = _other(_own_greedy(drafter_model, prompt + list(block.ids) + [own] + list(nxt.ids)), drafter_model)
         assert _next_block(d, nxt, Verdict(1, 3, wrong), settle).bonus_guess_hit is False
     d = Drafter(drafter_model, SamplingParams())
     d.start(prompt, check_guesses=True)
     block = d.draft(3, 0)
-    assert _next_block(d, block, Verdict(0, 2, 5)).bonus_guess_hit is None  # not fully accepted
+    block = _next_block(d, block, Verdict(0, 2, 5))
+    assert block.bonus_guess_hit is None  # not fully accepted
+    # A block of K = 0 next drafts nothing and checks nothing; the check is not left for later.
+    d.apply(block, Verdict(1, 3, 7))
+    empty = d.draft(0, 2)
+    assert empty.bonus_guess_hit is None
+    d.apply(empty, Verdict(2, 0, 9))
+    assert d.draft(3, 3).bonus_guess_hit is None
 
 
 def test_a_sampled_guess_check_draws_what_a_pre_draft_draws(drafter_model: LoadedModel) -> None:
@@ -92,7 +100,12 @@ def test_a_sampled_guess_check_draws_what_a_pre_draft_draws(drafter_model: Loade
             d.start(prompt, check_guesses=True)
             block = d.draft(3, 0)
             assert block.ids == tb.ids
-            assert _next_block(d, block, Verdict(0, 3, target_token)).bonus_guess_hit is want
+            nxt = _next_block(d, block, Verdict(0, 3, target_token))
+            assert nxt.bonus_guess_hit is want
+            plain = Drafter(drafter_model, params)  # the same block without the check: the same draws
+            plain.start(prompt)
+            same = _next_block(plain, plain.draft(3, 0), Verdict(0, 3, target_token))
+            assert (same.ids, same.q, same.entropies) == (nxt.ids, nxt.q, nxt.entropies)
 
 
 def test_a_block_drafted_past_is_not_checked_again(drafter_model: LoadedModel) -> None:
@@ -105,6 +118,14 @@ def test_a_block_drafted_past_is_not_checked_again(drafter_model: LoadedModel) -
     d.predraft(block, 1, threading.Event())
     guess = d.last_predraft.ids[0] if d.last_predraft else -1
     assert _next_block(d, block, Verdict(0, 3, _other(guess, drafter_model))).bonus_guess_hit is None
+    d.start(prompt, check_guesses=True)  # a hit that carries pre-drafted tokens into the next block
+    block = d.draft(3, 0)
+    d.predraft(block, 3, threading.Event())
+    pre = d.last_predraft
+    assert pre is not None and len(pre.ids) == 3
+    d.apply(block, Verdict(0, 3, pre.ids[0]))
+    carried = d.draft(4, 1)
+    assert carried.carried == 2 and carried.bonus_guess_hit is None
     d.start(prompt, check_guesses=True)
     block = d.draft(3, 0)
     ahead = d.draft_after(block, 2, 1)
