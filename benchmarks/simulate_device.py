@@ -126,7 +126,9 @@ class Device(SendAhead):
             t_round_s=t_round,
             t_draft_s=t_draft,
             t_drafting_s=t_draft + pre_s,  # the pre-draft too, as the real loop records it
-            t_net_s=t_round - t_draft - t_edge,
+            # The transport alone, as the live loop measures it (to the verdict's arrival): the wait
+            # for the pre-draft's last forward past it is the drafter's, not the channel's.
+            t_net_s=one_up + one_down,
             t_edge_queue_s=0.0,
             t_edge_compute_s=t_edge,
             e_compute_j=e_compute,

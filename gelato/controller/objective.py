@@ -151,23 +151,29 @@ def choose_k_ref(obj: Objective, k_max: int, k_min: int = 0) -> tuple[int, float
 
 
 def predraft_pays(obj: Objective, k: int, n_expected: float, p_hit: float, depth: int) -> bool:
-    """Pre-drafting while a k-draft block is in flight (pipelining): `depth` tokens are drafted
-    during the wait (at most what fits in it), the first is wasted even on a hit (it is the target's
-    own token), the rest start the next block and save their drafting time with probability
-    `p_hit`; the extra energy is drafting instead of idling, paid whether it hits or not (on a hit
-    the next round no longer drafts those tokens, which returns their drafting energy). Charged to
-    this round, the same score decides: pre-draft only if it is higher."""
+    """Pre-drafting while a k-draft block is in flight (pipelining): up to `depth` tokens are
+    drafted during the wait, the first is wasted even on a hit (it is the target's own token), the
+    rest start the next block and save their drafting time with probability `p_hit`; the extra
+    energy is drafting instead of idling, paid whether it hits or not (on a hit the next round no
+    longer drafts those tokens, which returns their drafting energy). The verdict stops the
+    pre-draft only after the token in progress, so unless `depth` ends it first, the last token
+    overruns the wait: the round is longer by that overrun (at a short wait, a good part of a
+    forward), whatever the outcome. Charged to this round, the same score decides: pre-draft only
+    if it is higher."""
     c = obj.cost
     if depth < 2 or c.t_draft_s <= 0:
         return False
-    m = min(depth, int(c.wait_s(k) / c.t_draft_s))  # drafting stops when the verdict arrives
+    wait = c.wait_s(k)
+    m = min(depth, math.ceil(wait / c.t_draft_s))  # tokens started before the verdict arrives
     if m < 2:
         return False
+    overrun_s = max(m * c.t_draft_s - wait, 0.0)
     t, e = c.time_s(k), c.energy_j(k)
     saved_s = p_hit * (m - 1) * c.t_draft_s
     # A hit shortens the next round by `saved_s`: its drafting and the radio's connected state then.
     extra_j = m * c.t_draft_s * (c.p_draft_w - c.p_wait_w) - saved_s * (c.p_draft_w + c.p_link_w)
-    return obj.score_of(n_expected, t - saved_s, e + extra_j) > obj.score_of(n_expected, t, e)
+    extra_j += overrun_s * (c.p_wait_w + c.p_link_w)  # the overrun drafts past the wait it replaced
+    return obj.score_of(n_expected, t + overrun_s - saved_s, e + extra_j) > obj.score_of(n_expected, t, e)
 
 
 def chain_frame(obj: Objective, k: int, cont: float, ahead: int) -> tuple[float, float, float]:
