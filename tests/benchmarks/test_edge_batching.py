@@ -18,6 +18,9 @@ def test_edge_batching_end_to_end(pair: dict[str, Path], tmp_path: Path) -> None
     try:  # main pins this process to one core and one thread: give them back to the test session
         args = ["--target", str(pair["target"]), "--drafter", str(pair["drafter_agree"]), "--sessions", "1,3"]
         args += ["--max-new-tokens", "8", "--reps", "1", "--unique-prompts", "2", "--out", str(tmp_path / "eb")]
+        # A window long enough that the 3 sessions' blocks meet in a batch: with the default 2 ms,
+        # two rounds each sometimes never coincided (1 run in 5 on the 2-core dev machine).
+        args += ["--batch-window-ms", "20"]
         assert main(args) == 0
     finally:
         os.sched_setaffinity(0, affinity)
