@@ -53,7 +53,9 @@ Approximations (documented, not hidden):
   position n − 2 (as `max_new_tokens` = n would allow). For a trace that ended in eos the real
   loop could also draft at and past the eos position (rejected drafts, or the drafter's own eos
   ending the block): one last round's drafts at most.
-- Round time: t = t_draft(k) + t_edge(k)·edge_load + rtt + jitter + transfer(bytes); device energy
+- Round time: t = t_draft(k) + t_edge(k)·edge_load + rtt + jitter + transfer(bytes), or with a local
+  pre-draft t_draft(k) + max(that wait, the pre-draft: the tokens started before the verdict, the
+  last one finished after it), whose overrun is the round's, not the transport's; device energy
   = P_draft·t_draft + P_wait·(t − t_draft) + radio(bytes) + the radio's connected state between
   transfers (its tail power over the drafting and over the wait, each up to the tail's time; over
   the whole round with send-ahead), as the real loop charges it. No edge contention between devices.

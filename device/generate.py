@@ -139,7 +139,7 @@ async def speculative_generate(
         # use of it ends where that block's drafts must (within both windows and max_new_tokens:
         # none on a round whose tokens end the generation).
         fits = min(room, limits.draft_room(length + 1), limits.max_new_tokens - len(out) - 1) - block.k
-        depth = min(policy.predraft_depth(decision, block), max(0, fits))
+        depth = policy.predraft_depth(decision, block, fits)
         ex: Exchange | None = None
         try:
             ex, predrafted, net_s = await _verify_pipelined(drafter, block, verify, depth, offload, limits.eos)

@@ -229,12 +229,14 @@ class Policy:
         """Feedback after each verdict; returns the deficit Q after the round."""
         return self.controller.observe(tele)
 
-    def predraft_depth(self, decision: Decision, block: DraftBlock) -> int:
+    def predraft_depth(self, decision: Decision, block: DraftBlock, fits: int | None = None) -> int:
         """How many tokens to pre-draft while `block` is verified (0: none). Without a controller
-        the whole next block's cap; the controller policies ask whether it pays."""
+        the whole next block's cap, at most `fits` (what the windows and max_new_tokens leave);
+        the controller policies ask whether that depth pays."""
         if self.options.pipeline == "off" or block.k == 0:
             return 0
-        return max(decision.k_max, block.k) + 1  # the first pre-draft is the target's own token
+        depth = max(decision.k_max, block.k) + 1  # the first pre-draft is the target's own token
+        return depth if fits is None else min(depth, max(fits, 0))
 
     def p_hit(self, block: DraftBlock) -> float:
         """P(the block after `block` is a hit): `block` fully accepted, its guess right."""
@@ -397,13 +399,14 @@ class Lyapunov(Policy):
         expected_j = obj.cost.energy_j(k_ref) / expected_emitted(obj.cost.alpha, k_ref)
         return Decision(k_ref, k_max, self.controller.q_j, score, obj.over_budget, expected_j, self._explore)
 
-    def predraft_depth(self, decision: Decision, block: DraftBlock) -> int:
-        depth = super().predraft_depth(decision, block)
+    def predraft_depth(self, decision: Decision, block: DraftBlock, fits: int | None = None) -> int:
+        depth = super().predraft_depth(decision, block, fits)
         if depth == 0:
             return 0
         c, obj = self.controller, self._objective
         n = 1.0 + sum(c.calibrator.survival(block.entropies[: i + 1]) for i in range(block.k))
-        return depth if predraft_pays(obj, block.k, n, c.p_hit(block.entropies), depth) else 0
+        # The next block is priced as long as this one: it keeps no more of the pre-draft.
+        return depth if predraft_pays(obj, block.k, n, c.p_hit(block.entropies), depth, block.k) else 0
 
     def send_ahead(self, decision: Decision, p_chain: float, first: bool = False) -> bool:
         """Only if a chain that goes on with this block's own chance (`p_chain`, from the blocks in

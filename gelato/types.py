@@ -189,7 +189,9 @@ class Verdict:
 class Telemetry:
     """One round as the device measured it (one JSON line of `--trace`). Energy is NaN when the
     meter cannot read: never 0 J. t_net_s is what is left of the round after drafting, the edge's
-    queue + compute and applying the verdict: transport both ways."""
+    queue + compute and applying the verdict: transport both ways; with a pre-draft (or send-ahead)
+    it is measured to the verdict's arrival instead, so the pre-draft's overrun past the verdict
+    (its last forward) is in the round but not in t_net_s."""
 
     round: int
     k: int

@@ -240,8 +240,9 @@ class CostEstimator:
         fresh = tele.k - tele.carried + (tele.sent_ahead and not tele.follow)
         # Where the meter was read when drafting ended, the drafting phase is the interval that
         # reading covers (the thread hops around the forwards: a per-block cost, so the fit's
-        # intercept takes them), and the round's `t_net_s` is the rest: one split of the round for
-        # time and energy alike, so the estimates' energy adds up to the meter's.
+        # intercept takes them), and the round's `t_net_s` is the rest (with a pre-draft: to the
+        # verdict's arrival, its overrun left out, which `predraft_pays` prices): one split of the
+        # round for time and energy alike, so the estimates' energy adds up to the meter's.
         span = tele.t_drafted_s if math.isfinite(tele.t_drafted_s) else tele.t_draft_s
         if fresh > 0:
             self.t_draft.update(fresh, span)

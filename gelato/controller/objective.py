@@ -150,12 +150,15 @@ def choose_k_ref(obj: Objective, k_max: int, k_min: int = 0) -> tuple[int, float
     return best_k, best
 
 
-def predraft_pays(obj: Objective, k: int, n_expected: float, p_hit: float, depth: int) -> bool:
+def predraft_pays(
+    obj: Objective, k: int, n_expected: float, p_hit: float, depth: int, next_k: int | None = None
+) -> bool:
     """Pre-drafting while a k-draft block is in flight (pipelining): up to `depth` tokens are
     drafted during the wait, the first is wasted even on a hit (it is the target's own token), the
-    rest start the next block and save their drafting time with probability `p_hit`; the extra
+    rest start the next block and save their drafting time with probability `p_hit` — as many as
+    that block keeps (`next_k` drafts at most; None: all of them): the rest are dropped. The extra
     energy is drafting instead of idling, paid whether it hits or not (on a hit the next round no
-    longer drafts those tokens, which returns their drafting energy). The verdict stops the
+    longer drafts the tokens it keeps, which returns their drafting energy). The verdict stops the
     pre-draft only after the token in progress, so unless `depth` ends it first, the last token
     overruns the wait: the round is longer by that overrun (at a short wait, a good part of a
     forward), whatever the outcome. Charged to this round, the same score decides: pre-draft only
@@ -169,7 +172,8 @@ def predraft_pays(obj: Objective, k: int, n_expected: float, p_hit: float, depth
         return False
     overrun_s = max(m * c.t_draft_s - wait, 0.0)
     t, e = c.time_s(k), c.energy_j(k)
-    saved_s = p_hit * (m - 1) * c.t_draft_s
+    kept = m - 1 if next_k is None else min(m - 1, next_k)
+    saved_s = p_hit * kept * c.t_draft_s
     # A hit shortens the next round by `saved_s`: its drafting and the radio's connected state then.
     extra_j = m * c.t_draft_s * (c.p_draft_w - c.p_wait_w) - saved_s * (c.p_draft_w + c.p_link_w)
     extra_j += overrun_s * (c.p_wait_w + c.p_link_w)  # the overrun drafts past the wait it replaced

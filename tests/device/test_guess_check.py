@@ -137,7 +137,7 @@ def test_a_block_drafted_past_is_not_checked_again(drafter_model: LoadedModel) -
 class _NoPredraft(FixedK):
     """Pipelining on, but nothing is ever drafted past a block: every full accept is checked."""
 
-    def predraft_depth(self, decision, block):  # type: ignore[no-untyped-def]
+    def predraft_depth(self, decision, block, fits=None):  # type: ignore[no-untyped-def]
         return 0
 
     def send_ahead(self, decision, p_chain, first=False):  # type: ignore[no-untyped-def]
@@ -187,7 +187,7 @@ def test_pre_drafting_priced_out_by_unlucky_guesses_comes_back() -> None:
 
     def run(checked: bool) -> tuple[int, int, float]:
         p = parse_policy("lyapunov", PolicyOptions(pipeline="local", budget_j_per_token=0.006, k_max=8))
-        block = DraftBlock(0, (1,) * 4, entropies=(0.3,) * 4)
+        block = DraftBlock(0, (1,) * 8, entropies=(0.3,) * 8)  # a next block of 8 keeps 8 pre-drafts
         for _ in range(40):
             p.decide(8)
             p.observe(_round(4, 4))

@@ -46,3 +46,32 @@ def test_a_pre_draft_that_its_depth_ends_before_the_verdict_does_not_overrun() -
     c = _cost()
     n = expected_emitted(c.alpha, 2)
     assert predraft_pays(Objective(c), 2, n, 0.05, 2)
+
+
+def test_the_overruns_energy_is_charged_too() -> None:
+    """Over budget (score λ·N − E: energy alone decides) with waiting nearly as dear as drafting
+    (2.0 W against 2.5 W): three tokens drafted instead of idling cost 3 · 0.97 ms · 0.5 W, a hit
+    returns the two kept tokens' drafting (2 · 0.97 ms · 2.5 W), and the 0.81 ms overrun idles no
+    longer but still costs the 2.0 W it replaced. At p_hit 0.5 the overrun's joules are what make
+    it not pay (without them: −0.97 mJ, pays); at 0.9 it pays all the same."""
+    from dataclasses import replace
+
+    c = replace(_cost(), p_wait_w=2.0)
+    n = expected_emitted(c.alpha, 2)
+    budget = 0.5 * c.energy_j(2) / n  # every K dearer than this: over budget with a backlog
+    over = Objective(c, v=1.0, q_j=1.0, budget_j_per_token=budget, k_max=4)
+    assert over.over_budget
+    assert not predraft_pays(over, 2, n, 0.5, 8)
+    assert predraft_pays(over, 2, n, 0.9, 8)
+
+
+def test_only_the_tokens_the_next_block_keeps_are_saved() -> None:
+    """A next block of one draft keeps one of the two pre-drafted tokens past the target's own:
+    at p_hit 0.6 that saves 0.58 ms against the 0.81 ms overrun (does not pay), where keeping both
+    would save 1.16 ms (pays)."""
+    c = _cost()
+    n = expected_emitted(c.alpha, 2)
+    free = Objective(c)
+    assert predraft_pays(free, 2, n, 0.6, 8)
+    assert not predraft_pays(free, 2, n, 0.6, 8, next_k=1)
+    assert predraft_pays(free, 2, n, 0.6, 8, next_k=2)
