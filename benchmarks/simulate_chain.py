@@ -235,9 +235,9 @@ class SendAhead(DeviceCore):
             verified = parent.verified and min(trace.run[parent.pos], parent.k) == parent.k and guess_ok
             draft_s = self.model.draft_s(k + 1)  # the guess is one forward more
         block = _Block(
-            pos, k, reason, decision, gate, cap, wanted, draft_s, ahead is not None, guess_ok, verified, view
-        )
-        block.guess_hit = guess_hit
+            pos, k, reason, decision, gate, cap, wanted, draft_s, ahead is not None, guess_ok, verified, view,
+            guess_hit=guess_hit,
+        )  # fmt: skip
         return block, ctrl + gate_s
 
     @staticmethod

@@ -147,9 +147,13 @@ class Drafter:
         if self.params.greedy:
             top = logits.argmax()
             return int(top), None, entropy_nats(logits), top.view(1, 1)
+        x, q = self._sample(logits, position)
+        return x, q, entropy_of_probs(torch.tensor(q.probs)), None
+
+    def _sample(self, logits: torch.Tensor, position: int) -> tuple[int, SparseDist]:
+        """The sampled draft at `position` and its exact q: the draw keyed by position and prefix."""
         q = truncate_top_m(process_logits(logits, self.params), self.top_m)
-        u = self.rng.uniform(position, prefix=self.seq.tokens[:position])
-        return sample_sparse(q, u), q, entropy_of_probs(torch.tensor(q.probs)), None
+        return sample_sparse(q, self.rng.uniform(position, prefix=self.seq.tokens[:position])), q
 
     def draft(self, k: int, round_no: int, stop: StopRule | None = None, eos: Collection[int] = ()) -> DraftBlock:
         """Draft up to k tokens after the current sequence (k = 0: an empty block)."""
@@ -217,10 +221,7 @@ class Drafter:
 
     def _guess(self, logits: torch.Tensor, position: int) -> int:
         """`_pick`'s token alone (no entropy, no tensor to feed): the check's guess."""
-        if self.params.greedy:
-            return int(logits.argmax())
-        q = truncate_top_m(process_logits(logits, self.params), self.top_m)
-        return sample_sparse(q, self.rng.uniform(position, prefix=self.seq.tokens[:position]))
+        return int(logits.argmax()) if self.params.greedy else self._sample(logits, position)[0]
 
     def forwards_needed(self, k: int) -> bool:
         """Whether `draft(k, ...)` would run the model: False when it drafts nothing, or only
