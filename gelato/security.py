@@ -14,13 +14,17 @@ each key belongs to its certificate. `is_loopback(host)` decides whether an addr
 without TLS and a token; `target_hosts(target)` lists the hosts a gRPC target (every form
 `--edge` takes) names, and `check_token_transport` refuses to send a token in plaintext to a
 target naming any non-loopback host. Every failure raises `SecurityConfigError` with one line
-naming the file or the flags.
+naming the file or the flags. A token or key file other users may read or write is used, with a
+warning naming it and its mode (as OpenSSH refuses such a key; here a warning, since some secret
+mounts cannot be made private to one user).
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
+import os
 import re
 import ssl
 from collections.abc import Iterable
@@ -29,6 +33,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported where used: a CLI sets GRPC_VERBOSITY (gelato.cli_common) before gRPC loads
     import grpc
+
+log = logging.getLogger(__name__)
 
 AUTH_HEADER = "authorization"
 # Left open without a token: a container health check or a load balancer must see liveness, and
@@ -50,6 +56,17 @@ def _read(path: str | Path, what: str) -> bytes:
     if not data.strip():
         raise SecurityConfigError(f"{what} {path} is empty")
     return data
+
+
+def _warn_if_shared(path: str | Path, what: str) -> None:
+    """Warn when other users may read or replace a secret (group or others bits set): a token
+    readable by them lets them call the edge; a key, impersonate it or the device."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:  # reading it failed or will fail with its own message
+        return
+    if os.name == "posix" and mode & 0o077:
+        log.warning("%s %s is open to other users (mode %04o): chmod 600 %s", what, path, mode, path)
 
 
 # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
@@ -79,6 +96,7 @@ def read_token(path: str | Path) -> str:
             f"token file {path}: {what} is not allowed in a bearer token (RFC 6750: letters, digits and "
             "-._~+/, then optional trailing =)"
         )
+    _warn_if_shared(path, "token file")  # once it is known to be used
     return token
 
 
@@ -133,10 +151,12 @@ def server_credentials(
 
     pair = [(_read(key, "TLS key"), _read(cert, "TLS certificate"))]
     _check_pair(cert, key, server=True)
-    if client_ca is None:
+    roots = _read(client_ca, "client CA") if client_ca else None
+    if client_ca:
+        _check_certificates(client_ca, "client CA")
+    _warn_if_shared(key, "TLS key")  # once every file is known to be used
+    if roots is None:
         return grpc.ssl_server_credentials(pair)
-    roots = _read(client_ca, "client CA")
-    _check_certificates(client_ca, "client CA")
     return grpc.ssl_server_credentials(pair, root_certificates=roots, require_client_auth=True)
 
 
@@ -156,6 +176,7 @@ def channel_credentials(
     chain = _read(cert, "TLS certificate") if cert else None
     if cert and key:
         _check_pair(cert, key, server=False)
+        _warn_if_shared(key, "TLS key")
     return grpc.ssl_channel_credentials(root_certificates=roots, private_key=private_key, certificate_chain=chain)
 
 

@@ -51,6 +51,7 @@ def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey |
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         path.with_suffix(".key").write_bytes(pem)
+        path.with_suffix(".key").chmod(0o600)  # as openssl and make-secrets.sh leave a key: the user's alone
 
 
 def make_pki(folder: Path, ca_name: str = "gelato-test-ca") -> dict[str, Path]:

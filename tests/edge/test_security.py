@@ -48,6 +48,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (folder / "bom_token").write_bytes(b"\xef\xbb\xbf" + TOKEN.encode() + b"\r\n")  # as Notepad saves it
     (folder / "binary_token").write_bytes(b"\xff\xfeabc\n")  # UTF-16, or any binary file
     (folder / "garbage.pem").write_text("x\n")
+    for name in ("token", "wrong", "bom_token", "binary_token"):
+        (folder / name).chmod(0o600)  # as make-secrets.sh leaves a token (others' access only warns)
     other = make_pki(folder / "other", ca_name="another-ca")  # a CA the edge never trusted
     return {
         **files,
