@@ -12,7 +12,7 @@ import argparse
 import math
 
 from gelato.benchmarks.bench_plots import plots_unavailable
-from gelato.device.policy import PIPELINE_MODES
+from gelato.device.policy_options import PIPELINE_MODES
 
 FIXED = [f"fixed-{k}" for k in range(9)]
 BUDGET_FACTORS = "1.0,1.25"

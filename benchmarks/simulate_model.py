@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gelato.device.policy import PIPELINE_MODES, Policy, PolicyOptions, parse_policy
+from gelato.device.policy import Policy, PolicyOptions, parse_policy
+from gelato.device.policy_options import PIPELINE_MODES
 from gelato.power import PROFILES, RadioProfile, radio_profile
 from gelato.types import Telemetry
 

@@ -21,7 +21,7 @@ from typing import Any
 from gelato.benchmarks.simulate_device import run_spec
 from gelato.benchmarks.simulate_model import Channel, Costs, RoundModel, Spec, Trace
 from gelato.benchmarks.simulate_sweep import SIMULATED_NOTE, _brief, _cell
-from gelato.device.policy import PIPELINE_MODES, PolicyOptions
+from gelato.device.policy_options import PIPELINE_MODES, PolicyOptions
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Contract: each field's default, bounds and help are written here once; `gelato-device`'s flags,
 its `--help` and its `GELATO_DEVICE_*` variables are made from them (`gelato.config`). The
-controller's constants are the nested `controller: PolicyOptions` (`gelato.device.policy`), whose own
+controller's constants are the nested `controller: PolicyOptions` (`gelato.device.policy_options`), whose own
 fields are their single source: the simulator and benchmarks build `PolicyOptions` directly with
 the same defaults. `validate()` raises `gelato.config.ConfigError` (a ValueError) naming the flag
 (`--max-new-tokens must be >= 1`), or the policy's or the sampling parameters' own message.
@@ -15,7 +15,8 @@ from pathlib import Path
 
 from gelato.cli_common import endpoint, log_format, log_level, model_device, model_dtype, torch_threads
 from gelato.config import MAX_TIMEOUT_S, UINT32, ConfigError, Settings, ge, gt, le, nested, require, setting
-from gelato.device.policy import PolicyOptions, parse_policy
+from gelato.device.policy import parse_policy
+from gelato.device.policy_options import PolicyOptions
 from gelato.power import PROFILES, RADIOS
 from gelato.types import SamplingParams
 from gelato.wire import MAX_Q_SUPPORT

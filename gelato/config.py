@@ -12,7 +12,7 @@ the bounds and the help text are written there and nowhere else. From the class:
   value skips them: "not set"), members of a `one_of` group, then the class's own cross-field
   `check()`.
 A field declared `nested(Cls)` holds another settings dataclass whose options are added, built and
-validated in place (the device's controller constants, `gelato.device.policy.PolicyOptions`, are such a
+validated in place (the device's controller constants, `gelato.device.policy_options.PolicyOptions`, are such a
 group of `DeviceConfig`). Fields declared without `setting` are not options. `Settings` is a mixin
 that gives a settings dataclass these as methods.
 """
