@@ -306,8 +306,9 @@ class KVPool:
         if tokens > self.context and self._target is not None:
             self.apply_target(strict=True)  # the planned shape first, as `alloc` does
         if tokens > self.context:
-            context = max(1, self.context)
-            while context < tokens:  # doubling: a growing row reallocates O(log n) times
+            # Doubling (O(log n) reallocations); past a plan (a row being released) its length only
+            context = max(1, self.context) if self._target is None else tokens
+            while context < tokens:
                 context *= 2
             self._resize(self.slots, min(context, self.max_context))
 
