@@ -62,16 +62,20 @@ class KeyedRng:
         return (int.from_bytes(h.digest()[:8], "little") >> 11) * 2.0**-53
 
 
-def generation_seed(seed: int, prompt_ids: Sequence[int]) -> int:
+def generation_seed(seed: int, prompt_ids: Sequence[int], repeat: int = 0) -> int:
     """The seed a device sends the edge for one generation: the user's seed and the prompt, hashed
     (a uint64). The edge keys its draws by position alone: sent the user's seed as such, every
     prompt of a run would get the same acceptance and emit uniforms at each position, and a policy
     carrying what one prompt's verdicts showed into the next would decide where to draft by draws
-    it had seen (speculative sampling needs each draw independent of that decision). Keyed by the
-    prompt, not by the prefix a failover re-opens with, so a failover draws what the uninterrupted
+    it had seen (speculative sampling needs each draw independent of that decision). `repeat`: how
+    many generations of the same prompt the run made before this one, so that asking again draws
+    afresh, for the same reason (and a second sample is not the first again). Keyed by the prompt,
+    not by the prefix a failover re-opens with, so a failover draws what the uninterrupted
     generation would have."""
     h = hashlib.sha256(f"{seed}:generation:".encode())
     h.update(np.asarray(prompt_ids, dtype="<i4").tobytes())
+    if repeat:  # the first generation of a prompt keeps the seed it always had
+        h.update(f":repeat {repeat}".encode())
     return int.from_bytes(h.digest()[:8], "little")
 
 

@@ -6,7 +6,8 @@ prompt's verdicts showed into the next decided where to draft by draws it had se
 speculative sampling must not (a toy policy skewed the second prompt's first token from the
 target's [0.5, 0.3, 0.1, 0.1] to [0.42, 0.27, 0.16, 0.16]). A failover's re-open carries the
 prompt and the accepted tokens as its prefix: it must send the same seed, so that the generation
-draws what an uninterrupted one would."""
+draws what an uninterrupted one would. The same prompt asked again in the run draws afresh (its
+first generation keeps the seed above)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def test_generation_seed_is_a_uint64_of_the_seed_and_the_prompt() -> None:
     seeds = {generation_seed(s, p) for s in (0, 1, 2**64 - 1) for p in ([], [1], [1, 2], [2, 1], [1, 2, 3])}
     assert len(seeds) == 15 and all(0 <= s < 2**64 for s in seeds)
     assert generation_seed(7, [1, 2]) == generation_seed(7, (1, 2))  # a pure function of its values
+    repeats = {generation_seed(7, [1, 2], r) for r in range(4)}
+    assert len(repeats) == 4 and generation_seed(7, [1, 2], 0) == generation_seed(7, [1, 2])
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, seed=7), SamplingParams()])
@@ -85,3 +88,42 @@ def test_each_prompt_opens_with_its_own_seed_and_a_failover_with_the_same(
     first, second = (generation_seed(7, p) for p in prompts)
     assert seeds == [first, first, second] and first != second
     assert all(abs(o.temperature - 0.8) < 1e-6 for o in opens)  # the rest of the sampling as asked
+
+
+def test_the_same_prompt_asked_again_draws_afresh(target: LoadedModel, drafter_model: LoadedModel) -> None:
+    """One client, one policy, the prompts A A B A: each generation of A opens with a seed of its
+    own (`generation_seed(seed, A, repeat)`), else the second sample would be the first again and
+    the policy would draft by draws it had seen; B's seed is what it is alone. A failover in the
+    second A re-opens with that generation's seed."""
+    opens: list[pb.SamplingParams] = []
+    a, b = (encode_prompt(target.tokenizer, text) for text in ("Ava has 3 apples.", "Ben reads 4 pages."))
+    cuts = [None, 2, None, None, None]  # the second generation's session is cut after two verdicts
+    streams = iter([_Recording(target, opens, **({"cut_after": c} if c else {})) for c in cuts])
+
+    async def run() -> list[int]:
+        client = EdgeClient("127.0.0.1:1", failovers=1, connect_timeout_s=5.0)
+
+        async def connect(timeout_s: float | None = None) -> None:
+            pass
+
+        class Stub:
+            def Session(self, **kwargs: object) -> _Stream:
+                return next(streams)
+
+        client.connect = connect  # type: ignore[method-assign]
+        client.stub = Stub()  # type: ignore[assignment]
+        drafter, policy = Drafter(drafter_model, SamplingParams(temperature=0.8, seed=7)), parse_policy("fixed-0")
+        failovers = []
+        try:
+            for prompt in (a, a, b, a):
+                res = await client.generate(drafter, prompt, 8, policy)
+                assert res.error == "" and len(res.token_ids) > 0, res.error
+                failovers.append(res.failovers)
+        finally:
+            await client.close()
+        return failovers
+
+    assert asyncio.run(run()) == [0, 1, 0, 0]
+    expected = [generation_seed(7, a), generation_seed(7, a, 1), generation_seed(7, a, 1)]
+    expected += [generation_seed(7, b), generation_seed(7, a, 2)]
+    assert [o.seed for o in opens] == expected and len(set(expected)) == 4
