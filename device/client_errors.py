@@ -62,14 +62,24 @@ CORE_WRITE_FAILURE = "Internal error from Core"
 LOCAL_DEADLINE = "Deadline Exceeded"
 
 
+# What gRPC core's UNAVAILABLE details hold when the connection itself failed (the edge process
+# died, the network dropped): "Stream removed (Socket closed)" for a stream cut under a read,
+# "failed to connect to all addresses; ..." for a call that found no edge. An edge's own
+# UNAVAILABLE (loading, shutting down) says so in words of its own.
+CORE_LINK_LOST = ("Stream removed", "Socket closed", "Connection reset", "Broken pipe", "GOAWAY", "failed to connect")
+
+
 def call_error(code: grpc.StatusCode, details: str | None, deadline_s: float) -> EdgeError:
-    """A call's status as an EdgeError: the edge's, or the call's own deadline passing (named as the
-    device's setting, not put in the edge's mouth)."""
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED and LOCAL_DEADLINE in (details or ""):
+    """A call's status as an EdgeError: the edge's, or what the device's side of the call concluded
+    (its own deadline passing, the connection lost), named so, not put in the edge's mouth."""
+    details = details or ""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and LOCAL_DEADLINE in details:
         return EdgeError(
             code, f"the session ran past --session-deadline-s ({deadline_s:g} s) before it ended", by_edge=False
         )
-    return EdgeError(code, details or "")
+    if code == grpc.StatusCode.UNAVAILABLE and any(s in details for s in CORE_LINK_LOST):
+        return EdgeError(code, f"the connection to the edge was lost (gRPC: {details})", by_edge=False)
+    return EdgeError(code, details)
 
 
 def write_error(exc: grpc.aio.AioRpcError, deadline_s: float) -> EdgeError:
