@@ -16,14 +16,16 @@
 # 6. SIGTERM: `compose stop edge` must end the edge with exit status 0 after its drain; compose down.
 # 7. prints the image sizes and the time of each step; the last line is PASS or FAIL.
 # Variables: GELATO_SMOKE_DIR (work folder, default /var/tmp/gelato-smoke), GSM8K_DIR (default
-# ../shared/data/gsm8k from the repository), GELATO_LIMIT (3 questions), GELATO_MAX_NEW_TOKENS (48),
+# $GELATO_GSM8K_DIR, else ../shared/data/gsm8k from the repository), GELATO_LIMIT (3 questions),
+# GELATO_MAX_NEW_TOKENS (48),
 # GELATO_SMOKE_PORT (host port of the edge, default 50851), DEBIAN_MIRROR (debootstrap's mirror),
 # GELATO_SMOKE_REBUILD_BASE=1 / GELATO_SMOKE_NO_CACHE=1 (a cold run: new base, no build cache).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 work=${GELATO_SMOKE_DIR:-/var/tmp/gelato-smoke}
-gsm8k=$(cd "${GSM8K_DIR:-$repo/../shared/data/gsm8k}" 2>/dev/null && pwd) || {
-  echo "smoke: no GSM8K folder at ${GSM8K_DIR:-$repo/../shared/data/gsm8k} (set GSM8K_DIR)" >&2
+gsm8k_dir=${GSM8K_DIR:-${GELATO_GSM8K_DIR:-$repo/../shared/data/gsm8k}}
+gsm8k=$(cd "$gsm8k_dir" 2>/dev/null && pwd) || {
+  echo "smoke: no GSM8K folder at $gsm8k_dir (set GSM8K_DIR, or GELATO_GSM8K_DIR, to the folder holding test.jsonl)" >&2
   exit 2
 }
 limit=${GELATO_LIMIT:-3}
