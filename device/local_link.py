@@ -3,7 +3,7 @@
 Contract: `local_link(session, max_ahead, delay_s, empty_ahead)` is a `gelato.device.pipeline.Link`
 whose edge is a `gelato.edge.sessions.TargetSession`-like object the caller passes in
 (`resolve_ahead`, `verify`; `device` never imports `edge`), answering blocks in order as the edge's
-stream does: each verdict `delay_s` after its block was sent, stale blocks at once.
+stream does: each verdict `delay_s` after its block was sent, a stale block's without a verify.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from gelato.wire import encode_block, encode_verdict
 def local_link(session: Any, max_ahead: int = 4, delay_s: float = 0.0, empty_ahead: bool = True) -> Link:
     """An in-process edge for send-ahead, for benchmarks and tests: an `gelato.edge.verifier.TargetSession`-
     like object (`resolve_ahead`, `verify`) answers the blocks in order, as the edge's stream does,
-    each verdict `delay_s` after its block was sent (a stand-in for the round trip), stale blocks
-    at once. `device` never imports `edge`: the caller passes the session in. A verify that raises
-    is raised by the next `receive` (as a failed read is), never a receive left waiting."""
+    each verdict `delay_s` after its block was sent (a stand-in for the round trip), a stale
+    block's without a verify (answered on arrival, as the edge does). `device` never imports
+    `edge`: the caller passes the session in. A verify that raises is raised by the next
+    `receive` (as a failed read is), never a receive left waiting."""
     blocks: asyncio.Queue[tuple[DraftBlock, float]] = asyncio.Queue()
     verdicts: asyncio.Queue[tuple[Verdict, int] | Exception] = asyncio.Queue()
 

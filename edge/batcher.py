@@ -9,8 +9,9 @@ on the model thread; the window closes early once every session that can send (o
 `open_sessions`) has a request in, so a lone session never waits: when the model thread is free and
 no batch is forming, its request goes straight there. One batch runs at a time; requests queue
 meanwhile, so the next batch forms during the current forward, and its window counts from its first
-request, not from the end of that forward. A request whose caller went away is dropped before the
-forward. `validated=True` says the block's data was already checked against its session (the
+request, not from the end of that forward. A request in a window whose caller went away is dropped
+before the forward (any other reaches the verifier, which refuses a released session's).
+`validated=True` says the block's data was already checked against its session (the
 server's `decode_block`): the model thread then re-checks only what can change while it waited.
 `await Batcher.run(session, n, stop_ids, received)` is streamed decoding's step (Generate): a
 session alone on the edge runs up to `n` empty blocks in one model-thread job, with no round trip
