@@ -13,8 +13,8 @@ without pipelining, per round trip; `DIR/simulate.json`, `DIR/table.md`, `DIR/pi
 
 The round loop is `gelato.device.generate.speculative_generate`'s, with the models replaced by the trace:
 `decide(limit)` -> cap = min(k_max if gated else k_ref, limit) -> drafts one by one, the gate seeing
-each draft's recorded entropy (a draft whose drafter argmax is eos ends the block first, unseen by
-the gate, as in `Drafter.draft`) -> accepted = leading agreements from the block's start, capped at
+each draft's recorded entropy (a draft whose drafter argmax is eos ends the block after the gate
+saw it, as in `Drafter.draft`) -> accepted = leading agreements from the block's start, capped at
 the block -> a `Telemetry` with every field the real loop fills -> `observe`, whose Q goes back
 into the telemetry. One policy object lives through all of a device's generations, as in the CLI.
 
@@ -66,9 +66,9 @@ Approximations (documented, not hidden):
 - Controller CPU time (decide, gate, observe) is measured and reported per round, but not added to
   the simulated time, so a run is deterministic given its seed.
 - Pipelining: a chain never projects past the trace's n tokens (the real loop's limit is
-  `max_new_tokens`, so past a target eos it may send one more block, stale or wasted); pre-drafts
-  stop at position n − 1; drafting a token costs the same whether it is a draft, a guess or a
-  pre-draft (the fitted per-token time; the intercept once per block).
+  `max_new_tokens`, so past a target eos it may send one more block, stale or wasted); drafting a
+  token costs the same whether it is a draft, a guess or a pre-draft (the fitted per-token time;
+  the intercept once per block).
 The `oracle` bound drafts exactly the run of tokens the target will accept (capped at the edge's
 block limit), so it never wastes a draft and never ends a round early; same cost model.
 

@@ -21,6 +21,7 @@ from typing import Any
 from gelato.benchmarks.simulate_chain import SendAhead
 from gelato.benchmarks.simulate_model import RoundModel, Spec, Trace
 from gelato.benchmarks.simulate_rounds import Totals, _block_end, _draft
+from gelato.controller import tokens_per_s
 from gelato.types import DraftBlock, Telemetry
 
 
@@ -70,7 +71,11 @@ class Device(SendAhead):
         accepted = min(trace.run[pos], k)
         if self.pipeline == "local":
             t0 = time.perf_counter()
-            depth = policy.predraft_depth(decision, DraftBlock(r, (0,) * k, entropies=trace.entropy[pos : pos + k]))
+            # What the next block can use, as the real loop's `fits`: none past the generation's
+            # last round (its round token is position n - 1); traces have no context window.
+            fits = trace.n - pos - 1 - k
+            block = DraftBlock(r, (0,) * k, entropies=trace.entropy[pos : pos + k])
+            depth = policy.predraft_depth(decision, block, fits)
             ctrl += time.perf_counter() - t0
             tele = self._local_round(trace, pos, r, k, accepted, depth, view)
         else:
@@ -102,8 +107,8 @@ class Device(SendAhead):
         wait = t_edge + one_up + one_down
         pre = 0
         if depth > 0 and k > 0 and pos + k - 1 not in trace.eos_at and c.draft_per_token_s > 0:
-            # Tokens started before the verdict arrives, within the trace (positions < n).
-            pre = min(depth, math.ceil(wait / c.draft_per_token_s), trace.n - pos - k)
+            # Tokens started before the verdict arrives, within `fits` (the caller's cap on depth).
+            pre = min(depth, math.ceil(wait / c.draft_per_token_s))
             eos = next((j for j in range(pre) if pos + k + j in trace.eos_at), None)
             pre = pre if eos is None else eos + 1  # the pre-draft stops after the drafter's eos
         pre_s = pre * c.draft_per_token_s
@@ -162,7 +167,9 @@ def run_device(
 
 def summarize(spec: Spec, per_device: list[Totals]) -> dict[str, Any]:
     tok = sum(d.tokens for d in per_device)
-    t = sum(d.time_s for d in per_device)
+    # A model with every time at 0 (fitted intercepts clamped to 0, no round trip) simulates no
+    # time: rates count it as 1 ns (`tokens_per_s`), as the controller does, not a division by 0.
+    t = max(sum(d.time_s for d in per_device), 1e-9)
     e = sum(d.energy_j for d in per_device)
     rounds = sum(d.rounds for d in per_device)
     drafted = sum(d.drafted for d in per_device)
@@ -176,7 +183,7 @@ def summarize(spec: Spec, per_device: list[Totals]) -> dict[str, Any]:
         "devices": len(per_device),
         "tokens": tok,
         "tokens_per_s": tok / t,  # ratio of sums
-        "fleet_tokens_per_s": sum(d.tokens / d.time_s for d in per_device),
+        "fleet_tokens_per_s": sum(tokens_per_s(d.tokens, d.time_s) for d in per_device),
         "j_per_token": e / tok,
         "mean_q_j": sum(d.q_sum for d in per_device) / rounds,
         "final_q_j": sum(d.q_final for d in per_device) / len(per_device),
@@ -217,7 +224,7 @@ def pipeline_stats(per_device: list[Totals]) -> dict[str, Any]:
         "guess_match_rate": hits_seen / full if full else None,
         "wasted_tokens_per_token": sum(d.wasted_tokens for d in per_device) / tok,
         "wasted_j_per_token": sum(d.wasted_j for d in per_device) / tok,
-        "drafting_share": sum(d.busy_s for d in per_device) / sum(d.time_s for d in per_device),
+        "drafting_share": sum(d.busy_s for d in per_device) / max(sum(d.time_s for d in per_device), 1e-9),
     }
 
 

@@ -99,7 +99,7 @@ class Objective:
     ) -> None:
         self.cost = cost
         self.v = v
-        self.budget = budget_j_per_token
+        self.budget = budget_j_per_token or None  # 0: no budget, as the controller's queue reads it
         self.q_tokens = q_j / budget_j_per_token if budget_j_per_token else 0.0
         self._geo: list[float] = [0.0]  # Σ_{l=1..m} α^l, grown on demand
         self.least_j_per_token = math.nan  # of the cheapest K, needed only with a budget and a backlog
