@@ -271,8 +271,10 @@ class Channel:
 
     def _relay(self, port: int, cpu: int | None = None) -> Listener:
         p = self.profile
-        delay = [] if self.netem else ["--one-way-ms", f"{p.one_way_ms:g}", "--jitter-ms", f"{p.jitter_ms:g}"]
-        delay += [] if self.netem else ["--loss", f"{p.loss:g}", "--loss-stall-ms", f"{p.loss_stall_ms:g}"]
+        # Always said: with netem the relay must add nothing (its own defaults are a 10 ms relay).
+        relayed = (0.0, 0.0, 0.0) if self.netem else (p.one_way_ms, p.jitter_ms, p.loss)
+        delay = ["--one-way-ms", f"{relayed[0]:g}", "--jitter-ms", f"{relayed[1]:g}", "--loss", f"{relayed[2]:g}"]
+        delay += [] if self.netem else ["--loss-stall-ms", f"{p.loss_stall_ms:g}"]
         cmd = [*self.prefix("edge", cpu), sys.executable, "-m", "gelato.benchmarks.channel_probe", "proxy"]
         cmd += ["--listen", f"{EDGE_IP}:0", "--upstream", f"127.0.0.1:{port}", "--seed", str(self.seed), *delay]
         return Listener(cmd)

@@ -23,7 +23,7 @@ import pytest
 
 from gelato.benchmarks import bench
 from gelato.benchmarks.channel import Channel, ChannelError, profile_from, reap_stale, run
-from gelato.benchmarks.channel_probe import LossyProxy
+from gelato.benchmarks.channel_probe import LossyProxy, build_parser
 from gelato.benchmarks.delay_proxy import split_hostport
 
 
@@ -288,3 +288,24 @@ def test_a_listener_interrupted_while_it_starts_is_stopped(monkeypatch: pytest.M
         channel_module.Listener(["sleep", "60"])
     monkeypatch.undo()
     assert len(started) == 1 and started[0].poll() is not None
+
+
+@pytest.mark.parametrize("netem", [True, False])
+def test_the_relay_adds_the_profiles_delay_only_without_netem(monkeypatch: pytest.MonkeyPatch, netem: bool) -> None:
+    """With netem on the veth ends, the relay in front of the edge must add no delay, jitter or
+    loss of its own (it passed none, and the relay's default is 10 ms each way: a wifi run had a
+    ~40 ms round trip credited to netem's 20); without netem it adds the profile's."""
+    seen: list[list[str]] = []
+
+    class Recorded:
+        def __init__(self, cmd: list[str], timeout_s: float = 60.0) -> None:
+            seen.append(cmd)
+            self.address = "10.0.0.1:1"
+
+    monkeypatch.setattr("gelato.benchmarks.channel.Listener", Recorded)
+    ch = Channel(profile_from("lossy"))
+    ch.netem = netem
+    ch.expose(50051)
+    args = build_parser().parse_args(seen[0][seen[0].index("proxy") :])
+    relayed = (args.one_way_ms, args.jitter_ms, args.loss)
+    assert relayed == ((0.0, 0.0, 0.0) if netem else (10.0, 2.0, 0.01)), relayed
