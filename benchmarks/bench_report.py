@@ -1,7 +1,9 @@
 """Scoring, targets, the markdown table and the plots of `gelato-bench gsm8k`.
 
-Contract. `gsm8k_answer(text)` is the number after the first `#### ` (commas and `$` dropped),
-None without one; `score(records, gold)` adds `correct` per record and returns the accuracy.
+Contract. `gsm8k_answer(text)` is the number after the first `#### ` mark (commas and `$` dropped;
+a markdown heading such as `#### 1. Eggs` is no mark), else in the last `\boxed{}`, else after the
+last "the answer is", None without any; `score(records, gold)` adds `correct` per record (None for a
+question without a gold number) and returns the accuracy over the scored questions.
 `targets(rows, oracle_rows)` checks the benchmark's targets on one run's rows: gelato vs the fastest
 fixed-K (K ≥ 1) at no more device J/token (goal ≥ 1.2× without pipelining, ≥ 1.5× with it, local
 or send-ahead), gelato ≥ 0.9× the oracle, every speculative policy faster than fixed-0; and
@@ -27,7 +29,9 @@ from typing import Any
 from gelato.benchmarks.bench_run import pipeline_mode
 
 NUMBER = r"\$?\s*(-?[\d,]*\.?\d+)"
-ANSWER_RE = re.compile(r"####\s*" + NUMBER)  # GSM8K's own format (and the built-in pair's)
+# GSM8K's own format (and the built-in pair's): on the mark's line, the whole number, and not a
+# markdown heading an instruct model writes ("#### 1. Eggs per day": a section, not an answer).
+ANSWER_RE = re.compile(r"####[ \t]*\$?[ \t]*(-?[\d,]*\.?\d+)(?!\d|,\d|\.\d)(?!\.[ \t]+[A-Za-z])")
 # What instruct models write when asked (`gelato-bench gsm8k --instruction`): the last of them counts.
 BOXED_RE = re.compile(r"\\boxed\{\s*" + NUMBER + r"\s*\}")
 SAYS_RE = re.compile(r"[Tt]he (?:final )?answer is:?\s*" + NUMBER)
@@ -59,10 +63,14 @@ def gsm8k_answer(text: str) -> float | None:
 
 
 def score(records: list[dict[str, Any]], gold: list[float | None]) -> float | None:
+    """Adds `correct` to each record (None where the question has no gold number: unscored) and
+    returns the accuracy over the scored ones (None: none is)."""
+    scored = 0
     for r in records:
-        pred = gsm8k_answer(r.get("text", ""))
-        r["correct"] = pred is not None and gold[r["question"]] is not None and abs(pred - gold[r["question"]]) < 1e-6
-    return sum(r["correct"] for r in records) / len(records) if records else None
+        want, pred = gold[r["question"]], gsm8k_answer(r.get("text", ""))
+        r["correct"] = None if want is None else pred is not None and abs(pred - want) < 1e-6
+        scored += want is not None
+    return sum(bool(r["correct"]) for r in records) / scored if scored else None
 
 
 def exact_match(ids: dict[int, list[int]], reference: dict[int, list[int]]) -> tuple[int, int]:
