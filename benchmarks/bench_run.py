@@ -162,7 +162,15 @@ class Fleet:
         errs = [self.work / f"{spec.slug}.device{d}.stderr" for d in range(len(self.shards))]
         lines: queue.Queue[tuple[int, str] | None] = queue.Queue()
         t0 = time.perf_counter()
-        procs = [self._start(self.command(spec, d, traces[d]), errs[d], d, lines) for d in range(len(self.shards))]
+        procs: list[Any] = []
+        try:
+            for d in range(len(self.shards)):
+                procs.append(self._start(self.command(spec, d, traces[d]), errs[d], d, lines))
+        except BaseException:  # SIGTERM (SystemExit under `guard`) mid-start: no device outlives it
+            for p in procs:
+                p.kill()
+                p.wait()
+            raise
         records = self._collect(procs, lines, spec, t0)
         result = RunResult(spec, records=records, wall_s=time.perf_counter() - t0, loadavg=os.getloadavg()[0])
         for d, path in enumerate(traces):
