@@ -56,24 +56,50 @@ def build_parser() -> EnvArgumentParser:
 
 
 def read_prompts(config: DeviceConfig) -> list[str]:
+    """The prompts (`--prompt`, or `--prompts-file` JSONL up to `--limit`), each valid Unicode: a
+    ValueError names the flag, and the file and line, of anything else (a tokenizer fails on it)."""
     if config.prompt:
+        for n, given in enumerate(config.prompt, 1):
+            _check_text(given, f"--prompt (the {_ordinal(n)})")
         return list(config.prompt)
     prompts: list[str] = []
     if config.prompts_file is None:
         return prompts
-    with open(config.prompts_file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{config.prompts_file}:{n}: not JSON ({exc.msg})") from exc
-            text = rec.get("prompt", rec.get("question")) if isinstance(rec, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"{config.prompts_file}:{n}: needs a string 'prompt' or 'question'")
-            prompts.append(text)
+    path = config.prompts_file
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"--prompts-file {path}: {exc.strerror or exc}") from None
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--prompts-file {path}:{n}: not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from exc
+        text = rec.get("prompt", rec.get("question")) if isinstance(rec, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{n}: needs a string 'prompt' or 'question'")
+        _check_text(text, f"--prompts-file {path}:{n}")
+        prompts.append(text)
     return prompts[: config.limit] if config.limit is not None else prompts
+
+
+def _check_text(text: str, where: str) -> None:
+    """Text a tokenizer can take: no lone surrogate (Python's stand-in for bytes of a command-line
+    argument that are not UTF-8, or a JSON escape such as \\udce9)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{where}: not valid Unicode text at character {exc.start + 1} (not UTF-8?)") from None
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def transport_security(config: DeviceConfig) -> tuple[grpc.ChannelCredentials | None, str | None]:
@@ -187,7 +213,7 @@ def _main(argv: list[str] | None = None) -> int:
         )
     bad_trace = trace_problem(config.trace)
     if bad_trace:  # before the model loads: a typo should not cost a load (minutes for a real one)
-        return fail(f"--trace: {bad_trace}")
+        return fail(parser.explain(f"--trace: {bad_trace}"))
     try:
         acct = open_accountant(config)
     except (MeterUnavailable, ValueError) as exc:
@@ -204,13 +230,13 @@ def _main(argv: list[str] | None = None) -> int:
             loaded = load_model(config.drafter, "drafter", config.dtype, config.device)
             check_drafter(loaded)
         except ModelLoadError as exc:
-            return fail(str(exc))
+            return fail(parser.explain(str(exc)))
         except Exception as exc:  # not foreseen (a bug, a failure below transformers): one line all the same
             return fail(load_failure("drafter", config.drafter, exc))
         try:  # opened before any generation, so a bad path costs nothing
             trace = open(config.trace, "w", encoding="utf-8") if config.trace else None  # noqa: SIM115
         except OSError as exc:
-            return fail(f"--trace: {exc}")
+            return fail(parser.explain(f"--trace: {exc}"))
         running = True  # `run` closes the meter when it ends
         return asyncio.run(run(config, credentials, token, prompts, loaded, acct, trace))
     finally:

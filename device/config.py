@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gelato.cli_common import endpoint, log_format, log_level, model_device, model_dtype, torch_threads
-from gelato.config import MAX_TIMEOUT_S, UINT32, ConfigError, Settings, ge, gt, le, nested, require, setting
+from gelato.config import MAX_TIMEOUT_S, MODEL_PATH, UINT32, ConfigError, Settings, ge, gt, le, nested, require, setting
 from gelato.device.policy import parse_policy
 from gelato.device.policy_options import PolicyOptions
 from gelato.power import PROFILES, RADIOS
@@ -33,7 +33,7 @@ DEFAULT_PROFILE = "phone"  # the cpu-model estimate's device class unless told
 class DeviceConfig(Settings):
     """Everything `gelato-device` can be told (`gelato-device --help`)."""
 
-    drafter: str | None = setting(None, "hub id or local folder (default: the embedded tiny drafter)")
+    drafter: str | None = setting(None, "hub id or local folder (default: the embedded tiny drafter)", check=MODEL_PATH)
     edge: str = setting(
         "127.0.0.1:50051",
         "HOST:PORT of gelato-edge, or a gRPC target naming replicas (dns:///edge:50051, ipv4:A:P,B:P)",
@@ -183,6 +183,10 @@ class DeviceConfig(Settings):
         require(
             self.controller.k_max == PolicyOptions().k_max or sends_drafts,
             f"--k-max caps the drafts a round sends for verification; --policy {policy.name} sends none",
+        )
+        require(
+            self.top_m == DEFAULT_TOP_M or policy.drafts,
+            f"--top-m shapes the drafter's sampled drafts; --policy {policy.name} drafts none",
         )
         require(
             self.controller.pipeline != "local" or policy.drafts,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from gelato.channel import MAX_DRAFT_TOKENS
 from gelato.cli_common import log_format, log_level, max_memory, model_device, model_dtype, port_number, torch_threads
-from gelato.config import MAX_TIMEOUT_S, PORT, UINT32, Check, Settings, ge, gt, le, require, setting
+from gelato.config import MAX_TIMEOUT_S, MODEL_PATH, PORT, UINT32, Check, Settings, ge, gt, le, require, setting
 
 DEVICE_MAPS = ("auto", "balanced", "sequential")  # gelato.models.DEVICE_MAPS, without importing torch
 DRAFTS_FIT = Check(
@@ -28,7 +28,7 @@ NAMED_PORT = Check(lambda p: p >= 1, "must be >= 1 (0 would pick a port nobody i
 class EdgeConfig(Settings):
     """Everything `gelato-edge` can be told (`gelato-edge --help`)."""
 
-    target: str | None = setting(None, "hub id or local folder (default: the embedded tiny target)")
+    target: str | None = setting(None, "hub id or local folder (default: the embedded tiny target)", check=MODEL_PATH)
     host: str = setting(
         "127.0.0.1", "bind address (a non-loopback one needs TLS with a token or --tls-client-ca, or --insecure)"
     )

@@ -78,6 +78,11 @@ def between(low: float, high: float) -> Check:
 
 
 PORT = Check(lambda p: 0 <= p <= 65535, "must be in 0-65535")
+# A model path given empty ("--target \"$TARGET\"" with TARGET unset) would load the built-in tiny
+# model without a word; left out, it is the default on purpose.
+MODEL_PATH = Check(
+    lambda x: bool(str(x).strip()), "must name a hub id or a folder (leave it out for the built-in model)"
+)
 # Settings that travel in a uint32 field (SessionOpened, InfoResponse): a larger one would pass at
 # start and then fail every open or Info when encoded.
 UINT32 = Check(lambda x: x <= 2**32 - 1, "must be <= 4294967295 (it travels as a uint32)")
