@@ -275,6 +275,16 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return (head[: cut + 1] if cut > 0 else head) + " …"
 
 
+def _malformed_json(folder: Path) -> str | None:
+    """The first JSON file of a checkpoint folder that does not parse (a JSONDecodeError names no file)."""
+    for path in sorted(folder.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return path.name
+    return None
+
+
 def load_failure(role: str, name: str | None, exc: BaseException) -> str:
     """The one-line message for a load that failed in a way `load_model` does not foresee (a bug,
     a failure below transformers): the model, the exception's type and its first line."""
@@ -332,7 +342,9 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, local_files_only=offline, **placement)
     except (OSError, ValueError) as exc:
         hint = " (give --offload-folder, or more --max-memory)" if "offload_folder" in str(exc) else ""
-        raise ModelLoadError(f"cannot load {role} {name!r}: {exc}{hint}") from exc
+        bad = _malformed_json(Path(name)) if local and isinstance(exc, json.JSONDecodeError) else None
+        what = f"{bad} is not valid JSON ({_first_line(exc)})" if bad else _first_line(exc)
+        raise ModelLoadError(f"cannot load {role} {name!r}: {what}{hint}") from exc
     except (MemoryError, RuntimeError) as exc:  # accelerate places while loading: its OOM comes here
         if not out_of_memory(exc):
             raise

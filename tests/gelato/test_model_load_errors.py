@@ -1,0 +1,43 @@
+"""A checkpoint that cannot load is one line naming what is wrong: a JSON file of a local folder
+that does not parse is named (the decoder's message names no file), and a library error of many
+lines (the hub's "couldn't connect ... Check your internet connection or see ...") keeps its
+first. Real files: the built-in drafter copied and broken."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import transformers
+
+from gelato.models import ModelLoadError, default_model_path, load_model
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("tokenizer_config.json", "tokenizer_config.json is not valid JSON ("),
+        ("tokenizer.json", "tokenizer.json is not valid JSON ("),
+        ("config.json", "It looks like the config file at "),  # transformers names this one itself
+    ],
+)
+def test_a_malformed_json_file_of_a_checkpoint_is_named(tmp_path: Path, name: str, says: str) -> None:
+    folder = tmp_path / "drafter"
+    shutil.copytree(default_model_path("drafter"), folder)
+    (folder / name).write_text("{not json")
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(folder), "drafter", "float32", "cpu")
+    message = str(info.value)
+    assert message.startswith(f"cannot load drafter {str(folder)!r}: {says}") and name in message, message
+    assert "\n" not in message
+
+
+def test_a_library_error_of_many_lines_keeps_its_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    def from_pretrained(*_: object, **__: object) -> None:
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(default_model_path("drafter"), "drafter", "float32", "cpu")
+    assert str(info.value).endswith("We couldn't connect to 'https://huggingface.co' to load the files."), info.value
