@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from gelato.tiny.tokenizer import EOS_TOKEN, format_prompt
-from gelato.tiny.train import gsm8k_file, heldout_loss
+from gelato.tiny.train import gsm8k_file, heldout_loss, positive_int
 
 
 def target_answers(out: Path, questions: list[str], batch: int, max_new: int) -> list[str]:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--gen-batch", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=160)
-    p.add_argument("--heldout", type=int, default=200)
+    p.add_argument("--heldout", type=positive_int, default=200, help="documents kept out of training (>= 1)")
     p.add_argument("--kd", type=float, default=0.7, help="weight of KL(target || drafter) in the loss")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

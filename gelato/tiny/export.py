@@ -25,12 +25,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from gelato.models import load_tokenizer
 
+    if not (args.src / "training.json").is_file():
+        p.error(f"{args.src}: no training.json (give the folder gelato.tiny.train wrote)")
+    # Both roles loaded before anything is replaced: a wrong folder leaves the shipped pair as it was.
+    pair = {}
     for role in ("target", "drafter"):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(args.src / role, dtype=torch.float32)
+            pair[role] = (model, load_tokenizer(args.src / role))
+        except (OSError, ValueError) as exc:
+            p.error(f"cannot load {args.src / role}: {exc}")
+    for role, (model, tokenizer) in pair.items():
         dst = ASSETS / role
         shutil.rmtree(dst, ignore_errors=True)
-        model = AutoModelForCausalLM.from_pretrained(args.src / role, dtype=torch.float32)
         model.to(torch.float16).save_pretrained(dst)  # type: ignore[arg-type]
-        load_tokenizer(args.src / role).save_pretrained(dst)
+        tokenizer.save_pretrained(dst)
         print(f"{role}: {sum(f.stat().st_size for f in dst.iterdir()) / 1e6:.2f} MB in {dst}")
     shutil.copy(args.src / "training.json", ASSETS / "training.json")
     return 0

@@ -94,6 +94,17 @@ def build_model(shape: Shape, vocab_size: int, eos_id: int, seed: int):  # type:
     return Qwen2ForCausalLM(cfg)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (`docs[:-0]` would train on nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def train_one(name: str, args: argparse.Namespace, stream, heldout, vocab_size: int, eos_id: int) -> dict:  # type: ignore[no-untyped-def]
     """Train one model for a fixed number of steps; return its training record."""
     import torch
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drafter-steps", type=int, default=2400)
     p.add_argument("--target-lr", type=float, default=2e-3)
     p.add_argument("--drafter-lr", type=float, default=3e-3)
-    p.add_argument("--heldout", type=int, default=200, help="documents kept out of training")
+    p.add_argument("--heldout", type=positive_int, default=200, help="documents kept out of training (>= 1)")
     p.add_argument("--only", choices=["target", "drafter"], default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
