@@ -265,6 +265,16 @@ _UNSET: Any = _Unset()
 _SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://")
 
 
+def _asks_json(args: Sequence[str], env_value: str | None) -> bool:
+    """Whether a command line (or else its `*_LOG_FORMAT` variable) asks for `--log-format json`."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--log-format="):
+            return arg.split("=", 1)[1].strip().lower() == "json"
+        if arg == "--log-format" and i + 1 < len(args):
+            return args[i + 1].strip().lower() == "json"
+    return (env_value or "").strip().lower() == "json"
+
+
 class EnvArgumentParser(argparse.ArgumentParser):
     """An ArgumentParser whose options can also come from `<env_prefix>_<FLAG>` variables (module
     docstring). `env_skip`: dests that are actions rather than settings (e.g. a one-shot mode) and
@@ -278,6 +288,21 @@ class EnvArgumentParser(argparse.ArgumentParser):
         # whose variable was set but silenced by a rival of its group given on the command line.
         self.from_env: dict[str, str] = {}
         self.silenced: dict[str, str] = {}
+        self._json = False  # the run asks for JSON logs (`_asks_json`): its parse's own lines are JSON too
+
+    def _say(self, message: str, level: int) -> None:
+        """A line of the parse (before `setup_logging`), as a JSON record when the run asks for JSON."""
+        if self._json:
+            record = logging.getLogger("gelato.cli").makeRecord("gelato.cli", level, "", 0, message, (), None)
+            message = JsonFormatter().format(record)
+        print(message, file=sys.stderr, flush=True)
+
+    def error(self, message: str) -> NoReturn:
+        """A usage error: argparse's usage and message, or under `--log-format json` one record."""
+        if not self._json:
+            super().error(message)
+        self._say(f"{self.prog}: error: {message}", logging.ERROR)
+        raise SystemExit(2)
 
     def env_name(self, action: argparse.Action) -> str | None:
         """The variable that sets `action`, or None (positionals, --help, skipped dests)."""
@@ -317,13 +342,16 @@ class EnvArgumentParser(argparse.ArgumentParser):
         env = {
             a: (n, os.environ[n]) for a in self._actions if (n := self.env_name(a)) and os.environ.get(n, "").strip()
         }
+        self._json = _asks_json(
+            sys.argv[1:] if args is None else list(args), os.environ.get(f"{self.env_prefix}_LOG_FORMAT")
+        )
         for a, (name, raw) in list(env.items()):
             if a.type is port_number and _SERVICE_LINK.match(raw):
                 del env[a]
-                print(
+                self._say(
                     f"{self.prog}: warning: ignoring {name}={raw!r}: a Kubernetes service link (a Service named "
                     f"like this program), not a port; set {a.option_strings[-1]}, or enableServiceLinks: false",
-                    file=sys.stderr,
+                    logging.WARNING,
                 )
         self.from_env, self.silenced = {}, {}
         if not env:
@@ -368,8 +396,13 @@ class EnvArgumentParser(argparse.ArgumentParser):
     def explain(self, message: str) -> str:
         """`message` (a settings error naming flags, `--limit must be >= 0`) with the variable
         behind each flag it names that the last parse took from the environment, so that a user
-        who never typed the flag sees where the value came from."""
-        named = [f"{flag} came from {var}" for flag, var in self.from_env.items() if _names(message, flag)]
+        who never typed the flag sees where the value came from. A message naming its field first,
+        as a value's own check does (`top_p must be in [0, 1], got nan`), names that field's flag."""
+        named = [
+            f"{flag} came from {var}"
+            for flag, var in self.from_env.items()
+            if _names(message, flag) or message.startswith(flag[2:].replace("-", "_") + " ")
+        ]
         return f"{message} ({'; '.join(named)})" if named else message
 
     def _was_given(self, ns: argparse.Namespace, action: argparse.Action) -> bool:

@@ -1,6 +1,6 @@
-"""`gelato.cli_common.endpoint`: what `--edge` accepts. A malformed gRPC target must be refused
-with a precise message: gRPC core takes one without an error, and its channel then never
-connects nor lets the process exit."""
+"""`gelato.cli_common`: what `--edge` accepts (`endpoint`), and which variable a settings error
+names (`explain`). A malformed gRPC target must be refused with a precise message: gRPC core
+takes one without an error, and its channel then never connects nor lets the process exit."""
 
 from __future__ import annotations
 
@@ -47,3 +47,19 @@ def test_malformed_targets_are_refused_precisely(text: str, needle: str) -> None
     with pytest.raises(argparse.ArgumentTypeError, match=None) as info:
         endpoint(text)
     assert needle in str(info.value)
+
+
+def test_a_check_naming_its_field_first_names_the_variable_behind_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`top_p must be ...` (the sampling check names its field, not the flag) came from
+    GELATO_DEVICE_TOP_P: the message says so, as it does for `--top-p must be ...`; a field named
+    elsewhere in a message is no match."""
+    from gelato.device.cli import build_parser
+
+    monkeypatch.setenv("GELATO_DEVICE_TOP_P", "nan")
+    monkeypatch.setenv("GELATO_DEVICE_SEED", "3")
+    parser = build_parser()
+    parser.parse_args(["--prompt", "x"])
+    assert parser.explain("top_p must be in [0, 1], got nan") == (
+        "top_p must be in [0, 1], got nan (--top-p came from GELATO_DEVICE_TOP_P='nan')"
+    )
+    assert parser.explain("the seed top_p is fine") == "the seed top_p is fine"
