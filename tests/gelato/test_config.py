@@ -290,6 +290,8 @@ def test_device_defaults_written_once() -> None:
         (["--policy", "ar-edge", "--k-max", "4"], "--k-max caps the drafts a round sends for verification"),
         (["--policy", "fixed-0", "--k-max", "4"], "--k-max caps the drafts a round sends for verification"),
         (["--policy", "fixed-0", "--pipeline", "local"], "--pipeline local pre-drafts the next block during a"),
+        (["--policy", "ar-edge", "--temperature", "1", "--top-m", "8"], "--top-m shapes the drafter's sampled"),
+        (["--policy", "fixed-0", "--temperature", "1", "--top-m", "8"], "--top-m shapes the drafter's sampled"),
     ],
 )
 def test_device_validation(args: list[str], message: str) -> None:
@@ -316,6 +318,7 @@ def test_device_validation(args: list[str], message: str) -> None:
         ["--temperature", "1", "--top-p", "0.99999994"],  # float32's largest below 1
         ["--temperature", "0.7", "--top-p", "0.9", "--top-k", "5", "--top-m", "8", "--seed", "3"],
         ["--top-p", "0"],  # top-p's own "off", greedy or not
+        ["--policy", "ar-device", "--temperature", "1", "--top-m", "8"],  # its drafter samples from it
     ],
 )
 def test_device_accepts_each_policy_its_own_settings(args: list[str]) -> None:
