@@ -37,6 +37,7 @@ from gelato.device.client_errors import (
     call_error,
     expect_verdict,
 )
+from gelato.device.config import DeviceConfig
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant, wire_bytes
 from gelato.device.generate import (
@@ -89,15 +90,15 @@ class EdgeClient(StreamIO):
     def __init__(
         self,
         target: str,
-        deadline_s: float = 3600.0,
-        verdict_timeout_s: float = 120.0,
-        connect_timeout_s: float = 10.0,
+        deadline_s: float = DeviceConfig.session_deadline_s,  # the defaults are the CLI's, written there
+        verdict_timeout_s: float = DeviceConfig.verdict_timeout_s,
+        connect_timeout_s: float = DeviceConfig.connect_timeout_s,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         server_name: str | None = None,
-        failovers: int = 2,
+        failovers: int = DeviceConfig.failovers,
         insecure: bool = False,
-        edge_wait_s: float = 60.0,
+        edge_wait_s: float = DeviceConfig.edge_wait_s,
     ) -> None:
         check_token_transport(target, credentials is not None, token, insecure)
         self.target = target
