@@ -182,7 +182,18 @@ setup() {
   have=$(cat "$venv/.gelato-installed" 2>/dev/null || true)
   if [ "$want" != "$have" ]; then
     echo "gelato.sh: installing into $venv (first run takes a few minutes)" >&2
-    "$py" -m pip install -q --upgrade pip
+    # A .venv this script did not make (uv, an IDE, an older Python) or a setup cut short: said in
+    # one line before anything is installed, not deep inside pip at every run.
+    if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
+      echo "gelato.sh: $venv holds $("$py" -V 2>&1) and GELATO needs Python >= 3.11: delete $venv" \
+        "(rm -rf $venv) and run again (GELATO_PYTHON picks the interpreter)" >&2
+      exit 2
+    fi
+    if ! "$py" -m pip install -q --upgrade pip; then
+      echo "gelato.sh: $venv has no working pip (made by another tool, or a setup cut short?): delete" \
+        "$venv (rm -rf $venv) and run again" >&2
+      exit 2
+    fi
     # torch first, the chosen build: left to the project's dependencies, pip would take PyPI's.
     install_torch "$build"
     torch_constraint > "$venv/torch-constraint.txt"  # a failure here stops setup (set -e)
@@ -193,6 +204,8 @@ setup() {
   elif [ -n "$extras" ] && [ "$(cat "$venv/.gelato-dev" 2>/dev/null || true)" != "$have" ]; then
     # Installed for the demo alone: the test tools now, held to the torch there.
     echo "gelato.sh: installing the test tools into $venv" >&2
+    # Venvs set up by older versions of this script have no constraint file: written from their torch.
+    [ -f "$venv/torch-constraint.txt" ] || torch_constraint > "$venv/torch-constraint.txt"
     "$py" -m pip install -q -e ".[$extras]" -c "$venv/torch-constraint.txt"
   fi
   if [ -n "$extras" ]; then

@@ -29,7 +29,10 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 PROJECT = "install -q -e .[dev] -c .venv/torch-constraint.txt"
 
 FAKE_PYTHON = """#!/bin/sh
+case "$2" in *version_info*) [ -n "$OLD_PYTHON" ] && exit 1 ;; esac
+if [ "$1" = -V ] && [ -n "$OLD_PYTHON" ]; then echo "Python 3.10.12"; exit 0; fi
 if [ "$1" = -m ] && [ "$2" = pip ]; then
+  [ -n "$NO_PIP" ] && { echo "No module named pip" >&2; exit 1; }
   shift 2; echo "$*" >> "$PIP_LOG"
   case "$*" in *--index-url*) [ -n "$CPU_INDEX_DOWN" ] && exit 1 ;; esac
   case "$*" in *"--timeout 5"*) [ -n "$CPU_INDEX_STALL" ] && exit 1 ;; esac
@@ -106,6 +109,7 @@ class Checkout:
         driver: str | None = None,
         rc: int = 0,
         find_links_cpu: bool = False,
+        extra_env: dict[str, str] | None = None,
     ) -> tuple[list[str], str]:
         """`GELATO_TORCH=torch ./gelato.sh setup`: pip's argument lines, and stderr. `driver`: an
         `nvidia-smi` on PATH that sees a GPU with this driver version (None: none on PATH)."""
@@ -117,6 +121,7 @@ class Checkout:
             PYTHONPATH=str(self.torch_path),
             FAKE_TORCH=str(self.root / "fake_torch.py"),
         )
+        env.update(extra_env or {})
         if find_links_cpu:  # a CPU wheel in pip's find-links: it satisfies the CUDA pin too
             env["FIND_LINKS_CPU"] = "1"
         bin_dir = self.root / "bin"  # PATH without any real nvidia-smi: the host's GPU must not decide
@@ -292,3 +297,30 @@ def test_the_project_install_is_held_to_the_torch_just_installed(checkout: Check
     assert pip[-1] == PROJECT, pip
     assert (checkout.root / ".venv" / "torch-constraint.txt").read_text() == "torch==2.13.0+cpu\n"
     assert checkout.recorded() == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"OLD_PYTHON": "1"}, "gelato.sh: .venv holds Python 3.10.12 and GELATO needs Python >= 3.11: delete .venv"),
+        ({"NO_PIP": "1"}, "gelato.sh: .venv has no working pip (made by another tool, or a setup cut short?)"),
+    ],
+)
+def test_a_venv_this_script_cannot_use_is_named_before_any_install(
+    checkout: Checkout, env: dict[str, str], says: str
+) -> None:
+    """A .venv made by another tool without pip, or from Python 3.10: one line naming the fix,
+    nothing installed (it failed in pip at every run, or after downloading torch)."""
+    pip, err = checkout.setup("cpu", rc=2, extra_env=env)
+    assert says in err and pip == [], (err, pip)
+
+
+def test_the_test_tools_over_a_venv_without_a_constraint_file_write_it(checkout: Checkout) -> None:
+    """A venv set up for the demo by a version of this script that wrote no constraint file: the
+    test tools' install would fail on the missing `-c` file at every run."""
+    checkout.installed("cpu")
+    checkout.has_torch(None)
+    (checkout.root / ".venv" / ".gelato-dev").write_text("")  # the demo's setup: no test tools yet
+    pip, _ = checkout.setup("cpu")
+    assert pip == [PROJECT], pip
+    assert (checkout.root / ".venv" / "torch-constraint.txt").read_text().strip() == "torch==2.13.0+cpu"
