@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -35,8 +36,15 @@ def _packages_on_disk() -> set[str]:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)]
+    """Built from a copy of the sources: built in the checkout, setuptools reuses its `build/lib`,
+    which keeps every module ever built there (a deleted one stayed in the wheel)."""
+    out, src = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md", "LICENSE", "NOTICE"):
+        shutil.copy(ROOT / name, src / name)
+    skip = shutil.ignore_patterns("__pycache__", "results", "*.pyc")
+    for folder in FOLDERS:
+        shutil.copytree(ROOT / folder, src / folder, ignore=skip)
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(src)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     (path,) = out.glob("gelato-*.whl")
     return path
