@@ -39,14 +39,13 @@ def code_state() -> dict[str, Any]:
     """The commit, the files changed on top of it and a hash of the device/edge/gelato sources:
     other work may change the tree while a long benchmark runs."""
     import hashlib
-    import subprocess
 
-    root = Path(__file__).resolve().parents[1]
-    git = ["git", "-C", str(root)]
-    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    from gelato.benchmarks.provenance import ROOT as root
+    from gelato.benchmarks.provenance import git_output
+
+    commit = git_output(["rev-parse", "HEAD"])
     # The code the runs ran: results written meanwhile (this run's own folder included) are not it.
-    status = [*git, "status", "--short", "--", "device", "edge", "gelato"]
-    changed = subprocess.run(status, capture_output=True, text=True).stdout.splitlines()
+    changed = git_output(["status", "--short", "--", "device", "edge", "gelato"]).splitlines()
     files = sorted(p for d in ("device", "edge", "gelato") for p in (root / d).rglob("*.py"))
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
     return {"commit": commit, "changed": changed, "sources_sha256_12": digest}

@@ -46,6 +46,7 @@ from gelato.benchmarks.bench_run import answered_rounds
 from gelato.benchmarks.delay_proxy import ProxyProcess, grpc_info_rtt, rtt_summary
 from gelato.benchmarks.policies_report import compare_budgets, markdown, over_repeats, print_run
 from gelato.benchmarks.procs import check_energy_source, child_env, machine, start_edge, unique_label
+from gelato.benchmarks.provenance import git_output
 from gelato.tiny.train import gsm8k_file
 
 DEFAULT_POLICIES = ",".join([*(f"fixed-{k}" for k in range(9)), "heuristic", "entropy", "adaedl", "lyapunov", "gelato"])
@@ -273,9 +274,7 @@ def check_lossless(runs: list[Run]) -> list[str]:
 
 def git_state() -> dict[str, Any]:
     """The commit and the files changed on top of it: others edit the tree while benchmarks run."""
-    status = subprocess.run(["git", "status", "--short"], capture_output=True, text=True).stdout
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {"commit": commit, "changed": status.splitlines()}
+    return {"commit": git_output(["rev-parse", "HEAD"]), "changed": git_output(["status", "--short"]).splitlines()}
 
 
 def code_hash() -> str:

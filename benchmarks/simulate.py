@@ -245,12 +245,12 @@ def code_state() -> dict[str, Any]:
     """The commit, whether the tree had changes, and a hash of the policy/controller sources the
     simulation ran (`device/`, `gelato/`): the controller may change after the results were made."""
     import hashlib
-    import subprocess
 
-    root = Path(__file__).resolve().parents[1]
-    git = ["git", "-C", str(root)]
-    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    changed = subprocess.run([*git, "status", "--short", "device", "gelato"], capture_output=True, text=True).stdout
+    from gelato.benchmarks.provenance import ROOT as root
+    from gelato.benchmarks.provenance import git_output
+
+    commit = git_output(["rev-parse", "HEAD"])
+    changed = git_output(["status", "--short", "device", "gelato"])
     files = sorted(p for d in ("device", "gelato") for p in (root / d).rglob("*.py"))
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
     return {"commit": commit, "device_gelato_changed": bool(changed.strip()), "sources_sha256_12": digest}
