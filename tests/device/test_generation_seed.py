@@ -12,6 +12,7 @@ first generation keeps the seed above)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import pytest
 
@@ -38,6 +39,31 @@ class _Recording(_Stream):
         await super()._take(msg)
 
 
+async def generate_all(streams: Iterator[_Stream], drafter: Drafter, prompts: list[list[int]]) -> list[int]:
+    """The prompts one after another through one client (one policy, `fixed-0`: no drafts, as the
+    stub verifies greedily) whose sessions are `streams`; each generation's failovers."""
+    client = EdgeClient("127.0.0.1:1", failovers=1, connect_timeout_s=5.0)
+
+    async def connect(timeout_s: float | None = None) -> None:
+        pass
+
+    class Stub:
+        def Session(self, **kwargs: object) -> _Stream:
+            return next(streams)
+
+    client.connect = connect  # type: ignore[method-assign]
+    client.stub = Stub()  # type: ignore[assignment]
+    policy, failovers = parse_policy("fixed-0"), []
+    try:
+        for prompt in prompts:
+            res = await client.generate(drafter, prompt, 8, policy)
+            assert res.error == "" and len(res.token_ids) > 0, res.error
+            failovers.append(res.failovers)
+    finally:
+        await client.close()
+    return failovers
+
+
 def test_generation_seed_is_a_uint64_of_the_seed_and_the_prompt() -> None:
     seeds = {generation_seed(s, p) for s in (0, 1, 2**64 - 1) for p in ([], [1], [1, 2], [2, 1], [1, 2, 3])}
     assert len(seeds) == 15 and all(0 <= s < 2**64 for s in seeds)
@@ -57,30 +83,7 @@ def test_each_prompt_opens_with_its_own_seed_and_a_failover_with_the_same(
     prompts = [encode_prompt(target.tokenizer, text) for text in ("Ava has 3 apples.", "Ben reads 4 pages.")]
     streams = iter([_Recording(target, opens, cut_after=2), _Recording(target, opens), _Recording(target, opens)])
 
-    async def run() -> list[int]:
-        client = EdgeClient("127.0.0.1:1", failovers=1, connect_timeout_s=5.0)
-
-        async def connect(timeout_s: float | None = None) -> None:
-            pass
-
-        class Stub:
-            def Session(self, **kwargs: object) -> _Stream:
-                return next(streams)
-
-        client.connect = connect  # type: ignore[method-assign]
-        client.stub = Stub()  # type: ignore[assignment]
-        drafter, policy = Drafter(drafter_model, params), parse_policy("fixed-0")  # no drafts: the stub is greedy
-        failovers = []
-        try:
-            for prompt in prompts:
-                res = await client.generate(drafter, prompt, 8, policy)
-                assert res.error == "" and len(res.token_ids) > 0, res.error
-                failovers.append(res.failovers)
-        finally:
-            await client.close()
-        return failovers
-
-    assert asyncio.run(run()) == [1, 0]
+    assert asyncio.run(generate_all(streams, Drafter(drafter_model, params), prompts)) == [1, 0]
     seeds = [o.seed for o in opens]
     if params.greedy:
         assert seeds == [0, 0, 0]
@@ -100,30 +103,8 @@ def test_the_same_prompt_asked_again_draws_afresh(target: LoadedModel, drafter_m
     cuts = [None, 2, None, None, None]  # the second generation's session is cut after two verdicts
     streams = iter([_Recording(target, opens, **({"cut_after": c} if c else {})) for c in cuts])
 
-    async def run() -> list[int]:
-        client = EdgeClient("127.0.0.1:1", failovers=1, connect_timeout_s=5.0)
-
-        async def connect(timeout_s: float | None = None) -> None:
-            pass
-
-        class Stub:
-            def Session(self, **kwargs: object) -> _Stream:
-                return next(streams)
-
-        client.connect = connect  # type: ignore[method-assign]
-        client.stub = Stub()  # type: ignore[assignment]
-        drafter, policy = Drafter(drafter_model, SamplingParams(temperature=0.8, seed=7)), parse_policy("fixed-0")
-        failovers = []
-        try:
-            for prompt in (a, a, b, a):
-                res = await client.generate(drafter, prompt, 8, policy)
-                assert res.error == "" and len(res.token_ids) > 0, res.error
-                failovers.append(res.failovers)
-        finally:
-            await client.close()
-        return failovers
-
-    assert asyncio.run(run()) == [0, 1, 0, 0]
+    drafter = Drafter(drafter_model, SamplingParams(temperature=0.8, seed=7))
+    assert asyncio.run(generate_all(streams, drafter, [a, a, b, a])) == [0, 1, 0, 0]
     expected = [generation_seed(7, a), generation_seed(7, a, 1), generation_seed(7, a, 1)]
     expected += [generation_seed(7, b), generation_seed(7, a, 2)]
     assert [o.seed for o in opens] == expected and len(set(expected)) == 4
