@@ -123,7 +123,6 @@ class EdgeClient(StreamIO):
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
         self._warned_ahead = False
         self._warned_cap = False
-        self._generations: collections.Counter[int] = collections.Counter()  # per prompt: `generation_seed`
 
     async def connect(self, timeout_s: float | None = None) -> None:
         """Wait until the channel is connected, at most `connect_timeout_s` (or `timeout_s`): a gone
@@ -219,12 +218,10 @@ class EdgeClient(StreamIO):
         ran, raises as it did (`EdgeUnreachable`: nothing answered)."""
         acct = accountant or EnergyAccountant(NullMeter(), None)
         # The edge's draws, keyed by position, get a seed of this generation's own (the prompt and
-        # how often this client generated it before; the same in every session of the generation):
-        # see `generation_seed`.
-        sampling = drafter.params
+        # how often the drafter generated it before, `Drafter.begin_generation`, which keys its own
+        # draws so too; the same in every session of the generation): see `generation_seed`.
+        sampling, repeat = drafter.params, drafter.begin_generation(prompt_ids)
         if not sampling.greedy:
-            first = generation_seed(sampling.seed, prompt_ids)
-            repeat, self._generations[first] = self._generations[first], self._generations[first] + 1
             sampling = replace(sampling, seed=generation_seed(sampling.seed, prompt_ids, repeat))
         res: GenerationResult | None = None  # what the sessions so far gave (None: none opened yet)
         failed: FailedOpens | None = None  # the opens that failed since the last session ran

@@ -40,6 +40,7 @@ empty send-ahead block or by a block of K = 0, the generation's last block, gues
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -51,7 +52,7 @@ from gelato.device.config import DEFAULT_TOP_M
 from gelato.entropy import entropy_nats, entropy_of_probs
 from gelato.kv import KVSequence, check_rollback
 from gelato.models import LoadedModel, ModelLoadError
-from gelato.sampling import KeyedRng, process_logits, sample_sparse, truncate_top_m
+from gelato.sampling import KeyedRng, generation_seed, process_logits, sample_sparse, truncate_top_m
 from gelato.types import DraftBlock, SamplingParams, SparseDist, Verdict
 from gelato.wire import MAX_Q_SUPPORT
 
@@ -96,6 +97,7 @@ class Drafter:
         # another edge (failover) drafts exactly what it would have drafted uninterrupted, and a
         # position drafted again after a cut gets a fresh draw (`gelato.sampling`: why it must).
         self.rng = KeyedRng(params.seed, "drafter")
+        self._generations: collections.Counter[int] = collections.Counter()  # per prompt: `begin_generation`
         self.seq = KVSequence(loaded.model, loaded.vocab_size)
         self._predraft: Predraft | None = None  # drafted ahead of the verdict in flight
         self._carry: Predraft | None = None  # a hit's leftover: the next block's first drafts
@@ -109,6 +111,18 @@ class Drafter:
         # ahead after it, or dropped unsent, fed its last draft (`draft_after`), so the check in
         # `draft` also asks that both that draft and the target's token are still uncached.
         self._guess_due = False
+
+    def begin_generation(self, prompt_ids: list[int]) -> int:
+        """Once per generation (a failover's sessions are the same generation): how many of this
+        prompt this drafter made before. A repeat draws afresh, keyed by `generation_seed(seed,
+        prompt, repeat)`, so that `--prompt X --prompt X` samples twice (the edge's seed follows
+        the same count); the first generation of a prompt keeps `--seed` as its key."""
+        first = generation_seed(self.params.seed, prompt_ids)
+        repeat = self._generations[first]
+        self._generations[first] += 1
+        seed = generation_seed(self.params.seed, prompt_ids, repeat) if repeat else self.params.seed
+        self.rng = KeyedRng(seed, "drafter")
+        return repeat
 
     def start(self, prefix_ids: list[int], prefill: bool = True, check_guesses: bool = False) -> None:
         """Begin a generation after `prefix_ids` (prompt, or prompt + accepted when resuming).

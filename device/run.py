@@ -191,6 +191,7 @@ async def generate_one(
             trace.flush()  # whole lines as rounds end: a reader (tail -f, a test) never sees half of one
 
     if policy.local_only:
+        drafter.begin_generation(ids)  # a repeated prompt samples afresh (the client does so for the rest)
         return await generate_alone(drafter, ids, config.max_new_tokens, policy, acct, write_round)
     return await client.generate(drafter, ids, config.max_new_tokens, policy, acct, write_round, set_session)
 
