@@ -1,9 +1,10 @@
 """Scoring, targets, the markdown table and the plots of `gelato-bench gsm8k`.
 
 Contract. `gsm8k_answer(text)` is the number after the first `#### ` mark (commas and `$` dropped;
-a markdown heading such as `#### 1. Eggs` is no mark), else in the last `\boxed{}`, else after the
-last "the answer is", None without any; `score(records, gold)` adds `correct` per record (None for a
-question without a gold number) and returns the accuracy over the scored questions.
+in a text of several marks, a markdown heading such as `#### 1. Eggs` is no mark), else in the last
+`\boxed{}`, else after the last "the answer is", None without any; `score(records, gold)` adds
+`correct` per record (None for a question without a gold number) and returns the accuracy over the
+scored questions.
 `targets(rows, oracle_rows)` checks the benchmark's targets on one run's rows: gelato vs the fastest
 fixed-K (K ≥ 1) at no more device J/token (goal ≥ 1.2× without pipelining, ≥ 1.5× with it, local
 or send-ahead), gelato ≥ 0.9× the oracle, every speculative policy faster than fixed-0; and
@@ -29,9 +30,11 @@ from typing import Any
 from gelato.benchmarks.bench_run import pipeline_mode
 
 NUMBER = r"\$?\s*(-?[\d,]*\.?\d+)"
-# GSM8K's own format (and the built-in pair's): on the mark's line, the whole number, and not a
-# markdown heading an instruct model writes ("#### 1. Eggs per day": a section, not an answer).
-ANSWER_RE = re.compile(r"####[ \t]*\$?[ \t]*(-?[\d,]*\.?\d+)(?!\d|,\d|\.\d)(?!\.[ \t]+[A-Za-z])")
+# GSM8K's own format (and the built-in pair's): the whole number on the mark's line. Where a text
+# has several marks, those reading "#### 1. Eggs per day" (or "1) ...") are an instruct model's
+# markdown headings, sections and not answers.
+ANSWER_RE = re.compile(r"####[ \t]*\$?[ \t]*(-?[\d,]*\.?\d+)(?!\d|,\d|\.\d)")
+HEADING_RE = re.compile(r"[.)][ \t]+[A-Za-z]")
 # What instruct models write when asked (`gelato-bench gsm8k --instruction`): the last of them counts.
 BOXED_RE = re.compile(r"\\boxed\{\s*" + NUMBER + r"\s*\}")
 SAYS_RE = re.compile(r"[Tt]he (?:final )?answer is:?\s*" + NUMBER)
@@ -48,7 +51,10 @@ def gsm8k_answer(text: str) -> float | None:
     """The number after GSM8K's `#### `, else in the last `\\boxed{...}`, else after the last
     "the answer is"; None when there is none."""
     text = text or ""
-    m = ANSWER_RE.search(text)
+    marks = list(ANSWER_RE.finditer(text))
+    if text.count("####") > 1:
+        marks = [m for m in marks if not HEADING_RE.match(text, m.end())]
+    m = marks[0] if marks else None
     if m is None:
         found = BOXED_RE.findall(text) or SAYS_RE.findall(text)
         number = found[-1] if found else None

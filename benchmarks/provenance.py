@@ -1,6 +1,6 @@
 """Where a benchmark's code came from, for its results: `git_output(args, root)`.
 
-Contract: the output of `git -C root ARGS` (stripped), or "" when git is not installed, `root` is
+Contract: the output of `git -C root ARGS` (its final newline dropped), or "" when git is not installed, `root` is
 no checkout (a wheel's install, the images: the slim base has no git) or the command fails. A
 benchmark records the commit and changed files when it can and never fails for want of them:
 `git_output` is asked at the end of runs that may have measured for hours.
@@ -19,4 +19,5 @@ def git_output(args: list[str], root: Path = ROOT) -> str:
         res = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    return res.stdout.strip() if res.returncode == 0 else ""
+    # Only the final newline goes: `status --short` lines start with a meaningful space (" M": unstaged).
+    return res.stdout.rstrip("\n") if res.returncode == 0 else ""

@@ -229,8 +229,8 @@ def _main(argv: list[str] | None = None) -> int:
         try:
             loaded = load_model(config.drafter, "drafter", config.dtype, config.device)
             check_drafter(loaded)
-        except ModelLoadError as exc:
-            return fail(parser.explain(str(exc)))
+        except ModelLoadError as exc:  # about the drafter unless it names another setting (--device)
+            return fail(parser.explain(str(exc), also=("--drafter",) if "drafter" in str(exc) else ()))
         except Exception as exc:  # not foreseen (a bug, a failure below transformers): one line all the same
             return fail(load_failure("drafter", config.drafter, exc))
         try:  # opened before any generation, so a bad path costs nothing

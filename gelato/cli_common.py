@@ -266,13 +266,14 @@ _SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://")
 
 
 def _asks_json(args: Sequence[str], env_value: str | None) -> bool:
-    """Whether a command line (or else its `*_LOG_FORMAT` variable) asks for `--log-format json`."""
+    """Whether a command line (or else its `*_LOG_FORMAT` variable) asks for `--log-format json`:
+    as argparse reads it, the last one given, abbreviated down to `--log-f` (`--log-` is ambiguous)."""
+    asked = env_value
     for i, arg in enumerate(args):
-        if arg.startswith("--log-format="):
-            return arg.split("=", 1)[1].strip().lower() == "json"
-        if arg == "--log-format" and i + 1 < len(args):
-            return args[i + 1].strip().lower() == "json"
-    return (env_value or "").strip().lower() == "json"
+        name, eq, value = arg.partition("=")
+        if len(name) >= len("--log-f") and "--log-format".startswith(name):
+            asked = value if eq else (args[i + 1] if i + 1 < len(args) else asked)
+    return (asked or "").strip().lower() == "json"
 
 
 class EnvArgumentParser(argparse.ArgumentParser):
@@ -393,15 +394,16 @@ class EnvArgumentParser(argparse.ArgumentParser):
                 setattr(ns, a.dest, a.default)
         return ns, extras
 
-    def explain(self, message: str) -> str:
+    def explain(self, message: str, also: Iterable[str] = ()) -> str:
         """`message` (a settings error naming flags, `--limit must be >= 0`) with the variable
         behind each flag it names that the last parse took from the environment, so that a user
         who never typed the flag sees where the value came from. A message naming its field first,
-        as a value's own check does (`top_p must be in [0, 1], got nan`), names that field's flag."""
+        as a value's own check does (`top_p must be in [0, 1], got nan`), names that field's flag;
+        `also`: flags the message is about without naming them (`cannot load drafter 'x'`)."""
         named = [
             f"{flag} came from {var}"
             for flag, var in self.from_env.items()
-            if _names(message, flag) or message.startswith(flag[2:].replace("-", "_") + " ")
+            if _names(message, flag) or message.startswith(flag[2:].replace("-", "_") + " ") or flag in also
         ]
         return f"{message} ({'; '.join(named)})" if named else message
 

@@ -58,6 +58,9 @@ def _read(path: str | Path, what: str) -> bytes:
     return data
 
 
+_WARNED: set[tuple[str, int]] = set()  # (path, mode) said once: the edge reads its key twice (check, bind)
+
+
 def _warn_if_shared(path: str | Path, what: str) -> None:
     """Warn when other users may read or replace a secret (group or others bits set): a token
     readable by them lets them call the edge; a key, impersonate it or the device."""
@@ -65,7 +68,8 @@ def _warn_if_shared(path: str | Path, what: str) -> None:
         mode = os.stat(path).st_mode & 0o777
     except OSError:  # reading it failed or will fail with its own message
         return
-    if os.name == "posix" and mode & 0o077:
+    if os.name == "posix" and mode & 0o077 and (str(path), mode) not in _WARNED:
+        _WARNED.add((str(path), mode))
         log.warning("%s %s is open to other users (mode %04o): chmod 600 %s", what, path, mode, path)
 
 

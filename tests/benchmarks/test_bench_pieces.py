@@ -51,7 +51,9 @@ def test_markdown_headings_are_no_answer_and_unscored_questions_are_left_out() -
     steps = "#### 1. Eggs per day\n16 - 3 - 4 = 9\n#### 2. Revenue\n9 * 2 = 18\nThe final answer is \\boxed{18}."
     assert gsm8k_answer(steps) == 18.0
     assert gsm8k_answer("####\n\n7") is None
-    assert gsm8k_answer("#### 12. Total") is None and gsm8k_answer("#### 12.") == 12.0
+    assert gsm8k_answer("#### 18. So she makes 18 dollars.") == 18.0  # one mark: the answer, as always
+    assert gsm8k_answer("#### 1) Eggs\n#### 2) Sales\nSo the answer is 18.") == 18.0
+    assert gsm8k_answer("#### 1. Eggs\n9 eggs\n#### 18") == 18.0 and gsm8k_answer("#### 12.") == 12.0
     assert gsm8k_answer("#### 18, as computed") == 18.0 and gsm8k_answer("#### 1,500") == 1500.0
     recs = [{"question": 0, "text": "#### 3"}, {"question": 1, "text": "#### 4"}, {"question": 2, "text": "#### 5"}]
     assert score(recs, [3.0, None, 6.0]) == 0.5

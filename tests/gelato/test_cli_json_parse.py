@@ -45,3 +45,24 @@ def test_the_service_link_warning_is_a_json_record_and_text_stays_text() -> None
     assert text.returncode == 2 and text.stderr.startswith("usage: ") and "not a port number" in text.stderr, (
         text.stderr
     )
+
+
+def test_json_is_asked_as_argparse_reads_the_flag() -> None:
+    """Abbreviated (`--log-f`, which argparse takes), the last one winning, else the variable."""
+    from gelato.cli_common import _asks_json
+
+    assert _asks_json(["--log-f", "json"], None) and _asks_json(["--log-format=JSON"], None)
+    assert not _asks_json(["--log-format", "json", "--log-format", "text"], None)
+    assert _asks_json([], "json") and not _asks_json(["--log-format", "text"], "json")
+    assert not _asks_json(["--log-level", "json"], None)
+    res = run("gelato.device.cli", ["--log-f", "json", "--bogus"], {})
+    assert res.returncode == 2 and json.loads(res.stderr)["level"] == "ERROR", res.stderr
+
+
+def test_a_drafter_that_cannot_load_names_its_variable() -> None:
+    res = run("gelato.device.cli", ["--prompt", "x"], {"GELATO_DEVICE_DRAFTER": "/nonexistent/x"})
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip() == (
+        "error: cannot load drafter '/nonexistent/x': no such local folder "
+        "(--drafter came from GELATO_DEVICE_DRAFTER='/nonexistent/x')"
+    ), res.stderr

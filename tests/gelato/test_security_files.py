@@ -81,3 +81,12 @@ def test_the_device_cli_shows_the_warning(tmp_path: Path) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1 and "could not reach gelato-edge" in res.stderr, res.stderr
     assert f"token file {token} {OPEN} (mode 0644): chmod 600 {token}" in res.stderr, res.stderr
+
+
+def test_a_key_read_twice_is_warned_about_once(pki: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """The edge checks its credentials at start and builds them again to bind: one warning."""
+    pki["server.key"].chmod(0o640)
+    with caplog.at_level(logging.WARNING):
+        server_credentials(pki["server.crt"], pki["server.key"])
+        server_credentials(pki["server.crt"], pki["server.key"])
+    assert len(warnings(caplog)) == 1, warnings(caplog)
