@@ -1,7 +1,9 @@
 """The drafter runtime: drafts blocks from a persistent KV cache and rolls back to each verdict.
 
-Contract: `start(prefix)` begins a generation; `draft(k, round, stop)` returns a `DraftBlock` of at
-most k tokens (greedy ids, or sampled ids with the exact sparse q each was drawn from). After each
+Contract: `begin_generation(prompt)` keys a generation's draws (once, not per failover session: a
+repeated prompt draws afresh); `start(prefix)` begins a session of it; `draft(k, round, stop)`
+returns a `DraftBlock` of at most k tokens (greedy ids, or sampled ids with the exact sparse q each
+was drawn from). After each
 token it asks `stop(index, entropy, q)` — the drafter's own information only, so where a block ends
 never changes what the target accepts (losslessness is untouched) — and it also stops after an eos
 token; `DraftBlock.stop_reason` says why it stopped ("" when it reached k). `apply(block,
