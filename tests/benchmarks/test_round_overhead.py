@@ -126,19 +126,30 @@ def test_thread_cpu_finds_a_named_thread() -> None:
     from gelato.benchmarks.procs import thread_cpu_s
     from gelato.edge.model_thread import name_os_thread
 
-    def burn() -> None:
+    stop = threading.Event()
+
+    def burn() -> None:  # at least 0.3 s of CPU, and until it has been seen burning
         name_os_thread("gelato-burn")
         end = time.thread_time() + 0.3
-        while time.thread_time() < end:
+        while time.thread_time() < end or not stop.is_set():
             pass
 
     before = thread_cpu_s(os.getpid(), model_thread="gelato-burn")
     t = threading.Thread(target=burn)
     t.start()
-    time.sleep(0.1)  # alive and named: its own line in /proc
+    # Alive and named: its own line in /proc, once the kernel has charged it a tick (on a busy
+    # machine 0.1 s of waiting could see none: the test failed under load).
+    deadline = time.monotonic() + 30
     during = thread_cpu_s(os.getpid(), model_thread="gelato-burn")
+    while during.get("model", 0) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        during = thread_cpu_s(os.getpid(), model_thread="gelato-burn")
+    stop.set()
     t.join()
     after = thread_cpu_s(os.getpid(), model_thread="gelato-burn")
+    while after.get("model", 0) > 0 and time.monotonic() < deadline:  # the OS thread exits just after join
+        time.sleep(0.05)
+        after = thread_cpu_s(os.getpid(), model_thread="gelato-burn")
     assert before["model"] == 0 and during["model"] > 0
     # Once it ended, its time is still the process's: counted as "other", never lost.
     assert after["model"] == 0 and after["other"] - before["other"] >= 0.25
