@@ -229,12 +229,20 @@ def verify_sampling(
         return generator.uniform(base + i, "emit") if isinstance(generator, KeyedRng) else generator
 
     p_drafts: list[float] = []
-    if k:  # p's draft entries in one transfer (one sync when p sits on an accelerator)
+    sums: list[float] = []
+    if k:  # p's draft entries and row sums in one transfer (one sync when p sits on an accelerator)
         ids = torch.tensor(draft_ids, dtype=torch.long, device=p.device)
-        p_drafts = p[torch.arange(k, device=p.device), ids].tolist()
+        picked = p[torch.arange(k, device=p.device), ids].double()
+        both = torch.cat([picked, p[:k].sum(dim=-1, dtype=torch.float64)]).tolist()
+        p_drafts, sums = both[:k], both[k:]
+        if min(sums) <= 0:
+            raise ValueError("target probabilities p have a row of zeros: not a distribution")
     for i, (x, qi) in enumerate(zip(draft_ids, q, strict=True)):
         q_x = qi.prob_of(x)
-        if q_x > 0 and uniforms[i] * q_x < p_drafts[i]:  # u < p/q without dividing
+        # u < p/q without dividing, p read relative to its row's sum: a float32 softmax over a
+        # 152k vocabulary sums to 1 only within ~3e-5, and the accept test would carry that bias
+        # (the residual and the emitted draws are normalised anyway).
+        if q_x > 0 and uniforms[i] * q_x * sums[i] < p_drafts[i]:
             continue
-        return i, sample_dense(residual_distribution(p[i].cpu(), qi), emit(i))
+        return i, sample_dense(residual_distribution(p[i].cpu() / sums[i], qi), emit(i))
     return k, sample_dense(p[k].cpu(), emit(k))

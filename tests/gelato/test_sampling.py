@@ -360,3 +360,22 @@ def test_process_logits_is_what_transformers_generate_samples_from(
     ours = process_logits(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
     assert torch.equal(ours > 0, theirs > 0)  # the same support, row by row
     assert torch.allclose(ours, theirs, atol=2e-6, rtol=0)
+
+
+def test_the_accept_test_reads_p_relative_to_its_row_sum() -> None:
+    """A float32 softmax over a Qwen-sized vocabulary sums to 1 only within ~3e-5; the accept test
+    compared u * q(x) with p(x) as it came, so p's rounding biased acceptance (the residual and the
+    emitted draws were normalised). Scaled by 2 (exactly, in binary), p must give the same verdicts."""
+    gen = torch.Generator().manual_seed(5)
+    vocab, k = 50, 3
+    p = torch.softmax(torch.randn(k + 1, vocab, generator=gen) * 2, dim=-1)
+    q = []
+    for _ in range(k):
+        qp = torch.softmax(torch.randn(vocab, generator=gen) * 2, dim=-1)
+        q.append(truncate_top_m(qp, 8))
+    ids = tuple(qi.ids[0] for qi in q)
+    for seed in range(200):
+        want = verify_sampling(p, ids, tuple(q), KeyedRng(seed, "target"))
+        assert verify_sampling(p * 2, ids, tuple(q), KeyedRng(seed, "target")) == want, seed
+    with pytest.raises(ValueError, match="row of zeros"):
+        verify_sampling(torch.zeros(2, vocab), ids[:1], tuple(q[:1]), KeyedRng(0, "target"))
