@@ -30,9 +30,10 @@ from typing import Any
 from gelato.benchmarks.bench_run import pipeline_mode
 
 NUMBER = r"\$?\s*(-?[\d,]*\.?\d+)"
-# GSM8K's own format (and the built-in pair's): the whole number on the mark's line. Where a text
-# has several marks, those reading "#### 1. Eggs per day" (or "1) ...") are an instruct model's
-# markdown headings, sections and not answers.
+# GSM8K's own format (and the built-in pair's): the whole number on the mark's line. A mark reading
+# "#### 1. Eggs per day" (or "1) ...") is an instruct model's markdown heading, a section and not an
+# answer, where the text has another answer (a plain mark, a \boxed{} or "the answer is"); the
+# only mark and no other answer, it is the answer ("#### 18. So she makes 18 dollars.").
 ANSWER_RE = re.compile(r"####[ \t]*\$?[ \t]*(-?[\d,]*\.?\d+)(?!\d|,\d|\.\d)")
 HEADING_RE = re.compile(r"[.)][ \t]+[A-Za-z]")
 # What instruct models write when asked (`gelato-bench gsm8k --instruction`): the last of them counts.
@@ -52,14 +53,14 @@ def gsm8k_answer(text: str) -> float | None:
     "the answer is"; None when there is none."""
     text = text or ""
     marks = list(ANSWER_RE.finditer(text))
-    if text.count("####") > 1:
-        marks = [m for m in marks if not HEADING_RE.match(text, m.end())]
-    m = marks[0] if marks else None
-    if m is None:
-        found = BOXED_RE.findall(text) or SAYS_RE.findall(text)
-        number = found[-1] if found else None
+    plain = [m for m in marks if not HEADING_RE.match(text, m.end())]
+    found = BOXED_RE.findall(text) or SAYS_RE.findall(text)
+    if plain:
+        number: str | None = plain[0].group(1)
+    elif found:
+        number = found[-1]
     else:
-        number = m.group(1)
+        number = marks[0].group(1) if marks and text.count("####") == 1 else None
     if number is None:
         return None
     try:

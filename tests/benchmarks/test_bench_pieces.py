@@ -61,6 +61,15 @@ def test_markdown_headings_are_no_answer_and_unscored_questions_are_left_out() -
     assert score(recs[1:2], [3.0, None, 6.0]) is None
 
 
+def test_a_lone_heading_gives_way_to_the_answer_the_text_gives() -> None:
+    """One `#### 1. Eggs per day` heading was read as the answer 1 over the \\boxed{18} below it
+    (headings were skipped only where a text had several marks)."""
+    assert gsm8k_answer("#### 1. Eggs per day\n16 - 3 - 4 = 9\n9 * 2 = \\boxed{18}") == 18.0
+    assert gsm8k_answer("#### 2) Money\n The answer is 18") == 18.0
+    assert gsm8k_answer("#### 18. So she makes 18 dollars.") == 18.0  # no other answer: the mark's
+    assert gsm8k_answer("#### 1. Eggs\n#### 2. Sales\nnothing") is None
+
+
 def test_plan_order_and_flags() -> None:
     args = bench.build_parser().parse_args(["gsm8k", "--pipeline", "both", "--v", "5,50", "--k-max", "6"])
     selected = bench.DEFAULT_POLICIES.split(",")
