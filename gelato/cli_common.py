@@ -7,7 +7,8 @@ Contract: the settings themselves are typed dataclasses (`gelato.edge.config.Edg
 applies `--threads` (one thread per process is the fastest on small CPUs); `fail` prints
 a one-line `error:` message and returns the CLI's exit status. `port_number` and `endpoint` are
 argparse types: a bad value is a usage error (exit 2) naming the flag, never a traceback or, as
-gRPC does with a port above 65535, a silently different port; `max_memory` parses `--max-memory`.
+gRPC does with a port above 65535, a silently different port; `positive_int` a count >= 1;
+`max_memory` parses `--max-memory`.
 
 `EnvArgumentParser(prog, env_prefix=...)` is an `ArgumentParser` whose every option can also be set
 by an environment variable named from the prefix and the long flag (`--port` of `GELATO_EDGE` is
@@ -137,6 +138,18 @@ def port_number(text: str) -> int:
 
 
 GRPC_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (a count where 0 would do nothing, or fail later: `--heldout`
+    0 trained on nothing, a load benchmark's `--waves 0` failed after starting its edge)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def endpoint(text: str) -> str:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gelato.cli_common import positive_int
 from gelato.tiny.tokenizer import EOS_TOKEN, format_prompt, train_tokenizer
 
 
@@ -92,17 +93,6 @@ def build_model(shape: Shape, vocab_size: int, eos_id: int, seed: int):  # type:
         pad_token_id=eos_id,
     )
     return Qwen2ForCausalLM(cfg)
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an int >= 1 (`docs[:-0]` would train on nothing)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def train_one(name: str, args: argparse.Namespace, stream, heldout, vocab_size: int, eos_id: int) -> dict:  # type: ignore[no-untyped-def]
