@@ -13,10 +13,14 @@ TCP/IP headers are not counted. A meter that cannot read yields NaN.
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
 from gelato.power import Meter, RadioProfile, Reading
 from gelato.types import DraftBlock, GenerationStats, Telemetry, Verdict
+
+log = logging.getLogger(__name__)
 
 FRAMING_BYTES = 5 + 9  # gRPC length prefix + HTTP/2 DATA frame header
 
@@ -59,6 +63,7 @@ class EnergyAccountant:
         self._gaps_j = 0.0  # gap joules between transfers, in no total yet
         self._gap_charged_j = 0.0  # of the gap since the last transfer, the joules already charged
         self._round_link_j = 0.0  # gap joules within the round under way
+        self._warned_unread = False
 
     def radio_j(self, bytes_up: int, bytes_down: int) -> float:
         return self.radio.round_energy_j(bytes_up, bytes_down) if self.radio else 0.0
@@ -168,6 +173,13 @@ class EnergyAccountant:
         self._round_link_j = 0.0
         stats.energy_j = end.since(start) + stats.radio_j
         self._ended = end
+        if math.isnan(stats.energy_j) and not self._warned_unread and self.meter.source != "none":
+            self._warned_unread = True  # once a run: a meter that stays unreadable would say it per prompt
+            log.warning(
+                "energy meter %s could not be read during a generation: its energy is unknown (null in the "
+                "results) and not charged to an energy budget",
+                self.meter.source,
+            )
 
     def after_end_j(self) -> float:
         """Meter joules from the last `end` (or failed open) to now, once: the time a generation

@@ -252,9 +252,11 @@ def finish(
     if math.isfinite(stats.energy_j):
         unmeasured_tokens = sum(t.emitted for t in stats.rounds_log if not math.isfinite(t.e_j))
         policy.charge(stats.energy_j - sum(t.e_j for t in measured), unmeasured_tokens)
-    else:  # the meter's total is unknown (a failed read, a RAPL reset): the radio's joules are not
-        # (modelled), and are charged; the meter's, and the unmeasured rounds' tokens, cannot be.
-        policy.charge(stats.radio_j - sum(t.e_radio_j for t in measured))
+    else:  # the meter's total is unknown (a failed read, a RAPL reset): the radio's joules outside
+        # the rounds are not (modelled), and are charged; the meter's cannot be. An unmeasured
+        # round stays out whole, as the queue leaves it: charged its radio joules without its
+        # tokens, a meter that stayed unreadable grew Q by every round's radio, never drained.
+        policy.charge(stats.radio_j - sum(t.e_radio_j for t in stats.rounds_log if math.isfinite(t.e_radio_j)))
 
 
 def charge_bytes(stats: GenerationStats, policy: Policy, acct: EnergyAccountant | None, up: int, down: int = 0) -> None:

@@ -116,6 +116,41 @@ def test_a_generation_the_meter_missed_still_charges_its_radio_joules(
     assert queue.energy_j == pytest.approx(sum(t.e_j for t in log) + outside_j, rel=1e-9)
 
 
+class _Unreadable(OneWatt):
+    """A meter that stopped answering (a failed sensor): every read is NaN."""
+
+    def joules_at(self, now: float) -> float:
+        return math.nan
+
+
+def test_a_meter_that_stays_unreadable_charges_only_the_radio_outside_the_rounds(
+    target: LoadedModel, drafter_model: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every round unmeasured: each stays out of the queue whole, its radio joules too (they were
+    charged without the round's tokens, so Q grew by every round's radio and never drained); the
+    radio outside the rounds (tail, gaps, open) is still charged, and the run warns once."""
+    prompt = encode_prompt(target.tokenizer, "Ava has 12 apples.")
+    limits = Limits(20, target.context_limit, 32, target.eos_token_ids)
+    policy = parse_policy("fixed-2", PolicyOptions(budget_j_per_token=1e-3))
+    acct = EnergyAccountant(_Unreadable(), radio_profile("lte"))
+    outside_j = 0.0
+    for _ in range(2):
+        session = TargetSession("s", target, SamplingParams(), prompt)
+        session.prefill()
+        drafter = Drafter(drafter_model, SamplingParams())
+        res = asyncio.run(speculative_generate(drafter, local_verifier(session), policy, prompt, limits, acct, None))
+        log = res.stats.rounds_log
+        assert math.isnan(res.stats.energy_j) and all(math.isnan(t.e_j) for t in log)
+        rounds_radio_j = sum(t.e_radio_j for t in log)
+        assert rounds_radio_j > 0
+        outside_j += res.stats.radio_j - rounds_radio_j
+    queue = policy.controller.queue
+    assert queue is not None and queue.tokens == 0 and queue.unmeasured_rounds > 0
+    assert queue.energy_j == pytest.approx(outside_j, rel=1e-9)
+    warned = [r for r in caplog.records if "could not be read" in r.getMessage()]
+    assert len(warned) == 1 and "energy budget" in warned[0].getMessage()
+
+
 @pytest.mark.parametrize("name", ["fixed-1", "fixed-4"])
 def test_a_constant_power_reads_as_the_same_power_drafting_and_waiting(name: str, target: LoadedModel) -> None:
     """At 1 W whatever the device does, the measured split gives 1 W drafting and 1 W waiting: the
