@@ -288,7 +288,7 @@ class CostEstimator:
         measured_draft = self.t_drafting.value > 0 and self.e_draft.weight > 0
         measured_wait = self.t_waiting.value > 0 and self.e_wait.weight > 0
         return (
-            self.e_draft.value / self.t_drafting.value if measured_draft else fit[0],
+            max(self.e_draft.value / self.t_drafting.value, 0.0) if measured_draft else fit[0],
             max(self.e_wait.value / self.t_waiting.value, 0.0) if measured_wait else fit[1],
         )
 

@@ -132,8 +132,11 @@ class PowerIntegrator:
             return 0.0 if p < 0 else p  # a sensor offset below 0 W: never energy going backwards (NaN kept)
         except Exception:
             now = self.clock()
-            self._failing_since = self._failing_since if self._failing_since is not None else now
-            return math.nan if now - self._failing_since >= FAILED_READS_S else self._p
+            # A local: the sampler thread and a caller's read both get here, and the other's
+            # successful read may reset the field between a store and a load.
+            since = self._failing_since if self._failing_since is not None else now
+            self._failing_since = since
+            return math.nan if now - since >= FAILED_READS_S else self._p
 
     def _advance(self, t: float, p: float) -> None:
         """Under the lock: the interval up to `t` at the power `p` read at its end. Once reads work

@@ -48,6 +48,8 @@ def load_trace_and_kind(path: str | Path) -> tuple[list[tuple[float, float]], Ki
         raise MeterUnavailable(f"power trace {p}: every sample needs numbers t_s and power_w ({exc!r})") from exc
     if not all(math.isfinite(t) and math.isfinite(w) for t, w in rows):
         raise MeterUnavailable(f"power trace {p}: t_s and power_w must be finite numbers")
+    if any(w < 0 for _, w in rows):  # energy would run backwards (the live meters clip at 0 W)
+        raise MeterUnavailable(f"power trace {p}: power_w must be >= 0, got {min(w for _, w in rows)}")
     if len(rows) < 2 or any(b[0] <= a[0] for a, b in itertools.pairwise(rows)):
         raise MeterUnavailable(f"power trace {p} needs >= 2 samples with increasing t_s")
     return rows, _declared_kind(p, records)

@@ -131,6 +131,18 @@ def test_rounds_that_draft_nothing_leave_the_measured_drafting_power_alone() -> 
     assert m.p_draft_w == pytest.approx(2.4) and m.p_wait_w == pytest.approx(0.55, rel=0.01)
 
 
+def test_a_negative_drafting_reading_is_no_negative_power() -> None:
+    """Drafting readings net negative (a meter's step backwards) gave P_draft < 0 W, pricing
+    longer blocks cheaper; the waiting power was already clipped at 0 W, the drafting one is too."""
+    from dataclasses import replace
+
+    est = CostEstimator()
+    for _ in range(20):
+        t = tele(6, 3, 0.006, 0.03, 0.55 * 0.03)
+        est.observe(replace(t, e_draft_j=-0.02))
+    assert est.model().p_draft_w == 0.0
+
+
 def test_cost_estimator_skips_unmeasured_energy() -> None:
     est = CostEstimator()
     before = est.model()

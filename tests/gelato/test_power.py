@@ -308,6 +308,15 @@ def test_replay_trace_blank_lines_and_bad_samples(tmp_path: Path) -> None:
             ReplayMeter(path)
 
 
+def test_replay_trace_refuses_negative_power(tmp_path: Path) -> None:
+    """A negative sample made the replayed energy run backwards (`since` read -0.25 J) where the
+    live meters clip at 0 W; the trace is refused, naming the value."""
+    path = tmp_path / "trace.csv"
+    path.write_text("t_s,power_w\n0,1\n1,-1.5\n2,1\n")
+    with pytest.raises(MeterUnavailable, match=r"power_w must be >= 0, got -1.5"):
+        ReplayMeter(path)
+
+
 def test_replay_trace_declares_its_kind(tmp_path: Path) -> None:
     """A trace says whether a real meter recorded it (`kind` column or key); one that does not is
     `estimated`, so `--meter replay:FILE` on a made-up trace no longer reports measured energy.
