@@ -151,6 +151,25 @@ def expect_verdict(down: pb.EdgeMessage, round_no: int | None = None, max_rounds
     return verdict
 
 
+def _cancelling() -> bool:
+    """This task is being cancelled (its CancelledError goes on as it is)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _cancelled_call(what: str) -> EdgeError:
+    """A read or write of a stream raised CancelledError with this task not being cancelled:
+    grpc.aio cancelled the call itself, as it does when another of its reads times out
+    (`asyncio.timeout` cancels `call.read()`, and grpc cancels the call). A write in flight on the
+    same call then raised CancelledError, which no handler of the round loop catches: the whole
+    run ended in a traceback instead of this prompt's error."""
+    return EdgeError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"the stream was cancelled on this side during a {what} (another read or write of it timed out)",
+        by_edge=False,
+    )
+
+
 class StreamIO:
     """A session stream's reads and writes, each failure an `EdgeError` (`EdgeClient`'s base):
     `verdict_timeout_s` bounds each, `deadline_s` names the call's own deadline when it passes."""
@@ -193,12 +212,20 @@ class StreamIO:
         except (asyncio.InvalidStateError, grpc.aio.UsageError):
             # The RPC already finished (the edge ended the stream): report how it ended.
             raise await self._ended(call, "the edge ended the session") from None
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            raise _cancelled_call("write") from None
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> pb.EdgeMessage:
         try:
             msg = await within(call.read(), self.verdict_timeout_s)
         except grpc.aio.AioRpcError as exc:  # as a VerifyError, so the loop keeps what it has
             raise call_error(exc.code(), exc.details(), self.deadline_s) from exc
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            raise _cancelled_call("read") from None
         except TimeoutError:
             raise EdgeError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -17,6 +17,7 @@ is in flight, and a hit starts the next block without a drafting wait (`Drafter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
@@ -330,9 +331,13 @@ async def _verify_pipelined(
     try:
         ex = await verify(block)
         arrived = time.perf_counter()
-    finally:
-        halt.set()  # the verdict is here (or the transport failed): stop after the current token
-        predrafted = await pre
+    except BaseException:
+        halt.set()  # the transport failed: its error is the round's (a VerifyError keeps the tokens
+        with contextlib.suppress(Exception):  # so far), not one the pre-draft raised meanwhile
+            await pre
+        raise
+    halt.set()  # the verdict is here: stop after the current token
+    predrafted = await pre
     edge_s = (ex.verdict.queue_ms + ex.verdict.compute_ms) / 1e3
     return ex, predrafted, max(0.0, arrived - sent - edge_s)
 
