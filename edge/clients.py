@@ -7,7 +7,7 @@ apart by the certificate's SHA-256 (`cert:CN=dev-7 sha256:1f2e...`), so devices 
 and devices whose certificates share a subject, are different clients, and one device is one
 client over any number of connections. Otherwise it is the IP address without the port
 (`ip:10.0.0.7`; an IPv4 address mapped into IPv6, or behind a NAT64 gateway's well-known prefix,
-as IPv4; a global IPv6 address by its /64, since
+as IPv4; a global or unique-local IPv6 address by its /64, since
 one host may use any address of its network: `ip:2a00:1450:4001:81c::/64`); any other transport as the
 peer string itself (gRPC names every Unix-socket peer `unix:`: one client). A bearer token names no
 one: every device of a deployment carries the same one. Pure: no gRPC import, tested on its own.
@@ -23,6 +23,9 @@ from urllib.parse import unquote
 # RFC 6052's well-known NAT64 prefix: an IPv4 client reaching an IPv6-only edge through a gateway
 # arrives as 64:ff9b::a.b.c.d (all such clients in one /64: counted by the IPv4 address instead).
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# Unique local addresses (RFC 4193, a site's private network): a host picks any address of its /64
+# as freely as with a global one (counted one by one, each address of it got the limit anew).
+ULA = ipaddress.IPv6Network("fc00::/7")
 
 
 def client_of(peer: str, auth: Mapping[str, Iterable[bytes]]) -> str:
@@ -66,6 +69,6 @@ def _address(peer: str) -> str:
             return f"ip:{address.ipv4_mapped}"
         if address in NAT64:  # an IPv4 client through a NAT64 gateway: the address it embeds
             return f"ip:{ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)}"
-        if address.is_global:
+        if address.is_global or address in ULA:
             return f"ip:{ipaddress.IPv6Network((address, 64), strict=False)}"
     return f"ip:{address}"

@@ -188,7 +188,7 @@ class GelatoService:
             self.metrics.sessions_rejected.labels("client_limit").inc()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this client ({client}) holds {held} Session streams on this edge (open, or waiting for their "
+                f"this client ({clip(client)}) holds {held} Session streams on this edge (open, or waiting for their "
                 f"open), its limit (--max-sessions-per-client {limit}); close one or try again later",
             )
         waiting = sum(s.session is None for s in self.streams)
