@@ -2,7 +2,8 @@
 
 Contract: `BearerAuth(token)` is a `grpc.aio.ServerInterceptor`; a call whose `authorization`
 metadata is not `Bearer <token>` (constant-time comparison) ends at once with UNAUTHENTICATED and
-never reaches the service, whatever its kind (unary or streaming). Health's `Check` stays open so
+never reaches the service, whatever its kind (unary or streaming), nor learns whether the method
+exists (a method the edge lacks is refused the same). Health's `Check` stays open so
 that container and load-balancer checks work without the token; its `Watch` stream does not.
 """
 
@@ -48,6 +49,7 @@ class _Gate(grpc.aio.ServerInterceptor):
     with `refuse`, whatever the call's kind."""
 
     refuse: Callable[..., Awaitable[None]] = staticmethod(_deny)
+    hides_methods = False  # refuse methods that do not exist as those that do
 
     def allows(self, details: grpc.HandlerCallDetails) -> bool:
         return False
@@ -58,8 +60,13 @@ class _Gate(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or details.method in OPEN_METHODS or self.allows(details):
+        if details.method in OPEN_METHODS or self.allows(details):
             return handler
+        if handler is None:
+            # No such method. Behind a token it is refused all the same (UNIMPLEMENTED would tell a
+            # caller without the token which methods exist; a stream handler reads no request
+            # first); the health-only port holds no secret and says it has no such method.
+            return grpc.stream_stream_rpc_method_handler(self.refuse) if self.hides_methods else None
         return _denying(handler, self.refuse)
 
 
@@ -72,6 +79,8 @@ class CheckOnly(_Gate):
 
 
 class BearerAuth(_Gate):
+    hides_methods = True
+
     def __init__(self, token: str) -> None:
         self.token = token
 

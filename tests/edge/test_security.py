@@ -140,6 +140,21 @@ def test_health_is_open_but_the_service_is_not(pki: dict[str, Path], secure_edge
         watch.cancel()
 
 
+def test_a_method_the_edge_lacks_is_refused_alike_without_the_token(
+    pki: dict[str, Path], secure_edge: EdgeProcess
+) -> None:
+    """Without the token, an unknown method was answered UNIMPLEMENTED and a real one
+    UNAUTHENTICATED: a caller without the token could list the methods that exist."""
+    with grpc.secure_channel(secure_edge.address, channel_credentials(pki["ca.crt"])) as channel:
+        unknown = channel.unary_unary("/gelato.v1.Gelato/NoSuchMethod")
+        with pytest.raises(grpc.RpcError) as info:
+            unknown(b"", timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as info:  # with the token: the method is not there
+            unknown(b"", timeout=10, metadata=bearer_metadata(TOKEN))
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_mutual_tls(pair: dict[str, Path], pki: dict[str, Path]) -> None:
     tls = ["--tls-cert", str(pki["server.crt"]), "--tls-key", str(pki["server.key"])]
     edge = EdgeProcess(["--target", str(pair["target"]), *tls, "--tls-client-ca", str(pki["ca.crt"])])
