@@ -131,7 +131,10 @@ def references(
         )
     detail: dict[str, Any] = {}
     fixed = [r for r in results if r.spec.family == "fixed" and r.rounds]
-    if not args.no_oracle and fixed:
+    drafted = any(row["k"] > 0 for run in fixed for row in run.rounds)
+    if not args.no_oracle and fixed and not drafted:
+        print("oracle bound: not made (it needs a fixed-K run with K >= 1, whose rounds give the drafting costs)")
+    if not args.no_oracle and drafted:
         print("oracle bound (teacher-forced verdicts + this run's costs) ...", flush=True)
         traces = bench_refs.oracle_traces(prompts, [ar_edge[q] for q in range(len(prompts))], drafter)
         context = min(target.context_limit, drafter.context_limit)

@@ -126,10 +126,16 @@ def _powers(rows: list[dict[str, Any]]) -> tuple[float, float]:
     return (sxe * syy - sye * sxy) / det, (sye * sxx - sxe * sxy) / det
 
 
+class NoDraftingCosts(ValueError):
+    """No fixed-K run drafted: nothing to fit the drafting costs to."""
+
+
 def fit_model(fixed: list[RunResult], radio: str, context_limit: int, k_cap: int) -> tuple[RoundModel, dict[str, Any]]:
     rows = [r for run in fixed for r in run.rounds]
     drafting = [r for r in rows if r["k"] > 0]
-    d0, d1 = _line([float(r["k"]) for r in drafting], [r["t_draft_s"] for r in drafting]) if drafting else (0.0, 0.0)
+    if not drafting:  # fitted to fixed-0 alone, the oracle would draft for free: no bound at all
+        raise NoDraftingCosts("the oracle needs a fixed-K run with K >= 1: its rounds give the drafting costs")
+    d0, d1 = _line([float(r["k"]) for r in drafting], [r["t_draft_s"] for r in drafting])
     ks = [float(r["k"]) for r in rows]
     e0, e1 = _line(ks, [r["t_edge_compute_s"] + r["t_edge_queue_s"] for r in rows])
     u0, u1 = _line(ks, [float(r["bytes_up"]) for r in rows])

@@ -54,6 +54,31 @@ def test_oracle_rows_of_a_cpu_model_run_are_labelled_estimated(monkeypatch: pyte
     assert [r["energy"] for r in rows] == [["simulated from estimated (cpu-model) costs"]]
 
 
+def test_no_oracle_is_made_from_fixed_0_alone(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """`--policies ar-edge,fixed-0,gelato`: fitted to rounds that draft nothing, the oracle's drafting
+    cost was 0 s/token (it drafted for free) and gelato was judged against that "bound"."""
+    import gelato.models
+    from gelato.benchmarks import bench_finish, bench_refs
+
+    model = SimpleNamespace(tokenizer=None, context_limit=64)
+    monkeypatch.setattr(gelato.models, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(gelato.models, "encode_prompt", lambda tok, q: [0])
+
+    def no_oracle(*a: object) -> None:
+        raise AssertionError("an oracle made from fixed-0 alone")
+
+    monkeypatch.setattr(bench_refs, "oracle", no_oracle)
+    args = argparse.Namespace(
+        no_assisted=True, no_oracle=False, target=None, drafter=None, k_max=8, radio="wifi", max_new_tokens=2
+    )
+    fixed0 = RunResult(RunSpec("fixed-0", "fixed-0", "fixed"), [{"question": 0}], [{"k": 0, "accepted": 0}])
+    results = [run("ar-edge", "ar", "estimated", "cpu-model"), fixed0]
+    rows, detail = bench_finish.references(args, None, results, [{"question": "q", "gold": 1.0}])
+    assert rows == [] and detail == {} and "oracle bound: not made" in capsys.readouterr().out
+    with pytest.raises(bench_refs.NoDraftingCosts, match="K >= 1"):
+        bench_refs.fit_model([fixed0], "wifi", 64, 8)
+
+
 def per_device(*lat: tuple[float | None, float | None]) -> list[dict[str, Any]]:
     return [{"device": i, "latency_p50_ms": p50, "latency_p99_ms": p99} for i, (p50, p99) in enumerate(lat)]
 
