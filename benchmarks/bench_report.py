@@ -144,7 +144,8 @@ def targets(rows: list[dict[str, Any]], oracle_rows: list[dict[str, Any]], k_max
             row["speedup_vs_unpipelined"] = g["tokens_per_s"] / plain["tokens_per_s"]
             row["unpipelined_met"] = row["speedup_vs_unpipelined"] >= 1.2
         out["gelato"].append(row)
-    out["budgets"] = [budget_kept(r) for r in rows if r.get("budget_j_per_token") and r.get("energy_j_per_token")]
+    # Every budgeted run gets a verdict line: one without an energy reading says so (it was left out).
+    out["budgets"] = [budget_kept(r) for r in rows if r.get("budget_j_per_token")]
     out["fixed_device_spread"] = device_spread(fixed) if out["budgets"] else None
     if f0:
         for r in rows:
@@ -157,11 +158,13 @@ BUDGET_SLACK = 1.05  # a finite run may overshoot ē by about Q / tokens: the al
 
 
 def device_j_per_token(r: dict[str, Any]) -> dict[int, float]:
-    """Each device's J/token over its questions (from `per_question`; none without energy)."""
+    """Each device's J/token over its questions (from `per_question`); a device with a question
+    without energy has none (over the rest of its questions it would read low)."""
     joules: dict[int, float] = {}
     tokens: dict[int, int] = {}
+    unread = {q["device"] for q in r.get("per_question") or [] if q.get("energy_j") is None and q.get("n_tokens")}
     for q in r.get("per_question") or []:
-        if q.get("energy_j") is None or not q.get("n_tokens"):
+        if q.get("energy_j") is None or not q.get("n_tokens") or q["device"] in unread:
             continue
         joules[q["device"]] = joules.get(q["device"], 0.0) + q["energy_j"]
         tokens[q["device"]] = tokens.get(q["device"], 0) + q["n_tokens"]
@@ -189,7 +192,10 @@ def budget_kept(r: dict[str, Any]) -> dict[str, Any]:
     per_device = device_j_per_token(r)
     # One device: its J/token is the run's, no second clause.
     worst = max(per_device, key=lambda d: per_device[d]) if len(per_device) > 1 else None
-    ratio = r["energy_j_per_token"] / budget
+    spent = r.get("energy_j_per_token")
+    if spent is None:  # no energy reading: not measured, never "kept"
+        return {"label": r["label"], "budget_j_per_token": budget, "energy_j_per_token": None, "kept": None}
+    ratio = spent / budget
     worst_ratio = per_device[worst] / budget if worst is not None else None
     q_max = r.get("q_max_j")
     return {
@@ -295,6 +301,8 @@ def _oracle_part(g: dict[str, Any], oracle: str | None, mark: dict[bool, str]) -
 
 
 def _pareto_part(g: dict[str, Any]) -> str:
+    if g.get("energy_j_per_token") is None:
+        return "Pareto view: not measured (no energy reading)"
     fit = g["fastest_fixed_at_no_less_energy"]
     text = (
         f"Pareto view: {ratio_text(g['speedup_at_no_more_energy'], 1.0)}× {fit} (the fastest fixed-K spending at "
@@ -348,6 +356,12 @@ def target_lines(t: dict[str, Any]) -> list[str]:
 def budget_lines(budgets: list[dict[str, Any]]) -> list[str]:
     out = []
     for b in budgets:
+        if b["energy_j_per_token"] is None:
+            out.append(
+                f"- {b['label']}: its budget ē = {b['budget_j_per_token'] * 1e3:.2f} mJ/token: not measured "
+                "(no energy reading)"
+            )
+            continue
         worst = ""
         if b["worst_device"] is not None and b["worst_device_ratio"] is not None:
             worst_ratio = ratio_text(b["worst_device_ratio"], BUDGET_SLACK, True)

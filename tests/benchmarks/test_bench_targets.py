@@ -130,3 +130,27 @@ def test_budgeted_runs_say_whether_they_kept_their_budget() -> None:
     note = "for scale, the fixed-K runs (no budget to keep): their worst device at 1.08–1.10×"
     assert any(note in x for x in target_lines(scaled))
     assert targets([*fixed, row("gelato", "gelato", 50, 0.011)], [], 8)["fixed_device_spread"] is None  # no budget
+
+
+def test_a_budgeted_run_without_an_energy_reading_says_not_measured() -> None:
+    """A budgeted run with no J/token was left out of the budget lines (neither KEPT nor OVER, no
+    line at all) and its Pareto view said "no fixed-K spends as much"; a device with a question
+    of unknown energy got a J/token over its other questions only (low)."""
+    from gelato.benchmarks.bench_report import device_j_per_token
+
+    blind = row("gelato ē=10.0mJ", "gelato", 40, None)  # type: ignore[arg-type]
+    blind["budget_j_per_token"] = 0.010
+    t = targets([row("fixed-2", "fixed", 30, 0.012), blind], [], 8)
+    assert [b["kept"] for b in t["budgets"]] == [None]
+    lines = target_lines(t)
+    assert "- gelato ē=10.0mJ: its budget ē = 10.00 mJ/token: not measured (no energy reading)" in lines
+    assert any("Pareto view: not measured (no energy reading)" in x for x in lines)
+    assert not any("no fixed-K spends as much" in x for x in lines)
+    partly = {
+        "per_question": [
+            {"device": 0, "energy_j": 0.5, "n_tokens": 50},
+            {"device": 0, "energy_j": None, "n_tokens": 50},
+        ]
+    }
+    partly["per_question"].append({"device": 1, "energy_j": 0.6, "n_tokens": 50})
+    assert device_j_per_token(partly) == {1: pytest.approx(0.012)}
