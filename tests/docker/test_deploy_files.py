@@ -194,3 +194,24 @@ def test_build_arguments_stay_out_of_the_images_history() -> None:
             assert not args & private, f"{image} descends from {name}, which declares {sorted(args & private)}"
             name = parent
         assert len(chain) >= 3, chain
+
+
+def test_a_cuda_image_with_a_cpu_torch_stops_the_build() -> None:
+    """`TORCH_VARIANT=cuda` asks for `torch==2.13.0`, which a `+cpu` wheel in `PIP_FIND_LINKS` also
+    satisfies (pip chose it in a dry run): the image then ran on the CPU without a word. The deps
+    stage's own check, run here as the build runs it, against this CPU-only torch."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    text = (DOCKER / "Dockerfile").read_text().replace("\\\n", "")
+    check = re.search(r'python -c "(import os, sys, torch;.*?)"', text)
+    assert check, "the deps stage checks the torch it installed"
+    assert torch.version.cuda is None  # this suite's torch is the CPU build
+    for variant, code in (("cuda", 1), ("cpu", 0)):
+        env = {**os.environ, "TORCH_VARIANT": variant}
+        res = subprocess.run([sys.executable, "-c", check.group(1)], env=env, capture_output=True, text=True)
+        assert res.returncode == code, (variant, res.stderr)
+        assert ("TORCH_VARIANT=cuda installed a CPU-only torch" in res.stderr) == (variant == "cuda")
