@@ -18,7 +18,7 @@ from gelato.config import MAX_TIMEOUT_S, MODEL_PATH, UINT32, ConfigError, Settin
 from gelato.device.policy import parse_policy
 from gelato.device.policy_options import PolicyOptions
 from gelato.power import PROFILES, RADIOS
-from gelato.types import SamplingParams
+from gelato.types import MAX_FLOAT32, SamplingParams, as_float32
 from gelato.wire import MAX_Q_SUPPORT
 
 DEFAULT_TOP_M = 32  # draft support sent per token when sampling (the drafter's default too)
@@ -27,6 +27,11 @@ POLICY_HELP = (
     "adaedl, lyapunov, gelato, ar-edge (the edge alone, streamed), ar-device (the drafter alone, no edge)"
 )
 DEFAULT_PROFILE = "phone"  # the cpu-model estimate's device class unless told
+
+
+def _wire_float(x: float) -> float:
+    """`x` as float32, where it fits (beyond, validation refuses it, naming the value given)."""
+    return as_float32(x) if abs(x) <= MAX_FLOAT32 else x
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,12 @@ class DeviceConfig(Settings):
 
     @property
     def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
+        """The sampling settings as the edge gets them: temperature and top_p rounded to the wire's
+        float32, so the drafter (and an in-process verifier) use the very values the edge does (a
+        top_p of 0.9 against 0.9f could keep one more token at a nucleus boundary)."""
+        return SamplingParams(
+            temperature=_wire_float(self.temperature), top_p=_wire_float(self.top_p), top_k=self.top_k, seed=self.seed
+        )
 
     def _check_policy_settings(self, name: str) -> None:
         """A policy's own setting changed for a policy that never reads it is refused: the user
@@ -166,7 +176,8 @@ class DeviceConfig(Settings):
     def check(self) -> None:
         try:
             policy = parse_policy(self.policy, self.controller)
-            self.sampling.validate()
+            # The values given (their float32 rounding is checked there, naming what was given).
+            SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed).validate()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         # Settings that would be silently ignored are refused instead: the user meant something.

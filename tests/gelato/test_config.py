@@ -140,6 +140,21 @@ def test_edge_defaults_written_once() -> None:
     assert "secret" not in repr(EdgeConfig(auth_token="secret"))
 
 
+def test_the_drafter_samples_with_the_values_the_edge_gets() -> None:
+    """Temperature and top_p reach the edge as float32: the drafter (and an in-process verifier)
+    used the float64 values given, so at a nucleus boundary the two sides could keep different
+    tokens; a top_p that float32 rounds to "off" is still refused, naming the value given."""
+    from gelato.types import as_float32
+    from gelato.wire import decode_sampling, encode_sampling
+
+    config = DeviceConfig(prompt=["x"], temperature=0.7, top_p=0.9, top_k=40, seed=3)
+    config.validate()
+    assert config.sampling == decode_sampling(encode_sampling(config.sampling))
+    assert config.sampling.top_p == as_float32(0.9) != 0.9 and config.sampling.temperature == as_float32(0.7)
+    with pytest.raises(ConfigError, match=r"top_p 0\.99999999 is 'off' once on the wire"):
+        DeviceConfig(prompt=["x"], temperature=0.7, top_p=0.99999999).validate()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
