@@ -24,7 +24,11 @@ REJECT_REASONS = ("admission", "client_limit", "kv_memory", "waiting_streams")
 class EdgeMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.sessions_active = Gauge("gelato_edge_sessions_active", "Open device sessions", registry=r)
+        self.sessions_active = Gauge(
+            "gelato_edge_sessions_active",
+            "Device sessions holding a KV reservation: open, or admitted and still prefilling",
+            registry=r,
+        )
         self.batches = Counter("gelato_edge_batches", "Target forwards that verified draft blocks", registry=r)
         self.batch_rows = Counter("gelato_edge_batch_rows", "Draft blocks verified, over all batches", registry=r)
         self.verify_seconds = Histogram(

@@ -134,7 +134,9 @@ class EdgeServer:
         """Serve a target loaded on the model thread: as the pool serves it (`pool_model`), once the
         load-time probe passed (`check_pool`, ModelLoadError otherwise); health then SERVING."""
         loaded = pool_model(loaded)
-        await asyncio.get_running_loop().run_in_executor(self.service.executor, check_pool, loaded)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.service.executor, check_pool, loaded)
+        await loop.run_in_executor(self.service.executor, self.service.registry.prepare, loaded)
         self.service.loaded = loaded
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return loaded

@@ -292,6 +292,13 @@ class SessionRegistry:
         budget = self.kv_budget_bytes and max(1, self.kv_budget_bytes // self.pool.bytes_per_token())
         return plan_pool(self.shape, sessions, tokens, budget)
 
+    def prepare(self, loaded: LoadedModel) -> None:
+        """The KV pool for `loaded`, empty (its shape comes with the sessions). It reads the model's
+        parameters and, for a model placed by accelerate, walks its modules: on the model thread,
+        before the first open, not on the event loop in it."""
+        if self.pool is None:
+            self.pool = KVPool(loaded.model, loaded.vocab_size, slots=0, context=0, max_context=loaded.context_limit)
+
     def admit(
         self, loaded: LoadedModel, params: SamplingParams, prefix_ids: list[int], max_new_tokens: int
     ) -> TargetSession:
@@ -299,8 +306,8 @@ class SessionRegistry:
             raise AdmissionError(f"edge is at its session limit ({self.max_sessions}); try again later")
         wanted = len(prefix_ids) + (max_new_tokens or loaded.context_limit) + self.max_draft_tokens + 1
         tokens = min(loaded.context_limit, wanted)
-        if self.pool is None:
-            self.pool = KVPool(loaded.model, loaded.vocab_size, slots=0, context=0, max_context=loaded.context_limit)
+        self.prepare(loaded)  # the server did it on the model thread already (`EdgeServer.serve_loaded`)
+        assert self.pool is not None
         sessions, longest = len(self.entries) + 1, self._longest(tokens)
         shape = self._plan(sessions, longest)
         mib = 2**20 / self.pool.bytes_per_token()
