@@ -100,6 +100,7 @@ class _Chain:
     stale: set[int] = field(default_factory=set)
     next_round: int = 0
     stale_down: int = 0  # bytes of skipped stale verdicts, charged to the next round
+    failed_up: int = 0  # bytes a failed exchange had written (`VerifyError.bytes_up`): in the totals
     unsent: int = 0  # tokens drafted never sent (a miss known by then, an end-token guess): wasted
     # Tokens of the block drafted after the awaited one (alone in flight) and dropped unsent when
     # its verdict came mid-draft: that round's pre-draft, a miss, reported as such so that the
@@ -360,6 +361,7 @@ async def _chain_loop(
         except VerifyError as exc:
             exc = _read_error_first(exc, recv)
             chain.stale_down += exc.bytes_down  # an answer read and refused (no verdict): received all the same
+            chain.failed_up += exc.bytes_up  # what a failed write had sent: spent all the same
             if recv is not None and recv.done() and not recv.cancelled() and recv.exception() is None:
                 # The awaited verdict came in while a block ahead was being written, and then that
                 # write failed: the verdict stands (its tokens, its bytes), as if it had come first.
@@ -396,7 +398,7 @@ def _with_unsettled(session_bytes: tuple[int, int], chain: _Chain) -> tuple[int,
     """(up, down) bytes outside any round: the session's, the blocks in flight, the stale verdicts
     not yet charged to a round."""
     up, down = session_bytes
-    return up + sum(s.bytes_up for s in chain.sent), down + chain.stale_down
+    return up + sum(s.bytes_up for s in chain.sent) + chain.failed_up, down + chain.stale_down
 
 
 async def _settle(

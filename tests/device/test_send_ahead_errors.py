@@ -279,3 +279,33 @@ def test_a_failed_read_cuts_the_block_being_drafted(pair: dict[str, Path], targe
         executor.shutdown()
     assert res.stats.stop_reason == "error" and res.error == "edge gone (UNAVAILABLE)"
     assert len(blocks) == 1 and blocks[0].stop_reason == "cut" and blocks[0].k < 8, blocks
+
+
+def test_the_bytes_a_failed_write_had_sent_are_in_the_totals(pair: dict[str, Path], target: LoadedModel) -> None:
+    """A write that fails after sending part of its message (`VerifyError.bytes_up`, as its
+    contract says: spent all the same) had those bytes dropped by the send-ahead loop, which read
+    only `bytes_down`. The same generation, its failed write reporting 0 or 40 bytes sent."""
+    dm = load_model(str(pair["drafter_agree"]), "drafter", "float32", "cpu")
+    prompt = encode_prompt(target.tokenizer, PROMPT)
+
+    def generate(sent_before_failing: int) -> Any:
+        session = TargetSession("s", target, GREEDY, prompt)
+        session.prefill()
+        base = local_link(session, max_ahead=4, delay_s=0.0)
+
+        async def send(block: DraftBlock) -> int:
+            if block.round >= 3:
+                exc = VerifyError("the stream to the edge ended while a message was being sent")
+                exc.bytes_up = sent_before_failing
+                raise exc
+            return await base.send(block)
+
+        policy = parse_policy("fixed-4", PolicyOptions(pipeline="send-ahead", ahead_blocks=2))
+        limits = Limits(60, target.context_limit, 32, target.eos_token_ids)
+        link = Link(send, base.receive, base.max_ahead, base.empty_ahead)
+        return asyncio.run(pipelined_generate(Drafter(dm, GREEDY), link, policy, prompt, limits))
+
+    none, some = generate(0), generate(40)
+    assert none.stats.stop_reason == some.stats.stop_reason == "error"
+    assert none.token_ids == some.token_ids
+    assert some.stats.bytes_up - none.stats.bytes_up == 40
