@@ -97,6 +97,10 @@ class Direction:
         while (item := await self.queue.get()) is not None:
             deadline, data = item
             await wait_until(deadline)
+            if writer.transport.is_closing():
+                # The receiver is gone (asyncio would drop the writes and only log them): end the
+                # relay of this connection, which closes the sender's side too, as a reset would.
+                raise ConnectionResetError("the receiving side of the relayed connection closed")
             writer.write(data)
             self.chunks += 1
             self.bytes += len(data)

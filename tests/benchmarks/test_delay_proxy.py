@@ -4,6 +4,7 @@ and gRPC through it to a real edge, both in process and as its own process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 
 import pytest
@@ -112,3 +113,41 @@ def test_grpc_info_through_proxy_process(edge) -> None:  # type: ignore[no-untyp
         assert proxy.stop() == 0  # SIGTERM is a clean shutdown
     assert 0.010 <= statistics.median(samples) < 0.030
     assert "listening on" in "".join(proxy.lines)
+
+
+def test_a_connection_whose_receiver_left_is_ended_on_both_sides() -> None:
+    """The client closes while the upstream keeps sending: the relay went on writing into the
+    closed socket (asyncio drops such writes, logging them), its handler and pumps stayed, and the
+    upstream never learnt. Now the relay of that connection ends and the upstream's side closes."""
+
+    async def scenario() -> tuple[int, int, bool]:
+        upstream_done = asyncio.Event()
+
+        async def streamer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while not writer.transport.is_closing():  # until the relay closes this side
+                    writer.write(b"x" * 1000)
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                upstream_done.set()
+
+        server = await asyncio.start_server(streamer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with DelayProxy(f"127.0.0.1:{port}", 5) as proxy:
+            host, p = split_hostport(proxy.address)
+            reader, writer = await asyncio.open_connection(host, p)
+            await reader.read(100)
+            writer.close()
+            await writer.wait_closed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(upstream_done.wait(), 5)
+            await asyncio.sleep(0.1)
+            handlers, pumps = len(proxy._handlers), len(proxy._pumps)
+        server.close()
+        return handlers, pumps, upstream_done.is_set()
+
+    handlers, pumps, upstream_ended = asyncio.run(scenario())
+    assert (handlers, pumps) == (0, 0) and upstream_ended
