@@ -81,28 +81,43 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 over what makes the same text the same ids: for a fast tokenizer its `tokenizer.json`
-    parts that encode (normalizer, pre-tokenizer, model with its vocabulary and merges, post
-    processor) and its added tokens with their flags (special, lstrip, rstrip, normalized, single
-    word); for a slow one its vocabulary and added tokens. Not which token is eos or pad: a base and
-    an instruct checkpoint of one family (Qwen2.5: <|endoftext|> against <|im_end|>; Llama 3:
-    <|end_of_text|> against <|eot_id|>) share every id, and the device stops at the edge's eos ids.
-    (Protocol 1 hashed the vocabulary and the special tokens' role names: two tokenizers that split
-    text differently, e.g. one re-saved with another pre-tokenizer, matched.)"""
+    parts that encode (normalizer, pre-tokenizer, model with its vocabulary and merges), its added
+    tokens with their flags (special, lstrip, rstrip, normalized, single word) and whether special
+    tokens' text is split as plain text (`split_special_tokens`); for a slow one its vocabulary and
+    added tokens. Not which token is eos or pad: a base and an instruct checkpoint of one family
+    (Qwen2.5: <|endoftext|> against <|im_end|>; Llama 3: <|end_of_text|> against <|eot_id|>) share
+    every id, and the device stops at the edge's eos ids. Not what never changes an id: the post
+    processor (GELATO encodes without added special tokens) and `trim_offsets` (character offsets
+    only), which differ between a checkpoint's `tokenizer.json` and the same tokenizer rebuilt from
+    `vocab.json` + `merges.txt`. (Protocol 1 hashed the vocabulary and the special tokens' role
+    names: two tokenizers that split text differently matched; protocol 2 hashed the post processor
+    and offsets too: one tokenizer shipped two ways did not.)"""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
-        payload: dict[str, Any] = {k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "model", "post_processor")}
+        payload: dict[str, Any] = {k: _without_offsets(spec.get(k)) for k in ("normalizer", "pre_tokenizer", "model")}
         flags = ("special", "lstrip", "rstrip", "normalized", "single_word")
         payload["added"] = sorted(
             [t["id"], t["content"], *(t.get(f) for f in flags)] for t in spec.get("added_tokens") or []
         )
+        payload["split_special_tokens"] = bool(getattr(backend, "encode_special_tokens", False))
     else:
         added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
         payload = {
             "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
             "added": sorted((i, str(t), bool(getattr(t, "special", False))) for i, t in added.items()),
+            "split_special_tokens": bool(getattr(tokenizer, "split_special_tokens", False)),
         }
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _without_offsets(part: Any) -> Any:
+    """A tokenizer.json part without its `trim_offsets` flags (they move character offsets, not ids)."""
+    if isinstance(part, dict):
+        return {k: _without_offsets(v) for k, v in part.items() if k != "trim_offsets"}
+    if isinstance(part, list):
+        return [_without_offsets(v) for v in part]
+    return part
 
 
 def eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:

@@ -11,8 +11,9 @@ import struct
 from dataclasses import dataclass, field
 
 # 2: the tokenizer fingerprint covers how text becomes ids (`gelato.models.tokenizer_fingerprint`);
-# a device of protocol 1 would be refused as a tokenizer mismatch, so the version says it instead.
-PROTOCOL_VERSION = 2
+# 3: it leaves out what never changes an id and covers split_special_tokens. A device of another
+# protocol would be refused as a tokenizer mismatch, so the version says it instead.
+PROTOCOL_VERSION = 3
 MAX_FLOAT32 = 3.4028234663852886e38  # the largest finite float32 (the wire's floats)
 
 

@@ -146,3 +146,36 @@ def test_fingerprint_ignores_which_token_is_named_eos_or_pad(tmp_path: Path) -> 
     instruct = load_tokenizer(_tokenizer_copy(tmp_path, "instruct", with_eot, eos("<|eot|>")))
     assert base.eos_token_id != instruct.eos_token_id and base.get_vocab() == instruct.get_vocab()
     assert tokenizer_fingerprint(base) == tokenizer_fingerprint(instruct)
+
+
+def test_fingerprint_ignores_what_never_changes_an_id_and_covers_split_special_tokens(tmp_path: Path) -> None:
+    """One tokenizer shipped as `tokenizer.json` and as `vocab.json` + `merges.txt` differs in its
+    post processor and `trim_offsets` only (neither changes an id: GELATO encodes without added
+    special tokens): the fingerprints differed and the edge refused the valid pair. And
+    `split_special_tokens` (in tokenizer_config.json) turns a special token's text into plain-text ids, yet
+    it was outside the fingerprint: the target was fed chat markers as text, unnoticed."""
+    from gelato.models import encode_prompt, load_tokenizer, tokenizer_fingerprint
+
+    def as_rebuilt(d: dict[str, Any]) -> dict[str, Any]:
+        d["post_processor"] = {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": False,
+            "use_regex": False,
+        }
+        d["pre_tokenizer"]["trim_offsets"] = not d["pre_tokenizer"].get("trim_offsets", True)
+        return d
+
+    def split_special(c: dict[str, Any]) -> dict[str, Any]:
+        c["split_special_tokens"] = True
+        return c
+
+    same = load_tokenizer(_tokenizer_copy(tmp_path, "same"))
+    rebuilt = load_tokenizer(_tokenizer_copy(tmp_path, "rebuilt", edit_json=as_rebuilt))
+    text = "Tom has 3 apples and buys 12 more."
+    assert encode_prompt(rebuilt, text) == encode_prompt(same, text)
+    assert tokenizer_fingerprint(rebuilt) == tokenizer_fingerprint(same)
+    split = load_tokenizer(_tokenizer_copy(tmp_path, "split", edit_config=split_special))
+    marked = "Q: 3 + 4?<|endoftext|>A: 7"  # a special token's text, as a chat template writes its markers
+    assert encode_prompt(split, marked) != encode_prompt(same, marked)  # the marker, as plain text
+    assert tokenizer_fingerprint(split) != tokenizer_fingerprint(same)
