@@ -105,6 +105,8 @@ def test_in_process_greedy_equals_fixed(target: LoadedModel, drafter_model: Load
     tokens, accepted = run(name)
     assert tokens == run("fixed-0")[0] == target_greedy(target, prompt, len(tokens))
     assert accepted > 0  # it drafted, and drafts were taken: not the target's tokens by drafting none
+    # At the run's own limit, not its length: a stop short of it shared by every policy would pass.
+    assert tokens == target_greedy(target, prompt, limits.max_new_tokens)
 
 
 def test_ar_device_is_the_drafters_own_greedy_output(drafter_model: LoadedModel) -> None:
@@ -383,6 +385,7 @@ def test_pipelined_greedy_is_exact(pair: dict[str, Path], target: LoadedModel, n
     plain, _ = run("off")
     piped, log = run("local")
     assert piped == plain
+    assert plain == target_greedy(target, prompt, limits.max_new_tokens)  # the target's own, to the limit
     hits = sum(t.predraft_hit for t in log)
     if drafter_key == "target":
         assert hits >= len(log) // 2 and sum(t.carried for t in log) > 0

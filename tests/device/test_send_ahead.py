@@ -40,6 +40,9 @@ def test_send_ahead_greedy_is_exact(pair: dict[str, Path], target: LoadedModel, 
     reference = target_greedy(target, encode_prompt(target.tokenizer, PROMPT), len(plain.token_ids))
     assert piped.token_ids == plain.token_ids == reference
     assert piped.stats.stop_reason == plain.stats.stop_reason
+    # The reference at the run's own limit (60), not at the run's length: a stop short of it
+    # shared by both loops would otherwise pass.
+    assert reference == target_greedy(target, encode_prompt(target.tokenizer, PROMPT), 60)
     log = piped.stats.rounds_log
     ahead = [t for t in log if t.sent_ahead]
     if drafter_key == "drafter_agree" and name in ("fixed-4", "gelato"):  # a mix: some chains hit
