@@ -24,7 +24,7 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gelato.benchmarks.load_streams import Spec, make_block, open_message
+from gelato.benchmarks.load_streams import Make, Spec, make_block, open_message
 from gelato.channel import CLIENT_OPTIONS
 from gelato.deadline import within
 from gelato.edge.verifier import TargetSession
@@ -135,12 +135,12 @@ class Monitor:
 # --- one session ----------------------------------------------------------------------------------
 
 
-def reference(target: LoadedModel, spec: Spec) -> Verdicts:
-    """The session's solo run: the same blocks verified by an in-process `TargetSession` on a
-    private KV pool, no batching, no gRPC."""
+def reference(target: LoadedModel, spec: Spec, make: Make = make_block) -> Verdicts:
+    """The session's solo run: the same blocks (`make`) verified by an in-process `TargetSession`
+    on a private KV pool, no batching, no gRPC."""
     s = TargetSession("solo", target, spec.params, list(spec.prefix))
     s.prefill()
-    out = [s.verify(make_block(spec, s.seq.tokens, s.rounds, target.vocab_size)) for _ in range(spec.rounds)]
+    out = [s.verify(make(spec, s.seq.tokens, s.rounds, target.vocab_size)) for _ in range(spec.rounds)]
     s.close()
     return out
 
@@ -172,13 +172,15 @@ async def _read(call: Any) -> pb.EdgeMessage:
     return msg  # type: ignore[no-any-return]
 
 
-async def drive_rounds(call: Any, spec: Spec, vocab: int, out: Outcome, pace_s: float = 0.0) -> list[int]:
-    """`spec.rounds` rounds on an opened stream; the session's tokens after them."""
+async def drive_rounds(
+    call: Any, spec: Spec, vocab: int, out: Outcome, pace_s: float = 0.0, make: Make = make_block
+) -> list[int]:
+    """`spec.rounds` rounds (blocks by `make`) on an opened stream; the session's tokens after them."""
     tokens = list(spec.prefix)
     for rnd in range(spec.rounds):
         if pace_s:
             await asyncio.sleep(pace_s)
-        block = make_block(spec, tokens, rnd, vocab)
+        block = make(spec, tokens, rnd, vocab)
         await call.write(encode_block(block))
         v = (await _read(call)).verdict
         tokens += [*block.ids[: v.n_accepted], v.next_token]
@@ -203,8 +205,9 @@ async def drive(
     pace_s: float = 0.0,
     stall: bool = False,
     send_open: bool = True,
+    make: Make = make_block,
 ) -> Outcome:
-    """One session: open, `spec.rounds` rounds (each after `pace_s`), close. `stall`: go silent
+    """One session: open, `spec.rounds` rounds (each after `pace_s`, blocks by `make`), close. `stall`: go silent
     after the rounds instead and wait for the edge to end the stream; without `send_open`, silent
     from the start. Never raises for the stream's status: the Outcome carries it."""
     out, t0 = Outcome(), time.perf_counter()
@@ -216,7 +219,7 @@ async def drive(
             await _read(call)  # opened
             if gate is not None:
                 await gate.wait()
-            await drive_rounds(call, spec, vocab, out, pace_s)
+            await drive_rounds(call, spec, vocab, out, pace_s, make)
         last = time.perf_counter()
         if not stall:
             await call.write(CLOSE)

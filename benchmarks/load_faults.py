@@ -49,7 +49,7 @@ from gelato.benchmarks.load_driver import (
     serving,
     wait_idle,
 )
-from gelato.benchmarks.load_streams import Spec, make_block, open_message
+from gelato.benchmarks.load_streams import Make, Spec, make_block, open_message
 from gelato.benchmarks.procs import Edge, child_env
 from gelato.channel import CLIENT_OPTIONS
 from gelato.types import SamplingParams
@@ -91,13 +91,15 @@ async def kill_one(address: str, shared: grpc.aio.Channel, fp: str, vocab: int, 
         call.cancel()
 
 
-async def witness_loop(address: str, fp: str, vocab: int, spec: Spec, want: Verdicts, stop: asyncio.Event) -> list:
-    """A well-formed session run again and again until `stop` (once at least): whether each run
-    ended OK with exactly `want`."""
+async def witness_loop(
+    address: str, fp: str, vocab: int, spec: Spec, want: Verdicts, stop: asyncio.Event, make: Make = make_block
+) -> list:
+    """A well-formed session (blocks by `make`) run again and again until `stop` (once at least):
+    whether each run ended OK with exactly `want`."""
     runs: list[bool] = []
     async with channel(address) as ch:
         while not (runs and stop.is_set()):
-            out = await drive(ch, fp, vocab, spec)
+            out = await drive(ch, fp, vocab, spec, make=make)
             runs.append(out.code == "OK" and out.pairs() == want)
             await asyncio.sleep(0.05)  # leave the 2-core machine to the faults too
     return runs
@@ -188,14 +190,22 @@ WITNESSES = [  # well-formed sessions run during and after faults: greedy and sa
 
 
 async def kills_phase(
-    address: str, pid: int, fp: str, vocab: int, n: int, devices: int, drafter: str, witnesses: list
+    address: str,
+    pid: int,
+    fp: str,
+    vocab: int,
+    n: int,
+    devices: int,
+    drafter: str,
+    witnesses: list,
+    make: Make = make_block,
 ) -> dict:
     """`n - devices` in-process kills, then `devices` device-process kills, while every
-    `(spec, solo verdicts)` of `witnesses` runs again and again; then the edge's state, its health
-    and each witness once more."""
+    `(spec, solo verdicts)` of `witnesses` (blocks by `make`) runs again and again; then the
+    edge's state, its health and each witness once more."""
     t0, stop = time.perf_counter(), asyncio.Event()
     with Monitor(address, pid) as mon:
-        loops = [asyncio.ensure_future(witness_loop(address, fp, vocab, s, w, stop)) for s, w in witnesses]
+        loops = [asyncio.ensure_future(witness_loop(address, fp, vocab, s, w, stop, make)) for s, w in witnesses]
         storm = await kill_storm(address, fp, vocab, n - devices)
         with TemporaryDirectory() as tmp:
             procs = await asyncio.to_thread(kill_devices, address, drafter, devices, Path(tmp))
@@ -203,7 +213,7 @@ async def kills_phase(
         runs = [r for runs in await asyncio.gather(*loops) for r in runs]
     state, idle_s = await wait_idle(address)
     async with channel(address) as ch:
-        after = [await drive(ch, fp, vocab, s) for s, _ in witnesses]
+        after = [await drive(ch, fp, vocab, s, make=make) for s, _ in witnesses]
     failures = [*storm["errors"], *(f"device {i} not killed mid-generation: {p}" for i, p in enumerate(procs)
                                     if not p["killed_while_generating"])]  # fmt: skip
     if runs.count(False):

@@ -36,6 +36,10 @@ class Spec:
     params: SamplingParams = field(default_factory=SamplingParams)
 
 
+# How a session's blocks are made from its history (`make_block`, or any pure function of it).
+Make = Callable[[Spec, list[int], int, int], DraftBlock]
+
+
 def make_block(spec: Spec, tokens: list[int], rnd: int, vocab: int) -> DraftBlock:
     """Drafts as a function of the history only. Greedy: the last k tokens again (a cheap n-gram
     guess the tiny target sometimes accepts). Sampling: each draft drawn from a random 4-token
@@ -103,9 +107,7 @@ class RawStream:
         return grpc.StatusCode.OK
 
 
-def run_session(
-    address: str, fp: str, spec: Spec, vocab: int, make: Callable[[Spec, list[int], int, int], DraftBlock] = make_block
-) -> list[tuple[int, int, int]]:
+def run_session(address: str, fp: str, spec: Spec, vocab: int, make: Make = make_block) -> list[tuple[int, int, int]]:
     """Drive one well-formed session to its end; (a, next, batch_rows) per round. `make` drafts each
     block from the history (any pure function of it, as `make_block`)."""
     with grpc.insecure_channel(address) as channel:
