@@ -127,8 +127,9 @@ async def serve(config: EdgeConfig) -> int:
     server = EdgeServer(config)
     stop = asyncio.Event()  # set by SIGTERM / Ctrl-C from here on, also while the target loads
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if threading.current_thread() is threading.main_thread():  # an embedder's thread gets no signals
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     if _EARLY_STOP:  # asked to stop while starting: as while the target loads, at once
         stop.set()
     if config.metrics_port is not None:  # on --metrics-host (loopback by default), never on --host
@@ -238,7 +239,7 @@ async def serve_health(server: EdgeServer, host: str, port: int) -> Any:
     return health_server
 
 
-# SIGTERMs that came before `serve` put its handlers in place (importing torch and transformers
+# SIGTERMs and SIGINTs that came before `serve` put its handlers in place (importing torch and transformers
 # takes seconds): as a container's PID 1 the default action is none, and a `docker stop` then
 # waited for its SIGKILL while the edge went on to load and serve.
 _EARLY_STOP: list[int] = []
@@ -249,15 +250,17 @@ def _stop_early(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`_main` with SIGTERM kept from the start (`_EARLY_STOP`); the handler before is put back."""
+    """`_main` with SIGTERM and SIGINT kept from the start (`_EARLY_STOP`; a Ctrl-C there was a
+    KeyboardInterrupt traceback, exit 130); the handlers before are put back."""
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         return _main(argv)
     _EARLY_STOP.clear()
-    previous = signal.signal(signal.SIGTERM, _stop_early)
+    previous = {sig: signal.signal(sig, _stop_early) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _main(argv)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,56 @@ def test_a_sigterm_while_the_edge_starts_stops_it_at_once() -> None:
     assert "stopped while loading the target" in res.stderr and "listening on" not in res.stdout
 
 
+def test_a_ctrl_c_while_the_edge_starts_stops_it_at_once() -> None:
+    """SIGINT there was a KeyboardInterrupt traceback and exit 130 (only SIGTERM was kept)."""
+    script = textwrap.dedent(
+        """
+        import os, signal, sys
+        import gelato.edge.cli as cli
+
+        real = cli.setup_torch_threads
+
+        def importing_torch(threads):
+            os.kill(os.getpid(), signal.SIGINT)
+            return real(threads)
+
+        cli.setup_torch_threads = importing_torch
+        sys.exit(cli.main(["--port", "0"]))
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    assert "Traceback" not in res.stderr and "KeyboardInterrupt" not in res.stderr
+    assert "stopped while loading the target" in res.stderr and "listening on" not in res.stdout
+
+
+def test_an_edge_served_from_another_thread_starts() -> None:
+    """`main` has a branch for a thread other than the main one, but `serve` then installed
+    asyncio signal handlers, which only the main thread may: a RuntimeError traceback."""
+    script = textwrap.dedent(
+        """
+        import asyncio, sys, threading
+        import gelato.edge.cli as cli
+        from gelato.edge.config import EdgeConfig
+
+        class Loaded(Exception):
+            pass
+
+        async def no_load(server, config):
+            raise Loaded
+
+        cli.load_target = no_load
+        out = []
+        t = threading.Thread(target=lambda: out.append(asyncio.run(cli.serve(EdgeConfig(port=0)))))
+        t.start(); t.join(60)
+        sys.exit(0 if out == [2] else 1)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "set_wakeup_fd" not in res.stderr
+
+
 def test_json_logs_keep_grpc_cores_own_lines_out() -> None:
     """Under `--log-format json` gRPC's C core logs errors only: at its default it wrote a plain
     line for every failed TLS handshake, so a plaintext connect to a TLS port put a non-JSON line
