@@ -217,9 +217,12 @@ def emit(config: DeviceConfig, rec: dict[str, Any]) -> None:
     if rec.get("error"):
         say(f"error: {rec['error']}", logging.ERROR)
     if "rounds" in rec:
+        checked = rec["acceptance_rate"] is not None or not rec["drafted"]
+        # ar-device: no target checks its drafts, so no "accepted" (its count is the round's arithmetic)
+        drafts = f"accepted {rec['accepted']}/{rec['drafted']} drafts" if checked else "its own drafts, unchecked"
         say(
             f"-- {rec['n_tokens']} tokens in {rec['elapsed_s']:.2f}s ({rec['tokens_per_s']:.1f} tok/s), "
-            f"{rec['rounds']} rounds, accepted {rec['accepted']}/{rec['drafted']} drafts, stop: {rec['stop_reason']}",
+            f"{rec['rounds']} rounds, {drafts}, stop: {rec['stop_reason']}",
             logging.INFO,
         )
 
