@@ -195,6 +195,8 @@ def check_args(args: argparse.Namespace) -> str:
     policies = [p.strip() for p in args.policies.split(",")]
     if not all(policies):
         return f"--policies: an empty name in {args.policies!r}"
+    if len(set(policies)) < len(policies):  # one row per policy: a second run's outputs went unchecked
+        return f"--policies: a policy named twice in {args.policies!r}"
     for name in policies:
         try:
             parse_policy(name)
@@ -276,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
     if "ar-device" in runs:
         print("ar-device = the drafter alone, no edge: not the target's output, not compared.")
     if reference and len(set(runs) - set(NOT_THE_TARGETS)) > 1:
-        print(f"Every row's outputs were checked token for token against {reference}'s: identical (greedy).")
+        which = "Every row's" if not set(runs) & set(NOT_THE_TARGETS) else "Every edge-verified row's"
+        print(f"{which} outputs were checked token for token against {reference}'s: identical (greedy).")
     return 0
 
 

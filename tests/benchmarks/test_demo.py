@@ -25,6 +25,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "| fixed-3 | 2 | 24 |" in res.stdout  # 2 prompts x 12 tokens
     assert "checked token for token against fixed-0's: identical" in res.stdout
+    assert "Every edge-verified row's outputs were checked" in res.stdout  # not ar-device's: "Every row's" was wrong
     # Strict JSON (NaN is no JSON value: other parsers refuse the file).
     rows = {r["policy"]: r for r in json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(c))}
     assert rows["fixed-0"]["rounds"] == 24 and rows["fixed-3"]["mean_draft_len"] == 3.0
@@ -141,6 +142,7 @@ def test_energy_note_warns_when_a_host_wide_meter_read_the_edge_too() -> None:
         (["--prompts", "0"], "--prompts must be >= 1"),
         (["--policies", "ar-edge,gelatto"], "--policies: unknown policy 'gelatto'"),
         (["--policies", "ar-edge,"], "--policies: an empty name"),
+        (["--policies", "fixed-4, fixed-4"], "--policies: a policy named twice"),  # its 2nd run went unchecked
         (["--meter", "watts"], "--meter: unknown meter 'watts'"),
         (["--json", "/nonexistent/rows.json"], "--json: no such folder: /nonexistent"),  # was a traceback at the end
     ],
