@@ -135,3 +135,14 @@ class EdgeConfig(Settings):
             not self.device_map or self.device == "auto",
             f"--device {self.device} and --device-map exclude each other: the map places the model",
         )
+        # The edge's own listeners on one port of one address: the second bind failed as "port P
+        # is in use", blaming another process and naming the wrong flag (0 picks a free port).
+        ports = [(f, h, p) for f, h, p in (("--port", self.host, self.port),
+                                           ("--metrics-port", self.metrics_host, self.metrics_port),
+                                           ("--health-port", self.health_host, self.health_port)) if p]  # fmt: skip
+        for i, (flag, host, port) in enumerate(ports):
+            for other, other_host, same in ports[i + 1 :]:
+                overlap = host == other_host or {host, other_host} & {"0.0.0.0", "::", "[::]", ""}
+                require(
+                    port != same or not overlap, f"{flag} and {other} are both {port}: each listener needs its own port"
+                )

@@ -365,3 +365,17 @@ def test_json_log_lines_carry_fields_and_the_traceback() -> None:
     assert out["message"] == "x y" and out["level"] == "ERROR" and out["logger"] == "gelato.edge"
     assert out["session"] == "s1" and out["rounds"] == 3 and out["ts"].endswith("+00:00")
     assert "ValueError: simulated" in out["exception"]
+
+
+def test_the_edges_own_listeners_need_their_own_ports() -> None:
+    """--metrics-port equal to --port (or, in the image, GELATO_EDGE_METRICS_PORT=50052, its
+    health port) failed at the second bind as "port 50051 ... is in use": another process blamed,
+    the wrong flag named. Refused up front, naming both; other addresses may share a number."""
+    with pytest.raises(ConfigError, match="--port and --metrics-port are both 50051"):
+        EdgeConfig(metrics_port=50051).validate()
+    with pytest.raises(ConfigError, match="--metrics-port and --health-port are both 50052"):
+        EdgeConfig(metrics_port=50052, health_port=50052).validate()
+    with pytest.raises(ConfigError, match="--port and --health-port are both 50051"):
+        EdgeConfig(host="0.0.0.0", health_port=50051, insecure=True).validate()
+    EdgeConfig(metrics_port=9100, health_port=50052).validate()
+    EdgeConfig(host="10.0.0.5", metrics_port=50051, insecure=True).validate()  # 10.0.0.5 and 127.0.0.1
