@@ -123,6 +123,7 @@ async def load_target(server: EdgeServer, config: EdgeConfig) -> LoadedModel:
 async def serve(config: EdgeConfig) -> int:
     from gelato.edge.server import EdgeServer, PortInUseError
     from gelato.models import ModelLoadError, load_failure
+    from gelato.security import SecurityConfigError
 
     server = EdgeServer(config)
     stop = asyncio.Event()  # set by SIGTERM / Ctrl-C from here on, also while the target loads
@@ -140,6 +141,8 @@ async def serve(config: EdgeConfig) -> int:
     try:
         port = await server.start()
     except PortInUseError as exc:  # another edge (or anything) listens there: say so, in one line
+        return fail(str(exc))
+    except SecurityConfigError as exc:  # a TLS file changed since the settings were checked (rotated, unmounted)
         return fail(str(exc))
     except (OSError, RuntimeError) as exc:
         return fail(f"cannot listen on {config.host}:{config.port}: {exc}")

@@ -1,7 +1,7 @@
 """gelato-edge asked to stop before its asyncio handlers are in place (importing torch and
 transformers takes seconds). As a container's PID 1 a SIGTERM's default action is none: `docker
 stop` then waited for SIGKILL while the edge went on to load and serve. It stops as it does while
-the target loads: at once, exit 0."""
+the target loads: at once, exit 0. Also how a start that fails late says so (one line, exit 2)."""
 
 from __future__ import annotations
 
@@ -99,3 +99,27 @@ def test_json_logs_keep_grpc_cores_own_lines_out() -> None:
     )
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "ERROR", res.stderr
+
+
+def test_a_tls_file_that_went_bad_after_the_checks_is_one_line() -> None:
+    """The TLS files are read again when the port is bound, seconds after the settings were checked
+    (torch's import in between): a key rotated or unmounted then escaped as a SecurityConfigError
+    traceback, exit 1, where any other bad TLS file is one line and exit 2."""
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        import gelato.edge.cli as cli
+        import gelato.edge.server as server
+        from gelato.edge.config import EdgeConfig
+        from gelato.security import SecurityConfigError
+
+        def gone(*args):
+            raise SecurityConfigError("--tls-key /run/gelato/edge.key: no such file")
+
+        server.server_credentials = gone
+        sys.exit(asyncio.run(cli.serve(EdgeConfig(port=0, tls_cert="edge.crt", tls_key="edge.key"))))
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert "Traceback" not in res.stderr and "error: --tls-key /run/gelato/edge.key: no such file" in res.stderr
