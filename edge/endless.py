@@ -3,10 +3,10 @@
 Contract: `StreamCap(methods, limit)` is a `grpc.aio.ServerInterceptor`; at most `limit` calls of
 each method in `methods` run at once, and one more ends at once with RESOURCE_EXHAUSTED (the text
 names the method and the limit) without reaching the service. A call frees its place when it ends,
-however it ends. `EdgeHealth` is the health servicer with one more rule: a `Watch` or `Check` for
-a service name longer than `MAX_SERVICE_NAME_CHARS` is refused INVALID_ARGUMENT, since a watcher
-keeps its request (up to the 4 MiB message limit) and a dictionary entry keyed by the name for
-as long as it watches.
+however it ends; `end_all()` ends every open one (at shutdown). `EdgeHealth` is the health
+servicer with one more rule: a `Watch` or `Check` for a service name longer than
+`MAX_SERVICE_NAME_CHARS` is refused INVALID_ARGUMENT, since a watcher keeps its request (up to the
+4 MiB message limit) and a dictionary entry keyed by the name for as long as it watches.
 
 Why: a Session stream is bounded by admission and by the cap on streams waiting to open; these
 two hold a task and gRPC's call state each for as long as the client keeps them, so without a
@@ -16,19 +16,23 @@ without limit. `Check` stays unbounded: it answers at once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
+_T = TypeVar("_T")
 WATCH = "/grpc.health.v1.Health/Watch"
 REFLECTION = f"/{reflection.SERVICE_NAME}/ServerReflectionInfo"
 ENDLESS_METHODS = frozenset({WATCH, REFLECTION})
 MAX_ENDLESS_STREAMS = 64  # per method: monitors and debugging tools, not one per device
+ENDLESS_SETTLE_S = 0.05  # at shutdown, from NOT_SERVING to ending the streams (`StreamCap.end_all`)
 MAX_SERVICE_NAME_CHARS = 256  # the edge's own names are under 20
 
 
@@ -37,6 +41,13 @@ class StreamCap(grpc.aio.ServerInterceptor):
         self.methods = methods
         self.limit = limit
         self.active: Counter[str] = Counter()
+        self._closing = asyncio.Event()
+
+    def end_all(self) -> None:
+        """End every open capped stream UNAVAILABLE, and any opened later (at shutdown: a health
+        `Watch` never ends on its own, and gRPC's stop waited for it to the end of its grace
+        period and backstop, sessions or not)."""
+        self._closing.set()
 
     async def intercept_service(
         self,
@@ -57,6 +68,24 @@ class StreamCap(grpc.aio.ServerInterceptor):
             )
         self.active[method] += 1
 
+    async def _until_closing(self, work: Awaitable[_T], context: grpc.aio.ServicerContext) -> _T:
+        """`work`'s result, unless `end_all` comes first: then `work` is cancelled and the call
+        ends UNAVAILABLE."""
+        job = asyncio.ensure_future(work)
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait((job, closing), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not job.done():
+                job.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await job  # done before the generator it may be running is closed
+        if not job.cancelled():
+            return job.result()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        raise AssertionError("abort returned")  # abort raises; for the type checker
+
     def _capped(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
         behaviour: Callable[..., Any]
@@ -64,11 +93,13 @@ class StreamCap(grpc.aio.ServerInterceptor):
 
             async def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 await self._enter(method, context)
+                replies = inner(request, context)
                 try:
-                    async for reply in inner(request, context):
+                    while (reply := await self._until_closing(_next(replies), context)) is not _END:
                         yield reply
                 finally:
                     self.active[method] -= 1
+                    await replies.aclose()
 
             behaviour = streamed
         else:  # a coroutine that writes its replies with context.write
@@ -76,7 +107,7 @@ class StreamCap(grpc.aio.ServerInterceptor):
             async def written(request: Any, context: grpc.aio.ServicerContext) -> None:
                 await self._enter(method, context)
                 try:
-                    await inner(request, context)
+                    await self._until_closing(inner(request, context), context)
                 finally:
                     self.active[method] -= 1
 
@@ -86,6 +117,17 @@ class StreamCap(grpc.aio.ServerInterceptor):
         else:
             make = grpc.unary_stream_rpc_method_handler
         return make(behaviour, handler.request_deserializer, handler.response_serializer)
+
+
+_END = object()  # an async generator's end, as `_next` returns it
+SHUTTING_DOWN = "edge shutting down"
+
+
+async def _next(replies: AsyncIterator[Any]) -> Any:
+    try:
+        return await anext(replies)
+    except StopAsyncIteration:
+        return _END
 
 
 class EdgeHealth(health.aio.HealthServicer):

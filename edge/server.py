@@ -36,7 +36,7 @@ from gelato.channel import SERVER_OPTIONS, host_port
 from gelato.config import ConfigError
 from gelato.edge.auth import BearerAuth
 from gelato.edge.config import EdgeConfig
-from gelato.edge.endless import ENDLESS_METHODS, MAX_ENDLESS_STREAMS, EdgeHealth, StreamCap
+from gelato.edge.endless import ENDLESS_METHODS, ENDLESS_SETTLE_S, MAX_ENDLESS_STREAMS, EdgeHealth, StreamCap
 from gelato.edge.pool_cache import pool_model
 from gelato.edge.pool_check import check_pool
 from gelato.edge.service import BACKSTOP_S, SERVICE_NAME, SETTLE_S, GelatoService
@@ -154,6 +154,10 @@ class EdgeServer:
         try:
             await self.service.end_streams(grace_s)
         finally:
+            # Health watchers have had NOT_SERVING (written at once, well within this wait); their
+            # streams, and reflection's, never end on their own: ended here, not at gRPC's backstop.
+            await asyncio.sleep(ENDLESS_SETTLE_S)
+            self.stream_cap.end_all()
             await core
         await self.service.batcher.stop()
         self.service.executor.shutdown(wait=False)

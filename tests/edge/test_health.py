@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -93,3 +94,51 @@ def test_endless_streams_are_capped_and_free_their_place(pair: dict[str, Path]) 
         await server.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_a_health_watcher_does_not_hold_the_shutdown() -> None:
+    """A health `Watch` never ends on its own: with no session open, gRPC's stop waited for it to
+    the end of the grace period plus its backstop (6 s for a 5 s grace). The watcher gets
+    NOT_SERVING, then its stream ends, and the edge stops at once; a reflection stream too, ended
+    UNAVAILABLE."""
+    import time
+
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async def scenario() -> tuple[list[int], float, grpc.StatusCode]:
+        server = EdgeServer(EdgeConfig(port=0))
+        port = await server.start()
+        seen: list[int] = []
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            asks: asyncio.Queue[reflection_pb2.ServerReflectionRequest | None] = asyncio.Queue()
+
+            async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+                while (ask := await asks.get()) is not None:
+                    yield ask
+
+            browse = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(requests())
+            await asks.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+            await browse.read()
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+
+            async def follow() -> None:
+                try:
+                    async for reply in watch:
+                        seen.append(reply.status)
+                except grpc.aio.AioRpcError:
+                    pass  # ended by the edge: how is not the point
+
+            watching = asyncio.ensure_future(follow())
+            while not seen:
+                await asyncio.sleep(0.01)
+            t0 = time.perf_counter()
+            await server.stop(5.0)
+            took = time.perf_counter() - t0
+            await asyncio.wait_for(watching, 5)
+            browsed = await asyncio.wait_for(browse.code(), 5)
+        return seen, took, browsed
+
+    seen, took, browsed = asyncio.run(scenario())
+    assert seen[-1] == health_pb2.HealthCheckResponse.NOT_SERVING, seen
+    assert took < 2.0, took
+    assert browsed == grpc.StatusCode.UNAVAILABLE
