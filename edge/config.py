@@ -92,7 +92,9 @@ class EdgeConfig(Settings):
         "port can use it), or with a token in plaintext",
     )
     shutdown_grace_s: float = setting(
-        5.0, "on SIGTERM/SIGINT, let open sessions finish this long before cutting them", check=ge(0)
+        5.0,
+        "on SIGTERM/SIGINT, let open sessions finish this long before cutting them",
+        check=(ge(0), le(MAX_TIMEOUT_S)),  # 1e308 was taken: a drain only SIGKILL could end
     )
     health_port: int | None = setting(
         None,

@@ -379,3 +379,13 @@ def test_the_edges_own_listeners_need_their_own_ports() -> None:
         EdgeConfig(host="0.0.0.0", health_port=50051, insecure=True).validate()
     EdgeConfig(metrics_port=9100, health_port=50052).validate()
     EdgeConfig(host="10.0.0.5", metrics_port=50051, insecure=True).validate()  # 10.0.0.5 and 127.0.0.1
+
+
+def test_the_shutdown_grace_period_is_bounded() -> None:
+    """--shutdown-grace-s 1e308 was taken: a drain nothing but SIGKILL could end (a second SIGTERM
+    does not shorten it). Bounded as every other timeout is."""
+    from gelato.config import MAX_TIMEOUT_S
+
+    with pytest.raises(ConfigError, match="--shutdown-grace-s"):
+        EdgeConfig(shutdown_grace_s=1e308).validate()
+    EdgeConfig(shutdown_grace_s=MAX_TIMEOUT_S).validate()
