@@ -5,19 +5,17 @@ Contract: a `KVPool` holds, per layer, keys and values `[slots, kv_heads, contex
 truncate, set_tail, kv_bytes) owns one slot; its KV for positions `0..n-1` lives at offsets
 `0..n-1` of that slot. `pooled_forward(rows)` runs ONE target forward over `(sequence, new_ids)`
 rows of any lengths, writes each row's new KV into its slot at its own offsets and returns each
-row's logits `[n_i, vocab]` (float32). Rolling back is free: a sequence just remembers a shorter
-length (KV past it is never attended to and is overwritten later); `rewind(length, cached)` puts a
-sequence back as it was read before a forward. Everything runs on the model
-thread, releases included (the server submits them there), so a slot is never handed to a new
-session while a forward that still includes its old owner is pending.
+row's logits `[n_i, vocab]` (float32). Rolling back remembers a shorter length (the KV past it is
+masked in a batch with longer rows, overwritten later, and zeroed in float16, where an overflow
+there would defeat the mask); `rewind(length, cached)` puts a sequence back as it was read before a
+forward. Everything runs on the model thread, releases included (the server submits them there),
+so a slot is never handed to a new session while a forward that still includes its old owner is
+pending.
 
-Why a pool rather than stacking per-session `DynamicCache`s: `benchmarks/kv_layouts.py` (home of
-the stacked layout) measured both on the same ragged batches (results in
-`benchmarks/results/kv_layouts_cpu.md`). Stacking copies every row's past KV per layer (left-pad +
-cat) and the cache's own update copies it again, so its cost grows with the rows well past a raw
-forward's. The pool writes only the new tokens and hands attention a view of its rows (consecutive
-slots) or one gather, and costs about what a raw forward costs. The price is memory:
-every slot is as long as the pool's context.
+Why a pool rather than stacking per-session `DynamicCache`s (`benchmarks/kv_layouts.py`, results in
+`benchmarks/results/kv_layouts_cpu.md`): stacking copies every row's past KV per layer twice, so
+its cost grows with the rows well past a raw forward's; the pool writes only the new tokens and
+costs about a raw forward. The price is memory: every slot is as long as the pool's context.
 
 Sizing: whoever admits sessions (`gelato.edge.sessions.SessionRegistry`) decides the pool's shape with the
 pure `plan_pool` — slots for every open session, context for the longest reservation, with
@@ -25,24 +23,20 @@ hysteresis so a session coming or going rarely reshapes it — and never lets `s
 the KV budget; `set_target` hands that shape over and the model thread applies it before its next
 allocation or forward, moving live rows down into low slots when the pool shrinks. So
 `--kv-budget-mb` bounds the memory the pool really holds, and an idle edge holds none. A reshape
-is all or nothing: when the device has no memory for it (`PoolMemoryError`), the pool keeps the
-shape it had (or, when even that finds no memory again, as undoing a failed shrink may, the
-part both shapes hold, as views: one shape, nothing allocated), so the rows of the forward that
-met it go on; the target stays pending, tried again only by a row that needs the room it gives (a
-new session's slot, a longer context), which alone fails if it still cannot be had (its
-session's own error): never a doubling past it. A pool
-without a target (tests, benchmarks, a lone `TargetSession`) grows by doubling on demand instead.
-Freed slots are reused lowest-first so busy batches stay consecutive.
+is all or nothing: without device memory for it (`PoolMemoryError`) the pool keeps its shape (or,
+if undoing a failed shrink finds no memory either, the part both shapes hold, as views), so the
+forward's rows go on; the target stays pending, tried again only by a row that needs its room (a
+new slot, a longer context), which alone fails if it still cannot be had: never a doubling past
+it. A pool without a target (tests, benchmarks, a lone `TargetSession`) grows by doubling on
+demand instead. Freed slots are reused lowest-first so busy batches stay consecutive.
 
 Placement: each layer's KV lives where the layer executes (`KVPool(..., devices=)`, by default
-`gelato.edge.placement.model_kv_devices`): one device for an ordinary model; for a target placed by accelerate
-(`gelato-edge --device-map`) the pure `layer_devices(hf_device_map)` — the layer's own device, or
-for one offloaded to CPU memory or disk the main device it runs on. So a target split over several
-GPUs keeps each layer's KV on its GPU. Ids, positions and the mask are built on the input
-embedding's device (`KVPool.device`; accelerate's hooks carry them on), the index tensors are
-copied once per forward to each further device, and the logits come back on `KVPool.device`.
-Growth, shrinking and compaction move each layer's KV on its device; the bytes are the same. With
-every layer on `KVPool.device` a forward takes the one-device path, as before placement existed.
+`gelato.edge.placement.model_kv_devices`): one device for an ordinary model; for a target placed by
+accelerate (`gelato-edge --device-map`) the layer's own device, or for one offloaded to CPU memory
+or disk the main device it runs on (`layer_devices`). Ids, positions and the mask are built on the
+input embedding's device (`KVPool.device`), index tensors are copied once per forward to each
+further device, and the logits come back on `KVPool.device`. Reshapes move each layer's KV on its
+device. With every layer on `KVPool.device` a forward takes the one-device path.
 
 How the forward works: `gelato.edge.pool_cache` (the cache object a forward writes through,
 and which targets the pool serves).
@@ -288,14 +282,14 @@ class KVPool:
         return free
 
     @torch.inference_mode()
-    def _wipe(self, slot: int) -> None:
-        """Zero a slot a former owner used. A row shorter than its batch's longest attends over
-        its slot's stale KV past its end, hidden by the mask's large negative, which hides finite
-        values only: a NaN or inf a former session left there (a float16 overflow) would poison
-        the new owner's logits whenever it is batched with a longer row."""
+    def _wipe(self, slot: int, start: int = 0, end: int | None = None) -> None:
+        """Zero a slot a former owner used (or, in float16, a row's own rolled-back `start:end`). A
+        row shorter than its batch's longest attends over its slot's stale KV past its end, hidden
+        by the mask's large negative, which hides finite values only: a NaN or inf left there (a
+        float16 overflow) would poison the row's logits whenever it is batched with a longer row."""
         for store in (self.keys, self.values):
             for layer in store:
-                layer[slot].zero_()
+                layer[slot, :, start:end].zero_()
 
     def release(self, slot: int) -> None:
         self._owners.pop(slot, None)
@@ -432,13 +426,19 @@ class PooledSequence(KVSequence):
 
     def truncate(self, length: int) -> None:
         del self.tokens[length:]
-        self._cached = min(self._cached, length)  # stale KV past it is never read
+        self._forget(length)
 
     def rewind(self, length: int, cached: int) -> None:
         """Back to a state read before a forward: `length` tokens, KV for `cached` of them (both at
         most what is there now; `tokens[:length]` unchanged since). Undoes the forward and any
-        `set_tail` after it; KV written past `cached` is never read."""
+        `set_tail` after it."""
         del self.tokens[length:]
+        self._forget(cached)
+
+    def _forget(self, cached: int) -> None:
+        """KV kept for `cached` tokens; the stale rest is zeroed in float16 (`KVPool._wipe`)."""
+        if cached < self._cached and self.slot is not None and self.pool.dtype == torch.float16:
+            self.pool._wipe(self.slot, cached, self._cached)
         self._cached = min(self._cached, cached)
 
     def kv_bytes(self) -> int:
