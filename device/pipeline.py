@@ -358,10 +358,12 @@ async def _chain_loop(
             recv = asyncio.ensure_future(_receive(link, chain, drafter.loaded.vocab_size))
             await _extend(drafter, link, policy, chain, recv, (confirmed, len(out)), offload, limits)
             verdict, down, arrived = await recv
-        except VerifyError as exc:
-            exc = _read_error_first(exc, recv)
+        except VerifyError as failed:
+            exc = _read_error_first(failed, recv)
             chain.stale_down += exc.bytes_down  # an answer read and refused (no verdict): received all the same
-            chain.failed_up += exc.bytes_up  # what a failed write had sent: spent all the same
+            # What a failed exchange had sent (a link that knows: the gRPC client's writes are all
+            # or nothing), the write's even when the read's error is the one reported.
+            chain.failed_up += failed.bytes_up + (exc.bytes_up if exc is not failed else 0)
             if recv is not None and recv.done() and not recv.cancelled() and recv.exception() is None:
                 # The awaited verdict came in while a block ahead was being written, and then that
                 # write failed: the verdict stands (its tokens, its bytes), as if it had come first.

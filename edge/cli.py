@@ -252,6 +252,12 @@ def _stop_early(signum: int, frame: object) -> None:
     _EARLY_STOP.append(signum)
 
 
+def _release_ctrl_c() -> None:
+    """SIGINT back to a KeyboardInterrupt, where `main` held it (the main thread)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _stop_early:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`_main` with SIGTERM and SIGINT kept from the start (`_EARLY_STOP`; a Ctrl-C there was a
     KeyboardInterrupt traceback, exit 130); the handlers before are put back."""
@@ -276,11 +282,15 @@ def _main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return fail(parser.explain(str(exc)))
     if args.health_check is not None:
+        _release_ctrl_c()  # a probe, not a server: Ctrl-C stops it as it stops any command
         alone = config.health_port is not None  # health on its own port, else on the main one
         host = config.health_host if alone else config.host
         address = args.health_check or probe_address(host, config.health_port or config.port)
         tls = bool(config.tls_cert) and not args.health_check and config.health_port is None
-        return health_check(address, config.health_check_timeout_s, tls)
+        try:
+            return health_check(address, config.health_check_timeout_s, tls)
+        except KeyboardInterrupt:
+            return 130  # as a shell reports Ctrl-C, without a traceback
     try:
         config = with_security(config)
     except ConfigError as exc:

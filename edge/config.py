@@ -144,7 +144,22 @@ class EdgeConfig(Settings):
                                            ("--health-port", self.health_host, self.health_port)) if p]  # fmt: skip
         for i, (flag, host, port) in enumerate(ports):
             for other, other_host, same in ports[i + 1 :]:
-                overlap = host == other_host or {host, other_host} & {"0.0.0.0", "::", "[::]", ""}
                 require(
-                    port != same or not overlap, f"{flag} and {other} are both {port}: each listener needs its own port"
+                    port != same or not _binds_overlap(host, other_host),
+                    f"{flag} and {other} are both {port}: each listener needs its own port",
                 )
+
+
+def _addresses(host: str) -> set[str]:
+    """The addresses a bind to `host` takes ("localhost": both loopbacks; "" or "::": every one)."""
+    host = host.strip("[]")
+    return {"127.0.0.1", "::1"} if host == "localhost" else {"::" if host == "" else host}
+
+
+def _binds_overlap(a: str, b: str) -> bool:
+    """Whether binds of one port to hosts `a` and `b` collide: a shared address, `::` (dual stack:
+    every address), or 0.0.0.0 against an IPv4 one."""
+    first, second = _addresses(a), _addresses(b)
+    if first & second or "::" in first | second:
+        return True
+    return any("0.0.0.0" in x and any(":" not in h for h in y) for x, y in ((first, second), (second, first)))

@@ -232,8 +232,10 @@ def verify_sampling(
     sums: list[float] = []
     if k:  # p's draft entries and row sums in one transfer (one sync when p sits on an accelerator)
         ids = torch.tensor(draft_ids, dtype=torch.long, device=p.device)
-        picked = p[torch.arange(k, device=p.device), ids].double()
-        both = torch.cat([picked, p[:k].sum(dim=-1, dtype=torch.float64)]).tolist()
+        picked = p[torch.arange(k, device=p.device), ids].float()
+        # Summed in float32 where p lies (MPS has no float64): torch's reduction is accurate to
+        # ~1e-7 of the sum, far below the softmax's own ~3e-5.
+        both = torch.cat([picked, p[:k].float().sum(dim=-1)]).tolist()
         p_drafts, sums = both[:k], both[k:]
         if min(sums) <= 0:
             raise ValueError("target probabilities p have a row of zeros: not a distribution")

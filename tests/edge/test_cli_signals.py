@@ -123,3 +123,28 @@ def test_a_tls_file_that_went_bad_after_the_checks_is_one_line() -> None:
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     assert "Traceback" not in res.stderr and "error: --tls-key /run/gelato/edge.key: no such file" in res.stderr
+
+
+def test_ctrl_c_stops_a_hanging_health_check() -> None:
+    """`--health-check` is a probe: Ctrl-C was held (the edge's start-up trap) for its whole
+    timeout (up to 10^7 s) against a peer that never answers. It stops it now, exit 130, one line."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as silent:  # accepts connections, never speaks HTTP/2
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        cmd = [sys.executable, "-m", "gelato.edge.cli", "--health-check", f"127.0.0.1:{port}"]
+        proc = subprocess.Popen([*cmd, "--health-check-timeout-s", "60"], stderr=subprocess.PIPE, text=True)
+        silent.settimeout(60)
+        conn, _ = silent.accept()  # the probe connected: past the imports and the start-up trap
+        with conn:
+            time.sleep(0.5)
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            t0 = time.perf_counter()
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and time.perf_counter() - t0 < 10, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err

@@ -379,6 +379,11 @@ def test_the_edges_own_listeners_need_their_own_ports() -> None:
         EdgeConfig(host="0.0.0.0", health_port=50051, insecure=True).validate()
     EdgeConfig(metrics_port=9100, health_port=50052).validate()
     EdgeConfig(host="10.0.0.5", metrics_port=50051, insecure=True).validate()  # 10.0.0.5 and 127.0.0.1
+    EdgeConfig(host="0.0.0.0", metrics_host="::1", metrics_port=50051, insecure=True).validate()  # IPv4 vs v6
+    with pytest.raises(ConfigError, match="--port and --metrics-port are both 50051"):
+        EdgeConfig(host="localhost", metrics_port=50051).validate()  # localhost takes 127.0.0.1 too
+    with pytest.raises(ConfigError, match="--port and --metrics-port are both 50051"):
+        EdgeConfig(host="[::1]", metrics_host="::1", metrics_port=50051).validate()
 
 
 def test_the_shutdown_grace_period_is_bounded() -> None:
