@@ -95,7 +95,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
-        payload: dict[str, Any] = {k: _without_offsets(spec.get(k)) for k in ("normalizer", "pre_tokenizer", "model")}
+        # Offsets flags live in the pre-tokenizer (and post processor); the model's vocabulary is
+        # hashed as it is (a token spelled "trim_offsets" must count).
+        payload: dict[str, Any] = {k: _without_offsets(spec.get(k)) for k in ("normalizer", "pre_tokenizer")}
+        payload["model"] = spec.get("model")
         flags = ("special", "lstrip", "rstrip", "normalized", "single_word")
         payload["added"] = sorted(
             [t["id"], t["content"], *(t.get(f) for f in flags)] for t in spec.get("added_tokens") or []
