@@ -75,12 +75,23 @@ ENERGY_NOTE = (
 )
 
 
-def energy_note(profile: str, radio: str) -> str:
-    """ENERGY_NOTE for the devices' profile and radio (`--radio none`: no radio energy was added)."""
+def energy_note(profile: str, radio: str, rates_mbit: tuple[float, float] = (0.0, 0.0)) -> str:
+    """ENERGY_NOTE for the devices' profile and radio (`--radio none`: no radio energy was added);
+    `rates_mbit`: the link rates the radio model was given (0: its own)."""
+    at = f" at the channel's {rates_mbit[0]:g}/{rates_mbit[1]:g} Mbit/s" if any(rates_mbit) else ""
     part = (
-        " and no radio model" if radio == "none" else f" plus the `{radio}` radio model from bytes (Huang et al. 2012)"
+        " and no radio model"
+        if radio == "none"
+        else f" plus the `{radio}` radio model{at} from bytes (Huang et al. 2012)"
     )
     return ENERGY_NOTE.format(profile=profile, radio_part=part)
+
+
+def radio_rates(profile: Profile, radio: str) -> tuple[float, float]:
+    """The link rates the devices' radio model gets (`gelato-device --radio-up-mbit/--radio-down-mbit`):
+    the channel's own, where it limits them, so that a `--up-mbit` given here reaches the radio's
+    transfer time and power too; 0 (the radio model's own rate) where the channel sets none."""
+    return (0.0, 0.0) if radio == "none" else (profile.up_mbit, profile.down_mbit)
 
 
 # Both processes on the CPU in float32, whatever the host has: the references (oracle verdicts,
@@ -146,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--no-plots", action="store_true", help="write table and summary only, no PNGs")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    g.set_defaults(radio_rates_mbit=(0.0, 0.0))  # the radio model's own; main sets the channel's (radio_rates)
     r = sub.add_parser("report", help="rebuild table, summary and plots of a finished run folder (no devices run)")
     r.add_argument("dir", type=Path, help="a folder written by gelato-bench gsm8k (its summary.json, rounds, outputs)")
     r.add_argument(
@@ -301,6 +313,9 @@ class Bench:
         base = ["--edge", address, "--threads", "1", "--max-new-tokens", str(a.max_new_tokens), *CPU_FLOAT32]
         base += ["--meter", "cpu-model", "--device-profile", a.device_profile, "--radio", a.radio]
         base += ["--connect-timeout-s", "60"]
+        up, down = a.radio_rates_mbit
+        base += ["--radio-up-mbit", _num(up)] if up else []
+        base += ["--radio-down-mbit", _num(down)] if down else []
         return base + (["--drafter", a.drafter] if a.drafter else [])
 
     def run(self, channel: Channel) -> dict[str, Any]:
@@ -400,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     args.radio = args.radio or ("lte" if args.channel == "lte" else "wifi")
+    args.radio_rates_mbit = radio_rates(profile, args.radio)
     command = reproduce_command(args, profile)  # before --out and --data get their defaults
     args.out = args.out or Path(f"benchmarks/results/gsm8k_{args.channel}_n{args.devices}")
     if (args.out / "summary.json").exists() and not args.force:

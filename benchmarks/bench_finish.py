@@ -139,7 +139,7 @@ def references(
         traces = bench_refs.oracle_traces(prompts, [ar_edge[q] for q in range(len(prompts))], drafter)
         context = min(target.context_limit, drafter.context_limit)
         caps = tuple(sorted({args.k_max, 32}))
-        detail = bench_refs.oracle(traces, fixed, args.radio, context, caps)
+        detail = bench_refs.oracle(traces, fixed, args.radio, context, caps, args.radio_rates_mbit)
         energy = oracle_energy_label(fixed)
         rows += [{**o, "family": "reference", "energy": [energy]} for o in detail["rows"]]
     return rows, detail
@@ -182,6 +182,7 @@ def finish(
             "pipeline": args.pipeline,
             "ahead_blocks": args.ahead_blocks,
             "radio": args.radio,
+            "radio_rates_mbit": list(args.radio_rates_mbit),  # 0: the radio model's own rate
             "device_profile": args.device_profile,
             "drafter": args.drafter or "built-in",
             "target": args.target or "built-in",
@@ -191,7 +192,7 @@ def finish(
             "device_defaults": {"v": DEVICE_DEFAULTS.v, "ahead_blocks": DEVICE_DEFAULTS.ahead_blocks},
         },
         "channel": channel,
-        "energy_note": energy_note(args.device_profile, args.radio),
+        "energy_note": energy_note(args.device_profile, args.radio, args.radio_rates_mbit),
         "runs": rows,
         "lossless_failures": bad,
         "wall_s": round(wall_s, 1),
@@ -308,6 +309,7 @@ def rebuild(out: Path, no_plots: bool = False, rerun_assisted: bool = False, dat
         target=None if st["target"] == "built-in" else st["target"],
         ahead_blocks=st.get("ahead_blocks"),
         instruction=st.get("instruction", ""),  # runs before it existed: none
+        radio_rates_mbit=tuple(st.get("radio_rates_mbit", (0.0, 0.0))),  # before: the radio's own rates
         **{
             k: st[k]
             for k in ("devices", "max_new_tokens", "k_max", "policies", "pipeline", "radio", "device_profile", "seed")

@@ -130,7 +130,14 @@ class NoDraftingCosts(ValueError):
     """No fixed-K run drafted: nothing to fit the drafting costs to."""
 
 
-def fit_model(fixed: list[RunResult], radio: str, context_limit: int, k_cap: int) -> tuple[RoundModel, dict[str, Any]]:
+def fit_model(
+    fixed: list[RunResult],
+    radio: str,
+    context_limit: int,
+    k_cap: int,
+    radio_rates_mbit: tuple[float, float] = (0.0, 0.0),
+) -> tuple[RoundModel, dict[str, Any]]:
+    """`radio_rates_mbit`: the rates the devices' radio model was given (0: the model's own)."""
     rows = [r for run in fixed for r in run.rounds]
     drafting = [r for r in rows if r["k"] > 0]
     if not drafting:  # fitted to fixed-0 alone, the oracle would draft for free: no bound at all
@@ -140,7 +147,7 @@ def fit_model(fixed: list[RunResult], radio: str, context_limit: int, k_cap: int
     e0, e1 = _line(ks, [r["t_edge_compute_s"] + r["t_edge_queue_s"] for r in rows])
     u0, u1 = _line(ks, [float(r["bytes_up"]) for r in rows])
     down = statistics.fmean(r["bytes_down"] for r in rows)
-    prof = radio_profile(radio)
+    prof = radio_profile(radio, *radio_rates_mbit)
     transfer = sum(prof.transfer_s(round(u0 + u1 * 4), round(down))) if prof else 0.0
     rtt = max(statistics.median(r["t_net_s"] for r in rows) - transfer, 0.0)
     p_draft, p_wait = _powers(rows)
@@ -200,14 +207,19 @@ def measured_rounds(run: RunResult) -> dict[str, float]:
 
 
 def oracle(
-    traces: list[Trace], fixed: list[RunResult], radio: str, context_limit: int, k_caps: tuple[int, ...]
+    traces: list[Trace],
+    fixed: list[RunResult],
+    radio: str,
+    context_limit: int,
+    k_caps: tuple[int, ...],
+    radio_rates_mbit: tuple[float, float] = (0.0, 0.0),
 ) -> dict[str, Any]:
     """Oracle rows (one per cap), calibrated, and the model's fidelity on the measured fixed-K runs.
     Calibration: the rounds' simulated time and energy × (measured / simulated over the fixed-K
     runs' rounds), plus the measured per-question overheads (`overheads`). Each run's fidelity is
     scored with that run left out of the scales (`held_out`; with one fixed-K run there is nothing
     else to calibrate on: in-sample, and it says so). The cost fit itself uses every run."""
-    model, fitted = fit_model(fixed, radio, context_limit, max(k_caps))
+    model, fitted = fit_model(fixed, radio, context_limit, max(k_caps), radio_rates_mbit)
     over = overheads(fixed)
     sims = {run.spec.label: replay(traces, model, run.spec.policy) for run in fixed}
     meas = {run.spec.label: measured_rounds(run) for run in fixed}

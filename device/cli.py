@@ -33,7 +33,7 @@ from gelato.cli_common import EnvArgumentParser, fail, say, setup_logging, setup
 from gelato.device.config import DeviceConfig
 from gelato.device.energy import EnergyAccountant
 from gelato.device.policy import Lyapunov, parse_policy
-from gelato.power import HOST_WIDE, MeterUnavailable, open_meter, radio_profile
+from gelato.power import HOST_WIDE, MeterUnavailable, RadioProfile, open_meter, radio_profile
 from gelato.security import (
     SecurityConfigError,
     channel_credentials,
@@ -128,9 +128,13 @@ def trace_problem(path: str | Path | None) -> str:
     return ""
 
 
+def _radio(config: DeviceConfig) -> RadioProfile | None:
+    return radio_profile(config.radio, config.radio_up_mbit, config.radio_down_mbit)
+
+
 def open_accountant(config: DeviceConfig) -> EnergyAccountant:
     if config.meter == "none":  # no meter to warn about
-        return EnergyAccountant(open_meter("none"), radio_profile(config.radio))
+        return EnergyAccountant(open_meter("none"), _radio(config))
     # The drafter's device: NVML reads the GPU it runs on, and `auto` skips NVML for a CPU drafter.
     meter = open_meter(config.meter, config.device_profile, config.device)
     shares_host = config.edge and target_is_loopback(config.edge)
@@ -139,7 +143,7 @@ def open_accountant(config: DeviceConfig) -> EnergyAccountant:
             f"gelato-device: warning: the {meter.source} meter reads {HOST_WIDE[meter.source]}, which the edge at "
             f"{config.edge} shares: its energy counts as the device's (--meter cpu-model meters this process alone)"
         )
-    return EnergyAccountant(meter, radio_profile(config.radio))
+    return EnergyAccountant(meter, _radio(config))
 
 
 class Terminated(KeyboardInterrupt):

@@ -104,6 +104,12 @@ class DeviceConfig(Settings):
     meter: str = setting("auto", "energy meter: auto, nvml, rapl, jetson, cpu-model, replay:FILE or none")
     device_profile: str = setting(DEFAULT_PROFILE, "device class of the cpu-model estimate", choices=sorted(PROFILES))
     radio: str = setting("wifi", "radio energy model", choices=[*sorted(RADIOS), "none"])
+    radio_up_mbit: float = setting(
+        0.0, "uplink rate the radio model assumes, Mbit/s (0: the model's own: wifi 50, lte 10, 5g 100)", check=ge(0)
+    )
+    radio_down_mbit: float = setting(
+        0.0, "downlink rate the radio model assumes, Mbit/s (0: the model's own: wifi 50, lte 30, 5g 400)", check=ge(0)
+    )
     trace: Path | None = setting(None, "write one JSON line per round here")  # noqa: RUF009 (a field, see gelato.config)
     dtype: str = model_dtype()
     device: str = model_device()
@@ -207,6 +213,10 @@ class DeviceConfig(Settings):
         require(
             self.device_profile == DEFAULT_PROFILE or self.meter in ("auto", "cpu-model"),
             f"--device-profile shapes the cpu-model estimate; --meter {self.meter} never uses it",
+        )
+        require(
+            self.radio != "none" or not (self.radio_up_mbit or self.radio_down_mbit),
+            "--radio-up-mbit and --radio-down-mbit set the radio model's link rates; --radio none models no radio",
         )
         require(
             self.meter != "none" or self.controller.budget_j_per_token is None,

@@ -151,7 +151,7 @@ class EnergyAccountant:
     def begin(self, stats: GenerationStats) -> Reading:
         """The generation's first reading: the one `opening` took, else now."""
         stats.energy_source, stats.energy_kind = self.meter.source, self.meter.kind
-        stats.radio_model = self.radio.name if self.radio is not None else ""
+        stats.radio_model = self.radio.label if self.radio is not None else ""
         start, self._opening = self._opening, None
         if self._last_transfer_s is not None:  # the open's answer just arrived: its wait is no round's
             self._transfer()

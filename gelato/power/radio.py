@@ -12,7 +12,8 @@ less what the next transfer cuts short). Every constant is a profile parameter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,14 @@ class RadioProfile:
     tail_s: float = 0.0
     tail_mw: float = 0.0
     note: str = ""
+
+    @property
+    def label(self) -> str:
+        """The name, with the link rates when they are not the named profile's own."""
+        own = RADIOS.get(self.name)
+        if own is not None and (own.up_mbps, own.down_mbps) == (self.up_mbps, self.down_mbps):
+            return self.name
+        return f"{self.name} {self.up_mbps:g}/{self.down_mbps:g} Mbit/s"
 
     def upload_power_w(self) -> float:
         return (self.a_up_mw_per_mbps * self.up_mbps + self.base_mw) / 1e3
@@ -96,10 +105,16 @@ RADIOS = {
 }
 
 
-def radio_profile(name: str) -> RadioProfile | None:
-    """A named profile; `none` (no radio energy) gives None."""
+def radio_profile(name: str, up_mbps: float = 0.0, down_mbps: float = 0.0) -> RadioProfile | None:
+    """A named profile; `none` (no radio energy) gives None. `up_mbps`/`down_mbps` > 0 replace the
+    profile's link rates (the link actually used, e.g. an emulated channel's: the transfer time and
+    the power of the linear model both follow the rate); 0 keeps the profile's own."""
     if name == "none":
         return None
     if name not in RADIOS:
         raise ValueError(f"unknown radio {name!r}; known: {', '.join(RADIOS)}, none")
-    return RADIOS[name]
+    for what, rate in (("up", up_mbps), ("down", down_mbps)):
+        if not (math.isfinite(rate) and rate >= 0):
+            raise ValueError(f"radio {what} rate must be a finite number >= 0 Mbit/s, not {rate!r}")
+    prof = RADIOS[name]
+    return replace(prof, up_mbps=up_mbps or prof.up_mbps, down_mbps=down_mbps or prof.down_mbps)

@@ -47,7 +47,14 @@ def test_oracle_rows_of_a_cpu_model_run_are_labelled_estimated(monkeypatch: pyte
     oracle_row = {"label": "oracle K≤8", "policy": "oracle", "k_cap": 8, "tokens_per_s": 1.0}
     monkeypatch.setattr(bench_refs, "oracle", lambda *a: {"rows": [oracle_row]})
     args = argparse.Namespace(
-        no_assisted=True, no_oracle=False, target=None, drafter=None, k_max=8, radio="wifi", max_new_tokens=2
+        no_assisted=True,
+        no_oracle=False,
+        target=None,
+        drafter=None,
+        k_max=8,
+        radio="wifi",
+        max_new_tokens=2,
+        radio_rates_mbit=(0.0, 0.0),
     )
     results = [run("ar-edge", "ar", "estimated", "cpu-model"), run("fixed-2", "fixed", "estimated", "cpu-model")]
     rows, _ = bench_finish.references(args, None, results, [{"question": "q", "gold": 1.0}])
@@ -69,7 +76,14 @@ def test_no_oracle_is_made_from_fixed_0_alone(monkeypatch: pytest.MonkeyPatch, c
 
     monkeypatch.setattr(bench_refs, "oracle", no_oracle)
     args = argparse.Namespace(
-        no_assisted=True, no_oracle=False, target=None, drafter=None, k_max=8, radio="wifi", max_new_tokens=2
+        no_assisted=True,
+        no_oracle=False,
+        target=None,
+        drafter=None,
+        k_max=8,
+        radio="wifi",
+        max_new_tokens=2,
+        radio_rates_mbit=(0.0, 0.0),
     )
     fixed0 = RunResult(RunSpec("fixed-0", "fixed-0", "fixed"), [{"question": 0}], [{"k": 0, "accepted": 0}])
     results = [run("ar-edge", "ar", "estimated", "cpu-model"), fixed0]
