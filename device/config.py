@@ -26,6 +26,7 @@ POLICY_HELP = (
     "draft-length policy: fixed-K (e.g. fixed-4; fixed-0: the edge decodes alone), heuristic, entropy, "
     "adaedl, lyapunov, gelato, ar-edge (the edge alone, streamed), ar-device (the drafter alone, no edge)"
 )
+DEFAULT_POLICY = "fixed-4"  # without --policy and without a budget
 DEFAULT_PROFILE = "phone"  # the cpu-model estimate's device class unless told
 
 
@@ -51,7 +52,7 @@ class DeviceConfig(Settings):
     )
     limit: int | None = setting(None, "use only the first N prompts of the file", check=ge(0))
     max_new_tokens: int = setting(256, "tokens to generate per prompt, at most", check=(ge(1), UINT32))
-    policy: str = setting("fixed-4", POLICY_HELP)
+    policy: str = setting("", POLICY_HELP + " (default: gelato with --energy-budget-j-per-token, else fixed-4)")
     controller: PolicyOptions = nested(PolicyOptions)  # noqa: RUF009 (a field, see gelato.config)
     temperature: float = setting(0.0, "sampling temperature (0: greedy)")
     top_p: float = setting(1.0, "nucleus sampling mass in [0, 1] (0 or 1: off)")
@@ -116,6 +117,14 @@ class DeviceConfig(Settings):
     threads: int | None = torch_threads()
     log_level: str = log_level()
     log_format: str = log_format()
+
+    def __post_init__(self) -> None:
+        # No --policy: a budget asks for the policy that keeps it (the controller with the entropy
+        # exit), as `gelato-device --drafter M --edge E --energy-budget-j-per-token 0.4` reads;
+        # without one, the plain speculative baseline.
+        if not self.policy:
+            chosen = "gelato" if self.controller.budget_j_per_token is not None else DEFAULT_POLICY
+            object.__setattr__(self, "policy", chosen)
 
     @property
     def uses_tls(self) -> bool:

@@ -394,3 +394,24 @@ def test_the_shutdown_grace_period_is_bounded() -> None:
     with pytest.raises(ConfigError, match="--shutdown-grace-s"):
         EdgeConfig(shutdown_grace_s=1e308).validate()
     EdgeConfig(shutdown_grace_s=MAX_TIMEOUT_S).validate()
+
+
+@pytest.mark.parametrize(
+    ("args", "policy"),
+    [
+        ([], "fixed-4"),  # the plain speculative baseline
+        (["--energy-budget-j-per-token", "0.4"], "gelato"),  # SPEC's device command: the budget is kept
+        (["--energy-budget-j-per-token", "0.4", "--policy", "fixed-2"], "fixed-2"),  # named: as named
+        (["--energy-budget-j-per-token", "0.4", "--v", "5"], "gelato"),  # --v is gelato's to read
+    ],
+)
+def test_the_default_policy_keeps_a_budget_when_one_is_given(args: list[str], policy: str) -> None:
+    config = DeviceConfig.from_args(device_parser().parse_args(["--prompt", "x", *args]))
+    config.validate()
+    assert config.policy == policy
+
+
+def test_the_default_policy_is_said_in_help() -> None:
+    text = " ".join(device_parser().format_help().split())
+    assert "(default: gelato with --energy-budget-j-per-token, else fixed-4)" in text
+    assert "(default: )" not in text
