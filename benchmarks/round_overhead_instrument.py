@@ -134,7 +134,7 @@ def device_timers(rec: Recorder, drafter_model: Any) -> Iterator[Patches]:
     patches.time(Drafter, "apply", rec, on("apply"))
     patches.time(drafter_model, "forward", rec, "draft_forward")
     patches.time(gelato.device.drafter, "entropy_nats", rec, "entropy")
-    patches.time(EdgeClient, "_offload", rec, "offload")
+    patches.time(EdgeClient, "offload", rec, "offload")
     patches.time(gelato.device.client, "encode_block", rec, "encode")
     patches.time(gelato.device.client_errors, "decode_verdict", rec, "decode")  # in `expect_verdict`
     patches.time(EdgeClient, "_write", rec, "write", ("at_write", "at_write_end"))

@@ -370,11 +370,11 @@ class EdgeClient(StreamIO):
         link = self._link(call, policy, opened)
         if link is not None:
             result = await pipelined_generate(
-                drafter, link, policy, prompt_ids, limits, acct, on_round, self._offload, session_bytes
+                drafter, link, policy, prompt_ids, limits, acct, on_round, self.offload, session_bytes
             )
         else:
             result = await speculative_generate(
-                drafter, transport, policy, prompt_ids, limits, acct, on_round, self._offload, session_bytes
+                drafter, transport, policy, prompt_ids, limits, acct, on_round, self.offload, session_bytes
             )
         result.target_model = opened.target_model
         if result.stats.stop_reason != "error" and (drained := await self._close(call, close_msg)) is not None:
@@ -462,5 +462,6 @@ class EdgeClient(StreamIO):
 
         return verify
 
-    async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the drafter thread (model forwards never run on the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

@@ -383,13 +383,14 @@ def local_verifier(session: Any) -> Verify:
     return verify
 
 
-def self_verifier(drafter: Drafter) -> Verify:
+def self_verifier(drafter: Drafter, offload: Offload = inline) -> Verify:
     """`ar-device`: the drafter's own tokens are the output. A block of k drafts emits them all
-    (k − 1 "accepted" plus the last as the round's token); an empty block drafts one token."""
+    (k − 1 "accepted" plus the last as the round's token); an empty block drafts one token
+    (through `offload`, as every other drafter forward)."""
 
     async def verify(block: DraftBlock) -> Exchange:
         if block.k == 0:
-            one = drafter.draft(1, block.round)
+            one = await offload(drafter.draft, 1, block.round)
             return Exchange(Verdict(round=block.round, n_accepted=0, next_token=one.ids[0]))
         return Exchange(Verdict(round=block.round, n_accepted=block.k - 1, next_token=block.ids[-1]))
 

@@ -24,7 +24,14 @@ from gelato.device.client_errors import EdgeError, EdgeUnreachable
 from gelato.device.config import DeviceConfig
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant
-from gelato.device.generate import GenerationResult, GenerationStats, Limits, self_verifier, speculative_generate
+from gelato.device.generate import (
+    GenerationResult,
+    GenerationStats,
+    Limits,
+    Offload,
+    self_verifier,
+    speculative_generate,
+)
 from gelato.device.policy import Policy, parse_policy
 from gelato.models import LoadedModel, encode_prompt
 from gelato.types import Telemetry
@@ -192,7 +199,7 @@ async def generate_one(
 
     if policy.local_only:
         drafter.begin_generation(ids)  # a repeated prompt samples afresh (the client does so for the rest)
-        return await generate_alone(drafter, ids, config.max_new_tokens, policy, acct, write_round)
+        return await generate_alone(drafter, ids, config.max_new_tokens, policy, acct, write_round, client.offload)
     return await client.generate(drafter, ids, config.max_new_tokens, policy, acct, write_round, set_session)
 
 
@@ -234,11 +241,15 @@ async def generate_alone(
     policy: Policy,
     acct: EnergyAccountant,
     on_round: Callable[[Telemetry], None],
+    offload: Offload,
 ) -> GenerationResult:
-    """`ar-device`: the drafter decodes alone, no edge (a reference point, not the target's output)."""
+    """`ar-device`: the drafter decodes alone, no edge (a reference point, not the target's output).
+    Its forwards go through `offload` (the client's drafter thread), as with an edge: a signal
+    handler or other task on the event loop is not held up for a whole block's forwards."""
     loaded = drafter.loaded
     limits = Limits(max_new_tokens, loaded.context_limit, max_new_tokens, loaded.eos_token_ids)
-    res = await speculative_generate(drafter, self_verifier(drafter), policy, ids, limits, acct, on_round)
+    verify = self_verifier(drafter, offload)
+    res = await speculative_generate(drafter, verify, policy, ids, limits, acct, on_round, offload)
     res.target_model = "(none: ar-device)"
     return res
 
