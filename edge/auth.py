@@ -1,7 +1,8 @@
 """Bearer-token check for every edge call except a health check.
 
 Contract: `BearerAuth(token)` is a `grpc.aio.ServerInterceptor`; a call whose `authorization`
-metadata is not `Bearer <token>` (constant-time comparison) ends at once with UNAUTHENTICATED and
+metadata is not `Bearer <token>` (constant-time comparison) ends at once, before any request is
+read, with UNAUTHENTICATED and
 never reaches the service, whatever its kind (unary or streaming), nor learns whether the method
 exists (a method the edge lacks is refused the same). Health's `Check` stays open so
 that container and load-balancer checks work without the token; its `Watch` stream does not.
@@ -21,20 +22,6 @@ DENIED = "missing or wrong bearer token: the edge needs the token of its --auth-
 
 async def _deny(request: Any, context: grpc.aio.ServicerContext) -> None:
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
-
-
-def _denying(handler: grpc.RpcMethodHandler, refuse: Callable[..., Awaitable[None]] = _deny) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that only refuses (`refuse`)."""
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(
-        refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
 
 
 ONLY_CHECK = "this port serves grpc.health.v1.Health/Check only (Watch and the rest: the main port, with the token)"
@@ -62,12 +49,13 @@ class _Gate(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if details.method in OPEN_METHODS or self.allows(details):
             return handler
-        if handler is None:
-            # No such method. Behind a token it is refused all the same (UNIMPLEMENTED would tell a
-            # caller without the token which methods exist; a stream handler reads no request
-            # first); the health-only port holds no secret and says it has no such method.
-            return grpc.stream_stream_rpc_method_handler(self.refuse) if self.hides_methods else None
-        return _denying(handler, self.refuse)
+        if handler is None and not self.hides_methods:
+            return None  # the health-only port holds no secret: it says it has no such method
+        # Refused as a stream, whatever the method's kind: a stream handler reads no request first
+        # (a unary-request one would wait for its message, so a caller that never sends it would
+        # hold the call open, and learn from that which methods exist: an unknown one is refused
+        # all the same behind a token, not UNIMPLEMENTED).
+        return grpc.stream_stream_rpc_method_handler(self.refuse)
 
 
 class CheckOnly(_Gate):
