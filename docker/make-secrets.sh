@@ -117,11 +117,12 @@ if [ -e ca.key ]; then chmod 0600 ca.key; fi
 # Owner-only: group read would hand them to everyone in the group (a host group 10001, or your
 # primary group). As root, the owner is the containers' uid 10001.
 # A re-run after the documented chown to 10001 leaves alone what is no longer this user's (chmod
-# would fail on it; its mode is already 0600).
-if [ "$(id -u)" = 0 ]; then chown 10001:10001 edge.key device.key token; fi
+# would fail on it; its mode is already 0600). Root can chmod anything: every file, before the
+# chown (a token kept from elsewhere at 0644 was once handed over as it was).
 for f in edge.key device.key token; do
-  if [ -O "$f" ]; then chmod 0600 "$f"; fi
+  if [ -O "$f" ] || [ "$(id -u)" = 0 ]; then chmod 0600 "$f"; fi
 done
+if [ "$(id -u)" = 0 ]; then chown 10001:10001 edge.key device.key token; fi
 names_read=$(openssl x509 -in edge.crt -noout -ext subjectAltName 2>/dev/null | tail -n +2 | sed 's/^ *//')
 echo "secrets in $out: ca.crt edge.crt edge.key device.crt device.key token (edge.crt names: $names_read)"
 if [ "$(id -u)" != 0 ]; then

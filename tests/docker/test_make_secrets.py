@@ -162,3 +162,23 @@ def test_a_directory_where_a_file_goes_is_named(tmp_path: Path) -> None:
     (tmp_path / "s" / "edge.crt").mkdir(parents=True)
     res = make(tmp_path / "s")
     assert res.returncode == 2 and "edge.crt is a directory" in res.stderr, res.stderr
+
+
+def test_a_kept_token_is_made_private_too(tmp_path: Path) -> None:
+    """A token put there beforehand (e.g. the deployment's own, at 0644 under the usual umask) is
+    kept, and made 0600 like the rest: as root it was handed to uid 10001 first and then left as
+    it was (the chmod ran only on files root still owned)."""
+    import os
+    import stat
+
+    out = tmp_path / "secrets"
+    out.mkdir()
+    (out / "token").write_text("the-deployments-own-token\n")
+    (out / "token").chmod(0o644)
+    res = make(out)
+    assert res.returncode == 0, res.stderr
+    st = (out / "token").stat()
+    assert (out / "token").read_text() == "the-deployments-own-token\n"  # kept
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    if os.geteuid() == 0:
+        assert (st.st_uid, st.st_gid) == (10001, 10001)
