@@ -26,6 +26,7 @@ py=$venv/bin/python
 torch_req="torch==2.13.0"
 torch_cpu_index="https://download.pytorch.org/whl/cpu"
 cuda_min_driver=580  # CUDA 13.0, what PyPI's $torch_req is built for, needs this NVIDIA driver
+cuda_min_cap=75      # and its kernels start at compute capability 7.5 (Turing)
 
 torch_build() {
   local choice=${GELATO_TORCH:-auto}
@@ -39,6 +40,17 @@ torch_build() {
       if [[ ${driver%%.*} =~ ^[0-9]+$ ]] && [ "${driver%%.*}" -lt "$cuda_min_driver" ]; then
         echo "gelato.sh: NVIDIA driver $driver is older than the $cuda_min_driver PyPI's CUDA build of" \
           "$torch_req needs: taking the CPU build (update the driver, or set GELATO_TORCH=cuda)" >&2
+        choice=cpu
+      fi
+      # CUDA 13.0 builds no kernels for GPUs before Turing (compute capability < 7.5: Maxwell,
+      # Pascal, Volta), which driver 580 still runs: torch would see the GPU and fail at its first
+      # kernel ("no kernel image is available").
+      local cap
+      cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' ' || true)
+      if [ "$choice" = cuda ] && [[ $cap =~ ^([0-9]+)\.([0-9]+)$ ]] \
+        && [ $((BASH_REMATCH[1] * 10 + BASH_REMATCH[2])) -lt "$cuda_min_cap" ]; then
+        echo "gelato.sh: the GPU's compute capability $cap is below the 7.5 PyPI's CUDA build of" \
+          "$torch_req has kernels for: taking the CPU build (or set GELATO_TORCH=skip with a torch built for it)" >&2
         choice=cpu
       fi
     fi

@@ -277,11 +277,21 @@ def git_state() -> dict[str, Any]:
     return {"commit": git_output(["rev-parse", "HEAD"]), "changed": git_output(["status", "--short"]).splitlines()}
 
 
+def code_files() -> list[Path]:
+    """What `code_hash` covers: the device, edge and shared (controller included) sources, hashed
+    per run, so that a change mid-benchmark shows up. Found where Python imports them from: the
+    checkout's device/, edge/ and gelato/, or the installed gelato/ that holds all three (folders
+    named beside this file were the checkout's only: installed, gelato/ was missed silently)."""
+    import gelato
+    import gelato.device
+    import gelato.edge
+
+    dirs = {Path(m.__file__).resolve().parent for m in (gelato, gelato.device, gelato.edge) if m.__file__}
+    return sorted({p for d in dirs for p in d.rglob("*.py")})
+
+
 def code_hash() -> str:
-    """Of the device, edge and controller sources, per run: a change mid-benchmark shows up."""
-    root = Path(__file__).resolve().parents[1]
-    files = sorted(p for d in ("device", "edge", "gelato") for p in (root / d).rglob("*.py"))
-    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in code_files())).hexdigest()[:12]
 
 
 def energy_note(device_profile: str, radio: str) -> str:

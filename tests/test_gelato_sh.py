@@ -107,6 +107,7 @@ class Checkout:
         stall: bool = False,
         broken: bool = False,
         driver: str | None = None,
+        compute_cap: str | None = None,
         rc: int = 0,
         find_links_cpu: bool = False,
         extra_env: dict[str, str] | None = None,
@@ -132,7 +133,8 @@ class Checkout:
                 (bin_dir / tool).symlink_to(found)
         if driver is not None:
             smi = bin_dir / "nvidia-smi"
-            smi.write_text(f'#!/bin/sh\ncase "$1" in -L) echo "GPU 0: Fake";; *) echo "{driver}";; esac\n')
+            cap = f'--query-gpu=compute_cap) echo "{compute_cap}";; ' if compute_cap else ""
+            smi.write_text(f'#!/bin/sh\ncase "$1" in -L) echo "GPU 0: Fake";; {cap}*) echo "{driver}";; esac\n')
             smi.chmod(0o755)
         env["PATH"] = str(bin_dir)
         if broken:  # the index answers, every install from it fails (no wheel for this platform)
@@ -259,6 +261,17 @@ def test_auto_takes_the_cuda_build_only_for_a_driver_that_runs_it(
     cpu_index = any(CPU_INDEX in line for line in pip)
     assert cpu_index == (build == "cpu"), pip
     assert ("is older than the 580" in err) == (driver == "550.54.15"), err
+
+
+@pytest.mark.parametrize(("cap", "build"), [("7.0", "cpu"), ("6.1", "cpu"), ("7.5", "cuda"), ("9.0", "cuda")])
+def test_auto_takes_the_cuda_build_only_for_a_gpu_it_has_kernels_for(checkout: Checkout, cap: str, build: str) -> None:
+    """A V100 (7.0) or a GTX 10xx (6.1) on driver 580: PyPI's CUDA 13.0 build has no kernels for it
+    (it starts at Turing, 7.5), so auto took several GB of wheels and a torch that failed at its
+    first kernel."""
+    pip, err = checkout.setup("auto", driver="580.65.06", compute_cap=cap)
+    assert checkout.recorded() == build
+    assert any(CPU_INDEX in line for line in pip) == (build == "cpu"), pip
+    assert (f"compute capability {cap} is below the 7.5" in err) == (build == "cpu"), err
 
 
 def test_a_cpu_index_that_answers_but_fails_is_an_error_not_the_cuda_build(checkout: Checkout) -> None:

@@ -159,3 +159,21 @@ def test_budget_comparisons_count_speed_only_within_the_budget() -> None:
     assert kept["gelato_ge_lyapunov"] is True and kept["lyapunov_ge_fixed"] is True
     slower_but_kept = targets((90.0, 0.0100), (110.0, 0.0120))  # lyapunov faster but over: gelato wins
     assert slower_but_kept["gelato_ge_lyapunov"] is True and slower_but_kept["lyapunov_ge_fixed"] is False
+
+
+def test_the_code_hash_covers_the_controller_wherever_it_is_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hash read device/, edge/ and gelato/ beside this module's parent folder: the checkout's
+    layout. Installed, that folder is site-packages/gelato itself, and gelato/ under it (the shared
+    code, the controller) was left out without a word."""
+    import gelato.controller
+    import gelato.device.policy
+    import gelato.edge.batcher
+    from gelato.benchmarks import policies
+
+    monkeypatch.setattr(policies, "__file__", str(tmp_path / "site-packages" / "gelato" / "benchmarks" / "policies.py"))
+    files = set(policies.code_files())
+    for module in (gelato.controller, gelato.device.policy, gelato.edge.batcher):
+        assert Path(module.__file__).resolve() in files, module.__name__  # type: ignore[arg-type]
+    assert len(policies.code_hash()) == 12
