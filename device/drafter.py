@@ -43,6 +43,8 @@ empty send-ahead block or by a block of K = 0, the generation's last block, gues
 from __future__ import annotations
 
 import collections
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -54,9 +56,18 @@ from gelato.device.config import DEFAULT_TOP_M
 from gelato.entropy import entropy_nats, entropy_of_probs
 from gelato.kv import KVSequence, check_rollback
 from gelato.models import LoadedModel, ModelLoadError
-from gelato.sampling import KeyedRng, generation_seed, process_logits, sample_sparse, truncate_top_m
+from gelato.sampling import (
+    KeyedRng,
+    finite_logits,
+    generation_seed,
+    process_logits,
+    sample_sparse,
+    truncate_top_m,
+)
 from gelato.types import DraftBlock, SamplingParams, SparseDist, Verdict
 from gelato.wire import MAX_Q_SUPPORT
+
+log = logging.getLogger(__name__)
 
 # Per-token stop rule: (tokens drafted so far, entropy of the last one in nats, its q when sampling)
 # -> a stop reason, or None to keep drafting.
@@ -105,6 +116,7 @@ class Drafter:
         self._carry: Predraft | None = None  # a hit's leftover: the next block's first drafts
         self._bases: dict[int, int] = {}  # send-ahead: round -> position of its first draft
         self.predraft_s = 0.0  # how long the last `predraft` drafted
+        self._warned_nonfinite = False  # `_finite` says so once
         # Pipelining: check, in the next block's first forward, the drafter's guess of a fully
         # accepted block's target token where nothing made that guess (`_forward_checking_guess`);
         # set by `start`.
@@ -161,15 +173,36 @@ class Drafter:
         entropy of what it came from, and (greedy) the token as a `[1, 1]` tensor on the model's
         device, ready to be fed next (`KVSequence.forward_last`'s `feed`)."""
         if self.params.greedy:
+            h = entropy_nats(logits)
+            if not math.isfinite(h):  # a NaN or +inf logit (it made every probability NaN)
+                logits = self._finite(logits, position)
+                h = entropy_nats(logits)
             top = logits.argmax()
-            return int(top), None, entropy_nats(logits), top.view(1, 1)
+            return int(top), None, h, top.view(1, 1)
         x, q = self._sample(logits, position)
         return x, q, entropy_of_probs(torch.tensor(q.probs)), None
 
     def _sample(self, logits: torch.Tensor, position: int) -> tuple[int, SparseDist]:
         """The sampled draft at `position` and its exact q: the draw keyed by position and prefix."""
         q = truncate_top_m(process_logits(logits, self.params), self.top_m)
+        if not q.ids:  # a NaN or +inf logit made every probability NaN: nothing to sample
+            q = truncate_top_m(process_logits(self._finite(logits, position), self.params), self.top_m)
         return sample_sparse(q, self.rng.uniform(position, prefix=self.seq.tokens[:position])), q
+
+    def _finite(self, logits: torch.Tensor, position: int) -> torch.Tensor:
+        """`finite_logits`, said once per drafter; a row with nothing finite left is an error."""
+        what = f"the drafter's logits at position {position} ({str(self.loaded.dtype).removeprefix('torch.')})"
+        finite = finite_logits(logits)
+        if finite is None:
+            raise ValueError(f"{what} are all NaN or -inf: the drafter is broken (try --dtype float32)")
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            log.warning(
+                "%s hold NaN or inf (an overflow?): drafting from their finite part; a float32 or "
+                "bfloat16 drafter (--dtype) avoids float16 overflow",
+                what,
+            )
+        return finite
 
     def draft(self, k: int, round_no: int, stop: StopRule | None = None, eos: Collection[int] = ()) -> DraftBlock:
         """Draft up to k tokens after the current sequence (k = 0: an empty block)."""
@@ -237,7 +270,10 @@ class Drafter:
 
     def _guess(self, logits: torch.Tensor, position: int) -> int:
         """`_pick`'s token alone (no entropy, no tensor to feed): the check's guess."""
-        return int(logits.argmax()) if self.params.greedy else self._sample(logits, position)[0]
+        if self.params.greedy:
+            top = logits.argmax()  # a NaN or +inf there: the row is not finite, pick as `_pick` does
+            return int(top) if bool(torch.isfinite(logits[top])) else int(self._finite(logits, position).argmax())
+        return self._sample(logits, position)[0]
 
     def forwards_needed(self, k: int) -> bool:
         """Whether `draft(k, ...)` would run the model: False when it drafts nothing, or only

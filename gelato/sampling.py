@@ -95,6 +95,20 @@ def draw_index(weights: torch.Tensor, rng: Draw) -> int:
     return i if i < len(cdf) else int(torch.nonzero(weights).max())  # defensive: u < 1 keeps u * total below it
 
 
+def finite_logits(logits: torch.Tensor) -> torch.Tensor | None:
+    """A 1-D row of logits a distribution can be made of, where some entry is not finite (a float16
+    overflow to +inf, a NaN), which makes every probability NaN: the +inf entries become the row's
+    likeliest, tied (the limit of the softmax), and NaN entries impossible. None when no entry is
+    left (all NaN or -inf). The drafter's own choice of q: anything it samples from, sent as it is,
+    keeps verification exact."""
+    x = logits.float()
+    top = x == float("inf")
+    if bool(top.any()):
+        return torch.zeros_like(x).masked_fill_(~top, float("-inf"))
+    x = torch.nan_to_num(x, nan=float("-inf"), neginf=float("-inf"))
+    return x if bool(torch.isfinite(x.max())) else None
+
+
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Probabilities after temperature, top-k and top-p, over the last dim, in float32."""
     if params.greedy:
