@@ -80,6 +80,17 @@ WAIT_FIRST_S, WAIT_MAX_S = 0.1, 2.0  # `EdgeClient.wait_ready`'s pauses between 
 CLOSE_WAIT_S = 1.0  # after a session's close, at most this long for each answer still due, then its status
 
 
+FULL = grpc.StatusCode.RESOURCE_EXHAUSTED  # the edge's admission: session, KV or waiting-room limit
+FULL_PAUSE_S = 0.5  # before the next attempt after a re-open an edge refused as full
+
+
+def _worth_another_open(exc: EdgeError, reopening: bool) -> bool:
+    """An open that failed is tried again (one attempt of `--failovers`) when the edge was not there
+    (UNAVAILABLE) or, for a re-open after a failover, was full: its generation has tokens to keep,
+    and the fleet that lost a replica re-opens at once, so another replica may have the room."""
+    return exc.code == grpc.StatusCode.UNAVAILABLE or (reopening and exc.code == FULL)
+
+
 class EdgeClient(StreamIO):
     """`credentials`: TLS (`gelato.security.channel_credentials`), None for plaintext; `token`: the
     bearer token sent with every call, which is refused (`SecurityConfigError`) in plaintext to a
@@ -245,7 +256,7 @@ class EdgeClient(StreamIO):
                     # A first open that found no edge at all is tried again only when there is time
                     # to wait for one: without, the caller's report (the run ends) comes at once.
                     hopeless = res is None and isinstance(exc, EdgeUnreachable) and self.edge_wait_s <= 0
-                    if exc.code != grpc.StatusCode.UNAVAILABLE or left == 0 or hopeless:
+                    if not _worth_another_open(exc, res is not None) or left == 0 or hopeless:
                         if res is None:
                             raise  # no session ever ran: the caller reports it (unreachable: the run ends)
                         failed.settle_on(res, policy, acct)
@@ -265,7 +276,11 @@ class EdgeClient(StreamIO):
                 # The generation's energy goes on from here (the wait for the edge included); the
                 # radio's tail runs until the next transfer (an ask, the re-open) cuts it short.
                 acct.opening()
-                if failed is not None and self.edge_wait_s > 0:  # a lone edge restarting: let it come back
+                if failed is not None and failed.last is not None and failed.last.code == FULL:
+                    # The replica that took the re-open is full (it said: try again later); the
+                    # next attempt may reach another (round_robin), or this one with room again.
+                    await asyncio.sleep(FULL_PAUSE_S)
+                elif failed is not None and self.edge_wait_s > 0:  # a lone edge restarting: let it come back
                     if not wait_until:
                         log.warning("waiting up to %g s for the edge to come back (--edge-wait-s)", self.edge_wait_s)
                         wait_until = time.monotonic() + self.edge_wait_s

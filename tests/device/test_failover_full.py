@@ -1,0 +1,59 @@
+"""A re-open that a replica refuses as full (RESOURCE_EXHAUSTED: its session, KV or waiting-room
+limit) is one attempt of `--failovers`, not the generation's end: a fleet that lost a replica
+re-opens at once, and round_robin may hand a re-open to a replica already full while another has
+room. A first open refused so still fails its prompt at once, as before."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from gelato.device.client_errors import EdgeError
+from gelato.models import LoadedModel
+from gelato.v1 import gelato_pb2 as pb
+from tests.device.test_client_stream import _generate, _Stream
+
+FULL = "edge is at its session limit (64 open): try again later"
+
+
+class _Full(_Stream):
+    """A replica at its limit: the open is read, then the stream ends RESOURCE_EXHAUSTED."""
+
+    async def _take(self, msg: pb.DeviceMessage) -> None:
+        assert msg.WhichOneof("kind") == "open"
+        self.replies.put_nowait(None)
+
+    async def read(self) -> pb.EdgeMessage:
+        await self.replies.get()
+        raise grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(), FULL)
+
+    async def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    async def details(self) -> str:
+        return FULL
+
+
+def test_a_reopen_refused_as_full_is_tried_again(target: LoadedModel, drafter_model: LoadedModel) -> None:
+    ref = _generate(target, drafter_model, [_Stream(target)], failovers=0)
+    streams = [_Stream(target, cut_after=2), _Full(target), _Stream(target)]
+    t0 = time.monotonic()
+    res = _generate(target, drafter_model, streams, failovers=2)
+    assert (res.token_ids, res.stats.stop_reason, res.error, res.failovers) == (
+        ref.token_ids,
+        ref.stats.stop_reason,
+        "",
+        1,
+    )
+    assert time.monotonic() - t0 >= 0.5  # a pause before asking again (the edge said: later)
+    # With no attempt left the refusal ends the generation, with the tokens so far and why.
+    res = _generate(target, drafter_model, [_Stream(target, cut_after=2), _Full(target)], failovers=1)
+    assert res.stats.stop_reason == "error" and "RESOURCE_EXHAUSTED" in res.error and "session limit" in res.error
+    assert res.token_ids == ref.token_ids[: len(res.token_ids)]
+
+
+def test_a_first_open_refused_as_full_fails_at_once(target: LoadedModel, drafter_model: LoadedModel) -> None:
+    with pytest.raises(EdgeError, match="RESOURCE_EXHAUSTED"):
+        _generate(target, drafter_model, [_Full(target), _Stream(target)], failovers=2)
