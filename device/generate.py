@@ -17,7 +17,7 @@ is in flight, and a hit starts the next block without a drafting wait (`Drafter.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import math
 import threading
 import time
@@ -33,6 +33,7 @@ from gelato.types import DraftBlock, GenerationStats, Telemetry, Verdict
 from gelato.wire import encode_block, encode_verdict
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class VerifyError(RuntimeError):
@@ -333,8 +334,10 @@ async def _verify_pipelined(
         arrived = time.perf_counter()
     except BaseException:
         halt.set()  # the transport failed: its error is the round's (a VerifyError keeps the tokens
-        with contextlib.suppress(Exception):  # so far), not one the pre-draft raised meanwhile
+        try:  # so far), not one the pre-draft raised meanwhile, which is only logged
             await pre
+        except Exception as exc:
+            log.warning("pre-drafting failed while the verdict's transport failed too: %s: %s", type(exc).__name__, exc)
         raise
     halt.set()  # the verdict is here: stop after the current token
     predrafted = await pre

@@ -104,3 +104,30 @@ def test_a_failed_verify_is_not_replaced_by_the_pre_drafts_error() -> None:
 
     with pytest.raises(VerifyError, match="went away"):
         asyncio.run(run())
+
+
+def test_the_pre_drafts_error_behind_a_failed_verify_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Not raised (the transport's error is the round's), but not dropped without a word either:
+    a drafter that fails while pre-drafting is a fault of its own."""
+    import logging
+
+    from gelato.device.generate import _verify_pipelined
+    from gelato.types import DraftBlock
+
+    class _Drafter:
+        def predraft(self, *args: object) -> int:
+            raise RuntimeError("pre-draft failed")
+
+    async def verify(block: DraftBlock) -> object:
+        await asyncio.sleep(0.05)
+        raise VerifyError("the edge went away")
+
+    async def offload(fn, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.to_thread(fn, *args)
+
+    async def run() -> None:
+        await _verify_pipelined(_Drafter(), DraftBlock(round=1, ids=(), q=()), verify, 2, offload, ())  # type: ignore[arg-type]
+
+    with caplog.at_level(logging.WARNING, logger="gelato.device.generate"), pytest.raises(VerifyError):
+        asyncio.run(run())
+    assert "pre-drafting failed while the verdict's transport failed too: RuntimeError: pre-draft failed" in caplog.text
