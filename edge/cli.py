@@ -4,7 +4,8 @@ Contract (extend, don't break): `gelato-edge [options]` binds at once with healt
 the target (without --target: the embedded default), then prints a line containing `listening on
 HOST:PORT` (the real port when --port 0). A port another process already listens on is a one-line
 `error: port P on HOST is in use` (exit 2), never a second server sharing it. SIGTERM/SIGINT stop
-it gracefully (open sessions get --shutdown-grace-s). Serving a non-loopback address needs TLS
+it gracefully (open sessions get --shutdown-grace-s; a second signal exits at once, 128 + its
+number). Serving a non-loopback address needs TLS
 and a token or client certificates (`--tls-client-ca`), or an explicit `--insecure`; a bad TLS or
 token file is a one-line error naming it (exit 2).
 A target that cannot be loaded (no such model, no room for it on the device, any other failure) is a
@@ -120,6 +121,15 @@ async def load_target(server: EdgeServer, config: EdgeConfig) -> LoadedModel:
     return await server.serve_loaded(loaded)
 
 
+def _stop_now(sig: signal.Signals) -> None:
+    """A second SIGTERM or Ctrl-C during the drain: exit at once (128 + the signal's number); the
+    open sessions' devices see the connection go, as when an edge dies, and fail over."""
+    say(f"gelato-edge: {sig.name} again: exiting now, without waiting for open sessions")
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(128 + sig)
+
+
 async def serve(config: EdgeConfig) -> int:
     from gelato.edge.server import EdgeServer, PortInUseError
     from gelato.models import ModelLoadError, load_failure
@@ -176,6 +186,9 @@ async def serve(config: EdgeConfig) -> int:
         flush=True,
     )
     await stop.wait()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second one: no drain (Ctrl-C twice)
+            loop.add_signal_handler(sig, _stop_now, sig)
     open_sessions = len(server.service.registry)
     say(
         f"gelato-edge: shutting down: health NOT_SERVING, {open_sessions} open session(s) get "

@@ -130,3 +130,52 @@ def test_a_forward_still_running_at_shutdown_does_not_hold_the_process(pair: dic
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_ends_the_drain_at_once(pair: dict[str, Path], sig: signal.Signals) -> None:
+    """Ctrl-C twice (or SIGTERM twice): the first starts the drain (a session held open gets its
+    60 s of grace), the second exits at once, saying so, with 128 + the signal's number; the
+    held session's device sees its stream end (and would fail over)."""
+    import threading
+
+    from gelato.models import load_model
+    from gelato.types import PROTOCOL_VERSION
+
+    fp = load_model(str(pair["target"]), "target", "float32", "cpu").fingerprint
+    port = free_port()
+    args = ["--port", str(port), "--target", str(pair["target"]), "--threads", "1", "--shutdown-grace-s", "60"]
+    edge = [sys.executable, "-m", "gelato.edge.cli", *args]
+    proc = subprocess.Popen(edge, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    hold = threading.Event()
+
+    def messages():  # type: ignore[no-untyped-def]
+        request = pb.OpenSession(protocol_version=PROTOCOL_VERSION, tokenizer_fingerprint=fp, prefix_ids=[5, 6, 7])
+        yield pb.DeviceMessage(open=request)
+        hold.wait(90)  # the session stays open, sending nothing more
+
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        while "SERVING" not in run_edge("--health-check", f"127.0.0.1:{port}").stdout.replace("NOT_SERVING", ""):
+            assert proc.poll() is None and time.monotonic() < deadline, "the edge never served"
+            time.sleep(0.2)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = pb_grpc.GelatoStub(channel).Session(messages(), timeout=90)
+            assert next(call).WhichOneof("kind") == "opened"
+            proc.send_signal(sig)
+            while "shutting down" not in (line := proc.stderr.readline()):
+                assert line, "the edge ended before draining"
+            assert "1 open session(s) get 60 s to finish" in line
+            sent = time.monotonic()
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=30)
+            assert time.monotonic() - sent < 10 and proc.returncode == 128 + sig, err
+            assert f"{sig.name} again: exiting now, without waiting for open sessions" in err, err
+            with pytest.raises(grpc.RpcError) as info:
+                list(call)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        hold.set()
+        proc.kill()
+        proc.wait()
