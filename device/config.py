@@ -45,7 +45,12 @@ class DeviceConfig(Settings):
         "HOST:PORT of gelato-edge, or a gRPC target naming replicas (dns:///edge:50051, ipv4:A:P,B:P)",
         type=endpoint,
     )
-    failovers: int = setting(2, "re-open a session this many times when its edge goes away mid-generation", check=ge(0))
+    failovers: int = setting(
+        2,
+        "attempts per generation to open a session again when its edge is unavailable (gone mid-generation, "
+        "or an open refused UNAVAILABLE)",
+        check=ge(0),
+    )
     prompt: list[str] | None = setting(None, "a prompt (repeatable)", action="append", one_of="prompts", required=True)  # noqa: RUF009 (a field, see gelato.config)
     prompts_file: Path | None = setting(  # noqa: RUF009 (a field, see gelato.config)
         None, "JSONL with 'prompt' or 'question' per line", one_of="prompts", required=True
