@@ -5,8 +5,10 @@ Contract: `python -m gelato.benchmarks.load [--sessions 64] [--waves 2] [--kills
 each edge on one torch thread) and exits 1 if any check failed (0 otherwise); with `--out` it
 writes PATH.json and PATH.md, with the command and `gelato.benchmarks.procs.machine()`.
 - load: `--waves` waves of `--sessions` well-formed sessions, all open at once (greedy with draft
-  lengths 0..8; every 8th one sampling with a fixed seed), one connection each. Every session's
-  verdicts must equal its solo run (`reference`: the same blocks verified by an in-process
+  lengths 0..8; every 8th one sampling with a fixed seed; drafts from the target itself with one
+  made wrong per block, `load_drafts.TargetDrafts`, so that acceptance and rollback run), one
+  connection each; the wave must have all of them open at once, batched, with drafts both accepted
+  and rejected. Every session's verdicts must equal its solo run (`reference`: the same blocks verified by an in-process
   `gelato.edge.verifier.TargetSession`); after each wave the edge must hold no session and no KV
   (`Info`, polled up to `IDLE_WAIT_S`), and its idle RSS after the last wave must be within
   `RSS_TOLERANCE_MIB` of the one after the first (with `FIXED_MALLOC`; the same waves against an
@@ -50,6 +52,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from gelato.benchmarks.load_drafts import TargetDrafts
 from gelato.benchmarks.load_driver import IDLE_WAIT_S, reference, rss_mib, wait_idle
 from gelato.benchmarks.load_faults import (
     EDGE_GRACE_S,
@@ -140,7 +143,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_phases(args: argparse.Namespace) -> dict[str, dict]:
     target = load_model(args.target, "target", "float32", "cpu")
     fp, vocab = target.fingerprint, target.vocab_size
-    witnesses = [(w, reference(target, w)) for w in WITNESSES]
+    make = TargetDrafts(target)  # drafts the target takes some of: acceptance and rollback run
+    witnesses = [(w, reference(target, w, make)) for w in WITNESSES]
     live_spec = Spec((21, 22, 23), 2, 6)
     phases: dict[str, dict] = {}
 
@@ -149,7 +153,8 @@ def run_phases(args: argparse.Namespace) -> dict[str, dict]:
         phases["start"] = {"idle_rss_mib": rss_mib(pid), **(await wait_idle(edge.address))[0], "failures": []}
         phases["load"] = await load_phase(edge.address, pid, target, args.sessions, args.waves)
         phases["fuzz"] = await asyncio.to_thread(fuzz_phase, edge.address, pid, args.fuzz_cases)
-        return await kills_phase(edge.address, pid, fp, vocab, args.kills, args.device_kills, args.drafter, witnesses)
+        kills = (args.kills, args.device_kills, args.drafter, witnesses, make)
+        return await kills_phase(edge.address, pid, fp, vocab, *kills)
 
     def default_malloc(edge: Edge) -> Coroutine[Any, Any, dict]:
         return load_phase(edge.address, edge.proc.pid, target, args.sessions, args.waves, fixed_malloc=False)
@@ -225,6 +230,12 @@ def _rows(ph: dict) -> list[tuple[str, str, dict]]:
     return rows
 
 
+def _accepted(w: dict) -> str:
+    if "drafted" not in w:  # runs before it was recorded
+        return f"{w['accepted']} drafts accepted"
+    return f"{w['accepted']} of {w['drafted']} drafts accepted ({w['accepted'] / max(w['drafted'], 1):.0%})"
+
+
 def _notes(ph: dict) -> list[str]:
     load, default, k, sig, st = ph["load"], ph["load (glibc default malloc)"], ph["kills"], ph["sigterm"], ph["stall"]
     w, void = load["waves"][0], ph["fuzz"]["void_fuzzer_cases"]
@@ -244,7 +255,8 @@ def _notes(ph: dict) -> list[str]:
     )
     return [
         f"- Load: {sessions} (peak Info.active_sessions {w['peak_active_sessions']}), "
-        f"batches of up to {w['max_batch_rows']} rows, peak KV pool {w['peak_kv_pool_bytes'] / 2**20:.1f} MiB; "
+        f"batches of up to {w['max_batch_rows']} rows, peak KV pool {w['peak_kv_pool_bytes'] / 2**20:.1f} MiB, "
+        f"{_accepted(w)}; "
         f"{verdicts}. Idle RSS after the last wave minus after the first: "
         f"{load['rss_growth_after_first_wave_mib']} MiB with `{load['malloc']}` (tolerance "
         f"{load['rss_tolerance_mib']} MiB), {default['rss_growth_after_first_wave_mib']} MiB with glibc's default "

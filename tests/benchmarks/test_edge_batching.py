@@ -34,9 +34,11 @@ def test_edge_batching_end_to_end(pair: dict[str, Path], tmp_path: Path) -> None
         assert r["first_divergence_round_p50"] is None
         # 3 sessions really shared forwards (else "verdicts equal solo" compared no batch at all)
         assert (1.0 < r["mean_batch_rows"] <= 3) if r["sessions"] == 3 else r["mean_batch_rows"] == 1.0
+        assert r["verify_step_ms_mean"] > 0  # per step, beside the per-verdict percentiles
     assert [r["rows"] for r in report["overhead"]] == [1, 3]
     md = (tmp_path / "eb.md").read_text()
     assert "sessions diverged" in md and md.count("\n| 3 |") == 2  # a batching row and an overhead row
+    assert "per verdict" in md and "per step" in md
 
 
 def test_divergence_counts_sessions_and_their_first_round() -> None:
