@@ -369,14 +369,16 @@ class GelatoService:
             ) from None
 
     async def _open(self, req: pb.OpenSession) -> TargetSession:
-        m = self._require_model()
         # Whether this edge can serve the device at all (FAILED_PRECONDITION), then whether the
-        # request itself is well formed (`decode_open`: INVALID_ARGUMENT).
+        # request itself is well formed (`decode_open`: INVALID_ARGUMENT). The protocol first,
+        # before the model is needed: a device that speaks another one is told so while the target
+        # still loads, not asked to wait (UNAVAILABLE) for an edge that can never serve it.
         if req.protocol_version != PROTOCOL_VERSION:
             raise StatusError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"protocol version {req.protocol_version} is not supported; this edge speaks {PROTOCOL_VERSION}",
             )
+        m = self._require_model()
         if req.tokenizer_fingerprint != m.fingerprint:
             raise StatusError(
                 grpc.StatusCode.FAILED_PRECONDITION,
