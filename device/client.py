@@ -134,6 +134,9 @@ class EdgeClient(StreamIO):
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter")
         self._warned_ahead = False
         self._warned_cap = False
+        # A generation waited `edge_wait_s` for its edge in vain: the next generation's first open
+        # that finds no edge ends the run at once instead of waiting the whole time again.
+        self._waited_in_vain = False
 
     async def connect(self, timeout_s: float | None = None) -> None:
         """Wait until the channel is connected, at most `connect_timeout_s` (or `timeout_s`): a gone
@@ -237,6 +240,7 @@ class EdgeClient(StreamIO):
         res: GenerationResult | None = None  # what the sessions so far gave (None: none opened yet)
         failed: FailedOpens | None = None  # the opens that failed since the last session ran
         left, wait_until = self.failovers, 0.0
+        unanswered = False  # the wait for the edge ran out with no edge ready
         try:
             # Energy from here, as `elapsed_s` is: the open (the edge's prefill) is the generation's.
             t0 = time.perf_counter()  # then the opening reading: the energy's span lies within elapsed_s's
@@ -255,13 +259,16 @@ class EdgeClient(StreamIO):
                     failed.add(exc, acct.opening_spent_j())  # the attempt cost the device all the same
                     # A first open that found no edge at all is tried again only when there is time
                     # to wait for one: without, the caller's report (the run ends) comes at once.
-                    hopeless = res is None and isinstance(exc, EdgeUnreachable) and self.edge_wait_s <= 0
+                    no_edge = res is None and isinstance(exc, EdgeUnreachable)
+                    hopeless = no_edge and (self.edge_wait_s <= 0 or self._waited_in_vain)
                     if not _worth_another_open(exc, res is not None) or left == 0 or hopeless:
+                        self._waited_in_vain = unanswered or hopeless  # no edge since a wait in vain
                         if res is None:
                             raise  # no session ever ran: the caller reports it (unreachable: the run ends)
                         failed.settle_on(res, policy, acct)
                         break
                 else:
+                    self._waited_in_vain = False  # an edge answered
                     res = more if res is None else merge_results(res, more)
                     if failed is not None:  # opens that failed before this session: its generation's
                         failed.settle_on(res, policy, acct, keep_error=False)
@@ -287,11 +294,14 @@ class EdgeClient(StreamIO):
                     left_s = wait_until - time.monotonic()
                     if left_s > 0:  # each ask within what is left of the wait
                         asked = [0, 0]  # the asks' bytes: radio energy of this generation's failover
-                        with contextlib.suppress(EdgeError):  # still not ready: the attempt will say so
-                            first_s = max(0.1, min(self.connect_timeout_s, left_s))
+                        first_s = max(0.1, min(self.connect_timeout_s, left_s))
+                        try:
                             await self.wait_ready(
                                 left_s, any_unavailable=True, first_connect_s=first_s, spent=asked, radio=acct
                             )
+                            unanswered = False
+                        except EdgeError as exc:  # still not ready: the attempt will say so
+                            unanswered = exc.code == grpc.StatusCode.UNAVAILABLE
                         failed.bytes_up += asked[0]
                         failed.bytes_down += asked[1]
             # The close (the last session's) is the generation's time: its energy too, to here.
