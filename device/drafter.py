@@ -184,9 +184,9 @@ class Drafter:
 
     def _sample(self, logits: torch.Tensor, position: int) -> tuple[int, SparseDist]:
         """The sampled draft at `position` and its exact q: the draw keyed by position and prefix."""
+        if not bool(torch.isfinite(logits.max())):  # a NaN (max keeps it) or +inf: every probability NaN
+            logits = self._finite(logits, position)
         q = truncate_top_m(process_logits(logits, self.params), self.top_m)
-        if not q.ids:  # a NaN or +inf logit made every probability NaN: nothing to sample
-            q = truncate_top_m(process_logits(self._finite(logits, position), self.params), self.top_m)
         return sample_sparse(q, self.rng.uniform(position, prefix=self.seq.tokens[:position])), q
 
     def _finite(self, logits: torch.Tensor, position: int) -> torch.Tensor:

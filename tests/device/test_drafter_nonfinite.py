@@ -95,3 +95,18 @@ def test_an_overflowing_drafter_still_gives_the_targets_output(
     assert sum("hold NaN or inf" in r.message for r in caplog.records) == 1  # said once
     if temperature == 0:
         assert res.token_ids == target_greedy(target, prompt, 24)
+
+
+def test_a_nucleus_of_a_row_with_inf_is_drafted_from(drafter_model: LoadedModel) -> None:
+    """With --top-p, the nucleus filter met the NaN row first and raised (index -1), before any
+    check for an empty q could see it."""
+    drafter = Drafter(drafter_model, SamplingParams(temperature=0.8, top_p=0.9), top_m=8)
+    drafter.begin_generation([5, 6, 7])
+    drafter.start([5, 6, 7])
+    row = torch.zeros(drafter_model.vocab_size)
+    row[11] = INF
+    x, q, _, _ = drafter._pick(row, 3)
+    assert x == 11 and q is not None and q.ids == (11,)
+    row[11], row[12] = 0.0, NAN
+    x, q, _, _ = drafter._pick(row, 3)
+    assert x != 12 and q is not None and 12 not in q.ids
