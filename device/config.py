@@ -48,7 +48,7 @@ class DeviceConfig(Settings):
     failovers: int = setting(
         2,
         "attempts per generation to open a session again when its edge is unavailable (gone mid-generation, "
-        "or an open refused UNAVAILABLE)",
+        "or an open refused UNAVAILABLE) or, on a re-open, full (RESOURCE_EXHAUSTED)",
         check=ge(0),
     )
     prompt: list[str] | None = setting(None, "a prompt (repeatable)", action="append", one_of="prompts", required=True)  # noqa: RUF009 (a field, see gelato.config)
@@ -57,7 +57,7 @@ class DeviceConfig(Settings):
     )
     limit: int | None = setting(None, "use only the first N prompts of the file", check=ge(0))
     max_new_tokens: int = setting(256, "tokens to generate per prompt, at most", check=(ge(1), UINT32))
-    policy: str = setting("", POLICY_HELP + " (default: gelato with --energy-budget-j-per-token, else fixed-4)")
+    policy: str = setting("auto", POLICY_HELP + "; auto: gelato with --energy-budget-j-per-token, else fixed-4")
     controller: PolicyOptions = nested(PolicyOptions)  # noqa: RUF009 (a field, see gelato.config)
     temperature: float = setting(0.0, "sampling temperature (0: greedy)")
     top_p: float = setting(1.0, "nucleus sampling mass in [0, 1] (0 or 1: off)")
@@ -127,7 +127,7 @@ class DeviceConfig(Settings):
         # No --policy: a budget asks for the policy that keeps it (the controller with the entropy
         # exit), as `gelato-device --drafter M --edge E --energy-budget-j-per-token 0.4` reads;
         # without one, the plain speculative baseline.
-        if not self.policy:
+        if self.policy == "auto":  # a value given empty is not this: parse_policy refuses it
             chosen = "gelato" if self.controller.budget_j_per_token is not None else DEFAULT_POLICY
             object.__setattr__(self, "policy", chosen)
 

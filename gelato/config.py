@@ -163,7 +163,7 @@ def _value_type(annotation: Any) -> Any:
 
 def _help(meta: Setting, default: Any) -> str:
     text = meta.help
-    if default not in (None, "") and not isinstance(default, bool):  # "": chosen from other settings
+    if default is not None and not isinstance(default, bool):
         shown = _num(default) if isinstance(default, float) else str(default)
         text = f"{text} (default: {shown})" if text else f"default: {shown}"
     return text.replace("%", "%%")  # argparse formats help with %

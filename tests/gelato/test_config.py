@@ -403,6 +403,7 @@ def test_the_shutdown_grace_period_is_bounded() -> None:
         (["--energy-budget-j-per-token", "0.4"], "gelato"),  # SPEC's device command: the budget is kept
         (["--energy-budget-j-per-token", "0.4", "--policy", "fixed-2"], "fixed-2"),  # named: as named
         (["--energy-budget-j-per-token", "0.4", "--v", "5"], "gelato"),  # --v is gelato's to read
+        (["--energy-budget-j-per-token", "0.4", "--policy", "auto"], "gelato"),  # auto named
     ],
 )
 def test_the_default_policy_keeps_a_budget_when_one_is_given(args: list[str], policy: str) -> None:
@@ -413,5 +414,11 @@ def test_the_default_policy_keeps_a_budget_when_one_is_given(args: list[str], po
 
 def test_the_default_policy_is_said_in_help() -> None:
     text = " ".join(device_parser().format_help().split())
-    assert "(default: gelato with --energy-budget-j-per-token, else fixed-4)" in text
-    assert "(default: )" not in text
+    assert "auto: gelato with --energy-budget-j-per-token, else fixed-4 (default: auto)" in text
+
+
+def test_an_empty_policy_is_refused_not_taken_for_the_default() -> None:
+    """`--policy "$POLICY"` with the variable unset: refused, as before the default became `auto`
+    (an empty value silently meant the default while it was the empty string)."""
+    with pytest.raises(ConfigError, match="unknown policy"):
+        DeviceConfig.from_args(device_parser().parse_args(["--prompt", "x", "--policy", ""])).validate()
