@@ -35,6 +35,20 @@ def test_oracle_energy_label_follows_the_fixed_k_meter() -> None:
     assert "measured" not in oracle_energy_label([unrecorded])
 
 
+def _references_args() -> argparse.Namespace:
+    """What `bench_finish.references` reads of a run's arguments (as `main` resolves them)."""
+    return argparse.Namespace(
+        no_assisted=True,
+        no_oracle=False,
+        target=None,
+        drafter=None,
+        k_max=8,
+        radio="wifi",
+        max_new_tokens=2,
+        radio_rates_mbit=(0.0, 0.0),
+    )
+
+
 def test_oracle_rows_of_a_cpu_model_run_are_labelled_estimated(monkeypatch: pytest.MonkeyPatch) -> None:
     """`references` itself, with the models and the oracle replay stubbed out."""
     import gelato.models
@@ -46,16 +60,7 @@ def test_oracle_rows_of_a_cpu_model_run_are_labelled_estimated(monkeypatch: pyte
     monkeypatch.setattr(bench_refs, "oracle_traces", lambda *a: [])
     oracle_row = {"label": "oracle K≤8", "policy": "oracle", "k_cap": 8, "tokens_per_s": 1.0}
     monkeypatch.setattr(bench_refs, "oracle", lambda *a: {"rows": [oracle_row]})
-    args = argparse.Namespace(
-        no_assisted=True,
-        no_oracle=False,
-        target=None,
-        drafter=None,
-        k_max=8,
-        radio="wifi",
-        max_new_tokens=2,
-        radio_rates_mbit=(0.0, 0.0),
-    )
+    args = _references_args()
     results = [run("ar-edge", "ar", "estimated", "cpu-model"), run("fixed-2", "fixed", "estimated", "cpu-model")]
     rows, _ = bench_finish.references(args, None, results, [{"question": "q", "gold": 1.0}])
     assert [r["energy"] for r in rows] == [["simulated from estimated (cpu-model) costs"]]
@@ -75,16 +80,7 @@ def test_no_oracle_is_made_from_fixed_0_alone(monkeypatch: pytest.MonkeyPatch, c
         raise AssertionError("an oracle made from fixed-0 alone")
 
     monkeypatch.setattr(bench_refs, "oracle", no_oracle)
-    args = argparse.Namespace(
-        no_assisted=True,
-        no_oracle=False,
-        target=None,
-        drafter=None,
-        k_max=8,
-        radio="wifi",
-        max_new_tokens=2,
-        radio_rates_mbit=(0.0, 0.0),
-    )
+    args = _references_args()
     fixed0 = RunResult(RunSpec("fixed-0", "fixed-0", "fixed"), [{"question": 0}], [{"k": 0, "accepted": 0}])
     results = [run("ar-edge", "ar", "estimated", "cpu-model"), fixed0]
     rows, detail = bench_finish.references(args, None, results, [{"question": "q", "gold": 1.0}])

@@ -80,37 +80,9 @@ def test_a_read_whose_own_task_is_cancelled_is_still_cancelled() -> None:
     asyncio.run(_with_hung_call(body))
 
 
-def test_a_failed_verify_is_not_replaced_by_the_pre_drafts_error() -> None:
-    """The transport failed (a VerifyError: the generation ends "error", keeping its tokens) while
-    the pre-draft on the drafter thread raised too: the pre-draft's error, re-raised on the way
-    out, replaced the VerifyError and the generation raised instead."""
-    from gelato.device.generate import _verify_pipelined
-    from gelato.types import DraftBlock
-
-    class _Drafter:
-        def predraft(self, *args: object) -> int:
-            raise RuntimeError("pre-draft failed")
-
-    async def verify(block: DraftBlock) -> object:
-        await asyncio.sleep(0.05)
-        raise VerifyError("the edge went away")
-
-    async def offload(fn, *args):  # type: ignore[no-untyped-def]
-        return await asyncio.to_thread(fn, *args)
-
-    async def run() -> None:
-        block = DraftBlock(round=1, ids=(), q=())
-        await _verify_pipelined(_Drafter(), block, verify, 2, offload, ())  # type: ignore[arg-type]
-
-    with pytest.raises(VerifyError, match="went away"):
-        asyncio.run(run())
-
-
-def test_the_pre_drafts_error_behind_a_failed_verify_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    """Not raised (the transport's error is the round's), but not dropped without a word either:
-    a drafter that fails while pre-drafting is a fault of its own."""
-    import logging
-
+def _verify_failing_under_a_failing_predraft() -> None:
+    """`_verify_pipelined` where the transport fails (a VerifyError) while the pre-draft on the
+    drafter thread raises too."""
     from gelato.device.generate import _verify_pipelined
     from gelato.types import DraftBlock
 
@@ -128,6 +100,22 @@ def test_the_pre_drafts_error_behind_a_failed_verify_is_logged(caplog: pytest.Lo
     async def run() -> None:
         await _verify_pipelined(_Drafter(), DraftBlock(round=1, ids=(), q=()), verify, 2, offload, ())  # type: ignore[arg-type]
 
+    asyncio.run(run())
+
+
+def test_a_failed_verify_is_not_replaced_by_the_pre_drafts_error() -> None:
+    """The transport failed (a VerifyError: the generation ends "error", keeping its tokens) while
+    the pre-draft on the drafter thread raised too: the pre-draft's error, re-raised on the way
+    out, replaced the VerifyError and the generation raised instead."""
+    with pytest.raises(VerifyError, match="went away"):
+        _verify_failing_under_a_failing_predraft()
+
+
+def test_the_pre_drafts_error_behind_a_failed_verify_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Not raised (the transport's error is the round's), but not dropped without a word either:
+    a drafter that fails while pre-drafting is a fault of its own."""
+    import logging
+
     with caplog.at_level(logging.WARNING, logger="gelato.device.generate"), pytest.raises(VerifyError):
-        asyncio.run(run())
+        _verify_failing_under_a_failing_predraft()
     assert "pre-drafting failed while the verdict's transport failed too: RuntimeError: pre-draft failed" in caplog.text
