@@ -52,7 +52,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from gelato.benchmarks.load_drafts import TargetDrafts
+from gelato.benchmarks.load_drafts import Memo, TargetDrafts
 from gelato.benchmarks.load_driver import IDLE_WAIT_S, reference, rss_mib, wait_idle
 from gelato.benchmarks.load_faults import (
     EDGE_GRACE_S,
@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_phases(args: argparse.Namespace) -> dict[str, dict]:
     target = load_model(args.target, "target", "float32", "cpu")
     fp, vocab = target.fingerprint, target.vocab_size
-    make = TargetDrafts(target)  # drafts the target takes some of: acceptance and rollback run
+    make = Memo(TargetDrafts(target))  # drafts the target takes some of: acceptance and rollback run
     witnesses = [(w, reference(target, w, make)) for w in WITNESSES]
     live_spec = Spec((21, 22, 23), 2, 6)
     phases: dict[str, dict] = {}

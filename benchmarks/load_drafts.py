@@ -24,7 +24,7 @@ import random
 import numpy as np
 import torch
 
-from gelato.benchmarks.load_streams import Spec, random_q
+from gelato.benchmarks.load_streams import Make, Spec, random_q
 from gelato.models import LoadedModel
 from gelato.sampling import process_logits
 from gelato.types import DraftBlock, SparseDist
@@ -67,3 +67,20 @@ def _own_q(probs: torch.Tensor) -> SparseDist:
         ids=tuple(int(t) for t, k in zip(top.indices.tolist(), keep, strict=True) if k),
         probs=tuple(float(p) for p in half[keep]),
     )
+
+
+class Memo:
+    """`make`, remembered by (spec, history, round): the solo `reference` run computes each block
+    once, and the live sessions, whose histories are the same while their verdicts agree, get it
+    back at once. Computed in the driver's event loop, `TargetDrafts`' forwards would pace 64
+    sessions one after another (batches of 2 rows, streams past their deadline)."""
+
+    def __init__(self, make: Make) -> None:
+        self.make = make
+        self.blocks: dict[tuple[Spec, tuple[int, ...], int], DraftBlock] = {}
+
+    def __call__(self, spec: Spec, tokens: list[int], rnd: int, vocab: int) -> DraftBlock:
+        key = (spec, tuple(tokens), rnd)
+        if key not in self.blocks:
+            self.blocks[key] = self.make(spec, tokens, rnd, vocab)
+        return self.blocks[key]

@@ -19,7 +19,7 @@ import time
 
 import grpc
 
-from gelato.benchmarks.load_drafts import TargetDrafts
+from gelato.benchmarks.load_drafts import Memo, TargetDrafts
 from gelato.benchmarks.load_driver import (
     Gate,
     Monitor,
@@ -87,7 +87,9 @@ async def load_wave(
     drafted = sum(s.k * len(o.verdicts) for s, o in zip(specs, outs, strict=True))
     accepted = sum(v[0] for o in outs for v in o.verdicts)
     max_rows = max((v[2] for o in outs for v in o.verdicts), default=0)
-    if mon.peak["active_sessions"] < len(specs):  # served one after another would pass the verdicts
+    # Served one after another, the sessions would pass the verdicts. Checked from 8 sessions on:
+    # fewer may open, run and close between two of the monitor's polls (50 ms).
+    if len(specs) >= 8 and mon.peak["active_sessions"] < len(specs):
         failures.append({"peak_active_sessions": mon.peak["active_sessions"], "expected": len(specs)})
     if len(specs) > 1 and max_rows <= 1:
         failures.append({"max_batch_rows": max_rows, "expected": "> 1 (batched)"})
@@ -135,7 +137,7 @@ async def load_phase(
     specs = load_specs(sessions, vocab)
     # Drafts the target takes some of (`make_block`'s n-gram guesses were rejected at once: 2 of
     # 442 verdicts accepted anything, so batched acceptance and rollback went all but unchecked).
-    make = TargetDrafts(target)
+    make = Memo(TargetDrafts(target))  # computed once, in `reference`: the waves replay them
     want = [reference(target, s, make) for s in specs]
     idle0 = rss_mib(pid)
     results = [await load_wave(address, pid, fp, vocab, specs, want, make) for _ in range(waves)]
