@@ -121,13 +121,19 @@ async def load_target(server: EdgeServer, config: EdgeConfig) -> LoadedModel:
     return await server.serve_loaded(loaded)
 
 
+def _exit_now(line: str, code: int) -> NoReturn:
+    """Say `line` and exit with `code` without the interpreter's teardown (which joins the model
+    thread, however long its forward still runs)."""
+    say(line)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)
+
+
 def _stop_now(sig: signal.Signals) -> None:
     """A second SIGTERM or Ctrl-C during the drain: exit at once (128 + the signal's number); the
     open sessions' devices see the connection go, as when an edge dies, and fail over."""
-    say(f"gelato-edge: {sig.name} again: exiting now, without waiting for open sessions")
-    logging.shutdown()
-    sys.stdout.flush()
-    os._exit(128 + sig)
+    _exit_now(f"gelato-edge: {sig.name} again: exiting now, without waiting for open sessions", 128 + sig)
 
 
 async def serve(config: EdgeConfig) -> int:
@@ -200,10 +206,7 @@ async def serve(config: EdgeConfig) -> int:
     if not server.service.executor.wait_idle(MODEL_THREAD_EXIT_S):
         # A forward outlived the drain (a long prefill; its stream is cancelled already): the
         # interpreter would join the model thread at exit, past a container's stop timeout.
-        say("gelato-edge: a forward is still running; exiting without waiting for it")
-        logging.shutdown()
-        sys.stdout.flush()
-        os._exit(0)
+        _exit_now("gelato-edge: a forward is still running; exiting without waiting for it", 0)
     return 0
 
 
