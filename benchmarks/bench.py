@@ -1,20 +1,20 @@
 """`gelato-bench gsm8k`: every draft policy on GSM8K between two emulated hosts.
 
-Contract. `gelato-bench gsm8k [--devices N] [--policies LIST] [--budgets J,...] [--v V,...]
-[--limit 50] [--data PATH] [--drafter M --target M] [--max-new-tokens 256] [--out DIR [--force]]
-[--channel none|wifi|lte|lossy] [--one-way-ms --jitter-ms --up-mbit --down-mbit --loss
---loss-stall-ms]` builds the channel (`gelato.benchmarks.channel`: two network namespaces + veth, tbf
-rates, delay/jitter/loss by netem or the userspace relay; measured RTT and rates next to the
-nominal ones, before and after the runs), starts one `gelato-edge` in the edge namespace (pinned
-to the first CPU), and runs each configuration as N concurrent `gelato-device` processes in the
-device namespace (pinned to the other CPUs, one each where there are enough), the first `--limit`
-test questions dealt round-robin over the devices. Order: `ar-edge` (the reference every edge-
-verified output must equal), fixed-K, `ar-device`, heuristic, entropy (each τ), adaedl (each λ),
-lyapunov and gelato (without budget), then lyapunov and gelato at every budget ē × V (default ē:
-the cheapest fixed-K J/token × `--budget-factors`). Each lyapunov/gelato configuration runs once
-per pipelining mode of `--pipeline` (a comma list of off, local, send-ahead; `both` = off,local,
-`all` = every mode, the default; `--ahead-blocks N` for send-ahead, else the device's default),
-labelled `gelato+local`, `gelato+send-ahead ē=… V=…`, ... (plain `gelato` is off).
+Contract. `gelato-bench gsm8k [--devices N] [--policies LIST] [--budgets J,...] [--v V,...] [--limit
+50] [--data PATH] [--drafter M --target M] [--max-new-tokens 256] [--out DIR [--force]] [--channel
+none|wifi|lte|lossy] [--one-way-ms --jitter-ms --up-mbit --down-mbit --loss --loss-stall-ms]` builds
+the channel (`gelato.benchmarks.channel`: two network namespaces + veth, tbf rates,
+delay/jitter/loss by netem or the userspace relay; measured RTT and rates next to the nominal ones,
+before and after the runs, and the relay's realised loss), starts one `gelato-edge` in the edge
+namespace (pinned to the first CPU), and runs each configuration as N concurrent `gelato-device`
+processes in the device namespace (pinned to the other CPUs, one each where there are enough), the
+first `--limit` test questions dealt round-robin over the devices. Order: `ar-edge` (the reference
+every edge-verified output must equal), fixed-K, `ar-device`, heuristic, entropy (each τ), adaedl
+(each λ), lyapunov and gelato (without budget), then lyapunov and gelato at every budget ē × V
+(default ē: the cheapest fixed-K J/token × `--budget-factors`). Each lyapunov/gelato configuration
+runs once per pipelining mode of `--pipeline` (a comma list of off, local, send-ahead; `both` =
+off,local, `all` = every mode, the default; `--ahead-blocks N` for send-ahead, else the device's
+default), labelled `gelato+local`, `gelato+send-ahead ē=… V=…`, ... (plain `gelato` is off).
 After the device runs: transformers assisted generation with the same pair in this process
 (`gelato.benchmarks.bench_refs.assisted`) and the oracle bound from this run's verdicts and costs.
 
@@ -334,6 +334,7 @@ class Bench:
             self.fleet = Fleet(launch, self.device_base(address), shards, a.out / "work")
             budgets = self.run_plan()
             after = channel.measure(address, port)
+            loss = channel.realised_loss()  # the devices' relay stops here: no run uses it after this
         except RuntimeError as exc:  # ChannelError too: its type (and exit status) is kept
             code = edge.proc.poll()
             if code is not None:  # the edge died: its output, not its devices' (left without it), says why
@@ -341,7 +342,8 @@ class Bench:
             raise
         finally:
             edge.stop()
-        return {"measured_before": before, "measured_after": after, "budgets_j_per_token": budgets}
+        measured = {"measured_before": before, "measured_after": after, "realised_loss": loss}
+        return {**measured, "budgets_j_per_token": budgets}
 
     def run_plan(self) -> list[float]:
         a = self.args

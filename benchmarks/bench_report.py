@@ -376,6 +376,14 @@ def budget_lines(budgets: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _realised(loss: dict[str, Any] | None) -> str:
+    """The loss the runs met (the devices' relay's counts), where it was counted."""
+    if not loss:
+        return ""
+    rate = "" if loss["rate"] is None else f", {loss['rate']:.4f}"
+    return f" (realised over all runs: {loss['lost']} of {loss['segments']} segments lost{rate})"
+
+
 def _rebuilt_line(rebuilt: dict[str, Any] | None) -> list[str]:
     if not rebuilt:
         return []
@@ -398,7 +406,8 @@ def markdown(result: dict[str, Any]) -> str:
         *_rebuilt_line(result.get("rebuilt")),
         f"Channel nominal: RTT {_f(nom.get('rtt_ms'), 'g')} ms, up {_f(nom.get('up_mbit'), 'g')} / down "
         f"{_f(nom.get('down_mbit'), 'g')} Mbit/s, jitter ±{ch['profile']['jitter_ms']:g} ms one way, loss "
-        f"{ch['profile']['loss']:g}. Measured through the same path before / after the runs: RTT "
+        f"{ch['profile']['loss']:g}{_realised(ch.get('realised_loss'))}. Measured through the same path before / "
+        f"after the runs: RTT "
         f"{_f(meas.get('rtt_ms'), '.2f')} / {_f(after.get('rtt_ms'), '.2f')} ms (64-byte echoes, median); a gRPC "
         f"Info round trip takes {_f(meas.get('grpc_added_rtt_ms'), '.2f')} ms more through the channel than direct "
         f"to the edge (median, before the runs); up {_f(meas.get('up_mbit'), '.1f')} / down "

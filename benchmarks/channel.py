@@ -107,8 +107,9 @@ class Listener:
         self.lines: list[str] = []
         self._ready = threading.Event()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
         try:
-            threading.Thread(target=self._drain, daemon=True).start()
+            self._drainer.start()
             ready = self._ready.wait(timeout_s) and bool(self.address)
         except BaseException:  # SIGTERM (SystemExit under `guard`) while it starts: in no list yet
             self.stop()
@@ -133,6 +134,13 @@ class Listener:
 
     def stop(self) -> int:
         return stop_process(self.proc, 10)
+
+    def last_words(self, timeout_s: float = 5.0) -> list[str]:
+        """Stops the process and returns all it printed, its exit lines included (the drain thread
+        may still be reading them when the process has gone)."""
+        self.stop()
+        self._drainer.join(timeout_s)
+        return list(self.lines)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -278,6 +286,20 @@ class Channel:
         cmd = [*self.prefix("edge", cpu), sys.executable, "-m", "gelato.benchmarks.channel_probe", "proxy"]
         cmd += ["--listen", f"{EDGE_IP}:0", "--upstream", f"127.0.0.1:{port}", "--seed", str(self.seed), *delay]
         return Listener(cmd)
+
+    def realised_loss(self) -> dict[str, Any] | None:
+        """Stops the devices' relay (`expose`) and returns the segments it carried and lost in both
+        directions over its life (every run through it, and `measure`'s gRPC calls through it): what
+        the runs met, next to the profile's probability. None with no relay, or with netem doing
+        the loss (not counted here)."""
+        if not self.procs or self.netem or not self.profile.loss:
+            return None
+        for line in reversed(self.procs[0].last_words()):
+            if line.startswith("channel proxy: {"):
+                counts = json.loads(line.removeprefix("channel proxy: "))
+                segments, lost = int(counts["segments"]), int(counts["lost"])
+                return {"segments": segments, "lost": lost, "rate": lost / segments if segments else None}
+        raise ChannelError("the channel relay exited without its loss counts:\n" + "".join(self.procs[0].lines[-20:]))
 
     @property
     def mechanisms(self) -> dict[str, str]:

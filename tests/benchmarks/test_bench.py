@@ -71,6 +71,7 @@ def test_gsm8k_end_to_end_on_loopback(pair: dict[str, Path], gsm8k_like: Path, t
     assert refs["assisted"]["mode"].startswith("universal") and refs["assisted"]["exact_match"].endswith("/2")
     assert refs["oracle"]["tokens_per_s"] > 0
     assert s["channel"]["mechanisms"]["delay"].startswith("none") and s["lossless_failures"] == []
+    assert s["channel"]["realised_loss"] is None  # loopback: no relay, no loss counted
     table = (out / "table.md").read_text()
     for column in ("tokens/s/device", "Σ device tokens/s", "fleet tokens/s", "device mJ/token", "GSM8K acc"):
         assert column in table

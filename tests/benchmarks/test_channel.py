@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from gelato.benchmarks import bench
-from gelato.benchmarks.channel import Channel, ChannelError, profile_from, reap_stale, run
+from gelato.benchmarks.channel import Channel, ChannelError, Listener, profile_from, reap_stale, run
 from gelato.benchmarks.channel_probe import LossyProxy, build_parser
 from gelato.benchmarks.delay_proxy import split_hostport
 
@@ -309,3 +309,23 @@ def test_the_relay_adds_the_profiles_delay_only_without_netem(monkeypatch: pytes
     args = build_parser().parse_args(seen[0][seen[0].index("proxy") :])
     relayed = (args.one_way_ms, args.jitter_ms, args.loss)
     assert relayed == ((0.0, 0.0, 0.0) if netem else (10.0, 2.0, 0.01)), relayed
+
+
+@root
+def test_the_loss_the_runs_met_is_counted_by_the_devices_relay() -> None:
+    """The devices' relay's own counts (both directions, its whole life) come back when it stops: a
+    run's realised loss, beside the profile's probability (a 20 % loss profile, ~1 MiB each way)."""
+    profile = profile_from("lossy", one_way_ms=1, jitter_ms=0, up_mbit=0, down_mbit=0, loss=0.2, loss_stall_ms=5)
+    with Channel(profile) as ch:
+        server = Listener([*ch.prefix("edge"), sys.executable, "-m", "gelato.benchmarks.channel_probe", "server"])
+        try:
+            address = ch.expose(server.port)
+            args = ["--address", address, "--n", "10", "--bytes-up", str(1 << 20), "--bytes-down", str(1 << 20)]
+            ch._probe("device", args)
+            loss = ch.realised_loss()
+            assert ch.procs[0].proc.poll() is not None  # the relay was stopped to read its counts
+        finally:
+            server.stop()
+    assert loss is not None and loss["segments"] > 1000, loss
+    assert 0.15 < loss["rate"] < 0.25 and loss["rate"] == loss["lost"] / loss["segments"], loss
+    assert Channel(profile_from("none")).realised_loss() is None  # no relay: nothing was counted
