@@ -4,9 +4,9 @@ Contract: `StreamCap(methods, limit)` is a `grpc.aio.ServerInterceptor`; at most
 each method in `methods` run at once, and one more ends at once with RESOURCE_EXHAUSTED (the text
 names the method and the limit) without reaching the service. A call frees its place when it ends,
 however it ends; `end_all()` ends every open one (at shutdown). `EdgeHealth` is the health
-servicer with one more rule: a `Watch` or `Check` for a service name longer than
+servicer with two more rules: a `Watch` or `Check` for a service name longer than
 `MAX_SERVICE_NAME_CHARS` is refused INVALID_ARGUMENT, since a watcher keeps its request (up to the
-4 MiB message limit) and a dictionary entry keyed by the name for as long as it watches.
+4 MiB message limit) for as long as it watches; and `set` never waits for a watcher's write.
 
 Why: a Session stream is bounded by admission and by the cap on streams waiting to open; these
 two hold a task and gRPC's call state each for as long as the client keeps them, so without a
@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 _T = TypeVar("_T")
@@ -130,7 +130,23 @@ async def _next(replies: AsyncIterator[Any]) -> Any:
         return _END
 
 
-class EdgeHealth(health.aio.HealthServicer):
+class EdgeHealth(health_pb2_grpc.HealthServicer):
+    """`grpc.health.v1.Health` (Check, Watch) and `set`, as grpc_health's asyncio servicer serves
+    them, with two rules of the edge's: a name over `MAX_SERVICE_NAME_CHARS` is refused
+    INVALID_ARGUMENT, and no watcher holds up `set`. grpc_health's `Watch` writes under the lock its
+    `set` takes, so one watcher whose write never completes (an HTTP/2 peer that grants no window)
+    kept the edge from turning SERVING after its load and stalled its shutdown at NOT_SERVING. Here
+    a watcher writes with no lock held, and `set` only records the status and wakes the watchers."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, int] = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._changed = asyncio.Event()  # set, and replaced, by every `set`
+
+    async def set(self, service: str, status: int) -> None:
+        self._status[service] = status
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
     async def _refuse_long_name(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
         if len(request.service) > MAX_SERVICE_NAME_CHARS:
             await context.abort(
@@ -140,8 +156,22 @@ class EdgeHealth(health.aio.HealthServicer):
 
     async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> Any:
         await self._refuse_long_name(request, context)
-        return await super().Check(request, context)
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND)
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        """The status now, then each change (a change missed while a write was pending is
+        coalesced: the watcher gets the latest, as the health protocol allows)."""
         await self._refuse_long_name(request, context)
-        await super().Watch(request, context)
+        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        last: int | None = None
+        while True:
+            changed = self._changed  # taken before the status is read: no change slips between
+            status = self._status.get(request.service, unknown)
+            if status == last:
+                await changed.wait()
+                continue
+            await context.write(health_pb2.HealthCheckResponse(status=status))
+            last = status

@@ -142,8 +142,8 @@ class EdgeServer:
         return loaded
 
     async def _set_health(self, status: int) -> None:
-        await self.health.set("", status)  # type: ignore[arg-type]
-        await self.health.set(SERVICE_NAME, status)  # type: ignore[arg-type]
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Health NOT_SERVING and no new calls at once, open sessions get `grace_s`, then each is
