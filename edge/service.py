@@ -81,7 +81,7 @@ class _Stream:
     it, since when (`time.monotonic()`) it waits for its device's next message (None while the
     edge owes the device an answer), and whether shutdown has cut it."""
 
-    __slots__ = ("client", "cut", "session", "task", "waiting_since")
+    __slots__ = ("client", "cut", "session", "task", "unclosed", "waiting_since")
 
     def __init__(self, task: asyncio.Task | None, client: str = "") -> None:
         self.task = task
@@ -89,6 +89,7 @@ class _Stream:
         self.session: TargetSession | None = None
         self.waiting_since: float | None = None
         self.cut = False
+        self.unclosed = False  # the device's side ended with no close message: half-closed or cancelled
 
     def session_id(self) -> str | None:
         return self.session.session_id if self.session is not None else None
@@ -204,6 +205,8 @@ class GelatoService:
         outcome = "OK"
         try:
             await self._serve(context, stream)
+            if stream.unclosed:  # a device that cancels its call is often seen so too (gRPC ends the read)
+                outcome = "WITHOUT_CLOSE"
         except StatusError as exc:
             details = clip(exc.details, MAX_DETAILS)
             outcome = exc.code.name
@@ -234,7 +237,8 @@ class GelatoService:
         try:
             while (msg := await self._next_message(context, stream)) is not None:
                 if not await self._answer(context, stream, msg, time.perf_counter()):
-                    break
+                    return
+            stream.unclosed = True
         finally:
             if stream.session is not None:
                 self.registry.release(stream.session.session_id)
