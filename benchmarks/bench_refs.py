@@ -215,10 +215,11 @@ def oracle(
     radio_rates_mbit: tuple[float, float] = (0.0, 0.0),
 ) -> dict[str, Any]:
     """Oracle rows (one per cap), calibrated, and the model's fidelity on the measured fixed-K runs.
-    Calibration: the rounds' simulated time and energy × (measured / simulated over the fixed-K
-    runs' rounds), plus the measured per-question overheads (`overheads`). Each run's fidelity is
-    scored with that run left out of the scales (`held_out`; with one fixed-K run there is nothing
-    else to calibrate on: in-sample, and it says so). The cost fit itself uses every run."""
+    Calibration: the rounds' simulated time and energy × the mean over the fixed-K runs of each
+    run's measured / simulated (over its rounds), plus the measured per-question overheads
+    (`overheads`). Each run's fidelity is scored with that run left out of the scales (`held_out`;
+    with one fixed-K run there is nothing else to calibrate on: in-sample, and it says so). The cost
+    fit itself uses every run."""
     model, fitted = fit_model(fixed, radio, context_limit, max(k_caps), radio_rates_mbit)
     over = overheads(fixed)
     sims = {run.spec.label: replay(traces, model, run.spec.policy) for run in fixed}

@@ -429,7 +429,8 @@ def markdown(result: dict[str, Any]) -> str:
         "`assisted` is transformers' assisted generation in ONE process with no network (a reference for the "
         "algorithm, not comparable in tokens/s); `oracle` rows are simulated from this run's verdicts and its "
         "fixed-K runs' costs (times as measured, energy as their meter gave it: see the oracle rows' energy source; "
-        "calibrated on the fixed-K runs; the model's fidelity on each, with it left out of the calibration, "
+        "calibrated on the fixed-K runs; the model's fidelity on each, with it left out of the time and energy "
+        "scales (not of the cost fit or the per-question overheads, which use every run), "
         "is in summary.json)." + (f" {WORST_LATENCY_NOTE}" if s["devices"] > 1 else ""),
         "",
         *table(rows, s["devices"]),

@@ -49,3 +49,18 @@ def test_divergence_counts_sessions_and_their_first_round() -> None:
     got = divergence(runs)
     assert got == {"verdicts_differing_from_solo": 10, "sessions_diverged": 3, "first_divergence_round_p50": 4}
     assert divergence(runs[:1])["first_divergence_round_p50"] is None
+
+
+def test_percentiles_are_nearest_rank_over_n_minus_one() -> None:
+    """p99 of 100 verdicts is the 99th, not the maximum (the rank was q·n, one too high where q·n
+    is whole), and every percentile is ranked as `gelato-bench` ranks it."""
+    import pytest
+
+    from gelato.benchmarks.bench_run import percentile
+    from gelato.benchmarks.edge_batching import _pct
+
+    xs = [float(i) for i in range(1, 101)]
+    assert _pct(xs, 0.99) == 99.0 and _pct(xs, 0.0) == 1.0 and _pct(xs, 1.0) == 100.0
+    assert all(_pct(xs[:n], q) == percentile(xs[:n], q) for n in (1, 2, 7, 100) for q in (0.1, 0.5, 0.9, 0.99))
+    with pytest.raises(ValueError, match="no verdict"):
+        _pct([], 0.5)
