@@ -7,7 +7,9 @@
 #   edge.crt, edge.key      the edge's certificate and key (--tls-cert, --tls-key)
 #   device.crt, device.key  a client certificate for mutual TLS (edge: --tls-client-ca ca.crt)
 #   token                   the bearer token both sides read (--auth-token-file)
-# The containers run as uid 10001: run as root and the private files are given to that uid (0600),
+# GELATO_CERT_DAYS: how long the certificates it issues are valid (default 825 days).
+# The containers run as uid 10001: run as root and the private files are given to that uid (0600;
+# a host account with uid 10001 could then read them: give the containers another uid there),
 # otherwise they stay yours alone (0600): `podman unshare chown 10001 OUT_DIR/edge.key
 # OUT_DIR/device.key OUT_DIR/token` before mounting with rootless Podman (`sudo chown 10001 ...` with
 # Docker or rootful Podman; never ca.key: whoever holds it can mint certificates devices trust).
@@ -22,6 +24,10 @@ names=("$@")
 asked=${#names[@]}  # names given: an existing edge.crt must carry them
 [ "$asked" -gt 0 ] || names=(edge localhost 127.0.0.1)
 days=${GELATO_CERT_DAYS:-825}
+if ! [[ $days =~ ^[1-9][0-9]{0,5}$ ]]; then
+  echo "error: GELATO_CERT_DAYS=$days is not a whole number of days (1 to 999999)" >&2
+  exit 2
+fi
 mkdir -p "$out"
 cd "$out"
 
@@ -53,6 +59,12 @@ for f in ca.crt ca.key edge.crt edge.key device.crt device.key token; do
   fi
 done
 
+for n in edge device; do  # a kept certificate is no use without its key (after the chown it may not be ours: -e)
+  if [ -s "$n.crt" ] && [ ! -e "$n.key" ]; then
+    echo "error: $out/$n.crt is here without its key $n.key: delete $out/$n.crt to issue a new pair" >&2
+    exit 1
+  fi
+done
 missing=""
 for n in edge device; do [ -s "$n.crt" ] || missing+=" $n.crt"; done
 if [ -s ca.crt ] && [ ! -s ca.key ] && [ -n "$missing" ]; then

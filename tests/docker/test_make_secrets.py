@@ -4,6 +4,7 @@ name check against a certificate the script said was right)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -182,3 +183,26 @@ def test_a_kept_token_is_made_private_too(tmp_path: Path) -> None:
     assert stat.S_IMODE(st.st_mode) == 0o600
     if os.geteuid() == 0:
         assert (st.st_uid, st.st_gid) == (10001, 10001)
+
+
+def test_a_kept_certificate_without_its_key_is_an_error(tmp_path: Path) -> None:
+    """An edge.crt kept without edge.key was reported made ("secrets in ...: ... edge.key") and
+    the edge then failed at its start."""
+    out = tmp_path / "secrets"
+    assert make(out).returncode == 0
+    (out / "edge.key").unlink()
+    again = make(out)
+    assert again.returncode == 1 and "edge.crt is here without its key edge.key" in again.stderr
+    assert "secrets in" not in again.stdout
+
+
+@pytest.mark.parametrize("days", ["2y", "0", "-5", ""])
+def test_bad_certificate_days_are_one_line_before_anything_is_made(tmp_path: Path, days: str) -> None:
+    out = tmp_path / "secrets"
+    env = {**os.environ, "GELATO_CERT_DAYS": days}
+    res = subprocess.run(["bash", str(SCRIPT), str(out)], capture_output=True, text=True, timeout=120, env=env)
+    if days == "":  # empty: the default, as ${VAR:-825} reads it
+        assert res.returncode == 0, res.stderr
+        return
+    assert res.returncode == 2 and f"GELATO_CERT_DAYS={days} is not a whole number of days" in res.stderr
+    assert not out.exists() or not any(out.iterdir())
