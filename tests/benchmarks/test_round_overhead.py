@@ -67,6 +67,10 @@ def test_round_parts_are_consistent(result: dict[str, Any]) -> None:
         assert p["uplink_ms"] + p["downlink_ms"] == pytest.approx(by_key["transit"], abs=TOL_MS, rel=0.1)
         assert p["edge_cpu_ms_per_verdict"] > 0 and p["device_cpu_ms_per_round"] > 0
         assert p["floor_ms"] > 0 and p["plain_round_ms"] > 0 and p["plain_tokens_per_s"] > 0
+        # Like with like: the loop timer over every round (the plain run drops none), not without
+        # the rounds dropped as preempted (that read 0.93× in a committed run: timers that sped the loop up).
+        every = p["every_round"]["loop_timer_mean_ms"]
+        assert p["instrumentation_inflation"] == pytest.approx(every / p["plain_round_ms"])
         assert [c["key"] for c in ro.ranked_overhead(p)] == [
             c["key"] for c in sorted(comps, key=lambda c: -c["ms"]) if c["kind"] != "model"
         ]
