@@ -179,12 +179,22 @@ check_python() {
   echo "$base"
 }
 
+py_version() {  # MAJOR.MINOR of interpreter $1, "unknown" when it does not run
+  local v
+  v=$("$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
+  echo "${v:-unknown}"
+}
+
 setup() {
   local extras=${1:-}  # dev: the test tools too
   if [ ! -x "$py" ]; then
     local base
     base=$(check_python)
     "$base" -m venv "$venv"
+  elif [ -n "${GELATO_PYTHON:-}" ] && [ "$(py_version "$py")" != "$(py_version "$GELATO_PYTHON")" ]; then
+    # GELATO_PYTHON makes a venv; one already here is kept, which must not pass unsaid.
+    echo "gelato.sh: note: $venv (Python $(py_version "$py")) is kept; GELATO_PYTHON ($GELATO_PYTHON, Python" \
+      "$(py_version "$GELATO_PYTHON")) only picks the interpreter a new one is made from: rm -rf $venv to remake it" >&2
   fi
   local want have build
   build=$(torch_build)

@@ -337,3 +337,16 @@ def test_the_test_tools_over_a_venv_without_a_constraint_file_write_it(checkout:
     pip, _ = checkout.setup("cpu")
     assert pip == [PROJECT], pip
     assert (checkout.root / ".venv" / "torch-constraint.txt").read_text().strip() == "torch==2.13.0+cpu"
+
+
+def test_a_gelato_python_the_existing_venv_was_not_made_from_is_said(checkout: Checkout) -> None:
+    """GELATO_PYTHON only makes a venv: with one already here it was ignored without a word."""
+    checkout.installed("cpu")
+    checkout.has_torch(None)
+    other = checkout.root / "python3.99"
+    other.write_text("#!/bin/sh\necho 3.99\n")
+    other.chmod(0o755)
+    _, err = checkout.setup("cpu", extra_env={"GELATO_PYTHON": str(other)})
+    assert "is kept; GELATO_PYTHON" in err and "Python 3.99) only picks the interpreter" in err, err
+    _, err = checkout.setup("cpu", extra_env={"GELATO_PYTHON": sys.executable})  # the venv's own version
+    assert "GELATO_PYTHON" not in err, err
