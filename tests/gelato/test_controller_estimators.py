@@ -365,3 +365,20 @@ def test_calibrator_prior_and_unobserved_tokens() -> None:
     assert sum(r["observed"] for r in cal.table()) == pytest.approx(2.0)
     cal.observe_block([], 0)  # an empty block observes nothing
     assert sum(r["observed"] for r in cal.table()) == pytest.approx(2.0)
+
+
+def test_an_empty_bin_does_not_pull_the_observed_tail_towards_the_overall_rate() -> None:
+    """An easy workload (overall acceptance ~0.97), then 12 drafts at 5 nats of which one was
+    accepted: their bin says ~0.3 (its data, smoothed by the prior), and the empty bin above it the
+    same. The empty top bin's prior weight once pooled 0.97 into it: 0.44, which keeps drafting past
+    exactly the tokens the early exit is for."""
+    cal = EntropyCalibrator()
+    for i in range(300):
+        cal.observe_block([0.01] * 4, 4 if i % 8 else 3)
+    for i in range(12):
+        cal.observe_block([0.01, 5.0], 2 if i == 0 else 1)
+    assert cal.overall > 0.95
+    smoothed = (1 + cal.prior_tokens * cal.overall) / (12 + cal.prior_tokens)  # the bin's own, decay aside
+    assert cal.p_accept(5.0) == pytest.approx(smoothed, abs=0.01) and cal.p_accept(5.0) < 0.35
+    assert cal.p_accept(7.0) == cal.p_accept(5.0)  # unseen, above: no more trusted than the bin below
+    assert cal.p_accept(0.01) > 0.95
