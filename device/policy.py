@@ -54,11 +54,12 @@ class Controller:
 
     options: PolicyOptions
     cost: CostEstimator = field(init=False)
-    calibrator: EntropyCalibrator = field(default_factory=EntropyCalibrator)
+    calibrator: EntropyCalibrator = field(init=False)
     queue: DeficitQueue | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.cost = CostEstimator(self.options.halflife_rounds)
+        self.calibrator = EntropyCalibrator(halflife_tokens=self.options.calibrator_halflife_tokens)
         # Of the fully accepted blocks, the share whose bonus was the drafter's own pick: the first
         # pre-draft (with send-ahead: the next block's guess, sent or dropped unsent), or where
         # nothing was drafted past the block, the pick checked in the next block's first forward

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gelato.config import Settings, between, ge, gt, le, setting
+from gelato.controller.calibrator import DEFAULT_CALIBRATOR_HALFLIFE_TOKENS
 from gelato.controller.estimators import DEFAULT_HALFLIFE_ROUNDS
 from gelato.wire import MAX_STREAMED_PER_MESSAGE
 
@@ -48,6 +49,12 @@ class PolicyOptions(Settings):
         DEFAULT_HALFLIFE_ROUNDS,
         "half-life of the controller's time/energy/acceptance estimates, in rounds",
         flag="--estimator-halflife-rounds",
+        check=gt(0),
+    )
+    calibrator_halflife_tokens: float = setting(
+        DEFAULT_CALIBRATOR_HALFLIFE_TOKENS,
+        "half-life of the entropy calibrator's counts p̂(accept | H), in observed drafts (shorter: follows a "
+        "change of prompts sooner, noisier per entropy bin)",
         check=gt(0),
     )
     ar_device_block: int = 16  # tokens per local step of `ar-device`

@@ -23,6 +23,10 @@ from collections.abc import Sequence
 
 # Bin edges in nats: fine near zero, where a confident drafter's tokens live, coarse in the tail.
 DEFAULT_EDGES_NATS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.5, 6.5)
+# Counts halve every this many observed drafts. A tail bin sees a few % of the drafts, so it needs
+# thousands of them to hold a usable count; the price is following a new kind of prompt only within
+# a few thousand tokens (the estimators' α̂ follows in ~20 rounds). `--calibrator-halflife-tokens`.
+DEFAULT_CALIBRATOR_HALFLIFE_TOKENS = 4000.0
 
 
 def isotonic_non_increasing(values: Sequence[float], weights: Sequence[float]) -> list[float]:
@@ -47,7 +51,7 @@ class EntropyCalibrator:
         edges_nats: Sequence[float] = DEFAULT_EDGES_NATS,
         prior_alpha: float = 0.6,
         prior_tokens: float = 4.0,
-        halflife_tokens: float = 4000.0,
+        halflife_tokens: float = DEFAULT_CALIBRATOR_HALFLIFE_TOKENS,
         monotone: bool = True,
     ) -> None:
         if list(edges_nats) != sorted(edges_nats):

@@ -9,7 +9,17 @@ from dataclasses import replace
 import pytest
 
 from gelato.controller import CostModel, Objective, cheapest_k, choose_k_ref, expected_emitted
-from gelato.device.policy import POLICY_NAMES, EntropyStop, Heuristic, PolicyOptions, _Continuation, parse_policy
+from gelato.device.cli import build_parser as device_parser
+from gelato.device.config import DeviceConfig
+from gelato.device.policy import (
+    POLICY_NAMES,
+    Controller,
+    EntropyStop,
+    Heuristic,
+    PolicyOptions,
+    _Continuation,
+    parse_policy,
+)
 from gelato.types import Telemetry
 
 
@@ -288,3 +298,28 @@ def test_a_drafter_that_never_agrees_still_settles_at_k0() -> None:
     d = p.decide(8)
     assert d.k_ref == 0 and not d.explore
     assert drafted[-10:].count(0) >= 9
+
+
+def test_the_calibrator_half_life_is_the_device_setting() -> None:
+    """`--calibrator-halflife-tokens` reaches the controller's calibrator, and a shorter half-life
+    follows a change of acceptance sooner: after 2000 drafts accepted at one entropy, 2000 rejected
+    ones there move p̂ below the middle with a half-life of 500 drafts but not with 4000's."""
+    args = device_parser().parse_args(["--prompt", "x", "--calibrator-halflife-tokens", "500"])
+    options = DeviceConfig.from_args(args).controller
+    assert options.calibrator_halflife_tokens == 500.0
+    assert Controller(options).calibrator.halflife_tokens == 500.0
+    assert Controller(PolicyOptions()).calibrator.halflife_tokens == 4000.0
+
+    def after_a_change(halflife_tokens: float) -> float:
+        cal = Controller(PolicyOptions(calibrator_halflife_tokens=halflife_tokens)).calibrator
+        for _ in range(500):
+            cal.observe_block([0.3] * 4, 4)  # 2000 drafts, all accepted
+        for _ in range(2000):
+            cal.observe_block([0.3], 0)  # 2000 first drafts rejected
+        return cal.p_accept(0.3)
+
+    assert after_a_change(500.0) < 0.1 < 0.4 < after_a_change(4000.0)
+    with pytest.raises(ValueError, match="--calibrator-halflife-tokens must be > 0"):
+        DeviceConfig.from_args(
+            device_parser().parse_args(["--prompt", "x", "--calibrator-halflife-tokens", "0"])
+        ).validate()
