@@ -20,7 +20,7 @@ from gelato.edge.sessions import TargetSession
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel, encode_prompt
 from gelato.sampling import finite_logits
-from gelato.types import SamplingParams
+from gelato.types import DraftBlock, SamplingParams, SparseDist
 from tests.conftest import target_greedy
 
 INF, NAN = float("inf"), float("nan")
@@ -86,11 +86,25 @@ def test_an_overflowing_drafter_still_gives_the_targets_output(
     session.prefill()
     limits = Limits(24, target.context_limit, 32, ())
     drafter = Drafter(drafter_model, params)
+    blocks: list[DraftBlock] = []
+
+    class Recording:  # the session, seeing every block the edge would
+        def verify(self, block: DraftBlock) -> tuple[int, int]:
+            blocks.append(block)
+            return session.verify(block)
+
     with caplog.at_level(logging.WARNING, logger="gelato.device.drafter"):
         res = asyncio.run(
-            speculative_generate(drafter, local_verifier(session), parse_policy("entropy"), prompt, limits)
+            speculative_generate(drafter, local_verifier(Recording()), parse_policy("entropy"), prompt, limits)
         )
     assert len(res.token_ids) == 24
+    if temperature > 0:
+        # Exactness needs each draft sent with the q it was drawn from: on an overflowing row that
+        # q is token 9 alone (the +inf's limit), and the draft is 9.
+        drafts = [(x, q) for b in blocks for x, q in zip(b.ids, b.q, strict=True)]
+        assert all(x in q.ids for x, q in drafts)
+        inf_rows = [x for x, q in drafts if q == SparseDist((9,), (1.0,))]
+        assert inf_rows and set(inf_rows) == {9}
     assert all(math.isfinite(h) for t in res.stats.rounds_log for h in t.entropies)
     assert sum("hold NaN or inf" in r.message for r in caplog.records) == 1  # said once
     if temperature == 0:

@@ -22,9 +22,10 @@ from gelato.device.local_link import local_link
 from gelato.device.pipeline import pipelined_generate
 from gelato.device.policy import FixedK, PolicyOptions, parse_policy
 from gelato.edge.sessions import TargetSession
-from gelato.entropy import entropy_nats
+from gelato.entropy import entropy_nats, entropy_of_probs
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel, encode_prompt
+from gelato.sampling import process_logits, truncate_top_m
 from gelato.types import SamplingParams, Verdict
 
 PROMPT = "Ava has 12 apples and Ben gives her 3 more. How many?"
@@ -88,6 +89,25 @@ def test_drafted_block_equals_plain_drafting(drafter_model: LoadedModel) -> None
     ids2, entropies2 = _draft_plainly(plain, 3)
     assert list(nxt.ids) == ids2 and list(nxt.entropies) == entropies2
     assert drafter.seq.tokens == plain.tokens and drafter.seq.cached == plain.cached
+
+
+def test_a_sampled_block_carries_the_q_it_drew_from_and_that_qs_entropy(drafter_model: LoadedModel) -> None:
+    """Sampling: each draft's q is the top-m of the processed row the plain way (temperature, top-k,
+    truncation), the draft is in its support, and the entropy the early exit reads is that q's, the
+    distribution actually sampled from (not the raw logits')."""
+    tokens = encode_prompt(drafter_model.tokenizer, PROMPT)
+    params = SamplingParams(temperature=1.5, top_k=50, seed=7)
+    drafter = Drafter(drafter_model, params, top_m=8)
+    drafter.start(tokens)
+    block = drafter.draft(6, 0)
+    assert len(block.q) == block.k == 6
+    plain = _seq(drafter_model, tokens, 1)
+    for i, (x, q, h) in enumerate(zip(block.ids, block.q, block.entropies, strict=True)):
+        logits = plain.forward([block.ids[i - 1]] if i else [])[-1]
+        want = truncate_top_m(process_logits(logits, params), 8)
+        assert q == want and x in q.ids
+        assert h == entropy_of_probs(torch.tensor(want.probs))
+        assert abs(h - entropy_nats(logits)) > 1e-3  # the raw row's entropy differs: the test tells them apart
 
 
 def _counting(calls: list[str]) -> Any:

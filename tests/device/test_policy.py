@@ -323,3 +323,31 @@ def test_the_calibrator_half_life_is_the_device_setting() -> None:
         DeviceConfig.from_args(
             device_parser().parse_args(["--prompt", "x", "--calibrator-halflife-tokens", "0"])
         ).validate()
+
+
+def test_gelatos_inner_rule_ends_a_block_at_an_uncertain_token() -> None:
+    """gelato's per-token rule reads each draft's entropy through the trained calibrator: with
+    confident (0.01-nat) drafts accepted and 5-nat ones rejected, a block goes on through confident
+    tokens and ends with "entropy" at the first uncertain one, before K_ref; lyapunov, the same
+    outer loop without the rule, drafts K_ref whatever the entropies."""
+    for name in ("gelato", "lyapunov"):
+        p = parse_policy(name)
+        for i in range(60):
+            if i % 2:
+                p.observe(replace(tele(6, 6), entropies=(0.01,) * 6))
+            else:  # the 5th draft, uncertain, rejected; the 6th never judged
+                p.observe(replace(tele(6, 4), entropies=(0.01,) * 4 + (5.0, 5.0)))
+        assert p.controller.calibrator.p_accept(0.01) > 0.95 > 0.2 > p.controller.calibrator.p_accept(5.0)
+        d = p.decide(8)
+        assert d.k_ref >= 4, d
+        gate = p.gate(d)
+        entropies = (0.01, 0.01, 5.0) + (0.01,) * 8
+        drafted, reason = 0, None
+        while drafted < d.k_max and reason is None:  # as `Drafter.draft` asks the gate after each token
+            drafted += 1
+            reason = gate(drafted, entropies[drafted - 1], None) if gate is not None else None
+        if name == "gelato":
+            assert (drafted, reason) == (3, "entropy")
+            assert gate is not None and gate.p_accept[:2] == [p.controller.calibrator.p_accept(0.01)] * 2
+        else:
+            assert (drafted, reason) == (d.k_ref, None)

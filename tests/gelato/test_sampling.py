@@ -113,7 +113,13 @@ def test_truncate_top_m_is_exactly_what_is_sampled() -> None:
     top = torch.topk(probs, 8).values.double()
     np.testing.assert_allclose(q.probs, (top / top.sum()).numpy(), rtol=2**-10)
     gen = torch.Generator().manual_seed(1)
-    assert all(sample_sparse(q, gen) in q.ids for _ in range(200))
+    draws = [sample_sparse(q, gen) for _ in range(4000)]
+    assert set(draws) <= set(q.ids)
+    # ... drawn with q's probabilities: a sampler that ignored them (uniform over the support) fails.
+    observed = np.array([draws.count(i) for i in q.ids], dtype=float)
+    expected = np.array(q.probs, dtype=float) / sum(q.probs) * len(draws)
+    assert chisquare(observed, expected).pvalue > 1e-4
+    assert chisquare(observed, np.full(8, len(draws) / 8)).pvalue < 1e-6
 
 
 def test_verify_greedy_counts_leading_matches() -> None:
