@@ -37,7 +37,7 @@ class _Block:
     cap: int
     wanted: int
     draft_s: float
-    ahead: bool  # sent before its parent's verdict, with a guess (or empty: `follow`)
+    ahead: bool  # drafted before its parent's verdict, with a guess (or empty: `follow`)
     guess_ok: bool  # its guess is the target's token (always True for a block that is not ahead)
     verified: bool  # the edge verifies it (every block before it in the chain a hit); else stale
     view: DraftBlock  # what `Policy.p_hit` sees (the drafts' entropies)
@@ -49,6 +49,7 @@ class _Block:
     follow: bool = False  # empty, sent ahead: the target's next token whatever its parent gives
     drafted_after: bool = False  # a block was drafted after it (sent or not): its guess is known
     guess_hit: bool | None = None  # `DraftBlock.bonus_guess_hit`: the guess check of the block before
+    early: bool = False  # `Telemetry.sent_ahead`: sent while its parent's verdict was still out
 
 
 @dataclass
@@ -186,7 +187,8 @@ class SendAhead(DeviceCore):
                 predrafted=(successor.k + 1 if not successor.follow else 0) if successor is not None else dropped,
                 predraft_hit=hit and successor is not None and not successor.follow,  # as the live loop
                 bonus_guess_hit=sent.guess_hit,
-                sent_ahead=sent.ahead,
+                sent_ahead=sent.early,
+                guessed=sent.ahead and not sent.follow,
                 follow=sent.follow,
                 stale_blocks=sum(not b.follow for b in cut),
                 stale_empty=sum(b.follow for b in cut),
@@ -277,6 +279,7 @@ class SendAhead(DeviceCore):
         its parent missed) and when its verdict is back, in stream order."""
         m = self.model
         block.sent_at = now
+        block.early = block.ahead and wire.verdict_last > now  # the last verdict on the stream is its parent's
         block.up, block.down = m.wire(block.k + (block.ahead and not block.follow))  # a guess rides along
         one_up, one_down = m.delays(block.up, block.down, self.jitter_rng)
         wire.up_last = max(wire.up_last, now + one_up)

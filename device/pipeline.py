@@ -90,6 +90,10 @@ class _Sent:
     wanted: int
     bytes_up: int
     sent_at: float
+    # Sent while the verdict of the block before it was still out. A block drafted while its
+    # parent was in flight whose parent's verdict (a hit) came in before it was sent is not: the
+    # edge answers it at once, so its transport time measures the channel.
+    ahead: bool = False
 
 
 @dataclass
@@ -164,10 +168,17 @@ def _limit(limits: Limits, confirmed: int, out: int) -> int:
 
 
 async def _send(
-    link: Link, chain: _Chain, block: DraftBlock, decision: Decision, gate: Gate | None, cap: int, wanted: int
+    link: Link,
+    chain: _Chain,
+    block: DraftBlock,
+    decision: Decision,
+    gate: Gate | None,
+    cap: int,
+    wanted: int,
+    ahead: bool = False,
 ) -> None:
     up = await link.send(block)
-    chain.sent.append(_Sent(block, decision, gate, cap, wanted, up, time.perf_counter()))
+    chain.sent.append(_Sent(block, decision, gate, cap, wanted, up, time.perf_counter(), ahead))
     chain.next_round = block.round + 1
 
 
@@ -266,7 +277,8 @@ async def _extend(
         wanted = decision.k_max if gate else decision.k_ref
         cap = max(0, min(wanted, limit))
         if cap == 0 and link.empty_ahead:  # the policy drafts nothing: the next target token, whatever comes
-            await _send(link, chain, DraftBlock(round=chain.next_round, ids=(), follow=True), decision, gate, 0, wanted)
+            empty = DraftBlock(round=chain.next_round, ids=(), follow=True)
+            await _send(link, chain, empty, decision, gate, 0, wanted, ahead=True)  # the loop saw no verdict
             continue
         if limits.draft_room(confirmed + chain.projected()) == 0:
             # An edge that takes no empty blocks gets a guess-only one, but the guess is a drafter
@@ -300,7 +312,8 @@ async def _extend(
             chain.unsent += _drafted(block)
             chain.ends_after = prev.round
             return
-        await _send(link, chain, block, decision, gate, cap, wanted)
+        # Past the awaited block, its parent's verdict is still out; the awaited one's may be in (a hit).
+        await _send(link, chain, block, decision, gate, cap, wanted, ahead=len(chain.sent) > 1 or not recv.done())
 
 
 async def pipelined_generate(
@@ -463,7 +476,8 @@ async def _settle(
         predrafted=predrafted,
         predraft_hit=hit and predrafted > 0,  # an empty successor was drafted by nobody
         t_drafting_s=drafting_s,
-        sent_ahead=block.guess is not None or block.follow,
+        sent_ahead=sent.ahead,
+        guessed=block.guess is not None,
         follow=block.follow,
         stale_blocks=sum(not s.block.follow for s in cut),
         stale_empty=sum(s.block.follow for s in cut),

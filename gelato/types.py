@@ -250,7 +250,11 @@ class Telemetry:
     # pipelining, pre-drafts and blocks drafted ahead meanwhile; NaN: the same as `t_draft_s`.
     # Power is split with this one, the per-token drafting time with `t_draft_s`.
     t_drafting_s: float = float("nan")
+    # Sent before the previous block's verdict arrived (its transport time then includes a wait
+    # behind that block at the edge); a block drafted ahead and sent once that verdict (a hit)
+    # was in is not, though it carries a guess.
     sent_ahead: bool = False
+    guessed: bool = False  # the block carries a guess (`DraftBlock.guess`): one drafter forward more
     follow: bool = False  # sent ahead empty (`DraftBlock.follow`, K = 0): nothing drafted
     # Blocks in flight that this round's miss cut (their verdicts come back stale): those with
     # drafts or a guess, and the empty (`follow`) ones apart.

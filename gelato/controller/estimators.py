@@ -235,9 +235,9 @@ class CostEstimator:
     def observe(self, tele: Telemetry) -> None:
         self.rounds += 1
         # Forwards this block's drafting time covers: carried drafts were drafted (and timed) in the
-        # round before; a block sent ahead with a guess drafted the guess too (one forward more,
+        # round before; a block drafted ahead with a guess drafted the guess too (one forward more,
         # which `chain_frame` prices itself: fitted as a draft, it would land in the intercept).
-        fresh = tele.k - tele.carried + (tele.sent_ahead and not tele.follow)
+        fresh = tele.k - tele.carried + tele.guessed
         # Where the meter was read when drafting ended, the drafting phase is the interval that
         # reading covers (the thread hops around the forwards: a per-block cost, so the fit's
         # intercept takes them), and the round's `t_net_s` is the rest (with a pre-draft: to the

@@ -27,6 +27,7 @@ from gelato.edge.sessions import TargetSession
 from gelato.models import LoadedModel, encode_prompt, load_model
 from gelato.power import NullMeter, radio_profile
 from gelato.types import DraftBlock, SamplingParams, Verdict
+from tests.conftest import target_greedy
 from tests.device.send_ahead_helpers import GREEDY, PROMPT, Scripted, run
 
 
@@ -354,3 +355,48 @@ def test_guess_only_blocks_stay_within_the_drafters_window(
     )
     assert res.token_ids == ref.token_ids and len(ref.token_ids) == 30
     assert max(cached, default=0) <= window, (max(cached), window)
+
+
+def test_a_block_sent_after_its_parents_verdict_is_not_counted_as_sent_ahead(target: LoadedModel) -> None:
+    """Drafting slower than the verdicts (drafter = target: every chain hits): the next block is
+    drafted ahead, but its parent's verdict is in before it is sent. It carries a guess
+    (`guessed`: one drafter forward more) yet was not sent ahead: the edge answered it at once, so
+    its transport time is a clean sample of the channel and it is no evidence of a verified
+    send-ahead (it was sent only because its parent hit). Labelled sent ahead, it inflated the
+    hit rate and kept the channel estimate from learning. A block reported as not sent ahead was
+    indeed sent after its parent was answered."""
+    session = prefilled(target)
+    answered_at: dict[int, float] = {}
+    verify, resolve = session.verify, session.resolve_ahead
+
+    def timed_verify(block: DraftBlock) -> tuple[int, int]:
+        out = verify(block)
+        answered_at[block.round] = time.perf_counter()
+        return out
+
+    def timed_resolve(block: DraftBlock, max_ahead: int) -> Any:
+        out = resolve(block, max_ahead)
+        if out is None:  # stale: answered without a verify
+            answered_at[block.round] = time.perf_counter()
+        return out
+
+    session.verify, session.resolve_ahead = timed_verify, timed_resolve  # type: ignore[method-assign]
+    link = local_link(session, max_ahead=1, delay_s=0.002)
+    sent_at: dict[int, float] = {}
+    send = link.send
+
+    async def timed_send(block: DraftBlock) -> int:
+        sent_at[block.round] = time.perf_counter()
+        return await send(block)
+
+    d, _ = slow_drafter(target, 0.006)
+    rounds: list[Any] = []
+    piped = run_threaded(d, replace(link, send=timed_send), target, 4, 1, rounds.append)
+    assert piped.token_ids == target_greedy(target, encode_prompt(target.tokenizer, PROMPT), len(piped.token_ids))
+    late = [t for t in rounds if t.guessed and not t.sent_ahead]
+    assert len(late) >= len(rounds) // 2, [(t.round, t.guessed, t.sent_ahead) for t in rounds]
+    for t in rounds:
+        if t.round > 0 and not t.sent_ahead:
+            assert answered_at[t.round - 1] <= sent_at[t.round], t.round
+    late_net = sorted(t.t_net_s for t in late)  # 2 ms and a verify; drafting a block takes 5 x 6 ms
+    assert late_net[len(late_net) // 2] < 0.015, late_net

@@ -182,7 +182,7 @@ def test_a_guess_is_fitted_as_the_drafter_forward_it_is() -> None:
         for i in range(400):
             k = rng.choice([2, 3, 4, 5, 6])
             ahead = send_ahead and i % 2 == 1
-            est.observe(replace(tele(k, k, 0.005 * (k + ahead), 0.02, 0.05), sent_ahead=ahead))
+            est.observe(replace(tele(k, k, 0.005 * (k + ahead), 0.02, 0.05), sent_ahead=ahead, guessed=ahead))
             if send_ahead:
                 est.observe(replace(tele(0, 0, 0.0, 0.02, 0.05), sent_ahead=True, follow=True))
         return est.model()
