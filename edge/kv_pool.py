@@ -18,7 +18,7 @@ its cost grows with the rows well past a raw forward's; the pool writes only the
 costs about a raw forward. The price is memory: every slot is as long as the pool's context.
 
 Sizing: whoever admits sessions (`gelato.edge.sessions.SessionRegistry`) decides the pool's shape with the
-pure `plan_pool` — slots for every open session, context for the longest reservation, with
+pure `gelato.edge.sessions.plan_pool` — slots for every open session, context for the longest reservation, with
 hysteresis so a session coming or going rarely reshapes it — and never lets `slots × context` pass
 the KV budget; `set_target` hands that shape over and the model thread applies it before its next
 allocation or forward, moving live rows down into low slots when the pool shrinks. So
@@ -26,7 +26,8 @@ allocation or forward, moving live rows down into low slots when the pool shrink
 is all or nothing: without device memory for it (`PoolMemoryError`) the pool keeps its shape (or,
 if undoing a failed shrink finds no memory either, the part both shapes hold, as views), so the
 forward's rows go on; the target stays pending, tried again only by a row that needs its room (a
-new slot, a longer context), which alone fails if it still cannot be had: never a doubling past
+new slot, a longer context), which then takes just that room (one more slot, its own length) if
+the target's headroom cannot be had, and alone fails if even that cannot: never a doubling past
 it. A pool without a target (tests, benchmarks, a lone `TargetSession`) grows by doubling on
 demand instead. Freed slots are reused lowest-first so busy batches stay consecutive.
 
@@ -61,31 +62,6 @@ log = logging.getLogger("gelato.edge")
 
 class PoolMemoryError(MemoryError):
     """The pool could not allocate the shape it needed; it keeps the one it had."""
-
-
-def plan_pool(
-    current: tuple[int, int], sessions: int, tokens: int, budget_tokens: int = 0, align: int = 64
-) -> tuple[int, int] | None:
-    """The `(slots, context)` a pool should have for `sessions` open sessions whose longest
-    reservation is `tokens`; None when no shape within `budget_tokens` (slots × context, 0: no
-    limit) can hold them. Pure. Slots double when short and halve when four times too many;
-    context is kept while it lies within [tokens, 2 × aligned tokens]; both only as the budget allows."""
-    if sessions <= 0:
-        return (0, 0)  # an idle edge holds no KV
-    if budget_tokens and sessions * tokens > budget_tokens:
-        return None
-    slots, context = current
-    if not tokens <= context <= 2 * -(-tokens // align) * align:
-        context = -(-tokens // align) * align
-    if sessions > slots:
-        slots = max(sessions, 2 * slots)
-    elif slots > 4 * sessions:
-        slots = 2 * sessions
-    if budget_tokens and slots * context > budget_tokens:
-        if sessions * context > budget_tokens:
-            context = tokens  # alignment does not fit: exactly what is needed
-        slots = max(sessions, min(slots, budget_tokens // context))
-    return (slots, context)
 
 
 class KVPool:
@@ -233,6 +209,10 @@ class KVPool:
         # and keep the target pending until that row is gone too.
         slots = max(target[0], len(self._owners))
         context = max([target[1]] + [seq.cached for seq in self._owners.values()])
+        if context > target[1]:
+            # That row holds more context than the plan gives every slot: the plan's slots at its
+            # context could be many times the budget. No more slots than now until it is gone.
+            slots = max(len(self._owners), min(slots, self.slots))
         if (slots, context) != (self.slots, self.context):
             self._compact(slots)
             try:
@@ -265,17 +245,22 @@ class KVPool:
         """The lowest free slot for `owner`, growing the pool if none is (model thread)."""
         self.apply_target()
         free = next((s for s in range(self.slots) if s not in self._owners), None)
+        planned: PoolMemoryError | None = None
         if free is None and self._target is not None:
             # The registry planned room for this row and the pool could not take it yet: now or
             # never for this row (the budget's shape, not a doubling past it).
-            self.apply_target(strict=True)
+            try:
+                self.apply_target(strict=True)
+            except PoolMemoryError as exc:  # the plan's headroom does not fit: the row's own slot may
+                planned = exc
             free = next((s for s in range(self.slots) if s not in self._owners), None)
         if free is None:
-            # Planned, and rows whose release is still on its way hold the slots: one more slot (the
-            # shape that held them all before fitted the budget; a doubling went past it). A pool
-            # no registry shapes grows on demand.
+            # Planned, and the planned shape found no memory or rows whose release is still on its
+            # way hold the slots: one more slot (the shape that held them all before fitted the
+            # budget; a doubling went past it). A pool no registry shapes grows on demand.
             free = self.slots
-            self._resize(len(self._owners) + 1 if self._target is not None else max(1, 2 * self.slots), self.context)
+            grown = len(self._owners) + 1 if self._target is not None else max(1, 2 * self.slots)
+            self._resize_or_raise(grown, self.context, planned)
         else:
             self._wipe(free)
         self._owners[free] = owner
@@ -297,14 +282,29 @@ class KVPool:
     def ensure_context(self, tokens: int) -> None:
         if tokens > self.max_context:
             raise ValueError(f"{tokens} tokens exceed the target's context limit of {self.max_context}")
+        planned: PoolMemoryError | None = None
         if tokens > self.context and self._target is not None:
-            self.apply_target(strict=True)  # the planned shape first, as `alloc` does
+            try:
+                self.apply_target(strict=True)  # the planned shape first, as `alloc` does
+            except PoolMemoryError as exc:  # its headroom does not fit: the row's own length may
+                planned = exc
         if tokens > self.context:
-            # Doubling (O(log n) reallocations); past a plan (a row being released) its length only
+            # Doubling (O(log n) reallocations); past a plan (a row being released, or the plan
+            # found no memory) its length only
             context = max(1, self.context) if self._target is None else tokens
             while context < tokens:
                 context *= 2
-            self._resize(self.slots, min(context, self.max_context))
+            self._resize_or_raise(self.slots, min(context, self.max_context), planned)
+
+    def _resize_or_raise(self, slots: int, context: int, planned: PoolMemoryError | None) -> None:
+        """`_resize`, but where the planned shape failed already and this smaller one fails too,
+        the error names the planned shape (what the registry admitted the row for)."""
+        try:
+            self._resize(slots, context)
+        except PoolMemoryError:
+            if planned is None:
+                raise
+            raise planned from None
 
     def _index(self, slots: list[int]) -> torch.Tensor:
         key = tuple(slots)

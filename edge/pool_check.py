@@ -2,7 +2,8 @@
 
 Contract: `check_pool(loaded)` (model thread, once per load, after `pool_model`) runs a short
 probe through a two-slot `KVPool` — a prefill per row, then one ragged batched step over both rows
-(different cached lengths and query counts: the per-row mask, positions and padding) — and compares every
+(different cached lengths and query counts: the per-row mask, positions and padding), then one
+token on a row alone (the step that passes no mask) — and compares every
 logit row with the model's own uncached forward over the same tokens. `ModelLoadError` when the
 pool cannot run the model at all (a config without what the pool reads, attention that does not
 write through the cache's `update`, keys and values of different widths) or when its logits
@@ -43,7 +44,9 @@ def own_logits(model: torch.nn.Module, ids: list[int], device: torch.device) -> 
 
 def pool_logits(loaded: LoadedModel, rows: tuple[list[int], list[int]]) -> list[torch.Tensor]:
     """Each row's logits through the pool: prefills (4 and 2 tokens of the usual rows), then the
-    rest of both rows (3 and 1 more) in one step."""
+    rest of both rows (3 and 1 more) in one step, then (where the context allows: `rows[0]` then
+    has one token more) a token on the first row alone, one query at the end of every row: the
+    step that runs with no mask (`KVPool.forward`; every lone streamed token takes it)."""
     pool = KVPool(loaded.model, loaded.vocab_size, slots=2, context=16, max_context=loaded.context_limit)
     seqs = [PooledSequence(pool), PooledSequence(pool)]
     cuts = [max(1, len(rows[0]) - 3), max(1, len(rows[1]) - 1)]
@@ -51,7 +54,11 @@ def pool_logits(loaded: LoadedModel, rows: tuple[list[int], list[int]]) -> list[
         with torch.inference_mode():
             first = [seq.forward(row[:cut]) for seq, row, cut in zip(seqs, rows, cuts, strict=True)]
             step = pooled_forward([(seq, tuple(row[cut:])) for seq, row, cut in zip(seqs, rows, cuts, strict=True)])
-        return [torch.cat([a, b]).float() for a, b in zip(first, step, strict=True)]
+            out = [torch.cat([a, b]).float() for a, b in zip(first, step, strict=True)]
+            if len(rows[0]) < loaded.context_limit:
+                rows[0].append(rows[1][0])
+                out[0] = torch.cat([out[0], seqs[0].forward(rows[0][-1:]).float()])
+        return out
     finally:
         for seq in seqs:
             seq.release()

@@ -49,12 +49,45 @@ from dataclasses import dataclass, replace
 import grpc
 import torch
 
-from gelato.edge.kv_pool import KVPool, PooledSequence, plan_pool
+from gelato.edge.kv_pool import KVPool, PooledSequence
 from gelato.edge.pool_cache import pool_model
 from gelato.models import LoadedModel
 from gelato.sampling import KeyedRng, accept_greedy, process_logits, verify_greedy, verify_sampling
 from gelato.types import DraftBlock, SamplingParams
 from gelato.wire import WireError, check_block
+
+
+def plan_pool(
+    current: tuple[int, int],
+    sessions: int,
+    tokens: int,
+    budget_tokens: int = 0,
+    align: int = 64,
+    max_slots: int = 0,
+) -> tuple[int, int] | None:
+    """The `(slots, context)` a pool should have for `sessions` open sessions whose longest
+    reservation is `tokens`; None when no shape within `budget_tokens` (slots × context, 0: no
+    limit) can hold them. Pure. Slots double when short and halve when four times too many, never
+    past `max_slots` (the session limit; 0: none); context is kept while it lies within [tokens,
+    2 × aligned tokens]; both only as the budget allows."""
+    if sessions <= 0:
+        return (0, 0)  # an idle edge holds no KV
+    if budget_tokens and sessions * tokens > budget_tokens:
+        return None
+    slots, context = current
+    if not tokens <= context <= 2 * -(-tokens // align) * align:
+        context = -(-tokens // align) * align
+    if sessions > slots:
+        slots = max(sessions, 2 * slots)
+    elif slots > 4 * sessions:
+        slots = 2 * sessions
+    if max_slots:
+        slots = max(sessions, min(slots, max_slots))  # more sessions are never admitted
+    if budget_tokens and slots * context > budget_tokens:
+        if sessions * context > budget_tokens:
+            context = tokens  # alignment does not fit: exactly what is needed
+        slots = max(sessions, min(slots, budget_tokens // context))
+    return (slots, context)
 
 
 class StatusError(Exception):
@@ -290,7 +323,7 @@ class SessionRegistry:
     def _plan(self, sessions: int, tokens: int) -> tuple[int, int] | None:
         assert self.pool is not None
         budget = self.kv_budget_bytes and max(1, self.kv_budget_bytes // self.pool.bytes_per_token())
-        return plan_pool(self.shape, sessions, tokens, budget)
+        return plan_pool(self.shape, sessions, tokens, budget, max_slots=self.max_sessions)
 
     def prepare(self, loaded: LoadedModel) -> None:
         """The KV pool for `loaded`, empty (its shape comes with the sessions). It reads the model's

@@ -144,5 +144,8 @@ def _verify_rows(
     except Exception:
         for i, seq, (base, cached) in zip(rows, seqs, marks, strict=True):
             if outcomes[i] is None:
-                seq.rewind(base, cached)
+                try:
+                    seq.rewind(base, cached)
+                except Exception as exc:  # not put back: never re-run (its drafts fed twice); it fails alone
+                    outcomes[i] = exc
         raise

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from gelato.device.drafter import Drafter
-from gelato.edge.kv_pool import KVPool, PooledSequence, plan_pool, pooled_forward
-from gelato.edge.sessions import AdmissionError, SessionRegistry, StatusError, TargetSession
+from gelato.edge.kv_pool import KVPool, PooledSequence, pooled_forward
+from gelato.edge.sessions import AdmissionError, SessionRegistry, StatusError, TargetSession, plan_pool
 from gelato.edge.verifier import verify_batch
 from gelato.kv import KVSequence
 from gelato.models import LoadedModel

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gelato.edge.kv_pool import KVPool, PooledSequence, PoolMemoryError, pooled_forward
-from gelato.edge.sessions import SessionRegistry, TargetSession
+from gelato.edge.sessions import SessionRegistry, TargetSession, plan_pool
 from gelato.edge.verifier import Accepted, verify_batch
 from gelato.models import LoadedModel
 from gelato.types import DraftBlock, SamplingParams
@@ -363,3 +363,49 @@ def test_an_open_takes_the_room_it_was_admitted_for_or_fails_then(target: Loaded
     while again.length <= 64:  # past the old context; every round adds a token at least
         assert isinstance(verify_batch([(again, DraftBlock(round=again.rounds, ids=(9,) * 8))])[0], Accepted)
     _consistent(reg.pool)
+
+
+def test_a_new_session_takes_its_own_slot_where_the_planned_headroom_finds_no_memory(target: LoadedModel) -> None:
+    """With no KV budget the registry plans slots by doubling (4 -> 8). A device with room for 5
+    but not 8 once refused the fifth session (its open retried the 8 and failed): the edge stayed
+    capped below what fits. The fifth now gets one more slot; the eighth-slot plan stays pending,
+    taken once the memory is there. A longer context likewise falls back to the row's own length."""
+    pool = _SmallMemory(target.model, target.vocab_size, slots=0, context=0, max_context=target.context_limit)
+    pool.set_target(4, 64)
+    seqs = [PooledSequence(pool, [3 + i, 4, 5]) for i in range(4)]
+    for seq in seqs:
+        seq.prefill(3)
+    pool.tokens = 5 * 64  # room for one more slot, not for the doubling
+    pool.set_target(8, 64)
+    fifth = PooledSequence(pool, [9, 9, 9])
+    fifth.prefill(3)
+    assert (pool.slots, pool.context) == (5, 64) and fifth.slot == 4 and pool._target == (8, 64)
+    sixth = PooledSequence(pool, [8, 8, 8])
+    with pytest.raises(PoolMemoryError, match="8 slots x 64 tokens"):  # the planned shape is named
+        sixth.prefill(3)
+    assert (pool.slots, pool.context) == (5, 64) and sixth.slot is None
+    # A row that needs 100 tokens: the plan's (8, 128) finds no memory, its own (5, 100) does.
+    pool.tokens = 5 * 100
+    pool.set_target(8, 128)
+    seqs[0].tokens += list(range(10, 107))
+    seqs[0].prefill(100)
+    assert (pool.slots, pool.context) == (5, 100) and seqs[0].cached == 100
+    pool.tokens = 1 << 30  # the memory is back: the next row's need takes the plan
+    sixth.prefill(3)
+    assert (pool.slots, pool.context) == (8, 128) and pool._target is None
+    ref = PooledSequence(KVPool(target.model, target.vocab_size), [9, 9, 9])
+    ref.prefill(3)
+    want = pooled_forward([(ref, (5,))])[0]
+    assert torch.equal(pooled_forward([(fifth, (5,))])[0], want)  # its KV moved with the reshapes
+    _consistent(pool)
+
+
+def test_the_pool_plan_never_has_more_slots_than_sessions_can_be_admitted(target: LoadedModel) -> None:
+    assert plan_pool((4, 64), 5, 60) == (8, 64)  # doubling
+    assert plan_pool((4, 64), 5, 60, max_slots=5) == (5, 64)  # the session limit caps it
+    assert plan_pool((4, 64), 5, 60, max_slots=6) == (6, 64)
+    assert plan_pool((16, 64), 5, 60, max_slots=8) == (8, 64)  # a pool planned larger comes down
+    reg = SessionRegistry(max_sessions=5, kv_budget_bytes=0, max_draft_tokens=8)
+    for _ in range(5):
+        reg.admit(target, SamplingParams(), [4, 5, 6], 20)
+    assert reg.shape[0] == 5  # not 8: a sixth session is refused at its open anyway

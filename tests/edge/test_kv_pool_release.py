@@ -5,6 +5,10 @@ alone."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
 from gelato.edge.kv_pool import KVPool, pooled_forward
 from gelato.edge.sessions import TargetSession
 from gelato.edge.verifier import verify_batch
@@ -33,3 +37,38 @@ def test_a_row_released_mid_batch_grows_the_pool_by_its_need_not_a_doubling(targ
     a.close()
     pooled_forward([(b.seq, (8,))])  # the next forward takes the plan
     assert (pool.slots, pool.context) == (1, 16)
+
+
+def test_a_row_that_cannot_be_put_back_fails_alone_and_the_others_are_verified(
+    target: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One row's acceptance fails, and putting it back fails too (in float16 a rollback zeroes KV:
+    a device error there). The rows after it had their drafts appended by the batched forward;
+    the clean-up stopped at the broken row, so they were re-run alone with their drafts fed twice
+    (a wrong verdict). Each row is put back on its own: the broken one fails, the rest are right."""
+    pool = KVPool(target.model, target.vocab_size, slots=3, context=64)
+    prompts = [[5, 6, 7], [6, 7, 8], [7, 8, 9]]
+    sessions = [TargetSession(f"s{i}", target, SamplingParams(), p, pool=pool) for i, p in enumerate(prompts)]
+    solo = [TargetSession(f"solo{i}", target, SamplingParams(), p) for i, p in enumerate(prompts)]
+    for s in sessions + solo:
+        s.prefill()
+    broken = sessions[0]
+    accept, rewind = TargetSession.accept, type(broken.seq).rewind
+
+    def accept_fails(self: TargetSession, *args: Any) -> Any:
+        if self is broken:
+            raise RuntimeError("simulated: acceptance failed")
+        return accept(self, *args)
+
+    def rewind_fails(self: Any, *args: Any) -> None:
+        if self is broken.seq:
+            raise RuntimeError("simulated: device error while zeroing KV")
+        rewind(self, *args)
+
+    monkeypatch.setattr(TargetSession, "accept", accept_fails)
+    monkeypatch.setattr(type(broken.seq), "rewind", rewind_fails)
+    block = DraftBlock(round=0, ids=(9, 4, 2))
+    out = verify_batch([(s, block) for s in sessions])
+    assert isinstance(out[0], RuntimeError) and "device error" in str(out[0])
+    assert [(o.n_accepted, o.next_token) for o in out[1:]] == [s.verify(block) for s in solo[1:]]  # type: ignore[union-attr]
+    assert [len(s.seq.tokens) for s in sessions[1:]] == [len(s.seq.tokens) for s in solo[1:]]

@@ -154,6 +154,22 @@ def test_a_pool_whose_mask_hides_nothing_is_refused(monkeypatch: pytest.MonkeyPa
         check_pool(loaded)
 
 
+def test_the_probe_runs_the_step_that_passes_no_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every lone streamed token runs with no mask (one query per row, every row ending together),
+    where transformers builds attention from the cache's sizes: the probe runs that step too, so a
+    transformers that read them otherwise fails the load rather than the sessions' output."""
+    forward, steps = KVPool.forward, []
+
+    def spied(self: KVPool, rows: list[tuple[int, int, list[int]]], last_only: bool = False) -> Any:
+        ends = {cached + len(ids) for _, cached, ids in rows}
+        steps.append(all(len(ids) == 1 for _, _, ids in rows) and len(ends) == 1)
+        return forward(self, rows, last_only)
+
+    monkeypatch.setattr(KVPool, "forward", spied)
+    check_pool(loaded_from(SERVED["llama"](), "llama"))
+    assert steps.count(True) == 1 and len(steps) == 4  # two prefills, the ragged step, the lone token
+
+
 def test_edge_refuses_such_a_target_at_load(pair: dict[str, Path], tmp_path: Path) -> None:
     """A real checkpoint folder (weights, config, the pair's tokenizer): `gelato-edge` exits 2 with
     one line before serving, and the same folder's loading otherwise works."""

@@ -101,3 +101,34 @@ def test_a_new_session_finding_slots_held_by_pending_releases_takes_one_more_not
     for s in deferred:
         s.close()
     assert (reg.pool.slots, reg.pool.context) == reg.shape
+
+
+def test_a_long_session_whose_close_is_queued_keeps_the_pool_from_growing_its_slots_at_its_context(
+    target: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long session ends and its close waits behind a short session's verify; meanwhile eight
+    short sessions are admitted, so the plan is many slots of a short context. The verify takes
+    the plan before the close ran: the long row still holds its context, and the plan's slots at
+    that context were 3x the budget. It keeps the slots it has until the long row is gone."""
+    deferred: list[TargetSession] = []
+    bytes_per_token = KVPool(target.model, target.vocab_size, slots=0, context=0).bytes_per_token()
+    budget_tokens = 2 * 320
+    reg = SessionRegistry(16, budget_tokens * bytes_per_token, 8, closer=deferred.append)
+    long = reg.admit(target, SamplingParams(), [i % 300 + 1 for i in range(200)], 100)
+    short = reg.admit(target, SamplingParams(), [5, 6, 7], 20)
+    for s in (long, short):
+        s.prefill()
+    reg.release(long.session_id)  # its close waits behind the verify below
+    for i in range(8):
+        reg.admit(target, SamplingParams(), [6 + i, 7, 8], 20)
+    assert reg.shape[0] >= 9 and reg.shape[0] * reg.shape[1] <= budget_tokens
+    shapes = _record_shapes(monkeypatch)
+    alone = TargetSession("alone", target, SamplingParams(), [5, 6, 7])
+    alone.prefill()
+    block = DraftBlock(round=0, ids=(4, 5))
+    got = verify_batch([(short, block)])[0]
+    assert isinstance(got, Accepted) and (got.n_accepted, got.next_token) == alone.verify(block)
+    assert all(s * c <= budget_tokens for s, c in shapes), shapes
+    for s in deferred:
+        s.close()
+    assert reg.pool is not None and (reg.pool.slots, reg.pool.context) == reg.shape
