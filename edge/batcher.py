@@ -243,7 +243,9 @@ class Batcher:
         busy longer than the window, the next batch closes as soon as that forward is done).
         Gathered into `batch` as they are taken from the queue, so none is lost if this fails."""
         deadline = first.queued + self.window_s
-        while len(batch) < self.max_batch and len(batch) < self.open_sessions():
+        # Rows whose caller went away are not counted: their session is no longer open, and
+        # counting them closed the window before every open session had its block in.
+        while (live := sum(not r.future.done() for r in batch)) < self.max_batch and live < self.open_sessions():
             if not self.queue.empty():
                 batch.append(self.queue.get_nowait())
                 continue

@@ -80,6 +80,41 @@ def test_a_batch_formed_during_a_long_forward_closes_when_it_ends(target: Loaded
     assert start1 - ready < WINDOW_S / 2, (start1 - end0, t0 + WINDOW_S - end0)
 
 
+def test_a_request_whose_caller_left_does_not_close_the_window_early(target: LoadedModel) -> None:
+    """Three sessions; during round 0's forward A asks again and its device goes away (request
+    cancelled, session no longer open), then B asks; C asks a little after the forward ends,
+    within the window. The window waits for C: the two open sessions' blocks go together (A's
+    dead request counted as a row closed the window with B alone)."""
+    executor = _SlowModelThread()
+
+    async def run() -> tuple[Verdict, Verdict]:
+        pool = KVPool(target.model, target.vocab_size, slots=0, context=0, max_context=target.context_limit)
+        sessions = [TargetSession(f"s{i}", target, SamplingParams(), [5 + i, 6, 7], pool=pool) for i in range(3)]
+        for s in sessions:
+            s.prefill()
+        open_ = list(sessions)
+        batcher = Batcher(executor, 1.0, 16, lambda: len(open_), EdgeMetrics())
+        batcher.start()
+        try:
+            first = [asyncio.ensure_future(batcher.verify(s, DraftBlock(0, ()), time.perf_counter())) for s in sessions]
+            await asyncio.sleep(0.05)  # round 0's forward is on the model thread
+            gone = asyncio.ensure_future(batcher.verify(sessions[0], DraftBlock(1, ()), time.perf_counter()))
+            await asyncio.sleep(0.05)
+            gone.cancel()
+            open_.remove(sessions[0])  # its device went away: released
+            b = asyncio.ensure_future(batcher.verify(sessions[1], DraftBlock(1, ()), time.perf_counter()))
+            await asyncio.gather(*first)
+            await asyncio.sleep(0.1)  # round 0 is done; C asks within the window
+            c = asyncio.ensure_future(batcher.verify(sessions[2], DraftBlock(1, ()), time.perf_counter()))
+            return await b, await c
+        finally:
+            await batcher.stop()
+            executor.shutdown()
+
+    vb, vc = asyncio.run(run())
+    assert (vb.batch_rows, vc.batch_rows) == (2, 2)
+
+
 def test_a_session_still_prefilling_holds_no_batch(pair: dict[str, Path]) -> None:
     """A session admitted but not yet prefilled (a long prompt in pieces) cannot send a block: the
     window must not wait for it. Over the real server with a 2 s window, another session's block
