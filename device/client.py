@@ -91,6 +91,22 @@ def _worth_another_open(exc: EdgeError, reopening: bool) -> bool:
     return exc.code == grpc.StatusCode.UNAVAILABLE or (reopening and exc.code == FULL)
 
 
+def _check_same_target(opened: SessionInfo, target: tuple[str, tuple[int, ...] | None] | None) -> None:
+    """A re-open must reach the target the generation began with: another one (a replica on a new
+    checkpoint mid-upgrade, a misconfigured fleet) would continue its tokens with its own
+    decoding, no longer the target's output. Ended as an error, not tried again, tokens kept."""
+    if target is None or (opened.target_model, opened.eos_token_ids) == target:
+        return
+    raise EdgeError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"the edge that took the re-open serves target {opened.target_model!r} (end tokens "
+        f"{opened.eos_token_ids}), not {target[0]!r} (end tokens {target[1]}) that this generation began "
+        "with: its tokens would not continue that target's output; every replica behind --edge must serve "
+        "the same target",
+        by_edge=False,
+    )
+
+
 class EdgeClient(StreamIO):
     """`credentials`: TLS (`gelato.security.channel_credentials`), None for plaintext; `token`: the
     bearer token sent with every call, which is refused (`SecurityConfigError`) in plaintext to a
@@ -252,7 +268,14 @@ class EdgeClient(StreamIO):
                 acct.radio_busy()  # the connect and the open transfer from here: the last tail ends
                 try:
                     more = await self._session(
-                        drafter, [*prompt_ids, *done], max_new_tokens - len(done), policy, acct, on_round, sampling
+                        drafter,
+                        [*prompt_ids, *done],
+                        max_new_tokens - len(done),
+                        policy,
+                        acct,
+                        on_round,
+                        sampling,
+                        None if res is None else (res.target_model, res.target_eos),
                     )
                 except EdgeError as exc:  # the open failed: no session ran
                     failed = failed or FailedOpens()
@@ -323,12 +346,16 @@ class EdgeClient(StreamIO):
         acct: EnergyAccountant,
         on_round: Callable[[Telemetry], None] | None,
         sampling: SamplingParams,
+        target: tuple[str, tuple[int, ...] | None] | None = None,
     ) -> GenerationResult:
-        """One session stream from open to close; `sampling`: what the open asks the edge for."""
+        """One session stream from open to close; `sampling`: what the open asks the edge for;
+        `target`: for a re-open, the (target model, end tokens) the generation began with."""
         await self.connect()
         call = self.stub.Session(timeout=self.deadline_s, metadata=self.metadata)
         try:
-            return await self._generate(call, drafter, prompt_ids, max_new_tokens, policy, acct, on_round, sampling)
+            return await self._generate(
+                call, drafter, prompt_ids, max_new_tokens, policy, acct, on_round, sampling, target
+            )
         except grpc.aio.AioRpcError as exc:
             raise call_error(exc.code(), exc.details(), self.deadline_s) from exc
         finally:
@@ -344,6 +371,7 @@ class EdgeClient(StreamIO):
         acct: EnergyAccountant,
         on_round: Callable[[Telemetry], None] | None,
         sampling: SamplingParams,
+        target: tuple[str, tuple[int, ...] | None] | None = None,
     ) -> GenerationResult:
         loaded = drafter.loaded
         open_msg = encode_open(
@@ -368,6 +396,7 @@ class EdgeClient(StreamIO):
                 opened = decode_opened(reply.opened)
             except WireError as exc:
                 raise EdgeError(grpc.StatusCode.INTERNAL, str(exc), by_edge=False) from exc
+            _check_same_target(opened, target)
         except VerifyError as exc:
             exc.bytes_up += wire_bytes(open_msg.ByteSize())  # written all the same (a refused re-open)
             exc.bytes_down += wire_bytes(reply.ByteSize()) if reply is not None else 0  # read, no SessionOpened
@@ -401,7 +430,7 @@ class EdgeClient(StreamIO):
             result = await speculative_generate(
                 drafter, transport, policy, prompt_ids, limits, acct, on_round, self.offload, session_bytes
             )
-        result.target_model = opened.target_model
+        result.target_model, result.target_eos = opened.target_model, opened.eos_token_ids
         if result.stats.stop_reason != "error" and (drained := await self._close(call, close_msg)) is not None:
             charge_bytes(result.stats, policy, acct, wire_bytes(close_msg.ByteSize()), drained)
         return result

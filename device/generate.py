@@ -77,6 +77,7 @@ class GenerationResult:
     elapsed_s: float
     stats: GenerationStats = field(default_factory=GenerationStats)
     target_model: str = ""
+    target_eos: tuple[int, ...] | None = None  # the target's end tokens as its edge said (None: not said)
     error: str = ""  # why the generation ended early (stop_reason "error")
     failure: Exception | None = None  # the exception behind `error`
     failovers: int = 0  # sessions re-opened after the edge went away
@@ -311,6 +312,7 @@ def merge_results(first: GenerationResult, then: GenerationResult) -> Generation
         elapsed_s=first.elapsed_s + then.elapsed_s,
         stats=stats,
         target_model=then.target_model or first.target_model,
+        target_eos=first.target_eos,  # a re-open reaches the same target or fails (`EdgeClient`)
         error=then.error,
         failure=then.failure,
         failovers=first.failovers + 1,

@@ -172,13 +172,15 @@ class _Stream:
         open_refused: bool = False,
         wrong_round_at: int | None = None,
         open_answered_wrong: bool = False,
+        target_name: str = "tiny-target",
     ) -> None:
         """`open_refused`: the open is taken, then answered UNAVAILABLE (an edge still loading);
         `wrong_round_at`: that verdict names the next round (an edge fault);
-        `open_answered_wrong`: the open is answered with a verdict, not SessionOpened."""
+        `open_answered_wrong`: the open is answered with a verdict, not SessionOpened;
+        `target_name`: the target model its SessionOpened names."""
         self.target, self.cut_after, self.close_fails, self.open_s = target, cut_after, close_fails, open_s
         self.open_fails, self.open_refused, self.wrong_round_at = open_fails, open_refused, wrong_round_at
-        self.open_answered_wrong = open_answered_wrong
+        self.open_answered_wrong, self.target_name = open_answered_wrong, target_name
         self.replies: asyncio.Queue[pb.EdgeMessage | None] = asyncio.Queue()
         self.session: TargetSession | None = None
         self.verdicts = 0
@@ -206,7 +208,7 @@ class _Stream:
             self.session = TargetSession("s", self.target, SamplingParams(), list(msg.open.prefix_ids))
             self.session.prefill()
             await asyncio.sleep(self.open_s)  # a longer prefill, as a real target's prompt takes
-            info = SessionInfo("s", "tiny-target", self.target.context_limit, 32)
+            info = SessionInfo("s", self.target_name, self.target.context_limit, 32)
             self.replies.put_nowait(encode_opened(info))
         elif kind == "draft":
             assert self.session is not None

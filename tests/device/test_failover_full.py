@@ -57,3 +57,19 @@ def test_a_reopen_refused_as_full_is_tried_again(target: LoadedModel, drafter_mo
 def test_a_first_open_refused_as_full_fails_at_once(target: LoadedModel, drafter_model: LoadedModel) -> None:
     with pytest.raises(EdgeError, match="RESOURCE_EXHAUSTED"):
         _generate(target, drafter_model, [_Full(target), _Stream(target)], failovers=2)
+
+
+def test_a_reopen_reaching_another_target_ends_the_generation(target: LoadedModel, drafter_model: LoadedModel) -> None:
+    """A re-open that lands on a replica serving another target (a new checkpoint mid-upgrade):
+    its tokens would continue the generation with that target's decoding, no longer the output
+    of the one it began with. The generation ends there, its tokens kept, saying why; it is not
+    tried again (the third replica, right, is never asked), and no re-open is counted."""
+    ref = _generate(target, drafter_model, [_Stream(target)], failovers=0)
+    never = _Stream(target)
+    streams = [_Stream(target, cut_after=2), _Stream(target, target_name="tiny-target-v2"), never]
+    res = _generate(target, drafter_model, streams, failovers=2)
+    assert res.stats.stop_reason == "error" and res.failovers == 0 and never.session is None
+    assert "FAILED_PRECONDITION" in res.error and "serves target 'tiny-target-v2'" in res.error, res.error
+    assert "not 'tiny-target'" in res.error
+    assert 0 < len(res.token_ids) < len(ref.token_ids) and res.token_ids == ref.token_ids[: len(res.token_ids)]
+    assert res.target_model == "tiny-target"
