@@ -73,6 +73,14 @@ def call_error(code: grpc.StatusCode, details: str | None, deadline_s: float) ->
     """A call's status as an EdgeError: the edge's, or what the device's side of the call concluded
     (its own deadline passing, the connection lost), named so, not put in the edge's mouth."""
     details = details or ""
+    if code == grpc.StatusCode.INTERNAL and details == CORE_WRITE_FAILURE:
+        # Set by a write that failed in core, and read back by whatever asks the call next (a read
+        # racing it, in send-ahead): the stream went away, whichever side asked first.
+        return EdgeError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the stream to the edge ended while a message was being sent (gRPC: {CORE_WRITE_FAILURE})",
+            by_edge=False,
+        )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED and LOCAL_DEADLINE in details:
         return EdgeError(
             code, f"the session ran past --session-deadline-s ({deadline_s:g} s) before it ended", by_edge=False
@@ -84,13 +92,7 @@ def call_error(code: grpc.StatusCode, details: str | None, deadline_s: float) ->
 
 def write_error(exc: grpc.aio.AioRpcError, deadline_s: float) -> EdgeError:
     """A failed write as an EdgeError: the stream went away under it (UNAVAILABLE, so the session
-    fails over like any other lost edge), or the status the call ended with."""
-    if exc.code() == grpc.StatusCode.INTERNAL and exc.details() == CORE_WRITE_FAILURE:
-        return EdgeError(
-            grpc.StatusCode.UNAVAILABLE,
-            f"the stream to the edge ended while a message was being sent (gRPC: {CORE_WRITE_FAILURE})",
-            by_edge=False,
-        )
+    fails over like any other lost edge), or the status the call ended with (`call_error`)."""
     return call_error(exc.code(), exc.details(), deadline_s)
 
 

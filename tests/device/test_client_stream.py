@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from gelato.device.client import EdgeClient
-from gelato.device.client_errors import EdgeError, write_error
+from gelato.device.client_errors import EdgeError, call_error, write_error
 from gelato.device.drafter import Drafter
 from gelato.device.energy import EnergyAccountant, wire_bytes
 from gelato.device.generate import GenerationResult
@@ -148,6 +148,15 @@ def test_only_the_core_write_failure_is_mapped() -> None:
 
     own = grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(), "verify failed")
     assert write_error(own, 3600.0).code == grpc.StatusCode.INTERNAL
+
+
+def test_a_read_that_finds_the_core_write_failure_fails_over_as_the_write_would() -> None:
+    """grpc.aio overwrites the call's status with "Internal error from Core" when a write fails in
+    core; a read racing that write (send-ahead reads while it writes) then reports that status. It
+    must be the same lost stream (UNAVAILABLE: fail over), not an INTERNAL put in the edge's mouth."""
+    err = call_error(grpc.StatusCode.INTERNAL, "Internal error from Core", 3600.0)
+    assert err.code == grpc.StatusCode.UNAVAILABLE and "edge answered" not in str(err)
+    assert call_error(grpc.StatusCode.INTERNAL, "verify failed", 3600.0).code == grpc.StatusCode.INTERNAL
 
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE])
