@@ -30,6 +30,7 @@ import grpc
 from gelato.channel import CLIENT_OPTIONS, PLAINTEXT_OPTIONS
 from gelato.deadline import within
 from gelato.device.client_errors import (
+    LOCAL_DEADLINE,
     EdgeError,
     EdgeUnreachable,
     FailedOpens,
@@ -183,7 +184,11 @@ class EdgeClient(StreamIO):
                 spent[1] += wire_bytes(resp.ByteSize())
             return decode_info(resp)
         except grpc.aio.AioRpcError as exc:
-            raise EdgeError(exc.code(), exc.details() or "") from exc
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and LOCAL_DEADLINE in (exc.details() or ""):
+                # This call's own timeout, not the edge's answer: name the setting that bounds it.
+                what = f"the edge did not answer Info within {timeout_s:g} s (--connect-timeout-s)"
+                raise EdgeError(exc.code(), what, by_edge=False) from exc
+            raise call_error(exc.code(), exc.details(), self.deadline_s) from exc
         except WireError as exc:
             raise EdgeError(grpc.StatusCode.INTERNAL, str(exc), by_edge=False) from exc
         finally:

@@ -313,3 +313,32 @@ def _generate(
             await client.close()
 
     return asyncio.run(run())
+
+
+def test_an_info_past_its_own_timeout_names_the_setting_not_the_edge() -> None:
+    """An edge connected but slow to answer `Info` (wedged, or a slow link): the call's own
+    timeout (`--connect-timeout-s`) passes. Reported as such, not as "edge answered
+    DEADLINE_EXCEEDED", which blamed the edge and named no setting."""
+
+    async def slow_info(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await asyncio.sleep(5)
+        return b""
+
+    async def run() -> EdgeError:
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(slow_info)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("gelato.v1.Gelato", {"Info": handler}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        client = EdgeClient(f"127.0.0.1:{port}", connect_timeout_s=0.5)
+        try:
+            with pytest.raises(EdgeError) as info:
+                await client.info()
+            return info.value
+        finally:
+            await client.close()
+            await server.stop(None)
+
+    err = asyncio.run(run())
+    assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "did not answer Info within 0.5 s (--connect-timeout-s)" in str(err) and "edge answered" not in str(err)
