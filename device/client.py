@@ -315,7 +315,12 @@ class EdgeClient(StreamIO):
                     # The replica that took the re-open is full (it said: try again later); the
                     # next attempt may reach another (round_robin), or this one with room again.
                     await asyncio.sleep(FULL_PAUSE_S)
-                elif failed is not None and self.edge_wait_s > 0:  # a lone edge restarting: let it come back
+                elif (failed is not None or left == 0) and self.edge_wait_s > 0:
+                    # A lone edge restarting: let it come back. Before the last attempt too, even
+                    # when no re-open failed yet: with one attempt (`--failovers 1`) it would
+                    # otherwise run into the restart at once and never wait (an edge that is up
+                    # answers the first ask at once).
+                    failed = failed or FailedOpens()  # the asks' bytes are the failover's
                     if not wait_until:
                         log.warning("waiting up to %g s for the edge to come back (--edge-wait-s)", self.edge_wait_s)
                         wait_until = time.monotonic() + self.edge_wait_s

@@ -77,7 +77,7 @@ class DeviceConfig(Settings):
     edge_wait_s: float = setting(
         60.0,
         "wait this long at most for an edge that is coming back: at start one still loading its model, in a "
-        "failover one restarting (gone, then loading) after a re-open failed; 0: never wait",
+        "failover one restarting (gone, then loading) after a re-open failed or before the last one; 0: never wait",
         check=ge(0),
     )
     verdict_timeout_s: float = setting(

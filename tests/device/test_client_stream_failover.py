@@ -157,6 +157,25 @@ def test_a_restarting_edge_is_waited_for_before_the_next_reopen(
     assert res.error == "" and res.failovers == 1 and infos == []
 
 
+def test_with_one_attempt_the_restarting_edge_is_waited_for_before_it(
+    target: LoadedModel, drafter_model: LoadedModel
+) -> None:
+    """`--failovers 1`: the one re-open is also the last, so the wait comes before it (the edge
+    restarting answers "still loading" twice, then ready); with no wait first it ran into the
+    restart at once and the prompt failed, `--edge-wait-s` never used. The asks' bytes are the
+    generation's."""
+    ref = _generate(target, drafter_model, [_Stream(target)], failovers=0)
+    infos: list[float] = []
+    streams = [_Stream(target, cut_after=2), _Stream(target)]
+    res = _generate(target, drafter_model, streams, failovers=1, loading_infos=2, infos=infos)
+    assert (res.token_ids, res.error, res.failovers) == (ref.token_ids, "", 1)
+    assert len(infos) == 3  # two "still loading", then ready, then the re-open
+    sent, received = sum(s.sent_bytes for s in streams), sum(s.received_bytes for s in streams)
+    answer = pb.InfoResponse(protocol_version=1, vocab_size=target.vocab_size, context_limit=512)
+    ask_up, ask_down = 3 * wire_bytes(pb.InfoRequest().ByteSize()), wire_bytes(answer.ByteSize())
+    assert (res.stats.bytes_up, res.stats.bytes_down) == (sent + ask_up, received + ask_down)
+
+
 def test_a_first_open_refused_unavailable_is_tried_again(target: LoadedModel, drafter_model: LoadedModel) -> None:
     """The first open of a generation can meet a replica that just died, or a lone edge still
     loading after a restart: it is one attempt of `failovers`, the device waits for the edge
