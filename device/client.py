@@ -285,6 +285,8 @@ class EdgeClient(StreamIO):
                 except EdgeError as exc:  # the open failed: no session ran
                     failed = failed or FailedOpens()
                     failed.add(exc, acct.opening_spent_j())  # the attempt cost the device all the same
+                    if exc.by_edge:
+                        unanswered = False  # an edge answered this open (it refused it): one is there
                     # A first open that found no edge at all is tried again only when there is time
                     # to wait for one: without, the caller's report (the run ends) comes at once.
                     no_edge = res is None and isinstance(exc, EdgeUnreachable)

@@ -34,6 +34,7 @@ class EdgeError(VerifyError):
         super().__init__(f"edge answered {code.name}: {details}" if by_edge else f"{details} ({code.name})")
         self.code = code
         self.details = details
+        self.by_edge = by_edge
 
 
 class EdgeUnreachable(EdgeError):

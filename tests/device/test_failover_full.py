@@ -73,3 +73,47 @@ def test_a_reopen_reaching_another_target_ends_the_generation(target: LoadedMode
     assert "not 'tiny-target'" in res.error
     assert 0 < len(res.token_ids) < len(ref.token_ids) and res.token_ids == ref.token_ids[: len(res.token_ids)]
     assert res.target_model == "tiny-target"
+
+
+def test_an_edge_refusing_the_last_reopen_is_an_edge_that_answered(
+    target: LoadedModel, drafter_model: LoadedModel
+) -> None:
+    """The wait for a restarting edge ran out unanswered, then the last re-open reached an edge
+    that refused it as full: an edge is there. The next prompt's open that finds none at once
+    (a transient) must still wait for it; marked "waited in vain", it ended the whole run."""
+    import asyncio
+
+    from gelato.device.client import EdgeClient
+    from gelato.device.drafter import Drafter
+    from gelato.device.policy import parse_policy
+    from gelato.models import encode_prompt
+    from gelato.types import SamplingParams
+    from gelato.wire import MODEL_LOADING
+
+    async def run() -> tuple[bool, str]:
+        client = EdgeClient("127.0.0.1:1", failovers=1, edge_wait_s=0.3, connect_timeout_s=0.1)
+        opened = iter([_Stream(target, cut_after=2), _Full(target)])
+
+        async def connect(timeout_s: float | None = None) -> None:
+            return None
+
+        class Stub:
+            def Session(self, **kwargs: object) -> _Stream:
+                return next(opened)
+
+            async def Info(self, request: pb.InfoRequest, **kwargs: object) -> pb.InfoResponse:
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), MODEL_LOADING
+                )
+
+        client.connect = connect  # type: ignore[method-assign]
+        client.stub = Stub()  # type: ignore[assignment]
+        try:
+            prompt = encode_prompt(target.tokenizer, "Ava has 12 apples and Ben gives her 3 more. How many?")
+            res = await client.generate(Drafter(drafter_model, SamplingParams()), prompt, 20, parse_policy("fixed-4"))
+            return client._waited_in_vain, res.error
+        finally:
+            await client.close()
+
+    in_vain, error = asyncio.run(run())
+    assert "RESOURCE_EXHAUSTED" in error and in_vain is False  # `hopeless` reads it at the next first open
