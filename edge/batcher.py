@@ -81,6 +81,13 @@ def _never() -> bool:
     return False
 
 
+# A run (`Batcher.run`: a lone session's tokens decoded in one model-thread job, sent as one
+# message) ends once it has lasted this long: with a slow target (a CPU edge, layers offloaded to
+# disk) its tokens per message times a step could pass the device's timeout for one message
+# (`--verdict-timeout-s`), and a stream should show its tokens at least about this often.
+RUN_BUDGET_S = 1.0
+
+
 class Batcher:
     def __init__(
         self,
@@ -187,6 +194,7 @@ class Batcher:
         session, received, block = first.session, first.received, first.block
         limit = session.loaded.context_limit
         verdicts: list[Verdict] = []
+        until = time.perf_counter() + RUN_BUDGET_S
         result: Run | BaseException
         try:
             while True:
@@ -204,6 +212,7 @@ class Batcher:
                 received = end  # the next step waits for nothing
                 if (
                     len(verdicts) >= max_steps
+                    or end >= until
                     or outcome.next_token in stop_ids
                     or session.length >= limit
                     or first.future.done()

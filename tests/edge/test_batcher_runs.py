@@ -270,3 +270,31 @@ def test_a_run_counts_each_step_as_one_forward_of_one_row(target: LoadedModel) -
     ran_counts, step_counts = _with_batcher(ModelThread(), lambda: 1, body)
     assert ran_counts == step_counts
     assert ran_counts["batches_total"] == ran_counts["batch_rows_total"] == ran_counts["verify_seconds_count"] == 7
+
+
+def test_a_run_ends_once_it_has_lasted_its_time_budget(target: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow target (here each step takes 0.15 s): a run of up to 64 tokens would take ~10 s
+    before its one message goes out, past what a device waits for a message. It ends once it
+    has lasted `RUN_BUDGET_S` (0.4 s here), with the verdicts of the steps it made; the next
+    run goes on from there."""
+    from gelato.edge import batcher as batcher_module
+
+    real = batcher_module.verify_batch
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.15)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batcher_module, "verify_batch", slow)
+    monkeypatch.setattr(batcher_module, "RUN_BUDGET_S", 0.4)
+    ran, stepped = _session(target, SamplingParams(), "ran"), _session(target, SamplingParams(), "stepped")
+
+    async def body(batcher: Batcher) -> tuple[list[Verdict], list[Verdict], list[Verdict]]:
+        first = await batcher.run(ran, 64, frozenset(), time.perf_counter())
+        second = await batcher.run(ran, 64, frozenset(), time.perf_counter())
+        n = len(first.verdicts) + len(second.verdicts)
+        return first.verdicts, second.verdicts, await _single_steps(batcher, stepped, n)
+
+    first, second, steps = _with_batcher(ModelThread(), lambda: 1, body)
+    assert 2 <= len(first) <= 4 and 2 <= len(second) <= 4, (len(first), len(second))
+    assert [v.next_token for v in first + second] == [v.next_token for v in steps]
