@@ -92,16 +92,17 @@ def _worth_another_open(exc: EdgeError, reopening: bool) -> bool:
     return exc.code == grpc.StatusCode.UNAVAILABLE or (reopening and exc.code == FULL)
 
 
-def _check_same_target(opened: SessionInfo, target: tuple[str, tuple[int, ...] | None] | None) -> None:
-    """A re-open must reach the target the generation began with: another one (a replica on a new
-    checkpoint mid-upgrade, a misconfigured fleet) would continue its tokens with its own
-    decoding, no longer the target's output. Ended as an error, not tried again, tokens kept."""
-    if target is None or (opened.target_model, opened.eos_token_ids) == target:
+def _check_same_target(model: str, eos: tuple[int, ...], target: tuple[str, tuple[int, ...] | None] | None) -> None:
+    """A re-open must reach the target the generation began with (`model` and the end tokens in
+    effect, `eos`): another one (a replica on a new checkpoint mid-upgrade, a misconfigured fleet)
+    would continue its tokens with its own decoding, no longer the target's output. Ended as an
+    error, not tried again, tokens kept."""
+    if target is None or (model, eos) == target:
         return
     raise EdgeError(
         grpc.StatusCode.FAILED_PRECONDITION,
-        f"the edge that took the re-open serves target {opened.target_model!r} (end tokens "
-        f"{opened.eos_token_ids}), not {target[0]!r} (end tokens {target[1]}) that this generation began "
+        f"the edge that took the re-open serves target {model!r} (end tokens "
+        f"{list(eos)}), not {target[0]!r} (end tokens {list(target[1] or ())}) that this generation began "
         "with: its tokens would not continue that target's output; every replica behind --edge must serve "
         "the same target",
         by_edge=False,
@@ -285,8 +286,10 @@ class EdgeClient(StreamIO):
                 except EdgeError as exc:  # the open failed: no session ran
                     failed = failed or FailedOpens()
                     failed.add(exc, acct.opening_spent_j())  # the attempt cost the device all the same
-                    if exc.by_edge:
-                        unanswered = False  # an edge answered this open (it refused it): one is there
+                    if not isinstance(exc, EdgeUnreachable) and (
+                        exc.by_edge or exc.code != grpc.StatusCode.UNAVAILABLE
+                    ):
+                        unanswered = False  # an edge answered this open (a refusal, a wrong answer): one is there
                     # A first open that found no edge at all is tried again only when there is time
                     # to wait for one: without, the caller's report (the run ends) comes at once.
                     no_edge = res is None and isinstance(exc, EdgeUnreachable)
@@ -408,7 +411,10 @@ class EdgeClient(StreamIO):
                 opened = decode_opened(reply.opened)
             except WireError as exc:
                 raise EdgeError(grpc.StatusCode.INTERNAL, str(exc), by_edge=False) from exc
-            _check_same_target(opened, target)
+            # The target's end tokens end the generation; an edge that does not say them (older)
+            # leaves the drafter's (same tokenizer). What is compared across a failover is these.
+            eos = opened.eos_token_ids if opened.eos_token_ids is not None else loaded.eos_token_ids
+            _check_same_target(opened.target_model, tuple(sorted(set(eos))), target)
         except VerifyError as exc:
             exc.bytes_up += wire_bytes(open_msg.ByteSize())  # written all the same (a refused re-open)
             exc.bytes_down += wire_bytes(reply.ByteSize()) if reply is not None else 0  # read, no SessionOpened
@@ -430,7 +436,6 @@ class EdgeClient(StreamIO):
         # agreeing); past it the rounds go on with K = 0. The target's end tokens end it: a
         # drafter whose generation config lists other ones (same tokenizer) would stop early, or
         # go on past the target's end (and wait forever for a token `Generate` never streams).
-        eos = opened.eos_token_ids if opened.eos_token_ids is not None else loaded.eos_token_ids
         limits = Limits(max_new_tokens, opened.context_limit, opened.max_draft_tokens, eos, loaded.context_limit)
         self._warn_cap(policy, opened.max_draft_tokens)
         link = self._link(call, policy, opened)
@@ -442,7 +447,7 @@ class EdgeClient(StreamIO):
             result = await speculative_generate(
                 drafter, transport, policy, prompt_ids, limits, acct, on_round, self.offload, session_bytes
             )
-        result.target_model, result.target_eos = opened.target_model, opened.eos_token_ids
+        result.target_model, result.target_eos = opened.target_model, tuple(sorted(set(eos)))
         if result.stats.stop_reason != "error" and (drained := await self._close(call, close_msg)) is not None:
             charge_bytes(result.stats, policy, acct, wire_bytes(close_msg.ByteSize()), drained)
         return result

@@ -41,7 +41,8 @@ class EdgeUnreachable(EdgeError):
     """Nothing answered at the address: the edge is down, or the address or network is wrong."""
 
     def __init__(self, target: str, timeout_s: float, tls: bool = False) -> None:
-        super().__init__(grpc.StatusCode.UNAVAILABLE, f"no gelato-edge reachable at {target} within {timeout_s:g} s")
+        what = f"no gelato-edge reachable at {target} within {timeout_s:g} s"
+        super().__init__(grpc.StatusCode.UNAVAILABLE, what, by_edge=False)
         hint = (
             "; with TLS also check --tls-ca, the edge's certificate name (--tls-server-name), and for an edge "
             "that wants client certificates --tls-cert/--tls-key"

@@ -304,7 +304,7 @@ class KVPool:
         except PoolMemoryError:
             if planned is None:
                 raise
-            raise planned from None
+            raise planned from planned.__cause__  # the allocator's text for the planned shape, for the log
 
     def _index(self, slots: list[int]) -> torch.Tensor:
         key = tuple(slots)

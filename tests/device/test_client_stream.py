@@ -182,14 +182,16 @@ class _Stream:
         wrong_round_at: int | None = None,
         open_answered_wrong: bool = False,
         target_name: str = "tiny-target",
+        eos_ids: tuple[int, ...] | None = None,
     ) -> None:
         """`open_refused`: the open is taken, then answered UNAVAILABLE (an edge still loading);
         `wrong_round_at`: that verdict names the next round (an edge fault);
         `open_answered_wrong`: the open is answered with a verdict, not SessionOpened;
-        `target_name`: the target model its SessionOpened names."""
+        `target_name`: the target model its SessionOpened names; `eos_ids`: its end tokens (None:
+        an older edge that says none)."""
         self.target, self.cut_after, self.close_fails, self.open_s = target, cut_after, close_fails, open_s
         self.open_fails, self.open_refused, self.wrong_round_at = open_fails, open_refused, wrong_round_at
-        self.open_answered_wrong, self.target_name = open_answered_wrong, target_name
+        self.open_answered_wrong, self.target_name, self.eos_ids = open_answered_wrong, target_name, eos_ids
         self.replies: asyncio.Queue[pb.EdgeMessage | None] = asyncio.Queue()
         self.session: TargetSession | None = None
         self.verdicts = 0
@@ -217,7 +219,7 @@ class _Stream:
             self.session = TargetSession("s", self.target, SamplingParams(), list(msg.open.prefix_ids))
             self.session.prefill()
             await asyncio.sleep(self.open_s)  # a longer prefill, as a real target's prompt takes
-            info = SessionInfo("s", self.target_name, self.target.context_limit, 32)
+            info = SessionInfo("s", self.target_name, self.target.context_limit, 32, eos_token_ids=self.eos_ids)
             self.replies.put_nowait(encode_opened(info))
         elif kind == "draft":
             assert self.session is not None
@@ -332,6 +334,7 @@ def test_an_info_past_its_own_timeout_names_the_setting_not_the_edge() -> None:
         await server.start()
         client = EdgeClient(f"127.0.0.1:{port}", connect_timeout_s=0.5)
         try:
+            await client.connect(10)  # connected first: only the Info call's own timeout is tested
             with pytest.raises(EdgeError) as info:
                 await client.info()
             return info.value

@@ -75,6 +75,23 @@ def test_a_reopen_reaching_another_target_ends_the_generation(target: LoadedMode
     assert res.target_model == "tiny-target"
 
 
+def test_a_reopen_compares_the_end_tokens_in_effect(target: LoadedModel, drafter_model: LoadedModel) -> None:
+    """A fleet partway through a software upgrade: the replica that began the generation names
+    the target's end tokens, the one that takes the re-open is older and names none (the device
+    then ends at its drafter's, the same here). Same target: it goes on. One naming other end
+    tokens is another target."""
+    ref = _generate(target, drafter_model, [_Stream(target)], failovers=0)
+    ends = tuple(sorted(set(drafter_model.eos_token_ids)))
+    assert ends  # the tiny pair has an end token, or this would compare nothing
+    for first_eos, then_eos in ((ends, None), (None, ends)):
+        streams = [_Stream(target, cut_after=2, eos_ids=first_eos), _Stream(target, eos_ids=then_eos)]
+        res = _generate(target, drafter_model, streams, failovers=1)
+        assert (res.token_ids, res.error, res.failovers) == (ref.token_ids, "", 1)
+    streams = [_Stream(target, cut_after=2, eos_ids=ends), _Stream(target, eos_ids=(*ends, 7))]
+    res = _generate(target, drafter_model, streams, failovers=1)
+    assert res.stats.stop_reason == "error" and "FAILED_PRECONDITION" in res.error and "end tokens" in res.error
+
+
 def test_an_edge_refusing_the_last_reopen_is_an_edge_that_answered(
     target: LoadedModel, drafter_model: LoadedModel
 ) -> None:

@@ -51,6 +51,10 @@ async def generate_all(streams: Iterator[_Stream], drafter: Drafter, prompts: li
         def Session(self, **kwargs: object) -> _Stream:
             return next(streams)
 
+        async def Info(self, request: pb.InfoRequest, **kwargs: object) -> pb.InfoResponse:
+            # Asked before the last re-open (`--failovers 1`): the edge is there.
+            return pb.InfoResponse(protocol_version=1, vocab_size=drafter.loaded.vocab_size, context_limit=512)
+
     client.connect = connect  # type: ignore[method-assign]
     client.stub = Stub()  # type: ignore[assignment]
     policy, failovers = parse_policy("fixed-0"), []

@@ -93,7 +93,7 @@ def test_a_request_whose_caller_left_does_not_close_the_window_early(target: Loa
         for s in sessions:
             s.prefill()
         open_ = list(sessions)
-        batcher = Batcher(executor, 1.0, 16, lambda: len(open_), EdgeMetrics())
+        batcher = Batcher(executor, 2.0, 16, lambda: len(open_), EdgeMetrics())  # closes early once C is in
         batcher.start()
         try:
             first = [asyncio.ensure_future(batcher.verify(s, DraftBlock(0, ()), time.perf_counter())) for s in sessions]

@@ -84,13 +84,10 @@ def test_endless_streams_are_capped_and_free_their_place(pair: dict[str, Path]) 
             for s in streams:
                 await s.write(ask)
                 assert (await s.read()).list_services_response.service
+            # Refused at its start, before any message: nothing is written to it (a write racing
+            # the refusal raised it, or a core write failure that hides it).
             extra = stub.ServerReflectionInfo(timeout=10)
-            try:
-                await extra.write(ask)  # refused at its start: the refusal may be in before this write
-            except grpc.aio.AioRpcError as exc:
-                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            else:
-                assert await refused(extra) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert await refused(extra) == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert server.stream_cap.active[REFLECTION] == 2
 
             for call in (*watches[1:], again, *streams):
