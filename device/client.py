@@ -30,13 +30,18 @@ import grpc
 from gelato.channel import CLIENT_OPTIONS, PLAINTEXT_OPTIONS
 from gelato.deadline import within
 from gelato.device.client_errors import (
-    LOCAL_DEADLINE,
+    FULL,
+    FULL_PAUSE_S,
     EdgeError,
     EdgeUnreachable,
     FailedOpens,
     StreamIO,
     call_error,
+    check_same_target,
+    edge_answered,
     expect_verdict,
+    info_error,
+    worth_another_open,
 )
 from gelato.device.config import DeviceConfig
 from gelato.device.drafter import Drafter
@@ -79,34 +84,6 @@ __all__ = ["EdgeClient", "EdgeError", "EdgeUnreachable", "GenerationResult"]
 
 WAIT_FIRST_S, WAIT_MAX_S = 0.1, 2.0  # `EdgeClient.wait_ready`'s pauses between asks
 CLOSE_WAIT_S = 1.0  # after a session's close, at most this long for each answer still due, then its status
-
-
-FULL = grpc.StatusCode.RESOURCE_EXHAUSTED  # the edge's admission: session, KV or waiting-room limit
-FULL_PAUSE_S = 0.5  # before the next attempt after a re-open an edge refused as full
-
-
-def _worth_another_open(exc: EdgeError, reopening: bool) -> bool:
-    """An open that failed is tried again (one attempt of `--failovers`) when the edge was not there
-    (UNAVAILABLE) or, for a re-open after a failover, was full: its generation has tokens to keep,
-    and the fleet that lost a replica re-opens at once, so another replica may have the room."""
-    return exc.code == grpc.StatusCode.UNAVAILABLE or (reopening and exc.code == FULL)
-
-
-def _check_same_target(model: str, eos: tuple[int, ...], target: tuple[str, tuple[int, ...] | None] | None) -> None:
-    """A re-open must reach the target the generation began with (`model` and the end tokens in
-    effect, `eos`): another one (a replica on a new checkpoint mid-upgrade, a misconfigured fleet)
-    would continue its tokens with its own decoding, no longer the target's output. Ended as an
-    error, not tried again, tokens kept."""
-    if target is None or (model, eos) == target:
-        return
-    raise EdgeError(
-        grpc.StatusCode.FAILED_PRECONDITION,
-        f"the edge that took the re-open serves target {model!r} (end tokens "
-        f"{list(eos)}), not {target[0]!r} (end tokens {list(target[1] or ())}) that this generation began "
-        "with: its tokens would not continue that target's output; every replica behind --edge must serve "
-        "the same target",
-        by_edge=False,
-    )
 
 
 class EdgeClient(StreamIO):
@@ -185,11 +162,7 @@ class EdgeClient(StreamIO):
                 spent[1] += wire_bytes(resp.ByteSize())
             return decode_info(resp)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and LOCAL_DEADLINE in (exc.details() or ""):
-                # This call's own timeout, not the edge's answer: name the setting that bounds it.
-                what = f"the edge did not answer Info within {timeout_s:g} s (--connect-timeout-s)"
-                raise EdgeError(exc.code(), what, by_edge=False) from exc
-            raise call_error(exc.code(), exc.details(), self.deadline_s) from exc
+            raise info_error(exc, timeout_s, self.deadline_s) from exc
         except WireError as exc:
             raise EdgeError(grpc.StatusCode.INTERNAL, str(exc), by_edge=False) from exc
         finally:
@@ -273,28 +246,18 @@ class EdgeClient(StreamIO):
                     on_session(0 if res is None else res.failovers + 1)
                 acct.radio_busy()  # the connect and the open transfer from here: the last tail ends
                 try:
-                    more = await self._session(
-                        drafter,
-                        [*prompt_ids, *done],
-                        max_new_tokens - len(done),
-                        policy,
-                        acct,
-                        on_round,
-                        sampling,
-                        None if res is None else (res.target_model, res.target_eos),
-                    )
+                    prefix, begun = [*prompt_ids, *done], None if res is None else (res.target_model, res.target_eos)
+                    args = (policy, acct, on_round, sampling, begun)
+                    more = await self._session(drafter, prefix, max_new_tokens - len(done), *args)
                 except EdgeError as exc:  # the open failed: no session ran
                     failed = failed or FailedOpens()
                     failed.add(exc, acct.opening_spent_j())  # the attempt cost the device all the same
-                    if not isinstance(exc, EdgeUnreachable) and (
-                        exc.by_edge or exc.code != grpc.StatusCode.UNAVAILABLE
-                    ):
-                        unanswered = False  # an edge answered this open (a refusal, a wrong answer): one is there
+                    unanswered = unanswered and not edge_answered(exc)  # a refusal: an edge is there
                     # A first open that found no edge at all is tried again only when there is time
                     # to wait for one: without, the caller's report (the run ends) comes at once.
                     no_edge = res is None and isinstance(exc, EdgeUnreachable)
                     hopeless = no_edge and (self.edge_wait_s <= 0 or self._waited_in_vain)
-                    if not _worth_another_open(exc, res is not None) or left == 0 or hopeless:
+                    if not worth_another_open(exc, res is not None) or left == 0 or hopeless:
                         self._waited_in_vain = unanswered or hopeless  # no edge since a wait in vain
                         if res is None:
                             raise  # no session ever ran: the caller reports it (unreachable: the run ends)
@@ -321,10 +284,8 @@ class EdgeClient(StreamIO):
                     # next attempt may reach another (round_robin), or this one with room again.
                     await asyncio.sleep(FULL_PAUSE_S)
                 elif (failed is not None or left == 0) and self.edge_wait_s > 0:
-                    # A lone edge restarting: let it come back. Before the last attempt too, even
-                    # when no re-open failed yet: with one attempt (`--failovers 1`) it would
-                    # otherwise run into the restart at once and never wait (an edge that is up
-                    # answers the first ask at once).
+                    # A lone edge restarting: let it come back, before the last attempt too (with
+                    # `--failovers 1` the only one; an edge that is up answers the first ask).
                     failed = failed or FailedOpens()  # the asks' bytes are the failover's
                     if not wait_until:
                         log.warning("waiting up to %g s for the edge to come back (--edge-wait-s)", self.edge_wait_s)
@@ -414,7 +375,7 @@ class EdgeClient(StreamIO):
             # The target's end tokens end the generation; an edge that does not say them (older)
             # leaves the drafter's (same tokenizer). What is compared across a failover is these.
             eos = opened.eos_token_ids if opened.eos_token_ids is not None else loaded.eos_token_ids
-            _check_same_target(opened.target_model, tuple(sorted(set(eos))), target)
+            check_same_target(opened.target_model, tuple(sorted(set(eos))), target)
         except VerifyError as exc:
             exc.bytes_up += wire_bytes(open_msg.ByteSize())  # written all the same (a refused re-open)
             exc.bytes_down += wire_bytes(reply.ByteSize()) if reply is not None else 0  # read, no SessionOpened

@@ -3,7 +3,9 @@
 Contract: `EdgeError` is a session or call that failed with a gRPC status code (the edge's own, or
 one the device concluded itself, named so); `EdgeUnreachable` one where nothing answered at the
 address; `write_error` turns a failed stream write into an `EdgeError` (a stream that ended under
-the write is UNAVAILABLE, so the session fails over); `FailedOpens` gathers the opens that failed
+the write is UNAVAILABLE, so the session fails over; `call_error` maps a read's status the same
+way), `info_error` a failed `Info`; `worth_another_open`, `edge_answered` and `check_same_target`
+judge a failed or re-opened session for the failover loop; `FailedOpens` gathers the opens that failed
 in a row and charges what they cost to the generation they were for, once; `expect_verdict`
 reads an edge message that must be a verdict (anything else is the edge's fault: INTERNAL);
 `StreamIO` reads and writes a session stream with each failure as an `EdgeError`.
@@ -95,6 +97,49 @@ def call_error(code: grpc.StatusCode, details: str | None, deadline_s: float) ->
 def write_error(exc: grpc.aio.AioRpcError, deadline_s: float) -> EdgeError:
     """A failed write as an EdgeError: the stream went away under it (UNAVAILABLE, so the session
     fails over like any other lost edge), or the status the call ended with (`call_error`)."""
+    return call_error(exc.code(), exc.details(), deadline_s)
+
+
+FULL = grpc.StatusCode.RESOURCE_EXHAUSTED  # the edge's admission: session, KV or waiting-room limit
+FULL_PAUSE_S = 0.5  # before the next attempt after a re-open an edge refused as full
+
+
+def worth_another_open(exc: EdgeError, reopening: bool) -> bool:
+    """An open that failed is tried again (one attempt of `--failovers`) when the edge was not there
+    (UNAVAILABLE) or, for a re-open after a failover, was full: its generation has tokens to keep,
+    and the fleet that lost a replica re-opens at once, so another replica may have the room."""
+    return exc.code == grpc.StatusCode.UNAVAILABLE or (reopening and exc.code == FULL)
+
+
+def check_same_target(model: str, eos: tuple[int, ...], target: tuple[str, tuple[int, ...] | None] | None) -> None:
+    """A re-open must reach the target the generation began with (`model` and the end tokens in
+    effect, `eos`): another one (a replica on a new checkpoint mid-upgrade, a misconfigured fleet)
+    would continue its tokens with its own decoding, no longer the target's output. Ended as an
+    error, not tried again, tokens kept."""
+    if target is None or (model, eos) == target:
+        return
+    raise EdgeError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"the edge that took the re-open serves target {model!r} (end tokens "
+        f"{list(eos)}), not {target[0]!r} (end tokens {list(target[1] or ())}) that this generation began "
+        "with: its tokens would not continue that target's output; every replica behind --edge must serve "
+        "the same target",
+        by_edge=False,
+    )
+
+
+def edge_answered(exc: EdgeError) -> bool:
+    """An open that failed so was answered by an edge (a refusal, an answer that was wrong): one is
+    there, unlike one that found none (unreachable, the link lost)."""
+    return not isinstance(exc, EdgeUnreachable) and (exc.by_edge or exc.code != grpc.StatusCode.UNAVAILABLE)
+
+
+def info_error(exc: grpc.aio.AioRpcError, timeout_s: float, deadline_s: float) -> EdgeError:
+    """A failed `Info` as an EdgeError; its own timeout passing names the setting that bounds it
+    (`--connect-timeout-s`), not the edge."""
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and LOCAL_DEADLINE in (exc.details() or ""):
+        what = f"the edge did not answer Info within {timeout_s:g} s (--connect-timeout-s)"
+        return EdgeError(exc.code(), what, by_edge=False)
     return call_error(exc.code(), exc.details(), deadline_s)
 
 
