@@ -14,7 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gelato.cli_common import endpoint, log_format, log_level, model_device, model_dtype, torch_threads
-from gelato.config import MAX_TIMEOUT_S, MODEL_PATH, UINT32, ConfigError, Settings, ge, gt, le, nested, require, setting
+from gelato.config import (
+    FILE_PATH,
+    HOST_NAME,
+    MAX_TIMEOUT_S,
+    MODEL_PATH,
+    UINT32,
+    Check,
+    ConfigError,
+    Settings,
+    ge,
+    gt,
+    le,
+    nested,
+    require,
+    setting,
+)
 from gelato.device.policy import parse_policy
 from gelato.device.policy_options import PolicyOptions
 from gelato.power import PROFILES, RADIOS
@@ -55,7 +70,9 @@ class DeviceConfig(Settings):
     prompts_file: Path | None = setting(  # noqa: RUF009 (a field, see gelato.config)
         None, "JSONL with 'prompt' or 'question' per line", one_of="prompts", required=True
     )
-    limit: int | None = setting(None, "use only the first N prompts of the file", check=ge(0))
+    limit: int | None = setting(
+        None, "use only the first N prompts of the file", check=(ge(0), Check(bool, "must be >= 1 (0 runs no prompt)"))
+    )
     max_new_tokens: int = setting(256, "tokens to generate per prompt, at most", check=(ge(1), UINT32))
     policy: str = setting("auto", POLICY_HELP + "; auto: gelato with --energy-budget-j-per-token, else fixed-4")
     controller: PolicyOptions = nested(PolicyOptions)  # noqa: RUF009 (a field, see gelato.config)
@@ -94,13 +111,15 @@ class DeviceConfig(Settings):
     # Security (gelato.security): TLS when any of --tls, --tls-ca, --tls-cert/--tls-key or
     # --tls-server-name is given; a token goes in plaintext only to loopback, or with --insecure.
     tls: bool = setting(False, "connect with TLS, trusting gRPC's default CA roots unless --tls-ca is given")
-    tls_ca: str | None = setting(None, "PEM CA that signed the edge's certificate: connect with TLS")
-    tls_cert: str | None = setting(None, "PEM client certificate, for an edge that requires one (mTLS)")
-    tls_key: str | None = setting(None, "PEM private key of --tls-cert")
-    tls_server_name: str | None = setting(
-        None, "name in the edge's certificate, if not --edge's host: connect with TLS"
+    tls_ca: str | None = setting(None, "PEM CA that signed the edge's certificate: connect with TLS", check=FILE_PATH)
+    tls_cert: str | None = setting(
+        None, "PEM client certificate, for an edge that requires one (mTLS)", check=FILE_PATH
     )
-    auth_token_file: str | None = setting(None, "file holding the edge's bearer token")
+    tls_key: str | None = setting(None, "PEM private key of --tls-cert", check=FILE_PATH)
+    tls_server_name: str | None = setting(
+        None, "name in the edge's certificate, if not --edge's host: connect with TLS", check=HOST_NAME
+    )
+    auth_token_file: str | None = setting(None, "file holding the edge's bearer token", check=FILE_PATH)
     insecure: bool = setting(
         False,
         "send --auth-token-file's token to a non-loopback --edge without TLS (anyone on the path can read it)",
@@ -155,6 +174,12 @@ class DeviceConfig(Settings):
             "--adaedl-gamma": (c.adaedl_gamma != default.adaedl_gamma, ("adaedl",)),
             "--adaedl-lambda": (c.adaedl_lambda != default.adaedl_lambda, ("adaedl",)),
             "--v": (c.v != default.v, ("lyapunov", "gelato")),
+            # Other policies decide without the estimates (only their trace's p̂ would move).
+            "--estimator-halflife-rounds": (c.halflife_rounds != default.halflife_rounds, ("lyapunov", "gelato")),
+            "--calibrator-halflife-tokens": (
+                c.calibrator_halflife_tokens != default.calibrator_halflife_tokens,
+                ("lyapunov", "gelato"),
+            ),
             "--stream-tokens": (c.stream_tokens != default.stream_tokens, ("ar-edge",)),
         }
         for flag, (changed, policies) in readers.items():

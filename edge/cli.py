@@ -301,7 +301,10 @@ def _main(argv: list[str] | None = None) -> int:
         _release_ctrl_c()  # a probe, not a server: Ctrl-C stops it as it stops any command
         alone = config.health_port is not None  # health on its own port, else on the main one
         host = config.health_host if alone else config.host
-        address = args.health_check or probe_address(host, config.health_port or config.port)
+        probed = config.health_port or config.port
+        if not args.health_check and probed == 0:  # 0 served a free port, which no setting names
+            return fail(parser.explain("--health-check without an address needs the --port the edge serves, not 0"))
+        address = args.health_check or probe_address(host, probed)
         tls = bool(config.tls_cert) and not args.health_check and config.health_port is None
         try:
             return health_check(address, config.health_check_timeout_s, tls)

@@ -12,8 +12,22 @@ from dataclasses import dataclass, field
 
 from gelato.channel import MAX_DRAFT_TOKENS
 from gelato.cli_common import log_format, log_level, max_memory, model_device, model_dtype, port_number, torch_threads
-from gelato.config import MAX_TIMEOUT_S, MODEL_PATH, PORT, UINT32, Check, Settings, ge, gt, le, require, setting
+from gelato.config import (
+    FILE_PATH,
+    MAX_TIMEOUT_S,
+    MODEL_PATH,
+    PORT,
+    UINT32,
+    Check,
+    Settings,
+    ge,
+    gt,
+    le,
+    require,
+    setting,
+)
 
+_OPEN_TIMEOUT_S = 30.0
 DEVICE_MAPS = ("auto", "balanced", "sequential")  # gelato.models.DEVICE_MAPS, without importing torch
 DRAFTS_FIT = Check(
     lambda k: k <= MAX_DRAFT_TOKENS,
@@ -68,7 +82,7 @@ class EdgeConfig(Settings):
         300.0, "end a session whose device sends nothing, or takes no answer, this long", check=gt(0)
     )
     open_timeout_s: float = setting(
-        30.0,
+        _OPEN_TIMEOUT_S,
         "end a Session stream that sends no open this long after it starts (at most --idle-timeout-s)",
         check=(gt(0), le(MAX_TIMEOUT_S)),
     )
@@ -82,10 +96,12 @@ class EdgeConfig(Settings):
     log_format: str = log_format()
     # Security (gelato.security): TLS when a certificate and key are given (mutual TLS with a client
     # CA); every call but health needs `Bearer <token>` when a token file is given.
-    tls_cert: str | None = setting(None, "PEM server certificate (chain): serve TLS")
-    tls_key: str | None = setting(None, "PEM private key of --tls-cert")
-    tls_client_ca: str | None = setting(None, "PEM CA: require client certificates it signed (mutual TLS)")
-    auth_token_file: str | None = setting(None, "file holding the bearer token every call must carry")
+    tls_cert: str | None = setting(None, "PEM server certificate (chain): serve TLS", check=FILE_PATH)
+    tls_key: str | None = setting(None, "PEM private key of --tls-cert", check=FILE_PATH)
+    tls_client_ca: str | None = setting(
+        None, "PEM CA: require client certificates it signed (mutual TLS)", check=FILE_PATH
+    )
+    auth_token_file: str | None = setting(None, "file holding the bearer token every call must carry", check=FILE_PATH)
     insecure: bool = setting(
         False,
         "serve a non-loopback --host without TLS and a token or client certificates (anyone who reaches the "
@@ -116,7 +132,11 @@ class EdgeConfig(Settings):
         type=max_memory,
         metavar="DEV=SIZE,...",
     )
-    offload_folder: str | None = setting(None, "with --device-map: where weights beyond memory go")
+    offload_folder: str | None = setting(
+        None,
+        "with --device-map: where weights beyond memory go",
+        check=Check(lambda x: bool(x.strip()), "must name a folder"),
+    )
     dtype: str = model_dtype()
     device: str = model_device()
     threads: int | None = torch_threads()
@@ -125,6 +145,13 @@ class EdgeConfig(Settings):
 
     def check(self) -> None:
         require(bool(self.tls_cert) == bool(self.tls_key), "--tls-cert and --tls-key go together")
+        # A stream waiting for its open is idle too: the shorter limit ends it. Given longer, the
+        # open timeout would be silently cut (its default is, under a short --idle-timeout-s).
+        require(
+            self.open_timeout_s <= self.idle_timeout_s or self.open_timeout_s == _OPEN_TIMEOUT_S,
+            f"--open-timeout-s {self.open_timeout_s:g} would be cut to --idle-timeout-s {self.idle_timeout_s:g}: "
+            "a stream waiting for its open is idle (give an --idle-timeout-s at least as long)",
+        )
         require(
             not self.tls_client_ca or bool(self.tls_cert),
             "--tls-client-ca needs --tls-cert/--tls-key (mutual TLS is TLS first)",

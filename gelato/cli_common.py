@@ -30,6 +30,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -128,10 +129,11 @@ def torch_threads() -> Any:
 
 
 def port_number(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    # ASCII digits only: int() also takes "5_0051", "+1" and other scripts' digits, which gRPC's
+    # address parser refuses (the device then waited for an edge it could never reach).
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    port = int(text)
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be in 0-65535, got {port}")
     return port
@@ -226,7 +228,10 @@ def byte_size(text: str) -> int:
     unit = m.group(2).upper() if m else ""
     if not m or unit not in SIZE_UNITS:
         raise ValueError(f"not a size: {text!r} (examples: 20GiB, 500MB, 4096)")
-    size = int(float(m.group(1)) * SIZE_UNITS[unit])
+    amount = float(m.group(1)) * SIZE_UNITS[unit]
+    if not math.isfinite(amount):  # a number of hundreds of digits: int() of it overflowed
+        raise ValueError(f"not a size: {text!r} (too large)")
+    size = int(amount)
     if size <= 0:
         raise ValueError(f"a size must be > 0, got {text!r}")
     return size

@@ -83,6 +83,10 @@ PORT = Check(lambda p: 0 <= p <= 65535, "must be in 0-65535")
 MODEL_PATH = Check(
     lambda x: bool(str(x).strip()), "must name a hub id or a folder (leave it out for the built-in model)"
 )
+# A credential or file path given empty ("--tls-ca \"$CA\"" with CA unset) would read as not given:
+# TLS or the token silently off. Left out, it is off on purpose.
+FILE_PATH = Check(lambda x: bool(str(x).strip()), "must name a file (leave it out for none)")
+HOST_NAME = Check(lambda x: bool(str(x).strip()), "must name a host (leave it out for --edge's own)")
 # Settings that travel in a uint32 field (SessionOpened, InfoResponse): a larger one would pass at
 # start and then fail every open or Info when encoded.
 UINT32 = Check(lambda x: x <= 2**32 - 1, "must be <= 4294967295 (it travels as a uint32)")

@@ -258,3 +258,13 @@ def test_device_map_errors(pair: dict[str, Path], args: list[str], needle: str) 
             pytest.skip("this host has a GPU 0")
     res = run_edge("--port", "0", "--target", str(pair["target"]), *args)
     assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_a_health_check_of_port_0_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """--port 0 serves a free port no setting names: probing "port 0" reported the edge
+    UNAVAILABLE (connection refused), exit 1, as if it were down."""
+    from gelato.edge import cli
+
+    assert cli.main(["--port", "0", "--health-check"]) == 2
+    err = capsys.readouterr().err
+    assert "--health-check without an address needs the --port the edge serves, not 0" in err, err

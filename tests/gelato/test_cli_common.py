@@ -63,3 +63,26 @@ def test_a_check_naming_its_field_first_names_the_variable_behind_it(monkeypatch
         "top_p must be in [0, 1], got nan (--top-p came from GELATO_DEVICE_TOP_P='nan')"
     )
     assert parser.explain("the seed top_p is fine") == "the seed top_p is fine"
+
+
+@pytest.mark.parametrize("port", ["5_0051", "+5", "٥٠٠٥١", " 50051", "50051.0"])
+def test_a_port_is_ascii_digits(port: str) -> None:
+    """int() takes these; gRPC's address parser does not ("Failed to parse port"): the device
+    then waited out --connect-timeout-s and reported the edge unreachable."""
+    from gelato.cli_common import port_number
+
+    with pytest.raises(argparse.ArgumentTypeError, match="not a port number"):
+        port_number(port)
+    with pytest.raises(argparse.ArgumentTypeError, match="not a port number"):
+        endpoint(f"127.0.0.1:{port}")
+    assert port_number("50051") == 50051
+
+
+def test_a_size_too_large_for_a_float_is_a_usage_error() -> None:
+    """`float()` of hundreds of digits is inf, and int(inf) raised OverflowError past argparse (a
+    traceback, exit 1) instead of the usage error of every other bad size."""
+    from gelato.cli_common import max_memory
+
+    with pytest.raises(argparse.ArgumentTypeError, match="too large"):
+        max_memory("0=" + "9" * 400)
+    assert max_memory("0=1.5GB,cpu=4096") == {0: 1_500_000_000, "cpu": 4096}

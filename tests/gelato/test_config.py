@@ -181,6 +181,23 @@ def test_the_drafter_samples_with_the_values_the_edge_gets() -> None:
         (["--metrics-port", "0"], "--metrics-port must be >= 1 (0 would pick a port nobody is told)"),
         (["--health-port", "0"], "--health-port must be >= 1 (0 would pick a port nobody is told)"),
         (["--offload-folder", "/tmp/x"], "--max-memory and --offload-folder need --device-map"),
+        # Given empty ("$CERT" with the variable unset), read as not given: TLS or the token off.
+        (["--tls-cert", "", "--tls-key", ""], "--tls-cert must name a file (leave it out for none)"),
+        (["--tls-cert", "c.pem", "--tls-key", " "], "--tls-key must name a file (leave it out for none)"),
+        (["--auth-token-file", ""], "--auth-token-file must name a file (leave it out for none)"),
+        (["--tls-client-ca", ""], "--tls-client-ca must name a file (leave it out for none)"),
+        (["--device-map", "auto", "--offload-folder", ""], "--offload-folder must name a folder"),
+        # A stream waiting for its open is idle: a longer open timeout was silently cut.
+        (
+            ["--open-timeout-s", "600"],
+            "--open-timeout-s 600 would be cut to --idle-timeout-s 300: a stream waiting for its open is idle "
+            "(give an --idle-timeout-s at least as long)",
+        ),
+        (
+            ["--open-timeout-s", "20", "--idle-timeout-s", "10"],
+            "--open-timeout-s 20 would be cut to --idle-timeout-s 10: a stream waiting for its open is idle "
+            "(give an --idle-timeout-s at least as long)",
+        ),
         (
             ["--device-map", "auto", "--device", "cpu"],
             "--device cpu and --device-map exclude each other: the map places the model",
@@ -252,6 +269,7 @@ def test_device_defaults_written_once() -> None:
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--top-m", "0"], "--top-m must be >= 1"),
         (["--limit", "-1"], "--limit must be >= 0"),
+        (["--limit", "0"], "--limit must be >= 1 (0 runs no prompt)"),  # once "no prompts given"
         (["--max-new-tokens", str(2**32)], "--max-new-tokens must be <= 4294967295"),
         (["--failovers", "-1"], "--failovers must be >= 0"),
         (["--connect-timeout-s", "0"], "--connect-timeout-s must be > 0"),
@@ -292,6 +310,18 @@ def test_device_defaults_written_once() -> None:
         (["--policy", "entropy", "--adaedl-lambda", "0.3"], "--adaedl-lambda is read by --policy adaedl only"),
         (["--policy", "heuristic", "--adaedl-gamma", "0.3"], "--adaedl-gamma is read by --policy adaedl only"),
         (["--policy", "fixed-4", "--v", "5"], "--v is read by --policy lyapunov and gelato only; --policy fixed-4"),
+        (
+            ["--policy", "fixed-4", "--estimator-halflife-rounds", "5"],
+            "--estimator-halflife-rounds is read by --policy lyapunov and gelato only; --policy fixed-4",
+        ),
+        (
+            ["--policy", "entropy", "--pipeline", "send-ahead", "--calibrator-halflife-tokens", "100"],
+            "--calibrator-halflife-tokens is read by --policy lyapunov and gelato only; --policy entropy",
+        ),
+        (["--tls-ca", ""], "--tls-ca must name a file (leave it out for none)"),
+        (["--tls-server-name", ""], "--tls-server-name must name a host"),
+        (["--auth-token-file", " "], "--auth-token-file must name a file (leave it out for none)"),
+        (["--tls-cert", "", "--tls-key", ""], "--tls-cert must name a file (leave it out for none)"),
         (["--ahead-blocks", "3"], "--ahead-blocks is read with --pipeline send-ahead only (here --pipeline off)"),
         (["--policy", "fixed-0", "--stream-tokens", "1"], "--stream-tokens is read by --policy ar-edge only"),
         (["--policy", "ar-edge", "--stream-tokens", "0"], "--stream-tokens must be >= 1"),
@@ -325,6 +355,9 @@ def test_device_validation(args: list[str], message: str) -> None:
         ["--device-profile", "laptop", "--meter", "cpu-model"],
         ["--policy", "gelato", "--v", "5", "--energy-budget-j-per-token", "0.01"],
         ["--policy", "gelato", "--pipeline", "send-ahead", "--ahead-blocks", "3"],
+        ["--policy", "lyapunov", "--estimator-halflife-rounds", "5", "--calibrator-halflife-tokens", "100"],
+        ["--policy", "gelato", "--calibrator-halflife-tokens", "100"],
+        ["--policy", "fixed-4", "--estimator-halflife-rounds", "20"],  # the default, however it was written
         ["--policy", "fixed-4", "--entropy-threshold", "1"],  # the default, however it was written
         ["--policy", "fixed-4", "--k-max", "2", "--pipeline", "local"],
         ["--policy", "fixed-0", "--pipeline", "send-ahead"],  # its empty blocks go ahead
