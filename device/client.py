@@ -41,6 +41,7 @@ from gelato.device.client_errors import (
     edge_answered,
     expect_verdict,
     info_error,
+    parsed,
     worth_another_open,
 )
 from gelato.device.config import DeviceConfig
@@ -157,7 +158,7 @@ class EdgeClient(StreamIO):
         if radio is not None:
             radio.radio_busy()
         try:
-            resp = await self.stub.Info(pb.InfoRequest(), timeout=timeout_s, metadata=self.metadata)
+            resp = parsed(await self.stub.Info(pb.InfoRequest(), timeout=timeout_s, metadata=self.metadata))
             if spent is not None:
                 spent[1] += wire_bytes(resp.ByteSize())
             return decode_info(resp)

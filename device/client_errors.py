@@ -8,13 +8,15 @@ way), `info_error` a failed `Info`; `worth_another_open`, `edge_answered` and `c
 judge a failed or re-opened session for the failover loop; `FailedOpens` gathers the opens that failed
 in a row and charges what they cost to the generation they were for, once; `expect_verdict`
 reads an edge message that must be a verdict (anything else is the edge's fault: INTERNAL);
-`StreamIO` reads and writes a session stream with each failure as an `EdgeError`.
+`StreamIO` reads and writes a session stream with each failure as an `EdgeError`; `parsed` refuses
+an answer whose bytes did not parse.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from typing import TypeVar
 
 import grpc
 
@@ -73,10 +75,32 @@ LOCAL_DEADLINE = "Deadline Exceeded"
 CORE_LINK_LOST = ("Stream removed", "Socket closed", "Connection reset", "Broken pipe", "GOAWAY", "failed to connect")
 
 
+M = TypeVar("M", pb.EdgeMessage, pb.InfoResponse)
+
+
+def parsed(msg: M | None) -> M:
+    """An answer as grpc.aio read it, or INTERNAL where its bytes did not parse: grpc.aio logs
+    that and hands back None, raising nothing (`.WhichOneof` on it failed the whole run)."""
+    if msg is None:
+        raise EdgeError(
+            grpc.StatusCode.INTERNAL,
+            "the edge sent bytes that do not parse as gelato.v1's answer (a mismatched or corrupted edge build, "
+            "or something in between)",
+            by_edge=False,
+        )
+    return msg
+
+
 def call_error(code: grpc.StatusCode, details: str | None, deadline_s: float) -> EdgeError:
     """A call's status as an EdgeError: the edge's, or what the device's side of the call concluded
     (its own deadline passing, the connection lost), named so, not put in the edge's mouth."""
     details = details or ""
+    if code == grpc.StatusCode.OK:  # ended before the answer awaited: no error the edge gave ("answered OK")
+        return EdgeError(
+            grpc.StatusCode.INTERNAL,
+            f"the edge ended the stream (status OK) before its answer: {details}",
+            by_edge=False,
+        )
     if code == grpc.StatusCode.INTERNAL and details == CORE_WRITE_FAILURE:
         # Set by a write that failed in core, and read back by whatever asks the call next (a read
         # racing it, in send-ahead): the stream went away, whichever side asked first.
@@ -283,4 +307,4 @@ class StreamIO:
             ) from None
         if msg is grpc.aio.EOF:
             raise await self._ended(call, "stream ended early")
-        return msg  # type: ignore[return-value]
+        return parsed(msg)  # type: ignore[arg-type]
