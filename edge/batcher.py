@@ -66,7 +66,10 @@ _VALIDATED = (True,)  # a run's empty blocks: nothing in them to check again
 
 
 def _verdict(block: DraftBlock, outcome: Accepted, received: float, start: float, end: float) -> Verdict:
-    """A verified row's Verdict: waited from `received` to `start`, computed until `end`."""
+    """A verified row's Verdict: waited from `received` to `start`, computed until `end` (a row
+    re-run alone: its own forward's, not the failed batch's and the other rows' re-runs)."""
+    if outcome.alone is not None:
+        start, end = outcome.alone
     return Verdict(
         round=block.round,
         n_accepted=outcome.n_accepted,

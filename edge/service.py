@@ -276,7 +276,9 @@ class GelatoService:
         elif kind == "close":
             return False
         else:
-            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "empty DeviceMessage (no open/draft/generate/close)")
+            # Nothing set, or only a field this edge does not know (a newer device's): no kind either way.
+            what = "a DeviceMessage of a kind this edge does not know" if msg.ByteSize() else "empty DeviceMessage"
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"{what} (no open/draft/generate/close)")
         return True
 
     def _session_info(self, session: TargetSession) -> SessionInfo:

@@ -26,6 +26,7 @@ here for the callers that import them from the verifier.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -43,11 +44,13 @@ log = logging.getLogger("gelato.edge")
 
 class Accepted(NamedTuple):
     """A verified row: `n_accepted` drafts accepted, then `next_token`; `batch_rows` rows shared
-    the forward."""
+    the forward. `alone`: (start, end) perf_counter of the row's own forward when it was re-run
+    alone after the batched one failed (None: the batch's time is its time)."""
 
     n_accepted: int
     next_token: int
     batch_rows: int
+    alone: tuple[float, float] | None = None
 
 
 Outcome = Accepted | BaseException
@@ -91,7 +94,10 @@ def verify_batch(
                     # Its state again: a session released while the forward ran (its device gone)
                     # is refused, not verified for nobody, its KV regrown past the planned shape.
                     pairs[i][0].check_state(pairs[i][1])
+                    start = time.perf_counter()
                     _verify_rows(pairs, [i], outcomes)
+                    if isinstance(done := outcomes[i], Accepted):  # its compute time is its own forward's
+                        outcomes[i] = done._replace(alone=(start, time.perf_counter()))
                 except Exception as exc:
                     outcomes[i] = exc
     return outcomes  # type: ignore[return-value]  # every pair has its outcome now

@@ -471,3 +471,16 @@ def test_bad_utf8_is_invalid_argument_with_the_pure_python_protobuf_too() -> Non
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("INVALID_ARGUMENT malformed DeviceMessage"), res.stdout
+
+
+def test_a_message_kind_this_edge_does_not_know_is_named_so(edge: EdgeProcess, stub: pb_grpc.GelatoStub) -> None:
+    """A newer device's message kind (field 5 of the oneof, unknown here) parses with no kind set:
+    refused INVALID_ARGUMENT as before, but no longer described as an empty message."""
+    fp = stub.Info(pb.InfoRequest(), timeout=10).tokenizer_fingerprint
+    unknown_kind = b"\x2a\x00"  # field 5, length-delimited, empty
+    err = raw_session(edge, [open_msg(fp).SerializeToString(), unknown_kind])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "a kind this edge does not know" in (err.details() or ""), err.details()
+    err = raw_session(edge, [open_msg(fp).SerializeToString(), b""])  # truly empty: said so
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no open/draft/generate/close" in (err.details() or ""), err.details()
