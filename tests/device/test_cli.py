@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -387,7 +389,10 @@ def _local_run(pair: dict[str, Path], prompts: int) -> subprocess.Popen[str]:
     for i in range(prompts):
         cmd += ["--prompt", f"Tom has {i} apples."]
     base = {k: v for k, v in os.environ.items() if not k.startswith("GELATO_DEVICE_")}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base)
+    # SIGINT as a terminal gives it: a suite started in the background (`(./gelato.sh test &)`)
+    # runs with SIGINT ignored, which its children inherit, and the Ctrl-C test's run then went on.
+    reset = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base, preexec_fn=reset)
 
 
 def test_a_reader_that_goes_away_ends_the_run_quietly(pair: dict[str, Path]) -> None:
@@ -405,7 +410,6 @@ def test_ctrl_c_ends_the_run_in_one_line(pair: dict[str, Path], sig: str, code: 
     """SIGINT mid-run: exit 130 and one line, not a KeyboardInterrupt traceback. SIGTERM (`docker
     stop`) the same way, exit 143: as a container's PID 1 its default action is none (the stop
     would wait out its timeout and SIGKILL the run); here, not PID 1, it killed the run at once."""
-    import signal
 
     proc = _local_run(pair, 400)
     assert proc.stdout is not None and proc.stdout.readline().startswith("{")
