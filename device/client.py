@@ -433,7 +433,7 @@ class EdgeClient(StreamIO):
         drained = 0
         with contextlib.suppress(Exception):
             while (msg := await within(call.read(), CLOSE_WAIT_S)) is not grpc.aio.EOF:
-                drained += wire_bytes(msg.ByteSize())  # type: ignore[union-attr]
+                drained += wire_bytes(msg.ByteSize()) if msg is not None else 0  # type: ignore[union-attr]
             await within(call.code(), CLOSE_WAIT_S)
         return drained
 

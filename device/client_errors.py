@@ -95,10 +95,10 @@ def call_error(code: grpc.StatusCode, details: str | None, deadline_s: float) ->
     """A call's status as an EdgeError: the edge's, or what the device's side of the call concluded
     (its own deadline passing, the connection lost), named so, not put in the edge's mouth."""
     details = details or ""
-    if code == grpc.StatusCode.OK:  # ended before the answer awaited: no error the edge gave ("answered OK")
+    if code == grpc.StatusCode.OK:  # ended before an answer awaited or a write: not "edge answered OK"
         return EdgeError(
             grpc.StatusCode.INTERNAL,
-            f"the edge ended the stream (status OK) before its answer: {details}",
+            f"the edge ended the stream (status OK) while the session went on: {details}",
             by_edge=False,
         )
     if code == grpc.StatusCode.INTERNAL and details == CORE_WRITE_FAILURE:

@@ -174,7 +174,7 @@ class DeviceConfig(Settings):
             "--adaedl-gamma": (c.adaedl_gamma != default.adaedl_gamma, ("adaedl",)),
             "--adaedl-lambda": (c.adaedl_lambda != default.adaedl_lambda, ("adaedl",)),
             "--v": (c.v != default.v, ("lyapunov", "gelato")),
-            # Other policies decide without the estimates (only their trace's p̂ would move).
+            # Other policies decide without the estimates (only their trace's p̂ and wasted_j would move).
             "--estimator-halflife-rounds": (c.halflife_rounds != default.halflife_rounds, ("lyapunov", "gelato")),
             "--calibrator-halflife-tokens": (
                 c.calibrator_halflife_tokens != default.calibrator_halflife_tokens,

@@ -67,15 +67,17 @@ _VALIDATED = (True,)  # a run's empty blocks: nothing in them to check again
 
 def _verdict(block: DraftBlock, outcome: Accepted, received: float, start: float, end: float) -> Verdict:
     """A verified row's Verdict: waited from `received` to `start`, computed until `end` (a row
-    re-run alone: its own forward's, not the failed batch's and the other rows' re-runs)."""
-    if outcome.alone is not None:
-        start, end = outcome.alone
+    re-run alone computed for its own forward's time, not the failed batch's and the other rows'
+    re-runs, and waited for the rest)."""
+    compute_s = end - start if outcome.alone is None else outcome.alone[1] - outcome.alone[0]
     return Verdict(
         round=block.round,
         n_accepted=outcome.n_accepted,
         next_token=outcome.next_token,
-        queue_ms=(start - received) * 1e3,
-        compute_ms=(end - start) * 1e3,
+        # The rest of its time at the edge, until the whole call's verdicts went back, as waiting:
+        # the device counts what is not the edge's as the network's.
+        queue_ms=(end - received - compute_s) * 1e3,
+        compute_ms=compute_s * 1e3,
         batch_rows=outcome.batch_rows,
     )
 

@@ -129,11 +129,12 @@ def torch_threads() -> Any:
 
 
 def port_number(text: str) -> int:
-    # ASCII digits only: int() also takes "5_0051", "+1" and other scripts' digits, which gRPC's
-    # address parser refuses (the device then waited for an edge it could never reach).
-    if not (text.isascii() and text.isdigit()):
+    # ASCII digits only (around them blanks, as int() takes: a CRLF env file's "50051\r"): int()
+    # also takes "5_0051", "+1" and other scripts' digits, which gRPC's address parser refuses.
+    digits = text.strip()
+    if not (digits.isascii() and digits.isdigit()):
         raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
-    port = int(text)
+    port = int(digits)
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be in 0-65535, got {port}")
     return port
@@ -169,6 +170,8 @@ def endpoint(text: str) -> str:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
         raise argparse.ArgumentTypeError(f"write an IPv6 address as [ADDR]:PORT, got {text!r}")
+    if port != port.strip():  # goes to gRPC as written, which refuses it (the device then waited in vain)
+        raise argparse.ArgumentTypeError(f"not a port number: {port!r}")
     if port_number(port) == 0:
         raise argparse.ArgumentTypeError(f"port must be in 1-65535, got 0 in {text!r}")
     return text

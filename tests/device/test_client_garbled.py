@@ -5,7 +5,7 @@ message!" and hands back None. Read as a message, that None failed the device's 
 AttributeError (`None.WhichOneof`), outside every error the generation and the run handle: the
 tokens so far were lost. A real grpc.aio server here answers with truncated protobuf bytes; the
 real `EdgeClient` must end the generation (or the Info) with a precise INTERNAL `EdgeError`. A
-stream the edge ends with status OK before its answer was "edge answered OK: stream ended early"
+stream the edge ends with status OK mid-session was "edge answered OK: stream ended early"
 (an error blamed on the edge, with the code of success)."""
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ def test_an_info_answer_that_does_not_parse_is_internal() -> None:
     assert "do not parse" in str(err) and "edge answered" not in str(err)
 
 
-@pytest.mark.parametrize(("session", "needle"), [(_garbled_session, "do not parse"), (_ends_ok, "(status OK) before")])
+@pytest.mark.parametrize(
+    ("session", "needle"), [(_garbled_session, "do not parse"), (_ends_ok, "(status OK) while the session went on")]
+)
 def test_a_session_answer_that_does_not_parse_ends_the_generation_internal(
     drafter_model: LoadedModel, session: Any, needle: str
 ) -> None:

@@ -483,4 +483,4 @@ def test_a_message_kind_this_edge_does_not_know_is_named_so(edge: EdgeProcess, s
     assert "a kind this edge does not know" in (err.details() or ""), err.details()
     err = raw_session(edge, [open_msg(fp).SerializeToString(), b""])  # truly empty: said so
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "no open/draft/generate/close" in (err.details() or ""), err.details()
+    assert "empty DeviceMessage (no open/draft/generate/close)" in (err.details() or ""), err.details()

@@ -65,7 +65,7 @@ def test_a_check_naming_its_field_first_names_the_variable_behind_it(monkeypatch
     assert parser.explain("the seed top_p is fine") == "the seed top_p is fine"
 
 
-@pytest.mark.parametrize("port", ["5_0051", "+5", "٥٠٠٥١", " 50051", "50051.0"])
+@pytest.mark.parametrize("port", ["5_0051", "+5", "٥٠٠٥١", "50051.0", "-1"])
 def test_a_port_is_ascii_digits(port: str) -> None:
     """int() takes these; gRPC's address parser does not ("Failed to parse port"): the device
     then waited out --connect-timeout-s and reported the edge unreachable."""
@@ -76,6 +76,9 @@ def test_a_port_is_ascii_digits(port: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="not a port number"):
         endpoint(f"127.0.0.1:{port}")
     assert port_number("50051") == 50051
+    assert port_number(" 50051\r") == 50051  # a CRLF env file's value, as int() reads it
+    with pytest.raises(argparse.ArgumentTypeError, match="not a port number"):
+        endpoint("127.0.0.1: 50051")  # but not inside the address gRPC gets as written
 
 
 def test_a_size_too_large_for_a_float_is_a_usage_error() -> None:
