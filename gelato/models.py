@@ -1,7 +1,7 @@
 """Loading causal LMs and their tokenizers, shared by the device and the edge.
 
 Contract: `load_model(name_or_path, role, dtype, device)` (role: "drafter" or "target", named in
-errors) accepts a hub id or a local folder (any causal LM the installed transformers can load)
+errors) accepts a hub id or a local folder (any text-only causal LM the installed transformers can load)
 and returns a `LoadedModel` in eval mode with its tokenizer, the tokenizer's real length
 (`vocab_size`, used to slice padded logits) and the tokenizer fingerprint checked at session
 open. `None` as the name means the embedded default (`gelato.tiny.assets`). Errors are
@@ -381,6 +381,13 @@ def load_model(
             if out_of_memory(exc):
                 raise ModelLoadError(_no_memory(what, exc, role, dt)) from exc
             raise ModelLoadError(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from exc
+    if hasattr(model.config, "get_text_config") and model.config.get_text_config() is not model.config:
+        # A multimodal checkpoint (Gemma 3 4B+, Llama 4): its text model's settings are nested, which
+        # the KV pool, the placement and the context limit read at the top (an AttributeError later).
+        raise ModelLoadError(
+            f"cannot load {role} {name!r}: {type(model).__name__} is a multimodal model (its text settings are "
+            "nested); give its text-only checkpoint"
+        )
     vocab = len(tokenizer)
     if vocab > model.config.vocab_size:
         raise ModelLoadError(

@@ -41,3 +41,29 @@ def test_a_library_error_of_many_lines_keeps_its_first(monkeypatch: pytest.Monke
     with pytest.raises(ModelLoadError) as info:
         load_model(default_model_path("drafter"), "drafter", "float32", "cpu")
     assert str(info.value).endswith("We couldn't connect to 'https://huggingface.co' to load the files."), info.value
+
+
+def test_a_multimodal_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
+    """`AutoModelForCausalLM` loads Gemma 3's multimodal checkpoints as
+    `Gemma3ForConditionalGeneration`, whose config nests the text model's: reading
+    `config.vocab_size` failed with an AttributeError ("cannot load target ...: AttributeError"),
+    and the KV pool would read the same fields. A real tiny one, saved and loaded as any checkpoint."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = {"vocab_size": 320, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    text |= {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 256}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    vision |= {"image_size": 28, "patch_size": 14}
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=1)
+    folder = tmp_path / "multimodal"
+    shutil.copytree(default_model_path("drafter"), folder)  # its tokenizer files
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    Gemma3ForConditionalGeneration(config).save_pretrained(folder)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(folder), "target", "float32", "cpu")
+    message = str(info.value)
+    assert message == (
+        f"cannot load target {str(folder)!r}: Gemma3ForConditionalGeneration is a multimodal model (its text "
+        "settings are nested); give its text-only checkpoint"
+    ), message
