@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,27 @@ def _hub_reachable(timeout_s: float = 5.0) -> bool:
         return False
 
 
+def _weights_cached(name: str, find: Callable[[str, str], Any]) -> bool:
+    """Whether a hub id's weights are whole in the cache (`find`: huggingface_hub's
+    `try_to_load_from_cache`): one weights file, or an index with every shard it names (a sharded
+    download cut after its first shard left the index and that shard: loaded offline, it failed
+    on the next shard every time, the hub never asked again). An index that cannot be read is
+    taken at its word: the load then says what is wrong with it."""
+    for f in WEIGHT_FILES:
+        path = find(name, f)
+        if not isinstance(path, str):
+            continue
+        if not f.endswith(".index.json"):
+            return True
+        try:
+            shards = set(json.loads(Path(path).read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return True
+        if all(isinstance(find(name, shard), str) for shard in shards):
+            return True
+    return False
+
+
 def _hub_mode(name: str, role: str) -> bool:
     """Whether to load a hub id offline: from the local cache when it is there (no network at all),
     online when the hub answers; otherwise a one-line error instead of minutes of retries."""
@@ -213,7 +235,7 @@ def _hub_mode(name: str, role: str) -> bool:
     # alone, and loading that offline forever said the repository had no weights).
     parts = {
         "config.json": cached("config.json"),
-        "weights": cached(*WEIGHT_FILES),
+        "weights": _weights_cached(name, try_to_load_from_cache),
         "a tokenizer": cached(*TOKENIZER_FILES),
     }
     if all(parts.values()):

@@ -6,6 +6,7 @@ the allocation failure raised where the real one would come from."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -172,3 +173,33 @@ def test_a_folder_with_only_a_tokenizer_config_is_not_a_checkpoint(tmp_path: Any
     (tmp_path / "tokenizer_config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match=r"missing a tokenizer \(tokenizer.json"):
         load_model(str(tmp_path), "drafter", "float32", "cpu")
+
+
+def test_a_sharded_download_cut_after_its_first_shard_is_not_loaded_offline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """transformers fetches the index, then the shards one by one: a download killed after shard 1
+    left config, tokenizer, index and that shard cached, which counted as whole, so every later
+    run loaded it offline and failed on shard 2, never asking the hub again. Now the index's
+    shards must all be there (a real index file, read as the hub cache holds it)."""
+    import huggingface_hub
+
+    index = tmp_path / "model.safetensors.index.json"
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"a": shards[0], "b": shards[1], "c": shards[1]}}))
+    have = {"config.json", "tokenizer.json", shards[0]}
+
+    def find(repo: str, f: str) -> str | None:
+        if f == index.name:
+            return str(index)
+        return f"/cache/{f}" if f in have else None
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", find)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=5.0: True)
+    assert models._hub_mode("org/model", "target") is False  # online: the download goes on
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=5.0: False)
+    with pytest.raises(ModelLoadError, match=r"partly cached \(no weights\) and the hub cannot"):
+        models._hub_mode("org/model", "target")
+    have.add(shards[1])  # every shard there: whole, offline
+    assert models._hub_mode("org/model", "target") is True
