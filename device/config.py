@@ -85,7 +85,7 @@ class DeviceConfig(Settings):
         "seed of the drafter's and the edge's random draws (the same seed and prompt sample the same text: "
         "give independent samples their own seeds)",
     )
-    no_chat_template: bool = setting(False, "send the prompt text as is")
+    no_chat_template: bool = setting(False, "send the prompt text as the tokenizer encodes it (its BOS, if any)")
     connect_timeout_s: float = setting(
         10.0,
         "how long to wait for the edge to answer before reporting it unreachable",

@@ -430,10 +430,12 @@ def load_model(
 
 
 def encode_prompt(tokenizer: Any, text: str, chat_template: bool = True) -> list[int]:
-    """Prompt token ids: through the chat template when the tokenizer has one (and it is wanted)."""
+    """Prompt token ids: through the chat template when the tokenizer has one (and it is wanted;
+    the template writes its own BOS), else the plain text as the tokenizer encodes it, with the
+    special tokens it adds (a Llama or Gemma base model's BOS: without it their text degrades)."""
     if chat_template and getattr(tokenizer, "chat_template", None):
         rendered = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
         )
         return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])

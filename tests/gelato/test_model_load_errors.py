@@ -67,3 +67,35 @@ def test_a_multimodal_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
         f"cannot load target {str(folder)!r}: Gemma3ForConditionalGeneration is a multimodal model (its text "
         "settings are nested); give its text-only checkpoint"
     ), message
+
+
+def test_a_plain_prompt_keeps_the_tokenizers_bos(tmp_path: Path) -> None:
+    """Without a chat template (`--no-chat-template`, or a base model's tokenizer that has none)
+    the prompt was encoded without special tokens: a Llama or Gemma model lost its BOS, which
+    degrades its text. A real tokenizer whose post-processor adds a BOS (the built-in one's, with
+    one added); through a chat template the template writes its own, and nothing is added."""
+    import json
+
+    from gelato.models import encode_prompt, load_tokenizer
+
+    folder = tmp_path / "bos"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(default_model_path("drafter")) / name, folder / name)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    bos = [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}]
+    a, b = {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [*bos, a],
+        "pair": [*bos, a, b],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}},
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    config = json.loads((folder / "tokenizer_config.json").read_text()) | {"bos_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(str(folder), True)
+    plain = encode_prompt(tokenizer, "Tom has 3 apples", chat_template=False)
+    assert plain[0] == 0 and plain[1:] == tokenizer("Tom has 3 apples", add_special_tokens=False)["input_ids"]
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert encode_prompt(tokenizer, "Tom has 3 apples") == plain[1:]  # the template's text alone
